@@ -1,0 +1,193 @@
+// pybn._C: thin bindings. The Python layer (pybn/*.py) validates user input and chooses
+// layouts; here each array is checked once more against what the kernel will touch
+// (dtype, C-contiguity, size, writability) so no call can reach a kernel with a bad
+// pointer, then the GIL is released and the active ISA's table is called.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+
+#include "pybn/dispatch.h"
+#include "pybn/kernels.h"
+#include "pybn/parallel.h"
+
+namespace py = pybind11;
+using pybn::Layout;
+using i64 = std::int64_t;
+
+namespace {
+
+[[noreturn]] void fail(const char* name, const std::string& what) {
+  throw py::value_error(std::string(name) + ": " + what);
+}
+
+template <class T>
+py::array checked(const py::handle& obj, i64 size, const char* name, bool writable) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + ": expected a numpy.ndarray");
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + ": dtype " + std::string(py::str(a.dtype())) + " does not match x");
+  if (!(a.flags() & py::array::c_style)) fail(name, "must be C-contiguous");
+  if (a.size() != size) fail(name, "has " + std::to_string(a.size()) + " elements, expected " + std::to_string(size));
+  if (writable && !a.writeable()) fail(name, "is read-only");
+  return a;
+}
+
+template <class T>
+const T* in(const py::handle& obj, i64 size, const char* name) {
+  if (obj.is_none()) return nullptr;
+  return static_cast<const T*>(checked<T>(obj, size, name, false).data());
+}
+
+template <class T>
+T* inout(const py::handle& obj, i64 size, const char* name) {
+  if (obj.is_none()) return nullptr;
+  return static_cast<T*>(checked<T>(obj, size, name, true).mutable_data());
+}
+
+template <class T>
+const T* required(const py::handle& obj, i64 size, const char* name) {
+  if (obj.is_none()) fail(name, "is required");
+  return in<T>(obj, size, name);
+}
+
+template <class T>
+T* required_out(const py::handle& obj, i64 size, const char* name) {
+  if (obj.is_none()) fail(name, "is required");
+  return inout<T>(obj, size, name);
+}
+
+Layout make_layout(i64 outer, i64 channels, i64 inner) {
+  if (outer < 0 || channels < 0 || inner < 0) throw py::value_error("layout: negative extent");
+  Layout L;
+  L.outer = outer;
+  L.channels = channels;
+  L.inner = inner;
+  return L;
+}
+
+// Calls f.template operator()<T>() with T the element type of x (float32 or float64).
+template <class F>
+void by_dtype(const py::array& x, F&& f) {
+  if (x.dtype().is(py::dtype::of<float>()))
+    f(float{});
+  else if (x.dtype().is(py::dtype::of<double>()))
+    f(double{});
+  else
+    throw py::type_error("x: dtype " + std::string(py::str(x.dtype())) + " is not supported (float32, float64)");
+}
+
+void bn_train(const py::array& x, const py::object& y, const py::object& weight, const py::object& bias,
+              const py::object& running_mean, const py::object& running_var, const py::object& save_mean,
+              const py::object& save_invstd, i64 outer, i64 channels, i64 inner, double momentum, double eps,
+              bool relu) {
+  const Layout L = make_layout(outer, channels, inner);
+  by_dtype(x, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::BnTrainArgs<T> a;
+    a.layout = L;
+    a.x = required<T>(x, L.numel(), "x");
+    a.y = required_out<T>(y, L.numel(), "out");
+    a.weight = in<T>(weight, channels, "weight");
+    a.bias = in<T>(bias, channels, "bias");
+    a.running_mean = inout<T>(running_mean, channels, "running_mean");
+    a.running_var = inout<T>(running_var, channels, "running_var");
+    a.save_mean = required_out<T>(save_mean, channels, "mean");
+    a.save_invstd = required_out<T>(save_invstd, channels, "invstd");
+    a.momentum = momentum;
+    a.eps = eps;
+    a.relu = relu;
+    if (L.per_channel() < 2) fail("x", "training needs more than 1 value per channel");
+    py::gil_scoped_release nogil;
+    pybn::table().typed<T>().bn_train(a);
+  });
+}
+
+void bn_infer(const py::array& x, const py::object& y, const py::object& mean, const py::object& var,
+              const py::object& weight, const py::object& bias, i64 outer, i64 channels, i64 inner, double eps,
+              bool relu) {
+  const Layout L = make_layout(outer, channels, inner);
+  by_dtype(x, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::BnInferArgs<T> a;
+    a.layout = L;
+    a.x = required<T>(x, L.numel(), "x");
+    a.y = required_out<T>(y, L.numel(), "out");
+    a.mean = required<T>(mean, channels, "running_mean");
+    a.var = required<T>(var, channels, "running_var");
+    a.weight = in<T>(weight, channels, "weight");
+    a.bias = in<T>(bias, channels, "bias");
+    a.eps = eps;
+    a.relu = relu;
+    py::gil_scoped_release nogil;
+    pybn::table().typed<T>().bn_infer(a);
+  });
+}
+
+void bn_backward(const py::array& dy, const py::object& x, const py::object& y, const py::object& mean,
+                 const py::object& invstd, const py::object& weight, const py::object& dx,
+                 const py::object& dweight, const py::object& dbias, i64 outer, i64 channels, i64 inner,
+                 bool training) {
+  const Layout L = make_layout(outer, channels, inner);
+  by_dtype(dy, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::BnBackwardArgs<T> a;
+    a.layout = L;
+    a.dy = required<T>(dy, L.numel(), "dy");
+    a.x = required<T>(x, L.numel(), "x");
+    a.y = in<T>(y, L.numel(), "y");
+    a.mean = required<T>(mean, channels, "mean");
+    a.invstd = required<T>(invstd, channels, "invstd");
+    a.weight = in<T>(weight, channels, "weight");
+    a.dx = required_out<T>(dx, L.numel(), "out");
+    a.dweight = required_out<T>(dweight, channels, "dweight");
+    a.dbias = required_out<T>(dbias, channels, "dbias");
+    a.training = training;
+    py::gil_scoped_release nogil;
+    pybn::table().typed<T>().bn_backward(a);
+  });
+}
+
+double probe_read(const py::array& x) {
+  const float* p = required<float>(x, static_cast<i64>(x.size()), "x");
+  const i64 n = static_cast<i64>(x.size());
+  py::gil_scoped_release nogil;
+  return pybn::table().probe_read(p, n);
+}
+
+void probe_stream(const py::array& src, const py::object& dst) {
+  const i64 n = static_cast<i64>(src.size());
+  const float* s = required<float>(src, n, "src");
+  float* d = required_out<float>(dst, n, "dst");
+  py::gil_scoped_release nogil;
+  pybn::table().probe_stream(s, d, n);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pybn's compiled kernels (private: use the functions of the pybn package)";
+  m.attr("__version__") = PYBN_VERSION;
+  pybn::table();  // choose the ISA now, so a bad PYBN_ISA fails the import with its message
+
+  m.def("isa", [] { return std::string(pybn::table().isa); }, "Name of the active kernel path.");
+  m.def("supported_isas", &pybn::supported_isas, "Kernel paths this CPU can run, lowest first.");
+  m.def("use_isa", &pybn::use_isa, py::arg("name"), "Switch the active kernel path (for tests).");
+  m.def("get_num_threads", &pybn::num_threads);
+  m.def("set_num_threads", &pybn::set_num_threads, py::arg("n"));
+
+  m.def("bn_train", &bn_train, py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("save_mean"), py::arg("save_invstd"),
+        py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("momentum"), py::arg("eps"),
+        py::arg("relu"));
+  m.def("bn_infer", &bn_infer, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("weight"),
+        py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("eps"), py::arg("relu"));
+  m.def("bn_backward", &bn_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
+        py::arg("invstd"), py::arg("weight"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
+        py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("training"));
+  m.def("probe_read", &probe_read, py::arg("x"), "Bandwidth probe: one vectorized pass that reads x (float32).");
+  m.def("probe_stream", &probe_stream, py::arg("src"), py::arg("dst"),
+        "Bandwidth probe: copy src into dst with non-temporal stores (float32).");
+}

@@ -1,0 +1,95 @@
+// The kernel interface: argument structs and the table of entry points that each ISA fills.
+// Nothing here knows about Python; the bindings fill the structs, the kernels read them.
+#pragma once
+#include <cstdint>
+
+namespace pybn {
+
+// Every channel-wise kernel sees x as (outer, channels, inner), C-contiguous.
+struct Layout {
+  std::int64_t outer = 0;
+  std::int64_t channels = 0;
+  std::int64_t inner = 0;
+  std::int64_t numel() const { return outer * channels * inner; }
+  std::int64_t per_channel() const { return outer * inner; }
+};
+
+// Training forward: batch statistics, optional running-stat update, normalize.
+template <class T>
+struct BnTrainArgs {
+  Layout layout;
+  const T* x = nullptr;
+  T* y = nullptr;                  // may alias x
+  const T* weight = nullptr;       // (C,) or null (gamma = 1)
+  const T* bias = nullptr;         // (C,) or null (beta = 0)
+  T* running_mean = nullptr;       // (C,) updated in place, or null
+  T* running_var = nullptr;        // (C,) updated in place, or null
+  T* save_mean = nullptr;          // (C,) out
+  T* save_invstd = nullptr;        // (C,) out
+  double momentum = 0.1;
+  double eps = 1e-5;
+  bool relu = false;
+};
+
+// Inference forward: y = (x - mean) / sqrt(var + eps) * weight + bias.
+template <class T>
+struct BnInferArgs {
+  Layout layout;
+  const T* x = nullptr;
+  T* y = nullptr;                  // may alias x
+  const T* mean = nullptr;         // (C,)
+  const T* var = nullptr;          // (C,)
+  const T* weight = nullptr;
+  const T* bias = nullptr;
+  double eps = 1e-5;
+  bool relu = false;
+};
+
+// Backward. training: gradient through the batch statistics (mean/invstd saved by the
+// forward); otherwise dx = dy * weight * invstd. y (forward output) masks dy where y <= 0.
+template <class T>
+struct BnBackwardArgs {
+  Layout layout;
+  const T* dy = nullptr;
+  const T* x = nullptr;
+  const T* y = nullptr;            // non-null when the forward fused a ReLU
+  const T* mean = nullptr;         // (C,)
+  const T* invstd = nullptr;       // (C,)
+  const T* weight = nullptr;       // (C,) or null
+  T* dx = nullptr;                 // may alias dy
+  T* dweight = nullptr;            // (C,) out: sum(dy * xhat)
+  T* dbias = nullptr;              // (C,) out: sum(dy)
+  bool training = true;
+};
+
+// The entry points for one element type.
+template <class T>
+struct TypedKernels {
+  void (*bn_train)(const BnTrainArgs<T>&) = nullptr;
+  void (*bn_infer)(const BnInferArgs<T>&) = nullptr;
+  void (*bn_backward)(const BnBackwardArgs<T>&) = nullptr;
+};
+
+// One table per ISA; dispatch picks one at import.
+struct KernelTable {
+  const char* isa = nullptr;
+  TypedKernels<float> f32;
+  TypedKernels<double> f64;
+  // The bandwidth probe of the benchmark: a vectorized sum, and a copy with non-temporal stores.
+  double (*probe_read)(const float* x, std::int64_t n) = nullptr;
+  void (*probe_stream)(const float* src, float* dst, std::int64_t n) = nullptr;
+
+  template <class T>
+  const TypedKernels<T>& typed() const;
+};
+template <>
+inline const TypedKernels<float>& KernelTable::typed<float>() const { return f32; }
+template <>
+inline const TypedKernels<double>& KernelTable::typed<double>() const { return f64; }
+
+// Each ISA's table, defined by kernels/table.cpp compiled for that ISA.
+namespace scalar { const KernelTable& kernel_table(); }
+namespace avx2 { const KernelTable& kernel_table(); }
+namespace avx512 { const KernelTable& kernel_table(); }
+
+}  // namespace pybn

@@ -1,0 +1,91 @@
+// AVX2 + FMA implementation (256-bit).
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+
+namespace pybn {
+namespace avx2 {
+
+template <class T>
+struct Vec;
+
+namespace detail {
+// Lane masks for partial loads/stores: lanes [0, n) all ones. Built from a compare,
+// never a static SIMD initialiser (those would run before the CPU check).
+inline __m256i lane_mask32(std::int64_t n) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx);
+}
+inline __m256i lane_mask64(std::int64_t n) {
+  const __m256i idx = _mm256_setr_epi64x(0, 1, 2, 3);
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), idx);
+}
+}  // namespace detail
+
+template <>
+struct Vec<float> {
+  static constexpr int W = 8;
+  __m256 v;
+
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec set1(float a) { return {_mm256_set1_ps(a)}; }
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec load(const float* p, std::int64_t n) { return {_mm256_maskload_ps(p, detail::lane_mask32(n))}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(float* p, std::int64_t n) const { _mm256_maskstore_ps(p, detail::lane_mask32(n), v); }
+  void stream(float* p) const { _mm256_stream_ps(p, v); }
+
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  // maxps returns its second operand when either is NaN: (0, a) keeps a NaN in a.
+  friend Vec relu(Vec a) { return {_mm256_max_ps(_mm256_setzero_ps(), a.v)}; }
+  friend Vec keep_first(Vec a, std::int64_t n) {
+    return {_mm256_and_ps(_mm256_castsi256_ps(detail::lane_mask32(n)), a.v)};
+  }
+  friend Vec keep_if_positive(Vec y, Vec a) {
+    return {_mm256_and_ps(_mm256_cmp_ps(y.v, _mm256_setzero_ps(), _CMP_GT_OQ), a.v)};
+  }
+  float reduce_add() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int W = 4;
+  __m256d v;
+
+  static Vec zero() { return {_mm256_setzero_pd()}; }
+  static Vec set1(double a) { return {_mm256_set1_pd(a)}; }
+  static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  static Vec load(const double* p, std::int64_t n) { return {_mm256_maskload_pd(p, detail::lane_mask64(n))}; }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+  void store(double* p, std::int64_t n) const { _mm256_maskstore_pd(p, detail::lane_mask64(n), v); }
+  void stream(double* p) const { _mm256_stream_pd(p, v); }
+
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_pd(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
+  friend Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+  friend Vec relu(Vec a) { return {_mm256_max_pd(_mm256_setzero_pd(), a.v)}; }
+  friend Vec keep_first(Vec a, std::int64_t n) {
+    return {_mm256_and_pd(_mm256_castsi256_pd(detail::lane_mask64(n)), a.v)};
+  }
+  friend Vec keep_if_positive(Vec y, Vec a) {
+    return {_mm256_and_pd(_mm256_cmp_pd(y.v, _mm256_setzero_pd(), _CMP_GT_OQ), a.v)};
+  }
+  double reduce_add() const {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+};
+
+inline void stream_fence() { _mm_sfence(); }
+
+}  // namespace avx2
+}  // namespace pybn

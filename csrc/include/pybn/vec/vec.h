@@ -1,0 +1,48 @@
+// The SIMD vocabulary every kernel is written in: Vec<float> and Vec<double>.
+//
+// This header is included by kernel sources that are compiled once per ISA with
+// -DPYBN_ISA=<name> -DPYBN_ISA_<name>=1; it picks the matching implementation and
+// puts it in namespace pybn::<name>, so the copies never collide.
+//
+// Every implementation provides, for T in {float, double}:
+//   W                       lanes
+//   load(p) / load(p, n)    unaligned load; the second reads only n < W lanes, the rest are 0
+//   store(p) / store(p, n)  unaligned store; the second writes only the first n lanes
+//   stream(p)               non-temporal store, p aligned to W*sizeof(T)
+//   set1, zero, + - *, fma(a, b, c) = a*b + c, reduce_add
+//   relu(v)                 max(v, 0) with NaN propagated, as torch.relu
+//   keep_first(v, n)        v with lanes [n, W) set to 0
+//   keep_if_positive(y, v)  v where y > 0, else 0 (the ReLU gradient mask; NaN in y gives 0)
+// and stream_fence(), which orders non-temporal stores before the caller returns.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#if !defined(PYBN_ISA)
+#error "vec.h is for kernel sources compiled per ISA (PYBN_ISA must be defined)"
+#endif
+
+#if defined(PYBN_ISA_avx512)
+#include "pybn/vec/avx512.h"
+#elif defined(PYBN_ISA_avx2)
+#include "pybn/vec/avx2.h"
+#elif defined(PYBN_ISA_scalar)
+#include "pybn/vec/scalar.h"
+#else
+#error "unknown PYBN_ISA"
+#endif
+
+namespace pybn {
+namespace PYBN_ISA {
+
+// Bytes a vector store must be aligned to for stream().
+template <class T>
+constexpr std::size_t kVecBytes = sizeof(T) * Vec<T>::W;
+
+template <class T>
+inline bool is_vec_aligned(const T* p) {
+  return (reinterpret_cast<std::uintptr_t>(p) % kVecBytes<T>) == 0;
+}
+
+}  // namespace PYBN_ISA
+}  // namespace pybn

@@ -1,0 +1,373 @@
+// Batch normalization: training forward, inference forward, backward.
+//
+// Structured as ATen does it: the per-channel work (statistics, coefficients, running
+// stats) is O(C) in double; the per-element work is one fused pass
+// y = x * alpha_c + beta_c (training adds one reduction pass before it; backward is one
+// reduction pass and one dx pass).
+//
+// Statistics are exact to the input's precision without a second pass over memory: each
+// block (a few thousand values, still in L1/L2) is summed, then its deviations from its
+// own mean are summed; blocks merge with Chan et al.'s pairwise formula in double.
+#include <cmath>
+
+#include "channel_loops.h"
+#include "kernels_isa.h"
+
+namespace pybn {
+namespace PYBN_ISA {
+namespace {
+
+// Count, mean and sum of squared deviations of a set of values.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+
+  void merge(double nb, double mean_b, double m2_b) {
+    if (nb == 0) return;
+    const double total = n + nb;
+    const double delta = mean_b - mean;
+    mean += delta * (nb / total);
+    m2 += m2_b + delta * delta * (n * nb / total);
+    n = total;
+  }
+};
+
+// Mean and M2 of one block of channel values, into m.
+template <class T>
+void merge_segment(const T* x, i64 len, Moments& m) {
+  using V = Vec<T>;
+  double sum[1];
+  segment_accumulate<T, 1>(len, sum, [&](i64 i, i64 n, V* a) { a[0] = a[0] + load_n(x + i, n); });
+  // Deviations from the rounded block mean; their sum corrects that rounding exactly.
+  const T shift = static_cast<T>(sum[0] / static_cast<double>(len));
+  const V s = V::set1(shift);
+  double dev[2];
+  segment_accumulate<T, 2>(len, dev, [&](i64 i, i64 n, V* a) {
+    V d = load_n(x + i, n) - s;
+    if (n < V::W) d = keep_first(d, n);
+    a[0] = a[0] + d;
+    a[1] = fma(d, d, a[1]);
+  });
+  const double nb = static_cast<double>(len);
+  m.merge(nb, shift + dev[0] / nb, std::max(0.0, dev[1] - dev[0] * dev[0] / nb));
+}
+
+// Per-channel mean and M2 (sum of squared deviations), NCHW-like layouts.
+template <class T>
+void moments_rows(const Layout& L, const T* x, double* mean, double* m2) {
+  const i64 C = L.channels, G = row_groups(L);
+  Buffer<Moments> part = make_buffer<Moments>(C * G);
+  parallel_for(C * G, L.numel(), [&](i64 begin, i64 end) {
+    for (i64 item = begin; item < end; ++item) {
+      Moments m;
+      for_each_row_block(L, item / G, item % G, G, [&](i64 off, i64 len) { merge_segment(x + off, len, m); });
+      part[item] = m;
+    }
+  });
+  for (i64 c = 0; c < C; ++c) {
+    Moments m = part[c * G];
+    for (i64 g = 1; g < G; ++g) m.merge(part[c * G + g].n, part[c * G + g].mean, part[c * G + g].m2);
+    mean[c] = m.mean;
+    m2[c] = m.m2;
+  }
+}
+
+// channel_of[j] for the positions of one period-mode row.
+inline Buffer<i64> channels_of_row(const Layout& L, i64 row_len) {
+  Buffer<i64> ch = make_buffer<i64>(row_len);
+  for (i64 j = 0; j < row_len; ++j) ch[j] = (j % (L.channels * L.inner)) / L.inner;
+  return ch;
+}
+
+// Per-channel mean and M2, channels-last-like layouts (see PeriodBlocks).
+template <class T>
+void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
+  using V = Vec<T>;
+  const PeriodBlocks pb = PeriodBlocks::make<T>(L);
+  const i64 C = L.channels, G = pb.groups, RL = pb.row_len;
+  const Buffer<i64> chan = channels_of_row(L, RL);
+  Buffer<double> gmean = make_buffer<double>(G * C), gm2 = make_buffer<double>(G * C);
+  Buffer<double> gcount = make_buffer<double>(G);
+
+  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
+    Buffer<T> sums = make_buffer<T>(RL), dsum = make_buffer<T>(RL), dsq = make_buffer<T>(RL);
+    Buffer<T> shift_row = make_buffer<T>(RL), shift = make_buffer<T>(C);
+    Buffer<double> s1 = make_buffer<double>(C), s2 = make_buffer<double>(C);
+    for (i64 g = gbegin; g < gend; ++g) {
+      double* gm = gmean.get() + g * C;
+      double* g2 = gm2.get() + g * C;
+      double gn = 0;
+      std::fill(gm, gm + C, 0.0);
+      std::fill(g2, g2 + C, 0.0);
+      pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
+        const T* xb = x + off;
+        const double nb = static_cast<double>(nrows) * static_cast<double>(len / C);
+        T* const acc1[1] = {sums.get()};
+        column_accumulate<T, 1>(nrows, RL, len, acc1, [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n(xb + o, n); });
+        std::fill(s1.get(), s1.get() + C, 0.0);
+        for (i64 j = 0; j < len; ++j) s1[chan[j]] += sums[j];
+        for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] / nb);
+        for (i64 j = 0; j < len; ++j) shift_row[j] = shift[chan[j]];
+
+        T* const acc2[2] = {dsum.get(), dsq.get()};
+        column_accumulate<T, 2>(nrows, RL, len, acc2, [&](i64 o, i64 col, i64 n, V* a) {
+          const V d = load_n(xb + o, n) - V::load(shift_row.get() + col, n);
+          a[0] = a[0] + d;
+          a[1] = fma(d, d, a[1]);
+        });
+        std::fill(s1.get(), s1.get() + C, 0.0);
+        std::fill(s2.get(), s2.get() + C, 0.0);
+        for (i64 j = 0; j < len; ++j) {
+          s1[chan[j]] += dsum[j];
+          s2[chan[j]] += dsq[j];
+        }
+        // Merge the block into the group; every channel has the same counts.
+        const double total = gn + nb, fa = nb / total, fb = gn * nb / total;
+        for (i64 c = 0; c < C; ++c) {
+          const double bmean = shift[c] + s1[c] / nb;
+          const double bm2 = std::max(0.0, s2[c] - s1[c] * s1[c] / nb);
+          const double delta = bmean - gm[c];
+          gm[c] += delta * fa;
+          g2[c] += bm2 + delta * delta * fb;
+        }
+        gn = total;
+      });
+      gcount[g] = gn;
+    }
+  });
+  for (i64 c = 0; c < C; ++c) {
+    Moments m;
+    for (i64 g = 0; g < G; ++g) m.merge(gcount[g], gmean[g * C + c], gm2[g * C + c]);
+    mean[c] = m.mean;
+    m2[c] = m.m2;
+  }
+}
+
+template <class T>
+void channel_moments(const Layout& L, const T* x, double* mean, double* m2) {
+  if (L.numel() == 0) {
+    std::fill(mean, mean + L.channels, 0.0);
+    std::fill(m2, m2 + L.channels, 0.0);
+  } else if (use_period_mode(L))
+    moments_period(L, x, mean, m2);
+  else
+    moments_rows(L, x, mean, m2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward reduction: per channel, sum(g) and sum(g * (x - mean)), g = dy masked by y > 0
+// when y is given.
+
+template <class T, bool kMask>
+struct GradTerms {
+  const T* dy;
+  const T* x;
+  const T* y;
+  // Adds lanes [i, i + n): a[0] += g, a[1] += g * (x - m). Padding lanes load as 0, so g
+  // is 0 there and contributes nothing.
+  void operator()(i64 i, i64 n, const Vec<T>& m, Vec<T>* a) const {
+    Vec<T> g = load_n(dy + i, n);
+    if (kMask) g = keep_if_positive(load_n(y + i, n), g);
+    a[0] = a[0] + g;
+    a[1] = fma(g, load_n(x + i, n) - m, a[1]);
+  }
+};
+
+template <class T, bool kMask>
+void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
+  using V = Vec<T>;
+  const i64 C = L.channels, G = row_groups(L);
+  Buffer<double> part = make_buffer<double>(2 * C * G);
+  parallel_for(C * G, L.numel(), [&](i64 begin, i64 end) {
+    for (i64 item = begin; item < end; ++item) {
+      const V m = V::set1(mean[item / G]);
+      double s[2] = {0, 0};
+      for_each_row_block(L, item / G, item % G, G, [&](i64 off, i64 len) {
+        double b[2];
+        segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, V* a) { terms(off + i, n, m, a); });
+        s[0] += b[0];
+        s[1] += b[1];
+      });
+      part[2 * item] = s[0];
+      part[2 * item + 1] = s[1];
+    }
+  });
+  for (i64 c = 0; c < C; ++c) {
+    double s0 = 0, s1 = 0;
+    for (i64 g = 0; g < G; ++g) {
+      s0 += part[2 * (c * G + g)];
+      s1 += part[2 * (c * G + g) + 1];
+    }
+    sum_g[c] = s0;
+    sum_gx[c] = s1;
+  }
+}
+
+template <class T, bool kMask>
+void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
+  using V = Vec<T>;
+  const PeriodBlocks pb = PeriodBlocks::make<T>(L);
+  const i64 C = L.channels, G = pb.groups, RL = pb.row_len;
+  const Buffer<i64> chan = channels_of_row(L, RL);
+  Buffer<T> mean_row = make_buffer<T>(RL);
+  for (i64 j = 0; j < RL; ++j) mean_row[j] = mean[chan[j]];
+  Buffer<double> part = make_buffer<double>(2 * G * C);
+
+  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
+    Buffer<T> acc_g = make_buffer<T>(RL), acc_gx = make_buffer<T>(RL);
+    for (i64 g = gbegin; g < gend; ++g) {
+      double* s0 = part.get() + 2 * g * C;
+      double* s1 = s0 + C;
+      std::fill(s0, s0 + 2 * C, 0.0);
+      pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
+        T* const acc[2] = {acc_g.get(), acc_gx.get()};
+        column_accumulate<T, 2>(nrows, RL, len, acc, [&](i64 o, i64 col, i64 n, V* a) {
+          terms(off + o, n, V::load(mean_row.get() + col, n), a);
+        });
+        for (i64 j = 0; j < len; ++j) {
+          s0[chan[j]] += acc_g[j];
+          s1[chan[j]] += acc_gx[j];
+        }
+      });
+    }
+  });
+  for (i64 c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (i64 g = 0; g < G; ++g) {
+      a += part[2 * g * C + c];
+      b += part[2 * g * C + C + c];
+    }
+    sum_g[c] = a;
+    sum_gx[c] = b;
+  }
+}
+
+template <class T, bool kMask>
+void grad_sums(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
+  if (L.numel() == 0) {
+    std::fill(sum_g, sum_g + L.channels, 0.0);
+    std::fill(sum_gx, sum_gx + L.channels, 0.0);
+  } else if (use_period_mode(L))
+    grad_sums_period(L, terms, mean, sum_g, sum_gx);
+  else
+    grad_sums_rows(L, terms, mean, sum_g, sum_gx);
+}
+
+// ---------------------------------------------------------------------------------------
+// Elementwise passes.
+
+// y = x * alpha + beta, optionally max(., 0).
+template <class T>
+void scale_shift(const Layout& L, const T* x, const T* alpha, const T* beta, bool fuse_relu, T* y) {
+  using V = Vec<T>;
+  const T* const coef[2] = {alpha, beta};
+  if (fuse_relu)
+    channel_apply<T, 2>(L, coef, y, [x](i64 i, i64 n, const V* c) { return relu(fma(load_n(x + i, n), c[0], c[1])); });
+  else
+    channel_apply<T, 2>(L, coef, y, [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n), c[0], c[1]); });
+}
+
+template <class T>
+double value_or(const T* p, i64 c, double fallback) {
+  return p ? static_cast<double>(p[c]) : fallback;
+}
+
+}  // namespace
+
+template <class T>
+void bn_train(const BnTrainArgs<T>& a) {
+  const Layout& L = a.layout;
+  const i64 C = L.channels;
+  const double n = static_cast<double>(L.per_channel());
+  Buffer<double> mean = make_buffer<double>(C), m2 = make_buffer<double>(C);
+  channel_moments(L, a.x, mean.get(), m2.get());
+
+  Buffer<T> alpha = make_buffer<T>(C), beta = make_buffer<T>(C);
+  for (i64 c = 0; c < C; ++c) {
+    const double var = m2[c] / n;
+    const double invstd = 1.0 / std::sqrt(var + a.eps);
+    a.save_mean[c] = static_cast<T>(mean[c]);
+    a.save_invstd[c] = static_cast<T>(invstd);
+    if (a.running_mean)
+      a.running_mean[c] = static_cast<T>((1.0 - a.momentum) * a.running_mean[c] + a.momentum * mean[c]);
+    if (a.running_var)
+      a.running_var[c] = static_cast<T>((1.0 - a.momentum) * a.running_var[c] + a.momentum * (m2[c] / (n - 1.0)));
+    const double al = value_or(a.weight, c, 1.0) * invstd;
+    alpha[c] = static_cast<T>(al);
+    beta[c] = static_cast<T>(value_or(a.bias, c, 0.0) - mean[c] * al);
+  }
+  scale_shift(L, a.x, alpha.get(), beta.get(), a.relu, a.y);
+}
+
+template <class T>
+void bn_infer(const BnInferArgs<T>& a) {
+  const Layout& L = a.layout;
+  const i64 C = L.channels;
+  Buffer<T> alpha = make_buffer<T>(C), beta = make_buffer<T>(C);
+  for (i64 c = 0; c < C; ++c) {
+    const double al = value_or(a.weight, c, 1.0) / std::sqrt(static_cast<double>(a.var[c]) + a.eps);
+    alpha[c] = static_cast<T>(al);
+    beta[c] = static_cast<T>(value_or(a.bias, c, 0.0) - static_cast<double>(a.mean[c]) * al);
+  }
+  scale_shift(L, a.x, alpha.get(), beta.get(), a.relu, a.y);
+}
+
+namespace {
+
+template <class T, bool kMask>
+void backward_impl(const BnBackwardArgs<T>& a) {
+  using V = Vec<T>;
+  const Layout& L = a.layout;
+  const i64 C = L.channels;
+  const double n = static_cast<double>(L.per_channel());
+  const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
+  Buffer<double> sum_g = make_buffer<double>(C), sum_gx = make_buffer<double>(C);
+  grad_sums(L, terms, a.mean, sum_g.get(), sum_gx.get());
+
+  // dx = k_dy * g + k_x * (x - mean) + k_0
+  Buffer<T> k_dy = make_buffer<T>(C), k_x = make_buffer<T>(C), k_0 = make_buffer<T>(C);
+  for (i64 c = 0; c < C; ++c) {
+    const double invstd = a.invstd[c];
+    const double scale = value_or(a.weight, c, 1.0) * invstd;
+    a.dweight[c] = static_cast<T>(sum_gx[c] * invstd);
+    a.dbias[c] = static_cast<T>(sum_g[c]);
+    k_dy[c] = static_cast<T>(scale);
+    k_x[c] = static_cast<T>(a.training ? -scale * invstd * invstd * sum_gx[c] / n : 0.0);
+    k_0[c] = static_cast<T>(a.training ? -scale * sum_g[c] / n : 0.0);
+  }
+  const T* dy = a.dy;
+  const T* x = a.x;
+  const T* y = a.y;
+  auto grad = [dy, y](i64 i, i64 n) {
+    const V g = load_n(dy + i, n);
+    return kMask ? keep_if_positive(load_n(y + i, n), g) : g;
+  };
+  if (a.training) {
+    const T* const coef[4] = {k_dy.get(), k_x.get(), a.mean, k_0.get()};
+    channel_apply<T, 4>(L, coef, a.dx, [=](i64 i, i64 n, const V* c) {
+      return fma(c[1], load_n(x + i, n) - c[2], fma(c[0], grad(i, n), c[3]));
+    });
+  } else {
+    const T* const coef[1] = {k_dy.get()};
+    channel_apply<T, 1>(L, coef, a.dx, [=](i64 i, i64 n, const V* c) { return c[0] * grad(i, n); });
+  }
+}
+
+}  // namespace
+
+template <class T>
+void bn_backward(const BnBackwardArgs<T>& a) {
+  if (a.y)
+    backward_impl<T, true>(a);
+  else
+    backward_impl<T, false>(a);
+}
+
+template void bn_train<float>(const BnTrainArgs<float>&);
+template void bn_train<double>(const BnTrainArgs<double>&);
+template void bn_infer<float>(const BnInferArgs<float>&);
+template void bn_infer<double>(const BnInferArgs<double>&);
+template void bn_backward<float>(const BnBackwardArgs<float>&);
+template void bn_backward<double>(const BnBackwardArgs<double>&);
+
+}  // namespace PYBN_ISA
+}  // namespace pybn

@@ -1,0 +1,22 @@
+// The entry points one ISA's kernel sources define, in namespace pybn::<isa>.
+// Only table.cpp (compiled for the same ISA) refers to them.
+#pragma once
+#include <cstdint>
+
+#include "pybn/kernels.h"
+
+namespace pybn {
+namespace PYBN_ISA {
+
+template <class T>
+void bn_train(const BnTrainArgs<T>& a);
+template <class T>
+void bn_infer(const BnInferArgs<T>& a);
+template <class T>
+void bn_backward(const BnBackwardArgs<T>& a);
+
+double probe_read(const float* x, std::int64_t n);
+void probe_stream(const float* src, float* dst, std::int64_t n);
+
+}  // namespace PYBN_ISA
+}  // namespace pybn

@@ -1,0 +1,38 @@
+// This ISA's table of entry points. A new kernel family adds its fields to KernelTable
+// (kernels.h) and its lines here; dispatch and bindings stay as they are.
+#include "kernels_isa.h"
+
+namespace pybn {
+namespace PYBN_ISA {
+
+#define PYBN_STR2(x) #x
+#define PYBN_STR(x) PYBN_STR2(x)
+
+namespace {
+template <class T>
+TypedKernels<T> typed_kernels() {
+  TypedKernels<T> k;
+  k.bn_train = &bn_train<T>;
+  k.bn_infer = &bn_infer<T>;
+  k.bn_backward = &bn_backward<T>;
+  return k;
+}
+
+KernelTable make_table() {
+  KernelTable t;
+  t.isa = PYBN_STR(PYBN_ISA);
+  t.f32 = typed_kernels<float>();
+  t.f64 = typed_kernels<double>();
+  t.probe_read = &probe_read;
+  t.probe_stream = &probe_stream;
+  return t;
+}
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table = make_table();
+  return table;
+}
+
+}  // namespace PYBN_ISA
+}  // namespace pybn

@@ -1,0 +1,36 @@
+"""Command line: ``python -m pybn info`` and ``python -m pybn bench``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def info() -> int:
+    import numpy as np
+
+    import pybn
+
+    print(f"pybn {pybn.__version__}")
+    print(f"isa: {pybn.isa()} (supported: {', '.join(pybn.supported_isas())})")
+    print(f"threads: {pybn.get_num_threads()}")
+    print(f"numpy {np.__version__}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m pybn", description=__doc__)
+    parser.add_argument("command", choices=["info", "bench"], help="info: version, ISA, threads; "
+                        "bench: the side-by-side benchmark (see bench/README.md)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return info()
+    from .bench import main as bench_main
+
+    return bench_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

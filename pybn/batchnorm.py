@@ -1,0 +1,158 @@
+"""Batch normalization with PyTorch's semantics (DESIGN.md, "Batch normalization")."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _C
+from ._checks import (channel_layout, contiguous_float_array, in_place, output, per_channel,
+                      real_number)
+
+__all__ = ["BatchNormTrainResult", "BatchNormGrads", "batch_norm_train", "batch_norm_infer",
+           "batch_norm_backward"]
+
+
+class BatchNormTrainResult(NamedTuple):
+    """Output of :func:`batch_norm_train`."""
+
+    y: np.ndarray
+    """The normalized output, shape of x."""
+    mean: np.ndarray
+    """Batch mean per channel, shape (C,)."""
+    invstd: np.ndarray
+    """1 / sqrt(batch variance + eps) per channel (biased variance), shape (C,)."""
+
+
+class BatchNormGrads(NamedTuple):
+    """Output of :func:`batch_norm_backward`."""
+
+    dx: np.ndarray
+    dweight: np.ndarray
+    """sum(dy * xhat) per channel."""
+    dbias: np.ndarray
+    """sum(dy) per channel."""
+
+
+def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_mean: np.ndarray | None = None,
+                     running_var: np.ndarray | None = None, momentum: float = 0.1, eps: float = 1e-5,
+                     axis: int = 1, relu: bool = False, out: np.ndarray | None = None) -> BatchNormTrainResult:
+    """Training-mode batch normalization over every axis but `axis`.
+
+    Parameters
+    ----------
+    x : array_like, float32 or float64, ndim >= 2
+        Input; `axis` is its channel axis (1 for NCHW, -1 for channels-last / Keras).
+    weight, bias : array_like of shape (C,), optional
+        Affine parameters gamma and beta (default 1 and 0).
+    running_mean, running_var : ndarray of shape (C,), optional
+        Updated in place, PyTorch's convention:
+        ``r = (1 - momentum) * r + momentum * batch_stat``, the variance unbiased.
+        Must be writable, C-contiguous and of x's dtype (never silently copied).
+    momentum, eps : float
+    relu : bool
+        Fuse ``max(y, 0)`` into the same pass.
+    out : ndarray, optional
+        C-contiguous array of x's shape and dtype for y; may be x itself.
+
+    Returns
+    -------
+    BatchNormTrainResult
+        ``(y, mean, invstd)``: the output, the batch mean and 1/sqrt(biased var + eps).
+    """
+    x_in = x
+    x = contiguous_float_array(x, "x")
+    lay = channel_layout(x.shape, axis)
+    if lay.outer * lay.inner < 2:
+        raise ValueError(f"x: training needs more than 1 value per channel, got shape {x.shape} "
+                         f"with channel axis {lay.axis}")
+    if (running_mean is None) != (running_var is None):
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(f"{missing}: running_mean and running_var must be given together")
+    w = per_channel(weight, "weight", lay.channels, x.dtype)
+    b = per_channel(bias, "bias", lay.channels, x.dtype)
+    rm = in_place(running_mean, "running_mean", lay.channels, x.dtype)
+    rv = in_place(running_var, "running_var", lay.channels, x.dtype)
+    momentum = real_number(momentum, "momentum")
+    eps = real_number(eps, "eps", minimum=0.0)
+    y = output(out, x.shape, x.dtype, (x_in,))
+    mean = np.empty(lay.channels, x.dtype)
+    invstd = np.empty(lay.channels, x.dtype)
+    _C.bn_train(x, y, w, b, rm, rv, mean, invstd, lay.outer, lay.channels, lay.inner, momentum, eps, bool(relu))
+    return BatchNormTrainResult(y, mean, invstd)
+
+
+def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None, *,
+                     eps: float = 1e-5, axis: int = 1, relu: bool = False,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """Inference-mode batch normalization with the given statistics.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``, per channel along
+    `axis`, in one pass over x. Parameters as in :func:`batch_norm_train`; here the
+    statistics are read, not updated, and may be any float array-likes of shape (C,).
+    """
+    x_in = x
+    x = contiguous_float_array(x, "x")
+    lay = channel_layout(x.shape, axis)
+    rm = per_channel(running_mean, "running_mean", lay.channels, x.dtype)
+    rv = per_channel(running_var, "running_var", lay.channels, x.dtype)
+    if rm is None or rv is None:
+        raise TypeError(f"{'running_mean' if rm is None else 'running_var'}: is required for inference")
+    w = per_channel(weight, "weight", lay.channels, x.dtype)
+    b = per_channel(bias, "bias", lay.channels, x.dtype)
+    eps = real_number(eps, "eps", minimum=0.0)
+    y = output(out, x.shape, x.dtype, (x_in,))
+    _C.bn_infer(x, y, rm, rv, w, b, lay.outer, lay.channels, lay.inner, eps, bool(relu))
+    return y
+
+
+def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = None, *, training: bool = True,
+                        axis: int = 1, y: Any = None, out: np.ndarray | None = None) -> BatchNormGrads:
+    """Gradients of batch normalization.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to the forward output.
+    x : array_like
+        The forward input (same shape and dtype as dy).
+    mean, invstd : array_like of shape (C,)
+        ``training=True``: the batch statistics :func:`batch_norm_train` returned; the
+        gradient includes the path through them. ``training=False``: the running statistics
+        as ``invstd = 1/sqrt(running_var + eps)``; then ``dx = dy * weight * invstd``.
+    weight : array_like of shape (C,), optional
+    y : array_like, optional
+        The forward output; required when the forward used ``relu=True`` (dy is masked
+        where ``y <= 0``).
+    out : ndarray, optional
+        For dx; may be dy itself.
+
+    Returns
+    -------
+    BatchNormGrads
+        ``(dx, dweight, dbias)`` with ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)``.
+    """
+    dy_in, x_in, y_in = dy, x, y
+    dy = contiguous_float_array(dy, "dy")
+    lay = channel_layout(dy.shape, axis, "dy")
+    x = contiguous_float_array(x, "x")
+    if x.dtype != dy.dtype:
+        raise TypeError(f"x: dtype {x.dtype} does not match dy ({dy.dtype})")
+    if x.shape != dy.shape:
+        raise ValueError(f"x: shape {x.shape} does not match dy {dy.shape}")
+    if y is not None:
+        y = contiguous_float_array(y, "y")
+        if y.dtype != dy.dtype:
+            raise TypeError(f"y: dtype {y.dtype} does not match dy ({dy.dtype})")
+        if y.shape != dy.shape:
+            raise ValueError(f"y: shape {y.shape} does not match dy {dy.shape}")
+    m = per_channel(mean, "mean", lay.channels, dy.dtype)
+    s = per_channel(invstd, "invstd", lay.channels, dy.dtype)
+    if m is None or s is None:
+        raise TypeError(f"{'mean' if m is None else 'invstd'}: is required")
+    w = per_channel(weight, "weight", lay.channels, dy.dtype)
+    dx = output(out, dy.shape, dy.dtype, (dy_in, x_in, y_in))
+    dweight = np.empty(lay.channels, dy.dtype)
+    dbias = np.empty(lay.channels, dy.dtype)
+    _C.bn_backward(dy, x, y, m, s, w, dx, dweight, dbias, lay.outer, lay.channels, lay.inner, bool(training))
+    return BatchNormGrads(dx, dweight, dbias)

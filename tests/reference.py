@@ -1,0 +1,102 @@
+"""Independent float64 NumPy reference for pybn's batch normalization.
+
+Straightforward formulas, two-pass mean/variance, everything in float64.
+Nothing here calls pybn.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+
+
+def norm_axis(axis, ndim):
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} out of range for ndim {ndim}")
+    return axis % ndim
+
+
+def canonical(a, axis):
+    """View `a` as (outer, C, inner) with the channel axis `axis`."""
+    a = np.asarray(a)
+    ax = norm_axis(axis, a.ndim)
+    outer = int(np.prod(a.shape[:ax], dtype=np.int64))
+    inner = int(np.prod(a.shape[ax + 1:], dtype=np.int64))
+    return a.reshape(outer, a.shape[ax], inner)
+
+
+def _per_channel(v, c):
+    return None if v is None else np.asarray(v, dtype=np.float64).reshape(c)
+
+
+def batch_norm_train(x, weight=None, bias=None, running_mean=None,
+                     running_var=None, momentum=0.1, eps=1e-5, axis=1,
+                     relu=False):
+    """Returns a namespace: y, mean, var (biased), invstd, running_mean,
+    running_var (the updated values, or None), all float64."""
+    x = np.asarray(x, dtype=np.float64)
+    v = canonical(x, axis)
+    _, c, _ = v.shape
+    n = v.shape[0] * v.shape[2]
+    mean = v.mean(axis=(0, 2))
+    d = v - mean[None, :, None]
+    var = (d * d).mean(axis=(0, 2))
+    invstd = 1.0 / np.sqrt(var + eps)
+    gamma = np.ones(c) if weight is None else _per_channel(weight, c)
+    beta = np.zeros(c) if bias is None else _per_channel(bias, c)
+    y = d * (invstd * gamma)[None, :, None] + beta[None, :, None]
+    if relu:
+        y = np.maximum(y, 0.0)
+    new_rm = new_rv = None
+    if running_mean is not None:
+        new_rm = (1 - momentum) * _per_channel(running_mean, c) + momentum * mean
+    if running_var is not None:
+        new_rv = ((1 - momentum) * _per_channel(running_var, c)
+                  + momentum * var * n / (n - 1))
+    return SimpleNamespace(y=y.reshape(x.shape), mean=mean, var=var,
+                           invstd=invstd, running_mean=new_rm,
+                           running_var=new_rv)
+
+
+def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None,
+                     eps=1e-5, axis=1, relu=False):
+    x = np.asarray(x, dtype=np.float64)
+    v = canonical(x, axis)
+    c = v.shape[1]
+    rm = _per_channel(running_mean, c)
+    rv = _per_channel(running_var, c)
+    gamma = np.ones(c) if weight is None else _per_channel(weight, c)
+    beta = np.zeros(c) if bias is None else _per_channel(bias, c)
+    invstd = 1.0 / np.sqrt(rv + eps)
+    y = (v - rm[None, :, None]) * (invstd * gamma)[None, :, None] + beta[None, :, None]
+    if relu:
+        y = np.maximum(y, 0.0)
+    return y.reshape(x.shape)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True,
+                        axis=1, y=None):
+    """Returns (dx, dweight, dbias) in float64.
+
+    `mean`/`invstd` are the saved batch statistics (training=True) or the
+    running statistics (training=False, invstd = 1/sqrt(running_var+eps)).
+    `y` (the forward output of a relu-fused forward) masks the gradient
+    where y <= 0."""
+    x = np.asarray(x, dtype=np.float64)
+    g = canonical(np.asarray(dy, dtype=np.float64), axis)
+    v = canonical(x, axis)
+    _, c, _ = v.shape
+    n = v.shape[0] * v.shape[2]
+    if y is not None:
+        g = g * (canonical(np.asarray(y, dtype=np.float64), axis) > 0)
+    mean = _per_channel(mean, c)
+    invstd = _per_channel(invstd, c)
+    gamma = np.ones(c) if weight is None else _per_channel(weight, c)
+    xhat = (v - mean[None, :, None]) * invstd[None, :, None]
+    dbias = g.sum(axis=(0, 2))
+    dweight = (g * xhat).sum(axis=(0, 2))
+    if training:
+        dx = (gamma * invstd)[None, :, None] * (
+            g - (dbias / n)[None, :, None] - xhat * (dweight / n)[None, :, None])
+    else:
+        dx = g * (gamma * invstd)[None, :, None]
+    return dx.reshape(x.shape), dweight, dbias
