@@ -71,11 +71,23 @@ void moments_rows(const Layout& L, const T* x, double* mean, double* m2) {
   }
 }
 
-// channel_of[j] for the positions of one period-mode row.
-inline Buffer<i64> channels_of_row(const Layout& L, i64 row_len) {
-  Buffer<i64> ch = make_buffer<i64>(row_len);
-  for (i64 j = 0; j < row_len; ++j) ch[j] = (j % (L.channels * L.inner)) / L.inner;
-  return ch;
+// Adds the per-position sums of a period-mode row (len a multiple of the period) into
+// per-channel sums: s[c] += acc[j] over the positions j of channel c.
+template <class T>
+void fold_period(const Layout& L, const T* acc, i64 len, double* s) {
+  const i64 P = L.channels * L.inner;
+  for (i64 base = 0; base < len; base += P) {
+    const T* a = acc + base;
+    if (L.inner == 1) {
+      for (i64 c = 0; c < L.channels; ++c) s[c] += a[c];
+    } else {
+      for (i64 c = 0; c < L.channels; ++c) {
+        double t = 0;
+        for (i64 q = 0; q < L.inner; ++q) t += a[c * L.inner + q];
+        s[c] += t;
+      }
+    }
+  }
 }
 
 // Per-channel mean and M2, channels-last-like layouts (see PeriodBlocks).
@@ -84,7 +96,6 @@ void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
   using V = Vec<T>;
   const PeriodBlocks pb = PeriodBlocks::make<T>(L);
   const i64 C = L.channels, G = pb.groups, RL = pb.row_len;
-  const Buffer<i64> chan = channels_of_row(L, RL);
   Buffer<double> gmean = make_buffer<double>(G * C), gm2 = make_buffer<double>(G * C);
   Buffer<double> gcount = make_buffer<double>(G);
 
@@ -104,22 +115,20 @@ void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
         T* const acc1[1] = {sums.get()};
         column_accumulate<T, 1>(nrows, RL, len, acc1, [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n(xb + o, n); });
         std::fill(s1.get(), s1.get() + C, 0.0);
-        for (i64 j = 0; j < len; ++j) s1[chan[j]] += sums[j];
+        fold_period(L, sums.get(), len, s1.get());
         for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] / nb);
-        for (i64 j = 0; j < len; ++j) shift_row[j] = shift[chan[j]];
+        fill_period(L, shift.get(), len, shift_row.get());
 
         T* const acc2[2] = {dsum.get(), dsq.get()};
         column_accumulate<T, 2>(nrows, RL, len, acc2, [&](i64 o, i64 col, i64 n, V* a) {
-          const V d = load_n(xb + o, n) - V::load(shift_row.get() + col, n);
+          const V d = load_n(xb + o, n) - load_n(shift_row.get() + col, n);
           a[0] = a[0] + d;
           a[1] = fma(d, d, a[1]);
         });
         std::fill(s1.get(), s1.get() + C, 0.0);
         std::fill(s2.get(), s2.get() + C, 0.0);
-        for (i64 j = 0; j < len; ++j) {
-          s1[chan[j]] += dsum[j];
-          s2[chan[j]] += dsq[j];
-        }
+        fold_period(L, dsum.get(), len, s1.get());
+        fold_period(L, dsq.get(), len, s2.get());
         // Merge the block into the group; every channel has the same counts.
         const double total = gn + nb, fa = nb / total, fb = gn * nb / total;
         for (i64 c = 0; c < C; ++c) {
@@ -207,9 +216,8 @@ void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, const T
   using V = Vec<T>;
   const PeriodBlocks pb = PeriodBlocks::make<T>(L);
   const i64 C = L.channels, G = pb.groups, RL = pb.row_len;
-  const Buffer<i64> chan = channels_of_row(L, RL);
   Buffer<T> mean_row = make_buffer<T>(RL);
-  for (i64 j = 0; j < RL; ++j) mean_row[j] = mean[chan[j]];
+  fill_period(L, mean, RL, mean_row.get());
   Buffer<double> part = make_buffer<double>(2 * G * C);
 
   parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
@@ -221,12 +229,10 @@ void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, const T
       pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
         T* const acc[2] = {acc_g.get(), acc_gx.get()};
         column_accumulate<T, 2>(nrows, RL, len, acc, [&](i64 o, i64 col, i64 n, V* a) {
-          terms(off + o, n, V::load(mean_row.get() + col, n), a);
+          terms(off + o, n, load_n(mean_row.get() + col, n), a);
         });
-        for (i64 j = 0; j < len; ++j) {
-          s0[chan[j]] += acc_g[j];
-          s1[chan[j]] += acc_gx[j];
-        }
+        fold_period(L, acc_g.get(), len, s0);
+        fold_period(L, acc_gx.get(), len, s1);
       });
     }
   });

@@ -31,16 +31,34 @@ constexpr i64 kPeriodMaxInner = 128;
 constexpr i64 kPeriodMaxLength = i64(1) << 16;
 // Elements in one reduction block: its second pass re-reads it from L1/L2, not memory.
 constexpr i64 kBlockElements = 4096;
-constexpr i64 kPeriodBlockElements = 16384;
+constexpr i64 kPeriodBlockElements = i64(1) << 16;
 // A reduction group holds at least this many elements; at most kMaxGroups per channel.
-constexpr i64 kGroupElements = i64(1) << 15;
+constexpr i64 kGroupElements = i64(1) << 16;
 constexpr i64 kMaxGroups = 16;
 // Outputs at least this large are written with non-temporal stores: they would not stay
 // in cache anyway, and streaming skips reading the destination lines first.
 constexpr i64 kStreamBytes = i64(4) << 20;
 
+// Period mode needs a table of one period per coefficient: worth it for inner == 1 (where
+// rows are single elements), and for short rows when enough periods share the table.
+constexpr i64 kPeriodMinOuter = 8;
+
 inline bool use_period_mode(const Layout& L) {
-  return L.inner == 1 || (L.inner < kPeriodMaxInner && L.channels * L.inner <= kPeriodMaxLength);
+  return L.inner == 1 ||
+         (L.inner < kPeriodMaxInner && L.channels * L.inner <= kPeriodMaxLength && L.outer >= kPeriodMinOuter);
+}
+
+// Fills row[0, len) with the per-channel values of src along one period (each repeated
+// `inner` times) and on cyclically: row[q] = src[(q % (C * inner)) / inner].
+template <class T, class S>
+void fill_period(const Layout& L, const S* src, i64 len, T* row) {
+  const i64 P = L.channels * L.inner;
+  if (L.inner == 1) {
+    for (i64 c = 0; c < L.channels; ++c) row[c] = static_cast<T>(src[c]);
+  } else {
+    for (i64 c = 0; c < L.channels; ++c) std::fill(row + c * L.inner, row + (c + 1) * L.inner, static_cast<T>(src[c]));
+  }
+  for (i64 q = P; q < len; ++q) row[q] = row[q - P];
 }
 
 template <class T>
@@ -74,87 +92,99 @@ inline i64 lanes_to_alignment(const T* p) {
 //
 // coef holds K per-channel arrays of length C. op(i, n, cv) returns the output vector for
 // flat positions [i, i + n), n <= W, given cv[k] = coefficient k for each of those lanes;
-// it must load only n lanes of its inputs.
-template <class T, int K, class Op>
-void channel_apply(const Layout& L, const T* const (&coef)[K], T* out, const Op& op) {
+// it must load only n lanes of its inputs. Everything the loops use is passed by value,
+// so the compiler keeps it in registers instead of reloading it after every store.
+
+template <bool kStream, class T>
+inline void put(T* p, const Vec<T>& r, i64 n) {
+  if (n < Vec<T>::W)
+    r.store(p, n);
+  else if (kStream)
+    r.stream(p);
+  else
+    r.store(p);
+}
+
+// Head lanes before out + i is aligned for streaming (none when not streaming).
+template <bool kStream, class T>
+inline i64 head_lanes(const T* p, i64 available) {
+  return kStream ? std::min(available, lanes_to_alignment(p)) : 0;
+}
+
+// Row mode over flat positions [i, end).
+template <bool kStream, class T, int K, class Op>
+void apply_rows(const Layout L, const T* const* coef, T* const out, const Op op, i64 i, const i64 end) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
-  const i64 total = L.numel();
-  if (total == 0) return;
-  const bool stream = should_stream<T>(L);
+  while (i < end) {
+    const i64 row = i / L.inner;
+    const i64 row_end = std::min(end, (row + 1) * L.inner);
+    const i64 c = row % L.channels;
+    V cv[K];
+    for (int k = 0; k < K; ++k) cv[k] = V::set1(coef[k][c]);
+    if (const i64 nh = head_lanes<kStream>(out + i, row_end - i)) {
+      put<kStream>(out + i, op(i, nh, cv), nh);
+      i += nh;
+    }
+    for (; i + W <= row_end; i += W) put<kStream>(out + i, op(i, W, cv), W);
+    if (i < row_end) {
+      put<kStream>(out + i, op(i, row_end - i, cv), row_end - i);
+      i = row_end;
+    }
+  }
+  if (kStream) stream_fence();
+}
 
-  auto emit = [&](i64 i, i64 n, const V* cv) {
-    const V r = op(i, n, cv);
-    if (n == W && stream)
-      r.stream(out + i);
-    else if (n == W)
-      r.store(out + i);
-    else
-      r.store(out + i, n);
+// Period mode over flat positions [i, end); tab holds K rows of `stride` = P + W entries.
+template <bool kStream, class T, int K, class Op>
+void apply_period(const i64 P, const T* const tab, const i64 stride, T* const out, const Op op, i64 i,
+                  const i64 end) {
+  using V = Vec<T>;
+  constexpr i64 W = V::W;
+  i64 j = i % P;
+  const auto step = [&](i64 n) {
+    V cv[K];
+    for (int k = 0; k < K; ++k) cv[k] = V::load(tab + k * stride + j);
+    put<kStream>(out + i, op(i, n, cv), n);
+    i += n;
+    j += n;
+    if (j >= P) j = (j - P < P) ? j - P : j % P;
   };
-  // Head lanes to process before out + i is aligned for streaming.
-  auto head = [&](i64 i, i64 end) { return stream ? std::min(end - i, lanes_to_alignment(out + i)) : 0; };
+  if (const i64 nh = head_lanes<kStream>(out + i, end - i)) step(nh);
+  while (i + W <= end) step(W);
+  if (i < end) step(end - i);
+  if (kStream) stream_fence();
+}
 
+template <bool kStream, class T, int K, class Op>
+void channel_apply_impl(const Layout& L, const T* const (&coef)[K], T* out, const Op& op) {
+  constexpr i64 W = Vec<T>::W;
+  const i64 total = L.numel();
   const i64 slots = (total + W - 1) / W;  // threads split the array at vector boundaries
   if (use_period_mode(L)) {
     const i64 P = L.channels * L.inner;
     const i64 stride = P + W;
     Buffer<T> table = make_buffer<T>(K * stride);
-    for (int k = 0; k < K; ++k)
-      for (i64 q = 0; q < stride; ++q) table[k * stride + q] = coef[k][(q % P) / L.inner];
+    for (int k = 0; k < K; ++k) fill_period(L, coef[k], stride, table.get() + k * stride);
     const T* tab = table.get();
-    parallel_for(slots, total, [&](i64 sb, i64 se) {
-      i64 i = sb * W;
-      const i64 end = std::min(se * W, total);
-      i64 j = i % P;
-      auto advance = [&](i64 n) {
-        j += n;
-        if (j >= P) j = (j - P < P) ? j - P : j % P;
-      };
-      V cv[K];
-      auto load_coef = [&] {
-        for (int k = 0; k < K; ++k) cv[k] = V::load(tab + k * stride + j);
-      };
-      if (const i64 nh = head(i, end)) {
-        load_coef();
-        emit(i, nh, cv);
-        i += nh;
-        advance(nh);
-      }
-      for (; i + W <= end; i += W) {
-        load_coef();
-        emit(i, W, cv);
-        advance(W);
-      }
-      if (i < end) {
-        load_coef();
-        emit(i, end - i, cv);
-      }
-      if (stream) stream_fence();
+    parallel_for(slots, total, [=](i64 sb, i64 se) {
+      apply_period<kStream, T, K>(P, tab, stride, out, op, sb * W, std::min(se * W, total));
     });
   } else {
-    parallel_for(slots, total, [&](i64 sb, i64 se) {
-      i64 i = sb * W;
-      const i64 end = std::min(se * W, total);
-      while (i < end) {
-        const i64 row = i / L.inner;
-        const i64 row_end = std::min(end, (row + 1) * L.inner);
-        const i64 c = row % L.channels;
-        V cv[K];
-        for (int k = 0; k < K; ++k) cv[k] = V::set1(coef[k][c]);
-        if (const i64 nh = head(i, row_end)) {
-          emit(i, nh, cv);
-          i += nh;
-        }
-        for (; i + W <= row_end; i += W) emit(i, W, cv);
-        if (i < row_end) {
-          emit(i, row_end - i, cv);
-          i = row_end;
-        }
-      }
-      if (stream) stream_fence();
+    const T* const* cf = coef;
+    parallel_for(slots, total, [=](i64 sb, i64 se) {
+      apply_rows<kStream, T, K>(L, cf, out, op, sb * W, std::min(se * W, total));
     });
   }
+}
+
+template <class T, int K, class Op>
+void channel_apply(const Layout& L, const T* const (&coef)[K], T* out, const Op& op) {
+  if (L.numel() == 0) return;
+  if (should_stream<T>(L))
+    channel_apply_impl<true>(L, coef, out, op);
+  else
+    channel_apply_impl<false>(L, coef, out, op);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -200,7 +230,10 @@ struct PeriodBlocks {
     constexpr i64 W = Vec<T>::W;
     PeriodBlocks b;
     b.period = L.channels * L.inner;
-    i64 reps = W / std::gcd(b.period, W);  // periods per row so that W divides row_len
+    // Periods per row: so that W divides row_len and a row fills at least one column tile
+    // of column_accumulate (4 vectors).
+    i64 reps = W / std::gcd(b.period, W);
+    reps *= std::max<i64>(1, (4 * W + b.period * reps - 1) / (b.period * reps));
     if (b.period * reps > kPeriodBlockElements) reps = 1;
     b.row_len = b.period * reps;
     b.rows = L.outer / reps;
@@ -248,31 +281,40 @@ void segment_accumulate(i64 len, double (&out)[NACC], const F& f) {
 }
 
 // Column sums over nrows rows of len elements, rows `stride` apart: acc[a][j] = sum over
-// rows of accumulator a at column j. Columns are taken a tile at a time so that the
-// accumulators stay in registers while the rows stream past. f(offset, col, n, acc) adds
-// lanes [col, col + n) of the row at `offset` (= row * stride + col); lanes >= n are
-// never stored, so they may hold anything.
+// rows of accumulator a at column j. Rows are taken 8 at a time, and within them one
+// column tile at a time, so the accumulators stay in registers across 8 rows while the
+// memory is read as 8 sequential streams (a tile over all rows of a block would make one
+// stream per row, too many for the prefetchers, and would thrash the L1 sets when the
+// stride is a multiple of 4 KB). f(offset, col, n, acc) adds lanes [col, col + n) of the
+// row at `offset` (= row * stride + col); lanes >= n are never stored, so may hold anything.
 template <class T, int NACC, class F>
 void column_accumulate(i64 nrows, i64 stride, i64 len, T* const (&acc)[NACC], const F& f) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
   constexpr i64 kTile = 4;
-  i64 j = 0;
-  for (; j + kTile * W <= len; j += kTile * W) {
-    V a[kTile][NACC];
-    for (auto& t : a)
-      for (auto& v : t) v = V::zero();
-    for (i64 r = 0; r < nrows; ++r)
-      for (i64 t = 0; t < kTile; ++t) f(r * stride + j + t * W, j + t * W, W, a[t]);
-    for (i64 t = 0; t < kTile; ++t)
-      for (int k = 0; k < NACC; ++k) a[t][k].store(acc[k] + j + t * W);
-  }
-  for (; j < len; j += W) {
-    const i64 n = std::min(W, len - j);
-    V a[NACC];
-    for (auto& v : a) v = V::zero();
-    for (i64 r = 0; r < nrows; ++r) f(r * stride + j, j, n, a);
-    for (int k = 0; k < NACC; ++k) a[k].store(acc[k] + j, n);
+  constexpr i64 kRows = 8;
+  for (i64 r0 = 0; r0 < nrows; r0 += kRows) {
+    const i64 r1 = std::min(nrows, r0 + kRows);
+    // Starts from zero on the first chunk, from the stored partial sums after it.
+    auto start = [&](V (&a)[NACC], i64 j, i64 n) {
+      for (int k = 0; k < NACC; ++k) a[k] = r0 == 0 ? V::zero() : V::load(acc[k] + j, n);
+    };
+    i64 j = 0;
+    for (; j + kTile * W <= len; j += kTile * W) {
+      V a[kTile][NACC];
+      for (i64 t = 0; t < kTile; ++t) start(a[t], j + t * W, W);
+      for (i64 r = r0; r < r1; ++r)
+        for (i64 t = 0; t < kTile; ++t) f(r * stride + j + t * W, j + t * W, W, a[t]);
+      for (i64 t = 0; t < kTile; ++t)
+        for (int k = 0; k < NACC; ++k) a[t][k].store(acc[k] + j + t * W);
+    }
+    for (; j < len; j += W) {
+      const i64 n = std::min(W, len - j);
+      V a[NACC];
+      start(a, j, n);
+      for (i64 r = r0; r < r1; ++r) f(r * stride + j, j, n, a);
+      for (int k = 0; k < NACC; ++k) a[k].store(acc[k] + j, n);
+    }
   }
 }
 

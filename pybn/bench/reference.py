@@ -14,7 +14,7 @@ EPS = 1e-5
 MOMENTUM = 0.1
 RTOL = 1e-4          # float32 tolerance (float32 epsilon is 1.2e-7; a kernel sums ~1e5 terms)
 ATOL = 1e-4          # data and outputs are O(1) by construction
-SUM_TOL = 1e-5       # per-channel sums: |error| <= SUM_TOL * sum of |terms| + RTOL * |sum|
+SUM_TOL = 2e-6       # per-channel sums: |error| <= SUM_TOL * sum of |terms| + RTOL * |sum|
 CHUNK = 1 << 19      # elements per reference chunk
 
 

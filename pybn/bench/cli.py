@@ -1,0 +1,236 @@
+"""``python -m pybn bench``: pybn against torch, NumPy, onnxruntime and the bandwidth bound."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import peers as P
+from .probe import BOUND_FORMULA, measure_probe
+from .reference import WrongResult, check, make_case
+from .report import Cell, render, to_json
+from .shapes import KERNEL_TITLES, parse_kernels, parse_shapes, shape_names
+from .timing import TimingConfig, fmt_time, measure
+
+IMPLS = ("torch", "numpy", "ort")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pybn bench",
+        description="Time pybn's batch-norm kernels against torch, NumPy and onnxruntime and "
+                    "against the memory-bandwidth bound measured by pybn's own probe "
+                    "(float32, one process, the same arrays). See bench/README.md.")
+    p.add_argument("--shapes", metavar="A,B",
+                   help=f"comma-separated shapes to run, of {', '.join(shape_names())} "
+                        "(A_cl and L_cl also name A' and L'); default: all")
+    p.add_argument("--kernels", metavar="K,K",
+                   help="comma-separated kernels of infer, train, backward; default: all")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for pybn, torch and onnxruntime (default: pybn.get_num_threads())")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a shorter time budget)")
+    p.add_argument("--budget", type=float, metavar="S",
+                   help="seconds of timed repetitions per measurement (default 0.25, --quick 0.06)")
+    p.add_argument("--peers", metavar="P,P", default="torch,numpy,ort",
+                   help="peers to run, of torch, numpy, ort (default: all that are installed)")
+    p.add_argument("--json", metavar="PATH", help="write every number (and every sample) to PATH")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
+    return p
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except (OSError, AttributeError):
+        return None
+
+
+def _versions(pybn, want) -> dict:
+    v = {"pybn": pybn.__version__, "numpy": np.__version__}
+    torch = P.torch_module() if "torch" in want else None
+    v["torch"] = torch.__version__ if torch is not None else "not used"
+    if "ort" in want:
+        ort, onnx = P.ort_modules()
+        v["onnxruntime"] = ort.__version__ if ort is not None else "not installed"
+        if ort is not None:
+            v["onnx"] = onnx.__version__ if onnx is not None else "not installed"
+    else:
+        v["onnxruntime"] = "not used"
+    v["python"] = platform.python_version()
+    return v
+
+
+def _run_impl(cell: Cell, impl: str, make, case, cfg: TimingConfig) -> None:
+    """Check one implementation's result, then time it in its own batch."""
+    kernel = cell.kernel
+    try:
+        runner = make()
+    except P.Unavailable as e:
+        cell.skipped[impl] = str(e)
+        return
+    cell.labels[impl] = runner.label
+    try:
+        runner.reset()
+        t0 = time.perf_counter()
+        ret = runner.call()
+        dt = time.perf_counter() - t0
+        outs = runner.outputs(ret)
+        state = runner.state() if runner.state is not None else None
+        cell.check_err[impl] = check(kernel, case, outs, state)
+        del ret, outs, state
+    except WrongResult as e:
+        cell.errors[impl] = f"wrong result: {e}"
+        _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name} is WRONG: {e}")
+        return
+    except Exception as e:  # noqa: BLE001 - a failing implementation is reported, not fatal
+        cell.errors[impl] = f"raised {type(e).__name__}: {e}"
+        _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name} raised "
+                  f"{type(e).__name__}: {e}")
+        return
+    cell.times[impl] = measure(runner.call, cfg, calls_done=1, last_call_s=dt)
+    del runner
+
+
+def run(args) -> int:
+    try:
+        shapes = parse_shapes(args.shapes)
+        kernels = parse_kernels(args.kernels)
+        want = [p.strip().lower() for p in (args.peers or "").split(",") if p.strip()]
+        for p in want:
+            if p not in IMPLS:
+                raise ValueError(f"unknown peer {p!r}; choose from {', '.join(IMPLS)}")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        if args.budget is not None and args.budget <= 0:
+            raise ValueError("--budget must be > 0")
+    except ValueError as e:
+        print(f"python -m pybn bench: error: {e}", file=sys.stderr)
+        return 2
+
+    import pybn
+
+    if args.threads is not None:
+        pybn.set_num_threads(args.threads)
+    threads = pybn.get_num_threads()
+    torch = P.torch_module() if "torch" in want else None
+    if torch is not None:
+        torch.set_num_threads(threads)
+    cfg = TimingConfig.quick() if args.quick else TimingConfig()
+    if args.budget is not None:
+        cfg = TimingConfig(budget=args.budget, warmup=cfg.warmup, min_reps=cfg.min_reps,
+                           max_reps=cfg.max_reps, pause=cfg.pause)
+
+    meta = {
+        "pybn": pybn.__version__, "isa": pybn.isa(), "threads": threads,
+        "versions": _versions(pybn, want), "cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
+        "dtype": "float32", "quick": bool(args.quick), "seed": args.seed,
+        "timing": {"budget_s": cfg.budget, "warmup": cfg.warmup, "min_reps": cfg.min_reps,
+                   "max_reps": cfg.max_reps, "statistic": "median"},
+        "bounds": BOUND_FORMULA,
+        "shapes": {s.name: {"array_shape": list(s.array_shape), "logical_nchw": list(s.logical),
+                            "axis": s.axis, "layout": s.layout, "out": s.out,
+                            "target": s.target_text(), "note": s.note} for s in shapes},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_start": _loadavg(),
+        "command": "python -m pybn bench " + " ".join(args.argv),
+    }
+    _progress(f"pybn {pybn.__version__} bench: ISA {pybn.isa()}, {threads} threads, "
+              f"shapes {','.join(s.name for s in shapes)}, kernels {','.join(kernels)}"
+              + (" (quick)" if args.quick else ""))
+    probes = {}
+    cells = []
+    n_cells = len(shapes) * len(kernels)
+    t_start = time.perf_counter()
+    for shape in shapes:
+        t_shape = time.perf_counter()
+        case = make_case(shape, seed=args.seed, need_backward="backward" in kernels)
+        probe = measure_probe(case.x, cfg)
+        probes[shape.name] = probe
+        _progress(f"{shape.name:<3} {shape.describe()}: data+reference "
+                  f"{time.perf_counter() - t_shape:.1f} s; probe t_read {fmt_time(probe.t_read)} "
+                  f"({probe.read_gbs:.1f} GB/s), t_stream {fmt_time(probe.t_stream)} "
+                  f"({probe.stream_gbs:.1f} GB/s)")
+        for kernel in kernels:
+            t_cell = time.perf_counter()
+            cell = Cell(shape=shape, kernel=kernel, bound=probe.bound(kernel))
+            impls = [("pybn", lambda: P.make_pybn(case, kernel, out=shape.out))]
+            if "torch" in want:
+                impls.append(("torch", lambda: P.make_torch(case, kernel, out=False)))
+                if shape.out:
+                    impls.append(("torch_out", lambda: P.make_torch(case, kernel, out=True)))
+            if "numpy" in want:
+                impls.append(("numpy", lambda: P.make_numpy(case, kernel)))
+            if "ort" in want:
+                impls.append(("ort", lambda: P.make_ort(case, kernel, threads=threads)))
+            for impl, make in impls:
+                _run_impl(cell, impl, make, case, cfg)
+                gc.collect()
+            cells.append(cell)
+            parts = []
+            for impl, _ in impls:
+                if impl in cell.times:
+                    parts.append(f"{impl} {fmt_time(cell.t(impl))}")
+                elif impl in cell.errors:
+                    parts.append(f"{impl} WRONG")
+            pct = cell.pct_bound
+            _progress(f"[{len(cells):2d}/{n_cells}] {shape.name:<3} {kernel:<8} "
+                      + " | ".join(parts)
+                      + (f" | {pct:.0f}% of bound" if pct is not None else "")
+                      + f"  ({time.perf_counter() - t_cell:.1f} s)")
+        del case
+        gc.collect()
+    elapsed = time.perf_counter() - t_start
+    meta["elapsed_s"] = elapsed
+    meta["loadavg_end"] = _loadavg()
+    _progress(f"done in {elapsed:.1f} s")
+
+    print(render(meta, probes, cells))
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(to_json(meta, probes, cells), f, indent=1)
+                f.write("\n")
+        except OSError as e:
+            print(f"python -m pybn bench: cannot write {args.json}: {e}", file=sys.stderr)
+            return 2
+        _progress(f"wrote {args.json}")
+    wrong = [(c, k) for c in cells for k in c.errors]
+    if wrong:
+        print(f"\nERROR: {len(wrong)} implementation(s) returned wrong results; see above.",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error (argparse printed it)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    args.argv = argv
+    return run(args)

@@ -1,0 +1,162 @@
+"""ISA dispatch, threads and the command line."""
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+import pybn
+import pybn._runtime
+
+ALL_ISAS = ["scalar", "avx2", "avx512"]
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:  # pragma: no cover
+        pass
+    return None
+
+
+def run_python(code, tmp_path, **env_over):
+    """Run `python -c code` in a clean directory (so the installed pybn is
+    imported) with PYBN_ISA / OMP_NUM_THREADS removed unless given."""
+    env = dict(os.environ)
+    for k in ("PYBN_ISA", "OMP_NUM_THREADS"):
+        env.pop(k, None)
+    env.update(env_over)
+    return subprocess.run([sys.executable, *code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_version():
+    assert isinstance(pybn.__version__, str) and pybn.__version__
+    assert pybn.__version__ == importlib.metadata.version("pybn")
+
+
+def test_supported_isas():
+    isas = pybn.supported_isas()
+    assert isinstance(isas, list) and isas
+    assert isas[0] == "scalar"
+    assert all(i in ALL_ISAS for i in isas)
+    # lowest first, no duplicates
+    assert isas == sorted(set(isas), key=ALL_ISAS.index)
+    assert pybn.isa() in isas
+
+
+def test_supported_isas_match_cpu():
+    flags = cpu_flags()
+    if flags is None:  # pragma: no cover
+        pytest.skip("no /proc/cpuinfo")
+    isas = pybn.supported_isas()
+    assert ("avx2" in isas) == ({"avx2", "fma"} <= flags)
+    if "avx512" in isas:
+        assert "avx512f" in flags
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        assert "avx512" in isas
+
+
+def test_default_isa_is_the_best(tmp_path):
+    r = run_python(["-c", "import pybn; print(pybn.isa()); "
+                    "print(','.join(pybn.supported_isas()))"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    best, supported = r.stdout.split()
+    assert best == supported.split(",")[-1]
+    assert supported.split(",") == pybn.supported_isas()
+
+
+def test_use_isa_switches_and_restores():
+    before = pybn.isa()
+    for name in pybn.supported_isas():
+        with pybn._runtime.use_isa(name):
+            assert pybn.isa() == name
+        assert pybn.isa() == before
+    # nested, and restored after an exception
+    isas = pybn.supported_isas()
+    with pytest.raises(RuntimeError):
+        with pybn._runtime.use_isa(isas[0]):
+            with pybn._runtime.use_isa(isas[-1]):
+                assert pybn.isa() == isas[-1]
+            assert pybn.isa() == isas[0]
+            raise RuntimeError("boom")
+    assert pybn.isa() == before
+
+
+@pytest.mark.parametrize("name", pybn.supported_isas())
+def test_pybn_isa_env_forces_path(name, tmp_path):
+    r = run_python(["-c", "import pybn; print(pybn.isa())"], tmp_path,
+                   PYBN_ISA=name)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == name
+
+
+def test_pybn_isa_env_bogus_is_an_error(tmp_path):
+    r = run_python(["-c", "import pybn"], tmp_path, PYBN_ISA="bogus")
+    assert r.returncode == 1  # a Python exception, not a crash
+    assert "PYBN_ISA" in r.stderr
+
+
+def test_pybn_isa_env_forced_path_computes(tmp_path):
+    code = (
+        "import numpy as np, pybn\n"
+        "x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)\n"
+        "y, m, s = pybn.batch_norm_train(x)\n"
+        "print(pybn.isa(), ' '.join(repr(float(v)) for v in m))\n"
+    )
+    # per channel c, the values are 4c + {0,1,2,3} and 12 + 4c + {0,1,2,3}
+    expected_means = [7.5, 11.5, 15.5]
+    for name in pybn.supported_isas():
+        r = run_python(["-c", code], tmp_path, PYBN_ISA=name)
+        assert r.returncode == 0, r.stderr
+        got = r.stdout.split()
+        assert got[0] == name
+        assert [float(v) for v in got[1:]] == expected_means
+
+
+def test_set_get_num_threads():
+    prev = pybn.get_num_threads()
+    assert isinstance(prev, int) and prev >= 1
+    try:
+        pybn.set_num_threads(1)
+        assert pybn.get_num_threads() == 1
+        pybn.set_num_threads(2)
+        assert pybn.get_num_threads() == 2
+    finally:
+        pybn.set_num_threads(prev)
+    assert pybn.get_num_threads() == prev
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_omp_num_threads_honoured(n, tmp_path):
+    r = run_python(["-c", "import pybn; print(pybn.get_num_threads())"],
+                   tmp_path, OMP_NUM_THREADS=str(n))
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip()) == n
+
+
+def test_cli_info(tmp_path):
+    r = run_python(["-m", "pybn", "info"], tmp_path, PYBN_ISA="scalar",
+                   OMP_NUM_THREADS="1")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert pybn.__version__ in out
+    assert "scalar" in out
+    low = out.lower()
+    assert "isa" in low and "thread" in low
+    # the thread count is shown
+    thread_lines = [ln for ln in out.splitlines() if "thread" in ln.lower()]
+    assert any("1" in ln for ln in thread_lines), out
+
+
+def test_cli_info_default(tmp_path):
+    r = run_python(["-m", "pybn", "info"], tmp_path, OMP_NUM_THREADS="2")
+    assert r.returncode == 0, r.stderr
+    assert pybn.supported_isas()[-1] in r.stdout
+    thread_lines = [ln for ln in r.stdout.splitlines() if "thread" in ln.lower()]
+    assert any("2" in ln for ln in thread_lines), r.stdout
