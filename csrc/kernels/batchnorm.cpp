@@ -5,9 +5,12 @@
 // y = x * alpha_c + beta_c (training adds one reduction pass before it; backward is one
 // reduction pass and one dx pass).
 //
-// Statistics are exact to the input's precision without a second pass over memory: each
-// block (a few thousand values, still in L1/L2) is summed, then its deviations from its
-// own mean are summed; blocks merge with Chan et al.'s pairwise formula in double.
+// Statistics are accurate to the input's precision in one pass over memory. Values are
+// taken in blocks; a block's sums of deviations d = x - shift give its mean and M2 as
+// shift + sum(d)/n and sum(d^2) - sum(d)^2/n, which lose nothing as long as the shift is
+// near the block's values. The first block of a group (short, still in L1) takes its own
+// mean as the shift (a second, cached pass); every later block takes the group's running
+// mean. Blocks merge with Chan et al.'s pairwise formula in double.
 #include <cmath>
 
 #include "channel_loops.h"
@@ -31,22 +34,31 @@ struct Moments {
   }
 };
 
-// Mean and M2 of one block of channel values, into m.
+// Sums of x - shift and (x - shift)^2 over one segment of channel values.
 template <class T>
-void merge_segment(const T* x, i64 len, Moments& m) {
+void deviation_sums(const T* x, i64 len, T shift, double (&dev)[2]) {
   using V = Vec<T>;
-  double sum[1];
-  segment_accumulate<T, 1>(len, sum, [&](i64 i, i64 n, V* a) { a[0] = a[0] + load_n(x + i, n); });
-  // Deviations from the rounded block mean; their sum corrects that rounding exactly.
-  const T shift = static_cast<T>(sum[0] / static_cast<double>(len));
   const V s = V::set1(shift);
-  double dev[2];
   segment_accumulate<T, 2>(len, dev, [&](i64 i, i64 n, V* a) {
     V d = load_n(x + i, n) - s;
     if (n < V::W) d = keep_first(d, n);
     a[0] = a[0] + d;
     a[1] = fma(d, d, a[1]);
   });
+}
+
+// Merges one block of channel values into m (see the top of this file for the shift).
+template <class T>
+void merge_segment(const T* x, i64 len, Moments& m) {
+  using V = Vec<T>;
+  T shift = static_cast<T>(m.mean);
+  if (m.n == 0) {
+    double sum[1];
+    segment_accumulate<T, 1>(len, sum, [&](i64 i, i64 n, V* a) { a[0] = a[0] + load_n(x + i, n); });
+    shift = static_cast<T>(sum[0] / static_cast<double>(len));
+  }
+  double dev[2];
+  deviation_sums(x, len, shift, dev);
   const double nb = static_cast<double>(len);
   m.merge(nb, shift + dev[0] / nb, std::max(0.0, dev[1] - dev[0] * dev[0] / nb));
 }
@@ -112,11 +124,15 @@ void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
       pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
         const T* xb = x + off;
         const double nb = static_cast<double>(nrows) * static_cast<double>(len / C);
-        T* const acc1[1] = {sums.get()};
-        column_accumulate<T, 1>(nrows, RL, len, acc1, [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n(xb + o, n); });
-        std::fill(s1.get(), s1.get() + C, 0.0);
-        fold_period(L, sums.get(), len, s1.get());
-        for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] / nb);
+        if (gn == 0) {  // first block: shift by its own mean
+          T* const acc1[1] = {sums.get()};
+          column_accumulate<T, 1>(nrows, RL, len, acc1, [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n(xb + o, n); });
+          std::fill(s1.get(), s1.get() + C, 0.0);
+          fold_period(L, sums.get(), len, s1.get());
+          for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] / nb);
+        } else {  // later blocks: shift by the group's running mean
+          for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(gm[c]);
+        }
         fill_period(L, shift.get(), len, shift_row.get());
 
         T* const acc2[2] = {dsum.get(), dsq.get()};

@@ -32,6 +32,10 @@ constexpr i64 kPeriodMaxLength = i64(1) << 16;
 // Elements in one reduction block: its second pass re-reads it from L1/L2, not memory.
 constexpr i64 kBlockElements = 4096;
 constexpr i64 kPeriodBlockElements = i64(1) << 16;
+constexpr i64 kFirstBlockElements = 4096;
+// Each lane of a period block sums one value per row in T: more rows would let float
+// rounding grow past about sqrt(rows) ulps.
+constexpr i64 kMaxBlockRows = 128;
 // A reduction group holds at least this many elements; at most kMaxGroups per channel.
 constexpr i64 kGroupElements = i64(1) << 16;
 constexpr i64 kMaxGroups = 16;
@@ -238,18 +242,20 @@ struct PeriodBlocks {
     b.row_len = b.period * reps;
     b.rows = L.outer / reps;
     b.rest = (L.outer % reps) * b.period;
-    b.block_rows = std::max<i64>(1, kPeriodBlockElements / b.row_len);
+    b.block_rows = std::clamp<i64>(kPeriodBlockElements / b.row_len, 1, kMaxBlockRows);
     b.groups = std::clamp<i64>(b.rows * b.row_len / kGroupElements, 1, kMaxGroups);
     return b;
   }
 
   // Calls block(offset, nrows, len) for each block of group g, in order: nrows rows of
-  // len valid elements starting at offset, consecutive rows row_len apart.
+  // len valid elements starting at offset, consecutive rows row_len apart. The first
+  // block of a group is short (kFirstBlockElements), the others hold block_rows rows.
   template <class F>
   void for_each(i64 g, F&& block) const {
     i64 r = rows * g / groups;
     const i64 r_end = rows * (g + 1) / groups;
-    for (; r < r_end; r += block_rows) block(r * row_len, std::min(block_rows, r_end - r), row_len);
+    i64 n = std::max<i64>(1, kFirstBlockElements / row_len);
+    for (; r < r_end; r += n, n = block_rows) block(r * row_len, std::min(n, r_end - r), row_len);
     if (g == groups - 1 && rest > 0) block(rows * row_len, i64(1), rest);
   }
 };
