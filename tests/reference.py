@@ -24,6 +24,22 @@ def canonical(a, axis):
     return a.reshape(outer, a.shape[ax], inner)
 
 
+def channel_rows(a, axis):
+    """Contiguous (C, n) float64 copy: row c holds channel c's n values, so
+    NumPy reduces each row with pairwise summation (accurate)."""
+    a = np.asarray(a, dtype=np.float64)
+    ax = norm_axis(axis, a.ndim)
+    return np.ascontiguousarray(np.moveaxis(a, ax, 0)).reshape(a.shape[ax], -1)
+
+
+def mean_var(x, axis):
+    """Per-channel mean and biased variance, two-pass, pairwise sums."""
+    r = channel_rows(x, axis)
+    mean = r.mean(axis=1)
+    d = r - mean[:, None]
+    return mean, (d * d).mean(axis=1)
+
+
 def _per_channel(v, c):
     return None if v is None else np.asarray(v, dtype=np.float64).reshape(c)
 
@@ -37,9 +53,8 @@ def batch_norm_train(x, weight=None, bias=None, running_mean=None,
     v = canonical(x, axis)
     _, c, _ = v.shape
     n = v.shape[0] * v.shape[2]
-    mean = v.mean(axis=(0, 2))
+    mean, var = mean_var(x, axis)
     d = v - mean[None, :, None]
-    var = (d * d).mean(axis=(0, 2))
     invstd = 1.0 / np.sqrt(var + eps)
     gamma = np.ones(c) if weight is None else _per_channel(weight, c)
     beta = np.zeros(c) if bias is None else _per_channel(bias, c)

@@ -580,8 +580,10 @@ def test_concurrent_python_threads(isa):
 # --------------------------------------------------- thread bitwise identity
 
 BIG_CASES = [((16, 32, 32, 32), 1), ((16, 32, 32, 32), -1), ((8192, 64), 1),
-             ((64, 8193), 0)]
-BIG_IDS = ["nchw", "nhwc", "2d", "2d-ax0"]
+             ((64, 8193), 0), ((262144, 2), -1), ((2, 3, 90001), 1),
+             ((3, 200003), -1), ((4, 4, 8, 64, 64), 2)]
+BIG_IDS = ["nchw", "nhwc", "2d", "2d-ax0", "nhwc-c2", "nchw-c3-long",
+           "wide-c", "5d-ax2"]
 
 
 def _bits_equal(a, b):
@@ -608,18 +610,20 @@ def test_threads_bitwise_identical(shape, axis, dtype, isa, rng):
     x, w, b, rm, rv = make_inputs(rng, shape, axis, dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     prev = pybn.get_num_threads()
+    runs = {}
     try:
-        pybn.set_num_threads(1)
-        r1 = _run_all(x, w, b, dy, rm, rv, axis)
-        pybn.set_num_threads(2)
-        assert pybn.get_num_threads() == 2
-        r2 = _run_all(x, w, b, dy, rm, rv, axis)
+        for t in (1, 2, 3, 4):  # 3 and 4 oversubscribe 2 cores: still equal
+            pybn.set_num_threads(t)
+            assert pybn.get_num_threads() == t
+            runs[t] = _run_all(x, w, b, dy, rm, rv, axis)
     finally:
         pybn.set_num_threads(prev)
     names = ["y", "mean", "invstd", "running_mean", "running_var", "infer",
              "dx", "dweight", "dbias", "eval dx", "eval dweight", "eval dbias"]
-    for name, a, b_ in zip(names, r1, r2):
-        assert _bits_equal(a, b_), f"{name} differs between 1 and 2 threads"
+    r1 = runs[1]
+    for t in (2, 3, 4):
+        for name, a, b_ in zip(names, r1, runs[t]):
+            assert _bits_equal(a, b_), f"{name} differs between 1 and {t} threads"
     # and the results are right
     r = ref.batch_norm_train(x, w, b, axis=axis, relu=True)
     assert_close(r1[0], r.y, FWD_TOL[dtype], "y")
@@ -717,18 +721,18 @@ def _offset_data(shape, axis):
     rng = np.random.default_rng(1234)
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
     x.flags.writeable = False
-    v = ref.canonical(x.astype(np.float64), axis)
-    mean64 = v.mean(axis=(0, 2))
-    var64 = ((v - mean64[None, :, None]) ** 2).mean(axis=(0, 2))
-    xv = ref.canonical(x, axis)
-    naive = (np.mean(xv * xv, axis=(0, 2), dtype=np.float32)
-             - np.mean(xv, axis=(0, 2), dtype=np.float32) ** 2)
+    mean64, var64 = ref.mean_var(x, axis)
+    # naive float32 E[x^2] - E[x]^2, even with NumPy's pairwise summation
+    r32 = ref.channel_rows(x, axis).astype(np.float32)
+    naive = (np.mean(r32 * r32, axis=1, dtype=np.float32)
+             - np.mean(r32, axis=1, dtype=np.float32) ** 2)
     return x, mean64, var64, naive
 
 
 @pytest.mark.parametrize("shape,axis", [((1000, 1, 10000), 1),
-                                        ((5_000_000, 2), -1)],
-                         ids=["nchw-1x1e7", "nhwc-2x5e6"])
+                                        ((5_000_000, 2), -1),
+                                        ((2500, 4, 1000), 1)],
+                         ids=["nchw-1x1e7", "nhwc-2x5e6", "nchw-4x2.5e6"])
 def test_statistics_accuracy_large_offset(shape, axis, isa):
     """x = 1e4 + N(0,1) over 10**7 positions in float32: mean and var to
     float32 precision (a naive float32 E[x^2]-E[x]^2 is off by ~900%)."""
@@ -757,6 +761,23 @@ def test_statistics_accuracy_large_offset(shape, axis, isa):
 
     # The threshold is meaningful: naive float32 E[x^2] - E[x]^2 fails it.
     assert np.all(np.abs(naive.astype(np.float64) - var64) / var64 > 1e-4)
+
+
+@pytest.mark.parametrize("shape,axis", [((100, 2, 5000), 1),
+                                        ((500_000, 2), -1)],
+                         ids=["nchw", "nhwc"])
+def test_statistics_accuracy_large_offset_float64(shape, axis, isa):
+    """The same in float64 with x = 1e8 + N(0,1): a naive float64
+    E[x^2]-E[x]^2 loses every digit; a shifted/blocked one keeps ~1e-8."""
+    rng = np.random.default_rng(99)
+    x = 1e8 + rng.standard_normal(shape)
+    mean64, var64 = ref.mean_var(x, axis)
+    y, mean, invstd = pybn.batch_norm_train(x, eps=0.0, axis=axis)
+    np.testing.assert_allclose(mean, mean64, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(1.0 / invstd ** 2, var64, rtol=1e-8, atol=0)
+    r = ref.channel_rows(x, axis)
+    naive = (r * r).mean(axis=1) - r.mean(axis=1) ** 2
+    assert np.all(np.abs(naive - var64) / var64 > 1e-8)
 
 
 # ------------------------------------------------------------ property based

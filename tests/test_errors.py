@@ -372,3 +372,63 @@ def test_backward_dy_shape_mismatch():
                np.ones((C, 5), np.float32)):
         assert_raises_naming(ValueError, "dy", pybn.batch_norm_backward, dy, x,
                              rm, rv)
+
+
+def test_out_partially_overlapping_an_input():
+    """out may be exactly an input (in place) but not a shifted view of it."""
+    buf = np.random.default_rng(1).standard_normal(4 * C * 5 + 5).astype(np.float32)
+    x = buf[:-5].reshape(4, C, 5)
+    out = buf[5:].reshape(4, C, 5)
+    assert np.may_share_memory(x, out)
+    st = Stats()
+    before = buf.copy()
+    assert_raises_naming(ValueError, "out", pybn.batch_norm_train, x,
+                         **st.kw(), out=out)
+    st.unchanged()
+    assert_raises_naming(ValueError, "out", pybn.batch_norm_infer, x, st.rm,
+                         st.rv, out=out)
+    assert_raises_naming(ValueError, "out", pybn.batch_norm_backward, x, x,
+                         st.rm, st.rv, out=out)
+    np.testing.assert_array_equal(buf, before)
+
+
+@pytest.mark.parametrize("momentum", [None, "0.1", [0.1], float("nan")],
+                         ids=["none", "str", "list", "nan"])
+def test_bad_momentum(momentum):
+    x, _, _ = good()
+    st = Stats()
+    assert_raises_naming((TypeError, ValueError), "momentum",
+                         pybn.batch_norm_train, x, **st.kw(), momentum=momentum)
+    st.unchanged()
+
+
+@pytest.mark.parametrize("eps", [None, "1e-5", float("nan")],
+                         ids=["none", "str", "nan"])
+def test_bad_eps(eps):
+    x, rm, rv = good()
+    st = Stats()
+    assert_raises_naming((TypeError, ValueError), "eps",
+                         pybn.batch_norm_train, x, **st.kw(), eps=eps)
+    st.unchanged()
+    assert_raises_naming((TypeError, ValueError), "eps",
+                         pybn.batch_norm_infer, x, rm, rv, eps=eps)
+
+
+def test_infer_requires_running_stats():
+    x, rm, rv = good()
+    assert_raises_naming((TypeError, ValueError), "running_mean",
+                         pybn.batch_norm_infer, x, None, rv)
+    assert_raises_naming((TypeError, ValueError), "running_var",
+                         pybn.batch_norm_infer, x, rm, None)
+
+
+def test_train_running_stats_given_alone():
+    """Only one of running_mean / running_var: an error, never a silent
+    half-update."""
+    x, _, _ = good()
+    st = Stats()
+    with pytest.raises((TypeError, ValueError)):
+        pybn.batch_norm_train(x, running_mean=st.rm)
+    with pytest.raises((TypeError, ValueError)):
+        pybn.batch_norm_train(x, running_var=st.rv)
+    st.unchanged()

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -119,6 +120,22 @@ def test_pybn_isa_env_forced_path_computes(tmp_path):
         assert [float(v) for v in got[1:]] == expected_means
 
 
+def test_use_isa_rejects_unknown_name():
+    before = pybn.isa()
+    with pytest.raises(ValueError):
+        with pybn._runtime.use_isa("bogus"):
+            pass  # pragma: no cover
+    assert pybn.isa() == before
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_set_num_threads_rejects_non_positive(n):
+    prev = pybn.get_num_threads()
+    with pytest.raises(ValueError):
+        pybn.set_num_threads(n)
+    assert pybn.get_num_threads() == prev
+
+
 def test_set_get_num_threads():
     prev = pybn.get_num_threads()
     assert isinstance(prev, int) and prev >= 1
@@ -152,6 +169,17 @@ def test_cli_info(tmp_path):
     # the thread count is shown
     thread_lines = [ln for ln in out.splitlines() if "thread" in ln.lower()]
     assert any("1" in ln for ln in thread_lines), out
+
+
+def test_cli_info_from_source_checkout():
+    """`python -m pybn info` also works from the repository root, where the
+    source package comes first on sys.path."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if not (root / "pybn" / "__init__.py").is_file():  # pragma: no cover
+        pytest.skip("not running from a source checkout")
+    r = run_python(["-m", "pybn", "info"], root, OMP_NUM_THREADS="1")
+    assert r.returncode == 0, r.stderr
+    assert pybn.__version__ in r.stdout
 
 
 def test_cli_info_default(tmp_path):

@@ -67,17 +67,16 @@ void merge_segment(const T* x, i64 len, Moments& m) {
 template <class T>
 void moments_rows(const Layout& L, const T* x, double* mean, double* m2) {
   const i64 C = L.channels, G = row_groups(L);
-  Buffer<Moments> part = make_buffer<Moments>(C * G);
-  parallel_for(C * G, L.numel(), [&](i64 begin, i64 end) {
-    for (i64 item = begin; item < end; ++item) {
-      Moments m;
-      for_each_row_block(L, item / G, item % G, G, [&](i64 off, i64 len) { merge_segment(x + off, len, m); });
-      part[item] = m;
+  Buffer<Moments> part = make_buffer<Moments>(G * C);  // each starts empty (n = 0)
+  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
+    for (i64 g = gbegin; g < gend; ++g) {
+      Moments* m = part.get() + g * C;
+      for_each_row_segment(L, g, G, [&](i64 c, i64 off, i64 len) { merge_segment(x + off, len, m[c]); });
     }
   });
   for (i64 c = 0; c < C; ++c) {
-    Moments m = part[c * G];
-    for (i64 g = 1; g < G; ++g) m.merge(part[c * G + g].n, part[c * G + g].mean, part[c * G + g].m2);
+    Moments m;
+    for (i64 g = 0; g < G; ++g) m.merge(part[g * C + c].n, part[g * C + c].mean, part[g * C + c].m2);
     mean[c] = m.mean;
     m2[c] = m.m2;
   }
@@ -197,34 +196,40 @@ struct GradTerms {
   }
 };
 
+// Adds the groups' partial sums in group order: part holds, per group, C sums of g then
+// C sums of g * (x - mean).
+inline void sum_groups(const double* part, i64 G, i64 C, double* sum_g, double* sum_gx) {
+  for (i64 c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (i64 g = 0; g < G; ++g) {
+      a += part[2 * g * C + c];
+      b += part[2 * g * C + C + c];
+    }
+    sum_g[c] = a;
+    sum_gx[c] = b;
+  }
+}
+
 template <class T, bool kMask>
 void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
   using V = Vec<T>;
   const i64 C = L.channels, G = row_groups(L);
-  Buffer<double> part = make_buffer<double>(2 * C * G);
-  parallel_for(C * G, L.numel(), [&](i64 begin, i64 end) {
-    for (i64 item = begin; item < end; ++item) {
-      const V m = V::set1(mean[item / G]);
-      double s[2] = {0, 0};
-      for_each_row_block(L, item / G, item % G, G, [&](i64 off, i64 len) {
+  Buffer<double> part = make_buffer<double>(2 * G * C);
+  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
+    for (i64 g = gbegin; g < gend; ++g) {
+      double* s0 = part.get() + 2 * g * C;
+      double* s1 = s0 + C;
+      std::fill(s0, s0 + 2 * C, 0.0);
+      for_each_row_segment(L, g, G, [&](i64 c, i64 off, i64 len) {
+        const V m = V::set1(mean[c]);
         double b[2];
         segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, V* a) { terms(off + i, n, m, a); });
-        s[0] += b[0];
-        s[1] += b[1];
+        s0[c] += b[0];
+        s1[c] += b[1];
       });
-      part[2 * item] = s[0];
-      part[2 * item + 1] = s[1];
     }
   });
-  for (i64 c = 0; c < C; ++c) {
-    double s0 = 0, s1 = 0;
-    for (i64 g = 0; g < G; ++g) {
-      s0 += part[2 * (c * G + g)];
-      s1 += part[2 * (c * G + g) + 1];
-    }
-    sum_g[c] = s0;
-    sum_gx[c] = s1;
-  }
+  sum_groups(part.get(), G, C, sum_g, sum_gx);
 }
 
 template <class T, bool kMask>
@@ -252,15 +257,7 @@ void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, const T
       });
     }
   });
-  for (i64 c = 0; c < C; ++c) {
-    double a = 0, b = 0;
-    for (i64 g = 0; g < G; ++g) {
-      a += part[2 * g * C + c];
-      b += part[2 * g * C + C + c];
-    }
-    sum_g[c] = a;
-    sum_gx[c] = b;
-  }
+  sum_groups(part.get(), G, C, sum_g, sum_gx);
 }
 
 template <class T, bool kMask>

@@ -192,26 +192,27 @@ void channel_apply(const Layout& L, const T* const (&coef)[K], T* out, const Op&
 }
 
 // ---------------------------------------------------------------------------------------
-// Row-mode reduction blocks: channel c's values (outer*inner of them) are cut into G
-// groups of consecutive values; each group into blocks that stay inside one row and hold
-// at most kBlockElements.
+// Row-mode reduction blocks: the flat array is cut into G groups of consecutive elements
+// and walked in memory order (the prefetchers follow, pages are touched once); a group
+// visits the rows it overlaps, each as segments of at most kBlockElements, and keeps one
+// running state per channel. Channel c's values thus meet in a fixed order of segments
+// within each group, and groups merge in order: nothing depends on the thread count.
 
 inline i64 row_groups(const Layout& L) {
-  return std::clamp<i64>(L.per_channel() / kGroupElements, 1, kMaxGroups);
+  return std::clamp<i64>(L.numel() / kGroupElements, 1, kMaxGroups);
 }
 
-// Calls block(offset, length) for each block of channel c in group g of G, in order.
+// Calls segment(c, offset, length) for each segment of group g of G, in memory order.
 template <class F>
-void for_each_row_block(const Layout& L, i64 c, i64 g, i64 G, F&& block) {
-  const i64 N = L.per_channel();
-  i64 v = N * g / G;
-  const i64 v_end = N * (g + 1) / G;
-  while (v < v_end) {
-    const i64 n = v / L.inner;
-    const i64 q = v % L.inner;
-    const i64 len = std::min({v_end - v, L.inner - q, kBlockElements});
-    block((n * L.channels + c) * L.inner + q, len);
-    v += len;
+void for_each_row_segment(const Layout& L, i64 g, i64 G, F&& segment) {
+  const i64 total = L.numel();
+  i64 i = total * g / G;
+  const i64 end = total * (g + 1) / G;
+  while (i < end) {
+    const i64 row = i / L.inner;
+    const i64 len = std::min({end - i, (row + 1) * L.inner - i, kBlockElements});
+    segment(row % L.channels, i, len);
+    i += len;
   }
 }
 

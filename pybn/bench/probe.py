@@ -11,17 +11,24 @@ from .timing import Timing, TimingConfig, measure
 
 @dataclass
 class Probe:
+    """Probe timings of one array size. ``read`` / ``stream`` hold one batch each, measured
+    before the shape's kernels; ``read2`` / ``stream2`` a second batch after them. Each
+    figure is the smaller of its batches' medians (a burst of noise from other processes
+    on a shared machine then disturbs only one of them)."""
+
     nbytes: int          # bytes of one float32 array of the shape's size
     read: Timing         # probe_read: one vectorized pass that reads the array (a parallel sum)
     stream: Timing       # probe_stream: copy into a preallocated array with non-temporal stores
+    read2: Timing | None = None
+    stream2: Timing | None = None
 
     @property
     def t_read(self) -> float:
-        return self.read.median
+        return min(t.median for t in (self.read, self.read2) if t is not None)
 
     @property
     def t_stream(self) -> float:
-        return self.stream.median
+        return min(t.median for t in (self.stream, self.stream2) if t is not None)
 
     @property
     def read_gbs(self) -> float:
@@ -45,26 +52,32 @@ class Probe:
     def as_dict(self) -> dict:
         return {"bytes": self.nbytes, "t_read_s": self.t_read, "t_stream_s": self.t_stream,
                 "read_GBps": self.read_gbs, "stream_GBps": self.stream_gbs,
-                "read": self.read.as_dict(), "stream": self.stream.as_dict()}
+                "read": self.read.as_dict(), "stream": self.stream.as_dict(),
+                "read_after": self.read2.as_dict() if self.read2 else None,
+                "stream_after": self.stream2.as_dict() if self.stream2 else None}
 
 
 BOUND_FORMULA = {"infer": "t_stream", "train": "t_read + t_stream", "backward": "3*t_read + t_stream"}
 
 
-def measure_probe(x: np.ndarray, cfg: TimingConfig) -> Probe:
-    """Time probe_read over ``x`` and probe_stream from ``x`` into a preallocated, touched array."""
+def measure_probe(x: np.ndarray, cfg: TimingConfig, *, check: bool = True) -> tuple:
+    """Time probe_read over ``x`` and probe_stream from ``x`` into a preallocated, touched array.
+
+    Returns ``(read, stream)`` timings; ``check`` first verifies what the probe computes.
+    """
     from pybn import _C
 
     src = np.ascontiguousarray(x, dtype=np.float32)
     dst = np.empty_like(src)
     dst.fill(0.0)                                     # fault the pages in before timing
-    total = float(_C.probe_read(src))
-    exact = float(src.sum(dtype=np.float64))
-    if not abs(total - exact) <= 1e-3 * float(np.abs(src).sum(dtype=np.float64)) + 1e-6:
-        raise AssertionError(f"pybn._C.probe_read returned {total!r}, the array sums to {exact!r}")
-    read = measure(lambda: _C.probe_read(src), cfg)
+    if check:
+        total = float(_C.probe_read(src))
+        exact = float(src.sum(dtype=np.float64))
+        if not abs(total - exact) <= 1e-3 * float(np.abs(src).sum(dtype=np.float64)) + 1e-6:
+            raise AssertionError(f"pybn._C.probe_read returned {total!r}, the array sums to {exact!r}")
+    read = measure(lambda: _C.probe_read(src), cfg, calls_done=int(check))
     stream = measure(lambda: _C.probe_stream(src, dst), cfg)
-    if not np.array_equal(dst, src):
+    if check and not np.array_equal(dst, src):
         raise AssertionError("pybn._C.probe_stream did not copy its input")
     del dst
-    return Probe(nbytes=src.nbytes, read=read, stream=stream)
+    return read, stream

@@ -133,7 +133,8 @@ def render(meta: dict, probes: dict, cells: list) -> str:
                  f"{t['warmup']} warm-up calls; each implementation in its own batch"
                  + (" [--quick]" if meta.get("quick") else ""))
     lines.append("")
-    lines.append(f"bandwidth probe (pybn._C, {meta['threads']} threads, same array size):")
+    lines.append(f"bandwidth probe (pybn._C, {meta['threads']} threads, same array size; each figure the "
+                 "better median of a batch before and one after the shape's kernels):")
     hdr = f"  {'shape':<6} {'array':>9} {'t_read':>10} {'read':>10} {'t_stream':>10} {'stream':>10}"
     lines.append(hdr)
     for name, p in probes.items():
