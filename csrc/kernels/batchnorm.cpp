@@ -276,13 +276,17 @@ void grad_sums(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean,
 
 // y = x * alpha + beta, optionally max(., 0).
 template <class T>
-void scale_shift(const Layout& L, const T* x, const T* alpha, const T* beta, bool fuse_relu, T* y) {
+void scale_shift(const Layout& L, const T* x, const T* alpha, const T* beta, bool fuse_relu, T* y,
+                 bool after_reduction) {
   using V = Vec<T>;
   const T* const coef[2] = {alpha, beta};
   if (fuse_relu)
-    channel_apply<T, 2>(L, coef, y, [x](i64 i, i64 n, const V* c) { return relu(fma(load_n(x + i, n), c[0], c[1])); });
+    channel_apply<T, 2>(
+        L, coef, y, [x](i64 i, i64 n, const V* c) { return relu(fma(load_n(x + i, n), c[0], c[1])); },
+        after_reduction);
   else
-    channel_apply<T, 2>(L, coef, y, [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n), c[0], c[1]); });
+    channel_apply<T, 2>(
+        L, coef, y, [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n), c[0], c[1]); }, after_reduction);
 }
 
 template <class T>
@@ -314,7 +318,7 @@ void bn_train(const BnTrainArgs<T>& a) {
     alpha[c] = static_cast<T>(al);
     beta[c] = static_cast<T>(value_or(a.bias, c, 0.0) - mean[c] * al);
   }
-  scale_shift(L, a.x, alpha.get(), beta.get(), a.relu, a.y);
+  scale_shift(L, a.x, alpha.get(), beta.get(), a.relu, a.y, true);
 }
 
 template <class T>
@@ -327,7 +331,7 @@ void bn_infer(const BnInferArgs<T>& a) {
     alpha[c] = static_cast<T>(al);
     beta[c] = static_cast<T>(value_or(a.bias, c, 0.0) - static_cast<double>(a.mean[c]) * al);
   }
-  scale_shift(L, a.x, alpha.get(), beta.get(), a.relu, a.y);
+  scale_shift(L, a.x, alpha.get(), beta.get(), a.relu, a.y, false);
 }
 
 namespace {
@@ -362,12 +366,13 @@ void backward_impl(const BnBackwardArgs<T>& a) {
   };
   if (a.training) {
     const T* const coef[4] = {k_dy.get(), k_x.get(), a.mean, k_0.get()};
-    channel_apply<T, 4>(L, coef, a.dx, [=](i64 i, i64 n, const V* c) {
-      return fma(c[1], load_n(x + i, n) - c[2], fma(c[0], grad(i, n), c[3]));
-    });
+    channel_apply<T, 4>(
+        L, coef, a.dx,
+        [=](i64 i, i64 n, const V* c) { return fma(c[1], load_n(x + i, n) - c[2], fma(c[0], grad(i, n), c[3])); },
+        true);
   } else {
     const T* const coef[1] = {k_dy.get()};
-    channel_apply<T, 1>(L, coef, a.dx, [=](i64 i, i64 n, const V* c) { return c[0] * grad(i, n); });
+    channel_apply<T, 1>(L, coef, a.dx, [=](i64 i, i64 n, const V* c) { return c[0] * grad(i, n); }, true);
   }
 }
 

@@ -160,8 +160,25 @@ void apply_period(const i64 P, const T* const tab, const i64 stride, T* const ou
   if (kStream) stream_fence();
 }
 
+// Calls f(begin, end) over [begin, end) in pieces of kPieceElements (multiples of W),
+// last piece first when `backwards`.
+constexpr i64 kPieceElements = 8192;
+
+template <class T, class F>
+void for_each_piece(i64 begin, i64 end, bool backwards, const F& f) {
+  if (!backwards) {
+    f(begin, end);
+    return;
+  }
+  for (i64 hi = end; hi > begin;) {
+    const i64 lo = std::max(begin, (hi - 1) / kPieceElements * kPieceElements);
+    f(lo, hi);
+    hi = lo;
+  }
+}
+
 template <bool kStream, class T, int K, class Op>
-void channel_apply_impl(const Layout& L, const T* const (&coef)[K], T* out, const Op& op) {
+void channel_apply_impl(const Layout& L, const T* const (&coef)[K], T* out, const Op& op, bool backwards) {
   constexpr i64 W = Vec<T>::W;
   const i64 total = L.numel();
   const i64 slots = (total + W - 1) / W;  // threads split the array at vector boundaries
@@ -172,23 +189,31 @@ void channel_apply_impl(const Layout& L, const T* const (&coef)[K], T* out, cons
     for (int k = 0; k < K; ++k) fill_period(L, coef[k], stride, table.get() + k * stride);
     const T* tab = table.get();
     parallel_for(slots, total, [=](i64 sb, i64 se) {
-      apply_period<kStream, T, K>(P, tab, stride, out, op, sb * W, std::min(se * W, total));
+      for_each_piece<T>(sb * W, std::min(se * W, total), backwards, [=](i64 lo, i64 hi) {
+        apply_period<kStream, T, K>(P, tab, stride, out, op, lo, hi);
+      });
     });
   } else {
     const T* const* cf = coef;
     parallel_for(slots, total, [=](i64 sb, i64 se) {
-      apply_rows<kStream, T, K>(L, cf, out, op, sb * W, std::min(se * W, total));
+      for_each_piece<T>(sb * W, std::min(se * W, total), backwards, [=](i64 lo, i64 hi) {
+        apply_rows<kStream, T, K>(L, cf, out, op, lo, hi);
+      });
     });
   }
 }
 
+// The pass that follows a reduction over the same arrays sets `after_reduction`: each
+// thread then walks its part of the array last piece first, so the tens of MB that the
+// reduction read last, still in cache, are used before they are evicted.
 template <class T, int K, class Op>
-void channel_apply(const Layout& L, const T* const (&coef)[K], T* out, const Op& op) {
+void channel_apply(const Layout& L, const T* const (&coef)[K], T* out, const Op& op,
+                   bool after_reduction = false) {
   if (L.numel() == 0) return;
   if (should_stream<T>(L))
-    channel_apply_impl<true>(L, coef, out, op);
+    channel_apply_impl<true>(L, coef, out, op, after_reduction);
   else
-    channel_apply_impl<false>(L, coef, out, op);
+    channel_apply_impl<false>(L, coef, out, op, after_reduction);
 }
 
 // ---------------------------------------------------------------------------------------
