@@ -2,8 +2,8 @@
 //
 // Structured as ATen does it: the per-channel work (statistics, coefficients, running
 // stats) is O(C) in double; the per-element work is one fused pass
-// y = x * alpha_c + beta_c (training adds one reduction pass before it; backward is one
-// reduction pass and one dx pass).
+// y = (x - mean_c) * alpha_c + beta_c (training adds one reduction pass before it;
+// backward is one reduction pass and one dx pass).
 //
 // Statistics are accurate to the input's precision in one pass over memory. Values are
 // taken in blocks; a block's sums of deviations d = x - shift give its mean and M2 as
@@ -274,19 +274,20 @@ void grad_sums(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean,
 // ---------------------------------------------------------------------------------------
 // Elementwise passes.
 
-// y = x * alpha + beta, optionally max(., 0).
+// y = (x - mean) * alpha + beta, optionally max(., 0). Subtracting the mean first keeps
+// y exact where x is near the mean even for large offsets (x * alpha + (beta - mean *
+// alpha) would cancel two large products); in a memory-bound pass it costs nothing.
 template <class T>
-void scale_shift(const Layout& L, const T* x, const T* alpha, const T* beta, bool fuse_relu, T* y,
-                 bool after_reduction) {
+void normalize(const Layout& L, const T* x, const T* mean, const T* alpha, const T* beta, bool fuse_relu, T* y,
+               bool after_reduction) {
   using V = Vec<T>;
-  const T* const coef[2] = {alpha, beta};
+  const T* const coef[3] = {mean, alpha, beta};
+  auto affine = [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n) - c[0], c[1], c[2]); };
   if (fuse_relu)
-    channel_apply<T, 2>(
-        L, coef, y, [x](i64 i, i64 n, const V* c) { return relu(fma(load_n(x + i, n), c[0], c[1])); },
-        after_reduction);
+    channel_apply<T, 3>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
+                        after_reduction);
   else
-    channel_apply<T, 2>(
-        L, coef, y, [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n), c[0], c[1]); }, after_reduction);
+    channel_apply<T, 3>(L, coef, y, affine, after_reduction);
 }
 
 template <class T>
@@ -314,11 +315,10 @@ void bn_train(const BnTrainArgs<T>& a) {
       a.running_mean[c] = static_cast<T>((1.0 - a.momentum) * a.running_mean[c] + a.momentum * mean[c]);
     if (a.running_var)
       a.running_var[c] = static_cast<T>((1.0 - a.momentum) * a.running_var[c] + a.momentum * (m2[c] / (n - 1.0)));
-    const double al = value_or(a.weight, c, 1.0) * invstd;
-    alpha[c] = static_cast<T>(al);
-    beta[c] = static_cast<T>(value_or(a.bias, c, 0.0) - mean[c] * al);
+    alpha[c] = static_cast<T>(value_or(a.weight, c, 1.0) * invstd);
+    beta[c] = static_cast<T>(value_or(a.bias, c, 0.0));
   }
-  scale_shift(L, a.x, alpha.get(), beta.get(), a.relu, a.y, true);
+  normalize(L, a.x, a.save_mean, alpha.get(), beta.get(), a.relu, a.y, true);
 }
 
 template <class T>
@@ -327,11 +327,10 @@ void bn_infer(const BnInferArgs<T>& a) {
   const i64 C = L.channels;
   Buffer<T> alpha = make_buffer<T>(C), beta = make_buffer<T>(C);
   for (i64 c = 0; c < C; ++c) {
-    const double al = value_or(a.weight, c, 1.0) / std::sqrt(static_cast<double>(a.var[c]) + a.eps);
-    alpha[c] = static_cast<T>(al);
-    beta[c] = static_cast<T>(value_or(a.bias, c, 0.0) - static_cast<double>(a.mean[c]) * al);
+    alpha[c] = static_cast<T>(value_or(a.weight, c, 1.0) / std::sqrt(static_cast<double>(a.var[c]) + a.eps));
+    beta[c] = static_cast<T>(value_or(a.bias, c, 0.0));
   }
-  scale_shift(L, a.x, alpha.get(), beta.get(), a.relu, a.y, false);
+  normalize(L, a.x, a.mean, alpha.get(), beta.get(), a.relu, a.y, false);
 }
 
 namespace {

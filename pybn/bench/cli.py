@@ -35,9 +35,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated kernels of infer, train, backward; default: all")
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads for pybn, torch and onnxruntime (default: pybn.get_num_threads())")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (a shorter time budget)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repetitions: one round of 0.06 s per measurement")
     p.add_argument("--budget", type=float, metavar="S",
-                   help="seconds of timed repetitions per measurement (default 0.25, --quick 0.06)")
+                   help="seconds of timed repetitions per round (default 0.15, --quick 0.06)")
+    p.add_argument("--rounds", type=int, metavar="R",
+                   help="timing rounds per implementation and cell, taken in turn; the best "
+                        "round's median is reported (default 2, --quick 1)")
     p.add_argument("--peers", metavar="P,P", default="torch,numpy,ort",
                    help="peers to run, of torch, numpy, ort (default: all that are installed)")
     p.add_argument("--json", metavar="PATH", help="write every number (and every sample) to PATH")
@@ -82,13 +86,24 @@ def _versions(pybn, want) -> dict:
     return v
 
 
-def _run_impl(cell: Cell, impl: str, make, case, cfg: TimingConfig) -> None:
-    """Check one implementation's result, then time it in its own batch."""
+def _run_impl(cell: Cell, impl: str, make, case, cfg: TimingConfig, round_: int) -> None:
+    """One timing round of one implementation, in its own batch.
+
+    Round 0 first checks the result of one call against the float64 reference (that call is
+    the first warm-up call); a wrong result is reported and never timed.
+    """
     kernel = cell.kernel
+    if impl in cell.errors or impl in cell.skipped:
+        return
     try:
         runner = make()
     except P.Unavailable as e:
         cell.skipped[impl] = str(e)
+        return
+    except Exception as e:  # noqa: BLE001 - a failing implementation is reported, not fatal
+        cell.errors[impl] = f"setup raised {type(e).__name__}: {e}"
+        _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name}: setup raised "
+                  f"{type(e).__name__}: {e}")
         return
     cell.labels[impl] = runner.label
     try:
@@ -96,20 +111,26 @@ def _run_impl(cell: Cell, impl: str, make, case, cfg: TimingConfig) -> None:
         t0 = time.perf_counter()
         ret = runner.call()
         dt = time.perf_counter() - t0
-        outs = runner.outputs(ret)
-        state = runner.state() if runner.state is not None else None
-        cell.check_err[impl] = check(kernel, case, outs, state)
-        del ret, outs, state
+        if round_ == 0:
+            outs = runner.outputs(ret)
+            state = runner.state() if runner.state is not None else None
+            cell.check_err[impl] = check(kernel, case, outs, state)
+            del outs, state
+        del ret
     except WrongResult as e:
         cell.errors[impl] = f"wrong result: {e}"
         _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name} is WRONG: {e}")
         return
-    except Exception as e:  # noqa: BLE001 - a failing implementation is reported, not fatal
+    except Exception as e:  # noqa: BLE001
         cell.errors[impl] = f"raised {type(e).__name__}: {e}"
         _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name} raised "
                   f"{type(e).__name__}: {e}")
         return
-    cell.times[impl] = measure(runner.call, cfg, calls_done=1, last_call_s=dt)
+    timing = measure(runner.call, cfg, calls_done=1, last_call_s=dt)
+    cell.rounds.setdefault(impl, []).append(timing)
+    best = cell.times.get(impl)
+    if best is None or timing.median < best.median:
+        cell.times[impl] = timing
     del runner
 
 
@@ -125,6 +146,10 @@ def run(args) -> int:
             raise ValueError("--threads must be >= 1")
         if args.budget is not None and args.budget <= 0:
             raise ValueError("--budget must be > 0")
+        if args.rounds is None:
+            args.rounds = 1 if args.quick else 2
+        if args.rounds < 1:
+            raise ValueError("--rounds must be >= 1")
     except ValueError as e:
         print(f"python -m pybn bench: error: {e}", file=sys.stderr)
         return 2
@@ -147,7 +172,8 @@ def run(args) -> int:
         "versions": _versions(pybn, want), "cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
         "dtype": "float32", "quick": bool(args.quick), "seed": args.seed,
         "timing": {"budget_s": cfg.budget, "warmup": cfg.warmup, "min_reps": cfg.min_reps,
-                   "max_reps": cfg.max_reps, "statistic": "median"},
+                   "max_reps": cfg.max_reps, "rounds": args.rounds,
+                   "statistic": "median (the lowest of the rounds' medians)"},
         "bounds": BOUND_FORMULA,
         "shapes": {s.name: {"array_shape": list(s.array_shape), "logical_nchw": list(s.logical),
                             "axis": s.axis, "layout": s.layout, "out": s.out,
@@ -185,9 +211,10 @@ def run(args) -> int:
                 impls.append(("numpy", lambda: P.make_numpy(case, kernel)))
             if "ort" in want:
                 impls.append(("ort", lambda: P.make_ort(case, kernel, threads=threads)))
-            for impl, make in impls:
-                _run_impl(cell, impl, make, case, cfg)
-                gc.collect()
+            for round_ in range(args.rounds):
+                for impl, make in impls:
+                    _run_impl(cell, impl, make, case, cfg, round_)
+                    gc.collect()
             cells.append(cell)
             parts = []
             for impl, _ in impls:

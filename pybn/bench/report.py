@@ -25,6 +25,7 @@ class Cell:
     errors: dict = field(default_factory=dict)   # impl -> why it has no time (wrong result, exception)
     skipped: dict = field(default_factory=dict)  # impl -> why it was not run (not installed, no such op)
     check_err: dict = field(default_factory=dict)  # impl -> worst |error| / tolerance of the check
+    rounds: dict = field(default_factory=dict)   # impl -> [Timing of each round]; times[impl] is the best
 
     # --- derived
     def t(self, impl):
@@ -96,7 +97,8 @@ class Cell:
              "peer_s": {p: self.peer_time(p) for p in PEERS},
              "target": self.shape.target_text(), "meets_target": not self.misses(),
              "misses": self.misses(),
-             "timings": {k: v.as_dict() for k, v in self.times.items()},
+             "timings": {k: v.as_dict(samples=False) for k, v in self.times.items()},
+             "rounds": {k: [t.as_dict() for t in v] for k, v in self.rounds.items()},
              "calls": self.labels, "errors": self.errors, "skipped": self.skipped,
              "check_worst_err_over_tol": self.check_err}
         return d
@@ -128,9 +130,11 @@ def render(meta: dict, probes: dict, cells: list) -> str:
             note = " -- other processes were running: expect noisy times"
         lines.append(f"load average at start (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{note}")
     t = meta["timing"]
-    lines.append(f"timing: median of >= {t['min_reps']} calls and >= {t['budget_s']:g} s per "
-                 f"measurement (3 for slow calls, at most {t['max_reps']}), after "
-                 f"{t['warmup']} warm-up calls; each implementation in its own batch"
+    rounds = t.get("rounds", 1)
+    lines.append(f"timing: median of >= {t['min_reps']} calls and >= {t['budget_s']:g} s "
+                 f"(3 calls for slow ones, at most {t['max_reps']}) after {t['warmup']} warm-up "
+                 f"calls, each implementation in its own batch"
+                 + (f"; {rounds} rounds in turn, the best round's median" if rounds > 1 else "")
                  + (" [--quick]" if meta.get("quick") else ""))
     lines.append("")
     lines.append(f"bandwidth probe (pybn._C, {meta['threads']} threads, same array size; each figure the "

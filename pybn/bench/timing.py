@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class TimingConfig:
-    budget: float = 0.25     # seconds of timed repetitions per measurement
+    budget: float = 0.15     # seconds of timed repetitions per measurement (one round)
     warmup: int = 3          # warm-up calls (the correctness-check call counts as the first)
     min_reps: int = 5        # at least this many timed calls (3 for calls slower than budget/5)
     max_reps: int = 1000     # at most this many timed calls
@@ -31,10 +31,12 @@ class Timing:
     warmup: int
     samples: list = field(repr=False, default_factory=list)
 
-    def as_dict(self) -> dict:
-        return {"median_s": self.median, "min_s": self.min, "max_s": self.max,
-                "mean_s": self.mean, "reps": self.reps, "warmup": self.warmup,
-                "samples_s": self.samples}
+    def as_dict(self, samples: bool = True) -> dict:
+        d = {"median_s": self.median, "min_s": self.min, "max_s": self.max,
+             "mean_s": self.mean, "reps": self.reps, "warmup": self.warmup}
+        if samples:
+            d["samples_s"] = self.samples
+        return d
 
 
 def measure(fn, cfg: TimingConfig, *, calls_done: int = 0,
