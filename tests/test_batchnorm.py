@@ -840,3 +840,29 @@ if given is not None:
             assert_close(dx, edx, btol, "dx")
             assert_close(dw, edw, btol, "dweight")
             assert_close(db, edb, btol, "dbias")
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_output_exact_near_mean_at_large_offset(axis, isa):
+    # y is computed as (x - mean) * alpha + beta: a constant channel far from zero gives
+    # exactly beta, where x * alpha + (beta - mean * alpha) would cancel two products of
+    # size 1e7 and keep their rounding error (torch's CPU kernel gives about 0.1 here).
+    shape = (4, 3, 37) if axis == 1 else (4, 37, 3)
+    x = np.full(shape, 12345.678, np.float32)
+    beta = np.array([0.5, -2.0, 0.0], np.float32)
+    expected = np.moveaxis(np.broadcast_to(beta, (4, 37, 3)), -1, axis)
+    np.testing.assert_array_equal(pybn.batch_norm_train(x, None, beta, axis=axis).y, expected)
+    y = pybn.batch_norm_infer(x, np.full(3, 12345.678, np.float32), np.ones(3, np.float32), None, beta, axis=axis)
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_channels_last_few_channels_accurate(isa, rng):
+    # 200003 values in each of 3 channels, channels-last: within a few float32 ulps of a
+    # float64 computation (torch 2.13's CPU kernel is off by about 4e-5 here).
+    x = (rng.standard_normal((200003, 3)) * 3 + 2).astype(np.float32)
+    y, mean, invstd = pybn.batch_norm_train(x)
+    xd = x.astype(np.float64)
+    yd = (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-5)
+    assert np.abs(y - yd).max() < 2e-6
+    np.testing.assert_allclose(mean, xd.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(xd.var(0) + 1e-5), rtol=1e-6)
