@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from . import peers as P
-from .probe import BOUND_FORMULA, Probe, measure_probe
+from .probe import BOUND_FORMULA, Probe, Prober, summarize
 from .reference import WrongResult, check, make_case
 from .report import Cell, render, to_json
 from .shapes import KERNEL_TITLES, parse_kernels, parse_shapes, shape_names
@@ -73,8 +73,11 @@ def _loadavg():
 
 def _versions(pybn, want) -> dict:
     v = {"pybn": pybn.__version__, "numpy": np.__version__}
-    torch = P.torch_module() if "torch" in want else None
-    v["torch"] = torch.__version__ if torch is not None else "not used"
+    if "torch" in want:
+        torch = P.torch_module()
+        v["torch"] = torch.__version__ if torch is not None else "not installed"
+    else:
+        v["torch"] = "not used"
     if "ort" in want:
         ort, onnx = P.ort_modules()
         v["onnxruntime"] = ort.__version__ if ort is not None else "not installed"
@@ -86,7 +89,7 @@ def _versions(pybn, want) -> dict:
     return v
 
 
-def _run_impl(cell: Cell, impl: str, make, case, cfg: TimingConfig, round_: int) -> None:
+def _run_impl(cell: Cell, impl: str, make, case, cfg: TimingConfig, round_: int):
     """One timing round of one implementation, in its own batch.
 
     Round 0 first checks the result of one call against the float64 reference (that call is
@@ -126,12 +129,19 @@ def _run_impl(cell: Cell, impl: str, make, case, cfg: TimingConfig, round_: int)
         _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name} raised "
                   f"{type(e).__name__}: {e}")
         return
-    timing = measure(runner.call, cfg, calls_done=1, last_call_s=dt)
+    try:
+        timing = measure(runner.call, cfg, calls_done=1, last_call_s=dt)
+    except Exception as e:  # noqa: BLE001
+        cell.errors[impl] = f"raised {type(e).__name__} while timed: {e}"
+        _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name} raised "
+                  f"{type(e).__name__} while timed: {e}")
+        return
     cell.rounds.setdefault(impl, []).append(timing)
     best = cell.times.get(impl)
     if best is None or timing.median < best.median:
         cell.times[impl] = timing
     del runner
+    return timing
 
 
 def run(args) -> int:
@@ -150,6 +160,10 @@ def run(args) -> int:
             args.rounds = 1 if args.quick else 2
         if args.rounds < 1:
             raise ValueError("--rounds must be >= 1")
+        if args.json:
+            folder = os.path.dirname(os.path.abspath(args.json))
+            if not os.path.isdir(folder):
+                raise ValueError(f"--json {args.json}: no such directory {folder}")
     except ValueError as e:
         print(f"python -m pybn bench: error: {e}", file=sys.stderr)
         return 2
@@ -189,19 +203,17 @@ def run(args) -> int:
     cells = []
     n_cells = len(shapes) * len(kernels)
     t_start = time.perf_counter()
+    pcfg = TimingConfig(budget=cfg.budget / 3, warmup=2, min_reps=5, max_reps=cfg.max_reps,
+                        pause=cfg.pause)
     for shape in shapes:
         t_shape = time.perf_counter()
         case = make_case(shape, seed=args.seed, need_backward="backward" in kernels)
-        read, stream = measure_probe(case.x, cfg)
-        probe = Probe(nbytes=case.x.nbytes, read=read, stream=stream)
-        probes[shape.name] = probe
-        _progress(f"{shape.name:<3} {shape.describe()}: data+reference "
-                  f"{time.perf_counter() - t_shape:.1f} s; probe t_read {fmt_time(probe.t_read)} "
-                  f"({probe.read_gbs:.1f} GB/s), t_stream {fmt_time(probe.t_stream)} "
-                  f"({probe.stream_gbs:.1f} GB/s)")
+        prober = Prober(case.x)
+        _progress(f"{shape.name:<3} {shape.describe()}: data, float64 reference and probe check "
+                  f"{time.perf_counter() - t_shape:.1f} s")
         for kernel in kernels:
             t_cell = time.perf_counter()
-            cell = Cell(shape=shape, kernel=kernel, bound=probe.bound(kernel))
+            cell = Cell(shape=shape, kernel=kernel, bound=float("nan"))
             impls = [("pybn", lambda: P.make_pybn(case, kernel, out=shape.out))]
             if "torch" in want:
                 impls.append(("torch", lambda: P.make_torch(case, kernel, out=False)))
@@ -211,10 +223,27 @@ def run(args) -> int:
                 impls.append(("numpy", lambda: P.make_numpy(case, kernel)))
             if "ort" in want:
                 impls.append(("ort", lambda: P.make_ort(case, kernel, threads=threads)))
+            paired = []   # (pybn's median, round, the probes just before and just after it)
             for round_ in range(args.rounds):
                 for impl, make in impls:
-                    _run_impl(cell, impl, make, case, cfg, round_)
-                    gc.collect()
+                    if impl == "pybn":
+                        # the bound is measured right around pybn's batch, in the same machine state
+                        before = prober.measure(pcfg)
+                        timing = _run_impl(cell, impl, make, case, cfg, round_)
+                        after = prober.measure(pcfg)
+                        cell.probe_rounds.append((before, after))
+                        if timing is not None:
+                            paired.append((timing.median, round_, before, after))
+                    else:
+                        _run_impl(cell, impl, make, case, cfg, round_)
+                    # (no gc.collect() here: with torch loaded it costs ~70 ms; arrays are freed
+                    # by reference counting as soon as a runner goes)
+            if paired:
+                _, _, before, after = min(paired, key=lambda p: p[0])
+            else:
+                before, after = cell.probe_rounds[-1]
+            cell.probe = Probe.best_of(before, after)
+            cell.bound = cell.probe.bound(kernel)
             cells.append(cell)
             parts = []
             for impl, _ in impls:
@@ -225,16 +254,12 @@ def run(args) -> int:
             pct = cell.pct_bound
             _progress(f"[{len(cells):2d}/{n_cells}] {shape.name:<3} {kernel:<8} "
                       + " | ".join(parts)
-                      + (f" | {pct:.0f}% of the first probe's bound" if pct is not None else "")
+                      + f" | bound {fmt_time(cell.bound)}"
+                      + (f", {pct:.0f}%" if pct is not None else "")
                       + f"  ({time.perf_counter() - t_cell:.1f} s)")
-        # the probe again after the kernels: each bound uses the better of the two batches
-        probe.read2, probe.stream2 = measure_probe(case.x, cfg, check=False)
-        for cell in cells[-len(kernels):]:
-            cell.bound = probe.bound(cell.kernel)
-        _progress(f"{shape.name:<3} probe again: t_read {fmt_time(probe.read2.median)}, t_stream "
-                  f"{fmt_time(probe.stream2.median)}; using t_read {fmt_time(probe.t_read)}, "
-                  f"t_stream {fmt_time(probe.t_stream)}")
-        del case
+        probes[shape.name] = summarize(prober.history)
+        prober.close()
+        del case, prober
         gc.collect()
     elapsed = time.perf_counter() - t_start
     meta["elapsed_s"] = elapsed

@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
 
 from .timing import Timing, TimingConfig, measure
 
+BOUND_FORMULA = {"infer": "t_stream", "train": "t_read + t_stream", "backward": "3*t_read + t_stream"}
+
 
 @dataclass
 class Probe:
-    """Probe timings of one array size. ``read`` / ``stream`` hold one batch each, measured
-    before the shape's kernels; ``read2`` / ``stream2`` a second batch after them. Each
-    figure is the smaller of its batches' medians (a burst of noise from other processes
-    on a shared machine then disturbs only one of them)."""
+    """One probe measurement: a batch of probe_read and a batch of probe_stream calls."""
 
     nbytes: int          # bytes of one float32 array of the shape's size
     read: Timing         # probe_read: one vectorized pass that reads the array (a parallel sum)
     stream: Timing       # probe_stream: copy into a preallocated array with non-temporal stores
-    read2: Timing | None = None
-    stream2: Timing | None = None
 
     @property
     def t_read(self) -> float:
-        return min(t.median for t in (self.read, self.read2) if t is not None)
+        return self.read.median
 
     @property
     def t_stream(self) -> float:
-        return min(t.median for t in (self.stream, self.stream2) if t is not None)
+        return self.stream.median
 
     @property
     def read_gbs(self) -> float:
@@ -49,35 +47,61 @@ class Probe:
             return 3 * self.t_read + self.t_stream
         raise ValueError(kernel)
 
-    def as_dict(self) -> dict:
+    @classmethod
+    def best_of(cls, *probes) -> "Probe":
+        """t_read and t_stream each from the batch (of ``probes``) with the lower median."""
+        read = min((p.read for p in probes), key=lambda t: t.median)
+        stream = min((p.stream for p in probes), key=lambda t: t.median)
+        return cls(nbytes=probes[0].nbytes, read=read, stream=stream)
+
+    def as_dict(self, samples: bool = True) -> dict:
         return {"bytes": self.nbytes, "t_read_s": self.t_read, "t_stream_s": self.t_stream,
                 "read_GBps": self.read_gbs, "stream_GBps": self.stream_gbs,
-                "read": self.read.as_dict(), "stream": self.stream.as_dict(),
-                "read_after": self.read2.as_dict() if self.read2 else None,
-                "stream_after": self.stream2.as_dict() if self.stream2 else None}
+                "read": self.read.as_dict(samples), "stream": self.stream.as_dict(samples)}
 
 
-BOUND_FORMULA = {"infer": "t_stream", "train": "t_read + t_stream", "backward": "3*t_read + t_stream"}
+class Prober:
+    """Probes one array (the shape's x) on pybn's threads, into one preallocated destination."""
 
+    def __init__(self, x: np.ndarray):
+        from pybn import _C
 
-def measure_probe(x: np.ndarray, cfg: TimingConfig, *, check: bool = True) -> tuple:
-    """Time probe_read over ``x`` and probe_stream from ``x`` into a preallocated, touched array.
+        self._C = _C
+        self.src = np.ascontiguousarray(x, dtype=np.float32)
+        self.dst = np.empty_like(self.src)
+        self.dst.fill(0.0)                      # fault the pages in before timing
+        self.history: list = []                 # every Probe taken
+        self._check()
 
-    Returns ``(read, stream)`` timings; ``check`` first verifies what the probe computes.
-    """
-    from pybn import _C
-
-    src = np.ascontiguousarray(x, dtype=np.float32)
-    dst = np.empty_like(src)
-    dst.fill(0.0)                                     # fault the pages in before timing
-    if check:
+    def _check(self) -> None:
+        _C, src, dst = self._C, self.src, self.dst
         total = float(_C.probe_read(src))
         exact = float(src.sum(dtype=np.float64))
         if not abs(total - exact) <= 1e-3 * float(np.abs(src).sum(dtype=np.float64)) + 1e-6:
             raise AssertionError(f"pybn._C.probe_read returned {total!r}, the array sums to {exact!r}")
-    read = measure(lambda: _C.probe_read(src), cfg, calls_done=int(check))
-    stream = measure(lambda: _C.probe_stream(src, dst), cfg)
-    if check and not np.array_equal(dst, src):
-        raise AssertionError("pybn._C.probe_stream did not copy its input")
-    del dst
-    return read, stream
+        _C.probe_stream(src, dst)
+        if not np.array_equal(dst, src):
+            raise AssertionError("pybn._C.probe_stream did not copy its input")
+
+    def measure(self, cfg: TimingConfig) -> Probe:
+        _C, src, dst = self._C, self.src, self.dst
+        read = measure(lambda: _C.probe_read(src), cfg)
+        stream = measure(lambda: _C.probe_stream(src, dst), cfg)
+        p = Probe(nbytes=src.nbytes, read=read, stream=stream)
+        self.history.append(p)
+        return p
+
+    def close(self) -> None:
+        del self.src, self.dst
+
+
+def summarize(probes: list) -> dict:
+    """Per shape: the median, min and max over its probe batches."""
+    reads = [p.t_read for p in probes]
+    streams = [p.t_stream for p in probes]
+    nbytes = probes[0].nbytes
+    t_read, t_stream = statistics.median(reads), statistics.median(streams)
+    return {"bytes": nbytes, "batches": len(probes),
+            "t_read_s": t_read, "t_read_min_s": min(reads), "t_read_max_s": max(reads),
+            "t_stream_s": t_stream, "t_stream_min_s": min(streams), "t_stream_max_s": max(streams),
+            "read_GBps": nbytes / t_read / 1e9, "stream_GBps": 2 * nbytes / t_stream / 1e9}

@@ -79,13 +79,15 @@ class Case:
         return tuple(b)
 
 
-def _fill_normal(rng, shape, loc, scale, logical_axis=1):
-    """float32 N(loc_c, scale_c) data with per-channel loc/scale, generated in NCHW order."""
-    a = rng.standard_normal(shape, dtype=np.float32)
+def _fill(rng, shape, loc, scale, logical_axis=1):
+    """float32 data of per-channel mean ``loc_c`` and standard deviation ``scale_c``
+    (uniform, which NumPy draws about 6x faster than normal), in NCHW order."""
+    a = rng.random(shape, dtype=np.float32)
     b = [1] * len(shape)
     b[logical_axis] = shape[logical_axis]
-    a *= scale.reshape(b)
-    a += loc.reshape(b)
+    half = np.float32(np.sqrt(3.0)) * scale          # U(loc - half, loc + half) has std = scale
+    a *= (2 * half).reshape(b)
+    a += (loc - half).reshape(b)
     return a
 
 
@@ -102,7 +104,7 @@ def make_case(shape, *, seed: int = 0, need_backward: bool = True) -> Case:
     data_rng = np.random.default_rng(seed + 1)
 
     def gen(loc_, scale_):
-        a = _fill_normal(data_rng, tuple(shape.logical), loc_, scale_)
+        a = _fill(data_rng, tuple(shape.logical), loc_, scale_)
         if shape.channels_last:
             nhwc = np.ascontiguousarray(np.moveaxis(a, 1, -1))
             del a
@@ -196,7 +198,7 @@ def _check_affine(what, got, case, terms, const):
         bad = ~(err <= tol)
         if bad.any():
             k = int(bad.sum())
-            idx = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
             raise WrongResult(f"{what}: {k} elements in one chunk differ from the float64 "
                               f"reference, e.g. (outer, channel, inner)={idx}: "
                               f"{float(gc[idx])!r} vs {float(exp[idx])!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from .probe import BOUND_FORMULA
 from .shapes import KERNEL_TITLES
 from .timing import Timing, fmt_time
 
@@ -26,6 +27,8 @@ class Cell:
     skipped: dict = field(default_factory=dict)  # impl -> why it was not run (not installed, no such op)
     check_err: dict = field(default_factory=dict)  # impl -> worst |error| / tolerance of the check
     rounds: dict = field(default_factory=dict)   # impl -> [Timing of each round]; times[impl] is the best
+    probe: object = None                         # the probe around pybn's best round (gives the bound)
+    probe_rounds: list = field(default_factory=list)  # (before, after) pybn's batch, in each round
 
     # --- derived
     def t(self, impl):
@@ -91,6 +94,10 @@ class Cell:
 
     def as_dict(self) -> dict:
         d = {"shape": self.shape.name, "kernel": self.kernel, "bound_s": self.bound,
+             "bound_formula": BOUND_FORMULA[self.kernel],
+             "probe": self.probe.as_dict(samples=False) if self.probe is not None else None,
+             "probe_rounds": [{"before_pybn": b.as_dict(), "after_pybn": a.as_dict()}
+                              for b, a in self.probe_rounds],
              "pybn_s": self.pybn, "pct_of_bound": self.pct_bound,
              "torch_variant": self.torch_choice(),
              "ratios": {p: self.ratio(p) for p in PEERS},
@@ -120,7 +127,8 @@ def _ratio(r):
 def render(meta: dict, probes: dict, cells: list) -> str:
     ok_mark, bad_mark = _marks()
     lines = []
-    lines.append(f"pybn {meta['pybn']} bench: float32, {meta['threads']} threads, ISA {meta['isa']}")
+    th = meta['threads']
+    lines.append(f"pybn {meta['pybn']} bench: float32, {th} thread{'s' if th != 1 else ''}, ISA {meta['isa']}")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     lines.append(f"cpu: {meta['cpu']} ({meta['logical_cpus']} logical CPUs)")
     load = meta.get("loadavg_start")
@@ -137,15 +145,20 @@ def render(meta: dict, probes: dict, cells: list) -> str:
                  + (f"; {rounds} rounds in turn, the best round's median" if rounds > 1 else "")
                  + (" [--quick]" if meta.get("quick") else ""))
     lines.append("")
-    lines.append(f"bandwidth probe (pybn._C, {meta['threads']} threads, same array size; each figure the "
-                 "better median of a batch before and one after the shape's kernels):")
-    hdr = f"  {'shape':<6} {'array':>9} {'t_read':>10} {'read':>10} {'t_stream':>10} {'stream':>10}"
-    lines.append(hdr)
+    lines.append(f"bandwidth probe (pybn._C, {th} thread{'s' if th != 1 else ''}, same array size), "
+                 "taken before and after pybn in every round;")
+    lines.append("median [min-max] over the shape's probe batches:")
+    lines.append(f"  {'shape':<6} {'array':>9} {'t_read':>10} {'[min-max]':>19} {'read':>10}"
+                 f" {'t_stream':>10} {'[min-max]':>19} {'stream':>10}")
     for name, p in probes.items():
-        lines.append(f"  {name:<6} {p.nbytes / 1e6:>6.1f} MB {fmt_time(p.t_read):>10} "
-                     f"{p.read_gbs:>5.1f} GB/s {fmt_time(p.t_stream):>10} {p.stream_gbs:>5.1f} GB/s")
-    lines.append("  (stream GB/s counts bytes read + written; bounds: infer = t_stream, "
-                 "train = t_read + t_stream, bwd = 3*t_read + t_stream)")
+        rng_r = f"[{fmt_time(p['t_read_min_s'])}-{fmt_time(p['t_read_max_s'])}]"
+        rng_s = f"[{fmt_time(p['t_stream_min_s'])}-{fmt_time(p['t_stream_max_s'])}]"
+        lines.append(f"  {name:<6} {p['bytes'] / 1e6:>6.1f} MB {fmt_time(p['t_read_s']):>10} {rng_r:>19} "
+                     f"{p['read_GBps']:>5.1f} GB/s {fmt_time(p['t_stream_s']):>10} {rng_s:>19} "
+                     f"{p['stream_GBps']:>5.1f} GB/s")
+    lines.append("  stream GB/s counts bytes read + written. Bounds: infer = t_stream, train = t_read + t_stream,")
+    lines.append("  bwd = 3*t_read + t_stream; t_read and t_stream each the lower of the two probe batches")
+    lines.append("  taken just before and just after pybn's best round in that cell.")
     lines.append("")
 
     cols = [("shape", 5, "<"), ("kernel", 6, "<"), ("pybn", 10, ">"), ("bound", 10, ">"),
@@ -205,7 +218,7 @@ def render(meta: dict, probes: dict, cells: list) -> str:
     wrong = [(c, k, v) for c in cells for k, v in c.errors.items()]
     if wrong:
         lines.append("")
-        lines.append("WRONG RESULTS (not timed):")
+        lines.append("WRONG RESULTS OR ERRORS (not timed):")
         for c, k, v in wrong:
             lines.append(f"  {c.shape.name} {KERNEL_TITLES[c.kernel]} {k}: {v}")
     return "\n".join(lines)
@@ -213,5 +226,5 @@ def render(meta: dict, probes: dict, cells: list) -> str:
 
 def to_json(meta: dict, probes: dict, cells: list) -> dict:
     return {"meta": meta,
-            "probe": {k: v.as_dict() for k, v in probes.items()},
+            "probe": probes,
             "cells": [c.as_dict() for c in cells]}
