@@ -19,17 +19,15 @@ def info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # everything after it, --help included, is the benchmark's
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pybn", description=__doc__)
     parser.add_argument("command", choices=["info", "bench"], help="info: version, ISA, threads; "
-                        "bench: the side-by-side benchmark (see bench/README.md)")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "info":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return info()
-    from .bench import main as bench_main
-
-    return bench_main(rest)
+                        "bench: the side-by-side benchmark (python -m pybn bench --help)")
+    parser.parse_args(argv)
+    return info()
 
 
 if __name__ == "__main__":
