@@ -122,13 +122,13 @@ void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
       std::fill(g2, g2 + C, 0.0);
       pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
         const T* xb = x + off;
-        const double nb = static_cast<double>(nrows) * static_cast<double>(len / C);
+        const double nb = static_cast<double>(nrows) * static_cast<double>(len / C), inv_nb = 1.0 / nb;
         if (gn == 0) {  // first block: shift by its own mean
           T* const acc1[1] = {sums.get()};
           column_accumulate<T, 1>(nrows, RL, len, acc1, [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n(xb + o, n); });
           std::fill(s1.get(), s1.get() + C, 0.0);
           fold_period(L, sums.get(), len, s1.get());
-          for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] / nb);
+          for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] * inv_nb);
         } else {  // later blocks: shift by the group's running mean
           for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(gm[c]);
         }
@@ -147,8 +147,8 @@ void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
         // Merge the block into the group; every channel has the same counts.
         const double total = gn + nb, fa = nb / total, fb = gn * nb / total;
         for (i64 c = 0; c < C; ++c) {
-          const double bmean = shift[c] + s1[c] / nb;
-          const double bm2 = std::max(0.0, s2[c] - s1[c] * s1[c] / nb);
+          const double bmean = shift[c] + s1[c] * inv_nb;
+          const double bm2 = std::max(0.0, s2[c] - s1[c] * s1[c] * inv_nb);
           const double delta = bmean - gm[c];
           gm[c] += delta * fa;
           g2[c] += bm2 + delta * delta * fb;
@@ -158,11 +158,23 @@ void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
       gcount[g] = gn;
     }
   });
-  for (i64 c = 0; c < C; ++c) {
-    Moments m;
-    for (i64 g = 0; g < G; ++g) m.merge(gcount[g], gmean[g * C + c], gm2[g * C + c]);
-    mean[c] = m.mean;
-    m2[c] = m.m2;
+  // Every channel has the same counts, so the merge factors are computed once per group
+  // and the loop over channels vectorizes.
+  std::fill(mean, mean + C, 0.0);
+  std::fill(m2, m2 + C, 0.0);
+  double n = 0;
+  for (i64 g = 0; g < G; ++g) {
+    const double nb = gcount[g];
+    if (nb == 0) continue;
+    const double total = n + nb, fa = nb / total, fb = n * nb / total;
+    const double* bm = gmean.get() + g * C;
+    const double* b2 = gm2.get() + g * C;
+    for (i64 c = 0; c < C; ++c) {
+      const double delta = bm[c] - mean[c];
+      mean[c] += delta * fa;
+      m2[c] += b2[c] + delta * delta * fb;
+    }
+    n = total;
   }
 }
 

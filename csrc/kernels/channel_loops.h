@@ -139,6 +139,29 @@ void apply_rows(const Layout L, const T* const* coef, T* const out, const Op op,
   if (kStream) stream_fence();
 }
 
+// Whole periods as rows of a matrix, from position i: taken 8 rows at a time and one
+// column tile (kTile vectors) at a time, so a tile's coefficients are loaded once for 8
+// rows, the same order column_accumulate reads in. P must be a multiple of kTile * W.
+template <bool kStream, int kTile, class T, int K, class Op>
+void apply_period_rows(const i64 P, const T* const tab, const i64 stride, T* const out, const Op op, const i64 i,
+                       const i64 rows) {
+  using V = Vec<T>;
+  constexpr i64 W = V::W;
+  constexpr i64 kRows = 8;
+  for (i64 r0 = 0; r0 < rows; r0 += kRows) {
+    const i64 r1 = std::min(rows, r0 + kRows);
+    for (i64 k = 0; k < P; k += kTile * W) {
+      V cv[kTile][K];
+      for (int t = 0; t < kTile; ++t)
+        for (int c = 0; c < K; ++c) cv[t][c] = V::load(tab + c * stride + k + t * W);
+      for (i64 r = r0; r < r1; ++r) {
+        const i64 at = i + r * P + k;
+        for (int t = 0; t < kTile; ++t) put<kStream>(out + at + t * W, op(at + t * W, W, cv[t]), W);
+      }
+    }
+  }
+}
+
 // Period mode over flat positions [i, end); tab holds K rows of `stride` = P + W entries.
 template <bool kStream, class T, int K, class Op>
 void apply_period(const i64 P, const T* const tab, const i64 stride, T* const out, const Op op, i64 i,
@@ -155,6 +178,18 @@ void apply_period(const i64 P, const T* const tab, const i64 stride, T* const ou
     if (j >= P) j = (j - P < P) ? j - P : j % P;
   };
   if (const i64 nh = head_lanes<kStream>(out + i, end - i)) step(nh);
+  if (P % W == 0 && j % W == 0) {
+    // No vector straddles two periods: from a period's start, whole periods are rows.
+    while (j != 0 && i + W <= end) step(W);
+    const i64 rows = (end - i) / P;
+    if (K <= 2 && P % (4 * W) == 0)
+      apply_period_rows<kStream, 4, T, K>(P, tab, stride, out, op, i, rows);
+    else if (P % (2 * W) == 0)
+      apply_period_rows<kStream, 2, T, K>(P, tab, stride, out, op, i, rows);
+    else
+      apply_period_rows<kStream, 1, T, K>(P, tab, stride, out, op, i, rows);
+    i += rows * P;
+  }
   while (i + W <= end) step(W);
   if (i < end) step(end - i);
   if (kStream) stream_fence();
@@ -269,7 +304,7 @@ struct PeriodBlocks {
     b.rows = L.outer / reps;
     b.rest = (L.outer % reps) * b.period;
     b.block_rows = std::clamp<i64>(kPeriodBlockElements / b.row_len, 1, kMaxBlockRows);
-    b.groups = std::clamp<i64>(b.rows * b.row_len / kGroupElements, 1, kMaxGroups);
+    b.groups = std::clamp<i64>(b.rows * b.row_len / kGroupElements, 1, std::clamp<i64>(b.rows, 1, kMaxGroups));
     return b;
   }
 
