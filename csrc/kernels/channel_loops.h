@@ -139,29 +139,6 @@ void apply_rows(const Layout L, const T* const* coef, T* const out, const Op op,
   if (kStream) stream_fence();
 }
 
-// Whole periods as rows of a matrix, from position i: taken 8 rows at a time and one
-// column tile (kTile vectors) at a time, so a tile's coefficients are loaded once for 8
-// rows, the same order column_accumulate reads in. P must be a multiple of kTile * W.
-template <bool kStream, int kTile, class T, int K, class Op>
-void apply_period_rows(const i64 P, const T* const tab, const i64 stride, T* const out, const Op op, const i64 i,
-                       const i64 rows) {
-  using V = Vec<T>;
-  constexpr i64 W = V::W;
-  constexpr i64 kRows = 8;
-  for (i64 r0 = 0; r0 < rows; r0 += kRows) {
-    const i64 r1 = std::min(rows, r0 + kRows);
-    for (i64 k = 0; k < P; k += kTile * W) {
-      V cv[kTile][K];
-      for (int t = 0; t < kTile; ++t)
-        for (int c = 0; c < K; ++c) cv[t][c] = V::load(tab + c * stride + k + t * W);
-      for (i64 r = r0; r < r1; ++r) {
-        const i64 at = i + r * P + k;
-        for (int t = 0; t < kTile; ++t) put<kStream>(out + at + t * W, op(at + t * W, W, cv[t]), W);
-      }
-    }
-  }
-}
-
 // Period mode over flat positions [i, end); tab holds K rows of `stride` = P + W entries.
 template <bool kStream, class T, int K, class Op>
 void apply_period(const i64 P, const T* const tab, const i64 stride, T* const out, const Op op, i64 i,
@@ -179,16 +156,17 @@ void apply_period(const i64 P, const T* const tab, const i64 stride, T* const ou
   };
   if (const i64 nh = head_lanes<kStream>(out + i, end - i)) step(nh);
   if (P % W == 0 && j % W == 0) {
-    // No vector straddles two periods: from a period's start, whole periods are rows.
+    // No vector straddles two periods: reach a period's start, then walk whole periods
+    // in memory order with fixed table offsets (no index bookkeeping in the inner loop).
+    // Not tiled over rows: rows a multiple of 4 KB apart would share the L1 sets.
     while (j != 0 && i + W <= end) step(W);
-    const i64 rows = (end - i) / P;
-    if (K <= 2 && P % (4 * W) == 0)
-      apply_period_rows<kStream, 4, T, K>(P, tab, stride, out, op, i, rows);
-    else if (P % (2 * W) == 0)
-      apply_period_rows<kStream, 2, T, K>(P, tab, stride, out, op, i, rows);
-    else
-      apply_period_rows<kStream, 1, T, K>(P, tab, stride, out, op, i, rows);
-    i += rows * P;
+    for (; i + P <= end; i += P) {
+      for (i64 k = 0; k < P; k += W) {
+        V cv[K];
+        for (int c = 0; c < K; ++c) cv[c] = V::load(tab + c * stride + k);
+        put<kStream>(out + i + k, op(i + k, W, cv), W);
+      }
+    }
   }
   while (i + W <= end) step(W);
   if (i < end) step(end - i);
@@ -348,21 +326,21 @@ void segment_accumulate(i64 len, double (&out)[NACC], const F& f) {
 }
 
 // Column sums over nrows rows of len elements, rows `stride` apart: acc[a][j] = sum over
-// rows of accumulator a at column j. Rows are taken 8 at a time, and within them one
-// column tile at a time, so the accumulators stay in registers across 8 rows while the
-// memory is read as 8 sequential streams (a tile over all rows of a block would make one
-// stream per row, too many for the prefetchers, and would thrash the L1 sets when the
-// stride is a multiple of 4 KB). f(offset, col, n, acc) adds lanes [col, col + n) of the
+// rows of accumulator a at column j. Rows are taken 4 at a time, and within them one
+// column tile at a time, so the accumulators stay in registers across 4 rows while the
+// memory is read as 4 sequential streams (a tile over all rows of a block would make one
+// stream per row, too many for the prefetchers; and rows a multiple of 4 KB apart share
+// L1 sets, which hold 8 lines). f(offset, col, n, acc) adds lanes [col, col + n) of the
 // row at `offset` (= row * stride + col); lanes >= n are never stored, so may hold anything.
 template <class T, int NACC, class F>
 void column_accumulate(i64 nrows, i64 stride, i64 len, T* const (&acc)[NACC], const F& f) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
   constexpr i64 kTile = 4;
-  constexpr i64 kRows = 8;
+  constexpr i64 kRows = 4;
   for (i64 r0 = 0; r0 < nrows; r0 += kRows) {
     const i64 r1 = std::min(nrows, r0 + kRows);
-    // Starts from zero on the first chunk, from the stored partial sums after it.
+    // Starts from zero on the first rows, from the stored partial sums after them.
     auto start = [&](V (&a)[NACC], i64 j, i64 n) {
       for (int k = 0; k < NACC; ++k) a[k] = r0 == 0 ? V::zero() : V::load(acc[k] + j, n);
     };
