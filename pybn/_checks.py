@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+_F32, _F64 = FLOAT_DTYPES
+
+
 def float_array(value: Any, name: str) -> np.ndarray:
     """`value` as a float32/float64 ndarray (array-likes accepted; no copy when possible)."""
+    if type(value) is np.ndarray and (value.dtype is _F32 or value.dtype is _F64):
+        return value  # the common case, checked first: small calls are dominated by checks
     arr = np.asarray(value)
     if arr.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: dtype {arr.dtype} is not supported (pybn takes float32 or float64)")
@@ -25,37 +30,50 @@ def float_array(value: Any, name: str) -> np.ndarray:
 
 def contiguous_float_array(value: Any, name: str) -> np.ndarray:
     """`value` as a C-contiguous float32/float64 ndarray (a copy only when needed)."""
-    return np.ascontiguousarray(float_array(value, name))
+    arr = float_array(value, name)
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
-class ChannelLayout(NamedTuple):
-    """The canonical (outer, C, inner) view of an array around its channel axis."""
-
-    axis: int
-    outer: int
-    channels: int
-    inner: int
+_LAYOUTS: dict[tuple[tuple[int, ...], Any], tuple[int, int, int, int]] = {}
 
 
-def channel_layout(shape: tuple[int, ...], axis: Any, name: str = "x") -> ChannelLayout:
-    if len(shape) < 2:
+def channel_layout(shape: tuple[int, ...], axis: Any, name: str = "x") -> tuple[int, int, int, int]:
+    """The canonical view around the channel axis: (axis, outer, C, inner), axis >= 0."""
+    if type(axis) is int:  # networks call with a few shapes over and over: remember them
+        known = _LAYOUTS.get((shape, axis))
+        if known is not None:
+            return known
+    layout = _channel_layout(shape, axis, name)
+    if type(axis) is int:
+        if len(_LAYOUTS) >= 1024:
+            _LAYOUTS.clear()
+        _LAYOUTS[shape, axis] = layout
+    return layout
+
+
+def _channel_layout(shape: tuple[int, ...], axis: Any, name: str) -> tuple[int, int, int, int]:
+    ndim = len(shape)
+    if ndim < 2:
         raise ValueError(f"{name}: needs at least 2 dimensions (batch and channels), got shape {shape}")
-    if isinstance(axis, (bool, np.bool_)):
-        raise TypeError(f"axis: must be an int, got {axis!r}")
-    try:
-        ax = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis: must be an int, got {type(axis).__name__}") from None
-    if not -len(shape) <= ax < len(shape):
-        raise ValueError(f"axis: {ax} is out of range for {name} with {len(shape)} dimensions")
-    ax %= len(shape)
-    return ChannelLayout(ax, math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1 :]))
+    if type(axis) is not int:
+        if isinstance(axis, (bool, np.bool_)):
+            raise TypeError(f"axis: must be an int, got {axis!r}")
+        try:
+            axis = operator.index(axis)
+        except TypeError:
+            raise TypeError(f"axis: must be an int, got {type(axis).__name__}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis: {axis} is out of range for {name} with {ndim} dimensions")
+    axis %= ndim
+    return axis, math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
 
 
 def per_channel(value: Any, name: str, channels: int, dtype: np.dtype) -> np.ndarray | None:
     """A read-only per-channel input: shape (C,), converted to `dtype` (None stays None)."""
     if value is None:
         return None
+    if type(value) is np.ndarray and value.dtype is dtype and value.shape == (channels,) and value.flags.c_contiguous:
+        return value
     arr = float_array(value, name)
     if arr.shape != (channels,):
         raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {arr.shape}")
@@ -81,6 +99,8 @@ def in_place(value: Any, name: str, channels: int, dtype: np.dtype) -> np.ndarra
 
 
 def real_number(value: Any, name: str, *, minimum: float | None = None) -> float:
+    if type(value) is float and math.isfinite(value) and (minimum is None or value >= minimum):
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name}: must be a real number, got {type(value).__name__}")
     v = float(value)
@@ -91,11 +111,12 @@ def real_number(value: Any, name: str, *, minimum: float | None = None) -> float
     return v
 
 
-def output(out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: tuple[Any, ...] = ()) -> np.ndarray:
-    """The result array: `out` checked, or a new one. `out` may be exactly one of `inputs`
-    (in place), but must not overlap any of them partially."""
+def output(out: Any, like: np.ndarray, inputs: tuple[Any, ...] = ()) -> np.ndarray:
+    """The result array, of like's shape and dtype: `out` checked, or a new one. `out` may
+    be exactly one of `inputs` (in place), but must not overlap any of them partially."""
+    shape, dtype = like.shape, like.dtype
     if out is None:
-        return empty_aligned(shape, dtype)
+        return np.empty_like(like) if like.nbytes < ALIGNED_MIN_BYTES else empty_aligned(shape, dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: must be a numpy.ndarray, got {type(out).__name__}")
     if out.dtype != dtype:
@@ -121,8 +142,6 @@ def empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     kernels' non-temporal stores need no unaligned head."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < ALIGNED_MIN_BYTES:  # small: not worth the extra microsecond
-        return np.empty(shape, dtype)
     raw = np.empty(nbytes + ALIGNMENT, np.uint8)
     start = -raw.__array_interface__["data"][0] % ALIGNMENT
     return raw[start:start + nbytes].view(dtype).reshape(shape)

@@ -62,23 +62,23 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
     """
     x_in = x
     x = contiguous_float_array(x, "x")
-    lay = channel_layout(x.shape, axis)
-    if lay.outer * lay.inner < 2:
+    axis, outer, channels, inner = channel_layout(x.shape, axis)
+    if outer * inner < 2:
         raise ValueError(f"x: training needs more than 1 value per channel, got shape {x.shape} "
-                         f"with channel axis {lay.axis}")
+                         f"with channel axis {axis}")
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(f"{missing}: running_mean and running_var must be given together")
-    w = per_channel(weight, "weight", lay.channels, x.dtype)
-    b = per_channel(bias, "bias", lay.channels, x.dtype)
-    rm = in_place(running_mean, "running_mean", lay.channels, x.dtype)
-    rv = in_place(running_var, "running_var", lay.channels, x.dtype)
+    w = per_channel(weight, "weight", channels, x.dtype)
+    b = per_channel(bias, "bias", channels, x.dtype)
+    rm = in_place(running_mean, "running_mean", channels, x.dtype)
+    rv = in_place(running_var, "running_var", channels, x.dtype)
     momentum = real_number(momentum, "momentum")
     eps = real_number(eps, "eps", minimum=0.0)
-    y = output(out, x.shape, x.dtype, (x_in,))
-    mean = np.empty(lay.channels, x.dtype)
-    invstd = np.empty(lay.channels, x.dtype)
-    _C.bn_train(x, y, w, b, rm, rv, mean, invstd, lay.outer, lay.channels, lay.inner, momentum, eps, bool(relu))
+    y = output(out, x, (x_in,))
+    mean = np.empty(channels, x.dtype)
+    invstd = np.empty(channels, x.dtype)
+    _C.bn_train(x, y, w, b, rm, rv, mean, invstd, outer, channels, inner, momentum, eps, bool(relu))
     return BatchNormTrainResult(y, mean, invstd)
 
 
@@ -93,16 +93,16 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     """
     x_in = x
     x = contiguous_float_array(x, "x")
-    lay = channel_layout(x.shape, axis)
-    rm = per_channel(running_mean, "running_mean", lay.channels, x.dtype)
-    rv = per_channel(running_var, "running_var", lay.channels, x.dtype)
+    axis, outer, channels, inner = channel_layout(x.shape, axis)
+    rm = per_channel(running_mean, "running_mean", channels, x.dtype)
+    rv = per_channel(running_var, "running_var", channels, x.dtype)
     if rm is None or rv is None:
         raise TypeError(f"{'running_mean' if rm is None else 'running_var'}: is required for inference")
-    w = per_channel(weight, "weight", lay.channels, x.dtype)
-    b = per_channel(bias, "bias", lay.channels, x.dtype)
+    w = per_channel(weight, "weight", channels, x.dtype)
+    b = per_channel(bias, "bias", channels, x.dtype)
     eps = real_number(eps, "eps", minimum=0.0)
-    y = output(out, x.shape, x.dtype, (x_in,))
-    _C.bn_infer(x, y, rm, rv, w, b, lay.outer, lay.channels, lay.inner, eps, bool(relu))
+    y = output(out, x, (x_in,))
+    _C.bn_infer(x, y, rm, rv, w, b, outer, channels, inner, eps, bool(relu))
     return y
 
 
@@ -134,7 +134,7 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
     """
     dy_in, x_in, y_in = dy, x, y
     dy = contiguous_float_array(dy, "dy")
-    lay = channel_layout(dy.shape, axis, "dy")
+    axis, outer, channels, inner = channel_layout(dy.shape, axis, "dy")
     x = contiguous_float_array(x, "x")
     if x.dtype != dy.dtype:
         raise TypeError(f"x: dtype {x.dtype} does not match dy ({dy.dtype})")
@@ -146,13 +146,13 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
             raise TypeError(f"y: dtype {y.dtype} does not match dy ({dy.dtype})")
         if y.shape != dy.shape:
             raise ValueError(f"y: shape {y.shape} does not match dy {dy.shape}")
-    m = per_channel(mean, "mean", lay.channels, dy.dtype)
-    s = per_channel(invstd, "invstd", lay.channels, dy.dtype)
+    m = per_channel(mean, "mean", channels, dy.dtype)
+    s = per_channel(invstd, "invstd", channels, dy.dtype)
     if m is None or s is None:
         raise TypeError(f"{'mean' if m is None else 'invstd'}: is required")
-    w = per_channel(weight, "weight", lay.channels, dy.dtype)
-    dx = output(out, dy.shape, dy.dtype, (dy_in, x_in, y_in))
-    dweight = np.empty(lay.channels, dy.dtype)
-    dbias = np.empty(lay.channels, dy.dtype)
-    _C.bn_backward(dy, x, y, m, s, w, dx, dweight, dbias, lay.outer, lay.channels, lay.inner, bool(training))
+    w = per_channel(weight, "weight", channels, dy.dtype)
+    dx = output(out, dy, (dy_in, x_in, y_in))
+    dweight = np.empty(channels, dy.dtype)
+    dbias = np.empty(channels, dy.dtype)
+    _C.bn_backward(dy, x, y, m, s, w, dx, dweight, dbias, outer, channels, inner, bool(training))
     return BatchNormGrads(dx, dweight, dbias)
