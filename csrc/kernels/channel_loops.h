@@ -139,37 +139,42 @@ void apply_rows(const Layout L, const T* const* coef, T* const out, const Op op,
   if (kStream) stream_fence();
 }
 
-// Period mode over flat positions [i, end); tab holds K rows of `stride` = P + W entries.
+// Period mode over flat positions [i, end); tab holds K rows of `stride` = P + W entries,
+// so a vector whose first lane is at period position j < P reads tab[j, j + W) without
+// wrapping. The walk goes in runs of vectors between wraps of j, with fixed table offsets
+// inside a run (no index bookkeeping per vector).
 template <bool kStream, class T, int K, class Op>
 void apply_period(const i64 P, const T* const tab, const i64 stride, T* const out, const Op op, i64 i,
                   const i64 end) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
   i64 j = i % P;
-  const auto step = [&](i64 n) {
+  const auto partial_vector = [&](i64 n) {
     V cv[K];
-    for (int k = 0; k < K; ++k) cv[k] = V::load(tab + k * stride + j);
+    for (int c = 0; c < K; ++c) cv[c] = V::load(tab + c * stride + j);
     put<kStream>(out + i, op(i, n, cv), n);
+  };
+  const auto advance = [&](i64 n) {  // n < P + W, so one subtraction unless P < W
     i += n;
     j += n;
-    if (j >= P) j = (j - P < P) ? j - P : j % P;
+    if (j >= P) j = j - P < P ? j - P : j % P;
   };
-  if (const i64 nh = head_lanes<kStream>(out + i, end - i)) step(nh);
-  if (P % W == 0 && j % W == 0) {
-    // No vector straddles two periods: reach a period's start, then walk whole periods
-    // in memory order with fixed table offsets (no index bookkeeping in the inner loop).
-    // Not tiled over rows: rows a multiple of 4 KB apart would share the L1 sets.
-    while (j != 0 && i + W <= end) step(W);
-    for (; i + P <= end; i += P) {
-      for (i64 k = 0; k < P; k += W) {
-        V cv[K];
-        for (int c = 0; c < K; ++c) cv[c] = V::load(tab + c * stride + k);
-        put<kStream>(out + i + k, op(i + k, W, cv), W);
-      }
-    }
+  if (const i64 nh = head_lanes<kStream>(out + i, end - i)) {
+    partial_vector(nh);
+    advance(nh);
   }
-  while (i + W <= end) step(W);
-  if (i < end) step(end - i);
+  while (i + W <= end) {
+    const i64 run = std::min((P - j + W - 1) / W, (end - i) / W);  // vectors starting below P
+    const T* t = tab + j;
+    i64 at = i;
+    for (const i64 stop = i + run * W; at < stop; at += W, t += W) {
+      V cv[K];
+      for (int c = 0; c < K; ++c) cv[c] = V::load(t + c * stride);
+      put<kStream>(out + at, op(at, W, cv), W);
+    }
+    advance(run * W);
+  }
+  if (i < end) partial_vector(end - i);
   if (kStream) stream_fence();
 }
 
