@@ -332,7 +332,7 @@ void segment_accumulate(i64 len, double (&out)[NACC], const F& f) {
 
 // Column sums over nrows rows of len elements, rows `stride` apart: acc[a][j] = sum over
 // rows of accumulator a at column j. Rows are taken 4 at a time, and within them one
-// column tile at a time, so the accumulators stay in registers across 4 rows while the
+// column tile (kTile vectors) at a time, so the accumulators stay in registers across 4 rows while the
 // memory is read as 4 sequential streams (a tile over all rows of a block would make one
 // stream per row, too many for the prefetchers; and rows a multiple of 4 KB apart share
 // L1 sets, which hold 8 lines). f(offset, col, n, acc) adds lanes [col, col + n) of the
@@ -341,7 +341,9 @@ template <class T, int NACC, class F>
 void column_accumulate(i64 nrows, i64 stride, i64 len, T* const (&acc)[NACC], const F& f) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
-  constexpr i64 kTile = 4;
+  // As many vectors per tile as leave registers for the accumulators and temporaries:
+  // 8 with AVX-512's 32 registers (a 128-channel row in one sequential sweep), else 4.
+  constexpr i64 kTile = V::kRegisters >= 32 ? 8 : 4;
   constexpr i64 kRows = 4;
   for (i64 r0 = 0; r0 < nrows; r0 += kRows) {
     const i64 r1 = std::min(nrows, r0 + kRows);

@@ -25,6 +25,7 @@ inline __m256i lane_mask64(std::int64_t n) {
 template <>
 struct Vec<float> {
   static constexpr int W = 8;
+  static constexpr int kRegisters = 16;  // architectural vector registers
   __m256 v;
 
   static Vec zero() { return {_mm256_setzero_ps()}; }
@@ -58,6 +59,7 @@ struct Vec<float> {
 template <>
 struct Vec<double> {
   static constexpr int W = 4;
+  static constexpr int kRegisters = 16;  // architectural vector registers
   __m256d v;
 
   static Vec zero() { return {_mm256_setzero_pd()}; }

@@ -12,6 +12,7 @@ struct Vec;
 template <>
 struct Vec<float> {
   static constexpr int W = 16;
+  static constexpr int kRegisters = 32;  // architectural vector registers
   __m512 v;
 
   static __mmask16 mask(std::int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
@@ -39,6 +40,7 @@ struct Vec<float> {
 template <>
 struct Vec<double> {
   static constexpr int W = 8;
+  static constexpr int kRegisters = 32;  // architectural vector registers
   __m512d v;
 
   static __mmask8 mask(std::int64_t n) { return static_cast<__mmask8>((1u << n) - 1u); }

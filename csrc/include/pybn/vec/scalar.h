@@ -9,6 +9,7 @@ namespace scalar {
 template <class T>
 struct Vec {
   static constexpr int W = 16 / sizeof(T);
+  static constexpr int kRegisters = 16;  // architectural vector registers
   T v[W];
 
   static Vec zero() { return set1(T(0)); }

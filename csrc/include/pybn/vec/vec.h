@@ -6,6 +6,7 @@
 //
 // Every implementation provides, for T in {float, double}:
 //   W                       lanes
+//   kRegisters              vector registers the ISA has (for choosing tile sizes)
 //   load(p) / load(p, n)    unaligned load; the second reads only n < W lanes, the rest are 0
 //   store(p) / store(p, n)  unaligned store; the second writes only the first n lanes
 //   stream(p)               non-temporal store, p aligned to W*sizeof(T)
