@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 
 #include "pybn/kernels.h"
 #include "pybn/parallel.h"
@@ -82,6 +83,15 @@ Buffer<T> make_buffer(i64 n) {
 template <class T>
 inline Vec<T> load_n(const T* p, i64 n) {
   return n == Vec<T>::W ? Vec<T>::load(p) : Vec<T>::load(p, n);
+}
+
+// Stores n lanes (n == W compiles to a plain store when the caller passes the constant).
+template <class T>
+inline void store_n(const Vec<T>& v, T* p, i64 n) {
+  if (n == Vec<T>::W)
+    v.store(p);
+  else
+    v.store(p, n);
 }
 
 // Lanes from p up to the next vector-aligned address.
@@ -332,7 +342,7 @@ void segment_accumulate(i64 len, double (&out)[NACC], const F& f) {
 
 // Column sums over nrows rows of len elements, rows `stride` apart: acc[a][j] = sum over
 // rows of accumulator a at column j. Rows are taken 4 at a time, and within them one
-// column tile (kTile vectors) at a time, so the accumulators stay in registers across 4 rows while the
+// column tile at a time, so the accumulators stay in registers across 4 rows while the
 // memory is read as 4 sequential streams (a tile over all rows of a block would make one
 // stream per row, too many for the prefetchers; and rows a multiple of 4 KB apart share
 // L1 sets, which hold 8 lines). f(offset, col, n, acc) adds lanes [col, col + n) of the
@@ -341,29 +351,43 @@ template <class T, int NACC, class F>
 void column_accumulate(i64 nrows, i64 stride, i64 len, T* const (&acc)[NACC], const F& f) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
-  // As many vectors per tile as leave registers for the accumulators and temporaries:
-  // 8 with AVX-512's 32 registers (a 128-channel row in one sequential sweep), else 4.
-  constexpr i64 kTile = V::kRegisters >= 32 ? 8 : 4;
   constexpr i64 kRows = 4;
   for (i64 r0 = 0; r0 < nrows; r0 += kRows) {
     const i64 r1 = std::min(nrows, r0 + kRows);
-    // Starts from zero on the first rows, from the stored partial sums after them.
-    auto start = [&](V (&a)[NACC], i64 j, i64 n) {
-      for (int k = 0; k < NACC; ++k) a[k] = r0 == 0 ? V::zero() : V::load(acc[k] + j, n);
-    };
-    i64 j = 0;
-    for (; j + kTile * W <= len; j += kTile * W) {
+    // One tile of full vectors from column j: starts from zero on the first rows, from the
+    // stored partial sums after them.
+    auto tile = [&](auto tile_width, i64 j) {
+      constexpr i64 kTile = decltype(tile_width)::value;
       V a[kTile][NACC];
-      for (i64 t = 0; t < kTile; ++t) start(a[t], j + t * W, W);
+      for (i64 t = 0; t < kTile; ++t)
+        for (int k = 0; k < NACC; ++k) a[t][k] = r0 == 0 ? V::zero() : V::load(acc[k] + j + t * W);
       for (i64 r = r0; r < r1; ++r)
         for (i64 t = 0; t < kTile; ++t) f(r * stride + j + t * W, j + t * W, W, a[t]);
       for (i64 t = 0; t < kTile; ++t)
         for (int k = 0; k < NACC; ++k) a[t][k].store(acc[k] + j + t * W);
+    };
+    // As wide a tile as leaves registers for the accumulators and temporaries: 8 vectors
+    // with AVX-512's 32 registers (a 128-channel row in one sequential sweep), else 4;
+    // the rest of the row in tiles of 4, 2, 1 and a last partial vector.
+    constexpr i64 kWide = V::kRegisters >= 32 ? 8 : 4;
+    i64 j = 0;
+    for (; j + kWide * W <= len; j += kWide * W) tile(std::integral_constant<i64, kWide>{}, j);
+    if (kWide > 4 && j + 4 * W <= len) {
+      tile(std::integral_constant<i64, 4>{}, j);
+      j += 4 * W;
     }
-    for (; j < len; j += W) {
-      const i64 n = std::min(W, len - j);
+    if (j + 2 * W <= len) {
+      tile(std::integral_constant<i64, 2>{}, j);
+      j += 2 * W;
+    }
+    if (j + W <= len) {
+      tile(std::integral_constant<i64, 1>{}, j);
+      j += W;
+    }
+    if (j < len) {  // the last partial vector
+      const i64 n = len - j;
       V a[NACC];
-      start(a, j, n);
+      for (int k = 0; k < NACC; ++k) a[k] = r0 == 0 ? V::zero() : V::load(acc[k] + j, n);
       for (i64 r = r0; r < r1; ++r) f(r * stride + j, j, n, a);
       for (int k = 0; k < NACC; ++k) a[k].store(acc[k] + j, n);
     }
