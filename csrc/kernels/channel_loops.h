@@ -351,9 +351,11 @@ template <class T, int NACC, class F>
 void column_accumulate(i64 nrows, i64 stride, i64 len, T* const (&acc)[NACC], const F& f) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
-  constexpr i64 kRows = 4;
-  for (i64 r0 = 0; r0 < nrows; r0 += kRows) {
-    const i64 r1 = std::min(nrows, r0 + kRows);
+  // Rows a stride apart: 4 at a time (4 streams). Contiguous rows are one stream already:
+  // all of them at once, so the accumulators go to memory once per block.
+  const i64 chunk = stride == len ? nrows : 4;
+  for (i64 r0 = 0; r0 < nrows; r0 += chunk) {
+    const i64 r1 = std::min(nrows, r0 + chunk);
     // One tile of full vectors from column j: starts from zero on the first rows, from the
     // stored partial sums after them.
     auto tile = [&](auto tile_width, i64 j) {
