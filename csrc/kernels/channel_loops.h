@@ -319,25 +319,23 @@ struct PeriodBlocks {
 
 // Sums over one contiguous segment of `len` elements: out[a] = sum of accumulator a.
 // f(i, n, acc) adds the contribution of lanes [i, i + n) to acc[0..NACC); for n < W it
-// must leave lanes [n, W) contributing zero. Two independent accumulator sets hide the
-// add latency.
+// must leave lanes [n, W) contributing zero. Four independent accumulator sets hide the
+// add/fma latency (4 cycles), so a segment in cache is summed at load speed.
 template <class T, int NACC, class F>
 void segment_accumulate(i64 len, double (&out)[NACC], const F& f) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
-  V a[NACC], b[NACC];
-  for (int k = 0; k < NACC; ++k) a[k] = b[k] = V::zero();
+  constexpr int kSets = 4;
+  V a[kSets][NACC];
+  for (auto& set : a)
+    for (auto& v : set) v = V::zero();
   i64 i = 0;
-  for (; i + 2 * W <= len; i += 2 * W) {
-    f(i, W, a);
-    f(i + W, W, b);
-  }
-  if (i + W <= len) {
-    f(i, W, a);
-    i += W;
-  }
-  if (i < len) f(i, len - i, b);
-  for (int k = 0; k < NACC; ++k) out[k] = static_cast<double>((a[k] + b[k]).reduce_add());
+  for (; i + kSets * W <= len; i += kSets * W)
+    for (int s = 0; s < kSets; ++s) f(i + s * W, W, a[s]);
+  for (int s = 0; i + W <= len; i += W, ++s) f(i, W, a[s]);
+  if (i < len) f(i, len - i, a[kSets - 1]);
+  for (int k = 0; k < NACC; ++k)
+    out[k] = static_cast<double>(((a[0][k] + a[1][k]) + (a[2][k] + a[3][k])).reduce_add());
 }
 
 // Column sums over nrows rows of len elements, rows `stride` apart: acc[a][j] = sum over
