@@ -29,6 +29,7 @@ class Cell:
     rounds: dict = field(default_factory=dict)   # impl -> [Timing of each round]; times[impl] is the best
     probe: object = None                         # the probe around pybn's best round (gives the bound)
     probe_rounds: list = field(default_factory=list)  # (before, after) pybn's batch, in each round
+    unsteady: bool = False                       # the machine changed speed in every attempt of a round
 
     # --- derived
     def t(self, impl):
@@ -90,6 +91,8 @@ class Cell:
                 continue  # its own threshold above (T: not slower, B: 1.3x)
             if r <= 1.0:
                 out.append(f"not faster than {PEER_TITLES[peer]} ({r:.2f}x)")
+        if out and self.unsteady:
+            out.append("the machine changed speed during every attempt: bound and time unreliable")
         return out
 
     def as_dict(self) -> dict:
@@ -98,6 +101,7 @@ class Cell:
              "probe": self.probe.as_dict(samples=False) if self.probe is not None else None,
              "probe_rounds": [{"before_pybn": b.as_dict(), "after_pybn": a.as_dict()}
                               for b, a in self.probe_rounds],
+             "unsteady": self.unsteady,
              "pybn_s": self.pybn, "pct_of_bound": self.pct_bound,
              "torch_variant": self.torch_choice(),
              "ratios": {p: self.ratio(p) for p in PEERS},
@@ -158,7 +162,8 @@ def render(meta: dict, probes: dict, cells: list) -> str:
                      f"{p['stream_GBps']:>5.1f} GB/s")
     lines.append("  stream GB/s counts bytes read + written. Bounds: infer = t_stream, train = t_read + t_stream,")
     lines.append("  bwd = 3*t_read + t_stream; t_read and t_stream each the lower of the two probe batches")
-    lines.append("  taken just before and just after pybn's best round in that cell.")
+    lines.append("  taken just before and just after pybn's best round in that cell (a round whose two probe")
+    lines.append("  batches differ by more than 20% is taken again, twice at most).")
     lines.append("")
 
     cols = [("shape", 5, "<"), ("kernel", 6, "<"), ("pybn", 10, ">"), ("bound", 10, ">"),
