@@ -188,3 +188,20 @@ def test_cli_info_default(tmp_path):
     assert pybn.supported_isas()[-1] in r.stdout
     thread_lines = [ln for ln in r.stdout.splitlines() if "thread" in ln.lower()]
     assert any("2" in ln for ln in thread_lines), r.stdout
+
+
+def test_bench_runs_and_checks_results(tmp_path):
+    # The benchmark's quickest run: every implementation's result is checked against a float64
+    # reference before it is timed, and a wrong one makes the exit status 1.
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pybn", "bench", "--quick", "--shapes", "T",
+                           "--peers", "numpy", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cells = json.loads(out.read_text())["cells"]
+    assert {c["kernel"] for c in cells} == {"infer", "train", "backward"}
+    assert all(c["pybn_s"] > 0 and not c["errors"] for c in cells)

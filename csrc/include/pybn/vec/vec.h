@@ -40,10 +40,5 @@ namespace PYBN_ISA {
 template <class T>
 constexpr std::size_t kVecBytes = sizeof(T) * Vec<T>::W;
 
-template <class T>
-inline bool is_vec_aligned(const T* p) {
-  return (reinterpret_cast<std::uintptr_t>(p) % kVecBytes<T>) == 0;
-}
-
 }  // namespace PYBN_ISA
 }  // namespace pybn
