@@ -30,6 +30,7 @@ from ._C import __version__  # noqa: E402
 from ._runtime import get_num_threads, isa, set_num_threads, supported_isas  # noqa: E402
 from .batchnorm import (BatchNormGrads, BatchNormTrainResult, batch_norm_backward,  # noqa: E402
                         batch_norm_infer, batch_norm_train)
+from .dropout import counters_used, dropout, dropout_apply, dropout_mask  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -42,4 +43,8 @@ __all__ = [
     "batch_norm_backward",
     "BatchNormTrainResult",
     "BatchNormGrads",
+    "dropout",
+    "dropout_mask",
+    "dropout_apply",
+    "counters_used",
 ]

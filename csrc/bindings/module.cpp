@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "pybn/dispatch.h"
 #include "pybn/kernels.h"
@@ -150,6 +151,64 @@ void bn_backward(const py::array& dy, const py::object& x, const py::object& y, 
   });
 }
 
+void dropout(const py::array& x, const py::object& y, std::uint64_t seed, std::uint64_t offset,
+             std::uint32_t threshold, double scale) {
+  if (threshold > 0xFFFFu) throw py::value_error("threshold: must be < 65536 (p == 1 gives zeros without a mask)");
+  by_dtype(x, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::DropoutArgs<T> a;
+    a.n = static_cast<i64>(x.size());
+    a.x = required<T>(x, a.n, "x");
+    a.y = required_out<T>(y, a.n, "out");
+    a.seed = seed;
+    a.offset = offset;
+    a.threshold = static_cast<std::uint16_t>(threshold);
+    a.scale = scale;
+    py::gil_scoped_release nogil;
+    pybn::table().typed<T>().dropout(a);
+  });
+}
+
+void dropout_mask(const py::object& mask, i64 n, std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold) {
+  if (threshold > 0xFFFFu) throw py::value_error("threshold: must be < 65536");
+  if (n < 0) throw py::value_error("n: must be >= 0");
+  pybn::DropoutMaskArgs a;
+  a.n = n;
+  a.mask = required_out<unsigned char>(mask, (n + 7) / 8, "mask");
+  a.seed = seed;
+  a.offset = offset;
+  a.threshold = static_cast<std::uint16_t>(threshold);
+  py::gil_scoped_release nogil;
+  pybn::table().dropout_mask(a);
+}
+
+void dropout_apply(const py::array& x, const py::object& mask, const py::object& y, double scale) {
+  by_dtype(x, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::DropoutApplyArgs<T> a;
+    a.n = static_cast<i64>(x.size());
+    a.x = required<T>(x, a.n, "x");
+    a.mask = required<unsigned char>(mask, (a.n + 7) / 8, "mask");
+    a.y = required_out<T>(y, a.n, "out");
+    a.scale = scale;
+    py::gil_scoped_release nogil;
+    pybn::table().typed<T>().dropout_apply(a);
+  });
+}
+
+py::array philox(const py::array& counters, std::uint64_t key) {
+  const i64 words = static_cast<i64>(counters.size());
+  if (words % 4 != 0) fail("counters", "must hold 4 words per counter");
+  const std::uint32_t* c = required<std::uint32_t>(counters, words, "counters");
+  py::array_t<std::uint32_t> out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(words / 4), 4});
+  std::uint32_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    pybn::table().philox(c, words / 4, key, o);
+  }
+  return out;
+}
+
 double probe_read(const py::array& x) {
   const float* p = required<float>(x, static_cast<i64>(x.size()), "x");
   const i64 n = static_cast<i64>(x.size());
@@ -187,6 +246,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("bn_backward", &bn_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
         py::arg("invstd"), py::arg("weight"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
         py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("training"));
+  m.def("dropout", &dropout, py::arg("x"), py::arg("y"), py::arg("seed"), py::arg("offset"), py::arg("threshold"),
+        py::arg("scale"));
+  m.def("dropout_mask", &dropout_mask, py::arg("mask"), py::arg("n"), py::arg("seed"), py::arg("offset"),
+        py::arg("threshold"));
+  m.def("dropout_apply", &dropout_apply, py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"));
+  m.def("philox", &philox, py::arg("counters"), py::arg("key"),
+        "Philox4x32-10 of (n, 4) uint32 counters under a 64-bit key, on the active path.");
   m.def("probe_read", &probe_read, py::arg("x"), "Bandwidth probe: one vectorized pass that reads x (float32).");
   m.def("probe_stream", &probe_stream, py::arg("src"), py::arg("dst"),
         "Bandwidth probe: copy src into dst with non-temporal stores (float32).");

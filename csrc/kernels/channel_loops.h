@@ -85,6 +85,15 @@ inline Vec<T> load_n(const T* p, i64 n) {
   return n == Vec<T>::W ? Vec<T>::load(p) : Vec<T>::load(p, n);
 }
 
+// Stores n lanes (n == W compiles to a plain store when the caller passes the constant).
+template <class T>
+inline void store_lanes(const Vec<T>& v, T* p, i64 n) {
+  if (n == Vec<T>::W)
+    v.store(p);
+  else
+    v.store(p, n);
+}
+
 // Lanes from p up to the next vector-aligned address.
 template <class T>
 inline i64 lanes_to_alignment(const T* p) {

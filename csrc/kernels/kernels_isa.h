@@ -15,6 +15,13 @@ void bn_infer(const BnInferArgs<T>& a);
 template <class T>
 void bn_backward(const BnBackwardArgs<T>& a);
 
+template <class T>
+void dropout(const DropoutArgs<T>& a);
+template <class T>
+void dropout_apply(const DropoutApplyArgs<T>& a);
+void dropout_mask(const DropoutMaskArgs& a);
+void philox(const std::uint32_t* counters, std::int64_t n, std::uint64_t key, std::uint32_t* out);
+
 double probe_read(const float* x, std::int64_t n);
 void probe_stream(const float* src, float* dst, std::int64_t n);
 

@@ -15,6 +15,8 @@ TypedKernels<T> typed_kernels() {
   k.bn_train = &bn_train<T>;
   k.bn_infer = &bn_infer<T>;
   k.bn_backward = &bn_backward<T>;
+  k.dropout = &dropout<T>;
+  k.dropout_apply = &dropout_apply<T>;
   return k;
 }
 
@@ -23,6 +25,8 @@ KernelTable make_table() {
   t.isa = PYBN_STR(PYBN_ISA);
   t.f32 = typed_kernels<float>();
   t.f64 = typed_kernels<double>();
+  t.dropout_mask = &dropout_mask;
+  t.philox = &philox;
   t.probe_read = &probe_read;
   t.probe_stream = &probe_stream;
   return t;

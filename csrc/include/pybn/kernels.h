@@ -62,12 +62,44 @@ struct BnBackwardArgs {
   bool training = true;
 };
 
+// Inverted dropout over n elements (the mask stream of DESIGN.md): element k is kept when
+// its 16-bit random word is >= threshold (floor(p * 65536)), and kept values are scaled.
+template <class T>
+struct DropoutArgs {
+  const T* x = nullptr;
+  T* y = nullptr;                  // may alias x
+  std::int64_t n = 0;
+  std::uint64_t seed = 0;
+  std::uint64_t offset = 0;
+  std::uint16_t threshold = 0;
+  double scale = 1.0;              // 1 / (1 - p)
+};
+
+struct DropoutMaskArgs {
+  unsigned char* mask = nullptr;   // ceil(n / 8) bytes, bit k % 8 of byte k / 8
+  std::int64_t n = 0;
+  std::uint64_t seed = 0;
+  std::uint64_t offset = 0;
+  std::uint16_t threshold = 0;
+};
+
+template <class T>
+struct DropoutApplyArgs {
+  const T* x = nullptr;
+  const unsigned char* mask = nullptr;
+  T* y = nullptr;                  // may alias x
+  std::int64_t n = 0;
+  double scale = 1.0;
+};
+
 // The entry points for one element type.
 template <class T>
 struct TypedKernels {
   void (*bn_train)(const BnTrainArgs<T>&) = nullptr;
   void (*bn_infer)(const BnInferArgs<T>&) = nullptr;
   void (*bn_backward)(const BnBackwardArgs<T>&) = nullptr;
+  void (*dropout)(const DropoutArgs<T>&) = nullptr;
+  void (*dropout_apply)(const DropoutApplyArgs<T>&) = nullptr;
 };
 
 // One table per ISA; dispatch picks one at import.
@@ -75,6 +107,9 @@ struct KernelTable {
   const char* isa = nullptr;
   TypedKernels<float> f32;
   TypedKernels<double> f64;
+  void (*dropout_mask)(const DropoutMaskArgs&) = nullptr;
+  // Philox4x32-10 of n counters (4 words each) under a 64-bit key, for known-answer tests.
+  void (*philox)(const std::uint32_t* counters, std::int64_t n, std::uint64_t key, std::uint32_t* out) = nullptr;
   // The bandwidth probe of the benchmark: a vectorized sum, and a copy with non-temporal stores.
   double (*probe_read)(const float* x, std::int64_t n) = nullptr;
   void (*probe_stream)(const float* src, float* dst, std::int64_t n) = nullptr;

@@ -16,6 +16,15 @@ inline __m256i lane_mask32(std::int64_t n) {
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx);
 }
+// Lanes whose bit is set in `bits` all ones.
+inline __m256i bit_mask32(std::uint32_t bits) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), sel), sel);
+}
+inline __m256i bit_mask64(std::uint32_t bits) {
+  const __m256i sel = _mm256_setr_epi64x(1, 2, 4, 8);
+  return _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(bits), sel), sel);
+}
 inline __m256i lane_mask64(std::int64_t n) {
   const __m256i idx = _mm256_setr_epi64x(0, 1, 2, 3);
   return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), idx);
@@ -47,6 +56,10 @@ struct Vec<float> {
   }
   friend Vec keep_if_positive(Vec y, Vec a) {
     return {_mm256_and_ps(_mm256_cmp_ps(y.v, _mm256_setzero_ps(), _CMP_GT_OQ), a.v)};
+  }
+  // a * s in the lanes whose bit is set in `bits`, 0 elsewhere.
+  friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
+    return {_mm256_and_ps(_mm256_castsi256_ps(detail::bit_mask32(bits)), _mm256_mul_ps(a.v, s.v))};
   }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -81,9 +94,39 @@ struct Vec<double> {
   friend Vec keep_if_positive(Vec y, Vec a) {
     return {_mm256_and_pd(_mm256_cmp_pd(y.v, _mm256_setzero_pd(), _CMP_GT_OQ), a.v)};
   }
+  friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
+    return {_mm256_and_pd(_mm256_castsi256_pd(detail::bit_mask64(bits)), _mm256_mul_pd(a.v, s.v))};
+  }
   double reduce_add() const {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+};
+
+// 32-bit unsigned lanes, for the counter-based RNG.
+template <>
+struct Vec<std::uint32_t> {
+  static constexpr int W = 8;
+  __m256i v;
+
+  static Vec set1(std::uint32_t a) { return {_mm256_set1_epi32(static_cast<int>(a))}; }
+  static Vec iota() { return {_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)}; }
+  static Vec load(const std::uint32_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_epi32(a.v, b.v)}; }
+  friend Vec operator^(Vec a, Vec b) { return {_mm256_xor_si256(a.v, b.v)}; }
+  // hi:lo = a * m, 32 x 32 -> 64 bits per lane (epu32 multiplies even lanes).
+  friend void mulhilo(Vec a, std::uint32_t m, Vec& hi, Vec& lo) {
+    const __m256i mv = _mm256_set1_epi32(static_cast<int>(m));
+    const __m256i even = _mm256_mul_epu32(a.v, mv);
+    const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a.v, 32), mv);
+    lo.v = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    hi.v = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  }
+  // Bit e (e < 2W) set when the e-th 16-bit half (little-endian order) is >= t:
+  // max(a, t) == a per half, then one bit per half from the byte mask.
+  friend std::uint64_t halves_at_least(Vec a, std::uint16_t t) {
+    const __m256i ge = _mm256_cmpeq_epi16(_mm256_max_epu16(a.v, _mm256_set1_epi16(static_cast<short>(t))), a.v);
+    return _pext_u32(static_cast<std::uint32_t>(_mm256_movemask_epi8(ge)), 0x55555555u);
   }
 };
 

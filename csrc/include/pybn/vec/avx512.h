@@ -35,6 +35,10 @@ struct Vec<float> {
     return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_GT_OQ), a.v)};
   }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  // a * s in the lanes whose bit is set in `bits`, 0 elsewhere.
+  friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
+    return {_mm512_maskz_mul_ps(static_cast<__mmask16>(bits), a.v, s.v)};
+  }
 };
 
 template <>
@@ -62,6 +66,35 @@ struct Vec<double> {
     return {_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(y.v, _mm512_setzero_pd(), _CMP_GT_OQ), a.v)};
   }
   double reduce_add() const { return _mm512_reduce_add_pd(v); }
+  friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
+    return {_mm512_maskz_mul_pd(static_cast<__mmask8>(bits), a.v, s.v)};
+  }
+};
+
+// 32-bit unsigned lanes, for the counter-based RNG.
+template <>
+struct Vec<std::uint32_t> {
+  static constexpr int W = 16;
+  __m512i v;
+
+  static Vec set1(std::uint32_t a) { return {_mm512_set1_epi32(static_cast<int>(a))}; }
+  static Vec iota() { return {_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)}; }
+  static Vec load(const std::uint32_t* p) { return {_mm512_loadu_si512(p)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_epi32(a.v, b.v)}; }
+  friend Vec operator^(Vec a, Vec b) { return {_mm512_xor_si512(a.v, b.v)}; }
+  // hi:lo = a * m, 32 x 32 -> 64 bits per lane (epu32 multiplies even lanes; odd lanes are
+  // shifted down, multiplied, and the halves interleaved back).
+  friend void mulhilo(Vec a, std::uint32_t m, Vec& hi, Vec& lo) {
+    const __m512i mv = _mm512_set1_epi32(static_cast<int>(m));
+    const __m512i even = _mm512_mul_epu32(a.v, mv);
+    const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a.v, 32), mv);
+    lo.v = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+    hi.v = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  }
+  // Bit e (e < 2W) set when the e-th 16-bit half (little-endian order) is >= t.
+  friend std::uint64_t halves_at_least(Vec a, std::uint16_t t) {
+    return _mm512_cmpge_epu16_mask(a.v, _mm512_set1_epi16(static_cast<short>(t)));
+  }
 };
 
 inline void stream_fence() { _mm_sfence(); }

@@ -65,10 +65,49 @@ struct Vec {
     for (int i = 0; i < W; ++i) a.v[i] = (y.v[i] > T(0)) ? a.v[i] : T(0);
     return a;
   }
+  // a * s in the lanes whose bit is set in `bits`, 0 elsewhere.
+  friend Vec scale_where(std::uint32_t bits, Vec a, const Vec& s) {
+    for (int i = 0; i < W; ++i) a.v[i] = ((bits >> i) & 1u) ? a.v[i] * s.v[i] : T(0);
+    return a;
+  }
   T reduce_add() const {
     T s = v[0];
     for (int i = 1; i < W; ++i) s += v[i];
     return s;
+  }
+};
+
+// 32-bit unsigned lanes for the counter-based RNG: the generic array works as it is for
+// +; these are the operations it lacks.
+template <>
+struct Vec<std::uint32_t> {
+  static constexpr int W = 4;
+  std::uint32_t v[W];
+
+  static Vec set1(std::uint32_t a) { return {{a, a, a, a}}; }
+  static Vec iota() { return {{0, 1, 2, 3}}; }
+  static Vec load(const std::uint32_t* p) { return {{p[0], p[1], p[2], p[3]}}; }
+  friend Vec operator+(Vec a, const Vec& b) {
+    for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
+    return a;
+  }
+  friend Vec operator^(Vec a, const Vec& b) {
+    for (int i = 0; i < W; ++i) a.v[i] ^= b.v[i];
+    return a;
+  }
+  friend void mulhilo(const Vec& a, std::uint32_t m, Vec& hi, Vec& lo) {
+    for (int i = 0; i < W; ++i) {
+      const std::uint64_t p = static_cast<std::uint64_t>(a.v[i]) * m;
+      hi.v[i] = static_cast<std::uint32_t>(p >> 32);
+      lo.v[i] = static_cast<std::uint32_t>(p);
+    }
+  }
+  friend std::uint64_t halves_at_least(const Vec& a, std::uint16_t t) {
+    std::uint64_t bits = 0;
+    for (int i = 0; i < W; ++i)
+      for (int h = 0; h < 2; ++h)
+        if (((a.v[i] >> (16 * h)) & 0xFFFFu) >= t) bits |= std::uint64_t(1) << (2 * i + h);
+    return bits;
   }
 };
 

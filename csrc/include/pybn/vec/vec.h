@@ -14,6 +14,10 @@
 //   relu(v)                 max(v, 0) with NaN propagated, as torch.relu
 //   keep_first(v, n)        v with lanes [n, W) set to 0
 //   keep_if_positive(y, v)  v where y > 0, else 0 (the ReLU gradient mask; NaN in y gives 0)
+//   scale_where(bits, v, s) v * s in the lanes whose bit is set, 0 in the others
+// Vec<uint32_t> (the counter-based RNG): set1, iota (0..W-1), load, +, ^,
+//   mulhilo(a, m, hi, lo)   the 64-bit products a * m per lane, split into hi and lo words
+//   halves_at_least(a, t)   bit e (e < 2W) set when 16-bit half e of a (little-endian) >= t
 // and stream_fence(), which orders non-temporal stores before the caller returns.
 #pragma once
 #include <cstddef>

@@ -1,0 +1,109 @@
+// Inverted dropout with the normative counter-based mask stream (DESIGN.md): forward fused
+// (random words compared and kept values scaled in one pass, no mask materialised), packed
+// mask generation, and applying a packed mask. Every group of 128 elements depends only on
+// (seed, offset, its index), so results do not depend on the thread split or the ISA.
+#include <cstring>
+
+#include "channel_loops.h"
+#include "kernels_isa.h"
+#include "philox.h"
+
+namespace pybn {
+namespace PYBN_ISA {
+namespace {
+
+constexpr i64 kGroup = 128;
+
+// y[0, n) = keep ? x * scale : 0 for the elements of one group whose keep bits are `bits`.
+template <class T>
+inline void apply_group(const T* x, T* y, i64 n, const std::uint64_t (&bits)[2], const Vec<T>& scale) {
+  using V = Vec<T>;
+  constexpr i64 W = V::W;
+  constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
+  for (i64 e = 0; e < n; e += W) {
+    const std::uint32_t b = static_cast<std::uint32_t>((bits[e / 64] >> (e % 64)) & kLanes);
+    const i64 m = std::min(W, n - e);
+    store_lanes(scale_where(b, load_n(x + e, m), scale), y + e, m);
+  }
+}
+
+// Calls f(g, bits) for every group in [gb, ge) with its keep bits, computing
+// kGroupsAtOnce groups' random words at a time (a few extra past ge are simply unused).
+template <class F>
+void for_each_group_bits(std::uint64_t seed, std::uint64_t offset, std::uint16_t threshold, i64 gb, i64 ge,
+                         const F& f) {
+  constexpr int NG = kGroupsAtOnce;
+  for (i64 g0 = gb; g0 < ge; g0 += NG) {
+    std::uint64_t bits[NG][2];
+    groups_keep_bits<NG>(seed, offset, static_cast<std::uint64_t>(g0), threshold, bits);
+    for (int i = 0; i < NG && g0 + i < ge; ++i) f(g0 + i, bits[i]);
+  }
+}
+
+}  // namespace
+
+template <class T>
+void dropout(const DropoutArgs<T>& a) {
+  const i64 n = a.n, groups = (n + kGroup - 1) / kGroup;
+  const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
+  parallel_for(groups, n, [&](i64 gb, i64 ge) {
+    for_each_group_bits(a.seed, a.offset, a.threshold, gb, ge, [&](i64 g, const std::uint64_t(&bits)[2]) {
+      apply_group(a.x + g * kGroup, a.y + g * kGroup, std::min(kGroup, n - g * kGroup), bits, scale);
+    });
+  });
+}
+
+void dropout_mask(const DropoutMaskArgs& a) {
+  const i64 n = a.n, groups = (n + kGroup - 1) / kGroup;
+  parallel_for(groups, n, [&](i64 gb, i64 ge) {
+    for_each_group_bits(a.seed, a.offset, a.threshold, gb, ge, [&](i64 g, const std::uint64_t(&keep)[2]) {
+      std::uint64_t bits[2] = {keep[0], keep[1]};
+      const i64 valid = std::min(kGroup, n - g * kGroup);
+      if (valid < 64) bits[0] &= (std::uint64_t(1) << valid) - 1;  // trailing bits are zero
+      if (valid < 128) bits[1] &= valid <= 64 ? 0 : (std::uint64_t(1) << (valid - 64)) - 1;
+      unsigned char bytes[16];
+      std::memcpy(bytes, bits, 16);  // little-endian: bit k%8 of byte k/8 is element k
+      std::memcpy(a.mask + g * 16, bytes, static_cast<std::size_t>((valid + 7) / 8));
+    });
+  });
+}
+
+template <class T>
+void dropout_apply(const DropoutApplyArgs<T>& a) {
+  const i64 n = a.n, groups = (n + kGroup - 1) / kGroup;
+  const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
+  parallel_for(groups, n, [&](i64 gb, i64 ge) {
+    for (i64 g = gb; g < ge; ++g) {
+      const i64 valid = std::min(kGroup, n - g * kGroup);
+      std::uint64_t bits[2] = {0, 0};
+      std::memcpy(bits, a.mask + g * 16, static_cast<std::size_t>((valid + 7) / 8));
+      apply_group(a.x + g * kGroup, a.y + g * kGroup, valid, bits, scale);
+    }
+  });
+}
+
+void philox(const std::uint32_t* counters, i64 n, std::uint64_t key, std::uint32_t* out) {
+  // Known-answer checks of the vector Philox: W counters at a time, gathered into lanes.
+  constexpr int W = U32::W;
+  for (i64 i0 = 0; i0 < n; i0 += W) {
+    std::uint32_t lanes[4][W] = {};
+    for (int l = 0; l < W && i0 + l < n; ++l)
+      for (int w = 0; w < 4; ++w) lanes[w][l] = counters[4 * (i0 + l) + w];
+    U32 c[1][4];
+    for (int w = 0; w < 4; ++w) c[0][w] = U32::load(lanes[w]);
+    philox4x32_10(c, static_cast<std::uint32_t>(key), static_cast<std::uint32_t>(key >> 32));
+    for (int w = 0; w < 4; ++w) {
+      std::uint32_t r[W];
+      std::memcpy(r, &c[0][w], sizeof r);
+      for (int l = 0; l < W && i0 + l < n; ++l) out[4 * (i0 + l) + w] = r[l];
+    }
+  }
+}
+
+template void dropout<float>(const DropoutArgs<float>&);
+template void dropout<double>(const DropoutArgs<double>&);
+template void dropout_apply<float>(const DropoutApplyArgs<float>&);
+template void dropout_apply<double>(const DropoutApplyArgs<double>&);
+
+}  // namespace PYBN_ISA
+}  // namespace pybn

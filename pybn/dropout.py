@@ -1,0 +1,158 @@
+"""Inverted dropout with a counter-based mask (DESIGN.md, "Inverted dropout").
+
+The mask of ``(seed, offset, p, shape)`` is the same on every machine, ISA and thread count:
+element k of the mask (C order over the mask's shape) keeps its value when a 16-bit word of
+Philox4x32-10, drawn from counter ``offset + 16 * (k // 128) + (k % 32) // 2`` under key
+``seed``, is at least ``floor(p * 65536)``. A mask of n elements uses the counters
+``offset .. offset + 16 * ceil(n / 128) - 1``: advance ``offset`` by that much for a fresh mask.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+
+from . import _C
+from ._checks import contiguous_float_array, output, real_number
+
+__all__ = ["dropout", "dropout_mask", "dropout_apply", "counters_used"]
+
+_U64 = 1 << 64
+
+
+def counters_used(n: int) -> int:
+    """Philox counters a mask of n elements uses: advance ``offset`` by this for the next one."""
+    return 16 * ((n + 127) // 128)
+
+
+def _probability(p: Any) -> float:
+    p = real_number(p, "p")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
+    return p
+
+
+def _counter_arg(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: must be an int, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: must be an int, got {type(value).__name__}") from None
+    if not 0 <= v < _U64:
+        raise ValueError(f"{name}: must be in [0, 2**64), got {v}")
+    return v
+
+
+def _threshold(p: float) -> int:
+    return math.floor(p * 65536)
+
+
+def _scale(p: float) -> float:
+    return 1.0 / (1.0 - p)
+
+
+def _noise_shape(noise_shape: Any, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """None when the mask covers x itself; else the checked mask shape (Keras semantics)."""
+    if noise_shape is None:
+        return None
+    try:
+        ns = tuple(operator.index(d) for d in noise_shape)
+    except TypeError:
+        raise TypeError(f"noise_shape: must be a sequence of ints, got {noise_shape!r}") from None
+    if len(ns) != len(shape) or any(d != 1 and d != s for d, s in zip(ns, shape)):
+        raise ValueError(f"noise_shape: {ns} does not broadcast to x's shape {shape} "
+                         "(one entry per axis, each 1 or equal to that axis)")
+    return None if ns == shape else ns
+
+
+def _unpacked(mask: np.ndarray, shape: tuple[int, ...], scale: float, dtype: np.dtype) -> np.ndarray:
+    """The mask as x's dtype, kept = scale, dropped = 0, in the mask's shape."""
+    n = math.prod(shape)
+    keep = np.unpackbits(mask, count=n, bitorder="little").reshape(shape)
+    return keep.astype(dtype) * dtype.type(scale)
+
+
+def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = None,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """Inverted dropout: each element dropped with probability `p`, kept ones scaled by 1/(1-p).
+
+    Parameters
+    ----------
+    x : array_like, float32 or float64
+    p : float in [0, 1]
+        Probability of dropping an element (PyTorch's ``p``, Keras' ``rate``). 0 is the
+        identity, 1 gives zeros.
+    seed, offset : int in [0, 2**64)
+        Select the mask (see the module docstring); the same arguments give the same mask
+        everywhere. The backward pass is ``dropout(dy, p, seed=seed, offset=offset)``.
+    noise_shape : sequence of int, optional
+        Keras semantics: the mask is drawn over this shape (each entry 1 or x's extent) and
+        broadcast where it is 1; ``(N, C, 1, 1)`` is PyTorch's Dropout2d.
+    out : ndarray, optional
+        C-contiguous, x's shape and dtype; may be x itself.
+    """
+    x_in = x
+    x = contiguous_float_array(x, "x")
+    p = _probability(p)
+    seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
+    ns = _noise_shape(noise_shape, x.shape)
+    y = output(out, x, (x_in,))
+    if p == 1.0:
+        y.fill(0)
+    elif ns is not None:
+        mask = dropout_mask(ns, p, seed=seed, offset=offset)
+        np.multiply(x, _unpacked(mask, ns, _scale(p), x.dtype), out=y)
+    else:
+        _C.dropout(x, y, seed, offset, _threshold(p), _scale(p))
+    return y
+
+
+def dropout_mask(shape: Any, p: float, *, seed: int, offset: int = 0) -> np.ndarray:
+    """The packed keep mask of `shape`: uint8, ceil(n/8) bytes, bit k % 8 of byte k // 8 is
+    element k (``np.unpackbits(m, count=n, bitorder="little")`` unpacks it)."""
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    try:
+        shape = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"shape: must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape: negative extent in {shape}")
+    p = _probability(p)
+    seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
+    n = math.prod(shape)
+    mask = np.empty((n + 7) // 8, np.uint8)
+    if p == 1.0:
+        mask.fill(0)
+    else:
+        _C.dropout_mask(mask, n, seed, offset, _threshold(p))
+    return mask
+
+
+def dropout_apply(x: Any, mask: Any, p: float, *, noise_shape: Any = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Apply a packed mask from :func:`dropout_mask`: kept elements times 1/(1-p), others 0.
+    The same call applies it to the gradient in the backward pass."""
+    x_in = x
+    x = contiguous_float_array(x, "x")
+    p = _probability(p)
+    ns = _noise_shape(noise_shape, x.shape)
+    n = math.prod(ns if ns is not None else x.shape)
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8:
+        raise TypeError(f"mask: dtype {mask.dtype} is not uint8 (a packed mask from dropout_mask)")
+    if mask.ndim != 1 or mask.size != (n + 7) // 8:
+        raise ValueError(f"mask: expected {(n + 7) // 8} bytes (a packed mask of {n} elements), "
+                         f"got shape {mask.shape}")
+    mask = np.ascontiguousarray(mask)
+    y = output(out, x, (x_in,))
+    if p == 1.0:
+        y.fill(0)
+    elif ns is not None:
+        np.multiply(x, _unpacked(mask, ns, _scale(p), x.dtype), out=y)
+    else:
+        _C.dropout_apply(x, mask, y, _scale(p))
+    return y
