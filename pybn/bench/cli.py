@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="peers to run, of torch, numpy, ort (default: all that are installed)")
     p.add_argument("--json", metavar="PATH", help="write every number (and every sample) to PATH")
     p.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
+    p.add_argument("--no-dropout", action="store_true", help="skip the dropout rows")
     return p
 
 
@@ -283,16 +284,26 @@ def run(args) -> int:
         prober.close()
         del case, prober
         gc.collect()
+    dropout_result = None
+    if not args.no_dropout:
+        from . import dropout_bench
+
+        dropout_result = dropout_bench.run(cfg, args.rounds, want, torch, _progress)
     elapsed = time.perf_counter() - t_start
     meta["elapsed_s"] = elapsed
     meta["loadavg_end"] = _loadavg()
     _progress(f"done in {elapsed:.1f} s")
 
     print(render(meta, probes, cells))
+    if dropout_result is not None:
+        print()
+        print(dropout_bench.render(dropout_result))
     if args.json:
         try:
             with open(args.json, "w") as f:
-                json.dump(to_json(meta, probes, cells), f, indent=1)
+                data = to_json(meta, probes, cells)
+                data["dropout"] = dropout_result
+                json.dump(data, f, indent=1)
                 f.write("\n")
         except OSError as e:
             print(f"python -m pybn bench: cannot write {args.json}: {e}", file=sys.stderr)

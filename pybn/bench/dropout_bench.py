@@ -1,0 +1,103 @@
+"""The dropout rows of ``python -m pybn bench`` (issue: dropout at copy speed).
+
+Shape D = (32, 64, 56, 56) float32, p = 0.5, the same arrays for everyone, each result
+checked before it is timed. Rows: the fused forward, the packed mask alone, and applying a
+stored mask; peers: torch (``nn.Dropout`` in training mode and ``aten.native_dropout``,
+the faster reported), the NumPy recipe ``x * (rng.random(shape) >= p) / (1 - p)``, and the
+copy bound ``t_stream`` from pybn's probe on the same array, taken right around pybn.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .timing import TimingConfig, fmt_time, measure
+
+SHAPE = (32, 64, 56, 56)
+P = 0.5
+SEED = 1234
+
+
+def _check(name: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise AssertionError(f"dropout bench: {name} is wrong: {what}")
+
+
+def _best(fn, cfg: TimingConfig, rounds: int) -> float:
+    return min(measure(fn, cfg).median for _ in range(rounds))
+
+
+def run(cfg: TimingConfig, rounds: int, want: list, torch, progress) -> dict:
+    import pybn
+    from pybn import _C
+
+    x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
+    y = np.empty_like(x)
+    dst = np.empty_like(x)
+    scale = np.float32(1.0 / (1.0 - P))
+    mask = pybn.dropout_mask(SHAPE, P, seed=SEED)
+    keep = np.unpackbits(mask, count=x.size, bitorder="little").reshape(SHAPE).astype(bool)
+    expected = np.where(keep, x * scale, np.float32(0))
+    _check("pybn.dropout", np.array_equal(pybn.dropout(x, P, seed=SEED, out=y), expected), "differs from its mask")
+    _check("pybn.dropout_apply", np.array_equal(pybn.dropout_apply(x, mask, P, out=y), expected), "differs")
+    _check("pybn mask", abs(keep.mean() - (1 - P)) < 1e-3, f"kept fraction {keep.mean()}")
+
+    rows = {}
+
+    def stream_bound():
+        return min(measure(lambda: _C.probe_stream(x, dst), cfg).median for _ in range(1))
+
+    # pybn, with the bound measured right before and after it
+    for name, fn in [("forward", lambda: pybn.dropout(x, P, seed=SEED, out=y)),
+                     ("mask", lambda: pybn.dropout_mask(SHAPE, P, seed=SEED)),
+                     ("apply", lambda: pybn.dropout_apply(x, mask, P, out=y))]:
+        before = stream_bound()
+        t = _best(fn, cfg, rounds)
+        after = stream_bound()
+        rows[name] = {"pybn_s": t, "t_stream_s": min(before, after), "peers": {}}
+        progress(f"dropout {name:<8} pybn {fmt_time(t)} | copy bound {fmt_time(min(before, after))}")
+
+    if torch is not None:
+        xt = torch.from_numpy(x)
+        drop = torch.nn.Dropout(P).train()
+        yt = drop(xt).numpy()
+        kept = yt != 0
+        _check("torch nn.Dropout", np.array_equal(yt[kept], x[kept] * scale) and abs(kept.mean() - 0.5) < 1e-2,
+               "kept values or fraction")
+        t_mod = _best(lambda: drop(xt), cfg, rounds)
+        t_native = _best(lambda: torch.ops.aten.native_dropout(xt, P, True), cfg, rounds)
+        rows["forward"]["peers"]["torch"] = min(t_mod, t_native)
+        rows["forward"]["torch_variant"] = "nn.Dropout" if t_mod <= t_native else "aten.native_dropout"
+        rows["mask"]["peers"]["torch"] = _best(lambda: torch.empty(SHAPE).bernoulli_(1 - P), cfg, rounds)
+        mt = torch.from_numpy(keep)
+        yt = xt * mt * float(scale)
+        _check("torch mask apply", np.allclose(yt.numpy(), expected), "differs")
+        rows["apply"]["peers"]["torch"] = _best(lambda: xt * mt * float(scale), cfg, rounds)
+        progress("dropout torch done")
+    if "numpy" in want:
+        rng = np.random.default_rng(5)
+        yn = x * (rng.random(SHAPE, dtype=np.float32) >= P) / np.float32(1 - P)
+        kept = yn != 0
+        _check("numpy recipe", np.allclose(yn[kept], x[kept] * scale) and abs(kept.mean() - 0.5) < 1e-2, "kept")
+        rows["forward"]["peers"]["numpy"] = _best(
+            lambda: x * (rng.random(SHAPE, dtype=np.float32) >= P) / np.float32(1 - P), cfg, rounds)
+        rows["mask"]["peers"]["numpy"] = _best(lambda: rng.random(SHAPE, dtype=np.float32) >= P, cfg, rounds)
+        rows["apply"]["peers"]["numpy"] = _best(lambda: np.multiply(x * keep, scale, out=y), cfg, rounds)
+        progress("dropout numpy done")
+    return {"shape": list(SHAPE), "p": P, "rows": rows}
+
+
+def render(result: dict) -> str:
+    lines = [f"dropout: x float32 {tuple(result['shape'])}, p = {result['p']}; copy bound = t_stream "
+             "(pybn's non-temporal copy of x); x = peer time / pybn time",
+             f"{'kernel':<8} {'pybn':>10} {'copy':>10} {'% copy':>7} {'torch':>11} {'x':>6} {'numpy':>11} {'x':>6}"]
+    for name, r in result["rows"].items():
+        t, b = r["pybn_s"], r["t_stream_s"]
+        cols = [f"{name:<8}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}", f"{b / t * 100:>6.0f}%"]
+        for peer in ("torch", "numpy"):
+            tp = r["peers"].get(peer)
+            cols += [f"{fmt_time(tp):>11}", f"{tp / t:>5.1f}x" if tp else f"{'-':>6}"]
+        lines.append(" ".join(cols))
+    lines.append("forward: pybn.dropout(x, p, seed=, out=y) vs torch nn.Dropout / aten.native_dropout (faster shown);"
+                 " mask: pybn.dropout_mask (packed bits) vs torch bernoulli_ and NumPy rng.random(shape) >= p;"
+                 " apply: pybn.dropout_apply(x, mask, p, out=y) vs x * mask * scale.")
+    return "\n".join(lines)
