@@ -68,11 +68,12 @@ def _noise_shape(noise_shape: Any, shape: tuple[int, ...]) -> tuple[int, ...] | 
     return None if ns == shape else ns
 
 
-def _unpacked(mask: np.ndarray, shape: tuple[int, ...], scale: float, dtype: np.dtype) -> np.ndarray:
-    """The mask as x's dtype, kept = scale, dropped = 0, in the mask's shape."""
-    n = math.prod(shape)
-    keep = np.unpackbits(mask, count=n, bitorder="little").reshape(shape)
-    return keep.astype(dtype) * dtype.type(scale)
+def _apply_broadcast(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], p: float, y: np.ndarray) -> None:
+    """y = x * scale where the mask (of `shape`, broadcast to x's) keeps, +0.0 elsewhere, as
+    the kernels give (multiplying by a 0/scale array would give -0.0 for negative x)."""
+    keep = np.unpackbits(mask, count=math.prod(shape), bitorder="little").reshape(shape).astype(bool)
+    np.multiply(x, x.dtype.type(_scale(p)), out=y, where=keep)  # in place too: x is read first
+    np.copyto(y, 0, where=~keep)
 
 
 def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = None,
@@ -103,8 +104,7 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
     if p == 1.0:
         y.fill(0)
     elif ns is not None:
-        mask = dropout_mask(ns, p, seed=seed, offset=offset)
-        np.multiply(x, _unpacked(mask, ns, _scale(p), x.dtype), out=y)
+        _apply_broadcast(x, dropout_mask(ns, p, seed=seed, offset=offset), ns, p, y)
     else:
         _C.dropout(x, y, seed, offset, _threshold(p), _scale(p))
     return y
@@ -152,7 +152,7 @@ def dropout_apply(x: Any, mask: Any, p: float, *, noise_shape: Any = None,
     if p == 1.0:
         y.fill(0)
     elif ns is not None:
-        np.multiply(x, _unpacked(mask, ns, _scale(p), x.dtype), out=y)
+        _apply_broadcast(x, mask, ns, p, y)
     else:
         _C.dropout_apply(x, mask, y, _scale(p))
     return y
