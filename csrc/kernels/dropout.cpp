@@ -15,11 +15,21 @@ namespace {
 constexpr i64 kGroup = 128;
 
 // y[0, n) = keep ? x * scale : 0 for the elements of one group whose keep bits are `bits`.
+// A whole group (n = 128) takes the unrolled path with constant shifts. Ordinary stores:
+// non-temporal ones, interleaved with the RNG's arithmetic, measured 20-50% slower here.
 template <class T>
 inline void apply_group(const T* x, T* y, i64 n, const std::uint64_t (&bits)[2], const Vec<T>& scale) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
   constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
+  if (n == kGroup) {
+#pragma GCC unroll 32
+    for (i64 e = 0; e < kGroup; e += W) {
+      const std::uint32_t b = static_cast<std::uint32_t>((bits[e / 64] >> (e % 64)) & kLanes);
+      scale_where(b, V::load(x + e), scale).store(y + e);
+    }
+    return;
+  }
   for (i64 e = 0; e < n; e += W) {
     const std::uint32_t b = static_cast<std::uint32_t>((bits[e / 64] >> (e % 64)) & kLanes);
     const i64 m = std::min(W, n - e);

@@ -21,8 +21,11 @@ constexpr std::uint32_t kPhiloxW1 = 0xBB67AE85u;
 // side keep the multipliers busy instead of waiting on one.
 template <int N>
 inline void philox4x32_10(U32 (&c)[N][4], std::uint32_t k0, std::uint32_t k1) {
+  // Unrolled completely, so the state stays in registers (a loop over rounds kept it in memory).
+#pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
     const U32 key0 = U32::set1(k0), key1 = U32::set1(k1);
+#pragma GCC unroll 16
     for (int i = 0; i < N; ++i) {
       U32 hi0, lo0, hi1, lo1;
       mulhilo(c[i][0], kPhiloxM0, hi0, lo0);

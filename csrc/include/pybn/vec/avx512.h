@@ -82,14 +82,17 @@ struct Vec<std::uint32_t> {
   static Vec load(const std::uint32_t* p) { return {_mm512_loadu_si512(p)}; }
   friend Vec operator+(Vec a, Vec b) { return {_mm512_add_epi32(a.v, b.v)}; }
   friend Vec operator^(Vec a, Vec b) { return {_mm512_xor_si512(a.v, b.v)}; }
-  // hi:lo = a * m, 32 x 32 -> 64 bits per lane (epu32 multiplies even lanes; odd lanes are
-  // shifted down, multiplied, and the halves interleaved back).
+  // hi:lo = a * m, 32 x 32 -> 64 bits per lane: epu32 multiplies the even lanes, and the odd
+  // ones after a swap within each 64-bit pair; one two-source permute then gathers the
+  // high words and one the low words (no shifts: they are the scarce port here).
   friend void mulhilo(Vec a, std::uint32_t m, Vec& hi, Vec& lo) {
     const __m512i mv = _mm512_set1_epi32(static_cast<int>(m));
-    const __m512i even = _mm512_mul_epu32(a.v, mv);
-    const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a.v, 32), mv);
-    lo.v = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-    hi.v = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    const __m512i even = _mm512_mul_epu32(a.v, mv);                                   // [lo0 hi0 lo2 hi2 ..]
+    const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a.v, _MM_PERM_CDAB), mv);  // [lo1 hi1 lo3 hi3 ..]
+    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    const __m512i hi_idx = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    lo.v = _mm512_permutex2var_epi32(even, lo_idx, odd);
+    hi.v = _mm512_permutex2var_epi32(even, hi_idx, odd);
   }
   // Bit e (e < 2W) set when the e-th 16-bit half (little-endian order) is >= t.
   friend std::uint64_t halves_at_least(Vec a, std::uint16_t t) {
