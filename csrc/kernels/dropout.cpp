@@ -78,18 +78,53 @@ void dropout_mask(const DropoutMaskArgs& a) {
   });
 }
 
+namespace {
+
+// The keep bits of elements [e, e + W) of a packed mask of `bytes` bytes: one unaligned
+// 8-byte read at byte e / 8 (e % 8 + W <= 64); near the end, the bytes that exist.
+inline std::uint64_t mask_bits_at(const unsigned char* mask, i64 bytes, i64 e) {
+  std::uint64_t word = 0;
+  const i64 at = e / 8;
+  std::memcpy(&word, mask + at, static_cast<std::size_t>(std::min<i64>(8, bytes - at)));
+  return word >> (e % 8);
+}
+
+// y[i, end) = keep ? x * scale : 0, with the output aligned first when streaming.
+template <bool kStream, class T>
+void apply_mask_range(const DropoutApplyArgs<T>& a, i64 i, const i64 end) {
+  using V = Vec<T>;
+  constexpr i64 W = V::W;
+  constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
+  const i64 bytes = (a.n + 7) / 8;
+  const V scale = V::set1(static_cast<T>(a.scale));
+  const auto step = [&](i64 n) {
+    const auto b = static_cast<std::uint32_t>(mask_bits_at(a.mask, bytes, i) & kLanes);
+    put<kStream>(a.y + i, scale_where(b, load_n(a.x + i, n), scale), n);
+    i += n;
+  };
+  if (const i64 nh = head_lanes<kStream>(a.y + i, end - i)) step(nh);
+  while (i + W <= end) step(W);
+  if (i < end) step(end - i);
+  if (kStream) stream_fence();
+}
+
+template <bool kStream, class T>
+void dropout_apply_impl(const DropoutApplyArgs<T>& a) {
+  constexpr i64 W = Vec<T>::W;
+  const i64 slots = (a.n + W - 1) / W;
+  parallel_for(slots, a.n, [&](i64 sb, i64 se) { apply_mask_range<kStream>(a, sb * W, std::min(se * W, a.n)); });
+}
+
+}  // namespace
+
+// A stored mask is applied as a flat elementwise pass (no random words to compute), so large
+// outputs are streamed past the caches like the batch-norm passes.
 template <class T>
 void dropout_apply(const DropoutApplyArgs<T>& a) {
-  const i64 n = a.n, groups = (n + kGroup - 1) / kGroup;
-  const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
-  parallel_for(groups, n, [&](i64 gb, i64 ge) {
-    for (i64 g = gb; g < ge; ++g) {
-      const i64 valid = std::min(kGroup, n - g * kGroup);
-      std::uint64_t bits[2] = {0, 0};
-      std::memcpy(bits, a.mask + g * 16, static_cast<std::size_t>((valid + 7) / 8));
-      apply_group(a.x + g * kGroup, a.y + g * kGroup, valid, bits, scale);
-    }
-  });
+  if (a.n * i64(sizeof(T)) >= kStreamBytes)
+    dropout_apply_impl<true>(a);
+  else
+    dropout_apply_impl<false>(a);
 }
 
 void philox(const std::uint32_t* counters, i64 n, std::uint64_t key, std::uint32_t* out) {
