@@ -2,6 +2,8 @@
 // Width 16 bytes like an SSE register, so tails exist and get tested on this path too.
 #pragma once
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace pybn {
 namespace scalar {
@@ -65,9 +67,17 @@ struct Vec {
     for (int i = 0; i < W; ++i) a.v[i] = (y.v[i] > T(0)) ? a.v[i] : T(0);
     return a;
   }
-  // a * s in the lanes whose bit is set in `bits`, 0 elsewhere.
+  // a * s in the lanes whose bit is set in `bits`, +0 elsewhere. A bitwise select, not a
+  // branch: the bits are random, and a branch on them mispredicts half the time.
   friend Vec scale_where(std::uint32_t bits, Vec a, const Vec& s) {
-    for (int i = 0; i < W; ++i) a.v[i] = ((bits >> i) & 1u) ? a.v[i] * s.v[i] : T(0);
+    using Bits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+    for (int i = 0; i < W; ++i) {
+      const T r = a.v[i] * s.v[i];
+      Bits word;
+      std::memcpy(&word, &r, sizeof word);
+      word &= Bits(0) - Bits((bits >> i) & 1u);
+      std::memcpy(&a.v[i], &word, sizeof word);
+    }
     return a;
   }
   T reduce_add() const {
