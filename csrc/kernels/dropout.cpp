@@ -128,19 +128,20 @@ void dropout_apply(const DropoutApplyArgs<T>& a) {
 }
 
 void philox(const std::uint32_t* counters, i64 n, std::uint64_t key, std::uint32_t* out) {
-  // Known-answer checks of the vector Philox: W counters at a time, gathered into lanes.
-  constexpr int W = U32::W;
+  // Known-answer checks of the vector Philox: U64::W counters at a time, one per lane.
+  constexpr int W = U64::W;
   for (i64 i0 = 0; i0 < n; i0 += W) {
-    std::uint32_t lanes[4][W] = {};
-    for (int l = 0; l < W && i0 + l < n; ++l)
-      for (int w = 0; w < 4; ++w) lanes[w][l] = counters[4 * (i0 + l) + w];
-    U32 c[1][4];
-    for (int w = 0; w < 4; ++w) c[0][w] = U32::load(lanes[w]);
+    U64 c[1][4];
+    for (int w = 0; w < 4; ++w) {
+      std::uint64_t lanes[W] = {};
+      for (int l = 0; l < W && i0 + l < n; ++l) lanes[l] = counters[4 * (i0 + l) + w];
+      std::memcpy(&c[0][w], lanes, sizeof lanes);
+    }
     philox4x32_10(c, static_cast<std::uint32_t>(key), static_cast<std::uint32_t>(key >> 32));
     for (int w = 0; w < 4; ++w) {
-      std::uint32_t r[W];
-      std::memcpy(r, &c[0][w], sizeof r);
-      for (int l = 0; l < W && i0 + l < n; ++l) out[4 * (i0 + l) + w] = r[l];
+      std::uint64_t lanes[W];
+      std::memcpy(lanes, &c[0][w], sizeof lanes);
+      for (int l = 0; l < W && i0 + l < n; ++l) out[4 * (i0 + l) + w] = static_cast<std::uint32_t>(lanes[l]);
     }
   }
 }

@@ -103,30 +103,39 @@ struct Vec<double> {
   }
 };
 
-// 32-bit unsigned lanes, for the counter-based RNG.
+// 32-bit unsigned lanes: the RNG's words in the order DESIGN.md numbers them.
 template <>
 struct Vec<std::uint32_t> {
   static constexpr int W = 8;
   __m256i v;
 
-  static Vec set1(std::uint32_t a) { return {_mm256_set1_epi32(static_cast<int>(a))}; }
-  static Vec iota() { return {_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)}; }
-  static Vec load(const std::uint32_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
-  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_epi32(a.v, b.v)}; }
-  friend Vec operator^(Vec a, Vec b) { return {_mm256_xor_si256(a.v, b.v)}; }
-  // hi:lo = a * m, 32 x 32 -> 64 bits per lane (epu32 multiplies even lanes).
-  friend void mulhilo(Vec a, std::uint32_t m, Vec& hi, Vec& lo) {
-    const __m256i mv = _mm256_set1_epi32(static_cast<int>(m));
-    const __m256i even = _mm256_mul_epu32(a.v, mv);
-    const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a.v, 32), mv);
-    lo.v = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-    hi.v = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  }
   // Bit e (e < 2W) set when the e-th 16-bit half (little-endian order) is >= t:
   // max(a, t) == a per half, then one bit per half from the byte mask.
   friend std::uint64_t halves_at_least(Vec a, std::uint16_t t) {
     const __m256i ge = _mm256_cmpeq_epi16(_mm256_max_epu16(a.v, _mm256_set1_epi16(static_cast<short>(t))), a.v);
     return _pext_u32(static_cast<std::uint32_t>(_mm256_movemask_epi8(ge)), 0x55555555u);
+  }
+};
+
+// 64-bit lanes holding one 32-bit RNG word each in the low half (the high half is ignored
+// by every consumer): the layout in which epu32 multiplies give whole products in place.
+template <>
+struct Vec<std::uint64_t> {
+  static constexpr int W = 4;
+  __m256i v;
+
+  static Vec set1(std::uint64_t a) { return {_mm256_set1_epi64x(static_cast<long long>(a))}; }
+  static Vec zero() { return {_mm256_setzero_si256()}; }
+  static Vec from_index(std::uint64_t first) {
+    return {_mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(first)), _mm256_setr_epi64x(0, 1, 2, 3))};
+  }
+  friend Vec mul_lo32(Vec a, std::uint32_t m) { return {_mm256_mul_epu32(a.v, _mm256_set1_epi64x(m))}; }
+  friend Vec shr32(Vec a) { return {_mm256_srli_epi64(a.v, 32)}; }
+  friend Vec xor3(Vec a, Vec b, Vec c) { return {_mm256_xor_si256(_mm256_xor_si256(a.v, b.v), c.v)}; }
+  friend Vec<std::uint32_t> pack_lo32(Vec a, Vec b) {
+    // [a0 a2 b0 b2 | a4 a6 b4 b6] (32-bit words of each 128-bit half), then the halves' pairs in order.
+    const __m256 lo = _mm256_shuffle_ps(_mm256_castsi256_ps(a.v), _mm256_castsi256_ps(b.v), _MM_SHUFFLE(2, 0, 2, 0));
+    return {_mm256_permute4x64_epi64(_mm256_castps_si256(lo), _MM_SHUFFLE(3, 1, 2, 0))};
   }
 };
 

@@ -71,32 +71,39 @@ struct Vec<double> {
   }
 };
 
-// 32-bit unsigned lanes, for the counter-based RNG.
+// 32-bit unsigned lanes: the RNG's words in the order DESIGN.md numbers them.
 template <>
 struct Vec<std::uint32_t> {
   static constexpr int W = 16;
   __m512i v;
 
-  static Vec set1(std::uint32_t a) { return {_mm512_set1_epi32(static_cast<int>(a))}; }
-  static Vec iota() { return {_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)}; }
-  static Vec load(const std::uint32_t* p) { return {_mm512_loadu_si512(p)}; }
-  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_epi32(a.v, b.v)}; }
-  friend Vec operator^(Vec a, Vec b) { return {_mm512_xor_si512(a.v, b.v)}; }
-  // hi:lo = a * m, 32 x 32 -> 64 bits per lane: epu32 multiplies the even lanes, and the odd
-  // ones after a swap within each 64-bit pair; one two-source permute then gathers the
-  // high words and one the low words (no shifts: they are the scarce port here).
-  friend void mulhilo(Vec a, std::uint32_t m, Vec& hi, Vec& lo) {
-    const __m512i mv = _mm512_set1_epi32(static_cast<int>(m));
-    const __m512i even = _mm512_mul_epu32(a.v, mv);                                   // [lo0 hi0 lo2 hi2 ..]
-    const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a.v, _MM_PERM_CDAB), mv);  // [lo1 hi1 lo3 hi3 ..]
-    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-    const __m512i hi_idx = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-    lo.v = _mm512_permutex2var_epi32(even, lo_idx, odd);
-    hi.v = _mm512_permutex2var_epi32(even, hi_idx, odd);
-  }
   // Bit e (e < 2W) set when the e-th 16-bit half (little-endian order) is >= t.
   friend std::uint64_t halves_at_least(Vec a, std::uint16_t t) {
     return _mm512_cmpge_epu16_mask(a.v, _mm512_set1_epi16(static_cast<short>(t)));
+  }
+};
+
+// 64-bit lanes holding one 32-bit RNG word each in the low half (the high half is ignored
+// by every consumer): the layout in which epu32 multiplies give whole products in place.
+template <>
+struct Vec<std::uint64_t> {
+  static constexpr int W = 8;
+  __m512i v;
+
+  static Vec set1(std::uint64_t a) { return {_mm512_set1_epi64(static_cast<long long>(a))}; }
+  static Vec zero() { return {_mm512_setzero_si512()}; }
+  // first + lane, with 64-bit wrap-around
+  static Vec from_index(std::uint64_t first) {
+    return {_mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(first)), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7))};
+  }
+  // (a mod 2**32) * m, the whole 64-bit product
+  friend Vec mul_lo32(Vec a, std::uint32_t m) { return {_mm512_mul_epu32(a.v, _mm512_set1_epi64(m))}; }
+  friend Vec shr32(Vec a) { return {_mm512_srli_epi64(a.v, 32)}; }
+  friend Vec xor3(Vec a, Vec b, Vec c) { return {_mm512_ternarylogic_epi64(a.v, b.v, c.v, 0x96)}; }
+  // The low 32 bits of a's lanes, then of b's, as one vector of 2W 32-bit lanes.
+  friend Vec<std::uint32_t> pack_lo32(Vec a, Vec b) {
+    const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return {_mm512_permutex2var_epi32(a.v, idx, b.v)};
   }
 };
 

@@ -87,31 +87,12 @@ struct Vec {
   }
 };
 
-// 32-bit unsigned lanes for the counter-based RNG: the generic array works as it is for
-// +; these are the operations it lacks.
+// 32-bit unsigned lanes: the RNG's words in the order DESIGN.md numbers them.
 template <>
 struct Vec<std::uint32_t> {
   static constexpr int W = 4;
   std::uint32_t v[W];
 
-  static Vec set1(std::uint32_t a) { return {{a, a, a, a}}; }
-  static Vec iota() { return {{0, 1, 2, 3}}; }
-  static Vec load(const std::uint32_t* p) { return {{p[0], p[1], p[2], p[3]}}; }
-  friend Vec operator+(Vec a, const Vec& b) {
-    for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
-    return a;
-  }
-  friend Vec operator^(Vec a, const Vec& b) {
-    for (int i = 0; i < W; ++i) a.v[i] ^= b.v[i];
-    return a;
-  }
-  friend void mulhilo(const Vec& a, std::uint32_t m, Vec& hi, Vec& lo) {
-    for (int i = 0; i < W; ++i) {
-      const std::uint64_t p = static_cast<std::uint64_t>(a.v[i]) * m;
-      hi.v[i] = static_cast<std::uint32_t>(p >> 32);
-      lo.v[i] = static_cast<std::uint32_t>(p);
-    }
-  }
   friend std::uint64_t halves_at_least(const Vec& a, std::uint16_t t) {
     std::uint64_t bits = 0;
     for (int i = 0; i < W; ++i)
@@ -120,6 +101,35 @@ struct Vec<std::uint32_t> {
     return bits;
   }
 };
+
+// 64-bit lanes holding one 32-bit RNG word each in the low half (the high half is ignored).
+template <>
+struct Vec<std::uint64_t> {
+  static constexpr int W = 2;
+  std::uint64_t v[W];
+
+  static Vec set1(std::uint64_t a) { return {{a, a}}; }
+  static Vec zero() { return {{0, 0}}; }
+  static Vec from_index(std::uint64_t first) { return {{first, first + 1}}; }
+  friend Vec mul_lo32(Vec a, std::uint32_t m) {
+    for (auto& x : a.v) x = (x & 0xFFFFFFFFu) * m;
+    return a;
+  }
+  friend Vec shr32(Vec a) {
+    for (auto& x : a.v) x >>= 32;
+    return a;
+  }
+  friend Vec xor3(Vec a, const Vec& b, const Vec& c) {
+    for (int i = 0; i < W; ++i) a.v[i] ^= b.v[i] ^ c.v[i];
+    return a;
+  }
+};
+
+// The low 32 bits of a's lanes, then of b's, as one vector of 2 * 2 32-bit lanes.
+inline Vec<std::uint32_t> pack_lo32(const Vec<std::uint64_t>& a, const Vec<std::uint64_t>& b) {
+  return {{static_cast<std::uint32_t>(a.v[0]), static_cast<std::uint32_t>(a.v[1]), static_cast<std::uint32_t>(b.v[0]),
+           static_cast<std::uint32_t>(b.v[1])}};
+}
 
 inline void stream_fence() {}
 
