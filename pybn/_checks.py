@@ -56,12 +56,7 @@ def _channel_layout(shape: tuple[int, ...], axis: Any, name: str) -> tuple[int, 
     if ndim < 2:
         raise ValueError(f"{name}: needs at least 2 dimensions (batch and channels), got shape {shape}")
     if type(axis) is not int:
-        if isinstance(axis, (bool, np.bool_)):
-            raise TypeError(f"axis: must be an int, got {axis!r}")
-        try:
-            axis = operator.index(axis)
-        except TypeError:
-            raise TypeError(f"axis: must be an int, got {type(axis).__name__}") from None
+        axis = integer(axis, "axis")
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis: {axis} is out of range for {name} with {ndim} dimensions")
     axis %= ndim
@@ -96,6 +91,16 @@ def in_place(value: Any, name: str, channels: int, dtype: np.dtype) -> np.ndarra
     if not value.flags.writeable:
         raise ValueError(f"{name}: is read-only (it is updated in place)")
     return value
+
+
+def integer(value: Any, name: str) -> int:
+    """An int argument (NumPy integers too; bool and float are TypeErrors naming it)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: must be an int, got {type(value).__name__}") from None
 
 
 def real_number(value: Any, name: str, *, minimum: float | None = None) -> float:

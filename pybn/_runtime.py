@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Iterator
 
 from . import _C
+from ._checks import integer
 
 
 def isa() -> str:
@@ -29,9 +29,7 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Set the threads pybn's kernels use (n >= 1). Results do not depend on it."""
-    if isinstance(n, bool):
-        raise TypeError("n: must be an int")
-    n = operator.index(n)
+    n = integer(n, "n")
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
     _C.set_num_threads(n)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from ._checks import contiguous_float_array, output, real_number
+from ._checks import contiguous_float_array, integer, output, real_number
 
 __all__ = ["dropout", "dropout_mask", "dropout_apply", "counters_used"]
 
@@ -35,12 +35,7 @@ def _probability(p: Any) -> float:
 
 
 def _counter_arg(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: must be an int, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}: must be an int, got {type(value).__name__}") from None
+    v = integer(value, name)
     if not 0 <= v < _U64:
         raise ValueError(f"{name}: must be in [0, 2**64), got {v}")
     return v
