@@ -22,6 +22,7 @@ import pytest
 
 import pybn
 import pybn._runtime
+from bad_outs import bad_outs
 
 import reference_dropout as rd
 
@@ -405,33 +406,13 @@ def test_out_and_in_place(isa, dtype):
     assert_bitwise(out3, rd.dropout_ref(x, 0.4, 8, 0, ns))
 
 
-def _bad_outs(shape, dtype):
-    def full(shp, dt):
-        return np.full(shp, 7, dt)
-
-    ro = full(shape, dtype)
-    ro.flags.writeable = False
-    big = full(shape[:-1] + (2 * shape[-1],), dtype)
-    return [
-        ("wrong-shape", full(shape[:-1] + (shape[-1] + 1,), dtype), ValueError),
-        ("flat", full(int(np.prod(shape)), dtype), ValueError),
-        ("wrong-dtype", full(shape, np.float64 if dtype == np.float32
-                                 else np.float32), TypeError),
-        ("int-dtype", full(shape, np.int32), TypeError),
-        ("non-contiguous", big[..., ::2], ValueError),
-        ("fortran", np.asfortranarray(full(shape, dtype)), ValueError),
-        ("read-only", ro, ValueError),
-        ("list", np.zeros(shape, dtype).tolist(), TypeError),
-    ]
-
-
-BAD_OUT_IDS = [k for k, _, _ in _bad_outs((4, 3, 5), np.float32)]
+BAD_OUT_IDS = [k for k, _, _ in bad_outs((4, 3, 5), np.float32, transposed=False)]
 
 
 @pytest.mark.parametrize("which", range(len(BAD_OUT_IDS)), ids=BAD_OUT_IDS)
 def test_bad_out(which):
     x = data((4, 3, 5), np.float32)
-    _, out, exc = _bad_outs(x.shape, x.dtype)[which]
+    _, out, exc = bad_outs(x.shape, x.dtype, transposed=False)[which]
     snapshot = out.copy() if isinstance(out, np.ndarray) else None
     assert_raises_naming(exc, "out", pybn.dropout, x, 0.5, seed=1, out=out)
     m = pybn.dropout_mask(x.shape, 0.5, seed=1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import pybn
+from bad_outs import bad_outs
 
 C = 3
 
@@ -296,34 +297,13 @@ def test_running_stats_unchanged_when_a_later_argument_is_bad():
 
 # --------------------------------------------------------------------- out=
 
-def _bad_outs(shape, dtype):
-    def full(shp, dt):
-        return np.full(shp, 7, dt)
-
-    ro = full(shape, dtype)
-    ro.flags.writeable = False
-    big = full(shape[:-1] + (2 * shape[-1],), dtype)
-    return [
-        ("wrong-shape", full(shape[:-1] + (shape[-1] + 1,), dtype), ValueError),
-        ("transposed-shape", full(shape[::-1], dtype), ValueError),
-        ("flat", full(int(np.prod(shape)), dtype), ValueError),
-        ("wrong-dtype", full(shape, np.float64 if dtype == np.float32
-                                 else np.float32), TypeError),
-        ("int-dtype", full(shape, np.int32), TypeError),
-        ("non-contiguous", big[..., ::2], ValueError),
-        ("fortran", np.asfortranarray(full(shape, dtype)), ValueError),
-        ("read-only", ro, ValueError),
-        ("list", np.zeros(shape, dtype).tolist(), TypeError),
-    ]
-
-
-BAD_OUT_IDS = [k for k, _, _ in _bad_outs((4, C, 5), np.float32)]
+BAD_OUT_IDS = [k for k, _, _ in bad_outs((4, C, 5), np.float32)]
 
 
 @pytest.mark.parametrize("which", range(len(BAD_OUT_IDS)), ids=BAD_OUT_IDS)
 def test_bad_out(which):
     x, rm, rv = good()
-    _, out, exc = _bad_outs(x.shape, x.dtype)[which]
+    _, out, exc = bad_outs(x.shape, x.dtype)[which]
     st = Stats()
     snapshot = out.copy() if isinstance(out, np.ndarray) else None
     assert_raises_naming(exc, "out", pybn.batch_norm_train, x, **st.kw(),
