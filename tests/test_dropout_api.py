@@ -15,14 +15,13 @@ so a dropped element is +0.0 (never -0.0 or NaN), p == 1 gives +0.0.
 """
 
 import math
-import re
 
 import numpy as np
 import pytest
 
 import pybn
 import pybn._runtime
-from bad_outs import bad_outs
+from error_checks import assert_raises_naming, bad_outs
 
 import reference_dropout as rd
 
@@ -32,23 +31,6 @@ U64 = 2**64
 
 
 # ------------------------------------------------------------------ helpers
-
-def name_re(name):
-    # the argument's name as a word ("x" must not match "expected")
-    return re.compile(r"(?<![A-Za-z0-9_])" + re.escape(name) + r"(?![A-Za-z0-9_])")
-
-
-def assert_raises_naming(exc, name, fn, *args, **kwargs):
-    """`fn(*args, **kwargs)` raises `exc` (a class or tuple of classes) whose
-    message names `name` (or one of a tuple of names)."""
-    names = (name,) if isinstance(name, str) else name
-    with pytest.raises(exc) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert any(name_re(n).search(msg) for n in names), \
-        f"{' or '.join(map(repr, names))} not named in: {msg!r}"
-    return msg
-
 
 def assert_bitwise(got, want, what="y"):
     """Same shape, dtype and bits (so -0.0 != +0.0, NaN payloads compared)."""

@@ -1,32 +1,14 @@
 """Bad inputs: TypeError / ValueError naming the argument; never a crash,
 never a silent broadcast, and running statistics untouched on any error."""
 
-import re
 
 import numpy as np
 import pytest
 
 import pybn
-from bad_outs import bad_outs
+from error_checks import assert_raises_naming, bad_outs
 
 C = 3
-
-
-def name_re(name):
-    # the argument's name as a word ("x" must not match "expected")
-    return re.compile(r"(?<![A-Za-z0-9_])" + re.escape(name) + r"(?![A-Za-z0-9_])")
-
-
-def assert_raises_naming(exc, name, fn, *args, **kwargs):
-    """`fn(*args, **kwargs)` raises `exc` whose message names `name` (or one
-    of the names in a tuple)."""
-    names = (name,) if isinstance(name, str) else name
-    with pytest.raises(exc) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert any(name_re(n).search(msg) for n in names), \
-        f"{' or '.join(map(repr, names))} not named in: {msg!r}"
-    return msg
 
 
 def good(dtype=np.float32, shape=(4, C, 5)):

@@ -1,5 +1,9 @@
-"""Bad `out=` arguments shared by the error tests of every array function: (id, array, exception)."""
+"""Shared by the error tests of every array function: the check that an error names its
+argument, and the bad `out=` arguments (id, array, exception)."""
+import re
+
 import numpy as np
+import pytest
 
 
 def bad_outs(shape, dtype, transposed=True):
@@ -23,3 +27,20 @@ def bad_outs(shape, dtype, transposed=True):
     if transposed:
         cases.insert(1, ("transposed-shape", full(shape[::-1], dtype), ValueError))
     return cases
+
+
+def name_re(name):
+    # the argument's name as a word ("x" must not match "expected")
+    return re.compile(r"(?<![A-Za-z0-9_])" + re.escape(name) + r"(?![A-Za-z0-9_])")
+
+
+def assert_raises_naming(exc, name, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` raises `exc` (a class or tuple of classes) whose
+    message names `name` (or one of a tuple of names)."""
+    names = (name,) if isinstance(name, str) else name
+    with pytest.raises(exc) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert any(name_re(n).search(msg) for n in names), \
+        f"{' or '.join(map(repr, names))} not named in: {msg!r}"
+    return msg
