@@ -31,6 +31,7 @@ from ._runtime import get_num_threads, isa, set_num_threads, supported_isas  # n
 from .batchnorm import (BatchNormGrads, BatchNormTrainResult, batch_norm_backward,  # noqa: E402
                         batch_norm_infer, batch_norm_train)
 from .dropout import counters_used, dropout, dropout_apply, dropout_mask  # noqa: E402
+from .fold import FoldedWeights, fold_bn_linear, fold_conv_bn  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -47,4 +48,7 @@ __all__ = [
     "dropout_mask",
     "dropout_apply",
     "counters_used",
+    "fold_conv_bn",
+    "fold_bn_linear",
+    "FoldedWeights",
 ]

@@ -196,6 +196,38 @@ void dropout_apply(const py::array& x, const py::object& mask, const py::object&
   });
 }
 
+void fold_scale(const py::array& w, const py::object& scale, const py::object& y, i64 groups, i64 outer,
+                i64 channels, i64 inner) {
+  if (groups < 0 || outer < 0 || channels < 0 || inner < 0) fail("weight", "negative dimension");
+  by_dtype(w, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::FoldScaleArgs<T> a;
+    const i64 n = groups * outer * channels * inner;
+    a.groups = groups, a.outer = outer, a.channels = channels, a.inner = inner;
+    a.w = required<T>(w, n, "weight");
+    a.y = required_out<T>(y, n, "out");
+    a.scale = required<double>(scale, groups * channels, "scale");
+    py::gil_scoped_release nogil;
+    pybn::table().typed<T>().fold_scale(a);
+  });
+}
+
+void fold_bias(const py::array& w, const py::object& shift, const py::object& bias, const py::object& out, i64 rows,
+               i64 cols) {
+  if (rows < 0 || cols < 0) fail("weight", "negative dimension");
+  by_dtype(w, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::FoldBiasArgs<T> a;
+    a.rows = rows, a.cols = cols;
+    a.w = required<T>(w, rows * cols, "weight");
+    a.shift = required<double>(shift, cols, "shift");
+    a.bias = required<double>(bias, rows, "bias");
+    a.out = required_out<T>(out, rows, "out");
+    py::gil_scoped_release nogil;
+    pybn::table().typed<T>().fold_bias(a);
+  });
+}
+
 py::array philox(const py::array& counters, std::uint64_t key) {
   const i64 words = static_cast<i64>(counters.size());
   if (words % 4 != 0) fail("counters", "must hold 4 words per counter");
@@ -251,6 +283,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("dropout_mask", &dropout_mask, py::arg("mask"), py::arg("n"), py::arg("seed"), py::arg("offset"),
         py::arg("threshold"));
   m.def("dropout_apply", &dropout_apply, py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"));
+  m.def("fold_scale", &fold_scale, py::arg("weight"), py::arg("scale"), py::arg("out"), py::arg("groups"),
+        py::arg("outer"), py::arg("channels"), py::arg("inner"));
+  m.def("fold_bias", &fold_bias, py::arg("weight"), py::arg("shift"), py::arg("bias"), py::arg("out"),
+        py::arg("rows"), py::arg("cols"));
   m.def("philox", &philox, py::arg("counters"), py::arg("key"),
         "Philox4x32-10 of (n, 4) uint32 counters under a 64-bit key, on the active path.");
   m.def("probe_read", &probe_read, py::arg("x"), "Bandwidth probe: one vectorized pass that reads x (float32).");

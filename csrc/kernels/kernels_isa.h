@@ -20,6 +20,11 @@ void dropout(const DropoutArgs<T>& a);
 template <class T>
 void dropout_apply(const DropoutApplyArgs<T>& a);
 void dropout_mask(const DropoutMaskArgs& a);
+
+template <class T>
+void fold_scale(const FoldScaleArgs<T>& a);
+template <class T>
+void fold_bias(const FoldBiasArgs<T>& a);
 void philox(const std::uint32_t* counters, std::int64_t n, std::uint64_t key, std::uint32_t* out);
 
 double probe_read(const float* x, std::int64_t n);

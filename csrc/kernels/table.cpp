@@ -17,6 +17,8 @@ TypedKernels<T> typed_kernels() {
   k.bn_backward = &bn_backward<T>;
   k.dropout = &dropout<T>;
   k.dropout_apply = &dropout_apply<T>;
+  k.fold_scale = &fold_scale<T>;
+  k.fold_bias = &fold_bias<T>;
   return k;
 }
 

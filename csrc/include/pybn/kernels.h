@@ -93,6 +93,27 @@ struct DropoutApplyArgs {
 };
 
 // The entry points for one element type.
+// Batch-norm folding (DESIGN.md, "Folding batch norm"), arithmetic in double, every result
+// rounded once to T. Scaling: y[g, o, c, k] = w[g, o, c, k] * scale[g * channels + c] over the
+// view (groups, outer, channels, inner) of a weight (y may alias w).
+template <class T>
+struct FoldScaleArgs {
+  const T* w = nullptr;
+  T* y = nullptr;
+  std::int64_t groups = 0, outer = 0, channels = 0, inner = 0;
+  const double* scale = nullptr;   // (groups * channels,)
+};
+
+// out[r] = bias[r] + sum_c w[r, c] * shift[c]: the bias of a layer that absorbs a preceding BN.
+template <class T>
+struct FoldBiasArgs {
+  const T* w = nullptr;            // (rows, cols)
+  std::int64_t rows = 0, cols = 0;
+  const double* shift = nullptr;   // (cols,)
+  const double* bias = nullptr;    // (rows,)
+  T* out = nullptr;                // (rows,)
+};
+
 template <class T>
 struct TypedKernels {
   void (*bn_train)(const BnTrainArgs<T>&) = nullptr;
@@ -100,6 +121,8 @@ struct TypedKernels {
   void (*bn_backward)(const BnBackwardArgs<T>&) = nullptr;
   void (*dropout)(const DropoutArgs<T>&) = nullptr;
   void (*dropout_apply)(const DropoutApplyArgs<T>&) = nullptr;
+  void (*fold_scale)(const FoldScaleArgs<T>&) = nullptr;
+  void (*fold_bias)(const FoldBiasArgs<T>&) = nullptr;
 };
 
 // One table per ISA; dispatch picks one at import.

@@ -82,6 +82,15 @@ struct Vec<double> {
   void store(double* p) const { _mm256_storeu_pd(p, v); }
   void store(double* p, std::int64_t n) const { _mm256_maskstore_pd(p, detail::lane_mask64(n), v); }
   void stream(double* p) const { _mm256_stream_pd(p, v); }
+  // float <-> double: W floats widened on load, rounded once on store.
+  static Vec load_widen(const float* p) { return {_mm256_cvtps_pd(_mm_loadu_ps(p))}; }
+  static Vec load_widen(const float* p, std::int64_t n) {
+    return {_mm256_cvtps_pd(_mm_maskload_ps(p, _mm256_castsi256_si128(detail::lane_mask32(n))))};
+  }
+  void store_narrow(float* p) const { _mm_storeu_ps(p, _mm256_cvtpd_ps(v)); }
+  void store_narrow(float* p, std::int64_t n) const {
+    _mm_maskstore_ps(p, _mm256_castsi256_si128(detail::lane_mask32(n)), _mm256_cvtpd_ps(v));
+  }
 
   friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_pd(a.v, b.v)}; }

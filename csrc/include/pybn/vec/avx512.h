@@ -55,6 +55,11 @@ struct Vec<double> {
   void store(double* p) const { _mm512_storeu_pd(p, v); }
   void store(double* p, std::int64_t n) const { _mm512_mask_storeu_pd(p, mask(n), v); }
   void stream(double* p) const { _mm512_stream_pd(p, v); }
+  // float <-> double: W floats widened on load, rounded once on store.
+  static Vec load_widen(const float* p) { return {_mm512_cvtps_pd(_mm256_loadu_ps(p))}; }
+  static Vec load_widen(const float* p, std::int64_t n) { return {_mm512_cvtps_pd(_mm256_maskz_loadu_ps(mask(n), p))}; }
+  void store_narrow(float* p) const { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)); }
+  void store_narrow(float* p, std::int64_t n) const { _mm256_mask_storeu_ps(p, mask(n), _mm512_cvtpd_ps(v)); }
 
   friend Vec operator+(Vec a, Vec b) { return {_mm512_add_pd(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_pd(a.v, b.v)}; }

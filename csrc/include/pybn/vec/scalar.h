@@ -37,6 +37,17 @@ struct Vec {
     for (int i = 0; i < n; ++i) p[i] = v[i];
   }
   void stream(T* p) const { store(p); }
+  // float <-> double (used with T = double): widened on load, rounded once on store.
+  static Vec load_widen(const float* p) { return load_widen(p, W); }
+  static Vec load_widen(const float* p, std::int64_t n) {
+    Vec r = zero();
+    for (int i = 0; i < n; ++i) r.v[i] = static_cast<T>(p[i]);
+    return r;
+  }
+  void store_narrow(float* p) const { store_narrow(p, W); }
+  void store_narrow(float* p, std::int64_t n) const {
+    for (int i = 0; i < n; ++i) p[i] = static_cast<float>(v[i]);
+  }
 
   friend Vec operator+(Vec a, const Vec& b) {
     for (int i = 0; i < W; ++i) a.v[i] += b.v[i];

@@ -10,6 +10,8 @@
 //   load(p) / load(p, n)    unaligned load; the second reads only n < W lanes, the rest are 0
 //   store(p) / store(p, n)  unaligned store; the second writes only the first n lanes
 //   stream(p)               non-temporal store, p aligned to W*sizeof(T)
+//   Vec<double>::load_widen(const float* p[, n]) / store_narrow(float* p[, n]):
+//                           W floats converted to double, and back with one rounding
 //   set1, zero, + - *, fma(a, b, c) = a*b + c, reduce_add
 //   relu(v)                 max(v, 0) with NaN propagated, as torch.relu
 //   keep_first(v, n)        v with lanes [n, W) set to 0

@@ -1,0 +1,161 @@
+"""Folding inference-mode batch norm into the neighbouring conv / linear weights
+(DESIGN.md, "Folding batch norm").
+
+With ``s = gamma / sqrt(running_var + eps)`` and ``t = beta - running_mean * s``:
+
+* BN after a layer (:func:`fold_conv_bn`): ``W' = W * s`` along the output channels,
+  ``b' = (b - running_mean) * s + beta``.
+* BN before a Linear or pointwise conv (:func:`fold_bn_linear`): ``W' = W * diag(s)``,
+  ``b' = b + W t``.
+
+``s`` and ``t`` are computed in float64 and every result element is rounded once to the
+weight's dtype (the products and the sums of ``W t`` are taken in float64).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _C
+from ._checks import float_array, integer, real_number
+
+__all__ = ["FoldedWeights", "fold_conv_bn", "fold_bn_linear"]
+
+
+class FoldedWeights(NamedTuple):
+    """The folded layer's parameters, in the weight's dtype."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+def _weight(weight: Any) -> np.ndarray:
+    w = float_array(weight, "weight")
+    if w.ndim < 2:
+        raise ValueError(f"weight: expected a Linear (out, in) or conv (out, in/groups, *kernel) weight, "
+                         f"got shape {w.shape}")
+    return np.ascontiguousarray(w)
+
+
+def _per_channel(value: Any, name: str, channels: int, default: float | None = None) -> np.ndarray:
+    """A per-channel float64 vector of length `channels` (None: `default` everywhere)."""
+    if value is None:
+        if default is None:
+            raise TypeError(f"{name}: is required")
+        return np.full(channels, default)
+    arr = float_array(value, name)
+    if arr.shape != (channels,):
+        raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def _bn_scale_shift(channels: int, running_mean: Any, running_var: Any, gamma: Any, beta: Any,
+                    eps: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, s, beta) in float64, each of shape (channels,)."""
+    eps = real_number(eps, "eps", minimum=0.0)
+    mean = _per_channel(running_mean, "running_mean", channels)
+    var = _per_channel(running_var, "running_var", channels)
+    if np.any(var < 0):
+        raise ValueError("running_var: has negative entries (a variance is >= 0)")
+    g = _per_channel(gamma, "gamma", channels, 1.0)
+    b = _per_channel(beta, "beta", channels, 0.0)
+    return mean, g / np.sqrt(var + eps), b
+
+
+def _bias(bias: Any, channels: int) -> np.ndarray:
+    return _per_channel(bias, "bias", channels, 0.0)
+
+
+def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma: Any = None,
+                 beta: Any = None, *, eps: float = 1e-5, transposed: bool = False,
+                 groups: int = 1) -> FoldedWeights:
+    """Fold a batch norm that *follows* a Linear, Conv or ConvTranspose layer into it.
+
+    Parameters
+    ----------
+    weight : array_like, float32 or float64
+        Linear ``(out, in)``, Conv ``(out, in/groups, *kernel)``, or with ``transposed=True``
+        ConvTranspose ``(in, out/groups, *kernel)`` (PyTorch's layouts).
+    bias : array_like of shape (out,) or None
+        The layer's bias; None means zeros.
+    running_mean, running_var : array_like of shape (out,)
+        The batch norm's running statistics.
+    gamma, beta : array_like of shape (out,), optional
+        The batch norm's affine parameters (default 1 and 0, as ``affine=False``).
+    eps : float
+        The batch norm's epsilon.
+    transposed : bool
+        The weight is a ConvTranspose weight, whose output channels are its second axis
+        within each of the `groups` groups.
+    groups : int
+        The layer's groups (depthwise: ``groups == channels``).
+
+    Returns
+    -------
+    FoldedWeights
+        ``(weight, bias)`` of the single layer equal to layer-then-BN, in the weight's dtype.
+        The inputs are not modified.
+    """
+    w = _weight(weight)
+    groups = integer(groups, "groups")
+    if groups < 1:
+        raise ValueError(f"groups: must be >= 1, got {groups}")
+    if transposed:
+        if w.shape[0] % groups:
+            raise ValueError(f"weight: a ConvTranspose weight (in, out/groups, *kernel) needs in = {w.shape[0]} "
+                             f"divisible by groups = {groups}")
+        out = groups * w.shape[1]
+        # (in, out/g, k) seen as (g, in/g, out/g, k): the output channel of [g, i, j] is g*(out/g) + j
+        view = (groups, w.shape[0] // groups, w.shape[1], math.prod(w.shape[2:]))
+    else:
+        out = w.shape[0]
+        if out % groups:
+            raise ValueError(f"weight: {out} output channels are not divisible by groups = {groups}")
+        view = (1, 1, out, math.prod(w.shape[1:]))
+    b = _bias(bias, out)
+    mean, s, beta_ = _bn_scale_shift(out, running_mean, running_var, gamma, beta, eps)
+    w_out = np.empty_like(w)
+    _C.fold_scale(w, s, w_out, *view)
+    b_out = ((b - mean) * s + beta_).astype(w.dtype)
+    return FoldedWeights(w_out, b_out)
+
+
+def fold_bn_linear(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma: Any = None,
+                   beta: Any = None, *, eps: float = 1e-5) -> FoldedWeights:
+    """Fold a batch norm that *precedes* a Linear or pointwise (1x1) conv layer into it.
+
+    Parameters
+    ----------
+    weight : array_like, float32 or float64
+        Linear ``(out, in)`` or conv ``(out, in, 1, ...)`` with every kernel size 1. A larger
+        kernel is a ValueError: the conv's zero padding would meet BN's shift ``t`` at the
+        border, so no folded conv equals BN-then-conv there.
+    bias : array_like of shape (out,) or None
+        The layer's bias; None means zeros.
+    running_mean, running_var, gamma, beta : array_like of shape (in,)
+        The batch norm's statistics and affine parameters (gamma, beta default 1 and 0).
+    eps : float
+        The batch norm's epsilon.
+
+    Returns
+    -------
+    FoldedWeights
+        ``(weight, bias)`` with ``W' = W diag(s)`` and ``b' = b + W t``, in the weight's dtype.
+    """
+    w = _weight(weight)
+    if any(k != 1 for k in w.shape[2:]):
+        raise ValueError(f"weight: kernel size {w.shape[2:]} is not pointwise; a batch norm before a conv "
+                         "folds only into a 1x1 conv (with a larger kernel the conv's zero padding breaks "
+                         "the fold at the border)")
+    out, inp = w.shape[0], w.shape[1]
+    b = _bias(bias, out)
+    mean, s, beta_ = _bn_scale_shift(inp, running_mean, running_var, gamma, beta, eps)
+    t = beta_ - mean * s
+    view = (1, out, inp, 1)
+    w_out = np.empty_like(w)
+    _C.fold_scale(w, s, w_out, *view)
+    b_out = np.empty(out, w.dtype)
+    _C.fold_bias(w, t, b, b_out, out, inp)
+    return FoldedWeights(w_out, b_out)
