@@ -202,6 +202,8 @@ def test_bench_runs_and_checks_results(tmp_path):
                            "--peers", "numpy", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    cells = json.loads(out.read_text())["cells"]
+    data = json.loads(out.read_text())
+    cells = data["cells"]
     assert {c["kernel"] for c in cells} == {"infer", "train", "backward"}
     assert all(c["pybn_s"] > 0 and not c["errors"] for c in cells)
+    assert data["fold"]["pairs"] == 53 and data["fold"]["pybn_s"] > 0 and "numpy" in data["fold"]["peers"]

@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write every number (and every sample) to PATH")
     p.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
     p.add_argument("--no-dropout", action="store_true", help="skip the dropout rows")
+    p.add_argument("--no-fold", action="store_true", help="skip the folding row")
     return p
 
 
@@ -289,6 +290,11 @@ def run(args) -> int:
         from . import dropout_bench
 
         dropout_result = dropout_bench.run(cfg, args.rounds, want, torch, _progress)
+    fold_result = None
+    if not args.no_fold:
+        from . import fold_bench
+
+        fold_result = fold_bench.run(cfg, args.rounds, want, torch, _progress)
     elapsed = time.perf_counter() - t_start
     meta["elapsed_s"] = elapsed
     meta["loadavg_end"] = _loadavg()
@@ -298,11 +304,15 @@ def run(args) -> int:
     if dropout_result is not None:
         print()
         print(dropout_bench.render(dropout_result))
+    if fold_result is not None:
+        print()
+        print(fold_bench.render(fold_result))
     if args.json:
         try:
             with open(args.json, "w") as f:
                 data = to_json(meta, probes, cells)
                 data["dropout"] = dropout_result
+                data["fold"] = fold_result
                 json.dump(data, f, indent=1)
                 f.write("\n")
         except OSError as e:
