@@ -151,6 +151,75 @@ void bn_backward(const py::array& dy, const py::object& x, const py::object& y, 
   });
 }
 
+void bn_moments(const py::array& x, const py::object& mean, const py::object& m2, i64 outer, i64 channels,
+                i64 inner) {
+  const Layout L = make_layout(outer, channels, inner);
+  by_dtype(x, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::BnMomentsArgs<T> a;
+    a.layout = L;
+    a.x = required<T>(x, L.numel(), "x");
+    a.mean = required_out<double>(mean, channels, "mean");
+    a.m2 = required_out<double>(m2, channels, "m2");
+    py::gil_scoped_release nogil;
+    pybn::table().typed<T>().bn_moments(a);
+  });
+}
+
+void bn_apply(const py::array& x, const py::object& y, const py::object& mean, const py::object& invstd,
+              const py::object& weight, const py::object& bias, i64 outer, i64 channels, i64 inner, bool relu) {
+  const Layout L = make_layout(outer, channels, inner);
+  by_dtype(x, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::BnInferArgs<T> a;
+    a.layout = L;
+    a.x = required<T>(x, L.numel(), "x");
+    a.y = required_out<T>(y, L.numel(), "out");
+    a.mean = required<T>(mean, channels, "mean");
+    a.invstd = required<T>(invstd, channels, "invstd");
+    a.weight = in<T>(weight, channels, "weight");
+    a.bias = in<T>(bias, channels, "bias");
+    a.relu = relu;
+    py::gil_scoped_release nogil;
+    pybn::table().typed<T>().bn_infer(a);
+  });
+}
+
+// The two backward phases (kernels.h, BnGradSums); apply == false reduces into the sums.
+void bn_backward_phase(bool apply, const py::array& dy, const py::object& x, const py::object& y,
+                       const py::object& mean, const py::object& invstd, const py::object& weight,
+                       const py::object& sum_g, const py::object& sum_gxhat, double count, const py::object& dx,
+                       i64 outer, i64 channels, i64 inner) {
+  const Layout L = make_layout(outer, channels, inner);
+  by_dtype(dy, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::BnBackwardArgs<T> a;
+    a.layout = L;
+    a.dy = required<T>(dy, L.numel(), "dy");
+    a.x = required<T>(x, L.numel(), "x");
+    a.y = in<T>(y, L.numel(), "y");
+    a.mean = required<T>(mean, channels, "mean");
+    a.invstd = required<T>(invstd, channels, "invstd");
+    pybn::BnGradSums<T> sums;
+    if (apply) {
+      a.weight = in<T>(weight, channels, "weight");
+      a.dx = required_out<T>(dx, L.numel(), "out");
+      sums.sum_g = const_cast<double*>(required<double>(sum_g, channels, "sum_dy"));
+      sums.sum_gxhat = const_cast<double*>(required<double>(sum_gxhat, channels, "sum_dy_xhat"));
+      if (!(count > 0)) fail("count", "must be > 0");
+      sums.count = count;
+    } else {
+      sums.sum_g = required_out<double>(sum_g, channels, "sum_dy");
+      sums.sum_gxhat = required_out<double>(sum_gxhat, channels, "sum_dy_xhat");
+    }
+    py::gil_scoped_release nogil;
+    if (apply)
+      pybn::table().typed<T>().bn_backward_apply(a, sums);
+    else
+      pybn::table().typed<T>().bn_backward_reduce(a, sums);
+  });
+}
+
 void dropout(const py::array& x, const py::object& y, std::uint64_t seed, std::uint64_t offset,
              std::uint32_t threshold, double scale) {
   if (threshold > 0xFFFFu) throw py::value_error("threshold: must be < 65536 (p == 1 gives zeros without a mask)");
@@ -278,6 +347,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("bn_backward", &bn_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
         py::arg("invstd"), py::arg("weight"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
         py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("training"));
+  m.def("bn_moments", &bn_moments, py::arg("x"), py::arg("mean"), py::arg("m2"), py::arg("outer"),
+        py::arg("channels"), py::arg("inner"));
+  m.def("bn_apply", &bn_apply, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("invstd"), py::arg("weight"),
+        py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("relu"));
+  m.def("bn_backward_phase", &bn_backward_phase, py::arg("apply"), py::arg("dy"), py::arg("x"), py::arg("y"),
+        py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("sum_dy"), py::arg("sum_dy_xhat"),
+        py::arg("count"), py::arg("dx"), py::arg("outer"), py::arg("channels"), py::arg("inner"));
   m.def("dropout", &dropout, py::arg("x"), py::arg("y"), py::arg("seed"), py::arg("offset"), py::arg("threshold"),
         py::arg("scale"));
   m.def("dropout_mask", &dropout_mask, py::arg("mask"), py::arg("n"), py::arg("seed"), py::arg("offset"),

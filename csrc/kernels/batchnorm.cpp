@@ -339,34 +339,43 @@ void bn_infer(const BnInferArgs<T>& a) {
   const i64 C = L.channels;
   Buffer<T> alpha = make_buffer<T>(C), beta = make_buffer<T>(C);
   for (i64 c = 0; c < C; ++c) {
-    alpha[c] = static_cast<T>(value_or(a.weight, c, 1.0) / std::sqrt(static_cast<double>(a.var[c]) + a.eps));
+    const double invstd = a.invstd ? static_cast<double>(a.invstd[c])
+                                   : 1.0 / std::sqrt(static_cast<double>(a.var[c]) + a.eps);
+    alpha[c] = static_cast<T>(value_or(a.weight, c, 1.0) * invstd);
     beta[c] = static_cast<T>(value_or(a.bias, c, 0.0));
   }
   normalize(L, a.x, a.mean, alpha.get(), beta.get(), a.relu, a.y, false);
 }
 
+template <class T>
+void bn_moments(const BnMomentsArgs<T>& a) {
+  channel_moments(a.layout, a.x, a.mean, a.m2);
+}
+
 namespace {
 
+// sum(g) and sum(g * xhat) per channel.
 template <class T, bool kMask>
-void backward_impl(const BnBackwardArgs<T>& a) {
+void backward_reduce_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
+  const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
+  grad_sums(a.layout, terms, a.mean, s.sum_g, s.sum_gxhat);  // the second is sum(g * (x - mean)) here
+  for (i64 c = 0; c < a.layout.channels; ++c) s.sum_gxhat[c] *= static_cast<double>(a.invstd[c]);
+}
+
+// dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradSums).
+template <class T, bool kMask>
+void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
   using V = Vec<T>;
   const Layout& L = a.layout;
   const i64 C = L.channels;
-  const double n = static_cast<double>(L.per_channel());
-  const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
-  Buffer<double> sum_g = make_buffer<double>(C), sum_gx = make_buffer<double>(C);
-  grad_sums(L, terms, a.mean, sum_g.get(), sum_gx.get());
-
-  // dx = k_dy * g + k_x * (x - mean) + k_0
+  const double n = s.count;
   Buffer<T> k_dy = make_buffer<T>(C), k_x = make_buffer<T>(C), k_0 = make_buffer<T>(C);
   for (i64 c = 0; c < C; ++c) {
     const double invstd = a.invstd[c];
     const double scale = value_or(a.weight, c, 1.0) * invstd;
-    a.dweight[c] = static_cast<T>(sum_gx[c] * invstd);
-    a.dbias[c] = static_cast<T>(sum_g[c]);
     k_dy[c] = static_cast<T>(scale);
-    k_x[c] = static_cast<T>(a.training ? -scale * invstd * invstd * sum_gx[c] / n : 0.0);
-    k_0[c] = static_cast<T>(a.training ? -scale * sum_g[c] / n : 0.0);
+    k_x[c] = static_cast<T>(a.training ? -scale * invstd * s.sum_gxhat[c] / n : 0.0);
+    k_0[c] = static_cast<T>(a.training ? -scale * s.sum_g[c] / n : 0.0);
   }
   const T* dy = a.dy;
   const T* x = a.x;
@@ -390,11 +399,33 @@ void backward_impl(const BnBackwardArgs<T>& a) {
 }  // namespace
 
 template <class T>
-void bn_backward(const BnBackwardArgs<T>& a) {
+void bn_backward_reduce(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
   if (a.y)
-    backward_impl<T, true>(a);
+    backward_reduce_impl<T, true>(a, s);
   else
-    backward_impl<T, false>(a);
+    backward_reduce_impl<T, false>(a, s);
+}
+
+template <class T>
+void bn_backward_apply(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
+  if (a.y)
+    backward_apply_impl<T, true>(a, s);
+  else
+    backward_apply_impl<T, false>(a, s);
+}
+
+// The single-process backward: both phases, with this process's sums and count.
+template <class T>
+void bn_backward(const BnBackwardArgs<T>& a) {
+  const i64 C = a.layout.channels;
+  Buffer<double> sum_g = make_buffer<double>(C), sum_gxhat = make_buffer<double>(C);
+  const BnGradSums<T> s{sum_g.get(), sum_gxhat.get(), static_cast<double>(a.layout.per_channel())};
+  bn_backward_reduce(a, s);
+  for (i64 c = 0; c < C; ++c) {
+    a.dweight[c] = static_cast<T>(sum_gxhat[c]);
+    a.dbias[c] = static_cast<T>(sum_g[c]);
+  }
+  bn_backward_apply(a, s);
 }
 
 template void bn_train<float>(const BnTrainArgs<float>&);
@@ -403,6 +434,12 @@ template void bn_infer<float>(const BnInferArgs<float>&);
 template void bn_infer<double>(const BnInferArgs<double>&);
 template void bn_backward<float>(const BnBackwardArgs<float>&);
 template void bn_backward<double>(const BnBackwardArgs<double>&);
+template void bn_moments<float>(const BnMomentsArgs<float>&);
+template void bn_moments<double>(const BnMomentsArgs<double>&);
+template void bn_backward_reduce<float>(const BnBackwardArgs<float>&, const BnGradSums<float>&);
+template void bn_backward_reduce<double>(const BnBackwardArgs<double>&, const BnGradSums<double>&);
+template void bn_backward_apply<float>(const BnBackwardArgs<float>&, const BnGradSums<float>&);
+template void bn_backward_apply<double>(const BnBackwardArgs<double>&, const BnGradSums<double>&);
 
 }  // namespace PYBN_ISA
 }  // namespace pybn

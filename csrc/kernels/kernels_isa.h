@@ -14,6 +14,12 @@ template <class T>
 void bn_infer(const BnInferArgs<T>& a);
 template <class T>
 void bn_backward(const BnBackwardArgs<T>& a);
+template <class T>
+void bn_moments(const BnMomentsArgs<T>& a);
+template <class T>
+void bn_backward_reduce(const BnBackwardArgs<T>& a, const BnGradSums<T>& s);
+template <class T>
+void bn_backward_apply(const BnBackwardArgs<T>& a, const BnGradSums<T>& s);
 
 template <class T>
 void dropout(const DropoutArgs<T>& a);

@@ -15,6 +15,9 @@ TypedKernels<T> typed_kernels() {
   k.bn_train = &bn_train<T>;
   k.bn_infer = &bn_infer<T>;
   k.bn_backward = &bn_backward<T>;
+  k.bn_moments = &bn_moments<T>;
+  k.bn_backward_reduce = &bn_backward_reduce<T>;
+  k.bn_backward_apply = &bn_backward_apply<T>;
   k.dropout = &dropout<T>;
   k.dropout_apply = &dropout_apply<T>;
   k.fold_scale = &fold_scale<T>;

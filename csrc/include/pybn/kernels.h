@@ -39,10 +39,20 @@ struct BnInferArgs {
   T* y = nullptr;                  // may alias x
   const T* mean = nullptr;         // (C,)
   const T* var = nullptr;          // (C,)
+  const T* invstd = nullptr;       // (C,) given instead of var: 1 / sqrt(var + eps) (eps unused)
   const T* weight = nullptr;
   const T* bias = nullptr;
   double eps = 1e-5;
   bool relu = false;
+};
+
+// Per-channel statistics of x: mean and m2 = sum of squared deviations, in double.
+template <class T>
+struct BnMomentsArgs {
+  Layout layout;
+  const T* x = nullptr;
+  double* mean = nullptr;          // (C,) out
+  double* m2 = nullptr;            // (C,) out
 };
 
 // Backward. training: gradient through the batch statistics (mean/invstd saved by the
@@ -60,6 +70,17 @@ struct BnBackwardArgs {
   T* dweight = nullptr;            // (C,) out: sum(dy * xhat)
   T* dbias = nullptr;              // (C,) out: sum(dy)
   bool training = true;
+};
+
+// The backward in two phases, for statistics all-reduced between them (SyncBatchNorm):
+// reduce gives per channel sum(g) and sum(g * xhat), g = dy (masked by y > 0 when y is
+// given), xhat = (x - mean) * invstd; apply takes those sums over `count` values in all
+// and writes dx = weight * invstd * (g - sum_g / count - xhat * sum_gxhat / count).
+template <class T>
+struct BnGradSums {
+  double* sum_g = nullptr;         // (C,)
+  double* sum_gxhat = nullptr;     // (C,)
+  double count = 0;                // apply only
 };
 
 // Inverted dropout over n elements (the mask stream of DESIGN.md): element k is kept when
@@ -119,6 +140,11 @@ struct TypedKernels {
   void (*bn_train)(const BnTrainArgs<T>&) = nullptr;
   void (*bn_infer)(const BnInferArgs<T>&) = nullptr;
   void (*bn_backward)(const BnBackwardArgs<T>&) = nullptr;
+  void (*bn_moments)(const BnMomentsArgs<T>&) = nullptr;
+  // Uses layout, dy, x, y, mean, invstd; fills sums.sum_g and sums.sum_gxhat.
+  void (*bn_backward_reduce)(const BnBackwardArgs<T>&, const BnGradSums<T>&) = nullptr;
+  // Uses layout, dy, x, y, mean, invstd, weight, dx, training; reads the sums and count.
+  void (*bn_backward_apply)(const BnBackwardArgs<T>&, const BnGradSums<T>&) = nullptr;
   void (*dropout)(const DropoutArgs<T>&) = nullptr;
   void (*dropout_apply)(const DropoutApplyArgs<T>&) = nullptr;
   void (*fold_scale)(const FoldScaleArgs<T>&) = nullptr;
