@@ -1,0 +1,587 @@
+"""Layers for NumPy training loops (DESIGN.md, "Layers (`pybn.nn`)").
+
+:class:`BatchNorm` and :class:`Dropout` wrap the pybn kernels in PyTorch-style modules:
+``y = layer(x)`` runs the forward pass, ``dx = layer.backward(dy)`` the backward pass of
+the most recent forward, and ``train()`` / ``eval()`` switch the mode. The layers hold no
+autograd graph: each keeps just what its backward needs from the last forward.
+
+Errors follow PyTorch where it has one: ``backward`` before any ``forward`` is a
+``RuntimeError`` (what PyTorch raises for a gradient without a graph); wrong arguments are
+``TypeError`` / ``ValueError`` naming the argument, and ``load_state_dict`` problems a
+``KeyError`` (missing or unexpected key) or ``ValueError`` (wrong shape) naming the key.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._checks import FLOAT_DTYPES, channel_layout, float_array, integer, real_number
+from .batchnorm import batch_norm_backward, batch_norm_infer, batch_norm_train
+from .dropout import counters_used, dropout
+
+__all__ = ["BatchNorm", "Dropout"]
+
+_U64 = 1 << 64
+
+
+class _Layer:
+    """Mode switching shared by the layers (PyTorch's ``nn.Module.train`` / ``eval``)."""
+
+    training: bool = True
+
+    def train(self, mode: bool = True):
+        """Set training mode (``mode=False`` is :meth:`eval`).
+
+        Parameters
+        ----------
+        mode : bool, default True
+
+        Returns
+        -------
+        self
+        """
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set evaluation (inference) mode.
+
+        Returns
+        -------
+        self
+        """
+        return self.train(False)
+
+    def __call__(self, x: Any) -> np.ndarray:
+        """The forward pass, ``self.forward(x)``."""
+        return self.forward(x)
+
+    def forward(self, x: Any) -> np.ndarray:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _saved_or_raise(self, saved: Any) -> Any:
+        # PyTorch raises RuntimeError when there is no graph to differentiate through.
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: called before any forward pass "
+                               "(nothing saved to differentiate)")
+        return saved
+
+
+def _check_dy(dy: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """dy must match the last forward's input exactly; say so in the layer's own terms."""
+    dy = float_array(dy, "dy")
+    if dy.shape != shape:
+        raise ValueError(f"dy: shape {dy.shape} does not match the last forward's input {shape}")
+    if dy.dtype != dtype:
+        raise TypeError(f"dy: dtype {dy.dtype} does not match the last forward's input ({dtype})")
+    return dy
+
+
+# --------------------------------------------------------------------------- BatchNorm
+
+class BatchNorm(_Layer):
+    """Batch normalization over every axis but the channel axis, with PyTorch's semantics.
+
+    One layer covers ``nn.BatchNorm1d/2d/3d`` (``axis=1``) and channels-last inputs such
+    as Keras' ``BatchNormalization`` (``axis=-1``). In training mode the batch statistics
+    normalize ``x`` and the running statistics are updated in place,
+    ``r = (1 - momentum) * r + momentum * batch_stat`` (variance unbiased); in evaluation
+    mode the running statistics normalize ``x``.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C (the extent of ``x`` along `axis`).
+    axis : int, default 1
+        The channel axis; negative counts from the end (-1 for NHWC / Keras).
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    momentum : float or None, default 0.1
+        PyTorch's momentum (the weight of the new batch). ``None`` is the cumulative
+        moving average: momentum ``1 / num_batches_tracked`` (after counting this batch).
+    affine : bool, default True
+        Learnable per-channel ``weight`` (gamma, starts at 1) and ``bias`` (beta, 0).
+    track_running_stats : bool, default True
+        Keep running statistics. When False they are None and batch statistics are used
+        in evaluation mode too (as PyTorch).
+    dtype : str or numpy dtype, default "float32"
+        float32 or float64; parameters, statistics and inputs all have this dtype.
+
+    Attributes
+    ----------
+    weight, bias : ndarray of shape (C,) or None
+        The affine parameters (None when ``affine=False``). Update them in place or
+        rebind them, e.g. ``bn.weight -= lr * bn.grad_weight``.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        Set (overwritten, not accumulated) by :meth:`backward`; None before it and when
+        ``affine=False``.
+    running_mean, running_var : ndarray of shape (C,) or None
+        Updated in place by training-mode forwards (None without running statistics).
+    num_batches_tracked : int or None
+        Training-mode forwards so far (None without running statistics).
+    training : bool
+        The current mode; new layers start in training mode.
+
+    Notes
+    -----
+    :meth:`backward` differentiates the most recent forward, in the mode that forward
+    ran in, and may be called more than once. It reads that forward's input and the
+    current ``weight``, so modify neither in place between the two (update the
+    parameters after ``backward``, as an optimizer step does).
+
+    Examples
+    --------
+    >>> bn = BatchNorm(64)
+    >>> y = bn(x)                    # x of shape (N, 64, ...)
+    >>> dx = bn.backward(dy)
+    >>> bn.weight -= lr * bn.grad_weight
+    >>> bn.bias -= lr * bn.grad_bias
+    """
+
+    def __init__(self, num_features: int, *, axis: int = 1, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, dtype: Any = "float32") -> None:
+        self.num_features = integer(num_features, "num_features")
+        if self.num_features < 1:
+            raise ValueError(f"num_features: must be >= 1, got {self.num_features}")
+        self.axis = integer(axis, "axis")
+        self.eps = real_number(eps, "eps", minimum=0.0)
+        self.momentum = None if momentum is None else real_number(momentum, "momentum")
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = _float_dtype(dtype)
+        self.training = True
+
+        c, dt = self.num_features, self.dtype
+        self.weight = np.ones(c, dt) if self.affine else None
+        self.bias = np.zeros(c, dt) if self.affine else None
+        self.grad_weight: np.ndarray | None = None
+        self.grad_bias: np.ndarray | None = None
+        if self.track_running_stats:
+            self.running_mean: np.ndarray | None = np.zeros(c, dt)
+            self.running_var: np.ndarray | None = np.ones(c, dt)
+            self.num_batches_tracked: int | None = 0
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        # (x, mean, invstd, training) of the last forward, for backward
+        self._saved: tuple[np.ndarray, np.ndarray, np.ndarray, bool] | None = None
+
+    def __repr__(self) -> str:
+        return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name!r})")
+
+    # ---- forward / backward
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Normalize `x`: batch statistics in training mode (or without running
+        statistics), the running statistics in evaluation mode.
+
+        Parameters
+        ----------
+        x : array_like of the layer's dtype, ndim >= 2
+            Its extent along `axis` must be `num_features`.
+
+        Returns
+        -------
+        ndarray
+            y, C-contiguous, the shape and dtype of x.
+
+        Raises
+        ------
+        TypeError
+            x is not of the layer's dtype.
+        ValueError
+            x's channel count is not `num_features`, or (when using batch statistics)
+            there is only one value per channel.
+        """
+        x = self._check_input(x)
+        if self.training or not self.track_running_stats:
+            return self._forward_batch_stats(x)
+        return self._forward_running_stats(x)
+
+    def _check_input(self, x: Any) -> np.ndarray:
+        x = float_array(x, "x")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x: dtype {x.dtype} does not match the layer's dtype {self.dtype} "
+                            f"(cast x, or build the layer with dtype={x.dtype.name!r})")
+        _, _, channels, _ = channel_layout(x.shape, self.axis)
+        if channels != self.num_features:
+            raise ValueError(f"x: has {channels} channels along axis {self.axis} (shape {x.shape}), "
+                             f"but num_features is {self.num_features}")
+        return x
+
+    def _forward_batch_stats(self, x: np.ndarray) -> np.ndarray:
+        update = self.training and self.track_running_stats
+        kwargs = {}
+        if update:
+            kwargs = dict(running_mean=self.running_mean, running_var=self.running_var,
+                          momentum=self._momentum_for_next_batch())
+        y, mean, invstd = batch_norm_train(x, self.weight, self.bias, eps=self.eps, axis=self.axis, **kwargs)
+        if update:  # counted only once the batch went through (a failed call changes nothing)
+            self.num_batches_tracked += 1
+        self._saved = (x, mean, invstd, True)
+        return y
+
+    def _momentum_for_next_batch(self) -> float:
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (self.num_batches_tracked + 1)  # cumulative moving average, as PyTorch
+
+    def _forward_running_stats(self, x: np.ndarray) -> np.ndarray:
+        y = batch_norm_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             eps=self.eps, axis=self.axis)
+        # copies: a later load_state_dict or training step must not change this gradient
+        invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)).astype(self.dtype)
+        self._saved = (x, self.running_mean.copy(), invstd, False)
+        return y
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """Gradient of the most recent forward; sets `grad_weight` and `grad_bias`.
+
+        After a forward with batch statistics the gradient includes the path through
+        them; after an evaluation-mode forward it is ``dy * weight / sqrt(running_var + eps)``.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the loss with respect to the forward's output (same shape and dtype).
+
+        Returns
+        -------
+        ndarray
+            dx, the gradient with respect to the forward's input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward pass yet.
+        ValueError, TypeError
+            dy's shape or dtype differs from the forward's input.
+        """
+        x, mean, invstd, training = self._saved_or_raise(self._saved)
+        dy = _check_dy(dy, x.shape, x.dtype)
+        dx, dweight, dbias = batch_norm_backward(dy, x, mean, invstd, self.weight, training=training,
+                                                 axis=self.axis)
+        if self.affine:
+            self.grad_weight, self.grad_bias = dweight, dbias
+        return dx
+
+    # ---- state
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The parameters and buffers under PyTorch's names, as copies.
+
+        Keys, in PyTorch's order: ``weight``, ``bias`` (when affine), ``running_mean``,
+        ``running_var``, ``num_batches_tracked`` (a 0-d int64 array; when tracking running
+        statistics). Unlike PyTorch the arrays are copies, so a saved state does not change
+        as the layer trains. ``torch_module.load_state_dict({k: torch.from_numpy(v) ...})``
+        accepts it.
+
+        Returns
+        -------
+        dict of str to ndarray
+        """
+        state = {name: getattr(self, name).copy() for name in self._array_keys()}
+        if self.track_running_stats:
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, np.int64)
+        return state
+
+    def _array_keys(self) -> list[str]:
+        return (["weight", "bias"] if self.affine else []) + \
+               (["running_mean", "running_var"] if self.track_running_stats else [])
+
+    def _state_keys(self) -> list[str]:
+        return self._array_keys() + (["num_batches_tracked"] if self.track_running_stats else [])
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        """Copy a state (ours, or a torch BatchNorm's) into the existing arrays.
+
+        Every value is checked before anything is copied, so a bad state changes nothing.
+        Values may be ndarrays, torch CPU tensors or array-likes; they are cast to the
+        layer's dtype.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Exactly the keys :meth:`state_dict` gives, e.g.
+            ``{k: v.numpy() for k, v in torch_bn.state_dict().items()}``.
+
+        Raises
+        ------
+        KeyError
+            A key is missing or unexpected (the message names it).
+        ValueError
+            A value has the wrong shape (the message names the key).
+        TypeError
+            A value is not numeric.
+        """
+        expected = self._state_keys()
+        for key in expected:
+            if key not in state_dict:
+                raise KeyError(f"{key}: missing from the state_dict (expected keys: {', '.join(expected)})")
+        for key in state_dict:
+            if key not in expected:
+                raise KeyError(f"{key}: unexpected key in the state_dict (expected keys: {', '.join(expected)})")
+        arrays = {key: _state_array(state_dict[key], key, (self.num_features,)) for key in self._array_keys()}
+        if self.track_running_stats:
+            count = _state_array(state_dict["num_batches_tracked"], "num_batches_tracked", ())
+            self.num_batches_tracked = integer(count.item(), "num_batches_tracked")
+        for key, value in arrays.items():
+            np.copyto(getattr(self, key), value, casting="unsafe")  # in place: references stay valid
+
+    # ---- construction from other frameworks
+
+    @classmethod
+    def from_torch(cls, module: Any) -> BatchNorm:
+        """A layer equal to a torch ``nn.BatchNorm1d/2d/3d`` (``axis=1``).
+
+        Copies eps, momentum (None included), affine, track_running_stats, the mode and
+        the state; the result shares no memory with the module.
+
+        Parameters
+        ----------
+        module : torch.nn.modules.batchnorm._BatchNorm
+            On the CPU, float32 or float64.
+
+        Returns
+        -------
+        BatchNorm
+        """
+        import torch  # optional dependency: only this constructor needs it
+
+        if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            raise TypeError(f"module: expected a torch BatchNorm1d/2d/3d, got {type(module).__name__}")
+        tensors = [t for t in (module.weight, module.running_mean) if t is not None]
+        dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"module: dtype {dtype} is not supported (pybn takes float32 or float64)")
+        layer = cls(module.num_features, axis=1, eps=module.eps, momentum=module.momentum,
+                    affine=module.affine, track_running_stats=module.track_running_stats,
+                    dtype=str(dtype).replace("torch.", ""))
+        layer.load_state_dict({k: v.detach().cpu().numpy() for k, v in module.state_dict().items()})
+        return layer.train(module.training)
+
+    @classmethod
+    def from_keras(cls, gamma: Any, beta: Any, moving_mean: Any, moving_variance: Any, *,
+                   momentum: float = 0.99, epsilon: float = 1e-3, axis: int = -1) -> BatchNorm:
+        """A layer from the weights of a Keras ``BatchNormalization``.
+
+        Pass ``layer.get_weights()`` in Keras' order (``gamma`` and ``beta`` only exist
+        with ``scale=True`` / ``center=True``; give None for an absent one) and the layer's
+        ``momentum``, ``epsilon`` and ``axis``.
+
+        Keras and PyTorch define momentum the other way round: Keras updates
+        ``moving = moving * momentum + batch * (1 - momentum)``, so Keras' ``momentum=0.99``
+        is PyTorch's ``momentum=0.01``. This converts it (``1 - momentum``).
+
+        Parameters
+        ----------
+        gamma, beta : array_like of shape (C,) or None
+            Scale and offset. An absent one becomes the identity (1 or 0); with both
+            absent the layer has ``affine=False``. A present-but-fixed one is still
+            returned in ``weight`` / ``bias`` and given a gradient: leave it out of your
+            optimizer's update to keep Keras' behaviour.
+        moving_mean, moving_variance : array_like of shape (C,)
+            The running statistics; their dtype (float32 or float64) is the layer's.
+        momentum : float in [0, 1], default 0.99
+            Keras' momentum.
+        epsilon : float, default 1e-3
+            Keras' default differs from PyTorch's 1e-5.
+        axis : int, default -1
+            The channel axis (Keras' default, channels-last).
+
+        Returns
+        -------
+        BatchNorm
+            In training mode, ``num_batches_tracked = 0``.
+
+        Notes
+        -----
+        Keras updates ``moving_variance`` with the biased batch variance; this layer, like
+        PyTorch, uses the unbiased one (a factor ``n/(n-1)`` on the batch term, where n is
+        the number of values per channel). The outputs and ``moving_mean`` follow Keras'
+        formulas exactly.
+        """
+        momentum = real_number(momentum, "momentum")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum: Keras' momentum must be in [0, 1], got {momentum}")
+        mean = float_array(moving_mean, "moving_mean")
+        if mean.ndim != 1 or mean.size < 1:
+            raise ValueError(f"moving_mean: expected shape (C,), got {mean.shape}")
+        layer = cls(mean.size, axis=axis, eps=epsilon, momentum=1.0 - momentum,
+                    affine=gamma is not None or beta is not None, dtype=mean.dtype)
+        values = {"running_mean": mean, "running_var": moving_variance}
+        if layer.affine:  # an absent gamma / beta keeps the identity the constructor set
+            values.update(weight=layer.weight if gamma is None else gamma,
+                          bias=layer.bias if beta is None else beta)
+        values = {k: _state_array(v, _KERAS_NAMES[k], (mean.size,)) for k, v in values.items()}
+        layer.load_state_dict({**values, "num_batches_tracked": 0})
+        return layer
+
+
+_KERAS_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
+                "running_var": "moving_variance"}
+
+
+def _float_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype: {dtype!r} is not a dtype (use 'float32' or 'float64')") from None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: {dt} is not supported (pybn takes float32 or float64)")
+    return dt
+
+
+def _state_array(value: Any, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A state value as an ndarray of `shape` (torch CPU tensors convert via __array__)."""
+    arr = np.asarray(value)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{key}: dtype {arr.dtype} is not numeric")
+    if arr.shape != shape:
+        raise ValueError(f"{key}: expected shape {shape}, got {arr.shape}")
+    return arr
+
+
+# --------------------------------------------------------------------------- Dropout
+
+class Dropout(_Layer):
+    """Inverted dropout with a reproducible counter-based mask (PyTorch's ``nn.Dropout``).
+
+    In training mode each element is dropped with probability `p` and the kept ones are
+    scaled by ``1/(1-p)``; in evaluation mode the layer is the identity. Call i draws its
+    mask with ``pybn.dropout(x, p, seed=seed, offset=offset)`` and then advances
+    ``offset`` by ``pybn.counters_used(n)`` (n mask elements), so no two calls share
+    random counters and a run is reproduced exactly from its seed.
+
+    Parameters
+    ----------
+    p : float in [0, 1], default 0.5
+        Probability of dropping an element (PyTorch's ``p``, Keras' ``rate``).
+    seed : int in [0, 2**64), optional
+        Key of the random stream. None draws one from the operating system's entropy
+        (as ``np.random.SeedSequence()``); it is kept in the ``seed`` attribute, so log
+        it to reproduce the run.
+    noise_shape : sequence of int or None, optional
+        Keras semantics: the mask is drawn over this shape and broadcast over the axes
+        where it is 1, e.g. ``(N, C, 1, 1)`` is PyTorch's ``Dropout2d``. A None entry
+        takes x's extent on that axis (handy for the batch axis).
+
+    Attributes
+    ----------
+    seed : int
+    offset : int
+        The first Philox counter of the next training-mode mask (starts at 0). Set it
+        together with `seed` to resume a stream.
+    training : bool
+
+    Notes
+    -----
+    Only ``(seed, offset)`` of the last forward is kept: :meth:`backward` regenerates
+    the mask, so no mask is stored. Backward after an evaluation-mode forward passes
+    the gradient through.
+    """
+
+    def __init__(self, p: float = 0.5, *, seed: int | None = None, noise_shape: Any = None) -> None:
+        self.p = p
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+        self.seed = _u64(seed, "seed")
+        self.noise_shape = _noise_shape(noise_shape)
+        self.offset = 0
+        self.training = True
+        # (p, seed, offset, mask shape or None for identity, x's shape, x's dtype) of the last
+        # forward: attributes changed in between must not change its gradient
+        self._saved: tuple[float, int, int, tuple[int, ...] | None, tuple[int, ...], np.dtype] | None = None
+
+    @property
+    def p(self) -> float:
+        """The drop probability, in [0, 1]."""
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        p = real_number(value, "p")
+        if not 0.0 <= p <= 1.0:  # as torch.nn.Dropout, a ValueError
+            raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
+        self._p = p
+
+    def __repr__(self) -> str:
+        return f"Dropout(p={self.p}, seed={self.seed}, noise_shape={self.noise_shape})"
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Drop and scale in training mode; return `x` itself in evaluation mode.
+
+        Parameters
+        ----------
+        x : array_like, float32 or float64
+
+        Returns
+        -------
+        ndarray
+            A new C-contiguous array in training mode; x unchanged (not copied) in
+            evaluation mode, as PyTorch.
+        """
+        x = float_array(x, "x")
+        if not self.training:
+            self._saved = (self.p, self.seed, self.offset, None, x.shape, x.dtype)
+            return x
+        mask_shape = self._mask_shape(x.shape)
+        y = dropout(x, self.p, seed=self.seed, offset=self.offset, noise_shape=mask_shape)
+        self._saved = (self.p, self.seed, self.offset, mask_shape, x.shape, x.dtype)
+        self.offset = (self.offset + counters_used(math.prod(mask_shape))) % _U64
+        return y
+
+    def _mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The noise shape with None entries filled in from x (x's shape without one)."""
+        if self.noise_shape is None:
+            return shape
+        if len(self.noise_shape) != len(shape):
+            raise ValueError(f"noise_shape: {self.noise_shape} has {len(self.noise_shape)} entries, "
+                             f"x has {len(shape)} dimensions (shape {shape})")
+        return tuple(s if d is None else d for d, s in zip(self.noise_shape, shape))
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """Gradient of the most recent forward: dy through the same mask and scale.
+
+        Parameters
+        ----------
+        dy : array_like
+            Same shape and dtype as the forward's input.
+
+        Returns
+        -------
+        ndarray
+            dx; after an evaluation-mode forward, dy itself.
+
+        Raises
+        ------
+        RuntimeError
+            No forward pass yet.
+        ValueError, TypeError
+            dy's shape or dtype differs from the forward's input.
+        """
+        p, seed, offset, mask_shape, shape, dtype = self._saved_or_raise(self._saved)
+        dy = _check_dy(dy, shape, dtype)
+        if mask_shape is None:
+            return dy
+        return dropout(dy, p, seed=seed, offset=offset, noise_shape=mask_shape)
+
+
+def _noise_shape(noise_shape: Any) -> tuple[int | None, ...] | None:
+    if noise_shape is None:
+        return None
+    try:
+        entries = tuple(noise_shape)
+    except TypeError:
+        raise TypeError(f"noise_shape: must be a sequence of ints (or None entries), got {noise_shape!r}") from None
+    return tuple(None if d is None else integer(d, "noise_shape") for d in entries)
+
+
+def _u64(value: Any, name: str) -> int:
+    v = integer(value, name)
+    if not 0 <= v < _U64:
+        raise ValueError(f"{name}: must be in [0, 2**64), got {v}")
+    return v
