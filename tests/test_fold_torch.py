@@ -1,0 +1,477 @@
+"""pybn.torch.fold against PyTorch itself: every folded module must compute what the
+original computes in eval mode (DESIGN.md, "Folding batch norm")."""
+
+import copy
+import logging
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import pybn.torch  # noqa: E402
+from pybn.torch import Folded  # noqa: E402
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(1234)
+
+
+def randomize_batch_norms(model):
+    """Non-trivial running statistics and affine parameters (var > 0, gamma far from 1)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BATCH_NORMS) and m.running_mean is not None:
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c))
+                m.running_var.copy_(torch.rand(c) * 2 + 0.25)
+                if m.affine:
+                    m.weight.copy_(1 + 0.5 * torch.randn(c))
+                    m.bias.copy_(torch.randn(c))
+    return model
+
+
+def assert_same(actual, expected):
+    """Equal up to rounding: 1e-5 (float32) or 1e-10 (float64) of the output's scale."""
+    tol = 1e-10 if expected.dtype == torch.float64 else 1e-5
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale)
+
+
+def check_fold(model, x, **kwargs):
+    """Fold `model`; assert the result equals model.eval() on x; return (folded, report)."""
+    folded, report = pybn.torch.fold(model, return_report=True, **kwargs)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).eval()(x)
+        actual = folded(x)
+    assert actual.dtype == expected.dtype
+    assert_same(actual, expected)
+    return folded, report
+
+
+def count(model, classes):
+    return sum(isinstance(m, classes) for m in model.modules())
+
+
+# --- layer -> batch norm -------------------------------------------------------------
+
+LAYER_THEN_BN = {
+    "linear": (lambda: nn.Linear(7, 5), nn.BatchNorm1d, (4, 7)),
+    "conv1d": (lambda: nn.Conv1d(3, 6, 3), nn.BatchNorm1d, (2, 3, 10)),
+    "conv2d": (lambda: nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d, (2, 3, 8, 8)),
+    "conv3d": (lambda: nn.Conv3d(2, 4, 3), nn.BatchNorm3d, (2, 2, 5, 5, 5)),
+    "conv2d_groups2": (lambda: nn.Conv2d(4, 6, 3, groups=2), nn.BatchNorm2d, (2, 4, 7, 7)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(6, 6, 3, groups=6, padding=1), nn.BatchNorm2d, (2, 6, 7, 7)),
+    "conv1d_depthwise_multiplier2": (lambda: nn.Conv1d(3, 6, 3, groups=3), nn.BatchNorm1d, (2, 3, 9)),
+    "conv2d_no_bias": (lambda: nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d, (2, 3, 6, 6)),
+    "conv_transpose1d": (lambda: nn.ConvTranspose1d(3, 6, 3, stride=2), nn.BatchNorm1d, (2, 3, 5)),
+    "conv_transpose1d_groups2": (lambda: nn.ConvTranspose1d(4, 6, 3, groups=2), nn.BatchNorm1d, (2, 4, 5)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2), nn.BatchNorm2d, (2, 4, 5, 5)),
+    "conv_transpose2d_groups2": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d,
+                                 (2, 4, 5, 5)),
+    "conv_transpose2d_depthwise": (lambda: nn.ConvTranspose2d(6, 6, 3, groups=6), nn.BatchNorm2d, (2, 6, 5, 5)),
+    "conv_transpose2d_no_bias": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, groups=2,
+                                                            bias=False), nn.BatchNorm2d, (2, 4, 5, 5)),
+    "conv_transpose3d": (lambda: nn.ConvTranspose3d(2, 4, 3), nn.BatchNorm3d, (2, 2, 4, 4, 4)),
+    "conv_transpose3d_groups2": (lambda: nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2), nn.BatchNorm3d,
+                                 (2, 4, 3, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("case", list(LAYER_THEN_BN))
+def test_layer_then_batch_norm(case, affine, dtype):
+    make_layer, bn_class, shape = LAYER_THEN_BN[case]
+    layer = make_layer()
+    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    model = randomize_batch_norms(nn.Sequential(layer, bn_class(channels, affine=affine))).to(dtype)
+    folded, report = check_fold(model, torch.randn(shape, dtype=dtype))
+
+    kind = "linear+bn" if isinstance(layer, nn.Linear) else "conv+bn"
+    assert report == [Folded(kind, ("0", "1"))]
+    assert count(folded, BATCH_NORMS) == 0
+    new = folded.get_submodule("0")
+    assert type(new) is type(layer)
+    assert new.weight.dtype == new.bias.dtype == dtype
+    assert new.weight.requires_grad and new.bias.requires_grad
+
+
+def test_requires_grad_and_dtype_are_kept():
+    layer = nn.Conv2d(3, 4, 3, bias=False).requires_grad_(False)
+    model = randomize_batch_norms(nn.Sequential(layer, nn.BatchNorm2d(4))).double()
+    folded, _ = check_fold(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    conv = folded.get_submodule("0")
+    assert conv.weight.dtype == conv.bias.dtype == torch.float64
+    assert not conv.weight.requires_grad and not conv.bias.requires_grad
+
+
+# --- batch norm -> layer -------------------------------------------------------------
+
+BN_THEN_LAYER = {
+    "bn1d_linear": (nn.BatchNorm1d(7), nn.Linear(7, 5), (4, 7), "bn+linear"),
+    "bn1d_linear_no_bias": (nn.BatchNorm1d(7), nn.Linear(7, 5, bias=False), (4, 7), "bn+linear"),
+    "bn1d_no_affine_linear": (nn.BatchNorm1d(7, affine=False), nn.Linear(7, 5), (4, 7), "bn+linear"),
+    "bn2d_conv1x1": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), (2, 4, 5, 5), "bn+conv"),
+    "bn2d_conv1x1_stride2": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, stride=2), (2, 4, 5, 5), "bn+conv"),
+    # without padding, the padding mode does not matter
+    "bn2d_conv1x1_circular": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, padding_mode="circular"), (2, 4, 5, 5),
+                              "bn+conv"),
+    "bn1d_conv1d_pointwise": (nn.BatchNorm1d(4), nn.Conv1d(4, 3, 1, bias=False), (2, 4, 9), "bn+conv"),
+    "bn3d_conv3d_pointwise": (nn.BatchNorm3d(3), nn.Conv3d(3, 2, 1), (2, 3, 3, 4, 5), "bn+conv"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(BN_THEN_LAYER))
+def test_batch_norm_then_layer(case, dtype):
+    bn, layer, shape, kind = copy.deepcopy(BN_THEN_LAYER[case])
+    model = randomize_batch_norms(nn.Sequential(bn, layer)).to(dtype)
+    folded, report = check_fold(model, torch.randn(shape, dtype=dtype))
+    assert report == [Folded(kind, ("0", "1"))]
+    assert count(folded, BATCH_NORMS) == 0
+    assert folded.get_submodule("1").weight.dtype == dtype
+
+
+NOT_FOLDED = {
+    # zero padding at the border would not see the BN's shift
+    "bn2d_conv3x3": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1), (2, 4, 5, 5)),
+    "bn2d_conv3x3_no_padding": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3), (2, 4, 5, 5)),
+    "bn2d_conv1x1_padding1": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, padding=1), (2, 4, 5, 5)),
+    "bn2d_conv1x1_groups2": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, groups=2), (2, 4, 5, 5)),
+    # BN before a ConvTranspose: positions no kernel tap reaches would miss the shift
+    "bn2d_conv_transpose1x1": (nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 6, 1, stride=2), (2, 4, 5, 5)),
+    # batch statistics even in eval mode: not an affine map
+    "conv_bn_no_running_stats": (nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                                 (2, 3, 6, 6)),
+    "bn_no_running_stats_linear": (nn.BatchNorm1d(7, track_running_stats=False), nn.Linear(7, 5), (4, 7)),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_FOLDED))
+def test_pairs_that_must_not_fold(case):
+    first, second, shape = copy.deepcopy(NOT_FOLDED[case])
+    model = randomize_batch_norms(nn.Sequential(first, second))
+    folded, report = check_fold(model, torch.randn(shape))
+    assert report == []
+    assert count(folded, BATCH_NORMS) == 1
+
+
+class ResidualBeforeBN(nn.Module):
+    """The conv's output also feeds the residual add: folding BN into it would change that."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class SharedConv(nn.Module):
+    """The same conv is called twice: folding BN into it would change the second call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.conv(self.bn(self.conv(x)))
+
+
+class WeightAlsoReadDirectly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) + self.fc.weight.sum()
+
+
+@pytest.mark.parametrize("model_class", [ResidualBeforeBN, SharedConv, WeightAlsoReadDirectly])
+def test_layer_with_other_users_is_not_folded(model_class):
+    model = randomize_batch_norms(model_class())
+    shape = (3, 5) if model_class is WeightAlsoReadDirectly else (2, 4, 6, 6)
+    folded, report = check_fold(model, torch.randn(shape))
+    assert report == []
+    assert count(folded, BATCH_NORMS) == 1
+
+
+def test_hooked_batch_norm_is_not_folded():
+    model = randomize_batch_norms(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)))
+    calls = []
+    model[1].register_forward_hook(lambda *args: calls.append(1))
+    folded, report = check_fold(model, torch.randn(3, 5))
+    assert report == []
+    assert calls == [1, 1]  # the hook still runs in the folded module (once per check_fold call)
+
+
+# --- dropout ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dropout_class", DROPOUTS)
+def test_dropout_modules_are_removed(dropout_class):
+    model = nn.Sequential(nn.Tanh(), dropout_class(0.4), nn.ReLU())
+    shape = {nn.Dropout1d: (2, 3, 5), nn.Dropout3d: (2, 3, 4, 4, 4)}.get(dropout_class, (2, 3, 5, 5))
+    folded, report = check_fold(model, torch.randn(shape))
+    assert report == [Folded("dropout", ("1",))]
+    assert count(folded, DROPOUTS) == 0
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        x = F.dropout(x, 0.3, training=self.training)  # identity in eval mode: removed
+        x = F.alpha_dropout(self.fc(x), 0.2)  # training defaults to False: removed
+        x = F.dropout(x, 0.5)  # training defaults to True: drops in eval mode too, kept
+        return self.bn(x)
+
+
+def test_functional_dropout():
+    model = randomize_batch_norms(FunctionalDropout())
+    folded, report = pybn.torch.fold(model, return_report=True)
+    assert report == [Folded("functional dropout", ("dropout",)), Folded("functional dropout", ("alpha_dropout",))]
+    kept = [n for n in folded.graph.nodes if n.op == "call_function" and n.target is F.dropout]
+    assert len(kept) == 1
+    x = torch.randn(8, 6)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        expected = copy.deepcopy(model).eval()(x)
+        torch.manual_seed(7)  # the same dropout mask in both
+        actual = folded(x)
+    assert_same(actual, expected)
+    # the kept dropout sits between fc and bn, so they are not adjacent
+    assert count(folded, BATCH_NORMS) == 1
+
+
+# --- whole models ------------------------------------------------------------------------
+
+def red_wine():
+    """The Keras "Red Wine" model (seed 001) in torch: Dense(relu) -> Dropout -> BN, x3."""
+    layers = []
+    for n_in in (11, 1024, 1024):
+        layers += [nn.Linear(n_in, 1024), nn.ReLU(), nn.Dropout(0.3), nn.BatchNorm1d(1024)]
+    return nn.Sequential(*layers, nn.Linear(1024, 1))
+
+
+def test_red_wine_model(caplog):
+    model = red_wine()
+    with torch.no_grad():  # running statistics from a few training batches
+        for _ in range(3):
+            model(torch.rand(256, 11) * 10)
+    with torch.no_grad():  # and non-trivial affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.weight.copy_(1 + 0.5 * torch.randn(1024))
+                m.bias.copy_(torch.randn(1024))
+    with caplog.at_level(logging.INFO, logger="pybn.torch"):
+        folded, report = check_fold(model, torch.rand(64, 11) * 10)
+    assert count(folded, BATCH_NORMS) == 0 and count(folded, DROPOUTS) == 0
+    # every BN follows a ReLU, so each folds into the *next* Linear
+    assert sorted(report) == sorted([Folded("dropout", (str(i),)) for i in (2, 6, 10)]
+                                    + [Folded("bn+linear", (str(i), str(i + 1))) for i in (3, 7, 11)])
+    assert [type(m) for m in folded.children()] == [nn.Linear, nn.ReLU] * 3 + [nn.Linear]
+    logged = [r.getMessage() for r in caplog.records if r.name == "pybn.torch"]
+    assert len(logged) == 6 and any("bn+linear: 3 -> 4" in m for m in logged)
+
+
+class CNNWithBNDropout(nn.Module):
+    """The CNN of seed 002, verbatim."""
+
+    def __init__(self):
+        super(CNNWithBNDropout, self).__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.dropout = nn.Dropout(0.5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(32 * 14 * 14, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = x.view(-1, 32 * 14 * 14)
+        x = F.relu(self.fc1(x))
+        x = self.dropout(x)
+        x = self.fc2(x)
+        return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_seed_cnn(dtype):
+    model = randomize_batch_norms(CNNWithBNDropout()).to(dtype)
+    folded, report = check_fold(model, torch.randn(4, 1, 28, 28, dtype=dtype))
+    assert report == [Folded("dropout", ("dropout",)), Folded("conv+bn", ("conv1", "bn1"))]
+    assert count(folded, BATCH_NORMS) == 0 and count(folded, DROPOUTS) == 0
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: conv-bn-relu-conv-bn, plus the identity, relu."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_resnet_basic_block(dtype):
+    model = randomize_batch_norms(nn.Sequential(BasicBlock(8), BasicBlock(8))).to(dtype)
+    folded, report = check_fold(model, torch.randn(2, 8, 10, 10, dtype=dtype))
+    assert report == [Folded("conv+bn", (f"{b}.conv{i}", f"{b}.bn{i}")) for b in (0, 1) for i in (1, 2)]
+    assert count(folded, BATCH_NORMS) == 0
+
+
+def grouped_conv_transpose_bn():
+    return randomize_batch_norms(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2),
+                                               nn.BatchNorm2d(6))).eval()
+
+
+def test_grouped_conv_transpose_folds_exactly():
+    model = grouped_conv_transpose_bn()
+    _, report = check_fold(model, torch.randn(2, 4, 6, 6))
+    assert report == [Folded("conv+bn", ("0", "1"))]
+
+
+def test_torch_fuse_cannot_fold_grouped_conv_transpose():
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    conv, bn = grouped_conv_transpose_bn()
+    try:
+        fuse_conv_bn_eval(conv, bn, transpose=True)
+    except RuntimeError:
+        return  # torch scales the (in, out/groups, ...) weight as if it were (in, out, ...)
+    pytest.skip("this torch folds grouped ConvTranspose -> BN itself")
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.5))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 4 * 4, 8), nn.Dropout(0.2), nn.BatchNorm1d(8),
+                                  nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+    def forward(self, x):
+        y = self.features(x)
+        if x.sum() > 0:
+            y = -y
+        return self.head(y)
+
+
+def test_untraceable_module_folds_inside_sequentials(caplog):
+    model = randomize_batch_norms(Untraceable())
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(copy.deepcopy(model))
+    with caplog.at_level(logging.INFO, logger="pybn.torch"):
+        folded, report = check_fold(model, torch.randn(2, 3, 6, 6) + 1)
+    assert_same(folded(-torch.ones(2, 3, 6, 6)), model.eval()(-torch.ones(2, 3, 6, 6)))  # the other branch
+    assert type(folded) is Untraceable
+    assert count(folded, BATCH_NORMS) == 0 and count(folded, DROPOUTS) == 0
+    assert sorted(report) == sorted([
+        Folded("dropout", ("features.3",)), Folded("dropout", ("head.2",)),
+        Folded("conv+bn", ("features.0", "features.1")), Folded("linear+bn", ("head.1", "head.3")),
+        Folded("bn+linear", ("head.5", "head.6"))])
+    # folded batch norms become Identity, so indices into the Sequentials stay valid
+    assert [type(m) for m in folded.features] == [nn.Conv2d, nn.Identity, nn.ReLU, nn.Identity]
+    assert any("cannot trace" in r.getMessage() for r in caplog.records)
+
+
+# --- the input module, options, errors ---------------------------------------------------
+
+@pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
+def test_input_module_is_untouched(train_mode):
+    model = randomize_batch_norms(CNNWithBNDropout()).train(train_mode)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    folded = pybn.torch.fold(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert [m.training for m in model.modules()] == modes
+    assert count(model, BATCH_NORMS) == 1 and count(model, DROPOUTS) == 1
+    assert not any(m.training for m in folded.modules())
+    # nothing is shared: changing the result leaves the input alone
+    with torch.no_grad():
+        for p in folded.parameters():
+            p.add_(1)
+    for key, value in model.state_dict().items():
+        assert torch.equal(before[key], value), key
+
+
+def test_example_inputs_decide_batch_norm1d_rank():
+    # BatchNorm1d on (N, C, L) normalizes C while the Linear acts on L: not a fold, even
+    # though num_features == in_features (L == C here); only an example input tells
+    model = randomize_batch_norms(nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 4)))
+    x3 = torch.randn(2, 8, 8)
+    folded, report = check_fold(model, x3, example_inputs=x3)
+    assert report == []
+    folded, report = check_fold(model, torch.randn(5, 8), example_inputs=(torch.randn(5, 8),))
+    assert report == [Folded("bn+linear", ("0", "1"))]
+    # Linear on (N, L, C) then BatchNorm1d(L) with L == out_features: normalizes L, no fold
+    model = randomize_batch_norms(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)))
+    x3 = torch.randn(2, 6, 4)
+    _, report = check_fold(model, x3, example_inputs=x3)
+    assert report == []
+
+
+def test_return_value_without_report():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout())
+    folded = pybn.torch.fold(model)
+    assert isinstance(folded, nn.Module) and count(folded, DROPOUTS) == 0
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="module"):
+        pybn.torch.fold(lambda x: x)
+
+
+def test_import_without_torch_names_the_extra():
+    code = ("import sys\n"
+            "sys.modules['torch'] = None  # what Python does for a module that cannot be imported\n"
+            "import pybn  # pybn itself does not need torch\n"
+            "try:\n"
+            "    import pybn.torch\n"
+            "except ImportError as exc:\n"
+            "    print(exc)\n"
+            "else:\n"
+            "    print('imported')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install pybn[torch]" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_weights_fold_in_float32_and_keep_their_dtype(dtype):
+    model = randomize_batch_norms(nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.ReLU(),
+                                                nn.BatchNorm1d(5), nn.Linear(5, 3)))
+    folded = pybn.torch.fold(model.to(dtype))
+    assert all(p.dtype == dtype for p in folded.parameters())
+    x = torch.randn(4, 7)
+    with torch.no_grad():
+        expected = model.float().eval()(x)  # the exact function, in float32
+        actual = folded(x.to(dtype)).float()
+    # a few roundings to 8 (bf16) or 11 (f16) bits
+    torch.testing.assert_close(actual, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
