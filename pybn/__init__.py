@@ -30,6 +30,9 @@ from ._C import __version__  # noqa: E402
 from ._runtime import get_num_threads, isa, set_num_threads, supported_isas  # noqa: E402
 from .batchnorm import (BatchNormGrads, BatchNormTrainResult, batch_norm_backward,  # noqa: E402
                         batch_norm_infer, batch_norm_train)
+from .batchnorm_split import (BatchNormGradSums, BatchNormStats, batch_norm_apply,  # noqa: E402
+                              batch_norm_backward_apply, batch_norm_backward_reduce, batch_norm_invstd,
+                              batch_norm_merge_stats, batch_norm_stats)
 from .dropout import counters_used, dropout, dropout_apply, dropout_mask  # noqa: E402
 from .fold import FoldedWeights, fold_bn_linear, fold_conv_bn  # noqa: E402
 
@@ -44,6 +47,14 @@ __all__ = [
     "batch_norm_backward",
     "BatchNormTrainResult",
     "BatchNormGrads",
+    "batch_norm_stats",
+    "batch_norm_merge_stats",
+    "batch_norm_invstd",
+    "batch_norm_apply",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_apply",
+    "BatchNormStats",
+    "BatchNormGradSums",
     "dropout",
     "dropout_mask",
     "dropout_apply",

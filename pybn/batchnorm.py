@@ -132,7 +132,32 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
     BatchNormGrads
         ``(dx, dweight, dbias)`` with ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)``.
     """
-    dy_in, x_in, y_in = dy, x, y
+    b = backward_inputs(dy, x, y, mean, invstd, axis)
+    w = per_channel(weight, "weight", b.channels, b.dy.dtype)
+    dx = output(out, b.dy, (dy, x, y))
+    dweight = np.empty(b.channels, b.dy.dtype)
+    dbias = np.empty(b.channels, b.dy.dtype)
+    _C.bn_backward(b.dy, b.x, b.y, b.mean, b.invstd, w, dx, dweight, dbias, b.outer, b.channels, b.inner,
+                   bool(training))
+    return BatchNormGrads(dx, dweight, dbias)
+
+
+class BackwardInputs(NamedTuple):
+    """The checked arrays of a backward call and the canonical layout."""
+
+    dy: np.ndarray
+    x: np.ndarray
+    y: np.ndarray | None
+    mean: np.ndarray
+    invstd: np.ndarray
+    outer: int
+    channels: int
+    inner: int
+
+
+def backward_inputs(dy: Any, x: Any, y: Any, mean: Any, invstd: Any, axis: Any) -> BackwardInputs:
+    """dy, x (and y) of one shape and dtype, mean and invstd per channel (shared by the
+    single-process backward and its two phases)."""
     dy = contiguous_float_array(dy, "dy")
     axis, outer, channels, inner = channel_layout(dy.shape, axis, "dy")
     x = contiguous_float_array(x, "x")
@@ -150,9 +175,4 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
     s = per_channel(invstd, "invstd", channels, dy.dtype)
     if m is None or s is None:
         raise TypeError(f"{'mean' if m is None else 'invstd'}: is required")
-    w = per_channel(weight, "weight", channels, dy.dtype)
-    dx = output(out, dy, (dy_in, x_in, y_in))
-    dweight = np.empty(channels, dy.dtype)
-    dbias = np.empty(channels, dy.dtype)
-    _C.bn_backward(dy, x, y, m, s, w, dx, dweight, dbias, outer, channels, inner, bool(training))
-    return BatchNormGrads(dx, dweight, dbias)
+    return BackwardInputs(dy, x, y, m, s, outer, channels, inner)

@@ -176,7 +176,7 @@ void bn_apply(const py::array& x, const py::object& y, const py::object& mean, c
     a.x = required<T>(x, L.numel(), "x");
     a.y = required_out<T>(y, L.numel(), "out");
     a.mean = required<T>(mean, channels, "mean");
-    a.invstd = required<T>(invstd, channels, "invstd");
+    a.invstd = required<double>(invstd, channels, "invstd");
     a.weight = in<T>(weight, channels, "weight");
     a.bias = in<T>(bias, channels, "bias");
     a.relu = relu;

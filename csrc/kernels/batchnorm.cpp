@@ -339,7 +339,7 @@ void bn_infer(const BnInferArgs<T>& a) {
   const i64 C = L.channels;
   Buffer<T> alpha = make_buffer<T>(C), beta = make_buffer<T>(C);
   for (i64 c = 0; c < C; ++c) {
-    const double invstd = a.invstd ? static_cast<double>(a.invstd[c])
+    const double invstd = a.invstd ? a.invstd[c]
                                    : 1.0 / std::sqrt(static_cast<double>(a.var[c]) + a.eps);
     alpha[c] = static_cast<T>(value_or(a.weight, c, 1.0) * invstd);
     beta[c] = static_cast<T>(value_or(a.bias, c, 0.0));

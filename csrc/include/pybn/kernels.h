@@ -39,7 +39,7 @@ struct BnInferArgs {
   T* y = nullptr;                  // may alias x
   const T* mean = nullptr;         // (C,)
   const T* var = nullptr;          // (C,)
-  const T* invstd = nullptr;       // (C,) given instead of var: 1 / sqrt(var + eps) (eps unused)
+  const double* invstd = nullptr;  // (C,) given instead of var: 1 / sqrt(var + eps) (eps unused)
   const T* weight = nullptr;
   const T* bias = nullptr;
   double eps = 1e-5;

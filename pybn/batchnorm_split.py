@@ -1,0 +1,165 @@
+"""Batch normalization in phases, for statistics combined across processes (SyncBatchNorm).
+
+Training forward: ``batch_norm_stats`` on each worker's slice, an all-reduce (or gather) of
+the per-channel ``(count, mean, m2)``, ``batch_norm_merge_stats``, then ``batch_norm_apply``
+with the merged mean and ``invstd = 1/sqrt(m2/count + eps)``. Backward:
+``batch_norm_backward_reduce`` gives per-channel ``sum(dy)`` and ``sum(dy * xhat)``, which
+are summed over the workers, then ``batch_norm_backward_apply``. The result equals
+single-process batch norm over the concatenated batch.
+
+Statistics are returned in float64 whatever x's dtype, so that merging loses nothing; the
+merge is Chan et al.'s pairwise formula, exact for unequal counts and empty workers.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _C
+from ._checks import channel_layout, contiguous_float_array, float_array, output, per_channel, real_number
+from .batchnorm import backward_inputs
+
+__all__ = ["BatchNormStats", "BatchNormGradSums", "batch_norm_stats", "batch_norm_merge_stats",
+           "batch_norm_invstd", "batch_norm_apply", "batch_norm_backward_reduce", "batch_norm_backward_apply"]
+
+
+class BatchNormStats(NamedTuple):
+    """Per-channel statistics of a set of values."""
+
+    count: Any
+    """Number of values per channel: an int, or an array of shape (C,) after merging per-channel counts."""
+    mean: np.ndarray
+    """Mean per channel, float64, shape (C,)."""
+    m2: np.ndarray
+    """Sum of squared deviations from the mean per channel, float64, shape (C,)."""
+
+
+class BatchNormGradSums(NamedTuple):
+    """Per-channel sums of the backward's reduction (add them over the workers)."""
+
+    sum_dy: np.ndarray
+    """sum(dy) per channel, float64 (the bias gradient)."""
+    sum_dy_xhat: np.ndarray
+    """sum(dy * xhat) per channel, float64 (the weight gradient)."""
+
+
+def batch_norm_stats(x: Any, *, axis: int = 1) -> BatchNormStats:
+    """Count, mean and m2 per channel of x over every axis but `axis` (one pass, float64).
+
+    An empty x gives count 0, mean 0 and m2 0.
+    """
+    x = contiguous_float_array(x, "x")
+    _, outer, channels, inner = channel_layout(x.shape, axis)
+    mean = np.empty(channels)
+    m2 = np.empty(channels)
+    _C.bn_moments(x, mean, m2, outer, channels, inner)
+    return BatchNormStats(outer * inner, mean, m2)
+
+
+def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
+    """Combine the statistics of W workers, stacked on a first axis of length W.
+
+    Parameters
+    ----------
+    count : array_like of shape (W,) or (W, C)
+        Values per worker (per channel, for the second form); 0 marks an empty worker, whose
+        mean and m2 are ignored.
+    mean, m2 : array_like of shape (W, C)
+
+    Returns
+    -------
+    BatchNormStats
+        The statistics of all the values together: count (an int for integer counts of shape
+        (W,), else a float64 array), mean and m2 in float64.
+    """
+    mean = float_array(mean, "mean").astype(np.float64, copy=False)
+    m2 = float_array(m2, "m2").astype(np.float64, copy=False)
+    if mean.ndim != 2:
+        raise ValueError(f"mean: expected shape (W, C) (one row per worker), got {mean.shape}")
+    if m2.shape != mean.shape:
+        raise ValueError(f"m2: shape {m2.shape} does not match mean {mean.shape}")
+    counts = np.asarray(count)
+    if counts.dtype.kind not in "iuf" or counts.dtype == np.float16:
+        raise TypeError(f"count: must be integer or float counts, got dtype {counts.dtype}")
+    if counts.shape not in ((mean.shape[0],), mean.shape):
+        raise ValueError(f"count: expected shape ({mean.shape[0]},) or {mean.shape}, got {counts.shape}")
+    if np.any(counts < 0) or not np.all(np.isfinite(counts)):
+        raise ValueError("count: must be finite and >= 0")
+    c = np.broadcast_to(counts.astype(np.float64).reshape(mean.shape[0], -1), mean.shape)
+    n = np.zeros(mean.shape[1])
+    mu = np.zeros(mean.shape[1])
+    s = np.zeros(mean.shape[1])
+    for w in range(mean.shape[0]):  # Chan et al.: delta-weighted merge, one worker at a time
+        nb = c[w]
+        total = n + nb
+        has = nb > 0
+        frac = np.divide(nb, total, out=np.zeros_like(nb), where=has)
+        delta = np.where(has, mean[w] - mu, 0.0)
+        mu = mu + delta * frac
+        s = s + np.where(has, m2[w] + delta * delta * n * frac, 0.0)
+        n = total
+    if counts.ndim == 1:
+        total_count = int(counts.sum()) if counts.dtype.kind in "iu" else float(counts.sum())
+    else:
+        total_count = counts.sum(axis=0)
+    return BatchNormStats(total_count, mu, s)
+
+
+def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
+    """``1/sqrt(m2/count + eps)`` per channel (the biased variance, as the forward uses), float64."""
+    eps = real_number(eps, "eps", minimum=0.0)
+    count = np.asarray(stats.count, dtype=np.float64)
+    if np.any(count <= 0):
+        raise ValueError("stats: count must be > 0 to normalize (every worker was empty)")
+    return 1.0 / np.sqrt(np.asarray(stats.m2) / count + eps)
+
+
+def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: Any = None, *, axis: int = 1,
+                     relu: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """``y = (x - mean) * invstd * weight + bias`` per channel, in one pass. As in
+    :func:`pybn.batch_norm_train`, the mean is rounded to x's dtype and ``invstd * weight``
+    is taken in float64 and rounded once."""
+    x_in = x
+    x = contiguous_float_array(x, "x")
+    _, outer, channels, inner = channel_layout(x.shape, axis)
+    m = per_channel(mean, "mean", channels, x.dtype)
+    s = per_channel(invstd, "invstd", channels, np.dtype(np.float64))
+    if m is None or s is None:
+        raise TypeError(f"{'mean' if m is None else 'invstd'}: is required")
+    w = per_channel(weight, "weight", channels, x.dtype)
+    b = per_channel(bias, "bias", channels, x.dtype)
+    y = output(out, x, (x_in,))
+    _C.bn_apply(x, y, m, s, w, b, outer, channels, inner, bool(relu))
+    return y
+
+
+def batch_norm_backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, *, axis: int = 1,
+                               y: Any = None) -> BatchNormGradSums:
+    """Per-channel ``sum(dy)`` and ``sum(dy * xhat)``, ``xhat = (x - mean) * invstd``, in
+    float64. `y` (the forward output) masks dy where ``y <= 0``, for a forward with relu."""
+    b = backward_inputs(dy, x, y, mean, invstd, axis)
+    sums = BatchNormGradSums(np.empty(b.channels), np.empty(b.channels))
+    _C.bn_backward_phase(False, b.dy, b.x, b.y, b.mean, b.invstd, None, sums.sum_dy, sums.sum_dy_xhat, 0.0, None,
+                         b.outer, b.channels, b.inner)
+    return sums
+
+
+def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: Any, sum_dy_xhat: Any,
+                              count: Any, weight: Any = None, *, axis: int = 1, y: Any = None,
+                              out: np.ndarray | None = None) -> np.ndarray:
+    """dx of training-mode batch norm from the sums over every worker:
+    ``dx = weight * invstd * (g - sum_dy/count - xhat * sum_dy_xhat/count)``, g = dy (masked
+    where ``y <= 0`` when y is given), count the number of values per channel in all."""
+    b = backward_inputs(dy, x, y, mean, invstd, axis)
+    sd = per_channel(sum_dy, "sum_dy", b.channels, np.dtype(np.float64))
+    sx = per_channel(sum_dy_xhat, "sum_dy_xhat", b.channels, np.dtype(np.float64))
+    if sd is None or sx is None:
+        raise TypeError(f"{'sum_dy' if sd is None else 'sum_dy_xhat'}: is required")
+    count = real_number(count, "count")
+    if count <= 0:
+        raise ValueError(f"count: must be > 0, got {count}")
+    w = per_channel(weight, "weight", b.channels, b.dy.dtype)
+    dx = output(out, b.dy, (dy, x, y))
+    _C.bn_backward_phase(True, b.dy, b.x, b.y, b.mean, b.invstd, w, sd, sx, count, dx, b.outer, b.channels, b.inner)
+    return dx
