@@ -1,4 +1,4 @@
-"""Command line: ``python -m pybn info`` and ``python -m pybn bench``."""
+"""Command line: ``python -m pybn info``, ``python -m pybn bench`` and ``python -m pybn fold``."""
 from __future__ import annotations
 
 import argparse
@@ -23,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "fold":  # likewise: python -m pybn fold IN.onnx OUT.onnx
+        from ._fold_cli import main as fold_main
+
+        return fold_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pybn", description=__doc__)
-    parser.add_argument("command", choices=["info", "bench"], help="info: version, ISA, threads; "
-                        "bench: the side-by-side benchmark (python -m pybn bench --help)")
+    parser.add_argument("command", choices=["info", "bench", "fold"], help="info: version, ISA, threads; "
+                        "bench: the side-by-side benchmark (python -m pybn bench --help); "
+                        "fold: fold batch norm in an ONNX model (python -m pybn fold IN.onnx OUT.onnx)")
     parser.parse_args(argv)
     return info()
 
