@@ -793,12 +793,9 @@ def check_torch_model(module, x, kinds):
 def test_torch_red_wine_mlp():
     """The Red Wine model: (Linear 11->1024, ReLU, Dropout(0.3), BatchNorm1d) x 3, Linear 1024->1."""
     torch = pytest.importorskip("torch")
-    nn = torch.nn
+    from tutorial_models import red_wine
     torch.manual_seed(0)
-    layers = []
-    for fan_in in (11, 1024, 1024):
-        layers += [nn.Linear(fan_in, 1024), nn.ReLU(), nn.Dropout(0.3), nn.BatchNorm1d(1024)]
-    module = randomize_bn(nn.Sequential(*layers, nn.Linear(1024, 1)))
+    module = randomize_bn(red_wine())
     x = torch.randn(16, 11)
     folded = check_torch_model(module, x, {"BatchNormalization+Gemm": 3})
     assert ops(folded) == {"Gemm": 4, "Relu": 3}
@@ -806,24 +803,7 @@ def test_torch_red_wine_mlp():
 
 def test_torch_cnn_with_bn_dropout():
     torch = pytest.importorskip("torch")
-    nn, F = torch.nn, torch.nn.functional
-
-    class CNNWithBNDropout(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-            self.bn1 = nn.BatchNorm2d(32)
-            self.dropout = nn.Dropout(0.5)
-            self.pool = nn.MaxPool2d(2, 2)
-            self.fc1 = nn.Linear(32 * 14 * 14, 128)
-            self.fc2 = nn.Linear(128, 10)
-
-        def forward(self, x):
-            x = self.pool(F.relu(self.bn1(self.conv1(x))))
-            x = x.view(-1, 32 * 14 * 14)
-            x = F.relu(self.fc1(x))
-            x = self.dropout(x)
-            return self.fc2(x)
+    from tutorial_models import CNNWithBNDropout
 
     torch.manual_seed(0)
     module = randomize_bn(CNNWithBNDropout())

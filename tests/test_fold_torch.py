@@ -14,6 +14,7 @@ from torch.nn import functional as F  # noqa: E402
 
 import pybn.torch  # noqa: E402
 from pybn.torch import Folded  # noqa: E402
+from tutorial_models import CNNWithBNDropout, red_wine  # noqa: E402
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -260,14 +261,6 @@ def test_functional_dropout():
 
 # --- whole models ------------------------------------------------------------------------
 
-def red_wine():
-    """The Keras "Red Wine" model (seed 001) in torch: Dense(relu) -> Dropout -> BN, x3."""
-    layers = []
-    for n_in in (11, 1024, 1024):
-        layers += [nn.Linear(n_in, 1024), nn.ReLU(), nn.Dropout(0.3), nn.BatchNorm1d(1024)]
-    return nn.Sequential(*layers, nn.Linear(1024, 1))
-
-
 def test_red_wine_model(caplog):
     model = red_wine()
     with torch.no_grad():  # running statistics from a few training batches
@@ -287,27 +280,6 @@ def test_red_wine_model(caplog):
     assert [type(m) for m in folded.children()] == [nn.Linear, nn.ReLU] * 3 + [nn.Linear]
     logged = [r.getMessage() for r in caplog.records if r.name == "pybn.torch"]
     assert len(logged) == 6 and any("bn+linear: 3 -> 4" in m for m in logged)
-
-
-class CNNWithBNDropout(nn.Module):
-    """The CNN of seed 002, verbatim."""
-
-    def __init__(self):
-        super(CNNWithBNDropout, self).__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.dropout = nn.Dropout(0.5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.fc1 = nn.Linear(32 * 14 * 14, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.bn1(self.conv1(x))))
-        x = x.view(-1, 32 * 14 * 14)
-        x = F.relu(self.fc1(x))
-        x = self.dropout(x)
-        x = self.fc2(x)
-        return x
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -106,9 +106,11 @@ void bn_train(const py::array& x, const py::object& y, const py::object& weight,
   });
 }
 
+// Inference forward with var and eps, or (invstd given, float64) with the batch statistics
+// of a split-phase training forward.
 void bn_infer(const py::array& x, const py::object& y, const py::object& mean, const py::object& var,
               const py::object& weight, const py::object& bias, i64 outer, i64 channels, i64 inner, double eps,
-              bool relu) {
+              bool relu, const py::object& invstd) {
   const Layout L = make_layout(outer, channels, inner);
   by_dtype(x, [&](auto zero) {
     using T = decltype(zero);
@@ -117,7 +119,8 @@ void bn_infer(const py::array& x, const py::object& y, const py::object& mean, c
     a.x = required<T>(x, L.numel(), "x");
     a.y = required_out<T>(y, L.numel(), "out");
     a.mean = required<T>(mean, channels, "running_mean");
-    a.var = required<T>(var, channels, "running_var");
+    a.invstd = in<double>(invstd, channels, "invstd");
+    if (!a.invstd) a.var = required<T>(var, channels, "running_var");
     a.weight = in<T>(weight, channels, "weight");
     a.bias = in<T>(bias, channels, "bias");
     a.eps = eps;
@@ -163,25 +166,6 @@ void bn_moments(const py::array& x, const py::object& mean, const py::object& m2
     a.m2 = required_out<double>(m2, channels, "m2");
     py::gil_scoped_release nogil;
     pybn::table().typed<T>().bn_moments(a);
-  });
-}
-
-void bn_apply(const py::array& x, const py::object& y, const py::object& mean, const py::object& invstd,
-              const py::object& weight, const py::object& bias, i64 outer, i64 channels, i64 inner, bool relu) {
-  const Layout L = make_layout(outer, channels, inner);
-  by_dtype(x, [&](auto zero) {
-    using T = decltype(zero);
-    pybn::BnInferArgs<T> a;
-    a.layout = L;
-    a.x = required<T>(x, L.numel(), "x");
-    a.y = required_out<T>(y, L.numel(), "out");
-    a.mean = required<T>(mean, channels, "mean");
-    a.invstd = required<double>(invstd, channels, "invstd");
-    a.weight = in<T>(weight, channels, "weight");
-    a.bias = in<T>(bias, channels, "bias");
-    a.relu = relu;
-    py::gil_scoped_release nogil;
-    pybn::table().typed<T>().bn_infer(a);
   });
 }
 
@@ -343,14 +327,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("momentum"), py::arg("eps"),
         py::arg("relu"));
   m.def("bn_infer", &bn_infer, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("weight"),
-        py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("eps"), py::arg("relu"));
+        py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("eps"), py::arg("relu"),
+        py::arg("invstd") = py::none());
   m.def("bn_backward", &bn_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
         py::arg("invstd"), py::arg("weight"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
         py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("training"));
   m.def("bn_moments", &bn_moments, py::arg("x"), py::arg("mean"), py::arg("m2"), py::arg("outer"),
         py::arg("channels"), py::arg("inner"));
-  m.def("bn_apply", &bn_apply, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("invstd"), py::arg("weight"),
-        py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("relu"));
   m.def("bn_backward_phase", &bn_backward_phase, py::arg("apply"), py::arg("dy"), py::arg("x"), py::arg("y"),
         py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("sum_dy"), py::arg("sum_dy_xhat"),
         py::arg("count"), py::arg("dx"), py::arg("outer"), py::arg("channels"), py::arg("inner"));

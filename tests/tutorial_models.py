@@ -1,0 +1,36 @@
+"""The user stories' models (../shared/seeds/) written in torch, shared by the folding tests."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def red_wine():
+    """The Keras "Red Wine" model (seed 001) in torch: Dense(relu) -> Dropout -> BN, x3."""
+    layers = []
+    for n_in in (11, 1024, 1024):
+        layers += [nn.Linear(n_in, 1024), nn.ReLU(), nn.Dropout(0.3), nn.BatchNorm1d(1024)]
+    return nn.Sequential(*layers, nn.Linear(1024, 1))
+
+
+class CNNWithBNDropout(nn.Module):
+    """The CNN of seed 002, verbatim."""
+
+    def __init__(self):
+        super(CNNWithBNDropout, self).__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.dropout = nn.Dropout(0.5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(32 * 14 * 14, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = x.view(-1, 32 * 14 * 14)
+        x = F.relu(self.fc1(x))
+        x = self.dropout(x)
+        x = self.fc2(x)
+        return x
+
+
+__all__ = ["red_wine", "CNNWithBNDropout", "torch"]
