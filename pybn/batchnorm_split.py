@@ -130,7 +130,7 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
     w = per_channel(weight, "weight", channels, x.dtype)
     b = per_channel(bias, "bias", channels, x.dtype)
     y = output(out, x, (x_in,))
-    _C.bn_apply(x, y, m, s, w, b, outer, channels, inner, bool(relu))
+    _C.bn_infer(x, y, m, None, w, b, outer, channels, inner, 0.0, bool(relu), s)
     return y
 
 
