@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import pybn
@@ -207,3 +208,29 @@ def test_bench_runs_and_checks_results(tmp_path):
     assert {c["kernel"] for c in cells} == {"infer", "train", "backward"}
     assert all(c["pybn_s"] > 0 and not c["errors"] for c in cells)
     assert data["fold"]["pairs"] == 53 and data["fold"]["pybn_s"] > 0 and "numpy" in data["fold"]["peers"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unpickled_arrays_are_accepted(dtype):
+    # An unpickled array (as multiprocessing passes it) has a dtype equal to float32/64 but
+    # not the same object: every kernel must compare dtypes by value.
+    import pickle
+
+    def roundtrip(a):
+        return pickle.loads(pickle.dumps(a))
+
+    x = roundtrip(np.arange(24, dtype=dtype).reshape(4, 3, 2))
+    want = pybn.batch_norm_train(np.ascontiguousarray(x, dtype=dtype))
+    got = pybn.batch_norm_train(x, roundtrip(np.ones(3, dtype)), roundtrip(np.zeros(3, dtype)),
+                                running_mean=roundtrip(np.zeros(3, dtype)), running_var=roundtrip(np.ones(3, dtype)))
+    np.testing.assert_array_equal(got.y, want.y)
+    dx = pybn.batch_norm_backward(roundtrip(np.ones_like(x)), x, roundtrip(got.mean), roundtrip(got.invstd)).dx
+    np.testing.assert_allclose(dx, 0, atol=1e-4)
+    np.testing.assert_array_equal(pybn.batch_norm_infer(x, roundtrip(got.mean), np.ones(3)),
+                                  pybn.batch_norm_infer(want.y * 0 + x, got.mean, np.ones(3)))
+    np.testing.assert_array_equal(pybn.dropout(x, 0.5, seed=3), pybn.dropout(np.array(x), 0.5, seed=3))
+    np.testing.assert_array_equal(pybn.dropout_apply(x, roundtrip(pybn.dropout_mask(x.shape, 0.5, seed=3)), 0.5),
+                                  pybn.dropout(x, 0.5, seed=3))
+    np.testing.assert_array_equal(pybn.fold_conv_bn(x, None, np.zeros(4), np.ones(4)).weight,
+                                  pybn.fold_conv_bn(np.array(x), None, np.zeros(4), np.ones(4)).weight)
+    assert pybn.batch_norm_stats(x).count == 8

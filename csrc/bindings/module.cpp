@@ -24,11 +24,18 @@ namespace {
   throw py::value_error(std::string(name) + ": " + what);
 }
 
+// The array holds T: its dtype is equivalent to T's (compared by value: an unpickled array
+// has an equal dtype that is another object).
+template <class T>
+bool is_of(const py::array& a) {
+  return py::isinstance<py::array_t<T>>(a);
+}
+
 template <class T>
 py::array checked(const py::handle& obj, i64 size, const char* name, bool writable) {
   if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + ": expected a numpy.ndarray");
   auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<T>()))
+  if (!is_of<T>(a))
     throw py::type_error(std::string(name) + ": dtype " + std::string(py::str(a.dtype())) + " does not match x");
   if (!(a.flags() & py::array::c_style)) fail(name, "must be C-contiguous");
   if (a.size() != size) fail(name, "has " + std::to_string(a.size()) + " elements, expected " + std::to_string(size));
@@ -72,9 +79,9 @@ Layout make_layout(i64 outer, i64 channels, i64 inner) {
 // Calls f.template operator()<T>() with T the element type of x (float32 or float64).
 template <class F>
 void by_dtype(const py::array& x, F&& f) {
-  if (x.dtype().is(py::dtype::of<float>()))
+  if (is_of<float>(x))
     f(float{});
-  else if (x.dtype().is(py::dtype::of<double>()))
+  else if (is_of<double>(x))
     f(double{});
   else
     throw py::type_error("x: dtype " + std::string(py::str(x.dtype())) + " is not supported (float32, float64)");
