@@ -22,10 +22,28 @@ def float_array(value: Any, name: str) -> np.ndarray:
     """`value` as a float32/float64 ndarray (array-likes accepted; no copy when possible)."""
     if type(value) is np.ndarray and (value.dtype is _F32 or value.dtype is _F64):
         return value  # the common case, checked first: small calls are dominated by checks
-    arr = np.asarray(value)
+    arr = as_array(value, name)
     if arr.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: dtype {arr.dtype} is not supported (pybn takes float32 or float64)")
     return arr
+
+
+def as_array(value: Any, name: str) -> np.ndarray:
+    """np.asarray(value), with NumPy's own conversion errors (a ragged list...) naming `name`."""
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: cannot be converted to an array ({e})") from None
+
+
+def running_stats_disjoint(running_mean: np.ndarray, running_var: np.ndarray, x: np.ndarray) -> None:
+    """The running statistics (updated in place) share memory neither with x nor with each other.
+    Only views can; callers skip this when both arrays own their data and are distinct."""
+    if np.may_share_memory(running_mean, running_var):
+        raise ValueError("running_var: shares memory with running_mean (each is updated in place)")
+    for name, arr in (("running_mean", running_mean), ("running_var", running_var)):
+        if np.may_share_memory(arr, x):
+            raise ValueError(f"{name}: shares memory with x (it is updated in place while x is read)")
 
 
 def contiguous_float_array(value: Any, name: str) -> np.ndarray:
@@ -132,8 +150,13 @@ def output(out: Any, like: np.ndarray, inputs: tuple[Any, ...] = ()) -> np.ndarr
         raise ValueError("out: must be C-contiguous")
     if not out.flags.writeable:
         raise ValueError("out: is read-only")
+    out_owns = out.base is None
     for arr in inputs:
-        if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr) and not _same_buffer(out, arr):
+        # two arrays that each own their memory cannot overlap (base None): the common case
+        # skips np.may_share_memory
+        if not isinstance(arr, np.ndarray) or arr is out or (out_owns and arr.base is None):
+            continue
+        if np.may_share_memory(out, arr) and not _same_buffer(out, arr):
             raise ValueError("out: overlaps an input without being the same array (only exact in-place is allowed)")
     return out
 

@@ -30,8 +30,8 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Set the threads pybn's kernels use (n >= 1). Results do not depend on it."""
     n = integer(n, "n")
-    if n < 1:
-        raise ValueError(f"n: must be >= 1, got {n}")
+    if not 1 <= n < 2**31:
+        raise ValueError(f"n: must be in [1, 2**31), got {n}")
     _C.set_num_threads(n)
 
 

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import channel_layout, contiguous_float_array, float_array, output, per_channel, real_number
+from ._checks import (as_array, channel_layout, contiguous_float_array, float_array, output, per_channel,
+                      real_number)
 from .batchnorm import backward_inputs
 
 __all__ = ["BatchNormStats", "BatchNormGradSums", "batch_norm_stats", "batch_norm_merge_stats",
@@ -79,7 +80,7 @@ def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
         raise ValueError(f"mean: expected shape (W, C) (one row per worker), got {mean.shape}")
     if m2.shape != mean.shape:
         raise ValueError(f"m2: shape {m2.shape} does not match mean {mean.shape}")
-    counts = np.asarray(count)
+    counts = as_array(count, "count")
     if counts.dtype.kind not in "iuf" or counts.dtype == np.float16:
         raise TypeError(f"count: must be integer or float counts, got dtype {counts.dtype}")
     if counts.shape not in ((mean.shape[0],), mean.shape):
@@ -109,10 +110,21 @@ def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
 def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
     """``1/sqrt(m2/count + eps)`` per channel (the biased variance, as the forward uses), float64."""
     eps = real_number(eps, "eps", minimum=0.0)
-    count = np.asarray(stats.count, dtype=np.float64)
+    try:
+        count, _, m2 = stats
+    except (TypeError, ValueError):
+        raise TypeError(f"stats: must be a BatchNormStats (count, mean, m2), got {type(stats).__name__}") from None
+    count = as_array(count, "stats")
+    if count.dtype.kind not in "iuf":
+        raise TypeError(f"stats: count must be a number or an array of numbers, got dtype {count.dtype}")
+    m2 = float_array(m2, "stats").astype(np.float64, copy=False)
+    if m2.ndim != 1 or count.shape not in ((), m2.shape):
+        raise ValueError(f"stats: m2 of shape {m2.shape} and count of shape {count.shape} are not per-channel "
+                         "statistics")
+    count = count.astype(np.float64)
     if np.any(count <= 0):
         raise ValueError("stats: count must be > 0 to normalize (every worker was empty)")
-    return 1.0 / np.sqrt(np.asarray(stats.m2) / count + eps)
+    return 1.0 / np.sqrt(m2 / count + eps)
 
 
 def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: Any = None, *, axis: int = 1,
@@ -129,7 +141,7 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
         raise TypeError(f"{'mean' if m is None else 'invstd'}: is required")
     w = per_channel(weight, "weight", channels, x.dtype)
     b = per_channel(bias, "bias", channels, x.dtype)
-    y = output(out, x, (x_in,))
+    y = output(out, x, (x_in, m, s, w, b))
     _C.bn_infer(x, y, m, None, w, b, outer, channels, inner, 0.0, bool(relu), s)
     return y
 
@@ -160,6 +172,6 @@ def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: A
     if count <= 0:
         raise ValueError(f"count: must be > 0, got {count}")
     w = per_channel(weight, "weight", b.channels, b.dy.dtype)
-    dx = output(out, b.dy, (dy, x, y))
+    dx = output(out, b.dy, (dy, x, y, b.mean, b.invstd, sd, sx, w))
     _C.bn_backward_phase(True, b.dy, b.x, b.y, b.mean, b.invstd, w, sd, sx, count, dx, b.outer, b.channels, b.inner)
     return dx

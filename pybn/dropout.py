@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from ._checks import contiguous_float_array, integer, output, real_number
+from ._checks import as_array, contiguous_float_array, integer, output, real_number
 
 __all__ = ["dropout", "dropout_mask", "dropout_apply", "counters_used"]
 
@@ -24,6 +24,9 @@ _U64 = 1 << 64
 
 def counters_used(n: int) -> int:
     """Philox counters a mask of n elements uses: advance ``offset`` by this for the next one."""
+    n = integer(n, "n")
+    if n < 0:
+        raise ValueError(f"n: must be >= 0, got {n}")
     return 16 * ((n + 127) // 128)
 
 
@@ -136,14 +139,14 @@ def dropout_apply(x: Any, mask: Any, p: float, *, noise_shape: Any = None,
     p = _probability(p)
     ns = _noise_shape(noise_shape, x.shape)
     n = math.prod(ns if ns is not None else x.shape)
-    mask = np.asarray(mask)
+    mask = as_array(mask, "mask")
     if mask.dtype != np.uint8:
         raise TypeError(f"mask: dtype {mask.dtype} is not uint8 (a packed mask from dropout_mask)")
     if mask.ndim != 1 or mask.size != (n + 7) // 8:
         raise ValueError(f"mask: expected {(n + 7) // 8} bytes (a packed mask of {n} elements), "
                          f"got shape {mask.shape}")
     mask = np.ascontiguousarray(mask)
-    y = output(out, x, (x_in,))
+    y = output(out, x, (x_in, mask))
     if p == 1.0:
         y.fill(0)
     elif ns is not None:

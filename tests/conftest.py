@@ -34,3 +34,51 @@ def rng(request):
     # deterministic per test id
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
+
+
+# ------------------------------------------------- issue 6: reliability additions
+
+OPT_IN_MARKERS = ("slow", "huge")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (valgrind) or huge (> 8 GB of memory) run only when the -m
+    expression names their marker, e.g. ``python -m pytest -m slow``."""
+    expr = config.getoption("markexpr") or ""
+    for item in items:
+        for name in OPT_IN_MARKERS:
+            if item.get_closest_marker(name) is not None and name not in expr:
+                item.add_marker(pytest.mark.skip(reason=f"opt-in: select with -m {name}"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the size of the input-validation matrix and the figures the reliability tests
+    measured (test_concurrency, test_memory, test_huge), when those modules ran."""
+    import sys
+
+    matrix = sys.modules.get("test_input_matrix")
+    if matrix is not None:
+        terminalreporter.write_line(matrix.summary())
+    for name in ("test_fuzz", "test_concurrency", "test_memory", "test_huge"):
+        for line in getattr(sys.modules.get(name), "FIGURES", ()):
+            terminalreporter.write_line(line)
+
+
+def _hypothesis_profiles():
+    """"ci" (the default): derandomized, so every run draws the same examples, and small
+    enough for the whole suite; "long": HYPOTHESIS_PROFILE=long for a search by hand."""
+    import os
+
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # pragma: no cover
+        return
+    quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", derandomize=True, max_examples=100, deadline=None,
+                              suppress_health_check=quiet, print_blob=True)
+    settings.register_profile("long", max_examples=20000, deadline=None,
+                              suppress_health_check=quiet, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_hypothesis_profiles()

@@ -593,10 +593,7 @@ def test_statistics(p):
 
 
 # ------------------------------------------------------ random problems
-# (a seeded sweep rather than hypothesis: with filterwarnings=error the
-# hypothesis pytest plugin currently crashes with an INTERNALERROR, a
-# mypy_extensions DeprecationWarning, whenever one of its tests fails,
-# which hides the failure)
+# (a seeded sweep of the API's argument space; tests/test_fuzz.py adds hypothesis)
 
 def random_problems(count, seed=2024):
     rng = np.random.default_rng(seed)

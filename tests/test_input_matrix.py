@@ -1,0 +1,679 @@
+"""Input-validation matrix (issue 6, item 1).
+
+ONE table, MATRIX, built systematically: for every public array function (and the
+pybn.nn layers' constructors and calls) and every argument, the bad values a user can
+pass, each row ``(function, argument, label, bad value, expected exception)``. A row
+starts from a call that works (SPECS[...].good()), replaces that one argument (a few
+rows replace two, e.g. an `out` that overlaps an input) and asserts:
+
+* the exception type (TypeError for a wrong kind or dtype, ValueError for a wrong
+  shape, layout or value), and that the message names the argument;
+* every ndarray passed in, running statistics first, is unchanged afterwards (no
+  half-updated running stats, nothing written into a rejected `out`).
+
+test_every_argument_is_covered checks that the table leaves out no parameter of any
+public function, except the flags listed in FLAGS. The count of cases is printed at
+the end of the run (pytest_terminal_summary in conftest.py, through summary()).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import pybn
+import pybn.nn
+from error_checks import assert_raises_naming, bad_outs
+
+C = 3
+SHAPE = (4, C, 5)          # (N, C, L): 60 elements, channel axis 1
+DT = np.float32
+W = 2                      # workers for batch_norm_merge_stats
+NBYTES = (math.prod(SHAPE) + 7) // 8   # a packed mask of x
+
+
+def rand(shape, dtype=DT, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def positive(shape=(C,), dtype=DT, seed=1):
+    return np.random.default_rng(seed).uniform(0.5, 2.0, shape).astype(dtype)
+
+
+def read_only(a):
+    a.flags.writeable = False
+    return a
+
+
+# --------------------------------------------------------------- the rows
+
+@dataclass
+class Spec:
+    """A function under test: how to call it well, and its arguments' bad values."""
+
+    name: str
+    fn: Callable[..., Any]
+    good: Callable[[], dict]                 # keyword arguments of a call that works
+    args: dict[str, list] = field(default_factory=dict)   # argument -> [(label, make, exc)]
+    watch: Callable[[dict], list] | None = None  # extra arrays that must stay unchanged
+
+
+@dataclass
+class Row:
+    spec: Spec
+    arg: str
+    label: str
+    make: Callable[[dict], dict]             # good kwargs -> the overrides of this row
+    exc: type
+    names: tuple[str, ...]                   # the message names one of these
+
+    @property
+    def id(self):
+        return f"{self.spec.name}-{self.arg}-{self.label}"
+
+
+def put(arg, value_fn):
+    """Overrides that set `arg` to a fresh value_fn() (fresh: rows must not share arrays)."""
+    return lambda kw: {arg: value_fn()}
+
+
+def cases(arg, table):
+    """[(label, value_fn, exc)] -> [(label, make, exc)] setting `arg`."""
+    return [(label, put(arg, value_fn), exc) for label, value_fn, exc in table]
+
+
+BAD_DTYPES = [np.int32, np.int64, np.uint8, np.bool_, np.float16, np.complex64, np.complex128, object]
+
+
+def dtype_cases(arg, shape, required=True):
+    """Every unsupported dtype, a string, a ragged list (and None when the array is required)."""
+    table = [(f"dtype-{np.dtype(dt).name}", (lambda dt=dt: np.ones(shape, dt)), TypeError) for dt in BAD_DTYPES]
+    table += [("str", lambda: "abc", TypeError),
+              ("ragged-list", lambda: [[1.0], [1.0, 2.0]], ValueError)]
+    if required:
+        table.append(("None", lambda: None, TypeError))
+    return cases(arg, table)
+
+
+def data_cases(arg, shape=SHAPE, ndim_min=2):
+    """The main array of a call (x, dy): dtypes, and too few dimensions."""
+    table = []
+    if ndim_min >= 2:
+        table += [("1-d", lambda: np.ones(5, DT), ValueError),
+                  ("0-d", lambda: np.float32(1.0), ValueError),
+                  ("python-float", lambda: 1.0, ValueError),
+                  ("flat-list", lambda: [1.0, 2.0, 3.0], ValueError),
+                  ("1-d-empty", lambda: np.ones(0, DT), ValueError)]
+    return dtype_cases(arg, shape) + cases(arg, table)
+
+
+def matching_cases(arg, shape=SHAPE, required=True):
+    """An array that must have the lead array's shape and dtype (x and y of a backward)."""
+    table = [("other-shape", lambda: np.ones(shape[:-1] + (shape[-1] + 1,), DT), ValueError),
+             ("transposed-shape", lambda: np.ones(shape[::-1], DT), ValueError),
+             ("fewer-dims", lambda: np.ones(shape[:-1], DT), ValueError),
+             ("0-d", lambda: np.float32(1.0), ValueError),
+             ("float64-vs-float32", lambda: np.ones(shape, np.float64), TypeError)]
+    return dtype_cases(arg, shape, required) + cases(arg, table)
+
+
+def per_channel_cases(arg, channels=C, required=False):
+    """A read-only per-channel array of shape (channels,): never broadcast."""
+    table = [("length-C-1", lambda: np.ones(channels - 1, DT), ValueError),
+             ("length-C+1", lambda: np.ones(channels + 1, DT), ValueError),
+             ("length-0", lambda: np.ones(0, DT), ValueError),
+             ("shape-(C,1)", lambda: np.ones((channels, 1), DT), ValueError),
+             ("shape-(1,C)", lambda: np.ones((1, channels), DT), ValueError),
+             ("python-float", lambda: 2.0, ValueError),
+             ("list-wrong-length", lambda: [1.0] * (channels + 1), ValueError)]
+    return dtype_cases(arg, (channels,), required) + cases(arg, table)
+
+
+def in_place_cases(arg, partner):
+    """running_mean / running_var of batch_norm_train: updated in place, so exactly right."""
+    other = np.float64 if DT == np.float32 else np.float32
+    table = [("list", lambda: [0.5] * C, TypeError),
+             ("tuple", lambda: (0.5,) * C, TypeError),
+             ("python-float", lambda: 0.5, TypeError),
+             ("None-alone", lambda: None, ValueError),   # its partner is given
+             (f"dtype-{np.dtype(other).name}", lambda: np.ones(C, other), TypeError)]
+    table += [(f"dtype-{np.dtype(dt).name}", (lambda dt=dt: np.ones(C, dt)), TypeError)
+              for dt in BAD_DTYPES]
+    table += [("length-C-1", lambda: np.ones(C - 1, DT), ValueError),
+              ("length-C+1", lambda: np.ones(C + 1, DT), ValueError),
+              ("shape-(C,1)", lambda: np.ones((C, 1), DT), ValueError),
+              ("shape-(1,C)", lambda: np.ones((1, C), DT), ValueError),
+              ("shape-()", lambda: np.ones((), DT), ValueError),
+              ("read-only", lambda: read_only(np.ones(C, DT)), ValueError),
+              ("non-contiguous", lambda: np.ones(2 * C, DT)[::2], ValueError)]
+    rows = cases(arg, table)
+    # views that overlap what the kernel reads or writes at the same time
+    rows.append(("view-of-x", lambda kw: {arg: kw["x"].reshape(-1)[:C]}, ValueError))
+    rows.append((f"same-array-as-{partner}", lambda kw: {arg: kw[partner]}, ValueError))
+    rows.append((f"overlaps-{partner}", lambda kw: _shifted_pair(arg, partner, kw), ValueError))
+    return rows
+
+
+def _shifted_pair(arg, partner, kw):
+    buf = np.ones(C + 1, DT)
+    return {partner: buf[:C], arg: buf[1:]}
+
+
+def out_cases(leads, shape=SHAPE, per_channel=()):
+    """`out=`: error_checks.bad_outs (shape, dtype, layout, read-only, a list), and the
+    overlaps: with a lead input shifted by a few elements, or containing a per-channel input."""
+    rows = []
+    for label, _, exc in bad_outs(shape, DT):
+        rows.append((label, lambda kw, label=label: {"out": _bad_out(label, shape)}, exc))
+    rows.append(("tuple", put("out", lambda: (0.0,) * math.prod(shape)), TypeError))
+    rows.append(("python-float", put("out", lambda: 0.0), TypeError))
+    for lead in leads:
+        rows.append((f"overlaps-{lead}-shifted", lambda kw, lead=lead: _shifted_out(lead, kw, shape), ValueError))
+    for arg in per_channel:
+        rows.append((f"contains-{arg}", lambda kw, arg=arg: _out_containing(arg, kw, shape), ValueError))
+    return rows
+
+
+def _bad_out(label, shape):
+    return {k: a for k, a, _ in bad_outs(shape, DT)}[label]   # fresh arrays
+
+
+def _shifted_out(lead, kw, shape):
+    """The lead input and out: two views of one buffer, 5 elements apart."""
+    n = math.prod(shape)
+    buf = np.empty(n + 5, DT)
+    buf[:n] = np.asarray(kw[lead], DT).reshape(-1)
+    return {lead: buf[:n].reshape(shape), "out": buf[5:].reshape(shape)}
+
+
+def _out_containing(arg, kw, shape):
+    """An `out` whose first bytes hold the per-channel input `arg` (same values)."""
+    value = np.asarray(kw[arg])
+    out = np.zeros(shape, DT)
+    view = out.reshape(-1).view(np.uint8)[:value.nbytes].view(value.dtype)
+    view[:] = value
+    return {"out": out, arg: view}
+
+
+def axis_cases(ndim=len(SHAPE)):
+    table = [(f"{ndim}", lambda: ndim, ValueError),
+             (f"{-ndim - 1}", lambda: -ndim - 1, ValueError),
+             ("99", lambda: 99, ValueError),
+             ("float", lambda: 1.0, TypeError),
+             ("np.float64", lambda: np.float64(1), TypeError),
+             ("str", lambda: "1", TypeError),
+             ("None", lambda: None, TypeError),
+             ("bool", lambda: True, TypeError),
+             ("list", lambda: [1], TypeError)]
+    return cases("axis", table)
+
+
+NON_NUMBERS = [("str", lambda: "0.5", TypeError),
+               ("None", lambda: None, TypeError),
+               ("list", lambda: [0.5], TypeError),
+               ("bool", lambda: True, TypeError),
+               ("complex", lambda: 0.5j, TypeError),
+               ("array-1", lambda: np.array([0.5]), TypeError)]
+NON_FINITE = [("nan", lambda: float("nan"), ValueError),
+              ("inf", lambda: float("inf"), ValueError),
+              ("-inf", lambda: float("-inf"), ValueError),
+              ("np.float32-nan", lambda: np.float32("nan"), ValueError)]
+
+
+def eps_cases(arg="eps"):
+    return cases(arg, NON_FINITE + NON_NUMBERS + [("negative", lambda: -1e-5, ValueError)])
+
+
+def momentum_cases(allow_none=False):
+    table = NON_FINITE + NON_NUMBERS
+    if allow_none:
+        table = [t for t in table if t[0] != "None"]
+    return cases("momentum", table)
+
+
+def p_cases():
+    return cases("p", NON_FINITE + NON_NUMBERS + [("negative", lambda: -0.1, ValueError),
+                                                  ("above-1", lambda: 1.5, ValueError),
+                                                  ("just-above-1", lambda: np.nextafter(1.0, 2.0), ValueError)])
+
+
+def u64_cases(arg, allow_none=False):
+    table = [("-1", lambda: -1, ValueError),
+             ("np.int64(-1)", lambda: np.int64(-1), ValueError),
+             ("2**64", lambda: 2**64, ValueError),
+             ("2**70", lambda: 2**70, ValueError),
+             ("float", lambda: 1.0, TypeError),
+             ("np.float64", lambda: np.float64(1), TypeError),
+             ("str", lambda: "1", TypeError),
+             ("bool", lambda: True, TypeError),
+             ("list", lambda: [1], TypeError)]
+    if not allow_none:
+        table.append(("None", lambda: None, TypeError))
+    return cases(arg, table)
+
+
+def int_cases(arg, minimum, maximum=None):
+    table = [(f"{minimum - 1}", lambda: minimum - 1, ValueError),
+             ("-5", lambda: -5, ValueError),
+             ("float", lambda: 1.5, TypeError),
+             ("str", lambda: "1", TypeError),
+             ("None", lambda: None, TypeError),
+             ("bool", lambda: True, TypeError)]
+    if maximum is not None:
+        table.append((f"{maximum}", lambda: maximum, ValueError))
+    return cases(arg, table)
+
+
+def count_cases():
+    """The positive total count of batch_norm_backward_apply."""
+    table = [("0", lambda: 0, ValueError), ("-1", lambda: -1, ValueError)]
+    table += [t for t in NON_FINITE + NON_NUMBERS if t[0] != "array-1"]
+    return cases("count", table)
+
+
+def shape_cases():
+    table = [("negative", lambda: (2, -1), ValueError),
+             ("negative-int", lambda: -1, ValueError),
+             ("float", lambda: 2.5, TypeError),
+             ("float-entry", lambda: (2.0, 3), TypeError),
+             ("str", lambda: "ab", TypeError),
+             ("None", lambda: None, TypeError),
+             ("nested", lambda: [[1, 2]], TypeError)]
+    return cases("shape", table)
+
+
+def mask_cases():
+    table = [("length-n/8-1", lambda: np.zeros(NBYTES - 1, np.uint8), ValueError),
+             ("length-n/8+1", lambda: np.zeros(NBYTES + 1, np.uint8), ValueError),
+             ("length-0", lambda: np.zeros(0, np.uint8), ValueError),
+             ("unpacked", lambda: np.ones(math.prod(SHAPE), np.uint8), ValueError),
+             ("2-d", lambda: np.zeros((1, NBYTES), np.uint8), ValueError),
+             ("0-d", lambda: np.uint8(255), ValueError),
+             ("list-of-ints", lambda: [255] * NBYTES, TypeError),
+             ("ragged-list", lambda: [[1], [1, 2]], ValueError),
+             ("None", lambda: None, TypeError),
+             ("str", lambda: "abc", TypeError)]
+    table += [(f"dtype-{np.dtype(dt).name}", (lambda dt=dt: np.zeros(NBYTES, dt)), TypeError)
+              for dt in (np.int8, np.uint16, np.int64, np.bool_, np.float32, object)]
+    return cases("mask", table)
+
+
+def noise_shape_cases():
+    table = [("fewer-entries", lambda: SHAPE[:-1], ValueError),
+             ("more-entries", lambda: SHAPE + (1,), ValueError),
+             ("entry-not-1-or-extent", lambda: SHAPE[:-1] + (2,), ValueError),
+             ("entry-0", lambda: SHAPE[:-1] + (0,), ValueError),
+             ("larger-entry", lambda: SHAPE[:-1] + (10,), ValueError),
+             ("int", lambda: 5, TypeError),
+             ("float-entry", lambda: SHAPE[:-1] + (1.5,), TypeError),
+             ("str", lambda: "abc", TypeError)]
+    return cases("noise_shape", table)
+
+
+def merge_count_cases():
+    table = [(f"dtype-{np.dtype(dt).name}", (lambda dt=dt: np.ones(W, dt)), TypeError)
+             for dt in (np.bool_, np.float16, np.complex128, object)]
+    table += [("str", lambda: ["a", "b"], TypeError),
+              ("length-W+1", lambda: np.ones(W + 1, np.int64), ValueError),
+              ("scalar", lambda: 5, ValueError),
+              ("shape-(W,C+1)", lambda: np.ones((W, C + 1), np.int64), ValueError),
+              ("negative", lambda: np.array([5, -1]), ValueError),
+              ("nan", lambda: np.array([5.0, np.nan]), ValueError),
+              ("inf", lambda: np.array([5.0, np.inf]), ValueError),
+              ("ragged-list", lambda: [[1], [1, 2]], ValueError),
+              ("None", lambda: None, TypeError)]
+    return cases("count", table)
+
+
+def merge_stat_cases(arg):
+    table = [("1-d", lambda: np.ones(C), ValueError),
+             ("3-d", lambda: np.ones((W, C, 1)), ValueError),
+             ("shape-(W+1,C)", lambda: np.ones((W + 1, C)), ValueError),
+             ("python-float", lambda: 1.0, ValueError)]
+    return dtype_cases(arg, (W, C)) + cases(arg, table)
+
+
+def stats_cases():
+    stats = pybn.BatchNormStats
+    table = [("None", lambda: None, TypeError),
+             ("int", lambda: 5, TypeError),
+             ("pair", lambda: (5, np.ones(C)), TypeError),
+             ("count-0", lambda: stats(0, np.zeros(C), np.ones(C)), ValueError),
+             ("count-negative", lambda: stats(-2, np.zeros(C), np.ones(C)), ValueError),
+             ("count-per-channel-with-a-0", lambda: stats(np.array([5, 0, 5]), np.zeros(C), np.ones(C)), ValueError),
+             ("count-str", lambda: stats("5", np.zeros(C), np.ones(C)), TypeError),
+             ("count-wrong-length", lambda: stats(np.ones(C + 1), np.zeros(C), np.ones(C)), ValueError),
+             ("m2-int", lambda: stats(5, np.zeros(C), np.ones(C, np.int64)), TypeError),
+             ("m2-2-d", lambda: stats(5, np.zeros(C), np.ones((1, C))), ValueError),
+             ("m2-None", lambda: stats(5, np.zeros(C), None), TypeError)]
+    return cases("stats", table)
+
+
+def fold_weight_cases(pointwise=False):
+    table = [("1-d", lambda: np.ones(C, DT), ValueError),
+             ("0-d", lambda: np.float32(1), ValueError),
+             ("python-float", lambda: 1.0, ValueError)]
+    if pointwise:
+        table.append(("kernel-3x3", lambda: np.ones((5, C, 3, 3), DT), ValueError))
+    return dtype_cases("weight", (5, C) if pointwise else (C, 2, 3, 3)) + cases("weight", table)
+
+
+def negative_variance():
+    return cases("running_var", [("negative-entry", lambda: np.array([1.0, -0.5, 1.0], DT), ValueError)])
+
+
+# ------------------------------------------------------------ the functions
+
+def bn_train_good():
+    return dict(x=rand(SHAPE), weight=positive(seed=2), bias=rand((C,), seed=3),
+                running_mean=rand((C,), seed=4), running_var=positive(seed=5), momentum=0.1, eps=1e-5,
+                axis=1, relu=False, out=None)
+
+
+def bn_infer_good():
+    return dict(x=rand(SHAPE), running_mean=rand((C,), seed=4), running_var=positive(seed=5),
+                weight=positive(seed=2), bias=rand((C,), seed=3), eps=1e-5, axis=1, relu=False, out=None)
+
+
+def backward_good(**extra):
+    kw = dict(dy=rand(SHAPE, seed=6), x=rand(SHAPE), mean=rand((C,), seed=4), invstd=positive(seed=5),
+              axis=1, y=None)
+    kw.update(extra)
+    return kw
+
+
+def sums_good():
+    return backward_good(sum_dy=rand((C,), np.float64, seed=7), sum_dy_xhat=rand((C,), np.float64, seed=8),
+                         count=20, weight=positive(seed=2), out=None)
+
+
+def fold_conv_good():
+    return dict(weight=rand((C, 2, 3, 3)), bias=rand((C,), seed=3), running_mean=rand((C,), seed=4),
+                running_var=positive(seed=5), gamma=positive(seed=2), beta=rand((C,), seed=9), eps=1e-5,
+                transposed=False, groups=1)
+
+
+def fold_linear_good():
+    kw = fold_conv_good()
+    del kw["transposed"], kw["groups"]
+    kw.update(weight=rand((5, C)), bias=rand((5,), seed=3))
+    return kw
+
+
+def layer_state(kw):
+    layer = kw["layer"]
+    return [a for a in (getattr(layer, k, None) for k in ("running_mean", "running_var", "weight", "bias"))
+            if isinstance(a, np.ndarray)]
+
+
+def bn_layer_good():
+    return dict(layer=pybn.nn.BatchNorm(C), x=rand(SHAPE))
+
+
+def bn_layer_backward_good():
+    layer = pybn.nn.BatchNorm(C)
+    layer(rand(SHAPE))
+    return dict(layer=layer, dy=rand(SHAPE, seed=6))
+
+
+def dropout_layer_backward_good():
+    layer = pybn.nn.Dropout(0.5, seed=1)
+    layer(rand(SHAPE))
+    return dict(layer=layer, dy=rand(SHAPE, seed=6))
+
+
+def layer_call(kw_name):
+    def call(layer, **kw):
+        return layer(kw[kw_name]) if kw_name == "x" else layer.backward(kw[kw_name])
+    return call
+
+
+SPECS = [
+    Spec("batch_norm_train", pybn.batch_norm_train, bn_train_good, {
+        "x": data_cases("x") + cases("x", [   # training needs 2 values per channel
+            ("one-value-per-channel", lambda: np.ones((1, C, 1), DT), ValueError),
+            ("empty-batch", lambda: np.ones((0, C, 5), DT), ValueError)]),
+        "weight": per_channel_cases("weight"),
+        "bias": per_channel_cases("bias"),
+        "running_mean": in_place_cases("running_mean", "running_var"),
+        "running_var": in_place_cases("running_var", "running_mean"),
+        "momentum": momentum_cases(),
+        "eps": eps_cases(),
+        "axis": axis_cases(),
+        "out": out_cases(["x"], per_channel=["weight", "bias", "running_mean", "running_var"]),
+    }),
+    Spec("batch_norm_infer", pybn.batch_norm_infer, bn_infer_good, {
+        "x": data_cases("x"),
+        "running_mean": per_channel_cases("running_mean", required=True),
+        "running_var": per_channel_cases("running_var", required=True),
+        "weight": per_channel_cases("weight"),
+        "bias": per_channel_cases("bias"),
+        "eps": eps_cases(),
+        "axis": axis_cases(),
+        "out": out_cases(["x"], per_channel=["running_mean", "running_var", "weight", "bias"]),
+    }),
+    Spec("batch_norm_backward", pybn.batch_norm_backward,
+         lambda: backward_good(weight=positive(seed=2), training=True, out=None), {
+             "dy": data_cases("dy"),
+             "x": matching_cases("x"),
+             "mean": per_channel_cases("mean", required=True),
+             "invstd": per_channel_cases("invstd", required=True),
+             "weight": per_channel_cases("weight"),
+             "axis": axis_cases(),
+             "y": matching_cases("y", required=False),
+             "out": out_cases(["dy", "x"], per_channel=["mean", "invstd", "weight"]),
+         }),
+    Spec("batch_norm_stats", pybn.batch_norm_stats, lambda: dict(x=rand(SHAPE), axis=1), {
+        "x": data_cases("x"),
+        "axis": axis_cases(),
+    }),
+    Spec("batch_norm_merge_stats", pybn.batch_norm_merge_stats,
+         lambda: dict(count=np.array([20, 20]), mean=rand((W, C), np.float64), m2=positive((W, C), np.float64)), {
+             "count": merge_count_cases(),
+             "mean": merge_stat_cases("mean"),
+             "m2": merge_stat_cases("m2"),
+         }),
+    Spec("batch_norm_invstd", pybn.batch_norm_invstd,
+         lambda: dict(stats=pybn.BatchNormStats(20, rand((C,), np.float64), positive(dtype=np.float64)), eps=1e-5), {
+             "stats": stats_cases(),
+             "eps": eps_cases(),
+         }),
+    Spec("batch_norm_apply", pybn.batch_norm_apply,
+         lambda: dict(x=rand(SHAPE), mean=rand((C,), seed=4), invstd=positive(dtype=np.float64, seed=5),
+                      weight=positive(seed=2), bias=rand((C,), seed=3), axis=1, relu=False, out=None), {
+             "x": data_cases("x"),
+             "mean": per_channel_cases("mean", required=True),
+             "invstd": per_channel_cases("invstd", required=True),
+             "weight": per_channel_cases("weight"),
+             "bias": per_channel_cases("bias"),
+             "axis": axis_cases(),
+             "out": out_cases(["x"], per_channel=["mean", "invstd", "weight", "bias"]),
+         }),
+    Spec("batch_norm_backward_reduce", pybn.batch_norm_backward_reduce, backward_good, {
+        "dy": data_cases("dy"),
+        "x": matching_cases("x"),
+        "mean": per_channel_cases("mean", required=True),
+        "invstd": per_channel_cases("invstd", required=True),
+        "axis": axis_cases(),
+        "y": matching_cases("y", required=False),
+    }),
+    Spec("batch_norm_backward_apply", pybn.batch_norm_backward_apply, sums_good, {
+        "dy": data_cases("dy"),
+        "x": matching_cases("x"),
+        "mean": per_channel_cases("mean", required=True),
+        "invstd": per_channel_cases("invstd", required=True),
+        "sum_dy": per_channel_cases("sum_dy", required=True),
+        "sum_dy_xhat": per_channel_cases("sum_dy_xhat", required=True),
+        "count": count_cases(),
+        "weight": per_channel_cases("weight"),
+        "axis": axis_cases(),
+        "y": matching_cases("y", required=False),
+        "out": out_cases(["dy", "x"], per_channel=["mean", "invstd", "sum_dy", "sum_dy_xhat", "weight"]),
+    }),
+    Spec("dropout", pybn.dropout,
+         lambda: dict(x=rand(SHAPE), p=0.5, seed=1, offset=0, noise_shape=None, out=None), {
+             "x": data_cases("x", ndim_min=0),
+             "p": p_cases(),
+             "seed": u64_cases("seed"),
+             "offset": u64_cases("offset"),
+             "noise_shape": noise_shape_cases(),
+             "out": out_cases(["x"]),
+         }),
+    Spec("dropout_mask", pybn.dropout_mask, lambda: dict(shape=SHAPE, p=0.5, seed=1, offset=0), {
+        "shape": shape_cases(),
+        "p": p_cases(),
+        "seed": u64_cases("seed"),
+        "offset": u64_cases("offset"),
+    }),
+    Spec("dropout_apply", pybn.dropout_apply,
+         lambda: dict(x=rand(SHAPE), mask=np.full(NBYTES, 0x5A, np.uint8), p=0.5, noise_shape=None, out=None), {
+             "x": data_cases("x", ndim_min=0),
+             "mask": mask_cases(),
+             "p": p_cases(),
+             "noise_shape": noise_shape_cases(),
+             "out": out_cases(["x"], per_channel=["mask"]),
+         }),
+    Spec("counters_used", pybn.counters_used, lambda: dict(n=100), {
+        "n": int_cases("n", 0),
+    }),
+    Spec("fold_conv_bn", pybn.fold_conv_bn, fold_conv_good, {
+        "weight": fold_weight_cases(),
+        "bias": per_channel_cases("bias"),
+        "running_mean": per_channel_cases("running_mean", required=True),
+        "running_var": per_channel_cases("running_var", required=True) + negative_variance(),
+        "gamma": per_channel_cases("gamma"),
+        "beta": per_channel_cases("beta"),
+        "eps": eps_cases(),
+        "groups": int_cases("groups", 1) + cases("groups", [("not-dividing", lambda: 2, ValueError)]),
+    }),
+    Spec("fold_bn_linear", pybn.fold_bn_linear, fold_linear_good, {
+        "weight": fold_weight_cases(pointwise=True),
+        "bias": per_channel_cases("bias", channels=5),
+        "running_mean": per_channel_cases("running_mean", required=True),
+        "running_var": per_channel_cases("running_var", required=True) + negative_variance(),
+        "gamma": per_channel_cases("gamma"),
+        "beta": per_channel_cases("beta"),
+        "eps": eps_cases(),
+    }),
+    Spec("set_num_threads", pybn.set_num_threads, lambda: dict(n=1), {
+        "n": int_cases("n", 1, maximum=2**31),
+    }),
+    Spec("nn.BatchNorm", pybn.nn.BatchNorm, lambda: dict(num_features=C), {
+        "num_features": int_cases("num_features", 1),
+        "axis": [r for r in axis_cases() if r[2] is TypeError],   # the range needs x: see nn.BatchNorm.__call__
+        "eps": eps_cases(),
+        "momentum": momentum_cases(allow_none=True),
+        "dtype": cases("dtype", [("int32", lambda: "int32", TypeError), ("float16", lambda: np.float16, TypeError),
+                                 ("complex", lambda: complex, TypeError), ("not-a-dtype", lambda: "foo", TypeError)]),
+    }),
+    Spec("nn.BatchNorm.__call__", layer_call("x"), bn_layer_good, {
+        "x": dtype_cases("x", SHAPE) + cases("x", [
+            ("1-d", lambda: np.ones(5, DT), ValueError),
+            ("0-d", lambda: np.float32(1.0), ValueError),
+            ("channels-C+1", lambda: np.ones((4, C + 1, 5), DT), ValueError),
+            ("float64-vs-float32", lambda: np.ones(SHAPE, np.float64), TypeError),
+            ("one-value-per-channel", lambda: np.ones((1, C), DT), ValueError)]),
+    }, watch=layer_state),
+    Spec("nn.BatchNorm.backward", layer_call("dy"), bn_layer_backward_good, {
+        "dy": matching_cases("dy"),
+    }, watch=layer_state),
+    Spec("nn.Dropout", pybn.nn.Dropout, lambda: dict(p=0.5, seed=1, noise_shape=None), {
+        "p": p_cases(),
+        "seed": u64_cases("seed", allow_none=True),
+        "noise_shape": cases("noise_shape", [("int", lambda: 5, TypeError),
+                                             ("float-entry", lambda: (4, 1.5), TypeError)]),
+    }),
+    Spec("nn.Dropout.__call__", layer_call("x"), lambda: dict(layer=pybn.nn.Dropout(0.5, seed=1), x=rand(SHAPE)), {
+        "x": data_cases("x", ndim_min=0),
+    }),
+    Spec("nn.Dropout.backward", layer_call("dy"), dropout_layer_backward_good, {
+        "dy": matching_cases("dy"),
+    }),
+]
+
+# Parameters that take any value: flags read with bool() as Python does, and the
+# layer object the nn rows call.
+FLAGS = {"relu", "training", "transposed", "layer", "affine", "track_running_stats"}
+
+
+def build_matrix():
+    rows = []
+    for spec in SPECS:
+        for arg, arg_cases in spec.args.items():
+            for label, make, exc in arg_cases:
+                names = (arg,)
+                if arg == "out" or label.startswith(("overlaps", "same-array", "view-of")):
+                    names = (arg, "out")
+                rows.append(Row(spec, arg, label, make, exc, names))
+    return rows
+
+
+MATRIX = build_matrix()
+RUN = {"passed": 0}
+
+
+def summary():
+    """One line for the terminal summary (conftest.py)."""
+    functions = {r.spec.name for r in MATRIX}
+    layers = {f for f in functions if f.startswith("nn.")}
+    arguments = len({(r.spec.name, r.arg) for r in MATRIX})
+    return (f"input matrix: {len(MATRIX)} cases over {len(functions)} functions ({len(functions) - len(layers)} "
+            f"in pybn, {len(layers)} pybn.nn constructors and methods) and {arguments} arguments "
+            f"({RUN['passed']} passed in this run)")
+
+
+@pytest.fixture
+def restore_threads():
+    n = pybn.get_num_threads()
+    yield
+    pybn.set_num_threads(n)
+
+
+@pytest.mark.parametrize("row", MATRIX, ids=[r.id for r in MATRIX])
+def test_bad_input(row, restore_threads):
+    kw = row.spec.good()
+    kw.update(row.make(kw))
+    watched = [a for a in kw.values() if isinstance(a, np.ndarray)]
+    if row.spec.watch is not None:
+        watched += row.spec.watch(kw)
+    before = [a.copy() for a in watched]
+    msg = assert_raises_naming(row.exc, row.names, row.spec.fn, **kw)
+    if row.label.startswith("dtype-"):   # a wrong dtype is named too
+        assert row.label[len("dtype-"):] in msg, f"dtype not named in {msg!r}"
+    for a, a0 in zip(watched, before):   # running stats, out and every other array untouched
+        np.testing.assert_array_equal(a, a0)
+    RUN["passed"] += 1
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_good_call_works(spec, restore_threads):
+    """The call every row starts from is accepted: a row fails for its one bad value only."""
+    spec.fn(**spec.good())
+
+
+def _parameters(spec):
+    fn = spec.fn
+    if isinstance(fn, type):
+        fn = fn.__init__
+    return [p for p in inspect.signature(fn).parameters if p not in ("self", "kw")]
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if not s.name.endswith(("__call__", "backward"))
+                                  or s.name == "batch_norm_backward"], ids=lambda s: s.name)
+def test_every_argument_is_covered(spec):
+    missing = [p for p in _parameters(spec) if p not in spec.args and p not in FLAGS]
+    assert not missing, f"{spec.name}: no bad-value rows for {missing}"
+
+
+def test_every_public_function_is_in_the_matrix():
+    no_arguments = {"isa", "supported_isas", "get_num_threads"}
+    covered = {s.name for s in SPECS}
+    for name in pybn.__all__:
+        obj = getattr(pybn, name)
+        if not callable(obj) or isinstance(obj, type) or name in no_arguments:
+            continue   # the version string, the result named tuples
+        assert name in covered, f"pybn.{name} has no rows in the input matrix"
