@@ -234,3 +234,15 @@ def test_unpickled_arrays_are_accepted(dtype):
     np.testing.assert_array_equal(pybn.fold_conv_bn(x, None, np.zeros(4), np.ones(4)).weight,
                                   pybn.fold_conv_bn(np.array(x), None, np.zeros(4), np.ones(4)).weight)
     assert pybn.batch_norm_stats(x).count == 8
+
+
+def test_import_leaves_the_openmp_environment_as_it_was():
+    # pybn shortens GNU OpenMP's idle spinning only while its own runtime loads: the
+    # environment seen by later imports (torch's OpenMP) and by child processes is the user's.
+    code = "import os, pybn; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "None"]
+    env["OMP_WAIT_POLICY"] = "active"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "active"]
