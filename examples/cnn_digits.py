@@ -46,6 +46,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import pybn
 import pybn.nn as nn
+from numpy_layers import Adam, Layer, Linear, ReLU, Sequential, limit_threads
 
 DTYPE = np.float32
 
@@ -64,17 +65,9 @@ def load_data(seed):
 
 
 # --------------------------------------------------------------------------- layers
-# Each layer: __call__(x) forward (saving what its backward needs), backward(dy) -> dx,
-# train()/eval(). Trainable layers name their arrays as pybn.nn.BatchNorm does (weight,
-# bias, grad_weight, grad_bias), so one optimizer loop updates every kind of layer.
-
-class _Stateless:
-    def train(self, mode=True):
-        return self
-
-    def eval(self):
-        return self
-
+# The layers follow numpy_layers' conventions (shared with the other examples): __call__(x)
+# forward, backward(dy) -> dx, train()/eval(), arrays named weight, bias, grad_weight,
+# grad_bias as pybn.nn.BatchNorm names them. Linear, ReLU and Sequential come from there.
 
 def im2col(x):
     """(N, H, W, C) -> (N*H*W, 9*C): the 3x3 neighbourhood (zero padding 1) of each pixel.
@@ -99,7 +92,7 @@ def col2im(dcols, shape):
     return dxp[:, 1:-1, 1:-1, :]
 
 
-class Conv3x3(_Stateless):
+class Conv3x3(Layer):
     """3x3 convolution, stride 1, zero padding 1, on NHWC; weight (out, in, 3, 3) as PyTorch."""
 
     def __init__(self, n_in, n_out, rng, bias=True):
@@ -139,35 +132,7 @@ class Conv3x3(_Stateless):
         return col2im(dy @ self.matrix(), self.shape) if self.input_grad else None
 
 
-class Linear(_Stateless):
-    """y = x W^T + b, PyTorch's layout and default initialization."""
-
-    def __init__(self, n_in, n_out, rng):
-        bound = 1.0 / math.sqrt(n_in)
-        self.weight = rng.uniform(-bound, bound, (n_out, n_in)).astype(DTYPE)
-        self.bias = rng.uniform(-bound, bound, n_out).astype(DTYPE)
-        self.grad_weight = self.grad_bias = None
-
-    def __call__(self, x):
-        self.x = x
-        return x @ self.weight.T + self.bias
-
-    def backward(self, dy):
-        self.grad_weight = dy.T @ self.x
-        self.grad_bias = dy.sum(axis=0)
-        return dy @ self.weight
-
-
-class ReLU(_Stateless):
-    def __call__(self, x):
-        self.mask = x > 0
-        return x * self.mask
-
-    def backward(self, dy):
-        return dy * self.mask
-
-
-class AvgPool2Flatten(_Stateless):
+class AvgPool2Flatten(Layer):
     """2x2 average pooling, then flatten (N, H/2, W/2, C) to (N, H/2 * W/2 * C)."""
 
     def __call__(self, x):
@@ -178,31 +143,6 @@ class AvgPool2Flatten(_Stateless):
         n, h, w, c = self.shape
         dy = dy.reshape(n, h // 2, 1, w // 2, 1, c) * DTYPE(0.25)
         return np.broadcast_to(dy, (n, h // 2, 2, w // 2, 2, c)).reshape(self.shape)
-
-
-class Sequential:
-    def __init__(self, layers):
-        self.layers = layers
-
-    def __call__(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-    def backward(self, dy):
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
-
-    def train(self, mode=True):
-        for layer in self.layers:
-            layer.train(mode)
-
-    def eval(self):
-        self.train(False)
-
-    def parameters(self):
-        return [(layer, name) for layer in self.layers for name in ("weight", "bias")
-                if getattr(layer, name, None) is not None]
 
 
 def build_model(seed, p_drop):
@@ -218,27 +158,6 @@ def build_model(seed, p_drop):
 
 # --------------------------------------------------------------------------- training
 
-class Adam:
-    """Adam (Kingma & Ba) on the model's float32 arrays, in place."""
-
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8):
-        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
-        self.m = [np.zeros_like(getattr(layer, name)) for layer, name in params]
-        self.v = [np.zeros_like(getattr(layer, name)) for layer, name in params]
-
-    def step(self):
-        self.t += 1
-        b1, b2 = self.betas
-        lr_t = self.lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)  # bias corrections
-        for (layer, name), m, v in zip(self.params, self.m, self.v):
-            g = getattr(layer, "grad_" + name)
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            getattr(layer, name)[...] -= lr_t * m / (np.sqrt(v) + self.eps)
-
-
 def cross_entropy(logits, labels):
     """Mean softmax cross-entropy and its gradient with respect to the logits."""
     z = logits - logits.max(axis=1, keepdims=True)
@@ -251,7 +170,7 @@ def cross_entropy(logits, labels):
 
 def fit(model, x, y, epochs, batch_size, seed):
     """Train with Adam; return the mean training loss of the last epoch."""
-    opt = Adam(model.parameters())
+    opt = Adam(model.parameters(), lr=2e-3)
     rng = np.random.default_rng(seed)
     model.train()
     for _ in range(epochs):
@@ -342,22 +261,6 @@ def print_table(r, n_test, repeats):
           f"{r['t'] * ms:>9.2f} ms{r['t_f'] * ms:>9.2f} ms")
     print(f"{'  of which the 2 batch norms':<36}{r['t_bn'] * ms:>9.2f} ms{'-':>12}")
     print(f"{'speed-up':<36}{'':>12}{r['t'] / r['t_f']:>11.2f}x")
-
-
-def limit_threads(n):
-    """Run NumPy's BLAS and pybn's kernels on n threads each (default 1).
-
-    The matmuls run on OpenBLAS's thread pool and pybn's kernels on OpenMP's. On a small
-    machine the two pools' busy-waiting threads take the cores from each other: on 2 busy
-    cores a 256x512 matmul followed by a batch norm took 11 ms with both pools at 2 threads,
-    0.9 ms with pybn on one; and a tiny matmul in a loaded machine waited 8 ms for its
-    threads. The arrays here are small (a few MB at most), so one thread each is the fast
-    and steady choice. Results do not depend on the thread counts.
-    """
-    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
-
-    pybn.set_num_threads(n)
-    return threadpool_limits(limits=n, user_api="blas")
 
 
 def parse_args(argv=None):

@@ -59,6 +59,7 @@ import numpy as np
 
 import pybn
 import pybn.nn as nn
+from numpy_layers import SGD, Linear, ReLU, Sequential
 
 P_DROP = 0.3  # the tutorial's Dropout(0.3)
 WIDTH = 64
@@ -92,30 +93,12 @@ def my_rows(n, rank, world):
 
 # --------------------------------------------------------------------------- layers
 
-class Dense:
-    """``y = x @ W.T + b`` (He initialization); backward sets dW and db."""
+# Linear, ReLU, Sequential and SGD come from numpy_layers.py, shared with the other examples.
 
-    def __init__(self, n_in, n_out, rng, dtype):
-        self.W = (rng.standard_normal((n_out, n_in)) * np.sqrt(2.0 / n_in)).astype(dtype)
-        self.b = np.zeros(n_out, dtype)
-
-    def __call__(self, x):
-        self.x = x
-        return x @ self.W.T + self.b
-
-    def backward(self, dy):
-        self.dW = dy.T @ self.x
-        self.db = dy.sum(axis=0)
-        return dy @ self.W
-
-
-class ReLU:
-    def __call__(self, x):
-        self.mask = x > 0
-        return x * self.mask
-
-    def backward(self, dy):
-        return dy * self.mask
+def dense(n_in, n_out, rng, dtype):
+    """A Linear layer with He initialization (normal, std sqrt(2 / n_in)) and zero bias."""
+    weight = (rng.standard_normal((n_out, n_in)) * np.sqrt(2.0 / n_in)).astype(dtype)
+    return Linear.from_weights(weight, np.zeros(n_out, dtype))
 
 
 class ShardDropout(nn.Dropout):
@@ -149,7 +132,7 @@ def build_model(dtype, rank=0, world=1):
     rng = np.random.default_rng(SEED)  # the same initial weights in every process
     layers, n_in = [], 10
     for i in range(3):
-        layers += [Dense(n_in, WIDTH, rng, dtype), ReLU()]
+        layers += [dense(n_in, WIDTH, rng, dtype), ReLU()]
         if world == 1:
             layers += [nn.Dropout(P_DROP, seed=SEED + i), nn.BatchNorm(WIDTH, dtype=dtype)]
         else:
@@ -158,36 +141,16 @@ def build_model(dtype, rank=0, world=1):
             layers += [ShardDropout(P_DROP, seed=SEED + i, rank=rank, world=world),
                        SyncBatchNorm(WIDTH, dtype=dtype)]  # comm=None: torch.distributed's default group
         n_in = WIDTH
-    layers.append(Dense(n_in, 1, rng, dtype))
-    return layers
-
-
-class SGD:
-    """SGD with momentum, PyTorch's formulation: ``v = momentum * v + g``, ``p -= lr * v``."""
-
-    def __init__(self, layers, lr, momentum):
-        self.entries = []
-        for layer in layers:
-            if isinstance(layer, Dense):
-                self.entries += [(layer, "W", "dW"), (layer, "b", "db")]
-            elif isinstance(layer, nn.BatchNorm):
-                self.entries += [(layer, "weight", "grad_weight"), (layer, "bias", "grad_bias")]
-        self.lr, self.momentum = lr, momentum
-        self.v = [np.zeros_like(getattr(layer, p)) for layer, p, _ in self.entries]
-
-    def step(self):
-        for (layer, p, g), v in zip(self.entries, self.v):
-            v *= self.momentum
-            v += getattr(layer, g)
-            getattr(layer, p)[...] -= self.lr * v
+    layers.append(dense(n_in, 1, rng, dtype))
+    return Sequential(layers)
 
 
 # --------------------------------------------------------------------------- training
 
-def forward(layers, x, total_rows, training):
-    for layer in layers:
-        if hasattr(layer, "train"):
-            layer.train(training)
+def forward(model, x, total_rows, training):
+    """The model's forward; ShardDropout also needs the whole batch's row count."""
+    model.train(training)
+    for layer in model.layers:
         x = layer.forward(x, total_rows) if isinstance(layer, ShardDropout) else layer(x)
     return x
 
@@ -198,9 +161,9 @@ def train(epochs, dtype, rank=0, world=1, allreduce=None):
     `allreduce(float64 array) -> array` sums over the processes (None: one process)."""
     allreduce = allreduce or (lambda a: a)
     x_tr, y_tr, x_va, y_va, y_scale = load_data(dtype)
-    layers = build_model(dtype, rank, world)
-    dense = [layer for layer in layers if isinstance(layer, Dense)]
-    opt = SGD(layers, LR, MOMENTUM)
+    model = build_model(dtype, rank, world)
+    linears = [layer for layer in model.layers if isinstance(layer, Linear)]
+    opt = SGD(model.parameters(), LR, MOMENTUM)
     curve = []
     for epoch in range(epochs):
         order = np.random.default_rng([SEED, epoch]).permutation(len(x_tr))  # the same in every process
@@ -208,18 +171,18 @@ def train(epochs, dtype, rank=0, world=1, allreduce=None):
         for start in range(0, len(order), BATCH):
             idx = order[start:start + BATCH]
             mine = idx[my_rows(len(idx), rank, world)]
-            err = forward(layers, x_tr[mine], len(idx), training=True) - y_tr[mine]
+            err = forward(model, x_tr[mine], len(idx), training=True) - y_tr[mine]
             # mean absolute error over the whole batch: divide by its size, not by len(mine)
             grad = (np.sign(err) / len(idx)).astype(dtype)
-            for layer in reversed(layers):
-                grad = layer.backward(grad)
+            model.backward(grad)
             # data parallel: one all-reduce (sum) of the dense layers' gradients and the loss
             # (SyncBatchNorm's grad_weight / grad_bias are the whole batch's already)
-            local = [g.ravel() for d in dense for g in (d.dW, d.db)] + [[np.abs(err).sum(dtype=np.float64)]]
+            local = ([g.ravel() for d in linears for g in (d.grad_weight, d.grad_bias)]
+                     + [[np.abs(err).sum(dtype=np.float64)]])
             flat = allreduce(np.concatenate(local).astype(np.float64))
             pos = 0
-            for d in dense:
-                for name in ("dW", "db"):
+            for d in linears:
+                for name in ("grad_weight", "grad_bias"):
                     g = getattr(d, name)
                     setattr(d, name, flat[pos:pos + g.size].reshape(g.shape).astype(dtype))
                     pos += g.size
@@ -227,7 +190,7 @@ def train(epochs, dtype, rank=0, world=1, allreduce=None):
             opt.step()
         # validation in eval mode (running statistics, no dropout): each process its slice
         part = my_rows(len(x_va), rank, world)
-        err = forward(layers, x_va[part], len(x_va), training=False) - y_va[part]
+        err = forward(model, x_va[part], len(x_va), training=False) - y_va[part]
         valid_sum = allreduce(np.array([np.abs(err).sum(dtype=np.float64)]))[0]
         curve.append((loss_sum / len(x_tr) * y_scale, valid_sum / len(x_va) * y_scale))
     return curve

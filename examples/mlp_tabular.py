@@ -3,9 +3,10 @@
 This is the "Red Wine" model of the Keras tutorial on dropout and batch normalization,
 rebuilt on pybn: three times ``Dense(width) -> ReLU -> Dropout(0.3) -> BatchNorm`` (the
 tutorial's Keras order), then ``Dense(1)``, mean absolute error, Adam, batch 256. The
-dense layers are NumPy matmuls with a hand-written backward; the batch norm and dropout
-layers are ``pybn.nn.BatchNorm`` and ``pybn.nn.Dropout`` (``p`` is the probability of
-DROPPING a unit, as in PyTorch and Keras' ``rate``).
+dense layers are NumPy matmuls with a hand-written backward (``numpy_layers.py``, shared
+by the examples); the batch norm and dropout layers are ``pybn.nn.BatchNorm`` and
+``pybn.nn.Dropout`` (``p`` is the probability of DROPPING a unit, as in PyTorch and
+Keras' ``rate``).
 
 It trains four configurations, each with batch norm:
 
@@ -43,12 +44,11 @@ so the printed table is the same on every run.
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 
-import pybn
 import pybn.nn as nn
+from numpy_layers import Adam, Linear, ReLU, Sequential, limit_threads
 
 DTYPE = np.float32
 P_DROP = 0.3  # the tutorial's Dropout(0.3): drop 30% of the units
@@ -77,78 +77,7 @@ def standardize(x_train, x_valid):
     return scaler.transform(x_train).astype(DTYPE), scaler.transform(x_valid).astype(DTYPE)
 
 
-# --------------------------------------------------------------------------- layers
-
-class Linear:
-    """y = x W^T + b, PyTorch's layout and default initialization.
-
-    Parameters and gradients use the names of pybn.nn.BatchNorm (weight, bias,
-    grad_weight, grad_bias), so one optimizer loop updates both kinds of layer.
-    """
-
-    def __init__(self, n_in, n_out, rng):
-        bound = 1.0 / math.sqrt(n_in)
-        self.weight = rng.uniform(-bound, bound, (n_out, n_in)).astype(DTYPE)
-        self.bias = rng.uniform(-bound, bound, n_out).astype(DTYPE)
-        self.grad_weight = self.grad_bias = None
-
-    def __call__(self, x):
-        self.x = x  # saved for the weight gradient
-        return x @ self.weight.T + self.bias
-
-    def backward(self, dy):
-        self.grad_weight = dy.T @ self.x
-        self.grad_bias = dy.sum(axis=0)
-        return dy @ self.weight
-
-    def train(self, mode=True):
-        return self
-
-    def eval(self):
-        return self
-
-
-class ReLU:
-    def __call__(self, x):
-        self.mask = x > 0
-        return x * self.mask
-
-    def backward(self, dy):
-        return dy * self.mask
-
-    def train(self, mode=True):
-        return self
-
-    def eval(self):
-        return self
-
-
-class Sequential:
-    def __init__(self, layers):
-        self.layers = layers
-
-    def __call__(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-    def backward(self, dy):
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
-        return dy
-
-    def train(self, mode=True):
-        for layer in self.layers:
-            layer.train(mode)
-
-    def eval(self):
-        self.train(False)
-
-    def parameters(self):
-        """(layer, name) of every trainable array: Linear and BatchNorm weights and biases."""
-        return [(layer, name) for layer in self.layers if getattr(layer, "weight", None) is not None
-                for name in ("weight", "bias")]
-
+# --------------------------------------------------------------------------- model
 
 def build_model(n_in, width, dropout, batchnorm, seed):
     """The tutorial's model: 3 x (Dense -> ReLU -> [Dropout] -> [BatchNorm]), then Dense(1)."""
@@ -168,28 +97,6 @@ def build_model(n_in, width, dropout, batchnorm, seed):
 
 # --------------------------------------------------------------------------- training
 
-class Adam:
-    """Adam (Kingma & Ba) with Keras' defaults, on the model's float32 arrays in place."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-7):
-        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
-        self.m = [np.zeros_like(getattr(layer, name)) for layer, name in params]
-        self.v = [np.zeros_like(getattr(layer, name)) for layer, name in params]
-
-    def step(self):
-        self.t += 1
-        b1, b2 = self.betas
-        # bias corrections folded into the step size (as in the paper's efficient form)
-        lr_t = self.lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        for (layer, name), m, v in zip(self.params, self.m, self.v):
-            g = getattr(layer, "grad_" + name)
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            getattr(layer, name)[...] -= lr_t * m / (np.sqrt(v) + self.eps)
-
-
 def mae(pred, target):
     """Mean absolute error and its gradient with respect to pred."""
     diff = pred - target
@@ -206,7 +113,7 @@ def evaluate(model, x, y):
 def fit(model, data, epochs, batch_size, seed):
     """Train; return per-epoch train and validation MAE (eval mode, standardized units)."""
     x_tr, y_tr, x_va, y_va = data
-    opt = Adam(model.parameters())
+    opt = Adam(model.parameters(), lr=1e-3, eps=1e-7)  # Keras' defaults
     order_rng = np.random.default_rng(seed)
     history = {"train": [], "valid": []}
     for _ in range(epochs):
@@ -261,22 +168,6 @@ def plot(results, y_scale, baseline, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def limit_threads(n):
-    """Run NumPy's BLAS and pybn's kernels on n threads each (default 1).
-
-    The matmuls run on OpenBLAS's thread pool and pybn's kernels on OpenMP's. On a small
-    machine the two pools' busy-waiting threads take the cores from each other: on 2 busy
-    cores a 256x512 matmul followed by a batch norm took 11 ms with both pools at 2 threads,
-    0.9 ms with pybn on one; and a tiny matmul in a loaded machine waited 8 ms for its
-    threads. The arrays here are small (a few MB at most), so one thread each is the fast
-    and steady choice. Results do not depend on the thread counts.
-    """
-    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
-
-    pybn.set_num_threads(n)
-    return threadpool_limits(limits=n, user_api="blas")
 
 
 def parse_args(argv=None):
