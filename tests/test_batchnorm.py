@@ -866,3 +866,40 @@ def test_channels_last_few_channels_accurate(isa, rng):
     assert np.abs(y - yd).max() < 2e-6
     np.testing.assert_allclose(mean, xd.mean(0), rtol=1e-6)
     np.testing.assert_allclose(invstd, 1 / np.sqrt(xd.var(0) + 1e-5), rtol=1e-6)
+
+
+# ------------------------------------------ channel blocks (NCHW arrays past the caches)
+# Training forward and backward of NCHW-like arrays of more than 24 MB reduce and then
+# normalize one block of channels at a time (csrc/kernels/channel_loops.h, channel_block).
+
+BLOCKED_CASES = [((8, 16, 256, 200), 1, np.float32), ((4, 20, 100, 501), 1, np.float64),
+                 ((2, 8, 3, 140000), 1, np.float32)]
+
+
+@pytest.mark.parametrize("shape,axis,dtype", BLOCKED_CASES, ids=["f32-16ch", "f64-20ch", "f32-8ch-long-rows"])
+def test_channel_blocked_passes(shape, axis, dtype, isa, rng):
+    assert np.prod(shape) * np.dtype(dtype).itemsize >= 24 << 20  # large enough to be blocked
+    x, w, b, rm, rv = make_inputs(rng, shape, axis, dtype)
+    x += dtype(50)  # an offset the statistics must not lose
+    dy = rng.standard_normal(shape).astype(dtype)
+    prev = pybn.get_num_threads()
+    runs = {}
+    try:
+        for t in (1, 2):
+            pybn.set_num_threads(t)
+            runs[t] = _run_all(x, w, b, dy, rm, rv, axis)
+    finally:
+        pybn.set_num_threads(prev)
+    for a, b_ in zip(runs[1], runs[2]):
+        assert _bits_equal(a, b_)
+    y, mean, invstd, new_rm, new_rv, _, dx, dweight, dbias = runs[1][:9]
+    r = ref.batch_norm_train(x, w, b, running_mean=rm, running_var=rv, axis=axis, relu=True)
+    assert_close(y, r.y, FWD_TOL[dtype], "y")
+    assert_close(mean, r.mean, FWD_TOL[dtype], "mean")
+    assert_close(invstd, r.invstd, FWD_TOL[dtype], "invstd")
+    assert_close(new_rm, r.running_mean, FWD_TOL[dtype], "running_mean")
+    assert_close(new_rv, r.running_var, FWD_TOL[dtype], "running_var")
+    rdx, rdw, rdb = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, y=y)
+    assert_close(dx, rdx, BWD_TOL[dtype], "dx")
+    assert_close(dweight, rdw, BWD_TOL[dtype], "dweight")
+    assert_close(dbias, rdb, BWD_TOL[dtype], "dbias")

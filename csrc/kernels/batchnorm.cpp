@@ -289,17 +289,18 @@ void grad_sums(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean,
 // y = (x - mean) * alpha + beta, optionally max(., 0). Subtracting the mean first keeps
 // y exact where x is near the mean even for large offsets (x * alpha + (beta - mean *
 // alpha) would cancel two large products); in a memory-bound pass it costs nothing.
+// Over the whole array, or over the channels of *range on the calling thread.
 template <class T>
 void normalize(const Layout& L, const T* x, const T* mean, const T* alpha, const T* beta, bool fuse_relu, T* y,
-               bool after_reduction) {
+               bool after_reduction, const ChannelRange* range = nullptr) {
   using V = Vec<T>;
   const T* const coef[3] = {mean, alpha, beta};
   auto affine = [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n) - c[0], c[1], c[2]); };
   if (fuse_relu)
-    channel_apply<T, 3>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
-                        after_reduction);
+    channel_apply_to<T, 3>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
+                           range, after_reduction);
   else
-    channel_apply<T, 3>(L, coef, y, affine, after_reduction);
+    channel_apply_to<T, 3>(L, coef, y, affine, range, after_reduction);
 }
 
 template <class T>
@@ -314,22 +315,33 @@ void bn_train(const BnTrainArgs<T>& a) {
   const Layout& L = a.layout;
   const i64 C = L.channels;
   const double n = static_cast<double>(L.per_channel());
-  Buffer<double> mean = make_buffer<double>(C), m2 = make_buffer<double>(C);
-  channel_moments(L, a.x, mean.get(), m2.get());
-
   Buffer<T> alpha = make_buffer<T>(C), beta = make_buffer<T>(C);
-  for (i64 c = 0; c < C; ++c) {
-    const double var = m2[c] / n;
+  // Channel c's outputs from its statistics: saved mean and invstd, running stats, and the
+  // normalization's coefficients.
+  const auto finish = [&](i64 c, double mean, double m2) {
+    const double var = m2 / n;
     const double invstd = 1.0 / std::sqrt(var + a.eps);
-    a.save_mean[c] = static_cast<T>(mean[c]);
+    a.save_mean[c] = static_cast<T>(mean);
     a.save_invstd[c] = static_cast<T>(invstd);
     if (a.running_mean)
-      a.running_mean[c] = static_cast<T>((1.0 - a.momentum) * a.running_mean[c] + a.momentum * mean[c]);
+      a.running_mean[c] = static_cast<T>((1.0 - a.momentum) * a.running_mean[c] + a.momentum * mean);
     if (a.running_var)
-      a.running_var[c] = static_cast<T>((1.0 - a.momentum) * a.running_var[c] + a.momentum * (m2[c] / (n - 1.0)));
+      a.running_var[c] = static_cast<T>((1.0 - a.momentum) * a.running_var[c] + a.momentum * (m2 / (n - 1.0)));
     alpha[c] = static_cast<T>(value_or(a.weight, c, 1.0) * invstd);
     beta[c] = static_cast<T>(value_or(a.bias, c, 0.0));
+  };
+  if (const i64 block = channel_block(L, sizeof(T))) {
+    for_each_channel_block(L, block, [&](ChannelRange r) {
+      Buffer<Moments> m = make_buffer<Moments>(r.end - r.begin);
+      for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) { merge_segment(a.x + off, len, m[c - r.begin]); });
+      for (i64 c = r.begin; c < r.end; ++c) finish(c, m[c - r.begin].mean, m[c - r.begin].m2);
+      normalize(L, a.x, a.save_mean, alpha.get(), beta.get(), a.relu, a.y, true, &r);
+    });
+    return;
   }
+  Buffer<double> mean = make_buffer<double>(C), m2 = make_buffer<double>(C);
+  channel_moments(L, a.x, mean.get(), m2.get());
+  for (i64 c = 0; c < C; ++c) finish(c, mean[c], m2[c]);
   normalize(L, a.x, a.save_mean, alpha.get(), beta.get(), a.relu, a.y, true);
 }
 
@@ -362,15 +374,19 @@ void backward_reduce_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
   for (i64 c = 0; c < a.layout.channels; ++c) s.sum_gxhat[c] *= static_cast<double>(a.invstd[c]);
 }
 
-// dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradSums).
+// dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradSums), over the
+// whole array, or over the channels of *range on the calling thread; k holds 3 rows of C.
 template <class T, bool kMask>
-void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
+void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* k,
+                         const ChannelRange* range = nullptr) {
   using V = Vec<T>;
   const Layout& L = a.layout;
   const i64 C = L.channels;
   const double n = s.count;
-  Buffer<T> k_dy = make_buffer<T>(C), k_x = make_buffer<T>(C), k_0 = make_buffer<T>(C);
-  for (i64 c = 0; c < C; ++c) {
+  T* const k_dy = k;
+  T* const k_x = k + C;
+  T* const k_0 = k + 2 * C;
+  for (i64 c = range ? range->begin : 0; c < (range ? range->end : C); ++c) {
     const double invstd = a.invstd[c];
     const double scale = value_or(a.weight, c, 1.0) * invstd;
     k_dy[c] = static_cast<T>(scale);
@@ -385,15 +401,41 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
     return kMask ? keep_if_positive(load_n(y + i, n), g) : g;
   };
   if (a.training) {
-    const T* const coef[4] = {k_dy.get(), k_x.get(), a.mean, k_0.get()};
-    channel_apply<T, 4>(
+    const T* const coef[4] = {k_dy, k_x, a.mean, k_0};
+    channel_apply_to<T, 4>(
         L, coef, a.dx,
         [=](i64 i, i64 n, const V* c) { return fma(c[1], load_n(x + i, n) - c[2], fma(c[0], grad(i, n), c[3])); },
-        true);
+        range, true);
   } else {
-    const T* const coef[1] = {k_dy.get()};
-    channel_apply<T, 1>(L, coef, a.dx, [=](i64 i, i64 n, const V* c) { return c[0] * grad(i, n); }, true);
+    const T* const coef[1] = {k_dy};
+    channel_apply_to<T, 1>(L, coef, a.dx, [=](i64 i, i64 n, const V* c) { return c[0] * grad(i, n); }, range, true);
   }
+}
+
+// The single-process backward, one block of channels at a time (see channel_block): each
+// block's sums, then its dx while dy and x are still in the cache.
+template <class T, bool kMask>
+void backward_blocked(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, i64 block) {
+  using V = Vec<T>;
+  const Layout& L = a.layout;
+  const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
+  Buffer<T> k = make_buffer<T>(3 * L.channels);
+  for_each_channel_block(L, block, [&](ChannelRange r) {
+    for (i64 c = r.begin; c < r.end; ++c) s.sum_g[c] = s.sum_gxhat[c] = 0;
+    for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) {
+      const V m = V::set1(a.mean[c]);
+      double b[2];
+      segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, V* acc) { terms(off + i, n, m, acc); });
+      s.sum_g[c] += b[0];
+      s.sum_gxhat[c] += b[1];
+    });
+    for (i64 c = r.begin; c < r.end; ++c) {
+      s.sum_gxhat[c] *= static_cast<double>(a.invstd[c]);
+      a.dweight[c] = static_cast<T>(s.sum_gxhat[c]);
+      a.dbias[c] = static_cast<T>(s.sum_g[c]);
+    }
+    backward_apply_impl<T, kMask>(a, s, k.get(), &r);
+  });
 }
 
 }  // namespace
@@ -408,18 +450,29 @@ void bn_backward_reduce(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
 
 template <class T>
 void bn_backward_apply(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
+  Buffer<T> k = make_buffer<T>(3 * a.layout.channels);
   if (a.y)
-    backward_apply_impl<T, true>(a, s);
+    backward_apply_impl<T, true>(a, s, k.get());
   else
-    backward_apply_impl<T, false>(a, s);
+    backward_apply_impl<T, false>(a, s, k.get());
 }
 
-// The single-process backward: both phases, with this process's sums and count.
+// The single-process backward: both phases, with this process's sums and count; for large
+// NCHW-like arrays, both per block of channels.
 template <class T>
 void bn_backward(const BnBackwardArgs<T>& a) {
   const i64 C = a.layout.channels;
   Buffer<double> sum_g = make_buffer<double>(C), sum_gxhat = make_buffer<double>(C);
   const BnGradSums<T> s{sum_g.get(), sum_gxhat.get(), static_cast<double>(a.layout.per_channel())};
+  if (a.training) {
+    if (const i64 block = channel_block(a.layout, (a.y ? 3 : 2) * i64(sizeof(T)))) {
+      if (a.y)
+        backward_blocked<T, true>(a, s, block);
+      else
+        backward_blocked<T, false>(a, s, block);
+      return;
+    }
+  }
   bn_backward_reduce(a, s);
   for (i64 c = 0; c < C; ++c) {
     a.dweight[c] = static_cast<T>(sum_gxhat[c]);

@@ -245,6 +245,77 @@ void channel_apply(const Layout& L, const T* const (&coef)[K], T* out, const Op&
 }
 
 // ---------------------------------------------------------------------------------------
+// Channel blocks: a reduction and the elementwise pass that needs its result, done one
+// block of channels at a time by one thread, so that the second pass re-reads the block
+// from the cache instead of memory. For NCHW-like arrays much larger than the caches
+// this halves what the two passes read from memory. Each channel is reduced by one thread
+// in a fixed order, so results do not depend on the thread count.
+
+// Bytes of a channel block (every array the passes read): the two threads' blocks and the
+// prefetchers' lead stay well inside the L3 cache.
+constexpr i64 kChannelBlockBytes = i64(4) << 20;
+// Below this (bytes read per pass), both passes run from the cache anyway.
+constexpr i64 kChannelBlockMinBytes = i64(24) << 20;
+
+struct ChannelRange {
+  i64 begin = 0, end = 0;
+};
+
+// Channels per block for arrays of `bytes` per position (summed over the arrays read), or
+// 0 when the layout is not worth blocking: a shape-only decision.
+inline i64 channel_block(const Layout& L, i64 bytes) {
+  if (use_period_mode(L) || L.channels < 4) return 0;
+  const i64 per_channel = L.per_channel() * bytes;
+  if (per_channel * L.channels < kChannelBlockMinBytes) return 0;
+  // at most C/16 channels: enough blocks for the threads to finish together
+  return std::clamp<i64>(std::min(kChannelBlockBytes / per_channel, L.channels / 16), 1, L.channels);
+}
+
+// Calls f(range) for every block of `block` channels, blocks spread over the threads.
+template <class F>
+void for_each_channel_block(const Layout& L, i64 block, const F& f) {
+  const i64 blocks = (L.channels + block - 1) / block;
+  parallel_for(blocks, L.numel(), [&](i64 b0, i64 b1) {
+    for (i64 b = b0; b < b1; ++b) f(ChannelRange{b * block, std::min(L.channels, (b + 1) * block)});
+  });
+}
+
+// Calls segment(c, offset, length) for the rows of the channels in r, in memory order, in
+// segments of at most kBlockElements.
+template <class F>
+void for_each_channel_segment(const Layout& L, ChannelRange r, F&& segment) {
+  for (i64 o = 0; o < L.outer; ++o)
+    for (i64 c = r.begin; c < r.end; ++c) {
+      const i64 row = (o * L.channels + c) * L.inner;
+      for (i64 i = 0; i < L.inner; i += kBlockElements) segment(c, row + i, std::min(kBlockElements, L.inner - i));
+    }
+}
+
+// The elementwise pass (as channel_apply, row mode) over the rows of the channels in r,
+// on the calling thread.
+template <class T, int K, class Op>
+void channel_apply_range(const Layout& L, const T* const (&coef)[K], T* out, const Op& op, ChannelRange r) {
+  const bool stream = should_stream<T>(L);
+  for (i64 o = 0; o < L.outer; ++o) {
+    const i64 begin = (o * L.channels + r.begin) * L.inner, end = (o * L.channels + r.end) * L.inner;
+    if (stream)
+      apply_rows<true, T, K>(L, coef, out, op, begin, end);
+    else
+      apply_rows<false, T, K>(L, coef, out, op, begin, end);
+  }
+}
+
+// channel_apply over the whole array, or over the channels of *r on the calling thread.
+template <class T, int K, class Op>
+void channel_apply_to(const Layout& L, const T* const (&coef)[K], T* out, const Op& op, const ChannelRange* r,
+                      bool after_reduction) {
+  if (r)
+    channel_apply_range(L, coef, out, op, *r);
+  else
+    channel_apply(L, coef, out, op, after_reduction);
+}
+
+// ---------------------------------------------------------------------------------------
 // Row-mode reduction blocks: the flat array is cut into G groups of consecutive elements
 // and walked in memory order (the prefetchers follow, pages are touched once); a group
 // visits the rows it overlaps, each as segments of at most kBlockElements, and keeps one
