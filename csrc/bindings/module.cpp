@@ -137,6 +137,20 @@ void bn_infer(const py::array& x, const py::object& y, const py::object& mean, c
   });
 }
 
+// The arrays every backward call reads: dy, x (and y) of the layout's size, mean and invstd per channel.
+template <class T>
+pybn::BnBackwardArgs<T> backward_args(const Layout& L, const py::array& dy, const py::object& x,
+                                      const py::object& y, const py::object& mean, const py::object& invstd) {
+  pybn::BnBackwardArgs<T> a;
+  a.layout = L;
+  a.dy = required<T>(dy, L.numel(), "dy");
+  a.x = required<T>(x, L.numel(), "x");
+  a.y = in<T>(y, L.numel(), "y");
+  a.mean = required<T>(mean, L.channels, "mean");
+  a.invstd = required<T>(invstd, L.channels, "invstd");
+  return a;
+}
+
 void bn_backward(const py::array& dy, const py::object& x, const py::object& y, const py::object& mean,
                  const py::object& invstd, const py::object& weight, const py::object& dx,
                  const py::object& dweight, const py::object& dbias, i64 outer, i64 channels, i64 inner,
@@ -144,13 +158,7 @@ void bn_backward(const py::array& dy, const py::object& x, const py::object& y, 
   const Layout L = make_layout(outer, channels, inner);
   by_dtype(dy, [&](auto zero) {
     using T = decltype(zero);
-    pybn::BnBackwardArgs<T> a;
-    a.layout = L;
-    a.dy = required<T>(dy, L.numel(), "dy");
-    a.x = required<T>(x, L.numel(), "x");
-    a.y = in<T>(y, L.numel(), "y");
-    a.mean = required<T>(mean, channels, "mean");
-    a.invstd = required<T>(invstd, channels, "invstd");
+    auto a = backward_args<T>(L, dy, x, y, mean, invstd);
     a.weight = in<T>(weight, channels, "weight");
     a.dx = required_out<T>(dx, L.numel(), "out");
     a.dweight = required_out<T>(dweight, channels, "dweight");
@@ -184,13 +192,7 @@ void bn_backward_phase(bool apply, const py::array& dy, const py::object& x, con
   const Layout L = make_layout(outer, channels, inner);
   by_dtype(dy, [&](auto zero) {
     using T = decltype(zero);
-    pybn::BnBackwardArgs<T> a;
-    a.layout = L;
-    a.dy = required<T>(dy, L.numel(), "dy");
-    a.x = required<T>(x, L.numel(), "x");
-    a.y = in<T>(y, L.numel(), "y");
-    a.mean = required<T>(mean, channels, "mean");
-    a.invstd = required<T>(invstd, channels, "invstd");
+    auto a = backward_args<T>(L, dy, x, y, mean, invstd);
     pybn::BnGradSums<T> sums;
     if (apply) {
       a.weight = in<T>(weight, channels, "weight");
