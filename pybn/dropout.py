@@ -66,9 +66,38 @@ def _noise_shape(noise_shape: Any, shape: tuple[int, ...]) -> tuple[int, ...] | 
     return None if ns == shape else ns
 
 
+def _broadcast_view(shape: tuple[int, ...], noise: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """x's shape as (f0, b1, f2, b3) for the broadcast kernel: runs of axes where the mask
+    is drawn (f) and where it is broadcast (b), aligned at the end (a last drawn run is f2,
+    b3 = 1); None for a pattern of more than four runs."""
+    runs: list[list] = []  # [kind, size], adjacent axes of one kind merged; size-1 axes are either
+    for s, d in zip(shape, noise):
+        if s == 1:
+            continue
+        kind = "f" if d == s else "b"
+        if runs and runs[-1][0] == kind:
+            runs[-1][1] *= s
+        else:
+            runs.append([kind, s])
+    slots = {"f0": 1, "b1": 1, "f2": 1, "b3": 1}
+    order = ["f0", "b1", "f2", "b3"] if not runs or runs[-1][0] == "b" else ["f0", "b1", "f2"]
+    if len(runs) > len(order):
+        return None
+    for (_, size), slot in zip(runs, order[len(order) - len(runs):]):
+        slots[slot] = size
+    f0, b1, f2, b3 = slots["f0"], slots["b1"], slots["f2"], slots["b3"]
+    if b1 == 1:  # no middle run: one row per drawn element, so the rows spread over threads
+        f0, f2 = f0 * f2, 1
+    return f0, b1, f2, b3
+
+
 def _apply_broadcast(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], p: float, y: np.ndarray) -> None:
     """y = x * scale where the mask (of `shape`, broadcast to x's) keeps, +0.0 elsewhere, as
     the kernels give (multiplying by a 0/scale array would give -0.0 for negative x)."""
+    view = _broadcast_view(x.shape, shape)
+    if view is not None:
+        _C.dropout_apply_broadcast(x, mask, y, _scale(p), *view)
+        return
     keep = np.unpackbits(mask, count=math.prod(shape), bitorder="little").reshape(shape).astype(bool)
     np.multiply(x, x.dtype.type(_scale(p)), out=y, where=keep)  # in place too: x is read first
     np.copyto(y, 0, where=~keep)

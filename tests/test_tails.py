@@ -21,6 +21,11 @@ def at_end(values, offset):
     return out
 
 
+def assert_bits_equal(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
+
+
 def offsets(dtype):
     return range(64 // np.dtype(dtype).itemsize)  # every element position in a 64-byte line
 
@@ -80,3 +85,43 @@ def test_fold_tails(isa, dtype):
             got = pybn.fold_conv_bn(conv, None, np.zeros(3), var[:3]) if n >= 3 else None
             if got is not None:
                 np.testing.assert_array_equal(got.weight, (conv * s3[:, None, None]).astype(dtype))
+
+
+# noise_shape patterns: (x shape, noise shape). Each is applied by the broadcast kernel as
+# (f0, b1, f2, b3) runs of drawn and broadcast axes, except the last, whose five alternating
+# runs take the NumPy path; run lengths around the vector widths test the tails.
+NOISE_CASES = [
+    ((3, 5, 7, 9), (3, 5, 1, 1)),     # Dropout2d: one bit per run of 63
+    ((4, 6, 17), (4, 6, 1)),          # Dropout1d
+    ((2, 3, 4, 5), (1, 3, 1, 1)),     # the same channels dropped in every sample
+    ((5, 7, 33), (5, 1, 33)),         # shared along the middle axis
+    ((6, 19), (1, 19)),               # shared along the batch
+    ((6, 19), (6, 1)),
+    ((2, 9, 1, 16), (2, 1, 1, 16)),   # a size-1 axis is either kind
+    ((3, 4, 5), (1, 1, 1)),           # one bit for everything
+    ((2, 3, 2, 3, 2), (2, 1, 2, 1, 2)),  # f b f b f: the NumPy path
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,noise", NOISE_CASES, ids=[f"{s}-{n}" for s, n in NOISE_CASES])
+def test_noise_shape_patterns(isa, threads, dtype, shape, noise):
+    rng = np.random.default_rng(4)
+    for off in (0, 1, 3):
+        x = at_end(rng.standard_normal(shape).astype(dtype), off)
+        keep = keep_mask(shape, 0.3, 11, 5, noise_shape=noise)
+        want = np.where(keep, x * np.dtype(dtype).type(1 / 0.7), 0)
+        got = pybn.dropout(x, 0.3, seed=11, offset=5, noise_shape=noise, out=at_end(np.empty_like(x), off))
+        assert_bits_equal(got, want)  # dropped values are +0.0, whatever x's sign
+        mask = pybn.dropout_mask(noise, 0.3, seed=11, offset=5)
+        assert_bits_equal(pybn.dropout_apply(x, mask, 0.3, noise_shape=noise), want)
+
+
+def test_noise_shape_large_streams_and_splits(isa, threads):
+    # large enough for 2 threads and non-temporal stores: (N, C, 1, 1) and (1, C, H, W) masks
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, 32, 48, 50)).astype(np.float32)  # 4.9 MB
+    for noise in ((16, 32, 1, 1), (1, 32, 48, 50), (16, 1, 48, 50)):
+        keep = keep_mask(x.shape, 0.5, 2, 0, noise_shape=noise)
+        got = pybn.dropout(x, 0.5, seed=2, noise_shape=noise)
+        assert_bits_equal(got, np.where(keep, x * np.float32(2), np.float32(0)))

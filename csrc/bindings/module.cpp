@@ -290,6 +290,24 @@ void fold_bias(const py::array& w, const py::object& shift, const py::object& bi
   });
 }
 
+// A mask over a noise shape that broadcasts, x seen as (f0, b1, f2, b3) (kernels.h).
+void dropout_apply_broadcast(const py::array& x, const py::object& mask, const py::object& y, double scale, i64 f0,
+                             i64 b1, i64 f2, i64 b3) {
+  if (f0 < 0 || b1 < 0 || f2 < 0 || b3 < 0) fail("x", "negative dimension");
+  by_dtype(x, [&](auto zero) {
+    using T = decltype(zero);
+    pybn::DropoutApplyArgs<T> a;
+    a.n = f0 * b1 * f2 * b3;
+    a.broadcast = {f0, b1, f2, b3};
+    a.x = required<T>(x, a.n, "x");
+    a.mask = required<unsigned char>(mask, (f0 * f2 + 7) / 8, "mask");
+    a.y = required_out<T>(y, a.n, "out");
+    a.scale = scale;
+    py::gil_scoped_release nogil;
+    pybn::table().typed<T>().dropout_apply_broadcast(a);
+  });
+}
+
 py::array philox(const py::array& counters, std::uint64_t key) {
   const i64 words = static_cast<i64>(counters.size());
   if (words % 4 != 0) fail("counters", "must hold 4 words per counter");
@@ -355,6 +373,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("outer"), py::arg("channels"), py::arg("inner"));
   m.def("fold_bias", &fold_bias, py::arg("weight"), py::arg("shift"), py::arg("bias"), py::arg("out"),
         py::arg("rows"), py::arg("cols"));
+  m.def("dropout_apply_broadcast", &dropout_apply_broadcast, py::arg("x"), py::arg("mask"), py::arg("y"),
+        py::arg("scale"), py::arg("f0"), py::arg("b1"), py::arg("f2"), py::arg("b3"));
   m.def("philox", &philox, py::arg("counters"), py::arg("key"),
         "Philox4x32-10 of (n, 4) uint32 counters under a 64-bit key, on the active path.");
   m.def("probe_read", &probe_read, py::arg("x"), "Bandwidth probe: one vectorized pass that reads x (float32).");

@@ -89,30 +89,73 @@ inline std::uint64_t mask_bits_at(const unsigned char* mask, i64 bytes, i64 e) {
   return word >> (e % 8);
 }
 
-// y[i, end) = keep ? x * scale : 0, with the output aligned first when streaming.
+// y[j] = keep ? x[j] * scale : 0 for j < len, element j's bit being bit0 + j of the packed
+// mask of `bytes` bytes; the output is aligned first when streaming.
 template <bool kStream, class T>
-void apply_mask_range(const DropoutApplyArgs<T>& a, i64 i, const i64 end) {
+void apply_mask_span(const T* x, T* y, i64 len, const unsigned char* mask, i64 bytes, i64 bit0, const Vec<T>& scale) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
   constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
-  const i64 bytes = (a.n + 7) / 8;
-  const V scale = V::set1(static_cast<T>(a.scale));
+  i64 i = 0;
   const auto step = [&](i64 n) {
-    const auto b = static_cast<std::uint32_t>(mask_bits_at(a.mask, bytes, i) & kLanes);
-    put<kStream>(a.y + i, scale_where(b, load_n(a.x + i, n), scale), n);
+    const auto b = static_cast<std::uint32_t>(mask_bits_at(mask, bytes, bit0 + i) & kLanes);
+    put<kStream>(y + i, scale_where(b, load_n(x + i, n), scale), n);
     i += n;
   };
-  if (const i64 nh = head_lanes<kStream>(a.y + i, end - i)) step(nh);
-  while (i + W <= end) step(W);
-  if (i < end) step(end - i);
-  if (kStream) stream_fence();
+  if (const i64 nh = head_lanes<kStream>(y, len)) step(nh);
+  while (i + W <= len) step(W);
+  if (i < len) step(len - i);
+}
+
+// y[j] = keep ? x[j] * scale : 0 for j < len (one bit for the whole run).
+template <bool kStream, class T>
+void apply_keep_run(const T* x, T* y, i64 len, bool keep, const Vec<T>& scale) {
+  using V = Vec<T>;
+  constexpr i64 W = V::W;
+  i64 i = 0;
+  const auto step = [&](i64 n) {
+    put<kStream>(y + i, keep ? load_n(x + i, n) * scale : V::zero(), n);
+    i += n;
+  };
+  if (const i64 nh = head_lanes<kStream>(y, len)) step(nh);
+  while (i + W <= len) step(W);
+  if (i < len) step(len - i);
 }
 
 template <bool kStream, class T>
 void dropout_apply_impl(const DropoutApplyArgs<T>& a) {
   constexpr i64 W = Vec<T>::W;
-  const i64 slots = (a.n + W - 1) / W;
-  parallel_for(slots, a.n, [&](i64 sb, i64 se) { apply_mask_range<kStream>(a, sb * W, std::min(se * W, a.n)); });
+  const i64 slots = (a.n + W - 1) / W, bytes = (a.n + 7) / 8;
+  const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
+  parallel_for(slots, a.n, [&](i64 sb, i64 se) {
+    const i64 i = sb * W, end = std::min(se * W, a.n);
+    apply_mask_span<kStream>(a.x + i, a.y + i, end - i, a.mask, bytes, i, scale);
+    if (kStream) stream_fence();
+  });
+}
+
+// Rows of f2 * b3 elements, row r = a * b1 + b reading mask bits [a * f2, (a + 1) * f2).
+template <bool kStream, class T>
+void dropout_apply_broadcast_impl(const DropoutApplyArgs<T>& a) {
+  const BroadcastShape& s = a.broadcast;
+  const i64 row_len = s.f2 * s.b3, bytes = (s.f0 * s.f2 + 7) / 8;
+  const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
+  parallel_for(s.f0 * s.b1, a.n, [&](i64 rb, i64 re) {
+    for (i64 r = rb; r < re; ++r) {
+      const i64 bit0 = r / s.b1 * s.f2;
+      const T* x = a.x + r * row_len;
+      T* y = a.y + r * row_len;
+      if (s.b3 == 1) {
+        apply_mask_span<kStream>(x, y, row_len, a.mask, bytes, bit0, scale);
+        continue;
+      }
+      for (i64 c = 0; c < s.f2; ++c) {
+        const bool keep = (a.mask[(bit0 + c) / 8] >> ((bit0 + c) % 8)) & 1;
+        apply_keep_run<kStream>(x + c * s.b3, y + c * s.b3, s.b3, keep, scale);
+      }
+    }
+    if (kStream) stream_fence();
+  });
 }
 
 }  // namespace
@@ -125,6 +168,14 @@ void dropout_apply(const DropoutApplyArgs<T>& a) {
     dropout_apply_impl<true>(a);
   else
     dropout_apply_impl<false>(a);
+}
+
+template <class T>
+void dropout_apply_broadcast(const DropoutApplyArgs<T>& a) {
+  if (a.n * i64(sizeof(T)) >= kStreamBytes)
+    dropout_apply_broadcast_impl<true>(a);
+  else
+    dropout_apply_broadcast_impl<false>(a);
 }
 
 void philox(const std::uint32_t* counters, i64 n, std::uint64_t key, std::uint32_t* out) {
@@ -150,6 +201,8 @@ template void dropout<float>(const DropoutArgs<float>&);
 template void dropout<double>(const DropoutArgs<double>&);
 template void dropout_apply<float>(const DropoutApplyArgs<float>&);
 template void dropout_apply<double>(const DropoutApplyArgs<double>&);
+template void dropout_apply_broadcast<float>(const DropoutApplyArgs<float>&);
+template void dropout_apply_broadcast<double>(const DropoutApplyArgs<double>&);
 
 }  // namespace PYBN_ISA
 }  // namespace pybn

@@ -25,6 +25,8 @@ template <class T>
 void dropout(const DropoutArgs<T>& a);
 template <class T>
 void dropout_apply(const DropoutApplyArgs<T>& a);
+template <class T>
+void dropout_apply_broadcast(const DropoutApplyArgs<T>& a);
 void dropout_mask(const DropoutMaskArgs& a);
 
 template <class T>

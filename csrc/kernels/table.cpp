@@ -20,6 +20,7 @@ TypedKernels<T> typed_kernels() {
   k.bn_backward_apply = &bn_backward_apply<T>;
   k.dropout = &dropout<T>;
   k.dropout_apply = &dropout_apply<T>;
+  k.dropout_apply_broadcast = &dropout_apply_broadcast<T>;
   k.fold_scale = &fold_scale<T>;
   k.fold_bias = &fold_bias<T>;
   return k;

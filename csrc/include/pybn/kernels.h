@@ -104,6 +104,13 @@ struct DropoutMaskArgs {
   std::uint16_t threshold = 0;
 };
 
+// Applying a mask drawn over a noise shape that broadcasts (Keras' noise_shape): y seen as
+// (f0, b1, f2, b3), the mask as (f0, f2); element (a, b, c, d) uses mask bit a * f2 + c.
+// (N, C, 1, 1) is (N*C, 1, 1, H*W); (1, C, 1, 1) is (1, N, C, H*W); (N, 1, W) is (N, C, W, 1).
+struct BroadcastShape {
+  std::int64_t f0 = 1, b1 = 1, f2 = 1, b3 = 1;
+};
+
 template <class T>
 struct DropoutApplyArgs {
   const T* x = nullptr;
@@ -111,6 +118,7 @@ struct DropoutApplyArgs {
   T* y = nullptr;                  // may alias x
   std::int64_t n = 0;
   double scale = 1.0;
+  BroadcastShape broadcast;        // used by dropout_apply_broadcast only (n = f0*b1*f2*b3)
 };
 
 // The entry points for one element type.
@@ -147,6 +155,7 @@ struct TypedKernels {
   void (*bn_backward_apply)(const BnBackwardArgs<T>&, const BnGradSums<T>&) = nullptr;
   void (*dropout)(const DropoutArgs<T>&) = nullptr;
   void (*dropout_apply)(const DropoutApplyArgs<T>&) = nullptr;
+  void (*dropout_apply_broadcast)(const DropoutApplyArgs<T>&) = nullptr;
   void (*fold_scale)(const FoldScaleArgs<T>&) = nullptr;
   void (*fold_bias)(const FoldBiasArgs<T>&) = nullptr;
 };
