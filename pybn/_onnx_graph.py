@@ -1,0 +1,300 @@
+"""The graph editor behind :func:`pybn.onnx.fold`: a working copy of the nodes of an ONNX
+model's main graph, with an index of which node produces and which nodes read each value, kept
+up to date by every edit.
+
+``GraphEditor`` answers the questions a fold rule asks (who reads this value, is it a constant,
+what is its rank) and makes the edits a rule needs (rewire an input or an output, remove a
+node, insert one, add an initializer under a fresh name). Removals and insertions reach the
+node list at ``compact`` (``ordered`` shows the result before that). The edits stay in the
+working copy; writing them back into the model is the caller's (``pybn.onnx``) last step.
+The small functions before the class read and edit single nodes.
+
+Private to ``pybn.onnx``, which imports it only after its own guarded ``import onnx`` (that is
+where a missing onnx is reported).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+logger = logging.getLogger("pybn.onnx")  # fold's logger: this module is part of fold
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+FLOAT_WEIGHTS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --- single nodes ------------------------------------------------------------------------------
+
+def is_default(node: "onnx.NodeProto", *ops: str) -> bool:
+    """Whether `node` is one of the standard (default-domain) operators `ops`."""
+    return node.op_type in ops and node.domain in DEFAULT_DOMAINS
+
+
+def attr(node: "onnx.NodeProto", name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def drop_attrs(node: "onnx.NodeProto", names: Iterable[str]) -> None:
+    keep = [a for a in node.attribute if a.name not in names]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+
+
+def label(node: "onnx.NodeProto") -> str:
+    return node.name or f"{node.op_type}:{node.output[0] if node.output else ''}"
+
+
+def subgraphs(node: "onnx.NodeProto") -> list["onnx.GraphProto"]:
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def walk_subgraph_names(graph: "onnx.GraphProto", refs: set[str], names: set[str]) -> None:
+    """Every value name a subgraph reads (`refs`) and every name it mentions (`names`)."""
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        names.add(v.name)
+    for t in graph.initializer:
+        names.add(t.name)
+    for n in graph.node:
+        refs.update(i for i in n.input if i)
+        names.update(n.input)
+        names.update(n.output)
+        for g in subgraphs(n):
+            walk_subgraph_names(g, refs, names)
+    refs.update(o.name for o in graph.output)
+
+
+# --- the editor --------------------------------------------------------------------------------
+
+class GraphEditor:
+    """Edits `nodes`, a working copy of the nodes of `model`'s main graph (`proto`). The edits,
+    and the initializers added (`new_inits`), reach `proto` only when the caller writes them back.
+
+    The index: `producer` maps a value to the node writing it, `uses` a value to the
+    (node, input position) pairs reading it. `inputs` and `outputs` are the names of the graph's
+    inputs and outputs; values read in a subgraph (If, Loop, Scan) are in `sub_refs`, and like
+    graph outputs count as used.
+    """
+
+    def __init__(self, model: "onnx.ModelProto") -> None:
+        self.model = model
+        self.proto = model.graph  # the main graph
+        self.opset = 1
+        for op in model.opset_import:
+            if op.domain in DEFAULT_DOMAINS:
+                self.opset = op.version
+        self.nodes: list[Any] = []
+        for n in self.proto.node:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            self.nodes.append(c)
+        self.inputs = {v.name for v in self.proto.input}
+        self.outputs = {v.name for v in self.proto.output}
+        self.inits = {t.name: t for t in self.proto.initializer}
+        self.sub_refs: set[str] = set()
+        self.names: set[str] = set(self.inputs) | self.outputs | set(self.inits)
+        self.names.update(v.name for v in self.proto.value_info)
+        self.names.update(t.values.name for t in self.proto.sparse_initializer)
+        for n in self.nodes:
+            self.names.update(n.input)
+            self.names.update(n.output)
+            for g in subgraphs(n):
+                walk_subgraph_names(g, self.sub_refs, self.names)
+        self.node_names = {n.name for n in self.nodes if n.name}
+        self.new_inits: list[Any] = []
+        self.consts: dict[str, np.ndarray | None] = {}
+        self._ranks: dict[str, int] | None = None
+        # removed nodes and nodes to insert after a node, applied by compact; keyed by id(),
+        # the node itself kept in the value so that the id stays unique until then
+        self.removed: dict[int, Any] = {}
+        self.after: dict[int, tuple[Any, list[Any]]] = {}
+        self._index()
+
+    # --- the indices, kept up to date by every edit --------------------------------------------
+
+    def _index(self) -> None:
+        self.producer: dict[str, Any] = {}
+        self.uses: dict[str, list[tuple[Any, int]]] = {}
+        for n in self.nodes:
+            self._index_node(n)
+
+    def _index_node(self, n: Any) -> None:
+        for o in n.output:
+            if o:
+                self.producer[o] = n
+        for k, i in enumerate(n.input):
+            if i:
+                self.uses.setdefault(i, []).append((n, k))
+
+    def _unuse(self, node: Any, k: int) -> None:
+        name = node.input[k]
+        if name:
+            rest = [(n, j) for n, j in self.uses.get(name, []) if not (n is node and j == k)]
+            if rest:
+                self.uses[name] = rest
+            else:
+                self.uses.pop(name, None)
+
+    def set_input(self, node: Any, k: int, name: str) -> None:
+        """node.input[k] = name (appending empty optional inputs as needed)."""
+        while len(node.input) <= k:
+            node.input.append("")
+        self._unuse(node, k)
+        node.input[k] = name
+        if name:
+            self.uses.setdefault(name, []).append((node, k))
+
+    def set_output(self, node: Any, k: int, name: str) -> None:
+        old = node.output[k]
+        if self.producer.get(old) is node:
+            del self.producer[old]
+        node.output[k] = name
+        self.producer[name] = node
+
+    def rename_uses(self, old: str, new: str) -> None:
+        for n, k in list(self.uses.get(old, [])):
+            self.set_input(n, k, new)
+
+    def remove(self, node: Any) -> None:
+        for k in range(len(node.input)):
+            self._unuse(node, k)
+        for o in node.output:
+            if self.producer.get(o) is node:
+                del self.producer[o]
+        self.removed[id(node)] = node
+
+    def insert_after(self, where: Any, node: Any) -> None:
+        self.after.setdefault(id(where), (where, []))[1].append(node)
+        self._index_node(node)
+
+    def ordered(self) -> list[Any]:
+        """The nodes in graph order, with the removals and insertions so far applied."""
+        out: list[Any] = []
+
+        def emit(n: Any) -> None:
+            if id(n) not in self.removed:
+                out.append(n)
+            for a in self.after.get(id(n), (None, []))[1]:
+                emit(a)
+
+        for n in self.nodes:
+            emit(n)
+        return out
+
+    def compact(self) -> None:
+        self.nodes = self.ordered()
+        self.removed = {}
+        self.after = {}
+
+    # --- queries -----------------------------------------------------------------------------
+
+    def used(self, name: str) -> bool:
+        return bool(self.uses.get(name)) or name in self.outputs or name in self.sub_refs
+
+    def single_use(self, name: str) -> Any:
+        """The one node reading `name`, if nothing else reads it and it is not a graph output."""
+        uses = self.uses.get(name, [])
+        if len(uses) != 1 or name in self.outputs or name in self.sub_refs:
+            return None
+        return uses[0][0]
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of a constant input: an initializer that is not a graph input, or a Constant."""
+        if not name:
+            return None
+        if name in self.consts:
+            return self.consts[name]
+        value = None
+        if name in self.inits and name not in self.inputs:
+            t = self.inits[name]
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                value = numpy_helper.to_array(t)
+        elif name not in self.inputs:
+            node = self.producer.get(name)
+            if node is not None and is_default(node, "Constant") and len(node.attribute) == 1 \
+                    and node.attribute[0].name == "value":
+                t = node.attribute[0].t
+                if t.data_location != onnx.TensorProto.EXTERNAL:
+                    value = numpy_helper.to_array(t)
+        self.consts[name] = value
+        return value
+
+    def weight(self, name: str, ndim: int | None = None) -> np.ndarray | None:
+        """A constant float32 or float64 input (of rank `ndim` if given), else None."""
+        w = self.const(name)
+        if w is None or w.dtype not in FLOAT_WEIGHTS or (ndim is not None and w.ndim != ndim):
+            return None
+        return w
+
+    def rank(self, name: str) -> int | None:
+        """The rank of a value, from the model's type information or ONNX shape inference."""
+        if self._ranks is None:
+            self._ranks = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self._original_for_inference())
+                infos = list(inferred.graph.value_info)
+                infos += list(inferred.graph.input) + list(inferred.graph.output)
+            except Exception as e:  # shape inference is a best effort: unknown ranks only skip folds
+                logger.debug("shape inference failed: %s", e)
+                infos = list(self.proto.value_info) + list(self.proto.input) + list(self.proto.output)
+            for v in infos:
+                tt = v.type.tensor_type
+                if v.type.HasField("tensor_type") and tt.HasField("shape"):
+                    self._ranks[v.name] = len(tt.shape.dim)
+            for init_name, t in self.inits.items():
+                self._ranks.setdefault(init_name, len(t.dims))
+        return self._ranks.get(name)
+
+    def _original_for_inference(self) -> Any:
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        del m.graph.node[:]
+        m.graph.node.extend(self.ordered())
+        m.graph.initializer.extend(self.new_inits)
+        return m
+
+    # --- new names, nodes and initializers -------------------------------------------------------
+
+    def fresh(self, base: str) -> str:
+        """An unused value name: `base` (less any "_bnfold" suffix) + "_bnfold", "_bnfold_1", ..."""
+        base = re.sub(r"_bnfold(_\d+)?$", "", base)
+        name, k = f"{base}_bnfold", 1
+        while name in self.names:
+            name, k = f"{base}_bnfold_{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def fresh_node_name(self, base: str) -> str:
+        if not base:
+            return ""
+        name, k = base, 1
+        while name in self.node_names:
+            name, k = f"{base}_{k}", k + 1
+        self.node_names.add(name)
+        return name
+
+    def new_node(self, op: str, inputs: list[str], outputs: list[str], name: str) -> Any:
+        """A new node (not yet in the graph: see insert_after), named `name` or a variant of it."""
+        return onnx.helper.make_node(op, inputs, outputs, name=self.fresh_node_name(name))
+
+    def add_init(self, base: str, value: np.ndarray, dtype: np.dtype) -> str:
+        """A new initializer holding `value` as `dtype`, under a fresh name based on `base`."""
+        name = self.fresh(base)
+        t = numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name)
+        self.inits[name] = t
+        self.new_inits.append(t)
+        self.consts[name] = numpy_helper.to_array(t)
+        return name
