@@ -1,10 +1,12 @@
 """The dropout rows of ``python -m pybn bench`` (issue: dropout at copy speed).
 
 Shapes A = (32, 64, 56, 56) and L = (64, 128, 56, 56) float32, p = 0.5, outputs
-preallocated (out=), the same arrays for everyone, each result checked before it is timed. Rows: the fused forward, the packed mask alone, and applying a
-stored mask; peers: torch (``nn.Dropout`` in training mode and ``aten.native_dropout``,
-the faster reported), the NumPy recipe ``x * (rng.random(shape) >= p) / (1 - p)``, and the
-copy bound ``t_stream`` from pybn's probe on the same array, taken right around pybn.
+preallocated (out=), the same arrays for everyone, each result checked before it is
+timed. Rows: the fused forward, the packed mask alone, applying a stored mask, and (on A)
+Dropout2d's per-channel mask (noise_shape=(N, C, 1, 1)) against torch's nn.Dropout2d.
+Peers: torch (``nn.Dropout`` in training mode and ``aten.native_dropout``, the faster
+reported), the NumPy recipe ``x * (rng.random(shape) >= p) / (1 - p)``, and the copy bound
+``t_stream`` from pybn's probe on the same array, taken right around pybn.
 """
 from __future__ import annotations
 
@@ -51,10 +53,18 @@ def _run_shape(name_: str, SHAPE: tuple, cfg: TimingConfig, rounds: int, want: l
     def stream_bound():
         return min(measure(lambda: _C.probe_stream(x, dst), cfg).median for _ in range(1))
 
+    # Dropout2d: one mask bit per (sample, channel), broadcast over H and W
+    channels = SHAPE[:2] + (1,) * (len(SHAPE) - 2)
+    keep2d = np.unpackbits(pybn.dropout_mask(channels, P, seed=SEED), count=int(np.prod(channels)),
+                           bitorder="little").reshape(channels).astype(bool)
+    _check("pybn Dropout2d", np.array_equal(pybn.dropout(x, P, seed=SEED, noise_shape=channels, out=y),
+                                            np.where(keep2d, x * scale, np.float32(0))), "differs from its mask")
+
     # pybn, with the bound measured right before and after it
     for name, fn in [("forward", lambda: pybn.dropout(x, P, seed=SEED, out=y)),
                      ("mask", lambda: pybn.dropout_mask(SHAPE, P, seed=SEED)),
-                     ("apply", lambda: pybn.dropout_apply(x, mask, P, out=y))]:
+                     ("apply", lambda: pybn.dropout_apply(x, mask, P, out=y)),
+                     ("2d", lambda: pybn.dropout(x, P, seed=SEED, noise_shape=channels, out=y))][:4 if name_ == "A" else 3]:
         before = stream_bound()
         t = _best(fn, cfg, rounds)
         after = stream_bound()
@@ -73,6 +83,12 @@ def _run_shape(name_: str, SHAPE: tuple, cfg: TimingConfig, rounds: int, want: l
         t_mod = _best(lambda: drop(xt), cfg, 1)
         t_native = _best(lambda: torch.ops.aten.native_dropout(xt, P, True), cfg, 1) if name_ == "A" else t_mod
         rows["forward"]["peers"]["torch"] = min(t_mod, t_native)
+        if "2d" in rows:
+            drop2d = torch.nn.Dropout2d(P).train()
+            y2d = drop2d(xt).numpy()
+            kept_channels = (y2d != 0).any(axis=(2, 3))
+            _check("torch nn.Dropout2d", abs(kept_channels.mean() - 0.5) < 0.05, "kept fraction of channels")
+            rows["2d"]["peers"]["torch"] = _best(lambda: drop2d(xt), cfg, 1)
         rows["forward"]["torch_variant"] = "nn.Dropout" if t_mod <= t_native else "aten.native_dropout"
         rows["mask"]["peers"]["torch"] = _best(lambda: torch.empty(SHAPE).bernoulli_(1 - P), cfg, 1)
         mt = torch.from_numpy(keep)
@@ -89,6 +105,9 @@ def _run_shape(name_: str, SHAPE: tuple, cfg: TimingConfig, rounds: int, want: l
             lambda: x * (rng.random(SHAPE, dtype=np.float32) >= P) / np.float32(1 - P), cfg, 1)
         rows["mask"]["peers"]["numpy"] = _best(lambda: rng.random(SHAPE, dtype=np.float32) >= P, cfg, 1)
         rows["apply"]["peers"]["numpy"] = _best(lambda: np.multiply(x * keep, scale, out=y), cfg, 1)
+        if "2d" in rows:
+            rows["2d"]["peers"]["numpy"] = _best(
+                lambda: x * (rng.random(channels, dtype=np.float32) >= P) / np.float32(1 - P), cfg, 1)
         progress("dropout numpy done")
     return {"shape": list(SHAPE), "rows": rows}
 
@@ -108,5 +127,6 @@ def render(result: dict) -> str:
             lines.append(" ".join(cols))
     lines.append("forward: pybn.dropout(x, p, seed=, out=y) vs torch nn.Dropout / aten.native_dropout (faster shown);"
                  " mask: pybn.dropout_mask (packed bits) vs torch bernoulli_ and NumPy rng.random(shape) >= p;"
-                 " apply: pybn.dropout_apply(x, mask, p, out=y) vs x * mask * scale.")
+                 " apply: pybn.dropout_apply(x, mask, p, out=y) vs x * mask * scale;"
+                 " 2d: pybn.dropout(x, p, noise_shape=(N, C, 1, 1), out=y) vs torch nn.Dropout2d.")
     return "\n".join(lines)
