@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import float_array, integer, real_number
+from ._checks import float_array, integer, per_channel, real_number
 
 __all__ = ["FoldedWeights", "fold_conv_bn", "fold_bn_linear"]
 
@@ -41,14 +41,12 @@ def _weight(weight: Any) -> np.ndarray:
 
 def _per_channel(value: Any, name: str, channels: int, default: float | None = None) -> np.ndarray:
     """A per-channel float64 vector of length `channels` (None: `default` everywhere)."""
-    if value is None:
-        if default is None:
-            raise TypeError(f"{name}: is required")
-        return np.full(channels, default)
-    arr = float_array(value, name)
-    if arr.shape != (channels,):
-        raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float64)
+    arr = per_channel(value, name, channels, np.dtype(np.float64))
+    if arr is not None:
+        return arr
+    if default is None:
+        raise TypeError(f"{name}: is required")
+    return np.full(channels, default)
 
 
 def _bn_scale_shift(channels: int, running_mean: Any, running_var: Any, gamma: Any, beta: Any,
@@ -62,10 +60,6 @@ def _bn_scale_shift(channels: int, running_mean: Any, running_var: Any, gamma: A
     g = _per_channel(gamma, "gamma", channels, 1.0)
     b = _per_channel(beta, "beta", channels, 0.0)
     return mean, g / np.sqrt(var + eps), b
-
-
-def _bias(bias: Any, channels: int) -> np.ndarray:
-    return _per_channel(bias, "bias", channels, 0.0)
 
 
 def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma: Any = None,
@@ -114,7 +108,7 @@ def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, ga
         if out % groups:
             raise ValueError(f"weight: {out} output channels are not divisible by groups = {groups}")
         view = (1, 1, out, math.prod(w.shape[1:]))
-    b = _bias(bias, out)
+    b = _per_channel(bias, "bias", out, 0.0)
     mean, s, beta_ = _bn_scale_shift(out, running_mean, running_var, gamma, beta, eps)
     w_out = np.empty_like(w)
     _C.fold_scale(w, s, w_out, *view)
@@ -150,7 +144,7 @@ def fold_bn_linear(weight: Any, bias: Any, running_mean: Any, running_var: Any, 
                          "folds only into a 1x1 conv (with a larger kernel the conv's zero padding breaks "
                          "the fold at the border)")
     out, inp = w.shape[0], w.shape[1]
-    b = _bias(bias, out)
+    b = _per_channel(bias, "bias", out, 0.0)
     mean, s, beta_ = _bn_scale_shift(inp, running_mean, running_var, gamma, beta, eps)
     t = beta_ - mean * s
     view = (1, out, inp, 1)
