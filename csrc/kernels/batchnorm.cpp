@@ -206,6 +206,14 @@ struct GradTerms {
     a[0] = a[0] + g;
     a[1] = fma(g, load_n(x + i, n) - m, a[1]);
   }
+  // Adds one segment of channel c (len values from off) into sum_g[c] and sum_gx[c].
+  void add_segment(i64 c, i64 off, i64 len, const T* mean, double* sum_g, double* sum_gx) const {
+    const Vec<T> m = Vec<T>::set1(mean[c]);
+    double b[2];
+    segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, Vec<T>* a) { (*this)(off + i, n, m, a); });
+    sum_g[c] += b[0];
+    sum_gx[c] += b[1];
+  }
 };
 
 // Adds the groups' partial sums in group order: part holds, per group, C sums of g then
@@ -224,7 +232,6 @@ inline void sum_groups(const double* part, i64 G, i64 C, double* sum_g, double* 
 
 template <class T, bool kMask>
 void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
-  using V = Vec<T>;
   const i64 C = L.channels, G = row_groups(L);
   Buffer<double> part = make_buffer<double>(2 * G * C);
   parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
@@ -232,13 +239,7 @@ void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, const T* 
       double* s0 = part.get() + 2 * g * C;
       double* s1 = s0 + C;
       std::fill(s0, s0 + 2 * C, 0.0);
-      for_each_row_segment(L, g, G, [&](i64 c, i64 off, i64 len) {
-        const V m = V::set1(mean[c]);
-        double b[2];
-        segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, V* a) { terms(off + i, n, m, a); });
-        s0[c] += b[0];
-        s1[c] += b[1];
-      });
+      for_each_row_segment(L, g, G, [&](i64 c, i64 off, i64 len) { terms.add_segment(c, off, len, mean, s0, s1); });
     }
   });
   sum_groups(part.get(), G, C, sum_g, sum_gx);
@@ -366,12 +367,27 @@ void bn_moments(const BnMomentsArgs<T>& a) {
 
 namespace {
 
+// The reductions give sum(g * (x - mean)); the sums are kept as sum(g * xhat).
+template <class T>
+void to_xhat_sums(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, ChannelRange r) {
+  for (i64 c = r.begin; c < r.end; ++c) s.sum_gxhat[c] *= static_cast<double>(a.invstd[c]);
+}
+
+// The single-process backward's parameter gradients: dweight = sum(g * xhat), dbias = sum(g).
+template <class T>
+void store_param_grads(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, ChannelRange r) {
+  for (i64 c = r.begin; c < r.end; ++c) {
+    a.dweight[c] = static_cast<T>(s.sum_gxhat[c]);
+    a.dbias[c] = static_cast<T>(s.sum_g[c]);
+  }
+}
+
 // sum(g) and sum(g * xhat) per channel.
 template <class T, bool kMask>
 void backward_reduce_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
   const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
-  grad_sums(a.layout, terms, a.mean, s.sum_g, s.sum_gxhat);  // the second is sum(g * (x - mean)) here
-  for (i64 c = 0; c < a.layout.channels; ++c) s.sum_gxhat[c] *= static_cast<double>(a.invstd[c]);
+  grad_sums(a.layout, terms, a.mean, s.sum_g, s.sum_gxhat);
+  to_xhat_sums(a, s, ChannelRange{0, a.layout.channels});
 }
 
 // dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradSums), over the
@@ -386,7 +402,8 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* 
   T* const k_dy = k;
   T* const k_x = k + C;
   T* const k_0 = k + 2 * C;
-  for (i64 c = range ? range->begin : 0; c < (range ? range->end : C); ++c) {
+  const ChannelRange r = range ? *range : ChannelRange{0, C};
+  for (i64 c = r.begin; c < r.end; ++c) {
     const double invstd = a.invstd[c];
     const double scale = value_or(a.weight, c, 1.0) * invstd;
     k_dy[c] = static_cast<T>(scale);
@@ -416,24 +433,17 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* 
 // block's sums, then its dx while dy and x are still in the cache.
 template <class T, bool kMask>
 void backward_blocked(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, i64 block) {
-  using V = Vec<T>;
   const Layout& L = a.layout;
   const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
   Buffer<T> k = make_buffer<T>(3 * L.channels);
   for_each_channel_block(L, block, [&](ChannelRange r) {
-    for (i64 c = r.begin; c < r.end; ++c) s.sum_g[c] = s.sum_gxhat[c] = 0;
+    std::fill(s.sum_g + r.begin, s.sum_g + r.end, 0.0);
+    std::fill(s.sum_gxhat + r.begin, s.sum_gxhat + r.end, 0.0);
     for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) {
-      const V m = V::set1(a.mean[c]);
-      double b[2];
-      segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, V* acc) { terms(off + i, n, m, acc); });
-      s.sum_g[c] += b[0];
-      s.sum_gxhat[c] += b[1];
+      terms.add_segment(c, off, len, a.mean, s.sum_g, s.sum_gxhat);
     });
-    for (i64 c = r.begin; c < r.end; ++c) {
-      s.sum_gxhat[c] *= static_cast<double>(a.invstd[c]);
-      a.dweight[c] = static_cast<T>(s.sum_gxhat[c]);
-      a.dbias[c] = static_cast<T>(s.sum_g[c]);
-    }
+    to_xhat_sums(a, s, r);
+    store_param_grads(a, s, r);
     backward_apply_impl<T, kMask>(a, s, k.get(), &r);
   });
 }
@@ -474,10 +484,7 @@ void bn_backward(const BnBackwardArgs<T>& a) {
     }
   }
   bn_backward_reduce(a, s);
-  for (i64 c = 0; c < C; ++c) {
-    a.dweight[c] = static_cast<T>(sum_gxhat[c]);
-    a.dbias[c] = static_cast<T>(sum_g[c]);
-  }
+  store_param_grads(a, s, ChannelRange{0, C});
   bn_backward_apply(a, s);
 }
 
