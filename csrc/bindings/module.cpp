@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -244,17 +245,34 @@ void dropout_mask(const py::object& mask, i64 n, std::uint64_t seed, std::uint64
   pybn::table().dropout_mask(a);
 }
 
-void dropout_apply(const py::array& x, const py::object& mask, const py::object& y, double scale) {
+// A flat mask (broadcast None), or a mask over a noise shape that broadcasts, with x seen as
+// broadcast = (f0, b1, f2, b3) (kernels.h, BroadcastShape).
+void dropout_apply(const py::array& x, const py::object& mask, const py::object& y, double scale,
+                   const py::object& broadcast) {
+  pybn::BroadcastShape b;
+  const bool flat = broadcast.is_none();
+  if (flat) {
+    b.f2 = static_cast<i64>(x.size());
+  } else {
+    const auto dims = broadcast.cast<std::vector<i64>>();
+    if (dims.size() != 4 || *std::min_element(dims.begin(), dims.end()) < 0)
+      fail("broadcast", "expected 4 sizes >= 0");
+    b = {dims[0], dims[1], dims[2], dims[3]};
+  }
   by_dtype(x, [&](auto zero) {
     using T = decltype(zero);
     pybn::DropoutApplyArgs<T> a;
-    a.n = static_cast<i64>(x.size());
+    a.n = b.f0 * b.b1 * b.f2 * b.b3;
+    a.broadcast = b;
     a.x = required<T>(x, a.n, "x");
-    a.mask = required<unsigned char>(mask, (a.n + 7) / 8, "mask");
+    a.mask = required<unsigned char>(mask, (b.f0 * b.f2 + 7) / 8, "mask");
     a.y = required_out<T>(y, a.n, "out");
     a.scale = scale;
     py::gil_scoped_release nogil;
-    pybn::table().typed<T>().dropout_apply(a);
+    if (flat)
+      pybn::table().typed<T>().dropout_apply(a);
+    else
+      pybn::table().typed<T>().dropout_apply_broadcast(a);
   });
 }
 
@@ -287,24 +305,6 @@ void fold_bias(const py::array& w, const py::object& shift, const py::object& bi
     a.out = required_out<T>(out, rows, "out");
     py::gil_scoped_release nogil;
     pybn::table().typed<T>().fold_bias(a);
-  });
-}
-
-// A mask over a noise shape that broadcasts, x seen as (f0, b1, f2, b3) (kernels.h).
-void dropout_apply_broadcast(const py::array& x, const py::object& mask, const py::object& y, double scale, i64 f0,
-                             i64 b1, i64 f2, i64 b3) {
-  if (f0 < 0 || b1 < 0 || f2 < 0 || b3 < 0) fail("x", "negative dimension");
-  by_dtype(x, [&](auto zero) {
-    using T = decltype(zero);
-    pybn::DropoutApplyArgs<T> a;
-    a.n = f0 * b1 * f2 * b3;
-    a.broadcast = {f0, b1, f2, b3};
-    a.x = required<T>(x, a.n, "x");
-    a.mask = required<unsigned char>(mask, (f0 * f2 + 7) / 8, "mask");
-    a.y = required_out<T>(y, a.n, "out");
-    a.scale = scale;
-    py::gil_scoped_release nogil;
-    pybn::table().typed<T>().dropout_apply_broadcast(a);
   });
 }
 
@@ -368,13 +368,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"));
   m.def("dropout_mask", &dropout_mask, py::arg("mask"), py::arg("n"), py::arg("seed"), py::arg("offset"),
         py::arg("threshold"));
-  m.def("dropout_apply", &dropout_apply, py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"));
+  m.def("dropout_apply", &dropout_apply, py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"),
+        py::arg("broadcast") = py::none());
   m.def("fold_scale", &fold_scale, py::arg("weight"), py::arg("scale"), py::arg("out"), py::arg("groups"),
         py::arg("outer"), py::arg("channels"), py::arg("inner"));
   m.def("fold_bias", &fold_bias, py::arg("weight"), py::arg("shift"), py::arg("bias"), py::arg("out"),
         py::arg("rows"), py::arg("cols"));
-  m.def("dropout_apply_broadcast", &dropout_apply_broadcast, py::arg("x"), py::arg("mask"), py::arg("y"),
-        py::arg("scale"), py::arg("f0"), py::arg("b1"), py::arg("f2"), py::arg("b3"));
   m.def("philox", &philox, py::arg("counters"), py::arg("key"),
         "Philox4x32-10 of (n, 4) uint32 counters under a 64-bit key, on the active path.");
   m.def("probe_read", &probe_read, py::arg("x"), "Bandwidth probe: one vectorized pass that reads x (float32).");
