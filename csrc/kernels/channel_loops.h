@@ -66,9 +66,15 @@ void fill_period(const Layout& L, const S* src, i64 len, T* row) {
   for (i64 q = P; q < len; ++q) row[q] = row[q - P];
 }
 
-template <class T>
-inline bool should_stream(const Layout& L) {
-  return L.numel() * i64(sizeof(T)) >= kStreamBytes;
+// Calls f(std::true_type{}) when an output of n values of T is large enough to be written
+// with non-temporal stores, else f(std::false_type{}): the kStream template argument of
+// the loops.
+template <class T, class F>
+inline void with_streaming(i64 n, const F& f) {
+  if (n * i64(sizeof(T)) >= kStreamBytes)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
 }
 
 template <class T>
@@ -238,10 +244,9 @@ template <class T, int K, class Op>
 void channel_apply(const Layout& L, const T* const (&coef)[K], T* out, const Op& op,
                    bool after_reduction = false) {
   if (L.numel() == 0) return;
-  if (should_stream<T>(L))
-    channel_apply_impl<true>(L, coef, out, op, after_reduction);
-  else
-    channel_apply_impl<false>(L, coef, out, op, after_reduction);
+  with_streaming<T>(L.numel(), [&](auto stream) {
+    channel_apply_impl<decltype(stream)::value>(L, coef, out, op, after_reduction);
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -295,14 +300,12 @@ void for_each_channel_segment(const Layout& L, ChannelRange r, F&& segment) {
 // on the calling thread.
 template <class T, int K, class Op>
 void channel_apply_range(const Layout& L, const T* const (&coef)[K], T* out, const Op& op, ChannelRange r) {
-  const bool stream = should_stream<T>(L);
-  for (i64 o = 0; o < L.outer; ++o) {
-    const i64 begin = (o * L.channels + r.begin) * L.inner, end = (o * L.channels + r.end) * L.inner;
-    if (stream)
-      apply_rows<true, T, K>(L, coef, out, op, begin, end);
-    else
-      apply_rows<false, T, K>(L, coef, out, op, begin, end);
-  }
+  with_streaming<T>(L.numel(), [&](auto stream) {
+    for (i64 o = 0; o < L.outer; ++o) {
+      const i64 begin = (o * L.channels + r.begin) * L.inner, end = (o * L.channels + r.end) * L.inner;
+      apply_rows<decltype(stream)::value, T, K>(L, coef, out, op, begin, end);
+    }
+  });
 }
 
 // channel_apply over the whole array, or over the channels of *r on the calling thread.

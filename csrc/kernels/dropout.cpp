@@ -164,18 +164,12 @@ void dropout_apply_broadcast_impl(const DropoutApplyArgs<T>& a) {
 // outputs are streamed past the caches like the batch-norm passes.
 template <class T>
 void dropout_apply(const DropoutApplyArgs<T>& a) {
-  if (a.n * i64(sizeof(T)) >= kStreamBytes)
-    dropout_apply_impl<true>(a);
-  else
-    dropout_apply_impl<false>(a);
+  with_streaming<T>(a.n, [&](auto stream) { dropout_apply_impl<decltype(stream)::value>(a); });
 }
 
 template <class T>
 void dropout_apply_broadcast(const DropoutApplyArgs<T>& a) {
-  if (a.n * i64(sizeof(T)) >= kStreamBytes)
-    dropout_apply_broadcast_impl<true>(a);
-  else
-    dropout_apply_broadcast_impl<false>(a);
+  with_streaming<T>(a.n, [&](auto stream) { dropout_apply_broadcast_impl<decltype(stream)::value>(a); });
 }
 
 void philox(const std::uint32_t* counters, i64 n, std::uint64_t key, std::uint32_t* out) {
