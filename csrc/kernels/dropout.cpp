@@ -43,9 +43,10 @@ template <class F>
 void for_each_group_bits(std::uint64_t seed, std::uint64_t offset, std::uint16_t threshold, i64 gb, i64 ge,
                          const F& f) {
   constexpr int NG = kGroupsAtOnce;
+  const PhiloxKeys keys(seed);
   for (i64 g0 = gb; g0 < ge; g0 += NG) {
     std::uint64_t bits[NG][2];
-    groups_keep_bits<NG>(seed, offset, static_cast<std::uint64_t>(g0), threshold, bits);
+    groups_keep_bits<NG>(keys, offset, static_cast<std::uint64_t>(g0), threshold, bits);
     for (int i = 0; i < NG && g0 + i < ge; ++i) f(g0 + i, bits[i]);
   }
 }
@@ -175,6 +176,7 @@ void dropout_apply_broadcast(const DropoutApplyArgs<T>& a) {
 void philox(const std::uint32_t* counters, i64 n, std::uint64_t key, std::uint32_t* out) {
   // Known-answer checks of the vector Philox: U64::W counters at a time, one per lane.
   constexpr int W = U64::W;
+  const PhiloxKeys keys(key);
   for (i64 i0 = 0; i0 < n; i0 += W) {
     U64 c[1][4];
     for (int w = 0; w < 4; ++w) {
@@ -182,7 +184,7 @@ void philox(const std::uint32_t* counters, i64 n, std::uint64_t key, std::uint32
       for (int l = 0; l < W && i0 + l < n; ++l) lanes[l] = counters[4 * (i0 + l) + w];
       std::memcpy(&c[0][w], lanes, sizeof lanes);
     }
-    philox4x32_10(c, static_cast<std::uint32_t>(key), static_cast<std::uint32_t>(key >> 32));
+    philox4x32_10(c, keys);
     for (int w = 0; w < 4; ++w) {
       std::uint64_t lanes[W];
       std::memcpy(lanes, &c[0][w], sizeof lanes);
