@@ -125,3 +125,21 @@ def test_noise_shape_large_streams_and_splits(isa, threads):
         keep = keep_mask(x.shape, 0.5, 2, 0, noise_shape=noise)
         got = pybn.dropout(x, 0.5, seed=2, noise_shape=noise)
         assert_bits_equal(got, np.where(keep, x * np.float32(2), np.float32(0)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_large_streams_at_every_alignment(isa, threads, dtype):
+    # past the streaming threshold (4 MB): the fused forward writes cache-line-aligned vectors
+    # whose keep bits straddle groups of 128; every output alignment, a length that ends
+    # mid-group and mid-vector, two thread ranges
+    n = (5 << 20) // np.dtype(dtype).itemsize + 77
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(n + 16).astype(dtype)
+    keep = keep_mask((n,), 0.25, 2**40 + 9, 2**64 - 40)
+    for off in offsets(dtype):
+        xs = x[off % 3: off % 3 + n]
+        want = np.where(keep, xs * dtype(1 / 0.75), dtype(0))
+        out = at_end(np.empty(n, dtype), off)
+        got = pybn.dropout(xs, 0.25, seed=2**40 + 9, offset=2**64 - 40, out=out)
+        assert got is out
+        assert_bits_equal(got, want)

@@ -43,12 +43,80 @@ template <class F>
 void for_each_group_bits(std::uint64_t seed, std::uint64_t offset, std::uint16_t threshold, i64 gb, i64 ge,
                          const F& f) {
   constexpr int NG = kGroupsAtOnce;
-  const PhiloxKeys keys(seed);
+  MaskStream<NG> stream(seed, offset, static_cast<std::uint64_t>(gb), threshold);
   for (i64 g0 = gb; g0 < ge; g0 += NG) {
     std::uint64_t bits[NG][2];
-    groups_keep_bits<NG>(keys, offset, static_cast<std::uint64_t>(g0), threshold, bits);
+    stream.next(bits);
     for (int i = 0; i < NG && g0 + i < ge; ++i) f(g0 + i, bits[i]);
   }
+}
+
+}  // namespace
+
+namespace {
+
+// The fused forward over groups [gb, ge) with non-temporal stores. The keep bits of
+// consecutive groups are read as one bit stream, and y is written in vectors aligned to
+// the cache line (NumPy's large arrays start 16 bytes past a page, so group-aligned vectors
+// would split lines, and split non-temporal stores are slow). With y's first aligned element
+// h lanes into a group, group g writes elements [128g - W + h, 128g + 128 - W + h): one
+// vector straddling groups g - 1 and g, then 128/W - 1 vectors inside g, their bits shifted
+// by h once per group. The first and last groups of the range go element-exact.
+template <class T>
+void dropout_streamed(const DropoutArgs<T>& a, i64 gb, i64 ge, const Vec<T>& scale) {
+  using V = Vec<T>;
+  constexpr i64 W = V::W;
+  constexpr int NG = kGroupsAtOnce;
+  constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
+  const i64 start = gb * kGroup, end = std::min(ge * kGroup, a.n);
+  const int h = static_cast<int>(lanes_to_alignment(a.y + start));
+  // words[0] holds the bits of the 64 elements before the block, words[1 .. 2NG] the
+  // block's, words[2NG + 1] zeros: every W-bit field of the block is inside the array.
+  std::uint64_t words[2 * NG + 2] = {};
+  MaskStream<NG> stream(a.seed, a.offset, static_cast<std::uint64_t>(gb), a.threshold);
+  i64 i = start;  // the next element to write
+  for (i64 g0 = gb; g0 < ge; g0 += NG) {
+    std::uint64_t bits[NG][2];
+    stream.next(bits);
+    words[0] = words[2 * NG];
+    for (int k = 0; k < NG; ++k) words[1 + 2 * k] = bits[k][0], words[2 + 2 * k] = bits[k][1];
+    for (int k = 0; k < NG && g0 + k < ge; ++k) {
+      const i64 g = g0 + k, limit = g + 1 == ge ? end : std::min(end, g * kGroup + kGroup - W + h);
+      const T* x = a.x + g * kGroup;
+      T* y = a.y + g * kGroup;
+      if (g > gb && limit == g * kGroup + kGroup - W + h) {
+        const std::uint64_t lo = bits[k][0], hi = bits[k][1];
+        const auto straddle = static_cast<std::uint32_t>((words[2 * k] >> (64 - W + h) | lo << (W - h)) & kLanes);
+        scale_where(straddle, V::load(x - W + h), scale).stream(y - W + h);
+        const std::uint64_t shifted[2] = {h ? lo >> h | hi << (64 - h) : lo, hi >> h};
+#pragma GCC unroll 16
+        for (i64 e = 0; e < kGroup - W; e += W) {
+          const auto b = static_cast<std::uint32_t>((shifted[e / 64] >> (e % 64)) & kLanes);
+          scale_where(b, V::load(x + h + e), scale).stream(y + h + e);
+        }
+        i = limit;
+        continue;
+      }
+      const i64 first = g0 * kGroup - 64;  // the element of bit 0 of words
+      const auto bits_at = [&](i64 at) {   // the W bits of elements [at, at + W)
+        const i64 q = at - first;
+        const std::uint64_t w0 = words[q / 64], w1 = words[q / 64 + 1];
+        const int sh = static_cast<int>(q % 64);
+        return static_cast<std::uint32_t>((sh ? w0 >> sh | w1 << (64 - sh) : w0) & kLanes);
+      };
+      if (i == start && h > 0) {  // lanes before the first aligned element
+        const i64 m = std::min<i64>(h, end - i);
+        store_lanes(scale_where(bits_at(i), load_n(a.x + i, m), scale), a.y + i, m);
+        i += m;
+      }
+      for (; i + W <= limit; i += W) scale_where(bits_at(i), V::load(a.x + i), scale).stream(a.y + i);
+      if (limit == end && i < end) {
+        store_lanes(scale_where(bits_at(i), load_n(a.x + i, end - i), scale), a.y + i, end - i);
+        i = end;
+      }
+    }
+  }
+  stream_fence();
 }
 
 }  // namespace
@@ -57,7 +125,9 @@ template <class T>
 void dropout(const DropoutArgs<T>& a) {
   const i64 n = a.n, groups = (n + kGroup - 1) / kGroup;
   const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
+  const bool stream = n * i64(sizeof(T)) >= kStreamBytes;
   parallel_for(groups, n, [&](i64 gb, i64 ge) {
+    if (stream) return dropout_streamed(a, gb, ge, scale);
     for_each_group_bits(a.seed, a.offset, a.threshold, gb, ge, [&](i64 g, const std::uint64_t(&bits)[2]) {
       apply_group(a.x + g * kGroup, a.y + g * kGroup, std::min(kGroup, n - g * kGroup), bits, scale);
     });

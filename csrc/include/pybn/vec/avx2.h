@@ -140,6 +140,7 @@ struct Vec<std::uint64_t> {
   }
   friend Vec mul_lo32(Vec a, std::uint32_t m) { return {_mm256_mul_epu32(a.v, _mm256_set1_epi64x(m))}; }
   friend Vec shr32(Vec a) { return {_mm256_srli_epi64(a.v, 32)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_epi64(a.v, b.v)}; }  // mod 2**64
   friend Vec operator^(Vec a, Vec b) { return {_mm256_xor_si256(a.v, b.v)}; }
   friend Vec xor3(Vec a, Vec b, Vec c) { return {_mm256_xor_si256(_mm256_xor_si256(a.v, b.v), c.v)}; }
   friend Vec<std::uint32_t> pack_lo32(Vec a, Vec b) {

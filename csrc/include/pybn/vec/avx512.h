@@ -104,6 +104,7 @@ struct Vec<std::uint64_t> {
   // (a mod 2**32) * m, the whole 64-bit product
   friend Vec mul_lo32(Vec a, std::uint32_t m) { return {_mm512_mul_epu32(a.v, _mm512_set1_epi64(m))}; }
   friend Vec shr32(Vec a) { return {_mm512_srli_epi64(a.v, 32)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_epi64(a.v, b.v)}; }  // mod 2**64
   friend Vec operator^(Vec a, Vec b) { return {_mm512_xor_si512(a.v, b.v)}; }
   friend Vec xor3(Vec a, Vec b, Vec c) { return {_mm512_ternarylogic_epi64(a.v, b.v, c.v, 0x96)}; }
   // The low 32 bits of a's lanes, then of b's, as one vector of 2W 32-bit lanes.

@@ -130,6 +130,10 @@ struct Vec<std::uint64_t> {
     for (auto& x : a.v) x >>= 32;
     return a;
   }
+  friend Vec operator+(Vec a, const Vec& b) {
+    for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
+    return a;
+  }
   friend Vec operator^(Vec a, const Vec& b) {
     for (int i = 0; i < W; ++i) a.v[i] ^= b.v[i];
     return a;

@@ -18,7 +18,8 @@
 //   keep_if_positive(y, v)  v where y > 0, else 0 (the ReLU gradient mask; NaN in y gives 0)
 //   scale_where(bits, v, s) v * s in the lanes whose bit is set, 0 in the others
 // For the counter-based RNG, Vec<uint64_t> holds one 32-bit word per lane in the low half:
-//   set1, zero, from_index(first) (lanes first + i), shr32, a ^ b, xor3(a, b, c) = a ^ b ^ c,
+//   set1, zero, from_index(first) (lanes first + i), a + b (mod 2**64), shr32, a ^ b,
+//   xor3(a, b, c) = a ^ b ^ c,
 //   mul_lo32(a, m)          (a mod 2**32) * m, the whole 64-bit product
 //   pack_lo32(a, b)         the low words of a's lanes, then b's, as a Vec<uint32_t>
 // and Vec<uint32_t> (2 * that many lanes) has
