@@ -47,9 +47,10 @@ def running_stats_disjoint(running_mean: np.ndarray, running_var: np.ndarray, x:
 
 
 def contiguous_float_array(value: Any, name: str) -> np.ndarray:
-    """`value` as a C-contiguous float32/float64 ndarray (a copy only when needed)."""
+    """`value` as a C-contiguous float32/float64 ndarray whose elements are aligned to their
+    size (a copy only when needed: an array viewed at an odd offset of a byte buffer is not)."""
     arr = float_array(value, name)
-    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous and arr.flags.aligned else np.array(arr, order="C")
 
 
 _LAYOUTS: dict[tuple[tuple[int, ...], Any], tuple[int, int, int, int]] = {}
@@ -85,12 +86,13 @@ def per_channel(value: Any, name: str, channels: int, dtype: np.dtype) -> np.nda
     """A read-only per-channel input: shape (C,), converted to `dtype` (None stays None)."""
     if value is None:
         return None
-    if type(value) is np.ndarray and value.dtype is dtype and value.shape == (channels,) and value.flags.c_contiguous:
+    if (type(value) is np.ndarray and value.dtype is dtype and value.shape == (channels,)
+            and value.flags.c_contiguous and value.flags.aligned):
         return value
     arr = float_array(value, name)
     if arr.shape != (channels,):
         raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return np.require(arr, dtype=dtype, requirements=["C", "A"])
 
 
 def in_place(value: Any, name: str, channels: int, dtype: np.dtype) -> np.ndarray | None:
@@ -108,6 +110,8 @@ def in_place(value: Any, name: str, channels: int, dtype: np.dtype) -> np.ndarra
         raise ValueError(f"{name}: must be C-contiguous (it is updated in place)")
     if not value.flags.writeable:
         raise ValueError(f"{name}: is read-only (it is updated in place)")
+    if not value.flags.aligned:
+        raise ValueError(f"{name}: {MISALIGNED} (it is updated in place)")
     return value
 
 
@@ -150,6 +154,8 @@ def output(out: Any, like: np.ndarray, inputs: tuple[Any, ...] = ()) -> np.ndarr
         raise ValueError("out: must be C-contiguous")
     if not out.flags.writeable:
         raise ValueError("out: is read-only")
+    if not out.flags.aligned:
+        raise ValueError(f"out: {MISALIGNED}")
     out_owns = out.base is None
     for arr in inputs:
         # two arrays that each own their memory cannot overlap (base None): the common case
@@ -161,6 +167,8 @@ def output(out: Any, like: np.ndarray, inputs: tuple[Any, ...] = ()) -> np.ndarr
     return out
 
 
+MISALIGNED = ("its elements are not aligned to their size (a view at an odd offset of a byte buffer); "
+              "pass a copy, e.g. np.array(out), and copy the result back")
 ALIGNMENT = 64  # bytes: one cache line, one AVX-512 vector
 ALIGNED_MIN_BYTES = 1 << 20
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import float_array, integer, per_channel, real_number
+from ._checks import contiguous_float_array, float_array, integer, per_channel, real_number
 
 __all__ = ["FoldedWeights", "fold_conv_bn", "fold_bn_linear"]
 
@@ -36,7 +36,7 @@ def _weight(weight: Any) -> np.ndarray:
     if w.ndim < 2:
         raise ValueError(f"weight: expected a Linear (out, in) or conv (out, in/groups, *kernel) weight, "
                          f"got shape {w.shape}")
-    return np.ascontiguousarray(w)
+    return contiguous_float_array(w, "weight")
 
 
 def _per_channel(value: Any, name: str, channels: int, default: float | None = None) -> np.ndarray:

@@ -6,6 +6,16 @@ import numpy as np
 import pytest
 
 
+def misaligned(values):
+    """A writeable C-contiguous copy of `values` one byte past an allocation: its elements
+    are not aligned to their size (NumPy's flags.aligned is False)."""
+    buf = np.empty(values.nbytes + 1, np.uint8)
+    arr = buf[1:].view(values.dtype).reshape(values.shape)
+    arr[...] = values
+    assert not arr.flags.aligned and arr.flags.c_contiguous and arr.flags.writeable
+    return arr
+
+
 def bad_outs(shape, dtype, transposed=True):
     def full(shp, dt):
         return np.full(shp, 7, dt)
@@ -23,6 +33,7 @@ def bad_outs(shape, dtype, transposed=True):
         ("fortran", np.asfortranarray(full(shape, dtype)), ValueError),
         ("read-only", ro, ValueError),
         ("list", np.zeros(shape, dtype).tolist(), TypeError),
+        ("misaligned", misaligned(np.full(shape, 7, dtype)), ValueError),
     ]
     if transposed:
         cases.insert(1, ("transposed-shape", full(shape[::-1], dtype), ValueError))

@@ -27,7 +27,7 @@ import pytest
 
 import pybn
 import pybn.nn
-from error_checks import assert_raises_naming, bad_outs
+from error_checks import assert_raises_naming, bad_outs, misaligned
 
 C = 3
 SHAPE = (4, C, 5)          # (N, C, L): 60 elements, channel axis 1
@@ -149,7 +149,8 @@ def in_place_cases(arg, partner):
               ("shape-(1,C)", lambda: np.ones((1, C), DT), ValueError),
               ("shape-()", lambda: np.ones((), DT), ValueError),
               ("read-only", lambda: read_only(np.ones(C, DT)), ValueError),
-              ("non-contiguous", lambda: np.ones(2 * C, DT)[::2], ValueError)]
+              ("non-contiguous", lambda: np.ones(2 * C, DT)[::2], ValueError),
+              ("misaligned", lambda: misaligned(np.ones(C, DT)), ValueError)]
     rows = cases(arg, table)
     # views that overlap what the kernel reads or writes at the same time
     rows.append(("view-of-x", lambda kw: {arg: kw["x"].reshape(-1)[:C]}, ValueError))

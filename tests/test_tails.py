@@ -143,3 +143,24 @@ def test_dropout_large_streams_at_every_alignment(isa, threads, dtype):
         got = pybn.dropout(xs, 0.25, seed=2**40 + 9, offset=2**64 - 40, out=out)
         assert got is out
         assert_bits_equal(got, want)
+
+
+def test_misaligned_inputs_give_the_aligned_results(isa):
+    # arrays viewed at an odd byte offset (flags.aligned False) are copied, not read in place;
+    # large enough that the outputs are streamed
+    from error_checks import misaligned
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 8, 200, 170)).astype(np.float32)  # 4.4 MB
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3))
+    mx, mm, mv = misaligned(x), misaligned(mean), misaligned(var)
+    assert_bits_equal(pybn.dropout(mx, 0.5, seed=3), pybn.dropout(x, 0.5, seed=3))
+    mask = pybn.dropout_mask(x.shape, 0.5, seed=3)
+    assert_bits_equal(pybn.dropout_apply(mx, mask, 0.5), pybn.dropout_apply(x, mask, 0.5))
+    assert_bits_equal(pybn.batch_norm_infer(mx, mm, mv), pybn.batch_norm_infer(x, mean, var))
+    got, want = pybn.batch_norm_train(mx), pybn.batch_norm_train(x)
+    assert_bits_equal(got.y, want.y)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    assert_bits_equal(pybn.batch_norm_backward(misaligned(dy), mx, want.mean, want.invstd).dx,
+                      pybn.batch_norm_backward(dy, x, want.mean, want.invstd).dx)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    assert_bits_equal(pybn.fold_conv_bn(misaligned(w), None, mm, mv).weight, pybn.fold_conv_bn(w, None, mean, var).weight)
