@@ -3,6 +3,8 @@
 // mask generation, and applying a packed mask. Every group of 128 elements depends only on
 // (seed, offset, its index), so results do not depend on the thread split or the ISA.
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "channel_loops.h"
 #include "kernels_isa.h"
@@ -13,139 +15,113 @@ namespace PYBN_ISA {
 namespace {
 
 constexpr i64 kGroup = 128;
+constexpr i64 kWindow = 2 * U32::W;  // elements per window of random halves
 
-// y[0, n) = keep ? x * scale : 0 for the elements of one group whose keep bits are `bits`.
-// A whole group (n = 128) takes the unrolled path with constant shifts. Ordinary stores:
-// non-temporal ones, interleaved with the RNG's arithmetic, measured 20-50% slower here.
-template <class T>
-inline void apply_group(const T* x, T* y, i64 n, const std::uint64_t (&bits)[2], const Vec<T>& scale) {
+// Calls f(i, e) for i = 0 .. N-1 with e = i * step as a compile-time constant.
+template <int N, int Step, class F, int... I>
+inline void unroll_steps(const F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I * Step>{}), ...);
+}
+
+// y[0, kWindow) = keep ? x * scale : 0, whole vectors (aligned ones when streaming).
+template <bool kStream, class T>
+inline void apply_window(const T* x, T* y, const Keep& keep, const Vec<T>& scale) {
   using V = Vec<T>;
-  constexpr i64 W = V::W;
-  constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
-  if (n == kGroup) {
-#pragma GCC unroll 32
-    for (i64 e = 0; e < kGroup; e += W) {
-      const std::uint32_t b = static_cast<std::uint32_t>((bits[e / 64] >> (e % 64)) & kLanes);
-      scale_where(b, V::load(x + e), scale).store(y + e);
-    }
-    return;
-  }
-  for (i64 e = 0; e < n; e += W) {
-    const std::uint32_t b = static_cast<std::uint32_t>((bits[e / 64] >> (e % 64)) & kLanes);
-    const i64 m = std::min(W, n - e);
-    store_lanes(scale_where(b, load_n(x + e, m), scale), y + e, m);
+  unroll_steps<kWindow / V::W, V::W>(
+      [&](auto e) { put<kStream>(y + e, scale_where(keep.template from<e>(), V::load(x + e), scale), V::W); },
+      std::make_integer_sequence<int, kWindow / V::W>{});
+}
+
+// y[j] = keep ? x[j] * scale : 0 for j in [lo, hi), bit j of `bits` (ordinary stores).
+// Out of line: it runs at the ends of a thread's range only, and the hot loop stays small.
+template <class T>
+__attribute__((noinline)) void apply_window_part(const T* x, T* y, std::uint64_t bits, i64 lo, i64 hi, const Vec<T>& scale) {
+  for (i64 j = lo; j < hi; j += Vec<T>::W) {
+    const i64 m = std::min<i64>(Vec<T>::W, hi - j);
+    store_lanes(scale_where(static_cast<std::uint32_t>(bits >> j), load_n(x + j, m), scale), y + j, m);
   }
 }
 
-// Calls f(g, bits) for every group in [gb, ge) with its keep bits, computing
-// kGroupsAtOnce groups' random words at a time (a few extra past ge are simply unused).
-template <class F>
-void for_each_group_bits(std::uint64_t seed, std::uint64_t offset, std::uint16_t threshold, i64 gb, i64 ge,
-                         const F& f) {
+// The fused forward over groups [gb, ge): windows of kWindow elements slide over the random
+// halves of consecutive groups, each starting d elements before its halves' own vector.
+// Streaming, d puts every window on a cache line of y (NumPy's large arrays start 16
+// bytes past a page): non-temporal stores then write whole lines, which keeps x in the
+// cache and saves reading y's lines first. A window that is not wholly inside the range
+// (the first, and the last groups') is applied element by element from plain bits.
+template <bool kStream, class T>
+void dropout_range(const DropoutArgs<T>& a, i64 gb, i64 ge, const Vec<T>& scale) {
+  constexpr i64 W = Vec<T>::W;
   constexpr int NG = kGroupsAtOnce;
-  MaskStream<NG> stream(seed, offset, static_cast<std::uint64_t>(gb), threshold);
-  for (i64 g0 = gb; g0 < ge; g0 += NG) {
-    std::uint64_t bits[NG][2];
-    stream.next(bits);
-    for (int i = 0; i < NG && g0 + i < ge; ++i) f(g0 + i, bits[i]);
-  }
-}
-
-}  // namespace
-
-namespace {
-
-// The fused forward over groups [gb, ge) with non-temporal stores. The keep bits of
-// consecutive groups are read as one bit stream, and y is written in vectors aligned to
-// the cache line (NumPy's large arrays start 16 bytes past a page, so group-aligned vectors
-// would split lines, and split non-temporal stores are slow). With y's first aligned element
-// h lanes into a group, group g writes elements [128g - W + h, 128g + 128 - W + h): one
-// vector straddling groups g - 1 and g, then 128/W - 1 vectors inside g, their bits shifted
-// by h once per group. The first and last groups of the range go element-exact.
-template <class T>
-void dropout_streamed(const DropoutArgs<T>& a, i64 gb, i64 ge, const Vec<T>& scale) {
-  using V = Vec<T>;
-  constexpr i64 W = V::W;
-  constexpr int NG = kGroupsAtOnce;
-  constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
   const i64 start = gb * kGroup, end = std::min(ge * kGroup, a.n);
-  const int h = static_cast<int>(lanes_to_alignment(a.y + start));
-  // words[0] holds the bits of the 64 elements before the block, words[1 .. 2NG] the
-  // block's, words[2NG + 1] zeros: every W-bit field of the block is inside the array.
-  std::uint64_t words[2 * NG + 2] = {};
-  MaskStream<NG> stream(a.seed, a.offset, static_cast<std::uint64_t>(gb), a.threshold);
-  i64 i = start;  // the next element to write
+  const int d = kStream ? static_cast<int>((W - lanes_to_alignment(a.y + start)) % W) : 0;
+  const auto window_bits = [&](const U32& prev, const U32& cur) {
+    return (halves_at_least(cur, a.threshold) << d | halves_at_least(prev, a.threshold) >> (kWindow - d)) &
+           ((std::uint64_t(1) << kWindow) - 1);
+  };
+  MaskStream<NG> stream(a.seed, a.offset, static_cast<std::uint64_t>(gb));
+  KeepWindows windows(d, a.threshold);
+  U32 prev = U32::zero();
   for (i64 g0 = gb; g0 < ge; g0 += NG) {
-    std::uint64_t bits[NG][2];
-    stream.next(bits);
-    words[0] = words[2 * NG];
-    for (int k = 0; k < NG; ++k) words[1 + 2 * k] = bits[k][0], words[2 + 2 * k] = bits[k][1];
-    for (int k = 0; k < NG && g0 + k < ge; ++k) {
-      const i64 g = g0 + k, limit = g + 1 == ge ? end : std::min(end, g * kGroup + kGroup - W + h);
-      const T* x = a.x + g * kGroup;
-      T* y = a.y + g * kGroup;
-      if (g > gb && limit == g * kGroup + kGroup - W + h) {
-        const std::uint64_t lo = bits[k][0], hi = bits[k][1];
-        const auto straddle = static_cast<std::uint32_t>((words[2 * k] >> (64 - W + h) | lo << (W - h)) & kLanes);
-        scale_where(straddle, V::load(x - W + h), scale).stream(y - W + h);
-        const std::uint64_t shifted[2] = {h ? lo >> h | hi << (64 - h) : lo, hi >> h};
+    U32 r[NG][kHalfVectors];
+    stream.next(r);
+    const T* x = a.x + g0 * kGroup - d;  // the block's first window
+    T* y = a.y + g0 * kGroup - d;
+    if (g0 * kGroup - d >= start && (g0 + NG) * kGroup - d <= end) {  // every window whole
 #pragma GCC unroll 16
-        for (i64 e = 0; e < kGroup - W; e += W) {
-          const auto b = static_cast<std::uint32_t>((shifted[e / 64] >> (e % 64)) & kLanes);
-          scale_where(b, V::load(x + h + e), scale).stream(y + h + e);
-        }
-        i = limit;
-        continue;
-      }
-      const i64 first = g0 * kGroup - 64;  // the element of bit 0 of words
-      const auto bits_at = [&](i64 at) {   // the W bits of elements [at, at + W)
-        const i64 q = at - first;
-        const std::uint64_t w0 = words[q / 64], w1 = words[q / 64 + 1];
-        const int sh = static_cast<int>(q % 64);
-        return static_cast<std::uint32_t>((sh ? w0 >> sh | w1 << (64 - sh) : w0) & kLanes);
-      };
-      if (i == start && h > 0) {  // lanes before the first aligned element
-        const i64 m = std::min<i64>(h, end - i);
-        store_lanes(scale_where(bits_at(i), load_n(a.x + i, m), scale), a.y + i, m);
-        i += m;
-      }
-      for (; i + W <= limit; i += W) scale_where(bits_at(i), V::load(a.x + i), scale).stream(a.y + i);
-      if (limit == end && i < end) {
-        store_lanes(scale_where(bits_at(i), load_n(a.x + i, end - i), scale), a.y + i, end - i);
-        i = end;
-      }
+      for (int w = 0; w < NG * kHalfVectors; ++w)
+        apply_window<kStream>(x + w * kWindow, y + w * kWindow, windows.next(r[w / kHalfVectors][w % kHalfVectors]),
+                              scale);
+      prev = r[NG - 1][kHalfVectors - 1];
+      continue;
+    }
+    for (int w = 0; w < NG * kHalfVectors && g0 + w / kHalfVectors < ge; ++w) {
+      const U32& cur = r[w / kHalfVectors][w % kHalfVectors];
+      const Keep keep = windows.next(cur);
+      const i64 at = g0 * kGroup + w * kWindow - d;  // the window's first element
+      if (at >= start && at + kWindow <= end)
+        apply_window<kStream>(a.x + at, a.y + at, keep, scale);
+      else if (at + kWindow > start && at < end)
+        apply_window_part(a.x + at, a.y + at, window_bits(prev, cur), std::max<i64>(0, start - at),
+                          std::min<i64>(kWindow, end - at), scale);
+      prev = cur;
     }
   }
-  stream_fence();
+  const i64 at = ge * kGroup - d;  // the window after the last: its first d elements
+  if (at < end) apply_window_part(a.x + at, a.y + at, window_bits(prev, U32::zero()), 0, end - at, scale);
+  if (kStream) stream_fence();
 }
 
 }  // namespace
 
 template <class T>
 void dropout(const DropoutArgs<T>& a) {
-  const i64 n = a.n, groups = (n + kGroup - 1) / kGroup;
+  const i64 groups = (a.n + kGroup - 1) / kGroup;
   const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
-  const bool stream = n * i64(sizeof(T)) >= kStreamBytes;
-  parallel_for(groups, n, [&](i64 gb, i64 ge) {
-    if (stream) return dropout_streamed(a, gb, ge, scale);
-    for_each_group_bits(a.seed, a.offset, a.threshold, gb, ge, [&](i64 g, const std::uint64_t(&bits)[2]) {
-      apply_group(a.x + g * kGroup, a.y + g * kGroup, std::min(kGroup, n - g * kGroup), bits, scale);
-    });
+  with_streaming<T>(a.n, [&](auto stream) {
+    parallel_for(groups, a.n,
+                 [&](i64 gb, i64 ge) { dropout_range<decltype(stream)::value>(a, gb, ge, scale); });
   });
 }
 
 void dropout_mask(const DropoutMaskArgs& a) {
   const i64 n = a.n, groups = (n + kGroup - 1) / kGroup;
+  constexpr int NG = kGroupsAtOnce;
   parallel_for(groups, n, [&](i64 gb, i64 ge) {
-    for_each_group_bits(a.seed, a.offset, a.threshold, gb, ge, [&](i64 g, const std::uint64_t(&keep)[2]) {
-      std::uint64_t bits[2] = {keep[0], keep[1]};
-      const i64 valid = std::min(kGroup, n - g * kGroup);
-      if (valid < 64) bits[0] &= (std::uint64_t(1) << valid) - 1;  // trailing bits are zero
-      if (valid < 128) bits[1] &= valid <= 64 ? 0 : (std::uint64_t(1) << (valid - 64)) - 1;
-      unsigned char bytes[16];
-      std::memcpy(bytes, bits, 16);  // little-endian: bit k%8 of byte k/8 is element k
-      std::memcpy(a.mask + g * 16, bytes, static_cast<std::size_t>((valid + 7) / 8));
-    });
+    MaskStream<NG> stream(a.seed, a.offset, static_cast<std::uint64_t>(gb));
+    for (i64 g0 = gb; g0 < ge; g0 += NG) {
+      U32 r[NG][kHalfVectors];
+      stream.next(r);
+      for (i64 g = g0; g < std::min<i64>(g0 + NG, ge); ++g) {
+        std::uint64_t bits[2];
+        group_keep_bits(r[g - g0], a.threshold, bits);
+        const i64 valid = std::min(kGroup, n - g * kGroup);
+        if (valid < 64) bits[0] &= (std::uint64_t(1) << valid) - 1;  // trailing bits are zero
+        if (valid < 128) bits[1] &= valid <= 64 ? 0 : (std::uint64_t(1) << (valid - 64)) - 1;
+        unsigned char bytes[16];
+        std::memcpy(bytes, bits, 16);  // little-endian: bit k%8 of byte k/8 is element k
+        std::memcpy(a.mask + g * 16, bytes, static_cast<std::size_t>((valid + 7) / 8));
+      }
+    }
   });
 }
 

@@ -63,11 +63,14 @@ inline void philox4x32_10(U64 (&c)[N][4], const PhiloxKeys& keys) {
 constexpr int kCounterVectors = 16 / U64::W;
 constexpr int kGroupsAtOnce = kCounterVectors >= 4 ? 1 : 4 / kCounterVectors;
 
-// The keep bits of dropout's mask stream, NG groups of 128 elements at a time from group g0
-// on. bits[i] of a block holds group g + i's elements: bit e of the 128-bit little-endian
-// value is element 128(g + i) + e. A group uses the 16 counters b = offset + 16g + lane, as
-// (b mod 2**32, b >> 32, 0, 0); word j of counter `lane`, read as two little-endian 16-bit
-// halves h, is element 32j + 2*lane + h, kept when >= threshold.
+// Random halves per group: 128, in vectors of 2 * U32::W halves, vector q holding elements
+// [q * 2W, q * 2W + 2W) of the group.
+constexpr int kHalfVectors = 128 / (2 * U32::W);
+
+// The random halves of dropout's mask stream, NG groups of 128 elements at a time from
+// group g0 on. A group uses the 16 counters b = offset + 16g + lane, as (b mod 2**32,
+// b >> 32, 0, 0); word j of counter `lane`, read as two little-endian 16-bit halves h, is
+// element 32j + 2*lane + h (kept when >= the threshold).
 //
 // The first two rounds are written out. Round 1's zero words remove one product and one
 // xor. When a block's counters share their high word (all but one block in 2**28 groups),
@@ -76,13 +79,13 @@ constexpr int kGroupsAtOnce = kCounterVectors >= 4 ? 1 : 4 / kCounterVectors;
 template <int NG>
 class MaskStream {
  public:
-  MaskStream(std::uint64_t seed, std::uint64_t offset, std::uint64_t g0, std::uint16_t threshold)
-      : keys_(seed), first_(offset + 16 * g0), threshold_(threshold) {
+  MaskStream(std::uint64_t seed, std::uint64_t offset, std::uint64_t g0)
+      : keys_(seed), first_(offset + 16 * g0) {
     for (int v = 0; v < kVectors; ++v) b_[v] = U64::from_index(first_ + static_cast<std::uint64_t>(v * U64::W));
   }
 
-  // The next NG groups' keep bits.
-  void next(std::uint64_t (&bits)[NG][2]) {
+  // The next NG groups' random halves: r[i][q] is vector q of group g + i.
+  void next(U32 (&r)[NG][kHalfVectors]) {
     U64 c[kVectors][4];
     const std::uint64_t last = first_ + (16 * NG - 1);
     if (last >> 32 == first_ >> 32 && last >= first_)
@@ -94,7 +97,12 @@ class MaskStream {
     const U64 step = U64::set1(16 * NG);
     for (auto& b : b_) b = b + step;
     first_ += 16 * NG;
-    keep_bits(c, bits);
+    // word j of counters [s * W, s * W + W) (W = U64::W) is vector j * (16 / 2W) + s
+    constexpr int S = 16 / U32::W;
+    for (int i = 0; i < NG; ++i)
+      for (int j = 0; j < 4; ++j)
+        for (int h = 0; h < S; ++h)
+          r[i][j * S + h] = pack_lo32(c[i * kCounterVectors + 2 * h][j], c[i * kCounterVectors + 2 * h + 1][j]);
   }
 
  private:
@@ -114,8 +122,8 @@ class MaskStream {
 
   void rounds_1_2_same_high(U64 (&c)[kVectors][4], std::uint32_t high) {
     if (!have_high_ || high != high_) {
-      const std::uint64_t x0 = high ^ static_cast<std::uint32_t>(keys_.first_k0);  // round 1's x0
-      const std::uint64_t p = x0 * kPhiloxM0;                                       // round 2's product
+      const std::uint64_t x0 = high ^ keys_.first_k0;  // round 1's x0
+      const std::uint64_t p = x0 * kPhiloxM0;          // round 2's product
       x2_key_ = U64::set1((p >> 32) ^ static_cast<std::uint32_t>(keys_.first_k1 + kPhiloxW1));
       x3_ = U64::set1(p);
       high_ = high;
@@ -132,28 +140,21 @@ class MaskStream {
     }
   }
 
-  void keep_bits(const U64 (&c)[kVectors][4], std::uint64_t (&bits)[NG][2]) const {
-    constexpr int V = kCounterVectors;
-    constexpr int W = U32::W;  // = 2 * U64::W: one 32-bit vector from two counter vectors
-    for (int i = 0; i < NG; ++i) {
-      bits[i][0] = bits[i][1] = 0;
-      for (int s = 0; s < 16 / W; ++s)
-        for (int j = 0; j < 4; ++j) {
-          const U32 r = pack_lo32(c[i * V + 2 * s][j], c[i * V + 2 * s + 1][j]);
-          const int at = 32 * j + 2 * W * s;  // 2W bits, never across a 64-bit word
-          bits[i][at / 64] |= halves_at_least(r, threshold_) << (at % 64);
-        }
-    }
-  }
-
   PhiloxKeys keys_;
   U64 b_[kVectors];        // the counters of the next block
   std::uint64_t first_;    // b_'s first lane
-  std::uint16_t threshold_;
   bool have_high_ = false;
   std::uint32_t high_ = 0;
   U64 x2_key_, x3_;
 };
+
+// The keep bits of one group from its random halves: bit e of the 128-bit little-endian
+// value bits is element e.
+inline void group_keep_bits(const U32 (&r)[kHalfVectors], std::uint16_t threshold, std::uint64_t (&bits)[2]) {
+  constexpr int H = 2 * U32::W;  // halves per vector, never across a 64-bit word
+  bits[0] = bits[1] = 0;
+  for (int q = 0; q < kHalfVectors; ++q) bits[q * H / 64] |= halves_at_least(r[q], threshold) << (q * H % 64);
+}
 
 }  // namespace PYBN_ISA
 }  // namespace pybn

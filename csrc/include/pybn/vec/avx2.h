@@ -120,6 +120,7 @@ struct Vec<std::uint32_t> {
 
   // Bit e (e < 2W) set when the e-th 16-bit half (little-endian order) is >= t:
   // max(a, t) == a per half, then one bit per half from the byte mask.
+  static Vec zero() { return {_mm256_setzero_si256()}; }
   friend std::uint64_t halves_at_least(Vec a, std::uint16_t t) {
     const __m256i ge = _mm256_cmpeq_epi16(_mm256_max_epu16(a.v, _mm256_set1_epi16(static_cast<short>(t))), a.v);
     return _pext_u32(static_cast<std::uint32_t>(_mm256_movemask_epi8(ge)), 0x55555555u);

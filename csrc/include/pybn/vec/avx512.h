@@ -82,11 +82,50 @@ struct Vec<std::uint32_t> {
   static constexpr int W = 16;
   __m512i v;
 
+  static Vec zero() { return {_mm512_setzero_si512()}; }
   // Bit e (e < 2W) set when the e-th 16-bit half (little-endian order) is >= t.
   friend std::uint64_t halves_at_least(Vec a, std::uint16_t t) {
     return _mm512_cmpge_epu16_mask(a.v, _mm512_set1_epi16(static_cast<short>(t)));
   }
 };
+
+// Keep bits of a window of 32 elements, left in a mask register: the fused dropout applies
+// them without moving them through general registers (that round trip cost about 15% of
+// the kernel's time).
+struct Keep {
+  __mmask32 k;
+  // the bits of window elements [E, E + 16)
+  template <int E>
+  std::uint32_t from() const {
+    if constexpr (E == 0)
+      return k;
+    else
+      return _kshiftri_mask32(k, E);
+  }
+};
+
+// Windows over the stream of random halves, each the last d halves of the previous vector
+// then the first 32 - d of the current one (d < 32), compared with the threshold: one
+// two-source permute and one compare per window.
+class KeepWindows {
+ public:
+  KeepWindows(int d, std::uint16_t t)
+      : idx_(_mm512_add_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14,
+                                               13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                              _mm512_set1_epi16(static_cast<short>(32 - d)))),
+        t_(_mm512_set1_epi16(static_cast<short>(t))),
+        shifted_(d != 0) {}
+  Keep next(Vec<std::uint32_t> r) {
+    const __m512i w = shifted_ ? _mm512_permutex2var_epi16(prev_, idx_, r.v) : r.v;
+    prev_ = r.v;
+    return {_mm512_cmpge_epu16_mask(w, t_)};
+  }
+
+ private:
+  __m512i idx_, t_, prev_ = _mm512_setzero_si512();
+  bool shifted_;
+};
+#define PYBN_VEC_HAS_KEEP_WINDOWS 1
 
 // 64-bit lanes holding one 32-bit RNG word each in the low half (the high half is ignored
 // by every consumer): the layout in which epu32 multiplies give whole products in place.

@@ -104,6 +104,7 @@ struct Vec<std::uint32_t> {
   static constexpr int W = 4;
   std::uint32_t v[W];
 
+  static Vec zero() { return {{0, 0, 0, 0}}; }
   friend std::uint64_t halves_at_least(const Vec& a, std::uint16_t t) {
     std::uint64_t bits = 0;
     for (int i = 0; i < W; ++i)

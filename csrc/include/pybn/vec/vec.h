@@ -23,7 +23,13 @@
 //   mul_lo32(a, m)          (a mod 2**32) * m, the whole 64-bit product
 //   pack_lo32(a, b)         the low words of a's lanes, then b's, as a Vec<uint32_t>
 // and Vec<uint32_t> (2 * that many lanes) has
+//   zero()
 //   halves_at_least(a, t)   bit e (e < 2W) set when 16-bit half e of a (little-endian) >= t
+// For the fused dropout, windows of 2W elements over the stream of random halves:
+//   KeepWindows(d, t)       .next(r) gives the Keep of the last d halves of the previous r
+//                           and the first 2W - d of this one, compared with t (d < 2W)
+//   Keep                    .from<E>() the keep bits of window elements [E, ...), for
+//                           scale_where (in a mask register on AVX-512, plain bits elsewhere)
 // and stream_fence(), which orders non-temporal stores before the caller returns.
 #pragma once
 #include <cstddef>
@@ -49,6 +55,35 @@ namespace PYBN_ISA {
 // Bytes a vector store must be aligned to for stream().
 template <class T>
 constexpr std::size_t kVecBytes = sizeof(T) * Vec<T>::W;
+
+#if !defined(PYBN_VEC_HAS_KEEP_WINDOWS)
+// Keep bits and windows of the random halves for ISAs without mask registers: plain bits,
+// a window shifted together from two compares' bits.
+struct Keep {
+  std::uint32_t bits;
+  template <int E>
+  std::uint32_t from() const {
+    return bits >> E;
+  }
+};
+
+class KeepWindows {
+ public:
+  KeepWindows(int d, std::uint16_t t) : d_(d), t_(t) {}
+  Keep next(const Vec<std::uint32_t>& r) {
+    constexpr int kHalves = 2 * Vec<std::uint32_t>::W;
+    const std::uint64_t b = halves_at_least(r, t_);
+    const std::uint64_t w = (b << d_ | prev_ >> (kHalves - d_)) & ((std::uint64_t(1) << kHalves) - 1);
+    prev_ = b;
+    return {static_cast<std::uint32_t>(w)};
+  }
+
+ private:
+  int d_;
+  std::uint16_t t_;
+  std::uint64_t prev_ = 0;
+};
+#endif
 
 }  // namespace PYBN_ISA
 }  // namespace pybn
