@@ -17,7 +17,7 @@ namespace {
 constexpr i64 kGroup = 128;
 constexpr i64 kWindow = 2 * U32::W;  // elements per window of random halves
 
-// Calls f(i, e) for i = 0 .. N-1 with e = i * step as a compile-time constant.
+// Calls f(e) for e = 0, Step, .., (N - 1) * Step, each a compile-time constant.
 template <int N, int Step, class F, int... I>
 inline void unroll_steps(const F& f, std::integer_sequence<int, I...>) {
   (f(std::integral_constant<int, I * Step>{}), ...);
@@ -32,13 +32,15 @@ inline void apply_window(const T* x, T* y, const Keep& keep, const Vec<T>& scale
       std::make_integer_sequence<int, kWindow / V::W>{});
 }
 
-// y[j] = keep ? x[j] * scale : 0 for j in [lo, hi), bit j of `bits` (ordinary stores).
-// Out of line: it runs at the ends of a thread's range only, and the hot loop stays small.
+// y[at + j] = keep ? x[at + j] * scale : 0 for j in [lo, hi), bit j of `bits` (ordinary
+// stores; at + lo >= 0). Out of line: it runs at the ends of a thread's range only, and
+// the hot loop stays small.
 template <class T>
-__attribute__((noinline)) void apply_window_part(const T* x, T* y, std::uint64_t bits, i64 lo, i64 hi, const Vec<T>& scale) {
+__attribute__((noinline)) void apply_window_part(const T* x, T* y, i64 at, std::uint64_t bits, i64 lo, i64 hi,
+                                                  const Vec<T>& scale) {
   for (i64 j = lo; j < hi; j += Vec<T>::W) {
     const i64 m = std::min<i64>(Vec<T>::W, hi - j);
-    store_lanes(scale_where(static_cast<std::uint32_t>(bits >> j), load_n(x + j, m), scale), y + j, m);
+    store_lanes(scale_where(static_cast<std::uint32_t>(bits >> j), load_n(x + at + j, m), scale), y + at + j, m);
   }
 }
 
@@ -64,9 +66,9 @@ void dropout_range(const DropoutArgs<T>& a, i64 gb, i64 ge, const Vec<T>& scale)
   for (i64 g0 = gb; g0 < ge; g0 += NG) {
     U32 r[NG][kHalfVectors];
     stream.next(r);
-    const T* x = a.x + g0 * kGroup - d;  // the block's first window
-    T* y = a.y + g0 * kGroup - d;
     if (g0 * kGroup - d >= start && (g0 + NG) * kGroup - d <= end) {  // every window whole
+      const T* x = a.x + g0 * kGroup - d;                             // the block's first window
+      T* y = a.y + g0 * kGroup - d;
 #pragma GCC unroll 16
       for (int w = 0; w < NG * kHalfVectors; ++w)
         apply_window<kStream>(x + w * kWindow, y + w * kWindow, windows.next(r[w / kHalfVectors][w % kHalfVectors]),
@@ -81,13 +83,13 @@ void dropout_range(const DropoutArgs<T>& a, i64 gb, i64 ge, const Vec<T>& scale)
       if (at >= start && at + kWindow <= end)
         apply_window<kStream>(a.x + at, a.y + at, keep, scale);
       else if (at + kWindow > start && at < end)
-        apply_window_part(a.x + at, a.y + at, window_bits(prev, cur), std::max<i64>(0, start - at),
+        apply_window_part(a.x, a.y, at, window_bits(prev, cur), std::max<i64>(0, start - at),
                           std::min<i64>(kWindow, end - at), scale);
       prev = cur;
     }
   }
   const i64 at = ge * kGroup - d;  // the window after the last: its first d elements
-  if (at < end) apply_window_part(a.x + at, a.y + at, window_bits(prev, U32::zero()), 0, end - at, scale);
+  if (at < end) apply_window_part(a.x, a.y, at, window_bits(prev, U32::zero()), 0, end - at, scale);
   if (kStream) stream_fence();
 }
 
