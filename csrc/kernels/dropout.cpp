@@ -44,6 +44,21 @@ __attribute__((noinline)) void apply_window_part(const T* x, T* y, i64 at, std::
   }
 }
 
+// When streaming, x is prefetched 4 KB ahead (prefetcht2) while a block's random words are
+// computed: with the hardware prefetchers alone the loads after each block's arithmetic
+// waited on memory. Measured in one process, alternating: L fused forward 3.9 ms without,
+// 3.3 ms with (66% -> 78% of the copy bound); A (mostly in L3) unchanged; 2 KB and 8 KB
+// ahead, or the non-temporal hint, did worse.
+template <class T>
+constexpr i64 kPrefetchAhead = 4096 / sizeof(T);
+
+template <class T>
+inline void prefetch_block(const T* p) {
+  constexpr int kLines = kGroupsAtOnce * kGroup * sizeof(T) / 64;
+#pragma GCC unroll 32
+  for (int l = 0; l < kLines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(p) + 64 * l, 0, 1);
+}
+
 // The fused forward over groups [gb, ge): windows of kWindow elements slide over the random
 // halves of consecutive groups, each starting d elements before its halves' own vector.
 // Streaming, d puts every window on a cache line of y (NumPy's large arrays start 16
@@ -66,6 +81,7 @@ void dropout_range(const DropoutArgs<T>& a, i64 gb, i64 ge, const Vec<T>& scale)
   for (i64 g0 = gb; g0 < ge; g0 += NG) {
     U32 r[NG][kHalfVectors];
     stream.next(r);
+    if (kStream && (g0 + NG) * kGroup + kPrefetchAhead<T> < end) prefetch_block(a.x + g0 * kGroup + kPrefetchAhead<T>);
     if (g0 * kGroup - d >= start && (g0 + NG) * kGroup - d <= end) {  // every window whole
       const T* x = a.x + g0 * kGroup - d;                             // the block's first window
       T* y = a.y + g0 * kGroup - d;
