@@ -50,7 +50,8 @@ def contiguous_float_array(value: Any, name: str) -> np.ndarray:
     """`value` as a C-contiguous float32/float64 ndarray whose elements are aligned to their
     size (a copy only when needed: an array viewed at an odd offset of a byte buffer is not)."""
     arr = float_array(value, name)
-    return arr if arr.flags.c_contiguous and arr.flags.aligned else np.array(arr, order="C")
+    flags = arr.flags
+    return arr if flags.carray or (flags.c_contiguous and flags.aligned) else np.array(arr, order="C")
 
 
 _LAYOUTS: dict[tuple[tuple[int, ...], Any], tuple[int, int, int, int]] = {}
@@ -86,9 +87,8 @@ def per_channel(value: Any, name: str, channels: int, dtype: np.dtype) -> np.nda
     """A read-only per-channel input: shape (C,), converted to `dtype` (None stays None)."""
     if value is None:
         return None
-    if (type(value) is np.ndarray and value.dtype is dtype and value.shape == (channels,)
-            and value.flags.c_contiguous and value.flags.aligned):
-        return value
+    if type(value) is np.ndarray and value.dtype is dtype and value.shape == (channels,) and value.flags.carray:
+        return value  # carray: C-contiguous, aligned (and writeable), one flags lookup
     arr = float_array(value, name)
     if arr.shape != (channels,):
         raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {arr.shape}")
@@ -106,11 +106,11 @@ def in_place(value: Any, name: str, channels: int, dtype: np.dtype) -> np.ndarra
                         "so pybn will not convert it")
     if value.shape != (channels,):
         raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {value.shape}")
-    if not value.flags.c_contiguous:
-        raise ValueError(f"{name}: must be C-contiguous (it is updated in place)")
-    if not value.flags.writeable:
-        raise ValueError(f"{name}: is read-only (it is updated in place)")
-    if not value.flags.aligned:
+    if not value.flags.carray:  # C-contiguous, aligned and writeable, as it must be
+        if not value.flags.c_contiguous:
+            raise ValueError(f"{name}: must be C-contiguous (it is updated in place)")
+        if not value.flags.writeable:
+            raise ValueError(f"{name}: is read-only (it is updated in place)")
         raise ValueError(f"{name}: {MISALIGNED} (it is updated in place)")
     return value
 
@@ -150,11 +150,11 @@ def output(out: Any, like: np.ndarray, inputs: tuple[Any, ...] = ()) -> np.ndarr
         raise TypeError(f"out: dtype {out.dtype} does not match the result ({dtype})")
     if out.shape != tuple(shape):
         raise ValueError(f"out: shape {out.shape} does not match the result {tuple(shape)}")
-    if not out.flags.c_contiguous:
-        raise ValueError("out: must be C-contiguous")
-    if not out.flags.writeable:
-        raise ValueError("out: is read-only")
-    if not out.flags.aligned:
+    if not out.flags.carray:  # C-contiguous, aligned and writeable, as it must be
+        if not out.flags.c_contiguous:
+            raise ValueError("out: must be C-contiguous")
+        if not out.flags.writeable:
+            raise ValueError("out: is read-only")
         raise ValueError(f"out: {MISALIGNED}")
     out_owns = out.base is None
     for arr in inputs:
