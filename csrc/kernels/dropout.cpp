@@ -47,8 +47,9 @@ __attribute__((noinline)) void apply_window_part(const T* x, T* y, i64 at, std::
 // When streaming, x is prefetched 4 KB ahead (prefetcht2) while a block's random words are
 // computed: with the hardware prefetchers alone the loads after each block's arithmetic
 // waited on memory. Measured in one process, alternating: L fused forward 3.9 ms without,
-// 3.3 ms with (66% -> 78% of the copy bound); A (mostly in L3) unchanged; 2 KB and 8 KB
-// ahead, or the non-temporal hint, did worse.
+// 3.3 ms with (66% -> 78% of the copy bound; in the slower memory state 93% -> 100%); A
+// (mostly in L3) unchanged or 2-5% faster. 2 KB ahead did worse than none; 8-32 KB the
+// same as 4 KB; the non-temporal hint worse.
 template <class T>
 constexpr i64 kPrefetchAhead = 4096 / sizeof(T);
 
