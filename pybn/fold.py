@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import contiguous_float_array, float_array, integer, per_channel, real_number
+from ._checks import contiguous_float_array, integer, per_channel, real_number
 
 __all__ = ["FoldedWeights", "fold_conv_bn", "fold_bn_linear"]
 
@@ -32,11 +32,11 @@ class FoldedWeights(NamedTuple):
 
 
 def _weight(weight: Any) -> np.ndarray:
-    w = float_array(weight, "weight")
+    w = contiguous_float_array(weight, "weight")
     if w.ndim < 2:
         raise ValueError(f"weight: expected a Linear (out, in) or conv (out, in/groups, *kernel) weight, "
                          f"got shape {w.shape}")
-    return contiguous_float_array(w, "weight")
+    return w
 
 
 def _per_channel(value: Any, name: str, channels: int, default: float | None = None) -> np.ndarray:

@@ -73,8 +73,7 @@ void dropout_range(const DropoutArgs<T>& a, i64 gb, i64 ge, const Vec<T>& scale)
   const i64 start = gb * kGroup, end = std::min(ge * kGroup, a.n);
   const int d = kStream ? static_cast<int>((W - lanes_to_alignment(a.y + start)) % W) : 0;
   const auto window_bits = [&](const U32& prev, const U32& cur) {
-    return (halves_at_least(cur, a.threshold) << d | halves_at_least(prev, a.threshold) >> (kWindow - d)) &
-           ((std::uint64_t(1) << kWindow) - 1);
+    return bit_window(halves_at_least(prev, a.threshold), halves_at_least(cur, a.threshold), d, kWindow);
   };
   MaskStream<NG> stream(a.seed, a.offset, static_cast<std::uint64_t>(gb));
   KeepWindows windows(d, a.threshold);

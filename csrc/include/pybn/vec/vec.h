@@ -56,6 +56,12 @@ namespace PYBN_ISA {
 template <class T>
 constexpr std::size_t kVecBytes = sizeof(T) * Vec<T>::W;
 
+// The bits of a window of n <= 32 elements over a stream of n-bit words: the last d bits of
+// prev, then the first n - d of cur (d < n).
+inline std::uint64_t bit_window(std::uint64_t prev, std::uint64_t cur, int d, int n) {
+  return (cur << d | prev >> (n - d)) & ((std::uint64_t(1) << n) - 1);
+}
+
 #if !defined(PYBN_VEC_HAS_KEEP_WINDOWS)
 // Keep bits and windows of the random halves for ISAs without mask registers: plain bits,
 // a window shifted together from two compares' bits.
@@ -71,9 +77,8 @@ class KeepWindows {
  public:
   KeepWindows(int d, std::uint16_t t) : d_(d), t_(t) {}
   Keep next(const Vec<std::uint32_t>& r) {
-    constexpr int kHalves = 2 * Vec<std::uint32_t>::W;
     const std::uint64_t b = halves_at_least(r, t_);
-    const std::uint64_t w = (b << d_ | prev_ >> (kHalves - d_)) & ((std::uint64_t(1) << kHalves) - 1);
+    const std::uint64_t w = bit_window(prev_, b, d_, 2 * Vec<std::uint32_t>::W);
     prev_ = b;
     return {static_cast<std::uint32_t>(w)};
   }
