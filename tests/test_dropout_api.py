@@ -131,6 +131,19 @@ def test_big_matches_reference(isa, threads, dtype, shape):
     assert_bitwise(out, want, "dropout out=")
 
 
+# Counters whose high word changes at a block edge (40 groups in: an edge for blocks of 1, 2,
+# 4 or 8 groups) or inside a block (41 groups in), and across the 2**64 wrap: the kernels'
+# round-1 products advance by addition within a high word and must start afresh after it.
+HIGH_WORD_OFFSETS = [2**32 - 16 * 40, 2**32 - 16 * 41, 5 * 2**32 - 16 * 40, U64 - 16 * 40]
+
+
+@pytest.mark.parametrize("offset", HIGH_WORD_OFFSETS, ids=lambda o: f"o{o:x}")
+def test_high_word_changes_match_reference(isa, threads, offset):
+    p, seed, n = 0.5, 0xC0FFEE, 128 * 97 + 5
+    x = data((n,), np.float32, seed=3)
+    check_all_three(x, p, seed, offset, what=f"offset={offset:#x}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_big_noise_shape_matches_reference(isa, threads, dtype):
     shape, ns = (64, 48, 10, 10), (64, 48, 1, 1)

