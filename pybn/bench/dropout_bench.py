@@ -6,14 +6,13 @@ timed. Rows: the fused forward, the packed mask alone, applying a stored mask, a
 Dropout2d's per-channel mask (noise_shape=(N, C, 1, 1)) against torch's nn.Dropout2d.
 Peers: torch (``nn.Dropout`` in training mode and ``aten.native_dropout``, the faster
 reported), the NumPy recipe ``x * (rng.random(shape) >= p) / (1 - p)``, and the copy bound
-``t_stream`` from pybn's probe on the same array, taken right around each round of pybn's.
+``t_stream`` from pybn's probe on the same array, timed call for call in turn with pybn.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .probe import MAX_ATTEMPTS, between_probes, close
-from .timing import TimingConfig, fmt_time, measure
+from .timing import TimingConfig, fmt_time, measure, measure_alternating
 
 SHAPES = {"A": (32, 64, 56, 56), "L": (64, 128, 56, 56)}
 P = 0.5
@@ -51,9 +50,6 @@ def _run_shape(name_: str, SHAPE: tuple, cfg: TimingConfig, rounds: int, want: l
 
     rows = {}
 
-    def stream_bound():
-        return measure(lambda: _C.probe_stream(x, dst), cfg).median
-
     # Dropout2d: one mask bit per (sample, channel), broadcast over H and W
     channels = SHAPE[:2] + (1,) * (len(SHAPE) - 2)
     keep2d = np.unpackbits(pybn.dropout_mask(channels, P, seed=SEED), count=int(np.prod(channels)),
@@ -61,21 +57,15 @@ def _run_shape(name_: str, SHAPE: tuple, cfg: TimingConfig, rounds: int, want: l
     _check("pybn Dropout2d", np.array_equal(pybn.dropout(x, P, seed=SEED, noise_shape=channels, out=y),
                                             np.where(keep2d, x * scale, np.float32(0))), "differs from its mask")
 
-    # pybn, each round with the bound measured right before and after it, in the same machine
-    # state (see between_probes); the best round and its bound are reported
+    # pybn and the copy bound call for call (see measure_alternating); the round with pybn's
+    # best median is reported, with the bound's median from the same round
     for name, fn in [("forward", lambda: pybn.dropout(x, P, seed=SEED, out=y)),
                      ("mask", lambda: pybn.dropout_mask(SHAPE, P, seed=SEED)),
                      ("apply", lambda: pybn.dropout_apply(x, mask, P, out=y)),
                      ("2d", lambda: pybn.dropout(x, P, seed=SEED, noise_shape=channels, out=y))][:4 if name_ == "A" else 3]:
-        paired = []  # (pybn's median, the bound, whether its probes agreed)
-        for _ in range(rounds):
-            t, attempts, steady = between_probes(
-                lambda: measure(fn, cfg).median, stream_bound, close,
-                lambda a: progress(f"    dropout {name_} {name}: machine speed changed during the round "
-                                   f"(attempt {a + 1}/{MAX_ATTEMPTS})"))
-            paired.append((t, min(attempts[-1]), steady))
-        t, bound, steady = min(paired)
-        rows[name] = {"pybn_s": t, "t_stream_s": bound, "steady": steady, "peers": {}}
+        paired = [measure_alternating(fn, lambda: _C.probe_stream(x, dst), cfg) for _ in range(rounds)]
+        t, bound = min((a.median, b.median) for a, b in paired)
+        rows[name] = {"pybn_s": t, "t_stream_s": bound, "peers": {}}
         progress(f"dropout {name_} {name:<8} pybn {fmt_time(t)} | copy bound {fmt_time(bound)}")
 
     if torch is not None:
@@ -121,7 +111,7 @@ def _run_shape(name_: str, SHAPE: tuple, cfg: TimingConfig, rounds: int, want: l
 
 def render(result: dict) -> str:
     lines = [f"dropout: x float32, p = {result['p']}, out= preallocated; copy bound = t_stream (pybn's "
-             "non-temporal copy of x, probed just before and after each round of pybn's, a round taken again while the two disagree by over 20%); x = peer time / pybn time",
+             "non-temporal copy of x, timed call for call in turn with pybn's); x = peer time / pybn time",
              f"{'shape':<5} {'kernel':<8} {'pybn':>10} {'copy':>10} {'% copy':>7} {'torch':>11} {'x':>6} "
              f"{'numpy':>11} {'x':>6}"]
     for shape_name, res in result["shapes"].items():
@@ -131,8 +121,6 @@ def render(result: dict) -> str:
             for peer in ("torch", "numpy"):
                 tp = r["peers"].get(peer)
                 cols += [f"{fmt_time(tp):>11}", f"{tp / t:>5.1f}x" if tp else f"{'-':>6}"]
-            if not r.get("steady", True):
-                cols.append("(machine speed changed during every attempt: bound unreliable)")
             lines.append(" ".join(cols))
     lines.append("forward: pybn.dropout(x, p, seed=, out=y) vs torch nn.Dropout / aten.native_dropout (faster shown);"
                  " mask: pybn.dropout_mask (packed bits) vs torch bernoulli_ and NumPy rng.random(shape) >= p;"

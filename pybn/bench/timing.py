@@ -95,6 +95,37 @@ def measure(fn, cfg: TimingConfig, *, calls_done: int = 0,
                   samples=samples)
 
 
+def measure_alternating(fn, other, cfg: TimingConfig) -> tuple:
+    """Time ``fn()`` and ``other()`` in turn, call for call, for twice the budget: the two
+    medians come from the same seconds, so a change of the machine's speed during the batch
+    (this machine's memory changes state every few seconds) reaches both alike. Returns
+    (fn's Timing, other's Timing)."""
+    perf = time.perf_counter
+    if cfg.pause > 0:
+        time.sleep(cfg.pause)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(cfg.warmup):
+            other()
+            fn()
+        samples = ([], [])
+        start = perf()
+        while True:
+            for f, out in ((other, samples[1]), (fn, samples[0])):
+                t0 = perf()
+                f()
+                out.append(perf() - t0)
+            n = len(samples[0])
+            if n >= cfg.max_reps or (n >= cfg.min_reps and perf() - start >= 2 * cfg.budget):
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return tuple(Timing(median=statistics.median(t), min=min(t), max=max(t), mean=statistics.fmean(t),
+                        reps=len(t), warmup=cfg.warmup, samples=t) for t in samples)
+
+
 def fmt_time(t: float | None) -> str:
     if t is None:
         return "-"
