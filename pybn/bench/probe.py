@@ -11,32 +11,6 @@ from .timing import Timing, TimingConfig, measure
 
 BOUND_FORMULA = {"infer": "t_stream", "train": "t_read + t_stream", "backward": "3*t_read + t_stream"}
 
-MAX_ATTEMPTS = 3
-STEADY = 1.2  # probes before and after pybn's batch within 20% of each other
-
-
-def close(a: float, b: float) -> bool:
-    """Two probe times of one machine state."""
-    return max(a, b) <= STEADY * min(a, b)
-
-
-def between_probes(run, probe, steady, on_change):
-    """``run()`` with ``probe()`` just before and just after it, all taken again (twice at
-    most) while ``steady(before, after)`` is false: this machine's memory changes speed for
-    seconds at a time, and a bound from one state must not be held against a time from the
-    other. ``on_change(attempt)`` is told of each retake. Returns run's result, the
-    (before, after) pair of every attempt, and whether the last pair agreed."""
-    attempts = []
-    for attempt in range(MAX_ATTEMPTS):
-        before = probe()
-        result = run()
-        after = probe()
-        attempts.append((before, after))
-        if steady(before, after):
-            return result, attempts, True
-        on_change(attempt)
-    return result, attempts, False
-
 
 @dataclass
 class Probe:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
@@ -39,6 +40,26 @@ class Timing:
         return d
 
 
+@contextlib.contextmanager
+def _batch(cfg: TimingConfig):
+    """A timed batch: after an idle pause (so the previous runtime's spinning threads settle),
+    with the garbage collector off."""
+    if cfg.pause > 0:
+        time.sleep(cfg.pause)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _timing(samples: list, warm: int) -> Timing:
+    return Timing(median=statistics.median(samples), min=min(samples), max=max(samples),
+                  mean=statistics.fmean(samples), reps=len(samples), warmup=warm, samples=samples)
+
+
 def measure(fn, cfg: TimingConfig, *, calls_done: int = 0,
             last_call_s: float | None = None) -> Timing:
     """Time ``fn()`` in one consecutive batch: warm-up, then repetitions.
@@ -52,11 +73,7 @@ def measure(fn, cfg: TimingConfig, *, calls_done: int = 0,
     The result is the median of the timed calls.
     """
     perf = time.perf_counter
-    if cfg.pause > 0:
-        time.sleep(cfg.pause)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _batch(cfg):
         warm = calls_done
         est = last_call_s
         w_start = perf()
@@ -87,12 +104,7 @@ def measure(fn, cfg: TimingConfig, *, calls_done: int = 0,
             n = len(samples)
             if n >= cfg.max_reps or (n >= min_reps and t1 - start >= cfg.budget):
                 break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return Timing(median=statistics.median(samples), min=min(samples), max=max(samples),
-                  mean=statistics.fmean(samples), reps=len(samples), warmup=warm,
-                  samples=samples)
+    return _timing(samples, warm)
 
 
 def measure_alternating(fn, other, cfg: TimingConfig) -> tuple:
@@ -101,11 +113,7 @@ def measure_alternating(fn, other, cfg: TimingConfig) -> tuple:
     (this machine's memory changes state every few seconds) reaches both alike. Returns
     (fn's Timing, other's Timing)."""
     perf = time.perf_counter
-    if cfg.pause > 0:
-        time.sleep(cfg.pause)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _batch(cfg):
         for _ in range(cfg.warmup):
             other()
             fn()
@@ -119,11 +127,7 @@ def measure_alternating(fn, other, cfg: TimingConfig) -> tuple:
             n = len(samples[0])
             if n >= cfg.max_reps or (n >= cfg.min_reps and perf() - start >= 2 * cfg.budget):
                 break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return tuple(Timing(median=statistics.median(t), min=min(t), max=max(t), mean=statistics.fmean(t),
-                        reps=len(t), warmup=cfg.warmup, samples=t) for t in samples)
+    return _timing(samples[0], cfg.warmup), _timing(samples[1], cfg.warmup)
 
 
 def fmt_time(t: float | None) -> str:
