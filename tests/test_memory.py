@@ -155,37 +155,41 @@ PYTHON = Path(sys.executable).resolve()
 LEAK_SCRIPT = Path(__file__).with_name("leak_script.py")
 
 
-def loss_records(log, kinds=("definitely", "possibly")):
-    """[(kind, bytes, frames)] of valgrind's leak records."""
+def _records(log, start):
+    """valgrind's reports in `log`: each begins at a line for which start(body) gives a new
+    record (a tuple whose last item is its list of frames) and runs to the next blank line."""
     records, current = [], None
     for line in log.splitlines():
         body = re.sub(r"^==\d+==\s?", "", line)
-        m = re.match(r"([\d,]+) (?:\([\d,]+ direct, [\d,]+ indirect\) )?bytes in [\d,]+ blocks are "
-                     r"(definitely|possibly) lost", body)
-        if m and m.group(2) in kinds:
-            current = (m.group(2), int(m.group(1).replace(",", "")), [])
+        record = start(body)
+        if record is not None:
+            current = record
             records.append(current)
         elif current is not None and body.strip():
-            current[2].append(body.strip())
+            current[-1].append(body.strip())
         else:
             current = None
     return records
+
+
+def loss_records(log, kinds=("definitely", "possibly")):
+    """[(kind, bytes, frames)] of valgrind's leak records."""
+    def start(body):
+        m = re.match(r"([\d,]+) (?:\([\d,]+ direct, [\d,]+ indirect\) )?bytes in [\d,]+ blocks are "
+                     r"(definitely|possibly) lost", body)
+        return (m.group(2), int(m.group(1).replace(",", "")), []) if m and m.group(2) in kinds else None
+
+    return _records(log, start)
 
 
 def error_records(log):
     """memcheck's error reports (invalid read/write, uninitialised values...): [(title, frames)]."""
-    records, current = [], None
-    for line in log.splitlines():
-        body = re.sub(r"^==\d+==\s?", "", line)
-        if re.match(r"(Invalid (read|write|free)|Conditional jump|Use of uninitialised|Syscall param|"
-                    r"Mismatched free|Source and destination overlap)", body):
-            current = (body, [])
-            records.append(current)
-        elif current is not None and body.strip():
-            current[1].append(body.strip())
-        else:
-            current = None
-    return records
+    def start(body):
+        m = re.match(r"(Invalid (read|write|free)|Conditional jump|Use of uninitialised|Syscall param|"
+                     r"Mismatched free|Source and destination overlap)", body)
+        return (body, []) if m else None
+
+    return _records(log, start)
 
 
 def in_pybn(frames):
