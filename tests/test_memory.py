@@ -118,6 +118,8 @@ def test_tracemalloc_no_growth_per_kernel():
             call()
             first[name], _ = traced_growth(call, CALLS)
             second[name], snap = traced_growth(call, CALLS // 2)
+            if second[name] > SECOND_BOUND:  # a cache that filled late does not grow again; a leak does
+                second[name], snap = traced_growth(call, CALLS // 2)
             if first[name] > FIRST_BOUND or second[name] > SECOND_BOUND:
                 top = tracemalloc.take_snapshot().compare_to(snap, "lineno")[:5]
                 pytest.fail(f"{name}: traced memory grew by {first[name]} bytes over {CALLS} calls, then by "
