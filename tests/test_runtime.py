@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import time
+
 import numpy as np
 import pytest
 
@@ -208,6 +210,20 @@ def test_bench_runs_and_checks_results(tmp_path):
     assert {c["kernel"] for c in cells} == {"infer", "train", "backward"}
     assert all(c["pybn_s"] > 0 and not c["errors"] for c in cells)
     assert data["fold"]["pairs"] == 53 and data["fold"]["pybn_s"] > 0 and "numpy" in data["fold"]["peers"]
+
+
+def test_bench_alternating_timing_calls_in_turn():
+    # The bound's probes are timed call for call with pybn's kernel: every timed call of one
+    # function sits between calls of the others, and each Timing holds its own function's calls.
+    from pybn.bench.timing import TimingConfig, measure_alternating
+
+    log = []
+    fns = [lambda: log.append("k"), lambda: log.append("r"), lambda: (log.append("s"), time.sleep(0.002))]
+    cfg = TimingConfig(budget=0.01, warmup=2, min_reps=4, max_reps=50, pause=0)
+    kernel, read, stream = measure_alternating(fns, cfg)
+    assert "".join(log) == "krs" * (len(log) // 3) and len(log) % 3 == 0
+    assert kernel.reps == read.reps == stream.reps == len(log) // 3 - cfg.warmup >= cfg.min_reps
+    assert stream.median >= 0.002 > kernel.median and stream.median > read.median
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

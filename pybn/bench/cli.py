@@ -13,11 +13,11 @@ import time
 import numpy as np
 
 from . import peers as P
-from .probe import BOUND_FORMULA, Probe, Prober, summarize
+from .probe import BOUND_FORMULA, Prober, summarize
 from .reference import WrongResult, check, make_case
 from .report import Cell, render, to_json
 from .shapes import KERNEL_TITLES, parse_kernels, parse_shapes, shape_names
-from .timing import TimingConfig, fmt_time, measure
+from .timing import TimingConfig, fmt_time, measure, measure_alternating
 
 IMPLS = ("torch", "numpy", "ort")
 
@@ -91,36 +91,26 @@ def _versions(pybn, want) -> dict:
     return v
 
 
-MAX_ATTEMPTS = 3
-STEADY = 1.2  # probes before and after pybn's batch within 20% of each other
-
-
-def _steady(before, after) -> bool:
-    def close(a: float, b: float) -> bool:
-        return max(a, b) <= STEADY * min(a, b)
-
-    return close(before.t_read, after.t_read) and close(before.t_stream, after.t_stream)
-
-
-def _run_impl(cell: Cell, impl: str, make, case, cfg: TimingConfig, round_: int):
-    """One timing round of one implementation, in its own batch.
+def _run_impl(cell: Cell, impl: str, make, case, cfg: TimingConfig, round_: int, alongside: tuple = ()):
+    """One timing round of one implementation, in its own batch; the calls ``alongside`` (the
+    probe's) are timed call for call with it. Returns its Timing and theirs, or None and ().
 
     Round 0 first checks the result of one call against the float64 reference (that call is
     the first warm-up call); a wrong result is reported and never timed.
     """
     kernel = cell.kernel
     if impl in cell.errors or impl in cell.skipped:
-        return
+        return None, ()
     try:
         runner = make()
     except P.Unavailable as e:
         cell.skipped[impl] = str(e)
-        return
+        return None, ()
     except Exception as e:  # noqa: BLE001 - a failing implementation is reported, not fatal
         cell.errors[impl] = f"setup raised {type(e).__name__}: {e}"
         _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name}: setup raised "
                   f"{type(e).__name__}: {e}")
-        return
+        return None, ()
     cell.labels[impl] = runner.label
     try:
         runner.reset()
@@ -136,25 +126,28 @@ def _run_impl(cell: Cell, impl: str, make, case, cfg: TimingConfig, round_: int)
     except WrongResult as e:
         cell.errors[impl] = f"wrong result: {e}"
         _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name} is WRONG: {e}")
-        return
+        return None, ()
     except Exception as e:  # noqa: BLE001
         cell.errors[impl] = f"raised {type(e).__name__}: {e}"
         _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name} raised "
                   f"{type(e).__name__}: {e}")
-        return
+        return None, ()
     try:
-        timing = measure(runner.call, cfg, calls_done=1, last_call_s=dt)
+        if alongside:
+            timing, *others = measure_alternating((runner.call, *alongside), cfg)
+        else:
+            timing, others = measure(runner.call, cfg, calls_done=1, last_call_s=dt), ()
     except Exception as e:  # noqa: BLE001
         cell.errors[impl] = f"raised {type(e).__name__} while timed: {e}"
         _progress(f"ERROR: {impl} {KERNEL_TITLES[kernel]} on {case.shape.name} raised "
                   f"{type(e).__name__} while timed: {e}")
-        return
+        return None, ()
     cell.rounds.setdefault(impl, []).append(timing)
     best = cell.times.get(impl)
     if best is None or timing.median < best.median:
         cell.times[impl] = timing
     del runner
-    return timing
+    return timing, tuple(others)
 
 
 def run(args) -> int:
@@ -216,8 +209,6 @@ def run(args) -> int:
     cells = []
     n_cells = len(shapes) * len(kernels)
     t_start = time.perf_counter()
-    pcfg = TimingConfig(budget=cfg.budget / 3, warmup=2, min_reps=5, max_reps=cfg.max_reps,
-                        pause=cfg.pause)
     for shape in shapes:
         t_shape = time.perf_counter()
         case = make_case(shape, seed=args.seed, need_backward="backward" in kernels)
@@ -236,37 +227,24 @@ def run(args) -> int:
                 impls.append(("numpy", lambda: P.make_numpy(case, kernel)))
             if "ort" in want:
                 impls.append(("ort", lambda: P.make_ort(case, kernel, threads=threads)))
-            paired = []   # (pybn's median, round, the probes just before and just after it)
+            paired = []   # (pybn's median, the probe timed with it), per round
             for round_ in range(args.rounds):
                 for impl, make in impls:
                     if impl == "pybn":
-                        # The bound is measured right around pybn's batch, in the same machine
-                        # state. When the probes before and after disagree, the machine changed
-                        # speed during the round (it does, for seconds at a time): the round is
-                        # taken again, twice at most, so a bound from one state is not held
-                        # against a time from the other.
-                        for attempt in range(MAX_ATTEMPTS):
-                            before = prober.measure(pcfg)
-                            timing = _run_impl(cell, impl, make, case, cfg, round_)
-                            after = prober.measure(pcfg)
-                            cell.probe_rounds.append((before, after))
-                            if _steady(before, after):
-                                break
-                            _progress(f"    {shape.name} {kernel}: machine speed changed during the round "
-                                      f"(attempt {attempt + 1}/{MAX_ATTEMPTS})")
-                        else:
-                            cell.unsteady = True
+                        # The bound's probes are timed call for call with pybn's kernel, so all
+                        # three medians come from the same seconds of a machine whose memory
+                        # changes speed every few seconds (bench/README.md, "The bound").
+                        timing, probe = _run_impl(cell, impl, make, case, cfg, round_, alongside=prober.calls())
                         if timing is not None:
-                            paired.append((timing.median, round_, before, after))
+                            paired.append((timing.median, prober.record(*probe)))
                     else:
                         _run_impl(cell, impl, make, case, cfg, round_)
                     # (no gc.collect() here: with torch loaded it costs ~70 ms; arrays are freed
                     # by reference counting as soon as a runner goes)
-            if paired:
-                _, _, before, after = min(paired, key=lambda p: p[0])
-            else:
-                before, after = cell.probe_rounds[-1]
-            cell.probe = Probe.best_of(before, after)
+            cell.probe_rounds = [p for _, p in paired]
+            # the bound from the probe of pybn's best round (alone, if pybn gave no time)
+            cell.probe = (min(paired, key=lambda p: p[0])[1] if paired
+                          else prober.record(*measure_alternating(prober.calls(), cfg)))
             cell.bound = cell.probe.bound(kernel)
             cells.append(cell)
             parts = []

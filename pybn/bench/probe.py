@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .timing import Timing, TimingConfig, measure
+from .timing import Timing
 
 BOUND_FORMULA = {"infer": "t_stream", "train": "t_read + t_stream", "backward": "3*t_read + t_stream"}
 
 
 @dataclass
 class Probe:
-    """One probe measurement: a batch of probe_read and a batch of probe_stream calls."""
+    """One probe measurement: probe_read and probe_stream, timed call for call with pybn's kernel."""
 
     nbytes: int          # bytes of one float32 array of the shape's size
     read: Timing         # probe_read: one vectorized pass that reads the array (a parallel sum)
@@ -47,13 +47,6 @@ class Probe:
             return 3 * self.t_read + self.t_stream
         raise ValueError(kernel)
 
-    @classmethod
-    def best_of(cls, *probes) -> "Probe":
-        """t_read and t_stream each from the batch (of ``probes``) with the lower median."""
-        read = min((p.read for p in probes), key=lambda t: t.median)
-        stream = min((p.stream for p in probes), key=lambda t: t.median)
-        return cls(nbytes=probes[0].nbytes, read=read, stream=stream)
-
     def as_dict(self, samples: bool = True) -> dict:
         return {"bytes": self.nbytes, "t_read_s": self.t_read, "t_stream_s": self.t_stream,
                 "read_GBps": self.read_gbs, "stream_GBps": self.stream_gbs,
@@ -83,11 +76,13 @@ class Prober:
         if not np.array_equal(dst, src):
             raise AssertionError("pybn._C.probe_stream did not copy its input")
 
-    def measure(self, cfg: TimingConfig) -> Probe:
+    def calls(self) -> tuple:
+        """probe_read and probe_stream of the array, to be timed call for call with a kernel's."""
         _C, src, dst = self._C, self.src, self.dst
-        read = measure(lambda: _C.probe_read(src), cfg)
-        stream = measure(lambda: _C.probe_stream(src, dst), cfg)
-        p = Probe(nbytes=src.nbytes, read=read, stream=stream)
+        return (lambda: _C.probe_read(src)), (lambda: _C.probe_stream(src, dst))
+
+    def record(self, read: Timing, stream: Timing) -> Probe:
+        p = Probe(nbytes=self.src.nbytes, read=read, stream=stream)
         self.history.append(p)
         return p
 

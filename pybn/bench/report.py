@@ -27,9 +27,8 @@ class Cell:
     skipped: dict = field(default_factory=dict)  # impl -> why it was not run (not installed, no such op)
     check_err: dict = field(default_factory=dict)  # impl -> worst |error| / tolerance of the check
     rounds: dict = field(default_factory=dict)   # impl -> [Timing of each round]; times[impl] is the best
-    probe: object = None                         # the probe around pybn's best round (gives the bound)
-    probe_rounds: list = field(default_factory=list)  # (before, after) pybn's batch, in each round
-    unsteady: bool = False                       # the machine changed speed in every attempt of a round
+    probe: object = None                         # the probe timed with pybn's best round (gives the bound)
+    probe_rounds: list = field(default_factory=list)  # the probe timed with pybn's batch, in each round
 
     # --- derived
     def t(self, impl):
@@ -91,17 +90,13 @@ class Cell:
                 continue  # its own threshold above (T: not slower, B: 1.3x)
             if r <= 1.0:
                 out.append(f"not faster than {PEER_TITLES[peer]} ({r:.2f}x)")
-        if out and self.unsteady:
-            out.append("the machine changed speed during every attempt: bound and time unreliable")
         return out
 
     def as_dict(self) -> dict:
         d = {"shape": self.shape.name, "kernel": self.kernel, "bound_s": self.bound,
              "bound_formula": BOUND_FORMULA[self.kernel],
              "probe": self.probe.as_dict(samples=False) if self.probe is not None else None,
-             "probe_rounds": [{"before_pybn": b.as_dict(), "after_pybn": a.as_dict()}
-                              for b, a in self.probe_rounds],
-             "unsteady": self.unsteady,
+             "probe_rounds": [p.as_dict() for p in self.probe_rounds],
              "pybn_s": self.pybn, "pct_of_bound": self.pct_bound,
              "torch_variant": self.torch_choice(),
              "ratios": {p: self.ratio(p) for p in PEERS},
@@ -145,12 +140,12 @@ def render(meta: dict, probes: dict, cells: list) -> str:
     rounds = t.get("rounds", 1)
     lines.append(f"timing: median of >= {t['min_reps']} calls and >= {t['budget_s']:g} s "
                  f"(3 calls for slow ones, at most {t['max_reps']}) after {t['warmup']} warm-up "
-                 f"calls, each implementation in its own batch"
+                 f"calls, each implementation in its own batch (pybn's with the probe's calls in turn)"
                  + (f"; {rounds} rounds in turn, the best round's median" if rounds > 1 else "")
                  + (" [--quick]" if meta.get("quick") else ""))
     lines.append("")
     lines.append(f"bandwidth probe (pybn._C, {th} thread{'s' if th != 1 else ''}, same array size), "
-                 "taken before and after pybn in every round;")
+                 "timed call for call with pybn in every round;")
     lines.append("median [min-max] over the shape's probe batches:")
     lines.append(f"  {'shape':<6} {'array':>9} {'t_read':>10} {'[min-max]':>19} {'read':>10}"
                  f" {'t_stream':>10} {'[min-max]':>19} {'stream':>10}")
@@ -161,9 +156,8 @@ def render(meta: dict, probes: dict, cells: list) -> str:
                      f"{p['read_GBps']:>5.1f} GB/s {fmt_time(p['t_stream_s']):>10} {rng_s:>19} "
                      f"{p['stream_GBps']:>5.1f} GB/s")
     lines.append("  stream GB/s counts bytes read + written. Bounds: infer = t_stream, train = t_read + t_stream,")
-    lines.append("  bwd = 3*t_read + t_stream; t_read and t_stream each the lower of the two probe batches")
-    lines.append("  taken just before and just after pybn's best round in that cell (a round whose two probe")
-    lines.append("  batches differ by more than 20% is taken again, twice at most).")
+    lines.append("  bwd = 3*t_read + t_stream; t_read and t_stream the medians of the probe calls made in turn")
+    lines.append("  with pybn's calls in pybn's best round of that cell (the same seconds, the same machine state).")
     lines.append("")
 
     cols = [("shape", 5, "<"), ("kernel", 6, "<"), ("pybn", 10, ">"), ("bound", 10, ">"),

@@ -107,27 +107,28 @@ def measure(fn, cfg: TimingConfig, *, calls_done: int = 0,
     return _timing(samples, warm)
 
 
-def measure_alternating(fn, other, cfg: TimingConfig) -> tuple:
-    """Time ``fn()`` and ``other()`` in turn, call for call, for twice the budget: the two
+def measure_alternating(fns, cfg: TimingConfig) -> tuple:
+    """Time the calls ``fns`` in turn, call for call, for ``len(fns)`` times the budget: their
     medians come from the same seconds, so a change of the machine's speed during the batch
-    (this machine's memory changes state every few seconds) reaches both alike. Returns
-    (fn's Timing, other's Timing)."""
+    (this machine's memory changes state every few seconds) reaches all of them alike. The
+    first of ``fns`` sets the number of repetitions (``min_reps`` / budget / ``max_reps``).
+    Returns one Timing per call, in the order given."""
     perf = time.perf_counter
     with _batch(cfg):
         for _ in range(cfg.warmup):
-            other()
-            fn()
-        samples = ([], [])
+            for f in fns:
+                f()
+        samples = tuple([] for _ in fns)
         start = perf()
         while True:
-            for f, out in ((other, samples[1]), (fn, samples[0])):
+            for f, out in zip(fns, samples):
                 t0 = perf()
                 f()
                 out.append(perf() - t0)
             n = len(samples[0])
-            if n >= cfg.max_reps or (n >= cfg.min_reps and perf() - start >= 2 * cfg.budget):
+            if n >= cfg.max_reps or (n >= cfg.min_reps and perf() - start >= len(fns) * cfg.budget):
                 break
-    return _timing(samples[0], cfg.warmup), _timing(samples[1], cfg.warmup)
+    return tuple(_timing(s, cfg.warmup) for s in samples)
 
 
 def fmt_time(t: float | None) -> str:
