@@ -106,13 +106,19 @@ def in_place(value: Any, name: str, channels: int, dtype: np.dtype) -> np.ndarra
                         "so pybn will not convert it")
     if value.shape != (channels,):
         raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {value.shape}")
-    if not value.flags.carray:  # C-contiguous, aligned and writeable, as it must be
-        if not value.flags.c_contiguous:
-            raise ValueError(f"{name}: must be C-contiguous (it is updated in place)")
-        if not value.flags.writeable:
-            raise ValueError(f"{name}: is read-only (it is updated in place)")
-        raise ValueError(f"{name}: {MISALIGNED} (it is updated in place)")
+    if not value.flags.carray:
+        _not_writable_carray(value, name, " (it is updated in place)")
     return value
+
+
+def _not_writable_carray(arr: np.ndarray, name: str, why: str = "") -> None:
+    """Raises the ValueError saying which of C-contiguous, writeable and aligned (numpy's
+    flags.carray, checked by the caller) `arr`, an array written to, is not."""
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous{why}")
+    if not arr.flags.writeable:
+        raise ValueError(f"{name}: is read-only{why}")
+    raise ValueError(f"{name}: {MISALIGNED}{why}")
 
 
 def integer(value: Any, name: str) -> int:
@@ -150,12 +156,8 @@ def output(out: Any, like: np.ndarray, inputs: tuple[Any, ...] = ()) -> np.ndarr
         raise TypeError(f"out: dtype {out.dtype} does not match the result ({dtype})")
     if out.shape != tuple(shape):
         raise ValueError(f"out: shape {out.shape} does not match the result {tuple(shape)}")
-    if not out.flags.carray:  # C-contiguous, aligned and writeable, as it must be
-        if not out.flags.c_contiguous:
-            raise ValueError("out: must be C-contiguous")
-        if not out.flags.writeable:
-            raise ValueError("out: is read-only")
-        raise ValueError(f"out: {MISALIGNED}")
+    if not out.flags.carray:
+        _not_writable_carray(out, "out")
     out_owns = out.base is None
     for arr in inputs:
         # two arrays that each own their memory cannot overlap (base None): the common case

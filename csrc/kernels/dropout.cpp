@@ -165,10 +165,13 @@ void apply_mask_span(const T* x, T* y, i64 len, const unsigned char* mask, i64 b
   using V = Vec<T>;
   constexpr i64 W = V::W, kChunk = 32;
   constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
+  // y[at, at + n) from x's values there and their bits (bit 0 first)
+  const auto apply = [&](i64 at, std::uint64_t bits, const V& xv, i64 n) {
+    put<kStream>(y + at, scale_where(static_cast<std::uint32_t>(bits & kLanes), xv, scale), n);
+  };
   i64 i = 0;
   const auto step = [&](i64 n) {
-    const auto b = static_cast<std::uint32_t>(mask_bits_at(mask, bytes, bit0 + i) & kLanes);
-    put<kStream>(y + i, scale_where(b, load_n(x + i, n), scale), n);
+    apply(i, mask_bits_at(mask, bytes, bit0 + i), load_n(x + i, n), n);
     i += n;
   };
   if (const i64 nh = head_lanes<kStream>(y, len)) step(nh);
@@ -177,8 +180,7 @@ void apply_mask_span(const T* x, T* y, i64 len, const unsigned char* mask, i64 b
     std::memcpy(&word, mask + (bit0 + i) / 8, 8);
     word >>= (bit0 + i) % 8;
 #pragma GCC unroll 32
-    for (i64 v = 0; v < kChunk; v += W)
-      put<kStream>(y + i + v, scale_where(static_cast<std::uint32_t>((word >> v) & kLanes), V::load(x + i + v), scale), W);
+    for (i64 v = 0; v < kChunk; v += W) apply(i + v, word >> v, V::load(x + i + v), W);
   }
   while (i + W <= len) step(W);
   if (i < len) step(len - i);
