@@ -451,7 +451,8 @@ class Dropout(_Layer):
     """Inverted dropout with a reproducible counter-based mask (PyTorch's ``nn.Dropout``).
 
     In training mode each element is dropped with probability `p` and the kept ones are
-    scaled by ``1/(1-p)``; in evaluation mode the layer is the identity. Call i draws its
+    scaled by ``pybn.dropout_scale(p)`` (``1/(1-p)`` for p a multiple of 2**-16, so that
+    ``E[y] = x`` for every p); in evaluation mode the layer is the identity. Call i draws its
     mask with ``pybn.dropout(x, p, seed=seed, offset=offset)`` and then advances
     ``offset`` by ``pybn.counters_used(n)`` (n mask elements), so no two calls share
     random counters and a run is reproduced exactly from its seed.

@@ -12,6 +12,7 @@ import torch
 
 import pybn
 import pybn.nn as nn
+import reference_dropout as rd
 from error_checks import assert_raises_naming
 
 DTYPES = [np.float32, np.float64]
@@ -509,14 +510,15 @@ def test_dropout_offsets_advance(dtype, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_dropout_matches_torch_semantics(p, dtype, rng):
-    """y = x * keep / (1 - p) with P(drop) = p, and the gradient torch's autograd gives for
-    that function (nn.Dropout's mask cannot be shared; the mask is pybn's)."""
+    """y = x * keep / P(keep) with P(drop) = p (1 - p rounded down to a multiple of 2**-16),
+    and the gradient torch's autograd gives for that function (nn.Dropout's mask cannot
+    be shared; the mask is pybn's)."""
     shape = (64, 256)
     layer = nn.Dropout(p, seed=99)
     x = (rng.normal(size=shape) + 3).astype(dtype)  # nonzero, so a zero output is a drop
     y = layer(x)
     keep = keep_mask(shape, p, 99, 0) if p < 1 else np.zeros(shape, bool)
-    scale = torch.tensor(1.0 / (1.0 - p) if p < 1 else 0.0, dtype=TORCH_DTYPE[dtype])
+    scale = torch.tensor(rd.scale64(p) if p < 1 else 0.0, dtype=TORCH_DTYPE[dtype])
     xt = torch.from_numpy(x).requires_grad_(True)
     yt = xt * (torch.from_numpy(keep).to(xt.dtype) * scale)
     np.testing.assert_array_equal(y, yt.detach().numpy())
