@@ -13,7 +13,6 @@ element, so that ``E[y] = x`` exactly for every p < 1.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import numpy as np
@@ -78,7 +77,7 @@ def _noise_shape(noise_shape: Any, shape: tuple[int, ...]) -> tuple[int, ...] | 
     if noise_shape is None:
         return None
     try:
-        ns = tuple(operator.index(d) for d in noise_shape)
+        ns = tuple(integer(d, "noise_shape") for d in noise_shape)
     except TypeError:
         raise TypeError(f"noise_shape: must be a sequence of ints, got {noise_shape!r}") from None
     if len(ns) != len(shape) or any(d != 1 and d != s for d, s in zip(ns, shape)):
@@ -149,7 +148,7 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
     p = _probability(p)
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
     ns = _noise_shape(noise_shape, x.shape)
-    y = output(out, x, (x_in,))
+    y = output(out, x, (("x", x_in),))
     if p == 1.0:
         y.fill(0)
     elif ns is not None:
@@ -162,14 +161,16 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
 def dropout_mask(shape: Any, p: float, *, seed: int, offset: int = 0) -> np.ndarray:
     """The packed keep mask of `shape`: uint8, ceil(n/8) bytes, bit k % 8 of byte k // 8 is
     element k (``np.unpackbits(m, count=n, bitorder="little")`` unpacks it)."""
-    if isinstance(shape, (int, np.integer)):
-        shape = (int(shape),)
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
     try:
-        shape = tuple(operator.index(d) for d in shape)
+        shape = tuple(integer(d, "shape") for d in shape)
     except TypeError:
         raise TypeError(f"shape: must be an int or a sequence of ints, got {shape!r}") from None
     if any(d < 0 for d in shape):
         raise ValueError(f"shape: negative extent in {shape}")
+    if math.prod(shape) > np.iinfo(np.intp).max:
+        raise ValueError(f"shape: {shape} has more elements than an array can hold")
     p = _probability(p)
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
     n = math.prod(shape)
@@ -198,7 +199,7 @@ def dropout_apply(x: Any, mask: Any, p: float, *, noise_shape: Any = None,
         raise ValueError(f"mask: expected {(n + 7) // 8} bytes (a packed mask of {n} elements), "
                          f"got shape {mask.shape}")
     mask = np.ascontiguousarray(mask)
-    y = output(out, x, (x_in, mask))
+    y = output(out, x, (("x", x_in), ("mask", mask)))
     if p == 1.0:
         y.fill(0)
     elif ns is not None:
