@@ -1,15 +1,22 @@
-"""Input-validation matrix (issue 6, item 1).
+"""Input-validation matrix.
 
 ONE table, MATRIX, built systematically: for every public array function (and the
-pybn.nn layers' constructors and calls) and every argument, the bad values a user can
-pass, each row ``(function, argument, label, bad value, expected exception)``. A row
-starts from a call that works (SPECS[...].good()), replaces that one argument (a few
-rows replace two, e.g. an `out` that overlaps an input) and asserts:
+pybn.nn and pybn.distributed layers' constructors and calls) and every argument, the bad
+values a user can pass, each row ``(function, argument, label, bad value, expected
+exception[, names])``. A row starts from a call that works (SPECS[...].good()), replaces
+that one argument (a few rows replace two, e.g. an `out` that overlaps an input) and
+asserts:
 
 * the exception type (TypeError for a wrong kind or dtype, ValueError for a wrong
-  shape, layout or value), and that the message names the argument;
+  shape, layout or value), and that the message names the argument (or one of the
+  row's names; an overlap of two arrays must name both);
 * every ndarray passed in, running statistics first, is unchanged afterwards (no
   half-updated running stats, nothing written into a rejected `out`).
+
+Every array argument also gets the arrays whose conversion would lose something (a
+masked array's mask, a torch tensor's autograd graph, a meta tensor's absent data):
+foreign_arrays(). The valid odd inputs (other byte orders, memmaps, exact in-place)
+are in test_odd_inputs.py.
 
 test_every_argument_is_covered checks that the table leaves out no parameter of any
 public function, except the flags listed in FLAGS. The count of cases is printed at
@@ -27,6 +34,7 @@ import numpy as np
 import pytest
 
 import pybn
+import pybn.distributed
 import pybn.nn
 from error_checks import assert_raises_naming, bad_outs, misaligned, name_re
 
@@ -419,7 +427,9 @@ def stats_cases():
              ("m2-negative", lambda: stats(5, np.zeros(C), np.array([1.0, -1e-12, 1.0])), ValueError),
              ("count-nan", lambda: stats(float("nan"), np.zeros(C), np.ones(C)), ValueError),
              ("count-inf", lambda: stats(float("inf"), np.zeros(C), np.ones(C)), ValueError),
-             ("m2-masked", lambda: stats(5, np.zeros(C), np.ma.masked_array(np.ones(C), [0, 1, 0])), TypeError)]
+             ("m2-masked", lambda: stats(5, np.zeros(C), np.ma.masked_array(np.ones(C), [0, 1, 0])), TypeError),
+             ("m2-torch-requires-grad", lambda: stats(5, np.zeros(C), __import__("torch").ones(C, requires_grad=True)),
+              TypeError)]
     return cases("stats", table)
 
 
@@ -715,7 +725,7 @@ SPECS = [
             ("0-d", lambda: np.float32(1.0), ValueError),
             ("channels-C+1", lambda: np.ones((4, C + 1, 5), DT), ValueError),
             ("float64-vs-float32", lambda: np.ones(SHAPE, np.float64), TypeError),
-            ("one-value-per-channel", lambda: np.ones((1, C), DT), ValueError)]),
+            ("one-value-per-channel", lambda: np.ones((1, C), DT), ValueError)] + foreign_arrays(lambda: rand(SHAPE))),
     }, watch=layer_state),
     Spec("nn.BatchNorm.backward", layer_call("dy"), bn_layer_backward_good, {
         "dy": matching_cases("dy"),
@@ -726,6 +736,14 @@ SPECS = [
         "noise_shape": cases("noise_shape", [("int", lambda: 5, TypeError),
                                              ("float-entry", lambda: (4, 1.5), TypeError),
                                              ("negative-entry", lambda: (None, -1), ValueError)]),
+    }),
+    Spec("distributed.SyncBatchNorm", pybn.distributed.SyncBatchNorm, lambda: dict(num_features=C, comm=None), {
+        "num_features": int_cases("num_features", 1),
+        "comm": cases("comm", [("object", lambda: object(), TypeError), ("str", lambda: "gloo", TypeError),
+                               ("int", lambda: 3, TypeError), ("ndarray", lambda: np.zeros(2), TypeError),
+                               ("torch-tensor", lambda: __import__("torch").zeros(2), TypeError),
+                               ("not-a-member", lambda: __import__("torch.distributed").distributed.GroupMember
+                                .NON_GROUP_MEMBER, ValueError)]),
     }),
     Spec("nn.BatchNorm.load_state_dict", load_state, state_good, {
         "state_dict": state_cases(),
@@ -778,11 +796,11 @@ RUN = {"passed": 0}
 def summary():
     """One line for the terminal summary (conftest.py)."""
     functions = {r.spec.name for r in MATRIX}
-    layers = {f for f in functions if f.startswith("nn.")}
+    layers = {f for f in functions if f.startswith(("nn.", "distributed."))}
     arguments = len({(r.spec.name, r.arg) for r in MATRIX})
     return (f"input matrix: {len(MATRIX)} cases over {len(functions)} functions ({len(functions) - len(layers)} "
-            f"in pybn, {len(layers)} pybn.nn constructors and methods) and {arguments} arguments "
-            f"({RUN['passed']} passed in this run)")
+            f"in pybn, {len(layers)} pybn.nn and pybn.distributed constructors and methods) and {arguments} "
+            f"arguments ({RUN['passed']} passed in this run)")
 
 
 @pytest.fixture
@@ -821,7 +839,7 @@ def _parameters(spec):
     fn = spec.fn
     if isinstance(fn, type):
         fn = fn.__init__
-    return [p for p in inspect.signature(fn).parameters if p not in ("self", "kw")]
+    return [p for p in inspect.signature(fn).parameters if p not in ("self", "kw", "kwargs")]
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if not s.name.endswith(("__call__", "backward"))
