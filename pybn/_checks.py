@@ -45,6 +45,8 @@ def as_array(value: Any, name: str) -> np.ndarray:
 def not_silently_converted(value: Any, name: str) -> None:
     """Refuses the arrays whose conversion would drop what they mean: a masked array's mask
     (NumPy's asarray keeps the data under it) and a torch tensor's autograd graph."""
+    if type(value) is np.ndarray:  # the common case, checked first
+        return
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{name}: numpy masked arrays are not supported (the mask would be ignored); "
                         f"pass {name}.filled(value) or np.ma.getdata({name}) to say which values to use")
@@ -54,9 +56,16 @@ def not_silently_converted(value: Any, name: str) -> None:
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
-    # two distinct arrays that each own their memory (base None) cannot overlap: the common
-    # case skips np.may_share_memory
-    return a is b or ((a.base is not None or b.base is not None) and np.may_share_memory(a, b))
+    """Whether a and b share memory, without np.may_share_memory in the common cases: two
+    distinct arrays that each own their memory (base None) cannot overlap, nor can an array
+    that owns its memory and a contiguous one larger than it (only a view of it could)."""
+    if a is b:
+        return True
+    if a.base is None and (b.base is None or (b.nbytes > a.nbytes and b.flags.c_contiguous)):
+        return False
+    if b.base is None and a.nbytes > b.nbytes and a.flags.c_contiguous:
+        return False
+    return np.may_share_memory(a, b)
 
 
 def written_apart(written: tuple[tuple[str, np.ndarray | None], ...],
