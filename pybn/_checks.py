@@ -2,7 +2,9 @@
 
 Each check raises TypeError (wrong kind or dtype) or ValueError (wrong shape, layout or
 value) with a message that starts with the argument's name, and never copies an array
-that the caller expects to be updated in place.
+that the caller expects to be updated in place. Arrays whose conversion would lose what
+they mean are refused, not converted: numpy masked arrays (pybn does not honour masks)
+and torch tensors that require grad (pybn is not recorded by autograd).
 """
 from __future__ import annotations
 

@@ -48,8 +48,12 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
     running_mean, running_var : ndarray of shape (C,), optional
         Updated in place, PyTorch's convention:
         ``r = (1 - momentum) * r + momentum * batch_stat``, the variance unbiased.
-        Must be writable, C-contiguous and of x's dtype (never silently copied).
+        Must be writable, C-contiguous and of x's dtype (never silently copied), and
+        share memory with no other argument.
     momentum, eps : float
+        ``eps >= 0``. With ``eps=0`` a channel whose values are all equal gets invstd 0,
+        so its y is bias (and its dx 0): what PyTorch's kernels (``torch.batch_norm``)
+        compute; ``torch.nn.functional.batch_norm`` refuses eps <= 0 in training.
     relu : bool
         Fuse ``max(y, 0)`` into the same pass.
     out : ndarray, optional

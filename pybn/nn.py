@@ -99,7 +99,8 @@ class BatchNorm(_Layer):
     axis : int, default 1
         The channel axis; negative counts from the end (-1 for NHWC / Keras).
     eps : float, default 1e-5
-        Added to the variance before the square root.
+        Added to the variance before the square root. 0 is allowed: a channel whose values
+        are all equal then normalizes to 0 (PyTorch's layer refuses eps <= 0 in training).
     momentum : float or None, default 0.1
         PyTorch's momentum (the weight of the new batch). ``None`` is the cumulative
         moving average: momentum ``1 / num_batches_tracked`` (after counting this batch).
