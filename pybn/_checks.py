@@ -200,7 +200,8 @@ def output(out: Any, like: np.ndarray, inputs: tuple[tuple[str, Any], ...] = ())
         raise TypeError(f"out: must be a numpy.ndarray, got {type(out).__name__}")
     not_silently_converted(out, "out")
     if out.dtype != dtype:
-        raise TypeError(f"out: dtype {out.dtype} does not match the result ({dtype}){_byte_order_hint(out.dtype, dtype)}")
+        raise TypeError(f"out: dtype {out.dtype} does not match the result ({dtype})"
+                        f"{_byte_order_hint(out.dtype, dtype)}")
     if out.shape != tuple(shape):
         raise ValueError(f"out: shape {out.shape} does not match the result {tuple(shape)}")
     if not out.flags.carray:

@@ -540,7 +540,8 @@ def state_cases():
             ("missing-weight", without("weight"), KeyError, ("weight",)),
             ("extra-key", entry("momentum", lambda: np.array(0.1)), KeyError, ("momentum",))]
     table = {
-        "num_batches_tracked": [("-1", lambda: np.array(-1), ValueError), ("2**63", lambda: np.uint64(2**63), ValueError),
+        "num_batches_tracked": [("-1", lambda: np.array(-1), ValueError),
+                                ("2**63", lambda: np.uint64(2**63), ValueError),
                                 ("1.5", lambda: np.array(1.5), TypeError), ("bool", lambda: np.array(True), TypeError),
                                 ("str", lambda: "3", TypeError), ("shape-(1,)", lambda: np.array([3]), ValueError),
                                 ("requires-grad", lambda: torch.tensor(3.0, requires_grad=True), TypeError)],
