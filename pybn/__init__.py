@@ -58,7 +58,7 @@ from .batchnorm import (BatchNormGrads, BatchNormTrainResult, batch_norm_backwar
 from .batchnorm_split import (BatchNormGradSums, BatchNormStats, batch_norm_apply,  # noqa: E402
                               batch_norm_backward_apply, batch_norm_backward_reduce, batch_norm_invstd,
                               batch_norm_merge_stats, batch_norm_stats)
-from .dropout import counters_used, dropout, dropout_apply, dropout_mask  # noqa: E402
+from .dropout import counters_used, dropout, dropout_apply, dropout_mask, dropout_scale  # noqa: E402
 from .fold import FoldedWeights, fold_bn_linear, fold_conv_bn  # noqa: E402
 
 __all__ = [
@@ -83,6 +83,7 @@ __all__ = [
     "dropout",
     "dropout_mask",
     "dropout_apply",
+    "dropout_scale",
     "counters_used",
     "fold_conv_bn",
     "fold_bn_linear",

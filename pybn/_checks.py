@@ -2,11 +2,14 @@
 
 Each check raises TypeError (wrong kind or dtype) or ValueError (wrong shape, layout or
 value) with a message that starts with the argument's name, and never copies an array
-that the caller expects to be updated in place.
+that the caller expects to be updated in place. Arrays whose conversion would lose what
+they mean are refused, not converted: numpy masked arrays (pybn does not honour masks)
+and torch tensors that require grad (pybn is not recorded by autograd).
 """
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Any
 
@@ -24,26 +27,63 @@ def float_array(value: Any, name: str) -> np.ndarray:
         return value  # the common case, checked first: small calls are dominated by checks
     arr = as_array(value, name)
     if arr.dtype not in FLOAT_DTYPES:
+        if arr.dtype.kind == "f" and arr.dtype.newbyteorder("=") in FLOAT_DTYPES:
+            return arr.astype(arr.dtype.newbyteorder("="))  # '>f4' is float32 in the other byte order
         raise TypeError(f"{name}: dtype {arr.dtype} is not supported (pybn takes float32 or float64)")
     return arr
 
 
 def as_array(value: Any, name: str) -> np.ndarray:
     """np.asarray(value), with NumPy's own conversion errors (a ragged list...) naming `name`."""
+    not_silently_converted(value, name)
     try:
         return np.asarray(value)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{name}: cannot be converted to an array ({e})") from None
+    except (RuntimeError, NotImplementedError) as e:  # torch's __array__ (a meta tensor has no data)
+        raise TypeError(f"{name}: cannot be converted to an array ({e})") from None
 
 
-def running_stats_disjoint(running_mean: np.ndarray, running_var: np.ndarray, x: np.ndarray) -> None:
-    """The running statistics (updated in place) share memory neither with x nor with each other.
-    Only views can; callers skip this when both arrays own their data and are distinct."""
-    if np.may_share_memory(running_mean, running_var):
-        raise ValueError("running_var: shares memory with running_mean (each is updated in place)")
-    for name, arr in (("running_mean", running_mean), ("running_var", running_var)):
-        if np.may_share_memory(arr, x):
-            raise ValueError(f"{name}: shares memory with x (it is updated in place while x is read)")
+def not_silently_converted(value: Any, name: str) -> None:
+    """Refuses the arrays whose conversion would drop what they mean: a masked array's mask
+    (NumPy's asarray keeps the data under it) and a torch tensor's autograd graph."""
+    if type(value) is np.ndarray:  # the common case, checked first
+        return
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"{name}: numpy masked arrays are not supported (the mask would be ignored); "
+                        f"pass {name}.filled(value) or np.ma.getdata({name}) to say which values to use")
+    if getattr(value, "requires_grad", False) is True:
+        raise TypeError(f"{name}: a torch tensor that requires grad; pass {name}.detach() "
+                        "(pybn's functions are not recorded by autograd)")
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether a and b share memory, without np.may_share_memory in the common cases: two
+    distinct arrays that each own their memory (base None) cannot overlap, nor can an array
+    that owns its memory and a contiguous one larger than it (only a view of it could)."""
+    if a is b:
+        return True
+    if a.base is None and (b.base is None or (b.nbytes > a.nbytes and b.flags.c_contiguous)):
+        return False
+    if b.base is None and a.nbytes > b.nbytes and a.flags.c_contiguous:
+        return False
+    return np.may_share_memory(a, b)
+
+
+def written_apart(written: tuple[tuple[str, np.ndarray | None], ...],
+                  read: tuple[tuple[str, np.ndarray | None], ...]) -> None:
+    """The arrays a kernel updates in place share memory neither with each other nor with
+    the arrays it reads (as checked and converted: what the kernel sees)."""
+    for i, (name, arr) in enumerate(written):
+        if arr is None:
+            continue
+        for other, o in written[:i]:
+            if o is not None and _overlap(arr, o):
+                raise ValueError(f"{name}: shares memory with {other} (each is updated in place)")
+        for other, o in read:
+            if isinstance(o, np.ndarray) and _overlap(arr, o):
+                raise ValueError(f"{name}: shares memory with {other} ({name} is updated in place while "
+                                 f"{other} is read)")
 
 
 def contiguous_float_array(value: Any, name: str) -> np.ndarray:
@@ -101,9 +141,10 @@ def in_place(value: Any, name: str, channels: int, dtype: np.dtype) -> np.ndarra
         return None
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{name}: must be a numpy.ndarray (it is updated in place), got {type(value).__name__}")
+    not_silently_converted(value, name)
     if value.dtype != dtype:
         raise TypeError(f"{name}: dtype {value.dtype} does not match x ({dtype}); it is updated in place, "
-                        "so pybn will not convert it")
+                        f"so pybn will not convert it{_byte_order_hint(value.dtype, dtype)}")
     if value.shape != (channels,):
         raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {value.shape}")
     if not value.flags.carray:
@@ -121,6 +162,10 @@ def _not_writable_carray(arr: np.ndarray, name: str, why: str = "") -> None:
     raise ValueError(f"{name}: {MISALIGNED}{why}")
 
 
+def _byte_order_hint(got: np.dtype, want: np.dtype) -> str:
+    return " (it is in non-native byte order)" if got.newbyteorder("=") == want else ""
+
+
 def integer(value: Any, name: str) -> int:
     """An int argument (NumPy integers too; bool and float are TypeErrors naming it)."""
     if isinstance(value, (bool, np.bool_)):
@@ -134,7 +179,7 @@ def integer(value: Any, name: str) -> int:
 def real_number(value: Any, name: str, *, minimum: float | None = None) -> float:
     if type(value) is float and math.isfinite(value) and (minimum is None or value >= minimum):
         return value
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: must be a real number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v):
@@ -144,28 +189,27 @@ def real_number(value: Any, name: str, *, minimum: float | None = None) -> float
     return v
 
 
-def output(out: Any, like: np.ndarray, inputs: tuple[Any, ...] = ()) -> np.ndarray:
+def output(out: Any, like: np.ndarray, inputs: tuple[tuple[str, Any], ...] = ()) -> np.ndarray:
     """The result array, of like's shape and dtype: `out` checked, or a new one. `out` may
-    be exactly one of `inputs` (in place), but must not overlap any of them partially."""
+    be exactly one of the (name, array) `inputs` (in place), but must not overlap any of
+    them partially."""
     shape, dtype = like.shape, like.dtype
     if out is None:
         return np.empty_like(like) if like.nbytes < ALIGNED_MIN_BYTES else empty_aligned(shape, dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: must be a numpy.ndarray, got {type(out).__name__}")
+    not_silently_converted(out, "out")
     if out.dtype != dtype:
-        raise TypeError(f"out: dtype {out.dtype} does not match the result ({dtype})")
+        raise TypeError(f"out: dtype {out.dtype} does not match the result ({dtype})"
+                        f"{_byte_order_hint(out.dtype, dtype)}")
     if out.shape != tuple(shape):
         raise ValueError(f"out: shape {out.shape} does not match the result {tuple(shape)}")
     if not out.flags.carray:
         _not_writable_carray(out, "out")
-    out_owns = out.base is None
-    for arr in inputs:
-        # two arrays that each own their memory cannot overlap (base None): the common case
-        # skips np.may_share_memory
-        if not isinstance(arr, np.ndarray) or arr is out or (out_owns and arr.base is None):
-            continue
-        if np.may_share_memory(out, arr) and not _same_buffer(out, arr):
-            raise ValueError("out: overlaps an input without being the same array (only exact in-place is allowed)")
+    for name, arr in inputs:
+        if isinstance(arr, np.ndarray) and arr is not out and _overlap(out, arr) and not _same_buffer(out, arr):
+            raise ValueError(f"out: overlaps {name} without being the same array (only exact in-place, "
+                             f"out={name}, is allowed)")
     return out
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import _C
 from ._checks import (channel_layout, contiguous_float_array, in_place, output, per_channel,
-                      real_number, running_stats_disjoint)
+                      real_number, written_apart)
 
 __all__ = ["BatchNormTrainResult", "BatchNormGrads", "batch_norm_train", "batch_norm_infer",
            "batch_norm_backward"]
@@ -48,8 +48,12 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
     running_mean, running_var : ndarray of shape (C,), optional
         Updated in place, PyTorch's convention:
         ``r = (1 - momentum) * r + momentum * batch_stat``, the variance unbiased.
-        Must be writable, C-contiguous and of x's dtype (never silently copied).
+        Must be writable, C-contiguous and of x's dtype (never silently copied), and
+        share memory with no other argument.
     momentum, eps : float
+        ``eps >= 0``. With ``eps=0`` a channel whose values are all equal gets invstd 0,
+        so its y is bias (and its dx 0): what PyTorch's kernels (``torch.batch_norm``)
+        compute; ``torch.nn.functional.batch_norm`` refuses eps <= 0 in training.
     relu : bool
         Fuse ``max(y, 0)`` into the same pass.
     out : ndarray, optional
@@ -73,11 +77,11 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
     b = per_channel(bias, "bias", channels, x.dtype)
     rm = in_place(running_mean, "running_mean", channels, x.dtype)
     rv = in_place(running_var, "running_var", channels, x.dtype)
-    if rm is not None and (rm is rv or rm.base is not None or rv.base is not None):
-        running_stats_disjoint(rm, rv, x)  # arrays that own their data and are distinct cannot overlap
+    if rm is not None:  # the kernel updates them, then reads weight and bias to normalize
+        written_apart((("running_mean", rm), ("running_var", rv)), (("x", x), ("weight", w), ("bias", b)))
     momentum = real_number(momentum, "momentum")
     eps = real_number(eps, "eps", minimum=0.0)
-    y = output(out, x, (x_in, w, b, rm, rv))
+    y = output(out, x, (("x", x_in), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv)))
     mean = np.empty(channels, x.dtype)
     invstd = np.empty(channels, x.dtype)
     _C.bn_train(x, y, w, b, rm, rv, mean, invstd, outer, channels, inner, momentum, eps, bool(relu))
@@ -103,7 +107,7 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     w = per_channel(weight, "weight", channels, x.dtype)
     b = per_channel(bias, "bias", channels, x.dtype)
     eps = real_number(eps, "eps", minimum=0.0)
-    y = output(out, x, (x_in, rm, rv, w, b))
+    y = output(out, x, (("x", x_in), ("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b)))
     _C.bn_infer(x, y, rm, rv, w, b, outer, channels, inner, eps, bool(relu))
     return y
 
@@ -136,7 +140,8 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
     """
     b = backward_inputs(dy, x, y, mean, invstd, axis)
     w = per_channel(weight, "weight", b.channels, b.dy.dtype)
-    dx = output(out, b.dy, (dy, x, y, b.mean, b.invstd, w))
+    dx = output(out, b.dy, (("dy", dy), ("x", x), ("y", y), ("mean", b.mean), ("invstd", b.invstd),
+                            ("weight", w)))
     dweight = np.empty(b.channels, b.dy.dtype)
     dbias = np.empty(b.channels, b.dy.dtype)
     _C.bn_backward(b.dy, b.x, b.y, b.mean, b.invstd, w, dx, dweight, dbias, b.outer, b.channels, b.inner,

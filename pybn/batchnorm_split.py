@@ -76,8 +76,8 @@ def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
     """
     mean = float_array(mean, "mean").astype(np.float64, copy=False)
     m2 = float_array(m2, "m2").astype(np.float64, copy=False)
-    if mean.ndim != 2:
-        raise ValueError(f"mean: expected shape (W, C) (one row per worker), got {mean.shape}")
+    if mean.ndim != 2 or mean.shape[0] == 0:
+        raise ValueError(f"mean: expected shape (W, C) with W >= 1 (one row per worker), got {mean.shape}")
     if m2.shape != mean.shape:
         raise ValueError(f"m2: shape {m2.shape} does not match mean {mean.shape}")
     counts = as_array(count, "count")
@@ -88,27 +88,45 @@ def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
     if np.any(counts < 0) or not np.all(np.isfinite(counts)):
         raise ValueError("count: must be finite and >= 0")
     c = np.broadcast_to(counts.astype(np.float64).reshape(mean.shape[0], -1), mean.shape)
-    n = np.zeros(mean.shape[1])
-    mu = np.zeros(mean.shape[1])
-    s = np.zeros(mean.shape[1])
-    for w in range(mean.shape[0]):  # Chan et al.: delta-weighted merge, one worker at a time
-        nb = c[w]
-        total = n + nb
-        has = nb > 0
-        frac = np.divide(nb, total, out=np.zeros_like(nb), where=has)
-        delta = np.where(has, mean[w] - mu, 0.0)
-        mu = mu + delta * frac
-        s = s + np.where(has, m2[w] + delta * delta * n * frac, 0.0)
-        n = total
-    if counts.ndim == 1:
-        total_count = int(counts.sum()) if counts.dtype.kind in "iu" else float(counts.sum())
+    if np.any((m2 < 0) & (c > 0)):
+        raise ValueError("m2: must be >= 0 (a sum of squared deviations), got a negative entry")
+    mu, s = _chan_merge(c, mean, m2)
+    if counts.ndim == 1:  # integer counts summed as Python ints: int64 would wrap past 2**63
+        total_count = sum(int(v) for v in counts) if counts.dtype.kind in "iu" else float(counts.sum())
     else:
         total_count = counts.sum(axis=0)
     return BatchNormStats(total_count, mu, s)
 
 
+def _chan_merge(c: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Chan et al.'s delta-weighted merge of (count, mean, m2) rows, one worker at a time.
+    An infinite mean propagates as IEEE's sum would (the delta form gives inf - inf = NaN
+    there), and the m2 of a non-finite mean is NaN, as sum((x - mean)**2) is."""
+    n = np.zeros(mean.shape[1])
+    mu = np.zeros(mean.shape[1])
+    s = np.zeros(mean.shape[1])
+    with np.errstate(invalid="ignore", over="ignore"):
+        for w in range(mean.shape[0]):
+            nb = c[w]
+            total = n + nb
+            has = nb > 0
+            frac = np.divide(nb, total, out=np.zeros_like(nb), where=has)
+            delta = np.where(has, mean[w] - mu, 0.0)
+            merged = mu + delta * frac
+            weighted = np.divide(n * mu + nb * mean[w], total, out=np.zeros_like(nb), where=has)
+            mu = np.where(has & ~np.isfinite(merged), weighted, merged)
+            cross = np.where(n > 0, delta * delta * n * frac, 0.0)
+            s = s + np.where(has, m2[w] + cross, 0.0)
+            n = total
+    return mu, np.where(np.isfinite(mu), s, np.nan)
+
+
 def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
-    """``1/sqrt(m2/count + eps)`` per channel (the biased variance, as the forward uses), float64."""
+    """``1/sqrt(m2/count + eps)`` per channel (the biased variance, as the forward uses), float64.
+
+    With ``eps=0`` a channel of variance 0 (all its values equal) gets 0, as in
+    :func:`pybn.batch_norm_train` and PyTorch's kernels: its normalized values are 0.
+    """
     eps = real_number(eps, "eps", minimum=0.0)
     try:
         count, _, m2 = stats
@@ -124,7 +142,15 @@ def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
     count = count.astype(np.float64)
     if np.any(count <= 0):
         raise ValueError("stats: count must be > 0 to normalize (every worker was empty)")
-    return 1.0 / np.sqrt(m2 / count + eps)
+    if not np.all(np.isfinite(count)):
+        raise ValueError("stats: count must be finite")
+    if np.any(m2 < 0):
+        raise ValueError("stats: m2 must be >= 0 (a sum of squared deviations), got a negative entry")
+    var_eps = m2 / count + eps
+    with np.errstate(divide="ignore"):
+        invstd = 1.0 / np.sqrt(var_eps)
+    invstd[var_eps == 0.0] = 0.0  # eps = 0 and a constant channel: 0/0 normalizes to 0
+    return invstd
 
 
 def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: Any = None, *, axis: int = 1,
@@ -141,7 +167,7 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
         raise TypeError(f"{'mean' if m is None else 'invstd'}: is required")
     w = per_channel(weight, "weight", channels, x.dtype)
     b = per_channel(bias, "bias", channels, x.dtype)
-    y = output(out, x, (x_in, m, s, w, b))
+    y = output(out, x, (("x", x_in), ("mean", m), ("invstd", s), ("weight", w), ("bias", b)))
     _C.bn_infer(x, y, m, None, w, b, outer, channels, inner, 0.0, bool(relu), s)
     return y
 
@@ -172,6 +198,7 @@ def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: A
     if count <= 0:
         raise ValueError(f"count: must be > 0, got {count}")
     w = per_channel(weight, "weight", b.channels, b.dy.dtype)
-    dx = output(out, b.dy, (dy, x, y, b.mean, b.invstd, sd, sx, w))
+    dx = output(out, b.dy, (("dy", dy), ("x", x), ("y", y), ("mean", b.mean), ("invstd", b.invstd),
+                            ("sum_dy", sd), ("sum_dy_xhat", sx), ("weight", w)))
     _C.bn_backward_phase(True, b.dy, b.x, b.y, b.mean, b.invstd, w, sd, sx, count, dx, b.outer, b.channels, b.inner)
     return dx

@@ -16,11 +16,19 @@ workers' slices (in rank order), for unequal and empty slices alike:
   (:func:`pybn.batch_norm_merge_stats`, exact for any counts, no ``E[x^2] - E[x]^2``
   cancellation), normalizes its slice and updates its running statistics with the merged
   ones, so the running statistics stay identical on every worker;
-- backward: one all-reduce (sum) of ``[sum(dy), sum(dy * xhat)]`` (2C float64) gives the
-  whole batch's sums, hence dx, and ``grad_bias`` / ``grad_weight`` of the whole batch,
-  identical on every worker.
+- backward: one all-reduce (sum) of ``[sum(dy), sum(dy * xhat), failed]`` (2C+1 float64)
+  gives the whole batch's sums, hence dx, and ``grad_bias`` / ``grad_weight`` of the whole
+  batch, identical on every worker.
 
 Evaluation mode uses the running statistics and communicates nothing.
+
+Misconfiguration fails on every worker, never in the transport: the first training forward
+of a layer on a communicator all-gathers a fixed-size description of the layer
+(num_features, dtype, axis, eps, momentum, affine, track_running_stats), so a layer built
+differently on one worker is a ValueError naming the setting on all of them, before the
+first exchange whose size depends on num_features. A worker whose input (x, or dy) is
+rejected still takes part in the exchange, marked as failed, so every worker raises at once
+instead of waiting for the engine's timeout.
 """
 from __future__ import annotations
 
@@ -31,9 +39,14 @@ import numpy as np
 
 from .batchnorm_split import (batch_norm_apply, batch_norm_backward_apply, batch_norm_backward_reduce,
                               batch_norm_invstd, batch_norm_merge_stats, batch_norm_stats)
+from ._checks import in_place, written_apart
 from .nn import BatchNorm, _check_dy
 
 __all__ = ["SyncBatchNorm"]
+
+# the layer's settings every worker must share, in the order of the all-gathered description
+_CONFIG = ("num_features", "dtype", "axis", "eps", "momentum", "affine", "track_running_stats")
+_CONFIG_TAG = 20240601.0  # first entry of the description: a row from something else is not one
 
 _INIT_HINT = ('call torch.distributed.init_process_group("gloo", init_method=..., rank=..., '
               'world_size=...) in every worker before the first training forward, or pass an '
@@ -167,7 +180,8 @@ class SyncBatchNorm(BatchNorm):
       merged exactly with Chan's formula, as PyTorch's ``SyncBatchNorm`` all-gathers
       (mean, invstd, count) (a plain sum of per-worker moments needs a shared shift to be
       exact, and loses precision at large offsets without one);
-    - backward of a training forward: one all-reduce (sum) of ``2C`` numbers;
+    - backward of a training forward: one all-reduce (sum) of ``2C + 1`` numbers (the
+      sums, and a count of workers whose dy was rejected);
     - evaluation mode: nothing. With ``track_running_stats=False`` an evaluation-mode
       forward normalizes with the worker's own batch, as PyTorch's ``SyncBatchNorm`` does.
 
@@ -178,9 +192,16 @@ class SyncBatchNorm(BatchNorm):
     gradients of other layers (e.g. Linear) must still be summed over the workers.
 
     If the whole batch has fewer than 2 values per channel the training forward raises
-    ``ValueError`` on every worker. Inputs are checked before the collective: a worker
-    that raises there (wrong dtype or channel count) leaves the others waiting in the
-    collective until the engine's timeout (``init_process_group(timeout=...)``).
+    ``ValueError`` on every worker. So does a layer configured differently on one worker
+    (checked once per layer and communicator, at the first training forward: one more
+    all-gather of 8 numbers), and an input x or dy that one worker rejects (wrong dtype
+    or channel count): that worker raises its own error, the others a ValueError naming
+    it; no worker changes its state.
+
+    Only a worker that never reaches the collective (dead, hung, in evaluation mode while
+    the others train) leaves the others waiting: with torch.distributed until the process
+    group's timeout (``init_process_group(timeout=...)``, then a RuntimeError); MPI has no
+    timeout, so they wait until the job is killed (e.g. ``mpirun --timeout``).
 
     Examples
     --------
@@ -201,6 +222,16 @@ class SyncBatchNorm(BatchNorm):
         self._comm = None if comm is None else _communicator(comm)
         # (total count per channel, comm) when the last forward was synchronized, else None
         self._sync: tuple[int, Any] | None = None
+        # the communicator whose workers were found to share this layer's configuration
+        self._config_checked: Any = None
+
+    def __getstate__(self) -> dict:
+        # a copy (pickled, deep-copied) checks the workers' configuration again: it may be
+        # loaded into other processes, next to other layers
+        state = self.__dict__.copy()
+        state["_config_checked"] = None
+        state["_sync"] = None
+        return state
 
     @property
     def comm(self) -> Any:
@@ -232,21 +263,63 @@ class SyncBatchNorm(BatchNorm):
             self._comm = _communicator(None)
         return self._comm
 
+    # ---- the configuration every worker shares
+
+    def _config_row(self) -> np.ndarray:
+        momentum = np.nan if self.momentum is None else self.momentum
+        return np.array([_CONFIG_TAG, self.num_features, self.dtype.itemsize, self.axis, self.eps, momentum,
+                         self.affine, self.track_running_stats], np.float64)
+
+    def _check_config(self, comm: Any) -> None:
+        """Once per communicator: every worker's layer has the same settings (a fixed-size
+        all-gather, safe whatever they are), so the exchanges that follow have one size."""
+        if self._config_checked is comm:
+            return
+        rows = comm.allgather(self._config_row())  # (W, 1 + len(_CONFIG))
+        if not np.all(rows[:, 0] == _CONFIG_TAG):
+            raise RuntimeError("comm: a worker sent something else than a SyncBatchNorm configuration: the "
+                               "workers' collectives are out of step")
+        for j, name in enumerate(_CONFIG, start=1):
+            column = rows[:, j]
+            if not np.all((column == column[0]) | (np.isnan(column) & np.isnan(column[0]))):
+                raise ValueError(f"{name}: differs between the workers ({_describe(name, column)}); every "
+                                 "worker's SyncBatchNorm must be configured alike")
+        self._config_checked = comm
+
     # ---- forward / backward
 
-    def _forward_batch_stats(self, x: np.ndarray) -> np.ndarray:
-        if not self.training:  # track_running_stats=False in eval mode: local, as torch
-            y = super()._forward_batch_stats(x)
-            self._sync = None
-            return y
+    def forward(self, x: Any) -> np.ndarray:
+        if not self.training:  # evaluation mode: local, no communication
+            return super().forward(x)
         comm = self._communicator()
+        self._check_config(comm)
+        try:
+            x = self._check_input(x)
+        except Exception:
+            _join_failed(comm, 2 * self.num_features + 1)  # the others raise too, instead of waiting
+            raise
+        return self._forward_synchronized(x, comm)
+
+    def _forward_batch_stats(self, x: np.ndarray) -> np.ndarray:
+        # reached in evaluation mode without running statistics only: local, as torch
+        y = super()._forward_batch_stats(x)
+        self._sync = None
+        return y
+
+    def _forward_synchronized(self, x: np.ndarray, comm: Any) -> np.ndarray:
         c = self.num_features
-        local = batch_norm_stats(x, axis=self.axis)
+        try:  # everything that can fail on this worker alone, before the collective
+            momentum = self._check_running_stats() if self.track_running_stats else None
+            local = batch_norm_stats(x, axis=self.axis)
+        except Exception:
+            _join_failed(comm, 2 * c + 1)
+            raise
         packed = np.empty(2 * c + 1)
         packed[0] = local.count
         packed[1:c + 1] = local.mean
         packed[c + 1:] = local.m2
         rows = comm.allgather(packed)  # (W, 2C+1): the one collective of the forward
+        _raise_if_failed(rows[:, 0] < 0, "x")
         stats = batch_norm_merge_stats(rows[:, 0], rows[:, 1:c + 1], rows[:, c + 1:])
         n = int(round(float(stats.count)))  # exact: counts are integers below 2**53
         if n < 2:  # the same total on every worker: all raise alike
@@ -256,16 +329,24 @@ class SyncBatchNorm(BatchNorm):
         invstd = batch_norm_invstd(stats, self.eps)
         y = batch_norm_apply(x, stats.mean, invstd, self.weight, self.bias, axis=self.axis)
         if self.track_running_stats:
-            self._update_running_stats(stats.mean, stats.m2 / (n - 1.0))
+            self._update_running_stats(stats.mean, stats.m2 / (n - 1.0), momentum)
             self.num_batches_tracked += 1
         # saved in x's dtype, as the single-process forward saves them
         self._saved = (x, stats.mean.astype(self.dtype), invstd.astype(self.dtype), True)
         self._sync = (n, comm)
         return y
 
-    def _update_running_stats(self, mean: np.ndarray, unbiased_var: np.ndarray) -> None:
+    def _check_running_stats(self) -> float:
+        """The running statistics can be updated as batch_norm_train would (it checks them
+        for the single-process layer); returns the momentum of this batch."""
+        c = self.num_features
+        rm = in_place(self.running_mean, "running_mean", c, self.dtype)
+        rv = in_place(self.running_var, "running_var", c, self.dtype)
+        written_apart((("running_mean", rm), ("running_var", rv)), (("weight", self.weight), ("bias", self.bias)))
+        return self._momentum_for_next_batch()
+
+    def _update_running_stats(self, mean: np.ndarray, unbiased_var: np.ndarray, m: float) -> None:
         # in float64, rounded once, in place: the formula of batch_norm_train's kernel
-        m = self._momentum_for_next_batch()
         self.running_mean[...] = (1.0 - m) * self.running_mean.astype(np.float64) + m * mean
         self.running_var[...] = (1.0 - m) * self.running_var.astype(np.float64) + m * unbiased_var
 
@@ -277,7 +358,7 @@ class SyncBatchNorm(BatchNorm):
     def backward(self, dy: Any) -> np.ndarray:
         """Gradient of the most recent forward; sets `grad_weight` and `grad_bias`.
 
-        After a training-mode forward this is a collective (one all-reduce of 2C numbers):
+        After a training-mode forward this is a collective (one all-reduce of 2C+1 numbers):
         dx is this worker's slice of the whole batch's input gradient, and `grad_weight`
         / `grad_bias` are the whole batch's (identical on every worker). Otherwise it is
         :meth:`pybn.nn.BatchNorm.backward`, without communication.
@@ -296,14 +377,52 @@ class SyncBatchNorm(BatchNorm):
             return super().backward(dy)
         x, mean, invstd, _ = self._saved_or_raise(self._saved)
         count, comm = self._sync
-        dy = _check_dy(dy, x.shape, x.dtype)
         c = self.num_features
-        local = batch_norm_backward_reduce(dy, x, mean, invstd, axis=self.axis)
-        total = comm.allreduce_sum(np.concatenate([local.sum_dy, local.sum_dy_xhat]))  # the one collective
-        sum_dy, sum_dy_xhat = total[:c], total[c:]
+        sums = np.zeros(2 * c + 1)  # [sum(dy), sum(dy * xhat), workers that failed]
+        try:
+            dy = _check_dy(dy, x.shape, x.dtype)
+            local = batch_norm_backward_reduce(dy, x, mean, invstd, axis=self.axis)
+        except Exception:
+            sums[2 * c] = 1.0
+            comm.allreduce_sum(sums)  # the others raise too, instead of waiting
+            raise
+        sums[:c], sums[c:2 * c] = local.sum_dy, local.sum_dy_xhat
+        total = comm.allreduce_sum(sums)  # the one collective
+        if total[2 * c] > 0:
+            raise ValueError(f"dy: rejected on {int(total[2 * c])} other worker(s) (see the error there); "
+                             "no gradient was computed")
+        sum_dy, sum_dy_xhat = total[:c], total[c:2 * c]
         dx = batch_norm_backward_apply(dy, x, mean, invstd, sum_dy, sum_dy_xhat, count, self.weight,
                                        axis=self.axis)
         if self.affine:
             self.grad_weight = sum_dy_xhat.astype(self.dtype)
             self.grad_bias = sum_dy.astype(self.dtype)
         return dx
+
+
+def _describe(name: str, column: np.ndarray) -> str:
+    """A setting's value per worker, for the message of a mismatch."""
+    def show(v: float) -> str:
+        if name == "dtype":
+            return f"float{int(v) * 8}"
+        if name == "momentum" and np.isnan(v):
+            return "None"
+        if name in ("affine", "track_running_stats"):
+            return str(bool(v))
+        return str(int(v)) if name in ("num_features", "axis") else repr(float(v))
+    return ", ".join(f"{show(v)} on worker {r}" for r, v in enumerate(column))
+
+
+def _join_failed(comm: Any, size: int) -> None:
+    """Takes part in the forward's all-gather as a worker whose input was rejected (count -1),
+    so that every worker raises instead of waiting for it."""
+    row = np.zeros(size)
+    row[0] = -1.0
+    comm.allgather(row)
+
+
+def _raise_if_failed(failed: np.ndarray, name: str) -> None:
+    workers = np.flatnonzero(failed)
+    if workers.size:
+        raise ValueError(f"{name}: rejected on worker(s) {', '.join(map(str, workers))} (see the error there); "
+                         "no worker changed its state")

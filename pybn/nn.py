@@ -13,17 +13,19 @@ Errors follow PyTorch where it has one: ``backward`` before any ``forward`` is a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from ._checks import FLOAT_DTYPES, channel_layout, float_array, integer, real_number
+from ._checks import FLOAT_DTYPES, as_array, channel_layout, float_array, integer, real_number
 from .batchnorm import batch_norm_backward, batch_norm_infer, batch_norm_train
 from .dropout import counters_used, dropout
 
 __all__ = ["BatchNorm", "Dropout"]
 
 _U64 = 1 << 64
+_I64 = 1 << 63  # num_batches_tracked is an int64 in PyTorch's state_dict
 
 
 class _Layer:
@@ -97,7 +99,8 @@ class BatchNorm(_Layer):
     axis : int, default 1
         The channel axis; negative counts from the end (-1 for NHWC / Keras).
     eps : float, default 1e-5
-        Added to the variance before the square root.
+        Added to the variance before the square root. 0 is allowed: a channel whose values
+        are all equal then normalizes to 0 (PyTorch's layer refuses eps <= 0 in training).
     momentum : float or None, default 0.1
         PyTorch's momentum (the weight of the new batch). ``None`` is the cumulative
         moving average: momentum ``1 / num_batches_tracked`` (after counting this batch).
@@ -154,6 +157,8 @@ class BatchNorm(_Layer):
         self.training = True
 
         c, dt = self.num_features, self.dtype
+        if c * dt.itemsize >= _I64:
+            raise ValueError(f"num_features: {c} channels of {dt} do not fit in memory")
         self.weight = np.ones(c, dt) if self.affine else None
         self.bias = np.zeros(c, dt) if self.affine else None
         self.grad_weight: np.ndarray | None = None
@@ -227,7 +232,10 @@ class BatchNorm(_Layer):
     def _momentum_for_next_batch(self) -> float:
         if self.momentum is not None:
             return self.momentum
-        return 1.0 / (self.num_batches_tracked + 1)  # cumulative moving average, as PyTorch
+        count = integer(self.num_batches_tracked, "num_batches_tracked")
+        if count < 0:
+            raise ValueError(f"num_batches_tracked: must be >= 0 (batches counted so far), got {count}")
+        return 1.0 / (count + 1)  # cumulative moving average, as PyTorch
 
     def _forward_running_stats(self, x: np.ndarray) -> np.ndarray:
         y = batch_norm_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
@@ -313,10 +321,15 @@ class BatchNorm(_Layer):
         KeyError
             A key is missing or unexpected (the message names it).
         ValueError
-            A value has the wrong shape (the message names the key).
+            A value has the wrong shape, a finite value overflows the layer's dtype,
+            ``running_var`` has a negative entry or ``num_batches_tracked`` is outside
+            [0, 2**63) (the message names the key).
         TypeError
-            A value is not numeric.
+            `state_dict` is not a mapping, or a value is not numeric (a torch tensor that
+            requires grad, a masked array: pass ``.detach()`` / plain arrays).
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict: must be a mapping of names to arrays, got {type(state_dict).__name__}")
         expected = self._state_keys()
         for key in expected:
             if key not in state_dict:
@@ -324,12 +337,13 @@ class BatchNorm(_Layer):
         for key in state_dict:
             if key not in expected:
                 raise KeyError(f"{key}: unexpected key in the state_dict (expected keys: {', '.join(expected)})")
-        arrays = {key: _state_array(state_dict[key], key, (self.num_features,)) for key in self._array_keys()}
+        arrays = {key: _state_array(state_dict[key], key, (self.num_features,), self.dtype)
+                  for key in self._array_keys()}
         if self.track_running_stats:
-            count = _state_array(state_dict["num_batches_tracked"], "num_batches_tracked", ())
-            self.num_batches_tracked = integer(count.item(), "num_batches_tracked")
-        for key, value in arrays.items():
-            np.copyto(getattr(self, key), value, casting="unsafe")  # in place: references stay valid
+            count = _batch_count(state_dict["num_batches_tracked"])
+            self.num_batches_tracked = count
+        for key, value in arrays.items():  # fresh copies: a value viewing another key's array is read first
+            getattr(self, key)[...] = value  # in place: references stay valid
 
     # ---- construction from other frameworks
 
@@ -354,6 +368,10 @@ class BatchNorm(_Layer):
         if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"module: expected a torch BatchNorm1d/2d/3d, got {type(module).__name__}")
         tensors = [t for t in (module.weight, module.running_mean) if t is not None]
+        devices = {t.device.type for t in module.state_dict().values()}
+        if devices - {"cpu"}:
+            raise TypeError(f"module: its tensors are on {', '.join(sorted(devices - {'cpu'}))}; pybn reads CPU "
+                            "tensors (module.cpu())")
         dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"module: dtype {dtype} is not supported (pybn takes float32 or float64)")
@@ -407,6 +425,7 @@ class BatchNorm(_Layer):
         momentum = real_number(momentum, "momentum")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum: Keras' momentum must be in [0, 1], got {momentum}")
+        epsilon = real_number(epsilon, "epsilon", minimum=0.0)
         mean = float_array(moving_mean, "moving_mean")
         if mean.ndim != 1 or mean.size < 1:
             raise ValueError(f"moving_mean: expected shape (C,), got {mean.shape}")
@@ -416,7 +435,7 @@ class BatchNorm(_Layer):
         if layer.affine:  # an absent gamma / beta keeps the identity the constructor set
             values.update(weight=layer.weight if gamma is None else gamma,
                           bias=layer.bias if beta is None else beta)
-        values = {k: _state_array(v, _KERAS_NAMES[k], (mean.size,)) for k, v in values.items()}
+        values = {k: _state_array(v, _KERAS_NAMES[k], (mean.size,), layer.dtype) for k, v in values.items()}
         layer.load_state_dict({**values, "num_batches_tracked": 0})
         return layer
 
@@ -435,14 +454,32 @@ def _float_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
-def _state_array(value: Any, key: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A state value as an ndarray of `shape` (torch CPU tensors convert via __array__)."""
-    arr = np.asarray(value)
+def _state_array(value: Any, key: str, shape: tuple[int, ...], dtype: np.dtype | None = None) -> np.ndarray:
+    """A state value as an ndarray of `shape` (torch CPU tensors convert via __array__);
+    with `dtype`, a fresh array of that dtype, refused when a finite value overflows it
+    and, for a variance, when an entry is negative."""
+    arr = as_array(value, key)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{key}: dtype {arr.dtype} is not numeric")
     if arr.shape != shape:
         raise ValueError(f"{key}: expected shape {shape}, got {arr.shape}")
-    return arr
+    if dtype is None:
+        return arr
+    with np.errstate(over="ignore"):
+        cast = arr.astype(dtype)
+    if np.any(np.isinf(cast) & np.isfinite(arr)):
+        raise ValueError(f"{key}: a value overflows {dtype} (largest finite: {np.finfo(dtype).max:.4g})")
+    if key in ("running_var", "moving_variance") and np.any(cast < 0):
+        raise ValueError(f"{key}: a variance must be >= 0, got a negative entry")
+    return cast
+
+
+def _batch_count(value: Any) -> int:
+    """num_batches_tracked of a state: an integer in [0, 2**63) (PyTorch keeps an int64)."""
+    count = integer(_state_array(value, "num_batches_tracked", ()).item(), "num_batches_tracked")
+    if not 0 <= count < _I64:
+        raise ValueError(f"num_batches_tracked: must be in [0, 2**63) (batches counted so far), got {count}")
+    return count
 
 
 # --------------------------------------------------------------------------- Dropout
@@ -451,7 +488,8 @@ class Dropout(_Layer):
     """Inverted dropout with a reproducible counter-based mask (PyTorch's ``nn.Dropout``).
 
     In training mode each element is dropped with probability `p` and the kept ones are
-    scaled by ``1/(1-p)``; in evaluation mode the layer is the identity. Call i draws its
+    scaled by ``pybn.dropout_scale(p)`` (``1/(1-p)`` for p a multiple of 2**-16, so that
+    ``E[y] = x`` for every p); in evaluation mode the layer is the identity. Call i draws its
     mask with ``pybn.dropout(x, p, seed=seed, offset=offset)`` and then advances
     ``offset`` by ``pybn.counters_used(n)`` (n mask elements), so no two calls share
     random counters and a run is reproduced exactly from its seed.
@@ -577,7 +615,10 @@ def _noise_shape(noise_shape: Any) -> tuple[int | None, ...] | None:
         entries = tuple(noise_shape)
     except TypeError:
         raise TypeError(f"noise_shape: must be a sequence of ints (or None entries), got {noise_shape!r}") from None
-    return tuple(None if d is None else integer(d, "noise_shape") for d in entries)
+    ns = tuple(None if d is None else integer(d, "noise_shape") for d in entries)
+    if any(d is not None and d < 0 for d in ns):
+        raise ValueError(f"noise_shape: negative extent in {ns}")
+    return ns
 
 
 def _u64(value: Any, name: str) -> int:

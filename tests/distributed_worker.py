@@ -157,6 +157,74 @@ def error_cases(make_layer, world: int, rank: int) -> dict:
     return out
 
 
+# misconfigurations between the workers: what differs on worker 1 (the others use BASE)
+MISMATCHES = {
+    "num_features": dict(num_features=6),
+    "dtype": dict(dtype="float64"),
+    "axis": dict(axis=-1),
+    "eps": dict(eps=1e-3),
+    "momentum": dict(momentum=None),
+    "affine": dict(affine=False),
+    "track_running_stats": dict(track_running_stats=False),
+    "x-channels": {},    # the layers agree; worker 1's x has one channel too few
+    "x-dtype": {},       # ... or is float64 for a float32 layer
+    "dy-shape": {},      # the forward works; worker 1's dy has the wrong shape
+}
+BASE = dict(num_features=4, dtype="float32", axis=1, eps=1e-5, momentum=0.1)
+
+
+def mismatch_cases(comm, rank: int) -> dict:
+    """Each misconfiguration once: every worker records its error; then a well-configured
+    layer trains one step, showing the workers' collectives are still in step."""
+    from pybn.distributed import SyncBatchNorm
+
+    out = {}
+    for kind, differs in MISMATCHES.items():
+        kw = {**BASE, **(differs if rank == 1 else {})}
+        c = kw.pop("num_features")
+        layer = SyncBatchNorm(c, comm=comm, **kw)
+        shape = (5, c, 3) if layer.axis == 1 else (5, 3, c)
+        x = np.random.default_rng(rank).standard_normal(shape).astype(layer.dtype)
+        if rank == 1 and kind == "x-channels":
+            x = x[:, :c - 1]
+        if rank == 1 and kind == "x-dtype":
+            x = x.astype(np.float64)
+        got: dict = {"error": None}
+        try:
+            layer(x)
+            if kind == "dy-shape":
+                got["forward-done"] = True
+                layer.backward(np.ones_like(x) if rank == 0 else np.ones((2, 2), x.dtype))
+        except Exception as e:  # noqa: BLE001 - recorded for the parent to check
+            got["error"] = f"{type(e).__name__}: {e}"
+        got["num_batches_tracked"] = layer.num_batches_tracked
+        got["running_mean"] = None if layer.running_mean is None else layer.running_mean.tolist()
+        good = SyncBatchNorm(3, comm=comm)
+        good(np.arange(12, dtype=np.float32).reshape(4, 3) * (rank + 1))
+        got["after"] = good.running_mean.tolist()
+        out[kind] = got
+    return out
+
+
+def run_mismatches(comm, rank: int, out_dir: str) -> None:
+    results = {"rank": rank, "cases": mismatch_cases(comm, rank)}
+    path = os.path.join(out_dir, f"mismatch{rank}.pkl")
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(results, f)
+    os.replace(path + ".tmp", path)
+
+
+def pickled_collectives(layer, rank: int, counter) -> list:
+    """(all-gathers, all-reduces) of the first training forward of a pickled copy of a
+    layer that has trained: the copy checks the configuration again."""
+    x = np.arange(12, dtype=np.float32).reshape(4, 3) * (rank + 1)
+    layer(x)
+    copy = pickle.loads(pickle.dumps(layer))
+    before = counter.snapshot()
+    copy(x)
+    return np.subtract(counter.snapshot(), before).tolist()
+
+
 def run(comm_kind: str, comm, world: int, rank: int, out_dir: str, comm_null=None) -> None:
     from pybn.distributed import SyncBatchNorm
 
@@ -170,6 +238,8 @@ def run(comm_kind: str, comm, world: int, rank: int, out_dir: str, comm_null=Non
         layer = SyncBatchNorm(cfg["num_features"], comm=layer_comm, **layer_kwargs(cfg))
         results["configs"][name] = train(layer, name, world, rank, counter)
     results["errors"] = error_cases(lambda c: SyncBatchNorm(c, comm=comm), world, rank)
+    if comm_kind == "torch":  # (an mpi4py communicator cannot be pickled)
+        results["pickled"] = pickled_collectives(SyncBatchNorm(3, comm=comm), rank, counter)
     if comm_null is not None:
         try:
             SyncBatchNorm(3, comm=comm_null)
@@ -191,6 +261,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="torch: process group timeout (s)")
     parser.add_argument("--die", action="store_true", help="exit at once after joining (a dead worker)")
     parser.add_argument("--stall", action="store_true", help="sleep after joining (a hung worker)")
+    parser.add_argument("--mismatch", action="store_true", help="run the misconfiguration cases (MISMATCHES)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.engine == "torch":
@@ -203,14 +274,20 @@ def main() -> None:
         if args.stall:
             time.sleep(600)
         try:
-            run("torch", None, args.world, args.rank, args.out)
+            if args.mismatch:
+                run_mismatches(None, args.rank, args.out)
+            else:
+                run("torch", None, args.world, args.rank, args.out)
         finally:
             dist.destroy_process_group()
     else:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
-        run("mpi", comm, comm.Get_size(), comm.Get_rank(), args.out, comm_null=MPI.COMM_NULL)
+        if args.mismatch:
+            run_mismatches(comm, comm.Get_rank(), args.out)
+        else:
+            run("mpi", comm, comm.Get_size(), comm.Get_rank(), args.out, comm_null=MPI.COMM_NULL)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ Mask element k (C-order flat index over the mask's shape):
     kept iff u_k >= T, T = floor(p * 65536), for p < 1; nothing kept for p == 1.
 
 Scaling (dropout_ref): y = np.where(keep, x * scale, 0) computed in x's dtype,
-with scale = x.dtype.type(1.0 / (1.0 - p)) (the division done in float64 on
-the Python float p, then rounded once to x's dtype). Dropped elements are
-exactly +0.0 whatever x holds (also -0.0, NaN, Inf). p == 1 gives +0.0
-everywhere, no division.
+with scale = x.dtype.type(65536 / (65536 - T)), the inverse of the actual keep
+probability q = 1 - T / 65536 (the division done in float64, then rounded once
+to x's dtype), so that E[y] = x for every p < 1; for p a multiple of 2**-16 it
+is 1 / (1 - p). Dropped elements are exactly +0.0 whatever x holds (also -0.0,
+NaN, Inf). p == 1 gives +0.0 everywhere, no division.
 """
 
 import math
@@ -170,12 +171,19 @@ def check_noise_shape(noise_shape, shape):
     return ns
 
 
-def scale_for(p, dtype):
-    """1/(1-p) computed in float64, rounded once to dtype (None for p == 1)."""
-    p = check_p(p)
-    if p == 1.0:
+def scale64(p):
+    """1 / q in float64, q = 1 - T / 65536 the probability that an element is
+    kept (None for p == 1)."""
+    T = threshold(p)
+    if T is None:
         return None
-    return np.dtype(dtype).type(1.0 / (1.0 - p))
+    return 65536.0 / (65536 - T)
+
+
+def scale_for(p, dtype):
+    """scale64(p) rounded once to dtype (None for p == 1)."""
+    s = scale64(p)
+    return None if s is None else np.dtype(dtype).type(s)
 
 
 def keep_mask(shape, p, seed, offset=0, noise_shape=None):

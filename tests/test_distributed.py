@@ -265,13 +265,21 @@ def test_equals_torch_batchnorm_on_the_whole_batch(run, name):
 def test_one_collective_per_training_forward_and_backward_none_in_eval(run):
     for res in run:
         for name, got in res["configs"].items():
-            for before, after_forward, after_backward in got["collectives"]:
-                # (all-gathers, all-reduces) of the forward, then of the backward
-                assert np.subtract(after_forward, before).tolist() == [1, 0], name
+            for step, (before, after_forward, after_backward) in enumerate(got["collectives"]):
+                # (all-gathers, all-reduces) of the forward, then of the backward; the first
+                # forward also all-gathers the layer's configuration
+                assert np.subtract(after_forward, before).tolist() == [2 if step == 0 else 1, 0], name
                 assert np.subtract(after_backward, after_forward).tolist() == [0, 1], name
             if "eval_collectives" in got:
                 before, after = got["eval_collectives"]
                 assert before == after, f"{name}: evaluation mode communicated"
+
+
+def test_a_pickled_copy_checks_the_configuration_again(run):
+    if "pickled" not in run[0]:
+        pytest.skip("an mpi4py communicator cannot be pickled")
+    for res in run:
+        assert res["pickled"] == [2, 0]  # the configuration's all-gather, then the statistics'
 
 
 def test_too_few_values_over_all_workers_raise_on_every_worker(run):
@@ -310,6 +318,72 @@ def test_a_dead_or_hung_worker_fails_instead_of_hanging(mode, tmp_path):
         assert re.search(r"[Tt]imed out", outputs[0]), report(codes, outputs)
     assert elapsed < 40, f"rank 0 took {elapsed:.0f} s to fail"
     assert not (tmp_path / "rank0.pkl").exists()
+
+
+# --------------------------------------------------------------------------- misconfigured workers
+
+MISMATCH_TIMEOUT = 30  # the process group's timeout, seconds: no case may wait for it
+
+
+@pytest.fixture(scope="module", params=["gloo", "mpi"])
+def mismatches(request, tmp_path_factory):
+    """Per-rank results of distributed_worker.MISMATCHES, 2 workers, in one launch."""
+    out = tmp_path_factory.mktemp(f"mismatch-{request.param}")
+    if request.param == "gloo":
+        init = f"tcp://127.0.0.1:{free_port()}"
+        cmds = [[sys.executable, str(WORKER), "torch", "--rank", str(r), "--world", "2", "--init", init,
+                 "--timeout", str(MISMATCH_TIMEOUT), "--mismatch", "--out", str(out)] for r in range(2)]
+    else:
+        reason = mpi_available()
+        if reason:
+            pytest.skip(reason)
+        # MPI has no timeout of its own: a hang is bounded by the launch's
+        cmds = [["mpirun", "-n", "2", sys.executable, str(WORKER), "mpi", "--mismatch", "--out", str(out)]]
+    codes, outputs, elapsed = launch(cmds, timeout=120)
+    assert codes == [0] * len(cmds), f"{request.param}: a worker died or hung\n{report(codes, outputs)}"
+    assert elapsed < MISMATCH_TIMEOUT, f"{request.param}: took {elapsed:.0f} s (a worker waited for the timeout)"
+    ranks = []
+    for r in range(2):
+        with open(out / f"mismatch{r}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    return ranks
+
+
+# what each worker raises: (worker 0, worker 1); worker 1 is the odd one
+MISMATCH_ERRORS = {
+    "num_features": ("ValueError: num_features: differs between the workers (4 on worker 0, 6 on worker 1)",) * 2,
+    "dtype": ("ValueError: dtype: differs between the workers (float32 on worker 0, float64 on worker 1)",) * 2,
+    "axis": ("ValueError: axis: differs between the workers (1 on worker 0, -1 on worker 1)",) * 2,
+    "eps": ("ValueError: eps: differs between the workers (1e-05 on worker 0, 0.001 on worker 1)",) * 2,
+    "momentum": ("ValueError: momentum: differs between the workers (0.1 on worker 0, None on worker 1)",) * 2,
+    "affine": ("ValueError: affine: differs between the workers (True on worker 0, False on worker 1)",) * 2,
+    "track_running_stats": ("ValueError: track_running_stats: differs between the workers (True on worker 0, "
+                            "False on worker 1)",) * 2,
+    "x-channels": ("ValueError: x: rejected on worker(s) 1", "ValueError: x: has 3 channels along axis 1"),
+    "x-dtype": ("ValueError: x: rejected on worker(s) 1", "TypeError: x: dtype float64 does not match"),
+    "dy-shape": ("ValueError: dy: rejected on 1 other worker(s)", "ValueError: dy: shape (2, 2) does not match"),
+}
+
+
+@pytest.mark.parametrize("kind", list(dw.MISMATCHES))
+def test_a_misconfigured_worker_fails_on_every_worker(mismatches, kind):
+    """A layer configured differently, or an input rejected, on one worker: every worker
+    raises a clear error at once (before: num_features 4 against 6 aborted one worker inside
+    gloo and gave the other garbage), changes nothing, and the workers stay in step."""
+    assert MISMATCH_ERRORS.keys() == dw.MISMATCHES.keys()
+    for rank, want in enumerate(MISMATCH_ERRORS[kind]):
+        got = mismatches[rank]["cases"][kind]
+        assert got["error"] is not None and got["error"].startswith(want), (rank, got["error"])
+        if kind == "dy-shape":  # the forward went through on both
+            assert got["forward-done"] and got["num_batches_tracked"] == 1
+        else:
+            assert got["num_batches_tracked"] in (0, None)
+            assert got["running_mean"] in ([0.0] * 4, [0.0] * 6, None)
+    # a well-configured layer afterwards: the statistics of both workers' batches
+    ref = pybn.nn.BatchNorm(3)
+    ref(np.concatenate([np.arange(12, dtype=np.float32).reshape(4, 3) * (r + 1) for r in range(2)]))
+    for rank in range(2):
+        np.testing.assert_allclose(mismatches[rank]["cases"][kind]["after"], ref.running_mean, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- in-process API checks

@@ -10,8 +10,10 @@ Contract: DESIGN.md, "Inverted dropout (counter-based, reproducible)":
     pybn.dropout_apply(x, mask, p, *, noise_shape=None, out=None) -> y
 Scaling the reference fixes (and these tests hold pybn to, bitwise):
     y = where(keep, x * scale, +0.0) in x's dtype,
-    scale = x.dtype.type(1.0 / (1.0 - p))   (float64 division, one rounding)
-so a dropped element is +0.0 (never -0.0 or NaN), p == 1 gives +0.0.
+    scale = x.dtype.type(65536 / (65536 - T)), T = floor(p * 65536)
+(1 / P(keep) in float64, one rounding; 1/(1-p) for p a multiple of 2**-16)
+so a dropped element is +0.0 (never -0.0 or NaN), p == 1 gives +0.0, and
+E[y] = x for every p.
 """
 
 import math
@@ -232,7 +234,7 @@ def test_noise_shape_dropout2d_channels(isa, dtype):
     p, ns = 0.5, (4, 16, 1, 1)
     y, m = check_all_three(x, p, 123, 456, noise_shape=ns)
     keep = rd.unpack_mask(m, 64).reshape(4, 16)
-    scale = dtype(1.0 / (1.0 - p))
+    scale = rd.scale_for(p, dtype)
     for a in range(4):
         for c in range(16):
             if keep[a, c]:
@@ -264,7 +266,8 @@ def test_noise_shape_variants(isa, dtype, shape, ns):
 
 def test_torch_dropout2d_behaviour():
     """torch's Dropout2d and pybn with noise_shape=(N, C, 1, 1) behave alike:
-    each channel is either all zero or x * 1/(1-p); and the zeroed channel
+    each channel is either all zero or x times the scale (torch: 1/(1-p); pybn:
+    1 / P(keep), 1.7e-5 larger relative at p = 0.3); and the zeroed channel
     fraction is near p for both (different RNGs, so not the same channels)."""
     torch = pytest.importorskip("torch")
     p = 0.3
@@ -272,12 +275,12 @@ def test_torch_dropout2d_behaviour():
     torch.manual_seed(0)
     yt = torch.nn.functional.dropout2d(torch.from_numpy(x), p, training=True).numpy()
     yp = pybn.dropout(x, p, seed=1, noise_shape=(64, 64, 1, 1))
-    for y, who in ((yt, "torch"), (yp, "pybn")):
+    for y, who, scale in ((yt, "torch", 1 / (1 - p)), (yp, "pybn", rd.scale64(p))):
         zero = (y == 0).reshape(64 * 64, 9)
         assert np.all(zero.all(axis=1) | ~zero.any(axis=1)), who
         kept = ~zero[:, 0]
         ratio = (y.reshape(64 * 64, 9)[kept] / x.reshape(64 * 64, 9)[kept])
-        np.testing.assert_allclose(ratio, 1 / (1 - p), rtol=1e-6, err_msg=who)
+        np.testing.assert_allclose(ratio, scale, rtol=1e-6, err_msg=who)
         n = 64 * 64
         assert abs((~kept).mean() - p) < 5 * math.sqrt(p * (1 - p) / n), who
     # pybn's channels are exactly the reference mask's
@@ -286,18 +289,60 @@ def test_torch_dropout2d_behaviour():
 
 
 def test_scale_matches_torch_dropout():
-    """p is the drop probability and survivors are scaled by 1/(1-p), as in
-    torch.nn.functional.dropout (values equal to float rounding)."""
+    """p is the drop probability, as in torch.nn.functional.dropout; survivors are
+    scaled by 1 / P(keep): torch's 1/(1-p) (to float rounding) for p a multiple of
+    2**-16, within 2**-16 / (1 - p) of it otherwise."""
     torch = pytest.importorskip("torch")
-    for p in (0.1, 0.5, 0.8):
+    for p in (0.1, 0.5, 0.75, 0.8):
         ones = np.ones(10_000, np.float32)
         yt = torch.nn.functional.dropout(torch.from_numpy(ones), p, training=True).numpy()
         yp = pybn.dropout(ones, p, seed=2)
         vt = np.unique(yt)
         vp = np.unique(yp)
         assert len(vt) == len(vp) == 2 and vt[0] == vp[0] == 0
-        np.testing.assert_allclose(vp[1], vt[1], rtol=2e-7)
-        assert vp[1] == np.float32(1.0 / (1.0 - p))
+        exact = p * 65536 == int(p * 65536)
+        np.testing.assert_allclose(vp[1], vt[1], rtol=2e-7 if exact else 2**-16 / (1 - p))
+        assert vp[1] == np.float32(65536 / (65536 - math.floor(p * 65536)))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3, 0.5, 1 / 3, 0.9, 0.999, 1 - 2**-16, 1 - 1e-9, 1 - 2**-53, 1.0])
+def test_dropout_scale_is_the_inverse_keep_probability(p):
+    """pybn.dropout_scale(p) * P(keep) == 1, P(keep) = 1 - floor(p * 65536) / 65536,
+    the fraction of 16-bit words at or above the threshold; 0.0 for p == 1."""
+    got = pybn.dropout_scale(p)
+    assert type(got) is float
+    if p == 1.0:
+        assert got == 0.0
+        return
+    keep = 1 - math.floor(p * 65536) / 65536
+    assert got == 1 / keep  # both one correctly rounded division of exact values
+    assert got <= 65536.0
+    if p * 65536 == int(p * 65536):  # multiples of 2**-16: PyTorch's 1/(1-p)
+        assert got == 1 / (1 - p)
+    for dtype in DTYPES:  # what the kernels multiply by: the scale rounded once to x's dtype
+        y = pybn.dropout(np.ones(4096, dtype), p, seed=9)
+        assert set(np.unique(y)) <= {0.0, dtype(got)}
+
+
+def test_dropout_scale_bad_p():
+    for bad, exc in ((-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("0.5", TypeError),
+                     (None, TypeError), (True, TypeError)):
+        assert_raises_naming(exc, "p", pybn.dropout_scale, bad)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.9, 1 - 2**-16, 1 - 1e-9])
+def test_dropout_of_ones_has_mean_one(p):
+    """Inverted dropout keeps the expectation for every p: the mean of dropout(ones) over
+    n elements is 1 within 5 standard errors, sqrt((1 - q) / (q n)) with q = P(keep).
+    (Scaling by 1/(1-p) made the mean 1e9 / 65536 = 15259 at p = 1 - 1e-9.)"""
+    n = 20_000_000
+    y = pybn.dropout(np.ones(n, np.float32), p, seed=0xD00D, offset=2**64 - 777)
+    q = 1 - math.floor(p * 65536) / 65536
+    kept = np.count_nonzero(y)
+    assert kept > 0
+    mean = y.mean(dtype=np.float64)
+    se = math.sqrt((1 - q) / (q * n))
+    assert abs(mean - 1) < 5 * se, (mean, se, kept)
 
 
 # ------------------------------------------------- backward by regeneration
@@ -597,12 +642,11 @@ def test_statistics(p):
     mx = x.mean(dtype=np.float64)
     my = y.mean(dtype=np.float64)
     ex2 = np.mean(np.square(x, dtype=np.float64))
-    # Var(mean(y) | x) = sum x_i^2 * (p/(1-p)) / n^2; plus the bias of the
-    # 16-bit threshold (drop probability T/65536 instead of p), < 2**-16
-    sig_mean = math.sqrt(p / q * ex2 / n)
-    T = math.floor(p * 65536)
-    bias = abs(mx * ((1 - T / 65536) / q - 1))
-    assert abs(my - mx) < 5 * sig_mean + bias, (my, mx, sig_mean)
+    # Var(mean(y) | x) = sum x_i^2 * ((1 - qk) / qk) / n^2, qk = P(keep); the scale
+    # 1 / qk leaves no bias
+    qk = 1 - math.floor(p * 65536) / 65536
+    sig_mean = math.sqrt((1 - qk) / qk * ex2 / n)
+    assert abs(my - mx) < 5 * sig_mean, (my, mx, sig_mean)
 
 
 # ------------------------------------------------------ random problems

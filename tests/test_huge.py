@@ -147,7 +147,7 @@ def test_more_than_2_31_elements():
     z = pybn.dropout(x, p, seed=seed, offset=offset, out=x)
     timings["dropout"] = time.perf_counter() - t0
     assert z is x
-    scale = np.float32(1.0 / (1.0 - p))
+    scale = rd.scale_for(p, np.float32)
     for (start, stop), values in before.items():
         keep = keep_bits(start, stop, p, seed, offset)
         want = np.where(keep, values * scale, np.float32(0))

@@ -1,15 +1,22 @@
-"""Input-validation matrix (issue 6, item 1).
+"""Input-validation matrix.
 
 ONE table, MATRIX, built systematically: for every public array function (and the
-pybn.nn layers' constructors and calls) and every argument, the bad values a user can
-pass, each row ``(function, argument, label, bad value, expected exception)``. A row
-starts from a call that works (SPECS[...].good()), replaces that one argument (a few
-rows replace two, e.g. an `out` that overlaps an input) and asserts:
+pybn.nn and pybn.distributed layers' constructors and calls) and every argument, the bad
+values a user can pass, each row ``(function, argument, label, bad value, expected
+exception[, names])``. A row starts from a call that works (SPECS[...].good()), replaces
+that one argument (a few rows replace two, e.g. an `out` that overlaps an input) and
+asserts:
 
 * the exception type (TypeError for a wrong kind or dtype, ValueError for a wrong
-  shape, layout or value), and that the message names the argument;
+  shape, layout or value), and that the message names the argument (or one of the
+  row's names; an overlap of two arrays must name both);
 * every ndarray passed in, running statistics first, is unchanged afterwards (no
   half-updated running stats, nothing written into a rejected `out`).
+
+Every array argument also gets the arrays whose conversion would lose something (a
+masked array's mask, a torch tensor's autograd graph, a meta tensor's absent data):
+foreign_arrays(). The valid odd inputs (other byte orders, memmaps, exact in-place)
+are in test_odd_inputs.py.
 
 test_every_argument_is_covered checks that the table leaves out no parameter of any
 public function, except the flags listed in FLAGS. The count of cases is printed at
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,8 +34,9 @@ import numpy as np
 import pytest
 
 import pybn
+import pybn.distributed
 import pybn.nn
-from error_checks import assert_raises_naming, bad_outs, misaligned
+from error_checks import assert_raises_naming, bad_outs, misaligned, name_re
 
 C = 3
 SHAPE = (4, C, 5)          # (N, C, L): 60 elements, channel axis 1
@@ -70,6 +79,7 @@ class Row:
     make: Callable[[dict], dict]             # good kwargs -> the overrides of this row
     exc: type
     names: tuple[str, ...]                   # the message names one of these
+    all_names: bool = False                  # ... or every one of them (an overlap names both arrays)
 
     @property
     def id(self):
@@ -108,6 +118,7 @@ def data_cases(arg, shape=SHAPE, ndim_min=2):
                   ("python-float", lambda: 1.0, ValueError),
                   ("flat-list", lambda: [1.0, 2.0, 3.0], ValueError),
                   ("1-d-empty", lambda: np.ones(0, DT), ValueError)]
+    table += foreign_arrays(lambda: rand(shape))
     return dtype_cases(arg, shape) + cases(arg, table)
 
 
@@ -118,6 +129,7 @@ def matching_cases(arg, shape=SHAPE, required=True):
              ("fewer-dims", lambda: np.ones(shape[:-1], DT), ValueError),
              ("0-d", lambda: np.float32(1.0), ValueError),
              ("float64-vs-float32", lambda: np.ones(shape, np.float64), TypeError)]
+    table += foreign_arrays(lambda: rand(shape))
     return dtype_cases(arg, shape, required) + cases(arg, table)
 
 
@@ -130,6 +142,7 @@ def per_channel_cases(arg, channels=C, required=False):
              ("shape-(1,C)", lambda: np.ones((1, channels), DT), ValueError),
              ("python-float", lambda: 2.0, ValueError),
              ("list-wrong-length", lambda: [1.0] * (channels + 1), ValueError)]
+    table += foreign_arrays(lambda: positive((channels,)))
     return dtype_cases(arg, (channels,), required) + cases(arg, table)
 
 
@@ -150,18 +163,63 @@ def in_place_cases(arg, partner):
               ("shape-()", lambda: np.ones((), DT), ValueError),
               ("read-only", lambda: read_only(np.ones(C, DT)), ValueError),
               ("non-contiguous", lambda: np.ones(2 * C, DT)[::2], ValueError),
-              ("misaligned", lambda: misaligned(np.ones(C, DT)), ValueError)]
+              ("negative-stride", lambda: np.ones(C, DT)[::-1], ValueError),
+              ("stride-0-writeable", lambda: stride0(C), ValueError),
+              ("misaligned", lambda: misaligned(np.ones(C, DT)), ValueError),
+              ("non-native-byte-order", lambda: np.ones(C, np.dtype(DT).newbyteorder()), TypeError),
+              ("memmap-read-only", lambda: memmap_of(np.ones(C, DT), "r"), ValueError)]
+    table += foreign_arrays(lambda: np.ones(C, DT))
     rows = cases(arg, table)
-    # views that overlap what the kernel reads or writes at the same time
+    # views that overlap what the kernel reads or writes at the same time: the kernel
+    # updates the statistics, then normalizes with weight and bias
     rows.append(("view-of-x", lambda kw: {arg: kw["x"].reshape(-1)[:C]}, ValueError))
-    rows.append((f"same-array-as-{partner}", lambda kw: {arg: kw[partner]}, ValueError))
-    rows.append((f"overlaps-{partner}", lambda kw: _shifted_pair(arg, partner, kw), ValueError))
+    for read in (partner, "weight", "bias"):
+        rows.append((f"same-array-as-{read}", lambda kw, read=read: _same(arg, read, kw), ValueError))
+        rows.append((f"overlaps-{read}", lambda kw, read=read: _shifted_pair(arg, read, kw), ValueError))
     return rows
 
 
-def _shifted_pair(arg, partner, kw):
+def _same(arg, other, kw):
+    """`arg` and `other` the same array, holding other's good values."""
+    arr = np.array(kw[other], DT)
+    return {other: arr, arg: arr}
+
+
+def _shifted_pair(arg, other, kw):
     buf = np.ones(C + 1, DT)
-    return {partner: buf[:C], arg: buf[1:]}
+    return {other: buf[:C], arg: buf[1:]}
+
+
+def stride0(n, dtype=DT):
+    """A writeable view of n elements that are all one element (stride 0)."""
+    return np.lib.stride_tricks.as_strided(np.ones(1, dtype), shape=(n,), strides=(0,), writeable=True)
+
+
+MEMMAPS = []   # kept open until the end of the session (a row's array must outlive its call)
+
+
+def memmap_of(values, mode):
+    """`values` in a file mapped with `mode` ("r": read-only)."""
+    import tempfile
+    f = tempfile.NamedTemporaryFile(suffix=".bin")
+    MEMMAPS.append(f)
+    values.tofile(f.name)
+    return np.memmap(f.name, dtype=values.dtype, mode=mode, shape=values.shape)
+
+
+def foreign_arrays(make, grad=True):
+    """Arrays whose conversion to an ndarray would lose something: a masked array (its mask),
+    a torch tensor that requires grad (its graph), one on the meta device (it has no data)."""
+    table = [("masked", lambda: np.ma.masked_array(make(), mask=np.eye(1, make().size, dtype=bool)
+                                                   .reshape(make().shape)), TypeError)]
+    try:
+        import torch
+    except ImportError:   # pragma: no cover - torch is a test dependency
+        return table
+    if grad:
+        table.append(("torch-requires-grad", lambda: torch.from_numpy(make()).requires_grad_(), TypeError))
+    table.append(("torch-meta", lambda: torch.from_numpy(make()).to("meta"), TypeError))
+    return table
 
 
 def out_cases(leads, shape=SHAPE, per_channel=()):
@@ -172,6 +230,14 @@ def out_cases(leads, shape=SHAPE, per_channel=()):
         rows.append((label, lambda kw, label=label: {"out": _bad_out(label, shape)}, exc))
     rows.append(("tuple", put("out", lambda: (0.0,) * math.prod(shape)), TypeError))
     rows.append(("python-float", put("out", lambda: 0.0), TypeError))
+    n = math.prod(shape)
+    odd = [("negative-stride", lambda: np.zeros(shape, DT)[::-1], ValueError),
+           ("stride-0-writeable", lambda: stride0(n).reshape(shape), ValueError),
+           ("non-native-byte-order", lambda: np.zeros(shape, np.dtype(DT).newbyteorder()), TypeError),
+           ("memmap-read-only", lambda: memmap_of(np.zeros(shape, DT), "r"), ValueError),
+           ("torch-tensor", lambda: __import__("torch").zeros(shape), TypeError)]
+    odd += foreign_arrays(lambda: np.zeros(shape, DT))
+    rows += cases("out", odd)
     for lead in leads:
         rows.append((f"overlaps-{lead}-shifted", lambda kw, lead=lead: _shifted_out(lead, kw, shape), ValueError))
     for arg in per_channel:
@@ -283,7 +349,10 @@ def shape_cases():
              ("float-entry", lambda: (2.0, 3), TypeError),
              ("str", lambda: "ab", TypeError),
              ("None", lambda: None, TypeError),
-             ("nested", lambda: [[1, 2]], TypeError)]
+             ("nested", lambda: [[1, 2]], TypeError),
+             ("bool", lambda: True, TypeError),
+             ("bool-entry", lambda: (True, 3), TypeError),
+             ("more-elements-than-memory", lambda: (2**40, 2**40), ValueError)]
     return cases("shape", table)
 
 
@@ -300,6 +369,7 @@ def mask_cases():
              ("str", lambda: "abc", TypeError)]
     table += [(f"dtype-{np.dtype(dt).name}", (lambda dt=dt: np.zeros(NBYTES, dt)), TypeError)
               for dt in (np.int8, np.uint16, np.int64, np.bool_, np.float32, object)]
+    table += foreign_arrays(lambda: np.full(NBYTES, 0x5A, np.uint8), grad=False)
     return cases("mask", table)
 
 
@@ -311,6 +381,7 @@ def noise_shape_cases():
              ("larger-entry", lambda: SHAPE[:-1] + (10,), ValueError),
              ("int", lambda: 5, TypeError),
              ("float-entry", lambda: SHAPE[:-1] + (1.5,), TypeError),
+             ("bool-entry", lambda: (SHAPE[0], True, SHAPE[2]), TypeError),
              ("str", lambda: "abc", TypeError)]
     return cases("noise_shape", table)
 
@@ -334,7 +405,9 @@ def merge_stat_cases(arg):
     table = [("1-d", lambda: np.ones(C), ValueError),
              ("3-d", lambda: np.ones((W, C, 1)), ValueError),
              ("shape-(W+1,C)", lambda: np.ones((W + 1, C)), ValueError),
-             ("python-float", lambda: 1.0, ValueError)]
+             ("python-float", lambda: 1.0, ValueError),
+             ("zero-workers", lambda: np.ones((0, C)), ValueError)]
+    table += foreign_arrays(lambda: positive((W, C), np.float64))
     return dtype_cases(arg, (W, C)) + cases(arg, table)
 
 
@@ -350,7 +423,13 @@ def stats_cases():
              ("count-wrong-length", lambda: stats(np.ones(C + 1), np.zeros(C), np.ones(C)), ValueError),
              ("m2-int", lambda: stats(5, np.zeros(C), np.ones(C, np.int64)), TypeError),
              ("m2-2-d", lambda: stats(5, np.zeros(C), np.ones((1, C))), ValueError),
-             ("m2-None", lambda: stats(5, np.zeros(C), None), TypeError)]
+             ("m2-None", lambda: stats(5, np.zeros(C), None), TypeError),
+             ("m2-negative", lambda: stats(5, np.zeros(C), np.array([1.0, -1e-12, 1.0])), ValueError),
+             ("count-nan", lambda: stats(float("nan"), np.zeros(C), np.ones(C)), ValueError),
+             ("count-inf", lambda: stats(float("inf"), np.zeros(C), np.ones(C)), ValueError),
+             ("m2-masked", lambda: stats(5, np.zeros(C), np.ma.masked_array(np.ones(C), [0, 1, 0])), TypeError),
+             ("m2-torch-requires-grad", lambda: stats(5, np.zeros(C), __import__("torch").ones(C, requires_grad=True)),
+              TypeError)]
     return cases("stats", table)
 
 
@@ -360,7 +439,9 @@ def fold_weight_cases(pointwise=False):
              ("python-float", lambda: 1.0, ValueError)]
     if pointwise:
         table.append(("kernel-3x3", lambda: np.ones((5, C, 3, 3), DT), ValueError))
-    return dtype_cases("weight", (5, C) if pointwise else (C, 2, 3, 3)) + cases("weight", table)
+    shape = (5, C) if pointwise else (C, 2, 3, 3)
+    table += foreign_arrays(lambda: rand(shape))
+    return dtype_cases("weight", shape) + cases("weight", table)
 
 
 def negative_variance():
@@ -433,6 +514,68 @@ def layer_call(kw_name):
     return call
 
 
+def load_state(layer, state_dict):
+    layer.load_state_dict(state_dict)
+
+
+def state_good():
+    layer = pybn.nn.BatchNorm(C)
+    layer(rand(SHAPE))   # running statistics and num_batches_tracked away from their initial values
+    state = layer.state_dict()
+    state["weight"] = positive(seed=2)
+    return dict(layer=layer, state_dict=state)
+
+
+def state_cases():
+    """load_state_dict: a bad value under one key; the message names the key."""
+    def entry(key, value_fn):
+        return lambda kw: {"state_dict": {**kw["state_dict"], key: value_fn()}}
+
+    def without(key):
+        return lambda kw: {"state_dict": {k: v for k, v in kw["state_dict"].items() if k != key}}
+
+    torch = __import__("torch")
+    rows = [("list", put("state_dict", lambda: [1, 2]), TypeError, ("state_dict",)),
+            ("None", put("state_dict", lambda: None), TypeError, ("state_dict",)),
+            ("missing-weight", without("weight"), KeyError, ("weight",)),
+            ("extra-key", entry("momentum", lambda: np.array(0.1)), KeyError, ("momentum",))]
+    table = {
+        "num_batches_tracked": [("-1", lambda: np.array(-1), ValueError),
+                                ("2**63", lambda: np.uint64(2**63), ValueError),
+                                ("1.5", lambda: np.array(1.5), TypeError), ("bool", lambda: np.array(True), TypeError),
+                                ("str", lambda: "3", TypeError), ("shape-(1,)", lambda: np.array([3]), ValueError),
+                                ("requires-grad", lambda: torch.tensor(3.0, requires_grad=True), TypeError)],
+        "weight": [("overflows-float32", lambda: np.full(C, 1e300), ValueError),
+                   ("complex", lambda: np.ones(C, complex), TypeError),
+                   ("object", lambda: np.ones(C, object), TypeError),
+                   ("length-C+1", lambda: np.ones(C + 1, DT), ValueError)] + foreign_arrays(lambda: positive()),
+        "running_var": [("negative-entry", lambda: np.array([1.0, -1e-30, 1.0], DT), ValueError),
+                        ("-inf", lambda: np.array([1.0, -np.inf, 1.0]), ValueError)],
+        "running_mean": [("str", lambda: "abc", TypeError)],
+    }
+    for key, key_rows in table.items():
+        rows += [(f"{key}-{label}", entry(key, value_fn), exc, (key,)) for label, value_fn, exc in key_rows]
+    return rows
+
+
+def keras_good():
+    return dict(gamma=positive(seed=2), beta=rand((C,), seed=3), moving_mean=rand((C,), seed=4),
+                moving_variance=positive(seed=5), momentum=0.99, epsilon=1e-3, axis=-1)
+
+
+def keras_cases(arg, variance=False):
+    table = [("length-C+1", lambda: np.ones(C + 1, DT), ValueError),
+             ("shape-(1,C)", lambda: np.ones((1, C), DT), ValueError),
+             ("complex", lambda: np.ones(C, complex), TypeError),
+             ("object", lambda: np.ones(C, object), TypeError),
+             ("str", lambda: "abc", TypeError),
+             ("ragged-list", lambda: [[1.0], [1.0, 2.0]], ValueError)] + foreign_arrays(lambda: positive())
+    if variance:
+        table += [("negative-entry", lambda: np.array([1.0, -0.5, 1.0], DT), ValueError),
+                  ("None", lambda: None, TypeError)]
+    return cases(arg, table)
+
+
 SPECS = [
     Spec("batch_norm_train", pybn.batch_norm_train, bn_train_good, {
         "x": data_cases("x") + cases("x", [   # training needs 2 values per channel
@@ -475,8 +618,11 @@ SPECS = [
     Spec("batch_norm_merge_stats", pybn.batch_norm_merge_stats,
          lambda: dict(count=np.array([20, 20]), mean=rand((W, C), np.float64), m2=positive((W, C), np.float64)), {
              "count": merge_count_cases(),
-             "mean": merge_stat_cases("mean"),
-             "m2": merge_stat_cases("m2"),
+             "mean": merge_stat_cases("mean") + [
+                 ("zero-workers-all-three", lambda kw: dict(count=np.zeros(0, np.int64), mean=np.zeros((0, C)),
+                                                            m2=np.zeros((0, C))), ValueError)],
+             "m2": merge_stat_cases("m2") + cases("m2", [
+                 ("negative-entry", lambda: np.array([[1.0, 2.0, 3.0], [1.0, -0.5, 1.0]]), ValueError)]),
          }),
     Spec("batch_norm_invstd", pybn.batch_norm_invstd,
          lambda: dict(stats=pybn.BatchNormStats(20, rand((C,), np.float64), positive(dtype=np.float64)), eps=1e-5), {
@@ -538,6 +684,9 @@ SPECS = [
              "noise_shape": noise_shape_cases(),
              "out": out_cases(["x"], per_channel=["mask"]),
          }),
+    Spec("dropout_scale", pybn.dropout_scale, lambda: dict(p=0.3), {
+        "p": p_cases(),
+    }),
     Spec("counters_used", pybn.counters_used, lambda: dict(n=100), {
         "n": int_cases("n", 0),
     }),
@@ -564,7 +713,7 @@ SPECS = [
         "n": int_cases("n", 1, maximum=2**31),
     }),
     Spec("nn.BatchNorm", pybn.nn.BatchNorm, lambda: dict(num_features=C), {
-        "num_features": int_cases("num_features", 1),
+        "num_features": int_cases("num_features", 1) + cases("num_features", [("2**62", lambda: 2**62, ValueError)]),
         "axis": [r for r in axis_cases() if r[2] is TypeError],   # the range needs x: see nn.BatchNorm.__call__
         "eps": eps_cases(),
         "momentum": momentum_cases(allow_none=True),
@@ -577,7 +726,7 @@ SPECS = [
             ("0-d", lambda: np.float32(1.0), ValueError),
             ("channels-C+1", lambda: np.ones((4, C + 1, 5), DT), ValueError),
             ("float64-vs-float32", lambda: np.ones(SHAPE, np.float64), TypeError),
-            ("one-value-per-channel", lambda: np.ones((1, C), DT), ValueError)]),
+            ("one-value-per-channel", lambda: np.ones((1, C), DT), ValueError)] + foreign_arrays(lambda: rand(SHAPE))),
     }, watch=layer_state),
     Spec("nn.BatchNorm.backward", layer_call("dy"), bn_layer_backward_good, {
         "dy": matching_cases("dy"),
@@ -586,7 +735,31 @@ SPECS = [
         "p": p_cases(),
         "seed": u64_cases("seed", allow_none=True),
         "noise_shape": cases("noise_shape", [("int", lambda: 5, TypeError),
-                                             ("float-entry", lambda: (4, 1.5), TypeError)]),
+                                             ("float-entry", lambda: (4, 1.5), TypeError),
+                                             ("negative-entry", lambda: (None, -1), ValueError)]),
+    }),
+    Spec("distributed.SyncBatchNorm", pybn.distributed.SyncBatchNorm, lambda: dict(num_features=C, comm=None), {
+        "num_features": int_cases("num_features", 1),
+        "comm": cases("comm", [("object", lambda: object(), TypeError), ("str", lambda: "gloo", TypeError),
+                               ("int", lambda: 3, TypeError), ("ndarray", lambda: np.zeros(2), TypeError),
+                               ("torch-tensor", lambda: __import__("torch").zeros(2), TypeError),
+                               ("not-a-member", lambda: __import__("torch.distributed").distributed.GroupMember
+                                .NON_GROUP_MEMBER, ValueError)]),
+    }),
+    Spec("nn.BatchNorm.load_state_dict", load_state, state_good, {
+        "state_dict": state_cases(),
+    }, watch=layer_state),
+    Spec("nn.BatchNorm.from_keras", pybn.nn.BatchNorm.from_keras, keras_good, {
+        "gamma": keras_cases("gamma"),
+        "beta": keras_cases("beta"),
+        # C is moving_mean's length: a wrong one is reported against the others' length
+        "moving_mean": [(label, make, exc, ("moving_mean", "moving_variance"))
+                        for label, make, exc in keras_cases("moving_mean")] + cases("moving_mean", [
+            ("int", lambda: np.zeros(C, np.int64), TypeError), ("None", lambda: None, TypeError)]),
+        "moving_variance": keras_cases("moving_variance", variance=True),
+        "momentum": cases("momentum", NON_FINITE + NON_NUMBERS + [("1.5", lambda: 1.5, ValueError)]),
+        "epsilon": eps_cases("epsilon"),
+        "axis": [r for r in axis_cases() if r[2] is TypeError],
     }),
     Spec("nn.Dropout.__call__", layer_call("x"), lambda: dict(layer=pybn.nn.Dropout(0.5, seed=1), x=rand(SHAPE)), {
         "x": data_cases("x", ndim_min=0),
@@ -601,15 +774,19 @@ SPECS = [
 FLAGS = {"relu", "training", "transposed", "layer", "affine", "track_running_stats"}
 
 
+OVERLAP = re.compile(r"^(?:view-of|same-array-as|overlaps|contains)-(\w+?)(?:-shifted)?$")
+
+
 def build_matrix():
     rows = []
     for spec in SPECS:
         for arg, arg_cases in spec.args.items():
-            for label, make, exc in arg_cases:
-                names = (arg,)
-                if arg == "out" or label.startswith(("overlaps", "same-array", "view-of")):
-                    names = (arg, "out")
-                rows.append(Row(spec, arg, label, make, exc, names))
+            for label, make, exc, *names in arg_cases:   # names: the message names one of these
+                overlap = OVERLAP.match(label)
+                if overlap:   # an overlap names both arrays
+                    rows.append(Row(spec, arg, label, make, exc, (arg, overlap.group(1)), all_names=True))
+                else:
+                    rows.append(Row(spec, arg, label, make, exc, names[0] if names else (arg,)))
     return rows
 
 
@@ -620,11 +797,11 @@ RUN = {"passed": 0}
 def summary():
     """One line for the terminal summary (conftest.py)."""
     functions = {r.spec.name for r in MATRIX}
-    layers = {f for f in functions if f.startswith("nn.")}
+    layers = {f for f in functions if f.startswith(("nn.", "distributed."))}
     arguments = len({(r.spec.name, r.arg) for r in MATRIX})
     return (f"input matrix: {len(MATRIX)} cases over {len(functions)} functions ({len(functions) - len(layers)} "
-            f"in pybn, {len(layers)} pybn.nn constructors and methods) and {arguments} arguments "
-            f"({RUN['passed']} passed in this run)")
+            f"in pybn, {len(layers)} pybn.nn and pybn.distributed constructors and methods) and {arguments} "
+            f"arguments ({RUN['passed']} passed in this run)")
 
 
 @pytest.fixture
@@ -643,6 +820,9 @@ def test_bad_input(row, restore_threads):
         watched += row.spec.watch(kw)
     before = [a.copy() for a in watched]
     msg = assert_raises_naming(row.exc, row.names, row.spec.fn, **kw)
+    if row.all_names:
+        missing = [n for n in row.names if not name_re(n).search(msg)]
+        assert not missing, f"{missing} not named in {msg!r}"
     if row.label.startswith("dtype-"):   # a wrong dtype is named too
         assert row.label[len("dtype-"):] in msg, f"dtype not named in {msg!r}"
     for a, a0 in zip(watched, before):   # running stats, out and every other array untouched
@@ -660,7 +840,7 @@ def _parameters(spec):
     fn = spec.fn
     if isinstance(fn, type):
         fn = fn.__init__
-    return [p for p in inspect.signature(fn).parameters if p not in ("self", "kw")]
+    return [p for p in inspect.signature(fn).parameters if p not in ("self", "kw", "kwargs")]
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if not s.name.endswith(("__call__", "backward"))

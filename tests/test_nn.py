@@ -12,6 +12,7 @@ import torch
 
 import pybn
 import pybn.nn as nn
+import reference_dropout as rd
 from error_checks import assert_raises_naming
 
 DTYPES = [np.float32, np.float64]
@@ -477,6 +478,90 @@ def test_load_state_dict_errors():
                          good)
 
 
+def test_a_rejected_num_batches_tracked_changes_nothing():
+    """num_batches_tracked=-1 was taken, and with momentum=None the next forward divided by
+    zero (1 / (num_batches_tracked + 1)); 2**64-1 was taken and state_dict() then failed."""
+    layer = nn.BatchNorm(3, momentum=None)
+    layer(np.arange(12, dtype=np.float32).reshape(4, 3))
+    state = layer.state_dict()
+    for bad in (-1, np.int64(-5), np.uint64(2**64 - 1), 2**63):
+        with pytest.raises(ValueError, match=r"^num_batches_tracked: must be in \[0, 2\*\*63\)"):
+            layer.load_state_dict({**state, "num_batches_tracked": bad})
+        assert layer.num_batches_tracked == 1
+    layer.load_state_dict({**state, "num_batches_tracked": 2**63 - 1})
+    assert layer.state_dict()["num_batches_tracked"] == 2**63 - 1
+    # set directly: the forward says what is wrong instead of ZeroDivisionError
+    layer.num_batches_tracked = -1
+    assert_raises_naming(ValueError, "num_batches_tracked", layer, np.ones((4, 3), np.float32))
+
+
+def test_load_state_dict_reads_every_value_before_writing_any():
+    """A value that views another of the layer's arrays is read before that array is
+    overwritten: loading {running_mean: layer.weight, weight: new} gives the old weight as
+    running_mean (it gave the new one)."""
+    layer = nn.BatchNorm(3)
+    layer.weight[:] = [1.0, 2.0, 3.0]
+    old_weight = layer.weight.copy()
+    state = {**layer.state_dict(), "weight": np.array([7.0, 8.0, 9.0]), "running_mean": layer.weight,
+             "bias": layer.running_var[::-1]}
+    layer.load_state_dict(state)
+    np.testing.assert_array_equal(layer.weight, [7.0, 8.0, 9.0])
+    np.testing.assert_array_equal(layer.running_mean, old_weight)
+    np.testing.assert_array_equal(layer.bias, [1.0, 1.0, 1.0])
+
+
+def test_state_values_must_be_representable_and_a_variance_nonnegative():
+    """float64 1e300 into a float32 layer became inf with a warning; a negative running
+    variance was taken and gave NaN in evaluation mode (PyTorch takes both)."""
+    layer = nn.BatchNorm(3)
+    good = layer.state_dict()
+    assert_raises_naming(ValueError, "weight", layer.load_state_dict, {**good, "weight": np.array([1.0, 1e300, 1.0])})
+    assert_raises_naming(ValueError, "running_var", layer.load_state_dict,
+                         {**good, "running_var": np.array([1.0, -0.5, 1.0])})
+    np.testing.assert_array_equal(layer.weight, 1.0)
+    # non-finite values are what they are (a diverged run's state loads as saved)
+    layer.load_state_dict({**good, "running_mean": np.array([np.nan, np.inf, 1.0])})
+    np.testing.assert_array_equal(layer.running_mean, [np.nan, np.inf, 1.0])
+    assert_raises_naming(TypeError, "state_dict", layer.load_state_dict, [("weight", np.ones(3))])
+    assert_raises_naming(TypeError, "weight", layer.load_state_dict,
+                         {**good, "weight": torch.ones(3, requires_grad=True)})
+
+
+def test_from_torch_on_another_device_names_the_module():
+    """A module on the meta device raised torch's NotImplementedError."""
+    assert_raises_naming(TypeError, "module", nn.BatchNorm.from_torch, torch.nn.BatchNorm2d(3, device="meta"))
+
+
+def test_running_statistics_rebound_to_a_parameter_are_refused(rng):
+    """bn.running_mean = bn.weight: batch_norm_train updated the statistic, then normalized
+    with it as gamma (y wrong, no error)."""
+    layer = nn.BatchNorm(3)
+    layer.running_mean = layer.weight
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="^running_mean: shares memory with weight"):
+        layer(x)
+    np.testing.assert_array_equal(layer.weight, 1.0)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.BatchNorm(3, momentum=None), lambda: nn.Dropout(0.3, seed=7)],
+                         ids=["BatchNorm", "Dropout"])
+def test_pickled_layers_continue_where_they_were(make, rng):
+    import pickle
+
+    layer = make()
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    layer(x)
+    copy = pickle.loads(pickle.dumps(layer))
+    np.testing.assert_array_equal(copy(x), layer(x))
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    np.testing.assert_array_equal(copy.backward(dy), layer.backward(dy))
+    if isinstance(layer, nn.BatchNorm):
+        for key, value in layer.state_dict().items():
+            np.testing.assert_array_equal(copy.state_dict()[key], value)
+    else:
+        assert (copy.seed, copy.offset) == (layer.seed, layer.offset)
+
+
 # --------------------------------------------------------------------------- Dropout
 
 def keep_mask(shape, p, seed, offset):
@@ -509,14 +594,15 @@ def test_dropout_offsets_advance(dtype, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_dropout_matches_torch_semantics(p, dtype, rng):
-    """y = x * keep / (1 - p) with P(drop) = p, and the gradient torch's autograd gives for
-    that function (nn.Dropout's mask cannot be shared; the mask is pybn's)."""
+    """y = x * keep / P(keep) with P(drop) = p (1 - p rounded down to a multiple of 2**-16),
+    and the gradient torch's autograd gives for that function (nn.Dropout's mask cannot
+    be shared; the mask is pybn's)."""
     shape = (64, 256)
     layer = nn.Dropout(p, seed=99)
     x = (rng.normal(size=shape) + 3).astype(dtype)  # nonzero, so a zero output is a drop
     y = layer(x)
     keep = keep_mask(shape, p, 99, 0) if p < 1 else np.zeros(shape, bool)
-    scale = torch.tensor(1.0 / (1.0 - p) if p < 1 else 0.0, dtype=TORCH_DTYPE[dtype])
+    scale = torch.tensor(rd.scale64(p) if p < 1 else 0.0, dtype=TORCH_DTYPE[dtype])
     xt = torch.from_numpy(x).requires_grad_(True)
     yt = xt * (torch.from_numpy(keep).to(xt.dtype) * scale)
     np.testing.assert_array_equal(y, yt.detach().numpy())

@@ -354,7 +354,7 @@ def test_dropout_ref_scaling(dtype):
         y = rd.dropout_ref(x, p, 21, 5)
         assert y.dtype == dtype and y.shape == x.shape and y.flags.c_contiguous
         keep = rd.mask_bits(x.size, p, 21, 5).reshape(x.shape)
-        scale = dtype(1.0 / (1.0 - p))
+        scale = dtype(65536 / (65536 - math.floor(p * 65536)))   # 1 / P(keep)
         np.testing.assert_array_equal(y[keep], x[keep] * scale)
         assert (y[~keep].view(np.uint8) == 0).all()     # +0.0 exactly
     np.testing.assert_array_equal(rd.dropout_ref(x, 0.0, 1), x)

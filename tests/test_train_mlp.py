@@ -5,8 +5,8 @@ The model, twice (Linear -> ReLU -> Dropout -> BatchNorm) then Linear, 16 -> 64 
 softmax cross-entropy, plain SGD, batch 32, 50 steps. The NumPy side uses pybn.nn layers
 and NumPy matmuls; the torch side nn.Linear, nn.BatchNorm1d and autograd, with dropout
 done as a multiplication by the mask pybn drew (read back with pybn.dropout_mask at the
-layer's offset) and pybn's scale, 1/(1-p) computed in float64 and rounded once to the
-dtype. Losses, every weight and the running statistics agree at every step.
+layer's offset) and pybn's scale, 1 / P(keep) computed in float64 and rounded once to the
+dtype (tests/reference_dropout.py). Losses, every weight and the running statistics agree at every step.
 """
 import math
 
@@ -16,6 +16,7 @@ import torch
 
 import pybn
 import pybn.nn as nn
+import reference_dropout as rd
 
 SIZES = [16, 64, 64, 3]
 BATCH, STEPS, P, LR = 32, 50, 0.2, 0.1
@@ -119,7 +120,7 @@ class TorchMLP(torch.nn.Module):
 def pybn_masks(drops, shape, dtype):
     """The multipliers the dropout layers' next training calls apply: keep * scale."""
     n = math.prod(shape)
-    scale = dtype(1.0 / (1.0 - P))  # float64 division, one rounding, as pybn
+    scale = rd.scale_for(P, dtype)  # 1 / P(keep) in float64, one rounding, as pybn
     out = []
     for drop in drops:
         packed = pybn.dropout_mask(shape, drop.p, seed=drop.seed, offset=drop.offset)

@@ -321,7 +321,8 @@ void bn_train(const BnTrainArgs<T>& a) {
   // normalization's coefficients.
   const auto finish = [&](i64 c, double mean, double m2) {
     const double var = m2 / n;
-    const double invstd = 1.0 / std::sqrt(var + a.eps);
+    // eps = 0 and a constant channel: 0/0 normalizes to 0 (PyTorch's kernels do the same)
+    const double invstd = var + a.eps == 0.0 ? 0.0 : 1.0 / std::sqrt(var + a.eps);
     a.save_mean[c] = static_cast<T>(mean);
     a.save_invstd[c] = static_cast<T>(invstd);
     if (a.running_mean)
