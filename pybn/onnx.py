@@ -156,7 +156,7 @@ def _overflow(dtype: np.dtype, *arrays: np.ndarray) -> str | None:
     with np.errstate(over="ignore"):
         if all(np.all(np.isfinite(a.astype(dtype))) for a in arrays):
             return None
-    return f"the folded weights overflow {np.dtype(dtype).name}"
+    return f"the folded weights would not be finite in {np.dtype(dtype).name}"
 
 
 class _BN(NamedTuple):
@@ -610,12 +610,13 @@ class _Folder:
                 self.report.append(NotFolded(n.op_type, (label(n),), reason))
         for n in self.graph.nodes:
             for g in subgraphs(n):
-                self._report_subgraph(g, label(n))
+                self._report_nested(g.node, f"a subgraph of {label(n)}")
+        for function in self.graph.model.functions:
+            self._report_nested(function.node, f"function {function.domain}.{function.name}")
 
-    def _report_subgraph(self, graph: Any, owner: str) -> None:
-        for n in graph.node:
+    def _report_nested(self, nodes: Any, owner: str) -> None:
+        for n in nodes:
             if is_default(n, *_LEFT):
-                self.report.append(NotFolded(n.op_type, (label(n),),
-                                             f"inside a subgraph of {owner}: only the main graph is folded"))
+                self.report.append(NotFolded(n.op_type, (label(n),), f"inside {owner}: only the main graph is folded"))
             for g in subgraphs(n):
-                self._report_subgraph(g, owner)
+                self._report_nested(g.node, owner)

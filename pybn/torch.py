@@ -186,6 +186,9 @@ def fold(module: nn.Module, *, example_inputs: Any = None,
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError("module: a TorchScript module (torch.jit.script or trace) cannot be folded; fold the "
+                        "Python module, then script the result")
     try:
         model = copy.deepcopy(module).eval()
     except Exception as exc:  # noqa: BLE001 - whatever the model holds that cannot be copied
@@ -193,11 +196,12 @@ def fold(module: nn.Module, *, example_inputs: Any = None,
                         "copy") from exc
     seen = None if example_inputs is None else _observe(model, example_inputs)
     report: list[Folded | NotFolded] = []
-    try:
-        traced = _trace(model)
-    except Exception as exc:  # any failure to trace means: use the fallback
-        why = f"torch.fx cannot trace {type(module).__name__} ({type(exc).__name__}: {_first_line(exc)})"
+    traced, why = _trace(model)
+    if traced is None:
+        why = f"torch.fx cannot trace {type(module).__name__} ({why})"
         logger.info("pybn.torch.fold: %s; folding inside nn.Sequential containers only", why)
+        model = copy.deepcopy(module).eval()  # the traced copy may have been changed by tracing
+        seen = None if example_inputs is None else _observe(model, example_inputs)
         _fold_untraced(model, seen, report, why)
         result = model
     else:
@@ -224,7 +228,22 @@ class _Seen(NamedTuple):
 
 
 def _observe(model: nn.Module, example_inputs: Any) -> _Seen:
-    """Run `model` once on `example_inputs` (eval mode, no gradients) with recording hooks."""
+    """Run a copy of `model` once on `example_inputs` (eval mode, no gradients) with recording
+    hooks; what it shows, keyed by the ids of `model`'s own modules.
+
+    A copy, because forward may change state (a counter, a cache) that the result must not get.
+    """
+    scratch = copy.deepcopy(model)
+    seen = _record_call(scratch, example_inputs)
+    # deepcopy keeps the structure: the k-th module of the copy is the k-th of `model`
+    ids: dict[int | None, int | None] = {None: None}
+    for (_, a), (_, b) in zip(scratch.named_modules(remove_duplicate=False), model.named_modules(remove_duplicate=False)):
+        ids[id(a)] = id(b)
+    return _Seen({ids[k]: v for k, v in seen.ranks.items()},
+                 {ids[k]: {ids[c] for c in v} for k, v in seen.callers.items()})
+
+
+def _record_call(model: nn.Module, example_inputs: Any) -> _Seen:
     seen = _Seen({}, {})
     active: list[nn.Module] = []
 
@@ -270,10 +289,39 @@ class _Tracer(fx.Tracer):
         return _has_hooks(m) or _global_hooks() or super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    tracer = _Tracer()
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+def _trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
+    """(the traced module, "") or (None, why torch.fx cannot trace `model` faithfully).
+
+    Tracing runs forward once on proxies; an in-place change of a tensor that is not proxied, or
+    an attribute assigned, happens then, once, for real, and is not in the graph: the traced
+    module would lack it (a call counter that never counts). So state changed by tracing is a
+    failure to trace.
+    """
+    before = _state(model)
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        traced = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as exc:  # noqa: BLE001 - any failure to trace means: use the fallback
+        return None, f"{type(exc).__name__}: {_first_line(exc)}"
+    changed = [name for name, value in _state(model).items() if before.get(name) != value]
+    if changed:
+        return None, f"forward changes {', '.join(sorted(changed)[:3])}, which a traced graph would not"
+    return traced, ""
+
+
+def _state(model: nn.Module) -> dict[str, Any]:
+    """What identifies the state of every module: its tensors (object and in-place version) and
+    its plain Python attributes."""
+    plain = (int, float, bool, str, bytes, type(None))
+    state: dict[str, Any] = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            state[_join(prefix, name)] = (id(t), t._version)
+        for name, value in vars(m).items():
+            if isinstance(value, plain):
+                state[_join(prefix, name)] = value
+    return state
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -95,7 +95,7 @@ def fold_and_compare(model, feeds, kinds=None, rtol=1e-4, atol=1e-4):
     changes = [r for r in report if isinstance(r, FoldRecord)]
     assert report[:len(changes)] == changes and all(isinstance(r, NotFolded) for r in report[len(changes):])
     # every BatchNormalization, Dropout and Identity left in the main graph is reported, once
-    left = [r.nodes[0] for r in report[len(changes):] if "inside a subgraph" not in r.reason]
+    left = [r.nodes[0] for r in report[len(changes):] if not r.reason.startswith("inside ")]
     assert left == [label(n) for n in folded.graph.node if n.op_type in ("BatchNormalization", "Dropout", "Identity")]
     if kinds is not None:
         assert sorted(r.kind for r in changes) == sorted(kinds)
@@ -1056,7 +1056,7 @@ def test_folded_weights_that_overflow_are_not_written(rng):
     inits["w"].CopyFrom(tensor("w", np.full((6, 4, 3, 3), 3e37)))
     inits["bn.var"].CopyFrom(tensor("bn.var", np.full(6, 1e-4)))  # scale ~ 30: 1e39 is past float32
     folded, report = pybn.onnx.fold(model, return_report=True)
-    assert reasons(report) == {"bn": "with conv: the folded weights overflow float32"}
+    assert reasons(report) == {"bn": "with conv: the folded weights would not be finite in float32"}
     assert ops(folded)["BatchNormalization"] == 1
 
 
@@ -1099,3 +1099,22 @@ def test_zero_channels(rng):
     assert report == [FoldRecord("Conv+BatchNormalization", ("conv", "bn"))]
     onnx.checker.check_model(folded, full_check=True)
     assert [tuple(t.dims) for t in folded.graph.initializer] == [(0, 4, 3, 3), (0,)]
+
+
+def test_nan_gemm_alpha_is_not_folded(rng):
+    model, feeds = gemm_model(rng, transB=1, alpha=float("nan"))
+    folded, report = fold_and_compare(model, feeds, [])
+    assert reasons(report) == {"bn": "with gemm: the folded weights would not be finite in float32"}
+
+
+def test_batch_norm_in_a_model_function_is_reported(rng):
+    model, feeds = conv_bn_model(rng)
+    body = [helper.make_node("BatchNormalization", ["X", "s", "b", "m", "v"], ["Y"], name="inner_bn")]
+    model.functions.append(helper.make_function("local", "MyNorm", ["X", "s", "b", "m", "v"], ["Y"], body,
+                                                [helper.make_opsetid("", 13)]))
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.graph.node.append(helper.make_node("MyNorm", ["y", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["z"],
+                                             domain="local", name="mynorm"))
+    model.graph.output.append(vinfo("z", 4))
+    _, report = fold_and_compare(model, feeds, ["Conv+BatchNormalization"])
+    assert reasons(report) == {"inner_bn": "inside function local.MyNorm: only the main graph is folded"}

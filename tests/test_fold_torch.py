@@ -705,3 +705,55 @@ def test_every_leftover_is_logged(caplog):
     assert report == [NotFolded("batch norm", ("1",), "no Linear or convolution next to it")]
     assert any("not folded: batch norm 1: no Linear or convolution next to it" in r.getMessage()
                for r in caplog.records)
+
+
+class Counting(nn.Module):
+    """Changes its own state in forward (as a cache or a call counter does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.fc(x)) + self.calls
+
+
+class PlainCounter(Counting):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def forward(self, x):
+        self.count += 1
+        return self.bn(self.fc(x)) + self.count
+
+
+@pytest.mark.parametrize("model_class", [Counting, PlainCounter])
+def test_state_changed_in_forward_is_not_lost(model_class):
+    """Tracing ran the increments once, for real, and left them out of the graph: the folded
+    module returned the first call's output for ever (and the example call counted too)."""
+    model = randomize_batch_norms(model_class())
+    x = torch.randn(3, 4)
+    folded, report = pybn.torch.fold(model, example_inputs=x, return_report=True)
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for _ in range(3):
+            assert_same(folded(x), reference(x))
+    changed = "calls" if model_class is Counting else "count"
+    assert leftovers(report) == {"bn": f"torch.fx cannot trace {model_class.__name__} (forward changes {changed}, "
+                                       "which a traced graph would not): only pairs inside an nn.Sequential are "
+                                       "folded then"}
+
+
+def test_torchscript_module_is_refused():
+    import warnings
+
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    with pytest.raises(TypeError, match=r"^module: a TorchScript module \(torch.jit.script or trace\) cannot be "
+                                        r"folded"):
+        pybn.torch.fold(scripted)
