@@ -627,7 +627,10 @@ def _fold_graph_pairs(gm: fx.GraphModule, seen: _Seen | None, report: _Report, *
 
     for bn_node in list(gm.graph.nodes):
         bn = module_of(bn_node)
-        if not isinstance(bn, _BATCH_NORM_BASE) or not bn_node.args:
+        if not isinstance(bn, _BATCH_NORM_BASE):
+            continue
+        if len(bn_node.args) != 1 or bn_node.kwargs:
+            report.note(str(bn_node.target), "it is not called with its input alone")
             continue
         if bn_first:
             users = list(bn_node.users)

@@ -757,3 +757,18 @@ def test_torchscript_module_is_refused():
     with pytest.raises(TypeError, match=r"^module: a TorchScript module \(torch.jit.script or trace\) cannot be "
                                         r"folded"):
         pybn.torch.fold(scripted)
+
+
+class BatchNormByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(input=self.conv(x))
+
+
+def test_batch_norm_called_by_keyword_is_reported_as_such():
+    _, report = check_fold(randomize_batch_norms(BatchNormByKeyword()), torch.randn(2, 3, 6, 6))
+    assert report == [NotFolded("batch norm", ("bn",), "it is not called with its input alone")]
