@@ -115,7 +115,7 @@ def _run(path_in: str, path_out: str) -> int:
     before = _counts(model)  # before save: save makes folded's tensors external
     after = _counts(folded)
     try:
-        data_name = _onnx_files.save(folded, path_out, external)
+        data_name = _onnx_files.save(folded, path_out, external, keep=(path_in,))
     except ValueError as e:  # an external data file of IN, or a model too large to serialize
         raise _Failure(f"cannot write {path_out}: {_reason_of_model(e)}") from None
     except OSError as e:

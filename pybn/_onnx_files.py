@@ -13,6 +13,7 @@ Private to ``pybn.onnx`` and its command line, which import it after their guard
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -318,24 +319,34 @@ def _write_sparse(out: BinaryIO, data: bytes) -> None:
 
 # --- writing -------------------------------------------------------------------------------------
 
-def save(model: "onnx.ModelProto", path: str, external: ExternalData | None = None) -> str | None:
+def save(model: "onnx.ModelProto", path: str, external: ExternalData | None = None,
+         keep: tuple[str, ...] = ()) -> str | None:
     """Write `model` to `path` so that any failure leaves `path` as it was and no partial file.
 
     Tensors stored as external data (relative to `external`'s folder), and with them every
     main-graph initializer larger than SMALL bytes, are written to one data file next to the
     model; so is everything when the model would not fit in one protobuf message. `model` is
     changed: those tensors now point to the new data file. A symbolic link at `path` is
-    followed (the link stays, its target is replaced). Returns the data file's name, if any.
+    followed (the link stays, its target is replaced); anything else that is not a regular file
+    (a directory, a device, a FIFO) is refused, as is a file `model`'s external data is read
+    from. The data file never replaces such a file or one of `keep` (the input model). Returns
+    the data file's name, if any.
     """
     target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
     if os.path.isdir(target):
-        raise IsADirectoryError(21, "Is a directory", path)
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+    if os.path.lexists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", path)  # renaming onto /dev/null would replace it
+    sources = _external_sources(model, external)
+    if target in sources:
+        raise ValueError(f"it holds the external data of {sources[target]}")
     folder, name = os.path.split(target)
     uses_external = any(t.data_location == EXTERNAL for t, _ in tensors(model))
     if not uses_external and model.ByteSize() <= PROTOBUF_LIMIT:
         _write_new(target, lambda f: f.write(model.SerializeToString()))
         return None
-    data_name = _data_file_name(name, folder, model, external)
+    protected = set(sources) | {os.path.realpath(p) for p in keep}
+    data_name = _data_file_name(name, folder, protected)
     data_path = os.path.join(folder, data_name)
     with _Temporary(folder, data_name) as data_tmp:
         with open(data_tmp.path, "r+b") as out:
@@ -347,6 +358,20 @@ def save(model: "onnx.ModelProto", path: str, external: ExternalData | None = No
         _write_new(target, lambda f: f.write(model.SerializeToString()),
                    before_rename=lambda: data_tmp.rename(data_path))
     return data_name
+
+
+def _external_sources(model: "onnx.ModelProto", external: ExternalData | None) -> dict[str, str]:
+    """The real path of every file `model`'s external data is read from -> one tensor read from it."""
+    if external is None:
+        return {}
+    sources: dict[str, str] = {}
+    for t, where in tensors(model):
+        if t.data_location == EXTERNAL:
+            try:
+                sources.setdefault(external.locate(t)[0], where)
+            except ValueError as e:
+                raise ValueError(f"{where} {e}") from None
+    return sources
 
 
 def _to_move(model: "onnx.ModelProto") -> Iterator[tuple["onnx.TensorProto", str]]:
@@ -389,19 +414,16 @@ def _align(position: int, t: "onnx.TensorProto") -> int:
     return -(-position // step) * step
 
 
-def _data_file_name(name: str, folder: str, model: "onnx.ModelProto", external: ExternalData | None) -> str:
-    """`name`.data, or `name`.1.data... : the first one no model involved refers to.
+def _data_file_name(name: str, folder: str, protected: set[str]) -> str:
+    """`name`.data, or `name`.1.data... : the first one that is not `protected` (the input model
+    and the files its data are read from) and that the model being replaced does not refer to.
 
-    Renaming the new data file over one that the input model (or the model being replaced)
-    still refers to would break that model if the process stopped before the model itself
-    is renamed into place.
+    Renaming the new data file over a file an old model still refers to would break that model
+    if the process stopped before the new model itself is renamed into place.
     """
-    taken = set()
-    if external is not None and os.path.realpath(folder) == external.base_dir:
-        taken |= {_external_info(t).get("location", "") for t, _ in tensors(model) if t.data_location == EXTERNAL}
-    taken |= _locations_in(os.path.join(folder, name))
+    taken = _locations_in(os.path.join(folder, name))
     candidate, k = f"{name}.data", 1
-    while candidate in taken:
+    while candidate in taken or os.path.realpath(os.path.join(folder, candidate)) in protected:
         candidate, k = f"{name}.{k}.data", k + 1
     return candidate
 

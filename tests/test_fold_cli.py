@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 
@@ -206,6 +207,44 @@ def test_output_that_cannot_be_written(rng, tmp_path, fold_here, out):
               "m.onnx/out.onnx": "Not a directory"}[out]
     assert_one_line_failure(r, f"cannot write {out}: {reason}")
     assert leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "m.onnx"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_output_that_is_not_a_regular_file_is_not_replaced(rng, tmp_path, kind):
+    """Renamed onto, /dev/null (as root) would become a regular file; written into, a FIFO
+    without a reader would block for ever (so: a child with a timeout)."""
+    model, _ = conv_bn(rng)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    out = tmp_path / "out.onnx"
+    if kind == "fifo":
+        os.mkfifo(out)
+    else:  # a node of the null device, in this folder
+        os.mknod(out, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    r = cli(tmp_path, "m.onnx", "out.onnx", timeout=60)
+    assert_one_line_failure(r, "cannot write out.onnx: not a regular file")
+    mode = out.lstat().st_mode
+    assert stat.S_ISFIFO(mode) if kind == "fifo" else stat.S_ISCHR(mode)
+    assert leftovers(tmp_path) == []
+
+
+def test_output_that_is_the_inputs_external_data_is_refused(rng, tmp_path, fold_here):
+    model, feeds = external_model(rng, tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    r = fold_here(tmp_path, "m.onnx", "weights.bin")
+    assert_one_line_failure(r, "cannot write weights.bin: it holds the external data of initializer 'E'")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    assert_same_outputs(tmp_path / "m.onnx", model, feeds)
+
+
+def test_data_file_never_replaces_the_input(rng, tmp_path, fold_here):
+    """OUT's data file would be OUT + ".data": here that is IN itself, which must survive."""
+    model, feeds = external_model(rng, tmp_path / "in")
+    os.rename(tmp_path / "in" / "m.onnx", tmp_path / "in" / "f.onnx.data")
+    r = fold_here(tmp_path / "in", "f.onnx.data", "f.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "(weights in f.onnx.1.data next to it)" in r.stdout
+    assert_same_outputs(tmp_path / "in" / "f.onnx.data", model, feeds)
+    assert_same_outputs(tmp_path / "in" / "f.onnx", model, feeds)
 
 
 def test_output_symlink_to_the_input_replaces_the_input(rng, tmp_path, fold_here):
