@@ -237,7 +237,8 @@ def _observe(model: nn.Module, example_inputs: Any) -> _Seen:
     seen = _record_call(scratch, example_inputs)
     # deepcopy keeps the structure: the k-th module of the copy is the k-th of `model`
     ids: dict[int | None, int | None] = {None: None}
-    for (_, a), (_, b) in zip(scratch.named_modules(remove_duplicate=False), model.named_modules(remove_duplicate=False)):
+    pairs = zip(scratch.named_modules(remove_duplicate=False), model.named_modules(remove_duplicate=False))
+    for (_, a), (_, b) in pairs:
         ids[id(a)] = id(b)
     return _Seen({ids[k]: v for k, v in seen.ranks.items()},
                  {ids[k]: {ids[c] for c in v} for k, v in seen.callers.items()})
@@ -320,7 +321,7 @@ def _state(model: nn.Module) -> dict[str, Any]:
             state[_join(prefix, name)] = (id(t), t._version)
         for name, value in vars(m).items():
             if isinstance(value, plain):
-                state[_join(prefix, name)] = value
+                state[_join(prefix, name)] = repr(value)  # (a NaN equals itself as text)
     return state
 
 
@@ -365,9 +366,11 @@ def _plain_problem(module: nn.Module, classes: Sequence[type[nn.Module]]) -> str
     else; hooks and parametrizations would be lost or broken by changing the weights.
     """
     name = type(module).__name__
-    if not any(isinstance(module, c) and type(module).forward is c.forward for c in classes):
-        return f"{name} has its own forward" if isinstance(module, tuple(classes)) else \
-            f"{name} is not {' or '.join(c.__name__ for c in classes)}"
+    matching = [c for c in classes if isinstance(module, c)]
+    if not matching:
+        return f"{name} is not {' or '.join(c.__name__ for c in classes)}"
+    if not any(type(module).forward is c.forward for c in matching):
+        return f"{name} has its own forward"
     if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in _tensors(module)):
         return f"{name} is not initialized (a lazy module never called)"
     if _has_hooks(module):
@@ -399,8 +402,7 @@ def _layer(module: nn.Module) -> tuple[str, int] | None:
 
 def _layer_problem(layer: nn.Module) -> str | None:
     found = _layer(layer)
-    problem = _plain_problem(layer, [type_ for type_ in _LAYER_CLASSES if isinstance(layer, type_)][:1]
-                             or list(_LAYER_CLASSES))
+    problem = _plain_problem(layer, _LAYER_CLASSES)
     if problem or found is None:
         return problem
     if not _finite(layer.weight) or (layer.bias is not None and not _finite(layer.bias)):
@@ -418,7 +420,7 @@ def _batch_norm_dims(module: nn.Module) -> int | None:
 
 def _bn_problem(bn: nn.Module) -> str | None:
     """Why this batch norm cannot be folded into any layer (None: it can, with a partner)."""
-    problem = _plain_problem(bn, [cls for cls in _BATCH_NORMS if isinstance(bn, cls)][:1] or list(_BATCH_NORMS))
+    problem = _plain_problem(bn, list(_BATCH_NORMS))
     if problem:
         return problem
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
@@ -483,11 +485,7 @@ def _bn_then_layer_problem(bn: nn.Module, layer: nn.Module, seen: _Seen | None) 
 
 
 def _dropout_problem(module: nn.Module) -> str | None:
-    return _plain_problem(module, [cls for cls in _DROPOUTS if isinstance(module, cls)][:1] or list(_DROPOUTS))
-
-
-def _is_dropout(module: nn.Module) -> bool:
-    return _dropout_problem(module) is None
+    return _plain_problem(module, _DROPOUTS)
 
 
 # ---------------------------------------------------------------------------------------
