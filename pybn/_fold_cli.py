@@ -1,11 +1,36 @@
 """``python -m pybn fold IN.onnx OUT.onnx``: fold batch norms and remove Dropout/Identity in an
-ONNX model (pybn.onnx.fold), print what changed and the node counts before and after."""
+ONNX model (pybn.onnx.fold), print what changed, what was left and why, and the node counts
+before and after.
+
+Every failure is one line on stderr and exit status 1 (2 for a usage error, as argparse does;
+128 + the signal's number when interrupted by SIGINT, SIGTERM or SIGHUP). OUT is written through a
+temporary file in its folder and renamed into place once complete, so a failure never leaves
+a partial OUT, and IN survives ``fold M.onnx M.onnx``. Tensors stored as external data are read
+from IN's folder only as needed and written to one data file next to OUT.
+"""
 from __future__ import annotations
 
 import argparse
 import collections
+import os
+import signal
+import stat
 import sys
-from typing import Any
+from typing import Any, Iterator
+
+_PROTOBUF_LIMIT = 2**31 - 1  # bytes: the largest file a protobuf message can be read from
+
+
+class _Failure(Exception):
+    """A failure to report as the one line of its message."""
+
+
+class _Interrupted(BaseException):
+    """A terminating signal, raised where the program is so that temporary files are removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,14 +40,13 @@ def _parser() -> argparse.ArgumentParser:
                     "Gemm or MatMul(+Add), and remove Dropout and Identity, where that is exact "
                     "(constant weights, a single consumer). Needs the onnx package.")
     p.add_argument("input", metavar="IN.onnx", help="the model to read")
-    p.add_argument("output", metavar="OUT.onnx", help="where to write the folded model")
+    p.add_argument("output", metavar="OUT.onnx", help="where to write the folded model (may be IN.onnx)")
     return p
 
 
-def _error(msg: str) -> int:
+def _error(msg: str) -> None:
     lines = [line.strip() for line in str(msg).splitlines() if line.strip()]
     print(f"pybn fold: error: {lines[0] if lines else 'unknown error'}", file=sys.stderr)
-    return 1
 
 
 def _reason(e: BaseException) -> str:
@@ -32,18 +56,6 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _load(path: str) -> Any:
-    import onnx
-
-    model = onnx.load(path)  # external data next to the model is loaded too
-    onnx.checker.check_model(model)  # an arbitrary file often parses as some protobuf message
-    return model
-
-
-def _counts(model: Any) -> collections.Counter:
-    return collections.Counter(n.op_type for n in model.graph.node)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``fold`` with command-line arguments `argv`; returns the exit status."""
     try:
@@ -51,35 +63,110 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a usage error (argparse printed it)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
-        import onnx
+        with _SignalsRaise():
+            return _run(args.input, args.output)
+    except _Failure as e:
+        _error(str(e))
+    except _Interrupted as e:
+        _error(f"interrupted by {signal.Signals(e.signum).name}; {args.output} was not written")
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        _error(f"interrupted; {args.output} was not written")
+        return 128 + signal.SIGINT
+    except Exception as e:  # noqa: BLE001 - anything else is still one line, not a traceback
+        _error(f"unexpected error, {args.output} was not written: {_reason(e)}")
+    return 1
 
-        from . import onnx as pybn_onnx
+
+class _SignalsRaise:
+    """SIGTERM and SIGHUP raise _Interrupted (SIGINT raises KeyboardInterrupt already) while
+    the program runs, so that the temporary files of a write are removed."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            raise _Interrupted(signum)
+
+        self.previous = {}
+        for s in self.SIGNALS:
+            try:
+                self.previous[s] = signal.signal(s, handler)
+            except ValueError:  # not the main thread (main() called from a thread): leave them
+                pass
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def _run(path_in: str, path_out: str) -> int:
+    try:
+        from . import _onnx_files
+        from .onnx import fold_model
     except ImportError as e:
-        return _error(str(e))
+        raise _Failure(str(e)) from None
+    model = _load(path_in)
+    external = _onnx_files.ExternalData(os.path.dirname(os.path.abspath(path_in)))
     try:
-        model = _load(args.input)
+        folded, report = fold_model(model, external)
+    except ValueError as e:
+        raise _Failure(f"{path_in} is not a valid ONNX model: {_reason_of_model(e)}") from None
+    before = _counts(model)  # before save: save makes folded's tensors external
+    after = _counts(folded)
+    try:
+        data_name = _onnx_files.save(folded, path_out, external, keep=(path_in,))
+    except ValueError as e:  # an external data file of IN, or a model too large to serialize
+        raise _Failure(f"cannot write {path_out}: {_reason_of_model(e)}") from None
     except OSError as e:
-        return _error(f"cannot read {args.input}: {_reason(e)}")
-    except Exception as e:  # noqa: BLE001 - any failure to parse or check: one line, no traceback
-        return _error(f"{args.input} is not a valid ONNX model: {_reason(e)}")
-    folded, report = pybn_onnx.fold(model, return_report=True)
-    try:
-        onnx.save(folded, args.output)
-    except (OSError, ValueError) as e:
-        return _error(f"cannot write {args.output}: {_reason(e)}")
+        raise _Failure(f"cannot write {path_out}: {_reason(e)}") from None
+    for line in _summary(report, before, after):
+        print(line)
+    print(f"wrote {path_out}" + (f" (weights in {data_name} next to it)" if data_name else ""))
+    return 0
 
-    for rec in report:
-        print(rec)
-    if not report:
-        print("nothing to fold")
-    before, after = _counts(model), _counts(folded)
-    print(f"nodes: {sum(before.values())} -> {sum(after.values())}")
+
+def _reason_of_model(e: ValueError) -> str:
+    text = str(e)
+    return text[len("model: "):] if text.startswith("model: ") else text
+
+
+def _load(path: str) -> Any:
+    """The model at `path`, checked by path (so external data of any size is checked in
+    place), without its external data (read later, as needed)."""
+    import onnx
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _Failure(f"cannot read {path}: {_reason(e)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _Failure(f"cannot read {path}: not a regular file")
+    if st.st_size > _PROTOBUF_LIMIT:
+        raise _Failure(f"{path} is not a valid ONNX model: {st.st_size} bytes, more than the 2 GiB a protobuf "
+                       "file can hold (larger models keep their weights in external data files)")
+    try:
+        onnx.checker.check_model(path)  # an arbitrary file often parses as some protobuf message
+        return onnx.load(path, load_external_data=False)
+    except OSError as e:
+        raise _Failure(f"cannot read {path}: {_reason(e)}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse or check: one line, no traceback
+        raise _Failure(f"{path} is not a valid ONNX model: {_reason(e)}") from None
+
+
+def _counts(model: Any) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def _summary(report: list[Any], before: collections.Counter, after: collections.Counter) -> Iterator[str]:
+    yield from (str(rec) for rec in report)
+    if all(hasattr(rec, "reason") for rec in report):  # only what was left (NotFolded)
+        yield "nothing to fold"
+    yield f"nodes: {sum(before.values())} -> {sum(after.values())}"
     op_types = sorted(set(before) | set(after))
     width = max((len(op) for op in op_types), default=0)
     for op in op_types:
-        print(f"  {op:<{width}} {before[op]:>5} -> {after[op]}")
-    print(f"wrote {args.output}")
-    return 0
+        yield f"  {op:<{width}} {before[op]:>5} -> {after[op]}"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ._onnx_files import SMALL, ExternalData, first_line, light_copy
+
 logger = logging.getLogger("pybn.onnx")  # fold's logger: this module is part of fold
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -89,8 +91,9 @@ class GraphEditor:
     graph outputs count as used.
     """
 
-    def __init__(self, model: "onnx.ModelProto") -> None:
+    def __init__(self, model: "onnx.ModelProto", external: ExternalData | None = None) -> None:
         self.model = model
+        self.external = external  # where tensors stored as external data are read (None: they are not)
         self.proto = model.graph  # the main graph
         self.opset = 1
         for op in model.opset_import:
@@ -117,6 +120,7 @@ class GraphEditor:
         self.new_inits: list[Any] = []
         self.consts: dict[str, np.ndarray | None] = {}
         self._ranks: dict[str, int] | None = None
+        self.rank_failure = ""  # why shape inference failed, if it did
         # removed nodes and nodes to insert after a node, applied by compact; keyed by id(),
         # the node itself kept in the value so that the id stays unique until then
         self.removed: dict[int, Any] = {}
@@ -218,39 +222,72 @@ class GraphEditor:
         if name in self.consts:
             return self.consts[name]
         value = None
-        if name in self.inits and name not in self.inputs:
-            t = self.inits[name]
+        t = self.const_tensor(name)
+        if t is not None and not t.HasField("segment"):
             if t.data_location != onnx.TensorProto.EXTERNAL:
-                value = numpy_helper.to_array(t)
-        elif name not in self.inputs:
-            node = self.producer.get(name)
-            if node is not None and is_default(node, "Constant") and len(node.attribute) == 1 \
-                    and node.attribute[0].name == "value":
-                t = node.attribute[0].t
-                if t.data_location != onnx.TensorProto.EXTERNAL:
-                    value = numpy_helper.to_array(t)
+                value = numpy_helper.to_array(t)  # (fold checked its size first)
+            elif self.external is not None:
+                value = self.external.array(t)
         self.consts[name] = value
         return value
 
-    def weight(self, name: str, ndim: int | None = None) -> np.ndarray | None:
-        """A constant float32 or float64 input (of rank `ndim` if given), else None."""
-        w = self.const(name)
-        if w is None or w.dtype not in FLOAT_WEIGHTS or (ndim is not None and w.ndim != ndim):
+    def const_tensor(self, name: str) -> Any:
+        """The TensorProto of a constant input: an initializer that is not a graph input, or a Constant."""
+        if name in self.inputs:
             return None
+        if name in self.inits:
+            return self.inits[name]
+        node = self.producer.get(name)
+        if node is not None and is_default(node, "Constant") and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value":
+            return node.attribute[0].t
+        return None
+
+    def const_problem(self, name: str) -> str:
+        """Why `name` has no constant value (for the report)."""
+        if name in self.inputs:
+            return f"{name!r} is a graph input, not a constant"
+        t = self.const_tensor(name)
+        if t is not None and t.data_location == onnx.TensorProto.EXTERNAL and self.external is None:
+            return f"{name!r} is external data that was not loaded"
+        if t is not None:
+            return f"{name!r} cannot be read"
+        node = self.producer.get(name)
+        if node is not None:
+            return f"{name!r} is computed by {label(node)}, not a constant"
+        return f"{name!r} is not a constant"
+
+    def weight(self, name: str, ndim: int | None = None) -> np.ndarray | str:
+        """A constant, finite float32 or float64 input (of rank `ndim` if given), else why not."""
+        w = self.const(name)
+        if w is None:
+            return self.const_problem(name)
+        if w.dtype not in FLOAT_WEIGHTS:
+            return f"{name!r} is {w.dtype} (only float32 and float64 weights are folded)"
+        if ndim is not None and w.ndim != ndim:
+            return f"{name!r} has shape {w.shape}, not {ndim}-D"
+        if not np.all(np.isfinite(w)):
+            return f"{name!r} has values that are not finite"
         return w
 
     def rank(self, name: str) -> int | None:
-        """The rank of a value, from the model's type information or ONNX shape inference."""
+        """The rank of a value, from ONNX shape inference run by this editor.
+
+        Never from the model's own annotations (value_info, output shapes), which nothing
+        checks: a stale one would fold on the wrong axis. Inference runs in strict mode on a
+        copy without them (graph input shapes stay: runtimes check those); if it fails, no
+        rank is known.
+        """
         if self._ranks is None:
             self._ranks = {}
             try:
-                inferred = onnx.shape_inference.infer_shapes(self._original_for_inference())
-                infos = list(inferred.graph.value_info)
-                infos += list(inferred.graph.input) + list(inferred.graph.output)
-            except Exception as e:  # shape inference is a best effort: unknown ranks only skip folds
-                logger.debug("shape inference failed: %s", e)
-                infos = list(self.proto.value_info) + list(self.proto.input) + list(self.proto.output)
-            for v in infos:
+                inferred = onnx.shape_inference.infer_shapes(self._model_for_inference(), strict_mode=True)
+            except Exception as e:  # noqa: BLE001 - unknown ranks only skip the folds that need them
+                self.rank_failure = f"shape inference failed ({first_line(e)})"
+                logger.debug("pybn.onnx.fold: %s", self.rank_failure)
+                return None
+            g = inferred.graph
+            for v in list(g.value_info) + list(g.input) + list(g.output):
                 tt = v.type.tensor_type
                 if v.type.HasField("tensor_type") and tt.HasField("shape"):
                     self._ranks[v.name] = len(tt.shape.dim)
@@ -258,12 +295,21 @@ class GraphEditor:
                 self._ranks.setdefault(init_name, len(t.dims))
         return self._ranks.get(name)
 
-    def _original_for_inference(self) -> Any:
-        m = onnx.ModelProto()
-        m.CopyFrom(self.model)
-        del m.graph.node[:]
-        m.graph.node.extend(self.ordered())
-        m.graph.initializer.extend(self.new_inits)
+    def _model_for_inference(self) -> Any:
+        """The graph as edited so far, without the model's value_info, output shapes and weights."""
+        m = light_copy(self.model, big_initializers="inputs")
+        g = m.graph
+        del g.node[:]
+        g.node.extend(self.ordered())
+        del g.value_info[:]
+        for v in g.output:
+            if v.type.HasField("tensor_type"):
+                v.type.tensor_type.ClearField("shape")
+        for t in self.new_inits:
+            if t.ByteSize() > SMALL:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            else:
+                g.initializer.add().CopyFrom(t)
         return m
 
     # --- new names, nodes and initializers -------------------------------------------------------

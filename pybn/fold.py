@@ -1,5 +1,4 @@
-"""Folding inference-mode batch norm into the neighbouring conv / linear weights
-(DESIGN.md, "Folding batch norm").
+"""Folding inference-mode batch norm into the neighbouring conv / linear weights.
 
 With ``s = gamma / sqrt(running_var + eps)`` and ``t = beta - running_mean * s``:
 
@@ -60,6 +59,41 @@ def _bn_scale_shift(channels: int, running_mean: Any, running_var: Any, gamma: A
     g = _per_channel(gamma, "gamma", channels, 1.0)
     b = _per_channel(beta, "beta", channels, 0.0)
     return mean, g / np.sqrt(var + eps), b
+
+
+def _channels(indices: np.ndarray, total: int) -> str:
+    """"channel 3", "channels 1, 4, 9 (of 64)", "channels 0, 1, 2, 3, 4, ... (12 of 64)"."""
+    shown = ", ".join(str(i) for i in indices[:5])
+    if indices.size == 1:
+        return f"channel {shown}"
+    more = f", ... ({indices.size} of {total})" if indices.size > 5 else f" (of {total})"
+    return f"channels {shown}{more}"
+
+
+def batch_norm_fold_problem(params: dict[str, np.ndarray | None], var: str, eps: float) -> str | None:
+    """Why no folded layer equals this batch norm exactly, or None when one does.
+
+    For the model folders (pybn.torch, pybn.onnx), before they fold: `params` maps the name
+    each parameter has in the caller's model (``running_var``, ``weight``...) to its values
+    (None: absent), `var` is the name of the variance among them. The fold needs finite
+    parameters and a finite scale ``gamma / sqrt(var + eps)``: a negative variance, or
+    ``var + eps == 0``, makes the batch norm itself compute NaN or infinities whose pattern
+    no folded weight reproduces.
+    """
+    if not (math.isfinite(eps) and eps >= 0):
+        return f"eps = {eps} is not a finite number >= 0"
+    for name, values in params.items():
+        if values is not None and not np.all(np.isfinite(values)):
+            bad = np.flatnonzero(~np.isfinite(values))
+            return f"{name} is not finite in {_channels(bad, values.size)}"
+    v = np.asarray(params[var], dtype=np.float64)
+    negative = np.flatnonzero(v < 0)
+    if negative.size:
+        return f"{var} is negative in {_channels(negative, v.size)} (a variance is >= 0)"
+    zero = np.flatnonzero(v + eps <= 0)
+    if zero.size:
+        return f"{var} + eps is 0 in {_channels(zero, v.size)} (the batch norm divides by 0 there)"
+    return None
 
 
 def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma: Any = None,

@@ -38,12 +38,12 @@ def rng(request):
 
 # ------------------------------------------------- issue 6: reliability additions
 
-OPT_IN_MARKERS = ("slow", "huge")
+OPT_IN_MARKERS = ("slow", "huge", "bigmodel")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked slow (valgrind) or huge (> 8 GB of memory) run only when the -m
-    expression names their marker, e.g. ``python -m pytest -m slow``."""
+    """Tests marked slow (valgrind), huge (> 8 GB of memory) or bigmodel (an ONNX model past
+    2 GiB) run only when the -m expression names their marker, e.g. ``python -m pytest -m slow``."""
     expr = config.getoption("markexpr") or ""
     for item in items:
         for name in OPT_IN_MARKERS:

@@ -20,7 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import pybn.onnx  # noqa: E402
-from pybn.onnx import FoldRecord  # noqa: E402
+from pybn.onnx import FoldRecord, NotFolded  # noqa: E402
 
 F32 = TensorProto.FLOAT
 DATA = pathlib.Path(__file__).parent / "data" / "onnx_pytorch_converted"
@@ -92,10 +92,23 @@ def fold_and_compare(model, feeds, kinds=None, rtol=1e-4, atol=1e-4):
     for w, g in zip(want, got):
         assert g.dtype == w.dtype and g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
-    assert all(isinstance(r, FoldRecord) for r in report)
+    changes = [r for r in report if isinstance(r, FoldRecord)]
+    assert report[:len(changes)] == changes and all(isinstance(r, NotFolded) for r in report[len(changes):])
+    # every BatchNormalization, Dropout and Identity left in the main graph is reported, once
+    left = [r.nodes[0] for r in report[len(changes):] if not r.reason.startswith("inside ")]
+    assert left == [label(n) for n in folded.graph.node if n.op_type in ("BatchNormalization", "Dropout", "Identity")]
     if kinds is not None:
-        assert sorted(r.kind for r in report) == sorted(kinds)
+        assert sorted(r.kind for r in changes) == sorted(kinds)
     return folded, report
+
+
+def label(node):
+    return node.name or f"{node.op_type}:{node.output[0]}"
+
+
+def reasons(report):
+    """node -> why it was left in place."""
+    return {r.nodes[0]: r.reason for r in report if isinstance(r, NotFolded)}
 
 
 def inits_of(model):
@@ -206,7 +219,8 @@ def test_conv_bn_opset6(rng, is_test):
     folded, report = pybn.onnx.fold(model, return_report=True)
     onnx.checker.check_model(folded, full_check=True)
     if not is_test:  # training mode: batch statistics
-        assert report == [] and ops(folded)["BatchNormalization"] == 1
+        assert report == [NotFolded("BatchNormalization", ("bn",), "is_test=0: training mode")]
+        assert ops(folded)["BatchNormalization"] == 1
         return
     assert ops(folded) == {"Conv": 1}
     (want,) = ReferenceEvaluator(model).run(None, feeds)
@@ -729,7 +743,9 @@ def test_backend_testdata_unchanged(name):
     """Each is a lone BatchNormalization (opset 6) whose parameters are graph inputs."""
     model = onnx.load(str(DATA / name / "model.onnx"))
     folded, report = pybn.onnx.fold(model, return_report=True)
-    assert report == []
+    (bn,) = model.graph.node
+    assert report == [NotFolded("BatchNormalization", (label(bn),), f"{bn.input[1]!r} is a graph input, not a "
+                                                                    "constant")]
     assert folded.SerializeToString() == model.SerializeToString()
     # still correct: onnxruntime has no BatchNormalization-6, the reference evaluator does
     from onnx.reference import ReferenceEvaluator
@@ -890,3 +906,215 @@ def test_cli_invalid_file(tmp_path, content):
 def test_cli_help_lists_fold(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pybn", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0 and "fold" in r.stdout
+
+
+# --- annotations fold must not trust, invalid models it must refuse, hostile ones -------------------
+
+def stale_rank_model(rng, bn_after):
+    """A rank-3 MatMul next to a BN, with value_info claiming the value between is rank 2: the
+    checker accepts it and onnxruntime runs it (it only warns)."""
+    if bn_after:  # (B, 5, 6) @ (6, 5) -> "m" (B, 5, 5) -> BN(5): normalizes axis 1, the 5 rows
+        model, feeds = matmul_model(rng, rows=("B", 5))
+        model.graph.value_info.append(vinfo("m", ["B", 5]))
+    else:  # (B, 6, 6) -> BN(6) -> "h" -> MatMul: BN normalizes axis 1, MatMul contracts axis 2
+        model, feeds = matmul_model(rng, bn_after=False, rows=("B", 6), k=6)
+        model.graph.value_info.append(vinfo("h", ["B", 6]))
+    onnx.checker.check_model(model)
+    return model, feeds
+
+
+@pytest.mark.parametrize("bn_after", [True, False], ids=["matmul_bn", "bn_matmul"])
+def test_stale_value_info_rank_is_not_trusted(rng, bn_after):
+    model, feeds = stale_rank_model(rng, bn_after)
+    folded, report = pybn.onnx.fold(model, return_report=True)
+    want, got = run(model, feeds)[0], run(folded, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    value = "its output 'm'" if bn_after else "its input 'a'"
+    assert reasons(report) == {"bn": f"with mm: {value} has rank 3; the fold is exact only for rank 2"}
+
+
+def test_wrong_value_info_does_not_stop_a_fold(rng):
+    """The rank comes from inference, so a wrong annotation claiming rank 3 does not block it."""
+    model, feeds = matmul_model(rng)
+    model.graph.value_info.append(vinfo("m", ["M", 5, 1]))
+    folded, report = pybn.onnx.fold(model, return_report=True)
+    assert report == [FoldRecord("MatMul+BatchNormalization", ("mm", "bn"))]
+    np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_failed_shape_inference_is_the_reason(rng):
+    model, feeds = matmul_model(rng, bn_after=False)
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "bad_shape"], ["a"]))  # inconsistent
+    model.graph.input[0].CopyFrom(vinfo("x", [3, 6]))
+    model.graph.initializer.append(tensor("bad_shape", [4, 5], np.int64))
+    _, report = pybn.onnx.fold(model, return_report=True)
+    assert reasons(report)["bn"].startswith("with mm: the rank of its input 'a' is not known: shape inference "
+                                            "failed (")
+
+
+def invalid(rng, case):
+    model, _ = conv_bn_model(rng, cin=3, cout=3, kernel=(1, 1))
+    g = model.graph
+    w = g.initializer[0]  # "w": (3, 3, 1, 1) float32, 36 bytes
+    if case == "duplicate_initializer":
+        g.initializer.append(tensor("w", np.zeros((3, 3, 1, 1))))
+    elif case == "cycle":
+        g.node[0].input[0] = "y"
+    elif case == "unsorted":
+        g.node.reverse()
+    elif case == "undefined_input":
+        g.node[0].input[0] = "nowhere"
+    elif case == "raw_data_long":
+        w.raw_data = w.raw_data + bytes(8)
+    elif case == "raw_data_short":
+        w.raw_data = w.raw_data[:-4]
+    elif case == "no_data":
+        w.ClearField("raw_data")
+    elif case == "two_fields":
+        w.float_data.extend([1.0] * 9)
+    elif case == "float_data_count":
+        w.ClearField("raw_data")
+        w.float_data.extend([1.0] * 8)
+    elif case == "negative_dim":
+        w.dims[0] = -3
+    elif case == "huge_dims":  # declares 2**80 elements, holds 36 bytes: nothing may allocate for it
+        del w.dims[:]
+        w.dims.extend([2**40, 2**40])
+    elif case == "external_without_location":
+        w.ClearField("raw_data")
+        w.data_location = TensorProto.EXTERNAL
+    elif case == "no_opset":
+        del model.opset_import[:]
+    elif case == "empty":
+        model = onnx.ModelProto()
+    return model
+
+
+INVALID = {
+    "duplicate_initializer": "w initializer name is not unique",
+    "cycle": "topologically sorted",
+    "unsorted": "topologically sorted",
+    "undefined_input": "topologically sorted",
+    "raw_data_long": "initializer 'w' holds 44 bytes of raw data; its shape (3, 3, 1, 1) and type FLOAT need 36",
+    "raw_data_short": "initializer 'w' holds 32 bytes of raw data; its shape (3, 3, 1, 1) and type FLOAT need 36",
+    "no_data": "initializer 'w' holds no data; its shape (3, 3, 1, 1) and type FLOAT need 9 elements",
+    "two_fields": "initializer 'w' has data in two fields (raw_data, float_data)",
+    "float_data_count": "initializer 'w' holds 8 values in float_data; its shape (3, 3, 1, 1) and type FLOAT need 9",
+    "negative_dim": "initializer 'w' has a negative dimension in (-3, 3, 1, 1)",
+    "huge_dims": "initializer 'w' holds 36 bytes of raw data; its shape (1099511627776, 1099511627776) and type "
+                 "FLOAT need 4835703278458516698824704",
+    "external_without_location": "initializer 'w' has external data without a location",
+    "no_opset": "opset_import",
+    "empty": "ir_version",
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_model_is_refused(rng, case):
+    """fold checks its input as the command line does: an invalid model gives a ValueError, never a
+    model computing something else (two initializers named "w": the runtime takes the last)."""
+    model = invalid(rng, case)
+    with pytest.raises(ValueError, match=r"^model: ") as info:
+        pybn.onnx.fold(model)
+    assert INVALID[case] in str(info.value)
+
+
+def test_invalid_tensor_in_a_subgraph_is_refused(rng):
+    model, _ = conv_bn_model(rng)
+    bad = tensor("k", [1.0, 2.0])
+    bad.raw_data = bad.raw_data[:4]
+    branch = helper.make_graph([helper.make_node("Identity", ["k"], ["o"])], "then", [], [vinfo("o", 1)], [bad])
+    model.graph.node.append(helper.make_node("If", ["cond"], ["z"], name="if", then_branch=branch,
+                                             else_branch=branch))
+    model.graph.input.append(vinfo("cond", [], TensorProto.BOOL))
+    model.graph.output.append(vinfo("z", 1))
+    with pytest.raises(ValueError, match=r"^model: initializer 'k' in a subgraph of node if holds 4 bytes"):
+        pybn.onnx.fold(model)
+
+
+@pytest.mark.parametrize("case", ["nan_mean", "inf_var", "negative_var", "zero_var_zero_eps", "inf_scale"])
+def test_non_finite_or_negative_statistics_are_left_to_the_runtime(rng, case):
+    model, feeds = conv_bn_model(rng, bn_attrs={"eps": 0.0} if case == "zero_var_zero_eps" else None)
+    inits = {t.name: t for t in model.graph.initializer}
+    name, channel, value = {"nan_mean": ("bn.mean", 2, np.nan), "inf_var": ("bn.var", 0, np.inf),
+                            "negative_var": ("bn.var", 4, -0.5), "zero_var_zero_eps": ("bn.var", 1, 0.0),
+                            "inf_scale": ("bn.scale", 3, np.inf)}[case]
+    values = numpy_helper.to_array(inits[name]).copy()
+    values[channel] = value
+    inits[name].CopyFrom(tensor(name, values))
+    folded, report = fold_and_compare(model, feeds, [])  # the runtime's NaN and infinities, unchanged
+    assert reasons(report) == {"bn": {
+        "nan_mean": "bn.mean is not finite in channel 2", "inf_var": "bn.var is not finite in channel 0",
+        "negative_var": "bn.var is negative in channel 4 (a variance is >= 0)",
+        "zero_var_zero_eps": "bn.var + eps is 0 in channel 1 (the batch norm divides by 0 there)",
+        "inf_scale": "bn.scale is not finite in channel 3"}[case]}
+
+
+def test_folded_weights_that_overflow_are_not_written(rng):
+    model, feeds = conv_bn_model(rng)
+    inits = {t.name: t for t in model.graph.initializer}
+    inits["w"].CopyFrom(tensor("w", np.full((6, 4, 3, 3), 3e37)))
+    inits["bn.var"].CopyFrom(tensor("bn.var", np.full(6, 1e-4)))  # scale ~ 30: 1e39 is past float32
+    folded, report = pybn.onnx.fold(model, return_report=True)
+    assert reasons(report) == {"bn": "with conv: the folded weights would not be finite in float32"}
+    assert ops(folded)["BatchNormalization"] == 1
+
+
+def test_weight_dtypes_that_are_not_folded(rng):
+    model, _ = conv_bn_model(rng, dtype=np.float16)
+    folded, report = pybn.onnx.fold(model, return_report=True)
+    assert reasons(report) == {"bn": "with conv: 'w' is float16 (only float32 and float64 weights are folded)"}
+    model, _ = conv_bn_model(rng)
+    inits = {t.name: t for t in model.graph.initializer}
+    inits["bn.var"].CopyFrom(tensor("bn.var", np.ones(6), np.int64))
+    _, report = pybn.onnx.fold(model, return_report=True)
+    assert reasons(report) == {"bn": "'bn.var' is int64, not a float tensor"}
+
+
+def test_batch_norm_inside_a_subgraph_is_reported(rng):
+    model, feeds = conv_bn_model(rng)
+    inner, _ = conv_bn_model(rng)
+    for n in inner.graph.node:  # values of its own, reading the main graph's x
+        n.output[0] = "inner_" + n.output[0]
+        n.input[0] = "x" if n.op_type == "Conv" else "inner_" + n.input[0]
+    body = helper.make_graph(list(inner.graph.node), "then", [], [vinfo("inner_y", 4)],
+                             list(inner.graph.initializer))
+    other = helper.make_graph([helper.make_node("Neg", ["inner_y"], ["o"])], "else", [], [vinfo("o", 4)])
+    other.node.insert(0, helper.make_node("Relu", ["x"], ["inner_y"]))
+    model.graph.node.append(helper.make_node("If", ["cond"], ["z"], name="if", then_branch=body,
+                                             else_branch=other))
+    model.graph.input.append(vinfo("cond", [], TensorProto.BOOL))
+    model.graph.output.append(vinfo("z", 4))
+    for cond in (True, False):
+        feeds["cond"] = np.array(cond)
+        folded, report = fold_and_compare(model, feeds, ["Conv+BatchNormalization"])
+    assert report[1:] == [NotFolded("BatchNormalization", ("bn",), "inside a subgraph of if: only the main graph "
+                                                                   "is folded")]
+
+
+def test_zero_channels(rng):
+    """A batch norm of 0 channels after a conv of 0 output channels: folded, nothing to compute."""
+    model, _ = conv_bn_model(rng, cin=4, cout=0)
+    folded, report = pybn.onnx.fold(model, return_report=True)
+    assert report == [FoldRecord("Conv+BatchNormalization", ("conv", "bn"))]
+    onnx.checker.check_model(folded, full_check=True)
+    assert [tuple(t.dims) for t in folded.graph.initializer] == [(0, 4, 3, 3), (0,)]
+
+
+def test_nan_gemm_alpha_is_not_folded(rng):
+    model, feeds = gemm_model(rng, transB=1, alpha=float("nan"))
+    folded, report = fold_and_compare(model, feeds, [])
+    assert reasons(report) == {"bn": "with gemm: the folded weights would not be finite in float32"}
+
+
+def test_batch_norm_in_a_model_function_is_reported(rng):
+    model, feeds = conv_bn_model(rng)
+    body = [helper.make_node("BatchNormalization", ["X", "s", "b", "m", "v"], ["Y"], name="inner_bn")]
+    model.functions.append(helper.make_function("local", "MyNorm", ["X", "s", "b", "m", "v"], ["Y"], body,
+                                                [helper.make_opsetid("", 13)]))
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.graph.node.append(helper.make_node("MyNorm", ["y", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["z"],
+                                             domain="local", name="mynorm"))
+    model.graph.output.append(vinfo("z", 4))
+    _, report = fold_and_compare(model, feeds, ["Conv+BatchNormalization"])
+    assert reasons(report) == {"inner_bn": "inside function local.MyNorm: only the main graph is folded"}

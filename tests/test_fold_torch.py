@@ -13,7 +13,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import pybn.torch  # noqa: E402
-from pybn.torch import Folded  # noqa: E402
+from pybn.torch import Folded, NotFolded  # noqa: E402
 from tutorial_models import CNNWithBNDropout, red_wine  # noqa: E402
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -47,7 +47,9 @@ def assert_same(actual, expected):
 
 
 def check_fold(model, x, **kwargs):
-    """Fold `model`; assert the result equals model.eval() on x; return (folded, report)."""
+    """Fold `model` (with x as the example input unless told otherwise); assert the result
+    equals model.eval() on x; return (folded, report)."""
+    kwargs.setdefault("example_inputs", x)
     folded, report = pybn.torch.fold(model, return_report=True, **kwargs)
     with torch.no_grad():
         expected = copy.deepcopy(model).eval()(x)
@@ -143,25 +145,28 @@ def test_batch_norm_then_layer(case, dtype):
 
 NOT_FOLDED = {
     # zero padding at the border would not see the BN's shift
-    "bn2d_conv3x3": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1), (2, 4, 5, 5)),
-    "bn2d_conv3x3_no_padding": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3), (2, 4, 5, 5)),
-    "bn2d_conv1x1_padding1": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, padding=1), (2, 4, 5, 5)),
-    "bn2d_conv1x1_groups2": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, groups=2), (2, 4, 5, 5)),
+    "bn2d_conv3x3": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1), (2, 4, 5, 5), "only into a 1x1 conv"),
+    "bn2d_conv3x3_no_padding": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3), (2, 4, 5, 5), "only into a 1x1 conv"),
+    "bn2d_conv1x1_padding1": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, padding=1), (2, 4, 5, 5), "pads its input"),
+    "bn2d_conv1x1_groups2": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, groups=2), (2, 4, 5, 5), "groups=1"),
     # BN before a ConvTranspose: positions no kernel tap reaches would miss the shift
-    "bn2d_conv_transpose1x1": (nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 6, 1, stride=2), (2, 4, 5, 5)),
+    "bn2d_conv_transpose1x1": (nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 6, 1, stride=2), (2, 4, 5, 5),
+                               "before a ConvTranspose"),
     # batch statistics even in eval mode: not an affine map
     "conv_bn_no_running_stats": (nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
-                                 (2, 3, 6, 6)),
-    "bn_no_running_stats_linear": (nn.BatchNorm1d(7, track_running_stats=False), nn.Linear(7, 5), (4, 7)),
+                                 (2, 3, 6, 6), "no running statistics"),
+    "bn_no_running_stats_linear": (nn.BatchNorm1d(7, track_running_stats=False), nn.Linear(7, 5), (4, 7),
+                                   "no running statistics"),
 }
 
 
 @pytest.mark.parametrize("case", list(NOT_FOLDED))
 def test_pairs_that_must_not_fold(case):
-    first, second, shape = copy.deepcopy(NOT_FOLDED[case])
+    first, second, shape, why = copy.deepcopy(NOT_FOLDED[case])
     model = randomize_batch_norms(nn.Sequential(first, second))
     folded, report = check_fold(model, torch.randn(shape))
-    assert report == []
+    bn_name = "0" if isinstance(first, BATCH_NORMS) else "1"
+    assert len(report) == 1 and report[0][:2] == ("batch norm", (bn_name,)) and why in report[0].reason, report
     assert count(folded, BATCH_NORMS) == 1
 
 
@@ -205,7 +210,8 @@ def test_layer_with_other_users_is_not_folded(model_class):
     model = randomize_batch_norms(model_class())
     shape = (3, 5) if model_class is WeightAlsoReadDirectly else (2, 4, 6, 6)
     folded, report = check_fold(model, torch.randn(shape))
-    assert report == []
+    assert len(report) == 1 and report[0][:2] == ("batch norm", ("bn",)), report
+    assert "used 2 times" in report[0].reason
     assert count(folded, BATCH_NORMS) == 1
 
 
@@ -214,8 +220,8 @@ def test_hooked_batch_norm_is_not_folded():
     calls = []
     model[1].register_forward_hook(lambda *args: calls.append(1))
     folded, report = check_fold(model, torch.randn(3, 5))
-    assert report == []
-    assert calls == [1, 1]  # the hook still runs in the folded module (once per check_fold call)
+    assert report == [NotFolded("batch norm", ("1",), "BatchNorm1d has hooks, which would no longer run")]
+    assert calls == [1, 1, 1]  # still runs: in the example call, the original and the folded module
 
 
 # --- dropout ---------------------------------------------------------------------------
@@ -245,7 +251,10 @@ class FunctionalDropout(nn.Module):
 def test_functional_dropout():
     model = randomize_batch_norms(FunctionalDropout())
     folded, report = pybn.torch.fold(model, return_report=True)
-    assert report == [Folded("functional dropout", ("dropout",)), Folded("functional dropout", ("alpha_dropout",))]
+    assert report[:2] == [Folded("functional dropout", ("dropout",)), Folded("functional dropout", ("alpha_dropout",))]
+    assert report[2] == NotFolded("functional dropout", ("dropout_1",),
+                                  "training=True (the default): it drops units in eval mode too")
+    assert report[3][:2] == ("batch norm", ("bn",)) and len(report) == 4
     kept = [n for n in folded.graph.nodes if n.op == "call_function" and n.target is F.dropout]
     assert len(kept) == 1
     x = torch.randn(8, 6)
@@ -399,14 +408,15 @@ def test_example_inputs_decide_batch_norm1d_rank():
     model = randomize_batch_norms(nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 4)))
     x3 = torch.randn(2, 8, 8)
     folded, report = check_fold(model, x3, example_inputs=x3)
-    assert report == []
+    assert report == [NotFolded("batch norm", ("0",), "with 1: its input had rank 3 in the example call; this "
+                                                      "fold is exact only for rank 2")]
     folded, report = check_fold(model, torch.randn(5, 8), example_inputs=(torch.randn(5, 8),))
     assert report == [Folded("bn+linear", ("0", "1"))]
     # Linear on (N, L, C) then BatchNorm1d(L) with L == out_features: normalizes L, no fold
     model = randomize_batch_norms(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)))
     x3 = torch.randn(2, 6, 4)
     _, report = check_fold(model, x3, example_inputs=x3)
-    assert report == []
+    assert [r[:2] for r in report] == [("batch norm", ("1",))] and "rank 3" in report[0].reason
 
 
 def test_return_value_without_report():
@@ -447,3 +457,318 @@ def test_half_weights_fold_in_float32_and_keep_their_dtype(dtype):
         actual = folded(x.to(dtype)).float()
     # a few roundings to 8 (bf16) or 11 (f16) bits
     torch.testing.assert_close(actual, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
+# --- what fold must refuse, and the hooks it must keep ----------------------------------------
+
+def leftovers(report):
+    return {r.names[0]: r.reason for r in report if isinstance(r, NotFolded)}
+
+
+BATCH_NORM1D_PAIRS = {
+    # the issue's reproducer: BatchNorm1d on (N, C, L) normalizes C, the Linear acts on L == C
+    "bn1d_linear_3d": (lambda: nn.Sequential(nn.BatchNorm1d(10), nn.Linear(10, 4)), (5, 10, 10), "0"),
+    # Linear on (N, L, C) gives (N, L, out); BatchNorm1d(out) then normalizes L == out
+    "linear_bn1d_3d": (lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)), (2, 6, 4), "1"),
+    # an unbatched Conv1d gives (C, L): BatchNorm1d normalizes L == C
+    "conv1d_unbatched_bn1d": (lambda: nn.Sequential(nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5)), (3, 7), "1"),
+    "bn1d_conv1d_unbatched": (lambda: nn.Sequential(nn.BatchNorm1d(5), nn.Conv1d(5, 3, 1)), (5, 5), "0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BATCH_NORM1D_PAIRS))
+def test_batch_norm1d_is_not_folded_without_example_inputs(case):
+    """The rank decides whether a BatchNorm1d fold is exact, and the types do not tell it."""
+    make, shape, bn_name = BATCH_NORM1D_PAIRS[case]
+    model = randomize_batch_norms(make())
+    x = torch.randn(shape)
+    folded, report = check_fold(model, x, example_inputs=None)  # equal to the original on x
+    assert [type(r) for r in report] == [NotFolded] and report[0].names == (bn_name,)
+    assert "pass example_inputs" in report[0].reason
+    # with an example of the rank the fold needs, it folds
+    good = {"bn1d_linear_3d": (5, 10), "linear_bn1d_3d": (2, 4), "conv1d_unbatched_bn1d": (2, 3, 7),
+            "bn1d_conv1d_unbatched": (2, 5, 5)}[case]
+    _, report = check_fold(model, torch.randn(good))
+    assert [type(r) for r in report] == [Folded]
+
+
+@pytest.mark.parametrize("case", ["conv2d", "conv3d", "conv_transpose2d"])
+def test_batch_norm2d_3d_fold_without_example_inputs(case):
+    """BatchNorm2d/3d raise on any other rank: the types alone prove the fold exact."""
+    make_layer, bn_class, shape = LAYER_THEN_BN[case]
+    layer = make_layer()
+    model = randomize_batch_norms(nn.Sequential(layer, bn_class(layer.out_channels)))
+    _, report = check_fold(model, torch.randn(shape), example_inputs=None)
+    assert report == [Folded("conv+bn", ("0", "1"))]
+
+
+def test_hooks_on_the_model_itself_are_kept():
+    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    model.register_forward_pre_hook(lambda m, args, kwargs: (args, kwargs), with_kwargs=True)
+    model.register_forward_hook(lambda m, args, out: out + 1)
+    model.register_forward_hook(lambda m, args, out: seen.append(out.shape), always_call=True)
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = check_fold(model, x)
+    assert report == [Folded("conv+bn", ("0", "1"))]
+    assert seen == [(2, 4, 4, 4)] * 3  # the example call, the original, the folded module
+    with torch.no_grad():  # the hooks, not the check's tolerance, make these differ from the bare layers
+        assert not torch.allclose(folded(x), folded.get_submodule("0")(x))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def test_hooks_on_a_traced_through_module_run_at_every_call():
+    """torch.fx traces through a custom module: its hooks ran once, at trace time, and were lost."""
+    model = randomize_batch_norms(nn.Sequential(Block(), nn.ReLU(), Block()))
+    calls = []
+    model[0].register_forward_hook(lambda m, args, out: calls.append(1))
+    x = torch.randn(4, 5)
+    folded, report = check_fold(model, x)
+    calls.clear()
+    with torch.no_grad():
+        folded(x)
+        folded(x)
+    assert calls == [1, 1]
+    assert report[:1] == [Folded("linear+bn", ("2.fc", "2.bn"))]
+    assert leftovers(report) == {"0.bn": "inside 0, which is called as a whole (it has hooks)"}
+
+
+def test_negative_running_variance_leaves_that_batch_norm_and_names_it():
+    model = randomize_batch_norms(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                                                nn.Linear(6, 3), nn.BatchNorm1d(3)))
+    with torch.no_grad():
+        model[4].running_var[1] = -0.5
+    x = torch.randn(5, 4)
+    folded, report = pybn.torch.fold(model, example_inputs=x, return_report=True)
+    assert report == [Folded("linear+bn", ("0", "1")),
+                      NotFolded("batch norm", ("4",), "running_var is negative in channel 1 (a variance is >= 0)")]
+    with torch.no_grad():  # torch's NaN in channel 1, the rest equal
+        torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert torch.isnan(folded(x)[:, 1]).all()
+
+
+@pytest.mark.parametrize("case", ["nan_mean", "inf_var", "inf_weight", "zero_var_zero_eps"])
+def test_non_finite_batch_norm_is_left_to_torch(case):
+    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    bn = model[1]
+    with torch.no_grad():
+        if case == "nan_mean":
+            bn.running_mean[2] = float("nan")
+        elif case == "inf_var":
+            bn.running_var[0] = float("inf")
+        elif case == "inf_weight":
+            bn.weight[3] = float("inf")
+        else:
+            bn.eps, bn.running_var[1] = 0.0, 0.0
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = pybn.torch.fold(model, return_report=True)
+    assert [r[:2] for r in report] == [("batch norm", ("1",))]
+    assert {"nan_mean": "running_mean is not finite in channel 2", "inf_var": "running_var is not finite",
+            "inf_weight": "weight is not finite in channel 3",
+            "zero_var_zero_eps": "running_var + eps is 0 in channel 1"}[case] in report[0].reason
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), rtol=0, atol=0, equal_nan=True)
+
+
+def test_folded_weights_that_overflow_their_dtype_are_not_written():
+    model = randomize_batch_norms(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
+    with torch.no_grad():
+        model[0].weight.fill_(30000.0)
+        model[1].running_var.fill_(1e-4)  # scale ~ 100: 3e6 does not fit in float16
+        model[1].weight.fill_(1.0)
+    model = model.half()
+    x = torch.randn(2, 4).half() * 1e-3
+    folded, report = pybn.torch.fold(model, example_inputs=x, return_report=True)
+    assert report == [NotFolded("batch norm", ("1",), "with 0: the folded weights of Linear overflow float16")]
+    assert all(torch.isfinite(p).all() for p in folded.parameters())
+
+
+class ManualSequential(nn.Module):
+    """Untraceable (a data-dependent branch), and calls its Sequential's children by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        y = self.body[0](x) + 1.0  # between the conv and the batch norm: folding them changes y
+        return self.body[2](self.body[1](y))
+
+
+def test_untraced_fallback_checks_who_calls_the_sequentials_children():
+    model = randomize_batch_norms(ManualSequential())
+    x = torch.randn(2, 3, 5, 5)
+    folded, report = check_fold(model, x)
+    assert leftovers(report) == {"body.1": "with body.0: body.0 is also called outside body"}
+    assert count(folded, BATCH_NORMS) == 1
+
+
+def test_untraced_fallback_folds_no_pair_without_example_inputs():
+    model = randomize_batch_norms(ManualSequential())
+    folded, report = check_fold(model, torch.randn(2, 3, 5, 5), example_inputs=None)
+    assert [r[:2] for r in report] == [("batch norm", ("body.1",))]
+    assert report[0].reason.startswith("torch.fx cannot trace ManualSequential (TraceError: ")
+    assert report[0].reason.endswith("pass example_inputs to fold pairs inside nn.Sequential containers")
+
+
+def test_global_module_hooks_stop_every_fold():
+    from torch.nn.modules.module import register_module_forward_hook
+
+    calls = []
+    handle = register_module_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    try:
+        model = randomize_batch_norms(nn.Sequential(Block(), nn.Dropout(0.5)))
+        x = torch.randn(3, 5)
+        folded, report = check_fold(model, x)
+        assert [r[:2] for r in report] == [("dropout", ("1",)), ("batch norm", ("0.bn",))]
+        assert report[0].reason.startswith("global module hooks are registered")
+        assert report[1].reason == "inside 0, which is called as a whole (global module hooks are registered)"
+        calls.clear()
+        with torch.no_grad():
+            model.eval()(x)
+            expected = sorted(calls)  # (the traced module's class takes the model's class name)
+            calls.clear()
+            folded(x)
+        assert sorted(calls) == expected  # every module call still runs the hook
+    finally:
+        handle.remove()
+
+
+def test_meta_device_model_is_reported_not_folded():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout()).to("meta")
+    folded, report = pybn.torch.fold(model, return_report=True)
+    assert report == [Folded("dropout", ("2",)),
+                      NotFolded("batch norm", ("1",), "BatchNorm1d is on the meta device (no values to fold)")]
+    assert folded(torch.empty(2, 3, device="meta")).shape == (2, 4)
+
+
+def test_lazy_module_never_called_is_not_folded():
+    model = nn.Sequential(nn.LazyLinear(4), nn.BatchNorm1d(4))
+    _, report = pybn.torch.fold(model, return_report=True)
+    assert [r[:2] for r in report] == [("batch norm", ("1",))]
+    assert "lazy module never called" in report[0].reason
+
+
+def test_parametrized_layer_and_sync_batch_norm_are_not_folded():
+    from torch.nn.utils import parametrizations
+
+    model = randomize_batch_norms(nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 5)), nn.BatchNorm1d(5)))
+    _, report = check_fold(model, torch.randn(3, 4))
+    assert report == [NotFolded("batch norm", ("1",), "with 0: ParametrizedLinear has parametrizations")]
+    model = randomize_batch_norms(nn.Sequential(nn.Conv1d(5, 5, 1), nn.SyncBatchNorm(5)))
+    _, report = check_fold(model, torch.randn(2, 5, 3))
+    assert report == [NotFolded("batch norm", ("1",), "SyncBatchNorm is not BatchNorm1d or BatchNorm2d or "
+                                                      "BatchNorm3d")]
+
+
+def test_module_registered_under_two_names_is_used_twice():
+    model = randomize_batch_norms(SharedConv())
+    model.alias = model.conv  # the same conv, registered twice
+    _, report = check_fold(model, torch.randn(2, 4, 6, 6))
+    assert [r[:2] for r in report] == [("batch norm", ("bn",))]
+
+
+def test_example_inputs_the_model_rejects():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match=r"^example_inputs: calling the model on them raised RuntimeError: "):
+        pybn.torch.fold(model, example_inputs=torch.randn(2, 5))
+
+
+def test_model_that_cannot_be_copied():
+    class Unpicklable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            import threading
+
+            self.lock = threading.Lock()
+
+    with pytest.raises(TypeError, match=r"^module: cannot be deep-copied \(TypeError: "):
+        pybn.torch.fold(Unpicklable())
+
+
+def test_every_leftover_is_logged(caplog):
+    model = randomize_batch_norms(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)))
+    with caplog.at_level(logging.INFO, logger="pybn.torch"):
+        _, report = pybn.torch.fold(model, return_report=True)
+    assert report == [NotFolded("batch norm", ("1",), "no Linear or convolution next to it")]
+    assert any("not folded: batch norm 1: no Linear or convolution next to it" in r.getMessage()
+               for r in caplog.records)
+
+
+class Counting(nn.Module):
+    """Changes its own state in forward (as a cache or a call counter does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.fc(x)) + self.calls
+
+
+class PlainCounter(Counting):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def forward(self, x):
+        self.count += 1
+        return self.bn(self.fc(x)) + self.count
+
+
+@pytest.mark.parametrize("model_class", [Counting, PlainCounter])
+def test_state_changed_in_forward_is_not_lost(model_class):
+    """Tracing ran the increments once, for real, and left them out of the graph: the folded
+    module returned the first call's output for ever (and the example call counted too)."""
+    model = randomize_batch_norms(model_class())
+    x = torch.randn(3, 4)
+    folded, report = pybn.torch.fold(model, example_inputs=x, return_report=True)
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for _ in range(3):
+            assert_same(folded(x), reference(x))
+    changed = "calls" if model_class is Counting else "count"
+    assert leftovers(report) == {"bn": f"torch.fx cannot trace {model_class.__name__} (forward changes {changed}, "
+                                       "which a traced graph would not): only pairs inside an nn.Sequential are "
+                                       "folded then"}
+
+
+def test_torchscript_module_is_refused():
+    import warnings
+
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    with pytest.raises(TypeError, match=r"^module: a TorchScript module \(torch.jit.script or trace\) cannot be "
+                                        r"folded"):
+        pybn.torch.fold(scripted)
+
+
+class BatchNormByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(input=self.conv(x))
+
+
+def test_batch_norm_called_by_keyword_is_reported_as_such():
+    _, report = check_fold(randomize_batch_norms(BatchNormByKeyword()), torch.randn(2, 3, 6, 6))
+    assert report == [NotFolded("batch norm", ("bn",), "it is not called with its input alone")]
