@@ -1,8 +1,8 @@
-"""Fold batch norm and remove dropout in a PyTorch module for inference.
+"""Fold batch norm and remove dropout in a PyTorch module for inference (``pybn.torch.fold``).
 
-``import pybn.torch`` needs PyTorch (``pip install pybn[torch]``); ``import pybn`` does not.
 The arithmetic is :func:`pybn.fold_conv_bn` / :func:`pybn.fold_bn_linear`; this module only
 finds the pairs, checks that folding them is exact, and writes the new weights back.
+Imported by ``pybn.torch`` after its check that torch can be imported.
 """
 from __future__ import annotations
 
@@ -10,17 +10,13 @@ import copy
 import logging
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-try:
-    import torch
-    from torch import fx, nn
-    from torch.nn.utils import parametrize
-except ImportError as exc:  # torch is an optional dependency of pybn
-    raise ImportError("pybn.torch needs PyTorch, which could not be imported; "
-                      "install it with: pip install pybn[torch]") from exc
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrize
 
 import numpy as np
 
-from .fold import batch_norm_fold_problem, fold_bn_linear, fold_conv_bn
+from ..fold import batch_norm_fold_problem, fold_bn_linear, fold_conv_bn
 
 __all__ = ["fold", "Folded", "NotFolded"]
 
