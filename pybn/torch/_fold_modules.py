@@ -1,0 +1,269 @@
+"""Which modules :func:`pybn.torch.fold` may fold or remove: each check returns why not (None: it may).
+
+A module qualifies when it is one of the torch classes a fold knows (or a subclass keeping their
+``forward``), has no hooks or parametrizations, is initialized and holds real values. Two
+exceptions are made on evidence: ``nn.SyncBatchNorm``, whose eval-mode ``forward`` is exactly
+``F.batch_norm``; and a Linear/Conv/ConvTranspose subclass with its own ``forward`` (timm's
+``Conv2dSame`` pads its input first), when the example call showed that forward use the weight
+and bias only as those of one call of the layer's function, whose result it returned.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..fold import batch_norm_fold_problem
+
+CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+CONV_TRANSPOSES: dict[type[nn.Module], int] = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+BATCH_NORMS: dict[type[nn.Module], int] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+BATCH_NORM_BASE = nn.modules.batchnorm._BatchNorm  # every batch norm class, for the report
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+LAYER_CLASSES = (nn.Linear, *CONVS, *CONV_TRANSPOSES)
+HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+# functional dropout -> (name of its `training` argument, its position, its default)
+FUNCTIONAL_DROPOUTS: dict[Callable[..., Any], tuple[str, int, bool | None]] = {
+    nn.functional.dropout: ("training", 2, True),
+    nn.functional.dropout1d: ("training", 2, True),
+    nn.functional.dropout2d: ("training", 2, True),
+    nn.functional.dropout3d: ("training", 2, True),
+    nn.functional.alpha_dropout: ("training", 2, False),
+    nn.functional.feature_alpha_dropout: ("training", 2, False),
+    torch.dropout: ("train", 2, None),
+    torch.alpha_dropout: ("train", 2, None),
+    torch.feature_dropout: ("train", 2, None),
+    torch.feature_alpha_dropout: ("train", 2, None),
+}
+
+# kind of layer -> the torch functions a layer class of that kind calls in forward
+LAYER_FUNCTIONS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "linear": (nn.functional.linear,),
+    "conv": (torch.conv1d, torch.conv2d, torch.conv3d),
+    "conv_transpose": (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d),
+}
+
+
+def has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in HOOKS)
+
+
+def global_hooks() -> bool:
+    """Module hooks registered for every module (torch.nn.modules.module.register_module_*)."""
+    from torch.nn.modules import module as torch_module
+
+    return any(getattr(torch_module, f"_global{name}", None) for name in HOOKS)
+
+
+def tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters(recurse=False)
+    yield from module.buffers(recurse=False)
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor.detach()).all())
+
+
+def plain_problem(module: nn.Module, classes: Sequence[type[nn.Module]], own_forward: str | None = "") -> str | None:
+    """Why `module` is not one of `classes` (or a subclass keeping its forward), unhooked.
+
+    A subclass with its own forward (e.g. weight standardization) computes something else,
+    unless `own_forward` is None (the caller has evidence that it does not); hooks and
+    parametrizations would be lost or broken by changing the weights.
+    """
+    name = type(module).__name__
+    matching = [c for c in classes if isinstance(module, c)]
+    if not matching:
+        return f"{name} is not {' or '.join(c.__name__ for c in classes)}"
+    if own_forward is not None and not any(type(module).forward is c.forward for c in matching):
+        return f"{name} has its own forward{own_forward}"
+    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in tensors(module)):
+        return f"{name} is not initialized (a lazy module never called)"
+    if has_hooks(module):
+        return f"{name} has hooks, which would no longer run"
+    if global_hooks():
+        return "global module hooks are registered (torch.nn.modules.module.register_module_*), which would " \
+               "no longer run for it"
+    if parametrize.is_parametrized(module):
+        return f"{name} has parametrizations"
+    if any(t.is_meta for t in tensors(module)):
+        return f"{name} is on the meta device (no values to fold)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+
+
+def layer(module: nn.Module) -> tuple[str, int] | None:
+    """("linear", 0), ("conv", k) or ("conv_transpose", k) for a layer class; else None."""
+    tables = (("linear", {nn.Linear: 0}), ("conv", CONVS), ("conv_transpose", CONV_TRANSPOSES))
+    for kind, table in tables:
+        for cls, k in table.items():
+            if isinstance(module, cls):
+                return kind, k
+    return None
+
+
+def layer_problem(module: nn.Module, seen: Any) -> str | None:
+    """Why `module` cannot take folded weights. `seen`: what the example call showed (or None)."""
+    own = ": pass example_inputs to have the example call show whether it computes like its base class"
+    if seen is not None and layer(module) is not None and not keeps_forward(module):
+        why = seen.layer_calls.get(id(module), "the example call did not reach it")
+        own = None if why is None else f", and {why}"
+    problem = plain_problem(module, LAYER_CLASSES, own)
+    if problem:
+        return problem
+    if not finite(module.weight) or (module.bias is not None and not finite(module.bias)):
+        return f"the weights of {type(module).__name__} are not finite"
+    return None
+
+
+def keeps_forward(module: nn.Module) -> bool:
+    return any(type(module).forward is c.forward for c in LAYER_CLASSES if isinstance(module, c))
+
+
+def channels_out(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+# ---------------------------------------------------------------------------------------
+# Batch norm modules
+
+
+def batch_norm_dims(module: nn.Module) -> int | None:
+    """k of a BatchNorm{k}d (or subclass); else None (SyncBatchNorm: any rank)."""
+    for cls, k in BATCH_NORMS.items():
+        if isinstance(module, cls):
+            return k
+    return None
+
+
+def is_batch_norm_module(module: nn.Module) -> bool:
+    """A batch norm class whose forward fold knows: BatchNorm{1,2,3}d (or a subclass keeping
+    its forward) or SyncBatchNorm."""
+    return isinstance(module, BATCH_NORM_BASE) and _bn_class_problem(module) is None
+
+
+_BN_CLASSES = (*BATCH_NORMS, nn.SyncBatchNorm)
+
+
+def _bn_class_problem(module: nn.Module) -> str | None:
+    name = type(module).__name__
+    matching = [c for c in _BN_CLASSES if isinstance(module, c)]
+    if not matching:
+        return f"{name} is not BatchNorm1d or BatchNorm2d or BatchNorm3d or SyncBatchNorm"
+    if not any(type(module).forward is c.forward for c in matching):
+        return f"{name} has its own forward"
+    return None
+
+
+def bn_problem(bn: nn.Module) -> str | None:
+    """Why this batch norm module cannot be folded into any layer (None: it can, with a partner).
+
+    SyncBatchNorm qualifies: in eval mode (fold's result is for inference) its forward is
+    F.batch_norm with the running statistics, on any input rank >= 2.
+    """
+    problem = _bn_class_problem(bn) or plain_problem(bn, _BN_CLASSES)
+    if problem:
+        return problem
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        return "it has no running statistics (track_running_stats=False): it normalizes with the batch's " \
+               "statistics in eval mode too"
+    arrays = bn_arrays(bn)
+    params = {"running_mean": arrays["running_mean"], "running_var": arrays["running_var"],
+              "weight": arrays["gamma"], "bias": arrays["beta"]}
+    return batch_norm_fold_problem(params, "running_var", float(bn.eps))
+
+
+def to_numpy(tensor: torch.Tensor | None) -> Any:
+    if tensor is None:
+        return None
+    t = tensor.detach().cpu()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()  # pybn folds float32/float64; half types are rounded back afterwards
+    return t.numpy()
+
+
+def bn_arrays(bn: nn.Module) -> dict[str, Any]:
+    """The keyword arguments of pybn.fold_conv_bn / fold_bn_linear for this batch norm module."""
+    return dict(running_mean=to_numpy(bn.running_mean), running_var=to_numpy(bn.running_var),
+                gamma=to_numpy(bn.weight), beta=to_numpy(bn.bias), eps=bn.eps)
+
+
+# ---------------------------------------------------------------------------------------
+# The rank rule (see fold's Notes)
+
+
+def several_ranks(bn: nn.Module) -> str | None:
+    """How a batch norm module that accepts inputs of several ranks says so; None: one rank only."""
+    if isinstance(bn, nn.SyncBatchNorm):
+        return "SyncBatchNorm takes inputs of any rank >= 2"
+    if isinstance(bn, nn.BatchNorm1d):
+        return "BatchNorm1d takes 2-D and 3-D inputs"
+    return None  # BatchNorm2d/3d raise on any other rank
+
+
+def rank_problem(accepts: str | None, ranks: set[int] | None, expected: int) -> str | None:
+    """The rank rule: a normalization over dimension 1 that accepts inputs of several ranks
+    (`accepts` says which; None: one rank only, checked by the module itself) folds only where
+    the example call showed its input with rank `expected`. `ranks`: the ranks seen (None: no
+    example call)."""
+    if accepts is None:
+        return None
+    if ranks is None:
+        return (f"{accepts} and this fold is exact only for {expected}-D ones, which torch.fx cannot see: "
+                "pass example_inputs to fold it")
+    if not ranks:
+        return "the example call did not reach it"
+    if ranks != {expected}:
+        got = " and ".join(str(r) for r in sorted(ranks))
+        return f"its input had rank {got} in the example call; this fold is exact only for rank {expected}"
+    return None
+
+
+# In both checks a layer with k spatial dims (Linear: 0) pairs with BatchNorm{max(k, 1)}d
+# on tensors of rank k + 2: (N, C) for a Linear, (N, C, *spatial) for a conv.
+
+
+def layer_then_bn_problem(module: nn.Module, bn: nn.Module, ranks: set[int] | None) -> str | None:
+    found, bn_k = layer(module), batch_norm_dims(bn)
+    if bn_k is not None and bn_k != max(found[1], 1):
+        return f"{type(bn).__name__} does not match {type(module).__name__}"
+    out = channels_out(module)
+    if out != bn.num_features:
+        return f"{type(module).__name__} has {out} outputs, the batch norm {bn.num_features} channels"
+    return rank_problem(several_ranks(bn), ranks, found[1] + 2)
+
+
+def bn_then_layer_problem(bn: nn.Module, module: nn.Module, ranks: set[int] | None) -> str | None:
+    found, bn_k = layer(module), batch_norm_dims(bn)
+    # Not ConvTranspose: with stride > 1 some outputs get no kernel tap, so no BN shift.
+    if found[0] == "conv_transpose":
+        return "a batch norm before a ConvTranspose does not fold (outputs no kernel tap reaches miss its shift)"
+    if bn_k is not None and bn_k != max(found[1], 1):
+        return f"{type(bn).__name__} does not match {type(module).__name__}"
+    inputs = module.in_features if found[0] == "linear" else module.in_channels
+    if inputs != bn.num_features:
+        return f"{type(module).__name__} has {inputs} inputs, the batch norm {bn.num_features} channels"
+    if found[0] == "conv":
+        # A grouped conv's weight (out, in/groups, 1...) is not the (out, in) fold_bn_linear takes.
+        if any(size != 1 for size in module.kernel_size) or module.groups != 1:
+            return (f"a batch norm folds only into a 1x1 conv with groups=1, not kernel {tuple(module.kernel_size)} "
+                    f"with groups={module.groups}")
+        # The conv's zero padding would not get BN's shift at the border. ("same" with a 1-wide
+        # kernel pads nothing; padding_mode is moot without padding.)
+        if not (module.padding in ("valid", "same") or all(p == 0 for p in module.padding)):
+            return "the conv pads its input: the zero border would not see the batch norm's shift"
+    return rank_problem(several_ranks(bn), ranks, found[1] + 2)
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout
+
+
+def dropout_problem(module: nn.Module) -> str | None:
+    return plain_problem(module, DROPOUTS)

@@ -1,0 +1,245 @@
+"""The operations :func:`pybn.torch.fold` recognises in a graph, in both of the dialects it reads:
+torch.fx graphs of a module (``torch.conv2d``, ``F.batch_norm``, ``operator.mul``, ``x.mul(...)``)
+and the ATen graphs of a ``torch.export.ExportedProgram`` (``aten.conv2d.default``...).
+
+``Op`` says what a node computes and binds its arguments by name; ``Constants`` evaluates the
+nodes whose value depends on no input (weights, buffers, and pure arithmetic on them).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+# Argument names of the torch-level functions (ATen overloads carry theirs in their schema).
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_F_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_T_BATCH_NORM = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+                 "cudnn_enabled")
+_BINARY = ("input", "other")
+
+# target -> (what it computes, its argument names; None: ATen's schema)
+_FUNCTIONS: dict[Any, tuple[str, tuple[str, ...] | None]] = {
+    torch.conv1d: ("conv", _CONV), torch.conv2d: ("conv", _CONV), torch.conv3d: ("conv", _CONV),
+    torch.conv_transpose1d: ("conv_transpose", _CONV_T), torch.conv_transpose2d: ("conv_transpose", _CONV_T),
+    torch.conv_transpose3d: ("conv_transpose", _CONV_T),
+    torch.nn.functional.linear: ("linear", ("input", "weight", "bias")),
+    torch.nn.functional.batch_norm: ("batch_norm", _F_BATCH_NORM),
+    torch.batch_norm: ("batch_norm", _T_BATCH_NORM),
+    operator.mul: ("mul", _BINARY), operator.imul: ("mul", _BINARY), torch.mul: ("mul", _BINARY),
+    operator.add: ("add", _BINARY), operator.iadd: ("add", _BINARY), torch.add: ("add", _BINARY + ("alpha",)),
+    operator.sub: ("sub", _BINARY), operator.isub: ("sub", _BINARY), torch.sub: ("sub", _BINARY + ("alpha",)),
+    operator.truediv: ("div", _BINARY), operator.itruediv: ("div", _BINARY),
+    torch.div: ("div", _BINARY + ("rounding_mode",)),
+}
+for _name, _kind in (("conv1d", "conv"), ("conv2d", "conv"), ("conv3d", "conv"),
+                     ("conv_transpose1d", "conv_transpose"), ("conv_transpose2d", "conv_transpose"),
+                     ("conv_transpose3d", "conv_transpose")):
+    for _overload in getattr(aten, _name).overloads():
+        _FUNCTIONS[getattr(getattr(aten, _name), _overload)] = (_kind, None)
+_FUNCTIONS.update({
+    aten.convolution.default: ("convolution", None), aten.linear.default: ("linear", None),
+    aten.batch_norm.default: ("batch_norm", None),
+    aten._native_batch_norm_legit_no_training.default: ("batch_norm_tuple", None),
+    aten.native_batch_norm.default: ("batch_norm_tuple", None),
+    aten.mul.Tensor: ("mul", None), aten.mul.Scalar: ("mul", None),
+    aten.add.Tensor: ("add", None), aten.add.Scalar: ("add", None),
+    aten.sub.Tensor: ("sub", None), aten.sub.Scalar: ("sub", None),
+    aten.div.Tensor: ("div", None), aten.div.Scalar: ("div", None),
+})
+_METHODS = {"mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mul",
+            "add": "add", "add_": "add", "__add__": "add", "__radd__": "add",
+            "sub": "sub", "sub_": "sub", "__sub__": "sub",
+            "div": "div", "div_": "div", "__truediv__": "div"}
+_METHOD_ARGS = ("input", "other", "alpha")
+
+BATCH_NORMS = ("batch_norm", "batch_norm_tuple")
+ARITHMETIC = ("mul", "add", "sub", "div")
+LAYERS = ("conv", "conv_transpose", "convolution", "linear")
+
+
+class Op(NamedTuple):
+    """What a call node computes, and its arguments by name."""
+
+    kind: str
+    args: dict[str, Any]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.args.get(name, default)
+
+
+def op(node: Any) -> Op | None:
+    """The Op of `node`, or None when it is not one fold recognises."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method":
+        kind = _METHODS.get(str(node.target))
+        names: tuple[str, ...] | None = _METHOD_ARGS
+    elif node.op == "call_function":
+        try:
+            kind, names = _FUNCTIONS.get(node.target, (None, None))
+        except TypeError:  # an unhashable target is none of these
+            return None
+        if names is None and kind is not None:
+            names = tuple(a.name for a in node.target._schema.arguments)
+    else:
+        return None
+    if kind is None:
+        return None
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
+        return None  # a call this table does not describe
+    return Op(kind, bound)
+
+
+def layer_shape(o: Op) -> tuple[str, bool] | None:
+    """(kind, transposed) of a layer Op: ("linear", False), ("conv", False), ("conv", True)."""
+    if o.kind == "linear":
+        return "linear", False
+    if o.kind == "conv":
+        return "conv", False
+    if o.kind == "conv_transpose":
+        return "conv", True
+    if o.kind == "convolution":
+        return "conv", bool(o.get("transposed"))
+    return None
+
+
+# --- values that do not depend on the inputs ---------------------------------------------
+
+_PURE_FUNCTIONS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pos, operator.pow,
+    operator.getitem, torch.add, torch.sub, torch.mul, torch.div, torch.rsqrt, torch.sqrt, torch.reciprocal,
+    torch.neg, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten, torch.pow, torch.square,
+}
+_PURE_METHODS = {"add", "sub", "mul", "div", "rsqrt", "sqrt", "reciprocal", "neg", "reshape", "view", "unsqueeze",
+                 "squeeze", "flatten", "pow", "square", "float", "double", "half", "bfloat16", "contiguous", "clone",
+                 "detach", "view_as", "reshape_as", "__add__", "__radd__", "__mul__", "__rmul__", "__sub__",
+                 "__rsub__", "__truediv__", "__rtruediv__", "__neg__"}
+
+
+def _pure(node: fx.Node) -> bool:
+    """Whether the call computes its value from its arguments alone, with no side effect."""
+    if node.op == "call_method":
+        return str(node.target) in _PURE_METHODS
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return not node.target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in node.target.tags
+    try:
+        return node.target in _PURE_FUNCTIONS
+    except TypeError:
+        return False
+
+
+class Constants:
+    """The values of nodes that depend on no graph input, computed once each.
+
+    `leaf` gives the value of a get_attr or placeholder node (a weight, a buffer), or None when
+    it is an input. Pure calls on constants are evaluated (without gradients).
+    """
+
+    def __init__(self, leaf: Callable[[fx.Node], Any]) -> None:
+        self._leaf = leaf
+        self._values: dict[fx.Node, Any] = {}
+        self._missing = object()
+
+    def value(self, arg: Any) -> Any:
+        """The value of `arg` (a node or a literal), or None when it depends on an input."""
+        if not isinstance(arg, fx.Node):
+            return arg
+        found = self._values.get(arg, self._missing)
+        if found is self._missing:
+            found = self._compute(arg)
+            self._values[arg] = found
+        return found
+
+    def is_constant(self, arg: Any) -> bool:
+        return not isinstance(arg, fx.Node) or self.value(arg) is not None
+
+    def _compute(self, node: fx.Node) -> Any:
+        if node.op in ("get_attr", "placeholder"):
+            return self._leaf(node)
+        if not _pure(node):
+            return None
+        missing = []
+        args = fx.node.map_arg(node.args, lambda n: self._known(n, missing))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._known(n, missing))
+        if missing:
+            return None
+        with torch.no_grad():
+            if node.op == "call_method":
+                return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            return node.target(*args, **kwargs)
+
+    def _known(self, n: fx.Node, missing: list[fx.Node]) -> Any:
+        v = self.value(n)
+        if v is None:
+            missing.append(n)
+        return v
+
+    def nodes_of(self, arg: Any) -> list[fx.Node]:
+        """The nodes computing a constant `arg` (itself and its inputs), for removal once unused."""
+        out: list[fx.Node] = []
+        todo = [arg] if isinstance(arg, fx.Node) else []
+        while todo:
+            n = todo.pop()
+            if n in out or n.op == "placeholder":
+                continue
+            out.append(n)
+            todo.extend(n.all_input_nodes)
+        return out
+
+
+# --- uses that read only a tensor's metadata --------------------------------------------
+
+_META_ATTRS = {"ndim", "shape", "dtype", "device", "is_cuda", "layout"}
+_META_METHODS = {"dim", "size", "ndimension", "numel", "nelement"}
+
+
+def is_metadata_use(user: fx.Node, of: fx.Node) -> bool:
+    """Whether `user` reads only the metadata of `of` (x.ndim, x.size(1)...), which a fold keeps."""
+    if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
+        return user.args[0] is of and user.args[1] in _META_ATTRS
+    if user.op == "call_method" and str(user.target) in _META_METHODS:
+        return user.args[:1] == (of,) and of not in user.args[1:] and of not in user.kwargs.values()
+    return False
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of `node` that read its values (not only its shape or dtype)."""
+    return [u for u in node.users if not is_metadata_use(u, node)]
+
+
+def asserted_rank(node: fx.Node) -> int | None:
+    """The rank the graph asserts for `node` (``torch._assert(x.ndim == 4, ...)``, as in timm's
+    BatchNormAct2d), or None: every run that gets past the assertion has that rank."""
+    for u in node.users:
+        if not is_metadata_use(u, node) or not (
+                (u.op == "call_function" and u.args[1:] == ("ndim",)) or (u.op == "call_method" and u.target == "dim"
+                                                                         and len(u.args) == 1)):
+            continue
+        for eq in u.users:
+            if eq.op == "call_function" and eq.target is operator.eq and len(eq.args) == 2:
+                rank = eq.args[1] if eq.args[0] is u else eq.args[0] if eq.args[1] is u else None
+                if isinstance(rank, int) and any(a.op == "call_function" and a.target is torch._assert
+                                                 and a.args[:1] == (eq,) for a in eq.users):
+                    return rank
+    return None
+
+
+def owner(node: fx.Node) -> str:
+    """The qualified name of the innermost module whose forward made `node` (its own name for a
+    call of no module), from the nn_module_stack torch.fx and torch.export record."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        name = list(stack.values())[-1][0]
+        if isinstance(name, str) and name:
+            return name
+    return node.name

@@ -1,0 +1,161 @@
+"""Tracing a model with torch.fx for :func:`pybn.torch.fold`, and what the traced graph needs.
+
+The tracer keeps as one call (a leaf) every module with hooks, and every module whose own
+forward torch.fx cannot trace (timm's ``Conv2dSame`` pads by an amount computed from the
+input's size): the nodes its attempt added are removed and the module is called as a whole.
+So one untraceable module no longer stops the folds in the rest of the model; only the
+model's own forward must be traceable.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from ._fold_modules import global_hooks, has_hooks
+from ._fold_observe import first_line
+
+
+class Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping as one call every module with hooks and every module it cannot
+    trace through (`opaque`: qualified name -> why).
+
+    Traced through, a module's hooks would run once, at trace time, on proxies: their side
+    effects would be lost and their results frozen into the graph.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opaque: dict[str, str] = {}
+        self._opaque_ids: set[int] = set()
+        self._proxy_cache: dict[str, Any] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # global hooks: every module call must stay a call for them to run
+        return id(m) in self._opaque_ids or has_hooks(m) or global_hooks() or \
+            super().is_leaf_module(m, module_qualified_name)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        self._proxy_cache = parameter_proxy_cache  # to forget the proxies of nodes removed by call_module
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name = self.path_of_module(m)
+        if self.is_leaf_module(m, name):
+            return super().call_module(m, forward, args, kwargs)
+        last = next(iter(reversed(self.graph.nodes)), None)
+        stack = collections.OrderedDict(self.module_stack)
+        calls = dict(getattr(self, "num_calls", {}))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - whatever stops tracing m: call it as a whole
+            self._remove_nodes_after(last)
+            self.module_stack = stack
+            if hasattr(self, "num_calls"):
+                self.num_calls = calls
+            self.opaque[name] = f"{type(exc).__name__}: {first_line(exc)}"
+            self._opaque_ids.add(id(m))
+            return super().call_module(m, forward, args, kwargs)
+
+    def _remove_nodes_after(self, last: fx.Node | None) -> None:
+        removed = []
+        for node in reversed(self.graph.nodes):
+            if node is last:
+                break
+            removed.append(node)
+        for node in removed:  # users come after their inputs: last first
+            self.graph.erase_node(node)
+        gone = {id(n) for n in removed}
+        for key in [k for k, proxy in self._proxy_cache.items() if id(getattr(proxy, "node", None)) in gone]:
+            del self._proxy_cache[key]
+
+
+def trace(model: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]:
+    """(the traced module, the modules called as a whole because they cannot be traced, "") or
+    (None, {}, why torch.fx cannot trace `model`'s own forward faithfully).
+
+    Tracing runs forward once on proxies; an in-place change of a tensor that is not proxied, or
+    an attribute assigned, happens then, once, for real, and is not in the graph: the traced
+    module would lack it (a call counter that never counts). So state changed by tracing is a
+    failure to trace.
+    """
+    before = state(model)
+    tracer = Tracer()
+    try:
+        graph = tracer.trace(model)
+        traced = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as exc:  # noqa: BLE001 - any failure to trace means: use the fallback
+        return None, {}, f"{type(exc).__name__}: {first_line(exc)}"
+    changed = [name for name, value in state(model).items() if before.get(name) != value]
+    if changed:
+        return None, {}, f"forward changes {', '.join(sorted(changed)[:3])}, which a traced graph would not"
+    return traced, tracer.opaque, ""
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def state(model: nn.Module) -> dict[str, Any]:
+    """What identifies the state of every module: its tensors (object and in-place version) and
+    its plain Python attributes."""
+    plain = (int, float, bool, str, bytes, type(None))
+    found: dict[str, Any] = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            found[join(prefix, name)] = (id(t), t._version)
+        for name, value in vars(m).items():
+            if isinstance(value, plain):
+                found[join(prefix, name)] = repr(value)  # (a NaN equals itself as text)
+    return found
+
+
+def copy_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Register `source`'s own hooks on `target`, in their order and with their options.
+
+    torch.fx traces ``forward`` itself, so the traced module would lose them.
+    """
+    for key, hook in source._forward_pre_hooks.items():
+        target.register_forward_pre_hook(hook, with_kwargs=key in source._forward_pre_hooks_with_kwargs)
+    for key, hook in source._forward_hooks.items():
+        target.register_forward_hook(hook, with_kwargs=key in source._forward_hooks_with_kwargs,
+                                     always_call=key in source._forward_hooks_always_called)
+    for hook in source._backward_pre_hooks.values():
+        target.register_full_backward_pre_hook(hook)
+    for hook in source._backward_hooks.values():
+        if source._is_full_backward_hook:
+            target.register_full_backward_hook(hook)
+        else:
+            target.register_backward_hook(hook)
+
+
+def node_ranks(gm: fx.GraphModule, example_inputs: Any) -> tuple[dict[str, int], str]:
+    """(the rank of every tensor node's value when a copy of `gm` runs on the example, "") or
+    ({}, why that run failed).
+
+    The traced graph has no control flow: every node runs, so every rank is known.
+    """
+    ranks: dict[str, int] = {}
+
+    class Recording(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                ranks[n.name] = out.dim()
+            return out
+
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with torch.no_grad():
+            Recording(copy.deepcopy(gm)).run(*inputs)
+    except Exception as exc:  # noqa: BLE001 - no ranks: the folds that need them are refused
+        return {}, f"running the traced graph on example_inputs failed ({type(exc).__name__}: {first_line(exc)})"
+    return ranks, ""
+
+
+def leaves(value: Any) -> list[Any]:
+    return pytree.tree_leaves(value)
