@@ -36,11 +36,13 @@ class _Interrupted(BaseException):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pybn fold",
-        description="Fold inference-mode BatchNormalization into the neighbouring Conv, ConvTranspose, "
-                    "Gemm or MatMul(+Add), and remove Dropout and Identity, where that is exact "
-                    "(constant weights, a single consumer). Needs the onnx package.")
+        description="Fold inference-mode BatchNormalization, and Mul/Add chains by per-channel constants, into "
+                    "the neighbouring Conv, ConvTranspose, Gemm or MatMul(+Add), and remove Dropout and "
+                    "Identity, where that is exact (constant weights, a single consumer). Needs the onnx package.")
     p.add_argument("input", metavar="IN.onnx", help="the model to read")
     p.add_argument("output", metavar="OUT.onnx", help="where to write the folded model (may be IN.onnx)")
+    p.add_argument("--merge-branches", action="store_true",
+                   help="also merge Conv branches summed over one input (RepVGG / MobileOne blocks) into one Conv")
     return p
 
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
         with _SignalsRaise():
-            return _run(args.input, args.output)
+            return _run(args.input, args.output, args.merge_branches)
     except _Failure as e:
         _error(str(e))
     except _Interrupted as e:
@@ -100,7 +102,7 @@ class _SignalsRaise:
             signal.signal(s, h)
 
 
-def _run(path_in: str, path_out: str) -> int:
+def _run(path_in: str, path_out: str, merge_branches: bool = False) -> int:
     try:
         from . import _onnx_files
         from .onnx import fold_model
@@ -109,7 +111,7 @@ def _run(path_in: str, path_out: str) -> int:
     model = _load(path_in)
     external = _onnx_files.ExternalData(os.path.dirname(os.path.abspath(path_in)))
     try:
-        folded, report = fold_model(model, external)
+        folded, report = fold_model(model, external, merge_branches)
     except ValueError as e:
         raise _Failure(f"{path_in} is not a valid ONNX model: {_reason_of_model(e)}") from None
     before = _counts(model)  # before save: save makes folded's tensors external

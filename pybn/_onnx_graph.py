@@ -119,7 +119,7 @@ class GraphEditor:
         self.node_names = {n.name for n in self.nodes if n.name}
         self.new_inits: list[Any] = []
         self.consts: dict[str, np.ndarray | None] = {}
-        self._ranks: dict[str, int] | None = None
+        self._shapes: dict[str, tuple[int | None, ...]] | None = None
         self.rank_failure = ""  # why shape inference failed, if it did
         # removed nodes and nodes to insert after a node, applied by compact; keyed by id(),
         # the node itself kept in the value so that the id stays unique until then
@@ -278,22 +278,32 @@ class GraphEditor:
         copy without them (graph input shapes stay: runtimes check those); if it fails, no
         rank is known.
         """
-        if self._ranks is None:
-            self._ranks = {}
+        shape = self._inferred().get(name)
+        return None if shape is None else len(shape)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The static shape of a value, from the same shape inference; None unless every dim is known."""
+        shape = self._inferred().get(name)
+        return None if shape is None or any(d is None for d in shape) else shape
+
+    def _inferred(self) -> dict[str, tuple[int | None, ...]]:
+        if self._shapes is None:
+            self._shapes = {}
             try:
                 inferred = onnx.shape_inference.infer_shapes(self._model_for_inference(), strict_mode=True)
             except Exception as e:  # noqa: BLE001 - unknown ranks only skip the folds that need them
                 self.rank_failure = f"shape inference failed ({first_line(e)})"
                 logger.debug("pybn.onnx.fold: %s", self.rank_failure)
-                return None
+                return self._shapes
             g = inferred.graph
             for v in list(g.value_info) + list(g.input) + list(g.output):
                 tt = v.type.tensor_type
                 if v.type.HasField("tensor_type") and tt.HasField("shape"):
-                    self._ranks[v.name] = len(tt.shape.dim)
+                    self._shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                                 for d in tt.shape.dim)
             for init_name, t in self.inits.items():
-                self._ranks.setdefault(init_name, len(t.dims))
-        return self._ranks.get(name)
+                self._shapes.setdefault(init_name, tuple(t.dims))
+        return self._shapes
 
     def _model_for_inference(self) -> Any:
         """The graph as edited so far, without the model's value_info, output shapes and weights."""
