@@ -512,7 +512,7 @@ def affine_modules_left(g: FoldGraph) -> list[str]:
         for n in nodes:
             inputs = [a for a in n.all_input_nodes if not g.consts.is_constant(a)]
             s = read_step(g, n, inputs[0]) if len(inputs) == 1 else None
-            if not isinstance(s, Step):
+            if not isinstance(s, Step) or s.bn is not None:  # (batch norms are reported as such)
                 break
             steps.append(s)
         else:

@@ -85,8 +85,8 @@ def op(node: Any) -> Op | None:
             kind, names = _FUNCTIONS.get(node.target, (None, None))
         except TypeError:  # an unhashable target is none of these
             return None
-        if names is None and kind is not None:
-            names = tuple(a.name for a in node.target._schema.arguments)
+        if names is None and kind is not None:  # (ATen calls its first argument "self")
+            names = tuple("input" if a.name == "self" else a.name for a in node.target._schema.arguments)
     else:
         return None
     if kind is None:

@@ -1,0 +1,660 @@
+"""pybn.torch.fold on the building blocks of real models, written here: batch norm subclasses
+with an activation (timm's BatchNormAct2d), frozen batch norms (torchvision's FrozenBatchNorm2d)
+and other per-channel affine modules, SyncBatchNorm, layers that pad by an amount computed from
+the input (timm's Conv2dSame), models torch.fx cannot trace, torch.export programs, and the
+branch merging of RepVGG / MobileOne blocks. Every folded model is checked against the original
+in eval mode (float32: within 1e-5 of the output's scale) on the example and on fresh inputs."""
+import copy
+import math
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import pybn.torch  # noqa: E402
+from pybn.torch import Folded, NotFolded  # noqa: E402
+from test_fold_torch import assert_same  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(1234)
+
+
+def randomize(model):
+    """Non-trivial statistics and affine parameters in every batch norm, frozen ones included."""
+    with torch.no_grad():
+        for m in model.modules():
+            mean = getattr(m, "running_mean", None)
+            if isinstance(mean, torch.Tensor):
+                c = mean.shape[0]
+                mean.copy_(torch.randn(c))
+                m.running_var.copy_(torch.rand(c) * 2 + 0.25)
+                if getattr(m, "weight", None) is not None:
+                    m.weight.copy_(1 + 0.5 * torch.randn(c))
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(torch.randn(c))
+    return model
+
+
+def check(model, x, *fresh, **kwargs):
+    """Fold (with x as the example unless told otherwise); the result must equal model.eval() on
+    x and on every `fresh` input; returns (folded, report)."""
+    kwargs.setdefault("example_inputs", x)
+    folded, report = pybn.torch.fold(model, return_report=True, **kwargs)
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for inp in (x, *fresh):
+            assert_same(folded(inp), reference(inp))
+    return folded, report
+
+
+def left(report):
+    return {r.names[0]: r.reason for r in report if isinstance(r, NotFolded)}
+
+
+def kinds(report):
+    return sorted(r.kind for r in report if isinstance(r, Folded))
+
+
+# --- batch norm with an activation (timm's BatchNormAct2d) ----------------------------------
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's: forward is F.batch_norm (with the rank asserted), then dropout, then an activation."""
+
+    def __init__(self, num_features, act=nn.ReLU, assert_rank=True):
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = act()
+        self.assert_rank = assert_rank
+
+    def forward(self, x):
+        if self.assert_rank:
+            torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+def test_issue_reproducer_batch_norm_act_folds():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8)))
+    x = torch.randn(2, 3, 9, 9)
+    folded, report = check(model, x, torch.randn(3, 3, 12, 12), example_inputs=None)
+    assert report == [Folded("conv+bn", ("0", "1"))]  # the rank is asserted in the graph: no example needed
+    # the activation stays, the batch norm's statistics are gone
+    assert any(isinstance(m, nn.ReLU) for m in folded.modules())
+    assert not any(k.endswith(("running_mean", "running_var")) for k in folded.state_dict())
+
+
+def test_batch_norm_act_without_asserted_rank_needs_the_example():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, nn.SiLU, assert_rank=False)))
+    x = torch.randn(2, 3, 9, 9)
+    _, report = check(model, x, example_inputs=None)
+    assert left(report) == {"1": "with 0: batch_norm takes inputs of any rank >= 2 and this fold is exact only "
+                                 "for 4-D ones, which torch.fx cannot see: pass example_inputs to fold it"}
+    _, report = check(model, x, torch.randn(1, 3, 5, 7))
+    assert report == [Folded("conv+bn", ("0", "1"))]
+
+
+def test_batch_norm_act_on_an_unbatched_conv_is_not_folded():
+    """Conv2d accepts (C, H, W): batch_norm would normalize H there, not the channels."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, assert_rank=False)))
+    x = torch.randn(3, 10, 8)  # H == 8 channels: batch_norm runs, on the wrong axis
+    _, report = check(model, x)
+    assert left(report) == {"1": "with 0: its input had rank 3 in the example call; this fold is exact only "
+                                 "for rank 4"}
+
+
+def test_batch_norm_act_after_a_residual_add_is_reported():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = BatchNormAct2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x) + x)
+
+    _, report = check(randomize(Block()), torch.randn(2, 4, 6, 6))
+    assert left(report) == {"bn": "no Linear or convolution next to it"}
+
+
+# --- frozen batch norm and other per-channel affine modules ---------------------------------
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's: buffers only; forward is x * scale + shift with (1, C, 1, 1) constants."""
+
+    def __init__(self, n, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", torch.ones(n)), ("bias", torch.zeros(n)), ("running_mean", torch.zeros(n)),
+                            ("running_var", torch.ones(n))):
+            self.register_buffer(name, value)
+
+    def forward(self, x):
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        scale = w * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        shift = b - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + shift
+
+
+class Backbone(nn.Module):
+    """A detection-style stem and residual block with frozen batch norms everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = FrozenBatchNorm2d(8)
+        self.down = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), FrozenBatchNorm2d(8))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
+
+
+def test_frozen_batch_norm_folds_with_the_example():
+    model = randomize(Backbone())
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = check(model, x, torch.randn(1, 3, 11, 5))
+    assert report == [Folded("conv+affine", ("conv1", "bn1")), Folded("conv+affine", ("conv2", "bn2")),
+                      Folded("conv+affine", ("down.0", "down.1"))]
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
+    assert not [k for k in folded.state_dict() if "running" in k]
+
+
+def test_frozen_batch_norm_without_the_example_is_reported():
+    """(1, C, 1, 1) constants would add a dimension to the (C, H, W) output of an unbatched conv."""
+    _, report = check(randomize(Backbone()), torch.randn(2, 3, 8, 8), example_inputs=None)
+    reason = ("with conv1: its constant of shape (1, 8, 1, 1) would add a dimension to an output of rank 3, which "
+              "the layer also gives: pass example_inputs to show the rank")
+    assert left(report)["bn1"] == reason
+    assert [r.kind for r in report] == ["affine"] * 3
+
+
+class ChannelScale(nn.Module):
+    """x * weight + bias with (C, 1, 1) parameters: per channel for batched and unbatched inputs alike."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(1 + torch.randn(n, 1, 1))
+        self.bias = nn.Parameter(torch.randn(n, 1, 1))
+
+    def forward(self, x):
+        return self.weight * x + self.bias
+
+
+def test_affine_module_of_any_rank_folds_without_the_example():
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), ChannelScale(5), nn.ReLU())
+    x = torch.randn(2, 3, 7, 7)
+    folded, report = check(model, x, torch.randn(3, 9, 9), example_inputs=None)  # unbatched too
+    assert report == [Folded("conv+affine", ("0", "1"))]
+
+
+class LayerScaleMLP(nn.Module):
+    """ConvNeXt-style: per-channel gamma after a Linear, in forward itself; a scalar multiply, a
+    subtraction from a constant and a division after others."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 6)
+        self.fc3 = nn.Linear(6, 6)
+        self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+        self.register_buffer("offset", torch.randn(6))
+
+    def forward(self, x):
+        y = F.gelu(2.0 * self.fc1(x))
+        y = self.fc2(y) * self.gamma
+        return (self.offset - self.fc3(y)) / 3.0
+
+
+def test_arithmetic_by_constants_after_linear_folds():
+    model = LayerScaleMLP()
+    x = torch.randn(4, 5, 6)  # Linear acts on the last axis: any rank
+    folded, report = check(model, x, torch.randn(6), example_inputs=None)
+    assert [r.kind for r in report] == ["linear+affine"] * 4
+    assert not any(n.op == "call_function" and n.target.__name__ in ("mul", "sub", "truediv")
+                   for n in folded.graph.nodes)
+
+
+class Arithmetic(nn.Module):
+    """One arithmetic operation of its input and a constant buffer."""
+
+    def __init__(self, const, op="mul"):
+        super().__init__()
+        self.register_buffer("c", const)
+        self.op = op
+
+    def forward(self, y):
+        return {"mul": lambda: y * self.c, "add": lambda: y + self.c, "div": lambda: y / self.c,
+                "rdiv": lambda: self.c / y}[self.op]()
+
+
+REFUSED = {
+    "float64_constant": (Arithmetic(torch.rand(4, 1, 1, dtype=torch.float64)),
+                         "its constant is float64, the layer's output float32 (the result would be float64)"),
+    "varies_over_space": (Arithmetic(torch.rand(4, 5, 5)), "its constant of shape (4, 5, 5) is not one value per "
+                                                           "channel"),
+    "adds_a_dimension": (Arithmetic(torch.rand(2, 4, 1, 1)), "its constant of shape (2, 4, 1, 1) is not one value "
+                                                             "per channel"),
+    "divides_by_zero": (Arithmetic(torch.tensor([1.0, 0.0, 2.0, 3.0]).reshape(4, 1, 1), "div"),
+                        "it divides by 0 in some channel"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_arithmetic_that_is_not_an_exact_per_channel_map_is_refused(case):
+    op, reason = REFUSED[case]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), op)
+    x = torch.randn(2, 3, 7, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the division by zero of the reference)
+        folded, report = pybn.torch.fold(model, example_inputs=x, return_report=True)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model.eval()(x), equal_nan=True)
+    assert report == [NotFolded("affine", ("1",), f"with 0: {reason}")]
+
+
+def test_constant_divided_by_the_layer_output_is_no_affine_map():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Arithmetic(torch.rand(4, 1, 1) + 1, "rdiv"))
+    _, report = check(model, torch.randn(2, 3, 6, 6))
+    assert report == []
+
+
+def test_layer_output_used_twice_is_not_folded():
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.scale = ChannelScale(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.scale(y) + y
+
+    _, report = check(TwoUses(), torch.randn(2, 3, 5, 5))
+    assert left(report) == {"scale": "with conv: the output of conv is used 2 times"}
+
+
+def test_affine_step_before_a_linear_folds():
+    class Before(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.rand(6) + 0.5)
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(x * self.scale + 1.0)
+
+    model = Before()
+    _, report = check(model, torch.randn(5, 6), torch.randn(2, 3, 6), example_inputs=None)
+    assert [r.kind for r in report] == ["affine+linear", "affine+linear"]
+
+
+# --- SyncBatchNorm -------------------------------------------------------------------------
+
+def test_sync_batch_norm_folds_in_eval_mode_with_the_example():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 6, 3), nn.SyncBatchNorm(6), nn.ReLU(), nn.Conv2d(6, 4, 1),
+                                    nn.SyncBatchNorm(4)))
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = check(model, x, torch.randn(1, 3, 5, 5))
+    assert report == [Folded("conv+bn", ("0", "1")), Folded("conv+bn", ("3", "4"))]
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in folded.modules())
+
+
+def test_sync_batch_norm_needs_the_rank():
+    """SyncBatchNorm takes any rank >= 2: on an unbatched conv's (C, H, W) it normalizes H."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 6, 3), nn.SyncBatchNorm(6)))
+    _, report = check(model, torch.randn(2, 3, 8, 8), example_inputs=None)
+    assert left(report) == {"1": "with 0: SyncBatchNorm takes inputs of any rank >= 2 and this fold is exact only "
+                                 "for 4-D ones, which torch.fx cannot see: pass example_inputs to fold it"}
+    _, report = check(model, torch.randn(3, 8, 8))  # (6, 6, 6): SyncBatchNorm runs, on H
+    assert left(report) == {"1": "with 0: its input had rank 3 in the example call; this fold is exact only for "
+                                 "rank 4"}
+
+
+# --- layers whose forward pads by an amount computed from the input (timm's Conv2dSame) -----
+
+class Conv2dSame(nn.Conv2d):
+    """Pads like TensorFlow's "SAME": by an amount torch.fx cannot compute from a proxy."""
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        pads = [max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+                for i, s, k, d in zip((ih, iw), self.stride, self.kernel_size, self.dilation)]
+        x = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class StandardizedSame(Conv2dSame):
+    """Weight standardization too: the weight is used normalized, so scaling it does not fold."""
+
+    def forward(self, x):
+        if x.size(-1) % 2:  # (a branch on the input's size: torch.fx cannot trace it)
+            x = F.pad(x, [1, 0, 0, 0])
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1)
+        return F.conv2d(x, w, self.bias, self.stride)
+
+
+class SameNet(nn.Module):
+    def __init__(self, conv=Conv2dSame):
+        super().__init__()
+        self.stem = conv(3, 8, 3, stride=2)
+        self.bn1 = BatchNormAct2d(8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn2(self.conv(self.bn1(self.stem(x))))
+
+
+def test_untraceable_submodule_is_called_whole_and_the_rest_is_folded():
+    model = randomize(SameNet())
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(copy.deepcopy(model))
+    x = torch.randn(2, 3, 11, 9)
+    _, report = check(model, x, example_inputs=None)
+    assert report[0] == Folded("conv+bn", ("conv", "bn2"))
+    assert left(report) == {"bn1": "with stem: Conv2dSame has its own forward: pass example_inputs to have the "
+                                   "example call show whether it computes like its base class"}
+
+
+def test_layer_with_its_own_forward_folds_when_the_example_shows_it_computes_like_its_class():
+    model = randomize(SameNet())
+    folded, report = check(model, torch.randn(2, 3, 11, 9), torch.randn(1, 3, 16, 7))
+    assert report == [Folded("conv+bn", ("stem", "bn1")), Folded("conv+bn", ("conv", "bn2"))]
+    assert type(folded.get_submodule("stem")) is Conv2dSame
+
+
+def test_layer_using_its_weight_otherwise_is_not_folded():
+    model = randomize(SameNet(StandardizedSame))
+    _, report = check(model, torch.randn(2, 3, 11, 9))
+    assert left(report)["bn1"] == "with stem: StandardizedSame has its own forward, and its forward read its " \
+                                  "weight or bias in 4 torch calls, not in one"
+
+
+class BranchInForward(nn.Module):
+    """A child with a data-dependent branch: called as a whole; the batch norm inside it is left."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y
+
+
+def test_batch_norm_inside_an_untraceable_child_is_reported():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), BranchInForward()))
+    _, report = check(model, torch.randn(2, 3, 6, 6))
+    assert report[0] == Folded("conv+bn", ("0", "1"))
+    assert left(report) == {"2.bn": "inside 2, which is called as a whole (torch.fx cannot trace it: TraceError: "
+                                    "symbolically traced variables cannot be used as inputs to control flow)"}
+
+
+# --- models whose own forward torch.fx cannot trace: adjacency from the example call --------
+
+class Crossed(nn.Module):
+    """Registered in the order conv_a, bn_a, conv_b, bn_b, but forward feeds conv_b to bn_a and
+    conv_a to bn_b: a guess from the module order would fold the wrong pairs. The data-dependent
+    branch makes the model untraceable; both sides of it call the modules the same way."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.conv_b = nn.Conv2d(6, 6, 1)
+        self.bn_b = nn.BatchNorm2d(6)
+        self.act = BatchNormAct2d(6)
+        self.frozen = FrozenBatchNorm2d(6)
+        self.conv_c = nn.Conv2d(6, 6, 1)
+        self.conv_d = nn.Conv2d(6, 6, 1)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            x = x * 0.5
+        y = self.bn_b(self.conv_a(x))
+        y = self.bn_a(self.conv_b(y))
+        return self.frozen(self.conv_d(self.act(self.conv_c(y))))
+
+
+def test_untraceable_model_folds_the_pairs_the_example_call_shows():
+    model = randomize(Crossed())
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(copy.deepcopy(model))
+    x = torch.randn(2, 3, 6, 6) + 1
+    folded, report = check(model, x, -torch.ones(2, 3, 6, 6), torch.randn(1, 3, 9, 4) + 1)
+    assert sorted(report) == sorted([Folded("conv+bn", ("conv_a", "bn_b")), Folded("conv+bn", ("conv_b", "bn_a")),
+                                     Folded("conv+bn", ("conv_c", "act")), Folded("conv+affine", ("conv_d", "frozen"))])
+    assert type(folded) is Crossed
+    assert type(folded.bn_a) is nn.Identity and type(folded.frozen) is nn.Identity
+    assert isinstance(folded.act, torch.fx.GraphModule)  # its activation stays
+
+
+def test_the_module_order_guess_would_be_wrong():
+    """Folding by module order (conv_a with bn_a...) changes the result: the check above has teeth."""
+    model = randomize(Crossed()).eval()
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        for conv, bn in ((wrong.conv_a, wrong.bn_a), (wrong.conv_b, wrong.bn_b)):
+            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+            conv.weight.copy_(fused.weight)
+            conv.bias.copy_(fused.bias)
+        wrong.bn_a, wrong.bn_b = nn.Identity(), nn.Identity()
+        x = torch.randn(2, 3, 6, 6) + 1
+        assert not torch.allclose(wrong(x), model(x), atol=1e-3)
+
+
+class ReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        y = self.conv(x)
+        return self.bn(y) * y.abs().mean()  # the conv's output is read outside the batch norm
+
+
+def test_untraceable_model_does_not_fold_an_output_read_elsewhere():
+    _, report = check(randomize(ReadTwice()), torch.randn(2, 3, 6, 6))
+    assert list(left(report)) == ["bn"]
+
+
+# --- torch.export ----------------------------------------------------------------------------
+
+class ExportNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, bias=False)
+        self.act = BatchNormAct2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, groups=8, padding=1)
+        self.frozen = FrozenBatchNorm2d(8)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(8, 6)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.bn2 = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.frozen(self.dw(self.act(self.conv(x))))
+        y = self.drop(y.mean((2, 3)))
+        return self.head(self.bn2(torch.relu(self.bn1(self.fc(y)))))
+
+
+def export(model, x, decompose=False):
+    """torch.export of `model` (in eval mode), with its ATen decompositions if asked."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's own deprecation notices)
+        ep = torch.export.export(model, (x,))
+        return ep.run_decompositions() if decompose else ep
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["training_ir", "decomposed"])
+def test_exported_program_folds_and_round_trips(decomposed, tmp_path):
+    model = randomize(ExportNet()).eval()
+    x = torch.randn(4, 3, 8, 8)
+    ep = export(model, x, decomposed)
+    before = dict(ep.state_dict)
+    folded, report = pybn.torch.fold(ep, return_report=True)
+    assert isinstance(folded, torch.export.ExportedProgram)
+    # (the decompositions drop an inference dropout themselves)
+    assert kinds(report) == ["bn+linear", "conv+affine", "conv+bn"] + ["dropout"] * (not decomposed) + ["linear+bn"]
+    assert left(report) == {}
+    with torch.no_grad():
+        for inp in (x, torch.randn(4, 3, 8, 8)):
+            assert_same(folded.module()(inp), model(inp))
+    assert {k: v.data_ptr() for k, v in ep.state_dict.items()} == {k: v.data_ptr() for k, v in before.items()}
+    assert not [k for k in folded.state_dict if k.startswith(("act.", "bn1.", "bn2.", "frozen."))]
+    assert "conv.bias" in folded.state_dict  # the conv had none
+    ops = {str(n.target) for n in folded.graph.nodes if n.op == "call_function"}
+    assert not [op for op in ops if "batch_norm" in op or "dropout" in op]
+    again = export(folded.module(), x)  # exported again
+    torch.export.save(folded, tmp_path / "folded.pt2")
+    loaded = torch.export.load(tmp_path / "folded.pt2")
+    with torch.no_grad():
+        assert_same(again.module()(x), model(x))
+        assert_same(loaded.module()(x), model(x))
+
+
+def test_exported_program_leaves_what_is_not_exact():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = randomize(Shared()).eval()
+    x = torch.randn(2, 3, 4, 4)
+    folded, report = pybn.torch.fold(export(model, x), return_report=True)
+    assert report == [NotFolded("batch norm", ("bn",), "with conv: the output of conv is used 2 times")]
+    with torch.no_grad():
+        assert_same(folded.module()(x), model(x))
+
+
+def test_exported_program_with_example_inputs_is_refused():
+    ep = export(nn.Sequential(nn.Linear(3, 3)).eval(), torch.randn(2, 3))
+    with pytest.raises(TypeError, match=r"^example_inputs: "):
+        pybn.torch.fold(ep, example_inputs=torch.randn(2, 3))
+
+
+# --- branch merging (RepVGG, MobileOne) -------------------------------------------------------
+
+class ConvBN(nn.Sequential):
+    def __init__(self, cin, cout, k, stride=1, groups=1, padding=None):
+        super().__init__(nn.Conv2d(cin, cout, k, stride, k // 2 if padding is None else padding, groups=groups,
+                                   bias=False), nn.BatchNorm2d(cout))
+
+
+class RepVGGBlock(nn.Module):
+    def __init__(self, c, stride=1, identity=True, one_padding=None):
+        super().__init__()
+        self.kxk = ConvBN(c, c, 3, stride)
+        self.one = ConvBN(c, c, 1, stride, padding=one_padding)
+        self.identity = nn.BatchNorm2d(c) if identity else None
+
+    def forward(self, x):
+        y = self.kxk(x) + self.one(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return torch.relu(y)
+
+
+class MobileOneBlock(nn.Module):
+    """k depthwise kxk branches, a 1x1 scale branch and an identity batch norm, summed in place."""
+
+    def __init__(self, c, branches=3):
+        super().__init__()
+        self.kxk = nn.ModuleList(ConvBN(c, c, 3, groups=c) for _ in range(branches))
+        self.scale = ConvBN(c, c, 1, groups=c)
+        self.identity = BatchNormAct2d(c, nn.Identity)
+
+    def forward(self, x):
+        identity = self.identity(x)
+        out = self.scale(x)
+        for branch in self.kxk:
+            out += branch(x)
+        out += identity
+        return F.relu(out)
+
+
+def test_repvgg_blocks_merge_into_one_conv_each():
+    model = randomize(nn.Sequential(RepVGGBlock(4, stride=2, identity=False), RepVGGBlock(4), RepVGGBlock(4)))
+    x = torch.randn(2, 4, 10, 10)
+    folded, report = check(model, x, torch.randn(1, 4, 7, 9), merge_branches=True)
+    merged = [r for r in report if r.kind == "branches"]
+    assert merged == [Folded("branches", ("0.kxk.0", "0.one.0")),
+                      Folded("branches", ("1.kxk.0", "1.one.0", "1.identity")),
+                      Folded("branches", ("2.kxk.0", "2.one.0", "2.identity"))]
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 3
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert left(report) == {}
+
+
+def test_mobileone_block_merges_depthwise_branches():
+    model = randomize(MobileOneBlock(6))
+    folded, report = check(model, torch.randn(2, 6, 7, 7), torch.randn(1, 6, 4, 5), merge_branches=True)
+    assert report[-1] == Folded("branches", ("kxk.0.0", "scale.0", "kxk.1.0", "kxk.2.0", "identity"))
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 1
+
+
+def test_branches_are_merged_only_on_request():
+    model = randomize(RepVGGBlock(4))
+    folded, report = check(model, torch.randn(2, 4, 6, 6))
+    assert "branches" not in kinds(report)
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 2
+    assert list(left(report)) == ["identity"]
+
+
+class TwoConvs(nn.Module):
+    def __init__(self, a, b, identity=False):
+        super().__init__()
+        self.a, self.b, self.identity = a, b, identity
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x)
+        return y + x if self.identity else y
+
+
+def test_plain_identity_branch_merges():
+    model = TwoConvs(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1, bias=False), identity=True)
+    folded, report = check(model, torch.randn(2, 4, 5, 5), torch.randn(4, 6, 3), merge_branches=True)
+    assert report == [Folded("branches", ("a", "b"))]
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 1
+
+
+REFUSED_MERGES = {
+    "dilation": (nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=2, dilation=2)),
+    "groups": (nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 4, 1)),
+    "padding_mode": (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), nn.Conv2d(4, 4, 1)),
+    "uneven_same": (nn.Conv2d(4, 4, 2, padding="same"), nn.Conv2d(4, 4, 1)),
+    "transposed": (nn.ConvTranspose2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("case", list(REFUSED_MERGES))
+def test_branches_that_do_not_sum_to_one_conv_are_left(case):
+    a, b = copy.deepcopy(REFUSED_MERGES[case])
+    folded, report = check(TwoConvs(a, b), torch.randn(2, 4, 6, 6), merge_branches=True)
+    assert report == []
+    assert sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in folded.modules()) == 2
+
+
+def test_merge_branches_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"^merge_branches: "):
+        pybn.torch.fold(nn.Linear(2, 2), merge_branches="yes")
