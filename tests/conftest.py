@@ -38,12 +38,13 @@ def rng(request):
 
 # ------------------------------------------------- issue 6: reliability additions
 
-OPT_IN_MARKERS = ("slow", "huge", "bigmodel")
+OPT_IN_MARKERS = ("slow", "huge", "bigmodel", "realmodels")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked slow (valgrind), huge (> 8 GB of memory) or bigmodel (an ONNX model past
-    2 GiB) run only when the -m expression names their marker, e.g. ``python -m pytest -m slow``."""
+    """Tests marked slow (valgrind), huge (> 8 GB of memory), bigmodel (an ONNX model past
+    2 GiB) or realmodels (torchvision and timm architectures) run only when the -m expression
+    names their marker, e.g. ``python -m pytest -m slow``."""
     expr = config.getoption("markexpr") or ""
     for item in items:
         for name in OPT_IN_MARKERS:

@@ -9,6 +9,7 @@ and bias only as those of one call of the layer's function, whose result it retu
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -64,7 +65,20 @@ def tensors(module: nn.Module) -> Iterator[torch.Tensor]:
 
 
 def finite(tensor: torch.Tensor) -> bool:
-    return bool(torch.isfinite(tensor.detach()).all())
+    """Whether every element is finite. A float64 sum is finite exactly when every element is
+    (a NaN or an infinity makes it NaN or infinite, and finite float32 values cannot overflow
+    it); one pass without a mask, the element check only for a float64 sum that overflowed."""
+    t = tensor.detach()
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def copy_sharing_parameters(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose parameters are the same tensors (not copies): for a scratch
+    run of forward, which may change buffers and attributes but not the weights."""
+    memo = {id(p): p for p in module.parameters()}
+    return copy.deepcopy(module, memo)
 
 
 def plain_problem(module: nn.Module, classes: Sequence[type[nn.Module]], own_forward: str | None = "") -> str | None:
@@ -223,42 +237,6 @@ def rank_problem(accepts: str | None, ranks: set[int] | None, expected: int) -> 
         got = " and ".join(str(r) for r in sorted(ranks))
         return f"its input had rank {got} in the example call; this fold is exact only for rank {expected}"
     return None
-
-
-# In both checks a layer with k spatial dims (Linear: 0) pairs with BatchNorm{max(k, 1)}d
-# on tensors of rank k + 2: (N, C) for a Linear, (N, C, *spatial) for a conv.
-
-
-def layer_then_bn_problem(module: nn.Module, bn: nn.Module, ranks: set[int] | None) -> str | None:
-    found, bn_k = layer(module), batch_norm_dims(bn)
-    if bn_k is not None and bn_k != max(found[1], 1):
-        return f"{type(bn).__name__} does not match {type(module).__name__}"
-    out = channels_out(module)
-    if out != bn.num_features:
-        return f"{type(module).__name__} has {out} outputs, the batch norm {bn.num_features} channels"
-    return rank_problem(several_ranks(bn), ranks, found[1] + 2)
-
-
-def bn_then_layer_problem(bn: nn.Module, module: nn.Module, ranks: set[int] | None) -> str | None:
-    found, bn_k = layer(module), batch_norm_dims(bn)
-    # Not ConvTranspose: with stride > 1 some outputs get no kernel tap, so no BN shift.
-    if found[0] == "conv_transpose":
-        return "a batch norm before a ConvTranspose does not fold (outputs no kernel tap reaches miss its shift)"
-    if bn_k is not None and bn_k != max(found[1], 1):
-        return f"{type(bn).__name__} does not match {type(module).__name__}"
-    inputs = module.in_features if found[0] == "linear" else module.in_channels
-    if inputs != bn.num_features:
-        return f"{type(module).__name__} has {inputs} inputs, the batch norm {bn.num_features} channels"
-    if found[0] == "conv":
-        # A grouped conv's weight (out, in/groups, 1...) is not the (out, in) fold_bn_linear takes.
-        if any(size != 1 for size in module.kernel_size) or module.groups != 1:
-            return (f"a batch norm folds only into a 1x1 conv with groups=1, not kernel {tuple(module.kernel_size)} "
-                    f"with groups={module.groups}")
-        # The conv's zero padding would not get BN's shift at the border. ("same" with a 1-wide
-        # kernel pads nothing; padding_mode is moot without padding.)
-        if not (module.padding in ("valid", "same") or all(p == 0 for p in module.padding)):
-            return "the conv pads its input: the zero border would not see the batch norm's shift"
-    return rank_problem(several_ranks(bn), ranks, found[1] + 2)
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ torch function called on a tensor. It shows, keyed by the ids of the model's own
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, NamedTuple
 
 import torch
@@ -41,7 +40,7 @@ def first_line(exc: BaseException) -> str:
 
 def observe(model: nn.Module, example_inputs: Any) -> Seen:
     """Run a copy of `model` once on `example_inputs`; what it shows, keyed by `model`'s module ids."""
-    scratch = copy.deepcopy(model)
+    scratch = mods.copy_sharing_parameters(model)
     recorder = _Recorder(scratch)
     recorder.run(example_inputs)
     # deepcopy keeps the structure: the k-th module of the copy is the k-th of `model`

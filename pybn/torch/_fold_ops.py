@@ -184,18 +184,6 @@ class Constants:
             missing.append(n)
         return v
 
-    def nodes_of(self, arg: Any) -> list[fx.Node]:
-        """The nodes computing a constant `arg` (itself and its inputs), for removal once unused."""
-        out: list[fx.Node] = []
-        todo = [arg] if isinstance(arg, fx.Node) else []
-        while todo:
-            n = todo.pop()
-            if n in out or n.op == "placeholder":
-                continue
-            out.append(n)
-            todo.extend(n.all_input_nodes)
-        return out
-
 
 # --- uses that read only a tensor's metadata --------------------------------------------
 

@@ -9,14 +9,12 @@ model's own forward must be traceable.
 from __future__ import annotations
 
 import collections
-import copy
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
-from ._fold_modules import global_hooks, has_hooks
+from ._fold_modules import copy_sharing_parameters, global_hooks, has_hooks
 from ._fold_observe import first_line
 
 
@@ -151,11 +149,7 @@ def node_ranks(gm: fx.GraphModule, example_inputs: Any) -> tuple[dict[str, int],
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with torch.no_grad():
-            Recording(copy.deepcopy(gm)).run(*inputs)
+            Recording(copy_sharing_parameters(gm)).run(*inputs)
     except Exception as exc:  # noqa: BLE001 - no ranks: the folds that need them are refused
         return {}, f"running the traced graph on example_inputs failed ({type(exc).__name__}: {first_line(exc)})"
     return ranks, ""
-
-
-def leaves(value: Any) -> list[Any]:
-    return pytree.tree_leaves(value)
