@@ -28,10 +28,14 @@ class FoldRecord(NamedTuple):
 
     ``kind`` names the pattern: ``"Conv+BatchNormalization"``, ``"ConvTranspose+BatchNormalization"``,
     ``"Gemm+BatchNormalization"``, ``"MatMul+BatchNormalization"``, ``"MatMul+Add+BatchNormalization"``,
-    ``"BatchNormalization+Gemm"``, ``"BatchNormalization+MatMul"``, ``"BatchNormalization+Conv"``
-    (folded into one layer), or ``"Dropout"``, ``"Identity"`` (removed). ``nodes`` holds the
-    names of the original nodes involved, in graph order (``"<op>:<first output>"`` for a node
-    without a name).
+    ``"BatchNormalization+Gemm"``, ``"BatchNormalization+MatMul"``, ``"BatchNormalization+Conv"``;
+    a layer and the op types of a chain by per-channel constants (``"Conv+Mul+Add"``,
+    ``"MatMul+Add+Mul"``...); a layer, a Transpose or Reshape, and a batch norm
+    (``"MatMul+Transpose+BatchNormalization"``, ``"Gemm+Reshape+BatchNormalization"``...) --
+    folded into one layer; ``"branches"`` (summed Conv branches merged into the first node
+    listed); or ``"Dropout"``, ``"Identity"`` (removed). ``nodes`` holds the names of the
+    original nodes involved, in graph order (``"<op>:<first output>"`` for a node without a
+    name); for ``"branches"`` the Conv that holds the merged weights comes first.
     """
 
     kind: str
@@ -43,10 +47,12 @@ class FoldRecord(NamedTuple):
 
 
 class NotFolded(NamedTuple):
-    """A BatchNormalization, Dropout or Identity node that :func:`fold` left in the model.
+    """A BatchNormalization, Dropout or Identity node that :func:`fold` left in the model, or a
+    Mul -> Add pair by per-channel constants (an exported frozen batch norm, kind ``"Mul+Add"``).
 
-    ``kind`` is the node's op type, ``nodes`` its name (as in FoldRecord), ``reason`` why it
-    stays: what would make folding or removing it inexact, or what is not known.
+    ``kind`` is the node's op type, ``nodes`` its name (as in FoldRecord; both names for a
+    ``"Mul+Add"``), ``reason`` why it stays: what would make folding or removing it inexact, or
+    what is not known.
     """
 
     kind: str

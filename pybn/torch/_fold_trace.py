@@ -31,6 +31,30 @@ class Tracer(fx.Tracer):
         self.opaque: dict[str, str] = {}
         self._opaque_ids: set[int] = set()
         self._proxy_cache: dict[str, Any] = {}
+        # id -> (tensor, qualified name): torch.fx looks a tensor up by scanning every parameter
+        # (buffer) of the model at every read, quadratic in the model's size; the first name
+        # each has in named_parameters() (named_buffers()) order, as that scan finds
+        self._params: dict[int, tuple[torch.Tensor, str]] = {}
+        self._buffers: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        if isinstance(root, nn.Module):
+            for n, p in root.named_parameters():
+                self._params.setdefault(id(p), (p, n))
+            for n, b in root.named_buffers():
+                self._buffers.setdefault(id(b), (b, n))
+        return super().trace(root, concrete_args)
+
+    def _name(self, table: dict[int, tuple[torch.Tensor, str]], t: Any) -> str | None:
+        found = table.get(id(t))
+        return found[1] if found is not None and found[0] is t else None
+
+    def create_arg(self, a: Any) -> Any:
+        name = self._name(self._params, a) if isinstance(a, nn.Parameter) else \
+            self._name(self._buffers, a) if isinstance(a, torch.Tensor) else None
+        if name is not None:
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # global hooks: every module call must stay a call for them to run
@@ -39,6 +63,13 @@ class Tracer(fx.Tracer):
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         self._proxy_cache = parameter_proxy_cache  # to forget the proxies of nodes removed by call_module
+        name = self._name(self._params, attr_val) if isinstance(attr_val, nn.Parameter) else None
+        if name is not None and not self.param_shapes_constant:
+            if name not in parameter_proxy_cache:
+                parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+            return parameter_proxy_cache[name]
+        if not isinstance(attr_val, nn.Parameter) and not self.proxy_buffer_attributes:
+            return attr_val  # (what torch.fx returns for anything but a parameter, without a scan)
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
