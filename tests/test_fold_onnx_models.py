@@ -53,6 +53,11 @@ def frozen_model(rng, *, shape=(1, 6, 1, 1), op="Conv", cin=4, cout=6, ops_after
         nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])]
         x = rng.normal(size=(2, cin, 5, 5)).astype(dtype)
         xin, rank = vinfo("x", ["N", cin, 5, 5]), 4
+    elif op == "ConvTranspose":  # (in, out/group, k, k), group 2
+        inits = [tensor("w", weight(rng, (cin, cout // 2, 3, 3), cin * 9), dtype)]
+        nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], name="convt", group=2, strides=[2, 2])]
+        x = rng.normal(size=(2, cin, 4, 4)).astype(dtype)
+        xin, rank = vinfo("x", ["N", cin, 4, 4]), 4
     elif op == "Gemm":
         inits = [tensor("w", weight(rng, (cout, cin), cin), dtype), tensor("b", rng.normal(size=cout), dtype)]
         nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["c"], name="gemm", transB=1)]
@@ -91,13 +96,12 @@ def test_conv_arithmetic_chains_fold(rng, chain):
     assert ops(folded) == {"Conv": 1}
 
 
-@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
-def test_gemm_and_matmul_mul_add_fold(rng, op):
-    model, feeds = frozen_model(rng, op=op, shape=(6,))
+@pytest.mark.parametrize("op", ["ConvTranspose", "Gemm", "MatMul"])
+def test_other_layers_mul_add_fold(rng, op):
+    model, feeds = frozen_model(rng, op=op, shape=(6, 1, 1) if op == "ConvTranspose" else (6,))
     folded, report = fold_check(model, feeds)
-    kind = "Gemm+Mul+Add" if op == "Gemm" else "MatMul+Mul+Add"
-    assert [r.kind for r in changes(report)] == [kind]
-    assert sum(ops(folded).values()) == (1 if op == "Gemm" else 2)  # MatMul keeps an Add: its bias
+    assert [r.kind for r in changes(report)] == [f"{op}+Mul+Add"]
+    assert sum(ops(folded).values()) == (2 if op == "MatMul" else 1)  # MatMul keeps an Add: its bias
 
 
 REFUSED = {

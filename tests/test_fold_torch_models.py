@@ -297,6 +297,38 @@ def test_affine_step_before_a_linear_folds():
     assert [r.kind for r in report] == ["affine+linear", "affine+linear"]
 
 
+class FunctionalLayers(nn.Module):
+    """Layers as calls of their functions on the module's own tensors, not as modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.2)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc_w = nn.Parameter(torch.randn(4, 6) * 0.3)
+        self.fc_b = nn.Parameter(torch.randn(4))
+        self.bn1 = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(F.conv2d(x, self.w, None, 1, 1)))
+        return self.bn1(F.linear(y.mean((2, 3)), self.fc_w, self.fc_b))
+
+
+def test_layer_functions_on_module_tensors_fold():
+    model = randomize(FunctionalLayers())
+    folded, report = check(model, torch.randn(3, 3, 6, 6), torch.randn(2, 3, 5, 7))
+    assert report == [Folded("conv+bn", ("conv2d", "bn")), Folded("linear+bn", ("linear", "bn1"))]
+    assert "bias" in dict(folded.named_parameters())  # the conv call got a bias
+
+
+def test_layer_function_whose_weight_is_read_twice_is_not_folded():
+    class Twice(FunctionalLayers):
+        def forward(self, x):
+            return self.bn(F.conv2d(x, self.w, None, 1, 1)) + self.w.sum()
+
+    _, report = check(randomize(Twice()), torch.randn(2, 3, 6, 6))
+    assert left(report)["bn"].startswith("with conv2d: its weight w is also read elsewhere")
+
+
 # --- SyncBatchNorm -------------------------------------------------------------------------
 
 def test_sync_batch_norm_folds_in_eval_mode_with_the_example():
