@@ -20,7 +20,7 @@ from torch import nn
 from ._fold_graph import fold_graph
 from ._fold_observe import observe
 from ._fold_report import Folded, NotFolded
-from ._fold_trace import copy_hooks, trace
+from ._fold_trace import copy_hooks, node_ranks, same_output, trace
 from ._fold_untraced import fold_untraced
 
 __all__ = ["fold", "Folded", "NotFolded"]
@@ -45,11 +45,14 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
         The model. It is not modified, nor is its train/eval mode (it is deep-copied). An
         ``ExportedProgram`` gives an ``ExportedProgram`` (see Notes).
     example_inputs : Tensor or tuple of Tensors, optional
-        Positional arguments for one forward call. When given, that call is run once (in
-        eval mode, without gradients) to see the rank of the tensors around every batch
-        norm (see the rank rule in Notes), how a layer subclass with its own ``forward``
-        computes, and, for a model torch.fx cannot trace, which module feeds which. Not for
-        an ``ExportedProgram``, whose graph has every shape.
+        Positional arguments for one forward call. When given, that call is run once on a
+        copy of the model (in eval mode, without gradients) to see how a layer subclass with
+        its own ``forward`` computes and, for a model torch.fx cannot trace, which module
+        feeds which; then the traced graph runs once on what forward got, to see the rank of
+        every tensor (see the rank rule in Notes) and to check that it returns what forward
+        returned (else it is not used, as for a model torch.fx cannot trace: torch.fx records
+        ``x += y`` as ``x + y``, losing a change seen through another name). Hooks of the
+        modules run in both calls. Not for an ``ExportedProgram``, whose graph has every shape.
     merge_branches : bool
         Also merge parallel conv branches that are summed (RepVGG / MobileOne blocks: a
         KxK conv, a 1x1 conv and an identity batch norm over the same input) into one conv.
@@ -186,6 +189,11 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
     seen = None if example_inputs is None else observe(model, example_inputs)
     report: list[Folded | NotFolded] = []
     traced, opaque, why = trace(model)
+    ranks, failure = None, ""
+    if traced is not None and seen is not None:
+        ranks, failure = _ranks_and_check(traced, seen)
+        if ranks is None:
+            traced, why = None, failure
     if traced is None:
         why = f"torch.fx cannot trace {type(module).__name__} ({why})"
         logger.info("pybn.torch.fold: %s; folding the pairs the example call shows adjacent", why)
@@ -196,11 +204,27 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
     else:
         for name, reason in opaque.items():
             logger.info("pybn.torch.fold: %s is called as a whole: torch.fx cannot trace it (%s)", name, reason)
-        fold_graph(traced, seen, example_inputs, report, opaque, merge_branches)
+        fold_graph(traced, seen, report, opaque, merge_branches, ranks, failure)
         copy_hooks(model, traced)
         result = traced
     result.eval()
     return (result, report) if return_report else result
+
+
+def _ranks_and_check(traced: Any, seen: Any) -> tuple[dict[str, int] | None, str]:
+    """Run the traced graph on what forward got in the example call: (the rank of every node,
+    "") when it returns what forward returned; ({}, why) when it cannot run (the folds that need
+    ranks are then refused); (None, why) when it returns something else -- the graph is not the
+    model, and is not used."""
+    if seen.forward_args is None:
+        return {}, "the example call passed keyword arguments to forward: the traced graph was not run on it"
+    ranks, failure, out = node_ranks(traced, seen.forward_args)
+    if failure:
+        return {}, failure
+    if not same_output(out, seen.output):
+        return None, ("its traced graph computes another result than forward on example_inputs (torch.fx "
+                      "records `x += y` on a tensor as x + y: a change seen through another name is lost)")
+    return ranks, ""
 
 
 def _exported_program_class() -> Any:

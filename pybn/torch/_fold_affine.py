@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from ..fold import batch_norm_fold_problem
 from . import _fold_modules as mods
-from ._fold_ops import ARITHMETIC, BATCH_NORMS, Constants, is_metadata_use, op, owner, value_users
+from ._fold_ops import ARITHMETIC, BATCH_NORMS, Constants, in_place, is_metadata_use, op, owner, value_users
 from ._fold_report import Report
 from ._fold_weights import Layer, affine_arrays, folded, overflow_problem
 
@@ -172,8 +172,7 @@ def _arithmetic_step(g: FoldGraph, node: fx.Node, o: Any, x: fx.Node) -> Step | 
     value = g.consts.value(c)
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, torch.Tensor)):
         return None
-    if not x_first and (node.op == "call_method" and str(node.target).endswith("_") or
-                        getattr(node.target, "__name__", "").startswith("i")):
+    if not x_first and in_place(node):
         return None  # an in-place operation on the constant
     alpha = g.consts.value(o.get("alpha", 1))
     if not isinstance(alpha, (int, float)):

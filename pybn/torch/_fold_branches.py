@@ -21,7 +21,7 @@ from torch import fx
 
 from ._fold_affine import FoldGraph, Ranks, Step, _step_arrays, _step_input, _step_producing
 from ._fold_modules import finite, to_numpy
-from ._fold_ops import op, value_users
+from ._fold_ops import in_place, op, value_users
 from ._fold_weights import Layer
 
 
@@ -84,6 +84,8 @@ def _classify(g: FoldGraph, leaf: Any) -> tuple[_Branch, Any] | None:
 def _merge(g: FoldGraph, root: fx.Node) -> None:
     adds: list[fx.Node] = []
     leaves = _leaves(root, root, adds)
+    if any(in_place(a) and len(value_users(op(a).get("input"))) != 1 for a in adds):
+        return  # `x += ...` changes a tensor that something else reads after the merge too
     found = [_classify(g, leaf) for leaf in leaves]
     if any(f is None for f in found):
         return

@@ -36,8 +36,11 @@ class ExportGraph(FoldGraph):
     example = True  # every rank is known (or the node has no tensor value)
 
     def __init__(self, ep: ExportedProgram, report: Report) -> None:
-        graph = fx.Graph()
-        graph.output(graph.graph_copy(ep.graph, {}))
+        graph, copies = fx.Graph(), {}
+        graph.output(graph.graph_copy(ep.graph, copies))
+        for old, new in copies.items():  # (fx renames a node named like a builtin: "input" -> "input_1")
+            if new.name != old.name:
+                new.name = old.name
         super().__init__(fx.GraphModule(ep.graph_module, graph), report)
         self.specs = list(ep.graph_signature.input_specs)
         self.state_dict = dict(ep.state_dict)

@@ -18,7 +18,6 @@ from ._fold_affine import (FoldGraph, Step, affine_modules_left, batch_norm_call
                            fold_before)
 from ._fold_ops import asserted_rank, layer_shape, op, owner
 from ._fold_report import Report
-from ._fold_trace import node_ranks
 from ._fold_weights import Layer, set_module_weights
 
 
@@ -26,13 +25,13 @@ class FxGraph(FoldGraph):
     """A module's traced graph: layers are module calls (Linear, Conv...) or calls of their
     functions on weights read with get_attr; ranks come from asserted ranks and the example call."""
 
-    def __init__(self, gm: fx.GraphModule, report: Report, seen: Any, example_inputs: Any = None,
-                 ranks: dict[str, int] | None = None) -> None:
+    def __init__(self, gm: fx.GraphModule, report: Report, seen: Any, ranks: dict[str, int] | None = None,
+                 rank_failure: str = "") -> None:
         super().__init__(gm, report)
         self.seen = seen
-        self.example_inputs = example_inputs
-        self._ranks = ranks  # computed when first needed (it runs the graph once)
-        self.example = ranks is not None or example_inputs is not None
+        self.rank_failure = rank_failure
+        self._ranks = ranks or {}
+        self.example = ranks is not None
         self.dropped: set[str] = set()  # get_attr targets whose last reader a fold removed
         self.refresh()
 
@@ -51,11 +50,7 @@ class FxGraph(FoldGraph):
 
     def rank(self, node: fx.Node) -> int | None:
         found = asserted_rank(node)
-        if found is not None or not self.example:
-            return found
-        if self._ranks is None:
-            self._ranks, self.rank_failure = node_ranks(self.gm, self.example_inputs)
-        return self._ranks.get(node.name)
+        return found if found is not None else self._ranks.get(node.name)
 
     def layer(self, node: Any) -> Layer | None:
         if not isinstance(node, fx.Node):
@@ -225,14 +220,16 @@ def module_uses(gm: fx.GraphModule) -> Callable[[str], int]:
 # The pass
 
 
-def fold_graph(gm: fx.GraphModule, seen: Any, example_inputs: Any, entries: list[Any], opaque: dict[str, str],
-               merge_branches: bool) -> None:
-    """Fold in place in `gm`'s graph and submodules (which belong to our copy)."""
+def fold_graph(gm: fx.GraphModule, seen: Any, entries: list[Any], opaque: dict[str, str], merge_branches: bool,
+               ranks: dict[str, int] | None = None, rank_failure: str = "") -> None:
+    """Fold in place in `gm`'s graph and submodules (which belong to our copy). `ranks`: those
+    of the example call through the graph (None: no example call; `rank_failure`: why it gave
+    none)."""
     report = Report(entries)
     # Dropout first: "Linear -> Dropout -> BN" becomes the foldable "Linear -> BN".
     remove_graph_dropout(gm, report)
     remove_identities(gm)
-    g = FxGraph(gm, report, seen, example_inputs)
+    g = FxGraph(gm, report, seen, ranks, rank_failure)
     fold_layers(g)
     if merge_branches:
         from ._fold_branches import merge_branches as merge

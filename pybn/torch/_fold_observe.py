@@ -32,6 +32,8 @@ class Seen(NamedTuple):
     calls: dict[int, int]  # id(module) -> how many times it was called
     layer_calls: dict[int, str | None]  # id(layer with its own forward) -> None: computed like its class; else why not
     feeds: dict[int, tuple[int, int]]  # id(module) -> (id(the module its output went to, alone), that output's rank)
+    forward_args: Any = None  # the arguments the model's forward got (after its pre-hooks); None: keywords too
+    output: Any = None  # what the model's forward returned (before its forward hooks)
 
 
 def first_line(exc: BaseException) -> str:
@@ -51,7 +53,8 @@ def observe(model: nn.Module, example_inputs: Any) -> Seen:
     seen = recorder.summary()
     return Seen({ids[k]: v for k, v in seen.calls.items()},
                 {ids[k]: v for k, v in seen.layer_calls.items()},
-                {ids[k]: (ids[b], rank) for k, (b, rank) in seen.feeds.items()})
+                {ids[k]: (ids[b], rank) for k, (b, rank) in seen.feeds.items()}, recorder.forward_args,
+                recorder.output)
 
 
 # Torch functions that read a tensor's metadata, not its values: they do not count as uses.
@@ -101,6 +104,8 @@ class _Recorder(TorchFunctionMode):
         self.watched = {id(m) for m in model.modules() if mods.layer(m) is not None and not mods.keeps_forward(m)}
         self.functions: dict[int, list[tuple[Any, tuple[Any, ...], dict[str, Any], Any]]] = {}
         self.model_outputs: set[int] = set()
+        self.forward_args: Any = None
+        self.output: Any = None
         self.arguments: dict[int, list[tuple[torch.Tensor, _Use, int]]] = {}  # active call -> its arguments
 
     def _use(self, value: Any, call: int | None, position: int) -> list[tuple[torch.Tensor, _Use, int]]:
@@ -143,6 +148,12 @@ class _Recorder(TorchFunctionMode):
         self.stack.append(index)
         self.in_hook = False
 
+    def _forward_args(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.forward_args = None if kwargs else args
+
+    def _forward_output(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        self.output = out
+
     def _after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         self.in_hook = True
         index = self.stack.pop()
@@ -158,6 +169,9 @@ class _Recorder(TorchFunctionMode):
         for m in self.model.modules():
             handles.append(m.register_forward_pre_hook(self._before, with_kwargs=True))
             handles.append(m.register_forward_hook(self._after, with_kwargs=True, always_call=True))
+        # what the model's own forward gets and returns: after the pre-hooks, before the forward hooks
+        handles.append(self.model.register_forward_pre_hook(self._forward_args, with_kwargs=True))
+        handles.append(self.model.register_forward_hook(self._forward_output, prepend=True))
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         try:
             with torch.no_grad(), self:

@@ -51,6 +51,8 @@ _FUNCTIONS.update({
     aten.add.Tensor: ("add", None), aten.add.Scalar: ("add", None),
     aten.sub.Tensor: ("sub", None), aten.sub.Scalar: ("sub", None),
     aten.div.Tensor: ("div", None), aten.div.Scalar: ("div", None),
+    # in place (the training IR of torch.export keeps `out += branch(x)` as it is)
+    aten.add_.Tensor: ("add", None), aten.mul_.Tensor: ("mul", None),
 })
 _METHODS = {"mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mul",
             "add": "add", "add_": "add", "__add__": "add", "__radd__": "add",
@@ -96,6 +98,17 @@ def op(node: Any) -> Op | None:
     if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
         return None  # a call this table does not describe
     return Op(kind, bound)
+
+
+def in_place(node: fx.Node) -> bool:
+    """Whether the call changes its first argument (x.add_(c), operator.iadd, aten.add_)."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    return getattr(target, "__name__", "").startswith("i") and getattr(target, "__module__", "") in ("operator",
+                                                                                                   "_operator")
 
 
 def layer_shape(o: Op) -> tuple[str, bool] | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from ._fold_modules import copy_sharing_parameters, global_hooks, has_hooks
 from ._fold_observe import first_line
@@ -162,9 +163,9 @@ def copy_hooks(source: nn.Module, target: nn.Module) -> None:
             target.register_backward_hook(hook)
 
 
-def node_ranks(gm: fx.GraphModule, example_inputs: Any) -> tuple[dict[str, int], str]:
-    """(the rank of every tensor node's value when a copy of `gm` runs on the example, "") or
-    ({}, why that run failed).
+def node_ranks(gm: fx.GraphModule, example_inputs: Any) -> tuple[dict[str, int], str, Any]:
+    """(the rank of every tensor node's value when a copy of `gm` runs on the example, "", the
+    output) or ({}, why that run failed, None).
 
     The traced graph has no control flow: every node runs, so every rank is known.
     """
@@ -180,7 +181,23 @@ def node_ranks(gm: fx.GraphModule, example_inputs: Any) -> tuple[dict[str, int],
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with torch.no_grad():
-            Recording(copy_sharing_parameters(gm)).run(*inputs)
+            out = Recording(copy_sharing_parameters(gm)).run(*inputs)
     except Exception as exc:  # noqa: BLE001 - no ranks: the folds that need them are refused
-        return {}, f"running the traced graph on example_inputs failed ({type(exc).__name__}: {first_line(exc)})"
-    return ranks, ""
+        return {}, f"running the traced graph on example_inputs failed ({type(exc).__name__}: {first_line(exc)})", None
+    return ranks, "", out
+
+
+def same_output(a: Any, b: Any) -> bool:
+    """Whether two results are the same structure of equal tensors (NaN equal to NaN)."""
+    la, lb = pytree.tree_flatten(a), pytree.tree_flatten(b)
+    if la[1] != lb[1]:
+        return False
+    for x, y in zip(la[0], lb[0]):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(torch.nan_to_num(x), torch.nan_to_num(y)):
+                return False
+        elif x != y:
+            return False
+    return True

@@ -174,7 +174,7 @@ def _trace_alone(module: nn.Module, name: str, rank: int | None, report: Report)
         if not n.meta.get("nn_module_stack"):
             n.meta["nn_module_stack"] = {name: (name, type(module))}
     remove_identities(gm)
-    return FxGraph(gm, report, None, ranks=None if rank is None else {placeholders[0].name: rank})
+    return FxGraph(gm, report, None, None if rank is None else {placeholders[0].name: rank})
 
 
 def _affine_module(m: nn.Module) -> bool:
