@@ -485,6 +485,38 @@ def test_the_module_order_guess_would_be_wrong():
         assert not torch.allclose(wrong(x), model(x), atol=1e-3)
 
 
+class CountingScale(nn.Module):
+    """A per-channel scale that counts its calls: tracing it alone would count once, for real."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(n, 1, 1) + 0.5)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.scale + self.calls
+
+
+class UntraceableWithCounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.scale = CountingScale(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.scale(self.conv(x))
+
+
+def test_module_changing_its_state_is_not_traced_alone():
+    model = UntraceableWithCounter().eval()
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = check(model, x, x)  # (each call counts: the original and the folded one alike)
+    assert report == [] and folded.scale.calls == 2 and model.scale.calls == 0  # (fold itself counted nothing)
+
+
 class ReadTwice(nn.Module):
     def __init__(self):
         super().__init__()

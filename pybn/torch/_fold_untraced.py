@@ -25,7 +25,7 @@ from . import _fold_modules as mods
 from ._fold_affine import Ranks, Step, _chain_after, _continues, affine_modules_left, folded_for, kind_of
 from ._fold_graph import FxGraph, drop_unused_tensors, remove_identities
 from ._fold_report import Report
-from ._fold_trace import Tracer, join
+from ._fold_trace import Tracer, join, state
 from ._fold_weights import Layer, set_module_weights
 
 
@@ -156,17 +156,21 @@ class _Pairs:
 
 
 def _trace_alone(module: nn.Module, name: str, rank: int | None, report: Report) -> FxGraph | None:
-    """`module`'s forward traced by itself, its own calls marked as made by `module` (so that its
-    steps have one owner), with `rank` as the rank of its first input; None if it does not
-    trace to a graph of one tensor input."""
+    """`module`'s forward traced by itself (on a copy sharing its weights), its own calls marked
+    as made by `module` (so that its steps have one owner), with `rank` as the rank of its first
+    input; None if it does not trace faithfully to a graph of one tensor input."""
     if mods.has_hooks(module) or mods.global_hooks():
         return None
+    scratch = mods.copy_sharing_parameters(module)  # (tracing runs forward: what it changes stays there)
+    before = state(scratch)
     tracer = Tracer()
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(scratch)
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     except Exception:  # noqa: BLE001 - not traceable alone: no steps to fold from it
         return None
+    if state(scratch) != before:
+        return None  # forward changes state, which its traced graph would not
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         return None
