@@ -261,7 +261,7 @@ class Ranks:
         return self._get(self._failure)
 
 
-def _step_arrays(step: Step, ranks: Ranks, layer: Layer, before: bool) -> tuple[np.ndarray, np.ndarray] | str:
+def step_arrays(step: Step, ranks: Ranks, layer: Layer, before: bool) -> tuple[np.ndarray, np.ndarray] | str:
     """(s, t) of `step` over the layer's channels (its inputs when `before`), float64; or why not."""
     channels = layer.in_channels if before else layer.out_channels
     if step.bn is not None:
@@ -298,7 +298,7 @@ def folded_for(layer: Layer, steps: list[Step], ranks: Ranks, *, before: bool
     """The weights of `layer` with `steps` (applied in order) folded in, or why they cannot be."""
     parts = []
     for s in steps:
-        got = _step_arrays(s, ranks, layer, before)
+        got = step_arrays(s, ranks, layer, before)
         if isinstance(got, str):
             return got
         parts.append(got)
@@ -313,7 +313,7 @@ def kind_of(steps: list[Step]) -> str:
 
 # --- chains and folds ------------------------------------------------------------------------
 
-def _chain_after(g: FoldGraph, x: fx.Node) -> tuple[list[Step], fx.Node | None, str | None]:
+def chain_after(g: FoldGraph, x: fx.Node) -> tuple[list[Step], fx.Node | None, str | None]:
     """The steps of one owner right after `x`, each the only value user of the one before:
     (steps, the user after them, why the first candidate is no step (noted by the caller))."""
     steps: list[Step] = []
@@ -329,7 +329,7 @@ def _chain_after(g: FoldGraph, x: fx.Node) -> tuple[list[Step], fx.Node | None, 
         cur = step.out
 
 
-def _continues(g: FoldGraph, steps: list[Step]) -> bool:
+def continues(g: FoldGraph, steps: list[Step]) -> bool:
     """Whether the owner of `steps` computes more from their result (then they are not its whole
     computation, and folding part of it would leave the rest reading a changed value)."""
     last = steps[-1].out
@@ -358,7 +358,7 @@ def fold_after(g: FoldGraph, layer: Layer) -> bool:
                 _note(g, u, s, s if isinstance(s, str) else
                       f"with {layer.name}: the output of {layer.name} is used {len(users)} times")
         return False
-    steps, _, why = _chain_after(g, x)
+    steps, _, why = chain_after(g, x)
     if why is not None:
         _note(g, users[0], why, why)
         return False
@@ -376,11 +376,11 @@ def fold_before(g: FoldGraph, layer: Layer) -> bool:
     steps = []
     cur = y
     while True:  # walk back while cur is the result of a step
-        found = _step_producing(g, cur)
+        found = step_producing(g, cur)
         if found is None or (steps and found.owner != steps[0].owner):
             break
         steps.insert(0, found)
-        cur = _step_input(found)
+        cur = step_input(found)
     if not steps:
         return False
     name = steps[0].owner
@@ -393,14 +393,14 @@ def fold_before(g: FoldGraph, layer: Layer) -> bool:
         return False
     if any(len(value_users(s.out)) != 1 for s in steps[:-1]):
         return False
-    problem = _before_problem(layer)
+    problem = before_problem(layer)
     if problem:
         g.report.note(name, f"with {layer.name}: {problem}")
         return False
     return _fold(g, layer, steps, cur, before=True)
 
 
-def _step_producing(g: FoldGraph, value: fx.Node) -> Step | None:
+def step_producing(g: FoldGraph, value: fx.Node) -> Step | None:
     """The step whose result is `value`, if it is one."""
     node = value
     if value.op == "call_function" and getattr(value.target, "__name__", "") == "getitem" and value.args:
@@ -414,7 +414,7 @@ def _step_producing(g: FoldGraph, value: fx.Node) -> Step | None:
     return None
 
 
-def _step_input(step: Step) -> fx.Node:
+def step_input(step: Step) -> fx.Node:
     first = step.nodes[0]
     if step.module is not None:
         return first.args[0]
@@ -425,7 +425,7 @@ def _step_input(step: Step) -> fx.Node:
     return b
 
 
-def _before_problem(layer: Layer) -> str | None:
+def before_problem(layer: Layer) -> str | None:
     """Why a per-channel map before `layer` cannot fold into it (BN shift vs. padding...)."""
     # Not ConvTranspose: with stride > 1 some outputs get no kernel tap, so no BN shift.
     if layer.transposed:
@@ -455,7 +455,7 @@ def owner_of_candidate(g: FoldGraph, node: fx.Node) -> str:
 
 def _fold(g: FoldGraph, layer: Layer, steps: list[Step], x: fx.Node, *, before: bool) -> bool:
     name = steps[0].owner
-    if not before and _continues(g, steps):
+    if not before and continues(g, steps):
         g.report.note(name, f"with {layer.name}: only part of its computation follows {layer.name} alone")
         return False
     got = g.layer_problem(layer) or folded_for(layer, steps, Ranks.of(g, x), before=before)

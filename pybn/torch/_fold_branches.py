@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ._fold_affine import FoldGraph, Ranks, Step, _step_arrays, _step_input, _step_producing
+from ._fold_affine import FoldGraph, Ranks, Step, step_arrays, step_input, step_producing
 from ._fold_modules import finite, to_numpy
 from ._fold_ops import in_place, op, value_users
 from ._fold_weights import Layer
@@ -69,11 +69,11 @@ def _classify(g: FoldGraph, leaf: Any) -> tuple[_Branch, Any] | None:
     steps: list[Step] = []
     cur = leaf
     while True:
-        found = _step_producing(g, cur)
+        found = step_producing(g, cur)
         if found is None or (steps and found.owner != steps[0].owner):
             break
         steps.insert(0, found)
-        cur = _step_input(found)
+        cur = step_input(found)
     if steps:
         if any(len(value_users(s.out)) != 1 for s in steps):
             return None
@@ -252,7 +252,7 @@ def _add_identity(b: _Branch, main: Layer, window: _Window, stride: tuple[int, .
     n = main.out_channels
     s, t = np.ones(n), np.zeros(n)
     for step in b.steps:
-        got = _step_arrays(step, ranks, main, False)
+        got = step_arrays(step, ranks, main, False)
         if isinstance(got, str):
             return got
         s, t = s * got[0], t * got[0] + got[1]

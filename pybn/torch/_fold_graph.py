@@ -14,8 +14,7 @@ import torch
 from torch import fx, nn
 
 from . import _fold_modules as mods
-from ._fold_affine import (FoldGraph, Step, affine_modules_left, batch_norm_calls_left, fold_after,
-                           fold_before)
+from ._fold_affine import FoldGraph, Step, affine_modules_left, batch_norm_calls_left, fold_after, fold_before
 from ._fold_ops import asserted_rank, layer_shape, op, owner
 from ._fold_report import Report
 from ._fold_weights import Layer, set_module_weights

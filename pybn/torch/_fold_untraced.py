@@ -22,7 +22,7 @@ from typing import Any
 from torch import fx, nn
 
 from . import _fold_modules as mods
-from ._fold_affine import Ranks, Step, _chain_after, _continues, affine_modules_left, folded_for, kind_of
+from ._fold_affine import Ranks, Step, affine_modules_left, before_problem, chain_after, continues, folded_for, kind_of
 from ._fold_graph import FxGraph, drop_unused_tensors, remove_identities
 from ._fold_report import Report
 from ._fold_trace import Tracer, join, state
@@ -103,13 +103,11 @@ class _Pairs:
                      getattr(m, "padding", 0), m)
 
     def _fold_batch_norm_module(self, layer_module: nn.Module, bn: nn.Module, rank: int, before: bool) -> None:
-        from ._fold_affine import _before_problem
-
         bn_name, layer_name = self._name(bn), self._name(layer_module)
         layer = self._layer(layer_module)
         step = Step([], None, bn_name, bn=mods.bn_arrays(bn), accepts=mods.several_ranks(bn), module=bn)
         problem = mods.bn_problem(bn) or self._common_problem(layer_module, bn) or \
-            (_before_problem(layer) if before else None)
+            (before_problem(layer) if before else None)
         got = problem or folded_for(layer, [step], Ranks.known(rank), before=before)
         if isinstance(got, str):
             self.report.note(bn_name, f"with {layer_name}: {got}")
@@ -126,14 +124,14 @@ class _Pairs:
         if g is None:
             return
         x = next(n for n in g.graph.nodes if n.op == "placeholder")
-        steps, _, why = _chain_after(g, x)
+        steps, _, why = chain_after(g, x)
         if not steps:
             if why is not None:
                 self.report.note(name, f"with {layer_name}: {why}")
             return
         layer = self._layer(layer_module)
         problem = self._common_problem(layer_module, other) or \
-            ("only part of its computation follows the layer alone" if _continues(g, steps) else None)
+            ("only part of its computation follows the layer alone" if continues(g, steps) else None)
         got = problem or folded_for(layer, steps, Ranks.known(rank), before=False)
         if isinstance(got, str):
             self.report.note(name, f"with {layer_name}: {got}")
