@@ -188,16 +188,21 @@ def node_ranks(gm: fx.GraphModule, example_inputs: Any) -> tuple[dict[str, int],
 
 
 def same_output(a: Any, b: Any) -> bool:
-    """Whether two results are the same structure of equal tensors (NaN equal to NaN)."""
-    la, lb = pytree.tree_flatten(a), pytree.tree_flatten(b)
-    if la[1] != lb[1]:
-        return False
-    for x, y in zip(la[0], lb[0]):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+    """Whether two results are the same structure of equal tensors (NaN equal to NaN) and equal
+    other values. Anything that cannot be compared counts as different."""
+    try:
+        la, lb = pytree.tree_flatten(a), pytree.tree_flatten(b)
+        if la[1] != lb[1]:
             return False
-        if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(torch.nan_to_num(x), torch.nan_to_num(y)):
+        for x, y in zip(la[0], lb[0]):
+            if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
                 return False
-        elif x != y:
-            return False
+            if isinstance(x, torch.Tensor):
+                if x.shape != y.shape or x.dtype != y.dtype or \
+                        not torch.equal(torch.nan_to_num(x), torch.nan_to_num(y)):
+                    return False
+            elif not (x is y or bool(x == y)):
+                return False
+    except Exception:  # noqa: BLE001 - values without a plain equality
+        return False
     return True
