@@ -21,7 +21,7 @@ except ImportError as exc:  # torch is an optional dependency of pybn
 
 import numpy as np
 
-from .fold import fold_bn_linear, fold_conv_bn
+from ..fold import fold_bn_linear, fold_conv_bn
 
 __all__ = ["fold", "Folded"]
 
