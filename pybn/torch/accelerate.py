@@ -104,7 +104,7 @@ def _rebuilt(module: nn.Module, cls: Type[nn.Module], process_group) -> nn.Modul
     the dictionaries that hold them and the hooks."""
     new = cls.__new__(cls)
     new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
-    if issubclass(cls, nn.SyncBatchNorm):
+    if issubclass(cls, pnn.SyncBatchNorm):
         new.process_group = process_group if process_group is not None else getattr(module, "process_group", None)
     return new
 

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import pybn
 
@@ -83,23 +84,34 @@ class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on pybn's kernels: (N, C, D, H, W), contiguous or channels_last_3d."""
 
 
-class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     """``torch.nn.SyncBatchNorm`` that also works on CPU tensors (gloo), on pybn's kernels.
 
     Same constructor (``process_group=None``: the default group) and state_dict as
     torch's. In training mode, with ``torch.distributed`` initialized and more than one
-    process in the group, CPU float32/float64 inputs are normalized with the statistics
-    of the whole batch over the group: per call, the forward all-gathers each process's
-    channel count (checked: if the processes disagree on C, or one got an unusable input,
-    every process raises ValueError instead of waiting) and its 2C+1 float64 statistics
+    process in the group, CPU inputs are normalized with the statistics of the whole
+    batch over the group: per call, the forward all-gathers each process's channel count
+    (checked: if the processes disagree on C, or one got an unusable input, every
+    process raises ValueError instead of waiting) and its 2C+1 float64 statistics
     (count, mean, m2), merged exactly; the backward all-reduces 2C float64 sums. Outputs,
     input gradients and running statistics equal one BatchNorm on the concatenated batch;
     ``weight.grad`` / ``bias.grad`` hold this process's share, as with torch's
-    SyncBatchNorm, and ``DistributedDataParallel`` averages them. Other inputs are handled
-    as by torch's SyncBatchNorm (which needs a GPU to synchronize); otherwise this is
-    BatchNorm on the local batch. ``torch.compile`` runs the synchronized call outside the
-    graph (a graph break).
+    SyncBatchNorm, and ``DistributedDataParallel`` averages them. Tensors on other devices
+    go to torch's SyncBatchNorm code; otherwise this is BatchNorm on the local batch.
+    ``torch.compile`` runs the synchronized call outside the graph (a graph break).
+
+    It is not a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses
+    those on the CPU.
     """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, **kwargs) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **kwargs)
+        self.process_group = process_group
+
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input: Tensor) -> Tensor:
         from . import _sync
