@@ -270,20 +270,35 @@ def test_dropout_mask_is_pybns_on_every_isa_and_thread_count(isa, threads, dtype
     assert torch.equal(keep, torch.from_numpy(ref))
 
 
-def test_dropout_mask_follows_the_logical_order_in_every_layout():
+def test_dropout_mask_follows_memory_order_without_copies():
+    """Element-wise: the mask covers the elements in memory order (for channels_last, the
+    (N, H, W, C) order), so both fast layouts go to the kernel without a copy; other
+    strides are made contiguous. Channel-wise: the same (N, C) mask in both layouts."""
     x = torch.randn(4, 6, 5, 3)
     philox = torch.tensor([99, 0])
     want, _ = torch.ops.pybn.dropout(x, 0.5, philox, None)
-    for name in ("channels_last", "strided"):
-        y, _ = torch.ops.pybn.dropout(layout(x.clone(), name), 0.5, philox, None)
-        assert torch.equal(y, want)
-        assert has_layout(y, "channels_last" if name == "channels_last" else "contiguous")
-    # channel-wise: the (N, C) mask, zero-copy in channels_last too
+    assert torch.equal(want, torch.where(keep_of(x.shape, 0.5, 99, 0), x * 2, 0.0))
+    xcl = layout(x.clone(), "channels_last")
+    ycl, _ = torch.ops.pybn.dropout(xcl, 0.5, philox, None)
+    keep_nhwc = keep_of((4, 5, 3, 6), 0.5, 99, 0).permute(0, 3, 1, 2)
+    assert torch.equal(ycl, torch.where(keep_nhwc, x * 2, 0.0)) and ops.channels_last_physical(ycl)
+    ystrided, _ = torch.ops.pybn.dropout(layout(x.clone(), "strided"), 0.5, philox, None)
+    assert torch.equal(ystrided, want) and ystrided.is_contiguous()
     want2d, _ = torch.ops.pybn.dropout(x, 0.5, philox, [4, 6, 1, 1])
-    y2d, _ = torch.ops.pybn.dropout(layout(x.clone(), "channels_last"), 0.5, philox, [4, 6, 1, 1])
+    y2d, _ = torch.ops.pybn.dropout(xcl, 0.5, philox, [4, 6, 1, 1])
     assert torch.equal(y2d, want2d) and ops.channels_last_physical(y2d)
     keep = keep_of((4, 6), 0.5, 99, 0)[:, :, None, None]
     assert torch.equal(want2d, torch.where(keep, x * 2, torch.zeros_like(x)))
+
+
+@pytest.mark.parametrize("x_layout,dy_layout", [("channels_last", "contiguous"), ("contiguous", "channels_last"),
+                                                ("strided", "channels_last")])
+def test_dropout_gradient_in_another_layout_uses_the_forward_mask(x_layout, dy_layout):
+    x = layout(torch.randn(4, 6, 5, 3), x_layout).requires_grad_()
+    y, _ = torch.ops.pybn.dropout(x, 0.5, torch.tensor([7, 0]), None)
+    dy = layout(torch.randn(4, 6, 5, 3), dy_layout)
+    y.backward(dy)
+    assert torch.equal(x.grad, torch.where(y != 0, 2 * dy, 0.0))
 
 
 def test_dropout_draws_its_seed_from_torchs_generator():

@@ -10,11 +10,13 @@ runs torch's own ``F.dropout*``.
 
 Dropout masks: in training mode each call draws a fresh seed from torch's default CPU
 generator (so ``torch.manual_seed`` reproduces a run) and uses offset 0: the mask is
-``pybn.dropout_mask(shape, p, seed=seed, offset=0)`` over x's logical shape (over
-``(N, C)`` for the channel-wise Dropout1d/2d/3d). Built with ``seed=...``, a module
-instead keeps its own Philox stream: the first call uses ``(seed, 0)`` and every training
-call advances ``offset`` by ``pybn.counters_used(n)``, n the mask's element count, with
-no draw from torch's generator. Kept values are scaled by ``pybn``'s dropout scale.
+``pybn.dropout_mask(shape, p, seed=seed, offset=0)`` over x's elements in memory order
+(``shape`` is x's for a contiguous x, ``x.movedim(1, -1)``'s for a channels-last one), or
+over ``(N, C)`` for the channel-wise Dropout1d/2d/3d in either layout. Built with
+``seed=...``, a module instead keeps its own Philox stream: the first call uses
+``(seed, 0)`` and every training call advances ``offset`` by ``pybn.counters_used(n)``, n
+the mask's element count, with no draw from torch's generator. Kept values are scaled by
+``pybn``'s dropout scale.
 """
 import math
 from typing import Optional

@@ -13,9 +13,12 @@ Operators (all take and return tensors of any device and floating dtype):
 ``dropout(x, p, philox?, noise_shape?) -> (y, philox_used)``
     Inverted dropout; ``philox`` is an int64 tensor ``[seed, offset]`` (the uint64 values'
     two's complement); None draws a seed from torch's default CPU generator (one
-    ``torch.randint(2**63 - 1, ())``), offset 0. The mask of element k (C order over
-    ``noise_shape``, default x's shape) is bit k of ``pybn.dropout_mask(shape, p, seed=,
-    offset=)`` whatever x's memory layout, and ``philox_used`` says which one was drawn.
+    ``torch.randint(2**63 - 1, ())``), offset 0; ``philox_used`` says which was used. The
+    mask is ``pybn.dropout_mask(shape, p, seed=, offset=)`` over the elements in memory
+    order: ``shape`` is x's for a contiguous x, ``x.movedim(1, -1)``'s for a channels-last
+    one (other layouts are made contiguous); a ``noise_shape`` mask (Keras semantics) is
+    drawn over that shape in C order, so ``(N, C, 1, 1)`` gives the same (N, C) mask in
+    both layouts.
 
 Why ``torch.library.custom_op`` (Python) and not ``TORCH_LIBRARY`` (C++): the kernels are
 reached through pybn's own Python functions on zero-copy NumPy views of CPU tensors
@@ -233,15 +236,22 @@ def dropout(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional
     used = draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
     seed, offset = (v % 2**64 for v in used.tolist())
     noise = None if noise_shape is None else tuple(noise_shape)
-    if not pybn_takes(x):
-        return _dropout_elsewhere(x, p, seed, offset, noise), used
-    last = channels_last_physical(x) and _order_kept(noise, x.dim())
-    y = empty(x, last)
+    src = x if pybn_takes(x) else _float_cpu_copy(x)
+    last = channels_last_physical(src) and _order_kept(noise, x.dim())
     if last and noise is not None:
         noise = noise[:1] + noise[2:] + noise[1:2]
-    pybn.dropout(array(x, last) if last else x.detach().contiguous().numpy(), p, seed=seed, offset=offset,
-                 noise_shape=noise, out=array(y, last) if last else y.numpy())
+    y = empty(src, last)
+    pybn.dropout(array(src, last), p, seed=seed, offset=offset, noise_shape=noise, out=array(y, last))
+    if src is not x:  # back to x's device and dtype
+        return empty(x, channels_last_physical(x)).copy_(y), used
     return in_layout(y, channels_last_physical(x)), used
+
+
+def _float_cpu_copy(x: Tensor) -> Tensor:
+    """A float32 (float64 stays float64) CPU copy of x in its layout, for pybn's kernels."""
+    if not x.is_floating_point():
+        raise TypeError(f"x: dropout needs a floating-point tensor, got {x.dtype}")
+    return x.detach().to("cpu", torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def draw_philox() -> Tensor:
@@ -251,24 +261,14 @@ def draw_philox() -> Tensor:
 
 
 def _order_kept(noise: Optional[Sequence[int]], ndim: int) -> bool:
-    """Whether moving dim 1 last keeps the C order of the mask's drawn entries (a mask
-    over x's own shape is drawn in x's logical order, so it never does)."""
+    """Whether the mask may be drawn in the channels-last physical order: always for a mask
+    over x itself (drawn in memory order), and for a channel-wise mask when moving dim 1
+    last keeps the C order of its drawn entries (then it is the same mask either way)."""
     if noise is None:
-        return False
+        return True
     drawn = [d for d in range(ndim) if noise[d] != 1]
     moved = [d for d in [0, *range(2, ndim), 1] if noise[d] != 1]
     return drawn == moved
-
-
-def _dropout_elsewhere(x: Tensor, p: float, seed: int, offset: int, noise) -> Tensor:
-    """Dropout of a tensor pybn's kernels do not take: computed on a float32/64 CPU copy."""
-    if not x.is_floating_point():
-        raise TypeError(f"x: dropout needs a floating-point tensor, got {x.dtype}")
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = pybn.dropout(x.detach().to("cpu", work).contiguous().numpy(), p, seed=seed, offset=offset,
-                     noise_shape=noise)
-    out = empty(x, channels_last_physical(x))
-    return out.copy_(torch.from_numpy(y))
 
 
 @dropout.register_fake
@@ -277,14 +277,15 @@ def _(x, p, philox, noise_shape):
 
 
 def _dropout_setup(ctx, inputs, output):
-    _, p, _, noise_shape = inputs
-    ctx.p, ctx.noise_shape = p, noise_shape
+    x, p, _, noise_shape = inputs
+    ctx.p, ctx.noise_shape, ctx.last = p, noise_shape, channels_last_physical(x)
     ctx.save_for_backward(output[1])
 
 
 def _dropout_backward(ctx, dy, _dused):
     (used,) = ctx.saved_tensors
-    dx, _ = torch.ops.pybn.dropout(dy, ctx.p, used, ctx.noise_shape)  # the same mask, the same scale
+    # the same mask and scale: dy in the layout x had, since the mask follows memory order
+    dx, _ = torch.ops.pybn.dropout(in_layout(dy, ctx.last), ctx.p, used, ctx.noise_shape)
     return dx, None, None, None
 
 
