@@ -6,11 +6,21 @@ import sys
 import pytest
 import torch
 
+import pybn
 import pybn.torch
 from pybn.bench import torch_bench
 from pybn.bench.timing import TimingConfig
 
 TINY = TimingConfig(budget=0.001, warmup=1, min_reps=1, max_reps=2, pause=0.0)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """The section sets torch's and pybn's thread counts: put them back for the other tests."""
+    before = torch.get_num_threads(), pybn.get_num_threads()
+    yield
+    torch.set_num_threads(before[0])
+    pybn.set_num_threads(before[1])
 
 
 def test_cells_run_check_and_render(monkeypatch):

@@ -64,46 +64,49 @@ def batch_norm_inputs(shape, dtype, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape,name", LAYOUT_CASES, ids=LAYOUT_IDS)
 def test_batch_norm_train_forward_and_backward_equal_torch(shape, name, dtype):
+    """Against torch's kernels run in float64 on the same values (the reference)."""
     x0, weight0, bias0 = batch_norm_inputs(shape, dtype)
     c = shape[1]
     results = []
-    for impl in ("pybn", "torch"):
-        x = layout(x0.clone(), name).requires_grad_()
-        weight, bias = weight0.clone().requires_grad_(), bias0.clone().requires_grad_()
-        rm, rv = torch.full((c,), 0.5, dtype=dtype), torch.full((c,), 2.0, dtype=dtype)
+    for impl, work in (("pybn", dtype), ("torch", torch.float64)):
+        x = layout(x0.to(work, copy=True), name).requires_grad_()
+        weight, bias = weight0.to(work, copy=True).requires_grad_(), bias0.to(work, copy=True).requires_grad_()
+        rm, rv = torch.full((c,), 0.5, dtype=work), torch.full((c,), 2.0, dtype=work)
         if impl == "pybn":
             y, mean, invstd = torch.ops.pybn.batch_norm_train(x, weight, bias, rm, rv, 0.3, 1e-3)
             assert has_layout(y, name if name != "strided" else "contiguous")
+            assert mean.dtype == invstd.dtype == dtype
         else:
             y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, rm, rv, True, 0.3, 1e-3)
-        dy = torch.linspace(-1, 2, y.numel(), dtype=dtype).reshape(y.shape)
+        dy = torch.linspace(-1, 2, y.numel(), dtype=dtype).reshape(y.shape).to(work)
         y.backward(dy)
         results.append([y, mean, invstd, rm, rv, x.grad, weight.grad, bias.grad])
     for got, want, what in zip(*results, ["y", "save_mean", "save_invstd", "running_mean", "running_var", "dx",
                                           "dweight", "dbias"]):
-        assert got.dtype == want.dtype, what
-        torch.testing.assert_close(got, want, **TOL[dtype], msg=what)
+        assert got.dtype == dtype, what
+        torch.testing.assert_close(got, want.to(dtype), **TOL[dtype], msg=what)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape,name", LAYOUT_CASES, ids=LAYOUT_IDS)
 def test_batch_norm_infer_forward_and_backward_equal_torch(shape, name, dtype):
+    """Against torch's kernels run in float64 on the same values (the reference)."""
     x0, weight0, bias0 = batch_norm_inputs(shape, dtype, seed=1)
     c = shape[1]
-    rm, rv = torch.linspace(2, 4, c, dtype=dtype), torch.linspace(0.5, 3, c, dtype=dtype)
     results = []
-    for impl in ("pybn", "torch"):
-        x = layout(x0.clone(), name).requires_grad_()
-        weight, bias = weight0.clone().requires_grad_(), bias0.clone().requires_grad_()
+    for impl, work in (("pybn", dtype), ("torch", torch.float64)):
+        rm, rv = torch.linspace(2, 4, c, dtype=dtype).to(work), torch.linspace(0.5, 3, c, dtype=dtype).to(work)
+        x = layout(x0.to(work, copy=True), name).requires_grad_()
+        weight, bias = weight0.to(work, copy=True).requires_grad_(), bias0.to(work, copy=True).requires_grad_()
         if impl == "pybn":
             y = torch.ops.pybn.batch_norm_infer(x, rm, rv, weight, bias, 1e-3)
         else:
             y = F.batch_norm(x, rm, rv, weight, bias, False, 0.1, 1e-3)
-        dy = torch.linspace(-1, 2, y.numel(), dtype=dtype).reshape(y.shape)
+        dy = torch.linspace(-1, 2, y.numel(), dtype=dtype).reshape(y.shape).to(work)
         y.backward(dy)
         results.append([y, x.grad, weight.grad, bias.grad])
     for got, want, what in zip(*results, ["y", "dx", "dweight", "dbias"]):
-        torch.testing.assert_close(got, want, **TOL[dtype], msg=what)
+        torch.testing.assert_close(got, want.to(dtype), **TOL[dtype], msg=what)
 
 
 def test_train_without_affine_or_running_statistics_equals_torch():
