@@ -118,19 +118,23 @@ def test_train_without_affine_or_running_statistics_equals_torch():
 
 
 @pytest.mark.parametrize("name", ["contiguous", "channels_last"])
-def test_fast_layouts_reach_the_kernels_without_a_copy(name, monkeypatch):
+@pytest.mark.parametrize("op", ["batch_norm_train", "dropout"])
+def test_fast_layouts_reach_the_kernels_without_a_copy(op, name, monkeypatch):
     """The arrays pybn receives are views of the tensors' own memory (x in, y out)."""
     seen = {}
-    real = pybn.batch_norm_train
+    real = getattr(pybn, op)
 
     def spy(x, *args, out=None, **kwargs):
-        seen["x"], seen["out"], seen["axis"] = x.ctypes.data, out.ctypes.data, kwargs["axis"]
+        seen["x"], seen["out"] = x.ctypes.data, out.ctypes.data
         return real(x, *args, out=out, **kwargs)
 
-    monkeypatch.setattr(pybn, "batch_norm_train", spy)
+    monkeypatch.setattr(pybn, op, spy)
     x = layout(torch.randn(4, 3, 5, 6), name)
-    y, _, _ = torch.ops.pybn.batch_norm_train(x, None, None, None, None, 0.1, 1e-5)
-    assert seen == {"x": x.data_ptr(), "out": y.data_ptr(), "axis": 1 if name == "contiguous" else -1}
+    if op == "dropout":
+        y, _ = torch.ops.pybn.dropout(x, 0.5, torch.tensor([1, 0]), None)
+    else:
+        y, _, _ = torch.ops.pybn.batch_norm_train(x, None, None, None, None, 0.1, 1e-5)
+    assert seen == {"x": x.data_ptr(), "out": y.data_ptr()}
     assert y.stride() == x.stride()
 
 

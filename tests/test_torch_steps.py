@@ -92,8 +92,8 @@ def net_data(rng, steps, batch):
 CASES = {
     # name: (model, data, loss, batch, learning rate)
     "net": (Net, net_data, F.mse_loss, 16, 0.1),
-    "cnn": (CNNWithBNDropout, cnn_data, F.cross_entropy, 8, 0.05),
-    "red_wine": (red_wine, red_wine_data, F.l1_loss, 32, 0.001),  # the tutorial's loss, MAE
+    "cnn": (CNNWithBNDropout, cnn_data, F.cross_entropy, 6, 0.05),
+    "red_wine": (red_wine, red_wine_data, F.l1_loss, 16, 0.001),  # the tutorial's loss, MAE
 }
 
 

@@ -77,17 +77,15 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                      running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Training-mode batch norm over every dimension but 1 (see the module docstring)."""
     _channels(x)
+    last = channels_last_physical(x)
     if not _can_train_in_place(x, running_mean, running_var):
         y, mean, invstd = _aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        last = channels_last_physical(x)
         return in_layout(y, last), mean.to(_stats_dtype(x)), invstd.to(_stats_dtype(x))
-    last = channels_last_physical(x)
     y = empty(x, last)
-    axis = -1 if last else 1
-    rm, rv = per_channel(running_mean), per_channel(running_var)
     _, mean, invstd = pybn.batch_norm_train(array(x, last), per_channel(weight), per_channel(bias),
-                                            running_mean=rm, running_var=rv, momentum=momentum, eps=eps,
-                                            axis=axis, out=array(y, last))
+                                            running_mean=per_channel(running_mean),
+                                            running_var=per_channel(running_var), momentum=momentum, eps=eps,
+                                            axis=-1 if last else 1, out=array(y, last))
     return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
