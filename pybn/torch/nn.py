@@ -28,10 +28,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import pybn
 
+from . import ops as _ops  # noqa: F401  (registers the operators torch.ops.pybn.*)
+
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
            "Dropout3d", "batch_norm", "dropout"]
-
-from . import ops as _ops  # noqa: E402  (registers torch.ops.pybn)
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -41,8 +41,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
     if training:
-        values = input.numel() // input.shape[1] if input.dim() >= 2 else input.numel()
-        if values <= 1:
+        channels = input.shape[1] if input.dim() >= 2 else 1
+        if channels and input.numel() // channels <= 1:
             raise ValueError(f"input: training needs more than 1 value per channel, got input of shape "
                              f"{tuple(input.shape)}")
         return torch.ops.pybn.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
