@@ -268,6 +268,20 @@ def test_convert_sync_batchnorm_keeps_the_state_and_the_group():
     assert pybn.torch.convert_sync_batchnorm(stock_sync).process_group is group
 
 
+def test_fold_folds_an_accelerated_model_as_the_stock_one():
+    """pybn.torch.fold treats the drop-ins as the torch classes they replace."""
+    torch.manual_seed(4)
+    stock = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 2))
+    stock(torch.randn(16, 4))  # running statistics away from their start
+    accelerated = pybn.torch.accelerate(copy.deepcopy(stock))
+    folded_stock, stock_report = pybn.torch.fold(stock, return_report=True)
+    folded, report = pybn.torch.fold(accelerated, return_report=True)
+    assert report == stock_report and [f.kind for f in report] == ["dropout", "linear+bn"]
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(folded(x), folded_stock(x))
+    torch.testing.assert_close(folded(x), stock.eval()(x))
+
+
 def test_import_pybn_does_not_import_torch():
     code = "import sys, pybn; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

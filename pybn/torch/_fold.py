@@ -173,12 +173,14 @@ def fold(module: nn.Module, *, example_inputs: Any = None,
 
 
 def _plain(module: nn.Module, classes: Sequence[type[nn.Module]]) -> bool:
-    """`module` is one of `classes` (or a subclass keeping its forward), unhooked.
+    """`module` is one of `classes` (or a subclass keeping its forward, or one of
+    pybn.torch.nn's drop-ins for it, which compute the same function), unhooked.
 
     A subclass with its own forward (e.g. weight standardization) computes something
     else; hooks and parametrizations would be lost or broken by changing the weights.
     """
-    if not any(isinstance(module, c) and type(module).forward is c.forward for c in classes):
+    if not any(isinstance(module, c) and (type(module).forward is c.forward
+                                          or getattr(type(module), "drop_in_for", None) is c) for c in classes):
         return False
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
     return not any(hooks) and not parametrize.is_parametrized(module)

@@ -13,15 +13,8 @@ logger = logging.getLogger("pybn.torch")
 
 # exact torch class -> pybn class (a subclass with its own forward computes something else: left alone)
 ACCELERATED: Dict[Type[nn.Module], Type[nn.Module]] = {
-    nn.BatchNorm1d: pnn.BatchNorm1d,
-    nn.BatchNorm2d: pnn.BatchNorm2d,
-    nn.BatchNorm3d: pnn.BatchNorm3d,
-    nn.SyncBatchNorm: pnn.SyncBatchNorm,
-    nn.Dropout: pnn.Dropout,
-    nn.Dropout1d: pnn.Dropout1d,
-    nn.Dropout2d: pnn.Dropout2d,
-    nn.Dropout3d: pnn.Dropout3d,
-}
+    cls.drop_in_for: cls for cls in (pnn.BatchNorm1d, pnn.BatchNorm2d, pnn.BatchNorm3d, pnn.SyncBatchNorm,
+                                     pnn.Dropout, pnn.Dropout1d, pnn.Dropout2d, pnn.Dropout3d)}
 _TO_SYNC = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
             pnn.BatchNorm1d, pnn.BatchNorm2d, pnn.BatchNorm3d)
 

@@ -1,6 +1,7 @@
 """Drop-in replacements for torch.nn's batch norm and dropout modules, on pybn's kernels.
 
-Each class subclasses its torch counterpart and changes only ``forward``: the constructor
+Each class subclasses its torch counterpart (named by its ``drop_in_for``; SyncBatchNorm
+subclasses torch's ``_BatchNorm``) and changes only ``forward``: the constructor
 arguments, parameters, buffers, ``state_dict`` keys (``num_batches_tracked`` included),
 ``momentum=None``, ``affine=False``, ``track_running_stats=False`` and train/eval are
 torch's, so checkpoints load either way. CPU tensors of float32 and float64 run pybn's
@@ -77,13 +78,19 @@ class _BatchNormForward:
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on pybn's kernels: (N, C) or (N, C, L) input."""
 
+    drop_in_for = nn.BatchNorm1d
+
 
 class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` on pybn's kernels: (N, C, H, W), contiguous or channels_last."""
 
+    drop_in_for = nn.BatchNorm2d
+
 
 class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on pybn's kernels: (N, C, D, H, W), contiguous or channels_last_3d."""
+
+    drop_in_for = nn.BatchNorm3d
 
 
 class SyncBatchNorm(_BatchNormForward, _BatchNorm):
@@ -112,6 +119,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
                          **kwargs)
         self.process_group = process_group
 
+    drop_in_for = nn.SyncBatchNorm
     _check_input_dim = nn.SyncBatchNorm._check_input_dim
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
@@ -228,12 +236,16 @@ def _as_int64(value: int) -> int:
 class Dropout(_DropoutForward, nn.Dropout):
     """``torch.nn.Dropout(p, inplace)`` with pybn's masks; ``seed=`` pins a Philox stream."""
 
+    drop_in_for = nn.Dropout
+
     def _torch_forward(self, input: Tensor) -> Tensor:
         return F.dropout(input, self.p, True, self.inplace)
 
 
 class Dropout1d(_DropoutForward, nn.Dropout1d):
     """``torch.nn.Dropout1d``: whole channels of (N, C, L) or (C, L) inputs, pybn's masks."""
+
+    drop_in_for = nn.Dropout1d
 
     _spatial = 1
 
@@ -245,6 +257,8 @@ class Dropout2d(_DropoutForward, nn.Dropout2d):
     """``torch.nn.Dropout2d``: whole channels of (N, C, H, W) inputs, pybn's masks (other
     ranks go to torch's ``F.dropout2d``, which warns about them)."""
 
+    drop_in_for = nn.Dropout2d
+
     _spatial = 2
 
     def _torch_forward(self, input: Tensor) -> Tensor:
@@ -253,6 +267,8 @@ class Dropout2d(_DropoutForward, nn.Dropout2d):
 
 class Dropout3d(_DropoutForward, nn.Dropout3d):
     """``torch.nn.Dropout3d``: whole channels of (N, C, D, H, W) or (C, D, H, W) inputs, pybn's masks."""
+
+    drop_in_for = nn.Dropout3d
 
     _spatial = 3
 
