@@ -20,7 +20,7 @@ except ImportError as exc:  # torch is an optional dependency of pybn
 
 import numpy as np
 
-from .fold import batch_norm_fold_problem, fold_bn_linear, fold_conv_bn
+from ..fold import batch_norm_fold_problem, fold_bn_linear, fold_conv_bn
 
 __all__ = ["fold", "Folded", "NotFolded"]
 
@@ -369,7 +369,9 @@ def _plain_problem(module: nn.Module, classes: Sequence[type[nn.Module]]) -> str
     matching = [c for c in classes if isinstance(module, c)]
     if not matching:
         return f"{name} is not {' or '.join(c.__name__ for c in classes)}"
-    if not any(type(module).forward is c.forward for c in matching):
+    # pybn.torch.nn's drop-ins compute the same function as the class they replace
+    if not any(type(module).forward is c.forward or getattr(type(module), "drop_in_for", None) is c
+               for c in matching):
         return f"{name} has its own forward"
     if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in _tensors(module)):
         return f"{name} is not initialized (a lazy module never called)"
