@@ -274,8 +274,9 @@ def test_fold_folds_an_accelerated_model_as_the_stock_one():
     stock = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 2))
     stock(torch.randn(16, 4))  # running statistics away from their start
     accelerated = pybn.torch.accelerate(copy.deepcopy(stock))
-    folded_stock, stock_report = pybn.torch.fold(stock, return_report=True)
-    folded, report = pybn.torch.fold(accelerated, return_report=True)
+    example = torch.randn(3, 4)  # a BatchNorm1d folds into the Linear only where its input is seen to be 2-D
+    folded_stock, stock_report = pybn.torch.fold(stock, example_inputs=example, return_report=True)
+    folded, report = pybn.torch.fold(accelerated, example_inputs=example, return_report=True)
     assert report == stock_report and [f.kind for f in report] == ["dropout", "linear+bn"]
     x = torch.randn(5, 4)
     torch.testing.assert_close(folded(x), folded_stock(x))

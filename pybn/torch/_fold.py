@@ -279,7 +279,7 @@ def _record_call(model: nn.Module, example_inputs: Any) -> _Seen:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping every module with hooks as one call.
+    """torch.fx's tracer, keeping every module with hooks, and pybn.torch.nn's drop-ins, as one call.
 
     Traced through, a module's hooks would run once, at trace time, on proxies: their side
     effects would be lost and their results frozen into the graph.
@@ -287,7 +287,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # global hooks: every module call must stay a call for them to run
-        return _has_hooks(m) or _global_hooks() or super().is_leaf_module(m, module_qualified_name)
+        return (_has_hooks(m) or _global_hooks() or getattr(type(m), "drop_in_for", None) is not None
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
