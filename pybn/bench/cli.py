@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m pybn bench",
         description="Time pybn's batch-norm kernels against torch, NumPy and onnxruntime and "
                     "against the memory-bandwidth bound measured by pybn's own probe "
-                    "(float32, one process, the same arrays). See bench/README.md.")
+                    "(float32, one process, the same arrays). See docs/benchmark.md.")
     p.add_argument("--shapes", metavar="A,B",
                    help=f"comma-separated shapes to run, of {', '.join(shape_names())} "
                         "(A_cl and L_cl also name A' and L'); default: all")
@@ -244,7 +244,7 @@ def run(args) -> int:
                     if impl == "pybn":
                         # The bound's probes are timed call for call with pybn's kernel, so all
                         # three medians come from the same seconds of a machine whose memory
-                        # changes speed every few seconds (bench/README.md, "The bound").
+                        # changes speed every few seconds (docs/benchmark.md, "The bound").
                         timing, probe = _run_impl(cell, impl, make, case, cfg, round_, alongside=prober.calls())
                         if timing is not None:
                             paired.append((timing.median, prober.record(*probe)))
