@@ -376,6 +376,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pybn's compiled kernels (private: use the functions of the pybn package)";
   m.attr("__version__") = PYBN_VERSION;
   pybn::table();  // choose the ISA now, so a bad PYBN_ISA fails the import with its message
+  // pybind11 looks NumPy's C API up on first use, releasing the GIL with its own guard
+  // (GilReleased says why that guard must not be passed by a thread at exit): do it now,
+  // not in the first kernel call, which may come from a daemon thread.
+  py::dtype::of<float>();
 
   m.def("isa", [] { return std::string(pybn::table().isa); }, "Name of the active kernel path.");
   m.def("supported_isas", &pybn::supported_isas, "Kernel paths this CPU can run, lowest first.");
