@@ -70,9 +70,11 @@ std::uint32_t wait_for_change(std::atomic<std::uint32_t>& word, std::uint32_t se
 
 // One job: on the caller's stack, read by workers only before they report their slice done.
 struct Job {
+  Job(SliceFn f, void* c) : fn(f), context(c) {}
+
   SliceFn fn;
   void* context;
-  int team;
+  int team = 1;
   std::atomic<bool> failed{false};
   std::exception_ptr error;  // the first exception a slice threw
 
@@ -134,9 +136,23 @@ bool start_worker(int index) {
   return true;
 }
 
+// In a child made by fork only the forking thread exists: the workers, and any job another
+// thread of the parent was running, are gone. Their slots are abandoned, not destroyed.
+void reset_after_fork() {
+  g_started.store(1, std::memory_order_relaxed);
+  g_create_limit.store(kMaxThreads, std::memory_order_relaxed);
+  g_busy.store(false, std::memory_order_relaxed);
+  g_remaining.store(0, std::memory_order_relaxed);
+  g_caller_sleeping.store(0, std::memory_order_relaxed);
+}
+
+const bool g_fork_handler = pthread_atfork(nullptr, nullptr, reset_after_fork) == 0;
+
 // Starts workers until `team` threads run, or as many as the system allows; returns the
-// threads available. Called only by the pool's current owner.
+// threads available. Called only by the pool's current owner. Without the fork handler
+// (registration failed) no worker is started: a forked child would wait for them forever.
 int grow_to(int team) {
+  if (!g_fork_handler) return 1;
   int started = g_started.load(std::memory_order_relaxed);
   const int limit = std::min(team, g_create_limit.load(std::memory_order_relaxed));
   while (started < limit) {
@@ -172,22 +188,10 @@ void wait_for_workers() {
   g_caller_sleeping.store(0, std::memory_order_relaxed);
 }
 
-// In a child made by fork only the forking thread exists: the workers, and any job another
-// thread of the parent was running, are gone. Their slots are abandoned, not destroyed.
-void reset_after_fork() {
-  g_started.store(1, std::memory_order_relaxed);
-  g_create_limit.store(kMaxThreads, std::memory_order_relaxed);
-  g_busy.store(false, std::memory_order_relaxed);
-  g_remaining.store(0, std::memory_order_relaxed);
-  g_caller_sleeping.store(0, std::memory_order_relaxed);
-}
-
-const bool g_fork_handler = pthread_atfork(nullptr, nullptr, reset_after_fork) == 0;
-
 }  // namespace
 
 void run_on_pool(int wanted, SliceFn fn, void* context) {
-  Job job{fn, context, 1};
+  Job job(fn, context);
   const bool owner = wanted > 1 && !g_busy.exchange(true, std::memory_order_acquire);
   if (!owner) {
     job.run(0);  // one slice of [0, n): the same result by construction, on this thread
