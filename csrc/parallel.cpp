@@ -15,8 +15,8 @@ namespace {
 std::atomic<int> g_threads{1};
 
 // A child made by fork has none of the parent's workers; it runs on one thread until it
-// asks for more (as PyTorch does): N forked workers each starting the parent's team would
-// oversubscribe the machine N times.
+// asks for more (as PyTorch's DataLoader workers do): N forked workers each starting the
+// parent's team would oversubscribe the machine N times.
 void one_thread_after_fork() { g_threads.store(1, std::memory_order_relaxed); }
 const bool g_fork_handler = pthread_atfork(nullptr, nullptr, one_thread_after_fork) == 0;
 }  // namespace

@@ -54,7 +54,7 @@ def set_num_threads(n: int) -> None:
     them, and if the system refuses to create one the calls run on those that exist.
     Idle threads spin about 0.1 ms after a call, then sleep. Small inputs (under 32K
     elements per thread) use fewer threads, and a call made while another Python thread's
-    call is using the pool runs on its own thread.
+    call is using the pool runs single-threaded, on its calling thread.
     """
     n = integer(n, "n")
     if not 1 <= n <= MAX_THREADS:

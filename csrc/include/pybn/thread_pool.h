@@ -24,7 +24,7 @@ using SliceFn = void (*)(void* context, int slice, int team);
 // The first exception thrown by a slice is rethrown here after all slices finished.
 void run_on_pool(int wanted, SliceFn fn, void* context);
 
-// Threads the pool has started, the calling thread included (for tests and `info`).
+// Threads the pool has started, the calling thread included (for tests).
 int pool_threads();
 
 // Called by set_num_threads: worker creation that failed is tried again up to `n`.
