@@ -24,32 +24,7 @@ def _find_compiled_module() -> None:
                 return
 
 
-def _load_compiled_module() -> None:
-    """Import pybn._C, with GNU OpenMP's idle spinning shortened while its runtime loads.
-
-    After a parallel region GNU OpenMP's worker threads busy-wait (300000 spins by default,
-    about 5 ms here) before they sleep. In a NumPy training loop the next call is often a
-    BLAS matmul whose own threads then wait for that core: on 2 cores a 256x512 matmul
-    followed by batch_norm_train took 8 ms instead of 1 ms. 10000 spins (about 0.15 ms)
-    keep back-to-back pybn calls as fast as before. The runtime reads the setting once, as
-    it loads with pybn._C; it is then taken out of the environment again, so OpenMP
-    runtimes loaded later (torch's) do not see it, and a user's own OMP_WAIT_POLICY or
-    GOMP_SPINCOUNT wins.
-    """
-    import os
-
-    ours = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
-    if ours:
-        os.environ["GOMP_SPINCOUNT"] = "10000"
-    try:
-        from . import _C  # noqa: F401
-    finally:
-        if ours:
-            del os.environ["GOMP_SPINCOUNT"]
-
-
 _find_compiled_module()
-_load_compiled_module()
 
 from ._C import __version__  # noqa: E402
 from ._runtime import get_num_threads, isa, set_num_threads, supported_isas  # noqa: E402

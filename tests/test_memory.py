@@ -5,7 +5,7 @@
   once), and 5000 more calls keep nothing (< 2 KiB: under half a byte per call).
 * RSS (/proc/self/statm, native allocations of the compiled module included): 10**4
   rounds of every kernel on small arrays, and 300 on arrays large enough for several
-  OpenMP threads and the kernels' scratch buffers, grow the resident set by < 5 MiB.
+  pool threads and the kernels' scratch buffers, grow the resident set by < 5 MiB.
 * valgrind (opt-in, ``-m slow``): tests/leak_script.py, which calls every kernel, run under
   ``valgrind --leak-check=full``; no block "definitely lost" (nor "possibly lost") has a
   frame in pybn's compiled module, and memcheck reports no error in one either.
