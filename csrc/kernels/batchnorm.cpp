@@ -66,17 +66,22 @@ void merge_segment(const T* x, i64 len, Moments& m) {
 // Per-channel mean and M2 (sum of squared deviations), NCHW-like layouts.
 template <class T>
 void moments_rows(const Layout& L, const T* x, double* mean, double* m2) {
-  const i64 C = L.channels, G = row_groups(L);
-  Buffer<Moments> part = make_buffer<Moments>(G * C);  // each starts empty (n = 0)
-  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
+  const RowGroups rg = RowGroups::make(L, sizeof(Moments), sizeof(T));
+  Buffer<Moments> part = make_buffer<Moments>(rg.total());  // each starts empty (n = 0)
+  parallel_for(rg.count, L.numel(), [&](i64 gbegin, i64 gend) {
     for (i64 g = gbegin; g < gend; ++g) {
-      Moments* m = part.get() + g * C;
-      for_each_row_segment(L, g, G, [&](i64 c, i64 off, i64 len) { merge_segment(x + off, len, m[c]); });
+      Moments* m = part.get() + rg.offset[g];
+      rg.for_each_segment(L, g, [&](i64 slot, i64, i64 off, i64 len) { merge_segment(x + off, len, m[slot]); });
     }
   });
-  for (i64 c = 0; c < C; ++c) {
+  for (i64 c = 0; c < L.channels; ++c) {
     Moments m;
-    for (i64 g = 0; g < G; ++g) m.merge(part[g * C + c].n, part[g * C + c].mean, part[g * C + c].m2);
+    for (i64 g = 0; g < rg.count; ++g) {
+      const i64 slot = rg.slot_of(L, g, c);
+      if (slot < 0) continue;
+      const Moments& p = part[rg.offset[g] + slot];
+      m.merge(p.n, p.mean, p.m2);
+    }
     mean[c] = m.mean;
     m2[c] = m.m2;
   }
@@ -101,74 +106,98 @@ void fold_period(const Layout& L, const T* acc, i64 len, double* s) {
   }
 }
 
+// Working buffers of one slice of a period-mode reduction: rows of a chunk's length and
+// values per chunk channel.
+template <class T>
+struct PeriodScratch {
+  T* sums;
+  T* dsum;
+  T* dsq;
+  T* shift_row;
+  T* shift;
+  double* s1;
+  double* s2;
+};
+
+// Mean and M2 of the channels of group g (Lc, see PeriodBlocks::chunk_layout) over its
+// range of rows, into gm and g2 (Lc.channels values each).
+template <class T>
+void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const T* x, const PeriodScratch<T>& w,
+                          double* gm, double* g2) {
+  using V = Vec<T>;
+  const i64 C = Lc.channels, RL = pb.row_len;
+  double gn = 0;
+  std::fill(gm, gm + C, 0.0);
+  std::fill(g2, g2 + C, 0.0);
+  pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
+    const T* xb = x + off;
+    const double nb = static_cast<double>(nrows) * static_cast<double>(len / C), inv_nb = 1.0 / nb;
+    if (gn == 0) {  // first block: shift by its own mean
+      T* const acc1[1] = {w.sums};
+      column_accumulate<T, 1>(nrows, RL, len, acc1, [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n(xb + o, n); });
+      std::fill(w.s1, w.s1 + C, 0.0);
+      fold_period(Lc, w.sums, len, w.s1);
+      for (i64 c = 0; c < C; ++c) w.shift[c] = static_cast<T>(w.s1[c] * inv_nb);
+    } else {  // later blocks: shift by the group's running mean
+      for (i64 c = 0; c < C; ++c) w.shift[c] = static_cast<T>(gm[c]);
+    }
+    fill_period(Lc, w.shift, len, w.shift_row);
+
+    T* const acc2[2] = {w.dsum, w.dsq};
+    column_accumulate<T, 2>(nrows, RL, len, acc2, [&](i64 o, i64 col, i64 n, V* a) {
+      const V d = load_n(xb + o, n) - load_n(w.shift_row + col, n);
+      a[0] = a[0] + d;
+      a[1] = fma(d, d, a[1]);
+    });
+    std::fill(w.s1, w.s1 + C, 0.0);
+    std::fill(w.s2, w.s2 + C, 0.0);
+    fold_period(Lc, w.dsum, len, w.s1);
+    fold_period(Lc, w.dsq, len, w.s2);
+    // Merge the block into the group; every channel has the same counts.
+    const double total = gn + nb, fa = nb / total, fb = gn * nb / total;
+    for (i64 c = 0; c < C; ++c) {
+      const double bmean = w.shift[c] + w.s1[c] * inv_nb;
+      const double bm2 = std::max(0.0, w.s2[c] - w.s1[c] * w.s1[c] * inv_nb);
+      const double delta = bmean - gm[c];
+      gm[c] += delta * fa;
+      g2[c] += bm2 + delta * delta * fb;
+    }
+    gn = total;
+  });
+}
+
 // Per-channel mean and M2, channels-last-like layouts (see PeriodBlocks).
 template <class T>
 void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
-  using V = Vec<T>;
   const PeriodBlocks pb = PeriodBlocks::make<T>(L);
-  const i64 C = L.channels, G = pb.groups, RL = pb.row_len;
-  Buffer<double> gmean = make_buffer<double>(G * C), gm2 = make_buffer<double>(G * C);
-  Buffer<double> gcount = make_buffer<double>(G);
-
-  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
-    Buffer<T> sums = make_buffer<T>(RL), dsum = make_buffer<T>(RL), dsq = make_buffer<T>(RL);
-    Buffer<T> shift_row = make_buffer<T>(RL), shift = make_buffer<T>(C);
-    Buffer<double> s1 = make_buffer<double>(C), s2 = make_buffer<double>(C);
+  const i64 C = L.channels, R = pb.ranges, CL = pb.chunk_len, CC = pb.chunk_channels;
+  // Per range of rows: the mean and M2 of every channel (one range: the results).
+  Buffer<double> gmean_buf = make_buffer<double>(R > 1 ? R * C : 0), gm2_buf = make_buffer<double>(R > 1 ? R * C : 0);
+  double* const gmean = R > 1 ? gmean_buf.get() : mean;
+  double* const gm2 = R > 1 ? gm2_buf.get() : m2;
+  const i64 slices = slice_count(pb.groups, L.numel());
+  SliceBuffers<T> tbuf(slices, 4 * CL + CC);
+  SliceBuffers<double> dbuf(slices, 2 * CC);
+  parallel_slices(pb.groups, L.numel(), slices, [&](i64 s, i64 gbegin, i64 gend) {
+    T* const t = tbuf[s];
+    const PeriodScratch<T> w{t, t + CL, t + 2 * CL, t + 3 * CL, t + 4 * CL, dbuf[s], dbuf[s] + CC};
     for (i64 g = gbegin; g < gend; ++g) {
-      double* gm = gmean.get() + g * C;
-      double* g2 = gm2.get() + g * C;
-      double gn = 0;
-      std::fill(gm, gm + C, 0.0);
-      std::fill(g2, g2 + C, 0.0);
-      pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
-        const T* xb = x + off;
-        const double nb = static_cast<double>(nrows) * static_cast<double>(len / C), inv_nb = 1.0 / nb;
-        if (gn == 0) {  // first block: shift by its own mean
-          T* const acc1[1] = {sums.get()};
-          column_accumulate<T, 1>(nrows, RL, len, acc1, [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n(xb + o, n); });
-          std::fill(s1.get(), s1.get() + C, 0.0);
-          fold_period(L, sums.get(), len, s1.get());
-          for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] * inv_nb);
-        } else {  // later blocks: shift by the group's running mean
-          for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(gm[c]);
-        }
-        fill_period(L, shift.get(), len, shift_row.get());
-
-        T* const acc2[2] = {dsum.get(), dsq.get()};
-        column_accumulate<T, 2>(nrows, RL, len, acc2, [&](i64 o, i64 col, i64 n, V* a) {
-          const V d = load_n(xb + o, n) - load_n(shift_row.get() + col, n);
-          a[0] = a[0] + d;
-          a[1] = fma(d, d, a[1]);
-        });
-        std::fill(s1.get(), s1.get() + C, 0.0);
-        std::fill(s2.get(), s2.get() + C, 0.0);
-        fold_period(L, dsum.get(), len, s1.get());
-        fold_period(L, dsq.get(), len, s2.get());
-        // Merge the block into the group; every channel has the same counts.
-        const double total = gn + nb, fa = nb / total, fb = gn * nb / total;
-        for (i64 c = 0; c < C; ++c) {
-          const double bmean = shift[c] + s1[c] * inv_nb;
-          const double bm2 = std::max(0.0, s2[c] - s1[c] * s1[c] * inv_nb);
-          const double delta = bmean - gm[c];
-          gm[c] += delta * fa;
-          g2[c] += bm2 + delta * delta * fb;
-        }
-        gn = total;
-      });
-      gcount[g] = gn;
+      const i64 at = g / pb.chunks * C + pb.first_channel(L, g);
+      moments_period_group(pb.chunk_layout(L, g), pb, g, x, w, gmean + at, gm2 + at);
     }
   });
-  // Every channel has the same counts, so the merge factors are computed once per group
+  if (R == 1) return;
+  // Every channel has the same counts, so the merge factors are computed once per range
   // and the loop over channels vectorizes.
   std::fill(mean, mean + C, 0.0);
   std::fill(m2, m2 + C, 0.0);
   double n = 0;
-  for (i64 g = 0; g < G; ++g) {
-    const double nb = gcount[g];
+  for (i64 r = 0; r < R; ++r) {
+    const double nb = static_cast<double>(pb.range_count(L, r));
     if (nb == 0) continue;
     const double total = n + nb, fa = nb / total, fb = n * nb / total;
-    const double* bm = gmean.get() + g * C;
-    const double* b2 = gm2.get() + g * C;
+    const double* bm = gmean + r * C;
+    const double* b2 = gm2 + r * C;
     for (i64 c = 0; c < C; ++c) {
       const double delta = bm[c] - mean[c];
       mean[c] += delta * fa;
@@ -206,24 +235,24 @@ struct GradTerms {
     a[0] = a[0] + g;
     a[1] = fma(g, load_n(x + i, n) - m, a[1]);
   }
-  // Adds one segment of channel c (len values from off) into sum_g[c] and sum_gx[c].
-  void add_segment(i64 c, i64 off, i64 len, const T* mean, double* sum_g, double* sum_gx) const {
+  // Adds one segment of channel c (len values from off) into sum_g and sum_gx.
+  void add_segment(i64 c, i64 off, i64 len, const T* mean, double& sum_g, double& sum_gx) const {
     const Vec<T> m = Vec<T>::set1(mean[c]);
     double b[2];
     segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, Vec<T>* a) { (*this)(off + i, n, m, a); });
-    sum_g[c] += b[0];
-    sum_gx[c] += b[1];
+    sum_g += b[0];
+    sum_gx += b[1];
   }
 };
 
-// Adds the groups' partial sums in group order: part holds, per group, C sums of g then
-// C sums of g * (x - mean).
-inline void sum_groups(const double* part, i64 G, i64 C, double* sum_g, double* sum_gx) {
+// Adds the ranges' partial sums in order: part holds, per range, C sums of g then C sums
+// of g * (x - mean).
+inline void sum_ranges(const double* part, i64 R, i64 C, double* sum_g, double* sum_gx) {
   for (i64 c = 0; c < C; ++c) {
     double a = 0, b = 0;
-    for (i64 g = 0; g < G; ++g) {
-      a += part[2 * g * C + c];
-      b += part[2 * g * C + C + c];
+    for (i64 r = 0; r < R; ++r) {
+      a += part[2 * r * C + c];
+      b += part[2 * r * C + C + c];
     }
     sum_g[c] = a;
     sum_gx[c] = b;
@@ -232,45 +261,65 @@ inline void sum_groups(const double* part, i64 G, i64 C, double* sum_g, double* 
 
 template <class T, bool kMask>
 void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
-  const i64 C = L.channels, G = row_groups(L);
-  Buffer<double> part = make_buffer<double>(2 * G * C);
-  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
+  const RowGroups rg = RowGroups::make(L, 2 * sizeof(double), sizeof(T));
+  // Per group: its slots' sums of g, then their sums of g * (x - mean).
+  Buffer<double> part = make_buffer<double>(2 * rg.total());
+  parallel_for(rg.count, L.numel(), [&](i64 gbegin, i64 gend) {
     for (i64 g = gbegin; g < gend; ++g) {
-      double* s0 = part.get() + 2 * g * C;
-      double* s1 = s0 + C;
-      std::fill(s0, s0 + 2 * C, 0.0);
-      for_each_row_segment(L, g, G, [&](i64 c, i64 off, i64 len) { terms.add_segment(c, off, len, mean, s0, s1); });
+      double* s0 = part.get() + 2 * rg.offset[g];
+      double* s1 = s0 + rg.slots[g];
+      std::fill(s0, s0 + 2 * rg.slots[g], 0.0);
+      rg.for_each_segment(L, g, [&](i64 slot, i64 c, i64 off, i64 len) {
+        terms.add_segment(c, off, len, mean, s0[slot], s1[slot]);
+      });
     }
   });
-  sum_groups(part.get(), G, C, sum_g, sum_gx);
+  for (i64 c = 0; c < L.channels; ++c) {
+    double a = 0, b = 0;
+    for (i64 g = 0; g < rg.count; ++g) {
+      const i64 slot = rg.slot_of(L, g, c);
+      if (slot < 0) continue;
+      a += part[2 * rg.offset[g] + slot];
+      b += part[2 * rg.offset[g] + rg.slots[g] + slot];
+    }
+    sum_g[c] = a;
+    sum_gx[c] = b;
+  }
 }
 
 template <class T, bool kMask>
 void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
   using V = Vec<T>;
   const PeriodBlocks pb = PeriodBlocks::make<T>(L);
-  const i64 C = L.channels, G = pb.groups, RL = pb.row_len;
+  const i64 C = L.channels, RL = pb.row_len, CL = pb.chunk_len;
   Buffer<T> mean_row = make_buffer<T>(RL);
   fill_period(L, mean, RL, mean_row.get());
-  Buffer<double> part = make_buffer<double>(2 * G * C);
+  // Per range of rows: C sums of g, then C sums of g * (x - mean) (one range: the results).
+  const i64 R = pb.ranges;
+  Buffer<double> part = make_buffer<double>(R > 1 ? 2 * R * C : 0);
+  const i64 slices = slice_count(pb.groups, L.numel());
+  SliceBuffers<T> acc_buf(slices, 2 * CL);
 
-  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
-    Buffer<T> acc_g = make_buffer<T>(RL), acc_gx = make_buffer<T>(RL);
+  parallel_slices(pb.groups, L.numel(), slices, [&](i64 s, i64 gbegin, i64 gend) {
+    T* const acc[2] = {acc_buf[s], acc_buf[s] + CL};
     for (i64 g = gbegin; g < gend; ++g) {
-      double* s0 = part.get() + 2 * g * C;
-      double* s1 = s0 + C;
-      std::fill(s0, s0 + 2 * C, 0.0);
+      const Layout Lc = pb.chunk_layout(L, g);
+      const T* const chunk_mean = mean_row.get() + g % pb.chunks * CL;
+      const i64 r = g / pb.chunks, c0 = pb.first_channel(L, g);
+      double* s0 = (R > 1 ? part.get() + 2 * r * C : sum_g) + c0;
+      double* s1 = (R > 1 ? part.get() + 2 * r * C + C : sum_gx) + c0;
+      std::fill(s0, s0 + Lc.channels, 0.0);
+      std::fill(s1, s1 + Lc.channels, 0.0);
       pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
-        T* const acc[2] = {acc_g.get(), acc_gx.get()};
         column_accumulate<T, 2>(nrows, RL, len, acc, [&](i64 o, i64 col, i64 n, V* a) {
-          terms(off + o, n, load_n(mean_row.get() + col, n), a);
+          terms(off + o, n, load_n(chunk_mean + col, n), a);
         });
-        fold_period(L, acc_g.get(), len, s0);
-        fold_period(L, acc_gx.get(), len, s1);
+        fold_period(Lc, acc[0], len, s0);
+        fold_period(Lc, acc[1], len, s1);
       });
     }
   });
-  sum_groups(part.get(), G, C, sum_g, sum_gx);
+  if (R > 1) sum_ranges(part.get(), R, C, sum_g, sum_gx);
 }
 
 template <class T, bool kMask>
@@ -332,17 +381,22 @@ void bn_train(const BnTrainArgs<T>& a) {
     beta[c] = static_cast<T>(value_or(a.bias, c, 0.0));
   };
   if (const i64 block = channel_block(L, sizeof(T))) {
-    for_each_channel_block(L, block, [&](ChannelRange r) {
-      Buffer<Moments> m = make_buffer<Moments>(r.end - r.begin);
+    const i64 slices = channel_block_slices(L, block);
+    SliceBuffers<Moments> moments(slices, block);
+    for_each_channel_block(L, block, slices, [&](i64 s, ChannelRange r) {
+      Moments* const m = moments[s];
+      std::fill(m, m + (r.end - r.begin), Moments{});
       for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) { merge_segment(a.x + off, len, m[c - r.begin]); });
       for (i64 c = r.begin; c < r.end; ++c) finish(c, m[c - r.begin].mean, m[c - r.begin].m2);
       normalize(L, a.x, a.save_mean, alpha.get(), beta.get(), a.relu, a.y, true, &r);
     });
     return;
   }
-  Buffer<double> mean = make_buffer<double>(C), m2 = make_buffer<double>(C);
-  channel_moments(L, a.x, mean.get(), m2.get());
-  for (i64 c = 0; c < C; ++c) finish(c, mean[c], m2[c]);
+  {  // freed before normalize allocates its tables
+    Buffer<double> mean = make_buffer<double>(C), m2 = make_buffer<double>(C);
+    channel_moments(L, a.x, mean.get(), m2.get());
+    for (i64 c = 0; c < C; ++c) finish(c, mean[c], m2[c]);
+  }
   normalize(L, a.x, a.save_mean, alpha.get(), beta.get(), a.relu, a.y, true);
 }
 
@@ -436,11 +490,11 @@ void backward_blocked(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, i64 bl
   const Layout& L = a.layout;
   const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
   Buffer<T> k = make_buffer<T>(3 * L.channels);
-  for_each_channel_block(L, block, [&](ChannelRange r) {
+  for_each_channel_block(L, block, channel_block_slices(L, block), [&](i64, ChannelRange r) {
     std::fill(s.sum_g + r.begin, s.sum_g + r.end, 0.0);
     std::fill(s.sum_gxhat + r.begin, s.sum_gxhat + r.end, 0.0);
     for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) {
-      terms.add_segment(c, off, len, a.mean, s.sum_g, s.sum_gxhat);
+      terms.add_segment(c, off, len, a.mean, s.sum_g[c], s.sum_gxhat[c]);
     });
     to_xhat_sums(a, s, r);
     store_param_grads(a, s, r);
