@@ -11,28 +11,21 @@
 // near the block's values. The first block of a group (short, still in L1) takes its own
 // mean as the shift (a second, cached pass); every later block takes the group's running
 // mean. Blocks merge with Chan et al.'s pairwise formula in double.
+//
+// The sums are taken in the input's type. Where one comes out non-finite (an overflow,
+// an infinity or a NaN in the input), the block or group it belongs to is summed again
+// in double, without overflow (exact_sums.h): a check per block, off the vector loops.
+#include <climits>
 #include <cmath>
+#include <limits>
 
 #include "channel_loops.h"
+#include "exact_sums.h"
 #include "kernels_isa.h"
 
 namespace pybn {
 namespace PYBN_ISA {
 namespace {
-
-// Count, mean and sum of squared deviations of a set of values.
-struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-
-  void merge(double nb, double mean_b, double m2_b) {
-    if (nb == 0) return;
-    const double total = n + nb;
-    const double delta = mean_b - mean;
-    mean += delta * (nb / total);
-    m2 += m2_b + delta * delta * (n * nb / total);
-    n = total;
-  }
-};
 
 // Sums of x - shift and (x - shift)^2 over one segment of channel values.
 template <class T>
@@ -60,7 +53,14 @@ void merge_segment(const T* x, i64 len, Moments& m) {
   double dev[2];
   deviation_sums(x, len, shift, dev);
   const double nb = static_cast<double>(len);
-  m.merge(nb, shift + dev[0] / nb, std::max(0.0, dev[1] - dev[0] * dev[0] / nb));
+  if (std::isfinite(dev[0] + dev[1])) {
+    m.merge(nb, shift + dev[0] / nb, std::max(0.0, dev[1] - dev[0] * (dev[0] / nb)));
+  } else {
+    const Moments e = exact_moments<T>(nb, [&](const auto& f) {
+      for (i64 i = 0; i < len; ++i) f(static_cast<double>(x[i]));
+    });
+    m.merge(e.n, e.mean, e.m2);
+  }
 }
 
 // Per-channel mean and M2 (sum of squared deviations), NCHW-like layouts.
@@ -153,17 +153,30 @@ void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const
     std::fill(w.s2, w.s2 + C, 0.0);
     fold_period(Lc, w.dsum, len, w.s1);
     fold_period(Lc, w.dsq, len, w.s2);
-    // Merge the block into the group; every channel has the same counts.
+    // Merge the block into the group; every channel has the same counts. A non-finite
+    // block sum leaves gm or g2 non-finite, for exact_group to redo.
     const double total = gn + nb, fa = nb / total, fb = gn * nb / total;
     for (i64 c = 0; c < C; ++c) {
       const double bmean = w.shift[c] + w.s1[c] * inv_nb;
-      const double bm2 = std::max(0.0, w.s2[c] - w.s1[c] * w.s1[c] * inv_nb);
+      const double bm2 = std::max(0.0, w.s2[c] - w.s1[c] * (w.s1[c] * inv_nb));
       const double delta = bmean - gm[c];
       gm[c] += delta * fa;
       g2[c] += bm2 + delta * delta * fb;
     }
     gn = total;
   });
+  // The slow path, for the channels whose sums left the type's range.
+  bool finite = true;
+  for (i64 c = 0; c < C; ++c) finite &= std::isfinite(gm[c]) & std::isfinite(g2[c]);
+  if (finite) return;
+  for (i64 c = 0; c < C; ++c) {
+    if (std::isfinite(gm[c]) && std::isfinite(g2[c])) continue;
+    const Moments e = exact_moments<T>(gn, [&](const auto& f) {
+      pb.for_each_index(Lc, g, c, [&](i64 i) { f(static_cast<double>(x[i])); });
+    });
+    gm[c] = e.mean;
+    g2[c] = e.m2;
+  }
 }
 
 // Per-channel mean and M2, channels-last-like layouts (see PeriodBlocks).
@@ -187,23 +200,11 @@ void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
     }
   });
   if (R == 1) return;
-  // Every channel has the same counts, so the merge factors are computed once per range
-  // and the loop over channels vectorizes.
-  std::fill(mean, mean + C, 0.0);
-  std::fill(m2, m2 + C, 0.0);
-  double n = 0;
-  for (i64 r = 0; r < R; ++r) {
-    const double nb = static_cast<double>(pb.range_count(L, r));
-    if (nb == 0) continue;
-    const double total = n + nb, fa = nb / total, fb = n * nb / total;
-    const double* bm = gmean + r * C;
-    const double* b2 = gm2 + r * C;
-    for (i64 c = 0; c < C; ++c) {
-      const double delta = bm[c] - mean[c];
-      mean[c] += delta * fa;
-      m2[c] += b2[c] + delta * delta * fb;
-    }
-    n = total;
+  for (i64 c = 0; c < C; ++c) {
+    Moments m;
+    for (i64 r = 0; r < R; ++r) m.merge(static_cast<double>(pb.range_count(L, r)), gmean[r * C + c], gm2[r * C + c]);
+    mean[c] = m.mean;
+    m2[c] = m.m2;
   }
 }
 
@@ -219,14 +220,18 @@ void channel_moments(const Layout& L, const T* x, double* mean, double* m2) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward reduction: per channel, sum(g) and sum(g * (x - mean)), g = dy masked by y > 0
-// when y is given.
+// Backward reduction: per channel, sum(g) and sum(g * xhat), g = dy masked by y > 0 when
+// y is given, xhat = (x - mean) * invstd. The vector loops sum g * (x - mean); each block's
+// sum is multiplied by invstd once.
 
 template <class T, bool kMask>
 struct GradTerms {
   const T* dy;
   const T* x;
   const T* y;
+  const T* mean;
+  const T* invstd;
+  double g_at(i64 i) const { return kMask && !(y[i] > 0) ? 0.0 : static_cast<double>(dy[i]); }
   // Adds lanes [i, i + n): a[0] += g, a[1] += g * (x - m). Padding lanes load as 0, so g
   // is 0 there and contributes nothing.
   void operator()(i64 i, i64 n, const Vec<T>& m, Vec<T>* a) const {
@@ -235,18 +240,24 @@ struct GradTerms {
     a[0] = a[0] + g;
     a[1] = fma(g, load_n(x + i, n) - m, a[1]);
   }
-  // Adds one segment of channel c (len values from off) into sum_g and sum_gx.
-  void add_segment(i64 c, i64 off, i64 len, const T* mean, double& sum_g, double& sum_gx) const {
+  // Adds one segment of channel c (len values from off) into sum_g and sum_gxhat.
+  void add_segment(i64 c, i64 off, i64 len, double& sum_g, double& sum_gxhat) const {
     const Vec<T> m = Vec<T>::set1(mean[c]);
     double b[2];
     segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, Vec<T>* a) { (*this)(off + i, n, m, a); });
+    b[1] *= static_cast<double>(invstd[c]);
+    if (!std::isfinite(b[0] + b[1])) {
+      exact_grad_sums<T>(mean[c], invstd[c], [&](const auto& f) {
+        for (i64 i = off; i < off + len; ++i) f(g_at(i), static_cast<double>(x[i]));
+      }, b);
+    }
     sum_g += b[0];
-    sum_gx += b[1];
+    sum_gxhat += b[1];
   }
 };
 
 // Adds the ranges' partial sums in order: part holds, per range, C sums of g then C sums
-// of g * (x - mean).
+// of g * xhat.
 inline void sum_ranges(const double* part, i64 R, i64 C, double* sum_g, double* sum_gx) {
   for (i64 c = 0; c < C; ++c) {
     double a = 0, b = 0;
@@ -260,9 +271,9 @@ inline void sum_ranges(const double* part, i64 R, i64 C, double* sum_g, double* 
 }
 
 template <class T, bool kMask>
-void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
+void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, double* sum_g, double* sum_gx) {
   const RowGroups rg = RowGroups::make(L, 2 * sizeof(double), sizeof(T));
-  // Per group: its slots' sums of g, then their sums of g * (x - mean).
+  // Per group: its slots' sums of g, then their sums of g * xhat.
   Buffer<double> part = make_buffer<double>(2 * rg.total());
   parallel_for(rg.count, L.numel(), [&](i64 gbegin, i64 gend) {
     for (i64 g = gbegin; g < gend; ++g) {
@@ -270,7 +281,7 @@ void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, const T* 
       double* s1 = s0 + rg.slots[g];
       std::fill(s0, s0 + 2 * rg.slots[g], 0.0);
       rg.for_each_segment(L, g, [&](i64 slot, i64 c, i64 off, i64 len) {
-        terms.add_segment(c, off, len, mean, s0[slot], s1[slot]);
+        terms.add_segment(c, off, len, s0[slot], s1[slot]);
       });
     }
   });
@@ -288,13 +299,13 @@ void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, const T* 
 }
 
 template <class T, bool kMask>
-void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
+void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, double* sum_g, double* sum_gx) {
   using V = Vec<T>;
   const PeriodBlocks pb = PeriodBlocks::make<T>(L);
   const i64 C = L.channels, RL = pb.row_len, CL = pb.chunk_len;
   Buffer<T> mean_row = make_buffer<T>(RL);
-  fill_period(L, mean, RL, mean_row.get());
-  // Per range of rows: C sums of g, then C sums of g * (x - mean) (one range: the results).
+  fill_period(L, terms.mean, RL, mean_row.get());
+  // Per range of rows: C sums of g, then C sums of g * xhat (one range: the results).
   const i64 R = pb.ranges;
   Buffer<double> part = make_buffer<double>(R > 1 ? 2 * R * C : 0);
   const i64 slices = slice_count(pb.groups, L.numel());
@@ -317,40 +328,93 @@ void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, const T
         fold_period(Lc, acc[0], len, s0);
         fold_period(Lc, acc[1], len, s1);
       });
+      // To sums of g * xhat; then the slow path, for the channels whose sums left the
+      // type's range.
+      bool finite = true;
+      for (i64 c = 0; c < Lc.channels; ++c) {
+        s1[c] *= static_cast<double>(terms.invstd[c0 + c]);
+        finite &= std::isfinite(s0[c]) & std::isfinite(s1[c]);
+      }
+      if (finite) continue;
+      for (i64 c = 0; c < Lc.channels; ++c) {
+        if (std::isfinite(s0[c]) && std::isfinite(s1[c])) continue;
+        double b[2];
+        exact_grad_sums<T>(terms.mean[c0 + c], terms.invstd[c0 + c], [&](const auto& f) {
+          pb.for_each_index(Lc, g, c, [&](i64 i) { f(terms.g_at(i), static_cast<double>(terms.x[i])); });
+        }, b);
+        s0[c] = b[0];
+        s1[c] = b[1];
+      }
     }
   });
   if (R > 1) sum_ranges(part.get(), R, C, sum_g, sum_gx);
 }
 
 template <class T, bool kMask>
-void grad_sums(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
+void grad_sums(const Layout& L, const GradTerms<T, kMask>& terms, double* sum_g, double* sum_gx) {
   if (L.numel() == 0) {
     std::fill(sum_g, sum_g + L.channels, 0.0);
     std::fill(sum_gx, sum_gx + L.channels, 0.0);
   } else if (use_period_mode(L))
-    grad_sums_period(L, terms, mean, sum_g, sum_gx);
+    grad_sums_period(L, terms, sum_g, sum_gx);
   else
-    grad_sums_rows(L, terms, mean, sum_g, sum_gx);
+    grad_sums_rows(L, terms, sum_g, sum_gx);
 }
 
 // ---------------------------------------------------------------------------------------
 // Elementwise passes.
 
+// Per-channel coefficients of y = (x - mean) * alpha + beta (see normalize).
+template <class T>
+struct Affine {
+  const T* mean;
+  Buffer<T> data;  // one allocation for the four arrays of C below
+  T *half_shift, *alpha2, *alpha, *beta;  // -mean / 2, 2 alpha, alpha, beta
+
+  Affine(i64 C, const T* mean_)
+      : mean(mean_), data(make_buffer<T>(4 * C)), half_shift(data.get()), alpha2(half_shift + C),
+        alpha(alpha2 + C), beta(alpha + C) {}
+
+  // Channel c, once mean[c] is set: alpha and beta each rounded once from double.
+  void set(i64 c, double alpha_c, double beta_c) const {
+    half_shift[c] = -mean[c] * T(0.5);
+    alpha2[c] = static_cast<T>(2.0 * alpha_c);
+    alpha[c] = static_cast<T>(alpha_c);
+    beta[c] = static_cast<T>(beta_c);
+  }
+};
+
 // y = (x - mean) * alpha + beta, optionally max(., 0). Subtracting the mean first keeps
 // y exact where x is near the mean even for large offsets (x * alpha + (beta - mean *
-// alpha) would cancel two large products); in a memory-bound pass it costs nothing.
+// alpha) would cancel two large products). It is taken halved, as (x/2 - mean/2) * (2
+// alpha) + beta, in two fused multiply-adds: x - mean overflows for values past half the
+// type's range (float32 3e38 and -3e38) where y itself is small, the halved difference
+// cannot; and short of underflow, halving and doubling by two are exact, so every other
+// result is the plain form's to the bit, at the same cost. Channels whose 2 alpha would
+// overflow (only past half the type's range) take the plain form.
 // Over the whole array, or over the channels of *range on the calling thread.
 template <class T>
-void normalize(const Layout& L, const T* x, const T* mean, const T* alpha, const T* beta, bool fuse_relu, T* y,
-               bool after_reduction, const ChannelRange* range = nullptr) {
+void normalize(const Layout& L, const T* x, const Affine<T>& k, bool fuse_relu, T* y, bool after_reduction,
+               const ChannelRange* range = nullptr) {
   using V = Vec<T>;
-  const T* const coef[3] = {mean, alpha, beta};
-  auto affine = [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n) - c[0], c[1], c[2]); };
-  if (fuse_relu)
-    channel_apply_to<T, 3>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
-                           range, after_reduction);
-  else
-    channel_apply_to<T, 3>(L, coef, y, affine, range, after_reduction);
+  const ChannelRange r = range ? *range : ChannelRange{0, L.channels};
+  bool halve = true;
+  for (i64 c = r.begin; c < r.end; ++c) halve &= !std::isfinite(k.alpha[c]) || std::isfinite(k.alpha2[c]);
+  const auto apply = [&](const T* const (&coef)[3], const auto& affine) {
+    if (fuse_relu)
+      channel_apply_to<T, 3>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
+                             range, after_reduction);
+    else
+      channel_apply_to<T, 3>(L, coef, y, affine, range, after_reduction);
+  };
+  if (halve) {
+    const V half = V::set1(T(0.5));
+    const T* const coef[3] = {k.half_shift, k.alpha2, k.beta};
+    apply(coef, [x, half](i64 i, i64 n, const V* c) { return fma(fma(load_n(x + i, n), half, c[0]), c[1], c[2]); });
+  } else {
+    const T* const coef[3] = {k.mean, k.alpha, k.beta};
+    apply(coef, [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n) - c[0], c[1], c[2]); });
+  }
 }
 
 template <class T>
@@ -365,7 +429,7 @@ void bn_train(const BnTrainArgs<T>& a) {
   const Layout& L = a.layout;
   const i64 C = L.channels;
   const double n = static_cast<double>(L.per_channel());
-  Buffer<T> alpha = make_buffer<T>(C), beta = make_buffer<T>(C);
+  Affine<T> k(C, a.save_mean);
   // Channel c's outputs from its statistics: saved mean and invstd, running stats, and the
   // normalization's coefficients.
   const auto finish = [&](i64 c, double mean, double m2) {
@@ -377,8 +441,7 @@ void bn_train(const BnTrainArgs<T>& a) {
       a.running_mean[c] = static_cast<T>((1.0 - a.momentum) * a.running_mean[c] + a.momentum * mean);
     if (a.running_var)
       a.running_var[c] = static_cast<T>((1.0 - a.momentum) * a.running_var[c] + a.momentum * (m2 / (n - 1.0)));
-    alpha[c] = static_cast<T>(value_or(a.weight, c, 1.0) * invstd);
-    beta[c] = static_cast<T>(value_or(a.bias, c, 0.0));
+    k.set(c, value_or(a.weight, c, 1.0) * invstd, value_or(a.bias, c, 0.0));
   };
   if (const i64 block = channel_block(L, sizeof(T))) {
     const i64 slices = channel_block_slices(L, block);
@@ -388,7 +451,7 @@ void bn_train(const BnTrainArgs<T>& a) {
       std::fill(m, m + (r.end - r.begin), Moments{});
       for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) { merge_segment(a.x + off, len, m[c - r.begin]); });
       for (i64 c = r.begin; c < r.end; ++c) finish(c, m[c - r.begin].mean, m[c - r.begin].m2);
-      normalize(L, a.x, a.save_mean, alpha.get(), beta.get(), a.relu, a.y, true, &r);
+      normalize(L, a.x, k, a.relu, a.y, true, &r);
     });
     return;
   }
@@ -397,21 +460,20 @@ void bn_train(const BnTrainArgs<T>& a) {
     channel_moments(L, a.x, mean.get(), m2.get());
     for (i64 c = 0; c < C; ++c) finish(c, mean[c], m2[c]);
   }
-  normalize(L, a.x, a.save_mean, alpha.get(), beta.get(), a.relu, a.y, true);
+  normalize(L, a.x, k, a.relu, a.y, true);
 }
 
 template <class T>
 void bn_infer(const BnInferArgs<T>& a) {
   const Layout& L = a.layout;
   const i64 C = L.channels;
-  Buffer<T> alpha = make_buffer<T>(C), beta = make_buffer<T>(C);
+  Affine<T> k(C, a.mean);
   for (i64 c = 0; c < C; ++c) {
     const double invstd = a.invstd ? a.invstd[c]
                                    : 1.0 / std::sqrt(static_cast<double>(a.var[c]) + a.eps);
-    alpha[c] = static_cast<T>(value_or(a.weight, c, 1.0) * invstd);
-    beta[c] = static_cast<T>(value_or(a.bias, c, 0.0));
+    k.set(c, value_or(a.weight, c, 1.0) * invstd, value_or(a.bias, c, 0.0));
   }
-  normalize(L, a.x, a.mean, alpha.get(), beta.get(), a.relu, a.y, false);
+  normalize(L, a.x, k, a.relu, a.y, false);
 }
 
 template <class T>
@@ -420,12 +482,6 @@ void bn_moments(const BnMomentsArgs<T>& a) {
 }
 
 namespace {
-
-// The reductions give sum(g * (x - mean)); the sums are kept as sum(g * xhat).
-template <class T>
-void to_xhat_sums(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, ChannelRange r) {
-  for (i64 c = r.begin; c < r.end; ++c) s.sum_gxhat[c] *= static_cast<double>(a.invstd[c]);
-}
 
 // The single-process backward's parameter gradients: dweight = sum(g * xhat), dbias = sum(g).
 template <class T>
@@ -439,13 +495,28 @@ void store_param_grads(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, Chann
 // sum(g) and sum(g * xhat) per channel.
 template <class T, bool kMask>
 void backward_reduce_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
-  const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
-  grad_sums(a.layout, terms, a.mean, s.sum_g, s.sum_gxhat);
-  to_xhat_sums(a, s, ChannelRange{0, a.layout.channels});
+  const GradTerms<T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
+  grad_sums(a.layout, terms, s.sum_g, s.sum_gxhat);
+}
+
+// The power of two by which dx's pass scales x - mean for a channel of this invstd: 1,
+// unless invstd^2 in the coefficient of x - mean would leave T's normal range (a float32
+// channel spread past about 1e9, so x - mean may even overflow, or below 1e-9), then the
+// power of two nearest invstd, which brings x - mean to the scale of xhat.
+template <class T>
+double xhat_scale(double invstd) {
+  using Limits = std::numeric_limits<T>;
+  constexpr int kLimit = Limits::max_exponent / 4;
+  if (!std::isfinite(invstd)) return 1.0;
+  const int e = invstd == 0 ? INT_MIN / 2 : std::ilogb(invstd);
+  if (std::abs(e) <= kLimit) return 1.0;
+  return std::ldexp(1.0, std::clamp(e, Limits::min_exponent - Limits::digits, Limits::max_exponent - 1));
 }
 
 // dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradSums), over the
-// whole array, or over the channels of *range on the calling thread; k holds 3 rows of C.
+// whole array, or over the channels of *range on the calling thread; k holds 5 rows of C.
+// When some channel's xhat_scale is not 1, x - mean is taken as fma(x, s, -mean * s) and
+// k_x divided by s (for the other channels s = 1: the same results to the bit).
 template <class T, bool kMask>
 void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* k,
                          const ChannelRange* range = nullptr) {
@@ -456,13 +527,20 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* 
   T* const k_dy = k;
   T* const k_x = k + C;
   T* const k_0 = k + 2 * C;
+  T* const scale_x = k + 3 * C;
+  T* const shift_x = k + 4 * C;
   const ChannelRange r = range ? *range : ChannelRange{0, C};
+  bool scaled = false;
   for (i64 c = r.begin; c < r.end; ++c) {
     const double invstd = a.invstd[c];
     const double scale = value_or(a.weight, c, 1.0) * invstd;
+    const double sx = a.training ? xhat_scale<T>(invstd) : 1.0;
+    scaled |= sx != 1.0;
     k_dy[c] = static_cast<T>(scale);
-    k_x[c] = static_cast<T>(a.training ? -scale * invstd * s.sum_gxhat[c] / n : 0.0);
+    k_x[c] = static_cast<T>(a.training ? -scale * (invstd / sx) * s.sum_gxhat[c] / n : 0.0);
     k_0[c] = static_cast<T>(a.training ? -scale * s.sum_g[c] / n : 0.0);
+    scale_x[c] = static_cast<T>(sx);
+    shift_x[c] = static_cast<T>(-static_cast<double>(a.mean[c]) * sx);
   }
   const T* dy = a.dy;
   const T* x = a.x;
@@ -471,7 +549,15 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* 
     const V g = load_n(dy + i, n);
     return kMask ? keep_if_positive(load_n(y + i, n), g) : g;
   };
-  if (a.training) {
+  if (a.training && scaled) {
+    const T* const coef[5] = {k_dy, k_x, shift_x, scale_x, k_0};
+    channel_apply_to<T, 5>(
+        L, coef, a.dx,
+        [=](i64 i, i64 n, const V* c) {
+          return fma(c[1], fma(load_n(x + i, n), c[3], c[2]), fma(c[0], grad(i, n), c[4]));
+        },
+        range, true);
+  } else if (a.training) {
     const T* const coef[4] = {k_dy, k_x, a.mean, k_0};
     channel_apply_to<T, 4>(
         L, coef, a.dx,
@@ -488,15 +574,14 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* 
 template <class T, bool kMask>
 void backward_blocked(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, i64 block) {
   const Layout& L = a.layout;
-  const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
-  Buffer<T> k = make_buffer<T>(3 * L.channels);
+  const GradTerms<T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
+  Buffer<T> k = make_buffer<T>(5 * L.channels);
   for_each_channel_block(L, block, channel_block_slices(L, block), [&](i64, ChannelRange r) {
     std::fill(s.sum_g + r.begin, s.sum_g + r.end, 0.0);
     std::fill(s.sum_gxhat + r.begin, s.sum_gxhat + r.end, 0.0);
     for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) {
-      terms.add_segment(c, off, len, a.mean, s.sum_g[c], s.sum_gxhat[c]);
+      terms.add_segment(c, off, len, s.sum_g[c], s.sum_gxhat[c]);
     });
-    to_xhat_sums(a, s, r);
     store_param_grads(a, s, r);
     backward_apply_impl<T, kMask>(a, s, k.get(), &r);
   });
@@ -514,7 +599,7 @@ void bn_backward_reduce(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
 
 template <class T>
 void bn_backward_apply(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
-  Buffer<T> k = make_buffer<T>(3 * a.layout.channels);
+  Buffer<T> k = make_buffer<T>(5 * a.layout.channels);
   if (a.y)
     backward_apply_impl<T, true>(a, s, k.get());
   else

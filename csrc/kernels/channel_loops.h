@@ -520,6 +520,18 @@ struct PeriodBlocks {
     for (; r < r_end; r += n, n = block_rows) block(r * row_len + col, std::min(n, r_end - r), len);
     if (range == ranges - 1 && rest > 0) block(rows * row_len, i64(1), rest);
   }
+
+  // Calls f(i) for the flat index of every value of channel c of group g (Lc its
+  // chunk_layout), block by block: the slow paths' walk over one channel.
+  template <class F>
+  void for_each_index(const Layout& Lc, i64 g, i64 c, F&& f) const {
+    const i64 P = Lc.channels * Lc.inner;
+    for_each(g, [&](i64 off, i64 nrows, i64 len) {
+      for (i64 r = 0; r < nrows; ++r)
+        for (i64 q = off + r * row_len + c * Lc.inner, end = q + len; q < end; q += P)
+          for (i64 k = 0; k < Lc.inner; ++k) f(q + k);
+    });
+  }
 };
 
 // ---------------------------------------------------------------------------------------
