@@ -364,53 +364,69 @@ void grad_sums(const Layout& L, const GradTerms<T, kMask>& terms, double* sum_g,
 // ---------------------------------------------------------------------------------------
 // Elementwise passes.
 
+// The power of two by which the elementwise passes scale x - mean for a channel of this
+// invstd: 1, unless invstd is so far from 1 that x - mean may overflow (a float32 channel
+// spread past about 1e9: values near 3e38 and -3e38 have a difference past the range
+// where y is small), lose its low bits to underflow (a channel of subnormal values, with
+// a tiny eps), or invstd^2 in the backward's coefficients leave the normal range; then
+// the power of two nearest invstd, which brings x - mean to the scale of xhat.
+template <class T>
+double xhat_scale(double invstd) {
+  using Limits = std::numeric_limits<T>;
+  constexpr int kLimit = Limits::max_exponent / 4;
+  if (!std::isfinite(invstd)) return 1.0;
+  const int e = invstd == 0 ? INT_MIN / 2 : std::ilogb(invstd);
+  if (std::abs(e) <= kLimit) return 1.0;
+  return std::ldexp(1.0, std::clamp(e, Limits::min_exponent - Limits::digits, Limits::max_exponent - 1));
+}
+
 // Per-channel coefficients of y = (x - mean) * alpha + beta (see normalize).
 template <class T>
 struct Affine {
   const T* mean;
-  Buffer<T> data;  // one allocation for the four arrays of C below
-  T *half_shift, *alpha2, *alpha, *beta;  // -mean / 2, 2 alpha, alpha, beta
+  Buffer<T> data;                  // one allocation for the five arrays of C below
+  T *alpha, *beta;                 // alpha and beta, each rounded once from double
+  T *scale, *shift, *scaled_alpha; // s = xhat_scale(invstd), -mean * s, alpha / s
 
   Affine(i64 C, const T* mean_)
-      : mean(mean_), data(make_buffer<T>(4 * C)), half_shift(data.get()), alpha2(half_shift + C),
-        alpha(alpha2 + C), beta(alpha + C) {}
+      : mean(mean_), data(make_buffer<T>(5 * C)), alpha(data.get()), beta(alpha + C), scale(beta + C),
+        shift(scale + C), scaled_alpha(shift + C) {}
 
-  // Channel c, once mean[c] is set: alpha and beta each rounded once from double.
-  void set(i64 c, double alpha_c, double beta_c) const {
-    half_shift[c] = -mean[c] * T(0.5);
-    alpha2[c] = static_cast<T>(2.0 * alpha_c);
-    alpha[c] = static_cast<T>(alpha_c);
-    beta[c] = static_cast<T>(beta_c);
+  // Channel c, once mean[c] is set.
+  void set(i64 c, double invstd, double weight, double bias) const {
+    const double s = xhat_scale<T>(invstd);
+    alpha[c] = static_cast<T>(weight * invstd);
+    beta[c] = static_cast<T>(bias);
+    scale[c] = static_cast<T>(s);
+    shift[c] = static_cast<T>(-static_cast<double>(mean[c]) * s);
+    scaled_alpha[c] = static_cast<T>(weight * (invstd / s));
   }
 };
 
 // y = (x - mean) * alpha + beta, optionally max(., 0). Subtracting the mean first keeps
 // y exact where x is near the mean even for large offsets (x * alpha + (beta - mean *
-// alpha) would cancel two large products). It is taken halved, as (x/2 - mean/2) * (2
-// alpha) + beta, in two fused multiply-adds: x - mean overflows for values past half the
-// type's range (float32 3e38 and -3e38) where y itself is small, the halved difference
-// cannot; and short of underflow, halving and doubling by two are exact, so every other
-// result is the plain form's to the bit, at the same cost. Channels whose 2 alpha would
-// overflow (only past half the type's range) take the plain form.
+// alpha) would cancel two large products); in a memory-bound pass it costs nothing.
+// When some channel's xhat_scale is not 1, x - mean is taken as fma(x, s, -mean * s) and
+// alpha divided by s (for the other channels s = 1: the same results to the bit).
 // Over the whole array, or over the channels of *range on the calling thread.
 template <class T>
 void normalize(const Layout& L, const T* x, const Affine<T>& k, bool fuse_relu, T* y, bool after_reduction,
                const ChannelRange* range = nullptr) {
   using V = Vec<T>;
   const ChannelRange r = range ? *range : ChannelRange{0, L.channels};
-  bool halve = true;
-  for (i64 c = r.begin; c < r.end; ++c) halve &= !std::isfinite(k.alpha[c]) || std::isfinite(k.alpha2[c]);
-  const auto apply = [&](const T* const (&coef)[3], const auto& affine) {
+  bool scaled = false;
+  for (i64 c = r.begin; c < r.end; ++c) scaled |= k.scale[c] != T(1);
+  const auto apply = [&](const auto& coef, const auto& affine) {
+    constexpr int K = std::extent_v<std::remove_reference_t<decltype(coef)>>;
     if (fuse_relu)
-      channel_apply_to<T, 3>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
+      channel_apply_to<T, K>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
                              range, after_reduction);
     else
-      channel_apply_to<T, 3>(L, coef, y, affine, range, after_reduction);
+      channel_apply_to<T, K>(L, coef, y, affine, range, after_reduction);
   };
-  if (halve) {
-    const V half = V::set1(T(0.5));
-    const T* const coef[3] = {k.half_shift, k.alpha2, k.beta};
-    apply(coef, [x, half](i64 i, i64 n, const V* c) { return fma(fma(load_n(x + i, n), half, c[0]), c[1], c[2]); });
+  if (scaled) {
+    const T* const coef[4] = {k.shift, k.scale, k.scaled_alpha, k.beta};
+    apply(coef, [x](i64 i, i64 n, const V* c) { return fma(fma(load_n(x + i, n), c[1], c[0]), c[2], c[3]); });
   } else {
     const T* const coef[3] = {k.mean, k.alpha, k.beta};
     apply(coef, [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n) - c[0], c[1], c[2]); });
@@ -441,7 +457,7 @@ void bn_train(const BnTrainArgs<T>& a) {
       a.running_mean[c] = static_cast<T>((1.0 - a.momentum) * a.running_mean[c] + a.momentum * mean);
     if (a.running_var)
       a.running_var[c] = static_cast<T>((1.0 - a.momentum) * a.running_var[c] + a.momentum * (m2 / (n - 1.0)));
-    k.set(c, value_or(a.weight, c, 1.0) * invstd, value_or(a.bias, c, 0.0));
+    k.set(c, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
   };
   if (const i64 block = channel_block(L, sizeof(T))) {
     const i64 slices = channel_block_slices(L, block);
@@ -471,7 +487,7 @@ void bn_infer(const BnInferArgs<T>& a) {
   for (i64 c = 0; c < C; ++c) {
     const double invstd = a.invstd ? a.invstd[c]
                                    : 1.0 / std::sqrt(static_cast<double>(a.var[c]) + a.eps);
-    k.set(c, value_or(a.weight, c, 1.0) * invstd, value_or(a.bias, c, 0.0));
+    k.set(c, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
   }
   normalize(L, a.x, k, a.relu, a.y, false);
 }
@@ -497,20 +513,6 @@ template <class T, bool kMask>
 void backward_reduce_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
   const GradTerms<T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
   grad_sums(a.layout, terms, s.sum_g, s.sum_gxhat);
-}
-
-// The power of two by which dx's pass scales x - mean for a channel of this invstd: 1,
-// unless invstd^2 in the coefficient of x - mean would leave T's normal range (a float32
-// channel spread past about 1e9, so x - mean may even overflow, or below 1e-9), then the
-// power of two nearest invstd, which brings x - mean to the scale of xhat.
-template <class T>
-double xhat_scale(double invstd) {
-  using Limits = std::numeric_limits<T>;
-  constexpr int kLimit = Limits::max_exponent / 4;
-  if (!std::isfinite(invstd)) return 1.0;
-  const int e = invstd == 0 ? INT_MIN / 2 : std::ilogb(invstd);
-  if (std::abs(e) <= kLimit) return 1.0;
-  return std::ldexp(1.0, std::clamp(e, Limits::min_exponent - Limits::digits, Limits::max_exponent - 1));
 }
 
 // dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradSums), over the
