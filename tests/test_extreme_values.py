@@ -122,20 +122,20 @@ def scaled_xhat(rows, mean, invstd):
     """(x - mean) * invstd per row, with x - mean taken scaled (it may overflow float64)."""
     e = row_exponents(rows, mean)[:, None]
     with np.errstate(invalid="ignore", over="ignore"):
-        return (ldexp(rows, -e) - ldexp(mean[:, None], -e)) * ldexp(invstd[:, None], e)
+        return ldexp((ldexp(rows, -e) - ldexp(mean[:, None], -e)) * invstd[:, None], e)
 
 
-def reference_train(x, w, b, rm, rv, axis, dtype):
+def reference_train(x, w, b, rm, rv, axis, dtype, eps=EPS, momentum=MOMENTUM):
     """Per channel: mean, m2, invstd, running stats, and y (rows of channel_rows' layout),
     from the exact statistics; y uses the mean rounded to x's dtype, as pybn documents."""
     rows = channel_rows(x, axis)
     n = rows.shape[1]
     mean, m2 = exact_mean_m2(rows)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        invstd = 1.0 / np.sqrt(m2 / n + EPS)
+        invstd = 1.0 / np.sqrt(m2 / n + eps)
         out = {"mean": mean, "m2": m2, "invstd": invstd,
-               "rm": (1 - MOMENTUM) * rm.astype(np.float64) + MOMENTUM * mean,
-               "rv": (1 - MOMENTUM) * rv.astype(np.float64) + MOMENTUM * (m2 / (n - 1))}
+               "rm": (1 - momentum) * rm.astype(np.float64) + momentum * mean,
+               "rv": (1 - momentum) * rv.astype(np.float64) + momentum * (m2 / (n - 1))}
         mean_t = mean.astype(dtype).astype(np.float64)
         y = scaled_xhat(rows, mean_t, invstd) * w.astype(np.float64)[:, None] + b.astype(np.float64)[:, None]
     return out, y
@@ -300,3 +300,147 @@ def test_infinities_as_torch(layout, dtype, isa, rng):
     assert_channels_close(rv, rv_t.numpy(), tol, "running_var", names)
     assert_channels_close(channel_rows(y, axis), channel_rows(np.moveaxis(ty.numpy(), 1, axis), axis), tol, "y",
                           names)
+
+
+# ------------------------------------------------------------ every argument, adversarially
+# One value at a time made extreme in each argument (x, weight, bias, running statistics,
+# dy, mean, invstd), plus eps and momentum at their extremes and channels of tiny or
+# subnormal values with a tiny eps, against the exact reference with its results rounded
+# to x's dtype. Where the reference itself overflows, pybn must overflow the same way.
+#
+# Outside the contract, and so not compared (RELIABILITY.md): the backward where a term
+# of dx (weight * invstd times g, sum(g) / n or xhat * sum(g * xhat) / n) is past the
+# dtype's range, or invstd is infinite: dx is taken as k_dy * g + k_x * (x - mean) + k_0,
+# whose terms then overflow with opposite signs where the factored product is finite or
+# has one sign.
+
+SPECIALS = ["inf", "-inf", "nan", "max", "-max", "max/2", "0", "-0", "subnormal", "1e-30"]
+SMALL_LAYOUTS = {"rows": ((6, 4, 9), 1), "period": ((40, 4), -1)}
+
+
+def special(name, dtype):
+    big = float(np.finfo(dtype).max)
+    return {"inf": np.inf, "-inf": -np.inf, "nan": np.nan, "max": big, "-max": -big, "max/2": big / 2, "0": 0.0,
+            "-0": -0.0, "subnormal": float(np.finfo(dtype).smallest_subnormal), "1e-30": 1e-30}[name]
+
+
+class Mismatches(list):
+    """Collects every disagreement with the reference, so one run reports them all."""
+
+    def check(self, label, got, expected, tol, dtype, scale=None):
+        a = np.asarray(got, np.float64)
+        with np.errstate(over="ignore"):
+            e = np.asarray(expected, np.float64).astype(dtype).astype(np.float64)
+        if a.ndim == 1:
+            a, e = a[:, None], e[:, None]
+        s = np.maximum(finite_scale(e) if scale is None else np.asarray(scale, np.float64), 1e-300)[:, None]
+        floor = 4 * float(np.finfo(dtype).tiny)   # results in the subnormal range: absolute
+        with np.errstate(all="ignore"):
+            good = np.where(np.isnan(e), np.isnan(a),
+                            np.where(np.isinf(e), a == e, np.abs(a - e) <= tol * (s + np.abs(e)) + floor))
+        if not good.all():
+            k, i = np.argwhere(~good)[0]
+            self.append(f"{label}: {(~good).sum()} differ; channel {k} [{i}]: {a[k, i]!r}, expected {e[k, i]!r}")
+
+
+def reference_infer(x, rm, rv, w, b, eps, axis):
+    with np.errstate(all="ignore"):
+        invstd = 1 / np.sqrt(rv.astype(np.float64) + eps)
+        return (scaled_xhat(channel_rows(x, axis), rm.astype(np.float64), invstd) * w.astype(np.float64)[:, None]
+                + b.astype(np.float64)[:, None])
+
+
+def reference_backward_eval(dy, x, mean, invstd, w, axis):
+    g = channel_rows(dy, axis)
+    with np.errstate(all="ignore"):
+        xhat = scaled_xhat(channel_rows(x, axis), mean.astype(np.float64), invstd.astype(np.float64))
+        dx = g * (w.astype(np.float64) * invstd.astype(np.float64))[:, None]
+        return dx, (g * xhat).sum(1), g.sum(1), (np.abs(g * xhat).sum(1), np.abs(g).sum(1))
+
+
+def backward_in_contract(dy, x, mean, invstd, w, axis, dtype):
+    """Whether each term of dx, weight * invstd times g, sum(g)/n and xhat * sum(g xhat)/n,
+    is within the dtype's range (and invstd finite)."""
+    if not np.isfinite(invstd).all():
+        return False
+    g, rows = channel_rows(dy, axis), channel_rows(x, axis)
+    n = rows.shape[1]
+    with np.errstate(all="ignore"):
+        xhat = np.abs(scaled_xhat(rows, mean.astype(np.float64), invstd.astype(np.float64)))
+        k = np.abs(w.astype(np.float64) * invstd.astype(np.float64))
+        terms = k * (np.abs(g).max(1) + np.abs(g.sum(1)) / n + xhat.max(1) * np.abs((g * xhat).sum(1)) / n)
+    return bool(np.all(terms <= float(np.finfo(dtype).max) / 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("layout", SMALL_LAYOUTS)
+def test_every_argument_extreme_against_reference(layout, dtype, isa):
+    rng = np.random.default_rng(11)
+    shape, axis = SMALL_LAYOUTS[layout]
+    c = shape[axis]
+    tol = TOL[dtype]
+    btol = BWD_TOL[dtype]
+    x = (rng.standard_normal(shape) * 1.5 + 0.3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    base = dict(zip(("w", "b", "rm", "rv"), params(rng, c, dtype)))
+    bad = Mismatches()
+
+    def train(label, xx, p, eps=EPS, momentum=MOMENTUM):
+        rm, rv = p["rm"].copy(), p["rv"].copy()
+        res = pybn.batch_norm_train(xx, p["w"], p["b"], running_mean=rm, running_var=rv, momentum=momentum,
+                                    eps=eps, axis=axis)
+        out, ey = reference_train(xx, p["w"], p["b"], p["rm"], p["rv"], axis, dtype, eps=eps, momentum=momentum)
+        data = finite_scale(channel_rows(xx, axis))
+        bad.check(label + " y", channel_rows(res.y, axis), ey, tol, dtype)
+        bad.check(label + " mean", res.mean, out["mean"], tol, dtype, data)
+        bad.check(label + " invstd", res.invstd, out["invstd"], tol, dtype)
+        bad.check(label + " running_mean", rm, out["rm"], tol, dtype, np.maximum(data, np.abs(p["rm"])))
+        bad.check(label + " running_var", rv, out["rv"], tol, dtype)
+        stats = pybn.batch_norm_stats(xx, axis=axis)
+        bad.check(label + " stats mean", stats.mean, out["mean"], STATS_TOL[dtype], np.float64, data)
+        bad.check(label + " stats m2", stats.m2, out["m2"], STATS_TOL[dtype] * 10, np.float64)
+        return res
+
+    def infer(label, xx, p, eps=EPS):
+        y = pybn.batch_norm_infer(xx, p["rm"], p["rv"], p["w"], p["b"], eps=eps, axis=axis)
+        bad.check(label + " infer y", channel_rows(y, axis), reference_infer(xx, p["rm"], p["rv"], p["w"], p["b"],
+                                                                             eps, axis), tol, dtype)
+
+    def backward(label, g, xx, mean, invstd, w):
+        if not backward_in_contract(g, xx, mean, invstd, w, axis, dtype):
+            return
+        for training in (True, False):
+            dx, dw, db = pybn.batch_norm_backward(g, xx, mean, invstd, w, training=training, axis=axis)
+            ref = reference_backward if training else reference_backward_eval
+            edx, edw, edb, (sdw, sdb) = ref(g, xx, mean, invstd, w, axis)
+            bad.check(f"{label} backward({training}) dx", channel_rows(dx, axis), edx, btol, dtype)
+            bad.check(f"{label} backward({training}) dweight", dw, edw, btol, dtype, sdw)
+            bad.check(f"{label} backward({training}) dbias", db, edb, btol, dtype, sdb)
+
+    for name in SPECIALS:
+        v = special(name, dtype)
+        for arg in ("w", "b", "rm", "rv"):
+            p = {k: a.copy() for k, a in base.items()}
+            p[arg][1] = v
+            train(f"{arg}[1]={name}", x, p)
+            infer(f"{arg}[1]={name}", x, p)
+        xx = x.copy()
+        xx.flat[5] = v
+        infer(f"x.flat[5]={name}", xx, base)
+        res = train(f"x.flat[5]={name}", xx, base)
+        backward(f"x.flat[5]={name}", dy, xx, res.mean, res.invstd, base["w"])
+        res = pybn.batch_norm_train(x, base["w"], base["b"], axis=axis)
+        for arg in ("dy", "mean", "invstd", "w"):
+            g, mean, invstd, w = dy.copy(), res.mean.copy(), res.invstd.copy(), base["w"].copy()
+            {"dy": g.reshape(-1), "mean": mean, "invstd": invstd, "w": w}[arg][1] = v
+            backward(f"{arg}[1]={name}", g, x, mean, invstd, w)
+    for eps in (1e-45, 1e-300, 1e30):
+        for momentum in (0.0, 1.0, -1.0, 2.0, 1e300):
+            train(f"eps={eps} momentum={momentum}", x, base, eps=eps, momentum=momentum)
+            infer(f"eps={eps}", x, base, eps=eps)
+    for scale in (float(np.finfo(dtype).smallest_subnormal) * 64, 1e-30, 1e-20):
+        xs = (x.astype(np.float64) * scale).astype(dtype)
+        for eps in (float(np.finfo(dtype).smallest_subnormal), 1e-300):
+            res = train(f"x*{scale:g} eps={eps}", xs, base, eps=eps)
+            backward(f"x*{scale:g} eps={eps}", dy, xs, res.mean, res.invstd, base["w"])
+    assert not bad, f"{len(bad)} mismatches:\n" + "\n".join(bad[:40])

@@ -13,8 +13,10 @@
 // mean. Blocks merge with Chan et al.'s pairwise formula in double.
 //
 // The sums are taken in the input's type. Where one comes out non-finite (an overflow,
-// an infinity or a NaN in the input), the block or group it belongs to is summed again
-// in double, without overflow (exact_sums.h): a check per block, off the vector loops.
+// an infinity or a NaN in the input), or a sum of squares or products so small that its
+// terms lost bits to underflow, the block or group it belongs to is summed again in
+// double, without overflow or underflow (exact_sums.h): a check per block, off the
+// vector loops.
 #include <climits>
 #include <cmath>
 #include <limits>
@@ -40,6 +42,32 @@ void deviation_sums(const T* x, i64 len, T shift, double (&dev)[2]) {
   });
 }
 
+// Below this shift, deviations from it may be non-zero and still square below T's normal
+// range: a non-zero d = x - shift is at least about |shift| * 2^-(digits + 1), and its
+// square is normal once d is past sqrt(min).
+template <class T>
+double underflow_shift() {
+  using Limits = std::numeric_limits<T>;
+  return std::ldexp(1.0, Limits::digits + 2 + (Limits::min_exponent - 1) / 2);
+}
+
+// Whether the fast sums of n deviations d = x - shift (s1 of d, s2 of d^2) hold their
+// moments: finite, and s2 not the sum of squares that lost bits to underflow. s2 below n
+// times the smallest normal number is trusted only for a shift large enough that no
+// square underflows, or for a block of zeros.
+template <class T>
+bool moments_fit(double s1, double s2, double n, double shift) {
+  return std::isfinite(s1 + s2) && (s2 >= n * std::numeric_limits<T>::min() ||
+                                    std::abs(shift) >= underflow_shift<T>() || (s2 == 0 && s1 == 0 && shift == 0));
+}
+
+// Whether a fast sum of n products holds its value: finite, and not so small (but
+// non-zero) that its terms lost bits to underflow.
+template <class T>
+bool product_sum_fits(double s, double n) {
+  return std::isfinite(s) && (s == 0 || std::abs(s) >= n * std::numeric_limits<T>::min());
+}
+
 // Merges one block of channel values into m (see the top of this file for the shift).
 template <class T>
 void merge_segment(const T* x, i64 len, Moments& m) {
@@ -53,7 +81,7 @@ void merge_segment(const T* x, i64 len, Moments& m) {
   double dev[2];
   deviation_sums(x, len, shift, dev);
   const double nb = static_cast<double>(len);
-  if (std::isfinite(dev[0] + dev[1])) {
+  if (moments_fit<T>(dev[0], dev[1], nb, shift)) {
     m.merge(nb, shift + dev[0] / nb, std::max(0.0, dev[1] - dev[0] * (dev[0] / nb)));
   } else {
     const Moments e = exact_moments<T>(nb, [&](const auto& f) {
@@ -154,23 +182,34 @@ void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const
     fold_period(Lc, w.dsum, len, w.s1);
     fold_period(Lc, w.dsq, len, w.s2);
     // Merge the block into the group; every channel has the same counts. A non-finite
-    // block sum leaves gm or g2 non-finite, for exact_group to redo.
+    // block sum leaves gm or g2 non-finite, and one that underflowed sets g2 to NaN, for
+    // the slow path below.
     const double total = gn + nb, fa = nb / total, fb = gn * nb / total;
+    const double tiny = nb * std::numeric_limits<T>::min(), small_shift = underflow_shift<T>();
     for (i64 c = 0; c < C; ++c) {
       const double bmean = w.shift[c] + w.s1[c] * inv_nb;
       const double bm2 = std::max(0.0, w.s2[c] - w.s1[c] * (w.s1[c] * inv_nb));
       const double delta = bmean - gm[c];
       gm[c] += delta * fa;
       g2[c] += bm2 + delta * delta * fb;
+      // moments_fit, in a form the loop vectorizes with
+      const double shift = w.shift[c];
+      if (w.s2[c] < tiny && std::abs(shift) < small_shift && (w.s2[c] != 0 || w.s1[c] != 0 || shift != 0))
+        g2[c] = std::numeric_limits<double>::quiet_NaN();
     }
     gn = total;
   });
-  // The slow path, for the channels whose sums left the type's range.
-  bool finite = true;
-  for (i64 c = 0; c < C; ++c) finite &= std::isfinite(gm[c]) & std::isfinite(g2[c]);
-  if (finite) return;
+  // The slow path, for the channels whose sums left the type's range. The group's M2 adds
+  // its blocks' and the squared differences of their means (in double): a block that
+  // lost bits to underflow leaves a small non-zero total; zero is a constant channel.
+  const auto fit = [&](i64 c) {
+    return std::isfinite(gm[c]) && std::isfinite(g2[c]) && (g2[c] == 0 || g2[c] >= gn * std::numeric_limits<T>::min());
+  };
+  bool all_fit = true;
+  for (i64 c = 0; c < C; ++c) all_fit &= fit(c);
+  if (all_fit) return;
   for (i64 c = 0; c < C; ++c) {
-    if (std::isfinite(gm[c]) && std::isfinite(g2[c])) continue;
+    if (fit(c)) continue;
     const Moments e = exact_moments<T>(gn, [&](const auto& f) {
       pb.for_each_index(Lc, g, c, [&](i64 i) { f(static_cast<double>(x[i])); });
     });
@@ -245,8 +284,9 @@ struct GradTerms {
     const Vec<T> m = Vec<T>::set1(mean[c]);
     double b[2];
     segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, Vec<T>* a) { (*this)(off + i, n, m, a); });
+    const bool fits = std::isfinite(b[0]) && product_sum_fits<T>(b[1], static_cast<double>(len));
     b[1] *= static_cast<double>(invstd[c]);
-    if (!std::isfinite(b[0] + b[1])) {
+    if (!fits || !std::isfinite(b[1])) {
       exact_grad_sums<T>(mean[c], invstd[c], [&](const auto& f) {
         for (i64 i = off; i < off + len; ++i) f(g_at(i), static_cast<double>(x[i]));
       }, b);
@@ -330,14 +370,18 @@ void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, double*
       });
       // To sums of g * xhat; then the slow path, for the channels whose sums left the
       // type's range.
-      bool finite = true;
+      const double count = static_cast<double>(pb.range_count(L, r));
+      bool all_fit = true;
       for (i64 c = 0; c < Lc.channels; ++c) {
+        const bool fits = std::isfinite(s0[c]) && product_sum_fits<T>(s1[c], count);
         s1[c] *= static_cast<double>(terms.invstd[c0 + c]);
-        finite &= std::isfinite(s0[c]) & std::isfinite(s1[c]);
+        // a NaN marks the channel for the slow path
+        if (!fits) s1[c] = std::numeric_limits<double>::quiet_NaN();
+        all_fit &= std::isfinite(s1[c]);
       }
-      if (finite) continue;
+      if (all_fit) continue;
       for (i64 c = 0; c < Lc.channels; ++c) {
-        if (std::isfinite(s0[c]) && std::isfinite(s1[c])) continue;
+        if (std::isfinite(s1[c])) continue;
         double b[2];
         exact_grad_sums<T>(terms.mean[c0 + c], terms.invstd[c0 + c], [&](const auto& f) {
           pb.for_each_index(Lc, g, c, [&](i64 i) { f(terms.g_at(i), static_cast<double>(terms.x[i])); });
@@ -392,22 +436,30 @@ struct Affine {
       : mean(mean_), data(make_buffer<T>(5 * C)), alpha(data.get()), beta(alpha + C), scale(beta + C),
         shift(scale + C), scaled_alpha(shift + C) {}
 
-  // Channel c, once mean[c] is set.
+  // Channel c, once mean[c] is set. An alpha past T's range (a weight near the largest
+  // T) moves its excess into s too: only elements whose y overflows anyway overflow x * s.
   void set(i64 c, double invstd, double weight, double bias) const {
-    const double s = xhat_scale<T>(invstd);
+    constexpr int kAlphaExponent = std::numeric_limits<T>::max_exponent - 3;
+    const double s_invstd = xhat_scale<T>(invstd), scaled_invstd = invstd / s_invstd;
+    double s_weight = 1;
+    if (weight != 0 && std::isfinite(weight) && scaled_invstd != 0 && std::isfinite(scaled_invstd)) {
+      const int e = std::ilogb(weight) + std::ilogb(scaled_invstd);
+      if (e > kAlphaExponent) s_weight = std::ldexp(1.0, e - kAlphaExponent);
+    }
+    const double s = s_invstd * s_weight;
     alpha[c] = static_cast<T>(weight * invstd);
     beta[c] = static_cast<T>(bias);
     scale[c] = static_cast<T>(s);
     shift[c] = static_cast<T>(-static_cast<double>(mean[c]) * s);
-    scaled_alpha[c] = static_cast<T>(weight * (invstd / s));
+    scaled_alpha[c] = static_cast<T>(weight / s_weight * scaled_invstd);
   }
 };
 
 // y = (x - mean) * alpha + beta, optionally max(., 0). Subtracting the mean first keeps
 // y exact where x is near the mean even for large offsets (x * alpha + (beta - mean *
 // alpha) would cancel two large products); in a memory-bound pass it costs nothing.
-// When some channel's xhat_scale is not 1, x - mean is taken as fma(x, s, -mean * s) and
-// alpha divided by s (for the other channels s = 1: the same results to the bit).
+// When some channel's scale (Affine::set) is not 1, x - mean is taken as fma(x, s, -mean
+// * s) and alpha divided by s (for the other channels s = 1: the same results to the bit).
 // Over the whole array, or over the channels of *range on the calling thread.
 template <class T>
 void normalize(const Layout& L, const T* x, const Affine<T>& k, bool fuse_relu, T* y, bool after_reduction,
@@ -539,8 +591,8 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* 
     const double sx = a.training ? xhat_scale<T>(invstd) : 1.0;
     scaled |= sx != 1.0;
     k_dy[c] = static_cast<T>(scale);
-    k_x[c] = static_cast<T>(a.training ? -scale * (invstd / sx) * s.sum_gxhat[c] / n : 0.0);
-    k_0[c] = static_cast<T>(a.training ? -scale * s.sum_g[c] / n : 0.0);
+    k_x[c] = static_cast<T>(a.training ? -scale * (invstd / sx) * (s.sum_gxhat[c] / n) : 0.0);
+    k_0[c] = static_cast<T>(a.training ? -scale * (s.sum_g[c] / n) : 0.0);
     scale_x[c] = static_cast<T>(sx);
     shift_x[c] = static_cast<T>(-static_cast<double>(a.mean[c]) * sx);
   }

@@ -104,9 +104,10 @@ void exact_grad_sums(double mean, double invstd, const Each& each, double (&out)
     b += (g * sg) * (x * sx - m);
   });
   out[0] = std::ldexp(a, eg);
-  // b * invstd * 2^(eg + ex) in the order that keeps the intermediate in range
-  const double unscaled_first = std::ldexp(b, eg + ex) * invstd;
-  out[1] = std::isfinite(unscaled_first) ? unscaled_first : std::ldexp(b * invstd, eg + ex);
+  // b * invstd * 2^(eg + ex), scaled last (b * 2^(eg + ex) alone may overflow, or lose bits
+  // as a subnormal), unless b * invstd overflows
+  const double scaled_last = std::ldexp(b * invstd, eg + ex);
+  out[1] = std::isfinite(b * invstd) ? scaled_last : std::ldexp(b, eg + ex) * invstd;
 }
 
 }  // namespace PYBN_ISA
