@@ -41,7 +41,7 @@ def run_python(code, tmp_path, **env_over):
 
 def test_version():
     assert isinstance(pybn.__version__, str) and pybn.__version__
-    assert pybn.__version__ == importlib.metadata.version("pybn")
+    assert pybn.__version__ == importlib.metadata.version("pybn-kernels")
 
 
 def test_supported_isas():

@@ -336,7 +336,7 @@ def _run_torch_only(args, cfg: TimingConfig, threads: int, cells) -> int:
     from . import torch_bench
 
     if P.torch_module() is None:
-        print("python -m pybn bench: error: --torch needs torch (pip install 'pybn[bench]')", file=sys.stderr)
+        print("python -m pybn bench: error: --torch needs torch (pip install 'pybn-kernels[bench]')", file=sys.stderr)
         return 2
     _progress(f"pybn torch section: {threads} threads, {len(cells)} cells" + (" (quick)" if args.quick else ""))
     result = torch_bench.run(cfg, args.rounds, threads, _progress, cells)
