@@ -1,6 +1,7 @@
 #include "pybn/parallel.h"
 
 #include <pthread.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -45,7 +46,7 @@ void trace_parallel_for(std::int64_t n, std::int64_t work, std::int64_t* rows, s
     row[0] = begin;
     row[1] = end;
     row[2] = std::this_thread::get_id() == caller;
-    row[3] = gettid();
+    row[3] = syscall(SYS_gettid);  // not gettid(): glibc has it only since 2.30 (manylinux_2_28 has 2.28)
   });
 }
 
