@@ -144,9 +144,9 @@ class SGD:
 def limit_threads(n):
     """Run NumPy's BLAS and pybn's kernels on n threads each (the scripts' default: 1).
 
-    The matmuls run on OpenBLAS's thread pool and pybn's kernels on OpenMP's. pybn loads
-    its OpenMP runtime with GOMP_SPINCOUNT=10000, so its idle threads no longer take the
-    cores from BLAS for 8 ms after each call, and on an idle 2-core machine 2 threads lose
+    The matmuls run on OpenBLAS's thread pool and pybn's kernels on pybn's own, whose idle
+    threads spin about 0.1 ms before they sleep: they do not take the cores from BLAS for
+    8 ms after each call (as GNU OpenMP's did), and on an idle 2-core machine 2 threads lose
     no wall time: ``mlp_tabular.py`` took 13.8 s wall with ``--threads 1`` and 13.9 s with
     ``--threads 2`` (2 runs each), but 24 s of CPU instead of 13. With other work on the
     2 cores (load about 2), the two busy pools still crowd each other out: 14.6-14.8 s

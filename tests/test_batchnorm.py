@@ -581,9 +581,13 @@ def test_concurrent_python_threads(isa):
 
 BIG_CASES = [((16, 32, 32, 32), 1), ((16, 32, 32, 32), -1), ((8192, 64), 1),
              ((64, 8193), 0), ((262144, 2), -1), ((2, 3, 90001), 1),
-             ((3, 200003), -1), ((4, 4, 8, 64, 64), 2)]
+             ((3, 200003), -1), ((4, 4, 8, 64, 64), 2),
+             # few values per channel: reductions cut by channels (chunks of a long
+             # period, groups inside a period) to keep their partial states O(C)
+             ((16, 65536), -1), ((9, 4099, 17), 1), ((1, 75001, 8), 1), ((4, 40000, 7), 1),
+             ((2, 150000, 4), 1)]
 BIG_IDS = ["nchw", "nhwc", "2d", "2d-ax0", "nhwc-c2", "nchw-c3-long",
-           "wide-c", "5d-ax2"]
+           "wide-c", "5d-ax2", "wide-16-rows", "short-rows-17", "one-row", "wide-short-rows", "one-group"]
 
 
 def _bits_equal(a, b):

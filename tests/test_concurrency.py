@@ -2,6 +2,9 @@
 
 * 8 Python threads call every kernel at once, each on its own arrays, for a few
   seconds; every result equals, bit for bit, the same call made serially beforehand.
+* In a child process (a deadlock would fail the test, not hang the run): threads calling
+  every kernel while another thread keeps changing the thread count (results bitwise
+  equal to the serial ones) or the kernel path (results within tolerance of them).
 * The GIL is released inside the kernels: while one thread runs a long pybn call,
   another Python thread keeps running (it makes progress in most 10 ms slots of the
   call, where a call holding the GIL would stop it for the whole call; a builtin that
@@ -11,6 +14,7 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -29,7 +33,7 @@ RUN_SECONDS = 2.5
 # ---------------------------------------------------------------- workloads
 
 def make_inputs(k):
-    """Thread k's arrays: a mix of sizes (one thread / several OpenMP threads), layouts
+    """Thread k's arrays: a mix of sizes (one thread / several pool threads), layouts
     (NCHW, channels-last) and dtypes."""
     rng = np.random.default_rng(100 + k)
     dtype = np.float32 if k % 2 == 0 else np.float64
@@ -112,6 +116,67 @@ def test_threads_calling_every_kernel_match_serial_results():
     assert min(rounds) >= 2, rounds
     FIGURES.append(f"concurrency: {N_THREADS} threads x {len(expected[0])} results per round, "
                    f"{sum(rounds)} rounds in {RUN_SECONDS} s, all bitwise equal to the serial results")
+
+
+RACING = """
+import random, sys, threading, time
+import numpy as np
+import pybn
+from test_concurrency import differences, make_inputs, outputs, run_all
+
+what = sys.argv[1]
+inputs = [make_inputs(k) for k in range(4)]
+expected = [run_all(a, outputs(a)) for a in inputs]
+deadline = time.perf_counter() + 3
+failures, rounds = [], [0] * 4
+
+def same(got, want):
+    if what == "threads":   # results do not depend on the thread count, bit for bit
+        return differences(got, want)
+    return [k for k in want if not np.allclose(got[k], want[k], rtol=1e-3, atol=1e-4)]
+
+def worker(k):
+    try:
+        while time.perf_counter() < deadline:
+            bad = same(run_all(inputs[k], outputs(inputs[k])), expected[k])
+            if bad:
+                failures.append((k, bad))
+            rounds[k] += 1
+    except Exception as e:
+        failures.append((k, repr(e)))
+
+def churn():
+    isas = pybn.supported_isas()
+    while time.perf_counter() < deadline:
+        if what == "threads":
+            pybn.set_num_threads(random.randint(1, 6))
+        else:
+            pybn._C.use_isa(random.choice(isas))
+        time.sleep(0.0003)
+
+threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)] + [threading.Thread(target=churn)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert not failures, failures
+assert min(rounds) >= 2, rounds
+print("ok", sum(rounds))
+"""
+
+
+@pytest.mark.parametrize("what", ["threads", "isa"])
+def test_kernels_while_another_thread_changes_threads_or_isa(what):
+    """4 threads call every kernel for 3 s while a fifth calls set_num_threads (1..6) or
+    switches the kernel path every 0.3 ms; in a child process, so that a deadlock in the
+    pool fails the test instead of hanging the run."""
+    from child_process import run_child
+
+    proc = run_child(RACING, what, timeout=180, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("ok"), proc.stdout + proc.stderr
+    FIGURES.append(f"concurrency: {proc.stdout.split()[1]} rounds of every kernel in 4 threads while another "
+                   f"changed the {'thread count' if what == 'threads' else 'kernel path'}: all correct")
 
 
 def test_inputs_are_untouched_and_layers_are_independent_across_threads():

@@ -5,7 +5,10 @@
   once), and 5000 more calls keep nothing (< 2 KiB: under half a byte per call).
 * RSS (/proc/self/statm, native allocations of the compiled module included): 10**4
   rounds of every kernel on small arrays, and 300 on arrays large enough for several
-  OpenMP threads and the kernels' scratch buffers, grow the resident set by < 5 MiB.
+  pool threads and the kernels' scratch buffers, grow the resident set by < 5 MiB.
+* Peak memory (VmHWM in a child): one call on a 32 MiB array, NCHW, channels-last and
+  wide layouts (few values per channel, up to 2**19 channels), grows the high-water mark
+  by its output plus O(C) scratch (64 bytes per channel), 1/16 of the array and 16 MiB.
 * valgrind (opt-in, ``-m slow``): tests/leak_script.py, which calls every kernel, run under
   ``valgrind --leak-check=full``; no block "definitely lost" (nor "possibly lost") has a
   frame in pybn's compiled module, and memcheck reports no error in one either.
@@ -233,3 +236,70 @@ def test_valgrind_reports_no_leak_from_pybn(tmp_path):
         f"{kind} {n} bytes\n" + "\n".join(frames) for kind, n, frames in bad)
     assert not errors, "memcheck errors with a pybn frame:\n" + "\n\n".join(
         title + "\n" + "\n".join(frames) for title, frames in errors)
+
+
+# ------------------------------------------------------------------ peak memory
+# The kernels' scratch is O(C): a call's peak resident memory grows by its output and
+# little more, whatever the layout (a wide channels-last array of a few rows once needed
+# 16 partial states per channel and row-sized buffers per thread: 5x the array).
+
+# The child reads its high-water mark from /proc/self/status (VmHWM), not ru_maxrss:
+# Linux carries ru_maxrss over exec from the forking process (here pytest, hundreds of MB
+# into a run), which would hide any growth below it.
+PEAK_CHILD = r"""
+import re, sys
+import numpy as np
+import pybn
+
+
+def high_water_kib():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
+
+
+kernel, shape, axis, threads = sys.argv[1], eval(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+pybn.set_num_threads(threads)
+rng = np.random.default_rng(0)
+x = rng.standard_normal(shape, dtype=np.float32)  # made in place: no float64 temporary
+c = shape[axis]
+w, b = rng.uniform(0.5, 2, c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+if kernel == "backward":
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    mean, invstd = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+calls = {
+    "train": lambda: pybn.batch_norm_train(x, w, b, running_mean=rm, running_var=rv, axis=axis, relu=True).y,
+    "infer": lambda: pybn.batch_norm_infer(x, rm, rv, w, b, axis=axis),
+    "backward": lambda: pybn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, y=x).dx,
+    "stats": lambda: pybn.batch_norm_stats(x, axis=axis).mean,
+    "dropout": lambda: pybn.dropout(x, 0.3, seed=1),
+}
+before = high_water_kib()
+out = calls[kernel]()
+grown = (high_water_kib() - before) * 1024
+print(grown, out.nbytes)
+"""
+PEAK_LAYOUTS = {"nchw": ((8, 64, 128, 128), 1), "nhwc": ((8, 128, 128, 64), -1),
+                "wide": ((16, 1 << 19), -1), "wide-rows": ((1, 1 << 19, 16), 1)}
+PEAK_PER_CHANNEL = 64          # bytes of scratch per channel allowed (the kernels use at most 56)
+PEAK_FIXED = 16 * 2**20        # thread stacks, NumPy's and the allocator's own
+
+
+@pytest.mark.parametrize("kernel", ["train", "infer", "backward", "stats", "dropout"])
+@pytest.mark.parametrize("layout", list(PEAK_LAYOUTS))
+def test_peak_memory_is_output_plus_o_c(layout, kernel, threads=2):
+    shape, axis = PEAK_LAYOUTS[layout]
+    channels = shape[axis]
+    proc = subprocess.run([sys.executable, "-c", PEAK_CHILD, kernel, repr(shape), str(axis), str(threads)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown, out_bytes = map(int, proc.stdout.split())
+    if out_bytes >= 2**20:  # the measurement sees the output itself
+        assert grown >= out_bytes * 0.9, f"high-water mark grew by {grown} bytes, less than the output {out_bytes}"
+    array_bytes = 4 * int(np.prod(shape))
+    # the reductions may keep up to 1/16 of the array in partial states (channel_loops.h)
+    bound = out_bytes + PEAK_PER_CHANNEL * channels + array_bytes // 16 + PEAK_FIXED
+    FIGURES.append(f"peak memory: {kernel} {shape} axis {axis}, {threads} threads: grew by "
+                   f"{grown / 2**20:.1f} MiB, output {out_bytes / 2**20:.1f} MiB (bound {bound / 2**20:.1f} MiB)")
+    assert grown <= bound, (f"{kernel} on {shape} (axis {axis}): peak memory grew by {grown / 2**20:.1f} MiB for "
+                            f"{out_bytes / 2**20:.1f} MiB of output (bound {bound / 2**20:.1f} MiB)")

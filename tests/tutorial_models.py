@@ -1,7 +1,21 @@
-"""The user stories' models (../shared/seeds/) written in torch, shared by the folding tests."""
+"""The user stories' models written in torch, shared by the folding and PyTorch tests."""
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Net(nn.Module):
+    """The PyTorch tutorial's Net (seed 000): Linear(10, 5) then Dropout(0.2)."""
+
+    def __init__(self):
+        super(Net, self).__init__()
+        self.dropout = nn.Dropout(p=0.2)
+        self.fc1 = nn.Linear(10, 5)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        x = self.dropout(x)
+        return x
 
 
 def red_wine():
@@ -33,4 +47,4 @@ class CNNWithBNDropout(nn.Module):
         return x
 
 
-__all__ = ["red_wine", "CNNWithBNDropout", "torch"]
+__all__ = ["Net", "red_wine", "CNNWithBNDropout", "torch"]

@@ -6,6 +6,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cxxabi.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -20,6 +23,30 @@ using pybn::Layout;
 using i64 = std::int64_t;
 
 namespace {
+
+// Releases the GIL for its lifetime: each binding holds one around its kernel call.
+//
+// Not pybind11's gil_scoped_release: at interpreter exit CPython (before 3.14) ends a
+// daemon thread that asks for the GIL back by pthread_exit, whose forced unwind out of that
+// destructor is std::terminate (SIGABRT), and through the frames above would drop Python
+// references without the GIL. Such a thread is parked here instead until the process ends,
+// as CPython 3.14 itself does.
+class GilReleased {
+ public:
+  GilReleased() : state_(PyEval_SaveThread()) {}
+  GilReleased(const GilReleased&) = delete;
+  GilReleased& operator=(const GilReleased&) = delete;
+  ~GilReleased() {
+    try {
+      PyEval_RestoreThread(state_);
+    } catch (abi::__forced_unwind&) {
+      for (;;) pause();
+    }
+  }
+
+ private:
+  PyThreadState* state_;
+};
 
 [[noreturn]] void fail(const char* name, const std::string& what) {
   throw py::value_error(std::string(name) + ": " + what);
@@ -109,7 +136,7 @@ void bn_train(const py::array& x, const py::object& y, const py::object& weight,
     a.eps = eps;
     a.relu = relu;
     if (L.per_channel() < 2) fail("x", "training needs more than 1 value per channel");
-    py::gil_scoped_release nogil;
+    GilReleased nogil;
     pybn::table().typed<T>().bn_train(a);
   });
 }
@@ -133,7 +160,7 @@ void bn_infer(const py::array& x, const py::object& y, const py::object& mean, c
     a.bias = in<T>(bias, channels, "bias");
     a.eps = eps;
     a.relu = relu;
-    py::gil_scoped_release nogil;
+    GilReleased nogil;
     pybn::table().typed<T>().bn_infer(a);
   });
 }
@@ -165,7 +192,7 @@ void bn_backward(const py::array& dy, const py::object& x, const py::object& y, 
     a.dweight = required_out<T>(dweight, channels, "dweight");
     a.dbias = required_out<T>(dbias, channels, "dbias");
     a.training = training;
-    py::gil_scoped_release nogil;
+    GilReleased nogil;
     pybn::table().typed<T>().bn_backward(a);
   });
 }
@@ -180,7 +207,7 @@ void bn_moments(const py::array& x, const py::object& mean, const py::object& m2
     a.x = required<T>(x, L.numel(), "x");
     a.mean = required_out<double>(mean, channels, "mean");
     a.m2 = required_out<double>(m2, channels, "m2");
-    py::gil_scoped_release nogil;
+    GilReleased nogil;
     pybn::table().typed<T>().bn_moments(a);
   });
 }
@@ -206,7 +233,7 @@ void bn_backward_phase(bool apply, const py::array& dy, const py::object& x, con
       sums.sum_g = required_out<double>(sum_g, channels, "sum_dy");
       sums.sum_gxhat = required_out<double>(sum_gxhat, channels, "sum_dy_xhat");
     }
-    py::gil_scoped_release nogil;
+    GilReleased nogil;
     if (apply)
       pybn::table().typed<T>().bn_backward_apply(a, sums);
     else
@@ -227,7 +254,7 @@ void dropout(const py::array& x, const py::object& y, std::uint64_t seed, std::u
     a.offset = offset;
     a.threshold = static_cast<std::uint16_t>(threshold);
     a.scale = scale;
-    py::gil_scoped_release nogil;
+    GilReleased nogil;
     pybn::table().typed<T>().dropout(a);
   });
 }
@@ -241,7 +268,7 @@ void dropout_mask(const py::object& mask, i64 n, std::uint64_t seed, std::uint64
   a.seed = seed;
   a.offset = offset;
   a.threshold = static_cast<std::uint16_t>(threshold);
-  py::gil_scoped_release nogil;
+  GilReleased nogil;
   pybn::table().dropout_mask(a);
 }
 
@@ -268,7 +295,7 @@ void dropout_apply(const py::array& x, const py::object& mask, const py::object&
     a.mask = required<unsigned char>(mask, (b.f0 * b.f2 + 7) / 8, "mask");
     a.y = required_out<T>(y, a.n, "out");
     a.scale = scale;
-    py::gil_scoped_release nogil;
+    GilReleased nogil;
     if (flat)
       pybn::table().typed<T>().dropout_apply(a);
     else
@@ -287,7 +314,7 @@ void fold_scale(const py::array& w, const py::object& scale, const py::object& y
     a.w = required<T>(w, n, "weight");
     a.y = required_out<T>(y, n, "out");
     a.scale = required<double>(scale, groups * channels, "scale");
-    py::gil_scoped_release nogil;
+    GilReleased nogil;
     pybn::table().typed<T>().fold_scale(a);
   });
 }
@@ -303,7 +330,7 @@ void fold_bias(const py::array& w, const py::object& shift, const py::object& bi
     a.shift = required<double>(shift, cols, "shift");
     a.bias = required<double>(bias, rows, "bias");
     a.out = required_out<T>(out, rows, "out");
-    py::gil_scoped_release nogil;
+    GilReleased nogil;
     pybn::table().typed<T>().fold_bias(a);
   });
 }
@@ -315,7 +342,7 @@ py::array philox(const py::array& counters, std::uint64_t key) {
   py::array_t<std::uint32_t> out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(words / 4), 4});
   std::uint32_t* o = out.mutable_data();
   {
-    py::gil_scoped_release nogil;
+    GilReleased nogil;
     pybn::table().philox(c, words / 4, key, o);
   }
   return out;
@@ -324,7 +351,7 @@ py::array philox(const py::array& counters, std::uint64_t key) {
 double probe_read(const py::array& x) {
   const float* p = required<float>(x, static_cast<i64>(x.size()), "x");
   const i64 n = static_cast<i64>(x.size());
-  py::gil_scoped_release nogil;
+  GilReleased nogil;
   return pybn::table().probe_read(p, n);
 }
 
@@ -332,8 +359,15 @@ void probe_stream(const py::array& src, const py::object& dst) {
   const i64 n = static_cast<i64>(src.size());
   const float* s = required<float>(src, n, "src");
   float* d = required_out<float>(dst, n, "dst");
-  py::gil_scoped_release nogil;
+  GilReleased nogil;
   pybn::table().probe_stream(s, d, n);
+}
+
+void trace_parallel_for(i64 n, i64 work, const py::object& rows, i64 throw_in, int slice_ms) {
+  if (n < 0 || work < 0 || slice_ms < 0) fail("n", "n, work and slice_ms must be >= 0");
+  i64* r = required_out<i64>(rows, 4 * n, "rows");
+  GilReleased nogil;
+  pybn::trace_parallel_for(n, work, r, throw_in, slice_ms);
 }
 
 }  // namespace
@@ -342,12 +376,21 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pybn's compiled kernels (private: use the functions of the pybn package)";
   m.attr("__version__") = PYBN_VERSION;
   pybn::table();  // choose the ISA now, so a bad PYBN_ISA fails the import with its message
+  // pybind11 looks NumPy's C API up on first use, releasing the GIL with its own guard
+  // (GilReleased says why that guard must not be passed by a thread at exit): do it now,
+  // not in the first kernel call, which may come from a daemon thread.
+  py::dtype::of<float>();
 
   m.def("isa", [] { return std::string(pybn::table().isa); }, "Name of the active kernel path.");
   m.def("supported_isas", &pybn::supported_isas, "Kernel paths this CPU can run, lowest first.");
   m.def("use_isa", &pybn::use_isa, py::arg("name"), "Switch the active kernel path (for tests).");
   m.def("get_num_threads", &pybn::num_threads);
   m.def("set_num_threads", &pybn::set_num_threads, py::arg("n"));
+  m.attr("MAX_THREADS") = pybn::kMaxThreads;
+  m.def("pool_threads", &pybn::pool_threads, "Threads the pool has started, the calling thread included.");
+  m.def("_trace_parallel_for", &trace_parallel_for, py::arg("n"), py::arg("work"), py::arg("rows"),
+        py::arg("throw_in") = -1, py::arg("slice_ms") = 0,
+        "For tests: how parallel_for splits [0, n) over threads (parallel.h, trace_parallel_for).");
 
   m.def("bn_train", &bn_train, py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"),
         py::arg("running_mean"), py::arg("running_var"), py::arg("save_mean"), py::arg("save_invstd"),

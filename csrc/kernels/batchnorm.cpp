@@ -11,28 +11,23 @@
 // near the block's values. The first block of a group (short, still in L1) takes its own
 // mean as the shift (a second, cached pass); every later block takes the group's running
 // mean. Blocks merge with Chan et al.'s pairwise formula in double.
+//
+// The sums are taken in the input's type. Where one comes out non-finite (an overflow,
+// an infinity or a NaN in the input), or a sum of squares or products so small that its
+// terms lost bits to underflow, the block or group it belongs to is summed again in
+// double, without overflow or underflow (exact_sums.h): a check per block, off the
+// vector loops.
+#include <climits>
 #include <cmath>
+#include <limits>
 
 #include "channel_loops.h"
+#include "exact_sums.h"
 #include "kernels_isa.h"
 
 namespace pybn {
 namespace PYBN_ISA {
 namespace {
-
-// Count, mean and sum of squared deviations of a set of values.
-struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-
-  void merge(double nb, double mean_b, double m2_b) {
-    if (nb == 0) return;
-    const double total = n + nb;
-    const double delta = mean_b - mean;
-    mean += delta * (nb / total);
-    m2 += m2_b + delta * delta * (n * nb / total);
-    n = total;
-  }
-};
 
 // Sums of x - shift and (x - shift)^2 over one segment of channel values.
 template <class T>
@@ -45,6 +40,32 @@ void deviation_sums(const T* x, i64 len, T shift, double (&dev)[2]) {
     a[0] = a[0] + d;
     a[1] = fma(d, d, a[1]);
   });
+}
+
+// Below this shift, deviations from it may be non-zero and still square below T's normal
+// range: a non-zero d = x - shift is at least about |shift| * 2^-(digits + 1), and its
+// square is normal once d is past sqrt(min).
+template <class T>
+double underflow_shift() {
+  using Limits = std::numeric_limits<T>;
+  return std::ldexp(1.0, Limits::digits + 2 + (Limits::min_exponent - 1) / 2);
+}
+
+// Whether the fast sums of n deviations d = x - shift (s1 of d, s2 of d^2) hold their
+// moments: finite, and s2 not the sum of squares that lost bits to underflow. s2 below n
+// times the smallest normal number is trusted only for a shift large enough that no
+// square underflows, or for a block of zeros.
+template <class T>
+bool moments_fit(double s1, double s2, double n, double shift) {
+  return std::isfinite(s1 + s2) && (s2 >= n * std::numeric_limits<T>::min() ||
+                                    std::abs(shift) >= underflow_shift<T>() || (s2 == 0 && s1 == 0 && shift == 0));
+}
+
+// Whether a fast sum of n products holds its value: finite, and not so small (but
+// non-zero) that its terms lost bits to underflow.
+template <class T>
+bool product_sum_fits(double s, double n) {
+  return std::isfinite(s) && (s == 0 || std::abs(s) >= n * std::numeric_limits<T>::min());
 }
 
 // Merges one block of channel values into m (see the top of this file for the shift).
@@ -60,23 +81,35 @@ void merge_segment(const T* x, i64 len, Moments& m) {
   double dev[2];
   deviation_sums(x, len, shift, dev);
   const double nb = static_cast<double>(len);
-  m.merge(nb, shift + dev[0] / nb, std::max(0.0, dev[1] - dev[0] * dev[0] / nb));
+  if (moments_fit<T>(dev[0], dev[1], nb, shift)) {
+    m.merge(nb, shift + dev[0] / nb, std::max(0.0, dev[1] - dev[0] * (dev[0] / nb)));
+  } else {
+    const Moments e = exact_moments<T>(nb, [&](const auto& f) {
+      for (i64 i = 0; i < len; ++i) f(static_cast<double>(x[i]));
+    });
+    m.merge(e.n, e.mean, e.m2);
+  }
 }
 
 // Per-channel mean and M2 (sum of squared deviations), NCHW-like layouts.
 template <class T>
 void moments_rows(const Layout& L, const T* x, double* mean, double* m2) {
-  const i64 C = L.channels, G = row_groups(L);
-  Buffer<Moments> part = make_buffer<Moments>(G * C);  // each starts empty (n = 0)
-  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
+  const RowGroups rg = RowGroups::make(L, sizeof(Moments), sizeof(T));
+  Buffer<Moments> part = make_buffer<Moments>(rg.total());  // each starts empty (n = 0)
+  parallel_for(rg.count, L.numel(), [&](i64 gbegin, i64 gend) {
     for (i64 g = gbegin; g < gend; ++g) {
-      Moments* m = part.get() + g * C;
-      for_each_row_segment(L, g, G, [&](i64 c, i64 off, i64 len) { merge_segment(x + off, len, m[c]); });
+      Moments* m = part.get() + rg.offset[g];
+      rg.for_each_segment(L, g, [&](i64 slot, i64, i64 off, i64 len) { merge_segment(x + off, len, m[slot]); });
     }
   });
-  for (i64 c = 0; c < C; ++c) {
+  for (i64 c = 0; c < L.channels; ++c) {
     Moments m;
-    for (i64 g = 0; g < G; ++g) m.merge(part[g * C + c].n, part[g * C + c].mean, part[g * C + c].m2);
+    for (i64 g = 0; g < rg.count; ++g) {
+      const i64 slot = rg.slot_of(L, g, c);
+      if (slot < 0) continue;
+      const Moments& p = part[rg.offset[g] + slot];
+      m.merge(p.n, p.mean, p.m2);
+    }
     mean[c] = m.mean;
     m2[c] = m.m2;
   }
@@ -101,80 +134,116 @@ void fold_period(const Layout& L, const T* acc, i64 len, double* s) {
   }
 }
 
+// Working buffers of one slice of a period-mode reduction: rows of a chunk's length and
+// values per chunk channel.
+template <class T>
+struct PeriodScratch {
+  T* sums;
+  T* dsum;
+  T* dsq;
+  T* shift_row;
+  T* shift;
+  double* s1;
+  double* s2;
+};
+
+// Mean and M2 of the channels of group g (Lc, see PeriodBlocks::chunk_layout) over its
+// range of rows, into gm and g2 (Lc.channels values each).
+template <class T>
+void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const T* x, const PeriodScratch<T>& w,
+                          double* gm, double* g2) {
+  using V = Vec<T>;
+  const i64 C = Lc.channels, RL = pb.row_len;
+  double gn = 0;
+  std::fill(gm, gm + C, 0.0);
+  std::fill(g2, g2 + C, 0.0);
+  pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
+    const T* xb = x + off;
+    const double nb = static_cast<double>(nrows) * static_cast<double>(len / C), inv_nb = 1.0 / nb;
+    if (gn == 0) {  // first block: shift by its own mean
+      T* const acc1[1] = {w.sums};
+      column_accumulate<T, 1>(nrows, RL, len, acc1, [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n(xb + o, n); });
+      std::fill(w.s1, w.s1 + C, 0.0);
+      fold_period(Lc, w.sums, len, w.s1);
+      for (i64 c = 0; c < C; ++c) w.shift[c] = static_cast<T>(w.s1[c] * inv_nb);
+    } else {  // later blocks: shift by the group's running mean
+      for (i64 c = 0; c < C; ++c) w.shift[c] = static_cast<T>(gm[c]);
+    }
+    fill_period(Lc, w.shift, len, w.shift_row);
+
+    T* const acc2[2] = {w.dsum, w.dsq};
+    column_accumulate<T, 2>(nrows, RL, len, acc2, [&](i64 o, i64 col, i64 n, V* a) {
+      const V d = load_n(xb + o, n) - load_n(w.shift_row + col, n);
+      a[0] = a[0] + d;
+      a[1] = fma(d, d, a[1]);
+    });
+    std::fill(w.s1, w.s1 + C, 0.0);
+    std::fill(w.s2, w.s2 + C, 0.0);
+    fold_period(Lc, w.dsum, len, w.s1);
+    fold_period(Lc, w.dsq, len, w.s2);
+    // Merge the block into the group; every channel has the same counts. A non-finite
+    // block sum leaves gm or g2 non-finite, and one that underflowed sets g2 to NaN, for
+    // the slow path below.
+    const double total = gn + nb, fa = nb / total, fb = gn * nb / total;
+    const double tiny = nb * std::numeric_limits<T>::min(), small_shift = underflow_shift<T>();
+    for (i64 c = 0; c < C; ++c) {
+      const double bmean = w.shift[c] + w.s1[c] * inv_nb;
+      const double bm2 = std::max(0.0, w.s2[c] - w.s1[c] * (w.s1[c] * inv_nb));
+      const double delta = bmean - gm[c];
+      gm[c] += delta * fa;
+      g2[c] += bm2 + delta * delta * fb;
+      // moments_fit, in a form the loop vectorizes with
+      const double shift = w.shift[c];
+      if (w.s2[c] < tiny && std::abs(shift) < small_shift && (w.s2[c] != 0 || w.s1[c] != 0 || shift != 0))
+        g2[c] = std::numeric_limits<double>::quiet_NaN();
+    }
+    gn = total;
+  });
+  // The slow path, for the channels whose sums left the type's range. The group's M2 adds
+  // its blocks' and the squared differences of their means (in double): a block that
+  // lost bits to underflow leaves a small non-zero total; zero is a constant channel.
+  const auto fit = [&](i64 c) {
+    return std::isfinite(gm[c]) && std::isfinite(g2[c]) && (g2[c] == 0 || g2[c] >= gn * std::numeric_limits<T>::min());
+  };
+  bool all_fit = true;
+  for (i64 c = 0; c < C; ++c) all_fit &= fit(c);
+  if (all_fit) return;
+  for (i64 c = 0; c < C; ++c) {
+    if (fit(c)) continue;
+    const Moments e = exact_moments<T>(gn, [&](const auto& f) {
+      pb.for_each_index(Lc, g, c, [&](i64 i) { f(static_cast<double>(x[i])); });
+    });
+    gm[c] = e.mean;
+    g2[c] = e.m2;
+  }
+}
+
 // Per-channel mean and M2, channels-last-like layouts (see PeriodBlocks).
 template <class T>
 void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
-  using V = Vec<T>;
   const PeriodBlocks pb = PeriodBlocks::make<T>(L);
-  const i64 C = L.channels, G = pb.groups, RL = pb.row_len;
-  Buffer<double> gmean = make_buffer<double>(G * C), gm2 = make_buffer<double>(G * C);
-  Buffer<double> gcount = make_buffer<double>(G);
-
-  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
-    Buffer<T> sums = make_buffer<T>(RL), dsum = make_buffer<T>(RL), dsq = make_buffer<T>(RL);
-    Buffer<T> shift_row = make_buffer<T>(RL), shift = make_buffer<T>(C);
-    Buffer<double> s1 = make_buffer<double>(C), s2 = make_buffer<double>(C);
+  const i64 C = L.channels, R = pb.ranges, CL = pb.chunk_len, CC = pb.chunk_channels;
+  // Per range of rows: the mean and M2 of every channel (one range: the results).
+  Buffer<double> gmean_buf = make_buffer<double>(R > 1 ? R * C : 0), gm2_buf = make_buffer<double>(R > 1 ? R * C : 0);
+  double* const gmean = R > 1 ? gmean_buf.get() : mean;
+  double* const gm2 = R > 1 ? gm2_buf.get() : m2;
+  const i64 slices = slice_count(pb.groups, L.numel());
+  SliceBuffers<T> tbuf(slices, 4 * CL + CC);
+  SliceBuffers<double> dbuf(slices, 2 * CC);
+  parallel_slices(pb.groups, L.numel(), slices, [&](i64 s, i64 gbegin, i64 gend) {
+    T* const t = tbuf[s];
+    const PeriodScratch<T> w{t, t + CL, t + 2 * CL, t + 3 * CL, t + 4 * CL, dbuf[s], dbuf[s] + CC};
     for (i64 g = gbegin; g < gend; ++g) {
-      double* gm = gmean.get() + g * C;
-      double* g2 = gm2.get() + g * C;
-      double gn = 0;
-      std::fill(gm, gm + C, 0.0);
-      std::fill(g2, g2 + C, 0.0);
-      pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
-        const T* xb = x + off;
-        const double nb = static_cast<double>(nrows) * static_cast<double>(len / C), inv_nb = 1.0 / nb;
-        if (gn == 0) {  // first block: shift by its own mean
-          T* const acc1[1] = {sums.get()};
-          column_accumulate<T, 1>(nrows, RL, len, acc1, [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n(xb + o, n); });
-          std::fill(s1.get(), s1.get() + C, 0.0);
-          fold_period(L, sums.get(), len, s1.get());
-          for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] * inv_nb);
-        } else {  // later blocks: shift by the group's running mean
-          for (i64 c = 0; c < C; ++c) shift[c] = static_cast<T>(gm[c]);
-        }
-        fill_period(L, shift.get(), len, shift_row.get());
-
-        T* const acc2[2] = {dsum.get(), dsq.get()};
-        column_accumulate<T, 2>(nrows, RL, len, acc2, [&](i64 o, i64 col, i64 n, V* a) {
-          const V d = load_n(xb + o, n) - load_n(shift_row.get() + col, n);
-          a[0] = a[0] + d;
-          a[1] = fma(d, d, a[1]);
-        });
-        std::fill(s1.get(), s1.get() + C, 0.0);
-        std::fill(s2.get(), s2.get() + C, 0.0);
-        fold_period(L, dsum.get(), len, s1.get());
-        fold_period(L, dsq.get(), len, s2.get());
-        // Merge the block into the group; every channel has the same counts.
-        const double total = gn + nb, fa = nb / total, fb = gn * nb / total;
-        for (i64 c = 0; c < C; ++c) {
-          const double bmean = shift[c] + s1[c] * inv_nb;
-          const double bm2 = std::max(0.0, s2[c] - s1[c] * s1[c] * inv_nb);
-          const double delta = bmean - gm[c];
-          gm[c] += delta * fa;
-          g2[c] += bm2 + delta * delta * fb;
-        }
-        gn = total;
-      });
-      gcount[g] = gn;
+      const i64 at = g / pb.chunks * C + pb.first_channel(L, g);
+      moments_period_group(pb.chunk_layout(L, g), pb, g, x, w, gmean + at, gm2 + at);
     }
   });
-  // Every channel has the same counts, so the merge factors are computed once per group
-  // and the loop over channels vectorizes.
-  std::fill(mean, mean + C, 0.0);
-  std::fill(m2, m2 + C, 0.0);
-  double n = 0;
-  for (i64 g = 0; g < G; ++g) {
-    const double nb = gcount[g];
-    if (nb == 0) continue;
-    const double total = n + nb, fa = nb / total, fb = n * nb / total;
-    const double* bm = gmean.get() + g * C;
-    const double* b2 = gm2.get() + g * C;
-    for (i64 c = 0; c < C; ++c) {
-      const double delta = bm[c] - mean[c];
-      mean[c] += delta * fa;
-      m2[c] += b2[c] + delta * delta * fb;
-    }
-    n = total;
+  if (R == 1) return;
+  for (i64 c = 0; c < C; ++c) {
+    Moments m;
+    for (i64 r = 0; r < R; ++r) m.merge(static_cast<double>(pb.range_count(L, r)), gmean[r * C + c], gm2[r * C + c]);
+    mean[c] = m.mean;
+    m2[c] = m.m2;
   }
 }
 
@@ -190,14 +259,18 @@ void channel_moments(const Layout& L, const T* x, double* mean, double* m2) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward reduction: per channel, sum(g) and sum(g * (x - mean)), g = dy masked by y > 0
-// when y is given.
+// Backward reduction: per channel, sum(g) and sum(g * xhat), g = dy masked by y > 0 when
+// y is given, xhat = (x - mean) * invstd. The vector loops sum g * (x - mean); each block's
+// sum is multiplied by invstd once.
 
 template <class T, bool kMask>
 struct GradTerms {
   const T* dy;
   const T* x;
   const T* y;
+  const T* mean;
+  const T* invstd;
+  double g_at(i64 i) const { return kMask && !(y[i] > 0) ? 0.0 : static_cast<double>(dy[i]); }
   // Adds lanes [i, i + n): a[0] += g, a[1] += g * (x - m). Padding lanes load as 0, so g
   // is 0 there and contributes nothing.
   void operator()(i64 i, i64 n, const Vec<T>& m, Vec<T>* a) const {
@@ -206,24 +279,31 @@ struct GradTerms {
     a[0] = a[0] + g;
     a[1] = fma(g, load_n(x + i, n) - m, a[1]);
   }
-  // Adds one segment of channel c (len values from off) into sum_g[c] and sum_gx[c].
-  void add_segment(i64 c, i64 off, i64 len, const T* mean, double* sum_g, double* sum_gx) const {
+  // Adds one segment of channel c (len values from off) into sum_g and sum_gxhat.
+  void add_segment(i64 c, i64 off, i64 len, double& sum_g, double& sum_gxhat) const {
     const Vec<T> m = Vec<T>::set1(mean[c]);
     double b[2];
     segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, Vec<T>* a) { (*this)(off + i, n, m, a); });
-    sum_g[c] += b[0];
-    sum_gx[c] += b[1];
+    const bool fits = std::isfinite(b[0]) && product_sum_fits<T>(b[1], static_cast<double>(len));
+    b[1] *= static_cast<double>(invstd[c]);
+    if (!fits || !std::isfinite(b[1])) {
+      exact_grad_sums<T>(mean[c], invstd[c], [&](const auto& f) {
+        for (i64 i = off; i < off + len; ++i) f(g_at(i), static_cast<double>(x[i]));
+      }, b);
+    }
+    sum_g += b[0];
+    sum_gxhat += b[1];
   }
 };
 
-// Adds the groups' partial sums in group order: part holds, per group, C sums of g then
-// C sums of g * (x - mean).
-inline void sum_groups(const double* part, i64 G, i64 C, double* sum_g, double* sum_gx) {
+// Adds the ranges' partial sums in order: part holds, per range, C sums of g then C sums
+// of g * xhat.
+inline void sum_ranges(const double* part, i64 R, i64 C, double* sum_g, double* sum_gx) {
   for (i64 c = 0; c < C; ++c) {
     double a = 0, b = 0;
-    for (i64 g = 0; g < G; ++g) {
-      a += part[2 * g * C + c];
-      b += part[2 * g * C + C + c];
+    for (i64 r = 0; r < R; ++r) {
+      a += part[2 * r * C + c];
+      b += part[2 * r * C + C + c];
     }
     sum_g[c] = a;
     sum_gx[c] = b;
@@ -231,77 +311,178 @@ inline void sum_groups(const double* part, i64 G, i64 C, double* sum_g, double* 
 }
 
 template <class T, bool kMask>
-void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
-  const i64 C = L.channels, G = row_groups(L);
-  Buffer<double> part = make_buffer<double>(2 * G * C);
-  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
+void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, double* sum_g, double* sum_gx) {
+  const RowGroups rg = RowGroups::make(L, 2 * sizeof(double), sizeof(T));
+  // Per group: its slots' sums of g, then their sums of g * xhat.
+  Buffer<double> part = make_buffer<double>(2 * rg.total());
+  parallel_for(rg.count, L.numel(), [&](i64 gbegin, i64 gend) {
     for (i64 g = gbegin; g < gend; ++g) {
-      double* s0 = part.get() + 2 * g * C;
-      double* s1 = s0 + C;
-      std::fill(s0, s0 + 2 * C, 0.0);
-      for_each_row_segment(L, g, G, [&](i64 c, i64 off, i64 len) { terms.add_segment(c, off, len, mean, s0, s1); });
-    }
-  });
-  sum_groups(part.get(), G, C, sum_g, sum_gx);
-}
-
-template <class T, bool kMask>
-void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
-  using V = Vec<T>;
-  const PeriodBlocks pb = PeriodBlocks::make<T>(L);
-  const i64 C = L.channels, G = pb.groups, RL = pb.row_len;
-  Buffer<T> mean_row = make_buffer<T>(RL);
-  fill_period(L, mean, RL, mean_row.get());
-  Buffer<double> part = make_buffer<double>(2 * G * C);
-
-  parallel_for(G, L.numel(), [&](i64 gbegin, i64 gend) {
-    Buffer<T> acc_g = make_buffer<T>(RL), acc_gx = make_buffer<T>(RL);
-    for (i64 g = gbegin; g < gend; ++g) {
-      double* s0 = part.get() + 2 * g * C;
-      double* s1 = s0 + C;
-      std::fill(s0, s0 + 2 * C, 0.0);
-      pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
-        T* const acc[2] = {acc_g.get(), acc_gx.get()};
-        column_accumulate<T, 2>(nrows, RL, len, acc, [&](i64 o, i64 col, i64 n, V* a) {
-          terms(off + o, n, load_n(mean_row.get() + col, n), a);
-        });
-        fold_period(L, acc_g.get(), len, s0);
-        fold_period(L, acc_gx.get(), len, s1);
+      double* s0 = part.get() + 2 * rg.offset[g];
+      double* s1 = s0 + rg.slots[g];
+      std::fill(s0, s0 + 2 * rg.slots[g], 0.0);
+      rg.for_each_segment(L, g, [&](i64 slot, i64 c, i64 off, i64 len) {
+        terms.add_segment(c, off, len, s0[slot], s1[slot]);
       });
     }
   });
-  sum_groups(part.get(), G, C, sum_g, sum_gx);
+  for (i64 c = 0; c < L.channels; ++c) {
+    double a = 0, b = 0;
+    for (i64 g = 0; g < rg.count; ++g) {
+      const i64 slot = rg.slot_of(L, g, c);
+      if (slot < 0) continue;
+      a += part[2 * rg.offset[g] + slot];
+      b += part[2 * rg.offset[g] + rg.slots[g] + slot];
+    }
+    sum_g[c] = a;
+    sum_gx[c] = b;
+  }
 }
 
 template <class T, bool kMask>
-void grad_sums(const Layout& L, const GradTerms<T, kMask>& terms, const T* mean, double* sum_g, double* sum_gx) {
+void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, double* sum_g, double* sum_gx) {
+  using V = Vec<T>;
+  const PeriodBlocks pb = PeriodBlocks::make<T>(L);
+  const i64 C = L.channels, RL = pb.row_len, CL = pb.chunk_len;
+  Buffer<T> mean_row = make_buffer<T>(RL);
+  fill_period(L, terms.mean, RL, mean_row.get());
+  // Per range of rows: C sums of g, then C sums of g * xhat (one range: the results).
+  const i64 R = pb.ranges;
+  Buffer<double> part = make_buffer<double>(R > 1 ? 2 * R * C : 0);
+  const i64 slices = slice_count(pb.groups, L.numel());
+  SliceBuffers<T> acc_buf(slices, 2 * CL);
+
+  parallel_slices(pb.groups, L.numel(), slices, [&](i64 s, i64 gbegin, i64 gend) {
+    T* const acc[2] = {acc_buf[s], acc_buf[s] + CL};
+    for (i64 g = gbegin; g < gend; ++g) {
+      const Layout Lc = pb.chunk_layout(L, g);
+      const T* const chunk_mean = mean_row.get() + g % pb.chunks * CL;
+      const i64 r = g / pb.chunks, c0 = pb.first_channel(L, g);
+      double* s0 = (R > 1 ? part.get() + 2 * r * C : sum_g) + c0;
+      double* s1 = (R > 1 ? part.get() + 2 * r * C + C : sum_gx) + c0;
+      std::fill(s0, s0 + Lc.channels, 0.0);
+      std::fill(s1, s1 + Lc.channels, 0.0);
+      pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
+        column_accumulate<T, 2>(nrows, RL, len, acc, [&](i64 o, i64 col, i64 n, V* a) {
+          terms(off + o, n, load_n(chunk_mean + col, n), a);
+        });
+        fold_period(Lc, acc[0], len, s0);
+        fold_period(Lc, acc[1], len, s1);
+      });
+      // To sums of g * xhat; then the slow path, for the channels whose sums left the
+      // type's range.
+      const double count = static_cast<double>(pb.range_count(L, r));
+      bool all_fit = true;
+      for (i64 c = 0; c < Lc.channels; ++c) {
+        const bool fits = std::isfinite(s0[c]) && product_sum_fits<T>(s1[c], count);
+        s1[c] *= static_cast<double>(terms.invstd[c0 + c]);
+        // a NaN marks the channel for the slow path
+        if (!fits) s1[c] = std::numeric_limits<double>::quiet_NaN();
+        all_fit &= std::isfinite(s1[c]);
+      }
+      if (all_fit) continue;
+      for (i64 c = 0; c < Lc.channels; ++c) {
+        if (std::isfinite(s1[c])) continue;
+        double b[2];
+        exact_grad_sums<T>(terms.mean[c0 + c], terms.invstd[c0 + c], [&](const auto& f) {
+          pb.for_each_index(Lc, g, c, [&](i64 i) { f(terms.g_at(i), static_cast<double>(terms.x[i])); });
+        }, b);
+        s0[c] = b[0];
+        s1[c] = b[1];
+      }
+    }
+  });
+  if (R > 1) sum_ranges(part.get(), R, C, sum_g, sum_gx);
+}
+
+template <class T, bool kMask>
+void grad_sums(const Layout& L, const GradTerms<T, kMask>& terms, double* sum_g, double* sum_gx) {
   if (L.numel() == 0) {
     std::fill(sum_g, sum_g + L.channels, 0.0);
     std::fill(sum_gx, sum_gx + L.channels, 0.0);
   } else if (use_period_mode(L))
-    grad_sums_period(L, terms, mean, sum_g, sum_gx);
+    grad_sums_period(L, terms, sum_g, sum_gx);
   else
-    grad_sums_rows(L, terms, mean, sum_g, sum_gx);
+    grad_sums_rows(L, terms, sum_g, sum_gx);
 }
 
 // ---------------------------------------------------------------------------------------
 // Elementwise passes.
 
+// The power of two by which the elementwise passes scale x - mean for a channel of this
+// invstd: 1, unless invstd is so far from 1 that x - mean may overflow (a float32 channel
+// spread past about 1e9: values near 3e38 and -3e38 have a difference past the range
+// where y is small), lose its low bits to underflow (a channel of subnormal values, with
+// a tiny eps), or invstd^2 in the backward's coefficients leave the normal range; then
+// the power of two nearest invstd, which brings x - mean to the scale of xhat.
+template <class T>
+double xhat_scale(double invstd) {
+  using Limits = std::numeric_limits<T>;
+  constexpr int kLimit = Limits::max_exponent / 4;
+  if (!std::isfinite(invstd)) return 1.0;
+  const int e = invstd == 0 ? INT_MIN / 2 : std::ilogb(invstd);
+  if (std::abs(e) <= kLimit) return 1.0;
+  return std::ldexp(1.0, std::clamp(e, Limits::min_exponent - Limits::digits, Limits::max_exponent - 1));
+}
+
+// Per-channel coefficients of y = (x - mean) * alpha + beta (see normalize).
+template <class T>
+struct Affine {
+  const T* mean;
+  Buffer<T> data;                  // one allocation for the five arrays of C below
+  T *alpha, *beta;                 // alpha and beta, each rounded once from double
+  T *scale, *shift, *scaled_alpha; // s = xhat_scale(invstd), -mean * s, alpha / s
+
+  Affine(i64 C, const T* mean_)
+      : mean(mean_), data(make_buffer<T>(5 * C)), alpha(data.get()), beta(alpha + C), scale(beta + C),
+        shift(scale + C), scaled_alpha(shift + C) {}
+
+  // Channel c, once mean[c] is set. An alpha past T's range (a weight near the largest
+  // T) moves its excess into s too: only elements whose y overflows anyway overflow x * s.
+  void set(i64 c, double invstd, double weight, double bias) const {
+    constexpr int kAlphaExponent = std::numeric_limits<T>::max_exponent - 3;
+    const double s_invstd = xhat_scale<T>(invstd), scaled_invstd = invstd / s_invstd;
+    double s_weight = 1;
+    if (weight != 0 && std::isfinite(weight) && scaled_invstd != 0 && std::isfinite(scaled_invstd)) {
+      const int e = std::ilogb(weight) + std::ilogb(scaled_invstd);
+      if (e > kAlphaExponent) s_weight = std::ldexp(1.0, e - kAlphaExponent);
+    }
+    const double s = s_invstd * s_weight;
+    alpha[c] = static_cast<T>(weight * invstd);
+    beta[c] = static_cast<T>(bias);
+    scale[c] = static_cast<T>(s);
+    shift[c] = static_cast<T>(-static_cast<double>(mean[c]) * s);
+    scaled_alpha[c] = static_cast<T>(weight / s_weight * scaled_invstd);
+  }
+};
+
 // y = (x - mean) * alpha + beta, optionally max(., 0). Subtracting the mean first keeps
 // y exact where x is near the mean even for large offsets (x * alpha + (beta - mean *
 // alpha) would cancel two large products); in a memory-bound pass it costs nothing.
+// When some channel's scale (Affine::set) is not 1, x - mean is taken as fma(x, s, -mean
+// * s) and alpha divided by s (for the other channels s = 1: the same results to the bit).
 // Over the whole array, or over the channels of *range on the calling thread.
 template <class T>
-void normalize(const Layout& L, const T* x, const T* mean, const T* alpha, const T* beta, bool fuse_relu, T* y,
-               bool after_reduction, const ChannelRange* range = nullptr) {
+void normalize(const Layout& L, const T* x, const Affine<T>& k, bool fuse_relu, T* y, bool after_reduction,
+               const ChannelRange* range = nullptr) {
   using V = Vec<T>;
-  const T* const coef[3] = {mean, alpha, beta};
-  auto affine = [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n) - c[0], c[1], c[2]); };
-  if (fuse_relu)
-    channel_apply_to<T, 3>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
-                           range, after_reduction);
-  else
-    channel_apply_to<T, 3>(L, coef, y, affine, range, after_reduction);
+  const ChannelRange r = range ? *range : ChannelRange{0, L.channels};
+  bool scaled = false;
+  for (i64 c = r.begin; c < r.end; ++c) scaled |= k.scale[c] != T(1);
+  const auto apply = [&](const auto& coef, const auto& affine) {
+    constexpr int K = std::extent_v<std::remove_reference_t<decltype(coef)>>;
+    if (fuse_relu)
+      channel_apply_to<T, K>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
+                             range, after_reduction);
+    else
+      channel_apply_to<T, K>(L, coef, y, affine, range, after_reduction);
+  };
+  if (scaled) {
+    const T* const coef[4] = {k.shift, k.scale, k.scaled_alpha, k.beta};
+    apply(coef, [x](i64 i, i64 n, const V* c) { return fma(fma(load_n(x + i, n), c[1], c[0]), c[2], c[3]); });
+  } else {
+    const T* const coef[3] = {k.mean, k.alpha, k.beta};
+    apply(coef, [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n) - c[0], c[1], c[2]); });
+  }
 }
 
 template <class T>
@@ -316,7 +497,7 @@ void bn_train(const BnTrainArgs<T>& a) {
   const Layout& L = a.layout;
   const i64 C = L.channels;
   const double n = static_cast<double>(L.per_channel());
-  Buffer<T> alpha = make_buffer<T>(C), beta = make_buffer<T>(C);
+  Affine<T> k(C, a.save_mean);
   // Channel c's outputs from its statistics: saved mean and invstd, running stats, and the
   // normalization's coefficients.
   const auto finish = [&](i64 c, double mean, double m2) {
@@ -329,36 +510,39 @@ void bn_train(const BnTrainArgs<T>& a) {
       a.running_mean[c] = static_cast<T>((1.0 - a.momentum) * a.running_mean[c] + a.momentum * mean);
     if (a.running_var)
       a.running_var[c] = static_cast<T>((1.0 - a.momentum) * a.running_var[c] + a.momentum * (m2 / (n - 1.0)));
-    alpha[c] = static_cast<T>(value_or(a.weight, c, 1.0) * invstd);
-    beta[c] = static_cast<T>(value_or(a.bias, c, 0.0));
+    k.set(c, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
   };
   if (const i64 block = channel_block(L, sizeof(T))) {
-    for_each_channel_block(L, block, [&](ChannelRange r) {
-      Buffer<Moments> m = make_buffer<Moments>(r.end - r.begin);
+    const i64 slices = channel_block_slices(L, block);
+    SliceBuffers<Moments> moments(slices, block);
+    for_each_channel_block(L, block, slices, [&](i64 s, ChannelRange r) {
+      Moments* const m = moments[s];
+      std::fill(m, m + (r.end - r.begin), Moments{});
       for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) { merge_segment(a.x + off, len, m[c - r.begin]); });
       for (i64 c = r.begin; c < r.end; ++c) finish(c, m[c - r.begin].mean, m[c - r.begin].m2);
-      normalize(L, a.x, a.save_mean, alpha.get(), beta.get(), a.relu, a.y, true, &r);
+      normalize(L, a.x, k, a.relu, a.y, true, &r);
     });
     return;
   }
-  Buffer<double> mean = make_buffer<double>(C), m2 = make_buffer<double>(C);
-  channel_moments(L, a.x, mean.get(), m2.get());
-  for (i64 c = 0; c < C; ++c) finish(c, mean[c], m2[c]);
-  normalize(L, a.x, a.save_mean, alpha.get(), beta.get(), a.relu, a.y, true);
+  {  // freed before normalize allocates its tables
+    Buffer<double> mean = make_buffer<double>(C), m2 = make_buffer<double>(C);
+    channel_moments(L, a.x, mean.get(), m2.get());
+    for (i64 c = 0; c < C; ++c) finish(c, mean[c], m2[c]);
+  }
+  normalize(L, a.x, k, a.relu, a.y, true);
 }
 
 template <class T>
 void bn_infer(const BnInferArgs<T>& a) {
   const Layout& L = a.layout;
   const i64 C = L.channels;
-  Buffer<T> alpha = make_buffer<T>(C), beta = make_buffer<T>(C);
+  Affine<T> k(C, a.mean);
   for (i64 c = 0; c < C; ++c) {
     const double invstd = a.invstd ? a.invstd[c]
                                    : 1.0 / std::sqrt(static_cast<double>(a.var[c]) + a.eps);
-    alpha[c] = static_cast<T>(value_or(a.weight, c, 1.0) * invstd);
-    beta[c] = static_cast<T>(value_or(a.bias, c, 0.0));
+    k.set(c, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
   }
-  normalize(L, a.x, a.mean, alpha.get(), beta.get(), a.relu, a.y, false);
+  normalize(L, a.x, k, a.relu, a.y, false);
 }
 
 template <class T>
@@ -367,12 +551,6 @@ void bn_moments(const BnMomentsArgs<T>& a) {
 }
 
 namespace {
-
-// The reductions give sum(g * (x - mean)); the sums are kept as sum(g * xhat).
-template <class T>
-void to_xhat_sums(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, ChannelRange r) {
-  for (i64 c = r.begin; c < r.end; ++c) s.sum_gxhat[c] *= static_cast<double>(a.invstd[c]);
-}
 
 // The single-process backward's parameter gradients: dweight = sum(g * xhat), dbias = sum(g).
 template <class T>
@@ -386,13 +564,14 @@ void store_param_grads(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, Chann
 // sum(g) and sum(g * xhat) per channel.
 template <class T, bool kMask>
 void backward_reduce_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
-  const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
-  grad_sums(a.layout, terms, a.mean, s.sum_g, s.sum_gxhat);
-  to_xhat_sums(a, s, ChannelRange{0, a.layout.channels});
+  const GradTerms<T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
+  grad_sums(a.layout, terms, s.sum_g, s.sum_gxhat);
 }
 
 // dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradSums), over the
-// whole array, or over the channels of *range on the calling thread; k holds 3 rows of C.
+// whole array, or over the channels of *range on the calling thread; k holds 5 rows of C.
+// When some channel's xhat_scale is not 1, x - mean is taken as fma(x, s, -mean * s) and
+// k_x divided by s (for the other channels s = 1: the same results to the bit).
 template <class T, bool kMask>
 void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* k,
                          const ChannelRange* range = nullptr) {
@@ -403,13 +582,20 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* 
   T* const k_dy = k;
   T* const k_x = k + C;
   T* const k_0 = k + 2 * C;
+  T* const scale_x = k + 3 * C;
+  T* const shift_x = k + 4 * C;
   const ChannelRange r = range ? *range : ChannelRange{0, C};
+  bool scaled = false;
   for (i64 c = r.begin; c < r.end; ++c) {
     const double invstd = a.invstd[c];
     const double scale = value_or(a.weight, c, 1.0) * invstd;
+    const double sx = a.training ? xhat_scale<T>(invstd) : 1.0;
+    scaled |= sx != 1.0;
     k_dy[c] = static_cast<T>(scale);
-    k_x[c] = static_cast<T>(a.training ? -scale * invstd * s.sum_gxhat[c] / n : 0.0);
-    k_0[c] = static_cast<T>(a.training ? -scale * s.sum_g[c] / n : 0.0);
+    k_x[c] = static_cast<T>(a.training ? -scale * (invstd / sx) * (s.sum_gxhat[c] / n) : 0.0);
+    k_0[c] = static_cast<T>(a.training ? -scale * (s.sum_g[c] / n) : 0.0);
+    scale_x[c] = static_cast<T>(sx);
+    shift_x[c] = static_cast<T>(-static_cast<double>(a.mean[c]) * sx);
   }
   const T* dy = a.dy;
   const T* x = a.x;
@@ -418,7 +604,15 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* 
     const V g = load_n(dy + i, n);
     return kMask ? keep_if_positive(load_n(y + i, n), g) : g;
   };
-  if (a.training) {
+  if (a.training && scaled) {
+    const T* const coef[5] = {k_dy, k_x, shift_x, scale_x, k_0};
+    channel_apply_to<T, 5>(
+        L, coef, a.dx,
+        [=](i64 i, i64 n, const V* c) {
+          return fma(c[1], fma(load_n(x + i, n), c[3], c[2]), fma(c[0], grad(i, n), c[4]));
+        },
+        range, true);
+  } else if (a.training) {
     const T* const coef[4] = {k_dy, k_x, a.mean, k_0};
     channel_apply_to<T, 4>(
         L, coef, a.dx,
@@ -435,15 +629,14 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* 
 template <class T, bool kMask>
 void backward_blocked(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, i64 block) {
   const Layout& L = a.layout;
-  const GradTerms<T, kMask> terms{a.dy, a.x, a.y};
-  Buffer<T> k = make_buffer<T>(3 * L.channels);
-  for_each_channel_block(L, block, [&](ChannelRange r) {
+  const GradTerms<T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
+  Buffer<T> k = make_buffer<T>(5 * L.channels);
+  for_each_channel_block(L, block, channel_block_slices(L, block), [&](i64, ChannelRange r) {
     std::fill(s.sum_g + r.begin, s.sum_g + r.end, 0.0);
     std::fill(s.sum_gxhat + r.begin, s.sum_gxhat + r.end, 0.0);
     for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) {
-      terms.add_segment(c, off, len, a.mean, s.sum_g, s.sum_gxhat);
+      terms.add_segment(c, off, len, s.sum_g[c], s.sum_gxhat[c]);
     });
-    to_xhat_sums(a, s, r);
     store_param_grads(a, s, r);
     backward_apply_impl<T, kMask>(a, s, k.get(), &r);
   });
@@ -461,7 +654,7 @@ void bn_backward_reduce(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
 
 template <class T>
 void bn_backward_apply(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
-  Buffer<T> k = make_buffer<T>(3 * a.layout.channels);
+  Buffer<T> k = make_buffer<T>(5 * a.layout.channels);
   if (a.y)
     backward_apply_impl<T, true>(a, s, k.get());
   else

@@ -85,6 +85,42 @@ Buffer<T> make_buffer(i64 n) {
   return Buffer<T>(new T[static_cast<std::size_t>(std::max<i64>(n, 1))]);
 }
 
+// ---------------------------------------------------------------------------------------
+// Scratch of parallel loops. Nothing allocates (or throws) inside a parallel region: an
+// exception cannot leave a thread of the team, so an allocation failing there would end
+// the process instead of reaching the caller as MemoryError. A loop that needs working
+// buffers is cut into slices, one per thread it can use, and slice s takes its buffers
+// from storage allocated before the loop.
+
+// Slices for a loop over n items of `work` elements in all.
+inline i64 slice_count(i64 n, i64 work) {
+  return std::max<i64>(1, std::min<i64>(n, threads_for(work)));
+}
+
+// Calls f(slice, begin, end) on `slices` contiguous slices of [0, n), in parallel; each
+// slice runs on one thread, so its buffers are never shared.
+template <class F>
+void parallel_slices(i64 n, i64 work, i64 slices, const F& f) {
+  parallel_for(slices, work, [&](i64 s0, i64 s1) {
+    for (i64 s = s0; s < s1; ++s) {
+      const i64 begin = n * s / slices, end = n * (s + 1) / slices;
+      if (begin < end) f(s, begin, end);
+    }
+  });
+}
+
+// One buffer of `per_slice` T for each slice, in one allocation made up front.
+template <class T>
+class SliceBuffers {
+ public:
+  SliceBuffers(i64 slices, i64 per_slice) : data_(make_buffer<T>(slices * per_slice)), per_slice_(per_slice) {}
+  T* operator[](i64 slice) const { return data_.get() + slice * per_slice_; }
+
+ private:
+  Buffer<T> data_;
+  i64 per_slice_;
+};
+
 // Loads n lanes (n == W compiles to a plain load when the caller passes the constant).
 template <class T>
 inline Vec<T> load_n(const T* p, i64 n) {
@@ -276,12 +312,18 @@ inline i64 channel_block(const Layout& L, i64 bytes) {
   return std::clamp<i64>(std::min(kChannelBlockBytes / per_channel, L.channels / 16), 1, L.channels);
 }
 
-// Calls f(range) for every block of `block` channels, blocks spread over the threads.
+// Slices of for_each_channel_block (for the scratch its callers allocate per slice).
+inline i64 channel_block_slices(const Layout& L, i64 block) {
+  return slice_count((L.channels + block - 1) / block, L.numel());
+}
+
+// Calls f(slice, range) for every block of `block` channels, blocks spread over the
+// threads in `slices` (channel_block_slices) slices.
 template <class F>
-void for_each_channel_block(const Layout& L, i64 block, const F& f) {
+void for_each_channel_block(const Layout& L, i64 block, i64 slices, const F& f) {
   const i64 blocks = (L.channels + block - 1) / block;
-  parallel_for(blocks, L.numel(), [&](i64 b0, i64 b1) {
-    for (i64 b = b0; b < b1; ++b) f(ChannelRange{b * block, std::min(L.channels, (b + 1) * block)});
+  parallel_slices(blocks, L.numel(), slices, [&](i64 s, i64 b0, i64 b1) {
+    for (i64 b = b0; b < b1; ++b) f(s, ChannelRange{b * block, std::min(L.channels, (b + 1) * block)});
   });
 }
 
@@ -319,43 +361,102 @@ void channel_apply_to(const Layout& L, const T* const (&coef)[K], T* out, const 
 }
 
 // ---------------------------------------------------------------------------------------
-// Row-mode reduction blocks: the flat array is cut into G groups of consecutive elements
+// Partial states of reductions. Each reduction group keeps one running state (a few
+// doubles) per channel it sees, and the groups merge in order at the end. Those states are
+// the reductions' only scratch proportional to the data's shape: a group must see enough
+// values per channel for its states to be small beside the data they summarize, else the
+// reduction would need more memory than the array it reads (a wide array of a few rows,
+// 16 groups of C states each). Allowed: C states (what one group needs anyway, plus one
+// per group for rows cut at a group boundary), 1/kStateFraction of the array's bytes, or
+// kStateBytes, too little to matter.
+constexpr i64 kStateFraction = 16;
+constexpr i64 kStateBytes = i64(4) << 20;
+
+inline bool states_fit(i64 states, i64 groups, i64 state_bytes, const Layout& L, i64 elem_bytes) {
+  return states <= L.channels + groups || states * state_bytes <= kStateBytes ||
+         states * state_bytes * kStateFraction <= L.numel() * elem_bytes;
+}
+
+// ---------------------------------------------------------------------------------------
+// Row-mode reduction groups: the flat array is cut into G groups of consecutive elements
 // and walked in memory order (the prefetchers follow, pages are touched once); a group
 // visits the rows it overlaps, each as segments of at most kBlockElements, and keeps one
 // running state per channel. Channel c's values thus meet in a fixed order of segments
 // within each group, and groups merge in order: nothing depends on the thread count.
+//
+// A group overlapping fewer than C rows sees each of its channels once: it keeps states
+// only for those (slot row - first row), so a short wide array needs about C states in
+// all, whatever G. Otherwise it keeps C, slot (row - first row) % C.
+struct RowGroups {
+  i64 count = 1;
+  i64 first_row[kMaxGroups] = {};
+  i64 slots[kMaxGroups] = {};         // states of the group: min(C, rows overlapped)
+  i64 offset[kMaxGroups + 1] = {};    // index of its first state among all groups'
 
-inline i64 row_groups(const Layout& L) {
-  return std::clamp<i64>(L.numel() / kGroupElements, 1, kMaxGroups);
-}
-
-// Calls segment(c, offset, length) for each segment of group g of G, in memory order.
-template <class F>
-void for_each_row_segment(const Layout& L, i64 g, i64 G, F&& segment) {
-  const i64 total = L.numel();
-  i64 i = total * g / G;
-  const i64 end = total * (g + 1) / G;
-  while (i < end) {
-    const i64 row = i / L.inner;
-    const i64 len = std::min({end - i, (row + 1) * L.inner - i, kBlockElements});
-    segment(row % L.channels, i, len);
-    i += len;
+  static RowGroups make(const Layout& L, i64 state_bytes, i64 elem_bytes) {
+    RowGroups r;
+    r.count = std::clamp<i64>(L.numel() / kGroupElements, 1, kMaxGroups);
+    while (true) {
+      r.place(L);
+      if (r.count == 1 || states_fit(r.total(), r.count, state_bytes, L, elem_bytes)) return r;
+      --r.count;
+    }
   }
-}
+
+  i64 total() const { return offset[count]; }
+  i64 begin(const Layout& L, i64 g) const { return L.numel() * g / count; }
+  i64 end(const Layout& L, i64 g) const { return L.numel() * (g + 1) / count; }
+
+  // The slot of group g holding channel c, or -1 when g does not see c.
+  i64 slot_of(const Layout& L, i64 g, i64 c) const {
+    const i64 s = ((c - first_row[g]) % L.channels + L.channels) % L.channels;
+    return s < slots[g] ? s : -1;
+  }
+
+  // Calls segment(slot, c, offset, length) for each segment of group g, in memory order.
+  template <class F>
+  void for_each_segment(const Layout& L, i64 g, F&& segment) const {
+    i64 i = begin(L, g);
+    const i64 stop = end(L, g);
+    while (i < stop) {
+      const i64 row = i / L.inner, rel = row - first_row[g];
+      const i64 len = std::min({stop - i, (row + 1) * L.inner - i, kBlockElements});
+      segment(rel < L.channels ? rel : rel % L.channels, row % L.channels, i, len);
+      i += len;
+    }
+  }
+
+ private:
+  void place(const Layout& L) {
+    for (i64 g = 0; g < count; ++g) {
+      const i64 b = begin(L, g), e = end(L, g);
+      first_row[g] = b / L.inner;
+      slots[g] = e > b ? std::min(L.channels, (e - 1) / L.inner - first_row[g] + 1) : 0;
+      offset[g + 1] = offset[g] + slots[g];
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // Period-mode reduction blocks: the array is read as rows of `row_len` elements, a whole
 // number of periods chosen so that vectors line up with the same positions in every row
-// (row_len = lcm(P, W) when that is small). Rows are cut into G groups and each group into
-// blocks of `block_rows` rows. The outer rows that do not fill a last row of row_len form
-// one short block at the end of the last group.
+// (row_len = lcm(P, W) when that is small). Rows are cut into R ranges. A row of one long
+// period is also cut into K chunks of columns (channel ranges), so that the per-thread
+// scratch, which spans a chunk, stays small, and so that the threads have work when a
+// few rows allow few ranges; otherwise K = 1. Group g = (range g / K, chunk g % K) is
+// walked in blocks of `block_rows` rows. The outer rows that do not fill a last row of
+// row_len form one short block at the end of the last range (K is 1 then).
 struct PeriodBlocks {
-  i64 period = 0;      // P = C * inner
-  i64 row_len = 0;     // a multiple of P
-  i64 rows = 0;        // full rows of row_len
-  i64 rest = 0;        // elements in the short last row (a multiple of P, < row_len)
+  i64 period = 0;          // P = C * inner
+  i64 row_len = 0;         // a multiple of P
+  i64 rows = 0;            // full rows of row_len
+  i64 rest = 0;            // elements in the short last row (a multiple of P, < row_len)
   i64 block_rows = 0;
-  i64 groups = 0;
+  i64 ranges = 0;          // R
+  i64 chunks = 0;          // K
+  i64 chunk_len = 0;       // columns of a chunk (the last may be shorter), a multiple of inner
+  i64 groups = 0;          // R * K
+  i64 chunk_channels = 0;  // channels of a chunk (at most): C when K = 1
 
   template <class T>
   static PeriodBlocks make(const Layout& L) {
@@ -370,9 +471,40 @@ struct PeriodBlocks {
     b.row_len = b.period * reps;
     b.rows = L.outer / reps;
     b.rest = (L.outer % reps) * b.period;
-    b.block_rows = std::clamp<i64>(kPeriodBlockElements / b.row_len, 1, kMaxBlockRows);
-    b.groups = std::clamp<i64>(b.rows * b.row_len / kGroupElements, 1, std::clamp<i64>(b.rows, 1, kMaxGroups));
+    // Ranges: each keeps 2 doubles per channel (see states_fit).
+    i64 max_ranges = std::clamp<i64>(b.rows, 1, kMaxGroups);
+    while (max_ranges > 1 && !states_fit(max_ranges * L.channels, 0, 16, L, sizeof(T))) --max_ranges;
+    b.ranges = std::clamp<i64>(b.rows * b.row_len / kGroupElements, 1, max_ranges);
+    b.chunks = 1;
+    b.chunk_len = b.row_len;
+    if (reps == 1) {
+      const i64 wanted = std::clamp<i64>(L.numel() / kGroupElements, 1, kMaxGroups);
+      const i64 k = std::max((b.row_len + kPeriodBlockElements - 1) / kPeriodBlockElements,
+                             (wanted + b.ranges - 1) / b.ranges);
+      const i64 unit = std::lcm(L.inner, W);
+      b.chunk_len = std::min(b.row_len, ((b.row_len + k - 1) / k + unit - 1) / unit * unit);
+      b.chunks = (b.row_len + b.chunk_len - 1) / b.chunk_len;
+    }
+    b.chunk_channels = b.chunks == 1 ? L.channels : b.chunk_len / L.inner;
+    b.block_rows = std::clamp<i64>(kPeriodBlockElements / b.chunk_len, 1, kMaxBlockRows);
+    b.groups = b.ranges * b.chunks;
     return b;
+  }
+
+  // The layout group g reduces: its chunk's channels (all of them when K = 1), and the
+  // first of them.
+  Layout chunk_layout(const Layout& L, i64 g) const {
+    if (chunks == 1) return L;
+    const i64 col = g % chunks * chunk_len;
+    return Layout{L.outer, (std::min(row_len, col + chunk_len) - col) / L.inner, L.inner};
+  }
+  i64 first_channel(const Layout& L, i64 g) const { return g % chunks * chunk_len / L.inner; }
+
+  // Values per channel in range r.
+  i64 range_count(const Layout& L, i64 r) const {
+    const i64 per_row = row_len / period * L.inner;
+    const i64 n = (rows * (r + 1) / ranges - rows * r / ranges) * per_row;
+    return r == ranges - 1 ? n + rest / period * L.inner : n;
   }
 
   // Calls block(offset, nrows, len) for each block of group g, in order: nrows rows of
@@ -380,11 +512,25 @@ struct PeriodBlocks {
   // block of a group is short (kFirstBlockElements), the others hold block_rows rows.
   template <class F>
   void for_each(i64 g, F&& block) const {
-    i64 r = rows * g / groups;
-    const i64 r_end = rows * (g + 1) / groups;
-    i64 n = std::max<i64>(1, kFirstBlockElements / row_len);
-    for (; r < r_end; r += n, n = block_rows) block(r * row_len, std::min(n, r_end - r), row_len);
-    if (g == groups - 1 && rest > 0) block(rows * row_len, i64(1), rest);
+    const i64 range = g / chunks, col = g % chunks * chunk_len;
+    const i64 len = std::min(chunk_len, row_len - col);
+    i64 r = rows * range / ranges;
+    const i64 r_end = rows * (range + 1) / ranges;
+    i64 n = std::max<i64>(1, kFirstBlockElements / len);
+    for (; r < r_end; r += n, n = block_rows) block(r * row_len + col, std::min(n, r_end - r), len);
+    if (range == ranges - 1 && rest > 0) block(rows * row_len, i64(1), rest);
+  }
+
+  // Calls f(i) for the flat index of every value of channel c of group g (Lc its
+  // chunk_layout), block by block: the slow paths' walk over one channel.
+  template <class F>
+  void for_each_index(const Layout& Lc, i64 g, i64 c, F&& f) const {
+    const i64 P = Lc.channels * Lc.inner;
+    for_each(g, [&](i64 off, i64 nrows, i64 len) {
+      for (i64 r = 0; r < nrows; ++r)
+        for (i64 q = off + r * row_len + c * Lc.inner, end = q + len; q < end; q += P)
+          for (i64 k = 0; k < Lc.inner; ++k) f(q + k);
+    });
   }
 };
 

@@ -1,5 +1,5 @@
 """``python -m pybn bench``: pybn's batch-norm kernels against torch, NumPy, onnxruntime
-and the memory-bandwidth bound. The method is described in bench/README.md."""
+and the memory-bandwidth bound. The method is described in docs/benchmark.md."""
 
 from __future__ import annotations
 

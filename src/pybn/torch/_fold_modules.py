@@ -1,7 +1,7 @@
 """Which modules :func:`pybn.torch.fold` may fold or remove: each check returns why not (None: it may).
 
 A module qualifies when it is one of the torch classes a fold knows (or a subclass keeping their
-``forward``), has no hooks or parametrizations, is initialized and holds real values. Two
+``forward``, or the :mod:`pybn.torch.nn` drop-in that computes like one), has no hooks or parametrizations, is initialized and holds real values. Two
 exceptions are made on evidence: ``nn.SyncBatchNorm``, whose eval-mode ``forward`` is exactly
 ``F.batch_norm``; and a Linear/Conv/ConvTranspose subclass with its own ``forward`` (timm's
 ``Conv2dSame`` pads its input first), when the example call showed that forward use the weight
@@ -81,18 +81,38 @@ def copy_sharing_parameters(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def drop_in_target(module: nn.Module) -> type[nn.Module] | None:
+    """The torch class whose function a :mod:`pybn.torch.nn` drop-in computes (its ``drop_in_for``);
+    None for any other module, and for a subclass of a drop-in that has its own forward."""
+    for klass in type(module).__mro__:
+        if "drop_in_for" in vars(klass):
+            return klass.drop_in_for if type(module).forward is klass.forward else None
+    return None
+
+
+def stands_for(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether `module` is a `cls` (or subclass), or the drop-in for one."""
+    return isinstance(module, cls) or drop_in_target(module) is cls
+
+
+def computes_like(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether `module` computes `cls`'s forward: its own class's, or as the drop-in for `cls`."""
+    return type(module).forward is cls.forward or drop_in_target(module) is cls
+
+
 def plain_problem(module: nn.Module, classes: Sequence[type[nn.Module]], own_forward: str | None = "") -> str | None:
-    """Why `module` is not one of `classes` (or a subclass keeping its forward), unhooked.
+    """Why `module` is not one of `classes` (or a subclass keeping its forward, or the drop-in for
+    one), unhooked.
 
     A subclass with its own forward (e.g. weight standardization) computes something else,
     unless `own_forward` is None (the caller has evidence that it does not); hooks and
     parametrizations would be lost or broken by changing the weights.
     """
     name = type(module).__name__
-    matching = [c for c in classes if isinstance(module, c)]
+    matching = [c for c in classes if stands_for(module, c)]
     if not matching:
         return f"{name} is not {' or '.join(c.__name__ for c in classes)}"
-    if own_forward is not None and not any(type(module).forward is c.forward for c in matching):
+    if own_forward is not None and not any(computes_like(module, c) for c in matching):
         return f"{name} has its own forward{own_forward}"
     if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in tensors(module)):
         return f"{name} is not initialized (a lazy module never called)"
@@ -158,7 +178,7 @@ def batch_norm_dims(module: nn.Module) -> int | None:
 
 def is_batch_norm_module(module: nn.Module) -> bool:
     """A batch norm class whose forward fold knows: BatchNorm{1,2,3}d (or a subclass keeping
-    its forward) or SyncBatchNorm."""
+    its forward), SyncBatchNorm, or the drop-in for one of them."""
     return isinstance(module, BATCH_NORM_BASE) and _bn_class_problem(module) is None
 
 
@@ -167,10 +187,10 @@ _BN_CLASSES = (*BATCH_NORMS, nn.SyncBatchNorm)
 
 def _bn_class_problem(module: nn.Module) -> str | None:
     name = type(module).__name__
-    matching = [c for c in _BN_CLASSES if isinstance(module, c)]
+    matching = [c for c in _BN_CLASSES if stands_for(module, c)]
     if not matching:
         return f"{name} is not BatchNorm1d or BatchNorm2d or BatchNorm3d or SyncBatchNorm"
-    if not any(type(module).forward is c.forward for c in matching):
+    if not any(computes_like(module, c) for c in matching):
         return f"{name} has its own forward"
     return None
 
@@ -214,7 +234,7 @@ def bn_arrays(bn: nn.Module) -> dict[str, Any]:
 
 def several_ranks(bn: nn.Module) -> str | None:
     """How a batch norm module that accepts inputs of several ranks says so; None: one rank only."""
-    if isinstance(bn, nn.SyncBatchNorm):
+    if stands_for(bn, nn.SyncBatchNorm):
         return "SyncBatchNorm takes inputs of any rank >= 2"
     if isinstance(bn, nn.BatchNorm1d):
         return "BatchNorm1d takes 2-D and 3-D inputs"

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m pybn bench",
         description="Time pybn's batch-norm kernels against torch, NumPy and onnxruntime and "
                     "against the memory-bandwidth bound measured by pybn's own probe "
-                    "(float32, one process, the same arrays). See bench/README.md.")
+                    "(float32, one process, the same arrays). See docs/benchmark.md.")
     p.add_argument("--shapes", metavar="A,B",
                    help=f"comma-separated shapes to run, of {', '.join(shape_names())} "
                         "(A_cl and L_cl also name A' and L'); default: all")
@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
     p.add_argument("--no-dropout", action="store_true", help="skip the dropout rows")
     p.add_argument("--no-fold", action="store_true", help="skip the folding row")
+    p.add_argument("--torch", action="store_true",
+                   help="run only the torch section (pybn.torch against stock torch through autograd)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch section")
+    p.add_argument("--torch-cells", metavar="W,W",
+                   help="torch section: only the cells whose names contain one of these words "
+                        "(e.g. 'dropout,resnet'); default: all")
     return p
 
 
@@ -166,6 +172,9 @@ def run(args) -> int:
             args.rounds = 1 if args.quick else 2
         if args.rounds < 1:
             raise ValueError("--rounds must be >= 1")
+        if args.torch and args.no_torch:
+            raise ValueError("--torch and --no-torch exclude each other")
+        torch_cells = _torch_cells(args.torch_cells) if not args.no_torch else None
         if args.json:
             folder = os.path.dirname(os.path.abspath(args.json))
             if not os.path.isdir(folder):
@@ -176,6 +185,12 @@ def run(args) -> int:
 
     import pybn
 
+    # A peer that is not installed is left out, in one line; pybn, NumPy and the bound still run.
+    requested = want
+    unavailable = {p: why for p in want if (why := P.cannot_import(p)) is not None}
+    for p, why in unavailable.items():
+        _progress(f"{p}: skipped, {why}")
+    want = [p for p in want if p not in unavailable]
     if args.threads is not None:
         pybn.set_num_threads(args.threads)
     threads = pybn.get_num_threads()
@@ -186,10 +201,13 @@ def run(args) -> int:
     if args.budget is not None:
         cfg = TimingConfig(budget=args.budget, warmup=cfg.warmup, min_reps=cfg.min_reps,
                            max_reps=cfg.max_reps, pause=cfg.pause)
+    if args.torch:
+        return _run_torch_only(args, cfg, threads, torch_cells)
 
     meta = {
         "pybn": pybn.__version__, "isa": pybn.isa(), "threads": threads,
-        "versions": _versions(pybn, want), "cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
+        "versions": _versions(pybn, requested), "skipped_peers": unavailable,
+        "cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
         "dtype": "float32", "quick": bool(args.quick), "seed": args.seed,
         "timing": {"budget_s": cfg.budget, "warmup": cfg.warmup, "min_reps": cfg.min_reps,
                    "max_reps": cfg.max_reps, "rounds": args.rounds,
@@ -233,7 +251,7 @@ def run(args) -> int:
                     if impl == "pybn":
                         # The bound's probes are timed call for call with pybn's kernel, so all
                         # three medians come from the same seconds of a machine whose memory
-                        # changes speed every few seconds (bench/README.md, "The bound").
+                        # changes speed every few seconds (docs/benchmark.md, "The bound").
                         timing, probe = _run_impl(cell, impl, make, case, cfg, round_, alongside=prober.calls())
                         if timing is not None:
                             paired.append((timing.median, prober.record(*probe)))
@@ -273,6 +291,11 @@ def run(args) -> int:
         from . import fold_bench
 
         fold_result = fold_bench.run(cfg, args.rounds, want, torch, _progress)
+    torch_result = None
+    if not args.no_torch and torch is not None:
+        from . import torch_bench
+
+        torch_result = torch_bench.run(cfg, args.rounds, threads, _progress, torch_cells)
     elapsed = time.perf_counter() - t_start
     meta["elapsed_s"] = elapsed
     meta["loadavg_end"] = _loadavg()
@@ -285,12 +308,16 @@ def run(args) -> int:
     if fold_result is not None:
         print()
         print(fold_bench.render(fold_result))
+    if torch_result is not None:
+        print()
+        print(torch_bench.render(torch_result))
     if args.json:
         try:
             with open(args.json, "w") as f:
                 data = to_json(meta, probes, cells)
                 data["dropout"] = dropout_result
                 data["fold"] = fold_result
+                data["torch"] = torch_result
                 json.dump(data, f, indent=1)
                 f.write("\n")
         except OSError as e:
@@ -303,6 +330,33 @@ def run(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _torch_cells(spec):
+    from .torch_bench import select
+
+    return select(spec)
+
+
+def _run_torch_only(args, cfg: TimingConfig, threads: int, cells) -> int:
+    """``--torch``: the torch section alone."""
+    from . import torch_bench
+
+    if P.torch_module() is None:
+        print("python -m pybn bench: error: --torch needs torch (pip install 'pybn-kernels[bench]')", file=sys.stderr)
+        return 2
+    _progress(f"pybn torch section: {threads} threads, {len(cells)} cells" + (" (quick)" if args.quick else ""))
+    result = torch_bench.run(cfg, args.rounds, threads, _progress, cells)
+    print(torch_bench.render(result))
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump({"command": "python -m pybn bench " + " ".join(args.argv), "torch": result}, f, indent=1)
+                f.write("\n")
+        except OSError as e:
+            print(f"python -m pybn bench: cannot write {args.json}: {e}", file=sys.stderr)
+            return 2
+    return 1 if any("error" in c for c in result["cells"]) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Tracing a model with torch.fx for :func:`pybn.torch.fold`, and what the traced graph needs.
 
-The tracer keeps as one call (a leaf) every module with hooks, and every module whose own
+The tracer keeps as one call (a leaf) every module with hooks, :mod:`pybn.torch.nn`'s drop-ins
+(folded like the torch classes they replace), and every module whose own
 forward torch.fx cannot trace (timm's ``Conv2dSame`` pads by an amount computed from the
 input's size): the nodes its attempt added are removed and the module is called as a whole.
 So one untraceable module no longer stops the folds in the rest of the model; only the
@@ -60,7 +61,7 @@ class Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # global hooks: every module call must stay a call for them to run
         return id(m) in self._opaque_ids or has_hooks(m) or global_hooks() or \
-            super().is_leaf_module(m, module_qualified_name)
+            getattr(type(m), "drop_in_for", None) is not None or super().is_leaf_module(m, module_qualified_name)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         self._proxy_cache = parameter_proxy_cache  # to forget the proxies of nodes removed by call_module

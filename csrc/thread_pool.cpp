@@ -1,0 +1,221 @@
+// The fork-join pool under parallel_for (thread_pool.h says what it guarantees).
+//
+// All state is static and trivially destructible: the pool is never torn down, so a
+// daemon thread still inside a kernel while the process exits finds it intact, and the
+// workers end with the process. Waiting is a bounded spin, then a futex: each worker
+// waits on its own word, the caller of a job on the count of slices still running.
+#include "pybn/thread_pool.h"
+
+#include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <exception>
+
+#include "pybn/parallel.h"
+
+namespace pybn {
+namespace {
+
+// How long an idle thread spins before it sleeps. Long enough that back-to-back pybn
+// calls (separated by microseconds of Python) find the workers awake; short enough that
+// an idle pool does not take the cores from the next library's threads (a BLAS matmul
+// after a pybn call waited for the spinning threads, 8 ms instead of 1 ms, when GNU
+// OpenMP spun 5 ms). Waking a sleeping worker costs tens of microseconds.
+constexpr std::chrono::nanoseconds kSpin = std::chrono::microseconds(100);
+
+void futex_wait(std::atomic<std::uint32_t>& word, std::uint32_t expected) {
+  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
+}
+
+void futex_wake_one(std::atomic<std::uint32_t>& word) {
+  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+}
+
+// Tells the core this thread is spinning (frees pipeline resources for its sibling thread).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+// Spins until done() or kSpin has passed; returns done().
+template <class Done>
+bool spin_until(Done done) {
+  const auto deadline = std::chrono::steady_clock::now() + kSpin;
+  for (unsigned i = 1;; ++i) {
+    if (done()) return true;
+    cpu_relax();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() > deadline) return done();
+  }
+}
+
+// Waits until `word` differs from `seen` (spin, then futex) and returns its new value.
+// `sleeping` tells the thread that changes the word whether a wake-up call is needed:
+// each side writes its own flag then reads the other's (all seq_cst), so either the
+// waiter sees the new value or the changer sees the waiter asleep.
+std::uint32_t wait_for_change(std::atomic<std::uint32_t>& word, std::uint32_t seen,
+                              std::atomic<std::uint32_t>& sleeping) {
+  if (spin_until([&] { return word.load(std::memory_order_acquire) != seen; }))
+    return word.load(std::memory_order_acquire);
+  for (;;) {
+    sleeping.store(1);
+    const std::uint32_t now = word.load();
+    if (now != seen) {
+      sleeping.store(0, std::memory_order_relaxed);
+      return now;
+    }
+    futex_wait(word, seen);  // returns at once if the word changed in between
+    sleeping.store(0, std::memory_order_relaxed);
+  }
+}
+
+// One job: on the caller's stack, read by workers only before they report their slice done.
+struct Job {
+  Job(SliceFn f, void* c) : fn(f), context(c) {}
+
+  SliceFn fn;
+  void* context;
+  int team = 1;
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;  // the first exception a slice threw
+
+  void run(int slice) noexcept {
+    try {
+      fn(context, slice, team);
+    } catch (...) {
+      if (!failed.exchange(true)) error = std::current_exception();
+    }
+  }
+};
+
+struct alignas(64) Worker {
+  std::atomic<std::uint32_t> epoch{0};     // bumped by the caller to hand this worker a slice
+  std::atomic<std::uint32_t> sleeping{0};  // 1 while the worker sleeps (or is about to) on epoch
+  Job* job = nullptr;                      // written before epoch is bumped
+  int slice = 0;
+};
+
+// Workers are thread indices 1 .. kMaxThreads - 1 (0 is the caller).
+Worker g_workers[kMaxThreads];
+std::atomic<int> g_started{1};            // threads running: the caller + workers 1 .. g_started - 1
+std::atomic<int> g_create_limit{kMaxThreads};  // lowered when pthread_create fails
+std::atomic<bool> g_busy{false};          // a job is on the pool
+std::atomic<std::uint32_t> g_remaining{0};      // worker slices of the current job not yet done
+std::atomic<std::uint32_t> g_caller_sleeping{0};
+
+void report_done() {
+  if (g_remaining.fetch_sub(1) == 1 && g_caller_sleeping.load()) futex_wake_one(g_remaining);
+}
+
+void* worker_main(void* arg) {
+  Worker& w = *static_cast<Worker*>(arg);
+  std::uint32_t seen = 0;  // the creator zeroed epoch before starting this thread
+  for (;;) {
+    seen = wait_for_change(w.epoch, seen, w.sleeping);
+    w.job->run(w.slice);
+    report_done();  // the last access to the job
+  }
+}
+
+// Starts worker `index` with every asynchronous signal blocked, so that signals go to the
+// application's threads (Python handles them on its main thread). Faults stay unblocked:
+// a crash in a worker must still reach faulthandler or the default action.
+bool start_worker(int index) {
+  Worker& w = g_workers[index];
+  w.epoch.store(0, std::memory_order_relaxed);
+  w.sleeping.store(0, std::memory_order_relaxed);
+  sigset_t all, previous;
+  sigfillset(&all);
+  for (int fault : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS}) sigdelset(&all, fault);
+  pthread_sigmask(SIG_SETMASK, &all, &previous);
+  pthread_t thread;
+  const bool ok = pthread_create(&thread, nullptr, worker_main, &w) == 0;
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  if (!ok) return false;
+  pthread_setname_np(thread, "pybn-worker");
+  pthread_detach(thread);
+  return true;
+}
+
+// In a child made by fork only the forking thread exists: the workers, and any job another
+// thread of the parent was running, are gone. Their slots are abandoned, not destroyed.
+void reset_after_fork() {
+  g_started.store(1, std::memory_order_relaxed);
+  g_create_limit.store(kMaxThreads, std::memory_order_relaxed);
+  g_busy.store(false, std::memory_order_relaxed);
+  g_remaining.store(0, std::memory_order_relaxed);
+  g_caller_sleeping.store(0, std::memory_order_relaxed);
+}
+
+const bool g_fork_handler = pthread_atfork(nullptr, nullptr, reset_after_fork) == 0;
+
+// Starts workers until `team` threads run, or as many as the system allows; returns the
+// threads available. Called only by the pool's current owner. Without the fork handler
+// (registration failed) no worker is started: a forked child would wait for them forever.
+int grow_to(int team) {
+  if (!g_fork_handler) return 1;
+  int started = g_started.load(std::memory_order_relaxed);
+  const int limit = std::min(team, g_create_limit.load(std::memory_order_relaxed));
+  while (started < limit) {
+    if (!start_worker(started)) {
+      g_create_limit.store(started, std::memory_order_relaxed);
+      break;
+    }
+    g_started.store(++started, std::memory_order_relaxed);
+  }
+  return std::min(team, started);
+}
+
+void hand_out(Job& job) {
+  g_remaining.store(static_cast<std::uint32_t>(job.team - 1), std::memory_order_relaxed);
+  for (int t = 1; t < job.team; ++t) {
+    Worker& w = g_workers[t];
+    w.job = &job;
+    w.slice = t;
+    w.epoch.fetch_add(1);
+    if (w.sleeping.load()) futex_wake_one(w.epoch);
+  }
+}
+
+void wait_for_workers() {
+  std::uint32_t left = g_remaining.load(std::memory_order_acquire);
+  if (left == 0 || spin_until([] { return g_remaining.load(std::memory_order_acquire) == 0; })) return;
+  for (;;) {
+    g_caller_sleeping.store(1);
+    left = g_remaining.load();
+    if (left == 0) break;
+    futex_wait(g_remaining, left);
+  }
+  g_caller_sleeping.store(0, std::memory_order_relaxed);
+}
+
+}  // namespace
+
+void run_on_pool(int wanted, SliceFn fn, void* context) {
+  Job job(fn, context);
+  const bool owner = wanted > 1 && !g_busy.exchange(true, std::memory_order_acquire);
+  if (!owner) {
+    job.run(0);  // one slice of [0, n): the same result by construction, on this thread
+  } else {
+    job.team = grow_to(wanted);
+    hand_out(job);
+    job.run(0);
+    wait_for_workers();
+    g_busy.store(false, std::memory_order_release);
+  }
+  if (job.failed.load(std::memory_order_acquire)) std::rethrow_exception(job.error);
+}
+
+int pool_threads() { return g_started.load(std::memory_order_relaxed); }
+
+void pool_allow_retry() { g_create_limit.store(kMaxThreads, std::memory_order_relaxed); }
+
+}  // namespace pybn

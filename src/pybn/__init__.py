@@ -1,0 +1,41 @@
+"""pybn: SIMD CPU kernels for batch normalization and dropout, with a NumPy API."""
+from __future__ import annotations
+
+from ._C import __version__
+from ._runtime import get_num_threads, isa, set_num_threads, supported_isas
+from .batchnorm import (BatchNormGrads, BatchNormTrainResult, batch_norm_backward,
+                        batch_norm_infer, batch_norm_train)
+from .batchnorm_split import (BatchNormGradSums, BatchNormStats, batch_norm_apply,
+                              batch_norm_backward_apply, batch_norm_backward_reduce, batch_norm_invstd,
+                              batch_norm_merge_stats, batch_norm_stats)
+from .dropout import counters_used, dropout, dropout_apply, dropout_mask, dropout_scale
+from .fold import FoldedWeights, fold_bn_linear, fold_conv_bn
+
+__all__ = [
+    "__version__",
+    "isa",
+    "supported_isas",
+    "get_num_threads",
+    "set_num_threads",
+    "batch_norm_train",
+    "batch_norm_infer",
+    "batch_norm_backward",
+    "BatchNormTrainResult",
+    "BatchNormGrads",
+    "batch_norm_stats",
+    "batch_norm_merge_stats",
+    "batch_norm_invstd",
+    "batch_norm_apply",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_apply",
+    "BatchNormStats",
+    "BatchNormGradSums",
+    "dropout",
+    "dropout_mask",
+    "dropout_apply",
+    "dropout_scale",
+    "counters_used",
+    "fold_conv_bn",
+    "fold_bn_linear",
+    "FoldedWeights",
+]

@@ -1,0 +1,323 @@
+"""The torch section of ``python -m pybn bench``: pybn.torch against stock torch.
+
+One table, CELLS. A cell builds two steps over the same data and the same weights (a
+reference, stock torch, and a candidate, the model after ``pybn.torch.accelerate``),
+checks that they compute the same thing, then times them call for call in turn
+(:func:`timing.measure_alternating`, so both medians come from the same seconds); the ratio
+is the reference's median over the candidate's. Operator cells are one forward and
+backward through autograd of ``nn.BatchNorm2d(C)`` or ``nn.Dropout(0.5)`` in training mode;
+model cells one training step (forward, backward, SGD). Cells marked ``profile`` also give,
+from ``torch.profiler``, the share of the step spent inside the batch-norm and dropout
+modules (forward and backward, attributed through module hooks) before and after.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+from .timing import TimingConfig, fmt_time, measure_alternating
+
+SHAPES = {"A": (32, 64, 56, 56), "L": (64, 128, 56, 56)}
+
+
+@dataclass(frozen=True)
+class TorchCell:
+    name: str
+    build: Callable[[], "Steps"]
+    target: float             # the ratio reference / candidate must be at least this
+    profile: bool = False     # also the shares of batch norm and dropout in the step
+    labels: tuple = ("torch", "pybn")
+
+
+@dataclass
+class Steps:
+    reference: Callable[[], object]
+    candidate: Callable[[], object]
+    check: Callable[[], None]                  # raises AssertionError when the two differ
+    modules: tuple = ()                        # (reference model, candidate model), for the profile
+    notes: list = field(default_factory=list)  # lines for the report, e.g. the compile time
+
+
+# --------------------------------------------------------------------------- operators
+
+def _operator(kind: str, shape_name: str, channels_last: bool) -> Steps:
+    import torch
+    from torch import nn
+
+    import pybn.torch
+
+    shape = SHAPES[shape_name]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).contiguous(memory_format=fmt).requires_grad_()
+    dy = torch.randn(shape, generator=gen).contiguous(memory_format=fmt)
+    stock = nn.BatchNorm2d(shape[1]) if kind == "batch norm" else nn.Dropout(0.5)
+    ours = pybn.torch.accelerate(copy.deepcopy(stock))
+
+    def step(module):
+        x.grad = None
+        y = module(x)
+        y.backward(dy)
+        return y
+
+    def check():
+        if kind == "batch norm":
+            want, want_dx = step(stock).detach(), x.grad
+            got, got_dx = step(ours).detach(), x.grad
+            _close("output", got, want)
+            _close("input gradient", got_dx, want_dx)
+            if channels_last and not got.is_contiguous(memory_format=torch.channels_last):
+                raise AssertionError("the output lost the channels_last layout")
+        else:
+            for module in (stock, ours):
+                y = step(module).detach()
+                kept = y != 0
+                fraction = kept.float().mean().item()
+                if abs(fraction - 0.5) > 2 / math.sqrt(y.numel()) or not torch.allclose(y[kept], 2 * x.detach()[kept]):
+                    raise AssertionError(f"{type(module).__module__} dropout keeps {fraction:.3f} or scales wrongly")
+                if not torch.equal(x.grad, torch.where(kept, 2 * dy, 0.0)):
+                    raise AssertionError("the gradient does not use the forward's mask")
+
+    return Steps(partial(step, stock), partial(step, ours), check)
+
+
+def _close(what: str, got, want, rtol: float = 1e-4) -> None:
+    err = (got.double() - want.double()).abs().max().item() / max(want.abs().max().item(), 1e-30)
+    if not err <= rtol:
+        raise AssertionError(f"{what} differs from torch's by {err:.2g} (relative)")
+
+
+# --------------------------------------------------------------------------- models
+
+def _model_data(name: str):
+    import torch
+    import torch.nn.functional as F
+
+    from . import torch_models
+
+    gen = torch.Generator().manual_seed(1)
+    if name == "red_wine":
+        means = torch.tensor([8.3, 0.53, 0.27, 2.5, 0.087, 15.9, 46.5, 0.997, 3.31, 0.66, 10.4])
+        x = means + torch.randn(256, 11, generator=gen) * means * 0.2
+        return torch_models.red_wine(), x, torch.randn(256, 1, generator=gen) + 5.6, F.l1_loss
+    if name == "cnn":
+        return torch_models.CNN(), torch.randn(64, 1, 28, 28, generator=gen), torch.randint(10, (64,), generator=gen), \
+            F.cross_entropy
+    x = torch.randn(16, 3, 112, 112, generator=gen).contiguous(memory_format=torch.channels_last)
+    model = torch_models.ResNet18().to(memory_format=torch.channels_last)
+    return model, x, torch.randint(1000, (16,), generator=gen), F.cross_entropy
+
+
+def _training_step(model, x, target, loss_fn, lr: float = 1e-4):
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def _check_same_model(stock, ours, x) -> None:
+    """Evaluation mode (running statistics, no dropout) must give the same outputs."""
+    import torch
+
+    with torch.no_grad():
+        want, got = stock.eval()(x), ours.eval()(x)
+    stock.train()
+    ours.train()
+    _close("evaluation output", got, want)
+
+
+def _model(name: str) -> Steps:
+    import pybn.torch
+
+    stock, x, target, loss_fn = _model_data(name)
+    ours = pybn.torch.accelerate(copy.deepcopy(stock))
+    reference, candidate = _training_step(stock, x, target, loss_fn), _training_step(ours, x, target, loss_fn)
+
+    def check():
+        _check_same_model(stock, ours, x)
+        for step in (reference, candidate):
+            if not step().isfinite():
+                raise AssertionError("the training loss is not finite")
+    return Steps(reference, candidate, check, (stock, ours))
+
+
+def _compiled(name: str) -> Steps:
+    import torch
+
+    import pybn.torch
+
+    stock, x, target, loss_fn = _model_data(name)
+    eager = pybn.torch.accelerate(stock)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    reference = _training_step(eager, x, target, loss_fn)
+    candidate = _training_step(compiled, x, target, loss_fn)  # compiled's parameters are compiled_model's
+
+    def check():
+        _check_same_model(eager, compiled_model, x)
+        t0 = time.perf_counter()
+        if not candidate().isfinite():
+            raise AssertionError("the compiled training loss is not finite")
+        steps.notes.append(f"the first compiled step (compilation) took {time.perf_counter() - t0:.1f} s")
+    steps = Steps(reference, candidate, check)
+    return steps
+
+
+# --------------------------------------------------------------------------- the table
+
+def _batch_norm(shape, cl):
+    return partial(_operator, "batch norm", shape, cl)
+
+
+def _dropout(shape, cl):
+    return partial(_operator, "dropout", shape, cl)
+
+
+CELLS = [
+    TorchCell("batch norm fwd+bwd, A NCHW", _batch_norm("A", False), 1.3),
+    TorchCell("batch norm fwd+bwd, A channels_last", _batch_norm("A", True), 1.3),
+    TorchCell("batch norm fwd+bwd, L NCHW", _batch_norm("L", False), 1.3),
+    TorchCell("dropout fwd+bwd, A NCHW", _dropout("A", False), 50.0),
+    TorchCell("dropout fwd+bwd, A channels_last", _dropout("A", True), 50.0),
+    TorchCell("dropout fwd+bwd, L NCHW", _dropout("L", False), 50.0),
+    TorchCell("step, Red Wine MLP, batch 256", partial(_model, "red_wine"), 1.5, profile=True),
+    TorchCell("step, tutorial CNN, batch 64", partial(_model, "cnn"), 1.0, profile=True),
+    TorchCell("step, ResNet-18 channels_last, batch 16, 112x112", partial(_model, "resnet18"), 1.0, profile=True),
+    TorchCell("step, Red Wine MLP: torch.compile vs eager", partial(_compiled, "red_wine"), 1.0,
+              labels=("pybn eager", "compiled")),
+]
+
+
+def cell_names() -> list[str]:
+    return [c.name for c in CELLS]
+
+
+def select(spec: str | None) -> list[TorchCell]:
+    """The cells whose names contain one of the comma-separated words of `spec` (all: None)."""
+    if not spec:
+        return list(CELLS)
+    words = [w.strip().lower() for w in spec.split(",") if w.strip()]
+    chosen = [c for c in CELLS if any(w in c.name.lower() for w in words)]
+    if not chosen:
+        raise ValueError(f"--torch-cells {spec!r} matches none of: {'; '.join(cell_names())}")
+    return chosen
+
+
+def run(cfg: TimingConfig, rounds: int, threads: int, progress, cells: list[TorchCell] | None = None) -> dict:
+    import torch
+
+    import pybn
+
+    torch.set_num_threads(threads)
+    pybn.set_num_threads(threads)
+    results = []
+    for cell in cells if cells is not None else CELLS:
+        t0 = time.perf_counter()
+        steps = None
+        result = {"name": cell.name, "target": cell.target, "labels": list(cell.labels)}
+        try:
+            steps = cell.build()
+            steps.check()
+            paired = [measure_alternating((steps.reference, steps.candidate), cfg) for _ in range(rounds)]
+            ref, cand = min(paired, key=lambda p: p[1].median)
+            result.update(reference_s=ref.median, candidate_s=cand.median, ratio=ref.median / cand.median,
+                          reference=ref.as_dict(samples=False), candidate=cand.as_dict(samples=False))
+            if cell.profile:
+                result["shares"] = [_shares(module, step) for module, step in
+                                    zip(steps.modules, (steps.reference, steps.candidate))]
+            if steps.notes:
+                result["note"] = "; ".join(steps.notes)
+        except Exception as e:  # noqa: BLE001 - a failing cell is reported, not fatal
+            result["error"] = f"{type(e).__name__}: {e}"
+        results.append(result)
+        ratio = f"{result['ratio']:.2f}x" if "ratio" in result else result.get("error")
+        progress(f"torch {cell.name}: {ratio} ({time.perf_counter() - t0:.1f} s)")
+        del steps
+    return {"threads": threads, "torch": torch.__version__, "cells": results}
+
+
+# --------------------------------------------------------------------------- profile
+
+def _shares(model, step, steps: int = 3) -> dict:
+    """Shares of the step's time inside batch-norm and dropout modules (their forward and
+    backward, each wrapped in a profiler range by module hooks)."""
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.dropout import _DropoutNd
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    handles = []
+    for module in model.modules():
+        kind = "batch norm" if isinstance(module, _BatchNorm) else "dropout" if isinstance(module, _DropoutNd) \
+            else None
+        if kind is not None:
+            handles += _range_hooks(module, kind, record_function)
+    try:
+        step()  # warm-up with the hooks in place
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                with record_function("bench: step"):
+                    step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
+    whole = totals.get("bench: step", 0.0)
+    return {"step_s": whole / steps / 1e6,
+            **{kind: sum(t for k, t in totals.items() if k.startswith(f"bench: {kind}")) / whole if whole else 0.0
+               for kind in ("batch norm", "dropout")}}
+
+
+def _range_hooks(module, kind: str, record_function) -> list:
+    """Forward and backward hooks that open and close a profiler range around the module."""
+    ranges = []
+
+    def enter(name):
+        def hook(*_):
+            ranges.append(record_function(f"bench: {kind} {name}"))
+            ranges[-1].__enter__()
+        return hook
+
+    def leave(*_):
+        ranges.pop().__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter("forward")), module.register_forward_hook(leave),
+            module.register_full_backward_pre_hook(enter("backward")), module.register_full_backward_hook(leave)]
+
+
+# --------------------------------------------------------------------------- report
+
+def render(result: dict) -> str:
+    lines = [f"torch section: pybn.torch vs stock torch {result['torch']}, {result['threads']} threads, float32; "
+             "x = reference time / candidate time (medians, timed call for call in turn)",
+             f"{'cell':<50} {'reference':>21} {'candidate':>21} {'x':>8} {'target':>7} ok"]
+    for r in result["cells"]:
+        if "error" in r:
+            lines.append(f"{r['name']:<50} ERROR {r['error']}")
+            continue
+        (lr, lc), ok = r["labels"], "✓" if r["ratio"] >= r["target"] else "✗"
+        lines.append(f"{r['name']:<50} {lr + ' ' + fmt_time(r['reference_s']):>21} "
+                     f"{lc + ' ' + fmt_time(r['candidate_s']):>21} {r['ratio']:>7.2f}x {r['target']:>6.1f}x {ok}")
+        for label, shares in zip(r["labels"], r.get("shares", ())):
+            lines.append(f"{'':<4}profile {label:<10}: step {fmt_time(shares['step_s'])}, batch norm "
+                         f"{100 * shares['batch norm']:.1f}%, dropout {100 * shares['dropout']:.1f}%")
+        if r.get("note"):
+            lines.append(f"{'':<4}{r['note']}")
+    lines.append("operators: nn.BatchNorm2d(C) / nn.Dropout(0.5) in training mode, y = m(x); y.backward(dy); "
+                 "steps: forward, loss, backward, SGD; profile shares from torch.profiler, time inside the modules' "
+                 "forward and backward (module hooks) over the step.")
+    return "\n".join(lines)
+
+
+__all__ = ["CELLS", "TorchCell", "run", "render", "select", "cell_names"]

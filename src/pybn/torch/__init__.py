@@ -1,0 +1,23 @@
+"""pybn for PyTorch models (``pip install 'pybn-kernels[torch]'``; ``import pybn`` alone never imports torch).
+
+- :func:`accelerate` swaps pybn's drop-in modules (:mod:`pybn.torch.nn`) for a model's
+  batch norm and dropout layers; :func:`convert_sync_batchnorm` makes its batch norms
+  synchronized across processes, on CPU tensors too.
+- :mod:`pybn.torch.ops` registers the operators ``torch.ops.pybn.*`` (autograd,
+  ``torch.compile``, ``torch.export``).
+- :func:`fold` folds batch norm and removes dropout for inference.
+"""
+from __future__ import annotations
+
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # torch is an optional dependency of pybn
+    raise ImportError("pybn.torch needs PyTorch, which could not be imported; "
+                      "install it with: pip install 'pybn-kernels[torch]' (the CPU-only build: add "
+                      "--extra-index-url https://download.pytorch.org/whl/cpu)") from exc
+
+from . import nn, ops  # noqa: E402
+from ._fold import Folded, NotFolded, fold  # noqa: E402
+from .accelerate import Swapped, accelerate, convert_sync_batchnorm  # noqa: E402
+
+__all__ = ["fold", "Folded", "NotFolded", "accelerate", "convert_sync_batchnorm", "Swapped", "nn", "ops"]

@@ -1,0 +1,132 @@
+"""SyncBatchNorm's synchronized training call on CPU tensors, over torch.distributed (gloo).
+
+pybn's split-phase kernels inside an autograd.Function, as :mod:`pybn.distributed` does
+for NumPy: the forward all-gathers each process's ``[count, mean (C), m2 (C)]`` (float64)
+and merges them exactly (:func:`pybn.batch_norm_merge_stats`); the backward all-reduces
+``[sum(dy), sum(dy * xhat)]``. Before that, one all-gather of ``[C, num_features, ok]``
+per call lets every process see whether all can go on, so that an input one process
+cannot use (or a disagreement on C) makes every process raise instead of leaving the
+others waiting in a collective.
+"""
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import pybn
+
+from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, per_channel
+
+
+def wants_cpu_sync(module, input: Tensor) -> bool:
+    """A training call on a CPU tensor with more than one process in the module's group."""
+    if not (module.training and input.device.type == "cpu" and dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(_group(module)) > 1
+
+
+def _group(module):
+    return module.process_group if module.process_group is not None else dist.group.WORLD
+
+
+@torch.compiler.disable
+def sync_batch_norm(module, input: Tensor) -> Tensor:
+    """The module's synchronized training forward of `input` (this process's slice)."""
+    group = _group(module)
+    _agree(group, input, module.num_features)
+    momentum = module._momentum_for_this_call()
+    running = (module.running_mean, module.running_var) if module.track_running_stats else (None, None)
+    work = input if input.dtype in PYBN_DTYPES else input.float()
+    y = _SyncBatchNorm.apply(work, module.weight, module.bias, running, momentum, module.eps, group)
+    return y.to(input.dtype)
+
+
+def _agree(group, input: Tensor, num_features: int) -> None:
+    """Every process learns whether every process's input is usable and all agree on C;
+    if not, all raise the same ValueError."""
+    problem = _local_problem(input, num_features)
+    channels = input.shape[1] if input.dim() >= 2 else -1
+    mine = torch.tensor([channels, num_features, problem is not None], dtype=torch.int64)
+    rows = _all_gather(mine, group).tolist()
+    if all(r == rows[0] for r in rows) and not rows[0][2]:
+        return
+    per_rank = ", ".join(f"rank {i}: C={c}, num_features={f}{' (unusable input)' if bad else ''}"
+                         for i, (c, f, bad) in enumerate(rows))
+    raise ValueError(f"input: the processes of the SyncBatchNorm group cannot normalize together ({per_rank})"
+                     + (f"; here: {problem}" if problem else ""))
+
+
+def _local_problem(input: Tensor, num_features: int) -> Optional[str]:
+    if input.dim() < 2:
+        return f"expected at least 2 dimensions (batch and channels), got shape {tuple(input.shape)}"
+    if input.shape[1] != num_features:
+        return f"{input.shape[1]} channels, but the layer has num_features={num_features}"
+    if not input.is_floating_point():
+        return f"dtype {input.dtype} is not a floating-point type"
+    return None
+
+
+def _all_gather(t: Tensor, group) -> Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts)
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                running: Tuple[Optional[Tensor], Optional[Tensor]], momentum: float, eps: float, group) -> Tensor:
+        last = channels_last_physical(x)
+        axis = -1 if last else 1
+        xa = array(x, last)
+        c = x.shape[1]
+        local = pybn.batch_norm_stats(xa, axis=axis)
+        packed = torch.from_numpy(np.concatenate([[local.count], local.mean, local.m2]))
+        rows = _all_gather(packed, group).numpy()  # (processes, 2C + 1)
+        stats = pybn.batch_norm_merge_stats(rows[:, 0], rows[:, 1:c + 1], rows[:, c + 1:])
+        count = int(round(float(stats.count)))  # exact: counts are integers below 2**53
+        if count < 2:  # the same total on every process: all raise alike
+            raise ValueError(f"input: training needs more than 1 value per channel over the {rows.shape[0]} "
+                             f"processes, got {count} in all (this process's input has shape {tuple(x.shape)})")
+        invstd = pybn.batch_norm_invstd(stats, eps)
+        y = empty(x, last)
+        pybn.batch_norm_apply(xa, stats.mean, invstd, per_channel(weight), per_channel(bias), axis=axis,
+                              out=array(y, last))
+        _update_running(running, stats.mean, stats.m2 / (count - 1.0), momentum)
+        dtype = xa.dtype
+        mean, invstd = torch.from_numpy(stats.mean.astype(dtype)), torch.from_numpy(invstd.astype(dtype))
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.count, ctx.group, ctx.last = count, group, last
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        last = ctx.last
+        axis = -1 if last else 1
+        dya, xa, m, s = array(dy.to(x.dtype), last), array(x, last), mean.numpy(), invstd.numpy()
+        local = pybn.batch_norm_backward_reduce(dya, xa, m, s, axis=axis)
+        total = torch.from_numpy(np.concatenate([local.sum_dy, local.sum_dy_xhat]))
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        c = x.shape[1]
+        total = total.numpy()
+        dx = empty(x, last)
+        pybn.batch_norm_backward_apply(dya, xa, m, s, total[:c], total[c:], ctx.count, per_channel(weight),
+                                       axis=axis, out=array(dx, last))
+        # this process's share of the parameters' gradients, as torch's SyncBatchNorm (DDP averages them)
+        dweight = torch.from_numpy(local.sum_dy_xhat).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dbias = torch.from_numpy(local.sum_dy).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, None, None, None, None
+
+
+def _update_running(running, mean: np.ndarray, unbiased_var: np.ndarray, momentum: float) -> None:
+    """PyTorch's update, in float64 and rounded once, identical on every process."""
+    with torch.no_grad():
+        for stat, batch in zip(running, (mean, unbiased_var)):
+            if stat is not None:
+                new = (1.0 - momentum) * stat.double() + momentum * torch.from_numpy(batch)
+                stat.copy_(new.to(stat.dtype))

@@ -1,0 +1,109 @@
+"""Swap pybn's modules into an existing model: :func:`accelerate` and :func:`convert_sync_batchnorm`."""
+import copy
+import logging
+from typing import Dict, List, NamedTuple, Optional, Tuple, Type, Union
+
+from torch import nn
+
+from . import nn as pnn
+
+__all__ = ["accelerate", "convert_sync_batchnorm", "Swapped"]
+
+logger = logging.getLogger("pybn.torch")
+
+# exact torch class -> pybn class (a subclass with its own forward computes something else: left alone)
+ACCELERATED: Dict[Type[nn.Module], Type[nn.Module]] = {
+    cls.drop_in_for: cls for cls in (pnn.BatchNorm1d, pnn.BatchNorm2d, pnn.BatchNorm3d, pnn.SyncBatchNorm,
+                                     pnn.Dropout, pnn.Dropout1d, pnn.Dropout2d, pnn.Dropout3d)}
+_TO_SYNC = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+            pnn.BatchNorm1d, pnn.BatchNorm2d, pnn.BatchNorm3d)
+
+
+class Swapped(NamedTuple):
+    """One module replaced by :func:`accelerate` or :func:`convert_sync_batchnorm`."""
+
+    name: str
+    """Its qualified name in the model ("" for the model itself)."""
+    before: str
+    """The class it had, e.g. "torch.nn.BatchNorm2d"."""
+    after: str
+    """The class it has now, e.g. "pybn.torch.nn.BatchNorm2d"."""
+
+
+def accelerate(model: nn.Module, *, return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, List[Swapped]]]:
+    """Run `model`'s batch norm and dropout layers on pybn's kernels: the one-line switch.
+
+    Every module of exactly one of the classes ``torch.nn.BatchNorm1d/2d/3d``,
+    ``SyncBatchNorm``, ``Dropout``, ``Dropout1d/2d/3d`` is replaced, in its parent, by the
+    :mod:`pybn.torch.nn` class of the same name. The replacement shares the original's
+    parameters and buffers (the same tensors, so an optimizer built before still updates
+    them) and keeps its hooks, mode and settings; ``state_dict`` keys do not change, so
+    the model saves and loads the same checkpoints as before. Subclasses of those classes
+    are left alone (their ``forward`` may compute something else). As
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, `model` is changed in place and
+    returned (or its replacement, when `model` itself is such a layer).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    return_report : bool
+        Also return the list of :class:`Swapped` (each is logged at INFO level on the
+        ``"pybn.torch"`` logger too).
+    """
+    return _swap(model, lambda m: ACCELERATED.get(type(m)), None, return_report, "accelerate")
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None, *, return_report: bool = False):
+    """Every BatchNorm1d/2d/3d (torch's or pybn's) and torch SyncBatchNorm in `model` becomes a
+    :class:`pybn.torch.nn.SyncBatchNorm` over `process_group` (None: the default group),
+    sharing its parameters and buffers. In place, as torch's ``convert_sync_batchnorm``;
+    returns `model` (or its replacement), and with ``return_report=True`` the list of
+    :class:`Swapped`."""
+    def target(m: nn.Module) -> Optional[Type[nn.Module]]:
+        return pnn.SyncBatchNorm if type(m) in _TO_SYNC else None
+
+    return _swap(model, target, process_group, return_report, "convert_sync_batchnorm")
+
+
+def _swap(model: nn.Module, target, process_group, return_report: bool, what: str):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    report: List[Swapped] = []
+    done: Dict[int, nn.Module] = {}  # a module used in several places is replaced by one new module
+
+    def replaced(name: str, module: nn.Module) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
+        cls = target(module)
+        if cls is None:
+            return module
+        new = _rebuilt(module, cls, process_group)
+        done[id(module)] = new
+        report.append(Swapped(name, _class_name(type(module)), _class_name(cls)))
+        logger.info("pybn.torch.%s: %s: %s -> %s", what, name or "(the model)", *report[-1][1:])
+        return new
+
+    root = replaced("", model)
+    for parent_name, parent in list(root.named_modules(remove_duplicate=True)):
+        for child_name, child in list(parent.named_children()):
+            new = replaced(f"{parent_name}.{child_name}" if parent_name else child_name, child)
+            if new is not child:
+                setattr(parent, child_name, new)
+    return (root, report) if return_report else root
+
+
+def _rebuilt(module: nn.Module, cls: Type[nn.Module], process_group) -> nn.Module:
+    """A `cls` with module's attributes: the same parameter and buffer tensors, copies of
+    the dictionaries that hold them and the hooks."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+    if issubclass(cls, pnn.SyncBatchNorm):
+        new.process_group = process_group if process_group is not None else getattr(module, "process_group", None)
+    return new
+
+
+def _class_name(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("torch.nn.modules"):
+        module = "torch.nn"
+    return f"{module}.{cls.__qualname__}"

@@ -1,0 +1,276 @@
+"""Drop-in replacements for torch.nn's batch norm and dropout modules, on pybn's kernels.
+
+Each class subclasses its torch counterpart (named by its ``drop_in_for``; SyncBatchNorm
+subclasses torch's ``_BatchNorm``) and changes only ``forward``: the constructor
+arguments, parameters, buffers, ``state_dict`` keys (``num_batches_tracked`` included),
+``momentum=None``, ``affine=False``, ``track_running_stats=False`` and train/eval are
+torch's, so checkpoints load either way. CPU tensors of float32 and float64 run pybn's
+kernels through ``torch.ops.pybn`` (:mod:`pybn.torch.ops`); batch norm on other devices
+and dtypes runs torch's kernels through the same operators, and dropout on other devices
+runs torch's own ``F.dropout*``.
+
+Dropout masks: in training mode each call draws a fresh seed from torch's default CPU
+generator (so ``torch.manual_seed`` reproduces a run) and uses offset 0: the mask is
+``pybn.dropout_mask(shape, p, seed=seed, offset=0)`` over x's elements in memory order
+(``shape`` is x's for a contiguous x, ``x.movedim(1, -1)``'s for a channels-last one), or
+over ``(N, C)`` for the channel-wise Dropout1d/2d/3d in either layout. Built with
+``seed=...``, a module instead keeps its own Philox stream: the first call uses
+``(seed, 0)`` and every training call advances ``offset`` by ``pybn.counters_used(n)``, n
+the mask's element count, with no draw from torch's generator. Kept values are scaled by
+``pybn``'s dropout scale.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import pybn
+
+from . import ops as _ops  # noqa: F401  (registers the operators torch.ops.pybn.*)
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
+           "Dropout3d", "batch_norm", "dropout"]
+
+
+# --------------------------------------------------------------------------- batch norm
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
+    if training:
+        channels = input.shape[1] if input.dim() >= 2 else 1
+        if channels and input.numel() // channels <= 1:
+            raise ValueError(f"input: training needs more than 1 value per channel, got input of shape "
+                             f"{tuple(input.shape)}")
+        return torch.ops.pybn.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean: running_mean and running_var are required when training=False")
+    return torch.ops.pybn.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+
+
+class _BatchNormForward:
+    """The forward shared by the batch norm classes: torch's rules for momentum, the
+    running statistics and num_batches_tracked, with pybn's operators."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        momentum = self._momentum_for_this_call()
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # in eval mode with track_running_stats=False the batch's own statistics are used and
+        # nothing is updated; in training without running statistics nothing is updated either
+        keep = not self.training or self.track_running_stats
+        return batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
+                          self.weight, self.bias, batch_stats, momentum, self.eps)
+
+    def _momentum_for_this_call(self) -> float:
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return momentum
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on pybn's kernels: (N, C) or (N, C, L) input."""
+
+    drop_in_for = nn.BatchNorm1d
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on pybn's kernels: (N, C, H, W), contiguous or channels_last."""
+
+    drop_in_for = nn.BatchNorm2d
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on pybn's kernels: (N, C, D, H, W), contiguous or channels_last_3d."""
+
+    drop_in_for = nn.BatchNorm3d
+
+
+class SyncBatchNorm(_BatchNormForward, _BatchNorm):
+    """``torch.nn.SyncBatchNorm`` that also works on CPU tensors (gloo), on pybn's kernels.
+
+    Same constructor (``process_group=None``: the default group) and state_dict as
+    torch's. In training mode, with ``torch.distributed`` initialized and more than one
+    process in the group, CPU inputs are normalized with the statistics of the whole
+    batch over the group: per call, the forward all-gathers each process's channel count
+    (checked: if the processes disagree on C, or one got an unusable input, every
+    process raises ValueError instead of waiting) and its 2C+1 float64 statistics
+    (count, mean, m2), merged exactly; the backward all-reduces 2C float64 sums. Outputs,
+    input gradients and running statistics equal one BatchNorm on the concatenated batch;
+    ``weight.grad`` / ``bias.grad`` hold this process's share, as with torch's
+    SyncBatchNorm, and ``DistributedDataParallel`` averages them. Tensors on other devices
+    go to torch's SyncBatchNorm code; otherwise this is BatchNorm on the local batch.
+    ``torch.compile`` runs the synchronized call outside the graph (a graph break).
+
+    It is not a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses
+    those on the CPU.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, **kwargs) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **kwargs)
+        self.process_group = process_group
+
+    drop_in_for = nn.SyncBatchNorm
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def forward(self, input: Tensor) -> Tensor:
+        from . import _sync
+
+        if _sync.wants_cpu_sync(self, input):
+            # the input is checked on every process together, so that none is left waiting
+            return _sync.sync_batch_norm(self, input)
+        if input.device.type != "cpu" and self.training:
+            return nn.SyncBatchNorm.forward(self, input)
+        return _BatchNormForward.forward(self, input)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Every BatchNorm1d/2d/3d (torch's or pybn's) and torch SyncBatchNorm in `module`
+        becomes a pybn SyncBatchNorm sharing its parameters and buffers; as torch's method,
+        children are replaced in place and `module` (or its replacement) is returned."""
+        from .accelerate import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module, process_group)
+
+
+# --------------------------------------------------------------------------- dropout
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+            philox: Optional[Tensor] = None, noise_shape=None) -> Tensor:
+    """``torch.nn.functional.dropout`` with pybn's masks; ``philox`` as in
+    :func:`pybn.torch.ops.dropout` (None: a seed from torch's default CPU generator)."""
+    if not training:
+        return input
+    y, _ = torch.ops.pybn.dropout(input, p, philox, noise_shape)
+    return input.copy_(y) if inplace else y
+
+
+class _DropoutForward:
+    """Shared by the dropout classes: the mask's shape for this input (None: torch's own
+    function handles it), and the optional pinned Philox stream."""
+
+    _spatial: Optional[int] = None  # channel-wise dropout over this many spatial dims; None: element-wise
+    _philox: Optional[Tensor] = None  # the pinned [seed, offset] (int64), or None
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, *, seed: Optional[int] = None) -> None:
+        super().__init__(p, inplace)
+        self.seed = seed
+
+    @property
+    def seed(self) -> Optional[int]:
+        """The pinned Philox seed, or None: a fresh seed from torch's generator per call."""
+        return None if self._philox is None else int(self._philox[0]) % 2**64
+
+    @seed.setter
+    def seed(self, seed: Optional[int]) -> None:
+        if seed is None:
+            self._philox = None
+            return
+        seed = _counter(seed, "seed")
+        self._philox = torch.tensor([_as_int64(seed), 0], dtype=torch.int64)
+
+    @property
+    def offset(self) -> Optional[int]:
+        """The Philox offset of the next training call (pinned seed only, else None)."""
+        return None if self._philox is None else int(self._philox[1]) % 2**64
+
+    @offset.setter
+    def offset(self, offset: int) -> None:
+        if self._philox is None:
+            raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
+        self._philox = torch.tensor([int(self._philox[0]), _as_int64(_counter(offset, "offset"))],
+                                    dtype=torch.int64)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return input
+        noise = self._noise_shape(input)
+        if input.device.type != "cpu" or noise is False:
+            return self._torch_forward(input)
+        philox = self._philox
+        y, used = torch.ops.pybn.dropout(input, self.p, philox, noise)
+        if philox is not None:
+            n = math.prod(noise) if noise is not None else input.numel()
+            self._philox = used + used.new_tensor([0, pybn.counters_used(n)])
+        return input.copy_(y) if self.inplace else y
+
+    def _noise_shape(self, input: Tensor):
+        """None for element-wise dropout; the channel-wise mask's shape; False for an input
+        rank torch's function handles with its own warnings or errors."""
+        if self._spatial is None:
+            return None
+        k, dims = self._spatial, input.dim()
+        if dims == k + 2:  # (N, C, *spatial)
+            return list(input.shape[:2]) + [1] * k
+        if dims == k + 1 and k != 2:  # unbatched (C, *spatial); torch reads a 3-D Dropout2d input as (N, C, L)
+            return [input.shape[0]] + [1] * k
+        return False
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.seed is None else f"{text}, seed={self.seed}"
+
+
+def _counter(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name}: must be in [0, 2**64), got {value}")
+    return value
+
+
+def _as_int64(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
+
+
+class Dropout(_DropoutForward, nn.Dropout):
+    """``torch.nn.Dropout(p, inplace)`` with pybn's masks; ``seed=`` pins a Philox stream."""
+
+    drop_in_for = nn.Dropout
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        return F.dropout(input, self.p, True, self.inplace)
+
+
+class Dropout1d(_DropoutForward, nn.Dropout1d):
+    """``torch.nn.Dropout1d``: whole channels of (N, C, L) or (C, L) inputs, pybn's masks."""
+
+    drop_in_for = nn.Dropout1d
+
+    _spatial = 1
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        return F.dropout1d(input, self.p, True, self.inplace)
+
+
+class Dropout2d(_DropoutForward, nn.Dropout2d):
+    """``torch.nn.Dropout2d``: whole channels of (N, C, H, W) inputs, pybn's masks (other
+    ranks go to torch's ``F.dropout2d``, which warns about them)."""
+
+    drop_in_for = nn.Dropout2d
+
+    _spatial = 2
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        return F.dropout2d(input, self.p, True, self.inplace)
+
+
+class Dropout3d(_DropoutForward, nn.Dropout3d):
+    """``torch.nn.Dropout3d``: whole channels of (N, C, D, H, W) or (C, D, H, W) inputs, pybn's masks."""
+
+    drop_in_for = nn.Dropout3d
+
+    _spatial = 3
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        return F.dropout3d(input, self.p, True, self.inplace)

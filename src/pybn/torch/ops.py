@@ -1,0 +1,290 @@
+"""pybn's kernels as PyTorch operators: ``torch.ops.pybn.*``, with autograd and fake tensors.
+
+Operators (all take and return tensors of any device and floating dtype):
+
+``batch_norm_train(x, weight?, bias?, running_mean!?, running_var!?, momentum, eps) -> (y, save_mean, save_invstd)``
+    Training forward over every dimension but 1; the running statistics are updated in
+    place (declared as mutated in the schema), PyTorch's formula.
+``batch_norm_infer(x, running_mean, running_var, weight?, bias?, eps) -> y``
+    Inference forward with the given statistics.
+``batch_norm_backward(dy, x, mean, invstd, weight?, training) -> (dx, dweight, dbias)``
+    The backward of both (``training=False``: mean and invstd are the running ones);
+    dweight and dbias in the dtype of save_mean.
+``dropout(x, p, philox?, noise_shape?) -> (y, philox_used)``
+    Inverted dropout; ``philox`` is an int64 tensor ``[seed, offset]`` (the uint64 values'
+    two's complement); None draws a seed from torch's default CPU generator (one
+    ``torch.randint(2**63 - 1, ())``), offset 0; ``philox_used`` says which was used. The
+    mask is ``pybn.dropout_mask(shape, p, seed=, offset=)`` over the elements in memory
+    order: ``shape`` is x's for a contiguous x, ``x.movedim(1, -1)``'s for a channels-last
+    one (other layouts are made contiguous); a ``noise_shape`` mask (Keras semantics) is
+    drawn over that shape in C order, so ``(N, C, 1, 1)`` gives the same (N, C) mask in
+    both layouts.
+
+Why ``torch.library.custom_op`` (Python) and not ``TORCH_LIBRARY`` (C++): the kernels are
+reached through pybn's own Python functions on zero-copy NumPy views of CPU tensors
+(``tensor.numpy()``), so the compiled extension links no libtorch and one wheel serves
+every torch version (a C++ registration would tie the wheel to one torch ABI). The cost
+is the Python dispatch, some microseconds per call, which is small next to the memory
+passes of the tensors this is meant for. Fake implementations give shapes, dtypes and
+strides without running anything, so ``torch.compile(fullgraph=True)`` and
+``torch.export`` keep the operators in the graph; at run time the compiled graph calls the
+same kernels (and the same seed draw) as eager mode.
+
+Layouts: contiguous and channels-last tensors reach the kernels without a copy
+(:mod:`pybn.torch._layout`); results keep x's layout. Tensors pybn cannot take directly
+(other devices; dtypes other than float32 and float64) go to torch's own batch-norm
+kernels; dropout computes them on a float32/float64 CPU copy, so that the mask is the
+same on every device and dtype.
+
+Autograd: ``batch_norm_infer`` and ``dropout`` with ``torch.library.register_autograd``;
+``batch_norm_train`` mutates its running statistics, which ``register_autograd`` does not
+allow, so its Autograd kernel is a ``torch.autograd.Function`` registered directly (what
+``register_autograd`` does for functional operators). Double backward: dropout's
+backward is dropout with the same mask, so it is differentiable again; for batch norm,
+a backward taken with ``create_graph=True`` uses torch's ``native_batch_norm_backward``,
+whose own derivative torch provides.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import pybn
+
+from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, in_layout, per_channel, pybn_takes
+
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "dropout", "draw_philox"]
+
+_aten = torch.ops.aten
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of save_mean / save_invstd: x's for float32/64, float32 for 16-bit types
+    (as torch's own kernels)."""
+    return x.dtype if x.dtype in PYBN_DTYPES else torch.float32
+
+
+def _channels(x: Tensor) -> int:
+    if x.dim() < 2:
+        raise ValueError(f"x: needs at least 2 dimensions (batch and channels), got shape {tuple(x.shape)}")
+    return x.shape[1]
+
+
+# --------------------------------------------------------------------------- batch norm: forward
+
+@torch.library.custom_op("pybn::batch_norm_train", mutates_args=("running_mean", "running_var"))
+def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training-mode batch norm over every dimension but 1 (see the module docstring)."""
+    _channels(x)
+    last = channels_last_physical(x)
+    if not _can_train_in_place(x, running_mean, running_var):
+        y, mean, invstd = _aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        return in_layout(y, last), mean.to(_stats_dtype(x)), invstd.to(_stats_dtype(x))
+    y = empty(x, last)
+    _, mean, invstd = pybn.batch_norm_train(array(x, last), per_channel(weight), per_channel(bias),
+                                            running_mean=per_channel(running_mean),
+                                            running_var=per_channel(running_var), momentum=momentum, eps=eps,
+                                            axis=-1 if last else 1, out=array(y, last))
+    return y, torch.from_numpy(mean), torch.from_numpy(invstd)
+
+
+def _can_train_in_place(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
+    """pybn updates the running statistics through NumPy views: CPU tensors of x's dtype."""
+    if not pybn_takes(x):
+        return False
+    return all(t is None or (t.device.type == "cpu" and t.dtype == x.dtype and t.is_contiguous())
+               for t in (running_mean, running_var))
+
+
+@batch_norm_train.register_fake
+def _(x, weight, bias, running_mean, running_var, momentum, eps):
+    c = _channels(x)
+    dtype = _stats_dtype(x)
+    return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
+
+
+@torch.library.custom_op("pybn::batch_norm_infer", mutates_args=())
+def batch_norm_infer(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
+                     bias: Optional[Tensor], eps: float) -> Tensor:
+    """Inference-mode batch norm with the given statistics (see the module docstring)."""
+    _channels(x)
+    last = channels_last_physical(x)
+    if not pybn_takes(x):
+        y = _aten.native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+        return in_layout(y, last)
+    y = empty(x, last)
+    pybn.batch_norm_infer(array(x, last), per_channel(running_mean), per_channel(running_var),
+                          per_channel(weight), per_channel(bias), eps=eps, axis=-1 if last else 1,
+                          out=array(y, last))
+    return y
+
+
+@batch_norm_infer.register_fake
+def _(x, running_mean, running_var, weight, bias, eps):
+    _channels(x)
+    return empty(x, channels_last_physical(x))
+
+
+# --------------------------------------------------------------------------- batch norm: backward
+
+@torch.library.custom_op("pybn::batch_norm_backward", mutates_args=())
+def batch_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                        training: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """dx, dweight = sum(dy * xhat), dbias = sum(dy) (see the module docstring)."""
+    _channels(x)
+    last = channels_last_physical(x)
+    if not (pybn_takes(x) and dy.dtype == x.dtype and dy.device == x.device):
+        dx, dw, db = _torch_backward(dy, x, mean, invstd, weight, training)
+        return in_layout(dx, last), dw, db
+    dx = empty(x, last)
+    _, dw, db = pybn.batch_norm_backward(array(dy, last), array(x, last), per_channel(mean), per_channel(invstd),
+                                         per_channel(weight), training=training, axis=-1 if last else 1,
+                                         out=array(dx, last))
+    return dx, torch.from_numpy(dw), torch.from_numpy(db)
+
+
+def _torch_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                    training: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backward with torch's operations, for what pybn's kernels do not take."""
+    if training:
+        dx, dw, db = _aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True, 0.0,
+                                                     [True, True, True])
+        return dx, dw.to(_stats_dtype(x)), db.to(_stats_dtype(x))
+    shape = [1] * x.dim()
+    shape[1] = x.shape[1]
+    dims = [d for d in range(x.dim()) if d != 1]
+    scale = invstd if weight is None else invstd * weight
+    dx = dy * scale.to(dy.dtype).reshape(shape)
+    xhat = (x.to(invstd.dtype) - mean.reshape(shape)) * invstd.reshape(shape)
+    stats = _stats_dtype(x)
+    return dx, (dy.to(stats) * xhat.to(stats)).sum(dims), dy.sum(dims, dtype=stats)
+
+
+@batch_norm_backward.register_fake
+def _(dy, x, mean, invstd, weight, training):
+    c = _channels(x)
+    stats = _stats_dtype(x)
+    return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=stats), x.new_empty((c,), dtype=stats)
+
+
+# --------------------------------------------------------------------------- batch norm: autograd
+
+class _BatchNormTrain(torch.autograd.Function):
+    """The Autograd kernel of pybn::batch_norm_train (a mutating operator)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        # below the Autograd key, so the call reaches the operator's implementation (or, when
+        # tracing, its fake one) instead of this kernel again: what register_autograd does
+        with torch._C._AutoDispatchBelowAutograd():
+            y, mean, invstd = torch.ops.pybn.batch_norm_train(x, weight, bias, running_mean, running_var,
+                                                              momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dinvstd):
+        x, weight, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: torch's formula, which torch can differentiate
+            dx, dw, db = _aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True, 0.0,
+                                                         [True, weight is not None, weight is not None])
+        else:
+            dx, dw, db = torch.ops.pybn.batch_norm_backward(dy, x, mean, invstd, weight, True)
+        needs = ctx.needs_input_grad
+        return dx, dw if needs[1] else None, db if needs[2] else None, None, None, None, None
+
+
+def _batch_norm_train_autograd(x, weight, bias, running_mean, running_var, momentum, eps):
+    return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+_LIB = torch.library.Library("pybn", "FRAGMENT")
+_LIB.impl("batch_norm_train", _batch_norm_train_autograd, "Autograd")
+
+
+def _infer_setup(ctx, inputs, output):
+    x, running_mean, running_var, weight, _, eps = inputs
+    ctx.save_for_backward(x, running_mean, running_var, weight)
+    ctx.eps = eps
+
+
+def _infer_backward(ctx, dy):
+    x, running_mean, running_var, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: torch's formula, which torch can differentiate
+        want = [True, weight is not None, weight is not None]
+        dx, dw, db = _aten.native_batch_norm_backward(dy, x, weight, running_mean, running_var, None, None, False,
+                                                     ctx.eps, want)
+    else:
+        invstd = torch.rsqrt(running_var.double() + ctx.eps).to(_stats_dtype(x))
+        dx, dw, db = torch.ops.pybn.batch_norm_backward(dy, x, running_mean, invstd, weight, False)
+    needs = ctx.needs_input_grad
+    return dx, None, None, dw if needs[3] else None, db if needs[4] else None, None
+
+
+batch_norm_infer.register_autograd(_infer_backward, setup_context=_infer_setup)
+
+
+# --------------------------------------------------------------------------- dropout
+
+@torch.library.custom_op("pybn::dropout", mutates_args=())
+def dropout(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
+    """Inverted dropout with pybn's mask of (seed, offset) (see the module docstring)."""
+    used = draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
+    seed, offset = (v % 2**64 for v in used.tolist())
+    noise = None if noise_shape is None else tuple(noise_shape)
+    src = x if pybn_takes(x) else _float_cpu_copy(x)
+    last = channels_last_physical(src) and _order_kept(noise, x.dim())
+    if last and noise is not None:
+        noise = noise[:1] + noise[2:] + noise[1:2]
+    y = empty(src, last)
+    pybn.dropout(array(src, last), p, seed=seed, offset=offset, noise_shape=noise, out=array(y, last))
+    if src is not x:  # back to x's device and dtype
+        return empty(x, channels_last_physical(x)).copy_(y), used
+    return in_layout(y, channels_last_physical(x)), used
+
+
+def _float_cpu_copy(x: Tensor) -> Tensor:
+    """A float32 (float64 stays float64) CPU copy of x in its layout, for pybn's kernels."""
+    if not x.is_floating_point():
+        raise TypeError(f"x: dropout needs a floating-point tensor, got {x.dtype}")
+    return x.detach().to("cpu", torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def draw_philox() -> Tensor:
+    """A fresh ``[seed, 0]`` (int64): the seed from torch's default CPU generator, so that
+    ``torch.manual_seed`` reproduces the masks."""
+    return torch.stack([torch.randint(2**63 - 1, (), dtype=torch.int64), torch.zeros((), dtype=torch.int64)])
+
+
+def _order_kept(noise: Optional[Sequence[int]], ndim: int) -> bool:
+    """Whether the mask may be drawn in the channels-last physical order: always for a mask
+    over x itself (drawn in memory order), and for a channel-wise mask when moving dim 1
+    last keeps the C order of its drawn entries (then it is the same mask either way)."""
+    if noise is None:
+        return True
+    drawn = [d for d in range(ndim) if noise[d] != 1]
+    moved = [d for d in [0, *range(2, ndim), 1] if noise[d] != 1]
+    return drawn == moved
+
+
+@dropout.register_fake
+def _(x, p, philox, noise_shape):
+    return empty(x, channels_last_physical(x)), torch.empty(2, dtype=torch.int64)
+
+
+def _dropout_setup(ctx, inputs, output):
+    x, p, _, noise_shape = inputs
+    ctx.p, ctx.noise_shape, ctx.last = p, noise_shape, channels_last_physical(x)
+    ctx.save_for_backward(output[1])
+
+
+def _dropout_backward(ctx, dy, _dused):
+    (used,) = ctx.saved_tensors
+    # the same mask and scale: dy in the layout x had, since the mask follows memory order
+    dx, _ = torch.ops.pybn.dropout(in_layout(dy, ctx.last), ctx.p, used, ctx.noise_shape)
+    return dx, None, None, None
+
+
+dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup)

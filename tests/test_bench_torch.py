@@ -1,0 +1,74 @@
+"""The torch section of ``python -m pybn bench``, on small shapes (it runs, checks results
+before timing, reports ratios and profile shares; figures are not judged here)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pybn
+import pybn.torch
+from pybn.bench import torch_bench
+from pybn.bench.timing import TimingConfig
+
+TINY = TimingConfig(budget=0.001, warmup=1, min_reps=1, max_reps=2, pause=0.0)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """The section sets torch's and pybn's thread counts: put them back for the other tests."""
+    before = torch.get_num_threads(), pybn.get_num_threads()
+    yield
+    torch.set_num_threads(before[0])
+    pybn.set_num_threads(before[1])
+
+
+def test_cells_run_check_and_render(monkeypatch):
+    monkeypatch.setitem(torch_bench.SHAPES, "A", (4, 3, 5, 5))
+    monkeypatch.setitem(torch_bench.SHAPES, "L", (2, 3, 4, 4))
+    cells = torch_bench.select("fwd+bwd,cnn")
+    assert len(cells) == 7
+    lines = []
+    result = torch_bench.run(TINY, 1, 1, lines.append, cells)
+    assert [c["name"] for c in result["cells"]] == [c.name for c in cells]
+    for c in result["cells"]:
+        assert "error" not in c, c
+        assert c["reference_s"] > 0 and c["candidate_s"] > 0 and c["ratio"] == c["reference_s"] / c["candidate_s"]
+    cnn = result["cells"][-1]
+    stock, ours = cnn["shares"]
+    assert 0 < stock["batch norm"] < 1 and 0 < stock["dropout"] < 1 and 0 < ours["dropout"] < 1
+    text = torch_bench.render(result)
+    assert "step, tutorial CNN" in text and "profile pybn" in text and len(lines) == 7
+
+
+def test_a_wrong_candidate_is_reported_not_timed(monkeypatch):
+    """The check runs before the timing: a candidate that computes something else is an error."""
+    monkeypatch.setitem(torch_bench.SHAPES, "A", (4, 3, 5, 5))
+    real = pybn.torch.accelerate
+
+    def broken(model, **kwargs):
+        model = real(model, **kwargs)
+        model.register_forward_hook(lambda m, i, out: out * 1.01)
+        return model
+
+    monkeypatch.setattr(pybn.torch, "accelerate", broken)
+    result = torch_bench.run(TINY, 1, 1, lambda _: None, torch_bench.select("batch norm fwd+bwd, A NCHW"))
+    assert result["cells"][0]["error"].startswith("AssertionError: output differs from torch's")
+    assert "ratio" not in result["cells"][0]
+
+
+def test_every_cell_has_a_target_and_a_unique_name():
+    names = torch_bench.cell_names()
+    assert len(set(names)) == len(names) == len(torch_bench.CELLS)
+    assert all(c.target > 0 for c in torch_bench.CELLS)
+    with pytest.raises(ValueError, match="matches none"):
+        torch_bench.select("nothing-like-this")
+
+
+@pytest.mark.parametrize("args,message", [(["--torch", "--no-torch"], "exclude each other"),
+                                          (["--torch", "--torch-cells", "zzz"], "matches none")])
+def test_command_line_errors(args, message):
+    proc = subprocess.run([sys.executable, "-m", "pybn", "bench", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+

@@ -1,0 +1,298 @@
+"""pybn.torch.nn's drop-in modules against torch.nn's, and pybn.torch.accelerate /
+convert_sync_batchnorm (single process; tests/test_torch_sync.py runs several)."""
+import copy
+import logging
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pybn
+import pybn.torch
+import pybn.torch.nn as pnn
+
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+def dropout_scale(p):
+    # the scale pybn multiplies kept values by; switch to pybn.dropout_scale once every branch has it
+    return pybn.dropout_scale(p) if hasattr(pybn, "dropout_scale") else 1.0 / (1.0 - p)
+
+
+def keep_of(shape, p, seed, offset):
+    n = math.prod(shape)
+    return torch.from_numpy(np.unpackbits(pybn.dropout_mask(shape, p, seed=seed, offset=offset), count=n,
+                                          bitorder="little").reshape(shape).astype(bool))
+
+
+# --------------------------------------------------------------------------- batch norm modules
+
+BN_CASES = [(nn.BatchNorm1d, pnn.BatchNorm1d, (8, 5)), (nn.BatchNorm1d, pnn.BatchNorm1d, (8, 5, 7)),
+            (nn.BatchNorm2d, pnn.BatchNorm2d, (6, 5, 4, 3)), (nn.BatchNorm3d, pnn.BatchNorm3d, (4, 5, 3, 2, 3))]
+SETTINGS = [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
+            dict(momentum=0.5, eps=1e-3, affine=False, track_running_stats=False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+@pytest.mark.parametrize("stock_cls,pybn_cls,shape", BN_CASES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_batch_norm_module_equals_torchs(stock_cls, pybn_cls, shape, settings, dtype):
+    """Three training steps, then evaluation: outputs, gradients, parameters and buffers."""
+    torch.manual_seed(0)
+    stock = stock_cls(shape[1], dtype=dtype, **settings)
+    ours = pybn_cls(shape[1], dtype=dtype, **settings)
+    ours.load_state_dict(stock.state_dict())
+    for step in range(4):
+        training = step < 3
+        for m in (stock, ours):
+            m.train(training)
+        x = (2 + torch.randn(shape, dtype=dtype) * 3)
+        if len(shape) == 4 and step % 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = []
+        for m in (stock, ours):
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            y.backward(torch.cos(torch.arange(y.numel(), dtype=dtype)).reshape(y.shape))
+            outs.append([y, xi.grad] + [p.grad.clone() for p in m.parameters()])
+            m.zero_grad()
+        for got, want in zip(outs[1], outs[0]):
+            torch.testing.assert_close(got, want, **TOL[dtype])
+        for (k, got), (_, want) in zip(ours.state_dict().items(), stock.state_dict().items()):
+            torch.testing.assert_close(got, want, **TOL[dtype], msg=k)
+
+
+@pytest.mark.parametrize("stock_cls,pybn_cls", [(nn.BatchNorm2d, pnn.BatchNorm2d), (nn.Dropout, pnn.Dropout),
+                                                 (nn.SyncBatchNorm, pnn.SyncBatchNorm)])
+def test_constructor_and_state_dict_are_torchs(stock_cls, pybn_cls):
+    args = dict(num_features=4, eps=1e-3, momentum=None, affine=True, track_running_stats=True,
+                dtype=torch.float64) if stock_cls is not nn.Dropout else dict(p=0.3, inplace=False)
+    stock, ours = stock_cls(**args), pybn_cls(**args)
+    # (DistributedDataParallel refuses instances of torch's SyncBatchNorm on the CPU)
+    assert isinstance(ours, stock_cls) == (stock_cls is not nn.SyncBatchNorm)
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    assert repr(ours) == repr(stock)
+    if stock_cls is nn.Dropout:
+        return
+    assert "num_batches_tracked" in ours.state_dict()
+    stock.running_mean.fill_(0.25)
+    ours.load_state_dict(stock.state_dict())
+    assert torch.equal(ours.running_mean, stock.running_mean)
+    old_checkpoint = {k: v for k, v in stock.state_dict().items() if k != "num_batches_tracked"}
+    ours.load_state_dict(old_checkpoint)  # torch's rule for checkpoints from before num_batches_tracked
+    assert int(ours.num_batches_tracked) == 0
+
+
+def test_training_needs_more_than_one_value_per_channel():
+    with pytest.raises(ValueError, match=r"^input: training needs more than 1 value per channel"):
+        pnn.BatchNorm1d(3)(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="expected 4D input"):  # torch's own check
+        pnn.BatchNorm2d(3)(torch.randn(2, 3))
+    pnn.BatchNorm1d(3).eval()(torch.randn(1, 3))  # evaluation is fine
+
+
+def test_sync_batch_norm_without_a_process_group_is_local_batch_norm():
+    torch.manual_seed(1)
+    stock, ours = nn.BatchNorm2d(3), pnn.SyncBatchNorm(3)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(ours(x), stock(x))
+    torch.testing.assert_close(ours.running_var, stock.running_var)
+
+
+# --------------------------------------------------------------------------- dropout modules
+
+def test_dropout_module_masks_and_scale():
+    drop = pnn.Dropout(0.3)
+    x = torch.randn(40, 50) + 3
+    torch.manual_seed(7)
+    y = drop(x)
+    torch.manual_seed(7)
+    seed = int(torch.randint(2**63 - 1, ()))
+    assert torch.equal(y, torch.where(keep_of(x.shape, 0.3, seed, 0), x * x.new_tensor(dropout_scale(0.3)), 0.0))
+    assert drop.eval()(x) is x
+    assert drop.seed is None and drop.offset is None
+
+
+def test_pinned_seed_advances_the_offset_per_call_and_can_be_rewound():
+    drop = pnn.Dropout(0.5, seed=2**64 - 1)
+    x = torch.randn(3, 100)
+    assert drop.seed == 2**64 - 1 and drop.offset == 0
+    first = drop(x)
+    assert drop.offset == pybn.counters_used(300) == 48
+    second = drop(x)
+    assert drop.offset == 96
+    assert torch.equal(first, torch.where(keep_of(x.shape, 0.5, 2**64 - 1, 0), x * 2, 0.0))
+    assert torch.equal(second, torch.where(keep_of(x.shape, 0.5, 2**64 - 1, 48), x * 2, 0.0))
+    drop.offset = 0  # MC dropout: the same masks for every batch
+    assert torch.equal(drop(x), first)
+    torch.manual_seed(0)  # the generator plays no part
+    assert torch.equal(drop(x), second)
+    assert "seed=18446744073709551615" in repr(drop)
+
+
+def test_pinned_seed_errors_name_the_argument():
+    with pytest.raises(ValueError, match="^seed:"):
+        pnn.Dropout(0.5, seed=-1)
+    with pytest.raises(TypeError, match="^seed:"):
+        pnn.Dropout(0.5, seed=1.5)
+    with pytest.raises(ValueError, match="^offset:"):
+        pnn.Dropout(0.5).offset = 3
+    with pytest.raises(ValueError, match="^offset:"):
+        pnn.Dropout(0.5, seed=1).offset = 2**64
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):  # torch's check
+        pnn.Dropout(1.5)
+
+
+@pytest.mark.parametrize("cls,shape", [(pnn.Dropout1d, (4, 6, 9)), (pnn.Dropout1d, (6, 9)),
+                                       (pnn.Dropout2d, (4, 6, 3, 5)), (pnn.Dropout3d, (2, 6, 3, 2, 4)),
+                                       (pnn.Dropout3d, (6, 3, 2, 4))])
+def test_channel_dropout_drops_whole_channels_with_pybns_mask(cls, shape):
+    drop = cls(0.5, seed=11)
+    x = torch.rand(shape) + 1
+    y = drop(x)
+    channels = shape[:2] if len(shape) == cls._spatial + 2 else shape[:1]
+    keep = keep_of(channels, 0.5, 11, 0).reshape(channels + (1,) * (len(shape) - len(channels)))
+    assert torch.equal(y, torch.where(keep, x * 2, 0.0))
+    assert drop.offset == pybn.counters_used(math.prod(channels))
+    if len(shape) == 4:  # channels_last gives the same result
+        drop.offset = 0
+        assert torch.equal(drop(x.contiguous(memory_format=torch.channels_last)), y)
+
+
+def test_ranks_torch_warns_about_go_to_torchs_function():
+    drop = pnn.Dropout2d(0.5)
+    with pytest.warns(UserWarning, match="dropout2d"):
+        y = drop(torch.ones(4, 6, 9))
+    assert set(y.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_inplace_dropout_writes_into_its_input():
+    x = torch.ones(10, 20)
+    y = pnn.Dropout(0.5, inplace=True, seed=3)(x)
+    assert y is x and torch.equal(x, torch.where(keep_of((10, 20), 0.5, 3, 0), 2.0, 0.0))
+
+
+def test_dropout_on_another_device_is_torchs():
+    """A tensor that is not on the CPU goes to torch's F.dropout (here the meta device)."""
+    y = pnn.Dropout(0.5)(torch.empty(4, 5, device="meta"))
+    assert y.device.type == "meta" and y.shape == (4, 5)
+
+
+# --------------------------------------------------------------------------- accelerate
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout2d(0.2)
+        self.seq = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.BatchNorm1d(8), nn.Dropout(0.1))
+        self.shared = nn.Dropout(0.3)
+
+    def forward(self, x):
+        h = self.seq(self.drop(self.bn(self.conv(x))))
+        return self.shared(self.shared(h))
+
+
+class CustomBatchNorm(nn.BatchNorm1d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_accelerate_swaps_in_place_and_reports(caplog):
+    model = Block()
+    model.custom = CustomBatchNorm(8)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    model.bn.register_forward_hook(lambda *args: calls.append("hook"))
+    with caplog.at_level(logging.INFO, logger="pybn.torch"):
+        out, report = pybn.torch.accelerate(model, return_report=True)
+    assert out is model
+    assert [(s.name, s.before, s.after) for s in report] == [
+        ("bn", "torch.nn.BatchNorm2d", "pybn.torch.nn.BatchNorm2d"),
+        ("drop", "torch.nn.Dropout2d", "pybn.torch.nn.Dropout2d"),
+        ("shared", "torch.nn.Dropout", "pybn.torch.nn.Dropout"),
+        ("seq.2", "torch.nn.BatchNorm1d", "pybn.torch.nn.BatchNorm1d"),
+        ("seq.3", "torch.nn.Dropout", "pybn.torch.nn.Dropout")]
+    assert len(caplog.records) == 5 and "bn: torch.nn.BatchNorm2d -> pybn.torch.nn.BatchNorm2d" in caplog.text
+    assert type(model.custom) is CustomBatchNorm  # a subclass with its own forward is left alone
+    assert list(model.parameters()) == params  # the same tensors: the optimizer still updates them
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    before = model.bn.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(model.bn.weight, before)
+    assert calls == ["hook"]
+
+
+def test_accelerated_model_loads_and_saves_the_stock_checkpoints(tmp_path):
+    torch.manual_seed(3)
+    stock = Block()
+    stock(torch.randn(4, 3, 6, 6))  # running statistics away from their start
+    path = tmp_path / "stock.pt"
+    torch.save(stock.state_dict(), path)
+    accelerated = pybn.torch.accelerate(Block())
+    accelerated.load_state_dict(torch.load(path))
+    assert list(accelerated.state_dict()) == list(stock.state_dict())
+    for (k, a), (_, s) in zip(accelerated.state_dict().items(), stock.state_dict().items()):
+        assert torch.equal(a, s), k
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(accelerated.eval()(x), stock.eval()(x))
+    fresh = Block()
+    fresh.load_state_dict(accelerated.state_dict())  # and back
+    torch.testing.assert_close(fresh.eval()(x), stock(x))
+
+
+def test_accelerate_a_single_layer_and_a_non_module():
+    bn = nn.BatchNorm1d(3)
+    new = pybn.torch.accelerate(bn)
+    assert type(new) is pnn.BatchNorm1d and new.weight is bn.weight and new.running_mean is bn.running_mean
+    with pytest.raises(TypeError, match="^model:"):
+        pybn.torch.accelerate(lambda x: x)
+
+
+def test_convert_sync_batchnorm_keeps_the_state_and_the_group():
+    model = Block()
+    group = object()  # any process group object is only stored
+    out, report = pybn.torch.convert_sync_batchnorm(model, group, return_report=True)
+    assert [s.name for s in report] == ["bn", "seq.2"]
+    assert type(model.bn) is pnn.SyncBatchNorm and model.bn.process_group is group
+    assert type(model.drop) is nn.Dropout2d
+    converted = pnn.SyncBatchNorm.convert_sync_batchnorm(pybn.torch.accelerate(nn.Sequential(nn.BatchNorm3d(2))))
+    assert type(converted[0]) is pnn.SyncBatchNorm and converted[0].process_group is None
+    stock_sync = nn.SyncBatchNorm(5, process_group=group)
+    assert pybn.torch.convert_sync_batchnorm(stock_sync).process_group is group
+
+
+def test_fold_folds_an_accelerated_model_as_the_stock_one():
+    """pybn.torch.fold treats the drop-ins as the torch classes they replace."""
+    torch.manual_seed(4)
+    stock = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 2))
+    stock(torch.randn(16, 4))  # running statistics away from their start
+    accelerated = pybn.torch.accelerate(copy.deepcopy(stock))
+    example = torch.randn(3, 4)  # a BatchNorm1d folds into the Linear only where its input is seen to be 2-D
+    folded_stock, stock_report = pybn.torch.fold(stock, example_inputs=example, return_report=True)
+    folded, report = pybn.torch.fold(accelerated, example_inputs=example, return_report=True)
+    assert report == stock_report and [f.kind for f in report] == ["dropout", "linear+bn"]
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(folded(x), folded_stock(x))
+    torch.testing.assert_close(folded(x), stock.eval()(x))
+
+
+def test_import_pybn_does_not_import_torch():
+    code = "import sys, pybn; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_deepcopy_keeps_a_pinned_stream():
+    drop = pnn.Dropout(0.5, seed=5)
+    drop(torch.ones(300))
+    twin = copy.deepcopy(drop)
+    x = torch.randn(300)
+    assert twin.offset == drop.offset and torch.equal(twin(x), drop(x))

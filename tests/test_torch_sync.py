@@ -1,0 +1,92 @@
+"""pybn.torch.nn.SyncBatchNorm on CPU tensors under DistributedDataParallel (gloo), with 2
+and 3 processes on 127.0.0.1, unequal slices (an empty one among 3).
+
+Each launch runs tests/torch_sync_worker.py once per process; here the slices,
+concatenated in rank order, are compared with stock torch (nn.BatchNorm2d/1d, no DDP) on
+the whole batch in one process: outputs, input gradients, parameter gradients (DDP
+averages them, so times the process count) and every parameter and buffer after each SGD
+step. Every launch is bounded in time: a hung or dead process fails the test.
+"""
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_sync_worker as w
+from test_distributed import free_port, launch, report
+
+WORKER = Path(__file__).resolve().parent / "torch_sync_worker.py"
+LAUNCH_TIMEOUT = 150.0  # seconds for a whole launch; the process groups time out after 60 s
+TOL = dict(rtol=1e-10, atol=1e-12)  # float64
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["gloo-2", "gloo-3"])
+def ranks(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"torch-sync-{world}")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    cmds = [[sys.executable, str(WORKER), "--rank", str(r), "--world", str(world), "--init", init, "--out", str(out)]
+            for r in range(world)]
+    codes, outputs, _ = launch(cmds, LAUNCH_TIMEOUT)
+    assert codes == [0] * world, f"a process failed or timed out\n{report(codes, outputs)}"
+    results = []
+    for r in range(world):
+        with open(out / f"rank{r}.pkl", "rb") as f:
+            results.append(pickle.load(f))
+    assert [res["rank"] for res in results] == list(range(world))
+    return results
+
+
+def reference(channels_last: bool, world: int) -> list[dict]:
+    """Stock torch on the whole batch, one process; DDP averages the gradients of the W
+    processes' losses, so the same trajectory takes the learning rate divided by W."""
+    model = w.make_model()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    def params_of(state=False):
+        return dict(model.state_dict()) if state else dict(model.named_parameters())
+    return w.run_steps(model, params_of, 1, 0, channels_last, w.LR / world)
+
+
+@pytest.mark.parametrize("config", list(w.CONFIGS))
+def test_ddp_training_equals_one_process_on_the_whole_batch(ranks, config):
+    world = len(ranks)
+    want = reference(w.CONFIGS[config], world)
+    assert ranks[0]["report"] == [("1", "torch.nn.BatchNorm2d", "pybn.torch.nn.SyncBatchNorm"),
+                                  ("5", "torch.nn.BatchNorm1d", "pybn.torch.nn.SyncBatchNorm")]
+    for step in range(w.STEPS):
+        got = [res["configs"][config][step] for res in ranks]
+        ref = want[step]
+        assert [g["out"].shape[0] for g in got] == w.sizes(world, step)
+        torch.testing.assert_close(torch.cat([g["out"] for g in got]), ref["out"], **TOL)
+        torch.testing.assert_close(torch.cat([g["dx"] for g in got]), ref["dx"], **TOL)
+        if w.CONFIGS[config]:
+            assert all(g["dx"].is_contiguous(memory_format=torch.channels_last) for g in got if g["dx"].numel())
+        for g in got:
+            for name, grad in ref["grads"].items():
+                torch.testing.assert_close(g["grads"][name] * world, grad, **TOL, msg=f"step {step} {name}")
+            assert g["state"].keys() == ref["state"].keys()
+            for name, value in ref["state"].items():
+                torch.testing.assert_close(g["state"][name], value, **TOL, msg=f"step {step} {name}")
+
+
+def test_disagreeing_processes_all_raise_instead_of_waiting(ranks):
+    world = len(ranks)
+    for res in ranks:
+        failing = res["failing"]
+        for case in ("channels", "bad-input"):
+            assert failing[case].startswith("ValueError: input: the processes of the SyncBatchNorm group cannot "
+                                            "normalize together"), failing[case]
+        assert f"rank {world - 1}: C=5, num_features=5" in failing["channels"]
+        assert "rank 0: C=-1, num_features=3 (unusable input)" in failing["bad-input"]
+    full = torch.arange(24.0).reshape(8, 3)
+    want = F.batch_norm(full, torch.zeros(3), torch.ones(3), training=True)
+    for rank, res in enumerate(ranks):
+        torch.testing.assert_close(res["failing"]["after"], want[rank::world])
+        torch.testing.assert_close(res["failing"]["after-running-mean"], 0.1 * full.mean(0))
