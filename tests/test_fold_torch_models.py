@@ -351,6 +351,59 @@ def test_sync_batch_norm_needs_the_rank():
                                  "rank 4"}
 
 
+# --- pybn.torch.nn's drop-ins fold like the torch classes they replace ----------------------
+
+class DropInNet(nn.Module):
+    """pybn's SyncBatchNorm (not a torch SyncBatchNorm subclass) and BatchNorm2d, in a traceable model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3)
+        self.bn1 = pybn.torch.nn.SyncBatchNorm(6)
+        self.conv2 = nn.Conv2d(6, 4, 1)
+        self.bn2 = pybn.torch.nn.BatchNorm2d(4)
+        self.drop = pybn.torch.nn.Dropout2d(0.3)
+
+    def forward(self, x):
+        return self.drop(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class UntraceableDropInNet(DropInNet):
+    def forward(self, x):
+        if x.mean() > 0:
+            x = x * 0.5
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("model_class", [DropInNet, UntraceableDropInNet])
+def test_drop_ins_fold_like_the_torch_classes(model_class):
+    model = randomize(model_class())
+    x = torch.randn(2, 3, 8, 8) + 1
+    folded, report = check(model, x, -torch.ones(1, 3, 5, 7))
+    assert sorted(kinds(report)) == ["conv+bn", "conv+bn", "dropout"] and not left(report)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+
+
+def test_drop_in_sync_batch_norm_needs_the_rank():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 6, 3), pybn.torch.nn.SyncBatchNorm(6)))
+    _, report = check(model, torch.randn(2, 3, 8, 8), example_inputs=None)
+    assert left(report) == {"1": "with 0: SyncBatchNorm takes inputs of any rank >= 2 and this fold is exact only "
+                                 "for 4-D ones, which torch.fx cannot see: pass example_inputs to fold it"}
+
+
+class ShiftedBatchNorm(pybn.torch.nn.BatchNorm2d):
+    """A subclass of a drop-in with its own forward computes something else: not folded."""
+
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def test_drop_in_subclass_with_its_own_forward_is_not_folded():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 6, 3), ShiftedBatchNorm(6)))
+    _, report = check(model, torch.randn(2, 3, 8, 8))
+    assert report == [NotFolded("batch norm", ("1",), "ShiftedBatchNorm has its own forward")]
+
+
 # --- layers whose forward pads by an amount computed from the input (timm's Conv2dSame) -----
 
 class Conv2dSame(nn.Conv2d):
