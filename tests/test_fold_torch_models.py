@@ -669,6 +669,59 @@ def test_exported_program_with_example_inputs_is_refused():
         pybn.torch.fold(ep, example_inputs=torch.randn(2, 3))
 
 
+@pytest.mark.parametrize("decomposed", [False, True], ids=["training_ir", "decomposed"])
+def test_exported_program_of_drop_ins_folds(decomposed):
+    """An accelerated model exports pybn's operator torch.ops.pybn.batch_norm_infer: a batch norm too."""
+    model = pybn.torch.accelerate(randomize(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+                                                          nn.Conv2d(6, 6, 1), nn.SyncBatchNorm(6)))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    ep = export(model, x, decomposed)
+    assert sum(n.target is torch.ops.pybn.batch_norm_infer.default for n in ep.graph.nodes) == 2
+    folded, report = pybn.torch.fold(ep, return_report=True)
+    assert report == [Folded("conv+bn", ("0", "1")), Folded("conv+bn", ("3", "4"))]
+    assert not any("batch_norm" in str(n.target) for n in folded.graph.nodes)
+    with torch.no_grad():
+        for inp in (x, torch.randn(2, 3, 8, 8)):
+            assert_same(folded.module()(inp), model(inp))
+
+
+@pytest.mark.parametrize("last", ["bn", "dropout"])
+def test_exported_program_ending_in_a_fold_names_its_new_output(last):
+    """Folding the step that made the program's output makes the layer's node the output; the
+    signature must name it (else the program does not verify)."""
+    layers = [nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)] + ([nn.Dropout(0.5)] if last == "dropout" else [])
+    model = randomize(nn.Sequential(*layers)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = pybn.torch.fold(export(model, x), return_report=True)
+    assert kinds(report) == ["conv+bn"] + ["dropout"] * (last == "dropout")
+    with torch.no_grad():
+        assert_same(folded.module()(x), model(x))
+    output = list(folded.graph.nodes)[-1]
+    assert [s.arg.name for s in folded.graph_signature.output_specs] == [a.name for a in output.args[0]] == ["conv2d"]
+
+
+class PybnFunctional(nn.Module):
+    """pybn.torch.nn.batch_norm called in forward: torch.fx records torch.ops.pybn.batch_norm_infer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        bn = self.bn
+        return pybn.torch.nn.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                        False, 0.1, bn.eps)
+
+
+def test_pybn_batch_norm_function_folds():
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = check(randomize(PybnFunctional()), x, torch.randn(1, 3, 4, 4))
+    assert kinds(report) == ["conv+bn"] and not left(report)
+    _, report = check(randomize(PybnFunctional()), x, example_inputs=None)  # any rank >= 2: the rank rule
+    assert list(left(report)) == ["batch_norm_infer"] and "pass example_inputs" in left(report)["batch_norm_infer"]
+
+
 # --- branch merging (RepVGG, MobileOne) -------------------------------------------------------
 
 class ConvBN(nn.Sequential):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputSpec, TensorArgument
 
 from ._fold_affine import FoldGraph, affine_modules_left, batch_norm_calls_left
 from ._fold_graph import fold_layers, functional_layer, functional_layer_problem, set_arg
@@ -172,12 +172,24 @@ def fold_exported(ep: ExportedProgram, *, merge_branches: bool) -> tuple[Exporte
         report.batch_norm_left(name, None, "no Linear or convolution next to it")
     for name in affine_modules_left(g):
         report.batch_norm_left(name, None, "no Linear or convolution next to it", "affine")
-    signature = ExportGraphSignature(input_specs=g.specs, output_specs=list(ep.graph_signature.output_specs))
+    signature = ExportGraphSignature(input_specs=g.specs, output_specs=_output_specs(g, ep))
     result = ExportedProgram(root=g.gm, graph=g.graph, graph_signature=signature, state_dict=g.state_dict,
                              range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,
                              example_inputs=getattr(ep, "example_inputs", None), constants=g.constants,
                              verifiers=list(getattr(ep, "verifiers", []) or []) or None)
     return result, entries
+
+
+def _output_specs(g: ExportGraph, ep: ExportedProgram) -> list[OutputSpec]:
+    """The program's output specs, naming the nodes the folded graph returns: a fold of the last
+    step (a batch norm, a dropout) makes the layer before it the output."""
+    output = next(n for n in reversed(g.graph.nodes) if n.op == "output")
+    specs = []
+    for spec, value in zip(ep.graph_signature.output_specs, output.args[0]):
+        if isinstance(spec.arg, TensorArgument) and isinstance(value, fx.Node) and value.name != spec.arg.name:
+            spec = OutputSpec(spec.kind, TensorArgument(value.name), spec.target)
+        specs.append(spec)
+    return specs
 
 
 def _remove_dropout(g: ExportGraph, report: Report) -> None:

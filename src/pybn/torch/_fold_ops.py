@@ -1,6 +1,8 @@
 """The operations :func:`pybn.torch.fold` recognises in a graph, in both of the dialects it reads:
 torch.fx graphs of a module (``torch.conv2d``, ``F.batch_norm``, ``operator.mul``, ``x.mul(...)``)
-and the ATen graphs of a ``torch.export.ExportedProgram`` (``aten.conv2d.default``...).
+and the ATen graphs of a ``torch.export.ExportedProgram`` (``aten.conv2d.default``...); in both,
+pybn's own inference batch norm (``torch.ops.pybn.batch_norm_infer``, what :mod:`pybn.torch.nn`'s
+drop-ins call in eval mode) is a batch norm too.
 
 ``Op`` says what a node computes and binds its arguments by name; ``Constants`` evaluates the
 nodes whose value depends on no input (weights, buffers, and pure arithmetic on them).
@@ -13,6 +15,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import fx
 
+from . import ops as _pybn_ops  # noqa: F401 (registers torch.ops.pybn.*)
+
 aten = torch.ops.aten
 
 # Argument names of the torch-level functions (ATen overloads carry theirs in their schema).
@@ -22,6 +26,7 @@ _F_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "trai
 _T_BATCH_NORM = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
                  "cudnn_enabled")
 _BINARY = ("input", "other")
+_PYBN_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "eps")
 
 # target -> (what it computes, its argument names; None: ATen's schema)
 _FUNCTIONS: dict[Any, tuple[str, tuple[str, ...] | None]] = {
@@ -53,6 +58,9 @@ _FUNCTIONS.update({
     aten.div.Tensor: ("div", None), aten.div.Scalar: ("div", None),
     # in place (the training IR of torch.export keeps `out += branch(x)` as it is)
     aten.add_.Tensor: ("add", None), aten.mul_.Tensor: ("mul", None),
+    # pybn's (the packet is what torch.fx records for a call of torch.ops.pybn.batch_norm_infer)
+    torch.ops.pybn.batch_norm_infer.default: ("batch_norm", _PYBN_BATCH_NORM),
+    torch.ops.pybn.batch_norm_infer: ("batch_norm", _PYBN_BATCH_NORM),
 })
 _METHODS = {"mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mul",
             "add": "add", "add_": "add", "__add__": "add", "__radd__": "add",
