@@ -28,7 +28,6 @@ __all__ = ["fold", "Folded", "NotFolded"]
 logger = logging.getLogger("pybn.torch")
 
 
-
 def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = False,
          return_report: bool = False) -> Any:
     """A copy of `module` for inference, with batch norm folded and dropout removed.
@@ -89,8 +88,9 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
 
     * A ``Conv{k}d`` or ``ConvTranspose{k}d`` (any groups, depthwise included) or a
       ``Linear`` whose output goes only to a per-channel affine map of it, which is one of:
-      a ``BatchNorm{k}d`` (``BatchNorm1d`` after a Linear) or ``SyncBatchNorm`` module; a
-      ``batch_norm`` call in eval mode on constant statistics (what torch.fx records for a
+      a ``BatchNorm{k}d`` (``BatchNorm1d`` after a Linear) or ``SyncBatchNorm`` module, or
+      :mod:`pybn.torch.nn`'s drop-in for one; a ``batch_norm`` call in eval mode on constant
+      statistics (``torch.ops.pybn.batch_norm_infer`` too) (what torch.fx records for a
       batch norm subclass with its own forward, such as timm's ``BatchNormAct2d``: the batch
       norm folds, its activation stays); or multiplies, adds, subtracts and divides by
       constants (what torchvision's ``FrozenBatchNorm2d``, ``x * scale + shift``, traces
