@@ -12,7 +12,9 @@ drawn from a fixed seed), in one run:
   largest output (torch and onnxruntime, float32), and pybn's fold times;
 * with ``--time``: inference time, folded against unfolded, in torch and in onnxruntime
   (``--threads`` threads, 2 by default; onnxruntime with its default optimizations, and with
-  them off to see the fold alone), the median of ``--repeats`` calls after two warm-up calls.
+  them off to see the fold alone), the median of ``--repeats`` calls after two warm-up calls,
+  the folded and the unfolded model called in turn (so that a change of the machine's load
+  reaches both alike).
 
 A batch norm counted in torch is a ``batch_norm`` call made in forward (BatchNorm modules,
 timm's BatchNormAct2d, SyncBatchNorm all make one), plus a FrozenBatchNorm2d module called, or
@@ -241,15 +243,19 @@ def _session(model: Any, threads: int, optimize: bool, save_to: str | None = Non
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+def _median_ms(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median milliseconds of `a` and of `b`, timed call for call in turn after two warm-up calls
+    each: on a shared machine whose load changes, both medians come from the same seconds."""
     for _ in range(2):
-        fn()
-    times = []
+        a()
+        b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+        for fn, out in zip((a, b), times):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
 
 
 def measure(spec: Model, *, timing: bool, threads: int, repeats: int, workdir: str) -> dict[str, Any]:
@@ -307,12 +313,11 @@ def measure(spec: Model, *, timing: bool, threads: int, repeats: int, workdir: s
     if timing:
         torch.set_num_threads(threads)
         with torch.inference_mode():
-            row["torch_ms"] = _median_ms(lambda: model(x), repeats)
-            row["torch_folded_ms"] = _median_ms(lambda: folded(x), repeats)
+            row["torch_ms"], row["torch_folded_ms"] = _median_ms(lambda: model(x), lambda: folded(x), repeats)
         for optimize, key in ((True, "ort"), (False, "ort_noopt")):
             a, b = _session(onnx_model, threads, optimize), _session(onnx_folded, threads, optimize)
-            row[f"{key}_ms"] = _median_ms(lambda: a.run(None, feeds), repeats)
-            row[f"{key}_folded_ms"] = _median_ms(lambda: b.run(None, feeds), repeats)
+            row[f"{key}_ms"], row[f"{key}_folded_ms"] = _median_ms(lambda: a.run(None, feeds),
+                                                                   lambda: b.run(None, feeds), repeats)
     return row
 
 
