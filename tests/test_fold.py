@@ -310,3 +310,33 @@ def test_bad_arguments_name_the_argument(label, exc, name, call):
 def test_bn_before_larger_kernel_says_why():
     with pytest.raises(ValueError, match="padding"):
         pybn.fold_bn_linear(np.ones((2, 3, 3, 3)), None, np.zeros(3), np.ones(3))
+
+
+@pytest.mark.parametrize("case", ["gamma-inf", "var-zero-eps-zero", "huge-bias"])
+def test_non_finite_statistics_propagate_without_warnings(case):
+    """NaN and infinities in a batch norm's parameters give the IEEE results of the float64
+    formula, rounded to the weight's dtype, and no NumPy warning escapes (the suite turns
+    warnings into errors)."""
+    w = np.array([[1.0, -2.0, 0.0], [0.5, 0.25, 3.0]], np.float32)
+    mean, var, gamma, beta, eps = np.zeros(2), np.ones(2), np.ones(2), np.zeros(2), 1e-5
+    bias = np.zeros(2)
+    if case == "gamma-inf":
+        gamma = np.array([np.inf, 1.0])
+    elif case == "var-zero-eps-zero":
+        var, eps = np.array([0.0, 1.0]), 0.0
+    else:
+        bias = np.array([1e300, 0.0])
+    with np.errstate(all="ignore"):
+        s = gamma / np.sqrt(var + eps)
+        want_w = (w.astype(np.float64) * s[:, None]).astype(np.float32)
+        want_b = ((bias - mean) * s + beta).astype(np.float32)
+    got = pybn.fold_conv_bn(w, bias, mean, var, gamma, beta, eps=eps)
+    np.testing.assert_array_equal(got.weight, want_w)
+    np.testing.assert_array_equal(got.bias, want_b)
+    with np.errstate(all="ignore"):
+        t = beta - mean * s
+        want_w2 = (w.T.astype(np.float64) * s[None, :]).astype(np.float32)  # BN before a Linear (2 -> 3)
+    got2 = pybn.fold_bn_linear(w.T.copy(), None, mean, var, gamma, beta, eps=eps)
+    np.testing.assert_array_equal(got2.weight, want_w2)
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(got2.bias, (w.T.astype(np.float64) @ t).astype(np.float32))

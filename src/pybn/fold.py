@@ -58,7 +58,14 @@ def _bn_scale_shift(channels: int, running_mean: Any, running_var: Any, gamma: A
         raise ValueError("running_var: has negative entries (a variance is >= 0)")
     g = _per_channel(gamma, "gamma", channels, 1.0)
     b = _per_channel(beta, "beta", channels, 0.0)
-    return mean, g / np.sqrt(var + eps), b
+    with _ieee():
+        return mean, g / np.sqrt(var + eps), b
+
+
+def _ieee() -> np.errstate:
+    """NaN and infinities in the statistics propagate as IEEE arithmetic says, as in the
+    kernels, without NumPy's warnings (a variance of 0 with eps = 0 divides by zero)."""
+    return np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
 
 def _channels(indices: np.ndarray, total: int) -> str:
@@ -146,7 +153,8 @@ def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, ga
     mean, s, beta_ = _bn_scale_shift(out, running_mean, running_var, gamma, beta, eps)
     w_out = np.empty_like(w)
     _C.fold_scale(w, s, w_out, *view)
-    b_out = ((b - mean) * s + beta_).astype(w.dtype)
+    with _ieee():
+        b_out = ((b - mean) * s + beta_).astype(w.dtype)
     return FoldedWeights(w_out, b_out)
 
 
@@ -180,7 +188,8 @@ def fold_bn_linear(weight: Any, bias: Any, running_mean: Any, running_var: Any, 
     out, inp = w.shape[0], w.shape[1]
     b = _per_channel(bias, "bias", out, 0.0)
     mean, s, beta_ = _bn_scale_shift(inp, running_mean, running_var, gamma, beta, eps)
-    t = beta_ - mean * s
+    with _ieee():
+        t = beta_ - mean * s
     view = (1, out, inp, 1)
     w_out = np.empty_like(w)
     _C.fold_scale(w, s, w_out, *view)
