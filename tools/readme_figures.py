@@ -55,10 +55,7 @@ def _batch_norm_rows(data: dict[str, Any], peers: list[str], shapes: list[str] |
     for c in data["cells"]:
         if shapes is not None and c["shape"] not in shapes:
             continue
-        if "pybn" in c["errors"]:
-            pct = "WRONG"
-        else:
-            pct = _pct(c["bound_s"], c["pybn_s"])
+        pct = "WRONG" if "pybn" in c["errors"] else _pct(c["bound_s"], c["pybn_s"])
         rows.append([_shape_text(c["shape"], data["meta"]), KERNEL_TITLES.get(c["kernel"], c["kernel"]), pct]
                     + [_ratio(c["ratios"].get(p)) for p in peers])
     return rows

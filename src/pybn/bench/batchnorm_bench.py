@@ -6,7 +6,8 @@ from __future__ import annotations
 import gc
 import itertools
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from .batchnorm_calls import Runner
 from .probe import Prober, summarize
@@ -76,8 +77,8 @@ def _fail(result: CellResult, impl: Impl[Any], what: str, said: str, ctx: Contex
     ctx.progress(f"ERROR: {impl.key} {result.spec.kernel.title} on {result.shape.name}{said}")
 
 
-def _run_impl(result: CellResult, impl: Impl[Callable[[Case, int], Runner]], case: Case, ctx: Context,
-              round_: int, alongside: tuple[Callable[[], object], ...] = ()) -> tuple[Timing | None, tuple[Timing, ...]]:
+def _run_impl(result: CellResult, impl: Impl[Callable[[Case, int], Runner]], case: Case, ctx: Context, round_: int,
+              alongside: tuple[Callable[[], object], ...] = ()) -> tuple[Timing | None, tuple[Timing, ...]]:
     """One timing round of one implementation, in its own batch; the calls ``alongside`` (the
     probe's) are timed call for call with it. Returns its Timing and theirs, or None and ().
 

@@ -85,6 +85,7 @@ def pybn_backward(case: Case, threads: int) -> Runner:
 
     x, w, axis = case.x, case.weight, case.axis
     dy, mean, invstd = case.dy, case.save_mean, case.save_invstd
+    assert dy is not None
     y = np.empty_like(x) if case.shape.out else None
 
     def call() -> Any:
@@ -200,6 +201,7 @@ def torch_train(case: Case, threads: int, *, out: bool) -> Runner:
 def torch_backward(case: Case, threads: int, *, out: bool) -> Runner:
     t = _TorchArgs.of(case, out)
     torch, x, w = t.torch, t.x, t.w
+    assert case.dy is not None
     dy = _torch_view(torch, case.dy, t.cl)
     rm, rv = torch.from_numpy(case.running_mean), torch.from_numpy(case.running_var)
     sm, si = torch.from_numpy(case.save_mean), torch.from_numpy(case.save_invstd)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -242,7 +243,8 @@ def render(result: Result, meta: Result | None = None) -> str:
     for shape_name, res in result["shapes"].items():
         for name, r in res["rows"].items():
             t, b = r["pybn_s"], r["t_stream_s"]
-            cols = [f"{shape_name:<5}", f"{name:<8}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}", f"{b / t * 100:>6.0f}%"]
+            cols = [f"{shape_name:<5}", f"{name:<8}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}",
+                    f"{b / t * 100:>6.0f}%"]
             for peer in result["peers"]:
                 tp = r["peers"].get(peer)
                 cols += [f"{fmt_time(tp):>11}", f"{tp / t:>5.1f}x" if tp else f"{'-':>6}"]

@@ -6,8 +6,9 @@ in ``rounds`` batches of its own, the best median reported.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -20,7 +21,7 @@ Pair = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]   # wei
 
 def resnet50_conv_shapes() -> list[tuple[int, ...]]:
     """Weight shapes of ResNet-50's convolutions (each followed by a BN)."""
-    shapes = [(64, 3, 7, 7)]
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7)]
     c_in = 64
     for width, blocks in [(64, 3), (128, 4), (256, 6), (512, 3)]:
         for b in range(blocks):

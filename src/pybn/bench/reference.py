@@ -6,8 +6,9 @@ the float64 reference never materializes a float64 copy of a 100 MB array.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def canonical(a: np.ndarray, axis: int) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(outer, a.shape[axis], inner)
 
 
-def _chunks(*arrays3):
+def _chunks(*arrays3: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
     outer, c, inner = arrays3[0].shape
     rows = max(1, CHUNK // max(1, c * inner))
     for r0 in range(0, outer, rows):
@@ -68,18 +69,19 @@ class Case:
     def C(self) -> int:
         return self.shape.channels
 
-    def reduce_axes(self) -> tuple:
+    def reduce_axes(self) -> tuple[int, ...]:
         ax = self.axis % self.x.ndim
         return tuple(i for i in range(self.x.ndim) if i != ax)
 
-    def bshape(self) -> tuple:
+    def bshape(self) -> tuple[int, ...]:
         """Shape that broadcasts a (C,) vector along the channel axis of x."""
         b = [1] * self.x.ndim
         b[self.axis % self.x.ndim] = self.C
         return tuple(b)
 
 
-def _fill(rng, shape, loc, scale, logical_axis=1):
+def _fill(rng: np.random.Generator, shape: tuple[int, ...], loc: np.ndarray, scale: np.ndarray,
+          logical_axis: int = 1) -> np.ndarray:
     """float32 data of per-channel mean ``loc_c`` and standard deviation ``scale_c``
     (uniform, which NumPy draws about 6x faster than normal), in NCHW order."""
     a = rng.random(shape, dtype=np.float32)
@@ -91,7 +93,7 @@ def _fill(rng, shape, loc, scale, logical_axis=1):
     return a
 
 
-def make_case(shape, *, seed: int = 0, need_backward: bool = True) -> Case:
+def make_case(shape: Shape, *, seed: int = 0, need_backward: bool = True) -> Case:
     """Random data for ``shape``; the channels-last shapes hold the same values as their NCHW twin."""
     rng = np.random.default_rng(seed)
     C = shape.channels
@@ -103,7 +105,7 @@ def make_case(shape, *, seed: int = 0, need_backward: bool = True) -> Case:
     running_var = (scale * scale * rng.uniform(0.8, 1.25, C)).astype(np.float32)
     data_rng = np.random.default_rng(seed + 1)
 
-    def gen(loc_, scale_):
+    def gen(loc_: np.ndarray, scale_: np.ndarray) -> np.ndarray:
         a = _fill(data_rng, tuple(shape.logical), loc_, scale_)
         if shape.channels_last:
             nhwc = np.ascontiguousarray(np.moveaxis(a, 1, -1))
@@ -159,7 +161,7 @@ def make_case(shape, *, seed: int = 0, need_backward: bool = True) -> Case:
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_vec(what, got, exp, atol, rtol=RTOL):
+def _check_vec(what: str, got: Any, exp: np.ndarray, atol: Any, rtol: float = RTOL) -> float:
     got = np.asarray(got, dtype=np.float64).reshape(-1)
     exp = np.asarray(exp, dtype=np.float64)
     if got.shape != exp.shape:
@@ -175,7 +177,8 @@ def _check_vec(what, got, exp, atol, rtol=RTOL):
     return float((err / scale).max()) if err.size else 0.0
 
 
-def _check_affine(what, got, case, terms, const):
+def _check_affine(what: str, got: np.ndarray, case: Case, terms: list[tuple[np.ndarray, np.ndarray]],
+                  const: np.ndarray) -> float:
     """Check ``got == sum_k coef_k[c] * arr_k + const[c]`` elementwise (float64 expectation)."""
     shp = case.x.shape
     if tuple(got.shape) != tuple(shp):

@@ -202,10 +202,7 @@ def render(meta: Result, probes: Result, cells: list[CellResult]) -> str:
         if prev is not None and prev != c.shape.name:
             lines.append("")
         prev = c.shape.name
-        if "pybn" in c.errors:
-            pybn_s = "WRONG"
-        else:
-            pybn_s = fmt_time(c.pybn) + ("*" if c.shape.out else " ")
+        pybn_s = "WRONG" if "pybn" in c.errors else fmt_time(c.pybn) + ("*" if c.shape.out else " ")
         pct = "-" if c.pct_bound is None else f"{c.pct_bound:.0f}%"
         vals = [c.shape.name, c.spec.kernel.label, pybn_s, fmt_time(c.bound), pct]
         for peer in peers:

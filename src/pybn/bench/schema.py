@@ -9,8 +9,9 @@ them as one table.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Generic, Protocol, TypeVar
 
 from .timing import TimingConfig
 
@@ -150,8 +151,8 @@ class Cell(Generic[S, F]):
 class Timed:
     """A timed call and the check of its result (raises WrongResult)."""
 
-    call: Callable[[], object]
-    check: Callable[[object], None]
+    call: Callable[[], Any]
+    check: Callable[[Any], None]
 
 
 @dataclass(frozen=True)

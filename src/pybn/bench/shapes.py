@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
+
 @dataclass(frozen=True)
 class Shape:
     """One benchmark shape.

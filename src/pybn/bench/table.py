@@ -9,8 +9,9 @@ own method (docs/benchmark.md).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 from . import batchnorm_bench, dropout_bench, fold_bench, report, torch_bench
 from . import batchnorm_calls as bn

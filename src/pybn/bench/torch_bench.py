@@ -15,9 +15,10 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from .schema import Context, Result
 from .timing import TimingConfig, fmt_time, measure_alternating
@@ -28,10 +29,10 @@ SHAPES = {"A": (32, 64, 56, 56), "L": (64, 128, 56, 56)}
 @dataclass(frozen=True)
 class TorchCell:
     name: str
-    build: Callable[[], "Steps"]
+    build: Callable[[], Steps]
     target: float             # the ratio reference / candidate must be at least this
     profile: bool = False     # also the shares of batch norm and dropout in the step
-    labels: tuple = ("torch", "pybn")
+    labels: tuple[str, str] = ("torch", "pybn")
 
 
 @dataclass
@@ -39,8 +40,8 @@ class Steps:
     reference: Callable[[], object]
     candidate: Callable[[], object]
     check: Callable[[], None]                  # raises AssertionError when the two differ
-    modules: tuple = ()                        # (reference model, candidate model), for the profile
-    notes: list = field(default_factory=list)  # lines for the report, e.g. the compile time
+    modules: tuple[Any, ...] = ()              # (reference model, candidate model), for the profile
+    notes: list[str] = field(default_factory=list)  # lines for the report, e.g. the compile time
 
 
 # --------------------------------------------------------------------------- operators
@@ -115,7 +116,7 @@ def _check_dropout(op: _Operator) -> None:
             raise AssertionError("the gradient does not use the forward's mask")
 
 
-def _close(what: str, got, want, rtol: float = 1e-4) -> None:
+def _close(what: str, got: Any, want: Any, rtol: float = 1e-4) -> None:
     err = (got.double() - want.double()).abs().max().item() / max(want.abs().max().item(), 1e-30)
     if not err <= rtol:
         raise AssertionError(f"{what} differs from torch's by {err:.2g} (relative)")
@@ -157,16 +158,18 @@ def _resnet18() -> ModelData:
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(16, 3, 112, 112, generator=gen).contiguous(memory_format=torch.channels_last)
-    model = torch_models.ResNet18().to(memory_format=torch.channels_last)
+    # (torch's annotations of Module.to leave out memory_format)
+    model = torch_models.ResNet18().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model, x, torch.randint(1000, (16,), generator=gen), F.cross_entropy
 
 
-def _training_step(model, x, target, loss_fn, lr: float = 1e-4):
+def _training_step(model: Any, x: Any, target: Any, loss_fn: Callable[..., Any],
+                   lr: float = 1e-4) -> Callable[[], Any]:
     import torch
 
     opt = torch.optim.SGD(model.parameters(), lr=lr)
 
-    def step():
+    def step() -> Any:
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), target)
         loss.backward()
@@ -175,7 +178,7 @@ def _training_step(model, x, target, loss_fn, lr: float = 1e-4):
     return step
 
 
-def _check_same_model(stock, ours, x) -> None:
+def _check_same_model(stock: Any, ours: Any, x: Any) -> None:
     """Evaluation mode (running statistics, no dropout) must give the same outputs."""
     import torch
 
@@ -193,7 +196,7 @@ def _model(data: Callable[[], ModelData]) -> Steps:
     ours = pybn.torch.accelerate(copy.deepcopy(stock))
     reference, candidate = _training_step(stock, x, target, loss_fn), _training_step(ours, x, target, loss_fn)
 
-    def check():
+    def check() -> None:
         _check_same_model(stock, ours, x)
         for step in (reference, candidate):
             if not step().isfinite():
@@ -213,7 +216,7 @@ def _compiled(data: Callable[[], ModelData]) -> Steps:
     reference = _training_step(eager, x, target, loss_fn)
     candidate = _training_step(compiled, x, target, loss_fn)  # compiled's parameters are compiled_model's
 
-    def check():
+    def check() -> None:
         _check_same_model(eager, compiled_model, x)
         t0 = time.perf_counter()
         if not candidate().isfinite():
@@ -307,15 +310,14 @@ def run(cfg: TimingConfig, rounds: int, threads: int, progress: Callable[[str], 
 
 # --------------------------------------------------------------------------- profile
 
-def _shares(model, step, steps: int = 3) -> dict:
+def _shares(model: Any, step: Callable[[], object], steps: int = 3) -> dict[str, float]:
     """Shares of the step's time inside batch-norm and dropout modules (their forward and
     backward, each wrapped in a profiler range by module hooks)."""
-    import torch
     from torch.nn.modules.batchnorm import _BatchNorm
     from torch.nn.modules.dropout import _DropoutNd
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    handles = []
+    handles: list[Any] = []
     for module in model.modules():
         kind = "batch norm" if isinstance(module, _BatchNorm) else "dropout" if isinstance(module, _DropoutNd) \
             else None
@@ -337,17 +339,17 @@ def _shares(model, step, steps: int = 3) -> dict:
                for kind in ("batch norm", "dropout")}}
 
 
-def _range_hooks(module, kind: str, record_function) -> list:
+def _range_hooks(module: Any, kind: str, record_function: Any) -> list[Any]:
     """Forward and backward hooks that open and close a profiler range around the module."""
-    ranges = []
+    ranges: list[Any] = []
 
-    def enter(name):
-        def hook(*_):
+    def enter(name: str) -> Callable[..., None]:
+        def hook(*_: object) -> None:
             ranges.append(record_function(f"bench: {kind} {name}"))
             ranges[-1].__enter__()
         return hook
 
-    def leave(*_):
+    def leave(*_: object) -> None:
         ranges.pop().__exit__(None, None, None)
 
     return [module.register_forward_pre_hook(enter("forward")), module.register_forward_hook(leave),
