@@ -107,7 +107,7 @@ def threshold(p):
     p = check_p(p)
     if p == 1.0:
         return None
-    return int(math.floor(p * 65536.0))
+    return math.floor(p * 65536.0)
 
 
 def n_counters(n):

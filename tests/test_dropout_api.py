@@ -665,10 +665,7 @@ def random_problems(count, seed=2024):
             seed_ = int(rng.integers(0, 2**32, endpoint=True))
         else:
             seed_ = U64 - 1 - int(rng.integers(0, 2**32))
-        if rng.random() < 0.5:
-            offset = int(rng.integers(0, 1000))
-        else:
-            offset = U64 - 1 - int(rng.integers(0, 2000))
+        offset = int(rng.integers(0, 1000)) if rng.random() < 0.5 else U64 - 1 - int(rng.integers(0, 2000))
         dtype = DTYPES[int(rng.integers(0, 2))]
         isa_name = isas[int(rng.integers(0, len(isas)))]
         yield shape, ns, p, seed_, offset, dtype, isa_name

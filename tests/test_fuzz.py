@@ -344,10 +344,8 @@ offsets = st.one_of(st.integers(0, U64 - 1), st.integers(U64 - 2000, U64 - 1), s
 
 @st.composite
 def dropout_problems(draw):
-    if draw(st.integers(0, 4)) == 0:   # long enough for several groups of 128 and the vector bodies
-        shape = (draw(st.integers(0, 1500)),)
-    else:
-        shape = draw(shapes(min_ndim=0, max_ndim=4))
+    one_dim = draw(st.integers(0, 4)) == 0   # long enough for several groups of 128 and the vector bodies
+    shape = (draw(st.integers(0, 1500)),) if one_dim else draw(shapes(min_ndim=0, max_ndim=4))
     dtype = draw(st.sampled_from(DTYPES))
     x = draw(arrays(shape, dtype))
     if x.ndim and x.size and draw(st.booleans()):   # specials: kept NaN/Inf/-0.0 propagate, dropped ones are +0.0

@@ -83,12 +83,11 @@ def test_use_isa_switches_and_restores():
         assert pybn.isa() == before
     # nested, and restored after an exception
     isas = pybn.supported_isas()
-    with pytest.raises(RuntimeError):
-        with pybn._runtime.use_isa(isas[0]):
-            with pybn._runtime.use_isa(isas[-1]):
-                assert pybn.isa() == isas[-1]
-            assert pybn.isa() == isas[0]
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), pybn._runtime.use_isa(isas[0]):
+        with pybn._runtime.use_isa(isas[-1]):
+            assert pybn.isa() == isas[-1]
+        assert pybn.isa() == isas[0]
+        raise RuntimeError("boom")
     assert pybn.isa() == before
 
 
@@ -125,9 +124,8 @@ def test_pybn_isa_env_forced_path_computes(tmp_path):
 
 def test_use_isa_rejects_unknown_name():
     before = pybn.isa()
-    with pytest.raises(ValueError):
-        with pybn._runtime.use_isa("bogus"):
-            pass  # pragma: no cover
+    with pytest.raises(ValueError), pybn._runtime.use_isa("bogus"):
+        pass  # pragma: no cover
     assert pybn.isa() == before
 
 

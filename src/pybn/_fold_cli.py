@@ -16,7 +16,8 @@ import os
 import signal
 import stat
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _PROTOBUF_LIMIT = 2**31 - 1  # bytes: the largest file a protobuf message can be read from
 

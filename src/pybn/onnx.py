@@ -83,7 +83,7 @@ class NotFolded(NamedTuple):
         return f"not folded {self.kind}: {', '.join(self.nodes)}: {self.reason}"
 
 
-def fold(model: "onnx.ModelProto", *, return_report: bool = False) -> Any:
+def fold(model: onnx.ModelProto, *, return_report: bool = False) -> Any:
     """Fold batch norms and remove inference no-ops in an ONNX model.
 
     Parameters
@@ -119,7 +119,7 @@ def fold(model: "onnx.ModelProto", *, return_report: bool = False) -> Any:
     return (out, report) if return_report else out
 
 
-def fold_model(model: "onnx.ModelProto", external: ExternalData | None = None) -> tuple[Any, list[Any]]:
+def fold_model(model: onnx.ModelProto, external: ExternalData | None = None) -> tuple[Any, list[Any]]:
     """fold(), with tensors stored as external data read through `external` (the command line)."""
     check(model, external)
     out = onnx.ModelProto()
@@ -199,7 +199,7 @@ class _Folder:
     the report of what was left.
     """
 
-    def __init__(self, model: "onnx.ModelProto", external: ExternalData | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, external: ExternalData | None = None) -> None:
         self.graph = GraphEditor(model, external)
         self.report: list[Any] = []
         self.why: dict[int, tuple[Any, list[str]]] = {}  # id(node) -> (node, reasons it stays)

@@ -191,7 +191,7 @@ def fold(module: nn.Module, *, example_inputs: Any = None,
                         "Python module, then script the result")
     try:
         model = copy.deepcopy(module).eval()
-    except Exception as exc:  # noqa: BLE001 - whatever the model holds that cannot be copied
+    except Exception as exc:
         raise TypeError(f"module: cannot be deep-copied ({type(exc).__name__}: {exc}); fold works on a "
                         "copy") from exc
     seen = None if example_inputs is None else _observe(model, example_inputs)
@@ -265,7 +265,7 @@ def _record_call(model: nn.Module, example_inputs: Any) -> _Seen:
     try:
         with torch.no_grad():
             model(*inputs)
-    except Exception as exc:  # noqa: BLE001 - the model's own error, passed on with the argument's name
+    except Exception as exc:
         raise ValueError(f"example_inputs: calling the model on them raised {type(exc).__name__}: "
                          f"{_first_line(exc)}") from exc
     finally:
