@@ -3,7 +3,12 @@
 // not run the AVX-512 path). PYBN_ISA may force a lower path.
 #include "pybn/dispatch.h"
 
+#if defined(__x86_64__)
+#define PYBN_X86 1
 #include <cpuid.h>
+#else  // built with the scalar path only (CMakeLists.txt): no x86 feature to detect
+#define PYBN_X86 0
+#endif
 
 #include <atomic>
 #include <cstdlib>
@@ -18,6 +23,7 @@ struct CpuFeatures {
   bool avx512 = false;  // AVX-512 F/BW/DQ/VL, ZMM and opmask state enabled
 };
 
+#if PYBN_X86
 unsigned long long xgetbv0() {
   unsigned eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
@@ -44,18 +50,26 @@ CpuFeatures detect() {
   return f;
 }
 
+const KernelTable* avx2_table() { return &avx2::kernel_table(); }
+const KernelTable* avx512_table() { return &avx512::kernel_table(); }
+#else
+CpuFeatures detect() { return {}; }
+const KernelTable* avx2_table() { return nullptr; }  // never asked for: detect() says no AVX2
+const KernelTable* avx512_table() { return nullptr; }
+#endif
+
 const KernelTable* by_name(const std::string& name, const CpuFeatures& cpu) {
   if (name == "scalar") return &scalar::kernel_table();
-  if (name == "avx2" && cpu.avx2) return &avx2::kernel_table();
-  if (name == "avx512" && cpu.avx512) return &avx512::kernel_table();
+  if (name == "avx2" && cpu.avx2) return avx2_table();
+  if (name == "avx512" && cpu.avx512) return avx512_table();
   if (name == "avx2" || name == "avx512") return nullptr;
   throw std::runtime_error("'" + name + "' is not one of scalar, avx2, avx512");
 }
 
 const KernelTable* choose() {
   const CpuFeatures cpu = detect();
-  const KernelTable* best = cpu.avx512 ? &avx512::kernel_table()
-                            : cpu.avx2 ? &avx2::kernel_table()
+  const KernelTable* best = cpu.avx512 ? avx512_table()
+                            : cpu.avx2 ? avx2_table()
                                        : &scalar::kernel_table();
   const char* forced = std::getenv("PYBN_ISA");
   if (forced == nullptr || *forced == '\0') return best;

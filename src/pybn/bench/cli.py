@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     import pybn
 
     if args.torch and table.TORCH.unavailable() is not None:
-        return _usage_error("--torch needs torch (pip install 'pybn[bench]')")
+        return _usage_error("--torch needs torch (pip install 'pybn-kernels[bench]')")
     peers, missing = _available(plan.peers)
     if args.threads is not None:
         pybn.set_num_threads(args.threads)
