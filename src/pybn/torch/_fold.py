@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, Union
 
 try:
     import torch
@@ -36,7 +36,7 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropo
              nn.FeatureAlphaDropout)
 
 # functional dropout -> (name of its `training` argument, its position, its default)
-_FUNCTIONAL_DROPOUTS: dict[Callable[..., Any], tuple[str, int, bool | None]] = {
+_FUNCTIONAL_DROPOUTS: dict[fx.node.Target, tuple[str, int, bool | None]] = {
     nn.functional.dropout: ("training", 2, True),
     nn.functional.dropout1d: ("training", 2, True),
     nn.functional.dropout2d: ("training", 2, True),
@@ -90,7 +90,9 @@ class NotFolded(NamedTuple):
 
 
 _BATCH_NORM_BASE = nn.modules.batchnorm._BatchNorm  # every batch norm class, for the report
-_LAYER_CLASSES = (nn.Linear, *_CONVS, *_CONV_TRANSPOSES)
+_LAYER_CLASSES: tuple[type[nn.Module], ...] = (nn.Linear, *_CONVS, *_CONV_TRANSPOSES)
+_LAYER_BASES = (nn.Linear, nn.modules.conv._ConvNd)  # what every class of _LAYER_CLASSES derives from
+_Layer = Union[nn.Linear, nn.modules.conv._ConvNd]
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
@@ -237,12 +239,12 @@ def _observe(model: nn.Module, example_inputs: Any) -> _Seen:
     scratch = copy.deepcopy(model)
     seen = _record_call(scratch, example_inputs)
     # deepcopy keeps the structure: the k-th module of the copy is the k-th of `model`
-    ids: dict[int | None, int | None] = {None: None}
+    ids: dict[int, int] = {}
     pairs = zip(scratch.named_modules(remove_duplicate=False), model.named_modules(remove_duplicate=False))
     for (_, a), (_, b) in pairs:
         ids[id(a)] = id(b)
     return _Seen({ids[k]: v for k, v in seen.ranks.items()},
-                 {ids[k]: {ids[c] for c in v} for k, v in seen.callers.items()})
+                 {ids[k]: {None if c is None else ids[c] for c in v} for k, v in seen.callers.items()})
 
 
 def _record_call(model: nn.Module, example_inputs: Any) -> _Seen:
@@ -375,7 +377,7 @@ def _plain_problem(module: nn.Module, classes: Sequence[type[nn.Module]]) -> str
     if not any(type(module).forward is c.forward or getattr(type(module), "drop_in_for", None) is c
                for c in matching):
         return f"{name} has its own forward"
-    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in _tensors(module)):
+    if any(nn.parameter.is_lazy(t) for t in _tensors(module)):
         return f"{name} is not initialized (a lazy module never called)"
     if _has_hooks(module):
         return f"{name} has hooks, which would no longer run"
@@ -404,11 +406,18 @@ def _layer(module: nn.Module) -> tuple[str, int] | None:
     return None
 
 
-def _layer_problem(layer: nn.Module) -> str | None:
+def _layer_kind(layer: _Layer) -> tuple[str, int]:
+    """_layer of a layer that passed _plain_problem(layer, _LAYER_CLASSES)."""
     found = _layer(layer)
+    assert found is not None  # (it is an instance of one of _LAYER_CLASSES)
+    return found
+
+
+def _layer_problem(layer: nn.Module) -> str | None:
     problem = _plain_problem(layer, _LAYER_CLASSES)
-    if problem or found is None:
+    if problem:
         return problem
+    assert isinstance(layer, _LAYER_BASES)  # (_plain_problem says why when it is not)
     if not _finite(layer.weight) or (layer.bias is not None and not _finite(layer.bias)):
         return f"the weights of {type(layer).__name__} are not finite"
     return None
@@ -427,6 +436,7 @@ def _bn_problem(bn: nn.Module) -> str | None:
     problem = _plain_problem(bn, list(_BATCH_NORMS))
     if problem:
         return problem
+    assert isinstance(bn, _BATCH_NORM_BASE)  # (_plain_problem says why when it is not)
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         return "it has no running statistics (track_running_stats=False): it normalizes with the batch's " \
                "statistics in eval mode too"
@@ -456,8 +466,8 @@ def _rank_problem(bn: nn.Module, expected: int, seen: _Seen | None) -> str | Non
 # on tensors of rank k + 2: (N, C) for a Linear, (N, C, *spatial) for a conv.
 
 
-def _layer_then_bn_problem(layer: nn.Module, bn: nn.Module, seen: _Seen | None) -> str | None:
-    found, bn_k = _layer(layer), _batch_norm_dims(bn)
+def _layer_then_bn_problem(layer: _Layer, bn: nn.modules.batchnorm._BatchNorm, seen: _Seen | None) -> str | None:
+    found, bn_k = _layer_kind(layer), _batch_norm_dims(bn)
     if bn_k != max(found[1], 1):
         return f"{type(bn).__name__} does not match {type(layer).__name__}"
     out = layer.out_features if found[0] == "linear" else layer.out_channels
@@ -466,8 +476,8 @@ def _layer_then_bn_problem(layer: nn.Module, bn: nn.Module, seen: _Seen | None) 
     return _rank_problem(bn, found[1] + 2, seen)
 
 
-def _bn_then_layer_problem(bn: nn.Module, layer: nn.Module, seen: _Seen | None) -> str | None:
-    found, bn_k = _layer(layer), _batch_norm_dims(bn)
+def _bn_then_layer_problem(bn: nn.modules.batchnorm._BatchNorm, layer: _Layer, seen: _Seen | None) -> str | None:
+    found, bn_k = _layer_kind(layer), _batch_norm_dims(bn)
     # Not ConvTranspose: with stride > 1 some outputs get no kernel tap, so no BN shift.
     if found[0] == "conv_transpose":
         return "a batch norm before a ConvTranspose does not fold (outputs no kernel tap reaches miss its shift)"
@@ -476,7 +486,7 @@ def _bn_then_layer_problem(bn: nn.Module, layer: nn.Module, seen: _Seen | None) 
     inputs = layer.in_features if found[0] == "linear" else layer.in_channels
     if inputs != bn.num_features:
         return f"{type(layer).__name__} has {inputs} inputs, the batch norm {bn.num_features} channels"
-    if found[0] == "conv":
+    if isinstance(layer, nn.modules.conv._ConvNd):  # a conv (a ConvTranspose returned above)
         # A grouped conv's weight (out, in/groups, 1...) is not the (out, in) fold_bn_linear takes.
         if any(size != 1 for size in layer.kernel_size) or layer.groups != 1:
             return (f"a batch norm folds only into a 1x1 conv with groups=1, not kernel {tuple(layer.kernel_size)} "
@@ -509,34 +519,33 @@ def _to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
     return t.numpy()
 
 
-def _bn_arrays(bn: nn.Module) -> dict[str, Any]:
+def _bn_arrays(bn: nn.modules.batchnorm._BatchNorm) -> dict[str, Any]:
     return dict(running_mean=_to_numpy(bn.running_mean), running_var=_to_numpy(bn.running_var),
                 gamma=_to_numpy(bn.weight), beta=_to_numpy(bn.bias), eps=bn.eps)
 
 
-def _folded(first: nn.Module, second: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """(the layer, its folded weight, its folded bias) for the pair; weights like its old ones."""
-    if isinstance(first, _BATCH_NORM_BASE):
-        bn, layer = first, second
+def _folded(bn: nn.modules.batchnorm._BatchNorm, layer: _Layer, bn_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's folded weight and bias for the pair; weights like its old ones."""
+    if bn_first:
         w, b = fold_bn_linear(_to_numpy(layer.weight), _to_numpy(layer.bias), **_bn_arrays(bn))
     else:
-        layer, bn = first, second
         w, b = fold_conv_bn(_to_numpy(layer.weight), _to_numpy(layer.bias), **_bn_arrays(bn),
-                            transposed=_layer(layer)[0] == "conv_transpose", groups=getattr(layer, "groups", 1))
+                            transposed=_layer_kind(layer)[0] == "conv_transpose", groups=getattr(layer, "groups", 1))
     old = layer.weight
-    return layer, *(torch.from_numpy(a).to(device=old.device, dtype=old.dtype) for a in (w, b))
+    return (torch.from_numpy(w).to(device=old.device, dtype=old.dtype),
+            torch.from_numpy(b).to(device=old.device, dtype=old.dtype))
 
 
-def _set_weights(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _set_weights(layer: _Layer, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """Give `layer` the folded weights, with its old weight's requires_grad."""
     grad = layer.weight.requires_grad
     layer.weight = nn.Parameter(weight, requires_grad=grad)
     layer.bias = nn.Parameter(bias, requires_grad=grad)  # a layer without bias now has one: BN's shift lives there
 
 
-def _fold_pair(first: nn.Module, second: nn.Module) -> str | None:
+def _fold_pair(bn: nn.modules.batchnorm._BatchNorm, layer: _Layer, bn_first: bool) -> str | None:
     """Fold the pair, or say why not (the folded weights would not be finite)."""
-    layer, weight, bias = _folded(first, second)
+    weight, bias = _folded(bn, layer, bn_first)
     if not (_finite(weight) and _finite(bias)):
         return f"the folded weights of {type(layer).__name__} overflow {str(weight.dtype).replace('torch.', '')}"
     _set_weights(layer, weight, bias)
@@ -546,17 +555,20 @@ def _fold_pair(first: nn.Module, second: nn.Module) -> str | None:
 def _pair_kind(first: nn.Module, second: nn.Module) -> str:
     """The Folded.kind of a folded pair ("conv" covers ConvTranspose)."""
     if isinstance(first, _BATCH_NORM_BASE):
-        return "bn+linear" if _layer(second)[0] == "linear" else "bn+conv"
-    return "linear+bn" if _layer(first)[0] == "linear" else "conv+bn"
+        return "bn+linear" if isinstance(second, nn.Linear) else "bn+conv"
+    return "linear+bn" if isinstance(first, nn.Linear) else "conv+bn"
 
 
 def _fold_or_problem(first: nn.Module, second: nn.Module, seen: _Seen | None) -> str | None:
     """Why the pair (layer -> BN, or BN -> layer) cannot be folded; None: it was folded."""
     bn_first = isinstance(first, _BATCH_NORM_BASE)
     bn, layer = (first, second) if bn_first else (second, first)
-    problem = _bn_problem(bn) or _layer_problem(layer) or \
-        (_bn_then_layer_problem(bn, layer, seen) if bn_first else _layer_then_bn_problem(layer, bn, seen))
-    return problem or _fold_pair(first, second)
+    problem = _bn_problem(bn) or _layer_problem(layer)
+    if problem:
+        return problem
+    assert isinstance(bn, _BATCH_NORM_BASE) and isinstance(layer, _LAYER_BASES)  # (both checked just now)
+    problem = _bn_then_layer_problem(bn, layer, seen) if bn_first else _layer_then_bn_problem(layer, bn, seen)
+    return problem or _fold_pair(bn, layer, bn_first)
 
 
 # ---------------------------------------------------------------------------------------
@@ -648,11 +660,13 @@ def _fold_graph_pairs(gm: fx.GraphModule, seen: _Seen | None, report: _Report, *
             layer_node = bn_node.args[0]
             if not is_layer_call(layer_node):
                 continue
-            users = len(layer_node.users)
-            problem = f"the output of {layer_node.target} is used {users} times" if users != 1 else None
+            n_users = len(layer_node.users)
+            problem = f"the output of {layer_node.target} is used {n_users} times" if n_users != 1 else None
             first_node, second_node = layer_node, bn_node
+        layer = modules[str(layer_node.target)]  # (a call_module node: is_layer_call)
+        first, second = (bn, layer) if bn_first else (layer, bn)
         problem = problem or call_problem(first_node) or call_problem(second_node) or \
-            _fold_or_problem(module_of(first_node), module_of(second_node), seen)
+            _fold_or_problem(first, second, seen)
         if problem:
             report.note(str(bn_node.target), f"with {layer_node.target}: {problem}")
             continue
@@ -661,7 +675,7 @@ def _fold_graph_pairs(gm: fx.GraphModule, seen: _Seen | None, report: _Report, *
         else:  # the layer's output replaces the BN's
             bn_node.replace_all_uses_with(layer_node)
         gm.graph.erase_node(bn_node)
-        report.done(_pair_kind(module_of(first_node), module_of(second_node)), str(first_node.target),
+        report.done(_pair_kind(first, second), str(first_node.target),
                     str(second_node.target))
 
 
