@@ -2,6 +2,7 @@
 import numpy as np
 
 __version__: str
+MAX_THREADS: int
 
 def isa() -> str: ...
 def supported_isas() -> list[str]: ...

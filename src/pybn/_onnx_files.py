@@ -13,6 +13,7 @@ Private to ``pybn.onnx`` and its command line, which import it after their guard
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -34,10 +35,11 @@ _ZERO_CHUNK = bytes(_COPY_CHUNK)
 
 # data_type -> (the typed field holding its values, values per element); 4-, 2- and 6-bit
 # types pack several elements per value and are only checked in raw_data
-_FIELDS = {TensorProto.FLOAT: ("float_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
-           TensorProto.DOUBLE: ("double_data", 1), TensorProto.COMPLEX128: ("double_data", 2),
-           TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1),
-           TensorProto.UINT64: ("uint64_data", 1), TensorProto.STRING: ("string_data", 1)}
+_FIELDS: dict[int, tuple[str, int]] = {
+    TensorProto.FLOAT: ("float_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
+    TensorProto.DOUBLE: ("double_data", 1), TensorProto.COMPLEX128: ("double_data", 2),
+    TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1),
+    TensorProto.UINT64: ("uint64_data", 1), TensorProto.STRING: ("string_data", 1)}
 _INT32_FIELD_TYPES = ("INT32", "INT16", "INT8", "UINT16", "UINT8", "BOOL", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN",
                       "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0")
 _FIELDS.update({getattr(TensorProto, name): ("int32_data", 1) for name in _INT32_FIELD_TYPES
@@ -459,10 +461,8 @@ class _Temporary:
 
     def __exit__(self, *exc: Any) -> None:
         if not self.renamed:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)
-            except OSError:
-                pass
 
 
 def _write_new(target: str, write: Callable[[BinaryIO], Any], before_rename: Callable[[], None] | None = None) -> None:

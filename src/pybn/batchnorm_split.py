@@ -148,7 +148,7 @@ def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
         raise ValueError("stats: m2 must be >= 0 (a sum of squared deviations), got a negative entry")
     var_eps = m2 / count + eps
     with np.errstate(divide="ignore"):
-        invstd = 1.0 / np.sqrt(var_eps)
+        invstd: np.ndarray = 1.0 / np.sqrt(var_eps)
     invstd[var_eps == 0.0] = 0.0  # eps = 0 and a constant channel: 0/0 normalizes to 0
     return invstd
 

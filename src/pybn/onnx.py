@@ -171,7 +171,7 @@ class _BN(NamedTuple):
 
     @property
     def channels(self) -> int:
-        return self.mean.shape[0]
+        return int(self.mean.shape[0])
 
     def fold_after(self, weight: np.ndarray, bias: np.ndarray | None, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
         """(weight, bias) of the layer followed by this BN, float64 in, float64 out."""
@@ -393,6 +393,12 @@ class _Folder:
             bias = float(attr(gemm, "beta", 1.0)) * bias
         return w, bias
 
+    def _const_dtype(self, name: str) -> np.dtype:
+        """The dtype of constant input `name`, which _gemm_operands has read."""
+        value = self.graph.const(name)
+        assert value is not None  # (_gemm_operands returns why not when it is not a constant)
+        return value.dtype
+
     def _set_gemm(self, gemm: Any, w: np.ndarray, bias: np.ndarray, dtype: np.dtype) -> None:
         """Gemm's B and C := the (out, in) weight `w` and `bias`, with alpha = beta = 1."""
         b_new = w if attr(gemm, "transB", 0) else w.T
@@ -407,7 +413,7 @@ class _Folder:
             return self._no(bn.node, ops, gemm)
         if ops[0].shape[0] != bn.channels:
             return self._no(bn.node, f"{ops[0].shape[0]} outputs, the batch norm has {bn.channels} channels", gemm)
-        dtype = self.graph.const(gemm.input[1]).dtype
+        dtype = self._const_dtype(gemm.input[1])
         w, bias = bn.fold_after(*ops)
         problem = _overflow(dtype, w, bias)
         if problem:
@@ -494,7 +500,7 @@ class _Folder:
             return self._no(bn.node, ops, gemm)
         if ops[0].shape[1] != bn.channels:
             return self._no(bn.node, f"{ops[0].shape[1]} inputs, the batch norm has {bn.channels} channels", gemm)
-        dtype = self.graph.const(gemm.input[1]).dtype
+        dtype = self._const_dtype(gemm.input[1])
         w, bias = bn.fold_before(*ops)
         problem = _overflow(dtype, w, bias)
         if problem:
