@@ -22,6 +22,7 @@ from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, per_chan
 if TYPE_CHECKING:
     from .nn import SyncBatchNorm
 
+_Group = Optional["dist.ProcessGroup"]  # (a name torch.distributed has only where it is available)
 _Forward = Callable[["SyncBatchNorm", Tensor], Tensor]
 # torch leaves torch.compiler.disable unannotated: this name gives it its type here
 _outside_graph: Callable[[_Forward], _Forward] = torch.compiler.disable
@@ -34,7 +35,7 @@ def wants_cpu_sync(module: "SyncBatchNorm", input: Tensor) -> bool:
     return dist.get_world_size(_group(module)) > 1
 
 
-def _group(module: "SyncBatchNorm") -> Optional[dist.ProcessGroup]:
+def _group(module: "SyncBatchNorm") -> _Group:
     return module.process_group if module.process_group is not None else dist.group.WORLD
 
 
@@ -51,7 +52,7 @@ def sync_batch_norm(module: "SyncBatchNorm", input: Tensor) -> Tensor:
     return y.to(input.dtype)
 
 
-def _agree(group: Optional[dist.ProcessGroup], input: Tensor, num_features: int) -> None:
+def _agree(group: _Group, input: Tensor, num_features: int) -> None:
     """Every process learns whether every process's input is usable and all agree on C;
     if not, all raise the same ValueError."""
     problem = _local_problem(input, num_features)
@@ -76,7 +77,7 @@ def _local_problem(input: Tensor, num_features: int) -> Optional[str]:
     return None
 
 
-def _all_gather(t: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+def _all_gather(t: Tensor, group: _Group) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t, group=group)
     return torch.stack(parts)
@@ -87,7 +88,7 @@ class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running: Tuple[Optional[Tensor], Optional[Tensor]], momentum: float, eps: float,
-                group: Optional[dist.ProcessGroup]) -> Tensor:
+                group: _Group) -> Tensor:
         last = channels_last_physical(x)
         axis = -1 if last else 1
         xa = array(x, last)
