@@ -35,7 +35,7 @@ def run(cfg: TimingConfig, rounds: int, want: list, torch, progress) -> dict:
 
 def _run_shape(name_: str, SHAPE: tuple, cfg: TimingConfig, rounds: int, want: list, torch, progress) -> dict:
     import pybn
-    from pybn import _C
+    from pybn._C import diagnostics
 
     x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
     y = np.empty_like(x)
@@ -63,7 +63,7 @@ def _run_shape(name_: str, SHAPE: tuple, cfg: TimingConfig, rounds: int, want: l
                      ("mask", lambda: pybn.dropout_mask(SHAPE, P, seed=SEED)),
                      ("apply", lambda: pybn.dropout_apply(x, mask, P, out=y)),
                      ("2d", lambda: pybn.dropout(x, P, seed=SEED, noise_shape=channels, out=y))][:4 if name_ == "A" else 3]:
-        paired = [measure_alternating((fn, lambda: _C.probe_stream(x, dst)), cfg) for _ in range(rounds)]
+        paired = [measure_alternating((fn, lambda: diagnostics.probe_stream(x, dst)), cfg) for _ in range(rounds)]
         t, bound = min((a.median, b.median) for a, b in paired)
         rows[name] = {"pybn_s": t, "t_stream_s": bound, "peers": {}}
         progress(f"dropout {name_} {name:<8} pybn {fmt_time(t)} | copy bound {fmt_time(bound)}")
