@@ -1,6 +1,7 @@
 #include "pybn/parallel.h"
 
 #include <pthread.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -45,8 +46,22 @@ void trace_parallel_for(std::int64_t n, std::int64_t work, std::int64_t* rows, s
     row[0] = begin;
     row[1] = end;
     row[2] = std::this_thread::get_id() == caller;
-    row[3] = gettid();
+    row[3] = syscall(SYS_gettid);  // not gettid(): glibc has it only since 2.30 (manylinux_2_28 has 2.28)
   });
 }
 
 }  // namespace pybn
+
+// The thread count as plain C symbols of the extension module, for threadpoolctl: its
+// controller (pybn/_threadpoolctl.py) finds the loaded library and calls these through
+// ctypes, as it calls omp_get_max_threads in an OpenMP runtime. Exported despite the
+// module's hidden default visibility; the names are pybn's so that the controller can tell
+// this library from other extension modules also named _C.
+extern "C" __attribute__((visibility("default"))) int pybn_get_num_threads() { return pybn::num_threads(); }
+
+// Returns 0, or -1 (and changes nothing) when n is outside [1, kMaxThreads].
+extern "C" __attribute__((visibility("default"))) int pybn_set_num_threads(int n) {
+  if (n < 1 || n > pybn::kMaxThreads) return -1;
+  pybn::set_num_threads(n);
+  return 0;
+}

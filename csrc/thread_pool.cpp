@@ -37,13 +37,22 @@ void futex_wake_one(std::atomic<std::uint32_t>& word) {
   syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
 }
 
+// Tells the core this thread is spinning (frees pipeline resources for its sibling thread).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
 // Spins until done() or kSpin has passed; returns done().
 template <class Done>
 bool spin_until(Done done) {
   const auto deadline = std::chrono::steady_clock::now() + kSpin;
   for (unsigned i = 1;; ++i) {
     if (done()) return true;
-    __builtin_ia32_pause();
+    cpu_relax();
     if (i % 64 == 0 && std::chrono::steady_clock::now() > deadline) return done();
   }
 }

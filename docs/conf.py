@@ -4,7 +4,7 @@ import importlib.metadata
 
 project = "pybn"
 author = "the pybn developers"
-release = importlib.metadata.version("pybn")
+release = importlib.metadata.version("pybn-kernels")
 version = release
 
 extensions = [

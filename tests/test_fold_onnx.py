@@ -727,7 +727,7 @@ def test_fold_record_str():
 def test_onnx_missing_is_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # None in sys.modules: "import onnx" fails
     monkeypatch.delitem(sys.modules, "pybn.onnx")
-    with pytest.raises(ImportError, match=r"pip install pybn\[onnx\]"):
+    with pytest.raises(ImportError, match=r"pip install 'pybn-kernels\[onnx\]'"):
         importlib.import_module("pybn.onnx")
 
 

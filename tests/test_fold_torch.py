@@ -442,7 +442,7 @@ def test_import_without_torch_names_the_extra():
             "    print('imported')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "pip install pybn[torch]" in out.stdout
+    assert "pip install 'pybn-kernels[torch]'" in out.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])

@@ -3,6 +3,7 @@
 import importlib.metadata
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 import threading
@@ -41,7 +42,7 @@ def run_python(code, tmp_path, **env_over):
 
 def test_version():
     assert isinstance(pybn.__version__, str) and pybn.__version__
-    assert pybn.__version__ == importlib.metadata.version("pybn")
+    assert pybn.__version__ == importlib.metadata.version("pybn-kernels")
 
 
 def test_supported_isas():
@@ -55,6 +56,11 @@ def test_supported_isas():
 
 
 def test_supported_isas_match_cpu():
+    if platform.machine() not in ("x86_64", "AMD64"):
+        # other architectures build the portable path alone (and their /proc/cpuinfo, or the
+        # host's under QEMU, says nothing about x86 paths)
+        assert pybn.supported_isas() == ["scalar"]
+        return
     flags = cpu_flags()
     if flags is None:  # pragma: no cover
         pytest.skip("no /proc/cpuinfo")
@@ -98,6 +104,16 @@ def test_pybn_isa_env_forces_path(name, tmp_path):
                    PYBN_ISA=name)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == name
+
+
+@pytest.mark.parametrize("name", [i for i in ALL_ISAS if i not in pybn.supported_isas()] or ["none"])
+def test_pybn_isa_env_naming_a_path_this_cpu_cannot_run_is_an_error(name, tmp_path):
+    if name == "none":
+        pytest.skip("this CPU runs every path pybn has")
+    r = run_python(["-c", "import pybn"], tmp_path, PYBN_ISA=name)
+    assert r.returncode == 1  # a Python exception, not a crash (SIGILL)
+    best = pybn.supported_isas()[-1]
+    assert f"PYBN_ISA={name}: this CPU supports only up to {best}" in r.stderr, r.stderr
 
 
 def test_pybn_isa_env_bogus_is_an_error(tmp_path):

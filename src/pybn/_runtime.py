@@ -7,7 +7,7 @@ import re
 import warnings
 from collections.abc import Iterator
 
-from . import _C
+from . import _C, _threadpoolctl
 from ._checks import integer
 
 
@@ -95,3 +95,5 @@ def use_isa(name: str) -> Iterator[None]:
 
 
 _C.set_num_threads(_default_num_threads())
+# threadpoolctl's threadpool_info() / threadpool_limits() see and set this count too.
+_threadpoolctl.register_when_imported()

@@ -119,7 +119,7 @@ def _communicator(comm: Any) -> _TorchComm | _MPIComm:
             import torch.distributed  # noqa: F401
         except ImportError as e:
             raise ImportError("comm: None means the default torch.distributed process group, but torch "
-                              "is not installed (pip install 'pybn[torch]'); or pass an mpi4py.MPI.Comm "
+                              "is not installed (pip install 'pybn-kernels[torch]'); or pass an mpi4py.MPI.Comm "
                               "(pip install mpi4py)") from e
         return _TorchComm(None)
     module = type(comm).__module__ or ""

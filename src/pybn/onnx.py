@@ -37,7 +37,7 @@ import numpy as np
 try:
     import onnx
 except ImportError as _err:  # pragma: no cover - exercised by a test that hides onnx
-    raise ImportError("pybn.onnx needs the onnx package: pip install pybn[onnx]") from _err
+    raise ImportError("pybn.onnx needs the onnx package: pip install 'pybn-kernels[onnx]'") from _err
 
 # after the guarded import above: these import onnx unguarded
 from ._onnx_files import ExternalData, check

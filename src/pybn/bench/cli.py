@@ -185,6 +185,12 @@ def run(args) -> int:
 
     import pybn
 
+    # A peer that is not installed is left out, in one line; pybn, NumPy and the bound still run.
+    requested = want
+    unavailable = {p: why for p in want if (why := P.cannot_import(p)) is not None}
+    for p, why in unavailable.items():
+        _progress(f"{p}: skipped, {why}")
+    want = [p for p in want if p not in unavailable]
     if args.threads is not None:
         pybn.set_num_threads(args.threads)
     threads = pybn.get_num_threads()
@@ -200,7 +206,8 @@ def run(args) -> int:
 
     meta = {
         "pybn": pybn.__version__, "isa": pybn.isa(), "threads": threads,
-        "versions": _versions(pybn, want), "cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
+        "versions": _versions(pybn, requested), "skipped_peers": unavailable,
+        "cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
         "dtype": "float32", "quick": bool(args.quick), "seed": args.seed,
         "timing": {"budget_s": cfg.budget, "warmup": cfg.warmup, "min_reps": cfg.min_reps,
                    "max_reps": cfg.max_reps, "rounds": args.rounds,
@@ -336,7 +343,7 @@ def _run_torch_only(args, cfg: TimingConfig, threads: int, cells) -> int:
     from . import torch_bench
 
     if P.torch_module() is None:
-        print("python -m pybn bench: error: --torch needs torch (pip install 'pybn[bench]')", file=sys.stderr)
+        print("python -m pybn bench: error: --torch needs torch (pip install 'pybn-kernels[bench]')", file=sys.stderr)
         return 2
     _progress(f"pybn torch section: {threads} threads, {len(cells)} cells" + (" (quick)" if args.quick else ""))
     result = torch_bench.run(cfg, args.rounds, threads, _progress, cells)

@@ -31,6 +31,24 @@ class Runner:
     keep: list = field(default_factory=list)  # objects that must outlive the runner's calls
 
 
+# ----------------------------------------------------------------------------- availability
+
+# The modules each optional peer imports (NumPy is always there: pybn needs it).
+PEER_MODULES = {"torch": ("torch",), "ort": ("onnxruntime", "onnx")}
+
+
+def cannot_import(peer: str) -> str | None:
+    """Why ``peer`` cannot run here (its first module that fails to import, and how), or None."""
+    import importlib
+
+    for name in PEER_MODULES.get(peer, ()):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - a broken install is skipped like a missing one
+            return f"cannot import {name} ({type(e).__name__}: {e})"
+    return None
+
+
 # ----------------------------------------------------------------------------- pybn
 
 def make_pybn(case, kernel: str, *, out: bool) -> Runner:

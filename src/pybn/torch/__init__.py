@@ -1,4 +1,4 @@
-"""pybn for PyTorch models (``pip install pybn[torch]``; ``import pybn`` alone never imports torch).
+"""pybn for PyTorch models (``pip install 'pybn-kernels[torch]'``; ``import pybn`` alone never imports torch).
 
 - :func:`accelerate` swaps pybn's drop-in modules (:mod:`pybn.torch.nn`) for a model's
   batch norm and dropout layers; :func:`convert_sync_batchnorm` makes its batch norms
@@ -13,7 +13,8 @@ try:
     import torch  # noqa: F401
 except ImportError as exc:  # torch is an optional dependency of pybn
     raise ImportError("pybn.torch needs PyTorch, which could not be imported; "
-                      "install it with: pip install pybn[torch]") from exc
+                      "install it with: pip install 'pybn-kernels[torch]' (the CPU-only build: add "
+                      "--extra-index-url https://download.pytorch.org/whl/cpu)") from exc
 
 from . import nn, ops  # noqa: E402
 from ._fold import Folded, NotFolded, fold  # noqa: E402

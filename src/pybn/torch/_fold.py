@@ -1,6 +1,6 @@
 """Fold batch norm and remove dropout in a PyTorch module for inference.
 
-``import pybn.torch`` needs PyTorch (``pip install pybn[torch]``); ``import pybn`` does not.
+``import pybn.torch`` needs PyTorch (``pip install 'pybn-kernels[torch]'``); ``import pybn`` does not.
 The arithmetic is :func:`pybn.fold_conv_bn` / :func:`pybn.fold_bn_linear`; this module only
 finds the pairs, checks that folding them is exact, and writes the new weights back.
 """
@@ -16,7 +16,8 @@ try:
     from torch.nn.utils import parametrize
 except ImportError as exc:  # torch is an optional dependency of pybn
     raise ImportError("pybn.torch needs PyTorch, which could not be imported; "
-                      "install it with: pip install pybn[torch]") from exc
+                      "install it with: pip install 'pybn-kernels[torch]' (the CPU-only build: add "
+                      "--extra-index-url https://download.pytorch.org/whl/cpu)") from exc
 
 import numpy as np
 
