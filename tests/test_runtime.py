@@ -15,7 +15,9 @@ import pytest
 import pybn
 import pybn._runtime
 
-ALL_ISAS = ["scalar", "avx2", "avx512"]
+# every path of this build, lowest first (the ISA list of CMakeLists.txt), with the CPU
+# features each needs
+ALL_ISAS = list(pybn._C.ISAS)
 
 
 def cpu_flags():
@@ -65,6 +67,8 @@ def test_supported_isas_match_cpu():
     if flags is None:  # pragma: no cover
         pytest.skip("no /proc/cpuinfo")
     isas = pybn.supported_isas()
+    for name, required in pybn._C.ISAS.items():
+        assert (name in isas) == (set(required) <= flags), (name, required)
     assert ("avx2" in isas) == ({"avx2", "fma"} <= flags)
     if "avx512" in isas:
         assert "avx512f" in flags
