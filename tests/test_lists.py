@@ -4,6 +4,7 @@ stub, the thresholds the kernels own, and the test-only instantiation with float
 computing in double."""
 
 import pathlib
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -183,3 +184,58 @@ def test_float32_storage_computing_in_double_backward(isa, threads):
     want = invstd.reshape(shape) * (g - g.mean(axis=(0, 2)).reshape(shape)
                                     - xhat * (g * xhat).mean(axis=(0, 2)).reshape(shape))
     np.testing.assert_allclose(dx, want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ one merge, one running-statistics update
+
+def running_update(running, batch, momentum):
+    """momentum * batch + (1 - momentum) * running with one rounding of the sum (a fused
+    multiply-add), (1 - momentum) * running rounded first: exact rational arithmetic."""
+    part = [float((1 - momentum) * float(r)) for r in running]
+    return np.array([float(Fraction(momentum) * Fraction(float(b)) + Fraction(p)) for b, p in zip(batch, part)])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_running_stats_update_is_pytorchs_in_double_rounded_once(isa, dtype):
+    """The update bn_train makes, as its own entry (SyncBatchNorm calls it after the merge):
+    (1 - momentum) * running + momentum * batch, the variance unbiased, in double with the
+    same roundings on every path, then rounded once to the dtype."""
+    rng = np.random.default_rng(7)
+    rm, rv = rng.standard_normal(64).astype(dtype), rng.random(64).astype(dtype)
+    mean, m2, count, momentum = rng.standard_normal(64), rng.random(64) * 50, 37.0, 0.3
+    want_m = running_update(rm, mean, momentum).astype(dtype)
+    want_v = running_update(rv, m2 / (count - 1), momentum).astype(dtype)
+    only_var = rv.copy()
+    _C.bn_update_running_stats(rm, rv, mean, m2, count, momentum)
+    np.testing.assert_array_equal(rm, want_m)
+    np.testing.assert_array_equal(rv, want_v)
+    _C.bn_update_running_stats(None, only_var, mean, m2, count, momentum)
+    np.testing.assert_array_equal(only_var, want_v)
+    with pytest.raises(ValueError, match="^count: "):
+        _C.bn_update_running_stats(rm, rv, mean, m2, 1.0, momentum)
+
+
+def test_bn_train_running_stats_equal_the_update_entry():
+    """bn_train's running statistics are those of bn_update_running_stats applied to the
+    batch's moments (one formula, used by both)."""
+    x = np.random.default_rng(8).standard_normal((5, 3, 41)).astype(np.float32)
+    rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+    pybn.batch_norm_train(x, running_mean=rm, running_var=rv, momentum=0.2)
+    stats = pybn.batch_norm_stats(x)
+    rm2, rv2 = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+    _C.bn_update_running_stats(rm2, rv2, stats.mean, stats.m2, float(stats.count), 0.2)
+    np.testing.assert_array_equal(rm, rm2)
+    np.testing.assert_array_equal(rv, rv2)
+
+
+def test_merge_of_workers_is_the_float64_moments_of_the_union():
+    rng = np.random.default_rng(9)
+    parts = [rng.standard_normal((n, 4)) * 3 + 5 for n in (3, 0, 10, 1)]
+    count = np.array([[len(p)] * 4 for p in parts], np.float64)
+    mean = np.array([p.mean(axis=0) if len(p) else np.zeros(4) for p in parts])
+    m2 = np.array([((p - p.mean(axis=0)) ** 2).sum(axis=0) if len(p) else np.zeros(4) for p in parts])
+    merged_mean, merged_m2 = np.empty(4), np.empty(4)
+    _C.bn_merge_stats(count, mean, m2, merged_mean, merged_m2)
+    union = np.concatenate(parts)
+    np.testing.assert_allclose(merged_mean, union.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(merged_m2, ((union - union.mean(axis=0)) ** 2).sum(axis=0), rtol=1e-13)

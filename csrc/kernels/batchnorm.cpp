@@ -520,11 +520,17 @@ double value_or(const S* p, i64 c, double fallback) {
 }
 
 // The running statistics' update of channel c (BnRunningStatsArgs), from the batch's mean
-// and m2 over n values.
+// and m2 over n values. The fused multiply-add is written out so that every path (and every
+// process of a SyncBatchNorm, whatever its CPU) rounds the same way: left to the compiler,
+// the AVX2 path would contract the expression and the scalar path would not.
+inline double running_update(double running, double batch, double momentum) {
+  return std::fma(momentum, batch, (1.0 - momentum) * running);
+}
+
 template <class S>
 void update_running(S* running_mean, S* running_var, i64 c, double mean, double m2, double n, double momentum) {
-  if (running_mean) running_mean[c] = static_cast<S>((1.0 - momentum) * running_mean[c] + momentum * mean);
-  if (running_var) running_var[c] = static_cast<S>((1.0 - momentum) * running_var[c] + momentum * (m2 / (n - 1.0)));
+  if (running_mean) running_mean[c] = static_cast<S>(running_update(running_mean[c], mean, momentum));
+  if (running_var) running_var[c] = static_cast<S>(running_update(running_var[c], m2 / (n - 1.0), momentum));
 }
 
 // The normalization of x with the given mean and, per channel c, invstd_of(c) (in double).
