@@ -4,6 +4,7 @@ import importlib.metadata
 
 project = "pybn"
 author = "the pybn developers"
+copyright = "the pybn developers, BSD 3-Clause"
 release = importlib.metadata.version("pybn-kernels")
 version = release
 
