@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from .batchnorm_split import (batch_norm_apply, batch_norm_backward_apply, batch_norm_backward_reduce,
-                              batch_norm_invstd, batch_norm_merge_stats, batch_norm_stats)
+from .batchnorm_split import (_update_running_stats, batch_norm_apply, batch_norm_backward_apply,
+                              batch_norm_backward_reduce, batch_norm_invstd, batch_norm_merge_stats, batch_norm_stats)
 from ._checks import in_place, written_apart
 from .nn import BatchNorm, _check_dy
 
@@ -329,7 +329,7 @@ class SyncBatchNorm(BatchNorm):
         invstd = batch_norm_invstd(stats, self.eps)
         y = batch_norm_apply(x, stats.mean, invstd, self.weight, self.bias, axis=self.axis)
         if momentum is not None:  # (tracking running statistics)
-            self._update_running_stats(stats.mean, stats.m2 / (n - 1.0), momentum)
+            _update_running_stats(self.running_mean, self.running_var, stats, momentum)
             assert self.num_batches_tracked is not None  # (tracking running statistics)
             self.num_batches_tracked += 1
         # saved in x's dtype, as the single-process forward saves them
@@ -345,12 +345,6 @@ class SyncBatchNorm(BatchNorm):
         rv = in_place(self.running_var, "running_var", c, self.dtype)
         written_apart((("running_mean", rm), ("running_var", rv)), (("weight", self.weight), ("bias", self.bias)))
         return self._momentum_for_next_batch()
-
-    def _update_running_stats(self, mean: np.ndarray, unbiased_var: np.ndarray, m: float) -> None:
-        # in float64, rounded once, in place: the formula of batch_norm_train's kernel
-        assert self.running_mean is not None and self.running_var is not None  # (tracking running statistics)
-        self.running_mean[...] = (1.0 - m) * self.running_mean.astype(np.float64) + m * mean
-        self.running_var[...] = (1.0 - m) * self.running_var.astype(np.float64) + m * unbiased_var
 
     def _forward_running_stats(self, x: np.ndarray) -> np.ndarray:
         y = super()._forward_running_stats(x)

@@ -116,7 +116,7 @@ def _apply_broadcast(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], p:
     the kernels give (multiplying by a 0/scale array would give -0.0 for negative x)."""
     view = _broadcast_view(x.shape, shape)
     if view is not None:
-        _C.dropout_apply(x, mask, y, dropout_scale(p), view)
+        _C.dropout_apply_broadcast(x, mask, y, dropout_scale(p), *view)
         return
     keep = np.unpackbits(mask, count=math.prod(shape), bitorder="little").reshape(shape).astype(bool)
     np.multiply(x, x.dtype.type(dropout_scale(p)), out=y, where=keep)  # in place too: x is read first

@@ -52,9 +52,9 @@ class Prober:
     """Probes one array (the shape's x) on pybn's threads, into one preallocated destination."""
 
     def __init__(self, x: np.ndarray):
-        from pybn import _C
+        from pybn._C import diagnostics
 
-        self._C = _C
+        self._diagnostics = diagnostics
         self.src = np.ascontiguousarray(x, dtype=np.float32)
         self.dst = np.empty_like(self.src)
         self.dst.fill(0.0)                      # fault the pages in before timing
@@ -62,23 +62,23 @@ class Prober:
         self._check()
 
     def _check(self) -> None:
-        _C, src, dst = self._C, self.src, self.dst
-        total = float(_C.probe_read(src))
+        d, src, dst = self._diagnostics, self.src, self.dst
+        total = float(d.probe_read(src))
         exact = float(src.sum(dtype=np.float64))
         if not abs(total - exact) <= 1e-3 * float(np.abs(src).sum(dtype=np.float64)) + 1e-6:
-            raise AssertionError(f"pybn._C.probe_read returned {total!r}, the array sums to {exact!r}")
-        _C.probe_stream(src, dst)
+            raise AssertionError(f"pybn._C.diagnostics.probe_read returned {total!r}, the array sums to {exact!r}")
+        d.probe_stream(src, dst)
         if not np.array_equal(dst, src):
-            raise AssertionError("pybn._C.probe_stream did not copy its input")
+            raise AssertionError("pybn._C.diagnostics.probe_stream did not copy its input")
 
     def calls(self, bound: Bound | None = None) -> tuple[Callable[[], object], ...]:
         """probe_read and probe_stream of the array, to be timed call for call with a kernel's;
         only those ``bound`` counts, if given."""
-        _C, src, dst = self._C, self.src, self.dst
+        d, src, dst = self._diagnostics, self.src, self.dst
         if bound is None:
-            return (lambda: _C.probe_read(src)), (lambda: _C.probe_stream(src, dst))
-        return (((lambda: _C.probe_read(src)),) * (bound.reads > 0)
-                + ((lambda: _C.probe_stream(src, dst)),) * (bound.streams > 0))
+            return (lambda: d.probe_read(src)), (lambda: d.probe_stream(src, dst))
+        return (((lambda: d.probe_read(src)),) * (bound.reads > 0)
+                + ((lambda: d.probe_stream(src, dst)),) * (bound.streams > 0))
 
     @staticmethod
     def seconds(bound: Bound, timings: Sequence[Timing]) -> float:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import pybn
+from pybn.batchnorm_split import _update_running_stats
 
 from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, per_channel
 
@@ -105,7 +106,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         y = empty(x, last)
         pybn.batch_norm_apply(xa, stats.mean, invstd, per_channel(weight), per_channel(bias), axis=axis,
                               out=array(y, last))
-        _update_running(running, stats.mean, stats.m2 / (count - 1.0), momentum)
+        _update_running(running, stats, momentum)
         dtype = xa.dtype
         saved_mean, saved_invstd = torch.from_numpy(stats.mean.astype(dtype)), torch.from_numpy(invstd.astype(dtype))
         ctx.save_for_backward(x, weight, saved_mean, saved_invstd)
@@ -133,11 +134,16 @@ class _SyncBatchNorm(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None
 
 
-def _update_running(running: Tuple[Optional[Tensor], Optional[Tensor]], mean: np.ndarray, unbiased_var: np.ndarray,
+def _update_running(running: Tuple[Optional[Tensor], Optional[Tensor]], stats: pybn.BatchNormStats,
                     momentum: float) -> None:
-    """PyTorch's update, in float64 and rounded once, identical on every process."""
+    """PyTorch's update, in float64 and rounded once, identical on every process: pybn's
+    (the single-process forward's) on float64 copies, written back in the statistics' dtype."""
+    if all(stat is None for stat in running):
+        return
     with torch.no_grad():
-        for stat, batch in zip(running, (mean, unbiased_var)):
+        mean, var = (None if stat is None else stat.detach().to(torch.float64, copy=True).numpy()
+                     for stat in running)
+        _update_running_stats(mean, var, stats, momentum)
+        for stat, new in zip(running, (mean, var)):
             if stat is not None:
-                new = (1.0 - momentum) * stat.double() + momentum * torch.from_numpy(batch)
-                stat.copy_(new.to(stat.dtype))
+                stat.copy_(torch.from_numpy(new))
