@@ -1,4 +1,4 @@
-"""Concurrency (issue 6, item 4).
+"""Concurrency.
 
 * 8 Python threads call every kernel at once, each on its own arrays, for a few
   seconds; every result equals, bit for bit, the same call made serially beforehand.

@@ -4,7 +4,7 @@ Random123's known answers in tests/test_philox.py), bit for bit, on every ISA
 path and thread count; torch as the reference for the gradient and for
 Dropout2d's behaviour; edge cases and errors; statistics.
 
-Contract: DESIGN.md, "Inverted dropout (counter-based, reproducible)":
+Contract: docs/dropout.md:
     pybn.dropout(x, p, *, seed, offset=0, noise_shape=None, out=None) -> y
     pybn.dropout_mask(shape, p, *, seed, offset=0) -> uint8 packed mask
     pybn.dropout_apply(x, mask, p, *, noise_shape=None, out=None) -> y

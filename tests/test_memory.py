@@ -1,4 +1,4 @@
-"""Memory (issue 6, item 5): repeated calls leave no growth.
+"""Memory: repeated calls leave no growth.
 
 * tracemalloc (Python objects and NumPy's array buffers, which NumPy reports to it):
   10**4 calls of each kernel, after a warm-up, keep at most a few KiB (caches that fill

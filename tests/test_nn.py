@@ -2,7 +2,7 @@
 nn.Dropout's semantics (outputs, autograd gradients, running statistics, state_dict),
 Keras' BatchNormalization formulas written out in NumPy, and pybn.dropout's mask stream.
 
-Contract: DESIGN.md, "Layers (`pybn.nn`)".
+Contract: docs/layers.md.
 """
 import math
 

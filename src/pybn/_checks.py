@@ -1,4 +1,4 @@
-"""Argument checks shared by every array function (DESIGN.md, "Conventions").
+"""Argument checks shared by every array function (docs/conventions.md).
 
 Each check raises TypeError (wrong kind or dtype) or ValueError (wrong shape, layout or
 value) with a message that starts with the argument's name, and never copies an array

@@ -1,4 +1,4 @@
-"""Inverted dropout with a counter-based mask (DESIGN.md, "Inverted dropout").
+"""Inverted dropout with a counter-based mask (docs/dropout.md).
 
 The mask of ``(seed, offset, p, shape)`` is the same on every machine, ISA and thread count:
 element k of the mask (C order over the mask's shape) keeps its value when a 16-bit word of

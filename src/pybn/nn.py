@@ -1,4 +1,4 @@
-"""Layers for NumPy training loops (DESIGN.md, "Layers (`pybn.nn`)").
+"""Layers for NumPy training loops (docs/layers.md).
 
 :class:`BatchNorm` and :class:`Dropout` wrap the pybn kernels in PyTorch-style modules:
 ``y = layer(x)`` runs the forward pass, ``dx = layer.backward(dy)`` the backward pass of
