@@ -4,7 +4,8 @@ import importlib.metadata
 
 project = "pybn"
 author = "the pybn developers"
-release = importlib.metadata.version("pybn")
+copyright = "the pybn developers, BSD 3-Clause"
+release = importlib.metadata.version("pybn-kernels")
 version = release
 
 extensions = [

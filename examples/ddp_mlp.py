@@ -23,7 +23,7 @@ order:
   batch's (its ``grad_weight`` / ``grad_bias`` are already summed over the processes, so
   they are not all-reduced again);
 * dropout: each process applies its rows of the mask that the single process draws for
-  the whole batch. pybn's mask is a counter-based stream (DESIGN.md), so each process
+  the whole batch. pybn's mask is a counter-based stream (docs/dropout.md), so each process
   draws the whole batch's mask from the same seed and offset (a few bytes per row) and
   keeps its rows. Independently seeded masks per process would train as well, but would
   not give the single-process curve.

@@ -17,8 +17,9 @@ import pytest
 
 def run_child(code: str | os.PathLike, *args: str, timeout: float = 120, env: dict | None = None,
               cwd: str | os.PathLike | None = None, **popen) -> subprocess.CompletedProcess:
-    """Run ``python -c code args`` (``python code args`` for a path) in a clean folder (so the installed pybn is imported, not the
-    source tree) without PYBN_ISA; fail the test if it outlives `timeout` seconds."""
+    """Run ``python -c code args`` (``python code args`` for a path) in a clean folder (so the
+    installed pybn is imported, not the source tree) without PYBN_ISA; fail the test if it
+    outlives `timeout` seconds."""
     full_env = dict(os.environ)
     full_env.pop("PYBN_ISA", None)
     full_env.update(env or {})

@@ -36,7 +36,7 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
-# ------------------------------------------------- issue 6: reliability additions
+# ------------------------------------------------- reliability: opt-in markers and profiles
 
 OPT_IN_MARKERS = ("slow", "huge", "bigmodel", "realmodels")
 

@@ -4,6 +4,8 @@ to look for memory that pybn's compiled module allocates and never frees.
 
     PYBN_ISA=avx2 PYTHONMALLOC=malloc valgrind --leak-check=full python tests/leak_script.py
 """
+import contextlib
+
 import numpy as np
 
 import pybn
@@ -45,10 +47,8 @@ def run_every_kernel(x, dtype):
                 lambda: pybn.batch_norm_infer(x, rm[:-1], rv),
                 lambda: pybn.dropout(x, 2.0, seed=1),
                 lambda: pybn.dropout_apply(x, mask[:-1], 0.3)):
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             bad()
-        except (TypeError, ValueError):
-            pass
 
 
 def main():

@@ -1,7 +1,6 @@
 """Independent plain-NumPy reference for pybn's dropout mask stream.
 
-Follows /work/shared/DESIGN.md, "Inverted dropout (counter-based,
-reproducible)", whose mask stream is normative. Nothing here calls pybn.
+Follows docs/dropout.md, whose mask stream is normative. Nothing here calls pybn.
 Everything is vectorized with uint64 arithmetic (no Python loop over
 elements); the only loop is over Philox's 10 rounds.
 
@@ -107,7 +106,7 @@ def threshold(p):
     p = check_p(p)
     if p == 1.0:
         return None
-    return int(math.floor(p * 65536.0))
+    return math.floor(p * 65536.0)
 
 
 def n_counters(n):

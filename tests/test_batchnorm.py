@@ -562,7 +562,7 @@ def test_concurrent_python_threads(isa):
         try:
             for _ in range(3):
                 results[i] = pybn.batch_norm_train(xs[i], relu=True)
-        except Exception as e:  # pragma: no cover
+        except Exception as e:  # noqa: BLE001  # pragma: no cover - collected, the test reports it
             errors.append(e)
 
     ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
@@ -686,7 +686,7 @@ def test_backward_finite_differences(shape, axis, affine, relu, isa):
         b = rng.standard_normal(c) if affine else None
         pre = ref.batch_norm_train(x, w, b, eps=eps, axis=axis).y
         # with relu, keep every pre-activation well away from the kink
-        if not relu or (np.abs(pre) > 1e-3).all() and (pre > 0).any() and (pre < 0).any():
+        if not relu or ((np.abs(pre) > 1e-3).all() and (pre > 0).any() and (pre < 0).any()):
             break
     rvec = rng.standard_normal(shape)
     wf = np.ones(c) if w is None else w
@@ -720,7 +720,7 @@ def test_backward_finite_differences(shape, axis, affine, relu, isa):
 
 # ------------------------------------------------------- statistics accuracy
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _offset_data(shape, axis):
     rng = np.random.default_rng(1234)
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)

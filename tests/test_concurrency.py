@@ -1,4 +1,4 @@
-"""Concurrency (issue 6, item 4).
+"""Concurrency.
 
 * 8 Python threads call every kernel at once, each on its own arrays, for a few
   seconds; every result equals, bit for bit, the same call made serially beforehand.
@@ -270,7 +270,7 @@ def test_gil_is_released_inside_kernels(one_thread):
     def holds_gil():   # negative control: a builtin that never releases the GIL
         sum(range(20_000_000))
 
-    for attempt in range(3):
+    for _attempt in range(3):
         frac, seconds = progress_during(pybn_call)
         control, control_seconds = progress_during(holds_gil)
         if frac >= 0.5 and control <= 0.3:

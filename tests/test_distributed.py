@@ -10,6 +10,7 @@ launch is bounded in time: a dead or hung worker fails the test.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -83,10 +84,8 @@ def launch(cmds: list[list[str]], timeout: float, *, done=None) -> tuple[list, l
         codes = [p.poll() for p in procs]
         for p, code in zip(procs, codes):
             if code is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):  # exited just now
                     os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:  # exited just now
-                    pass
         for p in procs:
             p.wait()
     elapsed = time.monotonic() - start

@@ -4,7 +4,7 @@ Random123's known answers in tests/test_philox.py), bit for bit, on every ISA
 path and thread count; torch as the reference for the gradient and for
 Dropout2d's behaviour; edge cases and errors; statistics.
 
-Contract: DESIGN.md, "Inverted dropout (counter-based, reproducible)":
+Contract: docs/dropout.md:
     pybn.dropout(x, p, *, seed, offset=0, noise_shape=None, out=None) -> y
     pybn.dropout_mask(shape, p, *, seed, offset=0) -> uint8 packed mask
     pybn.dropout_apply(x, mask, p, *, noise_shape=None, out=None) -> y
@@ -665,10 +665,7 @@ def random_problems(count, seed=2024):
             seed_ = int(rng.integers(0, 2**32, endpoint=True))
         else:
             seed_ = U64 - 1 - int(rng.integers(0, 2**32))
-        if rng.random() < 0.5:
-            offset = int(rng.integers(0, 1000))
-        else:
-            offset = U64 - 1 - int(rng.integers(0, 2000))
+        offset = int(rng.integers(0, 1000)) if rng.random() < 0.5 else U64 - 1 - int(rng.integers(0, 2000))
         dtype = DTYPES[int(rng.integers(0, 2))]
         isa_name = isas[int(rng.integers(0, len(isas)))]
         yield shape, ns, p, seed_, offset, dtype, isa_name

@@ -215,7 +215,7 @@ def test_fold_bn_linear_equals_torch_pair(name, make, shape, dims, dtype, affine
 
 
 def test_torch_fuser_fails_on_grouped_transposed_conv_and_pybn_does_not(rng):
-    # The motivating case of the issue: torch 2.13 mixes up the axes of a grouped ConvTranspose.
+    # The motivating case: torch 2.13 mixes up the axes of a grouped ConvTranspose.
     conv = torch.nn.ConvTranspose2d(4, 6, 3, groups=2).eval()
     bn = torch_bn(6, 2, bn_params(rng, 6), np.float32)
     bn.eps = 1e-5

@@ -1,5 +1,5 @@
 """pybn.torch.fold against PyTorch itself: every folded module must compute what the
-original computes in eval mode (DESIGN.md, "Folding batch norm")."""
+original computes in eval mode (docs/folding.md)."""
 
 import copy
 import logging
@@ -467,7 +467,7 @@ def leftovers(report):
 
 
 BATCH_NORM1D_PAIRS = {
-    # the issue's reproducer: BatchNorm1d on (N, C, L) normalizes C, the Linear acts on L == C
+    # the reproducer: BatchNorm1d on (N, C, L) normalizes C, the Linear acts on L == C
     "bn1d_linear_3d": (lambda: nn.Sequential(nn.BatchNorm1d(10), nn.Linear(10, 4)), (5, 10, 10), "0"),
     # Linear on (N, L, C) gives (N, L, out); BatchNorm1d(out) then normalizes L == out
     "linear_bn1d_3d": (lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)), (2, 6, 4), "1"),

@@ -1,4 +1,4 @@
-"""Property-based fuzzing with hypothesis (issue 6, item 3).
+"""Property-based fuzzing with hypothesis.
 
 Random shapes (2-5 dimensions of 0-9, so size-1 and size-0 axes), channel axes,
 dtypes, parameters and memory layouts (steps, negative steps, transposes) for the
@@ -57,7 +57,7 @@ def assert_bitwise(got, want, what):
 def normalize_ref(x, mean, invstd, weight, bias, axis, relu):
     """float64 ``(x - mean) * invstd * weight + bias`` with the given per-channel mean.
 
-    The kernels subtract the mean rounded to x's dtype (DESIGN: the mean is returned in
+    The kernels subtract the mean rounded to x's dtype (docs/batchnorm.md: the mean is returned in
     x's dtype; pybn.batch_norm_apply's docstring), so the expected output takes that
     rounded mean too: with an exact mean, a channel of nearly equal values (invstd up to
     1/sqrt(eps)) would amplify the half-ulp rounding of the mean past any fixed tolerance.
@@ -344,10 +344,8 @@ offsets = st.one_of(st.integers(0, U64 - 1), st.integers(U64 - 2000, U64 - 1), s
 
 @st.composite
 def dropout_problems(draw):
-    if draw(st.integers(0, 4)) == 0:   # long enough for several groups of 128 and the vector bodies
-        shape = (draw(st.integers(0, 1500)),)
-    else:
-        shape = draw(shapes(min_ndim=0, max_ndim=4))
+    one_dim = draw(st.integers(0, 4)) == 0   # long enough for several groups of 128 and the vector bodies
+    shape = (draw(st.integers(0, 1500)),) if one_dim else draw(shapes(min_ndim=0, max_ndim=4))
     dtype = draw(st.sampled_from(DTYPES))
     x = draw(arrays(shape, dtype))
     if x.ndim and x.size and draw(st.booleans()):   # specials: kept NaN/Inf/-0.0 propagate, dropped ones are +0.0

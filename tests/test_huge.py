@@ -1,4 +1,4 @@
-"""More than 2**31 elements (issue 6, item 6; opt-in: ``python -m pytest -m slow tests/test_huge.py``).
+"""More than 2**31 elements (opt-in: ``python -m pytest -m slow tests/test_huge.py``).
 
 One float32 array of 2**31 + 2**20 + 1 elements in a (N, C) = (429706445, 5) shape, 8.6 GB,
 worked on in place (out=x) so that it is the only big allocation (plus a 268 MB packed

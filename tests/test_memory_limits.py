@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import memory_limit_child as child  # noqa: E402
+import memory_limit_child as child
 
 CHILD = Path(__file__).with_name("memory_limit_child.py")
 GROUPS = {

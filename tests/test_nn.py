@@ -2,7 +2,7 @@
 nn.Dropout's semantics (outputs, autograd gradients, running statistics, state_dict),
 Keras' BatchNormalization formulas written out in NumPy, and pybn.dropout's mask stream.
 
-Contract: DESIGN.md, "Layers (`pybn.nn`)".
+Contract: docs/layers.md.
 """
 import math
 
@@ -669,7 +669,7 @@ def test_dropout_offset_wraps_at_2_64():
 def test_dropout_noise_shape(noise_shape, mask_shape, rng):
     shape = (6, 4, 3, 5)
     layer = nn.Dropout(0.5, seed=11, noise_shape=noise_shape)
-    for call in range(2):
+    for _call in range(2):
         offset = layer.offset
         x = (rng.normal(size=shape) + 4).astype(np.float32)
         y = layer(x)

@@ -1,6 +1,6 @@
 """The NumPy reference of the dropout mask stream (tests/reference_dropout.py)
 against Random123's published Philox4x32-10 known answers, a literal
-element-by-element transcription of DESIGN.md's mapping, and the stream's
+element-by-element transcription of docs/dropout.md's mapping, and the stream's
 documented properties. Nothing here calls pybn's dropout: these tests pin the
 reference that tests/test_dropout_api.py then holds the kernels to.
 """
@@ -112,7 +112,7 @@ def philox_scalar(ctr, key):
 
 
 def mask_literal(n, p, seed, offset):
-    """DESIGN.md's per-element formulas, one element at a time."""
+    """docs/dropout.md's per-element formulas, one element at a time."""
     out = []
     cache = {}
     for k in range(n):

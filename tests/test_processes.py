@@ -335,7 +335,7 @@ with open("/proc/self/status") as f:
 resource.setrlimit(resource.RLIMIT_AS, (vm + 64 * 2**20, resource.RLIM_INFINITY))
 pybn.set_num_threads(256)
 pybn.batch_norm_infer(big, m64, ones, out=out)
-started = pybn._C.pool_threads()
+started = pybn._C.diagnostics.pool_threads()
 resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))   # to compare
 assert 1 < started < 256, f"{started} threads: the limit did not refuse some and allow others"
 np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
@@ -363,7 +363,7 @@ pybn.set_num_threads(4)
 grain = 1 << 15
 rows = np.full((8, 4), -1, np.int64)
 try:
-    pybn._C._trace_parallel_for(8, 8 * grain, rows, throw_in=0, slice_ms=100)
+    pybn._C.diagnostics.trace_parallel_for(8, 8 * grain, rows, throw_in=0, slice_ms=100)
 except MemoryError:
     pass
 else:
@@ -374,14 +374,14 @@ assert not done[:, 2].any() and len(set(done[:, 3])) == 3   # on 3 workers
 
 rows[:] = -1
 try:
-    pybn._C._trace_parallel_for(8, 8 * grain, rows, throw_in=7, slice_ms=100)   # in a worker's slice
+    pybn._C.diagnostics.trace_parallel_for(8, 8 * grain, rows, throw_in=7, slice_ms=100)   # in a worker's slice
 except MemoryError:
     pass
 else:
     raise AssertionError("no MemoryError")
 assert [tuple(r[:3]) for r in rows[rows[:, 0] >= 0]] == [(0, 2, 1), (2, 4, 0), (4, 6, 0)]
 
-pybn._C._trace_parallel_for(8, 8 * grain, rows)   # the pool still works
+pybn._C.diagnostics.trace_parallel_for(8, 8 * grain, rows)   # the pool still works
 assert [tuple(r[:3]) for r in rows[[0, 2, 4, 6]]] == [(0, 2, 1), (2, 4, 0), (4, 6, 0), (6, 8, 0)]
 print("ok")
 """

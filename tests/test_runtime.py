@@ -15,7 +15,9 @@ import pytest
 import pybn
 import pybn._runtime
 
-ALL_ISAS = ["scalar", "avx2", "avx512"]
+# every path of this build, lowest first (the ISA list of CMakeLists.txt), with the CPU
+# features each needs
+ALL_ISAS = list(pybn._C.ISAS)
 
 
 def cpu_flags():
@@ -65,6 +67,8 @@ def test_supported_isas_match_cpu():
     if flags is None:  # pragma: no cover
         pytest.skip("no /proc/cpuinfo")
     isas = pybn.supported_isas()
+    for name, required in pybn._C.ISAS.items():
+        assert (name in isas) == (set(required) <= flags), (name, required)
     assert ("avx2" in isas) == ({"avx2", "fma"} <= flags)
     if "avx512" in isas:
         assert "avx512f" in flags
@@ -89,12 +93,11 @@ def test_use_isa_switches_and_restores():
         assert pybn.isa() == before
     # nested, and restored after an exception
     isas = pybn.supported_isas()
-    with pytest.raises(RuntimeError):
-        with pybn._runtime.use_isa(isas[0]):
-            with pybn._runtime.use_isa(isas[-1]):
-                assert pybn.isa() == isas[-1]
-            assert pybn.isa() == isas[0]
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), pybn._runtime.use_isa(isas[0]):
+        with pybn._runtime.use_isa(isas[-1]):
+            assert pybn.isa() == isas[-1]
+        assert pybn.isa() == isas[0]
+        raise RuntimeError("boom")
     assert pybn.isa() == before
 
 
@@ -141,9 +144,8 @@ def test_pybn_isa_env_forced_path_computes(tmp_path):
 
 def test_use_isa_rejects_unknown_name():
     before = pybn.isa()
-    with pytest.raises(ValueError):
-        with pybn._runtime.use_isa("bogus"):
-            pass  # pragma: no cover
+    with pytest.raises(ValueError), pybn._runtime.use_isa("bogus"):
+        pass  # pragma: no cover
     assert pybn.isa() == before
 
 
@@ -227,7 +229,7 @@ GRAIN = 1 << 15
 def trace(n, work):
     """{begin: (end, on the calling thread, OS thread id)} of parallel_for(n, work)."""
     rows = np.full((n, 4), -1, np.int64)
-    pybn._C._trace_parallel_for(n, work, rows)
+    pybn._C.diagnostics.trace_parallel_for(n, work, rows)
     return {int(r[0]): (int(r[1]), bool(r[2]), int(r[3])) for r in rows if r[0] >= 0}
 
 
@@ -259,7 +261,7 @@ def test_a_call_finding_the_pool_busy_runs_on_its_own_thread():
     prev = pybn.get_num_threads()
     pybn.set_num_threads(2)
     rows = np.full((4, 4), -1, np.int64)
-    holder = threading.Thread(target=pybn._C._trace_parallel_for, args=(4, 4 * GRAIN, rows, -1, 1500))
+    holder = threading.Thread(target=pybn._C.diagnostics.trace_parallel_for, args=(4, 4 * GRAIN, rows, -1, 1500))
     try:
         holder.start()
         time.sleep(0.25)

@@ -163,4 +163,5 @@ def test_misaligned_inputs_give_the_aligned_results(isa):
     assert_bits_equal(pybn.batch_norm_backward(misaligned(dy), mx, want.mean, want.invstd).dx,
                       pybn.batch_norm_backward(dy, x, want.mean, want.invstd).dx)
     w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
-    assert_bits_equal(pybn.fold_conv_bn(misaligned(w), None, mm, mv).weight, pybn.fold_conv_bn(w, None, mean, var).weight)
+    assert_bits_equal(pybn.fold_conv_bn(misaligned(w), None, mm, mv).weight,
+                      pybn.fold_conv_bn(w, None, mean, var).weight)

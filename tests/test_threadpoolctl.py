@@ -69,7 +69,7 @@ def test_threadpool_limits_limits_pybns_kernels_and_restores():
         def slices_off_caller():
             # how many of parallel_for's 8 slices ran on another thread than the caller
             rows = np.full((8, 4), -1, np.int64)
-            pybn._C._trace_parallel_for(8, 8 << 15, rows, slice_ms=20)
+            pybn._C.diagnostics.trace_parallel_for(8, 8 << 15, rows, slice_ms=20)
             return int((rows[:, 2] == 0).sum())
 
         pybn.set_num_threads(4)

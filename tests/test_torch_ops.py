@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import pybn
-import pybn.torch  # noqa: F401  (registers torch.ops.pybn)
+import pybn.torch  # registers torch.ops.pybn
 import pybn.torch.ops as ops
 import reference_dropout
 

@@ -8,7 +8,7 @@ class Net(nn.Module):
     """The PyTorch tutorial's Net (seed 000): Linear(10, 5) then Dropout(0.2)."""
 
     def __init__(self):
-        super(Net, self).__init__()
+        super().__init__()
         self.dropout = nn.Dropout(p=0.2)
         self.fc1 = nn.Linear(10, 5)
 
@@ -30,7 +30,7 @@ class CNNWithBNDropout(nn.Module):
     """The CNN of seed 002, verbatim."""
 
     def __init__(self):
-        super(CNNWithBNDropout, self).__init__()
+        super().__init__()
         self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(32)
         self.dropout = nn.Dropout(0.5)

@@ -1,7 +1,9 @@
-// pybn._C: thin bindings. The Python layer (pybn/*.py) validates user input and chooses
-// layouts; here each array is checked once more against what the kernel will touch
-// (dtype, C-contiguity, size, writability) so no call can reach a kernel with a bad
-// pointer, then the GIL is released and the active ISA's table is called.
+// pybn._C: thin bindings, one per kernel entry point of kernel_list.h (same name), plus the
+// runtime (ISA, threads) and, in pybn._C.diagnostics, the entry points for tests and
+// benchmarks. The Python layer (src/pybn/*.py) validates user input and chooses layouts;
+// here each array is checked once more against what the kernel will touch (dtype,
+// C-contiguity, size, writability) so no call can reach a kernel with a bad pointer, then
+// the GIL is released and the active ISA's table is called.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -9,7 +11,6 @@
 #include <cxxabi.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -17,10 +18,39 @@
 #include "pybn/dispatch.h"
 #include "pybn/kernels.h"
 #include "pybn/parallel.h"
+#include "pybn/thread_pool.h"
 
 namespace py = pybind11;
 using pybn::Layout;
 using i64 = std::int64_t;
+
+namespace {
+
+// Array arguments: any object (checked below, so that a wrong one gets a message naming
+// it), shown as numpy.ndarray (or None) in the signatures tests/stubgen.py reads.
+class NdArray : public py::object {
+ public:
+  PYBIND11_OBJECT_DEFAULT(NdArray, object, PyObject_Type)
+};
+class OptionalNdArray : public py::object {
+ public:
+  PYBIND11_OBJECT_DEFAULT(OptionalNdArray, object, PyObject_Type)
+};
+
+}  // namespace
+
+namespace pybind11 {
+namespace detail {
+template <>
+struct handle_type_name<NdArray> {
+  static constexpr auto name = const_name("numpy.ndarray");
+};
+template <>
+struct handle_type_name<OptionalNdArray> {
+  static constexpr auto name = const_name("numpy.ndarray | None");
+};
+}  // namespace detail
+}  // namespace pybind11
 
 namespace {
 
@@ -95,6 +125,12 @@ T* required_out(const py::handle& obj, i64 size, const char* name) {
   return inout<T>(obj, size, name);
 }
 
+// The number of elements of obj, an ndarray (else a TypeError naming it).
+i64 size_of(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + ": expected a numpy.ndarray");
+  return static_cast<i64>(py::reinterpret_borrow<py::array>(obj).size());
+}
+
 Layout make_layout(i64 outer, i64 channels, i64 inner) {
   if (outer < 0 || channels < 0 || inner < 0) throw py::value_error("layout: negative extent");
   Layout L;
@@ -104,162 +140,378 @@ Layout make_layout(i64 outer, i64 channels, i64 inner) {
   return L;
 }
 
-// Calls f.template operator()<T>() with T the element type of x (float32 or float64).
-template <class F>
-void by_dtype(const py::array& x, F&& f) {
-  if (is_of<float>(x))
-    f(float{});
-  else if (is_of<double>(x))
-    f(double{});
-  else
-    throw py::type_error("x: dtype " + std::string(py::str(x.dtype())) + " is not supported (float32, float64)");
+// "float32, float64": the dtypes of PYBN_DTYPES.
+std::string dtype_names() {
+  std::string s;
+#define PYBN_DTYPE_NAME(S, name, T) s += (s.empty() ? "" : ", ") + std::string(#name);
+  PYBN_DTYPES(PYBN_DTYPE_NAME)
+#undef PYBN_DTYPE_NAME
+  return s;
 }
 
-void bn_train(const py::array& x, const py::object& y, const py::object& weight, const py::object& bias,
-              const py::object& running_mean, const py::object& running_var, const py::object& save_mean,
-              const py::object& save_invstd, i64 outer, i64 channels, i64 inner, double momentum, double eps,
+[[noreturn]] void unsupported_dtype(const py::handle& x, const char* name, const std::string& supported) {
+  throw py::type_error(std::string(name) + ": dtype " + std::string(py::str(py::getattr(x, "dtype"))) +
+                       " is not supported (" + supported + ")");
+}
+
+// Which kernels the typed bindings call: by_dtype(x, name, f) calls f(S{}) with S the
+// storage type of x, and typed<S>() gives the entry points for S.
+//
+// The kernels of the active ISA, for every dtype of PYBN_DTYPES.
+struct ActiveKernels {
+  template <class F>
+  static void by_dtype(const py::handle& x, const char* name, F&& f) {
+    size_of(x, name);
+    const auto a = py::reinterpret_borrow<py::array>(x);
+#define PYBN_DTYPE_CASE(S, dtype, T) \
+  if (is_of<S>(a)) return f(S{});
+    PYBN_DTYPES(PYBN_DTYPE_CASE)
+#undef PYBN_DTYPE_CASE
+    unsupported_dtype(x, name, dtype_names());
+  }
+  template <class S>
+  static const pybn::TypedKernels<S>& typed() {
+    return pybn::table().typed<S>();
+  }
+};
+
+// The active ISA's float32 kernels computing in double (DiagnosticTable).
+struct FloatComputingInDouble {
+  template <class F>
+  static void by_dtype(const py::handle& x, const char* name, F&& f) {
+    size_of(x, name);
+    if (is_of<float>(py::reinterpret_borrow<py::array>(x))) return f(float{});
+    unsupported_dtype(x, name, "float32");
+  }
+  template <class S>
+  static const pybn::TypedKernels<float>& typed() {
+    static_assert(std::is_same_v<S, float>);
+    return pybn::diagnostics().float_computing_in_double;
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// The typed kernels' bindings, for the kernels K.
+
+template <class K>
+void bn_train(const NdArray& x, const NdArray& y, const OptionalNdArray& weight, const OptionalNdArray& bias,
+              const OptionalNdArray& running_mean, const OptionalNdArray& running_var, const NdArray& save_mean,
+              const NdArray& save_invstd, i64 outer, i64 channels, i64 inner, double momentum, double eps,
               bool relu) {
   const Layout L = make_layout(outer, channels, inner);
-  by_dtype(x, [&](auto zero) {
-    using T = decltype(zero);
-    pybn::BnTrainArgs<T> a;
+  K::by_dtype(x, "x", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::BnTrainArgs<S> a;
     a.layout = L;
-    a.x = required<T>(x, L.numel(), "x");
-    a.y = required_out<T>(y, L.numel(), "out");
-    a.weight = in<T>(weight, channels, "weight");
-    a.bias = in<T>(bias, channels, "bias");
-    a.running_mean = inout<T>(running_mean, channels, "running_mean");
-    a.running_var = inout<T>(running_var, channels, "running_var");
-    a.save_mean = required_out<T>(save_mean, channels, "mean");
-    a.save_invstd = required_out<T>(save_invstd, channels, "invstd");
+    a.x = required<S>(x, L.numel(), "x");
+    a.y = required_out<S>(y, L.numel(), "out");
+    a.weight = in<S>(weight, channels, "weight");
+    a.bias = in<S>(bias, channels, "bias");
+    a.running_mean = inout<S>(running_mean, channels, "running_mean");
+    a.running_var = inout<S>(running_var, channels, "running_var");
+    a.save_mean = required_out<S>(save_mean, channels, "mean");
+    a.save_invstd = required_out<S>(save_invstd, channels, "invstd");
     a.momentum = momentum;
     a.eps = eps;
     a.relu = relu;
     if (L.per_channel() < 2) fail("x", "training needs more than 1 value per channel");
     GilReleased nogil;
-    pybn::table().typed<T>().bn_train(a);
+    K::template typed<S>().bn_train(a);
   });
 }
 
-// Inference forward with var and eps, or (invstd given, float64) with the batch statistics
-// of a split-phase training forward.
-void bn_infer(const py::array& x, const py::object& y, const py::object& mean, const py::object& var,
-              const py::object& weight, const py::object& bias, i64 outer, i64 channels, i64 inner, double eps,
-              bool relu, const py::object& invstd) {
+template <class K>
+void bn_infer(const NdArray& x, const NdArray& y, const NdArray& mean, const NdArray& var,
+              const OptionalNdArray& weight, const OptionalNdArray& bias, i64 outer, i64 channels, i64 inner,
+              double eps, bool relu) {
   const Layout L = make_layout(outer, channels, inner);
-  by_dtype(x, [&](auto zero) {
-    using T = decltype(zero);
-    pybn::BnInferArgs<T> a;
+  K::by_dtype(x, "x", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::BnInferArgs<S> a;
     a.layout = L;
-    a.x = required<T>(x, L.numel(), "x");
-    a.y = required_out<T>(y, L.numel(), "out");
-    a.mean = required<T>(mean, channels, "running_mean");
-    a.invstd = in<double>(invstd, channels, "invstd");
-    if (!a.invstd) a.var = required<T>(var, channels, "running_var");
-    a.weight = in<T>(weight, channels, "weight");
-    a.bias = in<T>(bias, channels, "bias");
+    a.x = required<S>(x, L.numel(), "x");
+    a.y = required_out<S>(y, L.numel(), "out");
+    a.mean = required<S>(mean, channels, "running_mean");
+    a.var = required<S>(var, channels, "running_var");
+    a.weight = in<S>(weight, channels, "weight");
+    a.bias = in<S>(bias, channels, "bias");
     a.eps = eps;
     a.relu = relu;
     GilReleased nogil;
-    pybn::table().typed<T>().bn_infer(a);
+    K::template typed<S>().bn_infer(a);
   });
 }
 
-// The arrays every backward call reads: dy, x (and y) of the layout's size, mean and invstd per channel.
-template <class T>
-pybn::BnBackwardArgs<T> backward_args(const Layout& L, const py::array& dy, const py::object& x,
-                                      const py::object& y, const py::object& mean, const py::object& invstd) {
-  pybn::BnBackwardArgs<T> a;
-  a.layout = L;
-  a.dy = required<T>(dy, L.numel(), "dy");
-  a.x = required<T>(x, L.numel(), "x");
-  a.y = in<T>(y, L.numel(), "y");
-  a.mean = required<T>(mean, L.channels, "mean");
-  a.invstd = required<T>(invstd, L.channels, "invstd");
-  return a;
-}
-
-void bn_backward(const py::array& dy, const py::object& x, const py::object& y, const py::object& mean,
-                 const py::object& invstd, const py::object& weight, const py::object& dx,
-                 const py::object& dweight, const py::object& dbias, i64 outer, i64 channels, i64 inner,
-                 bool training) {
+template <class K>
+void bn_apply(const NdArray& x, const NdArray& y, const NdArray& mean, const NdArray& invstd,
+              const OptionalNdArray& weight, const OptionalNdArray& bias, i64 outer, i64 channels, i64 inner,
+              bool relu) {
   const Layout L = make_layout(outer, channels, inner);
-  by_dtype(dy, [&](auto zero) {
-    using T = decltype(zero);
-    auto a = backward_args<T>(L, dy, x, y, mean, invstd);
-    a.weight = in<T>(weight, channels, "weight");
-    a.dx = required_out<T>(dx, L.numel(), "out");
-    a.dweight = required_out<T>(dweight, channels, "dweight");
-    a.dbias = required_out<T>(dbias, channels, "dbias");
-    a.training = training;
-    GilReleased nogil;
-    pybn::table().typed<T>().bn_backward(a);
-  });
-}
-
-void bn_moments(const py::array& x, const py::object& mean, const py::object& m2, i64 outer, i64 channels,
-                i64 inner) {
-  const Layout L = make_layout(outer, channels, inner);
-  by_dtype(x, [&](auto zero) {
-    using T = decltype(zero);
-    pybn::BnMomentsArgs<T> a;
+  K::by_dtype(x, "x", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::BnApplyArgs<S> a;
     a.layout = L;
-    a.x = required<T>(x, L.numel(), "x");
+    a.x = required<S>(x, L.numel(), "x");
+    a.y = required_out<S>(y, L.numel(), "out");
+    a.mean = required<S>(mean, channels, "mean");
+    a.invstd = required<double>(invstd, channels, "invstd");
+    a.weight = in<S>(weight, channels, "weight");
+    a.bias = in<S>(bias, channels, "bias");
+    a.relu = relu;
+    GilReleased nogil;
+    K::template typed<S>().bn_apply(a);
+  });
+}
+
+template <class K>
+void bn_moments(const NdArray& x, const NdArray& mean, const NdArray& m2, i64 outer, i64 channels, i64 inner) {
+  const Layout L = make_layout(outer, channels, inner);
+  K::by_dtype(x, "x", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::BnMomentsArgs<S> a;
+    a.layout = L;
+    a.x = required<S>(x, L.numel(), "x");
     a.mean = required_out<double>(mean, channels, "mean");
     a.m2 = required_out<double>(m2, channels, "m2");
     GilReleased nogil;
-    pybn::table().typed<T>().bn_moments(a);
+    K::template typed<S>().bn_moments(a);
   });
 }
 
-// The two backward phases (kernels.h, BnGradSums); apply == false reduces into the sums.
-void bn_backward_phase(bool apply, const py::array& dy, const py::object& x, const py::object& y,
-                       const py::object& mean, const py::object& invstd, const py::object& weight,
-                       const py::object& sum_g, const py::object& sum_gxhat, double count, const py::object& dx,
-                       i64 outer, i64 channels, i64 inner) {
+// The arrays every backward reads: dy, x (and y) of the layout's size, mean and invstd per channel.
+template <class S>
+void set_grad_inputs(pybn::BnGradInputs<S>& a, const Layout& L, const NdArray& dy, const NdArray& x,
+                     const OptionalNdArray& y, const NdArray& mean, const NdArray& invstd) {
+  a.layout = L;
+  a.dy = required<S>(dy, L.numel(), "dy");
+  a.x = required<S>(x, L.numel(), "x");
+  a.y = in<S>(y, L.numel(), "y");
+  a.mean = required<S>(mean, L.channels, "mean");
+  a.invstd = required<S>(invstd, L.channels, "invstd");
+}
+
+template <class K>
+void bn_backward(const NdArray& dy, const NdArray& x, const OptionalNdArray& y, const NdArray& mean,
+                 const NdArray& invstd, const OptionalNdArray& weight, const NdArray& dx, const NdArray& dweight,
+                 const NdArray& dbias, i64 outer, i64 channels, i64 inner, bool training) {
   const Layout L = make_layout(outer, channels, inner);
-  by_dtype(dy, [&](auto zero) {
-    using T = decltype(zero);
-    auto a = backward_args<T>(L, dy, x, y, mean, invstd);
-    pybn::BnGradSums<T> sums;
-    if (apply) {
-      a.weight = in<T>(weight, channels, "weight");
-      a.dx = required_out<T>(dx, L.numel(), "out");
-      sums.sum_g = const_cast<double*>(required<double>(sum_g, channels, "sum_dy"));
-      sums.sum_gxhat = const_cast<double*>(required<double>(sum_gxhat, channels, "sum_dy_xhat"));
-      if (!(count > 0)) fail("count", "must be > 0");
-      sums.count = count;
-    } else {
-      sums.sum_g = required_out<double>(sum_g, channels, "sum_dy");
-      sums.sum_gxhat = required_out<double>(sum_gxhat, channels, "sum_dy_xhat");
-    }
+  K::by_dtype(dy, "dy", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::BnBackwardArgs<S> a;
+    set_grad_inputs(a, L, dy, x, y, mean, invstd);
+    a.weight = in<S>(weight, channels, "weight");
+    a.dx = required_out<S>(dx, L.numel(), "out");
+    a.dweight = required_out<S>(dweight, channels, "dweight");
+    a.dbias = required_out<S>(dbias, channels, "dbias");
+    a.training = training;
     GilReleased nogil;
-    if (apply)
-      pybn::table().typed<T>().bn_backward_apply(a, sums);
-    else
-      pybn::table().typed<T>().bn_backward_reduce(a, sums);
+    K::template typed<S>().bn_backward(a);
   });
 }
 
-void dropout(const py::array& x, const py::object& y, std::uint64_t seed, std::uint64_t offset,
-             std::uint32_t threshold, double scale) {
+template <class K>
+void bn_backward_reduce(const NdArray& dy, const NdArray& x, const OptionalNdArray& y, const NdArray& mean,
+                        const NdArray& invstd, const NdArray& sum_dy, const NdArray& sum_dy_xhat, i64 outer,
+                        i64 channels, i64 inner) {
+  const Layout L = make_layout(outer, channels, inner);
+  K::by_dtype(dy, "dy", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::BnGradReduceArgs<S> a;
+    set_grad_inputs(a, L, dy, x, y, mean, invstd);
+    a.sum_g = required_out<double>(sum_dy, channels, "sum_dy");
+    a.sum_gxhat = required_out<double>(sum_dy_xhat, channels, "sum_dy_xhat");
+    GilReleased nogil;
+    K::template typed<S>().bn_backward_reduce(a);
+  });
+}
+
+template <class K>
+void bn_backward_apply(const NdArray& dy, const NdArray& x, const OptionalNdArray& y, const NdArray& mean,
+                       const NdArray& invstd, const OptionalNdArray& weight, const NdArray& sum_dy,
+                       const NdArray& sum_dy_xhat, double count, const NdArray& dx, i64 outer, i64 channels,
+                       i64 inner) {
+  const Layout L = make_layout(outer, channels, inner);
+  if (!(count > 0)) fail("count", "must be > 0");
+  K::by_dtype(dy, "dy", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::BnGradApplyArgs<S> a;
+    set_grad_inputs(a, L, dy, x, y, mean, invstd);
+    a.weight = in<S>(weight, channels, "weight");
+    a.sum_g = required<double>(sum_dy, channels, "sum_dy");
+    a.sum_gxhat = required<double>(sum_dy_xhat, channels, "sum_dy_xhat");
+    a.count = count;
+    a.dx = required_out<S>(dx, L.numel(), "out");
+    GilReleased nogil;
+    K::template typed<S>().bn_backward_apply(a);
+  });
+}
+
+template <class K>
+void bn_update_running_stats(const OptionalNdArray& running_mean, const OptionalNdArray& running_var,
+                             const NdArray& mean, const NdArray& m2, double count, double momentum) {
+  const i64 channels = size_of(mean, "mean");
+  if (!(count > 1)) fail("count", "must be > 1 (the variance is unbiased)");
+  K::by_dtype(running_mean.is_none() ? running_var : running_mean, "running_mean", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::BnRunningStatsArgs<S> a;
+    a.channels = channels;
+    a.running_mean = inout<S>(running_mean, channels, "running_mean");
+    a.running_var = inout<S>(running_var, channels, "running_var");
+    a.mean = required<double>(mean, channels, "mean");
+    a.m2 = required<double>(m2, channels, "m2");
+    a.count = count;
+    a.momentum = momentum;
+    GilReleased nogil;
+    K::template typed<S>().bn_update_running_stats(a);
+  });
+}
+
+template <class K>
+void dropout(const NdArray& x, const NdArray& y, std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold,
+             double scale) {
   if (threshold > 0xFFFFu) throw py::value_error("threshold: must be < 65536 (p == 1 gives zeros without a mask)");
-  by_dtype(x, [&](auto zero) {
-    using T = decltype(zero);
-    pybn::DropoutArgs<T> a;
-    a.n = static_cast<i64>(x.size());
-    a.x = required<T>(x, a.n, "x");
-    a.y = required_out<T>(y, a.n, "out");
+  K::by_dtype(x, "x", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::DropoutArgs<S> a;
+    a.n = size_of(x, "x");
+    a.x = required<S>(x, a.n, "x");
+    a.y = required_out<S>(y, a.n, "out");
     a.seed = seed;
     a.offset = offset;
     a.threshold = static_cast<std::uint16_t>(threshold);
     a.scale = scale;
     GilReleased nogil;
-    pybn::table().typed<T>().dropout(a);
+    K::template typed<S>().dropout(a);
   });
 }
 
-void dropout_mask(const py::object& mask, i64 n, std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold) {
+// y = x * scale where the packed mask's bit is set, 0 elsewhere; one bit per element.
+template <class K>
+void dropout_apply(const NdArray& x, const NdArray& mask, const NdArray& y, double scale) {
+  K::by_dtype(x, "x", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::DropoutApplyArgs<S> a;
+    a.n = size_of(x, "x");
+    a.x = required<S>(x, a.n, "x");
+    a.mask = required<unsigned char>(mask, (a.n + 7) / 8, "mask");
+    a.y = required_out<S>(y, a.n, "out");
+    a.scale = scale;
+    GilReleased nogil;
+    K::template typed<S>().dropout_apply(a);
+  });
+}
+
+// As dropout_apply, with a mask over a noise shape that broadcasts: x seen as (f0, b1, f2,
+// b3), the mask as (f0, f2) (kernels.h, BroadcastShape).
+template <class K>
+void dropout_apply_broadcast(const NdArray& x, const NdArray& mask, const NdArray& y, double scale, i64 f0, i64 b1,
+                             i64 f2, i64 b3) {
+  if (f0 < 0 || b1 < 0 || f2 < 0 || b3 < 0) fail("broadcast", "sizes must be >= 0");
+  K::by_dtype(x, "x", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::DropoutApplyArgs<S> a;
+    a.broadcast = {f0, b1, f2, b3};
+    a.n = f0 * b1 * f2 * b3;
+    a.x = required<S>(x, a.n, "x");
+    a.mask = required<unsigned char>(mask, (f0 * f2 + 7) / 8, "mask");
+    a.y = required_out<S>(y, a.n, "out");
+    a.scale = scale;
+    GilReleased nogil;
+    K::template typed<S>().dropout_apply_broadcast(a);
+  });
+}
+
+template <class K>
+void fold_scale(const NdArray& w, const NdArray& scale, const NdArray& y, i64 groups, i64 outer, i64 channels,
+                i64 inner) {
+  if (groups < 0 || outer < 0 || channels < 0 || inner < 0) fail("weight", "negative dimension");
+  K::by_dtype(w, "weight", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::FoldScaleArgs<S> a;
+    const i64 n = groups * outer * channels * inner;
+    a.groups = groups, a.outer = outer, a.channels = channels, a.inner = inner;
+    a.w = required<S>(w, n, "weight");
+    a.y = required_out<S>(y, n, "out");
+    a.scale = required<double>(scale, groups * channels, "scale");
+    GilReleased nogil;
+    K::template typed<S>().fold_scale(a);
+  });
+}
+
+template <class K>
+void fold_bias(const NdArray& w, const NdArray& shift, const NdArray& bias, const NdArray& out, i64 rows, i64 cols) {
+  if (rows < 0 || cols < 0) fail("weight", "negative dimension");
+  K::by_dtype(w, "weight", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::FoldBiasArgs<S> a;
+    a.rows = rows, a.cols = cols;
+    a.w = required<S>(w, rows * cols, "weight");
+    a.shift = required<double>(shift, cols, "shift");
+    a.bias = required<double>(bias, rows, "bias");
+    a.out = required_out<S>(out, rows, "out");
+    GilReleased nogil;
+    K::template typed<S>().fold_bias(a);
+  });
+}
+
+// Every typed binding, calling the kernels K.
+template <class K>
+void def_typed_kernels(py::module_& m) {
+  m.def("bn_train", &bn_train<K>, py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("save_mean"), py::arg("save_invstd"),
+        py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("momentum"), py::arg("eps"),
+        py::arg("relu"));
+  m.def("bn_infer", &bn_infer<K>, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("weight"),
+        py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("eps"), py::arg("relu"));
+  m.def("bn_apply", &bn_apply<K>, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("invstd"),
+        py::arg("weight"), py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"),
+        py::arg("relu"));
+  m.def("bn_moments", &bn_moments<K>, py::arg("x"), py::arg("mean"), py::arg("m2"), py::arg("outer"),
+        py::arg("channels"), py::arg("inner"));
+  m.def("bn_backward", &bn_backward<K>, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
+        py::arg("invstd"), py::arg("weight"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
+        py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("training"));
+  m.def("bn_backward_reduce", &bn_backward_reduce<K>, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
+        py::arg("invstd"), py::arg("sum_dy"), py::arg("sum_dy_xhat"), py::arg("outer"), py::arg("channels"),
+        py::arg("inner"));
+  m.def("bn_backward_apply", &bn_backward_apply<K>, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
+        py::arg("invstd"), py::arg("weight"), py::arg("sum_dy"), py::arg("sum_dy_xhat"), py::arg("count"),
+        py::arg("dx"), py::arg("outer"), py::arg("channels"), py::arg("inner"));
+  m.def("bn_update_running_stats", &bn_update_running_stats<K>, py::arg("running_mean"), py::arg("running_var"),
+        py::arg("mean"), py::arg("m2"), py::arg("count"), py::arg("momentum"));
+  m.def("dropout", &dropout<K>, py::arg("x"), py::arg("y"), py::arg("seed"), py::arg("offset"),
+        py::arg("threshold"), py::arg("scale"));
+  m.def("dropout_apply", &dropout_apply<K>, py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"));
+  m.def("dropout_apply_broadcast", &dropout_apply_broadcast<K>, py::arg("x"), py::arg("mask"), py::arg("y"),
+        py::arg("scale"), py::arg("f0"), py::arg("b1"), py::arg("f2"), py::arg("b3"));
+  m.def("fold_scale", &fold_scale<K>, py::arg("weight"), py::arg("scale"), py::arg("out"), py::arg("groups"),
+        py::arg("outer"), py::arg("channels"), py::arg("inner"));
+  m.def("fold_bias", &fold_bias<K>, py::arg("weight"), py::arg("shift"), py::arg("bias"), py::arg("out"),
+        py::arg("rows"), py::arg("cols"));
+}
+
+// ---------------------------------------------------------------------------------------
+// The untyped kernels' bindings.
+
+void bn_merge_stats(const NdArray& count, const NdArray& mean, const NdArray& m2, const NdArray& merged_mean,
+                    const NdArray& merged_m2) {
+  size_of(mean, "mean");
+  const auto means = py::reinterpret_borrow<py::array>(mean);
+  if (means.ndim() != 2) fail("mean", "expected a (workers, channels) array");
+  const i64 workers = static_cast<i64>(means.shape(0)), channels = static_cast<i64>(means.shape(1));
+  pybn::BnMergeArgs a;
+  a.workers = workers;
+  a.channels = channels;
+  a.count = required<double>(count, workers * channels, "count");
+  a.mean = required<double>(mean, workers * channels, "mean");
+  a.m2 = required<double>(m2, workers * channels, "m2");
+  a.merged_mean = required_out<double>(merged_mean, channels, "merged_mean");
+  a.merged_m2 = required_out<double>(merged_m2, channels, "merged_m2");
+  GilReleased nogil;
+  pybn::table().bn_merge_stats(a);
+}
+
+void dropout_mask(const NdArray& mask, i64 n, std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold) {
   if (threshold > 0xFFFFu) throw py::value_error("threshold: must be < 65536");
   if (n < 0) throw py::value_error("n: must be >= 0");
   pybn::DropoutMaskArgs a;
@@ -272,102 +524,100 @@ void dropout_mask(const py::object& mask, i64 n, std::uint64_t seed, std::uint64
   pybn::table().dropout_mask(a);
 }
 
-// A flat mask (broadcast None), or a mask over a noise shape that broadcasts, with x seen as
-// broadcast = (f0, b1, f2, b3) (kernels.h, BroadcastShape).
-void dropout_apply(const py::array& x, const py::object& mask, const py::object& y, double scale,
-                   const py::object& broadcast) {
-  pybn::BroadcastShape b;
-  const bool flat = broadcast.is_none();
-  if (flat) {
-    b.f2 = static_cast<i64>(x.size());
-  } else {
-    const auto dims = broadcast.cast<std::vector<i64>>();
-    if (dims.size() != 4 || *std::min_element(dims.begin(), dims.end()) < 0)
-      fail("broadcast", "expected 4 sizes >= 0");
-    b = {dims[0], dims[1], dims[2], dims[3]};
-  }
-  by_dtype(x, [&](auto zero) {
-    using T = decltype(zero);
-    pybn::DropoutApplyArgs<T> a;
-    a.n = b.f0 * b.b1 * b.f2 * b.b3;
-    a.broadcast = b;
-    a.x = required<T>(x, a.n, "x");
-    a.mask = required<unsigned char>(mask, (b.f0 * b.f2 + 7) / 8, "mask");
-    a.y = required_out<T>(y, a.n, "out");
-    a.scale = scale;
-    GilReleased nogil;
-    if (flat)
-      pybn::table().typed<T>().dropout_apply(a);
-    else
-      pybn::table().typed<T>().dropout_apply_broadcast(a);
-  });
-}
+// ---------------------------------------------------------------------------------------
+// Diagnostics.
 
-void fold_scale(const py::array& w, const py::object& scale, const py::object& y, i64 groups, i64 outer,
-                i64 channels, i64 inner) {
-  if (groups < 0 || outer < 0 || channels < 0 || inner < 0) fail("weight", "negative dimension");
-  by_dtype(w, [&](auto zero) {
-    using T = decltype(zero);
-    pybn::FoldScaleArgs<T> a;
-    const i64 n = groups * outer * channels * inner;
-    a.groups = groups, a.outer = outer, a.channels = channels, a.inner = inner;
-    a.w = required<T>(w, n, "weight");
-    a.y = required_out<T>(y, n, "out");
-    a.scale = required<double>(scale, groups * channels, "scale");
-    GilReleased nogil;
-    pybn::table().typed<T>().fold_scale(a);
-  });
-}
-
-void fold_bias(const py::array& w, const py::object& shift, const py::object& bias, const py::object& out, i64 rows,
-               i64 cols) {
-  if (rows < 0 || cols < 0) fail("weight", "negative dimension");
-  by_dtype(w, [&](auto zero) {
-    using T = decltype(zero);
-    pybn::FoldBiasArgs<T> a;
-    a.rows = rows, a.cols = cols;
-    a.w = required<T>(w, rows * cols, "weight");
-    a.shift = required<double>(shift, cols, "shift");
-    a.bias = required<double>(bias, rows, "bias");
-    a.out = required_out<T>(out, rows, "out");
-    GilReleased nogil;
-    pybn::table().typed<T>().fold_bias(a);
-  });
-}
-
-py::array philox(const py::array& counters, std::uint64_t key) {
-  const i64 words = static_cast<i64>(counters.size());
+py::array philox(const NdArray& counters, std::uint64_t key) {
+  const i64 words = size_of(counters, "counters");
   if (words % 4 != 0) fail("counters", "must hold 4 words per counter");
-  const std::uint32_t* c = required<std::uint32_t>(counters, words, "counters");
-  py::array_t<std::uint32_t> out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(words / 4), 4});
-  std::uint32_t* o = out.mutable_data();
+  pybn::PhiloxArgs a;
+  a.counters = required<std::uint32_t>(counters, words, "counters");
+  a.n = words / 4;
+  a.key = key;
+  py::array_t<std::uint32_t> out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(a.n), 4});
+  a.out = out.mutable_data();
   {
     GilReleased nogil;
-    pybn::table().philox(c, words / 4, key, o);
+    pybn::diagnostics().philox(a);
   }
   return out;
 }
 
-double probe_read(const py::array& x) {
-  const float* p = required<float>(x, static_cast<i64>(x.size()), "x");
-  const i64 n = static_cast<i64>(x.size());
-  GilReleased nogil;
-  return pybn::table().probe_read(p, n);
+double probe_read(const NdArray& x) {
+  pybn::ProbeReadArgs a;
+  a.n = size_of(x, "x");
+  a.x = required<float>(x, a.n, "x");
+  double sum = 0;
+  a.sum = &sum;
+  {
+    GilReleased nogil;
+    pybn::diagnostics().probe_read(a);
+  }
+  return sum;
 }
 
-void probe_stream(const py::array& src, const py::object& dst) {
-  const i64 n = static_cast<i64>(src.size());
-  const float* s = required<float>(src, n, "src");
-  float* d = required_out<float>(dst, n, "dst");
+void probe_stream(const NdArray& src, const NdArray& dst) {
+  pybn::ProbeStreamArgs a;
+  a.n = size_of(src, "src");
+  a.src = required<float>(src, a.n, "src");
+  a.dst = required_out<float>(dst, a.n, "dst");
   GilReleased nogil;
-  pybn::table().probe_stream(s, d, n);
+  pybn::diagnostics().probe_stream(a);
 }
 
-void trace_parallel_for(i64 n, i64 work, const py::object& rows, i64 throw_in, int slice_ms) {
+void trace_parallel_for(i64 n, i64 work, const NdArray& rows, i64 throw_in, int slice_ms) {
   if (n < 0 || work < 0 || slice_ms < 0) fail("n", "n, work and slice_ms must be >= 0");
   i64* r = required_out<i64>(rows, 4 * n, "rows");
   GilReleased nogil;
   pybn::trace_parallel_for(n, work, r, throw_in, slice_ms);
+}
+
+// The names of the entries of one kind in kernel_list.h, in its order.
+py::tuple kernel_names(bool diagnostic) {
+  py::list names;
+#define PYBN_KERNEL_NAME(name, Args) \
+  if (!diagnostic) names.append(#name);
+#define PYBN_DIAGNOSTIC_NAME(name, Args) \
+  if (diagnostic) names.append(#name);
+  PYBN_KERNELS(PYBN_KERNEL_NAME, PYBN_KERNEL_NAME, PYBN_DIAGNOSTIC_NAME)
+#undef PYBN_KERNEL_NAME
+#undef PYBN_DIAGNOSTIC_NAME
+  return py::tuple(names);
+}
+
+void def_diagnostics(py::module_& m) {
+  auto d = m.def_submodule("diagnostics", "Entry points for tests and benchmarks (DiagnosticTable), not kernels.");
+  d.attr("KERNELS") = kernel_names(true);
+  d.def("philox", &philox, py::arg("counters"), py::arg("key"),
+        "Philox4x32-10 of (n, 4) uint32 counters under a 64-bit key, on the active path.");
+  d.def("probe_read", &probe_read, py::arg("x"), "Bandwidth probe: one vectorized pass that reads x (float32).");
+  d.def("probe_stream", &probe_stream, py::arg("src"), py::arg("dst"),
+        "Bandwidth probe: copy src into dst with non-temporal stores (float32).");
+  d.def("trace_parallel_for", &trace_parallel_for, py::arg("n"), py::arg("work"), py::arg("rows"),
+        py::arg("throw_in") = -1, py::arg("slice_ms") = 0,
+        "How parallel_for splits [0, n) over threads (parallel.h, trace_parallel_for).");
+  d.def("pool_threads", &pybn::pool_threads, "Threads the pool has started, the calling thread included.");
+  auto wide = d.def_submodule("float_computing_in_double",
+                              "The typed kernels for float32 arrays, computing in double (DiagnosticTable).");
+  def_typed_kernels<FloatComputingInDouble>(wide);
+}
+
+py::dict isa_list() {
+  py::dict isas;
+  for (const auto& [name, features] : pybn::compiled_isas()) {
+    py::list required;
+    for (const auto& f : py::str(features).attr("split")()) required.append(f);
+    isas[py::str(name)] = py::tuple(required);
+  }
+  return isas;
+}
+
+py::tuple dtype_list() {
+  py::list names;
+#define PYBN_DTYPE_NAME(S, name, T) names.append(#name);
+  PYBN_DTYPES(PYBN_DTYPE_NAME)
+#undef PYBN_DTYPE_NAME
+  return py::tuple(names);
 }
 
 }  // namespace
@@ -381,45 +631,24 @@ PYBIND11_MODULE(_C, m) {
   // not in the first kernel call, which may come from a daemon thread.
   py::dtype::of<float>();
 
+  // The lists (kernel_list.h) and the thresholds the kernels own.
+  m.attr("ISAS") = isa_list();
+  m.attr("DTYPES") = dtype_list();
+  m.attr("KERNELS") = kernel_names(false);
+  m.attr("STREAM_MIN_BYTES") = pybn::kStreamBytes;
+  m.attr("ALIGNMENT") = pybn::kAlignmentBytes;
+  m.attr("MAX_THREADS") = pybn::kMaxThreads;
+
   m.def("isa", [] { return std::string(pybn::table().isa); }, "Name of the active kernel path.");
   m.def("supported_isas", &pybn::supported_isas, "Kernel paths this CPU can run, lowest first.");
   m.def("use_isa", &pybn::use_isa, py::arg("name"), "Switch the active kernel path (for tests).");
   m.def("get_num_threads", &pybn::num_threads);
   m.def("set_num_threads", &pybn::set_num_threads, py::arg("n"));
-  m.attr("MAX_THREADS") = pybn::kMaxThreads;
-  m.def("pool_threads", &pybn::pool_threads, "Threads the pool has started, the calling thread included.");
-  m.def("_trace_parallel_for", &trace_parallel_for, py::arg("n"), py::arg("work"), py::arg("rows"),
-        py::arg("throw_in") = -1, py::arg("slice_ms") = 0,
-        "For tests: how parallel_for splits [0, n) over threads (parallel.h, trace_parallel_for).");
 
-  m.def("bn_train", &bn_train, py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"),
-        py::arg("running_mean"), py::arg("running_var"), py::arg("save_mean"), py::arg("save_invstd"),
-        py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("momentum"), py::arg("eps"),
-        py::arg("relu"));
-  m.def("bn_infer", &bn_infer, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("weight"),
-        py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("eps"), py::arg("relu"),
-        py::arg("invstd") = py::none());
-  m.def("bn_backward", &bn_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
-        py::arg("invstd"), py::arg("weight"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
-        py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("training"));
-  m.def("bn_moments", &bn_moments, py::arg("x"), py::arg("mean"), py::arg("m2"), py::arg("outer"),
-        py::arg("channels"), py::arg("inner"));
-  m.def("bn_backward_phase", &bn_backward_phase, py::arg("apply"), py::arg("dy"), py::arg("x"), py::arg("y"),
-        py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("sum_dy"), py::arg("sum_dy_xhat"),
-        py::arg("count"), py::arg("dx"), py::arg("outer"), py::arg("channels"), py::arg("inner"));
-  m.def("dropout", &dropout, py::arg("x"), py::arg("y"), py::arg("seed"), py::arg("offset"), py::arg("threshold"),
-        py::arg("scale"));
+  def_typed_kernels<ActiveKernels>(m);
+  m.def("bn_merge_stats", &bn_merge_stats, py::arg("count"), py::arg("mean"), py::arg("m2"),
+        py::arg("merged_mean"), py::arg("merged_m2"));
   m.def("dropout_mask", &dropout_mask, py::arg("mask"), py::arg("n"), py::arg("seed"), py::arg("offset"),
         py::arg("threshold"));
-  m.def("dropout_apply", &dropout_apply, py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"),
-        py::arg("broadcast") = py::none());
-  m.def("fold_scale", &fold_scale, py::arg("weight"), py::arg("scale"), py::arg("out"), py::arg("groups"),
-        py::arg("outer"), py::arg("channels"), py::arg("inner"));
-  m.def("fold_bias", &fold_bias, py::arg("weight"), py::arg("shift"), py::arg("bias"), py::arg("out"),
-        py::arg("rows"), py::arg("cols"));
-  m.def("philox", &philox, py::arg("counters"), py::arg("key"),
-        "Philox4x32-10 of (n, 4) uint32 counters under a 64-bit key, on the active path.");
-  m.def("probe_read", &probe_read, py::arg("x"), "Bandwidth probe: one vectorized pass that reads x (float32).");
-  m.def("probe_stream", &probe_stream, py::arg("src"), py::arg("dst"),
-        "Bandwidth probe: copy src into dst with non-temporal stores (float32).");
+  def_diagnostics(m);
 }

@@ -12,11 +12,13 @@
 // mean as the shift (a second, cached pass); every later block takes the group's running
 // mean. Blocks merge with Chan et al.'s pairwise formula in double.
 //
-// The sums are taken in the input's type. Where one comes out non-finite (an overflow,
-// an infinity or a NaN in the input), or a sum of squares or products so small that its
-// terms lost bits to underflow, the block or group it belongs to is summed again in
-// double, without overflow or underflow (exact_sums.h): a check per block, off the
-// vector loops.
+// The sums are taken in the compute type (the input's type, for float and double). Where
+// one comes out non-finite (an overflow, an infinity or a NaN in the input), or a sum of
+// squares or products so small that its terms lost bits to underflow, the block or group
+// it belongs to is summed again in double, without overflow or underflow (exact_sums.h):
+// a check per block, off the vector loops.
+//
+// Throughout, S is the storage type of the arrays and T the compute type (channel_loops.h).
 #include <climits>
 #include <cmath>
 #include <limits>
@@ -30,12 +32,12 @@ namespace PYBN_ISA {
 namespace {
 
 // Sums of x - shift and (x - shift)^2 over one segment of channel values.
-template <class T>
-void deviation_sums(const T* x, i64 len, T shift, double (&dev)[2]) {
+template <class S, class T>
+void deviation_sums(const S* x, i64 len, T shift, double (&dev)[2]) {
   using V = Vec<T>;
   const V s = V::set1(shift);
   segment_accumulate<T, 2>(len, dev, [&](i64 i, i64 n, V* a) {
-    V d = load_n(x + i, n) - s;
+    V d = load_n<T>(x + i, n) - s;
     if (n < V::W) d = keep_first(d, n);
     a[0] = a[0] + d;
     a[1] = fma(d, d, a[1]);
@@ -51,7 +53,7 @@ double underflow_shift() {
   return std::ldexp(1.0, Limits::digits + 2 + (Limits::min_exponent - 1) / 2);
 }
 
-// Whether the fast sums of n deviations d = x - shift (s1 of d, s2 of d^2) hold their
+// Whether the fast sums of n deviations d = x - shift (s1 of d, s2 of d^2, in T) hold their
 // moments: finite, and s2 not the sum of squares that lost bits to underflow. s2 below n
 // times the smallest normal number is trusted only for a shift large enough that no
 // square underflows, or for a block of zeros.
@@ -61,7 +63,7 @@ bool moments_fit(double s1, double s2, double n, double shift) {
                                     std::abs(shift) >= underflow_shift<T>() || (s2 == 0 && s1 == 0 && shift == 0));
 }
 
-// Whether a fast sum of n products holds its value: finite, and not so small (but
+// Whether a fast sum of n products (in T) holds its value: finite, and not so small (but
 // non-zero) that its terms lost bits to underflow.
 template <class T>
 bool product_sum_fits(double s, double n) {
@@ -69,13 +71,13 @@ bool product_sum_fits(double s, double n) {
 }
 
 // Merges one block of channel values into m (see the top of this file for the shift).
-template <class T>
-void merge_segment(const T* x, i64 len, Moments& m) {
+template <class S, class T>
+void merge_segment(const S* x, i64 len, Moments& m) {
   using V = Vec<T>;
   T shift = static_cast<T>(m.mean);
   if (m.n == 0) {
     double sum[1];
-    segment_accumulate<T, 1>(len, sum, [&](i64 i, i64 n, V* a) { a[0] = a[0] + load_n(x + i, n); });
+    segment_accumulate<T, 1>(len, sum, [&](i64 i, i64 n, V* a) { a[0] = a[0] + load_n<T>(x + i, n); });
     shift = static_cast<T>(sum[0] / static_cast<double>(len));
   }
   double dev[2];
@@ -84,7 +86,7 @@ void merge_segment(const T* x, i64 len, Moments& m) {
   if (moments_fit<T>(dev[0], dev[1], nb, shift)) {
     m.merge(nb, shift + dev[0] / nb, std::max(0.0, dev[1] - dev[0] * (dev[0] / nb)));
   } else {
-    const Moments e = exact_moments<T>(nb, [&](const auto& f) {
+    const Moments e = exact_moments<S>(nb, [&](const auto& f) {
       for (i64 i = 0; i < len; ++i) f(static_cast<double>(x[i]));
     });
     m.merge(e.n, e.mean, e.m2);
@@ -92,14 +94,15 @@ void merge_segment(const T* x, i64 len, Moments& m) {
 }
 
 // Per-channel mean and M2 (sum of squared deviations), NCHW-like layouts.
-template <class T>
-void moments_rows(const Layout& L, const T* x, double* mean, double* m2) {
-  const RowGroups rg = RowGroups::make(L, sizeof(Moments), sizeof(T));
+template <class S, class T>
+void moments_rows(const Layout& L, const S* x, double* mean, double* m2) {
+  const RowGroups rg = RowGroups::make(L, sizeof(Moments), sizeof(S));
   Buffer<Moments> part = make_buffer<Moments>(rg.total());  // each starts empty (n = 0)
   parallel_for(rg.count, L.numel(), [&](i64 gbegin, i64 gend) {
     for (i64 g = gbegin; g < gend; ++g) {
       Moments* m = part.get() + rg.offset[g];
-      rg.for_each_segment(L, g, [&](i64 slot, i64, i64 off, i64 len) { merge_segment(x + off, len, m[slot]); });
+      rg.for_each_segment(L, g,
+                          [&](i64 slot, i64, i64 off, i64 len) { merge_segment<S, T>(x + off, len, m[slot]); });
     }
   });
   for (i64 c = 0; c < L.channels; ++c) {
@@ -149,8 +152,8 @@ struct PeriodScratch {
 
 // Mean and M2 of the channels of group g (Lc, see PeriodBlocks::chunk_layout) over its
 // range of rows, into gm and g2 (Lc.channels values each).
-template <class T>
-void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const T* x, const PeriodScratch<T>& w,
+template <class S, class T>
+void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const S* x, const PeriodScratch<T>& w,
                           double* gm, double* g2) {
   using V = Vec<T>;
   const i64 C = Lc.channels, RL = pb.row_len;
@@ -158,11 +161,12 @@ void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const
   std::fill(gm, gm + C, 0.0);
   std::fill(g2, g2 + C, 0.0);
   pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
-    const T* xb = x + off;
+    const S* xb = x + off;
     const double nb = static_cast<double>(nrows) * static_cast<double>(len / C), inv_nb = 1.0 / nb;
     if (gn == 0) {  // first block: shift by its own mean
       T* const acc1[1] = {w.sums};
-      column_accumulate<T, 1>(nrows, RL, len, acc1, [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n(xb + o, n); });
+      column_accumulate<T, 1>(nrows, RL, len, acc1,
+                              [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n<T>(xb + o, n); });
       std::fill(w.s1, w.s1 + C, 0.0);
       fold_period(Lc, w.sums, len, w.s1);
       for (i64 c = 0; c < C; ++c) w.shift[c] = static_cast<T>(w.s1[c] * inv_nb);
@@ -173,7 +177,7 @@ void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const
 
     T* const acc2[2] = {w.dsum, w.dsq};
     column_accumulate<T, 2>(nrows, RL, len, acc2, [&](i64 o, i64 col, i64 n, V* a) {
-      const V d = load_n(xb + o, n) - load_n(w.shift_row + col, n);
+      const V d = load_n<T>(xb + o, n) - load_n<T>(w.shift_row + col, n);
       a[0] = a[0] + d;
       a[1] = fma(d, d, a[1]);
     });
@@ -210,7 +214,7 @@ void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const
   if (all_fit) return;
   for (i64 c = 0; c < C; ++c) {
     if (fit(c)) continue;
-    const Moments e = exact_moments<T>(gn, [&](const auto& f) {
+    const Moments e = exact_moments<S>(gn, [&](const auto& f) {
       pb.for_each_index(Lc, g, c, [&](i64 i) { f(static_cast<double>(x[i])); });
     });
     gm[c] = e.mean;
@@ -219,9 +223,9 @@ void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const
 }
 
 // Per-channel mean and M2, channels-last-like layouts (see PeriodBlocks).
-template <class T>
-void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
-  const PeriodBlocks pb = PeriodBlocks::make<T>(L);
+template <class S, class T>
+void moments_period(const Layout& L, const S* x, double* mean, double* m2) {
+  const PeriodBlocks pb = PeriodBlocks::make<S, T>(L);
   const i64 C = L.channels, R = pb.ranges, CL = pb.chunk_len, CC = pb.chunk_channels;
   // Per range of rows: the mean and M2 of every channel (one range: the results).
   Buffer<double> gmean_buf = make_buffer<double>(R > 1 ? R * C : 0), gm2_buf = make_buffer<double>(R > 1 ? R * C : 0);
@@ -235,7 +239,7 @@ void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
     const PeriodScratch<T> w{t, t + CL, t + 2 * CL, t + 3 * CL, t + 4 * CL, dbuf[s], dbuf[s] + CC};
     for (i64 g = gbegin; g < gend; ++g) {
       const i64 at = g / pb.chunks * C + pb.first_channel(L, g);
-      moments_period_group(pb.chunk_layout(L, g), pb, g, x, w, gmean + at, gm2 + at);
+      moments_period_group<S, T>(pb.chunk_layout(L, g), pb, g, x, w, gmean + at, gm2 + at);
     }
   });
   if (R == 1) return;
@@ -247,15 +251,15 @@ void moments_period(const Layout& L, const T* x, double* mean, double* m2) {
   }
 }
 
-template <class T>
-void channel_moments(const Layout& L, const T* x, double* mean, double* m2) {
+template <class S, class T>
+void channel_moments(const Layout& L, const S* x, double* mean, double* m2) {
   if (L.numel() == 0) {
     std::fill(mean, mean + L.channels, 0.0);
     std::fill(m2, m2 + L.channels, 0.0);
   } else if (use_period_mode(L))
-    moments_period(L, x, mean, m2);
+    moments_period<S, T>(L, x, mean, m2);
   else
-    moments_rows(L, x, mean, m2);
+    moments_rows<S, T>(L, x, mean, m2);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -263,31 +267,31 @@ void channel_moments(const Layout& L, const T* x, double* mean, double* m2) {
 // y is given, xhat = (x - mean) * invstd. The vector loops sum g * (x - mean); each block's
 // sum is multiplied by invstd once.
 
-template <class T, bool kMask>
+template <class S, class T, bool kMask>
 struct GradTerms {
-  const T* dy;
-  const T* x;
-  const T* y;
-  const T* mean;
-  const T* invstd;
+  const S* dy;
+  const S* x;
+  const S* y;
+  const S* mean;
+  const S* invstd;
   double g_at(i64 i) const { return kMask && !(y[i] > 0) ? 0.0 : static_cast<double>(dy[i]); }
   // Adds lanes [i, i + n): a[0] += g, a[1] += g * (x - m). Padding lanes load as 0, so g
   // is 0 there and contributes nothing.
   void operator()(i64 i, i64 n, const Vec<T>& m, Vec<T>* a) const {
-    Vec<T> g = load_n(dy + i, n);
-    if (kMask) g = keep_if_positive(load_n(y + i, n), g);
+    Vec<T> g = load_n<T>(dy + i, n);
+    if (kMask) g = keep_if_positive(load_n<T>(y + i, n), g);
     a[0] = a[0] + g;
-    a[1] = fma(g, load_n(x + i, n) - m, a[1]);
+    a[1] = fma(g, load_n<T>(x + i, n) - m, a[1]);
   }
   // Adds one segment of channel c (len values from off) into sum_g and sum_gxhat.
   void add_segment(i64 c, i64 off, i64 len, double& sum_g, double& sum_gxhat) const {
-    const Vec<T> m = Vec<T>::set1(mean[c]);
+    const Vec<T> m = Vec<T>::set1(static_cast<T>(mean[c]));
     double b[2];
     segment_accumulate<T, 2>(len, b, [&](i64 i, i64 n, Vec<T>* a) { (*this)(off + i, n, m, a); });
     const bool fits = std::isfinite(b[0]) && product_sum_fits<T>(b[1], static_cast<double>(len));
     b[1] *= static_cast<double>(invstd[c]);
     if (!fits || !std::isfinite(b[1])) {
-      exact_grad_sums<T>(mean[c], invstd[c], [&](const auto& f) {
+      exact_grad_sums<S>(mean[c], invstd[c], [&](const auto& f) {
         for (i64 i = off; i < off + len; ++i) f(g_at(i), static_cast<double>(x[i]));
       }, b);
     }
@@ -310,9 +314,9 @@ inline void sum_ranges(const double* part, i64 R, i64 C, double* sum_g, double* 
   }
 }
 
-template <class T, bool kMask>
-void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, double* sum_g, double* sum_gx) {
-  const RowGroups rg = RowGroups::make(L, 2 * sizeof(double), sizeof(T));
+template <class S, class T, bool kMask>
+void grad_sums_rows(const Layout& L, const GradTerms<S, T, kMask>& terms, double* sum_g, double* sum_gx) {
+  const RowGroups rg = RowGroups::make(L, 2 * sizeof(double), sizeof(S));
   // Per group: its slots' sums of g, then their sums of g * xhat.
   Buffer<double> part = make_buffer<double>(2 * rg.total());
   parallel_for(rg.count, L.numel(), [&](i64 gbegin, i64 gend) {
@@ -338,10 +342,10 @@ void grad_sums_rows(const Layout& L, const GradTerms<T, kMask>& terms, double* s
   }
 }
 
-template <class T, bool kMask>
-void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, double* sum_g, double* sum_gx) {
+template <class S, class T, bool kMask>
+void grad_sums_period(const Layout& L, const GradTerms<S, T, kMask>& terms, double* sum_g, double* sum_gx) {
   using V = Vec<T>;
-  const PeriodBlocks pb = PeriodBlocks::make<T>(L);
+  const PeriodBlocks pb = PeriodBlocks::make<S, T>(L);
   const i64 C = L.channels, RL = pb.row_len, CL = pb.chunk_len;
   Buffer<T> mean_row = make_buffer<T>(RL);
   fill_period(L, terms.mean, RL, mean_row.get());
@@ -363,7 +367,7 @@ void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, double*
       std::fill(s1, s1 + Lc.channels, 0.0);
       pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
         column_accumulate<T, 2>(nrows, RL, len, acc, [&](i64 o, i64 col, i64 n, V* a) {
-          terms(off + o, n, load_n(chunk_mean + col, n), a);
+          terms(off + o, n, load_n<T>(chunk_mean + col, n), a);
         });
         fold_period(Lc, acc[0], len, s0);
         fold_period(Lc, acc[1], len, s1);
@@ -383,7 +387,7 @@ void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, double*
       for (i64 c = 0; c < Lc.channels; ++c) {
         if (std::isfinite(s1[c])) continue;
         double b[2];
-        exact_grad_sums<T>(terms.mean[c0 + c], terms.invstd[c0 + c], [&](const auto& f) {
+        exact_grad_sums<S>(terms.mean[c0 + c], terms.invstd[c0 + c], [&](const auto& f) {
           pb.for_each_index(Lc, g, c, [&](i64 i) { f(terms.g_at(i), static_cast<double>(terms.x[i])); });
         }, b);
         s0[c] = b[0];
@@ -394,8 +398,8 @@ void grad_sums_period(const Layout& L, const GradTerms<T, kMask>& terms, double*
   if (R > 1) sum_ranges(part.get(), R, C, sum_g, sum_gx);
 }
 
-template <class T, bool kMask>
-void grad_sums(const Layout& L, const GradTerms<T, kMask>& terms, double* sum_g, double* sum_gx) {
+template <class S, class T, bool kMask>
+void grad_sums(const Layout& L, const GradTerms<S, T, kMask>& terms, double* sum_g, double* sum_gx) {
   if (L.numel() == 0) {
     std::fill(sum_g, sum_g + L.channels, 0.0);
     std::fill(sum_gx, sum_gx + L.channels, 0.0);
@@ -424,20 +428,45 @@ double xhat_scale(double invstd) {
   return std::ldexp(1.0, std::clamp(e, Limits::min_exponent - Limits::digits, Limits::max_exponent - 1));
 }
 
+// The mean as a table of T, for the coefficient tables of the elementwise passes: the
+// mean array itself when it holds T, else a copy (Mean::set fills channel c) in `spare`,
+// which the caller allocates when S is not T.
+template <class S, class T>
+struct MeanTable {
+  const S* source;
+  T* copy;
+  MeanTable(const S* mean, T* spare) : source(mean), copy(spare) {}
+  static constexpr bool kCopy = !std::is_same_v<S, T>;
+  // Channel c's mean, once source[c] is set.
+  T set(i64 c) const {
+    const T m = static_cast<T>(source[c]);
+    if constexpr (kCopy) copy[c] = m;
+    return m;
+  }
+  const T* table() const {
+    if constexpr (kCopy)
+      return copy;
+    else
+      return source;
+  }
+};
+
 // Per-channel coefficients of y = (x - mean) * alpha + beta (see normalize).
-template <class T>
+template <class S, class T>
 struct Affine {
-  const T* mean;
-  Buffer<T> data;                  // one allocation for the five arrays of C below
+  static constexpr i64 kArrays = MeanTable<S, T>::kCopy ? 6 : 5;
+  Buffer<T> data;                  // one allocation for the arrays of C below
   T *alpha, *beta;                 // alpha and beta, each rounded once from double
   T *scale, *shift, *scaled_alpha; // s = xhat_scale(invstd), -mean * s, alpha / s
+  MeanTable<S, T> mean;
 
-  Affine(i64 C, const T* mean_)
-      : mean(mean_), data(make_buffer<T>(5 * C)), alpha(data.get()), beta(alpha + C), scale(beta + C),
-        shift(scale + C), scaled_alpha(shift + C) {}
+  Affine(i64 C, const S* mean_)
+      : data(make_buffer<T>(kArrays * C)), alpha(data.get()), beta(alpha + C), scale(beta + C),
+        shift(scale + C), scaled_alpha(shift + C), mean(mean_, scaled_alpha + C) {}
 
-  // Channel c, once mean[c] is set. An alpha past T's range (a weight near the largest
-  // T) moves its excess into s too: only elements whose y overflows anyway overflow x * s.
+  // Channel c, once the mean of channel c is set. An alpha past T's range (a weight near
+  // the largest T) moves its excess into s too: only elements whose y overflows anyway
+  // overflow x * s.
   void set(i64 c, double invstd, double weight, double bias) const {
     constexpr int kAlphaExponent = std::numeric_limits<T>::max_exponent - 3;
     const double s_invstd = xhat_scale<T>(invstd), scaled_invstd = invstd / s_invstd;
@@ -450,7 +479,7 @@ struct Affine {
     alpha[c] = static_cast<T>(weight * invstd);
     beta[c] = static_cast<T>(bias);
     scale[c] = static_cast<T>(s);
-    shift[c] = static_cast<T>(-static_cast<double>(mean[c]) * s);
+    shift[c] = static_cast<T>(-static_cast<double>(mean.set(c)) * s);
     scaled_alpha[c] = static_cast<T>(weight / s_weight * scaled_invstd);
   }
 };
@@ -461,8 +490,8 @@ struct Affine {
 // When some channel's scale (Affine::set) is not 1, x - mean is taken as fma(x, s, -mean
 // * s) and alpha divided by s (for the other channels s = 1: the same results to the bit).
 // Over the whole array, or over the channels of *range on the calling thread.
-template <class T>
-void normalize(const Layout& L, const T* x, const Affine<T>& k, bool fuse_relu, T* y, bool after_reduction,
+template <class S, class T>
+void normalize(const Layout& L, const S* x, const Affine<S, T>& k, bool fuse_relu, S* y, bool after_reduction,
                const ChannelRange* range = nullptr) {
   using V = Vec<T>;
   const ChannelRange r = range ? *range : ChannelRange{0, L.channels};
@@ -471,54 +500,76 @@ void normalize(const Layout& L, const T* x, const Affine<T>& k, bool fuse_relu, 
   const auto apply = [&](const auto& coef, const auto& affine) {
     constexpr int K = std::extent_v<std::remove_reference_t<decltype(coef)>>;
     if (fuse_relu)
-      channel_apply_to<T, K>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
-                             range, after_reduction);
+      channel_apply_to<S, T, K>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
+                                range, after_reduction);
     else
-      channel_apply_to<T, K>(L, coef, y, affine, range, after_reduction);
+      channel_apply_to<S, T, K>(L, coef, y, affine, range, after_reduction);
   };
   if (scaled) {
     const T* const coef[4] = {k.shift, k.scale, k.scaled_alpha, k.beta};
-    apply(coef, [x](i64 i, i64 n, const V* c) { return fma(fma(load_n(x + i, n), c[1], c[0]), c[2], c[3]); });
+    apply(coef, [x](i64 i, i64 n, const V* c) { return fma(fma(load_n<T>(x + i, n), c[1], c[0]), c[2], c[3]); });
   } else {
-    const T* const coef[3] = {k.mean, k.alpha, k.beta};
-    apply(coef, [x](i64 i, i64 n, const V* c) { return fma(load_n(x + i, n) - c[0], c[1], c[2]); });
+    const T* const coef[3] = {k.mean.table(), k.alpha, k.beta};
+    apply(coef, [x](i64 i, i64 n, const V* c) { return fma(load_n<T>(x + i, n) - c[0], c[1], c[2]); });
   }
 }
 
-template <class T>
-double value_or(const T* p, i64 c, double fallback) {
+template <class S>
+double value_or(const S* p, i64 c, double fallback) {
   return p ? static_cast<double>(p[c]) : fallback;
+}
+
+// The running statistics' update of channel c (BnRunningStatsArgs), from the batch's mean
+// and m2 over n values. The fused multiply-add is written out so that every path (and every
+// process of a SyncBatchNorm, whatever its CPU) rounds the same way: left to the compiler,
+// the AVX2 path would contract the expression and the scalar path would not.
+inline double running_update(double running, double batch, double momentum) {
+  return std::fma(momentum, batch, (1.0 - momentum) * running);
+}
+
+template <class S>
+void update_running(S* running_mean, S* running_var, i64 c, double mean, double m2, double n, double momentum) {
+  if (running_mean) running_mean[c] = static_cast<S>(running_update(running_mean[c], mean, momentum));
+  if (running_var) running_var[c] = static_cast<S>(running_update(running_var[c], m2 / (n - 1.0), momentum));
+}
+
+// The normalization of x with the given mean and, per channel c, invstd_of(c) (in double).
+template <class S, class T, class Invstd>
+void normalize_with(const Layout& L, const S* x, S* y, const S* mean, const S* weight, const S* bias, bool relu,
+                    const Invstd& invstd_of) {
+  Affine<S, T> k(L.channels, mean);
+  for (i64 c = 0; c < L.channels; ++c) k.set(c, invstd_of(c), value_or(weight, c, 1.0), value_or(bias, c, 0.0));
+  normalize(L, x, k, relu, y, false);
 }
 
 }  // namespace
 
-template <class T>
-void bn_train(const BnTrainArgs<T>& a) {
+template <class S, class T>
+void bn_train(const BnTrainArgs<S>& a) {
   const Layout& L = a.layout;
   const i64 C = L.channels;
   const double n = static_cast<double>(L.per_channel());
-  Affine<T> k(C, a.save_mean);
+  Affine<S, T> k(C, a.save_mean);
   // Channel c's outputs from its statistics: saved mean and invstd, running stats, and the
   // normalization's coefficients.
   const auto finish = [&](i64 c, double mean, double m2) {
     const double var = m2 / n;
     // eps = 0 and a constant channel: 0/0 normalizes to 0 (PyTorch's kernels do the same)
     const double invstd = var + a.eps == 0.0 ? 0.0 : 1.0 / std::sqrt(var + a.eps);
-    a.save_mean[c] = static_cast<T>(mean);
-    a.save_invstd[c] = static_cast<T>(invstd);
-    if (a.running_mean)
-      a.running_mean[c] = static_cast<T>((1.0 - a.momentum) * a.running_mean[c] + a.momentum * mean);
-    if (a.running_var)
-      a.running_var[c] = static_cast<T>((1.0 - a.momentum) * a.running_var[c] + a.momentum * (m2 / (n - 1.0)));
+    a.save_mean[c] = static_cast<S>(mean);
+    a.save_invstd[c] = static_cast<S>(invstd);
+    update_running(a.running_mean, a.running_var, c, mean, m2, n, a.momentum);
     k.set(c, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
   };
-  if (const i64 block = channel_block(L, sizeof(T))) {
+  if (const i64 block = channel_block(L, sizeof(S))) {
     const i64 slices = channel_block_slices(L, block);
     SliceBuffers<Moments> moments(slices, block);
     for_each_channel_block(L, block, slices, [&](i64 s, ChannelRange r) {
       Moments* const m = moments[s];
       std::fill(m, m + (r.end - r.begin), Moments{});
-      for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) { merge_segment(a.x + off, len, m[c - r.begin]); });
+      for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) {
+        merge_segment<S, T>(a.x + off, len, m[c - r.begin]);
+      });
       for (i64 c = r.begin; c < r.end; ++c) finish(c, m[c - r.begin].mean, m[c - r.begin].m2);
       normalize(L, a.x, k, a.relu, a.y, true, &r);
     });
@@ -526,54 +577,82 @@ void bn_train(const BnTrainArgs<T>& a) {
   }
   {  // freed before normalize allocates its tables
     Buffer<double> mean = make_buffer<double>(C), m2 = make_buffer<double>(C);
-    channel_moments(L, a.x, mean.get(), m2.get());
+    channel_moments<S, T>(L, a.x, mean.get(), m2.get());
     for (i64 c = 0; c < C; ++c) finish(c, mean[c], m2[c]);
   }
   normalize(L, a.x, k, a.relu, a.y, true);
 }
 
-template <class T>
-void bn_infer(const BnInferArgs<T>& a) {
-  const Layout& L = a.layout;
-  const i64 C = L.channels;
-  Affine<T> k(C, a.mean);
-  for (i64 c = 0; c < C; ++c) {
-    const double invstd = a.invstd ? a.invstd[c]
-                                   : 1.0 / std::sqrt(static_cast<double>(a.var[c]) + a.eps);
-    k.set(c, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
-  }
-  normalize(L, a.x, k, a.relu, a.y, false);
+template <class S, class T>
+void bn_infer(const BnInferArgs<S>& a) {
+  normalize_with<S, T>(a.layout, a.x, a.y, a.mean, a.weight, a.bias, a.relu, [&](i64 c) {
+    return 1.0 / std::sqrt(static_cast<double>(a.var[c]) + a.eps);
+  });
 }
 
-template <class T>
-void bn_moments(const BnMomentsArgs<T>& a) {
-  channel_moments(a.layout, a.x, a.mean, a.m2);
+template <class S, class T>
+void bn_apply(const BnApplyArgs<S>& a) {
+  normalize_with<S, T>(a.layout, a.x, a.y, a.mean, a.weight, a.bias, a.relu, [&](i64 c) { return a.invstd[c]; });
+}
+
+template <class S, class T>
+void bn_moments(const BnMomentsArgs<S>& a) {
+  channel_moments<S, T>(a.layout, a.x, a.mean, a.m2);
+}
+
+template <class S, class T>
+void bn_update_running_stats(const BnRunningStatsArgs<S>& a) {
+  for (i64 c = 0; c < a.channels; ++c)
+    update_running(a.running_mean, a.running_var, c, a.mean[c], a.m2[c], a.count, a.momentum);
+}
+
+void bn_merge_stats(const BnMergeArgs& a) {
+  const i64 C = a.channels;
+  for (i64 c = 0; c < C; ++c) {
+    Moments m;
+    for (i64 w = 0; w < a.workers; ++w) m.merge(a.count[w * C + c], a.mean[w * C + c], a.m2[w * C + c]);
+    a.merged_mean[c] = m.mean;
+    // what sum((x - mean)**2) gives over values whose mean is an infinity or NaN
+    a.merged_m2[c] = std::isfinite(m.mean) ? m.m2 : std::numeric_limits<double>::quiet_NaN();
+  }
 }
 
 namespace {
 
-// The single-process backward's parameter gradients: dweight = sum(g * xhat), dbias = sum(g).
-template <class T>
-void store_param_grads(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, ChannelRange r) {
-  for (i64 c = r.begin; c < r.end; ++c) {
-    a.dweight[c] = static_cast<T>(s.sum_gxhat[c]);
-    a.dbias[c] = static_cast<T>(s.sum_g[c]);
-  }
-}
+// The per-channel sums of the backward's reduction and the values they are over.
+struct GradSums {
+  const double* sum_g;
+  const double* sum_gxhat;
+  double count;
+};
 
 // sum(g) and sum(g * xhat) per channel.
-template <class T, bool kMask>
-void backward_reduce_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
-  const GradTerms<T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
-  grad_sums(a.layout, terms, s.sum_g, s.sum_gxhat);
+template <class S, class T, bool kMask>
+void backward_reduce_impl(const BnGradInputs<S>& a, double* sum_g, double* sum_gxhat) {
+  const GradTerms<S, T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
+  grad_sums(a.layout, terms, sum_g, sum_gxhat);
 }
 
-// dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradSums), over the
-// whole array, or over the channels of *range on the calling thread; k holds 5 rows of C.
-// When some channel's xhat_scale is not 1, x - mean is taken as fma(x, s, -mean * s) and
-// k_x divided by s (for the other channels s = 1: the same results to the bit).
-template <class T, bool kMask>
-void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* k,
+template <class S, class T>
+void backward_reduce(const BnGradInputs<S>& a, double* sum_g, double* sum_gxhat) {
+  if (a.y)
+    backward_reduce_impl<S, T, true>(a, sum_g, sum_gxhat);
+  else
+    backward_reduce_impl<S, T, false>(a, sum_g, sum_gxhat);
+}
+
+// Scratch of the dx pass: 5 rows of C coefficients, and a sixth for the mean when it is
+// not held in T.
+template <class S, class T>
+constexpr i64 kDxRows = MeanTable<S, T>::kCopy ? 6 : 5;
+
+// dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradApplyArgs), over
+// the whole array, or over the channels of *range on the calling thread; k holds kDxRows
+// rows of C. With `training` false the statistics are constants: dx = k_dy * g. When some
+// channel's xhat_scale is not 1, x - mean is taken as fma(x, s, -mean * s) and k_x divided
+// by s (for the other channels s = 1: the same results to the bit).
+template <class S, class T, bool kMask>
+void backward_apply_impl(const BnGradInputs<S>& a, const S* weight, bool training, const GradSums& s, S* dx, T* k,
                          const ChannelRange* range = nullptr) {
   using V = Vec<T>;
   const Layout& L = a.layout;
@@ -584,116 +663,119 @@ void backward_apply_impl(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, T* 
   T* const k_0 = k + 2 * C;
   T* const scale_x = k + 3 * C;
   T* const shift_x = k + 4 * C;
+  const MeanTable<S, T> mean(a.mean, k + 5 * C);
   const ChannelRange r = range ? *range : ChannelRange{0, C};
   bool scaled = false;
   for (i64 c = r.begin; c < r.end; ++c) {
     const double invstd = a.invstd[c];
-    const double scale = value_or(a.weight, c, 1.0) * invstd;
-    const double sx = a.training ? xhat_scale<T>(invstd) : 1.0;
+    const double scale = value_or(weight, c, 1.0) * invstd;
+    const double sx = training ? xhat_scale<T>(invstd) : 1.0;
     scaled |= sx != 1.0;
     k_dy[c] = static_cast<T>(scale);
-    k_x[c] = static_cast<T>(a.training ? -scale * (invstd / sx) * (s.sum_gxhat[c] / n) : 0.0);
-    k_0[c] = static_cast<T>(a.training ? -scale * (s.sum_g[c] / n) : 0.0);
+    k_x[c] = static_cast<T>(training ? -scale * (invstd / sx) * (s.sum_gxhat[c] / n) : 0.0);
+    k_0[c] = static_cast<T>(training ? -scale * (s.sum_g[c] / n) : 0.0);
     scale_x[c] = static_cast<T>(sx);
-    shift_x[c] = static_cast<T>(-static_cast<double>(a.mean[c]) * sx);
+    shift_x[c] = static_cast<T>(-static_cast<double>(mean.set(c)) * sx);
   }
-  const T* dy = a.dy;
-  const T* x = a.x;
-  const T* y = a.y;
+  const S* dy = a.dy;
+  const S* x = a.x;
+  const S* y = a.y;
   auto grad = [dy, y](i64 i, i64 n) {
-    const V g = load_n(dy + i, n);
-    return kMask ? keep_if_positive(load_n(y + i, n), g) : g;
+    const V g = load_n<T>(dy + i, n);
+    return kMask ? keep_if_positive(load_n<T>(y + i, n), g) : g;
   };
-  if (a.training && scaled) {
+  if (training && scaled) {
     const T* const coef[5] = {k_dy, k_x, shift_x, scale_x, k_0};
-    channel_apply_to<T, 5>(
-        L, coef, a.dx,
+    channel_apply_to<S, T, 5>(
+        L, coef, dx,
         [=](i64 i, i64 n, const V* c) {
-          return fma(c[1], fma(load_n(x + i, n), c[3], c[2]), fma(c[0], grad(i, n), c[4]));
+          return fma(c[1], fma(load_n<T>(x + i, n), c[3], c[2]), fma(c[0], grad(i, n), c[4]));
         },
         range, true);
-  } else if (a.training) {
-    const T* const coef[4] = {k_dy, k_x, a.mean, k_0};
-    channel_apply_to<T, 4>(
-        L, coef, a.dx,
-        [=](i64 i, i64 n, const V* c) { return fma(c[1], load_n(x + i, n) - c[2], fma(c[0], grad(i, n), c[3])); },
+  } else if (training) {
+    const T* const coef[4] = {k_dy, k_x, mean.table(), k_0};
+    channel_apply_to<S, T, 4>(
+        L, coef, dx,
+        [=](i64 i, i64 n, const V* c) { return fma(c[1], load_n<T>(x + i, n) - c[2], fma(c[0], grad(i, n), c[3])); },
         range, true);
   } else {
     const T* const coef[1] = {k_dy};
-    channel_apply_to<T, 1>(L, coef, a.dx, [=](i64 i, i64 n, const V* c) { return c[0] * grad(i, n); }, range, true);
+    channel_apply_to<S, T, 1>(L, coef, dx, [=](i64 i, i64 n, const V* c) { return c[0] * grad(i, n); }, range,
+                              true);
+  }
+}
+
+template <class S, class T>
+void backward_apply(const BnGradInputs<S>& a, const S* weight, bool training, const GradSums& s, S* dx) {
+  Buffer<T> k = make_buffer<T>(kDxRows<S, T> * a.layout.channels);
+  if (a.y)
+    backward_apply_impl<S, T, true>(a, weight, training, s, dx, k.get());
+  else
+    backward_apply_impl<S, T, false>(a, weight, training, s, dx, k.get());
+}
+
+// The single-process backward's parameter gradients: dweight = sum(g * xhat), dbias = sum(g).
+template <class S>
+void store_param_grads(const BnBackwardArgs<S>& a, const GradSums& s, ChannelRange r) {
+  for (i64 c = r.begin; c < r.end; ++c) {
+    a.dweight[c] = static_cast<S>(s.sum_gxhat[c]);
+    a.dbias[c] = static_cast<S>(s.sum_g[c]);
   }
 }
 
 // The single-process backward, one block of channels at a time (see channel_block): each
 // block's sums, then its dx while dy and x are still in the cache.
-template <class T, bool kMask>
-void backward_blocked(const BnBackwardArgs<T>& a, const BnGradSums<T>& s, i64 block) {
+template <class S, class T, bool kMask>
+void backward_blocked(const BnBackwardArgs<S>& a, double* sum_g, double* sum_gxhat, i64 block) {
   const Layout& L = a.layout;
-  const GradTerms<T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
-  Buffer<T> k = make_buffer<T>(5 * L.channels);
+  const GradTerms<S, T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
+  const GradSums s{sum_g, sum_gxhat, static_cast<double>(L.per_channel())};
+  Buffer<T> k = make_buffer<T>(kDxRows<S, T> * L.channels);
   for_each_channel_block(L, block, channel_block_slices(L, block), [&](i64, ChannelRange r) {
-    std::fill(s.sum_g + r.begin, s.sum_g + r.end, 0.0);
-    std::fill(s.sum_gxhat + r.begin, s.sum_gxhat + r.end, 0.0);
+    std::fill(sum_g + r.begin, sum_g + r.end, 0.0);
+    std::fill(sum_gxhat + r.begin, sum_gxhat + r.end, 0.0);
     for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) {
-      terms.add_segment(c, off, len, s.sum_g[c], s.sum_gxhat[c]);
+      terms.add_segment(c, off, len, sum_g[c], sum_gxhat[c]);
     });
     store_param_grads(a, s, r);
-    backward_apply_impl<T, kMask>(a, s, k.get(), &r);
+    backward_apply_impl<S, T, kMask>(a, a.weight, a.training, s, a.dx, k.get(), &r);
   });
 }
 
 }  // namespace
 
-template <class T>
-void bn_backward_reduce(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
-  if (a.y)
-    backward_reduce_impl<T, true>(a, s);
-  else
-    backward_reduce_impl<T, false>(a, s);
+template <class S, class T>
+void bn_backward_reduce(const BnGradReduceArgs<S>& a) {
+  backward_reduce<S, T>(a, a.sum_g, a.sum_gxhat);
 }
 
-template <class T>
-void bn_backward_apply(const BnBackwardArgs<T>& a, const BnGradSums<T>& s) {
-  Buffer<T> k = make_buffer<T>(5 * a.layout.channels);
-  if (a.y)
-    backward_apply_impl<T, true>(a, s, k.get());
-  else
-    backward_apply_impl<T, false>(a, s, k.get());
+template <class S, class T>
+void bn_backward_apply(const BnGradApplyArgs<S>& a) {
+  backward_apply<S, T>(a, a.weight, true, GradSums{a.sum_g, a.sum_gxhat, a.count}, a.dx);
 }
 
 // The single-process backward: both phases, with this process's sums and count; for large
 // NCHW-like arrays, both per block of channels.
-template <class T>
-void bn_backward(const BnBackwardArgs<T>& a) {
+template <class S, class T>
+void bn_backward(const BnBackwardArgs<S>& a) {
   const i64 C = a.layout.channels;
   Buffer<double> sum_g = make_buffer<double>(C), sum_gxhat = make_buffer<double>(C);
-  const BnGradSums<T> s{sum_g.get(), sum_gxhat.get(), static_cast<double>(a.layout.per_channel())};
   if (a.training) {
-    if (const i64 block = channel_block(a.layout, (a.y ? 3 : 2) * i64(sizeof(T)))) {
+    if (const i64 block = channel_block(a.layout, (a.y ? 3 : 2) * i64(sizeof(S)))) {
       if (a.y)
-        backward_blocked<T, true>(a, s, block);
+        backward_blocked<S, T, true>(a, sum_g.get(), sum_gxhat.get(), block);
       else
-        backward_blocked<T, false>(a, s, block);
+        backward_blocked<S, T, false>(a, sum_g.get(), sum_gxhat.get(), block);
       return;
     }
   }
-  bn_backward_reduce(a, s);
+  const GradSums s{sum_g.get(), sum_gxhat.get(), static_cast<double>(a.layout.per_channel())};
+  backward_reduce<S, T>(a, sum_g.get(), sum_gxhat.get());
   store_param_grads(a, s, ChannelRange{0, C});
-  bn_backward_apply(a, s);
+  backward_apply<S, T>(a, a.weight, a.training, s, a.dx);
 }
 
-template void bn_train<float>(const BnTrainArgs<float>&);
-template void bn_train<double>(const BnTrainArgs<double>&);
-template void bn_infer<float>(const BnInferArgs<float>&);
-template void bn_infer<double>(const BnInferArgs<double>&);
-template void bn_backward<float>(const BnBackwardArgs<float>&);
-template void bn_backward<double>(const BnBackwardArgs<double>&);
-template void bn_moments<float>(const BnMomentsArgs<float>&);
-template void bn_moments<double>(const BnMomentsArgs<double>&);
-template void bn_backward_reduce<float>(const BnBackwardArgs<float>&, const BnGradSums<float>&);
-template void bn_backward_reduce<double>(const BnBackwardArgs<double>&, const BnGradSums<double>&);
-template void bn_backward_apply<float>(const BnBackwardArgs<float>&, const BnGradSums<float>&);
-template void bn_backward_apply<double>(const BnBackwardArgs<double>&, const BnGradSums<double>&);
+PYBN_FILL_FAMILY(batchnorm)
 
 }  // namespace PYBN_ISA
 }  // namespace pybn

@@ -11,6 +11,12 @@
 // Reductions never depend on the thread count: the work is cut into blocks and groups
 // that depend on the shape alone, each group's blocks are merged in order, and the
 // groups are merged in order at the end.
+//
+// The loops take two element types: S, the storage type of the arrays, and T, the compute
+// type of the vectors, of the per-channel coefficients and of the partial sums (for
+// float and double storage, T is S: PYBN_DTYPES). Vectors hold Vec<T>::W lanes; storage
+// is converted once at each load and rounded once at each store (load_as, store_as).
+// Non-temporal stores need S == T (with_streaming).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -40,9 +46,9 @@ constexpr i64 kMaxBlockRows = 128;
 // A reduction group holds at least this many elements; at most kMaxGroups per channel.
 constexpr i64 kGroupElements = i64(1) << 16;
 constexpr i64 kMaxGroups = 16;
-// Outputs at least this large are written with non-temporal stores: they would not stay
-// in cache anyway, and streaming skips reading the destination lines first.
-constexpr i64 kStreamBytes = i64(4) << 20;
+static_assert(kAlignmentBytes % (sizeof(double) * Vec<double>::W) == 0 &&
+                  kAlignmentBytes % (sizeof(float) * Vec<float>::W) == 0,
+              "aligned allocations (kAlignmentBytes) must align every vector of this path");
 
 // Period mode needs a table of one period per coefficient: worth it for inner == 1 (where
 // rows are single elements), and for short rows when enough periods share the table.
@@ -66,15 +72,20 @@ void fill_period(const Layout& L, const S* src, i64 len, T* row) {
   for (i64 q = P; q < len; ++q) row[q] = row[q - P];
 }
 
-// Calls f(std::true_type{}) when an output of n values of T is large enough to be written
-// with non-temporal stores, else f(std::false_type{}): the kStream template argument of
-// the loops.
-template <class T, class F>
+// Calls f(std::true_type{}) when an output of n values of S is large enough to be written
+// with non-temporal stores (kStreamBytes), else f(std::false_type{}): the kStream template
+// argument of the loops. Stores that round T to a narrower S are not streamed (that would
+// need narrowing non-temporal stores, and their alignment).
+template <class S, class T, class F>
 inline void with_streaming(i64 n, const F& f) {
-  if (n * i64(sizeof(T)) >= kStreamBytes)
-    f(std::true_type{});
-  else
+  if constexpr (std::is_same_v<S, T>) {
+    if (n * i64(sizeof(S)) >= kStreamBytes)
+      f(std::true_type{});
+    else
+      f(std::false_type{});
+  } else {
     f(std::false_type{});
+  }
 }
 
 template <class T>
@@ -121,19 +132,20 @@ class SliceBuffers {
   i64 per_slice_;
 };
 
-// Loads n lanes (n == W compiles to a plain load when the caller passes the constant).
-template <class T>
-inline Vec<T> load_n(const T* p, i64 n) {
-  return n == Vec<T>::W ? Vec<T>::load(p) : Vec<T>::load(p, n);
+// Loads n lanes of storage S as Vec<T> (n == W compiles to a plain load when the caller
+// passes the constant).
+template <class T, class S>
+inline Vec<T> load_n(const S* p, i64 n) {
+  return n == Vec<T>::W ? load_as<T>(p) : load_as<T>(p, n);
 }
 
 // Stores n lanes (n == W compiles to a plain store when the caller passes the constant).
-template <class T>
-inline void store_lanes(const Vec<T>& v, T* p, i64 n) {
+template <class T, class S>
+inline void store_lanes(const Vec<T>& v, S* p, i64 n) {
   if (n == Vec<T>::W)
-    v.store(p);
+    store_as(v, p);
   else
-    v.store(p, n);
+    store_as(v, p, n);
 }
 
 // Lanes from p up to the next vector-aligned address.
@@ -151,14 +163,14 @@ inline i64 lanes_to_alignment(const T* p) {
 // it must load only n lanes of its inputs. Everything the loops use is passed by value,
 // so the compiler keeps it in registers instead of reloading it after every store.
 
-template <bool kStream, class T>
-inline void put(T* p, const Vec<T>& r, i64 n) {
+template <bool kStream, class T, class S>
+inline void put(S* p, const Vec<T>& r, i64 n) {
   if (n < Vec<T>::W)
-    r.store(p, n);
-  else if (kStream)
+    store_as(r, p, n);
+  else if constexpr (kStream)
     r.stream(p);
   else
-    r.store(p);
+    store_as(r, p);
 }
 
 // Head lanes before out + i is aligned for streaming (none when not streaming).
@@ -168,8 +180,8 @@ inline i64 head_lanes(const T* p, i64 available) {
 }
 
 // Row mode over flat positions [i, end).
-template <bool kStream, class T, int K, class Op>
-void apply_rows(const Layout L, const T* const* coef, T* const out, const Op op, i64 i, const i64 end) {
+template <bool kStream, class S, class T, int K, class Op>
+void apply_rows(const Layout L, const T* const* coef, S* const out, const Op op, i64 i, const i64 end) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
   while (i < end) {
@@ -195,8 +207,8 @@ void apply_rows(const Layout L, const T* const* coef, T* const out, const Op op,
 // so a vector whose first lane is at period position j < P reads tab[j, j + W) without
 // wrapping. The walk goes in runs of vectors between wraps of j, with fixed table offsets
 // inside a run (no index bookkeeping per vector).
-template <bool kStream, class T, int K, class Op>
-void apply_period(const i64 P, const T* const tab, const i64 stride, T* const out, const Op op, i64 i,
+template <bool kStream, class S, class T, int K, class Op>
+void apply_period(const i64 P, const T* const tab, const i64 stride, S* const out, const Op op, i64 i,
                   const i64 end) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
@@ -234,7 +246,7 @@ void apply_period(const i64 P, const T* const tab, const i64 stride, T* const ou
 // last piece first when `backwards`.
 constexpr i64 kPieceElements = 8192;
 
-template <class T, class F>
+template <class F>
 void for_each_piece(i64 begin, i64 end, bool backwards, const F& f) {
   if (!backwards) {
     f(begin, end);
@@ -247,8 +259,8 @@ void for_each_piece(i64 begin, i64 end, bool backwards, const F& f) {
   }
 }
 
-template <bool kStream, class T, int K, class Op>
-void channel_apply_impl(const Layout& L, const T* const (&coef)[K], T* out, const Op& op, bool backwards) {
+template <bool kStream, class S, class T, int K, class Op>
+void channel_apply_impl(const Layout& L, const T* const (&coef)[K], S* out, const Op& op, bool backwards) {
   constexpr i64 W = Vec<T>::W;
   const i64 total = L.numel();
   const i64 slots = (total + W - 1) / W;  // threads split the array at vector boundaries
@@ -259,15 +271,15 @@ void channel_apply_impl(const Layout& L, const T* const (&coef)[K], T* out, cons
     for (int k = 0; k < K; ++k) fill_period(L, coef[k], stride, table.get() + k * stride);
     const T* tab = table.get();
     parallel_for(slots, total, [=](i64 sb, i64 se) {
-      for_each_piece<T>(sb * W, std::min(se * W, total), backwards, [=](i64 lo, i64 hi) {
-        apply_period<kStream, T, K>(P, tab, stride, out, op, lo, hi);
+      for_each_piece(sb * W, std::min(se * W, total), backwards, [=](i64 lo, i64 hi) {
+        apply_period<kStream, S, T, K>(P, tab, stride, out, op, lo, hi);
       });
     });
   } else {
     const T* const* cf = coef;
     parallel_for(slots, total, [=](i64 sb, i64 se) {
-      for_each_piece<T>(sb * W, std::min(se * W, total), backwards, [=](i64 lo, i64 hi) {
-        apply_rows<kStream, T, K>(L, cf, out, op, lo, hi);
+      for_each_piece(sb * W, std::min(se * W, total), backwards, [=](i64 lo, i64 hi) {
+        apply_rows<kStream, S, T, K>(L, cf, out, op, lo, hi);
       });
     });
   }
@@ -276,12 +288,12 @@ void channel_apply_impl(const Layout& L, const T* const (&coef)[K], T* out, cons
 // The pass that follows a reduction over the same arrays sets `after_reduction`: each
 // thread then walks its part of the array last piece first, so the tens of MB that the
 // reduction read last, still in cache, are used before they are evicted.
-template <class T, int K, class Op>
-void channel_apply(const Layout& L, const T* const (&coef)[K], T* out, const Op& op,
+template <class S, class T, int K, class Op>
+void channel_apply(const Layout& L, const T* const (&coef)[K], S* out, const Op& op,
                    bool after_reduction = false) {
   if (L.numel() == 0) return;
-  with_streaming<T>(L.numel(), [&](auto stream) {
-    channel_apply_impl<decltype(stream)::value>(L, coef, out, op, after_reduction);
+  with_streaming<S, T>(L.numel(), [&](auto stream) {
+    channel_apply_impl<decltype(stream)::value, S, T>(L, coef, out, op, after_reduction);
   });
 }
 
@@ -340,19 +352,19 @@ void for_each_channel_segment(const Layout& L, ChannelRange r, F&& segment) {
 
 // The elementwise pass (as channel_apply, row mode) over the rows of the channels in r,
 // on the calling thread.
-template <class T, int K, class Op>
-void channel_apply_range(const Layout& L, const T* const (&coef)[K], T* out, const Op& op, ChannelRange r) {
-  with_streaming<T>(L.numel(), [&](auto stream) {
+template <class S, class T, int K, class Op>
+void channel_apply_range(const Layout& L, const T* const (&coef)[K], S* out, const Op& op, ChannelRange r) {
+  with_streaming<S, T>(L.numel(), [&](auto stream) {
     for (i64 o = 0; o < L.outer; ++o) {
       const i64 begin = (o * L.channels + r.begin) * L.inner, end = (o * L.channels + r.end) * L.inner;
-      apply_rows<decltype(stream)::value, T, K>(L, coef, out, op, begin, end);
+      apply_rows<decltype(stream)::value, S, T, K>(L, coef, out, op, begin, end);
     }
   });
 }
 
 // channel_apply over the whole array, or over the channels of *r on the calling thread.
-template <class T, int K, class Op>
-void channel_apply_to(const Layout& L, const T* const (&coef)[K], T* out, const Op& op, const ChannelRange* r,
+template <class S, class T, int K, class Op>
+void channel_apply_to(const Layout& L, const T* const (&coef)[K], S* out, const Op& op, const ChannelRange* r,
                       bool after_reduction) {
   if (r)
     channel_apply_range(L, coef, out, op, *r);
@@ -458,7 +470,8 @@ struct PeriodBlocks {
   i64 groups = 0;          // R * K
   i64 chunk_channels = 0;  // channels of a chunk (at most): C when K = 1
 
-  template <class T>
+  // For storage S read as vectors of T.
+  template <class S, class T>
   static PeriodBlocks make(const Layout& L) {
     constexpr i64 W = Vec<T>::W;
     PeriodBlocks b;
@@ -473,7 +486,7 @@ struct PeriodBlocks {
     b.rest = (L.outer % reps) * b.period;
     // Ranges: each keeps 2 doubles per channel (see states_fit).
     i64 max_ranges = std::clamp<i64>(b.rows, 1, kMaxGroups);
-    while (max_ranges > 1 && !states_fit(max_ranges * L.channels, 0, 16, L, sizeof(T))) --max_ranges;
+    while (max_ranges > 1 && !states_fit(max_ranges * L.channels, 0, 16, L, sizeof(S))) --max_ranges;
     b.ranges = std::clamp<i64>(b.rows * b.row_len / kGroupElements, 1, max_ranges);
     b.chunks = 1;
     b.chunk_len = b.row_len;
@@ -537,7 +550,8 @@ struct PeriodBlocks {
 // ---------------------------------------------------------------------------------------
 // Accumulation kernels of the reduction blocks.
 
-// Sums over one contiguous segment of `len` elements: out[a] = sum of accumulator a.
+// Sums over one contiguous segment of `len` elements, in vectors of T: out[a] = sum of
+// accumulator a.
 // f(i, n, acc) adds the contribution of lanes [i, i + n) to acc[0..NACC); for n < W it
 // must leave lanes [n, W) contributing zero. Four independent accumulator sets hide the
 // add/fma latency (4 cycles), so a segment in cache is summed at load speed.

@@ -1,7 +1,8 @@
-// Inverted dropout with the normative counter-based mask stream (DESIGN.md): forward fused
-// (random words compared and kept values scaled in one pass, no mask materialised), packed
-// mask generation, and applying a packed mask. Every group of 128 elements depends only on
-// (seed, offset, its index), so results do not depend on the thread split or the ISA.
+// Inverted dropout with the normative counter-based mask stream (docs/dropout.md): forward
+// fused (random words compared and kept values scaled in one pass, no mask materialised),
+// packed mask generation, and applying a packed mask. Every group of 128 elements depends
+// only on (seed, offset, its index), so results do not depend on the thread split or the
+// ISA. S is the storage type of x and y, T the compute type (channel_loops.h).
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -24,23 +25,23 @@ inline void unroll_steps(const F& f, std::integer_sequence<int, I...>) {
 }
 
 // y[0, kWindow) = keep ? x * scale : 0, whole vectors (aligned ones when streaming).
-template <bool kStream, class T>
-inline void apply_window(const T* x, T* y, const Keep& keep, const Vec<T>& scale) {
+template <bool kStream, class S, class T>
+inline void apply_window(const S* x, S* y, const Keep& keep, const Vec<T>& scale) {
   using V = Vec<T>;
   unroll_steps<kWindow / V::W, V::W>(
-      [&](auto e) { put<kStream>(y + e, scale_where(keep.template from<e>(), V::load(x + e), scale), V::W); },
+      [&](auto e) { put<kStream>(y + e, scale_where(keep.template from<e>(), load_as<T>(x + e), scale), V::W); },
       std::make_integer_sequence<int, kWindow / V::W>{});
 }
 
 // y[at + j] = keep ? x[at + j] * scale : 0 for j in [lo, hi), bit j of `bits` (ordinary
 // stores; at + lo >= 0). Out of line: it runs at the ends of a thread's range only, and
 // the hot loop stays small.
-template <class T>
-__attribute__((noinline)) void apply_window_part(const T* x, T* y, i64 at, std::uint64_t bits, i64 lo, i64 hi,
+template <class S, class T>
+__attribute__((noinline)) void apply_window_part(const S* x, S* y, i64 at, std::uint64_t bits, i64 lo, i64 hi,
                                                   const Vec<T>& scale) {
   for (i64 j = lo; j < hi; j += Vec<T>::W) {
     const i64 m = std::min<i64>(Vec<T>::W, hi - j);
-    store_lanes(scale_where(static_cast<std::uint32_t>(bits >> j), load_n(x + at + j, m), scale), y + at + j, m);
+    store_lanes(scale_where(static_cast<std::uint32_t>(bits >> j), load_n<T>(x + at + j, m), scale), y + at + j, m);
   }
 }
 
@@ -50,12 +51,12 @@ __attribute__((noinline)) void apply_window_part(const T* x, T* y, i64 at, std::
 // 3.3 ms with (66% -> 78% of the copy bound; in the slower memory state 93% -> 100%); A
 // (mostly in L3) unchanged or 2-5% faster. 2 KB ahead did worse than none; 8-32 KB the
 // same as 4 KB; the non-temporal hint worse.
-template <class T>
-constexpr i64 kPrefetchAhead = 4096 / sizeof(T);
+template <class S>
+constexpr i64 kPrefetchAhead = 4096 / sizeof(S);
 
-template <class T>
-inline void prefetch_block(const T* p) {
-  constexpr int kLines = kGroupsAtOnce * kGroup * sizeof(T) / 64;
+template <class S>
+inline void prefetch_block(const S* p) {
+  constexpr int kLines = kGroupsAtOnce * kGroup * sizeof(S) / 64;
 #pragma GCC unroll 32
   for (int l = 0; l < kLines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(p) + 64 * l, 0, 1);
 }
@@ -66,8 +67,8 @@ inline void prefetch_block(const T* p) {
 // bytes past a page): non-temporal stores then write whole lines, which keeps x in the
 // cache and saves reading y's lines first. A window that is not wholly inside the range
 // (the first, and the last groups') is applied element by element from plain bits.
-template <bool kStream, class T>
-void dropout_range(const DropoutArgs<T>& a, i64 gb, i64 ge, const Vec<T>& scale) {
+template <bool kStream, class S, class T>
+void dropout_range(const DropoutArgs<S>& a, i64 gb, i64 ge, const Vec<T>& scale) {
   constexpr i64 W = Vec<T>::W;
   constexpr int NG = kGroupsAtOnce;
   const i64 start = gb * kGroup, end = std::min(ge * kGroup, a.n);
@@ -81,10 +82,10 @@ void dropout_range(const DropoutArgs<T>& a, i64 gb, i64 ge, const Vec<T>& scale)
   for (i64 g0 = gb; g0 < ge; g0 += NG) {
     U32 r[NG][kHalfVectors];
     stream.next(r);
-    if (kStream && (g0 + NG) * kGroup + kPrefetchAhead<T> < end) prefetch_block(a.x + g0 * kGroup + kPrefetchAhead<T>);
+    if (kStream && (g0 + NG) * kGroup + kPrefetchAhead<S> < end) prefetch_block(a.x + g0 * kGroup + kPrefetchAhead<S>);
     if (g0 * kGroup - d >= start && (g0 + NG) * kGroup - d <= end) {  // every window whole
-      const T* x = a.x + g0 * kGroup - d;                             // the block's first window
-      T* y = a.y + g0 * kGroup - d;
+      const S* x = a.x + g0 * kGroup - d;                             // the block's first window
+      S* y = a.y + g0 * kGroup - d;
 #pragma GCC unroll 16
       for (int w = 0; w < NG * kHalfVectors; ++w)
         apply_window<kStream>(x + w * kWindow, y + w * kWindow, windows.next(r[w / kHalfVectors][w % kHalfVectors]),
@@ -111,13 +112,13 @@ void dropout_range(const DropoutArgs<T>& a, i64 gb, i64 ge, const Vec<T>& scale)
 
 }  // namespace
 
-template <class T>
-void dropout(const DropoutArgs<T>& a) {
+template <class S, class T>
+void dropout(const DropoutArgs<S>& a) {
   const i64 groups = (a.n + kGroup - 1) / kGroup;
   const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
-  with_streaming<T>(a.n, [&](auto stream) {
+  with_streaming<S, T>(a.n, [&](auto stream) {
     parallel_for(groups, a.n,
-                 [&](i64 gb, i64 ge) { dropout_range<decltype(stream)::value>(a, gb, ge, scale); });
+                 [&](i64 gb, i64 ge) { dropout_range<decltype(stream)::value, S, T>(a, gb, ge, scale); });
   });
 }
 
@@ -160,8 +161,8 @@ inline std::uint64_t mask_bits_at(const unsigned char* mask, i64 bytes, i64 e) {
 // read per vector with a length clamped to the mask's end, they went through a variable
 // copy on the stack (one thread, in cache: AVX2 0.82 -> 0.47 cycles per element, AVX-512
 // 0.50 -> 0.43, scalar 3.3 -> 1.7).
-template <bool kStream, class T>
-void apply_mask_span(const T* x, T* y, i64 len, const unsigned char* mask, i64 bytes, i64 bit0, const Vec<T>& scale) {
+template <bool kStream, class S, class T>
+void apply_mask_span(const S* x, S* y, i64 len, const unsigned char* mask, i64 bytes, i64 bit0, const Vec<T>& scale) {
   using V = Vec<T>;
   constexpr i64 W = V::W, kChunk = 32;
   constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
@@ -171,7 +172,7 @@ void apply_mask_span(const T* x, T* y, i64 len, const unsigned char* mask, i64 b
   };
   i64 i = 0;
   const auto step = [&](i64 n) {
-    apply(i, mask_bits_at(mask, bytes, bit0 + i), load_n(x + i, n), n);
+    apply(i, mask_bits_at(mask, bytes, bit0 + i), load_n<T>(x + i, n), n);
     i += n;
   };
   if (const i64 nh = head_lanes<kStream>(y, len)) step(nh);
@@ -180,20 +181,20 @@ void apply_mask_span(const T* x, T* y, i64 len, const unsigned char* mask, i64 b
     std::memcpy(&word, mask + (bit0 + i) / 8, 8);
     word >>= (bit0 + i) % 8;
 #pragma GCC unroll 32
-    for (i64 v = 0; v < kChunk; v += W) apply(i + v, word >> v, V::load(x + i + v), W);
+    for (i64 v = 0; v < kChunk; v += W) apply(i + v, word >> v, load_as<T>(x + i + v), W);
   }
   while (i + W <= len) step(W);
   if (i < len) step(len - i);
 }
 
 // y[j] = keep ? x[j] * scale : 0 for j < len (one bit for the whole run).
-template <bool kStream, class T>
-void apply_keep_run(const T* x, T* y, i64 len, bool keep, const Vec<T>& scale) {
+template <bool kStream, class S, class T>
+void apply_keep_run(const S* x, S* y, i64 len, bool keep, const Vec<T>& scale) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
   i64 i = 0;
   const auto step = [&](i64 n) {
-    put<kStream>(y + i, keep ? load_n(x + i, n) * scale : V::zero(), n);
+    put<kStream>(y + i, keep ? load_n<T>(x + i, n) * scale : V::zero(), n);
     i += n;
   };
   if (const i64 nh = head_lanes<kStream>(y, len)) step(nh);
@@ -201,36 +202,36 @@ void apply_keep_run(const T* x, T* y, i64 len, bool keep, const Vec<T>& scale) {
   if (i < len) step(len - i);
 }
 
-template <bool kStream, class T>
-void dropout_apply_impl(const DropoutApplyArgs<T>& a) {
+template <bool kStream, class S, class T>
+void dropout_apply_impl(const DropoutApplyArgs<S>& a) {
   constexpr i64 W = Vec<T>::W;
   const i64 slots = (a.n + W - 1) / W, bytes = (a.n + 7) / 8;
   const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
   parallel_for(slots, a.n, [&](i64 sb, i64 se) {
     const i64 i = sb * W, end = std::min(se * W, a.n);
-    apply_mask_span<kStream>(a.x + i, a.y + i, end - i, a.mask, bytes, i, scale);
+    apply_mask_span<kStream, S, T>(a.x + i, a.y + i, end - i, a.mask, bytes, i, scale);
     if (kStream) stream_fence();
   });
 }
 
 // Rows of f2 * b3 elements, row r = a * b1 + b reading mask bits [a * f2, (a + 1) * f2).
-template <bool kStream, class T>
-void dropout_apply_broadcast_impl(const DropoutApplyArgs<T>& a) {
+template <bool kStream, class S, class T>
+void dropout_apply_broadcast_impl(const DropoutApplyArgs<S>& a) {
   const BroadcastShape& s = a.broadcast;
   const i64 row_len = s.f2 * s.b3, bytes = (s.f0 * s.f2 + 7) / 8;
   const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
   parallel_for(s.f0 * s.b1, a.n, [&](i64 rb, i64 re) {
     for (i64 r = rb; r < re; ++r) {
       const i64 bit0 = r / s.b1 * s.f2;
-      const T* x = a.x + r * row_len;
-      T* y = a.y + r * row_len;
+      const S* x = a.x + r * row_len;
+      S* y = a.y + r * row_len;
       if (s.b3 == 1) {
-        apply_mask_span<kStream>(x, y, row_len, a.mask, bytes, bit0, scale);
+        apply_mask_span<kStream, S, T>(x, y, row_len, a.mask, bytes, bit0, scale);
         continue;
       }
       for (i64 c = 0; c < s.f2; ++c) {
         const bool keep = (a.mask[(bit0 + c) / 8] >> ((bit0 + c) % 8)) & 1;
-        apply_keep_run<kStream>(x + c * s.b3, y + c * s.b3, s.b3, keep, scale);
+        apply_keep_run<kStream, S, T>(x + c * s.b3, y + c * s.b3, s.b3, keep, scale);
       }
     }
     if (kStream) stream_fence();
@@ -241,20 +242,23 @@ void dropout_apply_broadcast_impl(const DropoutApplyArgs<T>& a) {
 
 // A stored mask is applied as a flat elementwise pass (no random words to compute), so large
 // outputs are streamed past the caches like the batch-norm passes.
-template <class T>
-void dropout_apply(const DropoutApplyArgs<T>& a) {
-  with_streaming<T>(a.n, [&](auto stream) { dropout_apply_impl<decltype(stream)::value>(a); });
+template <class S, class T>
+void dropout_apply(const DropoutApplyArgs<S>& a) {
+  with_streaming<S, T>(a.n, [&](auto stream) { dropout_apply_impl<decltype(stream)::value, S, T>(a); });
 }
 
-template <class T>
-void dropout_apply_broadcast(const DropoutApplyArgs<T>& a) {
-  with_streaming<T>(a.n, [&](auto stream) { dropout_apply_broadcast_impl<decltype(stream)::value>(a); });
+template <class S, class T>
+void dropout_apply_broadcast(const DropoutApplyArgs<S>& a) {
+  with_streaming<S, T>(a.n, [&](auto stream) { dropout_apply_broadcast_impl<decltype(stream)::value, S, T>(a); });
 }
 
-void philox(const std::uint32_t* counters, i64 n, std::uint64_t key, std::uint32_t* out) {
+void philox(const PhiloxArgs& a) {
   // Known-answer checks of the vector Philox: U64::W counters at a time, one per lane.
   constexpr int W = U64::W;
-  const PhiloxKeys keys(key);
+  const PhiloxKeys keys(a.key);
+  const i64 n = a.n;
+  const std::uint32_t* counters = a.counters;
+  std::uint32_t* out = a.out;
   for (i64 i0 = 0; i0 < n; i0 += W) {
     U64 c[1][4];
     for (int w = 0; w < 4; ++w) {
@@ -271,12 +275,7 @@ void philox(const std::uint32_t* counters, i64 n, std::uint64_t key, std::uint32
   }
 }
 
-template void dropout<float>(const DropoutArgs<float>&);
-template void dropout<double>(const DropoutArgs<double>&);
-template void dropout_apply<float>(const DropoutApplyArgs<float>&);
-template void dropout_apply<double>(const DropoutApplyArgs<double>&);
-template void dropout_apply_broadcast<float>(const DropoutApplyArgs<float>&);
-template void dropout_apply_broadcast<double>(const DropoutApplyArgs<double>&);
+PYBN_FILL_FAMILY(dropout)
 
 }  // namespace PYBN_ISA
 }  // namespace pybn

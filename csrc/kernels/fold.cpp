@@ -1,9 +1,9 @@
-// Batch-norm folding (DESIGN.md, "Folding batch norm"): scaling a weight along one axis and
-// the bias of a layer that absorbs a preceding BN. The arithmetic is in double (floats are
-// widened on load) and every result is rounded once to the weight's dtype, so a folded
-// float32 weight is the correctly rounded product of the float32 weight and the exact scale.
-// Each output element is computed by one thread in a fixed order: results do not depend on
-// the thread count.
+// Batch-norm folding (docs/folding.md): scaling a weight along one axis and the bias of a
+// layer that absorbs a preceding BN. The arithmetic is in double whatever the compute type
+// of the dtype (storage is widened on load) and every result is rounded once to the
+// weight's dtype, so a folded float32 weight is the correctly rounded product of the
+// float32 weight and the exact scale. Each output element is computed by one thread in a
+// fixed order: results do not depend on the thread count.
 #include <algorithm>
 
 #include "kernels_isa.h"
@@ -18,37 +18,28 @@ using i64 = std::int64_t;
 using VD = Vec<double>;
 constexpr i64 W = VD::W;
 
-// T-typed memory seen as Vec<double>.
-inline VD load_d(const double* p) { return VD::load(p); }
-inline VD load_d(const double* p, i64 n) { return VD::load(p, n); }
-inline VD load_d(const float* p) { return VD::load_widen(p); }
-inline VD load_d(const float* p, i64 n) { return VD::load_widen(p, n); }
-inline void store_d(const VD& v, double* p) { v.store(p); }
-inline void store_d(const VD& v, double* p, i64 n) { v.store(p, n); }
-inline void store_d(const VD& v, float* p) { v.store_narrow(p); }
-inline void store_d(const VD& v, float* p, i64 n) { v.store_narrow(p, n); }
-
 // y[i] = x[i] * s for i < n (one scale for a whole run).
-template <class T>
-inline void scale_run(const T* x, T* y, i64 n, double s) {
+template <class S>
+inline void scale_run(const S* x, S* y, i64 n, double s) {
   const VD vs = VD::set1(s);
   i64 i = 0;
-  for (; i + W <= n; i += W) store_d(load_d(x + i) * vs, y + i);
-  if (i < n) store_d(load_d(x + i, n - i) * vs, y + i, n - i);
+  for (; i + W <= n; i += W) store_as(load_as<double>(x + i) * vs, y + i);
+  if (i < n) store_as(load_as<double>(x + i, n - i) * vs, y + i, n - i);
 }
 
 // y[i] = x[i] * s[i] for i < n (a scale per element).
-template <class T>
-inline void scale_each(const T* x, T* y, i64 n, const double* s) {
+template <class S>
+inline void scale_each(const S* x, S* y, i64 n, const double* s) {
   i64 i = 0;
-  for (; i + W <= n; i += W) store_d(load_d(x + i) * VD::load(s + i), y + i);
-  if (i < n) store_d(load_d(x + i, n - i) * VD::load(s + i, n - i), y + i, n - i);
+  for (; i + W <= n; i += W) store_as(load_as<double>(x + i) * VD::load(s + i), y + i);
+  if (i < n) store_as(load_as<double>(x + i, n - i) * VD::load(s + i, n - i), y + i, n - i);
 }
 
 }  // namespace
 
-template <class T>
-void fold_scale(const FoldScaleArgs<T>& a) {
+// T, the compute type of the other kernels, is not used: folding computes in double.
+template <class S, class T>
+void fold_scale(const FoldScaleArgs<S>& a) {
   const i64 C = a.channels, K = a.inner, n = a.groups * a.outer * C * K;
   if (K == 1) {
     // Channels are contiguous (a Linear weight scaled along its input): one row per (g, o).
@@ -69,31 +60,28 @@ void fold_scale(const FoldScaleArgs<T>& a) {
   });
 }
 
-template <class T>
-void fold_bias(const FoldBiasArgs<T>& a) {
+template <class S, class T>
+void fold_bias(const FoldBiasArgs<S>& a) {
   const i64 cols = a.cols;
   parallel_for(a.rows, a.rows * cols, [&](i64 rb, i64 re) {
     for (i64 r = rb; r < re; ++r) {
-      const T* w = a.w + r * cols;
+      const S* w = a.w + r * cols;
       VD acc[2] = {VD::zero(), VD::zero()};  // two chains: the adds' latency, not their count, bounds a row
       i64 c = 0;
       for (; c + 2 * W <= cols; c += 2 * W) {
-        acc[0] = fma(load_d(w + c), VD::load(a.shift + c), acc[0]);
-        acc[1] = fma(load_d(w + c + W), VD::load(a.shift + c + W), acc[1]);
+        acc[0] = fma(load_as<double>(w + c), VD::load(a.shift + c), acc[0]);
+        acc[1] = fma(load_as<double>(w + c + W), VD::load(a.shift + c + W), acc[1]);
       }
       for (; c < cols; c += W) {
         const i64 m = std::min(W, cols - c);
-        acc[0] = fma(load_d(w + c, m), VD::load(a.shift + c, m), acc[0]);
+        acc[0] = fma(load_as<double>(w + c, m), VD::load(a.shift + c, m), acc[0]);
       }
-      a.out[r] = static_cast<T>(a.bias[r] + (acc[0] + acc[1]).reduce_add());
+      a.out[r] = static_cast<S>(a.bias[r] + (acc[0] + acc[1]).reduce_add());
     }
   });
 }
 
-template void fold_scale<float>(const FoldScaleArgs<float>&);
-template void fold_scale<double>(const FoldScaleArgs<double>&);
-template void fold_bias<float>(const FoldBiasArgs<float>&);
-template void fold_bias<double>(const FoldBiasArgs<double>&);
+PYBN_FILL_FAMILY(fold)
 
 }  // namespace PYBN_ISA
 }  // namespace pybn

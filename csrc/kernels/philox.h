@@ -1,5 +1,5 @@
 // Philox4x32-10 (Salmon et al., SC'11; constants as in Random123) on vectors of counters,
-// and the keep bits of dropout's normative mask stream (DESIGN.md, "Inverted dropout").
+// and the keep bits of dropout's normative mask stream (docs/dropout.md).
 // Included by kernel sources only: everything lands in this ISA's namespace.
 #pragma once
 #include <cstdint>
@@ -150,10 +150,12 @@ class MaskStream {
 
   PhiloxKeys keys_;
   std::uint64_t first_;  // the next block's first counter
-  U64 p0_[kVectors];     // its round-1 products M0 * (b mod 2**32), while the high word holds
+  // The state of the shared high word, set before its first use (have_high_); zero until
+  // then, so that no path reads an indeterminate value.
+  U64 p0_[kVectors] = {};  // its round-1 products M0 * (b mod 2**32), while the high word holds
   bool have_high_ = false;
   std::uint32_t high_ = 0;
-  U64 x2_key_, x3_;
+  U64 x2_key_ = {}, x3_ = {};
 };
 
 // The keep bits of one group from its random halves: bit e of the 128-bit little-endian

@@ -1,4 +1,4 @@
-// The bandwidth probe of the benchmark (DESIGN.md, "How performance is judged"), written in
+// The bandwidth probe of the benchmark (docs/performance.md), written in
 // the same vector vocabulary and threading as the kernels so the bound is measured the
 // way the kernels move memory: t_read is one vectorized pass that reads the array, and
 // t_stream a copy with non-temporal stores, as the STREAM benchmark does it.
@@ -8,8 +8,10 @@
 namespace pybn {
 namespace PYBN_ISA {
 
-double probe_read(const float* x, std::int64_t n) {
+void probe_read(const ProbeReadArgs& a) {
   using V = Vec<float>;
+  const float* x = a.x;
+  const i64 n = a.n;
   constexpr i64 W = V::W;
   const i64 slots = (n + W - 1) / W;
   const int nt = std::max(1, threads_for(n));
@@ -20,18 +22,21 @@ double probe_read(const float* x, std::int64_t n) {
       const i64 begin = std::min(n, slots * t / nt * W), end = std::min(n, slots * (t + 1) / nt * W);
       double s[2];
       segment_accumulate<float, 2>(end - begin, s, [&](i64 i, i64 k, V* a) {
-        a[0] = a[0] + load_n(x + begin + i, k);
+        a[0] = a[0] + load_n<float>(x + begin + i, k);
       });
       part[t] = s[0];
     }
   });
   double total = 0;
   for (int t = 0; t < nt; ++t) total += part[t];
-  return total;
+  *a.sum = total;
 }
 
-void probe_stream(const float* src, float* dst, std::int64_t n) {
+void probe_stream(const ProbeStreamArgs& a) {
   using V = Vec<float>;
+  const float* src = a.src;
+  float* dst = a.dst;
+  const i64 n = a.n;
   constexpr i64 W = V::W;
   // Streams at every size: this is the bound the kernels are held to, not a kernel.
   const i64 slots = (n + W - 1) / W;
@@ -48,6 +53,8 @@ void probe_stream(const float* src, float* dst, std::int64_t n) {
     stream_fence();
   });
 }
+
+PYBN_FILL_FAMILY(probe)
 
 }  // namespace PYBN_ISA
 }  // namespace pybn

@@ -1,4 +1,4 @@
-"""Argument checks shared by every array function (DESIGN.md, "Conventions").
+"""Argument checks shared by every array function (docs/conventions.md).
 
 Each check raises TypeError (wrong kind or dtype) or ValueError (wrong shape, layout or
 value) with a message that starts with the argument's name, and never copies an array
@@ -15,21 +15,23 @@ from typing import Any
 
 import numpy as np
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+from . import _C
 
-
-_F32, _F64 = FLOAT_DTYPES
+#: The dtypes the kernels take (the list the C++ is built from).
+FLOAT_DTYPES = tuple(np.dtype(name) for name in _C.DTYPES)
+_DTYPE_NAMES = " or ".join(_C.DTYPES)
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # for the fast path (a byte-swapped '>f4' is not in it)
 
 
 def float_array(value: Any, name: str) -> np.ndarray:
     """`value` as a float32/float64 ndarray (array-likes accepted; no copy when possible)."""
-    if type(value) is np.ndarray and (value.dtype is _F32 or value.dtype is _F64):
+    if type(value) is np.ndarray and value.dtype in _FLOAT_DTYPE_SET:
         return value  # the common case, checked first: small calls are dominated by checks
     arr = as_array(value, name)
     if arr.dtype not in FLOAT_DTYPES:
         if arr.dtype.kind == "f" and arr.dtype.newbyteorder("=") in FLOAT_DTYPES:
             return arr.astype(arr.dtype.newbyteorder("="))  # '>f4' is float32 in the other byte order
-        raise TypeError(f"{name}: dtype {arr.dtype} is not supported (pybn takes float32 or float64)")
+        raise TypeError(f"{name}: dtype {arr.dtype} is not supported (pybn takes {_DTYPE_NAMES})")
     return arr
 
 
@@ -215,8 +217,11 @@ def output(out: Any, like: np.ndarray, inputs: tuple[tuple[str, Any], ...] = ())
 
 MISALIGNED = ("its elements are not aligned to their size (a view at an odd offset of a byte buffer); "
               "pass a copy, e.g. np.array(out), and copy the result back")
-ALIGNMENT = 64  # bytes: one cache line, one AVX-512 vector
-ALIGNED_MIN_BYTES = 1 << 20
+# The kernels write outputs of ALIGNED_MIN_BYTES or more with non-temporal stores, which
+# need no unaligned head when the output starts on an ALIGNMENT-byte boundary (both
+# decided by the kernels).
+ALIGNMENT: int = _C.ALIGNMENT
+ALIGNED_MIN_BYTES: int = _C.STREAM_MIN_BYTES
 
 
 def empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import signal
 import stat
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _PROTOBUF_LIMIT = 2**31 - 1  # bytes: the largest file a protobuf message can be read from
 
@@ -92,10 +94,8 @@ class _SignalsRaise:
 
         self.previous = {}
         for s in self.SIGNALS:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (main() called from a thread): leave them
                 self.previous[s] = signal.signal(s, handler)
-            except ValueError:  # not the main thread (main() called from a thread): leave them
-                pass
 
     def __exit__(self, *exc: Any) -> None:
         for s, h in self.previous.items():
@@ -156,11 +156,11 @@ def _load(path: str) -> Any:
         raise _Failure(f"{path} is not a valid ONNX model: {_reason(e)}") from None
 
 
-def _counts(model: Any) -> collections.Counter:
+def _counts(model: Any) -> collections.Counter[str]:
     return collections.Counter(n.op_type for n in model.graph.node)
 
 
-def _summary(report: list[Any], before: collections.Counter, after: collections.Counter) -> Iterator[str]:
+def _summary(report: list[Any], before: collections.Counter[str], after: collections.Counter[str]) -> Iterator[str]:
     yield from (str(rec) for rec in report)
     if all(hasattr(rec, "reason") for rec in report):  # only what was left (NotFolded)
         yield "nothing to fold"

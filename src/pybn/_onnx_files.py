@@ -13,12 +13,14 @@ Private to ``pybn.onnx`` and its command line, which import it after their guard
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import stat
 import tempfile
-from typing import Any, BinaryIO, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import onnx
@@ -33,10 +35,11 @@ _ZERO_CHUNK = bytes(_COPY_CHUNK)
 
 # data_type -> (the typed field holding its values, values per element); 4-, 2- and 6-bit
 # types pack several elements per value and are only checked in raw_data
-_FIELDS = {TensorProto.FLOAT: ("float_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
-           TensorProto.DOUBLE: ("double_data", 1), TensorProto.COMPLEX128: ("double_data", 2),
-           TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1),
-           TensorProto.UINT64: ("uint64_data", 1), TensorProto.STRING: ("string_data", 1)}
+_FIELDS: dict[int, tuple[str, int]] = {
+    TensorProto.FLOAT: ("float_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
+    TensorProto.DOUBLE: ("double_data", 1), TensorProto.COMPLEX128: ("double_data", 2),
+    TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1),
+    TensorProto.UINT64: ("uint64_data", 1), TensorProto.STRING: ("string_data", 1)}
 _INT32_FIELD_TYPES = ("INT32", "INT16", "INT8", "UINT16", "UINT8", "BOOL", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN",
                       "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0")
 _FIELDS.update({getattr(TensorProto, name): ("int32_data", 1) for name in _INT32_FIELD_TYPES
@@ -47,7 +50,7 @@ _PACKED_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "
 
 # --- every tensor of a model -------------------------------------------------------------------
 
-def tensors(model: "onnx.ModelProto") -> Iterator[tuple["onnx.TensorProto", str]]:
+def tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
     """Every tensor of `model` with where it is: initializers, sparse initializers and tensor
     attributes (Constant values...), in the main graph, every subgraph and every function."""
     yield from _graph_tensors(model.graph, "")
@@ -56,7 +59,7 @@ def tensors(model: "onnx.ModelProto") -> Iterator[tuple["onnx.TensorProto", str]
             yield from _node_tensors(node, f" in function {function.name}")
 
 
-def _graph_tensors(graph: "onnx.GraphProto", where: str) -> Iterator[tuple[Any, str]]:
+def _graph_tensors(graph: onnx.GraphProto, where: str) -> Iterator[tuple[Any, str]]:
     for t in graph.initializer:
         yield t, f"initializer {t.name!r}{where}"
     for s in graph.sparse_initializer:
@@ -66,7 +69,7 @@ def _graph_tensors(graph: "onnx.GraphProto", where: str) -> Iterator[tuple[Any, 
         yield from _node_tensors(node, where)
 
 
-def _node_tensors(node: "onnx.NodeProto", where: str) -> Iterator[tuple[Any, str]]:
+def _node_tensors(node: onnx.NodeProto, where: str) -> Iterator[tuple[Any, str]]:
     label = node.name or f"{node.op_type}:{node.output[0] if node.output else ''}"
     for a in node.attribute:
         here = f"attribute {a.name!r} of node {label}{where}"
@@ -94,7 +97,7 @@ def data_bytes(data_type: int, count: int) -> int | None:
     return (count * bits + 7) // 8
 
 
-def _shape(t: "onnx.TensorProto") -> str:
+def _shape(t: onnx.TensorProto) -> str:
     try:
         type_name = TensorProto.DataType.Name(t.data_type)
     except ValueError:
@@ -102,11 +105,11 @@ def _shape(t: "onnx.TensorProto") -> str:
     return f"its shape {tuple(t.dims)} and type {type_name}"
 
 
-def _external_info(t: "onnx.TensorProto") -> dict[str, str]:
+def _external_info(t: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
-def data_problem(t: "onnx.TensorProto") -> str | None:
+def data_problem(t: onnx.TensorProto) -> str | None:
     """Why `t` does not hold exactly the data its dims and type call for (None: it does).
 
     External data is checked as far as the tensor tells (a declared length); the file itself
@@ -137,7 +140,7 @@ def data_problem(t: "onnx.TensorProto") -> str | None:
     return None
 
 
-def _external_problem(t: "onnx.TensorProto", count: int) -> str | None:
+def _external_problem(t: onnx.TensorProto, count: int) -> str | None:
     info = _external_info(t)
     if not info.get("location"):
         return "has external data without a location"
@@ -152,7 +155,7 @@ def _external_problem(t: "onnx.TensorProto", count: int) -> str | None:
 
 # --- checking a model ----------------------------------------------------------------------------
 
-def check(model: "onnx.ModelProto", external: ExternalData | None = None) -> None:
+def check(model: onnx.ModelProto, external: ExternalData | None = None) -> None:
     """Raise ValueError("model: ...") unless `model` passes the ONNX checker and every tensor
     holds the data its shape needs (with `external`, external data files are checked too)."""
     for t, where in tensors(model):
@@ -171,7 +174,7 @@ def first_line(e: BaseException) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
-def light_copy(model: "onnx.ModelProto", *, big_initializers: str) -> "onnx.ModelProto":
+def light_copy(model: onnx.ModelProto, *, big_initializers: str) -> onnx.ModelProto:
     """A copy of `model` without its large tensors' data, for the checker and shape inference.
 
     Main-graph initializers with more than SMALL bytes, or with external data, are never copied:
@@ -211,11 +214,11 @@ def _copy_fields(source: Any, target: Any, skip: str) -> None:
             setattr(target, field.name, value)
 
 
-def _is_big(t: "onnx.TensorProto") -> bool:
+def _is_big(t: onnx.TensorProto) -> bool:
     return t.data_location == EXTERNAL or t.ByteSize() > SMALL
 
 
-def _empty(target: "onnx.TensorProto", source: "onnx.TensorProto") -> None:
+def _empty(target: onnx.TensorProto, source: onnx.TensorProto) -> None:
     name, data_type = source.name, source.data_type
     target.Clear()
     target.name, target.data_type = name, data_type
@@ -235,14 +238,14 @@ class ExternalData:
     def __init__(self, base_dir: str) -> None:
         self.base_dir = os.path.realpath(base_dir or ".")
 
-    def problem(self, t: "onnx.TensorProto") -> str | None:
+    def problem(self, t: onnx.TensorProto) -> str | None:
         try:
             self.locate(t)
         except ValueError as e:
             return str(e)
         return None
 
-    def locate(self, t: "onnx.TensorProto") -> tuple[str, int, int]:
+    def locate(self, t: onnx.TensorProto) -> tuple[str, int, int]:
         """(the data file's real path, offset, length) of external tensor `t`, checked."""
         info = _external_info(t)
         location = info.get("location", "")
@@ -274,7 +277,7 @@ class ExternalData:
             raise ValueError(f"has {length} bytes of external data; {_shape(t)} need {need}")
         return real, offset, length
 
-    def read(self, t: "onnx.TensorProto") -> bytes:
+    def read(self, t: onnx.TensorProto) -> bytes:
         path, offset, length = self.locate(t)
         with open(path, "rb") as f:
             f.seek(offset)
@@ -283,14 +286,14 @@ class ExternalData:
             raise ValueError(f"has external data that ended after {len(data)} of {length} bytes")
         return data
 
-    def array(self, t: "onnx.TensorProto") -> np.ndarray:
+    def array(self, t: onnx.TensorProto) -> np.ndarray:
         inline = TensorProto()
         inline.name, inline.data_type = t.name, t.data_type
         inline.dims.extend(t.dims)
         inline.raw_data = self.read(t)
         return numpy_helper.to_array(inline)
 
-    def copy_to(self, t: "onnx.TensorProto", out: BinaryIO) -> int:
+    def copy_to(self, t: onnx.TensorProto, out: BinaryIO) -> int:
         """Append `t`'s data to `out` (zero runs as holes); return the number of bytes."""
         path, offset, length = self.locate(t)
         with open(path, "rb") as f:
@@ -319,7 +322,7 @@ def _write_sparse(out: BinaryIO, data: bytes) -> None:
 
 # --- writing -------------------------------------------------------------------------------------
 
-def save(model: "onnx.ModelProto", path: str, external: ExternalData | None = None,
+def save(model: onnx.ModelProto, path: str, external: ExternalData | None = None,
          keep: tuple[str, ...] = ()) -> str | None:
     """Write `model` to `path` so that any failure leaves `path` as it was and no partial file.
 
@@ -360,7 +363,7 @@ def save(model: "onnx.ModelProto", path: str, external: ExternalData | None = No
     return data_name
 
 
-def _external_sources(model: "onnx.ModelProto", external: ExternalData | None) -> dict[str, str]:
+def _external_sources(model: onnx.ModelProto, external: ExternalData | None) -> dict[str, str]:
     """The real path of every file `model`'s external data is read from -> one tensor read from it."""
     if external is None:
         return {}
@@ -374,7 +377,7 @@ def _external_sources(model: "onnx.ModelProto", external: ExternalData | None) -
     return sources
 
 
-def _to_move(model: "onnx.ModelProto") -> Iterator[tuple["onnx.TensorProto", str]]:
+def _to_move(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
     """The tensors save puts in the data file: every external one, and large raw initializers."""
     yield from ((t, where) for t, where in tensors(model) if t.data_location == EXTERNAL)
     for t in model.graph.initializer:  # (those just moved are external by now)
@@ -382,7 +385,7 @@ def _to_move(model: "onnx.ModelProto") -> Iterator[tuple["onnx.TensorProto", str
             yield t, f"initializer {t.name!r}"
 
 
-def _write_external_data(model: "onnx.ModelProto", data_name: str, external: ExternalData | None,
+def _write_external_data(model: onnx.ModelProto, data_name: str, external: ExternalData | None,
                          out: BinaryIO) -> None:
     for t, where in _to_move(model):
         offset = _align(out.tell(), t)
@@ -407,7 +410,7 @@ def _write_external_data(model: "onnx.ModelProto", data_name: str, external: Ext
             entry.key, entry.value = key, value
 
 
-def _align(position: int, t: "onnx.TensorProto") -> int:
+def _align(position: int, t: onnx.TensorProto) -> int:
     """Large tensors start on a 64 KiB boundary (so that runtimes can map them), others on 64 bytes."""
     size = data_bytes(t.data_type, math.prod(t.dims)) or t.ByteSize()
     step = 65536 if size >= (1 << 20) else 64
@@ -458,10 +461,8 @@ class _Temporary:
 
     def __exit__(self, *exc: Any) -> None:
         if not self.renamed:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)
-            except OSError:
-                pass
 
 
 def _write_new(target: str, write: Callable[[BinaryIO], Any], before_rename: Callable[[], None] | None = None) -> None:

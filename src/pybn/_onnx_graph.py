@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -32,29 +33,29 @@ FLOAT_WEIGHTS = (np.dtype(np.float32), np.dtype(np.float64))
 
 # --- single nodes ------------------------------------------------------------------------------
 
-def is_default(node: "onnx.NodeProto", *ops: str) -> bool:
+def is_default(node: onnx.NodeProto, *ops: str) -> bool:
     """Whether `node` is one of the standard (default-domain) operators `ops`."""
     return node.op_type in ops and node.domain in DEFAULT_DOMAINS
 
 
-def attr(node: "onnx.NodeProto", name: str, default: Any = None) -> Any:
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
 
 
-def drop_attrs(node: "onnx.NodeProto", names: Iterable[str]) -> None:
+def drop_attrs(node: onnx.NodeProto, names: Iterable[str]) -> None:
     keep = [a for a in node.attribute if a.name not in names]
     del node.attribute[:]
     node.attribute.extend(keep)
 
 
-def label(node: "onnx.NodeProto") -> str:
+def label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}:{node.output[0] if node.output else ''}"
 
 
-def subgraphs(node: "onnx.NodeProto") -> list["onnx.GraphProto"]:
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     out = []
     for a in node.attribute:
         if a.type == onnx.AttributeProto.GRAPH:
@@ -64,7 +65,7 @@ def subgraphs(node: "onnx.NodeProto") -> list["onnx.GraphProto"]:
     return out
 
 
-def walk_subgraph_names(graph: "onnx.GraphProto", refs: set[str], names: set[str]) -> None:
+def walk_subgraph_names(graph: onnx.GraphProto, refs: set[str], names: set[str]) -> None:
     """Every value name a subgraph reads (`refs`) and every name it mentions (`names`)."""
     for v in list(graph.input) + list(graph.output) + list(graph.value_info):
         names.add(v.name)
@@ -91,7 +92,7 @@ class GraphEditor:
     graph outputs count as used.
     """
 
-    def __init__(self, model: "onnx.ModelProto", external: ExternalData | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, external: ExternalData | None = None) -> None:
         self.model = model
         self.external = external  # where tensors stored as external data are read (None: they are not)
         self.proto = model.graph  # the main graph

@@ -12,10 +12,10 @@ from ._checks import integer
 
 
 def isa() -> str:
-    """The active kernel path: "scalar", "avx2" or "avx512".
+    """The active kernel path, one of :func:`supported_isas` (e.g. ``"avx2"``).
 
     The best path this CPU supports is chosen at import; the environment variable
-    ``PYBN_ISA=scalar|avx2|avx512`` forces a lower one.
+    ``PYBN_ISA=<name>`` forces a lower one.
     """
     return _C.isa()
 

@@ -14,10 +14,14 @@ for importing it (about 3 ms).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import warnings
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
 from types import ModuleType
+from typing import Any
 
 # Before 3.3, threadpoolctl claimed a library by its file name alone: the "_c." prefix
 # would then claim every extension module named _C. With an older version pybn stays
@@ -31,6 +35,7 @@ _registered = False
 def _controller_class(threadpoolctl: ModuleType) -> type:
     from . import _C
 
+    # the base class is an attribute of the module passed in (untyped), hence not a type mypy knows
     class PybnController(threadpoolctl.LibController):  # type: ignore[name-defined,misc]
         """pybn's fork-join pool: the thread count of pybn.get_num_threads()."""
 
@@ -86,23 +91,22 @@ class RegisterOnImport:
     """A meta path finder that waits for threadpoolctl's first import, makes its loader
     register pybn's controller right after running the module, and removes itself."""
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(self, name: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> ModuleSpec | None:
         if name != "threadpoolctl":
             return None
         if self in sys.meta_path:
             sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)  # the other finders' answer
-        loader = None if spec is None else spec.loader
+        loader: Any = None if spec is None else spec.loader  # (its method is replaced on the instance)
         exec_module = getattr(loader, "exec_module", None)
         if exec_module is not None:
-            def exec_then_register(module):
+            def exec_then_register(module: ModuleType) -> None:
                 exec_module(module)
                 _register_or_warn(module)
 
-            try:
-                loader.exec_module = exec_then_register  # type: ignore[union-attr]
-            except AttributeError:  # a loader without instance attributes: not registered
-                pass
+            with contextlib.suppress(AttributeError):  # a loader without instance attributes: not registered
+                loader.exec_module = exec_then_register
         return spec
 
 

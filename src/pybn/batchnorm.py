@@ -1,4 +1,4 @@
-"""Batch normalization with PyTorch's semantics (DESIGN.md, "Batch normalization")."""
+"""Batch normalization with PyTorch's semantics (docs/batchnorm.md)."""
 from __future__ import annotations
 
 from typing import Any, NamedTuple

@@ -87,38 +87,16 @@ def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
         raise ValueError(f"count: expected shape ({mean.shape[0]},) or {mean.shape}, got {counts.shape}")
     if np.any(counts < 0) or not np.all(np.isfinite(counts)):
         raise ValueError("count: must be finite and >= 0")
-    c = np.broadcast_to(counts.astype(np.float64).reshape(mean.shape[0], -1), mean.shape)
+    c = np.ascontiguousarray(np.broadcast_to(counts.astype(np.float64).reshape(mean.shape[0], -1), mean.shape))
     if np.any((m2 < 0) & (c > 0)):
         raise ValueError("m2: must be >= 0 (a sum of squared deviations), got a negative entry")
-    mu, s = _chan_merge(c, mean, m2)
+    mu, s = np.empty(mean.shape[1]), np.empty(mean.shape[1])
+    _C.bn_merge_stats(c, np.ascontiguousarray(mean), np.ascontiguousarray(m2), mu, s)
     if counts.ndim == 1:  # integer counts summed as Python ints: int64 would wrap past 2**63
         total_count = sum(int(v) for v in counts) if counts.dtype.kind in "iu" else float(counts.sum())
     else:
         total_count = counts.sum(axis=0)
     return BatchNormStats(total_count, mu, s)
-
-
-def _chan_merge(c: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Chan et al.'s delta-weighted merge of (count, mean, m2) rows, one worker at a time.
-    An infinite mean propagates as IEEE's sum would (the delta form gives inf - inf = NaN
-    there), and the m2 of a non-finite mean is NaN, as sum((x - mean)**2) is."""
-    n = np.zeros(mean.shape[1])
-    mu = np.zeros(mean.shape[1])
-    s = np.zeros(mean.shape[1])
-    with np.errstate(invalid="ignore", over="ignore"):
-        for w in range(mean.shape[0]):
-            nb = c[w]
-            total = n + nb
-            has = nb > 0
-            frac = np.divide(nb, total, out=np.zeros_like(nb), where=has)
-            delta = np.where(has, mean[w] - mu, 0.0)
-            merged = mu + delta * frac
-            weighted = np.divide(n * mu + nb * mean[w], total, out=np.zeros_like(nb), where=has)
-            mu = np.where(has & ~np.isfinite(merged), weighted, merged)
-            cross = np.where(n > 0, delta * delta * n * frac, 0.0)
-            s = s + np.where(has, m2[w] + cross, 0.0)
-            n = total
-    return mu, np.where(np.isfinite(mu), s, np.nan)
 
 
 def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
@@ -148,7 +126,7 @@ def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
         raise ValueError("stats: m2 must be >= 0 (a sum of squared deviations), got a negative entry")
     var_eps = m2 / count + eps
     with np.errstate(divide="ignore"):
-        invstd = 1.0 / np.sqrt(var_eps)
+        invstd: np.ndarray = 1.0 / np.sqrt(var_eps)
     invstd[var_eps == 0.0] = 0.0  # eps = 0 and a constant channel: 0/0 normalizes to 0
     return invstd
 
@@ -168,7 +146,7 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
     w = per_channel(weight, "weight", channels, x.dtype)
     b = per_channel(bias, "bias", channels, x.dtype)
     y = output(out, x, (("x", x_in), ("mean", m), ("invstd", s), ("weight", w), ("bias", b)))
-    _C.bn_infer(x, y, m, None, w, b, outer, channels, inner, 0.0, bool(relu), s)
+    _C.bn_apply(x, y, m, s, w, b, outer, channels, inner, bool(relu))
     return y
 
 
@@ -178,8 +156,8 @@ def batch_norm_backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, *, axis:
     float64. `y` (the forward output) masks dy where ``y <= 0``, for a forward with relu."""
     b = backward_inputs(dy, x, y, mean, invstd, axis)
     sums = BatchNormGradSums(np.empty(b.channels), np.empty(b.channels))
-    _C.bn_backward_phase(False, b.dy, b.x, b.y, b.mean, b.invstd, None, sums.sum_dy, sums.sum_dy_xhat, 0.0, None,
-                         b.outer, b.channels, b.inner)
+    _C.bn_backward_reduce(b.dy, b.x, b.y, b.mean, b.invstd, sums.sum_dy, sums.sum_dy_xhat, b.outer, b.channels,
+                          b.inner)
     return sums
 
 
@@ -200,5 +178,15 @@ def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: A
     w = per_channel(weight, "weight", b.channels, b.dy.dtype)
     dx = output(out, b.dy, (("dy", dy), ("x", x), ("y", y), ("mean", b.mean), ("invstd", b.invstd),
                             ("sum_dy", sd), ("sum_dy_xhat", sx), ("weight", w)))
-    _C.bn_backward_phase(True, b.dy, b.x, b.y, b.mean, b.invstd, w, sd, sx, count, dx, b.outer, b.channels, b.inner)
+    _C.bn_backward_apply(b.dy, b.x, b.y, b.mean, b.invstd, w, sd, sx, count, dx, b.outer, b.channels, b.inner)
     return dx
+
+
+def _update_running_stats(running_mean: np.ndarray | None, running_var: np.ndarray | None, stats: BatchNormStats,
+                          momentum: float) -> None:
+    """``running = (1 - momentum) * running + momentum * batch`` in place, in float64 and
+    rounded once, the batch variance unbiased (``m2 / (count - 1)``): the update of
+    :func:`pybn.batch_norm_train`, for statistics merged over workers (SyncBatchNorm). The
+    running statistics are checked by the caller (float32 or float64, C-contiguous, shape
+    (C,)); count is a number > 1."""
+    _C.bn_update_running_stats(running_mean, running_var, stats.mean, stats.m2, float(stats.count), momentum)

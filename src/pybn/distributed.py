@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from .batchnorm_split import (batch_norm_apply, batch_norm_backward_apply, batch_norm_backward_reduce,
-                              batch_norm_invstd, batch_norm_merge_stats, batch_norm_stats)
+from .batchnorm_split import (_update_running_stats, batch_norm_apply, batch_norm_backward_apply,
+                              batch_norm_backward_reduce, batch_norm_invstd, batch_norm_merge_stats, batch_norm_stats)
 from ._checks import in_place, written_apart
 from .nn import BatchNorm, _check_dy
 
@@ -225,7 +225,7 @@ class SyncBatchNorm(BatchNorm):
         # the communicator whose workers were found to share this layer's configuration
         self._config_checked: Any = None
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # a copy (pickled, deep-copied) checks the workers' configuration again: it may be
         # loaded into other processes, next to other layers
         state = self.__dict__.copy()
@@ -321,15 +321,16 @@ class SyncBatchNorm(BatchNorm):
         rows = comm.allgather(packed)  # (W, 2C+1): the one collective of the forward
         _raise_if_failed(rows[:, 0] < 0, "x")
         stats = batch_norm_merge_stats(rows[:, 0], rows[:, 1:c + 1], rows[:, c + 1:])
-        n = int(round(float(stats.count)))  # exact: counts are integers below 2**53
+        n = round(float(stats.count))  # exact: counts are integers below 2**53
         if n < 2:  # the same total on every worker: all raise alike
             raise ValueError(f"x: training needs more than 1 value per channel over all {rows.shape[0]} "
                              f"workers, got {n} in all (this worker's x has shape {x.shape}, "
                              f"channel axis {self.axis})")
         invstd = batch_norm_invstd(stats, self.eps)
         y = batch_norm_apply(x, stats.mean, invstd, self.weight, self.bias, axis=self.axis)
-        if self.track_running_stats:
-            self._update_running_stats(stats.mean, stats.m2 / (n - 1.0), momentum)
+        if momentum is not None:  # (tracking running statistics)
+            _update_running_stats(self.running_mean, self.running_var, stats, momentum)
+            assert self.num_batches_tracked is not None  # (tracking running statistics)
             self.num_batches_tracked += 1
         # saved in x's dtype, as the single-process forward saves them
         self._saved = (x, stats.mean.astype(self.dtype), invstd.astype(self.dtype), True)
@@ -344,11 +345,6 @@ class SyncBatchNorm(BatchNorm):
         rv = in_place(self.running_var, "running_var", c, self.dtype)
         written_apart((("running_mean", rm), ("running_var", rv)), (("weight", self.weight), ("bias", self.bias)))
         return self._momentum_for_next_batch()
-
-    def _update_running_stats(self, mean: np.ndarray, unbiased_var: np.ndarray, m: float) -> None:
-        # in float64, rounded once, in place: the formula of batch_norm_train's kernel
-        self.running_mean[...] = (1.0 - m) * self.running_mean.astype(np.float64) + m * mean
-        self.running_var[...] = (1.0 - m) * self.running_var.astype(np.float64) + m * unbiased_var
 
     def _forward_running_stats(self, x: np.ndarray) -> np.ndarray:
         y = super()._forward_running_stats(x)

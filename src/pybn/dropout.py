@@ -1,4 +1,4 @@
-"""Inverted dropout with a counter-based mask (DESIGN.md, "Inverted dropout").
+"""Inverted dropout with a counter-based mask (docs/dropout.md).
 
 The mask of ``(seed, offset, p, shape)`` is the same on every machine, ISA and thread count:
 element k of the mask (C order over the mask's shape) keeps its value when a 16-bit word of
@@ -34,10 +34,10 @@ def counters_used(n: int) -> int:
 
 
 def _probability(p: Any) -> float:
-    p = real_number(p, "p")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
-    return p
+    prob = real_number(p, "p")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"p: the drop probability must be in [0, 1], got {prob}")
+    return prob
 
 
 def _counter_arg(value: Any, name: str) -> int:
@@ -90,7 +90,7 @@ def _broadcast_view(shape: tuple[int, ...], noise: tuple[int, ...]) -> tuple[int
     """x's shape as (f0, b1, f2, b3) for the broadcast kernel: runs of axes where the mask
     is drawn (f) and where it is broadcast (b), aligned at the end (a last drawn run is f2,
     b3 = 1); None for a pattern of more than four runs."""
-    runs: list[list] = []  # [kind, size], adjacent axes of one kind merged; size-1 axes are either
+    runs: list[list[Any]] = []  # [kind, size], adjacent axes of one kind merged; size-1 axes are either
     for s, d in zip(shape, noise):
         if s == 1:
             continue
@@ -116,7 +116,7 @@ def _apply_broadcast(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], p:
     the kernels give (multiplying by a 0/scale array would give -0.0 for negative x)."""
     view = _broadcast_view(x.shape, shape)
     if view is not None:
-        _C.dropout_apply(x, mask, y, dropout_scale(p), view)
+        _C.dropout_apply_broadcast(x, mask, y, dropout_scale(p), *view)
         return
     keep = np.unpackbits(mask, count=math.prod(shape), bitorder="little").reshape(shape).astype(bool)
     np.multiply(x, x.dtype.type(dropout_scale(p)), out=y, where=keep)  # in place too: x is read first

@@ -1,4 +1,4 @@
-"""Layers for NumPy training loops (DESIGN.md, "Layers (`pybn.nn`)").
+"""Layers for NumPy training loops (docs/layers.md).
 
 :class:`BatchNorm` and :class:`Dropout` wrap the pybn kernels in PyTorch-style modules:
 ``y = layer(x)`` runs the forward pass, ``dx = layer.backward(dy)`` the backward pass of
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,7 @@ __all__ = ["BatchNorm", "Dropout"]
 
 _U64 = 1 << 64
 _I64 = 1 << 63  # num_batches_tracked is an int64 in PyTorch's state_dict
+_L = TypeVar("_L", bound="_Layer")
 
 
 class _Layer:
@@ -33,7 +34,7 @@ class _Layer:
 
     training: bool = True
 
-    def train(self, mode: bool = True):
+    def train(self: _L, mode: bool = True) -> _L:
         """Set training mode (``mode=False`` is :meth:`eval`).
 
         Parameters
@@ -47,7 +48,7 @@ class _Layer:
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self: _L) -> _L:
         """Set evaluation (inference) mode.
 
         Returns
@@ -73,12 +74,12 @@ class _Layer:
 
 def _check_dy(dy: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """dy must match the last forward's input exactly; say so in the layer's own terms."""
-    dy = float_array(dy, "dy")
-    if dy.shape != shape:
-        raise ValueError(f"dy: shape {dy.shape} does not match the last forward's input {shape}")
-    if dy.dtype != dtype:
-        raise TypeError(f"dy: dtype {dy.dtype} does not match the last forward's input ({dtype})")
-    return dy
+    array = float_array(dy, "dy")
+    if array.shape != shape:
+        raise ValueError(f"dy: shape {array.shape} does not match the last forward's input {shape}")
+    if array.dtype != dtype:
+        raise TypeError(f"dy: dtype {array.dtype} does not match the last forward's input ({dtype})")
+    return array
 
 
 # --------------------------------------------------------------------------- BatchNorm
@@ -207,24 +208,25 @@ class BatchNorm(_Layer):
         return self._forward_running_stats(x)
 
     def _check_input(self, x: Any) -> np.ndarray:
-        x = float_array(x, "x")
-        if x.dtype != self.dtype:
-            raise TypeError(f"x: dtype {x.dtype} does not match the layer's dtype {self.dtype} "
-                            f"(cast x, or build the layer with dtype={x.dtype.name!r})")
-        _, _, channels, _ = channel_layout(x.shape, self.axis)
+        array = float_array(x, "x")
+        if array.dtype != self.dtype:
+            raise TypeError(f"x: dtype {array.dtype} does not match the layer's dtype {self.dtype} "
+                            f"(cast x, or build the layer with dtype={array.dtype.name!r})")
+        _, _, channels, _ = channel_layout(array.shape, self.axis)
         if channels != self.num_features:
-            raise ValueError(f"x: has {channels} channels along axis {self.axis} (shape {x.shape}), "
+            raise ValueError(f"x: has {channels} channels along axis {self.axis} (shape {array.shape}), "
                              f"but num_features is {self.num_features}")
-        return x
+        return array
 
     def _forward_batch_stats(self, x: np.ndarray) -> np.ndarray:
         update = self.training and self.track_running_stats
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if update:
             kwargs = dict(running_mean=self.running_mean, running_var=self.running_var,
                           momentum=self._momentum_for_next_batch())
         y, mean, invstd = batch_norm_train(x, self.weight, self.bias, eps=self.eps, axis=self.axis, **kwargs)
         if update:  # counted only once the batch went through (a failed call changes nothing)
+            assert self.num_batches_tracked is not None  # (tracking running statistics)
             self.num_batches_tracked += 1
         self._saved = (x, mean, invstd, True)
         return y
@@ -238,6 +240,7 @@ class BatchNorm(_Layer):
         return 1.0 / (count + 1)  # cumulative moving average, as PyTorch
 
     def _forward_running_stats(self, x: np.ndarray) -> np.ndarray:
+        assert self.running_mean is not None and self.running_var is not None  # (tracking running statistics)
         y = batch_norm_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                              eps=self.eps, axis=self.axis)
         # copies: a later load_state_dict or training step must not change this gradient
@@ -446,7 +449,7 @@ _KERAS_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean"
 
 def _float_dtype(dtype: Any) -> np.dtype:
     try:
-        dt = np.dtype(dtype)
+        dt: np.dtype = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype: {dtype!r} is not a dtype (use 'float32' or 'float64')") from None
     if dt not in FLOAT_DTYPES:
@@ -562,13 +565,13 @@ class Dropout(_Layer):
             A new C-contiguous array in training mode; x unchanged (not copied) in
             evaluation mode, as PyTorch.
         """
-        x = float_array(x, "x")
+        array = float_array(x, "x")
         if not self.training:
-            self._saved = (self.p, self.seed, self.offset, None, x.shape, x.dtype)
-            return x
-        mask_shape = self._mask_shape(x.shape)
-        y = dropout(x, self.p, seed=self.seed, offset=self.offset, noise_shape=mask_shape)
-        self._saved = (self.p, self.seed, self.offset, mask_shape, x.shape, x.dtype)
+            self._saved = (self.p, self.seed, self.offset, None, array.shape, array.dtype)
+            return array
+        mask_shape = self._mask_shape(array.shape)
+        y = dropout(array, self.p, seed=self.seed, offset=self.offset, noise_shape=mask_shape)
+        self._saved = (self.p, self.seed, self.offset, mask_shape, array.shape, array.dtype)
         self.offset = (self.offset + counters_used(math.prod(mask_shape))) % _U64
         return y
 
@@ -602,10 +605,10 @@ class Dropout(_Layer):
             dy's shape or dtype differs from the forward's input.
         """
         p, seed, offset, mask_shape, shape, dtype = self._saved_or_raise(self._saved)
-        dy = _check_dy(dy, shape, dtype)
+        grad = _check_dy(dy, shape, dtype)
         if mask_shape is None:
-            return dy
-        return dropout(dy, p, seed=seed, offset=offset, noise_shape=mask_shape)
+            return grad
+        return dropout(grad, p, seed=seed, offset=offset, noise_shape=mask_shape)
 
 
 def _noise_shape(noise_shape: Any) -> tuple[int | None, ...] | None:

@@ -55,7 +55,7 @@ __all__ = ["fold", "FoldRecord", "NotFolded"]
 logger = logging.getLogger("pybn.onnx")
 
 
-def fold(model: "onnx.ModelProto", *, merge_branches: bool = False, return_report: bool = False) -> Any:
+def fold(model: onnx.ModelProto, *, merge_branches: bool = False, return_report: bool = False) -> Any:
     """Fold batch norms and remove inference no-ops in an ONNX model.
 
     Parameters
@@ -98,7 +98,7 @@ def fold(model: "onnx.ModelProto", *, merge_branches: bool = False, return_repor
     return (out, report) if return_report else out
 
 
-def fold_model(model: "onnx.ModelProto", external: ExternalData | None = None,
+def fold_model(model: onnx.ModelProto, external: ExternalData | None = None,
                merge_branches: bool = False) -> tuple[Any, list[Any]]:
     """fold(), with tensors stored as external data read through `external` (the command line)."""
     check(model, external)

@@ -3,7 +3,17 @@
 #pragma once
 #include <cstdint>
 
+#include "pybn/kernel_list.h"
+
 namespace pybn {
+
+// Outputs of at least this many bytes are written with non-temporal stores: they would not
+// stay in cache anyway, and streaming skips reading the destination lines first. The
+// Python layer allocates such outputs aligned to kAlignmentBytes, so that every vector
+// store of the streaming loops is aligned without a head of partial vectors.
+constexpr std::int64_t kStreamBytes = std::int64_t(4) << 20;
+// The widest vector of any path (AVX-512) and one cache line.
+constexpr std::int64_t kAlignmentBytes = 64;
 
 // Every channel-wise kernel sees x as (outer, channels, inner), C-contiguous.
 struct Layout {
@@ -31,7 +41,7 @@ struct BnTrainArgs {
   bool relu = false;
 };
 
-// Inference forward: y = (x - mean) / sqrt(var + eps) * weight + bias.
+// Inference forward with the running statistics: y = (x - mean) / sqrt(var + eps) * weight + bias.
 template <class T>
 struct BnInferArgs {
   Layout layout;
@@ -39,10 +49,23 @@ struct BnInferArgs {
   T* y = nullptr;                  // may alias x
   const T* mean = nullptr;         // (C,)
   const T* var = nullptr;          // (C,)
-  const double* invstd = nullptr;  // (C,) given instead of var: 1 / sqrt(var + eps) (eps unused)
-  const T* weight = nullptr;
-  const T* bias = nullptr;
+  const T* weight = nullptr;       // (C,) or null
+  const T* bias = nullptr;         // (C,) or null
   double eps = 1e-5;
+  bool relu = false;
+};
+
+// Normalization with given statistics (those of a split-phase training forward):
+// y = (x - mean) * invstd * weight + bias, invstd * weight taken in double.
+template <class T>
+struct BnApplyArgs {
+  Layout layout;
+  const T* x = nullptr;
+  T* y = nullptr;                  // may alias x
+  const T* mean = nullptr;         // (C,)
+  const double* invstd = nullptr;  // (C,)
+  const T* weight = nullptr;       // (C,) or null
+  const T* bias = nullptr;         // (C,) or null
   bool relu = false;
 };
 
@@ -55,35 +78,74 @@ struct BnMomentsArgs {
   double* m2 = nullptr;            // (C,) out
 };
 
-// Backward. training: gradient through the batch statistics (mean/invstd saved by the
-// forward); otherwise dx = dy * weight * invstd. y (forward output) masks dy where y <= 0.
+// What every backward reads: g = dy (masked by y > 0 when y, the forward's output, is
+// given: the forward fused a ReLU) and xhat = (x - mean) * invstd.
 template <class T>
-struct BnBackwardArgs {
+struct BnGradInputs {
   Layout layout;
   const T* dy = nullptr;
   const T* x = nullptr;
   const T* y = nullptr;            // non-null when the forward fused a ReLU
   const T* mean = nullptr;         // (C,)
   const T* invstd = nullptr;       // (C,)
+};
+
+// Backward. training: gradient through the batch statistics (mean/invstd saved by the
+// forward); otherwise dx = g * weight * invstd.
+template <class T>
+struct BnBackwardArgs : BnGradInputs<T> {
   const T* weight = nullptr;       // (C,) or null
   T* dx = nullptr;                 // may alias dy
-  T* dweight = nullptr;            // (C,) out: sum(dy * xhat)
-  T* dbias = nullptr;              // (C,) out: sum(dy)
+  T* dweight = nullptr;            // (C,) out: sum(g * xhat)
+  T* dbias = nullptr;              // (C,) out: sum(g)
   bool training = true;
 };
 
-// The backward in two phases, for statistics all-reduced between them (SyncBatchNorm):
-// reduce gives per channel sum(g) and sum(g * xhat), g = dy (masked by y > 0 when y is
-// given), xhat = (x - mean) * invstd; apply takes those sums over `count` values in all
-// and writes dx = weight * invstd * (g - sum_g / count - xhat * sum_gxhat / count).
+// The training backward in two phases, for sums all-reduced between them (SyncBatchNorm).
+// The reduction: per channel sum(g) and sum(g * xhat).
 template <class T>
-struct BnGradSums {
-  double* sum_g = nullptr;         // (C,)
-  double* sum_gxhat = nullptr;     // (C,)
-  double count = 0;                // apply only
+struct BnGradReduceArgs : BnGradInputs<T> {
+  double* sum_g = nullptr;         // (C,) out
+  double* sum_gxhat = nullptr;     // (C,) out
 };
 
-// Inverted dropout over n elements (the mask stream of DESIGN.md): element k is kept when
+// The dx pass from those sums over `count` values in all:
+// dx = weight * invstd * (g - sum_g / count - xhat * sum_gxhat / count).
+template <class T>
+struct BnGradApplyArgs : BnGradInputs<T> {
+  const T* weight = nullptr;       // (C,) or null
+  const double* sum_g = nullptr;   // (C,)
+  const double* sum_gxhat = nullptr;  // (C,)
+  double count = 0;                // > 0
+  T* dx = nullptr;                 // may alias dy
+};
+
+// The running statistics' update from a batch's statistics, as PyTorch does it:
+// running = (1 - momentum) * running + momentum * batch, the batch variance unbiased
+// (m2 / (count - 1)); in double, rounded once to T.
+template <class T>
+struct BnRunningStatsArgs {
+  std::int64_t channels = 0;
+  T* running_mean = nullptr;       // (C,) updated in place, or null
+  T* running_var = nullptr;        // (C,) updated in place, or null
+  const double* mean = nullptr;    // (C,)
+  const double* m2 = nullptr;      // (C,)
+  double count = 0;                // values per channel in the batch, > 1
+  double momentum = 0.1;
+};
+
+// The statistics of W sets of values (workers) merged per channel (Chan et al.): a
+// worker with count 0 is skipped; m2 is NaN where the merged mean is not finite.
+struct BnMergeArgs {
+  std::int64_t workers = 0, channels = 0;
+  const double* count = nullptr;   // (W, C)
+  const double* mean = nullptr;    // (W, C)
+  const double* m2 = nullptr;      // (W, C)
+  double* merged_mean = nullptr;   // (C,) out
+  double* merged_m2 = nullptr;     // (C,) out
+};
+
+// Inverted dropout over n elements (the mask stream of docs/dropout.md): element k is kept when
 // its 16-bit random word is >= threshold (floor(p * 65536)), and kept values are scaled.
 template <class T>
 struct DropoutArgs {
@@ -118,11 +180,10 @@ struct DropoutApplyArgs {
   T* y = nullptr;                  // may alias x
   std::int64_t n = 0;
   double scale = 1.0;
-  BroadcastShape broadcast;        // used by dropout_apply_broadcast only (n = f0*b1*f2*b3)
+  BroadcastShape broadcast;        // read by dropout_apply_broadcast only (n = f0*b1*f2*b3)
 };
 
-// The entry points for one element type.
-// Batch-norm folding (DESIGN.md, "Folding batch norm"), arithmetic in double, every result
+// Batch-norm folding (docs/folding.md), arithmetic in double, every result
 // rounded once to T. Scaling: y[g, o, c, k] = w[g, o, c, k] * scale[g * channels + c] over the
 // view (groups, outer, channels, inner) of a weight (y may alias w).
 template <class T>
@@ -143,46 +204,105 @@ struct FoldBiasArgs {
   T* out = nullptr;                // (rows,)
 };
 
+// Philox4x32-10 of n counters (4 words each) under a 64-bit key (known-answer tests).
+struct PhiloxArgs {
+  const std::uint32_t* counters = nullptr;  // (n, 4)
+  std::int64_t n = 0;
+  std::uint64_t key = 0;
+  std::uint32_t* out = nullptr;             // (n, 4)
+};
+
+// The benchmark's bandwidth probes: a vectorized sum of x, and a copy with non-temporal stores.
+struct ProbeReadArgs {
+  const float* x = nullptr;
+  std::int64_t n = 0;
+  double* sum = nullptr;           // out
+};
+
+struct ProbeStreamArgs {
+  const float* src = nullptr;
+  float* dst = nullptr;
+  std::int64_t n = 0;
+};
+
+// ---------------------------------------------------------------------------------------
+// The tables, one of each per ISA, with a field per entry of kernel_list.h.
+
+// The typed entry points for one storage type.
 template <class T>
 struct TypedKernels {
-  void (*bn_train)(const BnTrainArgs<T>&) = nullptr;
-  void (*bn_infer)(const BnInferArgs<T>&) = nullptr;
-  void (*bn_backward)(const BnBackwardArgs<T>&) = nullptr;
-  void (*bn_moments)(const BnMomentsArgs<T>&) = nullptr;
-  // Uses layout, dy, x, y, mean, invstd; fills sums.sum_g and sums.sum_gxhat.
-  void (*bn_backward_reduce)(const BnBackwardArgs<T>&, const BnGradSums<T>&) = nullptr;
-  // Uses layout, dy, x, y, mean, invstd, weight, dx, training; reads the sums and count.
-  void (*bn_backward_apply)(const BnBackwardArgs<T>&, const BnGradSums<T>&) = nullptr;
-  void (*dropout)(const DropoutArgs<T>&) = nullptr;
-  void (*dropout_apply)(const DropoutApplyArgs<T>&) = nullptr;
-  void (*dropout_apply_broadcast)(const DropoutApplyArgs<T>&) = nullptr;
-  void (*fold_scale)(const FoldScaleArgs<T>&) = nullptr;
-  void (*fold_bias)(const FoldBiasArgs<T>&) = nullptr;
+#define PYBN_TYPED_FIELD(name, Args) void (*name)(const Args<T>&) = nullptr;
+  PYBN_KERNELS(PYBN_TYPED_FIELD, PYBN_SKIP, PYBN_SKIP)
+#undef PYBN_TYPED_FIELD
 };
 
-// One table per ISA; dispatch picks one at import.
+template <class T>
+struct DtypeTag {
+  using type = T;
+};
+
 struct KernelTable {
   const char* isa = nullptr;
-  TypedKernels<float> f32;
-  TypedKernels<double> f64;
-  void (*dropout_mask)(const DropoutMaskArgs&) = nullptr;
-  // Philox4x32-10 of n counters (4 words each) under a 64-bit key, for known-answer tests.
-  void (*philox)(const std::uint32_t* counters, std::int64_t n, std::uint64_t key, std::uint32_t* out) = nullptr;
-  // The bandwidth probe of the benchmark: a vectorized sum, and a copy with non-temporal stores.
-  double (*probe_read)(const float* x, std::int64_t n) = nullptr;
-  void (*probe_stream)(const float* src, float* dst, std::int64_t n) = nullptr;
+#define PYBN_DTYPE_FIELD(S, name, C) TypedKernels<S> name;
+  PYBN_DTYPES(PYBN_DTYPE_FIELD)
+#undef PYBN_DTYPE_FIELD
+#define PYBN_UNTYPED_FIELD(name, Args) void (*name)(const Args&) = nullptr;
+  PYBN_KERNELS(PYBN_SKIP, PYBN_UNTYPED_FIELD, PYBN_SKIP)
+#undef PYBN_UNTYPED_FIELD
 
-  template <class T>
-  const TypedKernels<T>& typed() const;
+  template <class S>
+  const TypedKernels<S>& typed() const { return typed_field(this, DtypeTag<S>{}); }
+  template <class S>
+  TypedKernels<S>& typed() { return typed_field(this, DtypeTag<S>{}); }
+
+ private:
+#define PYBN_DTYPE_ACCESS(S, name, C)                    \
+  template <class Self>                                  \
+  static auto& typed_field(Self* self, DtypeTag<S>) {    \
+    return self->name;                                   \
+  }
+  PYBN_DTYPES(PYBN_DTYPE_ACCESS)
+#undef PYBN_DTYPE_ACCESS
 };
-template <>
-inline const TypedKernels<float>& KernelTable::typed<float>() const { return f32; }
-template <>
-inline const TypedKernels<double>& KernelTable::typed<double>() const { return f64; }
 
-// Each ISA's table, defined by kernels/table.cpp compiled for that ISA.
-namespace scalar { const KernelTable& kernel_table(); }
-namespace avx2 { const KernelTable& kernel_table(); }
-namespace avx512 { const KernelTable& kernel_table(); }
+// Calls f(DtypeTag<S>{}) for each storage type S of PYBN_DTYPES.
+template <class F>
+void for_each_dtype(F&& f) {
+#define PYBN_DTYPE_CALL(S, name, C) f(DtypeTag<S>{});
+  PYBN_DTYPES(PYBN_DTYPE_CALL)
+#undef PYBN_DTYPE_CALL
+}
+
+// The compute type of storage type S (PYBN_DTYPES).
+template <class S>
+struct ComputeType;
+#define PYBN_COMPUTE_TYPE(S, name, C) \
+  template <>                        \
+  struct ComputeType<S> {            \
+    using type = C;                  \
+  };
+PYBN_DTYPES(PYBN_COMPUTE_TYPE)
+#undef PYBN_COMPUTE_TYPE
+template <class S>
+using compute_t = typename ComputeType<S>::type;
+
+// Entry points for tests and benchmarks only, kept out of the kernel table.
+struct DiagnosticTable {
+#define PYBN_DIAGNOSTIC_FIELD(name, Args) void (*name)(const Args&) = nullptr;
+  PYBN_KERNELS(PYBN_SKIP, PYBN_SKIP, PYBN_DIAGNOSTIC_FIELD)
+#undef PYBN_DIAGNOSTIC_FIELD
+  // The typed kernels with float storage computing in double: the storage and compute
+  // types of the loops are independent, and this instantiation shows they stay so.
+  TypedKernels<float> float_computing_in_double;
+};
+
+// Each ISA's tables, defined by kernels/table.cpp compiled for that ISA.
+#define PYBN_DECLARE_ISA_TABLES(isa, can_run, features) \
+  namespace isa {                                       \
+  const KernelTable& kernel_table();                    \
+  const DiagnosticTable& diagnostic_table();            \
+  }
+PYBN_ISAS(PYBN_DECLARE_ISA_TABLES)
+#undef PYBN_DECLARE_ISA_TABLES
 
 }  // namespace pybn

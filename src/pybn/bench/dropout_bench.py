@@ -1,124 +1,251 @@
-"""The dropout rows of ``python -m pybn bench`` (issue: dropout at copy speed).
+"""The dropout section of ``python -m pybn bench``: dropout at copy speed.
 
-Shapes A = (32, 64, 56, 56) and L = (64, 128, 56, 56) float32, p = 0.5, outputs
+Cells (:mod:`.table`): the fused forward, the packed mask alone, applying a stored mask,
+and Dropout2d's per-channel mask (noise_shape=(N, C, 1, 1)), on float32 x, p = 0.5, outputs
 preallocated (out=), the same arrays for everyone, each result checked before it is
-timed. Rows: the fused forward, the packed mask alone, applying a stored mask, and (on A)
-Dropout2d's per-channel mask (noise_shape=(N, C, 1, 1)) against torch's nn.Dropout2d.
-Peers: torch (``nn.Dropout`` in training mode and ``aten.native_dropout``, the faster
-reported), the NumPy recipe ``x * (rng.random(shape) >= p) / (1 - p)``, and the copy bound
-``t_stream`` from pybn's probe on the same array, timed call for call in turn with pybn.
+timed. pybn is timed call for call in turn with the copy bound (``t_stream``, pybn's probe on
+the same array), in every round; the peers (torch: ``nn.Dropout`` in training mode and
+``aten.native_dropout``, the faster reported; the NumPy recipe ``x * (rng.random(shape) >= p)
+/ (1 - p)``) get one round each, as they take up to 0.4 s a call.
 """
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import numpy as np
 
-from .timing import TimingConfig, fmt_time, measure, measure_alternating
+from .probe import Prober
+from .schema import Cell, Context, Result, Timed, WrongResult
+from .shapes import Shape
+from .timing import fmt_time, measure, measure_alternating
 
-SHAPES = {"A": (32, 64, 56, 56), "L": (64, 128, 56, 56)}
 P = 0.5
 SEED = 1234
+NUMPY_SEED = 5
 
 
-def _check(name: str, ok: bool, what: str) -> None:
-    if not ok:
-        raise AssertionError(f"dropout bench: {name} is wrong: {what}")
+@dataclass
+class DropoutCase:
+    """The arrays of one shape, made once and shared by every implementation."""
+
+    shape: Shape
+    x: np.ndarray
+    y: np.ndarray                 # the preallocated output
+    scale: np.float32             # 1 / (1 - p)
+    mask: np.ndarray              # pybn's packed mask for SEED
+    keep: np.ndarray              # the mask as booleans
+    expected: np.ndarray          # x * scale where kept, else 0
+    channels: tuple[int, ...]     # Dropout2d's noise shape (N, C, 1, 1)
+    keep2d: np.ndarray            # pybn's per-channel mask for SEED, as booleans
+    rng: np.random.Generator      # the NumPy recipe's generator
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return self.shape.logical
 
 
-def _best(fn, cfg: TimingConfig, rounds: int) -> float:
-    return min(measure(fn, cfg).median for _ in range(rounds))
-
-
-def run(cfg: TimingConfig, rounds: int, want: list, torch, progress) -> dict:
-    return {"p": P, "shapes": {name: _run_shape(name, shape, cfg, rounds, want, torch, progress)
-                               for name, shape in SHAPES.items()}}
-
-
-def _run_shape(name_: str, SHAPE: tuple, cfg: TimingConfig, rounds: int, want: list, torch, progress) -> dict:
+def make_case(shape: Shape) -> DropoutCase:
     import pybn
-    from pybn import _C
 
-    x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
-    y = np.empty_like(x)
-    dst = np.empty_like(x)
+    dims = shape.logical
+    x = np.random.default_rng(0).standard_normal(dims, dtype=np.float32)
     scale = np.float32(pybn.dropout_scale(P))
-    mask = pybn.dropout_mask(SHAPE, P, seed=SEED)
-    keep = np.unpackbits(mask, count=x.size, bitorder="little").reshape(SHAPE).astype(bool)
-    expected = np.where(keep, x * scale, np.float32(0))
-    _check("pybn.dropout", np.array_equal(pybn.dropout(x, P, seed=SEED, out=y), expected), "differs from its mask")
-    _check("pybn.dropout_apply", np.array_equal(pybn.dropout_apply(x, mask, P, out=y), expected), "differs")
-    _check("pybn mask", abs(keep.mean() - (1 - P)) < 1e-3, f"kept fraction {keep.mean()}")
+    mask = pybn.dropout_mask(dims, P, seed=SEED)
+    keep = _unpack(mask, dims)
+    channels = dims[:2] + (1,) * (len(dims) - 2)
+    return DropoutCase(shape, x, np.empty_like(x), scale, mask, keep, np.where(keep, x * scale, np.float32(0)),
+                       channels, _unpack(pybn.dropout_mask(channels, P, seed=SEED), channels),
+                       np.random.default_rng(NUMPY_SEED))
 
-    rows = {}
 
-    # Dropout2d: one mask bit per (sample, channel), broadcast over H and W
-    channels = SHAPE[:2] + (1,) * (len(SHAPE) - 2)
-    keep2d = np.unpackbits(pybn.dropout_mask(channels, P, seed=SEED), count=int(np.prod(channels)),
-                           bitorder="little").reshape(channels).astype(bool)
-    _check("pybn Dropout2d", np.array_equal(pybn.dropout(x, P, seed=SEED, noise_shape=channels, out=y),
-                                            np.where(keep2d, x * scale, np.float32(0))), "differs from its mask")
+def _unpack(mask: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
+    return np.unpackbits(mask, count=math.prod(dims), bitorder="little").reshape(dims).astype(bool)
 
+
+# ----------------------------------------------------------------------------- checks
+
+def _fail_unless(ok: bool, what: str) -> None:
+    if not ok:
+        raise WrongResult(f"dropout bench: {what}")
+
+
+def _check_fraction(what: str, kept: np.ndarray) -> None:
+    """The kept fraction within 6 standard deviations of 1 - p (a sound test at any size)."""
+    fraction, n = float(np.mean(kept)), kept.size
+    tol = 6 * math.sqrt(P * (1 - P) / n)
+    _fail_unless(abs(fraction - (1 - P)) <= tol, f"{what} keeps {fraction:.4f} of {n}, not {1 - P} +- {tol:.2g}")
+
+
+def _check_equal(what: str, got: Any, want: np.ndarray) -> None:
+    _fail_unless(np.array_equal(np.asarray(got), want), f"{what} differs from its mask")
+
+
+def _check_dropped(what: str, y: Any, case: DropoutCase, per_channel: bool = False) -> None:
+    """A dropout with a mask of its own: kept values scaled by 1 / (1 - p), the kept fraction right."""
+    y = np.asarray(y)
+    kept = y != 0
+    _fail_unless(np.allclose(y[kept], case.x[kept] * case.scale), f"{what} scales the kept values wrongly")
+    _check_fraction(what, kept.any(axis=tuple(range(2, y.ndim))) if per_channel else kept)
+
+
+# ----------------------------------------------------------------------------- pybn
+
+def pybn_forward(case: DropoutCase) -> Timed:
+    import pybn
+
+    x, y = case.x, case.y
+    return Timed(lambda: pybn.dropout(x, P, seed=SEED, out=y),
+                 lambda r: _check_equal("pybn.dropout", r, case.expected))
+
+
+def pybn_mask(case: DropoutCase) -> Timed:
+    import pybn
+
+    dims = case.dims
+    return Timed(lambda: pybn.dropout_mask(dims, P, seed=SEED),
+                 lambda r: _check_fraction("pybn.dropout_mask", _unpack(np.asarray(r), dims)))
+
+
+def pybn_apply(case: DropoutCase) -> Timed:
+    import pybn
+
+    x, y, mask = case.x, case.y, case.mask
+    return Timed(lambda: pybn.dropout_apply(x, mask, P, out=y),
+                 lambda r: _check_equal("pybn.dropout_apply", r, case.expected))
+
+
+def pybn_2d(case: DropoutCase) -> Timed:
+    import pybn
+
+    x, y, channels = case.x, case.y, case.channels
+    return Timed(lambda: pybn.dropout(x, P, seed=SEED, noise_shape=channels, out=y),
+                 lambda r: _check_equal("pybn Dropout2d", r, np.where(case.keep2d, x * case.scale, np.float32(0))))
+
+
+# ----------------------------------------------------------------------------- torch
+
+def torch_module(case: DropoutCase) -> Timed:
+    import torch
+
+    xt, drop = torch.from_numpy(case.x), torch.nn.Dropout(P).train()
+    return Timed(lambda: drop(xt), lambda r: _check_dropped("torch nn.Dropout", r.numpy(), case))
+
+
+def torch_native(case: DropoutCase) -> Timed:
+    import torch
+
+    xt, native = torch.from_numpy(case.x), torch.ops.aten.native_dropout
+    return Timed(lambda: native(xt, P, True), lambda r: _check_dropped("torch aten.native_dropout", r[0].numpy(), case))
+
+
+def torch_mask(case: DropoutCase) -> Timed:
+    import torch
+
+    dims = case.dims
+    return Timed(lambda: torch.empty(dims).bernoulli_(1 - P),
+                 lambda r: _check_fraction("torch bernoulli_", r.numpy() != 0))
+
+
+def torch_apply(case: DropoutCase) -> Timed:
+    import torch
+
+    xt, mt, scale = torch.from_numpy(case.x), torch.from_numpy(case.keep), float(case.scale)
+    return Timed(lambda: xt * mt * scale,
+                 lambda r: _fail_unless(np.allclose(r.numpy(), case.expected), "torch mask apply differs"))
+
+
+def torch_2d(case: DropoutCase) -> Timed:
+    import torch
+
+    xt, drop2d = torch.from_numpy(case.x), torch.nn.Dropout2d(P).train()
+    return Timed(lambda: drop2d(xt), lambda r: _check_dropped("torch nn.Dropout2d", r.numpy(), case, per_channel=True))
+
+
+# ----------------------------------------------------------------------------- NumPy
+
+def numpy_forward(case: DropoutCase) -> Timed:
+    x, rng, dims, f32 = case.x, case.rng, case.dims, np.float32
+    return Timed(lambda: x * (rng.random(dims, dtype=f32) >= P) / f32(1 - P),
+                 lambda r: _check_dropped("numpy recipe", r, case))
+
+
+def numpy_mask(case: DropoutCase) -> Timed:
+    rng, dims = case.rng, case.dims
+    return Timed(lambda: rng.random(dims, dtype=np.float32) >= P,
+                 lambda r: _check_fraction("numpy rng.random(shape) >= p", np.asarray(r)))
+
+
+def numpy_apply(case: DropoutCase) -> Timed:
+    x, y, keep, scale = case.x, case.y, case.keep, case.scale
+    return Timed(lambda: np.multiply(x * keep, scale, out=y),
+                 lambda r: _fail_unless(np.allclose(r, case.expected), "numpy mask apply differs"))
+
+
+def numpy_2d(case: DropoutCase) -> Timed:
+    x, rng, channels, f32 = case.x, case.rng, case.channels, np.float32
+    return Timed(lambda: x * (rng.random(channels, dtype=f32) >= P) / f32(1 - P),
+                 lambda r: _check_dropped("numpy Dropout2d recipe", r, case, per_channel=True))
+
+
+# ----------------------------------------------------------------------------- the section
+
+DropoutCell = Cell[Shape, Callable[[DropoutCase], Timed]]
+
+
+def _checked(timed: Timed) -> Timed:
+    timed.check(timed.call())
+    return timed
+
+
+def run(cells: Sequence[DropoutCell], ctx: Context) -> Result:
+    """Time ``cells`` (grouped by shape, in the order given); one row per cell."""
+    shapes: dict[str, Any] = {}
+    for shape, group in itertools.groupby(cells, key=lambda c: c.shape):
+        case = make_case(shape)
+        prober = Prober(case.x)
+        shapes[shape.name] = {"shape": list(shape.logical),
+                              "rows": {cell.kernel.name: _run_cell(cell, case, prober, ctx) for cell in group}}
+        prober.close()
+        del case, prober
+    peers = dict.fromkeys(p.name for c in cells for p in c.peers)
+    return {"p": P, "peers": list(peers), "shapes": shapes}
+
+
+def _run_cell(cell: DropoutCell, case: DropoutCase, prober: Prober, ctx: Context) -> Result:
     # pybn and the copy bound call for call (see measure_alternating); the round with pybn's
     # best median is reported, with the bound's median from the same round
-    for name, fn in [("forward", lambda: pybn.dropout(x, P, seed=SEED, out=y)),
-                     ("mask", lambda: pybn.dropout_mask(SHAPE, P, seed=SEED)),
-                     ("apply", lambda: pybn.dropout_apply(x, mask, P, out=y)),
-                     ("2d", lambda: pybn.dropout(x, P, seed=SEED, noise_shape=channels, out=y))][:4 if name_ == "A" else 3]:
-        paired = [measure_alternating((fn, lambda: _C.probe_stream(x, dst)), cfg) for _ in range(rounds)]
-        t, bound = min((a.median, b.median) for a, b in paired)
-        rows[name] = {"pybn_s": t, "t_stream_s": bound, "peers": {}}
-        progress(f"dropout {name_} {name:<8} pybn {fmt_time(t)} | copy bound {fmt_time(bound)}")
-
-    if torch is not None:
-        xt = torch.from_numpy(x)
-        drop = torch.nn.Dropout(P).train()
-        yt = drop(xt).numpy()
-        kept = yt != 0
-        _check("torch nn.Dropout", np.array_equal(yt[kept], x[kept] * scale) and abs(kept.mean() - 0.5) < 1e-2,
-               "kept values or fraction")
-        # Peers are 50-100x slower than pybn (up to 0.4 s a call on L): one round each, and
-        # aten.native_dropout (what nn.Dropout calls) on A only, to keep the run under a minute.
-        t_mod = _best(lambda: drop(xt), cfg, 1)
-        t_native = _best(lambda: torch.ops.aten.native_dropout(xt, P, True), cfg, 1) if name_ == "A" else t_mod
-        rows["forward"]["peers"]["torch"] = min(t_mod, t_native)
-        if "2d" in rows:
-            drop2d = torch.nn.Dropout2d(P).train()
-            y2d = drop2d(xt).numpy()
-            kept_channels = (y2d != 0).any(axis=(2, 3))
-            _check("torch nn.Dropout2d", abs(kept_channels.mean() - 0.5) < 0.05, "kept fraction of channels")
-            rows["2d"]["peers"]["torch"] = _best(lambda: drop2d(xt), cfg, 1)
-        rows["forward"]["torch_variant"] = "nn.Dropout" if t_mod <= t_native else "aten.native_dropout"
-        rows["mask"]["peers"]["torch"] = _best(lambda: torch.empty(SHAPE).bernoulli_(1 - P), cfg, 1)
-        mt = torch.from_numpy(keep)
-        yt = xt * mt * float(scale)
-        _check("torch mask apply", np.allclose(yt.numpy(), expected), "differs")
-        rows["apply"]["peers"]["torch"] = _best(lambda: xt * mt * float(scale), cfg, 1)
-        progress("dropout torch done")
-    if "numpy" in want:
-        rng = np.random.default_rng(5)
-        yn = x * (rng.random(SHAPE, dtype=np.float32) >= P) / np.float32(1 - P)
-        kept = yn != 0
-        _check("numpy recipe", np.allclose(yn[kept], x[kept] * scale) and abs(kept.mean() - 0.5) < 1e-2, "kept")
-        rows["forward"]["peers"]["numpy"] = _best(
-            lambda: x * (rng.random(SHAPE, dtype=np.float32) >= P) / np.float32(1 - P), cfg, 1)
-        rows["mask"]["peers"]["numpy"] = _best(lambda: rng.random(SHAPE, dtype=np.float32) >= P, cfg, 1)
-        rows["apply"]["peers"]["numpy"] = _best(lambda: np.multiply(x * keep, scale, out=y), cfg, 1)
-        if "2d" in rows:
-            rows["2d"]["peers"]["numpy"] = _best(
-                lambda: x * (rng.random(channels, dtype=np.float32) >= P) / np.float32(1 - P), cfg, 1)
-        progress("dropout numpy done")
-    return {"shape": list(SHAPE), "rows": rows}
+    assert cell.bound is not None
+    pybn = _checked(cell.kernel.pybn.make(case))
+    paired = [measure_alternating((pybn.call, *prober.calls(cell.bound)), ctx.cfg) for _ in range(ctx.rounds)]
+    t, bound = min((p[0].median, prober.seconds(cell.bound, p[1:])) for p in paired)
+    row: Result = {"pybn_s": t, "t_stream_s": bound, "peers": {}}
+    ctx.progress(f"dropout {cell.shape.name} {cell.kernel.name:<8} pybn {fmt_time(t)} | copy bound {fmt_time(bound)}")
+    for peer in (p for p in cell.peers if ctx.uses(p)):
+        timed = {v.key: measure(_checked(v.make(case)).call, ctx.cfg).median
+                 for v in cell.kernel.variants(peer.name, cell.shape)}
+        fastest = min(timed, key=lambda k: timed[k])
+        row["peers"][peer.name] = timed[fastest]
+        if len(cell.kernel.variants(peer.name)) > 1:
+            row[f"{peer.name}_variant"] = fastest
+        ctx.progress(f"dropout {cell.shape.name} {cell.kernel.name:<8} {peer.name} {fmt_time(timed[fastest])}")
+    return row
 
 
-def render(result: dict) -> str:
+def render(result: Result, meta: Result | None = None) -> str:
     lines = [f"dropout: x float32, p = {result['p']}, out= preallocated; copy bound = t_stream (pybn's "
              "non-temporal copy of x, timed call for call in turn with pybn's); x = peer time / pybn time",
-             f"{'shape':<5} {'kernel':<8} {'pybn':>10} {'copy':>10} {'% copy':>7} {'torch':>11} {'x':>6} "
-             f"{'numpy':>11} {'x':>6}"]
+             f"{'shape':<5} {'kernel':<8} {'pybn':>10} {'copy':>10} {'% copy':>7}"
+             + "".join(f" {peer:>11} {'x':>6}" for peer in result["peers"])]
     for shape_name, res in result["shapes"].items():
         for name, r in res["rows"].items():
             t, b = r["pybn_s"], r["t_stream_s"]
-            cols = [f"{shape_name:<5}", f"{name:<8}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}", f"{b / t * 100:>6.0f}%"]
-            for peer in ("torch", "numpy"):
+            cols = [f"{shape_name:<5}", f"{name:<8}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}",
+                    f"{b / t * 100:>6.0f}%"]
+            for peer in result["peers"]:
                 tp = r["peers"].get(peer)
                 cols += [f"{fmt_time(tp):>11}", f"{tp / t:>5.1f}x" if tp else f"{'-':>6}"]
             lines.append(" ".join(cols))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
+from .schema import Bound
 from .timing import Timing
-
-BOUND_FORMULA = {"infer": "t_stream", "train": "t_read + t_stream", "backward": "3*t_read + t_stream"}
 
 
 @dataclass
@@ -37,17 +38,11 @@ class Probe:
         """Bytes moved (read + written) per second."""
         return 2 * self.nbytes / self.t_stream / 1e9
 
-    def bound(self, kernel: str) -> float:
-        """What the kernel must move, in probe time (DESIGN.md, "How performance is judged")."""
-        if kernel == "infer":
-            return self.t_stream
-        if kernel == "train":
-            return self.t_read + self.t_stream
-        if kernel == "backward":
-            return 3 * self.t_read + self.t_stream
-        raise ValueError(kernel)
+    def bound(self, bound: Bound) -> float:
+        """What a kernel must move, in this probe's time."""
+        return bound.seconds(self.t_read, self.t_stream)
 
-    def as_dict(self, samples: bool = True) -> dict:
+    def as_dict(self, samples: bool = True) -> dict[str, Any]:
         return {"bytes": self.nbytes, "t_read_s": self.t_read, "t_stream_s": self.t_stream,
                 "read_GBps": self.read_gbs, "stream_GBps": self.stream_gbs,
                 "read": self.read.as_dict(samples), "stream": self.stream.as_dict(samples)}
@@ -57,29 +52,41 @@ class Prober:
     """Probes one array (the shape's x) on pybn's threads, into one preallocated destination."""
 
     def __init__(self, x: np.ndarray):
-        from pybn import _C
+        from pybn._C import diagnostics
 
-        self._C = _C
+        self._diagnostics = diagnostics
         self.src = np.ascontiguousarray(x, dtype=np.float32)
         self.dst = np.empty_like(self.src)
         self.dst.fill(0.0)                      # fault the pages in before timing
-        self.history: list = []                 # every Probe taken
+        self.history: list[Probe] = []          # every Probe taken
         self._check()
 
     def _check(self) -> None:
-        _C, src, dst = self._C, self.src, self.dst
-        total = float(_C.probe_read(src))
+        d, src, dst = self._diagnostics, self.src, self.dst
+        total = float(d.probe_read(src))
         exact = float(src.sum(dtype=np.float64))
         if not abs(total - exact) <= 1e-3 * float(np.abs(src).sum(dtype=np.float64)) + 1e-6:
-            raise AssertionError(f"pybn._C.probe_read returned {total!r}, the array sums to {exact!r}")
-        _C.probe_stream(src, dst)
+            raise AssertionError(f"pybn._C.diagnostics.probe_read returned {total!r}, the array sums to {exact!r}")
+        d.probe_stream(src, dst)
         if not np.array_equal(dst, src):
-            raise AssertionError("pybn._C.probe_stream did not copy its input")
+            raise AssertionError("pybn._C.diagnostics.probe_stream did not copy its input")
 
-    def calls(self) -> tuple:
-        """probe_read and probe_stream of the array, to be timed call for call with a kernel's."""
-        _C, src, dst = self._C, self.src, self.dst
-        return (lambda: _C.probe_read(src)), (lambda: _C.probe_stream(src, dst))
+    def calls(self, bound: Bound | None = None) -> tuple[Callable[[], object], ...]:
+        """probe_read and probe_stream of the array, to be timed call for call with a kernel's;
+        only those ``bound`` counts, if given."""
+        d, src, dst = self._diagnostics, self.src, self.dst
+        if bound is None:
+            return (lambda: d.probe_read(src)), (lambda: d.probe_stream(src, dst))
+        return (((lambda: d.probe_read(src)),) * (bound.reads > 0)
+                + ((lambda: d.probe_stream(src, dst)),) * (bound.streams > 0))
+
+    @staticmethod
+    def seconds(bound: Bound, timings: Sequence[Timing]) -> float:
+        """``bound`` from the medians of the calls ``calls(bound)`` returned, in their order."""
+        medians = iter(t.median for t in timings)
+        t_read = next(medians) if bound.reads else 0.0
+        t_stream = next(medians) if bound.streams else 0.0
+        return bound.seconds(t_read, t_stream)
 
     def record(self, read: Timing, stream: Timing) -> Probe:
         p = Probe(nbytes=self.src.nbytes, read=read, stream=stream)
@@ -90,7 +97,7 @@ class Prober:
         del self.src, self.dst
 
 
-def summarize(probes: list) -> dict:
+def summarize(probes: Sequence[Probe]) -> dict[str, Any]:
     """Per shape: the median, min and max over its probe batches."""
     reads = [p.t_read for p in probes]
     streams = [p.t_stream for p in probes]

@@ -6,9 +6,14 @@ the float64 reference never materializes a float64 copy of a 100 MB array.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from .schema import WrongResult
+from .shapes import Shape
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -16,10 +21,6 @@ RTOL = 1e-4          # float32 tolerance (float32 epsilon is 1.2e-7; a kernel su
 ATOL = 1e-4          # data and outputs are O(1) by construction
 SUM_TOL = 2e-6       # per-channel sums: |error| <= SUM_TOL * sum of |terms| + RTOL * |sum|
 CHUNK = 1 << 19      # elements per reference chunk
-
-
-class WrongResult(AssertionError):
-    """An implementation returned a result that disagrees with the float64 reference."""
 
 
 def canonical(a: np.ndarray, axis: int) -> np.ndarray:
@@ -30,7 +31,7 @@ def canonical(a: np.ndarray, axis: int) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(outer, a.shape[axis], inner)
 
 
-def _chunks(*arrays3):
+def _chunks(*arrays3: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
     outer, c, inner = arrays3[0].shape
     rows = max(1, CHUNK // max(1, c * inner))
     for r0 in range(0, outer, rows):
@@ -41,7 +42,7 @@ def _chunks(*arrays3):
 class Case:
     """The arrays of one shape, made once and shared by every implementation."""
 
-    shape: object            # shapes.Shape
+    shape: Shape
     x: np.ndarray            # float32, shape.array_shape
     dy: np.ndarray | None    # float32, for the backward kernel
     weight: np.ndarray       # float32 (C,)
@@ -68,18 +69,19 @@ class Case:
     def C(self) -> int:
         return self.shape.channels
 
-    def reduce_axes(self) -> tuple:
+    def reduce_axes(self) -> tuple[int, ...]:
         ax = self.axis % self.x.ndim
         return tuple(i for i in range(self.x.ndim) if i != ax)
 
-    def bshape(self) -> tuple:
+    def bshape(self) -> tuple[int, ...]:
         """Shape that broadcasts a (C,) vector along the channel axis of x."""
         b = [1] * self.x.ndim
         b[self.axis % self.x.ndim] = self.C
         return tuple(b)
 
 
-def _fill(rng, shape, loc, scale, logical_axis=1):
+def _fill(rng: np.random.Generator, shape: tuple[int, ...], loc: np.ndarray, scale: np.ndarray,
+          logical_axis: int = 1) -> np.ndarray:
     """float32 data of per-channel mean ``loc_c`` and standard deviation ``scale_c``
     (uniform, which NumPy draws about 6x faster than normal), in NCHW order."""
     a = rng.random(shape, dtype=np.float32)
@@ -91,7 +93,7 @@ def _fill(rng, shape, loc, scale, logical_axis=1):
     return a
 
 
-def make_case(shape, *, seed: int = 0, need_backward: bool = True) -> Case:
+def make_case(shape: Shape, *, seed: int = 0, need_backward: bool = True) -> Case:
     """Random data for ``shape``; the channels-last shapes hold the same values as their NCHW twin."""
     rng = np.random.default_rng(seed)
     C = shape.channels
@@ -103,7 +105,7 @@ def make_case(shape, *, seed: int = 0, need_backward: bool = True) -> Case:
     running_var = (scale * scale * rng.uniform(0.8, 1.25, C)).astype(np.float32)
     data_rng = np.random.default_rng(seed + 1)
 
-    def gen(loc_, scale_):
+    def gen(loc_: np.ndarray, scale_: np.ndarray) -> np.ndarray:
         a = _fill(data_rng, tuple(shape.logical), loc_, scale_)
         if shape.channels_last:
             nhwc = np.ascontiguousarray(np.moveaxis(a, 1, -1))
@@ -159,7 +161,7 @@ def make_case(shape, *, seed: int = 0, need_backward: bool = True) -> Case:
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_vec(what, got, exp, atol, rtol=RTOL):
+def _check_vec(what: str, got: Any, exp: np.ndarray, atol: Any, rtol: float = RTOL) -> float:
     got = np.asarray(got, dtype=np.float64).reshape(-1)
     exp = np.asarray(exp, dtype=np.float64)
     if got.shape != exp.shape:
@@ -175,7 +177,8 @@ def _check_vec(what, got, exp, atol, rtol=RTOL):
     return float((err / scale).max()) if err.size else 0.0
 
 
-def _check_affine(what, got, case, terms, const):
+def _check_affine(what: str, got: np.ndarray, case: Case, terms: list[tuple[np.ndarray, np.ndarray]],
+                  const: np.ndarray) -> float:
     """Check ``got == sum_k coef_k[c] * arr_k + const[c]`` elementwise (float64 expectation)."""
     shp = case.x.shape
     if tuple(got.shape) != tuple(shp):
@@ -206,40 +209,50 @@ def _check_affine(what, got, case, terms, const):
     return worst
 
 
-def check(kernel: str, case: Case, outs: dict, state: dict | None = None) -> float:
+Arrays = dict[str, Any]
+
+
+def check_infer(case: Case, outs: Arrays, state: Arrays | None = None) -> float:
     """Raise WrongResult unless ``outs`` matches the reference. Returns the worst error / tolerance."""
     w = case.weight.astype(np.float64)
     b = case.bias.astype(np.float64)
-    worst = 0.0
-    if kernel == "infer":
-        a = w / np.sqrt(case.running_var.astype(np.float64) + EPS)
-        c = b - case.running_mean.astype(np.float64) * a
-        worst = _check_affine("y", outs["y"], case, [(case.x, a)], c)
-    elif kernel == "train":
-        invstd = 1.0 / np.sqrt(case.var64 + EPS)
-        a = w * invstd
-        c = b - case.mean64 * a
-        sd = np.sqrt(case.var64)
-        worst = _check_affine("y", outs["y"], case, [(case.x, a)], c)
-        worst = max(worst, _check_vec("mean", outs["mean"], case.mean64, ATOL * sd))
-        worst = max(worst, _check_vec("invstd", outs["invstd"], invstd, 0.0))
-        if state is not None:
-            m = MOMENTUM
-            rm = (1 - m) * case.running_mean.astype(np.float64) + m * case.mean64
-            rv = (1 - m) * case.running_var.astype(np.float64) + m * case.var64 * case.n / (case.n - 1)
-            worst = max(worst, _check_vec("running_mean", state["running_mean"], rm, ATOL * sd))
-            worst = max(worst, _check_vec("running_var", state["running_var"], rv, 0.0))
-    elif kernel == "backward":
-        n = case.n
-        mean = case.save_mean.astype(np.float64)
-        invstd = case.save_invstd.astype(np.float64)
-        k1 = w * invstd
-        k2 = -w * invstd * invstd * case.dweight64 / n
-        k3 = -w * invstd * (case.dbias64 / n) + w * invstd * mean * invstd * case.dweight64 / n
-        worst = _check_affine("dx", outs["dx"], case, [(case.dy, k1), (case.x, k2)], k3)
-        worst = max(worst, _check_vec("dweight", outs["dweight"], case.dweight64,
-                                      SUM_TOL * case.dweight_l1))
-        worst = max(worst, _check_vec("dbias", outs["dbias"], case.dbias64, SUM_TOL * case.dbias_l1))
-    else:
-        raise ValueError(kernel)
+    a = w / np.sqrt(case.running_var.astype(np.float64) + EPS)
+    c = b - case.running_mean.astype(np.float64) * a
+    return _check_affine("y", outs["y"], case, [(case.x, a)], c)
+
+
+def check_train(case: Case, outs: Arrays, state: Arrays | None = None) -> float:
+    """Raise WrongResult unless ``outs`` (and the running statistics ``state``) match the
+    reference. Returns the worst error / tolerance."""
+    w = case.weight.astype(np.float64)
+    b = case.bias.astype(np.float64)
+    invstd = 1.0 / np.sqrt(case.var64 + EPS)
+    a = w * invstd
+    c = b - case.mean64 * a
+    sd = np.sqrt(case.var64)
+    worst = _check_affine("y", outs["y"], case, [(case.x, a)], c)
+    worst = max(worst, _check_vec("mean", outs["mean"], case.mean64, ATOL * sd))
+    worst = max(worst, _check_vec("invstd", outs["invstd"], invstd, 0.0))
+    if state is not None:
+        m = MOMENTUM
+        rm = (1 - m) * case.running_mean.astype(np.float64) + m * case.mean64
+        rv = (1 - m) * case.running_var.astype(np.float64) + m * case.var64 * case.n / (case.n - 1)
+        worst = max(worst, _check_vec("running_mean", state["running_mean"], rm, ATOL * sd))
+        worst = max(worst, _check_vec("running_var", state["running_var"], rv, 0.0))
     return worst
+
+
+def check_backward(case: Case, outs: Arrays, state: Arrays | None = None) -> float:
+    """Raise WrongResult unless ``outs`` matches the reference. Returns the worst error / tolerance."""
+    assert case.dy is not None and case.dweight64 is not None and case.dbias64 is not None
+    assert case.dweight_l1 is not None and case.dbias_l1 is not None
+    n = case.n
+    w = case.weight.astype(np.float64)
+    mean = case.save_mean.astype(np.float64)
+    invstd = case.save_invstd.astype(np.float64)
+    k1 = w * invstd
+    k2 = -w * invstd * invstd * case.dweight64 / n
+    k3 = -w * invstd * (case.dbias64 / n) + w * invstd * mean * invstd * case.dweight64 / n
+    worst = _check_affine("dx", outs["dx"], case, [(case.dy, k1), (case.x, k2)], k3)
+    worst = max(worst, _check_vec("dweight", outs["dweight"], case.dweight64, SUM_TOL * case.dweight_l1))
+    return max(worst, _check_vec("dbias", outs["dbias"], case.dbias64, SUM_TOL * case.dbias_l1))

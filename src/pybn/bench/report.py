@@ -1,116 +1,135 @@
-"""Cells, targets, the printed table and the JSON file."""
+"""The batch-norm section's results: targets, the printed table and the JSON."""
 
 from __future__ import annotations
 
 import sys
+import textwrap
 from dataclasses import dataclass, field
+from typing import Any
 
-from .probe import BOUND_FORMULA
-from .shapes import KERNEL_TITLES
+from .probe import Probe
+from .schema import Cell, Peer, Result
+from .shapes import Shape
 from .timing import Timing, fmt_time
-
-PEERS = ("torch", "numpy", "ort")
-PEER_TITLES = {"torch": "torch", "numpy": "NumPy", "ort": "onnxruntime"}
-KERNEL_SHORT = {"infer": "infer", "train": "train", "backward": "bwd"}
 
 
 @dataclass
-class Cell:
-    """One shape x kernel: pybn's time, the bound, every peer's time."""
+class CellResult:
+    """One cell's measurements: pybn's time, the bound, every peer's time."""
 
-    shape: object
-    kernel: str
+    spec: Cell[Shape, Any]
     bound: float
-    times: dict = field(default_factory=dict)    # impl -> Timing ("pybn", "torch", "torch_out", "numpy", "ort")
-    labels: dict = field(default_factory=dict)   # impl -> the exact call
-    errors: dict = field(default_factory=dict)   # impl -> why it has no time (wrong result, exception)
-    skipped: dict = field(default_factory=dict)  # impl -> why it was not run (not installed, no such op)
-    check_err: dict = field(default_factory=dict)  # impl -> worst |error| / tolerance of the check
-    rounds: dict = field(default_factory=dict)   # impl -> [Timing of each round]; times[impl] is the best
-    probe: object = None                         # the probe timed with pybn's best round (gives the bound)
-    probe_rounds: list = field(default_factory=list)  # the probe timed with pybn's batch, in each round
+    times: dict[str, Timing] = field(default_factory=dict)    # impl key ("pybn", "torch", "torch_out", ...) -> best
+    labels: dict[str, str] = field(default_factory=dict)      # impl key -> the exact call
+    errors: dict[str, str] = field(default_factory=dict)      # impl key -> why it has no time (wrong result, exception)
+    skipped: dict[str, str] = field(default_factory=dict)     # impl key -> why it was not run (no such operator)
+    check_err: dict[str, float] = field(default_factory=dict)  # impl key -> worst |error| / tolerance of the check
+    rounds: dict[str, list[Timing]] = field(default_factory=dict)  # impl key -> every round; times[key] the best
+    probe: Probe | None = None                  # the probe timed with pybn's best round (gives the bound)
+    probe_rounds: list[Probe] = field(default_factory=list)  # the probe timed with pybn's batch, in each round
+    order: list[str] = field(default_factory=list)           # the implementations run, in timing order
+
+    @property
+    def shape(self) -> Shape:
+        return self.spec.shape
+
+    @property
+    def peers(self) -> tuple[Peer, ...]:
+        return self.spec.peers
 
     # --- derived
-    def t(self, impl):
-        tm = self.times.get(impl)
+    def t(self, key: str) -> float | None:
+        tm = self.times.get(key)
         return tm.median if tm is not None else None
 
     @property
-    def pybn(self):
+    def pybn(self) -> float | None:
         return self.t("pybn")
 
-    def torch_choice(self):
-        """The torch variant reported: the faster of the plain call and the out= call."""
-        cands = [(self.t(k), k) for k in ("torch", "torch_out") if self.t(k) is not None]
-        return min(cands)[1] if cands else None
+    def variant(self, peer: str) -> str | None:
+        """The peer's variant reported: the fastest of its calls (torch: the plain call and the out= call)."""
+        timed = [i.key for i in self.spec.kernel.variants(peer, self.shape) if self.t(i.key) is not None]
+        return min(timed, key=lambda k: self.t(k) or 0.0) if timed else None
 
-    def peer_time(self, peer):
-        if peer == "torch":
-            k = self.torch_choice()
-            return self.t(k) if k else None
-        return self.t(peer)
+    def peer_time(self, peer: str) -> float | None:
+        key = self.variant(peer)
+        return self.t(key) if key else None
 
-    def ratio(self, peer):
+    def peer_wrong(self, peer: str) -> bool:
+        """No time for ``peer`` because a variant of it failed."""
+        return self.variant(peer) is None and any(i.key in self.errors for i in self.spec.kernel.variants(peer))
+
+    def ratio(self, peer: str) -> float | None:
         tp, t = self.peer_time(peer), self.pybn
         if tp is None or t is None or t <= 0:
             return None
         return tp / t
 
     @property
-    def pct_bound(self):
+    def pct_bound(self) -> float | None:
         t = self.pybn
         return None if t is None or t <= 0 else self.bound / t * 100.0
 
     @property
-    def wrong(self):
+    def wrong(self) -> list[str]:
         return sorted(self.errors)
 
-    def misses(self) -> list:
+    def misses(self) -> list[str]:
         """Why this cell misses its target ([] when it meets it)."""
         s = self.shape
         out = []
         if "pybn" in self.errors:
             return ["pybn result WRONG"]
-        if self.pybn is None:
+        pct = self.pct_bound
+        if pct is None:
             return ["pybn not measured"]
         if s.target_kind == "bound":
-            if self.pct_bound < s.target:
-                out.append(f"{self.pct_bound:.0f}% of bound < {s.target:.0f}%")
-        elif s.target_kind == "torch":
-            r = self.ratio("torch")
+            if pct < s.target:
+                out.append(f"{pct:.0f}% of bound < {s.target:.0f}%")
+        else:  # a ratio to the peer named by target_kind
+            r = self.ratio(s.target_kind)
             if r is None:
-                out.append("no torch time to compare")
+                out.append(f"no {s.target_kind} time to compare")
             elif r < s.target:
-                out.append(f"{r:.2f}x torch < {s.target:.1f}x")
-        for peer in PEERS:
-            r = self.ratio(peer)
-            if r is None:
-                continue
-            if peer == "torch" and s.target_kind == "torch":
-                continue  # its own threshold above (T: not slower, B: 1.3x)
+                out.append(f"{r:.2f}x {s.target_kind} < {s.target:.1f}x")
+        for peer in self.peers:
+            r = self.ratio(peer.name)
+            if r is None or peer.name == s.target_kind:
+                continue  # not measured, or its own threshold above (T: not slower, B: 1.3x)
             if r <= 1.0:
-                out.append(f"not faster than {PEER_TITLES[peer]} ({r:.2f}x)")
+                out.append(f"not faster than {peer.title} ({r:.2f}x)")
         return out
 
-    def as_dict(self) -> dict:
-        d = {"shape": self.shape.name, "kernel": self.kernel, "bound_s": self.bound,
-             "bound_formula": BOUND_FORMULA[self.kernel],
-             "probe": self.probe.as_dict(samples=False) if self.probe is not None else None,
-             "probe_rounds": [p.as_dict() for p in self.probe_rounds],
-             "pybn_s": self.pybn, "pct_of_bound": self.pct_bound,
-             "torch_variant": self.torch_choice(),
-             "ratios": {p: self.ratio(p) for p in PEERS},
-             "peer_s": {p: self.peer_time(p) for p in PEERS},
-             "target": self.shape.target_text(), "meets_target": not self.misses(),
-             "misses": self.misses(),
-             "timings": {k: v.as_dict(samples=False) for k, v in self.times.items()},
-             "rounds": {k: [t.as_dict() for t in v] for k, v in self.rounds.items()},
-             "calls": self.labels, "errors": self.errors, "skipped": self.skipped,
-             "check_worst_err_over_tol": self.check_err}
-        return d
+    def as_dict(self) -> dict[str, Any]:
+        peers = [p.name for p in self.peers]
+        bound = self.spec.bound
+        return {"shape": self.shape.name, "kernel": self.spec.kernel.name, "bound_s": self.bound,
+                "bound_formula": bound.formula if bound is not None else None,
+                "probe": self.probe.as_dict(samples=False) if self.probe is not None else None,
+                "probe_rounds": [p.as_dict() for p in self.probe_rounds],
+                "pybn_s": self.pybn, "pct_of_bound": self.pct_bound,
+                "torch_variant": self.variant("torch"),
+                "ratios": {p: self.ratio(p) for p in peers},
+                "peer_s": {p: self.peer_time(p) for p in peers},
+                "target": self.shape.target_text(), "meets_target": not self.misses(),
+                "misses": self.misses(),
+                "timings": {k: v.as_dict(samples=False) for k, v in self.times.items()},
+                "rounds": {k: [t.as_dict() for t in v] for k, v in self.rounds.items()},
+                "calls": self.labels, "errors": self.errors, "skipped": self.skipped,
+                "check_worst_err_over_tol": self.check_err}
 
 
-def _marks():
+def _peer_time(c: CellResult, peer: Peer) -> str:
+    """A peer's column: its time (marked '*' when its out= variant was the faster), or WRONG."""
+    if c.peer_wrong(peer.name):
+        return "WRONG"
+    if not peer.out_variant:
+        return fmt_time(c.peer_time(peer.name))
+    variant = c.variant(peer.name)
+    return fmt_time(c.peer_time(peer.name)) + ("*" if variant is not None and variant != peer.name else " ")
+
+
+def _marks() -> tuple[str, str]:
     enc = (getattr(sys.stdout, "encoding", None) or "ascii").lower()
     try:
         "\u2713\u2717".encode(enc)
@@ -119,11 +138,11 @@ def _marks():
         return "ok", "MISS"
 
 
-def _ratio(r):
+def _ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
-def render(meta: dict, probes: dict, cells: list) -> str:
+def render(meta: Result, probes: Result, cells: list[CellResult]) -> str:
     ok_mark, bad_mark = _marks()
     lines = []
     th = meta['threads']
@@ -155,16 +174,23 @@ def render(meta: dict, probes: dict, cells: list) -> str:
         lines.append(f"  {name:<6} {p['bytes'] / 1e6:>6.1f} MB {fmt_time(p['t_read_s']):>10} {rng_r:>19} "
                      f"{p['read_GBps']:>5.1f} GB/s {fmt_time(p['t_stream_s']):>10} {rng_s:>19} "
                      f"{p['stream_GBps']:>5.1f} GB/s")
-    lines.append("  stream GB/s counts bytes read + written. Bounds: infer = t_stream, train = t_read + t_stream,")
-    lines.append("  bwd = 3*t_read + t_stream; t_read and t_stream the medians of the probe calls made in turn")
-    lines.append("  with pybn's calls in pybn's best round of that cell (the same seconds, the same machine state).")
+    kernels = list(dict.fromkeys(c.spec.kernel for c in cells))
+    nbsp = "\N{NO-BREAK SPACE}"   # each "kernel = bound" stays on one line
+    bounds = ", ".join(f"{k.label} = {k.bound.formula}".replace(" ", nbsp) for k in kernels if k.bound is not None)
+    note = (f"stream GB/s counts bytes read + written. Bounds: {bounds}; t_read and t_stream the medians of the "
+            "probe calls made in turn with pybn's calls in pybn's best round of that cell (the same seconds, "
+            "the same machine state).")
+    lines += [line.replace(nbsp, " ") for line in
+              textwrap.wrap(note, width=100, initial_indent="  ", subsequent_indent="  ")]
     lines.append("")
 
-    cols = [("shape", 5, "<"), ("kernel", 6, "<"), ("pybn", 10, ">"), ("bound", 10, ">"),
-            ("%bound", 6, ">"), ("torch", 11, ">"), ("x", 6, ">"), ("numpy", 10, ">"),
-            ("x", 6, ">"), ("ORT", 10, ">"), ("x", 6, ">"), ("target", 13, "<"), ("ok", 2, "<")]
+    peers = cells[0].peers if cells else ()
+    cols = [("shape", 5, "<"), ("kernel", 6, "<"), ("pybn", 10, ">"), ("bound", 10, ">"), ("%bound", 6, ">")]
+    for peer in peers:   # a peer with an out= variant gets room for its '*'
+        cols += [(peer.column, 11 if peer.out_variant else 10, ">"), ("x", 6, ">")]
+    cols += [("target", 13, "<"), ("ok", 2, "<")]
 
-    def row(vals):
+    def row(vals: list[str]) -> str:
         return " ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(vals, cols)).rstrip()
 
     lines.append(row([c[0] for c in cols]))
@@ -176,23 +202,11 @@ def render(meta: dict, probes: dict, cells: list) -> str:
         if prev is not None and prev != c.shape.name:
             lines.append("")
         prev = c.shape.name
-        if "pybn" in c.errors:
-            pybn_s = "WRONG"
-        else:
-            pybn_s = fmt_time(c.pybn) + ("*" if c.shape.out else " ")
+        pybn_s = "WRONG" if "pybn" in c.errors else fmt_time(c.pybn) + ("*" if c.shape.out else " ")
         pct = "-" if c.pct_bound is None else f"{c.pct_bound:.0f}%"
-        tv = c.torch_choice()
-        if tv is None and ("torch" in c.errors or "torch_out" in c.errors):
-            torch_s = "WRONG"
-        else:
-            torch_s = fmt_time(c.peer_time("torch")) + ("*" if tv == "torch_out" else " ")
-        vals = [c.shape.name, KERNEL_SHORT[c.kernel], pybn_s, fmt_time(c.bound), pct,
-                torch_s, _ratio(c.ratio("torch"))]
-        for p in ("numpy", "ort"):
-            if p in c.errors:
-                vals += ["WRONG", "-"]
-            else:
-                vals += [fmt_time(c.peer_time(p)), _ratio(c.ratio(p))]
+        vals = [c.shape.name, c.spec.kernel.label, pybn_s, fmt_time(c.bound), pct]
+        for peer in peers:
+            vals += [_peer_time(c, peer), _ratio(c.ratio(peer.name))]
         m = c.misses()
         if not m:
             n_ok += 1
@@ -213,17 +227,26 @@ def render(meta: dict, probes: dict, cells: list) -> str:
     lines.append("")
     lines.append(f"targets met in {n_ok} of {len(cells)} cells")
     for c, m in misses:
-        lines.append(f"  {bad_mark} {c.shape.name} {KERNEL_TITLES[c.kernel]}: " + "; ".join(m))
+        lines.append(f"  {bad_mark} {c.shape.name} {c.spec.kernel.title}: " + "; ".join(m))
     wrong = [(c, k, v) for c in cells for k, v in c.errors.items()]
     if wrong:
         lines.append("")
         lines.append("WRONG RESULTS OR ERRORS (not timed):")
         for c, k, v in wrong:
-            lines.append(f"  {c.shape.name} {KERNEL_TITLES[c.kernel]} {k}: {v}")
+            lines.append(f"  {c.shape.name} {c.spec.kernel.title} {k}: {v}")
     return "\n".join(lines)
 
 
-def to_json(meta: dict, probes: dict, cells: list) -> dict:
+def to_json(meta: Result, probes: Result, cells: list[CellResult]) -> Result:
     return {"meta": meta,
             "probe": probes,
             "cells": [c.as_dict() for c in cells]}
+
+
+def render_section(result: Result, meta: Result) -> str:
+    return render(meta, result["probe"], result["cells"])
+
+
+def section_json(result: Result) -> Result:
+    """The section's part of the JSON: "probe" and "cells" (at the top level, beside "meta")."""
+    return {"probe": result["probe"], "cells": [c.as_dict() for c in result["cells"]]}

@@ -5,14 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
-KERNELS = ("infer", "train", "backward")
-
-KERNEL_TITLES = {
-    "infer": "inference forward",
-    "train": "training forward",
-    "backward": "backward (training=True)",
-}
-
 
 @dataclass(frozen=True)
 class Shape:
@@ -24,7 +16,7 @@ class Shape:
     """
 
     name: str
-    logical: tuple
+    logical: tuple[int, ...]
     channels_last: bool = False
     out: bool = False            # time pybn (and torch's out= variant) with preallocated outputs
     target_kind: str = "bound"   # "bound": % of bound; "torch": ratio torch/pybn
@@ -32,7 +24,7 @@ class Shape:
     note: str = ""
 
     @property
-    def array_shape(self) -> tuple:
+    def array_shape(self) -> tuple[int, ...]:
         if self.channels_last:
             n, c, *spatial = self.logical
             return (n, *spatial, c)
@@ -85,7 +77,9 @@ SHAPES = (
           note="tiny: call overhead"),
 )
 
-_ALIASES = {}
+SHAPE = {s.name: s for s in SHAPES}
+
+_ALIASES: dict[str, Shape] = {}
 for _s in SHAPES:
     _key = _s.name.lower()
     _ALIASES[_key] = _s
@@ -95,15 +89,15 @@ for _s in SHAPES:
             _ALIASES[base + suffix] = _s
 
 
-def shape_names() -> list:
+def shape_names() -> list[str]:
     return [s.name for s in SHAPES]
 
 
-def parse_shapes(spec: str | None) -> list:
+def parse_shapes(spec: str | None) -> list[Shape]:
     """``"A,A',L"`` -> shapes, in the order given. ``A_cl`` / ``Acl`` alias ``A'``."""
     if not spec:
         return list(SHAPES)
-    out = []
+    out: list[Shape] = []
     for token in spec.split(","):
         token = token.strip().strip('"')
         if not token:
@@ -118,22 +112,3 @@ def parse_shapes(spec: str | None) -> list:
     if not out:
         raise ValueError("--shapes selected no shape")
     return out
-
-
-def parse_kernels(spec: str | None) -> list:
-    if not spec:
-        return list(KERNELS)
-    aliases = {"infer": "infer", "inference": "infer", "eval": "infer",
-               "train": "train", "training": "train", "forward": "train",
-               "backward": "backward", "bwd": "backward", "grad": "backward"}
-    out = []
-    for token in spec.split(","):
-        token = token.strip().lower()
-        if not token:
-            continue
-        if token not in aliases:
-            raise ValueError(f"unknown kernel {token!r}; choose from {', '.join(KERNELS)}")
-        if aliases[token] not in out:
-            out.append(aliases[token])
-    # keep the canonical order
-    return [k for k in KERNELS if k in out]

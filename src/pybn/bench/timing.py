@@ -6,7 +6,9 @@ import contextlib
 import gc
 import statistics
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,7 @@ class TimingConfig:
     pause: float = 0.01      # idle gap before each batch, so the previous runtime's spinning threads settle
 
     @classmethod
-    def quick(cls) -> "TimingConfig":
+    def quick(cls) -> TimingConfig:
         return cls(budget=0.06, warmup=2, min_reps=3, max_reps=200, pause=0.005)
 
 
@@ -30,10 +32,10 @@ class Timing:
     mean: float
     reps: int
     warmup: int
-    samples: list = field(repr=False, default_factory=list)
+    samples: list[float] = field(repr=False, default_factory=list)
 
-    def as_dict(self, samples: bool = True) -> dict:
-        d = {"median_s": self.median, "min_s": self.min, "max_s": self.max,
+    def as_dict(self, samples: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {"median_s": self.median, "min_s": self.min, "max_s": self.max,
              "mean_s": self.mean, "reps": self.reps, "warmup": self.warmup}
         if samples:
             d["samples_s"] = self.samples
@@ -41,7 +43,7 @@ class Timing:
 
 
 @contextlib.contextmanager
-def _batch(cfg: TimingConfig):
+def _batch(cfg: TimingConfig) -> Iterator[None]:
     """A timed batch: after an idle pause (so the previous runtime's spinning threads settle),
     with the garbage collector off."""
     if cfg.pause > 0:
@@ -55,12 +57,12 @@ def _batch(cfg: TimingConfig):
             gc.enable()
 
 
-def _timing(samples: list, warm: int) -> Timing:
+def _timing(samples: list[float], warm: int) -> Timing:
     return Timing(median=statistics.median(samples), min=min(samples), max=max(samples),
                   mean=statistics.fmean(samples), reps=len(samples), warmup=warm, samples=samples)
 
 
-def measure(fn, cfg: TimingConfig, *, calls_done: int = 0,
+def measure(fn: Callable[[], object], cfg: TimingConfig, *, calls_done: int = 0,
             last_call_s: float | None = None) -> Timing:
     """Time ``fn()`` in one consecutive batch: warm-up, then repetitions.
 
@@ -94,7 +96,7 @@ def measure(fn, cfg: TimingConfig, *, calls_done: int = 0,
         min_reps = cfg.min_reps
         if est is not None and est * min_reps > cfg.budget:
             min_reps = min(min_reps, 3)
-        samples = []
+        samples: list[float] = []
         start = perf()
         while True:
             t0 = perf()
@@ -107,7 +109,7 @@ def measure(fn, cfg: TimingConfig, *, calls_done: int = 0,
     return _timing(samples, warm)
 
 
-def measure_alternating(fns, cfg: TimingConfig) -> tuple:
+def measure_alternating(fns: Sequence[Callable[[], object]], cfg: TimingConfig) -> tuple[Timing, ...]:
     """Time the calls ``fns`` in turn, call for call, for ``len(fns)`` times the budget: their
     medians come from the same seconds, so a change of the machine's speed during the batch
     (this machine's memory changes state every few seconds) reaches all of them alike. The
@@ -118,7 +120,7 @@ def measure_alternating(fns, cfg: TimingConfig) -> tuple:
         for _ in range(cfg.warmup):
             for f in fns:
                 f()
-        samples = tuple([] for _ in fns)
+        samples: tuple[list[float], ...] = tuple([] for _ in fns)
         start = perf()
         while True:
             for f, out in zip(fns, samples):

@@ -15,10 +15,12 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
+from .schema import Context, Result
 from .timing import TimingConfig, fmt_time, measure_alternating
 
 SHAPES = {"A": (32, 64, 56, 56), "L": (64, 128, 56, 56)}
@@ -27,10 +29,10 @@ SHAPES = {"A": (32, 64, 56, 56), "L": (64, 128, 56, 56)}
 @dataclass(frozen=True)
 class TorchCell:
     name: str
-    build: Callable[[], "Steps"]
+    build: Callable[[], Steps]
     target: float             # the ratio reference / candidate must be at least this
     profile: bool = False     # also the shares of batch norm and dropout in the step
-    labels: tuple = ("torch", "pybn")
+    labels: tuple[str, str] = ("torch", "pybn")
 
 
 @dataclass
@@ -38,15 +40,33 @@ class Steps:
     reference: Callable[[], object]
     candidate: Callable[[], object]
     check: Callable[[], None]                  # raises AssertionError when the two differ
-    modules: tuple = ()                        # (reference model, candidate model), for the profile
-    notes: list = field(default_factory=list)  # lines for the report, e.g. the compile time
+    modules: tuple[Any, ...] = ()              # (reference model, candidate model), for the profile
+    notes: list[str] = field(default_factory=list)  # lines for the report, e.g. the compile time
 
 
 # --------------------------------------------------------------------------- operators
 
-def _operator(kind: str, shape_name: str, channels_last: bool) -> Steps:
+@dataclass
+class _Operator:
+    """One operator module, stock and accelerated, and the data of its forward and backward."""
+
+    stock: Any
+    ours: Any
+    x: Any
+    dy: Any
+    channels_last: bool
+
+    def step(self, module: Any) -> Any:
+        self.x.grad = None
+        y = module(self.x)
+        y.backward(self.dy)
+        return y
+
+
+def _operator(module: Callable[[int], Any], check: Callable[[_Operator], None], shape_name: str,
+              channels_last: bool) -> Steps:
+    """One forward and backward through autograd of ``module(C)`` in training mode."""
     import torch
-    from torch import nn
 
     import pybn.torch
 
@@ -55,37 +75,48 @@ def _operator(kind: str, shape_name: str, channels_last: bool) -> Steps:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).contiguous(memory_format=fmt).requires_grad_()
     dy = torch.randn(shape, generator=gen).contiguous(memory_format=fmt)
-    stock = nn.BatchNorm2d(shape[1]) if kind == "batch norm" else nn.Dropout(0.5)
-    ours = pybn.torch.accelerate(copy.deepcopy(stock))
-
-    def step(module):
-        x.grad = None
-        y = module(x)
-        y.backward(dy)
-        return y
-
-    def check():
-        if kind == "batch norm":
-            want, want_dx = step(stock).detach(), x.grad
-            got, got_dx = step(ours).detach(), x.grad
-            _close("output", got, want)
-            _close("input gradient", got_dx, want_dx)
-            if channels_last and not got.is_contiguous(memory_format=torch.channels_last):
-                raise AssertionError("the output lost the channels_last layout")
-        else:
-            for module in (stock, ours):
-                y = step(module).detach()
-                kept = y != 0
-                fraction = kept.float().mean().item()
-                if abs(fraction - 0.5) > 2 / math.sqrt(y.numel()) or not torch.allclose(y[kept], 2 * x.detach()[kept]):
-                    raise AssertionError(f"{type(module).__module__} dropout keeps {fraction:.3f} or scales wrongly")
-                if not torch.equal(x.grad, torch.where(kept, 2 * dy, 0.0)):
-                    raise AssertionError("the gradient does not use the forward's mask")
-
-    return Steps(partial(step, stock), partial(step, ours), check)
+    stock = module(shape[1])
+    op = _Operator(stock, pybn.torch.accelerate(copy.deepcopy(stock)), x, dy, channels_last)
+    return Steps(partial(op.step, op.stock), partial(op.step, op.ours), partial(check, op))
 
 
-def _close(what: str, got, want, rtol: float = 1e-4) -> None:
+def _batch_norm_module(channels: int) -> Any:
+    from torch import nn
+
+    return nn.BatchNorm2d(channels)
+
+
+def _dropout_module(channels: int) -> Any:
+    from torch import nn
+
+    return nn.Dropout(0.5)
+
+
+def _check_batch_norm(op: _Operator) -> None:
+    import torch
+
+    want, want_dx = op.step(op.stock).detach(), op.x.grad
+    got, got_dx = op.step(op.ours).detach(), op.x.grad
+    _close("output", got, want)
+    _close("input gradient", got_dx, want_dx)
+    if op.channels_last and not got.is_contiguous(memory_format=torch.channels_last):
+        raise AssertionError("the output lost the channels_last layout")
+
+
+def _check_dropout(op: _Operator) -> None:
+    import torch
+
+    for module in (op.stock, op.ours):
+        y = op.step(module).detach()
+        kept = y != 0
+        fraction = kept.float().mean().item()
+        if abs(fraction - 0.5) > 2 / math.sqrt(y.numel()) or not torch.allclose(y[kept], 2 * op.x.detach()[kept]):
+            raise AssertionError(f"{type(module).__module__} dropout keeps {fraction:.3f} or scales wrongly")
+        if not torch.equal(op.x.grad, torch.where(kept, 2 * op.dy, 0.0)):
+            raise AssertionError("the gradient does not use the forward's mask")
+
+
+def _close(what: str, got: Any, want: Any, rtol: float = 1e-4) -> None:
     err = (got.double() - want.double()).abs().max().item() / max(want.abs().max().item(), 1e-30)
     if not err <= rtol:
         raise AssertionError(f"{what} differs from torch's by {err:.2g} (relative)")
@@ -93,31 +124,52 @@ def _close(what: str, got, want, rtol: float = 1e-4) -> None:
 
 # --------------------------------------------------------------------------- models
 
-def _model_data(name: str):
+ModelData = tuple[Any, Any, Any, Callable[..., Any]]   # model, input, target, loss function
+
+
+def _red_wine() -> ModelData:
     import torch
     import torch.nn.functional as F
 
     from . import torch_models
 
     gen = torch.Generator().manual_seed(1)
-    if name == "red_wine":
-        means = torch.tensor([8.3, 0.53, 0.27, 2.5, 0.087, 15.9, 46.5, 0.997, 3.31, 0.66, 10.4])
-        x = means + torch.randn(256, 11, generator=gen) * means * 0.2
-        return torch_models.red_wine(), x, torch.randn(256, 1, generator=gen) + 5.6, F.l1_loss
-    if name == "cnn":
-        return torch_models.CNN(), torch.randn(64, 1, 28, 28, generator=gen), torch.randint(10, (64,), generator=gen), \
-            F.cross_entropy
+    means = torch.tensor([8.3, 0.53, 0.27, 2.5, 0.087, 15.9, 46.5, 0.997, 3.31, 0.66, 10.4])
+    x = means + torch.randn(256, 11, generator=gen) * means * 0.2
+    return torch_models.red_wine(), x, torch.randn(256, 1, generator=gen) + 5.6, F.l1_loss
+
+
+def _cnn() -> ModelData:
+    import torch
+    import torch.nn.functional as F
+
+    from . import torch_models
+
+    gen = torch.Generator().manual_seed(1)
+    return torch_models.CNN(), torch.randn(64, 1, 28, 28, generator=gen), torch.randint(10, (64,), generator=gen), \
+        F.cross_entropy
+
+
+def _resnet18() -> ModelData:
+    import torch
+    import torch.nn.functional as F
+
+    from . import torch_models
+
+    gen = torch.Generator().manual_seed(1)
     x = torch.randn(16, 3, 112, 112, generator=gen).contiguous(memory_format=torch.channels_last)
-    model = torch_models.ResNet18().to(memory_format=torch.channels_last)
+    # (torch's annotations of Module.to leave out memory_format)
+    model = torch_models.ResNet18().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model, x, torch.randint(1000, (16,), generator=gen), F.cross_entropy
 
 
-def _training_step(model, x, target, loss_fn, lr: float = 1e-4):
+def _training_step(model: Any, x: Any, target: Any, loss_fn: Callable[..., Any],
+                   lr: float = 1e-4) -> Callable[[], Any]:
     import torch
 
     opt = torch.optim.SGD(model.parameters(), lr=lr)
 
-    def step():
+    def step() -> Any:
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), target)
         loss.backward()
@@ -126,7 +178,7 @@ def _training_step(model, x, target, loss_fn, lr: float = 1e-4):
     return step
 
 
-def _check_same_model(stock, ours, x) -> None:
+def _check_same_model(stock: Any, ours: Any, x: Any) -> None:
     """Evaluation mode (running statistics, no dropout) must give the same outputs."""
     import torch
 
@@ -137,14 +189,14 @@ def _check_same_model(stock, ours, x) -> None:
     _close("evaluation output", got, want)
 
 
-def _model(name: str) -> Steps:
+def _model(data: Callable[[], ModelData]) -> Steps:
     import pybn.torch
 
-    stock, x, target, loss_fn = _model_data(name)
+    stock, x, target, loss_fn = data()
     ours = pybn.torch.accelerate(copy.deepcopy(stock))
     reference, candidate = _training_step(stock, x, target, loss_fn), _training_step(ours, x, target, loss_fn)
 
-    def check():
+    def check() -> None:
         _check_same_model(stock, ours, x)
         for step in (reference, candidate):
             if not step().isfinite():
@@ -152,19 +204,19 @@ def _model(name: str) -> Steps:
     return Steps(reference, candidate, check, (stock, ours))
 
 
-def _compiled(name: str) -> Steps:
+def _compiled(data: Callable[[], ModelData]) -> Steps:
     import torch
 
     import pybn.torch
 
-    stock, x, target, loss_fn = _model_data(name)
+    stock, x, target, loss_fn = data()
     eager = pybn.torch.accelerate(stock)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     reference = _training_step(eager, x, target, loss_fn)
     candidate = _training_step(compiled, x, target, loss_fn)  # compiled's parameters are compiled_model's
 
-    def check():
+    def check() -> None:
         _check_same_model(eager, compiled_model, x)
         t0 = time.perf_counter()
         if not candidate().isfinite():
@@ -176,12 +228,12 @@ def _compiled(name: str) -> Steps:
 
 # --------------------------------------------------------------------------- the table
 
-def _batch_norm(shape, cl):
-    return partial(_operator, "batch norm", shape, cl)
+def _batch_norm(shape: str, channels_last: bool) -> Callable[[], Steps]:
+    return partial(_operator, _batch_norm_module, _check_batch_norm, shape, channels_last)
 
 
-def _dropout(shape, cl):
-    return partial(_operator, "dropout", shape, cl)
+def _dropout(shape: str, channels_last: bool) -> Callable[[], Steps]:
+    return partial(_operator, _dropout_module, _check_dropout, shape, channels_last)
 
 
 CELLS = [
@@ -191,10 +243,10 @@ CELLS = [
     TorchCell("dropout fwd+bwd, A NCHW", _dropout("A", False), 50.0),
     TorchCell("dropout fwd+bwd, A channels_last", _dropout("A", True), 50.0),
     TorchCell("dropout fwd+bwd, L NCHW", _dropout("L", False), 50.0),
-    TorchCell("step, Red Wine MLP, batch 256", partial(_model, "red_wine"), 1.5, profile=True),
-    TorchCell("step, tutorial CNN, batch 64", partial(_model, "cnn"), 1.0, profile=True),
-    TorchCell("step, ResNet-18 channels_last, batch 16, 112x112", partial(_model, "resnet18"), 1.0, profile=True),
-    TorchCell("step, Red Wine MLP: torch.compile vs eager", partial(_compiled, "red_wine"), 1.0,
+    TorchCell("step, Red Wine MLP, batch 256", partial(_model, _red_wine), 1.5, profile=True),
+    TorchCell("step, tutorial CNN, batch 64", partial(_model, _cnn), 1.0, profile=True),
+    TorchCell("step, ResNet-18 channels_last, batch 16, 112x112", partial(_model, _resnet18), 1.0, profile=True),
+    TorchCell("step, Red Wine MLP: torch.compile vs eager", partial(_compiled, _red_wine), 1.0,
               labels=("pybn eager", "compiled")),
 ]
 
@@ -214,7 +266,16 @@ def select(spec: str | None) -> list[TorchCell]:
     return chosen
 
 
-def run(cfg: TimingConfig, rounds: int, threads: int, progress, cells: list[TorchCell] | None = None) -> dict:
+def run_section(cells: Sequence[TorchCell], ctx: Context) -> Result:
+    return run(ctx.cfg, ctx.rounds, ctx.threads, ctx.progress, list(cells))
+
+
+def failures(result: Result) -> list[str]:
+    return [f"{c['name']}: {c['error']}" for c in result["cells"] if "error" in c]
+
+
+def run(cfg: TimingConfig, rounds: int, threads: int, progress: Callable[[str], None],
+        cells: list[TorchCell] | None = None) -> Result:
     import torch
 
     import pybn
@@ -249,15 +310,14 @@ def run(cfg: TimingConfig, rounds: int, threads: int, progress, cells: list[Torc
 
 # --------------------------------------------------------------------------- profile
 
-def _shares(model, step, steps: int = 3) -> dict:
+def _shares(model: Any, step: Callable[[], object], steps: int = 3) -> dict[str, float]:
     """Shares of the step's time inside batch-norm and dropout modules (their forward and
     backward, each wrapped in a profiler range by module hooks)."""
-    import torch
     from torch.nn.modules.batchnorm import _BatchNorm
     from torch.nn.modules.dropout import _DropoutNd
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    handles = []
+    handles: list[Any] = []
     for module in model.modules():
         kind = "batch norm" if isinstance(module, _BatchNorm) else "dropout" if isinstance(module, _DropoutNd) \
             else None
@@ -279,17 +339,17 @@ def _shares(model, step, steps: int = 3) -> dict:
                for kind in ("batch norm", "dropout")}}
 
 
-def _range_hooks(module, kind: str, record_function) -> list:
+def _range_hooks(module: Any, kind: str, record_function: Any) -> list[Any]:
     """Forward and backward hooks that open and close a profiler range around the module."""
-    ranges = []
+    ranges: list[Any] = []
 
-    def enter(name):
-        def hook(*_):
+    def enter(name: str) -> Callable[..., None]:
+        def hook(*_: object) -> None:
             ranges.append(record_function(f"bench: {kind} {name}"))
             ranges[-1].__enter__()
         return hook
 
-    def leave(*_):
+    def leave(*_: object) -> None:
         ranges.pop().__exit__(None, None, None)
 
     return [module.register_forward_pre_hook(enter("forward")), module.register_forward_hook(leave),
@@ -298,7 +358,7 @@ def _range_hooks(module, kind: str, record_function) -> list:
 
 # --------------------------------------------------------------------------- report
 
-def render(result: dict) -> str:
+def render(result: Result, meta: Result | None = None) -> str:
     lines = [f"torch section: pybn.torch vs stock torch {result['torch']}, {result['threads']} threads, float32; "
              "x = reference time / candidate time (medians, timed call for call in turn)",
              f"{'cell':<50} {'reference':>21} {'candidate':>21} {'x':>8} {'target':>7} ok"]
@@ -320,4 +380,4 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CELLS", "TorchCell", "run", "render", "select", "cell_names"]
+__all__ = ["CELLS", "TorchCell", "run", "run_section", "failures", "render", "select", "cell_names"]

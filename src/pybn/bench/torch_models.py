@@ -3,6 +3,7 @@ torchvision wheel of this index needs CUDA libraries): the Keras tutorial's "Red
 the CNN tutorial's model (Conv -> BatchNorm2d -> Dropout) and a ResNet-18."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -28,10 +29,10 @@ class CNN(nn.Module):
         self.fc1 = nn.Linear(32 * 14 * 14, 128)
         self.fc2 = nn.Linear(128, 10)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(F.relu(self.bn1(self.conv1(x))))
-        x = x.flatten(1)
-        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+        logits: torch.Tensor = self.fc2(self.dropout(F.relu(self.fc1(x.flatten(1)))))
+        return logits
 
 
 class BasicBlock(nn.Module):
@@ -47,7 +48,7 @@ class BasicBlock(nn.Module):
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
 
@@ -59,13 +60,15 @@ class ResNet18(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
                                   nn.MaxPool2d(3, 2, 1))
-        blocks, c_in = [], 64
+        blocks: list[nn.Module] = []
+        c_in = 64
         for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             blocks += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(512, classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.stem(x))
-        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+        logits: torch.Tensor = self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+        return logits

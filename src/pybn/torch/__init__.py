@@ -16,8 +16,8 @@ except ImportError as exc:  # torch is an optional dependency of pybn
                       "install it with: pip install 'pybn-kernels[torch]' (the CPU-only build: add "
                       "--extra-index-url https://download.pytorch.org/whl/cpu)") from exc
 
-from . import nn, ops  # noqa: E402
-from ._fold import Folded, NotFolded, fold  # noqa: E402
-from .accelerate import Swapped, accelerate, convert_sync_batchnorm  # noqa: E402
+from . import nn, ops
+from ._fold import Folded, NotFolded, fold
+from .accelerate import Swapped, accelerate, convert_sync_batchnorm
 
 __all__ = ["fold", "Folded", "NotFolded", "accelerate", "convert_sync_batchnorm", "Swapped", "nn", "ops"]

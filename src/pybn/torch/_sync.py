@@ -8,7 +8,7 @@ per call lets every process see whether all can go on, so that an input one proc
 cannot use (or a disagreement on C) makes every process raise instead of leaving the
 others waiting in a collective.
 """
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,34 +16,44 @@ import torch.distributed as dist
 from torch import Tensor
 
 import pybn
+from pybn.batchnorm_split import _update_running_stats
 
 from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, per_channel
 
+if TYPE_CHECKING:
+    from .nn import SyncBatchNorm
 
-def wants_cpu_sync(module, input: Tensor) -> bool:
+_Group = Optional["dist.ProcessGroup"]  # (a name torch.distributed has only where it is available)
+_Forward = Callable[["SyncBatchNorm", Tensor], Tensor]
+# torch leaves torch.compiler.disable unannotated: this name gives it its type here
+_outside_graph: Callable[[_Forward], _Forward] = torch.compiler.disable
+
+
+def wants_cpu_sync(module: "SyncBatchNorm", input: Tensor) -> bool:
     """A training call on a CPU tensor with more than one process in the module's group."""
     if not (module.training and input.device.type == "cpu" and dist.is_available() and dist.is_initialized()):
         return False
     return dist.get_world_size(_group(module)) > 1
 
 
-def _group(module):
+def _group(module: "SyncBatchNorm") -> _Group:
     return module.process_group if module.process_group is not None else dist.group.WORLD
 
 
-@torch.compiler.disable
-def sync_batch_norm(module, input: Tensor) -> Tensor:
+@_outside_graph
+def sync_batch_norm(module: "SyncBatchNorm", input: Tensor) -> Tensor:
     """The module's synchronized training forward of `input` (this process's slice)."""
     group = _group(module)
     _agree(group, input, module.num_features)
     momentum = module._momentum_for_this_call()
     running = (module.running_mean, module.running_var) if module.track_running_stats else (None, None)
     work = input if input.dtype in PYBN_DTYPES else input.float()
-    y = _SyncBatchNorm.apply(work, module.weight, module.bias, running, momentum, module.eps, group)
+    y: Tensor = _SyncBatchNorm.apply(  # type: ignore[no-untyped-call]  # (torch's, unannotated)
+        work, module.weight, module.bias, running, momentum, module.eps, group)
     return y.to(input.dtype)
 
 
-def _agree(group, input: Tensor, num_features: int) -> None:
+def _agree(group: _Group, input: Tensor, num_features: int) -> None:
     """Every process learns whether every process's input is usable and all agree on C;
     if not, all raise the same ValueError."""
     problem = _local_problem(input, num_features)
@@ -68,7 +78,7 @@ def _local_problem(input: Tensor, num_features: int) -> Optional[str]:
     return None
 
 
-def _all_gather(t: Tensor, group) -> Tensor:
+def _all_gather(t: Tensor, group: _Group) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t, group=group)
     return torch.stack(parts)
@@ -77,8 +87,9 @@ def _all_gather(t: Tensor, group) -> Tensor:
 class _SyncBatchNorm(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                running: Tuple[Optional[Tensor], Optional[Tensor]], momentum: float, eps: float, group) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                running: Tuple[Optional[Tensor], Optional[Tensor]], momentum: float, eps: float,
+                group: _Group) -> Tensor:
         last = channels_last_physical(x)
         axis = -1 if last else 1
         xa = array(x, last)
@@ -87,7 +98,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         packed = torch.from_numpy(np.concatenate([[local.count], local.mean, local.m2]))
         rows = _all_gather(packed, group).numpy()  # (processes, 2C + 1)
         stats = pybn.batch_norm_merge_stats(rows[:, 0], rows[:, 1:c + 1], rows[:, c + 1:])
-        count = int(round(float(stats.count)))  # exact: counts are integers below 2**53
+        count = round(float(stats.count))  # exact: counts are integers below 2**53
         if count < 2:  # the same total on every process: all raise alike
             raise ValueError(f"input: training needs more than 1 value per channel over the {rows.shape[0]} "
                              f"processes, got {count} in all (this process's input has shape {tuple(x.shape)})")
@@ -95,16 +106,16 @@ class _SyncBatchNorm(torch.autograd.Function):
         y = empty(x, last)
         pybn.batch_norm_apply(xa, stats.mean, invstd, per_channel(weight), per_channel(bias), axis=axis,
                               out=array(y, last))
-        _update_running(running, stats.mean, stats.m2 / (count - 1.0), momentum)
+        _update_running(running, stats, momentum)
         dtype = xa.dtype
-        mean, invstd = torch.from_numpy(stats.mean.astype(dtype)), torch.from_numpy(invstd.astype(dtype))
-        ctx.save_for_backward(x, weight, mean, invstd)
+        saved_mean, saved_invstd = torch.from_numpy(stats.mean.astype(dtype)), torch.from_numpy(invstd.astype(dtype))
+        ctx.save_for_backward(x, weight, saved_mean, saved_invstd)
         ctx.count, ctx.group, ctx.last = count, group, last
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor):
+    def backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         last = ctx.last
         axis = -1 if last else 1
@@ -113,9 +124,9 @@ class _SyncBatchNorm(torch.autograd.Function):
         total = torch.from_numpy(np.concatenate([local.sum_dy, local.sum_dy_xhat]))
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
         c = x.shape[1]
-        total = total.numpy()
+        sums = total.numpy()
         dx = empty(x, last)
-        pybn.batch_norm_backward_apply(dya, xa, m, s, total[:c], total[c:], ctx.count, per_channel(weight),
+        pybn.batch_norm_backward_apply(dya, xa, m, s, sums[:c], sums[c:], ctx.count, per_channel(weight),
                                        axis=axis, out=array(dx, last))
         # this process's share of the parameters' gradients, as torch's SyncBatchNorm (DDP averages them)
         dweight = torch.from_numpy(local.sum_dy_xhat).to(weight.dtype) if ctx.needs_input_grad[1] else None
@@ -123,10 +134,16 @@ class _SyncBatchNorm(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None
 
 
-def _update_running(running, mean: np.ndarray, unbiased_var: np.ndarray, momentum: float) -> None:
-    """PyTorch's update, in float64 and rounded once, identical on every process."""
+def _update_running(running: Tuple[Optional[Tensor], Optional[Tensor]], stats: pybn.BatchNormStats,
+                    momentum: float) -> None:
+    """PyTorch's update, in float64 and rounded once, identical on every process: pybn's
+    (the single-process forward's) on float64 copies, written back in the statistics' dtype."""
+    if all(stat is None for stat in running):
+        return
     with torch.no_grad():
-        for stat, batch in zip(running, (mean, unbiased_var)):
+        mean, var = (None if stat is None else stat.detach().to(torch.float64, copy=True).numpy()
+                     for stat in running)
+        _update_running_stats(mean, var, stats, momentum)
+        for stat, new in zip(running, (mean, var)):
             if stat is not None:
-                new = (1.0 - momentum) * stat.double() + momentum * torch.from_numpy(batch)
-                stat.copy_(new.to(stat.dtype))
+                stat.copy_(torch.from_numpy(new))

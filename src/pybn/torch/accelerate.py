@@ -1,7 +1,7 @@
 """Swap pybn's modules into an existing model: :func:`accelerate` and :func:`convert_sync_batchnorm`."""
 import copy
 import logging
-from typing import Dict, List, NamedTuple, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Tuple, Type, Union, cast, overload
 
 from torch import nn
 
@@ -30,6 +30,10 @@ class Swapped(NamedTuple):
     """The class it has now, e.g. "pybn.torch.nn.BatchNorm2d"."""
 
 
+@overload
+def accelerate(model: nn.Module, *, return_report: Literal[False] = ...) -> nn.Module: ...
+@overload
+def accelerate(model: nn.Module, *, return_report: Literal[True]) -> Tuple[nn.Module, List[Swapped]]: ...
 def accelerate(model: nn.Module, *, return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, List[Swapped]]]:
     """Run `model`'s batch norm and dropout layers on pybn's kernels: the one-line switch.
 
@@ -53,7 +57,14 @@ def accelerate(model: nn.Module, *, return_report: bool = False) -> Union[nn.Mod
     return _swap(model, lambda m: ACCELERATED.get(type(m)), None, return_report, "accelerate")
 
 
-def convert_sync_batchnorm(model: nn.Module, process_group=None, *, return_report: bool = False):
+@overload
+def convert_sync_batchnorm(model: nn.Module, process_group: Any = ..., *,
+                           return_report: Literal[False] = ...) -> nn.Module: ...
+@overload
+def convert_sync_batchnorm(model: nn.Module, process_group: Any = ..., *,
+                           return_report: Literal[True]) -> Tuple[nn.Module, List[Swapped]]: ...
+def convert_sync_batchnorm(model: nn.Module, process_group: Any = None, *,
+                           return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, List[Swapped]]]:
     """Every BatchNorm1d/2d/3d (torch's or pybn's) and torch SyncBatchNorm in `model` becomes a
     :class:`pybn.torch.nn.SyncBatchNorm` over `process_group` (None: the default group),
     sharing its parameters and buffers. In place, as torch's ``convert_sync_batchnorm``;
@@ -65,7 +76,8 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None, *, return_repor
     return _swap(model, target, process_group, return_report, "convert_sync_batchnorm")
 
 
-def _swap(model: nn.Module, target, process_group, return_report: bool, what: str):
+def _swap(model: nn.Module, target: Callable[[nn.Module], Optional[Type[nn.Module]]], process_group: Any,
+          return_report: bool, what: str) -> Union[nn.Module, Tuple[nn.Module, List[Swapped]]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     report: List[Swapped] = []
@@ -92,13 +104,14 @@ def _swap(model: nn.Module, target, process_group, return_report: bool, what: st
     return (root, report) if return_report else root
 
 
-def _rebuilt(module: nn.Module, cls: Type[nn.Module], process_group) -> nn.Module:
+def _rebuilt(module: nn.Module, cls: Type[nn.Module], process_group: Any) -> nn.Module:
     """A `cls` with module's attributes: the same parameter and buffer tensors, copies of
     the dictionaries that hold them and the hooks."""
     new = cls.__new__(cls)
     new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
     if issubclass(cls, pnn.SyncBatchNorm):
-        new.process_group = process_group if process_group is not None else getattr(module, "process_group", None)
+        sync = cast(pnn.SyncBatchNorm, new)
+        sync.process_group = process_group if process_group is not None else getattr(module, "process_group", None)
     return new
 
 

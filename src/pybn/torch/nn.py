@@ -20,12 +20,13 @@ the mask's element count, with no draw from torch's generator. Kept values are s
 ``pybn``'s dropout scale.
 """
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Any, List, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
 import pybn
 
@@ -46,18 +47,29 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         if channels and input.numel() // channels <= 1:
             raise ValueError(f"input: training needs more than 1 value per channel, got input of shape "
                              f"{tuple(input.shape)}")
-        return torch.ops.pybn.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+        y: Tensor = torch.ops.pybn.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+        return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean: running_mean and running_var are required when training=False")
-    return torch.ops.pybn.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+    y = torch.ops.pybn.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+    return y
 
 
-class _BatchNormForward:
+# The mixins below are used before a torch class (class BatchNorm2d(_BatchNormForward,
+# nn.BatchNorm2d)) and use its attributes; the type checker sees that class as their base.
+if TYPE_CHECKING:
+    _BatchNormBase = _BatchNorm
+    _DropoutBase = _DropoutNd
+else:
+    _BatchNormBase = _DropoutBase = object
+
+
+class _BatchNormForward(_BatchNormBase):
     """The forward shared by the batch norm classes: torch's rules for momentum, the
     running statistics and num_batches_tracked, with pybn's operators."""
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+        self._check_input_dim(input)  # type: ignore[no-untyped-call]  # (torch's, unannotated)
         momentum = self._momentum_for_this_call()
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # in eval mode with track_running_stats=False the batch's own statistics are used and
@@ -114,7 +126,8 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, **kwargs) -> None:
+                 track_running_stats: bool = True, process_group: Any = None, device: Any = None, dtype: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
                          **kwargs)
         self.process_group = process_group
@@ -130,11 +143,11 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
             # the input is checked on every process together, so that none is left waiting
             return _sync.sync_batch_norm(self, input)
         if input.device.type != "cpu" and self.training:
-            return nn.SyncBatchNorm.forward(self, input)
+            return nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]  # its code, on this module
         return _BatchNormForward.forward(self, input)
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
         """Every BatchNorm1d/2d/3d (torch's or pybn's) and torch SyncBatchNorm in `module`
         becomes a pybn SyncBatchNorm sharing its parameters and buffers; as torch's method,
         children are replaced in place and `module` (or its replacement) is returned."""
@@ -146,16 +159,16 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
 # --------------------------------------------------------------------------- dropout
 
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
-            philox: Optional[Tensor] = None, noise_shape=None) -> Tensor:
+            philox: Optional[Tensor] = None, noise_shape: Optional[List[int]] = None) -> Tensor:
     """``torch.nn.functional.dropout`` with pybn's masks; ``philox`` as in
     :func:`pybn.torch.ops.dropout` (None: a seed from torch's default CPU generator)."""
     if not training:
         return input
-    y, _ = torch.ops.pybn.dropout(input, p, philox, noise_shape)
+    y: Tensor = torch.ops.pybn.dropout(input, p, philox, noise_shape)[0]
     return input.copy_(y) if inplace else y
 
 
-class _DropoutForward:
+class _DropoutForward(_DropoutBase):
     """Shared by the dropout classes: the mask's shape for this input (None: torch's own
     function handles it), and the optional pinned Philox stream."""
 
@@ -198,13 +211,14 @@ class _DropoutForward:
         if input.device.type != "cpu" or noise is False:
             return self._torch_forward(input)
         philox = self._philox
+        y: Tensor
         y, used = torch.ops.pybn.dropout(input, self.p, philox, noise)
         if philox is not None:
             n = math.prod(noise) if noise is not None else input.numel()
             self._philox = used + used.new_tensor([0, pybn.counters_used(n)])
         return input.copy_(y) if self.inplace else y
 
-    def _noise_shape(self, input: Tensor):
+    def _noise_shape(self, input: Tensor) -> Union[List[int], Literal[False], None]:
         """None for element-wise dropout; the channel-wise mask's shape; False for an input
         rank torch's function handles with its own warnings or errors."""
         if self._spatial is None:
@@ -216,12 +230,16 @@ class _DropoutForward:
             return [input.shape[0]] + [1] * k
         return False
 
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        """Torch's own function of this class, for what pybn's masks do not cover."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text if self.seed is None else f"{text}, seed={self.seed}"
 
 
-def _counter(value, name: str) -> int:
+def _counter(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
     if not 0 <= value < 2**64:

@@ -44,7 +44,7 @@ backward is dropout with the same mask, so it is differentiable again; for batch
 a backward taken with ``create_graph=True`` uses torch's ``native_batch_norm_backward``,
 whose own derivative torch provides.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -98,7 +98,8 @@ def _can_train_in_place(x: Tensor, running_mean: Optional[Tensor], running_var: 
 
 
 @batch_norm_train.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps):
+def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+      running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     c = _channels(x)
     dtype = _stats_dtype(x)
     return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
@@ -121,7 +122,8 @@ def batch_norm_infer(x: Tensor, running_mean: Tensor, running_var: Tensor, weigh
 
 
 @batch_norm_infer.register_fake
-def _(x, running_mean, running_var, weight, bias, eps):
+def _(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+      eps: float) -> Tensor:
     _channels(x)
     return empty(x, channels_last_physical(x))
 
@@ -138,10 +140,10 @@ def batch_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, wei
         dx, dw, db = _torch_backward(dy, x, mean, invstd, weight, training)
         return in_layout(dx, last), dw, db
     dx = empty(x, last)
-    _, dw, db = pybn.batch_norm_backward(array(dy, last), array(x, last), per_channel(mean), per_channel(invstd),
-                                         per_channel(weight), training=training, axis=-1 if last else 1,
-                                         out=array(dx, last))
-    return dx, torch.from_numpy(dw), torch.from_numpy(db)
+    grads = pybn.batch_norm_backward(array(dy, last), array(x, last), per_channel(mean), per_channel(invstd),
+                                     per_channel(weight), training=training, axis=-1 if last else 1,
+                                     out=array(dx, last))
+    return dx, torch.from_numpy(grads.dweight), torch.from_numpy(grads.dbias)
 
 
 def _torch_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
@@ -162,7 +164,8 @@ def _torch_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight:
 
 
 @batch_norm_backward.register_fake
-def _(dy, x, mean, invstd, weight, training):
+def _(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+      training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     c = _channels(x)
     stats = _stats_dtype(x)
     return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=stats), x.new_empty((c,), dtype=stats)
@@ -174,7 +177,9 @@ class _BatchNormTrain(torch.autograd.Function):
     """The Autograd kernel of pybn::batch_norm_train (a mutating operator)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                eps: float) -> Tuple[Tensor, Tensor, Tensor]:
         # below the Autograd key, so the call reaches the operator's implementation (or, when
         # tracing, its fake one) instead of this kernel again: what register_autograd does
         with torch._C._AutoDispatchBelowAutograd():
@@ -185,7 +190,7 @@ class _BatchNormTrain(torch.autograd.Function):
         return y, mean, invstd
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dinvstd):
+    def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dinvstd: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: torch's formula, which torch can differentiate
             dx, dw, db = _aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True, 0.0,
@@ -196,21 +201,25 @@ class _BatchNormTrain(torch.autograd.Function):
         return dx, dw if needs[1] else None, db if needs[2] else None, None, None, None, None
 
 
-def _batch_norm_train_autograd(x, weight, bias, running_mean, running_var, momentum, eps):
-    return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+def _batch_norm_train_autograd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                               running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                               eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    outputs: Tuple[Tensor, Tensor, Tensor] = _BatchNormTrain.apply(  # type: ignore[no-untyped-call]
+        x, weight, bias, running_mean, running_var, momentum, eps)
+    return outputs
 
 
 _LIB = torch.library.Library("pybn", "FRAGMENT")
 _LIB.impl("batch_norm_train", _batch_norm_train_autograd, "Autograd")
 
 
-def _infer_setup(ctx, inputs, output):
+def _infer_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
     x, running_mean, running_var, weight, _, eps = inputs
     ctx.save_for_backward(x, running_mean, running_var, weight)
     ctx.eps = eps
 
 
-def _infer_backward(ctx, dy):
+def _infer_backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
     x, running_mean, running_var, weight = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: torch's formula, which torch can differentiate
         want = [True, weight is not None, weight is not None]
@@ -270,17 +279,17 @@ def _order_kept(noise: Optional[Sequence[int]], ndim: int) -> bool:
 
 
 @dropout.register_fake
-def _(x, p, philox, noise_shape):
+def _(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
     return empty(x, channels_last_physical(x)), torch.empty(2, dtype=torch.int64)
 
 
-def _dropout_setup(ctx, inputs, output):
+def _dropout_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
     x, p, _, noise_shape = inputs
     ctx.p, ctx.noise_shape, ctx.last = p, noise_shape, channels_last_physical(x)
     ctx.save_for_backward(output[1])
 
 
-def _dropout_backward(ctx, dy, _dused):
+def _dropout_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
     (used,) = ctx.saved_tensors
     # the same mask and scale: dy in the layout x had, since the mask follows memory order
     dx, _ = torch.ops.pybn.dropout(in_layout(dy, ctx.last), ctx.p, used, ctx.noise_shape)

@@ -112,7 +112,7 @@ struct Vec<double> {
   }
 };
 
-// 32-bit unsigned lanes: the RNG's words in the order DESIGN.md numbers them.
+// 32-bit unsigned lanes: the RNG's words in the order docs/dropout.md numbers them.
 template <>
 struct Vec<std::uint32_t> {
   static constexpr int W = 8;

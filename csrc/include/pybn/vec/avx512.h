@@ -1,6 +1,18 @@
 // AVX-512 (F, BW, DQ, VL) implementation (512-bit), with mask registers for tails.
 #pragma once
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() (`__m512 __Y = __Y;`) as the
+// ignored source operand of their builtins, and its -Wuninitialized/-Wmaybe-uninitialized
+// then report __Y wherever such an intrinsic is inlined (GCC bug 105593, fixed in GCC 13):
+// silenced for the compiler's intrinsic headers only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
+#else
+#include <immintrin.h>
+#endif
 #include <cstdint>
 
 namespace pybn {
@@ -76,7 +88,7 @@ struct Vec<double> {
   }
 };
 
-// 32-bit unsigned lanes: the RNG's words in the order DESIGN.md numbers them.
+// 32-bit unsigned lanes: the RNG's words in the order docs/dropout.md numbers them.
 template <>
 struct Vec<std::uint32_t> {
   static constexpr int W = 16;

@@ -98,7 +98,7 @@ struct Vec {
   }
 };
 
-// 32-bit unsigned lanes: the RNG's words in the order DESIGN.md numbers them.
+// 32-bit unsigned lanes: the RNG's words in the order docs/dropout.md numbers them.
 template <>
 struct Vec<std::uint32_t> {
   static constexpr int W = 4;

@@ -1,8 +1,9 @@
 // The SIMD vocabulary every kernel is written in: Vec<float> and Vec<double>.
 //
 // This header is included by kernel sources that are compiled once per ISA with
-// -DPYBN_ISA=<name> -DPYBN_ISA_<name>=1; it picks the matching implementation and
-// puts it in namespace pybn::<name>, so the copies never collide.
+// -DPYBN_ISA=<name> -DPYBN_ISA_HEADER="pybn/vec/<name>.h" (CMakeLists.txt); it includes
+// that implementation, which puts its types in namespace pybn::<name>, so the copies
+// never collide.
 //
 // Every implementation provides, for T in {float, double}:
 //   W                       lanes
@@ -31,26 +32,57 @@
 //   Keep                    .from<E>() the keep bits of window elements [E, ...), for
 //                           scale_where (in a mask register on AVX-512, plain bits elsewhere)
 // and stream_fence(), which orders non-temporal stores before the caller returns.
+//
+// Below, for every implementation: load_as / store_as, storage read and written as
+// vectors of the compute type.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
-#if !defined(PYBN_ISA)
-#error "vec.h is for kernel sources compiled per ISA (PYBN_ISA must be defined)"
+#if !defined(PYBN_ISA) || !defined(PYBN_ISA_HEADER)
+#error "vec.h is for kernel sources compiled per ISA (PYBN_ISA and PYBN_ISA_HEADER must be defined)"
 #endif
 
-#if defined(PYBN_ISA_avx512)
-#include "pybn/vec/avx512.h"
-#elif defined(PYBN_ISA_avx2)
-#include "pybn/vec/avx2.h"
-#elif defined(PYBN_ISA_scalar)
-#include "pybn/vec/scalar.h"
-#else
-#error "unknown PYBN_ISA"
-#endif
+#include PYBN_ISA_HEADER
 
 namespace pybn {
 namespace PYBN_ISA {
+
+// Storage S as vectors of the compute type C: plain loads and stores when S is C, else
+// widened on load and rounded once on store (Vec<C>::load_widen, store_narrow). The
+// (p, n) forms touch only the first n lanes of memory, as load(p, n) and store(p, n).
+template <class C, class S>
+inline Vec<C> load_as(const S* p) {
+  if constexpr (std::is_same_v<C, S>)
+    return Vec<C>::load(p);
+  else
+    return Vec<C>::load_widen(p);
+}
+
+template <class C, class S>
+inline Vec<C> load_as(const S* p, std::int64_t n) {
+  if constexpr (std::is_same_v<C, S>)
+    return Vec<C>::load(p, n);
+  else
+    return Vec<C>::load_widen(p, n);
+}
+
+template <class C, class S>
+inline void store_as(const Vec<C>& v, S* p) {
+  if constexpr (std::is_same_v<C, S>)
+    v.store(p);
+  else
+    v.store_narrow(p);
+}
+
+template <class C, class S>
+inline void store_as(const Vec<C>& v, S* p, std::int64_t n) {
+  if constexpr (std::is_same_v<C, S>)
+    v.store(p, n);
+  else
+    v.store_narrow(p, n);
+}
 
 // Bytes a vector store must be aligned to for stream().
 template <class T>
