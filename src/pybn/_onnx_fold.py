@@ -80,7 +80,7 @@ class Folder(AffineRules, BranchRules):
     the report of what was left.
     """
 
-    def __init__(self, model: "onnx.ModelProto", external: ExternalData | None = None,
+    def __init__(self, model: onnx.ModelProto, external: ExternalData | None = None,
                  merge_branches: bool = False) -> None:
         self.graph = GraphEditor(model, external)
         self.merge_branches = merge_branches

@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 
@@ -166,7 +167,7 @@ def _frozen_traced_through(model: Any, frozen: Any) -> int:
                 stack = n.meta.get("nn_module_stack") or {}
                 if n.op in ("call_function", "call_method") and stack:
                     name, cls = list(stack.values())[-1]
-                    if frozen and cls is frozen or getattr(cls, "__name__", str(cls)).endswith("FrozenBatchNorm2d"):
+                    if (frozen and cls is frozen) or getattr(cls, "__name__", str(cls)).endswith("FrozenBatchNorm2d"):
                         owners.add((id(m), name))
     return len(owners)
 
@@ -316,8 +317,8 @@ def measure(spec: Model, *, timing: bool, threads: int, repeats: int, workdir: s
             row["torch_ms"], row["torch_folded_ms"] = _median_ms(lambda: model(x), lambda: folded(x), repeats)
         for optimize, key in ((True, "ort"), (False, "ort_noopt")):
             a, b = _session(onnx_model, threads, optimize), _session(onnx_folded, threads, optimize)
-            row[f"{key}_ms"], row[f"{key}_folded_ms"] = _median_ms(lambda: a.run(None, feeds),
-                                                                   lambda: b.run(None, feeds), repeats)
+            row[f"{key}_ms"], row[f"{key}_folded_ms"] = _median_ms(partial(a.run, None, feeds),
+                                                                   partial(b.run, None, feeds), repeats)
     return row
 
 

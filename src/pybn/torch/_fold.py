@@ -183,7 +183,7 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
         raise TypeError(f"merge_branches: expected True or False, got {type(merge_branches).__name__}")
     try:
         model = copy.deepcopy(module).eval()
-    except Exception as exc:  # noqa: BLE001 - whatever the model holds that cannot be copied
+    except Exception as exc:
         raise TypeError(f"module: cannot be deep-copied ({type(exc).__name__}: {exc}); fold works on a "
                         "copy") from exc
     seen = None if example_inputs is None else observe(model, example_inputs)

@@ -170,7 +170,7 @@ def _arithmetic_step(g: FoldGraph, node: fx.Node, o: Any, x: fx.Node) -> Step | 
     x_first = a is x
     c = b if x_first else a
     value = g.consts.value(c)
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, torch.Tensor)):
+    if not ((isinstance(value, (int, float)) and not isinstance(value, bool)) or isinstance(value, torch.Tensor)):
         return None
     if not x_first and in_place(node):
         return None  # an in-place operation on the constant

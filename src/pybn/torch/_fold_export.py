@@ -168,7 +168,7 @@ def fold_exported(ep: ExportedProgram, *, merge_branches: bool) -> tuple[Exporte
     _drop_unused_inputs(g)
     g.graph.lint()
     g.gm.recompile()
-    for name, node in batch_norm_calls_left(g).items():
+    for name in batch_norm_calls_left(g):
         report.batch_norm_left(name, None, "no Linear or convolution next to it")
     for name in affine_modules_left(g):
         report.batch_norm_left(name, None, "no Linear or convolution next to it", "affine")

@@ -161,7 +161,7 @@ def functional_layer(g: FoldGraph, node: fx.Node, leaves: tuple[str, ...]) -> La
         return None
     w_node, b_node = o.get("weight"), o.get("bias")
     if not (isinstance(w_node, fx.Node) and w_node.op in leaves) or \
-            not (b_node is None or isinstance(b_node, fx.Node) and b_node.op in leaves):
+            not (b_node is None or (isinstance(b_node, fx.Node) and b_node.op in leaves)):
         return None
     weight = g.leaf(w_node)
     bias = None if b_node is None else g.leaf(b_node)

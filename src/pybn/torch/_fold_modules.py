@@ -1,7 +1,8 @@
 """Which modules :func:`pybn.torch.fold` may fold or remove: each check returns why not (None: it may).
 
 A module qualifies when it is one of the torch classes a fold knows (or a subclass keeping their
-``forward``, or the :mod:`pybn.torch.nn` drop-in that computes like one), has no hooks or parametrizations, is initialized and holds real values. Two
+``forward``, or the :mod:`pybn.torch.nn` drop-in that computes like one), has no hooks or
+parametrizations, is initialized and holds real values. Two
 exceptions are made on evidence: ``nn.SyncBatchNorm``, whose eval-mode ``forward`` is exactly
 ``F.batch_norm``; and a Linear/Conv/ConvTranspose subclass with its own ``forward`` (timm's
 ``Conv2dSame`` pads its input first), when the example call showed that forward use the weight

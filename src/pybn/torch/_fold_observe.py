@@ -80,7 +80,7 @@ class _Call(NamedTuple):
 class _Use:
     """One use of a tensor: by a module call (as an argument) or by a torch function."""
 
-    __slots__ = ("call", "position", "within", "passes")
+    __slots__ = ("call", "passes", "position", "within")
 
     def __init__(self, call: int | None, position: int, within: tuple[int, ...]) -> None:
         self.call = call  # the module call taking the tensor as an argument; None: a torch function
@@ -176,7 +176,7 @@ class _Recorder(TorchFunctionMode):
         try:
             with torch.no_grad(), self:
                 out = self.model(*inputs)
-        except Exception as exc:  # noqa: BLE001 - the model's own error, passed on with the argument's name
+        except Exception as exc:
             raise ValueError(f"example_inputs: calling the model on them raised {type(exc).__name__}: "
                              f"{first_line(exc)}") from exc
         finally:

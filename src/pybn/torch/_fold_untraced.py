@@ -63,7 +63,7 @@ class _Pairs:
         self.by_id: dict[int, tuple[str, nn.Module]] = {}
         self.registrations: dict[int, int] = {}
         self.places: dict[int, tuple[nn.Module, str]] = {}  # id(module) -> (parent, attribute name)
-        for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for _, parent in model.named_modules(remove_duplicate=False):
             for child_name, child in parent.named_children():
                 self.places[id(child)] = (parent, child_name)
         for name, m in model.named_modules(remove_duplicate=False):
@@ -73,7 +73,7 @@ class _Pairs:
     def fold(self) -> None:
         # Layer -> BN first (as on the fx path); a BN folded there is no longer a candidate.
         for before in (False, True):
-            for name, m in list(self.model.named_modules()):
+            for m in list(self.model.modules()):
                 target = self.seen.feeds.get(id(m))
                 if target is not None and id(m) in self.by_id and target[0] in self.by_id:
                     self._pair(m, self.by_id[target[0]][1], target[1], before)
