@@ -51,7 +51,7 @@ class Affine(NamedTuple):
 
     @property
     def channels(self) -> int:
-        return self.mean.shape[0]
+        return int(self.mean.shape[0])
 
     @property
     def all_nodes(self) -> tuple[Any, ...]:
@@ -202,7 +202,7 @@ class AffineRules:
                 (not nodes or self.graph.single_use(cur) is n):
             k = 0 if n.input[0] == cur else 1 if n.input[1] == cur else None
             c = self.graph.const(n.input[1 - k]) if k is not None and n.input[0] != n.input[1] else None
-            if c is None:
+            if c is None or k is None:
                 break
             got = self._step(n.op_type, k, c, channels, from_end, rank, dtype, s, t)
             if isinstance(got, str):
@@ -296,11 +296,11 @@ class AffineRules:
             if ops[0].shape[0] != affine.channels:
                 return f"{ops[0].shape[0]} outputs, the batch norm has {affine.channels} channels"
             dtype = self.graph.const(layer.input[1]).dtype
-            w, bias = affine.fold_after(*ops)
-            problem = overflow(dtype, w, bias)
+            w_gemm, b_gemm = affine.fold_after(*ops)
+            problem = overflow(dtype, w_gemm, b_gemm)
             if problem:
                 return problem
-            self._set_gemm(layer, w, bias, dtype)
+            self._set_gemm(layer, w_gemm, b_gemm, dtype)
             return None
         w = self.graph.weight(layer.input[1], 2) if len(layer.input) == 2 else "it has no constant weight"
         if isinstance(w, str):

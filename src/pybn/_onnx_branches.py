@@ -54,15 +54,17 @@ class BranchRules:
             return False
         adds: list[Any] = []
         leaves = self._leaves(root, adds)
-        branches = [self._branch(v, adds) for v in leaves]
-        if any(b is None for b in branches):
+        found = [self._branch(v, adds) for v in leaves]
+        branches = [b for b in found if b is not None]
+        if len(branches) != len(found):
             return False
         inputs = {x for kind, _, x in branches if kind != "const"}
-        convs = [self._conv(node) for kind, node, _ in branches if kind == "conv"]
-        if len(inputs) != 1 or not convs or len(branches) < 2:
+        readable = [self._conv(node) for kind, node, _ in branches if kind == "conv"]
+        if len(inputs) != 1 or not readable or len(branches) < 2:
             return False
-        if any(c is None or isinstance(c, str) for c in convs):
-            bad = next(c for c in convs if c is None or isinstance(c, str))
+        convs = [c for c in readable if isinstance(c, _Conv)]
+        if len(convs) != len(readable):
+            bad = next(c for c in readable if not isinstance(c, _Conv))
             return self._note_bns(branches, bad or "a Conv has no constant weight")
         merged = self._merged(convs, branches)
         if isinstance(merged, str):
@@ -193,6 +195,6 @@ class BranchRules:
         if s.shape != (out,):
             return f"the identity batch norm has {s.shape[0]} channels, the Conv {out}"
         channels = np.arange(out)
-        weight[(channels, channels % per_group, *centre)] += s
+        weight[(channels, channels % per_group) + tuple(centre)] += s
         bias += t
         return None

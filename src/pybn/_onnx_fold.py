@@ -139,7 +139,7 @@ class Folder(AffineRules, BranchRules):
         for name in names:
             p = self.graph.const(name)
             if p is None:
-                return self.graph.const_problem(name)
+                return str(self.graph.const_problem(name))
             if p.dtype.kind != "f":
                 return f"{name!r} is {p.dtype}, not a float tensor"
             params.append(p)
@@ -278,7 +278,7 @@ class Folder(AffineRules, BranchRules):
         if len(gemm.input) > 2 and gemm.input[2]:
             c = self.graph.const(gemm.input[2])
             if c is None:
-                return self.graph.const_problem(gemm.input[2])
+                return str(self.graph.const_problem(gemm.input[2]))
             if c.dtype != b.dtype:
                 return f"C is {c.dtype}, B {b.dtype}"
             bias = per_column(c, w.shape[0])
@@ -522,7 +522,7 @@ class Folder(AffineRules, BranchRules):
         if nxt is None or not is_default(nxt, "Add") or len(nxt.input) != 2:
             return False
         consts = [self.graph.const(i) for i in (*n.input, *nxt.input)]
-        return sum(c is not None and c.size > 1 for c in consts) == 2
+        return bool(sum(c is not None and c.size > 1 for c in consts) == 2)
 
     def _report_nested(self, nodes: Any, owner: str) -> None:
         for n in nodes:

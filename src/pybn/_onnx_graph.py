@@ -285,7 +285,8 @@ class GraphEditor:
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The static shape of a value, from the same shape inference; None unless every dim is known."""
         shape = self._inferred().get(name)
-        return None if shape is None or any(d is None for d in shape) else shape
+        dims = () if shape is None else tuple(d for d in shape if d is not None)
+        return None if shape is None or len(dims) != len(shape) else dims
 
     def _inferred(self) -> dict[str, tuple[int | None, ...]]:
         if self._shapes is None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import io
 import json
 import statistics
@@ -48,28 +49,27 @@ class Model(NamedTuple):
     merge_branches: bool = False
 
 
+def _library(name: str) -> Any:
+    """A model library (torchvision, timm, onnxoptimizer: optional, without type information)."""
+    return importlib.import_module(name)
+
+
 def _tv(name: str, **kw: Any) -> Callable[[], Any]:
     def build() -> Any:
-        import torchvision
-
-        return getattr(torchvision.models, name)(weights=None, **kw)
+        return getattr(_library("torchvision.models"), name)(weights=None, **kw)
     return build
 
 
 def _timm(name: str) -> Callable[[], Any]:
     def build() -> Any:
-        import timm
-
-        return timm.create_model(name, pretrained=False)
+        return _library("timm").create_model(name, pretrained=False)
     return build
 
 
 def _fpn_backbone() -> Any:
-    import torchvision
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-
-    return resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5,
-                               norm_layer=torchvision.ops.misc.FrozenBatchNorm2d)
+    backbone_utils = _library("torchvision.models.detection.backbone_utils")
+    return backbone_utils.resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5,
+                                              norm_layer=_library("torchvision.ops.misc").FrozenBatchNorm2d)
 
 
 def _sync_resnet18() -> Any:
@@ -125,10 +125,9 @@ def randomize(model: Any, seed: int = 0) -> Any:
 
 def _frozen_class() -> Any:
     try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
+        return _library("torchvision.ops.misc").FrozenBatchNorm2d
     except ImportError:  # pragma: no cover - without torchvision there is no frozen batch norm to count
         return ()
-    return FrozenBatchNorm2d
 
 
 def count_torch(model: Any, x: Any) -> int:
@@ -222,7 +221,7 @@ def _export_onnx(model: Any, x: Any) -> Any:
     import onnx
     import torch
 
-    buf = io.BytesIO()
+    buf: Any = io.BytesIO()  # (torch's annotation names paths; the TorchScript exporter takes a file object too)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, do_constant_folding=True,
@@ -305,9 +304,7 @@ def measure(spec: Model, *, timing: bool, threads: int, repeats: int, workdir: s
     _session(onnx_model, threads, optimize=True, save_to=optimized)
     row["ort"] = count_onnx(onnx.load(optimized))
     try:
-        import onnxoptimizer
-
-        row["onnxoptimizer"] = count_onnx(onnxoptimizer.optimize(onnx_model, ["fuse_bn_into_conv"]))
+        row["onnxoptimizer"] = count_onnx(_library("onnxoptimizer").optimize(onnx_model, ["fuse_bn_into_conv"]))
     except Exception as exc:  # noqa: BLE001 - not installed, or the peer's own failure
         row["onnxoptimizer"] = f"n/a ({type(exc).__name__})"
 

@@ -171,8 +171,8 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
 
         if example_inputs is not None:
             raise TypeError("example_inputs: an ExportedProgram has its shapes already; pass None")
-        result, entries = fold_exported(module, merge_branches=merge_branches)
-        return (result, entries) if return_report else result
+        program, entries = fold_exported(module, merge_branches=merge_branches)
+        return (program, entries) if return_report else program
     if not isinstance(module, nn.Module):
         raise TypeError(f"module: expected a torch.nn.Module or torch.export.ExportedProgram, got "
                         f"{type(module).__name__}")
@@ -200,7 +200,7 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
         model = copy.deepcopy(module).eval()  # the traced copy may have been changed by tracing
         seen = None if example_inputs is None else observe(model, example_inputs)
         fold_untraced(model, seen, report, why)
-        result = model
+        result: nn.Module = model
     else:
         for name, reason in opaque.items():
             logger.info("pybn.torch.fold: %s is called as a whole: torch.fx cannot trace it (%s)", name, reason)

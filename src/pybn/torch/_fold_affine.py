@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from ..fold import batch_norm_fold_problem
 from . import _fold_modules as mods
-from ._fold_ops import ARITHMETIC, BATCH_NORMS, Constants, in_place, is_metadata_use, op, owner, value_users
+from ._fold_ops import ARITHMETIC, BATCH_NORMS, Constants, in_place, is_metadata_use, op, op_of, owner, value_users
 from ._fold_report import Report
 from ._fold_weights import Layer, affine_arrays, folded, overflow_problem
 
@@ -99,7 +99,7 @@ class Step(NamedTuple):
     """One per-channel affine computation on `x`, whose result is `out`."""
 
     nodes: list[fx.Node]  # what computes it, in graph order
-    out: fx.Node
+    out: Any  # the fx.Node of the result (None for a module seen only by the example call)
     owner: str
     scale: Any = None  # p of p * x + q: a tensor, a number, or None for 1 (after `invert`: 1 / p)
     shift: Any = None  # q: a tensor, a number, or None for 0
@@ -137,12 +137,12 @@ def _batch_norm_step(g: FoldGraph, node: fx.Node, o: Any, x: fx.Node) -> Step | 
     out, nodes = node, [node]
     if o.kind == "batch_norm_tuple":  # (out, mean, rstd): only out may be used
         items = list(node.users)
-        if any(u.op != "call_function" or u.target.__name__ != "getitem" for u in items):
+        if any(u.op != "call_function" or getattr(u.target, "__name__", "") != "getitem" for u in items):
             return "its tuple result is used as a whole"
         firsts = [u for u in items if u.args[1] == 0]
         if len(firsts) != 1 or any(u.users for u in items if u.args[1] != 0):
             return "its saved statistics are used"
-        out, nodes = firsts[0], [node, *sorted(items, key=lambda u: u.args[1])]
+        out, nodes = firsts[0], [node, *sorted(items, key=lambda u: u.args[1] if isinstance(u.args[1], int) else -1)]
     names = ("running_mean", "running_var", "weight", "bias")
     values = {k: g.consts.value(o.get(k)) for k in names}
     for k in names:
@@ -169,7 +169,7 @@ def _arithmetic_step(g: FoldGraph, node: fx.Node, o: Any, x: fx.Node) -> Step | 
         return None
     x_first = a is x
     c = b if x_first else a
-    value = g.consts.value(c)
+    value: Any = g.consts.value(c)
     if not ((isinstance(value, (int, float)) and not isinstance(value, bool)) or isinstance(value, torch.Tensor)):
         return None
     if not x_first and in_place(node):
@@ -178,6 +178,8 @@ def _arithmetic_step(g: FoldGraph, node: fx.Node, o: Any, x: fx.Node) -> Step | 
     if not isinstance(alpha, (int, float)):
         return None
     kind = o.kind
+    p: Any
+    q: Any
     if kind == "mul":
         p, q = value, None
     elif kind == "add":
@@ -250,15 +252,17 @@ class Ranks:
 
     @property
     def rank(self) -> int | None:
-        return self._get(self._rank)
+        rank: int | None = self._get(self._rank)
+        return rank
 
     @property
     def seen(self) -> set[int] | None:
-        return self._get(self._seen)
+        seen: set[int] | None = self._get(self._seen)
+        return seen
 
     @property
     def failure(self) -> str:
-        return self._get(self._failure)
+        return str(self._get(self._failure))
 
 
 def step_arrays(step: Step, ranks: Ranks, layer: Layer, before: bool) -> tuple[np.ndarray, np.ndarray] | str:
@@ -373,7 +377,7 @@ def fold_before(g: FoldGraph, layer: Layer) -> bool:
     y = layer.node.args[layer.input_index] if len(layer.node.args) > layer.input_index else None
     if not isinstance(y, fx.Node):
         return False
-    steps = []
+    steps: list[Step] = []
     cur = y
     while True:  # walk back while cur is the result of a step
         found = step_producing(g, cur)
@@ -402,7 +406,7 @@ def fold_before(g: FoldGraph, layer: Layer) -> bool:
 
 def step_producing(g: FoldGraph, value: fx.Node) -> Step | None:
     """The step whose result is `value`, if it is one."""
-    node = value
+    node: Any = value
     if value.op == "call_function" and getattr(value.target, "__name__", "") == "getitem" and value.args:
         node = value.args[0]
     if not isinstance(node, fx.Node):
@@ -417,12 +421,14 @@ def step_producing(g: FoldGraph, value: fx.Node) -> Step | None:
 def step_input(step: Step) -> fx.Node:
     first = step.nodes[0]
     if step.module is not None:
-        return first.args[0]
-    o = op(first)
-    a, b = o.get("input"), o.get("other")
-    if step.bn is not None or not isinstance(b, fx.Node) or b in step.constants:
-        return a
-    return b
+        x = first.args[0]
+    else:
+        o = op_of(first)
+        x, b = o.get("input"), o.get("other")
+        if step.bn is None and isinstance(b, fx.Node) and b not in step.constants:
+            x = b
+    assert isinstance(x, fx.Node)  # (a step is read on a node's input)
+    return x
 
 
 def before_problem(layer: Layer) -> str | None:

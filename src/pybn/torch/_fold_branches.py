@@ -21,7 +21,7 @@ from torch import fx
 
 from ._fold_affine import FoldGraph, Ranks, Step, step_arrays, step_input, step_producing
 from ._fold_modules import finite, to_numpy
-from ._fold_ops import in_place, op, value_users
+from ._fold_ops import in_place, op, op_of, value_users
 from ._fold_weights import Layer
 
 
@@ -54,7 +54,7 @@ def _leaves(node: fx.Node, root: fx.Node, adds: list[fx.Node]) -> list[Any]:
     if not (isinstance(node, fx.Node) and _is_add(node) and (node is root or _inner_add(node))):
         return [node]
     adds.append(node)
-    o = op(node)
+    o = op_of(node)
     return _leaves(o.get("input"), root, adds) + _leaves(o.get("other"), root, adds)
 
 
@@ -84,10 +84,11 @@ def _classify(g: FoldGraph, leaf: Any) -> tuple[_Branch, Any] | None:
 def _merge(g: FoldGraph, root: fx.Node) -> None:
     adds: list[fx.Node] = []
     leaves = _leaves(root, root, adds)
-    if any(in_place(a) and len(value_users(op(a).get("input"))) != 1 for a in adds):
+    if any(in_place(a) and len(value_users(op_of(a).get("input"))) != 1 for a in adds):
         return  # `x += ...` changes a tensor that something else reads after the merge too
-    found = [_classify(g, leaf) for leaf in leaves]
-    if any(f is None for f in found):
+    classified = [_classify(g, leaf) for leaf in leaves]
+    found = [f for f in classified if f is not None]
+    if len(found) != len(classified):
         return
     branches = [b for b, _ in found]
     inputs = {id(x): x for _, x in found if x is not None}
@@ -162,9 +163,9 @@ def _conv_settings(layer: Layer) -> tuple[Any, Any, str]:
     """(stride, dilation, padding mode) of a conv layer, as tuples."""
     k = layer.spatial
     if layer.module is not None:
-        m = layer.module
-        return tuple(m.stride), tuple(m.dilation), m.padding_mode
-    o = op(layer.node)
+        m: Any = layer.module
+        return tuple(m.stride), tuple(m.dilation), str(m.padding_mode)
+    o = op_of(layer.node)
 
     def tup(v: Any, default: int) -> tuple[int, ...]:
         v = default if v is None else v
@@ -188,10 +189,11 @@ def _merged(g: FoldGraph, convs: list[Layer], branches: list[_Branch], x: fx.Nod
                 (first.groups, first.in_channels, first.out_channels, first.weight.dtype) for c in convs):
         return "their stride, dilation, padding mode, groups, channels or dtype differ"
     stride, dilation, mode = settings
-    windows = [_window(c, dilation) for c in convs]
-    bad = next((w for w in windows if isinstance(w, str)), None)
+    found = [_window(c, dilation) for c in convs]
+    bad = next((w for w in found if isinstance(w, str)), None)
     if bad:
         return bad
+    windows = [w for w in found if not isinstance(w, str)]
     if mode != "zeros" and any(p for w in windows for p in w.padding):
         return f"they pad with {mode!r}, not zeros"
     main_index = max(range(len(convs)), key=lambda i: np.prod(windows[i].kernel))
@@ -258,6 +260,6 @@ def _add_identity(b: _Branch, main: Layer, window: _Window, stride: tuple[int, .
         s, t = s * got[0], t * got[0] + got[1]
     per_group = n // main.groups
     channels = np.arange(n)
-    weight[(channels, channels % per_group, *centre)] += s
+    weight[(channels, channels % per_group) + tuple(centre)] += s
     bias += t
     return None

@@ -36,7 +36,7 @@ class ExportGraph(FoldGraph):
     example = True  # every rank is known (or the node has no tensor value)
 
     def __init__(self, ep: ExportedProgram, report: Report) -> None:
-        graph, copies = fx.Graph(), {}
+        graph, copies = fx.Graph(), dict[fx.Node, fx.Node]()
         graph.output(graph.graph_copy(ep.graph, copies))
         for old, new in copies.items():  # (fx renames a node named like a builtin: "input" -> "input_1")
             if new.name != old.name:
@@ -49,8 +49,20 @@ class ExportGraph(FoldGraph):
         self.added: set[str] = set()
         self.read_before = {n.name for n in graph.nodes if n.op == "placeholder" and n.users}
 
-    def spec(self, node: fx.Node) -> InputSpec | None:
-        return next((s for s in self.specs if getattr(s.arg, "name", None) == node.name), None)
+    def spec(self, node: Any) -> InputSpec | None:
+        return next((s for s in self.specs if getattr(s.arg, "name", None) == getattr(node, "name", None)), None)
+
+    def target_of(self, node: Any) -> str:
+        """The state-dict name of a parameter or buffer placeholder (a layer's weight)."""
+        target = self.spec_of(node).target
+        assert target is not None
+        return target
+
+    def spec_of(self, node: Any) -> InputSpec:
+        """The spec of a placeholder known to be a parameter, buffer or constant (a layer's weight)."""
+        spec = self.spec(node)
+        assert spec is not None
+        return spec
 
     def leaf(self, node: fx.Node) -> Any:
         if node.op != "placeholder":
@@ -86,7 +98,8 @@ class ExportGraph(FoldGraph):
             return None
         mat2 = args[-1]
         if not (isinstance(mat2, fx.Node) and mat2.target == torch.ops.aten.permute.default
-                and list(mat2.args[1]) == [1, 0] and isinstance(mat2.args[0], fx.Node)):
+                and isinstance(mat2.args[1], (list, tuple)) and list(mat2.args[1]) == [1, 0]
+                and isinstance(mat2.args[0], fx.Node)):
             return None
         weight = self.leaf(mat2.args[0])
         bias = self.leaf(args[0]) if addmm and isinstance(args[0], fx.Node) else None
@@ -110,22 +123,22 @@ class ExportGraph(FoldGraph):
             self._write_matmul(layer, weight, bias)
             return
         args = layer.node.args
-        self._store(self.spec(args[1]), weight)
+        self._store(self.spec_of(args[1]), weight)
         b = args[2] if len(args) > 2 else layer.node.kwargs.get("bias")
         if isinstance(b, fx.Node):
-            self._store(self.spec(b), bias)
+            self._store(self.spec_of(b), bias)
         else:
-            set_arg(layer.node, 2, "bias", self._new_parameter(self.spec(args[1]).target, bias, args[1]))
+            set_arg(layer.node, 2, "bias", self._new_parameter(self.target_of(args[1]), bias, args[1]))
         self.consts = type(self.consts)(self.leaf)  # the cached values of the weights changed
 
     def _write_matmul(self, layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> None:
         node = layer.node
         w_node = node.args[-1].args[0]
-        self._store(self.spec(w_node), weight)
+        self._store(self.spec_of(w_node), weight)
         if node.target == torch.ops.aten.addmm.default:
-            self._store(self.spec(node.args[0]), bias)
+            self._store(self.spec_of(node.args[0]), bias)
         else:  # mm -> addmm with a new bias
-            b = self._new_parameter(self.spec(w_node).target, bias, w_node)
+            b = self._new_parameter(self.target_of(w_node), bias, w_node)
             node.target = torch.ops.aten.addmm.default
             node.args = (b, *node.args)
         self.consts = type(self.consts)(self.leaf)
@@ -213,15 +226,15 @@ def _drop_unused_inputs(g: ExportGraph) -> None:
     specs and values, and then the other unread tensors of a module none of whose tensors is
     read any more (a batch norm's num_batches_tracked)."""
     tensors = [n for n in g.graph.nodes if n.op == "placeholder" and getattr(g.spec(n), "kind", None) in
-               _CONSTANT_KINDS and g.spec(n).target not in g.mutated]
+               _CONSTANT_KINDS and g.spec_of(n).target not in g.mutated]
 
     def module_of(n: fx.Node) -> str:
-        return g.spec(n).target.rpartition(".")[0]
+        return str(g.spec_of(n).target).rpartition(".")[0]
     dropped = [n for n in tensors if not n.users and (n.name in g.read_before or n.name in g.added)]
     emptied = {module_of(n) for n in dropped} - {module_of(n) for n in tensors if n.users}
     dropped += [n for n in tensors if not n.users and n not in dropped and module_of(n) in emptied]
     for n in dropped:
-        spec = g.spec(n)
+        spec = g.spec_of(n)
         g.specs.remove(spec)
         if spec.kind == InputKind.CONSTANT_TENSOR:
             g.constants.pop(spec.target, None)

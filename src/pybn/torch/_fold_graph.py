@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from . import _fold_modules as mods
 from ._fold_affine import FoldGraph, Step, affine_modules_left, batch_norm_calls_left, fold_after, fold_before
-from ._fold_ops import asserted_rank, layer_shape, op, owner
+from ._fold_ops import asserted_rank, layer_shape, op, op_of, owner
 from ._fold_report import Report
 from ._fold_weights import Layer, set_module_weights
 
@@ -55,7 +55,7 @@ class FxGraph(FoldGraph):
         if not isinstance(node, fx.Node):
             return None
         if node.op == "call_module":
-            m = self.modules.get(str(node.target))
+            m: Any = self.modules.get(str(node.target))
             found = mods.layer(m) if m is not None else None
             if found is None:
                 return None
@@ -80,7 +80,7 @@ class FxGraph(FoldGraph):
         if layer.module is not None:
             set_module_weights(layer.module, weight, bias)
             return
-        o = op(layer.node)
+        o = op_of(layer.node)
         self._set(str(o.get("weight").target), weight)
         b = o.get("bias")
         if isinstance(b, fx.Node):
@@ -156,8 +156,8 @@ def functional_layer(g: FoldGraph, node: fx.Node, leaves: tuple[str, ...]) -> La
     """The layer computed by a call of a layer function (torch.conv2d, aten.linear...) whose weight
     and bias are graph constants read by `leaves` nodes (get_attr, or torch.export's placeholders)."""
     o = op(node)
-    shape = layer_shape(o) if o is not None else None
-    if shape is None:
+    shape = None if o is None else layer_shape(o)
+    if o is None or shape is None:
         return None
     w_node, b_node = o.get("weight"), o.get("bias")
     if not (isinstance(w_node, fx.Node) and w_node.op in leaves) or \
@@ -180,7 +180,7 @@ def functional_layer(g: FoldGraph, node: fx.Node, leaves: tuple[str, ...]) -> La
 
 def functional_layer_problem(g: FoldGraph, layer: Layer, uses: Callable[[fx.Node], int]) -> str | None:
     """Why a layer function call's weights cannot be rewritten: another node reads them."""
-    o = op(layer.node)
+    o = op_of(layer.node)
     for role in ("weight", "bias"):
         n = o.get(role)
         if isinstance(n, fx.Node) and (list(n.users) != [layer.node] or uses(n) != 1):
@@ -295,7 +295,8 @@ def _functional_dropout(node: fx.Node) -> bool:
 
 def _functional_dropout_problem(node: fx.Node) -> str | None:
     """Why a dropout function call is not the identity: its training argument is not a literal False."""
-    name, position, default = mods.FUNCTIONAL_DROPOUTS[node.target]
+    target: Any = node.target  # (a call_function's: one of the dropout functions)
+    name, position, default = mods.FUNCTIONAL_DROPOUTS[target]
     if name in node.kwargs:
         training = node.kwargs[name]
     elif len(node.args) > position:

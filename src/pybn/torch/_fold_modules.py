@@ -24,7 +24,7 @@ CONV_TRANSPOSES: dict[type[nn.Module], int] = {nn.ConvTranspose1d: 1, nn.ConvTra
 BATCH_NORMS: dict[type[nn.Module], int] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 BATCH_NORM_BASE = nn.modules.batchnorm._BatchNorm  # every batch norm class, for the report
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-LAYER_CLASSES = (nn.Linear, *CONVS, *CONV_TRANSPOSES)
+LAYER_CLASSES: tuple[type[nn.Module], ...] = (nn.Linear, *CONVS, *CONV_TRANSPOSES)
 HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 # functional dropout -> (name of its `training` argument, its position, its default)
@@ -87,7 +87,8 @@ def drop_in_target(module: nn.Module) -> type[nn.Module] | None:
     None for any other module, and for a subclass of a drop-in that has its own forward."""
     for klass in type(module).__mro__:
         if "drop_in_for" in vars(klass):
-            return klass.drop_in_for if type(module).forward is klass.forward else None
+            target: type[nn.Module] = getattr(klass, "drop_in_for")  # noqa: B009 - a class attribute, for mypy
+            return target if type(module).forward is getattr(klass, "forward", None) else None
     return None
 
 
@@ -115,7 +116,7 @@ def plain_problem(module: nn.Module, classes: Sequence[type[nn.Module]], own_for
         return f"{name} is not {' or '.join(c.__name__ for c in classes)}"
     if own_forward is not None and not any(computes_like(module, c) for c in matching):
         return f"{name} has its own forward{own_forward}"
-    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in tensors(module)):
+    if any(nn.parameter.is_lazy(t) for t in tensors(module)):
         return f"{name} is not initialized (a lazy module never called)"
     if has_hooks(module):
         return f"{name} has hooks, which would no longer run"
@@ -143,9 +144,9 @@ def layer(module: nn.Module) -> tuple[str, int] | None:
     return None
 
 
-def layer_problem(module: nn.Module, seen: Any) -> str | None:
+def layer_problem(module: Any, seen: Any) -> str | None:
     """Why `module` cannot take folded weights. `seen`: what the example call showed (or None)."""
-    own = ": pass example_inputs to have the example call show whether it computes like its base class"
+    own: str | None = ": pass example_inputs to have the example call show whether it computes like its base class"
     if seen is not None and layer(module) is not None and not keeps_forward(module):
         why = seen.layer_calls.get(id(module), "the example call did not reach it")
         own = None if why is None else f", and {why}"
@@ -161,7 +162,7 @@ def keeps_forward(module: nn.Module) -> bool:
     return any(type(module).forward is c.forward for c in LAYER_CLASSES if isinstance(module, c))
 
 
-def channels_out(module: nn.Module) -> int:
+def channels_out(module: Any) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
@@ -196,7 +197,7 @@ def _bn_class_problem(module: nn.Module) -> str | None:
     return None
 
 
-def bn_problem(bn: nn.Module) -> str | None:
+def bn_problem(bn: Any) -> str | None:
     """Why this batch norm module cannot be folded into any layer (None: it can, with a partner).
 
     SyncBatchNorm qualifies: in eval mode (fold's result is for inference) its forward is
@@ -223,7 +224,7 @@ def to_numpy(tensor: torch.Tensor | None) -> Any:
     return t.numpy()
 
 
-def bn_arrays(bn: nn.Module) -> dict[str, Any]:
+def bn_arrays(bn: Any) -> dict[str, Any]:
     """The keyword arguments of pybn.fold_conv_bn / fold_bn_linear for this batch norm module."""
     return dict(running_mean=to_numpy(bn.running_mean), running_var=to_numpy(bn.running_var),
                 gamma=to_numpy(bn.weight), beta=to_numpy(bn.bias), eps=bn.eps)

@@ -227,7 +227,9 @@ class _Recorder(TorchFunctionMode):
     def _layer_call_problem(self, index: int) -> str | None:
         """Why the call `index` of a layer with its own forward did not compute like its class."""
         m = self.calls[index].module
-        kind = mods.layer(m)[0]
+        found = mods.layer(m)
+        assert found is not None  # (only the calls of layers are recorded)
+        kind = found[0]
         own = [w for w in (m.weight, m.bias) if w is not None]
         uses = [u for w in own for u in self.uses.get(id(w), [])]
         if any(u.call is not None or u.within[-1:] != (index,) for u in uses):

@@ -96,16 +96,24 @@ def op(node: Any) -> Op | None:
         except TypeError:  # an unhashable target is none of these
             return None
         if names is None and kind is not None:  # (ATen calls its first argument "self")
-            names = tuple("input" if a.name == "self" else a.name for a in node.target._schema.arguments)
+            schema = getattr(node.target, "_schema")  # noqa: B009 - only ATen overloads have one
+            names = tuple("input" if a.name == "self" else a.name for a in schema.arguments)
     else:
         return None
-    if kind is None:
+    if kind is None or names is None:
         return None
     bound = dict(zip(names, node.args))
     bound.update(node.kwargs)
     if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
         return None  # a call this table does not describe
     return Op(kind, bound)
+
+
+def op_of(node: fx.Node) -> Op:
+    """The Op of a node already known to be one fold recognises."""
+    o = op(node)
+    assert o is not None
+    return o
 
 
 def in_place(node: fx.Node) -> bool:
@@ -189,7 +197,7 @@ class Constants:
             return self._leaf(node)
         if not _pure(node):
             return None
-        missing = []
+        missing: list[fx.Node] = []
         args = fx.node.map_arg(node.args, lambda n: self._known(n, missing))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self._known(n, missing))
         if missing:
@@ -197,7 +205,8 @@ class Constants:
         with torch.no_grad():
             if node.op == "call_method":
                 return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-            return node.target(*args, **kwargs)
+            target: Any = node.target  # a call_function's: a callable
+            return target(*args, **kwargs)
 
     def _known(self, n: fx.Node, missing: list[fx.Node]) -> Any:
         v = self.value(n)

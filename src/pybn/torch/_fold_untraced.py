@@ -96,8 +96,10 @@ class _Pairs:
                 return f"{self._name(m)} is registered more than once"
         return mods.layer_problem(layer_module, self.seen)
 
-    def _layer(self, m: nn.Module) -> Layer:
-        kind, k = mods.layer(m)
+    def _layer(self, m: Any) -> Layer:
+        found = mods.layer(m)
+        assert found is not None  # (a pair's layer passed mods.layer)
+        kind, k = found
         return Layer(None, "linear" if kind == "linear" else "conv", kind == "conv_transpose", k,
                      getattr(m, "groups", 1), m.weight, m.bias, self._name(m), type(m).__name__,
                      getattr(m, "padding", 0), m)

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..fold import fold_bn_linear, fold_conv_bn
 from ._fold_modules import finite, to_numpy
@@ -21,7 +21,7 @@ from ._fold_modules import finite, to_numpy
 class Layer(NamedTuple):
     """A Linear, Conv or ConvTranspose computation whose weights a fold may rewrite."""
 
-    node: fx.Node
+    node: Any  # the fx.Node of the call (None for a module seen only by the example call)
     kind: str  # "linear" or "conv"
     transposed: bool
     spatial: int  # k of a conv{k}d; 0 for a linear
@@ -74,7 +74,7 @@ def overflow_problem(layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> 
     return f"the folded weights of {layer.label} overflow {str(weight.dtype).replace('torch.', '')}"
 
 
-def set_module_weights(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def set_module_weights(module: Any, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """Give `module` the folded weights, with its old weight's requires_grad."""
     grad = module.weight.requires_grad
     module.weight = nn.Parameter(weight, requires_grad=grad)
