@@ -72,7 +72,8 @@ void dropout_range(const DropoutArgs<S>& a, i64 gb, i64 ge, const Vec<T>& scale)
   constexpr i64 W = Vec<T>::W;
   constexpr int NG = kGroupsAtOnce;
   const i64 start = gb * kGroup, end = std::min(ge * kGroup, a.n);
-  const int d = kStream ? static_cast<int>((W - lanes_to_alignment(a.y + start)) % W) : 0;
+  int d = 0;
+  if constexpr (kStream) d = static_cast<int>((W - lanes_to_alignment(a.y + start)) % W);
   const auto window_bits = [&](const U32& prev, const U32& cur) {
     return bit_window(halves_at_least(prev, a.threshold), halves_at_least(cur, a.threshold), d, kWindow);
   };

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import contiguous_float_array, integer, per_channel, real_number
+from ._checks import contiguous_float_array, integer, per_channel, real_number, round_to
 
 __all__ = ["FoldedWeights", "fold_conv_bn", "fold_bn_linear"]
 
@@ -154,7 +154,7 @@ def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, ga
     w_out = np.empty_like(w)
     _C.fold_scale(w, s, w_out, *view)
     with _ieee():
-        b_out = ((b - mean) * s + beta_).astype(w.dtype)
+        b_out = round_to((b - mean) * s + beta_, w.dtype)
     return FoldedWeights(w_out, b_out)
 
 

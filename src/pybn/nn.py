@@ -452,8 +452,8 @@ def _float_dtype(dtype: Any) -> np.dtype:
         dt: np.dtype = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype: {dtype!r} is not a dtype (use 'float32' or 'float64')") from None
-    if dt not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: {dt} is not supported (pybn takes float32 or float64)")
+    if dt not in FLOAT_DTYPES or dt.itemsize == 2:  # 16-bit layers: not yet (docs/dtypes.md)
+        raise TypeError(f"dtype: {dt} is not supported (pybn's layers take float32 or float64)")
     return dt
 
 
