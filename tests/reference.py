@@ -138,6 +138,7 @@ def nearest_even(values, dtype):
             d_other = np.abs(values - other.astype(np.float64))
         even = (other.view(np.uint16) & 1) == 0
         better = (d_other < d_best) | ((d_other == d_best) & even)
-        take = better & np.isfinite(values) & np.isfinite(other.astype(np.float64)) & (bits != 0x7F80) & (bits != 0xFF80)
+        finite = np.isfinite(values) & np.isfinite(other.astype(np.float64))
+        take = better & finite & (bits != 0x7F80) & (bits != 0xFF80)
         best[take] = other[take]
     return best

@@ -40,10 +40,7 @@ def expected_narrow(values, bfloat16):
         want = (values.astype(BF16) if bfloat16 else values.astype(np.float16)).view(np.uint16).copy()
     nan = np.isnan(values)
     sign = (bits >> 16) & 0x8000
-    if bfloat16:
-        nan_bits = (bits >> 16) | 0x0040
-    else:
-        nan_bits = sign | 0x7E00 | ((bits >> 13) & 0x3FF)
+    nan_bits = (bits >> 16) | 0x0040 if bfloat16 else sign | 0x7E00 | ((bits >> 13) & 0x3FF)
     want[nan] = nan_bits[nan].astype(np.uint16)
     return want
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import pybn
+import pybn.nn
 from reference import nearest_even
 from reference_dropout import keep_mask, scale_for
 
@@ -245,10 +246,11 @@ def test_dropout_and_elementwise_paths_are_bitwise_identical(dtype, rng):
     per output do too: dropout, dropout_apply, and folding."""
     x = rng.standard_normal((7, 33, 5)).astype(dtype)
     w = rng.standard_normal((9, 33)).astype(dtype)
+    var = rng.uniform(0.5, 2, 33)
     results = {}
     for isa in pybn.supported_isas():
         with pybn._runtime.use_isa(isa):
-            f = pybn.fold_bn_linear(w, None, np.zeros(33), rng.uniform(0.5, 2, 33) if False else np.full(33, 2.0))
+            f = pybn.fold_bn_linear(w, None, np.ones(33), var)
             results[isa] = [pybn.dropout(x, 0.3, seed=5).view(np.uint16),
                             pybn.dropout_apply(x, pybn.dropout_mask(x.shape, 0.3, seed=5), 0.3).view(np.uint16),
                             f.weight.view(np.uint16), f.bias.view(np.uint16)]
@@ -296,3 +298,95 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# --------------------------------------------------------------------------- layers and torch
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_nn_layer_with_16bit_activations(dtype, rng):
+    """pybn.nn.BatchNorm(dtype=16-bit): 16-bit inputs and outputs, float32 parameters and
+    statistics; the same results as the functions on the same arrays."""
+    layer = pybn.nn.BatchNorm(5, dtype=dtype.name, momentum=0.2)
+    assert layer.dtype == dtype and layer.weight.dtype == layer.running_mean.dtype == np.float32
+    x, w, b = inputs(rng, (7, 5, 6), 1, dtype)
+    layer.weight[...], layer.bias[...] = w, b
+    rm, rv = np.zeros(5, np.float32), np.ones(5, np.float32)
+    want = pybn.batch_norm_train(x, w, b, running_mean=rm, running_var=rv, momentum=0.2)
+    y = layer(x)
+    np.testing.assert_array_equal(y.view(np.uint16), want.y.view(np.uint16))
+    np.testing.assert_array_equal(layer.running_mean, rm)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dx = layer.backward(dy)
+    g = pybn.batch_norm_backward(dy, x, want.mean, want.invstd, w)
+    np.testing.assert_array_equal(dx.view(np.uint16), g.dx.view(np.uint16))
+    np.testing.assert_array_equal(layer.grad_weight, g.dweight)
+    layer.eval()
+    y = layer(x)
+    np.testing.assert_array_equal(y.view(np.uint16), pybn.batch_norm_infer(x, rm, rv, w, b).view(np.uint16))
+    with pytest.raises(TypeError, match="^x"):
+        layer(x.astype(np.float32))
+
+
+def test_sync_batch_norm_with_16bit_activations():
+    """pybn.distributed.SyncBatchNorm over one MPI process (COMM_SELF) in float16 and
+    bfloat16 gives the single-process layer's results (in a child process: MPI's start)."""
+    code = """
+from mpi4py import MPI
+import numpy as np, ml_dtypes
+import pybn.nn as nn, pybn.distributed as d
+for dt in ("float16", "bfloat16"):
+    s, b = d.SyncBatchNorm(4, comm=MPI.COMM_SELF, dtype=dt), nn.BatchNorm(4, dtype=dt)
+    x = np.random.default_rng(0).standard_normal((8, 4, 5)).astype(b.dtype)
+    ys, yb = s(x), b(x)
+    assert ys.dtype == b.dtype and s.running_mean.dtype == np.float32
+    assert np.array_equal(ys.view(np.uint16), yb.view(np.uint16))
+    assert np.array_equal(s.running_var, b.running_var)
+    dy = np.random.default_rng(1).standard_normal(x.shape).astype(b.dtype)
+    assert np.array_equal(s.backward(dy).view(np.uint16), b.backward(dy).view(np.uint16))
+    np.testing.assert_allclose(s.grad_weight, b.grad_weight, rtol=1e-6, atol=1e-6)
+print("ok")
+"""
+    pytest.importorskip("mpi4py")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_torch_modules_in_16bit(dtype):
+    """pybn.torch.nn.BatchNorm2d and Dropout on a module converted to 16 bits (parameters and
+    running statistics 16-bit too, as module.to(dtype) makes them), against torch's module
+    in its mixed mode on the same values (float32 parameters and statistics holding the
+    16-bit ones exactly, which torch computes with in float as pybn does; torch's all-16-bit
+    kernels round its coefficients to 16 bits first): y within 1 ulp, x.grad where it does
+    not cancel, the running statistics within 1 ulp of their dtype."""
+    import pybn.torch.nn as pnn
+
+    tdt = TORCH[dtype.name]
+    torch.manual_seed(0)
+    ours, theirs = pnn.BatchNorm2d(4).to(tdt), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(4) + 0.5)
+        ours.bias.copy_(torch.randn(4))
+        theirs.weight.copy_(ours.weight.float())
+        theirs.bias.copy_(ours.bias.float())
+    x = (torch.randn(8, 4, 5, 5) * 2 + 1).to(tdt).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = ours(x), theirs(x2)
+    dy = torch.randn(x.shape).to(tdt)
+    y.backward(dy)
+    y2.backward(dy)
+
+    def np16(t):
+        return t.detach().view(torch.int16).numpy().view(dtype)
+
+    assert y.dtype == tdt
+    assert_near(np16(y), np16(y2), 8.0, "y")
+    assert ulps(np16(ours.running_mean), np16(theirs.running_mean.to(tdt))).max() <= 1
+    assert ulps(np16(ours.running_var), np16(theirs.running_var.to(tdt))).max() <= 1
+    assert_near(np16(x.grad), np16(x2.grad), float(x2.grad.float().abs().max()), "dx")
+    drop = pnn.Dropout(0.5)
+    xd = torch.randn(6, 70).to(tdt)
+    yd = drop(xd)
+    assert yd.dtype == tdt
+    keep = yd.float() != 0
+    assert torch.equal(yd[keep].float(), (xd.float() * 2)[keep].to(tdt).float())

@@ -717,7 +717,8 @@ SPECS = [
         "axis": [r for r in axis_cases() if r[2] is TypeError],   # the range needs x: see nn.BatchNorm.__call__
         "eps": eps_cases(),
         "momentum": momentum_cases(allow_none=True),
-        "dtype": cases("dtype", [("int32", lambda: "int32", TypeError), ("float16", lambda: np.float16, TypeError),
+        "dtype": cases("dtype", [("int32", lambda: "int32", TypeError),
+                                 ("longdouble", lambda: np.longdouble, TypeError),
                                  ("complex", lambda: complex, TypeError), ("not-a-dtype", lambda: "foo", TypeError)]),
     }),
     Spec("nn.BatchNorm.__call__", layer_call("x"), bn_layer_good, {

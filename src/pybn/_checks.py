@@ -44,9 +44,9 @@ def param_dtype(dtype: np.dtype) -> np.dtype:
 
 def round_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """float64 `values` rounded once to `dtype`, to nearest even. NumPy's float64 to float16
-    cast rounds once; ml_dtypes' to bfloat16 goes through float32 (twice), so for bfloat16
-    the float32 is taken rounded to odd (toward zero, last bit set when inexact), after
-    which the second rounding is the correct one."""
+    cast rounds once; ml_dtypes releases have rounded float64 to bfloat16 through float32
+    (twice), so for bfloat16 the float32 is taken rounded to odd (toward zero, last bit set
+    when inexact), after which any release's second rounding is the correct one."""
     values = np.asarray(values, np.float64)
     if dtype != BFLOAT16:
         with np.errstate(over="ignore"):
@@ -58,7 +58,8 @@ def round_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         bits = f.view(np.uint32).copy()
         bits[inexact & (np.abs(back) > np.abs(values))] -= 1
         bits[inexact] |= 1
-        return bits.view(np.float32).astype(dtype)
+        rounded: np.ndarray = bits.view(np.float32).astype(dtype)
+        return rounded
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
