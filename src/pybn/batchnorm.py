@@ -41,7 +41,8 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
 
     Parameters
     ----------
-    x : array_like, float32 or float64, ndim >= 2
+    x : array_like, float32, float64, float16 or bfloat16, ndim >= 2
+        (16-bit x: float32 parameters and statistics, docs/dtypes.md)
         Input; `axis` is its channel axis (1 for NCHW, -1 for channels-last / Keras).
     weight, bias : array_like of shape (C,), optional
         Affine parameters gamma and beta (default 1 and 0).
@@ -49,7 +50,8 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
         Updated in place, PyTorch's convention:
         ``r = (1 - momentum) * r + momentum * batch_stat``, the variance unbiased.
         Must be writable, C-contiguous and of x's dtype (never silently copied), and
-        share memory with no other argument.
+        share memory with no other argument. For 16-bit x: float32, or x's dtype (then
+        updated as float32 and rounded to it).
     momentum, eps : float
         ``eps >= 0``. With ``eps=0`` a channel whose values are all equal gets invstd 0,
         so its y is bias (and its dx 0): what PyTorch's kernels (``torch.batch_norm``)

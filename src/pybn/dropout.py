@@ -131,7 +131,7 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
 
     Parameters
     ----------
-    x : array_like, float32 or float64
+    x : array_like, float32, float64, float16 or bfloat16
     p : float in [0, 1]
         Probability of dropping an element (PyTorch's ``p``, Keras' ``rate``). 0 is the
         identity, 1 gives zeros.

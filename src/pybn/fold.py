@@ -110,7 +110,7 @@ def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, ga
 
     Parameters
     ----------
-    weight : array_like, float32 or float64
+    weight : array_like, float32, float64, float16 or bfloat16
         Linear ``(out, in)``, Conv ``(out, in/groups, *kernel)``, or with ``transposed=True``
         ConvTranspose ``(in, out/groups, *kernel)`` (PyTorch's layouts).
     bias : array_like of shape (out,) or None
@@ -164,7 +164,7 @@ def fold_bn_linear(weight: Any, bias: Any, running_mean: Any, running_var: Any, 
 
     Parameters
     ----------
-    weight : array_like, float32 or float64
+    weight : array_like, float32, float64, float16 or bfloat16
         Linear ``(out, in)`` or conv ``(out, in, 1, ...)`` with every kernel size 1. A larger
         kernel is a ValueError: the conv's zero padding would meet BN's shift ``t`` at the
         border, so no folded conv equals BN-then-conv there.

@@ -408,7 +408,8 @@ class BatchNorm(_Layer):
             returned in ``weight`` / ``bias`` and given a gradient: leave it out of your
             optimizer's update to keep Keras' behaviour.
         moving_mean, moving_variance : array_like of shape (C,)
-            The running statistics; their dtype (float32 or float64) is the layer's.
+            The running statistics; their dtype is the layer's (float32 or float64; float16
+            statistics make a float16 layer, with float32 parameters).
         momentum : float in [0, 1], default 0.99
             Keras' momentum.
         epsilon : float, default 1e-3
@@ -560,7 +561,7 @@ class Dropout(_Layer):
 
         Parameters
         ----------
-        x : array_like, float32 or float64
+        x : array_like, float32, float64, float16 or bfloat16
 
         Returns
         -------

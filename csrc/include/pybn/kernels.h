@@ -135,7 +135,7 @@ struct BnGradApplyArgs : BnGradInputs<T> {
 
 // The running statistics' update from a batch's statistics, as PyTorch does it:
 // running = (1 - momentum) * running + momentum * batch, the batch variance unbiased
-// (m2 / (count - 1)); in double, rounded once to T.
+// (m2 / (count - 1)); in double, rounded once to P.
 template <class T>
 struct BnRunningStatsArgs {
   using P = param_t<T>;
