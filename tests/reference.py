@@ -131,14 +131,14 @@ def nearest_even(values, dtype):
         return first
     bits = first.view(np.uint16).astype(np.int32)
     best = first.copy()
-    for step in (-1, 1):
-        other = (bits + step).astype(np.uint16).view(dtype)
-        with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # the neighbours of infinities are NaN
+        for step in (-1, 1):
+            other = (bits + step).astype(np.uint16).view(dtype)
             d_best = np.abs(values - best.astype(np.float64))
             d_other = np.abs(values - other.astype(np.float64))
-        even = (other.view(np.uint16) & 1) == 0
-        better = (d_other < d_best) | ((d_other == d_best) & even)
-        finite = np.isfinite(values) & np.isfinite(other.astype(np.float64))
-        take = better & finite & (bits != 0x7F80) & (bits != 0xFF80)
-        best[take] = other[take]
+            even = (other.view(np.uint16) & 1) == 0
+            better = (d_other < d_best) | ((d_other == d_best) & even)
+            finite = np.isfinite(values) & np.isfinite(other.astype(np.float64))
+            take = better & finite & (bits != 0x7F80) & (bits != 0xFF80)
+            best[take] = other[take]
     return best

@@ -21,10 +21,11 @@ DTYPE_IDS = [dt.name for dt in DTYPES]
 
 
 def scaled(x, p):
-    """x * dropout_scale(p) as the kernels give it: in x's dtype, or for 16-bit x in
-    float32 (the scale rounded to float32), the product then rounded to x's dtype."""
-    ct = np.dtype(np.float32) if x.dtype.itemsize == 2 else x.dtype
-    return (x.astype(ct) * scale_for(p, ct)).astype(x.dtype)
+    """x * dropout_scale(p) as the kernels give it: in x's dtype, or for 16-bit x the exact
+    product with the scale rounded to float32, rounded once to x's dtype."""
+    if x.dtype.itemsize == 2:
+        return nearest_even(x.astype(np.float64) * np.float64(scale_for(p, np.float32)), x.dtype)
+    return x * scale_for(p, x.dtype)
 
 
 def tolerance(dtype):

@@ -62,11 +62,6 @@ def round_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return rounded
 
 
-def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype the kernels compute in for activations of `dtype` (float32 for 16 bits)."""
-    return _FLOAT32 if dtype.itemsize == 2 else dtype
-
-
 def float_array(value: Any, name: str) -> np.ndarray:
     """`value` as a float32/float64 ndarray (array-likes accepted; no copy when possible)."""
     if type(value) is np.ndarray and value.dtype in _FLOAT_DTYPE_SET:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from ._checks import as_array, compute_dtype, contiguous_float_array, integer, output, real_number
+from ._checks import as_array, contiguous_float_array, integer, output, real_number, round_to
 
 __all__ = ["dropout", "dropout_mask", "dropout_apply", "dropout_scale", "counters_used"]
 
@@ -119,8 +119,11 @@ def _apply_broadcast(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], p:
         _C.dropout_apply_broadcast(x, mask, y, dropout_scale(p), *view)
         return
     keep = np.unpackbits(mask, count=math.prod(shape), bitorder="little").reshape(shape).astype(bool)
-    ct = compute_dtype(x.dtype)  # the kernels' arithmetic: 16-bit values scaled in float32, rounded once
-    np.copyto(y, np.multiply(x, ct.type(dropout_scale(p)), dtype=ct), where=keep)  # in place too: x is read first
+    if x.dtype.itemsize == 2:  # as the kernels: the exact product with the float32 scale, rounded once
+        kept = round_to(x.astype(np.float64) * np.float64(np.float32(dropout_scale(p))), x.dtype)
+    else:
+        kept = np.multiply(x, x.dtype.type(dropout_scale(p)))
+    np.copyto(y, kept, where=keep)  # in place too: x is read first
     np.copyto(y, 0, where=~keep)
 
 

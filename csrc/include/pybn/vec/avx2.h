@@ -110,6 +110,18 @@ struct Vec<float> {
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {_mm256_and_ps(_mm256_castsi256_ps(detail::bit_mask32(bits)), _mm256_mul_ps(a.v, s.v))};
   }
+  // a * b rounded to odd (toward zero, the last bit set when inexact): the rounded product
+  // stepped toward zero where its error (exact, from an FMA) has the other sign. Exact for
+  // products that do not underflow (those of 16-bit values and a scale >= 1).
+  friend Vec mul_round_to_odd(Vec a, Vec b) {
+    const __m256 p = _mm256_mul_ps(a.v, b.v);
+    const __m256 e = _mm256_fmsub_ps(a.v, b.v, p);
+    const __m256i bits = _mm256_castps_si256(p);
+    const __m256i inexact = _mm256_castps_si256(_mm256_cmp_ps(e, _mm256_setzero_ps(), _CMP_NEQ_OQ));
+    const __m256i toward_zero = _mm256_srai_epi32(_mm256_xor_si256(bits, _mm256_castps_si256(e)), 31);
+    const __m256i r = _mm256_add_epi32(bits, _mm256_and_si256(inexact, toward_zero));  // - 1
+    return {_mm256_castsi256_ps(_mm256_or_si256(r, _mm256_and_si256(inexact, _mm256_set1_epi32(1))))};
+  }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -72,6 +72,18 @@ struct Vec<float> {
     return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_GT_OQ), a.v)};
   }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  // a * b rounded to odd (toward zero, the last bit set when inexact): the rounded product
+  // stepped toward zero where its error (exact, from an FMA) has the other sign. Exact for
+  // products that do not underflow (those of 16-bit values and a scale >= 1).
+  friend Vec mul_round_to_odd(Vec a, Vec b) {
+    const __m512 p = _mm512_mul_ps(a.v, b.v);
+    const __m512 e = _mm512_fmsub_ps(a.v, b.v, p);
+    const __m512i bits = _mm512_castps_si512(p);
+    const __mmask16 inexact = _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    const __m512i toward_zero = _mm512_srai_epi32(_mm512_xor_si512(bits, _mm512_castps_si512(e)), 31);
+    const __m512i r = _mm512_mask_add_epi32(bits, inexact, bits, toward_zero);  // - 1
+    return {_mm512_castsi512_ps(_mm512_mask_or_epi32(r, inexact, r, _mm512_set1_epi32(1)))};
+  }
   // a * s in the lanes whose bit is set in `bits`, 0 elsewhere.
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {_mm512_maskz_mul_ps(static_cast<__mmask16>(bits), a.v, s.v)};

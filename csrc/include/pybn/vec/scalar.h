@@ -5,6 +5,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "pybn/half.h"
+
 namespace pybn {
 namespace scalar {
 
@@ -98,6 +100,13 @@ struct Vec {
       word &= Bits(0) - Bits((bits >> i) & 1u);
       std::memcpy(&a.v[i], &word, sizeof word);
     }
+    return a;
+  }
+  // a * b rounded to odd (toward zero, the last bit set when inexact), for T = float: in
+  // double, exact for the products of a 16-bit value and a float (half.h, to_odd_float).
+  friend Vec mul_round_to_odd(Vec a, const Vec& b) {
+    static_assert(sizeof(T) == 4, "for float vectors");
+    for (int i = 0; i < W; ++i) a.v[i] = half_bits::to_odd_float(static_cast<double>(a.v[i]) * b.v[i]);
     return a;
   }
   T reduce_add() const {
