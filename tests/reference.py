@@ -115,3 +115,30 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True,
     else:
         dx = g * (gamma * invstd)[None, :, None]
     return dx.reshape(x.shape), dweight, dbias
+
+
+def nearest_even(values, dtype):
+    """float64 `values` rounded once to `dtype`, to nearest, ties to even: the reference for
+    results pybn computes in float64 and stores in 16 bits. NumPy's float64 to float16 cast
+    is that rounding; ml_dtypes' to bfloat16 rounds through float32 (twice), so for bfloat16
+    the neighbours of its result are compared with the value (the differences are exact:
+    the candidates are within a factor 2 of the value)."""
+    dtype = np.dtype(dtype)
+    values = np.asarray(values, np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        first = values.astype(dtype)
+    if dtype.name != "bfloat16":
+        return first
+    bits = first.view(np.uint16).astype(np.int32)
+    best = first.copy()
+    with np.errstate(over="ignore", invalid="ignore"):  # the neighbours of infinities are NaN
+        for step in (-1, 1):
+            other = (bits + step).astype(np.uint16).view(dtype)
+            d_best = np.abs(values - best.astype(np.float64))
+            d_other = np.abs(values - other.astype(np.float64))
+            even = (other.view(np.uint16) & 1) == 0
+            better = (d_other < d_best) | ((d_other == d_best) & even)
+            finite = np.isfinite(values) & np.isfinite(other.astype(np.float64))
+            take = better & finite & (bits != 0x7F80) & (bits != 0xFF80)
+            best[take] = other[take]
+    return best

@@ -6,10 +6,31 @@ import numpy as np
 import pytest
 
 import pybn
+from reference import nearest_even
 from reference_dropout import keep_mask, scale_for
 
 LENGTHS = range(1, 68)
-DTYPES = [np.float32, np.float64]
+DTYPES = [np.float32, np.float64, np.float16]
+try:  # bfloat16 is ml_dtypes' (optional)
+    import ml_dtypes
+    DTYPES.append(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    pass
+DTYPES = [np.dtype(dt) for dt in DTYPES]
+DTYPE_IDS = [dt.name for dt in DTYPES]
+
+
+def scaled(x, p):
+    """x * dropout_scale(p) as the kernels give it: in x's dtype, or for 16-bit x the exact
+    product with the scale rounded to float32, rounded once to x's dtype."""
+    if x.dtype.itemsize == 2:
+        return nearest_even(x.astype(np.float64) * np.float64(scale_for(p, np.float32)), x.dtype)
+    return x * scale_for(p, x.dtype)
+
+
+def tolerance(dtype):
+    """Of results normalized to about 1: a few units of dtype's last place."""
+    return {2: 1e-2 if dtype.name == "bfloat16" else 2e-3, 4: 1e-4, 8: 1e-10}[dtype.itemsize]
 
 
 def at_end(values, offset):
@@ -30,7 +51,7 @@ def offsets(dtype):
     return range(64 // np.dtype(dtype).itemsize)  # every element position in a 64-byte line
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_batch_norm_tails(isa, dtype):
     rng = np.random.default_rng(1)
     for n in LENGTHS:
@@ -41,27 +62,29 @@ def test_batch_norm_tails(isa, dtype):
                 mean, var = xs.mean(0), xs.var(0)
                 bshape = [1] * x.ndim
                 bshape[axis] = -1
-                want = (x - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + 1e-5)
-                tol = 1e-4 if dtype == np.float32 else 1e-10
+                want = (x.astype(np.float64) - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + 1e-5)
+                tol = tolerance(dtype)
                 if xs.shape[0] >= 2:
                     got = pybn.batch_norm_train(x, axis=axis)
-                    np.testing.assert_allclose(got.y, want, rtol=tol, atol=tol)
+                    np.testing.assert_allclose(got.y.astype(np.float64), want, rtol=tol, atol=tol)
                     dy = at_end(np.ones_like(x), off)
                     dx = pybn.batch_norm_backward(dy, x, got.mean, got.invstd, axis=axis).dx
-                    np.testing.assert_allclose(dx, 0, atol=tol * 10)  # d/dx of sum(y) is 0
-                y = pybn.batch_norm_infer(x, mean.astype(dtype), var.astype(dtype), axis=axis,
-                                          out=at_end(np.empty_like(x), off))
-                np.testing.assert_allclose(y, want, rtol=tol, atol=tol)
+                    np.testing.assert_allclose(dx.astype(np.float64), 0, atol=tol * 10)  # d/dx of sum(y) is 0
+                rm, rv = mean.astype(dtype), var.astype(dtype)  # statistics of x's dtype
+                want = ((x.astype(np.float64) - rm.astype(np.float64).reshape(bshape))
+                        / np.sqrt(rv.astype(np.float64).reshape(bshape) + 1e-5))
+                y = pybn.batch_norm_infer(x, rm, rv, axis=axis, out=at_end(np.empty_like(x), off))
+                np.testing.assert_allclose(y.astype(np.float64), want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dropout_tails(isa, dtype):
     rng = np.random.default_rng(2)
     for n in LENGTHS:
         keep = keep_mask((n,), 0.5, 7, 3)
         for off in offsets(dtype):
             x = at_end(rng.standard_normal(n).astype(dtype), off)
-            want = np.where(keep, x * dtype(2.0), 0)
+            want = np.where(keep, scaled(x, 0.5), np.zeros(1, dtype))
             got = pybn.dropout(x, 0.5, seed=7, offset=3, out=at_end(np.empty_like(x), off))
             np.testing.assert_array_equal(got, want)
             mask = pybn.dropout_mask((n,), 0.5, seed=7, offset=3)
@@ -70,7 +93,7 @@ def test_dropout_tails(isa, dtype):
             np.testing.assert_array_equal(pybn.dropout_apply(x, mask_at_end, 0.5), want)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_fold_tails(isa, dtype):
     rng = np.random.default_rng(3)
     for n in LENGTHS:
@@ -79,12 +102,13 @@ def test_fold_tails(isa, dtype):
             var = rng.uniform(0.5, 2, n)
             s = 1 / np.sqrt(var + 1e-5)
             got = pybn.fold_bn_linear(w, None, np.zeros(n), var)
-            np.testing.assert_array_equal(got.weight, (w * s).astype(dtype))
+            np.testing.assert_array_equal(got.weight, nearest_even(w.astype(np.float64) * s, dtype))
             conv = at_end(rng.standard_normal((3, 1, n)).astype(dtype), off)
             s3 = 1 / np.sqrt(var[:3] + 1e-5)
             got = pybn.fold_conv_bn(conv, None, np.zeros(3), var[:3]) if n >= 3 else None
             if got is not None:
-                np.testing.assert_array_equal(got.weight, (conv * s3[:, None, None]).astype(dtype))
+                np.testing.assert_array_equal(got.weight,
+                                              nearest_even(conv.astype(np.float64) * s3[:, None, None], dtype))
 
 
 # noise_shape patterns: (x shape, noise shape). Each is applied by the broadcast kernel as
@@ -103,14 +127,14 @@ NOISE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape,noise", NOISE_CASES, ids=[f"{s}-{n}" for s, n in NOISE_CASES])
 def test_noise_shape_patterns(isa, threads, dtype, shape, noise):
     rng = np.random.default_rng(4)
     for off in (0, 1, 3):
         x = at_end(rng.standard_normal(shape).astype(dtype), off)
         keep = keep_mask(shape, 0.3, 11, 5, noise_shape=noise)
-        want = np.where(keep, x * scale_for(0.3, dtype), 0)
+        want = np.where(keep, scaled(x, 0.3), np.zeros(1, dtype))
         got = pybn.dropout(x, 0.3, seed=11, offset=5, noise_shape=noise, out=at_end(np.empty_like(x), off))
         assert_bits_equal(got, want)  # dropped values are +0.0, whatever x's sign
         mask = pybn.dropout_mask(noise, 0.3, seed=11, offset=5)
@@ -127,7 +151,7 @@ def test_noise_shape_large_streams_and_splits(isa, threads):
         assert_bits_equal(got, np.where(keep, x * np.float32(2), np.float32(0)))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dropout_large_streams_at_every_alignment(isa, threads, dtype):
     # past the streaming threshold (4 MB): the fused forward writes cache-line-aligned vectors
     # whose keep bits straddle groups of 128; every output alignment, a length that ends
@@ -138,7 +162,7 @@ def test_dropout_large_streams_at_every_alignment(isa, threads, dtype):
     keep = keep_mask((n,), 0.25, 2**40 + 9, 2**64 - 40)
     for off in offsets(dtype):
         xs = x[off % 3: off % 3 + n]
-        want = np.where(keep, xs * dtype(1 / 0.75), dtype(0))
+        want = np.where(keep, scaled(xs, 0.25), np.zeros(1, dtype))
         out = at_end(np.empty(n, dtype), off)
         got = pybn.dropout(xs, 0.25, seed=2**40 + 9, offset=2**64 - 40, out=out)
         assert got is out

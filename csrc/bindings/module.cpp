@@ -21,6 +21,8 @@
 #include "pybn/thread_pool.h"
 
 namespace py = pybind11;
+using pybn::BFloat16;  // the storage types of PYBN_DTYPES, as the list names them
+using pybn::Float16;
 using pybn::Layout;
 using i64 = std::int64_t;
 
@@ -82,11 +84,36 @@ class GilReleased {
   throw py::value_error(std::string(name) + ": " + what);
 }
 
+// The NumPy dtypes of the 16-bit storage types, set when the module is imported: NumPy's
+// float16, and ml_dtypes' bfloat16 (a dtype NumPy does not know by itself; none when
+// ml_dtypes is not installed, and then no array can hold bfloat16). Kept for the life of
+// the process.
+PyObject* float16_dtype = nullptr;
+PyObject* bfloat16_dtype = nullptr;
+
+void find_16bit_dtypes() {
+  float16_dtype = py::dtype("float16").release().ptr();
+  try {
+    bfloat16_dtype = py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16")).release().ptr();
+  } catch (py::error_already_set&) {  // no ml_dtypes: bfloat16 arrays cannot exist
+    bfloat16_dtype = nullptr;
+  }
+}
+
+bool is_dtype(const py::array& a, PyObject* dtype) {
+  return dtype && py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(), dtype);
+}
+
 // The array holds T: its dtype is equivalent to T's (compared by value: an unpickled array
 // has an equal dtype that is another object).
 template <class T>
 bool is_of(const py::array& a) {
-  return py::isinstance<py::array_t<T>>(a);
+  if constexpr (std::is_same_v<T, pybn::Float16>)
+    return is_dtype(a, float16_dtype);
+  else if constexpr (std::is_same_v<T, pybn::BFloat16>)
+    return is_dtype(a, bfloat16_dtype);
+  else
+    return py::isinstance<py::array_t<T>>(a);
 }
 
 template <class T>
@@ -205,12 +232,13 @@ void bn_train(const NdArray& x, const NdArray& y, const OptionalNdArray& weight,
     a.layout = L;
     a.x = required<S>(x, L.numel(), "x");
     a.y = required_out<S>(y, L.numel(), "out");
-    a.weight = in<S>(weight, channels, "weight");
-    a.bias = in<S>(bias, channels, "bias");
-    a.running_mean = inout<S>(running_mean, channels, "running_mean");
-    a.running_var = inout<S>(running_var, channels, "running_var");
-    a.save_mean = required_out<S>(save_mean, channels, "mean");
-    a.save_invstd = required_out<S>(save_invstd, channels, "invstd");
+    using P = pybn::param_t<S>;
+    a.weight = in<P>(weight, channels, "weight");
+    a.bias = in<P>(bias, channels, "bias");
+    a.running_mean = inout<P>(running_mean, channels, "running_mean");
+    a.running_var = inout<P>(running_var, channels, "running_var");
+    a.save_mean = required_out<P>(save_mean, channels, "mean");
+    a.save_invstd = required_out<P>(save_invstd, channels, "invstd");
     a.momentum = momentum;
     a.eps = eps;
     a.relu = relu;
@@ -231,10 +259,11 @@ void bn_infer(const NdArray& x, const NdArray& y, const NdArray& mean, const NdA
     a.layout = L;
     a.x = required<S>(x, L.numel(), "x");
     a.y = required_out<S>(y, L.numel(), "out");
-    a.mean = required<S>(mean, channels, "running_mean");
-    a.var = required<S>(var, channels, "running_var");
-    a.weight = in<S>(weight, channels, "weight");
-    a.bias = in<S>(bias, channels, "bias");
+    using P = pybn::param_t<S>;
+    a.mean = required<P>(mean, channels, "running_mean");
+    a.var = required<P>(var, channels, "running_var");
+    a.weight = in<P>(weight, channels, "weight");
+    a.bias = in<P>(bias, channels, "bias");
     a.eps = eps;
     a.relu = relu;
     GilReleased nogil;
@@ -253,10 +282,11 @@ void bn_apply(const NdArray& x, const NdArray& y, const NdArray& mean, const NdA
     a.layout = L;
     a.x = required<S>(x, L.numel(), "x");
     a.y = required_out<S>(y, L.numel(), "out");
-    a.mean = required<S>(mean, channels, "mean");
+    using P = pybn::param_t<S>;
+    a.mean = required<P>(mean, channels, "mean");
     a.invstd = required<double>(invstd, channels, "invstd");
-    a.weight = in<S>(weight, channels, "weight");
-    a.bias = in<S>(bias, channels, "bias");
+    a.weight = in<P>(weight, channels, "weight");
+    a.bias = in<P>(bias, channels, "bias");
     a.relu = relu;
     GilReleased nogil;
     K::template typed<S>().bn_apply(a);
@@ -286,8 +316,8 @@ void set_grad_inputs(pybn::BnGradInputs<S>& a, const Layout& L, const NdArray& d
   a.dy = required<S>(dy, L.numel(), "dy");
   a.x = required<S>(x, L.numel(), "x");
   a.y = in<S>(y, L.numel(), "y");
-  a.mean = required<S>(mean, L.channels, "mean");
-  a.invstd = required<S>(invstd, L.channels, "invstd");
+  a.mean = required<pybn::param_t<S>>(mean, L.channels, "mean");
+  a.invstd = required<pybn::param_t<S>>(invstd, L.channels, "invstd");
 }
 
 template <class K>
@@ -299,10 +329,11 @@ void bn_backward(const NdArray& dy, const NdArray& x, const OptionalNdArray& y, 
     using S = decltype(zero);
     pybn::BnBackwardArgs<S> a;
     set_grad_inputs(a, L, dy, x, y, mean, invstd);
-    a.weight = in<S>(weight, channels, "weight");
+    using P = pybn::param_t<S>;
+    a.weight = in<P>(weight, channels, "weight");
     a.dx = required_out<S>(dx, L.numel(), "out");
-    a.dweight = required_out<S>(dweight, channels, "dweight");
-    a.dbias = required_out<S>(dbias, channels, "dbias");
+    a.dweight = required_out<P>(dweight, channels, "dweight");
+    a.dbias = required_out<P>(dbias, channels, "dbias");
     a.training = training;
     GilReleased nogil;
     K::template typed<S>().bn_backward(a);
@@ -336,7 +367,7 @@ void bn_backward_apply(const NdArray& dy, const NdArray& x, const OptionalNdArra
     using S = decltype(zero);
     pybn::BnGradApplyArgs<S> a;
     set_grad_inputs(a, L, dy, x, y, mean, invstd);
-    a.weight = in<S>(weight, channels, "weight");
+    a.weight = in<pybn::param_t<S>>(weight, channels, "weight");
     a.sum_g = required<double>(sum_dy, channels, "sum_dy");
     a.sum_gxhat = required<double>(sum_dy_xhat, channels, "sum_dy_xhat");
     a.count = count;
@@ -355,8 +386,8 @@ void bn_update_running_stats(const OptionalNdArray& running_mean, const Optional
     using S = decltype(zero);
     pybn::BnRunningStatsArgs<S> a;
     a.channels = channels;
-    a.running_mean = inout<S>(running_mean, channels, "running_mean");
-    a.running_var = inout<S>(running_var, channels, "running_var");
+    a.running_mean = inout<pybn::param_t<S>>(running_mean, channels, "running_mean");
+    a.running_var = inout<pybn::param_t<S>>(running_var, channels, "running_var");
     a.mean = required<double>(mean, channels, "mean");
     a.m2 = required<double>(m2, channels, "m2");
     a.count = count;
@@ -565,6 +596,22 @@ void probe_stream(const NdArray& src, const NdArray& dst) {
   pybn::diagnostics().probe_stream(a);
 }
 
+void convert_16bit(const NdArray& src, const NdArray& dst, bool bfloat16, bool widen) {
+  pybn::Convert16Args a;
+  a.n = size_of(src, "src");
+  a.bfloat16 = bfloat16;
+  a.widen = widen;
+  if (widen) {
+    a.src = required<std::uint16_t>(src, a.n, "src");
+    a.dst = required_out<float>(dst, a.n, "dst");
+  } else {
+    a.src = required<float>(src, a.n, "src");
+    a.dst = required_out<std::uint16_t>(dst, a.n, "dst");
+  }
+  GilReleased nogil;
+  pybn::diagnostics().convert_16bit(a);
+}
+
 void trace_parallel_for(i64 n, i64 work, const NdArray& rows, i64 throw_in, int slice_ms) {
   if (n < 0 || work < 0 || slice_ms < 0) fail("n", "n, work and slice_ms must be >= 0");
   i64* r = required_out<i64>(rows, 4 * n, "rows");
@@ -593,6 +640,8 @@ void def_diagnostics(py::module_& m) {
   d.def("probe_read", &probe_read, py::arg("x"), "Bandwidth probe: one vectorized pass that reads x (float32).");
   d.def("probe_stream", &probe_stream, py::arg("src"), py::arg("dst"),
         "Bandwidth probe: copy src into dst with non-temporal stores (float32).");
+  d.def("convert_16bit", &convert_16bit, py::arg("src"), py::arg("dst"), py::arg("bfloat16"), py::arg("widen"),
+        "The active path's 16-bit conversions: uint16 bits of float16/bfloat16 to float32 (widen), or back.");
   d.def("trace_parallel_for", &trace_parallel_for, py::arg("n"), py::arg("work"), py::arg("rows"),
         py::arg("throw_in") = -1, py::arg("slice_ms") = 0,
         "How parallel_for splits [0, n) over threads (parallel.h, trace_parallel_for).");
@@ -630,6 +679,7 @@ PYBIND11_MODULE(_C, m) {
   // (GilReleased says why that guard must not be passed by a thread at exit): do it now,
   // not in the first kernel call, which may come from a daemon thread.
   py::dtype::of<float>();
+  find_16bit_dtypes();
 
   // The lists (kernel_list.h) and the thresholds the kernels own.
   m.attr("ISAS") = isa_list();

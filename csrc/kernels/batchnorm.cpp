@@ -272,9 +272,9 @@ struct GradTerms {
   const S* dy;
   const S* x;
   const S* y;
-  const S* mean;
-  const S* invstd;
-  double g_at(i64 i) const { return kMask && !(y[i] > 0) ? 0.0 : static_cast<double>(dy[i]); }
+  const param_t<S>* mean;
+  const param_t<S>* invstd;
+  double g_at(i64 i) const { return kMask && !(static_cast<double>(y[i]) > 0) ? 0.0 : static_cast<double>(dy[i]); }
   // Adds lanes [i, i + n): a[0] += g, a[1] += g * (x - m). Padding lanes load as 0, so g
   // is 0 there and contributes nothing.
   void operator()(i64 i, i64 n, const Vec<T>& m, Vec<T>* a) const {
@@ -430,13 +430,13 @@ double xhat_scale(double invstd) {
 
 // The mean as a table of T, for the coefficient tables of the elementwise passes: the
 // mean array itself when it holds T, else a copy (Mean::set fills channel c) in `spare`,
-// which the caller allocates when S is not T.
-template <class S, class T>
+// which the caller allocates when P, the parameters' type (param_t), is not T.
+template <class P, class T>
 struct MeanTable {
-  const S* source;
+  const P* source;
   T* copy;
-  MeanTable(const S* mean, T* spare) : source(mean), copy(spare) {}
-  static constexpr bool kCopy = !std::is_same_v<S, T>;
+  MeanTable(const P* mean, T* spare) : source(mean), copy(spare) {}
+  static constexpr bool kCopy = !std::is_same_v<P, T>;
   // Channel c's mean, once source[c] is set.
   T set(i64 c) const {
     const T m = static_cast<T>(source[c]);
@@ -451,16 +451,17 @@ struct MeanTable {
   }
 };
 
-// Per-channel coefficients of y = (x - mean) * alpha + beta (see normalize).
-template <class S, class T>
+// Per-channel coefficients of y = (x - mean) * alpha + beta (see normalize), for
+// parameters of type P.
+template <class P, class T>
 struct Affine {
-  static constexpr i64 kArrays = MeanTable<S, T>::kCopy ? 6 : 5;
+  static constexpr i64 kArrays = MeanTable<P, T>::kCopy ? 6 : 5;
   Buffer<T> data;                  // one allocation for the arrays of C below
   T *alpha, *beta;                 // alpha and beta, each rounded once from double
   T *scale, *shift, *scaled_alpha; // s = xhat_scale(invstd), -mean * s, alpha / s
-  MeanTable<S, T> mean;
+  MeanTable<P, T> mean;
 
-  Affine(i64 C, const S* mean_)
+  Affine(i64 C, const P* mean_)
       : data(make_buffer<T>(kArrays * C)), alpha(data.get()), beta(alpha + C), scale(beta + C),
         shift(scale + C), scaled_alpha(shift + C), mean(mean_, scaled_alpha + C) {}
 
@@ -491,7 +492,7 @@ struct Affine {
 // * s) and alpha divided by s (for the other channels s = 1: the same results to the bit).
 // Over the whole array, or over the channels of *range on the calling thread.
 template <class S, class T>
-void normalize(const Layout& L, const S* x, const Affine<S, T>& k, bool fuse_relu, S* y, bool after_reduction,
+void normalize(const Layout& L, const S* x, const Affine<param_t<S>, T>& k, bool fuse_relu, S* y, bool after_reduction,
                const ChannelRange* range = nullptr) {
   using V = Vec<T>;
   const ChannelRange r = range ? *range : ChannelRange{0, L.channels};
@@ -535,9 +536,9 @@ void update_running(S* running_mean, S* running_var, i64 c, double mean, double 
 
 // The normalization of x with the given mean and, per channel c, invstd_of(c) (in double).
 template <class S, class T, class Invstd>
-void normalize_with(const Layout& L, const S* x, S* y, const S* mean, const S* weight, const S* bias, bool relu,
-                    const Invstd& invstd_of) {
-  Affine<S, T> k(L.channels, mean);
+void normalize_with(const Layout& L, const S* x, S* y, const param_t<S>* mean, const param_t<S>* weight,
+                    const param_t<S>* bias, bool relu, const Invstd& invstd_of) {
+  Affine<param_t<S>, T> k(L.channels, mean);
   for (i64 c = 0; c < L.channels; ++c) k.set(c, invstd_of(c), value_or(weight, c, 1.0), value_or(bias, c, 0.0));
   normalize(L, x, k, relu, y, false);
 }
@@ -549,15 +550,16 @@ void bn_train(const BnTrainArgs<S>& a) {
   const Layout& L = a.layout;
   const i64 C = L.channels;
   const double n = static_cast<double>(L.per_channel());
-  Affine<S, T> k(C, a.save_mean);
+  using P = param_t<S>;
+  Affine<P, T> k(C, a.save_mean);
   // Channel c's outputs from its statistics: saved mean and invstd, running stats, and the
   // normalization's coefficients.
   const auto finish = [&](i64 c, double mean, double m2) {
     const double var = m2 / n;
     // eps = 0 and a constant channel: 0/0 normalizes to 0 (PyTorch's kernels do the same)
     const double invstd = var + a.eps == 0.0 ? 0.0 : 1.0 / std::sqrt(var + a.eps);
-    a.save_mean[c] = static_cast<S>(mean);
-    a.save_invstd[c] = static_cast<S>(invstd);
+    a.save_mean[c] = static_cast<P>(mean);
+    a.save_invstd[c] = static_cast<P>(invstd);
     update_running(a.running_mean, a.running_var, c, mean, m2, n, a.momentum);
     k.set(c, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
   };
@@ -644,7 +646,7 @@ void backward_reduce(const BnGradInputs<S>& a, double* sum_g, double* sum_gxhat)
 // Scratch of the dx pass: 5 rows of C coefficients, and a sixth for the mean when it is
 // not held in T.
 template <class S, class T>
-constexpr i64 kDxRows = MeanTable<S, T>::kCopy ? 6 : 5;
+constexpr i64 kDxRows = MeanTable<param_t<S>, T>::kCopy ? 6 : 5;
 
 // dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradApplyArgs), over
 // the whole array, or over the channels of *range on the calling thread; k holds kDxRows
@@ -652,7 +654,7 @@ constexpr i64 kDxRows = MeanTable<S, T>::kCopy ? 6 : 5;
 // channel's xhat_scale is not 1, x - mean is taken as fma(x, s, -mean * s) and k_x divided
 // by s (for the other channels s = 1: the same results to the bit).
 template <class S, class T, bool kMask>
-void backward_apply_impl(const BnGradInputs<S>& a, const S* weight, bool training, const GradSums& s, S* dx, T* k,
+void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, bool training, const GradSums& s, S* dx, T* k,
                          const ChannelRange* range = nullptr) {
   using V = Vec<T>;
   const Layout& L = a.layout;
@@ -663,7 +665,7 @@ void backward_apply_impl(const BnGradInputs<S>& a, const S* weight, bool trainin
   T* const k_0 = k + 2 * C;
   T* const scale_x = k + 3 * C;
   T* const shift_x = k + 4 * C;
-  const MeanTable<S, T> mean(a.mean, k + 5 * C);
+  const MeanTable<param_t<S>, T> mean(a.mean, k + 5 * C);
   const ChannelRange r = range ? *range : ChannelRange{0, C};
   bool scaled = false;
   for (i64 c = r.begin; c < r.end; ++c) {
@@ -706,7 +708,7 @@ void backward_apply_impl(const BnGradInputs<S>& a, const S* weight, bool trainin
 }
 
 template <class S, class T>
-void backward_apply(const BnGradInputs<S>& a, const S* weight, bool training, const GradSums& s, S* dx) {
+void backward_apply(const BnGradInputs<S>& a, const param_t<S>* weight, bool training, const GradSums& s, S* dx) {
   Buffer<T> k = make_buffer<T>(kDxRows<S, T> * a.layout.channels);
   if (a.y)
     backward_apply_impl<S, T, true>(a, weight, training, s, dx, k.get());
@@ -718,8 +720,8 @@ void backward_apply(const BnGradInputs<S>& a, const S* weight, bool training, co
 template <class S>
 void store_param_grads(const BnBackwardArgs<S>& a, const GradSums& s, ChannelRange r) {
   for (i64 c = r.begin; c < r.end; ++c) {
-    a.dweight[c] = static_cast<S>(s.sum_gxhat[c]);
-    a.dbias[c] = static_cast<S>(s.sum_g[c]);
+    a.dweight[c] = static_cast<param_t<S>>(s.sum_gxhat[c]);
+    a.dbias[c] = static_cast<param_t<S>>(s.sum_g[c]);
   }
 }
 

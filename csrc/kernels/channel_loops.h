@@ -176,7 +176,10 @@ inline void put(S* p, const Vec<T>& r, i64 n) {
 // Head lanes before out + i is aligned for streaming (none when not streaming).
 template <bool kStream, class T>
 inline i64 head_lanes(const T* p, i64 available) {
-  return kStream ? std::min(available, lanes_to_alignment(p)) : 0;
+  if constexpr (kStream)  // streaming stores only S == T (with_streaming)
+    return std::min(available, lanes_to_alignment(p));
+  else
+    return 0;
 }
 
 // Row mode over flat positions [i, end).

@@ -24,12 +24,26 @@ inline void unroll_steps(const F& f, std::integer_sequence<int, I...>) {
   (f(std::integral_constant<int, I * Step>{}), ...);
 }
 
+// x * scale where `bits` keeps, 0 elsewhere, for storage S: kept values are x * scale
+// rounded once to S. For 16-bit S the product is taken rounded to odd, so that the store's
+// rounding to S is the correct rounding of the exact product (not of its float rounding),
+// and the mask is applied with a scale of 1 (exact).
+template <class S, class T>
+inline Vec<T> kept_scaled(std::uint32_t bits, const Vec<T>& x, const Vec<T>& scale) {
+  if constexpr (is_16bit<S>)
+    return scale_where(bits, mul_round_to_odd(x, scale), Vec<T>::set1(T(1)));
+  else
+    return scale_where(bits, x, scale);
+}
+
 // y[0, kWindow) = keep ? x * scale : 0, whole vectors (aligned ones when streaming).
 template <bool kStream, class S, class T>
 inline void apply_window(const S* x, S* y, const Keep& keep, const Vec<T>& scale) {
   using V = Vec<T>;
   unroll_steps<kWindow / V::W, V::W>(
-      [&](auto e) { put<kStream>(y + e, scale_where(keep.template from<e>(), load_as<T>(x + e), scale), V::W); },
+      [&](auto e) {
+        put<kStream>(y + e, kept_scaled<S>(keep.template from<e>(), load_as<T>(x + e), scale), V::W);
+      },
       std::make_integer_sequence<int, kWindow / V::W>{});
 }
 
@@ -41,7 +55,8 @@ __attribute__((noinline)) void apply_window_part(const S* x, S* y, i64 at, std::
                                                   const Vec<T>& scale) {
   for (i64 j = lo; j < hi; j += Vec<T>::W) {
     const i64 m = std::min<i64>(Vec<T>::W, hi - j);
-    store_lanes(scale_where(static_cast<std::uint32_t>(bits >> j), load_n<T>(x + at + j, m), scale), y + at + j, m);
+    const std::uint32_t keep = static_cast<std::uint32_t>(bits >> j);
+    store_lanes(kept_scaled<S>(keep, load_n<T>(x + at + j, m), scale), y + at + j, m);
   }
 }
 
@@ -72,7 +87,8 @@ void dropout_range(const DropoutArgs<S>& a, i64 gb, i64 ge, const Vec<T>& scale)
   constexpr i64 W = Vec<T>::W;
   constexpr int NG = kGroupsAtOnce;
   const i64 start = gb * kGroup, end = std::min(ge * kGroup, a.n);
-  const int d = kStream ? static_cast<int>((W - lanes_to_alignment(a.y + start)) % W) : 0;
+  int d = 0;
+  if constexpr (kStream) d = static_cast<int>((W - lanes_to_alignment(a.y + start)) % W);
   const auto window_bits = [&](const U32& prev, const U32& cur) {
     return bit_window(halves_at_least(prev, a.threshold), halves_at_least(cur, a.threshold), d, kWindow);
   };
@@ -168,7 +184,7 @@ void apply_mask_span(const S* x, S* y, i64 len, const unsigned char* mask, i64 b
   constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
   // y[at, at + n) from x's values there and their bits (bit 0 first)
   const auto apply = [&](i64 at, std::uint64_t bits, const V& xv, i64 n) {
-    put<kStream>(y + at, scale_where(static_cast<std::uint32_t>(bits & kLanes), xv, scale), n);
+    put<kStream>(y + at, kept_scaled<S>(static_cast<std::uint32_t>(bits & kLanes), xv, scale), n);
   };
   i64 i = 0;
   const auto step = [&](i64 n) {
@@ -194,7 +210,7 @@ void apply_keep_run(const S* x, S* y, i64 len, bool keep, const Vec<T>& scale) {
   constexpr i64 W = V::W;
   i64 i = 0;
   const auto step = [&](i64 n) {
-    put<kStream>(y + i, keep ? load_n<T>(x + i, n) * scale : V::zero(), n);
+    put<kStream>(y + i, keep ? kept_scaled<S>(~0u, load_n<T>(x + i, n), scale) : V::zero(), n);
     i += n;
   };
   if (const i64 nh = head_lanes<kStream>(y, len)) step(nh);

@@ -17,10 +17,49 @@ import numpy as np
 
 from . import _C
 
-#: The dtypes the kernels take (the list the C++ is built from).
-FLOAT_DTYPES = tuple(np.dtype(name) for name in _C.DTYPES)
-_DTYPE_NAMES = " or ".join(_C.DTYPES)
+try:  # bfloat16 is ml_dtypes' NumPy dtype, an optional dependency (docs/dtypes.md)
+    import ml_dtypes
+    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - exercised in a child process without ml_dtypes
+    BFLOAT16 = None
+
+
+def _numpy_dtype(name: str) -> np.dtype | None:
+    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
+
+
+#: The dtypes the kernels take (the list the C++ is built from) that arrays can hold here:
+#: bfloat16 only when ml_dtypes is installed.
+FLOAT_DTYPES = tuple(dt for dt in map(_numpy_dtype, _C.DTYPES) if dt is not None)
+_DTYPE_NAMES = " or ".join(dt.name for dt in FLOAT_DTYPES)
 _FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # for the fast path (a byte-swapped '>f4' is not in it)
+_FLOAT32 = np.dtype(np.float32)
+
+
+def param_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of the per-channel parameters and statistics beside activations of `dtype`:
+    float32 for the 16-bit dtypes (as PyTorch's mixed precision), else the dtype itself."""
+    return _FLOAT32 if dtype.itemsize == 2 else dtype
+
+
+def round_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float64 `values` rounded once to `dtype`, to nearest even. NumPy's float64 to float16
+    cast rounds once; ml_dtypes releases have rounded float64 to bfloat16 through float32
+    (twice), so for bfloat16 the float32 is taken rounded to odd (toward zero, last bit set
+    when inexact), after which any release's second rounding is the correct one."""
+    values = np.asarray(values, np.float64)
+    if dtype != BFLOAT16:
+        with np.errstate(over="ignore"):
+            return values.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = values.astype(np.float32)
+        back = f.astype(np.float64)
+        inexact = (back != values) & ~np.isnan(values)
+        bits = f.view(np.uint32).copy()
+        bits[inexact & (np.abs(back) > np.abs(values))] -= 1
+        bits[inexact] |= 1
+        rounded: np.ndarray = bits.view(np.float32).astype(dtype)
+        return rounded
 
 
 def float_array(value: Any, name: str) -> np.ndarray:
@@ -137,14 +176,16 @@ def per_channel(value: Any, name: str, channels: int, dtype: np.dtype) -> np.nda
     return np.require(arr, dtype=dtype, requirements=["C", "A"])
 
 
-def in_place(value: Any, name: str, channels: int, dtype: np.dtype) -> np.ndarray | None:
-    """An array updated in place: must already be exactly right, or the update would be lost."""
+def in_place(value: Any, name: str, channels: int, dtype: np.dtype,
+             also: np.dtype | None = None) -> np.ndarray | None:
+    """An array updated in place: must already be exactly right (of `dtype`, or of `also`
+    when given), or the update would be lost."""
     if value is None:
         return None
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{name}: must be a numpy.ndarray (it is updated in place), got {type(value).__name__}")
     not_silently_converted(value, name)
-    if value.dtype != dtype:
+    if value.dtype != dtype and (also is None or value.dtype != also):
         raise TypeError(f"{name}: dtype {value.dtype} does not match x ({dtype}); it is updated in place, "
                         f"so pybn will not convert it{_byte_order_hint(value.dtype, dtype)}")
     if value.shape != (channels,):

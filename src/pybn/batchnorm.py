@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import (channel_layout, contiguous_float_array, in_place, output, per_channel,
+from ._checks import (channel_layout, contiguous_float_array, in_place, output, param_dtype, per_channel,
                       real_number, written_apart)
 
 __all__ = ["BatchNormTrainResult", "BatchNormGrads", "batch_norm_train", "batch_norm_infer",
@@ -41,7 +41,8 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
 
     Parameters
     ----------
-    x : array_like, float32 or float64, ndim >= 2
+    x : array_like, float32, float64, float16 or bfloat16, ndim >= 2
+        (16-bit x: float32 parameters and statistics, docs/dtypes.md)
         Input; `axis` is its channel axis (1 for NCHW, -1 for channels-last / Keras).
     weight, bias : array_like of shape (C,), optional
         Affine parameters gamma and beta (default 1 and 0).
@@ -49,7 +50,8 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
         Updated in place, PyTorch's convention:
         ``r = (1 - momentum) * r + momentum * batch_stat``, the variance unbiased.
         Must be writable, C-contiguous and of x's dtype (never silently copied), and
-        share memory with no other argument.
+        share memory with no other argument. For 16-bit x: float32, or x's dtype (then
+        updated as float32 and rounded to it).
     momentum, eps : float
         ``eps >= 0``. With ``eps=0`` a channel whose values are all equal gets invstd 0,
         so its y is bias (and its dx 0): what PyTorch's kernels (``torch.batch_norm``)
@@ -73,18 +75,26 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(f"{missing}: running_mean and running_var must be given together")
-    w = per_channel(weight, "weight", channels, x.dtype)
-    b = per_channel(bias, "bias", channels, x.dtype)
-    rm = in_place(running_mean, "running_mean", channels, x.dtype)
-    rv = in_place(running_var, "running_var", channels, x.dtype)
+    pdt = param_dtype(x.dtype)
+    w = per_channel(weight, "weight", channels, pdt)
+    b = per_channel(bias, "bias", channels, pdt)
+    # 16-bit running statistics (of x's dtype) are updated through float32 copies
+    also = x.dtype if pdt != x.dtype else None
+    rm = in_place(running_mean, "running_mean", channels, pdt, also)
+    rv = in_place(running_var, "running_var", channels, pdt, also)
     if rm is not None:  # the kernel updates them, then reads weight and bias to normalize
         written_apart((("running_mean", rm), ("running_var", rv)), (("x", x), ("weight", w), ("bias", b)))
     momentum = real_number(momentum, "momentum")
     eps = real_number(eps, "eps", minimum=0.0)
     y = output(out, x, (("x", x_in), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv)))
-    mean = np.empty(channels, x.dtype)
-    invstd = np.empty(channels, x.dtype)
-    _C.bn_train(x, y, w, b, rm, rv, mean, invstd, outer, channels, inner, momentum, eps, bool(relu))
+    mean = np.empty(channels, pdt)
+    invstd = np.empty(channels, pdt)
+    narrow = rm is not None and rm.dtype != pdt
+    rm_k, rv_k = (rm.astype(pdt), rv.astype(pdt)) if narrow else (rm, rv)  # type: ignore[union-attr]
+    _C.bn_train(x, y, w, b, rm_k, rv_k, mean, invstd, outer, channels, inner, momentum, eps, bool(relu))
+    if narrow:
+        rm[...] = rm_k  # type: ignore[index]
+        rv[...] = rv_k  # type: ignore[index]
     return BatchNormTrainResult(y, mean, invstd)
 
 
@@ -100,12 +110,13 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     x_in = x
     x = contiguous_float_array(x, "x")
     axis, outer, channels, inner = channel_layout(x.shape, axis)
-    rm = per_channel(running_mean, "running_mean", channels, x.dtype)
-    rv = per_channel(running_var, "running_var", channels, x.dtype)
+    pdt = param_dtype(x.dtype)
+    rm = per_channel(running_mean, "running_mean", channels, pdt)
+    rv = per_channel(running_var, "running_var", channels, pdt)
     if rm is None or rv is None:
         raise TypeError(f"{'running_mean' if rm is None else 'running_var'}: is required for inference")
-    w = per_channel(weight, "weight", channels, x.dtype)
-    b = per_channel(bias, "bias", channels, x.dtype)
+    w = per_channel(weight, "weight", channels, pdt)
+    b = per_channel(bias, "bias", channels, pdt)
     eps = real_number(eps, "eps", minimum=0.0)
     y = output(out, x, (("x", x_in), ("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b)))
     _C.bn_infer(x, y, rm, rv, w, b, outer, channels, inner, eps, bool(relu))
@@ -139,11 +150,12 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
         ``(dx, dweight, dbias)`` with ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)``.
     """
     b = backward_inputs(dy, x, y, mean, invstd, axis)
-    w = per_channel(weight, "weight", b.channels, b.dy.dtype)
+    pdt = param_dtype(b.dy.dtype)
+    w = per_channel(weight, "weight", b.channels, pdt)
     dx = output(out, b.dy, (("dy", dy), ("x", x), ("y", y), ("mean", b.mean), ("invstd", b.invstd),
                             ("weight", w)))
-    dweight = np.empty(b.channels, b.dy.dtype)
-    dbias = np.empty(b.channels, b.dy.dtype)
+    dweight = np.empty(b.channels, pdt)
+    dbias = np.empty(b.channels, pdt)
     _C.bn_backward(b.dy, b.x, b.y, b.mean, b.invstd, w, dx, dweight, dbias, b.outer, b.channels, b.inner,
                    bool(training))
     return BatchNormGrads(dx, dweight, dbias)
@@ -178,8 +190,8 @@ def backward_inputs(dy: Any, x: Any, y: Any, mean: Any, invstd: Any, axis: Any) 
             raise TypeError(f"y: dtype {y.dtype} does not match dy ({dy.dtype})")
         if y.shape != dy.shape:
             raise ValueError(f"y: shape {y.shape} does not match dy {dy.shape}")
-    m = per_channel(mean, "mean", channels, dy.dtype)
-    s = per_channel(invstd, "invstd", channels, dy.dtype)
+    m = per_channel(mean, "mean", channels, param_dtype(dy.dtype))
+    s = per_channel(invstd, "invstd", channels, param_dtype(dy.dtype))
     if m is None or s is None:
         raise TypeError(f"{'mean' if m is None else 'invstd'}: is required")
     return BackwardInputs(dy, x, y, m, s, outer, channels, inner)

@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import (as_array, channel_layout, contiguous_float_array, float_array, output, per_channel,
-                      real_number)
+from ._checks import (as_array, channel_layout, contiguous_float_array, float_array, output, param_dtype,
+                      per_channel, real_number)
 from .batchnorm import backward_inputs
 
 __all__ = ["BatchNormStats", "BatchNormGradSums", "batch_norm_stats", "batch_norm_merge_stats",
@@ -139,12 +139,13 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
     x_in = x
     x = contiguous_float_array(x, "x")
     _, outer, channels, inner = channel_layout(x.shape, axis)
-    m = per_channel(mean, "mean", channels, x.dtype)
+    pdt = param_dtype(x.dtype)
+    m = per_channel(mean, "mean", channels, pdt)
     s = per_channel(invstd, "invstd", channels, np.dtype(np.float64))
     if m is None or s is None:
         raise TypeError(f"{'mean' if m is None else 'invstd'}: is required")
-    w = per_channel(weight, "weight", channels, x.dtype)
-    b = per_channel(bias, "bias", channels, x.dtype)
+    w = per_channel(weight, "weight", channels, pdt)
+    b = per_channel(bias, "bias", channels, pdt)
     y = output(out, x, (("x", x_in), ("mean", m), ("invstd", s), ("weight", w), ("bias", b)))
     _C.bn_apply(x, y, m, s, w, b, outer, channels, inner, bool(relu))
     return y
@@ -175,7 +176,7 @@ def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: A
     count = real_number(count, "count")
     if count <= 0:
         raise ValueError(f"count: must be > 0, got {count}")
-    w = per_channel(weight, "weight", b.channels, b.dy.dtype)
+    w = per_channel(weight, "weight", b.channels, param_dtype(b.dy.dtype))
     dx = output(out, b.dy, (("dy", dy), ("x", x), ("y", y), ("mean", b.mean), ("invstd", b.invstd),
                             ("sum_dy", sd), ("sum_dy_xhat", sx), ("weight", w)))
     _C.bn_backward_apply(b.dy, b.x, b.y, b.mean, b.invstd, w, sd, sx, count, dx, b.outer, b.channels, b.inner)
@@ -187,6 +188,15 @@ def _update_running_stats(running_mean: np.ndarray | None, running_var: np.ndarr
     """``running = (1 - momentum) * running + momentum * batch`` in place, in float64 and
     rounded once, the batch variance unbiased (``m2 / (count - 1)``): the update of
     :func:`pybn.batch_norm_train`, for statistics merged over workers (SyncBatchNorm). The
-    running statistics are checked by the caller (float32 or float64, C-contiguous, shape
-    (C,)); count is a number > 1."""
-    _C.bn_update_running_stats(running_mean, running_var, stats.mean, stats.m2, float(stats.count), momentum)
+    running statistics are checked by the caller (of a dtype pybn takes, C-contiguous,
+    shape (C,)); count is a number > 1. 16-bit ones are updated as float32 ones, then
+    rounded to their dtype, as :func:`pybn.batch_norm_train` does (docs/dtypes.md)."""
+    held = running_mean if running_mean is not None else running_var
+    if held is None or held.dtype.itemsize != 2:
+        _C.bn_update_running_stats(running_mean, running_var, stats.mean, stats.m2, float(stats.count), momentum)
+        return
+    wide = [None if r is None else r.astype(np.float32) for r in (running_mean, running_var)]
+    _C.bn_update_running_stats(wide[0], wide[1], stats.mean, stats.m2, float(stats.count), momentum)
+    for r, w in zip((running_mean, running_var), wide):
+        if r is not None:
+            r[...] = w

@@ -39,6 +39,7 @@ import numpy as np
 
 from .batchnorm_split import (_update_running_stats, batch_norm_apply, batch_norm_backward_apply,
                               batch_norm_backward_reduce, batch_norm_invstd, batch_norm_merge_stats, batch_norm_stats)
+from . import _C
 from ._checks import in_place, written_apart
 from .nn import BatchNorm, _check_dy
 
@@ -267,7 +268,8 @@ class SyncBatchNorm(BatchNorm):
 
     def _config_row(self) -> np.ndarray:
         momentum = np.nan if self.momentum is None else self.momentum
-        return np.array([_CONFIG_TAG, self.num_features, self.dtype.itemsize, self.axis, self.eps, momentum,
+        dtype = _C.DTYPES.index(self.dtype.name)  # float16 and bfloat16 have one itemsize
+        return np.array([_CONFIG_TAG, self.num_features, dtype, self.axis, self.eps, momentum,
                          self.affine, self.track_running_stats], np.float64)
 
     def _check_config(self, comm: Any) -> None:
@@ -332,8 +334,8 @@ class SyncBatchNorm(BatchNorm):
             _update_running_stats(self.running_mean, self.running_var, stats, momentum)
             assert self.num_batches_tracked is not None  # (tracking running statistics)
             self.num_batches_tracked += 1
-        # saved in x's dtype, as the single-process forward saves them
-        self._saved = (x, stats.mean.astype(self.dtype), invstd.astype(self.dtype), True)
+        # saved in the parameters' dtype, as the single-process forward saves them
+        self._saved = (x, stats.mean.astype(self.param_dtype), invstd.astype(self.param_dtype), True)
         self._sync = (n, comm)
         return y
 
@@ -341,8 +343,8 @@ class SyncBatchNorm(BatchNorm):
         """The running statistics can be updated as batch_norm_train would (it checks them
         for the single-process layer); returns the momentum of this batch."""
         c = self.num_features
-        rm = in_place(self.running_mean, "running_mean", c, self.dtype)
-        rv = in_place(self.running_var, "running_var", c, self.dtype)
+        rm = in_place(self.running_mean, "running_mean", c, self.param_dtype)
+        rv = in_place(self.running_var, "running_var", c, self.param_dtype)
         written_apart((("running_mean", rm), ("running_var", rv)), (("weight", self.weight), ("bias", self.bias)))
         return self._momentum_for_next_batch()
 
@@ -391,8 +393,8 @@ class SyncBatchNorm(BatchNorm):
         dx = batch_norm_backward_apply(dy, x, mean, invstd, sum_dy, sum_dy_xhat, count, self.weight,
                                        axis=self.axis)
         if self.affine:
-            self.grad_weight = sum_dy_xhat.astype(self.dtype)
-            self.grad_bias = sum_dy.astype(self.dtype)
+            self.grad_weight = sum_dy_xhat.astype(self.param_dtype)
+            self.grad_bias = sum_dy.astype(self.param_dtype)
         return dx
 
 
@@ -400,7 +402,7 @@ def _describe(name: str, column: np.ndarray) -> str:
     """A setting's value per worker, for the message of a mismatch."""
     def show(v: float) -> str:
         if name == "dtype":
-            return f"float{int(v) * 8}"
+            return _C.DTYPES[int(v)]
         if name == "momentum" and np.isnan(v):
             return "None"
         if name in ("affine", "track_running_stats"):

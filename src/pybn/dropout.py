@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from ._checks import as_array, contiguous_float_array, integer, output, real_number
+from ._checks import as_array, contiguous_float_array, integer, output, real_number, round_to
 
 __all__ = ["dropout", "dropout_mask", "dropout_apply", "dropout_scale", "counters_used"]
 
@@ -119,7 +119,11 @@ def _apply_broadcast(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], p:
         _C.dropout_apply_broadcast(x, mask, y, dropout_scale(p), *view)
         return
     keep = np.unpackbits(mask, count=math.prod(shape), bitorder="little").reshape(shape).astype(bool)
-    np.multiply(x, x.dtype.type(dropout_scale(p)), out=y, where=keep)  # in place too: x is read first
+    if x.dtype.itemsize == 2:  # as the kernels: the exact product with the float32 scale, rounded once
+        kept = round_to(x.astype(np.float64) * np.float64(np.float32(dropout_scale(p))), x.dtype)
+    else:
+        kept = np.multiply(x, x.dtype.type(dropout_scale(p)))
+    np.copyto(y, kept, where=keep)  # in place too: x is read first
     np.copyto(y, 0, where=~keep)
 
 
@@ -130,7 +134,7 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
 
     Parameters
     ----------
-    x : array_like, float32 or float64
+    x : array_like, float32, float64, float16 or bfloat16
     p : float in [0, 1]
         Probability of dropping an element (PyTorch's ``p``, Keras' ``rate``). 0 is the
         identity, 1 gives zeros.

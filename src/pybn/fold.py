@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import contiguous_float_array, integer, per_channel, real_number
+from ._checks import contiguous_float_array, integer, per_channel, real_number, round_to
 
 __all__ = ["FoldedWeights", "fold_conv_bn", "fold_bn_linear"]
 
@@ -110,7 +110,7 @@ def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, ga
 
     Parameters
     ----------
-    weight : array_like, float32 or float64
+    weight : array_like, float32, float64, float16 or bfloat16
         Linear ``(out, in)``, Conv ``(out, in/groups, *kernel)``, or with ``transposed=True``
         ConvTranspose ``(in, out/groups, *kernel)`` (PyTorch's layouts).
     bias : array_like of shape (out,) or None
@@ -154,7 +154,7 @@ def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, ga
     w_out = np.empty_like(w)
     _C.fold_scale(w, s, w_out, *view)
     with _ieee():
-        b_out = ((b - mean) * s + beta_).astype(w.dtype)
+        b_out = round_to((b - mean) * s + beta_, w.dtype)
     return FoldedWeights(w_out, b_out)
 
 
@@ -164,7 +164,7 @@ def fold_bn_linear(weight: Any, bias: Any, running_mean: Any, running_var: Any, 
 
     Parameters
     ----------
-    weight : array_like, float32 or float64
+    weight : array_like, float32, float64, float16 or bfloat16
         Linear ``(out, in)`` or conv ``(out, in, 1, ...)`` with every kernel size 1. A larger
         kernel is a ValueError: the conv's zero padding would meet BN's shift ``t`` at the
         border, so no folded conv equals BN-then-conv there.

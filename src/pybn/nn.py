@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._checks import FLOAT_DTYPES, as_array, channel_layout, float_array, integer, real_number
+from ._checks import FLOAT_DTYPES, as_array, channel_layout, float_array, integer, param_dtype, real_number
 from .batchnorm import batch_norm_backward, batch_norm_infer, batch_norm_train
 from .dropout import counters_used, dropout
 
@@ -111,7 +111,9 @@ class BatchNorm(_Layer):
         Keep running statistics. When False they are None and batch statistics are used
         in evaluation mode too (as PyTorch).
     dtype : str or numpy dtype, default "float32"
-        float32 or float64; parameters, statistics and inputs all have this dtype.
+        The inputs' dtype: float32 or float64, for which parameters and statistics have
+        this dtype too; or float16 or bfloat16 (ml_dtypes'), with float32 parameters and
+        statistics (docs/dtypes.md).
 
     Attributes
     ----------
@@ -155,9 +157,10 @@ class BatchNorm(_Layer):
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = _float_dtype(dtype)
+        self.param_dtype = param_dtype(self.dtype)  # of weight, bias and the statistics
         self.training = True
 
-        c, dt = self.num_features, self.dtype
+        c, dt = self.num_features, self.param_dtype
         if c * dt.itemsize >= _I64:
             raise ValueError(f"num_features: {c} channels of {dt} do not fit in memory")
         self.weight = np.ones(c, dt) if self.affine else None
@@ -244,7 +247,7 @@ class BatchNorm(_Layer):
         y = batch_norm_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                              eps=self.eps, axis=self.axis)
         # copies: a later load_state_dict or training step must not change this gradient
-        invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)).astype(self.dtype)
+        invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)).astype(self.param_dtype)
         self._saved = (x, self.running_mean.copy(), invstd, False)
         return y
 
@@ -340,7 +343,7 @@ class BatchNorm(_Layer):
         for key in state_dict:
             if key not in expected:
                 raise KeyError(f"{key}: unexpected key in the state_dict (expected keys: {', '.join(expected)})")
-        arrays = {key: _state_array(state_dict[key], key, (self.num_features,), self.dtype)
+        arrays = {key: _state_array(state_dict[key], key, (self.num_features,), self.param_dtype)
                   for key in self._array_keys()}
         if self.track_running_stats:
             count = _batch_count(state_dict["num_batches_tracked"])
@@ -405,7 +408,8 @@ class BatchNorm(_Layer):
             returned in ``weight`` / ``bias`` and given a gradient: leave it out of your
             optimizer's update to keep Keras' behaviour.
         moving_mean, moving_variance : array_like of shape (C,)
-            The running statistics; their dtype (float32 or float64) is the layer's.
+            The running statistics; their dtype is the layer's (float32 or float64; float16
+            statistics make a float16 layer, with float32 parameters).
         momentum : float in [0, 1], default 0.99
             Keras' momentum.
         epsilon : float, default 1e-3
@@ -438,7 +442,7 @@ class BatchNorm(_Layer):
         if layer.affine:  # an absent gamma / beta keeps the identity the constructor set
             values.update(weight=layer.weight if gamma is None else gamma,
                           bias=layer.bias if beta is None else beta)
-        values = {k: _state_array(v, _KERAS_NAMES[k], (mean.size,), layer.dtype) for k, v in values.items()}
+        values = {k: _state_array(v, _KERAS_NAMES[k], (mean.size,), layer.param_dtype) for k, v in values.items()}
         layer.load_state_dict({**values, "num_batches_tracked": 0})
         return layer
 
@@ -453,7 +457,7 @@ def _float_dtype(dtype: Any) -> np.dtype:
     except TypeError:
         raise TypeError(f"dtype: {dtype!r} is not a dtype (use 'float32' or 'float64')") from None
     if dt not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: {dt} is not supported (pybn takes float32 or float64)")
+        raise TypeError(f"dtype: {dt} is not supported (pybn takes {', '.join(d.name for d in FLOAT_DTYPES)})")
     return dt
 
 
@@ -557,7 +561,7 @@ class Dropout(_Layer):
 
         Parameters
         ----------
-        x : array_like, float32 or float64
+        x : array_like, float32, float64, float16 or bfloat16
 
         Returns
         -------

@@ -21,14 +21,18 @@
 #pragma once
 
 #include "pybn/build_lists.h"
+#include "pybn/half.h"
 
 // X(storage type, NumPy dtype name, compute type): the element types the typed kernels
 // are compiled for and the bindings accept. Arrays hold the storage type; the loops
 // compute in the compute type, converting once at each load and rounding once at each
-// store (a 16-bit storage type would compute in float).
-#define PYBN_DTYPES(X)     \
-  X(float, float32, float) \
-  X(double, float64, double)
+// store. The 16-bit types (pybn/half.h; bfloat16 is ml_dtypes') compute in float, with
+// float parameters and statistics (param_t, kernels.h).
+#define PYBN_DTYPES(X)       \
+  X(float, float32, float)   \
+  X(double, float64, double) \
+  X(Float16, float16, float) \
+  X(BFloat16, bfloat16, float)
 
 // The kernel entry points, one list per family. Each list is called with three macros:
 //   TYPED(name, Args)       void name(const Args<S>&), compiled for each storage type S
@@ -61,6 +65,9 @@
 #define PYBN_KERNELS_probe(TYPED, UNTYPED, DIAGNOSTIC) \
   DIAGNOSTIC(probe_read, ProbeReadArgs)                \
   DIAGNOSTIC(probe_stream, ProbeStreamArgs)
+
+#define PYBN_KERNELS_convert(TYPED, UNTYPED, DIAGNOSTIC) \
+  DIAGNOSTIC(convert_16bit, Convert16Args)
 
 // ---------------------------------------------------------------------------------------
 // Walking the lists.

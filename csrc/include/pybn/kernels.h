@@ -2,10 +2,17 @@
 // Nothing here knows about Python; the bindings fill the structs, the kernels read them.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "pybn/kernel_list.h"
 
 namespace pybn {
+
+// The type of the per-channel parameters and statistics (weight, bias, running and saved
+// statistics, their gradients) beside arrays of storage S: S itself, or float for 16-bit
+// storage, as PyTorch's mixed precision keeps them.
+template <class S>
+using param_t = std::conditional_t<is_16bit<S>, float, S>;
 
 // Outputs of at least this many bytes are written with non-temporal stores: they would not
 // stay in cache anyway, and streaming skips reading the destination lines first. The
@@ -27,15 +34,16 @@ struct Layout {
 // Training forward: batch statistics, optional running-stat update, normalize.
 template <class T>
 struct BnTrainArgs {
+  using P = param_t<T>;
   Layout layout;
   const T* x = nullptr;
   T* y = nullptr;                  // may alias x
-  const T* weight = nullptr;       // (C,) or null (gamma = 1)
-  const T* bias = nullptr;         // (C,) or null (beta = 0)
-  T* running_mean = nullptr;       // (C,) updated in place, or null
-  T* running_var = nullptr;        // (C,) updated in place, or null
-  T* save_mean = nullptr;          // (C,) out
-  T* save_invstd = nullptr;        // (C,) out
+  const P* weight = nullptr;       // (C,) or null (gamma = 1)
+  const P* bias = nullptr;         // (C,) or null (beta = 0)
+  P* running_mean = nullptr;       // (C,) updated in place, or null
+  P* running_var = nullptr;        // (C,) updated in place, or null
+  P* save_mean = nullptr;          // (C,) out
+  P* save_invstd = nullptr;        // (C,) out
   double momentum = 0.1;
   double eps = 1e-5;
   bool relu = false;
@@ -44,13 +52,14 @@ struct BnTrainArgs {
 // Inference forward with the running statistics: y = (x - mean) / sqrt(var + eps) * weight + bias.
 template <class T>
 struct BnInferArgs {
+  using P = param_t<T>;
   Layout layout;
   const T* x = nullptr;
   T* y = nullptr;                  // may alias x
-  const T* mean = nullptr;         // (C,)
-  const T* var = nullptr;          // (C,)
-  const T* weight = nullptr;       // (C,) or null
-  const T* bias = nullptr;         // (C,) or null
+  const P* mean = nullptr;         // (C,)
+  const P* var = nullptr;          // (C,)
+  const P* weight = nullptr;       // (C,) or null
+  const P* bias = nullptr;         // (C,) or null
   double eps = 1e-5;
   bool relu = false;
 };
@@ -59,13 +68,14 @@ struct BnInferArgs {
 // y = (x - mean) * invstd * weight + bias, invstd * weight taken in double.
 template <class T>
 struct BnApplyArgs {
+  using P = param_t<T>;
   Layout layout;
   const T* x = nullptr;
   T* y = nullptr;                  // may alias x
-  const T* mean = nullptr;         // (C,)
+  const P* mean = nullptr;         // (C,)
   const double* invstd = nullptr;  // (C,)
-  const T* weight = nullptr;       // (C,) or null
-  const T* bias = nullptr;         // (C,) or null
+  const P* weight = nullptr;       // (C,) or null
+  const P* bias = nullptr;         // (C,) or null
   bool relu = false;
 };
 
@@ -82,22 +92,24 @@ struct BnMomentsArgs {
 // given: the forward fused a ReLU) and xhat = (x - mean) * invstd.
 template <class T>
 struct BnGradInputs {
+  using P = param_t<T>;
   Layout layout;
   const T* dy = nullptr;
   const T* x = nullptr;
   const T* y = nullptr;            // non-null when the forward fused a ReLU
-  const T* mean = nullptr;         // (C,)
-  const T* invstd = nullptr;       // (C,)
+  const P* mean = nullptr;         // (C,)
+  const P* invstd = nullptr;       // (C,)
 };
 
 // Backward. training: gradient through the batch statistics (mean/invstd saved by the
 // forward); otherwise dx = g * weight * invstd.
 template <class T>
 struct BnBackwardArgs : BnGradInputs<T> {
-  const T* weight = nullptr;       // (C,) or null
+  using P = param_t<T>;
+  const P* weight = nullptr;       // (C,) or null
   T* dx = nullptr;                 // may alias dy
-  T* dweight = nullptr;            // (C,) out: sum(g * xhat)
-  T* dbias = nullptr;              // (C,) out: sum(g)
+  P* dweight = nullptr;            // (C,) out: sum(g * xhat)
+  P* dbias = nullptr;              // (C,) out: sum(g)
   bool training = true;
 };
 
@@ -113,7 +125,8 @@ struct BnGradReduceArgs : BnGradInputs<T> {
 // dx = weight * invstd * (g - sum_g / count - xhat * sum_gxhat / count).
 template <class T>
 struct BnGradApplyArgs : BnGradInputs<T> {
-  const T* weight = nullptr;       // (C,) or null
+  using P = param_t<T>;
+  const P* weight = nullptr;       // (C,) or null
   const double* sum_g = nullptr;   // (C,)
   const double* sum_gxhat = nullptr;  // (C,)
   double count = 0;                // > 0
@@ -122,12 +135,13 @@ struct BnGradApplyArgs : BnGradInputs<T> {
 
 // The running statistics' update from a batch's statistics, as PyTorch does it:
 // running = (1 - momentum) * running + momentum * batch, the batch variance unbiased
-// (m2 / (count - 1)); in double, rounded once to T.
+// (m2 / (count - 1)); in double, rounded once to P.
 template <class T>
 struct BnRunningStatsArgs {
+  using P = param_t<T>;
   std::int64_t channels = 0;
-  T* running_mean = nullptr;       // (C,) updated in place, or null
-  T* running_var = nullptr;        // (C,) updated in place, or null
+  P* running_mean = nullptr;       // (C,) updated in place, or null
+  P* running_var = nullptr;        // (C,) updated in place, or null
   const double* mean = nullptr;    // (C,)
   const double* m2 = nullptr;      // (C,)
   double count = 0;                // values per channel in the batch, > 1
@@ -217,6 +231,16 @@ struct ProbeReadArgs {
   const float* x = nullptr;
   std::int64_t n = 0;
   double* sum = nullptr;           // out
+};
+
+// The 16-bit conversions of the active path's loads and stores (half.h), over n values:
+// from float16 or bfloat16 bits to float (widen), or from float to them.
+struct Convert16Args {
+  const void* src = nullptr;
+  void* dst = nullptr;
+  std::int64_t n = 0;
+  bool bfloat16 = false;           // else float16
+  bool widen = false;              // 16-bit to float, else float to 16-bit
 };
 
 struct ProbeStreamArgs {

@@ -11,7 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import BFLOAT16
+
 PYBN_DTYPES = (torch.float32, torch.float64)
+# 16-bit dtypes the kernels take too (float32 parameters beside them, docs/dtypes.md):
+# bfloat16 when ml_dtypes gives NumPy a dtype to view it as.
+HALF_DTYPES = (torch.float16,) + ((torch.bfloat16,) if BFLOAT16 is not None else ())
 
 
 def channels_last_physical(x: Tensor) -> bool:
@@ -20,8 +25,18 @@ def channels_last_physical(x: Tensor) -> bool:
 
 
 def pybn_takes(x: Tensor) -> bool:
-    """Whether pybn's kernels take x directly (a CPU tensor of float32 or float64)."""
-    return x.device.type == "cpu" and x.dtype in PYBN_DTYPES
+    """Whether pybn's kernels take x directly (a CPU tensor of float32, float64, float16 or
+    bfloat16)."""
+    return x.device.type == "cpu" and (x.dtype in PYBN_DTYPES or x.dtype in HALF_DTYPES)
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    """The NumPy view of a contiguous CPU tensor; a bfloat16 one (which Tensor.numpy
+    refuses) viewed through int16 as ml_dtypes' bfloat16, with no copy either."""
+    if t.dtype == torch.bfloat16:
+        assert BFLOAT16 is not None  # (pybn_takes gives bfloat16 tensors only with ml_dtypes)
+        return t.view(torch.int16).numpy().view(BFLOAT16)
+    return t.numpy()
 
 
 def array(t: Tensor, last: bool) -> np.ndarray:
@@ -29,11 +44,11 @@ def array(t: Tensor, last: bool) -> np.ndarray:
     has another layout."""
     if last:
         t = t.movedim(1, -1)
-    return t.detach().contiguous().numpy()
+    return _numpy(t.detach().contiguous())
 
 
 def per_channel(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    return None if t is None else t.detach().contiguous().numpy()
+    return None if t is None else _numpy(t.detach().contiguous())
 
 
 def empty(x: Tensor, last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -31,10 +31,11 @@ strides without running anything, so ``torch.compile(fullgraph=True)`` and
 same kernels (and the same seed draw) as eager mode.
 
 Layouts: contiguous and channels-last tensors reach the kernels without a copy
-(:mod:`pybn.torch._layout`); results keep x's layout. Tensors pybn cannot take directly
-(other devices; dtypes other than float32 and float64) go to torch's own batch-norm
-kernels; dropout computes them on a float32/float64 CPU copy, so that the mask is the
-same on every device and dtype.
+(:mod:`pybn.torch._layout`); results keep x's layout. float16 and bfloat16 CPU tensors go
+to the kernels without a copy too (bfloat16 when ml_dtypes is installed), with float32
+statistics and gradients of the parameters (docs/dtypes.md). Tensors pybn cannot take
+directly (other devices and dtypes) go to torch's own batch-norm kernels; dropout computes
+them on a float32/float64 CPU copy, so that the mask is the same on every device and dtype.
 
 Autograd: ``batch_norm_infer`` and ``dropout`` with ``torch.library.register_autograd``;
 ``batch_norm_train`` mutates its running statistics, which ``register_autograd`` does not
@@ -90,10 +91,11 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 
 
 def _can_train_in_place(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
-    """pybn updates the running statistics through NumPy views: CPU tensors of x's dtype."""
+    """pybn updates the running statistics through NumPy views: CPU tensors of x's dtype
+    (or float32 beside 16-bit x)."""
     if not pybn_takes(x):
         return False
-    return all(t is None or (t.device.type == "cpu" and t.dtype == x.dtype and t.is_contiguous())
+    return all(t is None or (t.device.type == "cpu" and t.dtype in (x.dtype, _stats_dtype(x)) and t.is_contiguous())
                for t in (running_mean, running_var))
 
 

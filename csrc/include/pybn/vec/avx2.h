@@ -1,7 +1,11 @@
 // AVX2 + FMA implementation (256-bit).
 #pragma once
 #include <immintrin.h>
+
 #include <cstdint>
+#include <cstring>
+
+#include "pybn/half.h"
 
 namespace pybn {
 namespace avx2 {
@@ -29,6 +33,36 @@ inline __m256i lane_mask64(std::int64_t n) {
   const __m256i idx = _mm256_setr_epi64x(0, 1, 2, 3);
   return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), idx);
 }
+
+// n < 8 16-bit values into the low lanes of a vector (the rest 0), and back: AVX2 has no
+// masked 16-bit loads and stores (used for the tails only).
+inline __m128i load_halves(const void* p, std::int64_t n) {
+  std::uint16_t t[8] = {};
+  std::memcpy(t, p, static_cast<std::size_t>(n) * 2);
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(t));
+}
+inline void store_halves(void* p, std::int64_t n, __m128i v) {
+  std::uint16_t t[8];
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(t), v);
+  std::memcpy(p, t, static_cast<std::size_t>(n) * 2);
+}
+
+// 8 floats to bfloat16, to nearest even by integer rounding (half_bits::to_bfloat16).
+inline __m128i to_bfloat16(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i high = _mm256_srli_epi32(b, 16);
+  const __m256i lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);  // NaN: quiet, payload's top
+  // every lane is below 2^16: the unsigned-saturating pack keeps it
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+inline __m256 from_bfloat16(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+// vcvtps2ph's immediate: to nearest even, whatever MXCSR says
+constexpr int kToNearest = _MM_FROUND_TO_NEAREST_INT;
 }  // namespace detail
 
 template <>
@@ -44,6 +78,21 @@ struct Vec<float> {
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store(float* p, std::int64_t n) const { _mm256_maskstore_ps(p, detail::lane_mask32(n), v); }
   void stream(float* p) const { _mm256_stream_ps(p, v); }
+  // 16-bit storage: float16 by F16C, bfloat16 by integer rounding (half.h gives the bits).
+  static Vec load_widen(const Float16* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+  static Vec load_widen(const Float16* p, std::int64_t n) { return {_mm256_cvtph_ps(detail::load_halves(p, n))}; }
+  void store_narrow(Float16* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, detail::kToNearest));
+  }
+  void store_narrow(Float16* p, std::int64_t n) const {
+    detail::store_halves(p, n, _mm256_cvtps_ph(v, detail::kToNearest));
+  }
+  static Vec load_widen(const BFloat16* p) {
+    return {detail::from_bfloat16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  static Vec load_widen(const BFloat16* p, std::int64_t n) { return {detail::from_bfloat16(detail::load_halves(p, n))}; }
+  void store_narrow(BFloat16* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), detail::to_bfloat16(v)); }
+  void store_narrow(BFloat16* p, std::int64_t n) const { detail::store_halves(p, n, detail::to_bfloat16(v)); }
 
   friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
@@ -60,6 +109,18 @@ struct Vec<float> {
   // a * s in the lanes whose bit is set in `bits`, 0 elsewhere.
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {_mm256_and_ps(_mm256_castsi256_ps(detail::bit_mask32(bits)), _mm256_mul_ps(a.v, s.v))};
+  }
+  // a * b rounded to odd (toward zero, the last bit set when inexact): the rounded product
+  // stepped toward zero where its error (exact, from an FMA) has the other sign. Exact for
+  // products that do not underflow (those of 16-bit values and a scale >= 1).
+  friend Vec mul_round_to_odd(Vec a, Vec b) {
+    const __m256 p = _mm256_mul_ps(a.v, b.v);
+    const __m256 e = _mm256_fmsub_ps(a.v, b.v, p);
+    const __m256i bits = _mm256_castps_si256(p);
+    const __m256i inexact = _mm256_castps_si256(_mm256_cmp_ps(e, _mm256_setzero_ps(), _CMP_NEQ_OQ));
+    const __m256i toward_zero = _mm256_srai_epi32(_mm256_xor_si256(bits, _mm256_castps_si256(e)), 31);
+    const __m256i r = _mm256_add_epi32(bits, _mm256_and_si256(inexact, toward_zero));  // - 1
+    return {_mm256_castsi256_ps(_mm256_or_si256(r, _mm256_and_si256(inexact, _mm256_set1_epi32(1))))};
   }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

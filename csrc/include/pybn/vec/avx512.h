@@ -15,6 +15,8 @@
 #endif
 #include <cstdint>
 
+#include "pybn/half.h"
+
 namespace pybn {
 namespace avx512 {
 
@@ -35,6 +37,29 @@ struct Vec<float> {
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(float* p, std::int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
   void stream(float* p) const { _mm512_stream_ps(p, v); }
+  // 16-bit storage: float16 by vcvtph2ps/vcvtps2ph, bfloat16 by integer rounding (half.h
+  // gives the bits; vcvtneps2bf16 would flush subnormal inputs to zero).
+  static Vec load_widen(const Float16* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+  static Vec load_widen(const Float16* p, std::int64_t n) { return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p))}; }
+  void store_narrow(Float16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_float16()); }
+  void store_narrow(Float16* p, std::int64_t n) const { _mm256_mask_storeu_epi16(p, mask(n), to_float16()); }
+  static Vec load_widen(const BFloat16* p) {
+    return from_bfloat16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static Vec load_widen(const BFloat16* p, std::int64_t n) { return from_bfloat16(_mm256_maskz_loadu_epi16(mask(n), p)); }
+  void store_narrow(BFloat16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bfloat16()); }
+  void store_narrow(BFloat16* p, std::int64_t n) const { _mm256_mask_storeu_epi16(p, mask(n), to_bfloat16()); }
+  __m256i to_float16() const { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  __m256i to_bfloat16() const {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i high = _mm512_srli_epi32(b, 16);
+    const __m512i lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, high, _mm512_set1_epi32(0x40));  // NaN: quiet, payload's top
+    return _mm512_cvtepi32_epi16(r);
+  }
+  static Vec from_bfloat16(__m256i h) { return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))}; }
 
   friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
@@ -47,6 +72,18 @@ struct Vec<float> {
     return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_GT_OQ), a.v)};
   }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  // a * b rounded to odd (toward zero, the last bit set when inexact): the rounded product
+  // stepped toward zero where its error (exact, from an FMA) has the other sign. Exact for
+  // products that do not underflow (those of 16-bit values and a scale >= 1).
+  friend Vec mul_round_to_odd(Vec a, Vec b) {
+    const __m512 p = _mm512_mul_ps(a.v, b.v);
+    const __m512 e = _mm512_fmsub_ps(a.v, b.v, p);
+    const __m512i bits = _mm512_castps_si512(p);
+    const __mmask16 inexact = _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    const __m512i toward_zero = _mm512_srai_epi32(_mm512_xor_si512(bits, _mm512_castps_si512(e)), 31);
+    const __m512i r = _mm512_mask_add_epi32(bits, inexact, bits, toward_zero);  // - 1
+    return {_mm512_castsi512_ps(_mm512_mask_or_epi32(r, inexact, r, _mm512_set1_epi32(1)))};
+  }
   // a * s in the lanes whose bit is set in `bits`, 0 elsewhere.
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {_mm512_maskz_mul_ps(static_cast<__mmask16>(bits), a.v, s.v)};

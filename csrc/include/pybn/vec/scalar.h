@@ -5,6 +5,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "pybn/half.h"
+
 namespace pybn {
 namespace scalar {
 
@@ -37,16 +39,25 @@ struct Vec {
     for (int i = 0; i < n; ++i) p[i] = v[i];
   }
   void stream(T* p) const { store(p); }
-  // float <-> double (used with T = double): widened on load, rounded once on store.
-  static Vec load_widen(const float* p) { return load_widen(p, W); }
-  static Vec load_widen(const float* p, std::int64_t n) {
+  // Storage S narrower than T (float for double, Float16 and BFloat16 for float): widened
+  // on load, rounded once on store, by S's scalar conversions (half.h).
+  template <class S>
+  static Vec load_widen(const S* p) {
+    return load_widen(p, W);
+  }
+  template <class S>
+  static Vec load_widen(const S* p, std::int64_t n) {
     Vec r = zero();
     for (int i = 0; i < n; ++i) r.v[i] = static_cast<T>(p[i]);
     return r;
   }
-  void store_narrow(float* p) const { store_narrow(p, W); }
-  void store_narrow(float* p, std::int64_t n) const {
-    for (int i = 0; i < n; ++i) p[i] = static_cast<float>(v[i]);
+  template <class S>
+  void store_narrow(S* p) const {
+    store_narrow(p, W);
+  }
+  template <class S>
+  void store_narrow(S* p, std::int64_t n) const {
+    for (int i = 0; i < n; ++i) p[i] = static_cast<S>(v[i]);
   }
 
   friend Vec operator+(Vec a, const Vec& b) {
@@ -89,6 +100,13 @@ struct Vec {
       word &= Bits(0) - Bits((bits >> i) & 1u);
       std::memcpy(&a.v[i], &word, sizeof word);
     }
+    return a;
+  }
+  // a * b rounded to odd (toward zero, the last bit set when inexact), for T = float: in
+  // double, exact for the products of a 16-bit value and a float (half.h, to_odd_float).
+  friend Vec mul_round_to_odd(Vec a, const Vec& b) {
+    static_assert(sizeof(T) == 4, "for float vectors");
+    for (int i = 0; i < W; ++i) a.v[i] = half_bits::to_odd_float(static_cast<double>(a.v[i]) * b.v[i]);
     return a;
   }
   T reduce_add() const {

@@ -13,11 +13,17 @@
 //   stream(p)               non-temporal store, p aligned to W*sizeof(T)
 //   Vec<double>::load_widen(const float* p[, n]) / store_narrow(float* p[, n]):
 //                           W floats converted to double, and back with one rounding
+//   Vec<float>::load_widen(const Float16* / const BFloat16* p[, n]) / store_narrow(...):
+//                           the same for 16-bit storage (half.h), to the same bits on
+//                           every path
 //   set1, zero, + - *, fma(a, b, c) = a*b + c, reduce_add
 //   relu(v)                 max(v, 0) with NaN propagated, as torch.relu
 //   keep_first(v, n)        v with lanes [n, W) set to 0
 //   keep_if_positive(y, v)  v where y > 0, else 0 (the ReLU gradient mask; NaN in y gives 0)
 //   scale_where(bits, v, s) v * s in the lanes whose bit is set, 0 in the others
+//   mul_round_to_odd(a, b)  (float) a * b rounded toward zero with the last bit set when
+//                           inexact: rounded once more to 16 bits, the correctly rounded
+//                           product (for products that do not underflow)
 // For the counter-based RNG, Vec<uint64_t> holds one 32-bit word per lane in the low half:
 //   set1, zero, from_index(first) (lanes first + i), a + b (mod 2**64), shr32, a ^ b,
 //   xor3(a, b, c) = a ^ b ^ c,
@@ -45,9 +51,29 @@
 #endif
 
 #include PYBN_ISA_HEADER
+#include "pybn/half.h"
 
 namespace pybn {
 namespace PYBN_ISA {
+
+// 16-bit storage in double vectors (the fold kernels, which compute in double whatever
+// the dtype): lane by lane through half.h's conversions, which round a double once.
+template <class C, class S>
+constexpr bool kLaneByLane = std::is_same_v<C, double> && is_16bit<S>;
+
+template <class S>
+inline Vec<double> widen_lanes(const S* p, std::int64_t n) {
+  double t[Vec<double>::W] = {};
+  for (std::int64_t i = 0; i < n; ++i) t[i] = static_cast<double>(p[i]);
+  return Vec<double>::load(t);
+}
+
+template <class S>
+inline void narrow_lanes(const Vec<double>& v, S* p, std::int64_t n) {
+  double t[Vec<double>::W];
+  v.store(t);
+  for (std::int64_t i = 0; i < n; ++i) p[i] = static_cast<S>(t[i]);
+}
 
 // Storage S as vectors of the compute type C: plain loads and stores when S is C, else
 // widened on load and rounded once on store (Vec<C>::load_widen, store_narrow). The
@@ -56,6 +82,8 @@ template <class C, class S>
 inline Vec<C> load_as(const S* p) {
   if constexpr (std::is_same_v<C, S>)
     return Vec<C>::load(p);
+  else if constexpr (kLaneByLane<C, S>)
+    return widen_lanes(p, Vec<C>::W);
   else
     return Vec<C>::load_widen(p);
 }
@@ -64,6 +92,8 @@ template <class C, class S>
 inline Vec<C> load_as(const S* p, std::int64_t n) {
   if constexpr (std::is_same_v<C, S>)
     return Vec<C>::load(p, n);
+  else if constexpr (kLaneByLane<C, S>)
+    return widen_lanes(p, n);
   else
     return Vec<C>::load_widen(p, n);
 }
@@ -72,6 +102,8 @@ template <class C, class S>
 inline void store_as(const Vec<C>& v, S* p) {
   if constexpr (std::is_same_v<C, S>)
     v.store(p);
+  else if constexpr (kLaneByLane<C, S>)
+    narrow_lanes(v, p, Vec<C>::W);
   else
     v.store_narrow(p);
 }
@@ -80,6 +112,8 @@ template <class C, class S>
 inline void store_as(const Vec<C>& v, S* p, std::int64_t n) {
   if constexpr (std::is_same_v<C, S>)
     v.store(p, n);
+  else if constexpr (kLaneByLane<C, S>)
+    narrow_lanes(v, p, n);
   else
     v.store_narrow(p, n);
 }
