@@ -196,8 +196,9 @@ def in_place(value: Any, name: str, channels: int, dtype: np.dtype,
         raise TypeError(f"{name}: must be a numpy.ndarray (it is updated in place), got {type(value).__name__}")
     not_silently_converted(value, name)
     if value.dtype != dtype and (also is None or value.dtype != also):
-        raise TypeError(f"{name}: dtype {value.dtype} does not match x ({dtype}); it is updated in place, "
-                        f"so pybn will not convert it{_byte_order_hint(value.dtype, dtype)}")
+        want = dtype.name if also is None else f"{dtype.name} or {also.name}"
+        raise TypeError(f"{name}: dtype {value.dtype} is not {want} (the running statistics' dtype for this x); "
+                        f"it is updated in place, so pybn will not convert it{_byte_order_hint(value.dtype, dtype)}")
     if value.shape != (channels,):
         raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {value.shape}")
     if not value.flags.carray:
