@@ -121,17 +121,18 @@ def ulps(got, want):
     return np.abs(position(got) - position(want))
 
 
-def assert_outputs_close(got, want, magnitude, dtype):
-    """Both outputs of a 16-bit graph agree within 8 roundings to `dtype` of the `magnitude` of
-    each output element (a bound on every value either graph computes on the way to it, in
-    units of the output). The folded graph rounds its weights, its bias and its output; the
-    original its layer's output and up to four steps of the batch norm and its output: each
-    rounding errs by at most UNIT times such a value. onnxruntime's CPU kernels and onnx's
-    reference evaluator accumulate the products in float32, whose error (at most 36 terms
-    times 2**-24 here) is a small fraction of one 16-bit rounding."""
+def assert_outputs_close(got, want, magnitude, dtype, roundings=8):
+    """Both outputs of a 16-bit graph agree within `roundings` roundings to `dtype` of the
+    `magnitude` of each output element (a bound on every value either graph computes on the
+    way to it, in units of the output), each rounding erring by at most UNIT times such a
+    value. 8 covers a layer and a batch norm: the folded graph rounds its weights, its bias
+    and its output (3), the original its layer's output and up to four steps of the batch
+    norm (5). onnxruntime's CPU kernels and onnx's reference evaluator accumulate the
+    products in float32, whose error (at most 36 terms times 2**-24 here) is a small
+    fraction of one 16-bit rounding. (The largest difference seen is 1.5 roundings.)"""
     assert got.dtype == want.dtype == dtype and got.shape == want.shape
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    bound = 8 * UNIT[dtype] * magnitude
+    bound = roundings * UNIT[dtype] * magnitude
     assert np.all(diff <= bound), f"max excess {np.max(diff - bound)} (max bound {bound.max()})"
 
 
@@ -216,6 +217,40 @@ def test_float16_weights_are_rounded_once_not_through_float32(rng):
     check_conv_bn_weights(folded, w, b, params, F16)
 
 
+def conv_transpose64(x, w):
+    """A group-1, stride-1 2-D transposed convolution without padding, in float64."""
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    (n, _, h, width), k = x.shape, w.shape[2]
+    y = np.zeros((n, w.shape[1], h + k - 1, width + k - 1))
+    for a in range(k):
+        for b in range(k):
+            y[:, :, a:a + h, b:b + width] += np.einsum("nihw,io->nohw", x, w[:, :, a, b])
+    return y
+
+
+def test_float16_conv_transpose_bn(rng):
+    """ConvTranspose, whose output channels are its weight's axis 1, with float32 statistics."""
+    w = (rng.normal(size=(4, 6, 3, 3)) / 6).astype(F16)
+    params = bn_params(rng, 6, F32)
+    e = elem(F16)
+    model = make_model([helper.make_node("ConvTranspose", ["x", "w"], ["c"], name="conv"), bn_node("c", "y")],
+                       [helper.make_tensor_value_info("x", e, [2, 4, 5, 5])],
+                       [helper.make_tensor_value_info("y", e, [2, 6, 7, 7])],
+                       [numpy_helper.from_array(w, "w")] + bn_inits(params), 15)
+    folded = fold(model, "ConvTranspose+BatchNormalization")
+    conv = folded.graph.node[0]
+    new = inits_of(folded)
+    s, t = scale_shift(params)
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    assert_rounded_once(new[conv.input[1]], w.astype(np.float64) * s[None, :, None, None], F16)
+    assert_rounded_once(new[conv.input[2]], -p["mean"] * s + p["bias"], F16)
+    x = rng.normal(size=(2, 4, 5, 5)).astype(F16)
+    (want,), (got,) = run_ort(model, {"x": x}), run_ort(folded, {"x": x})
+    magnitude = np.abs(s)[:, None, None] * (conv_transpose64(np.abs(x), np.abs(w)) + np.abs(p["mean"])[:, None, None]) \
+        + np.abs(p["bias"])[:, None, None]
+    assert_outputs_close(got, want, magnitude, F16)
+
+
 def test_float16_chain_of_constants(rng):
     """Conv then Mul and Add by float16 per-channel constants (an exported frozen batch norm)."""
     model, x, w, b, params = conv_bn_model(rng, F16, F16)
@@ -236,6 +271,46 @@ def test_float16_chain_of_constants(rng):
     magnitude = s[:, None, None] * (conv64(np.abs(x), np.abs(w), 1) + np.abs(b.astype(np.float64))[:, None, None]) \
         + np.abs(t)[:, None, None]
     assert_outputs_close(got, want, magnitude, F16)
+
+
+def test_float16_branches_merge(rng):
+    """merge_branches on a float16 RepVGG block: a 3x3 Conv, a 1x1 Conv and an identity batch norm
+    summed become one Conv whose weight and bias are the float64 sums rounded once."""
+    c = 4
+    w3, w1 = (rng.normal(size=(c, c, 3, 3)) / 6).astype(F16), (rng.normal(size=(c, c, 1, 1)) / 2).astype(F16)
+    b3, b1 = rng.normal(size=c).astype(F16), rng.normal(size=c).astype(F16)
+    params = bn_params(rng, c, F16)
+    e = elem(F16)
+    nodes = [helper.make_node("Conv", ["x", "w3", "b3"], ["k"], name="conv3", pads=[1] * 4),
+             helper.make_node("Conv", ["x", "w1", "b1"], ["one"], name="conv1"), bn_node("x", "ident"),
+             helper.make_node("Add", ["k", "one"], ["s0"], name="add0"),
+             helper.make_node("Add", ["s0", "ident"], ["y"], name="add1")]
+    inits = [numpy_helper.from_array(a, n) for n, a in (("w3", w3), ("b3", b3), ("w1", w1), ("b1", b1))]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", e, [2, c, 6, 6])],
+                       [helper.make_tensor_value_info("y", e, [2, c, 6, 6])], inits + bn_inits(params), 15)
+    onnx.checker.check_model(model, full_check=True)
+    folded, report = pybn.onnx.fold(model, merge_branches=True, return_report=True)
+    onnx.checker.check_model(folded, full_check=True)
+    assert report == [FoldRecord("branches", ("conv3", "conv1", "bn", "add1", "add0"))]
+    assert ops(folded) == {"Conv": 1}
+    conv = folded.graph.node[0]
+    new = inits_of(folded)
+    s, t = scale_shift(params)
+    weight = w3.astype(np.float64)
+    weight[:, :, 1:2, 1:2] += w1.astype(np.float64)
+    weight[range(c), range(c), 1, 1] += s
+    assert_rounded_once(new[conv.input[1]], weight, F16)
+    assert_rounded_once(new[conv.input[2]], b3.astype(np.float64) + b1.astype(np.float64) + t, F16)
+    x = rng.normal(size=(2, c, 6, 6)).astype(F16)
+    (want,), (got,) = run_ort(model, {"x": x}), run_ort(folded, {"x": x})
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    ax = np.abs(x.astype(np.float64))
+    magnitude = conv64(ax, np.abs(w3), 1) + conv64(ax, np.abs(w1), 0) + \
+        (np.abs(b3.astype(np.float64)) + np.abs(b1.astype(np.float64)) + np.abs(p["bias"]))[:, None, None] + \
+        np.abs(s)[:, None, None] * (ax + np.abs(p["mean"])[:, None, None])
+    # the original rounds two conv outputs, the batch norm's steps (up to 4) and two sums (8),
+    # the folded graph its weights, bias and output (3)
+    assert_outputs_close(got, want, magnitude, F16, roundings=11)
 
 
 def test_float16_fold_that_overflows_is_left(rng):
