@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -14,6 +15,7 @@ from torch.nn import functional as F  # noqa: E402
 
 import pybn.torch  # noqa: E402
 from pybn.torch import Folded, NotFolded  # noqa: E402
+from reference import nearest_even  # noqa: E402
 from tutorial_models import CNNWithBNDropout, red_wine  # noqa: E402
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -446,18 +448,106 @@ def test_import_without_torch_names_the_extra():
     assert "pip install 'pybn-kernels[torch]'" in out.stdout
 
 
+def f64(t):
+    return t.detach().double().numpy()
+
+
+def bits16(t):
+    """The bit patterns of a float16 or bfloat16 tensor."""
+    return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def numpy_half(dtype):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return np.dtype(np.float16) if dtype == torch.float16 else np.dtype(ml_dtypes.bfloat16)
+
+
+def scale_shift(bn):
+    """(s, t) of a batch norm module, float64: s = gamma / sqrt(var + eps), t = beta - mean * s."""
+    s = f64(bn.weight) / np.sqrt(f64(bn.running_var) + bn.eps)
+    return s, f64(bn.bias) - f64(bn.running_mean) * s
+
+
+def assert_rounded_once(got, want64):
+    """The 16-bit tensor `got` is the float64 `want64` rounded once to its dtype, bit for bit."""
+    np.testing.assert_array_equal(bits16(got), nearest_even(want64, numpy_half(got.dtype)).view(np.uint16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_half_weights_fold_in_float32_and_keep_their_dtype(dtype):
-    model = randomize_batch_norms(nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.ReLU(),
-                                                nn.BatchNorm1d(5), nn.Linear(5, 3)))
-    folded = pybn.torch.fold(model.to(dtype))
+def test_half_weights_are_folded_in_float64_and_rounded_once(dtype):
+    """model.half() / model.to(torch.bfloat16): every folded weight and bias keeps the dtype and
+    is the fold computed in float64 from the 16-bit parameters, rounded once."""
+    model = randomize_batch_norms(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1),
+        nn.Flatten(), nn.Linear(4 * 5 * 5, 5), nn.BatchNorm1d(5))).to(dtype).eval()
+    x = torch.randn(3, 3, 5, 5, dtype=dtype)
+    folded, report = pybn.torch.fold(model, example_inputs=x, return_report=True)
+    assert sorted(r.kind for r in report) == ["bn+conv", "conv+bn", "linear+bn"]
     assert all(p.dtype == dtype for p in folded.parameters())
-    x = torch.randn(4, 7)
-    with torch.no_grad():
-        expected = model.float().eval()(x)  # the exact function, in float32
-        actual = folded(x.to(dtype)).float()
-    # a few roundings to 8 (bf16) or 11 (f16) bits
+    new = folded.state_dict()
+    s, t = scale_shift(model[1])
+    assert_rounded_once(new["0.weight"], f64(model[0].weight) * s[:, None, None, None])
+    assert_rounded_once(new["0.bias"], (f64(model[0].bias) - f64(model[1].running_mean)) * s + f64(model[1].bias))
+    s, t = scale_shift(model[3])
+    w = f64(model[4].weight)
+    assert_rounded_once(new["4.weight"], w * s[None, :, None, None])
+    # b + W t: a float64 sum whose order pybn and NumPy may choose differently, each within a
+    # few float64 ulps of the exact sum; rounded to 16 bits they differ only when the exact
+    # sum lies that close to a rounding boundary, and then by one ulp
+    want = nearest_even(f64(model[4].bias) + w[:, :, 0, 0] @ t, numpy_half(dtype)).view(np.uint16).astype(int)
+    assert np.abs(bits16(new["4.bias"]).astype(int) - want).max() <= 1  # (same sign: |bias| >> 1 ulp)
+    s, t = scale_shift(model[7])
+    assert_rounded_once(new["6.weight"], f64(model[6].weight) * s[:, None])
+    assert_rounded_once(new["6.bias"], (f64(model[6].bias) - f64(model[7].running_mean)) * s + f64(model[7].bias))
+    with torch.no_grad():  # torch's CPU kernels take both dtypes: the folded model runs
+        expected = model.float()(x.float())  # the exact function, in float32
+        actual = folded(x).float()
+    # a few roundings to 8 (bf16) or 11 (f16) bits of values of the output's scale
     torch.testing.assert_close(actual, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_weights_are_not_rounded_through_float32(dtype):
+    """A 16-bit conv before a float32 batch norm (torch's mixed precision), with w * s just above
+    a tie of the 16-bit type: float32 would round it onto the tie, and the tie to even then down
+    to 1; rounded once, from float64, it goes up to the next value above 1."""
+    ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    conv, bn = nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3, eps=0.0)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = 1.0
+        bn.weight[0] = 1 + ulp / 2  # the tie between 1 and 1 + ulp
+        bn.running_var[0] = 1 - 2.0**-24  # sqrt(var) just below 1: s just above the tie
+    model = nn.Sequential(conv.to(dtype), bn).eval()
+    s, _ = scale_shift(bn)
+    assert np.float32(s[0]) == np.float32(1 + ulp / 2) and s[0] > 1 + ulp / 2  # the case meant
+    new = pybn.torch.fold(model).state_dict()
+    assert new["0.weight"].dtype == new["0.bias"].dtype == dtype
+    assert new["0.weight"][0, 0, 0, 0].item() == 1 + ulp
+    assert_rounded_once(new["0.weight"], f64(model[0].weight) * s[:, None, None, None])
+    assert_rounded_once(new["0.bias"], -f64(bn.running_mean) * s + f64(bn.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_branches_merge_rounded_once(dtype):
+    """Summed 16-bit conv branches and an identity merge into one conv whose weights are the
+    float64 sum rounded once."""
+    class TwoConvsAndIdentity(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + x
+
+    model = TwoConvsAndIdentity().to(dtype).eval()
+    folded, report = pybn.torch.fold(model, example_inputs=torch.randn(2, 4, 5, 5, dtype=dtype), merge_branches=True,
+                                     return_report=True)
+    assert report == [Folded("branches", ("a", "b"))]
+    weight = f64(model.a.weight)
+    weight[:, :, 1:2, 1:2] += f64(model.b.weight)
+    weight[range(4), range(4), 1, 1] += 1.0
+    assert_rounded_once(folded.a.weight, weight)
+    assert_rounded_once(folded.a.bias, f64(model.a.bias) + f64(model.b.bias))
 
 
 # --- what fold must refuse, and the hooks it must keep ----------------------------------------

@@ -770,6 +770,132 @@ SPECS = [
     }),
 ]
 
+# ------------------------------------------------------------ 16-bit data (docs/dtypes.md)
+# x, y, dy, dx and out share one dtype; beside 16-bit data the parameters and statistics are
+# float32: read-only per-channel inputs of any float dtype are converted (so a bfloat16 weight
+# beside float16 x is a valid call), running statistics, updated in place, must be float32 or
+# x's dtype. These specs start from float16 calls; their rows are the boundaries those rules
+# add (another 16-bit dtype of the same size, float32 where x's dtype is required); every
+# other bad value is the float32 matrix's.
+
+H = np.dtype(np.float16)
+BF16 = pybn._checks.BFLOAT16   # None without ml_dtypes: then only float32 is "another dtype"
+OTHERS = [np.dtype(np.float32)] + ([BF16] if BF16 is not None else [])
+
+
+def other_dtypes(arg, shape, dtypes=OTHERS):
+    """`arg` of each dtype in `dtypes` (not x's): a TypeError naming it."""
+    return cases(arg, [(f"dtype-{dt.name}", (lambda dt=dt: rand(shape).astype(dt)), TypeError) for dt in dtypes])
+
+
+def stats_of_another_dtype(arg):
+    """In-place running statistics: float32 or x's float16 pass; bfloat16 and float64 do not."""
+    dtypes = [np.dtype(np.float64)] + ([BF16] if BF16 is not None else [])
+    return cases(arg, [(f"dtype-{dt.name}", (lambda dt=dt: positive().astype(dt)), TypeError) for dt in dtypes])
+
+
+def half(kw):
+    """`kw` with its data arrays (x, dy, y) in float16 and per-channel inputs of other float
+    dtypes, which are accepted: a bfloat16 (else float64) weight, float64 mean, invstd, bias."""
+    other = BF16 if BF16 is not None else np.dtype(np.float64)
+    for k in ("x", "dy", "y"):
+        if isinstance(kw.get(k), np.ndarray):
+            kw[k] = kw[k].astype(H)
+    if isinstance(kw.get("weight"), np.ndarray) and kw["weight"].ndim == 1:
+        kw["weight"] = kw["weight"].astype(other)
+    for k in ("mean", "invstd", "bias"):
+        if isinstance(kw.get(k), np.ndarray):
+            kw[k] = kw[k].astype(np.float64)
+    return kw
+
+
+def half_good(good, train=False):
+    """The float16 form of a good call (`train`: with float16 running statistics, x's dtype)."""
+    def make():
+        kw = good()
+        if train:
+            kw["running_mean"], kw["running_var"] = kw["running_mean"].astype(H), kw["running_var"].astype(H)
+        return half(kw)
+    return make
+
+
+def half_layer(cls_kw, forward=False):
+    """A float16 layer (and its last forward on float16 x, for the backward rows)."""
+    def make():
+        layer = cls_kw()
+        x = rand(SHAPE).astype(H)
+        if forward:
+            layer(x)
+            return dict(layer=layer, dy=rand(SHAPE, seed=6).astype(H))
+        return dict(layer=layer, x=x)
+    return make
+
+
+def packed_mask_of(dt):
+    return lambda: np.zeros(NBYTES, dt)
+
+
+HALF_SPECS = [
+    Spec("batch_norm_train[float16]", pybn.batch_norm_train, half_good(bn_train_good, train=True), {
+        "running_mean": stats_of_another_dtype("running_mean"),
+        "running_var": stats_of_another_dtype("running_var"),
+        "out": other_dtypes("out", SHAPE),
+    }),
+    Spec("batch_norm_infer[float16]", pybn.batch_norm_infer, half_good(bn_infer_good), {
+        "out": other_dtypes("out", SHAPE),
+    }),
+    Spec("batch_norm_backward[float16]", pybn.batch_norm_backward,
+         half_good(lambda: backward_good(weight=positive(seed=2), training=True, out=None)), {
+             "x": other_dtypes("x", SHAPE),   # dy leads: x must match it
+             "y": other_dtypes("y", SHAPE),
+             "out": other_dtypes("out", SHAPE),
+         }),
+    Spec("batch_norm_apply[float16]", pybn.batch_norm_apply,
+         half_good(lambda: dict(x=rand(SHAPE), mean=rand((C,), seed=4), invstd=positive(seed=5),
+                                weight=positive(seed=2), bias=rand((C,), seed=3), axis=1, relu=False, out=None)), {
+             "out": other_dtypes("out", SHAPE),
+         }),
+    Spec("batch_norm_backward_reduce[float16]", pybn.batch_norm_backward_reduce, half_good(backward_good), {
+        "x": other_dtypes("x", SHAPE),
+        "y": other_dtypes("y", SHAPE),
+    }),
+    Spec("batch_norm_backward_apply[float16]", pybn.batch_norm_backward_apply, half_good(sums_good), {
+        "x": other_dtypes("x", SHAPE),
+        "out": other_dtypes("out", SHAPE),
+    }),
+    Spec("dropout[float16]", pybn.dropout,
+         half_good(lambda: dict(x=rand(SHAPE), p=0.5, seed=1, offset=0, noise_shape=None, out=None)), {
+             "out": other_dtypes("out", SHAPE),
+         }),
+    Spec("dropout_apply[float16]", pybn.dropout_apply,
+         half_good(lambda: dict(x=rand(SHAPE), mask=np.full(NBYTES, 0x5A, np.uint8), p=0.5, noise_shape=None,
+                                out=None)), {
+             # a mask is packed bits: never x's (16-bit) dtype, even of the same itemsize as uint16
+             "mask": cases("mask", [(f"dtype-{dt.name}", packed_mask_of(dt), TypeError) for dt in [H, *OTHERS[1:]]]),
+             "out": other_dtypes("out", SHAPE),
+         }),
+    Spec("nn.BatchNorm.__call__[float16]", layer_call("x"), half_layer(lambda: pybn.nn.BatchNorm(C, dtype=H)), {
+        "x": other_dtypes("x", SHAPE),
+    }, watch=layer_state),
+    Spec("nn.BatchNorm.backward[float16]", layer_call("dy"),
+         half_layer(lambda: pybn.nn.BatchNorm(C, dtype=H), forward=True), {
+             "dy": other_dtypes("dy", SHAPE),
+         }, watch=layer_state),
+    Spec("nn.Dropout.backward[float16]", layer_call("dy"),
+         half_layer(lambda: pybn.nn.Dropout(0.5, seed=1), forward=True), {
+             "dy": other_dtypes("dy", SHAPE),
+         }),
+]
+
+
+def test_running_statistics_of_another_dtype_are_told_what_they_may_be():
+    """The message says which dtypes the statistics of float16 x may have (not "x (float32)")."""
+    kw = half_good(bn_train_good, train=True)()
+    kw["running_var"] = positive().astype(np.float64)
+    msg = assert_raises_naming(TypeError, "running_var", pybn.batch_norm_train, **kw)
+    assert "float64 is not float32 or float16" in msg
+
+
 # Parameters that take any value: flags read with bool() as Python does, and the
 # layer object the nn rows call.
 FLAGS = {"relu", "training", "transposed", "layer", "affine", "track_running_stats"}
@@ -780,7 +906,7 @@ OVERLAP = re.compile(r"^(?:view-of|same-array-as|overlaps|contains)-(\w+?)(?:-sh
 
 def build_matrix():
     rows = []
-    for spec in SPECS:
+    for spec in SPECS + HALF_SPECS:
         for arg, arg_cases in spec.args.items():
             for label, make, exc, *names in arg_cases:   # names: the message names one of these
                 overlap = OVERLAP.match(label)
@@ -797,9 +923,9 @@ RUN = {"passed": 0}
 
 def summary():
     """One line for the terminal summary (conftest.py)."""
-    functions = {r.spec.name for r in MATRIX}
+    functions = {r.spec.name.split("[")[0] for r in MATRIX}   # "dropout[float16]" is dropout
     layers = {f for f in functions if f.startswith(("nn.", "distributed."))}
-    arguments = len({(r.spec.name, r.arg) for r in MATRIX})
+    arguments = len({(r.spec.name.split("[")[0], r.arg) for r in MATRIX})
     return (f"input matrix: {len(MATRIX)} cases over {len(functions)} functions ({len(functions) - len(layers)} "
             f"in pybn, {len(layers)} pybn.nn and pybn.distributed constructors and methods) and {arguments} "
             f"arguments ({RUN['passed']} passed in this run)")
@@ -831,10 +957,24 @@ def test_bad_input(row, restore_threads):
     RUN["passed"] += 1
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+@pytest.mark.parametrize("spec", SPECS + HALF_SPECS, ids=[s.name for s in SPECS + HALF_SPECS])
 def test_good_call_works(spec, restore_threads):
     """The call every row starts from is accepted: a row fails for its one bad value only."""
     spec.fn(**spec.good())
+
+
+@pytest.mark.parametrize("spec", HALF_SPECS, ids=[s.name for s in HALF_SPECS])
+def test_valid_16bit_call_leaves_its_inputs_unchanged(spec, restore_threads):
+    """A float16 call with parameters of other float dtypes (converted to float32 on the way
+    in) writes nothing into any input but the running statistics it updates."""
+    kw = spec.good()
+    inputs = {k: a for k, a in kw.items() if isinstance(a, np.ndarray) and k not in ("running_mean", "running_var")}
+    before = {k: a.copy() for k, a in inputs.items()}
+    dtypes = {k: a.dtype for k, a in inputs.items()}
+    spec.fn(**kw)
+    for k, a in inputs.items():
+        assert a.dtype == dtypes[k]
+        np.testing.assert_array_equal(a.view(np.uint8), before[k].view(np.uint8), err_msg=k)
 
 
 def _parameters(spec):

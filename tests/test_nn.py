@@ -331,7 +331,98 @@ def test_from_torch_keeps_training_mode():
 def test_from_torch_rejects_other_modules():
     assert_raises_naming(TypeError, "module", nn.BatchNorm.from_torch, torch.nn.Linear(2, 2))
     assert_raises_naming(TypeError, "module", nn.BatchNorm.from_torch,
-                         torch.nn.BatchNorm1d(2, dtype=torch.float16))
+                         torch.nn.BatchNorm1d(2, dtype=torch.complex64))
+    assert_raises_naming(TypeError, "dtype", nn.BatchNorm.from_torch, torch.nn.BatchNorm1d(2), dtype="int8")
+
+
+HALF_TORCH = {"f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def numpy_16bit(tdt):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return np.dtype(np.float16) if tdt == torch.float16 else np.dtype(ml_dtypes.bfloat16)
+
+
+def to_numpy_16bit(t):
+    """A 16-bit tensor as a NumPy array of the same dtype (bfloat16: ml_dtypes')."""
+    return t.detach().contiguous().view(torch.int16).numpy().view(numpy_16bit(t.dtype))
+
+
+def assert_16bit_close(got, want_t, what):
+    """pybn's and torch's 16-bit outputs, both computed in float32 and rounded once: within
+    2 roundings of the 16-bit type (unit roundoff u) of the output's scale."""
+    u = 2.0**-11 if want_t.dtype == torch.float16 else 2.0**-8
+    assert got.dtype == numpy_16bit(want_t.dtype)
+    assert_close(got.astype(np.float64), want_t.detach().double(), 2 * u, what)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}], ids=["default", "cma"])
+@pytest.mark.parametrize("tdt", list(HALF_TORCH.values()), ids=list(HALF_TORCH))
+def test_from_torch_16bit_module(tdt, kwargs, rng):
+    """module.half() / module.to(torch.bfloat16): a 16-bit layer whose parameters and statistics
+    are float32 (the module's values widened exactly), computing what torch's mixed mode (a
+    float32 module holding the same values, on the same 16-bit input) computes."""
+    module = torch.nn.BatchNorm2d(4, **kwargs)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_()
+        module.running_mean.normal_()
+        module.running_var.uniform_(0.5, 2)
+        module.num_batches_tracked.fill_(3)
+    module = module.to(tdt).eval()
+    layer = nn.BatchNorm.from_torch(module)
+    assert layer.dtype == numpy_16bit(tdt) and layer.param_dtype == np.float32 and layer.training is False
+    for key, value in module.state_dict().items():
+        if key == "num_batches_tracked":
+            assert layer.num_batches_tracked == 3
+            continue
+        ours = getattr(layer, key)
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, value.float().numpy())
+        assert not np.shares_memory(ours, value.numpy() if tdt == torch.float16 else to_numpy_16bit(value))
+    mixed = torch.nn.BatchNorm2d(4, **kwargs)
+    mixed.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in module.state_dict().items()})
+    for mode in ["eval", "train", "train"]:
+        layer.train(mode == "train")
+        mixed.train(mode == "train")
+        x = (torch.randn(6, 4, 5, 3) * 2 + 1).to(tdt)
+        with torch.no_grad():
+            y_t = mixed(x)
+        assert_16bit_close(layer(to_numpy_16bit(x)), y_t, f"{mode} y")
+        assert_close(layer.running_var, mixed.running_var, FWD_TOL[np.float32], f"{mode} running_var")
+        assert_close(layer.running_mean, mixed.running_mean, FWD_TOL[np.float32], f"{mode} running_mean")
+        assert layer.num_batches_tracked == int(mixed.num_batches_tracked)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_from_torch_float32_module_for_16bit_inputs(dtype, rng):
+    """PyTorch's mixed precision keeps a batch norm module in float32 beside 16-bit activations:
+    from_torch(module, dtype=...) makes a 16-bit layer keeping the module's float32 values."""
+    tdt = HALF_TORCH["f16" if dtype == "float16" else "bf16"]
+    module = torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([0.1, 0.2, 0.3]))  # not 16-bit values
+        module.running_var.copy_(torch.tensor([1.1, 1.2, 1.3]))
+    layer = nn.BatchNorm.from_torch(module.eval(), dtype=dtype)
+    assert layer.dtype == numpy_16bit(tdt) and layer.param_dtype == np.float32
+    np.testing.assert_array_equal(layer.weight, module.weight.detach().numpy())
+    np.testing.assert_array_equal(layer.running_var, module.running_var.numpy())
+    x = torch.randn(7, 3).to(tdt)
+    with torch.no_grad():
+        y_t = module(x)
+    assert_16bit_close(layer(to_numpy_16bit(x)), y_t, "y")
+
+
+def test_load_state_dict_takes_bfloat16_tensors():
+    """A bfloat16 torch state (which NumPy cannot read directly) loads, widened exactly."""
+    module = torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        module.running_mean.copy_(torch.tensor([0.1, -2.5, 3.0]))
+    module = module.to(torch.bfloat16)
+    layer = nn.BatchNorm(3, dtype=numpy_16bit(torch.bfloat16))
+    layer.load_state_dict(module.state_dict())
+    np.testing.assert_array_equal(layer.running_mean, module.running_mean.float().numpy())
+    assert layer.running_mean[0] != np.float32(0.1)  # the bfloat16 value, not the float32 one
 
 
 # ---- from_keras (no Keras here: its formulas, written out in NumPy)

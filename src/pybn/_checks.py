@@ -45,12 +45,22 @@ def param_dtype(dtype: np.dtype) -> np.dtype:
 def round_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """float64 `values` rounded once to `dtype`, to nearest even. NumPy's float64 to float16
     cast rounds once; ml_dtypes releases have rounded float64 to bfloat16 through float32
-    (twice), so for bfloat16 the float32 is taken rounded to odd (toward zero, last bit set
-    when inexact), after which any release's second rounding is the correct one."""
+    (twice), so for bfloat16 the float32 is taken rounded to odd (`float32_rounded_to_odd`),
+    after which any release's second rounding is the correct one."""
     values = np.asarray(values, np.float64)
     if dtype != BFLOAT16:
         with np.errstate(over="ignore"):
             return values.astype(dtype)
+    rounded: np.ndarray = float32_rounded_to_odd(values).astype(dtype)
+    return rounded
+
+
+def float32_rounded_to_odd(values: np.ndarray) -> np.ndarray:
+    """float64 `values` rounded to float32 toward zero, the last bit set when inexact (NaN and
+    infinities kept). Rounding this once more, to nearest even, to a type of at most 22
+    significant bits (float16, bfloat16) gives the correct rounding of `values`: the odd bit
+    stands for everything the float32 dropped, so it cannot make a false tie."""
+    values = np.asarray(values, np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         f = values.astype(np.float32)
         back = f.astype(np.float64)
@@ -58,8 +68,8 @@ def round_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         bits = f.view(np.uint32).copy()
         bits[inexact & (np.abs(back) > np.abs(values))] -= 1
         bits[inexact] |= 1
-        rounded: np.ndarray = bits.view(np.float32).astype(dtype)
-        return rounded
+        odd: np.ndarray = bits.view(np.float32)
+        return odd
 
 
 def float_array(value: Any, name: str) -> np.ndarray:
@@ -186,8 +196,9 @@ def in_place(value: Any, name: str, channels: int, dtype: np.dtype,
         raise TypeError(f"{name}: must be a numpy.ndarray (it is updated in place), got {type(value).__name__}")
     not_silently_converted(value, name)
     if value.dtype != dtype and (also is None or value.dtype != also):
-        raise TypeError(f"{name}: dtype {value.dtype} does not match x ({dtype}); it is updated in place, "
-                        f"so pybn will not convert it{_byte_order_hint(value.dtype, dtype)}")
+        want = dtype.name if also is None else f"{dtype.name} or {also.name}"
+        raise TypeError(f"{name}: dtype {value.dtype} is not {want} (the running statistics' dtype for this x); "
+                        f"it is updated in place, so pybn will not convert it{_byte_order_hint(value.dtype, dtype)}")
     if value.shape != (channels,):
         raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {value.shape}")
     if not value.flags.carray:

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._checks import round_to
 from ._onnx_graph import attr, is_default, label
 from .fold import fold_bn_linear, fold_conv_bn
 
@@ -89,9 +90,8 @@ def per_column(c: np.ndarray, n: int) -> np.ndarray | None:
 
 def overflow(dtype: np.dtype, *arrays: np.ndarray) -> str | None:
     """Why the folded float64 `arrays` cannot be stored as `dtype` (None: they can)."""
-    with np.errstate(over="ignore"):
-        if all(np.all(np.isfinite(a.astype(dtype))) for a in arrays):
-            return None
+    if all(np.all(np.isfinite(round_to(a, dtype).astype(np.float64))) for a in arrays):
+        return None
     return f"the folded weights would not be finite in {np.dtype(dtype).name}"
 
 

@@ -19,7 +19,7 @@ import onnx
 from ._onnx_affine import Affine, AffineRules, bias_base, overflow, per_column
 from ._onnx_branches import BranchRules
 from ._onnx_files import ExternalData
-from ._onnx_graph import GraphEditor, attr, drop_attrs, is_default, label, subgraphs
+from ._onnx_graph import FLOAT_WEIGHTS, GraphEditor, attr, drop_attrs, is_default, label, subgraphs
 from .fold import batch_norm_fold_problem
 
 
@@ -140,7 +140,7 @@ class Folder(AffineRules, BranchRules):
             p = self.graph.const(name)
             if p is None:
                 return str(self.graph.const_problem(name))
-            if p.dtype.kind != "f":
+            if p.dtype not in FLOAT_WEIGHTS:
                 return f"{name!r} is {p.dtype}, not a float tensor"
             params.append(p)
         c = params[0].size

@@ -23,12 +23,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ._checks import BFLOAT16, round_to
 from ._onnx_files import SMALL, ExternalData, first_line, light_copy
 
 logger = logging.getLogger("pybn.onnx")  # fold's logger: this module is part of fold
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
-FLOAT_WEIGHTS = (np.dtype(np.float32), np.dtype(np.float64))
+# the dtypes folded: those of pybn's fold functions (bfloat16 when ml_dtypes gives NumPy the
+# dtype onnx reads BFLOAT16 tensors as); every fold is computed in float64 and rounded once
+FLOAT_WEIGHTS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)) + \
+    ((BFLOAT16,) if BFLOAT16 is not None else ())
+_WEIGHT_NAMES = ", ".join(dt.name for dt in FLOAT_WEIGHTS[:-1]) + f" and {FLOAT_WEIGHTS[-1].name}"
 
 
 # --- single nodes ------------------------------------------------------------------------------
@@ -259,12 +264,12 @@ class GraphEditor:
         return f"{name!r} is not a constant"
 
     def weight(self, name: str, ndim: int | None = None) -> np.ndarray | str:
-        """A constant, finite float32 or float64 input (of rank `ndim` if given), else why not."""
+        """A constant, finite input of a dtype in FLOAT_WEIGHTS (of rank `ndim` if given), else why not."""
         w = self.const(name)
         if w is None:
             return self.const_problem(name)
         if w.dtype not in FLOAT_WEIGHTS:
-            return f"{name!r} is {w.dtype} (only float32 and float64 weights are folded)"
+            return f"{name!r} is {w.dtype} (only {_WEIGHT_NAMES} weights are folded)"
         if ndim is not None and w.ndim != ndim:
             return f"{name!r} has shape {w.shape}, not {ndim}-D"
         if not np.all(np.isfinite(w)):
@@ -349,9 +354,10 @@ class GraphEditor:
         return onnx.helper.make_node(op, inputs, outputs, name=self.fresh_node_name(name))
 
     def add_init(self, base: str, value: np.ndarray, dtype: np.dtype) -> str:
-        """A new initializer holding `value` as `dtype`, under a fresh name based on `base`."""
+        """A new initializer holding the float64 `value` rounded once to `dtype`, under a fresh
+        name based on `base`."""
         name = self.fresh(base)
-        t = numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name)
+        t = numpy_helper.from_array(np.ascontiguousarray(round_to(value, dtype)), name)
         self.inits[name] = t
         self.new_inits.append(t)
         self.consts[name] = numpy_helper.to_array(t)

@@ -313,8 +313,8 @@ class BatchNorm(_Layer):
         """Copy a state (ours, or a torch BatchNorm's) into the existing arrays.
 
         Every value is checked before anything is copied, so a bad state changes nothing.
-        Values may be ndarrays, torch CPU tensors or array-likes; they are cast to the
-        layer's dtype.
+        Values may be ndarrays, torch CPU tensors (bfloat16 ones too) or array-likes; they
+        are cast to the layer's ``param_dtype`` (float32 for a 16-bit layer).
 
         Parameters
         ----------
@@ -354,7 +354,7 @@ class BatchNorm(_Layer):
     # ---- construction from other frameworks
 
     @classmethod
-    def from_torch(cls, module: Any) -> BatchNorm:
+    def from_torch(cls, module: Any, *, dtype: Any = None) -> BatchNorm:
         """A layer equal to a torch ``nn.BatchNorm1d/2d/3d`` (``axis=1``).
 
         Copies eps, momentum (None included), affine, track_running_stats, the mode and
@@ -363,7 +363,15 @@ class BatchNorm(_Layer):
         Parameters
         ----------
         module : torch.nn.modules.batchnorm._BatchNorm
-            On the CPU, float32 or float64.
+            On the CPU, of float32, float64, float16 or bfloat16 (``module.half()``,
+            ``module.to(torch.bfloat16)``; bfloat16 with ml_dtypes).
+        dtype : str or numpy dtype, optional
+            The layer's input dtype (see the class); default the module's. A 16-bit module
+            makes a 16-bit layer whose parameters and statistics are float32 (``param_dtype``,
+            docs/dtypes.md), the module's values widened exactly. PyTorch's mixed precision
+            keeps batch norm modules in float32 beside 16-bit activations: pass
+            ``dtype="bfloat16"`` (or ``"float16"``) for such a module, whose values are kept
+            as they are. Other combinations cast the values as :meth:`load_state_dict` does.
 
         Returns
         -------
@@ -378,13 +386,15 @@ class BatchNorm(_Layer):
         if devices - {"cpu"}:
             raise TypeError(f"module: its tensors are on {', '.join(sorted(devices - {'cpu'}))}; pybn reads CPU "
                             "tensors (module.cpu())")
-        dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"module: dtype {dtype} is not supported (pybn takes float32 or float64)")
+        if dtype is None:
+            torch_dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
+            dtype = str(torch_dtype).replace("torch.", "")
+            if dtype not in _DTYPE_NAMES:
+                raise TypeError(f"module: dtype {torch_dtype} is not supported (pybn takes "
+                                f"{', '.join(_DTYPE_NAMES)})")
         layer = cls(module.num_features, axis=1, eps=module.eps, momentum=module.momentum,
-                    affine=module.affine, track_running_stats=module.track_running_stats,
-                    dtype=str(dtype).replace("torch.", ""))
-        layer.load_state_dict({k: v.detach().cpu().numpy() for k, v in module.state_dict().items()})
+                    affine=module.affine, track_running_stats=module.track_running_stats, dtype=dtype)
+        layer.load_state_dict({k: v.detach() for k, v in module.state_dict().items()})
         return layer.train(module.training)
 
     @classmethod
@@ -451,6 +461,9 @@ _KERAS_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean"
                 "running_var": "moving_variance"}
 
 
+_DTYPE_NAMES = tuple(dt.name for dt in FLOAT_DTYPES)
+
+
 def _float_dtype(dtype: Any) -> np.dtype:
     try:
         dt: np.dtype = np.dtype(dtype)
@@ -462,9 +475,12 @@ def _float_dtype(dtype: Any) -> np.dtype:
 
 
 def _state_array(value: Any, key: str, shape: tuple[int, ...], dtype: np.dtype | None = None) -> np.ndarray:
-    """A state value as an ndarray of `shape` (torch CPU tensors convert via __array__);
-    with `dtype`, a fresh array of that dtype, refused when a finite value overflows it
-    and, for a variance, when an entry is negative."""
+    """A state value as an ndarray of `shape` (torch CPU tensors convert via __array__, a
+    bfloat16 one, which NumPy cannot read, widened exactly to float32 first); with `dtype`, a
+    fresh array of that dtype, refused when a finite value overflows it and, for a variance,
+    when an entry is negative."""
+    if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+        value = value.float()
     arr = as_array(value, key)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{key}: dtype {arr.dtype} is not numeric")

@@ -29,7 +29,10 @@ reason. Only the main graph is rewritten; a value that a subgraph (If, Loop, Sca
 counts as used there.
 
 The arithmetic is pybn's: every folded parameter is computed in float64 and rounded once to
-the weight's dtype (float32 or float64 weights; other dtypes are left unfolded).
+the weight's dtype, which every initializer keeps (a float16 graph stays float16, and no Cast
+is added). Weights of float32, float64, float16 and bfloat16 (with ml_dtypes) are folded,
+other dtypes are left unfolded; a batch norm's parameters may be of another float type than
+its input (float32 statistics beside a float16 input, as ONNX allows). See docs/folding.md.
 
 This module holds the public API (``fold``, ``FoldRecord``, ``NotFolded``); the rules are
 ``pybn._onnx_fold.Folder`` (with ``pybn._onnx_affine`` and ``pybn._onnx_branches``), which

@@ -163,7 +163,7 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
     ``.train()`` on it does not bring training behaviour back.
 
     Folded weights keep the original weight's dtype, device and ``requires_grad``
-    (float16 and bfloat16 weights are folded in float32 and rounded back).
+    (float16 and bfloat16 weights too: folded in float64 and rounded once, docs/dtypes.md).
     """
     exported = _exported_program_class()
     if exported is not None and isinstance(module, exported):

@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from ._fold_affine import FoldGraph, Ranks, Step, step_arrays, step_input, step_producing
-from ._fold_modules import finite, to_numpy
+from ._fold_modules import finite, rounded_like, to_numpy
 from ._fold_ops import in_place, op, op_of, value_users
 from ._fold_weights import Layer
 
@@ -218,8 +218,7 @@ def _merged(g: FoldGraph, convs: list[Layer], branches: list[_Branch], x: fx.Nod
         problem = _add_identity(b, main, main_window, stride, dilation, reach, Ranks.of(g, x), weight, bias)
         if problem:
             return problem
-    out_weight = torch.from_numpy(weight).to(device=main.weight.device, dtype=main.weight.dtype)
-    out_bias = torch.from_numpy(bias).to(device=main.weight.device, dtype=main.weight.dtype)
+    out_weight, out_bias = rounded_like(weight, main.weight), rounded_like(bias, main.weight)
     if not (finite(out_weight) and finite(out_bias)):
         return f"the merged weights overflow {str(main.weight.dtype)[6:]}"
     return main, out_weight, out_bias

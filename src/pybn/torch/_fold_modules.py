@@ -13,10 +13,12 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._checks import float32_rounded_to_odd
 from ..fold import batch_norm_fold_problem
 
 CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
@@ -215,13 +217,31 @@ def bn_problem(bn: Any) -> str | None:
     return batch_norm_fold_problem(params, "running_var", float(bn.eps))
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def to_numpy(tensor: torch.Tensor | None) -> Any:
+    """`tensor` as a CPU NumPy array: float32 and float64 as they are, any other dtype (float16,
+    bfloat16) widened exactly to float64, where the fold computes, to be rounded once by
+    `rounded_like`."""
     if tensor is None:
         return None
     t = tensor.detach().cpu()
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()  # pybn folds float32/float64; half types are rounded back afterwards
+    if t.dtype not in _WIDE:
+        t = t.double()
     return t.numpy()
+
+
+def rounded_like(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """`values` (float64, or `like`'s dtype already) as a tensor of `like`'s dtype and device,
+    rounded once to nearest even. torch converts float64 to float16 and bfloat16 through
+    float32, rounding twice; a float32 rounded to odd first makes its second rounding the
+    correct one."""
+    if like.dtype in _WIDE:
+        t = torch.from_numpy(np.ascontiguousarray(values))
+    else:
+        t = torch.from_numpy(float32_rounded_to_odd(values))
+    return t.to(device=like.device, dtype=like.dtype)
 
 
 def bn_arrays(bn: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ and the per-channel scale and shift folded into it.
 A batch norm is passed as the keyword arguments of :func:`pybn.fold_conv_bn` (its statistics);
 any other per-channel affine map ``x * s + t`` as ``running_mean=0, running_var=1, gamma=s,
 beta=t, eps=0``, which the same arithmetic turns into exactly ``s`` and ``t``. Weights are folded
-in float64 by pybn and rounded once to the weight's dtype (half types are folded in float32).
+in float64 by pybn and rounded once to the weight's dtype (float16 and bfloat16 too).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..fold import fold_bn_linear, fold_conv_bn
-from ._fold_modules import finite, to_numpy
+from ._fold_modules import finite, rounded_like, to_numpy
 
 
 class Layer(NamedTuple):
@@ -64,8 +64,7 @@ def folded(layer: Layer, bn: dict[str, Any], *, before: bool = False) -> tuple[t
         fw, fb = fold_bn_linear(w, b, **bn)
     else:
         fw, fb = fold_conv_bn(w, b, **bn, transposed=layer.transposed, groups=layer.groups)
-    old = layer.weight
-    return tuple(torch.from_numpy(a).to(device=old.device, dtype=old.dtype) for a in (fw, fb))  # type: ignore
+    return rounded_like(fw, layer.weight), rounded_like(fb, layer.weight)
 
 
 def overflow_problem(layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> str | None:
