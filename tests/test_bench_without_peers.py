@@ -42,9 +42,11 @@ def test_bench_skips_missing_peers_in_one_line_each_and_compares_numpy_and_the_b
     # the dropout and folding sections run on NumPy alone too
     assert re.search(r"^A +forward .* - +- +[0-9.]+ ms", out.stdout, re.M), out.stdout
     assert re.search(r"^fold: .*pybn [0-9.]+ ms, numpy [0-9.]+ ms", out.stdout, re.M), out.stdout
+    # and the 16-bit section against pybn float32 and the bound (no torch column)
+    assert re.search(r"^L +float16 +bwd +[0-9.]+ ms .*x +- +- (ok|MISS)$", out.stdout, re.M), out.stdout
 
 
 def test_bench_with_onnx_but_not_onnxruntime_names_the_missing_module():
-    out = run_bench_without("onnxruntime", extra=("--peers", "numpy,ort", "--no-dropout", "--no-fold"))
+    out = run_bench_without("onnxruntime", extra=("--peers", "numpy,ort", "--no-dropout", "--no-fold", "--no-half"))
     skipped = [line for line in out.stderr.splitlines() if ": skipped," in line]
     assert len(skipped) == 1 and skipped[0].startswith("ort: skipped, cannot import onnxruntime"), out.stderr

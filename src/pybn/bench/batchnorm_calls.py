@@ -100,9 +100,30 @@ def pybn_backward(case: Case, threads: int) -> Runner:
 # torch is timed twice on the shapes with preallocated outputs: its plain call and its
 # out= call (the table's torch_out variant); the faster is reported.
 
+def torch_tensor(torch: Any, a: np.ndarray) -> Any:
+    """The tensor over the NumPy buffer (no copy); ml_dtypes' bfloat16, which torch.from_numpy
+    refuses, through int16."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def torch_array(t: Any) -> np.ndarray:
+    """The NumPy array over a CPU tensor (no copy); a bfloat16 one as ml_dtypes' bfloat16."""
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        from pybn._checks import BFLOAT16
+
+        assert BFLOAT16 is not None   # (a bfloat16 array, hence ml_dtypes, made the tensor)
+        return np.asarray(t.view(torch.int16).numpy()).view(BFLOAT16)
+    return np.asarray(t.numpy())
+
+
 def _torch_view(torch: Any, a: np.ndarray, channels_last: bool) -> Any:
     """NCHW-logical tensor over the NumPy buffer (no copy); channels-last memory format for NHWC data."""
-    t = torch.from_numpy(a)
+    t = torch_tensor(torch, a)
     if channels_last:
         t = t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
     return t
@@ -110,10 +131,9 @@ def _torch_view(torch: Any, a: np.ndarray, channels_last: bool) -> Any:
 
 def _torch_np(t: Any, channels_last: bool) -> np.ndarray:
     """A torch result back in the case's NumPy layout."""
-    t = t.detach()
     if channels_last:
         t = t.permute(0, *range(2, t.dim()), 1)
-    return np.asarray(t.numpy())
+    return torch_array(t)
 
 
 @dataclass

@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="write every number (and every sample) to PATH")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
     parser.add_argument("--no-dropout", action="store_true", help="skip the dropout rows")
+    parser.add_argument("--no-half", action="store_true", help="skip the 16-bit rows (bfloat16, float16)")
+    parser.add_argument("--half", action="store_true",
+                   help="run only the 16-bit section (bfloat16 and float16 against pybn float32, torch "
+                        "and the bound)")
     parser.add_argument("--no-fold", action="store_true", help="skip the folding row")
     parser.add_argument("--torch", action="store_true",
                    help="run only the torch section (pybn.torch against stock torch through autograd)")
@@ -104,6 +108,8 @@ class Plan:
             raise ValueError("--rounds must be >= 1")
         if args.torch and args.no_torch:
             raise ValueError("--torch and --no-torch exclude each other")
+        if args.half and (args.no_half or args.torch):
+            raise ValueError(f"--half and {'--no-half' if args.no_half else '--torch'} exclude each other")
         torch_cells = [] if args.no_torch else torch_bench.select(args.torch_cells)
         if args.json:
             folder = os.path.dirname(os.path.abspath(args.json))
@@ -115,11 +121,14 @@ class Plan:
         cells: dict[Section, Sequence[Any]] = {
             table.BATCH_NORM: table.batch_norm_cells(shapes, kernels),
             table.DROPOUT: () if args.no_dropout else table.DROPOUT.cells,
+            table.HALF: () if args.no_half else table.HALF.cells,
             table.FOLD: () if args.no_fold else table.FOLD.cells,
             table.TORCH_SECTION: torch_cells}
         if args.torch:
             cells = {table.TORCH_SECTION: torch_cells}
             peers = [table.TORCH]
+        if args.half:
+            cells = {table.HALF: table.HALF.cells}
         return cls(cells, peers, shapes, kernels, cfg, rounds)
 
 
@@ -224,6 +233,8 @@ def _header(args: argparse.Namespace, plan: Plan, ctx: Context) -> str:
     quick = " (quick)" if args.quick else ""
     if args.torch:
         return f"pybn torch section: {ctx.threads} threads, {len(plan.cells[table.TORCH_SECTION])} cells{quick}"
+    if args.half:
+        return f"pybn {pybn.__version__} 16-bit section: ISA {pybn.isa()}, {ctx.threads} threads{quick}"
     return (f"pybn {pybn.__version__} bench: ISA {pybn.isa()}, {ctx.threads} threads, "
             f"shapes {','.join(s.name for s in plan.shapes)}, kernels {','.join(k.name for k in plan.kernels)}{quick}")
 

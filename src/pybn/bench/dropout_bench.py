@@ -73,7 +73,7 @@ def _fail_unless(ok: bool, what: str) -> None:
         raise WrongResult(f"dropout bench: {what}")
 
 
-def _check_fraction(what: str, kept: np.ndarray) -> None:
+def check_fraction(what: str, kept: np.ndarray) -> None:
     """The kept fraction within 6 standard deviations of 1 - p (a sound test at any size)."""
     fraction, n = float(np.mean(kept)), kept.size
     tol = 6 * math.sqrt(P * (1 - P) / n)
@@ -89,7 +89,7 @@ def _check_dropped(what: str, y: Any, case: DropoutCase, per_channel: bool = Fal
     y = np.asarray(y)
     kept = y != 0
     _fail_unless(np.allclose(y[kept], case.x[kept] * case.scale), f"{what} scales the kept values wrongly")
-    _check_fraction(what, kept.any(axis=tuple(range(2, y.ndim))) if per_channel else kept)
+    check_fraction(what, kept.any(axis=tuple(range(2, y.ndim))) if per_channel else kept)
 
 
 # ----------------------------------------------------------------------------- pybn
@@ -107,7 +107,7 @@ def pybn_mask(case: DropoutCase) -> Timed:
 
     dims = case.dims
     return Timed(lambda: pybn.dropout_mask(dims, P, seed=SEED),
-                 lambda r: _check_fraction("pybn.dropout_mask", _unpack(np.asarray(r), dims)))
+                 lambda r: check_fraction("pybn.dropout_mask", _unpack(np.asarray(r), dims)))
 
 
 def pybn_apply(case: DropoutCase) -> Timed:
@@ -147,7 +147,7 @@ def torch_mask(case: DropoutCase) -> Timed:
 
     dims = case.dims
     return Timed(lambda: torch.empty(dims).bernoulli_(1 - P),
-                 lambda r: _check_fraction("torch bernoulli_", r.numpy() != 0))
+                 lambda r: check_fraction("torch bernoulli_", r.numpy() != 0))
 
 
 def torch_apply(case: DropoutCase) -> Timed:
@@ -176,7 +176,7 @@ def numpy_forward(case: DropoutCase) -> Timed:
 def numpy_mask(case: DropoutCase) -> Timed:
     rng, dims = case.rng, case.dims
     return Timed(lambda: rng.random(dims, dtype=np.float32) >= P,
-                 lambda r: _check_fraction("numpy rng.random(shape) >= p", np.asarray(r)))
+                 lambda r: check_fraction("numpy rng.random(shape) >= p", np.asarray(r)))
 
 
 def numpy_apply(case: DropoutCase) -> Timed:

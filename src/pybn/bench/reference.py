@@ -43,8 +43,8 @@ class Case:
     """The arrays of one shape, made once and shared by every implementation."""
 
     shape: Shape
-    x: np.ndarray            # float32, shape.array_shape
-    dy: np.ndarray | None    # float32, for the backward kernel
+    x: np.ndarray            # float32 (or a 16-bit dtype: as_dtype), shape.array_shape
+    dy: np.ndarray | None    # x's dtype, for the backward kernel
     weight: np.ndarray       # float32 (C,)
     bias: np.ndarray
     running_mean: np.ndarray  # initial running statistics (each implementation works on copies)
@@ -68,6 +68,12 @@ class Case:
     @property
     def C(self) -> int:
         return self.shape.channels
+
+    @property
+    def rtol(self) -> float:
+        """The relative tolerance of an output of x's dtype: RTOL, or one unit in the last
+        place of a 16-bit dtype (every output is rounded once to it, docs/dtypes.md)."""
+        return max(RTOL, float(np.finfo(self.x.dtype).eps))
 
     def reduce_axes(self) -> tuple[int, ...]:
         ax = self.axis % self.x.ndim
@@ -115,14 +121,28 @@ def make_case(shape: Shape, *, seed: int = 0, need_backward: bool = True) -> Cas
 
     x = gen(loc, scale)
     dy = gen(np.zeros(C, np.float32), np.ones(C, np.float32)) if need_backward else None
+    return _referenced(shape, x, dy, weight, bias, running_mean, running_var)
 
+
+def as_dtype(case: Case, dtype: Any) -> Case:
+    """``case`` with x and dy rounded to ``dtype`` (a 16-bit one) and the float64 reference
+    of the rounded data; parameters and statistics stay float32, as in PyTorch's mixed mode."""
+    dy = case.dy.astype(dtype) if case.dy is not None else None
+    return _referenced(case.shape, case.x.astype(dtype), dy, case.weight, case.bias, case.running_mean,
+                       case.running_var)
+
+
+def _referenced(shape: Shape, x: np.ndarray, dy: np.ndarray | None, weight: np.ndarray, bias: np.ndarray,
+                running_mean: np.ndarray, running_var: np.ndarray) -> Case:
+    """The case of these arrays, with its float64 reference computed from x and dy (whatever their dtype)."""
+    C = shape.channels
     # float64 statistics, two passes (exact to float64 rounding)
     x3 = canonical(x, shape.axis)
     outer, _, inner = x3.shape
     n = outer * inner
     s = np.zeros(C)
     for (xc,) in _chunks(x3):
-        s += xc.sum(axis=(0, 2), dtype=np.float64)
+        s += xc.astype(np.float64).sum(axis=(0, 2))
     mean64 = s / n
     m64 = mean64.reshape(1, C, 1)
     ss = np.zeros(C)
@@ -183,8 +203,8 @@ def _check_affine(what: str, got: np.ndarray, case: Case, terms: list[tuple[np.n
     shp = case.x.shape
     if tuple(got.shape) != tuple(shp):
         raise WrongResult(f"{what}: shape {tuple(got.shape)}, expected {tuple(shp)}")
-    if got.dtype != np.float32:
-        raise WrongResult(f"{what}: dtype {got.dtype}, expected float32")
+    if got.dtype != case.x.dtype:
+        raise WrongResult(f"{what}: dtype {got.dtype}, expected {case.x.dtype}")
     C = case.C
     g3 = canonical(got, case.axis)
     arrs = [canonical(a, case.axis) for a, _ in terms]
@@ -195,9 +215,9 @@ def _check_affine(what: str, got: np.ndarray, case: Case, terms: list[tuple[np.n
         gc, parts = chunk[0], chunk[1:]
         exp = np.broadcast_to(const, gc.shape).copy()
         for a, c in zip(parts, coefs):
-            exp += a * c
-        err = np.abs(gc - exp)
-        tol = ATOL + RTOL * np.abs(exp)
+            exp += a.astype(np.float64) * c
+        err = np.abs(gc.astype(np.float64) - exp)
+        tol = ATOL + case.rtol * np.abs(exp)
         bad = ~(err <= tol)
         if bad.any():
             k = int(bad.sum())

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any, Callable
 
-from . import batchnorm_bench, dropout_bench, fold_bench, report, torch_bench
+from . import batchnorm_bench, dropout_bench, fold_bench, half_bench, report, torch_bench
 from . import batchnorm_calls as bn
 from .reference import check_backward, check_infer, check_train
 from .schema import Bound, Cell, Impl, Kernel, Peer, Section
@@ -94,6 +94,29 @@ DROPOUT_KERNELS = (
         Impl("numpy", "numpy", dropout_bench.numpy_2d)), bound=COPY),
 )
 
+# ----------------------------------------------------------------------------- 16-bit
+# The batch-norm kernels above, called on 16-bit x (and dy) with float32 parameters: pybn's
+# call, the same call on the float32 arrays (the "float32" implementation, timed in turn with
+# it) and torch's calls on tensors of the same dtype; and the dropout forward.
+
+def _half(kernel: Kernel[Any]) -> Kernel[half_bench.HalfMake]:
+    assert kernel.check is not None
+    check = kernel.check
+    return Kernel(kernel.name, kernel.title, (
+        Impl("pybn", "pybn", half_bench.on_case(kernel.pybn.make, check, "half")),
+        Impl("float32", "float32", half_bench.on_case(kernel.pybn.make, check, "float32")),
+        *(Impl(i.key, i.peer, half_bench.on_case(i.make, check, "half"), i.runs_on)
+          for i in kernel.variants("torch"))), bound=kernel.bound, short=kernel.short, check=check)
+
+
+HALF_BATCH_NORM_KERNELS = tuple(_half(k) for k in BATCH_NORM_KERNELS)
+HALF_DROPOUT_KERNEL = Kernel("dropout", "dropout forward", (
+    Impl("pybn", "pybn", half_bench.pybn_dropout),
+    Impl("float32", "float32", half_bench.float32_dropout),
+    Impl("nn.Dropout", "torch", half_bench.torch_dropout),
+    Impl("aten.native_dropout", "torch", half_bench.torch_native_dropout)), bound=COPY)
+HALF_SHAPES = tuple(half_bench.HalfShape(SHAPE[s], dtype) for s in ("A", "A'", "L") for dtype in half_bench.DTYPES)
+
 # ----------------------------------------------------------------------------- folding
 
 FOLD_KERNEL = Kernel("fold", "folding every conv -> BN pair", (
@@ -116,11 +139,16 @@ DROPOUT = Section("dropout", "dropout",
                   make_cells("dropout", [SHAPE["A"]], DROPOUT_KERNELS)
                   + make_cells("dropout", [SHAPE["L"]], DROPOUT_KERNELS[:3]),   # Dropout2d on A only
                   dropout_bench.run, dropout_bench.render)
+HALF = Section("16-bit", "half",
+               tuple(cell for h in HALF_SHAPES
+                     for cell in make_cells("16-bit", [h], HALF_BATCH_NORM_KERNELS
+                                            + ((HALF_DROPOUT_KERNEL,) if h.name == "A" else ()))),
+               half_bench.run, half_bench.render, half_bench.failures, half_bench.to_json)
 FOLD = Section("fold", "fold", make_cells("fold", [fold_bench.RESNET50], [FOLD_KERNEL]),
                fold_bench.run, fold_bench.render)
 TORCH_SECTION = Section("torch", "torch", tuple(torch_bench.CELLS), torch_bench.run_section, torch_bench.render,
                         torch_bench.failures, needs=(TORCH,))
-SECTIONS = (BATCH_NORM, DROPOUT, FOLD, TORCH_SECTION)
+SECTIONS = (BATCH_NORM, DROPOUT, FOLD, TORCH_SECTION, HALF)
 
 
 # ----------------------------------------------------------------------------- lookups
