@@ -12,9 +12,10 @@
 #      dropout masks and outputs written for step 5;
 #   5. on the host: the same masks and outputs on every x86 kernel path, compared bit for bit
 #      (needs pybn installed for the host's Python; skipped, saying so, otherwise).
-# Downloads and the sysroot are kept in build/aarch64 (delete it to start over). About 6
-# minutes on 2 busy cores, of which the emulated tests 4-5 (each test that starts a child
-# Python pays about 4 s of emulated start-up): .ci/run runs it only when asked
+# Downloads and the sysroot are kept in build/aarch64 (delete it to start over). About 17
+# minutes of CPU time (52 of wall-clock time on 2 cores shared with other jobs), nearly all
+# of it the emulated tests (each test that starts a child Python pays seconds of emulated
+# start-up): .ci/run runs it only when asked
 # (PYBN_CI_AARCH64=1).
 #   PYTHON=python3.11 tools/aarch64_test.sh    # the host Python (default python3)
 #   tools/aarch64_test.sh tests/test_philox.py  # these test files (pytest arguments) instead
