@@ -15,12 +15,34 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #define PYBN_CPU_SUPPORTS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature))
+#elif defined(__aarch64__)
+#include <cstring>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#define PYBN_CPU_SUPPORTS(feature) aarch64_supports(feature)
 #endif
 // Elsewhere no ISA line names a feature (a path the architecture always has runs everywhere),
 // so the lists below use no PYBN_CPU_SUPPORTS.
 
 namespace pybn {
 namespace {
+
+#if defined(__aarch64__)
+// An AArch64 feature as Linux's HWCAP bits and /proc/cpuinfo name it (GCC 12 has no
+// __builtin_cpu_supports for AArch64). ASIMD is mandatory in AArch64: where the OS cannot
+// be asked, the compiler's baseline answers.
+bool aarch64_supports(const char* feature) {
+  if (std::strcmp(feature, "asimd") != 0) return false;  // the only feature an ISA line names
+#if defined(__linux__) && defined(HWCAP_ASIMD)
+  return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
+#elif defined(__ARM_NEON)
+  return true;
+#else
+  return false;
+#endif
+}
+#endif
 
 struct Isa {
   const char* name;

@@ -57,10 +57,32 @@ def test_supported_isas():
     assert pybn.isa() in isas
 
 
+def cpu_features_aarch64():
+    """The AArch64 features Linux reports (the "Features" line), or None where there is none
+    (under QEMU user emulation, /proc/cpuinfo is the host's)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("Features"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:  # pragma: no cover
+        pass
+    return None
+
+
 def test_supported_isas_match_cpu():
-    if platform.machine() not in ("x86_64", "AMD64"):
-        # other architectures build the portable path alone (and their /proc/cpuinfo, or the
-        # host's under QEMU, says nothing about x86 paths)
+    machine = platform.machine()
+    if machine in ("aarch64", "arm64"):
+        # ASIMD is mandatory in AArch64: every AArch64 CPU runs the NEON path
+        assert list(pybn._C.ISAS) == ["scalar", "neon"]
+        assert pybn._C.ISAS["neon"] == ("asimd",)
+        assert pybn.supported_isas() == ["scalar", "neon"]
+        features = cpu_features_aarch64()
+        if features is not None:
+            assert "asimd" in features
+        return
+    if machine not in ("x86_64", "AMD64"):
+        # other architectures build the portable path alone
         assert pybn.supported_isas() == ["scalar"]
         return
     flags = cpu_flags()

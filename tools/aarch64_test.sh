@@ -7,15 +7,19 @@
 #   3. the pybn wheel cross-compiled for aarch64 (scikit-build-core with
 #      tools/aarch64-linux-gnu.cmake; CMake >= 4.1 runs the target's Python under QEMU),
 #      and installed for the target;
-#   4. under qemu-aarch64: `python -m pybn info`, the kernel tests (tools/kernel_tests.sh),
-#      and the dropout masks and outputs written for step 5;
+#   4. under qemu-aarch64: `python -m pybn info`, the kernel tests (tools/kernel_tests.sh)
+#      on every path the wheel has (neon and scalar, the tests' `isa` fixture), and the
+#      dropout masks and outputs written for step 5;
 #   5. on the host: the same masks and outputs on every x86 kernel path, compared bit for bit
 #      (needs pybn installed for the host's Python; skipped, saying so, otherwise).
-# Downloads and the sysroot are kept in build/aarch64 (delete it to start over). About 6
-# minutes on 2 busy cores, of which the emulated tests 4-5 (each test that starts a child
-# Python pays about 4 s of emulated start-up): .ci/run runs it only when asked
+# Downloads and the sysroot are kept in build/aarch64 (delete it to start over). About 17
+# minutes of CPU time (52 of wall-clock time on 2 cores shared with other jobs), nearly all
+# of it the emulated tests (each test that starts a child Python pays seconds of emulated
+# start-up): .ci/run runs it only when asked
 # (PYBN_CI_AARCH64=1).
 #   PYTHON=python3.11 tools/aarch64_test.sh    # the host Python (default python3)
+#   tools/aarch64_test.sh tests/test_philox.py  # these test files (pytest arguments) instead
+#                                               # of the kernel tests, then steps 4-5 as above
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -69,9 +73,10 @@ target_python=("$sysroot/usr/bin/python3.11-qemu")
 "${target_python[@]}" -c 'import platform, sys; print("target:", platform.machine(), sys.version.split()[0])'
 
 target_pip=(--platform manylinux_2_28_aarch64 --python-version 3.11 --implementation cp --abi cp311 --only-binary=:all:)
-step "NumPy's aarch64 wheel, pytest and threadpoolctl for the target"
-if [ ! -f "$site/threadpoolctl.py" ]; then
-  "$python" -m pip install --quiet --target "$site" "${target_pip[@]}" "numpy>=1.22" pytest threadpoolctl
+step "NumPy's aarch64 wheel, pytest, threadpoolctl and ml_dtypes (bfloat16) for the target"
+if [ ! -f "$site/threadpoolctl.py" ] || [ ! -d "$site/ml_dtypes" ]; then
+  rm -rf "$site"
+  "$python" -m pip install --quiet --target "$site" "${target_pip[@]}" "numpy>=1.22" pytest threadpoolctl ml_dtypes
 fi
 
 step "build tools: scikit-build-core, pybind11, CMake >= 4.1, ninja, auditwheel"
@@ -105,7 +110,11 @@ step "under qemu-aarch64: python -m pybn info"
 
 step "under qemu-aarch64: the kernel tests"
 tests_start=$SECONDS
-tools/kernel_tests.sh "${target_python[@]}" -- -q
+if [ $# -gt 0 ]; then
+  "${target_python[@]}" -m pytest -p no:cacheprovider -q "$@"
+else
+  tools/kernel_tests.sh "${target_python[@]}" -- -q
+fi
 echo "emulated kernel tests: $((SECONDS - tests_start)) s"
 
 step "dropout bits: written under qemu-aarch64, compared on the host's x86 paths"

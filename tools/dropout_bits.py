@@ -5,7 +5,9 @@
 
 Every case is computed on every kernel path the running pybn supports; the paths must agree
 with each other, and `compare` requires them to equal the file's bytes. Inputs are exact
-small multiples of 1/8 (no libm call), so they are the same on every machine.
+small multiples of 1/8 (no libm call), so they are the same on every machine; for the 16-bit
+dtypes also every bit pattern (each value's rounding of x * scale, infinities and NaNs).
+bfloat16 needs ml_dtypes on both machines.
 """
 from __future__ import annotations
 
@@ -15,6 +17,12 @@ import numpy as np
 
 import pybn
 import pybn._runtime
+
+try:
+    import ml_dtypes
+    BITS16 = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+except ImportError:
+    BITS16 = [np.dtype(np.float16)]
 
 U64 = 2**64 - 1
 MASK_CASES = [  # (n, p, seed, offset): tails, a long stream, extreme and wrapping counters
@@ -37,10 +45,15 @@ def compute() -> dict[str, np.ndarray]:
     for i, (n, p, seed, offset) in enumerate(MASK_CASES):
         out[f"mask{i}"] = pybn.dropout_mask(n, p, seed=seed, offset=offset)
     for i, (shape, noise, p, seed, offset) in enumerate(DROPOUT_CASES):
-        for dtype in (np.float32, np.float64):
+        for dtype in [np.dtype(np.float32), np.dtype(np.float64), *BITS16]:
             x = exact_input(shape, dtype)
             y = pybn.dropout(x, p, seed=seed, offset=offset, noise_shape=noise)
-            out[f"dropout{i}_{np.dtype(dtype).name}"] = y.view(np.uint8).reshape(-1)
+            out[f"dropout{i}_{dtype.name}"] = y.view(np.uint8).reshape(-1)
+    every_pattern = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    for dtype in BITS16:
+        for p in (0.3, 0.7):
+            y = pybn.dropout(every_pattern.view(dtype), p, seed=3, offset=11)
+            out[f"dropout_every16_{p}_{dtype.name}"] = y.view(np.uint8)
     return out
 
 

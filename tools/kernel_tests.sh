@@ -24,6 +24,7 @@ KERNEL_TESTS=(
   tests/test_errors.py         # bad input: the argument's name in the message
   tests/test_runtime.py        # ISA choice, PYBN_ISA, threads
   tests/test_threadpoolctl.py  # threadpoolctl's view of pybn's pool
+  tests/test_half_conversions.py  # 16-bit loads and stores bit for bit (ml_dtypes' bfloat16)
 )
 
 # From the repository root, so that pytest reads pyproject.toml's settings (markers, warnings
