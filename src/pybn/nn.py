@@ -760,7 +760,8 @@ def mc_dropout(layers: Any, *, seed: int, sample: int) -> Iterator[None]:
     """Monte Carlo dropout: dropout on at inference, with masks fixed by (seed, sample).
 
     Inside the context the dropout layers among `layers` (:class:`Dropout`,
-    :class:`DropPath`; or the pybn.torch dropout modules of a torch model) drop as in
+    :class:`DropPath`, other objects are left alone; or the pybn.torch dropout modules of
+    a torch model) drop as in
     training, the k-th of them (in the order given, or ``model.modules()`` order) with
     key `seed` from offset ``mc_dropout_offset(k, sample)``; every other layer keeps its
     mode (batch norm stays in evaluation mode). On exit each layer's mode, seed and offset
@@ -771,7 +772,7 @@ def mc_dropout(layers: Any, *, seed: int, sample: int) -> Iterator[None]:
 
     Parameters
     ----------
-    layers : iterable of pybn.nn layers, or a torch.nn.Module
+    layers : iterable of layers, or a torch.nn.Module
         A torch model must hold pybn.torch dropout modules (``pybn.torch.accelerate``
         swaps them in); a stock torch dropout module is refused, its masks being torch's.
     seed : int in [0, 2**64)
@@ -802,10 +803,10 @@ def _mc_modules(layers: Any) -> list[Any]:
     except TypeError:
         raise TypeError(f"layers: must be an iterable of pybn.nn layers or a torch.nn.Module, got "
                         f"{type(layers).__name__}") from None
-    for item in items:
-        if not isinstance(item, _Layer):
-            raise TypeError(f"layers: expected pybn.nn layers, got a {type(item).__name__}")
-    return [item for item in items if isinstance(item, (Dropout, DropPath))]
+    found = [item for item in items if isinstance(item, (Dropout, DropPath))]  # other layers: any kind
+    if not found:
+        raise ValueError("layers: holds no pybn.nn.Dropout or DropPath layer to keep on")
+    return found
 
 
 def _torch_nn_if_module(obj: Any) -> Any:
