@@ -88,6 +88,15 @@ def test_a_chain_of_layers_sees_the_upstream_batch_normalization():
     assert not drop.training and drop.offset == 0
 
 
+def test_a_layer_listed_twice_counts_each_value_once():
+    layer = pybn.nn.BatchNorm(C, dtype="float64")
+    batches = shifted_batches([4, 9])
+    stats = pybn.recalibrate([layer, layer], batches, forward=layer)
+    mean, var, n = union_stats(batches)
+    assert len(stats) == 1 and stats[0].count == n and layer.num_batches_tracked == 2
+    np.testing.assert_allclose(layer.running_var, var, rtol=1e-11)
+
+
 def test_a_failed_pass_changes_nothing():
     layer = pybn.nn.BatchNorm(C, dtype="float64").eval()
     layer.running_mean[...] = [1.0, 2.0, 3.0]

@@ -148,7 +148,8 @@ def _pybn_targets(model: Any, forward: Callable[[Any], Any] | None) -> tuple[lis
         run = forward
     if not callable(run):
         raise TypeError(f"forward: must be callable, got {type(run).__name__}")
-    return [_PybnTarget(layer) for layer in layers if _recalibrated(layer)], run
+    unique = list({id(layer): layer for layer in layers if _recalibrated(layer)}.values())  # a layer listed twice once
+    return [_PybnTarget(layer) for layer in unique], run
 
 
 def _recalibrated(layer: Any) -> bool:
