@@ -52,3 +52,14 @@ def test_cnn_digits(tmp_path):
     diff = re.search(r"^max \|logit difference\|\s+(\S+)", out, re.M)
     assert diff and float(diff.group(1)) < 1e-3, out
     assert re.search(r"^speed-up\s+[\d.]+x", out, re.M), out
+
+
+def test_mc_dropout(tmp_path):
+    # the script exits non-zero when a second pass over the samples gives other bits
+    out = run_example("mc_dropout.py", "--quick", cwd=tmp_path)
+    values = dict(re.findall(r"^(RMSE, dropout off|RMSE, MC mean|mean predictive std)\s+([\d.]+)$", out, re.M))
+    assert len(values) == 3, out
+    assert 0 < float(values["mean predictive std"]) < float(values["RMSE, MC mean"]) < 200, out
+    assert re.search(r"^repeat of the passes\s+identical$", out, re.M), out
+    # fixed seeds, masks fixed by (seed, sample): another process prints the same table
+    assert run_example("mc_dropout.py", "--quick", cwd=tmp_path) == out

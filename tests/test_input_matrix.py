@@ -508,6 +508,17 @@ def dropout_layer_backward_good():
     return dict(layer=layer, dy=rand(SHAPE, seed=6))
 
 
+def recalibrate_good():
+    layer = pybn.nn.BatchNorm(C)
+    layer.running_mean[...] = [0.5, -1.0, 2.0]
+    return dict(model=layer, batches=[rand(SHAPE, seed=s) for s in range(3)], forward=None, comm=None)
+
+
+def mode_cases():
+    return cases("mode", [("unknown", lambda: "rows", ValueError), ("upper-case", lambda: "ROW", ValueError),
+                          ("None", lambda: None, TypeError), ("int", lambda: 0, TypeError)])
+
+
 def layer_call(kw_name):
     def call(layer, **kw):
         return layer(kw[kw_name]) if kw_name == "x" else layer.backward(kw[kw_name])
@@ -684,6 +695,25 @@ SPECS = [
              "noise_shape": noise_shape_cases(),
              "out": out_cases(["x"], per_channel=["mask"]),
          }),
+    Spec("drop_path", pybn.drop_path,
+         lambda: dict(x=rand(SHAPE), p=0.5, seed=1, offset=0, mode="row", out=None), {
+             "x": data_cases("x", ndim_min=0) + cases("x", [("0-d-row-mode", lambda: np.float32(1.0), ValueError)]),
+             "p": p_cases(),
+             "seed": u64_cases("seed"),
+             "offset": u64_cases("offset"),
+             "mode": mode_cases(),
+             "out": out_cases(["x"]),
+         }),
+    Spec("recalibrate", pybn.recalibrate, recalibrate_good, {
+        "model": cases("model", [("object", lambda: object(), TypeError), ("str", lambda: "bn", TypeError),
+                                 ("list-of-arrays", lambda: [np.ones(C)], TypeError),
+                                 ("no-batch-norm", lambda: [pybn.nn.Dropout(0.5, seed=1)], ValueError)]),
+        "batches": cases("batches", [("int", lambda: 5, TypeError), ("None", lambda: None, TypeError),
+                                     ("empty", list, ValueError)]) + [
+            ("one-value-per-channel", put("batches", lambda: [rand((1, C))]), ValueError, ("batches", "x"))],
+        "forward": cases("forward", [("int", lambda: 5, TypeError), ("str", lambda: "run", TypeError)]),
+        "comm": cases("comm", [("object", lambda: object(), TypeError), ("str", lambda: "gloo", TypeError)]),
+    }, watch=lambda kw: layer_state({"layer": kw["model"]}) if isinstance(kw["model"], pybn.nn.BatchNorm) else []),
     Spec("dropout_scale", pybn.dropout_scale, lambda: dict(p=0.3), {
         "p": p_cases(),
     }),
@@ -738,6 +768,13 @@ SPECS = [
         "noise_shape": cases("noise_shape", [("int", lambda: 5, TypeError),
                                              ("float-entry", lambda: (4, 1.5), TypeError),
                                              ("negative-entry", lambda: (None, -1), ValueError)]),
+    }),
+    Spec("nn.DropPath", pybn.nn.DropPath, lambda: dict(p=0.5, mode="row", seed=1, rank=0, world_size=1), {
+        "p": p_cases(),
+        "mode": mode_cases(),
+        "seed": u64_cases("seed", allow_none=True),
+        "rank": int_cases("rank", 0) + cases("rank", [("world_size", lambda: 1, ValueError)]),
+        "world_size": int_cases("world_size", 1),
     }),
     Spec("distributed.SyncBatchNorm", pybn.distributed.SyncBatchNorm, lambda: dict(num_features=C, comm=None), {
         "num_features": int_cases("num_features", 1),

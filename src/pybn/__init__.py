@@ -8,8 +8,10 @@ from .batchnorm import (BatchNormGrads, BatchNormTrainResult, batch_norm_backwar
 from .batchnorm_split import (BatchNormGradSums, BatchNormStats, batch_norm_apply,
                               batch_norm_backward_apply, batch_norm_backward_reduce, batch_norm_invstd,
                               batch_norm_merge_stats, batch_norm_stats)
+from .drop_path import drop_path
 from .dropout import counters_used, dropout, dropout_apply, dropout_mask, dropout_scale
 from .fold import FoldedWeights, fold_bn_linear, fold_conv_bn
+from .recalibrate import recalibrate
 
 __all__ = [
     "__version__",
@@ -35,6 +37,8 @@ __all__ = [
     "dropout_apply",
     "dropout_scale",
     "counters_used",
+    "drop_path",
+    "recalibrate",
     "fold_conv_bn",
     "fold_bn_linear",
     "FoldedWeights",

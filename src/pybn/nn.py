@@ -12,17 +12,20 @@ Errors follow PyTorch where it has one: ``backward`` before any ``forward`` is a
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
 
 from ._checks import FLOAT_DTYPES, as_array, channel_layout, float_array, integer, param_dtype, real_number
 from .batchnorm import batch_norm_backward, batch_norm_infer, batch_norm_train
+from .drop_path import drop_path, drop_path_noise_shape
 from .dropout import counters_used, dropout
 
-__all__ = ["BatchNorm", "Dropout"]
+__all__ = ["BatchNorm", "Dropout", "DropPath", "mc_dropout", "mc_dropout_offset"]
 
 _U64 = 1 << 64
 _I64 = 1 << 63  # num_batches_tracked is an int64 in PyTorch's state_dict
@@ -649,3 +652,219 @@ def _u64(value: Any, name: str) -> int:
     if not 0 <= v < _U64:
         raise ValueError(f"{name}: must be in [0, 2**64), got {v}")
     return v
+
+
+# --------------------------------------------------------------------------- DropPath
+
+class DropPath(_Layer):
+    """Stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath``) with a
+    reproducible counter-based mask (docs/dropout.md, "Stochastic depth").
+
+    In training mode :func:`pybn.drop_path` drops whole samples of a residual branch
+    (mode "row") or the whole branch (mode "batch") with probability `p` and scales the
+    kept ones by ``pybn.dropout_scale(p)``; in evaluation mode the layer is the identity.
+    Like :class:`Dropout`, each training call uses ``(seed, offset)`` and then advances
+    ``offset`` by the counters its decisions used, so the masks of a run follow from its
+    seed.
+
+    Parameters
+    ----------
+    p : float in [0, 1]
+        Probability of dropping a sample (or the branch).
+    mode : "row" or "batch", default "row"
+    seed : int in [0, 2**64), optional
+        Key of the random stream; None draws one from the operating system's entropy.
+        Under data parallelism give every rank the same seed.
+    rank, world_size : int, default 0 and 1
+        For data-parallel training with mode "row": rank r draws its decisions at
+        ``offset + r * counters_used(N)`` and every rank advances ``offset`` by
+        ``world_size * counters_used(N)``, so the ranks' samples get distinct decisions
+        from one seed while ``offset`` stays the same on every rank (the local batch size
+        N must be the same on every rank). Mode "batch" ignores them: every rank draws the
+        one shared decision at ``offset``.
+
+    Attributes
+    ----------
+    seed, offset : int
+    training : bool
+    """
+
+    def __init__(self, p: float, mode: str = "row", *, seed: int | None = None, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.p = p
+        drop_path_noise_shape((1,), mode)  # checks mode
+        self.mode = mode
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+        self.seed = _u64(seed, "seed")
+        self.world_size = integer(world_size, "world_size")
+        if self.world_size < 1:
+            raise ValueError(f"world_size: must be >= 1, got {self.world_size}")
+        self.rank = integer(rank, "rank")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank: must be in [0, world_size) = [0, {self.world_size}), got {self.rank}")
+        self.offset = 0
+        self.training = True
+        # (p, seed, offset, mode, x's shape, x's dtype, training) of the last forward
+        self._saved: tuple[float, int, int, str, tuple[int, ...], np.dtype, bool] | None = None
+
+    @property
+    def p(self) -> float:
+        """The drop probability, in [0, 1]."""
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        p = real_number(value, "p")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
+        self._p = p
+
+    def __repr__(self) -> str:
+        return (f"DropPath(p={self.p}, mode={self.mode!r}, seed={self.seed}, rank={self.rank}, "
+                f"world_size={self.world_size})")
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Drop samples (or the branch) in training mode; return `x` itself in evaluation mode."""
+        array = float_array(x, "x")
+        if not self.training:
+            self._saved = (self.p, self.seed, self.offset, self.mode, array.shape, array.dtype, False)
+            return array
+        offset, stride = self._counters(array.shape)
+        y = drop_path(array, self.p, seed=self.seed, offset=offset, mode=self.mode)
+        self._saved = (self.p, self.seed, offset, self.mode, array.shape, array.dtype, True)
+        self.offset = (self.offset + stride) % _U64
+        return y
+
+    def _counters(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(this rank's offset for this call, the advance of `offset` on every rank)."""
+        if self.mode == "batch":
+            return self.offset, counters_used(1)
+        used = counters_used(shape[0] if shape else 1)
+        return (self.offset + self.rank * used) % _U64, self.world_size * used
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """Gradient of the most recent forward: dy through the same decisions and scale."""
+        p, seed, offset, mode, shape, dtype, training = self._saved_or_raise(self._saved)
+        grad = _check_dy(dy, shape, dtype)
+        if not training:
+            return grad
+        return drop_path(grad, p, seed=seed, offset=offset, mode=mode)
+
+
+# --------------------------------------------------------------------------- MC-dropout
+
+MC_MAX_LAYERS = 256
+MC_MAX_SAMPLES = 1 << 20
+_MC_LAYER_SHIFT, _MC_SAMPLE_SHIFT = 56, 36
+
+
+def mc_dropout_offset(layer_index: int, sample: int) -> int:
+    """The first counter of the masks of dropout layer `layer_index` in MC sample `sample`:
+    ``layer_index * 2**56 + sample * 2**36``, so every (layer, sample) pair has its own
+    range of 2**36 counters (masks of up to 2**39 elements) under one seed."""
+    layer_index, sample = integer(layer_index, "layer_index"), integer(sample, "sample")
+    if not 0 <= layer_index < MC_MAX_LAYERS:
+        raise ValueError(f"layer_index: must be in [0, {MC_MAX_LAYERS}), got {layer_index}")
+    if not 0 <= sample < MC_MAX_SAMPLES:
+        raise ValueError(f"sample: must be in [0, 2**20), got {sample}")
+    return (layer_index << _MC_LAYER_SHIFT) | (sample << _MC_SAMPLE_SHIFT)
+
+
+@contextlib.contextmanager
+def mc_dropout(layers: Any, *, seed: int, sample: int) -> Iterator[None]:
+    """Monte Carlo dropout: dropout on at inference, with masks fixed by (seed, sample).
+
+    Inside the context the dropout layers among `layers` (:class:`Dropout`,
+    :class:`DropPath`, other objects are left alone; or the pybn.torch dropout modules of
+    a torch model) drop as in
+    training, the k-th of them (in the order given, or ``model.modules()`` order) with
+    key `seed` from offset ``mc_dropout_offset(k, sample)``; every other layer keeps its
+    mode (batch norm stays in evaluation mode). On exit each layer's mode, seed and offset
+    are restored. So ``for t in range(T): with mc_dropout(layers, seed=s, sample=t): ...``
+    draws T masks that are the same in every call and every process for the same input
+    batch (the mask of a row depends on its position in the batch). docs/dropout.md,
+    "MC-dropout", says why this design.
+
+    Parameters
+    ----------
+    layers : iterable of layers, or a torch.nn.Module
+        A torch model must hold pybn.torch dropout modules (``pybn.torch.accelerate``
+        swaps them in); a stock torch dropout module is refused, its masks being torch's.
+    seed : int in [0, 2**64)
+    sample : int in [0, 2**20)
+        The index of the MC sample.
+    """
+    seed = _u64(seed, "seed")
+    modules = _mc_modules(layers)
+    if len(modules) > MC_MAX_LAYERS:
+        raise ValueError(f"layers: at most {MC_MAX_LAYERS} dropout layers, got {len(modules)}")
+    offsets = [mc_dropout_offset(k, sample) for k in range(len(modules))]
+    saved = [_mc_state(m) for m in modules]
+    try:
+        for module, offset in zip(modules, offsets):
+            _mc_set(module, seed, offset)
+        yield
+    finally:
+        for module, state in zip(modules, saved):
+            _mc_restore(module, state)
+
+
+def _mc_modules(layers: Any) -> list[Any]:
+    torch_nn = _torch_nn_if_module(layers)
+    if torch_nn is not None:
+        return _mc_torch_modules(layers, torch_nn)
+    try:
+        items = list(layers)
+    except TypeError:
+        raise TypeError(f"layers: must be an iterable of pybn.nn layers or a torch.nn.Module, got "
+                        f"{type(layers).__name__}") from None
+    found = [item for item in items if isinstance(item, (Dropout, DropPath))]  # other layers: any kind
+    if not found:
+        raise ValueError("layers: holds no pybn.nn.Dropout or DropPath layer to keep on")
+    return found
+
+
+def _torch_nn_if_module(obj: Any) -> Any:
+    """torch.nn when `obj` is a torch module (torch is imported only if the caller has it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        return torch.nn
+    return None
+
+
+def _mc_torch_modules(model: Any, torch_nn: Any) -> list[Any]:
+    from .torch.drop_path import StochasticDepth
+    from .torch.nn import _DropoutForward
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, (_DropoutForward, StochasticDepth)):
+            found.append(module)
+        elif isinstance(module, torch_nn.modules.dropout._DropoutNd):
+            raise TypeError(f"layers: {name or 'the model'} is a {type(module).__name__} of torch, whose masks "
+                            "pybn does not set (swap it with pybn.torch.accelerate first)")
+    return found
+
+
+def _mc_state(module: Any) -> tuple[Any, ...]:
+    return (module.training, module.seed, module.offset, getattr(module, "rank", None),
+            getattr(module, "world_size", None))
+
+
+def _mc_set(module: Any, seed: int, offset: int) -> None:
+    module.seed = seed
+    module.offset = offset
+    if getattr(module, "world_size", None) is not None:  # one process's masks: the same on every rank
+        module.rank, module.world_size = 0, 1
+    module.train(True)
+
+
+def _mc_restore(module: Any, state: tuple[Any, ...]) -> None:
+    training, seed, offset, rank, world_size = state
+    module.seed = seed
+    if seed is not None:
+        module.offset = offset
+    if world_size is not None:
+        module.rank, module.world_size = rank, world_size
+    module.train(training)

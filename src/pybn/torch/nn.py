@@ -292,3 +292,10 @@ class Dropout3d(_DropoutForward, nn.Dropout3d):
 
     def _torch_forward(self, input: Tensor) -> Tensor:
         return F.dropout3d(input, self.p, True, self.inplace)
+
+
+# --------------------------------------------------------------------------- stochastic depth
+
+from .drop_path import DropPath, StochasticDepth, stochastic_depth  # noqa: E402  (it needs the operators above)
+
+__all__ += ["StochasticDepth", "DropPath", "stochastic_depth"]

@@ -1,0 +1,232 @@
+"""Exact re-estimation of batch norm's running statistics (docs/recalibration.md).
+
+:func:`recalibrate` runs a model over a set of batches and sets every batch norm layer's
+``running_mean`` and ``running_var`` to the mean and the unbiased variance of *all* the
+values the layer saw, over every batch (and, for synchronized layers or with `comm`, every
+process): the per-batch ``(count, mean, m2)`` of :func:`pybn.batch_norm_stats` (float64)
+are merged with Chan's formula (:func:`pybn.batch_norm_merge_stats`), which is exact for
+any batch sizes. Running averages of per-batch statistics (``momentum=None``, as
+``torch.optim.swa_utils.update_bn`` does) average the per-batch variances instead, which
+leaves out the spread of the batch means and weights unequal batches wrongly.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from ._checks import integer
+from .batchnorm_split import BatchNormStats, batch_norm_merge_stats, batch_norm_stats
+from .nn import BatchNorm, _Layer
+
+__all__ = ["recalibrate"]
+
+
+class _Accumulator:
+    """(count, mean, m2) of the values seen so far, merged batch by batch (float64)."""
+
+    def __init__(self, channels: int) -> None:
+        self.stats = BatchNormStats(0, np.zeros(channels), np.zeros(channels))
+        self.batches = 0
+
+    def add(self, stats: BatchNormStats) -> None:
+        merged = batch_norm_merge_stats([self.stats.count, stats.count], np.stack([self.stats.mean, stats.mean]),
+                                        np.stack([self.stats.m2, stats.m2]))
+        self.stats = merged
+        self.batches += 1
+
+
+def recalibrate(model: Any, batches: Iterable[Any], *, forward: Callable[[Any], Any] | None = None,
+                comm: Any = None) -> list[BatchNormStats]:
+    """Set the running statistics of every batch norm layer of `model` to the exact
+    statistics of the values it sees over all `batches`.
+
+    The batch norm layers are put in training mode for the pass (they normalize with each
+    batch's statistics, as ``torch.optim.swa_utils.update_bn`` runs them), every other
+    layer keeps its mode; afterwards each layer gets back its mode, and
+    ``running_mean`` = the mean, ``running_var`` = the unbiased variance
+    (``m2 / (count - 1)``, as torch's), ``num_batches_tracked`` = the number of batches,
+    all of the union of the batches. If anything fails, every layer's state is left as it
+    was.
+
+    Parameters
+    ----------
+    model : pybn.nn.BatchNorm, iterable of pybn.nn layers, or torch.nn.Module
+        pybn layers (:class:`pybn.nn.BatchNorm`, :class:`pybn.distributed.SyncBatchNorm`;
+        other pybn.nn layers are skipped), or a torch model whose ``_BatchNorm`` modules
+        with running statistics (torch's, pybn.torch's, SyncBatchNorm) are recalibrated
+        through forward hooks.
+    batches : iterable
+        What `forward` is called with, once each.
+    forward : callable, optional
+        Runs the model on one batch. Default: ``model(batch)`` for a torch model (its
+        first element for a list or tuple batch, as ``update_bn``) and for a single pybn
+        layer; required for a list of pybn layers.
+    comm : torch.distributed ProcessGroup or mpi4py.MPI.Comm, optional
+        Merge every layer's statistics over the processes of `comm` too, so that every
+        process ends with the same statistics of all the processes' batches. Without it a
+        synchronized layer (pybn.distributed.SyncBatchNorm, a torch or pybn.torch
+        SyncBatchNorm) merges over its own process group and the others stay local.
+
+    Returns
+    -------
+    list of BatchNormStats
+        The merged (count, mean, m2) of each layer, in float64, in the order of the layers.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        from ._recalibrate_torch import torch_targets
+        targets, run = torch_targets(model, forward)
+    else:
+        targets, run = _pybn_targets(model, forward)
+    return _recalibrate(targets, batches, run, comm)
+
+
+class _PybnTarget:
+    """One pybn.nn.BatchNorm under recalibration: collects the stats of its inputs."""
+
+    def __init__(self, layer: BatchNorm) -> None:
+        self.layer = layer
+        self.channels = layer.num_features
+        self.acc = _Accumulator(self.channels)
+        self.saved = (layer.training, layer.running_mean.copy(), layer.running_var.copy(),  # type: ignore[union-attr]
+                      layer.num_batches_tracked)
+
+    def start(self) -> None:
+        layer, original = self.layer, self.layer.forward
+
+        def collecting(x: Any) -> np.ndarray:
+            y = original(x)  # training mode: checks x, normalizes with the batch's statistics
+            assert layer._saved is not None  # (set by the forward)
+            self.acc.add(batch_norm_stats(layer._saved[0], axis=layer.axis))
+            return y
+
+        layer.forward = collecting  # type: ignore[method-assign]
+        layer.train()
+
+    def stop(self) -> None:
+        self.layer.__dict__.pop("forward", None)
+        self.layer.train(self.saved[0])
+
+    def restore(self) -> None:
+        layer, (_, mean, var, count) = self.layer, self.saved
+        layer.running_mean[...] = mean  # type: ignore[index]
+        layer.running_var[...] = var  # type: ignore[index]
+        layer.num_batches_tracked = count
+
+    def own_comm(self) -> Any:
+        from .distributed import SyncBatchNorm
+
+        return self.layer._communicator() if isinstance(self.layer, SyncBatchNorm) else None
+
+    def set(self, stats: BatchNormStats, batches: int) -> None:
+        layer = self.layer
+        layer.running_mean[...] = stats.mean  # type: ignore[index]
+        layer.running_var[...] = stats.m2 / (float(stats.count) - 1.0)  # type: ignore[index]
+        layer.num_batches_tracked = batches
+
+
+def _pybn_targets(model: Any, forward: Callable[[Any], Any] | None) -> tuple[list[Any], Callable[[Any], Any]]:
+    if isinstance(model, BatchNorm):
+        layers: list[Any] = [model]
+        run = forward if forward is not None else model
+    else:
+        try:
+            layers = list(model)
+        except TypeError:
+            raise TypeError(f"model: must be a pybn.nn.BatchNorm, an iterable of pybn.nn layers or a "
+                            f"torch.nn.Module, got {type(model).__name__}") from None
+        for layer in layers:
+            if not isinstance(layer, _Layer):
+                raise TypeError(f"model: expected pybn.nn layers, got a {type(layer).__name__}")
+        if not any(_recalibrated(layer) for layer in layers):
+            raise ValueError(_NOTHING)
+        if forward is None:
+            raise TypeError("forward: is required for a list of layers (a callable that runs them on one batch)")
+        run = forward
+    if not callable(run):
+        raise TypeError(f"forward: must be callable, got {type(run).__name__}")
+    unique = list({id(layer): layer for layer in layers if _recalibrated(layer)}.values())  # a layer listed twice once
+    return [_PybnTarget(layer) for layer in unique], run
+
+
+def _recalibrated(layer: Any) -> bool:
+    return isinstance(layer, BatchNorm) and layer.track_running_stats
+
+
+_NOTHING = "model: has no batch norm layer with running statistics to recalibrate"
+
+
+def _recalibrate(targets: list[Any], batches: Iterable[Any], run: Callable[[Any], Any],
+                 comm: Any) -> list[BatchNormStats]:
+    if not targets:
+        raise ValueError(_NOTHING)
+    try:
+        iterator = iter(batches)
+    except TypeError:
+        raise TypeError(f"batches: must be an iterable of batches, got {type(batches).__name__}") from None
+    comms = _comms(targets, comm)
+    failed: BaseException | None = None
+    try:
+        for target in targets:
+            target.start()
+        try:
+            for batch in iterator:
+                run(batch)
+        finally:
+            for target in targets:
+                target.stop()
+    except BaseException as exc:  # noqa: BLE001  (re-raised below, after the other processes are told)
+        failed = exc
+    try:
+        results = [_merged(target, c, failed is not None) for target, c in zip(targets, comms)]
+        if failed is not None:
+            raise failed
+        for target, (stats, _) in zip(targets, results):
+            _check_count(target, stats)
+    except BaseException:
+        for target in targets:
+            target.restore()
+        raise
+    for target, (stats, count) in zip(targets, results):
+        target.set(stats, count)
+    return [stats for stats, _ in results]
+
+
+def _comms(targets: list[Any], comm: Any) -> list[Any]:
+    if comm is None:
+        return [target.own_comm() for target in targets]
+    from .distributed import _communicator
+
+    adapter = _communicator(comm)
+    return [adapter] * len(targets)
+
+
+def _merged(target: Any, comm: Any, failed: bool) -> tuple[BatchNormStats, int]:
+    """The target's statistics merged over the processes of `comm` (all of them merge the
+    same rows in rank order, so all get the same bits); a failed process sends a marked
+    row, and then every process raises."""
+    local, c = target.acc.stats, target.channels
+    if comm is None:
+        return local, target.acc.batches
+    row = np.empty(2 * c + 2)
+    row[0] = -1.0 if failed else float(local.count)
+    row[1] = target.acc.batches
+    row[2:c + 2], row[c + 2:] = local.mean, local.m2
+    rows = comm.allgather(row)
+    if np.any(rows[:, 0] < 0):
+        if failed:
+            return local, target.acc.batches  # this process raises its own error
+        raise RuntimeError("batches: the recalibration failed on another process (see its error)")
+    counts = [round(float(v)) for v in rows[:, 0]]  # exact: counts are integers below 2**53
+    merged = batch_norm_merge_stats(counts, rows[:, 2:c + 2], rows[:, c + 2:])
+    return merged, round(float(rows[:, 1].sum()))
+
+
+def _check_count(target: Any, stats: BatchNormStats) -> None:
+    count = integer(round(float(stats.count)), "count")
+    if count < 2:
+        raise ValueError(f"batches: the layer {target.name if hasattr(target, 'name') else target.layer!r} saw "
+                         f"{count} value(s) per channel; an unbiased variance needs at least 2")
