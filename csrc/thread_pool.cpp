@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <exception>
 
+#include "pybn/openmp_runtime.h"
 #include "pybn/parallel.h"
 
 namespace pybn {
@@ -197,6 +198,40 @@ void wait_for_workers() {
   g_caller_sleeping.store(0, std::memory_order_relaxed);
 }
 
+// A job on a loaded GNU OpenMP runtime's team (openmp_runtime.h). The same slices as on the
+// pool, so the same results; if the runtime gives fewer threads than asked (OMP_THREAD_LIMIT,
+// OMP_DYNAMIC), each thread takes every k-th slice. Slices never throw (Job::run catches),
+// so no exception crosses libgomp's frames. Called from inside any OpenMP region (a torch
+// intra-op thread, say), the job runs whole on the calling thread: a nested team would
+// multiply the threads, and libgomp might serialize it anyway.
+struct OpenMpRegion {
+  const OpenMpRuntime* omp;
+  Job* job;
+};
+
+void run_slices_of_region(void* data) {
+  const OpenMpRegion& r = *static_cast<const OpenMpRegion*>(data);
+  const int k = r.omp->num_threads();
+  for (int slice = r.omp->thread_num(); slice < r.job->team; slice += k) r.job->run(slice);
+}
+
+void run_on_openmp(const OpenMpRuntime& omp, Job& job, int wanted) {
+  if (omp.level() > 0) {
+    job.run(0);
+    return;
+  }
+  job.team = wanted;
+  OpenMpRegion region{&omp, &job};
+  omp.parallel(run_slices_of_region, &region, static_cast<unsigned>(wanted), 0);
+}
+
+void run_on_own_threads(Job& job, int wanted) {
+  job.team = grow_to(wanted);
+  hand_out(job);
+  job.run(0);
+  wait_for_workers();
+}
+
 }  // namespace
 
 void run_on_pool(int wanted, SliceFn fn, void* context) {
@@ -205,10 +240,10 @@ void run_on_pool(int wanted, SliceFn fn, void* context) {
   if (!owner) {
     job.run(0);  // one slice of [0, n): the same result by construction, on this thread
   } else {
-    job.team = grow_to(wanted);
-    hand_out(job);
-    job.run(0);
-    wait_for_workers();
+    if (const OpenMpRuntime* omp = openmp_for_regions())
+      run_on_openmp(*omp, job, wanted);
+    else
+      run_on_own_threads(job, wanted);
     g_busy.store(false, std::memory_order_release);
   }
   if (job.failed.load(std::memory_order_acquire)) std::rethrow_exception(job.error);
