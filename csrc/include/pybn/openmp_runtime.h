@@ -31,7 +31,7 @@ Threading threading();
 // nullptr under "own", in a child made by fork (libgomp's pool is not copied; its next
 // region would wait forever for the parent's workers), and under "auto" while no libgomp is
 // loaded. Looks again for a loaded libgomp only when a library was loaded since the last
-// look. Called only by the caller holding the pool (thread_pool.cpp).
+// look. Thread-safe (the pool's owner and the diagnostics call it).
 const OpenMpRuntime* openmp_for_regions();
 
 }  // namespace pybn
