@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -647,9 +648,10 @@ void def_diagnostics(py::module_& m) {
         py::arg("throw_in") = -1, py::arg("slice_ms") = 0,
         "How parallel_for splits [0, n) over threads (parallel.h, trace_parallel_for).");
   d.def("pool_threads", &pybn::pool_threads, "Threads the pool has started, the calling thread included.");
-  d.def("openmp_runtime", [] {
+  d.def("openmp_runtime", []() -> std::optional<std::string> {
     const pybn::OpenMpRuntime* omp = pybn::openmp_for_regions();
-    return omp ? py::object(py::str(omp->path)) : py::object(py::none());
+    if (omp == nullptr) return std::nullopt;
+    return std::string(omp->path);
   }, "Path of the GNU OpenMP runtime parallel regions run on now, or None for pybn's own pool.");
   auto wide = d.def_submodule("float_computing_in_double",
                               "The typed kernels for float32 arrays, computing in double (DiagnosticTable).");
