@@ -15,8 +15,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <algorithm>
 #include <exception>
 
+#include "pybn/openmp_runtime.h"
 #include "pybn/parallel.h"
 
 namespace pybn {
@@ -197,6 +199,79 @@ void wait_for_workers() {
   g_caller_sleeping.store(0, std::memory_order_relaxed);
 }
 
+// A job on a loaded GNU OpenMP runtime's team (openmp_runtime.h). The same slices as on the
+// pool, so the same results; if the runtime gives fewer threads than asked (OMP_THREAD_LIMIT,
+// OMP_DYNAMIC), each thread takes every k-th slice. Slices never throw (Job::run catches),
+// so no exception crosses libgomp's frames. Called from inside any OpenMP region (a torch
+// intra-op thread, say), the job runs whole on the calling thread: a nested team would
+// multiply the threads, and libgomp might serialize it anyway.
+struct OpenMpRegion {
+  const OpenMpRuntime* omp;
+  Job* job;
+};
+
+void run_slices_of_region(void* data) {
+  const OpenMpRegion& r = *static_cast<const OpenMpRegion*>(data);
+  const int k = r.omp->num_threads();
+  for (int slice = r.omp->thread_num(); slice < r.job->team; slice += k) r.job->run(slice);
+}
+
+// libgomp exits the process when it cannot create a thread its team needs. The threads of a
+// team stay with the thread that formed it, so only a team larger than any before on this
+// thread creates some: that many are first created here (alive together, then joined), and
+// the team is cut to what the system allowed. Creation is tried again after set_num_threads.
+thread_local int t_openmp_team = 1;  // the largest team libgomp formed for this thread
+std::atomic<int> g_openmp_create_limit{kMaxThreads};
+
+void* wait_for_release(void* gate) {
+  auto& open = *static_cast<std::atomic<std::uint32_t>*>(gate);
+  while (open.load() == 0) futex_wait(open, 0);
+  return nullptr;
+}
+
+// How many of `wanted` threads the system lets this process create at once (at most).
+int threads_creatable(int wanted) {
+  std::atomic<std::uint32_t> gate{0};
+  pthread_t probes[kMaxThreads];
+  int created = 0;
+  while (created < wanted && pthread_create(&probes[created], nullptr, wait_for_release, &gate) == 0) ++created;
+  gate.store(1);
+  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&gate), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+  for (int i = 0; i < created; ++i) pthread_join(probes[i], nullptr);
+  return created;
+}
+
+int openmp_team(int wanted) {
+  wanted = std::min(wanted, t_openmp_team + g_openmp_create_limit.load(std::memory_order_relaxed));
+  if (wanted <= t_openmp_team) return wanted;
+  const int missing = wanted - t_openmp_team;
+  const int creatable = threads_creatable(missing);
+  if (creatable < missing) g_openmp_create_limit.store(creatable, std::memory_order_relaxed);
+  return t_openmp_team + creatable;
+}
+
+void run_on_openmp(const OpenMpRuntime& omp, Job& job, int wanted) {
+  if (omp.level() > 0) {
+    job.run(0);
+    return;
+  }
+  job.team = openmp_team(wanted);
+  if (job.team == 1) {
+    job.run(0);
+    return;
+  }
+  OpenMpRegion region{&omp, &job};
+  omp.parallel(run_slices_of_region, &region, static_cast<unsigned>(job.team), 0);
+  t_openmp_team = std::max(t_openmp_team, job.team);
+}
+
+void run_on_own_threads(Job& job, int wanted) {
+  job.team = grow_to(wanted);
+  hand_out(job);
+  job.run(0);
+  wait_for_workers();
+}
+
 }  // namespace
 
 void run_on_pool(int wanted, SliceFn fn, void* context) {
@@ -205,17 +280,22 @@ void run_on_pool(int wanted, SliceFn fn, void* context) {
   if (!owner) {
     job.run(0);  // one slice of [0, n): the same result by construction, on this thread
   } else {
-    job.team = grow_to(wanted);
-    hand_out(job);
-    job.run(0);
-    wait_for_workers();
+    if (const OpenMpRuntime* omp = openmp_for_regions())
+      run_on_openmp(*omp, job, wanted);
+    else
+      run_on_own_threads(job, wanted);
     g_busy.store(false, std::memory_order_release);
   }
   if (job.failed.load(std::memory_order_acquire)) std::rethrow_exception(job.error);
 }
 
-int pool_threads() { return g_started.load(std::memory_order_relaxed); }
+int pool_threads() {
+  return openmp_for_regions() ? t_openmp_team : g_started.load(std::memory_order_relaxed);
+}
 
-void pool_allow_retry() { g_create_limit.store(kMaxThreads, std::memory_order_relaxed); }
+void pool_allow_retry() {
+  g_create_limit.store(kMaxThreads, std::memory_order_relaxed);
+  g_openmp_create_limit.store(kMaxThreads, std::memory_order_relaxed);
+}
 
 }  // namespace pybn

@@ -344,11 +344,12 @@ print("ok")
 """
 
 
-def test_thread_creation_failure_runs_on_the_threads_it_has():
+@pytest.mark.parametrize("threading_env", ["own", "openmp"])
+def test_thread_creation_failure_runs_on_the_threads_it_has(threading_env):
     """set_num_threads(256) under an address-space limit that lets only some threads start:
     the call completes, right, on the threads that exist (libgomp printed "Thread creation
-    failed" and exited with status 1)."""
-    proc = run_child(THREADS_REFUSED, timeout=120)
+    failed" and exited with status 1), on pybn's pool and on a libgomp team alike."""
+    proc = run_child(THREADS_REFUSED, timeout=120, env={"PYBN_THREADING": threading_env})
     assert_ok(proc)
     assert "Thread creation failed" not in proc.stderr
 

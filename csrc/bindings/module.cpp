@@ -12,11 +12,13 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "pybn/dispatch.h"
 #include "pybn/kernels.h"
+#include "pybn/openmp_runtime.h"
 #include "pybn/parallel.h"
 #include "pybn/thread_pool.h"
 
@@ -646,6 +648,11 @@ void def_diagnostics(py::module_& m) {
         py::arg("throw_in") = -1, py::arg("slice_ms") = 0,
         "How parallel_for splits [0, n) over threads (parallel.h, trace_parallel_for).");
   d.def("pool_threads", &pybn::pool_threads, "Threads the pool has started, the calling thread included.");
+  d.def("openmp_runtime", []() -> std::optional<std::string> {
+    const pybn::OpenMpRuntime* omp = pybn::openmp_for_regions();
+    if (omp == nullptr) return std::nullopt;
+    return std::string(omp->path);
+  }, "Path of the GNU OpenMP runtime parallel regions run on now, or None for pybn's own pool.");
   auto wide = d.def_submodule("float_computing_in_double",
                               "The typed kernels for float32 arrays, computing in double (DiagnosticTable).");
   def_typed_kernels<FloatComputingInDouble>(wide);
@@ -675,6 +682,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pybn's compiled kernels (private: use the functions of the pybn package)";
   m.attr("__version__") = PYBN_VERSION;
   pybn::table();  // choose the ISA now, so a bad PYBN_ISA fails the import with its message
+  pybn::threading();  // and read PYBN_THREADING, for the same reason
   // pybind11 looks NumPy's C API up on first use, releasing the GIL with its own guard
   // (GilReleased says why that guard must not be passed by a thread at exit): do it now,
   // not in the first kernel call, which may come from a daemon thread.

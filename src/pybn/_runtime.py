@@ -49,10 +49,12 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Set the threads pybn's kernels use, 1 <= n <= ``MAX_THREADS`` (256).
 
-    Results do not depend on it. pybn runs its own thread pool (not OpenMP, so torch's or
-    NumPy's thread settings do not affect it): threads are started when a call first needs
-    them, and if the system refuses to create one the calls run on those that exist.
-    Idle threads spin about 0.1 ms after a call, then sleep. Small inputs (under 32K
+    Results do not depend on it, and torch's or NumPy's thread settings do not change it.
+    pybn runs its own thread pool, or, when a GNU OpenMP runtime is already loaded (torch's),
+    that runtime's threads (``PYBN_THREADING=own|openmp|auto`` chooses; docs/threads.md):
+    threads are started when a call first needs them, and if the system refuses to create
+    one the calls run on those that exist. Idle threads of pybn's pool spin about 0.1 ms
+    after a call, then sleep; OpenMP's follow ``OMP_WAIT_POLICY``. Small inputs (under 32K
     elements per thread) use fewer threads, and a call made while another Python thread's
     call is using the pool runs single-threaded, on its calling thread.
     """

@@ -1,5 +1,5 @@
-// Threading: pybn's own fork-join pool (thread_pool.h) sized by pybn's setting, skipped for
-// small work.
+// Threading: pybn's own fork-join pool or a loaded OpenMP runtime's team (thread_pool.h) sized by
+// pybn's setting, skipped for small work.
 //
 // Determinism does not come from here: callers split reductions into blocks that depend
 // only on the shape, never on the thread count, and combine them in a fixed order.
