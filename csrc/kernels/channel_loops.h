@@ -16,7 +16,7 @@
 // type of the vectors, of the per-channel coefficients and of the partial sums (for
 // float and double storage, T is S: PYBN_DTYPES). Vectors hold Vec<T>::W lanes; storage
 // is converted once at each load and rounded once at each store (load_as, store_as).
-// Non-temporal stores need S == T (with_streaming).
+// Non-temporal stores need S == T or 16-bit S (with_streaming).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -72,13 +72,20 @@ void fill_period(const Layout& L, const S* src, i64 len, T* row) {
   for (i64 q = P; q < len; ++q) row[q] = row[q - P];
 }
 
+// The compute type whose vectors are streamed to storage S: S itself, or float for 16-bit
+// storage (stream_as).
+template <class S>
+using stream_vector_t = std::conditional_t<is_16bit<S>, float, S>;
+
 // Calls f(std::true_type{}) when an output of n values of S is large enough to be written
 // with non-temporal stores (kStreamBytes), else f(std::false_type{}): the kStream template
-// argument of the loops. Stores that round T to a narrower S are not streamed (that would
-// need narrowing non-temporal stores, and their alignment).
+// argument of the loops. 16-bit outputs are streamed as float ones are: without it every
+// store of a large output first read its line (half the traffic again) and left x's lines
+// to be evicted. Other narrowing stores (float storage computed in double, a diagnostic)
+// are not.
 template <class S, class T, class F>
 inline void with_streaming(i64 n, const F& f) {
-  if constexpr (std::is_same_v<S, T>) {
+  if constexpr (std::is_same_v<T, stream_vector_t<S>>) {
     if (n * i64(sizeof(S)) >= kStreamBytes)
       f(std::true_type{});
     else
@@ -148,11 +155,12 @@ inline void store_lanes(const Vec<T>& v, S* p, i64 n) {
     store_as(v, p, n);
 }
 
-// Lanes from p up to the next vector-aligned address.
-template <class T>
-inline i64 lanes_to_alignment(const T* p) {
-  const auto mis = reinterpret_cast<std::uintptr_t>(p) % kVecBytes<T>;
-  return mis == 0 ? 0 : static_cast<i64>((kVecBytes<T> - mis) / sizeof(T));
+// Lanes from p up to the next address a streamed vector may start at.
+template <class S>
+inline i64 lanes_to_alignment(const S* p) {
+  constexpr std::size_t kBytes = kStreamAlignment<stream_vector_t<S>, S>;
+  const auto mis = reinterpret_cast<std::uintptr_t>(p) % kBytes;
+  return mis == 0 ? 0 : static_cast<i64>((kBytes - mis) / sizeof(S));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -168,7 +176,7 @@ inline void put(S* p, const Vec<T>& r, i64 n) {
   if (n < Vec<T>::W)
     store_as(r, p, n);
   else if constexpr (kStream)
-    r.stream(p);
+    stream_as(r, p);
   else
     store_as(r, p);
 }
@@ -176,7 +184,7 @@ inline void put(S* p, const Vec<T>& r, i64 n) {
 // Head lanes before out + i is aligned for streaming (none when not streaming).
 template <bool kStream, class T>
 inline i64 head_lanes(const T* p, i64 available) {
-  if constexpr (kStream)  // streaming stores only S == T (with_streaming)
+  if constexpr (kStream)
     return std::min(available, lanes_to_alignment(p));
   else
     return 0;

@@ -93,6 +93,11 @@ struct Vec<float> {
   static Vec load_widen(const BFloat16* p, std::int64_t n) { return {detail::from_bfloat16(detail::load_halves(p, n))}; }
   void store_narrow(BFloat16* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), detail::to_bfloat16(v)); }
   void store_narrow(BFloat16* p, std::int64_t n) const { detail::store_halves(p, n, detail::to_bfloat16(v)); }
+  // Non-temporal 16-bit stores, p aligned to 16 bytes.
+  void stream_narrow(Float16* p) const {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, detail::kToNearest));
+  }
+  void stream_narrow(BFloat16* p) const { _mm_stream_si128(reinterpret_cast<__m128i*>(p), detail::to_bfloat16(v)); }
 
   friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
