@@ -86,7 +86,8 @@ class MaskStream {
       : keys_(seed), first_(offset + 16 * g0) {}
 
   // The next NG groups' random halves: r[i][q] is vector q of group g + i.
-  void next(U32 (&r)[NG][kHalfVectors]) {
+  // Always inlined: its result stays in registers for the caller's loop.
+  __attribute__((always_inline)) void next(U32 (&r)[NG][kHalfVectors]) {
     U64 c[kVectors][4];
     const std::uint64_t last = first_ + (16 * NG - 1);
     if (last >> 32 == first_ >> 32 && last >= first_)
@@ -110,7 +111,7 @@ class MaskStream {
   // Vector i of the block's counters.
   U64 counters(int i) const { return U64::from_index(first_ + static_cast<std::uint64_t>(i * U64::W)); }
 
-  void rounds_1_2(U64 (&c)[kVectors][4]) const {
+  __attribute__((always_inline)) void rounds_1_2(U64 (&c)[kVectors][4]) const {
 #pragma GCC unroll 16
     for (int i = 0; i < kVectors; ++i) {
       const U64 b = counters(i);
@@ -123,7 +124,7 @@ class MaskStream {
     philox_round(c, keys_.k0[1], keys_.k1[1]);
   }
 
-  void rounds_1_2_same_high(U64 (&c)[kVectors][4], std::uint32_t high) {
+  __attribute__((always_inline)) void rounds_1_2_same_high(U64 (&c)[kVectors][4], std::uint32_t high) {
     if (!have_high_ || high != high_) {
       const std::uint64_t x0 = high ^ keys_.first_k0;  // round 1's x0
       const std::uint64_t p = x0 * kPhiloxM0;          // round 2's product
