@@ -214,10 +214,10 @@ void apply_rows(const Layout L, const T* const* coef, S* const out, const Op op,
   if (kStream) stream_fence();
 }
 
-// Period mode over flat positions [i, end); tab holds K rows of `stride` = P + W entries,
-// so a vector whose first lane is at period position j < P reads tab[j, j + W) without
-// wrapping. The walk goes in runs of vectors between wraps of j, with fixed table offsets
-// inside a run (no index bookkeeping per vector).
+// Period mode over flat positions [i, end); tab holds K rows of `stride` = P + W entries (P
+// a multiple of the channel pattern's period), so a vector whose first lane is at table
+// position j < P reads tab[j, j + W) without wrapping. The walk goes in runs of vectors
+// between wraps of j, with fixed table offsets inside a run (no index bookkeeping per vector).
 template <bool kStream, class S, class T, int K, class Op>
 void apply_period(const i64 P, const T* const tab, const i64 stride, S* const out, const Op op, i64 i,
                   const i64 end) {
@@ -270,13 +270,18 @@ void for_each_piece(i64 begin, i64 end, bool backwards, const F& f) {
   }
 }
 
+constexpr i64 kPeriodTableRun = 512;
+
 template <bool kStream, class S, class T, int K, class Op>
 void channel_apply_impl(const Layout& L, const T* const (&coef)[K], S* out, const Op& op, bool backwards) {
   constexpr i64 W = Vec<T>::W;
   const i64 total = L.numel();
   const i64 slots = (total + W - 1) / W;  // threads split the array at vector boundaries
   if (use_period_mode(L)) {
-    const i64 P = L.channels * L.inner;
+    // The table spans whole periods up to kPeriodTableRun elements: apply_period's runs of
+    // vectors end where the table wraps, and runs of one short period (8 vectors for 64
+    // channels-last channels) cost a quarter of the pass in bookkeeping.
+    const i64 P = L.channels * L.inner * std::max<i64>(1, kPeriodTableRun / (L.channels * L.inner));
     const i64 stride = P + W;
     Buffer<T> table = make_buffer<T>(K * stride);
     for (int k = 0; k < K; ++k) fill_period(L, coef[k], stride, table.get() + k * stride);
