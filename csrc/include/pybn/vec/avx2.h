@@ -7,6 +7,9 @@
 
 #include "pybn/half.h"
 
+// The RNG of philox.h is inlined into the kernels' loops on this path.
+#define PYBN_VEC_INLINE_RNG 1
+
 namespace pybn {
 namespace avx2 {
 

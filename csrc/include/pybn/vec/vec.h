@@ -157,7 +157,7 @@ struct Keep {
 class KeepWindows {
  public:
   KeepWindows(int d, std::uint16_t t) : d_(d), t_(t) {}
-  Keep next(const Vec<std::uint32_t>& r) {
+  __attribute__((always_inline)) Keep next(const Vec<std::uint32_t>& r) {
     const std::uint64_t b = halves_at_least(r, t_);
     const std::uint64_t w = bit_window(prev_, b, d_, 2 * Vec<std::uint32_t>::W);
     prev_ = b;
