@@ -267,6 +267,33 @@ def test_dropout_rounds_every_16bit_value_once(isa, dtype, p):
         np.testing.assert_array_equal(y.view(np.uint16)[kept], want.view(np.uint16)[kept])
 
 
+# p = T / 65536 whose float32 scale 65536 / (65536 - T) has few significant bits: 2.0
+# (p = 0.5) and 4.0 (0.75) with one; 13 bits (T = 3470), within float16's 24 - 11; 14 bits
+# (T = 8), within bfloat16's 24 - 8 only; 17 bits (T = 1), within neither. Where the
+# scale fits, x * scale is exact in float32 and the kernels skip the round-to-odd steps.
+FEW_BIT_SCALES = [0.5, 0.75, 3470 / 65536, 8 / 65536, 1 / 65536]
+
+
+@pytest.mark.parametrize("p", FEW_BIT_SCALES)
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_dropout_with_a_short_scale_rounds_every_16bit_value_once(isa, dtype, p):
+    """Every 16-bit value, infinities, NaN, subnormals and the largest (whose product
+    overflows) included, kept and scaled by a scale of few bits, in the fused forward and
+    from a mask, large enough to be streamed: the exact product rounded once, NaN kept NaN."""
+    x = np.tile(np.arange(2**16, dtype=np.uint32).astype(np.uint16), 40).view(dtype)  # 5 MB
+    with np.errstate(invalid="ignore"):  # ml_dtypes warns on casting a NaN
+        wide = x.astype(np.float64)
+    nan = np.isnan(wide)
+    with np.errstate(invalid="ignore"):
+        want = nearest_even(wide * np.float64(scale_for(p, np.float32)), dtype)
+    mask = np.full((x.size + 7) // 8, 0xFF, np.uint8)
+    for y in (pybn.dropout_apply(x, mask, p), pybn.dropout(x, p, seed=1, offset=0)):
+        kept = (y.view(np.uint16) & 0x7FFF) != 0
+        assert kept.mean() > 1 - p - 0.05
+        assert np.isnan(y[kept & nan].astype(np.float32)).all()
+        np.testing.assert_array_equal(y.view(np.uint16)[kept & ~nan], want.view(np.uint16)[kept & ~nan])
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=IDS)
 def test_dropout_and_elementwise_paths_are_bitwise_identical(dtype, rng):
     """The conversions give the same bits on every path, so the passes made of one rounding

@@ -169,6 +169,31 @@ def test_dropout_large_streams_at_every_alignment(isa, threads, dtype):
         assert_bits_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES[2:], ids=DTYPE_IDS[2:])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_16bit_batch_norm_large_streams_at_every_alignment(isa, threads, dtype, layout):
+    # 16-bit outputs past the streaming threshold (4 MB) are written with non-temporal
+    # stores after a head up to a vector boundary: row mode (rows of 997, so every row has a
+    # head and a tail) and period mode (channels-last), every output alignment in a line
+    # and in place. The elementwise results depend on the values alone, so they must equal
+    # those of the same rows computed in pieces under the threshold (never streamed).
+    rng = np.random.default_rng(9)
+    shape, axis = ((6, 360, 997), 1) if layout == "nchw" else ((2240, 1000), -1)
+    c = shape[axis]
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+    w, b = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    pieces = np.array_split(np.arange(shape[0]), 8)
+    want = np.concatenate([pybn.batch_norm_infer(x[i], mean, var, w, b, axis=axis) for i in pieces])
+    assert want[pieces[0]].nbytes < 4 << 20 <= want.nbytes
+    for off in offsets(dtype)[::3]:
+        got = pybn.batch_norm_infer(x, mean, var, w, b, axis=axis, out=at_end(np.empty_like(x), off))
+        assert_bits_equal(got, want)
+    inplace = x.copy()
+    assert pybn.batch_norm_infer(inplace, mean, var, w, b, axis=axis, out=inplace) is inplace
+    assert_bits_equal(inplace, want)
+
+
 def test_misaligned_inputs_give_the_aligned_results(isa):
     # arrays viewed at an odd byte offset (flags.aligned False) are copied, not read in place;
     # large enough that the outputs are streamed

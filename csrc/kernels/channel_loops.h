@@ -16,7 +16,7 @@
 // type of the vectors, of the per-channel coefficients and of the partial sums (for
 // float and double storage, T is S: PYBN_DTYPES). Vectors hold Vec<T>::W lanes; storage
 // is converted once at each load and rounded once at each store (load_as, store_as).
-// Non-temporal stores need S == T (with_streaming).
+// Non-temporal stores need S == T or 16-bit S (with_streaming).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -72,13 +72,20 @@ void fill_period(const Layout& L, const S* src, i64 len, T* row) {
   for (i64 q = P; q < len; ++q) row[q] = row[q - P];
 }
 
+// The compute type whose vectors are streamed to storage S: S itself, or float for 16-bit
+// storage (stream_as).
+template <class S>
+using stream_vector_t = std::conditional_t<is_16bit<S>, float, S>;
+
 // Calls f(std::true_type{}) when an output of n values of S is large enough to be written
 // with non-temporal stores (kStreamBytes), else f(std::false_type{}): the kStream template
-// argument of the loops. Stores that round T to a narrower S are not streamed (that would
-// need narrowing non-temporal stores, and their alignment).
+// argument of the loops. 16-bit outputs are streamed as float ones are: without it every
+// store of a large output first read its line (half the traffic again) and left x's lines
+// to be evicted. Other narrowing stores (float storage computed in double, a diagnostic)
+// are not.
 template <class S, class T, class F>
 inline void with_streaming(i64 n, const F& f) {
-  if constexpr (std::is_same_v<S, T>) {
+  if constexpr (std::is_same_v<T, stream_vector_t<S>>) {
     if (n * i64(sizeof(S)) >= kStreamBytes)
       f(std::true_type{});
     else
@@ -148,11 +155,12 @@ inline void store_lanes(const Vec<T>& v, S* p, i64 n) {
     store_as(v, p, n);
 }
 
-// Lanes from p up to the next vector-aligned address.
-template <class T>
-inline i64 lanes_to_alignment(const T* p) {
-  const auto mis = reinterpret_cast<std::uintptr_t>(p) % kVecBytes<T>;
-  return mis == 0 ? 0 : static_cast<i64>((kVecBytes<T> - mis) / sizeof(T));
+// Lanes from p up to the next address a streamed vector may start at.
+template <class S>
+inline i64 lanes_to_alignment(const S* p) {
+  constexpr std::size_t kBytes = kStreamAlignment<stream_vector_t<S>, S>;
+  const auto mis = reinterpret_cast<std::uintptr_t>(p) % kBytes;
+  return mis == 0 ? 0 : static_cast<i64>((kBytes - mis) / sizeof(S));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -168,7 +176,7 @@ inline void put(S* p, const Vec<T>& r, i64 n) {
   if (n < Vec<T>::W)
     store_as(r, p, n);
   else if constexpr (kStream)
-    r.stream(p);
+    stream_as(r, p);
   else
     store_as(r, p);
 }
@@ -176,7 +184,7 @@ inline void put(S* p, const Vec<T>& r, i64 n) {
 // Head lanes before out + i is aligned for streaming (none when not streaming).
 template <bool kStream, class T>
 inline i64 head_lanes(const T* p, i64 available) {
-  if constexpr (kStream)  // streaming stores only S == T (with_streaming)
+  if constexpr (kStream)
     return std::min(available, lanes_to_alignment(p));
   else
     return 0;
@@ -206,10 +214,10 @@ void apply_rows(const Layout L, const T* const* coef, S* const out, const Op op,
   if (kStream) stream_fence();
 }
 
-// Period mode over flat positions [i, end); tab holds K rows of `stride` = P + W entries,
-// so a vector whose first lane is at period position j < P reads tab[j, j + W) without
-// wrapping. The walk goes in runs of vectors between wraps of j, with fixed table offsets
-// inside a run (no index bookkeeping per vector).
+// Period mode over flat positions [i, end); tab holds K rows of `stride` = P + W entries (P
+// a multiple of the channel pattern's period), so a vector whose first lane is at table
+// position j < P reads tab[j, j + W) without wrapping. The walk goes in runs of vectors
+// between wraps of j, with fixed table offsets inside a run (no index bookkeeping per vector).
 template <bool kStream, class S, class T, int K, class Op>
 void apply_period(const i64 P, const T* const tab, const i64 stride, S* const out, const Op op, i64 i,
                   const i64 end) {
@@ -262,13 +270,18 @@ void for_each_piece(i64 begin, i64 end, bool backwards, const F& f) {
   }
 }
 
+constexpr i64 kPeriodTableRun = 512;
+
 template <bool kStream, class S, class T, int K, class Op>
 void channel_apply_impl(const Layout& L, const T* const (&coef)[K], S* out, const Op& op, bool backwards) {
   constexpr i64 W = Vec<T>::W;
   const i64 total = L.numel();
   const i64 slots = (total + W - 1) / W;  // threads split the array at vector boundaries
   if (use_period_mode(L)) {
-    const i64 P = L.channels * L.inner;
+    // The table spans whole periods up to kPeriodTableRun elements: apply_period's runs of
+    // vectors end where the table wraps, and runs of one short period (8 vectors for 64
+    // channels-last channels) cost a quarter of the pass in bookkeeping.
+    const i64 P = L.channels * L.inner * std::max<i64>(1, kPeriodTableRun / (L.channels * L.inner));
     const i64 stride = P + W;
     Buffer<T> table = make_buffer<T>(K * stride);
     for (int k = 0; k < K; ++k) fill_period(L, coef[k], stride, table.get() + k * stride);

@@ -24,21 +24,60 @@ inline void unroll_steps(const F& f, std::integer_sequence<int, I...>) {
   (f(std::integral_constant<int, I * Step>{}), ...);
 }
 
+// The kept values' scale as a vector; kExact when every product x * scale of a value x of
+// the storage type is exact in T (for float and double storage, where the product rounded
+// to T is the result, always).
+template <class T, bool kExact>
+struct Scale {
+  Vec<T> v;
+};
+
+// Significand bits of the 16-bit storage types.
+template <class S>
+constexpr int kSignificandBits = std::is_same_v<S, Float16> ? 11 : 8;
+
+// Whether x * scale is exact in float for every 16-bit x: scale (>= 1) has at most 24 minus
+// S's significand bits (p = 0.5, 0.75, 0.8, 0.9 give 2, 4, 5, 10). Products of 16-bit
+// subnormals stay on float's grid too (S's last place times scale's is >= 2**-149).
+template <class S>
+bool exact_products(float scale) {
+  std::uint32_t b;
+  std::memcpy(&b, &scale, sizeof b);
+  const std::uint32_t significand = (b & 0x7FFFFFu) | 0x800000u;
+  return 24 - __builtin_ctz(significand) <= 24 - kSignificandBits<S>;
+}
+
+// Calls f(Scale<T, kExact>) for the scale of storage S.
+template <class S, class T, class F>
+void with_scale(double scale, const F& f) {
+  const Vec<T> v = Vec<T>::set1(static_cast<T>(scale));
+  if constexpr (is_16bit<S>) {
+    if (!exact_products<S>(static_cast<float>(scale))) {
+      f(Scale<T, false>{v});
+      return;
+    }
+  }
+  f(Scale<T, true>{v});
+}
+
 // x * scale where `bits` keeps, 0 elsewhere, for storage S: kept values are x * scale
-// rounded once to S. For 16-bit S the product is taken rounded to odd, so that the store's
-// rounding to S is the correct rounding of the exact product (not of its float rounding),
-// and the mask is applied with a scale of 1 (exact).
-template <class S, class T>
-inline Vec<T> kept_scaled(std::uint32_t bits, const Vec<T>& x, const Vec<T>& scale) {
-  if constexpr (is_16bit<S>)
-    return scale_where(bits, mul_round_to_odd(x, scale), Vec<T>::set1(T(1)));
+// rounded once to S. For 16-bit S, unless the product is exact, it is taken rounded to odd,
+// so that the store's rounding to S is the correct rounding of the exact product (not of
+// its float rounding), and the mask is applied with a scale of 1 (exact).
+template <class S, class T, bool kExact>
+// Always inlined (with philox_round and KeepWindows::next): with dropout's instantiations
+// GCC's growth limits left these small steps of the hot loop out of line on the scalar
+// path (float32 fused forward 32 -> 44 instructions per element).
+__attribute__((always_inline)) inline Vec<T> kept_scaled(std::uint32_t bits, const Vec<T>& x, const Scale<T, kExact>& scale) {
+  if constexpr (is_16bit<S> && !kExact)
+    return scale_where(bits, mul_round_to_odd(x, scale.v), Vec<T>::set1(T(1)));
   else
-    return scale_where(bits, x, scale);
+    return scale_where(bits, x, scale.v);
 }
 
 // y[0, kWindow) = keep ? x * scale : 0, whole vectors (aligned ones when streaming).
-template <bool kStream, class S, class T>
-inline void apply_window(const S* x, S* y, const Keep& keep, const Vec<T>& scale) {
+template <bool kStream, class S, class T, bool kExact>
+inline void apply_window(const S* x, S* y, const Keep& keep, const Scale<T, kExact>& scale) {
   using V = Vec<T>;
   unroll_steps<kWindow / V::W, V::W>(
       [&](auto e) {
@@ -50,9 +89,9 @@ inline void apply_window(const S* x, S* y, const Keep& keep, const Vec<T>& scale
 // y[at + j] = keep ? x[at + j] * scale : 0 for j in [lo, hi), bit j of `bits` (ordinary
 // stores; at + lo >= 0). Out of line: it runs at the ends of a thread's range only, and
 // the hot loop stays small.
-template <class S, class T>
+template <class S, class T, bool kExact>
 __attribute__((noinline)) void apply_window_part(const S* x, S* y, i64 at, std::uint64_t bits, i64 lo, i64 hi,
-                                                  const Vec<T>& scale) {
+                                                  const Scale<T, kExact>& scale) {
   for (i64 j = lo; j < hi; j += Vec<T>::W) {
     const i64 m = std::min<i64>(Vec<T>::W, hi - j);
     const std::uint32_t keep = static_cast<std::uint32_t>(bits >> j);
@@ -78,12 +117,13 @@ inline void prefetch_block(const S* p) {
 
 // The fused forward over groups [gb, ge): windows of kWindow elements slide over the random
 // halves of consecutive groups, each starting d elements before its halves' own vector.
-// Streaming, d puts every window on a cache line of y (NumPy's large arrays start 16
-// bytes past a page): non-temporal stores then write whole lines, which keeps x in the
-// cache and saves reading y's lines first. A window that is not wholly inside the range
+// Streaming, d aligns every vector store of y (NumPy's large arrays start 16 bytes past a
+// page), and so puts a float window on a cache line and 16-bit windows two to a line:
+// non-temporal stores then write whole lines, which keeps x in the cache and saves reading
+// y's lines first. A window that is not wholly inside the range
 // (the first, and the last groups') is applied element by element from plain bits.
-template <bool kStream, class S, class T>
-void dropout_range(const DropoutArgs<S>& a, i64 gb, i64 ge, const Vec<T>& scale) {
+template <bool kStream, class S, class T, class Sc>
+void dropout_range(const DropoutArgs<S>& a, i64 gb, i64 ge, const Sc& scale) {
   constexpr i64 W = Vec<T>::W;
   constexpr int NG = kGroupsAtOnce;
   const i64 start = gb * kGroup, end = std::min(ge * kGroup, a.n);
@@ -131,10 +171,11 @@ void dropout_range(const DropoutArgs<S>& a, i64 gb, i64 ge, const Vec<T>& scale)
 template <class S, class T>
 void dropout(const DropoutArgs<S>& a) {
   const i64 groups = (a.n + kGroup - 1) / kGroup;
-  const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
-  with_streaming<S, T>(a.n, [&](auto stream) {
-    parallel_for(groups, a.n,
-                 [&](i64 gb, i64 ge) { dropout_range<decltype(stream)::value, S, T>(a, gb, ge, scale); });
+  with_scale<S, T>(a.scale, [&](const auto& scale) {
+    with_streaming<S, T>(a.n, [&](auto stream) {
+      parallel_for(groups, a.n,
+                   [&](i64 gb, i64 ge) { dropout_range<decltype(stream)::value, S, T>(a, gb, ge, scale); });
+    });
   });
 }
 
@@ -177,8 +218,8 @@ inline std::uint64_t mask_bits_at(const unsigned char* mask, i64 bytes, i64 e) {
 // read per vector with a length clamped to the mask's end, they went through a variable
 // copy on the stack (one thread, in cache: AVX2 0.82 -> 0.47 cycles per element, AVX-512
 // 0.50 -> 0.43, scalar 3.3 -> 1.7).
-template <bool kStream, class S, class T>
-void apply_mask_span(const S* x, S* y, i64 len, const unsigned char* mask, i64 bytes, i64 bit0, const Vec<T>& scale) {
+template <bool kStream, class S, class T, class Sc>
+void apply_mask_span(const S* x, S* y, i64 len, const unsigned char* mask, i64 bytes, i64 bit0, const Sc& scale) {
   using V = Vec<T>;
   constexpr i64 W = V::W, kChunk = 32;
   constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
@@ -204,8 +245,8 @@ void apply_mask_span(const S* x, S* y, i64 len, const unsigned char* mask, i64 b
 }
 
 // y[j] = keep ? x[j] * scale : 0 for j < len (one bit for the whole run).
-template <bool kStream, class S, class T>
-void apply_keep_run(const S* x, S* y, i64 len, bool keep, const Vec<T>& scale) {
+template <bool kStream, class S, class T, class Sc>
+void apply_keep_run(const S* x, S* y, i64 len, bool keep, const Sc& scale) {
   using V = Vec<T>;
   constexpr i64 W = V::W;
   i64 i = 0;
@@ -218,11 +259,10 @@ void apply_keep_run(const S* x, S* y, i64 len, bool keep, const Vec<T>& scale) {
   if (i < len) step(len - i);
 }
 
-template <bool kStream, class S, class T>
-void dropout_apply_impl(const DropoutApplyArgs<S>& a) {
+template <bool kStream, class S, class T, class Sc>
+void dropout_apply_impl(const DropoutApplyArgs<S>& a, const Sc& scale) {
   constexpr i64 W = Vec<T>::W;
   const i64 slots = (a.n + W - 1) / W, bytes = (a.n + 7) / 8;
-  const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
   parallel_for(slots, a.n, [&](i64 sb, i64 se) {
     const i64 i = sb * W, end = std::min(se * W, a.n);
     apply_mask_span<kStream, S, T>(a.x + i, a.y + i, end - i, a.mask, bytes, i, scale);
@@ -231,11 +271,10 @@ void dropout_apply_impl(const DropoutApplyArgs<S>& a) {
 }
 
 // Rows of f2 * b3 elements, row r = a * b1 + b reading mask bits [a * f2, (a + 1) * f2).
-template <bool kStream, class S, class T>
-void dropout_apply_broadcast_impl(const DropoutApplyArgs<S>& a) {
+template <bool kStream, class S, class T, class Sc>
+void dropout_apply_broadcast_impl(const DropoutApplyArgs<S>& a, const Sc& scale) {
   const BroadcastShape& s = a.broadcast;
   const i64 row_len = s.f2 * s.b3, bytes = (s.f0 * s.f2 + 7) / 8;
-  const Vec<T> scale = Vec<T>::set1(static_cast<T>(a.scale));
   parallel_for(s.f0 * s.b1, a.n, [&](i64 rb, i64 re) {
     for (i64 r = rb; r < re; ++r) {
       const i64 bit0 = r / s.b1 * s.f2;
@@ -260,12 +299,17 @@ void dropout_apply_broadcast_impl(const DropoutApplyArgs<S>& a) {
 // outputs are streamed past the caches like the batch-norm passes.
 template <class S, class T>
 void dropout_apply(const DropoutApplyArgs<S>& a) {
-  with_streaming<S, T>(a.n, [&](auto stream) { dropout_apply_impl<decltype(stream)::value, S, T>(a); });
+  with_scale<S, T>(a.scale, [&](const auto& scale) {
+    with_streaming<S, T>(a.n, [&](auto stream) { dropout_apply_impl<decltype(stream)::value, S, T>(a, scale); });
+  });
 }
 
 template <class S, class T>
 void dropout_apply_broadcast(const DropoutApplyArgs<S>& a) {
-  with_streaming<S, T>(a.n, [&](auto stream) { dropout_apply_broadcast_impl<decltype(stream)::value, S, T>(a); });
+  with_scale<S, T>(a.scale, [&](const auto& scale) {
+    with_streaming<S, T>(a.n,
+                         [&](auto stream) { dropout_apply_broadcast_impl<decltype(stream)::value, S, T>(a, scale); });
+  });
 }
 
 void philox(const PhiloxArgs& a) {

@@ -7,6 +7,9 @@
 
 #include "pybn/half.h"
 
+// The RNG of philox.h is inlined into the kernels' loops on this path.
+#define PYBN_VEC_INLINE_RNG 1
+
 namespace pybn {
 namespace avx2 {
 
@@ -47,16 +50,20 @@ inline void store_halves(void* p, std::int64_t n, __m128i v) {
   std::memcpy(p, t, static_cast<std::size_t>(n) * 2);
 }
 
-// 8 floats to bfloat16, to nearest even by integer rounding (half_bits::to_bfloat16).
+// 8 floats to bfloat16, to nearest even by integer rounding (half_bits::to_bfloat16). The
+// rounded words' upper halves are gathered by a byte shuffle and a permute (one step fewer
+// than shifting them down, extracting the upper lane and packing).
 inline __m128i to_bfloat16(__m256 v) {
   const __m256i b = _mm256_castps_si256(v);
-  const __m256i high = _mm256_srli_epi32(b, 16);
-  const __m256i lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);  // NaN: quiet, payload's top
-  // every lane is below 2^16: the unsigned-saturating pack keeps it
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(b, _mm256_set1_epi32(0x400000)), nan);  // NaN: quiet, payload's top
+  // bytes 2-3 of each word to the low 8 bytes of its 128-bit lane, then the lanes' low halves together
+  const __m256i upper = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,  //
+                                         2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  r = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, upper), _MM_SHUFFLE(3, 1, 2, 0));
+  return _mm256_castsi256_si128(r);
 }
 inline __m256 from_bfloat16(__m128i h) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -93,6 +100,11 @@ struct Vec<float> {
   static Vec load_widen(const BFloat16* p, std::int64_t n) { return {detail::from_bfloat16(detail::load_halves(p, n))}; }
   void store_narrow(BFloat16* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), detail::to_bfloat16(v)); }
   void store_narrow(BFloat16* p, std::int64_t n) const { detail::store_halves(p, n, detail::to_bfloat16(v)); }
+  // Non-temporal 16-bit stores, p aligned to 16 bytes.
+  void stream_narrow(Float16* p) const {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, detail::kToNearest));
+  }
+  void stream_narrow(BFloat16* p) const { _mm_stream_si128(reinterpret_cast<__m128i*>(p), detail::to_bfloat16(v)); }
 
   friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }

@@ -17,6 +17,9 @@
 
 #include "pybn/half.h"
 
+// The RNG of philox.h is inlined into the kernels' loops on this path.
+#define PYBN_VEC_INLINE_RNG 1
+
 namespace pybn {
 namespace avx512 {
 
@@ -49,6 +52,9 @@ struct Vec<float> {
   static Vec load_widen(const BFloat16* p, std::int64_t n) { return from_bfloat16(_mm256_maskz_loadu_epi16(mask(n), p)); }
   void store_narrow(BFloat16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bfloat16()); }
   void store_narrow(BFloat16* p, std::int64_t n) const { _mm256_mask_storeu_epi16(p, mask(n), to_bfloat16()); }
+  // Non-temporal 16-bit stores, p aligned to 32 bytes.
+  void stream_narrow(Float16* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_float16()); }
+  void stream_narrow(BFloat16* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bfloat16()); }
   __m256i to_float16() const { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   __m256i to_bfloat16() const {
     const __m512i b = _mm512_castps_si512(v);

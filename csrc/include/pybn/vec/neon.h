@@ -114,6 +114,9 @@ struct Vec<float> {
   void store_narrow(BFloat16* p, std::int64_t n) const {
     detail::store_part(detail::bits_of(p), n, detail::to_bfloat16(v), detail::store_u16x4);
   }
+  // plain stores, as stream above
+  void stream_narrow(Float16* p) const { store_narrow(p); }
+  void stream_narrow(BFloat16* p) const { store_narrow(p); }
 
   friend Vec operator+(Vec a, Vec b) { return {vaddq_f32(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {vsubq_f32(a.v, b.v)}; }

@@ -59,6 +59,10 @@ struct Vec {
   void store_narrow(S* p, std::int64_t n) const {
     for (int i = 0; i < n; ++i) p[i] = static_cast<S>(v[i]);
   }
+  template <class S>
+  void stream_narrow(S* p) const {
+    store_narrow(p);
+  }
 
   friend Vec operator+(Vec a, const Vec& b) {
     for (int i = 0; i < W; ++i) a.v[i] += b.v[i];

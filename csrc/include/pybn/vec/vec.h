@@ -11,6 +11,9 @@
 //   load(p) / load(p, n)    unaligned load; the second reads only n < W lanes, the rest are 0
 //   store(p) / store(p, n)  unaligned store; the second writes only the first n lanes
 //   stream(p)               non-temporal store, p aligned to W*sizeof(T)
+//   Vec<float>::stream_narrow(Float16* / BFloat16* p):
+//                           store_narrow's rounding with a non-temporal store, p aligned
+//                           to W*2 bytes
 //   Vec<double>::load_widen(const float* p[, n]) / store_narrow(float* p[, n]):
 //                           W floats converted to double, and back with one rounding
 //   Vec<float>::load_widen(const Float16* / const BFloat16* p[, n]) / store_narrow(...):
@@ -118,9 +121,21 @@ inline void store_as(const Vec<C>& v, S* p, std::int64_t n) {
     v.store_narrow(p, n);
 }
 
-// Bytes a vector store must be aligned to for stream().
-template <class T>
-constexpr std::size_t kVecBytes = sizeof(T) * Vec<T>::W;
+// A whole vector with a non-temporal store: stream(), or for 16-bit storage of float
+// vectors stream_narrow() (the same rounding as store_as). p aligned to kStreamAlignment<C, S>.
+template <class C, class S>
+inline void stream_as(const Vec<C>& v, S* p) {
+  static_assert(std::is_same_v<C, S> || (std::is_same_v<C, float> && is_16bit<S>),
+                "non-temporal stores of S itself, or of 16-bit storage rounded from float");
+  if constexpr (std::is_same_v<C, S>)
+    v.stream(p);
+  else
+    v.stream_narrow(p);
+}
+
+// Bytes a vector of C stored as S fills, which stream_as needs p aligned to.
+template <class C, class S>
+constexpr std::size_t kStreamAlignment = sizeof(S) * Vec<C>::W;
 
 // The bits of a window of n <= 32 elements over a stream of n-bit words: the last d bits of
 // prev, then the first n - d of cur (d < n).
@@ -142,7 +157,7 @@ struct Keep {
 class KeepWindows {
  public:
   KeepWindows(int d, std::uint16_t t) : d_(d), t_(t) {}
-  Keep next(const Vec<std::uint32_t>& r) {
+  __attribute__((always_inline)) Keep next(const Vec<std::uint32_t>& r) {
     const std::uint64_t b = halves_at_least(r, t_);
     const std::uint64_t w = bit_window(prev_, b, d_, 2 * Vec<std::uint32_t>::W);
     prev_ = b;
