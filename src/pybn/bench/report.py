@@ -158,7 +158,9 @@ def render(meta: Result, probes: Result, cells: list[CellResult]) -> str:
     th = meta['threads']
     lines.append(f"pybn {meta['pybn']} bench: float32, {th} thread{'s' if th != 1 else ''}, ISA {meta['isa']}")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
-    lines.append(f"cpu: {meta['cpu']} ({meta['logical_cpus']} logical CPUs)")
+    caches = meta.get("cache_bytes")
+    lines.append(f"cpu: {meta['cpu']} ({meta['logical_cpus']} logical CPUs"
+                 + (f"; L2 {caches['l2'] >> 10} KiB a core, L3 {caches['l3'] >> 20} MiB" if caches else "") + ")")
     load = meta.get("loadavg_start")
     if load is not None and meta.get("logical_cpus"):
         note = ""
