@@ -1,6 +1,7 @@
 """Batch normalization against PyTorch and an independent NumPy reference."""
 
 import functools
+import pathlib
 import threading
 
 import numpy as np
@@ -874,13 +875,31 @@ def test_channels_last_few_channels_accurate(isa, rng):
 
 # ------------------------------------------ channel blocks (NCHW arrays past the caches)
 # Training forward and backward of NCHW-like arrays of more than 24 MB reduce and then
-# normalize one block of channels at a time (csrc/kernels/channel_loops.h, channel_block).
+# normalize one block of channels at a time (csrc/kernels/channel_loops.h, channel_block),
+# blocks sized to the L2 where a channel's slice fits there, else to a share of the L3.
 
-BLOCKED_CASES = [((8, 16, 256, 200), 1, np.float32), ((4, 20, 100, 501), 1, np.float64),
-                 ((2, 8, 3, 140000), 1, np.float32)]
+BLOCKED_CASES = [((8, 16, 256, 200), 1, np.float32),    # 1.6 MB a channel: L3 blocks
+                 ((4, 20, 100, 501), 1, np.float64),
+                 ((2, 8, 3, 140000), 1, np.float32),    # 3.4 MB a channel, past an L3 block
+                 ((8, 512, 40, 40), 1, np.float32),     # 51 KB a channel: blocks of several in the L2
+                 ((24, 64, 96, 96), 1, np.float32)]     # 57 MB, past the L3; 0.9 MB a channel
+BLOCKED_IDS = ["f32-16ch", "f64-20ch", "f32-8ch-long-rows", "f32-L2-blocks", "f32-past-L3"]
 
 
-@pytest.mark.parametrize("shape,axis,dtype", BLOCKED_CASES, ids=["f32-16ch", "f64-20ch", "f32-8ch-long-rows"])
+def test_cache_sizes_are_the_cpus():
+    # what Linux says of cpu0's L2 and L3 (data or unified), else the documented defaults
+    found = {}
+    for index in sorted(pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+        if kind in ("Data", "Unified") and level in ("2", "3") and level not in found:
+            size = (index / "size").read_text().strip()
+            found[level] = int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
+    l2, l3 = pybn._C.cache_sizes()
+    assert l2 == found.get("2", 512 << 10)
+    assert l3 == found.get("3", 16 << 20)
+
+
+@pytest.mark.parametrize("shape,axis,dtype", BLOCKED_CASES, ids=BLOCKED_IDS)
 def test_channel_blocked_passes(shape, axis, dtype, isa, rng):
     assert np.prod(shape) * np.dtype(dtype).itemsize >= 24 << 20  # large enough to be blocked
     x, w, b, rm, rv = make_inputs(rng, shape, axis, dtype)

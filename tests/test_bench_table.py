@@ -113,6 +113,11 @@ def test_batch_norm_section_runs_every_cell_and_renders_it():
         assert set(c.times) == want and not c.errors, (c.shape.name, c.spec.kernel.name, c.errors)
         assert set(c.skipped) == ({"ort"} if c.spec.kernel.name != "infer" else set())
         assert c.bound > 0 and c.pybn > 0 and set(c.check_err) == want
+        # the one-pass floor: every input read from memory once (backward reads dy and x, writes dx)
+        p = c.probe
+        floor = {"infer": p.t_stream, "train": p.t_stream, "bwd": p.t_read + p.t_stream}[c.spec.kernel.label]
+        assert c.one_pass == pytest.approx(floor) and c.pct_one_pass == pytest.approx(floor / c.pybn * 100)
+        assert c.as_dict()["pct_of_one_pass"] == c.pct_one_pass
     assert batchnorm_bench.failures(result) == []
     text = report.render_section(result, {"pybn": "x", "isa": "avx2", "threads": 1, "versions": {}, "cpu": "c",
                                           "logical_cpus": 2, "timing": {"min_reps": 1, "budget_s": 0.001,

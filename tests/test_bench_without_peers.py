@@ -31,13 +31,13 @@ def test_bench_skips_missing_peers_in_one_line_each_and_compares_numpy_and_the_b
     assert [r[1] for r in rows] == ["infer", "train", "bwd"], out.stdout
     time_re = r"[0-9.]+(ns|us|ms|s)\*?"
     for r in rows:
-        # shape kernel pybn unit bound unit %bound torch x numpy unit x ORT x target ok
-        pybn_t, bound_t, pct = " ".join(r[2:4]), " ".join(r[4:6]), r[6]
+        # shape kernel pybn unit bound unit %bound %1pass torch x numpy unit x ORT x target ok
+        pybn_t, bound_t, pct, pct1 = " ".join(r[2:4]), " ".join(r[4:6]), r[6], r[7]
         assert re.fullmatch(time_re, pybn_t.replace(" ", "")) and re.fullmatch(time_re, bound_t.replace(" ", "")), r
-        assert pct.endswith("%"), r
-        assert r[7:9] == ["-", "-"], r                  # no torch
-        assert re.fullmatch(time_re, "".join(r[9:11])) and r[11].endswith("x"), r   # NumPy timed
-        assert r[12:14] == ["-", "-"], r                # no onnxruntime
+        assert pct.endswith("%") and pct1.endswith("%"), r
+        assert r[8:10] == ["-", "-"], r                 # no torch
+        assert re.fullmatch(time_re, "".join(r[10:12])) and r[12].endswith("x"), r   # NumPy timed
+        assert r[13:15] == ["-", "-"], r                # no onnxruntime
     assert "torch not installed" in out.stdout and "onnxruntime not installed" in out.stdout
     # the dropout and folding sections run on NumPy alone too
     assert re.search(r"^A +forward .* - +- +[0-9.]+ ms", out.stdout, re.M), out.stdout

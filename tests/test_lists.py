@@ -17,7 +17,7 @@ from pybn import _C
 from test_philox import KATS_ALL
 
 # the module's functions that are not kernel entries
-RUNTIME = {"isa", "supported_isas", "use_isa", "get_num_threads", "set_num_threads"}
+RUNTIME = {"isa", "supported_isas", "use_isa", "get_num_threads", "set_num_threads", "cache_sizes"}
 
 
 def functions(module):

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "pybn/cache_sizes.h"
 #include "pybn/dispatch.h"
 #include "pybn/kernels.h"
 #include "pybn/openmp_runtime.h"
@@ -702,6 +703,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("use_isa", &pybn::use_isa, py::arg("name"), "Switch the active kernel path (for tests).");
   m.def("get_num_threads", &pybn::num_threads);
   m.def("set_num_threads", &pybn::set_num_threads, py::arg("n"));
+  m.def("cache_sizes", [] { return std::make_pair(pybn::cache_sizes().l2_bytes, pybn::cache_sizes().l3_bytes); },
+        "(L2 bytes per core, shared L3 bytes) as the channel-blocked kernels size their blocks to them.");
 
   def_typed_kernels<ActiveKernels>(m);
   m.def("bn_merge_stats", &bn_merge_stats, py::arg("count"), py::arg("mean"), py::arg("m2"),

@@ -24,6 +24,7 @@
 #include <numeric>
 #include <type_traits>
 
+#include "pybn/cache_sizes.h"
 #include "pybn/kernels.h"
 #include "pybn/parallel.h"
 #include "pybn/vec/vec.h"
@@ -316,13 +317,21 @@ void channel_apply(const Layout& L, const T* const (&coef)[K], S* out, const Op&
 // ---------------------------------------------------------------------------------------
 // Channel blocks: a reduction and the elementwise pass that needs its result, done one
 // block of channels at a time by one thread, so that the second pass re-reads the block
-// from the cache instead of memory. For NCHW-like arrays much larger than the caches
-// this halves what the two passes read from memory. Each channel is reduced by one thread
-// in a fixed order, so results do not depend on the thread count.
+// from the cache instead of memory: each input crosses the memory bus once. A block is
+// sized to the thread's L2 where a channel's slice fits there (the second pass then reads
+// from L2), else to its share of the L3 (cache_sizes: the sizes come from the CPU at run
+// time). Each channel is reduced by one thread in a fixed order (its rows, then segments
+// within a row, in memory order) whatever the block size: results depend neither on the
+// thread count nor on the cache sizes. Whether an array is blocked at all changes the
+// reduction order, so that stays a decision on the shape alone.
 
-// Bytes of a channel block (every array the passes read): the two threads' blocks and the
-// prefetchers' lead stay well inside the L3 cache.
-constexpr i64 kChannelBlockBytes = i64(4) << 20;
+// Blocks use at most this fraction of the L2 (1/kL2Share): room for the coefficient
+// tables and the prefetchers' lead, and for set conflicts between rows of a channel,
+// which lie a whole row of channels apart.
+constexpr i64 kL2Share = 2;
+// The threads' blocks together use at most this fraction of the L3: a block must survive
+// what the other threads, and the prefetchers, bring in while it is normalized.
+constexpr i64 kL3Share = 4;
 // Below this (bytes read per pass), both passes run from the cache anyway.
 constexpr i64 kChannelBlockMinBytes = i64(24) << 20;
 
@@ -330,14 +339,23 @@ struct ChannelRange {
   i64 begin = 0, end = 0;
 };
 
+// Bytes of one block (every array the passes read), for channels of `per_channel` bytes
+// and blocks run on `threads` threads at once.
+inline i64 channel_block_bytes(i64 per_channel, i64 threads) {
+  const CacheSizes& cs = cache_sizes();
+  const i64 l2 = cs.l2_bytes / kL2Share;
+  return per_channel <= l2 ? l2 : cs.l3_bytes / (kL3Share * std::max<i64>(threads, 1));
+}
+
 // Channels per block for arrays of `bytes` per position (summed over the arrays read), or
-// 0 when the layout is not worth blocking: a shape-only decision.
+// 0 when the layout is not blocked (a decision on the shape alone).
 inline i64 channel_block(const Layout& L, i64 bytes) {
   if (use_period_mode(L) || L.channels < 4) return 0;
   const i64 per_channel = L.per_channel() * bytes;
   if (per_channel * L.channels < kChannelBlockMinBytes) return 0;
+  const i64 budget = channel_block_bytes(per_channel, threads_for(L.numel()));
   // at most C/16 channels: enough blocks for the threads to finish together
-  return std::clamp<i64>(std::min(kChannelBlockBytes / per_channel, L.channels / 16), 1, L.channels);
+  return std::clamp<i64>(std::min(budget / per_channel, L.channels / 16), 1, L.channels);
 }
 
 // Slices of for_each_channel_block (for the scratch its callers allocate per slice).

@@ -67,6 +67,8 @@ def _run_cell(cell: BatchNormCell, case: Case, prober: Prober, ctx: Context) -> 
                     else prober.record(*measure_alternating(prober.calls(), ctx.cfg)))
     assert cell.bound is not None
     result.bound = result.probe.bound(cell.bound)
+    if cell.kernel.one_pass is not None:
+        result.one_pass = result.probe.bound(cell.kernel.one_pass)
     result.order = [i.key for i in impls]
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ class CellResult:
 
     spec: Cell[Shape, Any]
     bound: float
+    one_pass: float = float("nan")     # the kernel's one-pass floor (Kernel.one_pass), from the same probe
     times: dict[str, Timing] = field(default_factory=dict)    # impl key ("pybn", "torch", "torch_out", ...) -> best
     labels: dict[str, str] = field(default_factory=dict)      # impl key -> the exact call
     errors: dict[str, str] = field(default_factory=dict)      # impl key -> why it has no time (wrong result, exception)
@@ -71,6 +73,11 @@ class CellResult:
         return None if t is None or t <= 0 else self.bound / t * 100.0
 
     @property
+    def pct_one_pass(self) -> float | None:
+        t = self.pybn
+        return None if t is None or t <= 0 or math.isnan(self.one_pass) else self.one_pass / t * 100.0
+
+    @property
     def wrong(self) -> list[str]:
         return sorted(self.errors)
 
@@ -102,12 +109,15 @@ class CellResult:
 
     def as_dict(self) -> dict[str, Any]:
         peers = [p.name for p in self.peers]
-        bound = self.spec.bound
+        bound, one_pass = self.spec.bound, self.spec.kernel.one_pass
         return {"shape": self.shape.name, "kernel": self.spec.kernel.name, "bound_s": self.bound,
                 "bound_formula": bound.formula if bound is not None else None,
                 "probe": self.probe.as_dict(samples=False) if self.probe is not None else None,
                 "probe_rounds": [p.as_dict() for p in self.probe_rounds],
                 "pybn_s": self.pybn, "pct_of_bound": self.pct_bound,
+                "one_pass_s": self.one_pass if self.pct_one_pass is not None else None,
+                "one_pass_formula": one_pass.formula if one_pass is not None else None,
+                "pct_of_one_pass": self.pct_one_pass,
                 "torch_variant": self.variant("torch"),
                 "ratios": {p: self.ratio(p) for p in peers},
                 "peer_s": {p: self.peer_time(p) for p in peers},
@@ -148,7 +158,9 @@ def render(meta: Result, probes: Result, cells: list[CellResult]) -> str:
     th = meta['threads']
     lines.append(f"pybn {meta['pybn']} bench: float32, {th} thread{'s' if th != 1 else ''}, ISA {meta['isa']}")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
-    lines.append(f"cpu: {meta['cpu']} ({meta['logical_cpus']} logical CPUs)")
+    caches = meta.get("cache_bytes")
+    lines.append(f"cpu: {meta['cpu']} ({meta['logical_cpus']} logical CPUs"
+                 + (f"; L2 {caches['l2'] >> 10} KiB a core, L3 {caches['l3'] >> 20} MiB" if caches else "") + ")")
     load = meta.get("loadavg_start")
     if load is not None and meta.get("logical_cpus"):
         note = ""
@@ -177,15 +189,19 @@ def render(meta: Result, probes: Result, cells: list[CellResult]) -> str:
     kernels = list(dict.fromkeys(c.spec.kernel for c in cells))
     nbsp = "\N{NO-BREAK SPACE}"   # each "kernel = bound" stays on one line
     bounds = ", ".join(f"{k.label} = {k.bound.formula}".replace(" ", nbsp) for k in kernels if k.bound is not None)
+    floors = ", ".join(f"{k.label} = {k.one_pass.formula}".replace(" ", nbsp) for k in kernels
+                       if k.one_pass is not None)
     note = (f"stream GB/s counts bytes read + written. Bounds: {bounds}; t_read and t_stream the medians of the "
             "probe calls made in turn with pybn's calls in pybn's best round of that cell (the same seconds, "
-            "the same machine state).")
+            "the same machine state)."
+            + (f" One-pass floors (%1pass, each input read from memory once): {floors}." if floors else ""))
     lines += [line.replace(nbsp, " ") for line in
               textwrap.wrap(note, width=100, initial_indent="  ", subsequent_indent="  ")]
     lines.append("")
 
     peers = cells[0].peers if cells else ()
-    cols = [("shape", 5, "<"), ("kernel", 6, "<"), ("pybn", 10, ">"), ("bound", 10, ">"), ("%bound", 6, ">")]
+    cols = [("shape", 5, "<"), ("kernel", 6, "<"), ("pybn", 10, ">"), ("bound", 10, ">"), ("%bound", 6, ">"),
+            ("%1pass", 6, ">")]
     for peer in peers:   # a peer with an out= variant gets room for its '*'
         cols += [(peer.column, 11 if peer.out_variant else 10, ">"), ("x", 6, ">")]
     cols += [("target", 13, "<"), ("ok", 2, "<")]
@@ -204,7 +220,8 @@ def render(meta: Result, probes: Result, cells: list[CellResult]) -> str:
         prev = c.shape.name
         pybn_s = "WRONG" if "pybn" in c.errors else fmt_time(c.pybn) + ("*" if c.shape.out else " ")
         pct = "-" if c.pct_bound is None else f"{c.pct_bound:.0f}%"
-        vals = [c.shape.name, c.spec.kernel.label, pybn_s, fmt_time(c.bound), pct]
+        pct1 = "-" if c.pct_one_pass is None else f"{c.pct_one_pass:.0f}%"
+        vals = [c.shape.name, c.spec.kernel.label, pybn_s, fmt_time(c.bound), pct, pct1]
         for peer in peers:
             vals += [_peer_time(c, peer), _ratio(c.ratio(peer.name))]
         m = c.misses()
@@ -217,6 +234,8 @@ def render(meta: Result, probes: Result, cells: list[CellResult]) -> str:
     lines.append("")
     lines.append("x = peer time / pybn time (> 1: pybn is faster). %bound = bound / pybn time * 100. "
                  "ok: the target met and pybn faster than every peer measured.")
+    lines.append("%1pass = one-pass floor / pybn time * 100: the floor channels-first arrays can reach by reading "
+                 "each input once; channels-last arrays past the L3 cache cannot (docs/performance.md).")
     outs = sorted({c.shape.name for c in cells if c.shape.out})
     if outs:
         lines.append(f"* = preallocated output (out=): pybn always on {', '.join(outs)}; torch on these shapes "

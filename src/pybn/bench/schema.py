@@ -113,6 +113,7 @@ class Kernel(Generic[F]):
     title: str                           # in messages
     impls: tuple[Impl[F], ...]
     bound: Bound | None = None
+    one_pass: Bound | None = None        # the floor when every input crosses the memory bus once
     short: str = ""                      # the table's kernel column (default: the name)
     aliases: tuple[str, ...] = ()        # other names --kernels accepts
     check: Callable[..., float] | None = None   # the reference check a section applies to every result

@@ -58,11 +58,12 @@ def _batch_norm(name: str, title: str, pybn: Any, torch: Any, numpy: Any, ort: A
 
 BATCH_NORM_KERNELS = (
     _batch_norm("infer", "inference forward", bn.pybn_infer, bn.torch_infer, bn.numpy_infer, bn.ort_infer,
-                COPY, check_infer, aliases=("inference", "eval")),
+                COPY, check_infer, one_pass=COPY, aliases=("inference", "eval")),
     _batch_norm("train", "training forward", bn.pybn_train, bn.torch_train, bn.numpy_train, bn.ort_training,
-                READ_THEN_COPY, check_train, aliases=("training", "forward")),
+                READ_THEN_COPY, check_train, one_pass=COPY, aliases=("training", "forward")),
     _batch_norm("backward", "backward (training=True)", bn.pybn_backward, bn.torch_backward, bn.numpy_backward,
-                bn.ort_training, BACKWARD_BYTES, check_backward, short="bwd", aliases=("bwd", "grad"),
+                bn.ort_training, BACKWARD_BYTES, check_backward, one_pass=READ_THEN_COPY, short="bwd",
+                aliases=("bwd", "grad"),
                 needs_dy=True),
 )
 

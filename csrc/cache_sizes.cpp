@@ -1,0 +1,73 @@
+#include "pybn/cache_sizes.h"
+
+#include <unistd.h>
+
+#include <cctype>
+#include <fstream>
+#include <string>
+
+namespace pybn {
+namespace {
+
+// Sizes outside these are taken for a misreading: the defaults are safer than blocks sized
+// to them.
+constexpr std::int64_t kMinL2Bytes = std::int64_t(64) << 10, kMaxL2Bytes = std::int64_t(64) << 20;
+constexpr std::int64_t kMinL3Bytes = std::int64_t(1) << 20, kMaxL3Bytes = std::int64_t(1) << 30;
+
+std::string read_line(const std::string& path) {
+  std::ifstream in(path);
+  std::string s;
+  std::getline(in, s);
+  return s;
+}
+
+// "512K", "32768K", "1M" or a byte count; 0 when unreadable.
+std::int64_t parse_size(const std::string& s) {
+  std::size_t i = 0;
+  std::int64_t v = 0;
+  for (; i < s.size() && std::isdigit(static_cast<unsigned char>(s[i])) && v < (std::int64_t(1) << 40); ++i)
+    v = v * 10 + (s[i] - '0');
+  if (i == 0) return 0;
+  const char unit = i < s.size() ? static_cast<char>(std::toupper(static_cast<unsigned char>(s[i]))) : '\0';
+  if (unit == 'K') return v << 10;
+  if (unit == 'M') return v << 20;
+  if (unit == 'G') return v << 30;
+  return unit == '\0' ? v : 0;
+}
+
+// The size of cpu0's data (or unified) cache of this level in sysfs, or 0.
+std::int64_t sysfs_cache_bytes(int level) {
+  for (int index = 0; index < 16; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    const std::string lv = read_line(dir + "level");
+    if (lv.empty()) break;
+    const std::string type = read_line(dir + "type");
+    if (lv == std::to_string(level) && (type == "Data" || type == "Unified")) return parse_size(read_line(dir + "size"));
+  }
+  return 0;
+}
+
+std::int64_t sysconf_cache_bytes([[maybe_unused]] int level) {
+#if defined(_SC_LEVEL2_CACHE_SIZE) && defined(_SC_LEVEL3_CACHE_SIZE)
+  const long v = sysconf(level == 2 ? _SC_LEVEL2_CACHE_SIZE : _SC_LEVEL3_CACHE_SIZE);
+  return v > 0 ? v : 0;
+#else
+  return 0;
+#endif
+}
+
+std::int64_t cache_bytes(int level, std::int64_t lo, std::int64_t hi, std::int64_t fallback) {
+  for (const std::int64_t v : {sysfs_cache_bytes(level), sysconf_cache_bytes(level)})
+    if (v >= lo && v <= hi) return v;
+  return fallback;
+}
+
+}  // namespace
+
+const CacheSizes& cache_sizes() {
+  static const CacheSizes sizes{cache_bytes(2, kMinL2Bytes, kMaxL2Bytes, kDefaultL2Bytes),
+                                cache_bytes(3, kMinL3Bytes, kMaxL3Bytes, kDefaultL3Bytes)};
+  return sizes;
+}
+
+}  // namespace pybn
