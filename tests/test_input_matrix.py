@@ -810,6 +810,11 @@ SPECS = [
     Spec("nn.BatchNorm.backward", layer_call("dy"), bn_layer_backward_good, {
         "dy": matching_cases("dy"),
     }, watch=layer_state),
+    Spec("nn.BatchNorm.__call__[residual]", lambda layer, x, residual: layer(x, residual),
+         lambda: dict(bn_layer_good(), residual=rand(SHAPE, seed=7)), {
+             "x": cases("x", [("float64-vs-float32", lambda: np.ones(SHAPE, np.float64), TypeError)]),
+             "residual": matching_cases("residual", required=False),
+         }, watch=layer_state),
     Spec("nn.Dropout", pybn.nn.Dropout, lambda: dict(p=0.5, seed=1, noise_shape=None), {
         "p": p_cases(),
         "seed": u64_cases("seed", allow_none=True),

@@ -242,3 +242,64 @@ def test_split_backward_apply_gives_d_residual(isa, rng):
     np.testing.assert_array_equal(dr, one.d_residual)
     _, dr = pybn.batch_norm_backward_apply(dy, x, fwd.mean, fwd.invstd, *sums, 6 * 40, w, residual=True)
     assert dr is dy
+
+
+# ------------------------------------------------------------------ pybn.nn.BatchNorm
+
+@pytest.mark.parametrize("relu", [False, True], ids=["add", "add-relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layer_block_tail_matches_torch(isa, training, relu, rng):
+    """bn(x, r, relu=...) and backward -> (dx, d_residual), against torch.nn.BatchNorm2d in the
+    composite, weights and running statistics alike."""
+    shape = (4, 6, 7, 9)
+    x, r, w, b = inputs(rng, shape, 1, np.float64)
+    dy = rng.standard_normal(shape)
+    layer = pybn.nn.BatchNorm(6, dtype="float64")
+    layer.weight[...], layer.bias[...] = w, b
+    ref = torch.nn.BatchNorm2d(6, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight[...], ref.bias[...] = torch.from_numpy(w), torch.from_numpy(b)
+    if not training:
+        layer(x)
+        ref(torch.from_numpy(x))  # the same running statistics, then evaluation mode
+        layer.eval()
+        ref.eval()
+    y = layer(x, r, relu=relu)
+    xt, rt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(r).requires_grad_()
+    yt = ref(xt) + rt
+    yt = torch.relu(yt) if relu else yt
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.running_mean, ref.running_mean.numpy(), rtol=1e-12, atol=1e-12)
+    yt.backward(torch.from_numpy(dy))
+    dx, dr = layer.backward(dy)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dr, rt.grad.numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(layer.grad_weight, ref.weight.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.grad_bias, ref.bias.grad.numpy(), rtol=1e-10, atol=1e-12)
+    # a plain forward afterwards: backward returns dx alone again
+    layer(x)
+    assert isinstance(layer.backward(dy), np.ndarray)
+
+
+def test_layer_relu_without_residual_masks_dy(isa, rng):
+    x, _, w, b = inputs(rng, (8, 3, 10), 1, np.float64)
+    dy = rng.standard_normal(x.shape)
+    layer = pybn.nn.BatchNorm(3, dtype="float64")
+    y = layer(x, relu=True)
+    xt = torch.from_numpy(x).requires_grad_()
+    torch.relu(F.batch_norm(xt, None, None, training=True, eps=EPS)).backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(y, np.maximum(torch_composite(x, np.zeros_like(x), np.ones(3), np.zeros(3), 1, False,
+                                                             True), 0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.backward(dy), xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_layer_refuses_a_bad_residual_and_keeps_its_state():
+    layer = pybn.nn.BatchNorm(3)
+    x = np.ones((4, 3, 5), np.float32)
+    rm = layer.running_mean.copy()
+    with pytest.raises(TypeError, match="^residual: dtype float64"):
+        layer(x, np.ones(x.shape))
+    with pytest.raises(ValueError, match="^residual: shape"):
+        layer(x, np.ones((4, 3, 6), np.float32))
+    np.testing.assert_array_equal(layer.running_mean, rm)
+    assert layer.num_batches_tracked == 0

@@ -302,9 +302,10 @@ class SyncBatchNorm(BatchNorm):
             raise
         return self._forward_synchronized(x, comm)
 
-    def _forward_batch_stats(self, x: np.ndarray) -> np.ndarray:
+    def _forward_batch_stats(self, x: np.ndarray, residual: np.ndarray | None = None,
+                             relu: bool = False) -> np.ndarray:
         # reached in evaluation mode without running statistics only: local, as torch
-        y = super()._forward_batch_stats(x)
+        y = super()._forward_batch_stats(x, residual, relu)
         self._sync = None
         return y
 
@@ -348,8 +349,9 @@ class SyncBatchNorm(BatchNorm):
         written_apart((("running_mean", rm), ("running_var", rv)), (("weight", self.weight), ("bias", self.bias)))
         return self._momentum_for_next_batch()
 
-    def _forward_running_stats(self, x: np.ndarray) -> np.ndarray:
-        y = super()._forward_running_stats(x)
+    def _forward_running_stats(self, x: np.ndarray, residual: np.ndarray | None = None,
+                               relu: bool = False) -> np.ndarray:
+        y = super()._forward_running_stats(x, residual, relu)
         self._sync = None
         return y
 
