@@ -85,19 +85,25 @@ def test_16bit_forward_rounds_once(isa, shape, axis, dtype, rng):
                 np.maximum(want, 0), scale, "apply")
 
 
-@pytest.mark.parametrize("shape", [(4, 32, 96, 96), (64, 8, 160, 160)], ids=["streamed", "channel-blocked"])
-def test_large_arrays_stream_and_block(isa, threads, shape, rng):
+LARGE = [((4, 32, 96, 96), 1), ((4, 96, 96, 32), -1), ((64, 8, 160, 160), 1)]
+LARGE_IDS = ["streamed", "streamed-nhwc", "channel-blocked"]
+
+
+@pytest.mark.parametrize("shape,axis", LARGE, ids=LARGE_IDS)
+def test_large_arrays_stream_and_block(isa, threads, shape, axis, rng):
     """Outputs past the streaming threshold (non-temporal stores), and a training forward
     large enough for the channel-blocked schedule: the residual still lands on every element."""
+    c = shape[axis]
     x = rng.standard_normal(shape, np.float32)
     r = rng.standard_normal(shape, np.float32)
-    w = rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)
-    b = rng.standard_normal(shape[1]).astype(np.float32)
-    got = pybn.batch_norm_train(x, w, b, relu=True, residual=r).y
-    np.testing.assert_allclose(got, torch_composite(x, r, w, b, 1, True, True), rtol=2e-5, atol=2e-5)
-    mean, var = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
-    got = pybn.batch_norm_infer(x, mean, var, w, b, residual=r)
-    np.testing.assert_allclose(got, torch_composite(x, r, w, b, 1, False, False, mean, var), rtol=2e-5, atol=2e-5)
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    got = pybn.batch_norm_train(x, w, b, axis=axis, relu=True, residual=r).y
+    np.testing.assert_allclose(got, torch_composite(x, r, w, b, axis, True, True), rtol=2e-5, atol=2e-5)
+    mean, var = np.zeros(c, np.float32), np.ones(c, np.float32)
+    got = pybn.batch_norm_infer(x, mean, var, w, b, axis=axis, residual=r)
+    np.testing.assert_allclose(got, torch_composite(x, r, w, b, axis, False, False, mean, var), rtol=2e-5,
+                               atol=2e-5)
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["add", "add-relu"])
@@ -181,22 +187,25 @@ def test_16bit_d_residual_is_the_masked_dy(isa, dtype, rng):
     g = pybn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, w, y=fwd.y, residual=True)
     plain = pybn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, w, y=fwd.y)
     assert g.d_residual.dtype == dtype
-    np.testing.assert_array_equal(g.d_residual.view(np.uint16), np.where(fwd.y > 0, dy, 0).astype(dtype).view(np.uint16))
+    want = np.where(fwd.y > 0, dy, 0).astype(dtype)
+    np.testing.assert_array_equal(g.d_residual.view(np.uint16), want.view(np.uint16))
     for got, ref in zip(g[:3], plain):  # dx and the parameter grads are unchanged by the extra output
         np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(ref).view(np.uint8))
 
 
-@pytest.mark.parametrize("shape", [(4, 32, 96, 96), (64, 8, 160, 160)], ids=["streamed", "channel-blocked"])
-def test_large_backward(isa, threads, shape, rng):
+@pytest.mark.parametrize("shape,axis", LARGE, ids=LARGE_IDS)
+def test_large_backward(isa, threads, shape, axis, rng):
+    """d_residual beside a streamed dx, and in the channel-blocked backward; dx as without it."""
+    c = shape[axis]
     x = rng.standard_normal(shape, np.float32)
     r = rng.standard_normal(shape, np.float32)
     dy = rng.standard_normal(shape, np.float32)
-    w = rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)
-    b = rng.standard_normal(shape[1]).astype(np.float32)
-    fwd = pybn.batch_norm_train(x, w, b, relu=True, residual=r)
-    g = pybn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, w, y=fwd.y, residual=True)
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    fwd = pybn.batch_norm_train(x, w, b, axis=axis, relu=True, residual=r)
+    g = pybn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, w, axis=axis, y=fwd.y, residual=True)
     np.testing.assert_array_equal(g.d_residual, dy * (fwd.y > 0))
-    plain = pybn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, w, y=fwd.y)
+    plain = pybn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, w, axis=axis, y=fwd.y)
     np.testing.assert_array_equal(g.dx, plain.dx)
 
 

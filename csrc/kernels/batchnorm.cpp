@@ -510,7 +510,8 @@ void normalize(const Layout& L, const S* x, const S* residual, const Affine<para
   };
   const auto apply = [&](const auto& coef, const auto& affine) {
     if (residual)
-      finish(coef, [affine, residual](i64 i, i64 n, const V* c) { return affine(i, n, c) + load_n<T>(residual + i, n); });
+      finish(coef,
+             [affine, residual](i64 i, i64 n, const V* c) { return affine(i, n, c) + load_n<T>(residual + i, n); });
     else
       finish(coef, affine);
   };

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._checks import FLOAT_DTYPES, as_array, channel_layout, float_array, integer, param_dtype, real_number
-from .batchnorm import batch_norm_backward, batch_norm_infer, batch_norm_train, residual_input
+from .batchnorm import (BatchNormResidualGrads, batch_norm_backward, batch_norm_infer, batch_norm_train,
+                        residual_input)
 from .drop_path import drop_path, drop_path_noise_shape
 from .dropout import counters_used, dropout
 
@@ -309,8 +310,10 @@ class BatchNorm(_Layer):
         grads = batch_norm_backward(dy, x, mean, invstd, self.weight, training=training, axis=self.axis, y=y,
                                     residual=added)
         if self.affine:
-            self.grad_weight, self.grad_bias = grads[1], grads[2]
-        return (grads[0], grads[3]) if added else grads[0]
+            self.grad_weight, self.grad_bias = grads.dweight, grads.dbias
+        if isinstance(grads, BatchNormResidualGrads):
+            return grads.dx, grads.d_residual
+        return grads.dx
 
     # ---- state
 

@@ -69,7 +69,8 @@ def _composite(x: np.ndarray, r: np.ndarray, w: np.ndarray, b: np.ndarray, mean:
     y = (x - np.asarray(mean, np.float32).reshape(shape)) * alpha
     y += b.reshape(shape)
     y += r
-    return np.maximum(y, 0, out=y)
+    out: np.ndarray = np.maximum(y, 0, out=y)
+    return out
 
 
 def _check(what: str, got: Any, want: np.ndarray) -> None:
@@ -104,7 +105,8 @@ def pybn_infer(case: ResidualCase) -> Timed:
 
 def _add_relu_in_place(y: np.ndarray, r: np.ndarray) -> np.ndarray:
     np.add(y, r, out=y)
-    return np.maximum(y, 0, out=y)
+    out: np.ndarray = np.maximum(y, 0, out=y)
+    return out
 
 
 def unfused_train(case: ResidualCase) -> Timed:

@@ -160,15 +160,20 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     _check_input_dim = nn.SyncBatchNorm._check_input_dim
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, relu: bool = False) -> Tensor:
         from . import _sync
 
         if _sync.wants_cpu_sync(self, input):
             # the input is checked on every process together, so that none is left waiting
-            return _sync.sync_batch_norm(self, input)
-        if input.device.type != "cpu" and self.training:
-            return nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]  # its code, on this module
-        return _BatchNormForward.forward(self, input)
+            y = _sync.sync_batch_norm(self, input)
+        elif input.device.type != "cpu" and self.training:
+            y = nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]  # its code, on this module
+        else:
+            return _BatchNormForward.forward(self, input, residual, relu=relu)
+        # synchronized statistics: the block's tail after the normalization, unfused
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:

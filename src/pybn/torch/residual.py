@@ -1,11 +1,13 @@
 """The fused tail of a ResNet block as PyTorch operators: ``relu(bn(x) + residual)`` in one pass.
 
-``batch_norm_add_relu(x, residual?, weight?, bias?, running_mean!?, running_var!?, training, momentum, eps, relu) -> (y, save_mean, save_invstd)``
+``batch_norm_add_relu(x, residual?, weight?, bias?, running_mean!?, running_var!?, training, momentum, eps,
+relu) -> (y, save_mean, save_invstd)``
     ``y = bn(x) + residual`` (no add when residual is None), then ``max(y, 0)`` when ``relu``. ``training=True``: batch
     statistics (the running statistics, when given, updated in place as
     ``pybn::batch_norm_train`` does); ``training=False``: the running statistics normalize,
     and save_mean / save_invstd are the mean and ``1/sqrt(var + eps)`` used.
-``batch_norm_add_relu_backward(dy, x, y, mean, invstd, weight?, training) -> (dx, dweight, dbias, d_residual)``
+``batch_norm_add_relu_backward(dy, x, y, mean, invstd, weight?, training) -> (dx, dweight, dbias,
+d_residual)``
     The backward of the ReLU case: g = dy masked where ``y <= 0``; d_residual = g, written in
     the same pass as dx. (Without the ReLU, d_residual is dy itself: autograd passes it on
     without an operator call.)
@@ -164,8 +166,9 @@ class _BatchNormAddRelu(torch.autograd.Function):
                 db if needs[3] else None, None, None, None, None, None, None)
 
 
-def _batch_norm_add_relu_autograd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                                  running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+def _batch_norm_add_relu_autograd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                                  bias: Optional[Tensor], running_mean: Optional[Tensor],
+                                  running_var: Optional[Tensor], training: bool,
                                   momentum: float, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     outputs: Tuple[Tensor, Tensor, Tensor] = _BatchNormAddRelu.apply(  # type: ignore[no-untyped-call]
         x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu)
