@@ -149,6 +149,15 @@ def error_cases(make_layer, world: int, rank: int) -> dict:
         except ValueError as e:
             out[case] = str(e)
         out[case + "-unchanged"] = (layer.num_batches_tracked, layer.running_mean.tolist())
+    # a residual (or relu) in training mode: refused on every worker together
+    layer = make_layer(3)
+    x = np.arange(6 * 3, dtype=np.float32).reshape(6, 3)[rank::world]
+    try:
+        layer(x, x.copy(), relu=True)
+        out["residual"] = None
+    except ValueError as e:
+        out["residual"] = str(e)
+    out["residual-unchanged"] = (layer.num_batches_tracked, layer.running_mean.tolist())
     # the collectives are still matched after the errors: a normal step works
     layer = make_layer(3)
     x = np.arange(6 * 3, dtype=np.float32).reshape(6, 3)[rank::world]

@@ -290,6 +290,9 @@ def test_too_few_values_over_all_workers_raise_on_every_worker(run):
             assert "more than 1 value per channel" in errors[case], errors[case]
             assert f"over all {world} workers" in errors[case], errors[case]
             assert errors[case + "-unchanged"] == (0, [0.0, 0.0, 0.0])  # a failed call changes nothing
+        assert errors["residual"].startswith("residual: SyncBatchNorm's training forward fuses no residual"), \
+            errors["residual"]
+        assert errors["residual-unchanged"] == (0, [0.0, 0.0, 0.0])
     # and the workers are still in step: a normal forward follows
     x = np.arange(18, dtype=np.float32).reshape(6, 3)
     want = pybn.nn.BatchNorm(3)
@@ -425,6 +428,18 @@ def test_eval_mode_needs_no_communication_and_equals_batchnorm(rng):
     np.testing.assert_array_equal(bn.grad_weight, ref.grad_weight)
     assert bn.state_dict().keys() == ref.state_dict().keys()
     assert repr(bn).startswith("SyncBatchNorm(5, axis=-1") and repr(bn).endswith("comm=None)")
+
+
+def test_eval_mode_fuses_a_residual_as_batchnorm_does(rng):
+    """Evaluation mode is BatchNorm's, the block tail included: bn(x, r, relu=True), and the
+    backward's (dx, d_residual)."""
+    ref = pybn.nn.BatchNorm(3, dtype="float64")
+    ref.running_mean[:] = rng.standard_normal(3)
+    bn = SyncBatchNorm.from_batchnorm(ref.eval())
+    x, r, dy = (rng.standard_normal((4, 3, 5)) for _ in range(3))
+    np.testing.assert_array_equal(bn(x, r, relu=True), ref(x, r, relu=True))
+    for got, want in zip(bn.backward(dy), ref.backward(dy)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_eval_without_running_stats_uses_the_local_batch_without_communication(rng):

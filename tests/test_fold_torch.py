@@ -326,6 +326,43 @@ def test_resnet_basic_block(dtype):
     assert count(folded, BATCH_NORMS) == 0
 
 
+class FusedTailBlock(BasicBlock):
+    """BasicBlock on pybn's modules, its tail written as one call: bn2(conv2(out), residual=x,
+    relu=True) (or as the composite, `fused=False`)."""
+
+    def __init__(self, channels, fused):
+        super().__init__(channels)
+        self.bn1, self.bn2 = pybn.torch.nn.BatchNorm2d(channels), pybn.torch.nn.BatchNorm2d(channels)
+        self.fused = fused
+
+    def forward(self, x):
+        if not self.fused:
+            return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
+        out = self.bn1(self.conv1(x), relu=True)
+        return self.bn2(self.conv2(out), residual=x, relu=True)
+
+
+def test_block_tail_on_pybn_modules_folds_the_bn_and_keeps_the_add():
+    """relu(bn(conv(x)) + identity) on pybn's modules: fold merges the BNs into the convs, the
+    add and relu stay, and the result equals the model's."""
+    model = randomize_batch_norms(nn.Sequential(FusedTailBlock(8, False), FusedTailBlock(8, False)))
+    folded, report = check_fold(model, torch.randn(2, 8, 10, 10))
+    assert report == [Folded("conv+bn", (f"{b}.conv{i}", f"{b}.bn{i}")) for b in (0, 1) for i in (1, 2)]
+    assert count(folded, BATCH_NORMS) == 0
+
+
+def test_fused_tail_call_is_left_unfolded_and_exact():
+    """A BN called with residual= / relu= (the fused tail) is not a BN alone: fold leaves it,
+    says why, and the model computes exactly what it did."""
+    model = randomize_batch_norms(nn.Sequential(FusedTailBlock(8, True), FusedTailBlock(8, True)))
+    x = torch.randn(2, 8, 10, 10)
+    folded, report = check_fold(model, x)
+    assert report == [NotFolded("batch norm", (f"{b}.bn{i}",), "it is not called with its input alone")
+                      for b in (0, 1) for i in (1, 2)]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), copy.deepcopy(model).eval()(x), rtol=0, atol=0)
+
+
 def grouped_conv_transpose_bn():
     return randomize_batch_norms(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2),
                                                nn.BatchNorm2d(6))).eval()

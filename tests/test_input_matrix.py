@@ -587,6 +587,47 @@ def keras_cases(arg, variance=False):
     return cases(arg, table)
 
 
+def residual_cases():
+    """`residual=` of a forward: x's shape and dtype (another float dtype is refused, not
+    converted), and `out` may be it exactly (an in-place add) but not overlap it partially."""
+    rows = matching_cases("residual", required=False)
+    rows.append(("overlaps-out-shifted", lambda kw: _shifted_pair_of("residual", "out"), ValueError))
+    return rows
+
+
+def _shifted_pair_of(a, b):
+    """Two arrays of SHAPE, views of one buffer 5 elements apart."""
+    n = math.prod(SHAPE)
+    buf = rand((n + 5,))
+    return {a: buf[:n].reshape(SHAPE), b: buf[5:].reshape(SHAPE)}
+
+
+def residual_flag_cases():
+    """`residual=` of a backward: a bool (an array there is a forward's argument, mistaken)."""
+    return cases("residual", [("array", lambda: rand(SHAPE), TypeError), ("int", lambda: 1, TypeError),
+                              ("None", lambda: None, TypeError), ("str", lambda: "yes", TypeError)])
+
+
+def d_residual_out_cases():
+    """`d_residual_out=` (with residual=True): an output like `out`; it may be dy itself, but
+    share memory with nothing else (nor with dy when dx is written there)."""
+    def with_residual(value_fn):
+        return lambda kw: {"residual": True, "d_residual_out": value_fn(kw)}
+
+    rows = [(label, with_residual(lambda kw, label=label: _bad_out(label, SHAPE)), exc)
+            for label, _, exc in bad_outs(SHAPE, DT)]
+    rows += [("without-residual", lambda kw: {"d_residual_out": np.zeros(SHAPE, DT)}, ValueError),
+             ("python-float", with_residual(lambda kw: 0.0), TypeError),
+             ("same-array-as-x", with_residual(lambda kw: kw["x"]), ValueError),
+             ("same-array-as-out", lambda kw: {"residual": True, "out": kw["dy"], "d_residual_out": kw["dy"]},
+              ValueError),
+             ("overlaps-dy-shifted", lambda kw: {"residual": True, **_shifted_pair_of("dy", "d_residual_out")},
+              ValueError)]
+    rows += [(label, with_residual(lambda kw, f=f: f()), exc) for label, f, exc in foreign_arrays(
+        lambda: np.zeros(SHAPE, DT))]
+    return rows
+
+
 SPECS = [
     Spec("batch_norm_train", pybn.batch_norm_train, bn_train_good, {
         "x": data_cases("x") + cases("x", [   # training needs 2 values per channel
@@ -600,6 +641,7 @@ SPECS = [
         "eps": eps_cases(),
         "axis": axis_cases(),
         "out": out_cases(["x"], per_channel=["weight", "bias", "running_mean", "running_var"]),
+        "residual": residual_cases(),
     }),
     Spec("batch_norm_infer", pybn.batch_norm_infer, bn_infer_good, {
         "x": data_cases("x"),
@@ -610,6 +652,7 @@ SPECS = [
         "eps": eps_cases(),
         "axis": axis_cases(),
         "out": out_cases(["x"], per_channel=["running_mean", "running_var", "weight", "bias"]),
+        "residual": residual_cases(),
     }),
     Spec("batch_norm_backward", pybn.batch_norm_backward,
          lambda: backward_good(weight=positive(seed=2), training=True, out=None), {
@@ -621,6 +664,8 @@ SPECS = [
              "axis": axis_cases(),
              "y": matching_cases("y", required=False),
              "out": out_cases(["dy", "x"], per_channel=["mean", "invstd", "weight"]),
+             "residual": residual_flag_cases(),
+             "d_residual_out": d_residual_out_cases(),
          }),
     Spec("batch_norm_stats", pybn.batch_norm_stats, lambda: dict(x=rand(SHAPE), axis=1), {
         "x": data_cases("x"),
@@ -650,6 +695,7 @@ SPECS = [
              "bias": per_channel_cases("bias"),
              "axis": axis_cases(),
              "out": out_cases(["x"], per_channel=["mean", "invstd", "weight", "bias"]),
+             "residual": residual_cases(),
          }),
     Spec("batch_norm_backward_reduce", pybn.batch_norm_backward_reduce, backward_good, {
         "dy": data_cases("dy"),
@@ -671,6 +717,8 @@ SPECS = [
         "axis": axis_cases(),
         "y": matching_cases("y", required=False),
         "out": out_cases(["dy", "x"], per_channel=["mean", "invstd", "sum_dy", "sum_dy_xhat", "weight"]),
+        "residual": residual_flag_cases(),
+        "d_residual_out": d_residual_out_cases(),
     }),
     Spec("dropout", pybn.dropout,
          lambda: dict(x=rand(SHAPE), p=0.5, seed=1, offset=0, noise_shape=None, out=None), {
@@ -762,6 +810,11 @@ SPECS = [
     Spec("nn.BatchNorm.backward", layer_call("dy"), bn_layer_backward_good, {
         "dy": matching_cases("dy"),
     }, watch=layer_state),
+    Spec("nn.BatchNorm.__call__[residual]", lambda layer, x, residual: layer(x, residual),
+         lambda: dict(bn_layer_good(), residual=rand(SHAPE, seed=7)), {
+             "x": cases("x", [("float64-vs-float32", lambda: np.ones(SHAPE, np.float64), TypeError)]),
+             "residual": matching_cases("residual", required=False),
+         }, watch=layer_state),
     Spec("nn.Dropout", pybn.nn.Dropout, lambda: dict(p=0.5, seed=1, noise_shape=None), {
         "p": p_cases(),
         "seed": u64_cases("seed", allow_none=True),

@@ -88,6 +88,21 @@ def test_a_chain_of_layers_sees_the_upstream_batch_normalization():
     assert not drop.training and drop.offset == 0
 
 
+def test_a_layer_called_as_a_block_tail_is_recalibrated_from_its_input():
+    """A model calling bn(x, residual, relu=True): recalibration runs that call, and the
+    statistics are x's alone (the residual is added after the normalization)."""
+    batches = shifted_batches([6, 11, 40], seed=5, offset=3.0)
+    layer = pybn.nn.BatchNorm(C, dtype="float64")
+
+    def forward(x):
+        return layer(x, np.ones_like(x), relu=True)
+
+    pybn.recalibrate(layer, batches, forward=forward)
+    mean, var, _ = union_stats(batches)
+    np.testing.assert_allclose(layer.running_mean, mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(layer.running_var, var, rtol=1e-12)
+
+
 def test_a_layer_listed_twice_counts_each_value_once():
     layer = pybn.nn.BatchNorm(C, dtype="float64")
     batches = shifted_batches([4, 9])

@@ -13,6 +13,7 @@ import pickle
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,3 +91,20 @@ def test_disagreeing_processes_all_raise_instead_of_waiting(ranks):
     for rank, res in enumerate(ranks):
         torch.testing.assert_close(res["failing"]["after"], want[rank::world])
         torch.testing.assert_close(res["failing"]["after-running-mean"], 0.1 * full.mean(0))
+
+
+def test_the_block_tail_of_a_synchronized_layer(ranks):
+    """SyncBatchNorm(...)(x, residual=r, relu=True) with synchronized statistics: the whole
+    batch's relu(bn(x) + r), and its gradients, on every process's rows."""
+    world = len(ranks)
+    x, r = (torch.from_numpy(np.random.default_rng(seed).standard_normal((8, 3, 4))) for seed in (1, 2))
+    x.requires_grad_()
+    r.requires_grad_()
+    out = torch.relu(F.batch_norm(x, None, None, training=True) + r)
+    out.sum().backward()
+    for rank, res in enumerate(ranks):
+        got = res["residual"]
+        torch.testing.assert_close(got["out"], out.detach()[rank::world], **TOL)
+        torch.testing.assert_close(got["dr"], r.grad[rank::world], **TOL)
+        # each process's loss is its rows' sum: the whole batch's dx
+        torch.testing.assert_close(got["dx"], x.grad[rank::world], **TOL)

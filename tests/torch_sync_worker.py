@@ -99,6 +99,20 @@ def failing_calls(world: int, rank: int) -> dict:
     return out
 
 
+def residual_tail(world: int, rank: int) -> dict:
+    """relu(bn(x) + r) through a synchronized layer (the tail applied after the synchronized
+    normalization): this process's rows of the output and of the grads of x and r."""
+    import pybn.torch.nn as pnn
+
+    x, r = (torch.from_numpy(np.random.default_rng(seed).standard_normal((8, 3, 4))) for seed in (1, 2))
+    part = slice(rank, None, world)
+    xs, rs = x[part].clone().requires_grad_(), r[part].clone().requires_grad_()
+    layer = pnn.SyncBatchNorm(3).double()
+    out = layer(xs, residual=rs, relu=True)
+    out.sum().backward()
+    return {"out": out.detach(), "dx": xs.grad, "dr": rs.grad}
+
+
 def run(world: int, rank: int, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -116,6 +130,7 @@ def run(world: int, rank: int, out_dir: str) -> None:
             return dict(model.state_dict()) if state else dict(model.named_parameters())
         results["configs"][name] = run_steps(ddp, params_of, world, rank, channels_last, LR)
     results["failing"] = failing_calls(world, rank)
+    results["residual"] = residual_tail(world, rank)
     path = os.path.join(out_dir, f"rank{rank}.pkl")
     with open(path + ".tmp", "wb") as f:
         pickle.dump(results, f)

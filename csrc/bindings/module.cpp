@@ -227,7 +227,7 @@ template <class K>
 void bn_train(const NdArray& x, const NdArray& y, const OptionalNdArray& weight, const OptionalNdArray& bias,
               const OptionalNdArray& running_mean, const OptionalNdArray& running_var, const NdArray& save_mean,
               const NdArray& save_invstd, i64 outer, i64 channels, i64 inner, double momentum, double eps,
-              bool relu) {
+              bool relu, const OptionalNdArray& residual) {
   const Layout L = make_layout(outer, channels, inner);
   K::by_dtype(x, "x", [&](auto zero) {
     using S = decltype(zero);
@@ -245,6 +245,7 @@ void bn_train(const NdArray& x, const NdArray& y, const OptionalNdArray& weight,
     a.momentum = momentum;
     a.eps = eps;
     a.relu = relu;
+    a.residual = in<S>(residual, L.numel(), "residual");
     if (L.per_channel() < 2) fail("x", "training needs more than 1 value per channel");
     GilReleased nogil;
     K::template typed<S>().bn_train(a);
@@ -254,7 +255,7 @@ void bn_train(const NdArray& x, const NdArray& y, const OptionalNdArray& weight,
 template <class K>
 void bn_infer(const NdArray& x, const NdArray& y, const NdArray& mean, const NdArray& var,
               const OptionalNdArray& weight, const OptionalNdArray& bias, i64 outer, i64 channels, i64 inner,
-              double eps, bool relu) {
+              double eps, bool relu, const OptionalNdArray& residual) {
   const Layout L = make_layout(outer, channels, inner);
   K::by_dtype(x, "x", [&](auto zero) {
     using S = decltype(zero);
@@ -269,6 +270,7 @@ void bn_infer(const NdArray& x, const NdArray& y, const NdArray& mean, const NdA
     a.bias = in<P>(bias, channels, "bias");
     a.eps = eps;
     a.relu = relu;
+    a.residual = in<S>(residual, L.numel(), "residual");
     GilReleased nogil;
     K::template typed<S>().bn_infer(a);
   });
@@ -277,7 +279,7 @@ void bn_infer(const NdArray& x, const NdArray& y, const NdArray& mean, const NdA
 template <class K>
 void bn_apply(const NdArray& x, const NdArray& y, const NdArray& mean, const NdArray& invstd,
               const OptionalNdArray& weight, const OptionalNdArray& bias, i64 outer, i64 channels, i64 inner,
-              bool relu) {
+              bool relu, const OptionalNdArray& residual) {
   const Layout L = make_layout(outer, channels, inner);
   K::by_dtype(x, "x", [&](auto zero) {
     using S = decltype(zero);
@@ -291,6 +293,7 @@ void bn_apply(const NdArray& x, const NdArray& y, const NdArray& mean, const NdA
     a.weight = in<P>(weight, channels, "weight");
     a.bias = in<P>(bias, channels, "bias");
     a.relu = relu;
+    a.residual = in<S>(residual, L.numel(), "residual");
     GilReleased nogil;
     K::template typed<S>().bn_apply(a);
   });
@@ -326,7 +329,8 @@ void set_grad_inputs(pybn::BnGradInputs<S>& a, const Layout& L, const NdArray& d
 template <class K>
 void bn_backward(const NdArray& dy, const NdArray& x, const OptionalNdArray& y, const NdArray& mean,
                  const NdArray& invstd, const OptionalNdArray& weight, const NdArray& dx, const NdArray& dweight,
-                 const NdArray& dbias, i64 outer, i64 channels, i64 inner, bool training) {
+                 const NdArray& dbias, i64 outer, i64 channels, i64 inner, bool training,
+                 const OptionalNdArray& d_residual) {
   const Layout L = make_layout(outer, channels, inner);
   K::by_dtype(dy, "dy", [&](auto zero) {
     using S = decltype(zero);
@@ -338,6 +342,7 @@ void bn_backward(const NdArray& dy, const NdArray& x, const OptionalNdArray& y, 
     a.dweight = required_out<P>(dweight, channels, "dweight");
     a.dbias = required_out<P>(dbias, channels, "dbias");
     a.training = training;
+    a.d_residual = inout<S>(d_residual, L.numel(), "d_residual");
     GilReleased nogil;
     K::template typed<S>().bn_backward(a);
   });
@@ -363,7 +368,7 @@ template <class K>
 void bn_backward_apply(const NdArray& dy, const NdArray& x, const OptionalNdArray& y, const NdArray& mean,
                        const NdArray& invstd, const OptionalNdArray& weight, const NdArray& sum_dy,
                        const NdArray& sum_dy_xhat, double count, const NdArray& dx, i64 outer, i64 channels,
-                       i64 inner) {
+                       i64 inner, const OptionalNdArray& d_residual) {
   const Layout L = make_layout(outer, channels, inner);
   if (!(count > 0)) fail("count", "must be > 0");
   K::by_dtype(dy, "dy", [&](auto zero) {
@@ -375,6 +380,7 @@ void bn_backward_apply(const NdArray& dy, const NdArray& x, const OptionalNdArra
     a.sum_gxhat = required<double>(sum_dy_xhat, channels, "sum_dy_xhat");
     a.count = count;
     a.dx = required_out<S>(dx, L.numel(), "out");
+    a.d_residual = inout<S>(d_residual, L.numel(), "d_residual");
     GilReleased nogil;
     K::template typed<S>().bn_backward_apply(a);
   });
@@ -494,23 +500,25 @@ void def_typed_kernels(py::module_& m) {
   m.def("bn_train", &bn_train<K>, py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"),
         py::arg("running_mean"), py::arg("running_var"), py::arg("save_mean"), py::arg("save_invstd"),
         py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("momentum"), py::arg("eps"),
-        py::arg("relu"));
+        py::arg("relu"), py::arg("residual") = py::none());
   m.def("bn_infer", &bn_infer<K>, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("weight"),
-        py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("eps"), py::arg("relu"));
+        py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("eps"), py::arg("relu"),
+        py::arg("residual") = py::none());
   m.def("bn_apply", &bn_apply<K>, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("invstd"),
         py::arg("weight"), py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"),
-        py::arg("relu"));
+        py::arg("relu"), py::arg("residual") = py::none());
   m.def("bn_moments", &bn_moments<K>, py::arg("x"), py::arg("mean"), py::arg("m2"), py::arg("outer"),
         py::arg("channels"), py::arg("inner"));
   m.def("bn_backward", &bn_backward<K>, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
         py::arg("invstd"), py::arg("weight"), py::arg("dx"), py::arg("dweight"), py::arg("dbias"),
-        py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("training"));
+        py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("training"),
+        py::arg("d_residual") = py::none());
   m.def("bn_backward_reduce", &bn_backward_reduce<K>, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
         py::arg("invstd"), py::arg("sum_dy"), py::arg("sum_dy_xhat"), py::arg("outer"), py::arg("channels"),
         py::arg("inner"));
   m.def("bn_backward_apply", &bn_backward_apply<K>, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("mean"),
         py::arg("invstd"), py::arg("weight"), py::arg("sum_dy"), py::arg("sum_dy_xhat"), py::arg("count"),
-        py::arg("dx"), py::arg("outer"), py::arg("channels"), py::arg("inner"));
+        py::arg("dx"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("d_residual") = py::none());
   m.def("bn_update_running_stats", &bn_update_running_stats<K>, py::arg("running_mean"), py::arg("running_var"),
         py::arg("mean"), py::arg("m2"), py::arg("count"), py::arg("momentum"));
   m.def("dropout", &dropout<K>, py::arg("x"), py::arg("y"), py::arg("seed"), py::arg("offset"),

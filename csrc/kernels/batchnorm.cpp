@@ -485,26 +485,35 @@ struct Affine {
   }
 };
 
-// y = (x - mean) * alpha + beta, optionally max(., 0). Subtracting the mean first keeps
-// y exact where x is near the mean even for large offsets (x * alpha + (beta - mean *
-// alpha) would cancel two large products); in a memory-bound pass it costs nothing.
+// y = (x - mean) * alpha + beta, plus the residual when given, optionally max(., 0).
+// Subtracting the mean first keeps y exact where x is near the mean even for large offsets
+// (x * alpha + (beta - mean * alpha) would cancel two large products); in a memory-bound
+// pass it costs nothing. The residual's add and the ReLU happen in T, so y is rounded to
+// S once; y may be the residual itself, since each lane is read before it is written.
 // When some channel's scale (Affine::set) is not 1, x - mean is taken as fma(x, s, -mean
 // * s) and alpha divided by s (for the other channels s = 1: the same results to the bit).
 // Over the whole array, or over the channels of *range on the calling thread.
 template <class S, class T>
-void normalize(const Layout& L, const S* x, const Affine<param_t<S>, T>& k, bool fuse_relu, S* y, bool after_reduction,
-               const ChannelRange* range = nullptr) {
+void normalize(const Layout& L, const S* x, const S* residual, const Affine<param_t<S>, T>& k, bool fuse_relu, S* y,
+               bool after_reduction, const ChannelRange* range = nullptr) {
   using V = Vec<T>;
   const ChannelRange r = range ? *range : ChannelRange{0, L.channels};
   bool scaled = false;
   for (i64 c = r.begin; c < r.end; ++c) scaled |= k.scale[c] != T(1);
-  const auto apply = [&](const auto& coef, const auto& affine) {
+  const auto finish = [&](const auto& coef, const auto& op) {
     constexpr int K = std::extent_v<std::remove_reference_t<decltype(coef)>>;
     if (fuse_relu)
-      channel_apply_to<S, T, K>(L, coef, y, [affine](i64 i, i64 n, const V* c) { return relu(affine(i, n, c)); },
-                                range, after_reduction);
+      channel_apply_to<S, T, K>(L, coef, y, [op](i64 i, i64 n, const V* c) { return relu(op(i, n, c)); }, range,
+                                after_reduction);
     else
-      channel_apply_to<S, T, K>(L, coef, y, affine, range, after_reduction);
+      channel_apply_to<S, T, K>(L, coef, y, op, range, after_reduction);
+  };
+  const auto apply = [&](const auto& coef, const auto& affine) {
+    if (residual)
+      finish(coef,
+             [affine, residual](i64 i, i64 n, const V* c) { return affine(i, n, c) + load_n<T>(residual + i, n); });
+    else
+      finish(coef, affine);
   };
   if (scaled) {
     const T* const coef[4] = {k.shift, k.scale, k.scaled_alpha, k.beta};
@@ -536,11 +545,11 @@ void update_running(S* running_mean, S* running_var, i64 c, double mean, double 
 
 // The normalization of x with the given mean and, per channel c, invstd_of(c) (in double).
 template <class S, class T, class Invstd>
-void normalize_with(const Layout& L, const S* x, S* y, const param_t<S>* mean, const param_t<S>* weight,
-                    const param_t<S>* bias, bool relu, const Invstd& invstd_of) {
+void normalize_with(const Layout& L, const S* x, const S* residual, S* y, const param_t<S>* mean,
+                    const param_t<S>* weight, const param_t<S>* bias, bool relu, const Invstd& invstd_of) {
   Affine<param_t<S>, T> k(L.channels, mean);
   for (i64 c = 0; c < L.channels; ++c) k.set(c, invstd_of(c), value_or(weight, c, 1.0), value_or(bias, c, 0.0));
-  normalize(L, x, k, relu, y, false);
+  normalize(L, x, residual, k, relu, y, false);
 }
 
 }  // namespace
@@ -573,7 +582,7 @@ void bn_train(const BnTrainArgs<S>& a) {
         merge_segment<S, T>(a.x + off, len, m[c - r.begin]);
       });
       for (i64 c = r.begin; c < r.end; ++c) finish(c, m[c - r.begin].mean, m[c - r.begin].m2);
-      normalize(L, a.x, k, a.relu, a.y, true, &r);
+      normalize(L, a.x, a.residual, k, a.relu, a.y, true, &r);
     });
     return;
   }
@@ -582,19 +591,20 @@ void bn_train(const BnTrainArgs<S>& a) {
     channel_moments<S, T>(L, a.x, mean.get(), m2.get());
     for (i64 c = 0; c < C; ++c) finish(c, mean[c], m2[c]);
   }
-  normalize(L, a.x, k, a.relu, a.y, true);
+  normalize(L, a.x, a.residual, k, a.relu, a.y, true);
 }
 
 template <class S, class T>
 void bn_infer(const BnInferArgs<S>& a) {
-  normalize_with<S, T>(a.layout, a.x, a.y, a.mean, a.weight, a.bias, a.relu, [&](i64 c) {
+  normalize_with<S, T>(a.layout, a.x, a.residual, a.y, a.mean, a.weight, a.bias, a.relu, [&](i64 c) {
     return 1.0 / std::sqrt(static_cast<double>(a.var[c]) + a.eps);
   });
 }
 
 template <class S, class T>
 void bn_apply(const BnApplyArgs<S>& a) {
-  normalize_with<S, T>(a.layout, a.x, a.y, a.mean, a.weight, a.bias, a.relu, [&](i64 c) { return a.invstd[c]; });
+  normalize_with<S, T>(a.layout, a.x, a.residual, a.y, a.mean, a.weight, a.bias, a.relu,
+                       [&](i64 c) { return a.invstd[c]; });
 }
 
 template <class S, class T>
@@ -653,9 +663,13 @@ constexpr i64 kDxRows = MeanTable<param_t<S>, T>::kCopy ? 6 : 5;
 // rows of C. With `training` false the statistics are constants: dx = k_dy * g. When some
 // channel's xhat_scale is not 1, x - mean is taken as fma(x, s, -mean * s) and k_x divided
 // by s (for the other channels s = 1: the same results to the bit).
-template <class S, class T, bool kMask>
-void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, bool training, const GradSums& s, S* dx, T* k,
-                         const ChannelRange* range = nullptr) {
+// With kResidual, the same pass writes g to dr, the gradient of a residual the forward
+// added before its ReLU; dr may be dy itself (each lane is read before it is written). Its
+// stores are ordinary ones: dr's alignment relative to dx's, which the loops align for
+// streaming, is arbitrary.
+template <class S, class T, bool kMask, bool kResidual>
+void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, bool training, const GradSums& s, S* dx,
+                         S* dr, T* k, const ChannelRange* range = nullptr) {
   using V = Vec<T>;
   const Layout& L = a.layout;
   const i64 C = L.channels;
@@ -682,9 +696,11 @@ void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, boo
   const S* dy = a.dy;
   const S* x = a.x;
   const S* y = a.y;
-  auto grad = [dy, y](i64 i, i64 n) {
-    const V g = load_n<T>(dy + i, n);
-    return kMask ? keep_if_positive(load_n<T>(y + i, n), g) : g;
+  auto grad = [dy, y, dr](i64 i, i64 n) {
+    V g = load_n<T>(dy + i, n);
+    if (kMask) g = keep_if_positive(load_n<T>(y + i, n), g);
+    if constexpr (kResidual) store_lanes(g, dr + i, n);
+    return g;
   };
   if (training && scaled) {
     const T* const coef[5] = {k_dy, k_x, shift_x, scale_x, k_0};
@@ -707,13 +723,30 @@ void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, boo
   }
 }
 
-template <class S, class T>
-void backward_apply(const BnGradInputs<S>& a, const param_t<S>* weight, bool training, const GradSums& s, S* dx) {
-  Buffer<T> k = make_buffer<T>(kDxRows<S, T> * a.layout.channels);
+// Calls f(kMask, kResidual) with the backward's variant as compile-time constants: g masked
+// by y (the forward fused a ReLU), and g written to dr (the forward added a residual).
+template <class S, class F>
+void with_grad_variant(const BnGradInputs<S>& a, const S* dr, const F& f) {
+  const auto with_residual = [&](auto mask) {
+    if (dr)
+      f(mask, std::true_type{});
+    else
+      f(mask, std::false_type{});
+  };
   if (a.y)
-    backward_apply_impl<S, T, true>(a, weight, training, s, dx, k.get());
+    with_residual(std::true_type{});
   else
-    backward_apply_impl<S, T, false>(a, weight, training, s, dx, k.get());
+    with_residual(std::false_type{});
+}
+
+template <class S, class T>
+void backward_apply(const BnGradInputs<S>& a, const param_t<S>* weight, bool training, const GradSums& s, S* dx,
+                    S* dr) {
+  Buffer<T> k = make_buffer<T>(kDxRows<S, T> * a.layout.channels);
+  with_grad_variant(a, dr, [&](auto mask, auto residual) {
+    backward_apply_impl<S, T, decltype(mask)::value, decltype(residual)::value>(a, weight, training, s, dx, dr,
+                                                                                  k.get());
+  });
 }
 
 // The single-process backward's parameter gradients: dweight = sum(g * xhat), dbias = sum(g).
@@ -727,7 +760,7 @@ void store_param_grads(const BnBackwardArgs<S>& a, const GradSums& s, ChannelRan
 
 // The single-process backward, one block of channels at a time (see channel_block): each
 // block's sums, then its dx while dy and x are still in the cache.
-template <class S, class T, bool kMask>
+template <class S, class T, bool kMask, bool kResidual>
 void backward_blocked(const BnBackwardArgs<S>& a, double* sum_g, double* sum_gxhat, i64 block) {
   const Layout& L = a.layout;
   const GradTerms<S, T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
@@ -740,7 +773,7 @@ void backward_blocked(const BnBackwardArgs<S>& a, double* sum_g, double* sum_gxh
       terms.add_segment(c, off, len, sum_g[c], sum_gxhat[c]);
     });
     store_param_grads(a, s, r);
-    backward_apply_impl<S, T, kMask>(a, a.weight, a.training, s, a.dx, k.get(), &r);
+    backward_apply_impl<S, T, kMask, kResidual>(a, a.weight, a.training, s, a.dx, a.d_residual, k.get(), &r);
   });
 }
 
@@ -753,7 +786,7 @@ void bn_backward_reduce(const BnGradReduceArgs<S>& a) {
 
 template <class S, class T>
 void bn_backward_apply(const BnGradApplyArgs<S>& a) {
-  backward_apply<S, T>(a, a.weight, true, GradSums{a.sum_g, a.sum_gxhat, a.count}, a.dx);
+  backward_apply<S, T>(a, a.weight, true, GradSums{a.sum_g, a.sum_gxhat, a.count}, a.dx, a.d_residual);
 }
 
 // The single-process backward: both phases, with this process's sums and count; for large
@@ -764,17 +797,17 @@ void bn_backward(const BnBackwardArgs<S>& a) {
   Buffer<double> sum_g = make_buffer<double>(C), sum_gxhat = make_buffer<double>(C);
   if (a.training) {
     if (const i64 block = channel_block(a.layout, (a.y ? 3 : 2) * i64(sizeof(S)))) {
-      if (a.y)
-        backward_blocked<S, T, true>(a, sum_g.get(), sum_gxhat.get(), block);
-      else
-        backward_blocked<S, T, false>(a, sum_g.get(), sum_gxhat.get(), block);
+      with_grad_variant(a, a.d_residual, [&](auto mask, auto residual) {
+        backward_blocked<S, T, decltype(mask)::value, decltype(residual)::value>(a, sum_g.get(), sum_gxhat.get(),
+                                                                                   block);
+      });
       return;
     }
   }
   const GradSums s{sum_g.get(), sum_gxhat.get(), static_cast<double>(a.layout.per_channel())};
   backward_reduce<S, T>(a, sum_g.get(), sum_gxhat.get());
   store_param_grads(a, s, ChannelRange{0, C});
-  backward_apply<S, T>(a, a.weight, a.training, s, a.dx);
+  backward_apply<S, T>(a, a.weight, a.training, s, a.dx, a.d_residual);
 }
 
 PYBN_FILL_FAMILY(batchnorm)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ._C import __version__
 from ._runtime import get_num_threads, isa, set_num_threads, supported_isas
-from .batchnorm import (BatchNormGrads, BatchNormTrainResult, batch_norm_backward,
+from .batchnorm import (BatchNormGrads, BatchNormResidualGrads, BatchNormTrainResult, batch_norm_backward,
                         batch_norm_infer, batch_norm_train)
 from .batchnorm_split import (BatchNormGradSums, BatchNormStats, batch_norm_apply,
                               batch_norm_backward_apply, batch_norm_backward_reduce, batch_norm_invstd,
@@ -24,6 +24,7 @@ __all__ = [
     "batch_norm_backward",
     "BatchNormTrainResult",
     "BatchNormGrads",
+    "BatchNormResidualGrads",
     "batch_norm_stats",
     "batch_norm_merge_stats",
     "batch_norm_invstd",

@@ -243,28 +243,45 @@ def real_number(value: Any, name: str, *, minimum: float | None = None) -> float
     return v
 
 
-def output(out: Any, like: np.ndarray, inputs: tuple[tuple[str, Any], ...] = ()) -> np.ndarray:
-    """The result array, of like's shape and dtype: `out` checked, or a new one. `out` may
-    be exactly one of the (name, array) `inputs` (in place), but must not overlap any of
-    them partially."""
+def output(out: Any, like: np.ndarray, inputs: tuple[tuple[str, Any], ...] = (), name: str = "out") -> np.ndarray:
+    """The result array, of like's shape and dtype: `out` (the argument `name`) checked, or a
+    new one. `out` may be exactly one of the (name, array) `inputs` (in place), but must not
+    overlap any of them partially."""
     shape, dtype = like.shape, like.dtype
     if out is None:
         return np.empty_like(like) if like.nbytes < ALIGNED_MIN_BYTES else empty_aligned(shape, dtype)
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out: must be a numpy.ndarray, got {type(out).__name__}")
-    not_silently_converted(out, "out")
+        raise TypeError(f"{name}: must be a numpy.ndarray, got {type(out).__name__}")
+    not_silently_converted(out, name)
     if out.dtype != dtype:
-        raise TypeError(f"out: dtype {out.dtype} does not match the result ({dtype})"
+        raise TypeError(f"{name}: dtype {out.dtype} does not match the result ({dtype})"
                         f"{_byte_order_hint(out.dtype, dtype)}")
     if out.shape != tuple(shape):
-        raise ValueError(f"out: shape {out.shape} does not match the result {tuple(shape)}")
+        raise ValueError(f"{name}: shape {out.shape} does not match the result {tuple(shape)}")
     if not out.flags.carray:
-        _not_writable_carray(out, "out")
-    for name, arr in inputs:
+        _not_writable_carray(out, name)
+    for other, arr in inputs:
         if isinstance(arr, np.ndarray) and arr is not out and _overlap(out, arr) and not _same_buffer(out, arr):
-            raise ValueError(f"out: overlaps {name} without being the same array (only exact in-place, "
-                             f"out={name}, is allowed)")
+            raise ValueError(f"{name}: overlaps {other} without being the same array (only exact in-place, "
+                             f"{name}={other}, is allowed)")
     return out
+
+
+def shares_memory(a: np.ndarray, b: np.ndarray | None) -> bool:
+    """Whether two arrays share memory (b may be None)."""
+    return b is not None and _overlap(a, b)
+
+
+def same_shape_array(value: Any, name: str, like: np.ndarray, like_name: str) -> np.ndarray:
+    """`value` as a C-contiguous float array of like's shape and dtype. A different float
+    dtype is a TypeError, not a conversion: mixing dtypes is more often a mistake than a
+    wish, and the conversion would cost a pass over memory the caller did not ask for."""
+    arr = contiguous_float_array(value, name)
+    if arr.dtype != like.dtype:
+        raise TypeError(f"{name}: dtype {arr.dtype} does not match {like_name} ({like.dtype})")
+    if arr.shape != like.shape:
+        raise ValueError(f"{name}: shape {arr.shape} does not match {like_name} {like.shape}")
+    return arr
 
 
 MISALIGNED = ("its elements are not aligned to their size (a view at an odd offset of a byte buffer); "

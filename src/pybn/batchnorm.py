@@ -7,10 +7,10 @@ import numpy as np
 
 from . import _C
 from ._checks import (channel_layout, contiguous_float_array, in_place, output, param_dtype, per_channel,
-                      real_number, written_apart)
+                      real_number, same_shape_array, shares_memory, written_apart)
 
-__all__ = ["BatchNormTrainResult", "BatchNormGrads", "batch_norm_train", "batch_norm_infer",
-           "batch_norm_backward"]
+__all__ = ["BatchNormTrainResult", "BatchNormGrads", "BatchNormResidualGrads", "batch_norm_train",
+           "batch_norm_infer", "batch_norm_backward"]
 
 
 class BatchNormTrainResult(NamedTuple):
@@ -34,9 +34,28 @@ class BatchNormGrads(NamedTuple):
     """sum(dy) per channel."""
 
 
+class BatchNormResidualGrads(NamedTuple):
+    """Output of :func:`batch_norm_backward` with ``residual=True``."""
+
+    dx: np.ndarray
+    dweight: np.ndarray
+    """sum(dy * xhat) per channel (dy masked where y <= 0 when y is given)."""
+    dbias: np.ndarray
+    """sum(dy) per channel (masked likewise)."""
+    d_residual: np.ndarray
+    """The gradient of the residual the forward added: dy masked where ``y <= 0`` when y is
+    given, else dy itself (docs/batchnorm.md, "Fused residual")."""
+
+
+def residual_input(residual: Any, x: np.ndarray) -> np.ndarray | None:
+    """The residual of a forward: an array of x's shape and dtype (None stays None)."""
+    return None if residual is None else same_shape_array(residual, "residual", x, "x")
+
+
 def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_mean: np.ndarray | None = None,
                      running_var: np.ndarray | None = None, momentum: float = 0.1, eps: float = 1e-5,
-                     axis: int = 1, relu: bool = False, out: np.ndarray | None = None) -> BatchNormTrainResult:
+                     axis: int = 1, relu: bool = False, residual: Any = None,
+                     out: np.ndarray | None = None) -> BatchNormTrainResult:
     """Training-mode batch normalization over every axis but `axis`.
 
     Parameters
@@ -58,8 +77,13 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
         compute; ``torch.nn.functional.batch_norm`` refuses eps <= 0 in training.
     relu : bool
         Fuse ``max(y, 0)`` into the same pass.
+    residual : array_like, optional
+        Of x's shape and dtype (another dtype is a TypeError, not a conversion): added to
+        the normalized values before the ReLU, ``y = relu(bn(x) + residual)``, in the same
+        pass (the tail of a ResNet block; docs/batchnorm.md, "Fused residual").
     out : ndarray, optional
-        C-contiguous array of x's shape and dtype for y; may be x itself.
+        C-contiguous array of x's shape and dtype for y; may be x itself, or the residual
+        itself (an in-place add), but must not overlap either partially.
 
     Returns
     -------
@@ -86,12 +110,14 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
         written_apart((("running_mean", rm), ("running_var", rv)), (("x", x), ("weight", w), ("bias", b)))
     momentum = real_number(momentum, "momentum")
     eps = real_number(eps, "eps", minimum=0.0)
-    y = output(out, x, (("x", x_in), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv)))
+    r = residual_input(residual, x)
+    y = output(out, x, (("x", x_in), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv),
+                        ("residual", r)))
     mean = np.empty(channels, pdt)
     invstd = np.empty(channels, pdt)
     narrow = rm is not None and rm.dtype != pdt
     rm_k, rv_k = (rm.astype(pdt), rv.astype(pdt)) if narrow else (rm, rv)  # type: ignore[union-attr]
-    _C.bn_train(x, y, w, b, rm_k, rv_k, mean, invstd, outer, channels, inner, momentum, eps, bool(relu))
+    _C.bn_train(x, y, w, b, rm_k, rv_k, mean, invstd, outer, channels, inner, momentum, eps, bool(relu), r)
     if narrow:
         rm[...] = rm_k  # type: ignore[index]
         rv[...] = rv_k  # type: ignore[index]
@@ -99,13 +125,14 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
 
 
 def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None, *,
-                     eps: float = 1e-5, axis: int = 1, relu: bool = False,
+                     eps: float = 1e-5, axis: int = 1, relu: bool = False, residual: Any = None,
                      out: np.ndarray | None = None) -> np.ndarray:
     """Inference-mode batch normalization with the given statistics.
 
-    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``, per channel along
-    `axis`, in one pass over x. Parameters as in :func:`batch_norm_train`; here the
-    statistics are read, not updated, and may be any float array-likes of shape (C,).
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` (plus `residual`,
+    then the ReLU, when given), per channel along `axis`, in one pass over x. Parameters as
+    in :func:`batch_norm_train`; here the statistics are read, not updated, and may be any
+    float array-likes of shape (C,).
     """
     x_in = x
     x = contiguous_float_array(x, "x")
@@ -118,13 +145,16 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     w = per_channel(weight, "weight", channels, pdt)
     b = per_channel(bias, "bias", channels, pdt)
     eps = real_number(eps, "eps", minimum=0.0)
-    y = output(out, x, (("x", x_in), ("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b)))
-    _C.bn_infer(x, y, rm, rv, w, b, outer, channels, inner, eps, bool(relu))
+    r = residual_input(residual, x)
+    y = output(out, x, (("x", x_in), ("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b),
+                        ("residual", r)))
+    _C.bn_infer(x, y, rm, rv, w, b, outer, channels, inner, eps, bool(relu), r)
     return y
 
 
 def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = None, *, training: bool = True,
-                        axis: int = 1, y: Any = None, out: np.ndarray | None = None) -> BatchNormGrads:
+                        axis: int = 1, y: Any = None, out: np.ndarray | None = None, residual: bool = False,
+                        d_residual_out: np.ndarray | None = None) -> BatchNormGrads | BatchNormResidualGrads:
     """Gradients of batch normalization.
 
     Parameters
@@ -143,22 +173,58 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
         where ``y <= 0``).
     out : ndarray, optional
         For dx; may be dy itself.
+    residual : bool
+        The forward added a residual (``batch_norm_train(..., residual=r)``): also return
+        its gradient, d_residual, the dy masked where ``y <= 0`` (given y), written in the
+        same pass as dx. Without y (no ReLU) d_residual is dy itself, not a copy, unless
+        dx is written into dy (``out=dy``) or `d_residual_out` is given: then the pass
+        copies dy there.
+    d_residual_out : ndarray, optional
+        With ``residual=True``: C-contiguous array of dy's shape and dtype for d_residual;
+        may be dy itself (masked in place) unless dx goes there too, and must share memory
+        with no other argument.
 
     Returns
     -------
     BatchNormGrads
         ``(dx, dweight, dbias)`` with ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)``.
+    BatchNormResidualGrads
+        With ``residual=True``: ``(dx, dweight, dbias, d_residual)``.
     """
     b = backward_inputs(dy, x, y, mean, invstd, axis)
     pdt = param_dtype(b.dy.dtype)
     w = per_channel(weight, "weight", b.channels, pdt)
     dx = output(out, b.dy, (("dy", dy), ("x", x), ("y", y), ("mean", b.mean), ("invstd", b.invstd),
                             ("weight", w)))
+    dr, dr_written = residual_grad(residual, d_residual_out, b, dx, (("weight", w),))
     dweight = np.empty(b.channels, pdt)
     dbias = np.empty(b.channels, pdt)
     _C.bn_backward(b.dy, b.x, b.y, b.mean, b.invstd, w, dx, dweight, dbias, b.outer, b.channels, b.inner,
-                   bool(training))
-    return BatchNormGrads(dx, dweight, dbias)
+                   bool(training), dr_written)
+    if dr is None:
+        return BatchNormGrads(dx, dweight, dbias)
+    return BatchNormResidualGrads(dx, dweight, dbias, dr)
+
+
+def residual_grad(residual: Any, d_residual_out: Any, b: BackwardInputs, dx: np.ndarray,
+                  params: tuple[tuple[str, np.ndarray | None], ...]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """d_residual (None without ``residual=True``) and the array the kernel writes it to:
+    b.dy itself, written by no one, when there is no mask to apply and nothing overwrites
+    dy; else `d_residual_out` checked, or a new array, both times."""
+    if not isinstance(residual, (bool, np.bool_)):
+        raise TypeError(f"residual: must be a bool (whether to return d_residual), got {type(residual).__name__}")
+    if not residual:
+        if d_residual_out is not None:
+            raise ValueError("d_residual_out: given without residual=True")
+        return None, None
+    if d_residual_out is None and b.y is None and not shares_memory(dx, b.dy):
+        return b.dy, None
+    dr = output(d_residual_out, b.dy, (("dy", b.dy),), name="d_residual_out")
+    for name, arr in (("out", dx), ("x", b.x), ("y", b.y), ("mean", b.mean), ("invstd", b.invstd)) + params:
+        if shares_memory(dr, arr):
+            raise ValueError(f"d_residual_out: shares memory with {name} (only dy itself may be overwritten "
+                             "by d_residual, and only when dx is not written there)")
+    return dr, dr
 
 
 class BackwardInputs(NamedTuple):

@@ -19,7 +19,7 @@ import numpy as np
 from . import _C
 from ._checks import (as_array, channel_layout, contiguous_float_array, float_array, output, param_dtype,
                       per_channel, real_number)
-from .batchnorm import backward_inputs
+from .batchnorm import backward_inputs, residual_grad, residual_input
 
 __all__ = ["BatchNormStats", "BatchNormGradSums", "batch_norm_stats", "batch_norm_merge_stats",
            "batch_norm_invstd", "batch_norm_apply", "batch_norm_backward_reduce", "batch_norm_backward_apply"]
@@ -132,10 +132,10 @@ def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
 
 
 def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: Any = None, *, axis: int = 1,
-                     relu: bool = False, out: np.ndarray | None = None) -> np.ndarray:
-    """``y = (x - mean) * invstd * weight + bias`` per channel, in one pass. As in
-    :func:`pybn.batch_norm_train`, the mean is rounded to x's dtype and ``invstd * weight``
-    is taken in float64 and rounded once."""
+                     relu: bool = False, residual: Any = None, out: np.ndarray | None = None) -> np.ndarray:
+    """``y = (x - mean) * invstd * weight + bias`` per channel (plus `residual`, then the
+    ReLU, when given), in one pass. As in :func:`pybn.batch_norm_train`, the mean is rounded
+    to x's dtype and ``invstd * weight`` is taken in float64 and rounded once."""
     x_in = x
     x = contiguous_float_array(x, "x")
     _, outer, channels, inner = channel_layout(x.shape, axis)
@@ -146,8 +146,9 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
         raise TypeError(f"{'mean' if m is None else 'invstd'}: is required")
     w = per_channel(weight, "weight", channels, pdt)
     b = per_channel(bias, "bias", channels, pdt)
-    y = output(out, x, (("x", x_in), ("mean", m), ("invstd", s), ("weight", w), ("bias", b)))
-    _C.bn_apply(x, y, m, s, w, b, outer, channels, inner, bool(relu))
+    r = residual_input(residual, x)
+    y = output(out, x, (("x", x_in), ("mean", m), ("invstd", s), ("weight", w), ("bias", b), ("residual", r)))
+    _C.bn_apply(x, y, m, s, w, b, outer, channels, inner, bool(relu), r)
     return y
 
 
@@ -164,10 +165,13 @@ def batch_norm_backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, *, axis:
 
 def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: Any, sum_dy_xhat: Any,
                               count: Any, weight: Any = None, *, axis: int = 1, y: Any = None,
-                              out: np.ndarray | None = None) -> np.ndarray:
+                              out: np.ndarray | None = None, residual: bool = False,
+                              d_residual_out: np.ndarray | None = None) -> Any:
     """dx of training-mode batch norm from the sums over every worker:
     ``dx = weight * invstd * (g - sum_dy/count - xhat * sum_dy_xhat/count)``, g = dy (masked
-    where ``y <= 0`` when y is given), count the number of values per channel in all."""
+    where ``y <= 0`` when y is given), count the number of values per channel in all.
+    With ``residual=True``, returns ``(dx, d_residual)``, d_residual = g written in the same
+    pass (as :func:`pybn.batch_norm_backward`'s, `d_residual_out` likewise)."""
     b = backward_inputs(dy, x, y, mean, invstd, axis)
     sd = per_channel(sum_dy, "sum_dy", b.channels, np.dtype(np.float64))
     sx = per_channel(sum_dy_xhat, "sum_dy_xhat", b.channels, np.dtype(np.float64))
@@ -179,8 +183,11 @@ def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: A
     w = per_channel(weight, "weight", b.channels, param_dtype(b.dy.dtype))
     dx = output(out, b.dy, (("dy", dy), ("x", x), ("y", y), ("mean", b.mean), ("invstd", b.invstd),
                             ("sum_dy", sd), ("sum_dy_xhat", sx), ("weight", w)))
-    _C.bn_backward_apply(b.dy, b.x, b.y, b.mean, b.invstd, w, sd, sx, count, dx, b.outer, b.channels, b.inner)
-    return dx
+    dr, dr_written = residual_grad(residual, d_residual_out, b, dx,
+                                   (("sum_dy", sd), ("sum_dy_xhat", sx), ("weight", w)))
+    _C.bn_backward_apply(b.dy, b.x, b.y, b.mean, b.invstd, w, sd, sx, count, dx, b.outer, b.channels, b.inner,
+                         dr_written)
+    return dx if dr is None else (dx, dr)
 
 
 def _update_running_stats(running_mean: np.ndarray | None, running_var: np.ndarray | None, stats: BatchNormStats,

@@ -290,21 +290,26 @@ class SyncBatchNorm(BatchNorm):
 
     # ---- forward / backward
 
-    def forward(self, x: Any) -> np.ndarray:
+    def forward(self, x: Any, residual: Any = None, *, relu: bool = False) -> np.ndarray:
         if not self.training:  # evaluation mode: local, no communication
-            return super().forward(x)
+            return super().forward(x, residual, relu=relu)
         comm = self._communicator()
         self._check_config(comm)
         try:
             x = self._check_input(x)
+            if residual is not None or relu:
+                name = "residual" if residual is not None else "relu"
+                raise ValueError(f"{name}: SyncBatchNorm's training forward fuses no residual or ReLU; add and "
+                                 "apply them to its output")
         except Exception:
             _join_failed(comm, 2 * self.num_features + 1)  # the others raise too, instead of waiting
             raise
         return self._forward_synchronized(x, comm)
 
-    def _forward_batch_stats(self, x: np.ndarray) -> np.ndarray:
+    def _forward_batch_stats(self, x: np.ndarray, residual: np.ndarray | None = None,
+                             relu: bool = False) -> np.ndarray:
         # reached in evaluation mode without running statistics only: local, as torch
-        y = super()._forward_batch_stats(x)
+        y = super()._forward_batch_stats(x, residual, relu)
         self._sync = None
         return y
 
@@ -348,8 +353,9 @@ class SyncBatchNorm(BatchNorm):
         written_apart((("running_mean", rm), ("running_var", rv)), (("weight", self.weight), ("bias", self.bias)))
         return self._momentum_for_next_batch()
 
-    def _forward_running_stats(self, x: np.ndarray) -> np.ndarray:
-        y = super()._forward_running_stats(x)
+    def _forward_running_stats(self, x: np.ndarray, residual: np.ndarray | None = None,
+                               relu: bool = False) -> np.ndarray:
+        y = super()._forward_running_stats(x, residual, relu)
         self._sync = None
         return y
 
@@ -372,7 +378,8 @@ class SyncBatchNorm(BatchNorm):
             dx, this worker's slice.
         """
         if self._sync is None:
-            return super().backward(dy)
+            grads: np.ndarray = super().backward(dy)  # a forward without a residual: dx
+            return grads
         x, mean, invstd, _ = self._saved_or_raise(self._saved)
         count, comm = self._sync
         c = self.num_features
@@ -390,8 +397,8 @@ class SyncBatchNorm(BatchNorm):
             raise ValueError(f"dy: rejected on {int(total[2 * c])} other worker(s) (see the error there); "
                              "no gradient was computed")
         sum_dy, sum_dy_xhat = total[:c], total[c:2 * c]
-        dx = batch_norm_backward_apply(dy, x, mean, invstd, sum_dy, sum_dy_xhat, count, self.weight,
-                                       axis=self.axis)
+        dx: np.ndarray = batch_norm_backward_apply(dy, x, mean, invstd, sum_dy, sum_dy_xhat, count, self.weight,
+                                                   axis=self.axis)
         if self.affine:
             self.grad_weight = sum_dy_xhat.astype(self.param_dtype)
             self.grad_bias = sum_dy.astype(self.param_dtype)

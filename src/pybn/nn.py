@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._checks import FLOAT_DTYPES, as_array, channel_layout, float_array, integer, param_dtype, real_number
-from .batchnorm import batch_norm_backward, batch_norm_infer, batch_norm_train
+from .batchnorm import (BatchNormResidualGrads, batch_norm_backward, batch_norm_infer, batch_norm_train,
+                        residual_input)
 from .drop_path import drop_path, drop_path_noise_shape
 from .dropout import counters_used, dropout
 
@@ -60,9 +61,9 @@ class _Layer:
         """
         return self.train(False)
 
-    def __call__(self, x: Any) -> np.ndarray:
-        """The forward pass, ``self.forward(x)``."""
-        return self.forward(x)
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """The forward pass, ``self.forward(x, ...)``."""
+        return self.forward(x, *args, **kwargs)
 
     def forward(self, x: Any) -> np.ndarray:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -140,6 +141,10 @@ class BatchNorm(_Layer):
     current ``weight``, so modify neither in place between the two (update the
     parameters after ``backward``, as an optimizer step does).
 
+    A ResNet block's tail, ``relu(bn(x) + identity)``, is one call and one pass:
+    ``bn(x, identity, relu=True)``; its backward returns ``(dx, d_identity)``
+    (docs/batchnorm.md, "Fused residual").
+
     Examples
     --------
     >>> bn = BatchNorm(64)
@@ -147,6 +152,8 @@ class BatchNorm(_Layer):
     >>> dx = bn.backward(dy)
     >>> bn.weight -= lr * bn.grad_weight
     >>> bn.bias -= lr * bn.grad_bias
+    >>> y = bn(x, identity, relu=True)   # relu(bn(x) + identity)
+    >>> dx, d_identity = bn.backward(dy)
     """
 
     def __init__(self, num_features: int, *, axis: int = 1, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -178,6 +185,8 @@ class BatchNorm(_Layer):
             self.running_mean = self.running_var = self.num_batches_tracked = None
         # (x, mean, invstd, training) of the last forward, for backward
         self._saved: tuple[np.ndarray, np.ndarray, np.ndarray, bool] | None = None
+        # (whether it added a residual, its output y when it fused a ReLU) of the last forward
+        self._tail: tuple[bool, np.ndarray | None] = (False, None)
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
@@ -186,7 +195,7 @@ class BatchNorm(_Layer):
 
     # ---- forward / backward
 
-    def forward(self, x: Any) -> np.ndarray:
+    def forward(self, x: Any, residual: Any = None, *, relu: bool = False) -> np.ndarray:
         """Normalize `x`: batch statistics in training mode (or without running
         statistics), the running statistics in evaluation mode.
 
@@ -194,6 +203,11 @@ class BatchNorm(_Layer):
         ----------
         x : array_like of the layer's dtype, ndim >= 2
             Its extent along `axis` must be `num_features`.
+        residual : array_like of x's shape and dtype, optional
+            Added to the normalized values in the same pass: ``y = bn(x) + residual``.
+            Then :meth:`backward` returns ``(dx, d_residual)``.
+        relu : bool, default False
+            ``y = max(., 0)``, fused in the same pass (after the residual's add).
 
         Returns
         -------
@@ -203,15 +217,20 @@ class BatchNorm(_Layer):
         Raises
         ------
         TypeError
-            x is not of the layer's dtype.
+            x (or residual) is not of the layer's dtype.
         ValueError
-            x's channel count is not `num_features`, or (when using batch statistics)
-            there is only one value per channel.
+            x's channel count is not `num_features`, residual's shape is not x's, or
+            (when using batch statistics) there is only one value per channel.
         """
         x = self._check_input(x)
+        r = residual_input(residual, x)
+        relu = bool(relu)
         if self.training or not self.track_running_stats:
-            return self._forward_batch_stats(x)
-        return self._forward_running_stats(x)
+            y = self._forward_batch_stats(x, r, relu)
+        else:
+            y = self._forward_running_stats(x, r, relu)
+        self._tail = (r is not None, y if relu else None)
+        return y
 
     def _check_input(self, x: Any) -> np.ndarray:
         array = float_array(x, "x")
@@ -224,13 +243,15 @@ class BatchNorm(_Layer):
                              f"but num_features is {self.num_features}")
         return array
 
-    def _forward_batch_stats(self, x: np.ndarray) -> np.ndarray:
+    def _forward_batch_stats(self, x: np.ndarray, residual: np.ndarray | None = None,
+                             relu: bool = False) -> np.ndarray:
         update = self.training and self.track_running_stats
         kwargs: dict[str, Any] = {}
         if update:
             kwargs = dict(running_mean=self.running_mean, running_var=self.running_var,
                           momentum=self._momentum_for_next_batch())
-        y, mean, invstd = batch_norm_train(x, self.weight, self.bias, eps=self.eps, axis=self.axis, **kwargs)
+        y, mean, invstd = batch_norm_train(x, self.weight, self.bias, eps=self.eps, axis=self.axis, relu=relu,
+                                           residual=residual, **kwargs)
         if update:  # counted only once the batch went through (a failed call changes nothing)
             assert self.num_batches_tracked is not None  # (tracking running statistics)
             self.num_batches_tracked += 1
@@ -245,20 +266,23 @@ class BatchNorm(_Layer):
             raise ValueError(f"num_batches_tracked: must be >= 0 (batches counted so far), got {count}")
         return 1.0 / (count + 1)  # cumulative moving average, as PyTorch
 
-    def _forward_running_stats(self, x: np.ndarray) -> np.ndarray:
+    def _forward_running_stats(self, x: np.ndarray, residual: np.ndarray | None = None,
+                               relu: bool = False) -> np.ndarray:
         assert self.running_mean is not None and self.running_var is not None  # (tracking running statistics)
         y = batch_norm_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
-                             eps=self.eps, axis=self.axis)
+                             eps=self.eps, axis=self.axis, relu=relu, residual=residual)
         # copies: a later load_state_dict or training step must not change this gradient
         invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)).astype(self.param_dtype)
         self._saved = (x, self.running_mean.copy(), invstd, False)
         return y
 
-    def backward(self, dy: Any) -> np.ndarray:
+    def backward(self, dy: Any) -> Any:
         """Gradient of the most recent forward; sets `grad_weight` and `grad_bias`.
 
         After a forward with batch statistics the gradient includes the path through
         them; after an evaluation-mode forward it is ``dy * weight / sqrt(running_var + eps)``.
+        After a forward with ``relu=True``, dy is masked where its output was <= 0 (the
+        forward's output is kept for this: do not modify it in place before backward).
 
         Parameters
         ----------
@@ -269,6 +293,9 @@ class BatchNorm(_Layer):
         -------
         ndarray
             dx, the gradient with respect to the forward's input.
+        (ndarray, ndarray)
+            ``(dx, d_residual)`` when the forward added a residual: d_residual is dy (masked
+            by the ReLU when fused; dy itself, not a copy, otherwise).
 
         Raises
         ------
@@ -279,11 +306,14 @@ class BatchNorm(_Layer):
         """
         x, mean, invstd, training = self._saved_or_raise(self._saved)
         dy = _check_dy(dy, x.shape, x.dtype)
-        dx, dweight, dbias = batch_norm_backward(dy, x, mean, invstd, self.weight, training=training,
-                                                 axis=self.axis)
+        added, y = self._tail
+        grads = batch_norm_backward(dy, x, mean, invstd, self.weight, training=training, axis=self.axis, y=y,
+                                    residual=added)
         if self.affine:
-            self.grad_weight, self.grad_bias = dweight, dbias
-        return dx
+            self.grad_weight, self.grad_bias = grads.dweight, grads.dbias
+        if isinstance(grads, BatchNormResidualGrads):
+            return grads.dx, grads.d_residual
+        return grads.dx
 
     # ---- state
 

@@ -97,8 +97,9 @@ class _PybnTarget:
     def start(self) -> None:
         layer, original = self.layer, self.layer.forward
 
-        def collecting(x: Any) -> np.ndarray:
-            y = original(x)  # training mode: checks x, normalizes with the batch's statistics
+        def collecting(x: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+            # training mode: checks x, normalizes with the batch's statistics (a residual too)
+            y = original(x, *args, **kwargs)
             assert layer._saved is not None  # (set by the forward)
             self.acc.add(batch_norm_stats(layer._saved[0], axis=layer.axis))
             return y

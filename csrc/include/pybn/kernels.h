@@ -47,6 +47,7 @@ struct BnTrainArgs {
   double momentum = 0.1;
   double eps = 1e-5;
   bool relu = false;
+  const T* residual = nullptr;     // x's shape, added before the ReLU, or null; may alias y
 };
 
 // Inference forward with the running statistics: y = (x - mean) / sqrt(var + eps) * weight + bias.
@@ -62,6 +63,7 @@ struct BnInferArgs {
   const P* bias = nullptr;         // (C,) or null
   double eps = 1e-5;
   bool relu = false;
+  const T* residual = nullptr;     // x's shape, added before the ReLU, or null; may alias y
 };
 
 // Normalization with given statistics (those of a split-phase training forward):
@@ -77,6 +79,7 @@ struct BnApplyArgs {
   const P* weight = nullptr;       // (C,) or null
   const P* bias = nullptr;         // (C,) or null
   bool relu = false;
+  const T* residual = nullptr;     // x's shape, added before the ReLU, or null; may alias y
 };
 
 // Per-channel statistics of x: mean and m2 = sum of squared deviations, in double.
@@ -111,6 +114,7 @@ struct BnBackwardArgs : BnGradInputs<T> {
   P* dweight = nullptr;            // (C,) out: sum(g * xhat)
   P* dbias = nullptr;              // (C,) out: sum(g)
   bool training = true;
+  T* d_residual = nullptr;         // out, or null: g, the gradient of a residual the forward added; may alias dy
 };
 
 // The training backward in two phases, for sums all-reduced between them (SyncBatchNorm).
@@ -131,6 +135,7 @@ struct BnGradApplyArgs : BnGradInputs<T> {
   const double* sum_gxhat = nullptr;  // (C,)
   double count = 0;                // > 0
   T* dx = nullptr;                 // may alias dy
+  T* d_residual = nullptr;         // out, or null: g (see BnBackwardArgs); may alias dy
 };
 
 // The running statistics' update from a batch's statistics, as PyTorch does it:

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run only the 16-bit section (bfloat16 and float16 against pybn float32, torch "
                         "and the bound)")
     parser.add_argument("--no-fold", action="store_true", help="skip the folding row")
+    parser.add_argument("--no-residual", action="store_true",
+                        help="skip the fused-residual rows (relu(bn(x) + r); of the --shapes A, A', L, L')")
     parser.add_argument("--torch", action="store_true",
                    help="run only the torch section (pybn.torch against stock torch through autograd)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch section")
@@ -123,7 +125,8 @@ class Plan:
             table.DROPOUT: () if args.no_dropout else table.DROPOUT.cells,
             table.HALF: () if args.no_half else table.HALF.cells,
             table.FOLD: () if args.no_fold else table.FOLD.cells,
-            table.TORCH_SECTION: torch_cells}
+            table.TORCH_SECTION: torch_cells,
+            table.RESIDUAL: () if args.no_residual else [c for c in table.RESIDUAL.cells if c.shape in shapes]}
         if args.torch:
             cells = {table.TORCH_SECTION: torch_cells}
             peers = [table.TORCH]

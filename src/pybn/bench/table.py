@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any, Callable
 
-from . import batchnorm_bench, dropout_bench, fold_bench, half_bench, report, torch_bench
+from . import batchnorm_bench, dropout_bench, fold_bench, half_bench, report, residual_bench, torch_bench
 from . import batchnorm_calls as bn
 from .reference import check_backward, check_infer, check_train
 from .schema import Bound, Cell, Impl, Kernel, Peer, Section
@@ -126,6 +126,24 @@ FOLD_KERNEL = Kernel("fold", "folding every conv -> BN pair", (
     Impl("torch", "torch", fold_bench.torch_fold)))
 
 
+# ----------------------------------------------------------------------------- fused residual
+# relu(bn(x) + r) in one pass, against pybn unfused (the "numpy" peer: bn, then NumPy's add
+# and maximum) and torch's composite.
+
+def _residual(name: str, title: str, pybn: Any, unfused: Any) -> Kernel[Any]:
+    return Kernel(name, title, (
+        Impl("pybn", "pybn", pybn),
+        Impl("pybn+numpy", "numpy", unfused),
+        Impl("torch", "torch", residual_bench.torch_composite(name)),
+        Impl("torch_in_place", "torch", residual_bench.torch_in_place(name))), bound=READ_THEN_COPY)
+
+
+RESIDUAL_KERNELS = (
+    _residual("train", "training forward + residual + relu", residual_bench.pybn_train, residual_bench.unfused_train),
+    _residual("infer", "inference forward + residual + relu", residual_bench.pybn_infer, residual_bench.unfused_infer),
+)
+
+
 # ----------------------------------------------------------------------------- the cells
 
 def make_cells(section: str, shapes: Iterable[Any], kernels: Sequence[Kernel[Any]]) -> tuple[Cell[Any, Any], ...]:
@@ -149,7 +167,10 @@ FOLD = Section("fold", "fold", make_cells("fold", [fold_bench.RESNET50], [FOLD_K
                fold_bench.run, fold_bench.render)
 TORCH_SECTION = Section("torch", "torch", tuple(torch_bench.CELLS), torch_bench.run_section, torch_bench.render,
                         torch_bench.failures, needs=(TORCH,))
-SECTIONS = (BATCH_NORM, DROPOUT, FOLD, TORCH_SECTION, HALF)
+RESIDUAL = Section("fused residual", "residual",
+                   make_cells("fused residual", [SHAPE[s] for s in ("A", "A'", "L", "L'")], RESIDUAL_KERNELS),
+                   residual_bench.run, residual_bench.render)
+SECTIONS = (BATCH_NORM, DROPOUT, FOLD, TORCH_SECTION, HALF, RESIDUAL)
 
 
 # ----------------------------------------------------------------------------- lookups

@@ -31,9 +31,10 @@ from torch.nn.modules.dropout import _DropoutNd
 import pybn
 
 from . import ops as _ops  # noqa: F401  (registers the operators torch.ops.pybn.*)
+from . import residual as _residual  # noqa: F401  (registers torch.ops.pybn.batch_norm_add_relu*)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
-           "Dropout3d", "batch_norm", "dropout"]
+           "Dropout3d", "batch_norm", "batch_norm_add_relu", "dropout"]
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -55,6 +56,24 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     return y
 
 
+def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                        training: bool = False, momentum: float = 0.1, eps: float = 1e-5, relu: bool = True) -> Tensor:
+    """A ResNet block's tail in one pass: ``relu(F.batch_norm(input, ...) + residual)`` (without
+    the relu for ``relu=False``; without the add for ``residual=None``). Arguments as
+    :func:`batch_norm`'s; autograd gives the gradients of input, weight, bias and residual."""
+    if training:
+        channels = input.shape[1] if input.dim() >= 2 else 1
+        if channels and input.numel() // channels <= 1:
+            raise ValueError(f"input: training needs more than 1 value per channel, got input of shape "
+                             f"{tuple(input.shape)}")
+    elif running_mean is None or running_var is None:
+        raise ValueError("running_mean: running_mean and running_var are required when training=False")
+    y: Tensor = torch.ops.pybn.batch_norm_add_relu(input, residual, weight, bias, running_mean, running_var, training,
+                                                   momentum, eps, relu)[0]
+    return y
+
+
 # The mixins below are used before a torch class (class BatchNorm2d(_BatchNormForward,
 # nn.BatchNorm2d)) and use its attributes; the type checker sees that class as their base.
 if TYPE_CHECKING:
@@ -68,15 +87,20 @@ class _BatchNormForward(_BatchNormBase):
     """The forward shared by the batch norm classes: torch's rules for momentum, the
     running statistics and num_batches_tracked, with pybn's operators."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, relu: bool = False) -> Tensor:
+        """torch's forward; with `residual` and/or ``relu=True``, ``relu(bn(input) + residual)``
+        in the same pass (:func:`batch_norm_add_relu`)."""
         self._check_input_dim(input)  # type: ignore[no-untyped-call]  # (torch's, unannotated)
         momentum = self._momentum_for_this_call()
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # in eval mode with track_running_stats=False the batch's own statistics are used and
         # nothing is updated; in training without running statistics nothing is updated either
         keep = not self.training or self.track_running_stats
-        return batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
-                          self.weight, self.bias, batch_stats, momentum, self.eps)
+        stats = (self.running_mean if keep else None, self.running_var if keep else None)
+        if residual is None and not relu:
+            return batch_norm(input, *stats, self.weight, self.bias, batch_stats, momentum, self.eps)
+        return batch_norm_add_relu(input, residual, *stats, self.weight, self.bias, batch_stats, momentum, self.eps,
+                                   relu)
 
     def _momentum_for_this_call(self) -> float:
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -136,15 +160,20 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     _check_input_dim = nn.SyncBatchNorm._check_input_dim
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, relu: bool = False) -> Tensor:
         from . import _sync
 
         if _sync.wants_cpu_sync(self, input):
             # the input is checked on every process together, so that none is left waiting
-            return _sync.sync_batch_norm(self, input)
-        if input.device.type != "cpu" and self.training:
-            return nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]  # its code, on this module
-        return _BatchNormForward.forward(self, input)
+            y = _sync.sync_batch_norm(self, input)
+        elif input.device.type != "cpu" and self.training:
+            y = nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]  # its code, on this module
+        else:
+            return _BatchNormForward.forward(self, input, residual, relu=relu)
+        # synchronized statistics: the block's tail after the normalization, unfused
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
