@@ -67,8 +67,8 @@ def test_the_table_holds_every_documented_cell():
     assert {c.kernel.name: c.bound.formula for c in bn} == {
         "infer": "t_stream", "train": "t_read + t_stream", "backward": "3*t_read + t_stream"}
     assert [(c.shape.name, c.kernel.name) for c in table.DROPOUT.cells] == [
-        ("A", "forward"), ("A", "mask"), ("A", "apply"), ("A", "2d"), ("A", "alpha"), ("A", "gauss-drop"),
-        ("A", "gauss-add"), ("L", "forward"), ("L", "mask"), ("L", "apply")]
+        ("A", "forward"), ("A", "mask"), ("A", "apply"), ("A", "2d"), ("A", "alpha"), ("A", "g-drop"),
+        ("A", "g-noise"), ("L", "forward"), ("L", "mask"), ("L", "apply")]
     assert all(c.bound.formula == "t_stream" for c in table.DROPOUT.cells)
     (fold,) = table.FOLD.cells
     assert fold.bound is None and len(fold.shape.conv_shapes) == 53
@@ -185,8 +185,8 @@ def test_noise_rows_run_in_the_dropout_section():
     cells = table.make_cells("dropout", [DROPOUT_SHAPE], table.NOISE_KERNELS)
     result = dropout_bench.run(cells, context())
     rows = result["shapes"]["A"]["rows"]
-    assert list(rows) == ["alpha", "gauss-drop", "gauss-add"]
-    assert set(rows["alpha"]["peers"]) == {"torch"} and set(rows["gauss-add"]["peers"]) == {"torch", "numpy"}
+    assert list(rows) == ["alpha", "g-drop", "g-noise"]
+    assert set(rows["alpha"]["peers"]) == {"torch"} and set(rows["g-noise"]["peers"]) == {"torch", "numpy"}
     text = dropout_bench.render(result)
     assert [line.split()[:2] for line in text.splitlines()[2:5]] == [["A", k] for k in rows]
 

@@ -176,24 +176,42 @@ struct NormalGroup {
   }
 };
 
-// y[i, i + n) = op(i, n) over a thread's elements [start, end), in vectors (aligned ones
-// when streaming).
-template <bool kStream, class T, class S, class Op>
-void walk(S* y, i64 start, i64 end, const Op& op) {
-  constexpr i64 W = Vec<T>::W;
+// y[i, i + n) = op(i, n, data, at) over a thread's elements [start, end), in vectors (aligned
+// ones when streaming); data is the group data holding element i, at is i's index in it.
+// When the output's groups start on vector boundaries (always when not streaming, and for
+// the aligned outputs pybn allocates) whole groups are walked with one lookup each, not one
+// per vector.
+template <bool kStream, class T, class S, class Group, class Op>
+void walk(S* y, i64 start, i64 end, GroupStream<Group>& groups, const Op& op) {
+  constexpr i64 W = Vec<T>::W, G = Group::kElements;
+  static_assert(G % W == 0, "groups hold whole vectors");
+  const auto step = [&](i64 i, i64 n) {
+    i64 g0;
+    const unsigned char* data = groups.at(i, n, g0);
+    put<kStream>(y + i, op(i, n, data, i - g0), n);
+  };
   i64 i = start;
-  if (const i64 nh = head_lanes<kStream>(y + i, end - i)) {
-    put<kStream>(y + i, op(i, nh), nh);
+  bool whole_groups = true;
+  if constexpr (kStream) whole_groups = lanes_to_alignment(y + start) == 0;
+  if (whole_groups) {
+    for (; i + G <= end; i += G) {
+      i64 g0;
+      const unsigned char* data = groups.at(i, G, g0);
+#pragma GCC unroll 4
+      for (i64 v = 0; v < G; v += W) put<kStream>(y + i + v, op(i + v, W, data, v), W);
+    }
+  } else if (const i64 nh = head_lanes<kStream>(y + i, end - i)) {
+    step(i, nh);
     i += nh;
   }
-  for (; i + W <= end; i += W) put<kStream>(y + i, op(i, W), W);
-  if (i < end) put<kStream>(y + i, op(i, end - i), end - i);
+  for (; i + W <= end; i += W) step(i, W);
+  if (i < end) step(i, end - i);
   if (kStream) stream_fence();
 }
 
 // Runs range(stream, begin, end) over the element ranges of whole groups that the threads take.
 template <class S, class T, class Group, class Range>
-void over_groups(i64 n, const Group& group, const Range& range) {
+void over_groups(i64 n, const Range& range) {
   const i64 G = Group::kElements, groups = (n + G - 1) / G;
   with_streaming<S, T>(n, [&](auto stream) {
     parallel_for(groups, n, [&](i64 gb, i64 ge) { range(stream, gb, gb * G, std::min(ge * G, n)); });
@@ -208,14 +226,12 @@ void alpha_dropout(const AlphaDropoutArgs<S>& a) {
   const T at = static_cast<T>(a.a), bt = static_cast<T>(a.b), ct = static_cast<T>(a.c);
   const V scale = V::set1(at), shift = V::set1(bt), dropped = V::set1(bt - ct), one = V::set1(T(1));
   const KeepGroup group{a.threshold};
-  over_groups<S, T>(a.n, group, [&](auto stream, i64 gb, i64 start, i64 end) {
+  over_groups<S, T, KeepGroup>(a.n, [&](auto stream, i64 gb, i64 start, i64 end) {
     GroupStream<KeepGroup> keep(a.seed, a.offset, gb, group);
-    walk<decltype(stream)::value, T>(a.y, start, end, [&](i64 i, i64 n) {
-      i64 g0;
-      const unsigned char* bytes = keep.at(i, n, g0);
+    walk<decltype(stream)::value, T>(a.y, start, end, keep, [&](i64 i, i64 n, const unsigned char* bytes, i64 at) {
       std::uint64_t word;
-      std::memcpy(&word, bytes + (i - g0) / 8, 8);
-      const auto bits = static_cast<std::uint32_t>(word >> ((i - g0) % 8)) & ((std::uint32_t(1) << V::W) - 1);
+      std::memcpy(&word, bytes + at / 8, 8);
+      const auto bits = static_cast<std::uint32_t>(word >> (at % 8)) & ((std::uint32_t(1) << V::W) - 1);
       const V kept = load_n<T>(a.x + i, n) * scale + shift;
       return scale_where(bits, kept, one) + scale_where(~bits, dropped, one);
     });
@@ -226,11 +242,10 @@ template <class S, class T>
 void gaussian_noise(const GaussianNoiseArgs<S>& a) {
   using V = Vec<T>;
   const V sigma = V::set1(static_cast<T>(a.sigma)), one = V::set1(T(1));
-  over_groups<S, T>(a.n, NormalGroup{}, [&](auto stream, i64 gb, i64 start, i64 end) {
+  over_groups<S, T, NormalGroup>(a.n, [&](auto stream, i64 gb, i64 start, i64 end) {
     GroupStream<NormalGroup> normals(a.seed, a.offset, gb, NormalGroup{});
-    walk<decltype(stream)::value, T>(a.y, start, end, [&](i64 i, i64 n) {
-      i64 g0;
-      const float* z = reinterpret_cast<const float*>(normals.at(i, n, g0)) + (i - g0);
+    walk<decltype(stream)::value, T>(a.y, start, end, normals, [&](i64 i, i64 n, const unsigned char* data, i64 at) {
+      const float* z = reinterpret_cast<const float*>(data) + at;
       const V noise = sigma * load_n<T>(z, n);
       const V x = load_n<T>(a.x + i, n);
       if (!a.multiply) return x + noise;

@@ -99,11 +99,11 @@ NOISE_KERNELS = (
     Kernel("alpha", "alpha dropout forward", (
         Impl("pybn", "pybn", noise_bench.pybn_alpha),
         Impl("torch", "torch", noise_bench.torch_alpha)), bound=COPY),
-    Kernel("gauss-drop", "Gaussian dropout forward", (
+    Kernel("g-drop", "Gaussian dropout forward", (
         Impl("pybn", "pybn", noise_bench.pybn_gaussian_dropout),
         Impl("torch", "torch", noise_bench.torch_gaussian_dropout),
         Impl("numpy", "numpy", noise_bench.numpy_gaussian_dropout)), bound=COPY),
-    Kernel("gauss-add", "Gaussian noise forward", (
+    Kernel("g-noise", "Gaussian noise forward", (
         Impl("pybn", "pybn", noise_bench.pybn_gaussian_noise),
         Impl("torch", "torch", noise_bench.torch_gaussian_noise),
         Impl("numpy", "numpy", noise_bench.numpy_gaussian_noise)), bound=COPY),
