@@ -110,7 +110,8 @@ inline void box_muller(const std::uint32_t (&w)[kNormalGroup], float (&z)[kNorma
 // The data of consecutive groups of the counter stream for a thread that walks its
 // elements in ascending order: at(e, len) gives the data of elements [e, e + len)
 // (len <= a vector), generating groups NG at a time when they are first needed.
-// Group fills `Bytes` bytes of data for kElements elements from one group's words.
+// Group::fill writes Group::kBytes bytes of data for its kElements elements from one group's
+// words.
 template <class Group>
 class GroupStream {
  public:
@@ -209,7 +210,8 @@ void walk(S* y, i64 start, i64 end, GroupStream<Group>& groups, const Op& op) {
   if (kStream) stream_fence();
 }
 
-// Runs range(stream, begin, end) over the element ranges of whole groups that the threads take.
+// Runs range(stream, first group, begin, end) over the element ranges of whole groups that the
+// threads take; stream is the kStream flag of with_streaming.
 template <class S, class T, class Group, class Range>
 void over_groups(i64 n, const Range& range) {
   const i64 G = Group::kElements, groups = (n + G - 1) / G;
