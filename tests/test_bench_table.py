@@ -67,7 +67,8 @@ def test_the_table_holds_every_documented_cell():
     assert {c.kernel.name: c.bound.formula for c in bn} == {
         "infer": "t_stream", "train": "t_read + t_stream", "backward": "3*t_read + t_stream"}
     assert [(c.shape.name, c.kernel.name) for c in table.DROPOUT.cells] == [
-        ("A", "forward"), ("A", "mask"), ("A", "apply"), ("A", "2d"), ("L", "forward"), ("L", "mask"), ("L", "apply")]
+        ("A", "forward"), ("A", "mask"), ("A", "apply"), ("A", "2d"), ("A", "alpha"), ("A", "g-drop"),
+        ("A", "g-noise"), ("L", "forward"), ("L", "mask"), ("L", "apply")]
     assert all(c.bound.formula == "t_stream" for c in table.DROPOUT.cells)
     (fold,) = table.FOLD.cells
     assert fold.bound is None and len(fold.shape.conv_shapes) == 53
@@ -173,6 +174,26 @@ def test_dropout_section_runs_every_cell():
     assert "torch_variant" not in rows["mask"]
     text = dropout_bench.render(result)
     assert [line.split()[:2] for line in text.splitlines()[2:6]] == [["A", k] for k in rows]
+
+
+@pytest.mark.parametrize("kernel,impl,shape", impl_cases(table.NOISE_KERNELS, [DROPOUT_SHAPE]))
+def test_every_noise_call_passes_its_check_and_a_wrong_result_fails(kernel, impl, shape):
+    torch.manual_seed(0)
+    timed = impl.make(dropout_bench.make_case(shape))
+    result = timed.call()
+    timed.check(result)
+    with pytest.raises(WrongResult):
+        timed.check(_spoil(result))
+
+
+def test_noise_rows_run_in_the_dropout_section():
+    cells = table.make_cells("dropout", [DROPOUT_SHAPE], table.NOISE_KERNELS)
+    result = dropout_bench.run(cells, context())
+    rows = result["shapes"]["A"]["rows"]
+    assert list(rows) == ["alpha", "g-drop", "g-noise"]
+    assert set(rows["alpha"]["peers"]) == {"torch"} and set(rows["g-noise"]["peers"]) == {"torch", "numpy"}
+    text = dropout_bench.render(result)
+    assert [line.split()[:2] for line in text.splitlines()[2:5]] == [["A", k] for k in rows]
 
 
 # ----------------------------------------------------------------------------- folding

@@ -308,6 +308,17 @@ def p_cases():
                                                   ("just-above-1", lambda: np.nextafter(1.0, 2.0), ValueError)])
 
 
+def rate_cases():
+    """Gaussian dropout's rate: [0, 1), 1 itself refused (an infinite standard deviation)."""
+    return cases("rate", NON_FINITE + NON_NUMBERS + [("negative", lambda: -0.1, ValueError),
+                                                     ("1", lambda: 1.0, ValueError),
+                                                     ("above-1", lambda: 1.5, ValueError)])
+
+
+def stddev_cases():
+    return cases("stddev", NON_FINITE + NON_NUMBERS + [("negative", lambda: -0.1, ValueError)])
+
+
 def u64_cases(arg, allow_none=False):
     table = [("-1", lambda: -1, ValueError),
              ("np.int64(-1)", lambda: np.int64(-1), ValueError),
@@ -504,6 +515,12 @@ def bn_layer_backward_good():
 
 def dropout_layer_backward_good():
     layer = pybn.nn.Dropout(0.5, seed=1)
+    layer(rand(SHAPE))
+    return dict(layer=layer, dy=rand(SHAPE, seed=6))
+
+
+def noise_layer_backward_good():
+    layer = pybn.nn.AlphaDropout(0.5, seed=1)
     layer(rand(SHAPE))
     return dict(layer=layer, dy=rand(SHAPE, seed=6))
 
@@ -752,6 +769,41 @@ SPECS = [
              "mode": mode_cases(),
              "out": out_cases(["x"]),
          }),
+    Spec("alpha_dropout", pybn.alpha_dropout,
+         lambda: dict(x=rand(SHAPE), p=0.5, seed=1, offset=0, out=None), {
+             "x": data_cases("x", ndim_min=0),
+             "p": p_cases(),
+             "seed": u64_cases("seed"),
+             "offset": u64_cases("offset"),
+             "out": out_cases(["x"]),
+         }),
+    Spec("alpha_dropout_backward", pybn.alpha_dropout_backward,
+         lambda: dict(dy=rand(SHAPE), p=0.5, seed=1, offset=0, out=None), {
+             "dy": data_cases("dy", ndim_min=0),
+             "p": p_cases(),
+             "seed": u64_cases("seed"),
+             "offset": u64_cases("offset"),
+             "out": out_cases(["dy"]),
+         }),
+    Spec("gaussian_dropout", pybn.gaussian_dropout,
+         lambda: dict(x=rand(SHAPE), rate=0.3, seed=1, offset=0, out=None), {
+             "x": data_cases("x", ndim_min=0),
+             "rate": rate_cases(),
+             "seed": u64_cases("seed"),
+             "offset": u64_cases("offset"),
+             "out": out_cases(["x"]),
+         }),
+    Spec("gaussian_noise", pybn.gaussian_noise,
+         lambda: dict(x=rand(SHAPE), stddev=0.5, seed=1, offset=0, out=None), {
+             "x": data_cases("x", ndim_min=0),
+             "stddev": stddev_cases(),
+             "seed": u64_cases("seed"),
+             "offset": u64_cases("offset"),
+             "out": out_cases(["x"]),
+         }),
+    Spec("normal_counters_used", pybn.normal_counters_used, lambda: dict(n=100), {
+        "n": int_cases("n", 0),
+    }),
     Spec("recalibrate", pybn.recalibrate, recalibrate_good, {
         "model": cases("model", [("object", lambda: object(), TypeError), ("str", lambda: "bn", TypeError),
                                  ("list-of-arrays", lambda: [np.ones(C)], TypeError),
@@ -829,6 +881,18 @@ SPECS = [
         "rank": int_cases("rank", 0) + cases("rank", [("world_size", lambda: 1, ValueError)]),
         "world_size": int_cases("world_size", 1),
     }),
+    Spec("nn.AlphaDropout", pybn.nn.AlphaDropout, lambda: dict(p=0.5, seed=1), {
+        "p": p_cases(),
+        "seed": u64_cases("seed", allow_none=True),
+    }),
+    Spec("nn.GaussianDropout", pybn.nn.GaussianDropout, lambda: dict(rate=0.5, seed=1), {
+        "rate": rate_cases(),
+        "seed": u64_cases("seed", allow_none=True),
+    }),
+    Spec("nn.GaussianNoise", pybn.nn.GaussianNoise, lambda: dict(stddev=0.5, seed=1), {
+        "stddev": stddev_cases(),
+        "seed": u64_cases("seed", allow_none=True),
+    }),
     Spec("distributed.SyncBatchNorm", pybn.distributed.SyncBatchNorm, lambda: dict(num_features=C, comm=None), {
         "num_features": int_cases("num_features", 1),
         "comm": cases("comm", [("object", lambda: object(), TypeError), ("str", lambda: "gloo", TypeError),
@@ -856,6 +920,13 @@ SPECS = [
         "x": data_cases("x", ndim_min=0),
     }),
     Spec("nn.Dropout.backward", layer_call("dy"), dropout_layer_backward_good, {
+        "dy": matching_cases("dy"),
+    }),
+    Spec("nn.GaussianNoise.__call__", layer_call("x"),
+         lambda: dict(layer=pybn.nn.GaussianNoise(0.5, seed=1), x=rand(SHAPE)), {
+             "x": data_cases("x", ndim_min=0),
+         }),
+    Spec("nn.AlphaDropout.backward", layer_call("dy"), noise_layer_backward_good, {
         "dy": matching_cases("dy"),
     }),
 ]

@@ -461,6 +461,45 @@ void dropout_apply_broadcast(const NdArray& x, const NdArray& mask, const NdArra
   });
 }
 
+// y = keep ? x * a + b : b - c on dropout's keep bits (kernels.h, AlphaDropoutArgs).
+template <class K>
+void alpha_dropout(const NdArray& x, const NdArray& y, std::uint64_t seed, std::uint64_t offset,
+                   std::uint32_t threshold, double a, double b, double c) {
+  if (threshold > 0xFFFFu) throw py::value_error("threshold: must be < 65536");
+  K::by_dtype(x, "x", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::AlphaDropoutArgs<S> args;
+    args.n = size_of(x, "x");
+    args.x = required<S>(x, args.n, "x");
+    args.y = required_out<S>(y, args.n, "out");
+    args.seed = seed;
+    args.offset = offset;
+    args.threshold = static_cast<std::uint16_t>(threshold);
+    args.a = a, args.b = b, args.c = c;
+    GilReleased nogil;
+    K::template typed<S>().alpha_dropout(args);
+  });
+}
+
+// y = x * (1 + sigma * z) (multiply) or x + sigma * z on the normal stream.
+template <class K>
+void gaussian_noise(const NdArray& x, const NdArray& y, std::uint64_t seed, std::uint64_t offset, double sigma,
+                    bool multiply) {
+  K::by_dtype(x, "x", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::GaussianNoiseArgs<S> a;
+    a.n = size_of(x, "x");
+    a.x = required<S>(x, a.n, "x");
+    a.y = required_out<S>(y, a.n, "out");
+    a.seed = seed;
+    a.offset = offset;
+    a.sigma = sigma;
+    a.multiply = multiply;
+    GilReleased nogil;
+    K::template typed<S>().gaussian_noise(a);
+  });
+}
+
 template <class K>
 void fold_scale(const NdArray& w, const NdArray& scale, const NdArray& y, i64 groups, i64 outer, i64 channels,
                 i64 inner) {
@@ -526,6 +565,10 @@ void def_typed_kernels(py::module_& m) {
   m.def("dropout_apply", &dropout_apply<K>, py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"));
   m.def("dropout_apply_broadcast", &dropout_apply_broadcast<K>, py::arg("x"), py::arg("mask"), py::arg("y"),
         py::arg("scale"), py::arg("f0"), py::arg("b1"), py::arg("f2"), py::arg("b3"));
+  m.def("alpha_dropout", &alpha_dropout<K>, py::arg("x"), py::arg("y"), py::arg("seed"), py::arg("offset"),
+        py::arg("threshold"), py::arg("a"), py::arg("b"), py::arg("c"));
+  m.def("gaussian_noise", &gaussian_noise<K>, py::arg("x"), py::arg("y"), py::arg("seed"), py::arg("offset"),
+        py::arg("sigma"), py::arg("multiply"));
   m.def("fold_scale", &fold_scale<K>, py::arg("weight"), py::arg("scale"), py::arg("out"), py::arg("groups"),
         py::arg("outer"), py::arg("channels"), py::arg("inner"));
   m.def("fold_bias", &fold_bias<K>, py::arg("weight"), py::arg("shift"), py::arg("bias"), py::arg("out"),
@@ -581,6 +624,21 @@ py::array philox(const NdArray& counters, std::uint64_t key) {
   {
     GilReleased nogil;
     pybn::diagnostics().philox(a);
+  }
+  return out;
+}
+
+py::array normal_math(const NdArray& words) {
+  const i64 n = size_of(words, "words");
+  if (n % 2 != 0) fail("words", "must hold 2 words per pair");
+  pybn::NormalMathArgs a;
+  a.words = required<std::uint32_t>(words, n, "words");
+  a.n = n / 2;
+  py::array_t<float> out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(a.n), 5});
+  a.out = out.mutable_data();
+  {
+    GilReleased nogil;
+    pybn::diagnostics().normal_math(a);
   }
   return out;
 }
@@ -648,6 +706,8 @@ void def_diagnostics(py::module_& m) {
   d.attr("KERNELS") = kernel_names(true);
   d.def("philox", &philox, py::arg("counters"), py::arg("key"),
         "Philox4x32-10 of (n, 4) uint32 counters under a 64-bit key, on the active path.");
+  d.def("normal_math", &normal_math, py::arg("words"),
+        "The normal stream's arithmetic on (n, 2) uint32 words: (n, 5) float32 u, ln u, phi, cos phi, sin phi.");
   d.def("probe_read", &probe_read, py::arg("x"), "Bandwidth probe: one vectorized pass that reads x (float32).");
   d.def("probe_stream", &probe_stream, py::arg("src"), py::arg("dst"),
         "Bandwidth probe: copy src into dst with non-temporal stores (float32).");

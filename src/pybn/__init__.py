@@ -11,6 +11,7 @@ from .batchnorm_split import (BatchNormGradSums, BatchNormStats, batch_norm_appl
 from .drop_path import drop_path
 from .dropout import counters_used, dropout, dropout_apply, dropout_mask, dropout_scale
 from .fold import FoldedWeights, fold_bn_linear, fold_conv_bn
+from .noise import alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_noise, normal_counters_used
 from .recalibrate import recalibrate
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "dropout_scale",
     "counters_used",
     "drop_path",
+    "alpha_dropout", "alpha_dropout_backward", "gaussian_dropout", "gaussian_noise", "normal_counters_used",
     "recalibrate",
     "fold_conv_bn",
     "fold_bn_linear",

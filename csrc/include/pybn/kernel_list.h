@@ -58,6 +58,11 @@
   UNTYPED(dropout_mask, DropoutMaskArgs)                 \
   DIAGNOSTIC(philox, PhiloxArgs)
 
+#define PYBN_KERNELS_noise(TYPED, UNTYPED, DIAGNOSTIC) \
+  TYPED(alpha_dropout, AlphaDropoutArgs)               \
+  TYPED(gaussian_noise, GaussianNoiseArgs)             \
+  DIAGNOSTIC(normal_math, NormalMathArgs)
+
 #define PYBN_KERNELS_fold(TYPED, UNTYPED, DIAGNOSTIC) \
   TYPED(fold_scale, FoldScaleArgs)                    \
   TYPED(fold_bias, FoldBiasArgs)

@@ -202,6 +202,44 @@ struct DropoutApplyArgs {
   BroadcastShape broadcast;        // read by dropout_apply_broadcast only (n = f0*b1*f2*b3)
 };
 
+// Alpha dropout (docs/dropout.md) on dropout's keep bits (the same seed, offset and threshold
+// keep the same elements): y = keep ? x * a + b : b - c, each operation in the compute
+// type T with a, b, c rounded to T first (torch's order, so that float32 results match its
+// AlphaDropout's bit for bit given the same mask).
+template <class T>
+struct AlphaDropoutArgs {
+  const T* x = nullptr;
+  T* y = nullptr;                  // may alias x
+  std::int64_t n = 0;
+  std::uint64_t seed = 0;
+  std::uint64_t offset = 0;
+  std::uint16_t threshold = 0;
+  double a = 1.0;                  // the scale of kept values
+  double b = 0.0;                  // the shift of kept values
+  double c = 0.0;                  // dropped values are b - c
+};
+
+// Gaussian noise on the normal stream (docs/dropout.md): z_k, the float normal variate of
+// element k; multiply: y = x * (1 + sigma * z) (Gaussian dropout), else y = x + sigma * z.
+template <class T>
+struct GaussianNoiseArgs {
+  const T* x = nullptr;
+  T* y = nullptr;                  // may alias x
+  std::int64_t n = 0;
+  std::uint64_t seed = 0;
+  std::uint64_t offset = 0;
+  double sigma = 0.0;
+  bool multiply = false;
+};
+
+// The normal stream's arithmetic on n pairs of 32-bit words (w1, w2), for accuracy tests:
+// out[5i ..] = u, ln u (from w1), phi, cos phi, sin phi (the reduced angle of w2).
+struct NormalMathArgs {
+  const std::uint32_t* words = nullptr;  // (n, 2)
+  std::int64_t n = 0;
+  float* out = nullptr;                  // (n, 5)
+};
+
 // Batch-norm folding (docs/folding.md), arithmetic in double, every result
 // rounded once to T. Scaling: y[g, o, c, k] = w[g, o, c, k] * scale[g * channels + c] over the
 // view (groups, outer, channels, inner) of a weight (y may alias w).

@@ -252,5 +252,8 @@ def render(result: Result, meta: Result | None = None) -> str:
     lines.append("forward: pybn.dropout(x, p, seed=, out=y) vs torch nn.Dropout / aten.native_dropout (faster shown);"
                  " mask: pybn.dropout_mask (packed bits) vs torch bernoulli_ and NumPy rng.random(shape) >= p;"
                  " apply: pybn.dropout_apply(x, mask, p, out=y) vs x * mask * scale;"
-                 " 2d: pybn.dropout(x, p, noise_shape=(N, C, 1, 1), out=y) vs torch nn.Dropout2d.")
+                 " 2d: pybn.dropout(x, p, noise_shape=(N, C, 1, 1), out=y) vs torch nn.Dropout2d;"
+                 " alpha: pybn.alpha_dropout vs torch nn.AlphaDropout; g-drop / g-noise:"
+                 " pybn.gaussian_dropout(x, 0.5) / gaussian_noise(x, 0.5) vs x * (1 + randn) / x + 0.5 * randn"
+                 " (torch randn_like, NumPy standard_normal).")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any, Callable
 
-from . import batchnorm_bench, dropout_bench, fold_bench, half_bench, report, residual_bench, torch_bench
+from . import batchnorm_bench, dropout_bench, fold_bench, half_bench, noise_bench, report, residual_bench, torch_bench
 from . import batchnorm_calls as bn
 from .reference import check_backward, check_infer, check_train
 from .schema import Bound, Cell, Impl, Kernel, Peer, Section
@@ -95,6 +95,21 @@ DROPOUT_KERNELS = (
         Impl("numpy", "numpy", dropout_bench.numpy_2d)), bound=COPY),
 )
 
+# alpha dropout and the Gaussian noises, on A: pybn vs torch's module / randn recipe and NumPy
+NOISE_KERNELS = (
+    Kernel("alpha", "alpha dropout forward", (
+        Impl("pybn", "pybn", noise_bench.pybn_alpha),
+        Impl("torch", "torch", noise_bench.torch_alpha)), bound=COPY),
+    Kernel("g-drop", "Gaussian dropout forward", (
+        Impl("pybn", "pybn", noise_bench.pybn_gaussian_dropout),
+        Impl("torch", "torch", noise_bench.torch_gaussian_dropout),
+        Impl("numpy", "numpy", noise_bench.numpy_gaussian_dropout)), bound=COPY),
+    Kernel("g-noise", "Gaussian noise forward", (
+        Impl("pybn", "pybn", noise_bench.pybn_gaussian_noise),
+        Impl("torch", "torch", noise_bench.torch_gaussian_noise),
+        Impl("numpy", "numpy", noise_bench.numpy_gaussian_noise)), bound=COPY),
+)
+
 # ----------------------------------------------------------------------------- 16-bit
 # The batch-norm kernels above, called on 16-bit x (and dy) with float32 parameters: pybn's
 # call, the same call on the float32 arrays (the "float32" implementation, timed in turn with
@@ -156,6 +171,7 @@ BATCH_NORM = Section("batch norm", None, make_cells("batch norm", SHAPES, BATCH_
                      batchnorm_bench.run, report.render_section, batchnorm_bench.failures, report.section_json)
 DROPOUT = Section("dropout", "dropout",
                   make_cells("dropout", [SHAPE["A"]], DROPOUT_KERNELS)
+                  + make_cells("dropout", [SHAPE["A"]], NOISE_KERNELS)
                   + make_cells("dropout", [SHAPE["L"]], DROPOUT_KERNELS[:3]),   # Dropout2d on A only
                   dropout_bench.run, dropout_bench.render)
 HALF = Section("16-bit", "half",

@@ -14,7 +14,7 @@ logger = logging.getLogger("pybn.torch")
 # exact torch class -> pybn class (a subclass with its own forward computes something else: left alone)
 ACCELERATED: Dict[Type[nn.Module], Type[nn.Module]] = {
     cls.drop_in_for: cls for cls in (pnn.BatchNorm1d, pnn.BatchNorm2d, pnn.BatchNorm3d, pnn.SyncBatchNorm,
-                                     pnn.Dropout, pnn.Dropout1d, pnn.Dropout2d, pnn.Dropout3d)}
+                                     pnn.Dropout, pnn.Dropout1d, pnn.Dropout2d, pnn.Dropout3d, pnn.AlphaDropout)}
 _TO_SYNC = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
             pnn.BatchNorm1d, pnn.BatchNorm2d, pnn.BatchNorm3d)
 
@@ -38,7 +38,7 @@ def accelerate(model: nn.Module, *, return_report: bool = False) -> Union[nn.Mod
     """Run `model`'s batch norm and dropout layers on pybn's kernels: the one-line switch.
 
     Every module of exactly one of the classes ``torch.nn.BatchNorm1d/2d/3d``,
-    ``SyncBatchNorm``, ``Dropout``, ``Dropout1d/2d/3d`` is replaced, in its parent, by the
+    ``SyncBatchNorm``, ``Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout`` is replaced, in its parent, by the
     :mod:`pybn.torch.nn` class of the same name. The replacement shares the original's
     parameters and buffers (the same tensors, so an optimizer built before still updates
     them) and keeps its hooks, mode and settings; ``state_dict`` keys do not change, so

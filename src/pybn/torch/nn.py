@@ -328,3 +328,10 @@ class Dropout3d(_DropoutForward, nn.Dropout3d):
 from .drop_path import DropPath, StochasticDepth, stochastic_depth  # noqa: E402  (it needs the operators above)
 
 __all__ += ["StochasticDepth", "DropPath", "stochastic_depth"]
+
+# --------------------------------------------------------------------------- alpha dropout and Gaussian noise
+
+from .noise import (AlphaDropout, GaussianDropout, GaussianNoise, alpha_dropout, gaussian_dropout,  # noqa: E402
+                    gaussian_noise)
+
+__all__ += ["AlphaDropout", "GaussianDropout", "GaussianNoise", "alpha_dropout", "gaussian_dropout", "gaussian_noise"]

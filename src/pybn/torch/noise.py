@@ -1,0 +1,284 @@
+"""Alpha dropout, Gaussian dropout and Gaussian noise for PyTorch on pybn's kernels
+(docs/dropout.md): the operators ``torch.ops.pybn.alpha_dropout``,
+``alpha_dropout_backward``, ``gaussian_dropout`` and ``gaussian_noise``, and the modules
+``AlphaDropout`` (a drop-in for ``torch.nn.AlphaDropout``), ``GaussianDropout`` and
+``GaussianNoise`` (Keras' layers, which torch.nn does not have).
+
+Each operator takes ``philox``, an int64 tensor ``[seed, offset]`` or None (a seed drawn from
+torch's default CPU generator, offset 0), and returns ``(y, philox_used)``, as
+``torch.ops.pybn.dropout``. The elements are taken in memory order (a channels-last tensor as
+``x.movedim(1, -1)``), so the mask or the variates are ``pybn``'s for that array. Tensors
+pybn's kernels do not take (other devices and dtypes) are computed on a float32 (float64
+stays float64) CPU copy, so the values are the same on every device. The backward passes
+regenerate what the forward drew: alpha dropout's gradient is ``a * dy`` where kept,
+Gaussian dropout's is the same operator on dy (which is then differentiable again), and
+Gaussian noise's is dy.
+"""
+import math
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import pybn
+
+from ._layout import array, channels_last_physical, empty, in_layout, pybn_takes
+from .ops import _float_cpu_copy, draw_philox
+
+__all__ = ["alpha_dropout", "gaussian_dropout", "gaussian_noise", "AlphaDropout", "GaussianDropout",
+           "GaussianNoise"]
+
+
+def _elementwise(x: Tensor, philox: Optional[Tensor], fn: Any) -> Tuple[Tensor, Tensor]:
+    """fn(array, seed, offset, out) over x's elements in memory order; (y, philox used)."""
+    used = draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
+    seed, offset = (v % 2**64 for v in used.tolist())
+    src = x if pybn_takes(x) else _float_cpu_copy(x)
+    last = channels_last_physical(src)
+    y = empty(src, last)
+    fn(array(src, last), seed, offset, array(y, last))
+    if src is not x:  # back to x's device and dtype
+        return empty(x, channels_last_physical(x)).copy_(y), used
+    return in_layout(y, channels_last_physical(x)), used
+
+
+def _fake(x: Tensor, *_: Any) -> Tuple[Tensor, Tensor]:
+    return empty(x, channels_last_physical(x)), torch.empty(2, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------- operators
+
+@torch.library.custom_op("pybn::alpha_dropout", mutates_args=())
+def _alpha_dropout_op(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``pybn.alpha_dropout`` (training mode) of x in memory order."""
+    return _elementwise(x, philox, lambda a, s, o, out: pybn.alpha_dropout(a, p, seed=s, offset=o, out=out))
+
+
+@torch.library.custom_op("pybn::alpha_dropout_backward", mutates_args=())
+def _alpha_dropout_backward_op(dy: Tensor, p: float, philox: Tensor) -> Tensor:
+    """``pybn.alpha_dropout_backward``: ``a * dy`` where the mask of philox keeps, 0 elsewhere."""
+    return _elementwise(dy, philox,
+                        lambda a, s, o, out: pybn.alpha_dropout_backward(a, p, seed=s, offset=o, out=out))[0]
+
+
+@torch.library.custom_op("pybn::gaussian_dropout", mutates_args=())
+def _gaussian_dropout_op(x: Tensor, rate: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``pybn.gaussian_dropout`` of x in memory order."""
+    return _elementwise(x, philox, lambda a, s, o, out: pybn.gaussian_dropout(a, rate, seed=s, offset=o, out=out))
+
+
+@torch.library.custom_op("pybn::gaussian_noise", mutates_args=())
+def _gaussian_noise_op(x: Tensor, stddev: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``pybn.gaussian_noise`` of x in memory order."""
+    return _elementwise(x, philox, lambda a, s, o, out: pybn.gaussian_noise(a, stddev, seed=s, offset=o, out=out))
+
+
+_alpha_dropout_op.register_fake(_fake)
+_gaussian_dropout_op.register_fake(_fake)
+_gaussian_noise_op.register_fake(_fake)
+
+
+@_alpha_dropout_backward_op.register_fake
+def _(dy: Tensor, p: float, philox: Tensor) -> Tensor:
+    return empty(dy, channels_last_physical(dy))
+
+
+def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
+    ctx.value, ctx.last = inputs[1], channels_last_physical(inputs[0])
+    ctx.save_for_backward(output[1])
+
+
+def _alpha_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
+    (used,) = ctx.saved_tensors
+    # dy in the layout x had: the mask follows memory order
+    return torch.ops.pybn.alpha_dropout_backward(in_layout(dy, ctx.last), ctx.value, used), None, None
+
+
+def _alpha_backward_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+    ctx.value, ctx.last = inputs[1], channels_last_physical(inputs[0])
+    ctx.save_for_backward(inputs[2])
+
+
+def _alpha_backward_backward(ctx: Any, ddx: Tensor) -> Tuple[Optional[Tensor], ...]:
+    (philox,) = ctx.saved_tensors  # linear in dy: the same map again
+    return torch.ops.pybn.alpha_dropout_backward(in_layout(ddx, ctx.last), ctx.value, philox), None, None
+
+
+def _gaussian_dropout_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
+    (used,) = ctx.saved_tensors  # y = x * n: dy * the same n
+    return torch.ops.pybn.gaussian_dropout(in_layout(dy, ctx.last), ctx.value, used)[0], None, None
+
+
+def _gaussian_noise_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
+    return dy, None, None
+
+
+_alpha_dropout_op.register_autograd(_alpha_backward, setup_context=_setup)
+_alpha_dropout_backward_op.register_autograd(_alpha_backward_backward, setup_context=_alpha_backward_setup)
+_gaussian_dropout_op.register_autograd(_gaussian_dropout_backward, setup_context=_setup)
+_gaussian_noise_op.register_autograd(_gaussian_noise_backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------- functions
+
+def _real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _probability(value: object, name: str, upper_closed: bool) -> float:
+    v = _real(value, name)
+    if not (0.0 <= v <= 1.0 if upper_closed else 0.0 <= v < 1.0):  # NaN fails both
+        raise ValueError(f"{name}: must be in [0, {'1]' if upper_closed else '1)'}, got {v}")
+    return v
+
+
+def _stddev(value: object) -> float:
+    v = _real(value, "stddev")
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"stddev: must be finite and >= 0, got {v}")
+    return v
+
+
+def alpha_dropout(input: Tensor, p: float = 0.5, training: bool = False, inplace: bool = False, *,
+                  philox: Optional[Tensor] = None) -> Tensor:
+    """``torch.nn.functional.alpha_dropout`` with pybn's masks (``philox`` as for
+    :func:`pybn.torch.ops.dropout`; None: a seed from torch's default CPU generator)."""
+    _probability(p, "p", True)
+    if not training or p == 0.0:
+        return input
+    # p == 1 gives torch's zeros (there is no affine map to keep the moments)
+    y = input * input.new_zeros(()) if p == 1.0 else torch.ops.pybn.alpha_dropout(input, p, philox)[0]
+    return input.copy_(y) if inplace else y
+
+
+def gaussian_dropout(input: Tensor, rate: float, training: bool = True, *, philox: Optional[Tensor] = None) -> Tensor:
+    """Keras' ``GaussianDropout(rate)``: ``input * N(1, rate / (1 - rate))`` in training mode."""
+    _probability(rate, "rate", False)
+    if not training or rate == 0.0:
+        return input
+    y: Tensor = torch.ops.pybn.gaussian_dropout(input, rate, philox)[0]
+    return y
+
+
+def gaussian_noise(input: Tensor, stddev: float, training: bool = True, *, philox: Optional[Tensor] = None) -> Tensor:
+    """Keras' ``GaussianNoise(stddev)``: ``input + N(0, stddev**2)`` in training mode."""
+    sd = _stddev(stddev)
+    if not training or sd == 0.0:
+        return input
+    y: Tensor = torch.ops.pybn.gaussian_noise(input, sd, philox)[0]
+    return y
+
+
+# --------------------------------------------------------------------------- modules
+
+def _u64(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name}: must be in [0, 2**64), got {value}")
+    return value
+
+
+def _as_int64(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
+
+
+class _SeededNoise:
+    """The optional pinned Philox stream of the noise modules, as pybn.torch.nn.Dropout's:
+    without a seed each training call draws one from torch's default CPU generator; with
+    ``seed=...`` call i uses ``(seed, offset)`` and advances ``offset`` by the counters it
+    used (``pybn.counters_used(n)`` for alpha dropout, ``pybn.normal_counters_used(n)``
+    for the Gaussian modules)."""
+
+    _offset = 0
+    _seed: Optional[int] = None
+
+    @property
+    def seed(self) -> Optional[int]:
+        """The pinned Philox seed, or None: a fresh seed from torch's generator per call."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, seed: Optional[int]) -> None:
+        self._seed = None if seed is None else _u64(seed, "seed")
+        self._offset = 0
+
+    @property
+    def offset(self) -> Optional[int]:
+        """The Philox offset of the next training call (pinned seed only, else None)."""
+        return None if self._seed is None else self._offset
+
+    @offset.setter
+    def offset(self, offset: int) -> None:
+        if self._seed is None:
+            raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
+        self._offset = _u64(offset, "offset")
+
+    def _philox(self, n: int, counters: Any) -> Optional[Tensor]:
+        """This call's [seed, offset] (None without a pinned seed); advances offset."""
+        if self._seed is None:
+            return None
+        philox = torch.tensor([_as_int64(self._seed), _as_int64(self._offset)], dtype=torch.int64)
+        self._offset = (self._offset + counters(n)) % 2**64
+        return philox
+
+    def _seed_repr(self) -> str:
+        return "" if self._seed is None else f", seed={self._seed}"
+
+
+class AlphaDropout(_SeededNoise, nn.AlphaDropout):
+    """``torch.nn.AlphaDropout(p, inplace)`` with pybn's masks (``pybn.alpha_dropout``);
+    ``seed=`` pins a Philox stream. Other devices and dtypes run on a CPU copy."""
+
+    drop_in_for = nn.AlphaDropout
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, *, seed: Optional[int] = None) -> None:
+        super().__init__(p, inplace)
+        self.seed = seed
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return input
+        return alpha_dropout(input, self.p, True, self.inplace,
+                             philox=self._philox(input.numel(), pybn.counters_used))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._seed_repr()
+
+
+class GaussianDropout(_SeededNoise, nn.Module):
+    """Keras' ``GaussianDropout(rate)``: ``x * N(1, rate / (1 - rate))`` in training mode,
+    the identity in evaluation mode (``pybn.gaussian_dropout``)."""
+
+    def __init__(self, rate: float, *, seed: Optional[int] = None) -> None:
+        super().__init__()
+        self.rate = _probability(rate, "rate", False)
+        self.seed = seed
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or self.rate == 0.0:
+            return input
+        return gaussian_dropout(input, self.rate, philox=self._philox(input.numel(), pybn.normal_counters_used))
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}" + self._seed_repr()
+
+
+class GaussianNoise(_SeededNoise, nn.Module):
+    """Keras' ``GaussianNoise(stddev)``: ``x + N(0, stddev**2)`` in training mode, the
+    identity in evaluation mode (``pybn.gaussian_noise``)."""
+
+    def __init__(self, stddev: float, *, seed: Optional[int] = None) -> None:
+        super().__init__()
+        self.stddev = _stddev(stddev)
+        self.seed = seed
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or self.stddev == 0.0:
+            return input
+        return gaussian_noise(input, self.stddev, philox=self._philox(input.numel(), pybn.normal_counters_used))
+
+    def extra_repr(self) -> str:
+        return f"stddev={self.stddev}" + self._seed_repr()
