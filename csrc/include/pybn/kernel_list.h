@@ -58,6 +58,9 @@
   UNTYPED(dropout_mask, DropoutMaskArgs)                 \
   DIAGNOSTIC(philox, PhiloxArgs)
 
+#define PYBN_KERNELS_dropblock(TYPED, UNTYPED, DIAGNOSTIC) \
+  UNTYPED(drop_block_mask, DropBlockMaskArgs)
+
 #define PYBN_KERNELS_fold(TYPED, UNTYPED, DIAGNOSTIC) \
   TYPED(fold_scale, FoldScaleArgs)                    \
   TYPED(fold_bias, FoldBiasArgs)
