@@ -15,8 +15,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import pybn
+import pybn.nn
 import reference_dropout as rd
 from error_checks import assert_raises_naming
 from reference import nearest_even
@@ -190,7 +192,6 @@ def _timm_drop_block_2d():
 @pytest.mark.parametrize("options", [dict(), dict(couple_channels=False)], ids=["coupled", "per-channel"])
 @pytest.mark.parametrize("shape, block", CASES[:7], ids=CASE_IDS[:7])
 def test_reference_is_timms_drop_block_on_the_same_seeds(monkeypatch, shape, block, options):
-    torch = pytest.importorskip("torch")
     drop_block_2d = _timm_drop_block_2d()
     x = np.random.default_rng(6).standard_normal(shape)
     p, seed, offset = 0.45, 21, 160
@@ -248,3 +249,155 @@ def test_counters_used_by_consecutive_masks_do_not_overlap():
 def test_bad_input_names_the_argument(call, name, exc):
     x = np.ones((2, 3, 5, 5), np.float32)
     assert_raises_naming(exc, name, call, x)
+
+
+# --------------------------------------------------------------------------- channels-last
+
+@pytest.mark.parametrize("options", [dict(), dict(couple_channels=False), dict(batchwise=True)],
+                         ids=["coupled", "per-channel", "batchwise"])
+def test_channels_last_axis_gives_the_same_mask(isa, options):
+    x = np.random.default_rng(7).standard_normal((3, 4, 9, 6)).astype(np.float32)
+    want = drop_block_ref(x, 0.4, 3, 5, 16, **options)
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    got = pybn.drop_block(nhwc, 0.4, block_size=3, seed=5, offset=16, axis=-1, **options)
+    assert_same_bits(np.ascontiguousarray(got.transpose(0, 3, 1, 2)), want)
+    assert_raises_naming(ValueError, "axis", pybn.drop_block, x, 0.4, block_size=3, seed=5, axis=2)
+
+
+# --------------------------------------------------------------------------- pybn.nn.DropBlock2d
+
+def test_layer_advances_offset_backward_regenerates_and_eval_is_identity():
+    layer = pybn.nn.DropBlock2d(0.3, 3, seed=17)
+    x = np.random.default_rng(8).standard_normal((2, 3, 10, 10))
+    used = pybn.counters_used(2 * 10 * 10)
+    y1, y2 = layer(x), layer(x)
+    assert_same_bits(y1, drop_block_ref(x, 0.3, 3, 17, 0))
+    assert_same_bits(y2, drop_block_ref(x, 0.3, 3, 17, used))
+    assert layer.offset == 2 * used
+    dy = np.random.default_rng(9).standard_normal(x.shape)
+    assert_same_bits(layer.backward(dy), drop_block_ref(dy, 0.3, 3, 17, used))
+    layer.eval()
+    assert layer(x) is x and layer.backward(dy) is dy and layer.offset == 2 * used
+
+
+def test_layer_ranks_split_per_sample_masks_and_share_batchwise_ones():
+    x = np.ones((2, 1, 8, 8))
+    used = pybn.counters_used(2 * 64)
+    ranks = [pybn.nn.DropBlock2d(0.5, 3, seed=3, rank=r, world_size=3) for r in range(3)]
+    for step in range(2):
+        for r, layer in enumerate(ranks):
+            assert_same_bits(layer(x), drop_block_ref(x, 0.5, 3, 3, (step * 3 + r) * used))
+    shared = [pybn.nn.DropBlock2d(0.5, 3, seed=3, rank=r, world_size=3, batchwise=True) for r in range(3)]
+    outs = [layer(x) for layer in shared]
+    assert all(np.array_equal(o, outs[0]) for o in outs) and shared[0].offset == pybn.counters_used(64)
+
+
+def test_mc_dropout_keeps_drop_block_on_with_the_documented_offsets():
+    block, drop = pybn.nn.DropBlock2d(0.4, 3, seed=1).eval(), pybn.nn.Dropout(0.2, seed=2).eval()
+    x = np.random.default_rng(10).standard_normal((2, 2, 7, 7))
+    with pybn.nn.mc_dropout([drop, block], seed=99, sample=5):
+        got = block(x)
+    assert_same_bits(got, drop_block_ref(x, 0.4, 3, 99, pybn.nn.mc_dropout_offset(1, 5)))
+    assert not block.training and block.seed == 1 and block.offset == 0
+
+
+@pytest.mark.parametrize("kwargs, exc, name", [
+    (dict(p=1.5), ValueError, "p"), (dict(block_size=0), ValueError, "block_size"),
+    (dict(gamma_scale=-1.0), ValueError, "gamma_scale"), (dict(couple_channels=None), TypeError, "couple_channels"),
+    (dict(scale_by_keep=1), TypeError, "scale_by_keep"), (dict(rank=3, world_size=3), ValueError, "rank"),
+    (dict(seed=-1), ValueError, "seed"),
+])
+def test_layer_bad_arguments(kwargs, exc, name):
+    assert_raises_naming(exc, name, pybn.nn.DropBlock2d, **kwargs)
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+def test_torch_module_matches_the_reference_in_both_layouts_and_autograd_regenerates():
+    import pybn.torch.nn as pnn
+
+    module = pnn.DropBlock2d(0.35, 4, seed=12)
+    x = torch.randn(3, 4, 9, 11, dtype=torch.float64, requires_grad=True)
+    y = module(x)
+    want = drop_block_ref(x.detach().numpy(), 0.35, 4, 12, 0)
+    np.testing.assert_array_equal(y.detach().numpy(), want)
+    dy = torch.randn_like(x)
+    y.backward(dy)
+    np.testing.assert_array_equal(x.grad.numpy(), drop_block_ref(dy.numpy(), 0.35, 4, 12, 0))
+    assert module.offset == pybn.counters_used(3 * 9 * 11)
+    module.offset = 0
+    xcl = x.detach().contiguous(memory_format=torch.channels_last)
+    ycl = module(xcl)
+    assert ycl.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(ycl.numpy(), want)
+    assert module.eval()(x) is x
+
+
+def test_torch_module_agrees_with_timms_constructor_and_refuses_what_it_lacks():
+    import pybn.torch.nn as pnn
+
+    m = pnn.DropBlock2d(0.2, 5, 1.0, False, False, False, True, seed=1)   # timm's positional order
+    assert (m.drop_prob, m.block_size, m.couple_channels, m.scale_by_keep) == (0.2, 5, False, True)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    np.testing.assert_array_equal(m(x).numpy(), drop_block_ref(x.numpy(), 0.2, 5, 1, 0, couple_channels=False))
+    for kwargs, name in [(dict(with_noise=True), "with_noise"), (dict(inplace=True), "inplace"),
+                         (dict(drop_prob=2.0), "drop_prob"), (dict(block_size=0), "block_size")]:
+        assert_raises_naming(ValueError, name, pnn.DropBlock2d, **kwargs)
+    assert_raises_naming(ValueError, "x", pnn.DropBlock2d(0.2, seed=1), torch.randn(2, 3, 8))
+
+
+def test_torch_unseeded_follows_torch_manual_seed():
+    import pybn.torch.nn as pnn
+
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(4)
+    a = pnn.DropBlock2d(0.3, 3)(x)
+    torch.manual_seed(4)
+    b = pnn.drop_block_2d(x, 0.3, 3)
+    assert torch.equal(a, b)
+
+
+def test_torch_op_opcheck_and_gradcheck():
+    from torch.autograd import gradcheck, gradgradcheck
+
+    import pybn.torch  # noqa: F401  (registers the operators)
+
+    g = torch.Generator().manual_seed(3)
+    philox = torch.tensor([7, 32])
+    x = torch.randn(3, 4, 7, 6, generator=g, requires_grad=True)
+    xcl = torch.randn(3, 4, 7, 6, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x16 = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    for args in [(x, 0.3, 3, philox, 1.0, True, False, True), (xcl, 0.5, 2, philox, 1.0, False, False, True),
+                 (x16, 0.4, 4, philox, 1.5, True, True, False)]:
+        torch.library.opcheck(torch.ops.pybn.drop_block.default, args)
+    x64 = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+
+    def drop(x):
+        return torch.ops.pybn.drop_block(x, 0.4, 3, philox, 1.0, True, False, True)[0]
+    assert gradcheck(drop, (x64,))
+    assert gradgradcheck(drop, (x64,))
+
+
+def test_torch_compile_fullgraph_gives_the_eager_result():
+    import pybn.torch.nn as pnn
+
+    module = pnn.DropBlock2d(0.3, 3, seed=2)
+    x = torch.randn(2, 3, 8, 8)
+    eager = module(x)
+    module.offset = 0
+    compiled = torch.compile(lambda t: pnn.drop_block_2d(t, 0.3, 3, philox=torch.tensor([2, 0])),
+                             backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+
+
+def test_mc_dropout_on_a_torch_model():
+    import pybn.torch.nn as pnn
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1, dtype=torch.float64), pnn.DropBlock2d(0.4, 3)).eval()
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        h = model[0](x).numpy()
+        with pybn.nn.mc_dropout(model, seed=7, sample=2):
+            got = model(x).numpy()
+    np.testing.assert_array_equal(got, drop_block_ref(h, 0.4, 3, 7, pybn.nn.mc_dropout_offset(0, 2)))
+    assert model[1].seed is None and not model[1].training

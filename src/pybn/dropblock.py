@@ -50,6 +50,22 @@ def _nchw(shape: Any, name: str) -> tuple[int, int, int, int]:
     return n, c, h, w
 
 
+def _channels_last(axis: Any) -> bool:
+    a = integer(axis, "axis")
+    if a not in (1, -3, 3, -1):
+        raise ValueError(f"axis: the channel axis of a 4-d array must be 1 (N, C, H, W) or -1 (N, H, W, C), got {a}")
+    return a in (3, -1)
+
+
+def _to_channels_last(keep: np.ndarray, noise: tuple[int, int, int, int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The packed mask over `noise` (N, C, H, W order) as a mask over (N, H, W, C)."""
+    moved = (noise[0], noise[2], noise[3], noise[1])
+    if noise[1] == 1:  # the same bits in either order
+        return keep, moved
+    bits = np.unpackbits(keep, count=math.prod(noise), bitorder="little").reshape(noise)
+    return np.packbits(bits.transpose(0, 2, 3, 1), bitorder="little"), moved
+
+
 def drop_block_gamma(p: float, block_size: int, height: int, width: int, gamma_scale: float = 1.0) -> float:
     """The seed probability of DropBlock as timm computes it:
     ``gamma_scale * p * H * W / (kh * kw) / ((H - kh + 1) * (W - kw + 1))`` with
@@ -107,7 +123,7 @@ def drop_block_mask(shape: Any, p: float, *, block_size: int, seed: int, offset:
 
 def drop_block(x: Any, p: float, *, block_size: int, seed: int, offset: int = 0, gamma_scale: float = 1.0,
                couple_channels: bool = True, batchwise: bool = False, scale_by_keep: bool = True,
-               out: np.ndarray | None = None) -> np.ndarray:
+               axis: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """DropBlock on an (N, C, H, W) array: contiguous square blocks of each feature map
     dropped, timm's ``drop_block_2d`` semantics on pybn's reproducible mask stream.
 
@@ -133,13 +149,20 @@ def drop_block(x: Any, p: float, *, block_size: int, seed: int, offset: int = 0,
     scale_by_keep : bool
         Multiply kept values by ``mask_elements / kept`` (timm's normalization; float64
         division, rounded once to x's dtype), else leave them as they are.
+    axis : 1 or -1, default 1
+        The channel axis: 1 for (N, C, H, W), -1 (or 3) for a channels-last (N, H, W, C)
+        array. The mask is the same in both layouts (drawn over the (N, C, H, W) order); a
+        per-channel mask (``couple_channels=False``) is transposed for channels-last, which
+        costs a pass over it.
     out : ndarray, optional
         C-contiguous, x's shape and dtype; may be x itself.
     """
     x_in = x
     x = contiguous_float_array(x, "x")
     _nchw(x.shape, "x")
-    noise = drop_block_noise_shape(x.shape, couple_channels=couple_channels, batchwise=batchwise)
+    channels_last = _channels_last(axis)
+    logical = (x.shape[0], x.shape[3], x.shape[1], x.shape[2]) if channels_last else x.shape
+    noise = drop_block_noise_shape(logical, couple_channels=couple_channels, batchwise=batchwise)
     p, block_size = _probability(p), _block_size(block_size)
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
     gamma_scale = real_number(gamma_scale, "gamma_scale", minimum=0.0)
@@ -149,5 +172,7 @@ def drop_block(x: Any, p: float, *, block_size: int, seed: int, offset: int = 0,
     if x.size == 0:
         return y
     scale = (math.prod(noise) / kept if kept else 0.0) if scale_by_keep else 1.0
+    if channels_last:
+        keep, noise = _to_channels_last(keep, noise)
     apply_mask(x, keep, noise, scale, y)
     return y

@@ -299,3 +299,5 @@ class Dropout3d(_DropoutForward, nn.Dropout3d):
 from .drop_path import DropPath, StochasticDepth, stochastic_depth  # noqa: E402  (it needs the operators above)
 
 __all__ += ["StochasticDepth", "DropPath", "stochastic_depth"]
+from .dropblock import DropBlock2d, drop_block_2d  # noqa: E402  (it needs the operators above)
+__all__ += ["DropBlock2d", "drop_block_2d"]
