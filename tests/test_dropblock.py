@@ -106,9 +106,9 @@ def test_every_dtype_rounds_once(isa, dtype):
 def test_mask_and_seeds_follow_the_documented_index_space():
     """Seeds are the dropped bits of dropout_mask(noise shape, gamma); the mask is their dilation."""
     shape, p, block = (3, 5, 12, 9), 0.4, 3
-    noise = pybn.drop_block_noise_shape(shape)
+    noise = pybn.dropblock.drop_block_noise_shape(shape)
     assert noise == (3, 1, 12, 9)
-    gamma = pybn.drop_block_gamma(p, block, 12, 9)
+    gamma = pybn.dropblock.drop_block_gamma(p, block, 12, 9)
     assert gamma == gamma_ref(p, block, 12, 9)
     seeds = ~rd.unpack_mask(pybn.dropout_mask(noise, gamma, seed=6, offset=48), math.prod(noise)).reshape(noise)
     np.testing.assert_array_equal(seeds, seeds_ref(noise, p, block, 6, 48))
@@ -217,7 +217,7 @@ def test_reference_is_timms_drop_block_on_the_same_seeds(monkeypatch, shape, blo
 def test_counters_used_by_consecutive_masks_do_not_overlap():
     """A caller advancing offset by counters_used(prod(noise shape)) gets independent seeds."""
     shape = (2, 3, 10, 10)
-    n = math.prod(pybn.drop_block_noise_shape(shape))
+    n = math.prod(pybn.dropblock.drop_block_noise_shape(shape))
     step = pybn.counters_used(n)
     both = ~rd.mask_bits(2 * n + 128, gamma_ref(0.5, 3, 10, 10), 9, 0)   # one long stream
     first = ~rd.mask_bits(n, gamma_ref(0.5, 3, 10, 10), 9, 0)

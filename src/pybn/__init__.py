@@ -9,7 +9,7 @@ from .batchnorm_split import (BatchNormGradSums, BatchNormStats, batch_norm_appl
                               batch_norm_backward_apply, batch_norm_backward_reduce, batch_norm_invstd,
                               batch_norm_merge_stats, batch_norm_stats)
 from .drop_path import drop_path
-from .dropblock import drop_block, drop_block_gamma, drop_block_mask, drop_block_noise_shape
+from .dropblock import drop_block, drop_block_mask
 from .dropout import counters_used, dropout, dropout_apply, dropout_mask, dropout_scale
 from .fold import FoldedWeights, fold_bn_linear, fold_conv_bn
 from .recalibrate import recalibrate
@@ -39,7 +39,8 @@ __all__ = [
     "dropout_scale",
     "counters_used",
     "drop_path",
-    "drop_block", "drop_block_mask", "drop_block_gamma", "drop_block_noise_shape",
+    "drop_block",
+    "drop_block_mask",
     "recalibrate",
     "fold_conv_bn",
     "fold_bn_linear",

@@ -40,6 +40,8 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _nchw(shape: Any, name: str) -> tuple[int, int, int, int]:
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__"):
+        raise TypeError(f"{name}: must be a sequence of 4 ints (N, C, H, W), got {type(shape).__name__}")
     shape = tuple(shape)
     if len(shape) != 4:
         raise ValueError(f"{name}: DropBlock needs a 4-d (N, C, H, W) array, got {len(shape)} dimensions "
@@ -87,7 +89,12 @@ def drop_block_noise_shape(shape: Any, *, couple_channels: bool = True,
     """The shape the seeds are drawn over for an (N, C, H, W) array: ``(N, 1, H, W)`` with
     coupled channels, ``(N, C, H, W)`` without; N becomes 1 when ``batchwise``. The draw uses
     ``pybn.counters_used(prod(noise shape))`` counters from ``offset``."""
-    n, c, h, w = _nchw(shape, "shape")
+    return noise_shape_of(shape, couple_channels, batchwise, "shape")
+
+
+def noise_shape_of(shape: Any, couple_channels: Any, batchwise: Any, name: str) -> tuple[int, int, int, int]:
+    """:func:`drop_block_noise_shape`, naming the shape `name` in errors."""
+    n, c, h, w = _nchw(shape, name)
     couple_channels = _flag(couple_channels, "couple_channels")
     batchwise = _flag(batchwise, "batchwise")
     return (1 if batchwise else n, 1 if couple_channels else c, h, w)
@@ -162,7 +169,7 @@ def drop_block(x: Any, p: float, *, block_size: int, seed: int, offset: int = 0,
     _nchw(x.shape, "x")
     channels_last = _channels_last(axis)
     logical = (x.shape[0], x.shape[3], x.shape[1], x.shape[2]) if channels_last else x.shape
-    noise = drop_block_noise_shape(logical, couple_channels=couple_channels, batchwise=batchwise)
+    noise = noise_shape_of(logical, couple_channels, batchwise, "x")
     p, block_size = _probability(p), _block_size(block_size)
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
     gamma_scale = real_number(gamma_scale, "gamma_scale", minimum=0.0)

@@ -23,7 +23,7 @@ import numpy as np
 from ._checks import FLOAT_DTYPES, as_array, channel_layout, float_array, integer, param_dtype, real_number
 from .batchnorm import batch_norm_backward, batch_norm_infer, batch_norm_train
 from .drop_path import drop_path, drop_path_noise_shape
-from .dropblock import drop_block, drop_block_noise_shape
+from .dropblock import drop_block, drop_block_noise_shape, noise_shape_of
 from .dropout import counters_used, dropout
 
 __all__ = ["BatchNorm", "Dropout", "DropPath", "DropBlock2d", "mc_dropout", "mc_dropout_offset"]
@@ -840,7 +840,7 @@ class DropBlock2d(_Layer):
         if not self.training or self.p == 0.0:
             self._saved = (None, array.shape, array.dtype)
             return array
-        noise = drop_block_noise_shape(array.shape, couple_channels=self.couple_channels, batchwise=self.batchwise)
+        noise = noise_shape_of(array.shape, self.couple_channels, self.batchwise, "x")
         used = counters_used(math.prod(noise))
         offset, stride = (self.offset, used) if self.batchwise else \
             ((self.offset + self.rank * used) % _U64, self.world_size * used)

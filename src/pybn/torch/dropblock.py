@@ -143,7 +143,7 @@ class DropBlock2d(nn.Module):
             return drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise)
         if x.dim() != 4:
             raise ValueError(f"x: DropBlock needs a 4-d (N, C, H, W) tensor, got {x.dim()} dimensions")
-        noise = pybn.drop_block_noise_shape(tuple(x.shape), couple_channels=self.couple_channels,
+        noise = pybn.dropblock.drop_block_noise_shape(tuple(x.shape), couple_channels=self.couple_channels,
                                             batchwise=self.batchwise)
         used = pybn.counters_used(noise[0] * noise[1] * noise[2] * noise[3])
         rank, stride = (0, 1) if self.batchwise else (self.rank, self.world_size)
