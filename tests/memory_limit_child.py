@@ -116,6 +116,12 @@ def other_cases():
         out = np.empty_like(x)
         return lambda: [pybn.dropout_mask(x.shape, 0.3, seed=2), pybn.dropout_apply(x, mask, 0.3, out=out)]
 
+    def drop_block():
+        x, _, _, _ = arrays((64, 32, 32, 16), 1)
+        out = np.empty_like(x)
+        return lambda: [pybn.drop_block(x, 0.3, block_size=5, seed=1, out=out),
+                        pybn.drop_block(x, 0.3, block_size=4, seed=2, couple_channels=False, out=out)]
+
     def fold():
         rng = np.random.default_rng(1)
         conv = rng.standard_normal((256, 128, 3, 3)).astype(np.float32)
@@ -128,7 +134,7 @@ def other_cases():
                         *pybn.fold_bn_linear(lin, np.zeros(512, np.float32), rm2, rv2, None, None)]
 
     return {"dropout": dropout, "dropout-noise-shape": dropout_noise_shape,
-            "dropout-mask-apply": dropout_mask_apply, "fold": fold}
+            "dropout-mask-apply": dropout_mask_apply, "drop-block": drop_block, "fold": fold}
 
 
 CASES = {**bn_cases(), **other_cases()}

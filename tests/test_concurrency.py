@@ -73,6 +73,9 @@ def run_all(a, out):
     r["mask"] = pybn.dropout_mask(x.shape, 0.3, seed=a["seed"], offset=a["offset"])
     r["dropout_apply"] = pybn.dropout_apply(x, r["mask"], 0.3)
     r["dropout2d"] = pybn.dropout(x, 0.5, seed=a["seed"], noise_shape=x.shape[:2] + (1,) * (x.ndim - 2))
+    if x.ndim == 4:
+        r["drop_block"] = pybn.drop_block(x, 0.3, block_size=3, seed=a["seed"], offset=a["offset"], axis=axis)
+        r["drop_block.per-channel"] = pybn.drop_block(x, 0.3, block_size=4, seed=a["seed"], couple_channels=False)
     r["fold_conv.w"], r["fold_conv.b"] = pybn.fold_conv_bn(a["conv_w"], a["b"], a["rm"], a["rv"], a["w"], a["b"])
     r["fold_linear.w"], r["fold_linear.b"] = pybn.fold_bn_linear(a["lin_w"], None, a["rm"], a["rv"], a["w"], a["b"])
     return r

@@ -531,6 +531,19 @@ def recalibrate_good():
     return dict(model=layer, batches=[rand(SHAPE, seed=s) for s in range(3)], forward=None, comm=None)
 
 
+SHAPE4 = (2, C, 5, 6)   # DropBlock's (N, C, H, W)
+
+
+def drop_block_good():
+    return dict(x=rand(SHAPE4), p=0.5, block_size=3, seed=1, offset=0, gamma_scale=1.0, couple_channels=True,
+                batchwise=False, scale_by_keep=True, axis=1, out=None)
+
+
+def bool_cases(arg):
+    return cases(arg, [("int", lambda: 1, TypeError), ("None", lambda: None, TypeError),
+                       ("str", lambda: "yes", TypeError), ("array", lambda: np.array([True]), TypeError)])
+
+
 def mode_cases():
     return cases("mode", [("unknown", lambda: "rows", ValueError), ("upper-case", lambda: "ROW", ValueError),
                           ("None", lambda: None, TypeError), ("int", lambda: 0, TypeError)])
@@ -804,6 +817,39 @@ SPECS = [
     Spec("normal_counters_used", pybn.normal_counters_used, lambda: dict(n=100), {
         "n": int_cases("n", 0),
     }),
+    Spec("drop_block", pybn.drop_block, drop_block_good, {
+        "x": data_cases("x", shape=SHAPE4) + cases("x", [("3-d", lambda: rand(SHAPE), ValueError),
+                                                         ("5-d", lambda: rand(SHAPE4 + (1,)), ValueError)]),
+        "p": p_cases(),
+        "block_size": int_cases("block_size", 1),
+        "seed": u64_cases("seed"),
+        "offset": u64_cases("offset"),
+        "gamma_scale": cases("gamma_scale", NON_FINITE + NON_NUMBERS + [("negative", lambda: -0.5, ValueError)]),
+        "couple_channels": bool_cases("couple_channels"),
+        "batchwise": bool_cases("batchwise"),
+        "scale_by_keep": bool_cases("scale_by_keep"),
+        "axis": cases("axis", [("2", lambda: 2, ValueError), ("0", lambda: 0, ValueError),
+                               ("-2", lambda: -2, ValueError), ("4", lambda: 4, ValueError),
+                               ("float", lambda: 1.0, TypeError),
+                               ("None", lambda: None, TypeError), ("bool", lambda: True, TypeError)]),
+        "out": out_cases(["x"], shape=SHAPE4),
+    }),
+    Spec("drop_block_mask", pybn.drop_block_mask,
+         lambda: dict(shape=SHAPE4, p=0.5, block_size=3, seed=1, offset=0, gamma_scale=1.0, couple_channels=True,
+                      batchwise=False), {
+        "shape": cases("shape", [("3-d", lambda: (2, 3, 4), ValueError),
+                                 ("negative", lambda: (2, 3, -1, 4), ValueError),
+                                 ("float-entry", lambda: (2.0, 3, 4, 4), TypeError), ("str", lambda: "abcd", TypeError),
+                                 ("None", lambda: None, TypeError), ("int", lambda: 5, TypeError),
+                                 ("more-elements-than-memory", lambda: (2**40, 1, 2**40, 1), ValueError)]),
+        "p": p_cases(),
+        "block_size": int_cases("block_size", 1),
+        "seed": u64_cases("seed"),
+        "offset": u64_cases("offset"),
+        "gamma_scale": cases("gamma_scale", NON_FINITE + NON_NUMBERS + [("negative", lambda: -0.5, ValueError)]),
+        "couple_channels": bool_cases("couple_channels"),
+        "batchwise": bool_cases("batchwise"),
+    }),
     Spec("recalibrate", pybn.recalibrate, recalibrate_good, {
         "model": cases("model", [("object", lambda: object(), TypeError), ("str", lambda: "bn", TypeError),
                                  ("list-of-arrays", lambda: [np.ones(C)], TypeError),
@@ -929,6 +975,10 @@ SPECS = [
     Spec("nn.AlphaDropout.backward", layer_call("dy"), noise_layer_backward_good, {
         "dy": matching_cases("dy"),
     }),
+    Spec("nn.DropBlock2d.__call__", layer_call("x"),
+         lambda: dict(layer=pybn.nn.DropBlock2d(0.5, 3, seed=1), x=rand(SHAPE4)), {
+             "x": data_cases("x", shape=SHAPE4) + cases("x", [("3-d", lambda: rand(SHAPE), ValueError)]),
+         }),
 ]
 
 # ------------------------------------------------------------ 16-bit data (docs/dtypes.md)

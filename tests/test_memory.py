@@ -58,6 +58,8 @@ def kernels(shape=(4, 3, 5), dtype=np.float32):
     bn, drop = pybn.nn.BatchNorm(c, dtype=dtype), pybn.nn.Dropout(0.5, seed=2)
     stacked = (np.stack([stats.mean] * 2), np.stack([stats.m2] * 2))
     noise_shape = shape[:2] + (1,) * (len(shape) - 2)
+    x4 = rng.standard_normal((2, c, 6, 7)).astype(dtype)
+    out4 = np.empty_like(x4)
 
     def rejected():
         for bad in (lambda: pybn.batch_norm_train(x, running_mean=rm, running_var=rv[:-1]),
@@ -83,6 +85,8 @@ def kernels(shape=(4, 3, 5), dtype=np.float32):
         "dropout(noise_shape)": lambda: pybn.dropout(x, 0.5, seed=3, noise_shape=noise_shape),
         "dropout_mask": lambda: pybn.dropout_mask(x.shape, 0.5, seed=3),
         "dropout_apply": lambda: pybn.dropout_apply(x, mask, 0.5, out=out),
+        "drop_block": lambda: pybn.drop_block(x4, 0.5, block_size=3, seed=3, out=out4),
+        "drop_block(per-channel)": lambda: pybn.drop_block(x4, 0.5, block_size=2, seed=3, couple_channels=False),
         "fold_conv_bn": lambda: pybn.fold_conv_bn(conv_w, b, rm, rv, w, b),
         "fold_bn_linear": lambda: pybn.fold_bn_linear(lin_w, b[:1].repeat(5), rm, rv, w, b),
         "nn.BatchNorm": lambda: bn.backward(bn(x)),

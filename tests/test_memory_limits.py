@@ -31,7 +31,7 @@ GROUPS = {
     "nhwc": [c for c in child.CASES if c.endswith("-nhwc")],
     "wide": [c for c in child.CASES if c.endswith("-wide")],
     "wide-rows": [c for c in child.CASES if c.endswith("-wide-rows")],
-    "dropout-fold": ["dropout", "dropout-noise-shape", "dropout-mask-apply", "fold"],
+    "dropout-fold": ["dropout", "dropout-noise-shape", "dropout-mask-apply", "drop-block", "fold"],
 }
 # Groups whose kernels need enough scratch (or Python-side arrays) that the sweep must see
 # both outcomes: a sweep that never fails would test nothing.

@@ -7,6 +7,7 @@ import pytest
 
 import pybn
 from reference import nearest_even
+from reference_dropblock import drop_block_ref
 from reference_dropout import keep_mask, scale_for
 
 LENGTHS = range(1, 68)
@@ -214,3 +215,15 @@ def test_misaligned_inputs_give_the_aligned_results(isa):
     w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
     assert_bits_equal(pybn.fold_conv_bn(misaligned(w), None, mm, mv).weight,
                       pybn.fold_conv_bn(w, None, mean, var).weight)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_drop_block_on_every_row_and_column_length(isa, dtype):
+    """drop_block's mask kernel on maps of 1..67 rows or columns (seed and keep masks of every
+    length in bytes, planes that end inside a byte), and its apply on the same tails."""
+    rng = np.random.default_rng(5)
+    for n in LENGTHS:
+        for shape, options in [((1, 1, 1, n), {}), ((2, 1, n, 1), {}), ((1, 3, 2, n), dict(couple_channels=False))]:
+            x = at_end(rng.standard_normal(shape).astype(dtype), n % 3)
+            assert_bits_equal(pybn.drop_block(x, 0.4, block_size=3, seed=n, **options),
+                              drop_block_ref(x, 0.4, 3, n, **options))

@@ -609,6 +609,30 @@ void dropout_mask(const NdArray& mask, i64 n, std::uint64_t seed, std::uint64_t 
   pybn::table().dropout_mask(a);
 }
 
+// DropBlock's keep mask from its packed seed mask (0 bits are seeds); returns the count kept.
+i64 drop_block_mask(const NdArray& seeds, const NdArray& keep, i64 planes, i64 rows, i64 cols, i64 block_rows,
+                    i64 block_cols) {
+  if (planes < 0 || rows < 0 || cols < 0) fail("planes", "sizes must be >= 0");
+  if (block_rows < 1 || block_rows > std::max<i64>(rows, 1) || block_cols < 1 || block_cols > std::max<i64>(cols, 1))
+    fail("block_rows", "the block must be at least 1 and at most the plane in each dimension");
+  pybn::DropBlockMaskArgs a;
+  const i64 n = planes * rows * cols;
+  a.seeds = required<unsigned char>(seeds, (n + 7) / 8, "seeds");
+  a.keep = required_out<unsigned char>(keep, (n + 7) / 8, "keep");
+  a.planes = planes;
+  a.rows = rows;
+  a.cols = cols;
+  a.block_rows = block_rows;
+  a.block_cols = block_cols;
+  i64 kept = 0;
+  a.kept = &kept;
+  {
+    GilReleased nogil;
+    pybn::table().drop_block_mask(a);
+  }
+  return kept;
+}
+
 // ---------------------------------------------------------------------------------------
 // Diagnostics.
 
@@ -779,5 +803,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("merged_mean"), py::arg("merged_m2"));
   m.def("dropout_mask", &dropout_mask, py::arg("mask"), py::arg("n"), py::arg("seed"), py::arg("offset"),
         py::arg("threshold"));
+  m.def("drop_block_mask", &drop_block_mask, py::arg("seeds"), py::arg("keep"), py::arg("planes"), py::arg("rows"),
+        py::arg("cols"), py::arg("block_rows"), py::arg("block_cols"));
   def_diagnostics(m);
 }

@@ -9,6 +9,7 @@ from .batchnorm_split import (BatchNormGradSums, BatchNormStats, batch_norm_appl
                               batch_norm_backward_apply, batch_norm_backward_reduce, batch_norm_invstd,
                               batch_norm_merge_stats, batch_norm_stats)
 from .drop_path import drop_path
+from .dropblock import drop_block, drop_block_mask
 from .dropout import counters_used, dropout, dropout_apply, dropout_mask, dropout_scale
 from .fold import FoldedWeights, fold_bn_linear, fold_conv_bn
 from .noise import alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_noise, normal_counters_used
@@ -41,6 +42,8 @@ __all__ = [
     "counters_used",
     "drop_path",
     "alpha_dropout", "alpha_dropout_backward", "gaussian_dropout", "gaussian_noise", "normal_counters_used",
+    "drop_block",
+    "drop_block_mask",
     "recalibrate",
     "fold_conv_bn",
     "fold_bn_linear",

@@ -111,18 +111,22 @@ def _broadcast_view(shape: tuple[int, ...], noise: tuple[int, ...]) -> tuple[int
     return f0, b1, f2, b3
 
 
-def _apply_broadcast(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], p: float, y: np.ndarray) -> None:
-    """y = x * scale where the mask (of `shape`, broadcast to x's) keeps, +0.0 elsewhere, as
-    the kernels give (multiplying by a 0/scale array would give -0.0 for negative x)."""
+def apply_mask(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], scale: float, y: np.ndarray) -> None:
+    """y = x * scale where the packed mask (of `shape`, x's or one that broadcasts to it)
+    keeps, +0.0 elsewhere, as the kernels give (multiplying by a 0/scale array would give
+    -0.0 for negative x). The scale is rounded once to x's compute type."""
+    if shape == x.shape:
+        _C.dropout_apply(x, mask, y, scale)
+        return
     view = _broadcast_view(x.shape, shape)
     if view is not None:
-        _C.dropout_apply_broadcast(x, mask, y, dropout_scale(p), *view)
+        _C.dropout_apply_broadcast(x, mask, y, scale, *view)
         return
     keep = np.unpackbits(mask, count=math.prod(shape), bitorder="little").reshape(shape).astype(bool)
     if x.dtype.itemsize == 2:  # as the kernels: the exact product with the float32 scale, rounded once
-        kept = round_to(x.astype(np.float64) * np.float64(np.float32(dropout_scale(p))), x.dtype)
+        kept = round_to(x.astype(np.float64) * np.float64(np.float32(scale)), x.dtype)
     else:
-        kept = np.multiply(x, x.dtype.type(dropout_scale(p)))
+        kept = np.multiply(x, x.dtype.type(scale))
     np.copyto(y, kept, where=keep)  # in place too: x is read first
     np.copyto(y, 0, where=~keep)
 
@@ -156,7 +160,7 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
     if p == 1.0:
         y.fill(0)
     elif ns is not None:
-        _apply_broadcast(x, dropout_mask(ns, p, seed=seed, offset=offset), ns, p, y)
+        apply_mask(x, dropout_mask(ns, p, seed=seed, offset=offset), ns, dropout_scale(p), y)
     else:
         _C.dropout(x, y, seed, offset, _threshold(p), dropout_scale(p))
     return y
@@ -207,7 +211,7 @@ def dropout_apply(x: Any, mask: Any, p: float, *, noise_shape: Any = None,
     if p == 1.0:
         y.fill(0)
     elif ns is not None:
-        _apply_broadcast(x, mask, ns, p, y)
+        apply_mask(x, mask, ns, dropout_scale(p), y)
     else:
         _C.dropout_apply(x, mask, y, dropout_scale(p))
     return y

@@ -24,12 +24,13 @@ from ._checks import FLOAT_DTYPES, as_array, channel_layout, float_array, intege
 from .batchnorm import (BatchNormResidualGrads, batch_norm_backward, batch_norm_infer, batch_norm_train,
                         residual_input)
 from .drop_path import drop_path, drop_path_noise_shape
+from .dropblock import drop_block, drop_block_noise_shape, noise_shape_of
 from .dropout import counters_used, dropout
 from .noise import (alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_dropout_stddev,
                     gaussian_noise, normal_counters_used)
 
-__all__ = ["BatchNorm", "Dropout", "DropPath", "AlphaDropout", "GaussianDropout", "GaussianNoise", "mc_dropout",
-           "mc_dropout_offset"]
+__all__ = ["BatchNorm", "Dropout", "DropPath", "AlphaDropout", "GaussianDropout", "GaussianNoise", "DropBlock2d",
+           "mc_dropout", "mc_dropout_offset"]
 
 _U64 = 1 << 64
 _I64 = 1 << 63  # num_batches_tracked is an int64 in PyTorch's state_dict
@@ -980,6 +981,114 @@ class GaussianNoise(_NoiseLayer):
         return normal_counters_used(n)
 
 
+# --------------------------------------------------------------------------- DropBlock2d
+
+class DropBlock2d(_Layer):
+    """DropBlock (timm's ``DropBlock2d``) with a reproducible counter-based mask
+    (docs/dropout.md, "DropBlock").
+
+    In training mode :func:`pybn.drop_block` drops square blocks of each (N, C, H, W)
+    feature map and rescales by ``mask elements / kept``; in evaluation mode, or with
+    ``p == 0``, the layer is the identity. Each training call draws its seeds at
+    ``(seed, offset)`` and then advances ``offset`` by the counters they used, as
+    :class:`Dropout`.
+
+    Parameters
+    ----------
+    p : float in [0, 1], default 0.1
+        timm's ``drop_prob``.
+    block_size : int >= 1, default 7
+    seed : int in [0, 2**64), optional
+        Key of the random stream; None draws one from the operating system's entropy.
+    gamma_scale : float >= 0, default 1.0
+    couple_channels, batchwise, scale_by_keep : bool
+        As :func:`pybn.drop_block` (defaults True, False, True: timm's).
+    rank, world_size : int, default 0 and 1
+        Data parallelism, as :class:`DropPath` mode "row": rank r draws at
+        ``offset + r * counters_used(m)`` (m seed elements) and every rank advances
+        ``offset`` by ``world_size * counters_used(m)``. With ``batchwise=True`` the mask is
+        one shared decision: every rank draws at ``offset``. The rescaling counts the local
+        mask only (as timm on each process).
+
+    Attributes
+    ----------
+    seed, offset : int
+    training : bool
+    """
+
+    def __init__(self, p: float = 0.1, block_size: int = 7, *, seed: int | None = None, gamma_scale: float = 1.0,
+                 couple_channels: bool = True, batchwise: bool = False, scale_by_keep: bool = True,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.p = p
+        self.block_size = integer(block_size, "block_size")
+        if self.block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
+        self.gamma_scale = real_number(gamma_scale, "gamma_scale", minimum=0.0)
+        drop_block_noise_shape((1, 1, 1, 1), couple_channels=couple_channels, batchwise=batchwise)  # checks
+        self.couple_channels, self.batchwise = bool(couple_channels), bool(batchwise)
+        if not isinstance(scale_by_keep, (bool, np.bool_)):
+            raise TypeError(f"scale_by_keep: must be a bool, got {type(scale_by_keep).__name__}")
+        self.scale_by_keep = bool(scale_by_keep)
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+        self.seed = _u64(seed, "seed")
+        self.world_size = integer(world_size, "world_size")
+        if self.world_size < 1:
+            raise ValueError(f"world_size: must be >= 1, got {self.world_size}")
+        self.rank = integer(rank, "rank")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank: must be in [0, world_size) = [0, {self.world_size}), got {self.rank}")
+        self.offset = 0
+        self.training = True
+        # (keyword arguments of drop_block, x's shape, x's dtype) of the last forward; None
+        # arguments for an identity forward
+        self._saved: tuple[dict[str, Any] | None, tuple[int, ...], np.dtype] | None = None
+
+    @property
+    def p(self) -> float:
+        """The drop probability, in [0, 1]."""
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        p = real_number(value, "p")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
+        self._p = p
+
+    def __repr__(self) -> str:
+        return (f"DropBlock2d(p={self.p}, block_size={self.block_size}, seed={self.seed}, "
+                f"gamma_scale={self.gamma_scale}, couple_channels={self.couple_channels}, "
+                f"batchwise={self.batchwise}, scale_by_keep={self.scale_by_keep}, rank={self.rank}, "
+                f"world_size={self.world_size})")
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Drop blocks in training mode; return `x` itself in evaluation mode or for p == 0."""
+        array = float_array(x, "x")
+        if not self.training or self.p == 0.0:
+            self._saved = (None, array.shape, array.dtype)
+            return array
+        noise = noise_shape_of(array.shape, self.couple_channels, self.batchwise, "x")
+        used = counters_used(math.prod(noise))
+        offset, stride = (self.offset, used) if self.batchwise else \
+            ((self.offset + self.rank * used) % _U64, self.world_size * used)
+        kwargs = dict(p=self.p, block_size=self.block_size, seed=self.seed, offset=offset,
+                      gamma_scale=self.gamma_scale, couple_channels=self.couple_channels,
+                      batchwise=self.batchwise, scale_by_keep=self.scale_by_keep)
+        y = drop_block(array, **kwargs)
+        self._saved = (kwargs, array.shape, array.dtype)
+        self.offset = (self.offset + stride) % _U64
+        return y
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """Gradient of the most recent forward: dy through the same mask and scale."""
+        kwargs, shape, dtype = self._saved_or_raise(self._saved)
+        grad = _check_dy(dy, shape, dtype)
+        if kwargs is None:
+            return grad
+        return drop_block(grad, **kwargs)
+
+
 # --------------------------------------------------------------------------- MC-dropout
 
 MC_MAX_LAYERS = 256
@@ -1004,7 +1113,7 @@ def mc_dropout(layers: Any, *, seed: int, sample: int) -> Iterator[None]:
     """Monte Carlo dropout: dropout on at inference, with masks fixed by (seed, sample).
 
     Inside the context the dropout layers among `layers` (:class:`Dropout`,
-    :class:`DropPath`, :class:`AlphaDropout`, :class:`GaussianDropout`,
+    :class:`DropPath`, :class:`DropBlock2d`, :class:`AlphaDropout`, :class:`GaussianDropout`,
     :class:`GaussianNoise`, other objects are left alone; or the pybn.torch dropout and
     noise modules of a torch model) drop as in
     training, the k-th of them (in the order given, or ``model.modules()`` order) with
@@ -1048,10 +1157,10 @@ def _mc_modules(layers: Any) -> list[Any]:
     except TypeError:
         raise TypeError(f"layers: must be an iterable of pybn.nn layers or a torch.nn.Module, got "
                         f"{type(layers).__name__}") from None
-    found = [item for item in items if isinstance(item, (Dropout, DropPath, _NoiseLayer))]  # others: any kind
+    found = [item for item in items if isinstance(item, (Dropout, DropPath, DropBlock2d, _NoiseLayer))]  # others: any
     if not found:
-        raise ValueError("layers: holds no pybn.nn dropout or noise layer (Dropout, DropPath, AlphaDropout, "
-                         "GaussianDropout, GaussianNoise) to keep on")
+        raise ValueError("layers: holds no pybn.nn dropout or noise layer (Dropout, DropPath, DropBlock2d, "
+                         "AlphaDropout, GaussianDropout, GaussianNoise) to keep on")
     return found
 
 
@@ -1065,12 +1174,13 @@ def _torch_nn_if_module(obj: Any) -> Any:
 
 def _mc_torch_modules(model: Any, torch_nn: Any) -> list[Any]:
     from .torch.drop_path import StochasticDepth
+    from .torch.dropblock import DropBlock2d as TorchDropBlock2d
     from .torch.nn import _DropoutForward
     from .torch.noise import _SeededNoise
 
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, (_DropoutForward, StochasticDepth, _SeededNoise)):
+        if isinstance(module, (_DropoutForward, StochasticDepth, TorchDropBlock2d, _SeededNoise)):
             found.append(module)
         elif isinstance(module, torch_nn.modules.dropout._DropoutNd):
             raise TypeError(f"layers: {name or 'the model'} is a {type(module).__name__} of torch, whose masks "

@@ -63,6 +63,9 @@
   TYPED(gaussian_noise, GaussianNoiseArgs)             \
   DIAGNOSTIC(normal_math, NormalMathArgs)
 
+#define PYBN_KERNELS_dropblock(TYPED, UNTYPED, DIAGNOSTIC) \
+  UNTYPED(drop_block_mask, DropBlockMaskArgs)
+
 #define PYBN_KERNELS_fold(TYPED, UNTYPED, DIAGNOSTIC) \
   TYPED(fold_scale, FoldScaleArgs)                    \
   TYPED(fold_bias, FoldBiasArgs)

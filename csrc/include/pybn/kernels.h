@@ -240,6 +240,18 @@ struct NormalMathArgs {
   float* out = nullptr;                  // (n, 5)
 };
 
+// DropBlock's keep mask (docs/dropout.md): `planes` planes of rows x cols elements, the block
+// seeds given as a packed mask whose 0 bits are seeds (dropout's keep bits drawn at gamma). An
+// element (r, c) is dropped when a seed lies in rows [r - (block_rows - 1) / 2, r + block_rows / 2]
+// and columns [c - (block_cols - 1) / 2, c + block_cols / 2] of its plane.
+struct DropBlockMaskArgs {
+  const unsigned char* seeds = nullptr;  // ceil(n / 8) bytes, n = planes * rows * cols
+  unsigned char* keep = nullptr;         // ceil(n / 8) bytes out: bit k set where element k is kept
+  std::int64_t planes = 0, rows = 0, cols = 0;
+  std::int64_t block_rows = 1, block_cols = 1;  // in [1, rows] and [1, cols]
+  std::int64_t* kept = nullptr;          // out: the number of elements kept
+};
+
 // Batch-norm folding (docs/folding.md), arithmetic in double, every result
 // rounded once to T. Scaling: y[g, o, c, k] = w[g, o, c, k] * scale[g * channels + c] over the
 // view (groups, outer, channels, inner) of a weight (y may alias w).

@@ -1,7 +1,8 @@
 """The dropout section of ``python -m pybn bench``: dropout at copy speed.
 
 Cells (:mod:`.table`): the fused forward, the packed mask alone, applying a stored mask,
-and Dropout2d's per-channel mask (noise_shape=(N, C, 1, 1)), on float32 x, p = 0.5, outputs
+Dropout2d's per-channel mask (noise_shape=(N, C, 1, 1)) and DropBlock (block 7, against
+timm's ``drop_block_2d`` when timm is installed), on float32 x, p = 0.5, outputs
 preallocated (out=), the same arrays for everyone, each result checked before it is
 timed. pybn is timed call for call in turn with the copy bound (``t_stream``, pybn's probe on
 the same array), in every round; the peers (torch: ``nn.Dropout`` in training mode and
@@ -10,6 +11,7 @@ the same array), in every round; the peers (torch: ``nn.Dropout`` in training mo
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -191,6 +193,65 @@ def numpy_2d(case: DropoutCase) -> Timed:
                  lambda r: _check_dropped("numpy Dropout2d recipe", r, case, per_channel=True))
 
 
+# ----------------------------------------------------------------------------- DropBlock
+
+BLOCK = 7   # DropBlock's block size (the paper's and timm's default)
+
+
+def _block(case: DropoutCase) -> int:
+    """BLOCK, or a quarter of a smaller feature map's side (the tests' tiny shapes)."""
+    return min(BLOCK, max(1, min(case.dims[2:]) // 4))
+
+
+def _scaled_blocks(what: str, y: np.ndarray, case: DropoutCase) -> None:
+    """A DropBlock with a mask of its own: kept values times numel / kept (of one spatial mask
+    per sample, shared by the channels), some dropped."""
+    kept = y != 0
+    per_sample = kept.any(axis=1)
+    _fail_unless(bool(np.all(kept == per_sample[:, None])), f"{what}: the channels do not share one mask")
+    _fail_unless(0 < per_sample.mean() < 1, f"{what} keeps {per_sample.mean():.3f} of the units")
+    scale = per_sample.size / per_sample.sum()
+    _fail_unless(np.allclose(y[kept], case.x[kept] * scale, rtol=1e-5), f"{what} scales the kept values wrongly")
+
+
+def pybn_dropblock(case: DropoutCase) -> Timed:
+    import pybn
+
+    x, y = case.x, case.y
+    block = _block(case)
+    mask = pybn.drop_block_mask(x.shape, P, block_size=block, seed=SEED)
+    noise = (x.shape[0], 1) + x.shape[2:]
+    keep = _unpack(mask, noise)
+    expected = np.where(keep, x * np.float32(keep.size / keep.sum()), np.float32(0))
+    return Timed(lambda: pybn.drop_block(x, P, block_size=block, seed=SEED, out=y),
+                 lambda r: _check_equal("pybn.drop_block", r, expected))
+
+
+@functools.lru_cache(maxsize=1)
+def timm_drop_block_2d() -> Any:
+    """timm's ``drop_block_2d``, loaded from its file (timm's package needs torchvision), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    drop = importlib.util.spec_from_file_location("_timm_layers_drop",
+                                                  spec.submodule_search_locations[0] + "/layers/drop.py")
+    if drop is None or drop.loader is None:
+        return None
+    module = importlib.util.module_from_spec(drop)
+    drop.loader.exec_module(module)
+    return module.drop_block_2d
+
+
+def timm_dropblock(case: DropoutCase) -> Timed:
+    import torch
+
+    drop_block_2d, xt, block = timm_drop_block_2d(), torch.from_numpy(case.x), _block(case)
+    return Timed(lambda: drop_block_2d(xt, P, block),
+                 lambda r: _scaled_blocks("timm drop_block_2d", r.numpy(), case))
+
+
 # ----------------------------------------------------------------------------- the section
 
 DropoutCell = Cell[Shape, Callable[[DropoutCase], Timed]]
@@ -225,6 +286,8 @@ def _run_cell(cell: DropoutCell, case: DropoutCase, prober: Prober, ctx: Context
     row: Result = {"pybn_s": t, "t_stream_s": bound, "peers": {}}
     ctx.progress(f"dropout {cell.shape.name} {cell.kernel.name:<8} pybn {fmt_time(t)} | copy bound {fmt_time(bound)}")
     for peer in (p for p in cell.peers if ctx.uses(p)):
+        if not cell.kernel.variants(peer.name, cell.shape):
+            continue   # (timm's DropBlock when timm is not installed)
         timed = {v.key: measure(_checked(v.make(case)).call, ctx.cfg).median
                  for v in cell.kernel.variants(peer.name, cell.shape)}
         fastest = min(timed, key=lambda k: timed[k])
@@ -238,12 +301,12 @@ def _run_cell(cell: DropoutCell, case: DropoutCase, prober: Prober, ctx: Context
 def render(result: Result, meta: Result | None = None) -> str:
     lines = [f"dropout: x float32, p = {result['p']}, out= preallocated; copy bound = t_stream (pybn's "
              "non-temporal copy of x, timed call for call in turn with pybn's); x = peer time / pybn time",
-             f"{'shape':<5} {'kernel':<8} {'pybn':>10} {'copy':>10} {'% copy':>7}"
+             f"{'shape':<5} {'kernel':<9} {'pybn':>10} {'copy':>10} {'% copy':>7}"
              + "".join(f" {peer:>11} {'x':>6}" for peer in result["peers"])]
     for shape_name, res in result["shapes"].items():
         for name, r in res["rows"].items():
             t, b = r["pybn_s"], r["t_stream_s"]
-            cols = [f"{shape_name:<5}", f"{name:<8}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}",
+            cols = [f"{shape_name:<5}", f"{name:<9}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}",
                     f"{b / t * 100:>6.0f}%"]
             for peer in result["peers"]:
                 tp = r["peers"].get(peer)
@@ -255,5 +318,6 @@ def render(result: Result, meta: Result | None = None) -> str:
                  " 2d: pybn.dropout(x, p, noise_shape=(N, C, 1, 1), out=y) vs torch nn.Dropout2d;"
                  " alpha: pybn.alpha_dropout vs torch nn.AlphaDropout; g-drop / g-noise:"
                  " pybn.gaussian_dropout(x, 0.5) / gaussian_noise(x, 0.5) vs x * (1 + randn) / x + 0.5 * randn"
-                 " (torch randn_like, NumPy standard_normal).")
+                 " (torch randn_like, NumPy standard_normal);"
+                 f" dropblock: pybn.drop_block(x, p, block_size={BLOCK}, out=y) vs timm's drop_block_2d.")
     return "\n".join(lines)

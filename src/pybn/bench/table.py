@@ -93,6 +93,10 @@ DROPOUT_KERNELS = (
         Impl("pybn", "pybn", dropout_bench.pybn_2d),
         Impl("torch", "torch", dropout_bench.torch_2d),
         Impl("numpy", "numpy", dropout_bench.numpy_2d)), bound=COPY),
+    Kernel("dropblock", "DropBlock forward", (   # timm's drop_block_2d when timm is installed
+        Impl("pybn", "pybn", dropout_bench.pybn_dropblock),
+        Impl("timm", "torch", dropout_bench.timm_dropblock,
+             runs_on=lambda shape: dropout_bench.timm_drop_block_2d() is not None)), bound=COPY),
 )
 
 # alpha dropout and the Gaussian noises, on A: pybn vs torch's module / randn recipe and NumPy
@@ -172,7 +176,7 @@ BATCH_NORM = Section("batch norm", None, make_cells("batch norm", SHAPES, BATCH_
 DROPOUT = Section("dropout", "dropout",
                   make_cells("dropout", [SHAPE["A"]], DROPOUT_KERNELS)
                   + make_cells("dropout", [SHAPE["A"]], NOISE_KERNELS)
-                  + make_cells("dropout", [SHAPE["L"]], DROPOUT_KERNELS[:3]),   # Dropout2d on A only
+                  + make_cells("dropout", [SHAPE["L"]], DROPOUT_KERNELS[:3]),   # Dropout2d, DropBlock on A only
                   dropout_bench.run, dropout_bench.render)
 HALF = Section("16-bit", "half",
                tuple(cell for h in HALF_SHAPES

@@ -335,3 +335,6 @@ from .noise import (AlphaDropout, GaussianDropout, GaussianNoise, alpha_dropout,
                     gaussian_noise)
 
 __all__ += ["AlphaDropout", "GaussianDropout", "GaussianNoise", "alpha_dropout", "gaussian_dropout", "gaussian_noise"]
+
+from .dropblock import DropBlock2d, drop_block_2d  # noqa: E402  (it needs the operators above)
+__all__ += ["DropBlock2d", "drop_block_2d"]

@@ -1,0 +1,160 @@
+"""DropBlock for PyTorch models on pybn's masks: the ``torch.ops.pybn.drop_block`` operator,
+``drop_block_2d`` and the ``DropBlock2d`` module (timm's semantics, docs/dropout.md "DropBlock").
+
+``drop_block(x, p, block_size, philox?, gamma_scale, couple_channels, batchwise, scale_by_keep)
+-> (y, philox_used)`` is :func:`pybn.drop_block` on an (N, C, H, W) tensor; ``philox`` as for
+``torch.ops.pybn.dropout`` (an int64 ``[seed, offset]``, None: a seed from torch's default
+CPU generator). The mask is drawn over the (N, C, H, W) order, so contiguous and
+channels-last tensors get the same mask, and both reach the kernels without a copy. Its
+backward is the same operator on the gradient (the same mask and scale), so it is
+differentiable again.
+"""
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import pybn
+
+from ._layout import array, channels_last_physical, empty, in_layout, pybn_takes
+from .drop_path import _as_int64, _u64
+from .ops import _float_cpu_copy, draw_philox
+
+__all__ = ["drop_block_2d", "DropBlock2d"]
+
+_U64 = 2**64
+
+
+@torch.library.custom_op("pybn::drop_block", mutates_args=())
+def drop_block(x: Tensor, p: float, block_size: int, philox: Optional[Tensor], gamma_scale: float,
+               couple_channels: bool, batchwise: bool, scale_by_keep: bool) -> Tuple[Tensor, Tensor]:
+    """DropBlock with pybn's mask of (seed, offset) (see the module docstring)."""
+    if x.dim() != 4:
+        raise ValueError(f"x: DropBlock needs a 4-d (N, C, H, W) tensor, got {x.dim()} dimensions")
+    used = draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
+    seed, offset = (v % _U64 for v in used.tolist())
+    src = x if pybn_takes(x) else _float_cpu_copy(x)
+    last = channels_last_physical(src)
+    y = empty(src, last)
+    pybn.drop_block(array(src, last), p, block_size=block_size, seed=seed, offset=offset, gamma_scale=gamma_scale,
+                    couple_channels=couple_channels, batchwise=batchwise, scale_by_keep=scale_by_keep,
+                    axis=-1 if last else 1, out=array(y, last))
+    if src is not x:  # back to x's device and dtype
+        return empty(x, channels_last_physical(x)).copy_(y), used
+    return in_layout(y, channels_last_physical(x)), used
+
+
+@drop_block.register_fake
+def _(x: Tensor, p: float, block_size: int, philox: Optional[Tensor], gamma_scale: float, couple_channels: bool,
+      batchwise: bool, scale_by_keep: bool) -> Tuple[Tensor, Tensor]:
+    return empty(x, channels_last_physical(x)), torch.empty(2, dtype=torch.int64)
+
+
+def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
+    ctx.args = inputs[1:3] + inputs[4:]
+    ctx.last = channels_last_physical(inputs[0])
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
+    (used,) = ctx.saved_tensors
+    p, block_size, gamma_scale, couple, batchwise, scale_by_keep = ctx.args
+    dx, _ = torch.ops.pybn.drop_block(in_layout(dy, ctx.last), p, block_size, used, gamma_scale, couple, batchwise,
+                                      scale_by_keep)
+    return dx, None, None, None, None, None, None, None
+
+
+drop_block.register_autograd(_backward, setup_context=_setup)
+
+
+def drop_block_2d(x: Tensor, drop_prob: float = 0.1, block_size: int = 7, gamma_scale: float = 1.0,
+                  couple_channels: bool = True, scale_by_keep: bool = True, *, batchwise: bool = False,
+                  philox: Optional[Tensor] = None) -> Tensor:
+    """timm's ``drop_block_2d`` (training mode) with pybn's masks; ``philox`` as in
+    ``torch.ops.pybn.drop_block``. timm's ``with_noise`` and ``inplace`` are not supported."""
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"drop_prob: must be in [0, 1], got {drop_prob}")
+    y: Tensor = torch.ops.pybn.drop_block(x, drop_prob, block_size, philox, gamma_scale, couple_channels, batchwise,
+                                          scale_by_keep)[0]
+    return y
+
+
+class DropBlock2d(nn.Module):
+    """timm's ``DropBlock2d(drop_prob, block_size, gamma_scale, ..., couple_channels,
+    scale_by_keep)`` on pybn's masks; the identity in evaluation mode or for drop_prob 0.
+
+    Without a seed each training call draws one from torch's default CPU generator. With
+    ``seed=...`` the module keeps its own Philox stream as :class:`pybn.nn.DropBlock2d`:
+    rank r of `world_size` draws at ``offset + r * counters_used(m)`` (m seed elements)
+    and every rank advances ``offset`` by ``world_size * counters_used(m)``; with
+    ``batchwise=True`` every rank draws the one shared mask at ``offset``.
+    timm's ``with_noise=True`` and ``inplace=True`` are refused (ValueError).
+    """
+
+    def __init__(self, drop_prob: float = 0.1, block_size: int = 7, gamma_scale: float = 1.0,
+                 with_noise: bool = False, inplace: bool = False, couple_channels: bool = True,
+                 scale_by_keep: bool = True, *, batchwise: bool = False, seed: Optional[int] = None,
+                 rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob <= 1.0:
+            raise ValueError(f"drop_prob: must be in [0, 1], got {drop_prob}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size: must be an int >= 1, got {block_size!r}")
+        if with_noise:
+            raise ValueError("with_noise: timm's Gaussian noise in the dropped blocks is not supported by pybn")
+        if inplace:
+            raise ValueError("inplace: pybn's DropBlock2d writes a new tensor (autograd regenerates the mask)")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size: must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank: must be an int in [0, world_size), got {rank!r}")
+        self.drop_prob, self.block_size, self.gamma_scale = drop_prob, block_size, gamma_scale
+        self.couple_channels, self.scale_by_keep, self.batchwise = couple_channels, scale_by_keep, batchwise
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.offset_ = 0
+
+    @property
+    def seed(self) -> Optional[int]:
+        """The pinned Philox seed, or None: a fresh seed from torch's generator per call."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, seed: Optional[int]) -> None:
+        self._seed = None if seed is None else _u64(seed, "seed")
+        self.offset_ = 0
+
+    @property
+    def offset(self) -> Optional[int]:
+        """The Philox offset of the next training call (pinned seed only, else None)."""
+        return None if self._seed is None else self.offset_
+
+    @offset.setter
+    def offset(self, offset: int) -> None:
+        if self._seed is None:
+            raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
+        self.offset_ = _u64(offset, "offset")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        args = (self.gamma_scale, self.couple_channels, self.scale_by_keep)
+        if self._seed is None:
+            return drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise)
+        if x.dim() != 4:
+            raise ValueError(f"x: DropBlock needs a 4-d (N, C, H, W) tensor, got {x.dim()} dimensions")
+        noise = pybn.dropblock.drop_block_noise_shape(tuple(x.shape), couple_channels=self.couple_channels,
+                                            batchwise=self.batchwise)
+        used = pybn.counters_used(noise[0] * noise[1] * noise[2] * noise[3])
+        rank, stride = (0, 1) if self.batchwise else (self.rank, self.world_size)
+        offset = (self.offset_ + rank * used) % _U64
+        philox = torch.tensor([_as_int64(self._seed), _as_int64(offset)], dtype=torch.int64)
+        y = drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise, philox=philox)
+        self.offset_ = (self.offset_ + stride * used) % _U64
+        return y
+
+    def extra_repr(self) -> str:
+        text = (f"drop_prob={self.drop_prob}, block_size={self.block_size}, gamma_scale={self.gamma_scale}, "
+                f"couple_channels={self.couple_channels}, scale_by_keep={self.scale_by_keep}, "
+                f"batchwise={self.batchwise}")
+        return text if self._seed is None else f"{text}, seed={self._seed}"
