@@ -193,6 +193,53 @@ def numpy_2d(case: DropoutCase) -> Timed:
                  lambda r: _check_dropped("numpy Dropout2d recipe", r, case, per_channel=True))
 
 
+# ----------------------------------------------------------------------------- drop path
+
+def _check_rows(what: str, y: Any, case: DropoutCase) -> None:
+    """Stochastic depth with a draw of its own: each sample all zeros or x * scale, some of each
+    (with p = 0.5 and 32 samples, all kept or all dropped has probability 2**-31)."""
+    y = np.asarray(y)
+    kept = (y != 0).reshape(y.shape[0], -1).any(axis=1)
+    for n in range(y.shape[0]):
+        want = case.x[n] * case.scale if kept[n] else np.zeros_like(case.x[n])
+        _fail_unless(np.allclose(y[n], want), f"{what}: sample {n} is neither dropped nor scaled")
+    _fail_unless(0 < kept.mean() < 1, f"{what} keeps {kept.mean():.3f} of the samples")
+
+
+def pybn_drop_path(case: DropoutCase) -> Timed:
+    import pybn
+
+    x, y = case.x, case.y
+    rows = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = _unpack(pybn.dropout_mask(rows, P, seed=SEED), rows)
+    expected = np.where(keep, x * case.scale, np.float32(0))
+    return Timed(lambda: pybn.drop_path(x, P, seed=SEED, out=y),
+                 lambda r: _check_equal("pybn.drop_path", r, expected))
+
+
+def torch_drop_path(case: DropoutCase) -> Timed:
+    """torchvision's ``stochastic_depth(x, p, "row")`` (timm's ``drop_path`` is the same
+    recipe): a per-sample ``bernoulli_`` divided by the survival rate, times x."""
+    import torch
+
+    xt = torch.from_numpy(case.x)
+    rows = [xt.shape[0]] + [1] * (xt.ndim - 1)
+
+    def stochastic_depth() -> Any:
+        noise = torch.empty(rows, dtype=xt.dtype).bernoulli_(1 - P)
+        noise.div_(1 - P)
+        return xt * noise
+
+    return Timed(stochastic_depth, lambda r: _check_rows("torchvision stochastic_depth", r.numpy(), case))
+
+
+def numpy_drop_path(case: DropoutCase) -> Timed:
+    x, rng, f32 = case.x, case.rng, np.float32
+    rows = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return Timed(lambda: x * ((rng.random(rows, dtype=f32) >= P) / f32(1 - P)),
+                 lambda r: _check_rows("numpy drop path recipe", r, case))
+
+
 # ----------------------------------------------------------------------------- DropBlock
 
 BLOCK = 7   # DropBlock's block size (the paper's and timm's default)
@@ -319,5 +366,7 @@ def render(result: Result, meta: Result | None = None) -> str:
                  " alpha: pybn.alpha_dropout vs torch nn.AlphaDropout; g-drop / g-noise:"
                  " pybn.gaussian_dropout(x, 0.5) / gaussian_noise(x, 0.5) vs x * (1 + randn) / x + 0.5 * randn"
                  " (torch randn_like, NumPy standard_normal);"
+                 " drop_path: pybn.drop_path(x, p, seed=, out=y) vs torchvision's stochastic_depth recipe"
+                 " (x * bernoulli_(1 - p) / (1 - p) per sample);"
                  f" dropblock: pybn.drop_block(x, p, block_size={BLOCK}, out=y) vs timm's drop_block_2d.")
     return "\n".join(lines)

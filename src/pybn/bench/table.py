@@ -93,6 +93,10 @@ DROPOUT_KERNELS = (
         Impl("pybn", "pybn", dropout_bench.pybn_2d),
         Impl("torch", "torch", dropout_bench.torch_2d),
         Impl("numpy", "numpy", dropout_bench.numpy_2d)), bound=COPY),
+    Kernel("drop_path", "stochastic depth forward (mode row)", (
+        Impl("pybn", "pybn", dropout_bench.pybn_drop_path),
+        Impl("torch", "torch", dropout_bench.torch_drop_path),
+        Impl("numpy", "numpy", dropout_bench.numpy_drop_path)), bound=COPY),
     Kernel("dropblock", "DropBlock forward", (   # timm's drop_block_2d when timm is installed
         Impl("pybn", "pybn", dropout_bench.pybn_dropblock),
         Impl("timm", "torch", dropout_bench.timm_dropblock,
