@@ -76,6 +76,15 @@ def run_all(a, out):
     if x.ndim == 4:
         r["drop_block"] = pybn.drop_block(x, 0.3, block_size=3, seed=a["seed"], offset=a["offset"], axis=axis)
         r["drop_block.per-channel"] = pybn.drop_block(x, 0.3, block_size=4, seed=a["seed"], couple_channels=False)
+    r["alpha_dropout"] = pybn.alpha_dropout(x, 0.3, seed=a["seed"], offset=a["offset"])
+    r["alpha_dropout_backward"] = pybn.alpha_dropout_backward(dy, 0.3, seed=a["seed"], offset=a["offset"])
+    r["gaussian_dropout"] = pybn.gaussian_dropout(x, 0.3, seed=a["seed"], offset=a["offset"])
+    r["gaussian_noise"] = pybn.gaussian_noise(x, 0.5, seed=a["seed"], offset=a["offset"])
+    res = pybn.batch_norm_train(x, a["w"], a["b"], axis=axis, relu=True, residual=dy)
+    r["residual.train"] = res.y
+    r["residual.infer"] = pybn.batch_norm_infer(x, a["rm"], a["rv"], a["w"], a["b"], axis=axis, relu=True, residual=dy)
+    g = pybn.batch_norm_backward(dy, x, res.mean, res.invstd, a["w"], axis=axis, y=res.y, residual=True)
+    r["residual.dx"], r["residual.d_residual"] = g.dx, g.d_residual
     r["fold_conv.w"], r["fold_conv.b"] = pybn.fold_conv_bn(a["conv_w"], a["b"], a["rm"], a["rv"], a["w"], a["b"])
     r["fold_linear.w"], r["fold_linear.b"] = pybn.fold_bn_linear(a["lin_w"], None, a["rm"], a["rv"], a["w"], a["b"])
     return r
