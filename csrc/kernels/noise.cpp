@@ -226,7 +226,7 @@ template <class S, class T>
 void alpha_dropout(const AlphaDropoutArgs<S>& a) {
   using V = Vec<T>;
   const T at = static_cast<T>(a.a), bt = static_cast<T>(a.b), ct = static_cast<T>(a.c);
-  const V scale = V::set1(at), shift = V::set1(bt), dropped = V::set1(bt - ct), one = V::set1(T(1));
+  const V scale = V::set1(at), shift = V::set1(bt), dropped = V::set1(bt - ct);
   const KeepGroup group{a.threshold};
   over_groups<S, T, KeepGroup>(a.n, [&](auto stream, i64 gb, i64 start, i64 end) {
     GroupStream<KeepGroup> keep(a.seed, a.offset, gb, group);
@@ -234,8 +234,7 @@ void alpha_dropout(const AlphaDropoutArgs<S>& a) {
       std::uint64_t word;
       std::memcpy(&word, bytes + at / 8, 8);
       const auto bits = static_cast<std::uint32_t>(word >> (at % 8)) & ((std::uint32_t(1) << V::W) - 1);
-      const V kept = load_n<T>(a.x + i, n) * scale + shift;
-      return scale_where(bits, kept, one) + scale_where(~bits, dropped, one);
+      return select_bits(bits, load_n<T>(a.x + i, n) * scale + shift, dropped);
     });
   });
 }

@@ -122,6 +122,9 @@ struct Vec<float> {
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {_mm256_and_ps(_mm256_castsi256_ps(detail::bit_mask32(bits)), _mm256_mul_ps(a.v, s.v))};
   }
+  friend Vec select_bits(std::uint32_t bits, Vec a, Vec b) {
+    return {_mm256_blendv_ps(b.v, a.v, _mm256_castsi256_ps(detail::bit_mask32(bits)))};
+  }
   // a * b rounded to odd (toward zero, the last bit set when inexact): the rounded product
   // stepped toward zero where its error (exact, from an FMA) has the other sign. Exact for
   // products that do not underflow (those of 16-bit values and a scale >= 1).
@@ -178,6 +181,9 @@ struct Vec<double> {
   }
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {_mm256_and_pd(_mm256_castsi256_pd(detail::bit_mask64(bits)), _mm256_mul_pd(a.v, s.v))};
+  }
+  friend Vec select_bits(std::uint32_t bits, Vec a, Vec b) {
+    return {_mm256_blendv_pd(b.v, a.v, _mm256_castsi256_pd(detail::bit_mask64(bits)))};
   }
   double reduce_add() const {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));

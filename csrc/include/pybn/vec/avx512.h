@@ -94,6 +94,9 @@ struct Vec<float> {
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {_mm512_maskz_mul_ps(static_cast<__mmask16>(bits), a.v, s.v)};
   }
+  friend Vec select_bits(std::uint32_t bits, Vec a, Vec b) {
+    return {_mm512_mask_blend_ps(static_cast<__mmask16>(bits), b.v, a.v)};
+  }
 };
 
 template <>
@@ -128,6 +131,9 @@ struct Vec<double> {
   double reduce_add() const { return _mm512_reduce_add_pd(v); }
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {_mm512_maskz_mul_pd(static_cast<__mmask8>(bits), a.v, s.v)};
+  }
+  friend Vec select_bits(std::uint32_t bits, Vec a, Vec b) {
+    return {_mm512_mask_blend_pd(static_cast<__mmask8>(bits), b.v, a.v)};
   }
 };
 

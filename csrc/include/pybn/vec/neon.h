@@ -137,6 +137,7 @@ struct Vec<float> {
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {vreinterpretq_f32_u32(vandq_u32(detail::bit_mask32(bits), vreinterpretq_u32_f32(vmulq_f32(a.v, s.v))))};
   }
+  friend Vec select_bits(std::uint32_t bits, Vec a, Vec b) { return {vbslq_f32(detail::bit_mask32(bits), a.v, b.v)}; }
   // a * b rounded to odd (toward zero, the last bit set when inexact): the rounded product
   // stepped toward zero where its error (exact, from an FMA) has the other sign. Exact for
   // products that do not underflow (those of 16-bit values and a scale >= 1).
@@ -192,6 +193,7 @@ struct Vec<double> {
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {vreinterpretq_f64_u64(vandq_u64(detail::bit_mask64(bits), vreinterpretq_u64_f64(vmulq_f64(a.v, s.v))))};
   }
+  friend Vec select_bits(std::uint32_t bits, Vec a, Vec b) { return {vbslq_f64(detail::bit_mask64(bits), a.v, b.v)}; }
   double reduce_add() const { return vaddvq_f64(v); }
 };
 

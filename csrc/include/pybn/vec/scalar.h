@@ -106,6 +106,19 @@ struct Vec {
     }
     return a;
   }
+  // a in the lanes whose bit is set, b elsewhere; a bitwise select, as scale_where.
+  friend Vec select_bits(std::uint32_t bits, Vec a, const Vec& b) {
+    using Bits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+    for (int i = 0; i < W; ++i) {
+      Bits wa, wb;
+      std::memcpy(&wa, &a.v[i], sizeof wa);
+      std::memcpy(&wb, &b.v[i], sizeof wb);
+      const Bits m = Bits(0) - Bits((bits >> i) & 1u);
+      wa = (wa & m) | (wb & ~m);
+      std::memcpy(&a.v[i], &wa, sizeof wa);
+    }
+    return a;
+  }
   // a * b rounded to odd (toward zero, the last bit set when inexact), for T = float: in
   // double, exact for the products of a 16-bit value and a float (half.h, to_odd_float).
   friend Vec mul_round_to_odd(Vec a, const Vec& b) {
