@@ -180,7 +180,8 @@ BATCH_NORM = Section("batch norm", None, make_cells("batch norm", SHAPES, BATCH_
 DROPOUT = Section("dropout", "dropout",
                   make_cells("dropout", [SHAPE["A"]], DROPOUT_KERNELS)
                   + make_cells("dropout", [SHAPE["A"]], NOISE_KERNELS)
-                  + make_cells("dropout", [SHAPE["L"]], DROPOUT_KERNELS[:3]),   # Dropout2d, DropBlock on A only
+                  # Dropout2d, drop_path, DropBlock on A only
+                  + make_cells("dropout", [SHAPE["L"]], DROPOUT_KERNELS[:3]),
                   dropout_bench.run, dropout_bench.render)
 HALF = Section("16-bit", "half",
                tuple(cell for h in HALF_SHAPES
