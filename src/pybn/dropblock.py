@@ -179,7 +179,8 @@ def drop_block(x: Any, p: float, *, block_size: int, seed: int, offset: int = 0,
     if x.size == 0:
         return y
     scale = (math.prod(noise) / kept if kept else 0.0) if scale_by_keep else 1.0
+    mask_shape: tuple[int, ...] = noise
     if channels_last:
-        keep, noise = _to_channels_last(keep, noise)
-    apply_mask(x, keep, noise, scale, y)
+        keep, mask_shape = _to_channels_last(keep, noise)
+    apply_mask(x, keep, mask_shape, scale, y)
     return y

@@ -1072,7 +1072,7 @@ class DropBlock2d(_Layer):
         used = counters_used(math.prod(noise))
         offset, stride = (self.offset, used) if self.batchwise else \
             ((self.offset + self.rank * used) % _U64, self.world_size * used)
-        kwargs = dict(p=self.p, block_size=self.block_size, seed=self.seed, offset=offset,
+        kwargs: dict[str, Any] = dict(p=self.p, block_size=self.block_size, seed=self.seed, offset=offset,
                       gamma_scale=self.gamma_scale, couple_channels=self.couple_channels,
                       batchwise=self.batchwise, scale_by_keep=self.scale_by_keep)
         y = drop_block(array, **kwargs)
