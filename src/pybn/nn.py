@@ -584,9 +584,7 @@ class Dropout(_Layer):
 
     def __init__(self, p: float = 0.5, *, seed: int | None = None, noise_shape: Any = None) -> None:
         self.p = p
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
-        self.seed = _u64(seed, "seed")
+        self.seed = _seed_or_entropy(seed)
         self.noise_shape = _noise_shape(noise_shape)
         self.offset = 0
         self.training = True
@@ -688,6 +686,23 @@ def _u64(value: Any, name: str) -> int:
     return v
 
 
+def _seed_or_entropy(seed: Any) -> int:
+    """`seed` checked, or (None) a fresh one from the operating system's entropy."""
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+    return _u64(seed, "seed")
+
+
+def _rank_and_world_size(rank: Any, world_size: Any) -> tuple[int, int]:
+    w = integer(world_size, "world_size")
+    if w < 1:
+        raise ValueError(f"world_size: must be >= 1, got {w}")
+    r = integer(rank, "rank")
+    if not 0 <= r < w:
+        raise ValueError(f"rank: must be in [0, world_size) = [0, {w}), got {r}")
+    return r, w
+
+
 # --------------------------------------------------------------------------- DropPath
 
 class DropPath(_Layer):
@@ -728,15 +743,8 @@ class DropPath(_Layer):
         self.p = p
         drop_path_noise_shape((1,), mode)  # checks mode
         self.mode = mode
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
-        self.seed = _u64(seed, "seed")
-        self.world_size = integer(world_size, "world_size")
-        if self.world_size < 1:
-            raise ValueError(f"world_size: must be >= 1, got {self.world_size}")
-        self.rank = integer(rank, "rank")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank: must be in [0, world_size) = [0, {self.world_size}), got {self.rank}")
+        self.seed = _seed_or_entropy(seed)
+        self.rank, self.world_size = _rank_and_world_size(rank, world_size)
         self.offset = 0
         self.training = True
         # (p, seed, offset, mode, x's shape, x's dtype, training) of the last forward
@@ -795,9 +803,7 @@ class _NoiseLayer(_Layer):
     randomness from the saved ``(seed, offset)``."""
 
     def __init__(self, seed: int | None) -> None:
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
-        self.seed = _u64(seed, "seed")
+        self.seed = _seed_or_entropy(seed)
         self.offset = 0
         self.training = True
         # (the layer's parameter, seed, offset, x's shape, x's dtype, training) of the last forward
@@ -1029,15 +1035,8 @@ class DropBlock2d(_Layer):
         if not isinstance(scale_by_keep, (bool, np.bool_)):
             raise TypeError(f"scale_by_keep: must be a bool, got {type(scale_by_keep).__name__}")
         self.scale_by_keep = bool(scale_by_keep)
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
-        self.seed = _u64(seed, "seed")
-        self.world_size = integer(world_size, "world_size")
-        if self.world_size < 1:
-            raise ValueError(f"world_size: must be >= 1, got {self.world_size}")
-        self.rank = integer(rank, "rank")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank: must be in [0, world_size) = [0, {self.world_size}), got {self.rank}")
+        self.seed = _seed_or_entropy(seed)
+        self.rank, self.world_size = _rank_and_world_size(rank, world_size)
         self.offset = 0
         self.training = True
         # (keyword arguments of drop_block, x's shape, x's dtype) of the last forward; None

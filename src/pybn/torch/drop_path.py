@@ -14,10 +14,9 @@ from torch import Tensor, nn
 import pybn
 
 from . import ops as _ops  # noqa: F401  (registers the operators torch.ops.pybn.*)
+from .seeded import PinnedSeed, rank_and_world_size
 
 __all__ = ["stochastic_depth", "StochasticDepth", "DropPath"]
-
-_U64 = 2**64
 
 
 def _noise_shape(input: Tensor, mode: str) -> List[int]:
@@ -44,19 +43,7 @@ def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True, 
     return y
 
 
-def _u64(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
-    if not 0 <= value < _U64:
-        raise ValueError(f"{name}: must be in [0, 2**64), got {value}")
-    return value
-
-
-def _as_int64(value: int) -> int:
-    return value - _U64 if value >= 2**63 else value
-
-
-class StochasticDepth(nn.Module):
+class StochasticDepth(PinnedSeed, nn.Module):
     """``torchvision.ops.StochasticDepth(p, mode)`` on pybn's masks.
 
     Without a seed each training call draws one from torch's default CPU generator
@@ -74,34 +61,9 @@ class StochasticDepth(nn.Module):
             raise ValueError(f"p: drop probability has to be between 0 and 1, got {p}")
         if mode not in ("row", "batch"):
             raise ValueError(f"mode: must be 'row' or 'batch', got {mode!r}")
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size: must be an int >= 1, got {world_size!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank: must be an int in [0, world_size), got {rank!r}")
-        self.p, self.mode, self.rank, self.world_size = p, mode, rank, world_size
+        self.rank, self.world_size = rank_and_world_size(rank, world_size)
+        self.p, self.mode = p, mode
         self.seed = seed
-        self.offset_ = 0
-
-    @property
-    def seed(self) -> Optional[int]:
-        """The pinned Philox seed, or None: a fresh seed from torch's generator per call."""
-        return self._seed
-
-    @seed.setter
-    def seed(self, seed: Optional[int]) -> None:
-        self._seed = None if seed is None else _u64(seed, "seed")
-        self.offset_ = 0
-
-    @property
-    def offset(self) -> Optional[int]:
-        """The Philox offset of the next training call (pinned seed only, else None)."""
-        return None if self._seed is None else self.offset_
-
-    @offset.setter
-    def offset(self, offset: int) -> None:
-        if self._seed is None:
-            raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
-        self.offset_ = _u64(offset, "offset")
 
     def forward(self, input: Tensor) -> Tensor:
         noise = _noise_shape(input, self.mode)
@@ -111,10 +73,8 @@ class StochasticDepth(nn.Module):
             return stochastic_depth(input, self.p, self.mode, True)
         used = pybn.counters_used(noise[0] if self.mode == "row" else 1)
         rank, stride = (self.rank, self.world_size) if self.mode == "row" else (0, 1)
-        offset = (self.offset_ + rank * used) % _U64
-        philox = torch.tensor([_as_int64(self._seed), _as_int64(offset)], dtype=torch.int64)
-        y = stochastic_depth(input, self.p, self.mode, True, philox=philox)
-        self.offset_ = (self.offset_ + stride * used) % _U64
+        y = stochastic_depth(input, self.p, self.mode, True, philox=self._pinned_philox(rank * used))
+        self._advance(stride * used)
         return y
 
     def extra_repr(self) -> str:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 import pybn
 
 from ._layout import array, channels_last_physical, empty, in_layout, pybn_takes
-from .drop_path import _as_int64, _u64
+from .seeded import PinnedSeed, rank_and_world_size
 from .ops import _float_cpu_copy, draw_philox
 
 __all__ = ["drop_block_2d", "DropBlock2d"]
@@ -79,7 +79,7 @@ def drop_block_2d(x: Tensor, drop_prob: float = 0.1, block_size: int = 7, gamma_
     return y
 
 
-class DropBlock2d(nn.Module):
+class DropBlock2d(PinnedSeed, nn.Module):
     """timm's ``DropBlock2d(drop_prob, block_size, gamma_scale, ..., couple_channels,
     scale_by_keep)`` on pybn's masks; the identity in evaluation mode or for drop_prob 0.
 
@@ -104,36 +104,10 @@ class DropBlock2d(nn.Module):
             raise ValueError("with_noise: timm's Gaussian noise in the dropped blocks is not supported by pybn")
         if inplace:
             raise ValueError("inplace: pybn's DropBlock2d writes a new tensor (autograd regenerates the mask)")
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size: must be an int >= 1, got {world_size!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank: must be an int in [0, world_size), got {rank!r}")
         self.drop_prob, self.block_size, self.gamma_scale = drop_prob, block_size, gamma_scale
         self.couple_channels, self.scale_by_keep, self.batchwise = couple_channels, scale_by_keep, batchwise
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = rank_and_world_size(rank, world_size)
         self.seed = seed
-        self.offset_ = 0
-
-    @property
-    def seed(self) -> Optional[int]:
-        """The pinned Philox seed, or None: a fresh seed from torch's generator per call."""
-        return self._seed
-
-    @seed.setter
-    def seed(self, seed: Optional[int]) -> None:
-        self._seed = None if seed is None else _u64(seed, "seed")
-        self.offset_ = 0
-
-    @property
-    def offset(self) -> Optional[int]:
-        """The Philox offset of the next training call (pinned seed only, else None)."""
-        return None if self._seed is None else self.offset_
-
-    @offset.setter
-    def offset(self, offset: int) -> None:
-        if self._seed is None:
-            raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
-        self.offset_ = _u64(offset, "offset")
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.drop_prob == 0.0:
@@ -147,10 +121,9 @@ class DropBlock2d(nn.Module):
                                             batchwise=self.batchwise)
         used = pybn.counters_used(noise[0] * noise[1] * noise[2] * noise[3])
         rank, stride = (0, 1) if self.batchwise else (self.rank, self.world_size)
-        offset = (self.offset_ + rank * used) % _U64
-        philox = torch.tensor([_as_int64(self._seed), _as_int64(offset)], dtype=torch.int64)
-        y = drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise, philox=philox)
-        self.offset_ = (self.offset_ + stride * used) % _U64
+        y = drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise,
+                          philox=self._pinned_philox(rank * used))
+        self._advance(stride * used)
         return y
 
     def extra_repr(self) -> str:

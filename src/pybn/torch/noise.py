@@ -24,6 +24,7 @@ import pybn
 
 from ._layout import array, channels_last_physical, empty, in_layout, pybn_takes
 from .ops import _float_cpu_copy, draw_philox
+from .seeded import PinnedSeed
 
 __all__ = ["alpha_dropout", "gaussian_dropout", "gaussian_noise", "AlphaDropout", "GaussianDropout",
            "GaussianNoise"]
@@ -173,59 +174,20 @@ def gaussian_noise(input: Tensor, stddev: float, training: bool = True, *, philo
 
 # --------------------------------------------------------------------------- modules
 
-def _u64(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
-    if not 0 <= value < 2**64:
-        raise ValueError(f"{name}: must be in [0, 2**64), got {value}")
-    return value
-
-
-def _as_int64(value: int) -> int:
-    return value - 2**64 if value >= 2**63 else value
-
-
-class _SeededNoise:
+class _SeededNoise(PinnedSeed):
     """The optional pinned Philox stream of the noise modules, as pybn.torch.nn.Dropout's:
     without a seed each training call draws one from torch's default CPU generator; with
     ``seed=...`` call i uses ``(seed, offset)`` and advances ``offset`` by the counters it
     used (``pybn.counters_used(n)`` for alpha dropout, ``pybn.normal_counters_used(n)``
     for the Gaussian modules)."""
 
-    _offset = 0
-    _seed: Optional[int] = None
-
-    @property
-    def seed(self) -> Optional[int]:
-        """The pinned Philox seed, or None: a fresh seed from torch's generator per call."""
-        return self._seed
-
-    @seed.setter
-    def seed(self, seed: Optional[int]) -> None:
-        self._seed = None if seed is None else _u64(seed, "seed")
-        self._offset = 0
-
-    @property
-    def offset(self) -> Optional[int]:
-        """The Philox offset of the next training call (pinned seed only, else None)."""
-        return None if self._seed is None else self._offset
-
-    @offset.setter
-    def offset(self, offset: int) -> None:
-        if self._seed is None:
-            raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
-        self._offset = _u64(offset, "offset")
-
     def _philox(self, n: int, counters: Any) -> Optional[Tensor]:
         """This call's [seed, offset] (None without a pinned seed); advances offset."""
         if self._seed is None:
             return None
-        philox = torch.tensor([_as_int64(self._seed), _as_int64(self._offset)], dtype=torch.int64)
-        self._offset = (self._offset + counters(n)) % 2**64
+        philox = self._pinned_philox()
+        self._advance(counters(n))
         return philox
-
-    def _seed_repr(self) -> str:
-        return "" if self._seed is None else f", seed={self._seed}"
 
 
 class AlphaDropout(_SeededNoise, nn.AlphaDropout):
