@@ -132,3 +132,22 @@ def test_every_length_and_offset(isa, bfloat16):
             want = (out[off:off + n].view(BF16) if bfloat16 else out[off:off + n].view(np.float16)).astype(np.float32)
             np.testing.assert_array_equal(back[off:off + n], want)
             assert (back[:off] == 7).all() and (back[off + n:] == 7).all()
+
+
+def test_bfloat16_subnormals_among_normals_and_zeros(isa):
+    """The avx512bf16 path rounds with vcvtneps2bf16, which reads subnormal inputs as zero,
+    and sends a vector holding one to the integer rounding: one subnormal at each lane of
+    a vector of normals, and vectors of normals and signed zeros only (the fast branch), give
+    ml_dtypes' bits on every path. 0x007FFFFF rounds up to the smallest normal, 0x00008000
+    is a tie that goes to even (0), 0x00018000 a tie that goes up."""
+    rng = np.random.default_rng(5)
+    for sub in (0x00000001, 0x00008000, 0x00018000, 0x007FFFFF, 0x80400000):
+        for lane in range(32):
+            v = rng.standard_normal(32).astype(np.float32)
+            v[lane] = f32(sub)
+            np.testing.assert_array_equal(narrow(v, True), expected_narrow(v, True))
+    v = rng.standard_normal(64).astype(np.float32)
+    v[::3] = 0.0
+    v[1::5] = -0.0
+    np.testing.assert_array_equal(narrow(v, True), expected_narrow(v, True))
+    assert narrow(f32([0x007FFFFF, 0x00008000, 0x00018000]), True).tolist() == [0x0080, 0x0000, 0x0002]

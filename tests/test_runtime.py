@@ -25,7 +25,10 @@ def cpu_flags():
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    # Linux spells AVX-512 sub-features with an underscore (avx512_bf16) where
+                    # GCC's __builtin_cpu_supports, and so pybn._C.ISAS, does not (avx512bf16).
+                    names = line.split(":", 1)[1].split()
+                    return set(names) | {n.replace("avx512_", "avx512") for n in names}
     except OSError:  # pragma: no cover
         pass
     return None
@@ -96,6 +99,8 @@ def test_supported_isas_match_cpu():
         assert "avx512f" in flags
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
         assert "avx512" in isas
+    if "avx512bf16" in isas:
+        assert "avx512_bf16" in flags and "avx512" in isas
 
 
 def test_default_isa_is_the_best(tmp_path):

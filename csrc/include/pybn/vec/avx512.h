@@ -1,4 +1,6 @@
-// AVX-512 (F, BW, DQ, VL) implementation (512-bit), with mask registers for tails.
+// AVX-512 (F, BW, DQ, VL) implementation (512-bit), with mask registers for tails. The
+// avx512bf16 path compiles this header again, into its own namespace, with -mavx512bf16
+// (vec/avx512bf16.h): only the rounding to bfloat16 differs.
 #pragma once
 // GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() (`__m512 __Y = __Y;`) as the
 // ignored source operand of their builtins, and its -Wuninitialized/-Wmaybe-uninitialized
@@ -20,8 +22,12 @@
 // The RNG of philox.h is inlined into the kernels' loops on this path.
 #define PYBN_VEC_INLINE_RNG 1
 
+#ifndef PYBN_AVX512_NAMESPACE
+#define PYBN_AVX512_NAMESPACE avx512
+#endif
+
 namespace pybn {
-namespace avx512 {
+namespace PYBN_AVX512_NAMESPACE {
 
 template <class T>
 struct Vec;
@@ -40,8 +46,8 @@ struct Vec<float> {
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(float* p, std::int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
   void stream(float* p) const { _mm512_stream_ps(p, v); }
-  // 16-bit storage: float16 by vcvtph2ps/vcvtps2ph, bfloat16 by integer rounding (half.h
-  // gives the bits; vcvtneps2bf16 would flush subnormal inputs to zero).
+  // 16-bit storage: float16 by vcvtph2ps/vcvtps2ph; bfloat16 by integer rounding (half.h
+  // gives the bits), or by vcvtneps2bf16 where the path has AVX512_BF16 (to_bfloat16).
   static Vec load_widen(const Float16* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
   static Vec load_widen(const Float16* p, std::int64_t n) { return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p))}; }
   void store_narrow(Float16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_float16()); }
@@ -57,6 +63,18 @@ struct Vec<float> {
   void stream_narrow(BFloat16* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bfloat16()); }
   __m256i to_float16() const { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   __m256i to_bfloat16() const {
+#if defined(__AVX512BF16__)
+    // vcvtneps2bf16 rounds to nearest even and quiets NaN as the integer rounding below
+    // does, but reads subnormal inputs as zero: a vector holding one takes the integer
+    // rounding (activations rarely do; tests/test_half_conversions.py crosses both).
+    const __m512i b = _mm512_castps_si512(v);
+    const __mmask16 zero_exponent = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7F800000));
+    const __mmask16 subnormal = _mm512_mask_test_epi32_mask(zero_exponent, b, _mm512_set1_epi32(0x007FFFFF));
+    if (__builtin_expect(subnormal == 0, 1)) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#endif
+    return to_bfloat16_by_rounding();
+  }
+  __m256i to_bfloat16_by_rounding() const {
     const __m512i b = _mm512_castps_si512(v);
     const __m512i high = _mm512_srli_epi32(b, 16);
     const __m512i lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
@@ -216,5 +234,5 @@ struct Vec<std::uint64_t> {
 
 inline void stream_fence() { _mm_sfence(); }
 
-}  // namespace avx512
+}  // namespace PYBN_AVX512_NAMESPACE
 }  // namespace pybn
