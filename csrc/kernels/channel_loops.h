@@ -332,6 +332,8 @@ constexpr i64 kL2Share = 2;
 // The threads' blocks together use at most this fraction of the L3: a block must survive
 // what the other threads, and the prefetchers, bring in while it is normalized.
 constexpr i64 kL3Share = 4;
+// Rows of an L2-sized block shorter than this take an L3-sized block instead (channel_block).
+constexpr i64 kMinL2RowBytes = i64(64) << 10;
 // Below this (bytes read per pass), both passes run from the cache anyway.
 constexpr i64 kChannelBlockMinBytes = i64(24) << 20;
 
@@ -339,23 +341,31 @@ struct ChannelRange {
   i64 begin = 0, end = 0;
 };
 
-// Bytes of one block (every array the passes read), for channels of `per_channel` bytes
-// and blocks run on `threads` threads at once.
-inline i64 channel_block_bytes(i64 per_channel, i64 threads) {
-  const CacheSizes& cs = cache_sizes();
-  const i64 l2 = cs.l2_bytes / kL2Share;
-  return per_channel <= l2 ? l2 : cs.l3_bytes / (kL3Share * std::max<i64>(threads, 1));
-}
-
 // Channels per block for arrays of `bytes` per position (summed over the arrays read), or
 // 0 when the layout is not blocked (a decision on the shape alone).
+//
+// A block fills half of one core's L2 when a channel's slice fits there and the block's
+// rows (one per outer index, `block * inner` positions long) are at least kMinL2RowBytes;
+// otherwise a quarter of the L3 shared among the threads. Short rows defeat the
+// prefetchers, which start over at each row: on a 1 MB-L2 Zen 4, one-channel L2 blocks
+// (rows of 6-12 KB: A's float32 and L's float16 forward) trained 10-40% slower than L3
+// blocks, while L2 blocks with rows of 128-256 KB ((2..4, 512..1024, 64, 64)) trained and
+// ran the backward 10-25% faster (docs/performance.md).
 inline i64 channel_block(const Layout& L, i64 bytes) {
   if (use_period_mode(L) || L.channels < 4) return 0;
   const i64 per_channel = L.per_channel() * bytes;
   if (per_channel * L.channels < kChannelBlockMinBytes) return 0;
-  const i64 budget = channel_block_bytes(per_channel, threads_for(L.numel()));
   // at most C/16 channels: enough blocks for the threads to finish together
-  return std::clamp<i64>(std::min(budget / per_channel, L.channels / 16), 1, L.channels);
+  const auto channels_within = [&](i64 budget) {
+    return std::clamp<i64>(std::min(budget / per_channel, L.channels / 16), 1, L.channels);
+  };
+  const CacheSizes& cs = cache_sizes();
+  const i64 in_l2 = cs.l2_bytes / kL2Share;
+  if (per_channel <= in_l2) {
+    const i64 block = channels_within(in_l2);
+    if (block * L.inner * bytes >= kMinL2RowBytes) return block;
+  }
+  return channels_within(cs.l3_bytes / (kL3Share * std::max<i64>(threads_for(L.numel()), 1)));
 }
 
 // Slices of for_each_channel_block (for the scratch its callers allocate per slice).
