@@ -227,12 +227,20 @@ void apply_mask_span(const S* x, S* y, i64 len, const unsigned char* mask, i64 b
   const auto apply = [&](i64 at, std::uint64_t bits, const V& xv, i64 n) {
     put<kStream>(y + at, kept_scaled<S>(static_cast<std::uint32_t>(bits & kLanes), xv, scale), n);
   };
+  // The chunks below write whole lines (kChunk lanes are one or more), so, streaming, the
+  // head ends at a line boundary and streams nothing (for_each_vector says why).
   i64 i = 0;
-  const auto step = [&](i64 n) {
-    apply(i, mask_bits_at(mask, bytes, bit0 + i), load_n<T>(x + i, n), n);
+  const auto step = [&](i64 n, auto stream) {
+    put<decltype(stream)::value>(y + i, kept_scaled<S>(static_cast<std::uint32_t>(mask_bits_at(mask, bytes, bit0 + i) & kLanes),
+                                                        load_n<T>(x + i, n), scale),
+                                 n);
     i += n;
   };
-  if (const i64 nh = head_lanes<kStream>(y, len)) step(nh);
+  static_assert(kChunk * sizeof(S) % kLineBytes == 0, "chunks of whole lines");
+  if constexpr (kStream) {
+    const i64 head = std::min(len, lanes_to_line(y));
+    while (i < head) step(std::min(W, head - i), std::false_type{});
+  }
   for (; i + kChunk <= len && (bit0 + i) / 8 + 8 <= bytes; i += kChunk) {
     std::uint64_t word;
     std::memcpy(&word, mask + (bit0 + i) / 8, 8);
@@ -240,23 +248,16 @@ void apply_mask_span(const S* x, S* y, i64 len, const unsigned char* mask, i64 b
 #pragma GCC unroll 32
     for (i64 v = 0; v < kChunk; v += W) apply(i + v, word >> v, load_as<T>(x + i + v), W);
   }
-  while (i + W <= len) step(W);
-  if (i < len) step(len - i);
+  for_each_vector<kStream, T>(y + i, len - i, [&](i64, i64 n, auto stream) { step(n, stream); });
 }
 
 // y[j] = keep ? x[j] * scale : 0 for j < len (one bit for the whole run).
 template <bool kStream, class S, class T, class Sc>
 void apply_keep_run(const S* x, S* y, i64 len, bool keep, const Sc& scale) {
   using V = Vec<T>;
-  constexpr i64 W = V::W;
-  i64 i = 0;
-  const auto step = [&](i64 n) {
-    put<kStream>(y + i, keep ? kept_scaled<S>(~0u, load_n<T>(x + i, n), scale) : V::zero(), n);
-    i += n;
-  };
-  if (const i64 nh = head_lanes<kStream>(y, len)) step(nh);
-  while (i + W <= len) step(W);
-  if (i < len) step(len - i);
+  for_each_vector<kStream, T>(y, len, [&](i64 i, i64 n, auto stream) {
+    put<decltype(stream)::value>(y + i, keep ? kept_scaled<S>(~0u, load_n<T>(x + i, n), scale) : V::zero(), n);
+  });
 }
 
 template <bool kStream, class S, class T, class Sc>
