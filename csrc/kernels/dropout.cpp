@@ -224,16 +224,15 @@ void apply_mask_span(const S* x, S* y, i64 len, const unsigned char* mask, i64 b
   constexpr i64 W = V::W, kChunk = 32;
   constexpr std::uint64_t kLanes = (std::uint64_t(1) << W) - 1;
   // y[at, at + n) from x's values there and their bits (bit 0 first)
-  const auto apply = [&](i64 at, std::uint64_t bits, const V& xv, i64 n) {
-    put<kStream>(y + at, kept_scaled<S>(static_cast<std::uint32_t>(bits & kLanes), xv, scale), n);
+  // (stream: put's kStream; ordinary stores where a partial line would be streamed)
+  const auto apply = [&](i64 at, std::uint64_t bits, const V& xv, i64 n, auto stream) {
+    put<decltype(stream)::value>(y + at, kept_scaled<S>(static_cast<std::uint32_t>(bits & kLanes), xv, scale), n);
   };
   // The chunks below write whole lines (kChunk lanes are one or more), so, streaming, the
   // head ends at a line boundary and streams nothing (for_each_vector says why).
   i64 i = 0;
   const auto step = [&](i64 n, auto stream) {
-    put<decltype(stream)::value>(y + i, kept_scaled<S>(static_cast<std::uint32_t>(mask_bits_at(mask, bytes, bit0 + i) & kLanes),
-                                                        load_n<T>(x + i, n), scale),
-                                 n);
+    apply(i, mask_bits_at(mask, bytes, bit0 + i), load_n<T>(x + i, n), n, stream);
     i += n;
   };
   static_assert(kChunk * sizeof(S) % kLineBytes == 0, "chunks of whole lines");
@@ -246,7 +245,7 @@ void apply_mask_span(const S* x, S* y, i64 len, const unsigned char* mask, i64 b
     std::memcpy(&word, mask + (bit0 + i) / 8, 8);
     word >>= (bit0 + i) % 8;
 #pragma GCC unroll 32
-    for (i64 v = 0; v < kChunk; v += W) apply(i + v, word >> v, load_as<T>(x + i + v), W);
+    for (i64 v = 0; v < kChunk; v += W) apply(i + v, word >> v, load_as<T>(x + i + v), W, std::bool_constant<kStream>{});
   }
   for_each_vector<kStream, T>(y + i, len - i, [&](i64, i64 n, auto stream) { step(n, stream); });
 }
