@@ -493,9 +493,10 @@ struct Affine {
 // When some channel's scale (Affine::set) is not 1, x - mean is taken as fma(x, s, -mean
 // * s) and alpha divided by s (for the other channels s = 1: the same results to the bit).
 // Over the whole array, or over the channels of *range on the calling thread.
-template <class S, class T>
+// After each sample's rows of a range, after_sample(o) (pipelined_channel_blocks).
+template <class S, class T, class AfterSample = NoSampleHook>
 void normalize(const Layout& L, const S* x, const S* residual, const Affine<param_t<S>, T>& k, bool fuse_relu, S* y,
-               bool after_reduction, const ChannelRange* range = nullptr) {
+               bool after_reduction, const ChannelRange* range = nullptr, const AfterSample& after_sample = {}) {
   using V = Vec<T>;
   const ChannelRange r = range ? *range : ChannelRange{0, L.channels};
   bool scaled = false;
@@ -504,9 +505,9 @@ void normalize(const Layout& L, const S* x, const S* residual, const Affine<para
     constexpr int K = std::extent_v<std::remove_reference_t<decltype(coef)>>;
     if (fuse_relu)
       channel_apply_to<S, T, K>(L, coef, y, [op](i64 i, i64 n, const V* c) { return relu(op(i, n, c)); }, range,
-                                after_reduction);
+                                after_reduction, after_sample);
     else
-      channel_apply_to<S, T, K>(L, coef, y, op, range, after_reduction);
+      channel_apply_to<S, T, K>(L, coef, y, op, range, after_reduction, after_sample);
   };
   const auto apply = [&](const auto& coef, const auto& affine) {
     if (residual)
@@ -575,15 +576,23 @@ void bn_train(const BnTrainArgs<S>& a) {
   if (const i64 block = channel_block(L, sizeof(S))) {
     const i64 slices = channel_block_slices(L, block);
     SliceBuffers<Moments> moments(slices, block);
-    for_each_channel_block(L, block, slices, [&](i64 s, ChannelRange r) {
-      Moments* const m = moments[s];
-      std::fill(m, m + (r.end - r.begin), Moments{});
-      for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) {
-        merge_segment<S, T>(a.x + off, len, m[c - r.begin]);
-      });
-      for (i64 c = r.begin; c < r.end; ++c) finish(c, m[c - r.begin].mean, m[c - r.begin].m2);
-      normalize(L, a.x, a.residual, k, a.relu, a.y, true, &r);
-    });
+    pipelined_channel_blocks(
+        L, block, slices,
+        [&](i64 s, ChannelRange r, i64 o) {
+          Moments* const m = moments[s];
+          if (o == 0) std::fill(m, m + (r.end - r.begin), Moments{});
+          for_each_channel_segment(L, r, o, [&](i64 c, i64 off, i64 len) {
+            merge_segment<S, T>(a.x + off, len, m[c - r.begin]);
+          });
+        },
+        [&](i64 i, i64 n) { prefetch_lines(a.x, i, n, L.numel()); },
+        [&](i64 s, ChannelRange r) {
+          const Moments* const m = moments[s];
+          for (i64 c = r.begin; c < r.end; ++c) finish(c, m[c - r.begin].mean, m[c - r.begin].m2);
+        },
+        [&](i64, ChannelRange r, const auto& after_sample) {
+          normalize(L, a.x, a.residual, k, a.relu, a.y, true, &r, after_sample);
+        });
     return;
   }
   {  // freed before normalize allocates its tables
@@ -667,9 +676,10 @@ constexpr i64 kDxRows = MeanTable<param_t<S>, T>::kCopy ? 6 : 5;
 // added before its ReLU; dr may be dy itself (each lane is read before it is written). Its
 // stores are ordinary ones: dr's alignment relative to dx's, which the loops align for
 // streaming, is arbitrary.
-template <class S, class T, bool kMask, bool kResidual>
+// After each sample's rows of a range, after_sample(o) (pipelined_channel_blocks).
+template <class S, class T, bool kMask, bool kResidual, class AfterSample = NoSampleHook>
 void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, bool training, const GradSums& s, S* dx,
-                         S* dr, T* k, const ChannelRange* range = nullptr) {
+                         S* dr, T* k, const ChannelRange* range = nullptr, const AfterSample& after_sample = {}) {
   using V = Vec<T>;
   const Layout& L = a.layout;
   const i64 C = L.channels;
@@ -709,17 +719,17 @@ void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, boo
         [=](i64 i, i64 n, const V* c) {
           return fma(c[1], fma(load_n<T>(x + i, n), c[3], c[2]), fma(c[0], grad(i, n), c[4]));
         },
-        range, true);
+        range, true, after_sample);
   } else if (training) {
     const T* const coef[4] = {k_dy, k_x, mean.table(), k_0};
     channel_apply_to<S, T, 4>(
         L, coef, dx,
         [=](i64 i, i64 n, const V* c) { return fma(c[1], load_n<T>(x + i, n) - c[2], fma(c[0], grad(i, n), c[3])); },
-        range, true);
+        range, true, after_sample);
   } else {
     const T* const coef[1] = {k_dy};
     channel_apply_to<S, T, 1>(L, coef, dx, [=](i64 i, i64 n, const V* c) { return c[0] * grad(i, n); }, range,
-                              true);
+                              true, after_sample);
   }
 }
 
@@ -766,15 +776,27 @@ void backward_blocked(const BnBackwardArgs<S>& a, double* sum_g, double* sum_gxh
   const GradTerms<S, T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
   const GradSums s{sum_g, sum_gxhat, static_cast<double>(L.per_channel())};
   Buffer<T> k = make_buffer<T>(kDxRows<S, T> * L.channels);
-  for_each_channel_block(L, block, channel_block_slices(L, block), [&](i64, ChannelRange r) {
-    std::fill(sum_g + r.begin, sum_g + r.end, 0.0);
-    std::fill(sum_gxhat + r.begin, sum_gxhat + r.end, 0.0);
-    for_each_channel_segment(L, r, [&](i64 c, i64 off, i64 len) {
-      terms.add_segment(c, off, len, sum_g[c], sum_gxhat[c]);
-    });
-    store_param_grads(a, s, r);
-    backward_apply_impl<S, T, kMask, kResidual>(a, a.weight, a.training, s, a.dx, a.d_residual, k.get(), &r);
-  });
+  pipelined_channel_blocks(
+      L, block, channel_block_slices(L, block),
+      [&](i64, ChannelRange r, i64 o) {
+        if (o == 0) {
+          std::fill(sum_g + r.begin, sum_g + r.end, 0.0);
+          std::fill(sum_gxhat + r.begin, sum_gxhat + r.end, 0.0);
+        }
+        for_each_channel_segment(L, r, o, [&](i64 c, i64 off, i64 len) {
+          terms.add_segment(c, off, len, sum_g[c], sum_gxhat[c]);
+        });
+      },
+      [&](i64 i, i64 n) {
+        prefetch_lines(a.x, i, n, L.numel());
+        prefetch_lines(a.dy, i, n, L.numel());
+        if (kMask) prefetch_lines(a.y, i, n, L.numel());
+      },
+      [&](i64, ChannelRange r) { store_param_grads(a, s, r); },
+      [&](i64, ChannelRange r, const auto& after_sample) {
+        backward_apply_impl<S, T, kMask, kResidual>(a, a.weight, a.training, s, a.dx, a.d_residual, k.get(), &r,
+                                                    after_sample);
+      });
 }
 
 }  // namespace

@@ -363,6 +363,9 @@ constexpr i64 kL2Share = 2;
 // The threads' blocks together use at most this fraction of the L3: a block must survive
 // what the other threads, and the prefetchers, bring in while it is normalized.
 constexpr i64 kL3Share = 4;
+// Blocks a thread holds at once: the one being written and the next, being read
+// (pipelined_channel_blocks). The shares above are for both together.
+constexpr i64 kBlocksInFlight = 2;
 // Rows of an L2-sized block shorter than this take an L3-sized block instead (channel_block).
 constexpr i64 kMinL2RowBytes = i64(64) << 10;
 // Below this (bytes read per pass), both passes run from the cache anyway.
@@ -372,12 +375,18 @@ struct ChannelRange {
   i64 begin = 0, end = 0;
 };
 
+// What a pass over a block does after each sample's rows when nothing is pipelined with it.
+struct NoSampleHook {
+  void operator()(i64) const {}
+  void prefetch_for(i64, i64) const {}
+};
+
 // Channels per block for arrays of `bytes` per position (summed over the arrays read), or
 // 0 when the layout is not blocked (a decision on the shape alone).
 //
-// A block fills half of one core's L2 when a channel's slice fits there and the block's
-// rows (one per outer index, `block * inner` positions long) are at least kMinL2RowBytes;
-// otherwise a quarter of the L3 shared among the threads. Short rows defeat the
+// Two blocks (kBlocksInFlight) fill half of one core's L2 when a channel's slice fits in
+// a quarter and the block's rows (one per outer index, `block * inner` positions long) are
+// at least kMinL2RowBytes; otherwise the threads' blocks fill a quarter of the L3. Short rows defeat the
 // prefetchers, which start over at each row: on a 1 MB-L2 Zen 4, one-channel L2 blocks
 // (rows of 6-12 KB: A's float32 and L's float16 forward) trained 10-40% slower than L3
 // blocks, while L2 blocks with rows of 128-256 KB ((2..4, 512..1024, 64, 64)) trained and
@@ -391,58 +400,113 @@ inline i64 channel_block(const Layout& L, i64 bytes) {
     return std::clamp<i64>(std::min(budget / per_channel, L.channels / 16), 1, L.channels);
   };
   const CacheSizes& cs = cache_sizes();
-  const i64 in_l2 = cs.l2_bytes / kL2Share;
+  const i64 in_l2 = cs.l2_bytes / (kL2Share * kBlocksInFlight);
   if (per_channel <= in_l2) {
     const i64 block = channels_within(in_l2);
     if (block * L.inner * bytes >= kMinL2RowBytes) return block;
   }
-  return channels_within(cs.l3_bytes / (kL3Share * std::max<i64>(threads_for(L.numel()), 1)));
+  return channels_within(cs.l3_bytes / (kL3Share * kBlocksInFlight * std::max<i64>(threads_for(L.numel()), 1)));
 }
 
-// Slices of for_each_channel_block (for the scratch its callers allocate per slice).
+// Slices of pipelined_channel_blocks (for the scratch its callers allocate per slice).
 inline i64 channel_block_slices(const Layout& L, i64 block) {
   return slice_count((L.channels + block - 1) / block, L.numel());
 }
 
-// Calls f(slice, range) for every block of `block` channels, blocks spread over the
-// threads in `slices` (channel_block_slices) slices.
+// Calls segment(c, offset, length) for the rows of sample o of the channels in r, in memory
+// order, in segments of at most kBlockElements.
 template <class F>
-void for_each_channel_block(const Layout& L, i64 block, i64 slices, const F& f) {
-  const i64 blocks = (L.channels + block - 1) / block;
-  parallel_slices(blocks, L.numel(), slices, [&](i64 s, i64 b0, i64 b1) {
-    for (i64 b = b0; b < b1; ++b) f(s, ChannelRange{b * block, std::min(L.channels, (b + 1) * block)});
-  });
+void for_each_channel_segment(const Layout& L, ChannelRange r, i64 o, F&& segment) {
+  for (i64 c = r.begin; c < r.end; ++c) {
+    const i64 row = (o * L.channels + c) * L.inner;
+    for (i64 i = 0; i < L.inner; i += kBlockElements) segment(c, row + i, std::min(kBlockElements, L.inner - i));
+  }
 }
 
-// Calls segment(c, offset, length) for the rows of the channels in r, in memory order, in
-// segments of at most kBlockElements.
-template <class F>
-void for_each_channel_segment(const Layout& L, ChannelRange r, F&& segment) {
-  for (i64 o = 0; o < L.outer; ++o)
-    for (i64 c = r.begin; c < r.end; ++c) {
-      const i64 row = (o * L.channels + c) * L.inner;
-      for (i64 i = 0; i < L.inner; i += kBlockElements) segment(c, row + i, std::min(kBlockElements, L.inner - i));
+// Asks for the cache line of p[j] into the L2 once per line-sized group of elements, for
+// the groups that begin in [i, i + n): called per vector as a pass walks i upwards, one
+// request per line. Never past p[limit - 1].
+template <class S>
+inline void prefetch_lines(const S* p, i64 i, i64 n, i64 limit) {
+  constexpr i64 kLanes = std::max<i64>(1, kLineBytes / i64(sizeof(S)));
+  const i64 j = (i + kLanes - 1) / kLanes * kLanes;
+  if (j < i + n && j < limit) __builtin_prefetch(p + j, 0, 2);
+}
+
+// The reads of the next block that a pass over one block carries along
+// (pipelined_channel_blocks): after sample o's rows, the next block's statistics over
+// sample o; while element i is written, the lines of element i + ahead (the next block's
+// element in the same place) are requested.
+template <class Reduce, class Prefetch>
+struct NextBlockReads {
+  const Reduce& reduce;
+  const Prefetch& prefetch;
+  i64 slice;
+  ChannelRange next;
+  i64 ahead;
+  void operator()(i64 o) const { reduce(slice, next, o); }
+  void prefetch_for(i64 i, i64 n) const { prefetch(i + ahead, n); }
+};
+
+// The two passes of a blocked kernel over blocks of `block` channels, spread over the
+// threads in `slices` (channel_block_slices) slices and pipelined on each thread:
+// reduce(slice, r, o) reads sample o of block r for its statistics (o = 0 starts them),
+// finish(slice, r) turns them into the block's coefficients, and apply(slice, r, reads)
+// writes block r, calling reads(o) after sample o's rows and reads.prefetch_for(i, n) as
+// it writes elements [i, i + n). prefetch(i, n) requests the lines reduce will read at
+// elements [i, i + n) (prefetch_lines). So the next block's reads from memory are in flight
+// while the current block's writes drain, instead of waiting for them, and the statistics
+// then read from the L2: one trip over the bus for both passes. Every block's values
+// still meet in the same order.
+template <class Reduce, class Prefetch, class Finish, class Apply>
+void pipelined_channel_blocks(const Layout& L, i64 block, i64 slices, const Reduce& reduce, const Prefetch& prefetch,
+                              const Finish& finish, const Apply& apply) {
+  const i64 blocks = (L.channels + block - 1) / block;
+  const auto range = [&](i64 b) { return ChannelRange{b * block, std::min(L.channels, (b + 1) * block)}; };
+  parallel_slices(blocks, L.numel(), slices, [&](i64 s, i64 b0, i64 b1) {
+    if (b0 >= b1) return;
+    for (i64 o = 0; o < L.outer; ++o) reduce(s, range(b0), o);
+    finish(s, range(b0));
+    for (i64 b = b0; b < b1; ++b) {
+      const ChannelRange r = range(b);
+      if (b + 1 == b1) {
+        apply(s, r, NoSampleHook{});
+        break;
+      }
+      const ChannelRange next = range(b + 1);
+      apply(s, r, NextBlockReads<Reduce, Prefetch>{reduce, prefetch, s, next, (r.end - r.begin) * L.inner});
+      finish(s, next);
     }
+  });
 }
 
 // The elementwise pass (as channel_apply, row mode) over the rows of the channels in r,
 // on the calling thread.
-template <class S, class T, int K, class Op>
-void channel_apply_range(const Layout& L, const T* const (&coef)[K], S* out, const Op& op, ChannelRange r) {
+template <class S, class T, int K, class Op, class AfterSample>
+void channel_apply_range(const Layout& L, const T* const (&coef)[K], S* out, const Op& op, ChannelRange r,
+                         const AfterSample& after_sample) {
   with_streaming<S, T>(L.numel(), [&](auto stream) {
     for (i64 o = 0; o < L.outer; ++o) {
       const i64 begin = (o * L.channels + r.begin) * L.inner, end = (o * L.channels + r.end) * L.inner;
-      apply_rows<decltype(stream)::value, S, T, K>(L, coef, out, op, begin, end);
+      apply_rows<decltype(stream)::value, S, T, K>(
+          L, coef, out,
+          [&op, &after_sample](i64 i, i64 n, const Vec<T>* c) {
+            after_sample.prefetch_for(i, n);
+            return op(i, n, c);
+          },
+          begin, end);
+      after_sample(o);
     }
   });
 }
 
-// channel_apply over the whole array, or over the channels of *r on the calling thread.
-template <class S, class T, int K, class Op>
+// channel_apply over the whole array, or over the channels of *r on the calling thread,
+// calling after_sample(o) after each sample's rows (pipelined_channel_blocks).
+template <class S, class T, int K, class Op, class AfterSample = NoSampleHook>
 void channel_apply_to(const Layout& L, const T* const (&coef)[K], S* out, const Op& op, const ChannelRange* r,
-                      bool after_reduction) {
+                      bool after_reduction, const AfterSample& after_sample = {}) {
   if (r)
-    channel_apply_range(L, coef, out, op, *r);
+    channel_apply_range(L, coef, out, op, *r, after_sample);
   else
     channel_apply(L, coef, out, op, after_reduction);
 }
