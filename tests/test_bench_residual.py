@@ -47,7 +47,16 @@ def test_the_section_runs_every_cell_and_renders_it():
         assert list(rows) == ["train", "infer"]
         for row in rows.values():
             assert row["pybn_s"] > 0 and row["bound_s"] > 0 and set(row["peers"]) == {"torch", "numpy"}
+            assert row["floor_s"] == row["bound_s"]  # small arrays: x's second read is from the cache
             assert row["torch_variant"] in ("torch", "torch_in_place") and row["numpy_variant"] == "pybn+numpy"
     text = residual_bench.render(result)
     assert [line.split()[:2] for line in text.splitlines()[2:6]] == [
         ["n", "train"], ["n", "infer"], ["c", "train"], ["c", "infer"]]
+
+
+def test_the_floor_reads_channels_last_x_twice_only_in_training_past_the_l3():
+    cells = {(c.shape.name, c.kernel.name): c for c in table.RESIDUAL.cells}
+    assert residual_bench._reads_x_twice(cells["L'", "train"])  # 103 MB, past any L3 pybn reads
+    assert not residual_bench._reads_x_twice(cells["L'", "infer"])
+    assert not residual_bench._reads_x_twice(cells["L", "train"])  # channel blocks: the cache
+    assert not residual_bench._reads_x_twice(cells["A", "train"])

@@ -34,11 +34,13 @@ def test_cells_run_check_and_render(monkeypatch):
     for c in result["cells"]:
         assert "error" not in c, c
         assert c["reference_s"] > 0 and c["candidate_s"] > 0 and c["ratio"] == c["reference_s"] / c["candidate_s"]
+        assert len(c["page_faults"]) == 2 and all(n >= 0 for n in c["page_faults"])
     cnn = result["cells"][-1]
     stock, ours = cnn["shares"]
     assert 0 < stock["batch norm"] < 1 and 0 < stock["dropout"] < 1 and 0 < ours["dropout"] < 1
     text = torch_bench.render(result)
     assert "step, tutorial CNN" in text and "profile pybn" in text and len(lines) == 7
+    assert text.count("page faults per call: torch ") == 7
 
 
 def test_a_wrong_candidate_is_reported_not_timed(monkeypatch):
@@ -55,6 +57,20 @@ def test_a_wrong_candidate_is_reported_not_timed(monkeypatch):
     result = torch_bench.run(TINY, 1, 1, lambda _: None, torch_bench.select("batch norm fwd+bwd, A NCHW"))
     assert result["cells"][0]["error"].startswith("AssertionError: output differs from torch's")
     assert "ratio" not in result["cells"][0]
+
+
+def test_page_faults_count_the_fresh_pages_a_call_touches():
+    import mmap
+
+    pages = 2048
+
+    def touch_fresh_pages():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:  # anonymous: every page new, zeroed on first touch
+            for i in range(pages):
+                m[i * mmap.PAGESIZE] = 1
+
+    assert pages <= torch_bench._page_faults_per_call(touch_fresh_pages) <= pages + 64
+    assert torch_bench._page_faults_per_call(lambda: None) <= 16
 
 
 def test_every_cell_has_a_target_and_a_unique_name():

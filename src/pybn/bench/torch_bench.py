@@ -294,6 +294,9 @@ def run(cfg: TimingConfig, rounds: int, threads: int, progress: Callable[[str], 
             ref, cand = min(paired, key=lambda p: p[1].median)
             result.update(reference_s=ref.median, candidate_s=cand.median, ratio=ref.median / cand.median,
                           reference=ref.as_dict(samples=False), candidate=cand.as_dict(samples=False))
+            faults = [_page_faults_per_call(step) for step in (steps.reference, steps.candidate)]
+            if None not in faults:
+                result["page_faults"] = faults
             if cell.profile:
                 result["shares"] = [_shares(module, step) for module, step in
                                     zip(steps.modules, (steps.reference, steps.candidate))]
@@ -309,6 +312,24 @@ def run(cfg: TimingConfig, rounds: int, threads: int, progress: Callable[[str], 
 
 
 # --------------------------------------------------------------------------- profile
+
+
+def _page_faults_per_call(step: Callable[[], object], calls: int = 5) -> int | None:
+    """Median minor page faults of a call, right after the timed ones: the pages its tensors
+    got fresh from the kernel (each zeroed on first touch). glibc hands blocks past its mmap
+    threshold (32 MB at most) back to the kernel when they are freed, and smaller ones
+    depending on its heap's state, so a step may fault on every page of its outputs
+    (docs/pytorch.md). None where getrusage is missing."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    counts = []
+    for _ in range(calls):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sorted(counts)[calls // 2]
 
 def _shares(model: Any, step: Callable[[], object], steps: int = 3) -> dict[str, float]:
     """Shares of the step's time inside batch-norm and dropout modules (their forward and
@@ -372,11 +393,16 @@ def render(result: Result, meta: Result | None = None) -> str:
         for label, shares in zip(r["labels"], r.get("shares", ())):
             lines.append(f"{'':<4}profile {label:<10}: step {fmt_time(shares['step_s'])}, batch norm "
                          f"{100 * shares['batch norm']:.1f}%, dropout {100 * shares['dropout']:.1f}%")
+        if "page_faults" in r:
+            lines.append(f"{'':<4}page faults per call: {r['labels'][0]} {r['page_faults'][0]}, "
+                         f"{r['labels'][1]} {r['page_faults'][1]}")
         if r.get("note"):
             lines.append(f"{'':<4}{r['note']}")
     lines.append("operators: nn.BatchNorm2d(C) / nn.Dropout(0.5) in training mode, y = m(x); y.backward(dy); "
                  "steps: forward, loss, backward, SGD; profile shares from torch.profiler, time inside the modules' "
-                 "forward and backward (module hooks) over the step.")
+                 "forward and backward (module hooks) over the step. Page faults: minor faults per call (median of 5 "
+                 "after the timed calls), each a fresh page the kernel zeroed: the allocator's state, not the kernels "
+                 "(docs/pytorch.md, 'Memory allocator').")
     return "\n".join(lines)
 
 
