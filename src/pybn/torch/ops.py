@@ -24,8 +24,11 @@ Why ``torch.library.custom_op`` (Python) and not ``TORCH_LIBRARY`` (C++): the ke
 reached through pybn's own Python functions on zero-copy NumPy views of CPU tensors
 (``tensor.numpy()``), so the compiled extension links no libtorch and one wheel serves
 every torch version (a C++ registration would tie the wheel to one torch ABI). The cost
-is the Python dispatch, some microseconds per call, which is small next to the memory
-passes of the tensors this is meant for. Fake implementations give shapes, dtypes and
+is the Python dispatch: on the Zen 4 machine of docs/pytorch.md a call of
+``torch.ops.pybn.batch_norm_train`` on a tiny tensor takes about 72 us (27 us of it in the
+implementation below, 4 us in pybn's NumPy function), against 19 us for the forward of
+torch's own ``nn.BatchNorm1d``: nothing beside the passes over tensors of some MB, a few
+percent of a step of small layers (docs/pytorch.md, "Where the time goes"). Fake implementations give shapes, dtypes and
 strides without running anything, so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` keep the operators in the graph; at run time the compiled graph calls the
 same kernels (and the same seed draw) as eager mode.
