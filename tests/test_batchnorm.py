@@ -883,8 +883,8 @@ def test_channels_last_few_channels_accurate(isa, rng):
 BLOCKED_CASES = [((8, 16, 256, 200), 1, np.float32),    # 1.6 MB a channel: L3 blocks
                  ((4, 20, 100, 501), 1, np.float64),
                  ((2, 8, 3, 140000), 1, np.float32),    # 3.4 MB a channel, past an L3 block
-                 ((8, 512, 40, 40), 1, np.float32),     # 51 KB a channel: 10 in the L2, rows of 64 KB
-                 ((2, 1024, 64, 64), 1, np.float32),    # 32 KB a channel: L2 blocks on any L2 >= 256 KB
+                 ((8, 512, 40, 40), 1, np.float32),     # 51 KB a channel: L2 blocks' rows too short, L3 blocks
+                 ((2, 1024, 64, 64), 1, np.float32),    # 32 KB a channel: L2 blocks on any L2 >= 512 KB
                  ((24, 64, 96, 96), 1, np.float32)]     # 57 MB, past the L3; 0.9 MB a channel
 BLOCKED_IDS = ["f32-16ch", "f64-20ch", "f32-8ch-long-rows", "f32-L2-blocks", "f32-L2-long-rows", "f32-past-L3"]
 

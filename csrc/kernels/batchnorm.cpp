@@ -585,7 +585,7 @@ void bn_train(const BnTrainArgs<S>& a) {
             merge_segment<S, T>(a.x + off, len, m[c - r.begin]);
           });
         },
-        [&](i64 i, i64 n) { prefetch_lines(a.x, i, n, L.numel()); },
+        [x = a.x, limit = L.numel()](i64 i, i64 len) { prefetch_lines(x, i, len, limit); },
         [&](i64 s, ChannelRange r) {
           const Moments* const m = moments[s];
           for (i64 c = r.begin; c < r.end; ++c) finish(c, m[c - r.begin].mean, m[c - r.begin].m2);
@@ -768,8 +768,9 @@ void store_param_grads(const BnBackwardArgs<S>& a, const GradSums& s, ChannelRan
   }
 }
 
-// The single-process backward, one block of channels at a time (see channel_block): each
-// block's sums, then its dx while dy and x are still in the cache.
+// The single-process backward per block of channels (see channel_block): each block's
+// sums, then its dx while dy and x are still in the cache, the next block's sums read in
+// between (pipelined_channel_blocks).
 template <class S, class T, bool kMask, bool kResidual>
 void backward_blocked(const BnBackwardArgs<S>& a, double* sum_g, double* sum_gxhat, i64 block) {
   const Layout& L = a.layout;
@@ -787,10 +788,10 @@ void backward_blocked(const BnBackwardArgs<S>& a, double* sum_g, double* sum_gxh
           terms.add_segment(c, off, len, sum_g[c], sum_gxhat[c]);
         });
       },
-      [&](i64 i, i64 n) {
-        prefetch_lines(a.x, i, n, L.numel());
-        prefetch_lines(a.dy, i, n, L.numel());
-        if (kMask) prefetch_lines(a.y, i, n, L.numel());
+      [x = a.x, dy = a.dy, y = a.y, limit = L.numel()](i64 i, i64 len) {
+        prefetch_lines(x, i, len, limit);
+        prefetch_lines(dy, i, len, limit);
+        if (kMask) prefetch_lines(y, i, len, limit);
       },
       [&](i64, ChannelRange r) { store_param_grads(a, s, r); },
       [&](i64, ChannelRange r, const auto& after_sample) {

@@ -346,9 +346,10 @@ void channel_apply(const Layout& L, const T* const (&coef)[K], S* out, const Op&
 }
 
 // ---------------------------------------------------------------------------------------
-// Channel blocks: a reduction and the elementwise pass that needs its result, done one
-// block of channels at a time by one thread, so that the second pass re-reads the block
-// from the cache instead of memory: each input crosses the memory bus once. A block is
+// Channel blocks: a reduction and the elementwise pass that needs its result, done per
+// block of channels by one thread (the next block's reduction interleaved with the
+// current block's pass: pipelined_channel_blocks), so that the second pass re-reads the
+// block from the cache instead of memory: each input crosses the memory bus once. A block is
 // sized to the thread's L2 where a channel's slice fits there (the second pass then reads
 // from L2), else to its share of the L3 (cache_sizes: the sizes come from the CPU at run
 // time). Each channel is reduced by one thread in a fixed order (its rows, then segments
@@ -386,8 +387,8 @@ struct NoSampleHook {
 //
 // Two blocks (kBlocksInFlight) fill half of one core's L2 when a channel's slice fits in
 // a quarter and the block's rows (one per outer index, `block * inner` positions long) are
-// at least kMinL2RowBytes; otherwise the threads' blocks fill a quarter of the L3. Short rows defeat the
-// prefetchers, which start over at each row: on a 1 MB-L2 Zen 4, one-channel L2 blocks
+// at least kMinL2RowBytes; otherwise the threads' blocks fill a quarter of the L3. Short
+// rows defeat the prefetchers, which start over at each row: on a 1 MB-L2 Zen 4, one-channel L2 blocks
 // (rows of 6-12 KB: A's float32 and L's float16 forward) trained 10-40% slower than L3
 // blocks, while L2 blocks with rows of 128-256 KB ((2..4, 512..1024, 64, 64)) trained and
 // ran the backward 10-25% faster (docs/performance.md).
@@ -436,11 +437,13 @@ inline void prefetch_lines(const S* p, i64 i, i64 n, i64 limit) {
 // The reads of the next block that a pass over one block carries along
 // (pipelined_channel_blocks): after sample o's rows, the next block's statistics over
 // sample o; while element i is written, the lines of element i + ahead (the next block's
-// element in the same place) are requested.
+// element in the same place) are requested. The per-vector loop holds it by value, and it
+// holds the prefetch (pointers and a limit) by value: nothing there is reloaded after the
+// loop's stores.
 template <class Reduce, class Prefetch>
 struct NextBlockReads {
   const Reduce& reduce;
-  const Prefetch& prefetch;
+  Prefetch prefetch;
   i64 slice;
   ChannelRange next;
   i64 ahead;
@@ -490,7 +493,7 @@ void channel_apply_range(const Layout& L, const T* const (&coef)[K], S* out, con
       const i64 begin = (o * L.channels + r.begin) * L.inner, end = (o * L.channels + r.end) * L.inner;
       apply_rows<decltype(stream)::value, S, T, K>(
           L, coef, out,
-          [&op, &after_sample](i64 i, i64 n, const Vec<T>* c) {
+          [op, after_sample](i64 i, i64 n, const Vec<T>* c) {
             after_sample.prefetch_for(i, n);
             return op(i, n, c);
           },
@@ -501,7 +504,8 @@ void channel_apply_range(const Layout& L, const T* const (&coef)[K], S* out, con
 }
 
 // channel_apply over the whole array, or over the channels of *r on the calling thread,
-// calling after_sample(o) after each sample's rows (pipelined_channel_blocks).
+// calling after_sample(o) after each sample's rows (pipelined_channel_blocks; whole-array
+// passes take no hook).
 template <class S, class T, int K, class Op, class AfterSample = NoSampleHook>
 void channel_apply_to(const Layout& L, const T* const (&coef)[K], S* out, const Op& op, const ChannelRange* r,
                       bool after_reduction, const AfterSample& after_sample = {}) {
