@@ -85,9 +85,10 @@ def test_16bit_forward_rounds_once(isa, shape, axis, dtype, rng):
                 np.maximum(want, 0), scale, "apply")
 
 
-# channel blocks: 8 of one channel; 37 channels in blocks of 2 on this machine (1 MB L2, 32 MB
-# L3), the last a single channel, so a thread's pipelined blocks (the next block's statistics
-# read while one is written) end in a short one
+# channel blocks: 8 of one channel; 37 channels in forward blocks of 2 on a 1 MB L2 and a 32 MB
+# L3, the last a single channel, so a thread's pipelined blocks (the next block's statistics
+# read while one is written) end in a short one (the backward's, over x, dy and y, hold one
+# channel each; tests/test_channel_blocks.py has a backward with a short last block)
 LARGE = [((4, 32, 96, 96), 1), ((4, 96, 96, 32), -1), ((64, 8, 160, 160), 1), ((16, 37, 112, 112), 1)]
 LARGE_IDS = ["streamed", "streamed-nhwc", "channel-blocked", "channel-blocked-short-last"]
 
