@@ -388,10 +388,10 @@ struct NoSampleHook {
 // Two blocks (kBlocksInFlight) fill half of one core's L2 when a channel's slice fits in
 // a quarter and the block's rows (one per outer index, `block * inner` positions long) are
 // at least kMinL2RowBytes; otherwise the threads' blocks fill a quarter of the L3. Short
-// rows defeat the prefetchers, which start over at each row: on a 1 MB-L2 Zen 4, one-channel L2 blocks
-// (rows of 6-12 KB: A's float32 and L's float16 forward) trained 10-40% slower than L3
-// blocks, while L2 blocks with rows of 128-256 KB ((2..4, 512..1024, 64, 64)) trained and
-// ran the backward 10-25% faster (docs/performance.md).
+// rows defeat the prefetchers, which start over at each row: on a 1 MB-L2 Zen 4,
+// one-channel L2 blocks (rows of 6-12 KB: A's float32 and L's float16 forward) trained
+// 10-40% slower than L3 blocks, while L2 blocks with rows of 128-256 KB ((2..4,
+// 512..1024, 64, 64)) trained and ran the backward 10-25% faster (docs/performance.md).
 inline i64 channel_block(const Layout& L, i64 bytes) {
   if (use_period_mode(L) || L.channels < 4) return 0;
   const i64 per_channel = L.per_channel() * bytes;
@@ -467,19 +467,14 @@ void pipelined_channel_blocks(const Layout& L, i64 block, i64 slices, const Redu
   const i64 blocks = (L.channels + block - 1) / block;
   const auto range = [&](i64 b) { return ChannelRange{b * block, std::min(L.channels, (b + 1) * block)}; };
   parallel_slices(blocks, L.numel(), slices, [&](i64 s, i64 b0, i64 b1) {
-    if (b0 >= b1) return;
     for (i64 o = 0; o < L.outer; ++o) reduce(s, range(b0), o);
     finish(s, range(b0));
-    for (i64 b = b0; b < b1; ++b) {
-      const ChannelRange r = range(b);
-      if (b + 1 == b1) {
-        apply(s, r, NoSampleHook{});
-        break;
-      }
-      const ChannelRange next = range(b + 1);
+    for (i64 b = b0; b + 1 < b1; ++b) {
+      const ChannelRange r = range(b), next = range(b + 1);
       apply(s, r, NextBlockReads<Reduce, Prefetch>{reduce, prefetch, s, next, (r.end - r.begin) * L.inner});
       finish(s, next);
     }
+    apply(s, range(b1 - 1), NoSampleHook{});
   });
 }
 

@@ -313,7 +313,6 @@ def run(cfg: TimingConfig, rounds: int, threads: int, progress: Callable[[str], 
 
 # --------------------------------------------------------------------------- profile
 
-
 def _page_faults_per_call(step: Callable[[], object], calls: int = 5) -> int | None:
     """Median minor page faults of a call, right after the timed ones: the pages its tensors
     got fresh from the kernel (each zeroed on first touch). glibc hands blocks past its mmap
@@ -330,6 +329,7 @@ def _page_faults_per_call(step: Callable[[], object], calls: int = 5) -> int | N
         step()
         counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return sorted(counts)[calls // 2]
+
 
 def _shares(model: Any, step: Callable[[], object], steps: int = 3) -> dict[str, float]:
     """Shares of the step's time inside batch-norm and dropout modules (their forward and
