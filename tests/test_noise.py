@@ -217,6 +217,13 @@ def test_alpha_dropout_matches_the_float64_reference(isa, threads, dtype, p, rng
     same_bits(pybn.alpha_dropout(x, p, seed=SEED, offset=48), alpha_reference(x, p, SEED, 48))
 
 
+def test_alpha_dropout_every_tail(isa, threads, rng):
+    # lengths around the window (32) and group (128) sizes: the pass's partial windows
+    for n in [*range(1, 70), 127, 128, 129, 255, 257, 4095, 4097]:
+        x = rng.standard_normal(n).astype(np.float32)
+        same_bits(pybn.alpha_dropout(x, 0.3, seed=21, offset=n), alpha_reference(x, 0.3, 21, n))
+
+
 def test_alpha_dropout_large_streamed(isa, threads, rng):
     x = rng.standard_normal(1_200_003).astype(np.float32)
     same_bits(pybn.alpha_dropout(x, 0.2, seed=5, offset=16), alpha_reference(x, 0.2, 5, 16))

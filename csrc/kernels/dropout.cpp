@@ -5,9 +5,9 @@
 // ISA. S is the storage type of x and y, T the compute type (channel_loops.h).
 #include <cstring>
 #include <type_traits>
-#include <utility>
 
 #include "channel_loops.h"
+#include "keep_pass.h"
 #include "kernels_isa.h"
 #include "philox.h"
 
@@ -15,14 +15,7 @@ namespace pybn {
 namespace PYBN_ISA {
 namespace {
 
-constexpr i64 kGroup = 128;
-constexpr i64 kWindow = 2 * U32::W;  // elements per window of random halves
-
-// Calls f(e) for e = 0, Step, .., (N - 1) * Step, each a compile-time constant.
-template <int N, int Step, class F, int... I>
-inline void unroll_steps(const F& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I * Step>{}), ...);
-}
+constexpr i64 kGroup = kKeepGroup;
 
 // The kept values' scale as a vector; kExact when every product x * scale of a value x of
 // the storage type is exact in T (for float and double storage, where the product rounded
@@ -75,107 +68,12 @@ __attribute__((always_inline)) inline Vec<T> kept_scaled(std::uint32_t bits, con
     return scale_where(bits, x, scale.v);
 }
 
-// y[0, kWindow) = keep ? x * scale : 0, whole vectors (aligned ones when streaming).
-template <bool kStream, class S, class T, bool kExact>
-inline void apply_window(const S* x, S* y, const Keep& keep, const Scale<T, kExact>& scale) {
-  using V = Vec<T>;
-  unroll_steps<kWindow / V::W, V::W>(
-      [&](auto e) {
-        put<kStream>(y + e, kept_scaled<S>(keep.template from<e>(), load_as<T>(x + e), scale), V::W);
-      },
-      std::make_integer_sequence<int, kWindow / V::W>{});
-}
-
-// y[at + j] = keep ? x[at + j] * scale : 0 for j in [lo, hi), bit j of `bits` (ordinary
-// stores; at + lo >= 0). Out of line: it runs at the ends of a thread's range only, and
-// the hot loop stays small.
-template <class S, class T, bool kExact>
-__attribute__((noinline)) void apply_window_part(const S* x, S* y, i64 at, std::uint64_t bits, i64 lo, i64 hi,
-                                                  const Scale<T, kExact>& scale) {
-  for (i64 j = lo; j < hi; j += Vec<T>::W) {
-    const i64 m = std::min<i64>(Vec<T>::W, hi - j);
-    const std::uint32_t keep = static_cast<std::uint32_t>(bits >> j);
-    store_lanes(kept_scaled<S>(keep, load_n<T>(x + at + j, m), scale), y + at + j, m);
-  }
-}
-
-// When streaming, x is prefetched 4 KB ahead (prefetcht2) while a block's random words are
-// computed: with the hardware prefetchers alone the loads after each block's arithmetic
-// waited on memory. Measured in one process, alternating: L fused forward 3.9 ms without,
-// 3.3 ms with (66% -> 78% of the copy bound; in the slower memory state 93% -> 100%); A
-// (mostly in L3) unchanged or 2-5% faster. 2 KB ahead did worse than none; 8-32 KB the
-// same as 4 KB; the non-temporal hint worse.
-template <class S>
-constexpr i64 kPrefetchAhead = 4096 / sizeof(S);
-
-template <class S>
-inline void prefetch_block(const S* p) {
-  constexpr int kLines = kGroupsAtOnce * kGroup * sizeof(S) / 64;
-#pragma GCC unroll 32
-  for (int l = 0; l < kLines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(p) + 64 * l, 0, 1);
-}
-
-// The fused forward over groups [gb, ge): windows of kWindow elements slide over the random
-// halves of consecutive groups, each starting d elements before its halves' own vector.
-// Streaming, d aligns every vector store of y (NumPy's large arrays start 16 bytes past a
-// page), and so puts a float window on a cache line and 16-bit windows two to a line:
-// non-temporal stores then write whole lines, which keeps x in the cache and saves reading
-// y's lines first. A window that is not wholly inside the range
-// (the first, and the last groups') is applied element by element from plain bits.
-template <bool kStream, class S, class T, class Sc>
-void dropout_range(const DropoutArgs<S>& a, i64 gb, i64 ge, const Sc& scale) {
-  constexpr i64 W = Vec<T>::W;
-  constexpr int NG = kGroupsAtOnce;
-  const i64 start = gb * kGroup, end = std::min(ge * kGroup, a.n);
-  int d = 0;
-  if constexpr (kStream) d = static_cast<int>((W - lanes_to_alignment(a.y + start)) % W);
-  const auto window_bits = [&](const U32& prev, const U32& cur) {
-    return bit_window(halves_at_least(prev, a.threshold), halves_at_least(cur, a.threshold), d, kWindow);
-  };
-  MaskStream<NG> stream(a.seed, a.offset, static_cast<std::uint64_t>(gb));
-  KeepWindows windows(d, a.threshold);
-  U32 prev = U32::zero();
-  for (i64 g0 = gb; g0 < ge; g0 += NG) {
-    U32 r[NG][kHalfVectors];
-    stream.next(r);
-    if (kStream && (g0 + NG) * kGroup + kPrefetchAhead<S> < end) prefetch_block(a.x + g0 * kGroup + kPrefetchAhead<S>);
-    if (g0 * kGroup - d >= start && (g0 + NG) * kGroup - d <= end) {  // every window whole
-      const S* x = a.x + g0 * kGroup - d;                             // the block's first window
-      S* y = a.y + g0 * kGroup - d;
-#pragma GCC unroll 16
-      for (int w = 0; w < NG * kHalfVectors; ++w)
-        apply_window<kStream>(x + w * kWindow, y + w * kWindow, windows.next(r[w / kHalfVectors][w % kHalfVectors]),
-                              scale);
-      prev = r[NG - 1][kHalfVectors - 1];
-      continue;
-    }
-    for (int w = 0; w < NG * kHalfVectors && g0 + w / kHalfVectors < ge; ++w) {
-      const U32& cur = r[w / kHalfVectors][w % kHalfVectors];
-      const Keep keep = windows.next(cur);
-      const i64 at = g0 * kGroup + w * kWindow - d;  // the window's first element
-      if (at >= start && at + kWindow <= end)
-        apply_window<kStream>(a.x + at, a.y + at, keep, scale);
-      else if (at + kWindow > start && at < end)
-        apply_window_part(a.x, a.y, at, window_bits(prev, cur), std::max<i64>(0, start - at),
-                          std::min<i64>(kWindow, end - at), scale);
-      prev = cur;
-    }
-  }
-  const i64 at = ge * kGroup - d;  // the window after the last: its first d elements
-  if (at < end) apply_window_part(a.x, a.y, at, window_bits(prev, U32::zero()), 0, end - at, scale);
-  if (kStream) stream_fence();
-}
-
 }  // namespace
 
 template <class S, class T>
 void dropout(const DropoutArgs<S>& a) {
-  const i64 groups = (a.n + kGroup - 1) / kGroup;
   with_scale<S, T>(a.scale, [&](const auto& scale) {
-    with_streaming<S, T>(a.n, [&](auto stream) {
-      parallel_for(groups, a.n,
-                   [&](i64 gb, i64 ge) { dropout_range<decltype(stream)::value, S, T>(a, gb, ge, scale); });
-    });
+    keep_pass<S, T>(a, [scale](std::uint32_t bits, const Vec<T>& x) { return kept_scaled<S>(bits, x, scale); });
   });
 }
 

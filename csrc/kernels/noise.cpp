@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "channel_loops.h"
+#include "keep_pass.h"
 #include "kernels_isa.h"
 #include "philox.h"
 
@@ -148,20 +149,7 @@ class GroupStream {
   MaskStream<NG> stream_;
   Group group_;
   i64 first_, next_;  // buf_ holds groups [first_, next_)
-  // 8 spare bytes: keep bits are read 8 bytes at a time
-  alignas(64) unsigned char buf_[kCapacity * Group::kBytes + 8] = {};
-};
-
-// Dropout's keep bits: 128 elements per group, bit e of 16 bytes.
-struct KeepGroup {
-  static constexpr i64 kElements = 128;
-  static constexpr i64 kBytes = 16;
-  std::uint16_t threshold;
-  void fill(const U32 (&r)[kHalfVectors], unsigned char* out) const {
-    std::uint64_t bits[2];
-    group_keep_bits(r, threshold, bits);
-    std::memcpy(out, bits, 16);
-  }
+  alignas(64) unsigned char buf_[kCapacity * Group::kBytes] = {};
 };
 
 // The normal variates: 64 floats per group.
@@ -222,20 +210,14 @@ void over_groups(i64 n, const Range& range) {
 
 }  // namespace
 
+// On dropout's keep pass (keep_pass.h): the keep bits are dropout's bit for bit.
 template <class S, class T>
 void alpha_dropout(const AlphaDropoutArgs<S>& a) {
   using V = Vec<T>;
   const T at = static_cast<T>(a.a), bt = static_cast<T>(a.b), ct = static_cast<T>(a.c);
   const V scale = V::set1(at), shift = V::set1(bt), dropped = V::set1(bt - ct);
-  const KeepGroup group{a.threshold};
-  over_groups<S, T, KeepGroup>(a.n, [&](auto stream, i64 gb, i64 start, i64 end) {
-    GroupStream<KeepGroup> keep(a.seed, a.offset, gb, group);
-    walk<decltype(stream)::value, T>(a.y, start, end, keep, [&](i64 i, i64 n, const unsigned char* bytes, i64 at) {
-      std::uint64_t word;
-      std::memcpy(&word, bytes + at / 8, 8);
-      const auto bits = static_cast<std::uint32_t>(word >> (at % 8)) & ((std::uint32_t(1) << V::W) - 1);
-      return select_bits(bits, load_n<T>(a.x + i, n) * scale + shift, dropped);
-    });
+  keep_pass<S, T>(a, [scale, shift, dropped](std::uint32_t bits, const V& x) {
+    return select_bits(bits, x * scale + shift, dropped);
   });
 }
 
