@@ -8,12 +8,11 @@ shape ``(N, 1, ..., 1)`` (mode "row") or ``(1, ..., 1)`` (mode "batch"), so auto
 """
 from typing import List, Optional
 
-import torch
 from torch import Tensor, nn
 
 import pybn
 
-from . import ops as _ops  # noqa: F401  (registers the operators torch.ops.pybn.*)
+from . import ops as _ops
 from .seeded import PinnedSeed, rank_and_world_size
 
 __all__ = ["stochastic_depth", "StochasticDepth", "DropPath"]
@@ -39,7 +38,7 @@ def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True, 
     noise = _noise_shape(input, mode)
     if not training or p == 0.0:
         return input
-    y: Tensor = torch.ops.pybn.dropout(input, p, philox, noise)[0]
+    y: Tensor = _ops.dropout_call(input, p, philox, noise)[0]
     return y
 
 

@@ -30,7 +30,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 import pybn
 
-from . import ops as _ops  # noqa: F401  (registers the operators torch.ops.pybn.*)
+from . import ops as _ops
 from . import residual as _residual  # noqa: F401  (registers torch.ops.pybn.batch_norm_add_relu*)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
@@ -48,11 +48,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         if channels and input.numel() // channels <= 1:
             raise ValueError(f"input: training needs more than 1 value per channel, got input of shape "
                              f"{tuple(input.shape)}")
-        y: Tensor = torch.ops.pybn.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+        y: Tensor = _ops.batch_norm_train_call(input, weight, bias, running_mean, running_var, momentum, eps)[0]
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean: running_mean and running_var are required when training=False")
-    y = torch.ops.pybn.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+    y = _ops.batch_norm_infer_call(input, running_mean, running_var, weight, bias, eps)
     return y
 
 
@@ -193,7 +193,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     :func:`pybn.torch.ops.dropout` (None: a seed from torch's default CPU generator)."""
     if not training:
         return input
-    y: Tensor = torch.ops.pybn.dropout(input, p, philox, noise_shape)[0]
+    y: Tensor = _ops.dropout_call(input, p, philox, noise_shape)[0]
     return input.copy_(y) if inplace else y
 
 
@@ -241,7 +241,7 @@ class _DropoutForward(_DropoutBase):
             return self._torch_forward(input)
         philox = self._philox
         y: Tensor
-        y, used = torch.ops.pybn.dropout(input, self.p, philox, noise)
+        y, used = _ops.dropout_call(input, self.p, philox, noise)
         if philox is not None:
             n = math.prod(noise) if noise is not None else input.numel()
             self._philox = used + used.new_tensor([0, pybn.counters_used(n)])

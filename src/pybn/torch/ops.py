@@ -28,7 +28,11 @@ is the Python dispatch: on the Zen 4 machine of docs/pytorch.md a call of
 ``torch.ops.pybn.batch_norm_train`` on a tiny tensor takes about 72 us (27 us of it in the
 implementation below, 4 us in pybn's NumPy function), against 19 us for the forward of
 torch's own ``nn.BatchNorm1d``: nothing beside the passes over tensors of some MB, a few
-percent of a step of small layers (docs/pytorch.md, "Where the time goes"). Fake implementations give shapes, dtypes and
+percent of a step of small layers (docs/pytorch.md, "Where the time goes"). So in plain
+eager mode :mod:`pybn.torch.nn`'s modules skip the dispatcher (``*_call`` below,
+:mod:`pybn.torch._eager`) and call the same implementations through an autograd Function;
+compiling, tracing, dispatch and function modes and tensor subclasses still see the
+operators. Fake implementations give shapes, dtypes and
 strides without running anything, so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` keep the operators in the graph; at run time the compiled graph calls the
 same kernels (and the same seed draw) as eager mode.
@@ -55,6 +59,7 @@ from torch import Tensor
 
 import pybn
 
+from ._eager import direct_call, note_mutation
 from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, in_layout, per_channel, pybn_takes
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "dropout", "draw_philox"]
@@ -76,8 +81,7 @@ def _channels(x: Tensor) -> int:
 
 # --------------------------------------------------------------------------- batch norm: forward
 
-@torch.library.custom_op("pybn::batch_norm_train", mutates_args=("running_mean", "running_var"))
-def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+def _train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                      running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Training-mode batch norm over every dimension but 1 (see the module docstring)."""
     _channels(x)
@@ -91,6 +95,10 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                                             running_var=per_channel(running_var), momentum=momentum, eps=eps,
                                             axis=-1 if last else 1, out=array(y, last))
     return y, torch.from_numpy(mean), torch.from_numpy(invstd)
+
+
+batch_norm_train = torch.library.custom_op("pybn::batch_norm_train",
+                                           mutates_args=("running_mean", "running_var"))(_train_impl)
 
 
 def _can_train_in_place(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
@@ -110,8 +118,7 @@ def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean:
     return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
 
 
-@torch.library.custom_op("pybn::batch_norm_infer", mutates_args=())
-def batch_norm_infer(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
+def _infer_impl(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
                      bias: Optional[Tensor], eps: float) -> Tensor:
     """Inference-mode batch norm with the given statistics (see the module docstring)."""
     _channels(x)
@@ -126,6 +133,9 @@ def batch_norm_infer(x: Tensor, running_mean: Tensor, running_var: Tensor, weigh
     return y
 
 
+batch_norm_infer = torch.library.custom_op("pybn::batch_norm_infer", mutates_args=())(_infer_impl)
+
+
 @batch_norm_infer.register_fake
 def _(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
       eps: float) -> Tensor:
@@ -135,8 +145,7 @@ def _(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Ten
 
 # --------------------------------------------------------------------------- batch norm: backward
 
-@torch.library.custom_op("pybn::batch_norm_backward", mutates_args=())
-def batch_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+def _backward_impl(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
                         training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """dx, dweight = sum(dy * xhat), dbias = sum(dy) (see the module docstring)."""
     _channels(x)
@@ -149,6 +158,9 @@ def batch_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, wei
                                      per_channel(weight), training=training, axis=-1 if last else 1,
                                      out=array(dx, last))
     return dx, torch.from_numpy(grads.dweight), torch.from_numpy(grads.dbias)
+
+
+batch_norm_backward = torch.library.custom_op("pybn::batch_norm_backward", mutates_args=())(_backward_impl)
 
 
 def _torch_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
@@ -184,12 +196,18 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
-                eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-        # below the Autograd key, so the call reaches the operator's implementation (or, when
-        # tracing, its fake one) instead of this kernel again: what register_autograd does
-        with torch._C._AutoDispatchBelowAutograd():
-            y, mean, invstd = torch.ops.pybn.batch_norm_train(x, weight, bias, running_mean, running_var,
-                                                              momentum, eps)
+                eps: float, direct: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        # direct: called by batch_norm_train_call in plain eager mode (pybn.torch._eager).
+        # Otherwise below the Autograd key, so the call reaches the operator's implementation
+        # (or, when tracing, its fake one) instead of this kernel again: what register_autograd does
+        if direct:
+            y, mean, invstd = _train_impl(x, weight, bias, running_mean, running_var, momentum, eps)
+            note_mutation(running_mean, running_var)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                y, mean, invstd = torch.ops.pybn.batch_norm_train(x, weight, bias, running_mean, running_var,
+                                                                  momentum, eps)
+        ctx.direct = direct
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd)
         return y, mean, invstd
@@ -200,10 +218,12 @@ class _BatchNormTrain(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: torch's formula, which torch can differentiate
             dx, dw, db = _aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True, 0.0,
                                                          [True, weight is not None, weight is not None])
+        elif ctx.direct and direct_call(dy):
+            dx, dw, db = _backward_impl(dy, x, mean, invstd, weight, True)
         else:
             dx, dw, db = torch.ops.pybn.batch_norm_backward(dy, x, mean, invstd, weight, True)
         needs = ctx.needs_input_grad
-        return dx, dw if needs[1] else None, db if needs[2] else None, None, None, None, None
+        return dx, dw if needs[1] else None, db if needs[2] else None, None, None, None, None, None
 
 
 def _batch_norm_train_autograd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -216,6 +236,30 @@ def _batch_norm_train_autograd(x: Tensor, weight: Optional[Tensor], bias: Option
 
 _LIB = torch.library.Library("pybn", "FRAGMENT")
 _LIB.impl("batch_norm_train", _batch_norm_train_autograd, "Autograd")
+
+
+def batch_norm_train_call(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                          eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.pybn.batch_norm_train(...)``, without the dispatcher in plain eager mode."""
+    if direct_call(x, weight, bias, running_mean, running_var) and _can_train_in_place(x, running_mean, running_var):
+        outputs: Tuple[Tensor, Tensor, Tensor] = _BatchNormTrain.apply(  # type: ignore[no-untyped-call]
+            x, weight, bias, running_mean, running_var, momentum, eps, True)
+        return outputs
+    return torch.ops.pybn.batch_norm_train(x, weight, bias, running_mean, running_var,  # type: ignore[no-any-return]
+                                           momentum, eps)
+
+
+def batch_norm_infer_call(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
+                          bias: Optional[Tensor], eps: float) -> Tensor:
+    """``torch.ops.pybn.batch_norm_infer(...)``, without the dispatcher in plain eager mode
+    when no gradient is wanted."""
+    tensors = (x, running_mean, running_var, weight, bias)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not wants_grad and direct_call(*tensors):
+        return _infer_impl(x, running_mean, running_var, weight, bias, eps)
+    return torch.ops.pybn.batch_norm_infer(x, running_mean, running_var, weight, bias,  # type: ignore[no-any-return]
+                                           eps)
 
 
 def _infer_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
@@ -242,8 +286,8 @@ batch_norm_infer.register_autograd(_infer_backward, setup_context=_infer_setup)
 
 # --------------------------------------------------------------------------- dropout
 
-@torch.library.custom_op("pybn::dropout", mutates_args=())
-def dropout(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
+def _dropout_impl(x: Tensor, p: float, philox: Optional[Tensor],
+                  noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
     """Inverted dropout with pybn's mask of (seed, offset) (see the module docstring)."""
     used = draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
     seed, offset = (v % 2**64 for v in used.tolist())
@@ -257,6 +301,9 @@ def dropout(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional
     if src is not x:  # back to x's device and dtype
         return empty(x, channels_last_physical(x)).copy_(y), used
     return in_layout(y, channels_last_physical(x)), used
+
+
+dropout = torch.library.custom_op("pybn::dropout", mutates_args=())(_dropout_impl)
 
 
 def _float_cpu_copy(x: Tensor) -> Tensor:
@@ -302,3 +349,33 @@ def _dropout_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Te
 
 
 dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+
+
+class _DropoutDirect(torch.autograd.Function):
+    """pybn::dropout's forward and backward in plain eager mode (dropout_call): the
+    implementation called directly, the same mask and gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: float, philox: Optional[Tensor],
+                noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
+        y, used = _dropout_impl(x, p, philox, noise_shape)
+        _dropout_setup(ctx, (x, p, philox, noise_shape), (y, used))
+        ctx.mark_non_differentiable(used)
+        return y, used
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
+        if torch.is_grad_enabled() or not direct_call(dy):  # create_graph=True: the differentiable operator
+            return _dropout_backward(ctx, dy, _dused)
+        (used,) = ctx.saved_tensors
+        dx, _ = _dropout_impl(in_layout(dy, ctx.last), ctx.p, used, ctx.noise_shape)
+        return dx, None, None, None
+
+
+def dropout_call(x: Tensor, p: float, philox: Optional[Tensor],
+                 noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
+    """``torch.ops.pybn.dropout(...)``, without the dispatcher in plain eager mode."""
+    if direct_call(x, philox) and pybn_takes(x):
+        outputs: Tuple[Tensor, Tensor] = _DropoutDirect.apply(x, p, philox, noise_shape)  # type: ignore[no-untyped-call]
+        return outputs
+    return torch.ops.pybn.dropout(x, p, philox, noise_shape)  # type: ignore[no-any-return]

@@ -1,0 +1,175 @@
+"""pybn.torch's direct calls (pybn.torch._eager): in plain eager mode the modules call the
+operators' implementations without the dispatcher; the results must be the dispatcher's bit
+for bit, and anything that watches operator calls must still see the operators."""
+import pytest
+import torch
+
+import pybn.torch.nn as pnn
+from pybn.torch import _eager, ops
+
+HALF = [torch.float16] + ([torch.bfloat16] if ops.pybn_takes(torch.zeros(1, dtype=torch.bfloat16)) else [])
+DTYPES = [torch.float32, torch.float64, *HALF]
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+def operator_events(fn):
+    """The names of pybn's operators the dispatcher ran during fn()."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("pybn::")}
+
+
+@pytest.fixture
+def through_dispatcher(monkeypatch):
+    """Within the test, every call takes torch.ops.pybn.* (what direct calls must equal)."""
+    def use():
+        monkeypatch.setattr(ops, "direct_call", lambda *tensors: False)
+    return use
+
+
+def make_input(shape, dtype, layout, seed):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def bn_step(module, x, dy):
+    x.grad = None
+    module.zero_grad()
+    y = module(x)
+    y.backward(dy)
+    grads = [x.grad] + ([module.weight.grad, module.bias.grad] if module.affine else [])
+    return [y.detach(), *grads, module.running_mean.clone(), module.running_var.clone()]
+
+
+INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride()
+        as_int = INT_OF[g.element_size()]
+        assert torch.equal(g.contiguous().view(as_int), w.contiguous().view(as_int))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_direct_equals_the_dispatcher(dtype, layout, affine, through_dispatcher):
+    shape = (6, 5, 7, 9)
+    x, dy = make_input(shape, dtype, layout, 1), make_input(shape, dtype, layout, 2).detach()
+    params = torch.float64 if dtype == torch.float64 else torch.float32  # (16-bit x: float32 parameters)
+    module = pnn.BatchNorm2d(5, affine=affine, dtype=params)
+    if affine:
+        with torch.no_grad():
+            module.weight.uniform_(0.5, 2.0)
+            module.bias.uniform_(-1.0, 1.0)
+    ref = pnn.BatchNorm2d(5, affine=affine, dtype=params)
+    ref.load_state_dict(module.state_dict())
+    steps = [bn_step(module, x, dy) for _ in range(2)]
+    module.eval()
+    with torch.no_grad():
+        steps.append([module(x)])
+    through_dispatcher()
+    want = [bn_step(ref, x, dy) for _ in range(2)]
+    ref.eval()
+    with torch.no_grad():
+        want.append([ref(x)])
+    for got, expected in zip(steps, want):
+        same_bits(got, expected)
+
+
+def test_batch_norm_direct_call_skips_the_dispatcher_and_modes_do_not():
+    x = make_input((8, 4, 5, 5), torch.float32, "contiguous", 3)
+    module = pnn.BatchNorm2d(4)
+
+    def step():
+        module(x).sum().backward()
+
+    assert operator_events(step) == set()
+    with torch.device("cpu"):  # a function mode: the operators, as fold's recorder needs
+        assert operator_events(step) == {"pybn::batch_norm_train", "pybn::batch_norm_backward"}
+    module.eval()
+    with torch.no_grad():
+        assert operator_events(lambda: module(x)) == set()
+    # a gradient through eval-mode batch norm takes the operator (its autograd formula)
+    assert operator_events(lambda: module(x).sum().backward()) == {"pybn::batch_norm_infer",
+                                                                   "pybn::batch_norm_backward"}
+
+
+def test_running_statistics_versions_advance_as_through_the_dispatcher(through_dispatcher):
+    x = make_input((8, 4, 5), torch.float32, "contiguous", 4)
+    direct, ref = pnn.BatchNorm1d(4), pnn.BatchNorm1d(4)
+    before = direct.running_mean._version
+    direct(x)
+    through_dispatcher()
+    ref_before = ref.running_mean._version
+    ref(x)
+    assert direct.running_mean._version - before == ref.running_mean._version - ref_before > 0
+    assert direct.running_var._version > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("module", ["Dropout", "Dropout2d"])
+def test_dropout_direct_equals_the_dispatcher(dtype, layout, module, through_dispatcher):
+    x = make_input((4, 6, 9, 11), dtype, layout, 5)
+    dy = make_input((4, 6, 9, 11), dtype, layout, 6).detach()
+
+    def run():
+        torch.manual_seed(123)  # the seed each call draws
+        m = getattr(pnn, module)(0.3)
+        y = m(x)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        return [y.detach(), dx]
+
+    got = run()
+    assert operator_events(run) == set()
+    through_dispatcher()
+    same_bits(got, run())
+
+
+def test_dropout_double_backward_takes_the_differentiable_operator(through_dispatcher):
+    x = make_input((64, 33), torch.float64, "contiguous", 7)
+    dy = make_input((64, 33), torch.float64, "contiguous", 8)
+
+    def second_order():
+        torch.manual_seed(9)
+        y = pnn.Dropout(0.4)(x)
+        (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+        (ddy,) = torch.autograd.grad(dx, dy, torch.ones_like(dx))
+        return [dx.detach(), ddy]
+
+    got = second_order()
+    assert torch.count_nonzero(got[1]) > 0
+    through_dispatcher()
+    same_bits(got, second_order())
+
+
+def test_direct_call_refuses_what_needs_the_dispatcher():
+    x = torch.randn(3, 4)
+    assert _eager.direct_call(x, None, torch.nn.Parameter(torch.ones(4)))
+    with torch.device("cpu"):
+        assert not _eager.direct_call(x)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert not _eager.direct_call(mode.from_tensor(x))
+    assert not _eager.direct_call(x.to("meta"))
+
+    seen = []
+
+    def f(t):
+        seen.append(_eager.direct_call(t))
+        return t.sum()
+
+    torch.func.grad(f)(x)
+    assert seen == [False]
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def compiled(t):
+        return t + 1 if _eager.direct_call(t) else t - 1
+
+    assert torch.equal(compiled(x), x - 1)
