@@ -2,6 +2,7 @@
 before timing, reports ratios and profile shares; figures are not judged here)."""
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -57,6 +58,27 @@ def test_a_wrong_candidate_is_reported_not_timed(monkeypatch):
     result = torch_bench.run(TINY, 1, 1, lambda _: None, torch_bench.select("batch norm fwd+bwd, A NCHW"))
     assert result["cells"][0]["error"].startswith("AssertionError: output differs from torch's")
     assert "ratio" not in result["cells"][0]
+
+
+def test_a_stock_pair_is_timed_in_the_same_alternation_and_reported():
+    calls = []
+
+    def step(name, seconds):
+        def call():
+            calls.append(name)
+            t = time.perf_counter()
+            while time.perf_counter() - t < seconds:
+                pass
+        return call
+
+    steps = torch_bench.Steps(step("ref", 0.002), step("cand", 0.001), lambda: None,
+                              stock_pair=(step("stock eager", 0.001), step("stock compiled", 0.002)))
+    cell = torch_bench.TorchCell("a compile cell", lambda: steps, 1.0, labels=("pybn eager", "compiled"))
+    result = torch_bench.run(TINY, 1, 1, lambda _: None, [cell])
+    (r,) = result["cells"]
+    assert 0.3 < r["stock_ratio"] < 0.7 and 1.4 < r["ratio"] < 2.6
+    assert calls[:4] == ["ref", "cand", "stock eager", "stock compiled"]  # one alternation
+    assert "stock torch, the same model and steps: compiled vs eager 0.5" in torch_bench.render(result)
 
 
 def test_page_faults_count_the_fresh_pages_a_call_touches():

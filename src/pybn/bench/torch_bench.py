@@ -42,6 +42,9 @@ class Steps:
     check: Callable[[], None]                  # raises AssertionError when the two differ
     modules: tuple[Any, ...] = ()              # (reference model, candidate model), for the profile
     notes: list[str] = field(default_factory=list)  # lines for the report, e.g. the compile time
+    # the same comparison without pybn (stock eager, stock compiled), timed in the same
+    # alternation: what the candidate's ratio owes to torch alone
+    stock_pair: tuple[Callable[[], object], Callable[[], object]] | None = None
 
 
 # --------------------------------------------------------------------------- operators
@@ -210,11 +213,13 @@ def _compiled(data: Callable[[], ModelData]) -> Steps:
     import pybn.torch
 
     stock, x, target, loss_fn = data()
-    eager = pybn.torch.accelerate(stock)
+    stock_compiled = torch.compile(copy.deepcopy(stock), fullgraph=True)
+    eager = pybn.torch.accelerate(copy.deepcopy(stock))
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     reference = _training_step(eager, x, target, loss_fn)
     candidate = _training_step(compiled, x, target, loss_fn)  # compiled's parameters are compiled_model's
+    stock_pair = (_training_step(stock, x, target, loss_fn), _training_step(stock_compiled, x, target, loss_fn))
 
     def check() -> None:
         _check_same_model(eager, compiled_model, x)
@@ -222,7 +227,9 @@ def _compiled(data: Callable[[], ModelData]) -> Steps:
         if not candidate().isfinite():
             raise AssertionError("the compiled training loss is not finite")
         steps.notes.append(f"the first compiled step (compilation) took {time.perf_counter() - t0:.1f} s")
-    steps = Steps(reference, candidate, check)
+        if not stock_pair[1]().isfinite():
+            raise AssertionError("the stock compiled training loss is not finite")
+    steps = Steps(reference, candidate, check, stock_pair=stock_pair)
     return steps
 
 
@@ -290,10 +297,13 @@ def run(cfg: TimingConfig, rounds: int, threads: int, progress: Callable[[str], 
         try:
             steps = cell.build()
             steps.check()
-            paired = [measure_alternating((steps.reference, steps.candidate), cfg) for _ in range(rounds)]
-            ref, cand = min(paired, key=lambda p: p[1].median)
+            fns = (steps.reference, steps.candidate, *(steps.stock_pair or ()))
+            paired = [measure_alternating(fns, cfg) for _ in range(rounds)]
+            ref, cand, *stock = min(paired, key=lambda p: p[1].median)
             result.update(reference_s=ref.median, candidate_s=cand.median, ratio=ref.median / cand.median,
                           reference=ref.as_dict(samples=False), candidate=cand.as_dict(samples=False))
+            if stock:
+                result["stock_ratio"] = stock[0].median / stock[1].median
             faults = [_page_faults_per_call(step) for step in (steps.reference, steps.candidate)]
             if None not in faults:
                 result["page_faults"] = faults
@@ -396,6 +406,8 @@ def render(result: Result, meta: Result | None = None) -> str:
         if "page_faults" in r:
             lines.append(f"{'':<4}page faults per call: {r['labels'][0]} {r['page_faults'][0]}, "
                          f"{r['labels'][1]} {r['page_faults'][1]}")
+        if "stock_ratio" in r:
+            lines.append(f"{'':<4}stock torch, the same model and steps: compiled vs eager {r['stock_ratio']:.2f}x")
         if r.get("note"):
             lines.append(f"{'':<4}{r['note']}")
     lines.append("operators: nn.BatchNorm2d(C) / nn.Dropout(0.5) in training mode, y = m(x); y.backward(dy); "
