@@ -173,3 +173,20 @@ def test_direct_call_refuses_what_needs_the_dispatcher():
         return t + 1 if _eager.direct_call(t) else t - 1
 
     assert torch.equal(compiled(x), x - 1)
+
+
+@pytest.mark.parametrize("module", ["BatchNorm1d", "Dropout"])
+def test_direct_calls_under_inference_mode_and_no_grad(module, through_dispatcher):
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(10))
+
+    def run(context):
+        torch.manual_seed(5)
+        m = getattr(pnn, module)(8) if module == "BatchNorm1d" else pnn.Dropout(0.25)
+        with context():
+            y = m(x)
+        return [y.clone()] + ([m.running_mean.clone(), m.running_var.clone()] if module == "BatchNorm1d" else [])
+
+    got = [run(torch.inference_mode), run(torch.no_grad)]
+    through_dispatcher()
+    for g, w in zip(got, [run(torch.inference_mode), run(torch.no_grad)]):
+        same_bits(g, w)
