@@ -190,3 +190,33 @@ def test_direct_calls_under_inference_mode_and_no_grad(module, through_dispatche
     through_dispatcher()
     for g, w in zip(got, [run(torch.inference_mode), run(torch.no_grad)]):
         same_bits(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_residual_direct_equals_the_dispatcher(dtype, layout, relu, training, through_dispatcher):
+    if dtype == torch.bfloat16 and dtype not in HALF:
+        pytest.skip("bfloat16 tensors need ml_dtypes")
+    shape = (4, 6, 5, 7)
+    x, r = make_input(shape, dtype, layout, 11), make_input(shape, dtype, layout, 12)
+    dy = make_input(shape, dtype, layout, 13).detach()
+    params = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def run():
+        torch.manual_seed(0)
+        m = pnn.BatchNorm2d(6, dtype=params)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 2.0)
+            m.bias.uniform_(-1.0, 1.0)
+            m.running_var.uniform_(0.5, 2.0)
+        m.train(training)
+        y = m(x, r, relu=relu)
+        grads = torch.autograd.grad(y, (x, r, m.weight, m.bias), dy)
+        return [y.detach(), *grads, m.running_mean.clone(), m.running_var.clone()]
+
+    got = run()
+    assert operator_events(run) == set()
+    through_dispatcher()
+    same_bits(got, run())

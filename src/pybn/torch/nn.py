@@ -31,7 +31,7 @@ from torch.nn.modules.dropout import _DropoutNd
 import pybn
 
 from . import ops as _ops
-from . import residual as _residual  # noqa: F401  (registers torch.ops.pybn.batch_norm_add_relu*)
+from . import residual as _residual
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
            "Dropout3d", "batch_norm", "batch_norm_add_relu", "dropout"]
@@ -69,8 +69,8 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
                              f"{tuple(input.shape)}")
     elif running_mean is None or running_var is None:
         raise ValueError("running_mean: running_mean and running_var are required when training=False")
-    y: Tensor = torch.ops.pybn.batch_norm_add_relu(input, residual, weight, bias, running_mean, running_var, training,
-                                                   momentum, eps, relu)[0]
+    y: Tensor = _residual.batch_norm_add_relu_call(input, residual, weight, bias, running_mean, running_var,
+                                                   training, momentum, eps, relu)[0]
     return y
 
 

@@ -26,8 +26,9 @@ from torch import Tensor
 
 import pybn
 
+from ._eager import direct_call, note_mutation
 from ._layout import array, channels_last_physical, empty, in_layout, per_channel, pybn_takes
-from .ops import _can_train_in_place, _channels, _stats_dtype, _torch_backward
+from .ops import _backward_impl, _can_train_in_place, _channels, _stats_dtype, _torch_backward
 
 __all__ = ["batch_norm_add_relu", "batch_norm_add_relu_backward"]
 
@@ -45,8 +46,7 @@ def _check_residual(x: Tensor, residual: Optional[Tensor]) -> None:
         raise ValueError(f"residual: on {residual.device}, x on {x.device}")
 
 
-@torch.library.custom_op("pybn::batch_norm_add_relu", mutates_args=("running_mean", "running_var"))
-def batch_norm_add_relu(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+def _add_relu_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                         running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                         momentum: float, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """relu(bn(x) + residual) in one pass (see the module docstring)."""
@@ -72,6 +72,10 @@ def batch_norm_add_relu(x: Tensor, residual: Optional[Tensor], weight: Optional[
                           per_channel(bias), eps=eps, axis=axis, relu=relu, residual=r,
                           out=array(y, last))
     return y, *_running_invstd(x, running_mean, running_var, eps)
+
+
+batch_norm_add_relu = torch.library.custom_op("pybn::batch_norm_add_relu",
+                                              mutates_args=("running_mean", "running_var"))(_add_relu_impl)
 
 
 def _running_invstd(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
@@ -106,8 +110,7 @@ def _(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Opt
     return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
 
 
-@torch.library.custom_op("pybn::batch_norm_add_relu_backward", mutates_args=())
-def batch_norm_add_relu_backward(dy: Tensor, x: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
+def _add_relu_backward_impl(dy: Tensor, x: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
                                  weight: Optional[Tensor], training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """dx, dweight, dbias and d_residual = dy masked where y <= 0 (see the module docstring)."""
     _channels(x)
@@ -122,6 +125,10 @@ def batch_norm_add_relu_backward(dy: Tensor, x: Tensor, y: Tensor, mean: Tensor,
                                      y=array(y, last), out=array(dx, last), residual=True,
                                      d_residual_out=array(dr, last))
     return dx, torch.from_numpy(grads.dweight), torch.from_numpy(grads.dbias), dr
+
+
+batch_norm_add_relu_backward = torch.library.custom_op("pybn::batch_norm_add_relu_backward",
+                                                       mutates_args=())(_add_relu_backward_impl)
 
 
 @batch_norm_add_relu_backward.register_fake
@@ -140,12 +147,18 @@ class _BatchNormAddRelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
-                eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        with torch._C._AutoDispatchBelowAutograd():
-            y, mean, invstd = torch.ops.pybn.batch_norm_add_relu(x, residual, weight, bias, running_mean,
-                                                                 running_var, training, momentum, eps, relu)
+                eps: float, relu: bool, direct: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        # direct: called by batch_norm_add_relu_call in plain eager mode (pybn.torch._eager)
+        if direct:
+            y, mean, invstd = _add_relu_impl(x, residual, weight, bias, running_mean, running_var, training,
+                                             momentum, eps, relu)
+            note_mutation(*((running_mean, running_var) if training else ()))
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                y, mean, invstd = torch.ops.pybn.batch_norm_add_relu(x, residual, weight, bias, running_mean,
+                                                                     running_var, training, momentum, eps, relu)
         ctx.save_for_backward(x, weight, mean, invstd, y if relu else None)
-        ctx.training, ctx.relu = training, relu
+        ctx.training, ctx.relu, ctx.direct = training, relu, direct
         ctx.mark_non_differentiable(mean, invstd)
         return y, mean, invstd
 
@@ -156,14 +169,16 @@ class _BatchNormAddRelu(torch.autograd.Function):
             dr = dy * (y > 0) if ctx.relu else dy
             dx, dw, db = _torch_backward(dr, x, mean, invstd, weight, ctx.training)
         elif ctx.relu:
-            dx, dw, db, dr = torch.ops.pybn.batch_norm_add_relu_backward(dy, x, y, mean, invstd, weight,
-                                                                         ctx.training)
+            masked_backward = _add_relu_backward_impl if ctx.direct and direct_call(dy) else \
+                torch.ops.pybn.batch_norm_add_relu_backward
+            dx, dw, db, dr = masked_backward(dy, x, y, mean, invstd, weight, ctx.training)
         else:  # d_residual is dy itself
-            dx, dw, db = torch.ops.pybn.batch_norm_backward(dy, x, mean, invstd, weight, ctx.training)
+            bn_backward = _backward_impl if ctx.direct and direct_call(dy) else torch.ops.pybn.batch_norm_backward
+            dx, dw, db = bn_backward(dy, x, mean, invstd, weight, ctx.training)
             dr = dy
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, dr if needs[1] else None, dw if needs[2] else None,
-                db if needs[3] else None, None, None, None, None, None, None)
+                db if needs[3] else None, None, None, None, None, None, None, None)
 
 
 def _batch_norm_add_relu_autograd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
@@ -177,3 +192,17 @@ def _batch_norm_add_relu_autograd(x: Tensor, residual: Optional[Tensor], weight:
 
 _LIB = torch.library.Library("pybn", "FRAGMENT")
 _LIB.impl("batch_norm_add_relu", _batch_norm_add_relu_autograd, "Autograd")
+
+
+def batch_norm_add_relu_call(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                             bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                             training: bool, momentum: float, eps: float,
+                             relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.pybn.batch_norm_add_relu(...)``, without the dispatcher in plain eager mode."""
+    if (direct_call(x, residual, weight, bias, running_mean, running_var)
+            and _can_train_in_place(x, running_mean, running_var) and (residual is None or pybn_takes(residual))):
+        outputs: Tuple[Tensor, Tensor, Tensor] = _BatchNormAddRelu.apply(  # type: ignore[no-untyped-call]
+            x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu, True)
+        return outputs
+    return torch.ops.pybn.batch_norm_add_relu(x, residual, weight, bias,  # type: ignore[no-any-return]
+                                              running_mean, running_var, training, momentum, eps, relu)
