@@ -444,3 +444,22 @@ def test_every_argument_extreme_against_reference(layout, dtype, isa):
             res = train(f"x*{scale:g} eps={eps}", xs, base, eps=eps)
             backward(f"x*{scale:g} eps={eps}", dy, xs, res.mean, res.invstd, base["w"])
     assert not bad, f"{len(bad)} mismatches:\n" + "\n".join(bad[:40])
+
+
+@pytest.mark.parametrize("layout", ["rows", "period"])
+def test_scales_at_the_edges_of_the_unit_range(layout, isa, threads):
+    """Channels whose invstd, or weight * invstd, sits at the edges where the elementwise
+    passes start scaling x - mean by a power of two (xhat_scale, Affine::set): xhat is +-1
+    exactly in each, so y = +-weight exactly, on either side of every edge."""
+    stds = [2.0**32, 2.0**33, 2.0**-32, 2.0**-33, 2.0**-20, 2.0**-20, 2.0**-20]
+    weights = [1.0, 1.0, 1.0, 1.0, 2.0**100, 2.0**99, 2.0**101]  # weight * invstd: 2**120 and its neighbours
+    n = 64
+    signs = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)
+    values = (signs[None, :] * np.array(stds)[:, None]).astype(np.float32)  # (C, n): mean 0, biased var std**2
+    x = values.T.copy() if layout == "period" else values[None]  # (n, C) or (1, C, n)
+    axis = -1 if layout == "period" else 1
+    w = np.array(weights, np.float32)
+    y = pybn.batch_norm_train(x, w, np.zeros(7, np.float32), eps=0.0, axis=axis).y
+    want = (signs[None, :] * w[:, None]).astype(np.float32)
+    got = y.T if layout == "period" else y[0]
+    np.testing.assert_array_equal(got, want)
