@@ -82,7 +82,7 @@ def _channels(x: Tensor) -> int:
 # --------------------------------------------------------------------------- batch norm: forward
 
 def _train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-                     running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+                running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Training-mode batch norm over every dimension but 1 (see the module docstring)."""
     _channels(x)
     last = channels_last_physical(x)
@@ -119,7 +119,7 @@ def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean:
 
 
 def _infer_impl(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
-                     bias: Optional[Tensor], eps: float) -> Tensor:
+                bias: Optional[Tensor], eps: float) -> Tensor:
     """Inference-mode batch norm with the given statistics (see the module docstring)."""
     _channels(x)
     last = channels_last_physical(x)
@@ -146,7 +146,7 @@ def _(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Ten
 # --------------------------------------------------------------------------- batch norm: backward
 
 def _backward_impl(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
-                        training: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                   training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """dx, dweight = sum(dy * xhat), dbias = sum(dy) (see the module docstring)."""
     _channels(x)
     last = channels_last_physical(x)
@@ -255,8 +255,9 @@ def batch_norm_infer_call(x: Tensor, running_mean: Tensor, running_var: Tensor, 
     """``torch.ops.pybn.batch_norm_infer(...)``, without the dispatcher in plain eager mode
     when no gradient is wanted."""
     tensors = (x, running_mean, running_var, weight, bias)
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if not wants_grad and direct_call(*tensors):
+    # direct_call first: it alone looks at what may be a tracer's proxy rather than a tensor
+    if direct_call(*tensors) and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                        for t in tensors)):
         return _infer_impl(x, running_mean, running_var, weight, bias, eps)
     return torch.ops.pybn.batch_norm_infer(x, running_mean, running_var, weight, bias,  # type: ignore[no-any-return]
                                            eps)
@@ -343,8 +344,12 @@ def _dropout_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tens
 
 def _dropout_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
     (used,) = ctx.saved_tensors
+    # the implementation itself after a direct forward (_DropoutDirect), unless the backward
+    # must be differentiable (create_graph=True) or dy needs the dispatcher
+    direct = getattr(ctx, "direct", False) and not torch.is_grad_enabled() and direct_call(dy)
+    dropout_fn = _dropout_impl if direct else torch.ops.pybn.dropout
     # the same mask and scale: dy in the layout x had, since the mask follows memory order
-    dx, _ = torch.ops.pybn.dropout(in_layout(dy, ctx.last), ctx.p, used, ctx.noise_shape)
+    dx, _ = dropout_fn(in_layout(dy, ctx.last), ctx.p, used, ctx.noise_shape)
     return dx, None, None, None
 
 
@@ -360,16 +365,11 @@ class _DropoutDirect(torch.autograd.Function):
                 noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
         y, used = _dropout_impl(x, p, philox, noise_shape)
         _dropout_setup(ctx, (x, p, philox, noise_shape), (y, used))
+        ctx.direct = True
         ctx.mark_non_differentiable(used)
         return y, used
 
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
-        if torch.is_grad_enabled() or not direct_call(dy):  # create_graph=True: the differentiable operator
-            return _dropout_backward(ctx, dy, _dused)
-        (used,) = ctx.saved_tensors
-        dx, _ = _dropout_impl(in_layout(dy, ctx.last), ctx.p, used, ctx.noise_shape)
-        return dx, None, None, None
+    backward = staticmethod(_dropout_backward)
 
 
 def dropout_call(x: Tensor, p: float, philox: Optional[Tensor],

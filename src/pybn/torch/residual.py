@@ -47,8 +47,8 @@ def _check_residual(x: Tensor, residual: Optional[Tensor]) -> None:
 
 
 def _add_relu_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                        running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-                        momentum: float, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                   momentum: float, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """relu(bn(x) + residual) in one pass (see the module docstring)."""
     _channels(x)
     _check_residual(x, residual)
@@ -111,7 +111,7 @@ def _(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Opt
 
 
 def _add_relu_backward_impl(dy: Tensor, x: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
-                                 weight: Optional[Tensor], training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                            weight: Optional[Tensor], training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """dx, dweight, dbias and d_residual = dy masked where y <= 0 (see the module docstring)."""
     _channels(x)
     last = channels_last_physical(x)
