@@ -52,10 +52,35 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=f"opt-in: select with -m {name}"))
 
 
+def _signal_state():
+    """SIGINT's and SIGTERM's handlers and the signals blocked on this thread: what child
+    processes inherit (an ignored or blocked SIGINT stays so in them)."""
+    import signal
+
+    return (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+            frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+SIGNAL_STATE_CHANGES = []  # (test, before, after) for each test that left the state changed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    before = _signal_state()
+    yield
+    after = _signal_state()
+    if after != before:
+        SIGNAL_STATE_CHANGES.append((item.nodeid, before, after))
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print the size of the input-validation matrix and the figures the reliability tests
-    measured (test_concurrency, test_memory, test_huge), when those modules ran."""
+    measured (test_concurrency, test_memory, test_huge), when those modules ran, and any
+    test that left the process's signal handling changed."""
     import sys
+
+    for nodeid, before, after in SIGNAL_STATE_CHANGES:
+        terminalreporter.write_line(f"signal state changed by {nodeid}: {before} -> {after}")
 
     matrix = sys.modules.get("test_input_matrix")
     if matrix is not None:

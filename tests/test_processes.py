@@ -399,8 +399,11 @@ def test_an_exception_in_a_slice_reaches_python_after_every_slice():
 
 LONG_KERNELS = PRELUDE + """
 import signal
-if sys.argv[1] == "handler":
-    signal.signal(signal.SIGTERM, lambda *a: sys.exit(5))
+# Python's own dispositions whatever the parent left (a child inherits an ignored or
+# blocked SIGINT, and Python then installs no KeyboardInterrupt handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, (lambda *a: sys.exit(5)) if sys.argv[1] == "handler" else signal.SIG_DFL)
 pybn.set_num_threads(2)
 big = np.ones(2**25, np.float32)
 out = np.empty_like(big)
