@@ -65,8 +65,8 @@ SIGNAL_STATE_CHANGES = []  # (test, before, after) for each test that left the s
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item):
-    before = _signal_state()
+def pytest_runtest_protocol(item, nextitem):
+    before = _signal_state()  # setup, call and teardown: fixtures may change it too
     yield
     after = _signal_state()
     if after != before:
