@@ -446,6 +446,31 @@ def test_every_argument_extreme_against_reference(layout, dtype, isa):
     assert not bad, f"{len(bad)} mismatches:\n" + "\n".join(bad[:40])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["rows", "period"])
+def test_weights_past_the_range_scale_instead_of_overflowing(layout, dtype, isa, threads):
+    """weight * invstd past the type's range (alpha would be inf) moves the excess into a
+    power-of-two scale of x - mean (Affine::set), for either sign of invstd (batch_norm_apply
+    takes any): x == mean gives the bias exactly (inf * 0 would be NaN), x = mean + 2**-10
+    gives 2**-10 * invstd * weight (finite, an inf without the scale)."""
+    top = 127 if dtype == np.float32 else 1023
+    weights = [2.0**top, 2.0**top, 2.0**top, 2.0**(top - 3)]
+    invstds = [4.0, -4.0, 2.0, -8.0]
+    mean = np.array([0.5, -3.0, 1.0, 0.0], dtype)
+    C = 4
+    offsets = np.array([0.0, 2.0**-10, 0.0, -(2.0**-10), 0.0, 2.0**-10])
+    values = (mean[:, None] + offsets[None, :]).astype(dtype)  # (C, 6)
+    x = values.T.copy() if layout == "period" else values[None]
+    axis = -1 if layout == "period" else 1
+    bias = np.full(C, 1.0, dtype)
+    y = pybn.batch_norm_apply(x, mean, np.array(invstds, dtype), np.array(weights, dtype), bias, axis=axis)
+    got = y.T if layout == "period" else y[0]
+    want = np.where(offsets[None, :] == 0, 1.0,
+                    offsets[None, :] * np.array(invstds)[:, None] * np.array(weights)[:, None] + 1.0).astype(dtype)
+    assert np.isfinite(want).all()
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("layout", ["rows", "period"])
 def test_scales_at_the_edges_of_the_unit_range(layout, isa, threads):
     """Channels whose invstd, or weight * invstd, sits at the edges where the elementwise

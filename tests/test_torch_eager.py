@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pybn.torch.nn as pnn
-from pybn.torch import _eager, ops
+from pybn.torch import _eager, ops, residual
 
 HALF = [torch.float16] + ([torch.bfloat16] if ops.pybn_takes(torch.zeros(1, dtype=torch.bfloat16)) else [])
 DTYPES = [torch.float32, torch.float64, *HALF]
@@ -23,8 +23,58 @@ def operator_events(fn):
 def through_dispatcher(monkeypatch):
     """Within the test, every call takes torch.ops.pybn.* (what direct calls must equal)."""
     def use():
-        monkeypatch.setattr(ops, "direct_call", lambda *tensors: False)
+        for module in (ops, residual):
+            monkeypatch.setattr(module, "direct_call", lambda *tensors: False)
     return use
+
+
+def test_the_dispatcher_fixture_reaches_every_operator(through_dispatcher):
+    """The comparisons below mean something only if the fixture sends each module's calls
+    through the operators."""
+    x = make_input((4, 6, 5, 7), torch.float32, "contiguous", 14)
+    r = make_input((4, 6, 5, 7), torch.float32, "contiguous", 15)
+    bn, drop = pnn.BatchNorm2d(6), pnn.Dropout(0.3)
+    runs = {"train": lambda: bn(x).sum().backward(), "fused": lambda: bn(x, r, relu=True).sum().backward(),
+            "dropout": lambda: drop(x).sum().backward()}
+    assert all(operator_events(run) == set() for run in runs.values())
+    through_dispatcher()
+    assert operator_events(runs["train"]) == {"pybn::batch_norm_train", "pybn::batch_norm_backward"}
+    assert operator_events(runs["fused"]) == {"pybn::batch_norm_add_relu", "pybn::batch_norm_add_relu_backward"}
+    assert operator_events(runs["dropout"]) == {"pybn::dropout"}
+    bn.eval()
+    with torch.no_grad():
+        assert operator_events(lambda: bn(x)) == {"pybn::batch_norm_infer"}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace(_method)?` is deprecated:DeprecationWarning")
+def test_jit_trace_records_the_operators():
+    """torch.jit.trace sees only dispatched calls: a direct call would leave the traced
+    graph with an uninitialized output and no batch norm."""
+    x = torch.randn(4, 6, 5, 7)
+    model = torch.nn.Sequential(torch.nn.Conv2d(6, 6, 1), pnn.BatchNorm2d(6)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        traced = torch.jit.trace(model, x)
+        assert "pybn::batch_norm_infer" in str(traced.inlined_graph)
+        assert torch.equal(traced(x), model(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_running_statistics_versions_advance_in_every_mode(training, fused, through_dispatcher):
+    """The operators declare the running statistics mutated, so the dispatcher advances
+    their versions on every call, in eval mode too; the direct calls do the same."""
+    x, r = torch.randn(8, 4, 5), torch.randn(8, 4, 5)
+
+    def advance():
+        m = pnn.BatchNorm1d(4).train(training)
+        before = m.running_mean._version, m.running_var._version
+        m(x, r, relu=True) if fused else m(x)
+        return m.running_mean._version - before[0], m.running_var._version - before[1]
+
+    direct = advance()
+    through_dispatcher()
+    assert direct == advance()
 
 
 def make_input(shape, dtype, layout, seed):

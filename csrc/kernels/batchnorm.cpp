@@ -475,11 +475,12 @@ struct Affine {
     constexpr int kAlphaExponent = std::numeric_limits<T>::max_exponent - 3;
     const double s_invstd = xhat_scale<T>(invstd), scaled_invstd = invstd / s_invstd;
     double s_weight = 1;
-    // |weight| * scaled_invstd < 2**120 (rounded, so the exact product is too) leaves the
-    // exponents' sum below kAlphaExponent: no ilogb calls in the common case
+    // |weight * scaled_invstd| < 2**120 (rounded, so the exact product is too) leaves the
+    // exponents' sum below kAlphaExponent: no ilogb calls in the common case (a NaN or an
+    // overflowing product takes the checks below)
     constexpr double kSmallProduct = 0x1p120;
     static_assert(std::numeric_limits<T>::max_exponent - 3 >= 120, "the shortcut implies e <= kAlphaExponent");
-    const bool small = std::abs(weight) * scaled_invstd < kSmallProduct;
+    const bool small = std::abs(weight * scaled_invstd) < kSmallProduct;
     if (!small && weight != 0 && std::isfinite(weight) && scaled_invstd != 0 && std::isfinite(scaled_invstd)) {
       const int e = std::ilogb(weight) + std::ilogb(scaled_invstd);
       if (e > kAlphaExponent) s_weight = std::ldexp(1.0, e - kAlphaExponent);

@@ -52,7 +52,7 @@ backward is dropout with the same mask, so it is differentiable again; for batch
 a backward taken with ``create_graph=True`` uses torch's ``native_batch_norm_backward``,
 whose own derivative torch provides.
 """
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -65,6 +65,12 @@ from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, in_layou
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "dropout", "draw_philox"]
 
 _aten = torch.ops.aten
+
+
+def backend(ctx: Any, dy: Tensor, impl: Callable[..., Any], op: Any) -> Callable[..., Any]:
+    """What an autograd backward calls: the implementation itself after a direct forward
+    (ctx.direct, pybn.torch._eager) when dy may skip the dispatcher too, else the operator."""
+    return impl if ctx.direct and direct_call(dy) else op
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -218,10 +224,9 @@ class _BatchNormTrain(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: torch's formula, which torch can differentiate
             dx, dw, db = _aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True, 0.0,
                                                          [True, weight is not None, weight is not None])
-        elif ctx.direct and direct_call(dy):
-            dx, dw, db = _backward_impl(dy, x, mean, invstd, weight, True)
         else:
-            dx, dw, db = torch.ops.pybn.batch_norm_backward(dy, x, mean, invstd, weight, True)
+            dx, dw, db = backend(ctx, dy, _backward_impl, torch.ops.pybn.batch_norm_backward)(dy, x, mean, invstd,
+                                                                                              weight, True)
         needs = ctx.needs_input_grad
         return dx, dw if needs[1] else None, db if needs[2] else None, None, None, None, None, None
 
@@ -339,15 +344,16 @@ def _(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[
 def _dropout_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
     x, p, _, noise_shape = inputs
     ctx.p, ctx.noise_shape, ctx.last = p, noise_shape, channels_last_physical(x)
+    ctx.direct = False  # (True after _DropoutDirect's forward)
     ctx.save_for_backward(output[1])
 
 
 def _dropout_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
     (used,) = ctx.saved_tensors
-    # the implementation itself after a direct forward (_DropoutDirect), unless the backward
-    # must be differentiable (create_graph=True) or dy needs the dispatcher
-    direct = getattr(ctx, "direct", False) and not torch.is_grad_enabled() and direct_call(dy)
-    dropout_fn = _dropout_impl if direct else torch.ops.pybn.dropout
+    # the operator when the backward must be differentiable (create_graph=True): dropout's
+    # derivative is dropout with the same mask
+    dropout_fn = torch.ops.pybn.dropout if torch.is_grad_enabled() else backend(ctx, dy, _dropout_impl,
+                                                                                  torch.ops.pybn.dropout)
     # the same mask and scale: dy in the layout x had, since the mask follows memory order
     dx, _ = dropout_fn(in_layout(dy, ctx.last), ctx.p, used, ctx.noise_shape)
     return dx, None, None, None

@@ -28,7 +28,7 @@ import pybn
 
 from ._eager import direct_call, note_mutation
 from ._layout import array, channels_last_physical, empty, in_layout, per_channel, pybn_takes
-from .ops import _backward_impl, _can_train_in_place, _channels, _stats_dtype, _torch_backward
+from .ops import _backward_impl, _can_train_in_place, _channels, _stats_dtype, _torch_backward, backend
 
 __all__ = ["batch_norm_add_relu", "batch_norm_add_relu_backward"]
 
@@ -152,7 +152,7 @@ class _BatchNormAddRelu(torch.autograd.Function):
         if direct:
             y, mean, invstd = _add_relu_impl(x, residual, weight, bias, running_mean, running_var, training,
                                              momentum, eps, relu)
-            note_mutation(*((running_mean, running_var) if training else ()))
+            note_mutation(running_mean, running_var)  # declared mutated: in eval mode too, as the dispatcher
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 y, mean, invstd = torch.ops.pybn.batch_norm_add_relu(x, residual, weight, bias, running_mean,
@@ -169,11 +169,10 @@ class _BatchNormAddRelu(torch.autograd.Function):
             dr = dy * (y > 0) if ctx.relu else dy
             dx, dw, db = _torch_backward(dr, x, mean, invstd, weight, ctx.training)
         elif ctx.relu:
-            masked_backward = _add_relu_backward_impl if ctx.direct and direct_call(dy) else \
-                torch.ops.pybn.batch_norm_add_relu_backward
+            masked_backward = backend(ctx, dy, _add_relu_backward_impl, torch.ops.pybn.batch_norm_add_relu_backward)
             dx, dw, db, dr = masked_backward(dy, x, y, mean, invstd, weight, ctx.training)
         else:  # d_residual is dy itself
-            bn_backward = _backward_impl if ctx.direct and direct_call(dy) else torch.ops.pybn.batch_norm_backward
+            bn_backward = backend(ctx, dy, _backward_impl, torch.ops.pybn.batch_norm_backward)
             dx, dw, db = bn_backward(dy, x, mean, invstd, weight, ctx.training)
             dr = dy
         needs = ctx.needs_input_grad
