@@ -67,7 +67,7 @@ bool moments_fit(double s1, double s2, double n, double shift) {
 // non-zero) that its terms lost bits to underflow.
 template <class T>
 bool product_sum_fits(double s, double n) {
-  return std::isfinite(s) && (s == 0 || std::abs(s) >= n * std::numeric_limits<T>::min());
+  return std::isfinite(s) & ((s == 0) | (std::abs(s) >= n * std::numeric_limits<T>::min()));  // (vectorizes)
 }
 
 // Merges one block of channel values into m (see the top of this file for the shift).
@@ -206,12 +206,13 @@ void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const
   // The slow path, for the channels whose sums left the type's range. The group's M2 adds
   // its blocks' and the squared differences of their means (in double): a block that
   // lost bits to underflow leaves a small non-zero total; zero is a constant channel.
-  const auto fit = [&](i64 c) {
-    return std::isfinite(gm[c]) && std::isfinite(g2[c]) && (g2[c] == 0 || g2[c] >= gn * std::numeric_limits<T>::min());
+  const double least_m2 = gn * std::numeric_limits<T>::min();
+  const auto fit = [&](i64 c) {  // (& and |, not && and ||: the counting loop below vectorizes)
+    return std::isfinite(gm[c]) & std::isfinite(g2[c]) & ((g2[c] == 0) | (g2[c] >= least_m2));
   };
-  bool all_fit = true;
-  for (i64 c = 0; c < C; ++c) all_fit &= fit(c);
-  if (all_fit) return;
+  i64 misfits = 0;
+  for (i64 c = 0; c < C; ++c) misfits += !fit(c);
+  if (misfits == 0) return;
   for (i64 c = 0; c < C; ++c) {
     if (fit(c)) continue;
     const Moments e = exact_moments<S>(gn, [&](const auto& f) {
@@ -243,12 +244,9 @@ void moments_period(const Layout& L, const S* x, double* mean, double* m2) {
     }
   });
   if (R == 1) return;
-  for (i64 c = 0; c < C; ++c) {
-    Moments m;
-    for (i64 r = 0; r < R; ++r) m.merge(static_cast<double>(pb.range_count(L, r)), gmean[r * C + c], gm2[r * C + c]);
-    mean[c] = m.mean;
-    m2[c] = m.m2;
-  }
+  Buffer<double> counts = make_buffer<double>(R);
+  for (i64 r = 0; r < R; ++r) counts[r] = static_cast<double>(pb.range_count(L, r));
+  merge_equal_counts(R, C, counts.get(), gmean, gm2, mean, m2);
 }
 
 template <class S, class T>
@@ -375,15 +373,15 @@ void grad_sums_period(const Layout& L, const GradTerms<S, T, kMask>& terms, doub
       // To sums of g * xhat; then the slow path, for the channels whose sums left the
       // type's range.
       const double count = static_cast<double>(pb.range_count(L, r));
-      bool all_fit = true;
+      i64 misfits = 0;
       for (i64 c = 0; c < Lc.channels; ++c) {
-        const bool fits = std::isfinite(s0[c]) && product_sum_fits<T>(s1[c], count);
+        const bool fits = std::isfinite(s0[c]) & product_sum_fits<T>(s1[c], count);
         s1[c] *= static_cast<double>(terms.invstd[c0 + c]);
         // a NaN marks the channel for the slow path
         if (!fits) s1[c] = std::numeric_limits<double>::quiet_NaN();
-        all_fit &= std::isfinite(s1[c]);
+        misfits += !std::isfinite(s1[c]);
       }
-      if (all_fit) continue;
+      if (misfits == 0) continue;
       for (i64 c = 0; c < Lc.channels; ++c) {
         if (std::isfinite(s1[c])) continue;
         double b[2];

@@ -46,6 +46,36 @@ struct Moments {
   }
 };
 
+// Moments::merge of `parts` partial results into every channel at once, for parts that
+// hold the same count in every channel (the ranges of rows of a period-mode reduction):
+// each part's count ratios, and their divisions, are computed once instead of once per
+// channel, which left the channel loop bound by divisions. The same operations on each
+// channel as merge. Part r's value for channel c is at [r * channels + c].
+inline void merge_equal_counts(std::int64_t parts, std::int64_t channels, const double* count,
+                               const double* part_mean, const double* part_m2, double* mean, double* m2) {
+  std::fill(mean, mean + channels, 0.0);
+  std::fill(m2, m2 + channels, 0.0);
+  double n = 0;
+  for (std::int64_t r = 0; r < parts; ++r) {
+    const double nb = count[r];
+    if (nb == 0) continue;
+    const double* mb = part_mean + r * channels;
+    const double* qb = part_m2 + r * channels;
+    if (n == 0) {
+      std::copy(mb, mb + channels, mean);
+      std::copy(qb, qb + channels, m2);
+    } else {
+      const double total = n + nb, fb = nb / total, fa = n / total, fm2 = n * nb / total;
+      for (std::int64_t c = 0; c < channels; ++c) {
+        const double delta = mb[c] - mean[c];
+        mean[c] = std::isfinite(delta) ? mean[c] + delta * fb : mean[c] * fa + mb[c] * fb;
+        m2[c] += qb[c] + delta * delta * fm2;
+      }
+    }
+    n += nb;
+  }
+}
+
 // The power of two e such that the values times 2^-e are at most about 1 in magnitude:
 // scaled so, no sum of them (or of products of two such sets) leaves double's range.
 // 0 for float input, which double holds with room to spare, and when the values hold an
