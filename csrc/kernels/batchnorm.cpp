@@ -471,7 +471,9 @@ struct Affine {
   // overflow x * s.
   void set(i64 c, double invstd, double weight, double bias) const {
     constexpr int kAlphaExponent = std::numeric_limits<T>::max_exponent - 3;
-    const double s_invstd = xhat_scale<T>(invstd), scaled_invstd = invstd / s_invstd;
+    // (s_invstd and s_weight are 1 but for extreme channels: no division then, which
+    // otherwise set the pace of the per-channel loops of small arrays)
+    const double s_invstd = xhat_scale<T>(invstd), scaled_invstd = s_invstd == 1 ? invstd : invstd / s_invstd;
     double s_weight = 1;
     // |weight * scaled_invstd| < 2**120 (rounded, so the exact product is too) leaves the
     // exponents' sum below kAlphaExponent: no ilogb calls in the common case (a NaN or an
@@ -488,7 +490,7 @@ struct Affine {
     beta[c] = static_cast<T>(bias);
     scale[c] = static_cast<T>(s);
     shift[c] = static_cast<T>(-static_cast<double>(mean.set(c)) * s);
-    scaled_alpha[c] = static_cast<T>(weight / s_weight * scaled_invstd);
+    scaled_alpha[c] = static_cast<T>((s_weight == 1 ? weight : weight / s_weight) * scaled_invstd);
   }
 };
 
@@ -556,7 +558,11 @@ template <class S, class T, class Invstd>
 void normalize_with(const Layout& L, const S* x, const S* residual, S* y, const param_t<S>* mean,
                     const param_t<S>* weight, const param_t<S>* bias, bool relu, const Invstd& invstd_of) {
   Affine<param_t<S>, T> k(L.channels, mean);
-  for (i64 c = 0; c < L.channels; ++c) k.set(c, invstd_of(c), value_or(weight, c, 1.0), value_or(bias, c, 0.0));
+  {
+    Buffer<double> invstd = make_buffer<double>(L.channels);
+    for (i64 c = 0; c < L.channels; ++c) invstd[c] = invstd_of(c);  // (a loop of its own: it vectorizes)
+    for (i64 c = 0; c < L.channels; ++c) k.set(c, invstd[c], value_or(weight, c, 1.0), value_or(bias, c, 0.0));
+  }
   normalize(L, x, residual, k, relu, y, false);
 }
 
@@ -569,12 +575,14 @@ void bn_train(const BnTrainArgs<S>& a) {
   const double n = static_cast<double>(L.per_channel());
   using P = param_t<S>;
   Affine<P, T> k(C, a.save_mean);
-  // Channel c's outputs from its statistics: saved mean and invstd, running stats, and the
-  // normalization's coefficients.
-  const auto finish = [&](i64 c, double mean, double m2) {
+  const auto invstd_of = [n, eps = a.eps](double m2) {
     const double var = m2 / n;
     // eps = 0 and a constant channel: 0/0 normalizes to 0 (PyTorch's kernels do the same)
-    const double invstd = var + a.eps == 0.0 ? 0.0 : 1.0 / std::sqrt(var + a.eps);
+    return var + eps == 0.0 ? 0.0 : 1.0 / std::sqrt(var + eps);
+  };
+  // Channel c's outputs from its statistics: saved mean and invstd, running stats, and the
+  // normalization's coefficients.
+  const auto finish = [&](i64 c, double mean, double m2, double invstd) {
     a.save_mean[c] = static_cast<P>(mean);
     a.save_invstd[c] = static_cast<P>(invstd);
     update_running(a.running_mean, a.running_var, c, mean, m2, n, a.momentum);
@@ -595,7 +603,10 @@ void bn_train(const BnTrainArgs<S>& a) {
         [x = a.x, limit = L.numel()](i64 i, i64 len) { prefetch_lines(x, i, len, limit); },
         [&](i64 s, ChannelRange r) {
           const Moments* const m = moments[s];
-          for (i64 c = r.begin; c < r.end; ++c) finish(c, m[c - r.begin].mean, m[c - r.begin].m2);
+          for (i64 c = r.begin; c < r.end; ++c) {
+            const Moments& mc = m[c - r.begin];
+            finish(c, mc.mean, mc.m2, invstd_of(mc.m2));
+          }
         },
         [&](i64, ChannelRange r, const auto& after_sample) {
           normalize(L, a.x, a.residual, k, a.relu, a.y, true, &r, after_sample);
@@ -603,9 +614,11 @@ void bn_train(const BnTrainArgs<S>& a) {
     return;
   }
   {  // freed before normalize allocates its tables
-    Buffer<double> mean = make_buffer<double>(C), m2 = make_buffer<double>(C);
+    Buffer<double> mean = make_buffer<double>(C), m2 = make_buffer<double>(C), invstd = make_buffer<double>(C);
     channel_moments<S, T>(L, a.x, mean.get(), m2.get());
-    for (i64 c = 0; c < C; ++c) finish(c, mean[c], m2[c]);
+    // the square roots and divisions in a loop of their own, which vectorizes
+    for (i64 c = 0; c < C; ++c) invstd[c] = invstd_of(m2[c]);
+    for (i64 c = 0; c < C; ++c) finish(c, mean[c], m2[c], invstd[c]);
   }
   normalize(L, a.x, a.residual, k, a.relu, a.y, true);
 }
