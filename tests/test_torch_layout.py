@@ -1,0 +1,70 @@
+"""pybn.torch._layout: which tensors count as channels-last, and the arrays and outputs made
+for them, against the definitions by torch.movedim (what the helpers computed before they
+took shortcuts through torch's memory formats and NumPy's transpose)."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from pybn.torch import _layout
+
+
+def by_movedim(x):
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def tensors():
+    """Every permutation of small shapes with sizes of 1 (whose strides torch ignores), plus
+    sliced and expanded views."""
+    for shape in [(2, 3, 4), (2, 3, 4, 5), (1, 3, 1, 2), (2, 1, 3, 1), (4, 3, 1, 1), (1, 1, 1, 1), (2, 3, 2, 2, 2),
+                  (1, 3, 1, 2, 1), (2, 3, 0, 2)]:
+        base = torch.arange(float(np.prod(shape))).reshape(shape)
+        for order in itertools.permutations(range(len(shape))):
+            # memory in `order`, logical shape `shape`
+            inverse = [order.index(d) for d in range(len(shape))]
+            t = base.permute(order).contiguous().permute(inverse)
+            yield t
+            if len(shape) == 4 and shape[-1] > 1:
+                yield torch.cat([t, t], dim=-1)[..., ::2]
+    yield torch.zeros(2, 3, 1, 1).expand(2, 3, 4, 4)
+    yield torch.zeros(2, 1, 4, 4).expand(2, 3, 4, 4)
+
+
+def test_channels_last_physical_is_the_movedim_definition():
+    cases = list(tensors())
+    assert sum(by_movedim(t) for t in cases) > 20  # (the shortcut's cases are there)
+    for t in cases:
+        assert _layout.channels_last_physical(t) == by_movedim(t), (tuple(t.shape), t.stride())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_arrays_hold_the_values_in_the_layout_asked_for(dtype):
+    for t in tensors():
+        t = t.to(dtype).requires_grad_()
+        for last in (False, True) if t.dim() > 2 else (False,):
+            a = _layout.array(t, last)
+            want = (t.detach().movedim(1, -1) if last else t.detach()).contiguous().numpy()
+            assert a.flags.c_contiguous and a.dtype == want.dtype
+            np.testing.assert_array_equal(a, want)
+            if t.numel() and ((last and by_movedim(t)) or (not last and t.is_contiguous())):
+                assert a.ctypes.data == t.data_ptr()  # a view, not a copy
+
+
+def test_empty_has_the_strides_of_the_movedim_definition():
+    for t in tensors():
+        for last in (False, True) if t.dim() > 2 else (False,):
+            got = _layout.empty(t, last, torch.float64)
+            want = t.new_empty(t.movedim(1, -1).shape).movedim(-1, 1) if last else t.new_empty(t.shape)
+            assert got.shape == t.shape and got.dtype == torch.float64 and not got.requires_grad
+            assert (by_movedim(got) or got.is_contiguous()) if last else got.is_contiguous()
+            # strides equal wherever torch does not ignore them (sizes of 1, empty tensors)
+            assert t.numel() == 0 or all(s == w for s, w, n in zip(got.stride(), want.stride(), t.shape) if n > 1)
+
+
+def test_per_channel_views_contiguous_parameters():
+    w = torch.randn(7, requires_grad=True)
+    a = _layout.per_channel(w)
+    assert a.ctypes.data == w.data_ptr()
+    np.testing.assert_array_equal(_layout.per_channel(torch.arange(14.0)[::2]), np.arange(0.0, 14.0, 2.0))
+    assert _layout.per_channel(None) is None
