@@ -62,8 +62,9 @@ def test_jit_trace_records_the_operators():
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("fused", [False, True])
 def test_running_statistics_versions_advance_in_every_mode(training, fused, through_dispatcher):
-    """The operators declare the running statistics mutated, so the dispatcher advances
-    their versions on every call, in eval mode too; the direct calls do the same."""
+    """The dispatcher advances the versions of the running statistics an operator declares
+    mutated (the training forward's, the fused residual's in both modes); the direct calls
+    advance the same ones by as much."""
     x, r = torch.randn(8, 4, 5), torch.randn(8, 4, 5)
 
     def advance():
@@ -75,6 +76,9 @@ def test_running_statistics_versions_advance_in_every_mode(training, fused, thro
     direct = advance()
     through_dispatcher()
     assert direct == advance()
+    # (eval-mode inference reads them and declares nothing; the fused operator declares them
+    # mutated in both modes)
+    assert (min(direct) > 0) == (training or fused)
 
 
 def make_input(shape, dtype, layout, seed):
@@ -147,18 +151,6 @@ def test_batch_norm_direct_call_skips_the_dispatcher_and_modes_do_not():
     # a gradient through eval-mode batch norm takes the operator (its autograd formula)
     assert operator_events(lambda: module(x).sum().backward()) == {"pybn::batch_norm_infer",
                                                                    "pybn::batch_norm_backward"}
-
-
-def test_running_statistics_versions_advance_as_through_the_dispatcher(through_dispatcher):
-    x = make_input((8, 4, 5), torch.float32, "contiguous", 4)
-    direct, ref = pnn.BatchNorm1d(4), pnn.BatchNorm1d(4)
-    before = direct.running_mean._version
-    direct(x)
-    through_dispatcher()
-    ref_before = ref.running_mean._version
-    ref(x)
-    assert direct.running_mean._version - before == ref.running_mean._version - ref_before > 0
-    assert direct.running_var._version > 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
