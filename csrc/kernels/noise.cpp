@@ -108,24 +108,21 @@ inline void box_muller(const std::uint32_t (&w)[kNormalGroup], float (&z)[kNorma
   }
 }
 
-// The data of consecutive groups of the counter stream for a thread that walks its
-// elements in ascending order: at(e, len) gives the data of elements [e, e + len)
-// (len <= a vector), generating groups NG at a time when they are first needed.
-// Group::fill writes Group::kBytes bytes of data for its kElements elements from one group's
-// words.
-template <class Group>
-class GroupStream {
+// The normal variates of consecutive groups of the counter stream, for a thread that walks
+// its elements in ascending order: at(e, len, group_start) gives the variates of the group
+// holding elements [e, e + len) (len <= a vector, within at most two groups), generating
+// groups NG at a time when they are first needed.
+class NormalStream {
  public:
-  GroupStream(std::uint64_t seed, std::uint64_t offset, i64 g0, const Group& group)
-      : stream_(seed, offset, static_cast<std::uint64_t>(g0)), group_(group), first_(g0), next_(g0) {}
+  NormalStream(std::uint64_t seed, std::uint64_t offset, i64 g0)
+      : stream_(seed, offset, static_cast<std::uint64_t>(g0)), first_(g0), next_(g0) {}
 
-  // The data of the group holding element e, and the index of that group's first element.
-  const unsigned char* at(i64 e, i64 len, i64& group_start) {
-    const i64 G = Group::kElements;
-    const i64 ga = e / G, gl = (e + len - 1) / G;
+  // The variates of the group holding element e, and the index of that group's first element.
+  const float* at(i64 e, i64 len, i64& group_start) {
+    const i64 ga = e / kNormalGroup, gl = (e + len - 1) / kNormalGroup;
     if (gl >= next_) refill(ga, gl);
-    group_start = ga * G;
-    return buf_ + (ga - first_) * Group::kBytes;
+    group_start = ga * kNormalGroup;
+    return buf_ + (ga - first_) * kNormalGroup;
   }
 
  private:
@@ -136,48 +133,39 @@ class GroupStream {
   // generates up to group gl.
   void refill(i64 ga, i64 gl) {
     const i64 kept = std::max<i64>(0, next_ - ga);
-    if (kept > 0) std::memmove(buf_, buf_ + (ga - first_) * Group::kBytes, kept * Group::kBytes);
+    if (kept > 0) std::memmove(buf_, buf_ + (ga - first_) * kNormalGroup, kept * kNormalGroup * sizeof(float));
     first_ = ga;
     while (next_ <= gl) {
       U32 r[NG][kHalfVectors];
       stream_.next(r);
-      for (int i = 0; i < NG; ++i) group_.fill(r[i], buf_ + (next_ - first_ + i) * Group::kBytes);
+      for (int i = 0; i < NG; ++i) {
+        std::uint32_t w[kNormalGroup];
+        std::memcpy(w, r[i], sizeof w);
+        float z[kNormalGroup];
+        box_muller(w, z);
+        std::memcpy(buf_ + (next_ - first_ + i) * kNormalGroup, z, sizeof z);
+      }
       next_ += NG;
     }
   }
 
   MaskStream<NG> stream_;
-  Group group_;
   i64 first_, next_;  // buf_ holds groups [first_, next_)
-  alignas(64) unsigned char buf_[kCapacity * Group::kBytes] = {};
+  alignas(64) float buf_[kCapacity * kNormalGroup] = {};
 };
 
-// The normal variates: 64 floats per group.
-struct NormalGroup {
-  static constexpr i64 kElements = kNormalGroup;
-  static constexpr i64 kBytes = kNormalGroup * sizeof(float);
-  void fill(const U32 (&r)[kHalfVectors], unsigned char* out) const {
-    std::uint32_t w[kNormalGroup];
-    std::memcpy(w, r, sizeof w);
-    float z[kNormalGroup];
-    box_muller(w, z);
-    std::memcpy(out, z, sizeof z);
-  }
-};
-
-// y[i, i + n) = op(i, n, data, at) over a thread's elements [start, end), in vectors (aligned
-// ones when streaming); data is the group data holding element i, at is i's index in it.
-// When the output's groups start on vector boundaries (always when not streaming, and for
-// the aligned outputs pybn allocates) whole groups are walked with one lookup each, not one
-// per vector.
-template <bool kStream, class T, class S, class Group, class Op>
-void walk(S* y, i64 start, i64 end, GroupStream<Group>& groups, const Op& op) {
-  constexpr i64 W = Vec<T>::W, G = Group::kElements;
+// y[i, i + n) = op(i, n, z) over a thread's elements [start, end), in vectors (aligned ones
+// when streaming); z points at element i's normal variate. When the output's groups start
+// on vector boundaries (always when not streaming, and for the aligned outputs pybn
+// allocates) whole groups are walked with one lookup each, not one per vector.
+template <bool kStream, class T, class S, class Op>
+void walk(S* y, i64 start, i64 end, NormalStream& normals, const Op& op) {
+  constexpr i64 W = Vec<T>::W, G = kNormalGroup;
   static_assert(G % W == 0, "groups hold whole vectors");
   const auto step = [&](i64 i, i64 n) {
     i64 g0;
-    const unsigned char* data = groups.at(i, n, g0);
-    put<kStream>(y + i, op(i, n, data, i - g0), n);
+    const float* z = normals.at(i, n, g0);
+    put<kStream>(y + i, op(i, n, z + (i - g0)), n);
   };
   i64 i = start;
   bool whole_groups = true;
@@ -185,9 +173,9 @@ void walk(S* y, i64 start, i64 end, GroupStream<Group>& groups, const Op& op) {
   if (whole_groups) {
     for (; i + G <= end; i += G) {
       i64 g0;
-      const unsigned char* data = groups.at(i, G, g0);
+      const float* z = normals.at(i, G, g0);
 #pragma GCC unroll 4
-      for (i64 v = 0; v < G; v += W) put<kStream>(y + i + v, op(i + v, W, data, v), W);
+      for (i64 v = 0; v < G; v += W) put<kStream>(y + i + v, op(i + v, W, z + v), W);
     }
   } else if (const i64 nh = head_lanes<kStream>(y + i, end - i)) {
     step(i, nh);
@@ -196,16 +184,6 @@ void walk(S* y, i64 start, i64 end, GroupStream<Group>& groups, const Op& op) {
   for (; i + W <= end; i += W) step(i, W);
   if (i < end) step(i, end - i);
   if (kStream) stream_fence();
-}
-
-// Runs range(stream, first group, begin, end) over the element ranges of whole groups that the
-// threads take; stream is the kStream flag of with_streaming.
-template <class S, class T, class Group, class Range>
-void over_groups(i64 n, const Range& range) {
-  const i64 G = Group::kElements, groups = (n + G - 1) / G;
-  with_streaming<S, T>(n, [&](auto stream) {
-    parallel_for(groups, n, [&](i64 gb, i64 ge) { range(stream, gb, gb * G, std::min(ge * G, n)); });
-  });
 }
 
 }  // namespace
@@ -225,17 +203,20 @@ template <class S, class T>
 void gaussian_noise(const GaussianNoiseArgs<S>& a) {
   using V = Vec<T>;
   const V sigma = V::set1(static_cast<T>(a.sigma)), one = V::set1(T(1));
-  over_groups<S, T, NormalGroup>(a.n, [&](auto stream, i64 gb, i64 start, i64 end) {
-    GroupStream<NormalGroup> normals(a.seed, a.offset, gb, NormalGroup{});
-    walk<decltype(stream)::value, T>(a.y, start, end, normals, [&](i64 i, i64 n, const unsigned char* data, i64 at) {
-      const float* z = reinterpret_cast<const float*>(data) + at;
-      const V noise = sigma * load_n<T>(z, n);
-      const V x = load_n<T>(a.x + i, n);
-      if (!a.multiply) return x + noise;
-      if constexpr (is_16bit<S>)  // the exact product rounded once by the store (dropout.cpp)
-        return mul_round_to_odd(x, one + noise);
-      else
-        return x * (one + noise);
+  const i64 groups = (a.n + kNormalGroup - 1) / kNormalGroup;
+  with_streaming<S, T>(a.n, [&](auto stream) {
+    parallel_for(groups, a.n, [&](i64 gb, i64 ge) {
+      NormalStream normals(a.seed, a.offset, gb);
+      walk<decltype(stream)::value, T>(a.y, gb * kNormalGroup, std::min(ge * kNormalGroup, a.n), normals,
+                                       [&](i64 i, i64 n, const float* z) {
+        const V noise = sigma * load_n<T>(z, n);
+        const V x = load_n<T>(a.x + i, n);
+        if (!a.multiply) return x + noise;
+        if constexpr (is_16bit<S>)  // the exact product rounded once by the store (dropout.cpp)
+          return mul_round_to_odd(x, one + noise);
+        else
+          return x * (one + noise);
+      });
     });
   });
 }
