@@ -20,37 +20,49 @@
 namespace pybn {
 namespace PYBN_ISA {
 
+// One step of Chan et al.'s pairwise merge, for sets of n and nb values: their count ratios,
+// and apply() merging a second set's (mean_b, m2_b) into the first's (mean, m2). Means
+// whose difference is not finite (an infinity or a NaN among the values, or float64 means
+// of opposite signs past half the range) are combined as a weighted sum, which IEEE
+// arithmetic takes through infinities and which cannot overflow; M2 then takes the
+// non-finite term.
+struct MergeWeights {
+  double b, a, m2;  // nb / total, n / total, n * nb / total
+
+  MergeWeights(double n, double nb) {
+    const double total = n + nb;
+    b = nb / total;
+    a = n / total;
+    m2 = n * nb / total;
+  }
+  void apply(double& mean, double& m2_sum, double mean_b, double m2_b) const {
+    const double delta = mean_b - mean;
+    mean = std::isfinite(delta) ? mean + delta * b : mean * a + mean_b * b;
+    m2_sum += m2_b + delta * delta * m2;
+  }
+};
+
 // Count, mean and sum of squared deviations (M2) of a set of values.
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
 
-  // Chan et al.'s pairwise merge. Means whose difference is not finite (an infinity or a
-  // NaN among the values, or float64 means of opposite signs past half the range) are
-  // combined as a weighted sum, which IEEE arithmetic takes through infinities and which
-  // cannot overflow; M2 then takes the non-finite term.
   void merge(double nb, double mean_b, double m2_b) {
     if (nb == 0) return;
-    const double total = n + nb;
-    const double delta = mean_b - mean;
     if (n == 0) {
       mean = mean_b;
       m2 = m2_b;
-    } else if (std::isfinite(delta)) {
-      mean += delta * (nb / total);
-      m2 += m2_b + delta * delta * (n * nb / total);
     } else {
-      mean = mean * (n / total) + mean_b * (nb / total);
-      m2 += m2_b + delta * delta * (n * nb / total);
+      MergeWeights(n, nb).apply(mean, m2, mean_b, m2_b);
     }
-    n = total;
+    n += nb;
   }
 };
 
 // Moments::merge of `parts` partial results into every channel at once, for parts that
 // hold the same count in every channel (the ranges of rows of a period-mode reduction):
 // each part's count ratios, and their divisions, are computed once instead of once per
-// channel, which left the channel loop bound by divisions. The same operations on each
-// channel as merge. Part r's value for channel c is at [r * channels + c].
+// channel, which left the channel loop bound by divisions. Part r's value for channel c is
+// at [r * channels + c].
 inline void merge_equal_counts(std::int64_t parts, std::int64_t channels, const double* count,
                                const double* part_mean, const double* part_m2, double* mean, double* m2) {
   std::fill(mean, mean + channels, 0.0);
@@ -65,12 +77,8 @@ inline void merge_equal_counts(std::int64_t parts, std::int64_t channels, const 
       std::copy(mb, mb + channels, mean);
       std::copy(qb, qb + channels, m2);
     } else {
-      const double total = n + nb, fb = nb / total, fa = n / total, fm2 = n * nb / total;
-      for (std::int64_t c = 0; c < channels; ++c) {
-        const double delta = mb[c] - mean[c];
-        mean[c] = std::isfinite(delta) ? mean[c] + delta * fb : mean[c] * fa + mb[c] * fb;
-        m2[c] += qb[c] + delta * delta * fm2;
-      }
+      const MergeWeights w(n, nb);
+      for (std::int64_t c = 0; c < channels; ++c) w.apply(mean[c], m2[c], mb[c], qb[c]);
     }
     n += nb;
   }
