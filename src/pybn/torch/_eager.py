@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_WRAPPED: Any = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def direct_call(*tensors: Optional[Tensor]) -> bool:
@@ -28,8 +29,8 @@ def direct_call(*tensors: Optional[Tensor]) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
         return False
-    wrapped: Any = torch._C._functorch.is_functorch_wrapped_tensor
-    return all(t is None or (type(t) in _PLAIN and t.device.type == "cpu" and not wrapped(t)) for t in tensors)
+    # (is_cpu: device.type makes a Device object per tensor, and a call checks several)
+    return all(t is None or (type(t) in _PLAIN and t.is_cpu and not _WRAPPED(t)) for t in tensors)
 
 
 def note_mutation(*tensors: Optional[Tensor]) -> None:
