@@ -188,20 +188,18 @@ void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const
     // Merge the block into the group; every channel has the same counts. A non-finite
     // block sum leaves gm or g2 non-finite, and one that underflowed sets g2 to NaN, for
     // the slow path below.
-    const double total = gn + nb, fa = nb / total, fb = gn * nb / total;
+    const MergeWeights merge(gn, nb);
     const double tiny = nb * std::numeric_limits<T>::min(), small_shift = underflow_shift<T>();
     for (i64 c = 0; c < C; ++c) {
       const double bmean = w.shift[c] + w.s1[c] * inv_nb;
       const double bm2 = std::max(0.0, w.s2[c] - w.s1[c] * (w.s1[c] * inv_nb));
-      const double delta = bmean - gm[c];
-      gm[c] += delta * fa;
-      g2[c] += bm2 + delta * delta * fb;
+      merge.apply(gm[c], g2[c], bmean, bm2);
       // moments_fit, in a form the loop vectorizes with
       const double shift = w.shift[c];
       if (w.s2[c] < tiny && std::abs(shift) < small_shift && (w.s2[c] != 0 || w.s1[c] != 0 || shift != 0))
         g2[c] = std::numeric_limits<double>::quiet_NaN();
     }
-    gn = total;
+    gn += nb;
   });
   // The slow path, for the channels whose sums left the type's range. The group's M2 adds
   // its blocks' and the squared differences of their means (in double): a block that

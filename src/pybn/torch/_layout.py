@@ -51,26 +51,18 @@ def _numpy(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _numpy_of(t: Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor of any strides (copied by NumPy only when they are not
-    C-contiguous)."""
-    a = _numpy(t.detach())
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
-
-
 def array(t: Tensor, last: bool) -> np.ndarray:
-    """A NumPy view of t with the channels on axis -1 (`last`) or 1, copied only when t
-    has another layout. (The axes move in NumPy: a transpose there costs a fraction of
-    torch's movedim.)"""
-    if not last:
-        return _numpy_of(t)
+    """A NumPy view of t with the channels on axis -1 (`last`) or 1, copied (by NumPy) only
+    when t has another layout. (The axes move in NumPy: a transpose there costs a fraction
+    of torch's movedim.)"""
     a = _numpy(t.detach())
-    a = a.transpose((0, *range(2, a.ndim), 1))
+    if last:
+        a = a.transpose((0, *range(2, a.ndim), 1))
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def per_channel(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    return None if t is None else _numpy_of(t)
+    return None if t is None else array(t, False)
 
 
 def empty(x: Tensor, last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
