@@ -18,6 +18,7 @@
 
 #include "pybn/cache_sizes.h"
 #include "pybn/dispatch.h"
+#include "pybn/huge_pages.h"
 #include "pybn/kernels.h"
 #include "pybn/openmp_runtime.h"
 #include "pybn/parallel.h"
@@ -797,6 +798,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &pybn::set_num_threads, py::arg("n"));
   m.def("cache_sizes", [] { return std::make_pair(pybn::cache_sizes().l2_bytes, pybn::cache_sizes().l3_bytes); },
         "(L2 bytes per core, shared L3 bytes) as the channel-blocked kernels size their blocks to them.");
+  m.def("advise_huge_pages", [](const NdArray& obj) -> bool {
+    if (!py::isinstance<py::array>(obj)) throw py::type_error("a: expected a numpy.ndarray");
+    auto a = py::reinterpret_borrow<py::array>(obj);
+    if (!(a.flags() & py::array::c_style)) fail("a", "must be C-contiguous");
+    if (!a.writeable()) fail("a", "is read-only");
+    return pybn::advise_huge_pages(a.mutable_data(), static_cast<std::size_t>(a.nbytes()));
+  }, py::arg("a"), "Advise a's memory for transparent huge pages (before its first write); whether it was taken.");
 
   def_typed_kernels<ActiveKernels>(m);
   m.def("bn_merge_stats", &bn_merge_stats, py::arg("count"), py::arg("mean"), py::arg("m2"),

@@ -90,6 +90,7 @@ STREAM_MIN_BYTES: int
 __version__: str
 diagnostics: _Diagnostics
 
+def advise_huge_pages(a: np.ndarray) -> bool: ...
 def alpha_dropout(x: np.ndarray, y: np.ndarray, seed: int, offset: int, threshold: int, a: float, b: float,
                   c: float) -> None: ...
 def bn_apply(x: np.ndarray, y: np.ndarray, mean: np.ndarray, invstd: np.ndarray, weight: np.ndarray | None,

@@ -3,7 +3,9 @@
 A tensor whose dim 1 (the channels) is its innermost dense dimension (``channels_last``,
 ``channels_last_3d``, or an (N, L, C) tensor transposed to (N, C, L)) goes to the kernels
 as that physical array with ``axis=-1``; a contiguous tensor as itself with ``axis=1``;
-any other layout is made contiguous once. Results are allocated in the layout used.
+any other layout is made contiguous once. Results are allocated in the layout used, those
+of 4 MiB or more advised for transparent huge pages as NumPy advises its own arrays
+(docs/pytorch.md, "Memory allocator").
 """
 from typing import Optional
 
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _C
 from .._checks import BFLOAT16
 
 PYBN_DTYPES = (torch.float32, torch.float64)
@@ -65,15 +68,30 @@ def per_channel(t: Optional[Tensor]) -> Optional[np.ndarray]:
     return None if t is None else array(t, False)
 
 
+# NumPy's threshold for the same advice, and its switch (on where the kernel has
+# transparent huge pages; numpy._core.multiarray._set_madvise_hugepage turns it off), which
+# turns pybn's off too. (Private to NumPy: where it is missing the advice stays on.)
+HUGE_PAGE_MIN_BYTES = 1 << 22
+_numpy_advises = getattr((np._core if hasattr(np, "_core") else np.core).multiarray,
+                         "_get_madvise_hugepage", lambda: True)
+
+
 def empty(x: Tensor, last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """An uninitialized tensor of x's shape, channels-last physically when `last`."""
+    """An uninitialized tensor of x's shape, channels-last physically when `last`.
+
+    A large one is advised for huge pages before its first write: torch's allocator maps
+    such tensors afresh on every call, and their first writes would otherwise take one page
+    fault per 4 KiB (csrc/include/pybn/huge_pages.h)."""
     dtype = x.dtype if dtype is None else dtype
-    if not last:
-        return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
-    memory_format = _LAST_FORMATS.get(x.dim())
-    if memory_format is not None:  # (the strides of the movedim below, from one call)
-        return torch.empty_like(x, dtype=dtype, memory_format=memory_format)
-    return x.new_empty(x.movedim(1, -1).shape, dtype=dtype).movedim(-1, 1)
+    memory_format = _LAST_FORMATS.get(x.dim()) if last else torch.contiguous_format
+    if memory_format is not None:  # (for channels last, the strides of the movedim below, from one call)
+        t = torch.empty_like(x, dtype=dtype, memory_format=memory_format)
+    else:
+        t = x.new_empty(x.movedim(1, -1).shape, dtype=dtype).movedim(-1, 1)
+    # (type(t) is Tensor: not the fake tensors of torch.compile's tracing, which own no memory)
+    if t.nbytes >= HUGE_PAGE_MIN_BYTES and type(t) is Tensor and t.device.type == "cpu" and _numpy_advises():
+        _C.advise_huge_pages(array(t, last))
+    return t
 
 
 def in_layout(t: Tensor, last: bool) -> Tensor:

@@ -1,0 +1,101 @@
+"""Transparent huge pages for the large outputs pybn.torch allocates
+(csrc/include/pybn/huge_pages.h, pybn.torch._layout.empty): the advice reaches the kernel
+(the mapping's VmFlags in /proc/self/smaps gain `hg`), only for outputs of 4 MiB or more,
+never for torch.compile's fake tensors, and not when NumPy's own advice is switched off."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import pybn.torch  # noqa: F401  (registers torch.ops.pybn)
+from pybn import _C
+from pybn.torch import _layout
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+needs_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or not THP.exists()
+                               or "[never]" in THP.read_text(), reason="needs Linux with transparent huge pages")
+_numpy_switch = (np._core if hasattr(np, "_core") else np.core).multiarray
+
+
+def vm_flags(address, nbytes):
+    """The VmFlags of the mapping that holds the middle of [address, address + nbytes)
+    (Linux's /proc/self/smaps; the advice covers whole pages, so not the first bytes)."""
+    address += nbytes // 2
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.fixture
+def numpy_advice_off():
+    before = _numpy_switch._set_madvise_hugepage(False)
+    yield
+    _numpy_switch._set_madvise_hugepage(before)
+
+
+# Larger than glibc's largest mmap threshold (32 MiB): a fresh mapping of its own, so its
+# flags are its own and not those of a neighbour on the heap.
+BIG = (40 << 20) // 4
+
+
+@needs_thp
+def test_advice_reaches_the_mapping(numpy_advice_off):
+    a = np.empty(BIG, np.float32)  # (NumPy's own advice is off)
+    assert "hg" not in vm_flags(a.ctypes.data, a.nbytes)
+    assert _C.advise_huge_pages(a) is True
+    assert "hg" in vm_flags(a.ctypes.data, a.nbytes)
+
+
+def test_advice_arguments_are_checked():
+    with pytest.raises(TypeError, match="a: expected a numpy.ndarray"):
+        _C.advise_huge_pages([1.0, 2.0])
+    with pytest.raises(ValueError, match="a: must be C-contiguous"):
+        _C.advise_huge_pages(np.zeros((4, 4))[:, ::2])
+    read_only = np.zeros(1 << 20)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="a: is read-only"):
+        _C.advise_huge_pages(read_only)
+    assert _C.advise_huge_pages(np.zeros(16)) is False  # no whole page inside
+
+
+@needs_thp
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_torch_outputs_are_advised(channels_last):
+    x = torch.randn(BIG // (64 * 32 * 32), 64, 32, 32)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.ops.pybn.dropout(x, 0.5, None, None)[0]
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert "hg" in vm_flags(y.data_ptr(), y.nbytes)
+
+
+@needs_thp
+def test_numpy_switch_turns_the_advice_off(numpy_advice_off):
+    y = torch.ops.pybn.dropout(torch.randn(BIG), 0.5, None, None)[0]
+    assert "hg" not in vm_flags(y.data_ptr(), y.nbytes)
+
+
+@pytest.mark.parametrize("numel, advised", [((4 << 20) // 4 - 1, False), ((4 << 20) // 4, True)])
+def test_only_outputs_of_4_mib_or_more_are_advised(monkeypatch, numel, advised):
+    calls = []
+    monkeypatch.setattr(_layout._C, "advise_huge_pages", lambda a: calls.append(a.nbytes))
+    for last in (False, True):
+        _layout.empty(torch.empty(1, 1, numel), last)
+    assert calls == ([numel * 4] * 2 if advised else [])
+
+
+def test_fake_tensors_are_not_advised():
+    with FakeTensorMode():
+        x = torch.empty(1, 8, 1 << 20)
+        y = _layout.empty(x, False)
+        z = _layout.empty(x, True)
+    assert y.shape == z.shape == x.shape
