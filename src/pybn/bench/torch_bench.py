@@ -192,11 +192,12 @@ def _check_same_model(stock: Any, ours: Any, x: Any) -> None:
     _close("evaluation output", got, want)
 
 
-def _model(data: Callable[[], ModelData]) -> Steps:
+def _model(data: Callable[[], ModelData], fuse: bool = False) -> Steps:
     import pybn.torch
 
     stock, x, target, loss_fn = data()
-    ours = pybn.torch.accelerate(copy.deepcopy(stock))
+    # fuse: also each relu(bn(x) + r) as one call (pybn.torch.fuse_tails, which accelerates too)
+    ours = (pybn.torch.fuse_tails if fuse else pybn.torch.accelerate)(copy.deepcopy(stock))
     reference, candidate = _training_step(stock, x, target, loss_fn), _training_step(ours, x, target, loss_fn)
 
     def check() -> None:
@@ -253,6 +254,8 @@ CELLS = [
     TorchCell("step, Red Wine MLP, batch 256", partial(_model, _red_wine), 1.5, profile=True),
     TorchCell("step, tutorial CNN, batch 64", partial(_model, _cnn), 1.0, profile=True),
     TorchCell("step, ResNet-18 channels_last, batch 16, 112x112", partial(_model, _resnet18), 1.0, profile=True),
+    TorchCell("step, ResNet-18 channels_last, batch 16, 112x112, fused tails", partial(_model, _resnet18, fuse=True),
+              1.0),
     TorchCell("step, Red Wine MLP: torch.compile vs eager", partial(_compiled, _red_wine), 1.0,
               labels=("pybn eager", "compiled")),
 ]

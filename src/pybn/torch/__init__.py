@@ -5,6 +5,8 @@
   synchronized across processes, on CPU tensors too.
 - :mod:`pybn.torch.ops` registers the operators ``torch.ops.pybn.*`` (autograd,
   ``torch.compile``, ``torch.export``).
+- :func:`fuse_tails` rewrites a model's ``relu(bn(x) + r)`` tails into one fused call each
+  (training and inference).
 - :func:`fold` folds batch norm and removes dropout for inference.
 """
 from __future__ import annotations
@@ -19,5 +21,7 @@ except ImportError as exc:  # torch is an optional dependency of pybn
 from . import nn, ops
 from ._fold import Folded, NotFolded, fold
 from .accelerate import Swapped, accelerate, convert_sync_batchnorm
+from .fuse import Fused, fuse_tails
 
-__all__ = ["fold", "Folded", "NotFolded", "accelerate", "convert_sync_batchnorm", "Swapped", "nn", "ops"]
+__all__ = ["fold", "Folded", "NotFolded", "accelerate", "convert_sync_batchnorm", "Swapped", "fuse_tails", "Fused",
+           "nn", "ops"]

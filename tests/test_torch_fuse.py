@@ -1,0 +1,205 @@
+"""pybn.torch.fuse_tails: which tails of a traced forward become one fused call, and that the
+fused model trains as the unfused accelerated one (outputs, every gradient, running
+statistics, over SGD steps; then evaluation mode) with the same state_dict, parameter order
+and checkpoints; what it refuses to fuse and why."""
+import copy
+import operator
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pybn.torch
+from pybn.bench import torch_models
+from pybn.torch import Fused, fuse_tails
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+class TorchvisionBlock(nn.Module):
+    """torchvision's BasicBlock spelling: an in-place `+=` and an in-place ReLU module."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class Spellings(nn.Module):
+    """Every spelling of ReLU and add the pass knows, and tails it must leave alone."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bns = nn.ModuleList(nn.BatchNorm1d(c) for _ in range(9))
+        self.bias = nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        b = self.bns
+        h = F.relu(b[0](x), inplace=True)             # relu(bn(x))
+        h = torch.relu(b[1](h) + x)                   # relu(bn(x) + r)
+        h = torch.add(x, b[2](h)).relu()              # relu(r + bn(x)), torch.add, method relu
+        h = b[3](h).add(x)                            # bn(x) + r, no relu
+        h = operator.iadd(b[4](h), h)                 # bn(x) + r, no relu (in-place add)
+        y = b[5](h)
+        h = F.relu(y) + y                             # used twice: left alone
+        h = F.relu(b[6](h) + 1.0)                     # a constant addend: left alone
+        h = F.relu(b[7](h) + self.bias)               # a parameter that broadcasts: fused, added unfused
+        return torch.relu_(b[8](h) + h)               # relu_(bn(x) + r)
+
+
+def train_steps(model, x, steps=3, seed=0):
+    """Outputs, input and parameter gradients and running statistics over SGD steps."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    record = []
+    for _ in range(steps):
+        xs = x.detach().clone().requires_grad_()
+        opt.zero_grad(set_to_none=True)
+        y = model(xs)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        record.append([y.detach().clone(), xs.grad.clone()] + [p.grad.clone() for p in model.parameters()])
+        opt.step()
+    record.append([t.clone() for t in model.state_dict().values()])
+    return record
+
+
+def assert_same_training(stock, fused, x, dtype):
+    """The fused model trains as the accelerated one (pybn's batch norm, unfused), which trains
+    as stock torch (tests/test_torch_steps.py; here, deep and with batches of 4, torch's and
+    pybn's roundings drift apart over steps)."""
+    _assert_same_steps(pybn.torch.accelerate(copy.deepcopy(stock)), copy.deepcopy(fused), x, TOL[dtype])
+
+
+def _assert_same_steps(model, fused, x, tol):
+    want, got = train_steps(model, x), train_steps(fused, x)
+    for step_want, step_got in zip(want, got):
+        assert len(step_want) == len(step_got)
+        for a, b in zip(step_want, step_got):
+            torch.testing.assert_close(b, a, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_resnet18_trains_as_stock(dtype, channels_last):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    stock = torch_models.ResNet18(10).to(dtype=dtype, memory_format=fmt)
+    x = torch.randn(4, 3, 32, 32, dtype=dtype).contiguous(memory_format=fmt)
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert isinstance(fused, torch.fx.GraphModule)
+    # the stem's and every block's relu(bn(x)), and every block's relu(bn(x) + shortcut)
+    assert sorted(f.tail for f in report) == ["relu(bn(x) + r)"] * 8 + ["relu(bn(x))"] * 9
+    assert {f.name for f in report} >= {"stem.1", "blocks.0.bn1", "blocks.7.bn2"}
+    assert list(fused.state_dict()) == list(stock.state_dict())
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in stock.named_parameters()]
+    assert_same_training(stock, fused, x, dtype)
+    stock.eval()
+    fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), stock(x), **TOL[dtype])
+
+
+def test_torchvision_spelling_in_place_add_and_relu_module():
+    torch.manual_seed(1)
+    stock = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), TorchvisionBlock(8), TorchvisionBlock(8))
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert report == [Fused("1.bn1", "relu(bn(x))"), Fused("1.bn2", "relu(bn(x) + r)"),
+                      Fused("2.bn1", "relu(bn(x))"), Fused("2.bn2", "relu(bn(x) + r)")]
+    assert_same_training(stock.double(), fused.double(), torch.randn(3, 3, 9, 9, dtype=torch.float64), torch.float64)
+
+
+def test_every_spelling_and_the_tails_left_alone():
+    torch.manual_seed(2)
+    stock = Spellings(5)
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert report == [Fused("bns.0", "relu(bn(x))"), Fused("bns.1", "relu(bn(x) + r)"),
+                      Fused("bns.2", "relu(bn(x) + r)"), Fused("bns.3", "bn(x) + r"), Fused("bns.4", "bn(x) + r"),
+                      Fused("bns.7", "relu(bn(x) + r)"), Fused("bns.8", "relu(bn(x) + r)")]
+    assert_same_training(stock.double(), fused.double(), torch.randn(6, 5, dtype=torch.float64), torch.float64)
+
+
+def test_fused_model_loads_stock_checkpoints_and_shares_the_parameters():
+    torch.manual_seed(3)
+    stock = torch_models.ResNet18(10)
+    model = copy.deepcopy(stock)
+    params = list(model.parameters())
+    fused = fuse_tails(model)
+    assert all(a is b for a, b in zip(fused.parameters(), params)) and len(list(fused.parameters())) == len(params)
+    trained = torch_models.ResNet18(10)
+    fused.load_state_dict(trained.state_dict())
+    torch.testing.assert_close(dict(fused.state_dict()), dict(trained.state_dict()))
+    assert params[0] is next(fused.parameters())  # loaded in place: an optimizer built before still sees them
+
+
+def test_bn_with_hooks_is_left_alone_and_hooks_still_run():
+    stock = nn.Sequential(nn.BatchNorm1d(4), nn.ReLU())
+    seen = []
+    stock[0].register_forward_hook(lambda m, i, o: seen.append(o.min().item()))
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert report == []
+    fused(torch.randn(8, 4) - 5)
+    assert len(seen) == 1 and seen[0] < 0  # the hook saw the batch norm's own output
+
+
+class ReadsTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(F.dropout(x, 0.5, self.training)))
+
+
+def test_forward_reading_self_training_is_left_unfused_with_a_warning():
+    with pytest.warns(UserWarning, match="depends on self.training"):
+        model, report = fuse_tails(ReadsTraining(), return_report=True)
+    assert report == [] and type(model) is ReadsTraining
+    assert type(model.bn) is pybn.torch.nn.BatchNorm1d  # accelerated all the same
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return F.relu(self.bn(x))
+        return self.bn(x)
+
+
+def test_untraceable_forward_is_left_unfused_with_a_warning():
+    with pytest.warns(UserWarning, match="torch.fx cannot trace"):
+        model = fuse_tails(Untraceable())
+    assert type(model) is Untraceable
+
+
+def test_modes_of_submodules_are_kept():
+    stock = torch_models.ResNet18(10)
+    stock.train()
+    stock.stem[1].eval()  # a frozen batch norm
+    fused = fuse_tails(stock)
+    assert fused.training and not fused.get_submodule("stem.1").training
+    assert fused.get_submodule("blocks.0.bn1").training
+
+
+def test_compiled_fused_model_matches_eager():
+    torch.manual_seed(4)
+    stock = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    fused = fuse_tails(stock)
+    x = torch.randn(16, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(copy.deepcopy(fused), fullgraph=True)
+        torch.testing.assert_close(compiled(x), copy.deepcopy(fused)(x))
