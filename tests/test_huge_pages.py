@@ -2,7 +2,9 @@
 (csrc/include/pybn/huge_pages.h, pybn.torch._layout.empty): the advice reaches the kernel
 (the mapping's VmFlags in /proc/self/smaps gain `hg`), only for outputs of 4 MiB or more,
 never for torch.compile's fake tensors, and not when NumPy's own advice is switched off."""
+import copy
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import pybn.torch  # noqa: F401  (registers torch.ops.pybn)
+import pybn.torch  # (also registers torch.ops.pybn)
 from pybn import _C
 from pybn.torch import _layout
 
@@ -99,3 +101,20 @@ def test_fake_tensors_are_not_advised():
         y = _layout.empty(x, False)
         z = _layout.empty(x, True)
     assert y.shape == z.shape == x.shape
+
+
+def test_symbolic_shapes_compile_and_export():
+    """torch.compile's dynamic shapes and torch.export's dims give the fake implementations
+    tensors whose nbytes cannot be computed: the advice must not ask them."""
+    torch.manual_seed(0)
+    eager = pybn.torch.accelerate(torch.nn.Sequential(torch.nn.BatchNorm2d(8), torch.nn.ReLU()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's own deprecation warnings while compiling)
+        compiled = torch.compile(copy.deepcopy(eager), dynamic=True)
+        for n in (2, 3):
+            x = torch.randn(n, 8, 6, 6)
+            torch.testing.assert_close(compiled(x), eager(x))
+        batch = torch.export.Dim("batch", min=2, max=1024)
+        program = torch.export.export(eager.eval(), (torch.randn(4, 8, 6, 6),), dynamic_shapes=({0: batch},))
+    x = torch.randn(7, 8, 6, 6)
+    torch.testing.assert_close(program.module()(x), eager(x))

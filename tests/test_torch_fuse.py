@@ -197,9 +197,137 @@ def test_modes_of_submodules_are_kept():
 def test_compiled_fused_model_matches_eager():
     torch.manual_seed(4)
     stock = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    fused = fuse_tails(stock)
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert report == [Fused("1", "relu(bn(x))")]
     x = torch.randn(16, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = torch.compile(copy.deepcopy(fused), fullgraph=True)
-        torch.testing.assert_close(compiled(x), copy.deepcopy(fused)(x))
+        compiled = torch.compile(fused, fullgraph=True)
+        torch.testing.assert_close(compiled(x), pybn.torch.accelerate(stock)(x), **TOL[torch.float32])
+
+
+def test_the_fused_kernel_is_what_runs(monkeypatch):
+    """Not the unfused fallback of block_tail (which the comparisons above would not notice)."""
+    calls = []
+    real = pybn.torch.nn.batch_norm_add_relu
+
+    def counting(input, residual, *args, **kwargs):
+        calls.append((residual is not None, kwargs.get("relu", args[-1] if args else None)))
+        return real(input, residual, *args, **kwargs)
+
+    monkeypatch.setattr(pybn.torch.nn, "batch_norm_add_relu", counting)
+    fused = fuse_tails(torch_models.ResNet18(10))
+    fused(torch.randn(2, 3, 32, 32))
+    assert sorted(calls) == [(False, True)] * 9 + [(True, True)] * 8
+
+
+class InPlaceIntoResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.lin2, self.bn = nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        r = h
+        r += self.bn(self.lin2(x))  # changes h too: no fused call would
+        return h * 2
+
+
+class ReluWithHook(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.act = nn.BatchNorm1d(4), nn.ReLU()
+        self.act.register_forward_hook(lambda m, i, out: out * 0 - 1)
+
+    def forward(self, x):
+        return self.act(self.bn(x))
+
+
+class SharedNorm(nn.Module):
+    """One batch norm called twice: fusing the first call after the second would swap the
+    order of the running statistics' updates."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(x) + self.bn(x * 3 + 1))
+
+
+class OwnForward(pybn.torch.nn.BatchNorm1d):
+    def forward(self, x, *args, **kwargs):
+        return super().forward(x) * 2
+
+
+class SubclassUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = OwnForward(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(x))
+
+
+@pytest.mark.parametrize("cls, fused_tails", [
+    (InPlaceIntoResidual, []), (ReluWithHook, []), (SubclassUser, []),
+    (SharedNorm, [Fused("bn", "relu(bn(x) + r)")]),  # the second call (the first cannot move after it)
+])
+def test_tails_that_must_stay_unfused(cls, fused_tails):
+    torch.manual_seed(5)
+    stock = cls()
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert report == fused_tails
+    assert_same_training(stock.double(), fused.double(), torch.randn(8, 4, dtype=torch.float64), torch.float64)
+
+
+class DownsampleAfter(nn.Module):
+    """The residual computed after the batch norm (torchvision's downsampling block): the
+    fused call goes after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.down = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        return F.relu(self.bn(self.lin(x)) + self.down(x))
+
+
+def test_residual_computed_after_the_batch_norm():
+    torch.manual_seed(6)
+    stock = DownsampleAfter()
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert report == [Fused("bn", "relu(bn(x) + r)")]
+    assert_same_training(stock.double(), fused.double(), torch.randn(8, 4, dtype=torch.float64), torch.float64)
+
+
+class WithNonPersistent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU())
+        self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+def test_non_persistent_buffers_and_container_modes_are_kept():
+    stock = WithNonPersistent().eval()
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert report == [Fused("inner.1", "relu(bn(x))")]
+    assert list(fused.state_dict()) == list(stock.state_dict()) == [k for k in stock.state_dict() if k != "scale"]
+    assert not fused.training and not fused.inner.training
+
+
+def test_fold_after_fuse_tails_folds_as_after_accelerate():
+    torch.manual_seed(7)
+    stock = torch_models.ResNet18(10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    _, report_accelerated = pybn.torch.fold(pybn.torch.accelerate(copy.deepcopy(stock)), example_inputs=x,
+                                            return_report=True)
+    folded, report_fused = pybn.torch.fold(fuse_tails(copy.deepcopy(stock)), example_inputs=x, return_report=True)
+    kinds = [[r.kind for r in report if isinstance(r, pybn.torch.Folded)] for report in (report_accelerated,
+                                                                                        report_fused)]
+    assert kinds[0] == kinds[1] == ["conv+bn"] * 20
+    torch.testing.assert_close(folded(x), stock(x), rtol=1e-4, atol=1e-4)

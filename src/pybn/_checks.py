@@ -110,13 +110,16 @@ def not_silently_converted(value: Any, name: str) -> None:
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether a and b share memory, without np.may_share_memory in the common cases: two
-    distinct arrays that each own their memory (base None) cannot overlap, nor can an array
-    that owns its memory and a contiguous one larger than it (only a view of it could)."""
+    distinct arrays that each own their memory (flags.owndata: NumPy allocated it for them;
+    an array a C extension made over its own pointer has no base yet does not own it)
+    cannot overlap, nor can an array that owns its memory and a contiguous one larger than
+    it (only a view of it could)."""
     if a is b:
         return True
-    if a.base is None and (b.base is None or (b.nbytes > a.nbytes and b.flags.c_contiguous)):
+    a_owns, b_owns = a.flags.owndata, b.flags.owndata
+    if a_owns and (b_owns or (b.nbytes > a.nbytes and b.flags.c_contiguous)):
         return False
-    if b.base is None and a.nbytes > b.nbytes and a.flags.c_contiguous:
+    if b_owns and a.nbytes > b.nbytes and a.flags.c_contiguous:
         return False
     return np.may_share_memory(a, b)
 
@@ -260,9 +263,9 @@ def output(out: Any, like: np.ndarray, inputs: tuple[tuple[str, Any], ...] = (),
         raise ValueError(f"{name}: shape {out.shape} does not match the result {tuple(shape)}")
     if not out.flags.carray:
         _not_writable_carray(out, name)
-    owner = out.base is None  # (then it overlaps no other array that owns its memory: skip those)
-    for other, arr in inputs:
-        if arr is None or arr is out or (owner and type(arr) is np.ndarray and arr.base is None):
+    owner = out.flags.owndata  # (then _overlap's first rule, inline for the common case: an
+    for other, arr in inputs:  # input that owns its memory too cannot overlap it)
+        if arr is None or arr is out or (owner and type(arr) is np.ndarray and arr.flags.owndata):
             continue
         if isinstance(arr, np.ndarray) and _overlap(out, arr) and not _same_buffer(out, arr):
             raise ValueError(f"{name}: overlaps {other} without being the same array (only exact in-place, "

@@ -105,7 +105,7 @@ class Tracer(fx.Tracer):
             del self._proxy_cache[key]
 
 
-def trace(model: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]:
+def trace(model: nn.Module, tracer: Tracer | None = None) -> tuple[fx.GraphModule | None, dict[str, str], str]:
     """(the traced module, the modules called as a whole because they cannot be traced, "") or
     (None, {}, why torch.fx cannot trace `model`'s own forward faithfully).
 
@@ -115,7 +115,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]
     failure to trace.
     """
     before = state(model)
-    tracer = Tracer()
+    tracer = Tracer() if tracer is None else tracer
     try:
         graph = tracer.trace(model)
         traced = fx.GraphModule(tracer.root, graph, type(model).__name__)

@@ -89,7 +89,8 @@ def empty(x: Tensor, last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
     else:
         t = x.new_empty(x.movedim(1, -1).shape, dtype=dtype).movedim(-1, 1)
     # (type(t) is Tensor: not the fake tensors of torch.compile's tracing, which own no memory)
-    if t.nbytes >= HUGE_PAGE_MIN_BYTES and type(t) is Tensor and t.device.type == "cpu" and _numpy_advises():
+    # (and checked first: a fake tensor's nbytes raises when its sizes are symbolic)
+    if type(t) is Tensor and t.device.type == "cpu" and t.nbytes >= HUGE_PAGE_MIN_BYTES and _numpy_advises():
         _C.advise_huge_pages(array(t, last))
     return t
 

@@ -21,7 +21,7 @@ from torch import Tensor, fx, nn
 
 from . import nn as pnn
 from ._fold_modules import global_hooks, has_hooks
-from ._fold_trace import copy_hooks, trace
+from ._fold_trace import Tracer, copy_hooks, trace
 from .accelerate import accelerate
 
 __all__ = ["fuse_tails", "Fused", "block_tail"]
@@ -31,6 +31,7 @@ logger = logging.getLogger("pybn.torch")
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_FUSED_FORWARDS = (pnn._BatchNormForward.forward, pnn.SyncBatchNorm.forward)
 
 
 class Fused(NamedTuple):
@@ -42,15 +43,18 @@ class Fused(NamedTuple):
     """What became one call: "relu(bn(x))", "bn(x) + r" or "relu(bn(x) + r)"."""
 
 
-def block_tail(bn: nn.Module, x: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+def block_tail(bn: nn.Module, x: Tensor | fx.Proxy, residual: Tensor | None, relu: bool) -> Tensor:
     """``relu(bn(x) + residual)`` (without the add for ``residual=None``, without the ReLU for
     ``relu=False``): one fused call of `bn` when the residual has x's shape, dtype and device,
     else what the unfused operations compute (a residual that broadcasts, say)."""
-    if residual is None or (isinstance(residual, Tensor) and residual.shape == x.shape
-                            and residual.dtype == x.dtype and residual.device == x.device):
+    # (unfused when torch.fx traces the fused model, as pybn.torch.fold does: the folds look
+    # for a batch norm called with its input alone)
+    if not isinstance(x, fx.Proxy) and (residual is None or (
+            isinstance(residual, Tensor) and residual.shape == x.shape and residual.dtype == x.dtype
+            and residual.device == x.device)):
         y: Tensor = bn(x, residual, relu=relu)
         return y
-    y = bn(x) + residual
+    y = bn(x) if residual is None else bn(x) + residual
     return torch.relu(y) if relu else y
 
 
@@ -95,6 +99,40 @@ def fuse_tails(model: nn.Module, *, return_report: bool = False) -> nn.Module | 
     return (gm, report) if return_report else gm
 
 
+def _recorded(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
+class _InPlaceProxy(fx.Proxy):
+    """A proxy that records ``a += b`` (and the other augmented assignments) as the in-place
+    operator. torch.fx's own proxies have no in-place methods, so Python falls back to
+    ``a = a + b``: the graph then loses the write, and any other name for `a` keeps its old
+    value, which the eager forward would not."""
+
+    __iadd__ = _recorded(operator.iadd)
+    __isub__ = _recorded(operator.isub)
+    __imul__ = _recorded(operator.imul)
+    __itruediv__ = _recorded(operator.itruediv)
+    __ifloordiv__ = _recorded(operator.ifloordiv)
+    __imod__ = _recorded(operator.imod)
+    __ipow__ = _recorded(operator.ipow)
+    __imatmul__ = _recorded(operator.imatmul)
+    __iand__ = _recorded(operator.iand)
+    __ior__ = _recorded(operator.ior)
+    __ixor__ = _recorded(operator.ixor)
+    __ilshift__ = _recorded(operator.ilshift)
+    __irshift__ = _recorded(operator.irshift)
+
+
+class _Tracer(Tracer):
+    """pybn.torch.fold's tracer, with in-place augmented assignments kept in place."""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
+
+
 def _traced(model: nn.Module) -> Tuple[fx.GraphModule | None, str]:
     """The model traced with its modules' modes as they are, or (None, why not). Traced in
     training and in evaluation mode: a forward that reads ``self.training`` outside the
@@ -104,7 +142,7 @@ def _traced(model: nn.Module) -> Tuple[fx.GraphModule | None, str]:
         graphs = []
         for training in (True, False):
             model.train(training)
-            gm, _, why = trace(model)
+            gm, _, why = trace(model, _Tracer())
             if gm is None:
                 return None, f"torch.fx cannot trace its forward ({why})"
             graphs.append(gm)
@@ -119,38 +157,57 @@ def _traced(model: nn.Module) -> Tuple[fx.GraphModule | None, str]:
 def _rewrite(gm: fx.GraphModule) -> List[Fused]:
     report = []
     for node in list(gm.graph.nodes):
-        module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(module, pnn._BatchNormForward) or has_hooks(module) or len(node.args) != 1 or node.kwargs \
-                or len(node.users) != 1:
+        tail = _tail_at(node, gm)
+        if tail is None:
             continue
-        (user,) = node.users
-        residual = _other_addend(user, node)
-        if residual is None and not _is_relu(user, node, gm):
+        residual, relu, last = tail
+        # the fused call goes where the last of its inputs is ready: after the residual when
+        # that is computed after the batch norm (a downsampling shortcut)
+        at = residual if residual is not None and _comes_after(residual, node) else node
+        if at is not node and not _may_defer(node, at):
             continue
-        last = user
-        relu = residual is None
-        if residual is not None and len(user.users) == 1:
-            (after,) = user.users
-            relu = _is_relu(after, user, gm)
-            last = after if relu else user
         with gm.graph.inserting_before(node):
             bn = gm.graph.get_attr(node.target)
-        with gm.graph.inserting_after(last):
+        with gm.graph.inserting_after(at):
             fused = gm.graph.call_function(block_tail, (bn, node.args[0], residual, relu))
         last.replace_all_uses_with(fused)
-        for gone in dict.fromkeys((last, user, node)):  # the tail's nodes, users first
+        for gone in reversed(list(dict.fromkeys((node, *node.users, last)))):  # the tail's nodes, users first
             gm.graph.erase_node(gone)
-        tail = ("relu(bn(x) + r)" if relu else "bn(x) + r") if residual is not None else "relu(bn(x))"
-        report.append(Fused(str(node.target), tail))
+        name = ("relu(bn(x) + r)" if relu else "bn(x) + r") if residual is not None else "relu(bn(x))"
+        report.append(Fused(str(node.target), name))
     gm.graph.lint()
     gm.recompile()
     return report
 
 
+def _tail_at(node: fx.Node, gm: fx.GraphModule) -> Tuple[fx.Node | None, bool, fx.Node] | None:
+    """(residual, relu, the tail's last node) when node is a batch norm that starts a tail
+    to fuse, else None."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
+        return None
+    module = gm.get_submodule(str(node.target))
+    # pybn's own forward only (a subclass's forward may not take residual= and relu=), no
+    # hooks (they would see the fused output)
+    if type(module).forward not in _FUSED_FORWARDS or has_hooks(module):
+        return None
+    (user,) = node.users
+    if _is_relu(user, node, gm):
+        return None, True, user
+    residual = _other_addend(user, node)
+    if residual is None:
+        return None
+    if len(user.users) == 1:
+        (after,) = user.users
+        if _is_relu(after, user, gm):
+            return residual, True, after
+    return residual, False, user
+
+
 def _is_relu(node: fx.Node, source: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether node is relu(source), by any of torch's spellings."""
+    """Whether node is relu(source), by any of torch's spellings (a ReLU module without hooks)."""
     if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))) is nn.ReLU and node.args == (source,) and not node.kwargs
+        module = gm.get_submodule(str(node.target))
+        return type(module) is nn.ReLU and not has_hooks(module) and node.args == (source,) and not node.kwargs
     if node.op == "call_method":
         return node.target in _RELU_METHODS and node.args == (source,) and not node.kwargs
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
@@ -161,14 +218,40 @@ def _is_relu(node: fx.Node, source: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def _other_addend(node: fx.Node, source: fx.Node) -> fx.Node | None:
-    """The other operand when node is source + other (or other + source; no alpha, no out)."""
+    """The other operand when node is source + other or other + source (no alpha, no out;
+    for an in-place add, source must be the operand written: `other += bn(x)` changes
+    other, which a fused call would not)."""
     is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
         (node.op == "call_method" and node.target == "add")
     if not is_add or node.kwargs or len(node.args) != 2 or node.args[0] is node.args[1]:
         return None
     a, b = node.args
+    if node.target is operator.iadd and a is not source:
+        return None
     other = b if a is source else a if b is source else None
     return other if isinstance(other, fx.Node) else None
+
+
+def _comes_after(a: fx.Node, b: fx.Node) -> bool:
+    for n in b.graph.nodes:
+        if n is a:
+            return False
+        if n is b:
+            return True
+    return False
+
+
+def _may_defer(node: fx.Node, at: fx.Node) -> bool:
+    """Whether the batch norm `node` may run after `at` instead: no node in between calls the
+    same module (the running statistics' updates would change order) or reads the batch
+    norm's input (and so might change it in place first)."""
+    x = node.args[0]
+    n = node.next
+    while n is not at.next:
+        if (n.op == "call_module" and n.target == node.target) or x in n.all_input_nodes:
+            return False
+        n = n.next
+    return True
 
 
 def _same_state_order(gm: fx.GraphModule, model: nn.Module) -> str:
@@ -180,6 +263,9 @@ def _same_state_order(gm: fx.GraphModule, model: nn.Module) -> str:
             rank = {name: i for i, name in enumerate(getattr(original, attr))}
             items = sorted(getattr(new, attr).items(), key=lambda kv: rank.get(kv[0], len(rank)))
             setattr(new, attr, collections.OrderedDict(items))
+        # (torch.fx registers every buffer as persistent, and its containers in training mode)
+        new._non_persistent_buffers_set = original._non_persistent_buffers_set & set(new._buffers)
+        new.training = original.training
 
     for name, original in model.named_modules(remove_duplicate=False):
         try:
@@ -190,7 +276,8 @@ def _same_state_order(gm: fx.GraphModule, model: nn.Module) -> str:
             order_like(original, new)
     names: Callable[[Any], List[str]] = lambda m: list(m.state_dict().keys())  # noqa: E731
     if names(gm) != names(model):
-        missing = sorted(set(names(model)) - set(names(gm)))
-        return f"the traced graph leaves out {', '.join(missing[:3])}" if missing else \
+        missing, extra = (sorted(set(names(a)) - set(names(b)))[:3] for a, b in ((model, gm), (gm, model)))
+        return f"the traced graph leaves out {', '.join(missing)}" if missing else \
+            f"the traced graph's state_dict has {', '.join(extra)} too" if extra else \
             "its state_dict order differs after tracing"
     return ""
