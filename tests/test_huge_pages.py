@@ -1,8 +1,10 @@
 """Transparent huge pages for the large outputs pybn.torch allocates
 (csrc/include/pybn/huge_pages.h, pybn.torch._layout.empty): the advice reaches the kernel
-(the mapping's VmFlags in /proc/self/smaps gain `hg`), only for outputs of 4 MiB or more,
-never for torch.compile's fake tensors, and not when NumPy's own advice is switched off."""
+(a mapping's VmFlags in /proc/self/smaps gain `hg`); pybn.torch asks it for exactly its
+outputs of 4 MiB or more, never for the fake tensors of torch.compile and torch.export, and
+not when NumPy's own advice is switched off."""
 import copy
+import mmap
 import sys
 import warnings
 from pathlib import Path
@@ -44,17 +46,17 @@ def numpy_advice_off():
     _numpy_switch._set_madvise_hugepage(before)
 
 
-# Larger than glibc's largest mmap threshold (32 MiB): a fresh mapping of its own, so its
-# flags are its own and not those of a neighbour on the heap.
-BIG = (40 << 20) // 4
-
-
 @needs_thp
-def test_advice_reaches_the_mapping(numpy_advice_off):
-    a = np.empty(BIG, np.float32)  # (NumPy's own advice is off)
+def test_advice_reaches_the_mapping():
+    # an anonymous mapping of its own: its flags are not those of a heap or a neighbour
+    # that an earlier advice changed
+    region = mmap.mmap(-1, 16 << 20)
+    a = np.frombuffer(region, np.float32)
     assert "hg" not in vm_flags(a.ctypes.data, a.nbytes)
     assert _C.advise_huge_pages(a) is True
     assert "hg" in vm_flags(a.ctypes.data, a.nbytes)
+    del a
+    region.close()
 
 
 def test_advice_arguments_are_checked():
@@ -69,30 +71,38 @@ def test_advice_arguments_are_checked():
     assert _C.advise_huge_pages(np.zeros(16)) is False  # no whole page inside
 
 
-@needs_thp
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_large_torch_outputs_are_advised(channels_last):
-    x = torch.randn(BIG // (64 * 32 * 32), 64, 32, 32)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.ops.pybn.dropout(x, 0.5, None, None)[0]
-    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert "hg" in vm_flags(y.data_ptr(), y.nbytes)
-
-
-@needs_thp
-def test_numpy_switch_turns_the_advice_off(numpy_advice_off):
-    y = torch.ops.pybn.dropout(torch.randn(BIG), 0.5, None, None)[0]
-    assert "hg" not in vm_flags(y.data_ptr(), y.nbytes)
-
-
-@pytest.mark.parametrize("numel, advised", [((4 << 20) // 4 - 1, False), ((4 << 20) // 4, True)])
-def test_only_outputs_of_4_mib_or_more_are_advised(monkeypatch, numel, advised):
+@pytest.fixture
+def advised(monkeypatch):
+    """The (address, nbytes) of every array pybn.torch advises (which mapping the memory is in,
+    and so what its flags already are, depends on the allocator's history)."""
     calls = []
-    monkeypatch.setattr(_layout._C, "advise_huge_pages", lambda a: calls.append(a.nbytes))
+    monkeypatch.setattr(_layout._C, "advise_huge_pages", lambda a: calls.append((a.ctypes.data, a.nbytes)))
+    return calls
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_torch_outputs_are_advised(advised, channels_last):
+    x = torch.randn(8, 64, 32, 32)  # 2 MiB: not advised
+    big = torch.randn(32, 64, 32, 32)  # 8 MiB
+    if channels_last:
+        x, big = (t.contiguous(memory_format=torch.channels_last) for t in (x, big))
+    torch.ops.pybn.dropout(x, 0.5, None, None)
+    assert advised == []
+    y = torch.ops.pybn.dropout(big, 0.5, None, None)[0]
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert advised == [(y.data_ptr(), y.nbytes)]
+
+
+def test_numpy_switch_turns_the_advice_off(advised, numpy_advice_off):
+    torch.ops.pybn.dropout(torch.randn(32, 64, 32, 32), 0.5, None, None)
+    assert advised == []
+
+
+@pytest.mark.parametrize("numel, expected", [((4 << 20) // 4 - 1, False), ((4 << 20) // 4, True)])
+def test_only_outputs_of_4_mib_or_more_are_advised(advised, numel, expected):
     for last in (False, True):
         _layout.empty(torch.empty(1, 1, numel), last)
-    assert calls == ([numel * 4] * 2 if advised else [])
+    assert [nbytes for _, nbytes in advised] == ([numel * 4] * 2 if expected else [])
 
 
 def test_fake_tensors_are_not_advised():
