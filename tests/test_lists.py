@@ -17,7 +17,8 @@ from pybn import _C
 from test_philox import KATS_ALL
 
 # the module's functions that are not kernel entries
-RUNTIME = {"isa", "supported_isas", "use_isa", "get_num_threads", "set_num_threads", "cache_sizes"}
+RUNTIME = {"isa", "supported_isas", "use_isa", "get_num_threads", "set_num_threads", "cache_sizes",
+           "advise_huge_pages"}
 
 
 def functions(module):
