@@ -269,8 +269,23 @@ class SubclassUser(nn.Module):
         return F.relu(self.bn(x))
 
 
+class ResidualChangedInPlace(nn.Module):
+    """The residual is changed in place after the batch norm and before the add: a fused call
+    where the batch norm was would read it unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        r = self.lin(x)
+        y = self.bn(x)
+        r.mul_(2)
+        return F.relu(y + r)
+
+
 @pytest.mark.parametrize("cls, fused_tails", [
-    (InPlaceIntoResidual, []), (ReluWithHook, []), (SubclassUser, []),
+    (InPlaceIntoResidual, []), (ReluWithHook, []), (SubclassUser, []), (ResidualChangedInPlace, []),
     (SharedNorm, [Fused("bn", "relu(bn(x) + r)")]),  # the second call (the first cannot move after it)
 ])
 def test_tails_that_must_stay_unfused(cls, fused_tails):

@@ -13,7 +13,7 @@ import collections
 import logging
 import operator
 import warnings
-from typing import Any, Callable, List, Literal, NamedTuple, Tuple, overload
+from typing import Any, Callable, Iterator, List, Literal, NamedTuple, Tuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +69,10 @@ def fuse_tails(model: nn.Module, *, return_report: bool = False) -> nn.Module | 
     The model is first accelerated (:func:`accelerate`, in place), then traced with torch.fx;
     the result is a ``torch.fx.GraphModule`` that shares the model's modules, parameters and
     buffers (an optimizer built on the model still updates it) and has the same ``state_dict``
-    keys, in the same order. A tail is left as it is when the batch norm's output is used
-    elsewhere too, or the module has hooks (they would see the fused output). A residual
-    that turns out not to have x's shape, dtype and device at run time is added unfused
+    keys, in the same order, or the accelerated model itself when no tail can be fused. A
+    tail is left as it is when fusing could change what the model computes or what a hook
+    sees (docs/pytorch.md, "The fused block tail", lists the cases). A residual that turns
+    out not to have x's shape, dtype and device at run time is added unfused
     (:func:`block_tail`). When the forward cannot be traced faithfully (torch.fx fails, it
     changes state, or it depends on ``self.training``, which tracing would freeze) the
     accelerated model is returned unfused with a warning saying why.
@@ -91,6 +92,8 @@ def fuse_tails(model: nn.Module, *, return_report: bool = False) -> nn.Module | 
         why = _same_state_order(gm, model)
     if gm is None or why:
         warnings.warn(f"pybn.torch.fuse_tails: the model is left unfused: {why}", stacklevel=2)
+        return (model, []) if return_report else model
+    if not report:  # nothing to fuse: the model itself, not a traced copy of its forward
         return (model, []) if return_report else model
     copy_hooks(model, gm)
     gm.training = model.training
@@ -165,6 +168,10 @@ def _rewrite(gm: fx.GraphModule) -> List[Fused]:
         # that is computed after the batch norm (a downsampling shortcut)
         at = residual if residual is not None and _comes_after(residual, node) else node
         if at is not node and not _may_defer(node, at):
+            continue
+        # and the residual is read there, where the add read it later: nothing in between
+        # may touch it (an in-place op on it would be missed)
+        if residual is not None and any(residual in n.all_input_nodes for n in _between(at, next(iter(node.users)))):
             continue
         with gm.graph.inserting_before(node):
             bn = gm.graph.get_attr(node.target)
@@ -241,17 +248,21 @@ def _comes_after(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-def _may_defer(node: fx.Node, at: fx.Node) -> bool:
-    """Whether the batch norm `node` may run after `at` instead: no node in between calls the
-    same module (the running statistics' updates would change order) or reads the batch
-    norm's input (and so might change it in place first)."""
-    x = node.args[0]
-    n = node.next
-    while n is not at.next:
-        if (n.op == "call_module" and n.target == node.target) or x in n.all_input_nodes:
-            return False
+def _between(first: fx.Node, stop: fx.Node) -> Iterator[fx.Node]:
+    """The nodes after `first` and before `stop`."""
+    n = first.next
+    while n is not stop and n.op != "root":
+        yield n
         n = n.next
-    return True
+
+
+def _may_defer(node: fx.Node, at: fx.Node) -> bool:
+    """Whether the batch norm `node` may run right after `at` instead: no node up to `at`
+    calls the same module (the running statistics' updates would change order) or reads the
+    batch norm's input (and so might change it in place first)."""
+    x = node.args[0]
+    return not any((n.op == "call_module" and n.target == node.target) or x in n.all_input_nodes
+                   for n in _between(node, at.next))
 
 
 def _same_state_order(gm: fx.GraphModule, model: nn.Module) -> str:
