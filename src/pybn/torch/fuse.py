@@ -114,19 +114,11 @@ class _InPlaceProxy(fx.Proxy):
     ``a = a + b``: the graph then loses the write, and any other name for `a` keeps its old
     value, which the eager forward would not."""
 
-    __iadd__ = _recorded(operator.iadd)
-    __isub__ = _recorded(operator.isub)
-    __imul__ = _recorded(operator.imul)
-    __itruediv__ = _recorded(operator.itruediv)
-    __ifloordiv__ = _recorded(operator.ifloordiv)
-    __imod__ = _recorded(operator.imod)
-    __ipow__ = _recorded(operator.ipow)
-    __imatmul__ = _recorded(operator.imatmul)
-    __iand__ = _recorded(operator.iand)
-    __ior__ = _recorded(operator.ior)
-    __ixor__ = _recorded(operator.ixor)
-    __ilshift__ = _recorded(operator.ilshift)
-    __irshift__ = _recorded(operator.irshift)
+
+for _op in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+            operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+            operator.irshift):
+    setattr(_InPlaceProxy, f"__{_op.__name__}__", _recorded(_op))  # __iadd__: operator.iadd, ...
 
 
 class _Tracer(Tracer):
