@@ -155,7 +155,7 @@ def _rewrite(gm: fx.GraphModule) -> List[Fused]:
         tail = _tail_at(node, gm)
         if tail is None:
             continue
-        residual, relu, last = tail
+        residual, relu, user, last = tail
         # the fused call goes where the last of its inputs is ready: after the residual when
         # that is computed after the batch norm (a downsampling shortcut)
         at = residual if residual is not None and _comes_after(residual, node) else node
@@ -163,14 +163,14 @@ def _rewrite(gm: fx.GraphModule) -> List[Fused]:
             continue
         # and the residual is read there, where the add read it later: nothing in between
         # may touch it (an in-place op on it would be missed)
-        if residual is not None and any(residual in n.all_input_nodes for n in _between(at, next(iter(node.users)))):
+        if residual is not None and any(residual in n.all_input_nodes for n in _between(at, user)):
             continue
         with gm.graph.inserting_before(node):
             bn = gm.graph.get_attr(node.target)
         with gm.graph.inserting_after(at):
             fused = gm.graph.call_function(block_tail, (bn, node.args[0], residual, relu))
         last.replace_all_uses_with(fused)
-        for gone in reversed(list(dict.fromkeys((node, *node.users, last)))):  # the tail's nodes, users first
+        for gone in reversed(list(dict.fromkeys((node, user, last)))):  # the tail's nodes, users first
             gm.graph.erase_node(gone)
         name = ("relu(bn(x) + r)" if relu else "bn(x) + r") if residual is not None else "relu(bn(x))"
         report.append(Fused(str(node.target), name))
@@ -179,9 +179,9 @@ def _rewrite(gm: fx.GraphModule) -> List[Fused]:
     return report
 
 
-def _tail_at(node: fx.Node, gm: fx.GraphModule) -> Tuple[fx.Node | None, bool, fx.Node] | None:
-    """(residual, relu, the tail's last node) when node is a batch norm that starts a tail
-    to fuse, else None."""
+def _tail_at(node: fx.Node, gm: fx.GraphModule) -> Tuple[fx.Node | None, bool, fx.Node, fx.Node] | None:
+    """(residual, relu, the batch norm's one user, the tail's last node) when node is a batch
+    norm that starts a tail to fuse, else None."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
         return None
     module = gm.get_submodule(str(node.target))
@@ -191,15 +191,15 @@ def _tail_at(node: fx.Node, gm: fx.GraphModule) -> Tuple[fx.Node | None, bool, f
         return None
     (user,) = node.users
     if _is_relu(user, node, gm):
-        return None, True, user
+        return None, True, user, user
     residual = _other_addend(user, node)
     if residual is None:
         return None
     if len(user.users) == 1:
         (after,) = user.users
         if _is_relu(after, user, gm):
-            return residual, True, after
-    return residual, False, user
+            return residual, True, user, after
+    return residual, False, user, user
 
 
 def _is_relu(node: fx.Node, source: fx.Node, gm: fx.GraphModule) -> bool:
