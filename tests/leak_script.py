@@ -8,9 +8,9 @@ import contextlib
 
 import numpy as np
 
-# ml_dtypes (bfloat16) is imported first, as NumPy is: pybn's module imports it when it is
-# loaded, and the allocations and memcheck reports of ml_dtypes' own import would otherwise
-# sit under pybn's frame. Only pybn's code is under test here.
+# ml_dtypes (bfloat16) is imported first, as NumPy is: pybn's module looks it up when it
+# meets bfloat16 data, and the allocations and memcheck reports of ml_dtypes' own import
+# would otherwise sit under pybn's frame. Only pybn's code is under test here.
 with contextlib.suppress(ImportError):
     import ml_dtypes  # noqa: F401
 

@@ -342,7 +342,7 @@ import sys
 sys.modules["ml_dtypes"] = None  # import ml_dtypes raises ImportError
 import numpy as np
 import pybn, pybn._checks
-assert "bfloat16" not in [d.name for d in pybn._checks.FLOAT_DTYPES], pybn._checks.FLOAT_DTYPES
+assert "bfloat16" not in pybn._checks.DTYPE_NAMES, pybn._checks.DTYPE_NAMES
 y = pybn.batch_norm_infer(np.ones((2, 3), np.float16), np.zeros(3, np.float32), np.ones(3, np.float32))
 assert y.dtype == np.float16
 try:
@@ -353,6 +353,38 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_ml_dtypes_is_imported_only_for_bfloat16_data():
+    """Importing ml_dtypes costs several times NumPy's import: pybn and its modules do not
+    import it, yet bfloat16 arrays made after `import pybn` are taken (the compiled module
+    looks the dtype up when it meets one), error messages name bfloat16, and pybn imports
+    ml_dtypes itself where it makes bfloat16 arrays: a bfloat16 layer, a bfloat16 tensor."""
+    code = """
+import sys
+import numpy as np
+import pybn, pybn.nn, pybn.torch, pybn.fold
+assert "ml_dtypes" not in sys.modules
+try:
+    pybn.dropout(np.ones(3, np.int8), 0.5, seed=1)
+except TypeError as e:
+    assert str(e).endswith("(pybn takes float32 or float64 or float16 or bfloat16)"), e
+assert "ml_dtypes" not in sys.modules
+import torch
+t = torch.linspace(-2, 2, 24, dtype=torch.bfloat16).reshape(4, 6)
+y = torch.ops.pybn.batch_norm_infer(t, torch.zeros(6), torch.ones(6), None, None, 0.0)
+assert "ml_dtypes" in sys.modules and y.dtype == torch.bfloat16
+assert torch.equal(y, t), (y, t)
+import ml_dtypes
+x = np.linspace(-2, 2, 40, dtype=np.float32).astype(ml_dtypes.bfloat16)
+keep = pybn.dropout(np.ones(40, np.float32), 0.5, seed=3) != 0
+assert np.array_equal(pybn.dropout(x, 0.5, seed=3), np.where(keep, x.astype(np.float32) * 2, 0).astype(x.dtype))
+layer = pybn.nn.BatchNorm(4, dtype="bfloat16")
+assert layer.dtype == np.dtype(ml_dtypes.bfloat16)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
 
 
 # --------------------------------------------------------------------------- layers and torch

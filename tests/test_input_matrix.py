@@ -990,7 +990,7 @@ SPECS = [
 # other bad value is the float32 matrix's.
 
 H = np.dtype(np.float16)
-BF16 = pybn._checks.BFLOAT16   # None without ml_dtypes: then only float32 is "another dtype"
+BF16 = pybn._checks.bfloat16()   # None without ml_dtypes: then only float32 is "another dtype"
 OTHERS = [np.dtype(np.float32)] + ([BF16] if BF16 is not None else [])
 
 

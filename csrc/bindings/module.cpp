@@ -88,20 +88,32 @@ class GilReleased {
   throw py::value_error(std::string(name) + ": " + what);
 }
 
-// The NumPy dtypes of the 16-bit storage types, set when the module is imported: NumPy's
-// float16, and ml_dtypes' bfloat16 (a dtype NumPy does not know by itself; none when
-// ml_dtypes is not installed, and then no array can hold bfloat16). Kept for the life of
-// the process.
+// The NumPy dtypes of the 16-bit storage types: NumPy's float16, set when the module is
+// imported, and ml_dtypes' bfloat16 (a dtype NumPy does not know by itself), looked up the
+// first time an array could hold it: only after ml_dtypes was imported, which pybn never
+// does for a check (it costs more than importing NumPy, docs/dtypes.md). Kept for the life
+// of the process.
 PyObject* float16_dtype = nullptr;
 PyObject* bfloat16_dtype = nullptr;
 
-void find_16bit_dtypes() {
-  float16_dtype = py::dtype("float16").release().ptr();
-  try {
-    bfloat16_dtype = py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16")).release().ptr();
-  } catch (py::error_already_set&) {  // no ml_dtypes: bfloat16 arrays cannot exist
-    bfloat16_dtype = nullptr;
+void find_float16_dtype() { float16_dtype = py::dtype("float16").release().ptr(); }
+
+// ml_dtypes' bfloat16 if ml_dtypes has been imported (a bfloat16 array cannot exist before).
+PyObject* find_bfloat16_dtype() {
+  if (bfloat16_dtype) return bfloat16_dtype;
+  PyObject* ml_dtypes = PyImport_GetModule(py::str("ml_dtypes").ptr());  // no import; null if absent
+  if (!ml_dtypes) {
+    PyErr_Clear();
+    return nullptr;
   }
+  const py::object module = py::reinterpret_steal<py::object>(ml_dtypes);
+  if (module.is_none()) return nullptr;  // sys.modules["ml_dtypes"] = None: imports fail
+  try {
+    bfloat16_dtype = py::dtype::from_args(module.attr("bfloat16")).release().ptr();
+  } catch (py::error_already_set&) {  // an ml_dtypes without bfloat16 (or still importing)
+    return nullptr;
+  }
+  return bfloat16_dtype;
 }
 
 bool is_dtype(const py::array& a, PyObject* dtype) {
@@ -115,7 +127,7 @@ bool is_of(const py::array& a) {
   if constexpr (std::is_same_v<T, pybn::Float16>)
     return is_dtype(a, float16_dtype);
   else if constexpr (std::is_same_v<T, pybn::BFloat16>)
-    return is_dtype(a, bfloat16_dtype);
+    return is_dtype(a, find_bfloat16_dtype());
   else
     return py::isinstance<py::array_t<T>>(a);
 }
@@ -781,7 +793,7 @@ PYBIND11_MODULE(_C, m) {
   // (GilReleased says why that guard must not be passed by a thread at exit): do it now,
   // not in the first kernel call, which may come from a daemon thread.
   py::dtype::of<float>();
-  find_16bit_dtypes();
+  find_float16_dtype();
 
   // The lists (kernel_list.h) and the thresholds the kernels own.
   m.attr("ISAS") = isa_list();

@@ -8,31 +8,60 @@ and torch tensors that require grad (pybn is not recorded by autograd).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 import operator
+import sys
 from typing import Any
 
 import numpy as np
 
 from . import _C
 
-try:  # bfloat16 is ml_dtypes' NumPy dtype, an optional dependency (docs/dtypes.md)
-    import ml_dtypes
-    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - exercised in a child process without ml_dtypes
-    BFLOAT16 = None
+# bfloat16 is ml_dtypes' NumPy dtype, an optional dependency (docs/dtypes.md). Importing
+# ml_dtypes costs several times NumPy's own import, so pybn never imports it to check an
+# argument: an array can hold bfloat16 only after something imported ml_dtypes, and the
+# checks look for the dtype then. pybn imports it only to make bfloat16 arrays itself (from
+# bfloat16 torch tensors or ONNX initializers).
+HAS_BFLOAT16 = importlib.util.find_spec("ml_dtypes") is not None
+_bfloat16: list[np.dtype | None] = []  # the dtype, once looked up
 
 
-def _numpy_dtype(name: str) -> np.dtype | None:
-    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
+def bfloat16() -> np.dtype | None:
+    """ml_dtypes' bfloat16 dtype, importing ml_dtypes; None when it is not installed."""
+    if not _bfloat16:
+        try:
+            import ml_dtypes
+            _bfloat16.append(np.dtype(ml_dtypes.bfloat16))
+        except ImportError:
+            _bfloat16.append(None)
+    return _bfloat16[0]
 
 
-#: The dtypes the kernels take (the list the C++ is built from) that arrays can hold here:
-#: bfloat16 only when ml_dtypes is installed.
-FLOAT_DTYPES = tuple(dt for dt in map(_numpy_dtype, _C.DTYPES) if dt is not None)
-_DTYPE_NAMES = " or ".join(dt.name for dt in FLOAT_DTYPES)
-_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # for the fast path (a byte-swapped '>f4' is not in it)
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    """dtype is ml_dtypes' bfloat16 (without importing ml_dtypes: no array has it before)."""
+    return "ml_dtypes" in sys.modules and dtype == bfloat16()
+
+
+#: The names of the dtypes the kernels take (the list the C++ is built from) that arrays can
+#: hold here: bfloat16 only when ml_dtypes is installed.
+DTYPE_NAMES = tuple(name for name in _C.DTYPES if name != "bfloat16" or HAS_BFLOAT16)
+_DTYPE_NAMES = " or ".join(DTYPE_NAMES)
+# NumPy's own ones, for the fast path (a byte-swapped '>f4' is not in it)
+_NUMPY_FLOAT_DTYPES = frozenset(np.dtype(name) for name in DTYPE_NAMES if name != "bfloat16")
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """Whether the kernels take arrays of `dtype`."""
+    return dtype in _NUMPY_FLOAT_DTYPES or _is_bfloat16(dtype)
+
+
+def float_dtype(name: str) -> np.dtype | None:
+    """The NumPy dtype of one of DTYPE_NAMES (importing ml_dtypes for bfloat16)."""
+    return bfloat16() if name == "bfloat16" else np.dtype(name)
+
+
 _FLOAT32 = np.dtype(np.float32)
 
 
@@ -48,7 +77,7 @@ def round_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     (twice), so for bfloat16 the float32 is taken rounded to odd (`float32_rounded_to_odd`),
     after which any release's second rounding is the correct one."""
     values = np.asarray(values, np.float64)
-    if dtype != BFLOAT16:
+    if not _is_bfloat16(dtype):
         with np.errstate(over="ignore"):
             return values.astype(dtype)
     rounded: np.ndarray = float32_rounded_to_odd(values).astype(dtype)
@@ -74,11 +103,11 @@ def float32_rounded_to_odd(values: np.ndarray) -> np.ndarray:
 
 def float_array(value: Any, name: str) -> np.ndarray:
     """`value` as a float32/float64 ndarray (array-likes accepted; no copy when possible)."""
-    if type(value) is np.ndarray and value.dtype in _FLOAT_DTYPE_SET:
+    if type(value) is np.ndarray and value.dtype in _NUMPY_FLOAT_DTYPES:
         return value  # the common case, checked first: small calls are dominated by checks
     arr = as_array(value, name)
-    if arr.dtype not in FLOAT_DTYPES:
-        if arr.dtype.kind == "f" and arr.dtype.newbyteorder("=") in FLOAT_DTYPES:
+    if not is_float_dtype(arr.dtype):
+        if arr.dtype.kind == "f" and arr.dtype.newbyteorder("=") in _NUMPY_FLOAT_DTYPES:
             return arr.astype(arr.dtype.newbyteorder("="))  # '>f4' is float32 in the other byte order
         raise TypeError(f"{name}: dtype {arr.dtype} is not supported (pybn takes {_DTYPE_NAMES})")
     return arr

@@ -23,16 +23,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ._checks import BFLOAT16, round_to
+from ._checks import bfloat16, round_to
 from ._onnx_files import SMALL, ExternalData, first_line, light_copy
 
 logger = logging.getLogger("pybn.onnx")  # fold's logger: this module is part of fold
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # the dtypes folded: those of pybn's fold functions (bfloat16 when ml_dtypes gives NumPy the
-# dtype onnx reads BFLOAT16 tensors as); every fold is computed in float64 and rounded once
+# dtype onnx reads BFLOAT16 tensors as; onnx imports ml_dtypes itself); every fold is
+# computed in float64 and rounded once
+_BFLOAT16 = bfloat16()
 FLOAT_WEIGHTS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)) + \
-    ((BFLOAT16,) if BFLOAT16 is not None else ())
+    ((_BFLOAT16,) if _BFLOAT16 is not None else ())
 _WEIGHT_NAMES = ", ".join(dt.name for dt in FLOAT_WEIGHTS[:-1]) + f" and {FLOAT_WEIGHTS[-1].name}"
 
 

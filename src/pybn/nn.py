@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._checks import FLOAT_DTYPES, as_array, channel_layout, float_array, integer, param_dtype, real_number
+from ._checks import (DTYPE_NAMES, as_array, channel_layout, float_array, float_dtype, integer, is_float_dtype,
+                      param_dtype, real_number)
 from .batchnorm import (BatchNormResidualGrads, batch_norm_backward, batch_norm_infer, batch_norm_train,
                         residual_input)
 from .drop_path import drop_path, drop_path_noise_shape
@@ -426,9 +427,9 @@ class BatchNorm(_Layer):
         if dtype is None:
             torch_dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
             dtype = str(torch_dtype).replace("torch.", "")
-            if dtype not in _DTYPE_NAMES:
+            if dtype not in DTYPE_NAMES:
                 raise TypeError(f"module: dtype {torch_dtype} is not supported (pybn takes "
-                                f"{', '.join(_DTYPE_NAMES)})")
+                                f"{', '.join(DTYPE_NAMES)})")
         layer = cls(module.num_features, axis=1, eps=module.eps, momentum=module.momentum,
                     affine=module.affine, track_running_stats=module.track_running_stats, dtype=dtype)
         layer.load_state_dict({k: v.detach() for k, v in module.state_dict().items()})
@@ -498,16 +499,14 @@ _KERAS_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean"
                 "running_var": "moving_variance"}
 
 
-_DTYPE_NAMES = tuple(dt.name for dt in FLOAT_DTYPES)
-
-
 def _float_dtype(dtype: Any) -> np.dtype:
+    named = float_dtype(dtype) if isinstance(dtype, str) and dtype in DTYPE_NAMES else None
     try:
-        dt: np.dtype = np.dtype(dtype)
+        dt: np.dtype = named if named is not None else np.dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype: {dtype!r} is not a dtype (use 'float32' or 'float64')") from None
-    if dt not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: {dt} is not supported (pybn takes {', '.join(d.name for d in FLOAT_DTYPES)})")
+    if not is_float_dtype(dt):
+        raise TypeError(f"dtype: {dt} is not supported (pybn takes {', '.join(DTYPE_NAMES)})")
     return dt
 
 

@@ -114,10 +114,11 @@ def torch_array(t: Any) -> np.ndarray:
 
     t = t.detach()
     if t.dtype == torch.bfloat16:
-        from pybn._checks import BFLOAT16
+        from pybn._checks import bfloat16
 
-        assert BFLOAT16 is not None   # (a bfloat16 array, hence ml_dtypes, made the tensor)
-        return np.asarray(t.view(torch.int16).numpy()).view(BFLOAT16)
+        dtype = bfloat16()
+        assert dtype is not None   # (a bfloat16 array, hence ml_dtypes, made the tensor)
+        return np.asarray(t.view(torch.int16).numpy()).view(dtype)
     return np.asarray(t.numpy())
 
 

@@ -39,11 +39,9 @@ TARGET_X_TORCH = 1.0
 
 def numpy_dtype(name: str) -> np.dtype | None:
     """The NumPy dtype named ``name``, or None where it cannot exist (bfloat16 without ml_dtypes)."""
-    if name == "bfloat16":
-        from pybn._checks import BFLOAT16
+    from pybn._checks import float_dtype
 
-        return BFLOAT16
-    return np.dtype(name)
+    return float_dtype(name)
 
 
 def unavailable(dtype: str) -> str | None:

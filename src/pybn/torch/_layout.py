@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from .._checks import BFLOAT16
+from .._checks import HAS_BFLOAT16, bfloat16
 
 PYBN_DTYPES = (torch.float32, torch.float64)
 # 16-bit dtypes the kernels take too (float32 parameters beside them, docs/dtypes.md):
 # bfloat16 when ml_dtypes gives NumPy a dtype to view it as.
-HALF_DTYPES = (torch.float16,) + ((torch.bfloat16,) if BFLOAT16 is not None else ())
+HALF_DTYPES = (torch.float16,) + ((torch.bfloat16,) if HAS_BFLOAT16 else ())
 
 
 # torch's memory formats that put dim 1 innermost, by tensor rank. For these ranks
@@ -49,8 +49,9 @@ def _numpy(t: Tensor) -> np.ndarray:
     """The NumPy view of a contiguous CPU tensor; a bfloat16 one (which Tensor.numpy
     refuses) viewed through int16 as ml_dtypes' bfloat16, with no copy either."""
     if t.dtype == torch.bfloat16:
-        assert BFLOAT16 is not None  # (pybn_takes gives bfloat16 tensors only with ml_dtypes)
-        return t.view(torch.int16).numpy().view(BFLOAT16)
+        dtype = bfloat16()  # (imports ml_dtypes the first time)
+        assert dtype is not None  # (pybn_takes gives bfloat16 tensors only with ml_dtypes)
+        return t.view(torch.int16).numpy().view(dtype)
     return t.numpy()
 
 
