@@ -4,7 +4,7 @@
     python tests/stubgen.py --check   # exit status 1 when the stub is out of date
 
 The stub is generated, not written by hand: every function's signature comes from the
-docstring pybind11 gives it (its names and types as bound in csrc/bindings/module.cpp), and
+docstring pybind11 gives it (its names and types as bound in csrc/bindings/), and
 every constant's type from its value. tests/test_stub.py fails while the committed stub
 differs from what this script writes. The submodules (pybn._C.diagnostics and its
 float_computing_in_double) are stubbed as classes of static methods, and the module

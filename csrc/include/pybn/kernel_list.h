@@ -9,7 +9,7 @@
 // the per-ISA declarations (kernels/kernels_isa.h) and the filling of the tables
 // (PYBN_FILL_FAMILY at the end of each family's source, kernels/table.cpp), the dispatch
 // (dispatch.cpp), the bindings' dtype switch and the module's KERNELS, DTYPES and ISAS
-// (bindings/module.cpp), which the tests parametrize over and tests/stubgen.py turns into
+// (bindings/kernel_sets.h, bindings/module.cpp), which the tests parametrize over and tests/stubgen.py turns into
 // the stub src/pybn/_C.pyi.
 //
 // Why X-macros: an entry must become identifiers (a table field, a function declaration,
