@@ -5,9 +5,8 @@
 //
 // The normal variates are computed in float by the same IEEE operations on every path
 // (adds, products, one division and one square root, each correctly rounded, in a fixed
-// order, with no fma: this file is compiled with -ffp-contract=off, CMakeLists.txt), as
-// loops over the 16 lanes of a group's counters that each path's compiler vectorises for
-// its own registers. The same operations on the same values give the same bits whatever
+// order, with no fma: this file is compiled with -ffp-contract=off, CMakeLists.txt), over
+// the vectors of vec.h: the same operations on the same values give the same bits whatever
 // the vector width, so the paths agree bit for bit (tests/test_noise.py).
 #include <cstring>
 
@@ -20,90 +19,87 @@ namespace pybn {
 namespace PYBN_ISA {
 namespace {
 
+using F32 = Vec<float>;
 static_assert(sizeof(U32) == 4 * U32::W, "a vector of 32-bit words is its lanes, in order");
+static_assert(F32::W == U32::W, "a float per 32-bit word");
 
-inline std::uint32_t bits_of(float f) {
-  std::uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return b;
-}
-
-inline float float_of(std::uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
+inline F32 constant(float c) { return F32::set1(c); }
+inline U32 constant(std::uint32_t c) { return U32::set1(c); }
 
 // u in (0, 1] from a 32-bit word: the odd 31-bit integer (w >> 1) | 1, rounded to float,
 // times 2**-31. Never 0 (the least is 2**-31), so the logarithm is always finite.
-inline float unit_from_word(std::uint32_t w) {
-  return static_cast<float>(static_cast<std::int32_t>((w >> 1) | 1u)) * 0x1p-31f;
+inline F32 unit_from_word(U32 w) {
+  return int32_to_float(shift_right<1>(w) | constant(1u)) * constant(0x1p-31f);
 }
 
 // ln u for a normal float u > 0: u = m * 2**e with m in [sqrt(1/2), sqrt(2)), and
 // ln m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series to s**9 (the next
 // term is below 2**-27 of the sum); e * ln 2 in two parts, the first exact.
-inline float log_unit(float u) {
+inline F32 log_unit(F32 u) {
   constexpr float kLn2Hi = 0.693145751953125f;       // 16 significant bits: e * kLn2Hi is exact
   constexpr float kLn2Lo = 1.428606765330187e-06f;   // ln 2 - kLn2Hi
-  const std::uint32_t b = bits_of(u);
-  const std::int32_t e = static_cast<std::int32_t>(b - 0x3F3504F3u) >> 23;  // 0x3F3504F3: sqrt(1/2)
-  const float m = float_of(b - (static_cast<std::uint32_t>(e) << 23));
-  const float f = m - 1.0f;  // exact (Sterbenz)
-  const float s = f / (m + 1.0f);
-  const float s2 = s * s;
-  const float p = s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
-  const float half_log = s + s * p;
-  const float ef = static_cast<float>(e);
-  return ef * kLn2Hi + (ef * kLn2Lo + (half_log + half_log));
+  const U32 b = as_bits(u);
+  const U32 e = shift_right_signed<23>(b - constant(0x3F3504F3u));  // 0x3F3504F3: sqrt(1/2)
+  const F32 m = as_float(b - shift_left<23>(e));
+  const F32 f = m - constant(1.0f);  // exact (Sterbenz)
+  const F32 s = f / (m + constant(1.0f));
+  const F32 s2 = s * s;
+  const F32 p = s2 * (constant(1.0f / 3) +
+                      s2 * (constant(1.0f / 5) + s2 * (constant(1.0f / 7) + s2 * constant(1.0f / 9))));
+  const F32 half_log = s + s * p;
+  const F32 ef = int32_to_float(e);
+  return ef * constant(kLn2Hi) + (ef * constant(kLn2Lo) + (half_log + half_log));
 }
 
 // The angle of a 32-bit word: quadrant q = w >> 30 and phi = k * pi/4 * 2**-24 with k the
 // odd integer of the next 25 bits centred on 0, |phi| < pi/4; the angle q * pi/2 + phi is
 // uniform on 2**26 points of the circle.
-inline float reduced_angle(std::uint32_t w) {
+inline F32 reduced_angle(U32 w) {
   constexpr float kStep = 0.785398163397448309616f * 0x1p-24f;  // pi/4 * 2**-24, rounded once
-  const std::int32_t k = static_cast<std::int32_t>(((w >> 5) & 0x1FFFFFFu) | 1u) - (1 << 24);
-  return static_cast<float>(k) * kStep;  // k has at most 24 bits: exact in float
+  const U32 k = ((shift_right<5>(w) & constant(0x1FFFFFFu)) | constant(1u)) - constant(1u << 24);
+  return int32_to_float(k) * constant(kStep);  // k has at most 24 bits: exact in float
 }
 
 // sin and cos of |phi| < pi/4 by their Taylor polynomials (to phi**9 and phi**10: the
 // next terms are below 2**-28 and 2**-32 of the value).
-inline float sin_reduced(float phi) {
-  const float p2 = phi * phi;
-  return phi + phi * (p2 * (-1.0f / 6 + p2 * (1.0f / 120 + p2 * (-1.0f / 5040 + p2 * (1.0f / 362880)))));
+inline F32 sin_reduced(F32 phi) {
+  const F32 p2 = phi * phi;
+  return phi + phi * (p2 * (constant(-1.0f / 6) +
+                            p2 * (constant(1.0f / 120) + p2 * (constant(-1.0f / 5040) + p2 * constant(1.0f / 362880)))));
 }
 
-inline float cos_reduced(float phi) {
-  const float p2 = phi * phi;
-  return 1.0f +
-         p2 * (-0.5f + p2 * (1.0f / 24 + p2 * (-1.0f / 720 + p2 * (1.0f / 40320 + p2 * (-1.0f / 3628800)))));
+inline F32 cos_reduced(F32 phi) {
+  const F32 p2 = phi * phi;
+  return constant(1.0f) +
+         p2 * (constant(-0.5f) +
+               p2 * (constant(1.0f / 24) +
+                     p2 * (constant(-1.0f / 720) + p2 * (constant(1.0f / 40320) + p2 * constant(-1.0f / 3628800)))));
 }
 
 // Elements per group of 16 counters: 64 words, two per normal pair.
 constexpr i64 kNormalGroup = 64;
 constexpr int kCounters = 16;
+constexpr int kWordVectors = kCounters / U32::W;  // vectors of one word j of the 16 counters
 
-// The 64 variates of one group from its words (w[16j + c] is word j of counter c, as
-// MaskStream's vectors hold them): for pair p in {0, 1} and counter c, R = sqrt(-2 ln u)
-// of word 2p and the angle of word 2p + 1 give element 32p + c = R cos, 32p + 16 + c = R sin.
-inline void box_muller(const std::uint32_t (&w)[kNormalGroup], float (&z)[kNormalGroup]) {
+// The 64 variates of one group from its words (vector q of r holds words q * W to q * W + W
+// of the group, w[16j + c] being word j of counter c, as MaskStream gives them): for pair
+// p in {0, 1} and counter c, R = sqrt(-2 ln u) of word 2p and the angle of word 2p + 1 give
+// element 32p + c = R cos, 32p + 16 + c = R sin, so z's vectors sit where their words do.
+inline void box_muller(const U32 (&r)[kHalfVectors], float* z) {
+  static_assert(kHalfVectors == 4 * kWordVectors, "a group is 4 words of 16 counters");
   for (int p = 0; p < 2; ++p) {
-    const std::uint32_t* radius_words = w + 32 * p;
-    const std::uint32_t* angle_words = w + 32 * p + kCounters;
-    float* z_cos = z + 32 * p;
-    float* z_sin = z + 32 * p + kCounters;
-#pragma GCC ivdep
-    for (int c = 0; c < kCounters; ++c) {
-      const float r = __builtin_sqrtf(-2.0f * log_unit(unit_from_word(radius_words[c])));
-      const std::uint32_t q = angle_words[c] >> 30;
-      const float phi = reduced_angle(angle_words[c]);
-      const std::uint32_t cb = bits_of(cos_reduced(phi)), sb = bits_of(sin_reduced(phi));
+    for (int h = 0; h < kWordVectors; ++h) {
+      const int radius = 2 * p * kWordVectors + h, angle = radius + kWordVectors;
+      const F32 length = sqrt(constant(-2.0f) * log_unit(unit_from_word(r[radius])));
+      const U32 q = shift_right<30>(r[angle]);
+      const F32 phi = reduced_angle(r[angle]);
+      const U32 cb = as_bits(cos_reduced(phi)), sb = as_bits(sin_reduced(phi));
       // rotate (cos, sin) by q quarter turns: swap for odd q, then the signs of the quadrant
-      const std::uint32_t swap = (cb ^ sb) & (0u - (q & 1u));
-      const std::uint32_t cos_sign = ((q ^ (q >> 1)) & 1u) << 31, sin_sign = (q >> 1) << 31;
-      z_cos[c] = r * float_of(cb ^ swap ^ cos_sign);
-      z_sin[c] = r * float_of(sb ^ swap ^ sin_sign);
+      const U32 one = constant(1u);
+      const U32 swap = (cb ^ sb) & (U32::zero() - (q & one));
+      const U32 cos_sign = shift_left<31>(q ^ shift_right<1>(q)), sin_sign = shift_left<31>(shift_right<1>(q));
+      (length * as_float(cb ^ swap ^ cos_sign)).store(z + radius * U32::W);
+      (length * as_float(sb ^ swap ^ sin_sign)).store(z + angle * U32::W);
     }
   }
 }
@@ -138,13 +134,7 @@ class NormalStream {
     while (next_ <= gl) {
       U32 r[NG][kHalfVectors];
       stream_.next(r);
-      for (int i = 0; i < NG; ++i) {
-        std::uint32_t w[kNormalGroup];
-        std::memcpy(w, r[i], sizeof w);
-        float z[kNormalGroup];
-        box_muller(w, z);
-        std::memcpy(buf_ + (next_ - first_ + i) * kNormalGroup, z, sizeof z);
-      }
+      for (int i = 0; i < NG; ++i) box_muller(r[i], buf_ + (next_ - first_ + i) * kNormalGroup);
       next_ += NG;
     }
   }
@@ -221,11 +211,29 @@ void gaussian_noise(const GaussianNoiseArgs<S>& a) {
   });
 }
 
+// The steps of the normal stream's arithmetic on pairs of words (radius word, angle word),
+// W pairs at a time; the words of a last partial vector are padded with zeros.
 void normal_math(const NormalMathArgs& a) {
-  for (i64 i = 0; i < a.n; ++i) {
-    const float u = unit_from_word(a.words[2 * i]), phi = reduced_angle(a.words[2 * i + 1]);
-    const float values[5] = {u, log_unit(u), phi, cos_reduced(phi), sin_reduced(phi)};
-    std::memcpy(a.out + 5 * i, values, sizeof values);
+  constexpr int W = U32::W;
+  for (i64 i = 0; i < a.n; i += W) {
+    const i64 n = std::min<i64>(W, a.n - i);
+    std::uint32_t radius_words[W] = {}, angle_words[W] = {};
+    for (i64 j = 0; j < n; ++j) {
+      radius_words[j] = a.words[2 * (i + j)];
+      angle_words[j] = a.words[2 * (i + j) + 1];
+    }
+    U32 radius, angle;
+    std::memcpy(&radius, radius_words, sizeof radius);
+    std::memcpy(&angle, angle_words, sizeof angle);
+    const F32 u = unit_from_word(radius), phi = reduced_angle(angle);
+    float values[5][W];
+    u.store(values[0]);
+    log_unit(u).store(values[1]);
+    phi.store(values[2]);
+    cos_reduced(phi).store(values[3]);
+    sin_reduced(phi).store(values[4]);
+    for (i64 j = 0; j < n; ++j)
+      for (int k = 0; k < 5; ++k) a.out[5 * (i + j) + k] = values[k][j];
   }
 }
 

@@ -110,6 +110,8 @@ struct Vec<float> {
   friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
   friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
   friend Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
+  friend Vec sqrt(Vec a) { return {_mm256_sqrt_ps(a.v)}; }
   // maxps returns its second operand when either is NaN: (0, a) keeps a NaN in a.
   friend Vec relu(Vec a) { return {_mm256_max_ps(_mm256_setzero_ps(), a.v)}; }
   friend Vec keep_first(Vec a, std::int64_t n) {
@@ -197,9 +199,14 @@ struct Vec<std::uint32_t> {
   static constexpr int W = 8;
   __m256i v;
 
+  static Vec zero() { return {_mm256_setzero_si256()}; }
+  static Vec set1(std::uint32_t a) { return {_mm256_set1_epi32(static_cast<int>(a))}; }
+  friend Vec operator&(Vec a, Vec b) { return {_mm256_and_si256(a.v, b.v)}; }
+  friend Vec operator|(Vec a, Vec b) { return {_mm256_or_si256(a.v, b.v)}; }
+  friend Vec operator^(Vec a, Vec b) { return {_mm256_xor_si256(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_epi32(a.v, b.v)}; }  // mod 2**32
   // Bit e (e < 2W) set when the e-th 16-bit half (little-endian order) is >= t:
   // max(a, t) == a per half, then one bit per half from the byte mask.
-  static Vec zero() { return {_mm256_setzero_si256()}; }
   friend std::uint64_t halves_at_least(Vec a, std::uint16_t t) {
     const __m256i ge = _mm256_cmpeq_epi16(_mm256_max_epu16(a.v, _mm256_set1_epi16(static_cast<short>(t))), a.v);
     return _pext_u32(static_cast<std::uint32_t>(_mm256_movemask_epi8(ge)), 0x55555555u);
@@ -229,6 +236,17 @@ struct Vec<std::uint64_t> {
     return {_mm256_permute4x64_epi64(_mm256_castps_si256(lo), _MM_SHUFFLE(3, 1, 2, 0))};
   }
 };
+
+// 32-bit lanes as integers and as float bits, for the normal variates (noise.cpp).
+template <int N>
+inline Vec<std::uint32_t> shift_left(Vec<std::uint32_t> a) { return {_mm256_slli_epi32(a.v, N)}; }
+template <int N>
+inline Vec<std::uint32_t> shift_right(Vec<std::uint32_t> a) { return {_mm256_srli_epi32(a.v, N)}; }
+template <int N>
+inline Vec<std::uint32_t> shift_right_signed(Vec<std::uint32_t> a) { return {_mm256_srai_epi32(a.v, N)}; }
+inline Vec<float> int32_to_float(Vec<std::uint32_t> a) { return {_mm256_cvtepi32_ps(a.v)}; }
+inline Vec<std::uint32_t> as_bits(Vec<float> a) { return {_mm256_castps_si256(a.v)}; }
+inline Vec<float> as_float(Vec<std::uint32_t> a) { return {_mm256_castsi256_ps(a.v)}; }
 
 inline void stream_fence() { _mm_sfence(); }
 

@@ -89,6 +89,8 @@ struct Vec<float> {
   friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
   friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
   friend Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
+  friend Vec sqrt(Vec a) { return {_mm512_sqrt_ps(a.v)}; }
   // vmaxps returns its second operand when either is NaN: (0, a) keeps a NaN in a.
   friend Vec relu(Vec a) { return {_mm512_max_ps(_mm512_setzero_ps(), a.v)}; }
   friend Vec keep_first(Vec a, std::int64_t n) { return {_mm512_maskz_mov_ps(mask(n), a.v)}; }
@@ -161,6 +163,11 @@ struct Vec<std::uint32_t> {
   static constexpr int W = 16;
   __m512i v;
 
+  static Vec set1(std::uint32_t a) { return {_mm512_set1_epi32(static_cast<int>(a))}; }
+  friend Vec operator&(Vec a, Vec b) { return {_mm512_and_si512(a.v, b.v)}; }
+  friend Vec operator|(Vec a, Vec b) { return {_mm512_or_si512(a.v, b.v)}; }
+  friend Vec operator^(Vec a, Vec b) { return {_mm512_xor_si512(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_epi32(a.v, b.v)}; }  // mod 2**32
   static Vec zero() { return {_mm512_setzero_si512()}; }
   // Bit e (e < 2W) set when the e-th 16-bit half (little-endian order) is >= t.
   friend std::uint64_t halves_at_least(Vec a, std::uint16_t t) {
@@ -231,6 +238,17 @@ struct Vec<std::uint64_t> {
     return {_mm512_permutex2var_epi32(a.v, idx, b.v)};
   }
 };
+
+// 32-bit lanes as integers and as float bits, for the normal variates (noise.cpp).
+template <int N>
+inline Vec<std::uint32_t> shift_left(Vec<std::uint32_t> a) { return {_mm512_slli_epi32(a.v, N)}; }
+template <int N>
+inline Vec<std::uint32_t> shift_right(Vec<std::uint32_t> a) { return {_mm512_srli_epi32(a.v, N)}; }
+template <int N>
+inline Vec<std::uint32_t> shift_right_signed(Vec<std::uint32_t> a) { return {_mm512_srai_epi32(a.v, N)}; }
+inline Vec<float> int32_to_float(Vec<std::uint32_t> a) { return {_mm512_cvtepi32_ps(a.v)}; }
+inline Vec<std::uint32_t> as_bits(Vec<float> a) { return {_mm512_castps_si512(a.v)}; }
+inline Vec<float> as_float(Vec<std::uint32_t> a) { return {_mm512_castsi512_ps(a.v)}; }
 
 inline void stream_fence() { _mm_sfence(); }
 

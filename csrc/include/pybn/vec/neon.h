@@ -122,6 +122,8 @@ struct Vec<float> {
   friend Vec operator-(Vec a, Vec b) { return {vsubq_f32(a.v, b.v)}; }
   friend Vec operator*(Vec a, Vec b) { return {vmulq_f32(a.v, b.v)}; }
   friend Vec fma(Vec a, Vec b, Vec c) { return {vfmaq_f32(c.v, a.v, b.v)}; }
+  friend Vec operator/(Vec a, Vec b) { return {vdivq_f32(a.v, b.v)}; }
+  friend Vec sqrt(Vec a) { return {vsqrtq_f32(a.v)}; }
   // Lanes below zero cleared: NaN and -0 kept as they are, as on the scalar and x86 paths
   // (FMAX would turn -0 into +0 and quiet a signalling NaN).
   friend Vec relu(Vec a) {
@@ -204,6 +206,11 @@ struct Vec<std::uint32_t> {
   uint32x4_t v;
 
   static Vec zero() { return {vdupq_n_u32(0)}; }
+  static Vec set1(std::uint32_t a) { return {vdupq_n_u32(a)}; }
+  friend Vec operator&(Vec a, Vec b) { return {vandq_u32(a.v, b.v)}; }
+  friend Vec operator|(Vec a, Vec b) { return {vorrq_u32(a.v, b.v)}; }
+  friend Vec operator^(Vec a, Vec b) { return {veorq_u32(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {vsubq_u32(a.v, b.v)}; }  // mod 2**32
   // Bit e (e < 2W) set when the e-th 16-bit half (little-endian order) is >= t: each
   // half's compare keeps its own bit, and the sum across the halves gathers them.
   friend std::uint64_t halves_at_least(Vec a, std::uint16_t t) {
@@ -236,6 +243,20 @@ struct Vec<std::uint64_t> {
     return {vuzp1q_u32(vreinterpretq_u32_u64(a.v), vreinterpretq_u32_u64(b.v))};
   }
 };
+
+// 32-bit lanes as integers and as float bits, for the normal variates (noise.cpp).
+template <int N>
+inline Vec<std::uint32_t> shift_left(Vec<std::uint32_t> a) { return {vshlq_n_u32(a.v, N)}; }
+template <int N>
+inline Vec<std::uint32_t> shift_right(Vec<std::uint32_t> a) { return {vshrq_n_u32(a.v, N)}; }
+template <int N>
+inline Vec<std::uint32_t> shift_right_signed(Vec<std::uint32_t> a) {
+  return {vreinterpretq_u32_s32(vshrq_n_s32(vreinterpretq_s32_u32(a.v), N))};
+}
+// to nearest, as FPCR is by default
+inline Vec<float> int32_to_float(Vec<std::uint32_t> a) { return {vcvtq_f32_s32(vreinterpretq_s32_u32(a.v))}; }
+inline Vec<std::uint32_t> as_bits(Vec<float> a) { return {vreinterpretq_u32_f32(a.v)}; }
+inline Vec<float> as_float(Vec<std::uint32_t> a) { return {vreinterpretq_f32_u32(a.v)}; }
 
 // Stores are ordinary ones (stream above): nothing to order.
 inline void stream_fence() {}

@@ -76,6 +76,19 @@ struct Vec {
     for (int i = 0; i < W; ++i) a.v[i] *= b.v[i];
     return a;
   }
+  friend Vec operator/(Vec a, const Vec& b) {
+    for (int i = 0; i < W; ++i) a.v[i] /= b.v[i];
+    return a;
+  }
+  friend Vec sqrt(Vec a) {  // correctly rounded: sqrtss/sqrtsd (-fno-math-errno)
+    for (int i = 0; i < W; ++i) {
+      if constexpr (std::is_same_v<T, float>)
+        a.v[i] = __builtin_sqrtf(a.v[i]);
+      else
+        a.v[i] = __builtin_sqrt(a.v[i]);
+    }
+    return a;
+  }
   friend Vec fma(const Vec& a, const Vec& b, Vec c) {
     for (int i = 0; i < W; ++i) c.v[i] = a.v[i] * b.v[i] + c.v[i];
     return c;
@@ -140,6 +153,16 @@ struct Vec<std::uint32_t> {
   std::uint32_t v[W];
 
   static Vec zero() { return {{0, 0, 0, 0}}; }
+  static Vec set1(std::uint32_t a) { return {{a, a, a, a}}; }
+  template <class Op>
+  friend Vec lanewise(Vec a, const Vec& b, Op op) {
+    for (int i = 0; i < W; ++i) a.v[i] = op(a.v[i], b.v[i]);
+    return a;
+  }
+  friend Vec operator&(const Vec& a, const Vec& b) { return lanewise(a, b, [](auto x, auto y) { return x & y; }); }
+  friend Vec operator|(const Vec& a, const Vec& b) { return lanewise(a, b, [](auto x, auto y) { return x | y; }); }
+  friend Vec operator^(const Vec& a, const Vec& b) { return lanewise(a, b, [](auto x, auto y) { return x ^ y; }); }
+  friend Vec operator-(const Vec& a, const Vec& b) { return lanewise(a, b, [](auto x, auto y) { return x - y; }); }
   friend std::uint64_t halves_at_least(const Vec& a, std::uint16_t t) {
     std::uint64_t bits = 0;
     for (int i = 0; i < W; ++i)
@@ -184,6 +207,38 @@ struct Vec<std::uint64_t> {
 inline Vec<std::uint32_t> pack_lo32(const Vec<std::uint64_t>& a, const Vec<std::uint64_t>& b) {
   return {{static_cast<std::uint32_t>(a.v[0]), static_cast<std::uint32_t>(a.v[1]), static_cast<std::uint32_t>(b.v[0]),
            static_cast<std::uint32_t>(b.v[1])}};
+}
+
+// 32-bit lanes as integers and as float bits, for the normal variates (noise.cpp).
+template <int N>
+inline Vec<std::uint32_t> shift_left(Vec<std::uint32_t> a) {
+  for (auto& x : a.v) x <<= N;
+  return a;
+}
+template <int N>
+inline Vec<std::uint32_t> shift_right(Vec<std::uint32_t> a) {
+  for (auto& x : a.v) x >>= N;
+  return a;
+}
+template <int N>
+inline Vec<std::uint32_t> shift_right_signed(Vec<std::uint32_t> a) {
+  for (auto& x : a.v) x = static_cast<std::uint32_t>(static_cast<std::int32_t>(x) >> N);
+  return a;
+}
+inline Vec<float> int32_to_float(const Vec<std::uint32_t>& a) {
+  Vec<float> r;
+  for (int i = 0; i < 4; ++i) r.v[i] = static_cast<float>(static_cast<std::int32_t>(a.v[i]));
+  return r;
+}
+inline Vec<std::uint32_t> as_bits(const Vec<float>& a) {
+  Vec<std::uint32_t> r;
+  std::memcpy(r.v, a.v, sizeof r.v);
+  return r;
+}
+inline Vec<float> as_float(const Vec<std::uint32_t>& a) {
+  Vec<float> r;
+  std::memcpy(r.v, a.v, sizeof r.v);
+  return r;
 }
 
 inline void stream_fence() {}

@@ -33,9 +33,14 @@
 //   xor3(a, b, c) = a ^ b ^ c,
 //   mul_lo32(a, m)          (a mod 2**32) * m, the whole 64-bit product
 //   pack_lo32(a, b)         the low words of a's lanes, then b's, as a Vec<uint32_t>
-// and Vec<uint32_t> (2 * that many lanes) has
-//   zero()
+// and Vec<uint32_t> (2 * that many lanes; as many as Vec<float>) has
+//   zero(), set1, a & b, a | b, a ^ b, a - b (mod 2**32)
 //   halves_at_least(a, t)   bit e (e < 2W) set when 16-bit half e of a (little-endian) >= t
+//   shift_left<N>(a), shift_right<N>(a), shift_right_signed<N>(a) (the lanes as int32)
+//   int32_to_float(a)       the lanes as int32, rounded to float (to nearest)
+//   as_bits(f) / as_float(a) the bits of Vec<float> lanes and back
+// which, with Vec<float>'s a / b and sqrt(a) (correctly rounded), the normal variates of
+// noise.cpp are computed from.
 // For the fused dropout, windows of 2W elements over the stream of random halves:
 //   KeepWindows(d, t)       .next(r) gives the Keep of the last d halves of the previous r
 //                           and the first 2W - d of this one, compared with t (d < 2W)
