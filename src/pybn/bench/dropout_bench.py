@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .probe import Prober
+from .report import rows_with_peers
 from .schema import Cell, Context, Result, Timed, WrongResult
 from .shapes import Shape
 from .timing import fmt_time, measure, measure_alternating
@@ -350,15 +351,12 @@ def render(result: Result, meta: Result | None = None) -> str:
              "non-temporal copy of x, timed call for call in turn with pybn's); x = peer time / pybn time",
              f"{'shape':<5} {'kernel':<9} {'pybn':>10} {'copy':>10} {'% copy':>7}"
              + "".join(f" {peer:>11} {'x':>6}" for peer in result["peers"])]
-    for shape_name, res in result["shapes"].items():
-        for name, r in res["rows"].items():
-            t, b = r["pybn_s"], r["t_stream_s"]
-            cols = [f"{shape_name:<5}", f"{name:<9}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}",
-                    f"{b / t * 100:>6.0f}%"]
-            for peer in result["peers"]:
-                tp = r["peers"].get(peer)
-                cols += [f"{fmt_time(tp):>11}", f"{tp / t:>5.1f}x" if tp else f"{'-':>6}"]
-            lines.append(" ".join(cols))
+
+    def first_cells(shape_name: str, name: str, r: Result) -> list[str]:
+        t, b = r["pybn_s"], r["t_stream_s"]
+        return [f"{shape_name:<5}", f"{name:<9}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}", f"{b / t * 100:>6.0f}%"]
+
+    lines += rows_with_peers(result, first_cells)
     lines.append("forward: pybn.dropout(x, p, seed=, out=y) vs torch nn.Dropout / aten.native_dropout (faster shown);"
                  " mask: pybn.dropout_mask (packed bits) vs torch bernoulli_ and NumPy rng.random(shape) >= p;"
                  " apply: pybn.dropout_apply(x, mask, p, out=y) vs x * mask * scale;"

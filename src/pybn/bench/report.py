@@ -6,7 +6,7 @@ import math
 import sys
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .probe import Probe
 from .schema import Cell, Peer, Result
@@ -269,3 +269,17 @@ def render_section(result: Result, meta: Result) -> str:
 def section_json(result: Result) -> Result:
     """The section's part of the JSON: "probe" and "cells" (at the top level, beside "meta")."""
     return {"probe": result["probe"], "cells": [c.as_dict() for c in result["cells"]]}
+
+
+def rows_with_peers(result: Result, first_cells: Callable[[str, str, Result], list[str]]) -> list[str]:
+    """The lines of a section's table (dropout, residual): for each shape and row,
+    `first_cells(shape, row name, row)`, then each peer's time and pybn's speed-up over it."""
+    lines = []
+    for shape_name, res in result["shapes"].items():
+        for name, r in res["rows"].items():
+            cols = first_cells(shape_name, name, r)
+            for peer in result["peers"]:
+                tp = r["peers"].get(peer)
+                cols += [f"{fmt_time(tp):>11}", f"{tp / r['pybn_s']:>5.1f}x" if tp else f"{'-':>6}"]
+            lines.append(" ".join(cols))
+    return lines

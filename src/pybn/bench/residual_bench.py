@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .probe import Prober
+from .report import rows_with_peers
 from .reference import EPS, MOMENTUM
 from .schema import Bound, Cell, Context, Result, Timed, WrongResult
 from .shapes import Shape
@@ -234,15 +235,13 @@ def render(result: Result, meta: Result | None = None) -> str:
              "x is read twice (training on channels-last x past the L3); x = other time / pybn time",
              f"{'shape':<5} {'kernel':<6} {'pybn':>10} {'bound':>10} {'% bound':>7} {'% floor':>7}"
              + "".join(f" {PEER_TITLES.get(peer, peer):>11} {'x':>6}" for peer in result["peers"])]
-    for shape_name, res in result["shapes"].items():
-        for name, r in res["rows"].items():
-            t, b = r["pybn_s"], r["bound_s"]
-            cols = [f"{shape_name:<5}", f"{name:<6}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}",
-                    f"{b / t * 100:>6.0f}%", f"{r.get('floor_s', b) / t * 100:>6.0f}%"]
-            for peer in result["peers"]:
-                tp = r["peers"].get(peer)
-                cols += [f"{fmt_time(tp):>11}", f"{tp / t:>5.1f}x" if tp else f"{'-':>6}"]
-            lines.append(" ".join(cols))
+
+    def first_cells(shape_name: str, name: str, r: Result) -> list[str]:
+        t, b = r["pybn_s"], r["bound_s"]
+        return [f"{shape_name:<5}", f"{name:<6}", f"{fmt_time(t):>10}", f"{fmt_time(b):>10}",
+                f"{b / t * 100:>6.0f}%", f"{r.get('floor_s', b) / t * 100:>6.0f}%"]
+
+    lines += rows_with_peers(result, first_cells)
     lines.append("pybn: pybn.batch_norm_train / batch_norm_infer(x, ..., relu=True, residual=r, out=y), one pass;"
                  " unfused: the same call without residual, then np.add(y, r, out=y), np.maximum(y, 0, out=y);"
                  " torch: relu(F.batch_norm(x, ...) + r), or F.batch_norm(...).add_(r).relu_() (faster shown).")
