@@ -586,9 +586,13 @@ BIG_CASES = [((16, 32, 32, 32), 1), ((16, 32, 32, 32), -1), ((8192, 64), 1),
              # few values per channel: reductions cut by channels (chunks of a long
              # period, groups inside a period) to keep their partial states O(C)
              ((16, 65536), -1), ((9, 4099, 17), 1), ((1, 75001, 8), 1), ((4, 40000, 7), 1),
-             ((2, 150000, 4), 1)]
+             ((2, 150000, 4), 1),
+             # period layouts with rows of >= 16 (elementwise passes row by row): a long
+             # period cut into column chunks of ranges of 16 rows (streamed), and 4x4 rows
+             ((64, 512, 7, 7), 1), ((128, 256, 4, 4), 1)]
 BIG_IDS = ["nchw", "nhwc", "2d", "2d-ax0", "nhwc-c2", "nchw-c3-long",
-           "wide-c", "5d-ax2", "wide-16-rows", "short-rows-17", "one-row", "wide-short-rows", "one-group"]
+           "wide-c", "5d-ax2", "wide-16-rows", "short-rows-17", "one-row", "wide-short-rows", "one-group",
+           "long-period-7x7", "period-4x4"]
 
 
 def _bits_equal(a, b):
@@ -638,8 +642,8 @@ def test_threads_bitwise_identical(shape, axis, dtype, isa, rng):
 # ------------------------------------------------- every ISA vs the scalar path
 
 DIFF_CASES = [((4, 19, 33, 17), 1), ((4, 33, 17, 19), -1), ((1031, 37), 1),
-              ((3, 5, 7), 0), ((16, 64, 30, 30), 1)]
-DIFF_IDS = ["nchw-odd", "nhwc-odd", "2d", "ax0", "big"]
+              ((3, 5, 7), 0), ((16, 64, 30, 30), 1), ((16, 40, 4, 4), 1), ((12, 30, 5, 5), 1)]
+DIFF_IDS = ["nchw-odd", "nhwc-odd", "2d", "ax0", "big", "period-rows-4x4", "period-rows-5x5"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -120,8 +120,12 @@ void moments_rows(const Layout& L, const S* x, double* mean, double* m2) {
 
 // Adds the per-position sums of a period-mode row (len a multiple of the period) into
 // per-channel sums: s[c] += acc[j] over the positions j of channel c.
+// A channel's positions are summed in double vectors, then across lanes: added one after
+// another they were a chain of dependent adds per channel, which left this loop at a
+// quarter of a (16, 512, 4, 4) training forward (perf).
 template <class T>
 void fold_period(const Layout& L, const T* acc, i64 len, double* s) {
+  using D = Vec<double>;
   const i64 P = L.channels * L.inner;
   for (i64 base = 0; base < len; base += P) {
     const T* a = acc + base;
@@ -129,9 +133,12 @@ void fold_period(const Layout& L, const T* acc, i64 len, double* s) {
       for (i64 c = 0; c < L.channels; ++c) s[c] += a[c];
     } else {
       for (i64 c = 0; c < L.channels; ++c) {
-        double t = 0;
-        for (i64 q = 0; q < L.inner; ++q) t += a[c * L.inner + q];
-        s[c] += t;
+        const T* q = a + c * L.inner;
+        D t = D::zero();
+        i64 k = 0;
+        for (; k + D::W <= L.inner; k += D::W) t = t + load_as<double>(q + k);
+        if (k < L.inner) t = t + load_as<double>(q + k, L.inner - k);
+        s[c] += t.reduce_add();
       }
     }
   }

@@ -44,6 +44,8 @@ constexpr i64 kFirstBlockElements = 4096;
 // Each lane of a period block sums one value per row in T: more rows would let float
 // rounding grow past about sqrt(rows) ulps.
 constexpr i64 kMaxBlockRows = 128;
+// Rows a range of period blocks keeps when the rows allow (PeriodBlocks::make).
+constexpr i64 kMinRangeRows = 16;
 // A reduction group holds at least this many elements; at most kMaxGroups per channel.
 constexpr i64 kGroupElements = i64(1) << 16;
 constexpr i64 kMaxGroups = 16;
@@ -230,10 +232,9 @@ inline void for_each_vector(S* y, i64 len, const Step& step) {
 template <bool kStream, class S, class T, int K, class Op>
 void apply_rows(const Layout L, const T* const* coef, S* const out, const Op op, i64 i, const i64 end) {
   using V = Vec<T>;
-  while (i < end) {
-    const i64 row = i / L.inner;
+  i64 row = i / L.inner, c = row % L.channels;  // then counted, not divided, per row
+  for (; i < end; ++row, c = c + 1 == L.channels ? 0 : c + 1) {
     const i64 row_end = std::min(end, (row + 1) * L.inner);
-    const i64 c = row % L.channels;
     V cv[K];
     for (int k = 0; k < K; ++k) cv[k] = V::set1(coef[k][c]);
     S* const row_out = out + i;
@@ -303,13 +304,20 @@ void for_each_piece(i64 begin, i64 end, bool backwards, const F& f) {
 }
 
 constexpr i64 kPeriodTableRun = 512;
+// The elementwise passes of period-mode layouts take rows of at least this many elements
+// row by row, each with its channel's coefficients broadcast, rather than through a table
+// of every position's coefficients (a table of P positions times K is read from L2 once P
+// passes a few thousand). 16 was best of 4, 8, 16, 32 and the table alone on AVX-512 and
+// AVX2 (float32, 1 thread, docs/performance.md): (16, 128, 8, 8) inference 32 -> 18 us,
+// (32, 512, 7, 7) 182 -> 100 us; rows of 9 (3x3) are faster through the table.
+constexpr i64 kTableMaxInner = 16;
 
 template <bool kStream, class S, class T, int K, class Op>
 void channel_apply_impl(const Layout& L, const T* const (&coef)[K], S* out, const Op& op, bool backwards) {
   constexpr i64 W = Vec<T>::W;
   const i64 total = L.numel();
   const i64 slots = (total + W - 1) / W;  // threads split the array at vector boundaries
-  if (use_period_mode(L)) {
+  if (use_period_mode(L) && L.inner < kTableMaxInner) {
     // The table spans whole periods up to kPeriodTableRun elements: apply_period's runs of
     // vectors end where the table wraps, and runs of one short period (8 vectors for 64
     // channels-last channels) cost a quarter of the pass in bookkeeping.
@@ -626,6 +634,12 @@ struct PeriodBlocks {
     i64 max_ranges = std::clamp<i64>(b.rows, 1, kMaxGroups);
     while (max_ranges > 1 && !states_fit(max_ranges * L.channels, 0, 16, L, sizeof(S))) --max_ranges;
     b.ranges = std::clamp<i64>(b.rows * b.row_len / kGroupElements, 1, max_ranges);
+    // Each block of a range ends with a fold of its columns into channel sums
+    // (fold_period), as long as one of its rows: a range of few long rows folded about as
+    // much as it read ((32, 512, 7, 7) training forward: 57% of its time). Ranges of long
+    // periods keep kMinRangeRows rows where there are that many; their columns are cut
+    // into chunks below for the threads instead.
+    if (reps == 1) b.ranges = std::clamp<i64>(b.rows / kMinRangeRows, 1, b.ranges);
     b.chunks = 1;
     b.chunk_len = b.row_len;
     if (reps == 1) {
@@ -637,7 +651,9 @@ struct PeriodBlocks {
       b.chunks = (b.row_len + b.chunk_len - 1) / b.chunk_len;
     }
     b.chunk_channels = b.chunks == 1 ? L.channels : b.chunk_len / L.inner;
-    b.block_rows = std::clamp<i64>(kPeriodBlockElements / b.chunk_len, 1, kMaxBlockRows);
+    // A block is read once (only a group's short first block twice), so it may be as tall
+    // as the float sums allow, whatever its length.
+    b.block_rows = kMaxBlockRows;
     b.groups = b.ranges * b.chunks;
     return b;
   }
