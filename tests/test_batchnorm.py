@@ -642,8 +642,10 @@ def test_threads_bitwise_identical(shape, axis, dtype, isa, rng):
 # ------------------------------------------------- every ISA vs the scalar path
 
 DIFF_CASES = [((4, 19, 33, 17), 1), ((4, 33, 17, 19), -1), ((1031, 37), 1),
-              ((3, 5, 7), 0), ((16, 64, 30, 30), 1), ((16, 40, 4, 4), 1), ((12, 30, 5, 5), 1)]
-DIFF_IDS = ["nchw-odd", "nhwc-odd", "2d", "ax0", "big", "period-rows-4x4", "period-rows-5x5"]
+              ((3, 5, 7), 0), ((16, 64, 30, 30), 1), ((16, 40, 4, 4), 1), ((12, 30, 5, 5), 1),
+              ((3, 40, 20), 1), ((1, 33, 16), 1), ((6, 300, 49), 1)]
+DIFF_IDS = ["nchw-odd", "nhwc-odd", "2d", "ax0", "big", "period-rows-4x4", "period-rows-5x5",
+            "period-3-samples", "period-1-sample", "period-6-samples-7x7"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

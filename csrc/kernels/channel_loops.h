@@ -53,13 +53,21 @@ static_assert(kAlignmentBytes % (sizeof(double) * Vec<double>::W) == 0 &&
                   kAlignmentBytes % (sizeof(float) * Vec<float>::W) == 0,
               "aligned allocations (kAlignmentBytes) must align every vector of this path");
 
-// Period mode needs a table of one period per coefficient: worth it for inner == 1 (where
-// rows are single elements), and for short rows when enough periods share the table.
-constexpr i64 kPeriodMinOuter = 8;
+// Period mode (the reductions sum columns of rows of whole periods, then fold each
+// block's columns into channel sums) for inner == 1, where rows are single elements, and
+// for short rows when the samples are enough: row mode pays per row (a horizontal sum and
+// a merge), period mode per block and channel (a fold as long as the row). Measured on
+// float32 training forwards and backwards, 1 and 2 threads, AVX-512 and AVX2 (docs/
+// performance.md): period mode won for (6, 1024, 49), (4, 128, 9), (1, 512, 16), lost for
+// (1, 64, 64), (2, 256, 49), (2, 64, 100), (4, 512, 64); rows of at most 16, or more samples
+// than a sixteenth of the row length, separate them (and include every layout with 8
+// samples, the rule before).
+constexpr i64 kPeriodRowsPerSample = 16;
 
 inline bool use_period_mode(const Layout& L) {
   return L.inner == 1 ||
-         (L.inner < kPeriodMaxInner && L.channels * L.inner <= kPeriodMaxLength && L.outer >= kPeriodMinOuter);
+         (L.inner < kPeriodMaxInner && L.channels * L.inner <= kPeriodMaxLength &&
+          (L.inner <= kPeriodRowsPerSample || kPeriodRowsPerSample * L.outer > L.inner));
 }
 
 // Fills row[0, len) with the per-channel values of src along one period (each repeated
