@@ -11,6 +11,7 @@ import torch
 from child_process import run_child
 
 import pybn
+import pybn._checks
 from pybn.bench import cli, half_bench, table
 from pybn.bench.half_bench import HalfCase, HalfShape, ShapeCases
 from pybn.bench.schema import Context, Impl, Kernel, WrongResult
@@ -28,7 +29,7 @@ def context(lines=None, rounds=1):
 
 
 def half_case(shape):
-    return HalfCase(ShapeCases(shape.base, 3), half_bench.numpy_dtype(shape.dtype))
+    return HalfCase(ShapeCases(shape.base, 3), pybn._checks.float_dtype(shape.dtype))
 
 
 def tiny_cells():

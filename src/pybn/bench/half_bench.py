@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .._checks import float_dtype
 from . import dropout_bench
 from .batchnorm_calls import Runner, torch_array, torch_tensor
 from .probe import Prober
@@ -37,16 +38,9 @@ TARGET_X_FLOAT32_SHAPES = ("L",)
 TARGET_X_TORCH = 1.0
 
 
-def numpy_dtype(name: str) -> np.dtype | None:
-    """The NumPy dtype named ``name``, or None where it cannot exist (bfloat16 without ml_dtypes)."""
-    from pybn._checks import float_dtype
-
-    return float_dtype(name)
-
-
 def unavailable(dtype: str) -> str | None:
     """Why ``dtype``'s rows cannot run here, or None."""
-    if numpy_dtype(dtype) is None:
+    if float_dtype(dtype) is None:  # bfloat16 without ml_dtypes
         return "bfloat16 needs ml_dtypes (pip install ml_dtypes)"
     return None
 
@@ -332,7 +326,7 @@ def run(cells: Sequence[HalfCell], ctx: Context) -> Result:
                     ctx.progress(f"16-bit {dtype}: skipped, {why}")
                 skipped[dtype] = why
                 continue
-            np_dtype = numpy_dtype(dtype)
+            np_dtype = float_dtype(dtype)
             assert np_dtype is not None
             hc = HalfCase(cases, np_dtype)
             for cell in group:
