@@ -105,16 +105,17 @@ void moments_rows(const Layout& L, const S* x, double* mean, double* m2) {
                           [&](i64 slot, i64, i64 off, i64 len) { merge_segment<S, T>(x + off, len, m[slot]); });
     }
   });
-  for (i64 c = 0; c < L.channels; ++c) {
-    Moments m;
-    for (i64 g = 0; g < rg.count; ++g) {
-      const i64 slot = rg.slot_of(L, g, c);
-      if (slot < 0) continue;
+  // Each channel's states merge in group order.
+  Buffer<Moments> merged = make_buffer<Moments>(L.channels);  // each starts empty
+  for (i64 g = 0; g < rg.count; ++g) {
+    rg.for_each_slot(L, g, [&](i64 slot, i64 c) {
       const Moments& p = part[rg.offset[g] + slot];
-      m.merge(p.n, p.mean, p.m2);
-    }
-    mean[c] = m.mean;
-    m2[c] = m.m2;
+      merged[c].merge(p.n, p.mean, p.m2);
+    });
+  }
+  for (i64 c = 0; c < L.channels; ++c) {
+    mean[c] = merged[c].mean;
+    m2[c] = merged[c].m2;
   }
 }
 
@@ -332,16 +333,16 @@ void grad_sums_rows(const Layout& L, const GradTerms<S, T, kMask>& terms, double
       });
     }
   });
-  for (i64 c = 0; c < L.channels; ++c) {
-    double a = 0, b = 0;
-    for (i64 g = 0; g < rg.count; ++g) {
-      const i64 slot = rg.slot_of(L, g, c);
-      if (slot < 0) continue;
-      a += part[2 * rg.offset[g] + slot];
-      b += part[2 * rg.offset[g] + rg.slots[g] + slot];
-    }
-    sum_g[c] = a;
-    sum_gx[c] = b;
+  // Each channel's sums add in group order.
+  std::fill(sum_g, sum_g + L.channels, 0.0);
+  std::fill(sum_gx, sum_gx + L.channels, 0.0);
+  for (i64 g = 0; g < rg.count; ++g) {
+    const double* s0 = part.get() + 2 * rg.offset[g];
+    const double* s1 = s0 + rg.slots[g];
+    rg.for_each_slot(L, g, [&](i64 slot, i64 c) {
+      sum_g[c] += s0[slot];
+      sum_gx[c] += s1[slot];
+    });
   }
 }
 

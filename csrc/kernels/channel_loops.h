@@ -55,6 +55,11 @@ constexpr i64 kMinRangeRows = 16;
 // A reduction group holds at least this many elements; at most kMaxGroups per channel.
 constexpr i64 kGroupElements = i64(1) << 16;
 constexpr i64 kMaxGroups = 16;
+// Row mode's groups are smaller: the pool's grain, so that every array large enough for
+// two threads has groups for both (short rows cost more per element than their bytes:
+// (1, 2048, 7, 7) was one group, on one thread). Smaller groups would only add first
+// segments, which take an extra pass (merge_segment).
+constexpr i64 kRowGroupElements = kGrainElements;
 static_assert(kAlignmentBytes % (sizeof(double) * Vec<double>::W) == 0 &&
                   kAlignmentBytes % (sizeof(float) * Vec<float>::W) == 0,
               "aligned allocations (kAlignmentBytes) must align every vector of this path");
@@ -567,7 +572,7 @@ struct RowGroups {
 
   static RowGroups make(const Layout& L, i64 state_bytes, i64 elem_bytes) {
     RowGroups r;
-    r.count = std::clamp<i64>(L.numel() / kGroupElements, 1, kMaxGroups);
+    r.count = std::clamp<i64>(L.numel() / kRowGroupElements, 1, kMaxGroups);
     while (true) {
       r.place(L);
       if (r.count == 1 || states_fit(r.total(), r.count, state_bytes, L, elem_bytes)) return r;
@@ -579,10 +584,12 @@ struct RowGroups {
   i64 begin(const Layout& L, i64 g) const { return L.numel() * g / count; }
   i64 end(const Layout& L, i64 g) const { return L.numel() * (g + 1) / count; }
 
-  // The slot of group g holding channel c, or -1 when g does not see c.
-  i64 slot_of(const Layout& L, i64 g, i64 c) const {
-    const i64 s = ((c - first_row[g]) % L.channels + L.channels) % L.channels;
-    return s < slots[g] ? s : -1;
+  // Calls f(slot, c) for each slot of group g and the channel c it holds, in slot order.
+  // The channel is counted, not divided: the merge of small arrays' groups was bound by
+  // two integer divisions per channel and group.
+  template <class F>
+  void for_each_slot(const Layout& L, i64 g, F&& f) const {
+    for (i64 s = 0, c = first_row[g] % L.channels; s < slots[g]; ++s, c = c + 1 == L.channels ? 0 : c + 1) f(s, c);
   }
 
   // Calls segment(slot, c, offset, length) for each segment of group g, in memory order.
@@ -734,7 +741,22 @@ void segment_accumulate(i64 len, double (&out)[NACC], const F& f) {
   i64 i = 0;
   for (; i + kSets * W <= len; i += kSets * W)
     for (int s = 0; s < kSets; ++s) f(i + s * W, W, a[s]);
-  for (int s = 0; i + W <= len; i += W, ++s) f(i, W, a[s]);
+  // The remaining whole vectors go to sets 0, 1, 2, written out so that every index is a
+  // constant: indexed by a loop counter, the sets lived on the stack, and short rows
+  // (7x7) spent their time storing and reloading them.
+  static_assert(kSets == 4, "the remainder below is written for four sets");
+  if (i + W <= len) {
+    f(i, W, a[0]);
+    i += W;
+    if (i + W <= len) {
+      f(i, W, a[1]);
+      i += W;
+      if (i + W <= len) {
+        f(i, W, a[2]);
+        i += W;
+      }
+    }
+  }
   if (i < len) f(i, len - i, a[kSets - 1]);
   for (int k = 0; k < NACC; ++k)
     out[k] = static_cast<double>(((a[0][k] + a[1][k]) + (a[2][k] + a[3][k])).reduce_add());
