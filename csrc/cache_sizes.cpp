@@ -2,9 +2,12 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <fstream>
 #include <string>
+
+#include "pybn/kernels.h"
 
 namespace pybn {
 namespace {
@@ -68,6 +71,11 @@ const CacheSizes& cache_sizes() {
   static const CacheSizes sizes{cache_bytes(2, kMinL2Bytes, kMaxL2Bytes, kDefaultL2Bytes),
                                 cache_bytes(3, kMinL3Bytes, kMaxL3Bytes, kDefaultL3Bytes)};
   return sizes;
+}
+
+std::int64_t stream_min_bytes() {
+  static const std::int64_t bytes = std::max(kStreamBytes, cache_sizes().l3_bytes / 4);
+  return bytes;
 }
 
 }  // namespace pybn

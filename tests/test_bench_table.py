@@ -63,7 +63,7 @@ def test_every_kernel_has_pybn_first_and_only_known_peers():
 def test_the_table_holds_every_documented_cell():
     bn = table.BATCH_NORM.cells
     assert [(c.shape.name, c.kernel.name) for c in bn] == [
-        (s, k) for s in ("A", "A'", "B", "L", "L'", "T") for k in ("infer", "train", "backward")]
+        (s, k) for s in ("A", "A'", "B", "M", "L", "L'", "T") for k in ("infer", "train", "backward")]
     assert {c.kernel.name: c.bound.formula for c in bn} == {
         "infer": "t_stream", "train": "t_read + t_stream", "backward": "3*t_read + t_stream"}
     assert [(c.shape.name, c.kernel.name) for c in table.DROPOUT.cells] == [

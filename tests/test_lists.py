@@ -18,7 +18,7 @@ from test_philox import KATS_ALL
 
 # the module's functions that are not kernel entries
 RUNTIME = {"isa", "supported_isas", "use_isa", "get_num_threads", "set_num_threads", "cache_sizes",
-           "advise_huge_pages"}
+           "advise_huge_pages", "stream_min_bytes"}
 
 
 def functions(module):
@@ -61,9 +61,11 @@ def test_isas_lowest_first_with_their_cpu_features():
 
 
 def test_python_allocates_aligned_where_the_kernel_streams():
-    """The size from which outputs are allocated aligned is the kernel's streaming
-    threshold, and the alignment the kernel's, not numbers of the Python layer."""
+    """The size from which outputs are allocated aligned is the least streaming threshold
+    of the kernels, and the alignment the kernel's, not numbers of the Python layer. The
+    threshold itself is a quarter of the L3 where that is more."""
     assert pybn._checks.ALIGNED_MIN_BYTES == _C.STREAM_MIN_BYTES == 4 << 20
+    assert _C.stream_min_bytes() == max(_C.STREAM_MIN_BYTES, _C.cache_sizes()[1] // 4)
     assert pybn._checks.ALIGNMENT == _C.ALIGNMENT == 64
     n = _C.STREAM_MIN_BYTES // 4
     y = pybn.dropout(np.ones(n, np.float32), 0.5, seed=1)

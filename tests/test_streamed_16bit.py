@@ -10,10 +10,12 @@ import pybn
 from test_half_dtypes import HALF, IDS as HALF_IDS, assert_near
 
 EPS = 1e-5
-N_STREAMED = pybn._C.STREAM_MIN_BYTES // 2 + 3 * 128 + 37   # 16-bit elements: past the threshold, odd tail
+STREAM_BYTES = pybn._C.stream_min_bytes()   # this machine's threshold (a quarter of its L3, or 4 MiB)
+N_STREAMED = STREAM_BYTES // 2 + 3 * 128 + 37   # 16-bit elements: past the threshold, odd tail
 OFFSETS = [0, 1, 3]
-# NCHW rows and channels-last, each sample well under the threshold
-LAYOUTS = [((4, 32, 130, 130), 1), ((4, 130, 130, 32), -1)]
+# NCHW rows and channels-last, each sample (1 MB in 16 bits) well under the threshold
+SAMPLES = STREAM_BYTES // (32 * 130 * 130 * 2) + 1
+LAYOUTS = [((SAMPLES, 32, 130, 130), 1), ((SAMPLES, 130, 130, 32), -1)]
 LAYOUT_IDS = ["nchw", "nhwc"]
 
 
@@ -31,8 +33,8 @@ def bits(a):
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
 @pytest.mark.parametrize("shape,axis", LAYOUTS, ids=LAYOUT_IDS)
 def test_streamed_residual_equals_per_sample_results(isa, threads, shape, axis, dtype, offset, rng):
-    assert int(np.prod(shape)) * 2 >= pybn._C.STREAM_MIN_BYTES
-    assert int(np.prod(shape[1:])) * 2 < pybn._C.STREAM_MIN_BYTES
+    assert int(np.prod(shape)) * 2 >= STREAM_BYTES
+    assert int(np.prod(shape[1:])) * 2 < STREAM_BYTES
     c = shape[axis]
     x = rng.standard_normal(shape).astype(dtype)
     r = rng.standard_normal(shape).astype(dtype)

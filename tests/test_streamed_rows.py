@@ -15,8 +15,16 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 DTYPE_IDS = ["float32", "float16", "bfloat16"]
 OFFSETS = [0, 1, 3]
-NCHW_7x7 = (24, 2048, 7, 7)      # rows of 49 elements; 4.8 MB in 16 bits, 200 KB a sample
-NHWC_2000 = (24, 7, 7, 2000)     # rows of 2000 elements (4000 bytes in 16 bits)
+STREAM_BYTES = pybn._C.stream_min_bytes()   # this machine's threshold (a quarter of its L3, or 4 MiB)
+
+
+def streamed_batch(sample):
+    """Samples of this shape that make a 16-bit output past the streaming threshold."""
+    return STREAM_BYTES // (int(np.prod(sample)) * 2) + 1
+
+
+NCHW_7x7 = (streamed_batch((2048, 7, 7)), 2048, 7, 7)       # rows of 49 elements, 200 KB a sample in 16 bits
+NHWC_2000 = (streamed_batch((7, 7, 2000)), 7, 7, 2000)      # rows of 2000 elements (4000 bytes in 16 bits)
 P = 0.25
 
 
@@ -33,8 +41,8 @@ def bits(a):
 
 def assert_streamed(shape, dtype):
     itemsize = np.dtype(dtype).itemsize
-    assert int(np.prod(shape)) * itemsize >= pybn._C.STREAM_MIN_BYTES
-    assert int(np.prod(shape[1:])) * itemsize < pybn._C.STREAM_MIN_BYTES
+    assert int(np.prod(shape)) * itemsize >= STREAM_BYTES
+    assert int(np.prod(shape[1:])) * itemsize < STREAM_BYTES
 
 
 @pytest.mark.parametrize("offset", OFFSETS)

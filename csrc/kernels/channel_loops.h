@@ -100,7 +100,7 @@ template <class S>
 using stream_vector_t = std::conditional_t<is_16bit<S>, float, S>;
 
 // Calls f(std::true_type{}) when an output of n values of S is large enough to be written
-// with non-temporal stores (kStreamBytes), else f(std::false_type{}): the kStream template
+// with non-temporal stores (stream_min_bytes), else f(std::false_type{}): the kStream template
 // argument of the loops. 16-bit outputs are streamed as float ones are: without it every
 // store of a large output first read its line (half the traffic again) and left x's lines
 // to be evicted. Other narrowing stores (float storage computed in double, a diagnostic)
@@ -108,7 +108,7 @@ using stream_vector_t = std::conditional_t<is_16bit<S>, float, S>;
 template <class S, class T, class F>
 inline void with_streaming(i64 n, const F& f) {
   if constexpr (std::is_same_v<T, stream_vector_t<S>>) {
-    if (n * i64(sizeof(S)) >= kStreamBytes)
+    if (n * i64(sizeof(S)) >= stream_min_bytes())
       f(std::true_type{});
     else
       f(std::false_type{});

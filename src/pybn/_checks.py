@@ -321,9 +321,9 @@ def same_shape_array(value: Any, name: str, like: np.ndarray, like_name: str) ->
 
 MISALIGNED = ("its elements are not aligned to their size (a view at an odd offset of a byte buffer); "
               "pass a copy, e.g. np.array(out), and copy the result back")
-# The kernels write outputs of ALIGNED_MIN_BYTES or more with non-temporal stores, which
-# need no unaligned head when the output starts on an ALIGNMENT-byte boundary (both
-# decided by the kernels).
+# The kernels write outputs of _C.stream_min_bytes() or more (never less than
+# ALIGNED_MIN_BYTES) with non-temporal stores, which need no unaligned head when the output
+# starts on an ALIGNMENT-byte boundary (both decided by the kernels).
 ALIGNMENT: int = _C.ALIGNMENT
 ALIGNED_MIN_BYTES: int = _C.STREAM_MIN_BYTES
 

@@ -69,6 +69,8 @@ SHAPES = (
           note="the same data channels-last"),
     Shape("B", (256, 1024), target_kind="torch", target=1.3,
           note="BatchNorm1d after a Linear"),
+    Shape("M", (32, 256, 14, 14), target_kind="torch", target=1.3,
+          note="a ResNet 14x14 stage: x and y fit the L3 together"),
     Shape("L", (64, 128, 56, 56), out=True, target_kind="bound", target=85.0,
           note="past the L3 cache, NCHW, preallocated outputs"),
     Shape("L'", (64, 128, 56, 56), channels_last=True, out=True, target_kind="bound", target=85.0,
