@@ -109,17 +109,11 @@ def torch_tensor(torch: Any, a: np.ndarray) -> Any:
 
 
 def torch_array(t: Any) -> np.ndarray:
-    """The NumPy array over a CPU tensor (no copy); a bfloat16 one as ml_dtypes' bfloat16."""
-    import torch
+    """The NumPy array over a CPU tensor (no copy); a bfloat16 one as ml_dtypes'
+    bfloat16, as pybn.torch views them."""
+    from pybn.torch._layout import numpy_view  # (imports torch)
 
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        from pybn._checks import bfloat16
-
-        dtype = bfloat16()
-        assert dtype is not None   # (a bfloat16 array, hence ml_dtypes, made the tensor)
-        return np.asarray(t.view(torch.int16).numpy()).view(dtype)
-    return np.asarray(t.numpy())
+    return numpy_view(t.detach())
 
 
 def _torch_view(torch: Any, a: np.ndarray, channels_last: bool) -> Any:

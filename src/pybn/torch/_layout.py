@@ -45,7 +45,7 @@ def pybn_takes(x: Tensor) -> bool:
     return x.device.type == "cpu" and (x.dtype in PYBN_DTYPES or x.dtype in HALF_DTYPES)
 
 
-def _numpy(t: Tensor) -> np.ndarray:
+def numpy_view(t: Tensor) -> np.ndarray:
     """The NumPy view of a contiguous CPU tensor; a bfloat16 one (which Tensor.numpy
     refuses) viewed through int16 as ml_dtypes' bfloat16, with no copy either."""
     if t.dtype == torch.bfloat16:
@@ -59,7 +59,7 @@ def array(t: Tensor, last: bool) -> np.ndarray:
     """A NumPy view of t with the channels on axis -1 (`last`) or 1, copied (by NumPy) only
     when t has another layout. (The axes move in NumPy: a transpose there costs a fraction
     of torch's movedim.)"""
-    a = _numpy(t.detach())
+    a = numpy_view(t.detach())
     if last:
         a = a.transpose((0, *range(2, a.ndim), 1))
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
