@@ -589,10 +589,12 @@ BIG_CASES = [((16, 32, 32, 32), 1), ((16, 32, 32, 32), -1), ((8192, 64), 1),
              ((2, 150000, 4), 1),
              # period layouts with rows of >= 16 (elementwise passes row by row): a long
              # period cut into column chunks of ranges of 16 rows (streamed), and 4x4 rows
-             ((64, 512, 7, 7), 1), ((128, 256, 4, 4), 1)]
+             ((64, 512, 7, 7), 1), ((128, 256, 4, 4), 1),
+             # row mode with short rows: two samples of 7x7 (16 groups cut inside rows) and 14x14
+             ((2, 6000, 7, 7), 1), ((16, 256, 14, 14), 1)]
 BIG_IDS = ["nchw", "nhwc", "2d", "2d-ax0", "nhwc-c2", "nchw-c3-long",
            "wide-c", "5d-ax2", "wide-16-rows", "short-rows-17", "one-row", "wide-short-rows", "one-group",
-           "long-period-7x7", "period-4x4"]
+           "long-period-7x7", "period-4x4", "rows-7x7-two-samples", "rows-14x14"]
 
 
 def _bits_equal(a, b):
