@@ -14,11 +14,12 @@ namespace pybn {
 template <class S>
 using param_t = std::conditional_t<is_16bit<S>, float, S>;
 
-// Outputs of at least stream_min_bytes() (cache_sizes.h), never less than this, are written
-// with non-temporal stores: they would not stay in cache anyway, and streaming skips
-// reading the destination lines first. The Python layer allocates outputs of this size
-// aligned to kAlignmentBytes, so that every vector store of the streaming loops is aligned
-// without a head of partial vectors.
+// The least output size written with non-temporal stores; the kernels' threshold,
+// stream_min_bytes() (cache_sizes.h), is this or a quarter of the L3. Past it an output
+// would not stay in cache with its inputs, and streaming skips reading the destination
+// lines first. The Python layer allocates outputs of this size aligned to
+// kAlignmentBytes, so that every vector store of the streaming loops is aligned without a
+// head of partial vectors.
 constexpr std::int64_t kStreamBytes = std::int64_t(4) << 20;
 // The widest vector of any path (AVX-512) and one cache line.
 constexpr std::int64_t kAlignmentBytes = 64;
