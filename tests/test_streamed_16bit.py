@@ -7,26 +7,15 @@ import numpy as np
 import pytest
 
 import pybn
+from streamed_outputs import OFFSETS, STREAM_BYTES, bits, out_at, streamed_batch
 from test_half_dtypes import HALF, IDS as HALF_IDS, assert_near
 
 EPS = 1e-5
-STREAM_BYTES = pybn._C.stream_min_bytes()   # this machine's threshold (a quarter of its L3, or 4 MiB)
 N_STREAMED = STREAM_BYTES // 2 + 3 * 128 + 37   # 16-bit elements: past the threshold, odd tail
-OFFSETS = [0, 1, 3]
 # NCHW rows and channels-last, each sample (1 MB in 16 bits) well under the threshold
-SAMPLES = STREAM_BYTES // (32 * 130 * 130 * 2) + 1
+SAMPLES = streamed_batch((32, 130, 130))
 LAYOUTS = [((SAMPLES, 32, 130, 130), 1), ((SAMPLES, 130, 130, 32), -1)]
 LAYOUT_IDS = ["nchw", "nhwc"]
-
-
-def out_at(offset, shape, dtype):
-    """An output array starting `offset` elements into its buffer."""
-    n = int(np.prod(shape))
-    return np.empty(n + offset, dtype)[offset:].reshape(shape)
-
-
-def bits(a):
-    return np.asarray(a).view(np.uint16)
 
 
 @pytest.mark.parametrize("offset", OFFSETS)

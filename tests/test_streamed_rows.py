@@ -10,33 +10,14 @@ import numpy as np
 import pytest
 
 import pybn
+from streamed_outputs import OFFSETS, STREAM_BYTES, bits, out_at, streamed_batch
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 DTYPE_IDS = ["float32", "float16", "bfloat16"]
-OFFSETS = [0, 1, 3]
-STREAM_BYTES = pybn._C.stream_min_bytes()   # this machine's threshold (a quarter of its L3, or 4 MiB)
-
-
-def streamed_batch(sample):
-    """Samples of this shape that make a 16-bit output past the streaming threshold."""
-    return STREAM_BYTES // (int(np.prod(sample)) * 2) + 1
-
-
 NCHW_7x7 = (streamed_batch((2048, 7, 7)), 2048, 7, 7)       # rows of 49 elements, 200 KB a sample in 16 bits
 NHWC_2000 = (streamed_batch((7, 7, 2000)), 7, 7, 2000)      # rows of 2000 elements (4000 bytes in 16 bits)
 P = 0.25
-
-
-def out_at(offset, shape, dtype):
-    """An output array starting `offset` elements into its buffer."""
-    n = int(np.prod(shape))
-    return np.empty(n + offset, dtype)[offset:].reshape(shape)
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.view(np.uint16 if a.itemsize == 2 else np.uint32)
 
 
 def assert_streamed(shape, dtype):
