@@ -74,7 +74,7 @@ const CacheSizes& cache_sizes() {
 }
 
 std::int64_t stream_min_bytes() {
-  static const std::int64_t bytes = std::max(kStreamBytes, cache_sizes().l3_bytes / 4);
+  static const std::int64_t bytes = std::clamp(cache_sizes().l3_bytes / 4, kStreamBytes, kStreamCapBytes);
   return bytes;
 }
 
