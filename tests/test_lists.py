@@ -63,9 +63,9 @@ def test_isas_lowest_first_with_their_cpu_features():
 def test_python_allocates_aligned_where_the_kernel_streams():
     """The size from which outputs are allocated aligned is the least streaming threshold
     of the kernels, and the alignment the kernel's, not numbers of the Python layer. The
-    threshold itself is a quarter of the L3 within [4 MiB, 16 MiB]."""
+    threshold itself is a quarter of the L3 within [4 MiB, 8 MiB]."""
     assert pybn._checks.ALIGNED_MIN_BYTES == _C.STREAM_MIN_BYTES == 4 << 20
-    assert _C.STREAM_CAP_BYTES == 16 << 20
+    assert _C.STREAM_CAP_BYTES == 8 << 20
     assert _C.stream_min_bytes() == min(max(_C.STREAM_MIN_BYTES, _C.cache_sizes()[1] // 4), _C.STREAM_CAP_BYTES)
     assert pybn._checks.ALIGNMENT == _C.ALIGNMENT == 64
     n = _C.STREAM_MIN_BYTES // 4
