@@ -17,6 +17,15 @@ namespace {
 constexpr std::int64_t kMinL2Bytes = std::int64_t(64) << 10, kMaxL2Bytes = std::int64_t(64) << 20;
 constexpr std::int64_t kMinL3Bytes = std::int64_t(1) << 20, kMaxL3Bytes = std::int64_t(1) << 30;
 
+// The most L3 one process counts on. A server reports its socket's whole L3 (480 MiB on a
+// 2-core slice of a Xeon), shared with dozens of cores and other tenants' processes; a
+// quarter of it made the streaming threshold 120 MiB, and L's 102.8 MB outputs, written
+// with ordinary stores, had each line read before it was written: inference 7.8 ms
+// against 3.8 ms streamed. 32 MiB is what one Zen 4 complex has to itself; a reading
+// between 32 MiB and 480 MiB (8 and 16 MiB thresholds) gave the same L within noise and
+// made 12.8 MB outputs bimodal (docs/performance.md, "the 5th, afternoon").
+constexpr std::int64_t kUsableL3Bytes = std::int64_t(32) << 20;
+
 std::string read_line(const std::string& path) {
   std::ifstream in(path);
   std::string s;
@@ -69,12 +78,12 @@ std::int64_t cache_bytes(int level, std::int64_t lo, std::int64_t hi, std::int64
 
 const CacheSizes& cache_sizes() {
   static const CacheSizes sizes{cache_bytes(2, kMinL2Bytes, kMaxL2Bytes, kDefaultL2Bytes),
-                                cache_bytes(3, kMinL3Bytes, kMaxL3Bytes, kDefaultL3Bytes)};
+                                std::min(cache_bytes(3, kMinL3Bytes, kMaxL3Bytes, kDefaultL3Bytes), kUsableL3Bytes)};
   return sizes;
 }
 
 std::int64_t stream_min_bytes() {
-  static const std::int64_t bytes = std::clamp(cache_sizes().l3_bytes / 4, kStreamBytes, kStreamCapBytes);
+  static const std::int64_t bytes = std::max(kStreamBytes, cache_sizes().l3_bytes / 4);
   return bytes;
 }
 

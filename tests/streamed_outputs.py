@@ -5,7 +5,7 @@ import numpy as np
 
 import pybn
 
-STREAM_BYTES = pybn._C.stream_min_bytes()   # this machine's threshold (a quarter of its L3, within 4-8 MiB)
+STREAM_BYTES = pybn._C.stream_min_bytes()   # this machine's threshold (a quarter of its L3, or 4 MiB)
 OFFSETS = [0, 1, 3]
 
 

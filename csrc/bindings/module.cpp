@@ -55,7 +55,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPES") = dtype_list();
   m.attr("KERNELS") = kernel_names(false);
   m.attr("STREAM_MIN_BYTES") = pybn::kStreamBytes;
-  m.attr("STREAM_CAP_BYTES") = pybn::kStreamCapBytes;
   m.attr("ALIGNMENT") = pybn::kAlignmentBytes;
   m.attr("MAX_THREADS") = pybn::kMaxThreads;
 
@@ -65,8 +64,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &pybn::num_threads);
   m.def("set_num_threads", &pybn::set_num_threads, py::arg("n"));
   m.def("stream_min_bytes", &pybn::stream_min_bytes,
-        "Outputs of at least this many bytes are written with non-temporal stores: a quarter of the L3, "
-        "at least STREAM_MIN_BYTES and at most STREAM_CAP_BYTES.");
+        "Outputs of at least this many bytes are written with non-temporal stores: STREAM_MIN_BYTES or a "
+        "quarter of the L3, whichever is more.");
   m.def("cache_sizes", [] { return std::make_pair(pybn::cache_sizes().l2_bytes, pybn::cache_sizes().l3_bytes); },
         "(L2 bytes per core, shared L3 bytes) as the channel-blocked kernels size their blocks to them.");
   m.def("advise_huge_pages", [](const NdArray& obj) -> bool {

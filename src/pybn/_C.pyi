@@ -86,7 +86,6 @@ DTYPES: tuple[str, ...]
 ISAS: dict[str, tuple[str, ...]]
 KERNELS: tuple[str, ...]
 MAX_THREADS: int
-STREAM_CAP_BYTES: int
 STREAM_MIN_BYTES: int
 __version__: str
 diagnostics: _Diagnostics

@@ -15,20 +15,12 @@ template <class S>
 using param_t = std::conditional_t<is_16bit<S>, float, S>;
 
 // The least output size written with non-temporal stores; the kernels' threshold,
-// stream_min_bytes() (cache_sizes.h), is this or a quarter of the L3, at most
-// kStreamCapBytes. Past it an output
+// stream_min_bytes() (cache_sizes.h), is this or a quarter of the L3. Past it an output
 // would not stay in cache with its inputs, and streaming skips reading the destination
 // lines first. The Python layer allocates outputs of this size aligned to
 // kAlignmentBytes, so that every vector store of the streaming loops is aligned without a
 // head of partial vectors.
 constexpr std::int64_t kStreamBytes = std::int64_t(4) << 20;
-// The greatest streaming threshold. A server's L3 is the whole socket's (480 MiB on a
-// 2-core slice of a Xeon), shared with dozens of cores and other tenants: an output a
-// quarter of that size did not stay in cache, and written with ordinary stores each of its
-// lines was read first. L = (64, 128, 56, 56) float32 inference took 7.8 ms against 3.8 ms
-// streamed; 12.8 MB outputs (16-bit A) unstreamed ran at 52-95% of the copy, by what else
-// had passed through the cache, streamed at 84-92% (docs/performance.md).
-constexpr std::int64_t kStreamCapBytes = std::int64_t(8) << 20;
 // The widest vector of any path (AVX-512) and one cache line.
 constexpr std::int64_t kAlignmentBytes = 64;
 
