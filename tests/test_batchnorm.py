@@ -898,7 +898,8 @@ BLOCKED_IDS = ["f32-16ch", "f64-20ch", "f32-8ch-long-rows", "f32-L2-blocks", "f3
 
 
 def test_cache_sizes_are_the_cpus():
-    # what Linux says of cpu0's L2 and L3 (data or unified), else the documented defaults
+    # what Linux says of cpu0's L2 and L3 (data or unified), else the documented defaults;
+    # the L3 counted is at most 32 MiB (a server's reading is its socket's, shared)
     found = {}
     for index in sorted(pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
@@ -907,7 +908,7 @@ def test_cache_sizes_are_the_cpus():
             found[level] = int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
     l2, l3 = pybn._C.cache_sizes()
     assert l2 == found.get("2", 512 << 10)
-    assert l3 == found.get("3", 16 << 20)
+    assert l3 == min(found.get("3", 16 << 20), 32 << 20)
 
 
 @pytest.mark.parametrize("shape,axis,dtype", BLOCKED_CASES, ids=BLOCKED_IDS)
