@@ -21,9 +21,10 @@ constexpr std::int64_t kMinL3Bytes = std::int64_t(1) << 20, kMaxL3Bytes = std::i
 // 2-core slice of a Xeon), shared with dozens of cores and other tenants' processes; a
 // quarter of it made the streaming threshold 120 MiB, and L's 102.8 MB outputs, written
 // with ordinary stores, had each line read before it was written: inference 7.8 ms
-// against 3.8 ms streamed. 32 MiB is what one Zen 4 complex has to itself; a reading
-// between 32 MiB and 480 MiB (8 and 16 MiB thresholds) gave the same L within noise and
-// made 12.8 MB outputs bimodal (docs/performance.md, "the 5th, afternoon").
+// against 3.8 ms streamed. 32 MiB is what one Zen 4 complex has to itself, and its
+// threshold, 8 MiB, was also the best of 4, 8, 16 and 120 MiB on the Xeon (16 MiB left
+// 12.8 MB outputs at 53-95% of the copy from run to run; docs/performance.md, "the 5th,
+// afternoon").
 constexpr std::int64_t kUsableL3Bytes = std::int64_t(32) << 20;
 
 std::string read_line(const std::string& path) {

@@ -67,7 +67,8 @@ PYBIND11_MODULE(_C, m) {
         "Outputs of at least this many bytes are written with non-temporal stores: STREAM_MIN_BYTES or a "
         "quarter of the L3, whichever is more.");
   m.def("cache_sizes", [] { return std::make_pair(pybn::cache_sizes().l2_bytes, pybn::cache_sizes().l3_bytes); },
-        "(L2 bytes per core, shared L3 bytes) as the channel-blocked kernels size their blocks to them.");
+        "(L2 bytes per core, shared L3 bytes, at most 32 MiB) as the channel-blocked kernels size their "
+        "blocks to them.");
   m.def("advise_huge_pages", [](const NdArray& obj) -> bool {
     if (!py::isinstance<py::array>(obj)) throw py::type_error("a: expected a numpy.ndarray");
     auto a = py::reinterpret_borrow<py::array>(obj);

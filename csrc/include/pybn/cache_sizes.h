@@ -20,10 +20,10 @@ constexpr std::int64_t kDefaultL3Bytes = std::int64_t(16) << 20;
 const CacheSizes& cache_sizes();
 
 // Outputs of at least this many bytes are written with non-temporal stores: kStreamBytes,
-// or a quarter of the L3 where that is more. Below it an output
-// and the inputs that make it fit the L3 together, where the next call (or the next layer)
-// finds them; streamed, the output goes to memory: (32, 256, 14, 14) float32 inference
-// took 293 us streamed against torch's 158 us with ordinary stores on a 32 MiB L3.
+// or a quarter of the L3 where that is more. Below it an output and the inputs that make it
+// fit the L3 together, where the next call (or the next layer) finds them; streamed, the
+// output goes to memory: (32, 256, 14, 14) float32 inference took 293 us streamed against
+// torch's 158 us with ordinary stores on a 32 MiB L3.
 std::int64_t stream_min_bytes();
 
 }  // namespace pybn
