@@ -160,7 +160,7 @@ def render(meta: Result, probes: Result, cells: list[CellResult]) -> str:
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     caches = meta.get("cache_bytes")
     lines.append(f"cpu: {meta['cpu']} ({meta['logical_cpus']} logical CPUs"
-                 + (f"; L2 {caches['l2'] >> 10} KiB a core, L3 {caches['l3'] >> 20} MiB" if caches else "") + ")")
+                 + (f"; L2 {caches['l2'] >> 10} KiB a core, L3 counted {caches['l3'] >> 20} MiB" if caches else "") + ")")
     load = meta.get("loadavg_start")
     if load is not None and meta.get("logical_cpus"):
         note = ""
