@@ -67,9 +67,8 @@ struct Vec<float> {
     // vcvtneps2bf16 rounds to nearest even and quiets NaN as the integer rounding below
     // does, but reads subnormal inputs as zero: a vector holding one takes the integer
     // rounding (activations rarely do; tests/test_half_conversions.py crosses both).
-    const __m512i b = _mm512_castps_si512(v);
-    const __mmask16 zero_exponent = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7F800000));
-    const __mmask16 subnormal = _mm512_mask_test_epi32_mask(zero_exponent, b, _mm512_set1_epi32(0x007FFFFF));
+    // (vfpclassps, class 0x20: denormal; no constants to keep in registers)
+    const __mmask16 subnormal = _mm512_fpclass_ps_mask(v, 0x20);
     if (__builtin_expect(subnormal == 0, 1)) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
 #endif
     return to_bfloat16_by_rounding();
