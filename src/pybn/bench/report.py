@@ -159,8 +159,8 @@ def render(meta: Result, probes: Result, cells: list[CellResult]) -> str:
     lines.append(f"pybn {meta['pybn']} bench: float32, {th} thread{'s' if th != 1 else ''}, ISA {meta['isa']}")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     caches = meta.get("cache_bytes")
-    lines.append(f"cpu: {meta['cpu']} ({meta['logical_cpus']} logical CPUs"
-                 + (f"; L2 {caches['l2'] >> 10} KiB a core, L3 counted {caches['l3'] >> 20} MiB" if caches else "") + ")")
+    sizes = f"; L2 {caches['l2'] >> 10} KiB a core, L3 counted {caches['l3'] >> 20} MiB" if caches else ""
+    lines.append(f"cpu: {meta['cpu']} ({meta['logical_cpus']} logical CPUs{sizes})")
     load = meta.get("loadavg_start")
     if load is not None and meta.get("logical_cpus"):
         note = ""
