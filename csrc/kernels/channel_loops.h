@@ -437,10 +437,12 @@ inline i64 channel_block(const Layout& L, i64 bytes) {
   };
   const CacheSizes& cs = cache_sizes();
   const bool large_l2 = cs.l2_bytes >= kLargeL2Bytes;
-  const i64 in_l2 = cs.l2_bytes / ((large_l2 ? 1 : kL2Share) * kBlocksInFlight);
+  const i64 l2_share = large_l2 ? 1 : kL2Share;
+  const i64 min_row_bytes = large_l2 ? 0 : kMinL2RowBytes;
+  const i64 in_l2 = cs.l2_bytes / (l2_share * kBlocksInFlight);
   if (per_channel <= in_l2) {
     const i64 block = channels_within(in_l2);
-    if (large_l2 || block * L.inner * bytes >= kMinL2RowBytes) return block;
+    if (block * L.inner * bytes >= min_row_bytes) return block;
   }
   return channels_within(cs.l3_bytes / (kL3Share * kBlocksInFlight * std::max<i64>(threads_for(L.numel()), 1)));
 }
