@@ -757,6 +757,7 @@ SPECS = [
              "seed": u64_cases("seed"),
              "offset": u64_cases("offset"),
              "noise_shape": noise_shape_cases(),
+             "relu": bool_cases("relu"),
              "out": out_cases(["x"]),
          }),
     Spec("dropout_mask", pybn.dropout_mask, lambda: dict(shape=SHAPE, p=0.5, seed=1, offset=0), {
@@ -771,7 +772,15 @@ SPECS = [
              "mask": mask_cases(),
              "p": p_cases(),
              "noise_shape": noise_shape_cases(),
+             "relu": bool_cases("relu"),
              "out": out_cases(["x"], per_channel=["mask"]),
+         }),
+    Spec("relu_dropout_backward", pybn.relu_dropout_backward,
+         lambda: dict(dy=rand(SHAPE), y=rand(SHAPE), p=0.5, out=None), {
+             "dy": data_cases("dy", ndim_min=0),
+             "y": matching_cases("y"),
+             "p": p_cases(),
+             "out": out_cases(["dy", "y"]),
          }),
     Spec("drop_path", pybn.drop_path,
          lambda: dict(x=rand(SHAPE), p=0.5, seed=1, offset=0, mode="row", out=None), {

@@ -21,6 +21,7 @@ KERNEL_TESTS=(
   tests/test_tails.py          # every kernel, lengths 1..67 at every alignment, vs float64 NumPy
   tests/test_philox.py         # the dropout streams vs the Philox reference
   tests/test_dropout_api.py    # dropout, masks and their reference bits
+  tests/test_relu_dropout.py   # dropout(relu(x)) and its gradient from the output
   tests/test_errors.py         # bad input: the argument's name in the message
   tests/test_runtime.py        # ISA choice, PYBN_ISA, threads
   tests/test_threadpoolctl.py  # threadpoolctl's view of pybn's pool

@@ -9,7 +9,7 @@ namespace {
 
 template <class K>
 void dropout(const NdArray& x, const NdArray& y, std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold,
-             double scale) {
+             double scale, bool relu) {
   if (threshold > 0xFFFFu) throw py::value_error("threshold: must be < 65536 (p == 1 gives zeros without a mask)");
   K::by_dtype(x, "x", [&](auto zero) {
     using S = decltype(zero);
@@ -21,14 +21,16 @@ void dropout(const NdArray& x, const NdArray& y, std::uint64_t seed, std::uint64
     a.offset = offset;
     a.threshold = static_cast<std::uint16_t>(threshold);
     a.scale = scale;
+    a.relu = relu;
     GilReleased nogil;
     K::template typed<S>().dropout(a);
   });
 }
 
-// y = x * scale where the packed mask's bit is set, 0 elsewhere; one bit per element.
+// y = x * scale (relu(x) * scale) where the packed mask's bit is set, 0 elsewhere; one bit
+// per element.
 template <class K>
-void dropout_apply(const NdArray& x, const NdArray& mask, const NdArray& y, double scale) {
+void dropout_apply(const NdArray& x, const NdArray& mask, const NdArray& y, double scale, bool relu) {
   K::by_dtype(x, "x", [&](auto zero) {
     using S = decltype(zero);
     pybn::DropoutApplyArgs<S> a;
@@ -37,6 +39,7 @@ void dropout_apply(const NdArray& x, const NdArray& mask, const NdArray& y, doub
     a.mask = required<unsigned char>(mask, (a.n + 7) / 8, "mask");
     a.y = required_out<S>(y, a.n, "out");
     a.scale = scale;
+    a.relu = relu;
     GilReleased nogil;
     K::template typed<S>().dropout_apply(a);
   });
@@ -45,8 +48,8 @@ void dropout_apply(const NdArray& x, const NdArray& mask, const NdArray& y, doub
 // As dropout_apply, with a mask over a noise shape that broadcasts: x seen as (f0, b1, f2,
 // b3), the mask as (f0, f2) (kernels.h, BroadcastShape).
 template <class K>
-void dropout_apply_broadcast(const NdArray& x, const NdArray& mask, const NdArray& y, double scale, i64 f0, i64 b1,
-                             i64 f2, i64 b3) {
+void dropout_apply_broadcast(const NdArray& x, const NdArray& mask, const NdArray& y, double scale, bool relu, i64 f0,
+                             i64 b1, i64 f2, i64 b3) {
   if (f0 < 0 || b1 < 0 || f2 < 0 || b3 < 0) fail("broadcast", "sizes must be >= 0");
   K::by_dtype(x, "x", [&](auto zero) {
     using S = decltype(zero);
@@ -57,8 +60,25 @@ void dropout_apply_broadcast(const NdArray& x, const NdArray& mask, const NdArra
     a.mask = required<unsigned char>(mask, (f0 * f2 + 7) / 8, "mask");
     a.y = required_out<S>(y, a.n, "out");
     a.scale = scale;
+    a.relu = relu;
     GilReleased nogil;
     K::template typed<S>().dropout_apply_broadcast(a);
+  });
+}
+
+// dx = dy * scale where y > 0, 0 elsewhere: the gradient of y = dropout(relu(x)).
+template <class K>
+void relu_dropout_backward(const NdArray& dy, const NdArray& y, const NdArray& dx, double scale) {
+  K::by_dtype(dy, "dy", [&](auto zero) {
+    using S = decltype(zero);
+    pybn::ReluDropoutBackwardArgs<S> a;
+    a.n = size_of(dy, "dy");
+    a.dy = required<S>(dy, a.n, "dy");
+    a.y = required<S>(y, a.n, "y");
+    a.dx = required_out<S>(dx, a.n, "out");
+    a.scale = scale;
+    GilReleased nogil;
+    K::template typed<S>().relu_dropout_backward(a);
   });
 }
 
@@ -143,10 +163,13 @@ i64 drop_block_mask(const NdArray& seeds, const NdArray& keep, i64 planes, i64 r
 template <class K>
 void def_dropout_family(py::module_& m) {
   m.def("dropout", &dropout<K>, py::arg("x"), py::arg("y"), py::arg("seed"), py::arg("offset"),
-        py::arg("threshold"), py::arg("scale"));
-  m.def("dropout_apply", &dropout_apply<K>, py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"));
+        py::arg("threshold"), py::arg("scale"), py::arg("relu") = false);
+  m.def("dropout_apply", &dropout_apply<K>, py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"),
+        py::arg("relu") = false);
   m.def("dropout_apply_broadcast", &dropout_apply_broadcast<K>, py::arg("x"), py::arg("mask"), py::arg("y"),
-        py::arg("scale"), py::arg("f0"), py::arg("b1"), py::arg("f2"), py::arg("b3"));
+        py::arg("scale"), py::arg("relu"), py::arg("f0"), py::arg("b1"), py::arg("f2"), py::arg("b3"));
+  m.def("relu_dropout_backward", &relu_dropout_backward<K>, py::arg("dy"), py::arg("y"), py::arg("dx"),
+        py::arg("scale"));
   m.def("alpha_dropout", &alpha_dropout<K>, py::arg("x"), py::arg("y"), py::arg("seed"), py::arg("offset"),
         py::arg("threshold"), py::arg("a"), py::arg("b"), py::arg("c"));
   m.def("gaussian_noise", &gaussian_noise<K>, py::arg("x"), py::arg("y"), py::arg("seed"), py::arg("offset"),

@@ -19,8 +19,8 @@ constexpr i64 kGroup = kKeepGroup;
 
 // The kept values' scale as a vector; kExact when every product x * scale of a value x of
 // the storage type is exact in T (for float and double storage, where the product rounded
-// to T is the result, always).
-template <class T, bool kExact>
+// to T is the result, always); kRelu when x goes through ReLU first (fused: one pass).
+template <class T, bool kExact, bool kRelu = false>
 struct Scale {
   Vec<T> v;
 };
@@ -40,28 +40,36 @@ bool exact_products(float scale) {
   return 24 - __builtin_ctz(significand) <= 24 - kSignificandBits<S>;
 }
 
-// Calls f(Scale<T, kExact>) for the scale of storage S.
+// Calls f(Scale<T, kExact, kRelu>) for the scale of storage S.
 template <class S, class T, class F>
-void with_scale(double scale, const F& f) {
+void with_scale(double scale, bool relu, const F& f) {
   const Vec<T> v = Vec<T>::set1(static_cast<T>(scale));
+  const auto with_relu = [&](auto exact) {
+    if (relu)
+      f(Scale<T, decltype(exact)::value, true>{v});
+    else
+      f(Scale<T, decltype(exact)::value, false>{v});
+  };
   if constexpr (is_16bit<S>) {
     if (!exact_products<S>(static_cast<float>(scale))) {
-      f(Scale<T, false>{v});
+      with_relu(std::false_type{});
       return;
     }
   }
-  f(Scale<T, true>{v});
+  with_relu(std::true_type{});
 }
 
 // x * scale where `bits` keeps, 0 elsewhere, for storage S: kept values are x * scale
 // rounded once to S. For 16-bit S, unless the product is exact, it is taken rounded to odd,
 // so that the store's rounding to S is the correct rounding of the exact product (not of
 // its float rounding), and the mask is applied with a scale of 1 (exact).
-template <class S, class T, bool kExact>
+template <class S, class T, bool kExact, bool kRelu>
 // Always inlined (with philox_round and KeepWindows::next): with dropout's instantiations
 // GCC's growth limits left these small steps of the hot loop out of line on the scalar
 // path (float32 fused forward 32 -> 44 instructions per element).
-__attribute__((always_inline)) inline Vec<T> kept_scaled(std::uint32_t bits, const Vec<T>& x, const Scale<T, kExact>& scale) {
+__attribute__((always_inline)) inline Vec<T> kept_scaled(std::uint32_t bits, const Vec<T>& x_in,
+                                                         const Scale<T, kExact, kRelu>& scale) {
+  const Vec<T> x = kRelu ? relu(x_in) : x_in;  // exact: ReLU changes no kept value's rounding
   if constexpr (is_16bit<S> && !kExact)
     return scale_where(bits, mul_round_to_odd(x, scale.v), Vec<T>::set1(T(1)));
   else
@@ -72,7 +80,7 @@ __attribute__((always_inline)) inline Vec<T> kept_scaled(std::uint32_t bits, con
 
 template <class S, class T>
 void dropout(const DropoutArgs<S>& a) {
-  with_scale<S, T>(a.scale, [&](const auto& scale) {
+  with_scale<S, T>(a.scale, a.relu, [&](const auto& scale) {
     keep_pass<S, T>(a, [scale](std::uint32_t bits, const Vec<T>& x) { return kept_scaled<S>(bits, x, scale); });
   });
 }
@@ -197,16 +205,36 @@ void dropout_apply_broadcast_impl(const DropoutApplyArgs<S>& a, const Sc& scale)
 // outputs are streamed past the caches like the batch-norm passes.
 template <class S, class T>
 void dropout_apply(const DropoutApplyArgs<S>& a) {
-  with_scale<S, T>(a.scale, [&](const auto& scale) {
+  with_scale<S, T>(a.scale, a.relu, [&](const auto& scale) {
     with_streaming<S, T>(a.n, [&](auto stream) { dropout_apply_impl<decltype(stream)::value, S, T>(a, scale); });
   });
 }
 
 template <class S, class T>
 void dropout_apply_broadcast(const DropoutApplyArgs<S>& a) {
-  with_scale<S, T>(a.scale, [&](const auto& scale) {
+  with_scale<S, T>(a.scale, a.relu, [&](const auto& scale) {
     with_streaming<S, T>(a.n,
                          [&](auto stream) { dropout_apply_broadcast_impl<decltype(stream)::value, S, T>(a, scale); });
+  });
+}
+
+// dx = dy * scale where y > 0 or NaN, 0 where y <= 0: dropout(relu(x))'s gradient from its
+// output, as torch's (its ReLU passes the gradient of a NaN); a plain elementwise pass (kept
+// values rounded once, as dropout's; no random words).
+template <class S, class T>
+void relu_dropout_backward(const ReluDropoutBackwardArgs<S>& a) {
+  with_scale<S, T>(a.scale, false, [&](const auto& scale) {
+    with_streaming<S, T>(a.n, [&](auto stream) {
+      constexpr i64 W = Vec<T>::W;
+      parallel_for((a.n + W - 1) / W, a.n, [&](i64 sb, i64 se) {
+        const i64 i = sb * W, end = std::min(se * W, a.n);
+        for_each_vector<decltype(stream)::value, T>(a.dx + i, end - i, [&](i64 j, i64 n, auto st) {
+          const Vec<T> g = kept_scaled<S>(~0u, load_n<T>(a.dy + i + j, n), scale);
+          put<decltype(st)::value>(a.dx + i + j, keep_unless_nonpositive(load_n<T>(a.y + i + j, n), g), n);
+        });
+        if (decltype(stream)::value) stream_fence();
+      });
+    });
   });
 }
 

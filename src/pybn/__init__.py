@@ -10,7 +10,7 @@ from .batchnorm_split import (BatchNormGradSums, BatchNormStats, batch_norm_appl
                               batch_norm_merge_stats, batch_norm_stats)
 from .drop_path import drop_path
 from .dropblock import drop_block, drop_block_mask
-from .dropout import counters_used, dropout, dropout_apply, dropout_mask, dropout_scale
+from .dropout import counters_used, dropout, dropout_apply, dropout_mask, dropout_scale, relu_dropout_backward
 from .fold import FoldedWeights, fold_bn_linear, fold_conv_bn
 from .noise import alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_noise, normal_counters_used
 from .recalibrate import recalibrate
@@ -39,6 +39,7 @@ __all__ = [
     "dropout_mask",
     "dropout_apply",
     "dropout_scale",
+    "relu_dropout_backward",
     "counters_used",
     "drop_path",
     "alpha_dropout", "alpha_dropout_backward", "gaussian_dropout", "gaussian_noise", "normal_counters_used",

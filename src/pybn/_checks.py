@@ -262,6 +262,13 @@ def integer(value: Any, name: str) -> int:
         raise TypeError(f"{name}: must be an int, got {type(value).__name__}") from None
 
 
+def flag(value: Any, name: str) -> bool:
+    """A bool argument: True/False (or NumPy's), nothing merely truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def real_number(value: Any, name: str, *, minimum: float | None = None) -> float:
     if type(value) is float and math.isfinite(value) and (minimum is None or value >= minimum):
         return value

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from ._checks import contiguous_float_array, integer, output, real_number
+from ._checks import contiguous_float_array, flag, integer, output, real_number
 from .dropout import _counter_arg, _probability, apply_mask, dropout_mask
 
 __all__ = ["drop_block", "drop_block_mask", "drop_block_gamma", "drop_block_noise_shape"]
@@ -32,11 +32,6 @@ def _block_size(value: Any) -> int:
         raise ValueError(f"block_size: must be >= 1, got {size}")
     return size
 
-
-def _flag(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: must be a bool, got {type(value).__name__}")
-    return bool(value)
 
 
 def _nchw(shape: Any, name: str) -> tuple[int, int, int, int]:
@@ -95,8 +90,8 @@ def drop_block_noise_shape(shape: Any, *, couple_channels: bool = True,
 def noise_shape_of(shape: Any, couple_channels: Any, batchwise: Any, name: str) -> tuple[int, int, int, int]:
     """:func:`drop_block_noise_shape`, naming the shape `name` in errors."""
     n, c, h, w = _nchw(shape, name)
-    couple_channels = _flag(couple_channels, "couple_channels")
-    batchwise = _flag(batchwise, "batchwise")
+    couple_channels = flag(couple_channels, "couple_channels")
+    batchwise = flag(batchwise, "batchwise")
     return (1 if batchwise else n, 1 if couple_channels else c, h, w)
 
 
@@ -173,7 +168,7 @@ def drop_block(x: Any, p: float, *, block_size: int, seed: int, offset: int = 0,
     p, block_size = _probability(p), _block_size(block_size)
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
     gamma_scale = real_number(gamma_scale, "gamma_scale", minimum=0.0)
-    scale_by_keep = _flag(scale_by_keep, "scale_by_keep")
+    scale_by_keep = flag(scale_by_keep, "scale_by_keep")
     y = output(out, x, (("x", x_in),))
     keep, kept = _keep_mask(noise, p, block_size, seed, offset, gamma_scale)
     if x.size == 0:

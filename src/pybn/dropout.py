@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from ._checks import as_array, contiguous_float_array, integer, output, real_number, round_to
+from ._checks import (as_array, contiguous_float_array, flag, integer, output, real_number, round_to,
+                      same_shape_array)
 
-__all__ = ["dropout", "dropout_mask", "dropout_apply", "dropout_scale", "counters_used"]
+__all__ = ["dropout", "dropout_mask", "dropout_apply", "dropout_scale", "counters_used", "relu_dropout_backward"]
 
 _U64 = 1 << 64
 
@@ -111,18 +112,22 @@ def _broadcast_view(shape: tuple[int, ...], noise: tuple[int, ...]) -> tuple[int
     return f0, b1, f2, b3
 
 
-def apply_mask(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], scale: float, y: np.ndarray) -> None:
-    """y = x * scale where the packed mask (of `shape`, x's or one that broadcasts to it)
-    keeps, +0.0 elsewhere, as the kernels give (multiplying by a 0/scale array would give
-    -0.0 for negative x). The scale is rounded once to x's compute type."""
+def apply_mask(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], scale: float, y: np.ndarray,
+               relu: bool = False) -> None:
+    """y = x * scale (relu(x) * scale with `relu`) where the packed mask (of `shape`, x's or
+    one that broadcasts to it) keeps, +0.0 elsewhere, as the kernels give (multiplying by a
+    0/scale array would give -0.0 for negative x). The scale is rounded once to x's compute
+    type."""
     if shape == x.shape:
-        _C.dropout_apply(x, mask, y, scale)
+        _C.dropout_apply(x, mask, y, scale, relu)
         return
     view = _broadcast_view(x.shape, shape)
     if view is not None:
-        _C.dropout_apply_broadcast(x, mask, y, scale, *view)
+        _C.dropout_apply_broadcast(x, mask, y, scale, relu, *view)
         return
     keep = np.unpackbits(mask, count=math.prod(shape), bitorder="little").reshape(shape).astype(bool)
+    if relu:  # as torch.relu and the kernels: NaN and -0.0 stay
+        x = np.where(x < 0, x.dtype.type(0), x)
     if x.dtype.itemsize == 2:  # as the kernels: the exact product with the float32 scale, rounded once
         kept = round_to(x.astype(np.float64) * np.float64(np.float32(scale)), x.dtype)
     else:
@@ -131,7 +136,7 @@ def apply_mask(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], scale: f
     np.copyto(y, 0, where=~keep)
 
 
-def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = None,
+def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = None, relu: bool = False,
             out: np.ndarray | None = None) -> np.ndarray:
     """Inverted dropout: each element dropped with probability `p`, kept ones scaled by
     :func:`dropout_scale` (``1/(1-p)`` for p a multiple of 2**-16), so that ``E[y] = x``.
@@ -148,6 +153,9 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
     noise_shape : sequence of int, optional
         Keras semantics: the mask is drawn over this shape (each entry 1 or x's extent) and
         broadcast where it is 1; ``(N, C, 1, 1)`` is PyTorch's Dropout2d.
+    relu : bool, default False
+        ``dropout(relu(x))`` in the same pass (ReLU as ``torch.relu``: NaN propagates), the
+        same mask. Its gradient comes from the output alone: :func:`relu_dropout_backward`.
     out : ndarray, optional
         C-contiguous, x's shape and dtype; may be x itself.
     """
@@ -156,14 +164,44 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
     p = _probability(p)
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
     ns = _noise_shape(noise_shape, x.shape)
+    relu = flag(relu, "relu")
     y = output(out, x, (("x", x_in),))
     if p == 1.0:
         y.fill(0)
     elif ns is not None:
-        apply_mask(x, dropout_mask(ns, p, seed=seed, offset=offset), ns, dropout_scale(p), y)
+        apply_mask(x, dropout_mask(ns, p, seed=seed, offset=offset), ns, dropout_scale(p), y, relu)
     else:
-        _C.dropout(x, y, seed, offset, _threshold(p), dropout_scale(p))
+        _C.dropout(x, y, seed, offset, _threshold(p), dropout_scale(p), relu)
     return y
+
+
+def relu_dropout_backward(dy: Any, y: Any, p: float, *, out: np.ndarray | None = None) -> np.ndarray:
+    """The gradient of ``y = dropout(x, p, relu=True, ...)`` from its output: ``dy`` times
+    :func:`dropout_scale` where ``y > 0``, +0.0 where ``y <= 0`` (y is positive exactly where
+    the mask kept a positive x, so no mask is drawn again; a NaN y, a kept NaN x, passes the
+    gradient as torch's ReLU does). Kept values are rounded once to dy's dtype, as dropout's.
+
+    Parameters
+    ----------
+    dy : array_like, float32, float64, float16 or bfloat16
+    y : array_like
+        The forward's output: dy's shape and dtype.
+    p : float in [0, 1]
+        The forward's drop probability.
+    out : ndarray, optional
+        C-contiguous, dy's shape and dtype; may be dy itself.
+    """
+    dy_in, y_in = dy, y
+    dy = contiguous_float_array(dy, "dy")
+    y = same_shape_array(y, "y", dy, "dy")
+    p = _probability(p)
+    dx = output(out, dy, (("dy", dy_in), ("y", y_in)))
+    if p == 1.0:
+        dx.fill(0)
+    else:
+        _C.relu_dropout_backward(dy, y, dx, dropout_scale(p))
+    return dx
+
 
 
 def dropout_mask(shape: Any, p: float, *, seed: int, offset: int = 0) -> np.ndarray:
@@ -190,15 +228,16 @@ def dropout_mask(shape: Any, p: float, *, seed: int, offset: int = 0) -> np.ndar
     return mask
 
 
-def dropout_apply(x: Any, mask: Any, p: float, *, noise_shape: Any = None,
+def dropout_apply(x: Any, mask: Any, p: float, *, noise_shape: Any = None, relu: bool = False,
                   out: np.ndarray | None = None) -> np.ndarray:
     """Apply a packed mask from :func:`dropout_mask`: kept elements times
-    :func:`dropout_scale`, others +0.0.
-    The same call applies it to the gradient in the backward pass."""
+    :func:`dropout_scale` (``relu(x)`` times it with ``relu=True``), others +0.0.
+    The same call (without ``relu``) applies it to the gradient in the backward pass."""
     x_in = x
     x = contiguous_float_array(x, "x")
     p = _probability(p)
     ns = _noise_shape(noise_shape, x.shape)
+    relu = flag(relu, "relu")
     n = math.prod(ns if ns is not None else x.shape)
     mask = as_array(mask, "mask")
     if mask.dtype != np.uint8:
@@ -211,7 +250,7 @@ def dropout_apply(x: Any, mask: Any, p: float, *, noise_shape: Any = None,
     if p == 1.0:
         y.fill(0)
     elif ns is not None:
-        apply_mask(x, mask, ns, dropout_scale(p), y)
+        apply_mask(x, mask, ns, dropout_scale(p), y, relu)
     else:
-        _C.dropout_apply(x, mask, y, dropout_scale(p))
+        _C.dropout_apply(x, mask, y, dropout_scale(p), relu)
     return y

@@ -55,6 +55,7 @@
   TYPED(dropout, DropoutArgs)                            \
   TYPED(dropout_apply, DropoutApplyArgs)                 \
   TYPED(dropout_apply_broadcast, DropoutApplyArgs)       \
+  TYPED(relu_dropout_backward, ReluDropoutBackwardArgs)  \
   UNTYPED(dropout_mask, DropoutMaskArgs)                 \
   DIAGNOSTIC(philox, PhiloxArgs)
 

@@ -177,6 +177,7 @@ struct DropoutArgs {
   std::uint64_t offset = 0;
   std::uint16_t threshold = 0;
   double scale = 1.0;              // 1 / (1 - p)
+  bool relu = false;               // y = dropout(relu(x)): ReLU's pass fused
 };
 
 struct DropoutMaskArgs {
@@ -201,7 +202,20 @@ struct DropoutApplyArgs {
   T* y = nullptr;                  // may alias x
   std::int64_t n = 0;
   double scale = 1.0;
+  bool relu = false;               // y = relu(x) * scale where kept
   BroadcastShape broadcast;        // read by dropout_apply_broadcast only (n = f0*b1*f2*b3)
+};
+
+// The gradient of y = dropout(relu(x)) from its output: dx = dy * scale where y > 0 (or is
+// NaN, as torch's ReLU gradient), 0 where y <= 0 (y > 0 exactly where the mask kept a
+// positive x), with no mask to regenerate.
+template <class T>
+struct ReluDropoutBackwardArgs {
+  const T* dy = nullptr;
+  const T* y = nullptr;
+  T* dx = nullptr;                 // may alias dy
+  std::int64_t n = 0;
+  double scale = 1.0;
 };
 
 // Alpha dropout (docs/dropout.md) on dropout's keep bits (the same seed, offset and threshold

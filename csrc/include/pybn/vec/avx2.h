@@ -120,6 +120,10 @@ struct Vec<float> {
   friend Vec keep_if_positive(Vec y, Vec a) {
     return {_mm256_and_ps(_mm256_cmp_ps(y.v, _mm256_setzero_ps(), _CMP_GT_OQ), a.v)};
   }
+  // torch's threshold_backward: a NaN y keeps a
+  friend Vec keep_unless_nonpositive(Vec y, Vec a) {
+    return {_mm256_andnot_ps(_mm256_cmp_ps(y.v, _mm256_setzero_ps(), _CMP_LE_OQ), a.v)};
+  }
   // a * s in the lanes whose bit is set in `bits`, 0 elsewhere.
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {_mm256_and_ps(_mm256_castsi256_ps(detail::bit_mask32(bits)), _mm256_mul_ps(a.v, s.v))};
@@ -180,6 +184,9 @@ struct Vec<double> {
   }
   friend Vec keep_if_positive(Vec y, Vec a) {
     return {_mm256_and_pd(_mm256_cmp_pd(y.v, _mm256_setzero_pd(), _CMP_GT_OQ), a.v)};
+  }
+  friend Vec keep_unless_nonpositive(Vec y, Vec a) {
+    return {_mm256_andnot_pd(_mm256_cmp_pd(y.v, _mm256_setzero_pd(), _CMP_LE_OQ), a.v)};
   }
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {_mm256_and_pd(_mm256_castsi256_pd(detail::bit_mask64(bits)), _mm256_mul_pd(a.v, s.v))};

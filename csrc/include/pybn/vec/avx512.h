@@ -96,6 +96,10 @@ struct Vec<float> {
   friend Vec keep_if_positive(Vec y, Vec a) {
     return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_GT_OQ), a.v)};
   }
+  // torch's threshold_backward: a NaN y keeps a
+  friend Vec keep_unless_nonpositive(Vec y, Vec a) {
+    return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_NLE_UQ), a.v)};
+  }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   // a * b rounded to odd (toward zero, the last bit set when inexact): the rounded product
   // stepped toward zero where its error (exact, from an FMA) has the other sign. Exact for
@@ -146,6 +150,9 @@ struct Vec<double> {
   friend Vec keep_first(Vec a, std::int64_t n) { return {_mm512_maskz_mov_pd(mask(n), a.v)}; }
   friend Vec keep_if_positive(Vec y, Vec a) {
     return {_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(y.v, _mm512_setzero_pd(), _CMP_GT_OQ), a.v)};
+  }
+  friend Vec keep_unless_nonpositive(Vec y, Vec a) {
+    return {_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(y.v, _mm512_setzero_pd(), _CMP_NLE_UQ), a.v)};
   }
   double reduce_add() const { return _mm512_reduce_add_pd(v); }
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {

@@ -135,6 +135,10 @@ struct Vec<float> {
   friend Vec keep_if_positive(Vec y, Vec a) {
     return {vreinterpretq_f32_u32(vandq_u32(vcgtzq_f32(y.v), vreinterpretq_u32_f32(a.v)))};
   }
+  // torch's threshold_backward: a NaN y keeps a
+  friend Vec keep_unless_nonpositive(Vec y, Vec a) {
+    return {vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(a.v), vclezq_f32(y.v)))};
+  }
   // a * s in the lanes whose bit is set in `bits`, +0 elsewhere.
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {vreinterpretq_f32_u32(vandq_u32(detail::bit_mask32(bits), vreinterpretq_u32_f32(vmulq_f32(a.v, s.v))))};
@@ -191,6 +195,9 @@ struct Vec<double> {
   }
   friend Vec keep_if_positive(Vec y, Vec a) {
     return {vreinterpretq_f64_u64(vandq_u64(vcgtzq_f64(y.v), vreinterpretq_u64_f64(a.v)))};
+  }
+  friend Vec keep_unless_nonpositive(Vec y, Vec a) {
+    return {vreinterpretq_f64_u64(vbicq_u64(vreinterpretq_u64_f64(a.v), vclezq_f64(y.v)))};
   }
   friend Vec scale_where(std::uint32_t bits, Vec a, Vec s) {
     return {vreinterpretq_f64_u64(vandq_u64(detail::bit_mask64(bits), vreinterpretq_u64_f64(vmulq_f64(a.v, s.v))))};

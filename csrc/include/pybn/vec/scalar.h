@@ -106,6 +106,11 @@ struct Vec {
     for (int i = 0; i < W; ++i) a.v[i] = (y.v[i] > T(0)) ? a.v[i] : T(0);
     return a;
   }
+  // torch's threshold_backward: a NaN y keeps a
+  friend Vec keep_unless_nonpositive(const Vec& y, Vec a) {
+    for (int i = 0; i < W; ++i) a.v[i] = (y.v[i] <= T(0)) ? T(0) : a.v[i];
+    return a;
+  }
   // a * s in the lanes whose bit is set in `bits`, +0 elsewhere. A bitwise select, not a
   // branch: the bits are random, and a branch on them mispredicts half the time.
   friend Vec scale_where(std::uint32_t bits, Vec a, const Vec& s) {
