@@ -2,10 +2,12 @@
 
 A ResNet block ends in ``relu(bn(x) + identity)``, and its first half in ``relu(bn(x))``:
 two or three passes over the activation in torch (each again in the backward), one in
-pybn's fused kernel (docs/pytorch.md, "The fused block tail"). A model's forward calls them
-as separate operations, which swapping modules (:func:`accelerate`) cannot join, so this
-traces the forward with torch.fx and rewrites each tail into one call of the batch-norm
-module with ``residual=`` and ``relu=``.
+pybn's fused kernel (docs/pytorch.md, "The fused block tail"). An MLP's hidden layers end in
+``dropout(relu(x))``: two passes, one in pybn's dropout with the ReLU fused, whose backward
+needs no mask. A model's forward calls them as separate operations, which swapping modules
+(:func:`accelerate`) cannot join, so this traces the forward with torch.fx and rewrites
+each tail into one call of the batch-norm module with ``residual=`` and ``relu=``, or of
+the dropout module with ``relu=True``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from ._fold_modules import global_hooks, has_hooks
 from ._fold_trace import Tracer, copy_hooks, trace
 from .accelerate import accelerate
 
-__all__ = ["fuse_tails", "Fused", "block_tail"]
+__all__ = ["fuse_tails", "Fused", "block_tail", "relu_dropout_tail"]
 
 logger = logging.getLogger("pybn.torch")
 
@@ -38,9 +40,9 @@ class Fused(NamedTuple):
     """One tail rewritten by :func:`fuse_tails`."""
 
     name: str
-    """The batch-norm module's qualified name."""
+    """The batch-norm (or dropout) module's qualified name."""
     tail: str
-    """What became one call: "relu(bn(x))", "bn(x) + r" or "relu(bn(x) + r)"."""
+    """What became one call: "relu(bn(x))", "bn(x) + r", "relu(bn(x) + r)" or "dropout(relu(x))"."""
 
 
 def block_tail(bn: nn.Module, x: Tensor | fx.Proxy, residual: Tensor | None, relu: bool) -> Tensor:
@@ -58,13 +60,23 @@ def block_tail(bn: nn.Module, x: Tensor | fx.Proxy, residual: Tensor | None, rel
     return torch.relu(y) if relu else y
 
 
+def relu_dropout_tail(dropout: nn.Module, x: Tensor | fx.Proxy) -> Tensor:
+    """``dropout(relu(x))``: one call of pybn's dropout module with the ReLU fused."""
+    if isinstance(x, fx.Proxy):  # (unfused when torch.fx traces the fused model, as for block_tail)
+        y: Tensor = dropout(x.relu())
+        return y
+    y = dropout(x, relu=True)
+    return y
+
+
 @overload
 def fuse_tails(model: nn.Module, *, return_report: Literal[False] = ...) -> nn.Module: ...
 @overload
 def fuse_tails(model: nn.Module, *, return_report: Literal[True]) -> Tuple[nn.Module, List[Fused]]: ...
 def fuse_tails(model: nn.Module, *, return_report: bool = False) -> nn.Module | Tuple[nn.Module, List[Fused]]:
     """`model` with each ``relu(bn(x))``, ``bn(x) + r`` and ``relu(bn(x) + r)`` of its forward
-    computed by one call of pybn's fused batch norm (forward and backward).
+    computed by one call of pybn's fused batch norm (forward and backward), and each
+    ``dropout(relu(x))`` (an element-wise ``Dropout``) by one call of pybn's dropout.
 
     The model is first accelerated (:func:`accelerate`, in place), then traced with torch.fx;
     the result is a ``torch.fx.GraphModule`` that shares the model's modules, parameters and
@@ -174,9 +186,47 @@ def _rewrite(gm: fx.GraphModule) -> List[Fused]:
             gm.graph.erase_node(gone)
         name = ("relu(bn(x) + r)" if relu else "bn(x) + r") if residual is not None else "relu(bn(x))"
         report.append(Fused(str(node.target), name))
+    for node in list(gm.graph.nodes):  # then dropout(relu(x)), with the ReLUs the tails left
+        dropout = _dropout_of_relu(node, gm)
+        if dropout is None:
+            continue
+        with gm.graph.inserting_before(dropout):
+            module = gm.graph.get_attr(str(dropout.target))
+            fused = gm.graph.call_function(relu_dropout_tail, (module, node.args[0]))
+        dropout.replace_all_uses_with(fused)
+        gm.graph.erase_node(dropout)
+        gm.graph.erase_node(node)
+        report.append(Fused(str(dropout.target), "dropout(relu(x))"))
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+def _dropout_of_relu(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The call of a pybn Dropout module (element-wise, no hooks) when node is relu(x) and
+    its only user, else None. An in-place ReLU writes x, which the fused call does not: then
+    nothing else may read x, and x must be the forward's own value (not its input or a
+    parameter)."""
+    if not node.args or not isinstance(node.args[0], fx.Node) or len(node.users) != 1:
+        return None
+    source, (user,) = node.args[0], node.users
+    if user.op != "call_module" or user.args != (node,) or user.kwargs or not _is_relu(node, source, gm):
+        return None
+    module = gm.get_submodule(str(user.target))
+    if type(module) is not pnn.Dropout or has_hooks(module):
+        return None
+    if _in_place(node, gm) and (len(source.users) != 1 or source.op in ("placeholder", "get_attr")):
+        return None
+    return user
+
+
+def _in_place(relu: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether a node that _is_relu writes its input."""
+    if relu.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(relu.target)), "inplace", False))
+    if relu.op == "call_method":
+        return relu.target == "relu_"
+    return relu.target in (F.relu_, torch.relu_) or any(v is True for v in (*relu.args[1:], *relu.kwargs.values()))
 
 
 def _tail_at(node: fx.Node, gm: fx.GraphModule) -> Tuple[fx.Node | None, bool, fx.Node, fx.Node] | None:

@@ -233,7 +233,12 @@ class _DropoutForward(_DropoutBase):
         self._philox = torch.tensor([int(self._philox[0]), _as_int64(_counter(offset, "offset"))],
                                     dtype=torch.int64)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, relu: bool = False) -> Tensor:
+        """The dropout of `input`, or with ``relu=True`` of ``relu(input)``: for an element-wise
+        mask on a CPU tensor one fused pass (``pybn::relu_dropout``), whose backward needs the
+        output only (:func:`pybn.torch.fuse_tails` rewrites ``dropout(relu(x))`` into it)."""
+        if relu and (not self.training or input.device.type != "cpu" or self._spatial is not None):
+            return self.forward(torch.relu(input))
         if not self.training:
             return input
         noise = self._noise_shape(input)
@@ -241,11 +246,14 @@ class _DropoutForward(_DropoutBase):
             return self._torch_forward(input)
         philox = self._philox
         y: Tensor
-        y, used = _ops.dropout_call(input, self.p, philox, noise)
+        if relu:
+            y, used = _ops.relu_dropout_call(input, self.p, philox)
+        else:
+            y, used = _ops.dropout_call(input, self.p, philox, noise)
         if philox is not None:
             n = math.prod(noise) if noise is not None else input.numel()
             self._philox = used + used.new_tensor([0, pybn.counters_used(n)])
-        return input.copy_(y) if self.inplace else y
+        return input.copy_(y) if self.inplace and not relu else y
 
     def _noise_shape(self, input: Tensor) -> Union[List[int], Literal[False], None]:
         """None for element-wise dropout; the channel-wise mask's shape; False for an input

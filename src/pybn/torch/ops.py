@@ -19,6 +19,10 @@ Operators (all take and return tensors of any device and floating dtype):
     one (other layouts are made contiguous); a ``noise_shape`` mask (Keras semantics) is
     drawn over that shape in C order, so ``(N, C, 1, 1)`` gives the same (N, C) mask in
     both layouts.
+``relu_dropout(x, p, philox?) -> (y, philox_used)``
+    ``dropout(relu(x))`` in one pass: dropout's mask (element-wise), the ReLU fused.
+``relu_dropout_backward(dy, y, p) -> dx``
+    Its gradient from the output: ``dy * scale`` where ``y > 0`` (or NaN), no mask drawn again.
 
 Why ``torch.library.custom_op`` (Python) and not ``TORCH_LIBRARY`` (C++): the kernels are
 reached through pybn's own Python functions on zero-copy NumPy views of CPU tensors
@@ -44,11 +48,13 @@ statistics and gradients of the parameters (docs/dtypes.md). Tensors pybn cannot
 directly (other devices and dtypes) go to torch's own batch-norm kernels; dropout computes
 them on a float32/float64 CPU copy, so that the mask is the same on every device and dtype.
 
-Autograd: ``batch_norm_infer`` and ``dropout`` with ``torch.library.register_autograd``;
+Autograd: ``batch_norm_infer``, ``dropout``, ``relu_dropout`` and ``relu_dropout_backward``
+with ``torch.library.register_autograd``;
 ``batch_norm_train`` mutates its running statistics, which ``register_autograd`` does not
 allow, so its Autograd kernel is a ``torch.autograd.Function`` registered directly (what
 ``register_autograd`` does for functional operators). Double backward: dropout's
-backward is dropout with the same mask, so it is differentiable again; for batch norm,
+backward is dropout with the same mask, so it is differentiable again (relu_dropout's
+backward is linear in dy, its own gradient the same operator); for batch norm,
 a backward taken with ``create_graph=True`` uses torch's ``native_batch_norm_backward``,
 whose own derivative torch provides.
 """
@@ -62,7 +68,8 @@ import pybn
 from ._eager import direct_call, note_mutation
 from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, in_layout, per_channel, pybn_takes
 
-__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "dropout", "draw_philox"]
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "dropout", "relu_dropout",
+           "relu_dropout_backward", "draw_philox"]
 
 _aten = torch.ops.aten
 
@@ -295,6 +302,12 @@ batch_norm_infer.register_autograd(_infer_backward, setup_context=_infer_setup)
 def _dropout_impl(x: Tensor, p: float, philox: Optional[Tensor],
                   noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
     """Inverted dropout with pybn's mask of (seed, offset) (see the module docstring)."""
+    return _dropout_of(x, p, philox, noise_shape, relu=False)
+
+
+def _dropout_of(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[int]],
+                relu: bool) -> Tuple[Tensor, Tensor]:
+    """dropout(x) or dropout(relu(x)), and the [seed, offset] used."""
     used = draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
     seed, offset = (v % 2**64 for v in used.tolist())
     noise = None if noise_shape is None else tuple(noise_shape)
@@ -303,7 +316,7 @@ def _dropout_impl(x: Tensor, p: float, philox: Optional[Tensor],
     if last and noise is not None:
         noise = noise[:1] + noise[2:] + noise[1:2]
     y = empty(src, last)
-    pybn.dropout(array(src, last), p, seed=seed, offset=offset, noise_shape=noise, out=array(y, last))
+    pybn.dropout(array(src, last), p, seed=seed, offset=offset, noise_shape=noise, relu=relu, out=array(y, last))
     if src is not x:  # back to x's device and dtype
         return empty(x, channels_last_physical(x)).copy_(y), used
     return in_layout(y, channels_last_physical(x)), used
@@ -385,3 +398,91 @@ def dropout_call(x: Tensor, p: float, philox: Optional[Tensor],
         outputs: Tuple[Tensor, Tensor] = _DropoutDirect.apply(x, p, philox, noise_shape)  # type: ignore[no-untyped-call]
         return outputs
     return torch.ops.pybn.dropout(x, p, philox, noise_shape)  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- dropout(relu(x))
+
+def _relu_dropout_impl(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """dropout(relu(x)) in one pass, pybn's element-wise mask of (seed, offset)."""
+    return _dropout_of(x, p, philox, None, relu=True)
+
+
+relu_dropout = torch.library.custom_op("pybn::relu_dropout", mutates_args=())(_relu_dropout_impl)
+
+
+@relu_dropout.register_fake
+def _(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return empty(x, channels_last_physical(x)), torch.empty(2, dtype=torch.int64)
+
+
+def _relu_dropout_backward_impl(dy: Tensor, y: Tensor, p: float) -> Tensor:
+    """dy * scale where y > 0 or NaN, +0 where y <= 0 (torch's ReLU gradient), in y's layout."""
+    if pybn_takes(dy) and dy.dtype == y.dtype and y.device == dy.device:
+        last = channels_last_physical(y)
+        dy = in_layout(dy, last)
+        dx = empty(dy, last)
+        pybn.relu_dropout_backward(array(dy, last), array(y, last), p, out=array(dx, last))
+        return dx
+    return torch.where(y <= 0, torch.zeros((), dtype=dy.dtype, device=dy.device), dy * pybn.dropout_scale(p))
+
+
+relu_dropout_backward = torch.library.custom_op("pybn::relu_dropout_backward",
+                                                mutates_args=())(_relu_dropout_backward_impl)
+
+
+@relu_dropout_backward.register_fake
+def _(dy: Tensor, y: Tensor, p: float) -> Tensor:
+    return empty(dy, channels_last_physical(y))
+
+
+def _relu_dropout_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
+    ctx.p = inputs[1]
+    ctx.direct = False  # (True after _ReluDropoutDirect's forward)
+    ctx.save_for_backward(output[0])
+
+
+def _relu_dropout_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
+    (y,) = ctx.saved_tensors
+    # the operator when the backward must be differentiable (create_graph=True)
+    backward_fn = torch.ops.pybn.relu_dropout_backward if torch.is_grad_enabled() else \
+        backend(ctx, dy, _relu_dropout_backward_impl, torch.ops.pybn.relu_dropout_backward)
+    return backward_fn(dy, y, ctx.p), None, None
+
+
+relu_dropout.register_autograd(_relu_dropout_backward, setup_context=_relu_dropout_setup)
+
+
+def _backward_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+    ctx.p = inputs[2]
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward_backward(ctx: Any, ddx: Tensor) -> Tuple[Optional[Tensor], ...]:
+    # linear in dy with the same mask; y's gradient is 0 almost everywhere (a step function)
+    (y,) = ctx.saved_tensors
+    return torch.ops.pybn.relu_dropout_backward(ddx, y, ctx.p), None, None
+
+
+relu_dropout_backward.register_autograd(_backward_backward, setup_context=_backward_setup)
+
+
+class _ReluDropoutDirect(torch.autograd.Function):
+    """pybn::relu_dropout's forward and backward in plain eager mode (relu_dropout_call)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        y, used = _relu_dropout_impl(x, p, philox)
+        _relu_dropout_setup(ctx, (x, p, philox), (y, used))
+        ctx.direct = True
+        ctx.mark_non_differentiable(used)
+        return y, used
+
+    backward = staticmethod(_relu_dropout_backward)
+
+
+def relu_dropout_call(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``torch.ops.pybn.relu_dropout(...)``, without the dispatcher in plain eager mode."""
+    if direct_call(x, philox) and pybn_takes(x):
+        outputs: Tuple[Tensor, Tensor] = _ReluDropoutDirect.apply(x, p, philox)  # type: ignore[no-untyped-call]
+        return outputs
+    return torch.ops.pybn.relu_dropout(x, p, philox)  # type: ignore[no-any-return]
