@@ -208,14 +208,14 @@ def _model(data: Callable[[], ModelData], fuse: bool = False) -> Steps:
     return Steps(reference, candidate, check, (stock, ours))
 
 
-def _compiled(data: Callable[[], ModelData]) -> Steps:
+def _compiled(data: Callable[[], ModelData], fuse: bool = False) -> Steps:
     import torch
 
     import pybn.torch
 
     stock, x, target, loss_fn = data()
     stock_compiled = torch.compile(copy.deepcopy(stock), fullgraph=True)
-    eager = pybn.torch.accelerate(copy.deepcopy(stock))
+    eager = (pybn.torch.fuse_tails if fuse else pybn.torch.accelerate)(copy.deepcopy(stock))
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     reference = _training_step(eager, x, target, loss_fn)
@@ -252,12 +252,15 @@ CELLS = [
     TorchCell("dropout fwd+bwd, A channels_last", _dropout("A", True), 50.0),
     TorchCell("dropout fwd+bwd, L NCHW", _dropout("L", False), 50.0),
     TorchCell("step, Red Wine MLP, batch 256", partial(_model, _red_wine), 1.5, profile=True),
+    TorchCell("step, Red Wine MLP, batch 256, fused tails", partial(_model, _red_wine, fuse=True), 1.5),
     TorchCell("step, tutorial CNN, batch 64", partial(_model, _cnn), 1.0, profile=True),
     TorchCell("step, ResNet-18 channels_last, batch 16, 112x112", partial(_model, _resnet18), 1.0, profile=True),
     TorchCell("step, ResNet-18 channels_last, batch 16, 112x112, fused tails", partial(_model, _resnet18, fuse=True),
               1.0),
     TorchCell("step, Red Wine MLP: torch.compile vs eager", partial(_compiled, _red_wine), 1.0,
               labels=("pybn eager", "compiled")),
+    TorchCell("step, Red Wine MLP, fused tails: torch.compile vs eager", partial(_compiled, _red_wine, fuse=True),
+              1.0, labels=("pybn eager", "compiled")),
 ]
 
 
