@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import pybn
+import pybn.nn
 from error_checks import assert_raises_naming
 from reference import nearest_even
 
@@ -184,3 +185,33 @@ def test_empty():
         e = np.empty((3, 0), dtype)
         assert pybn.dropout(e, 0.5, seed=1, relu=True).shape == (3, 0)
         assert pybn.relu_dropout_backward(e, e, 0.5).shape == (3, 0)
+
+
+# ------------------------------------------------------------------ pybn.nn.Dropout(x, relu=True)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("noise_shape", [None, (None, 12, 1)], ids=["elementwise", "channels"])
+def test_layer_forward_and_backward(isa, dtype, noise_shape):
+    """Two training steps (the offset advances as for dropout) and one in evaluation mode
+    (a ReLU), each forward and backward against the references."""
+    layer = pybn.nn.Dropout(0.3, seed=5, noise_shape=noise_shape)
+    x = data((6, 12, 40), dtype, seed=11)
+    dy = data(x.shape, dtype, seed=12, specials=False)
+    ns = None if noise_shape is None else (6, 12, 1)
+    offset = 0
+    for _ in range(2):
+        y = layer(x, relu=True)
+        assert_bitwise(y, relu_dropout_ref(x, 0.3, 5, offset, ns), "forward")
+        assert_bitwise(layer.backward(dy), relu_dropout_backward_ref(dy, y, 0.3), "backward")
+        offset += pybn.counters_used(x.size if ns is None else 6 * 12)
+        assert layer.offset == offset
+    layer.training = False
+    y = layer(x, relu=True)
+    assert_bitwise(y, relu_ref(x).astype(dtype), "evaluation forward")
+    assert_bitwise(layer.backward(dy), np.where(relu_ref(x) <= 0, np.zeros(1, dtype), dy), "evaluation backward")
+    assert layer(x) is x  # without relu, as before
+    assert_bitwise(layer.backward(dy), dy, "evaluation backward without relu")
+
+
+def test_layer_relu_must_be_a_bool():
+    assert_raises_naming(TypeError, "relu", pybn.nn.Dropout(0.5, seed=1), np.ones(4, np.float32), relu=1)

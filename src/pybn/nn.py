@@ -21,12 +21,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._checks import (DTYPE_NAMES, as_array, channel_layout, float_array, float_dtype, integer, is_float_dtype,
-                      param_dtype, real_number)
+                      flag, param_dtype, real_number)
 from .batchnorm import (BatchNormResidualGrads, batch_norm_backward, batch_norm_infer, batch_norm_train,
                         residual_input)
 from .drop_path import drop_path, drop_path_noise_shape
 from .dropblock import drop_block, drop_block_noise_shape, noise_shape_of
-from .dropout import counters_used, dropout
+from .dropout import counters_used, dropout, relu_dropout_backward
 from .noise import (alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_dropout_stddev,
                     gaussian_noise, normal_counters_used)
 
@@ -578,7 +578,10 @@ class Dropout(_Layer):
     -----
     Only ``(seed, offset)`` of the last forward is kept: :meth:`backward` regenerates
     the mask, so no mask is stored. Backward after an evaluation-mode forward passes
-    the gradient through.
+    the gradient through. An MLP's hidden tail ``dropout(relu(x))`` is one call and one
+    pass: ``layer(x, relu=True)``; the layer then keeps its output, whose backward needs
+    no mask (``pybn.relu_dropout_backward``): do not modify it in place before
+    :meth:`backward`.
     """
 
     def __init__(self, p: float = 0.5, *, seed: int | None = None, noise_shape: Any = None) -> None:
@@ -590,6 +593,7 @@ class Dropout(_Layer):
         # (p, seed, offset, mask shape or None for identity, x's shape, x's dtype) of the last
         # forward: attributes changed in between must not change its gradient
         self._saved: tuple[float, int, int, tuple[int, ...] | None, tuple[int, ...], np.dtype] | None = None
+        self._relu_output: np.ndarray | None = None  # the last output of a forward with relu=True
 
     @property
     def p(self) -> float:
@@ -606,12 +610,15 @@ class Dropout(_Layer):
     def __repr__(self) -> str:
         return f"Dropout(p={self.p}, seed={self.seed}, noise_shape={self.noise_shape})"
 
-    def forward(self, x: Any) -> np.ndarray:
+    def forward(self, x: Any, *, relu: bool = False) -> np.ndarray:
         """Drop and scale in training mode; return `x` itself in evaluation mode.
 
         Parameters
         ----------
         x : array_like, float32, float64, float16 or bfloat16
+        relu : bool, default False
+            ``dropout(relu(x))`` in one pass (in evaluation mode ``relu(x)``, as
+            ``torch.relu``).
 
         Returns
         -------
@@ -620,13 +627,15 @@ class Dropout(_Layer):
             evaluation mode, as PyTorch.
         """
         array = float_array(x, "x")
-        if not self.training:
-            self._saved = (self.p, self.seed, self.offset, None, array.shape, array.dtype)
-            return array
-        mask_shape = self._mask_shape(array.shape)
-        y = dropout(array, self.p, seed=self.seed, offset=self.offset, noise_shape=mask_shape)
+        relu = flag(relu, "relu")
+        mask_shape = self._mask_shape(array.shape) if self.training else None
         self._saved = (self.p, self.seed, self.offset, mask_shape, array.shape, array.dtype)
-        self.offset = (self.offset + counters_used(math.prod(mask_shape))) % _U64
+        if mask_shape is None:
+            y = np.where(array < 0, array.dtype.type(0), array) if relu else array  # (-0.0 and NaN stay)
+        else:
+            y = dropout(array, self.p, seed=self.seed, offset=self.offset, noise_shape=mask_shape, relu=relu)
+            self.offset = (self.offset + counters_used(math.prod(mask_shape))) % _U64
+        self._relu_output = y if relu else None
         return y
 
     def _mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -660,6 +669,8 @@ class Dropout(_Layer):
         """
         p, seed, offset, mask_shape, shape, dtype = self._saved_or_raise(self._saved)
         grad = _check_dy(dy, shape, dtype)
+        if self._relu_output is not None:  # y > 0 exactly where the ReLU and the mask pass dy
+            return relu_dropout_backward(grad, self._relu_output, 0.0 if mask_shape is None else p)
         if mask_shape is None:
             return grad
         return dropout(grad, p, seed=seed, offset=offset, noise_shape=mask_shape)
