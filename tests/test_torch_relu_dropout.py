@@ -37,6 +37,7 @@ def expected(x, p, seed=12345, offset=64):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 def test_operator_values_and_gradient(isa, threads, dtype):
+    torch.manual_seed(0)
     x = torch.randn(6, 7, 130, dtype=dtype)
     x[0, 0, :4] = torch.tensor([0.0, -0.0, float("nan"), float("-inf")])
     x.requires_grad_()
@@ -88,14 +89,22 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.pybn.relu_dropout.default, (x.requires_grad_(), 0.3, PHILOX))
 
 
-def test_other_devices_and_dtypes_fall_back():
-    """A dtype pybn lacks: the forward on a float32 copy (the same mask), the backward in torch."""
-    x = torch.randn(3, 40, dtype=torch.float16).to(torch.float32).to(torch.complex64).real.to(torch.float16)
+@pytest.mark.parametrize("last", [False, True], ids=["contiguous", "channels_last"])
+def test_what_pybn_does_not_take_falls_back(monkeypatch, last):
+    """Tensors pybn's kernels do not take (other devices and dtypes; here pretended): the
+    forward on a float32 copy (the same mask), the backward in torch, in y's layout."""
+    taken = []
+    monkeypatch.setattr(pybn.torch.ops, "pybn_takes", lambda t: taken.append(t) and False)
+    fmt = torch.channels_last if last else torch.contiguous_format
+    x = torch.randn(3, 4, 5, 2, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     y, _ = torch.ops.pybn.relu_dropout(x, 0.5, PHILOX)
-    torch.testing.assert_close(y, expected(x, 0.5), rtol=0, atol=0)
-    dy = torch.randn(3, 40, dtype=torch.float64)
-    dx = pybn.torch.ops._relu_dropout_backward_impl(dy, y.double(), 0.5)
-    torch.testing.assert_close(dx, torch.where(y.double() <= 0, torch.zeros(()), dy * 2), rtol=0, atol=0)
+    want = expected(x.detach().permute(0, 2, 3, 1).contiguous(), 0.5).permute(0, 3, 1, 2) if last else expected(x, 0.5)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    dy = torch.randn(3, 4, 5, 2, dtype=torch.float64)  # contiguous, whatever y's layout
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert taken  # the fallback was asked
+    torch.testing.assert_close(dx, torch.where(y <= 0, torch.zeros((), dtype=torch.float64), dy * 2), rtol=0, atol=0)
+    assert dx.is_contiguous(memory_format=fmt)
 
 
 def test_compile_fullgraph_matches_eager():
@@ -204,17 +213,105 @@ def test_red_wine_mlp_and_tutorial_cnn():
     fresh = fuse_tails(copy.deepcopy(cnn)).eval()  # evaluation mode: the ReLU alone
     with torch.no_grad():
         x = torch.randn(2, 1, 28, 28)
-        torch.testing.assert_close(fresh(x), cnn.eval()(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fresh(x), pybn.torch.accelerate(copy.deepcopy(cnn)).eval()(x), rtol=0, atol=0)
 
 
-def test_dropout_with_hooks_is_left_alone():
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.5))
-    seen = []
-    model[2].register_forward_hook(lambda m, i, o: seen.append(i[0].min().item()))
-    fused, report = fuse_tails(model, return_report=True)
+def test_dropout_or_relu_with_hooks_is_left_alone():
+    for hooked in (1, 2):
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.5))
+        seen = []
+        model[hooked].register_forward_hook(lambda m, i, o: seen.append(o.min().item()))
+        fused, report = fuse_tails(model, return_report=True)
+        assert report == []
+        fused(torch.randn(3, 4))
+        assert seen and seen[0] >= 0  # the hook saw relu's output, or the dropout's of it
+
+
+class MutateBetween(nn.Module):  # x written in place between the ReLU and the dropout
+    def __init__(self):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(8, 8), nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.fc(x)
+        r = torch.relu(h)
+        h += 1.0
+        return self.drop(r), h
+
+
+class InPlaceOnView(nn.Module):  # an in-place ReLU writes h through a view
+    def __init__(self):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(8, 8), nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.drop(F.relu(h.view(-1), inplace=True)), h
+
+
+class InPlaceOnInput(nn.Module):  # an in-place ReLU writes the caller's tensor
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(torch.relu_(x.view(-1)))
+
+
+class OutputWrittenInPlace(nn.Module):  # the fused call would have saved what += changes
+    def __init__(self):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(8, 8), nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.drop(F.relu(self.fc(x)))
+        h += 1.0
+        return h
+
+
+@pytest.mark.parametrize("cls", [MutateBetween, InPlaceOnView, InPlaceOnInput, OutputWrittenInPlace])
+def test_pairs_that_must_stay_unfused(cls):
+    torch.manual_seed(5)
+    stock = cls()
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
     assert report == []
-    fused(torch.randn(3, 4))
-    assert seen and seen[0] >= 0  # the hook saw relu's output
+    accelerated = pybn.torch.accelerate(copy.deepcopy(stock))
+    for model in (accelerated, fused):
+        for m in model.modules():
+            if isinstance(m, pybn.torch.nn.Dropout):
+                m.seed = 3
+    x = torch.randn(4, 8)
+    xa, xb = x.clone(), x.clone()
+    a, b = accelerated(xa), fused(xb)
+    for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        torch.testing.assert_close(v, u, rtol=0, atol=0)
+    torch.testing.assert_close(xb, xa, rtol=0, atol=0)
+
+
+def test_in_place_relu_on_a_layers_output():
+    """VGG's classifier spelling: ReLU(inplace=True) on a Linear's output, then Dropout."""
+    torch.manual_seed(6)
+    stock = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(16, 3))
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert report == [Fused("2", "dropout(relu(x))")]
+    _assert_same_steps(stock, fused, torch.randn(5, 8))
+
+
+def test_in_place_dropout_module():
+    """Dropout(inplace=True) after an in-place ReLU: stock torch's backward (and the unfused
+    accelerated model's) fails, the ReLU's saved output written; the fused call computes the
+    same forward and has a backward."""
+    torch.manual_seed(7)
+    stock = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Dropout(0.5, inplace=True))
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert report == [Fused("2", "dropout(relu(x))")]
+    accelerated = pybn.torch.accelerate(copy.deepcopy(stock))
+    accelerated[2].seed = fused.get_submodule("2").seed = 4
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), accelerated(x), rtol=0, atol=0)
+    fused(x).sum().backward()
+    assert fused.get_submodule("0").weight.grad is not None
 
 
 def test_the_fused_operator_is_what_runs(monkeypatch):
@@ -237,4 +334,9 @@ def test_compiled_fused_mlp_matches_eager():
         warnings.simplefilter("ignore")
         compiled = torch.compile(fused, fullgraph=True)
         y = compiled(x)
-    torch.testing.assert_close(y, twin(x), rtol=1e-6, atol=1e-6)
+    y_twin = twin(x)
+    torch.testing.assert_close(y, y_twin, rtol=1e-6, atol=1e-6)
+    y.square().sum().backward()
+    y_twin.square().sum().backward()
+    for p, q in zip(fused.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)

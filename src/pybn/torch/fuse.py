@@ -203,21 +203,40 @@ def _rewrite(gm: fx.GraphModule) -> List[Fused]:
 
 
 def _dropout_of_relu(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """The call of a pybn Dropout module (element-wise, no hooks) when node is relu(x) and
-    its only user, else None. An in-place ReLU writes x, which the fused call does not: then
-    nothing else may read x, and x must be the forward's own value (not its input or a
-    parameter)."""
+    """The call of a pybn Dropout module (element-wise, no hooks) right after node when node
+    is relu(x) and that call is its only user, else None. Left alone, because the fused call
+    would compute something else:
+    - a node between the two (the fused call reads x where the dropout was);
+    - an in-place ReLU, unless x is the fresh output of a layer (a Linear, a convolution, a
+      normalization) that nothing else reads: the unfused ReLU writes x, and through x any
+      tensor x views, which the fused call leaves unchanged;
+    - an output that a user may write in place: the fused call saves its output for the
+      backward (the unfused dropout saves nothing), so only layers that read their input
+      may use it, and the forward's result."""
     if not node.args or not isinstance(node.args[0], fx.Node) or len(node.users) != 1:
         return None
     source, (user,) = node.args[0], node.users
-    if user.op != "call_module" or user.args != (node,) or user.kwargs or not _is_relu(node, source, gm):
+    if user is not node.next or user.op != "call_module" or user.args != (node,) or user.kwargs or \
+            not _is_relu(node, source, gm):
         return None
     module = gm.get_submodule(str(user.target))
     if type(module) is not pnn.Dropout or has_hooks(module):
         return None
-    if _in_place(node, gm) and (len(source.users) != 1 or source.op in ("placeholder", "get_attr")):
+    if _in_place(node, gm) and not (len(source.users) == 1 and _is_layer(source, gm)):
+        return None
+    if not all(u.op == "output" or _is_layer(u, gm) for u in user.users):
         return None
     return user
+
+
+# Modules whose forward returns a fresh tensor and does not write its input.
+_LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
+           nn.GroupNorm)
+
+
+def _is_layer(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _LAYERS) and \
+        not getattr(gm.get_submodule(str(node.target)), "inplace", False)
 
 
 def _in_place(relu: fx.Node, gm: fx.GraphModule) -> bool:

@@ -375,27 +375,34 @@ def _dropout_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Te
 dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup)
 
 
-class _DropoutDirect(torch.autograd.Function):
-    """pybn::dropout's forward and backward in plain eager mode (dropout_call): the
-    implementation called directly, the same mask and gradients."""
+def _seeded_direct(impl: Callable[..., Tuple[Tensor, Tensor]], setup: Callable[..., None],
+                   backward: Callable[..., Any]) -> Any:
+    """An autograd Function for a seeded operator's plain eager calls (the ``*_call``
+    functions): its implementation called directly, then its own setup_context and backward,
+    so the same mask and gradients as through the dispatcher; the [seed, offset] output is
+    not differentiable."""
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, p: float, philox: Optional[Tensor],
-                noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
-        y, used = _dropout_impl(x, p, philox, noise_shape)
-        _dropout_setup(ctx, (x, p, philox, noise_shape), (y, used))
-        ctx.direct = True
-        ctx.mark_non_differentiable(used)
-        return y, used
+    class Direct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *inputs: Any) -> Tuple[Tensor, Tensor]:
+            y, used = impl(*inputs)
+            setup(ctx, inputs, (y, used))
+            ctx.direct = True
+            ctx.mark_non_differentiable(used)
+            return y, used
 
-    backward = staticmethod(_dropout_backward)
+    Direct.backward = staticmethod(backward)  # type: ignore[method-assign]
+    return Direct
+
+
+_DropoutDirect = _seeded_direct(_dropout_impl, _dropout_setup, _dropout_backward)
 
 
 def dropout_call(x: Tensor, p: float, philox: Optional[Tensor],
                  noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
     """``torch.ops.pybn.dropout(...)``, without the dispatcher in plain eager mode."""
     if direct_call(x, philox) and pybn_takes(x):
-        outputs: Tuple[Tensor, Tensor] = _DropoutDirect.apply(x, p, philox, noise_shape)  # type: ignore[no-untyped-call]
+        outputs: Tuple[Tensor, Tensor] = _DropoutDirect.apply(x, p, philox, noise_shape)
         return outputs
     return torch.ops.pybn.dropout(x, p, philox, noise_shape)  # type: ignore[no-any-return]
 
@@ -423,7 +430,8 @@ def _relu_dropout_backward_impl(dy: Tensor, y: Tensor, p: float) -> Tensor:
         dx = empty(dy, last)
         pybn.relu_dropout_backward(array(dy, last), array(y, last), p, out=array(dx, last))
         return dx
-    return torch.where(y <= 0, torch.zeros((), dtype=dy.dtype, device=dy.device), dy * pybn.dropout_scale(p))
+    dx = torch.where(y <= 0, torch.zeros((), dtype=dy.dtype, device=dy.device), dy * pybn.dropout_scale(p))
+    return in_layout(dx, channels_last_physical(y))
 
 
 relu_dropout_backward = torch.library.custom_op("pybn::relu_dropout_backward",
@@ -466,23 +474,12 @@ def _backward_backward(ctx: Any, ddx: Tensor) -> Tuple[Optional[Tensor], ...]:
 relu_dropout_backward.register_autograd(_backward_backward, setup_context=_backward_setup)
 
 
-class _ReluDropoutDirect(torch.autograd.Function):
-    """pybn::relu_dropout's forward and backward in plain eager mode (relu_dropout_call)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        y, used = _relu_dropout_impl(x, p, philox)
-        _relu_dropout_setup(ctx, (x, p, philox), (y, used))
-        ctx.direct = True
-        ctx.mark_non_differentiable(used)
-        return y, used
-
-    backward = staticmethod(_relu_dropout_backward)
+_ReluDropoutDirect = _seeded_direct(_relu_dropout_impl, _relu_dropout_setup, _relu_dropout_backward)
 
 
 def relu_dropout_call(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``torch.ops.pybn.relu_dropout(...)``, without the dispatcher in plain eager mode."""
     if direct_call(x, philox) and pybn_takes(x):
-        outputs: Tuple[Tensor, Tensor] = _ReluDropoutDirect.apply(x, p, philox)  # type: ignore[no-untyped-call]
+        outputs: Tuple[Tensor, Tensor] = _ReluDropoutDirect.apply(x, p, philox)
         return outputs
     return torch.ops.pybn.relu_dropout(x, p, philox)  # type: ignore[no-any-return]
