@@ -102,7 +102,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, training=True,
     _, c, _ = v.shape
     n = v.shape[0] * v.shape[2]
     if y is not None:
-        g = g * (canonical(np.asarray(y, dtype=np.float64), axis) > 0)
+        g = np.where(canonical(np.asarray(y, dtype=np.float64), axis) <= 0, 0.0, g)  # (a NaN y passes dy, as torch)
     mean = _per_channel(mean, c)
     invstd = _per_channel(invstd, c)
     gamma = np.ones(c) if weight is None else _per_channel(weight, c)

@@ -154,6 +154,23 @@ def torch_grads(x, r, w, b, dy, axis, relu, training, mean=None, var=None):
     return back(xt.grad, axis), wt.grad.numpy(), bt.grad.numpy(), back(rt.grad, axis)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_relu_gradient_passes_where_the_output_is_nan(isa, dtype, rng):
+    """A NaN in the residual makes that output NaN: torch's ReLU gradient passes dy there
+    (threshold_backward masks y <= 0 only), and so do d_residual and dx's sums."""
+    shape, axis = (6, 3, 40), 1
+    x, r, w, b = inputs(rng, shape, axis, dtype)
+    r[2, 1, 7] = r[4, 0, 0] = np.nan
+    dy = rng.standard_normal(shape).astype(dtype)
+    fwd = pybn.batch_norm_train(x, w, b, axis=axis, relu=True, residual=r)
+    assert np.isnan(fwd.y[2, 1, 7]) and np.isnan(fwd.y[4, 0, 0])
+    g = pybn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, w, axis=axis, y=fwd.y, residual=True)
+    want = torch_grads(x, r, w, b, dy, axis, True, True)
+    assert g.d_residual[2, 1, 7] == dy[2, 1, 7] and g.d_residual[4, 0, 0] == dy[4, 0, 0]
+    for got, ref, name in zip(g, want, ("dx", "dweight", "dbias", "d_residual")):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["add", "add-relu"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape,axis", LAYOUTS, ids=LAYOUT_IDS)
@@ -168,7 +185,7 @@ def test_backward_matches_torch_autograd(isa, threads, shape, axis, dtype, relu,
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else TOL[dtype]
     for got, ref, name in zip(g, want, ("dx", "dweight", "dbias", "d_residual")):
         np.testing.assert_allclose(got, ref, **tol, err_msg=name)
-    np.testing.assert_array_equal(g.d_residual, dy * (fwd.y > 0) if relu else dy)  # exactly g
+    np.testing.assert_array_equal(g.d_residual, np.where(fwd.y <= 0, 0, dy) if relu else dy)  # exactly g
     if not relu:  # no mask: dy itself, no copy
         assert g.d_residual is dy
     # evaluation mode (running statistics)

@@ -278,12 +278,12 @@ struct GradTerms {
   const S* y;
   const param_t<S>* mean;
   const param_t<S>* invstd;
-  double g_at(i64 i) const { return kMask && !(static_cast<double>(y[i]) > 0) ? 0.0 : static_cast<double>(dy[i]); }
+  double g_at(i64 i) const { return kMask && static_cast<double>(y[i]) <= 0 ? 0.0 : static_cast<double>(dy[i]); }
   // Adds lanes [i, i + n): a[0] += g, a[1] += g * (x - m). Padding lanes load as 0, so g
   // is 0 there and contributes nothing.
   void operator()(i64 i, i64 n, const Vec<T>& m, Vec<T>* a) const {
     Vec<T> g = load_n<T>(dy + i, n);
-    if (kMask) g = keep_if_positive(load_n<T>(y + i, n), g);
+    if (kMask) g = keep_unless_nonpositive(load_n<T>(y + i, n), g);
     a[0] = a[0] + g;
     a[1] = fma(g, load_n<T>(x + i, n) - m, a[1]);
   }
@@ -734,7 +734,7 @@ void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, boo
   const S* y = a.y;
   auto grad = [dy, y, dr](i64 i, i64 n) {
     V g = load_n<T>(dy + i, n);
-    if (kMask) g = keep_if_positive(load_n<T>(y + i, n), g);
+    if (kMask) g = keep_unless_nonpositive(load_n<T>(y + i, n), g);
     if constexpr (kResidual) store_lanes(g, dr + i, n);
     return g;
   };

@@ -116,7 +116,7 @@ def _add_relu_backward_impl(dy: Tensor, x: Tensor, y: Tensor, mean: Tensor, invs
     _channels(x)
     last = channels_last_physical(x)
     if not (pybn_takes(x) and dy.dtype == x.dtype == y.dtype and dy.device == x.device == y.device):
-        g = dy * (y > 0)
+        g = dy.masked_fill(y <= 0, 0)  # (a NaN y passes dy, as torch.relu's gradient)
         dx, dw, db = _torch_backward(g, x, mean, invstd, weight, training)
         return in_layout(dx, last), dw, db, in_layout(g, last)
     dx, dr = empty(x, last), empty(x, last)
@@ -166,7 +166,7 @@ class _BatchNormAddRelu(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dinvstd: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, weight, mean, invstd, y = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: torch's operations, which torch can differentiate
-            dr = dy * (y > 0) if ctx.relu else dy
+            dr = dy.masked_fill(y <= 0, 0) if ctx.relu else dy
             dx, dw, db = _torch_backward(dr, x, mean, invstd, weight, ctx.training)
         elif ctx.relu:
             masked_backward = backend(ctx, dy, _add_relu_backward_impl, torch.ops.pybn.batch_norm_add_relu_backward)

@@ -117,9 +117,6 @@ struct Vec<float> {
   friend Vec keep_first(Vec a, std::int64_t n) {
     return {_mm256_and_ps(_mm256_castsi256_ps(detail::lane_mask32(n)), a.v)};
   }
-  friend Vec keep_if_positive(Vec y, Vec a) {
-    return {_mm256_and_ps(_mm256_cmp_ps(y.v, _mm256_setzero_ps(), _CMP_GT_OQ), a.v)};
-  }
   // torch's threshold_backward: a NaN y keeps a
   friend Vec keep_unless_nonpositive(Vec y, Vec a) {
     return {_mm256_andnot_ps(_mm256_cmp_ps(y.v, _mm256_setzero_ps(), _CMP_LE_OQ), a.v)};
@@ -181,9 +178,6 @@ struct Vec<double> {
   friend Vec relu(Vec a) { return {_mm256_max_pd(_mm256_setzero_pd(), a.v)}; }
   friend Vec keep_first(Vec a, std::int64_t n) {
     return {_mm256_and_pd(_mm256_castsi256_pd(detail::lane_mask64(n)), a.v)};
-  }
-  friend Vec keep_if_positive(Vec y, Vec a) {
-    return {_mm256_and_pd(_mm256_cmp_pd(y.v, _mm256_setzero_pd(), _CMP_GT_OQ), a.v)};
   }
   friend Vec keep_unless_nonpositive(Vec y, Vec a) {
     return {_mm256_andnot_pd(_mm256_cmp_pd(y.v, _mm256_setzero_pd(), _CMP_LE_OQ), a.v)};

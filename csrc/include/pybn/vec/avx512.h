@@ -93,9 +93,6 @@ struct Vec<float> {
   // vmaxps returns its second operand when either is NaN: (0, a) keeps a NaN in a.
   friend Vec relu(Vec a) { return {_mm512_max_ps(_mm512_setzero_ps(), a.v)}; }
   friend Vec keep_first(Vec a, std::int64_t n) { return {_mm512_maskz_mov_ps(mask(n), a.v)}; }
-  friend Vec keep_if_positive(Vec y, Vec a) {
-    return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_GT_OQ), a.v)};
-  }
   // torch's threshold_backward: a NaN y keeps a
   friend Vec keep_unless_nonpositive(Vec y, Vec a) {
     return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.v, _mm512_setzero_ps(), _CMP_NLE_UQ), a.v)};
@@ -148,9 +145,6 @@ struct Vec<double> {
   friend Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
   friend Vec relu(Vec a) { return {_mm512_max_pd(_mm512_setzero_pd(), a.v)}; }
   friend Vec keep_first(Vec a, std::int64_t n) { return {_mm512_maskz_mov_pd(mask(n), a.v)}; }
-  friend Vec keep_if_positive(Vec y, Vec a) {
-    return {_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(y.v, _mm512_setzero_pd(), _CMP_GT_OQ), a.v)};
-  }
   friend Vec keep_unless_nonpositive(Vec y, Vec a) {
     return {_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(y.v, _mm512_setzero_pd(), _CMP_NLE_UQ), a.v)};
   }

@@ -132,9 +132,6 @@ struct Vec<float> {
   friend Vec keep_first(Vec a, std::int64_t n) {
     return {vreinterpretq_f32_u32(vandq_u32(detail::lane_mask32(n), vreinterpretq_u32_f32(a.v)))};
   }
-  friend Vec keep_if_positive(Vec y, Vec a) {
-    return {vreinterpretq_f32_u32(vandq_u32(vcgtzq_f32(y.v), vreinterpretq_u32_f32(a.v)))};
-  }
   // torch's threshold_backward: a NaN y keeps a
   friend Vec keep_unless_nonpositive(Vec y, Vec a) {
     return {vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(a.v), vclezq_f32(y.v)))};
@@ -192,9 +189,6 @@ struct Vec<double> {
   }
   friend Vec keep_first(Vec a, std::int64_t n) {
     return {vreinterpretq_f64_u64(vandq_u64(detail::lane_mask64(n), vreinterpretq_u64_f64(a.v)))};
-  }
-  friend Vec keep_if_positive(Vec y, Vec a) {
-    return {vreinterpretq_f64_u64(vandq_u64(vcgtzq_f64(y.v), vreinterpretq_u64_f64(a.v)))};
   }
   friend Vec keep_unless_nonpositive(Vec y, Vec a) {
     return {vreinterpretq_f64_u64(vbicq_u64(vreinterpretq_u64_f64(a.v), vclezq_f64(y.v)))};

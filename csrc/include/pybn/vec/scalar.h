@@ -102,10 +102,6 @@ struct Vec {
     for (int i = static_cast<int>(n); i < W; ++i) a.v[i] = T(0);
     return a;
   }
-  friend Vec keep_if_positive(const Vec& y, Vec a) {
-    for (int i = 0; i < W; ++i) a.v[i] = (y.v[i] > T(0)) ? a.v[i] : T(0);
-    return a;
-  }
   // torch's threshold_backward: a NaN y keeps a
   friend Vec keep_unless_nonpositive(const Vec& y, Vec a) {
     for (int i = 0; i < W; ++i) a.v[i] = (y.v[i] <= T(0)) ? T(0) : a.v[i];

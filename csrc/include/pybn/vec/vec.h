@@ -22,9 +22,8 @@
 //   set1, zero, + - *, fma(a, b, c) = a*b + c, reduce_add
 //   relu(v)                 max(v, 0) with NaN propagated, as torch.relu
 //   keep_first(v, n)        v with lanes [n, W) set to 0
-//   keep_if_positive(y, v)  v where y > 0, else 0 (the ReLU gradient mask; NaN in y gives 0)
-//   keep_unless_nonpositive(y, v)  0 where y <= 0, else v (NaN in y keeps v, as torch's
-//                           ReLU gradient)
+//   keep_unless_nonpositive(y, v)  0 where y <= 0, else v: the ReLU gradient's mask (a NaN
+//                           y keeps v, as torch's threshold_backward)
 //   scale_where(bits, v, s) v * s in the lanes whose bit is set, 0 in the others
 //   select_bits(bits, a, b) a in the lanes whose bit is set, b in the others
 //   mul_round_to_odd(a, b)  (float) a * b rounded toward zero with the last bit set when
