@@ -135,6 +135,8 @@ def test_every_16bit_value_rounded_once(isa, dtype, p):
     dx = pybn.relu_dropout_backward(x, np.ones_like(x), p)
     assert_bitwise(dx[~nan], relu_dropout_backward_ref(x, np.ones_like(x), p)[~nan], "backward of every value")
     assert np.isnan(dx[nan].astype(np.float32)).all()
+    dy = np.full_like(x, 1.5)  # every 16-bit y: -0.0, subnormals and NaNs of either sign
+    assert_bitwise(pybn.relu_dropout_backward(dy, x, p), relu_dropout_backward_ref(dy, x, p), "every y")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)

@@ -33,7 +33,6 @@ def _block_size(value: Any) -> int:
     return size
 
 
-
 def _nchw(shape: Any, name: str) -> tuple[int, int, int, int]:
     if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__"):
         raise TypeError(f"{name}: must be a sequence of 4 ints (N, C, H, W), got {type(shape).__name__}")

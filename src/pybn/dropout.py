@@ -203,7 +203,6 @@ def relu_dropout_backward(dy: Any, y: Any, p: float, *, out: np.ndarray | None =
     return dx
 
 
-
 def dropout_mask(shape: Any, p: float, *, seed: int, offset: int = 0) -> np.ndarray:
     """The packed keep mask of `shape`: uint8, ceil(n/8) bytes, bit k % 8 of byte k // 8 is
     element k (``np.unpackbits(m, count=n, bitorder="little")`` unpacks it)."""
