@@ -66,7 +66,7 @@ void dropout_apply_broadcast(const NdArray& x, const NdArray& mask, const NdArra
   });
 }
 
-// dx = dy * scale where y > 0, 0 elsewhere: the gradient of y = dropout(relu(x)).
+// dx = dy * scale, 0 where y <= 0: the gradient of y = dropout(relu(x)) (kernels.h).
 template <class K>
 void relu_dropout_backward(const NdArray& dy, const NdArray& y, const NdArray& dx, double scale) {
   K::by_dtype(dy, "dy", [&](auto zero) {
