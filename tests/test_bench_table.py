@@ -68,7 +68,8 @@ def test_the_table_holds_every_documented_cell():
         "infer": "t_stream", "train": "t_read + t_stream", "backward": "3*t_read + t_stream"}
     assert [(c.shape.name, c.kernel.name) for c in table.DROPOUT.cells] == [
         ("A", "forward"), ("A", "mask"), ("A", "apply"), ("A", "2d"), ("A", "drop_path"), ("A", "dropblock"),
-        ("A", "alpha"), ("A", "g-drop"), ("A", "g-noise"), ("L", "forward"), ("L", "mask"), ("L", "apply")]
+        ("A", "relu"), ("A", "alpha"), ("A", "g-drop"), ("A", "g-noise"), ("L", "forward"), ("L", "mask"),
+        ("L", "apply")]
     assert all(c.bound.formula == "t_stream" for c in table.DROPOUT.cells)
     (fold,) = table.FOLD.cells
     assert fold.bound is None and len(fold.shape.conv_shapes) == 53
@@ -167,7 +168,7 @@ def test_dropout_section_runs_every_cell():
     torch.manual_seed(0)
     result = dropout_bench.run(cells, context())
     rows = result["shapes"]["A"]["rows"]
-    assert list(rows) == ["forward", "mask", "apply", "2d", "drop_path", "dropblock"]
+    assert list(rows) == ["forward", "mask", "apply", "2d", "drop_path", "dropblock", "relu"]
     assert result["peers"] == ["torch", "numpy"]
     timm = {"torch"} if dropout_bench.timm_drop_block_2d() is not None else set()
     for name, row in rows.items():

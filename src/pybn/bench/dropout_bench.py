@@ -1,7 +1,7 @@
 """The dropout section of ``python -m pybn bench``: dropout at copy speed.
 
 Cells (:mod:`.table`): the fused forward, the packed mask alone, applying a stored mask,
-Dropout2d's per-channel mask (noise_shape=(N, C, 1, 1)) and DropBlock (block 7, against
+Dropout2d's per-channel mask (noise_shape=(N, C, 1, 1)), dropout(relu(x)) in one pass and DropBlock (block 7, against
 timm's ``drop_block_2d`` when timm is installed), on float32 x, p = 0.5, outputs
 preallocated (out=), the same arrays for everyone, each result checked before it is
 timed. pybn is timed call for call in turn with the copy bound (``t_stream``, pybn's probe on
@@ -241,6 +241,41 @@ def numpy_drop_path(case: DropoutCase) -> Timed:
                  lambda r: _check_rows("numpy drop path recipe", r, case))
 
 
+# ----------------------------------------------------------------------------- dropout(relu(x))
+
+def pybn_relu(case: DropoutCase) -> Timed:
+    import pybn
+
+    x, y = case.x, case.y
+    expected = np.where(case.keep, np.maximum(x, 0) * case.scale, np.float32(0))
+    return Timed(lambda: pybn.dropout(x, P, seed=SEED, relu=True, out=y),
+                 lambda r: _check_equal("pybn.dropout(relu=True)", r, expected))
+
+
+def _check_relu_dropped(what: str, y: Any, case: DropoutCase) -> None:
+    """dropout(relu(x)) with a mask of its own: nothing where x <= 0, kept positives scaled."""
+    y = np.asarray(y)
+    positive = case.x > 0
+    _fail_unless(not y[~positive].any(), f"{what} keeps a value where x <= 0")
+    kept = y != 0
+    _fail_unless(np.allclose(y[kept], case.x[kept] * case.scale), f"{what} scales the kept values wrongly")
+    check_fraction(what, kept[positive])
+
+
+def torch_relu(case: DropoutCase) -> Timed:
+    """Eager torch's ReLU then Dropout: two passes."""
+    import torch
+
+    xt, drop = torch.from_numpy(case.x), torch.nn.Dropout(P).train()
+    return Timed(lambda: drop(torch.relu(xt)), lambda r: _check_relu_dropped("torch relu, nn.Dropout", r.numpy(), case))
+
+
+def numpy_relu(case: DropoutCase) -> Timed:
+    x, rng, dims, f32 = case.x, case.rng, case.dims, np.float32
+    return Timed(lambda: np.maximum(x, f32(0)) * (rng.random(dims, dtype=f32) >= P) / f32(1 - P),
+                 lambda r: _check_relu_dropped("numpy relu dropout recipe", r, case))
+
+
 # ----------------------------------------------------------------------------- DropBlock
 
 BLOCK = 7   # DropBlock's block size (the paper's and timm's default)
@@ -364,6 +399,8 @@ def render(result: Result, meta: Result | None = None) -> str:
                  " alpha: pybn.alpha_dropout vs torch nn.AlphaDropout; g-drop / g-noise:"
                  " pybn.gaussian_dropout(x, 0.5) / gaussian_noise(x, 0.5) vs x * (1 + randn) / x + 0.5 * randn"
                  " (torch randn_like, NumPy standard_normal);"
+                 " relu: pybn.dropout(x, p, relu=True, out=y), dropout(relu(x)) in one pass, vs torch relu then"
+                 " nn.Dropout and the NumPy recipe on np.maximum(x, 0);"
                  " drop_path: pybn.drop_path(x, p, seed=, out=y) vs torchvision's stochastic_depth recipe"
                  " (x * bernoulli_(1 - p) / (1 - p) per sample);"
                  f" dropblock: pybn.drop_block(x, p, block_size={BLOCK}, out=y) vs timm's drop_block_2d.")

@@ -101,6 +101,10 @@ DROPOUT_KERNELS = (
         Impl("pybn", "pybn", dropout_bench.pybn_dropblock),
         Impl("timm", "torch", dropout_bench.timm_dropblock,
              runs_on=lambda shape: dropout_bench.timm_drop_block_2d() is not None)), bound=COPY),
+    Kernel("relu", "dropout(relu(x)) forward", (
+        Impl("pybn", "pybn", dropout_bench.pybn_relu),
+        Impl("torch", "torch", dropout_bench.torch_relu),
+        Impl("numpy", "numpy", dropout_bench.numpy_relu)), bound=COPY),
 )
 
 # alpha dropout and the Gaussian noises, on A: pybn vs torch's module / randn recipe and NumPy
@@ -180,7 +184,7 @@ BATCH_NORM = Section("batch norm", None, make_cells("batch norm", SHAPES, BATCH_
 DROPOUT = Section("dropout", "dropout",
                   make_cells("dropout", [SHAPE["A"]], DROPOUT_KERNELS)
                   + make_cells("dropout", [SHAPE["A"]], NOISE_KERNELS)
-                  # Dropout2d, drop_path, DropBlock on A only
+                  # Dropout2d, drop_path, DropBlock, dropout(relu(x)) on A only
                   + make_cells("dropout", [SHAPE["L"]], DROPOUT_KERNELS[:3]),
                   dropout_bench.run, dropout_bench.render)
 HALF = Section("16-bit", "half",
