@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ._C import __version__
+from ._allocator import keep_freed_memory
 from ._runtime import get_num_threads, isa, set_num_threads, supported_isas
 from .batchnorm import (BatchNormGrads, BatchNormResidualGrads, BatchNormTrainResult, batch_norm_backward,
                         batch_norm_infer, batch_norm_train)
@@ -21,6 +22,7 @@ __all__ = [
     "supported_isas",
     "get_num_threads",
     "set_num_threads",
+    "keep_freed_memory",
     "batch_norm_train",
     "batch_norm_infer",
     "batch_norm_backward",
