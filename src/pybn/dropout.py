@@ -126,14 +126,19 @@ def apply_mask(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], scale: f
         _C.dropout_apply_broadcast(x, mask, y, scale, relu, *view)
         return
     keep = np.unpackbits(mask, count=math.prod(shape), bitorder="little").reshape(shape).astype(bool)
-    if relu:  # as torch.relu and the kernels: NaN and -0.0 stay
-        x = np.where(x < 0, x.dtype.type(0), x)
+    if relu:
+        x = relu_of(x)
     if x.dtype.itemsize == 2:  # as the kernels: the exact product with the float32 scale, rounded once
         kept = round_to(x.astype(np.float64) * np.float64(np.float32(scale)), x.dtype)
     else:
         kept = np.multiply(x, x.dtype.type(scale))
     np.copyto(y, kept, where=keep)  # in place too: x is read first
     np.copyto(y, 0, where=~keep)
+
+
+def relu_of(x: np.ndarray) -> np.ndarray:
+    """torch.relu's values in x's dtype, as the kernels' ReLU: x < 0 gives 0, NaN and -0.0 stay."""
+    return np.where(x < 0, x.dtype.type(0), x)
 
 
 def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = None, relu: bool = False,

@@ -26,7 +26,7 @@ from .batchnorm import (BatchNormResidualGrads, batch_norm_backward, batch_norm_
                         residual_input)
 from .drop_path import drop_path, drop_path_noise_shape
 from .dropblock import drop_block, drop_block_noise_shape, noise_shape_of
-from .dropout import counters_used, dropout, relu_dropout_backward
+from .dropout import counters_used, dropout, relu_dropout_backward, relu_of
 from .noise import (alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_dropout_stddev,
                     gaussian_noise, normal_counters_used)
 
@@ -631,7 +631,7 @@ class Dropout(_Layer):
         mask_shape = self._mask_shape(array.shape) if self.training else None
         self._saved = (self.p, self.seed, self.offset, mask_shape, array.shape, array.dtype)
         if mask_shape is None:
-            y = np.where(array < 0, array.dtype.type(0), array) if relu else array  # (-0.0 and NaN stay)
+            y = relu_of(array) if relu else array
         else:
             y = dropout(array, self.p, seed=self.seed, offset=self.offset, noise_shape=mask_shape, relu=relu)
             self.offset = (self.offset + counters_used(math.prod(mask_shape))) % _U64

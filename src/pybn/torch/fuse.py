@@ -235,8 +235,10 @@ _LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm
 
 
 def _is_layer(node: fx.Node, gm: fx.GraphModule) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _LAYERS) and \
-        not getattr(gm.get_submodule(str(node.target)), "inplace", False)
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(str(node.target))
+    return isinstance(module, _LAYERS) and not getattr(module, "inplace", False)
 
 
 def _in_place(relu: fx.Node, gm: fx.GraphModule) -> bool:

@@ -395,16 +395,23 @@ def _seeded_direct(impl: Callable[..., Tuple[Tensor, Tensor]], setup: Callable[.
     return Direct
 
 
+def _seeded_call(direct: Any, op: Any, x: Tensor, p: float, philox: Optional[Tensor],
+                 *rest: Any) -> Tuple[Tensor, Tensor]:
+    """``op(x, p, philox, *rest)``, through the Function `direct` (_seeded_direct) instead of
+    the dispatcher in plain eager mode."""
+    if direct_call(x, philox) and pybn_takes(x):
+        outputs: Tuple[Tensor, Tensor] = direct.apply(x, p, philox, *rest)
+        return outputs
+    return op(x, p, philox, *rest)  # type: ignore[no-any-return]
+
+
 _DropoutDirect = _seeded_direct(_dropout_impl, _dropout_setup, _dropout_backward)
 
 
 def dropout_call(x: Tensor, p: float, philox: Optional[Tensor],
                  noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
     """``torch.ops.pybn.dropout(...)``, without the dispatcher in plain eager mode."""
-    if direct_call(x, philox) and pybn_takes(x):
-        outputs: Tuple[Tensor, Tensor] = _DropoutDirect.apply(x, p, philox, noise_shape)
-        return outputs
-    return torch.ops.pybn.dropout(x, p, philox, noise_shape)  # type: ignore[no-any-return]
+    return _seeded_call(_DropoutDirect, torch.ops.pybn.dropout, x, p, philox, noise_shape)
 
 
 # --------------------------------------------------------------------------- dropout(relu(x))
@@ -479,7 +486,4 @@ _ReluDropoutDirect = _seeded_direct(_relu_dropout_impl, _relu_dropout_setup, _re
 
 def relu_dropout_call(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``torch.ops.pybn.relu_dropout(...)``, without the dispatcher in plain eager mode."""
-    if direct_call(x, philox) and pybn_takes(x):
-        outputs: Tuple[Tensor, Tensor] = _ReluDropoutDirect.apply(x, p, philox)
-        return outputs
-    return torch.ops.pybn.relu_dropout(x, p, philox)  # type: ignore[no-any-return]
+    return _seeded_call(_ReluDropoutDirect, torch.ops.pybn.relu_dropout, x, p, philox)
