@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdlib>
 #include <fstream>
+#include <stdexcept>
 #include <string>
 
 #include "pybn/kernels.h"
@@ -75,11 +77,31 @@ std::int64_t cache_bytes(int level, std::int64_t lo, std::int64_t hi, std::int64
   return fallback;
 }
 
+// A size given in the environment (PYBN_L2_BYTES, PYBN_L3_BYTES: "2M", "1536K" or bytes),
+// for systems that describe their caches wrongly (some containers and VMs) and for tests of
+// the blocks other CPUs take; 0 when unset. A value outside [lo, hi] is an error, not a
+// reason to guess.
+std::int64_t env_bytes(const char* name, std::int64_t lo, std::int64_t hi) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return 0;
+  const std::int64_t v = parse_size(value);
+  if (v < lo || v > hi)
+    throw std::runtime_error(std::string(name) + "=" + value + ": must be a size from " + std::to_string(lo >> 10) +
+                             "K to " + std::to_string(hi >> 20) + "M (bytes, or with K, M or G)");
+  return v;
+}
+
+CacheSizes read_cache_sizes() {
+  const std::int64_t l2 = env_bytes("PYBN_L2_BYTES", kMinL2Bytes, kMaxL2Bytes);
+  const std::int64_t l3 = env_bytes("PYBN_L3_BYTES", kMinL3Bytes, kMaxL3Bytes);
+  return {l2 ? l2 : cache_bytes(2, kMinL2Bytes, kMaxL2Bytes, kDefaultL2Bytes),
+          l3 ? l3 : std::min(cache_bytes(3, kMinL3Bytes, kMaxL3Bytes, kDefaultL3Bytes), kUsableL3Bytes)};
+}
+
 }  // namespace
 
 const CacheSizes& cache_sizes() {
-  static const CacheSizes sizes{cache_bytes(2, kMinL2Bytes, kMaxL2Bytes, kDefaultL2Bytes),
-                                std::min(cache_bytes(3, kMinL3Bytes, kMaxL3Bytes, kDefaultL3Bytes), kUsableL3Bytes)};
+  static const CacheSizes sizes = read_cache_sizes();
   return sizes;
 }
 

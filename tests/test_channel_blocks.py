@@ -5,6 +5,11 @@ only its own channels, so outputs written over the inputs (out=x, out=dy) must l
 next block's reads untouched, and 16-bit storage takes the same schedule. Block sizes come
 from the CPU's caches; the comments give them for a 1 MB L2 and a 32 MB L3 (2 threads:
 blocks of 2 channels, the last of 37 a single one)."""
+import hashlib
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -74,3 +79,91 @@ def test_16bit_training_forward(isa, threads, dtype, rng):
     want = (x64 - mean32) * (invstd32 * w.reshape(shape)) + b.reshape(shape)
     scale = float(np.abs((x64 - mean32) * invstd32 * w.reshape(shape)).max() + np.abs(b).max())
     assert_near(res.y, want, scale, "y")
+
+
+# The blocks other CPUs' caches give (channel_block), with PYBN_L2_BYTES standing in for the
+# CPU. Each channel of these shapes has 1.77 MB of inputs per pass. With a 2 MiB L2 (an
+# Intel server core) a channel fits its L2 once but not twice, so it is a block of its own,
+# reduced and then written with nothing pipelined; with a 1 MiB L2 the blocks are sized to
+# the L3 and pipelined. The bits must be those of this process, whatever its CPU.
+ALONE_BACKWARD = (24, 16, 96, 96)  # x and dy: 1.77 MB a channel, 28 MB a pass
+ALONE_FORWARD = (48, 16, 96, 96)   # x alone: 1.77 MB a channel
+ALONE_CHILD = """
+import hashlib, sys
+import numpy as np
+import pybn
+from test_channel_blocks import alone_case_digests
+assert pybn._C.cache_sizes()[0] == int(sys.argv[1])
+print(alone_case_digests())
+"""
+
+
+def alone_case_digests():
+    """sha256 of every output of a training forward and a backward on the shapes above, at 1
+    and 2 threads; the inputs drawn from a fixed seed."""
+    rng = np.random.default_rng(2026)
+    xf = (rng.standard_normal(ALONE_FORWARD) * 3 + 20).astype(np.float32)
+    x = (rng.standard_normal(ALONE_BACKWARD) * 3 + 20).astype(np.float32)
+    dy = rng.standard_normal(ALONE_BACKWARD).astype(np.float32)
+    w, b = params(rng, 16)
+    digests = []
+    prev = pybn.get_num_threads()
+    try:
+        for t in (1, 2):
+            pybn.set_num_threads(t)
+            fwd = pybn.batch_norm_train(xf, w, b)
+            stats = pybn.batch_norm_train(x, w, b)
+            grads = pybn.batch_norm_backward(dy, x, stats.mean, stats.invstd, w)
+            h = hashlib.sha256()
+            for a in (*fwd[:3], *grads):
+                h.update(np.ascontiguousarray(a).tobytes())
+            digests.append(h.hexdigest())
+    finally:
+        pybn.set_num_threads(prev)
+    return digests
+
+
+def test_alone_blocks_match_reference(isa):
+    """The outputs of this process's blocks against float64 (the children below compare
+    their bits with these)."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(ALONE_BACKWARD) * 3 + 20).astype(np.float32)
+    dy = rng.standard_normal(ALONE_BACKWARD).astype(np.float32)
+    w, b = params(rng, 16)
+    res = pybn.batch_norm_train(x, w, b)
+    grads = pybn.batch_norm_backward(dy, x, res.mean, res.invstd, w)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    axes, shape = (0, 2, 3), (1, -1, 1, 1)
+    mean, invstd = x64.mean(axis=axes), 1 / np.sqrt(x64.var(axis=axes) + EPS)
+    np.testing.assert_allclose(res.mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(res.invstd, invstd, rtol=1e-6)
+    xhat = (x64 - mean.reshape(shape)) * invstd.reshape(shape)
+    np.testing.assert_allclose(res.y, xhat * w.reshape(shape) + b.reshape(shape), rtol=1e-5, atol=1e-5)
+    dbias, dweight = dy64.sum(axis=axes), (dy64 * xhat).sum(axis=axes)
+    n = x.size // 16
+    dx = (w * invstd).reshape(shape) * (dy64 - (dbias.reshape(shape) + xhat * dweight.reshape(shape)) / n)
+    np.testing.assert_allclose(grads.dbias, dbias, rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(grads.dweight, dweight, rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(grads.dx, dx, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("l2", ["2M", "1M"])
+def test_blocks_of_other_caches_give_the_same_bits(isa, l2, tmp_path):
+    want = alone_case_digests()
+    assert want[0] == want[1]  # 1 and 2 threads
+    env = {k: v for k, v in os.environ.items() if k not in ("PYBN_ISA", "PYBN_L2_BYTES")}
+    env.update(PYBN_ISA=isa, PYBN_L2_BYTES=l2, PYTHONPATH=os.path.dirname(__file__))
+    l2_bytes = {"2M": 2 << 20, "1M": 1 << 20}[l2]
+    proc = subprocess.run([sys.executable, "-c", ALONE_CHILD, str(l2_bytes)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(want)
+
+
+@pytest.mark.parametrize("value", ["abc", "1G", "12Q", "-1"])
+def test_bad_cache_size_fails_the_import(value, tmp_path):
+    env = dict(os.environ, PYBN_L2_BYTES=value)
+    proc = subprocess.run([sys.executable, "-c", "import pybn"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"PYBN_L2_BYTES={value}: must be a size from 64K to 64M" in proc.stderr

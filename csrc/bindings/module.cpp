@@ -66,6 +66,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("stream_min_bytes", &pybn::stream_min_bytes,
         "Outputs of at least this many bytes are written with non-temporal stores: STREAM_MIN_BYTES or a "
         "quarter of the L3, whichever is more.");
+  pybn::cache_sizes();  // a bad PYBN_L2_BYTES or PYBN_L3_BYTES fails the import, not a kernel call
   m.def("cache_sizes", [] { return std::make_pair(pybn::cache_sizes().l2_bytes, pybn::cache_sizes().l3_bytes); },
         "(L2 bytes per core, shared L3 bytes, at most 32 MiB) as the channel-blocked kernels size their "
         "blocks to them.");

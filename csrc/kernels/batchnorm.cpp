@@ -594,11 +594,11 @@ void bn_train(const BnTrainArgs<S>& a) {
     update_running(a.running_mean, a.running_var, c, mean, m2, n, a.momentum);
     k.set(c, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
   };
-  if (const i64 block = channel_block(L, sizeof(S))) {
-    const i64 slices = channel_block_slices(L, block);
-    SliceBuffers<Moments> moments(slices, block);
+  if (const ChannelBlocks blocks = channel_block(L, sizeof(S))) {
+    const i64 slices = channel_block_slices(L, blocks);
+    SliceBuffers<Moments> moments(slices, blocks.channels);
     pipelined_channel_blocks(
-        L, block, slices,
+        L, blocks, slices,
         [&](i64 s, ChannelRange r, i64 o) {
           Moments* const m = moments[s];
           if (o == 0) std::fill(m, m + (r.end - r.begin), Moments{});
@@ -798,13 +798,13 @@ void store_param_grads(const BnBackwardArgs<S>& a, const GradSums& s, ChannelRan
 // sums, then its dx while dy and x are still in the cache, the next block's sums read in
 // between (pipelined_channel_blocks).
 template <class S, class T, bool kMask, bool kResidual>
-void backward_blocked(const BnBackwardArgs<S>& a, double* sum_g, double* sum_gxhat, i64 block) {
+void backward_blocked(const BnBackwardArgs<S>& a, double* sum_g, double* sum_gxhat, ChannelBlocks blocks) {
   const Layout& L = a.layout;
   const GradTerms<S, T, kMask> terms{a.dy, a.x, a.y, a.mean, a.invstd};
   const GradSums s{sum_g, sum_gxhat, static_cast<double>(L.per_channel())};
   Buffer<T> k = make_buffer<T>(kDxRows<S, T> * L.channels);
   pipelined_channel_blocks(
-      L, block, channel_block_slices(L, block),
+      L, blocks, channel_block_slices(L, blocks),
       [&](i64, ChannelRange r, i64 o) {
         if (o == 0) {
           std::fill(sum_g + r.begin, sum_g + r.end, 0.0);
@@ -845,10 +845,10 @@ void bn_backward(const BnBackwardArgs<S>& a) {
   const i64 C = a.layout.channels;
   Buffer<double> sum_g = make_buffer<double>(C), sum_gxhat = make_buffer<double>(C);
   if (a.training) {
-    if (const i64 block = channel_block(a.layout, (a.y ? 3 : 2) * i64(sizeof(S)))) {
+    if (const ChannelBlocks blocks = channel_block(a.layout, (a.y ? 3 : 2) * i64(sizeof(S)))) {
       with_grad_variant(a, a.d_residual, [&](auto mask, auto residual) {
         backward_blocked<S, T, decltype(mask)::value, decltype(residual)::value>(a, sum_g.get(), sum_gxhat.get(),
-                                                                                   block);
+                                                                                   blocks);
       });
       return;
     }

@@ -401,11 +401,23 @@ constexpr i64 kMinL2RowBytes = i64(64) << 10;
 // mesh, no faster to read back from than memory, so the second pass gains most from the
 // L2; short rows cost little there, where the prefetchers stop at every 4 KiB page anyway.
 constexpr i64 kLargeL2Bytes = i64(2) << 20;
+// On such a core, a channel whose slice fits in this share of the L2 but not twice in it
+// is its own block, reduced and then written with nothing pipelined (ChannelBlocks): the
+// next block's reads would evict the lines the current block's pass still has to read.
+constexpr i64 kAloneL2Percent = 85;
 // Below this (bytes read per pass), both passes run from the cache anyway.
 constexpr i64 kChannelBlockMinBytes = i64(24) << 20;
 
 struct ChannelRange {
   i64 begin = 0, end = 0;
+};
+
+// How a blocked kernel walks an array: `channels` per block (0: not blocked), and whether
+// each block's writes carry the next block's reads (pipelined_channel_blocks).
+struct ChannelBlocks {
+  i64 channels = 0;
+  bool pipelined = true;
+  explicit operator bool() const { return channels > 0; }
 };
 
 // What a pass over a block does after each sample's rows when nothing is pipelined with it.
@@ -414,8 +426,8 @@ struct NoSampleHook {
   void prefetch_for(i64, i64) const {}
 };
 
-// Channels per block for arrays of `bytes` per position (summed over the arrays read), or
-// 0 when the layout is not blocked (a decision on the shape alone).
+// The blocks for arrays of `bytes` per position (summed over the arrays read); none when
+// the layout is not blocked (a decision on the shape alone).
 //
 // Two blocks (kBlocksInFlight) fill half of one core's L2 when a channel's slice fits in
 // a quarter and the block's rows (one per outer index, `block * inner` positions long) are
@@ -427,10 +439,14 @@ struct NoSampleHook {
 // On a core with a large L2 (kLargeL2Bytes) the two blocks fill all of it and rows of any
 // length are taken: on a 2 MiB-L2 Xeon, A trained in 1.21-1.24 ms instead of 1.48-1.51 ms,
 // its backward 1.76-1.81 instead of 2.28-2.29 ms, L trained in 5.1 instead of 6.1-6.3 ms.
-inline i64 channel_block(const Layout& L, i64 bytes) {
-  if (use_period_mode(L) || L.channels < 4) return 0;
+// There a channel too large for two blocks but within kAloneL2Percent of the L2 runs alone:
+// L's backward (x and dy, 1.6 MB a channel) took 10.5-10.8 ms instead of 12.5-13.0 pipelined
+// in one-channel L3 blocks, whose second pass gained nothing over reading memory again; a
+// (128, 64, 56, 56) training forward (1.6 MB of x) 6.7-6.9 instead of 6.9-7.1 ms.
+inline ChannelBlocks channel_block(const Layout& L, i64 bytes) {
+  if (use_period_mode(L) || L.channels < 4) return {};
   const i64 per_channel = L.per_channel() * bytes;
-  if (per_channel * L.channels < kChannelBlockMinBytes) return 0;
+  if (per_channel * L.channels < kChannelBlockMinBytes) return {};
   // at most C/16 channels: enough blocks for the threads to finish together
   const auto channels_within = [&](i64 budget) {
     return std::clamp<i64>(std::min(budget / per_channel, L.channels / 16), 1, L.channels);
@@ -442,14 +458,15 @@ inline i64 channel_block(const Layout& L, i64 bytes) {
   const i64 in_l2 = cs.l2_bytes / (l2_share * kBlocksInFlight);
   if (per_channel <= in_l2) {
     const i64 block = channels_within(in_l2);
-    if (block * L.inner * bytes >= min_row_bytes) return block;
+    if (block * L.inner * bytes >= min_row_bytes) return {block};
   }
-  return channels_within(cs.l3_bytes / (kL3Share * kBlocksInFlight * std::max<i64>(threads_for(L.numel()), 1)));
+  if (large_l2 && per_channel * 100 <= cs.l2_bytes * kAloneL2Percent) return {1, false};
+  return {channels_within(cs.l3_bytes / (kL3Share * kBlocksInFlight * std::max<i64>(threads_for(L.numel()), 1)))};
 }
 
 // Slices of pipelined_channel_blocks (for the scratch its callers allocate per slice).
-inline i64 channel_block_slices(const Layout& L, i64 block) {
-  return slice_count((L.channels + block - 1) / block, L.numel());
+inline i64 channel_block_slices(const Layout& L, ChannelBlocks blocks) {
+  return slice_count((L.channels + blocks.channels - 1) / blocks.channels, L.numel());
 }
 
 // Calls segment(c, offset, length) for the rows of sample o of the channels in r, in memory
@@ -497,14 +514,23 @@ struct NextBlockReads {
 // it writes elements [i, i + n). prefetch(i, n) requests the lines reduce will read at
 // elements [i, i + n) (prefetch_lines). So the next block's reads from memory are in flight
 // while the current block's writes drain, instead of waiting for them, and the statistics
-// then read from the L2: one trip over the bus for both passes. Every block's values
-// still meet in the same order.
+// then read from the L2: one trip over the bus for both passes. Blocks that are not
+// `pipelined` are each reduced, then written. Every block's values still meet in the same
+// order.
 template <class Reduce, class Prefetch, class Finish, class Apply>
-void pipelined_channel_blocks(const Layout& L, i64 block, i64 slices, const Reduce& reduce, const Prefetch& prefetch,
-                              const Finish& finish, const Apply& apply) {
-  const i64 blocks = (L.channels + block - 1) / block;
+void pipelined_channel_blocks(const Layout& L, ChannelBlocks blocks, i64 slices, const Reduce& reduce,
+                              const Prefetch& prefetch, const Finish& finish, const Apply& apply) {
+  const i64 block = blocks.channels, count = (L.channels + block - 1) / block;
   const auto range = [&](i64 b) { return ChannelRange{b * block, std::min(L.channels, (b + 1) * block)}; };
-  parallel_slices(blocks, L.numel(), slices, [&](i64 s, i64 b0, i64 b1) {
+  parallel_slices(count, L.numel(), slices, [&](i64 s, i64 b0, i64 b1) {
+    if (!blocks.pipelined) {
+      for (i64 b = b0; b < b1; ++b) {
+        for (i64 o = 0; o < L.outer; ++o) reduce(s, range(b), o);
+        finish(s, range(b));
+        apply(s, range(b), NoSampleHook{});
+      }
+      return;
+    }
     for (i64 o = 0; o < L.outer; ++o) reduce(s, range(b0), o);
     finish(s, range(b0));
     for (i64 b = b0; b + 1 < b1; ++b) {

@@ -16,6 +16,7 @@ constexpr std::int64_t kDefaultL2Bytes = std::int64_t(512) << 10;
 constexpr std::int64_t kDefaultL3Bytes = std::int64_t(16) << 20;
 
 // Read on first use (defined in cache_sizes.cpp, baseline code, never compiled per ISA):
+// PYBN_L2_BYTES and PYBN_L3_BYTES where set (a bad value throws std::runtime_error), else
 // Linux's description of cpu0's caches in sysfs, else sysconf, else the defaults above.
 const CacheSizes& cache_sizes();
 
