@@ -42,6 +42,22 @@ def test_training_forward_in_place(isa, threads, rng):
         same_bits(g, e)
 
 
+@pytest.mark.parametrize("shape", [FORWARD, (16, 37, 80, 112)], ids=["blocked", "x-21MB"])
+def test_residual_keeps_the_statistics(shape, threads, rng):
+    """Blocks sized for x and the residual it passes (channel_block's passing bytes) sum each
+    channel in the same order as blocks sized for x alone, and whether x is blocked at all
+    does not depend on the residual (21 MB of x: not blocked, 42 MB with r): the statistics
+    have the plain call's bits, y is the plain y plus r through the ReLU."""
+    x = rng.standard_normal(shape, np.float32) + np.float32(20)
+    r = rng.standard_normal(shape, np.float32)
+    w, b = params(rng, shape[1])
+    plain = pybn.batch_norm_train(x, w, b)
+    fused = pybn.batch_norm_train(x, w, b, relu=True, residual=r)
+    same_bits(fused.mean, plain.mean)
+    same_bits(fused.invstd, plain.invstd)
+    np.testing.assert_allclose(fused.y, np.maximum(plain.y + r, 0), rtol=1e-5, atol=1e-5)
+
+
 def test_backward_in_place(isa, threads, rng):
     """dx written over dy, and d_residual over dy too, the ReLU mask from y: the bits of the
     out-of-place call, on a blocked backward whose last block is shorter than the others."""

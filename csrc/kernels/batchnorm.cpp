@@ -594,7 +594,7 @@ void bn_train(const BnTrainArgs<S>& a) {
     update_running(a.running_mean, a.running_var, c, mean, m2, n, a.momentum);
     k.set(c, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
   };
-  if (const ChannelBlocks blocks = channel_block(L, sizeof(S))) {
+  if (const ChannelBlocks blocks = channel_block(L, sizeof(S), a.residual ? sizeof(S) : 0)) {
     const i64 slices = channel_block_slices(L, blocks);
     SliceBuffers<Moments> moments(slices, blocks.channels);
     pipelined_channel_blocks(

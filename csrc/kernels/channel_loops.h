@@ -426,8 +426,10 @@ struct NoSampleHook {
   void prefetch_for(i64, i64) const {}
 };
 
-// The blocks for arrays of `bytes` per position (summed over the arrays read); none when
-// the layout is not blocked (a decision on the shape alone).
+// The blocks for arrays of `bytes` per position (summed over the arrays both passes read);
+// none when the layout is not blocked (a decision on the shape alone). `passing_bytes` per
+// position are of arrays only the second pass reads (a residual): their lines pass through
+// the cache beside the blocks, so blocks are sized for them too.
 //
 // Two blocks (kBlocksInFlight) fill half of one core's L2 when a channel's slice fits in
 // a quarter and the block's rows (one per outer index, `block * inner` positions long) are
@@ -442,11 +444,13 @@ struct NoSampleHook {
 // There a channel too large for two blocks but within kAloneL2Percent of the L2 runs alone:
 // L's backward (x and dy, 1.6 MB a channel) took 10.5-10.8 ms instead of 12.5-13.0 pipelined
 // in one-channel L3 blocks, whose second pass gained nothing over reading memory again; a
-// (128, 64, 56, 56) training forward (1.6 MB of x) 6.7-6.9 instead of 6.9-7.1 ms.
-inline ChannelBlocks channel_block(const Layout& L, i64 bytes) {
+// (128, 64, 56, 56) training forward (1.6 MB of x) 6.7-6.9 instead of 6.9-7.1 ms. Sized
+// for x alone, A's training forward with a residual ran two-channel blocks whose residual
+// lines evicted x's: 1.86-1.87 ms, against 1.60-1.61 ms in blocks sized for both.
+inline ChannelBlocks channel_block(const Layout& L, i64 bytes, i64 passing_bytes = 0) {
   if (use_period_mode(L) || L.channels < 4) return {};
-  const i64 per_channel = L.per_channel() * bytes;
-  if (per_channel * L.channels < kChannelBlockMinBytes) return {};
+  const i64 cached = L.per_channel() * bytes, per_channel = L.per_channel() * (bytes + passing_bytes);
+  if (cached * L.channels < kChannelBlockMinBytes) return {};
   // at most C/16 channels: enough blocks for the threads to finish together
   const auto channels_within = [&](i64 budget) {
     return std::clamp<i64>(std::min(budget / per_channel, L.channels / 16), 1, L.channels);
@@ -460,7 +464,7 @@ inline ChannelBlocks channel_block(const Layout& L, i64 bytes) {
     const i64 block = channels_within(in_l2);
     if (block * L.inner * bytes >= min_row_bytes) return {block};
   }
-  if (large_l2 && per_channel * 100 <= cs.l2_bytes * kAloneL2Percent) return {1, false};
+  if (large_l2 && cached > in_l2 && per_channel * 100 <= cs.l2_bytes * kAloneL2Percent) return {1, false};
   return {channels_within(cs.l3_bytes / (kL3Share * kBlocksInFlight * std::max<i64>(threads_for(L.numel()), 1)))};
 }
 
