@@ -105,8 +105,7 @@ def test_16bit_training_forward(isa, threads, dtype, rng):
 ALONE_BACKWARD = (24, 16, 96, 96)  # x and dy: 1.77 MB a channel, 28 MB a pass
 ALONE_FORWARD = (48, 16, 96, 96)   # x alone: 1.77 MB a channel
 ALONE_CHILD = """
-import hashlib, sys
-import numpy as np
+import sys
 import pybn
 from test_channel_blocks import alone_case_digests
 assert pybn._C.cache_sizes()[0] == int(sys.argv[1])
@@ -139,22 +138,34 @@ def alone_case_digests():
     return digests
 
 
+def _moments64(x):
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=(0, 2, 3))
+    return x64, mean, 1 / np.sqrt(x64.var(axis=(0, 2, 3)) + EPS)
+
+
 def test_alone_blocks_match_reference(isa):
     """The outputs of this process's blocks against float64 (the children below compare
-    their bits with these)."""
+    their bits with these): the training forward on ALONE_FORWARD, the backward on
+    ALONE_BACKWARD."""
     rng = np.random.default_rng(7)
-    x = (rng.standard_normal(ALONE_BACKWARD) * 3 + 20).astype(np.float32)
-    dy = rng.standard_normal(ALONE_BACKWARD).astype(np.float32)
     w, b = params(rng, 16)
-    res = pybn.batch_norm_train(x, w, b)
-    grads = pybn.batch_norm_backward(dy, x, res.mean, res.invstd, w)
-    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     axes, shape = (0, 2, 3), (1, -1, 1, 1)
-    mean, invstd = x64.mean(axis=axes), 1 / np.sqrt(x64.var(axis=axes) + EPS)
+    xf = (rng.standard_normal(ALONE_FORWARD) * 3 + 20).astype(np.float32)
+    res = pybn.batch_norm_train(xf, w, b)
+    x64, mean, invstd = _moments64(xf)
     np.testing.assert_allclose(res.mean, mean, rtol=1e-6)
     np.testing.assert_allclose(res.invstd, invstd, rtol=1e-6)
     xhat = (x64 - mean.reshape(shape)) * invstd.reshape(shape)
     np.testing.assert_allclose(res.y, xhat * w.reshape(shape) + b.reshape(shape), rtol=1e-5, atol=1e-5)
+    del xf, x64, xhat
+    x = (rng.standard_normal(ALONE_BACKWARD) * 3 + 20).astype(np.float32)
+    dy = rng.standard_normal(ALONE_BACKWARD).astype(np.float32)
+    res = pybn.batch_norm_train(x, w, b)
+    grads = pybn.batch_norm_backward(dy, x, res.mean, res.invstd, w)
+    x64, mean, invstd = _moments64(x)
+    dy64 = dy.astype(np.float64)
+    xhat = (x64 - mean.reshape(shape)) * invstd.reshape(shape)
     dbias, dweight = dy64.sum(axis=axes), (dy64 * xhat).sum(axis=axes)
     n = x.size // 16
     dx = (w * invstd).reshape(shape) * (dy64 - (dbias.reshape(shape) + xhat * dweight.reshape(shape)) / n)
@@ -168,7 +179,8 @@ def test_blocks_of_other_caches_give_the_same_bits(isa, l2, tmp_path):
     want = alone_case_digests()
     assert want[0] == want[1]  # 1 and 2 threads
     env = {k: v for k, v in os.environ.items() if k not in ("PYBN_ISA", "PYBN_L2_BYTES")}
-    env.update(PYBN_ISA=isa, PYBN_L2_BYTES=l2, PYTHONPATH=os.path.dirname(__file__))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env.update(PYBN_ISA=isa, PYBN_L2_BYTES=l2, PYTHONPATH=os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")])))
     l2_bytes = {"2M": 2 << 20, "1M": 1 << 20}[l2]
     proc = subprocess.run([sys.executable, "-c", ALONE_CHILD, str(l2_bytes)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
