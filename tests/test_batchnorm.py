@@ -905,17 +905,19 @@ def test_cache_sizes_are_the_cpus():
     for index in sorted(pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
         if kind in ("Data", "Unified") and level in ("2", "3") and level not in found:
-            size = (index / "size").read_text().strip()
-            found[level] = int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
-    want_l2, want_l3 = found.get("2", 512 << 10), min(found.get("3", 16 << 20), 32 << 20)
+            found[level] = _size_bytes((index / "size").read_text().strip())
     # PYBN_L2_BYTES / PYBN_L3_BYTES, where set, stand in for the CPU's (tests/test_channel_blocks.py)
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    for name, level in (("PYBN_L2_BYTES", 2), ("PYBN_L3_BYTES", 3)):
-        value = os.environ.get(name, "")
-        if value:
-            bytes_ = int(value[:-1]) * units[value[-1].upper()] if value[-1].upper() in units else int(value)
-            want_l2, want_l3 = (bytes_, want_l3) if level == 2 else (want_l2, bytes_)
+    l2, l3 = os.environ.get("PYBN_L2_BYTES", ""), os.environ.get("PYBN_L3_BYTES", "")
+    want_l2 = _size_bytes(l2) if l2 else found.get("2", 512 << 10)
+    want_l3 = _size_bytes(l3) if l3 else min(found.get("3", 16 << 20), 32 << 20)
     assert pybn._C.cache_sizes() == (want_l2, want_l3)
+
+
+def _size_bytes(text):
+    """'2048K', '2M' or a byte count, as sysfs and PYBN_L2_BYTES write sizes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    unit = text[-1].upper()
+    return int(text[:-1]) * units[unit] if unit in units else int(text)
 
 
 @pytest.mark.parametrize("shape,axis,dtype", BLOCKED_CASES, ids=BLOCKED_IDS)
