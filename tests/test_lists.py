@@ -3,6 +3,7 @@ of CMakeLists.txt) and what derives from them: the bindings, the diagnostics tab
 stub, the thresholds the kernels own, and the test-only instantiation with float32 storage
 computing in double."""
 
+import os
 import pathlib
 from fractions import Fraction
 
@@ -64,9 +65,10 @@ def test_python_allocates_aligned_where_the_kernel_streams():
     """The size from which outputs are allocated aligned is the least streaming threshold
     of the kernels, and the alignment the kernel's, not numbers of the Python layer. The
     threshold itself is a quarter of the L3 where that is more, and the L3 counted is at
-    most 32 MiB (a server's reading is its socket's), so the threshold is 4 to 8 MiB."""
+    most 32 MiB (a server's reading is its socket's; PYBN_L3_BYTES may set more), so the
+    threshold is 4 to 8 MiB."""
     assert pybn._checks.ALIGNED_MIN_BYTES == _C.STREAM_MIN_BYTES == 4 << 20
-    assert _C.cache_sizes()[1] <= 32 << 20
+    assert _C.cache_sizes()[1] <= 32 << 20 or "PYBN_L3_BYTES" in os.environ
     assert _C.stream_min_bytes() == max(_C.STREAM_MIN_BYTES, _C.cache_sizes()[1] // 4)
     assert pybn._checks.ALIGNMENT == _C.ALIGNMENT == 64
     n = _C.STREAM_MIN_BYTES // 4

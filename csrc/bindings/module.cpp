@@ -68,8 +68,8 @@ PYBIND11_MODULE(_C, m) {
         "quarter of the L3, whichever is more.");
   pybn::cache_sizes();  // a bad PYBN_L2_BYTES or PYBN_L3_BYTES fails the import, not a kernel call
   m.def("cache_sizes", [] { return std::make_pair(pybn::cache_sizes().l2_bytes, pybn::cache_sizes().l3_bytes); },
-        "(L2 bytes per core, shared L3 bytes, at most 32 MiB) as the channel-blocked kernels size their "
-        "blocks to them.");
+        "(L2 bytes per core, shared L3 bytes) as the channel-blocked kernels size their blocks to them: "
+        "PYBN_L2_BYTES / PYBN_L3_BYTES where set, else the CPU's, the L3 counted as at most 32 MiB.");
   m.def("advise_huge_pages", [](const NdArray& obj) -> bool {
     if (!py::isinstance<py::array>(obj)) throw py::type_error("a: expected a numpy.ndarray");
     auto a = py::reinterpret_borrow<py::array>(obj);
