@@ -45,7 +45,7 @@ def bn_cases():
     limit bites inside the kernel)."""
     layouts = {
         "nchw": ((8, 16, 40, 40), 1),            # row mode
-        "nchw-blocked": ((1, 49152, 16, 16), 1),  # channel blocks (> 24 MB): 256 channels on a 1 MB L2
+        "nchw-blocked": ((1, 49152, 16, 16), 1),  # channel blocks (> 4 MiB): 256 channels on a 1 MB L2
         "nhwc": ((64, 16, 16, 96), -1),          # period mode, C < W * 4 x reps
         "wide": ((24, 120_000), -1),             # period mode, chunks of a long period
         "wide-rows": ((2, 100_000, 9), 1),       # row mode, groups inside a period

@@ -883,7 +883,7 @@ def test_channels_last_few_channels_accurate(isa, rng):
 
 
 # ------------------------------------------ channel blocks (NCHW arrays past the caches)
-# Training forward and backward of NCHW-like arrays of more than 24 MB reduce and then
+# Training forward and backward of NCHW-like arrays of more than 4 MiB reduce and then
 # normalize one block of channels at a time (csrc/kernels/channel_loops.h, channel_block),
 # blocks sized to the L2 where a channel's slice fits there and the block's rows are long
 # enough for the prefetchers (64 KB), else to a share of the L3. Which sizes a case gets
@@ -894,8 +894,10 @@ BLOCKED_CASES = [((8, 16, 256, 200), 1, np.float32),    # 1.6 MB a channel: L3 b
                  ((2, 8, 3, 140000), 1, np.float32),    # 3.4 MB a channel, past an L3 block
                  ((8, 512, 40, 40), 1, np.float32),     # 51 KB a channel: L2 blocks' rows too short, L3 blocks
                  ((2, 1024, 64, 64), 1, np.float32),    # 32 KB a channel: L2 blocks on any L2 >= 512 KB
-                 ((24, 64, 96, 96), 1, np.float32)]     # 57 MB, past the L3; 0.9 MB a channel
-BLOCKED_IDS = ["f32-16ch", "f64-20ch", "f32-8ch-long-rows", "f32-L2-blocks", "f32-L2-long-rows", "f32-past-L3"]
+                 ((24, 64, 96, 96), 1, np.float32),     # 57 MB, past the L3; 0.9 MB a channel
+                 ((32, 256, 14, 14), 1, np.float32)]    # 6.4 MB (the bench's M), 25 KB a channel
+BLOCKED_IDS = ["f32-16ch", "f64-20ch", "f32-8ch-long-rows", "f32-L2-blocks", "f32-L2-long-rows", "f32-past-L3",
+               "f32-medium"]
 
 
 def test_cache_sizes_are_the_cpus():
@@ -922,7 +924,7 @@ def _size_bytes(text):
 
 @pytest.mark.parametrize("shape,axis,dtype", BLOCKED_CASES, ids=BLOCKED_IDS)
 def test_channel_blocked_passes(shape, axis, dtype, isa, rng):
-    assert np.prod(shape) * np.dtype(dtype).itemsize >= 24 << 20  # large enough to be blocked
+    assert np.prod(shape) * np.dtype(dtype).itemsize >= 4 << 20  # large enough to be blocked
     x, w, b, rm, rv = make_inputs(rng, shape, axis, dtype)
     x += dtype(50)  # an offset the statistics must not lose
     dy = rng.standard_normal(shape).astype(dtype)

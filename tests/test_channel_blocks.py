@@ -1,5 +1,5 @@
 """The pipelined channel blocks (csrc/kernels/channel_loops.h, pipelined_channel_blocks):
-NCHW arrays of more than 24 MB per pass are trained in blocks of channels, each thread
+NCHW arrays of more than 4 MiB per pass are trained in blocks of channels, each thread
 reading the next block's statistics between the writes of the current one. A block writes
 only its own channels, so outputs written over the inputs (out=x, out=dy) must leave the
 next block's reads untouched, and 16-bit storage takes the same schedule. Block sizes come
@@ -42,11 +42,12 @@ def test_training_forward_in_place(isa, threads, rng):
         same_bits(g, e)
 
 
-@pytest.mark.parametrize("shape", [FORWARD, (16, 37, 80, 112)], ids=["blocked", "x-21MB"])
+@pytest.mark.parametrize("shape", [FORWARD, (4, 37, 56, 112)], ids=["blocked", "x-3.5MiB"])
 def test_residual_keeps_the_statistics(shape, threads, rng):
     """Blocks sized for x and the residual it passes (channel_block's passing bytes) sum each
     channel in the same order as blocks sized for x alone, and whether x is blocked at all
-    does not depend on the residual (21 MB of x: not blocked, 42 MB with r): the statistics
+    does not depend on the residual (3.5 MiB of x: not blocked, 7 MiB with r; blocked, its
+    statistics would have other bits): the statistics
     have the plain call's bits, y is the plain y plus r through the ReLU."""
     x = rng.standard_normal(shape, np.float32) + np.float32(20)
     r = rng.standard_normal(shape, np.float32)
@@ -98,12 +99,15 @@ def test_16bit_training_forward(isa, threads, dtype, rng):
 
 
 # The blocks other CPUs' caches give (channel_block), with PYBN_L2_BYTES standing in for the
-# CPU. Each channel of these shapes has 1.77 MB of inputs per pass. With a 2 MiB L2 (an
+# CPU. Each channel of the ALONE shapes has 1.77 MB of inputs per pass. With a 2 MiB L2 (an
 # Intel server core) a channel fits its L2 once but not twice, so it is a block of its own,
 # reduced and then written with nothing pipelined; with a 1 MiB L2 the blocks are sized to
-# the L3 and pipelined. The bits must be those of this process, whatever its CPU.
+# the L3 and pipelined. MEDIUM (6.4 MB) takes 16- and 8-channel blocks filling 40% of a 2
+# MiB L2 (forward, backward), 16-channel L3 blocks with a 1 MiB L2. The bits must be those
+# of this process, whatever its CPU.
 ALONE_BACKWARD = (24, 16, 96, 96)  # x and dy: 1.77 MB a channel, 28 MB a pass
 ALONE_FORWARD = (48, 16, 96, 96)   # x alone: 1.77 MB a channel
+MEDIUM = (32, 256, 14, 14)         # the bench's M: 25 KB a channel of x
 ALONE_CHILD = """
 import sys
 import pybn
@@ -117,21 +121,24 @@ def alone_case_digests():
     """sha256 of every output of a training forward and a backward on the shapes above, at 1
     and 2 threads; the inputs drawn from a fixed seed."""
     rng = np.random.default_rng(2026)
-    xf = (rng.standard_normal(ALONE_FORWARD) * 3 + 20).astype(np.float32)
-    x = (rng.standard_normal(ALONE_BACKWARD) * 3 + 20).astype(np.float32)
-    dy = rng.standard_normal(ALONE_BACKWARD).astype(np.float32)
-    w, b = params(rng, 16)
+    cases = []
+    for forward, backward in ((ALONE_FORWARD, ALONE_BACKWARD), (MEDIUM, MEDIUM)):
+        xf = (rng.standard_normal(forward) * 3 + 20).astype(np.float32)
+        x = (rng.standard_normal(backward) * 3 + 20).astype(np.float32)
+        dy = rng.standard_normal(backward).astype(np.float32)
+        cases.append((xf, x, dy, *params(rng, forward[1])))
     digests = []
     prev = pybn.get_num_threads()
     try:
         for t in (1, 2):
             pybn.set_num_threads(t)
-            fwd = pybn.batch_norm_train(xf, w, b)
-            stats = pybn.batch_norm_train(x, w, b)
-            grads = pybn.batch_norm_backward(dy, x, stats.mean, stats.invstd, w)
             h = hashlib.sha256()
-            for a in (*fwd[:3], *grads):
-                h.update(np.ascontiguousarray(a).tobytes())
+            for xf, x, dy, w, b in cases:
+                fwd = pybn.batch_norm_train(xf, w, b)
+                stats = pybn.batch_norm_train(x, w, b)
+                grads = pybn.batch_norm_backward(dy, x, stats.mean, stats.invstd, w)
+                for a in (*fwd[:3], *grads):
+                    h.update(np.ascontiguousarray(a).tobytes())
             digests.append(h.hexdigest())
     finally:
         pybn.set_num_threads(prev)

@@ -29,7 +29,7 @@ LAYOUTS = {
     "rows": ((4, 7, 20000), (4, 7, 20000), 1),              # row mode, groups inside periods
     "period": ((30000, 7), (30000, 7), -1),                 # period mode, several ranges
     "chunks": ((8, 70001), (8, 70001), -1),                 # period mode, a long period in chunks
-    "blocked": ((2, 16, 200000), (2, 16, 100000), 1),       # channel blocks (> 24 MB)
+    "blocked": ((2, 16, 200000), (2, 16, 100000), 1),       # channel blocks (> 4 MiB)
 }
 DTYPES = {"f32": np.float32, "f64": np.float64}
 TOL = {np.float32: 2e-5, np.float64: 1e-12}

@@ -396,17 +396,29 @@ constexpr i64 kL3Share = 4;
 constexpr i64 kBlocksInFlight = 2;
 // Rows of an L2-sized block shorter than this take an L3-sized block instead (channel_block).
 constexpr i64 kMinL2RowBytes = i64(64) << 10;
-// Cores with at least this much L2 (Intel's server cores: 2 MiB) let the blocks in flight
-// fill all of it, and take L2 blocks whatever their rows' length. Their L3 is the socket's
-// mesh, no faster to read back from than memory, so the second pass gains most from the
-// L2; short rows cost little there, where the prefetchers stop at every 4 KiB page anyway.
+// Cores with at least this much L2 (Intel's server cores: 2 MiB) take L2 blocks whatever
+// their rows' length. Their L3 is the socket's mesh, no faster to read back from than
+// memory, so the second pass gains most from the L2; short rows cost little there, where
+// the prefetchers stop at every 4 KiB page anyway.
 constexpr i64 kLargeL2Bytes = i64(2) << 20;
+// On such a core the blocks in flight fill at most this share of the L2, as many channels
+// as fit (M's backward: 16-channel blocks filling 78% of a 2 MiB L2 took 523-560 us,
+// 8-channel ones filling 39% 457-465 us); a channel too large for that share but within
+// half the L2 is a block of its own, still pipelined (L's training forward: 5.9 ms,
+// against 7.9 ms with nothing pipelined).
+constexpr i64 kLargeL2BlocksPercent = 40;
+// ... or more, up to half the L2, where the block's rows (one per sample, summed over the
+// arrays it reads) would be shorter than this: one-channel blocks of 3 KB rows ((128, 64,
+// 28, 28)'s training forward) took 2.12-2.28 ms, two-channel ones 1.83-2.07 ms.
+constexpr i64 kLargeL2MinRowBytes = i64(12) << 10;
 // On such a core, a channel whose slice fits in this share of the L2 but not twice in it
 // is its own block, reduced and then written with nothing pipelined (ChannelBlocks): the
 // next block's reads would evict the lines the current block's pass still has to read.
 constexpr i64 kAloneL2Percent = 85;
-// Below this (bytes read per pass), both passes run from the cache anyway.
-constexpr i64 kChannelBlockMinBytes = i64(24) << 20;
+// Below this (bytes read per pass: the L2 of two server cores), both passes run from the
+// cache anyway. The same on every CPU, as whether an array is blocked sets its reduction
+// order.
+constexpr i64 kChannelBlockMinBytes = i64(4) << 20;
 
 struct ChannelRange {
   i64 begin = 0, end = 0;
@@ -438,9 +450,12 @@ struct NoSampleHook {
 // one-channel L2 blocks (rows of 6-12 KB: A's float32 and L's float16 forward) trained
 // 10-40% slower than L3 blocks, while L2 blocks with rows of 128-256 KB ((2..4,
 // 512..1024, 64, 64)) trained and ran the backward 10-25% faster (docs/performance.md).
-// On a core with a large L2 (kLargeL2Bytes) the two blocks fill all of it and rows of any
-// length are taken: on a 2 MiB-L2 Xeon, A trained in 1.21-1.24 ms instead of 1.48-1.51 ms,
-// its backward 1.76-1.81 instead of 2.28-2.29 ms, L trained in 5.1 instead of 6.1-6.3 ms.
+// On a core with a large L2 (kLargeL2Bytes) the two blocks fill kLargeL2BlocksPercent of
+// it (one channel at least, while a channel fits half of it) and rows of any length are
+// taken: on a 2 MiB-L2 Xeon, with blocks filling all of it, A trained in 1.21-1.24 ms
+// instead of 1.48-1.51 ms in L3 blocks, its backward 1.76-1.81 instead of 2.28-2.29 ms, L
+// trained in 5.1 instead of 6.1-6.3 ms; filling 40%, 6-12 MB arrays trained 7-20% faster
+// and ran the backward up to 20% faster again (docs/performance.md, "the 6th").
 // There a channel too large for two blocks but within kAloneL2Percent of the L2 runs alone:
 // L's backward (x and dy, 1.6 MB a channel) took 10.5-10.8 ms instead of 12.5-13.0 pipelined
 // in one-channel L3 blocks, whose second pass gained nothing over reading memory again; a
@@ -456,15 +471,18 @@ inline ChannelBlocks channel_block(const Layout& L, i64 bytes, i64 passing_bytes
     return std::clamp<i64>(std::min(budget / per_channel, L.channels / 16), 1, L.channels);
   };
   const CacheSizes& cs = cache_sizes();
-  const bool large_l2 = cs.l2_bytes >= kLargeL2Bytes;
-  const i64 l2_share = large_l2 ? 1 : kL2Share;
-  const i64 min_row_bytes = large_l2 ? 0 : kMinL2RowBytes;
-  const i64 in_l2 = cs.l2_bytes / (l2_share * kBlocksInFlight);
-  if (per_channel <= in_l2) {
+  if (cs.l2_bytes >= kLargeL2Bytes) {
+    const i64 half_l2 = cs.l2_bytes / kBlocksInFlight;
+    if (per_channel <= half_l2) {
+      const i64 block = channels_within(cs.l2_bytes * kLargeL2BlocksPercent / (100 * kBlocksInFlight));
+      const i64 row_bytes = L.inner * bytes, long_rows = (kLargeL2MinRowBytes + row_bytes - 1) / row_bytes;
+      return {std::max(block, std::min(long_rows, channels_within(half_l2)))};
+    }
+    if (cached > half_l2 && per_channel * 100 <= cs.l2_bytes * kAloneL2Percent) return {1, false};
+  } else if (const i64 in_l2 = cs.l2_bytes / (kL2Share * kBlocksInFlight); per_channel <= in_l2) {
     const i64 block = channels_within(in_l2);
-    if (block * L.inner * bytes >= min_row_bytes) return {block};
+    if (block * L.inner * bytes >= kMinL2RowBytes) return {block};
   }
-  if (large_l2 && cached > in_l2 && per_channel * 100 <= cs.l2_bytes * kAloneL2Percent) return {1, false};
   return {channels_within(cs.l3_bytes / (kL3Share * kBlocksInFlight * std::max<i64>(threads_for(L.numel()), 1)))};
 }
 
