@@ -127,18 +127,25 @@ def alone_case_digests():
         x = (rng.standard_normal(backward) * 3 + 20).astype(np.float32)
         dy = rng.standard_normal(backward).astype(np.float32)
         cases.append((xf, x, dy, *params(rng, forward[1])))
+
+    def outputs():
+        for xf, x, dy, w, b in cases:
+            fwd = pybn.batch_norm_train(xf, w, b)
+            stats = pybn.batch_norm_train(x, w, b)
+            yield from (*fwd[:3], *pybn.batch_norm_backward(dy, x, stats.mean, stats.invstd, w))
+    return thread_digests(outputs)
+
+
+def thread_digests(outputs):
+    """sha256 of the arrays outputs() yields, at 1 and at 2 threads."""
     digests = []
     prev = pybn.get_num_threads()
     try:
         for t in (1, 2):
             pybn.set_num_threads(t)
             h = hashlib.sha256()
-            for xf, x, dy, w, b in cases:
-                fwd = pybn.batch_norm_train(xf, w, b)
-                stats = pybn.batch_norm_train(x, w, b)
-                grads = pybn.batch_norm_backward(dy, x, stats.mean, stats.invstd, w)
-                for a in (*fwd[:3], *grads):
-                    h.update(np.ascontiguousarray(a).tobytes())
+            for a in outputs():
+                h.update(np.ascontiguousarray(a).tobytes())
             digests.append(h.hexdigest())
     finally:
         pybn.set_num_threads(prev)
@@ -185,14 +192,20 @@ def test_alone_blocks_match_reference(isa):
 def test_blocks_of_other_caches_give_the_same_bits(isa, l2, tmp_path):
     want = alone_case_digests()
     assert want[0] == want[1]  # 1 and 2 threads
-    env = {k: v for k, v in os.environ.items() if k not in ("PYBN_ISA", "PYBN_L2_BYTES")}
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env.update(PYBN_ISA=isa, PYBN_L2_BYTES=l2, PYTHONPATH=os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")])))
     l2_bytes = {"2M": 2 << 20, "1M": 1 << 20}[l2]
-    proc = subprocess.run([sys.executable, "-c", ALONE_CHILD, str(l2_bytes)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    assert run_child(tmp_path, isa, ALONE_CHILD, str(l2_bytes), PYBN_L2_BYTES=l2) == str(want)
+
+
+def run_child(cwd, isa, code, *args, **cache_sizes):
+    """The output of `code` run by a child process on path `isa`, with PYBN_L2_BYTES /
+    PYBN_L3_BYTES as given (else unset) and this directory on its path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYBN_ISA", "PYBN_L2_BYTES", "PYBN_L3_BYTES")}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env.update(cache_sizes, PYBN_ISA=isa, PYTHONPATH=os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(want)
+    return proc.stdout.strip()
 
 
 @pytest.mark.parametrize("value", ["abc", "1G", "12Q", "-1"])
@@ -202,3 +215,44 @@ def test_bad_cache_size_fails_the_import(value, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert f"PYBN_L2_BYTES={value}: must be a size from 64K to 64M" in proc.stderr
+
+
+# The channels-last statistics pass requests its lines ahead where x is at least twice the
+# L3 (moments_period_group's kReadAhead); PYBN_L3_BYTES=1M puts this 3.2 MB array there in
+# a child process. The requests change no value: the bits must be this process's.
+READ_AHEAD = (8, 28, 28, 128)
+READ_AHEAD_CHILD = """
+import pybn
+from test_channel_blocks import read_ahead_digests
+assert pybn._C.cache_sizes()[1] == 1 << 20
+print(read_ahead_digests())
+"""
+
+
+def read_ahead_inputs():
+    """x, weight and bias of the READ_AHEAD case, from a fixed seed."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(READ_AHEAD) * 3 + 20).astype(np.float32)
+    w, b = params(rng, READ_AHEAD[-1])
+    return x, w, b
+
+
+def read_ahead_digests():
+    """sha256 of a channels-last training forward's outputs and its statistics, at 1 and 2
+    threads."""
+    x, w, b = read_ahead_inputs()
+    return thread_digests(lambda: (*pybn.batch_norm_train(x, w, b, axis=-1), *pybn.batch_norm_stats(x, axis=-1)[1:]))
+
+
+def test_read_ahead_gives_the_same_bits(isa, tmp_path):
+    assert np.prod(READ_AHEAD) * 4 < 2 * pybn._C.cache_sizes()[1]  # not read ahead here
+    x, w, b = read_ahead_inputs()
+    res = pybn.batch_norm_train(x, w, b, axis=-1)
+    x64 = x.astype(np.float64).reshape(-1, READ_AHEAD[-1])
+    mean, invstd = x64.mean(0), 1 / np.sqrt(x64.var(0) + EPS)
+    np.testing.assert_allclose(res.mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(res.invstd, invstd, rtol=1e-6)
+    np.testing.assert_allclose(res.y.reshape(x64.shape), (x64 - mean) * invstd * w + b, rtol=1e-5, atol=1e-5)
+    want = read_ahead_digests()
+    assert want[0] == want[1]
+    assert run_child(tmp_path, isa, READ_AHEAD_CHILD, PYBN_L3_BYTES="1M") == str(want)

@@ -159,10 +159,12 @@ struct PeriodScratch {
 };
 
 // Mean and M2 of the channels of group g (Lc, see PeriodBlocks::chunk_layout) over its
-// range of rows, into gm and g2 (Lc.channels values each).
-template <class S, class T>
-void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const S* x, const PeriodScratch<T>& w,
-                          double* gm, double* g2) {
+// range of rows, into gm and g2 (Lc.channels values each). `n` elements of x are readable;
+// kReadAhead: x is far past the L3, its lines are requested ahead (kStreamAheadBytes; a
+// template argument because behind a run-time bool GCC 12 compiled the requests out).
+template <class S, class T, bool kReadAhead>
+void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const S* x, i64 n,
+                          const PeriodScratch<T>& w, double* gm, double* g2) {
   using V = Vec<T>;
   const i64 C = Lc.channels, RL = pb.row_len;
   double gn = 0;
@@ -170,11 +172,17 @@ void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const
   std::fill(g2, g2 + C, 0.0);
   pb.for_each(g, [&](i64 off, i64 nrows, i64 len) {
     const S* xb = x + off;
+    const auto ahead = [xb, limit = n - off] {
+      if constexpr (kReadAhead)
+        return [xb, limit](i64 i, i64 k) { prefetch_lines(xb, i + kStreamAheadBytes / i64(sizeof(S)), k, limit); };
+      else
+        return NoReadAhead{};
+    }();
     const double nb = static_cast<double>(nrows) * static_cast<double>(len / C), inv_nb = 1.0 / nb;
     if (gn == 0) {  // first block: shift by its own mean
       T* const acc1[1] = {w.sums};
-      column_accumulate<T, 1>(nrows, RL, len, acc1,
-                              [&](i64 o, i64, i64 n, V* a) { a[0] = a[0] + load_n<T>(xb + o, n); });
+      column_accumulate<T, 1>(
+          nrows, RL, len, acc1, [&](i64 o, i64, i64 k, V* a) { a[0] = a[0] + load_n<T>(xb + o, k); }, ahead);
       std::fill(w.s1, w.s1 + C, 0.0);
       fold_period(Lc, w.sums, len, w.s1);
       for (i64 c = 0; c < C; ++c) w.shift[c] = static_cast<T>(w.s1[c] * inv_nb);
@@ -184,11 +192,14 @@ void moments_period_group(const Layout& Lc, const PeriodBlocks& pb, i64 g, const
     fill_period(Lc, w.shift, len, w.shift_row);
 
     T* const acc2[2] = {w.dsum, w.dsq};
-    column_accumulate<T, 2>(nrows, RL, len, acc2, [&](i64 o, i64 col, i64 n, V* a) {
-      const V d = load_n<T>(xb + o, n) - load_n<T>(w.shift_row + col, n);
-      a[0] = a[0] + d;
-      a[1] = fma(d, d, a[1]);
-    });
+    column_accumulate<T, 2>(
+        nrows, RL, len, acc2,
+        [&](i64 o, i64 col, i64 k, V* a) {
+          const V d = load_n<T>(xb + o, k) - load_n<T>(w.shift_row + col, k);
+          a[0] = a[0] + d;
+          a[1] = fma(d, d, a[1]);
+        },
+        ahead);
     std::fill(w.s1, w.s1 + C, 0.0);
     std::fill(w.s2, w.s2 + C, 0.0);
     fold_period(Lc, w.dsum, len, w.s1);
@@ -241,14 +252,21 @@ void moments_period(const Layout& L, const S* x, double* mean, double* m2) {
   const i64 slices = slice_count(pb.groups, L.numel());
   SliceBuffers<T> tbuf(slices, 4 * CL + CC);
   SliceBuffers<double> dbuf(slices, 2 * CC);
-  parallel_slices(pb.groups, L.numel(), slices, [&](i64 s, i64 gbegin, i64 gend) {
-    T* const t = tbuf[s];
-    const PeriodScratch<T> w{t, t + CL, t + 2 * CL, t + 3 * CL, t + 4 * CL, dbuf[s], dbuf[s] + CC};
-    for (i64 g = gbegin; g < gend; ++g) {
-      const i64 at = g / pb.chunks * C + pb.first_channel(L, g);
-      moments_period_group<S, T>(pb.chunk_layout(L, g), pb, g, x, w, gmean + at, gm2 + at);
-    }
-  });
+  const auto run = [&](auto read_ahead) {
+    parallel_slices(pb.groups, L.numel(), slices, [&](i64 s, i64 gbegin, i64 gend) {
+      T* const t = tbuf[s];
+      const PeriodScratch<T> w{t, t + CL, t + 2 * CL, t + 3 * CL, t + 4 * CL, dbuf[s], dbuf[s] + CC};
+      for (i64 g = gbegin; g < gend; ++g) {
+        const i64 at = g / pb.chunks * C + pb.first_channel(L, g);
+        moments_period_group<S, T, decltype(read_ahead)::value>(pb.chunk_layout(L, g), pb, g, x, L.numel(), w,
+                                                                gmean + at, gm2 + at);
+      }
+    });
+  };
+  if (L.numel() * i64(sizeof(S)) >= kReadAheadL3Multiple * cache_sizes().l3_bytes)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
   if (R == 1) return;
   Buffer<double> counts = make_buffer<double>(R);
   for (i64 r = 0; r < R; ++r) counts[r] = static_cast<double>(pb.range_count(L, r));
