@@ -57,7 +57,8 @@ def test_batch_norm_tails(isa, dtype):
     rng = np.random.default_rng(1)
     for n in LENGTHS:
         for off in offsets(dtype)[:: 3 if n > 20 else 1]:
-            for shape, axis in (((2, n), 0), ((n, 2), 1), ((2, 1, n), 1)):  # rows of n, channels-last, 1 channel
+            # rows of n, channels-last, 1 channel (rows of n; and a period of one position)
+            for shape, axis in (((2, n), 0), ((n, 2), 1), ((2, 1, n), 1), ((n, 1), 1)):
                 x = at_end(rng.standard_normal(shape).astype(dtype), off)
                 xs = np.moveaxis(x.astype(np.float64), axis, -1).reshape(-1, x.shape[axis])
                 mean, var = xs.mean(0), xs.var(0)

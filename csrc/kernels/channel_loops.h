@@ -91,7 +91,10 @@ void fill_period(const Layout& L, const S* src, i64 len, T* row) {
   } else {
     for (i64 c = 0; c < L.channels; ++c) std::fill(row + c * L.inner, row + (c + 1) * L.inner, static_cast<T>(src[c]));
   }
-  for (i64 q = P; q < len; ++q) row[q] = row[q - P];
+  // On in doubling copies: a loop of row[q] = row[q - P] waited on its own stores when P is
+  // a few positions (3.4 us for one channel's 528-entry table, against 0.4 for 64 channels).
+  for (i64 filled = P; filled > 0 && filled < len; filled *= 2)
+    std::copy_n(row, std::min(filled, len - filled), row + filled);
 }
 
 // The compute type whose vectors are streamed to storage S: S itself, or float for 16-bit
