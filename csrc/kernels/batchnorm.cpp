@@ -436,6 +436,17 @@ void grad_sums(const Layout& L, const GradTerms<S, T, kMask>& terms, double* sum
 // ---------------------------------------------------------------------------------------
 // Elementwise passes.
 
+// xhat_scale is 1 for every invstd whose exponent is within kXhatLimit of 0.
+template <class T>
+constexpr int kXhatLimit = std::numeric_limits<T>::max_exponent / 4;
+
+// ilogb(invstd) in [-kXhatLimit, kXhatLimit], decided without the call (a libm call per
+// channel took most of a small array's training call: 1024 channels, about 10 us).
+template <class T>
+bool in_unit_range(double invstd) {
+  return invstd >= std::ldexp(1.0, -kXhatLimit<T>) && invstd < std::ldexp(1.0, kXhatLimit<T> + 1);
+}
+
 // The power of two by which the elementwise passes scale x - mean for a channel of this
 // invstd: 1, unless invstd is so far from 1 that x - mean may overflow (a float32 channel
 // spread past about 1e9: values near 3e38 and -3e38 have a difference past the range
@@ -445,10 +456,8 @@ void grad_sums(const Layout& L, const GradTerms<S, T, kMask>& terms, double* sum
 template <class T>
 double xhat_scale(double invstd) {
   using Limits = std::numeric_limits<T>;
-  constexpr int kLimit = Limits::max_exponent / 4;
-  // ilogb(invstd) in [-kLimit, kLimit], decided without the call (a libm call per channel
-  // took most of a small array's training call: 1024 channels, about 10 us)
-  if (invstd >= std::ldexp(1.0, -kLimit) && invstd < std::ldexp(1.0, kLimit + 1)) return 1.0;
+  constexpr int kLimit = kXhatLimit<T>;
+  if (in_unit_range<T>(invstd)) return 1.0;
   if (!std::isfinite(invstd)) return 1.0;
   const int e = invstd == 0 ? INT_MIN / 2 : std::ilogb(invstd);
   if (std::abs(e) <= kLimit) return 1.0;
@@ -495,16 +504,17 @@ struct Affine {
   // Channel c, once the mean of channel c is set. An alpha past T's range (a weight near
   // the largest T) moves its excess into s too: only elements whose y overflows anyway
   // overflow x * s.
+  static constexpr double kSmallProduct = 0x1p120;
+
   void set(i64 c, double invstd, double weight, double bias) const {
     constexpr int kAlphaExponent = std::numeric_limits<T>::max_exponent - 3;
     // (s_invstd and s_weight are 1 but for extreme channels: no division then, which
     // otherwise set the pace of the per-channel loops of small arrays)
     const double s_invstd = xhat_scale<T>(invstd), scaled_invstd = s_invstd == 1 ? invstd : invstd / s_invstd;
     double s_weight = 1;
-    // |weight * scaled_invstd| < 2**120 (rounded, so the exact product is too) leaves the
-    // exponents' sum below kAlphaExponent: no ilogb calls in the common case (a NaN or an
-    // overflowing product takes the checks below)
-    constexpr double kSmallProduct = 0x1p120;
+    // |weight * scaled_invstd| < kSmallProduct (rounded, so the exact product is too) leaves
+    // the exponents' sum below kAlphaExponent: no ilogb calls in the common case (a NaN or
+    // an overflowing product takes the checks below)
     static_assert(std::numeric_limits<T>::max_exponent - 3 >= 120, "the shortcut implies e <= kAlphaExponent");
     const bool small = std::abs(weight * scaled_invstd) < kSmallProduct;
     if (!small && weight != 0 && std::isfinite(weight) && scaled_invstd != 0 && std::isfinite(scaled_invstd)) {
@@ -520,16 +530,15 @@ struct Affine {
   }
 
   // set(c, invstd[c], weight[c] or 1, bias[c] or 0) for channels [0, C), once their means
-  // are set. Where every channel takes set's common case (s = 1: invstd within xhat_scale's
-  // unit range, |weight * invstd| < 2**120), the same values come from loops over one array
-  // at a time, which vectorize; set's scalar loop was a seventh of a (16, 1024) inference.
+  // are set. Where every channel takes set's common case (s = 1: invstd in xhat_scale's
+  // unit range, |weight * invstd| < kSmallProduct), the same values come from loops over one
+  // array at a time, which vectorize; set's scalar loop was a seventh of a (16, 1024)
+  // inference.
   void set_all(i64 C, const double* invstd, const P* weight, const P* bias) const {
-    constexpr int kLimit = std::numeric_limits<T>::max_exponent / 4;
-    const double lo = std::ldexp(1.0, -kLimit), hi = std::ldexp(1.0, kLimit + 1);
     i64 uncommon = 0;
     for (i64 c = 0; c < C; ++c) {
       const double w = weight ? static_cast<double>(weight[c]) : 1.0;
-      uncommon += !(invstd[c] >= lo && invstd[c] < hi && std::abs(w * invstd[c]) < 0x1p120);
+      uncommon += !(in_unit_range<T>(invstd[c]) && std::abs(w * invstd[c]) < kSmallProduct);
     }
     if (uncommon) {
       for (i64 c = 0; c < C; ++c)
