@@ -488,3 +488,32 @@ def test_scales_at_the_edges_of_the_unit_range(layout, isa, threads):
     want = (signs[None, :] * w[:, None]).astype(np.float32)
     got = y.T if layout == "period" else y[0]
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("extra", ["huge weight", "tiny variance"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["rows", "period"])
+def test_common_channels_keep_their_bits_beside_an_extreme_one(layout, dtype, extra, isa, threads, rng):
+    """The coefficients of channels in the common case (scale 1) are set by vector loops over
+    all channels when every channel is common (Affine::set_all), and channel by channel when
+    one is not (Affine::set): an extreme channel added to the call must leave the other
+    channels' outputs (elementwise, given their statistics) bit for bit as they were."""
+    C = 37
+    top = 127 if dtype == np.float32 else 1023
+    x = rng.standard_normal((50, C + 1) if layout == "period" else (3, C + 1, 50)).astype(dtype)
+    axis = -1 if layout == "period" else 1
+    mean = rng.standard_normal(C + 1).astype(dtype)
+    var = (rng.random(C + 1) + 0.5).astype(dtype)
+    w = rng.standard_normal(C + 1).astype(dtype)
+    b = rng.standard_normal(C + 1).astype(dtype)
+    if extra == "huge weight":
+        w[C] = dtype(2.0**top)  # |weight * invstd| past 2**120: a power-of-two scale
+    else:
+        var[C] = dtype(2.0**-80 if dtype == np.float32 else 2.0**-600)  # invstd past the unit range (eps = 0)
+    common = (slice(None), slice(0, C)) if layout == "period" else (slice(None), slice(0, C), slice(None))
+    invstd = (1 / np.sqrt(var.astype(np.float64))).astype(dtype)
+    for call in (lambda xs, k: pybn.batch_norm_infer(xs, mean[:k], var[:k], w[:k], b[:k], eps=0.0, axis=axis),
+                 lambda xs, k: pybn.batch_norm_apply(xs, mean[:k], invstd[:k], w[:k], b[:k], axis=axis)):
+        alone = call(np.ascontiguousarray(x[common]), C)
+        beside = call(x, C + 1)[common]
+        np.testing.assert_array_equal(alone.view(f"u{alone.itemsize}"), beside.view(f"u{beside.itemsize}"))
