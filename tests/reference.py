@@ -142,3 +142,9 @@ def nearest_even(values, dtype):
             take = better & finite & (bits != 0x7F80) & (bits != 0xFF80)
             best[take] = other[take]
     return best
+
+
+def assert_bits_equal(got, want):
+    """got and want hold the same values to the bit (same dtype and shape)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import pybn
-from reference import nearest_even
+from reference import assert_bits_equal, nearest_even
 from reference_dropblock import drop_block_ref
 from reference_dropout import keep_mask, scale_for
 
@@ -41,11 +41,6 @@ def at_end(values, offset):
     out = buf[offset:].reshape(values.shape)
     out[...] = values
     return out
-
-
-def assert_bits_equal(got, want):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
 
 
 def offsets(dtype):

@@ -487,6 +487,12 @@ struct MeanTable {
   }
 };
 
+// p[c] in double, or `fallback` where p is null (an optional weight or bias).
+template <class S>
+double value_or(const S* p, i64 c, double fallback) {
+  return p ? static_cast<double>(p[c]) : fallback;
+}
+
 // Per-channel coefficients of y = (x - mean) * alpha + beta (see normalize), for
 // parameters of type P.
 template <class P, class T>
@@ -536,18 +542,15 @@ struct Affine {
   // inference.
   void set_all(i64 C, const double* invstd, const P* weight, const P* bias) const {
     i64 uncommon = 0;
-    for (i64 c = 0; c < C; ++c) {
-      const double w = weight ? static_cast<double>(weight[c]) : 1.0;
-      uncommon += !(in_unit_range<T>(invstd[c]) && std::abs(w * invstd[c]) < kSmallProduct);
-    }
+    for (i64 c = 0; c < C; ++c)
+      uncommon += !(in_unit_range<T>(invstd[c]) && std::abs(value_or(weight, c, 1.0) * invstd[c]) < kSmallProduct);
     if (uncommon) {
-      for (i64 c = 0; c < C; ++c)
-        set(c, invstd[c], weight ? static_cast<double>(weight[c]) : 1.0, bias ? static_cast<double>(bias[c]) : 0.0);
+      for (i64 c = 0; c < C; ++c) set(c, invstd[c], value_or(weight, c, 1.0), value_or(bias, c, 0.0));
       return;
     }
-    for (i64 c = 0; c < C; ++c) alpha[c] = static_cast<T>((weight ? static_cast<double>(weight[c]) : 1.0) * invstd[c]);
+    for (i64 c = 0; c < C; ++c) alpha[c] = static_cast<T>(value_or(weight, c, 1.0) * invstd[c]);
     std::copy_n(alpha, C, scaled_alpha);
-    for (i64 c = 0; c < C; ++c) beta[c] = bias ? static_cast<T>(static_cast<double>(bias[c])) : T(0);
+    for (i64 c = 0; c < C; ++c) beta[c] = static_cast<T>(value_or(bias, c, 0.0));
     std::fill_n(scale, C, T(1));
     for (i64 c = 0; c < C; ++c) shift[c] = -mean.set(c);  // -mean * s, s = 1: exact
   }
@@ -608,11 +611,6 @@ void normalize(const Layout& L, const S* x, const S* residual, const Affine<para
     const T* const coef[3] = {k.mean.table(), k.alpha, k.beta};
     apply(coef, [x](i64 i, i64 n, const V* c) { return fma(load_n<T>(x + i, n) - c[0], c[1], c[2]); });
   }
-}
-
-template <class S>
-double value_or(const S* p, i64 c, double fallback) {
-  return p ? static_cast<double>(p[c]) : fallback;
 }
 
 // The running statistics' update of channel c (BnRunningStatsArgs), from the batch's mean
