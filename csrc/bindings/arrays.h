@@ -125,6 +125,18 @@ T* required_out(const py::handle& obj, i64 size, const char* name) {
   return inout<T>(obj, size, name);
 }
 
+// obj as it arrives from the common call, or an empty py::array: an exact numpy.ndarray
+// (no subclass), C-contiguous and aligned, so that Python's checks would pass it through
+// unchanged. For the bindings that take a call's common case whole and leave every other
+// one, unjudged, to the Python checks (bn_infer_plain).
+inline py::array plain_array(py::handle obj) {
+  using api = py::detail::npy_api;
+  if (Py_TYPE(obj.ptr()) != api::get().PyArray_Type_) return {};
+  constexpr int kWanted = api::NPY_ARRAY_C_CONTIGUOUS_ | api::NPY_ARRAY_ALIGNED_;
+  if ((py::detail::array_proxy(obj.ptr())->flags & kWanted) != kWanted) return {};
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
 // The number of elements of obj, an ndarray (else a TypeError naming it).
 i64 size_of(const py::handle& obj, const char* name);
 

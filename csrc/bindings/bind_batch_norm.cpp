@@ -1,5 +1,8 @@
 // Bindings of the batch-norm kernels: training and inference forwards, the split phases,
 // the backwards, the running statistics, and the merge of per-worker statistics.
+#include <cmath>
+#include <vector>
+
 #include "kernel_sets.h"
 
 namespace pybn::bindings {
@@ -56,6 +59,49 @@ void bn_infer(const NdArray& x, const NdArray& y, const NdArray& mean, const NdA
     GilReleased nogil;
     K::template typed<S>().bn_infer(a);
   });
+}
+
+// batch_norm_infer's common call whole, for the smallest arrays, where Python's checks took
+// three times the kernel's time: x a plain ndarray (plain_array) of float32 or float64 under
+// STREAM_MIN_BYTES, the statistics and parameters plain ndarrays of x's dtype and shape (C,)
+// (weight and bias may be None), eps a finite float >= 0, axis an int in range, relu a bool.
+// Returns y, or None for any other call, which batch_norm_infer then checks, converts or
+// rejects by name as before: this path never judges an argument, it only recognises one.
+template <class K>
+OptionalNdArray bn_infer_plain(py::handle x_obj, py::handle mean, py::handle var, py::handle weight,
+                               py::handle bias, py::handle eps_obj, py::handle axis_obj, py::handle relu_obj) {
+  const OptionalNdArray declined{py::none()};
+  const py::array x = plain_array(x_obj);
+  const bool plain_x = x && (is_of<float>(x) || is_of<double>(x)) && x.ndim() >= 2 && x.size() > 0 &&
+                       x.nbytes() < pybn::kStreamBytes;
+  const bool plain_scalars =
+      PyFloat_CheckExact(eps_obj.ptr()) && PyLong_CheckExact(axis_obj.ptr()) && PyBool_Check(relu_obj.ptr());
+  if (!plain_x || !plain_scalars) return declined;
+  const double eps = PyFloat_AS_DOUBLE(eps_obj.ptr());
+  const long long ndim = x.ndim();
+  int overflow = 0;
+  long long axis = PyLong_AsLongLongAndOverflow(axis_obj.ptr(), &overflow);
+  if (!(std::isfinite(eps) && eps >= 0) || overflow || axis < -ndim || axis >= ndim) return declined;
+  if (axis < 0) axis += ndim;
+  i64 outer = 1, inner = 1;
+  for (long long d = 0; d < ndim; ++d) {
+    if (d < axis) outer *= x.shape(d);
+    if (d > axis) inner *= x.shape(d);
+  }
+  const i64 channels = x.shape(axis);
+  auto plain_per_channel = [&](py::handle p) {
+    const py::array a = plain_array(p);
+    return a && a.ndim() == 1 && a.shape(0) == channels && a.dtype().equal(x.dtype());
+  };
+  if (!plain_per_channel(mean) || !plain_per_channel(var) || !(weight.is_none() || plain_per_channel(weight)) ||
+      !(bias.is_none() || plain_per_channel(bias)))
+    return declined;
+  py::array y(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + ndim));
+  auto arg = [](py::handle h) { return NdArray(py::reinterpret_borrow<py::object>(h)); };
+  auto optional = [](py::handle h) { return OptionalNdArray(py::reinterpret_borrow<py::object>(h)); };
+  bn_infer<K>(arg(x), arg(y), arg(mean), arg(var), optional(weight), optional(bias), outer, channels, inner, eps,
+              relu_obj.ptr() == Py_True, declined);
+  return OptionalNdArray(std::move(y));
 }
 
 template <class K>
@@ -218,6 +264,8 @@ void def_batch_norm(py::module_& m) {
   m.def("bn_infer", &bn_infer<K>, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("weight"),
         py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("eps"), py::arg("relu"),
         py::arg("residual") = py::none());
+  m.def("bn_infer_plain", &bn_infer_plain<K>, py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("relu"));
   m.def("bn_apply", &bn_apply<K>, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("invstd"),
         py::arg("weight"), py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"),
         py::arg("relu"), py::arg("residual") = py::none());

@@ -134,6 +134,12 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     in :func:`batch_norm_train`; here the statistics are read, not updated, and may be any
     float array-likes of shape (C,).
     """
+    if out is None and residual is None:
+        # the common call (plain ndarrays of one dtype, small x) checked and run in one C++ call;
+        # None for any other, which the checks below convert or reject (docs/architecture.md, "How a call flows")
+        y = _C.bn_infer_plain(x, running_mean, running_var, weight, bias, eps, axis, relu)
+        if y is not None:
+            return y
     x_in = x
     x = contiguous_float_array(x, "x")
     axis, outer, channels, inner = channel_layout(x.shape, axis)
