@@ -38,8 +38,7 @@ def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True, 
     noise = _noise_shape(input, mode)
     if not training or p == 0.0:
         return input
-    y: Tensor = _ops.dropout_call(input, p, philox, noise)[0]
-    return y
+    return _ops.dropout_call(input, p, philox, noise)
 
 
 class StochasticDepth(PinnedSeed, nn.Module):

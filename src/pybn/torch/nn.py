@@ -193,7 +193,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     :func:`pybn.torch.ops.dropout` (None: a seed from torch's default CPU generator)."""
     if not training:
         return input
-    y: Tensor = _ops.dropout_call(input, p, philox, noise_shape)[0]
+    y = _ops.dropout_call(input, p, philox, noise_shape)
     return input.copy_(y) if inplace else y
 
 
@@ -245,14 +245,10 @@ class _DropoutForward(_DropoutBase):
         if input.device.type != "cpu" or noise is False:
             return self._torch_forward(input)
         philox = self._philox
-        y: Tensor
-        if relu:
-            y, used = _ops.relu_dropout_call(input, self.p, philox)
-        else:
-            y, used = _ops.dropout_call(input, self.p, philox, noise)
+        y = _ops.relu_dropout_call(input, self.p, philox) if relu else _ops.dropout_call(input, self.p, philox, noise)
         if philox is not None:
             n = math.prod(noise) if noise is not None else input.numel()
-            self._philox = used + used.new_tensor([0, pybn.counters_used(n)])
+            self._philox = philox + philox.new_tensor([0, pybn.counters_used(n)])
         return input.copy_(y) if self.inplace and not relu else y
 
     def _noise_shape(self, input: Tensor) -> Union[List[int], Literal[False], None]:

@@ -302,14 +302,14 @@ batch_norm_infer.register_autograd(_infer_backward, setup_context=_infer_setup)
 def _dropout_impl(x: Tensor, p: float, philox: Optional[Tensor],
                   noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
     """Inverted dropout with pybn's mask of (seed, offset) (see the module docstring)."""
-    return _dropout_of(x, p, philox, noise_shape, relu=False)
+    used = _philox_used(philox)
+    return _dropout_with(x, p, _counters(used), noise_shape, relu=False), used
 
 
-def _dropout_of(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[int]],
-                relu: bool) -> Tuple[Tensor, Tensor]:
-    """dropout(x) or dropout(relu(x)), and the [seed, offset] used."""
-    used = draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
-    seed, offset = (v % 2**64 for v in used.tolist())
+def _dropout_with(x: Tensor, p: float, counters: Tuple[int, int], noise_shape: Optional[List[int]],
+                  relu: bool) -> Tensor:
+    """dropout(x) or dropout(relu(x)) with the mask of counters = (seed, offset)."""
+    seed, offset = counters
     noise = None if noise_shape is None else tuple(noise_shape)
     src = x if pybn_takes(x) else _float_cpu_copy(x)
     last = channels_last_physical(src) and _order_kept(noise, x.dim())
@@ -318,8 +318,8 @@ def _dropout_of(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Opti
     y = empty(src, last)
     pybn.dropout(array(src, last), p, seed=seed, offset=offset, noise_shape=noise, relu=relu, out=array(y, last))
     if src is not x:  # back to x's device and dtype
-        return empty(x, channels_last_physical(x)).copy_(y), used
-    return in_layout(y, channels_last_physical(x)), used
+        return empty(x, channels_last_physical(x)).copy_(y)
+    return in_layout(y, channels_last_physical(x))
 
 
 dropout = torch.library.custom_op("pybn::dropout", mutates_args=())(_dropout_impl)
@@ -332,10 +332,40 @@ def _float_cpu_copy(x: Tensor) -> Tensor:
     return x.detach().to("cpu", torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
+def _draw_seed() -> Tensor:
+    """A seed from torch's default CPU generator (so that ``torch.manual_seed`` reproduces the
+    masks): one ``torch.randint(2**63 - 1, ())``."""
+    return torch.randint(2**63 - 1, (), dtype=torch.int64)
+
+
 def draw_philox() -> Tensor:
-    """A fresh ``[seed, 0]`` (int64): the seed from torch's default CPU generator, so that
-    ``torch.manual_seed`` reproduces the masks."""
-    return torch.stack([torch.randint(2**63 - 1, (), dtype=torch.int64), torch.zeros((), dtype=torch.int64)])
+    """A fresh ``[seed, 0]`` (int64), the seed from torch's default CPU generator."""
+    return torch.stack([_draw_seed(), torch.zeros((), dtype=torch.int64)])
+
+
+def _philox_used(philox: Optional[Tensor]) -> Tensor:
+    """The [seed, offset] an operator call uses and returns: a fresh one, or a CPU int64 copy
+    of the given one."""
+    return draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
+
+
+def _counters(philox: Tensor) -> Tuple[int, int]:
+    """The uint64 (seed, offset) of an int64 ``[seed, offset]`` (their two's complement)."""
+    seed, offset = philox.tolist()
+    return seed % 2**64, offset % 2**64
+
+
+def _philox_of(counters: Tuple[int, int]) -> Tensor:
+    """The int64 ``[seed, offset]`` of uint64 counters (_counters' inverse)."""
+    return torch.tensor([v - 2**64 if v >= 2**63 else v for v in counters], dtype=torch.int64)
+
+
+def _direct_counters(philox: Optional[Tensor]) -> Tuple[int, int]:
+    """(seed, offset) of a direct call: the given ones, or the same seed draw as draw_philox
+    without the tensor around it."""
+    if philox is None:
+        return int(_draw_seed()), 0
+    return _counters(philox.detach().to(torch.int64))
 
 
 def _order_kept(noise: Optional[Sequence[int]], ndim: int) -> bool:
@@ -357,68 +387,52 @@ def _(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[
 def _dropout_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
     x, p, _, noise_shape = inputs
     ctx.p, ctx.noise_shape, ctx.last = p, noise_shape, channels_last_physical(x)
-    ctx.direct = False  # (True after _DropoutDirect's forward)
+    ctx.direct = False  # (True after _DropoutDirect's forward, which keeps ctx.counters instead)
     ctx.save_for_backward(output[1])
 
 
-def _dropout_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
-    (used,) = ctx.saved_tensors
-    # the operator when the backward must be differentiable (create_graph=True): dropout's
-    # derivative is dropout with the same mask
-    dropout_fn = torch.ops.pybn.dropout if torch.is_grad_enabled() else backend(ctx, dy, _dropout_impl,
-                                                                                  torch.ops.pybn.dropout)
+def _dropout_backward(ctx: Any, dy: Tensor, _dused: Optional[Tensor] = None) -> Tuple[Optional[Tensor], ...]:
     # the same mask and scale: dy in the layout x had, since the mask follows memory order
-    dx, _ = dropout_fn(in_layout(dy, ctx.last), ctx.p, used, ctx.noise_shape)
+    dy = in_layout(dy, ctx.last)
+    if ctx.direct and not torch.is_grad_enabled() and direct_call(dy):
+        dx = _dropout_with(dy, ctx.p, ctx.counters, ctx.noise_shape, relu=False)
+    else:  # the operator: differentiable when create_graph=True (dropout's derivative is dropout with the same mask)
+        used = _philox_of(ctx.counters) if ctx.direct else ctx.saved_tensors[0]
+        dx = torch.ops.pybn.dropout(dy, ctx.p, used, ctx.noise_shape)[0]
     return dx, None, None, None
 
 
 dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup)
 
 
-def _seeded_direct(impl: Callable[..., Tuple[Tensor, Tensor]], setup: Callable[..., None],
-                   backward: Callable[..., Any]) -> Any:
-    """An autograd Function for a seeded operator's plain eager calls (the ``*_call``
-    functions): its implementation called directly, then its own setup_context and backward,
-    so the same mask and gradients as through the dispatcher; the [seed, offset] output is
-    not differentiable."""
+class _DropoutDirect(torch.autograd.Function):
+    """pybn::dropout's plain eager calls (pybn.torch._eager): the same implementation, mask
+    and backward, with (seed, offset) kept as ints: no [seed, offset] tensor is made."""
 
-    class Direct(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, *inputs: Any) -> Tuple[Tensor, Tensor]:
-            y, used = impl(*inputs)
-            setup(ctx, inputs, (y, used))
-            ctx.direct = True
-            ctx.mark_non_differentiable(used)
-            return y, used
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: float, philox: Optional[Tensor],
+                noise_shape: Optional[List[int]]) -> Tensor:
+        ctx.p, ctx.noise_shape, ctx.last = p, noise_shape, channels_last_physical(x)
+        ctx.direct, ctx.counters = True, _direct_counters(philox)
+        return _dropout_with(x, p, ctx.counters, noise_shape, relu=False)
 
-    Direct.backward = staticmethod(backward)  # type: ignore[method-assign]
-    return Direct
+    backward = staticmethod(_dropout_backward)
 
 
-def _seeded_call(direct: Any, op: Any, x: Tensor, p: float, philox: Optional[Tensor],
-                 *rest: Any) -> Tuple[Tensor, Tensor]:
-    """``op(x, p, philox, *rest)``, through the Function `direct` (_seeded_direct) instead of
-    the dispatcher in plain eager mode."""
+def dropout_call(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[int]]) -> Tensor:
+    """``torch.ops.pybn.dropout(...)[0]``, without the dispatcher in plain eager mode."""
     if direct_call(x, philox) and pybn_takes(x):
-        outputs: Tuple[Tensor, Tensor] = direct.apply(x, p, philox, *rest)
-        return outputs
-    return op(x, p, philox, *rest)  # type: ignore[no-any-return]
-
-
-_DropoutDirect = _seeded_direct(_dropout_impl, _dropout_setup, _dropout_backward)
-
-
-def dropout_call(x: Tensor, p: float, philox: Optional[Tensor],
-                 noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
-    """``torch.ops.pybn.dropout(...)``, without the dispatcher in plain eager mode."""
-    return _seeded_call(_DropoutDirect, torch.ops.pybn.dropout, x, p, philox, noise_shape)
+        y: Tensor = _DropoutDirect.apply(x, p, philox, noise_shape)  # type: ignore[no-untyped-call]
+        return y
+    return torch.ops.pybn.dropout(x, p, philox, noise_shape)[0]  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- dropout(relu(x))
 
 def _relu_dropout_impl(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """dropout(relu(x)) in one pass, pybn's element-wise mask of (seed, offset)."""
-    return _dropout_of(x, p, philox, None, relu=True)
+    used = _philox_used(philox)
+    return _dropout_with(x, p, _counters(used), None, relu=True), used
 
 
 relu_dropout = torch.library.custom_op("pybn::relu_dropout", mutates_args=())(_relu_dropout_impl)
@@ -456,7 +470,7 @@ def _relu_dropout_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor,
     ctx.save_for_backward(output[0])
 
 
-def _relu_dropout_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
+def _relu_dropout_backward(ctx: Any, dy: Tensor, _dused: Optional[Tensor] = None) -> Tuple[Optional[Tensor], ...]:
     (y,) = ctx.saved_tensors
     # the operator when the backward must be differentiable (create_graph=True)
     backward_fn = torch.ops.pybn.relu_dropout_backward if torch.is_grad_enabled() else \
@@ -481,9 +495,22 @@ def _backward_backward(ctx: Any, ddx: Tensor) -> Tuple[Optional[Tensor], ...]:
 relu_dropout_backward.register_autograd(_backward_backward, setup_context=_backward_setup)
 
 
-_ReluDropoutDirect = _seeded_direct(_relu_dropout_impl, _relu_dropout_setup, _relu_dropout_backward)
+class _ReluDropoutDirect(torch.autograd.Function):
+    """pybn::relu_dropout's plain eager calls (pybn.torch._eager), as _DropoutDirect."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: float, philox: Optional[Tensor]) -> Tensor:
+        y = _dropout_with(x, p, _direct_counters(philox), None, relu=True)
+        ctx.p, ctx.direct = p, True
+        ctx.save_for_backward(y)
+        return y
+
+    backward = staticmethod(_relu_dropout_backward)
 
 
-def relu_dropout_call(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """``torch.ops.pybn.relu_dropout(...)``, without the dispatcher in plain eager mode."""
-    return _seeded_call(_ReluDropoutDirect, torch.ops.pybn.relu_dropout, x, p, philox)
+def relu_dropout_call(x: Tensor, p: float, philox: Optional[Tensor]) -> Tensor:
+    """``torch.ops.pybn.relu_dropout(...)[0]``, without the dispatcher in plain eager mode."""
+    if direct_call(x, philox) and pybn_takes(x):
+        y: Tensor = _ReluDropoutDirect.apply(x, p, philox)  # type: ignore[no-untyped-call]
+        return y
+    return torch.ops.pybn.relu_dropout(x, p, philox)[0]  # type: ignore[no-any-return]
