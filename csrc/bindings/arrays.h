@@ -28,6 +28,11 @@ class OptionalNdArray : public py::object {
  public:
   PYBIND11_OBJECT_DEFAULT(OptionalNdArray, object, PyObject_Type)
 };
+// A tuple of arrays, or None (the *_plain bindings' results).
+class OptionalArrays : public py::object {
+ public:
+  PYBIND11_OBJECT_DEFAULT(OptionalArrays, object, PyObject_Type)
+};
 
 }  // namespace pybn::bindings
 
@@ -39,6 +44,10 @@ struct handle_type_name<pybn::bindings::NdArray> {
 template <>
 struct handle_type_name<pybn::bindings::OptionalNdArray> {
   static constexpr auto name = const_name("numpy.ndarray | None");
+};
+template <>
+struct handle_type_name<pybn::bindings::OptionalArrays> {
+  static constexpr auto name = const_name("tuple[numpy.ndarray, ...] | None");
 };
 }  // namespace pybind11::detail
 
@@ -123,18 +132,6 @@ template <class T>
 T* required_out(const py::handle& obj, i64 size, const char* name) {
   if (obj.is_none()) fail(name, "is required");
   return inout<T>(obj, size, name);
-}
-
-// obj as it arrives from the common call, or an empty py::array: an exact numpy.ndarray
-// (no subclass), C-contiguous and aligned, so that Python's checks would pass it through
-// unchanged. For the bindings that take a call's common case whole and leave every other
-// one, unjudged, to the Python checks (bn_infer_plain).
-inline py::array plain_array(py::handle obj) {
-  using api = py::detail::npy_api;
-  if (Py_TYPE(obj.ptr()) != api::get().PyArray_Type_) return {};
-  constexpr int kWanted = api::NPY_ARRAY_C_CONTIGUOUS_ | api::NPY_ARRAY_ALIGNED_;
-  if ((py::detail::array_proxy(obj.ptr())->flags & kWanted) != kWanted) return {};
-  return py::reinterpret_borrow<py::array>(obj);
 }
 
 // The number of elements of obj, an ndarray (else a TypeError naming it).

@@ -1,9 +1,7 @@
 // Bindings of the batch-norm kernels: training and inference forwards, the split phases,
 // the backwards, the running statistics, and the merge of per-worker statistics.
-#include <cmath>
-#include <vector>
-
 #include "kernel_sets.h"
+#include "plain_calls.h"
 
 namespace pybn::bindings {
 namespace {
@@ -59,49 +57,6 @@ void bn_infer(const NdArray& x, const NdArray& y, const NdArray& mean, const NdA
     GilReleased nogil;
     K::template typed<S>().bn_infer(a);
   });
-}
-
-// batch_norm_infer's common call whole, for the smallest arrays, where Python's checks took
-// three times the kernel's time: x a plain ndarray (plain_array) of float32 or float64 under
-// STREAM_MIN_BYTES, the statistics and parameters plain ndarrays of x's dtype and shape (C,)
-// (weight and bias may be None), eps a finite float >= 0, axis an int in range, relu a bool.
-// Returns y, or None for any other call, which batch_norm_infer then checks, converts or
-// rejects by name as before: this path never judges an argument, it only recognises one.
-template <class K>
-OptionalNdArray bn_infer_plain(py::handle x_obj, py::handle mean, py::handle var, py::handle weight,
-                               py::handle bias, py::handle eps_obj, py::handle axis_obj, py::handle relu_obj) {
-  const OptionalNdArray declined{py::none()};
-  const py::array x = plain_array(x_obj);
-  const bool plain_x = x && (is_of<float>(x) || is_of<double>(x)) && x.ndim() >= 2 && x.size() > 0 &&
-                       x.nbytes() < pybn::kStreamBytes;
-  const bool plain_scalars =
-      PyFloat_CheckExact(eps_obj.ptr()) && PyLong_CheckExact(axis_obj.ptr()) && PyBool_Check(relu_obj.ptr());
-  if (!plain_x || !plain_scalars) return declined;
-  const double eps = PyFloat_AS_DOUBLE(eps_obj.ptr());
-  const long long ndim = x.ndim();
-  int overflow = 0;
-  long long axis = PyLong_AsLongLongAndOverflow(axis_obj.ptr(), &overflow);
-  if (!(std::isfinite(eps) && eps >= 0) || overflow || axis < -ndim || axis >= ndim) return declined;
-  if (axis < 0) axis += ndim;
-  i64 outer = 1, inner = 1;
-  for (long long d = 0; d < ndim; ++d) {
-    if (d < axis) outer *= x.shape(d);
-    if (d > axis) inner *= x.shape(d);
-  }
-  const i64 channels = x.shape(axis);
-  auto plain_per_channel = [&](py::handle p) {
-    const py::array a = plain_array(p);
-    return a && a.ndim() == 1 && a.shape(0) == channels && a.dtype().equal(x.dtype());
-  };
-  if (!plain_per_channel(mean) || !plain_per_channel(var) || !(weight.is_none() || plain_per_channel(weight)) ||
-      !(bias.is_none() || plain_per_channel(bias)))
-    return declined;
-  py::array y(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + ndim));
-  auto arg = [](py::handle h) { return NdArray(py::reinterpret_borrow<py::object>(h)); };
-  auto optional = [](py::handle h) { return OptionalNdArray(py::reinterpret_borrow<py::object>(h)); };
-  bn_infer<K>(arg(x), arg(y), arg(mean), arg(var), optional(weight), optional(bias), outer, channels, inner, eps,
-              relu_obj.ptr() == Py_True, declined);
-  return OptionalNdArray(std::move(y));
 }
 
 template <class K>
@@ -253,6 +208,78 @@ void bn_merge_stats(const NdArray& count, const NdArray& mean, const NdArray& m2
   pybn::table().bn_merge_stats(a);
 }
 
+// --------------------------------------------------------------------------- common calls whole
+// The *_plain bindings (plain_calls.h): the arguments of batch_norm_infer / _train /
+// _backward as Python passes them, run at once when every one is in its common form, else
+// None. Anything they take, the checks would have passed through unchanged; their bindings
+// above check each array again.
+
+NdArray nd(py::handle h) { return NdArray(py::reinterpret_borrow<py::object>(h)); }
+OptionalNdArray optional_nd(py::handle h) { return OptionalNdArray(py::reinterpret_borrow<py::object>(h)); }
+
+template <class K>
+OptionalNdArray bn_infer_plain(py::handle x, py::handle mean, py::handle var, py::handle weight, py::handle bias,
+                               py::handle eps_obj, py::handle axis, py::handle relu_obj, py::handle out) {
+  const OptionalNdArray declined{py::none()};
+  plain::Channels c;
+  double eps = 0;
+  bool relu = false;
+  if (!plain::channels_of(x, axis, c) || !plain::new_output_allowed(out, c.x) ||
+      !plain::like(out, c.x, true, true) || !plain::per_channel(mean, c, false) ||
+      !plain::per_channel(var, c, false) || !plain::per_channel(weight, c, true) ||
+      !plain::per_channel(bias, c, true) || !plain::apart({out, x, mean, var, weight, bias}, 1) ||
+      !plain::real(eps_obj, true, eps) || !plain::flag(relu_obj, relu))
+    return declined;
+  py::array y = out.is_none() ? plain::empty_like(c.x) : py::reinterpret_borrow<py::array>(out);
+  bn_infer<K>(nd(c.x), nd(y), nd(mean), nd(var), optional_nd(weight), optional_nd(bias), c.outer, c.channels,
+              c.inner, eps, relu, declined);
+  return OptionalNdArray(std::move(y));
+}
+
+template <class K>
+OptionalArrays bn_train_plain(py::handle x, py::handle weight, py::handle bias, py::handle running_mean,
+                              py::handle running_var, py::handle momentum_obj, py::handle eps_obj, py::handle axis,
+                              py::handle relu_obj, py::handle out) {
+  const OptionalArrays declined{py::none()};
+  plain::Channels c;
+  double momentum = 0, eps = 0;
+  bool relu = false;
+  if (!plain::channels_of(x, axis, c) || c.outer * c.inner < 2 || !plain::new_output_allowed(out, c.x) ||
+      !plain::like(out, c.x, true, true) || !plain::per_channel(weight, c, true) ||
+      !plain::per_channel(bias, c, true) || running_mean.is_none() != running_var.is_none() ||
+      !plain::per_channel(running_mean, c, true, true) || !plain::per_channel(running_var, c, true, true) ||
+      !plain::apart({out, running_mean, running_var, x, weight, bias}, 3) ||
+      !plain::real(momentum_obj, false, momentum) || !plain::real(eps_obj, true, eps) ||
+      !plain::flag(relu_obj, relu))
+    return declined;
+  py::array y = out.is_none() ? plain::empty_like(c.x) : py::reinterpret_borrow<py::array>(out);
+  py::array mean = plain::empty(c.x, c.channels), invstd = plain::empty(c.x, c.channels);
+  bn_train<K>(nd(c.x), nd(y), optional_nd(weight), optional_nd(bias), optional_nd(running_mean),
+              optional_nd(running_var), nd(mean), nd(invstd), c.outer, c.channels, c.inner, momentum, eps, relu,
+              OptionalNdArray(py::none()));
+  return OptionalArrays(py::make_tuple(y, mean, invstd));
+}
+
+template <class K>
+OptionalArrays bn_backward_plain(py::handle dy, py::handle x, py::handle mean, py::handle invstd,
+                                 py::handle weight, py::handle training_obj, py::handle axis, py::handle y,
+                                 py::handle out) {
+  const OptionalArrays declined{py::none()};
+  plain::Channels c;
+  bool training = false;
+  if (!plain::channels_of(dy, axis, c) || !plain::new_output_allowed(out, c.x) ||
+      !plain::like(out, c.x, true, true) || !plain::like(x, c.x, false) || !plain::like(y, c.x, true) ||
+      !plain::per_channel(mean, c, false) || !plain::per_channel(invstd, c, false) ||
+      !plain::per_channel(weight, c, true) || !plain::apart({out, dy, x, y, mean, invstd, weight}, 1) ||
+      !plain::flag(training_obj, training))
+    return declined;
+  py::array dx = out.is_none() ? plain::empty_like(c.x) : py::reinterpret_borrow<py::array>(out);
+  py::array dweight = plain::empty(c.x, c.channels), dbias = plain::empty(c.x, c.channels);
+  bn_backward<K>(nd(dy), nd(x), optional_nd(y), nd(mean), nd(invstd), optional_nd(weight), nd(dx), nd(dweight),
+                 nd(dbias), c.outer, c.channels, c.inner, training, OptionalNdArray(py::none()));
+  return OptionalArrays(py::make_tuple(dx, dweight, dbias));
+}
+
 }  // namespace
 
 template <class K>
@@ -265,7 +292,12 @@ void def_batch_norm(py::module_& m) {
         py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("eps"), py::arg("relu"),
         py::arg("residual") = py::none());
   m.def("bn_infer_plain", &bn_infer_plain<K>, py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
-        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("relu"));
+        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("relu"), py::arg("out"));
+  m.def("bn_train_plain", &bn_train_plain<K>, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"), py::arg("axis"),
+        py::arg("relu"), py::arg("out"));
+  m.def("bn_backward_plain", &bn_backward_plain<K>, py::arg("dy"), py::arg("x"), py::arg("mean"),
+        py::arg("invstd"), py::arg("weight"), py::arg("training"), py::arg("axis"), py::arg("y"), py::arg("out"));
   m.def("bn_apply", &bn_apply<K>, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("invstd"),
         py::arg("weight"), py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"),
         py::arg("relu"), py::arg("residual") = py::none());

@@ -90,6 +90,10 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
     BatchNormTrainResult
         ``(y, mean, invstd)``: the output, the batch mean and 1/sqrt(biased var + eps).
     """
+    if residual is None:  # the common call whole, as batch_norm_infer's
+        plain = _C.bn_train_plain(x, weight, bias, running_mean, running_var, momentum, eps, axis, relu, out)
+        if plain is not None:
+            return BatchNormTrainResult(*plain)
     x_in = x
     x = contiguous_float_array(x, "x")
     axis, outer, channels, inner = channel_layout(x.shape, axis)
@@ -134,10 +138,10 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     in :func:`batch_norm_train`; here the statistics are read, not updated, and may be any
     float array-likes of shape (C,).
     """
-    if out is None and residual is None:
-        # the common call (plain ndarrays of one dtype, small x) checked and run in one C++ call;
-        # None for any other, which the checks below convert or reject (docs/architecture.md, "How a call flows")
-        y = _C.bn_infer_plain(x, running_mean, running_var, weight, bias, eps, axis, relu)
+    if residual is None:
+        # the common call (plain ndarrays of one dtype, small x) recognised and run in one C++ call
+        # (csrc/bindings/plain_calls.h); None for any other, which the checks below convert or reject
+        y = _C.bn_infer_plain(x, running_mean, running_var, weight, bias, eps, axis, relu, out)
         if y is not None:
             return y
     x_in = x
@@ -197,6 +201,10 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
     BatchNormResidualGrads
         With ``residual=True``: ``(dx, dweight, dbias, d_residual)``.
     """
+    if residual is False and d_residual_out is None:  # the common call whole, as batch_norm_infer's
+        plain = _C.bn_backward_plain(dy, x, mean, invstd, weight, training, axis, y, out)
+        if plain is not None:
+            return BatchNormGrads(*plain)
     b = backward_inputs(dy, x, y, mean, invstd, axis)
     pdt = param_dtype(b.dy.dtype)
     w = per_channel(weight, "weight", b.channels, pdt)
