@@ -71,10 +71,19 @@ CASES = [((3, C, 4), 1), ((3, C, 4), -1), ((3, C, 4), 0), ((1, 64, 8, 8), 1), ((
          ((7, 1), 1), ((9, 17), -1), ((4, 64, 32, 32), 1), ((4, 32, 32, 64), -1)]
 
 
+def over_common_calls(test):
+    """Parametrize `test` over every layout of CASES in both dtypes."""
+    test = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])(test)
+    return pytest.mark.parametrize("shape,axis", CASES)(test)
+
+
+def _close(got, want, tol):
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
+
+
 @pytest.mark.parametrize("given_out", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("shape,axis", CASES)
+@over_common_calls
 def test_infer_gives_the_checked_paths_bits(shape, axis, dtype, affine, given_out, isa, threads, rng):
     args = _infer_args(_inputs(rng, shape, dtype, axis), axis)
     args["relu"] = affine  # (both relu values, with and without the affine parameters)
@@ -91,13 +100,12 @@ def test_infer_gives_the_checked_paths_bits(shape, axis, dtype, affine, given_ou
     assert_bits_equal(_public("infer", dict(args, out=None)), y)
     want = ref.batch_norm_infer(args["x"], args["running_mean"], args["running_var"], args["weight"], args["bias"],
                                 eps=1e-5, axis=axis, relu=args["relu"])
-    np.testing.assert_allclose(y, want, rtol=TOL[dtype], atol=TOL[dtype] * max(1.0, np.abs(want).max()))
+    _close(y, want, TOL[dtype])
 
 
 @pytest.mark.parametrize("given_out", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("shape,axis", CASES)
+@over_common_calls
 def test_train_gives_the_checked_paths_bits(shape, axis, dtype, affine, given_out, isa, threads, rng):
     a = _inputs(rng, shape, dtype, axis)
     args = _train_args(a, axis)
@@ -122,13 +130,12 @@ def test_train_gives_the_checked_paths_bits(shape, axis, dtype, affine, given_ou
                              axis=axis, relu=args["relu"])
     for g, w in ((y, r.y), (mean, r.mean), (invstd, r.invstd), (args["running_mean"], r.running_mean),
                  (args["running_var"], r.running_var)):
-        np.testing.assert_allclose(g, w, rtol=TOL[dtype], atol=TOL[dtype] * max(1.0, np.abs(w).max()))
+        _close(g, w, TOL[dtype])
 
 
 @pytest.mark.parametrize("with_y", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("shape,axis", CASES)
+@over_common_calls
 def test_backward_gives_the_checked_paths_bits(shape, axis, dtype, training, with_y, isa, threads, rng):
     a = _inputs(rng, shape, dtype, axis)
     args = _backward_args(a, axis)
@@ -144,7 +151,7 @@ def test_backward_gives_the_checked_paths_bits(shape, axis, dtype, training, wit
     want = ref.batch_norm_backward(a["dy"], a["x"], args["mean"], args["invstd"], args["weight"],
                                    training=training, axis=axis, y=args["y"])
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=BWD_TOL[dtype], atol=BWD_TOL[dtype] * max(1.0, np.abs(w).max()))
+        _close(g, w, BWD_TOL[dtype])
 
 
 def test_read_only_inputs_are_common(rng):
