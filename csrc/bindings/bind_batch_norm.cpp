@@ -291,13 +291,6 @@ void def_batch_norm(py::module_& m) {
   m.def("bn_infer", &bn_infer<K>, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("weight"),
         py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("eps"), py::arg("relu"),
         py::arg("residual") = py::none());
-  m.def("bn_infer_plain", &bn_infer_plain<K>, py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
-        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("relu"), py::arg("out"));
-  m.def("bn_train_plain", &bn_train_plain<K>, py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"), py::arg("axis"),
-        py::arg("relu"), py::arg("out"));
-  m.def("bn_backward_plain", &bn_backward_plain<K>, py::arg("dy"), py::arg("x"), py::arg("mean"),
-        py::arg("invstd"), py::arg("weight"), py::arg("training"), py::arg("axis"), py::arg("y"), py::arg("out"));
   m.def("bn_apply", &bn_apply<K>, py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("invstd"),
         py::arg("weight"), py::arg("bias"), py::arg("outer"), py::arg("channels"), py::arg("inner"),
         py::arg("relu"), py::arg("residual") = py::none());
@@ -319,6 +312,17 @@ void def_batch_norm(py::module_& m) {
 
 template void def_batch_norm<ActiveKernels>(py::module_&);
 template void def_batch_norm<FloatComputingInDouble>(py::module_&);
+
+void def_plain_calls(py::module_& m) {
+  using K = ActiveKernels;
+  m.def("bn_infer_plain", &bn_infer_plain<K>, py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("relu"), py::arg("out"));
+  m.def("bn_train_plain", &bn_train_plain<K>, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"), py::arg("axis"),
+        py::arg("relu"), py::arg("out"));
+  m.def("bn_backward_plain", &bn_backward_plain<K>, py::arg("dy"), py::arg("x"), py::arg("mean"),
+        py::arg("invstd"), py::arg("weight"), py::arg("training"), py::arg("axis"), py::arg("y"), py::arg("out"));
+}
 
 void def_merge_stats(py::module_& m) {
   m.def("bn_merge_stats", &bn_merge_stats, py::arg("count"), py::arg("mean"), py::arg("m2"),

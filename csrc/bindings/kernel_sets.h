@@ -57,6 +57,10 @@ void def_typed_kernels(py::module_& m) {
   def_fold<K>(m);
 }
 
+// batch_norm_infer / _train / _backward's common calls taken whole (plain_calls.h), on the
+// active ISA's kernels: not kernel entries, each ends in the binding of one.
+void def_plain_calls(py::module_& m);
+
 // The untyped bindings: merging statistics across workers, and the packed masks.
 void def_merge_stats(py::module_& m);
 void def_masks(py::module_& m);

@@ -79,6 +79,7 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("a"), "Advise a's memory for transparent huge pages (before its first write); whether it was taken.");
 
   def_typed_kernels<ActiveKernels>(m);
+  def_plain_calls(m);
   def_merge_stats(m);
   def_masks(m);
   def_diagnostics(m);

@@ -25,9 +25,6 @@ class _FloatComputingInDouble:
                           dx: np.ndarray, outer: int, channels: int, inner: int,
                           d_residual: np.ndarray | None = None) -> None: ...
     @staticmethod
-    def bn_backward_plain(dy: object, x: object, mean: object, invstd: object, weight: object, training: object,
-                          axis: object, y: object, out: object) -> tuple[np.ndarray, ...] | None: ...
-    @staticmethod
     def bn_backward_reduce(dy: np.ndarray, x: np.ndarray, y: np.ndarray | None, mean: np.ndarray, invstd: np.ndarray,
                            sum_dy: np.ndarray, sum_dy_xhat: np.ndarray, outer: int, channels: int,
                            inner: int) -> None: ...
@@ -36,19 +33,12 @@ class _FloatComputingInDouble:
                  bias: np.ndarray | None, outer: int, channels: int, inner: int, eps: float, relu: bool,
                  residual: np.ndarray | None = None) -> None: ...
     @staticmethod
-    def bn_infer_plain(x: object, running_mean: object, running_var: object, weight: object, bias: object, eps: object,
-                       axis: object, relu: object, out: object) -> np.ndarray | None: ...
-    @staticmethod
     def bn_moments(x: np.ndarray, mean: np.ndarray, m2: np.ndarray, outer: int, channels: int, inner: int) -> None: ...
     @staticmethod
     def bn_train(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
                  running_mean: np.ndarray | None, running_var: np.ndarray | None, save_mean: np.ndarray,
                  save_invstd: np.ndarray, outer: int, channels: int, inner: int, momentum: float, eps: float,
                  relu: bool, residual: np.ndarray | None = None) -> None: ...
-    @staticmethod
-    def bn_train_plain(x: object, weight: object, bias: object, running_mean: object, running_var: object,
-                       momentum: object, eps: object, axis: object, relu: object,
-                       out: object) -> tuple[np.ndarray, ...] | None: ...
     @staticmethod
     def bn_update_running_stats(running_mean: np.ndarray | None, running_var: np.ndarray | None, mean: np.ndarray,
                                 m2: np.ndarray, count: float, momentum: float) -> None: ...
