@@ -133,18 +133,23 @@ def test_train_gives_the_checked_paths_bits(shape, axis, dtype, affine, given_ou
         _close(g, w, TOL[dtype])
 
 
+@pytest.mark.parametrize("given_out", [False, True])
 @pytest.mark.parametrize("with_y", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 @over_common_calls
-def test_backward_gives_the_checked_paths_bits(shape, axis, dtype, training, with_y, isa, threads, rng):
+def test_backward_gives_the_checked_paths_bits(shape, axis, dtype, training, with_y, given_out, isa, threads, rng):
     a = _inputs(rng, shape, dtype, axis)
     args = _backward_args(a, axis)
     args["training"] = training
     if with_y:  # a forward with relu=True: dy masked where y <= 0
         args["y"] = rng.standard_normal(shape).astype(dtype)
+    if given_out:
+        args["out"] = np.empty_like(a["dy"])
     got = _plain("backward", args)
     assert got is not None, "the common call was declined"
-    want = _public("backward", args, checked=True)
+    if given_out:
+        assert got[0] is args["out"]
+    want = _public("backward", dict(args, out=None), checked=True)
     for g, w in zip(got, want):
         assert g.dtype == dtype
         assert_bits_equal(g, w)
@@ -208,6 +213,7 @@ def _channel_forms(name, optional):
     forms = {
         f"{name} a list": lambda a: a.update({name: a[name].tolist()}),
         f"{name} float64": lambda a: a.update({name: a[name].astype(np.float64)}),
+        f"{name} big-endian": lambda a: a.update({name: a[name].astype(">f4")}),
         f"{name} of shape (C, 1)": lambda a: a.update({name: a[name].reshape(C, 1)}),
         f"{name} of C + 1": lambda a: a.update({name: np.ones(C + 1, np.float32)}),
         f"{name} not contiguous": lambda a: a.update({name: np.ones(2 * C, np.float32)[::2]}),
@@ -240,6 +246,8 @@ def _out_forms(main):
     return {
         "out a list": lambda a: a.update(out=np.zeros((3, C, 4)).tolist()),
         "out float64": lambda a: a.update(out=np.empty((3, C, 4), np.float64)),
+        "out big-endian": lambda a: a.update(out=np.empty((3, C, 4), ">f4")),
+        "out a masked array": lambda a: a.update(out=np.ma.masked_array(np.empty((3, C, 4), np.float32))),
         "out of another shape": lambda a: a.update(out=np.empty((3, C, 5), np.float32)),
         "out read-only": lambda a: a.update(out=_read_only(np.empty((3, C, 4), np.float32))),
         "out not contiguous": lambda a: a.update(out=np.empty((3, C, 8), np.float32)[:, :, ::2]),
@@ -255,10 +263,11 @@ def _read_from_out(args, name, main):
 
 
 def _shifted_view(args, name):
-    """An array of args[name]'s shape and dtype in memory that overlaps it partially."""
-    base = np.empty(args[name].size + 1, args[name].dtype)
-    args[name] = base[:-1].reshape(args[name].shape)
-    return base[1:].reshape(args[name].shape)
+    """args[name] (x's shape and dtype) remade in memory that an array returned overlaps partially."""
+    like = args["x"]
+    base = np.empty(like.size + 1, like.dtype)
+    args[name] = base[:-1].reshape(like.shape)
+    return base[1:].reshape(like.shape)
 
 
 OTHER_FORMS = {
@@ -275,7 +284,9 @@ OTHER_FORMS = {
               "running_var read-only": lambda a: a.update(running_var=_read_only(a["running_var"])),
               "running_mean is running_var": lambda a: a.update(running_var=a["running_mean"]),
               "running_mean is weight": lambda a: a.update(running_mean=a["weight"]),
-              "running_var overlapping x": lambda a: a.update(running_var=a["x"].reshape(-1)[:C])},
+              "running_var overlapping x": lambda a: a.update(running_var=a["x"].reshape(-1)[:C]),
+              "running_mean inside out": lambda a: _read_from_out(a, "running_mean", "x"),
+              "weight inside out": lambda a: _read_from_out(a, "weight", "x")},
     "backward": {**_x_forms("dy"), **_channel_forms("mean", False), **_channel_forms("invstd", False),
                  **_channel_forms("weight", True), **_flag_forms("training"), **_out_forms("dy"),
                  "x float64": lambda a: a.update(x=a["x"].astype(np.float64)),
@@ -285,6 +296,7 @@ OTHER_FORMS = {
                  "y not contiguous": lambda a: a.update(y=np.repeat(a["x"], 2, axis=2)[:, :, ::2]),
                  "out is x": lambda a: a.update(out=a["x"]),
                  "invstd inside out": lambda a: _read_from_out(a, "invstd", "dy"),
+                 "y overlapping out": lambda a: a.update(out=_shifted_view(a, "y")),
                  "out overlapping x": lambda a: a.update(out=_shifted_view(a, "x"))},
 }
 
@@ -294,4 +306,20 @@ def test_other_forms_are_left_to_the_checks(kind, form, rng):
     args = BINDINGS[kind][1](_inputs(rng))
     assert _plain(kind, args) is not None  # (so the one change below is what is declined)
     OTHER_FORMS[kind][form](args)
+    if kind == "backward" and form.startswith("dy ") and type(args["dy"]) is np.ndarray:
+        args["x"] = np.zeros_like(args["dy"])  # (x in dy's shape and dtype: declined for dy's sake)
+        assert type(args["x"]) is np.ndarray and args["x"].flags.carray
     assert _plain(kind, args) is None
+
+
+@pytest.mark.parametrize("kind", BINDINGS)
+def test_a_new_output_below_stream_min_bytes_only(kind, rng):
+    """Python's checks allocate outputs from STREAM_MIN_BYTES aligned (for streaming stores);
+    the bindings allocate below it only, and take any size with out= given."""
+    c = 4
+    n = pybn._C.STREAM_MIN_BYTES // (4 * c)  # x of exactly STREAM_MIN_BYTES
+    for size, taken in ((n - 1, True), (n, False)):
+        args = BINDINGS[kind][1](_inputs(rng, (1, c, size)))
+        assert (_plain(kind, args) is not None) == taken, size
+        args["out"] = np.empty_like(args["x"])
+        assert _plain(kind, args) is not None, size

@@ -15,20 +15,24 @@
 
 namespace pybn::bindings::plain {
 
-// obj as the common call passes it, or an empty py::array: an exact numpy.ndarray (no
-// subclass), C-contiguous and aligned.
+// A py::array holding nothing, which tests false. (py::array's default constructor makes an
+// empty float64 array, which tests true.)
+inline py::array no_array() { return py::reinterpret_steal<py::array>(py::handle()); }
+
+// obj as the common call passes it, or no_array(): an exact numpy.ndarray (no subclass),
+// C-contiguous and aligned.
 inline py::array array(py::handle obj) {
   using api = py::detail::npy_api;
-  if (Py_TYPE(obj.ptr()) != api::get().PyArray_Type_) return {};
+  if (Py_TYPE(obj.ptr()) != api::get().PyArray_Type_) return no_array();
   constexpr int kWanted = api::NPY_ARRAY_C_CONTIGUOUS_ | api::NPY_ARRAY_ALIGNED_;
-  if ((py::detail::array_proxy(obj.ptr())->flags & kWanted) != kWanted) return {};
+  if ((py::detail::array_proxy(obj.ptr())->flags & kWanted) != kWanted) return no_array();
   return py::reinterpret_borrow<py::array>(obj);
 }
 
 // The channel-first view of a batch-norm call's main array: x a plain float32 or float64
 // array with at least 2 dimensions and one element, its channel axis a plain int in range.
 struct Channels {
-  py::array x;
+  py::array x = no_array();
   i64 outer = 1, channels = 0, inner = 1;
 };
 
