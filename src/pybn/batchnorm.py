@@ -139,8 +139,9 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     float array-likes of shape (C,).
     """
     if residual is None:
-        # the common call (plain ndarrays of one dtype, small x) recognised and run in one C++ call
-        # (csrc/bindings/plain_calls.h); None for any other, which the checks below convert or reject
+        # the common call (plain ndarrays of one float dtype, out= given or x under STREAM_MIN_BYTES)
+        # recognised and run in one C++ call (csrc/bindings/plain_calls.h); None for any other,
+        # which the checks below convert or reject
         y = _C.bn_infer_plain(x, running_mean, running_var, weight, bias, eps, axis, relu, out)
         if y is not None:
             return y
