@@ -224,13 +224,12 @@ OptionalNdArray bn_infer_plain(py::handle x, py::handle mean, py::handle var, py
   plain::Channels c;
   double eps = 0;
   bool relu = false;
-  if (!plain::channels_of(x, axis, c) || !plain::new_output_allowed(out, c.x) ||
-      !plain::like(out, c.x, true, true) || !plain::per_channel(mean, c, false) ||
+  if (!plain::channels_of(x, axis, c) || !plain::output(out, c.x) || !plain::per_channel(mean, c, false) ||
       !plain::per_channel(var, c, false) || !plain::per_channel(weight, c, true) ||
       !plain::per_channel(bias, c, true) || !plain::apart({out, x, mean, var, weight, bias}, 1) ||
       !plain::real(eps_obj, true, eps) || !plain::flag(relu_obj, relu))
     return declined;
-  py::array y = out.is_none() ? plain::empty_like(c.x) : py::reinterpret_borrow<py::array>(out);
+  py::array y = plain::output_array(out, c.x);
   bn_infer<K>(nd(c.x), nd(y), nd(mean), nd(var), optional_nd(weight), optional_nd(bias), c.outer, c.channels,
               c.inner, eps, relu, declined);
   return OptionalNdArray(std::move(y));
@@ -244,15 +243,15 @@ OptionalArrays bn_train_plain(py::handle x, py::handle weight, py::handle bias, 
   plain::Channels c;
   double momentum = 0, eps = 0;
   bool relu = false;
-  if (!plain::channels_of(x, axis, c) || c.outer * c.inner < 2 || !plain::new_output_allowed(out, c.x) ||
-      !plain::like(out, c.x, true, true) || !plain::per_channel(weight, c, true) ||
+  if (!plain::channels_of(x, axis, c) || c.outer * c.inner < 2 || !plain::output(out, c.x) ||
+      !plain::per_channel(weight, c, true) ||
       !plain::per_channel(bias, c, true) || running_mean.is_none() != running_var.is_none() ||
       !plain::per_channel(running_mean, c, true, true) || !plain::per_channel(running_var, c, true, true) ||
       !plain::apart({out, running_mean, running_var, x, weight, bias}, 3) ||
       !plain::real(momentum_obj, false, momentum) || !plain::real(eps_obj, true, eps) ||
       !plain::flag(relu_obj, relu))
     return declined;
-  py::array y = out.is_none() ? plain::empty_like(c.x) : py::reinterpret_borrow<py::array>(out);
+  py::array y = plain::output_array(out, c.x);
   py::array mean = plain::empty(c.x, c.channels), invstd = plain::empty(c.x, c.channels);
   bn_train<K>(nd(c.x), nd(y), optional_nd(weight), optional_nd(bias), optional_nd(running_mean),
               optional_nd(running_var), nd(mean), nd(invstd), c.outer, c.channels, c.inner, momentum, eps, relu,
@@ -267,13 +266,13 @@ OptionalArrays bn_backward_plain(py::handle dy, py::handle x, py::handle mean, p
   const OptionalArrays declined{py::none()};
   plain::Channels c;
   bool training = false;
-  if (!plain::channels_of(dy, axis, c) || !plain::new_output_allowed(out, c.x) ||
-      !plain::like(out, c.x, true, true) || !plain::like(x, c.x, false) || !plain::like(y, c.x, true) ||
+  if (!plain::channels_of(dy, axis, c) || !plain::output(out, c.x) || !plain::like(x, c.x, false) ||
+      !plain::like(y, c.x, true) ||
       !plain::per_channel(mean, c, false) || !plain::per_channel(invstd, c, false) ||
       !plain::per_channel(weight, c, true) || !plain::apart({out, dy, x, y, mean, invstd, weight}, 1) ||
       !plain::flag(training_obj, training))
     return declined;
-  py::array dx = out.is_none() ? plain::empty_like(c.x) : py::reinterpret_borrow<py::array>(out);
+  py::array dx = plain::output_array(out, c.x);
   py::array dweight = plain::empty(c.x, c.channels), dbias = plain::empty(c.x, c.channels);
   bn_backward<K>(nd(dy), nd(x), optional_nd(y), nd(mean), nd(invstd), optional_nd(weight), nd(dx), nd(dweight),
                  nd(dbias), c.outer, c.channels, c.inner, training, OptionalNdArray(py::none()));

@@ -84,10 +84,10 @@ inline bool flag(py::handle h, bool& v) {
   return true;
 }
 
-// The output argument: given (then checked by the caller), or None for an x small enough
-// that the checks would allocate it with np.empty_like (past STREAM_MIN_BYTES they align it).
-inline bool new_output_allowed(py::handle out, const py::array& x) {
-  return !out.is_none() || x.nbytes() < pybn::kStreamBytes;
+// The output argument: a writable plain array like x, or None for an x small enough that
+// the checks would allocate the output with np.empty_like (past STREAM_MIN_BYTES they align it).
+inline bool output(py::handle out, const py::array& x) {
+  return out.is_none() ? x.nbytes() < pybn::kStreamBytes : like(out, x, false, true);
 }
 
 // The first n_written of `arrays` (the ones the kernel writes) share no byte with any other
@@ -109,10 +109,12 @@ inline bool apart(std::initializer_list<py::handle> arrays, std::size_t n_writte
   return true;
 }
 
-// A new C-contiguous array of x's dtype: of x's shape, or of n elements.
-inline py::array empty_like(const py::array& x) {
+// The output array of a call output() took: out itself, or a new C-contiguous array like x.
+inline py::array output_array(py::handle out, const py::array& x) {
+  if (!out.is_none()) return py::reinterpret_borrow<py::array>(out);
   return py::array(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
 }
+// A new array of x's dtype and n elements (the per-channel results).
 inline py::array empty(const py::array& x, i64 n) { return py::array(x.dtype(), std::vector<py::ssize_t>{n}); }
 
 }  // namespace pybn::bindings::plain

@@ -18,11 +18,9 @@ import pybn
 
 from ._layout import array, channels_last_physical, empty, in_layout, pybn_takes
 from .seeded import PinnedSeed, rank_and_world_size
-from .ops import _float_cpu_copy, draw_philox
+from .ops import _float_cpu_copy, counters, in_form_of, philox_used
 
 __all__ = ["drop_block_2d", "DropBlock2d"]
-
-_U64 = 2**64
 
 
 @torch.library.custom_op("pybn::drop_block", mutates_args=())
@@ -31,17 +29,15 @@ def drop_block(x: Tensor, p: float, block_size: int, philox: Optional[Tensor], g
     """DropBlock with pybn's mask of (seed, offset) (see the module docstring)."""
     if x.dim() != 4:
         raise ValueError(f"x: DropBlock needs a 4-d (N, C, H, W) tensor, got {x.dim()} dimensions")
-    used = draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
-    seed, offset = (v % _U64 for v in used.tolist())
+    used = philox_used(philox)
+    seed, offset = counters(used)
     src = x if pybn_takes(x) else _float_cpu_copy(x)
     last = channels_last_physical(src)
     y = empty(src, last)
     pybn.drop_block(array(src, last), p, block_size=block_size, seed=seed, offset=offset, gamma_scale=gamma_scale,
                     couple_channels=couple_channels, batchwise=batchwise, scale_by_keep=scale_by_keep,
                     axis=-1 if last else 1, out=array(y, last))
-    if src is not x:  # back to x's device and dtype
-        return empty(x, channels_last_physical(x)).copy_(y), used
-    return in_layout(y, channels_last_physical(x)), used
+    return in_form_of(x, src, y), used
 
 
 @drop_block.register_fake

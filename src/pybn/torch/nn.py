@@ -32,6 +32,7 @@ import pybn
 
 from . import ops as _ops
 from . import residual as _residual
+from .seeded import as_int64, u64
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
            "Dropout3d", "batch_norm", "batch_norm_add_relu", "dropout"]
@@ -218,8 +219,8 @@ class _DropoutForward(_DropoutBase):
         if seed is None:
             self._philox = None
             return
-        seed = _counter(seed, "seed")
-        self._philox = torch.tensor([_as_int64(seed), 0], dtype=torch.int64)
+        seed = u64(seed, "seed")
+        self._philox = torch.tensor([as_int64(seed), 0], dtype=torch.int64)
 
     @property
     def offset(self) -> Optional[int]:
@@ -230,7 +231,7 @@ class _DropoutForward(_DropoutBase):
     def offset(self, offset: int) -> None:
         if self._philox is None:
             raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
-        self._philox = torch.tensor([int(self._philox[0]), _as_int64(_counter(offset, "offset"))],
+        self._philox = torch.tensor([int(self._philox[0]), as_int64(u64(offset, "offset"))],
                                     dtype=torch.int64)
 
     def forward(self, input: Tensor, relu: bool = False) -> Tensor:
@@ -270,18 +271,6 @@ class _DropoutForward(_DropoutBase):
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text if self.seed is None else f"{text}, seed={self.seed}"
-
-
-def _counter(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
-    if not 0 <= value < 2**64:
-        raise ValueError(f"{name}: must be in [0, 2**64), got {value}")
-    return value
-
-
-def _as_int64(value: int) -> int:
-    return value - 2**64 if value >= 2**63 else value
 
 
 class Dropout(_DropoutForward, nn.Dropout):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 import pybn
 
 from ._layout import array, channels_last_physical, empty, in_layout, pybn_takes
-from .ops import _float_cpu_copy, draw_philox
+from .ops import _float_cpu_copy, counters, in_form_of, philox_used
 from .seeded import PinnedSeed
 
 __all__ = ["alpha_dropout", "gaussian_dropout", "gaussian_noise", "AlphaDropout", "GaussianDropout",
@@ -32,15 +32,13 @@ __all__ = ["alpha_dropout", "gaussian_dropout", "gaussian_noise", "AlphaDropout"
 
 def _elementwise(x: Tensor, philox: Optional[Tensor], fn: Any) -> Tuple[Tensor, Tensor]:
     """fn(array, seed, offset, out) over x's elements in memory order; (y, philox used)."""
-    used = draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
-    seed, offset = (v % 2**64 for v in used.tolist())
+    used = philox_used(philox)
+    seed, offset = counters(used)
     src = x if pybn_takes(x) else _float_cpu_copy(x)
     last = channels_last_physical(src)
     y = empty(src, last)
     fn(array(src, last), seed, offset, array(y, last))
-    if src is not x:  # back to x's device and dtype
-        return empty(x, channels_last_physical(x)).copy_(y), used
-    return in_layout(y, channels_last_physical(x)), used
+    return in_form_of(x, src, y), used
 
 
 def _fake(x: Tensor, *_: Any) -> Tuple[Tensor, Tensor]:

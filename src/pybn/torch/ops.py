@@ -66,6 +66,7 @@ from torch import Tensor
 import pybn
 
 from ._eager import direct_call, note_mutation
+from .seeded import as_int64
 from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, in_layout, per_channel, pybn_takes
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "dropout", "relu_dropout",
@@ -302,8 +303,8 @@ batch_norm_infer.register_autograd(_infer_backward, setup_context=_infer_setup)
 def _dropout_impl(x: Tensor, p: float, philox: Optional[Tensor],
                   noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
     """Inverted dropout with pybn's mask of (seed, offset) (see the module docstring)."""
-    used = _philox_used(philox)
-    return _dropout_with(x, p, _counters(used), noise_shape, relu=False), used
+    used = philox_used(philox)
+    return _dropout_with(x, p, counters(used), noise_shape, relu=False), used
 
 
 def _dropout_with(x: Tensor, p: float, counters: Tuple[int, int], noise_shape: Optional[List[int]],
@@ -317,9 +318,7 @@ def _dropout_with(x: Tensor, p: float, counters: Tuple[int, int], noise_shape: O
         noise = noise[:1] + noise[2:] + noise[1:2]
     y = empty(src, last)
     pybn.dropout(array(src, last), p, seed=seed, offset=offset, noise_shape=noise, relu=relu, out=array(y, last))
-    if src is not x:  # back to x's device and dtype
-        return empty(x, channels_last_physical(x)).copy_(y)
-    return in_layout(y, channels_last_physical(x))
+    return in_form_of(x, src, y)
 
 
 dropout = torch.library.custom_op("pybn::dropout", mutates_args=())(_dropout_impl)
@@ -330,6 +329,13 @@ def _float_cpu_copy(x: Tensor) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"x: dropout needs a floating-point tensor, got {x.dtype}")
     return x.detach().to("cpu", torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def in_form_of(x: Tensor, src: Tensor, y: Tensor) -> Tensor:
+    """y, computed from src (x itself, or its _float_cpu_copy), in x's device, dtype and layout."""
+    if src is not x:
+        return empty(x, channels_last_physical(x)).copy_(y)
+    return in_layout(y, channels_last_physical(x))
 
 
 def _draw_seed() -> Tensor:
@@ -343,21 +349,21 @@ def draw_philox() -> Tensor:
     return torch.stack([_draw_seed(), torch.zeros((), dtype=torch.int64)])
 
 
-def _philox_used(philox: Optional[Tensor]) -> Tensor:
+def philox_used(philox: Optional[Tensor]) -> Tensor:
     """The [seed, offset] an operator call uses and returns: a fresh one, or a CPU int64 copy
     of the given one."""
     return draw_philox() if philox is None else philox.detach().to("cpu", torch.int64).clone()
 
 
-def _counters(philox: Tensor) -> Tuple[int, int]:
+def counters(philox: Tensor) -> Tuple[int, int]:
     """The uint64 (seed, offset) of an int64 ``[seed, offset]`` (their two's complement)."""
     seed, offset = philox.tolist()
     return seed % 2**64, offset % 2**64
 
 
-def _philox_of(counters: Tuple[int, int]) -> Tensor:
-    """The int64 ``[seed, offset]`` of uint64 counters (_counters' inverse)."""
-    return torch.tensor([v - 2**64 if v >= 2**63 else v for v in counters], dtype=torch.int64)
+def _philox_of(pair: Tuple[int, int]) -> Tensor:
+    """The int64 ``[seed, offset]`` of uint64 counters (counters' inverse)."""
+    return torch.tensor([as_int64(v) for v in pair], dtype=torch.int64)
 
 
 def _direct_counters(philox: Optional[Tensor]) -> Tuple[int, int]:
@@ -365,7 +371,7 @@ def _direct_counters(philox: Optional[Tensor]) -> Tuple[int, int]:
     without the tensor around it."""
     if philox is None:
         return int(_draw_seed()), 0
-    return _counters(philox.detach().to(torch.int64))
+    return counters(philox.detach().to(torch.int64))
 
 
 def _order_kept(noise: Optional[Sequence[int]], ndim: int) -> bool:
@@ -384,10 +390,15 @@ def _(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[
     return empty(x, channels_last_physical(x)), torch.empty(2, dtype=torch.int64)
 
 
+def _keep_dropout_args(ctx: Any, x: Tensor, p: float, noise_shape: Optional[List[int]], direct: bool) -> None:
+    """What dropout's backward needs besides the mask's counters (direct: after _DropoutDirect's
+    forward, which keeps them as ctx.counters; else the operator's, which saves the tensor)."""
+    ctx.p, ctx.noise_shape, ctx.last, ctx.direct = p, noise_shape, channels_last_physical(x), direct
+
+
 def _dropout_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
     x, p, _, noise_shape = inputs
-    ctx.p, ctx.noise_shape, ctx.last = p, noise_shape, channels_last_physical(x)
-    ctx.direct = False  # (True after _DropoutDirect's forward, which keeps ctx.counters instead)
+    _keep_dropout_args(ctx, x, p, noise_shape, direct=False)
     ctx.save_for_backward(output[1])
 
 
@@ -412,8 +423,8 @@ class _DropoutDirect(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, p: float, philox: Optional[Tensor],
                 noise_shape: Optional[List[int]]) -> Tensor:
-        ctx.p, ctx.noise_shape, ctx.last = p, noise_shape, channels_last_physical(x)
-        ctx.direct, ctx.counters = True, _direct_counters(philox)
+        _keep_dropout_args(ctx, x, p, noise_shape, direct=True)
+        ctx.counters = _direct_counters(philox)
         return _dropout_with(x, p, ctx.counters, noise_shape, relu=False)
 
     backward = staticmethod(_dropout_backward)
@@ -431,8 +442,8 @@ def dropout_call(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Opt
 
 def _relu_dropout_impl(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """dropout(relu(x)) in one pass, pybn's element-wise mask of (seed, offset)."""
-    used = _philox_used(philox)
-    return _dropout_with(x, p, _counters(used), None, relu=True), used
+    used = philox_used(philox)
+    return _dropout_with(x, p, counters(used), None, relu=True), used
 
 
 relu_dropout = torch.library.custom_op("pybn::relu_dropout", mutates_args=())(_relu_dropout_impl)
