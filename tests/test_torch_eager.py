@@ -34,13 +34,15 @@ def test_the_dispatcher_fixture_reaches_every_operator(through_dispatcher):
     x = make_input((4, 6, 5, 7), torch.float32, "contiguous", 14)
     r = make_input((4, 6, 5, 7), torch.float32, "contiguous", 15)
     bn, drop = pnn.BatchNorm2d(6), pnn.Dropout(0.3)
+    frozen = pnn.BatchNorm2d(6).eval()
     runs = {"train": lambda: bn(x).sum().backward(), "fused": lambda: bn(x, r, relu=True).sum().backward(),
-            "dropout": lambda: drop(x).sum().backward()}
+            "dropout": lambda: drop(x).sum().backward(), "frozen": lambda: frozen(x).sum().backward()}
     assert all(operator_events(run) == set() for run in runs.values())
     through_dispatcher()
     assert operator_events(runs["train"]) == {"pybn::batch_norm_train", "pybn::batch_norm_backward"}
     assert operator_events(runs["fused"]) == {"pybn::batch_norm_add_relu", "pybn::batch_norm_add_relu_backward"}
     assert operator_events(runs["dropout"]) == {"pybn::dropout"}
+    assert operator_events(runs["frozen"]) == {"pybn::batch_norm_infer", "pybn::batch_norm_backward"}
     bn.eval()
     with torch.no_grad():
         assert operator_events(lambda: bn(x)) == {"pybn::batch_norm_infer"}
@@ -124,11 +126,13 @@ def test_batch_norm_direct_equals_the_dispatcher(dtype, layout, affine, through_
     ref.load_state_dict(module.state_dict())
     steps = [bn_step(module, x, dy) for _ in range(2)]
     module.eval()
+    steps.append(bn_step(module, x, dy))  # frozen statistics, gradients through them
     with torch.no_grad():
         steps.append([module(x)])
     through_dispatcher()
     want = [bn_step(ref, x, dy) for _ in range(2)]
     ref.eval()
+    want.append(bn_step(ref, x, dy))
     with torch.no_grad():
         want.append([ref(x)])
     for got, expected in zip(steps, want):
@@ -148,9 +152,29 @@ def test_batch_norm_direct_call_skips_the_dispatcher_and_modes_do_not():
     module.eval()
     with torch.no_grad():
         assert operator_events(lambda: module(x)) == set()
-    # a gradient through eval-mode batch norm takes the operator (its autograd formula)
-    assert operator_events(lambda: module(x).sum().backward()) == {"pybn::batch_norm_infer",
-                                                                   "pybn::batch_norm_backward"}
+    # a gradient through eval-mode batch norm (frozen statistics) too
+    assert operator_events(lambda: module(x).sum().backward()) == set()
+    with torch.device("cpu"):
+        assert operator_events(lambda: module(x).sum().backward()) == {"pybn::batch_norm_infer",
+                                                                       "pybn::batch_norm_backward"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_frozen_batch_norm_direct_gradients_check(layout):
+    """Eval-mode batch norm with gradients (frozen statistics, as in fine-tuning) is a direct
+    call; its gradients agree with finite differences in float64, and a second derivative
+    (create_graph=True) takes torch's formula."""
+    x = make_input((3, 2, 2, 3), torch.float64, layout, 16)
+    w = torch.tensor([0.7, -1.3], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.tensor([2.0, 3.0], dtype=torch.float64), torch.tensor([0.5, 2.0], dtype=torch.float64)
+
+    def frozen(x, w, b):
+        return pnn.batch_norm(x, rm, rv, w, b, training=False)
+
+    assert operator_events(lambda: frozen(x, w, b).sum().backward()) == set()
+    assert torch.autograd.gradcheck(frozen, (x, w, b))
+    assert torch.autograd.gradgradcheck(frozen, (x, w, b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -266,20 +266,24 @@ def batch_norm_train_call(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
 def batch_norm_infer_call(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
                           bias: Optional[Tensor], eps: float) -> Tensor:
     """``torch.ops.pybn.batch_norm_infer(...)``, without the dispatcher in plain eager mode
-    when no gradient is wanted."""
+    (through an autograd Function when a gradient is wanted)."""
     tensors = (x, running_mean, running_var, weight, bias)
     # direct_call first: it alone looks at what may be a tracer's proxy rather than a tensor
-    if direct_call(*tensors) and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                                        for t in tensors)):
-        return _infer_impl(x, running_mean, running_var, weight, bias, eps)
-    return torch.ops.pybn.batch_norm_infer(x, running_mean, running_var, weight, bias,  # type: ignore[no-any-return]
-                                           eps)
+    if not direct_call(*tensors):
+        return torch.ops.pybn.batch_norm_infer(x, running_mean, running_var, weight,  # type: ignore[no-any-return]
+                                               bias, eps)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        # eval-mode batch norm inside a model being trained (frozen statistics)
+        y: Tensor = _BatchNormInferDirect.apply(x, running_mean, running_var, weight, bias,  # type: ignore[no-untyped-call]
+                                                eps)
+        return y
+    return _infer_impl(x, running_mean, running_var, weight, bias, eps)
 
 
 def _infer_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
     x, running_mean, running_var, weight, _, eps = inputs
     ctx.save_for_backward(x, running_mean, running_var, weight)
-    ctx.eps = eps
+    ctx.eps, ctx.direct = eps, False  # (True after _BatchNormInferDirect's forward)
 
 
 def _infer_backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -290,12 +294,27 @@ def _infer_backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
                                                      ctx.eps, want)
     else:
         invstd = torch.rsqrt(running_var.double() + ctx.eps).to(_stats_dtype(x))
-        dx, dw, db = torch.ops.pybn.batch_norm_backward(dy, x, running_mean, invstd, weight, False)
+        dx, dw, db = backend(ctx, dy, _backward_impl, torch.ops.pybn.batch_norm_backward)(dy, x, running_mean,
+                                                                                          invstd, weight, False)
     needs = ctx.needs_input_grad
     return dx, None, None, dw if needs[3] else None, db if needs[4] else None, None
 
 
 batch_norm_infer.register_autograd(_infer_backward, setup_context=_infer_setup)
+
+
+class _BatchNormInferDirect(torch.autograd.Function):
+    """pybn::batch_norm_infer's plain eager calls that need a gradient (pybn.torch._eager):
+    the same implementation and backward as the operator's."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
+                bias: Optional[Tensor], eps: float) -> Tensor:
+        ctx.save_for_backward(x, running_mean, running_var, weight)
+        ctx.eps, ctx.direct = eps, True
+        return _infer_impl(x, running_mean, running_var, weight, bias, eps)
+
+    backward = staticmethod(_infer_backward)
 
 
 # --------------------------------------------------------------------------- dropout
