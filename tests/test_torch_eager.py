@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pybn.torch.nn as pnn
-from pybn.torch import _eager, ops, residual
+from pybn.torch import _eager, dropblock, noise, ops, residual
 
 HALF = [torch.float16] + ([torch.bfloat16] if ops.pybn_takes(torch.zeros(1, dtype=torch.bfloat16)) else [])
 DTYPES = [torch.float32, torch.float64, *HALF]
@@ -23,7 +23,7 @@ def operator_events(fn):
 def through_dispatcher(monkeypatch):
     """Within the test, every call takes torch.ops.pybn.* (what direct calls must equal)."""
     def use():
-        for module in (ops, residual):
+        for module in (ops, residual, noise, dropblock):
             monkeypatch.setattr(module, "direct_call", lambda *tensors: False)
     return use
 
@@ -195,6 +195,71 @@ def test_dropout_direct_equals_the_dispatcher(dtype, layout, module, through_dis
     assert operator_events(run) == set()
     through_dispatcher()
     same_bits(got, run())
+
+
+# the modules whose backward regenerates their draws (pybn.torch._regenerated), with the
+# operators the dispatcher runs for a forward and backward
+REGENERATED = {
+    "AlphaDropout": (lambda: pnn.AlphaDropout(0.3), {"pybn::alpha_dropout", "pybn::alpha_dropout_backward"}),
+    "GaussianDropout": (lambda: pnn.GaussianDropout(0.3), {"pybn::gaussian_dropout"}),
+    "GaussianNoise": (lambda: pnn.GaussianNoise(0.5), {"pybn::gaussian_noise"}),
+    "DropBlock2d": (lambda: pnn.DropBlock2d(0.2, 3), {"pybn::drop_block"}),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("module", sorted(REGENERATED))
+@pytest.mark.parametrize("seeded", [False, True])
+def test_regenerated_direct_equals_the_dispatcher(dtype, layout, module, seeded, through_dispatcher):
+    """Alpha dropout, the Gaussian noises and DropBlock skip the dispatcher in eager mode
+    (pybn.torch._regenerated) with the operators' values and gradients, bit for bit, with
+    a seed drawn from torch's generator or a pinned one (two calls: the offset advances)."""
+    x = make_input((4, 6, 9, 11), dtype, layout, 17)
+    dy = make_input((4, 6, 9, 11), dtype, layout, 18).detach()
+    make, operators = REGENERATED[module]
+
+    def run():
+        torch.manual_seed(21)  # the seed each unseeded call draws
+        m = make()
+        if seeded:
+            m.seed = 2**64 - 5
+        out = []
+        for _ in range(2):
+            y = m(x)
+            (dx,) = torch.autograd.grad(y, x, dy)
+            out += [y.detach(), dx]
+        return out
+
+    got = run()
+    assert operator_events(run) == set()
+    through_dispatcher()
+    assert operator_events(run) == operators
+    same_bits(got, run())
+
+
+@pytest.mark.parametrize("module", sorted(REGENERATED))
+def test_regenerated_gradients_check_and_double_backward_takes_the_operators(module, through_dispatcher):
+    x = make_input((4, 3, 5, 6), torch.float64, "contiguous", 19)
+    dy = make_input((4, 3, 5, 6), torch.float64, "contiguous", 20)
+    m = REGENERATED[module][0]()
+    m.seed = 77
+
+    def pinned(x):
+        m.offset = 0  # (gradcheck calls it again and again: the same draws each time)
+        return m(x)
+
+    assert torch.autograd.gradcheck(pinned, (x,))
+
+    def second_order():
+        (dx,) = torch.autograd.grad(pinned(x), x, dy, create_graph=True)
+        (ddy,) = torch.autograd.grad(dx, dy, torch.ones_like(dx))
+        return [dx.detach(), ddy]
+
+    got = second_order()
+    assert torch.count_nonzero(got[1]) > 0
+    through_dispatcher()
+    same_bits(got, second_order())
 
 
 def test_dropout_double_backward_takes_the_differentiable_operator(through_dispatcher):

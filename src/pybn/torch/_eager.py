@@ -5,8 +5,9 @@ A call of ``torch.ops.pybn.*`` passes the dispatcher twice (the Autograd kernel,
 implementation) and the Python layers of ``torch.library.custom_op``: about 75 us per call
 on the Zen 4 machine of docs/pytorch.md, more than the kernels take on a layer of 256 x 1024.
 In plain eager mode nothing needs those layers, so :mod:`pybn.torch.nn`'s batch norm (with or
-without the fused residual), dropout and stochastic depth call the same implementations
-through a ``torch.autograd.Function`` (the same bits, the same gradients). Anything that
+without the fused residual, in either mode), dropout, stochastic depth, alpha dropout, the
+Gaussian noises and DropBlock call the same implementations through a
+``torch.autograd.Function`` (the same bits, the same gradients). Anything that
 watches or transforms operator calls takes the dispatcher: ``torch.compile`` and
 ``torch.export`` (the fake implementations), ``torch.jit.trace``, dispatch modes (fake
 tensors, functionalization, ``make_fx``, ``opcheck``), function modes (``pybn.torch.fold``'s

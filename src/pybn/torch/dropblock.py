@@ -16,27 +16,46 @@ from torch import Tensor, nn
 
 import pybn
 
-from ._layout import array, channels_last_physical, empty, in_layout, pybn_takes
+from . import _regenerated
+from ._eager import direct_call
+from ._layout import channels_last_physical, empty, in_layout, pybn_takes
+from ._regenerated import Regenerated
 from .seeded import PinnedSeed, rank_and_world_size
 from .ops import _float_cpu_copy, counters, in_form_of, philox_used
 
 __all__ = ["drop_block_2d", "DropBlock2d"]
 
 
+def _kernels(p: float, block_size: int, gamma_scale: float, couple_channels: bool, batchwise: bool,
+             scale_by_keep: bool) -> Regenerated:
+    def kernel(a: Any, seed: int, offset: int, out: Any, last: bool) -> Any:
+        return pybn.drop_block(a, p, block_size=block_size, seed=seed, offset=offset, gamma_scale=gamma_scale,
+                               couple_channels=couple_channels, batchwise=batchwise, scale_by_keep=scale_by_keep,
+                               axis=-1 if last else 1, out=out)
+
+    def operator(dy: Tensor, philox: Tensor) -> Tensor:
+        dx: Tensor = torch.ops.pybn.drop_block(dy, p, block_size, philox, gamma_scale, couple_channels, batchwise,
+                                               scale_by_keep)[0]
+        return dx
+
+    # the gradient: the same mask and scale on dy, the same operator
+    return Regenerated(kernel, kernel, operator)
+
+
+def _four_dims(x: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x: DropBlock needs a 4-d (N, C, H, W) tensor, got {x.dim()} dimensions")
+
+
 @torch.library.custom_op("pybn::drop_block", mutates_args=())
 def drop_block(x: Tensor, p: float, block_size: int, philox: Optional[Tensor], gamma_scale: float,
                couple_channels: bool, batchwise: bool, scale_by_keep: bool) -> Tuple[Tensor, Tensor]:
     """DropBlock with pybn's mask of (seed, offset) (see the module docstring)."""
-    if x.dim() != 4:
-        raise ValueError(f"x: DropBlock needs a 4-d (N, C, H, W) tensor, got {x.dim()} dimensions")
+    _four_dims(x)
     used = philox_used(philox)
-    seed, offset = counters(used)
     src = x if pybn_takes(x) else _float_cpu_copy(x)
-    last = channels_last_physical(src)
-    y = empty(src, last)
-    pybn.drop_block(array(src, last), p, block_size=block_size, seed=seed, offset=offset, gamma_scale=gamma_scale,
-                    couple_channels=couple_channels, batchwise=batchwise, scale_by_keep=scale_by_keep,
-                    axis=-1 if last else 1, out=array(y, last))
+    kernel = _kernels(p, block_size, gamma_scale, couple_channels, batchwise, scale_by_keep).forward
+    y = _regenerated.run(kernel, src, counters(used), channels_last_physical(src))
     return in_form_of(x, src, y), used
 
 
@@ -70,8 +89,11 @@ def drop_block_2d(x: Tensor, drop_prob: float = 0.1, block_size: int = 7, gamma_
     ``torch.ops.pybn.drop_block``. timm's ``with_noise`` and ``inplace`` are not supported."""
     if not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"drop_prob: must be in [0, 1], got {drop_prob}")
-    y: Tensor = torch.ops.pybn.drop_block(x, drop_prob, block_size, philox, gamma_scale, couple_channels, batchwise,
-                                          scale_by_keep)[0]
+    args = (drop_prob, block_size, gamma_scale, couple_channels, batchwise, scale_by_keep)
+    if direct_call(x, philox) and pybn_takes(x):
+        _four_dims(x)
+        return _regenerated.call(_kernels(*args), x, philox)
+    y: Tensor = torch.ops.pybn.drop_block(x, drop_prob, block_size, philox, *args[2:])[0]
     return y
 
 

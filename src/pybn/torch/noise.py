@@ -22,7 +22,10 @@ from torch import Tensor, nn
 
 import pybn
 
-from ._layout import array, channels_last_physical, empty, in_layout, pybn_takes
+from . import _regenerated
+from ._eager import direct_call
+from ._layout import channels_last_physical, empty, in_layout, pybn_takes
+from ._regenerated import Kernel, Regenerated
 from .ops import _float_cpu_copy, counters, in_form_of, philox_used
 from .seeded import PinnedSeed
 
@@ -30,14 +33,30 @@ __all__ = ["alpha_dropout", "gaussian_dropout", "gaussian_noise", "AlphaDropout"
            "GaussianNoise"]
 
 
-def _elementwise(x: Tensor, philox: Optional[Tensor], fn: Any) -> Tuple[Tensor, Tensor]:
-    """fn(array, seed, offset, out) over x's elements in memory order; (y, philox used)."""
+def _alpha(p: float) -> Regenerated:
+    return Regenerated(lambda a, s, o, out, _: pybn.alpha_dropout(a, p, seed=s, offset=o, out=out),
+                       lambda a, s, o, out, _: pybn.alpha_dropout_backward(a, p, seed=s, offset=o, out=out),
+                       lambda dy, philox: torch.ops.pybn.alpha_dropout_backward(dy, p, philox))
+
+
+def _gaussian_dropout(rate: float) -> Regenerated:
+    def kernel(a: Any, seed: int, offset: int, out: Any, _: bool) -> Any:
+        return pybn.gaussian_dropout(a, rate, seed=seed, offset=offset, out=out)
+
+    # y = x * n: the gradient is dy times the same n, the same operator on dy
+    return Regenerated(kernel, kernel, lambda dy, philox: torch.ops.pybn.gaussian_dropout(dy, rate, philox)[0])
+
+
+def _gaussian_noise(stddev: float) -> Regenerated:
+    return Regenerated(lambda a, s, o, out, _: pybn.gaussian_noise(a, stddev, seed=s, offset=o, out=out), None,
+                       lambda dy, philox: dy)
+
+
+def _elementwise(x: Tensor, philox: Optional[Tensor], kernel: Kernel) -> Tuple[Tensor, Tensor]:
+    """An operator's kernel over x's elements in memory order; (y, philox used)."""
     used = philox_used(philox)
-    seed, offset = counters(used)
     src = x if pybn_takes(x) else _float_cpu_copy(x)
-    last = channels_last_physical(src)
-    y = empty(src, last)
-    fn(array(src, last), seed, offset, array(y, last))
+    y = _regenerated.run(kernel, src, counters(used), channels_last_physical(src))
     return in_form_of(x, src, y), used
 
 
@@ -50,26 +69,27 @@ def _fake(x: Tensor, *_: Any) -> Tuple[Tensor, Tensor]:
 @torch.library.custom_op("pybn::alpha_dropout", mutates_args=())
 def _alpha_dropout_op(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``pybn.alpha_dropout`` (training mode) of x in memory order."""
-    return _elementwise(x, philox, lambda a, s, o, out: pybn.alpha_dropout(a, p, seed=s, offset=o, out=out))
+    return _elementwise(x, philox, _alpha(p).forward)
 
 
 @torch.library.custom_op("pybn::alpha_dropout_backward", mutates_args=())
 def _alpha_dropout_backward_op(dy: Tensor, p: float, philox: Tensor) -> Tensor:
     """``pybn.alpha_dropout_backward``: ``a * dy`` where the mask of philox keeps, 0 elsewhere."""
-    return _elementwise(dy, philox,
-                        lambda a, s, o, out: pybn.alpha_dropout_backward(a, p, seed=s, offset=o, out=out))[0]
+    backward = _alpha(p).backward
+    assert backward is not None
+    return _elementwise(dy, philox, backward)[0]
 
 
 @torch.library.custom_op("pybn::gaussian_dropout", mutates_args=())
 def _gaussian_dropout_op(x: Tensor, rate: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``pybn.gaussian_dropout`` of x in memory order."""
-    return _elementwise(x, philox, lambda a, s, o, out: pybn.gaussian_dropout(a, rate, seed=s, offset=o, out=out))
+    return _elementwise(x, philox, _gaussian_dropout(rate).forward)
 
 
 @torch.library.custom_op("pybn::gaussian_noise", mutates_args=())
 def _gaussian_noise_op(x: Tensor, stddev: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``pybn.gaussian_noise`` of x in memory order."""
-    return _elementwise(x, philox, lambda a, s, o, out: pybn.gaussian_noise(a, stddev, seed=s, offset=o, out=out))
+    return _elementwise(x, philox, _gaussian_noise(stddev).forward)
 
 
 _alpha_dropout_op.register_fake(_fake)
@@ -118,6 +138,14 @@ _gaussian_dropout_op.register_autograd(_gaussian_dropout_backward, setup_context
 _gaussian_noise_op.register_autograd(_gaussian_noise_backward, setup_context=_setup)
 
 
+def _call(op: Regenerated, operator: Any, x: Tensor, value: float, philox: Optional[Tensor]) -> Tensor:
+    """``operator(x, value, philox)[0]``, without the dispatcher in plain eager mode."""
+    if direct_call(x, philox) and pybn_takes(x):
+        return _regenerated.call(op, x, philox)
+    y: Tensor = operator(x, value, philox)[0]
+    return y
+
+
 # --------------------------------------------------------------------------- functions
 
 def _real(value: object, name: str) -> float:
@@ -148,7 +176,7 @@ def alpha_dropout(input: Tensor, p: float = 0.5, training: bool = False, inplace
     if not training or p == 0.0:
         return input
     # p == 1 gives torch's zeros (there is no affine map to keep the moments)
-    y = input * input.new_zeros(()) if p == 1.0 else torch.ops.pybn.alpha_dropout(input, p, philox)[0]
+    y = input * input.new_zeros(()) if p == 1.0 else _call(_alpha(p), torch.ops.pybn.alpha_dropout, input, p, philox)
     return input.copy_(y) if inplace else y
 
 
@@ -157,8 +185,7 @@ def gaussian_dropout(input: Tensor, rate: float, training: bool = True, *, philo
     _probability(rate, "rate", False)
     if not training or rate == 0.0:
         return input
-    y: Tensor = torch.ops.pybn.gaussian_dropout(input, rate, philox)[0]
-    return y
+    return _call(_gaussian_dropout(rate), torch.ops.pybn.gaussian_dropout, input, rate, philox)
 
 
 def gaussian_noise(input: Tensor, stddev: float, training: bool = True, *, philox: Optional[Tensor] = None) -> Tensor:
@@ -166,8 +193,7 @@ def gaussian_noise(input: Tensor, stddev: float, training: bool = True, *, philo
     sd = _stddev(stddev)
     if not training or sd == 0.0:
         return input
-    y: Tensor = torch.ops.pybn.gaussian_noise(input, sd, philox)[0]
-    return y
+    return _call(_gaussian_noise(sd), torch.ops.pybn.gaussian_noise, input, sd, philox)
 
 
 # --------------------------------------------------------------------------- modules
