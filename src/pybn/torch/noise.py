@@ -33,9 +33,13 @@ __all__ = ["alpha_dropout", "gaussian_dropout", "gaussian_noise", "AlphaDropout"
            "GaussianNoise"]
 
 
+def _alpha_kernel(p: float, backward: bool) -> Kernel:
+    fn = pybn.alpha_dropout_backward if backward else pybn.alpha_dropout
+    return lambda a, s, o, out, _: fn(a, p, seed=s, offset=o, out=out)
+
+
 def _alpha(p: float) -> Regenerated:
-    return Regenerated(lambda a, s, o, out, _: pybn.alpha_dropout(a, p, seed=s, offset=o, out=out),
-                       lambda a, s, o, out, _: pybn.alpha_dropout_backward(a, p, seed=s, offset=o, out=out),
+    return Regenerated(_alpha_kernel(p, False), _alpha_kernel(p, True),
                        lambda dy, philox: torch.ops.pybn.alpha_dropout_backward(dy, p, philox))
 
 
@@ -75,9 +79,7 @@ def _alpha_dropout_op(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Te
 @torch.library.custom_op("pybn::alpha_dropout_backward", mutates_args=())
 def _alpha_dropout_backward_op(dy: Tensor, p: float, philox: Tensor) -> Tensor:
     """``pybn.alpha_dropout_backward``: ``a * dy`` where the mask of philox keeps, 0 elsewhere."""
-    backward = _alpha(p).backward
-    assert backward is not None
-    return _elementwise(dy, philox, backward)[0]
+    return _elementwise(dy, philox, _alpha_kernel(p, True))[0]
 
 
 @torch.library.custom_op("pybn::gaussian_dropout", mutates_args=())
