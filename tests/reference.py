@@ -145,6 +145,10 @@ def nearest_even(values, dtype):
 
 
 def assert_bits_equal(got, want):
-    """got and want hold the same values to the bit (same dtype and shape)."""
-    assert got.dtype == want.dtype and got.shape == want.shape
-    np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
+    """got and want hold the same values to the bit (same dtype and shape); the message
+    names the first elements that differ."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, f"{got.dtype}{got.shape} vs {want.dtype}{want.shape}"
+    differ = np.flatnonzero(got.view(f"u{got.itemsize}") != want.view(f"u{want.itemsize}"))
+    first = differ[:5]
+    assert differ.size == 0, f"{differ.size} elements differ, first at {first}: {got.flat[first]} vs {want.flat[first]}"

@@ -15,6 +15,7 @@ import pytest
 
 import pybn
 from test_half_dtypes import HALF, IDS as HALF_IDS, assert_near
+from reference import assert_bits_equal
 
 EPS = 1e-5
 FORWARD = (16, 37, 112, 112)   # 29.7 MB of float32: the training forward is blocked
@@ -26,10 +27,6 @@ def params(rng, c):
     return rng.uniform(0.5, 1.5, c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
 
 
-def same_bits(got, want):
-    np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
-
-
 def test_training_forward_in_place(isa, threads, rng):
     """out=x with a residual and a ReLU: the bits of the out-of-place call."""
     x = rng.standard_normal(FORWARD, np.float32)
@@ -39,7 +36,7 @@ def test_training_forward_in_place(isa, threads, rng):
     got = pybn.batch_norm_train(x, w, b, relu=True, residual=r, out=x)
     assert got.y is x
     for g, e in zip(got, want):
-        same_bits(g, e)
+        assert_bits_equal(g, e)
 
 
 @pytest.mark.parametrize("shape", [FORWARD, (4, 37, 56, 112)], ids=["blocked", "x-3.5MiB"])
@@ -54,8 +51,8 @@ def test_residual_keeps_the_statistics(shape, threads, rng):
     w, b = params(rng, shape[1])
     plain = pybn.batch_norm_train(x, w, b)
     fused = pybn.batch_norm_train(x, w, b, relu=True, residual=r)
-    same_bits(fused.mean, plain.mean)
-    same_bits(fused.invstd, plain.invstd)
+    assert_bits_equal(fused.mean, plain.mean)
+    assert_bits_equal(fused.invstd, plain.invstd)
     np.testing.assert_allclose(fused.y, np.maximum(plain.y + r, 0), rtol=1e-5, atol=1e-5)
 
 
@@ -71,12 +68,12 @@ def test_backward_in_place(isa, threads, rng):
     got = pybn.batch_norm_backward(d, x, fwd.mean, fwd.invstd, w, y=fwd.y, out=d)
     assert got.dx is d
     for g, e in zip(got, want[:3]):
-        same_bits(g, e)
+        assert_bits_equal(g, e)
     d = dy.copy()
     got = pybn.batch_norm_backward(d, x, fwd.mean, fwd.invstd, w, y=fwd.y, residual=True, d_residual_out=d)
     assert got.d_residual is d
     for g, e in zip(got, want):
-        same_bits(g, e)
+        assert_bits_equal(g, e)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)

@@ -19,14 +19,10 @@ import pybn
 import pybn.nn
 import reference_dropout as rd
 from error_checks import assert_raises_naming
+from reference import assert_bits_equal
 from reference_dropblock import drop_block_ref, gamma_ref, keep_ref, max_pool_like_timm, noise_shape_ref, seeds_ref
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
-
-
-def assert_same_bits(got, want):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    np.testing.assert_array_equal(got.view(f"u{got.dtype.itemsize}"), want.view(f"u{want.dtype.itemsize}"))
 
 
 # shapes: odd sizes, H != W, blocks even and odd, blocks larger than H or W or both
@@ -47,7 +43,7 @@ def test_matches_the_reference_bitwise(isa, threads, shape, block, options):
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     for p, seed, offset in [(0.3, 3, 0), (0.9, 2**64 - 1, 2**64 - 16), (0.05, 12345, 77)]:
         got = pybn.drop_block(x, p, block_size=block, seed=seed, offset=offset, **options)
-        assert_same_bits(got, drop_block_ref(x, p, block, seed, offset, **options))
+        assert_bits_equal(got, drop_block_ref(x, p, block, seed, offset, **options))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float16, ml_dtypes.bfloat16], ids=["float64", "float16", "bfloat16"])
@@ -55,7 +51,7 @@ def test_every_dtype_rounds_once(isa, dtype):
     x = (np.random.default_rng(2).standard_normal((3, 4, 13, 11)) * 100).astype(dtype)
     for block, options in [(3, {}), (4, dict(couple_channels=False))]:
         got = pybn.drop_block(x, 0.37, block_size=block, seed=8, offset=32, **options)
-        assert_same_bits(got, drop_block_ref(x, 0.37, block, 8, 32, **options))
+        assert_bits_equal(got, drop_block_ref(x, 0.37, block, 8, 32, **options))
 
 
 def test_mask_and_seeds_follow_the_documented_index_space():
@@ -87,7 +83,7 @@ def test_backward_is_the_same_call_on_the_gradient():
 
 def test_edges_p_zero_all_dropped_and_nonfinite():
     x = np.random.default_rng(4).standard_normal((2, 2, 5, 5)).astype(np.float32)
-    assert_same_bits(pybn.drop_block(x, 0.0, block_size=3, seed=1), x)
+    assert_bits_equal(pybn.drop_block(x, 0.0, block_size=3, seed=1), x)
     # gamma 1: every element a seed, nothing kept: zeros, +0.0 (no division by zero)
     zeros = pybn.drop_block(x, 1.0, block_size=1, seed=1)
     assert np.all(zeros == 0) and not np.any(np.signbit(zeros))
@@ -95,7 +91,7 @@ def test_edges_p_zero_all_dropped_and_nonfinite():
     x[0, 0] = np.nan
     x[1, 1] = -np.inf
     y = pybn.drop_block(x, 0.6, block_size=2, seed=7)
-    assert_same_bits(y, drop_block_ref(x, 0.6, 2, 7))
+    assert_bits_equal(y, drop_block_ref(x, 0.6, 2, 7))
     empty = np.zeros((0, 3, 4, 4), np.float32)
     assert pybn.drop_block(empty, 0.5, block_size=3, seed=1).shape == empty.shape
     assert pybn.drop_block(np.zeros((2, 3, 0, 4)), 0.5, block_size=3, seed=1).shape == (2, 3, 0, 4)
@@ -106,9 +102,9 @@ def test_in_place_and_out():
     want = drop_block_ref(x, 0.4, 3, 2)
     out = np.empty_like(x)
     assert pybn.drop_block(x, 0.4, block_size=3, seed=2, out=out) is out
-    assert_same_bits(out, want)
+    assert_bits_equal(out, want)
     assert pybn.drop_block(x, 0.4, block_size=3, seed=2, out=x) is x
-    assert_same_bits(x, want)
+    assert_bits_equal(x, want)
 
 
 @pytest.mark.parametrize("block, p", [(7, 0.1), (3, 0.25), (4, 0.5)])
@@ -216,7 +212,7 @@ def test_channels_last_axis_gives_the_same_mask(isa, options):
     want = drop_block_ref(x, 0.4, 3, 5, 16, **options)
     nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     got = pybn.drop_block(nhwc, 0.4, block_size=3, seed=5, offset=16, axis=-1, **options)
-    assert_same_bits(np.ascontiguousarray(got.transpose(0, 3, 1, 2)), want)
+    assert_bits_equal(np.ascontiguousarray(got.transpose(0, 3, 1, 2)), want)
     assert_raises_naming(ValueError, "axis", pybn.drop_block, x, 0.4, block_size=3, seed=5, axis=2)
 
 
@@ -227,11 +223,11 @@ def test_layer_advances_offset_backward_regenerates_and_eval_is_identity():
     x = np.random.default_rng(8).standard_normal((2, 3, 10, 10))
     used = pybn.counters_used(2 * 10 * 10)
     y1, y2 = layer(x), layer(x)
-    assert_same_bits(y1, drop_block_ref(x, 0.3, 3, 17, 0))
-    assert_same_bits(y2, drop_block_ref(x, 0.3, 3, 17, used))
+    assert_bits_equal(y1, drop_block_ref(x, 0.3, 3, 17, 0))
+    assert_bits_equal(y2, drop_block_ref(x, 0.3, 3, 17, used))
     assert layer.offset == 2 * used
     dy = np.random.default_rng(9).standard_normal(x.shape)
-    assert_same_bits(layer.backward(dy), drop_block_ref(dy, 0.3, 3, 17, used))
+    assert_bits_equal(layer.backward(dy), drop_block_ref(dy, 0.3, 3, 17, used))
     layer.eval()
     assert layer(x) is x and layer.backward(dy) is dy and layer.offset == 2 * used
 
@@ -242,7 +238,7 @@ def test_layer_ranks_split_per_sample_masks_and_share_batchwise_ones():
     ranks = [pybn.nn.DropBlock2d(0.5, 3, seed=3, rank=r, world_size=3) for r in range(3)]
     for step in range(2):
         for r, layer in enumerate(ranks):
-            assert_same_bits(layer(x), drop_block_ref(x, 0.5, 3, 3, (step * 3 + r) * used))
+            assert_bits_equal(layer(x), drop_block_ref(x, 0.5, 3, 3, (step * 3 + r) * used))
     shared = [pybn.nn.DropBlock2d(0.5, 3, seed=3, rank=r, world_size=3, batchwise=True) for r in range(3)]
     outs = [layer(x) for layer in shared]
     assert all(np.array_equal(o, outs[0]) for o in outs) and shared[0].offset == pybn.counters_used(64)
@@ -253,7 +249,7 @@ def test_mc_dropout_keeps_drop_block_on_with_the_documented_offsets():
     x = np.random.default_rng(10).standard_normal((2, 2, 7, 7))
     with pybn.nn.mc_dropout([drop, block], seed=99, sample=5):
         got = block(x)
-    assert_same_bits(got, drop_block_ref(x, 0.4, 3, 99, pybn.nn.mc_dropout_offset(1, 5)))
+    assert_bits_equal(got, drop_block_ref(x, 0.4, 3, 99, pybn.nn.mc_dropout_offset(1, 5)))
     assert not block.training and block.seed == 1 and block.offset == 0
 
 

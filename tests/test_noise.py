@@ -10,6 +10,7 @@ import pytest
 import pybn
 import pybn._C as C
 from pybn._checks import round_to
+from reference import assert_bits_equal
 from reference_dropout import keep_mask
 from reference_noise import normal_variates
 
@@ -23,48 +24,41 @@ def variates(n, seed=SEED, offset=0):
     return pybn.gaussian_noise(np.zeros(n, np.float32), 1.0, seed=seed, offset=offset)
 
 
-def same_bits(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape
-    width = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
-    diff = np.flatnonzero(a.view(width) != b.view(width))
-    assert diff.size == 0, f"{diff.size} elements differ, first at {diff[:5]}: {a[diff[:5]]} vs {b[diff[:5]]}"
-
-
 # ------------------------------------------------------------------ the normal stream
 
 @pytest.mark.parametrize("n, offset", [(1, 0), (63, 5), (64, 0), (65, 17), (1000, 2**32 - 40),
                                        (129, 2**64 - 20), (300_001, 12345)])
 def test_variates_match_the_reference_bit_for_bit(isa, threads, n, offset):
-    same_bits(variates(n, offset=offset), normal_variates(n, SEED, offset))
+    assert_bits_equal(variates(n, offset=offset), normal_variates(n, SEED, offset))
 
 
 def test_large_streamed_output_and_misaligned_views_match_the_reference(isa, threads):
     n = 1_500_001  # > 4 MB of float32: non-temporal stores
     want = normal_variates(n, SEED, 7)
-    same_bits(variates(n, offset=7), want)
+    assert_bits_equal(variates(n, offset=7), want)
     buf = np.zeros(n + 3, np.float32)
     out = np.zeros(n + 3, np.float32)
     for start in (1, 3):  # x and out off the 64-byte boundary: a head of ordinary stores
         x, y = buf[start:start + n - 2], out[start:start + n - 2]
         pybn.gaussian_noise(x, 1.0, seed=SEED, offset=7, out=y)
-        same_bits(y, want[:n - 2])
+        assert_bits_equal(y, want[:n - 2])
 
 
 def test_a_variate_depends_on_its_index_only():
     whole = variates(10_000, offset=160)
-    same_bits(variates(5000, offset=160 + pybn.normal_counters_used(5000))[:64 * 10],
+    assert_bits_equal(variates(5000, offset=160 + pybn.normal_counters_used(5000))[:64 * 10],
               whole[5056:5056 + 640])
     assert pybn.normal_counters_used(5000) == 16 * 79
-    same_bits(variates(100, offset=160), whole[:100])
+    assert_bits_equal(variates(100, offset=160), whole[:100])
 
 
 def test_every_dtype_uses_the_same_float32_variates(isa):
     n = 20_011
     z = normal_variates(n, SEED, 3)
-    same_bits(pybn.gaussian_noise(np.zeros(n), 1.0, seed=SEED, offset=3), z.astype(np.float64))
+    assert_bits_equal(pybn.gaussian_noise(np.zeros(n), 1.0, seed=SEED, offset=3), z.astype(np.float64))
     for dtype in (np.float16, ml_dtypes.bfloat16):
-        same_bits(pybn.gaussian_noise(np.zeros(n, dtype), 1.0, seed=SEED, offset=3), round_to(z, np.dtype(dtype)))
+        got = pybn.gaussian_noise(np.zeros(n, dtype), 1.0, seed=SEED, offset=3)
+        assert_bits_equal(got, round_to(z, np.dtype(dtype)))
 
 
 def test_moments(isa):
@@ -153,8 +147,8 @@ def test_gaussian_dropout_and_noise_round_once_per_dtype(isa, threads, dtype, rn
         else:  # the exact product rounded once; the float32 sum rounded to the 16-bit type
             want_drop = round_to(x.astype(np.float64) * multiplier.astype(np.float64), np.dtype(dtype))
             want_noise = round_to((x.astype(np.float32) + noise32).astype(np.float64), np.dtype(dtype))
-    same_bits(y_drop, np.asarray(want_drop, dtype))
-    same_bits(y_noise, np.asarray(want_noise, dtype))
+    assert_bits_equal(y_drop, np.asarray(want_drop, dtype))
+    assert_bits_equal(y_noise, np.asarray(want_noise, dtype))
 
 
 def test_gaussian_moments_follow_keras_semantics():
@@ -175,24 +169,24 @@ def test_gaussian_backward_is_regeneration():
     kw = dict(seed=42, offset=96)
     multiplier = pybn.gaussian_dropout(np.ones_like(x), 0.4, **kw)
     # y is linear in x: its gradient is dy * (the same multiplier), the same call on dy
-    same_bits(pybn.gaussian_dropout(dy, 0.4, **kw), dy * multiplier)
-    same_bits(pybn.gaussian_dropout(x, 0.4, **kw), x * multiplier)
+    assert_bits_equal(pybn.gaussian_dropout(dy, 0.4, **kw), dy * multiplier)
+    assert_bits_equal(pybn.gaussian_dropout(x, 0.4, **kw), x * multiplier)
 
 
 def test_identity_cases_and_in_place():
     x = np.arange(1000, dtype=np.float32)
     for y in (pybn.gaussian_dropout(x, 0.0, seed=1), pybn.gaussian_noise(x, 0.0, seed=1),
               pybn.alpha_dropout(x, 0.0, seed=1), pybn.alpha_dropout(x, 0.5, seed=1, training=False)):
-        same_bits(y, x)
+        assert_bits_equal(y, x)
         assert y is not x
-    same_bits(pybn.alpha_dropout(x, 1.0, seed=1), np.zeros_like(x))
+    assert_bits_equal(pybn.alpha_dropout(x, 1.0, seed=1), np.zeros_like(x))
     want = pybn.gaussian_noise(x, 1.5, seed=9, offset=32)
     z = x.copy()
     assert pybn.gaussian_noise(z, 1.5, seed=9, offset=32, out=z) is z
-    same_bits(z, want)
+    assert_bits_equal(z, want)
     z = x.copy()
     pybn.alpha_dropout(z, 0.25, seed=9, out=z)
-    same_bits(z, pybn.alpha_dropout(x, 0.25, seed=9))
+    assert_bits_equal(z, pybn.alpha_dropout(x, 0.25, seed=9))
 
 
 # ------------------------------------------------------------------ alpha dropout
@@ -214,22 +208,22 @@ def alpha_reference(x, p, seed, offset):
 @pytest.mark.parametrize("p", [0.5, 0.1, 0.9])
 def test_alpha_dropout_matches_the_float64_reference(isa, threads, dtype, p, rng):
     x = rng.standard_normal((7, 3, 1111)).astype(dtype)
-    same_bits(pybn.alpha_dropout(x, p, seed=SEED, offset=48), alpha_reference(x, p, SEED, 48))
+    assert_bits_equal(pybn.alpha_dropout(x, p, seed=SEED, offset=48), alpha_reference(x, p, SEED, 48))
 
 
 def test_alpha_dropout_every_tail(isa, threads, rng):
     # lengths around the window (32) and group (128) sizes: the pass's partial windows
     for n in [*range(1, 70), 127, 128, 129, 255, 257, 4095, 4097]:
         x = rng.standard_normal(n).astype(np.float32)
-        same_bits(pybn.alpha_dropout(x, 0.3, seed=21, offset=n), alpha_reference(x, 0.3, 21, n))
+        assert_bits_equal(pybn.alpha_dropout(x, 0.3, seed=21, offset=n), alpha_reference(x, 0.3, 21, n))
 
 
 def test_alpha_dropout_large_streamed(isa, threads, rng):
     x = rng.standard_normal(1_200_003).astype(np.float32)
-    same_bits(pybn.alpha_dropout(x, 0.2, seed=5, offset=16), alpha_reference(x, 0.2, 5, 16))
+    assert_bits_equal(pybn.alpha_dropout(x, 0.2, seed=5, offset=16), alpha_reference(x, 0.2, 5, 16))
     out = np.zeros(x.size + 1, np.float32)[1:]  # off the 64-byte boundary
     pybn.alpha_dropout(x, 0.2, seed=5, offset=16, out=out)
-    same_bits(out, alpha_reference(x, 0.2, 5, 16))
+    assert_bits_equal(out, alpha_reference(x, 0.2, 5, 16))
 
 
 def test_alpha_dropout_keeps_dropouts_elements(rng):
@@ -255,7 +249,7 @@ def test_alpha_dropout_bits_equal_torchs_formula_given_the_mask(rng):
         b = noise.add(-1).mul_(ALPHA * a).add_(ALPHA * a * p)
         noise.mul_(a)
         want = (x * noise).add_(b)
-        same_bits(pybn.alpha_dropout(x.numpy(), p, seed=3), want.numpy())
+        assert_bits_equal(pybn.alpha_dropout(x.numpy(), p, seed=3), want.numpy())
 
 
 def test_alpha_dropout_moments_match_torchs_on_selu_input():
@@ -280,7 +274,7 @@ def test_alpha_dropout_backward_is_a_times_dy_where_kept(isa, rng):
     keep = keep_mask(dy.shape, p, 8, 64)
     a = pybn.noise.alpha_dropout_coefficients(p)[0]
     got = pybn.alpha_dropout_backward(dy, p, seed=8, offset=64)
-    same_bits(got, np.where(keep, dy * np.float32(a), np.float32(0)))
+    assert_bits_equal(got, np.where(keep, dy * np.float32(a), np.float32(0)))
     # the derivative of the forward, by finite differences in float64
     x = rng.standard_normal((5, 999))
     h = 1e-6
