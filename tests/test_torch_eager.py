@@ -1,6 +1,8 @@
 """pybn.torch's direct calls (pybn.torch._eager): in plain eager mode the modules call the
 operators' implementations without the dispatcher; the results must be the dispatcher's bit
 for bit, and anything that watches operator calls must still see the operators."""
+import copy
+
 import pytest
 import torch
 
@@ -260,6 +262,71 @@ def test_regenerated_gradients_check_and_double_backward_takes_the_operators(mod
     assert torch.count_nonzero(got[1]) > 0
     through_dispatcher()
     same_bits(got, second_order())
+
+
+@pytest.mark.parametrize("module", sorted(REGENERATED))
+def test_regenerated_direct_equals_the_dispatcher_without_autograd(module, through_dispatcher):
+    x = torch.randn(4, 6, 9, 11, generator=torch.Generator().manual_seed(23))
+
+    def run():
+        torch.manual_seed(24)
+        m = REGENERATED[module][0]()
+        with torch.inference_mode():
+            a = m(x)
+        with torch.no_grad():
+            b = m(x)
+        return [a.clone(), b]
+
+    got = run()
+    through_dispatcher()
+    same_bits(got, run())
+
+
+def test_alpha_dropout_in_place_and_p_one_and_dropblock_dimensions_as_the_dispatcher(through_dispatcher):
+    def run():
+        torch.manual_seed(25)
+        x = torch.randn(4, 6, 9, 11, generator=torch.Generator().manual_seed(26))
+        y = pnn.AlphaDropout(0.3, inplace=True)(x)
+        ones = pnn.AlphaDropout(1.0)(torch.ones(3, 5, requires_grad=True))
+        errors = []
+        for shape in [(6, 9, 11), (2, 3, 6, 9, 11)]:
+            with pytest.raises(ValueError) as e:
+                pnn.DropBlock2d(0.2, 3)(torch.randn(shape))
+            errors.append(str(e.value))
+        return [y is x, x.clone(), ones.detach()], errors
+
+    (same, *got), errors = run()
+    assert same
+    through_dispatcher()
+    (same, *want), want_errors = run()
+    same_bits(got, want)
+    assert errors == want_errors and "4-d" in errors[0]
+
+
+@pytest.mark.parametrize("module", ["BatchNorm2d (eval)", "Dropout", *sorted(REGENERATED)])
+def test_plain_tensors_inside_functorch_transforms_take_the_operators(module):
+    """Under vmap or grad even a plain tensor (the batch of an ensemble's functional_call)
+    takes the operators: a direct call's autograd Function has no functorch rules."""
+    torch.manual_seed(22)
+    layer = pnn.BatchNorm2d(2).eval() if module == "BatchNorm2d (eval)" else \
+        pnn.Dropout(0.3) if module == "Dropout" else REGENERATED[module][0]()
+    model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(50, 2))
+    members = [model]
+    for _ in range(2):
+        members.append(copy.deepcopy(model))
+        with torch.no_grad():
+            members[-1][2].weight.uniform_(-1.0, 1.0)
+    params, buffers = torch.func.stack_module_state(members)
+    x = torch.randn(4, 2, 5, 5)
+    y = torch.vmap(lambda p, b: torch.func.functional_call(model, (p, b), (x,)), randomness="different")(params,
+                                                                                                     buffers)
+    assert y.shape == (3, 4, 2) and torch.isfinite(y).all()
+    if module == "BatchNorm2d (eval)":  # deterministic: each member's own call
+        for i, member in enumerate(members):
+            torch.testing.assert_close(y[i], member(x))
+        z = torch.randn(4, 2, 5, 5)
+        (dz,) = torch.func.grad(lambda z: (layer(x) * z).sum(), argnums=(0,))(z)
+        torch.testing.assert_close(dz, layer(x))
 
 
 def test_dropout_double_backward_takes_the_differentiable_operator(through_dispatcher):

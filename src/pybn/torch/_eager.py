@@ -28,6 +28,9 @@ def direct_call(*tensors: Optional[Tensor]) -> bool:
     dispatcher: eager mode, no tracer, no dispatch or function mode, plain CPU tensors."""
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return False
+    # (a transform's plain tensors too: vmap over functional_call with a batch from outside)
+    if torch._C._are_functorch_transforms_active():
+        return False
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
         return False
     # (is_cpu: device.type makes a Device object per tensor, and a call checks several)

@@ -21,16 +21,17 @@ Kernel = Callable[[np.ndarray, int, int, np.ndarray, bool], Any]
 
 
 class Regenerated(NamedTuple):
-    """An operator's forward and backward kernels (backward None: the gradient is dy
-    itself), and its backward through the operators, given dy and an int64 [seed, offset]."""
+    """An operator's forward and backward kernels and its backward through the operators,
+    given dy and an int64 [seed, offset] (both None: the gradient is dy itself)."""
 
     forward: Kernel
-    backward: Optional[Kernel]
-    backward_op: Callable[[Tensor, Tensor], Tensor]
+    backward: Optional[Kernel] = None
+    backward_op: Optional[Callable[[Tensor, Tensor], Tensor]] = None
 
 
 def run(kernel: Kernel, x: Tensor, counters: Tuple[int, int], last: bool) -> Tensor:
-    """kernel over x (a tensor pybn's kernels take, in the layout `last`): y in that layout."""
+    """kernel over x (a tensor pybn's kernels take; copied first unless its layout is
+    `last`'s): y in the layout `last`."""
     y = empty(x, last)
     kernel(array(x, last), counters[0], counters[1], array(y, last), last)
     return y
@@ -45,7 +46,7 @@ class _Direct(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
         op = ctx.op
-        if op.backward is None:
+        if op.backward is None or op.backward_op is None:
             return dy, None, None
         dy = in_layout(dy, ctx.last)  # the draws follow memory order
         if not torch.is_grad_enabled() and direct_call(dy):  # (dy: x's dtype, which pybn takes)

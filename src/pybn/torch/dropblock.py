@@ -133,8 +133,7 @@ class DropBlock2d(PinnedSeed, nn.Module):
         args = (self.gamma_scale, self.couple_channels, self.scale_by_keep)
         if self._seed is None:
             return drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise)
-        if x.dim() != 4:
-            raise ValueError(f"x: DropBlock needs a 4-d (N, C, H, W) tensor, got {x.dim()} dimensions")
+        _four_dims(x)
         noise = pybn.dropblock.drop_block_noise_shape(tuple(x.shape), couple_channels=self.couple_channels,
                                             batchwise=self.batchwise)
         used = pybn.counters_used(noise[0] * noise[1] * noise[2] * noise[3])

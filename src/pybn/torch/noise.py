@@ -52,8 +52,7 @@ def _gaussian_dropout(rate: float) -> Regenerated:
 
 
 def _gaussian_noise(stddev: float) -> Regenerated:
-    return Regenerated(lambda a, s, o, out, _: pybn.gaussian_noise(a, stddev, seed=s, offset=o, out=out), None,
-                       lambda dy, philox: dy)
+    return Regenerated(lambda a, s, o, out, _: pybn.gaussian_noise(a, stddev, seed=s, offset=o, out=out))
 
 
 def _elementwise(x: Tensor, philox: Optional[Tensor], kernel: Kernel) -> Tuple[Tensor, Tensor]:
