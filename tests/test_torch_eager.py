@@ -252,16 +252,7 @@ def test_regenerated_gradients_check_and_double_backward_takes_the_operators(mod
         return m(x)
 
     assert torch.autograd.gradcheck(pinned, (x,))
-
-    def second_order():
-        (dx,) = torch.autograd.grad(pinned(x), x, dy, create_graph=True)
-        (ddy,) = torch.autograd.grad(dx, dy, torch.ones_like(dx))
-        return [dx.detach(), ddy]
-
-    got = second_order()
-    assert torch.count_nonzero(got[1]) > 0
-    through_dispatcher()
-    same_bits(got, second_order())
+    second_order_equals_the_dispatchers(pinned, x, dy, through_dispatcher)
 
 
 @pytest.mark.parametrize("module", sorted(REGENERATED))
@@ -329,14 +320,11 @@ def test_plain_tensors_inside_functorch_transforms_take_the_operators(module):
         torch.testing.assert_close(dz, layer(x))
 
 
-def test_dropout_double_backward_takes_the_differentiable_operator(through_dispatcher):
-    x = make_input((64, 33), torch.float64, "contiguous", 7)
-    dy = make_input((64, 33), torch.float64, "contiguous", 8)
-
+def second_order_equals_the_dispatchers(forward, x, dy, through_dispatcher):
+    """dx taken with create_graph=True and its derivative in dy: not zero, and the bits the
+    operators give."""
     def second_order():
-        torch.manual_seed(9)
-        y = pnn.Dropout(0.4)(x)
-        (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+        (dx,) = torch.autograd.grad(forward(x), x, dy, create_graph=True)
         (ddy,) = torch.autograd.grad(dx, dy, torch.ones_like(dx))
         return [dx.detach(), ddy]
 
@@ -344,6 +332,17 @@ def test_dropout_double_backward_takes_the_differentiable_operator(through_dispa
     assert torch.count_nonzero(got[1]) > 0
     through_dispatcher()
     same_bits(got, second_order())
+
+
+def test_dropout_double_backward_takes_the_differentiable_operator(through_dispatcher):
+    x = make_input((64, 33), torch.float64, "contiguous", 7)
+    dy = make_input((64, 33), torch.float64, "contiguous", 8)
+
+    def forward(x):
+        torch.manual_seed(9)
+        return pnn.Dropout(0.4)(x)
+
+    second_order_equals_the_dispatchers(forward, x, dy, through_dispatcher)
 
 
 def test_direct_call_refuses_what_needs_the_dispatcher():
