@@ -320,6 +320,22 @@ def test_plain_tensors_inside_functorch_transforms_take_the_operators(module):
         torch.testing.assert_close(dz, layer(x))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # (jvp's first call)
+@pytest.mark.parametrize("module", ["BatchNorm2d (eval)", "Dropout", "Dropout2d", "DropPath", *sorted(REGENERATED)])
+def test_forward_mode_transforms_are_refused_not_given_zero_tangents(module):
+    """Through pybn's operators torch.func.jvp would carry a zero tangent on without an error
+    (they have no forward-mode rule): it is refused, naming forward mode. (A training-mode
+    batch norm stops earlier, at torch's own error for its num_batches_tracked.add_.)"""
+    layer = pnn.BatchNorm2d(2).eval() if module == "BatchNorm2d (eval)" else \
+        pnn.DropPath(0.3) if module == "DropPath" else \
+        getattr(pnn, module)(0.3) if module.startswith("Dropout") else REGENERATED[module][0]()
+    x, t = torch.randn(4, 2, 5, 5), torch.randn(4, 2, 5, 5)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(layer, (x,), (t,))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.vmap(lambda x, t: torch.func.jvp(layer, (x,), (t,))[1])(x[None], t[None])
+
+
 def second_order_equals_the_dispatchers(forward, x, dy, through_dispatcher):
     """dx taken with create_graph=True and its derivative in dy: not zero, and the bits the
     operators give."""
