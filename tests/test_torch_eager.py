@@ -294,13 +294,18 @@ def test_alpha_dropout_in_place_and_p_one_and_dropblock_dimensions_as_the_dispat
     assert errors == want_errors and "4-d" in errors[0]
 
 
+# every module a transform may meet, by name (a 4-d input of 2 channels)
+TRANSFORMED = {"BatchNorm2d (eval)": lambda: pnn.BatchNorm2d(2).eval(), "Dropout": lambda: pnn.Dropout(0.3),
+               "Dropout2d": lambda: pnn.Dropout2d(0.3), "DropPath": lambda: pnn.DropPath(0.3),
+               **{name: make for name, (make, _) in REGENERATED.items()}}
+
+
 @pytest.mark.parametrize("module", ["BatchNorm2d (eval)", "Dropout", *sorted(REGENERATED)])
 def test_plain_tensors_inside_functorch_transforms_take_the_operators(module):
     """Under vmap or grad even a plain tensor (the batch of an ensemble's functional_call)
     takes the operators: a direct call's autograd Function has no functorch rules."""
     torch.manual_seed(22)
-    layer = pnn.BatchNorm2d(2).eval() if module == "BatchNorm2d (eval)" else \
-        pnn.Dropout(0.3) if module == "Dropout" else REGENERATED[module][0]()
+    layer = TRANSFORMED[module]()
     model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(50, 2))
     members = [model]
     for _ in range(2):
@@ -321,14 +326,12 @@ def test_plain_tensors_inside_functorch_transforms_take_the_operators(module):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # (jvp's first call)
-@pytest.mark.parametrize("module", ["BatchNorm2d (eval)", "Dropout", "Dropout2d", "DropPath", *sorted(REGENERATED)])
+@pytest.mark.parametrize("module", sorted(TRANSFORMED))
 def test_forward_mode_transforms_are_refused_not_given_zero_tangents(module):
     """Through pybn's operators torch.func.jvp would carry a zero tangent on without an error
     (they have no forward-mode rule): it is refused, naming forward mode. (A training-mode
     batch norm stops earlier, at torch's own error for its num_batches_tracked.add_.)"""
-    layer = pnn.BatchNorm2d(2).eval() if module == "BatchNorm2d (eval)" else \
-        pnn.DropPath(0.3) if module == "DropPath" else \
-        getattr(pnn, module)(0.3) if module.startswith("Dropout") else REGENERATED[module][0]()
+    layer = TRANSFORMED[module]()
     x, t = torch.randn(4, 2, 5, 5), torch.randn(4, 2, 5, 5)
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.jvp(layer, (x,), (t,))

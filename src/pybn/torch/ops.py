@@ -310,9 +310,10 @@ class _BatchNormInferDirect(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
                 bias: Optional[Tensor], eps: float) -> Tensor:
-        ctx.save_for_backward(x, running_mean, running_var, weight)
-        ctx.eps, ctx.direct = eps, True
-        return _infer_impl(x, running_mean, running_var, weight, bias, eps)
+        y = _infer_impl(x, running_mean, running_var, weight, bias, eps)
+        _infer_setup(ctx, (x, running_mean, running_var, weight, bias, eps), y)
+        ctx.direct = True
+        return y
 
     backward = staticmethod(_infer_backward)
 
