@@ -11,7 +11,8 @@ Gaussian noises and DropBlock call the same implementations through a
 watches or transforms operator calls takes the dispatcher: ``torch.compile`` and
 ``torch.export`` (the fake implementations), ``torch.jit.trace``, dispatch modes (fake
 tensors, functionalization, ``make_fx``, ``opcheck``), function modes (``pybn.torch.fold``'s
-recorder, ``with torch.device(...)``), functorch transforms, and tensor subclasses. Eager
+recorder, ``with torch.device(...)``), functorch transforms (through
+:mod:`pybn.torch._transforms`), and tensor subclasses. Eager
 calls that skip it do not appear as ``pybn::`` events in ``torch.profiler``.
 """
 from typing import Any, Optional

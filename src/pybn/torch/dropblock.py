@@ -18,6 +18,7 @@ import pybn
 
 from . import _regenerated
 from ._eager import direct_call
+from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, pybn_takes
 from ._regenerated import Regenerated
 from .seeded import PinnedSeed, rank_and_world_size
@@ -74,12 +75,12 @@ def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> 
 def _backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
     (used,) = ctx.saved_tensors
     p, block_size, gamma_scale, couple, batchwise, scale_by_keep = ctx.args
-    dx, _ = torch.ops.pybn.drop_block(in_layout(dy, ctx.last), p, block_size, used, gamma_scale, couple, batchwise,
-                                      scale_by_keep)
+    dx, _ = operator(drop_block)(in_layout(dy, ctx.last), p, block_size, used, gamma_scale, couple, batchwise,
+                                 scale_by_keep)
     return dx, None, None, None, None, None, None, None
 
 
-drop_block.register_autograd(_backward, setup_context=_setup)
+register_autograd(drop_block, _backward, _setup)
 
 
 def drop_block_2d(x: Tensor, drop_prob: float = 0.1, block_size: int = 7, gamma_scale: float = 1.0,
@@ -93,7 +94,7 @@ def drop_block_2d(x: Tensor, drop_prob: float = 0.1, block_size: int = 7, gamma_
     if direct_call(x, philox) and pybn_takes(x):
         _four_dims(x)
         return _regenerated.call(_kernels(*args), x, philox)
-    y: Tensor = torch.ops.pybn.drop_block(x, drop_prob, block_size, philox, *args[2:])[0]
+    y: Tensor = operator(drop_block)(x, drop_prob, block_size, philox, *args[2:])[0]
     return y
 
 

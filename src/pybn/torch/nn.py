@@ -32,6 +32,7 @@ import pybn
 
 from . import ops as _ops
 from . import residual as _residual
+from . import _transforms
 from .seeded import as_int64, u64
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
@@ -40,21 +41,29 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropou
 
 # --------------------------------------------------------------------------- batch norm
 
-def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
+def _check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     training: bool) -> None:
     if training:
         channels = input.shape[1] if input.dim() >= 2 else 1
         if channels and input.numel() // channels <= 1:
             raise ValueError(f"input: training needs more than 1 value per channel, got input of shape "
                              f"{tuple(input.shape)}")
+    elif running_mean is None or running_var is None:
+        raise ValueError("running_mean: running_mean and running_var are required when training=False")
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
+    _check_arguments(input, running_mean, running_var, training)
+    if _transforms.active():  # torch.func: torch's function and its rules (pybn/torch/_transforms.py)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if training:
         y: Tensor = _ops.batch_norm_train_call(input, weight, bias, running_mean, running_var, momentum, eps)[0]
         return y
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean: running_mean and running_var are required when training=False")
-    y = _ops.batch_norm_infer_call(input, running_mean, running_var, weight, bias, eps)
-    return y
+    assert running_mean is not None and running_var is not None  # (checked above)
+    return _ops.batch_norm_infer_call(input, running_mean, running_var, weight, bias, eps)
 
 
 def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
@@ -63,13 +72,11 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     """A ResNet block's tail in one pass: ``relu(F.batch_norm(input, ...) + residual)`` (without
     the relu for ``relu=False``; without the add for ``residual=None``). Arguments as
     :func:`batch_norm`'s; autograd gives the gradients of input, weight, bias and residual."""
-    if training:
-        channels = input.shape[1] if input.dim() >= 2 else 1
-        if channels and input.numel() // channels <= 1:
-            raise ValueError(f"input: training needs more than 1 value per channel, got input of shape "
-                             f"{tuple(input.shape)}")
-    elif running_mean is None or running_var is None:
-        raise ValueError("running_mean: running_mean and running_var are required when training=False")
+    _check_arguments(input, running_mean, running_var, training)
+    if _transforms.active():  # as in batch_norm
+        z = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        z = z if residual is None else z + residual
+        return torch.relu(z) if relu else z
     y: Tensor = _residual.batch_norm_add_relu_call(input, residual, weight, bias, running_mean, running_var,
                                                    training, momentum, eps, relu)[0]
     return y

@@ -24,6 +24,7 @@ import pybn
 
 from . import _regenerated
 from ._eager import direct_call
+from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, pybn_takes
 from ._regenerated import Kernel, Regenerated
 from .ops import _float_cpu_copy, counters, in_form_of, philox_used
@@ -111,7 +112,7 @@ def _setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> 
 def _alpha_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
     (used,) = ctx.saved_tensors
     # dy in the layout x had: the mask follows memory order
-    return torch.ops.pybn.alpha_dropout_backward(in_layout(dy, ctx.last), ctx.value, used), None, None
+    return operator(_alpha_dropout_backward_op)(in_layout(dy, ctx.last), ctx.value, used), None, None
 
 
 def _alpha_backward_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
@@ -121,29 +122,30 @@ def _alpha_backward_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> 
 
 def _alpha_backward_backward(ctx: Any, ddx: Tensor) -> Tuple[Optional[Tensor], ...]:
     (philox,) = ctx.saved_tensors  # linear in dy: the same map again
-    return torch.ops.pybn.alpha_dropout_backward(in_layout(ddx, ctx.last), ctx.value, philox), None, None
+    return operator(_alpha_dropout_backward_op)(in_layout(ddx, ctx.last), ctx.value, philox), None, None
 
 
 def _gaussian_dropout_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
     (used,) = ctx.saved_tensors  # y = x * n: dy * the same n
-    return torch.ops.pybn.gaussian_dropout(in_layout(dy, ctx.last), ctx.value, used)[0], None, None
+    return operator(_gaussian_dropout_op)(in_layout(dy, ctx.last), ctx.value, used)[0], None, None
 
 
 def _gaussian_noise_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], ...]:
     return dy, None, None
 
 
-_alpha_dropout_op.register_autograd(_alpha_backward, setup_context=_setup)
-_alpha_dropout_backward_op.register_autograd(_alpha_backward_backward, setup_context=_alpha_backward_setup)
-_gaussian_dropout_op.register_autograd(_gaussian_dropout_backward, setup_context=_setup)
-_gaussian_noise_op.register_autograd(_gaussian_noise_backward, setup_context=_setup)
+register_autograd(_alpha_dropout_op, _alpha_backward, _setup)
+register_autograd(_alpha_dropout_backward_op, _alpha_backward_backward, _alpha_backward_setup)
+register_autograd(_gaussian_dropout_op, _gaussian_dropout_backward, _setup)
+register_autograd(_gaussian_noise_op, _gaussian_noise_backward, _setup)
 
 
-def _call(op: Regenerated, operator: Any, x: Tensor, value: float, philox: Optional[Tensor]) -> Tensor:
-    """``operator(x, value, philox)[0]``, without the dispatcher in plain eager mode."""
+def _call(kernels: Regenerated, op: Any, x: Tensor, value: float, philox: Optional[Tensor]) -> Tensor:
+    """``op(x, value, philox)[0]`` (op: one of the operators above), without the dispatcher in
+    plain eager mode."""
     if direct_call(x, philox) and pybn_takes(x):
-        return _regenerated.call(op, x, philox)
-    y: Tensor = operator(x, value, philox)[0]
+        return _regenerated.call(kernels, x, philox)
+    y: Tensor = operator(op)(x, value, philox)[0]
     return y
 
 
@@ -177,7 +179,7 @@ def alpha_dropout(input: Tensor, p: float = 0.5, training: bool = False, inplace
     if not training or p == 0.0:
         return input
     # p == 1 gives torch's zeros (there is no affine map to keep the moments)
-    y = input * input.new_zeros(()) if p == 1.0 else _call(_alpha(p), torch.ops.pybn.alpha_dropout, input, p, philox)
+    y = input * input.new_zeros(()) if p == 1.0 else _call(_alpha(p), _alpha_dropout_op, input, p, philox)
     return input.copy_(y) if inplace else y
 
 
@@ -186,7 +188,7 @@ def gaussian_dropout(input: Tensor, rate: float, training: bool = True, *, philo
     _probability(rate, "rate", False)
     if not training or rate == 0.0:
         return input
-    return _call(_gaussian_dropout(rate), torch.ops.pybn.gaussian_dropout, input, rate, philox)
+    return _call(_gaussian_dropout(rate), _gaussian_dropout_op, input, rate, philox)
 
 
 def gaussian_noise(input: Tensor, stddev: float, training: bool = True, *, philox: Optional[Tensor] = None) -> Tensor:
@@ -194,7 +196,7 @@ def gaussian_noise(input: Tensor, stddev: float, training: bool = True, *, philo
     sd = _stddev(stddev)
     if not training or sd == 0.0:
         return input
-    return _call(_gaussian_noise(sd), torch.ops.pybn.gaussian_noise, input, sd, philox)
+    return _call(_gaussian_noise(sd), _gaussian_noise_op, input, sd, philox)
 
 
 # --------------------------------------------------------------------------- modules

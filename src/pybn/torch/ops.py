@@ -66,6 +66,7 @@ from torch import Tensor
 import pybn
 
 from ._eager import direct_call, note_mutation
+from ._transforms import operator, register_autograd
 from .seeded import as_int64
 from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, in_layout, per_channel, pybn_takes
 
@@ -429,11 +430,11 @@ def _dropout_backward(ctx: Any, dy: Tensor, _dused: Optional[Tensor] = None) -> 
         dx = _dropout_with(dy, ctx.p, ctx.counters, ctx.noise_shape, relu=False)
     else:  # the operator: differentiable when create_graph=True (dropout's derivative is dropout with the same mask)
         used = _philox_of(ctx.counters) if ctx.direct else ctx.saved_tensors[0]
-        dx = torch.ops.pybn.dropout(dy, ctx.p, used, ctx.noise_shape)[0]
+        dx = operator(dropout)(dy, ctx.p, used, ctx.noise_shape)[0]
     return dx, None, None, None
 
 
-dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+register_autograd(dropout, _dropout_backward, _dropout_setup)
 
 
 class _DropoutDirect(torch.autograd.Function):
@@ -455,7 +456,7 @@ def dropout_call(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Opt
     if direct_call(x, philox) and pybn_takes(x):
         y: Tensor = _DropoutDirect.apply(x, p, philox, noise_shape)  # type: ignore[no-untyped-call]
         return y
-    return torch.ops.pybn.dropout(x, p, philox, noise_shape)[0]  # type: ignore[no-any-return]
+    return operator(dropout)(x, p, philox, noise_shape)[0]  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- dropout(relu(x))
@@ -504,12 +505,12 @@ def _relu_dropout_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor,
 def _relu_dropout_backward(ctx: Any, dy: Tensor, _dused: Optional[Tensor] = None) -> Tuple[Optional[Tensor], ...]:
     (y,) = ctx.saved_tensors
     # the operator when the backward must be differentiable (create_graph=True)
-    backward_fn = torch.ops.pybn.relu_dropout_backward if torch.is_grad_enabled() else \
-        backend(ctx, dy, _relu_dropout_backward_impl, torch.ops.pybn.relu_dropout_backward)
+    op = operator(relu_dropout_backward)
+    backward_fn = op if torch.is_grad_enabled() else backend(ctx, dy, _relu_dropout_backward_impl, op)
     return backward_fn(dy, y, ctx.p), None, None
 
 
-relu_dropout.register_autograd(_relu_dropout_backward, setup_context=_relu_dropout_setup)
+register_autograd(relu_dropout, _relu_dropout_backward, _relu_dropout_setup)
 
 
 def _backward_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
@@ -520,10 +521,10 @@ def _backward_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
 def _backward_backward(ctx: Any, ddx: Tensor) -> Tuple[Optional[Tensor], ...]:
     # linear in dy with the same mask; y's gradient is 0 almost everywhere (a step function)
     (y,) = ctx.saved_tensors
-    return torch.ops.pybn.relu_dropout_backward(ddx, y, ctx.p), None, None
+    return operator(relu_dropout_backward)(ddx, y, ctx.p), None, None
 
 
-relu_dropout_backward.register_autograd(_backward_backward, setup_context=_backward_setup)
+register_autograd(relu_dropout_backward, _backward_backward, _backward_setup)
 
 
 class _ReluDropoutDirect(torch.autograd.Function):
@@ -544,4 +545,4 @@ def relu_dropout_call(x: Tensor, p: float, philox: Optional[Tensor]) -> Tensor:
     if direct_call(x, philox) and pybn_takes(x):
         y: Tensor = _ReluDropoutDirect.apply(x, p, philox)  # type: ignore[no-untyped-call]
         return y
-    return torch.ops.pybn.relu_dropout(x, p, philox)[0]  # type: ignore[no-any-return]
+    return operator(relu_dropout)(x, p, philox)[0]  # type: ignore[no-any-return]

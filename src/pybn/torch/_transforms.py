@@ -1,0 +1,66 @@
+"""pybn's random operators under torch.func's reverse-mode transforms and vmap.
+
+``torch.library.register_autograd`` wraps an operator's backward in an autograd Function
+without a ``setup_context`` staticmethod, and functorch refuses such a Function: through
+any operator so registered, ``torch.func.grad``, ``vjp``, ``jacrev`` and ``vmap(grad(...))``
+(per-sample gradients) stop at "it must override the setup_context staticmethod" (torch
+issues 168393, 170834, 179652, open on torch 2.13). The dispatcher cannot be taught
+otherwise: by the time an operator's Autograd kernel runs, functorch's layers have been
+peeled off and a Function applied there finds no kernel. So the call sites ask
+:func:`operator` what to call: the operator itself, or, while a transform is active, the
+same operator through a Function of this module, which has ``setup_context`` (the
+operator's own) and lets functorch derive its vmap rule (the operator's batching runs each
+sample on its own). Its backward is the operator's registered backward, whose calls go
+through :func:`operator` again, so gradients of gradients work too.
+
+Batch norm does not come here: under a transform pybn.torch.nn's batch norm runs torch's
+own functions (pybn/torch/nn.py), whose functorch rules (running statistics under vmap,
+forward mode) are torch's to keep.
+"""
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+
+from ._eager import refuse_forward_mode
+
+# a custom operator (torch.library.custom_op's object) -> its Function for transforms
+_TRANSFORMABLE: Dict[Any, Any] = {}
+
+
+def active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, jvp, ...) is running."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Callable[..., None]) -> None:
+    """``op.register_autograd(backward, setup_context=setup_context)``, and the same formula
+    for :func:`operator`'s calls under transforms."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    class Transformable(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args: Any) -> Any:
+            with torch._C._AutoDispatchBelowAutograd():  # (the gradient is this Function's)
+                return op(*args)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            return backward(ctx, *grads)
+
+    _TRANSFORMABLE[op] = Transformable
+
+
+def operator(op: Any) -> Callable[..., Any]:
+    """What a call site calls for the custom operator `op` (registered through
+    :func:`register_autograd`): `op`, or under a reverse-mode transform or vmap its
+    Function; forward mode is refused (no rule)."""
+    if not active():
+        return op  # type: ignore[no-any-return]
+    refuse_forward_mode()
+    return _TRANSFORMABLE[op].apply  # type: ignore[no-any-return]

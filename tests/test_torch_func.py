@@ -1,0 +1,185 @@
+"""pybn.torch's modules under torch.func (pybn/torch/_transforms.py): grad, vjp, jacrev,
+gradients of gradients and per-sample gradients (vmap over grad) give what torch's own
+autograd gives through the same modules, masks included; batch norm gives what torch's
+batch norm gives under the same transform. Before, every random module and batch norm
+with batch statistics stopped at torch's "must override the setup_context staticmethod"
+under grad (torch's register_autograd makes Functions functorch refuses)."""
+import pytest
+import torch
+from torch.func import grad, jacrev, vjp, vmap
+
+import pybn.torch.nn as pnn
+
+pytestmark = [pytest.mark.filterwarnings(
+    "ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")]  # (jvp's first call)
+
+# every random module of pybn.torch.nn, its seed pinned (a fresh module per call draws the same
+# mask), and the keyword arguments of its call
+RANDOM = {
+    "Dropout": (lambda: pnn.Dropout(0.3, seed=11), {}),
+    "Dropout relu": (lambda: pnn.Dropout(0.3, seed=11), {"relu": True}),
+    "Dropout2d": (lambda: pnn.Dropout2d(0.4, seed=11), {}),
+    "DropPath": (lambda: pnn.DropPath(0.5, seed=11), {}),
+    "StochasticDepth batch": (lambda: pnn.StochasticDepth(0.5, "batch", seed=13), {}),
+    "AlphaDropout": (lambda: pnn.AlphaDropout(0.3, seed=11), {}),
+    "GaussianDropout": (lambda: pnn.GaussianDropout(0.3, seed=11), {}),
+    "GaussianNoise": (lambda: pnn.GaussianNoise(0.5, seed=11), {}),
+    "DropBlock2d": (lambda: pnn.DropBlock2d(0.3, 3, seed=11), {}),
+}
+# the modules whose per-sample input (one sample, without the batch dimension) they take
+PER_SAMPLE = ["Dropout", "Dropout relu", "AlphaDropout", "GaussianDropout", "GaussianNoise"]
+
+
+def fresh(name, dtype=torch.float64):
+    make, kwargs = RANDOM[name]
+    layer = make().to(dtype)
+    return lambda x: layer(x, **kwargs)
+
+
+def data(shape, seed, layout="contiguous"):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def autograd_grad(f, x, w):
+    x = x.detach().clone().requires_grad_()
+    (f(x) * w).sum().backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", sorted(RANDOM))
+def test_grad_and_vjp_equal_autograd(name, layout):
+    x, w = data((4, 3, 6, 6), 1, layout), data((4, 3, 6, 6), 2)
+    want = autograd_grad(fresh(name), x, w)
+    assert torch.count_nonzero(want) > 0
+    got = grad(lambda x: (fresh(name)(x) * w).sum())(x)
+    assert torch.equal(got, want)
+    y, pullback = vjp(fresh(name), x)
+    assert torch.equal(y, fresh(name)(x)) and torch.equal(pullback(w)[0], want)
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM))
+def test_jacrev_equals_autograd_jacobian(name):
+    x = data((2, 2, 5, 5), 3)
+    want = torch.autograd.functional.jacobian(fresh(name), x)
+    got = jacrev(fresh(name))(x)
+    assert got.shape == (2, 2, 5, 5) * 2 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM))
+def test_gradient_of_the_gradient_equals_double_backward(name):
+    x = data((4, 3, 6, 6), 4)
+
+    def f(x):
+        return fresh(name)(x).pow(3).sum()
+
+    got = grad(lambda x: grad(f)(x).square().sum())(x)
+    xr = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(f(xr), xr, create_graph=True)
+    (want,) = torch.autograd.grad(dx.square().sum(), xr)
+    assert torch.count_nonzero(want) > 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", PER_SAMPLE)
+def test_per_sample_gradients_equal_one_call_per_sample(name, dtype):
+    """vmap(grad(...)): each sample's gradient, its mask that of the module called on that
+    sample alone (a pinned seed gives every sample the same mask)."""
+    x, w = data((5, 3, 7), 5).to(dtype), data((3, 7), 6).to(dtype)
+
+    def loss(xi):
+        return (fresh(name, dtype)(xi) * w).sum()
+
+    got = vmap(grad(loss))(x)
+    want = torch.stack([autograd_grad(fresh(name, dtype), xi, w) for xi in x])
+    assert torch.count_nonzero(want) > 0
+    assert torch.equal(got, want)
+
+
+def test_per_sample_gradients_follow_each_samples_own_draw():
+    """Without a seed each sample draws its own (vmap's randomness="different"): every
+    sample's gradient is its own mask times the scale, the mask its forward used."""
+    torch.manual_seed(5)
+    layer = pnn.Dropout(0.5)
+    x = data((6, 64), 7).abs() + 0.5  # nonzero: the output's zeros are the dropped elements
+
+    def f(xi):
+        y = layer(xi)
+        return y.sum(), y
+
+    g, y = vmap(grad(f, has_aux=True), randomness="different")(x)
+    kept = y != 0
+    assert torch.equal(g, kept.to(g.dtype) * 2.0)
+    assert not all(torch.equal(kept[0], kept[i]) for i in range(1, 6))  # the samples' masks differ
+
+
+def test_ensemble_gradients_through_functional_call():
+    """The ensemble of torch.func's tutorial: stacked parameters, vmap over
+    grad(functional_call) of a model with pybn's dropout and batch norm."""
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), pnn.BatchNorm1d(8, track_running_stats=False),
+                                pnn.Dropout(0.3, seed=4), torch.nn.Linear(8, 1)).double()
+    members = [model] + [torch.nn.Sequential(*[m for m in model]) for _ in range(2)]
+    params, buffers = torch.func.stack_module_state(members)
+    x = data((10, 6), 9)
+
+    def loss(p, b):
+        return torch.func.functional_call(model, (p, b), (x,)).square().mean()
+
+    grads = vmap(grad(loss))(params, buffers)
+    model[2].offset = 0  # (the call above advanced the pinned stream once)
+    model.zero_grad()
+    loss(dict(model.named_parameters()), dict(model.named_buffers())).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name][0], p.grad, rtol=1e-12, atol=1e-15)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+def pair(**kwargs):
+    """torch's BatchNorm2d and pybn's, with the same parameters and statistics."""
+    stock = torch.nn.BatchNorm2d(3, **kwargs).double()
+    with torch.no_grad():
+        if stock.affine:
+            stock.weight.uniform_(0.5, 1.5)
+            stock.bias.uniform_(-1, 1)
+        if stock.track_running_stats:
+            stock.running_mean.uniform_(-1, 1)
+            stock.running_var.uniform_(0.5, 2)
+    ours = pnn.BatchNorm2d(3, **kwargs).double()
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
+@pytest.mark.parametrize("mode", ["eval", "batch statistics"])
+def test_batch_norm_under_grad_jvp_and_vmap_equals_torchs(mode):
+    stock, ours = pair() if mode == "eval" else pair(track_running_stats=False)
+    if mode == "eval":
+        stock.eval(), ours.eval()
+    x, w, t = data((4, 3, 5, 5), 10), data((4, 3, 5, 5), 11), data((4, 3, 5, 5), 12)
+    for transform in (lambda m: grad(lambda x: (m(x) * w).square().sum())(x),
+                      lambda m: torch.func.jvp(m, (x,), (t,))[1],
+                      lambda m: jacrev(m)(x[:1, :, :2, :2]),
+                      lambda m: vmap(grad(lambda xi: m(xi[None]).square().sum()))(x)):
+        torch.testing.assert_close(transform(ours), transform(stock), rtol=1e-10, atol=1e-12)
+
+
+def test_fused_block_tail_under_grad_equals_torchs_composite():
+    stock, ours = pair(track_running_stats=False)
+    x, r, w = data((4, 3, 5, 5), 13), data((4, 3, 5, 5), 14), data((4, 3, 5, 5), 15)
+    got = grad(lambda x, r: (ours(x, r, relu=True) * w).sum(), argnums=(0, 1))(x, r)
+    want = grad(lambda x, r: (torch.relu(stock(x) + r) * w).sum(), argnums=(0, 1))(x, r)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_running_statistics_under_grad_fail_as_torchs():
+    """Training with running statistics mutates captured buffers: torch refuses it under
+    grad, and so does pybn's module, with torch's error."""
+    stock, ours = pair()
+    x = data((4, 3, 5, 5), 16)
+    for m in (stock, ours):
+        with pytest.raises(RuntimeError, match="in-place operation"):
+            grad(lambda x: m(x).sum())(x)
