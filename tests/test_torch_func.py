@@ -4,10 +4,13 @@ autograd gives through the same modules, masks included; batch norm gives what t
 batch norm gives under the same transform. Before, every random module and batch norm
 with batch statistics stopped at torch's "must override the setup_context staticmethod"
 under grad (torch's register_autograd makes Functions functorch refuses)."""
+import copy
+
 import pytest
 import torch
 from torch.func import grad, jacrev, vjp, vmap
 
+import pybn.torch
 import pybn.torch.nn as pnn
 
 pytestmark = [pytest.mark.filterwarnings(
@@ -183,3 +186,21 @@ def test_running_statistics_under_grad_fail_as_torchs():
     for m in (stock, ours):
         with pytest.raises(RuntimeError, match="in-place operation"):
             grad(lambda x: m(x).sum())(x)
+
+
+def test_forward_mode_and_hessian_of_an_accelerated_model_in_eval_mode():
+    """jvp, jacfwd and hessian of an evaluated model (dropout off, batch norm on its running
+    statistics) equal stock torch's: only training-mode random modules refuse forward mode."""
+    torch.manual_seed(9)
+    stock = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Dropout(0.3), torch.nn.Linear(6, 1)).double()
+    with torch.no_grad():
+        stock[1].running_mean.uniform_(-1, 1)
+        stock[1].running_var.uniform_(0.5, 2)
+    ours = pybn.torch.accelerate(copy.deepcopy(stock)).eval()
+    stock.eval()
+    assert isinstance(ours[1], pnn.BatchNorm1d) and isinstance(ours[3], pnn.Dropout)
+    x, t = data((5, 3), 17), data((5, 3), 18)
+    for transform in (lambda m: torch.func.jvp(m, (x,), (t,))[1], lambda m: torch.func.jacfwd(m)(x),
+                      lambda m: torch.func.hessian(lambda xi: m(xi[None]).sum())(x[0])):
+        torch.testing.assert_close(transform(ours), transform(stock), rtol=1e-10, atol=1e-12)
