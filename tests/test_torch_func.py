@@ -13,9 +13,9 @@ from torch.func import grad, jacrev, vjp, vmap
 import pybn.torch
 import pybn.torch.nn as pnn
 
-pytestmark = [pytest.mark.filterwarnings(
-    "ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning"),
-    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")]  # (jvp's first call)
+# (warnings are errors in the tests: vmap over pybn's operators must not warn of torch's
+# batching fallback)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # (jvp's)
 
 # every random module of pybn.torch.nn, its seed pinned (a fresh module per call draws the same
 # mask), and the keyword arguments of its call
@@ -117,6 +117,26 @@ def test_per_sample_gradients_follow_each_samples_own_draw():
     kept = y != 0
     assert torch.equal(g, kept.to(g.dtype) * 2.0)
     assert not all(torch.equal(kept[0], kept[i]) for i in range(1, 6))  # the samples' masks differ
+
+
+@pytest.mark.parametrize("name", PER_SAMPLE)
+def test_vmap_randomness_modes_are_torchs(name):
+    """Without a seed the draw follows vmap's randomness, as torch's random functions do:
+    "error" (the default) raises torch's error, "same" gives every sample the draw a call on
+    that sample alone makes after the same torch.manual_seed, "different" one per sample."""
+    make, kwargs = RANDOM[name]
+    layer = make().double()
+    layer.seed = None  # (draws from torch's generator)
+    x = data((4, 3, 16), 19)
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(lambda xi: layer(xi, **kwargs))(x)
+    torch.manual_seed(20)
+    same = vmap(lambda xi: layer(xi, **kwargs), randomness="same")(x)
+    for i in range(4):
+        torch.manual_seed(20)
+        assert torch.equal(same[i], layer(x[i], **kwargs))
+    different = vmap(lambda xi: layer(xi, **kwargs), randomness="different")(x[:1].expand(4, 3, 16))
+    assert not any(torch.equal(different[0], different[i]) for i in range(1, 4))
 
 
 def test_ensemble_gradients_through_functional_call():

@@ -9,9 +9,11 @@ otherwise: by the time an operator's Autograd kernel runs, functorch's layers ha
 peeled off and a Function applied there finds no kernel. So the call sites ask
 :func:`operator` what to call: the operator itself, or, while a transform is active, the
 same operator through a Function of this module, which has ``setup_context`` (the
-operator's own) and lets functorch derive its vmap rule (the operator's batching runs each
-sample on its own). Its backward is the operator's registered backward, whose calls go
-through :func:`operator` again, so gradients of gradients work too.
+operator's own) and lets functorch derive its vmap rule from the operator's, which runs
+each sample on its own (:func:`_per_sample`). Its backward is the operator's registered
+backward, whose calls go through :func:`operator` again, so gradients of gradients work
+too. The seed a call without one draws is drawn by the call site under a transform
+(``pybn.torch.ops.drawn_outside``), where vmap's randomness mode applies to it.
 
 Batch norm does not come here: under a transform pybn.torch.nn's batch norm runs torch's
 own functions (pybn/torch/nn.py), whose functorch rules (running statistics under vmap,
@@ -33,9 +35,11 @@ def active() -> bool:
 
 
 def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Callable[..., None]) -> None:
-    """``op.register_autograd(backward, setup_context=setup_context)``, and the same formula
-    for :func:`operator`'s calls under transforms."""
+    """``op.register_autograd(backward, setup_context=setup_context)``, the same formula for
+    :func:`operator`'s calls under transforms, and op's vmap rule (:func:`_per_sample`)."""
     op.register_autograd(backward, setup_context=setup_context)
+    if hasattr(torch.library, "register_vmap"):  # (torch >= 2.4 has it; without it, torch's fallback)
+        torch.library.register_vmap(op, _per_sample(op))
 
     class Transformable(torch.autograd.Function):
         generate_vmap_rule = True
@@ -54,6 +58,21 @@ def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Call
             return backward(ctx, *grads)
 
     _TRANSFORMABLE[op] = Transformable
+
+
+def _per_sample(op: Any) -> Callable[..., Any]:
+    """op's vmap rule: op on each sample alone, as torch's fallback for operators without a
+    rule does (and warns of, "performance drop", for every call). A random operator must
+    run per sample: each sample's mask is the one its own (seed, offset) gives it."""
+    def rule(info: Any, in_dims: Tuple[Any, ...], *args: Any) -> Any:  # (None, or a list's Nones)
+        outputs = []
+        with torch._C._AutoDispatchBelowAutograd():
+            for b in range(info.batch_size):
+                outputs.append(op(*(a.select(d, b) if isinstance(d, int) else a for a, d in zip(args, in_dims))))
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*outputs)), (0,) * len(outputs[0])
+        return torch.stack(outputs), 0
+    return rule
 
 
 def operator(op: Any) -> Callable[..., Any]:
