@@ -63,9 +63,12 @@ def test_grad_and_vjp_equal_autograd(name, layout):
     assert torch.equal(y, fresh(name)(x)) and torch.equal(pullback(w)[0], want)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("name", sorted(RANDOM))
-def test_jacrev_equals_autograd_jacobian(name):
-    x = data((2, 2, 5, 5), 3)
+def test_jacrev_equals_autograd_jacobian(name, layout):
+    """jacrev: vmap over the backward, whose cotangents must take x's layout in each
+    sample's memory (the mask follows memory order)."""
+    x = data((2, 2, 5, 5), 3, layout)
     want = torch.autograd.functional.jacobian(fresh(name), x)
     got = jacrev(fresh(name))(x)
     assert got.shape == (2, 2, 5, 5) * 2 and torch.equal(got, want)
@@ -100,6 +103,42 @@ def test_per_sample_gradients_equal_one_call_per_sample(name, dtype):
     want = torch.stack([autograd_grad(fresh(name, dtype), xi, w) for xi in x])
     assert torch.count_nonzero(want) > 0
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["Dropout", "Dropout2d", "AlphaDropout", "GaussianDropout", "DropBlock2d"])
+@pytest.mark.parametrize("samples", ["channels_last", "in_dims=1"])
+def test_vmap_over_strided_samples_equals_one_call_per_sample(name, samples):
+    """Each sample as its memory holds it: channels-last samples (the mask over their
+    channels-last order) and samples along dim 1 of a 5-d tensor."""
+    x = data((3, 2, 3, 5, 5), 21)
+    if samples == "channels_last":
+        x, in_dims = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3), 0
+    else:
+        in_dims = 1
+    got = vmap(fresh(name), in_dims=in_dims)(x)
+    want = torch.stack([fresh(name)(xi) for xi in x.unbind(in_dims)])
+    assert torch.count_nonzero(want) > 0 and torch.equal(got, want)
+    w = data(tuple(want.shape[1:]), 22)
+    got = vmap(grad(lambda xi: (fresh(name)(xi) * w).sum()), in_dims=in_dims)(x)
+    assert torch.equal(got, torch.stack([autograd_grad(fresh(name), xi, w) for xi in x.unbind(in_dims)]))
+
+
+@pytest.mark.parametrize("name", ["Dropout", "Dropout2d"])
+def test_ensemble_of_convolutions_and_dropout(name):
+    """stack_module_state + functional_call over Conv2d -> dropout: member i's output is
+    its convolution's, under the mask its module draws."""
+    torch.manual_seed(23)
+    members = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), RANDOM[name][0]()).double() for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(members)
+    x = data((5, 3, 8, 8), 24)
+    y = vmap(lambda p, b: torch.func.functional_call(members[0], (p, b), (x,)))(params, buffers)
+    for i, member in enumerate(members):
+        assert torch.equal(y[i], fresh(name)(member[0](x)))
+
+
+def test_vmap_over_an_empty_batch_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="size 0"):
+        vmap(fresh("Dropout"))(data((0, 3, 4), 25))
 
 
 def test_per_sample_gradients_follow_each_samples_own_draw():

@@ -42,9 +42,7 @@ def direct_call(*tensors: Optional[Tensor]) -> bool:
 def refuse_forward_mode() -> None:
     """Raise under torch.func.jvp (and jacfwd, hessian): pybn's operators have no
     forward-mode rule, and through a custom operator without one torch carries a zero
-    tangent on, without an error. (vmap takes the operators; torch.func's reverse-mode
-    transforms of a pybn layer's input stop at torch's own error for autograd Functions
-    without setup_context, which its custom operators' autograd is on torch 2.13.)"""
+    tangent on, without an error. (Reverse mode and vmap take pybn.torch._transforms.)"""
     functorch = torch._C._functorch
     stack = functorch.get_interpreter_stack() if hasattr(functorch, "get_interpreter_stack") else \
         [functorch.peek_interpreter_stack()]

@@ -29,8 +29,25 @@ HALF_DTYPES = (torch.float16,) + ((torch.bfloat16,) if HAS_BFLOAT16 else ())
 _LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
+_functorch = torch._C._functorch
+
+
+def _one_sample(x: Tensor) -> Tensor:
+    """x without torch.func's wrappers: under vmap, the memory of one sample (functorch
+    answers no layout query of a batched tensor but the contiguous one)."""
+    while _functorch.is_functorch_wrapped_tensor(x):
+        bdim = _functorch.maybe_get_bdim(x) if _functorch.is_batchedtensor(x) else None
+        x = _functorch.get_unwrapped(x)
+        if bdim is not None and bdim >= 0:
+            x = x.select(bdim, 0)
+    return x
+
+
 def channels_last_physical(x: Tensor) -> bool:
-    """Dim 1 of x is its innermost dense dimension and x is not plain contiguous."""
+    """Dim 1 of x is its innermost dense dimension and x is not plain contiguous (under
+    vmap: in each sample's memory)."""
+    if _functorch.is_functorch_wrapped_tensor(x):
+        x = _one_sample(x)
     if x.dim() <= 2 or x.is_contiguous():
         return False
     memory_format = _LAST_FORMATS.get(x.dim())
@@ -97,6 +114,11 @@ def empty(x: Tensor, last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
 
 
 def in_layout(t: Tensor, last: bool) -> Tensor:
-    """t itself if it has the layout, else a copy that has it."""
+    """t itself if it has the layout, else a copy that has it (under vmap, in each sample's
+    memory: made by views and contiguous, which functorch batches)."""
     ok = channels_last_physical(t) if last else t.is_contiguous()
-    return t if ok else empty(t, last).copy_(t)
+    if ok:
+        return t
+    if _functorch.is_functorch_wrapped_tensor(t):
+        return t.movedim(1, -1).contiguous().movedim(-1, 1) if last else t.contiguous()
+    return empty(t, last).copy_(t)

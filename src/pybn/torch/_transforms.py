@@ -13,7 +13,7 @@ operator's own) and lets functorch derive its vmap rule from the operator's, whi
 each sample on its own (:func:`_per_sample`). Its backward is the operator's registered
 backward, whose calls go through :func:`operator` again, so gradients of gradients work
 too. The seed a call without one draws is drawn by the call site under a transform
-(``pybn.torch.ops.drawn_outside``), where vmap's randomness mode applies to it.
+(``pybn.torch.ops.philox_for_transforms``), where vmap's randomness mode applies to it.
 
 Batch norm does not come here: under a transform pybn.torch.nn's batch norm runs torch's
 own functions (pybn/torch/nn.py), whose functorch rules (running statistics under vmap,
@@ -57,6 +57,8 @@ def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Call
         def backward(ctx: Any, *grads: Any) -> Any:
             return backward(ctx, *grads)
 
+    # (named after the operator in tracebacks: one such class per operator)
+    Transformable.__name__ = Transformable.__qualname__ = f"Transformable[{op}]"
     _TRANSFORMABLE[op] = Transformable
 
 
@@ -64,7 +66,9 @@ def _per_sample(op: Any) -> Callable[..., Any]:
     """op's vmap rule: op on each sample alone, as torch's fallback for operators without a
     rule does (and warns of, "performance drop", for every call). A random operator must
     run per sample: each sample's mask is the one its own (seed, offset) gives it."""
-    def rule(info: Any, in_dims: Tuple[Any, ...], *args: Any) -> Any:  # (None, or a list's Nones)
+    def rule(info: Any, in_dims: Tuple[Any, ...], *args: Any) -> Any:  # (a list argument's: a list of Nones)
+        if info.batch_size == 0:
+            raise RuntimeError(f"{op}: vmap over a dimension of size 0 is not supported (one call per sample)")
         outputs = []
         with torch._C._AutoDispatchBelowAutograd():
             for b in range(info.batch_size):

@@ -52,13 +52,24 @@ def _check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var:
         raise ValueError("running_mean: running_mean and running_var are required when training=False")
 
 
+def _torch_tail(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                momentum: float, eps: float, relu: bool) -> Tensor:
+    """relu(bn(input) + residual) in torch's functions: what batch norm runs under a
+    torch.func transform, whose rules (running statistics under vmap, forward mode) are
+    torch's to keep (pybn/torch/_transforms.py)."""
+    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    y = y if residual is None else y + residual
+    return torch.relu(y) if relu else y
+
+
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
     _check_arguments(input, running_mean, running_var, training)
-    if _transforms.active():  # torch.func: torch's function and its rules (pybn/torch/_transforms.py)
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if _transforms.active():
+        return _torch_tail(input, None, running_mean, running_var, weight, bias, training, momentum, eps, False)
     if training:
         y: Tensor = _ops.batch_norm_train_call(input, weight, bias, running_mean, running_var, momentum, eps)[0]
         return y
@@ -73,10 +84,8 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     the relu for ``relu=False``; without the add for ``residual=None``). Arguments as
     :func:`batch_norm`'s; autograd gives the gradients of input, weight, bias and residual."""
     _check_arguments(input, running_mean, running_var, training)
-    if _transforms.active():  # as in batch_norm
-        z = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        z = z if residual is None else z + residual
-        return torch.relu(z) if relu else z
+    if _transforms.active():
+        return _torch_tail(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     y: Tensor = _residual.batch_norm_add_relu_call(input, residual, weight, bias, running_mean, running_var,
                                                    training, momentum, eps, relu)[0]
     return y

@@ -370,11 +370,12 @@ def draw_philox() -> Tensor:
     return torch.stack([_draw_seed(), torch.zeros((), dtype=torch.int64)])
 
 
-def drawn_outside(philox: Optional[Tensor]) -> Optional[Tensor]:
+def philox_for_transforms(philox: Optional[Tensor]) -> Optional[Tensor]:
     """The philox an operator call gets: under a torch.func transform, None becomes a seed
-    drawn here, where vmap's randomness applies to the draw (torch's error in mode
-    "error", one seed for every sample in "same", a seed per sample in "different"); the
-    operator's batching, below, would draw one per sample whatever the mode."""
+    drawn here, at the module's or function's level, where vmap's randomness mode applies
+    to the draw (torch's error in mode "error", one seed for every sample in "same", one per
+    sample in "different"). Left to the operator, each sample's call would draw its own
+    whatever the mode."""
     return draw_philox() if philox is None and transforms_active() else philox
 
 
@@ -464,7 +465,7 @@ def dropout_call(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Opt
     if direct_call(x, philox) and pybn_takes(x):
         y: Tensor = _DropoutDirect.apply(x, p, philox, noise_shape)  # type: ignore[no-untyped-call]
         return y
-    return operator(dropout)(x, p, drawn_outside(philox), noise_shape)[0]  # type: ignore[no-any-return]
+    return operator(dropout)(x, p, philox_for_transforms(philox), noise_shape)[0]  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- dropout(relu(x))
@@ -553,4 +554,4 @@ def relu_dropout_call(x: Tensor, p: float, philox: Optional[Tensor]) -> Tensor:
     if direct_call(x, philox) and pybn_takes(x):
         y: Tensor = _ReluDropoutDirect.apply(x, p, philox)  # type: ignore[no-untyped-call]
         return y
-    return operator(relu_dropout)(x, p, drawn_outside(philox))[0]  # type: ignore[no-any-return]
+    return operator(relu_dropout)(x, p, philox_for_transforms(philox))[0]  # type: ignore[no-any-return]
