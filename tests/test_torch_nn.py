@@ -176,6 +176,24 @@ def test_inplace_dropout_writes_into_its_input():
     assert y is x and torch.equal(x, torch.where(keep_of((10, 20), 0.5, 3, 0), 2.0, 0.0))
 
 
+@pytest.mark.parametrize("cls, dims", [(pnn.Dropout, 4), (pnn.Dropout1d, 3), (pnn.Dropout2d, 4), (pnn.Dropout3d, 5)])
+def test_p_zero_is_torchs_identity(cls, dims):
+    """p = 0 in training returns the input itself, as torch's modules do: nothing computed,
+    no seed drawn from torch's generator (so the next random numbers are stock torch's), a
+    pinned offset not advanced, and inplace=True on a leaf that requires grad allowed."""
+    x = torch.randn((2, 3, 4, 5, 5)[:dims]).requires_grad_()
+    state = torch.get_rng_state()
+    stock = getattr(nn, cls.__name__)(0.0, inplace=True)
+    assert stock(x) is x
+    for layer in (cls(0.0), cls(0.0, inplace=True), cls(0.0, seed=4)):
+        assert layer(x) is x
+    pinned = pnn.Dropout(0.0, seed=4)
+    assert pinned(x) is x and pinned.offset == 0
+    assert torch.equal(pnn.Dropout(0.0)(x, relu=True), torch.relu(x))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert pnn.dropout(x, 0.0) is x
+
+
 def test_dropout_on_another_device_is_torchs():
     """A tensor that is not on the CPU goes to torch's F.dropout (here the meta device)."""
     y = pnn.Dropout(0.5)(torch.empty(4, 5, device="meta"))

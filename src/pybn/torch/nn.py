@@ -17,7 +17,8 @@ over ``(N, C)`` for the channel-wise Dropout1d/2d/3d in either layout. Built wit
 ``seed=...``, a module instead keeps its own Philox stream: the first call uses
 ``(seed, 0)`` and every training call advances ``offset`` by ``pybn.counters_used(n)``, n
 the mask's element count, with no draw from torch's generator. Kept values are scaled by
-``pybn``'s dropout scale.
+``pybn``'s dropout scale. ``p = 0`` returns the input itself (torch's behaviour): nothing
+drawn, no offset advanced.
 """
 import math
 from typing import TYPE_CHECKING, Any, List, Literal, Optional, Union
@@ -208,7 +209,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
             philox: Optional[Tensor] = None, noise_shape: Optional[List[int]] = None) -> Tensor:
     """``torch.nn.functional.dropout`` with pybn's masks; ``philox`` as in
     :func:`pybn.torch.ops.dropout` (None: a seed from torch's default CPU generator)."""
-    if not training:
+    if not training or p == 0.0:  # (torch's: the input itself, nothing drawn)
         return input
     y = _ops.dropout_call(input, p, philox, noise_shape)
     return input.copy_(y) if inplace else y
@@ -254,13 +255,15 @@ class _DropoutForward(_DropoutBase):
         """The dropout of `input`, or with ``relu=True`` of ``relu(input)``: for an element-wise
         mask on a CPU tensor one fused pass (``pybn::relu_dropout``), whose backward needs the
         output only (:func:`pybn.torch.fuse_tails` rewrites ``dropout(relu(x))`` into it)."""
-        if relu and (not self.training or input.device.type != "cpu" or self._spatial is not None):
+        if relu and (not self.training or self.p == 0.0 or input.device.type != "cpu" or self._spatial is not None):
             return self.forward(torch.relu(input))
         if not self.training:
             return input
         noise = self._noise_shape(input)
         if input.device.type != "cpu" or noise is False:
             return self._torch_forward(input)
+        if self.p == 0.0:  # (torch's: the input itself, nothing drawn or advanced)
+            return input
         philox = self._philox
         y = _ops.relu_dropout_call(input, self.p, philox) if relu else _ops.dropout_call(input, self.p, philox, noise)
         if philox is not None:
