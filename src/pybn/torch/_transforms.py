@@ -66,7 +66,8 @@ def _per_sample(op: Any) -> Callable[..., Any]:
     """op's vmap rule: op on each sample alone, as torch's fallback for operators without a
     rule does (and warns of, "performance drop", for every call). A random operator must
     run per sample: each sample's mask is the one its own (seed, offset) gives it."""
-    def rule(info: Any, in_dims: Tuple[Any, ...], *args: Any) -> Any:  # (a list argument's: a list of Nones)
+    # in_dims: an int for a batched tensor; None (a list of Nones for a list argument) otherwise
+    def rule(info: Any, in_dims: Tuple[Any, ...], *args: Any) -> Any:
         if info.batch_size == 0:
             raise RuntimeError(f"{op}: vmap over a dimension of size 0 is not supported (one call per sample)")
         outputs = []
