@@ -46,10 +46,12 @@ def _one_sample(x: Tensor) -> Tensor:
 def channels_last_physical(x: Tensor) -> bool:
     """Dim 1 of x is its innermost dense dimension and x is not plain contiguous (under
     vmap: in each sample's memory)."""
-    if _functorch.is_functorch_wrapped_tensor(x):
-        x = _one_sample(x)
     if x.dim() <= 2 or x.is_contiguous():
         return False
+    if _functorch.is_functorch_wrapped_tensor(x):  # (after the common case: a call per query costs)
+        x = _one_sample(x)
+        if x.dim() <= 2 or x.is_contiguous():
+            return False
     memory_format = _LAST_FORMATS.get(x.dim())
     if memory_format is not None:
         return x.is_contiguous(memory_format=memory_format)

@@ -29,9 +29,9 @@ from ._eager import refuse_forward_mode
 _TRANSFORMABLE: Dict[Any, Any] = {}
 
 
-def active() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, vmap, jvp, ...) is running."""
-    return bool(torch._C._are_functorch_transforms_active())
+# Whether a torch.func transform (grad, vjp, jacrev, vmap, jvp, ...) is running: torch's
+# function itself (every batch-norm call asks; a Python frame around it costs in a step)
+active: Callable[[], bool] = torch._C._are_functorch_transforms_active
 
 
 def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Callable[..., None]) -> None:
