@@ -178,6 +178,31 @@ def test_vmap_randomness_modes_are_torchs(name):
     assert not any(torch.equal(different[0], different[i]) for i in range(1, 4))
 
 
+@pytest.mark.parametrize("op, args", [
+    ("dropout", (0.4, None, None)), ("relu_dropout", (0.4, None)), ("alpha_dropout", (0.4, None)),
+    ("gaussian_dropout", (0.4, None)), ("gaussian_noise", (0.4, None)),
+    ("drop_block", (0.4, 3, None, 1.0, True, False, True))])
+def test_operators_under_vmap_follow_its_randomness(op, args):
+    """torch.ops.pybn.* called directly under vmap without a seed: "error" raises, "same"
+    draws once (every sample the call on one sample after the same manual_seed),
+    "different" draws per sample."""
+    fn = getattr(torch.ops.pybn, op)
+    x = data((3, 2, 3, 6, 6), 26)
+
+    def call(xi):
+        return fn(xi, *args)[0]
+
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(call)(x)
+    torch.manual_seed(27)
+    same = vmap(call, randomness="same")(x)
+    for i in range(3):
+        torch.manual_seed(27)
+        assert torch.equal(same[i], call(x[i]))
+    different = vmap(call, randomness="different")(x[:1].expand(3, 2, 3, 6, 6))
+    assert not torch.equal(different[0], different[1])
+
+
 def test_ensemble_gradients_through_functional_call():
     """The ensemble of torch.func's tutorial: stacked parameters, vmap over
     grad(functional_call) of a model with pybn's dropout and batch norm."""

@@ -19,7 +19,7 @@ Batch norm does not come here: under a transform pybn.torch.nn's batch norm runs
 own functions (pybn/torch/nn.py), whose functorch rules (running statistics under vmap,
 forward mode) are torch's to keep.
 """
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -34,12 +34,14 @@ _TRANSFORMABLE: Dict[Any, Any] = {}
 active: Callable[[], bool] = torch._C._are_functorch_transforms_active
 
 
-def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Callable[..., None]) -> None:
+def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Callable[..., None],
+                      philox_at: Optional[int] = None) -> None:
     """``op.register_autograd(backward, setup_context=setup_context)``, the same formula for
-    :func:`operator`'s calls under transforms, and op's vmap rule (:func:`_per_sample`)."""
+    :func:`operator`'s calls under transforms, and op's vmap rule (:func:`_per_sample`;
+    `philox_at`: the position of op's optional ``[seed, offset]``, None drawing one)."""
     op.register_autograd(backward, setup_context=setup_context)
     if hasattr(torch.library, "register_vmap"):  # (torch >= 2.4 has it; without it, torch's fallback)
-        torch.library.register_vmap(op, _per_sample(op))
+        torch.library.register_vmap(op, _per_sample(op, philox_at))
 
     class Transformable(torch.autograd.Function):
         generate_vmap_rule = True
@@ -62,14 +64,24 @@ def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Call
     _TRANSFORMABLE[op] = Transformable
 
 
-def _per_sample(op: Any) -> Callable[..., Any]:
+def _per_sample(op: Any, philox_at: Optional[int]) -> Callable[..., Any]:
     """op's vmap rule: op on each sample alone, as torch's fallback for operators without a
     rule does (and warns of, "performance drop", for every call). A random operator must
-    run per sample: each sample's mask is the one its own (seed, offset) gives it."""
+    run per sample: each sample's mask is the one its own (seed, offset) gives it. A call
+    without a seed follows vmap's randomness as torch's random functions do: an error in
+    mode "error", one seed drawn for every sample in "same", a draw per sample in
+    "different"."""
     # in_dims: an int for a batched tensor; None (a list of Nones for a list argument) otherwise
     def rule(info: Any, in_dims: Tuple[Any, ...], *args: Any) -> Any:
         if info.batch_size == 0:
             raise RuntimeError(f"{op}: vmap over a dimension of size 0 is not supported (one call per sample)")
+        if philox_at is not None and args[philox_at] is None and info.randomness != "different":
+            if info.randomness == "error":
+                raise RuntimeError(f"vmap: {op} draws a seed while in randomness error mode; use randomness='same' "
+                                   "or 'different', or pass philox")
+            from .ops import draw_philox  # (ops imports this module)
+
+            args = args[:philox_at] + (draw_philox(),) + args[philox_at + 1:]
         outputs = []
         with torch._C._AutoDispatchBelowAutograd():
             for b in range(info.batch_size):

@@ -80,7 +80,7 @@ def _backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], .
     return dx, None, None, None, None, None, None, None
 
 
-register_autograd(drop_block, _backward, _setup)
+register_autograd(drop_block, _backward, _setup, philox_at=3)
 
 
 def drop_block_2d(x: Tensor, drop_prob: float = 0.1, block_size: int = 7, gamma_scale: float = 1.0,

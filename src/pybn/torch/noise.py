@@ -134,10 +134,10 @@ def _gaussian_noise_backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Opti
     return dy, None, None
 
 
-register_autograd(_alpha_dropout_op, _alpha_backward, _setup)
+register_autograd(_alpha_dropout_op, _alpha_backward, _setup, philox_at=2)
 register_autograd(_alpha_dropout_backward_op, _alpha_backward_backward, _alpha_backward_setup)
-register_autograd(_gaussian_dropout_op, _gaussian_dropout_backward, _setup)
-register_autograd(_gaussian_noise_op, _gaussian_noise_backward, _setup)
+register_autograd(_gaussian_dropout_op, _gaussian_dropout_backward, _setup, philox_at=2)
+register_autograd(_gaussian_noise_op, _gaussian_noise_backward, _setup, philox_at=2)
 
 
 def _call(kernels: Regenerated, op: Any, x: Tensor, value: float, philox: Optional[Tensor]) -> Tensor:

@@ -443,7 +443,7 @@ def _dropout_backward(ctx: Any, dy: Tensor, _dused: Optional[Tensor] = None) -> 
     return dx, None, None, None
 
 
-register_autograd(dropout, _dropout_backward, _dropout_setup)
+register_autograd(dropout, _dropout_backward, _dropout_setup, philox_at=2)
 
 
 class _DropoutDirect(torch.autograd.Function):
@@ -519,7 +519,7 @@ def _relu_dropout_backward(ctx: Any, dy: Tensor, _dused: Optional[Tensor] = None
     return backward_fn(dy, y, ctx.p), None, None
 
 
-register_autograd(relu_dropout, _relu_dropout_backward, _relu_dropout_setup)
+register_autograd(relu_dropout, _relu_dropout_backward, _relu_dropout_setup, philox_at=2)
 
 
 def _backward_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
