@@ -192,6 +192,13 @@ def test_p_zero_is_torchs_identity(cls, dims):
     assert torch.equal(pnn.Dropout(0.0)(x, relu=True), torch.relu(x))
     assert torch.equal(torch.get_rng_state(), state)
     assert pnn.dropout(x, 0.0) is x
+    if cls in (pnn.Dropout1d, pnn.Dropout3d):  # unbatched: torch's view, and its error in place on a leaf
+        sample = x[0].detach().requires_grad_()
+        y = cls(0.0)(sample)
+        assert y is not sample and y._base is sample and torch.equal(y, sample)
+        with pytest.raises(RuntimeError, match="leaf Variable"):
+            cls(0.0, inplace=True)(sample)
+        assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_dropout_on_another_device_is_torchs():

@@ -60,7 +60,7 @@ def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Call
             return backward(ctx, *grads)
 
     # (named after the operator in tracebacks: one such class per operator)
-    Transformable.__name__ = Transformable.__qualname__ = f"Transformable[{op}]"
+    Transformable.__name__ = Transformable.__qualname__ = f"Transformable[{getattr(op, '_qualname', op)}]"
     _TRANSFORMABLE[op] = Transformable
 
 
@@ -71,14 +71,16 @@ def _per_sample(op: Any, philox_at: Optional[int]) -> Callable[..., Any]:
     without a seed follows vmap's randomness as torch's random functions do: an error in
     mode "error", one seed drawn for every sample in "same", a draw per sample in
     "different"."""
+    name = getattr(op, "_qualname", op)  # ("pybn::dropout")
+
     # in_dims: an int for a batched tensor; None (a list of Nones for a list argument) otherwise
     def rule(info: Any, in_dims: Tuple[Any, ...], *args: Any) -> Any:
         if info.batch_size == 0:
-            raise RuntimeError(f"{op}: vmap over a dimension of size 0 is not supported (one call per sample)")
+            raise RuntimeError(f"{name}: vmap over a dimension of size 0 is not supported (one call per sample)")
         if philox_at is not None and args[philox_at] is None and info.randomness != "different":
-            if info.randomness == "error":
-                raise RuntimeError(f"vmap: {op} draws a seed while in randomness error mode; use randomness='same' "
-                                   "or 'different', or pass philox")
+            if info.randomness == "error":  # (torch's words for its own random functions)
+                raise RuntimeError(f"vmap: called random operation ({name}) while in randomness error mode. Please "
+                                   "either use the 'same' or 'different' randomness flags on vmap or pass philox")
             from .ops import draw_philox  # (ops imports this module)
 
             args = args[:philox_at] + (draw_philox(),) + args[philox_at + 1:]

@@ -263,7 +263,10 @@ class _DropoutForward(_DropoutBase):
         if input.device.type != "cpu" or noise is False:
             return self._torch_forward(input)
         if self.p == 0.0:  # (torch's: the input itself, nothing drawn or advanced)
-            return input
+            # (an unbatched channel-wise input: torch's function, whose unsqueeze and squeeze
+            # return a view, and an in-place call on a leaf that requires grad an error)
+            unbatched = self._spatial is not None and input.dim() == self._spatial + 1
+            return self._torch_forward(input) if unbatched else input
         philox = self._philox
         y = _ops.relu_dropout_call(input, self.p, philox) if relu else _ops.dropout_call(input, self.p, philox, noise)
         if philox is not None:
