@@ -20,6 +20,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from . import _transforms
+
 _PLAIN = (Tensor, torch.nn.Parameter)
 _WRAPPED: Any = torch._C._functorch.is_functorch_wrapped_tensor
 
@@ -30,25 +32,13 @@ def direct_call(*tensors: Optional[Tensor]) -> bool:
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return False
     # (a transform's plain tensors too: vmap over functional_call with a batch from outside)
-    if torch._C._are_functorch_transforms_active():
-        refuse_forward_mode()
+    if _transforms.active():
+        _transforms.refuse_forward_mode()
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
         return False
     # (is_cpu: device.type makes a Device object per tensor, and a call checks several)
     return all(t is None or (type(t) in _PLAIN and t.is_cpu and not _WRAPPED(t)) for t in tensors)
-
-
-def refuse_forward_mode() -> None:
-    """Raise under torch.func.jvp (and jacfwd, hessian): pybn's operators have no
-    forward-mode rule, and through a custom operator without one torch carries a zero
-    tangent on, without an error. (Reverse mode and vmap take pybn.torch._transforms.)"""
-    functorch = torch._C._functorch
-    stack = functorch.get_interpreter_stack() if hasattr(functorch, "get_interpreter_stack") else \
-        [functorch.peek_interpreter_stack()]
-    if any(i is not None and i.key() == functorch.TransformType.Jvp for i in stack or ()):
-        raise NotImplementedError("pybn.torch: forward-mode AD (torch.func.jvp, jacfwd, hessian) is not supported: "
-                                  "pybn's operators have no forward-mode rule")
 
 
 def note_mutation(*tensors: Optional[Tensor]) -> None:

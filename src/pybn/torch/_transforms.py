@@ -12,8 +12,8 @@ same operator through a Function of this module, which has ``setup_context`` (th
 operator's own) and lets functorch derive its vmap rule from the operator's, which runs
 each sample on its own (:func:`_per_sample`). Its backward is the operator's registered
 backward, whose calls go through :func:`operator` again, so gradients of gradients work
-too. The seed a call without one draws is drawn by the call site under a transform
-(``pybn.torch.ops.philox_for_transforms``), where vmap's randomness mode applies to it.
+too. A call without a seed draws it in :func:`operator`, where vmap's randomness mode
+applies to the draw.
 
 Batch norm does not come here: under a transform pybn.torch.nn's batch norm runs torch's
 own functions (pybn/torch/nn.py), whose functorch rules (running statistics under vmap,
@@ -23,10 +23,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from ._eager import refuse_forward_mode
-
-# a custom operator (torch.library.custom_op's object) -> its Function for transforms
-_TRANSFORMABLE: Dict[Any, Any] = {}
+# a custom operator (torch.library.custom_op's object) -> its Function for transforms and the
+# position of its optional [seed, offset] (None: it has none)
+_TRANSFORMABLE: Dict[Any, Tuple[Any, Optional[int]]] = {}
 
 
 # Whether a torch.func transform (grad, vjp, jacrev, vmap, jvp, ...) is running: torch's
@@ -61,7 +60,7 @@ def register_autograd(op: Any, backward: Callable[..., Any], setup_context: Call
 
     # (named after the operator in tracebacks: one such class per operator)
     Transformable.__name__ = Transformable.__qualname__ = f"Transformable[{getattr(op, '_qualname', op)}]"
-    _TRANSFORMABLE[op] = Transformable
+    _TRANSFORMABLE[op] = Transformable, philox_at
 
 
 def _per_sample(op: Any, philox_at: Optional[int]) -> Callable[..., Any]:
@@ -81,9 +80,7 @@ def _per_sample(op: Any, philox_at: Optional[int]) -> Callable[..., Any]:
             if info.randomness == "error":  # (torch's words for its own random functions)
                 raise RuntimeError(f"vmap: called random operation ({name}) while in randomness error mode. Please "
                                    "either use the 'same' or 'different' randomness flags on vmap or pass philox")
-            from .ops import draw_philox  # (ops imports this module)
-
-            args = args[:philox_at] + (draw_philox(),) + args[philox_at + 1:]
+            args = _with_seed(args, philox_at)
         outputs = []
         with torch._C._AutoDispatchBelowAutograd():
             for b in range(info.batch_size):
@@ -94,11 +91,40 @@ def _per_sample(op: Any, philox_at: Optional[int]) -> Callable[..., Any]:
     return rule
 
 
+def _with_seed(args: Tuple[Any, ...], philox_at: int) -> Tuple[Any, ...]:
+    """args with a fresh ``[seed, 0]`` from torch's generator at philox_at."""
+    from .ops import draw_philox  # (ops imports this module)
+
+    return args[:philox_at] + (draw_philox(),) + args[philox_at + 1:]
+
+
 def operator(op: Any) -> Callable[..., Any]:
     """What a call site calls for the custom operator `op` (registered through
     :func:`register_autograd`): `op`, or under a reverse-mode transform or vmap its
-    Function; forward mode is refused (no rule)."""
+    Function; forward mode is refused (no rule). Under a transform a call without a seed
+    draws it here, at the caller's level, where vmap's randomness mode applies to the
+    draw (torch's error in mode "error", one seed for every sample in "same", one per
+    sample in "different"); left to the operator, a call whose inputs are all unbatched
+    would draw once below vmap whatever the mode."""
     if not active():
         return op  # type: ignore[no-any-return]
     refuse_forward_mode()
-    return _TRANSFORMABLE[op].apply  # type: ignore[no-any-return]
+    function, philox_at = _TRANSFORMABLE[op]
+    if philox_at is None:
+        return function.apply  # type: ignore[no-any-return]
+
+    def call(*args: Any) -> Any:
+        return function.apply(*(_with_seed(args, philox_at) if args[philox_at] is None else args))
+    return call
+
+
+def refuse_forward_mode() -> None:
+    """Raise under torch.func.jvp (and jacfwd, hessian): pybn's operators have no
+    forward-mode rule, and through a custom operator without one torch carries a zero
+    tangent on, without an error."""
+    functorch = torch._C._functorch
+    stack = functorch.get_interpreter_stack() if hasattr(functorch, "get_interpreter_stack") else \
+        [functorch.peek_interpreter_stack()]
+    if any(i is not None and i.key() == functorch.TransformType.Jvp for i in stack or ()):
+        raise NotImplementedError("pybn.torch: forward-mode AD (torch.func.jvp, jacfwd, hessian) is not supported: "
+                                  "pybn's operators have no forward-mode rule")

@@ -22,7 +22,7 @@ from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, pybn_takes
 from ._regenerated import Regenerated
 from .seeded import PinnedSeed, rank_and_world_size
-from .ops import _float_cpu_copy, counters, philox_for_transforms, in_form_of, philox_used
+from .ops import _float_cpu_copy, counters, in_form_of, philox_used
 
 __all__ = ["drop_block_2d", "DropBlock2d"]
 
@@ -94,7 +94,7 @@ def drop_block_2d(x: Tensor, drop_prob: float = 0.1, block_size: int = 7, gamma_
     if direct_call(x, philox) and pybn_takes(x):
         _four_dims(x)
         return _regenerated.call(_kernels(*args), x, philox)
-    y: Tensor = operator(drop_block)(x, drop_prob, block_size, philox_for_transforms(philox), *args[2:])[0]
+    y: Tensor = operator(drop_block)(x, drop_prob, block_size, philox, *args[2:])[0]
     return y
 
 

@@ -27,7 +27,7 @@ from ._eager import direct_call
 from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, pybn_takes
 from ._regenerated import Kernel, Regenerated
-from .ops import _float_cpu_copy, counters, philox_for_transforms, in_form_of, philox_used
+from .ops import _float_cpu_copy, counters, in_form_of, philox_used
 from .seeded import PinnedSeed
 
 __all__ = ["alpha_dropout", "gaussian_dropout", "gaussian_noise", "AlphaDropout", "GaussianDropout",
@@ -145,7 +145,7 @@ def _call(kernels: Regenerated, op: Any, x: Tensor, value: float, philox: Option
     plain eager mode."""
     if direct_call(x, philox) and pybn_takes(x):
         return _regenerated.call(kernels, x, philox)
-    y: Tensor = operator(op)(x, value, philox_for_transforms(philox))[0]
+    y: Tensor = operator(op)(x, value, philox)[0]
     return y
 
 

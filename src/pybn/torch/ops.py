@@ -66,7 +66,7 @@ from torch import Tensor
 import pybn
 
 from ._eager import direct_call, note_mutation
-from ._transforms import active as transforms_active, operator, register_autograd
+from ._transforms import operator, register_autograd
 from .seeded import as_int64
 from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, in_layout, per_channel, pybn_takes
 
@@ -370,15 +370,6 @@ def draw_philox() -> Tensor:
     return torch.stack([_draw_seed(), torch.zeros((), dtype=torch.int64)])
 
 
-def philox_for_transforms(philox: Optional[Tensor]) -> Optional[Tensor]:
-    """The philox an operator call gets: under a torch.func transform, None becomes a seed
-    drawn here, at the module's or function's level, where vmap's randomness mode applies
-    to the draw (torch's error in mode "error", one seed for every sample in "same", one per
-    sample in "different"). Left to the operator, each sample's call would draw its own
-    whatever the mode."""
-    return draw_philox() if philox is None and transforms_active() else philox
-
-
 def philox_used(philox: Optional[Tensor]) -> Tensor:
     """The [seed, offset] an operator call uses and returns: a fresh one, or a CPU int64 copy
     of the given one."""
@@ -465,7 +456,7 @@ def dropout_call(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Opt
     if direct_call(x, philox) and pybn_takes(x):
         y: Tensor = _DropoutDirect.apply(x, p, philox, noise_shape)  # type: ignore[no-untyped-call]
         return y
-    return operator(dropout)(x, p, philox_for_transforms(philox), noise_shape)[0]  # type: ignore[no-any-return]
+    return operator(dropout)(x, p, philox, noise_shape)[0]  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- dropout(relu(x))
@@ -554,4 +545,4 @@ def relu_dropout_call(x: Tensor, p: float, philox: Optional[Tensor]) -> Tensor:
     if direct_call(x, philox) and pybn_takes(x):
         y: Tensor = _ReluDropoutDirect.apply(x, p, philox)  # type: ignore[no-untyped-call]
         return y
-    return operator(relu_dropout)(x, p, philox_for_transforms(philox))[0]  # type: ignore[no-any-return]
+    return operator(relu_dropout)(x, p, philox)[0]  # type: ignore[no-any-return]
