@@ -15,15 +15,15 @@ recorder, ``with torch.device(...)``), functorch transforms (through
 :mod:`pybn.torch._transforms`), and tensor subclasses. Eager
 calls that skip it do not appear as ``pybn::`` events in ``torch.profiler``.
 """
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _transforms
+from ._layout import is_wrapped
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-_WRAPPED: Any = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def direct_call(*tensors: Optional[Tensor]) -> bool:
@@ -38,7 +38,7 @@ def direct_call(*tensors: Optional[Tensor]) -> bool:
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
         return False
     # (is_cpu: device.type makes a Device object per tensor, and a call checks several)
-    return all(t is None or (type(t) in _PLAIN and t.is_cpu and not _WRAPPED(t)) for t in tensors)
+    return all(t is None or (type(t) in _PLAIN and t.is_cpu and not is_wrapped(t)) for t in tensors)
 
 
 def note_mutation(*tensors: Optional[Tensor]) -> None:

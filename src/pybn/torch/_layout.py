@@ -7,7 +7,7 @@ any other layout is made contiguous once. Results are allocated in the layout us
 of 4 MiB or more advised for transparent huge pages as NumPy advises its own arrays
 (docs/pytorch.md, "Memory allocator").
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -30,12 +30,14 @@ _LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 _functorch = torch._C._functorch
+# whether a tensor is one of torch.func's wrappers (a transform's view of a tensor)
+is_wrapped: Callable[[Tensor], bool] = _functorch.is_functorch_wrapped_tensor
 
 
 def _one_sample(x: Tensor) -> Tensor:
     """x without torch.func's wrappers: under vmap, the memory of one sample (functorch
     answers no layout query of a batched tensor but the contiguous one)."""
-    while _functorch.is_functorch_wrapped_tensor(x):
+    while is_wrapped(x):
         bdim = _functorch.maybe_get_bdim(x) if _functorch.is_batchedtensor(x) else None
         x = _functorch.get_unwrapped(x)
         if bdim is not None and bdim >= 0:
@@ -48,7 +50,7 @@ def channels_last_physical(x: Tensor) -> bool:
     vmap: in each sample's memory)."""
     if x.dim() <= 2 or x.is_contiguous():
         return False
-    if _functorch.is_functorch_wrapped_tensor(x):  # (after the common case: a call per query costs)
+    if is_wrapped(x):  # (after the common case: a call per query costs)
         x = _one_sample(x)
         if x.dim() <= 2 or x.is_contiguous():
             return False
@@ -121,6 +123,6 @@ def in_layout(t: Tensor, last: bool) -> Tensor:
     ok = channels_last_physical(t) if last else t.is_contiguous()
     if ok:
         return t
-    if _functorch.is_functorch_wrapped_tensor(t):
+    if is_wrapped(t):
         return t.movedim(1, -1).contiguous().movedim(-1, 1) if last else t.contiguous()
     return empty(t, last).copy_(t)
