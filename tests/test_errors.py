@@ -1,6 +1,7 @@
 """Bad inputs the input matrix (test_input_matrix.py) does not cover: running statistics of
-another float dtype, mean/invstd of the wrong length in both backward modes, and the
-shapes training rejects but inference accepts; plus NumPy integer axes (accepted)."""
+another float dtype, mean/invstd of the wrong length in both backward modes, the shapes
+training rejects but inference accepts, and flags that are not bools; plus NumPy integer
+axes (accepted)."""
 
 
 import numpy as np
@@ -85,3 +86,33 @@ def test_backward_stats_wrong_length(n):
                              x, rm, bad, training=training)
 
 
+
+
+def _flag_calls():
+    """(id, call taking one flag value, the flag's name) for every batch-norm flag."""
+    from pybn import nn
+    x, rm, rv = good()
+    r = pybn.batch_norm_train(x)
+    dy = np.ones_like(x)
+    return [
+        ("train relu", lambda v: pybn.batch_norm_train(x, relu=v), "relu"),
+        ("infer relu", lambda v: pybn.batch_norm_infer(x, rm, rv, relu=v), "relu"),
+        ("apply relu", lambda v: pybn.batch_norm_apply(x, r.mean, r.invstd, relu=v), "relu"),
+        ("backward training", lambda v: pybn.batch_norm_backward(dy, x, r.mean, r.invstd, training=v), "training"),
+        ("layer affine", lambda v: nn.BatchNorm(C, affine=v), "affine"),
+        ("layer track_running_stats", lambda v: nn.BatchNorm(C, track_running_stats=v), "track_running_stats"),
+        ("layer relu", lambda v: nn.BatchNorm(C)(x, relu=v), "relu"),
+        ("layer train", lambda v: nn.BatchNorm(C).train(v), "mode"),
+        ("DropBlock2d scale_by_keep", lambda v: nn.DropBlock2d(0.1, 3, seed=0, scale_by_keep=v), "scale_by_keep"),
+    ]
+
+
+@pytest.mark.parametrize("value", [None, "False", 0, [0], np.array([True])], ids=repr)
+@pytest.mark.parametrize("case", _flag_calls(), ids=lambda c: c[0])
+def test_flags_must_be_bools(case, value):
+    """A merely truthy value is refused (None means False and "False" True when coerced),
+    as dropout's flags are; NumPy's bools are fine."""
+    _, call, name = case
+    assert_raises_naming(TypeError, name, call, value)
+    call(np.True_)
+    call(False)

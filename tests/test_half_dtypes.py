@@ -200,6 +200,16 @@ def test_running_stats_of_the_activation_dtype(isa, dtype, rng):
     _update_running_stats(rm_split, rv_split, pybn.batch_norm_stats(x), 0.3)
     np.testing.assert_array_equal(rm_split, rm16)
     np.testing.assert_array_equal(rv_split, rv16)
+    # each statistic float32 or x's dtype on its own (docs/dtypes.md), in either pairing
+    for mean_dtype, var_dtype in ((np.float32, dtype), (dtype, np.float32)):
+        for update in ("fused", "split"):
+            rm, rv = np.full(3, 0.5, mean_dtype), np.full(3, 2.0, var_dtype)
+            if update == "fused":
+                pybn.batch_norm_train(x, running_mean=rm, running_var=rv, momentum=0.3)
+            else:
+                _update_running_stats(rm, rv, pybn.batch_norm_stats(x), 0.3)
+            np.testing.assert_array_equal(rm, rm32.astype(mean_dtype))
+            np.testing.assert_array_equal(rv, rv32.astype(var_dtype))
     with pytest.raises(TypeError, match="^running_mean"):
         pybn.batch_norm_train(x, running_mean=np.zeros(3), running_var=np.ones(3))
 

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import (channel_layout, contiguous_float_array, in_place, output, param_dtype, per_channel,
+from ._checks import (channel_layout, contiguous_float_array, flag, in_place, output, param_dtype, per_channel,
                       real_number, same_shape_array, shares_memory, written_apart)
 
 __all__ = ["BatchNormTrainResult", "BatchNormGrads", "BatchNormResidualGrads", "batch_norm_train",
@@ -119,13 +119,25 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
                         ("residual", r)))
     mean = np.empty(channels, pdt)
     invstd = np.empty(channels, pdt)
-    narrow = rm is not None and rm.dtype != pdt
-    rm_k, rv_k = (rm.astype(pdt), rv.astype(pdt)) if narrow else (rm, rv)  # type: ignore[union-attr]
-    _C.bn_train(x, y, w, b, rm_k, rv_k, mean, invstd, outer, channels, inner, momentum, eps, bool(relu), r)
-    if narrow:
-        rm[...] = rm_k  # type: ignore[index]
-        rv[...] = rv_k  # type: ignore[index]
+    rm_k, rv_k = running_stats_as(pdt, rm, rv)
+    _C.bn_train(x, y, w, b, rm_k, rv_k, mean, invstd, outer, channels, inner, momentum, eps, flag(relu, "relu"), r)
+    write_back((rm, rm_k), (rv, rv_k))
     return BatchNormTrainResult(y, mean, invstd)
+
+
+def running_stats_as(dtype: np.dtype, *stats: np.ndarray | None) -> list[np.ndarray | None]:
+    """The running statistics as the kernel updates them, in `dtype`: each array itself, or
+    a copy of one kept in x's 16-bit dtype (each on its own: the two may differ), which
+    write_back then rounds into it."""
+    return [s if s is None or s.dtype == dtype else s.astype(dtype) for s in stats]
+
+
+def write_back(*pairs: tuple[np.ndarray | None, np.ndarray | None]) -> None:
+    """Each (running statistic, what the kernel updated) of running_stats_as: the copies'
+    values rounded into the statistics."""
+    for held, updated in pairs:
+        if held is not None and updated is not held:
+            held[...] = updated
 
 
 def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None, *,
@@ -159,7 +171,7 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     r = residual_input(residual, x)
     y = output(out, x, (("x", x_in), ("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b),
                         ("residual", r)))
-    _C.bn_infer(x, y, rm, rv, w, b, outer, channels, inner, eps, bool(relu), r)
+    _C.bn_infer(x, y, rm, rv, w, b, outer, channels, inner, eps, flag(relu, "relu"), r)
     return y
 
 
@@ -215,7 +227,7 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
     dweight = np.empty(b.channels, pdt)
     dbias = np.empty(b.channels, pdt)
     _C.bn_backward(b.dy, b.x, b.y, b.mean, b.invstd, w, dx, dweight, dbias, b.outer, b.channels, b.inner,
-                   bool(training), dr_written)
+                   flag(training, "training"), dr_written)
     if dr is None:
         return BatchNormGrads(dx, dweight, dbias)
     return BatchNormResidualGrads(dx, dweight, dbias, dr)

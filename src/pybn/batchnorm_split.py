@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import (as_array, channel_layout, contiguous_float_array, float_array, output, param_dtype,
+from ._checks import (as_array, channel_layout, contiguous_float_array, flag, float_array, output, param_dtype,
                       per_channel, real_number)
-from .batchnorm import backward_inputs, residual_grad, residual_input
+from .batchnorm import backward_inputs, residual_grad, residual_input, running_stats_as, write_back
 
 __all__ = ["BatchNormStats", "BatchNormGradSums", "batch_norm_stats", "batch_norm_merge_stats",
            "batch_norm_invstd", "batch_norm_apply", "batch_norm_backward_reduce", "batch_norm_backward_apply"]
@@ -148,7 +148,7 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
     b = per_channel(bias, "bias", channels, pdt)
     r = residual_input(residual, x)
     y = output(out, x, (("x", x_in), ("mean", m), ("invstd", s), ("weight", w), ("bias", b), ("residual", r)))
-    _C.bn_apply(x, y, m, s, w, b, outer, channels, inner, bool(relu), r)
+    _C.bn_apply(x, y, m, s, w, b, outer, channels, inner, flag(relu, "relu"), r)
     return y
 
 
@@ -199,11 +199,10 @@ def _update_running_stats(running_mean: np.ndarray | None, running_var: np.ndarr
     shape (C,)); count is a number > 1. 16-bit ones are updated as float32 ones, then
     rounded to their dtype, as :func:`pybn.batch_norm_train` does (docs/dtypes.md)."""
     held = running_mean if running_mean is not None else running_var
-    if held is None or held.dtype.itemsize != 2:
-        _C.bn_update_running_stats(running_mean, running_var, stats.mean, stats.m2, float(stats.count), momentum)
+    if held is None:
         return
-    wide = [None if r is None else r.astype(np.float32) for r in (running_mean, running_var)]
-    _C.bn_update_running_stats(wide[0], wide[1], stats.mean, stats.m2, float(stats.count), momentum)
-    for r, w in zip((running_mean, running_var), wide):
-        if r is not None:
-            r[...] = w
+    # (the statistics' dtype: of the parameters, float32 for 16-bit x, or x's own)
+    rm, rv = running_stats_as(np.dtype(np.float64 if held.dtype == np.float64 else np.float32), running_mean,
+                              running_var)
+    _C.bn_update_running_stats(rm, rv, stats.mean, stats.m2, float(stats.count), momentum)
+    write_back((running_mean, rm), (running_var, rv))

@@ -54,7 +54,7 @@ class _Layer:
         -------
         self
         """
-        self.training = bool(mode)
+        self.training = flag(mode, "mode")
         return self
 
     def eval(self: _L) -> _L:
@@ -169,8 +169,8 @@ class BatchNorm(_Layer):
         self.axis = integer(axis, "axis")
         self.eps = real_number(eps, "eps", minimum=0.0)
         self.momentum = None if momentum is None else real_number(momentum, "momentum")
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = flag(affine, "affine")
+        self.track_running_stats = flag(track_running_stats, "track_running_stats")
         self.dtype = _float_dtype(dtype)
         self.param_dtype = param_dtype(self.dtype)  # of weight, bias and the statistics
         self.training = True
@@ -229,7 +229,7 @@ class BatchNorm(_Layer):
         """
         x = self._check_input(x)
         r = residual_input(residual, x)
-        relu = bool(relu)
+        relu = flag(relu, "relu")
         if self.training or not self.track_running_stats:
             y = self._forward_batch_stats(x, r, relu)
         else:
@@ -1041,10 +1041,8 @@ class DropBlock2d(_Layer):
             raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
         self.gamma_scale = real_number(gamma_scale, "gamma_scale", minimum=0.0)
         drop_block_noise_shape((1, 1, 1, 1), couple_channels=couple_channels, batchwise=batchwise)  # checks
-        self.couple_channels, self.batchwise = bool(couple_channels), bool(batchwise)
-        if not isinstance(scale_by_keep, (bool, np.bool_)):
-            raise TypeError(f"scale_by_keep: must be a bool, got {type(scale_by_keep).__name__}")
-        self.scale_by_keep = bool(scale_by_keep)
+        self.couple_channels, self.batchwise = bool(couple_channels), bool(batchwise)  # (checked above)
+        self.scale_by_keep = flag(scale_by_keep, "scale_by_keep")
         self.seed = _seed_or_entropy(seed)
         self.rank, self.world_size = _rank_and_world_size(rank, world_size)
         self.offset = 0
