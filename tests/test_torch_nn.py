@@ -241,9 +241,9 @@ def test_accelerate_swaps_in_place_and_reports(caplog):
     assert [(s.name, s.before, s.after) for s in report] == [
         ("bn", "torch.nn.BatchNorm2d", "pybn.torch.nn.BatchNorm2d"),
         ("drop", "torch.nn.Dropout2d", "pybn.torch.nn.Dropout2d"),
-        ("shared", "torch.nn.Dropout", "pybn.torch.nn.Dropout"),
         ("seq.2", "torch.nn.BatchNorm1d", "pybn.torch.nn.BatchNorm1d"),
-        ("seq.3", "torch.nn.Dropout", "pybn.torch.nn.Dropout")]
+        ("seq.3", "torch.nn.Dropout", "pybn.torch.nn.Dropout"),
+        ("shared", "torch.nn.Dropout", "pybn.torch.nn.Dropout")]
     assert len(caplog.records) == 5 and "bn: torch.nn.BatchNorm2d -> pybn.torch.nn.BatchNorm2d" in caplog.text
     assert type(model.custom) is CustomBatchNorm  # a subclass with its own forward is left alone
     assert list(model.parameters()) == params  # the same tensors: the optimizer still updates them
@@ -252,6 +252,33 @@ def test_accelerate_swaps_in_place_and_reports(caplog):
     opt.step()
     assert not torch.equal(model.bn.weight, before)
     assert calls == ["hook"]
+
+
+def test_accelerate_keeps_the_modules_and_their_hook_handles():
+    """The swapped modules are the same objects: handles taken before still remove their
+    hooks, a load-state-dict hook bound to the module still runs, references see the change."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Dropout(0.1))
+    bn, drop = model[1], model[2]
+    calls = []
+    handles = [bn.register_forward_hook(lambda *a: calls.append("forward")),
+               drop.register_forward_pre_hook(lambda *a: calls.append("pre")),
+               bn.register_full_backward_hook(lambda *a: calls.append("backward")),
+               bn.register_state_dict_post_hook(lambda *a: calls.append("state_dict"))]
+    loads = []
+    bn.register_load_state_dict_pre_hook(lambda module, *a: loads.append(module))
+    pybn.torch.accelerate(model)
+    assert model[1] is bn and model[2] is drop and type(bn) is pnn.BatchNorm1d and type(drop) is pnn.Dropout
+    model(torch.randn(8, 4, requires_grad=True)).sum().backward()
+    state = model.state_dict()
+    assert calls == ["forward", "pre", "backward", "state_dict"]
+    model.load_state_dict(state)
+    assert loads == [bn]
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    model(torch.randn(8, 4, requires_grad=True)).sum().backward()
+    model.state_dict()
+    assert calls == []
 
 
 def test_accelerated_model_loads_and_saves_the_stock_checkpoints(tmp_path):

@@ -1,5 +1,4 @@
 """Swap pybn's modules into an existing model: :func:`accelerate` and :func:`convert_sync_batchnorm`."""
-import copy
 import logging
 from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Tuple, Type, Union, cast, overload
 
@@ -38,14 +37,15 @@ def accelerate(model: nn.Module, *, return_report: bool = False) -> Union[nn.Mod
     """Run `model`'s batch norm and dropout layers on pybn's kernels: the one-line switch.
 
     Every module of exactly one of the classes ``torch.nn.BatchNorm1d/2d/3d``,
-    ``SyncBatchNorm``, ``Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout`` is replaced, in its parent, by the
-    :mod:`pybn.torch.nn` class of the same name. The replacement shares the original's
-    parameters and buffers (the same tensors, so an optimizer built before still updates
-    them) and keeps its hooks, mode and settings; ``state_dict`` keys do not change, so
+    ``SyncBatchNorm``, ``Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout`` becomes an instance
+    of the :mod:`pybn.torch.nn` class of the same name: its class is changed in place, so it is the
+    same object with the same parameters and buffers (an optimizer built before still
+    updates them), hooks (their handles still remove them), mode and settings, and every
+    reference to it sees the change; ``state_dict`` keys do not change, so
     the model saves and loads the same checkpoints as before. Subclasses of those classes
     are left alone (their ``forward`` may compute something else). As
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, `model` is changed in place and
-    returned (or its replacement, when `model` itself is such a layer).
+    returned (itself also when it is such a layer).
 
     Parameters
     ----------
@@ -67,8 +67,8 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None, *,
                            return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, List[Swapped]]]:
     """Every BatchNorm1d/2d/3d (torch's or pybn's) and torch SyncBatchNorm in `model` becomes a
     :class:`pybn.torch.nn.SyncBatchNorm` over `process_group` (None: the default group),
-    sharing its parameters and buffers. In place, as torch's ``convert_sync_batchnorm``;
-    returns `model` (or its replacement), and with ``return_report=True`` the list of
+    (each module's class changed in place, as :func:`accelerate` does). In place, as torch's
+    ``convert_sync_batchnorm``; returns `model`, and with ``return_report=True`` the list of
     :class:`Swapped`."""
     def target(m: nn.Module) -> Optional[Type[nn.Module]]:
         return pnn.SyncBatchNorm if type(m) in _TO_SYNC else None
@@ -81,38 +81,25 @@ def _swap(model: nn.Module, target: Callable[[nn.Module], Optional[Type[nn.Modul
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     report: List[Swapped] = []
-    done: Dict[int, nn.Module] = {}  # a module used in several places is replaced by one new module
-
-    def replaced(name: str, module: nn.Module) -> nn.Module:
-        if id(module) in done:
-            return done[id(module)]
+    for name, module in list(model.named_modules()):  # (a module in several places: once, first name)
         cls = target(module)
-        if cls is None:
-            return module
-        new = _rebuilt(module, cls, process_group)
-        done[id(module)] = new
-        report.append(Swapped(name, _class_name(type(module)), _class_name(cls)))
-        logger.info("pybn.torch.%s: %s: %s -> %s", what, name or "(the model)", *report[-1][1:])
-        return new
-
-    root = replaced("", model)
-    for parent_name, parent in list(root.named_modules(remove_duplicate=True)):
-        for child_name, child in list(parent.named_children()):
-            new = replaced(f"{parent_name}.{child_name}" if parent_name else child_name, child)
-            if new is not child:
-                setattr(parent, child_name, new)
-    return (root, report) if return_report else root
+        if cls is not None:
+            report.append(Swapped(name, _class_name(type(module)), _class_name(cls)))
+            _recast(module, cls, process_group)
+            logger.info("pybn.torch.%s: %s: %s -> %s", what, name or "(the model)", *report[-1][1:])
+    return (model, report) if return_report else model
 
 
-def _rebuilt(module: nn.Module, cls: Type[nn.Module], process_group: Any) -> nn.Module:
-    """A `cls` with module's attributes: the same parameter and buffer tensors, copies of
-    the dictionaries that hold them and the hooks."""
-    new = cls.__new__(cls)
-    new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+def _recast(module: nn.Module, cls: Type[nn.Module], process_group: Any) -> None:
+    """Makes module an instance of `cls` (the pybn classes add no state of their own, and
+    SyncBatchNorm only the process group): the same object keeps its parameters, buffers and
+    hooks, and so do the handles of its hooks, the load-state-dict hooks bound to it and any
+    other reference to it. (A new module with the same attributes left handles taken before
+    the switch removing nothing.)"""
+    group = process_group if process_group is not None else getattr(module, "process_group", None)
+    module.__class__ = cls
     if issubclass(cls, pnn.SyncBatchNorm):
-        sync = cast(pnn.SyncBatchNorm, new)
-        sync.process_group = process_group if process_group is not None else getattr(module, "process_group", None)
-    return new
+        cast(pnn.SyncBatchNorm, module).process_group = group
 
 
 def _class_name(cls: type) -> str:
