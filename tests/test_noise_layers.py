@@ -117,6 +117,11 @@ def test_alpha_dropout_module_is_a_drop_in_for_torchs(rng):
     assert module(x) is x
     swapped = pybn.torch.accelerate(torch.nn.Sequential(torch.nn.AlphaDropout(0.2)))
     assert type(swapped[0]) is pnn.AlphaDropout and swapped[0].p == 0.2
+    # inplace=True: torch's module ignores it (its input is never written), so does pybn's
+    for make in (torch.nn.AlphaDropout, pnn.AlphaDropout):
+        base = x.clone()
+        y = make(0.5, inplace=True)(base[:4])
+        assert y.data_ptr() != base.data_ptr() and torch.equal(base, x) and base._version == 0
 
 
 def test_torch_modules_and_functions_follow_the_numpy_functions(rng):

@@ -219,7 +219,9 @@ class _SeededNoise(PinnedSeed):
 
 class AlphaDropout(_SeededNoise, nn.AlphaDropout):
     """``torch.nn.AlphaDropout(p, inplace)`` with pybn's masks (``pybn.alpha_dropout``);
-    ``seed=`` pins a Philox stream. Other devices and dtypes run on a CPU copy."""
+    ``seed=`` pins a Philox stream. Other devices and dtypes run on a CPU copy. As torch's
+    module, it never writes its input: ``inplace`` is kept but not used (the functional
+    :func:`alpha_dropout` takes it)."""
 
     drop_in_for = nn.AlphaDropout
 
@@ -230,8 +232,8 @@ class AlphaDropout(_SeededNoise, nn.AlphaDropout):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return input
-        return alpha_dropout(input, self.p, True, self.inplace,
-                             philox=self._philox(input.numel(), pybn.counters_used))
+        # not in place, whatever `inplace` says: torch's module ignores it too
+        return alpha_dropout(input, self.p, True, philox=self._philox(input.numel(), pybn.counters_used))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._seed_repr()
