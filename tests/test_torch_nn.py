@@ -95,6 +95,35 @@ def test_training_needs_more_than_one_value_per_channel():
     pnn.BatchNorm1d(3).eval()(torch.randn(1, 3))  # evaluation is fine
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval, batch statistics", "train, fused tail"])
+def test_an_empty_batch_is_torchs(shape, mode):
+    """An empty input (a detection head with no boxes, an empty last shard): torch's empty
+    output, running statistics left alone, num_batches_tracked counted, zero gradients."""
+    track = mode != "eval, batch statistics"
+    stock, ours = nn.BatchNorm2d(3, track_running_stats=track), pnn.BatchNorm2d(3, track_running_stats=track)
+    for m in (stock, ours):
+        if track:
+            m.running_mean.fill_(0.25)
+        m.train(mode.startswith("train"))
+    results = []
+    for m in (stock, ours):
+        x = torch.randn(shape, requires_grad=True)
+        if mode == "train, fused tail":
+            r = torch.randn(shape, requires_grad=True)
+            y = m(x, r, relu=True) if m is ours else torch.relu(m(x) + r)
+        else:
+            y = m(x)
+        y.sum().backward()
+        results.append((y.detach(), x.grad, m.weight.grad, m.bias.grad, m.state_dict()))
+    (y0, dx0, dw0, db0, state0), (y1, dx1, dw1, db1, state1) = results
+    assert y1.shape == y0.shape == shape and dx1.shape == dx0.shape == shape
+    assert torch.equal(dw1, dw0) and torch.equal(db1, db0) and not dw1.any()
+    assert list(state1) == list(state0) and all(torch.equal(state1[k], state0[k]) for k in state0)
+    if track:
+        assert (ours.running_mean == 0.25).all() and int(ours.num_batches_tracked) == mode.startswith("train")
+
+
 def test_sync_batch_norm_without_a_process_group_is_local_batch_norm():
     torch.manual_seed(1)
     stock, ours = nn.BatchNorm2d(3), pnn.SyncBatchNorm(3)

@@ -44,9 +44,9 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropou
 
 def _check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      training: bool) -> None:
-    if training:
+    if training:  # (an empty input is torch's: no statistics, an empty output)
         channels = input.shape[1] if input.dim() >= 2 else 1
-        if channels and input.numel() // channels <= 1:
+        if channels and input.numel() // channels == 1:
             raise ValueError(f"input: training needs more than 1 value per channel, got input of shape "
                              f"{tuple(input.shape)}")
     elif running_mean is None or running_var is None:
@@ -58,7 +58,8 @@ def _torch_tail(input: Tensor, residual: Optional[Tensor], running_mean: Optiona
                 momentum: float, eps: float, relu: bool) -> Tensor:
     """relu(bn(input) + residual) in torch's functions: what batch norm runs under a
     torch.func transform, whose rules (running statistics under vmap, forward mode) are
-    torch's to keep (pybn/torch/_transforms.py)."""
+    torch's to keep (pybn/torch/_transforms.py), and on an empty input, where torch's
+    function returns an empty output and leaves the running statistics alone."""
     y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y = y if residual is None else y + residual
     return torch.relu(y) if relu else y
@@ -69,7 +70,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
     _check_arguments(input, running_mean, running_var, training)
-    if _transforms.active():
+    if _transforms.active() or not input.numel():
         return _torch_tail(input, None, running_mean, running_var, weight, bias, training, momentum, eps, False)
     if training:
         y: Tensor = _ops.batch_norm_train_call(input, weight, bias, running_mean, running_var, momentum, eps)[0]
@@ -85,7 +86,7 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     the relu for ``relu=False``; without the add for ``residual=None``). Arguments as
     :func:`batch_norm`'s; autograd gives the gradients of input, weight, bias and residual."""
     _check_arguments(input, running_mean, running_var, training)
-    if _transforms.active():
+    if _transforms.active() or not input.numel():
         return _torch_tail(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     y: Tensor = _residual.batch_norm_add_relu_call(input, residual, weight, bias, running_mean, running_var,
                                                    training, momentum, eps, relu)[0]
