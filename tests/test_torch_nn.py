@@ -310,6 +310,50 @@ def test_accelerate_keeps_the_modules_and_their_hook_handles():
     assert calls == []
 
 
+class EveryModule(nn.Module):
+    """Each of pybn.torch's module classes once (seeded where random, so two calls agree)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.bn2, self.bn3 = pnn.BatchNorm1d(4), pnn.BatchNorm2d(4), pnn.BatchNorm3d(4)
+        self.sync = pnn.SyncBatchNorm(4)
+        self.random = nn.ModuleList([pnn.Dropout(0.3, seed=1), pnn.Dropout1d(0.3, seed=2), pnn.Dropout2d(0.3, seed=3),
+                                     pnn.AlphaDropout(0.3, seed=4), pnn.GaussianDropout(0.3, seed=5),
+                                     pnn.GaussianNoise(0.3, seed=6), pnn.DropPath(0.3, seed=7),
+                                     pnn.StochasticDepth(0.3, "batch", seed=8), pnn.DropBlock2d(0.3, 3, seed=9)])
+        self.d3 = pnn.Dropout3d(0.3, seed=10)
+
+    def forward(self, x):
+        x = self.sync(self.bn2(x, torch.relu(x), relu=True))
+        x = self.bn1(x.flatten(2)).unflatten(2, (6, 6))
+        x = self.d3(self.bn3(x.unsqueeze(2))).squeeze(2)
+        x = self.random[1](x.flatten(2)).unflatten(2, (6, 6))
+        for i, module in enumerate(self.random):
+            if i != 1:
+                x = module(x)
+        return x
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_symbolic_trace_keeps_each_module_whole(training):
+    """torch.fx keeps torch.nn's modules as call_module nodes (and traces through anything
+    else): pybn's modules stay such nodes too, so the GraphModule runs them as the model
+    does, in whichever mode they are in when it is called."""
+    torch.manual_seed(0)
+    model = EveryModule().train(training)
+    twin = copy.deepcopy(model)
+    graph_module = torch.fx.symbolic_trace(model)
+    called = {n.target for n in graph_module.graph.nodes if n.op == "call_module"}
+    assert called == {name for name, m in model.named_modules() if m is not model and name != "random"}
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(graph_module(x), twin(x), rtol=0, atol=0)
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values()):  # running statistics too
+        assert torch.equal(a, b)
+    graph_module.train(not training)  # the mode is read at run time, not frozen at tracing
+    twin.train(not training)
+    torch.testing.assert_close(graph_module(x), twin(x), rtol=0, atol=0)
+
+
 def test_accelerated_model_loads_and_saves_the_stock_checkpoints(tmp_path):
     torch.manual_seed(3)
     stock = Block()

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 import pybn
 
 from . import ops as _ops
+from ._fx import leaf
 from .seeded import PinnedSeed, rank_and_world_size
 
 __all__ = ["stochastic_depth", "StochasticDepth", "DropPath"]
@@ -63,6 +64,7 @@ class StochasticDepth(PinnedSeed, nn.Module):
         self.p, self.mode = p, mode
         self.seed = seed
 
+    @leaf
     def forward(self, input: Tensor) -> Tensor:
         noise = _noise_shape(input, self.mode)
         if not self.training or self.p == 0.0:

@@ -18,6 +18,7 @@ import pybn
 
 from . import _regenerated
 from ._eager import direct_call
+from ._fx import leaf
 from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, pybn_takes
 from ._regenerated import Regenerated
@@ -128,6 +129,7 @@ class DropBlock2d(PinnedSeed, nn.Module):
         self.rank, self.world_size = rank_and_world_size(rank, world_size)
         self.seed = seed
 
+    @leaf
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.drop_prob == 0.0:
             return x

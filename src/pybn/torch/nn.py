@@ -34,6 +34,7 @@ import pybn
 from . import ops as _ops
 from . import residual as _residual
 from . import _transforms
+from ._fx import leaf
 from .seeded import as_int64, u64
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
@@ -53,6 +54,12 @@ def _check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var:
         raise ValueError("running_mean: running_mean and running_var are required when training=False")
 
 
+def _empty(input: Tensor) -> bool:
+    """Whether input has no elements; not asked of torch.fx's proxies nor while torch.jit
+    traces (sizes are recorded values there), which record pybn's operators."""
+    return isinstance(input, Tensor) and torch._C._get_tracing_state() is None and input.numel() == 0
+
+
 def _torch_tail(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                 momentum: float, eps: float, relu: bool) -> Tensor:
@@ -70,7 +77,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
     _check_arguments(input, running_mean, running_var, training)
-    if _transforms.active() or not input.numel():
+    if _transforms.active() or _empty(input):
         return _torch_tail(input, None, running_mean, running_var, weight, bias, training, momentum, eps, False)
     if training:
         y: Tensor = _ops.batch_norm_train_call(input, weight, bias, running_mean, running_var, momentum, eps)[0]
@@ -86,7 +93,7 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     the relu for ``relu=False``; without the add for ``residual=None``). Arguments as
     :func:`batch_norm`'s; autograd gives the gradients of input, weight, bias and residual."""
     _check_arguments(input, running_mean, running_var, training)
-    if _transforms.active() or not input.numel():
+    if _transforms.active() or _empty(input):
         return _torch_tail(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     y: Tensor = _residual.batch_norm_add_relu_call(input, residual, weight, bias, running_mean, running_var,
                                                    training, momentum, eps, relu)[0]
@@ -106,6 +113,7 @@ class _BatchNormForward(_BatchNormBase):
     """The forward shared by the batch norm classes: torch's rules for momentum, the
     running statistics and num_batches_tracked, with pybn's operators."""
 
+    @leaf
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, relu: bool = False) -> Tensor:
         """torch's forward; with `residual` and/or ``relu=True``, ``relu(bn(input) + residual)``
         in the same pass (:func:`batch_norm_add_relu`)."""
@@ -179,6 +187,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     _check_input_dim = nn.SyncBatchNorm._check_input_dim
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
+    @leaf
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, relu: bool = False) -> Tensor:
         from . import _sync
 
@@ -252,6 +261,7 @@ class _DropoutForward(_DropoutBase):
         self._philox = torch.tensor([int(self._philox[0]), as_int64(u64(offset, "offset"))],
                                     dtype=torch.int64)
 
+    @leaf
     def forward(self, input: Tensor, relu: bool = False) -> Tensor:
         """The dropout of `input`, or with ``relu=True`` of ``relu(input)``: for an element-wise
         mask on a CPU tensor one fused pass (``pybn::relu_dropout``), whose backward needs the

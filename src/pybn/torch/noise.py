@@ -24,6 +24,7 @@ import pybn
 
 from . import _regenerated
 from ._eager import direct_call
+from ._fx import leaf
 from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, pybn_takes
 from ._regenerated import Kernel, Regenerated
@@ -229,6 +230,7 @@ class AlphaDropout(_SeededNoise, nn.AlphaDropout):
         super().__init__(p, inplace)
         self.seed = seed
 
+    @leaf
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return input
@@ -248,6 +250,7 @@ class GaussianDropout(_SeededNoise, nn.Module):
         self.rate = _probability(rate, "rate", False)
         self.seed = seed
 
+    @leaf
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or self.rate == 0.0:
             return input
@@ -266,6 +269,7 @@ class GaussianNoise(_SeededNoise, nn.Module):
         self.stddev = _stddev(stddev)
         self.seed = seed
 
+    @leaf
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or self.stddev == 0.0:
             return input
