@@ -63,6 +63,25 @@ def test_jit_trace_records_the_operators():
         assert torch.equal(traced(x), model(x))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace(_method)?` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("make", [lambda: pnn.Dropout2d(0.3), lambda: pnn.Dropout1d(0.3), lambda: pnn.DropPath(0.3),
+                                  lambda: pnn.StochasticDepth(0.3, "batch")],
+                         ids=["Dropout2d", "Dropout1d", "DropPath", "StochasticDepth batch"])
+def test_jit_trace_of_masks_shaped_from_the_input(make):
+    """A mask shape read from the input (channel-wise dropout, stochastic depth) is traced as
+    the example's sizes (torch warns that the graph keeps them); the traced training call
+    draws its seed from torch's generator as the module does."""
+    module = make()
+    x = torch.randn(2, 4, 3, 3)[..., 0] if isinstance(module, pnn.Dropout1d) else torch.randn(2, 4, 3, 3)
+    traced = torch.jit.trace(module, x, check_trace=False)
+    assert "pybn::dropout" in str(traced.inlined_graph)
+    torch.manual_seed(7)
+    want = module(x)
+    torch.manual_seed(7)
+    assert torch.equal(traced(x), want)
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("fused", [False, True])
 def test_running_statistics_versions_advance_in_every_mode(training, fused, through_dispatcher):

@@ -453,6 +453,10 @@ class _DropoutDirect(torch.autograd.Function):
 
 def dropout_call(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[int]]) -> Tensor:
     """``torch.ops.pybn.dropout(...)[0]``, without the dispatcher in plain eager mode."""
+    if noise_shape is not None and torch._C._get_tracing_state() is not None:
+        # torch.jit.trace: sizes read from x are traced values, the schema takes ints (torch
+        # warns that the traced graph keeps these sizes)
+        noise_shape = [int(d) for d in noise_shape]
     if direct_call(x, philox) and pybn_takes(x):
         y: Tensor = _DropoutDirect.apply(x, p, philox, noise_shape)  # type: ignore[no-untyped-call]
         return y
