@@ -284,8 +284,40 @@ class ResidualChangedInPlace(nn.Module):
         return F.relu(y + r)
 
 
+class ResidualViewWritten(nn.Module):
+    """A view of the residual is written in place after the batch norm, before the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.lin2, self.bn = nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        r = self.lin(x)
+        view = r[:, :2]
+        y = self.bn(self.lin2(x))
+        view.mul_(0)
+        return F.relu(y + r)
+
+
+class InputViewWrittenBeforeLaterResidual(nn.Module):
+    """A view of the batch norm's input is written after it, and the residual is computed
+    later still: the batch norm cannot move to the residual's place past that write."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.lin2, self.bn = nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        view = h.view(8, 2, 2)[:, 0]
+        y = self.bn(h)
+        view += 1
+        return F.relu(y + self.lin2(x))
+
+
 @pytest.mark.parametrize("cls, fused_tails", [
     (InPlaceIntoResidual, []), (ReluWithHook, []), (SubclassUser, []), (ResidualChangedInPlace, []),
+    (ResidualViewWritten, []),
     (SharedNorm, [Fused("bn", "relu(bn(x) + r)")]),  # the second call (the first cannot move after it)
 ])
 def test_tails_that_must_stay_unfused(cls, fused_tails):
@@ -294,6 +326,18 @@ def test_tails_that_must_stay_unfused(cls, fused_tails):
     fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
     assert report == fused_tails
     assert_same_training(stock.double(), fused.double(), torch.randn(8, 4, dtype=torch.float64), torch.float64)
+
+
+def test_input_view_written_after_the_batch_norm_keeps_it_in_place():
+    """(Inference only: in training the write breaks the stock model's backward, as the batch
+    norm saved its input.)"""
+    torch.manual_seed(6)
+    stock = InputViewWrittenBeforeLaterResidual().eval()
+    fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
+    assert report == []
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        assert torch.equal(fused(x), stock(x))
 
 
 class DownsampleAfter(nn.Module):

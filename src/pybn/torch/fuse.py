@@ -127,9 +127,11 @@ class _InPlaceProxy(fx.Proxy):
     value, which the eager forward would not."""
 
 
-for _op in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-            operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-            operator.irshift):
+# Python's augmented assignments (``a += b``: operator.iadd), in place on tensors
+_AUGMENTED = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+              operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+              operator.irshift)
+for _op in _AUGMENTED:
     setattr(_InPlaceProxy, f"__{_op.__name__}__", _recorded(_op))  # __iadd__: operator.iadd, ...
 
 
@@ -171,11 +173,12 @@ def _rewrite(gm: fx.GraphModule) -> List[Fused]:
         # the fused call goes where the last of its inputs is ready: after the residual when
         # that is computed after the batch norm (a downsampling shortcut)
         at = residual if residual is not None and _comes_after(residual, node) else node
-        if at is not node and not _may_defer(node, at):
+        if at is not node and not _may_defer(node, at, gm):
             continue
         # and the residual is read there, where the add read it later: nothing in between
-        # may touch it (an in-place op on it would be missed)
-        if residual is not None and any(residual in n.all_input_nodes for n in _between(at, user)):
+        # may touch it, nor write in place anything that may view it (the write would be missed)
+        if residual is not None and any(residual in n.all_input_nodes or _writes_into(n, residual, gm)
+                                        for n in _between(at, user)):
             continue
         with gm.graph.inserting_before(node):
             bn = gm.graph.get_attr(node.target)
@@ -319,13 +322,45 @@ def _between(first: fx.Node, stop: fx.Node) -> Iterator[fx.Node]:
         n = n.next
 
 
-def _may_defer(node: fx.Node, at: fx.Node) -> bool:
+def _may_defer(node: fx.Node, at: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether the batch norm `node` may run right after `at` instead: no node up to `at`
-    calls the same module (the running statistics' updates would change order) or reads the
-    batch norm's input (and so might change it in place first)."""
+    calls the same module (the running statistics' updates would change order), reads the
+    batch norm's input (and so might change it in place first) or writes in place anything
+    that may view that input."""
     x = node.args[0]
-    return not any((n.op == "call_module" and n.target == node.target) or x in n.all_input_nodes
-                   for n in _between(node, at.next))
+    return not any((n.op == "call_module" and n.target == node.target) or x in n.all_input_nodes or
+                   (isinstance(x, fx.Node) and _writes_into(n, x, gm)) for n in _between(node, at.next))
+
+
+def _writes_into(node: fx.Node, tensor: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether `node` may write in place into `tensor` through a view of it: it may write one
+    of its inputs (a method or function whose name ends in "_", ``inplace=True``, ``out=``,
+    an augmented assignment, a module built with ``inplace=True``) and that input comes
+    from `tensor` (any node computed from it may be a view: ``r[:, :2]``, ``r.view(...)``)."""
+    if node.op == "call_method":
+        writes = str(node.target).endswith("_")
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        writes = node.target in _AUGMENTED or (name.endswith("_") and not name.endswith("__")) or \
+            node.kwargs.get("inplace") is True or "out" in node.kwargs
+    elif node.op == "call_module":
+        writes = bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    else:
+        writes = False
+    return writes and any(_comes_from(i, tensor) for i in node.all_input_nodes)
+
+
+def _comes_from(node: fx.Node, source: fx.Node) -> bool:
+    """Whether node is source or is computed from it (through any path of the graph)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is source:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
 
 
 def _same_state_order(gm: fx.GraphModule, model: nn.Module) -> str:
