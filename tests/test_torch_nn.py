@@ -354,6 +354,28 @@ def test_fx_symbolic_trace_keeps_each_module_whole(training):
     torch.testing.assert_close(graph_module(x), twin(x), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The TorchScript type system doesn't support:UserWarning")  # (fx's GraphModule)
+def test_jit_script_says_what_to_script_instead():
+    """TorchScript cannot run pybn's kernels: scripting a pybn module is a TypeError naming it
+    and the ways that work, and leaves the model as it was; the folded model scripts."""
+    torch.manual_seed(8)
+    stock = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout2d(0.2), nn.Flatten(), nn.Linear(64, 6),
+                          nn.BatchNorm1d(6), nn.AlphaDropout(0.1), nn.Dropout(0.3))
+    stock(torch.randn(8, 3, 4, 4))  # running statistics away from their start
+    accelerated = pybn.torch.accelerate(copy.deepcopy(stock)).eval()
+    for model in (accelerated, nn.Sequential(pnn.GaussianDropout(0.2)), nn.Sequential(pnn.DropPath(0.1)),
+                  nn.Sequential(pnn.DropBlock2d(0.1, 3))):
+        classes = [type(m) for m in model.modules()]
+        with pytest.raises(TypeError, match=r"^\w+: torch.jit.script cannot compile pybn.torch's modules .* "
+                                            r"pybn.torch.fold"):
+            torch.jit.script(model)
+        assert [type(m) for m in model.modules()] == classes
+    x = torch.randn(5, 3, 4, 4)
+    scripted = torch.jit.script(pybn.torch.fold(accelerated, example_inputs=x))
+    torch.testing.assert_close(scripted(x), stock.eval()(x))
+
+
 def test_accelerated_model_loads_and_saves_the_stock_checkpoints(tmp_path):
     torch.manual_seed(3)
     stock = Block()

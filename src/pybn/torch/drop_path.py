@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import pybn
 
 from . import ops as _ops
-from ._fx import leaf
+from ._capture import leaf, prepare_scriptable
 from .seeded import PinnedSeed, rank_and_world_size
 
 __all__ = ["stochastic_depth", "StochasticDepth", "DropPath"]
@@ -52,6 +52,8 @@ class StochasticDepth(PinnedSeed, nn.Module):
     ``offset`` by ``world_size * counters_used(N)``; mode "batch" draws the one shared
     decision at ``offset`` on every rank and advances it by 16.
     """
+
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script compiles torch's module instead
 
     def __init__(self, p: float, mode: str = "row", *, seed: Optional[int] = None, rank: int = 0,
                  world_size: int = 1) -> None:

@@ -18,7 +18,7 @@ import pybn
 
 from . import _regenerated
 from ._eager import direct_call
-from ._fx import leaf
+from ._capture import leaf, prepare_scriptable
 from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, pybn_takes
 from ._regenerated import Regenerated
@@ -110,6 +110,8 @@ class DropBlock2d(PinnedSeed, nn.Module):
     ``batchwise=True`` every rank draws the one shared mask at ``offset``.
     timm's ``with_noise=True`` and ``inplace=True`` are refused (ValueError).
     """
+
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script compiles torch's module instead
 
     def __init__(self, drop_prob: float = 0.1, block_size: int = 7, gamma_scale: float = 1.0,
                  with_noise: bool = False, inplace: bool = False, couple_channels: bool = True,

@@ -34,7 +34,7 @@ import pybn
 from . import ops as _ops
 from . import residual as _residual
 from . import _transforms
-from ._fx import leaf
+from ._capture import leaf, prepare_scriptable
 from .seeded import as_int64, u64
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
@@ -112,6 +112,8 @@ else:
 class _BatchNormForward(_BatchNormBase):
     """The forward shared by the batch norm classes: torch's rules for momentum, the
     running statistics and num_batches_tracked, with pybn's operators."""
+
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script compiles torch's module instead
 
     @leaf
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, relu: bool = False) -> Tensor:
@@ -228,6 +230,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
 class _DropoutForward(_DropoutBase):
     """Shared by the dropout classes: the mask's shape for this input (None: torch's own
     function handles it), and the optional pinned Philox stream."""
+
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script compiles torch's module instead
 
     _spatial: Optional[int] = None  # channel-wise dropout over this many spatial dims; None: element-wise
     _philox: Optional[Tensor] = None  # the pinned [seed, offset] (int64), or None

@@ -24,7 +24,7 @@ import pybn
 
 from . import _regenerated
 from ._eager import direct_call
-from ._fx import leaf
+from ._capture import leaf, prepare_scriptable
 from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, pybn_takes
 from ._regenerated import Kernel, Regenerated
@@ -208,6 +208,8 @@ class _SeededNoise(PinnedSeed):
     ``seed=...`` call i uses ``(seed, offset)`` and advances ``offset`` by the counters it
     used (``pybn.counters_used(n)`` for alpha dropout, ``pybn.normal_counters_used(n)``
     for the Gaussian modules)."""
+
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script compiles torch's module instead
 
     def _philox(self, n: int, counters: Any) -> Optional[Tensor]:
         """This call's [seed, offset] (None without a pinned seed); advances offset."""
