@@ -38,8 +38,8 @@ def accelerate(model: nn.Module, *, return_report: bool = False) -> Union[nn.Mod
 
     Every module of exactly one of the classes ``torch.nn.BatchNorm1d/2d/3d``,
     ``SyncBatchNorm``, ``Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout`` becomes an instance
-    of the :mod:`pybn.torch.nn` class of the same name: its class is changed in place, so it is the
-    same object with the same parameters and buffers (an optimizer built before still
+    of the :mod:`pybn.torch.nn` class of the same name: its class is changed in place, so it
+    is the same object with the same parameters and buffers (an optimizer built before still
     updates them), hooks (their handles still remove them), mode and settings, and every
     reference to it sees the change; ``state_dict`` keys do not change, so
     the model saves and loads the same checkpoints as before. Subclasses of those classes
@@ -66,9 +66,9 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = ..., *,
 def convert_sync_batchnorm(model: nn.Module, process_group: Any = None, *,
                            return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, List[Swapped]]]:
     """Every BatchNorm1d/2d/3d (torch's or pybn's) and torch SyncBatchNorm in `model` becomes a
-    :class:`pybn.torch.nn.SyncBatchNorm` over `process_group` (None: the default group),
-    (each module's class changed in place, as :func:`accelerate` does). In place, as torch's
-    ``convert_sync_batchnorm``; returns `model`, and with ``return_report=True`` the list of
+    :class:`pybn.torch.nn.SyncBatchNorm` over `process_group` (None: the default group): its
+    class is changed in place, as :func:`accelerate` does. As torch's
+    ``convert_sync_batchnorm``, returns `model`, and with ``return_report=True`` the list of
     :class:`Swapped`."""
     def target(m: nn.Module) -> Optional[Type[nn.Module]]:
         return pnn.SyncBatchNorm if type(m) in _TO_SYNC else None
