@@ -227,10 +227,15 @@ def test_fold_section_runs():
     (["--peers", "numpy,tf"], "unknown peer 'tf'; choose from torch, numpy, ort"),
     (["--kernels", "infer,fwd2"], "unknown kernel 'fwd2'; choose from infer, train, backward"),
     (["--shapes", "Z"], "unknown shape 'Z'"),
-    (["--threads", "0"], "--threads must be >= 1"),
-    (["--budget", "0"], "--budget must be > 0"),
+    (["--threads", "0"], "--threads must be in [1, 256]"),
+    (["--threads", "257"], "--threads must be in [1, 256]"),
+    (["--budget", "0"], "--budget must be a finite number > 0"),
+    (["--budget", "nan"], "--budget must be a finite number > 0"),
+    (["--budget", "inf"], "--budget must be a finite number > 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--json", "/nonexistent-dir-pybn/x.json"], "no such directory"),
+    (["--json", "/"], "is a directory"),
 ])
 def test_bad_options_are_usage_errors(args, message, capsys):
     assert cli.main(args) == 2

@@ -197,16 +197,33 @@ def test_raw_data_longer_than_its_shape_is_one_line(rng, tmp_path, fold_here):
     assert not (tmp_path / "out.onnx").exists()
 
 
-@pytest.mark.parametrize("out", ["folder", "missing/out.onnx", "m.onnx/out.onnx"])
+@pytest.mark.parametrize("out", ["folder", "missing/out.onnx", "m.onnx/out.onnx", "out.onnx/"])
 def test_output_that_cannot_be_written(rng, tmp_path, fold_here, out):
     model, _ = conv_bn(rng)
     onnx.save(model, str(tmp_path / "m.onnx"))
     (tmp_path / "folder").mkdir()
     r = fold_here(tmp_path, "m.onnx", out)
     reason = {"folder": "Is a directory", "missing/out.onnx": "No such file or directory",
-              "m.onnx/out.onnx": "Not a directory"}[out]
+              "m.onnx/out.onnx": "Not a directory", "out.onnx/": "Not a directory"}[out]
     assert_one_line_failure(r, f"cannot write {out}: {reason}")
     assert leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "m.onnx"]
+
+
+def test_summary_to_a_closed_stdout_says_the_output_was_written(rng, tmp_path):
+    """`fold IN OUT | head -c0`: OUT is written before the summary, so the error must not say
+    it was not (the child's stdout is a pipe whose reader has gone)."""
+    model, _ = conv_bn(rng)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pybn", "fold", "m.onnx", "out.onnx"], cwd=tmp_path,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert_one_line_failure(Result(proc.returncode, "", proc.stderr),
+                            "out.onnx was written, but its summary could not be printed: Broken pipe")
+    assert ops(onnx.load(str(tmp_path / "out.onnx"))) == {"Conv": 1} and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])

@@ -122,9 +122,13 @@ def _run(path_in: str, path_out: str, merge_branches: bool = False) -> int:
         raise _Failure(f"cannot write {path_out}: {_reason_of_model(e)}") from None
     except OSError as e:
         raise _Failure(f"cannot write {path_out}: {_reason(e)}") from None
-    for line in _summary(report, before, after):
-        print(line)
-    print(f"wrote {path_out}" + (f" (weights in {data_name} next to it)" if data_name else ""))
+    try:
+        for line in _summary(report, before, after):
+            print(line)
+        print(f"wrote {path_out}" + (f" (weights in {data_name} next to it)" if data_name else ""), flush=True)
+    except OSError as e:  # stdout closed or full: OUT is written all the same
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing left to flush at exit)
+        raise _Failure(f"{path_out} was written, but its summary could not be printed: {_reason(e)}") from None
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -100,11 +101,15 @@ class Plan:
     @classmethod
     def of(cls, args: argparse.Namespace) -> Plan:
         """Raises ValueError, naming the option, for a bad one."""
+        from .._runtime import MAX_THREADS
+
         shapes, kernels, peers = parse_shapes(args.shapes), parse_kernels(args.kernels), parse_peers(args.peers)
-        if args.threads is not None and args.threads < 1:
-            raise ValueError("--threads must be >= 1")
-        if args.budget is not None and args.budget <= 0:
-            raise ValueError("--budget must be > 0")
+        if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+            raise ValueError(f"--threads must be in [1, {MAX_THREADS}]")
+        if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+            raise ValueError("--budget must be a finite number > 0")
+        if not 0 <= args.seed < 2**128:  # (what NumPy's generators take)
+            raise ValueError("--seed must be >= 0")
         rounds = args.rounds if args.rounds is not None else 1 if args.quick else 2
         if rounds < 1:
             raise ValueError("--rounds must be >= 1")
@@ -113,10 +118,12 @@ class Plan:
         if args.half and (args.no_half or args.torch):
             raise ValueError(f"--half and {'--no-half' if args.no_half else '--torch'} exclude each other")
         torch_cells = [] if args.no_torch else torch_bench.select(args.torch_cells)
-        if args.json:
+        if args.json:  # (checked before the run, not after it)
             folder = os.path.dirname(os.path.abspath(args.json))
             if not os.path.isdir(folder):
                 raise ValueError(f"--json {args.json}: no such directory {folder}")
+            if os.path.isdir(args.json):
+                raise ValueError(f"--json {args.json}: is a directory")
         cfg = TimingConfig.quick() if args.quick else TimingConfig()
         if args.budget is not None:
             cfg = replace(cfg, budget=args.budget)
