@@ -299,6 +299,21 @@ class ResidualViewWritten(nn.Module):
         return F.relu(y + r)
 
 
+class ResidualsBaseWritten(nn.Module):
+    """The residual is a view, and the tensor it views is written after the batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.lin2, self.bn = nn.Linear(4, 8), nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        r = h[:, :4]
+        y = self.bn(self.lin2(x))
+        h.mul_(0.5)
+        return F.relu(y + r)
+
+
 class InputViewWrittenBeforeLaterResidual(nn.Module):
     """A view of the batch norm's input is written after it, and the residual is computed
     later still: the batch norm cannot move to the residual's place past that write."""
@@ -317,7 +332,7 @@ class InputViewWrittenBeforeLaterResidual(nn.Module):
 
 @pytest.mark.parametrize("cls, fused_tails", [
     (InPlaceIntoResidual, []), (ReluWithHook, []), (SubclassUser, []), (ResidualChangedInPlace, []),
-    (ResidualViewWritten, []),
+    (ResidualViewWritten, []), (ResidualsBaseWritten, []),
     (SharedNorm, [Fused("bn", "relu(bn(x) + r)")]),  # the second call (the first cannot move after it)
 ])
 def test_tails_that_must_stay_unfused(cls, fused_tails):
@@ -328,11 +343,22 @@ def test_tails_that_must_stay_unfused(cls, fused_tails):
     assert_same_training(stock.double(), fused.double(), torch.randn(8, 4, dtype=torch.float64), torch.float64)
 
 
-def test_input_view_written_after_the_batch_norm_keeps_it_in_place():
+class InputsBaseWrittenBeforeLaterResidual(InputViewWrittenBeforeLaterResidual):
+    """The batch norm's input is a view, and the tensor it views is written after it."""
+
+    def forward(self, x):
+        h = torch.cat([self.lin(x), x], 1)
+        y = self.bn(h[:, :4])
+        h.mul_(0.5)
+        return F.relu(y + self.lin2(x))
+
+
+@pytest.mark.parametrize("cls", [InputViewWrittenBeforeLaterResidual, InputsBaseWrittenBeforeLaterResidual])
+def test_input_written_after_the_batch_norm_keeps_it_in_place(cls):
     """(Inference only: in training the write breaks the stock model's backward, as the batch
     norm saved its input.)"""
     torch.manual_seed(6)
-    stock = InputViewWrittenBeforeLaterResidual().eval()
+    stock = cls().eval()
     fused, report = fuse_tails(copy.deepcopy(stock), return_report=True)
     assert report == []
     x = torch.randn(8, 4)

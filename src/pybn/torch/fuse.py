@@ -176,8 +176,9 @@ def _rewrite(gm: fx.GraphModule) -> List[Fused]:
         if at is not node and not _may_defer(node, at, gm):
             continue
         # and the residual is read there, where the add read it later: nothing in between
-        # may touch it, nor write in place anything that may view it (the write would be missed)
-        if residual is not None and any(residual in n.all_input_nodes or _writes_into(n, residual, gm)
+        # may touch it, nor write in place at all (it may write a view of the residual, or the
+        # tensor the residual views: the fused call would miss the write)
+        if residual is not None and any(residual in n.all_input_nodes or _writes_in_place(n, gm)
                                         for n in _between(at, user)):
             continue
         with gm.graph.inserting_before(node):
@@ -325,41 +326,27 @@ def _between(first: fx.Node, stop: fx.Node) -> Iterator[fx.Node]:
 def _may_defer(node: fx.Node, at: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether the batch norm `node` may run right after `at` instead: no node up to `at`
     calls the same module (the running statistics' updates would change order), reads the
-    batch norm's input (and so might change it in place first) or writes in place anything
-    that may view that input."""
+    batch norm's input (and so might change it in place first) or writes in place at all
+    (it may write through a view of that input, or into the tensor the input views)."""
     x = node.args[0]
     return not any((n.op == "call_module" and n.target == node.target) or x in n.all_input_nodes or
-                   (isinstance(x, fx.Node) and _writes_into(n, x, gm)) for n in _between(node, at.next))
+                   _writes_in_place(n, gm) for n in _between(node, at.next))
 
 
-def _writes_into(node: fx.Node, tensor: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether `node` may write in place into `tensor` through a view of it: it may write one
-    of its inputs (a method or function whose name ends in "_", ``inplace=True``, ``out=``,
-    an augmented assignment, a module built with ``inplace=True``) and that input comes
-    from `tensor` (any node computed from it may be a view: ``r[:, :2]``, ``r.view(...)``)."""
+def _writes_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether `node` may write one of its inputs in place: a method or function whose name
+    ends in "_", ``inplace=True``, ``out=``, an augmented assignment, a module built with
+    ``inplace=True``. (Any such write counts, not only one into the tensor at hand: which
+    nodes view which others is not recorded in the graph, and such writes are rare between a
+    tail's nodes.)"""
     if node.op == "call_method":
-        writes = str(node.target).endswith("_")
-    elif node.op == "call_function":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        writes = node.target in _AUGMENTED or (name.endswith("_") and not name.endswith("__")) or \
+        return node.target in _AUGMENTED or (name.endswith("_") and not name.endswith("__")) or \
             node.kwargs.get("inplace") is True or "out" in node.kwargs
-    elif node.op == "call_module":
-        writes = bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
-    else:
-        writes = False
-    return writes and any(_comes_from(i, tensor) for i in node.all_input_nodes)
-
-
-def _comes_from(node: fx.Node, source: fx.Node) -> bool:
-    """Whether node is source or is computed from it (through any path of the graph)."""
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n is source:
-            return True
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
     return False
 
 
