@@ -6,9 +6,9 @@ class's module path) and traces through every other module's forward. Traced thr
 pybn module's forward would meet a proxy where it needs values (the input's rank, the
 training flag's effect on the running statistics) and fail, or freeze one mode into the
 graph. So a proxy input makes the forward record the call of the module itself, as the tracer
-does for torch's classes (:func:`leaf`): the graph then holds a ``BatchNorm2d`` (pybn's
-subclass) where the stock model's has torch's, and fx-based tools (quantization's
-``prepare_fx``, fx fusion, feature extraction) see the same structure.
+does for torch's classes (:func:`leaf`): the graph then holds pybn's ``BatchNorm2d`` where
+the stock model's holds torch's (tools that match exact classes, as fx's conv-BN fusion,
+pass it by).
 
 ``torch.jit.script`` compiles a module's Python source into TorchScript, which cannot run
 pybn's kernels (Python functions over NumPy views). Its ``__prepare_scriptable__`` hook

@@ -53,7 +53,7 @@ class StochasticDepth(PinnedSeed, nn.Module):
     decision at ``offset`` on every rank and advances it by 16.
     """
 
-    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script compiles torch's module instead
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: a TypeError saying what to script instead
 
     def __init__(self, p: float, mode: str = "row", *, seed: Optional[int] = None, rank: int = 0,
                  world_size: int = 1) -> None:

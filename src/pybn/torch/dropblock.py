@@ -111,7 +111,7 @@ class DropBlock2d(PinnedSeed, nn.Module):
     timm's ``with_noise=True`` and ``inplace=True`` are refused (ValueError).
     """
 
-    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script compiles torch's module instead
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: a TypeError saying what to script instead
 
     def __init__(self, drop_prob: float = 0.1, block_size: int = 7, gamma_scale: float = 1.0,
                  with_noise: bool = False, inplace: bool = False, couple_channels: bool = True,

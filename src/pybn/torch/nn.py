@@ -54,10 +54,14 @@ def _check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var:
         raise ValueError("running_mean: running_mean and running_var are required when training=False")
 
 
-def _empty(input: Tensor) -> bool:
-    """Whether input has no elements; not asked of torch.fx's proxies nor while torch.jit
-    traces (sizes are recorded values there), which record pybn's operators."""
-    return isinstance(input, Tensor) and torch._C._get_tracing_state() is None and input.numel() == 0
+def _empty_batch(input: Tensor, training: bool) -> bool:
+    """Whether a call with batch statistics has an input without elements, which torch's
+    function answers with an empty output (with running statistics pybn's kernels take it).
+    Asked in plain eager mode only: torch.fx's proxies, torch.jit's traced sizes and
+    torch.compile's symbolic ones (a guard on a size known only at run time fails the
+    compilation) record pybn's operators, which refuse an empty batch with a ValueError."""
+    return training and isinstance(input, Tensor) and not torch.compiler.is_compiling() and \
+        torch._C._get_tracing_state() is None and input.numel() == 0
 
 
 def _torch_tail(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
@@ -77,7 +81,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
     _check_arguments(input, running_mean, running_var, training)
-    if _transforms.active() or _empty(input):
+    if _transforms.active() or _empty_batch(input, training):
         return _torch_tail(input, None, running_mean, running_var, weight, bias, training, momentum, eps, False)
     if training:
         y: Tensor = _ops.batch_norm_train_call(input, weight, bias, running_mean, running_var, momentum, eps)[0]
@@ -93,7 +97,7 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     the relu for ``relu=False``; without the add for ``residual=None``). Arguments as
     :func:`batch_norm`'s; autograd gives the gradients of input, weight, bias and residual."""
     _check_arguments(input, running_mean, running_var, training)
-    if _transforms.active() or _empty(input):
+    if _transforms.active() or _empty_batch(input, training):
         return _torch_tail(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     y: Tensor = _residual.batch_norm_add_relu_call(input, residual, weight, bias, running_mean, running_var,
                                                    training, momentum, eps, relu)[0]
@@ -113,7 +117,7 @@ class _BatchNormForward(_BatchNormBase):
     """The forward shared by the batch norm classes: torch's rules for momentum, the
     running statistics and num_batches_tracked, with pybn's operators."""
 
-    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script compiles torch's module instead
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: a TypeError saying what to script instead
 
     @leaf
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, relu: bool = False) -> Tensor:
@@ -208,8 +212,8 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
         """Every BatchNorm1d/2d/3d (torch's or pybn's) and torch SyncBatchNorm in `module`
-        becomes a pybn SyncBatchNorm sharing its parameters and buffers; as torch's method,
-        children are replaced in place and `module` (or its replacement) is returned."""
+        becomes a pybn SyncBatchNorm sharing its parameters and buffers (its class changed in
+        place, :func:`pybn.torch.convert_sync_batchnorm`); returns `module`."""
         from .accelerate import convert_sync_batchnorm
 
         return convert_sync_batchnorm(module, process_group)
@@ -231,7 +235,7 @@ class _DropoutForward(_DropoutBase):
     """Shared by the dropout classes: the mask's shape for this input (None: torch's own
     function handles it), and the optional pinned Philox stream."""
 
-    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script compiles torch's module instead
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: a TypeError saying what to script instead
 
     _spatial: Optional[int] = None  # channel-wise dropout over this many spatial dims; None: element-wise
     _philox: Optional[Tensor] = None  # the pinned [seed, offset] (int64), or None

@@ -209,7 +209,7 @@ class _SeededNoise(PinnedSeed):
     used (``pybn.counters_used(n)`` for alpha dropout, ``pybn.normal_counters_used(n)``
     for the Gaussian modules)."""
 
-    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script compiles torch's module instead
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: a TypeError saying what to script instead
 
     def _philox(self, n: int, counters: Any) -> Optional[Tensor]:
         """This call's [seed, offset] (None without a pinned seed); advances offset."""
