@@ -5,7 +5,8 @@
 Recalibrates, over this rank's batches (BATCHES, generated identically in every process
 and in the parent), a pybn.distributed.SyncBatchNorm (merged over the group by itself),
 a pybn.nn.BatchNorm and a torch model with a stock torch BatchNorm1d (both merged with
-comm=the default group), and writes their running statistics to DIR/rank{R}.pkl.
+comm=the default group), and writes their running statistics to DIR/rank{R}.pkl; then the
+errors of a pass that fails on rank 1 only and of layers whose channels differ between ranks.
 """
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ def main() -> None:
     pybn.recalibrate(local, nonempty, comm=dist.group.WORLD)
     model = torch.nn.Sequential(torch.nn.BatchNorm1d(C, dtype=torch.float64))
     pybn.recalibrate(model, [torch.from_numpy(b) for b in nonempty], comm=dist.group.WORLD)
-    result = {"rank": args.rank,
+    errors = {"failed pass": failed_pass(args.rank, nonempty, dist), "channels": other_channels(args.rank, dist)}
+    after = torch.tensor([args.rank + 1.0])
+    dist.all_reduce(after)  # the group still works after both errors
+    result = {"rank": args.rank, "errors": errors, "all_reduce after": float(after),
               "sync": (sync.running_mean.copy(), sync.running_var.copy(), sync.num_batches_tracked),
               "local": (local.running_mean.copy(), local.running_var.copy(), local.num_batches_tracked),
               "torch": (model[0].running_mean.numpy().copy(), model[0].running_var.numpy().copy(),
@@ -60,6 +64,44 @@ def main() -> None:
     dist.destroy_process_group()
     with open(f"{args.out}/rank{args.rank}.pkl", "wb") as f:
         pickle.dump(result, f)
+
+
+def failed_pass(rank, batches, dist):
+    """Two layers, rank 1's pass failing at its second batch: (error type, message, state
+    unchanged)."""
+    import pybn
+    import pybn.nn
+
+    layers = [pybn.nn.BatchNorm(C, dtype="float64"), pybn.nn.BatchNorm(C, dtype="float64")]
+    seen = []
+
+    def forward(batch):
+        seen.append(batch)
+        if rank == 1 and len(seen) == 2:
+            raise KeyError("the pass failed on rank 1")
+        return layers[1](layers[0](batch))
+
+    return outcome(lambda: pybn.recalibrate(layers, batches, forward=forward, comm=dist.group.WORLD), layers)
+
+
+def other_channels(rank, dist):
+    """Rank 1's layer has one channel more: (error type, message, state unchanged)."""
+    import pybn
+    import pybn.nn
+
+    layer = pybn.nn.BatchNorm(C + rank, dtype="float64")
+    batches = [np.ones((4, C + rank)) * np.arange(4)[:, None]]
+    return outcome(lambda: pybn.recalibrate(layer, batches, comm=dist.group.WORLD), [layer])
+
+
+def outcome(call, layers):
+    try:
+        call()
+    except Exception as e:
+        unchanged = all(not layer.running_mean.any() and (layer.running_var == 1).all() and
+                        layer.num_batches_tracked == 0 for layer in layers)
+        return type(e).__name__, str(e), unchanged
+    return None
 
 
 if __name__ == "__main__":

@@ -443,3 +443,45 @@ def test_signals_during_long_kernels(sig, mode, expected):
     assert proc.returncode == expected, (proc.returncode, err[-500:])
     if expected == 0:
         assert out.strip().splitlines()[-1] == "ok", out + err
+
+
+LAYER_INTERRUPTED = PRELUDE + """
+import signal
+import pybn.nn
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
+pybn.set_num_threads(2)
+base = np.random.default_rng(0).standard_normal((64, 64, 64, 64), dtype=np.float32)
+batches = [base + k for k in range(4)]  # unlike batches: the running mean depends on how many were counted
+layer = pybn.nn.BatchNorm(64, momentum=None)
+print("running", flush=True)
+try:
+    for i in range(10**6):
+        layer(batches[i % 4])
+except KeyboardInterrupt:
+    counted = layer.num_batches_tracked
+    replay = pybn.nn.BatchNorm(64, momentum=None)
+    for i in range(counted):
+        replay(batches[i % 4])
+    assert np.array_equal(layer.running_mean, replay.running_mean), counted
+    assert np.array_equal(layer.running_var, replay.running_var), counted
+    print("ok", counted, flush=True)
+"""
+
+
+def test_interrupted_training_forward_counts_what_it_updated():
+    """Ctrl-C arrives while a layer's kernel runs (and is raised as the kernel returns, the
+    running statistics updated): the batch is counted too, so that momentum=None's weights
+    (1 / num_batches_tracked) stay right. The layer then equals one run over as many batches."""
+    proc = subprocess.Popen([sys.executable, "-c", LAYER_INTERRUPTED], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/", start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-800:]
+    assert out.strip().splitlines()[-1].startswith("ok"), out + err

@@ -224,3 +224,15 @@ def test_two_gloo_processes_get_the_statistics_of_all_batches_identically(tmp_pa
             assert got_batches == n_batches
         for a, b in zip(ranks[0][key][:2], ranks[1][key][:2]):   # the same bits on every rank
             np.testing.assert_array_equal(a, b)
+    # a pass failing on one rank (two layers, each merged over the group): every rank raises,
+    # the failed one its own error, nothing changes, and the group still works
+    assert ranks[0]["errors"]["failed pass"] == (
+        "RuntimeError", "batches: the recalibration failed on another process (see its error)", True)
+    assert ranks[1]["errors"]["failed pass"] == ("KeyError", "'the pass failed on rank 1'", True)
+    # layers of other channel counts (rank 1's has 4): a ValueError on every rank, not an abort
+    for r, res in enumerate(ranks):
+        kind, message, unchanged = res["errors"]["channels"]
+        assert kind == "ValueError" and unchanged
+        assert message.startswith(f"model: the layer BatchNorm({rw.C + r}, ") and message.endswith(
+            "has different numbers of channels on the processes (rank 0: 3, rank 1: 4)")
+        assert res["all_reduce after"] == 3.0

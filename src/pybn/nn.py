@@ -255,11 +255,18 @@ class BatchNorm(_Layer):
         if update:
             kwargs = dict(running_mean=self.running_mean, running_var=self.running_var,
                           momentum=self._momentum_for_next_batch())
-        y, mean, invstd = batch_norm_train(x, self.weight, self.bias, eps=self.eps, axis=self.axis, relu=relu,
-                                           residual=residual, **kwargs)
-        if update:  # counted only once the batch went through (a failed call changes nothing)
+            # counted before the kernel, as torch does: a KeyboardInterrupt that arrived during
+            # the kernel is raised as it returns, having updated the statistics, and then the
+            # count agrees with them; an error of the call (its arguments, memory) uncounts it
             assert self.num_batches_tracked is not None  # (tracking running statistics)
             self.num_batches_tracked += 1
+        try:
+            y, mean, invstd = batch_norm_train(x, self.weight, self.bias, eps=self.eps, axis=self.axis, relu=relu,
+                                               residual=residual, **kwargs)
+        except Exception:
+            if update:
+                self.num_batches_tracked -= 1  # type: ignore[operator]  # (counted above)
+            raise
         self._saved = (x, mean, invstd, True)
         return y
 

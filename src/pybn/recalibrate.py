@@ -182,15 +182,22 @@ def _recalibrate(targets: list[Any], batches: Iterable[Any], run: Callable[[Any]
     except BaseException as exc:  # noqa: BLE001  (re-raised below, after the other processes are told)
         failed = exc
     try:
-        results = [_merged(target, c, failed is not None) for target, c in zip(targets, comms)]
-        if failed is not None:
-            raise failed
+        problem = _agree(targets, comms, failed is not None)
+        error = failed if failed is not None else problem
+        if error is not None:
+            raise error
+        results = [_merged(target, c) for target, c in zip(targets, comms)]
         for target, (stats, _) in zip(targets, results):
             _check_count(target, stats)
     except BaseException:
         for target in targets:
             target.restore()
         raise
+    finally:
+        # an exception held by a local would hold this frame through its traceback, and with it
+        # the communicators' process group, until a collection; one after torch.distributed's
+        # teardown (at exit) aborted the process
+        failed = problem = error = None
     for target, (stats, count) in zip(targets, results):
         target.set(stats, count)
     return [stats for stats, _ in results]
@@ -205,22 +212,46 @@ def _comms(targets: list[Any], comm: Any) -> list[Any]:
     return [adapter] * len(targets)
 
 
-def _merged(target: Any, comm: Any, failed: bool) -> tuple[BatchNormStats, int]:
+def _agree(targets: list[Any], comms: list[Any], failed: bool) -> Exception | None:
+    """Before any statistics are exchanged, whether every process's pass went through and
+    its layers match (the numbers of layers and of channels): one fixed-size exchange per
+    layer with a communicator, which every process makes whatever it finds, so that none is
+    left waiting in an exchange the others have given up, and all then raise alike (a
+    failed process its own error). The error to raise, or None."""
+    problem: Exception | None = None
+    for target, comm in zip(targets, comms):
+        if comm is None:
+            continue
+        rows = comm.allgather(np.array([failed, target.channels, len(targets)], np.float64))
+        if np.any(rows[:, 2] != len(targets)):  # (every process sees this at the same exchange)
+            return ValueError(f"model: the processes recalibrate different numbers of batch norm layers "
+                              f"({_per_rank(rows[:, 2])})")
+        if problem is None and np.any(rows[:, 0]):
+            problem = RuntimeError("batches: the recalibration failed on another process (see its error)")
+        elif problem is None and np.any(rows[:, 1] != target.channels):
+            problem = ValueError(f"model: the layer {_name(target)} has different numbers of channels on the "
+                                 f"processes ({_per_rank(rows[:, 1])})")
+    return problem
+
+
+def _per_rank(column: np.ndarray) -> str:
+    return ", ".join(f"rank {i}: {round(float(v))}" for i, v in enumerate(column))
+
+
+def _name(target: Any) -> str:
+    return str(target.name) if hasattr(target, "name") else repr(target.layer)
+
+
+def _merged(target: Any, comm: Any) -> tuple[BatchNormStats, int]:
     """The target's statistics merged over the processes of `comm` (all of them merge the
-    same rows in rank order, so all get the same bits); a failed process sends a marked
-    row, and then every process raises."""
+    same rows in rank order, so all get the same bits; _agree made the rows one size)."""
     local, c = target.acc.stats, target.channels
     if comm is None:
         return local, target.acc.batches
     row = np.empty(2 * c + 2)
-    row[0] = -1.0 if failed else float(local.count)
-    row[1] = target.acc.batches
+    row[0], row[1] = float(local.count), target.acc.batches
     row[2:c + 2], row[c + 2:] = local.mean, local.m2
     rows = comm.allgather(row)
-    if np.any(rows[:, 0] < 0):
-        if failed:
-            return local, target.acc.batches  # this process raises its own error
-        raise RuntimeError("batches: the recalibration failed on another process (see its error)")
     counts = [round(float(v)) for v in rows[:, 0]]  # exact: counts are integers below 2**53
     merged = batch_norm_merge_stats(counts, rows[:, 2:c + 2], rows[:, c + 2:])
     return merged, round(float(rows[:, 1].sum()))
@@ -229,5 +260,5 @@ def _merged(target: Any, comm: Any, failed: bool) -> tuple[BatchNormStats, int]:
 def _check_count(target: Any, stats: BatchNormStats) -> None:
     count = integer(round(float(stats.count)), "count")
     if count < 2:
-        raise ValueError(f"batches: the layer {target.name if hasattr(target, 'name') else target.layer!r} saw "
+        raise ValueError(f"batches: the layer {_name(target)} saw "
                          f"{count} value(s) per channel; an unbiased variance needs at least 2")
