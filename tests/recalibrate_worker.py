@@ -97,7 +97,7 @@ def other_channels(rank, dist):
 def outcome(call, layers):
     try:
         call()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whichever error, reported to the parent
         unchanged = all(not layer.running_mean.any() and (layer.running_var == 1).all() and
                         layer.num_batches_tracked == 0 for layer in layers)
         return type(e).__name__, str(e), unchanged
