@@ -1,8 +1,11 @@
 """Bad inputs the input matrix (test_input_matrix.py) does not cover: running statistics of
 another float dtype, mean/invstd of the wrong length in both backward modes, the shapes
-training rejects but inference accepts, and flags that are not bools; plus NumPy integer
-axes (accepted)."""
+training rejects but inference accepts, flags that are not bools, and entry points whose
+optional dependency is missing; plus NumPy integer axes (accepted)."""
 
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -116,3 +119,19 @@ def test_flags_must_be_bools(case, value):
     assert_raises_naming(TypeError, name, call, value)
     call(np.True_)
     call(False)
+
+
+@pytest.mark.parametrize("missing, code, message", [
+    ("ml_dtypes", "import pybn.nn; pybn.nn.BatchNorm(3, dtype='bfloat16')",
+     "TypeError: dtype: bfloat16 needs ml_dtypes (pip install ml_dtypes)"),
+    ("torch", "import pybn.nn; pybn.nn.BatchNorm.from_torch(object())",
+     "ImportError: BatchNorm.from_torch needs torch (pip install 'pybn-kernels[torch]')"),
+    ("onnx", "import sys; from pybn._fold_cli import main; sys.exit(main(['in.onnx', 'out.onnx']))",
+     "pybn fold: error: pybn.onnx needs the onnx package: pip install 'pybn-kernels[onnx]'"),
+], ids=["ml_dtypes", "torch", "onnx"])
+def test_a_missing_optional_dependency_is_named(missing, code, message):
+    """Without an extra, what needs it says what to install (not a bare ModuleNotFoundError)."""
+    prelude = f"import sys; sys.modules[{missing!r}] = None  # as if it were not installed\n"
+    out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr

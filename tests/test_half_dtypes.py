@@ -489,3 +489,17 @@ def test_torch_modules_in_16bit(dtype):
     assert yd.dtype == tdt
     keep = yd.float() != 0
     assert torch.equal(yd[keep].float(), (xd.float() * 2)[keep].to(tdt).float())
+
+
+def test_layer_state_of_bfloat16_arrays():
+    """load_state_dict and from_keras take bfloat16 ndarrays (ml_dtypes), as float16 ones: the
+    values cast to the layer's parameter dtype."""
+    from pybn import nn
+    bf = np.dtype(ml_dtypes.bfloat16)
+    values = np.array([0.5, -1.25, 3.0])
+    layer = nn.BatchNorm(3, dtype="bfloat16")
+    layer.load_state_dict({**layer.state_dict(), "running_mean": values.astype(bf)})
+    np.testing.assert_array_equal(layer.running_mean, values.astype(np.float32))
+    keras = nn.BatchNorm.from_keras(values.astype(bf), values.astype(bf), values.astype(bf), np.ones(3, bf))
+    np.testing.assert_array_equal(keras.weight, values.astype(keras.param_dtype))
+    np.testing.assert_array_equal(keras.running_var, np.ones(3, keras.param_dtype))

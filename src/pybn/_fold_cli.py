@@ -104,8 +104,8 @@ class _SignalsRaise:
 
 def _run(path_in: str, path_out: str, merge_branches: bool = False) -> int:
     try:
+        from .onnx import fold_model  # (first: its import names the extra to install when onnx is missing)
         from . import _onnx_files
-        from .onnx import fold_model
     except ImportError as e:
         raise _Failure(str(e)) from None
     model = _load(path_in)

@@ -422,7 +422,10 @@ class BatchNorm(_Layer):
         -------
         BatchNorm
         """
-        import torch  # optional dependency: only this constructor needs it
+        try:
+            import torch  # optional dependency: only this constructor needs it
+        except ImportError:
+            raise ImportError("BatchNorm.from_torch needs torch (pip install 'pybn-kernels[torch]')") from None
 
         if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"module: expected a torch BatchNorm1d/2d/3d, got {type(module).__name__}")
@@ -511,7 +514,9 @@ def _float_dtype(dtype: Any) -> np.dtype:
     try:
         dt: np.dtype = named if named is not None else np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"dtype: {dtype!r} is not a dtype (use 'float32' or 'float64')") from None
+        if dtype == "bfloat16":  # (NumPy has no such dtype without ml_dtypes)
+            raise TypeError("dtype: bfloat16 needs ml_dtypes (pip install ml_dtypes)") from None
+        raise TypeError(f"dtype: {dtype!r} is not a dtype (pybn takes {', '.join(DTYPE_NAMES)})") from None
     if not is_float_dtype(dt):
         raise TypeError(f"dtype: {dt} is not supported (pybn takes {', '.join(DTYPE_NAMES)})")
     return dt
@@ -525,7 +530,8 @@ def _state_array(value: Any, key: str, shape: tuple[int, ...], dtype: np.dtype |
     if str(getattr(value, "dtype", "")) == "torch.bfloat16":
         value = value.float()
     arr = as_array(value, key)
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    if not (is_float_dtype(arr.dtype) or np.issubdtype(arr.dtype, np.floating) or
+            np.issubdtype(arr.dtype, np.integer)):  # (ml_dtypes' bfloat16 is no np.floating)
         raise TypeError(f"{key}: dtype {arr.dtype} is not numeric")
     if arr.shape != shape:
         raise ValueError(f"{key}: expected shape {shape}, got {arr.shape}")
