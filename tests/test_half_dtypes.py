@@ -501,5 +501,6 @@ def test_layer_state_of_bfloat16_arrays():
     layer.load_state_dict({**layer.state_dict(), "running_mean": values.astype(bf)})
     np.testing.assert_array_equal(layer.running_mean, values.astype(np.float32))
     keras = nn.BatchNorm.from_keras(values.astype(bf), values.astype(bf), values.astype(bf), np.ones(3, bf))
-    np.testing.assert_array_equal(keras.weight, values.astype(keras.param_dtype))
-    np.testing.assert_array_equal(keras.running_var, np.ones(3, keras.param_dtype))
+    assert keras.dtype == bf and keras.param_dtype == np.float32
+    np.testing.assert_array_equal(keras.weight, values.astype(np.float32))
+    np.testing.assert_array_equal(keras.running_var, np.ones(3, np.float32))

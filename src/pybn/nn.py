@@ -467,7 +467,7 @@ class BatchNorm(_Layer):
             optimizer's update to keep Keras' behaviour.
         moving_mean, moving_variance : array_like of shape (C,)
             The running statistics; their dtype is the layer's (float32 or float64; float16
-            statistics make a float16 layer, with float32 parameters).
+            or bfloat16 statistics make a layer of that dtype, with float32 parameters).
         momentum : float in [0, 1], default 0.99
             Keras' momentum.
         epsilon : float, default 1e-3
