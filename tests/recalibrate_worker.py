@@ -53,7 +53,9 @@ def main() -> None:
     pybn.recalibrate(local, nonempty, comm=dist.group.WORLD)
     model = torch.nn.Sequential(torch.nn.BatchNorm1d(C, dtype=torch.float64))
     pybn.recalibrate(model, [torch.from_numpy(b) for b in nonempty], comm=dist.group.WORLD)
-    errors = {"failed pass": failed_pass(args.rank, nonempty, dist), "channels": other_channels(args.rank, dist)}
+    errors = {"failed pass": failed_pass(args.rank, nonempty, dist), "channels": other_channels(args.rank, dist),
+              "no layer": local_error(args.rank, dist, "no layer"),
+              "bad batches": local_error(args.rank, dist, "bad batches")}
     after = torch.tensor([args.rank + 1.0])
     dist.all_reduce(after)  # the group still works after both errors
     result = {"rank": args.rank, "errors": errors, "all_reduce after": float(after),
@@ -92,6 +94,21 @@ def other_channels(rank, dist):
     layer = pybn.nn.BatchNorm(C + rank, dtype="float64")
     batches = [np.ones((4, C + rank)) * np.arange(4)[:, None]]
     return outcome(lambda: pybn.recalibrate(layer, batches, comm=dist.group.WORLD), [layer])
+
+
+def local_error(rank, dist, kind):
+    """Rank 1 has no layer to recalibrate, or no iterable of batches, and raises before its
+    pass: (error type, message, rank 0's layer unchanged)."""
+    import pybn
+    import pybn.nn
+
+    layer = pybn.nn.BatchNorm(C, dtype="float64")
+    batches = [np.arange(4.0 * C).reshape(4, C)]
+    if rank == 1 and kind == "no layer":
+        return outcome(lambda: pybn.recalibrate([pybn.nn.Dropout(0.5)], batches, forward=lambda b: b,
+                                                comm=dist.group.WORLD), [layer])
+    bad = rank == 1 and kind == "bad batches"
+    return outcome(lambda: pybn.recalibrate(layer, None if bad else batches, comm=dist.group.WORLD), [layer])
 
 
 def outcome(call, layers):

@@ -236,10 +236,15 @@ def test_fold_section_runs():
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--json", "/nonexistent-dir-pybn/x.json"], "no such directory"),
     (["--json", "/"], "is a directory"),
+    (["--json", "/tmp/pybn-bench-not-a-folder.json/"], "is a directory"),
 ])
 def test_bad_options_are_usage_errors(args, message, capsys):
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_any_seed_numpy_takes_is_an_option():
+    assert cli.Plan.of(cli._parser().parse_args(["--seed", str(2**130), "--no-torch"])) is not None
 
 
 def test_options_select_cells_from_the_table():

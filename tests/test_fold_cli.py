@@ -197,14 +197,15 @@ def test_raw_data_longer_than_its_shape_is_one_line(rng, tmp_path, fold_here):
     assert not (tmp_path / "out.onnx").exists()
 
 
-@pytest.mark.parametrize("out", ["folder", "missing/out.onnx", "m.onnx/out.onnx", "out.onnx/"])
+@pytest.mark.parametrize("out", ["folder", "missing/out.onnx", "m.onnx/out.onnx", "out.onnx/", "out.onnx/."])
 def test_output_that_cannot_be_written(rng, tmp_path, fold_here, out):
     model, _ = conv_bn(rng)
     onnx.save(model, str(tmp_path / "m.onnx"))
     (tmp_path / "folder").mkdir()
     r = fold_here(tmp_path, "m.onnx", out)
     reason = {"folder": "Is a directory", "missing/out.onnx": "No such file or directory",
-              "m.onnx/out.onnx": "Not a directory", "out.onnx/": "Not a directory"}[out]
+              "m.onnx/out.onnx": "Not a directory", "out.onnx/": "Not a directory",
+              "out.onnx/.": "Not a directory"}[out]
     assert_one_line_failure(r, f"cannot write {out}: {reason}")
     assert leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "m.onnx"]
 
@@ -224,6 +225,25 @@ def test_summary_to_a_closed_stdout_says_the_output_was_written(rng, tmp_path):
     assert_one_line_failure(Result(proc.returncode, "", proc.stderr),
                             "out.onnx was written, but its summary could not be printed: Broken pipe")
     assert ops(onnx.load(str(tmp_path / "out.onnx"))) == {"Conv": 1} and leftovers(tmp_path) == []
+
+
+def test_summary_lost_in_process_leaves_the_callers_streams(rng, tmp_path, fold_here, monkeypatch):
+    """main() called in-process with a stdout that fails: the same message, and the caller's
+    stdout (not the process's) and descriptors are left as they were."""
+    import io
+    model, _ = conv_bn(rng)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+
+    class Broken(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    broken = Broken()
+    monkeypatch.setattr(sys, "stdout", broken)
+    descriptors = sorted(os.listdir("/proc/self/fd"))
+    r = fold_here(tmp_path, "m.onnx", "out.onnx")
+    assert sys.stdout is broken and sorted(os.listdir("/proc/self/fd")) == descriptors
+    assert_one_line_failure(r, "out.onnx was written, but its summary could not be printed: Broken pipe")
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])

@@ -236,3 +236,10 @@ def test_two_gloo_processes_get_the_statistics_of_all_batches_identically(tmp_pa
         assert message.startswith(f"model: the layer BatchNorm({rw.C + r}, ") and message.endswith(
             "has different numbers of channels on the processes (rank 0: 3, rank 1: 4)")
         assert res["all_reduce after"] == 3.0
+    # an error of rank 1's own before its pass (no layer, no batches): rank 0 is told, not left waiting
+    for kind, own in (("no layer", ("ValueError", "model: has no batch norm layer with running statistics to "
+                                                  "recalibrate", True)),
+                      ("bad batches", ("TypeError", "batches: must be an iterable of batches, got NoneType", True))):
+        assert ranks[0]["errors"][kind] == (
+            "RuntimeError", "batches: the recalibration failed on another process (see its error)", True), kind
+        assert ranks[1]["errors"][kind] == own, kind

@@ -124,6 +124,20 @@ def test_an_empty_batch_is_torchs(shape, mode):
         assert (ours.running_mean == 0.25).all() and int(ours.num_batches_tracked) == mode.startswith("train")
 
 
+def test_an_empty_batch_under_torch_compile_is_torchs():
+    """A compiled training step on an empty batch (a dynamic batch size, as between epochs):
+    the same answer as eager mode, the size checked without failing the compilation."""
+    ours = pnn.BatchNorm2d(3)
+    compiled = torch.compile(ours, backend="aot_eager", dynamic=True, fullgraph=True)
+    for n in (4, 0, 5):
+        x = torch.randn(n, 3, 2, 2)
+        before = ours.running_mean.clone()
+        y = compiled(x)
+        assert y.shape == x.shape
+        assert torch.equal(ours.running_mean, before) == (n == 0)
+    assert int(ours.num_batches_tracked) == 3
+
+
 def test_sync_batch_norm_without_a_process_group_is_local_batch_norm():
     torch.manual_seed(1)
     stock, ours = nn.BatchNorm2d(3), pnn.SyncBatchNorm(3)

@@ -127,9 +127,27 @@ def _run(path_in: str, path_out: str, merge_branches: bool = False) -> int:
             print(line)
         print(f"wrote {path_out}" + (f" (weights in {data_name} next to it)" if data_name else ""), flush=True)
     except OSError as e:  # stdout closed or full: OUT is written all the same
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing left to flush at exit)
+        _quiet_stdout()
         raise _Failure(f"{path_out} was written, but its summary could not be printed: {_reason(e)}") from None
     return 0
+
+
+def _quiet_stdout() -> None:
+    """After a write to the process's stdout failed (a closed pipe), what is left in its buffer
+    would fail again, with a traceback, when Python flushes it at exit: its descriptor goes to
+    /dev/null. Left alone when sys.stdout is another stream (a caller's capture)."""
+    stdout = sys.__stdout__
+    if stdout is None or sys.stdout is not stdout:
+        return
+    try:
+        fd = stdout.fileno()
+    except (OSError, ValueError):  # (no descriptor)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _reason_of_model(e: ValueError) -> str:

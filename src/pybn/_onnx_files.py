@@ -338,7 +338,7 @@ def save(model: onnx.ModelProto, path: str, external: ExternalData | None = None
     target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
-    if path.endswith(("/", os.sep)):  # (abspath drops the slash: "out.onnx/" would write "out.onnx")
+    if os.path.basename(path) in ("", ".", ".."):  # (abspath would make "out.onnx/" or "out.onnx/." "out.onnx")
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
     if os.path.lexists(target) and not stat.S_ISREG(os.stat(target).st_mode):
         raise OSError(errno.EINVAL, "not a regular file", path)  # renaming onto /dev/null would replace it

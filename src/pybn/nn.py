@@ -257,7 +257,9 @@ class BatchNorm(_Layer):
                           momentum=self._momentum_for_next_batch())
             # counted before the kernel, as torch does: a KeyboardInterrupt that arrived during
             # the kernel is raised as it returns, having updated the statistics, and then the
-            # count agrees with them; an error of the call (its arguments, memory) uncounts it
+            # count agrees with them (one arriving during the few microseconds of checks before
+            # the kernel leaves the batch counted, unapplied); an error of the call (its
+            # arguments, memory) uncounts it
             assert self.num_batches_tracked is not None  # (tracking running statistics)
             self.num_batches_tracked += 1
         try:
@@ -514,7 +516,7 @@ def _float_dtype(dtype: Any) -> np.dtype:
     try:
         dt: np.dtype = named if named is not None else np.dtype(dtype)
     except TypeError:
-        if dtype == "bfloat16":  # (NumPy has no such dtype without ml_dtypes)
+        if isinstance(dtype, str) and dtype == "bfloat16":  # (NumPy has no such dtype without ml_dtypes)
             raise TypeError("dtype: bfloat16 needs ml_dtypes (pip install ml_dtypes)") from None
         raise TypeError(f"dtype: {dtype!r} is not a dtype (pybn takes {', '.join(DTYPE_NAMES)})") from None
     if not is_float_dtype(dt):

@@ -142,8 +142,6 @@ def _pybn_targets(model: Any, forward: Callable[[Any], Any] | None) -> tuple[lis
         for layer in layers:
             if not isinstance(layer, _Layer):
                 raise TypeError(f"model: expected pybn.nn layers, got a {type(layer).__name__}")
-        if not any(_recalibrated(layer) for layer in layers):
-            raise ValueError(_NOTHING)
         if forward is None:
             raise TypeError("forward: is required for a list of layers (a callable that runs them on one batch)")
         run = forward
@@ -162,15 +160,16 @@ _NOTHING = "model: has no batch norm layer with running statistics to recalibrat
 
 def _recalibrate(targets: list[Any], batches: Iterable[Any], run: Callable[[Any], Any],
                  comm: Any) -> list[BatchNormStats]:
-    if not targets:
-        raise ValueError(_NOTHING)
-    try:
-        iterator = iter(batches)
-    except TypeError:
-        raise TypeError(f"batches: must be an iterable of batches, got {type(batches).__name__}") from None
-    comms = _comms(targets, comm)
+    shared = _shared(comm)
+    comms = [shared] * len(targets) if comm is not None else [target.own_comm() for target in targets]
     failed: BaseException | None = None
-    try:
+    try:  # (errors of this process's own, raised after the other processes are told)
+        if not targets:
+            raise ValueError(_NOTHING)
+        try:
+            iterator = iter(batches)
+        except TypeError:
+            raise TypeError(f"batches: must be an iterable of batches, got {type(batches).__name__}") from None
         for target in targets:
             target.start()
         try:
@@ -179,10 +178,10 @@ def _recalibrate(targets: list[Any], batches: Iterable[Any], run: Callable[[Any]
         finally:
             for target in targets:
                 target.stop()
-    except BaseException as exc:  # noqa: BLE001  (re-raised below, after the other processes are told)
+    except BaseException as exc:  # noqa: BLE001
         failed = exc
     try:
-        problem = _agree(targets, comms, failed is not None)
+        problem = _agree(targets, comms, shared, failed is not None)
         error = failed if failed is not None else problem
         if error is not None:
             raise error
@@ -203,21 +202,31 @@ def _recalibrate(targets: list[Any], batches: Iterable[Any], run: Callable[[Any]
     return [stats for stats, _ in results]
 
 
-def _comms(targets: list[Any], comm: Any) -> list[Any]:
+def _shared(comm: Any) -> Any:
+    """The adapter of `comm`, which merges every layer, or None."""
     if comm is None:
-        return [target.own_comm() for target in targets]
+        return None
     from .distributed import _communicator
 
-    adapter = _communicator(comm)
-    return [adapter] * len(targets)
+    return _communicator(comm)
 
 
-def _agree(targets: list[Any], comms: list[Any], failed: bool) -> Exception | None:
+def _agree(targets: list[Any], comms: list[Any], shared: Any, failed: bool) -> Exception | None:
     """Before any statistics are exchanged, whether every process's pass went through and
-    its layers match (the numbers of layers and of channels): one fixed-size exchange per
-    layer with a communicator, which every process makes whatever it finds, so that none is
-    left waiting in an exchange the others have given up, and all then raise alike (a
-    failed process its own error). The error to raise, or None."""
+    its layers match (the numbers of layers and of channels): fixed-size exchanges that every
+    process makes whatever it finds, so that none is left waiting in an exchange the others
+    have given up, and all then raise alike (a failed process its own error). With a
+    `shared` communicator one exchange says whether all went through (also a process with
+    no layer or unusable batches) and how many layers each has, then one per layer its
+    channels; else each layer's own communicator (a synchronized layer's group) carries all
+    three. The error to raise, or None."""
+    if shared is not None:
+        rows = shared.allgather(np.array([failed, len(targets)], np.float64))
+        if np.any(rows[:, 0]):
+            return _failed_elsewhere()
+        if np.any(rows[:, 1] != len(targets)):
+            return ValueError(f"model: the processes recalibrate different numbers of batch norm layers "
+                              f"({_per_rank(rows[:, 1])})")
     problem: Exception | None = None
     for target, comm in zip(targets, comms):
         if comm is None:
@@ -227,11 +236,15 @@ def _agree(targets: list[Any], comms: list[Any], failed: bool) -> Exception | No
             return ValueError(f"model: the processes recalibrate different numbers of batch norm layers "
                               f"({_per_rank(rows[:, 2])})")
         if problem is None and np.any(rows[:, 0]):
-            problem = RuntimeError("batches: the recalibration failed on another process (see its error)")
+            problem = _failed_elsewhere()
         elif problem is None and np.any(rows[:, 1] != target.channels):
             problem = ValueError(f"model: the layer {_name(target)} has different numbers of channels on the "
                                  f"processes ({_per_rank(rows[:, 1])})")
     return problem
+
+
+def _failed_elsewhere() -> RuntimeError:
+    return RuntimeError("batches: the recalibration failed on another process (see its error)")
 
 
 def _per_rank(column: np.ndarray) -> str:

@@ -108,7 +108,7 @@ class Plan:
             raise ValueError(f"--threads must be in [1, {MAX_THREADS}]")
         if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
             raise ValueError("--budget must be a finite number > 0")
-        if not 0 <= args.seed < 2**128:  # (what NumPy's generators take)
+        if args.seed < 0:  # (NumPy's generators take any other int)
             raise ValueError("--seed must be >= 0")
         rounds = args.rounds if args.rounds is not None else 1 if args.quick else 2
         if rounds < 1:
@@ -122,7 +122,7 @@ class Plan:
             folder = os.path.dirname(os.path.abspath(args.json))
             if not os.path.isdir(folder):
                 raise ValueError(f"--json {args.json}: no such directory {folder}")
-            if os.path.isdir(args.json):
+            if os.path.isdir(args.json) or os.path.basename(args.json) in ("", ".", ".."):
                 raise ValueError(f"--json {args.json}: is a directory")
         cfg = TimingConfig.quick() if args.quick else TimingConfig()
         if args.budget is not None:

@@ -57,11 +57,18 @@ def _check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var:
 def _empty_batch(input: Tensor, training: bool) -> bool:
     """Whether a call with batch statistics has an input without elements, which torch's
     function answers with an empty output (with running statistics pybn's kernels take it).
-    Asked in plain eager mode only: torch.fx's proxies, torch.jit's traced sizes and
-    torch.compile's symbolic ones (a guard on a size known only at run time fails the
-    compilation) record pybn's operators, which refuse an empty batch with a ValueError."""
-    return training and isinstance(input, Tensor) and not torch.compiler.is_compiling() and \
-        torch._C._get_tracing_state() is None and input.numel() == 0
+    Not asked of torch.fx's proxies nor while torch.jit traces (sizes are recorded values
+    there); under torch.compile a size known only at run time counts as not empty (a guard
+    on it would fail the compilation): pybn's operator then refuses an empty batch."""
+    if not training or not isinstance(input, Tensor) or torch._C._get_tracing_state() is not None:
+        return False
+    return _guard_or_false(input.numel() == 0)
+
+
+try:  # (torch >= 2.7; before, a size known only at run time fails the compilation on this test)
+    from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
+except ImportError:  # pragma: no cover - older torch
+    _guard_or_false = bool  # type: ignore[assignment]
 
 
 def _torch_tail(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
