@@ -142,13 +142,19 @@ def _pybn_targets(model: Any, forward: Callable[[Any], Any] | None) -> tuple[lis
         for layer in layers:
             if not isinstance(layer, _Layer):
                 raise TypeError(f"model: expected pybn.nn layers, got a {type(layer).__name__}")
-        if forward is None:
+        # (without a layer to recalibrate, _recalibrate's ValueError says so, after telling
+        # the other processes)
+        if forward is None and any(_recalibrated(layer) for layer in layers):
             raise TypeError("forward: is required for a list of layers (a callable that runs them on one batch)")
-        run = forward
+        run = forward if forward is not None else _no_pass
     if not callable(run):
         raise TypeError(f"forward: must be callable, got {type(run).__name__}")
     unique = list({id(layer): layer for layer in layers if _recalibrated(layer)}.values())  # a layer listed twice once
     return [_PybnTarget(layer) for layer in unique], run
+
+
+def _no_pass(batch: Any) -> None:
+    """The pass of a list without a layer to recalibrate: never run."""
 
 
 def _recalibrated(layer: Any) -> bool:
