@@ -201,8 +201,6 @@ def _update_running_stats(running_mean: np.ndarray | None, running_var: np.ndarr
     held = running_mean if running_mean is not None else running_var
     if held is None:
         return
-    # (the statistics' dtype: of the parameters, float32 for 16-bit x, or x's own)
-    rm, rv = running_stats_as(np.dtype(np.float64 if held.dtype == np.float64 else np.float32), running_mean,
-                              running_var)
+    rm, rv = running_stats_as(param_dtype(held.dtype), running_mean, running_var)
     _C.bn_update_running_stats(rm, rv, stats.mean, stats.m2, float(stats.count), momentum)
     write_back((running_mean, rm), (running_var, rv))

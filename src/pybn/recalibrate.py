@@ -231,22 +231,25 @@ def _agree(targets: list[Any], comms: list[Any], shared: Any, failed: bool) -> E
         if np.any(rows[:, 0]):
             return _failed_elsewhere()
         if np.any(rows[:, 1] != len(targets)):
-            return ValueError(f"model: the processes recalibrate different numbers of batch norm layers "
-                              f"({_per_rank(rows[:, 1])})")
+            return _layer_counts_differ(rows[:, 1])
     problem: Exception | None = None
     for target, comm in zip(targets, comms):
         if comm is None:
             continue
         rows = comm.allgather(np.array([failed, target.channels, len(targets)], np.float64))
         if np.any(rows[:, 2] != len(targets)):  # (every process sees this at the same exchange)
-            return ValueError(f"model: the processes recalibrate different numbers of batch norm layers "
-                              f"({_per_rank(rows[:, 2])})")
+            return _layer_counts_differ(rows[:, 2])
         if problem is None and np.any(rows[:, 0]):
             problem = _failed_elsewhere()
         elif problem is None and np.any(rows[:, 1] != target.channels):
             problem = ValueError(f"model: the layer {_name(target)} has different numbers of channels on the "
                                  f"processes ({_per_rank(rows[:, 1])})")
     return problem
+
+
+def _layer_counts_differ(counts: np.ndarray) -> ValueError:
+    return ValueError(f"model: the processes recalibrate different numbers of batch norm layers "
+                      f"({_per_rank(counts)})")
 
 
 def _failed_elsewhere() -> RuntimeError:

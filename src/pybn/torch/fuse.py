@@ -226,7 +226,7 @@ def _dropout_of_relu(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     module = gm.get_submodule(str(user.target))
     if type(module) is not pnn.Dropout or has_hooks(module):
         return None
-    if _in_place(node, gm) and not (len(source.users) == 1 and _is_layer(source, gm)):
+    if _writes_in_place(node, gm) and not (len(source.users) == 1 and _is_layer(source, gm)):
         return None
     if not all(u.op == "output" or _is_layer(u, gm) for u in user.users):
         return None
@@ -243,15 +243,6 @@ def _is_layer(node: fx.Node, gm: fx.GraphModule) -> bool:
         return False
     module = gm.get_submodule(str(node.target))
     return isinstance(module, _LAYERS) and not getattr(module, "inplace", False)
-
-
-def _in_place(relu: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether a node that _is_relu writes its input."""
-    if relu.op == "call_module":
-        return bool(getattr(gm.get_submodule(str(relu.target)), "inplace", False))
-    if relu.op == "call_method":
-        return relu.target == "relu_"
-    return relu.target in (F.relu_, torch.relu_) or any(v is True for v in (*relu.args[1:], *relu.kwargs.values()))
 
 
 def _tail_at(node: fx.Node, gm: fx.GraphModule) -> Tuple[fx.Node | None, bool, fx.Node, fx.Node] | None:
@@ -335,16 +326,17 @@ def _may_defer(node: fx.Node, at: fx.Node, gm: fx.GraphModule) -> bool:
 
 def _writes_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether `node` may write one of its inputs in place: a method or function whose name
-    ends in "_", ``inplace=True``, ``out=``, an augmented assignment, a module built with
-    ``inplace=True``. (Any such write counts, not only one into the tensor at hand: which
-    nodes view which others is not recorded in the graph, and such writes are rare between a
-    tail's nodes.)"""
+    ends in "_", a function given ``True`` after its input (``F.relu(x, True)``,
+    ``inplace=True``; other flags count too), ``out=``, an augmented assignment, a module
+    built with ``inplace=True``. (Any such write counts, not only one into the tensor at hand:
+    which nodes view which others is not recorded in the graph, and such writes are rare
+    between a tail's nodes.)"""
     if node.op == "call_method":
         return str(node.target).endswith("_")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
         return node.target in _AUGMENTED or (name.endswith("_") and not name.endswith("__")) or \
-            node.kwargs.get("inplace") is True or "out" in node.kwargs
+            any(v is True for v in (*node.args[1:], *node.kwargs.values())) or "out" in node.kwargs
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
     return False

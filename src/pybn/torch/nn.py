@@ -54,6 +54,12 @@ def _check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var:
         raise ValueError("running_mean: running_mean and running_var are required when training=False")
 
 
+try:  # (torch >= 2.7; before, a size known only at run time fails the compilation on this test)
+    from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
+except ImportError:  # pragma: no cover - older torch
+    _guard_or_false = bool  # type: ignore[assignment]
+
+
 def _empty_batch(input: Tensor, training: bool) -> bool:
     """Whether a call with batch statistics has an input without elements, which torch's
     function answers with an empty output (with running statistics pybn's kernels take it).
@@ -63,12 +69,6 @@ def _empty_batch(input: Tensor, training: bool) -> bool:
     if not training or not isinstance(input, Tensor) or torch._C._get_tracing_state() is not None:
         return False
     return _guard_or_false(input.numel() == 0)
-
-
-try:  # (torch >= 2.7; before, a size known only at run time fails the compilation on this test)
-    from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
-except ImportError:  # pragma: no cover - older torch
-    _guard_or_false = bool  # type: ignore[assignment]
 
 
 def _torch_tail(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
