@@ -336,9 +336,10 @@ class SyncBatchNorm(BatchNorm):
         invstd = batch_norm_invstd(stats, self.eps)
         y = batch_norm_apply(x, stats.mean, invstd, self.weight, self.bias, axis=self.axis)
         if momentum is not None:  # (tracking running statistics)
-            _update_running_stats(self.running_mean, self.running_var, stats, momentum)
+            # counted before the update, as BatchNorm counts before its kernel
             assert self.num_batches_tracked is not None  # (tracking running statistics)
             self.num_batches_tracked += 1
+            _update_running_stats(self.running_mean, self.running_var, stats, momentum)
         # saved in the parameters' dtype, as the single-process forward saves them
         self._saved = (x, stats.mean.astype(self.param_dtype), invstd.astype(self.param_dtype), True)
         self._sync = (n, comm)
