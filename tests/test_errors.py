@@ -1,7 +1,8 @@
 """Bad inputs the input matrix (test_input_matrix.py) does not cover: running statistics of
 another float dtype, mean/invstd of the wrong length in both backward modes, the shapes
-training rejects but inference accepts, flags that are not bools, and entry points whose
-optional dependency is missing; plus NumPy integer axes (accepted)."""
+training rejects but inference accepts, flags that are not bools, entry points whose
+optional dependency is missing, and overlaps through inputs given as other array-likes
+(tensors, memoryviews) or through the residual; plus NumPy integer axes (accepted)."""
 
 
 import subprocess
@@ -135,3 +136,64 @@ def test_a_missing_optional_dependency_is_named(missing, code, message):
     out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr
+
+
+# --------------------------------------------------------------------------- overlaps through other array-likes
+
+SHAPE = (2, C, 4, 4)
+ONES, ZEROS = np.ones(C, np.float32), np.zeros(C, np.float32)
+MASK = pybn.dropout_mask(SHAPE, 0.5, seed=1)
+
+# name -> call(lead, other, out): `lead` is the input given as an array-like other than an
+# ndarray, `other` an ndarray of the same shape for the calls that read two
+OUT_CALLS = {
+    "batch_norm_train": lambda a, o, out: pybn.batch_norm_train(a, out=out),
+    "batch_norm_infer": lambda a, o, out: pybn.batch_norm_infer(a, ZEROS, ONES, out=out),
+    "batch_norm_apply": lambda a, o, out: pybn.batch_norm_apply(a, ZEROS, ONES, out=out),
+    "batch_norm_backward": lambda a, o, out: pybn.batch_norm_backward(a, o, ZEROS, ONES, out=out),
+    "batch_norm_backward_apply": lambda a, o, out: pybn.batch_norm_backward_apply(a, o, ZEROS, ONES, ZEROS, ZEROS,
+                                                                                  32, out=out),
+    "dropout": lambda a, o, out: pybn.dropout(a, 0.5, seed=1, out=out),
+    "dropout_apply": lambda a, o, out: pybn.dropout_apply(a, MASK, 0.5, out=out),
+    "relu_dropout_backward": lambda a, o, out: pybn.relu_dropout_backward(a, o, 0.5, out=out),
+    "alpha_dropout": lambda a, o, out: pybn.alpha_dropout(a, 0.5, seed=1, out=out),
+    "alpha_dropout_backward": lambda a, o, out: pybn.alpha_dropout_backward(a, 0.5, seed=1, out=out),
+    "gaussian_noise": lambda a, o, out: pybn.gaussian_noise(a, 0.5, seed=1, out=out),
+    "gaussian_dropout": lambda a, o, out: pybn.gaussian_dropout(a, 0.5, seed=1, out=out),
+    "drop_path": lambda a, o, out: pybn.drop_path(a, 0.5, seed=1, out=out),
+    "drop_block": lambda a, o, out: pybn.drop_block(a, 0.5, block_size=3, seed=1, out=out),
+}
+
+
+def _torch_view(a):
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(a)
+
+
+@pytest.mark.parametrize("given", [memoryview, _torch_view], ids=["memoryview", "torch"])
+@pytest.mark.parametrize("name", sorted(OUT_CALLS))
+def test_out_overlapping_an_input_given_as_another_array_like_is_refused(name, given):
+    """The overlap check looked only at inputs given as ndarrays: a tensor or memoryview over
+    the same memory as a shifted `out` gave a wrong result silently."""
+    n = int(np.prod(SHAPE))
+    buf = np.random.default_rng(0).standard_normal(n + 5).astype(np.float32)
+    lead = buf[:n].reshape(SHAPE)
+    other = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    before = buf.copy()
+    with pytest.raises(ValueError, match=r"^out: overlaps"):
+        OUT_CALLS[name](given(lead), other, buf[5:].reshape(SHAPE))
+    np.testing.assert_array_equal(buf, before)
+
+
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_running_statistic_sharing_memory_with_the_residual_is_refused(which):
+    """The kernel updates the running statistics before it adds the residual: one inside the
+    residual changed the residual it then read."""
+    x, rm, rv = good()
+    residual = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
+    stats = {"running_mean": rm, "running_var": rv}
+    stats[which] = residual.reshape(-1)[:C]
+    before = residual.copy()
+    with pytest.raises(ValueError, match=rf"^{which}: shares memory with residual "):
+        pybn.batch_norm_train(x, residual=residual, **stats)
+    np.testing.assert_array_equal(residual, before)

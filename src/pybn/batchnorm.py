@@ -94,7 +94,6 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
         plain = _C.bn_train_plain(x, weight, bias, running_mean, running_var, momentum, eps, axis, relu, out)
         if plain is not None:
             return BatchNormTrainResult(*plain)
-    x_in = x
     x = contiguous_float_array(x, "x")
     axis, outer, channels, inner = channel_layout(x.shape, axis)
     if outer * inner < 2:
@@ -110,12 +109,13 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
     also = x.dtype if pdt != x.dtype else None
     rm = in_place(running_mean, "running_mean", channels, pdt, also)
     rv = in_place(running_var, "running_var", channels, pdt, also)
-    if rm is not None:  # the kernel updates them, then reads weight and bias to normalize
-        written_apart((("running_mean", rm), ("running_var", rv)), (("x", x), ("weight", w), ("bias", b)))
+    r = residual_input(residual, x)
+    if rm is not None:  # the kernel updates them, then reads weight, bias and residual to normalize
+        written_apart((("running_mean", rm), ("running_var", rv)),
+                      (("x", x), ("weight", w), ("bias", b), ("residual", r)))
     momentum = real_number(momentum, "momentum")
     eps = real_number(eps, "eps", minimum=0.0)
-    r = residual_input(residual, x)
-    y = output(out, x, (("x", x_in), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv),
+    y = output(out, x, (("x", x), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv),
                         ("residual", r)))
     mean = np.empty(channels, pdt)
     invstd = np.empty(channels, pdt)
@@ -157,7 +157,6 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
         y = _C.bn_infer_plain(x, running_mean, running_var, weight, bias, eps, axis, relu, out)
         if y is not None:
             return y
-    x_in = x
     x = contiguous_float_array(x, "x")
     axis, outer, channels, inner = channel_layout(x.shape, axis)
     pdt = param_dtype(x.dtype)
@@ -169,7 +168,7 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     b = per_channel(bias, "bias", channels, pdt)
     eps = real_number(eps, "eps", minimum=0.0)
     r = residual_input(residual, x)
-    y = output(out, x, (("x", x_in), ("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b),
+    y = output(out, x, (("x", x), ("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b),
                         ("residual", r)))
     _C.bn_infer(x, y, rm, rv, w, b, outer, channels, inner, eps, flag(relu, "relu"), r)
     return y
@@ -221,7 +220,7 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
     b = backward_inputs(dy, x, y, mean, invstd, axis)
     pdt = param_dtype(b.dy.dtype)
     w = per_channel(weight, "weight", b.channels, pdt)
-    dx = output(out, b.dy, (("dy", dy), ("x", x), ("y", y), ("mean", b.mean), ("invstd", b.invstd),
+    dx = output(out, b.dy, (("dy", b.dy), ("x", b.x), ("y", b.y), ("mean", b.mean), ("invstd", b.invstd),
                             ("weight", w)))
     dr, dr_written = residual_grad(residual, d_residual_out, b, dx, (("weight", w),))
     dweight = np.empty(b.channels, pdt)

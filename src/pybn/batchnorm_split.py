@@ -136,7 +136,6 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
     """``y = (x - mean) * invstd * weight + bias`` per channel (plus `residual`, then the
     ReLU, when given), in one pass. As in :func:`pybn.batch_norm_train`, the mean is rounded
     to x's dtype and ``invstd * weight`` is taken in float64 and rounded once."""
-    x_in = x
     x = contiguous_float_array(x, "x")
     _, outer, channels, inner = channel_layout(x.shape, axis)
     pdt = param_dtype(x.dtype)
@@ -147,7 +146,7 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
     w = per_channel(weight, "weight", channels, pdt)
     b = per_channel(bias, "bias", channels, pdt)
     r = residual_input(residual, x)
-    y = output(out, x, (("x", x_in), ("mean", m), ("invstd", s), ("weight", w), ("bias", b), ("residual", r)))
+    y = output(out, x, (("x", x), ("mean", m), ("invstd", s), ("weight", w), ("bias", b), ("residual", r)))
     _C.bn_apply(x, y, m, s, w, b, outer, channels, inner, flag(relu, "relu"), r)
     return y
 
@@ -181,7 +180,7 @@ def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: A
     if count <= 0:
         raise ValueError(f"count: must be > 0, got {count}")
     w = per_channel(weight, "weight", b.channels, param_dtype(b.dy.dtype))
-    dx = output(out, b.dy, (("dy", dy), ("x", x), ("y", y), ("mean", b.mean), ("invstd", b.invstd),
+    dx = output(out, b.dy, (("dy", b.dy), ("x", b.x), ("y", b.y), ("mean", b.mean), ("invstd", b.invstd),
                             ("sum_dy", sd), ("sum_dy_xhat", sx), ("weight", w)))
     dr, dr_written = residual_grad(residual, d_residual_out, b, dx,
                                    (("sum_dy", sd), ("sum_dy_xhat", sx), ("weight", w)))

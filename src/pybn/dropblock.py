@@ -158,7 +158,6 @@ def drop_block(x: Any, p: float, *, block_size: int, seed: int, offset: int = 0,
     out : ndarray, optional
         C-contiguous, x's shape and dtype; may be x itself.
     """
-    x_in = x
     x = contiguous_float_array(x, "x")
     _nchw(x.shape, "x")
     channels_last = _channels_last(axis)
@@ -168,7 +167,7 @@ def drop_block(x: Any, p: float, *, block_size: int, seed: int, offset: int = 0,
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
     gamma_scale = real_number(gamma_scale, "gamma_scale", minimum=0.0)
     scale_by_keep = flag(scale_by_keep, "scale_by_keep")
-    y = output(out, x, (("x", x_in),))
+    y = output(out, x, (("x", x),))
     keep, kept = _keep_mask(noise, p, block_size, seed, offset, gamma_scale)
     if x.size == 0:
         return y

@@ -164,13 +164,12 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
     out : ndarray, optional
         C-contiguous, x's shape and dtype; may be x itself.
     """
-    x_in = x
     x = contiguous_float_array(x, "x")
     p = _probability(p)
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
     ns = _noise_shape(noise_shape, x.shape)
     relu = flag(relu, "relu")
-    y = output(out, x, (("x", x_in),))
+    y = output(out, x, (("x", x),))
     if p == 1.0:
         y.fill(0)
     elif ns is not None:
@@ -196,11 +195,10 @@ def relu_dropout_backward(dy: Any, y: Any, p: float, *, out: np.ndarray | None =
     out : ndarray, optional
         C-contiguous, dy's shape and dtype; may be dy itself.
     """
-    dy_in, y_in = dy, y
     dy = contiguous_float_array(dy, "dy")
     y = same_shape_array(y, "y", dy, "dy")
     p = _probability(p)
-    dx = output(out, dy, (("dy", dy_in), ("y", y_in)))
+    dx = output(out, dy, (("dy", dy), ("y", y)))
     if p == 1.0:
         dx.fill(0)
     else:
@@ -237,7 +235,6 @@ def dropout_apply(x: Any, mask: Any, p: float, *, noise_shape: Any = None, relu:
     """Apply a packed mask from :func:`dropout_mask`: kept elements times
     :func:`dropout_scale` (``relu(x)`` times it with ``relu=True``), others +0.0.
     The same call (without ``relu``) applies it to the gradient in the backward pass."""
-    x_in = x
     x = contiguous_float_array(x, "x")
     p = _probability(p)
     ns = _noise_shape(noise_shape, x.shape)
@@ -250,7 +247,7 @@ def dropout_apply(x: Any, mask: Any, p: float, *, noise_shape: Any = None, relu:
         raise ValueError(f"mask: expected {(n + 7) // 8} bytes (a packed mask of {n} elements), "
                          f"got shape {mask.shape}")
     mask = np.ascontiguousarray(mask)
-    y = output(out, x, (("x", x_in), ("mask", mask)))
+    y = output(out, x, (("x", x), ("mask", mask)))
     if p == 1.0:
         y.fill(0)
     elif ns is not None:

@@ -86,13 +86,12 @@ def alpha_dropout(x: Any, p: float, *, seed: int, offset: int = 0, training: boo
         ``torch.nn.functional.alpha_dropout`` given the same mask. A dropped NaN or
         infinity gives ``b - c`` (PyTorch's ``x * 0`` gives NaN).
     """
-    x_in = x
     x = contiguous_float_array(x, "x")
     prob = _probability(p)
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training: must be a bool, got {type(training).__name__}")
-    y = output(out, x, (("x", x_in),))
+    y = output(out, x, (("x", x),))
     if not training or _threshold(prob) == 0:
         if y is not x:
             np.copyto(y, x)
@@ -108,11 +107,10 @@ def alpha_dropout_backward(dy: Any, p: float, *, seed: int, offset: int = 0,
                            out: np.ndarray | None = None) -> np.ndarray:
     """The gradient of :func:`alpha_dropout` (training mode) with the forward's arguments:
     ``a * dy`` where the mask keeps, +0.0 elsewhere; the mask regenerated, not stored."""
-    dy_in = dy
     dy = contiguous_float_array(dy, "dy")
     prob = _probability(p)
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
-    y = output(out, dy, (("dy", dy_in),))
+    y = output(out, dy, (("dy", dy),))
     if _threshold(prob) == 0:
         if y is not dy:
             np.copyto(y, dy)
@@ -171,10 +169,9 @@ def gaussian_noise(x: Any, stddev: float, *, seed: int, offset: int = 0,
 
 
 def _noise(x: Any, sigma: float, multiply: bool, seed: int, offset: int, out: np.ndarray | None) -> np.ndarray:
-    x_in = x
     x = contiguous_float_array(x, "x")
     seed, offset = _counter_arg(seed, "seed"), _counter_arg(offset, "offset")
-    y = output(out, x, (("x", x_in),))
+    y = output(out, x, (("x", x),))
     if sigma == 0.0:
         if y is not x:
             np.copyto(y, x)
