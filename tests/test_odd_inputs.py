@@ -143,6 +143,24 @@ def test_merged_integer_counts_past_2_63_are_exact():
         stats = pybn.batch_norm_merge_stats(counts, np.ones((2, C)), np.zeros((2, C)))
         assert stats.count == 2 * int(counts[0])
         np.testing.assert_array_equal(stats.mean, 1.0)
+        # a total past 2**64 normalizes as any count (its float64 value)
+        m2 = np.full((2, C), float(counts[0]))
+        np.testing.assert_array_equal(pybn.batch_norm_invstd(stats._replace(m2=m2.sum(axis=0)), eps=0), 1.0)
+
+
+@pytest.mark.parametrize("counts, total", [
+    (np.full((2, C), 2**62 + 2**61, np.int64), np.float64(2 * (2**62 + 2**61))),   # past int64: float64
+    (np.full((2, C), 2**63, np.uint64), np.float64(2**64)),                       # past uint64: float64
+    (np.full((2, C), 2**62, np.uint64), np.uint64(2**63)),                        # fits: the counts' dtype
+    (np.full((3, C), 5, np.int64), np.int64(15))])
+def test_merged_per_channel_integer_counts_do_not_wrap(counts, total):
+    """The (W, C) form summed in the counts' dtype, which wrapped (2 * 2**63 gave 0 in uint64;
+    int64 totals came out negative and batch_norm_invstd called every worker empty)."""
+    stats = pybn.batch_norm_merge_stats(counts, np.ones((counts.shape[0], C)), np.ones((counts.shape[0], C)))
+    assert stats.count.dtype == total.dtype
+    np.testing.assert_array_equal(stats.count, np.full(C, total))
+    invstd = pybn.batch_norm_invstd(stats._replace(m2=stats.count.astype(np.float64) * 4), eps=0)
+    np.testing.assert_allclose(invstd, 0.5, rtol=1e-15)
 
 
 def test_merging_infinite_means_gives_what_float64_numpy_gives_on_the_whole_batch():

@@ -72,7 +72,8 @@ def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
     -------
     BatchNormStats
         The statistics of all the values together: count (an int for integer counts of shape
-        (W,), else a float64 array), mean and m2 in float64.
+        (W,); for shape (W, C) an array of the counts' dtype, or float64 where an integer
+        total passes that dtype's range; float counts give float64), mean and m2 in float64.
     """
     mean = float_array(mean, "mean").astype(np.float64, copy=False)
     m2 = float_array(m2, "m2").astype(np.float64, copy=False)
@@ -92,11 +93,20 @@ def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
         raise ValueError("m2: must be >= 0 (a sum of squared deviations), got a negative entry")
     mu, s = np.empty(mean.shape[1]), np.empty(mean.shape[1])
     _C.bn_merge_stats(c, np.ascontiguousarray(mean), np.ascontiguousarray(m2), mu, s)
-    if counts.ndim == 1:  # integer counts summed as Python ints: int64 would wrap past 2**63
-        total_count = sum(int(v) for v in counts) if counts.dtype.kind in "iu" else float(counts.sum())
-    else:
-        total_count = counts.sum(axis=0)
-    return BatchNormStats(total_count, mu, s)
+    return BatchNormStats(_total_count(counts), mu, s)
+
+
+def _total_count(counts: np.ndarray) -> Any:
+    """The counts summed over the workers, exactly: integer counts as Python ints where the
+    dtype's sum could wrap (int64 past 2**63)."""
+    if counts.dtype.kind not in "iu":
+        return float(counts.sum()) if counts.ndim == 1 else counts.sum(axis=0, dtype=np.float64)
+    if counts.ndim == 1:
+        return sum(int(v) for v in counts)
+    if int(counts.max(initial=0)) * counts.shape[0] <= np.iinfo(counts.dtype).max:
+        return counts.sum(axis=0)
+    exact = [sum(int(v) for v in column) for column in counts.T]
+    return np.array(exact, counts.dtype if max(exact) <= np.iinfo(counts.dtype).max else np.float64)
 
 
 def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
@@ -110,6 +120,8 @@ def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
         count, _, m2 = stats
     except (TypeError, ValueError):
         raise TypeError(f"stats: must be a BatchNormStats (count, mean, m2), got {type(stats).__name__}") from None
+    if isinstance(count, int) and not isinstance(count, bool):  # (a merge's exact total, past int64 too)
+        count = float(count)
     count = as_array(count, "stats")
     if count.dtype.kind not in "iuf":
         raise TypeError(f"stats: count must be a number or an array of numbers, got dtype {count.dtype}")
