@@ -491,6 +491,77 @@ def test_torch_modules_in_16bit(dtype):
     assert torch.equal(yd[keep].float(), (xd.float() * 2)[keep].to(tdt).float())
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["bn", "bn_add_relu"])
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_double_backward_of_16bit_batch_norm_with_16bit_parameters(dtype, fused):
+    """A backward with create_graph=True takes torch's native_batch_norm_backward, which
+    refused pybn's float32 statistics beside a 16-bit weight ("expected scalar type BFloat16
+    but found Float") where stock torch works: the weight is widened to float32 for it. The
+    second-order gradient against float64 autograd on the same values."""
+    import pybn.torch.nn as pnn
+
+    tdt = TORCH[dtype.name]
+    torch.manual_seed(0)
+    bn = pnn.BatchNorm2d(4).to(tdt)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(4) + 0.5)
+    x = torch.randn(3, 4, 5, 5).to(tdt).requires_grad_()
+    r = torch.randn(3, 4, 5, 5).to(tdt)
+    y = bn(x, r, relu=False) if fused else bn(x)
+    (gx,) = torch.autograd.grad((y.float() ** 3).sum() / 8, x, create_graph=True)   # (scaled: float16's range)
+    (ggx, gw) = torch.autograd.grad(gx.float().square().sum() / 8, (x, bn.weight))
+    assert gx.dtype == ggx.dtype == gw.dtype == tdt
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = bn.weight.detach().double().requires_grad_()
+    y64 = torch.nn.functional.batch_norm(x64, None, None, w64, torch.zeros(4, dtype=torch.float64), training=True)
+    if fused:
+        y64 = y64 + r.double()
+    (gx64,) = torch.autograd.grad((y64 ** 3).sum() / 8, x64, create_graph=True)
+    (ggx64, gw64) = torch.autograd.grad(gx64.square().sum() / 8, (x64, w64))
+    # 16-bit y and gradients feed each other: a few percent of the largest value
+    for ours, ref in ((gx, gx64), (ggx, ggx64), (gw, gw64)):
+        ref = ref.detach()
+        torch.testing.assert_close(ours.detach().double(), ref, rtol=0.1, atol=0.05 * float(ref.abs().max()))
+
+
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize("x_dtype,param_dtype,stats_dtype", [
+    (F32, BF16, F32), (F32, F64, F32), (F64, F32, F64), (BF16, BF16, F32), (BF16, F32, BF16),
+    (F16, BF16, BF16), (F16, F16, F32), (F32, F32, F16)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dtype_mixes_torch_refuses_are_refused_in_both_modes(x_dtype, param_dtype, stats_dtype, training):
+    """torch's batch norm takes weight, bias and running statistics of x's dtype, or all
+    float32 beside a 16-bit x; pybn's module accepted other mixes in evaluation mode and some
+    in training (a model that then failed without pybn, or once trained)."""
+    import pybn.torch.nn as pnn
+
+    stock, ours = torch.nn.BatchNorm2d(4), pnn.BatchNorm2d(4)
+    for m in (stock, ours):
+        m.weight.data, m.bias.data = m.weight.data.to(param_dtype), m.bias.data.to(param_dtype)
+        m.running_mean, m.running_var = m.running_mean.to(stats_dtype), m.running_var.to(stats_dtype)
+        m.train(training)
+    x = torch.randn(3, 4, 5, 5).to(x_dtype)
+    with pytest.raises(RuntimeError):
+        stock(x)
+    name = "weight" if param_dtype != x_dtype and not (x_dtype in (BF16, F16) and param_dtype == F32) \
+        else "running_mean"
+    with pytest.raises(TypeError, match=rf"^{name}: dtype {stats_dtype if name == 'running_mean' else param_dtype} "):
+        ours(x)
+
+
+@pytest.mark.parametrize("x_dtype,param_dtype", [(F32, F32), (F64, F64), (BF16, F32), (BF16, BF16),
+                                                 (F16, F32), (F16, F16)])
+def test_dtype_mixes_torch_takes_are_taken(x_dtype, param_dtype):
+    import pybn.torch.nn as pnn
+
+    for training in (True, False):
+        ours = pnn.BatchNorm2d(4).to(param_dtype).train(training)
+        assert ours(torch.randn(3, 4, 5, 5).to(x_dtype)).dtype == x_dtype
+
+
 def test_layer_state_of_bfloat16_arrays():
     """load_state_dict and from_keras take bfloat16 ndarrays (ml_dtypes), as float16 ones: the
     values cast to the layer's parameter dtype."""

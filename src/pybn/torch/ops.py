@@ -94,12 +94,41 @@ def _channels(x: Tensor) -> int:
     return x.shape[1]
 
 
+def _forward_channels(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                      running_var: Optional[Tensor]) -> int:
+    """x's channels, after torch's dtype rule for the tensors pybn's kernels take: weight,
+    bias and the running statistics all of x's dtype, or all float32 beside a 16-bit x
+    (torch's mixed precision); pybn's kernels could widen any float mix, but a model that
+    runs only with pybn must also run without it (other devices and dtypes: torch's own
+    kernel decides)."""
+    c = _channels(x)
+    if pybn_takes(x):
+        given = [(n, t) for n, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                                     ("running_var", running_var)) if t is not None]
+        allowed = (x.dtype,) if x.dtype in PYBN_DTYPES else (x.dtype, torch.float32)
+        for dtype in allowed:
+            if all(t.dtype == dtype for _, t in given):
+                return c
+        name, t = next((n, t) for n, t in given if t.dtype != given[0][1].dtype or t.dtype not in allowed)
+        mixed = "" if x.dtype in PYBN_DTYPES else " or all float32 (torch's mixed precision)"
+        raise TypeError(f"{name}: dtype {t.dtype} beside x of {x.dtype}: weight, bias and the running statistics "
+                        f"must all be of x's dtype{mixed}, as torch's batch norm requires")
+    return c
+
+
+def _widened_for(mean: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
+    """weight as torch's backward takes it beside save_mean / save_invstd: float32 when they
+    are (a 16-bit x whose parameters are 16-bit too: pybn's statistics stay float32, torch's
+    mixed precision); the cast is differentiable, so gradients of any order reach weight."""
+    return weight.to(mean.dtype) if weight is not None and weight.dtype != mean.dtype else weight
+
+
 # --------------------------------------------------------------------------- batch norm: forward
 
 def _train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Training-mode batch norm over every dimension but 1 (see the module docstring)."""
-    _channels(x)
+    _forward_channels(x, weight, bias, running_mean, running_var)
     last = channels_last_physical(x)
     if not _can_train_in_place(x, running_mean, running_var):
         y, mean, invstd = _aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
@@ -128,7 +157,7 @@ def _can_train_in_place(x: Tensor, running_mean: Optional[Tensor], running_var: 
 @batch_norm_train.register_fake
 def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
       running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    c = _channels(x)
+    c = _forward_channels(x, weight, bias, running_mean, running_var)
     dtype = _stats_dtype(x)
     return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
 
@@ -136,7 +165,7 @@ def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean:
 def _infer_impl(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
                 bias: Optional[Tensor], eps: float) -> Tensor:
     """Inference-mode batch norm with the given statistics (see the module docstring)."""
-    _channels(x)
+    _forward_channels(x, weight, bias, running_mean, running_var)
     last = channels_last_physical(x)
     if not pybn_takes(x):
         y = _aten.native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
@@ -154,7 +183,7 @@ batch_norm_infer = torch.library.custom_op("pybn::batch_norm_infer", mutates_arg
 @batch_norm_infer.register_fake
 def _(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
       eps: float) -> Tensor:
-    _channels(x)
+    _forward_channels(x, weight, bias, running_mean, running_var)
     return empty(x, channels_last_physical(x))
 
 
@@ -182,8 +211,8 @@ def _torch_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight:
                     training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """The backward with torch's operations, for what pybn's kernels do not take."""
     if training:
-        dx, dw, db = _aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True, 0.0,
-                                                     [True, True, True])
+        dx, dw, db = _aten.native_batch_norm_backward(dy, x, _widened_for(mean, weight), None, None, mean, invstd,
+                                                     True, 0.0, [True, True, True])
         return dx, dw.to(_stats_dtype(x)), db.to(_stats_dtype(x))
     shape = [1] * x.dim()
     shape[1] = x.shape[1]
@@ -231,7 +260,8 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dinvstd: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: torch's formula, which torch can differentiate
-            dx, dw, db = _aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True, 0.0,
+            dx, dw, db = _aten.native_batch_norm_backward(dy, x, _widened_for(mean, weight), None, None, mean,
+                                                         invstd, True, 0.0,
                                                          [True, weight is not None, weight is not None])
         else:
             dx, dw, db = backend(ctx, dy, _backward_impl, torch.ops.pybn.batch_norm_backward)(dy, x, mean, invstd,

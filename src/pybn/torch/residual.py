@@ -28,7 +28,8 @@ import pybn
 
 from ._eager import direct_call, note_mutation
 from ._layout import array, channels_last_physical, empty, in_layout, per_channel, pybn_takes
-from .ops import _backward_impl, _can_train_in_place, _channels, _stats_dtype, _torch_backward, backend
+from .ops import (_backward_impl, _can_train_in_place, _channels, _forward_channels, _stats_dtype, _torch_backward,
+                  backend)
 
 __all__ = ["batch_norm_add_relu", "batch_norm_add_relu_backward"]
 
@@ -50,7 +51,7 @@ def _add_relu_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                    momentum: float, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """relu(bn(x) + residual) in one pass (see the module docstring)."""
-    _channels(x)
+    _forward_channels(x, weight, bias, running_mean, running_var)
     _check_residual(x, residual)
     last = channels_last_physical(x)
     if not training and (running_mean is None or running_var is None):
@@ -104,7 +105,7 @@ def _torch_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
 def _(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
       running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float, eps: float,
       relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    c = _channels(x)
+    c = _forward_channels(x, weight, bias, running_mean, running_var)
     _check_residual(x, residual)
     dtype = _stats_dtype(x)
     return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
