@@ -71,7 +71,12 @@ def bn_cases():
 
         def stats(shape=shape, axis=axis):
             x, _, _, _ = arrays(shape, axis)
-            return lambda: list(pybn.batch_norm_stats(x, axis=axis)[1:])
+
+            def call():
+                st = pybn.batch_norm_stats(x, axis=axis)
+                merged = pybn.batch_norm_merge_stats([st.count] * 2, np.stack([st.mean] * 2), np.stack([st.m2] * 2))
+                return [*st[1:], *merged[1:], pybn.batch_norm_invstd(merged)]
+            return call
 
         def reduce(shape=shape, axis=axis):
             x, dy, w, b = arrays(shape, axis)
@@ -84,6 +89,12 @@ def bn_cases():
             rm, rv, out = np.zeros(c, x.dtype), np.ones(c, x.dtype), np.empty_like(x)
             return lambda: [pybn.batch_norm_infer(x, rm, rv, w, b, axis=axis, out=out)]
 
+        def forward_apply(shape=shape, axis=axis):
+            x, _, w, b = arrays(shape, axis)
+            _, mean, invstd = pybn.batch_norm_train(x, w, b, axis=axis)
+            out = np.empty_like(x)
+            return lambda: [pybn.batch_norm_apply(x, mean, invstd, w, b, axis=axis, relu=True, out=out)]
+
         def apply(shape=shape, axis=axis):
             x, dy, w, b = arrays(shape, axis)
             _, mean, invstd = pybn.batch_norm_train(x, w, b, axis=axis)
@@ -93,34 +104,44 @@ def bn_cases():
             return lambda: [pybn.batch_norm_backward_apply(dy, x, mean, invstd, *sums, n, w, axis=axis, out=out)]
 
         kernels = (("train", train), ("backward", backward), ("stats", stats),
-                   ("backward_reduce", reduce), ("infer", infer), ("backward_apply", apply))
+                   ("backward_reduce", reduce), ("infer", infer), ("backward_apply", apply),
+                   ("apply", forward_apply))
         for kname, setup in kernels[:2] if lname == "nchw-blocked" else kernels:  # the blocked passes
             cases[f"{kname}-{lname}"] = setup
     return cases
 
 
 def other_cases():
-    def dropout():
-        x, _, _, _ = arrays((64, 32, 32, 16), 1)
-        out = np.empty_like(x)
-        return lambda: [pybn.dropout(x, 0.3, seed=1, out=out)]
+    def dropout():  # and the kernels on dropout's streams: ReLU-dropout, alpha dropout, the normal variates
+        x, dy, _, _ = arrays((64, 32, 32, 16), 1)
+        out, relu_out, dx, alpha, alpha_dx, gauss, noise = (np.empty_like(x) for _ in range(7))
+        return lambda: [pybn.dropout(x, 0.3, seed=1, out=out),
+                        pybn.dropout(x, 0.3, seed=1, relu=True, out=relu_out),
+                        pybn.relu_dropout_backward(dy, relu_out, 0.3, out=dx),
+                        pybn.alpha_dropout(x, 0.3, seed=1, out=alpha),
+                        pybn.alpha_dropout_backward(dy, 0.3, seed=1, out=alpha_dx),
+                        pybn.gaussian_dropout(x, 0.3, seed=1, out=gauss),
+                        pybn.gaussian_noise(x, 0.5, seed=1, out=noise)]
 
     def dropout_noise_shape():
         x, _, _, _ = arrays((64, 32, 32, 16), 1)
-        out = np.empty_like(x)
-        return lambda: [pybn.dropout(x, 0.3, seed=1, noise_shape=(64, 32, 1, 1), out=out)]
+        out, path = np.empty_like(x), np.empty_like(x)
+        return lambda: [pybn.dropout(x, 0.3, seed=1, noise_shape=(64, 32, 1, 1), out=out),
+                        pybn.drop_path(x, 0.3, seed=1, out=path)]
 
     def dropout_mask_apply():
         x, _, _, _ = arrays((64, 32, 32, 16), 1)
         mask = pybn.dropout_mask(x.shape, 0.3, seed=2)
-        out = np.empty_like(x)
-        return lambda: [pybn.dropout_mask(x.shape, 0.3, seed=2), pybn.dropout_apply(x, mask, 0.3, out=out)]
+        out, relu_out = np.empty_like(x), np.empty_like(x)
+        return lambda: [pybn.dropout_mask(x.shape, 0.3, seed=2), pybn.dropout_apply(x, mask, 0.3, out=out),
+                        pybn.dropout_apply(x, mask, 0.3, relu=True, out=relu_out)]
 
     def drop_block():
         x, _, _, _ = arrays((64, 32, 32, 16), 1)
         out = np.empty_like(x)
         return lambda: [pybn.drop_block(x, 0.3, block_size=5, seed=1, out=out),
-                        pybn.drop_block(x, 0.3, block_size=4, seed=2, couple_channels=False, out=out)]
+                        pybn.drop_block(x, 0.3, block_size=4, seed=2, couple_channels=False, out=out),
+                        pybn.drop_block_mask(x.shape, 0.3, block_size=5, seed=1)]
 
     def fold():
         rng = np.random.default_rng(1)

@@ -63,6 +63,8 @@ def run_all(a, out):
     r["backward.eval"] = pybn.batch_norm_backward(dy, x, a["rm"], a["rv"], a["w"], training=False, axis=axis).dx
     stats = pybn.batch_norm_stats(x, axis=axis)
     r["stats.mean"], r["stats.m2"] = stats.mean, stats.m2
+    r["merge.mean"], r["merge.m2"] = pybn.batch_norm_merge_stats([stats.count] * 2, np.stack([stats.mean] * 2),
+                                                              np.stack([stats.m2] * 2))[1:]
     r["invstd"] = pybn.batch_norm_invstd(stats)
     r["apply"] = pybn.batch_norm_apply(x, r["train.mean"], r["invstd"], a["w"], a["b"], axis=axis)
     sums = pybn.batch_norm_backward_reduce(dy, x, r["train.mean"], r["train.invstd"], axis=axis)
@@ -72,10 +74,15 @@ def run_all(a, out):
     r["dropout"] = pybn.dropout(x, 0.3, seed=a["seed"], offset=a["offset"], out=out["drop"]).copy()
     r["mask"] = pybn.dropout_mask(x.shape, 0.3, seed=a["seed"], offset=a["offset"])
     r["dropout_apply"] = pybn.dropout_apply(x, r["mask"], 0.3)
+    r["dropout.relu"] = pybn.dropout(x, 0.3, seed=a["seed"], offset=a["offset"], relu=True)
+    r["dropout_apply.relu"] = pybn.dropout_apply(x, r["mask"], 0.3, relu=True)
+    r["relu_dropout_backward"] = pybn.relu_dropout_backward(dy, r["dropout.relu"], 0.3)
     r["dropout2d"] = pybn.dropout(x, 0.5, seed=a["seed"], noise_shape=x.shape[:2] + (1,) * (x.ndim - 2))
+    r["drop_path"] = pybn.drop_path(x, 0.3, seed=a["seed"], offset=a["offset"])
     if x.ndim == 4:
         r["drop_block"] = pybn.drop_block(x, 0.3, block_size=3, seed=a["seed"], offset=a["offset"], axis=axis)
         r["drop_block.per-channel"] = pybn.drop_block(x, 0.3, block_size=4, seed=a["seed"], couple_channels=False)
+        r["drop_block_mask"] = pybn.drop_block_mask(x.shape, 0.3, block_size=3, seed=a["seed"], offset=a["offset"])
     r["alpha_dropout"] = pybn.alpha_dropout(x, 0.3, seed=a["seed"], offset=a["offset"])
     r["alpha_dropout_backward"] = pybn.alpha_dropout_backward(dy, 0.3, seed=a["seed"], offset=a["offset"])
     r["gaussian_dropout"] = pybn.gaussian_dropout(x, 0.3, seed=a["seed"], offset=a["offset"])

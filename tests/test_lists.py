@@ -5,6 +5,7 @@ computing in double."""
 
 import os
 import pathlib
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -34,6 +35,24 @@ def test_stub_is_generated_from_the_module():
     added, renamed or changed without `python tests/stubgen.py` fails here."""
     committed = pathlib.Path(stubgen.STUB).read_text()
     assert committed == stubgen.render(), "src/pybn/_C.pyi is out of date: run python tests/stubgen.py"
+
+
+# The scripts that call every public array function, each listing its calls by hand (the
+# leak check under valgrind, concurrent calls, memory growth, tails, memory limits), and
+# the public names that compute on no array (runtime, result types, counters, scalars)
+HAND_LISTS = ("leak_script.py", "test_concurrency.py", "test_memory.py", "test_tails.py", "memory_limit_child.py")
+NO_ARRAY_KERNEL = {"__version__", "isa", "supported_isas", "get_num_threads", "set_num_threads",
+                   "keep_freed_memory", "BatchNormTrainResult", "BatchNormGrads", "BatchNormResidualGrads",
+                   "BatchNormStats", "BatchNormGradSums", "FoldedWeights", "dropout_scale", "counters_used",
+                   "normal_counters_used", "recalibrate"}
+
+
+@pytest.mark.parametrize("script", HAND_LISTS)
+def test_every_public_array_function_is_called_in_each_hand_kept_script(script):
+    text = (pathlib.Path(__file__).parent / script).read_text()
+    missing = [name for name in pybn.__all__
+               if name not in NO_ARRAY_KERNEL and not re.search(rf"\b{name}\(", text)]
+    assert not missing, f"{script} does not call {missing} (docs/architecture.md, adding a kernel entry)"
 
 
 def test_each_kernel_entry_has_one_binding_and_each_binding_an_entry():

@@ -7,8 +7,9 @@ import pytest
 
 import pybn
 from reference import assert_bits_equal, nearest_even
-from reference_dropblock import drop_block_ref
+from reference_dropblock import drop_block_ref, keep_ref
 from reference_dropout import keep_mask, scale_for
+from reference_noise import normal_variates
 
 LENGTHS = range(1, 68)
 DTYPES = [np.float32, np.float64, np.float16]
@@ -27,6 +28,49 @@ def scaled(x, p):
     if x.dtype.itemsize == 2:
         return nearest_even(x.astype(np.float64) * np.float64(scale_for(p, np.float32)), x.dtype)
     return x * scale_for(p, x.dtype)
+
+
+def times(x, s):
+    """x * s as dropout's kernel gives it for a scale s (alpha dropout's backward passes its a):
+    s rounded to x's compute type (float32 for 16-bit x) and the exact product rounded once."""
+    if x.dtype.itemsize == 2:
+        return nearest_even(x.astype(np.float64) * np.float64(np.float32(s)), x.dtype)
+    return x * x.dtype.type(s)
+
+
+def relu(x):
+    return np.where(x < 0, np.zeros(1, x.dtype), x)
+
+
+ALPHA = 1.7580993408473766  # SELU's lambda * alpha, as torch
+
+
+def alpha_coefficients(p):
+    """(a, b, c) of alpha dropout in float64 (torch's formula, with the 16-bit test's p)."""
+    q = np.floor(p * 65536) / 65536
+    a = 1 / np.sqrt((ALPHA * ALPHA * q + 1) * (1 - q))
+    return a, ALPHA * a * q, ALPHA * a
+
+
+def alpha_dropped(x, keep, p):
+    """keep ? a*x + b : b - c, each operation in x's compute type, then one rounding."""
+    a, b, c = alpha_coefficients(p)
+    t = np.float64 if x.dtype == np.float64 else np.float32
+    y = np.where(keep, x.astype(t) * t(a) + t(b), t(b) - t(c)).astype(t)
+    return y if x.dtype.itemsize > 2 else nearest_even(y.astype(np.float64), x.dtype)
+
+
+def gaussian(x, z, sigma, multiply):
+    """x * (1 + sigma*z) or x + sigma*z for the float32 variates z: in float64 for float64 x,
+    else in float32 (the 16-bit product exact, each result rounded once to x's dtype)."""
+    if x.dtype == np.float64:
+        z = z.astype(np.float64)
+        return x * (1 + sigma * z) if multiply else x + sigma * z
+    noise = np.float32(1) + np.float32(sigma) * z if multiply else np.float32(sigma) * z
+    if x.dtype == np.float32:
+        return x * noise if multiply else x + noise
+    exact = x.astype(np.float64) * noise.astype(np.float64) if multiply else (x.astype(np.float32) + noise)
+    return nearest_even(exact.astype(np.float64), x.dtype)
 
 
 def tolerance(dtype):
@@ -67,6 +111,26 @@ def test_batch_norm_tails(isa, dtype):
                     dy = at_end(np.ones_like(x), off)
                     dx = pybn.batch_norm_backward(dy, x, got.mean, got.invstd, axis=axis).dx
                     np.testing.assert_allclose(dx.astype(np.float64), 0, atol=tol * 10)  # d/dx of sum(y) is 0
+                    # the split kernels: statistics, two workers' merged, normalization, backward
+                    stats = pybn.batch_norm_stats(x, axis=axis)
+                    assert stats.count == xs.shape[0]
+                    np.testing.assert_allclose(stats.mean, mean, rtol=tol, atol=tol)
+                    np.testing.assert_allclose(stats.m2, var * xs.shape[0], rtol=tol, atol=tol)
+                    merged = pybn.batch_norm_merge_stats([stats.count] * 2, np.stack([mean] * 2),
+                                                         np.stack([var * xs.shape[0]] * 2))
+                    np.testing.assert_allclose(merged.mean, mean, rtol=tol, atol=tol)
+                    np.testing.assert_allclose(merged.m2, 2 * var * xs.shape[0], rtol=tol, atol=tol)
+                    invstd = pybn.batch_norm_invstd(stats)
+                    np.testing.assert_allclose(invstd, 1 / np.sqrt(var + 1e-5), rtol=tol)
+                    y = pybn.batch_norm_apply(x, mean, 1 / np.sqrt(var + 1e-5), axis=axis,
+                                              out=at_end(np.empty_like(x), off))
+                    np.testing.assert_allclose(y.astype(np.float64), want, rtol=tol, atol=tol)
+                    sums = pybn.batch_norm_backward_reduce(dy, x, mean, 1 / np.sqrt(var + 1e-5), axis=axis)
+                    np.testing.assert_allclose(sums.sum_dy, xs.shape[0], rtol=tol)  # sum of ones
+                    np.testing.assert_allclose(sums.sum_dy_xhat, 0, atol=tol * xs.shape[0])  # sum of xhat
+                    dx = pybn.batch_norm_backward_apply(dy, x, mean, 1 / np.sqrt(var + 1e-5), sums.sum_dy,
+                                                        sums.sum_dy_xhat, stats.count, axis=axis)
+                    np.testing.assert_allclose(dx.astype(np.float64), 0, atol=tol * 10)
                 rm, rv = mean.astype(dtype), var.astype(dtype)  # statistics of x's dtype
                 want = ((x.astype(np.float64) - rm.astype(np.float64).reshape(bshape))
                         / np.sqrt(rv.astype(np.float64).reshape(bshape) + 1e-5))
@@ -88,6 +152,66 @@ def test_dropout_tails(isa, dtype):
             np.testing.assert_array_equal(np.unpackbits(mask, count=n, bitorder="little"), keep)
             mask_at_end = at_end(mask, off % 8)
             np.testing.assert_array_equal(pybn.dropout_apply(x, mask_at_end, 0.5), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_relu_dropout_tails(isa, dtype):
+    rng = np.random.default_rng(8)
+    for n in LENGTHS:
+        keep = keep_mask((n,), 0.5, 7, 3)
+        for off in offsets(dtype):
+            x = at_end(rng.standard_normal(n).astype(dtype), off)
+            want = np.where(keep, scaled(relu(x), 0.5), np.zeros(1, dtype))
+            got = pybn.dropout(x, 0.5, seed=7, offset=3, relu=True, out=at_end(np.empty_like(x), off))
+            np.testing.assert_array_equal(got, want)
+            mask_at_end = at_end(pybn.dropout_mask((n,), 0.5, seed=7, offset=3), off % 8)
+            np.testing.assert_array_equal(pybn.dropout_apply(x, mask_at_end, 0.5, relu=True), want)
+            dy = at_end(rng.standard_normal(n).astype(dtype), off)
+            got = pybn.relu_dropout_backward(dy, at_end(want, off), 0.5, out=at_end(np.empty_like(x), off))
+            np.testing.assert_array_equal(got, np.where(want > 0, scaled(dy, 0.5), np.zeros(1, dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_drop_path_tails(isa, dtype):
+    rng = np.random.default_rng(9)
+    for n in LENGTHS:
+        for off in offsets(dtype)[:: 3 if n > 20 else 1]:
+            # rows of n (one decision per row, broadcast along it), and n rows of 3
+            for shape in ((2, n), (n, 3)):
+                x = at_end(rng.standard_normal(shape).astype(dtype), off)
+                for mode, keep in (("row", keep_mask((shape[0],), 0.5, 7, 3)[:, None]),
+                                   ("batch", keep_mask((1,), 0.5, 7, 3))):
+                    want = np.where(keep, scaled(x, 0.5), np.zeros(1, dtype))
+                    got = pybn.drop_path(x, 0.5, seed=7, offset=3, mode=mode, out=at_end(np.empty_like(x), off))
+                    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_alpha_dropout_tails(isa, dtype):
+    rng = np.random.default_rng(10)
+    a = alpha_coefficients(0.5)[0]
+    for n in LENGTHS:
+        keep = keep_mask((n,), 0.5, 7, 3)
+        for off in offsets(dtype):
+            x = at_end(rng.standard_normal(n).astype(dtype), off)
+            got = pybn.alpha_dropout(x, 0.5, seed=7, offset=3, out=at_end(np.empty_like(x), off))
+            assert_bits_equal(got, alpha_dropped(x, keep, 0.5))
+            got = pybn.alpha_dropout_backward(x, 0.5, seed=7, offset=3, out=at_end(np.empty_like(x), off))
+            np.testing.assert_array_equal(got, np.where(keep, times(x, a), np.zeros(1, dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gaussian_tails(isa, dtype):
+    rng = np.random.default_rng(11)
+    s = np.sqrt(0.3 / 0.7)  # gaussian_dropout's stddev for rate 0.3 (Keras')
+    for n in LENGTHS:
+        z = normal_variates(n, 7, 48)
+        for off in offsets(dtype):
+            x = at_end(rng.standard_normal(n).astype(dtype), off)
+            got = pybn.gaussian_dropout(x, 0.3, seed=7, offset=48, out=at_end(np.empty_like(x), off))
+            assert_bits_equal(got, np.asarray(gaussian(x, z, s, True), dtype))
+            got = pybn.gaussian_noise(x, 0.7, seed=7, offset=48, out=at_end(np.empty_like(x), off))
+            assert_bits_equal(got, np.asarray(gaussian(x, z, 0.7, False), dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -223,3 +347,6 @@ def test_drop_block_on_every_row_and_column_length(isa, dtype):
             x = at_end(rng.standard_normal(shape).astype(dtype), n % 3)
             assert_bits_equal(pybn.drop_block(x, 0.4, block_size=3, seed=n, **options),
                               drop_block_ref(x, 0.4, 3, n, **options))
+            keep = keep_ref(shape, 0.4, 3, n, **options)
+            mask = pybn.drop_block_mask(shape, 0.4, block_size=3, seed=n, **options)
+            np.testing.assert_array_equal(np.unpackbits(mask, count=keep.size, bitorder="little"), keep.reshape(-1))
