@@ -5,7 +5,8 @@
 
 The stub is generated, not written by hand: every function's signature comes from the
 docstring pybind11 gives it (its names and types as bound in csrc/bindings/), and
-every constant's type from its value. tests/test_stub.py fails while the committed stub
+every constant's type from its value.
+tests/test_lists.py::test_stub_is_generated_from_the_module fails while the committed stub
 differs from what this script writes. The submodules (pybn._C.diagnostics and its
 float_computing_in_double) are stubbed as classes of static methods, and the module
 attributes holding them typed as those classes, so that type checkers see their functions.
