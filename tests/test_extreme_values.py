@@ -5,8 +5,9 @@ The kernels accumulate in the input's type and sum a block again in double (scal
 power of two for float64) when its fast sums come out non-finite (csrc/kernels/exact_sums.h).
 So every finite input whose statistics the output types hold gets them right: a float32
 channel of values near +-3e38, or past 1e19 (whose squares overflow float32), has its
-mean and invstd; a float64 channel its mean up to 1.8e308, and its variance while that is
-below 1.8e308 (above, var is inf and invstd 0, as in torch). Infinities propagate as IEEE
+mean and invstd; a float64 channel its mean up to 1.8e308, and its variance while n times
+it (m2, the sum of squared deviations the statistics carry) is below 1.8e308 (above, var is
+inf and invstd 0, as in torch). Infinities propagate as IEEE
 says: the mean of {+inf, finite} is +inf, of {+inf, -inf} NaN, and the variance of any
 channel with an infinity is NaN (torch.native_batch_norm gives the same).
 
