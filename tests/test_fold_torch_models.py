@@ -879,3 +879,113 @@ def test_traced_graph_that_computes_another_result_is_not_used(merge):
 def test_merge_branches_must_be_a_bool():
     with pytest.raises(TypeError, match=r"^merge_branches: "):
         pybn.torch.fold(nn.Linear(2, 2), merge_branches="yes")
+
+
+# --- what the example call shows besides the modules' calls ---------------------------------
+
+class ReadsOutside(nn.Module):
+    """conv -> bn, with `read` (a parameter of either) added to the output by the model's own
+    forward; `branch` makes the forward untraceable."""
+
+    def __init__(self, read, branch):
+        super().__init__()
+        self.c, self.bn, self.read, self.branch = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), read, branch
+
+    def forward(self, x):
+        y = self.bn(self.c(x))
+        if self.branch and x.sum() < -1e9:  # (untraceable: a value decides)
+            return x
+        return y + getattr(self, self.read[0]).get_parameter(self.read[1]).view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["traced", "untraced"])
+@pytest.mark.parametrize("read", [("c", "bias"), ("bn", "weight"), ("bn", "bias")], ids=".".join)
+def test_a_pair_whose_parameters_forward_reads_elsewhere_is_not_folded(read, branch):
+    """The untraced path folded conv+bn and the forward's later read saw the folded bias
+    (outputs off by 2 in 6), or raised for the batch norm's weight (an nn.Identity has none)."""
+    x = torch.randn(2, 4, 6, 6)
+    _, report = check(randomize(ReadsOutside(read, branch)), x, torch.randn(3, 4, 5, 5))
+    assert kinds(report) == []
+    assert "is read outside its own call" in left(report)["bn"]
+
+
+class AddsBiasOf(nn.Module):
+    """Adds the bias of a conv it holds without registering it (so the model registers it once)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        object.__setattr__(self, "conv", conv)
+
+    def forward(self, x):
+        return x + self.conv.bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("where", ["model hook", "other module"])
+def test_a_pair_whose_parameters_are_read_elsewhere_is_not_folded_with_the_example(where):
+    """A hook on the model (copied onto the folded GraphModule) or another module's forward read
+    the conv's bias, which the fold had changed (outputs off by 2 in 6): only the example call
+    shows such reads."""
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4), AddsBiasOf(conv) if where == "other module" else nn.ReLU())
+    if where == "model hook":
+        model.register_forward_hook(lambda mod, args, out: out + mod.get_submodule("0").bias.view(1, -1, 1, 1))
+    x = torch.randn(2, 4, 6, 6)
+    _, report = check(randomize(model), x, torch.randn(3, 4, 5, 5))
+    assert kinds(report) == []
+    # (the traced forward's own read of the bias is in its graph: the conv is used twice there)
+    assert ("is read outside its own call" if where == "model hook" else "is used 2 times") in left(report)["1"]
+
+
+class DefaultArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x, bias=None):
+        y = self.bn(self.c(x))
+        return y if bias is None else y + bias
+
+
+def test_a_traced_graph_that_fails_on_the_example_is_not_used():
+    """torch.fx traces the default `bias=None` as an input, so the graph computed y + None on
+    the example forward had run: fold returned that graph, which raised on the first call."""
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = check(randomize(DefaultArgument()), x, torch.randn(3, 4, 5, 5))
+    assert kinds(report) == ["conv+bn"]
+    assert type(folded) is DefaultArgument  # folded as a model torch.fx cannot trace
+
+
+def test_a_compiled_model_is_folded_as_the_model_it_wraps():
+    """fold(torch.compile(model)) raised from dynamo (the example call's hooks were compiled);
+    without an example nothing folded."""
+    model = randomize(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 4, 6, 6)
+    for example in (x, None):
+        folded, report = pybn.torch.fold(torch.compile(model, backend="eager"), example_inputs=example,
+                                         return_report=True)
+        assert kinds(report) == ["conv+bn"]
+        with torch.no_grad():
+            assert_same(folded(x), copy.deepcopy(model).eval()(x))
+
+
+class ScalesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.bn(self.c(x))
+
+
+def test_the_example_inputs_are_not_written_and_a_forward_writing_its_input_folds():
+    """forward ran three times on the caller's tensor (x came back times 8), and the traced
+    graph ran on the input forward had already doubled, so it looked unlike the model."""
+    model = randomize(ScalesItsInput())
+    x = torch.randn(2, 4, 6, 6)
+    before = x.clone()
+    folded, report = pybn.torch.fold(model, example_inputs=x, return_report=True)
+    assert torch.equal(x, before)
+    assert kinds(report) == ["conv+bn"] and isinstance(folded, torch.fx.GraphModule)
+    with torch.no_grad():
+        assert_same(folded(x.clone()), copy.deepcopy(model).eval()(x.clone()))

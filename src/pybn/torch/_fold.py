@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._fold_graph import fold_graph
-from ._fold_observe import observe
+from ._fold_observe import fresh, observe
 from ._fold_report import Folded, NotFolded
 from ._fold_trace import copy_hooks, node_ranks, same_output, trace
 from ._fold_untraced import fold_untraced
@@ -42,9 +42,11 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
     ----------
     module : torch.nn.Module or torch.export.ExportedProgram
         The model. It is not modified, nor is its train/eval mode (it is deep-copied). An
-        ``ExportedProgram`` gives an ``ExportedProgram`` (see Notes).
+        ``ExportedProgram`` gives an ``ExportedProgram`` (see Notes). A ``torch.compile(model)``
+        wrapper gives the folded ``model``, not compiled (compile the result).
     example_inputs : Tensor or tuple of Tensors, optional
-        Positional arguments for one forward call. When given, that call is run once on a
+        Positional arguments for one forward call (never written: the calls get copies).
+        When given, that call is run once on a
         copy of the model (in eval mode, without gradients) to see how a layer subclass with
         its own ``forward`` computes and, for a model torch.fx cannot trace, which module
         feeds which; then the traced graph runs once on what forward got, to see the rank of
@@ -84,7 +86,9 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
     -----
     What is folded (every module involved must be used exactly once, be a plain torch
     class -- a subclass overriding ``forward`` is left alone, with the exceptions below --
-    and have no hooks or parametrizations; no global module hooks may be registered):
+    and have no hooks or parametrizations; no global module hooks may be registered; with
+    `example_inputs`, none of its parameters or buffers may be read outside its own call,
+    by forward, another module or a hook -- without them, a hook's reads cannot be seen):
 
     * A ``Conv{k}d`` or ``ConvTranspose{k}d`` (any groups, depthwise included) or a
       ``Linear`` whose output goes only to a per-channel affine map of it, which is one of:
@@ -176,6 +180,7 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
     if not isinstance(module, nn.Module):
         raise TypeError(f"module: expected a torch.nn.Module or torch.export.ExportedProgram, got "
                         f"{type(module).__name__}")
+    module = _uncompiled(module)
     if isinstance(module, torch.jit.ScriptModule):
         raise TypeError("module: a TorchScript module (torch.jit.script or trace) cannot be folded; fold the "
                         "Python module, then script the result")
@@ -213,18 +218,29 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
 
 def _ranks_and_check(traced: Any, seen: Any) -> tuple[dict[str, int] | None, str]:
     """Run the traced graph on what forward got in the example call: (the rank of every node,
-    "") when it returns what forward returned; ({}, why) when it cannot run (the folds that need
-    ranks are then refused); (None, why) when it returns something else -- the graph is not the
-    model, and is not used."""
+    "") when it returns what forward returned; ({}, why) when it cannot be run on them (keyword
+    arguments: the folds that need ranks are then refused); (None, why) when it raises or
+    returns something else -- the graph is not the model, and is not used."""
     if seen.forward_args is None:
         return {}, "the example call passed keyword arguments to forward: the traced graph was not run on it"
-    ranks, failure, out = node_ranks(traced, seen.forward_args)
-    if failure:
-        return {}, failure
+    ranks, failure, out = node_ranks(traced, fresh(seen.forward_args))
+    if failure:  # forward ran on these arguments: a graph that cannot is not the model
+        return None, failure
     if not same_output(out, seen.output):
         return None, ("its traced graph computes another result than forward on example_inputs (torch.fx "
                       "records `x += y` on a tensor as x + y: a change seen through another name is lost)")
     return ranks, ""
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile(module)`` wrapper holds (its hooks would be compiled with
+    it, and fold's example call runs hooks): that module is folded, and the caller compiles
+    the result again if wanted."""
+    dynamo = getattr(torch, "_dynamo", None)
+    wrapper = getattr(getattr(dynamo, "eval_frame", None), "OptimizedModule", None)
+    while wrapper is not None and isinstance(module, wrapper):
+        module = module._orig_mod
+    return module
 
 
 def _exported_program_class() -> Any:

@@ -119,7 +119,7 @@ class FxGraph(FoldGraph):
         m = self.modules.get(str(node.target))
         if not isinstance(m, mods.BATCH_NORM_BASE) or not (x in node.args or x in node.kwargs.values()):
             return None
-        problem = mods.bn_problem(m)
+        problem = mods.bn_problem(m, self.seen)
         if problem:
             return problem
         if node.args != (x,) or node.kwargs:
@@ -355,7 +355,7 @@ def report_graph_leftovers(g: FxGraph, opaque: dict[str, str]) -> None:
         if not isinstance(m, mods.BATCH_NORM_BASE) or name in g.folded_owners:
             continue
         if name in called:
-            report.batch_norm_left(name, mods.bn_problem(m), default)
+            report.batch_norm_left(name, mods.bn_problem(m, g.seen), default)
             continue
         holder = max((t for t in called if name.startswith(t + ".")), key=len, default=None)
         if holder is not None:

@@ -152,7 +152,7 @@ def layer_problem(module: Any, seen: Any) -> str | None:
     if seen is not None and layer(module) is not None and not keeps_forward(module):
         why = seen.layer_calls.get(id(module), "the example call did not reach it")
         own = None if why is None else f", and {why}"
-    problem = plain_problem(module, LAYER_CLASSES, own)
+    problem = plain_problem(module, LAYER_CLASSES, own) or read_outside_problem(module, seen)
     if problem:
         return problem
     if not finite(module.weight) or (module.bias is not None and not finite(module.bias)):
@@ -199,13 +199,24 @@ def _bn_class_problem(module: nn.Module) -> str | None:
     return None
 
 
-def bn_problem(bn: Any) -> str | None:
+def read_outside_problem(module: nn.Module, seen: Any) -> str | None:
+    """Why the example call forbids folding `module`: a tensor of its own was read outside its
+    calls (by forward, another module or a hook), which would then see the folded values or
+    none. `seen`: what the example call showed (None: nothing known, nothing refused)."""
+    name = None if seen is None else seen.read_outside.get(id(module))
+    if name is None:
+        return None
+    return f"its {name} is read outside its own call (by forward, another module or a hook)"
+
+
+def bn_problem(bn: Any, seen: Any = None) -> str | None:
     """Why this batch norm module cannot be folded into any layer (None: it can, with a partner).
+    `seen`: what the example call showed (or None).
 
     SyncBatchNorm qualifies: in eval mode (fold's result is for inference) its forward is
     F.batch_norm with the running statistics, on any input rank >= 2.
     """
-    problem = _bn_class_problem(bn) or plain_problem(bn, _BN_CLASSES)
+    problem = _bn_class_problem(bn) or plain_problem(bn, _BN_CLASSES) or read_outside_problem(bn, seen)
     if problem:
         return problem
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:

@@ -12,7 +12,13 @@ torch function called on a tensor. It shows, keyed by the ids of the model's own
   function outside that second module's call read it, no other module took it, and the model
   did not return it (modules returning their input unchanged, as ``nn.Identity`` and dropout
   in eval mode do, are seen through). Tensors are told apart by identity; every tensor the call
-  makes is kept alive until it ends, so that no id is reused.
+  makes is kept alive until it ends, so that no id is reused;
+* which modules had a parameter or buffer of their own read outside their own calls (by the
+  model's forward, another module or a hook): folding would change what that read sees.
+
+The call gets copies of the example inputs, and the arguments forward got are kept as copies
+taken before it ran: the caller's tensors are never written, and a forward that changes its
+input in place is run again on what it got.
 """
 from __future__ import annotations
 
@@ -32,8 +38,14 @@ class Seen(NamedTuple):
     calls: dict[int, int]  # id(module) -> how many times it was called
     layer_calls: dict[int, str | None]  # id(layer with its own forward) -> None: computed like its class; else why not
     feeds: dict[int, tuple[int, int]]  # id(module) -> (id(the module its output went to, alone), that output's rank)
+    read_outside: dict[int, str]  # id(module) -> the name of its own tensor read outside its calls
     forward_args: Any = None  # the arguments the model's forward got (after its pre-hooks); None: keywords too
     output: Any = None  # what the model's forward returned (before its forward hooks)
+
+
+def fresh(value: Any) -> Any:
+    """`value` with every tensor in it cloned."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
 
 
 def first_line(exc: BaseException) -> str:
@@ -44,7 +56,7 @@ def observe(model: nn.Module, example_inputs: Any) -> Seen:
     """Run a copy of `model` once on `example_inputs`; what it shows, keyed by `model`'s module ids."""
     scratch = mods.copy_sharing_parameters(model)
     recorder = _Recorder(scratch)
-    recorder.run(example_inputs)
+    recorder.run(fresh(example_inputs))
     # deepcopy keeps the structure: the k-th module of the copy is the k-th of `model`
     ids: dict[int, int] = {}
     pairs = zip(scratch.named_modules(remove_duplicate=False), model.named_modules(remove_duplicate=False))
@@ -53,8 +65,8 @@ def observe(model: nn.Module, example_inputs: Any) -> Seen:
     seen = recorder.summary()
     return Seen({ids[k]: v for k, v in seen.calls.items()},
                 {ids[k]: v for k, v in seen.layer_calls.items()},
-                {ids[k]: (ids[b], rank) for k, (b, rank) in seen.feeds.items()}, recorder.forward_args,
-                recorder.output)
+                {ids[k]: (ids[b], rank) for k, (b, rank) in seen.feeds.items()},
+                {ids[k]: v for k, v in seen.read_outside.items()}, recorder.forward_args, recorder.output)
 
 
 # Torch functions that read a tensor's metadata, not its values: they do not count as uses.
@@ -149,7 +161,9 @@ class _Recorder(TorchFunctionMode):
         self.in_hook = False
 
     def _forward_args(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.forward_args = None if kwargs else args
+        self.in_hook = True
+        self.forward_args = None if kwargs else fresh(args)  # (as they were before forward ran)
+        self.in_hook = False
 
     def _forward_output(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         self.output = out
@@ -203,7 +217,22 @@ class _Recorder(TorchFunctionMode):
             target = self._sole_consumer(index)
             if target is not None and calls[id(self.calls[target].module)] == 1:
                 feeds[id(c.module)] = (id(self.calls[target].module), self.outputs[index].dim())
-        return Seen(calls, layer_calls, feeds)
+        return Seen(calls, layer_calls, feeds, self._read_outside())
+
+    def _read_outside(self) -> dict[int, str]:
+        """id(module) -> the name of a parameter or buffer of its own that was read while no call
+        of it was running."""
+        calls_of: dict[int, set[int]] = {}
+        for index, c in enumerate(self.calls):
+            calls_of.setdefault(id(c.module), set()).add(index)
+        found: dict[int, str] = {}
+        for m in self.model.modules():
+            mine = calls_of.get(id(m), set())
+            for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+                if any(mine.isdisjoint(u.within) for u in self.uses.get(id(t), [])):
+                    found[id(m)] = name
+                    break
+        return found
 
     def _sole_consumer(self, index: int) -> int | None:
         """The module call that alone took the output of call `index` (as its first argument).

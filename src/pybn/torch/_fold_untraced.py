@@ -50,7 +50,8 @@ def fold_untraced(model: nn.Module, seen: Any, entries: list[Any], why: str) -> 
         _Pairs(model, seen, report).fold()
     for name, m in model.named_modules():
         if isinstance(m, mods.BATCH_NORM_BASE):
-            report.batch_norm_left(name, mods.bn_problem(m) if mods.is_batch_norm_module(m) else None, default)
+            report.batch_norm_left(name, mods.bn_problem(m, seen) if mods.is_batch_norm_module(m) else None,
+                                   default)
         elif _affine_module(m):
             report.batch_norm_left(name, None, default, "affine")
 
@@ -108,7 +109,7 @@ class _Pairs:
         bn_name, layer_name = self._name(bn), self._name(layer_module)
         layer = self._layer(layer_module)
         step = Step([], None, bn_name, bn=mods.bn_arrays(bn), accepts=mods.several_ranks(bn), module=bn)
-        problem = mods.bn_problem(bn) or self._common_problem(layer_module, bn) or \
+        problem = mods.bn_problem(bn, self.seen) or self._common_problem(layer_module, bn) or \
             (before_problem(layer) if before else None)
         got = problem or folded_for(layer, [step], Ranks.known(rank), before=before)
         if isinstance(got, str):
