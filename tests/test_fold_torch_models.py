@@ -876,6 +876,16 @@ def test_traced_graph_that_computes_another_result_is_not_used(merge):
     assert type(folded) is AddsIntoItsInput and report == []
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["fold", "merge"])
+def test_augmented_assignment_lost_by_the_trace_is_seen_without_the_example(merge):
+    """Without example_inputs the traced graph of `alias = x; x += a(x)` was returned (the sum
+    through alias silently wrong); the sum no one uses in that graph shows the lost change."""
+    model = AddsIntoItsInput(augmented=True).eval()
+    x = torch.randn(2, 4, 5, 5)
+    folded, report = check(model, x, torch.randn(1, 4, 3, 3), example_inputs=None, merge_branches=merge)
+    assert type(folded) is AddsIntoItsInput and report == []
+
+
 def test_merge_branches_must_be_a_bool():
     with pytest.raises(TypeError, match=r"^merge_branches: "):
         pybn.torch.fold(nn.Linear(2, 2), merge_branches="yes")

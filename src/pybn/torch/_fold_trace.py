@@ -10,6 +10,7 @@ model's own forward must be traceable.
 from __future__ import annotations
 
 import collections
+import operator
 from typing import Any
 
 import torch
@@ -46,6 +47,9 @@ class Tracer(fx.Tracer):
             for n, b in root.named_buffers():
                 self._buffers.setdefault(id(b), (b, n))
         return super().trace(root, concrete_args)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def _name(self, table: dict[int, tuple[torch.Tensor, str]], t: Any) -> str | None:
         found = table.get(id(t))
@@ -124,7 +128,47 @@ def trace(model: nn.Module, tracer: Tracer | None = None) -> tuple[fx.GraphModul
     changed = [name for name, value in state(model).items() if before.get(name) != value]
     if changed:
         return None, {}, f"forward changes {', '.join(sorted(changed)[:3])}, which a traced graph would not"
+    lost = lost_in_place(graph)
+    if lost:
+        return None, {}, lost
     return traced, tracer.opaque, ""
+
+
+def lost_in_place(graph: fx.Graph) -> str:
+    """Why the graph lacks an in-place change of forward's ("" if it does not): torch.fx records
+    `y += x` as y + x and rebinds the name y, so a later use of y's old value through another
+    name (`z = y` before it), which the change reached in forward, reads the unchanged value.
+    (For a Python number the `+=` made a new value, and the fallback is only cautious.)"""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in graph.nodes:
+        old = n.args[0] if n.meta.get(_AUGMENTED) and n.args else None
+        if isinstance(old, fx.Node) and any(order[u] > order[n] for u in old.users if u is not n):
+            return (f"forward changes {old.name} in place with an augmented assignment (`{n.name}`) and reads it "
+                    "again through another name, which torch.fx's trace does not see")
+    return ""
+
+
+_AUGMENTED = "pybn_augmented_assignment"  # node.meta key: the node is a `y op= x`
+
+
+class _Proxy(fx.Proxy):
+    """torch.fx's proxy, marking the nodes of augmented assignments (which it records as the
+    plain operator: Proxy has no in-place magic methods, so Python falls back to them)."""
+
+
+def _augmented(op: Any) -> Any:
+    def method(self: _Proxy, other: Any) -> Any:
+        result = self.tracer.create_proxy("call_function", op, (self, other), {})
+        result.node.meta[_AUGMENTED] = True
+        return result
+    return method
+
+
+for _name, _op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul), ("truediv", operator.truediv),
+                   ("floordiv", operator.floordiv), ("mod", operator.mod), ("pow", operator.pow),
+                   ("matmul", operator.matmul), ("and", operator.and_), ("or", operator.or_), ("xor", operator.xor),
+                   ("lshift", operator.lshift), ("rshift", operator.rshift)):
+    setattr(_Proxy, f"__i{_name}__", _augmented(_op))
 
 
 def join(prefix: str, name: str) -> str:
