@@ -379,6 +379,47 @@ def test_external_data_in_place_twice(rng, tmp_path, fold_here):
     assert leftovers(tmp_path) == []
 
 
+def test_output_symlink_into_another_folder_with_external_data_is_refused(rng, tmp_path, fold_here):
+    """OUT a link into another folder (current.onnx -> models/deploy.onnx): the data file would be
+    written next to the target, where loading OUT does not look (onnx resolves external data in
+    the folder of the path it is given). Refused, naming OUT, before anything is written."""
+    external_model(rng, tmp_path)
+    (tmp_path / "models").mkdir()
+    deploy = tmp_path / "models" / "deploy.onnx"
+    deploy.write_bytes(b"the deployed model")
+    (tmp_path / "current.onnx").symlink_to(deploy)
+    r = fold_here(tmp_path, "m.onnx", "current.onnx")
+    assert_one_line_failure(r, "cannot write current.onnx: it is a symbolic link to", "in another folder")
+    assert deploy.read_bytes() == b"the deployed model"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["deploy.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.onnx", "m.onnx", "models", "weights.bin"]
+    assert (tmp_path / "current.onnx").is_symlink()
+
+
+def test_output_symlink_in_the_targets_folder_with_external_data_loads_through_the_link(rng, tmp_path, fold_here):
+    """A link to a file of its own folder is followed as before: the data file goes next to the
+    target, which is next to the link too, so the model loads through either path; and a model
+    without a data file is written through a link into another folder."""
+    model, feeds = external_model(rng, tmp_path / "in")
+    (tmp_path / "deploy.onnx").write_bytes(b"old")
+    (tmp_path / "current.onnx").symlink_to("deploy.onnx")
+    r = fold_here(tmp_path, "in/m.onnx", "current.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "wrote current.onnx (weights in deploy.onnx.data next to it)" in r.stdout
+    assert (tmp_path / "current.onnx").is_symlink()
+    for path in (tmp_path / "current.onnx", tmp_path / "deploy.onnx"):
+        onnx.load(str(path))
+        assert_same_outputs(path, model, feeds)
+    small, small_feeds = conv_bn(rng)
+    onnx.save(small, str(tmp_path / "small.onnx"))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "latest.onnx").symlink_to(tmp_path / "models" / "small.onnx")
+    r = fold_here(tmp_path, "small.onnx", "latest.onnx")
+    assert r.returncode == 0, r.stderr
+    assert_folds(tmp_path / "latest.onnx", small_feeds, small)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["small.onnx"]
+
+
 def test_failed_write_with_external_data_keeps_the_input(rng, tmp_path):
     external_model(rng, tmp_path, location="m.onnx.data")
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

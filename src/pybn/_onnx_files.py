@@ -330,7 +330,10 @@ def save(model: onnx.ModelProto, path: str, external: ExternalData | None = None
     main-graph initializer larger than SMALL bytes, are written to one data file next to the
     model; so is everything when the model would not fit in one protobuf message. `model` is
     changed: those tensors now point to the new data file. A symbolic link at `path` is
-    followed (the link stays, its target is replaced); anything else that is not a regular file
+    followed (the link stays, its target is replaced), unless a data file is written and the
+    target is in another folder than the link: ONNX looks for the data file in the folder of the
+    path it loads, so the link would not load; that is refused (ValueError) before anything is
+    written. Anything else that is not a regular file
     (a directory, a device, a FIFO) is refused, as is a file `model`'s external data is read
     from. The data file never replaces such a file or one of `keep` (the input model). Returns
     the data file's name, if any.
@@ -350,6 +353,10 @@ def save(model: onnx.ModelProto, path: str, external: ExternalData | None = None
     if not uses_external and model.ByteSize() <= PROTOBUF_LIMIT:
         _write_new(target, lambda f: f.write(model.SerializeToString()))
         return None
+    if os.path.realpath(folder) != os.path.realpath(os.path.dirname(os.path.abspath(path))):  # (nothing written yet)
+        raise ValueError(f"it is a symbolic link to {target}, in another folder; the weights would go to a data "
+                         f"file next to {name} there, where loading {path} does not look (give the link's target "
+                         "as the output)")
     protected = set(sources) | {os.path.realpath(p) for p in keep}
     data_name = _data_file_name(name, folder, protected)
     data_path = os.path.join(folder, data_name)

@@ -500,6 +500,15 @@ def batch_norm_calls_left(g: FoldGraph) -> dict[str, fx.Node]:
     return left
 
 
+def call_problem(node: fx.Node) -> str | None:
+    """Why a batch norm call left stays whatever is next to it (None: nothing of its own)."""
+    o = op(node)
+    if o is not None and "fused input" in o.args:
+        return "it adds a residual or applies a ReLU after normalizing (batch_norm_add_relu): no per-channel " \
+               "map of its input that a layer could take"
+    return None
+
+
 def affine_modules_left(g: FoldGraph) -> list[str]:
     """Modules whose whole computation in the graph is still a chain of multiply/add steps by
     per-channel constants (x * scale + shift), at least one of them a tensor of several values."""

@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputSpec, TensorArgument
 
-from ._fold_affine import FoldGraph, affine_modules_left, batch_norm_calls_left
+from ._fold_affine import FoldGraph, affine_modules_left, batch_norm_calls_left, call_problem
 from ._fold_graph import fold_layers, functional_layer, functional_layer_problem, set_arg
 from ._fold_ops import owner
 from ._fold_report import Folded, NotFolded, Report
@@ -181,8 +181,8 @@ def fold_exported(ep: ExportedProgram, *, merge_branches: bool) -> tuple[Exporte
     _drop_unused_inputs(g)
     g.graph.lint()
     g.gm.recompile()
-    for name in batch_norm_calls_left(g):
-        report.batch_norm_left(name, None, "no Linear or convolution next to it")
+    for name, node in batch_norm_calls_left(g).items():
+        report.batch_norm_left(name, call_problem(node), "no Linear or convolution next to it")
     for name in affine_modules_left(g):
         report.batch_norm_left(name, None, "no Linear or convolution next to it", "affine")
     signature = ExportGraphSignature(input_specs=g.specs, output_specs=_output_specs(g, ep))

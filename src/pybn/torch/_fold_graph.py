@@ -14,7 +14,8 @@ import torch
 from torch import fx, nn
 
 from . import _fold_modules as mods
-from ._fold_affine import FoldGraph, Step, affine_modules_left, batch_norm_calls_left, fold_after, fold_before
+from ._fold_affine import (FoldGraph, Step, affine_modules_left, batch_norm_calls_left, call_problem, fold_after,
+                           fold_before)
 from ._fold_ops import asserted_rank, layer_shape, op, op_of, owner
 from ._fold_report import Report
 from ._fold_weights import Layer, set_module_weights
@@ -349,7 +350,8 @@ def report_graph_leftovers(g: FxGraph, opaque: dict[str, str]) -> None:
     done: set[str] = set()
     for name, m in gm.named_modules():
         if name in calls or name in affine:
-            report.batch_norm_left(name, None, default, "batch norm" if name in calls else "affine")
+            problem = call_problem(calls[name]) if name in calls else None
+            report.batch_norm_left(name, problem, default, "batch norm" if name in calls else "affine")
             done.add(name)
             continue
         if not isinstance(m, mods.BATCH_NORM_BASE) or name in g.folded_owners:

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from . import ops as _pybn_ops  # noqa: F401 (registers torch.ops.pybn.*)
+from . import residual as _pybn_residual  # noqa: F401 (registers torch.ops.pybn.batch_norm_add_relu)
 
 aten = torch.ops.aten
 
@@ -28,7 +29,7 @@ _T_BATCH_NORM = ("input", "weight", "bias", "running_mean", "running_var", "trai
 _BINARY = ("input", "other")
 _PYBN_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "eps")
 
-# target -> (what it computes, its argument names; None: ATen's schema)
+# target -> (what it computes, its argument names; None: the operator's schema)
 _FUNCTIONS: dict[Any, tuple[str, tuple[str, ...] | None]] = {
     torch.conv1d: ("conv", _CONV), torch.conv2d: ("conv", _CONV), torch.conv3d: ("conv", _CONV),
     torch.conv_transpose1d: ("conv_transpose", _CONV_T), torch.conv_transpose2d: ("conv_transpose", _CONV_T),
@@ -49,9 +50,6 @@ for _name, _kind in (("conv1d", "conv"), ("conv2d", "conv"), ("conv3d", "conv"),
         _FUNCTIONS[getattr(getattr(aten, _name), _overload)] = (_kind, None)
 _FUNCTIONS.update({
     aten.convolution.default: ("convolution", None), aten.linear.default: ("linear", None),
-    aten.batch_norm.default: ("batch_norm", None),
-    aten._native_batch_norm_legit_no_training.default: ("batch_norm_tuple", None),
-    aten.native_batch_norm.default: ("batch_norm_tuple", None),
     aten.mul.Tensor: ("mul", None), aten.mul.Scalar: ("mul", None),
     aten.add.Tensor: ("add", None), aten.add.Scalar: ("add", None),
     aten.sub.Tensor: ("sub", None), aten.sub.Scalar: ("sub", None),
@@ -59,9 +57,46 @@ _FUNCTIONS.update({
     # in place (the training IR of torch.export keeps `out += branch(x)` as it is)
     aten.add_.Tensor: ("add", None), aten.mul_.Tensor: ("mul", None),
     # pybn's (the packet is what torch.fx records for a call of torch.ops.pybn.batch_norm_infer)
-    torch.ops.pybn.batch_norm_infer.default: ("batch_norm", _PYBN_BATCH_NORM),
+    torch.ops.pybn.batch_norm_infer.default: ("batch_norm", None),
     torch.ops.pybn.batch_norm_infer: ("batch_norm", _PYBN_BATCH_NORM),
+    torch.ops.pybn.batch_norm_train.default: ("batch_norm_tuple", None),
+    torch.ops.pybn.batch_norm_add_relu.default: ("batch_norm_tuple", None),
 })
+# Every batch norm ATen has, in the graphs torch.fx and torch.export make: aten.batch_norm (the
+# training IR), what the decompositions turn it into (in eval mode with running statistics
+# _native_batch_norm_legit_no_training; from the batch's statistics _native_batch_norm_legit_functional,
+# or .no_stats without running statistics), the overloads a module may call directly, and the CUDA
+# ones. Each is folded where it normalizes with constant running statistics, and reported otherwise.
+# (The .out overloads, which write into given tensors, appear in neither kind of graph.)
+_BATCH_NORM_OPS = (aten.batch_norm.default, aten.native_batch_norm.default, aten._native_batch_norm_legit.default,
+                   aten._native_batch_norm_legit.no_stats, aten._native_batch_norm_legit_functional.default,
+                   aten._native_batch_norm_legit_no_training.default, aten._batch_norm_with_update.default,
+                   aten._batch_norm_with_update_functional.default, aten._batch_norm_no_update.default,
+                   aten._batch_norm_impl_index.default, aten.cudnn_batch_norm.default,
+                   aten.miopen_batch_norm.default)
+_FUNCTIONS.update({o: ("batch_norm" if o is aten.batch_norm.default else "batch_norm_tuple", None)
+                   for o in _BATCH_NORM_OPS})
+# Arguments a schema does not have, with the value the operation implies: the _with_update ones
+# and pybn's batch_norm_train always normalize with the batch's statistics.
+_IMPLIED: dict[Any, dict[str, Any]] = {
+    aten._batch_norm_with_update.default: {"training": True},
+    aten._batch_norm_with_update_functional.default: {"training": True},
+    torch.ops.pybn.batch_norm_train.default: {"training": True},
+}
+# What run_decompositions() makes of a call of an operator that changes its arguments.
+_FUNCTIONALIZED = {torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2}
+# Schema argument names -> the names used here (ATen calls its first argument "self", pybn's "x";
+# cuDNN and MIOpen name momentum and eps differently).
+_RENAMED = {"self": "input", "x": "input", "exponential_average_factor": "momentum", "epsilon": "eps"}
+# torch.fx records these torch functions, or an ATen/pybn operator called without its overload, as
+# their own targets: each is the operator (packet) whose overload the call binds to.
+_PACKETS: dict[Any, Any] = {
+    torch.native_batch_norm: aten.native_batch_norm, torch._native_batch_norm_legit: aten._native_batch_norm_legit,
+    torch._native_batch_norm_legit_no_training: aten._native_batch_norm_legit_no_training,
+    torch._batch_norm_impl_index: aten._batch_norm_impl_index, torch.cudnn_batch_norm: aten.cudnn_batch_norm,
+    torch.miopen_batch_norm: aten.miopen_batch_norm,
+}
+
 _METHODS = {"mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mul",
             "add": "add", "add_": "add", "__add__": "add", "__radd__": "add",
             "sub": "sub", "sub_": "sub", "__sub__": "sub",
@@ -89,24 +124,103 @@ def op(node: Any) -> Op | None:
         return None
     if node.op == "call_method":
         kind = _METHODS.get(str(node.target))
-        names: tuple[str, ...] | None = _METHOD_ARGS
-    elif node.op == "call_function":
-        try:
-            kind, names = _FUNCTIONS.get(node.target, (None, None))
-        except TypeError:  # an unhashable target is none of these
+        if kind is None:
             return None
-        if names is None and kind is not None:  # (ATen calls its first argument "self")
-            schema = getattr(node.target, "_schema")  # noqa: B009 - only ATen overloads have one
-            names = tuple("input" if a.name == "self" else a.name for a in schema.arguments)
-    else:
+        return _bind(kind, _METHOD_ARGS, node)
+    if node.op != "call_function":
         return None
-    if kind is None or names is None:
+    target = node.target
+    if target in _FUNCTIONALIZED:
+        return _functionalized_op(node)
+    try:
+        kind, names = _FUNCTIONS.get(target, (None, None))
+        packet = _PACKETS.get(target, target)
+    except TypeError:  # an unhashable target is none of these
         return None
-    bound = dict(zip(names, node.args))
-    bound.update(node.kwargs)
-    if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
+    if kind is None:
+        return _packet_op(packet, node) if isinstance(packet, torch._ops.OpOverloadPacket) else None
+    if names is None:  # (only ATen and custom operators' overloads have a schema)
+        return _bind(kind, _schema_names(target), node, _IMPLIED.get(target))
+    return _bind(kind, names, node, _IMPLIED.get(target))
+
+
+def _schema_names(overload: Any) -> tuple[str, ...]:
+    schema = getattr(overload, "_schema")  # noqa: B009 - only operator overloads have one
+    return tuple(_RENAMED.get(a.name, a.name) for a in schema.arguments)
+
+
+def _bind(kind: str, names: tuple[str, ...], node: fx.Node, implied: dict[str, Any] | None = None) -> Op | None:
+    kwargs = {_RENAMED.get(k, k): v for k, v in node.kwargs.items()}
+    if len(node.args) > len(names) or any(k not in names for k in kwargs):
         return None  # a call this table does not describe
+    bound = dict(zip(names, node.args))
+    bound.update(kwargs)
+    for k, v in (implied or {}).items():
+        bound.setdefault(k, v)
+    if kind == "batch_norm_tuple" and _fused(bound):
+        # relu(bn(x) + residual) (pybn's batch_norm_add_relu): no per-channel affine map of x
+        # that a layer could absorb. Left (and reported), never read as a batch norm of x.
+        bound["fused input"] = bound.pop("input", None)
     return Op(kind, bound)
+
+
+def _fused(bound: dict[str, Any]) -> bool:
+    """Whether a batch norm call adds a residual or applies a ReLU too (batch_norm_add_relu),
+    and normalizes with running statistics (else its batch statistics are the reason it stays)."""
+    if "residual" not in bound and "relu" not in bound:
+        return False
+    return bound.get("training", False) is False and (bound.get("residual") is not None or
+                                                      bound.get("relu", False) is not False)
+
+
+def _functionalized_op(node: fx.Node) -> Op | None:
+    """The Op of the call of a batch norm that changes its arguments (pybn's batch_norm_train and
+    batch_norm_add_relu update the running statistics), as run_decompositions() writes it:
+    auto_functionalized(op, **arguments), or auto_functionalized_v2, which passes each changed
+    argument as an index into its _all_bases. The results are (op's results..., the changed
+    arguments' new values)."""
+    overload = node.args[0] if node.args else None
+    kind, names = _FUNCTIONS.get(overload, (None, None)) if isinstance(overload, torch._ops.OpOverload) else \
+        (None, None)
+    if kind not in BATCH_NORMS or len(node.args) != 1:
+        return None
+    kwargs = dict(node.kwargs)
+    bases = kwargs.pop("_all_bases", None)
+    arguments: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if k.startswith("_") and k.endswith("_base_index"):
+            if isinstance(bases, (list, tuple)) and isinstance(v, int) and 0 <= v < len(bases):
+                arguments[k[1:-len("_base_index")]] = bases[v]
+        elif not k.startswith("_"):  # (not a view's _size, _stride, _storage_offset)
+            arguments[k] = v
+    names = _schema_names(overload) if names is None else names
+    arguments = {_RENAMED.get(k, k): v for k, v in arguments.items()}
+    if any(k not in names for k in arguments):
+        return None
+    for k, v in _IMPLIED.get(overload, {}).items():
+        arguments.setdefault(k, v)
+    if kind == "batch_norm_tuple" and _fused(arguments):
+        arguments["fused input"] = arguments.pop("input", None)
+    return Op(kind, arguments)
+
+
+def _packet_op(packet: Any, node: fx.Node) -> Op | None:
+    """The Op of a call of an operator without its overload (torch.ops.aten.native_batch_norm(...),
+    torch.native_batch_norm(...)): that of the one overload in the table the call binds to."""
+    for name in packet.overloads():
+        overload = getattr(packet, name)
+        kind, names = _FUNCTIONS.get(overload, (None, None))
+        if kind not in BATCH_NORMS:  # (the arithmetic of torch.fx graphs is recorded with its overload)
+            continue
+        arguments = overload._schema.arguments
+        names = _schema_names(overload) if names is None else names
+        required = {_RENAMED.get(a.name, a.name) for a in arguments if not a.has_default_value()}
+        given = set(list(names)[:len(node.args)]) | {_RENAMED.get(k, k) for k in node.kwargs}
+        if required <= given:
+            found = _bind(kind, names, node, _IMPLIED.get(overload))
+            if found is not None:
+                return found
+    return None
 
 
 def op_of(node: fx.Node) -> Op:
