@@ -10,11 +10,10 @@ from typing import List, Optional
 
 from torch import Tensor, nn
 
-import pybn
 
 from . import ops as _ops
 from ._capture import leaf, prepare_scriptable
-from .seeded import PinnedSeed, rank_and_world_size
+from .seeded import PinnedSeed, mask_counters, rank_and_world_size
 
 __all__ = ["stochastic_depth", "StochasticDepth", "DropPath"]
 
@@ -73,7 +72,7 @@ class StochasticDepth(PinnedSeed, nn.Module):
             return input
         if self._seed is None:
             return stochastic_depth(input, self.p, self.mode, True)
-        used = pybn.counters_used(noise[0] if self.mode == "row" else 1)
+        used = mask_counters(noise[0] if self.mode == "row" else 1)
         rank, stride = (self.rank, self.world_size) if self.mode == "row" else (0, 1)
         y = stochastic_depth(input, self.p, self.mode, True, philox=self._pinned_philox(rank * used))
         self._advance(stride * used)

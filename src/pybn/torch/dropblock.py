@@ -22,8 +22,8 @@ from ._capture import leaf, prepare_scriptable
 from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, pybn_takes
 from ._regenerated import Regenerated
-from .seeded import PinnedSeed, rank_and_world_size
-from .ops import _float_cpu_copy, counters, in_form_of, philox_used
+from .seeded import PinnedSeed, mask_counters, rank_and_world_size
+from .ops import RANDOM, _float_cpu_copy, counters, in_form_of, philox_used
 
 __all__ = ["drop_block_2d", "DropBlock2d"]
 
@@ -49,7 +49,7 @@ def _four_dims(x: Tensor) -> None:
         raise ValueError(f"x: DropBlock needs a 4-d (N, C, H, W) tensor, got {x.dim()} dimensions")
 
 
-@torch.library.custom_op("pybn::drop_block", mutates_args=())
+@torch.library.custom_op("pybn::drop_block", mutates_args=(), **RANDOM)
 def drop_block(x: Tensor, p: float, block_size: int, philox: Optional[Tensor], gamma_scale: float,
                couple_channels: bool, batchwise: bool, scale_by_keep: bool) -> Tuple[Tensor, Tensor]:
     """DropBlock with pybn's mask of (seed, offset) (see the module docstring)."""
@@ -139,9 +139,8 @@ class DropBlock2d(PinnedSeed, nn.Module):
         if self._seed is None:
             return drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise)
         _four_dims(x)
-        noise = pybn.dropblock.drop_block_noise_shape(tuple(x.shape), couple_channels=self.couple_channels,
-                                            batchwise=self.batchwise)
-        used = pybn.counters_used(noise[0] * noise[1] * noise[2] * noise[3])
+        n, c, h, w = x.shape  # (pybn.dropblock.drop_block_noise_shape, on sizes compile may keep symbolic)
+        used = mask_counters((1 if self.batchwise else n) * (1 if self.couple_channels else c) * h * w)
         rank, stride = (0, 1) if self.batchwise else (self.rank, self.world_size)
         y = drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise,
                           philox=self._pinned_philox(rank * used))

@@ -29,13 +29,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-import pybn
 
 from . import ops as _ops
 from . import residual as _residual
 from . import _transforms
 from ._capture import leaf, prepare_scriptable
-from .seeded import as_int64, u64
+from .seeded import as_int64, mask_counters, u64
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
            "Dropout3d", "batch_norm", "batch_norm_add_relu", "dropout"]
@@ -130,6 +129,11 @@ class _BatchNormForward(_BatchNormBase):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None, *, relu: bool = False) -> Tensor:
         """torch's forward; with `residual` and/or ``relu=True``, ``relu(bn(input) + residual)``
         in the same pass (:func:`batch_norm_add_relu`)."""
+        if self.momentum is None and self.training and torch.compiler.is_compiling():
+            # a cumulative average's momentum is another float every step, on which compiled
+            # code guards (a new graph per step): the layer runs eagerly, as torch's own ends up
+            y: Tensor = _run_eagerly(self, input, residual, relu)
+            return y
         self._check_input_dim(input)  # type: ignore[no-untyped-call]  # (torch's, unannotated)
         momentum = self._momentum_for_this_call()
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -149,6 +153,12 @@ class _BatchNormForward(_BatchNormBase):
             if self.momentum is None:  # a cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
         return momentum
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]  # (torch's, unannotated)
+def _run_eagerly(module: nn.Module, input: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    y: Tensor = module(input, residual, relu=relu)
+    return y
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
@@ -297,7 +307,7 @@ class _DropoutForward(_DropoutBase):
         y = _ops.relu_dropout_call(input, self.p, philox) if relu else _ops.dropout_call(input, self.p, philox, noise)
         if philox is not None:
             n = math.prod(noise) if noise is not None else input.numel()
-            self._philox = philox + philox.new_tensor([0, pybn.counters_used(n)])
+            self._philox = torch.cat([philox[:1], philox[1:] + mask_counters(n)])  # (n may be symbolic: no int of it)
         return input.copy_(y) if self.inplace and not relu else y
 
     def _noise_shape(self, input: Tensor) -> Union[List[int], Literal[False], None]:

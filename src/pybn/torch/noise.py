@@ -28,8 +28,8 @@ from ._capture import leaf, prepare_scriptable
 from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, pybn_takes
 from ._regenerated import Kernel, Regenerated
-from .ops import _float_cpu_copy, counters, in_form_of, philox_used
-from .seeded import PinnedSeed
+from .ops import RANDOM, _float_cpu_copy, counters, in_form_of, philox_used
+from .seeded import PinnedSeed, mask_counters, normal_counters
 
 __all__ = ["alpha_dropout", "gaussian_dropout", "gaussian_noise", "AlphaDropout", "GaussianDropout",
            "GaussianNoise"]
@@ -71,7 +71,7 @@ def _fake(x: Tensor, *_: Any) -> Tuple[Tensor, Tensor]:
 
 # --------------------------------------------------------------------------- operators
 
-@torch.library.custom_op("pybn::alpha_dropout", mutates_args=())
+@torch.library.custom_op("pybn::alpha_dropout", mutates_args=(), **RANDOM)
 def _alpha_dropout_op(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``pybn.alpha_dropout`` (training mode) of x in memory order."""
     return _elementwise(x, philox, _alpha(p).forward)
@@ -83,13 +83,13 @@ def _alpha_dropout_backward_op(dy: Tensor, p: float, philox: Tensor) -> Tensor:
     return _elementwise(dy, philox, _alpha_kernel(p, True))[0]
 
 
-@torch.library.custom_op("pybn::gaussian_dropout", mutates_args=())
+@torch.library.custom_op("pybn::gaussian_dropout", mutates_args=(), **RANDOM)
 def _gaussian_dropout_op(x: Tensor, rate: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``pybn.gaussian_dropout`` of x in memory order."""
     return _elementwise(x, philox, _gaussian_dropout(rate).forward)
 
 
-@torch.library.custom_op("pybn::gaussian_noise", mutates_args=())
+@torch.library.custom_op("pybn::gaussian_noise", mutates_args=(), **RANDOM)
 def _gaussian_noise_op(x: Tensor, stddev: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``pybn.gaussian_noise`` of x in memory order."""
     return _elementwise(x, philox, _gaussian_noise(stddev).forward)
@@ -167,7 +167,7 @@ def _probability(value: object, name: str, upper_closed: bool) -> float:
 
 def _stddev(value: object) -> float:
     v = _real(value, "stddev")
-    if not (math.isfinite(v) and v >= 0):
+    if not 0.0 <= v < math.inf:  # NaN fails (and a symbolic float under torch.compile compares)
         raise ValueError(f"stddev: must be finite and >= 0, got {v}")
     return v
 
@@ -237,7 +237,7 @@ class AlphaDropout(_SeededNoise, nn.AlphaDropout):
         if not self.training or self.p == 0.0:
             return input
         # not in place, whatever `inplace` says: torch's module ignores it too
-        return alpha_dropout(input, self.p, True, philox=self._philox(input.numel(), pybn.counters_used))
+        return alpha_dropout(input, self.p, True, philox=self._philox(input.numel(), mask_counters))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._seed_repr()
@@ -256,7 +256,7 @@ class GaussianDropout(_SeededNoise, nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or self.rate == 0.0:
             return input
-        return gaussian_dropout(input, self.rate, philox=self._philox(input.numel(), pybn.normal_counters_used))
+        return gaussian_dropout(input, self.rate, philox=self._philox(input.numel(), normal_counters))
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}" + self._seed_repr()
@@ -275,7 +275,7 @@ class GaussianNoise(_SeededNoise, nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or self.stddev == 0.0:
             return input
-        return gaussian_noise(input, self.stddev, philox=self._philox(input.numel(), pybn.normal_counters_used))
+        return gaussian_noise(input, self.stddev, philox=self._philox(input.numel(), normal_counters))
 
     def extra_repr(self) -> str:
         return f"stddev={self.stddev}" + self._seed_repr()

@@ -58,6 +58,7 @@ backward is linear in dy, its own gradient the same operator); for batch norm,
 a backward taken with ``create_graph=True`` uses torch's ``native_batch_norm_backward``,
 whose own derivative torch provides.
 """
+import inspect
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -96,7 +97,7 @@ def _channels(x: Tensor) -> int:
 
 def _forward_channels(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                       running_var: Optional[Tensor]) -> int:
-    """x's channels, after torch's dtype rule for the tensors pybn's kernels take: weight,
+    """x's channels, after a shape check and torch's dtype rule for the tensors pybn's kernels take: weight,
     bias and the running statistics all of x's dtype, or all float32 beside a 16-bit x
     (torch's mixed precision); pybn's kernels could widen any float mix, but a model that
     runs only with pybn must also run without it (other devices and dtypes: torch's own
@@ -105,6 +106,10 @@ def _forward_channels(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     if pybn_takes(x):
         given = [(n, t) for n, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                                      ("running_var", running_var)) if t is not None]
+        for name, t in given:  # (in the fake implementations too: compile's error names the tensor)
+            if t.dim() != 1 or t.shape[0] != c:
+                raise ValueError(f"{name}: expected shape ({c},), one value per channel of x (shape "
+                                 f"{tuple(x.shape)}), got {tuple(t.shape)}")
         allowed = (x.dtype,) if x.dtype in PYBN_DTYPES else (x.dtype, torch.float32)
         for dtype in allowed:
             if all(t.dtype == dtype for _, t in given):
@@ -372,7 +377,14 @@ def _dropout_with(x: Tensor, p: float, counters: Tuple[int, int], noise_shape: O
     return in_form_of(x, src, y)
 
 
-dropout = torch.library.custom_op("pybn::dropout", mutates_args=())(_dropout_impl)
+# The operators that draw a seed from torch's default generator when philox is None are tagged
+# random: torch.compile then never recomputes them freely, and where it must (activation
+# checkpointing) it replays torch's generator state around the recomputation, which so draws
+# the forward's seed again (untagged, the backward used another mask: wrong gradients).
+RANDOM: Any = {"tags": (torch.Tag.nondeterministic_seeded,)} \
+    if "tags" in inspect.signature(torch.library.custom_op).parameters else {}  # (torch >= 2.5)
+
+dropout = torch.library.custom_op("pybn::dropout", mutates_args=(), **RANDOM)(_dropout_impl)
 
 
 def _float_cpu_copy(x: Tensor) -> Tensor:
@@ -501,7 +513,7 @@ def _relu_dropout_impl(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[T
     return _dropout_with(x, p, counters(used), None, relu=True), used
 
 
-relu_dropout = torch.library.custom_op("pybn::relu_dropout", mutates_args=())(_relu_dropout_impl)
+relu_dropout = torch.library.custom_op("pybn::relu_dropout", mutates_args=(), **RANDOM)(_relu_dropout_impl)
 
 
 @relu_dropout.register_fake
