@@ -152,10 +152,13 @@ def test_merged_integer_counts_past_2_63_are_exact():
     (np.full((2, C), 2**62 + 2**61, np.int64), np.float64(2 * (2**62 + 2**61))),   # past int64: float64
     (np.full((2, C), 2**63, np.uint64), np.float64(2**64)),                       # past uint64: float64
     (np.full((2, C), 2**62, np.uint64), np.uint64(2**63)),                        # fits: the counts' dtype
-    (np.full((3, C), 5, np.int64), np.int64(15))])
+    (np.full((3, C), 5, np.int64), np.int64(15)),
+    (np.full((3, C), 100, np.int8), np.int64(300)),                               # NumPy's int64 sum
+    (np.full((2, C), 2**31 - 1, np.int32), np.int64(2**32 - 2))])
 def test_merged_per_channel_integer_counts_do_not_wrap(counts, total):
     """The (W, C) form summed in the counts' dtype, which wrapped (2 * 2**63 gave 0 in uint64;
-    int64 totals came out negative and batch_norm_invstd called every worker empty)."""
+    int64 totals came out negative and batch_norm_invstd called every worker empty); exact
+    totals are NumPy's integer sums."""
     stats = pybn.batch_norm_merge_stats(counts, np.ones((counts.shape[0], C)), np.ones((counts.shape[0], C)))
     assert stats.count.dtype == total.dtype
     np.testing.assert_array_equal(stats.count, np.full(C, total))

@@ -134,3 +134,20 @@ def test_a_channel_count_mismatch_under_compile_names_the_tensor(training):
     bn = pnn.BatchNorm2d(3).train(training)
     with pytest.raises(Exception, match=r"weight: expected shape \(4,\)"):
         torch.compile(bn, backend="aot_eager")(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_momentum_none_under_compile_runs_the_hooks_once():
+    """The eager fallback called the module again: its hooks ran twice per step (a forward
+    hook doubling the output doubled it twice)."""
+    bn = pnn.BatchNorm1d(8, momentum=None)
+    calls = []
+    bn.register_forward_pre_hook(lambda m, args: calls.append(1))
+    bn.register_forward_hook(lambda m, args, out: out * 2)
+    eager = pnn.BatchNorm1d(8, momentum=None)
+    eager.register_forward_hook(lambda m, args, out: out * 2)
+    compiled = torch.compile(bn, backend="eager")
+    for _ in range(3):
+        x = torch.randn(16, 8)
+        torch.testing.assert_close(compiled(x), eager(x))
+    assert len(calls) == 3

@@ -72,8 +72,8 @@ def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
     -------
     BatchNormStats
         The statistics of all the values together: count (an int for integer counts of shape
-        (W,); for shape (W, C) an array of the counts' dtype, or float64 where an integer
-        total passes that dtype's range; float counts give float64), mean and m2 in float64.
+        (W,); for shape (W, C) an array of NumPy's integer sum (int64 or uint64), or float64
+        where a total passes its range; float counts give float64), mean and m2 in float64.
     """
     mean = float_array(mean, "mean").astype(np.float64, copy=False)
     m2 = float_array(m2, "m2").astype(np.float64, copy=False)
@@ -103,10 +103,12 @@ def _total_count(counts: np.ndarray) -> Any:
         return float(counts.sum()) if counts.ndim == 1 else counts.sum(axis=0, dtype=np.float64)
     if counts.ndim == 1:
         return sum(int(v) for v in counts)
-    if int(counts.max(initial=0)) * counts.shape[0] <= np.iinfo(counts.dtype).max:
-        return counts.sum(axis=0)
+    total = counts.sum(axis=0)  # (NumPy sums narrower integers in int64 / uint64)
+    limit = np.iinfo(total.dtype).max
+    if int(counts.max(initial=0)) * counts.shape[0] <= limit:
+        return total
     exact = [sum(int(v) for v in column) for column in counts.T]
-    return np.array(exact, counts.dtype if max(exact) <= np.iinfo(counts.dtype).max else np.float64)
+    return np.array(exact, total.dtype if max(exact) <= limit else np.float64)
 
 
 def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:

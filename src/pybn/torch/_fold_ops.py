@@ -29,6 +29,33 @@ _T_BATCH_NORM = ("input", "weight", "bias", "running_mean", "running_var", "trai
 _BINARY = ("input", "other")
 _PYBN_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "eps")
 
+def _as_call(op: Any) -> Any:
+    """`op` (operator.iadd...) as a function of this module: torch.fx prints a call of the
+    operator itself as ``a += b``, which rebinds the name a in the generated code -- wrong when
+    a is a number (a size) that is used again -- and a call of this one as a call."""
+    def call(a: Any, b: Any) -> Any:
+        return op(a, b)
+    call.__name__ = call.__qualname__ = op.__name__
+    call.__module__ = __name__
+    return call
+
+
+# Python's augmented assignments (``a += b``) as pybn's tracer records them: the graph's
+# function -> the operator (in place on a tensor, a new value for a number, as in Python)
+AUGMENTED: dict[Any, Any] = {_as_call(op): op for op in (
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift)}
+globals().update({call.__name__: call for call in AUGMENTED})  # (importable by name, as pickled graphs refer)
+
+
+def operator_of(target: Any) -> Any:
+    """The Python operator an augmented-assignment call of a graph stands for; else `target`."""
+    try:
+        return AUGMENTED.get(target, target)
+    except TypeError:  # (an unhashable target is none of them)
+        return target
+
+
 # target -> (what it computes, its argument names; None: the operator's schema)
 _FUNCTIONS: dict[Any, tuple[str, tuple[str, ...] | None]] = {
     torch.conv1d: ("conv", _CONV), torch.conv2d: ("conv", _CONV), torch.conv3d: ("conv", _CONV),
@@ -129,7 +156,7 @@ def op(node: Any) -> Op | None:
         return _bind(kind, _METHOD_ARGS, node)
     if node.op != "call_function":
         return None
-    target = node.target
+    target = operator_of(node.target)
     if target in _FUNCTIONALIZED:
         return _functionalized_op(node)
     try:
@@ -150,10 +177,16 @@ def _schema_names(overload: Any) -> tuple[str, ...]:
 
 
 def _bind(kind: str, names: tuple[str, ...], node: fx.Node, implied: dict[str, Any] | None = None) -> Op | None:
-    kwargs = {_RENAMED.get(k, k): v for k, v in node.kwargs.items()}
-    if len(node.args) > len(names) or any(k not in names for k in kwargs):
+    return _bind_arguments(kind, names, node.args, node.kwargs, implied)
+
+
+def _bind_arguments(kind: str, names: tuple[str, ...], args: Any, kwargs: Any,
+                    implied: dict[str, Any] | None) -> Op | None:
+    """The Op of a call of `kind` with these arguments (`names`: the positional ones' names)."""
+    kwargs = {_RENAMED.get(k, k): v for k, v in kwargs.items()}
+    if len(args) > len(names) or any(k not in names for k in kwargs):
         return None  # a call this table does not describe
-    bound = dict(zip(names, node.args))
+    bound = dict(zip(names, args))
     bound.update(kwargs)
     for k, v in (implied or {}).items():
         bound.setdefault(k, v)
@@ -194,14 +227,7 @@ def _functionalized_op(node: fx.Node) -> Op | None:
         elif not k.startswith("_"):  # (not a view's _size, _stride, _storage_offset)
             arguments[k] = v
     names = _schema_names(overload) if names is None else names
-    arguments = {_RENAMED.get(k, k): v for k, v in arguments.items()}
-    if any(k not in names for k in arguments):
-        return None
-    for k, v in _IMPLIED.get(overload, {}).items():
-        arguments.setdefault(k, v)
-    if kind == "batch_norm_tuple" and _fused(arguments):
-        arguments["fused input"] = arguments.pop("input", None)
-    return Op(kind, arguments)
+    return _bind_arguments(kind, names, (), arguments, _IMPLIED.get(overload))
 
 
 def _packet_op(packet: Any, node: fx.Node) -> Op | None:
@@ -234,7 +260,7 @@ def in_place(node: fx.Node) -> bool:
     """Whether the call changes its first argument (x.add_(c), operator.iadd, aten.add_)."""
     if node.op == "call_method":
         return str(node.target).endswith("_")
-    target = node.target
+    target = operator_of(node.target)
     if isinstance(target, torch._ops.OpOverload):
         return target._schema.is_mutable
     return getattr(target, "__name__", "").startswith("i") and getattr(target, "__module__", "") in ("operator",

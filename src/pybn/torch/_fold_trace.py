@@ -10,7 +10,6 @@ model's own forward must be traceable.
 from __future__ import annotations
 
 import collections
-import operator
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ._fold_modules import copy_sharing_parameters, global_hooks, has_hooks
+from ._fold_ops import AUGMENTED
 from ._fold_observe import first_line
 
 
@@ -49,7 +49,7 @@ class Tracer(fx.Tracer):
         return super().trace(root, concrete_args)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _Proxy(node, self)
+        return _InPlaceProxy(node, self)  # (augmented assignments kept in place)
 
     def _name(self, table: dict[int, tuple[torch.Tensor, str]], t: Any) -> str | None:
         found = table.get(id(t))
@@ -109,7 +109,7 @@ class Tracer(fx.Tracer):
             del self._proxy_cache[key]
 
 
-def trace(model: nn.Module, tracer: Tracer | None = None) -> tuple[fx.GraphModule | None, dict[str, str], str]:
+def trace(model: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]:
     """(the traced module, the modules called as a whole because they cannot be traced, "") or
     (None, {}, why torch.fx cannot trace `model`'s own forward faithfully).
 
@@ -119,7 +119,7 @@ def trace(model: nn.Module, tracer: Tracer | None = None) -> tuple[fx.GraphModul
     failure to trace.
     """
     before = state(model)
-    tracer = Tracer() if tracer is None else tracer
+    tracer = Tracer()
     try:
         graph = tracer.trace(model)
         traced = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -128,47 +128,25 @@ def trace(model: nn.Module, tracer: Tracer | None = None) -> tuple[fx.GraphModul
     changed = [name for name, value in state(model).items() if before.get(name) != value]
     if changed:
         return None, {}, f"forward changes {', '.join(sorted(changed)[:3])}, which a traced graph would not"
-    lost = lost_in_place(graph)
-    if lost:
-        return None, {}, lost
     return traced, tracer.opaque, ""
 
 
-def lost_in_place(graph: fx.Graph) -> str:
-    """Why the graph lacks an in-place change of forward's ("" if it does not): torch.fx records
-    `y += x` as y + x and rebinds the name y, so a later use of y's old value through another
-    name (`z = y` before it), which the change reached in forward, reads the unchanged value.
-    (For a Python number the `+=` made a new value, and the fallback is only cautious.)"""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for n in graph.nodes:
-        old = n.args[0] if n.meta.get(_AUGMENTED) and n.args else None
-        if isinstance(old, fx.Node) and any(order[u] > order[n] for u in old.users if u is not n):
-            return (f"forward changes {old.name} in place with an augmented assignment (`{n.name}`) and reads it "
-                    "again through another name, which torch.fx's trace does not see")
-    return ""
-
-
-_AUGMENTED = "pybn_augmented_assignment"  # node.meta key: the node is a `y op= x`
-
-
-class _Proxy(fx.Proxy):
-    """torch.fx's proxy, marking the nodes of augmented assignments (which it records as the
-    plain operator: Proxy has no in-place magic methods, so Python falls back to them)."""
-
-
-def _augmented(op: Any) -> Any:
-    def method(self: _Proxy, other: Any) -> Any:
-        result = self.tracer.create_proxy("call_function", op, (self, other), {})
-        result.node.meta[_AUGMENTED] = True
-        return result
+def _recorded(op: Any) -> Any:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
     return method
 
 
-for _name, _op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul), ("truediv", operator.truediv),
-                   ("floordiv", operator.floordiv), ("mod", operator.mod), ("pow", operator.pow),
-                   ("matmul", operator.matmul), ("and", operator.and_), ("or", operator.or_), ("xor", operator.xor),
-                   ("lshift", operator.lshift), ("rshift", operator.rshift)):
-    setattr(_Proxy, f"__i{_name}__", _augmented(_op))
+class _InPlaceProxy(fx.Proxy):
+    """A proxy that records ``a += b`` (and the other augmented assignments) as a call of the
+    in-place operator (``_fold_ops.AUGMENTED``). torch.fx's own proxies have no in-place
+    methods, so Python falls back to ``a = a + b``: the graph then loses the write, and any
+    other name for `a` (another variable, a view) keeps its old value, which the eager
+    forward would not."""
+
+
+for _call in AUGMENTED:
+    setattr(_InPlaceProxy, f"__{_call.__name__}__", _recorded(_call))  # __iadd__: iadd, ...
 
 
 def join(prefix: str, name: str) -> str:
@@ -227,7 +205,7 @@ def node_ranks(gm: fx.GraphModule, example_inputs: Any) -> tuple[dict[str, int],
     try:
         with torch.no_grad():
             out = Recording(copy_sharing_parameters(gm)).run(*inputs)
-    except Exception as exc:  # noqa: BLE001 - no ranks: the folds that need them are refused
+    except Exception as exc:  # noqa: BLE001 - a graph that cannot run what forward ran is not used
         return {}, f"running the traced graph on example_inputs failed ({type(exc).__name__}: {first_line(exc)})", None
     return ranks, "", out
 

@@ -23,7 +23,8 @@ from torch import Tensor, fx, nn
 
 from . import nn as pnn
 from ._fold_modules import global_hooks, has_hooks
-from ._fold_trace import Tracer, copy_hooks, trace
+from ._fold_ops import AUGMENTED, operator_of
+from ._fold_trace import copy_hooks, trace
 from .accelerate import accelerate
 
 __all__ = ["fuse_tails", "Fused", "block_tail", "relu_dropout_tail"]
@@ -33,6 +34,7 @@ logger = logging.getLogger("pybn.torch")
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_IN_PLACE_OPERATORS = set(AUGMENTED.values())
 _FUSED_FORWARDS = (pnn._BatchNormForward.forward, pnn.SyncBatchNorm.forward)
 
 
@@ -114,34 +116,6 @@ def fuse_tails(model: nn.Module, *, return_report: bool = False) -> nn.Module | 
     return (gm, report) if return_report else gm
 
 
-def _recorded(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
-    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy("call_function", op, (self, other), {})
-    return method
-
-
-class _InPlaceProxy(fx.Proxy):
-    """A proxy that records ``a += b`` (and the other augmented assignments) as the in-place
-    operator. torch.fx's own proxies have no in-place methods, so Python falls back to
-    ``a = a + b``: the graph then loses the write, and any other name for `a` keeps its old
-    value, which the eager forward would not."""
-
-
-# Python's augmented assignments (``a += b``: operator.iadd), in place on tensors
-_AUGMENTED = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-              operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-              operator.irshift)
-for _op in _AUGMENTED:
-    setattr(_InPlaceProxy, f"__{_op.__name__}__", _recorded(_op))  # __iadd__: operator.iadd, ...
-
-
-class _Tracer(Tracer):
-    """pybn.torch.fold's tracer, with in-place augmented assignments kept in place."""
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _InPlaceProxy(node, self)
-
-
 def _traced(model: nn.Module) -> Tuple[fx.GraphModule | None, str]:
     """The model traced with its modules' modes as they are, or (None, why not). Traced in
     training and in evaluation mode: a forward that reads ``self.training`` outside the
@@ -151,7 +125,7 @@ def _traced(model: nn.Module) -> Tuple[fx.GraphModule | None, str]:
         graphs = []
         for training in (True, False):
             model.train(training)
-            gm, _, why = trace(model, _Tracer())
+            gm, _, why = trace(model)
             if gm is None:
                 return None, f"torch.fx cannot trace its forward ({why})"
             graphs.append(gm)
@@ -286,12 +260,12 @@ def _other_addend(node: fx.Node, source: fx.Node) -> fx.Node | None:
     """The other operand when node is source + other or other + source (no alpha, no out;
     for an in-place add, source must be the operand written: `other += bn(x)` changes
     other, which a fused call would not)."""
-    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
-        (node.op == "call_method" and node.target == "add")
+    target = operator_of(node.target) if node.op == "call_function" else None
+    is_add = target in _ADD_FUNCTIONS or (node.op == "call_method" and node.target == "add")
     if not is_add or node.kwargs or len(node.args) != 2 or node.args[0] is node.args[1]:
         return None
     a, b = node.args
-    if node.target is operator.iadd and a is not source:
+    if target is operator.iadd and a is not source:
         return None
     other = b if a is source else a if b is source else None
     return other if isinstance(other, fx.Node) else None
@@ -335,7 +309,7 @@ def _writes_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
         return str(node.target).endswith("_")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        return node.target in _AUGMENTED or (name.endswith("_") and not name.endswith("__")) or \
+        return operator_of(node.target) in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")) or \
             any(v is True for v in (*node.args[1:], *node.kwargs.values())) or "out" in node.kwargs
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))

@@ -21,7 +21,7 @@ the mask's element count, with no draw from torch's generator. Kept values are s
 drawn, no offset advanced.
 """
 import math
-from typing import TYPE_CHECKING, Any, List, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, List, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -132,8 +132,11 @@ class _BatchNormForward(_BatchNormBase):
         if self.momentum is None and self.training and torch.compiler.is_compiling():
             # a cumulative average's momentum is another float every step, on which compiled
             # code guards (a new graph per step): the layer runs eagerly, as torch's own ends up
-            y: Tensor = _run_eagerly(self, input, residual, relu)
+            y: Tensor = _run_eagerly(self._forward, input, residual, relu)
             return y
+        return self._forward(input, residual, relu)
+
+    def _forward(self, input: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
         self._check_input_dim(input)  # type: ignore[no-untyped-call]  # (torch's, unannotated)
         momentum = self._momentum_for_this_call()
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -156,9 +159,9 @@ class _BatchNormForward(_BatchNormBase):
 
 
 @torch.compiler.disable  # type: ignore[untyped-decorator]  # (torch's, unannotated)
-def _run_eagerly(module: nn.Module, input: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
-    y: Tensor = module(input, residual, relu=relu)
-    return y
+def _run_eagerly(forward: Callable[..., Tensor], *args: Any) -> Tensor:
+    """forward(*args) outside the compiled graph (the module's hooks ran already)."""
+    return forward(*args)
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):

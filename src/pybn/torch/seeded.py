@@ -50,7 +50,8 @@ def rank_and_world_size(rank: object, world_size: object) -> Tuple[int, int]:
 class PinnedSeed:
     """``seed`` and ``offset`` properties and the ``[seed, offset]`` tensor of a call."""
 
-    _offset_t: Optional[Tensor] = None  # the next call's offset (int64, two's complement); None: no seed
+    _offset_t: Optional[Tensor] = None  # [the next call's offset] (int64, two's complement); None: no seed
+    _seed_t: Optional[Tensor] = None  # the seed as [seed] (int64), made once
     _seed: Optional[int] = None
 
     @property
@@ -61,7 +62,8 @@ class PinnedSeed:
     @seed.setter
     def seed(self, seed: Optional[int]) -> None:
         self._seed = None if seed is None else u64(seed, "seed")
-        self._offset_t = None if seed is None else torch.zeros((), dtype=torch.int64)
+        self._seed_t = None if self._seed is None else torch.tensor([as_int64(self._seed)], dtype=torch.int64)
+        self._offset_t = None if seed is None else torch.zeros(1, dtype=torch.int64)
 
     @property
     def offset(self) -> Optional[int]:
@@ -72,13 +74,13 @@ class PinnedSeed:
     def offset(self, offset: int) -> None:
         if self._seed is None:
             raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
-        self._offset_t = torch.tensor(as_int64(u64(offset, "offset")), dtype=torch.int64)
+        self._offset_t = torch.tensor([as_int64(u64(offset, "offset"))], dtype=torch.int64)
 
     def _pinned_philox(self, skip: Any = 0) -> Tensor:
         """``[seed, offset + skip]`` as int64 (a pinned seed only; int64 sums wrap as the
         uint64 counters do)."""
-        assert self._seed is not None and self._offset_t is not None
-        return torch.stack([torch.tensor(as_int64(self._seed), dtype=torch.int64), self._offset_t + skip])
+        assert self._seed_t is not None and self._offset_t is not None
+        return torch.cat([self._seed_t, self._offset_t + skip])
 
     def _advance(self, counters: Any) -> None:
         assert self._offset_t is not None
