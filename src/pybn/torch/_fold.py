@@ -227,8 +227,8 @@ def _ranks_and_check(traced: Any, seen: Any) -> tuple[dict[str, int] | None, str
     if failure:  # forward ran on these arguments: a graph that cannot is not the model
         return None, failure
     if not same_output(out, seen.output):
-        return None, ("its traced graph computes another result than forward on example_inputs (torch.fx "
-                      "records `x += y` on a tensor as x + y: a change seen through another name is lost)")
+        return None, ("its traced graph computes another result than forward on example_inputs (a change "
+                      "the trace does not record)")
     return ranks, ""
 
 

@@ -10,7 +10,6 @@ from typing import List, Optional
 
 from torch import Tensor, nn
 
-
 from . import ops as _ops
 from ._capture import leaf, prepare_scriptable
 from .seeded import PinnedSeed, mask_counters, rank_and_world_size

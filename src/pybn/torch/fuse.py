@@ -23,7 +23,7 @@ from torch import Tensor, fx, nn
 
 from . import nn as pnn
 from ._fold_modules import global_hooks, has_hooks
-from ._fold_ops import AUGMENTED, operator_of
+from ._fold_ops import in_place, operator_of
 from ._fold_trace import copy_hooks, trace
 from .accelerate import accelerate
 
@@ -34,7 +34,6 @@ logger = logging.getLogger("pybn.torch")
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_IN_PLACE_OPERATORS = set(AUGMENTED.values())
 _FUSED_FORWARDS = (pnn._BatchNormForward.forward, pnn.SyncBatchNorm.forward)
 
 
@@ -305,11 +304,11 @@ def _writes_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
     built with ``inplace=True``. (Any such write counts, not only one into the tensor at hand:
     which nodes view which others is not recorded in the graph, and such writes are rare
     between a tail's nodes.)"""
-    if node.op == "call_method":
-        return str(node.target).endswith("_")
+    if node.op in ("call_method", "call_function") and in_place(node):
+        return True
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        return operator_of(node.target) in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")) or \
+        return (name.endswith("_") and not name.endswith("__")) or \
             any(v is True for v in (*node.args[1:], *node.kwargs.values())) or "out" in node.kwargs
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))

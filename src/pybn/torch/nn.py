@@ -29,12 +29,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-
 from . import ops as _ops
 from . import residual as _residual
 from . import _transforms
 from ._capture import leaf, prepare_scriptable
-from .seeded import as_int64, mask_counters, u64
+from .seeded import PinnedSeed, mask_counters
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
            "Dropout3d", "batch_norm", "batch_norm_add_relu", "dropout"]
@@ -251,43 +250,17 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     return input.copy_(y) if inplace else y
 
 
-class _DropoutForward(_DropoutBase):
+class _DropoutForward(PinnedSeed, _DropoutBase):
     """Shared by the dropout classes: the mask's shape for this input (None: torch's own
-    function handles it), and the optional pinned Philox stream."""
+    function handles it), and the optional pinned Philox stream (seed.py)."""
 
     __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: a TypeError saying what to script instead
 
     _spatial: Optional[int] = None  # channel-wise dropout over this many spatial dims; None: element-wise
-    _philox: Optional[Tensor] = None  # the pinned [seed, offset] (int64), or None
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *, seed: Optional[int] = None) -> None:
         super().__init__(p, inplace)
         self.seed = seed
-
-    @property
-    def seed(self) -> Optional[int]:
-        """The pinned Philox seed, or None: a fresh seed from torch's generator per call."""
-        return None if self._philox is None else int(self._philox[0]) % 2**64
-
-    @seed.setter
-    def seed(self, seed: Optional[int]) -> None:
-        if seed is None:
-            self._philox = None
-            return
-        seed = u64(seed, "seed")
-        self._philox = torch.tensor([as_int64(seed), 0], dtype=torch.int64)
-
-    @property
-    def offset(self) -> Optional[int]:
-        """The Philox offset of the next training call (pinned seed only, else None)."""
-        return None if self._philox is None else int(self._philox[1]) % 2**64
-
-    @offset.setter
-    def offset(self, offset: int) -> None:
-        if self._philox is None:
-            raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
-        self._philox = torch.tensor([int(self._philox[0]), as_int64(u64(offset, "offset"))],
-                                    dtype=torch.int64)
 
     @leaf
     def forward(self, input: Tensor, relu: bool = False) -> Tensor:
@@ -306,11 +279,10 @@ class _DropoutForward(_DropoutBase):
             # return a view, and an in-place call on a leaf that requires grad an error)
             unbatched = self._spatial is not None and input.dim() == self._spatial + 1
             return self._torch_forward(input) if unbatched else input
-        philox = self._philox
+        philox = None if self._seed is None else self._pinned_philox()
         y = _ops.relu_dropout_call(input, self.p, philox) if relu else _ops.dropout_call(input, self.p, philox, noise)
         if philox is not None:
-            n = math.prod(noise) if noise is not None else input.numel()
-            self._philox = torch.cat([philox[:1], philox[1:] + mask_counters(n)])  # (n may be symbolic: no int of it)
+            self._advance(mask_counters(math.prod(noise) if noise is not None else input.numel()))
         return input.copy_(y) if self.inplace and not relu else y
 
     def _noise_shape(self, input: Tensor) -> Union[List[int], Literal[False], None]:
@@ -330,8 +302,7 @@ class _DropoutForward(_DropoutBase):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        return text if self.seed is None else f"{text}, seed={self.seed}"
+        return super().extra_repr() + self._seed_repr()
 
 
 class Dropout(_DropoutForward, nn.Dropout):

@@ -107,8 +107,7 @@ def _forward_channels(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     if all(t is None or (t.dtype == x.dtype and t.shape == (c,)) for t in tensors):  # (the common call)
         return c
     if pybn_takes(x):
-        given = [(n, t) for n, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                                     ("running_var", running_var)) if t is not None]
+        given = [(n, t) for n, t in zip(("weight", "bias", "running_mean", "running_var"), tensors) if t is not None]
         for name, t in given:  # (in the fake implementations too: compile's error names the tensor)
             if t.dim() != 1 or t.shape[0] != c:
                 raise ValueError(f"{name}: expected shape ({c},), one value per channel of x (shape "
