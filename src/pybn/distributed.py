@@ -41,7 +41,8 @@ from .batchnorm_split import (_update_running_stats, batch_norm_apply, batch_nor
                               batch_norm_backward_reduce, batch_norm_invstd, batch_norm_merge_stats, batch_norm_stats)
 from . import _C
 from ._checks import in_place, written_apart
-from .nn import BatchNorm, _check_dy
+from .nn import BatchNorm
+from .nn._layer import _check_dy
 
 __all__ = ["SyncBatchNorm"]
 

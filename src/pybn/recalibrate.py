@@ -19,7 +19,8 @@ import numpy as np
 
 from ._checks import integer
 from .batchnorm_split import BatchNormStats, batch_norm_merge_stats, batch_norm_stats
-from .nn import BatchNorm, _Layer
+from .nn import BatchNorm
+from .nn._layer import _Layer
 
 __all__ = ["recalibrate"]
 

@@ -1,0 +1,89 @@
+"""What the layers share: train/eval, the forward call, the check of dy against the last
+forward, and the checks of seeds and ranks."""
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .._checks import flag, float_array, integer
+
+_U64 = 1 << 64
+_L = TypeVar("_L", bound="_Layer")
+
+
+class _Layer:
+    """Mode switching shared by the layers (PyTorch's ``nn.Module.train`` / ``eval``)."""
+
+    training: bool = True
+
+    def train(self: _L, mode: bool = True) -> _L:
+        """Set training mode (``mode=False`` is :meth:`eval`).
+
+        Parameters
+        ----------
+        mode : bool, default True
+
+        Returns
+        -------
+        self
+        """
+        self.training = flag(mode, "mode")
+        return self
+
+    def eval(self: _L) -> _L:
+        """Set evaluation (inference) mode.
+
+        Returns
+        -------
+        self
+        """
+        return self.train(False)
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """The forward pass, ``self.forward(x, ...)``."""
+        return self.forward(x, *args, **kwargs)
+
+    def forward(self, x: Any) -> np.ndarray:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _saved_or_raise(self, saved: Any) -> Any:
+        # PyTorch raises RuntimeError when there is no graph to differentiate through.
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: called before any forward pass "
+                               "(nothing saved to differentiate)")
+        return saved
+
+
+def _check_dy(dy: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """dy must match the last forward's input exactly; say so in the layer's own terms."""
+    array = float_array(dy, "dy")
+    if array.shape != shape:
+        raise ValueError(f"dy: shape {array.shape} does not match the last forward's input {shape}")
+    if array.dtype != dtype:
+        raise TypeError(f"dy: dtype {array.dtype} does not match the last forward's input ({dtype})")
+    return array
+
+
+def _u64(value: Any, name: str) -> int:
+    v = integer(value, name)
+    if not 0 <= v < _U64:
+        raise ValueError(f"{name}: must be in [0, 2**64), got {v}")
+    return v
+
+
+def _seed_or_entropy(seed: Any) -> int:
+    """`seed` checked, or (None) a fresh one from the operating system's entropy."""
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+    return _u64(seed, "seed")
+
+
+def _rank_and_world_size(rank: Any, world_size: Any) -> tuple[int, int]:
+    w = integer(world_size, "world_size")
+    if w < 1:
+        raise ValueError(f"world_size: must be >= 1, got {w}")
+    r = integer(rank, "rank")
+    if not 0 <= r < w:
+        raise ValueError(f"rank: must be in [0, world_size) = [0, {w}), got {r}")
+    return r, w
