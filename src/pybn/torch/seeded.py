@@ -3,10 +3,13 @@ modules share: without a seed every training call draws one from torch's default
 generator; with ``seed=...`` the calls walk ``(seed, offset)``, each advancing ``offset`` by
 the counters it used (docs/dropout.md).
 
-The offset is kept in a tensor, as pybn.torch.nn.Dropout keeps its ``[seed, offset]``, and
-counted in torch's integer arithmetic: torch.compile guards on a Python int it reads (a new
-graph for every offset, one per call) and fixes a size pybn's own checks read (one graph
-per batch size under ``dynamic=True``), but keeps tensors and symbolic sizes as they are.
+The offset is kept in a tensor and counted in torch's integer arithmetic: torch.compile
+guards on a Python int it reads (a new graph for every offset, one per call) and fixes a
+size pybn's own checks read (one graph per batch size under ``dynamic=True``), but keeps
+tensors and symbolic sizes as they are. That tensor is a non-persistent buffer advanced in
+place, which torch.export records as a mutation (an attribute rebound to a new tensor it
+does not: every call of the exported program would draw the masks of one offset); being
+non-persistent it stays out of state_dict, so checkpoints are those of the stock modules.
 """
 from typing import Any, Optional, Tuple
 
@@ -47,12 +50,22 @@ def rank_and_world_size(rank: object, world_size: object) -> Tuple[int, int]:
     return rank, world_size
 
 
+def _counter_tensor(value: int) -> Tensor:
+    """[value] as int64, a normal tensor even when made in inference mode (it is advanced in
+    place, which an inference tensor refuses outside inference mode)."""
+    with torch.inference_mode(False):
+        return torch.tensor([as_int64(value)], dtype=torch.int64)
+
+
 class PinnedSeed:
     """``seed`` and ``offset`` properties and the ``[seed, offset]`` tensor of a call."""
 
-    _offset_t: Optional[Tensor] = None  # [the next call's offset] (int64, two's complement); None: no seed
+    # [the next call's offset] (int64, two's complement), a buffer (see the module docstring);
+    # absent or None: no seed
+    _offset_t: Optional[Tensor]
     _seed_t: Optional[Tensor] = None  # the seed as [seed] (int64), made once
     _seed: Optional[int] = None
+    _buffers: "dict[str, Optional[Tensor]]"
 
     @property
     def seed(self) -> Optional[int]:
@@ -62,29 +75,44 @@ class PinnedSeed:
     @seed.setter
     def seed(self, seed: Optional[int]) -> None:
         self._seed = None if seed is None else u64(seed, "seed")
-        self._seed_t = None if self._seed is None else torch.tensor([as_int64(self._seed)], dtype=torch.int64)
-        self._offset_t = None if seed is None else torch.zeros(1, dtype=torch.int64)
+        self._seed_t = None if self._seed is None else _counter_tensor(self._seed)
+        self._set_offset_tensor(None if seed is None else _counter_tensor(0))
 
     @property
     def offset(self) -> Optional[int]:
         """The Philox offset of the next training call (pinned seed only, else None)."""
-        return None if self._offset_t is None else int(self._offset_t) % U64
+        offset_t = self._offset_tensor()
+        return None if offset_t is None else int(offset_t) % U64
 
     @offset.setter
     def offset(self, offset: int) -> None:
         if self._seed is None:
             raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
-        self._offset_t = torch.tensor([as_int64(u64(offset, "offset"))], dtype=torch.int64)
+        self._set_offset_tensor(_counter_tensor(u64(offset, "offset")))
+
+    def _offset_tensor(self) -> Optional[Tensor]:
+        # (a module made a pybn one by accelerate has none yet; one unpickled from before the
+        # buffer has it as a plain attribute)
+        return getattr(self, "_offset_t", None)
+
+    def _set_offset_tensor(self, offset_t: Optional[Tensor]) -> None:
+        self.__dict__.pop("_offset_t", None)
+        if "_offset_t" in self._buffers:
+            self._buffers["_offset_t"] = offset_t
+        else:
+            self.register_buffer("_offset_t", offset_t, persistent=False)  # type: ignore[attr-defined]
 
     def _pinned_philox(self, skip: Any = 0) -> Tensor:
         """``[seed, offset + skip]`` as int64 (a pinned seed only; int64 sums wrap as the
         uint64 counters do)."""
-        assert self._seed_t is not None and self._offset_t is not None
-        return torch.cat([self._seed_t, self._offset_t + skip])
+        offset_t = self._offset_tensor()
+        assert self._seed_t is not None and offset_t is not None
+        return torch.cat([self._seed_t, offset_t + skip])
 
     def _advance(self, counters: Any) -> None:
-        assert self._offset_t is not None
-        self._offset_t = self._offset_t + counters
+        offset_t = self._offset_tensor()
+        assert offset_t is not None
+        offset_t.add_(counters)
 
     def _seed_repr(self) -> str:
         return "" if self._seed is None else f", seed={self._seed}"
