@@ -315,9 +315,15 @@ class GraphEditor:
         return self._shapes
 
     def _model_for_inference(self) -> Any:
-        """The graph as edited so far, without the model's value_info, output shapes and weights."""
+        """The graph as edited so far, without the model's value_info, output shapes and weights.
+        An initializer that is also a graph input is only a default the caller may replace (a
+        Reshape's shape, say): inference sees the input, not the default's value."""
         m = light_copy(self.model, big_initializers="inputs")
         g = m.graph
+        kept = [t for t in g.initializer if t.name not in self.inputs]
+        if len(kept) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(kept)
         del g.node[:]
         g.node.extend(self.ordered())
         del g.value_info[:]
