@@ -60,36 +60,6 @@ def test_a_pinned_stream_compiles_once_and_walks_as_in_eager(name, dynamic):
 
 
 
-@pytest.mark.parametrize("name", sorted(SEEDED))
-def test_an_exported_pinned_stream_walks_as_in_eager(name):
-    """torch.export did not record a rebound offset attribute: every call of the exported
-    program drew the masks of the offset at export (and torch warned that the attribute must
-    be a buffer). The offset is a non-persistent buffer advanced in place: the exported
-    program's calls are the eager module's, and checkpoints keep the stock keys."""
-    eager, exported_module = SEEDED[name](), SEEDED[name]()
-    x = torch.randn(16, 3, 8, 8)  # (16 samples: DropPath's masks of two calls differ)
-    exported = torch.export.export(exported_module, (x,)).module()
-    outputs = [exported(x) for _ in range(3)]
-    for got in outputs:
-        torch.testing.assert_close(got, eager(x), rtol=0, atol=0)
-    assert not torch.equal(outputs[0], outputs[1])
-    assert int(dict(exported.named_buffers())["_offset_t"]) == eager.offset
-    assert exported_module.state_dict().keys() == SEEDED[name]().state_dict().keys()
-    assert "_offset_t" not in exported_module.state_dict()
-
-
-def test_a_pinned_stream_made_in_inference_mode_advances_outside_it():
-    """The offset is advanced in place, which an inference tensor refuses outside inference
-    mode: a seed or offset set inside torch.inference_mode() (MC-dropout's) makes a normal
-    tensor."""
-    with torch.inference_mode():
-        drop = pnn.Dropout(0.5, seed=3)
-        drop(torch.ones(2, 64))
-        drop.offset = 5
-    drop(torch.ones(2, 64))
-    assert drop.offset == 5 + pybn.counters_used(128)
-
-
 # (dynamo resuming after torch's own graph break at float(num_batches_tracked) reads a .grad)
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_momentum_none_compiles_once_and_matches_eager():

@@ -7,7 +7,9 @@ any other layout is made contiguous once. Results are allocated in the layout us
 of 4 MiB or more advised for transparent huge pages as NumPy advises its own arrays
 (docs/pytorch.md, "Memory allocator").
 """
-from typing import Callable, Optional
+import functools
+import inspect
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -126,3 +128,25 @@ def in_layout(t: Tensor, last: bool) -> Tensor:
     if is_wrapped(t):
         return t.movedim(1, -1).contiguous().movedim(-1, 1) if last else t.contiguous()
     return empty(t, last).copy_(t)
+
+
+_Fake = TypeVar("_Fake", bound=Callable[..., Any])
+
+
+def meta_with_meta(fake: _Fake) -> _Fake:
+    """A fake implementation that refuses meta tensors beside real ones. It runs for
+    FakeTensors (tracing) and whenever one argument is a meta tensor; beside a real x it
+    would return real tensors left uninitialized (and never update running statistics)."""
+    names = list(inspect.signature(fake).parameters)
+
+    @functools.wraps(fake)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        tensors = [(n, a) for n, a in [*zip(names, args), *kwargs.items()] if isinstance(a, Tensor)]
+        meta = [n for n, t in tensors if t.device.type == "meta"]
+        real = [(n, t.device) for n, t in tensors if t.device.type != "meta"]
+        if meta and real:
+            raise ValueError(f"{meta[0]}: a meta tensor (shapes without values) beside {real[0][0]} on "
+                             f"{real[0][1]}: give every tensor on one device")
+        return fake(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]

@@ -73,9 +73,7 @@ class StochasticDepth(PinnedSeed, nn.Module):
             return stochastic_depth(input, self.p, self.mode, True)
         used = mask_counters(noise[0] if self.mode == "row" else 1)
         rank, stride = (self.rank, self.world_size) if self.mode == "row" else (0, 1)
-        y = stochastic_depth(input, self.p, self.mode, True, philox=self._pinned_philox(rank * used))
-        self._advance(stride * used)
-        return y
+        return stochastic_depth(input, self.p, self.mode, True, philox=self._take(rank * used, stride * used))
 
     def extra_repr(self) -> str:
         text = f"p={self.p}, mode={self.mode}"

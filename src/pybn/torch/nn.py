@@ -279,10 +279,9 @@ class _DropoutForward(PinnedSeed, _DropoutBase):
             # return a view, and an in-place call on a leaf that requires grad an error)
             unbatched = self._spatial is not None and input.dim() == self._spatial + 1
             return self._torch_forward(input) if unbatched else input
-        philox = None if self._seed is None else self._pinned_philox()
+        philox = None if self._seed is None else \
+            self._take(stride=mask_counters(math.prod(noise) if noise is not None else input.numel()))
         y = _ops.relu_dropout_call(input, self.p, philox) if relu else _ops.dropout_call(input, self.p, philox, noise)
-        if philox is not None:
-            self._advance(mask_counters(math.prod(noise) if noise is not None else input.numel()))
         return input.copy_(y) if self.inplace and not relu else y
 
     def _noise_shape(self, input: Tensor) -> Union[List[int], Literal[False], None]:

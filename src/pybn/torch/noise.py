@@ -26,7 +26,7 @@ from . import _regenerated
 from ._eager import direct_call
 from ._capture import leaf, prepare_scriptable
 from ._transforms import operator, register_autograd
-from ._layout import channels_last_physical, empty, in_layout, pybn_takes
+from ._layout import channels_last_physical, empty, in_layout, meta_with_meta, pybn_takes
 from ._regenerated import Kernel, Regenerated
 from .ops import RANDOM, _float_cpu_copy, counters, in_form_of, philox_used
 from .seeded import PinnedSeed, mask_counters, normal_counters
@@ -95,12 +95,13 @@ def _gaussian_noise_op(x: Tensor, stddev: float, philox: Optional[Tensor]) -> Tu
     return _elementwise(x, philox, _gaussian_noise(stddev).forward)
 
 
-_alpha_dropout_op.register_fake(_fake)
-_gaussian_dropout_op.register_fake(_fake)
-_gaussian_noise_op.register_fake(_fake)
+_alpha_dropout_op.register_fake(meta_with_meta(_fake))
+_gaussian_dropout_op.register_fake(meta_with_meta(_fake))
+_gaussian_noise_op.register_fake(meta_with_meta(_fake))
 
 
 @_alpha_dropout_backward_op.register_fake
+@meta_with_meta
 def _(dy: Tensor, p: float, philox: Tensor) -> Tensor:
     return empty(dy, channels_last_physical(dy))
 
@@ -215,9 +216,7 @@ class _SeededNoise(PinnedSeed):
         """This call's [seed, offset] (None without a pinned seed); advances offset."""
         if self._seed is None:
             return None
-        philox = self._pinned_philox()
-        self._advance(counters(n))
-        return philox
+        return self._take(stride=counters(n))
 
 
 class AlphaDropout(_SeededNoise, nn.AlphaDropout):

@@ -11,12 +11,14 @@ place, which torch.export records as a mutation (an attribute rebound to a new t
 does not: every call of the exported program would draw the masks of one offset); being
 non-persistent it stays out of state_dict, so checkpoints are those of the stock modules.
 """
-from typing import Any, Optional, Tuple
+import threading
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 U64 = 1 << 64
+_TAKING = threading.Lock()  # held while a call reads and advances its module's offset
 
 
 def u64(value: object, name: str) -> int:
@@ -54,7 +56,21 @@ def _counter_tensor(value: int) -> Tensor:
     """[value] as int64, a normal tensor even when made in inference mode (it is advanced in
     place, which an inference tensor refuses outside inference mode)."""
     with torch.inference_mode(False):
-        return torch.tensor([as_int64(value)], dtype=torch.int64)
+        return torch.tensor([as_int64(value)], dtype=torch.int64, device="cpu")  # (even under torch.device("meta"))
+
+
+def _in_place(offset_t: Tensor) -> bool:
+    """Whether to advance the offset in place, which torch.export records (it does not record
+    a buffer rebound to a new tensor). Not under torch.func's transforms, which refuse to
+    write a captured tensor, nor under torch.compile: a compiled checkpointed region would
+    recompute the forward from the written offset (another mask), where a rebound one makes
+    dynamo refuse the region."""
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return not torch.compiler.is_compiling() or _is_exporting()
+
+
+_is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch >= 2.5)
 
 
 class PinnedSeed:
@@ -102,17 +118,43 @@ class PinnedSeed:
         else:
             self.register_buffer("_offset_t", offset_t, persistent=False)  # type: ignore[attr-defined]
 
-    def _pinned_philox(self, skip: Any = 0) -> Tensor:
-        """``[seed, offset + skip]`` as int64 (a pinned seed only; int64 sums wrap as the
-        uint64 counters do)."""
+    def _take(self, skip: Any = 0, stride: Any = 0) -> Tensor:
+        """This call's ``[seed, offset + skip]`` (int64; int64 sums wrap as the uint64 counters
+        do), the offset advanced by `stride` in the same step: calls from other threads never
+        read the same offset (torch's generator is locked the same way)."""
         offset_t = self._offset_tensor()
         assert self._seed_t is not None and offset_t is not None
-        return torch.cat([self._seed_t, offset_t + skip])
+        if torch.compiler.is_compiling():  # (one graph's calls run in order; dynamo traces no lock)
+            return self._take_unlocked(offset_t, skip, stride)
+        if torch._C._current_autograd_node() is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}(seed=...): called during a backward pass, as torch.utils.checkpoint "
+                "recomputes a forward: a pinned stream cannot draw the forward's masks again (torch's checkpoint "
+                "restores only torch's generator). Leave seed=None in checkpointed code: seeds drawn from the "
+                "generator are replayed.")
+        with _TAKING:
+            return self._take_unlocked(offset_t, skip, stride)
 
-    def _advance(self, counters: Any) -> None:
+    def _take_unlocked(self, offset_t: Tensor, skip: Any, stride: Any) -> Tensor:
+        assert self._seed_t is not None
+        philox = torch.cat([self._seed_t.to(offset_t.device), offset_t + skip])  # (the buffer follows .to())
+        if _in_place(offset_t):
+            offset_t.add_(stride)
+        else:
+            self._set_offset_tensor(offset_t + stride)
+        return philox
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # The offset's value survives what replaces every tensor of a module: to_empty() after
+        # a construction on the meta device would leave it uninitialized memory
         offset_t = self._offset_tensor()
-        assert offset_t is not None
-        offset_t.add_(counters)
+        offset = None if offset_t is None or offset_t.device.type == "meta" else self.offset
+        module = super()._apply(fn, recurse)  # type: ignore[misc]
+        offset_t = self._offset_tensor()
+        if offset is not None and offset_t is not None and offset_t.device.type != "meta":
+            with torch.no_grad():
+                offset_t.fill_(as_int64(offset))
+        return module
 
     def _seed_repr(self) -> str:
         return "" if self._seed is None else f", seed={self._seed}"

@@ -1,0 +1,128 @@
+"""pybn.torch's pinned streams (modules built with ``seed=...``) where a user's program meets
+them: torch.export, threads sharing a module, activation checkpointing, construction on the
+meta device, inference mode. The offset is a non-persistent buffer advanced in place under a
+lock (src/pybn/torch/seeded.py)."""
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+import pybn  # noqa: E402
+import pybn.torch.nn as pnn  # noqa: E402
+from test_torch_compile_modules import SEEDED  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(SEEDED))
+def test_an_exported_pinned_stream_walks_as_in_eager(name):
+    """torch.export did not record a rebound offset attribute: every call of the exported
+    program drew the masks of the offset at export (and torch warned that the attribute must
+    be a buffer). The offset is a non-persistent buffer advanced in place: the exported
+    program's calls are the eager module's, and checkpoints keep the stock keys."""
+    eager, exported_module = SEEDED[name](), SEEDED[name]()
+    x = torch.randn(16, 3, 8, 8)  # (16 samples: DropPath's masks of two calls differ)
+    exported = torch.export.export(exported_module, (x,)).module()
+    outputs = [exported(x) for _ in range(3)]
+    for got in outputs:
+        torch.testing.assert_close(got, eager(x), rtol=0, atol=0)
+    assert not torch.equal(outputs[0], outputs[1])
+    assert int(dict(exported.named_buffers())["_offset_t"]) == eager.offset
+    assert exported_module.state_dict().keys() == SEEDED[name]().state_dict().keys()
+    assert "_offset_t" not in exported_module.state_dict()
+
+
+@pytest.mark.parametrize("name", sorted(SEEDED))
+def test_threads_sharing_a_pinned_module_never_share_counters(name):
+    """Two threads calling one pinned module read the offset, ran the kernel (the GIL
+    released) and advanced it after: 61 of 600 Dropout masks were the same and advances were
+    lost. The offset is read and advanced under a lock: every call its own counters."""
+    module, n_calls = SEEDED[name](), 150
+    x = torch.ones(64, 3, 8, 8)
+    outputs = [[], []]
+    barrier = threading.Barrier(2)
+
+    def work(out):
+        barrier.wait()
+        for _ in range(n_calls):
+            out.append(module(x).numpy().tobytes())
+
+    threads = [threading.Thread(target=work, args=(out,)) for out in outputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    one_thread = SEEDED[name]()
+    want = {one_thread(x).numpy().tobytes() for _ in range(2 * n_calls)}
+    assert set(outputs[0]) | set(outputs[1]) == want and len(want) == 2 * n_calls
+    assert module.offset == one_thread.offset
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpoint_recomputing_a_pinned_stream_is_refused(reentrant):
+    """torch.utils.checkpoint recomputed the forward with the offset advanced: another mask,
+    weight gradients silently wrong. A pinned stream cannot replay (checkpoint restores only
+    torch's generator): the recomputation raises, naming the way out; drawn seeds replay."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), pnn.Dropout(0.5, seed=3), nn.Tanh())
+    x = torch.randn(4, 16, requires_grad=True)
+    y = checkpoint(model, x, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match=r"Dropout\(seed=\.\.\.\): called during a backward pass.*seed=None"):
+        y.sum().backward()
+    model[1].seed = None  # seeds drawn from torch's generator, which checkpoint restores
+    reference = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(5)
+    checkpoint(model, x, use_reentrant=reentrant).sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plain = nn.Sequential(nn.Linear(16, 16), pnn.Dropout(0.5), nn.Tanh())
+    with torch.no_grad():
+        for p, r in zip(plain.parameters(), reference):
+            p.copy_(r)
+    torch.manual_seed(5)
+    plain(x).sum().backward()
+    for g, p in zip(got, plain.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(SEEDED))
+def test_a_pinned_module_made_on_the_meta_device_starts_at_its_offset(name):
+    """Built under torch.device("meta") the seed and offset tensors were meta: after
+    to_empty(device="cpu") a call raised on .item() or returned uninitialized memory (the
+    operators' fake implementations ran). They are CPU tensors, and the offset keeps its
+    value through to_empty (moved to the meta device it has none, as any buffer)."""
+    with torch.device("meta"):
+        module = SEEDED[name]()
+    module.to_empty(device="cpu")
+    assert module.offset == 0
+    x = torch.ones(4, 3, 8, 8)
+    torch.testing.assert_close(module(x), SEEDED[name]()(x), rtol=0, atol=0)
+    offset = module.offset
+    module.to(torch.float64).to_empty(device="cpu")  # (fresh tensors for every parameter and buffer)
+    assert module.offset == offset
+
+
+def test_operators_refuse_meta_tensors_beside_real_ones():
+    """A meta tensor beside a real x sent the call to the fake implementation, which returned
+    a real, uninitialized y (and left the running statistics alone)."""
+    x = torch.ones(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="^philox: a meta tensor .* beside x on cpu"):
+        torch.ops.pybn.dropout(x, 0.5, torch.zeros(2, dtype=torch.int64, device="meta"), None)
+    meta = torch.ones(3, device="meta")
+    with pytest.raises(ValueError, match="^running_mean: a meta tensor"):
+        torch.ops.pybn.batch_norm_train(x, None, None, meta, meta, 0.1, 1e-5)
+    y, mean, _ = torch.ops.pybn.batch_norm_train(x.to("meta"), None, None, meta, meta, 0.1, 1e-5)
+    assert y.device.type == mean.device.type == "meta" and y.shape == x.shape
+
+
+def test_a_pinned_stream_made_in_inference_mode_advances_outside_it():
+    """The offset is advanced in place, which an inference tensor refuses outside inference
+    mode: a seed or offset set inside torch.inference_mode() (MC-dropout's) makes a normal
+    tensor."""
+    with torch.inference_mode():
+        drop = pnn.Dropout(0.5, seed=3)
+        drop(torch.ones(2, 64))
+        drop.offset = 5
+    drop(torch.ones(2, 64))
+    assert drop.offset == 5 + pybn.counters_used(128)
