@@ -489,6 +489,37 @@ def test_bn_gemm_transA_not_folded(rng):
     assert ops(folded)["BatchNormalization"] == 1
 
 
+
+@pytest.mark.parametrize("layer", ["Gemm", "MatMul", "Conv"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_batch_norm_far_from_zero_stays_before_its_layer(rng, layer, dtype):
+    """Folded into the layer after it, a batch norm whose mean is many standard deviations from
+    0 makes the layer sum terms that large and cancel them: float16 outputs 7x (10 std), 60x
+    (100 std) the unfolded error. Past 8 standard deviations the pair is left, saying why;
+    at 7 it folds, within the usual tolerance."""
+    c, k = 6, 5
+    x_shape = [3, c] if layer != "Conv" else [3, c, 4, 4]
+    w_shape = (k, c) if layer == "Gemm" else (c, k) if layer == "MatMul" else (k, c, 1, 1)
+    nodes = [bn_node("x", "h"), helper.make_node(layer, ["h", "w"], ["y"], name="layer",
+                                                 **({"transB": 1} if layer == "Gemm" else {}))]
+    var = rng.uniform(0.5, 2.0, c)
+    elem = TensorProto.FLOAT16 if dtype == np.float16 else F32
+    y_shape = [3, k] if layer != "Conv" else [3, k, 4, 4]
+    for stds, folds in ((7.0, True), (20.0, False)):
+        mean = stds * np.sqrt(var + 1e-3) * rng.choice([-1.0, 1.0], c)
+        inits = [tensor("w", weight(rng, w_shape, c), dtype), tensor("bn.scale", rng.uniform(0.5, 1.5, c), dtype),
+                 tensor("bn.bias", rng.normal(size=c), dtype), tensor("bn.mean", mean, dtype),
+                 tensor("bn.var", var, dtype)]
+        model = make_model(nodes, [vinfo("x", x_shape, elem)], [vinfo("y", y_shape, elem)], inits)
+        x = (mean.reshape([1, c] + [1] * (len(x_shape) - 2)) +
+             rng.normal(size=x_shape) * np.sqrt(var).reshape([1, c] + [1] * (len(x_shape) - 2))).astype(dtype)
+        tol = 3e-2 if dtype == np.float16 else 1e-4
+        folded, report = fold_and_compare(model, {"x": x}, [f"BatchNormalization+{layer}"] if folds else [],
+                                          rtol=tol, atol=tol)
+        if not folds:
+            assert "standard deviations from 0 (channels 0, 1, 2, 3, 4, ... (6 of 6))" in reasons(report)["bn"]
+
+
 def test_gemm_bn_gemm_chain(rng):
     """Gemm -> BN -> Gemm: the BN goes into the Gemm before it."""
     model, feeds = gemm_model(rng, transB=1)

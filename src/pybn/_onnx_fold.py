@@ -380,6 +380,19 @@ class Folder(AffineRules, BranchRules):
             return self._bn_matmul(bn, nxt)
         return self._bn_conv(bn, nxt)
 
+    def _fold_before(self, bn: Affine, layer: Any, dtype: np.dtype, weight: np.ndarray, bias: np.ndarray | None
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(weight, bias) of `layer` with `bn` before it, float64; None once it says why not."""
+        folded = bn.fold_before(weight, bias)
+        if isinstance(folded, str):
+            self._no(bn.node, folded, layer)
+            return None
+        problem = overflow(dtype, *folded)
+        if problem:
+            self._no(bn.node, problem, layer)
+            return None
+        return folded
+
     def _bn_gemm(self, bn: Affine, gemm: Any) -> bool:
         if attr(gemm, "transA", 0):  # then BN's channels are Gemm's rows, not its contraction axis
             return self._no(bn.node, "transA=1: the batch norm's channels are the rows of the product", gemm)
@@ -389,10 +402,10 @@ class Folder(AffineRules, BranchRules):
         if ops[0].shape[1] != bn.channels:
             return self._no(bn.node, f"{ops[0].shape[1]} inputs, the batch norm has {bn.channels} channels", gemm)
         dtype = self.graph.const(gemm.input[1]).dtype
-        w, bias = bn.fold_before(*ops)
-        problem = overflow(dtype, w, bias)
-        if problem:
-            return self._no(bn.node, problem, gemm)
+        folded = self._fold_before(bn, gemm, dtype, *ops)
+        if folded is None:
+            return False
+        w, bias = folded
         labels = self._labels(bn.node, gemm)
         self._set_gemm(gemm, w, bias, dtype)
         self._remove_all(bn)
@@ -420,10 +433,10 @@ class Folder(AffineRules, BranchRules):
                 bias = per_column(c, w.shape[1])
         if bias is None:
             add = None
-        w2, b2 = bn.fold_before(w.T.astype(np.float64), bias)
-        problem = overflow(w.dtype, w2, b2)
-        if problem:
-            return self._no(bn.node, problem, mm)
+        folded = self._fold_before(bn, mm, w.dtype, w.T.astype(np.float64), bias)
+        if folded is None:
+            return False
+        w2, b2 = folded
         labels = self._labels(bn.node, mm)
         b_base = bias_base(mm.input[1])
         self.graph.set_input(mm, 1, self.graph.add_init(mm.input[1], w2.T, w.dtype))
@@ -461,10 +474,10 @@ class Folder(AffineRules, BranchRules):
         if has_bias and (b is None or b.shape != (w.shape[0],)):
             return self._no(bn.node, self.graph.const_problem(conv.input[2]) if b is None else
                             f"bias of shape {b.shape}", conv)
-        w2, b2 = bn.fold_before(w.astype(np.float64), None if b is None else b.astype(np.float64))
-        problem = overflow(w.dtype, w2, b2)
-        if problem:
-            return self._no(bn.node, problem, conv)
+        folded = self._fold_before(bn, conv, w.dtype, w.astype(np.float64), None if b is None else b.astype(np.float64))
+        if folded is None:
+            return False
+        w2, b2 = folded
         labels = self._labels(bn.node, conv)
         b_base = conv.input[2] if has_bias else bias_base(conv.input[1])
         self.graph.set_input(conv, 1, self.graph.add_init(conv.input[1], w2, w.dtype))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..fold import batch_norm_fold_problem
+from ..fold import batch_norm_fold_problem, cancellation_problem
 from . import _fold_modules as mods
 from ._fold_ops import ARITHMETIC, BATCH_NORMS, Constants, in_place, is_metadata_use, op, op_of, owner, value_users
 from ._fold_report import Report
@@ -305,6 +305,10 @@ def folded_for(layer: Layer, steps: list[Step], ranks: Ranks, *, before: bool
         got = step_arrays(s, ranks, layer, before)
         if isinstance(got, str):
             return got
+        if before and s.bn is not None:
+            problem = cancellation_problem(s.bn["running_mean"], s.bn["running_var"], s.bn["eps"])
+            if problem:
+                return problem
         parts.append(got)
     bn = steps[0].bn if len(steps) == 1 and steps[0].bn is not None else affine_arrays(*_compose(parts))
     weight, bias = folded(layer, bn, before=before)
