@@ -197,6 +197,18 @@ def test_raw_data_longer_than_its_shape_is_one_line(rng, tmp_path, fold_here):
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_a_checker_message_on_several_lines_is_kept_whole(rng, tmp_path, fold_here):
+    """onnx.checker names the node on a line of its own: the one-line message kept the first
+    line only, ending in "input 'bn.var' of node:". The lines are joined."""
+    model, _ = conv_bn(rng, c=3)
+    var = next(t for t in model.graph.initializer if t.name == "bn.var")
+    model.graph.initializer.remove(var)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    r = fold_here(tmp_path, "m.onnx", "out.onnx")
+    assert_one_line_failure(r, "m.onnx is not a valid ONNX model: ", "input 'bn.var' of node: name: bn OpType: "
+                               "BatchNormalization is not output of any previous nodes")
+
+
 @pytest.mark.parametrize("out", ["folder", "missing/out.onnx", "m.onnx/out.onnx", "out.onnx/", "out.onnx/."])
 def test_output_that_cannot_be_written(rng, tmp_path, fold_here, out):
     model, _ = conv_bn(rng)

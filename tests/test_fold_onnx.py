@@ -209,6 +209,38 @@ def test_conv_weight_from_constant_node(rng):
     assert ops(folded) == {"Conv": 1}  # the Constant nobody reads any more is gone
 
 
+
+def test_ir3_model_keeps_every_initializer_a_graph_input(rng):
+    """IR 3 requires every initializer to be a graph input: the folded weights of Constant
+    nodes were initializers only, and the result failed onnx.checker (and the command line's
+    own second fold). They are graph inputs too, as IR 3 has them."""
+    model, feeds = conv_bn_model(rng, bias=True, opset=8)
+    for t in list(model.graph.initializer):
+        model.graph.node.insert(0, helper.make_node("Constant", [], [t.name], value=t))
+    del model.graph.initializer[:]
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    folded, report = pybn.onnx.fold(model, return_report=True)
+    assert [r.kind for r in report] == ["Conv+BatchNormalization"]
+    onnx.checker.check_model(folded, full_check=True)
+    assert {t.name for t in folded.graph.initializer} <= {v.name for v in folded.graph.input}
+    np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+
+def test_statistics_from_constant_lists(rng):
+    """A Constant in its list form (value_floats=[...], opset 12) was refused: "'bn.mean' is
+    computed by Constant:bn.mean, not a constant"."""
+    model, feeds = conv_bn_model(rng, bias=True)
+    for name in ("bn.mean", "bn.scale"):
+        t = next(t for t in model.graph.initializer if t.name == name)
+        model.graph.initializer.remove(t)
+        values = numpy_helper.to_array(t).tolist()
+        model.graph.node.insert(0, helper.make_node("Constant", [], [name], value_floats=values))
+    folded, _ = fold_and_compare(model, feeds, ["Conv+BatchNormalization"])
+    assert ops(folded) == {"Conv": 1}
+
+
 @pytest.mark.parametrize("is_test", [1, 0])
 def test_conv_bn_opset6(rng, is_test):
     """onnxruntime has no BatchNormalization-6: onnx's reference evaluator runs both models."""

@@ -56,7 +56,7 @@ def _error(msg: str) -> None:
 def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 

@@ -167,11 +167,12 @@ def check(model: onnx.ModelProto, external: ExternalData | None = None) -> None:
     try:
         onnx.checker.check_model(light_copy(model, big_initializers="empty"))
     except onnx.checker.ValidationError as e:
-        raise ValueError(f"model: {first_line(e)}") from None
+        raise ValueError(f"model: {one_line(e)}") from None
 
 
-def first_line(e: BaseException) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+def one_line(e: BaseException) -> str:
+    """The message of `e` on one line (onnx.checker's name the node on a line of their own)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def light_copy(model: onnx.ModelProto, *, big_initializers: str) -> onnx.ModelProto:

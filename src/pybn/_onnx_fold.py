@@ -500,7 +500,10 @@ class Folder(AffineRules, BranchRules):
             name = g.initializer[i].name
             if not self.graph.used(name) and name not in self.graph.inputs:
                 del g.initializer[i]
-        g.initializer.extend(t for t in self.graph.new_inits if self.graph.used(t.name))
+        added = [t for t in self.graph.new_inits if self.graph.used(t.name)]
+        g.initializer.extend(added)
+        if self.graph.model.ir_version < 4:  # (IR 3: every initializer is also a graph input)
+            g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added)
         del g.node[:]
         g.node.extend(self.graph.nodes)
         live = self.graph.inputs | self.graph.outputs | set(self.graph.uses) | set(self.graph.producer)

@@ -24,7 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from ._checks import bfloat16, round_to
-from ._onnx_files import SMALL, ExternalData, first_line, light_copy
+from ._onnx_files import SMALL, ExternalData, one_line, light_copy
 
 logger = logging.getLogger("pybn.onnx")  # fold's logger: this module is part of fold
 
@@ -88,6 +88,11 @@ def walk_subgraph_names(graph: onnx.GraphProto, refs: set[str], names: set[str])
 
 
 # --- the editor --------------------------------------------------------------------------------
+
+# A Constant's number and list forms, and the type ONNX gives each
+_CONSTANT_NUMBERS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                     "value_ints": np.int64}
+
 
 class GraphEditor:
     """Edits `nodes`, a working copy of the nodes of `model`'s main graph (`proto`). The edits,
@@ -246,9 +251,14 @@ class GraphEditor:
         if name in self.inits:
             return self.inits[name]
         node = self.producer.get(name)
-        if node is not None and is_default(node, "Constant") and len(node.attribute) == 1 \
-                and node.attribute[0].name == "value":
-            return node.attribute[0].t
+        if node is None or not is_default(node, "Constant") or len(node.attribute) != 1:
+            return None
+        a = node.attribute[0]
+        if a.name == "value":
+            return a.t
+        if a.name in _CONSTANT_NUMBERS:  # value_floats=[...] and the like (opset 12)
+            values = np.asarray(onnx.helper.get_attribute_value(a), dtype=_CONSTANT_NUMBERS[a.name])
+            return numpy_helper.from_array(values, name)
         return None
 
     def const_problem(self, name: str) -> str:
@@ -301,7 +311,7 @@ class GraphEditor:
             try:
                 inferred = onnx.shape_inference.infer_shapes(self._model_for_inference(), strict_mode=True)
             except Exception as e:  # noqa: BLE001 - unknown ranks only skip the folds that need them
-                self.rank_failure = f"shape inference failed ({first_line(e)})"
+                self.rank_failure = f"shape inference failed ({one_line(e)})"
                 logger.debug("pybn.onnx.fold: %s", self.rank_failure)
                 return self._shapes
             g = inferred.graph
