@@ -288,3 +288,44 @@ def test_forward_mode_and_hessian_of_an_accelerated_model_in_eval_mode():
     for transform in (lambda m: torch.func.jvp(m, (x,), (t,))[1], lambda m: torch.func.jacfwd(m)(x),
                       lambda m: torch.func.hessian(lambda xi: m(xi[None]).sum())(x[0])):
         torch.testing.assert_close(transform(ours), transform(stock), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_forward_ad_dual_tensors_through_batch_norm_equal_torchs(training, grad_mode):
+    """torch.autograd.forward_ad (dual tensors, no functorch): the accelerated batch norm
+    raised "You must implement the jvp function", or under no_grad returned the output
+    without its tangent (None). In a dual level batch norm runs torch's own functions, as
+    under torch.func, and the random modules refuse forward mode by name."""
+    import torch.autograd.forward_ad as fwad
+
+    torch.manual_seed(3)
+    stock = torch.nn.BatchNorm1d(4).double().train(training)
+    with torch.no_grad():
+        stock.running_var.uniform_(0.5, 2)
+    ours = pybn.torch.accelerate(copy.deepcopy(stock))
+    x, t = data((6, 4), 21), data((6, 4), 22)
+    results = []
+    for m in (stock, ours):
+        with fwad.dual_level(), torch.set_grad_enabled(grad_mode):
+            y, tangent = fwad.unpack_dual(m(fwad.make_dual(x, t)))
+        results.append((y, tangent, m.running_mean.clone()))
+    (y0, t0, r0), (y1, t1, r1) = results
+    assert t1 is not None
+    torch.testing.assert_close(t1, t0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y1, y0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(r1, r0, rtol=1e-10, atol=1e-12)
+    drop = pnn.Dropout(0.5)
+    with fwad.dual_level(), torch.set_grad_enabled(grad_mode), \
+            pytest.raises(NotImplementedError, match="forward-mode AD .*forward_ad"):
+        drop(fwad.make_dual(x, t))
+
+
+def test_gradcheck_with_forward_ad_of_an_eval_batch_norm():
+    """gradcheck(check_forward_ad=True) through functional_call reported a forward-mode
+    Jacobian "mismatch" (a tangent dropped): now torch's own computation, which passes."""
+    m = pybn.torch.accelerate(torch.nn.BatchNorm1d(4).double().eval())
+    x = data((5, 4), 23).requires_grad_()
+    w, b = data((4,), 24).requires_grad_(), data((4,), 25).requires_grad_()
+    f = lambda x, w, b: torch.func.functional_call(m, {"weight": w, "bias": b}, (x,))  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b), check_forward_ad=True)

@@ -32,7 +32,7 @@ def direct_call(*tensors: Optional[Tensor]) -> bool:
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return False
     # (a transform's plain tensors too: vmap over functional_call with a batch from outside)
-    if _transforms.active():
+    if _transforms.active() or _transforms.dual_level():
         _transforms.refuse_forward_mode()
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():

@@ -22,6 +22,7 @@ forward mode) are torch's to keep.
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 # a custom operator (torch.library.custom_op's object) -> its Function for transforms and the
 # position of its optional [seed, offset] (None: it has none)
@@ -106,7 +107,7 @@ def operator(op: Any) -> Callable[..., Any]:
     draw (torch's error in mode "error", one seed for every sample in "same", one per
     sample in "different"); left to the operator, a call whose inputs are all unbatched
     would draw once below vmap whatever the mode."""
-    if not active():
+    if not active() and not dual_level():
         return op  # type: ignore[no-any-return]
     refuse_forward_mode()
     function, philox_at = _TRANSFORMABLE[op]
@@ -118,13 +119,21 @@ def operator(op: Any) -> Callable[..., Any]:
     return call
 
 
+def dual_level() -> bool:
+    """Whether torch.autograd.forward_ad's dual level is open (dual tensors may come): batch
+    norm then runs torch's own functions, which have forward-mode rules, as under a
+    transform."""
+    return _forward_ad._current_level >= 0
+
+
 def refuse_forward_mode() -> None:
-    """Raise under torch.func.jvp (and jacfwd, hessian): pybn's operators have no
-    forward-mode rule, and through a custom operator without one torch carries a zero
-    tangent on, without an error."""
+    """Raise under torch.func.jvp (and jacfwd, hessian) and in a forward_ad dual level:
+    pybn's operators have no forward-mode rule, and through a custom operator without one
+    torch carries a zero tangent on, without an error (or, outside functorch, drops it)."""
     functorch = torch._C._functorch
     stack = functorch.get_interpreter_stack() if hasattr(functorch, "get_interpreter_stack") else \
         [functorch.peek_interpreter_stack()]
-    if any(i is not None and i.key() == functorch.TransformType.Jvp for i in stack or ()):
-        raise NotImplementedError("pybn.torch: forward-mode AD (torch.func.jvp, jacfwd, hessian) is not supported: "
-                                  "pybn's operators have no forward-mode rule")
+    if dual_level() or any(i is not None and i.key() == functorch.TransformType.Jvp for i in stack or ()):
+        raise NotImplementedError("pybn.torch: forward-mode AD (torch.func.jvp, jacfwd, hessian, "
+                                  "torch.autograd.forward_ad) is not supported by pybn's dropout-family operators "
+                                  "(no forward-mode rule)")

@@ -86,7 +86,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
     _check_arguments(input, running_mean, running_var, training)
-    if _transforms.active() or _empty_batch(input, training):
+    if _transforms.active() or _transforms.dual_level() or _empty_batch(input, training):
         return _torch_tail(input, None, running_mean, running_var, weight, bias, training, momentum, eps, False)
     if training:
         y: Tensor = _ops.batch_norm_train_call(input, weight, bias, running_mean, running_var, momentum, eps)[0]
@@ -102,7 +102,7 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     the relu for ``relu=False``; without the add for ``residual=None``). Arguments as
     :func:`batch_norm`'s; autograd gives the gradients of input, weight, bias and residual."""
     _check_arguments(input, running_mean, running_var, training)
-    if _transforms.active() or _empty_batch(input, training):
+    if _transforms.active() or _transforms.dual_level() or _empty_batch(input, training):
         return _torch_tail(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     y: Tensor = _residual.batch_norm_add_relu_call(input, residual, weight, bias, running_mean, running_var,
                                                    training, momentum, eps, relu)[0]
