@@ -297,6 +297,37 @@ def test_accelerate_swaps_in_place_and_reports(caplog):
     assert calls == ["hook"]
 
 
+
+def test_revert_gives_back_torchs_classes_for_quantization():
+    """torch.ao.quantization's tools match torch's exact classes: fuse_modules raised a bare
+    AssertionError ("did not find fuser method for ... pybn.torch.nn.BatchNorm2d"), eager
+    quantization left the batch norm a float module that crashed the converted model. revert
+    swaps torch's classes back in place, a pinned seed and its offset buffer with them."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3), nn.AlphaDropout(0.2))
+    model[1].running_var.uniform_(0.5, 2)
+    stock_state = {k: v.clone() for k, v in model.state_dict().items()}
+    pybn.torch.accelerate(model)
+    model[3].seed = 5
+    model.append(pnn.DropPath(0.1))  # no torch counterpart: left
+    out, report = pybn.torch.revert(model, return_report=True)
+    assert out is model
+    assert [(s.name, s.before, s.after) for s in report] == [
+        ("1", "pybn.torch.nn.BatchNorm2d", "torch.nn.BatchNorm2d"),
+        ("3", "pybn.torch.nn.Dropout", "torch.nn.Dropout"),
+        ("4", "pybn.torch.nn.AlphaDropout", "torch.nn.AlphaDropout")]
+    assert [type(m) for m in model[:5]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.AlphaDropout]
+    assert not hasattr(model[3], "_seed") and "_offset_t" not in model[3]._buffers
+    assert type(model[5]) is pnn.DropPath
+    assert {k: v for k, v in model.state_dict().items()}.keys() == stock_state.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, stock_state[k]), k
+    del model[5]
+    model.eval()
+    fused = torch.ao.quantization.fuse_modules(copy.deepcopy(model), [["0", "1", "2"]])
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_accelerate_keeps_the_modules_and_their_hook_handles():
     """The swapped modules are the same objects: handles taken before still remove their
     hooks, a load-state-dict hook bound to the module still runs, references see the change."""

@@ -2,7 +2,8 @@
 
 - :func:`accelerate` swaps pybn's drop-in modules (:mod:`pybn.torch.nn`) for a model's
   batch norm and dropout layers; :func:`convert_sync_batchnorm` makes its batch norms
-  synchronized across processes, on CPU tensors too.
+  synchronized across processes, on CPU tensors too; :func:`revert` swaps torch's classes
+  back (for tools that match them exactly, as quantization's).
 - :mod:`pybn.torch.ops` registers the operators ``torch.ops.pybn.*`` (autograd,
   ``torch.compile``, ``torch.export``).
 - :func:`fuse_tails` rewrites a model's ``relu(bn(x) + r)`` tails into one fused call each
@@ -20,8 +21,8 @@ except ImportError as exc:  # torch is an optional dependency of pybn
 
 from . import nn, ops
 from ._fold import Folded, NotFolded, fold
-from .accelerate import Swapped, accelerate, convert_sync_batchnorm
+from .accelerate import Swapped, accelerate, convert_sync_batchnorm, revert
 from .fuse import Fused, fuse_tails
 
-__all__ = ["fold", "Folded", "NotFolded", "accelerate", "convert_sync_batchnorm", "Swapped", "fuse_tails", "Fused",
-           "nn", "ops"]
+__all__ = ["fold", "Folded", "NotFolded", "accelerate", "convert_sync_batchnorm", "revert", "Swapped", "fuse_tails",
+           "Fused", "nn", "ops"]

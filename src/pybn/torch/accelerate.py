@@ -1,12 +1,14 @@
-"""Swap pybn's modules into an existing model: :func:`accelerate` and :func:`convert_sync_batchnorm`."""
+"""Swap pybn's modules into an existing model (:func:`accelerate`, :func:`convert_sync_batchnorm`)
+and out of it (:func:`revert`)."""
 import logging
 from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Tuple, Type, Union, cast, overload
 
 from torch import nn
 
 from . import nn as pnn
+from .seeded import PinnedSeed
 
-__all__ = ["accelerate", "convert_sync_batchnorm", "Swapped"]
+__all__ = ["accelerate", "convert_sync_batchnorm", "revert", "Swapped"]
 
 logger = logging.getLogger("pybn.torch")
 
@@ -14,6 +16,7 @@ logger = logging.getLogger("pybn.torch")
 ACCELERATED: Dict[Type[nn.Module], Type[nn.Module]] = {
     cls.drop_in_for: cls for cls in (pnn.BatchNorm1d, pnn.BatchNorm2d, pnn.BatchNorm3d, pnn.SyncBatchNorm,
                                      pnn.Dropout, pnn.Dropout1d, pnn.Dropout2d, pnn.Dropout3d, pnn.AlphaDropout)}
+REVERTED = {pybn_cls: torch_cls for torch_cls, pybn_cls in ACCELERATED.items()}
 _TO_SYNC = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
             pnn.BatchNorm1d, pnn.BatchNorm2d, pnn.BatchNorm3d)
 
@@ -76,6 +79,27 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None, *,
     return _swap(model, target, process_group, return_report, "convert_sync_batchnorm")
 
 
+@overload
+def revert(model: nn.Module, *, return_report: Literal[False] = ...) -> nn.Module: ...
+@overload
+def revert(model: nn.Module, *, return_report: Literal[True]) -> Tuple[nn.Module, List[Swapped]]: ...
+def revert(model: nn.Module, *, return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, List[Swapped]]]:
+    """The inverse of :func:`accelerate`: every module of one of its :mod:`pybn.torch.nn` classes
+    becomes an instance of the torch class it stands in for, in place as :func:`accelerate`
+    does, for tools that match torch's exact classes (``torch.ao.quantization``'s
+    ``fuse_modules``, ``prepare``, ``prepare_qat_fx``; ``torch.fx``'s ``fuse``). A pinned seed
+    goes with its offset (torch's module draws from torch's generator). pybn's modules without
+    a torch counterpart (DropPath, GaussianNoise, DropBlock2d...) are left as they are.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    return_report : bool
+        Also return the list of :class:`Swapped`.
+    """
+    return _swap(model, lambda m: REVERTED.get(type(m)), None, return_report, "revert")
+
+
 def _swap(model: nn.Module, target: Callable[[nn.Module], Optional[Type[nn.Module]]], process_group: Any,
           return_report: bool, what: str) -> Union[nn.Module, Tuple[nn.Module, List[Swapped]]]:
     if not isinstance(model, nn.Module):
@@ -91,12 +115,17 @@ def _swap(model: nn.Module, target: Callable[[nn.Module], Optional[Type[nn.Modul
 
 
 def _recast(module: nn.Module, cls: Type[nn.Module], process_group: Any) -> None:
-    """Makes module an instance of `cls` (the pybn classes add no state of their own, and
-    SyncBatchNorm only the process group): the same object keeps its parameters, buffers and
+    """Makes module an instance of `cls` (the pybn classes add no state of their own but a pinned
+    seed, and SyncBatchNorm the process group): the same object keeps its parameters, buffers and
     hooks, and so do the handles of its hooks, the load-state-dict hooks bound to it and any
     other reference to it. (A new module with the same attributes left handles taken before
     the switch removing nothing.)"""
     group = process_group if process_group is not None else getattr(module, "process_group", None)
+    if isinstance(module, PinnedSeed) and not issubclass(cls, PinnedSeed):  # (revert: a torch class again)
+        for name in ("_seed", "_seed_t"):
+            module.__dict__.pop(name, None)
+        module._buffers.pop("_offset_t", None)
+        module._non_persistent_buffers_set.discard("_offset_t")
     module.__class__ = cls
     if issubclass(cls, pnn.SyncBatchNorm):
         cast(pnn.SyncBatchNorm, module).process_group = group
@@ -106,4 +135,6 @@ def _class_name(cls: type) -> str:
     module = cls.__module__
     if module.startswith("torch.nn.modules"):
         module = "torch.nn"
+    elif getattr(pnn, cls.__qualname__, None) is cls:  # (AlphaDropout is defined in pybn.torch.noise)
+        module = "pybn.torch.nn"
     return f"{module}.{cls.__qualname__}"
