@@ -95,6 +95,27 @@ def test_training_needs_more_than_one_value_per_channel():
     pnn.BatchNorm1d(3).eval()(torch.randn(1, 3))  # evaluation is fine
 
 
+@pytest.mark.parametrize("eps, training, accepted", [(0.0, True, False), (-1e-5, False, False), (0.0, False, True),
+                                                      (1e-5, True, True)])
+def test_eps_follows_torchs_rule(eps, training, accepted):
+    """Stock torch refuses eps <= 0 in training (a constant channel's variance is 0) and eps < 0
+    in evaluation; the accelerated module took eps=0 in training (0 for a constant channel)."""
+    x = torch.ones(4, 3) if training else torch.randn(4, 3)
+    results = []
+    for module in (nn.BatchNorm1d(3, eps=eps), pnn.BatchNorm1d(3, eps=eps)):
+        module.train(training)
+        try:
+            results.append(module(x))
+        except ValueError as e:
+            results.append(e)
+    stock, ours = results
+    if accepted:
+        torch.testing.assert_close(ours, stock)
+    else:
+        assert isinstance(stock, ValueError) and isinstance(ours, ValueError)
+        assert str(ours).startswith("eps: must be")
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)])
 @pytest.mark.parametrize("mode", ["train", "eval", "eval, batch statistics", "train, fused tail"])
 def test_an_empty_batch_is_torchs(shape, mode):

@@ -42,7 +42,12 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropou
 # --------------------------------------------------------------------------- batch norm
 
 def _check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                     training: bool) -> None:
+                     training: bool, eps: float) -> None:
+    # torch's rule for eps (F.batch_norm): a constant channel's variance is 0 in training
+    if training and not eps > 0:
+        raise ValueError(f"eps: must be > 0 in training (a constant channel's variance is 0), got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"eps: must be >= 0, got {eps}")
     if training:  # (an empty input is torch's: no statistics, an empty output)
         channels = input.shape[1] if input.dim() >= 2 else 1
         if channels and input.numel() // channels == 1:
@@ -85,7 +90,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
-    _check_arguments(input, running_mean, running_var, training)
+    _check_arguments(input, running_mean, running_var, training, eps)
     if _transforms.active() or _transforms.dual_level() or _empty_batch(input, training):
         return _torch_tail(input, None, running_mean, running_var, weight, bias, training, momentum, eps, False)
     if training:
@@ -101,7 +106,7 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     """A ResNet block's tail in one pass: ``relu(F.batch_norm(input, ...) + residual)`` (without
     the relu for ``relu=False``; without the add for ``residual=None``). Arguments as
     :func:`batch_norm`'s; autograd gives the gradients of input, weight, bias and residual."""
-    _check_arguments(input, running_mean, running_var, training)
+    _check_arguments(input, running_mean, running_var, training, eps)
     if _transforms.active() or _transforms.dual_level() or _empty_batch(input, training):
         return _torch_tail(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     y: Tensor = _residual.batch_norm_add_relu_call(input, residual, weight, bias, running_mean, running_var,
