@@ -548,7 +548,11 @@ def test_dtype_mixes_torch_refuses_are_refused_in_both_modes(x_dtype, param_dtyp
         stock(x)
     name = "weight" if param_dtype != x_dtype and not (x_dtype in (BF16, F16) and param_dtype == F32) \
         else "running_mean"
-    with pytest.raises(TypeError, match=rf"^{name}: dtype {stats_dtype if name == 'running_mean' else param_dtype} "):
+    # the running statistics are named beside the weight they differ from (not "beside x" of
+    # their own dtype)
+    beside = f"weight of {param_dtype}" if name == "running_mean" else f"x of {x_dtype}"
+    with pytest.raises(TypeError, match=rf"^{name}: dtype {stats_dtype if name == 'running_mean' else param_dtype} "
+                                        rf"beside {beside}"):
         ours(x)
 
 

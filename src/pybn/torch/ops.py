@@ -117,9 +117,11 @@ def _forward_channels(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
         for dtype in allowed:
             if all(t.dtype == dtype for _, t in given):
                 return c
-        name, t = next((n, t) for n, t in given if t.dtype != given[0][1].dtype or t.dtype not in allowed)
+        first, first_t = given[0]
+        name, t = next((n, t) for n, t in given if t.dtype != first_t.dtype or t.dtype not in allowed)
+        beside = f"x of {x.dtype}" if name == first else f"{first} of {first_t.dtype} (x {x.dtype})"
         mixed = "" if x.dtype in PYBN_DTYPES else " or all float32 (torch's mixed precision)"
-        raise TypeError(f"{name}: dtype {t.dtype} beside x of {x.dtype}: weight, bias and the running statistics "
+        raise TypeError(f"{name}: dtype {t.dtype} beside {beside}: weight, bias and the running statistics "
                         f"must all be of x's dtype{mixed}, as torch's batch norm requires")
     return c
 
