@@ -103,12 +103,18 @@ def test_a_pinned_module_made_on_the_meta_device_starts_at_its_offset(name):
     assert module.offset == offset
 
 
-def test_operators_refuse_meta_tensors_beside_real_ones():
+@pytest.mark.parametrize("op", ["dropout", "alpha_dropout", "gaussian_dropout", "gaussian_noise"])
+def test_operators_refuse_meta_tensors_beside_real_ones(op):
     """A meta tensor beside a real x sent the call to the fake implementation, which returned
-    a real, uninitialized y (and left the running statistics alone)."""
+    a real, uninitialized y (and left the running statistics alone). A meta x beside real
+    counters (a model built on the meta device, run or exported on meta inputs) is fine."""
     x = torch.ones(4, 3, 2, 2)
+    extra = (None,) if op == "dropout" else ()
+    meta_philox = torch.zeros(2, dtype=torch.int64, device="meta")
     with pytest.raises(ValueError, match="^philox: a meta tensor .* beside x on cpu"):
-        torch.ops.pybn.dropout(x, 0.5, torch.zeros(2, dtype=torch.int64, device="meta"), None)
+        getattr(torch.ops.pybn, op)(x, 0.5, meta_philox, *extra)
+    y, _ = getattr(torch.ops.pybn, op)(x.to("meta"), 0.5, torch.zeros(2, dtype=torch.int64), *extra)
+    assert y.device.type == "meta"
     meta = torch.ones(3, device="meta")
     with pytest.raises(ValueError, match="^running_mean: a meta tensor"):
         torch.ops.pybn.batch_norm_train(x, None, None, meta, meta, 0.1, 1e-5)
@@ -126,3 +132,65 @@ def test_a_pinned_stream_made_in_inference_mode_advances_outside_it():
         drop.offset = 5
     drop(torch.ones(2, 64))
     assert drop.offset == 5 + pybn.counters_used(128)
+
+
+def test_torch_func_training_steps_advance_the_stream():
+    """torch.func.functional_call swaps in the buffers it is given, then restores the module's:
+    an advance made by rebinding the buffer under grad was dropped, and every step drew the
+    first step's mask. The advance is written into the tensor given (the module's own, here)."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), pnn.Dropout(0.5, seed=3))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x = torch.randn(4, 8)
+
+    def loss(p, b, x):
+        return functional_call(model, (p, b), (x,)).sum()
+
+    first, second = grad(loss)(params, buffers, x), grad(loss)(params, buffers, x)
+    assert model[1].offset == 2 * pybn.counters_used(32)
+    assert not torch.equal(first["0.weight"], second["0.weight"])
+    assert type(model[1]._offset_t) is torch.Tensor
+
+
+def test_a_pickled_stream_is_a_copy_for_other_processes():
+    """torch.multiprocessing pickles tensors into shared memory: a spawned process's calls
+    advanced this process's offset (and drew masks by timing). Pickles carry a copy."""
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # (registers the tensor reductions)
+
+    drop = pnn.Dropout(0.5, seed=1)
+    buf = io.BytesIO()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(drop)
+    child = pickle.loads(buf.getvalue())
+    child(torch.ones(2, 64))
+    assert drop.offset == 0 and child.offset == pybn.counters_used(128)
+
+
+def test_a_pinned_module_in_a_backward_hook_is_no_recomputation():
+    """Gradient noise in a tensor hook runs a pinned module during the backward pass, with
+    gradients off: not a checkpoint's recomputation (which runs with them on)."""
+    drop = pnn.Dropout(0.5, seed=1)
+    w = torch.randn(4, 128, requires_grad=True)
+    w.register_hook(lambda g: drop(g))
+    (w * 2).sum().backward()
+    assert drop.offset == pybn.counters_used(512)
+    assert torch.equal(w.grad, pnn.Dropout(0.5, seed=1)(torch.full((4, 128), 2.0)))
+
+
+def test_module_type_keeps_the_offset_an_int64():
+    """Module.type(torch.float64) casts every buffer: the [seed, offset] made from a float64
+    offset lost bits. The offset comes back an int64 of the same value."""
+    drop = pnn.Dropout(0.5, seed=2**63 + 5)
+    drop.offset = 2**60 + 3
+    drop.type(torch.float64)
+    assert drop._offset_t.dtype == torch.int64 and drop.offset == 2**60 + 3
+    fresh = pnn.Dropout(0.5, seed=2**63 + 5)
+    fresh.offset = 2**60 + 3
+    x = torch.ones(2, 64, dtype=torch.float64)
+    torch.testing.assert_close(drop(x), fresh(x), rtol=0, atol=0)

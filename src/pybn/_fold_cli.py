@@ -56,8 +56,8 @@ def _error(msg: str) -> None:
 def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # (_onnx_files.one_line's,
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__                # without importing onnx)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,9 +64,8 @@ class Affine(NamedTuple):
 
     def fold_before(self, weight: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | str:
         """(weight, bias) of this map followed by the layer, float64 in, float64 out; or why
-        the layer would lose precision to cancellation (a chain of Mul/Add, whose input's
-        spread is unknown, has mean 0 here: never)."""
-        return cancellation_problem(self.mean, self.var, self.eps) or \
+        the layer would lose precision to cancellation."""
+        return cancellation_problem(self.mean, self.var, self.eps, self.scale, self.bias) or \
             fold_bn_linear(weight, bias, self.mean, self.var, self.scale, self.bias, eps=self.eps)
 
     def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:

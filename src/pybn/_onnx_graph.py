@@ -334,6 +334,7 @@ class GraphEditor:
         if len(kept) != len(g.initializer):
             del g.initializer[:]
             g.initializer.extend(kept)
+        m.ir_version = max(m.ir_version, 4)  # (below 4 inference ignores an initializer not also an input)
         del g.node[:]
         g.node.extend(self.ordered())
         del g.value_info[:]

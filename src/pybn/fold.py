@@ -104,28 +104,30 @@ def batch_norm_fold_problem(params: dict[str, np.ndarray | None], var: str, eps:
 
 
 
-# A batch norm folded into the layer after it hands that layer x * s and W t instead of the
-# normalized x: terms about |mean| / std times the normalized values, which cancel in the
-# layer's sums. Each output then carries that many roundings of its own magnitude (measured
-# with onnxruntime: 7x the unfolded error in float16 at 10 standard deviations, 60x at 100).
-# The model folders promise a few roundings (docs/folding.md), so they leave such a batch
-# norm; fold_bn_linear computes the fold for whoever wants it anyway.
+# A batch norm folded into the layer after it hands that layer s * x and W t instead of the
+# normalized values s * (x - mean) + beta: per channel |s * mean| / (|gamma| + |beta|) times
+# their size (|mean| / std for gamma 1, beta 0), and the layer's sums cancel the excess. Each
+# output then carries about that many roundings of its own magnitude (float16 through
+# onnxruntime: 7x the unfolded error at 10 standard deviations, 60x at 100). The model folders
+# promise a few roundings (docs/folding.md), so they leave such a batch norm; fold_bn_linear
+# computes the fold for whoever wants it anyway.
 CANCELLATION_LIMIT = 8.0
 
 
-def cancellation_problem(running_mean: Any, running_var: Any, eps: float) -> str | None:
+def cancellation_problem(running_mean: Any, running_var: Any, eps: float, gamma: Any = None,
+                         beta: Any = None) -> str | None:
     """Why a batch norm should not fold into the layer after it (see above), or None."""
     with _ieee():
-        mean = np.abs(np.asarray(running_mean, dtype=np.float64))
-        ratio = mean / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
-    far = np.flatnonzero(ratio > CANCELLATION_LIMIT)
+        mean = np.asarray(running_mean, dtype=np.float64)
+        g = np.abs(np.broadcast_to(1.0 if gamma is None else np.asarray(gamma, dtype=np.float64), mean.shape))
+        b = np.abs(np.broadcast_to(0.0 if beta is None else np.asarray(beta, dtype=np.float64), mean.shape))
+        excess = g * np.abs(mean) / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps) / (g + b)
+    far = np.flatnonzero(excess > CANCELLATION_LIMIT)  # (NaN, for gamma = beta = 0: no excess)
     if not far.size:
         return None
-    worst = float(ratio[far].max())
-    return (f"its mean is up to {worst:.3g} standard deviations from 0 ({_channels(far, ratio.size)}): the layer "
-            f"after it would cancel terms that much larger than its outputs (each output off by about as many "
-            f"roundings, past the {CANCELLATION_LIMIT:g} a fold may cost)")
-
+    return (f"the layer after it would sum terms up to {float(excess[far].max()):.3g} times the normalized values "
+            f"and cancel them ({_channels(far, excess.size)}: a mean far from 0 against the spread), each output off "
+            f"by about as many roundings, past the {CANCELLATION_LIMIT:g} a fold may cost")
 
 def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma: Any = None,
                  beta: Any = None, *, eps: float = 1e-5, transposed: bool = False,

@@ -306,7 +306,8 @@ def folded_for(layer: Layer, steps: list[Step], ranks: Ranks, *, before: bool
         if isinstance(got, str):
             return got
         if before and s.bn is not None:
-            problem = cancellation_problem(s.bn["running_mean"], s.bn["running_var"], s.bn["eps"])
+            problem = cancellation_problem(s.bn["running_mean"], s.bn["running_var"], s.bn["eps"], s.bn["gamma"],
+                                           s.bn["beta"])
             if problem:
                 return problem
         parts.append(got)

@@ -133,20 +133,24 @@ def in_layout(t: Tensor, last: bool) -> Tensor:
 _Fake = TypeVar("_Fake", bound=Callable[..., Any])
 
 
-def meta_with_meta(fake: _Fake) -> _Fake:
-    """A fake implementation that refuses meta tensors beside real ones. It runs for
-    FakeTensors (tracing) and whenever one argument is a meta tensor; beside a real x it
-    would return real tensors left uninitialized (and never update running statistics)."""
-    names = list(inspect.signature(fake).parameters)
+def no_real_from_meta(fake: _Fake) -> _Fake:
+    """A fake implementation that refuses a real first tensor (x, or dy) beside a meta one. The
+    fake runs for FakeTensors (tracing) and whenever one argument is a meta tensor: its results
+    follow the first tensor, so beside a real one they would be real tensors left
+    uninitialized (and running statistics not updated). All meta (shapes only), or a meta x
+    beside real counters, is fine."""
+    names = [n for n, p in inspect.signature(fake).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
 
     @functools.wraps(fake)
     def checked(*args: Any, **kwargs: Any) -> Any:
-        tensors = [(n, a) for n, a in [*zip(names, args), *kwargs.items()] if isinstance(a, Tensor)]
-        meta = [n for n, t in tensors if t.device.type == "meta"]
-        real = [(n, t.device) for n, t in tensors if t.device.type != "meta"]
-        if meta and real:
-            raise ValueError(f"{meta[0]}: a meta tensor (shapes without values) beside {real[0][0]} on "
-                             f"{real[0][1]}: give every tensor on one device")
+        named = [*zip(names + [f"argument {i}" for i in range(len(names), len(args))], args), *kwargs.items()]
+        tensors = [(n, a) for n, a in named if isinstance(a, Tensor)]
+        if tensors and tensors[0][1].device.type != "meta":
+            meta = next((n for n, t in tensors if t.device.type == "meta"), None)
+            if meta is not None:
+                first, t = tensors[0]
+                raise ValueError(f"{meta}: a meta tensor (shapes without values) beside {first} on {t.device}: "
+                                 f"give every tensor on one device")
         return fake(*args, **kwargs)
 
     return checked  # type: ignore[return-value]

@@ -20,7 +20,7 @@ from . import _regenerated
 from ._eager import direct_call
 from ._capture import leaf, prepare_scriptable
 from ._transforms import operator, register_autograd
-from ._layout import channels_last_physical, empty, in_layout, meta_with_meta, pybn_takes
+from ._layout import channels_last_physical, empty, in_layout, no_real_from_meta, pybn_takes
 from ._regenerated import Regenerated
 from .seeded import PinnedSeed, mask_counters, rank_and_world_size
 from .ops import RANDOM, _float_cpu_copy, counters, in_form_of, philox_used
@@ -62,7 +62,7 @@ def drop_block(x: Tensor, p: float, block_size: int, philox: Optional[Tensor], g
 
 
 @drop_block.register_fake
-@meta_with_meta
+@no_real_from_meta
 def _(x: Tensor, p: float, block_size: int, philox: Optional[Tensor], gamma_scale: float, couple_channels: bool,
       batchwise: bool, scale_by_keep: bool) -> Tuple[Tensor, Tensor]:
     return empty(x, channels_last_physical(x)), torch.empty(2, dtype=torch.int64)
@@ -143,9 +143,8 @@ class DropBlock2d(PinnedSeed, nn.Module):
         n, c, h, w = x.shape  # (pybn.dropblock.drop_block_noise_shape, on sizes compile may keep symbolic)
         used = mask_counters((1 if self.batchwise else n) * (1 if self.couple_channels else c) * h * w)
         rank, stride = (0, 1) if self.batchwise else (self.rank, self.world_size)
-        y = drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise,
-                          philox=self._take(rank * used, stride * used))
-        return y
+        return drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise,
+                             philox=self._take(rank * used, stride * used))
 
     def extra_repr(self) -> str:
         text = (f"drop_prob={self.drop_prob}, block_size={self.block_size}, gamma_scale={self.gamma_scale}, "

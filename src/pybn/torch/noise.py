@@ -26,7 +26,7 @@ from . import _regenerated
 from ._eager import direct_call
 from ._capture import leaf, prepare_scriptable
 from ._transforms import operator, register_autograd
-from ._layout import channels_last_physical, empty, in_layout, meta_with_meta, pybn_takes
+from ._layout import channels_last_physical, empty, in_layout, no_real_from_meta, pybn_takes
 from ._regenerated import Kernel, Regenerated
 from .ops import RANDOM, _float_cpu_copy, counters, in_form_of, philox_used
 from .seeded import PinnedSeed, mask_counters, normal_counters
@@ -65,7 +65,8 @@ def _elementwise(x: Tensor, philox: Optional[Tensor], kernel: Kernel) -> Tuple[T
     return in_form_of(x, src, y), used
 
 
-def _fake(x: Tensor, *_: Any) -> Tuple[Tensor, Tensor]:
+def _fake(x: Tensor, value: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(p, rate or stddev: `value`)"""
     return empty(x, channels_last_physical(x)), torch.empty(2, dtype=torch.int64)
 
 
@@ -95,13 +96,13 @@ def _gaussian_noise_op(x: Tensor, stddev: float, philox: Optional[Tensor]) -> Tu
     return _elementwise(x, philox, _gaussian_noise(stddev).forward)
 
 
-_alpha_dropout_op.register_fake(meta_with_meta(_fake))
-_gaussian_dropout_op.register_fake(meta_with_meta(_fake))
-_gaussian_noise_op.register_fake(meta_with_meta(_fake))
+_alpha_dropout_op.register_fake(no_real_from_meta(_fake))
+_gaussian_dropout_op.register_fake(no_real_from_meta(_fake))
+_gaussian_noise_op.register_fake(no_real_from_meta(_fake))
 
 
 @_alpha_dropout_backward_op.register_fake
-@meta_with_meta
+@no_real_from_meta
 def _(dy: Tensor, p: float, philox: Tensor) -> Tensor:
     return empty(dy, channels_last_physical(dy))
 

@@ -69,7 +69,7 @@ import pybn
 from ._eager import direct_call, note_mutation
 from ._transforms import operator, register_autograd
 from .seeded import as_int64
-from ._layout import (PYBN_DTYPES, array, channels_last_physical, empty, in_layout, meta_with_meta, per_channel,
+from ._layout import (PYBN_DTYPES, array, channels_last_physical, empty, in_layout, no_real_from_meta, per_channel,
                       pybn_takes)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "dropout", "relu_dropout",
@@ -165,7 +165,7 @@ def _can_train_in_place(x: Tensor, running_mean: Optional[Tensor], running_var: 
 
 
 @batch_norm_train.register_fake
-@meta_with_meta
+@no_real_from_meta
 def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
       running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     c = _forward_channels(x, weight, bias, running_mean, running_var)
@@ -192,7 +192,7 @@ batch_norm_infer = torch.library.custom_op("pybn::batch_norm_infer", mutates_arg
 
 
 @batch_norm_infer.register_fake
-@meta_with_meta
+@no_real_from_meta
 def _(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
       eps: float) -> Tensor:
     _forward_channels(x, weight, bias, running_mean, running_var)
@@ -237,7 +237,7 @@ def _torch_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight:
 
 
 @batch_norm_backward.register_fake
-@meta_with_meta
+@no_real_from_meta
 def _(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
       training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     c = _channels(x)
@@ -457,7 +457,7 @@ def _order_kept(noise: Optional[Sequence[int]], ndim: int) -> bool:
 
 
 @dropout.register_fake
-@meta_with_meta
+@no_real_from_meta
 def _(x: Tensor, p: float, philox: Optional[Tensor], noise_shape: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
     return empty(x, channels_last_physical(x)), torch.empty(2, dtype=torch.int64)
 
@@ -526,7 +526,7 @@ relu_dropout = torch.library.custom_op("pybn::relu_dropout", mutates_args=(), **
 
 
 @relu_dropout.register_fake
-@meta_with_meta
+@no_real_from_meta
 def _(x: Tensor, p: float, philox: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     return empty(x, channels_last_physical(x)), torch.empty(2, dtype=torch.int64)
 
@@ -548,7 +548,7 @@ relu_dropout_backward = torch.library.custom_op("pybn::relu_dropout_backward",
 
 
 @relu_dropout_backward.register_fake
-@meta_with_meta
+@no_real_from_meta
 def _(dy: Tensor, y: Tensor, p: float) -> Tensor:
     return empty(dy, channels_last_physical(y))
 

@@ -27,7 +27,7 @@ from torch import Tensor
 import pybn
 
 from ._eager import direct_call, note_mutation
-from ._layout import array, channels_last_physical, empty, in_layout, meta_with_meta, per_channel, pybn_takes
+from ._layout import array, channels_last_physical, empty, in_layout, no_real_from_meta, per_channel, pybn_takes
 from .ops import (_backward_impl, _can_train_in_place, _channels, _forward_channels, _stats_dtype, _torch_backward,
                   backend)
 
@@ -102,7 +102,7 @@ def _torch_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
 
 
 @batch_norm_add_relu.register_fake
-@meta_with_meta
+@no_real_from_meta
 def _(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
       running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float, eps: float,
       relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -134,7 +134,7 @@ batch_norm_add_relu_backward = torch.library.custom_op("pybn::batch_norm_add_rel
 
 
 @batch_norm_add_relu_backward.register_fake
-@meta_with_meta
+@no_real_from_meta
 def _(dy: Tensor, x: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
       training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     c = _channels(x)

@@ -11,6 +11,7 @@ place, which torch.export records as a mutation (an attribute rebound to a new t
 does not: every call of the exported program would draw the masks of one offset); being
 non-persistent it stays out of state_dict, so checkpoints are those of the stock modules.
 """
+import os
 import threading
 from typing import Any, Callable, Optional, Tuple
 
@@ -19,6 +20,15 @@ from torch import Tensor
 
 U64 = 1 << 64
 _TAKING = threading.Lock()  # held while a call reads and advances its module's offset
+
+
+def _new_lock_in_child() -> None:  # (a fork while another thread held it would leave it held)
+    global _TAKING
+    _TAKING = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def u64(value: object, name: str) -> int:
@@ -59,18 +69,30 @@ def _counter_tensor(value: int) -> Tensor:
         return torch.tensor([as_int64(value)], dtype=torch.int64, device="cpu")  # (even under torch.device("meta"))
 
 
-def _in_place(offset_t: Tensor) -> bool:
-    """Whether to advance the offset in place, which torch.export records (it does not record
-    a buffer rebound to a new tensor). Not under torch.func's transforms, which refuse to
-    write a captured tensor, nor under torch.compile: a compiled checkpointed region would
-    recompute the forward from the written offset (another mask), where a rebound one makes
-    dynamo refuse the region."""
-    if torch._C._are_functorch_transforms_active():
-        return False
-    return not torch.compiler.is_compiling() or _is_exporting()
+def _rebind() -> bool:
+    """Whether to advance the offset by binding a new tensor rather than in place. In place is
+    what torch.export records (not a rebound buffer), what reaches the buffer a caller handed
+    torch.func.functional_call (a rebound one is dropped when the call restores the module's),
+    and what other processes sharing the tensor see. Under torch.compile a rebound one makes
+    dynamo refuse a checkpointed region, which would otherwise recompute the forward from the
+    written offset (another mask); torch < 2.6 cannot tell export from compile and rebinds."""
+    return torch.compiler.is_compiling() and not _is_exporting()
 
 
-_is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch >= 2.5)
+_is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch >= 2.6)
+
+
+def _add_in_place(offset_t: Tensor, stride: Any) -> None:
+    """offset_t += stride, on the plain tensor under torch.func's wrappers (the transforms
+    refuse to write a tensor captured from outside them, and the counters are no value they
+    differentiate or batch)."""
+    if not torch._C._are_functorch_transforms_active():
+        offset_t.add_(stride)
+        return
+    while torch._C._functorch.is_functorch_wrapped_tensor(offset_t):
+        offset_t = torch._C._functorch.get_unwrapped(offset_t)
+    with torch._C._DisableFuncTorch():
+        offset_t.add_(stride)
 
 
 class PinnedSeed:
@@ -104,7 +126,12 @@ class PinnedSeed:
     def offset(self, offset: int) -> None:
         if self._seed is None:
             raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
-        self._set_offset_tensor(_counter_tensor(u64(offset, "offset")))
+        value, offset_t = u64(offset, "offset"), self._offset_tensor()
+        if offset_t is None or offset_t.device.type == "meta" or offset_t.dtype != torch.int64:
+            self._set_offset_tensor(_counter_tensor(value))
+        else:  # (the same tensor: what DDP, functional_call dicts and exported modules hold)
+            with torch.no_grad(), torch.inference_mode(False):
+                offset_t.fill_(as_int64(value))
 
     def _offset_tensor(self) -> Optional[Tensor]:
         # (a module made a pybn one by accelerate has none yet; one unpickled from before the
@@ -124,25 +151,26 @@ class PinnedSeed:
         read the same offset (torch's generator is locked the same way)."""
         offset_t = self._offset_tensor()
         assert self._seed_t is not None and offset_t is not None
-        if torch.compiler.is_compiling():  # (one graph's calls run in order; dynamo traces no lock)
-            return self._take_unlocked(offset_t, skip, stride)
-        if torch._C._current_autograd_node() is not None:
+        if _rebind():  # (compiling: one graph's calls run in order, and dynamo traces no lock)
+            philox = self._philox_at(offset_t, skip)
+            self._set_offset_tensor(offset_t + stride)
+            return philox
+        if torch._C._current_autograd_node() is not None and torch.is_grad_enabled():
+            # (a forward run by the backward pass with gradients on: a checkpoint's recomputation;
+            # a backward hook runs with them off)
             raise RuntimeError(
                 f"{type(self).__name__}(seed=...): called during a backward pass, as torch.utils.checkpoint "
                 "recomputes a forward: a pinned stream cannot draw the forward's masks again (torch's checkpoint "
                 "restores only torch's generator). Leave seed=None in checkpointed code: seeds drawn from the "
                 "generator are replayed.")
         with _TAKING:
-            return self._take_unlocked(offset_t, skip, stride)
-
-    def _take_unlocked(self, offset_t: Tensor, skip: Any, stride: Any) -> Tensor:
-        assert self._seed_t is not None
-        philox = torch.cat([self._seed_t.to(offset_t.device), offset_t + skip])  # (the buffer follows .to())
-        if _in_place(offset_t):
-            offset_t.add_(stride)
-        else:
-            self._set_offset_tensor(offset_t + stride)
+            philox = self._philox_at(offset_t, skip)
+            _add_in_place(offset_t, stride)
         return philox
+
+    def _philox_at(self, offset_t: Tensor, skip: Any) -> Tensor:
+        assert self._seed_t is not None
+        return torch.cat([self._seed_t.to(offset_t.device), offset_t + skip])  # (the buffer follows .to())
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # The offset's value survives what replaces every tensor of a module: to_empty() after
@@ -150,11 +178,18 @@ class PinnedSeed:
         offset_t = self._offset_tensor()
         offset = None if offset_t is None or offset_t.device.type == "meta" else self.offset
         module = super()._apply(fn, recurse)  # type: ignore[misc]
-        offset_t = self._offset_tensor()
-        if offset is not None and offset_t is not None and offset_t.device.type != "meta":
-            with torch.no_grad():
-                offset_t.fill_(as_int64(offset))
+        if offset is not None and self._offset_tensor() is not None:
+            self.offset = offset  # (and int64 again after Module.type(torch.float64), which casts every buffer)
         return module
+
+    def __getstate__(self) -> Any:
+        # A copy of the offset for pickles: torch.multiprocessing moves the tensors it pickles
+        # to shared memory, and a spawned process's calls would advance this one's offset
+        state = self.__dict__.copy()
+        offset_t = state.get("_buffers", {}).get("_offset_t")
+        if offset_t is not None:
+            state["_buffers"] = {**state["_buffers"], "_offset_t": offset_t.clone()}
+        return state
 
     def _seed_repr(self) -> str:
         return "" if self._seed is None else f", seed={self._seed}"
