@@ -109,7 +109,7 @@ def test_ties_go_to_even_and_overflow_to_infinity(isa):
     """A few cases spelled out: 1 + 2^-11 (float16 tie, down to 1), 1 + 3 * 2^-11 (tie, up),
     65519 (65504), 65520 (inf), 2^-25 (tie with 0: 0), 2^-25 + (tiny) (the smallest
     subnormal); bfloat16 1 + 2^-8 (down), 1 + 3 * 2^-8 (up), the largest float (inf)."""
-    v = np.float32([1 + 2**-11, 1 + 3 * 2**-11, 65519, 65520, 2**-25, np.nextafter(np.float32(2**-25), 1)])
+    v = np.float32([1 + 2**-11, 1 + 3 * 2**-11, 65519, 65520, 2**-25, np.nextafter(np.float32(2**-25), np.float32(1))])
     np.testing.assert_array_equal(narrow(v, False), np.uint16([0x3C00, 0x3C02, 0x7BFF, 0x7C00, 0, 1]))
     v = np.float32([1 + 2**-8, 1 + 3 * 2**-8, np.finfo(np.float32).max, -np.inf])
     np.testing.assert_array_equal(narrow(v, True), np.uint16([0x3F80, 0x3F82, 0x7F80, 0xFF80]))

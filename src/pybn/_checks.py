@@ -44,6 +44,14 @@ def _is_bfloat16(dtype: np.dtype) -> bool:
     return "ml_dtypes" in sys.modules and dtype == bfloat16()
 
 
+def finfo(dtype: Any) -> Any:
+    """np.finfo of a float dtype, bfloat16 included (NumPy 1.x refuses ml_dtypes' types; ml_dtypes.finfo knows them)."""
+    if _is_bfloat16(np.dtype(dtype)):
+        import ml_dtypes
+        return ml_dtypes.finfo(dtype)  # type: ignore[no-untyped-call]
+    return np.finfo(dtype)
+
+
 #: The names of the dtypes the kernels take (the list the C++ is built from) that arrays can
 #: hold here: bfloat16 only when ml_dtypes is installed.
 DTYPE_NAMES = tuple(name for name in _C.DTYPES if name != "bfloat16" or HAS_BFLOAT16)

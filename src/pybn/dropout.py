@@ -138,7 +138,8 @@ def apply_mask(x: np.ndarray, mask: np.ndarray, shape: tuple[int, ...], scale: f
 
 def relu_of(x: np.ndarray) -> np.ndarray:
     """torch.relu's values in x's dtype, as the kernels' ReLU: x < 0 gives 0, NaN and -0.0 stay."""
-    return np.where(x < 0, x.dtype.type(0), x)
+    with np.errstate(invalid="ignore"):  # (NumPy 1.x flags bfloat16's NaN < 0 as invalid)
+        return np.where(x < 0, x.dtype.type(0), x)
 
 
 def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = None, relu: bool = False,

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._checks import float_dtype
+from .._checks import finfo, float_dtype
 from . import dropout_bench
 from .batchnorm_calls import Runner, torch_array, torch_tensor
 from .probe import Prober
@@ -210,7 +210,7 @@ def _check_dropped(case: dropout_bench.DropoutCase, result: Any) -> None:
     y64 = y.astype(np.float64)
     kept = y64 != 0
     exact = case.x.astype(np.float64)[kept] * float(case.scale)
-    ulp = float(np.finfo(case.x.dtype).eps)
+    ulp = float(finfo(case.x.dtype).eps)
     if not np.all(np.abs(y64[kept] - exact) <= ulp * np.abs(exact)):
         raise WrongResult(f"torch dropout on {case.x.dtype} scales the kept values wrongly")
     dropout_bench.check_fraction(f"torch dropout on {case.x.dtype}", kept)

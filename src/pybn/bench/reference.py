@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import finfo
 from .schema import WrongResult
 from .shapes import Shape
 
@@ -73,7 +74,7 @@ class Case:
     def rtol(self) -> float:
         """The relative tolerance of an output of x's dtype: RTOL, or one unit in the last
         place of a 16-bit dtype (every output is rounded once to it, docs/dtypes.md)."""
-        return max(RTOL, float(np.finfo(self.x.dtype).eps))
+        return max(RTOL, float(finfo(self.x.dtype).eps))
 
     def reduce_axes(self) -> tuple[int, ...]:
         ax = self.axis % self.x.ndim

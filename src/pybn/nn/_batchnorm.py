@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import (DTYPE_NAMES, as_array, channel_layout, flag, float_array, float_dtype, integer, is_float_dtype,
-                       param_dtype, real_number)
+from .._checks import (DTYPE_NAMES, as_array, channel_layout, finfo, flag, float_array, float_dtype, integer,
+                       is_float_dtype, param_dtype, real_number)
 from ..batchnorm import (BatchNormResidualGrads, batch_norm_backward, batch_norm_infer, batch_norm_train,
                          residual_input)
 from ._layer import _check_dy, _Layer
@@ -464,7 +464,7 @@ def _state_array(value: Any, key: str, shape: tuple[int, ...], dtype: np.dtype |
     with np.errstate(over="ignore"):
         cast = arr.astype(dtype)
     if np.any(np.isinf(cast) & np.isfinite(arr)):
-        raise ValueError(f"{key}: a value overflows {dtype} (largest finite: {np.finfo(dtype).max:.4g})")
+        raise ValueError(f"{key}: a value overflows {dtype} (largest finite: {finfo(dtype).max:.4g})")
     if key in ("running_var", "moving_variance") and np.any(cast < 0):
         raise ValueError(f"{key}: a variance must be >= 0, got a negative entry")
     return cast
