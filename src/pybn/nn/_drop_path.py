@@ -5,12 +5,12 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import float_array, real_number
+from .._checks import float_array
 from ..drop_path import drop_path, drop_path_noise_shape
 from ..dropout import counters_used
-from ._layer import _U64, _check_dy, _Layer, _rank_and_world_size, _seed_or_entropy
+from ._layer import _DropProbability, _U64, _check_dy, _Layer, _rank_and_world_size, _seed_or_entropy
 
-class DropPath(_Layer):
+class DropPath(_DropProbability, _Layer):
     """Stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath``) with a
     reproducible counter-based mask (docs/dropout.md, "Stochastic depth").
 
@@ -55,17 +55,6 @@ class DropPath(_Layer):
         # (p, seed, offset, mode, x's shape, x's dtype, training) of the last forward
         self._saved: tuple[float, int, int, str, tuple[int, ...], np.dtype, bool] | None = None
 
-    @property
-    def p(self) -> float:
-        """The drop probability, in [0, 1]."""
-        return self._p
-
-    @p.setter
-    def p(self, value: float) -> None:
-        p = real_number(value, "p")
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
-        self._p = p
 
     def __repr__(self) -> str:
         return (f"DropPath(p={self.p}, mode={self.mode!r}, seed={self.seed}, rank={self.rank}, "

@@ -9,9 +9,9 @@ import numpy as np
 from .._checks import flag, float_array, integer, real_number
 from ..dropblock import drop_block, drop_block_noise_shape, noise_shape_of
 from ..dropout import counters_used
-from ._layer import _U64, _check_dy, _Layer, _rank_and_world_size, _seed_or_entropy
+from ._layer import _DropProbability, _U64, _check_dy, _Layer, _rank_and_world_size, _seed_or_entropy
 
-class DropBlock2d(_Layer):
+class DropBlock2d(_DropProbability, _Layer):
     """DropBlock (timm's ``DropBlock2d``) with a reproducible counter-based mask
     (docs/dropout.md, "DropBlock").
 
@@ -63,17 +63,6 @@ class DropBlock2d(_Layer):
         # arguments for an identity forward
         self._saved: tuple[dict[str, Any] | None, tuple[int, ...], np.dtype] | None = None
 
-    @property
-    def p(self) -> float:
-        """The drop probability, in [0, 1]."""
-        return self._p
-
-    @p.setter
-    def p(self, value: float) -> None:
-        p = real_number(value, "p")
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
-        self._p = p
 
     def __repr__(self) -> str:
         return (f"DropBlock2d(p={self.p}, block_size={self.block_size}, seed={self.seed}, "

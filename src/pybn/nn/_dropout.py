@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import flag, float_array, integer, real_number
+from .._checks import flag, float_array, integer
 from ..dropout import counters_used, dropout, relu_dropout_backward, relu_of
-from ._layer import _U64, _check_dy, _Layer, _seed_or_entropy
+from ._layer import _DropProbability, _U64, _check_dy, _Layer, _seed_or_entropy
 
-class Dropout(_Layer):
+class Dropout(_DropProbability, _Layer):
     """Inverted dropout with a reproducible counter-based mask (PyTorch's ``nn.Dropout``).
 
     In training mode each element is dropped with probability `p` and the kept ones are
@@ -62,17 +62,6 @@ class Dropout(_Layer):
         self._saved: tuple[float, int, int, tuple[int, ...] | None, tuple[int, ...], np.dtype] | None = None
         self._relu_output: np.ndarray | None = None  # the last output of a forward with relu=True
 
-    @property
-    def p(self) -> float:
-        """The drop probability, in [0, 1]."""
-        return self._p
-
-    @p.setter
-    def p(self, value: float) -> None:
-        p = real_number(value, "p")
-        if not 0.0 <= p <= 1.0:  # as torch.nn.Dropout, a ValueError
-            raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
-        self._p = p
 
     def __repr__(self) -> str:
         return f"Dropout(p={self.p}, seed={self.seed}, noise_shape={self.noise_shape})"

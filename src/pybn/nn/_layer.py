@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .._checks import flag, float_array, integer
+from .._checks import flag, float_array, integer, real_number
 
 _U64 = 1 << 64
 _L = TypeVar("_L", bound="_Layer")
@@ -53,6 +53,26 @@ class _Layer:
             raise RuntimeError(f"{type(self).__name__}.backward: called before any forward pass "
                                "(nothing saved to differentiate)")
         return saved
+
+
+
+class _DropProbability:
+    """The ``p`` of the dropout layers: a drop probability, checked when set (a ValueError
+    outside [0, 1], as torch.nn.Dropout)."""
+
+    _p: float
+
+    @property
+    def p(self) -> float:
+        """The drop probability, in [0, 1]."""
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        p = real_number(value, "p")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
+        self._p = p
 
 
 def _check_dy(dy: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -9,7 +9,7 @@ from .._checks import float_array, real_number
 from ..dropout import counters_used
 from ..noise import (alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_dropout_stddev, gaussian_noise,
                      normal_counters_used)
-from ._layer import _U64, _check_dy, _Layer, _seed_or_entropy
+from ._layer import _DropProbability, _U64, _check_dy, _Layer, _seed_or_entropy
 
 class _NoiseLayer(_Layer):
     """What AlphaDropout, GaussianDropout and GaussianNoise share with :class:`Dropout`:
@@ -73,7 +73,7 @@ class _NoiseLayer(_Layer):
         return self._gradient(grad, value, seed, offset)
 
 
-class AlphaDropout(_NoiseLayer):
+class AlphaDropout(_DropProbability, _NoiseLayer):
     """Alpha dropout for SELU networks (PyTorch's ``nn.AlphaDropout``) with a reproducible
     mask: :func:`pybn.alpha_dropout` in training mode, the identity in evaluation mode.
     Call i uses ``(seed, offset)`` and advances ``offset`` by ``pybn.counters_used(n)``;
@@ -90,17 +90,6 @@ class AlphaDropout(_NoiseLayer):
         self.p = p
         super().__init__(seed)
 
-    @property
-    def p(self) -> float:
-        """The drop probability, in [0, 1]."""
-        return self._p
-
-    @p.setter
-    def p(self, value: float) -> None:
-        p = real_number(value, "p")
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
-        self._p = p
 
     def __repr__(self) -> str:
         return f"AlphaDropout(p={self.p}, seed={self.seed})"
