@@ -948,6 +948,19 @@ SPECS = [
         "stddev": stddev_cases(),
         "seed": u64_cases("seed", allow_none=True),
     }),
+    Spec("nn.DropBlock2d", pybn.nn.DropBlock2d,
+         lambda: dict(p=0.5, block_size=3, seed=1, gamma_scale=1.0, couple_channels=True, batchwise=False,
+                      scale_by_keep=True, rank=0, world_size=1), {
+             "p": p_cases(),
+             "block_size": int_cases("block_size", 1),
+             "seed": u64_cases("seed", allow_none=True),
+             "gamma_scale": cases("gamma_scale", NON_FINITE + NON_NUMBERS + [("negative", lambda: -0.5, ValueError)]),
+             "couple_channels": bool_cases("couple_channels"),
+             "batchwise": bool_cases("batchwise"),
+             "scale_by_keep": bool_cases("scale_by_keep"),
+             "rank": int_cases("rank", 0) + cases("rank", [("world_size", lambda: 1, ValueError)]),
+             "world_size": int_cases("world_size", 1),
+         }),
     Spec("distributed.SyncBatchNorm", pybn.distributed.SyncBatchNorm, lambda: dict(num_features=C, comm=None), {
         "num_features": int_cases("num_features", 1),
         "comm": cases("comm", [("object", lambda: object(), TypeError), ("str", lambda: "gloo", TypeError),
@@ -984,6 +997,13 @@ SPECS = [
     Spec("nn.AlphaDropout.backward", layer_call("dy"), noise_layer_backward_good, {
         "dy": matching_cases("dy"),
     }),
+    Spec("nn.DropPath.__call__", layer_call("x"), lambda: dict(layer=pybn.nn.DropPath(0.5, seed=1), x=rand(SHAPE)), {
+        "x": data_cases("x", ndim_min=1),  # (samples on axis 0)
+    }),
+    Spec("nn.GaussianDropout.__call__", layer_call("x"),
+         lambda: dict(layer=pybn.nn.GaussianDropout(0.5, seed=1), x=rand(SHAPE)), {
+             "x": data_cases("x", ndim_min=0),
+         }),
     Spec("nn.DropBlock2d.__call__", layer_call("x"),
          lambda: dict(layer=pybn.nn.DropBlock2d(0.5, 3, seed=1), x=rand(SHAPE4)), {
              "x": data_cases("x", shape=SHAPE4) + cases("x", [("3-d", lambda: rand(SHAPE), ValueError)]),
@@ -1210,6 +1230,14 @@ def test_every_argument_is_covered(spec):
     missing = [p for p in _parameters(spec) if p not in spec.args and p not in FLAGS]
     assert not missing, f"{spec.name}: no bad-value rows for {missing}"
 
+
+def test_every_layer_is_in_the_matrix():
+    """pybn.nn's layers: the constructor's arguments, and a call or backward of each."""
+    covered = {s.name for s in SPECS}
+    for name in pybn.nn.__all__:
+        if isinstance(getattr(pybn.nn, name), type):
+            assert f"nn.{name}" in covered, f"pybn.nn.{name}(...) has no rows in the input matrix"
+            assert {f"nn.{name}.__call__", f"nn.{name}.backward"} & covered, f"pybn.nn.{name}: no call in the matrix"
 
 def test_every_public_function_is_in_the_matrix():
     no_arguments = {"isa", "supported_isas", "get_num_threads", "keep_freed_memory"}

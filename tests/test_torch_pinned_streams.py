@@ -194,3 +194,19 @@ def test_module_type_keeps_the_offset_an_int64():
     fresh.offset = 2**60 + 3
     x = torch.ones(2, 64, dtype=torch.float64)
     torch.testing.assert_close(drop(x), fresh(x), rtol=0, atol=0)
+
+
+def test_every_random_module_is_in_the_torch_lists():
+    """The torch tests list pybn.torch.nn's random modules by hand (compiled and exported
+    streams here and in test_torch_compile_modules.py, torch.func in test_torch_func.py): a
+    new module missing from them would go untested there. Dropout1d and Dropout3d are
+    Dropout2d's code with another rank."""
+    from test_torch_func import RANDOM
+
+    from pybn.torch.seeded import PinnedSeed
+
+    random_classes = {getattr(pnn, name) for name in pnn.__all__
+                      if isinstance(getattr(pnn, name), type) and issubclass(getattr(pnn, name), PinnedSeed)}
+    same_code = {pnn.Dropout1d, pnn.Dropout3d}
+    for listed in ({type(make()) for make in SEEDED.values()}, {type(make()) for make, _ in RANDOM.values()}):
+        assert random_classes - same_code <= listed, random_classes - same_code - listed

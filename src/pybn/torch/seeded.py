@@ -1,5 +1,5 @@
-"""The optional pinned Philox stream that pybn.torch's stochastic-depth, DropBlock and noise
-modules share: without a seed every training call draws one from torch's default CPU
+"""The optional pinned Philox stream that pybn.torch's dropout, stochastic-depth, DropBlock and
+noise modules share: without a seed every training call draws one from torch's default CPU
 generator; with ``seed=...`` the calls walk ``(seed, offset)``, each advancing ``offset`` by
 the counters it used (docs/dropout.md).
 
