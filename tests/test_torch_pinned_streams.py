@@ -210,3 +210,34 @@ def test_every_random_module_is_in_the_torch_lists():
     same_code = {pnn.Dropout1d, pnn.Dropout3d}
     for listed in ({type(make()) for make in SEEDED.values()}, {type(make()) for make, _ in RANDOM.values()}):
         assert random_classes - same_code <= listed, random_classes - same_code - listed
+
+
+def test_the_offset_tensor_is_kept_where_it_can_be_written():
+    """What holds the offset tensor (DDP's buffer list, a functional_call dict, an exported
+    module) keeps seeing it: mc_dropout's seed and offset are written into it. It is made
+    anew where it cannot be written: to_empty() in inference mode (an inference tensor),
+    share_memory() (processes never share an offset); and a setter inside torch.func.grad
+    writes the tensor the transform captured."""
+    from pybn.nn import mc_dropout
+
+    drop = pnn.Dropout(0.5, seed=1)
+    held = drop._offset_t
+    with mc_dropout(nn.Sequential(drop), seed=3, sample=1):
+        assert held is drop._offset_t and drop.offset == pybn.nn.mc_dropout_offset(0, 1)
+    assert held is drop._offset_t and drop.offset == 0 and drop.seed == 1
+    with torch.device("meta"):
+        made = pnn.Dropout(0.5, seed=1)
+    with torch.inference_mode():
+        made.to_empty(device="cpu")
+    assert made.offset == 0
+    made(torch.ones(2, 64))
+    drop.offset = 9
+    drop.share_memory()
+    assert not drop._offset_t.is_shared() and drop.offset == 9
+
+    def step(x):
+        drop.offset = 5
+        return drop(x).sum()
+
+    torch.func.grad(step)(torch.randn(4, 64))
+    assert drop.offset == 5 + pybn.counters_used(256)

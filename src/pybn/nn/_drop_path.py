@@ -55,7 +55,6 @@ class DropPath(_DropProbability, _Layer):
         # (p, seed, offset, mode, x's shape, x's dtype, training) of the last forward
         self._saved: tuple[float, int, int, str, tuple[int, ...], np.dtype, bool] | None = None
 
-
     def __repr__(self) -> str:
         return (f"DropPath(p={self.p}, mode={self.mode!r}, seed={self.seed}, rank={self.rank}, "
                 f"world_size={self.world_size})")

@@ -63,7 +63,6 @@ class DropBlock2d(_DropProbability, _Layer):
         # arguments for an identity forward
         self._saved: tuple[dict[str, Any] | None, tuple[int, ...], np.dtype] | None = None
 
-
     def __repr__(self) -> str:
         return (f"DropBlock2d(p={self.p}, block_size={self.block_size}, seed={self.seed}, "
                 f"gamma_scale={self.gamma_scale}, couple_channels={self.couple_channels}, "

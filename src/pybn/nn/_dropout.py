@@ -62,7 +62,6 @@ class Dropout(_DropProbability, _Layer):
         self._saved: tuple[float, int, int, tuple[int, ...] | None, tuple[int, ...], np.dtype] | None = None
         self._relu_output: np.ndarray | None = None  # the last output of a forward with relu=True
 
-
     def __repr__(self) -> str:
         return f"Dropout(p={self.p}, seed={self.seed}, noise_shape={self.noise_shape})"
 

@@ -55,7 +55,6 @@ class _Layer:
         return saved
 
 
-
 class _DropProbability:
     """The ``p`` of the dropout layers: a drop probability, checked when set (a ValueError
     outside [0, 1], as torch.nn.Dropout)."""

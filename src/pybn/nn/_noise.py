@@ -90,7 +90,6 @@ class AlphaDropout(_DropProbability, _NoiseLayer):
         self.p = p
         super().__init__(seed)
 
-
     def __repr__(self) -> str:
         return f"AlphaDropout(p={self.p}, seed={self.seed})"
 

@@ -11,6 +11,7 @@ place, which torch.export records as a mutation (an attribute rebound to a new t
 does not: every call of the exported program would draw the masks of one offset); being
 non-persistent it stays out of state_dict, so checkpoints are those of the stock modules.
 """
+import contextlib
 import os
 import threading
 from typing import Any, Callable, Optional, Tuple
@@ -82,17 +83,35 @@ def _rebind() -> bool:
 _is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch >= 2.6)
 
 
-def _add_in_place(offset_t: Tensor, stride: Any) -> None:
-    """offset_t += stride, on the plain tensor under torch.func's wrappers (the transforms
-    refuse to write a tensor captured from outside them, and the counters are no value they
-    differentiate or batch)."""
-    if not torch._C._are_functorch_transforms_active():
-        offset_t.add_(stride)
-        return
-    while torch._C._functorch.is_functorch_wrapped_tensor(offset_t):
+def _write(offset_t: Tensor, add: Any = None, value: Optional[int] = None) -> None:
+    """offset_t += add, or offset_t = value, in place; on the plain tensor under torch.func's
+    wrappers (the transforms refuse to write a tensor captured from outside them, and the
+    counters are no value they differentiate or batch)."""
+    with contextlib.ExitStack() as stack:
+        if torch._C._are_functorch_transforms_active():
+            while torch._C._functorch.is_functorch_wrapped_tensor(offset_t):
+                offset_t = torch._C._functorch.get_unwrapped(offset_t)
+            stack.enter_context(torch._C._DisableFuncTorch())
+        if value is None:
+            offset_t.add_(add)
+        else:
+            with torch.no_grad():
+                offset_t.fill_(as_int64(value))
+
+
+def _writable(offset_t: Optional[Tensor]) -> bool:
+    """Whether a new offset can be written into this tensor (kept, so that what holds it, DDP's
+    buffer list, a functional_call dict or an exported module, sees the change): an int64
+    with values, not an inference tensor (later advanced outside inference mode, which
+    refuses that), and not one shared with other processes (torch.multiprocessing,
+    Module.share_memory())."""
+    if offset_t is None or offset_t.dtype != torch.int64 or offset_t.device.type == "meta":
+        return False
+    if torch.compiler.is_compiling():  # (a traced tensor: neither, and dynamo would break the graph on them)
+        return True
+    while torch._C._functorch.is_functorch_wrapped_tensor(offset_t):  # (torch.func's: no storage of their own)
         offset_t = torch._C._functorch.get_unwrapped(offset_t)
-    with torch._C._DisableFuncTorch():
-        offset_t.add_(stride)
+    return not offset_t.is_inference() and not offset_t.is_shared()
 
 
 class PinnedSeed:
@@ -114,7 +133,10 @@ class PinnedSeed:
     def seed(self, seed: Optional[int]) -> None:
         self._seed = None if seed is None else u64(seed, "seed")
         self._seed_t = None if self._seed is None else _counter_tensor(self._seed)
-        self._set_offset_tensor(None if seed is None else _counter_tensor(0))
+        if seed is None:
+            self._set_offset_tensor(None)
+        else:
+            self._set_offset(0)
 
     @property
     def offset(self) -> Optional[int]:
@@ -126,12 +148,15 @@ class PinnedSeed:
     def offset(self, offset: int) -> None:
         if self._seed is None:
             raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
-        value, offset_t = u64(offset, "offset"), self._offset_tensor()
-        if offset_t is None or offset_t.device.type == "meta" or offset_t.dtype != torch.int64:
+        self._set_offset(u64(offset, "offset"))
+
+    def _set_offset(self, value: int) -> None:
+        offset_t = self._offset_tensor()
+        if _writable(offset_t):
+            assert offset_t is not None
+            _write(offset_t, value=value)
+        else:
             self._set_offset_tensor(_counter_tensor(value))
-        else:  # (the same tensor: what DDP, functional_call dicts and exported modules hold)
-            with torch.no_grad(), torch.inference_mode(False):
-                offset_t.fill_(as_int64(value))
 
     def _offset_tensor(self) -> Optional[Tensor]:
         # (a module made a pybn one by accelerate has none yet; one unpickled from before the
@@ -156,8 +181,9 @@ class PinnedSeed:
             self._set_offset_tensor(offset_t + stride)
             return philox
         if torch._C._current_autograd_node() is not None and torch.is_grad_enabled():
-            # (a forward run by the backward pass with gradients on: a checkpoint's recomputation;
-            # a backward hook runs with them off)
+            # (a forward run by the backward pass with gradients on: a checkpoint's recomputation,
+            # or a backward hook under create_graph=True, which is refused too; hooks of a plain
+            # backward run with gradients off)
             raise RuntimeError(
                 f"{type(self).__name__}(seed=...): called during a backward pass, as torch.utils.checkpoint "
                 "recomputes a forward: a pinned stream cannot draw the forward's masks again (torch's checkpoint "
@@ -165,7 +191,7 @@ class PinnedSeed:
                 "generator are replayed.")
         with _TAKING:
             philox = self._philox_at(offset_t, skip)
-            _add_in_place(offset_t, stride)
+            _write(offset_t, add=stride)
         return philox
 
     def _philox_at(self, offset_t: Tensor, skip: Any) -> Tensor:
@@ -179,13 +205,17 @@ class PinnedSeed:
         offset = None if offset_t is None or offset_t.device.type == "meta" else self.offset
         module = super()._apply(fn, recurse)  # type: ignore[misc]
         if offset is not None and self._offset_tensor() is not None:
-            self.offset = offset  # (and int64 again after Module.type(torch.float64), which casts every buffer)
+            # (also an int64 again after Module.type(torch.float64), which casts every buffer,
+            # and a private tensor after share_memory(): processes never share an offset)
+            self._set_offset(offset)
         return module
 
     def __getstate__(self) -> Any:
         # A copy of the offset for pickles: torch.multiprocessing moves the tensors it pickles
         # to shared memory, and a spawned process's calls would advance this one's offset
         state = self.__dict__.copy()
+        if state.get("_offset_t") is not None:  # (a module unpickled from before the buffer)
+            state["_offset_t"] = state["_offset_t"].clone()
         offset_t = state.get("_buffers", {}).get("_offset_t")
         if offset_t is not None:
             state["_buffers"] = {**state["_buffers"], "_offset_t": offset_t.clone()}
