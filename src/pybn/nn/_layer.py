@@ -6,7 +6,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .._checks import flag, float_array, integer, real_number
+from .._checks import flag, float_array, integer
+from ..dropout import _counter_arg, _probability
 
 _U64 = 1 << 64
 _L = TypeVar("_L", bound="_Layer")
@@ -68,10 +69,7 @@ class _DropProbability:
 
     @p.setter
     def p(self, value: float) -> None:
-        p = real_number(value, "p")
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p: the drop probability must be in [0, 1], got {p}")
-        self._p = p
+        self._p = _probability(value)
 
 
 def _check_dy(dy: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -84,18 +82,11 @@ def _check_dy(dy: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return array
 
 
-def _u64(value: Any, name: str) -> int:
-    v = integer(value, name)
-    if not 0 <= v < _U64:
-        raise ValueError(f"{name}: must be in [0, 2**64), got {v}")
-    return v
-
-
 def _seed_or_entropy(seed: Any) -> int:
     """`seed` checked, or (None) a fresh one from the operating system's entropy."""
     if seed is None:
         return int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
-    return _u64(seed, "seed")
+    return _counter_arg(seed, "seed")
 
 
 def _rank_and_world_size(rank: Any, world_size: Any) -> tuple[int, int]:

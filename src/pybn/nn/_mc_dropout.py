@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._checks import integer
+from ..dropout import _counter_arg
 from ._drop_path import DropPath
 from ._dropblock import DropBlock2d
 from ._dropout import Dropout
-from ._layer import _u64
 from ._noise import _NoiseLayer
 
 MC_MAX_LAYERS = 256
@@ -56,7 +56,7 @@ def mc_dropout(layers: Any, *, seed: int, sample: int) -> Iterator[None]:
     sample : int in [0, 2**20)
         The index of the MC sample.
     """
-    seed = _u64(seed, "seed")
+    seed = _counter_arg(seed, "seed")
     modules = _mc_modules(layers)
     if len(modules) > MC_MAX_LAYERS:
         raise ValueError(f"layers: at most {MC_MAX_LAYERS} dropout layers, got {len(modules)}")
