@@ -814,3 +814,34 @@ def test_docstrings():
             assert getattr(obj, name).__doc__ or name == "__init__", (obj, name)
     for name in ["state_dict", "load_state_dict", "from_torch", "from_keras"]:
         assert "Returns" in getattr(nn.BatchNorm, name).__doc__ or "Raises" in getattr(nn.BatchNorm, name).__doc__
+
+
+@pytest.mark.parametrize("when", ["before the kernel", "as the kernel returns"])
+def test_an_interrupted_training_call_counts_the_batch_if_it_updated_the_statistics(monkeypatch, when):
+    """A KeyboardInterrupt in the checks before the kernel left the batch counted but its
+    statistics not applied (a momentum=None layer then weighs every later batch wrongly;
+    tests/test_processes.py's Ctrl-C test caught it once in four runs). A call that ends in an
+    exception is uncounted unless the statistics changed; one interrupted as the kernel
+    returns (the statistics updated) stays counted."""
+    import pybn.nn._batchnorm as bn_module
+
+    real = bn_module.batch_norm_train
+
+    def interrupted(*args, **kwargs):
+        if when == "as the kernel returns":
+            real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    layer = nn.BatchNorm(3, momentum=None)
+    layer(x)
+    monkeypatch.setattr(bn_module, "batch_norm_train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        layer(x + 1)
+    monkeypatch.setattr(bn_module, "batch_norm_train", real)
+    replay = nn.BatchNorm(3, momentum=None)
+    for batch in [x, x + 1][:layer.num_batches_tracked]:
+        replay(batch)
+    assert layer.num_batches_tracked == (2 if when == "as the kernel returns" else 1)
+    assert np.array_equal(layer.running_mean, replay.running_mean)
+    assert np.array_equal(layer.running_var, replay.running_var)

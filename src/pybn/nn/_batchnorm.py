@@ -177,18 +177,20 @@ class BatchNorm(_Layer):
         if update:
             kwargs = dict(running_mean=self.running_mean, running_var=self.running_var,
                           momentum=self._momentum_for_next_batch())
-            # counted before the kernel, as torch does: a KeyboardInterrupt that arrived during
-            # the kernel is raised as it returns, having updated the statistics, and then the
-            # count agrees with them (one arriving during the few microseconds of checks before
-            # the kernel leaves the batch counted, unapplied); an error of the call (its
-            # arguments, memory) uncounts it
+            # counted before the kernel, as torch does; a call that ends in an exception
+            # without having updated the statistics is uncounted: an error of its arguments or
+            # memory, or a KeyboardInterrupt in the checks before the kernel. One that arrived
+            # during the kernel is raised as it returns, the statistics updated: it stays counted
+            assert self.running_mean is not None and self.running_var is not None
             assert self.num_batches_tracked is not None  # (tracking running statistics)
+            stats = (self.running_mean, self.running_var)
+            before = (stats[0].copy(), stats[1].copy())  # (C values each)
             self.num_batches_tracked += 1
         try:
             y, mean, invstd = batch_norm_train(x, self.weight, self.bias, eps=self.eps, axis=self.axis, relu=relu,
                                                residual=residual, **kwargs)
-        except Exception:
-            if update:
+        except BaseException:
+            if update and all(np.array_equal(b, a, equal_nan=True) for b, a in zip(before, stats)):
                 self.num_batches_tracked -= 1  # type: ignore[operator]  # (counted above)
             raise
         self._saved = (x, mean, invstd, True)
