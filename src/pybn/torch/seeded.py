@@ -11,7 +11,6 @@ place, which torch.export records as a mutation (an attribute rebound to a new t
 does not: every call of the exported program would draw the masks of one offset); being
 non-persistent it stays out of state_dict, so checkpoints are those of the stock modules.
 """
-import contextlib
 import os
 import threading
 from typing import Any, Callable, Optional, Tuple
@@ -87,16 +86,26 @@ def _write(offset_t: Tensor, add: Any = None, value: Optional[int] = None) -> No
     """offset_t += add, or offset_t = value, in place; on the plain tensor under torch.func's
     wrappers (the transforms refuse to write a tensor captured from outside them, and the
     counters are no value they differentiate or batch)."""
-    with contextlib.ExitStack() as stack:
-        if torch._C._are_functorch_transforms_active():
-            while torch._C._functorch.is_functorch_wrapped_tensor(offset_t):
-                offset_t = torch._C._functorch.get_unwrapped(offset_t)
-            stack.enter_context(torch._C._DisableFuncTorch())
-        if value is None:
-            offset_t.add_(add)
-        else:
-            with torch.no_grad():
-                offset_t.fill_(as_int64(value))
+    if torch._C._are_functorch_transforms_active():
+        with torch._C._DisableFuncTorch():
+            _write_plain(_plain(offset_t), add, value)
+    else:
+        _write_plain(offset_t, add, value)
+
+
+def _write_plain(offset_t: Tensor, add: Any, value: Optional[int]) -> None:
+    if value is None:
+        offset_t.add_(add)
+    else:
+        with torch.no_grad():
+            offset_t.fill_(as_int64(value))
+
+
+def _plain(t: Tensor) -> Tensor:
+    """The tensor under torch.func's wrappers (which have no storage of their own)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _writable(offset_t: Optional[Tensor]) -> bool:
@@ -109,8 +118,7 @@ def _writable(offset_t: Optional[Tensor]) -> bool:
         return False
     if torch.compiler.is_compiling():  # (a traced tensor: neither, and dynamo would break the graph on them)
         return True
-    while torch._C._functorch.is_functorch_wrapped_tensor(offset_t):  # (torch.func's: no storage of their own)
-        offset_t = torch._C._functorch.get_unwrapped(offset_t)
+    offset_t = _plain(offset_t)
     return not offset_t.is_inference() and not offset_t.is_shared()
 
 
