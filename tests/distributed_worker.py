@@ -215,8 +215,45 @@ def mismatch_cases(comm, rank: int) -> dict:
     return out
 
 
+ORDER_CASES = ("other-width", "other-count", "backward-vs-forward")
+
+
+def order_cases(comm, rank: int) -> dict:
+    """Layers a and b, each trained once in the same order; then worker 1 calls another
+    layer than worker 0 (`other-width`: b of 6 channels where 0 calls a of 4; `other-count`:
+    b, alike but untrained, where 0 calls a again), or a forward where 0 calls a's backward.
+    Every worker records its error and both layers' num_batches_tracked; then a good layer
+    trains one step."""
+    from pybn.distributed import SyncBatchNorm
+
+    out = {}
+    rng = np.random.default_rng(rank)
+    for case in ORDER_CASES:
+        a = SyncBatchNorm(4, comm=comm)
+        b = SyncBatchNorm(6 if case == "other-width" else 4, comm=comm)
+        xa = rng.standard_normal((5, 4)).astype(np.float32)
+        xb = rng.standard_normal((5, b.num_features)).astype(np.float32)
+        got: dict = {"error": None}
+        try:
+            a(xa)
+            if case == "other-width":
+                b(xb)
+            if case == "backward-vs-forward" and rank == 0:
+                a.backward(np.ones_like(xa))
+            else:
+                (a if rank == 0 else b)(xa if rank == 0 else xb)
+        except Exception as e:  # noqa: BLE001 - recorded for the parent to check
+            got["error"] = f"{type(e).__name__}: {e}"
+        got["counts"] = [a.num_batches_tracked, b.num_batches_tracked]
+        good = SyncBatchNorm(3, comm=comm)
+        good(np.arange(12, dtype=np.float32).reshape(4, 3) * (rank + 1))
+        got["after"] = good.running_mean.tolist()
+        out[case] = got
+    return out
+
+
 def run_mismatches(comm, rank: int, out_dir: str) -> None:
-    results = {"rank": rank, "cases": mismatch_cases(comm, rank)}
+    results = {"rank": rank, "cases": mismatch_cases(comm, rank), "order": order_cases(comm, rank)}
     path = os.path.join(out_dir, f"mismatch{rank}.pkl")
     with open(path + ".tmp", "wb") as f:
         pickle.dump(results, f)

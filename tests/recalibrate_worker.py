@@ -6,7 +6,8 @@ Recalibrates, over this rank's batches (BATCHES, generated identically in every 
 and in the parent), a pybn.distributed.SyncBatchNorm (merged over the group by itself),
 a pybn.nn.BatchNorm and a torch model with a stock torch BatchNorm1d (both merged with
 comm=the default group), and writes their running statistics to DIR/rank{R}.pkl; then the
-errors of a pass that fails on rank 1 only and of layers whose channels differ between ranks.
+errors of a pass that fails on rank 1 only, of layers whose channels differ between ranks,
+and of synchronized layers whose ranks pass different numbers of batches or fail between them.
 """
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ def main() -> None:
     pybn.recalibrate(model, [torch.from_numpy(b) for b in nonempty], comm=dist.group.WORLD)
     errors = {"failed pass": failed_pass(args.rank, nonempty, dist), "channels": other_channels(args.rank, dist),
               "no layer": local_error(args.rank, dist, "no layer"),
-              "bad batches": local_error(args.rank, dist, "bad batches")}
+              "bad batches": local_error(args.rank, dist, "bad batches"),
+              "uneven sync": uneven_sync(args.rank, "numpy"), "uneven torch sync": uneven_sync(args.rank, "torch"),
+              "sync pass fails": sync_pass_fails(args.rank)}
     after = torch.tensor([args.rank + 1.0])
     dist.all_reduce(after)  # the group still works after both errors
     result = {"rank": args.rank, "errors": errors, "all_reduce after": float(after),
@@ -109,6 +112,53 @@ def local_error(rank, dist, kind):
                                                 comm=dist.group.WORLD), [layer])
     bad = rank == 1 and kind == "bad batches"
     return outcome(lambda: pybn.recalibrate(layer, None if bad else batches, comm=dist.group.WORLD), [layer])
+
+
+def uneven_sync(rank, front_end):
+    """A synchronized layer (pybn.distributed's, or pybn.torch's in a torch model), rank 0
+    with 3 batches and rank 1 with 2: (error type, message, state unchanged)."""
+    import torch
+
+    import pybn
+    import pybn.torch
+    from pybn.distributed import SyncBatchNorm
+
+    batches = [np.random.default_rng([rank, i]).standard_normal((4, C)) for i in range(3 - rank)]
+    if front_end == "numpy":
+        layer = SyncBatchNorm(C, dtype="float64")
+        return outcome(lambda: pybn.recalibrate(layer, batches), [layer])
+    model = torch.nn.Sequential(pybn.torch.nn.SyncBatchNorm(C, dtype=torch.float64))
+    return outcome(lambda: pybn.recalibrate(model, [torch.from_numpy(b) for b in batches]), [_NumpyView(model[0])])
+
+
+def sync_pass_fails(rank):
+    """A synchronized layer after a step that fails on rank 1's second batch (rank 0 is in
+    the layer's exchange then): (error type, message, state unchanged)."""
+    import pybn
+    from pybn.distributed import SyncBatchNorm
+
+    layer = SyncBatchNorm(C, dtype="float64")
+    seen = []
+
+    def forward(batch):
+        seen.append(batch)
+        if rank == 1 and len(seen) == 2:
+            raise KeyError("the pass failed on rank 1")
+        return layer(batch)
+
+    batches = [np.random.default_rng([rank, i]).standard_normal((4, C)) for i in range(3)]
+    return outcome(lambda: pybn.recalibrate(layer, batches, forward=forward), [layer])
+
+
+class _NumpyView:
+    """A torch batch norm's statistics as outcome() reads a pybn layer's."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        value = getattr(self.module, name)
+        return int(value) if name == "num_batches_tracked" else value.numpy()
 
 
 def outcome(call, layers):

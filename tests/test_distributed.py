@@ -261,24 +261,24 @@ def test_equals_torch_batchnorm_on_the_whole_batch(run, name):
     compare(run, name, reference_torch(name), tolerance(name, TOL_TORCH))
 
 
-def test_one_collective_per_training_forward_and_backward_none_in_eval(run):
+def test_a_control_exchange_then_one_collective_per_training_forward_and_backward_none_in_eval(run):
     for res in run:
         for name, got in res["configs"].items():
-            for step, (before, after_forward, after_backward) in enumerate(got["collectives"]):
-                # (all-gathers, all-reduces) of the forward, then of the backward; the first
-                # forward also all-gathers the layer's configuration
-                assert np.subtract(after_forward, before).tolist() == [2 if step == 0 else 1, 0], name
-                assert np.subtract(after_backward, after_forward).tolist() == [0, 1], name
+            for before, after_forward, after_backward in got["collectives"]:
+                # (all-gathers, all-reduces) of the forward, then of the backward: each first
+                # all-gathers its fixed-size control row
+                assert np.subtract(after_forward, before).tolist() == [2, 0], name
+                assert np.subtract(after_backward, after_forward).tolist() == [1, 1], name
             if "eval_collectives" in got:
                 before, after = got["eval_collectives"]
                 assert before == after, f"{name}: evaluation mode communicated"
 
 
-def test_a_pickled_copy_checks_the_configuration_again(run):
+def test_a_pickled_copy_starts_its_count_of_forwards_again(run):
     if "pickled" not in run[0]:
         pytest.skip("an mpi4py communicator cannot be pickled")
     for res in run:
-        assert res["pickled"] == [2, 0]  # the configuration's all-gather, then the statistics'
+        assert res["pickled"] == [2, 0]  # the control row's all-gather, then the statistics'
 
 
 def test_too_few_values_over_all_workers_raise_on_every_worker(run):
@@ -363,7 +363,7 @@ MISMATCH_ERRORS = {
                             "False on worker 1)",) * 2,
     "x-channels": ("ValueError: x: rejected on worker(s) 1", "ValueError: x: has 3 channels along axis 1"),
     "x-dtype": ("ValueError: x: rejected on worker(s) 1", "TypeError: x: dtype float64 does not match"),
-    "dy-shape": ("ValueError: dy: rejected on 1 other worker(s)", "ValueError: dy: shape (2, 2) does not match"),
+    "dy-shape": ("ValueError: dy: rejected on worker(s) 1", "ValueError: dy: shape (2, 2) does not match"),
 }
 
 
@@ -386,6 +386,35 @@ def test_a_misconfigured_worker_fails_on_every_worker(mismatches, kind):
     ref(np.concatenate([np.arange(12, dtype=np.float32).reshape(4, 3) * (r + 1) for r in range(2)]))
     for rank in range(2):
         np.testing.assert_allclose(mismatches[rank]["cases"][kind]["after"], ref.running_mean, rtol=1e-6)
+
+
+# what each worker raises when the workers call layers out of order (distributed_worker.ORDER_CASES)
+ORDER_ERRORS = {
+    "other-width": ("ValueError: num_features: differs between the workers (4 on worker 0, 6 on worker 1)",) * 2,
+    "other-count": ("OutOfStep: comm: the workers' SyncBatchNorm calls are out of step (the layer's training "
+                    "forwards so far: rank 0: 1, rank 1: 0)",) * 2,
+    "backward-vs-forward": ("OutOfStep: comm: the processes are out of step, at different collective calls (rank 0: "
+                            "a pybn.distributed.SyncBatchNorm backward; rank 1: a pybn.distributed.SyncBatchNorm "
+                            "training forward)",) * 2,
+}
+
+
+@pytest.mark.parametrize("case", list(ORDER_ERRORS))
+def test_layers_called_out_of_order_fail_on_every_worker(mismatches, case):
+    """Worker 1 calls another layer than worker 0 (of other width, or alike but at another
+    count of forwards), or a forward where worker 0 calls a backward: every worker raises
+    at the control exchange, neither layer changes, and the workers stay in step (before:
+    with MPI, worker 0 got MPI_ERR_TRUNCATE and worker 1 normalized with a row of worker 0's
+    numbers and memory past them, no error; with gloo one worker aborted)."""
+    assert ORDER_ERRORS.keys() == set(dw.ORDER_CASES)
+    for rank, want in enumerate(ORDER_ERRORS[case]):
+        got = mismatches[rank]["order"][case]
+        assert got["error"] is not None and got["error"].startswith(want), (rank, got["error"])
+        assert got["counts"] == [1, 1 if case == "other-width" else 0], rank  # the first step's batches only
+    ref = pybn.nn.BatchNorm(3)
+    ref(np.concatenate([np.arange(12, dtype=np.float32).reshape(4, 3) * (r + 1) for r in range(2)]))
+    for rank in range(2):
+        np.testing.assert_allclose(mismatches[rank]["order"][case]["after"], ref.running_mean, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- in-process API checks

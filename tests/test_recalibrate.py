@@ -243,3 +243,16 @@ def test_two_gloo_processes_get_the_statistics_of_all_batches_identically(tmp_pa
         assert ranks[0]["errors"][kind] == (
             "RuntimeError", "batches: the recalibration failed on another process (see its error)", True), kind
         assert ranks[1]["errors"][kind] == own, kind
+    # a synchronized layer (every forward a collective) and rank 0 with one batch more: the
+    # same ValueError on both (before: rank 0's extra exchange met rank 1's agreement, an
+    # abort inside gloo, or a wrong "different numbers of layers")
+    for kind in ("uneven sync", "uneven torch sync"):
+        for res in ranks:
+            assert res["errors"][kind] == (
+                "ValueError", "batches: the processes passed different numbers of batches; with a synchronized batch "
+                "norm (whose every training forward is a collective call) every process must pass the same number",
+                True), kind
+    # rank 1's pass failing before the synchronized layer while rank 0 waits in it
+    assert ranks[0]["errors"]["sync pass fails"] == (
+        "RuntimeError", "batches: the recalibration failed on another process (see its error)", True)
+    assert ranks[1]["errors"]["sync pass fails"] == ("KeyError", "'the pass failed on rank 1'", True)

@@ -86,6 +86,12 @@ def test_disagreeing_processes_all_raise_instead_of_waiting(ranks):
                                             "normalize together"), failing[case]
         assert f"rank {world - 1}: C=5, num_features=5" in failing["channels"]
         assert "rank 0: C=-1, num_features=3 (unusable input)" in failing["bad-input"]
+        # (before: the exchange mixed the two modules' statistics, no error)
+        counts = ", ".join(f"rank {r}: {0 if r == world - 1 else 1}" for r in range(world))
+        assert failing["other-module"] == (
+            f"OutOfStep: input: the processes' SyncBatchNorm calls are out of step (the module's training forwards so "
+            f"far: {counts}); every process must call the same modules in the same order)")
+        assert failing["other-module-counts"] == [1, 0]
     full = torch.arange(24.0).reshape(8, 3)
     want = F.batch_norm(full, torch.zeros(3), torch.ones(3), training=True)
     for rank, res in enumerate(ranks):

@@ -92,6 +92,16 @@ def failing_calls(world: int, rank: int) -> dict:
             out[case] = "no error"
         except Exception as e:  # noqa: BLE001 - recorded for the parent to check
             out[case] = f"{type(e).__name__}: {e}"
+    # modules alike, called out of order: the last process calls b where the others call a again
+    a, b = pnn.SyncBatchNorm(3), pnn.SyncBatchNorm(3)
+    x = torch.randn(4, 3)
+    a(x)
+    try:
+        (b if rank == world - 1 else a)(x)
+        out["other-module"] = "no error"
+    except Exception as e:  # noqa: BLE001 - recorded for the parent to check
+        out["other-module"] = f"{type(e).__name__}: {e}"
+    out["other-module-counts"] = [int(a.num_batches_tracked), int(b.num_batches_tracked)]
     # the collectives are still matched afterwards: a normal call works
     layer = pnn.SyncBatchNorm(3)
     out["after"] = layer(torch.arange(24.0).reshape(8, 3)[rank::world]).detach()

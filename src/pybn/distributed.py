@@ -22,13 +22,16 @@ workers' slices (in rank order), for unequal and empty slices alike:
 
 Evaluation mode uses the running statistics and communicates nothing.
 
-Misconfiguration fails on every worker, never in the transport: the first training forward
-of a layer on a communicator all-gathers a fixed-size description of the layer
-(num_features, dtype, axis, eps, momentum, affine, track_running_stats), so a layer built
-differently on one worker is a ValueError naming the setting on all of them, before the
-first exchange whose size depends on num_features. A worker whose input (x, or dy) is
-rejected still takes part in the exchange, marked as failed, so every worker raises at once
-instead of waiting for the engine's timeout.
+Misconfiguration and calls out of step fail on every worker, never in the transport: each
+synchronized forward and backward first all-gathers a fixed-size control row
+(:mod:`pybn._lockstep`) with the layer's description (num_features, dtype, axis, eps,
+momentum, affine, track_running_stats), the count of its synchronized forwards so far, and
+whether this worker's input was usable. A layer built differently on one worker (or
+another layer called there) is a ValueError naming the setting on all of them; a worker
+whose input (x, or dy) is rejected raises its error and the others a ValueError naming it;
+workers at different kinds of call, or at layers with different counts of forwards, all
+raise :class:`OutOfStep`; in each case before the exchange whose size
+depends on num_features, and no worker changes its state.
 """
 from __future__ import annotations
 
@@ -39,16 +42,16 @@ import numpy as np
 
 from .batchnorm_split import (_update_running_stats, batch_norm_apply, batch_norm_backward_apply,
                               batch_norm_backward_reduce, batch_norm_invstd, batch_norm_merge_stats, batch_norm_stats)
-from . import _C
+from . import _C, _lockstep
 from ._checks import in_place, written_apart
+from ._lockstep import OutOfStep
 from .nn import BatchNorm
 from .nn._layer import _check_dy
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["SyncBatchNorm", "OutOfStep"]
 
-# the layer's settings every worker must share, in the order of the all-gathered description
+# the layer's settings every worker must share, in the order of the control row's fields
 _CONFIG = ("num_features", "dtype", "axis", "eps", "momentum", "affine", "track_running_stats")
-_CONFIG_TAG = 20240601.0  # first entry of the description: a row from something else is not one
 
 _INIT_HINT = ('call torch.distributed.init_process_group("gloo", init_method=..., rank=..., '
               'world_size=...) in every worker before the first training forward, or pass an '
@@ -178,12 +181,14 @@ class SyncBatchNorm(BatchNorm):
     -----
     Communication, per call and per worker (float64 numbers):
 
-    - training forward: one all-gather of ``2C + 1`` numbers (count, mean, m2) per worker,
-      merged exactly with Chan's formula, as PyTorch's ``SyncBatchNorm`` all-gathers
-      (mean, invstd, count) (a plain sum of per-worker moments needs a shared shift to be
-      exact, and loses precision at large offsets without one);
-    - backward of a training forward: one all-reduce (sum) of ``2C + 1`` numbers (the
-      sums, and a count of workers whose dy was rejected);
+    - training forward: one all-gather of a 12-number control row (the layer's settings,
+      the count of its synchronized forwards, whether the input is usable), then one of
+      ``2C + 1`` numbers (count, mean, m2) per worker, merged exactly with Chan's formula,
+      as PyTorch's ``SyncBatchNorm`` all-gathers (mean, invstd, count) (a plain sum of
+      per-worker moments needs a shared shift to be exact, and loses precision at large
+      offsets without one);
+    - backward of a training forward: one control all-gather, then one all-reduce (sum)
+      of ``2C`` numbers (the sums);
     - evaluation mode: nothing. With ``track_running_stats=False`` an evaluation-mode
       forward normalizes with the worker's own batch, as PyTorch's ``SyncBatchNorm`` does.
 
@@ -194,16 +199,24 @@ class SyncBatchNorm(BatchNorm):
     gradients of other layers (e.g. Linear) must still be summed over the workers.
 
     If the whole batch has fewer than 2 values per channel the training forward raises
-    ``ValueError`` on every worker. So does a layer configured differently on one worker
-    (checked once per layer and communicator, at the first training forward: one more
-    all-gather of 8 numbers), and an input x or dy that one worker rejects (wrong dtype
-    or channel count): that worker raises its own error, the others a ValueError naming
-    it; no worker changes its state.
+    ``ValueError`` on every worker. So does a layer configured differently on one worker,
+    and an input x or dy that one worker rejects (wrong dtype or channel count): that
+    worker raises its own error, the others a ValueError naming it. A worker calling
+    another layer than the others (layers called in another order) makes all raise: a
+    ValueError if the layers differ in a setting, :class:`OutOfStep` (a
+    RuntimeError) if in their counts of training forwards so far, or if the workers are at
+    different kinds of call (a forward here, a backward there). In every case no worker
+    changes its state.
 
-    Only a worker that never reaches the collective (dead, hung, in evaluation mode while
-    the others train) leaves the others waiting: with torch.distributed until the process
-    group's timeout (``init_process_group(timeout=...)``, then a RuntimeError); MPI has no
-    timeout, so they wait until the job is killed (e.g. ``mpirun --timeout``).
+    The exchanges are matched by their order, as every collective's: what cannot be told
+    apart is a worker one whole step behind. One that runs a step in evaluation mode while
+    the others train makes no exchange then: the others' training call is answered by its
+    next training call, a step later, with no error, and the steps stay shifted (as with
+    PyTorch's ``SyncBatchNorm``). Every worker must make the same training calls; a worker
+    that never reaches the collective (dead, hung, evaluating from then on) leaves the
+    others waiting: with torch.distributed until the process group's timeout
+    (``init_process_group(timeout=...)``, then a RuntimeError); MPI has no timeout, so
+    they wait until the job is killed (e.g. ``mpirun --timeout``).
 
     Examples
     --------
@@ -222,16 +235,17 @@ class SyncBatchNorm(BatchNorm):
         # an explicit comm is checked now; None (torch's default group) at the first use,
         # so the layer may be built before init_process_group
         self._comm = None if comm is None else _communicator(comm)
-        # (total count per channel, comm) when the last forward was synchronized, else None
-        self._sync: tuple[int, Any] | None = None
-        # the communicator whose workers were found to share this layer's configuration
-        self._config_checked: Any = None
+        # (total count per channel, comm, its number among the synchronized forwards) when
+        # the last forward was synchronized, else None
+        self._sync: tuple[int, Any, int] | None = None
+        # synchronized forwards so far: every worker's layer must be at the same one
+        self._forwards = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        # a copy (pickled, deep-copied) checks the workers' configuration again: it may be
-        # loaded into other processes, next to other layers
+        # a copy (pickled, deep-copied) is another layer, whose count starts again: a worker
+        # that calls it where the others call the original is out of step
         state = self.__dict__.copy()
-        state["_config_checked"] = None
+        state["_forwards"] = 0
         state["_sync"] = None
         return state
 
@@ -267,27 +281,18 @@ class SyncBatchNorm(BatchNorm):
 
     # ---- the configuration every worker shares
 
-    def _config_row(self) -> np.ndarray:
+    def _config_row(self) -> list[float]:
         momentum = np.nan if self.momentum is None else self.momentum
         dtype = _C.DTYPES.index(self.dtype.name)  # float16 and bfloat16 have one itemsize
-        return np.array([_CONFIG_TAG, self.num_features, dtype, self.axis, self.eps, momentum,
-                         self.affine, self.track_running_stats], np.float64)
+        return [self.num_features, dtype, self.axis, self.eps, momentum, self.affine, self.track_running_stats]
 
-    def _check_config(self, comm: Any) -> None:
-        """Once per communicator: every worker's layer has the same settings (a fixed-size
-        all-gather, safe whatever they are), so the exchanges that follow have one size."""
-        if self._config_checked is comm:
-            return
-        rows = comm.allgather(self._config_row())  # (W, 1 + len(_CONFIG))
-        if not np.all(rows[:, 0] == _CONFIG_TAG):
-            raise RuntimeError("comm: a worker sent something else than a SyncBatchNorm configuration: the "
-                               "workers' collectives are out of step")
-        for j, name in enumerate(_CONFIG, start=1):
-            column = rows[:, j]
-            if not np.all((column == column[0]) | (np.isnan(column) & np.isnan(column[0]))):
-                raise ValueError(f"{name}: differs between the workers ({_describe(name, column)}); every "
-                                 "worker's SyncBatchNorm must be configured alike")
-        self._config_checked = comm
+    def _check_config(self, fields: np.ndarray) -> None:
+        """Every worker's layer has the same settings (the first fields of the control rows)."""
+        for j, name in enumerate(_CONFIG):
+            if _lockstep.differs(fields, j):
+                raise ValueError(f"{name}: differs between the workers ({_describe(name, fields[:, j])}); every "
+                                 "worker's SyncBatchNorm must be configured alike, and the layers called in the "
+                                 "same order")
 
     # ---- forward / backward
 
@@ -295,17 +300,26 @@ class SyncBatchNorm(BatchNorm):
         if not self.training:  # evaluation mode: local, no communication
             return super().forward(x, residual, relu=relu)
         comm = self._communicator()
-        self._check_config(comm)
-        try:
+        problem: Exception | None = None
+        try:  # everything that can fail on this worker alone, before the collectives
             x = self._check_input(x)
             if residual is not None or relu:
                 name = "residual" if residual is not None else "relu"
                 raise ValueError(f"{name}: SyncBatchNorm's training forward fuses no residual or ReLU; add and "
                                  "apply them to its output")
-        except Exception:
-            _join_failed(comm, 2 * self.num_features + 1)  # the others raise too, instead of waiting
-            raise
-        return self._forward_synchronized(x, comm)
+            momentum = self._check_running_stats() if self.track_running_stats else None
+            local = batch_norm_stats(x, axis=self.axis)
+        except Exception as e:  # noqa: BLE001  (raised after the other workers are told)
+            problem = e
+        config = self._config_row()
+        fields = _lockstep.agree(comm, _lockstep.FORWARD, [*config, self._forwards, problem is not None])
+        self._check_config(fields)
+        _in_step(fields[:, len(config)], "the layer's training forwards so far")
+        if problem is not None:
+            raise problem
+        _raise_if_failed(fields[:, len(config) + 1], "x")
+        self._forwards += 1
+        return self._forward_synchronized(x, local, momentum, comm)
 
     def _forward_batch_stats(self, x: np.ndarray, residual: np.ndarray | None = None,
                              relu: bool = False) -> np.ndarray:
@@ -314,20 +328,13 @@ class SyncBatchNorm(BatchNorm):
         self._sync = None
         return y
 
-    def _forward_synchronized(self, x: np.ndarray, comm: Any) -> np.ndarray:
+    def _forward_synchronized(self, x: np.ndarray, local: Any, momentum: float | None, comm: Any) -> np.ndarray:
         c = self.num_features
-        try:  # everything that can fail on this worker alone, before the collective
-            momentum = self._check_running_stats() if self.track_running_stats else None
-            local = batch_norm_stats(x, axis=self.axis)
-        except Exception:
-            _join_failed(comm, 2 * c + 1)
-            raise
         packed = np.empty(2 * c + 1)
         packed[0] = local.count
         packed[1:c + 1] = local.mean
         packed[c + 1:] = local.m2
-        rows = comm.allgather(packed)  # (W, 2C+1): the one collective of the forward
-        _raise_if_failed(rows[:, 0] < 0, "x")
+        rows = comm.allgather(packed)  # (W, 2C+1): the forward's exchange of statistics
         stats = batch_norm_merge_stats(rows[:, 0], rows[:, 1:c + 1], rows[:, c + 1:])
         n = round(float(stats.count))  # exact: counts are integers below 2**53
         if n < 2:  # the same total on every worker: all raise alike
@@ -343,7 +350,7 @@ class SyncBatchNorm(BatchNorm):
             _update_running_stats(self.running_mean, self.running_var, stats, momentum)
         # saved in the parameters' dtype, as the single-process forward saves them
         self._saved = (x, stats.mean.astype(self.param_dtype), invstd.astype(self.param_dtype), True)
-        self._sync = (n, comm)
+        self._sync = (n, comm, self._forwards)
         return y
 
     def _check_running_stats(self) -> float:
@@ -364,7 +371,8 @@ class SyncBatchNorm(BatchNorm):
     def backward(self, dy: Any) -> np.ndarray:
         """Gradient of the most recent forward; sets `grad_weight` and `grad_bias`.
 
-        After a training-mode forward this is a collective (one all-reduce of 2C+1 numbers):
+        After a training-mode forward this is a collective (a control all-gather, then one
+        all-reduce of 2C numbers):
         dx is this worker's slice of the whole batch's input gradient, and `grad_weight`
         / `grad_bias` are the whole batch's (identical on every worker). Otherwise it is
         :meth:`pybn.nn.BatchNorm.backward`, without communication.
@@ -383,21 +391,21 @@ class SyncBatchNorm(BatchNorm):
             grads: np.ndarray = super().backward(dy)  # a forward without a residual: dx
             return grads
         x, mean, invstd, _ = self._saved_or_raise(self._saved)
-        count, comm = self._sync
+        count, comm, forward = self._sync
         c = self.num_features
-        sums = np.zeros(2 * c + 1)  # [sum(dy), sum(dy * xhat), workers that failed]
+        problem: Exception | None = None
         try:
             dy = _check_dy(dy, x.shape, x.dtype)
             local = batch_norm_backward_reduce(dy, x, mean, invstd, axis=self.axis)
-        except Exception:
-            sums[2 * c] = 1.0
-            comm.allreduce_sum(sums)  # the others raise too, instead of waiting
-            raise
-        sums[:c], sums[c:2 * c] = local.sum_dy, local.sum_dy_xhat
-        total = comm.allreduce_sum(sums)  # the one collective
-        if total[2 * c] > 0:
-            raise ValueError(f"dy: rejected on {int(total[2 * c])} other worker(s) (see the error there); "
-                             "no gradient was computed")
+        except Exception as e:  # noqa: BLE001  (raised after the other workers are told)
+            problem = e
+        fields = _lockstep.agree(comm, _lockstep.BACKWARD, [c, forward, problem is not None])
+        _in_step(fields[:, 0], "the channels of the layer whose backward is called")
+        _in_step(fields[:, 1], "the training forward the backward belongs to")
+        if problem is not None:
+            raise problem
+        _raise_if_failed(fields[:, 2], "dy")
+        total = comm.allreduce_sum(np.concatenate([local.sum_dy, local.sum_dy_xhat]))  # the backward's exchange
         sum_dy, sum_dy_xhat = total[:c], total[c:2 * c]
         dx: np.ndarray = batch_norm_backward_apply(dy, x, mean, invstd, sum_dy, sum_dy_xhat, count, self.weight,
                                                    axis=self.axis)
@@ -420,12 +428,14 @@ def _describe(name: str, column: np.ndarray) -> str:
     return ", ".join(f"{show(v)} on worker {r}" for r, v in enumerate(column))
 
 
-def _join_failed(comm: Any, size: int) -> None:
-    """Takes part in the forward's all-gather as a worker whose input was rejected (count -1),
-    so that every worker raises instead of waiting for it."""
-    row = np.zeros(size)
-    row[0] = -1.0
-    comm.allgather(row)
+def _in_step(counts: np.ndarray, what: str) -> None:
+    """The workers' values of a control field that must agree (a count of calls, or the
+    channels of the layer a backward belongs to); else OutOfStep on every worker."""
+    if _lockstep.differs(counts[:, None], 0):
+        raise _lockstep.OutOfStep(f"comm: the workers' SyncBatchNorm calls are out of step ({what}: "
+                                  f"{_lockstep.per_rank(counts)}); every worker must make each layer's training "
+                                  "forward and backward calls in the same order (none skipped, e.g. in evaluation "
+                                  "mode)")
 
 
 def _raise_if_failed(failed: np.ndarray, name: str) -> None:

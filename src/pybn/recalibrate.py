@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _lockstep
 from ._checks import integer
 from .batchnorm_split import BatchNormStats, batch_norm_merge_stats, batch_norm_stats
 from .nn import BatchNorm
@@ -168,25 +169,9 @@ _NOTHING = "model: has no batch norm layer with running statistics to recalibrat
 def _recalibrate(targets: list[Any], batches: Iterable[Any], run: Callable[[Any], Any],
                  comm: Any) -> list[BatchNormStats]:
     shared = _shared(comm)
-    comms = [shared] * len(targets) if comm is not None else [target.own_comm() for target in targets]
-    failed: BaseException | None = None
-    try:  # (errors of this process's own, raised after the other processes are told)
-        if not targets:
-            raise ValueError(_NOTHING)
-        try:
-            iterator = iter(batches)
-        except TypeError:
-            raise TypeError(f"batches: must be an iterable of batches, got {type(batches).__name__}") from None
-        for target in targets:
-            target.start()
-        try:
-            for batch in iterator:
-                run(batch)
-        finally:
-            for target in targets:
-                target.stop()
-    except BaseException as exc:  # noqa: BLE001
-        failed = exc
+    own = [target.own_comm() for target in targets]
+    comms = [shared] * len(targets) if comm is not None else own
+    failed = _run_pass(targets, batches, run, _distinct(c for c in own if c is not None))
     try:
         problem = _agree(targets, comms, shared, failed is not None)
         error = failed if failed is not None else problem
@@ -209,6 +194,95 @@ def _recalibrate(targets: list[Any], batches: Iterable[Any], run: Callable[[Any]
     return [stats for stats, _ in results]
 
 
+def _run_pass(targets: list[Any], batches: Iterable[Any], run: Callable[[Any], Any],
+              lockstep: list[Any]) -> BaseException | None:
+    """Runs every batch with the targets collecting; returns this process's error, if any
+    (raised after the other processes are told). A synchronized layer makes each of its
+    forwards a collective, so with such layers (`lockstep`: their communicators) every
+    process says before each batch that it has one, and after the last that it has no
+    more, or that it failed: the processes run the same batches together, and one with
+    fewer batches or an error makes all stop (:func:`_finish_pass`)."""
+    failed: BaseException | None = None
+    try:
+        if not targets:
+            raise ValueError(_NOTHING)
+        try:
+            iterator = iter(batches)
+        except TypeError:
+            raise TypeError(f"batches: must be an iterable of batches, got {type(batches).__name__}") from None
+        for target in targets:
+            target.start()
+        try:
+            for batch in iterator:
+                for c in lockstep:
+                    _before_batch(c)
+                run(batch)
+        finally:
+            for target in targets:
+                target.stop()
+    except BaseException as exc:  # noqa: BLE001
+        failed = exc
+    return _finish_pass(lockstep, failed) if lockstep else failed
+
+
+# a process's state in the lockstep of the pass: a batch to run, or done (its batches ended,
+# it failed, or it stopped because another process did not go on with it)
+_HAS_BATCH, _ENDED, _FAILED, _STOPPED = 1.0, 0.0, 2.0, 3.0
+
+
+class _Stopped(Exception):
+    """Another process did not go on to the next batch with this one."""
+
+
+def _before_batch(comm: Any) -> None:
+    rows = _lockstep.exchange(comm, _lockstep.RECALIBRATE_BATCH, [_HAS_BATCH])
+    if not (np.all(rows[:, 1] == _lockstep.RECALIBRATE_BATCH) and np.all(rows[:, 2] == _HAS_BATCH)):
+        raise _Stopped
+
+
+def _finish_pass(lockstep: list[Any], failed: BaseException | None) -> BaseException | None:
+    """The end of the pass with synchronized layers: this process's state is sent until
+    every process has sent one that ends its pass (a process still inside a batch meets it
+    at its next control exchange, raises there and sends its own), then all know the
+    outcome: None (every process ran out of batches together), or the error to raise."""
+    if failed is None:
+        mine = _ENDED
+    elif isinstance(failed, _Stopped) or (isinstance(failed, _lockstep.OutOfStep) and failed.met_recalibration):
+        mine = _STOPPED
+    else:
+        mine = _FAILED
+    states: list[float] = []
+    for comm in lockstep:
+        for _ in range(4):  # (each process still inside a batch ends its pass at the next exchange)
+            rows = _lockstep.exchange(comm, _lockstep.RECALIBRATE_BATCH, [mine])
+            if np.all(rows[:, 1] == _lockstep.RECALIBRATE_BATCH) and np.all(rows[:, 2] != _HAS_BATCH):
+                break
+        else:
+            return _lockstep.OutOfStep("comm: the processes did not end recalibrate's pass together: " +
+                                       "; ".join(f"rank {r}: {_lockstep.describe(row)}" for r, row in enumerate(rows)))
+        states += list(rows[:, 2])
+    if mine == _FAILED:
+        return failed
+    if _FAILED in states:
+        return _failed_elsewhere()
+    if _STOPPED in states:
+        if _ENDED in states:
+            return ValueError("batches: the processes passed different numbers of batches; with a synchronized batch "
+                              "norm (whose every training forward is a collective call) every process must pass the "
+                              "same number")
+        return _lockstep.OutOfStep("comm: the processes made different synchronized calls within a batch (every "
+                                   "process's model must call its synchronized layers alike)")
+    return None
+
+
+def _distinct(comms: Iterable[Any]) -> list[Any]:
+    """One communicator adapter per process group or MPI communicator."""
+    seen: dict[int, Any] = {}
+    for c in comms:
+        seen.setdefault(id(getattr(c, "group", getattr(c, "comm", None))), c)
+    return list(seen.values())
+
+
 def _shared(comm: Any) -> Any:
     """The adapter of `comm`, which merges every layer, or None."""
     if comm is None:
@@ -228,7 +302,7 @@ def _agree(targets: list[Any], comms: list[Any], shared: Any, failed: bool) -> E
     channels; else each layer's own communicator (a synchronized layer's group) carries all
     three. The error to raise, or None."""
     if shared is not None:
-        rows = shared.allgather(np.array([failed, len(targets)], np.float64))
+        rows = _lockstep.agree(shared, _lockstep.RECALIBRATE_AGREE, [failed, len(targets)])
         if np.any(rows[:, 0]):
             return _failed_elsewhere()
         if np.any(rows[:, 1] != len(targets)):
@@ -237,7 +311,7 @@ def _agree(targets: list[Any], comms: list[Any], shared: Any, failed: bool) -> E
     for target, comm in zip(targets, comms):
         if comm is None:
             continue
-        rows = comm.allgather(np.array([failed, target.channels, len(targets)], np.float64))
+        rows = _lockstep.agree(comm, _lockstep.RECALIBRATE_LAYER, [failed, target.channels, len(targets)])
         if np.any(rows[:, 2] != len(targets)):  # (every process sees this at the same exchange)
             return _layer_counts_differ(rows[:, 2])
         if problem is None and np.any(rows[:, 0]):

@@ -3,10 +3,12 @@
 pybn's split-phase kernels inside an autograd.Function, as :mod:`pybn.distributed` does
 for NumPy: the forward all-gathers each process's ``[count, mean (C), m2 (C)]`` (float64)
 and merges them exactly (:func:`pybn.batch_norm_merge_stats`); the backward all-reduces
-``[sum(dy), sum(dy * xhat)]``. Before that, one all-gather of ``[C, num_features, ok]``
-per call lets every process see whether all can go on, so that an input one process
-cannot use (or a disagreement on C) makes every process raise instead of leaving the
-others waiting in a collective.
+``[sum(dy), sum(dy * xhat)]``. Before that, one control all-gather per call
+(:mod:`pybn._lockstep`: ``[C, num_features, forwards so far, ok]``) lets every process see
+whether all can go on, so that an input one process cannot use, a disagreement on C, or
+modules with different counts of training calls met in one exchange (another module called
+there) make every process raise instead of leaving the others waiting in a collective or
+mixing the statistics of different modules.
 """
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
@@ -16,7 +18,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 import pybn
+from pybn import _lockstep
 from pybn.batchnorm_split import _update_running_stats
+from pybn.distributed import _TorchComm
 
 from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, per_channel
 
@@ -44,7 +48,10 @@ def _group(module: "SyncBatchNorm") -> _Group:
 def sync_batch_norm(module: "SyncBatchNorm", input: Tensor) -> Tensor:
     """The module's synchronized training forward of `input` (this process's slice)."""
     group = _group(module)
-    _agree(group, input, module.num_features)
+    # (an attribute of the instance: pybn's class is also swapped into existing modules)
+    forwards = module.__dict__.get("_pybn_sync_forwards", 0)
+    _agree(group, input, module.num_features, forwards)
+    module._pybn_sync_forwards = forwards + 1
     momentum = module._momentum_for_this_call()
     running = (module.running_mean, module.running_var) if module.track_running_stats else (None, None)
     work = input if input.dtype in PYBN_DTYPES else input.float()
@@ -53,19 +60,24 @@ def sync_batch_norm(module: "SyncBatchNorm", input: Tensor) -> Tensor:
     return y.to(input.dtype)
 
 
-def _agree(group: _Group, input: Tensor, num_features: int) -> None:
-    """Every process learns whether every process's input is usable and all agree on C;
-    if not, all raise the same ValueError."""
+def _agree(group: _Group, input: Tensor, num_features: int, forwards: int) -> None:
+    """Every process learns whether every process's input is usable, all agree on C and all
+    are at the same call of the module; if not, all raise the same ValueError (OutOfStep
+    for the calls)."""
     problem = _local_problem(input, num_features)
     channels = input.shape[1] if input.dim() >= 2 else -1
-    mine = torch.tensor([channels, num_features, problem is not None], dtype=torch.int64)
-    rows = _all_gather(mine, group).tolist()
-    if all(r == rows[0] for r in rows) and not rows[0][2]:
-        return
-    per_rank = ", ".join(f"rank {i}: C={c}, num_features={f}{' (unusable input)' if bad else ''}"
-                         for i, (c, f, bad) in enumerate(rows))
-    raise ValueError(f"input: the processes of the SyncBatchNorm group cannot normalize together ({per_rank})"
-                     + (f"; here: {problem}" if problem else ""))
+    fields = _lockstep.agree(_TorchComm(group), _lockstep.TORCH_FORWARD,
+                             [channels, num_features, problem is not None, forwards])
+    rows = fields[:, :3].astype(np.int64).tolist()
+    if any(r != rows[0] for r in rows) or rows[0][2]:
+        per_rank = ", ".join(f"rank {i}: C={c}, num_features={f}{' (unusable input)' if bad else ''}"
+                             for i, (c, f, bad) in enumerate(rows))
+        raise ValueError(f"input: the processes of the SyncBatchNorm group cannot normalize together ({per_rank})"
+                         + (f"; here: {problem}" if problem else ""))
+    if _lockstep.differs(fields, 3):
+        raise _lockstep.OutOfStep(f"input: the processes' SyncBatchNorm calls are out of step (the module's "
+                                  f"training forwards so far: {_lockstep.per_rank(fields[:, 3])}); every process "
+                                  "must call the same modules in the same order)")
 
 
 def _local_problem(input: Tensor, num_features: int) -> Optional[str]:
