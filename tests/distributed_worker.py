@@ -175,6 +175,7 @@ MISMATCHES = {
     "momentum": dict(momentum=None),
     "affine": dict(affine=False),
     "track_running_stats": dict(track_running_stats=False),
+    "num_batches_tracked": {},  # both average cumulatively (momentum=None); worker 1 has counted 3 batches
     "x-channels": {},    # the layers agree; worker 1's x has one channel too few
     "x-dtype": {},       # ... or is float64 for a float32 layer
     "dy-shape": {},      # the forward works; worker 1's dy has the wrong shape
@@ -190,8 +191,12 @@ def mismatch_cases(comm, rank: int) -> dict:
     out = {}
     for kind, differs in MISMATCHES.items():
         kw = {**BASE, **(differs if rank == 1 else {})}
+        if kind == "num_batches_tracked":
+            kw["momentum"] = None
         c = kw.pop("num_features")
         layer = SyncBatchNorm(c, comm=comm, **kw)
+        if kind == "num_batches_tracked" and rank == 1:
+            layer.num_batches_tracked = 3
         shape = (5, c, 3) if layer.axis == 1 else (5, 3, c)
         x = np.random.default_rng(rank).standard_normal(shape).astype(layer.dtype)
         if rank == 1 and kind == "x-channels":

@@ -361,6 +361,9 @@ MISMATCH_ERRORS = {
     "affine": ("ValueError: affine: differs between the workers (True on worker 0, False on worker 1)",) * 2,
     "track_running_stats": ("ValueError: track_running_stats: differs between the workers (True on worker 0, "
                             "False on worker 1)",) * 2,
+    # (before: not compared; the workers' running statistics drifted apart silently)
+    "num_batches_tracked": ("ValueError: num_batches_tracked: differs between the workers (0 on worker 0, 3 on "
+                            "worker 1)",) * 2,
     "x-channels": ("ValueError: x: rejected on worker(s) 1", "ValueError: x: has 3 channels along axis 1"),
     "x-dtype": ("ValueError: x: rejected on worker(s) 1", "TypeError: x: dtype float64 does not match"),
     "dy-shape": ("ValueError: dy: rejected on worker(s) 1", "ValueError: dy: shape (2, 2) does not match"),
@@ -379,7 +382,7 @@ def test_a_misconfigured_worker_fails_on_every_worker(mismatches, kind):
         if kind == "dy-shape":  # the forward went through on both
             assert got["forward-done"] and got["num_batches_tracked"] == 1
         else:
-            assert got["num_batches_tracked"] in (0, None)
+            assert got["num_batches_tracked"] in ((0, 3)[rank] if kind == "num_batches_tracked" else 0, None)
             assert got["running_mean"] in ([0.0] * 4, [0.0] * 6, None)
     # a well-configured layer afterwards: the statistics of both workers' batches
     ref = pybn.nn.BatchNorm(3)

@@ -92,6 +92,14 @@ def test_disagreeing_processes_all_raise_instead_of_waiting(ranks):
             f"OutOfStep: input: the processes' SyncBatchNorm calls are out of step (the module's training forwards so "
             f"far: {counts}); every process must call the same modules in the same order)")
         assert failing["other-module-counts"] == [1, 0]
+        # (before: each process used its own eps, or weighed the batch by its own count)
+        last = world - 1
+        eps = ", ".join(f"rank {r}: {0.001 if r == last else 1e-05:g}" for r in range(world))
+        assert failing["eps"].startswith(f"ValueError: eps: differs between the processes of the SyncBatchNorm group "
+                                         f"({eps}); "), failing["eps"]
+        counts = ", ".join(f"rank {r}: {4 if r == last else 0}" for r in range(world))
+        assert failing["num_batches_tracked"].startswith(
+            f"ValueError: num_batches_tracked: differs between the processes of the SyncBatchNorm group ({counts}); ")
     full = torch.arange(24.0).reshape(8, 3)
     want = F.batch_norm(full, torch.zeros(3), torch.ones(3), training=True)
     for rank, res in enumerate(ranks):

@@ -102,6 +102,18 @@ def failing_calls(world: int, rank: int) -> dict:
     except Exception as e:  # noqa: BLE001 - recorded for the parent to check
         out["other-module"] = f"{type(e).__name__}: {e}"
     out["other-module-counts"] = [int(a.num_batches_tracked), int(b.num_batches_tracked)]
+    # settings that differ on the last process: eps; a cumulative average's count of batches
+    for case, (layer, last) in {"eps": (pnn.SyncBatchNorm(3), dict(eps=1e-3)),
+                                "num_batches_tracked": (pnn.SyncBatchNorm(3, momentum=None), {})}.items():
+        if rank == world - 1:
+            layer.eps = last.get("eps", layer.eps)
+            if case == "num_batches_tracked":
+                layer.num_batches_tracked.fill_(4)
+        try:
+            layer(x)
+            out[case] = "no error"
+        except Exception as e:  # noqa: BLE001 - recorded for the parent to check
+            out[case] = f"{type(e).__name__}: {e}"
     # the collectives are still matched afterwards: a normal call works
     layer = pnn.SyncBatchNorm(3)
     out["after"] = layer(torch.arange(24.0).reshape(8, 3)[rank::world]).detach()

@@ -25,7 +25,8 @@ Evaluation mode uses the running statistics and communicates nothing.
 Misconfiguration and calls out of step fail on every worker, never in the transport: each
 synchronized forward and backward first all-gathers a fixed-size control row
 (:mod:`pybn._lockstep`) with the layer's description (num_features, dtype, axis, eps,
-momentum, affine, track_running_stats), the count of its synchronized forwards so far, and
+momentum, affine, track_running_stats; with ``momentum=None``, a cumulative average, also
+num_batches_tracked), the count of its synchronized forwards so far, and
 whether this worker's input was usable. A layer built differently on one worker (or
 another layer called there) is a ValueError naming the setting on all of them; a worker
 whose input (x, or dy) is rejected raises its error and the others a ValueError naming it;
@@ -50,8 +51,10 @@ from .nn._layer import _check_dy
 
 __all__ = ["SyncBatchNorm", "OutOfStep"]
 
-# the layer's settings every worker must share, in the order of the control row's fields
-_CONFIG = ("num_features", "dtype", "axis", "eps", "momentum", "affine", "track_running_stats")
+# what every worker's layer must share, in the order of the control row's fields; the
+# batches counted matter to a cumulative average only (momentum=None: NaN otherwise)
+_CONFIG = ("num_features", "dtype", "axis", "eps", "momentum", "affine", "track_running_stats",
+           "num_batches_tracked")
 
 _INIT_HINT = ('call torch.distributed.init_process_group("gloo", init_method=..., rank=..., '
               'world_size=...) in every worker before the first training forward, or pass an '
@@ -284,15 +287,18 @@ class SyncBatchNorm(BatchNorm):
     def _config_row(self) -> list[float]:
         momentum = np.nan if self.momentum is None else self.momentum
         dtype = _C.DTYPES.index(self.dtype.name)  # float16 and bfloat16 have one itemsize
-        return [self.num_features, dtype, self.axis, self.eps, momentum, self.affine, self.track_running_stats]
+        batches = np.nan if self.momentum is not None or self.num_batches_tracked is None else self.num_batches_tracked
+        return [self.num_features, dtype, self.axis, self.eps, momentum, self.affine, self.track_running_stats,
+                batches]
 
     def _check_config(self, fields: np.ndarray) -> None:
         """Every worker's layer has the same settings (the first fields of the control rows)."""
         for j, name in enumerate(_CONFIG):
             if _lockstep.differs(fields, j):
                 raise ValueError(f"{name}: differs between the workers ({_describe(name, fields[:, j])}); every "
-                                 "worker's SyncBatchNorm must be configured alike, and the layers called in the "
-                                 "same order")
+                                 "worker's SyncBatchNorm must be configured alike (with momentum=None, a cumulative "
+                                 "average, also have counted the same batches), and the layers called in the same "
+                                 "order")
 
     # ---- forward / backward
 
@@ -424,7 +430,7 @@ def _describe(name: str, column: np.ndarray) -> str:
             return "None"
         if name in ("affine", "track_running_stats"):
             return str(bool(v))
-        return str(int(v)) if name in ("num_features", "axis") else repr(float(v))
+        return str(int(v)) if name in ("num_features", "axis", "num_batches_tracked") else repr(float(v))
     return ", ".join(f"{show(v)} on worker {r}" for r, v in enumerate(column))
 
 

@@ -50,7 +50,7 @@ def sync_batch_norm(module: "SyncBatchNorm", input: Tensor) -> Tensor:
     group = _group(module)
     # (an attribute of the instance: pybn's class is also swapped into existing modules)
     forwards = module.__dict__.get("_pybn_sync_forwards", 0)
-    _agree(group, input, module.num_features, forwards)
+    _agree(group, input, module, forwards)
     module._pybn_sync_forwards = forwards + 1
     momentum = module._momentum_for_this_call()
     running = (module.running_mean, module.running_var) if module.track_running_stats else (None, None)
@@ -60,24 +60,37 @@ def sync_batch_norm(module: "SyncBatchNorm", input: Tensor) -> Tensor:
     return y.to(input.dtype)
 
 
-def _agree(group: _Group, input: Tensor, num_features: int, forwards: int) -> None:
-    """Every process learns whether every process's input is usable, all agree on C and all
-    are at the same call of the module; if not, all raise the same ValueError (OutOfStep
-    for the calls)."""
-    problem = _local_problem(input, num_features)
+def _agree(group: _Group, input: Tensor, module: "SyncBatchNorm", forwards: int) -> None:
+    """Every process learns whether every process's input is usable, all agree on C, eps
+    and momentum (and, for a cumulative average, the batches counted) and all are at the
+    same call of the module; if not, all raise the same ValueError (OutOfStep for the calls)."""
+    problem = _local_problem(input, module.num_features)
     channels = input.shape[1] if input.dim() >= 2 else -1
+    batches = module.num_batches_tracked
+    settings = {"eps": module.eps, "momentum": np.nan if module.momentum is None else module.momentum,
+                "num_batches_tracked": np.nan if module.momentum is not None or batches is None else int(batches)}
     fields = _lockstep.agree(_TorchComm(group), _lockstep.TORCH_FORWARD,
-                             [channels, num_features, problem is not None, forwards])
+                             [channels, module.num_features, problem is not None, forwards, *settings.values()])
     rows = fields[:, :3].astype(np.int64).tolist()
     if any(r != rows[0] for r in rows) or rows[0][2]:
         per_rank = ", ".join(f"rank {i}: C={c}, num_features={f}{' (unusable input)' if bad else ''}"
                              for i, (c, f, bad) in enumerate(rows))
         raise ValueError(f"input: the processes of the SyncBatchNorm group cannot normalize together ({per_rank})"
                          + (f"; here: {problem}" if problem else ""))
+    for j, name in enumerate(settings, start=4):  # (before: each process used its own, silently)
+        if _lockstep.differs(fields, j):
+            values = ", ".join(f"rank {r}: {_show(name, v)}" for r, v in enumerate(fields[:, j]))
+            raise ValueError(f"{name}: differs between the processes of the SyncBatchNorm group ({values}); every "
+                             "process's module must be configured alike (with momentum=None, a cumulative average, "
+                             "also have counted the same batches)")
     if _lockstep.differs(fields, 3):
         raise _lockstep.OutOfStep(f"input: the processes' SyncBatchNorm calls are out of step (the module's "
                                   f"training forwards so far: {_lockstep.per_rank(fields[:, 3])}); every process "
                                   "must call the same modules in the same order)")
+
+
+def _show(setting: str, value: float) -> str:
+    return "None" if setting == "momentum" and np.isnan(value) else f"{value:g}"
 
 
 def _local_problem(input: Tensor, num_features: int) -> Optional[str]:
