@@ -267,7 +267,7 @@ def run_mismatches(comm, rank: int, out_dir: str) -> None:
 
 def pickled_collectives(layer, rank: int, counter) -> list:
     """(all-gathers, all-reduces) of the first training forward of a pickled copy of a
-    layer that has trained: the copy checks the configuration again."""
+    layer that has trained: a copy starts its count of forwards again (every worker copies)."""
     x = np.arange(12, dtype=np.float32).reshape(4, 3) * (rank + 1)
     layer(x)
     copy = pickle.loads(pickle.dumps(layer))
