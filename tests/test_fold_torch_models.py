@@ -6,6 +6,8 @@ branch merging of RepVGG / MobileOne blocks. Every folded model is checked again
 in eval mode (float32: within 1e-5 of the output's scale) on the example and on fresh inputs."""
 import copy
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -919,6 +921,48 @@ def test_augmented_assignments_on_views_and_sizes_fold_as_eager():
     assert kinds(report) == []
     _, report = check(randomize(ScalesItsSizes()), x, torch.randn(1, 4, 3, 3), example_inputs=None)
     assert kinds(report) == ["conv+bn"]
+
+
+class AddsItsInput(nn.Module):
+    """A residual block's tail as torchvision writes it: ``out += identity``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = self.bn(self.c(x))
+        out += x
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["example", "no-example"])
+@pytest.mark.parametrize("model", [AddsItsInput, AddsThroughAView, ScalesItsSizes])
+def test_a_folded_graph_scripts_and_loads_without_pybn(model, example, tmp_path):
+    """The folded graph's augmented assignments are plain torch calls (a tensor's in place, a
+    size's a new value): before, each stayed a call of pybn's tracer's function, which
+    TorchScript refused ("Python builtin iadd is currently not supported") and which a saved
+    model needed pybn to load; loaded, the graph traced again keeps the in-place add (the
+    view of AddsThroughAView sees it)."""
+    model = randomize(model()).eval()
+    x = torch.randn(2, 4, 6, 6)
+    folded = check(model, x, example_inputs=x if example else None)[0]
+    calls = [n.target for n in folded.graph.nodes if n.op in ("call_function", "call_method")]
+    assert not any(str(getattr(t, "__module__", "")).startswith("pybn") for t in calls), calls
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (TorchScript's deprecation and its notes on the GraphModule's attributes)
+        assert_same(torch.jit.script(folded)(x), model(x))
+    torch.save(folded, tmp_path / "folded.pt")
+    torch.save((x, model(x).detach()), tmp_path / "io.pt")
+    code = ("import sys; sys.modules['pybn'] = None\n"  # (import pybn fails in this process)
+            "import torch\n"
+            f"m = torch.load({str(tmp_path / 'folded.pt')!r}, weights_only=False)\n"
+            f"x, want = torch.load({str(tmp_path / 'io.pt')!r})\n"
+            "with torch.no_grad():\n"
+            "    err = ((m(x) - want).abs().max() / want.abs().max()).item()\n"
+            "assert err < 1e-5, err\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_merge_branches_must_be_a_bool():

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ._fold_graph import fold_graph
 from ._fold_observe import fresh, observe
@@ -212,8 +212,21 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
         fold_graph(traced, seen, report, opaque, merge_branches, ranks, failure)
         copy_hooks(model, traced)
         result = traced
+    _without_pybn_tracer(result)
     result.eval()
     return (result, report) if return_report else result
+
+
+def _without_pybn_tracer(result: nn.Module) -> None:
+    """The folded graphs recorded by pybn's tracer name torch.fx's own when they call nothing
+    of pybn's: a GraphModule keeps its tracer's class and pickles a reference to it (to trace
+    its code again when loaded), so the saved model would need pybn to load. (Loaded, fx's
+    tracer records ``a += b`` as ``a + b``: the same, as the folded graph reads no old `a`.)"""
+    for gm in result.modules():
+        if isinstance(gm, fx.GraphModule) and not any(
+                str(getattr(node.target, "__module__", "")).startswith("pybn")
+                for node in gm.graph.nodes if node.op == "call_function"):
+            gm._tracer_cls = gm.graph._tracer_cls = None
 
 
 def _ranks_and_check(traced: Any, seen: Any) -> tuple[dict[str, int] | None, str]:

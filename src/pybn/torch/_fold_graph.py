@@ -16,7 +16,7 @@ from torch import fx, nn
 from . import _fold_modules as mods
 from ._fold_affine import (FoldGraph, Step, affine_modules_left, batch_norm_calls_left, call_problem, fold_after,
                            fold_before)
-from ._fold_ops import asserted_rank, layer_shape, op, op_of, owner
+from ._fold_ops import as_torch_calls, asserted_rank, layer_shape, op, op_of, owner
 from ._fold_report import Report
 from ._fold_weights import Layer, set_module_weights
 
@@ -235,6 +235,7 @@ def fold_graph(gm: fx.GraphModule, seen: Any, entries: list[Any], opaque: dict[s
         from ._fold_branches import merge_branches as merge
 
         merge(g)
+    as_torch_calls(gm.graph)
     gm.graph.lint()
     gm.recompile()
     drop_unused_tensors(g)

@@ -48,6 +48,98 @@ AUGMENTED: dict[Any, Any] = {_as_call(op): op for op in (
 globals().update({call.__name__: call for call in AUGMENTED})  # (importable by name, as pickled graphs refer)
 
 
+# a tensor's augmented assignment as its in-place method, a number's as the plain operator
+_IN_PLACE_METHODS = {operator.iadd: "add_", operator.isub: "sub_", operator.imul: "mul_", operator.itruediv: "div_"}
+_PLAIN_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                    operator.imod: operator.mod, operator.ipow: operator.pow}
+
+
+def as_torch_calls(graph: fx.Graph, tensors: set[str] | None = None) -> None:
+    """The augmented-assignment calls of a folded graph as plain torch.fx calls: ``a.add_(b)``
+    on a tensor (in place, as Python's ``a += b``), ``a + b`` on a number (a new value), so
+    that the graph scripts with TorchScript and a saved graph needs nothing of pybn's to load
+    and records the same calls when traced again. `tensors`: the names of the nodes that
+    held tensors in a run of the graph (then every other node held something else); None:
+    told from what made each node (:func:`_tensor_nodes`). A call on a value of unknown
+    kind, or an operator without an in-place method, stays pybn's."""
+    kinds = _tensor_nodes(graph) if tensors is None else {n: n.name in tensors for n in graph.nodes}
+    for node in graph.nodes:
+        op = operator_of(node.target) if node.op == "call_function" else None
+        if op is None or op is node.target or len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
+            continue
+        tensor = kinds[node.args[0]]
+        if tensor and op in _IN_PLACE_METHODS:
+            node.op, node.target = "call_method", _IN_PLACE_METHODS[op]
+        elif tensor is False and op in _PLAIN_OPERATORS:
+            node.target = _PLAIN_OPERATORS[op]
+
+
+_NUMBER_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "item", "tolist", "__len__"}
+_ARITHMETIC = {*_PLAIN_OPERATORS, *_PLAIN_OPERATORS.values(), operator.neg, operator.pos}
+
+
+def _tensor_nodes(graph: fx.Graph) -> dict[fx.Node, bool | None]:
+    """Whether each traced node's value is a tensor (True) or a number or size (False), as far
+    as what made it shows; None when it does not. (In graph order: a node's inputs first.)"""
+    kinds: dict[fx.Node, bool | None] = {}
+    for node in graph.nodes:
+        first = node.args[0] if node.args else None
+        first_kind = kinds.get(first) if isinstance(first, fx.Node) else None
+        kind: bool | None = None
+        if node.op == "get_attr":
+            kind = True  # (a parameter, buffer or constant tensor of the module)
+        elif node.op == "call_module" and graph.owning_module is not None:
+            kind = True if isinstance(graph.owning_module.get_submodule(str(node.target)), _TENSOR_MODULES) else None
+        elif node.op == "call_method":
+            kind = False if node.target in _NUMBER_METHODS else (True if first_kind else None)
+        elif node.op == "call_function":
+            target = operator_of(node.target)
+            if target is getattr:
+                kind = False if node.args[1] in ("shape", "ndim") else None
+            elif target is operator.getitem:
+                kind = first_kind  # (a tensor's slice, a size's entry)
+            elif _one_of(target, _ARITHMETIC):
+                operands = [kinds.get(a) if isinstance(a, fx.Node) else (False if isinstance(a, (int, float)) else None)
+                            for a in node.args]
+                kind = True if any(operands) else (False if all(k is False for k in operands) else None)
+            elif _torch_function_of_tensors(target):
+                kind = True
+        kinds[node] = kind
+    return kinds
+
+
+def _torch_function_of_tensors(target: Any) -> bool:
+    """A function of torch's or torch.nn.functional's that returns one tensor (not a size, a
+    flag, a count or a tuple: torch.Size, broadcast_shapes, is_tensor, numel, split, max...)."""
+    name = getattr(target, "__name__", "")
+    return (getattr(target, "__module__", None) in ("torch", "torch.nn.functional") and not isinstance(target, type)
+            and not name.startswith(("is_", "sym_", "_")) and name not in _NOT_ONE_TENSOR)
+
+
+_NOT_ONE_TENSOR = {"numel", "broadcast_shapes", "typename", "split", "split_with_sizes", "tensor_split", "chunk",
+                   "unbind", "hsplit", "vsplit", "dsplit", "max", "min", "sort", "topk", "kthvalue", "median",
+                   "nanmedian", "mode", "std_mean", "var_mean", "aminmax", "meshgrid", "broadcast_tensors", "unique",
+                   "unique_consecutive", "histogram", "frexp", "cummax", "cummin", "max_pool2d_with_indices",
+                   "max_pool1d_with_indices", "max_pool3d_with_indices", "multi_head_attention_forward"}
+
+
+def _one_of(target: Any, group: set[Any]) -> bool:
+    try:
+        return target in group
+    except TypeError:  # (an unhashable target is none of them)
+        return False
+
+
+# modules whose call returns one tensor
+_TENSOR_MODULES = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batchnorm._NormBase,
+                   torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
+                   torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.LeakyReLU, torch.nn.Identity,
+                   torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AvgPoolNd,
+                   torch.nn.modules.pooling._AdaptiveAvgPoolNd, torch.nn.modules.dropout._DropoutNd,
+                   torch.nn.Flatten, torch.nn.Upsample)
+
+
 def operator_of(target: Any) -> Any:
     """The Python operator an augmented-assignment call of a graph stands for; else `target`."""
     try:

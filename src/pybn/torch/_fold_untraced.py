@@ -24,6 +24,7 @@ from torch import fx, nn
 from . import _fold_modules as mods
 from ._fold_affine import Ranks, Step, affine_modules_left, before_problem, chain_after, continues, folded_for, kind_of
 from ._fold_graph import FxGraph, drop_unused_tensors, remove_identities
+from ._fold_ops import as_torch_calls
 from ._fold_report import Report
 from ._fold_trace import Tracer, join, state
 from ._fold_weights import Layer, set_module_weights
@@ -144,6 +145,7 @@ class _Pairs:
         for n in nodes:
             n.replace_all_uses_with(x, delete_user_cb=lambda u: u not in nodes)
         g.erase(nodes, [c for s in steps for c in s.constants])
+        as_torch_calls(g.graph)
         g.graph.lint()
         g.gm.recompile()
         drop_unused_tensors(g)
