@@ -235,7 +235,7 @@ def fold_graph(gm: fx.GraphModule, seen: Any, entries: list[Any], opaque: dict[s
         from ._fold_branches import merge_branches as merge
 
         merge(g)
-    as_torch_calls(gm.graph)
+    as_torch_calls(gm.graph, set(ranks) if ranks else None)  # (the example run showed the tensors)
     gm.graph.lint()
     gm.recompile()
     drop_unused_tensors(g)
