@@ -50,7 +50,6 @@ def test_the_dispatcher_fixture_reaches_every_operator(through_dispatcher):
         assert operator_events(lambda: bn(x)) == {"pybn::batch_norm_infer"}
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace(_method)?` is deprecated:DeprecationWarning")
 def test_jit_trace_records_the_operators():
     """torch.jit.trace sees only dispatched calls: a direct call would leave the traced
     graph with an uninitialized output and no batch norm."""
@@ -63,7 +62,6 @@ def test_jit_trace_records_the_operators():
         assert torch.equal(traced(x), model(x))
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace(_method)?` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("make", [lambda: pnn.Dropout2d(0.3), lambda: pnn.Dropout1d(0.3), lambda: pnn.DropPath(0.3),
                                   lambda: pnn.StochasticDepth(0.3, "batch")],
@@ -345,7 +343,6 @@ def test_plain_tensors_inside_functorch_transforms_take_the_operators(module):
         torch.testing.assert_close(dz, layer(x))
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # (jvp's first call)
 @pytest.mark.parametrize("module", sorted(set(TRANSFORMED) - {"BatchNorm2d (eval)"}))
 def test_forward_mode_transforms_are_refused_not_given_zero_tangents(module):
     """Through pybn's operators torch.func.jvp would carry a zero tangent on without an error

@@ -15,7 +15,6 @@ import pybn.torch.nn as pnn
 
 # (warnings are errors in the tests: vmap over pybn's operators must not warn of torch's
 # batching fallback)
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # (jvp's)
 
 # every random module of pybn.torch.nn, its seed pinned (a fresh module per call draws the same
 # mask), and the keyword arguments of its call

@@ -420,7 +420,6 @@ def test_fx_symbolic_trace_keeps_each_module_whole(training):
     torch.testing.assert_close(graph_module(x), twin(x), rtol=0, atol=0)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The TorchScript type system doesn't support:UserWarning")  # (fx's GraphModule)
 def test_jit_script_says_what_to_script_instead():
     """TorchScript cannot run pybn's kernels: scripting a pybn module is a TypeError naming it

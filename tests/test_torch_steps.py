@@ -180,7 +180,6 @@ def test_masks_differ_between_steps_and_follow_torch_manual_seed():
     assert 0.7 < kept.double().mean().item() < 0.9  # p = 0.2
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside inductor
 def test_compiled_accelerated_model_trains_as_eager():
     """torch.compile (inductor, fullgraph) of an accelerated model with batch norm and
     dropout: the same losses, weights and running statistics as eager, step for step."""
