@@ -43,11 +43,11 @@ std::int64_t parse_size(const std::string& s) {
   for (; i < s.size() && std::isdigit(static_cast<unsigned char>(s[i])) && v < (std::int64_t(1) << 40); ++i)
     v = v * 10 + (s[i] - '0');
   if (i == 0) return 0;
-  const char unit = i < s.size() ? static_cast<char>(std::toupper(static_cast<unsigned char>(s[i]))) : '\0';
-  if (unit == 'K') return v << 10;
-  if (unit == 'M') return v << 20;
-  if (unit == 'G') return v << 30;
-  return unit == '\0' ? v : 0;
+  const char unit = i < s.size() ? static_cast<char>(std::toupper(static_cast<unsigned char>(s[i++]))) : '\0';
+  const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+  if ((unit != '\0' && shift == 0) || i < s.size()) return 0;  // another unit, or text after it
+  if (v >= (std::int64_t(1) << (62 - shift))) return 0;      // past 2**62 bytes: no cache, and no wrap
+  return v << shift;
 }
 
 // The size of cpu0's data (or unified) cache of this level in sysfs, or 0.

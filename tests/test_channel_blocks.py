@@ -206,13 +206,16 @@ def run_child(cwd, isa, code, *args, **cache_sizes):
     return proc.stdout.strip()
 
 
-@pytest.mark.parametrize("value", ["abc", "1G", "12Q", "-1"])
-def test_bad_cache_size_fails_the_import(value, tmp_path):
-    env = dict(os.environ, PYBN_L2_BYTES=value)
+# (text after the unit and a size that wrapped past 2**63 to exactly 1G were taken before)
+@pytest.mark.parametrize(("name", "value"), [("PYBN_L2_BYTES", v) for v in ("abc", "1G", "12Q", "-1", "1M junk", "1MB")]
+                         + [("PYBN_L3_BYTES", "17179869185G"), ("PYBN_L3_BYTES", "99999999999999999999")])
+def test_bad_cache_size_fails_the_import(name, value, tmp_path):
+    env = dict(os.environ, **{name: value})
     proc = subprocess.run([sys.executable, "-c", "import pybn"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert f"PYBN_L2_BYTES={value}: must be a size from 64K to 64M" in proc.stderr
+    limits = "64K to 64M" if name == "PYBN_L2_BYTES" else "1024K to 1024M"
+    assert f"{name}={value}: must be a size from {limits}" in proc.stderr
 
 
 # The channels-last statistics pass requests its lines ahead where x is at least twice the
