@@ -167,6 +167,11 @@ def matmul_shaped_bn(rng, shaper, *, bias=False):
         x = rng.normal(size=(6, 5, k)).astype(np.float32)
         nodes.append(helper.make_node("Transpose", [src], ["t"], name="shape", perm=[1, 0, 2]))
         rank = 3
+    elif shaper in ("flatten", "flatten_wrong"):  # (N, L, C) -> (N * L, C) (timm LeViT's), or axis 1: (N, L * C)
+        x = rng.normal(size=(2, 3, k)).astype(np.float32) if shaper == "flatten" else \
+            rng.normal(size=(2, 1, k)).astype(np.float32)  # (L = 1: the wrong axis runs, and must still be left)
+        nodes.append(helper.make_node("Flatten", [src], ["t"], name="shape", axis=2 if shaper == "flatten" else 1))
+        rank = 2
     else:  # (N, C) -> (N, C, 1, 1), or (N, C) -> (N, 3, 2, 1) for "reshape_wrong"
         x = rng.normal(size=(4, k)).astype(np.float32)
         target = [4, 6, 1, 1] if shaper == "reshape" else [4, 3, 2, 1]
@@ -180,21 +185,25 @@ def matmul_shaped_bn(rng, shaper, *, bias=False):
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["matmul", "matmul_add"])
-@pytest.mark.parametrize("shaper", ["transpose", "reshape"])
-def test_batch_norm_behind_a_transpose_or_reshape_folds(rng, shaper, bias):
+@pytest.mark.parametrize("shaper", ["transpose", "reshape", "flatten"])
+def test_batch_norm_behind_a_transpose_reshape_or_flatten_folds(rng, shaper, bias):
+    """(Flatten: left before, "Flatten is not Transpose or Reshape", 58 of timm levit_128's 64
+    batch norms as torch's TorchScript-based exporter writes them)"""
     model, feeds = matmul_shaped_bn(rng, shaper, bias=bias)
     folded, report = fold_check(model, feeds)
-    op = "Transpose" if shaper == "transpose" else "Reshape"
+    op = shaper.capitalize()
     assert [r.kind for r in changes(report)] == [f"MatMul{'+Add' if bias else ''}+{op}+BatchNormalization"]
     assert "BatchNormalization" not in ops(folded)
 
 
-@pytest.mark.parametrize("shaper", ["transpose_wrong", "reshape_wrong"])
+@pytest.mark.parametrize("shaper", ["transpose_wrong", "reshape_wrong", "flatten_wrong"])
 def test_batch_norm_behind_a_shape_change_that_moves_the_channels_is_left(rng, shaper):
     model, feeds = matmul_shaped_bn(rng, shaper)
     folded, report = fold_check(model, feeds)
     why = {"transpose_wrong": "with shape: perm=[1, 0, 2] does not move the channel axis (the last) to axis 1",
-           "reshape_wrong": "with shape: reshaping (4, 6) to (4, 3, 2, 1) does not keep the channel axis as axis 1"}
+           "reshape_wrong": "with shape: reshaping (4, 6) to (4, 3, 2, 1) does not keep the channel axis as axis 1",
+           "flatten_wrong": "with shape: Flatten(axis=1) of a rank-3 input does not keep the channel axis (the last) "
+                            "whole"}
     assert reasons(report) == {"bn": why[shaper]}
     assert ops(folded) == ops(model)
 

@@ -965,6 +965,41 @@ def test_a_folded_graph_scripts_and_loads_without_pybn(model, example, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+class LinearNorm(nn.Module):
+    """timm LeViT's: a Linear on (batch, tokens, features), its features batch-normalized as
+    rows (``start=0``); ``start=1`` normalizes tokens x features instead, which no fold keeps."""
+
+    def __init__(self, start=0, tokens=5):
+        super().__init__()
+        self.start = start
+        self.linear = nn.Linear(8, 6, bias=False)
+        self.bn = nn.BatchNorm1d(6 if start == 0 else 6 * tokens)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(self.start, self.start + 1)).reshape_as(x)
+
+
+def test_linear_then_rows_of_its_features_then_batch_norm_folds():
+    """(before: left, "no Linear or convolution next to it": 58 of timm levit_128's 64 batch
+    norms) The fold goes into the Linear, before the flatten; other token counts too."""
+    x = torch.randn(2, 5, 8)
+    _, report = check(randomize(LinearNorm()), x, torch.randn(3, 7, 8))
+    assert kinds(report) == ["linear+bn"]
+    # without the example the flatten's rank is unknown: left, as a batch norm whose rank is unknown
+    _, report = check(randomize(LinearNorm()), x, example_inputs=None)
+    assert kinds(report) == [] and left(report)
+    # tokens x features as channels: no fold
+    _, report = check(randomize(LinearNorm(start=1)), x)
+    assert kinds(report) == [] and left(report)
+    # the exported program (aten.flatten, aten.reshape_as)
+    model = randomize(LinearNorm()).eval()
+    program, report = pybn.torch.fold(torch.export.export(model, (x,)), return_report=True)
+    assert kinds(report) == ["linear+bn"]
+    with torch.no_grad():
+        assert_same(program.module()(x), model(x))
+
+
 def test_merge_branches_must_be_a_bool():
     with pytest.raises(TypeError, match=r"^merge_branches: "):
         pybn.torch.fold(nn.Linear(2, 2), merge_branches="yes")

@@ -13,11 +13,13 @@ bias=t``, which pybn's arithmetic turns into exactly ``s`` and ``t``.
   channel axis (counted from the right, as ONNX broadcasts), no more dimensions than the output
   (a Conv's output has its weight's rank; a Gemm's is 2; a MatMul's is inferred), the output's
   element type, finite values.
-* ``_reshaped_bn``: a MatMul (+Add) or Gemm, then a Transpose or Reshape that keeps its channel
-  axis as axis 1, then a BatchNormalization: the batch norm folds into the layer's weights and
-  bias, before the Transpose/Reshape. A Transpose keeps it when ``perm[1]`` is the last axis; a
-  Reshape when its output is ``(rows, C, 1, ..., 1)`` for a ``(..., C)`` input of ``rows`` rows
-  (static shapes, by ONNX shape inference).
+* ``_reshaped_bn``: a MatMul (+Add) or Gemm, then a Transpose, Reshape or Flatten that keeps its
+  channel axis as axis 1, then a BatchNormalization: the batch norm folds into the layer's
+  weights and bias, before the Transpose/Reshape/Flatten. A Transpose keeps it when ``perm[1]``
+  is the last axis; a Reshape when its output is ``(rows, C, 1, ..., 1)`` for a ``(..., C)``
+  input of ``rows`` rows (static shapes, by ONNX shape inference); a Flatten when its axis is
+  the last (its input's rank known): ``(rows, C)``, as torch's exporter writes timm LeViT's
+  ``bn(linear(x).flatten(0, 1))``.
 
 Private to ``pybn.onnx``, imported after its guarded ``import onnx``.
 """
@@ -244,7 +246,7 @@ class AffineRules:
 
     def _reshaped_bn(self, shaper: Any, bn: Affine) -> bool:
         v = shaper.input[0] if shaper.input else ""
-        if self.graph.single_use(v) is not shaper:
+        if self.graph.single_use(v, shapes_too=False) is not shaper:  # (the layer's output keeps its name)
             return self._no(bn.node, f"the input of {label(shaper)} is also used elsewhere", shaper)
         p = self.graph.producer.get(v)
         if p is None:
@@ -278,8 +280,16 @@ class AffineRules:
             if len(perm) < 2 or perm[1] != rank - 1:
                 return f"perm={perm} does not move the channel axis (the last) to axis 1"
             return None
+        if is_default(shaper, "Flatten"):
+            rank = self.graph.rank(v)
+            if rank is None:
+                return f"the rank of {v!r} is not known"
+            axis = attr(shaper, "axis", 1)
+            if rank < 2 or axis % rank != rank - 1:  # (axis may count from the end)
+                return f"Flatten(axis={axis}) of a rank-{rank} input does not keep the channel axis (the last) whole"
+            return None
         if not is_default(shaper, "Reshape"):
-            return f"{shaper.op_type} is not Transpose or Reshape"
+            return f"{shaper.op_type} is not Transpose, Reshape or Flatten"
         shape_in, shape_out = self.graph.shape(v), self.graph.shape(out)
         if shape_in is None or shape_out is None:
             return "the shapes around the Reshape are not static"

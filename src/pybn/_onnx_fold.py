@@ -30,7 +30,7 @@ class FoldRecord(NamedTuple):
     ``"Gemm+BatchNormalization"``, ``"MatMul+BatchNormalization"``, ``"MatMul+Add+BatchNormalization"``,
     ``"BatchNormalization+Gemm"``, ``"BatchNormalization+MatMul"``, ``"BatchNormalization+Conv"``;
     a layer and the op types of a chain by per-channel constants (``"Conv+Mul+Add"``,
-    ``"MatMul+Add+Mul"``...); a layer, a Transpose or Reshape, and a batch norm
+    ``"MatMul+Add+Mul"``...); a layer, a Transpose, Reshape or Flatten, and a batch norm
     (``"MatMul+Transpose+BatchNormalization"``, ``"Gemm+Reshape+BatchNormalization"``...) --
     folded into one layer; ``"branches"`` (summed Conv branches merged into the first node
     listed); or ``"Dropout"``, ``"Identity"`` (removed). ``nodes`` holds the names of the
@@ -211,11 +211,11 @@ class Folder(AffineRules, BranchRules):
         if not isinstance(bn, Affine):
             return bn is not None and self._no(node, bn)
         prev = self.graph.producer.get(bn.x)
-        if prev is None or not is_default(prev, *_LAYERS_BEFORE, "Add", "Transpose", "Reshape"):
+        if prev is None or not is_default(prev, *_LAYERS_BEFORE, "Add", "Transpose", "Reshape", "Flatten"):
             return False
         if self.graph.single_use(bn.x) is not node:
             return self._no(node, f"its input {bn.x!r} is also used elsewhere", prev)
-        if is_default(prev, "Transpose", "Reshape"):
+        if is_default(prev, "Transpose", "Reshape", "Flatten"):
             return self._reshaped_bn(prev, bn)
         if is_default(prev, "Conv", "ConvTranspose"):
             return self._conv_bn(prev, bn)

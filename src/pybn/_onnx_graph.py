@@ -221,9 +221,12 @@ class GraphEditor:
     def used(self, name: str) -> bool:
         return bool(self.uses.get(name)) or name in self.outputs or name in self.sub_refs
 
-    def single_use(self, name: str) -> Any:
-        """The one node reading `name`, if nothing else reads it and it is not a graph output."""
-        uses = self.uses.get(name, [])
+    def single_use(self, name: str, shapes_too: bool = True) -> Any:
+        """The one node reading `name`, if nothing else reads it and it is not a graph output.
+        ``shapes_too=False``: not counting Shape nodes, which read only its shape (for a fold
+        that changes the values of `name` and keeps the name, as timm LeViT's
+        ``bn(linear(x).flatten(0, 1)).reshape_as(...)`` reads the Linear's output's shape)."""
+        uses = [u for u in self.uses.get(name, []) if shapes_too or not is_default(u[0], "Shape")]
         if len(uses) != 1 or name in self.outputs or name in self.sub_refs:
             return None
         return uses[0][0]

@@ -99,7 +99,9 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
       norm folds, its activation stays); or multiplies, adds, subtracts and divides by
       constants (what torchvision's ``FrozenBatchNorm2d``, ``x * scale + shift``, traces
       to). Consecutive ones of the same module fold together. The layer gets the folded
-      weight and a bias (added if it had none).
+      weight and a bias (added if it had none). A Linear's output may reach them as rows of
+      its features, ``y.flatten(0, k)`` of rank 2 (shown by the example call or an exported
+      program; timm LeViT's ``bn(linear(x).flatten(0, 1))``), the flatten staying.
     * The same maps right before a ``Linear``, or before a ``Conv{k}d`` with every kernel
       size 1, zero padding and ``groups=1`` (with padding, the conv's zero border would not
       see the shift, so that fold is not exact). Maps after a layer are folded first.

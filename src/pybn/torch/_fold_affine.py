@@ -357,8 +357,9 @@ def _compose(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np
 
 
 def fold_after(g: FoldGraph, layer: Layer) -> bool:
-    """Fold the steps of one owner right after `layer` into it. True when the graph changed."""
-    x = layer.node
+    """Fold the steps of one owner right after `layer` (or after a Linear's rows of features,
+    :func:`_feature_rows`) into it. True when the graph changed."""
+    x = _feature_rows(g, layer) or layer.node
     users = value_users(x)
     candidates = [(u, read_step(g, u, x)) for u in users]
     if len(users) != 1:
@@ -374,6 +375,22 @@ def fold_after(g: FoldGraph, layer: Layer) -> bool:
     if not steps:
         return False
     return _fold(g, layer, steps, x, before=False)
+
+
+def _feature_rows(g: FoldGraph, layer: Layer) -> fx.Node | None:
+    """``y.flatten(0, ...)`` of a Linear's output y, when it is y's only reader and its rank 2
+    is known (asserted, or seen in the example call): the rows of y's features, the last axis
+    kept whole as axis 1, where a batch norm's channels are y's features (timm LeViT's
+    ``bn(linear(x).flatten(0, 1))``); else None. The flatten stays, before the folded maps."""
+    users = value_users(layer.node)
+    if layer.kind != "linear" or len(users) != 1:
+        return None
+    f = users[0]
+    if not ((f.op == "call_method" and f.target == "flatten") or
+            (f.op == "call_function" and f.target in (torch.flatten, torch.ops.aten.flatten.using_ints))):
+        return None
+    start = f.args[1] if len(f.args) > 1 else f.kwargs.get("start_dim", 0)
+    return f if f.args[0] is layer.node and start == 0 and g.rank(f) == 2 else None
 
 
 def fold_before(g: FoldGraph, layer: Layer) -> bool:

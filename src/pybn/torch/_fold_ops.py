@@ -453,13 +453,21 @@ _META_ATTRS = {"ndim", "shape", "dtype", "device", "is_cuda", "layout"}
 _META_METHODS = {"dim", "size", "ndimension", "numel", "nelement"}
 
 
+_SHAPED_LIKE = {"reshape_as", "view_as", "expand_as"}  # y.reshape_as(x): only x's shape is read
+_ATEN_SHAPED_LIKE = {torch.ops.aten.reshape_as.default, torch.ops.aten.view_as.default,
+                     torch.ops.aten.expand_as.default}
+
+
 def is_metadata_use(user: fx.Node, of: fx.Node) -> bool:
-    """Whether `user` reads only the metadata of `of` (x.ndim, x.size(1)...), which a fold keeps."""
+    """Whether `user` reads only the metadata of `of` (x.ndim, x.size(1), y.reshape_as(x)...),
+    which a fold keeps."""
     if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
         return user.args[0] is of and user.args[1] in _META_ATTRS
     if user.op == "call_method" and str(user.target) in _META_METHODS:
         return user.args[:1] == (of,) and of not in user.args[1:] and of not in user.kwargs.values()
-    return False
+    shaped_like = (user.op == "call_method" and str(user.target) in _SHAPED_LIKE) or (
+        user.op == "call_function" and user.target in _ATEN_SHAPED_LIKE)
+    return shaped_like and len(user.args) == 2 and user.args[1] is of and user.args[0] is not of
 
 
 def value_users(node: fx.Node) -> list[fx.Node]:
