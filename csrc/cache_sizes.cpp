@@ -45,7 +45,9 @@ std::int64_t parse_size(const std::string& s) {
   if (i == 0) return 0;
   const char unit = i < s.size() ? static_cast<char>(std::toupper(static_cast<unsigned char>(s[i++]))) : '\0';
   const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
-  if ((unit != '\0' && shift == 0) || i < s.size()) return 0;  // another unit, or text after it
+  while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;  // (an env file's trailing blanks)
+  if ((unit != '\0' && !std::isspace(static_cast<unsigned char>(unit)) && shift == 0) || i < s.size())
+    return 0;  // another unit, or text after it
   if (v >= (std::int64_t(1) << (62 - shift))) return 0;      // past 2**62 bytes: no cache, and no wrap
   return v << shift;
 }

@@ -218,6 +218,14 @@ def test_bad_cache_size_fails_the_import(name, value, tmp_path):
     assert f"{name}={value}: must be a size from {limits}" in proc.stderr
 
 
+@pytest.mark.parametrize("value", ["1M", "1m ", "1024K\t", "1048576 "])
+def test_a_cache_size_may_end_in_blanks(value, tmp_path):
+    env = dict(os.environ, PYBN_L2_BYTES=value)
+    proc = subprocess.run([sys.executable, "-c", "import pybn; print(pybn._C.cache_sizes()[0])"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(1 << 20), proc.stderr
+
+
 # The channels-last statistics pass requests its lines ahead where x is at least twice the
 # L3 (moments_period_group's kReadAhead); PYBN_L3_BYTES=1M puts this 3.2 MB array there in
 # a child process. The requests change no value: the bits must be this process's.

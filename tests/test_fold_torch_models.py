@@ -936,8 +936,22 @@ class AddsItsInput(nn.Module):
         return torch.relu(out)
 
 
+class ScalesByItsStride(nn.Module):
+    """`s *= 2` on a stride, an int: a tensor method that returns no tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.c(x))
+        s = y.stride(1)
+        s *= 2
+        return y * s
+
+
 @pytest.mark.parametrize("example", [True, False], ids=["example", "no-example"])
-@pytest.mark.parametrize("model", [AddsItsInput, AddsThroughAView, ScalesItsSizes])
+@pytest.mark.parametrize("model", [AddsItsInput, AddsThroughAView, ScalesItsSizes, ScalesByItsStride])
 def test_a_folded_graph_scripts_and_loads_without_pybn(model, example, tmp_path):
     """The folded graph's augmented assignments are plain torch calls (a tensor's in place, a
     size's a new value): before, each stayed a call of pybn's tracer's function, which

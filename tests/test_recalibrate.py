@@ -198,6 +198,35 @@ def test_torch_channels_last_conv_model():
     np.testing.assert_allclose(model[0].running_var.numpy(), flat.var(axis=0, ddof=1), rtol=1e-6)
 
 
+class _OneProcess:
+    """A communicator adapter of one process whose `fail_at`-th all-gather raises, as a
+    transport does when a peer dies."""
+
+    def __init__(self, fail_at):
+        self.calls, self.fail_at = 0, fail_at
+
+    def allgather(self, a):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("Connection closed by peer")
+        return np.asarray(a, np.float64)[None]
+
+
+@pytest.mark.parametrize("fail_at", [4, 7], ids=["in the pass", "at its end"])
+def test_a_transport_error_during_a_synchronized_pass_leaves_the_state(fail_at):
+    """A collective failing during the pass, or in the exchange that ends it, raises with every
+    layer's statistics as they were (before: the end's exchange raised outside the restoring
+    block, and the statistics the pass's training forwards wrote stayed)."""
+    from pybn.distributed import SyncBatchNorm
+
+    layer = SyncBatchNorm(3, dtype="float64", comm=None)
+    layer._comm = _OneProcess(fail_at)  # (per batch: the batch's, the forward's control and statistics)
+    batches = [np.random.default_rng(i).standard_normal((4, 3)) + 5 for i in range(2)]
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        pybn.recalibrate(layer, batches)
+    assert not layer.running_mean.any() and (layer.running_var == 1).all() and layer.num_batches_tracked == 0
+
+
 def test_torch_model_without_batch_norm_is_a_value_error():
     with pytest.raises(ValueError, match="^model"):
         pybn.recalibrate(torch.nn.Linear(2, 2), [torch.zeros(3, 2)])

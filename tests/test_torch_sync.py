@@ -87,13 +87,19 @@ def test_disagreeing_processes_all_raise_instead_of_waiting(ranks):
         assert f"rank {world - 1}: C=5, num_features=5" in failing["channels"]
         assert "rank 0: C=-1, num_features=3 (unusable input)" in failing["bad-input"]
         # (before: the exchange mixed the two modules' statistics, no error)
-        counts = ", ".join(f"rank {r}: {0 if r == world - 1 else 1}" for r in range(world))
+        last = world - 1
+        counts = ", ".join(f"rank {r}: {0 if r == last else 1}" for r in range(world))
         assert failing["other-module"] == (
             f"OutOfStep: input: the processes' SyncBatchNorm calls are out of step (the module's training forwards so "
-            f"far: {counts}); every process must call the same modules in the same order)")
+            f"far: {counts}); every process must call the same modules in the same order")
+        # a backward where another process runs a forward: both raise (before: both waited for the timeout)
+        kinds = "; ".join(f"rank {r}: a pybn.torch SyncBatchNorm {'training forward' if r == last else 'backward'}"
+                          for r in range(world))
+        assert failing["backward-vs-forward"].startswith(
+            f"OutOfStep: comm: the processes are out of step, at different collective calls ({kinds}); "), \
+            failing["backward-vs-forward"]
         assert failing["other-module-counts"] == [1, 0]
         # (before: each process used its own eps, or weighed the batch by its own count)
-        last = world - 1
         eps = ", ".join(f"rank {r}: {0.001 if r == last else 1e-05:g}" for r in range(world))
         assert failing["eps"].startswith(f"ValueError: eps: differs between the processes of the SyncBatchNorm group "
                                          f"({eps}); "), failing["eps"]

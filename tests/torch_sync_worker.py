@@ -102,6 +102,15 @@ def failing_calls(world: int, rank: int) -> dict:
     except Exception as e:  # noqa: BLE001 - recorded for the parent to check
         out["other-module"] = f"{type(e).__name__}: {e}"
     out["other-module-counts"] = [int(a.num_batches_tracked), int(b.num_batches_tracked)]
+    y = a(x.requires_grad_())
+    try:
+        if rank == world - 1:
+            a(x)
+        else:
+            y.sum().backward()
+        out["backward-vs-forward"] = "no error"
+    except Exception as e:  # noqa: BLE001 - recorded for the parent to check
+        out["backward-vs-forward"] = f"{type(e).__name__}: {e}"
     # settings that differ on the last process: eps; a cumulative average's count of batches
     for case, (layer, last) in {"eps": (pnn.SyncBatchNorm(3), dict(eps=1e-3)),
                                 "num_batches_tracked": (pnn.SyncBatchNorm(3, momentum=None), {})}.items():

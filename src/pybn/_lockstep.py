@@ -19,15 +19,16 @@ from typing import Any
 
 import numpy as np
 
-ROW = 12  # numbers per process in every control exchange
+ROW = 16  # numbers per process in every control exchange (room for the fields of every kind)
 MAGIC = 20240601.0  # the first number: a row from anything else is not a control row
 
 # the kinds of control exchange, and what a process at each is doing
-FORWARD, BACKWARD, TORCH_FORWARD, RECALIBRATE_BATCH, RECALIBRATE_AGREE, RECALIBRATE_LAYER = range(1, 7)
+FORWARD, BACKWARD, TORCH_FORWARD, TORCH_BACKWARD, RECALIBRATE_BATCH, RECALIBRATE_AGREE, RECALIBRATE_LAYER = range(1, 8)
 KINDS = {
     FORWARD: "a pybn.distributed.SyncBatchNorm training forward",
     BACKWARD: "a pybn.distributed.SyncBatchNorm backward",
     TORCH_FORWARD: "a pybn.torch SyncBatchNorm training forward",
+    TORCH_BACKWARD: "a pybn.torch SyncBatchNorm backward",
     RECALIBRATE_BATCH: "pybn.recalibrate, before a batch or after the last one",
     RECALIBRATE_AGREE: "pybn.recalibrate's agreement after the batches",
     RECALIBRATE_LAYER: "pybn.recalibrate's agreement on one layer",
@@ -35,15 +36,13 @@ KINDS = {
 
 
 class OutOfStep(RuntimeError):
-    """Processes met at different collective calls (every process raises it).
-    `met_recalibration`: another process was between batches of :func:`pybn.recalibrate`'s
-    pass, or past its last one."""
+    """Processes met at different collective calls (every process raises it)."""
 
     __module__ = "pybn.distributed"  # (its public name)
 
-    def __init__(self, message: str, met_recalibration: bool = False) -> None:
+    def __init__(self, message: str, kinds: frozenset[int] = frozenset()) -> None:
         super().__init__(message)
-        self.met_recalibration = met_recalibration
+        self._kinds = kinds  # the kinds of control exchange the processes were at (pybn.recalibrate reads it)
 
 
 def exchange(comm: Any, kind: int, fields: Sequence[float]) -> np.ndarray:
@@ -59,12 +58,17 @@ def exchange(comm: Any, kind: int, fields: Sequence[float]) -> np.ndarray:
 def fields_of(rows: np.ndarray, kind: int, count: int) -> np.ndarray:
     """The (W, count) fields of control rows that are all of `kind`; else OutOfStep,
     saying what each process was doing."""
-    if np.all(rows[:, 0] == MAGIC) and np.all(rows[:, 1] == kind):
+    if all_of(rows, kind):
         return rows[:, 2:2 + count]
     doing = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
     raise OutOfStep(f"comm: the processes are out of step, at different collective calls ({doing}); every process "
                     "must make the same synchronized calls in the same order",
-                    met_recalibration=bool(np.any(rows[:, 1] == RECALIBRATE_BATCH)))
+                    frozenset(int(k) for k in rows[rows[:, 0] == MAGIC, 1]))
+
+
+def all_of(rows: np.ndarray, kind: int) -> bool:
+    """Whether every process sent a control row of `kind`."""
+    return bool(np.all(rows[:, 0] == MAGIC) and np.all(rows[:, 1] == kind))
 
 
 def agree(comm: Any, kind: int, fields: Sequence[float]) -> np.ndarray:
@@ -78,9 +82,8 @@ def describe(row: np.ndarray) -> str:
     return KINDS.get(int(row[1]), f"an unknown control exchange ({row[1]!r})")
 
 
-def differs(rows: np.ndarray, column: int) -> bool:
-    """Whether the processes' values in a column of fields differ (NaN equal to NaN)."""
-    values = rows[:, column]
+def differs(values: np.ndarray) -> bool:
+    """Whether the processes' values of one field differ (NaN equal to NaN)."""
     return not np.all((values == values[0]) | (np.isnan(values) & np.isnan(values[0])))
 
 

@@ -27,12 +27,14 @@ synchronized forward and backward first all-gathers a fixed-size control row
 (:mod:`pybn._lockstep`) with the layer's description (num_features, dtype, axis, eps,
 momentum, affine, track_running_stats; with ``momentum=None``, a cumulative average, also
 num_batches_tracked), the count of its synchronized forwards so far, and
-whether this worker's input was usable. A layer built differently on one worker (or
-another layer called there) is a ValueError naming the setting on all of them; a worker
-whose input (x, or dy) is rejected raises its error and the others a ValueError naming it;
-workers at different kinds of call, or at layers with different counts of forwards, all
-raise :class:`OutOfStep`; in each case before the exchange whose size
-depends on num_features, and no worker changes its state.
+whether this worker's input was usable. A layer built differently on one worker (or another
+layer of other settings called there) is a ValueError naming the setting on all of them; a
+worker whose input (x, or dy) is rejected raises its error and the others a ValueError
+naming it; workers at different kinds of call, or at layers with different counts of
+forwards, all raise :class:`OutOfStep`; in each case before the exchange whose size depends
+on num_features, and no worker changes its state. Two layers alike in every setting and
+count (the layers of one model, trained every step) cannot be told apart: called in
+another order on one worker, their statistics are merged with each other's.
 """
 from __future__ import annotations
 
@@ -184,7 +186,7 @@ class SyncBatchNorm(BatchNorm):
     -----
     Communication, per call and per worker (float64 numbers):
 
-    - training forward: one all-gather of a 12-number control row (the layer's settings,
+    - training forward: one all-gather of a 16-number control row (the layer's settings,
       the count of its synchronized forwards, whether the input is usable), then one of
       ``2C + 1`` numbers (count, mean, m2) per worker, merged exactly with Chan's formula,
       as PyTorch's ``SyncBatchNorm`` all-gathers (mean, invstd, count) (a plain sum of
@@ -205,11 +207,12 @@ class SyncBatchNorm(BatchNorm):
     ``ValueError`` on every worker. So does a layer configured differently on one worker,
     and an input x or dy that one worker rejects (wrong dtype or channel count): that
     worker raises its own error, the others a ValueError naming it. A worker calling
-    another layer than the others (layers called in another order) makes all raise: a
-    ValueError if the layers differ in a setting, :class:`OutOfStep` (a
-    RuntimeError) if in their counts of training forwards so far, or if the workers are at
-    different kinds of call (a forward here, a backward there). In every case no worker
-    changes its state.
+    another layer than the others (layers called in another order) makes all raise when
+    the layers differ: a ValueError if in a setting, :class:`OutOfStep` (a RuntimeError) if
+    in their counts of training forwards so far; so do workers at different kinds of call
+    (a forward here, a backward there). In every case no worker changes its state. Layers
+    alike in every setting and count (those of one model, trained every step) cannot be
+    told apart: swapped on one worker, each merges the other's statistics.
 
     The exchanges are matched by their order, as every collective's: what cannot be told
     apart is a worker one whole step behind. One that runs a step in evaluation mode while
@@ -294,7 +297,7 @@ class SyncBatchNorm(BatchNorm):
     def _check_config(self, fields: np.ndarray) -> None:
         """Every worker's layer has the same settings (the first fields of the control rows)."""
         for j, name in enumerate(_CONFIG):
-            if _lockstep.differs(fields, j):
+            if _lockstep.differs(fields[:, j]):
                 raise ValueError(f"{name}: differs between the workers ({_describe(name, fields[:, j])}); every "
                                  "worker's SyncBatchNorm must be configured alike (with momentum=None, a cumulative "
                                  "average, also have counted the same batches), and the layers called in the same "
@@ -437,7 +440,7 @@ def _describe(name: str, column: np.ndarray) -> str:
 def _in_step(counts: np.ndarray, what: str) -> None:
     """The workers' values of a control field that must agree (a count of calls, or the
     channels of the layer a backward belongs to); else OutOfStep on every worker."""
-    if _lockstep.differs(counts[:, None], 0):
+    if _lockstep.differs(counts):
         raise _lockstep.OutOfStep(f"comm: the workers' SyncBatchNorm calls are out of step ({what}: "
                                   f"{_lockstep.per_rank(counts)}); every worker must make each layer's training "
                                   "forward and backward calls in the same order (none skipped, e.g. in evaluation "

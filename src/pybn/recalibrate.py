@@ -171,8 +171,8 @@ def _recalibrate(targets: list[Any], batches: Iterable[Any], run: Callable[[Any]
     shared = _shared(comm)
     own = [target.own_comm() for target in targets]
     comms = [shared] * len(targets) if comm is not None else own
-    failed = _run_pass(targets, batches, run, _distinct(c for c in own if c is not None))
-    try:
+    try:  # (an exchange of the pass's end can fail too, the layers' statistics changed by the pass)
+        failed = _run_pass(targets, batches, run, _distinct(c for c in own if c is not None))
         problem = _agree(targets, comms, shared, failed is not None)
         error = failed if failed is not None else problem
         if error is not None:
@@ -236,7 +236,7 @@ class _Stopped(Exception):
 
 def _before_batch(comm: Any) -> None:
     rows = _lockstep.exchange(comm, _lockstep.RECALIBRATE_BATCH, [_HAS_BATCH])
-    if not (np.all(rows[:, 1] == _lockstep.RECALIBRATE_BATCH) and np.all(rows[:, 2] == _HAS_BATCH)):
+    if not (_lockstep.all_of(rows, _lockstep.RECALIBRATE_BATCH) and np.all(rows[:, 2] == _HAS_BATCH)):
         raise _Stopped
 
 
@@ -247,15 +247,18 @@ def _finish_pass(lockstep: list[Any], failed: BaseException | None) -> BaseExcep
     outcome: None (every process ran out of batches together), or the error to raise."""
     if failed is None:
         mine = _ENDED
-    elif isinstance(failed, _Stopped) or (isinstance(failed, _lockstep.OutOfStep) and failed.met_recalibration):
-        mine = _STOPPED
+    elif isinstance(failed, _Stopped) or (isinstance(failed, _lockstep.OutOfStep) and
+                                          _lockstep.RECALIBRATE_BATCH in failed._kinds):
+        mine = _STOPPED  # (another process's pass ended while this one was inside a batch)
     else:
         mine = _FAILED
     states: list[float] = []
     for comm in lockstep:
-        for _ in range(4):  # (each process still inside a batch ends its pass at the next exchange)
+        # two exchanges do: a process inside a batch meets this row at its next control exchange
+        # and raises, then sends its own state at the one after (a bound, not a wait)
+        for _ in range(4):
             rows = _lockstep.exchange(comm, _lockstep.RECALIBRATE_BATCH, [mine])
-            if np.all(rows[:, 1] == _lockstep.RECALIBRATE_BATCH) and np.all(rows[:, 2] != _HAS_BATCH):
+            if _lockstep.all_of(rows, _lockstep.RECALIBRATE_BATCH) and np.all(rows[:, 2] != _HAS_BATCH):
                 break
         else:
             return _lockstep.OutOfStep("comm: the processes did not end recalibrate's pass together: " +
@@ -318,21 +321,17 @@ def _agree(targets: list[Any], comms: list[Any], shared: Any, failed: bool) -> E
             problem = _failed_elsewhere()
         elif problem is None and np.any(rows[:, 1] != target.channels):
             problem = ValueError(f"model: the layer {_name(target)} has different numbers of channels on the "
-                                 f"processes ({_per_rank(rows[:, 1])})")
+                                 f"processes ({_lockstep.per_rank(rows[:, 1])})")
     return problem
 
 
 def _layer_counts_differ(counts: np.ndarray) -> ValueError:
     return ValueError(f"model: the processes recalibrate different numbers of batch norm layers "
-                      f"({_per_rank(counts)})")
+                      f"({_lockstep.per_rank(counts)})")
 
 
 def _failed_elsewhere() -> RuntimeError:
     return RuntimeError("batches: the recalibration failed on another process (see its error)")
-
-
-def _per_rank(column: np.ndarray) -> str:
-    return ", ".join(f"rank {i}: {round(float(v))}" for i, v in enumerate(column))
 
 
 def _name(target: Any) -> str:

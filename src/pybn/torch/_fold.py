@@ -20,7 +20,7 @@ from torch import fx, nn
 from ._fold_graph import fold_graph
 from ._fold_observe import fresh, observe
 from ._fold_report import Folded, NotFolded
-from ._fold_trace import copy_hooks, node_ranks, same_output, trace
+from ._fold_trace import Tracer, copy_hooks, node_ranks, same_output, trace
 from ._fold_untraced import fold_untraced
 
 __all__ = ["fold", "Folded", "NotFolded"]
@@ -220,14 +220,16 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
 
 
 def _without_pybn_tracer(result: nn.Module) -> None:
-    """The folded graphs recorded by pybn's tracer name torch.fx's own when they call nothing
-    of pybn's: a GraphModule keeps its tracer's class and pickles a reference to it (to trace
-    its code again when loaded), so the saved model would need pybn to load. (Loaded, fx's
-    tracer records ``a += b`` as ``a + b``: the same, as the folded graph reads no old `a`.)"""
+    """The graphs pybn's tracer recorded name torch.fx's tracer instead when they call nothing
+    of pybn's: a GraphModule pickles a reference to its tracer's class (to trace its code
+    again when loaded), so the saved model would need pybn to load. (Their augmented
+    assignments are plain calls by now, :func:`as_torch_calls`, which fx's tracer records as
+    they are.)"""
     for gm in result.modules():
-        if isinstance(gm, fx.GraphModule) and not any(
-                str(getattr(node.target, "__module__", "")).startswith("pybn")
-                for node in gm.graph.nodes if node.op == "call_function"):
+        if not (isinstance(gm, fx.GraphModule) and gm._tracer_cls is not None and issubclass(gm._tracer_cls, Tracer)):
+            continue
+        if not any(str(getattr(node.target, "__module__", "")).startswith("pybn")
+                   for node in gm.graph.nodes if node.op == "call_function"):
             gm._tracer_cls = gm.graph._tracer_cls = None
 
 

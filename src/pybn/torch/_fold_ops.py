@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import fx
+from torch.nn import functional as F
 
 from . import ops as _pybn_ops  # noqa: F401 (registers torch.ops.pybn.*)
 from . import residual as _pybn_residual  # noqa: F401 (registers torch.ops.pybn.batch_norm_add_relu)
@@ -75,13 +76,13 @@ def as_torch_calls(graph: fx.Graph, tensors: set[str] | None = None) -> None:
             node.target = _PLAIN_OPERATORS[op]
 
 
-_NUMBER_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "item", "tolist", "__len__"}
 _ARITHMETIC = {*_PLAIN_OPERATORS, *_PLAIN_OPERATORS.values(), operator.neg, operator.pos}
 
 
 def _tensor_nodes(graph: fx.Graph) -> dict[fx.Node, bool | None]:
     """Whether each traced node's value is a tensor (True) or a number or size (False), as far
-    as what made it shows; None when it does not. (In graph order: a node's inputs first.)"""
+    as what made it shows (lists of the calls known to return one tensor or a number); None
+    when it does not. (In graph order: a node's inputs first.)"""
     kinds: dict[fx.Node, bool | None] = {}
     for node in graph.nodes:
         first = node.args[0] if node.args else None
@@ -90,9 +91,9 @@ def _tensor_nodes(graph: fx.Graph) -> dict[fx.Node, bool | None]:
         if node.op == "get_attr":
             kind = True  # (a parameter, buffer or constant tensor of the module)
         elif node.op == "call_module" and graph.owning_module is not None:
-            kind = True if isinstance(graph.owning_module.get_submodule(str(node.target)), _TENSOR_MODULES) else None
-        elif node.op == "call_method":
-            kind = False if node.target in _NUMBER_METHODS else (True if first_kind else None)
+            kind = True if _returns_one_tensor(graph.owning_module.get_submodule(str(node.target))) else None
+        elif node.op == "call_method" and first_kind:
+            kind = False if node.target in _NUMBER_METHODS else (True if node.target in _TENSOR_METHODS else None)
         elif node.op == "call_function":
             target = operator_of(node.target)
             if target is getattr:
@@ -103,25 +104,35 @@ def _tensor_nodes(graph: fx.Graph) -> dict[fx.Node, bool | None]:
                 operands = [kinds.get(a) if isinstance(a, fx.Node) else (False if isinstance(a, (int, float)) else None)
                             for a in node.args]
                 kind = True if any(operands) else (False if all(k is False for k in operands) else None)
-            elif _torch_function_of_tensors(target):
+            elif _one_of(target, _TENSOR_FUNCTIONS):
                 kind = True
         kinds[node] = kind
     return kinds
 
 
-def _torch_function_of_tensors(target: Any) -> bool:
-    """A function of torch's or torch.nn.functional's that returns one tensor (not a size, a
-    flag, a count or a tuple: torch.Size, broadcast_shapes, is_tensor, numel, split, max...)."""
-    name = getattr(target, "__name__", "")
-    return (getattr(target, "__module__", None) in ("torch", "torch.nn.functional") and not isinstance(target, type)
-            and not name.startswith(("is_", "sym_", "_")) and name not in _NOT_ONE_TENSOR)
+# calls known to return one tensor (of tensors: methods); anything else is of unknown kind
+_NUMBER_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "item", "stride", "element_size",
+                   "storage_offset", "get_device"}
+_TENSOR_METHODS = {
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "relu", "relu_", "sigmoid", "sigmoid_", "tanh",
+    "exp", "sqrt", "rsqrt", "abs", "neg", "pow", "clamp", "clamp_", "clamp_min", "reshape", "view", "permute",
+    "transpose", "contiguous", "flatten", "unsqueeze", "squeeze", "expand", "expand_as", "reshape_as", "view_as",
+    "mean", "sum", "softmax", "log_softmax", "matmul", "bmm", "clone", "detach", "float", "half", "double", "to",
+    "type_as", "masked_fill", "flip", "roll", "repeat", "narrow", "t"}
+_TENSOR_FUNCTIONS = {getattr(module, name) for module, names in (
+    (torch, ("relu", "sigmoid", "tanh", "exp", "sqrt", "rsqrt", "abs", "neg", "pow", "clamp", "add", "sub", "mul",
+             "div", "matmul", "bmm", "addmm", "cat", "stack", "flatten", "reshape", "permute", "transpose",
+             "unsqueeze", "squeeze", "mean", "sum", "softmax", "conv1d", "conv2d", "conv3d", "batch_norm",
+             "layer_norm", "flip", "roll")),
+    (F, ("relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh", "leaky_relu", "elu",
+         "interpolate", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d",
+         "avg_pool2d", "avg_pool3d", "pad", "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+         "conv_transpose2d", "conv_transpose3d", "batch_norm", "layer_norm", "group_norm", "dropout", "dropout2d",
+         "softmax", "log_softmax", "normalize"))) for name in names if hasattr(module, name)}
 
 
-_NOT_ONE_TENSOR = {"numel", "broadcast_shapes", "typename", "split", "split_with_sizes", "tensor_split", "chunk",
-                   "unbind", "hsplit", "vsplit", "dsplit", "max", "min", "sort", "topk", "kthvalue", "median",
-                   "nanmedian", "mode", "std_mean", "var_mean", "aminmax", "meshgrid", "broadcast_tensors", "unique",
-                   "unique_consecutive", "histogram", "frexp", "cummax", "cummin", "max_pool2d_with_indices",
-                   "max_pool1d_with_indices", "max_pool3d_with_indices", "multi_head_attention_forward"}
+def _returns_one_tensor(module: Any) -> bool:
+    return isinstance(module, _TENSOR_MODULES) and not getattr(module, "return_indices", False)
 
 
 def _one_of(target: Any, group: set[Any]) -> bool:

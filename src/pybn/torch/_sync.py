@@ -3,12 +3,13 @@
 pybn's split-phase kernels inside an autograd.Function, as :mod:`pybn.distributed` does
 for NumPy: the forward all-gathers each process's ``[count, mean (C), m2 (C)]`` (float64)
 and merges them exactly (:func:`pybn.batch_norm_merge_stats`); the backward all-reduces
-``[sum(dy), sum(dy * xhat)]``. Before that, one control all-gather per call
-(:mod:`pybn._lockstep`: ``[C, num_features, forwards so far, ok]``) lets every process see
-whether all can go on, so that an input one process cannot use, a disagreement on C, or
-modules with different counts of training calls met in one exchange (another module called
-there) make every process raise instead of leaving the others waiting in a collective or
-mixing the statistics of different modules.
+``[sum(dy), sum(dy * xhat)]``. Before each, one control all-gather (:mod:`pybn._lockstep`:
+the forward's ``[C, num_features, ok, forwards so far, eps, momentum, ...]``, the backward's
+``[C, its forward's number]``) lets every process see whether all can go on, so that an input
+one process cannot use, a disagreement on C or a setting, a backward met by a forward, or
+modules with different counts of training calls met in one exchange make every process
+raise instead of leaving the others waiting in a collective or mixing the statistics of
+different modules. (Modules alike in settings and counts cannot be told apart.)
 """
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
@@ -56,7 +57,7 @@ def sync_batch_norm(module: "SyncBatchNorm", input: Tensor) -> Tensor:
     running = (module.running_mean, module.running_var) if module.track_running_stats else (None, None)
     work = input if input.dtype in PYBN_DTYPES else input.float()
     y: Tensor = _SyncBatchNorm.apply(  # type: ignore[no-untyped-call]  # (torch's, unannotated)
-        work, module.weight, module.bias, running, momentum, module.eps, group)
+        work, module.weight, module.bias, running, momentum, module.eps, group, forwards)
     return y.to(input.dtype)
 
 
@@ -78,19 +79,21 @@ def _agree(group: _Group, input: Tensor, module: "SyncBatchNorm", forwards: int)
         raise ValueError(f"input: the processes of the SyncBatchNorm group cannot normalize together ({per_rank})"
                          + (f"; here: {problem}" if problem else ""))
     for j, name in enumerate(settings, start=4):  # (before: each process used its own, silently)
-        if _lockstep.differs(fields, j):
+        if _lockstep.differs(fields[:, j]):
             values = ", ".join(f"rank {r}: {_show(name, v)}" for r, v in enumerate(fields[:, j]))
             raise ValueError(f"{name}: differs between the processes of the SyncBatchNorm group ({values}); every "
                              "process's module must be configured alike (with momentum=None, a cumulative average, "
                              "also have counted the same batches)")
-    if _lockstep.differs(fields, 3):
+    if _lockstep.differs(fields[:, 3]):
         raise _lockstep.OutOfStep(f"input: the processes' SyncBatchNorm calls are out of step (the module's "
                                   f"training forwards so far: {_lockstep.per_rank(fields[:, 3])}); every process "
-                                  "must call the same modules in the same order)")
+                                  "must call the same modules in the same order")
 
 
 def _show(setting: str, value: float) -> str:
-    return "None" if setting == "momentum" and np.isnan(value) else f"{value:g}"
+    if setting == "momentum" and np.isnan(value):
+        return "None"
+    return str(int(value)) if setting == "num_batches_tracked" else repr(float(value))
 
 
 def _local_problem(input: Tensor, num_features: int) -> Optional[str]:
@@ -114,7 +117,7 @@ class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running: Tuple[Optional[Tensor], Optional[Tensor]], momentum: float, eps: float,
-                group: _Group) -> Tensor:
+                group: _Group, forward_number: int) -> Tensor:
         last = channels_last_physical(x)
         axis = -1 if last else 1
         xa = array(x, last)
@@ -135,7 +138,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         dtype = xa.dtype
         saved_mean, saved_invstd = torch.from_numpy(stats.mean.astype(dtype)), torch.from_numpy(invstd.astype(dtype))
         ctx.save_for_backward(x, weight, saved_mean, saved_invstd)
-        ctx.count, ctx.group, ctx.last = count, group, last
+        ctx.count, ctx.group, ctx.last, ctx.forward_number = count, group, last, forward_number
         return y
 
     @staticmethod
@@ -146,9 +149,15 @@ class _SyncBatchNorm(torch.autograd.Function):
         axis = -1 if last else 1
         dya, xa, m, s = array(dy.to(x.dtype), last), array(x, last), mean.numpy(), invstd.numpy()
         local = pybn.batch_norm_backward_reduce(dya, xa, m, s, axis=axis)
+        c = x.shape[1]
+        # the backward of the same forward of a module of as many channels on every process
+        fields = _lockstep.agree(_TorchComm(ctx.group), _lockstep.TORCH_BACKWARD, [c, ctx.forward_number])
+        for j, what in enumerate(("channels of the module whose backward runs", "its training forward")):
+            if _lockstep.differs(fields[:, j]):
+                raise _lockstep.OutOfStep(f"input: the processes' SyncBatchNorm backward calls are out of step "
+                                          f"({what}: {_lockstep.per_rank(fields[:, j])})")
         total = torch.from_numpy(np.concatenate([local.sum_dy, local.sum_dy_xhat]))
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
-        c = x.shape[1]
         sums = total.numpy()
         dx = empty(x, last)
         pybn.batch_norm_backward_apply(dya, xa, m, s, sums[:c], sums[c:], ctx.count, per_channel(weight),
@@ -156,7 +165,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         # this process's share of the parameters' gradients, as torch's SyncBatchNorm (DDP averages them)
         dweight = torch.from_numpy(local.sum_dy_xhat).to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = torch.from_numpy(local.sum_dy).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 def _update_running(running: Tuple[Optional[Tensor], Optional[Tensor]], stats: pybn.BatchNormStats,
