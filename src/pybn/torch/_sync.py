@@ -106,12 +106,6 @@ def _local_problem(input: Tensor, num_features: int) -> Optional[str]:
     return None
 
 
-def _all_gather(t: Tensor, group: _Group) -> Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t, group=group)
-    return torch.stack(parts)
-
-
 class _SyncBatchNorm(torch.autograd.Function):
 
     @staticmethod
@@ -123,8 +117,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         xa = array(x, last)
         c = x.shape[1]
         local = pybn.batch_norm_stats(xa, axis=axis)
-        packed = torch.from_numpy(np.concatenate([[local.count], local.mean, local.m2]))
-        rows = _all_gather(packed, group).numpy()  # (processes, 2C + 1)
+        packed = np.concatenate([[local.count], local.mean, local.m2])
+        rows = _TorchComm(group).allgather(packed)  # (processes, 2C + 1)
         stats = pybn.batch_norm_merge_stats(rows[:, 0], rows[:, 1:c + 1], rows[:, c + 1:])
         count = round(float(stats.count))  # exact: counts are integers below 2**53
         if count < 2:  # the same total on every process: all raise alike
