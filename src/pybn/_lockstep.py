@@ -87,5 +87,12 @@ def differs(values: np.ndarray) -> bool:
     return not np.all((values == values[0]) | (np.isnan(values) & np.isnan(values[0])))
 
 
+def require_same(values: np.ndarray, head: str, what: str, tail: str = "") -> None:
+    """OutOfStep, ``head (what: rank 0: a, rank 1: b)tail``, where the processes' values of a
+    field that must agree (a count of calls, a layer's channels) differ."""
+    if differs(values):
+        raise OutOfStep(f"{head} ({what}: {per_rank(values)}){tail}")
+
+
 def per_rank(values: np.ndarray) -> str:
     return ", ".join(f"rank {r}: {round(float(v))}" for r, v in enumerate(values))

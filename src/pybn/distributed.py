@@ -440,11 +440,9 @@ def _describe(name: str, column: np.ndarray) -> str:
 def _in_step(counts: np.ndarray, what: str) -> None:
     """The workers' values of a control field that must agree (a count of calls, or the
     channels of the layer a backward belongs to); else OutOfStep on every worker."""
-    if _lockstep.differs(counts):
-        raise _lockstep.OutOfStep(f"comm: the workers' SyncBatchNorm calls are out of step ({what}: "
-                                  f"{_lockstep.per_rank(counts)}); every worker must make each layer's training "
-                                  "forward and backward calls in the same order (none skipped, e.g. in evaluation "
-                                  "mode)")
+    _lockstep.require_same(counts, "comm: the workers' SyncBatchNorm calls are out of step", what,
+                           "; every worker must make each layer's training forward and backward calls in the same "
+                           "order (none skipped, e.g. in evaluation mode)")
 
 
 def _raise_if_failed(failed: np.ndarray, name: str) -> None:

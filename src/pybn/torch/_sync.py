@@ -84,10 +84,9 @@ def _agree(group: _Group, input: Tensor, module: "SyncBatchNorm", forwards: int)
             raise ValueError(f"{name}: differs between the processes of the SyncBatchNorm group ({values}); every "
                              "process's module must be configured alike (with momentum=None, a cumulative average, "
                              "also have counted the same batches)")
-    if _lockstep.differs(fields[:, 3]):
-        raise _lockstep.OutOfStep(f"input: the processes' SyncBatchNorm calls are out of step (the module's "
-                                  f"training forwards so far: {_lockstep.per_rank(fields[:, 3])}); every process "
-                                  "must call the same modules in the same order")
+    _lockstep.require_same(fields[:, 3], "input: the processes' SyncBatchNorm calls are out of step",
+                           "the module's training forwards so far", "; every process must call the same modules in "
+                           "the same order")
 
 
 def _show(setting: str, value: float) -> str:
@@ -147,9 +146,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         # the backward of the same forward of a module of as many channels on every process
         fields = _lockstep.agree(_TorchComm(ctx.group), _lockstep.TORCH_BACKWARD, [c, ctx.forward_number])
         for j, what in enumerate(("channels of the module whose backward runs", "its training forward")):
-            if _lockstep.differs(fields[:, j]):
-                raise _lockstep.OutOfStep(f"input: the processes' SyncBatchNorm backward calls are out of step "
-                                          f"({what}: {_lockstep.per_rank(fields[:, j])})")
+            _lockstep.require_same(fields[:, j], "input: the processes' SyncBatchNorm backward calls are out of step",
+                                   what)
         total = torch.from_numpy(np.concatenate([local.sum_dy, local.sum_dy_xhat]))
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
         sums = total.numpy()
