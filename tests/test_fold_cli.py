@@ -296,6 +296,42 @@ def test_data_file_never_replaces_the_input(rng, tmp_path, fold_here):
     assert_same_outputs(tmp_path / "in" / "f.onnx", model, feeds)
 
 
+def test_data_file_name_taken_by_a_folder_goes_to_the_next_name(rng, tmp_path, fold_here):
+    """A folder named OUT + ".data" cannot be renamed over: the data take the next name."""
+    model, feeds = external_model(rng, tmp_path)
+    (tmp_path / "f.onnx.data").mkdir()
+    r = fold_here(tmp_path, "m.onnx", "f.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "(weights in f.onnx.1.data next to it)" in r.stdout
+    assert (tmp_path / "f.onnx.data").is_dir()
+    assert_same_outputs(tmp_path / "f.onnx", model, feeds)
+
+
+def test_an_unrelated_data_file_of_outs_name_is_replaced(rng, tmp_path, fold_here):
+    """docs/folding.md: OUT.data is replaced as OUT is, when nothing being read uses it."""
+    model, feeds = external_model(rng, tmp_path)
+    (tmp_path / "f.onnx.data").write_bytes(b"stale")
+    r = fold_here(tmp_path, "m.onnx", "f.onnx")
+    assert r.returncode == 0, r.stderr
+    assert external_locations(tmp_path / "f.onnx") == {"f.onnx.data"}
+    assert_same_outputs(tmp_path / "f.onnx", model, feeds)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_output_name_of_250_characters(rng, tmp_path, fold_here, external):
+    """NAME_MAX is 255: the temporary files' names must not outgrow it."""
+    if external:
+        model, feeds = external_model(rng, tmp_path)
+    else:
+        model, feeds = conv_bn(rng)
+        onnx.save(model, str(tmp_path / "m.onnx"))
+    out = "o" * 240 + ".onnx"
+    r = fold_here(tmp_path, "m.onnx", out)
+    assert r.returncode == 0, r.stderr
+    assert_same_outputs(tmp_path / out, model, feeds)
+    assert leftovers(tmp_path) == []
+
+
 def test_output_symlink_to_the_input_replaces_the_input(rng, tmp_path, fold_here):
     """A symbolic link at OUT is followed: its target (here IN itself) gets the folded model."""
     model, feeds = conv_bn(rng)

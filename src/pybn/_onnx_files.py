@@ -435,8 +435,15 @@ def _data_file_name(name: str, folder: str, protected: set[str]) -> str:
     if the process stopped before the new model itself is renamed into place.
     """
     taken = _locations_in(os.path.join(folder, name))
+
+    def usable(candidate: str) -> bool:
+        path = os.path.join(folder, candidate)
+        # (a directory or a FIFO of that name cannot be renamed over: the next name instead)
+        return (candidate not in taken and os.path.realpath(path) not in protected
+                and (not os.path.lexists(path) or os.path.isfile(path)))
+
     candidate, k = f"{name}.data", 1
-    while candidate in taken or os.path.realpath(os.path.join(folder, candidate)) in protected:
+    while not usable(candidate):
         candidate, k = f"{name}.{k}.data", k + 1
     return candidate
 
@@ -459,7 +466,8 @@ class _Temporary:
         self.folder, self.name = folder, name
 
     def __enter__(self) -> _Temporary:
-        fd, self.path = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp", dir=self.folder)
+        # (a prefix of the name: the whole of a 250-character name would pass NAME_MAX, 255)
+        fd, self.path = tempfile.mkstemp(prefix=f".{self.name[:200]}.", suffix=".tmp", dir=self.folder)
         os.close(fd)
         self.renamed = False
         return self
