@@ -68,3 +68,35 @@ def test_per_channel_views_contiguous_parameters():
     assert a.ctypes.data == w.data_ptr()
     np.testing.assert_array_equal(_layout.per_channel(torch.arange(14.0)[::2]), np.arange(0.0, 14.0, 2.0))
     assert _layout.per_channel(None) is None
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("rank", [3, 4, 5])
+def test_batch_norm_results_have_torchs_strides(rank, training):
+    """An accelerated batch norm returns what torch's does: channels-last stays so only in the
+    4-D and 5-D memory formats; a BatchNorm1d over a transposed (N, L, C) tensor returns a
+    contiguous result, which code after it may view (found by outside use)."""
+    import pybn.torch
+
+    shape = {3: (8, 5, 4), 4: (2, 5, 3, 4), 5: (2, 3, 4, 2, 5)}[rank]
+    cls = {3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[rank]
+    base = torch.randn(shape, dtype=torch.float64)
+    inputs = [base, base.movedim(1, -1).contiguous().movedim(-1, 1), base.transpose(1, -1).contiguous().transpose(1, -1),
+              torch.cat([base, base], dim=-1)[..., ::2]]
+    if rank > 3:  # slices of a channels-last tensor: torch keeps them channels-last
+        last = base.movedim(1, -1).contiguous().movedim(-1, 1)
+        inputs += [last[:, :, 1:], torch.cat([last, last], dim=-1)[..., ::2]]
+    for x in inputs:
+        stock = cls(shape[1], dtype=torch.float64).train(training)
+        fast = pybn.torch.accelerate(cls(shape[1], dtype=torch.float64).train(training))
+        want, got = stock(x), fast(x)
+        assert got.stride() == want.stride(), (x.stride(), got.stride(), want.stride())
+        torch.testing.assert_close(got, want)
+        if want.is_contiguous():
+            got.view(-1)
+        dy = torch.linspace(-1, 2, x.numel(), dtype=torch.float64).reshape(x.shape)
+        xr = x.detach().requires_grad_()
+        fast(xr).backward(dy)
+        xs = x.detach().requires_grad_()
+        stock(xs).backward(dy)
+        torch.testing.assert_close(xr.grad, xs.grad)

@@ -1,8 +1,8 @@
 """How tensors reach pybn's kernels: zero-copy NumPy views in one of the two fast layouts.
 
 A tensor whose dim 1 (the channels) is its innermost dense dimension (``channels_last``,
-``channels_last_3d``, or an (N, L, C) tensor transposed to (N, C, L)) goes to the kernels
-as that physical array with ``axis=-1``; a contiguous tensor as itself with ``axis=1``;
+``channels_last_3d``, or for dropout an (N, L, C) tensor transposed to (N, C, L)) goes to
+the kernels as that physical array with ``axis=-1``; a contiguous tensor as itself with ``axis=1``;
 any other layout is made contiguous once. Results are allocated in the layout used, those
 of 4 MiB or more advised for transparent huge pages as NumPy advises its own arrays
 (docs/pytorch.md, "Memory allocator").
@@ -60,6 +60,23 @@ def channels_last_physical(x: Tensor) -> bool:
     if memory_format is not None:
         return x.is_contiguous(memory_format=memory_format)
     return x.movedim(1, -1).is_contiguous()
+
+
+def batch_norm_last(x: Tensor) -> bool:
+    """Whether batch norm takes x channels-last: where torch's batch norm returns that layout,
+    the channels-last memory formats of 4-D and 5-D tensors, slices of them included (copied
+    once into the format). A 3-D (N, C, L) view of an (N, L, C) tensor is made contiguous once
+    and normalized so, as torch's result is contiguous there (code after a BatchNorm1d may
+    ``view`` it). Dropout keeps every layout."""
+    if x.dim() not in _LAST_FORMATS:
+        return False
+    if channels_last_physical(x):
+        return True
+    if x.is_contiguous() or is_wrapped(x):
+        return False
+    # copied anyway: where torch's suggest_memory_format says channels-last (a tensor with gaps
+    # whose strides are ordered so), which empty_like follows (on the meta device: no memory)
+    return channels_last_physical(torch.empty_like(x, device="meta"))
 
 
 def pybn_takes(x: Tensor) -> bool:

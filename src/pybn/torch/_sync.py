@@ -23,7 +23,7 @@ from pybn import _lockstep
 from pybn.batchnorm_split import _update_running_stats
 from pybn.distributed import _TorchComm
 
-from ._layout import PYBN_DTYPES, array, channels_last_physical, empty, per_channel
+from ._layout import PYBN_DTYPES, array, batch_norm_last, empty, per_channel
 
 if TYPE_CHECKING:
     from .nn import SyncBatchNorm
@@ -111,7 +111,7 @@ class _SyncBatchNorm(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running: Tuple[Optional[Tensor], Optional[Tensor]], momentum: float, eps: float,
                 group: _Group, forward_number: int) -> Tensor:
-        last = channels_last_physical(x)
+        last = batch_norm_last(x)
         axis = -1 if last else 1
         xa = array(x, last)
         c = x.shape[1]

@@ -69,8 +69,8 @@ import pybn
 from ._eager import direct_call, note_mutation
 from ._transforms import operator, register_autograd
 from .seeded import as_int64
-from ._layout import (PYBN_DTYPES, array, channels_last_physical, empty, in_layout, no_real_from_meta, per_channel,
-                      pybn_takes)
+from ._layout import (PYBN_DTYPES, array, batch_norm_last, channels_last_physical, empty, in_layout, no_real_from_meta,
+                      per_channel, pybn_takes)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "dropout", "relu_dropout",
            "relu_dropout_backward", "draw_philox"]
@@ -139,7 +139,7 @@ def _train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], run
                 running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Training-mode batch norm over every dimension but 1 (see the module docstring)."""
     _forward_channels(x, weight, bias, running_mean, running_var)
-    last = channels_last_physical(x)
+    last = batch_norm_last(x)
     if not _can_train_in_place(x, running_mean, running_var):
         y, mean, invstd = _aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
         return in_layout(y, last), mean.to(_stats_dtype(x)), invstd.to(_stats_dtype(x))
@@ -170,14 +170,14 @@ def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean:
       running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     c = _forward_channels(x, weight, bias, running_mean, running_var)
     dtype = _stats_dtype(x)
-    return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
+    return empty(x, batch_norm_last(x)), x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
 
 
 def _infer_impl(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
                 bias: Optional[Tensor], eps: float) -> Tensor:
     """Inference-mode batch norm with the given statistics (see the module docstring)."""
     _forward_channels(x, weight, bias, running_mean, running_var)
-    last = channels_last_physical(x)
+    last = batch_norm_last(x)
     if not pybn_takes(x):
         y = _aten.native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
         return in_layout(y, last)
@@ -196,7 +196,7 @@ batch_norm_infer = torch.library.custom_op("pybn::batch_norm_infer", mutates_arg
 def _(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
       eps: float) -> Tensor:
     _forward_channels(x, weight, bias, running_mean, running_var)
-    return empty(x, channels_last_physical(x))
+    return empty(x, batch_norm_last(x))
 
 
 # --------------------------------------------------------------------------- batch norm: backward
@@ -205,7 +205,7 @@ def _backward_impl(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: 
                    training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """dx, dweight = sum(dy * xhat), dbias = sum(dy) (see the module docstring)."""
     _channels(x)
-    last = channels_last_physical(x)
+    last = batch_norm_last(x)
     if not (pybn_takes(x) and dy.dtype == x.dtype and dy.device == x.device):
         dx, dw, db = _torch_backward(dy, x, mean, invstd, weight, training)
         return in_layout(dx, last), dw, db
@@ -242,7 +242,7 @@ def _(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tens
       training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     c = _channels(x)
     stats = _stats_dtype(x)
-    return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=stats), x.new_empty((c,), dtype=stats)
+    return empty(x, batch_norm_last(x)), x.new_empty((c,), dtype=stats), x.new_empty((c,), dtype=stats)
 
 
 # --------------------------------------------------------------------------- batch norm: autograd

@@ -27,7 +27,7 @@ from torch import Tensor
 import pybn
 
 from ._eager import direct_call, note_mutation
-from ._layout import array, channels_last_physical, empty, in_layout, no_real_from_meta, per_channel, pybn_takes
+from ._layout import array, batch_norm_last, empty, in_layout, no_real_from_meta, per_channel, pybn_takes
 from .ops import (_backward_impl, _can_train_in_place, _channels, _forward_channels, _stats_dtype, _torch_backward,
                   backend)
 
@@ -53,7 +53,7 @@ def _add_relu_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
     """relu(bn(x) + residual) in one pass (see the module docstring)."""
     _forward_channels(x, weight, bias, running_mean, running_var)
     _check_residual(x, residual)
-    last = channels_last_physical(x)
+    last = batch_norm_last(x)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("running_mean: running_mean and running_var are required when training=False")
     if not (_can_train_in_place(x, running_mean, running_var) and (residual is None or pybn_takes(residual))):
@@ -89,7 +89,7 @@ def _torch_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
                    eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """torch's batch norm, add and relu, for what pybn's kernels do not take."""
-    last = channels_last_physical(x)
+    last = batch_norm_last(x)
     y, mean, invstd = _aten.native_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
     if residual is not None:
         y = y + residual
@@ -109,14 +109,14 @@ def _(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Opt
     c = _forward_channels(x, weight, bias, running_mean, running_var)
     _check_residual(x, residual)
     dtype = _stats_dtype(x)
-    return empty(x, channels_last_physical(x)), x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
+    return empty(x, batch_norm_last(x)), x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
 
 
 def _add_relu_backward_impl(dy: Tensor, x: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
                             weight: Optional[Tensor], training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """dx, dweight, dbias and d_residual = dy masked where y <= 0 (see the module docstring)."""
     _channels(x)
-    last = channels_last_physical(x)
+    last = batch_norm_last(x)
     if not (pybn_takes(x) and dy.dtype == x.dtype == y.dtype and dy.device == x.device == y.device):
         g = dy.masked_fill(y <= 0, 0)  # (a NaN y passes dy, as torch.relu's gradient)
         dx, dw, db = _torch_backward(g, x, mean, invstd, weight, training)
@@ -139,7 +139,7 @@ def _(dy: Tensor, x: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Op
       training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     c = _channels(x)
     stats = _stats_dtype(x)
-    last = channels_last_physical(x)
+    last = batch_norm_last(x)
     return empty(x, last), x.new_empty((c,), dtype=stats), x.new_empty((c,), dtype=stats), empty(x, last)
 
 
