@@ -677,3 +677,16 @@ def test_random_problems_against_reference():
         x = data(shape, dtype, seed=seed % 1000)
         with pybn._runtime.use_isa(isa_name):
             check_all_three(x, p, seed, offset, noise_shape=ns, what=str(problem))
+
+
+def test_zero_dimensional_arrays_are_numbers():
+    """A 0-d array (np.asarray of a configured 0.3) is the number it holds, as NumPy's own
+    functions take it; a 1-element 1-d array is not."""
+    x = np.random.default_rng(0).normal(size=(64, 33)).astype(np.float32)
+    np.testing.assert_array_equal(pybn.dropout(x, np.array(0.3), seed=5), pybn.dropout(x, 0.3, seed=5))
+    y, _, _ = pybn.batch_norm_train(x, eps=np.array(1e-3, dtype=np.float32), axis=1)
+    np.testing.assert_array_equal(y, pybn.batch_norm_train(x, eps=1e-3, axis=1)[0])
+    with pytest.raises(TypeError, match="^p: must be a real number"):
+        pybn.dropout(x, np.array([0.3]), seed=5)
+    with pytest.raises(TypeError, match="^p: must be a real number"):
+        pybn.dropout(x, np.array(True), seed=5)

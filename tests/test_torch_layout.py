@@ -81,8 +81,8 @@ def test_batch_norm_results_have_torchs_strides(rank, training):
     shape = {3: (8, 5, 4), 4: (2, 5, 3, 4), 5: (2, 3, 4, 2, 5)}[rank]
     cls = {3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[rank]
     base = torch.randn(shape, dtype=torch.float64)
-    inputs = [base, base.movedim(1, -1).contiguous().movedim(-1, 1), base.transpose(1, -1).contiguous().transpose(1, -1),
-              torch.cat([base, base], dim=-1)[..., ::2]]
+    inputs = [base, base.movedim(1, -1).contiguous().movedim(-1, 1),
+              base.transpose(1, -1).contiguous().transpose(1, -1), torch.cat([base, base], dim=-1)[..., ::2]]
     if rank > 3:  # slices of a channels-last tensor: torch keeps them channels-last
         last = base.movedim(1, -1).contiguous().movedim(-1, 1)
         inputs += [last[:, :, 1:], torch.cat([last, last], dim=-1)[..., ::2]]

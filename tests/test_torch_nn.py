@@ -116,6 +116,39 @@ def test_eps_follows_torchs_rule(eps, training, accepted):
         assert str(ours).startswith("eps: must be")
 
 
+@pytest.mark.parametrize("kind", ["0-d tensor", "numpy"])
+def test_hyperparameters_as_torch_takes_them(kind):
+    """A 0-d tensor (a momentum schedule's torch.linspace(...)[epoch]) or a NumPy scalar as
+    momentum, eps or p: torch takes them, so do the drop-ins (they raised TypeError)."""
+    number = (lambda v: torch.tensor(v)) if kind == "0-d tensor" else (lambda v: np.float32(v))
+    x = torch.randn(8, 4, 5, 5)
+    stock, ours = nn.BatchNorm2d(4), pybn.torch.accelerate(nn.BatchNorm2d(4))
+    for m in (stock, ours):
+        m.momentum, m.eps = number(0.25), number(1e-3)
+    torch.testing.assert_close(ours(x), stock(x))
+    torch.testing.assert_close(ours.running_var, stock.running_var)
+    for cls in (nn.Dropout, nn.Dropout2d, nn.AlphaDropout, pnn.DropPath):
+        torch.manual_seed(3)
+        want = pybn.torch.accelerate(cls(0.25))(x) if cls is not pnn.DropPath else pnn.DropPath(0.25)(x)
+        torch.manual_seed(3)
+        got = pybn.torch.accelerate(cls(number(0.25)))(x) if cls is not pnn.DropPath else pnn.DropPath(number(0.25))(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_hyperparameters_torch_refuses_or_that_are_not_finite_name_themselves():
+    x = torch.randn(8, 4)
+    bn = pybn.torch.accelerate(nn.BatchNorm1d(4))
+    bn.momentum = torch.tensor(0.1, requires_grad=True)  # (torch: "must be float, not Tensor")
+    with pytest.raises(TypeError, match="^momentum: must be a real number"):
+        bn(x)
+    bn.momentum = float("nan")
+    with pytest.raises(ValueError, match="^momentum: must be finite"):
+        bn(x)
+    for cls in (nn.Dropout, nn.AlphaDropout):
+        with pytest.raises(ValueError, match="^p: must be finite"):
+            pybn.torch.accelerate(cls(float("nan")))(x)  # (torch's constructor takes a NaN)
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)])
 @pytest.mark.parametrize("mode", ["train", "eval", "eval, batch statistics", "train, fused tail"])
 def test_an_empty_batch_is_torchs(shape, mode):

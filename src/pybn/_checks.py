@@ -278,8 +278,16 @@ def flag(value: Any, name: str) -> bool:
 
 
 def real_number(value: Any, name: str, *, minimum: float | None = None) -> float:
+    """A finite real argument: a Python or NumPy number, or a 0-d array or tensor of one (as
+    torch's argument parser takes them; not a tensor needing gradients, which torch refuses)."""
     if type(value) is float and math.isfinite(value) and (minimum is None or value >= minimum):
         return value
+    if getattr(value, "ndim", None) == 0 and not isinstance(value, numbers.Number) \
+            and not getattr(value, "requires_grad", False):
+        try:
+            value = value.item()
+        except (RuntimeError, ValueError, TypeError):  # (a meta tensor has no value)
+            raise TypeError(f"{name}: must be a real number, got {type(value).__name__} without a value") from None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: must be a real number, got {type(value).__name__}")
     v = float(value)

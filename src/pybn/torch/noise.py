@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import pybn
+from .._checks import real_number
 
 from . import _regenerated
 from ._eager import direct_call
@@ -154,21 +155,15 @@ def _call(kernels: Regenerated, op: Any, x: Tensor, value: float, philox: Option
 
 # --------------------------------------------------------------------------- functions
 
-def _real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def _probability(value: object, name: str, upper_closed: bool) -> float:
-    v = _real(value, name)
+    v = real_number(value, name)
     if not (0.0 <= v <= 1.0 if upper_closed else 0.0 <= v < 1.0):  # NaN fails both
         raise ValueError(f"{name}: must be in [0, {'1]' if upper_closed else '1)'}, got {v}")
     return v
 
 
 def _stddev(value: object) -> float:
-    v = _real(value, "stddev")
+    v = real_number(value, "stddev")
     if not 0.0 <= v < math.inf:  # NaN fails (and a symbolic float under torch.compile compares)
         raise ValueError(f"stddev: must be finite and >= 0, got {v}")
     return v
