@@ -519,3 +519,85 @@ def test_common_channels_keep_their_bits_beside_an_extreme_one(layout, dtype, ex
         alone = call(np.ascontiguousarray(x[common]), C)
         beside = call(x, C + 1)[common]
         assert_bits_equal(alone, beside)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=["f32", "f64", "f16"])
+@pytest.mark.parametrize("layout", ["rows", "period"])
+def test_tiny_variance_of_large_values_gives_beta_at_the_mean(layout, dtype, isa, threads):
+    """A channel of large values with a tiny variance: invstd is past the unit range, so the
+    elementwise pass scales x - mean up by a power of two (ScaledDeviation). Scaling x first
+    overflowed (x * s): a constant float32 channel of 1e30 with eps 1e-30 gave NaN on the
+    scalar path and -inf on the vector ones, for y = beta (found by differential fuzzing)."""
+    value, eps = {np.float32: (1e30, 1e-30), np.float64: (1e250, 1e-200), np.float16: (60000.0, 1e-70)}[dtype]
+    C, n = 3, 33
+    rows = np.full((C, n), value, dtype)
+    rows[1] = -rows[1]  # (either sign)
+    rows[2, ::2] = dtype(value / 2)  # not constant (in float64 its variance is past the range: invstd 0, y = beta)
+    x = rows.T.copy() if layout == "period" else rows[None]
+    axis = -1 if layout == "period" else 1
+    bias = np.array([0.5, -2.0, 0.0], np.float32 if dtype == np.float16 else dtype)
+    res = pybn.batch_norm_train(x, None, bias, eps=eps, axis=axis)
+    y = (res.y.T if layout == "period" else res.y[0]).astype(np.float64)
+    np.testing.assert_array_equal(y[:2], np.repeat(bias[:2, None].astype(np.float64), n, axis=1))
+    r = rows[2].astype(np.float64) / value
+    want = (r - r.mean()) / r.std() if dtype != np.float64 else np.zeros(n)
+    assert np.isfinite(y[2]).all()
+    np.testing.assert_allclose(y[2], want, rtol=0, atol={np.float32: 1e-5, np.float64: 1e-12, np.float16: 4e-3}[dtype])
+
+
+@pytest.mark.parametrize("layout", ["rows", "period"])
+def test_inference_near_the_mean_with_a_large_invstd(layout, isa, threads):
+    """y = (x - mean) * alpha with invstd 1e10 and alpha 1: x - mean up to 7.6e22 is y,
+    where x * s overflowed to inf (then NaN or -inf with the wrong sign)."""
+    top = np.float32(1e30)
+    values = np.array([top, np.nextafter(top, np.float32(np.inf)), np.nextafter(top, np.float32(0))], np.float32)
+    rows = np.tile(values, (2, 1))  # (C=2, 3)
+    x = rows.T.copy() if layout == "period" else rows[None]
+    axis = -1 if layout == "period" else 1
+    y = pybn.batch_norm_infer(x, np.full(2, top), np.zeros(2, np.float32), np.full(2, 1e-10, np.float32),
+                              eps=1e-20, axis=axis)
+    got = y.T if layout == "period" else y[0]
+    alpha = np.float64(np.float32(1e-10)) / np.sqrt(np.float64(np.float32(1e-20)))  # (the float64 eps of the call)
+    want = ((rows.astype(np.float64) - np.float64(top)) * np.float32(alpha)).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["rows", "period"])
+def test_backward_with_large_gradients_stays_finite(layout, dtype, isa, threads):
+    """dy near the top of the range: the coefficient of x - mean (invstd^2 * mean(g * xhat))
+    passed the type's range though every dx is finite, and dx came out +-inf; its excess now
+    moves into the power-of-two scale of x - mean (x_coefficient)."""
+    big = 2.0**116 if dtype == np.float32 else 2.0**1012
+    x = np.array([9.4e-4, -7.43e-3, 1.0e-3, -2.0e-3, 4.0e-3], dtype)
+    g = np.array([0.3, -0.7, 0.1, 0.2, -0.4]) * big
+    rows_x, rows_g = np.tile(x, (2, 1)), np.tile(g, (2, 1)).astype(dtype)
+    xs = rows_x.T.copy() if layout == "period" else rows_x[None]
+    gs = rows_g.T.copy() if layout == "period" else rows_g[None]
+    axis = -1 if layout == "period" else 1
+    f = pybn.batch_norm_train(xs, eps=1e-5, axis=axis)
+    dx = pybn.batch_norm_backward(gs, xs, f.mean, f.invstd, axis=axis).dx
+    got = dx.T if layout == "period" else dx[0]
+    scale = big  # the reference in float64 on g / big, scaled back
+    gg = rows_g.astype(np.float64) / scale
+    xh = (rows_x.astype(np.float64) - f.mean.astype(np.float64)[:, None]) * f.invstd.astype(np.float64)[:, None]
+    n = x.size
+    k = f.invstd.astype(np.float64)[:, None]
+    ref = k * (gg - gg.sum(1, keepdims=True) / n - xh * (gg * xh).sum(1, keepdims=True) / n)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got.astype(np.float64) / scale, ref, rtol=BWD_TOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_constant_float64_channels_past_the_squares_range(layout, isa):
+    """float64 values whose squares overflow are summed again, scaled (exact_moments): its
+    mean, summed one value after another, was some ulps off, so a constant channel of 1e160
+    got m2 = 1.6e290 and y = 1 for y = beta = 0. The mean is now corrected by a pass."""
+    shape, axis = LAYOUTS[layout][1], LAYOUTS[layout][2]
+    for value in (1e160, -5.12175012e191, 1e300):
+        x = np.full(shape, value)
+        s = pybn.batch_norm_stats(x, axis=axis)
+        assert (s.mean == value).all() and (s.m2 == 0).all(), (value, s.mean[:2], s.m2[:2])
+        res = pybn.batch_norm_train(x, eps=1e-5, axis=axis)
+        assert (res.y == 0).all()

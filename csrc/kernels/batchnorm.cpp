@@ -464,6 +464,22 @@ double xhat_scale(double invstd) {
   return std::ldexp(1.0, std::clamp(e, Limits::min_exponent - Limits::digits, Limits::max_exponent - 1));
 }
 
+// How the elementwise passes scale x - mean by a power of two s (xhat_scale, Affine::set):
+// as fma(x, before, -mean * before) * after, s = before * after. Both forms give s * (x -
+// mean) rounded once where nothing overflows; each overflows where the other does not. For
+// s < 1 (a channel spread across the range) x - mean may overflow and x * s does not; for
+// s > 1 (a tiny variance) x * s overflows for large x (a constant channel of 1e30 with eps
+// 1e-30 gave NaN or -inf for y = beta) while x - mean is small, and exact where it is tiny.
+// The exponent from which a per-channel coefficient moves its excess into s: 2^-4 of T's
+// largest power of two, so that its products with values near 1 stay in range.
+template <class T>
+constexpr int kLargeCoefficientExponent = std::numeric_limits<T>::max_exponent - 5;
+
+struct ScaledDeviation {
+  double before, after;
+  explicit ScaledDeviation(double s) : before(s > 1 ? 1.0 : s), after(s > 1 ? s : 1.0) {}
+};
+
 // The mean as a table of T, for the coefficient tables of the elementwise passes: the
 // mean array itself when it holds T, else a copy (Mean::set fills channel c) in `spare`,
 // which the caller allocates when P, the parameters' type (param_t), is not T.
@@ -497,15 +513,17 @@ double value_or(const S* p, i64 c, double fallback) {
 // parameters of type P.
 template <class P, class T>
 struct Affine {
-  static constexpr i64 kArrays = MeanTable<P, T>::kCopy ? 6 : 5;
+  static constexpr i64 kArrays = MeanTable<P, T>::kCopy ? 7 : 6;
   Buffer<T> data;                  // one allocation for the arrays of C below
   T *alpha, *beta;                 // alpha and beta, each rounded once from double
-  T *scale, *shift, *scaled_alpha; // s = xhat_scale(invstd), -mean * s, alpha / s
+  // x - mean is taken as fma(x, scale, shift) * post, which is s * (x - mean), s = scale *
+  // post (a power of two, see set), rounded once; and alpha / s multiplies it
+  T *scale, *shift, *post, *scaled_alpha;
   MeanTable<P, T> mean;
 
   Affine(i64 C, const P* mean_)
       : data(make_buffer<T>(kArrays * C)), alpha(data.get()), beta(alpha + C), scale(beta + C),
-        shift(scale + C), scaled_alpha(shift + C), mean(mean_, scaled_alpha + C) {}
+        shift(scale + C), post(shift + C), scaled_alpha(post + C), mean(mean_, scaled_alpha + C) {}
 
   // Channel c, once the mean of channel c is set. An alpha past T's range (a weight near
   // the largest T) moves its excess into s too: only elements whose y overflows anyway
@@ -530,8 +548,10 @@ struct Affine {
     const double s = s_invstd * s_weight;
     alpha[c] = static_cast<T>(weight * invstd);
     beta[c] = static_cast<T>(bias);
-    scale[c] = static_cast<T>(s);
-    shift[c] = static_cast<T>(-static_cast<double>(mean.set(c)) * s);
+    const ScaledDeviation d(s);
+    scale[c] = static_cast<T>(d.before);
+    shift[c] = static_cast<T>(-static_cast<double>(mean.set(c)) * d.before);
+    post[c] = static_cast<T>(d.after);
     scaled_alpha[c] = static_cast<T>((s_weight == 1 ? weight : weight / s_weight) * scaled_invstd);
   }
 
@@ -552,6 +572,7 @@ struct Affine {
     std::copy_n(alpha, C, scaled_alpha);
     for (i64 c = 0; c < C; ++c) beta[c] = static_cast<T>(value_or(bias, c, 0.0));
     std::fill_n(scale, C, T(1));
+    std::fill_n(post, C, T(1));
     for (i64 c = 0; c < C; ++c) shift[c] = -mean.set(c);  // -mean * s, s = 1: exact
   }
 };
@@ -579,8 +600,9 @@ bool any_not_one(const T* v, i64 n) {
 // (x * alpha + (beta - mean * alpha) would cancel two large products); in a memory-bound
 // pass it costs nothing. The residual's add and the ReLU happen in T, so y is rounded to
 // S once; y may be the residual itself, since each lane is read before it is written.
-// When some channel's scale (Affine::set) is not 1, x - mean is taken as fma(x, s, -mean
-// * s) and alpha divided by s (for the other channels s = 1: the same results to the bit).
+// When some channel's scale (Affine::set) is not 1, x - mean is taken as s * (x - mean)
+// (ScaledDeviation) and alpha divided by s (for the other channels s = 1: the same results
+// to the bit).
 // Over the whole array, or over the channels of *range on the calling thread.
 // After each sample's rows of a range, after_sample(o) (pipelined_channel_blocks).
 template <class S, class T, class AfterSample = NoSampleHook>
@@ -588,7 +610,8 @@ void normalize(const Layout& L, const S* x, const S* residual, const Affine<para
                bool after_reduction, const ChannelRange* range = nullptr, const AfterSample& after_sample = {}) {
   using V = Vec<T>;
   const ChannelRange r = range ? *range : ChannelRange{0, L.channels};
-  const bool scaled = any_not_one(k.scale + r.begin, r.end - r.begin);
+  const bool scaled =
+      any_not_one(k.scale + r.begin, r.end - r.begin) || any_not_one(k.post + r.begin, r.end - r.begin);
   const auto finish = [&](const auto& coef, const auto& op) {
     constexpr int K = std::extent_v<std::remove_reference_t<decltype(coef)>>;
     if (fuse_relu)
@@ -605,8 +628,9 @@ void normalize(const Layout& L, const S* x, const S* residual, const Affine<para
       finish(coef, affine);
   };
   if (scaled) {
-    const T* const coef[4] = {k.shift, k.scale, k.scaled_alpha, k.beta};
-    apply(coef, [x](i64 i, i64 n, const V* c) { return fma(fma(load_n<T>(x + i, n), c[1], c[0]), c[2], c[3]); });
+    const T* const coef[5] = {k.shift, k.scale, k.post, k.scaled_alpha, k.beta};
+    apply(coef,
+          [x](i64 i, i64 n, const V* c) { return fma(fma(load_n<T>(x + i, n), c[1], c[0]) * c[2], c[3], c[4]); });
   } else {
     const T* const coef[3] = {k.mean.table(), k.alpha, k.beta};
     apply(coef, [x](i64 i, i64 n, const V* c) { return fma(load_n<T>(x + i, n) - c[0], c[1], c[2]); });
@@ -760,16 +784,37 @@ void backward_reduce(const BnGradInputs<S>& a, double* sum_g, double* sum_gxhat)
     backward_reduce_impl<S, T, false>(a, sum_g, sum_gxhat);
 }
 
-// Scratch of the dx pass: 5 rows of C coefficients, and a sixth for the mean when it is
+// k_x = a * (invstd / sx) * b, whose excess past 2^kLargeCoefficientExponent moves into sx
+// (updated) by a power of two, as far as sx stays within T; computed from the factors'
+// exponents, since in float64 the product itself may overflow. Where nothing moves, the
+// same value as the plain product: scaling by powers of two commutes with rounding.
+template <class T>
+double x_coefficient(double a, double invstd, double b, double& sx) {
+  const double f[3] = {a, invstd / sx, b};
+  if (!(std::isfinite(f[0]) && std::isfinite(f[1]) && std::isfinite(f[2])) || f[0] == 0 || f[1] == 0 || f[2] == 0)
+    return f[0] * f[1] * f[2];
+  const int e[3] = {std::ilogb(f[0]), std::ilogb(f[1]), std::ilogb(f[2])};
+  const int excess = e[0] + e[1] + e[2] - kLargeCoefficientExponent<T>;  // (the product is within 8x of 2^sum)
+  const int room = std::numeric_limits<T>::max_exponent - 1 - std::ilogb(sx);
+  const int moved = std::max(0, std::min(excess, room));
+  if (moved == 0) return f[0] * f[1] * f[2];
+  sx = std::ldexp(sx, moved);
+  const double mantissas = std::scalbn(f[0], -e[0]) * std::scalbn(f[1], -e[1]) * std::scalbn(f[2], -e[2]);
+  return std::ldexp(mantissas, e[0] + e[1] + e[2] - moved);
+}
+
+// Scratch of the dx pass: 6 rows of C coefficients, and a seventh for the mean when it is
 // not held in T.
 template <class S, class T>
-constexpr i64 kDxRows = MeanTable<param_t<S>, T>::kCopy ? 6 : 5;
+constexpr i64 kDxRows = MeanTable<param_t<S>, T>::kCopy ? 7 : 6;
 
 // dx = k_dy * g + k_x * (x - mean) + k_0 from the reduced sums (see BnGradApplyArgs), over
 // the whole array, or over the channels of *range on the calling thread; k holds kDxRows
 // rows of C. With `training` false the statistics are constants: dx = k_dy * g. When some
-// channel's xhat_scale is not 1, x - mean is taken as fma(x, s, -mean * s) and k_x divided
-// by s (for the other channels s = 1: the same results to the bit).
+// channel's scale is not 1, x - mean is taken as s * (x - mean) (ScaledDeviation) and k_x
+// divided by s (for the other channels s = 1: the same results to the bit). s is
+// xhat_scale(invstd), times the power of two that brings k_x into T's range where it is
+// not (a large dy: k_x = 3e40 for float32 where every dx was finite gave dx = +-inf).
 // With kResidual, the same pass writes g to dr, the gradient of a residual the forward
 // added before its ReLU; dr may be dy itself (each lane is read before it is written). Its
 // stores are ordinary ones: dr's alignment relative to dx's, which the loops align for
@@ -787,19 +832,23 @@ void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, boo
   T* const k_0 = k + 2 * C;
   T* const scale_x = k + 3 * C;
   T* const shift_x = k + 4 * C;
-  const MeanTable<param_t<S>, T> mean(a.mean, k + 5 * C);
+  T* const post_x = k + 5 * C;
+  const MeanTable<param_t<S>, T> mean(a.mean, k + 6 * C);
   const ChannelRange r = range ? *range : ChannelRange{0, C};
   bool scaled = false;
   for (i64 c = r.begin; c < r.end; ++c) {
     const double invstd = a.invstd[c];
     const double scale = value_or(weight, c, 1.0) * invstd;
-    const double sx = training ? xhat_scale<T>(invstd) : 1.0;
+    double sx = training ? xhat_scale<T>(invstd) : 1.0;
+    const double kx = training ? x_coefficient<T>(-scale, invstd, s.sum_gxhat[c] / n, sx) : 0.0;
     scaled |= sx != 1.0;
     k_dy[c] = static_cast<T>(scale);
-    k_x[c] = static_cast<T>(training ? -scale * (invstd / sx) * (s.sum_gxhat[c] / n) : 0.0);
+    k_x[c] = static_cast<T>(kx);
     k_0[c] = static_cast<T>(training ? -scale * (s.sum_g[c] / n) : 0.0);
-    scale_x[c] = static_cast<T>(sx);
-    shift_x[c] = static_cast<T>(-static_cast<double>(mean.set(c)) * sx);
+    const ScaledDeviation d(sx);
+    scale_x[c] = static_cast<T>(d.before);
+    shift_x[c] = static_cast<T>(-static_cast<double>(mean.set(c)) * d.before);
+    post_x[c] = static_cast<T>(d.after);
   }
   const S* dy = a.dy;
   const S* x = a.x;
@@ -811,11 +860,11 @@ void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, boo
     return g;
   };
   if (training && scaled) {
-    const T* const coef[5] = {k_dy, k_x, shift_x, scale_x, k_0};
-    channel_apply_to<S, T, 5>(
+    const T* const coef[6] = {k_dy, k_x, shift_x, scale_x, k_0, post_x};
+    channel_apply_to<S, T, 6>(
         L, coef, dx,
         [=](i64 i, i64 n, const V* c) {
-          return fma(c[1], fma(load_n<T>(x + i, n), c[3], c[2]), fma(c[0], grad(i, n), c[4]));
+          return fma(c[1], fma(load_n<T>(x + i, n), c[3], c[2]) * c[5], fma(c[0], grad(i, n), c[4]));
         },
         range, true, after_sample);
   } else if (training) {

@@ -72,9 +72,12 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
         share memory with no other argument. For 16-bit x: float32, or x's dtype (then
         updated as float32 and rounded to it).
     momentum, eps : float
-        ``eps >= 0``. With ``eps=0`` a channel whose values are all equal gets invstd 0,
-        so its y is bias (and its dx 0): what PyTorch's kernels (``torch.batch_norm``)
-        compute; ``torch.nn.functional.batch_norm`` refuses eps <= 0 in training.
+        ``eps >= 0``. With ``eps=0`` a channel whose values are all equal gets invstd 0
+        where its m2 comes out 0, so its y is bias (and its dx 0): what PyTorch's kernels
+        (``torch.batch_norm``) compute; ``torch.nn.functional.batch_norm`` refuses eps <= 0
+        in training. The one-pass sums can leave such a channel a rounding residue of m2
+        (about n * (x * 2**-24)**2 for float32): then invstd is large, y is still bias, and
+        dx is large. Use eps > 0 where channels may be constant.
     relu : bool
         Fuse ``max(y, 0)`` into the same pass.
     residual : array_like, optional
