@@ -100,3 +100,41 @@ def test_batch_norm_results_have_torchs_strides(rank, training):
         xs = x.detach().requires_grad_()
         stock(xs).backward(dy)
         torch.testing.assert_close(xr.grad, xs.grad)
+
+
+def strided_views(rank, count, seed):
+    """Views of random layouts: dims permuted in memory, some sliced off their start or
+    stepped, sizes of 1 among them (whose strides torch reads by its own rules)."""
+    g = np.random.default_rng(seed)
+    for _ in range(count):
+        shape = [int(g.integers(1, 5)) for _ in range(rank)]
+        shape[1] = 3
+        pads = [int(g.integers(0, 2)) if d != 1 else 0 for d in range(rank)]
+        order = g.permutation(rank)
+        base = torch.randn([shape[d] + pads[d] for d in order], dtype=torch.float64)
+        x = base.permute([int(np.where(order == d)[0][0]) for d in range(rank)])
+        x = x[tuple(slice(p, None) for p in pads)]
+        if g.random() < 0.25 and x.shape[-1] > 2:
+            x = x[..., ::2]
+        yield x
+
+
+@pytest.mark.parametrize("rank", [3, 4, 5])
+def test_batch_norm_layout_is_torchs_for_any_strides(rank):
+    """Over random strided views, the accelerated batch norm's result has the strides of
+    torch's (found by review: the layout empty_like keeps is not the one torch suggests)."""
+    import pybn.torch
+
+    cls = {3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[rank]
+    compared = 0
+    for x in strided_views(rank, 150, seed=rank):
+        if x.numel() // x.shape[1] <= 1:
+            continue
+        for training in (True, False):
+            stock = cls(3, dtype=torch.float64).train(training)
+            fast = pybn.torch.accelerate(cls(3, dtype=torch.float64).train(training))
+            want, got = stock(x), fast(x)
+            assert got.stride() == want.stride(), (tuple(x.shape), x.stride(), got.stride(), want.stride())
+            torch.testing.assert_close(got, want)
+            compared += 1
+    assert compared > 100

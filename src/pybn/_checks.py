@@ -278,8 +278,8 @@ def flag(value: Any, name: str) -> bool:
 
 
 def real_number(value: Any, name: str, *, minimum: float | None = None) -> float:
-    """A finite real argument: a Python or NumPy number, or a 0-d array or tensor of one (as
-    torch's argument parser takes them; not a tensor needing gradients, which torch refuses)."""
+    """A finite real argument: a Python or NumPy number, or a 0-d array or tensor holding one
+    (not a tensor needing gradients, which torch's float arguments refuse too)."""
     if type(value) is float and math.isfinite(value) and (minimum is None or value >= minimum):
         return value
     if getattr(value, "ndim", None) == 0 and not isinstance(value, numbers.Number) \

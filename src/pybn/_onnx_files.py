@@ -466,8 +466,9 @@ class _Temporary:
         self.folder, self.name = folder, name
 
     def __enter__(self) -> _Temporary:
-        # (a prefix of the name: the whole of a 250-character name would pass NAME_MAX, 255)
-        fd, self.path = tempfile.mkstemp(prefix=f".{self.name[:200]}.", suffix=".tmp", dir=self.folder)
+        # (the name's first 200 bytes: a whole name of 250 bytes would pass NAME_MAX, 255 bytes)
+        prefix = os.fsdecode(os.fsencode(self.name)[:200])
+        fd, self.path = tempfile.mkstemp(prefix=f".{prefix}.", suffix=".tmp", dir=self.folder)
         os.close(fd)
         self.renamed = False
         return self

@@ -74,9 +74,24 @@ def batch_norm_last(x: Tensor) -> bool:
         return True
     if x.is_contiguous() or is_wrapped(x):
         return False
-    # copied anyway: where torch's suggest_memory_format says channels-last (a tensor with gaps
-    # whose strides are ordered so), which empty_like follows (on the meta device: no memory)
-    return channels_last_physical(torch.empty_like(x, device="meta"))
+    return _strides_read_as_channels_last(x)  # (a copy either way: into the layout torch gives)
+
+
+def _strides_read_as_channels_last(x: Tensor) -> bool:
+    """How torch reads a 4-D or 5-D tensor's strides as channels-last (its memory-format
+    suggestion, which its batch norm's result follows): walking C, then the spatial dims
+    from the last, then N, each stride is at least the extent of those walked before it;
+    an empty dim or a C stride of 0 is not, nor an N whose stride equals C's (a layout of
+    sizes 1 that torch reads as contiguous)."""
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:
+        return False
+    extent = 0
+    for d in (1, *range(x.dim() - 1, 1, -1), 0):
+        if sizes[d] == 0 or strides[d] < extent or (d == 0 and extent == strides[1]):
+            return False
+        extent = strides[d] * max(sizes[d], 1)
+    return True
 
 
 def pybn_takes(x: Tensor) -> bool:

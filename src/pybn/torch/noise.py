@@ -155,15 +155,23 @@ def _call(kernels: Regenerated, op: Any, x: Tensor, value: float, philox: Option
 
 # --------------------------------------------------------------------------- functions
 
+def _number(value: object, name: str) -> float:
+    # (an int or a float as they are: under torch.compile a symbolic float, which the range
+    # checks compare but math.isfinite, in real_number, would break the graph on)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return real_number(value, name)
+
+
 def _probability(value: object, name: str, upper_closed: bool) -> float:
-    v = real_number(value, name)
+    v = _number(value, name)
     if not (0.0 <= v <= 1.0 if upper_closed else 0.0 <= v < 1.0):  # NaN fails both
         raise ValueError(f"{name}: must be in [0, {'1]' if upper_closed else '1)'}, got {v}")
     return v
 
 
 def _stddev(value: object) -> float:
-    v = real_number(value, "stddev")
+    v = _number(value, "stddev")
     if not 0.0 <= v < math.inf:  # NaN fails (and a symbolic float under torch.compile compares)
         raise ValueError(f"stddev: must be finite and >= 0, got {v}")
     return v
@@ -173,7 +181,7 @@ def alpha_dropout(input: Tensor, p: float = 0.5, training: bool = False, inplace
                   philox: Optional[Tensor] = None) -> Tensor:
     """``torch.nn.functional.alpha_dropout`` with pybn's masks (``philox`` as for
     :func:`pybn.torch.ops.dropout`; None: a seed from torch's default CPU generator)."""
-    _probability(p, "p", True)
+    p = _probability(p, "p", True)
     if not training or p == 0.0:
         return input
     # p == 1 gives torch's zeros (there is no affine map to keep the moments)
@@ -183,7 +191,7 @@ def alpha_dropout(input: Tensor, p: float = 0.5, training: bool = False, inplace
 
 def gaussian_dropout(input: Tensor, rate: float, training: bool = True, *, philox: Optional[Tensor] = None) -> Tensor:
     """Keras' ``GaussianDropout(rate)``: ``input * N(1, rate / (1 - rate))`` in training mode."""
-    _probability(rate, "rate", False)
+    rate = _probability(rate, "rate", False)
     if not training or rate == 0.0:
         return input
     return _call(_gaussian_dropout(rate), _gaussian_dropout_op, input, rate, philox)

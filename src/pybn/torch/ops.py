@@ -42,7 +42,8 @@ strides without running anything, so ``torch.compile(fullgraph=True)`` and
 same kernels (and the same seed draw) as eager mode.
 
 Layouts: contiguous and channels-last tensors reach the kernels without a copy
-(:mod:`pybn.torch._layout`); results keep x's layout. float16 and bfloat16 CPU tensors go
+(:mod:`pybn.torch._layout`); results have torch's layout (dropout's keep x's; batch
+norm's are channels-last where torch's are, ``batch_norm_last``). float16 and bfloat16 CPU tensors go
 to the kernels without a copy too (bfloat16 when ml_dtypes is installed), with float32
 statistics and gradients of the parameters (docs/dtypes.md). Tensors pybn cannot take
 directly (other devices and dtypes) go to torch's own batch-norm kernels; dropout computes
