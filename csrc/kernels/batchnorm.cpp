@@ -475,6 +475,12 @@ double xhat_scale(double invstd) {
 template <class T>
 constexpr int kLargeCoefficientExponent = std::numeric_limits<T>::max_exponent - 5;
 
+constexpr double power_of_two(int e) {
+  double p = 1;
+  for (; e > 0; --e) p *= 2;
+  return p;
+}
+
 struct ScaledDeviation {
   double before, after;
   explicit ScaledDeviation(double s) : before(s > 1 ? 1.0 : s), after(s > 1 ? s : 1.0) {}
@@ -786,18 +792,22 @@ void backward_reduce(const BnGradInputs<S>& a, double* sum_g, double* sum_gxhat)
 
 // k_x = a * (invstd / sx) * b, whose excess past 2^kLargeCoefficientExponent moves into sx
 // (updated) by a power of two, as far as sx stays within T; computed from the factors'
-// exponents, since in float64 the product itself may overflow. Where nothing moves, the
-// same value as the plain product: scaling by powers of two commutes with rounding.
+// exponents there, since in float64 the product itself may overflow. The same value as the
+// plain product wherever that is finite: scaling by powers of two commutes with rounding.
 template <class T>
 double x_coefficient(double a, double invstd, double b, double& sx) {
   const double f[3] = {a, invstd / sx, b};
+  const double plain = f[0] * f[1] * f[2];
+  // the common case, without the libm calls below (a per-channel cost that showed in small
+  // arrays' backward); NaN goes on, and is returned below
+  if (std::abs(plain) < power_of_two(kLargeCoefficientExponent<T>)) return plain;
   if (!(std::isfinite(f[0]) && std::isfinite(f[1]) && std::isfinite(f[2])) || f[0] == 0 || f[1] == 0 || f[2] == 0)
-    return f[0] * f[1] * f[2];
+    return plain;
+  // (also where f[0] * f[1] overflowed though the product is in range: from the exponents)
   const int e[3] = {std::ilogb(f[0]), std::ilogb(f[1]), std::ilogb(f[2])};
   const int excess = e[0] + e[1] + e[2] - kLargeCoefficientExponent<T>;  // (the product is within 8x of 2^sum)
   const int room = std::numeric_limits<T>::max_exponent - 1 - std::ilogb(sx);
   const int moved = std::max(0, std::min(excess, room));
-  if (moved == 0) return f[0] * f[1] * f[2];
   sx = std::ldexp(sx, moved);
   const double mantissas = std::scalbn(f[0], -e[0]) * std::scalbn(f[1], -e[1]) * std::scalbn(f[2], -e[2]);
   return std::ldexp(mantissas, e[0] + e[1] + e[2] - moved);
