@@ -469,18 +469,7 @@ double xhat_scale(double invstd) {
 // mean) rounded once where nothing overflows; each overflows where the other does not. For
 // s < 1 (a channel spread across the range) x - mean may overflow and x * s does not; for
 // s > 1 (a tiny variance) x * s overflows for large x (a constant channel of 1e30 with eps
-// 1e-30 gave NaN or -inf for y = beta) while x - mean is small, and exact where it is tiny.
-// The exponent from which a per-channel coefficient moves its excess into s: 2^-4 of T's
-// largest power of two, so that its products with values near 1 stay in range.
-template <class T>
-constexpr int kLargeCoefficientExponent = std::numeric_limits<T>::max_exponent - 5;
-
-constexpr double power_of_two(int e) {
-  double p = 1;
-  for (; e > 0; --e) p *= 2;
-  return p;
-}
-
+// 1e-30) while x - mean is small, and exact where it is tiny.
 struct ScaledDeviation {
   double before, after;
   explicit ScaledDeviation(double s) : before(s > 1 ? 1.0 : s), after(s > 1 ? s : 1.0) {}
@@ -790,6 +779,17 @@ void backward_reduce(const BnGradInputs<S>& a, double* sum_g, double* sum_gxhat)
     backward_reduce_impl<S, T, false>(a, sum_g, sum_gxhat);
 }
 
+// The exponent from which a per-channel coefficient moves its excess into s: 2^-4 of T's
+// largest power of two, so that its products with values near 1 stay in range.
+template <class T>
+constexpr int kLargeCoefficientExponent = std::numeric_limits<T>::max_exponent - 5;
+
+constexpr double power_of_two(int e) {
+  double p = 1;
+  for (; e > 0; --e) p *= 2;
+  return p;
+}
+
 // k_x = a * (invstd / sx) * b, whose excess past 2^kLargeCoefficientExponent moves into sx
 // (updated) by a power of two, as far as sx stays within T; computed from the factors'
 // exponents there, since in float64 the product itself may overflow. The same value as the
@@ -824,7 +824,7 @@ constexpr i64 kDxRows = MeanTable<param_t<S>, T>::kCopy ? 7 : 6;
 // channel's scale is not 1, x - mean is taken as s * (x - mean) (ScaledDeviation) and k_x
 // divided by s (for the other channels s = 1: the same results to the bit). s is
 // xhat_scale(invstd), times the power of two that brings k_x into T's range where it is
-// not (a large dy: k_x = 3e40 for float32 where every dx was finite gave dx = +-inf).
+// not (a large dy: k_x past float32's range where every dx is within it).
 // With kResidual, the same pass writes g to dr, the gradient of a residual the forward
 // added before its ReLU; dr may be dy itself (each lane is read before it is written). Its
 // stores are ordinary ones: dr's alignment relative to dx's, which the loops align for
