@@ -601,3 +601,21 @@ def test_constant_float64_channels_past_the_squares_range(layout, isa):
         assert (s.mean == value).all() and (s.m2 == 0).all(), (value, s.mean[:2], s.m2[:2])
         res = pybn.batch_norm_train(x, eps=1e-5, axis=axis)
         assert (res.y == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["rows", "period"])
+def test_backward_coefficient_of_a_zero_sum_with_overflowing_factors(layout, isa, threads):
+    """float64, weight * invstd^2 past double's range and sum(g * xhat) exactly 0 (a constant
+    gradient over values symmetric about the mean): k_x is 0, where the plain product of its
+    factors, (w * invstd * invstd) * 0, was inf * 0 = NaN, and every dx NaN (review)."""
+    n = 16
+    values = np.where(np.arange(n) % 2 == 0, 1e-60, -1e-60)
+    rows = np.tile(values, (2, 1))  # (C=2, n), mean 0 exactly
+    x = rows.T.copy() if layout == "period" else rows[None]
+    axis = -1 if layout == "period" else 1
+    w = np.array([1e240, 1e240])
+    f = pybn.batch_norm_train(x, w, eps=1e-300, axis=axis)
+    dy = np.full(x.shape, 1e-300)
+    dx = pybn.batch_norm_backward(dy, x, f.mean, f.invstd, w, axis=axis).dx
+    # invstd * w * (g - mean(g) - xhat * 0): 0 up to the roundings of the coefficients
+    assert np.isfinite(dx).all() and np.abs(dx).max() < 1e-15

@@ -801,8 +801,9 @@ double x_coefficient(double a, double invstd, double b, double& sx) {
   // the common case, without the libm calls below (a per-channel cost that showed in small
   // arrays' backward); NaN goes on, and is returned below
   if (std::abs(plain) < power_of_two(kLargeCoefficientExponent<T>)) return plain;
-  if (!(std::isfinite(f[0]) && std::isfinite(f[1]) && std::isfinite(f[2])) || f[0] == 0 || f[1] == 0 || f[2] == 0)
-    return plain;
+  if (!(std::isfinite(f[0]) && std::isfinite(f[1]) && std::isfinite(f[2]))) return plain;
+  // exactly 0 (the plain product is NaN where f[0] * f[1] overflowed: inf * 0)
+  if (f[0] == 0 || f[1] == 0 || f[2] == 0) return 0.0;
   // (also where f[0] * f[1] overflowed though the product is in range: from the exponents)
   const int e[3] = {std::ilogb(f[0]), std::ilogb(f[1]), std::ilogb(f[2])};
   const int excess = e[0] + e[1] + e[2] - kLargeCoefficientExponent<T>;  // (the product is within 8x of 2^sum)
