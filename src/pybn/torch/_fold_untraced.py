@@ -13,7 +13,8 @@ a module whose output went to a second module's first argument and nowhere else 
   replaced by its traced graph without them (``nn.Identity`` when nothing is left).
 
 What adjacency the example call shows holds for the path that call took: a forward whose module
-calls depend on the input's values can pair modules differently for other inputs.
+calls depend on the input's values can pair modules differently for other inputs. Where a layer
+or batch norm did not run in the example call, other paths exist, and nothing is folded.
 """
 from __future__ import annotations
 
@@ -44,8 +45,15 @@ def fold_untraced(model: nn.Module, seen: Any, entries: list[Any], why: str) -> 
             else:  # the identity in eval mode, however it is called
                 setattr(parent, child_name, nn.Identity())
                 report.done("dropout", name)
+    not_run = [] if seen is None else _not_run(model, seen)
     if seen is None:
         default = f"{why}: pass example_inputs to fold the pairs the example call shows adjacent"
+    elif not_run:
+        # another input takes another path, on which a folded layer may meet another batch
+        # norm, or a folded batch norm another layer: no pair is known to hold for it
+        default = (f"{why}, and {', '.join(not_run[:3])} did not run in the example call: another "
+                   "input may take another path, on which the pairs it shows need not hold (nothing is folded; an "
+                   "example that runs every layer and batch norm folds the pairs it shows)")
     else:
         default = f"{why}: only the pairs the example call shows adjacent are folded then"
         _Pairs(model, seen, report).fold()
@@ -55,6 +63,13 @@ def fold_untraced(model: nn.Module, seen: Any, entries: list[Any], why: str) -> 
                                    default)
         elif _affine_module(m):
             report.batch_norm_left(name, None, default, "affine")
+
+
+def _not_run(model: nn.Module, seen: Any) -> list[str]:
+    """The layers and per-channel modules that the example call neither called nor read."""
+    return [name for name, m in model.named_modules()
+            if (mods.layer(m) is not None or isinstance(m, mods.BATCH_NORM_BASE) or _affine_module(m))
+            and not seen.calls.get(id(m)) and id(m) not in seen.read_outside]
 
 
 class _Pairs:
