@@ -473,6 +473,13 @@ double xhat_scale(double invstd) {
 struct ScaledDeviation {
   double before, after;
   explicit ScaledDeviation(double s) : before(s > 1 ? 1.0 : s), after(s > 1 ? s : 1.0) {}
+  // Channel c's entries of the three coefficient rows, for a channel of this mean.
+  template <class T>
+  void store(i64 c, double mean, T* before_row, T* shift_row, T* after_row) const {
+    before_row[c] = static_cast<T>(before);
+    shift_row[c] = static_cast<T>(-mean * before);
+    after_row[c] = static_cast<T>(after);
+  }
 };
 
 // The mean as a table of T, for the coefficient tables of the elementwise passes: the
@@ -543,10 +550,7 @@ struct Affine {
     const double s = s_invstd * s_weight;
     alpha[c] = static_cast<T>(weight * invstd);
     beta[c] = static_cast<T>(bias);
-    const ScaledDeviation d(s);
-    scale[c] = static_cast<T>(d.before);
-    shift[c] = static_cast<T>(-static_cast<double>(mean.set(c)) * d.before);
-    post[c] = static_cast<T>(d.after);
+    ScaledDeviation(s).store(c, static_cast<double>(mean.set(c)), scale, shift, post);
     scaled_alpha[c] = static_cast<T>((s_weight == 1 ? weight : weight / s_weight) * scaled_invstd);
   }
 
@@ -856,10 +860,7 @@ void backward_apply_impl(const BnGradInputs<S>& a, const param_t<S>* weight, boo
     k_dy[c] = static_cast<T>(scale);
     k_x[c] = static_cast<T>(kx);
     k_0[c] = static_cast<T>(training ? -scale * (s.sum_g[c] / n) : 0.0);
-    const ScaledDeviation d(sx);
-    scale_x[c] = static_cast<T>(d.before);
-    shift_x[c] = static_cast<T>(-static_cast<double>(mean.set(c)) * d.before);
-    post_x[c] = static_cast<T>(d.after);
+    ScaledDeviation(sx).store(c, static_cast<double>(mean.set(c)), scale_x, shift_x, post_x);
   }
   const S* dy = a.dy;
   const S* x = a.x;

@@ -277,17 +277,29 @@ def flag(value: Any, name: str) -> bool:
     return bool(value)
 
 
+def scalar_value(value: Any) -> Any:
+    """The number a 0-d array or tensor (or a NumPy scalar) holds, as torch's float arguments
+    take them (a momentum schedule's ``torch.linspace(0.1, 0.01, epochs)[epoch]``); anything
+    else as it is: a Python number, a symbolic float under torch.compile, a tensor needing
+    gradients (which torch refuses too) or one without a value (meta), for the checks to judge.
+    pybn.torch's modules hand their operators the number: under torch.compile a 0-d tensor is
+    a FakeTensor, which no float argument takes."""
+    if isinstance(value, (int, float)):  # (first: torch.compile traces no attribute query of a symbolic float)
+        return value
+    if getattr(value, "ndim", None) == 0 and not getattr(value, "requires_grad", False):
+        try:
+            return value.item()
+        except (RuntimeError, ValueError, TypeError):
+            return value
+    return value
+
+
 def real_number(value: Any, name: str, *, minimum: float | None = None) -> float:
     """A finite real argument: a Python or NumPy number, or a 0-d array or tensor holding one
-    (not a tensor needing gradients, which torch's float arguments refuse too)."""
+    (scalar_value)."""
     if type(value) is float and math.isfinite(value) and (minimum is None or value >= minimum):
         return value
-    if getattr(value, "ndim", None) == 0 and not isinstance(value, numbers.Number) \
-            and not getattr(value, "requires_grad", False):
-        try:
-            value = value.item()
-        except (RuntimeError, ValueError, TypeError):  # (a meta tensor has no value)
-            raise TypeError(f"{name}: must be a real number, got {type(value).__name__} without a value") from None
+    value = scalar_value(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: must be a real number, got {type(value).__name__}")
     v = float(value)

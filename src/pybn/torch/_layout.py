@@ -68,13 +68,11 @@ def batch_norm_last(x: Tensor) -> bool:
     once into the format). A 3-D (N, C, L) view of an (N, L, C) tensor is made contiguous once
     and normalized so, as torch's result is contiguous there (code after a BatchNorm1d may
     ``view`` it). Dropout keeps every layout."""
-    if x.dim() not in _LAST_FORMATS:
+    if x.dim() not in _LAST_FORMATS or x.is_contiguous():  # (the common case, asked first)
         return False
     if channels_last_physical(x):
         return True
-    if x.is_contiguous() or is_wrapped(x):
-        return False
-    return _strides_read_as_channels_last(x)  # (a copy either way: into the layout torch gives)
+    return not is_wrapped(x) and _strides_read_as_channels_last(x)  # (a copy either way: into the layout torch gives)
 
 
 def _strides_read_as_channels_last(x: Tensor) -> bool:

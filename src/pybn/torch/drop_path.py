@@ -10,9 +10,9 @@ from typing import List, Optional
 
 from torch import Tensor, nn
 
+from .._checks import scalar_value
 from . import ops as _ops
 from ._capture import leaf, prepare_scriptable
-from ._numbers import plain_number
 from .seeded import PinnedSeed, mask_counters, rank_and_world_size
 
 __all__ = ["stochastic_depth", "StochasticDepth", "DropPath"]
@@ -33,7 +33,7 @@ def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True, 
     """torchvision's ``stochastic_depth(input, p, mode, training)`` with pybn's masks;
     ``philox`` as in :func:`pybn.torch.ops.dropout` (None: a seed from torch's default
     CPU generator)."""
-    p = plain_number(p)
+    p = scalar_value(p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p: drop probability has to be between 0 and 1, got {p}")
     noise = _noise_shape(input, mode)

@@ -29,11 +29,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from .._checks import scalar_value
 from . import ops as _ops
 from . import residual as _residual
 from . import _transforms
 from ._capture import leaf, prepare_scriptable
-from ._numbers import plain_number
 from .seeded import PinnedSeed, mask_counters
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
@@ -149,13 +149,13 @@ class _BatchNormForward(_BatchNormBase):
         # nothing is updated; in training without running statistics nothing is updated either
         keep = not self.training or self.track_running_stats
         stats = (self.running_mean if keep else None, self.running_var if keep else None)
-        eps = plain_number(self.eps)
+        eps = scalar_value(self.eps)
         if residual is None and not relu:
             return batch_norm(input, *stats, self.weight, self.bias, batch_stats, momentum, eps)
         return batch_norm_add_relu(input, residual, *stats, self.weight, self.bias, batch_stats, momentum, eps, relu)
 
     def _momentum_for_this_call(self) -> float:
-        momentum = 0.0 if self.momentum is None else plain_number(self.momentum)
+        momentum = 0.0 if self.momentum is None else scalar_value(self.momentum)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # a cumulative moving average
@@ -287,7 +287,7 @@ class _DropoutForward(PinnedSeed, _DropoutBase):
             return self._torch_forward(input) if unbatched else input
         philox = None if self._seed is None else \
             self._take(stride=mask_counters(math.prod(noise) if noise is not None else input.numel()))
-        p = plain_number(self.p)
+        p = scalar_value(self.p)
         y = _ops.relu_dropout_call(input, p, philox) if relu else _ops.dropout_call(input, p, philox, noise)
         return input.copy_(y) if self.inplace and not relu else y
 
