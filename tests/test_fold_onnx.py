@@ -889,8 +889,8 @@ def torch_export(module, x):
     torch = pytest.importorskip("torch")
     f = io.BytesIO()
     with warnings.catch_warnings():
-        # dynamo=False is the TorchScript exporter (the dynamo one needs onnxscript, not a test
-        # dependency); torch 2.13 warns that it is deprecated.
+        # dynamo=False is the TorchScript exporter, whose output these tests were written
+        # against; torch 2.13 warns that it is deprecated.
         warnings.simplefilter("ignore", DeprecationWarning)
         # PRESERVE (of an eval-mode module) keeps the BatchNormalization nodes, in inference
         # mode: in EVAL mode the exporter folds Conv+BN itself. Constant folding is off, as the

@@ -15,10 +15,19 @@ pybn's kernels (Python functions over NumPy views). Its ``__prepare_scriptable__
 could hand it the stock module instead, but torch.jit.script writes what the hook returns
 into the parent module: the user's model itself would lose pybn's modules. So the hook
 raises a TypeError that says what to script instead (:func:`prepare_scriptable`).
+
+``torch.onnx.export`` (TorchScript's exporter and the dynamo one) records the operators a
+model calls, and ONNX has none of pybn's: ``pybn::batch_norm_infer`` failed the export of
+every accelerated model. While an ONNX export captures the call (:func:`exporting_onnx`),
+batch norm and unseeded dropout run torch's own functions, which export as ONNX's
+BatchNormalization and Dropout; what only pybn's masks compute (a pinned seed, the noise
+family, stochastic depth, DropBlock, in training mode) raises a TypeError naming the
+operator (:func:`refuse_onnx_export`).
 """
 import functools
 from typing import Any, Callable, TypeVar
 
+import torch
 from torch import fx, nn
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,3 +52,20 @@ def prepare_scriptable(module: nn.Module) -> nn.Module:
     raise TypeError(f"{type(module).__name__}: torch.jit.script cannot compile pybn.torch's modules (TorchScript "
                     f"cannot call pybn's kernels); script the model after pybn.torch.fold (inference), or the stock "
                     f"model, or capture this one with torch.jit.trace, torch.export or torch.compile")
+
+
+def exporting_onnx() -> bool:
+    """Whether ``torch.onnx.export`` is capturing this call. Asked on every batch-norm and
+    dropout call: torch's own question (about 1.3 us) only under a capture that ONNX export
+    uses (TorchScript's tracer, torch.export), about 0.1 us otherwise."""
+    if torch._C._get_tracing_state() is None and not torch.compiler.is_exporting():
+        return False
+    return bool(torch.onnx.is_in_onnx_export())
+
+
+def refuse_onnx_export(name: str) -> None:
+    """The TypeError for a pybn operator met by ``torch.onnx.export``: ONNX has no operator
+    drawing pybn's masks."""
+    raise TypeError(f"{name}: torch.onnx.export cannot export pybn's masks (no ONNX operator draws them); export "
+                    f"the model in evaluation mode (model.eval(), outside pybn.nn.mc_dropout), where dropout is "
+                    f"the identity, or without a pinned seed, where pybn.torch's Dropout exports as ONNX's Dropout")

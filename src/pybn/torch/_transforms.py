@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
+from ._capture import exporting_onnx, refuse_onnx_export
+
 # a custom operator (torch.library.custom_op's object) -> its Function for transforms and the
 # position of its optional [seed, offset] (None: it has none)
 _TRANSFORMABLE: Dict[Any, Tuple[Any, Optional[int]]] = {}
@@ -107,6 +109,8 @@ def operator(op: Any) -> Callable[..., Any]:
     draw (torch's error in mode "error", one seed for every sample in "same", one per
     sample in "different"); left to the operator, a call whose inputs are all unbatched
     would draw once below vmap whatever the mode."""
+    if exporting_onnx():
+        refuse_onnx_export(getattr(op, "_qualname", str(op)))
     if not active() and not dual_level():
         return op  # type: ignore[no-any-return]
     refuse_forward_mode()

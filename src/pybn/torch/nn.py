@@ -33,7 +33,7 @@ from .._checks import scalar_value
 from . import ops as _ops
 from . import residual as _residual
 from . import _transforms
-from ._capture import leaf, prepare_scriptable
+from ._capture import exporting_onnx, leaf, prepare_scriptable
 from .seeded import PinnedSeed, mask_counters
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
@@ -75,13 +75,21 @@ def _empty_batch(input: Tensor, training: bool) -> bool:
     return _guard_or_false(input.numel() == 0)
 
 
+def _torch_functions_run(input: Tensor, training: bool) -> bool:
+    """Whether batch norm runs torch's own functions (:func:`_torch_tail`): under a torch.func
+    transform or forward-mode AD, on an empty batch, and while torch.onnx.export captures the
+    call (ONNX has no pybn operators; torch's export as BatchNormalization)."""
+    return _transforms.active() or _transforms.dual_level() or _empty_batch(input, training) or exporting_onnx()
+
+
 def _torch_tail(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                 momentum: float, eps: float, relu: bool) -> Tensor:
     """relu(bn(input) + residual) in torch's functions: what batch norm runs under a
     torch.func transform, whose rules (running statistics under vmap, forward mode) are
-    torch's to keep (pybn/torch/_transforms.py), and on an empty input, where torch's
-    function returns an empty output and leaves the running statistics alone."""
+    torch's to keep (pybn/torch/_transforms.py), on an empty input, where torch's
+    function returns an empty output and leaves the running statistics alone, and in an
+    ONNX export."""
     y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y = y if residual is None else y + residual
     return torch.relu(y) if relu else y
@@ -92,7 +100,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.batch_norm`` on pybn's kernels (same arguments, same result)."""
     _check_arguments(input, running_mean, running_var, training, eps)
-    if _transforms.active() or _transforms.dual_level() or _empty_batch(input, training):
+    if _torch_functions_run(input, training):
         return _torch_tail(input, None, running_mean, running_var, weight, bias, training, momentum, eps, False)
     if training:
         y: Tensor = _ops.batch_norm_train_call(input, weight, bias, running_mean, running_var, momentum, eps)[0]
@@ -108,7 +116,7 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     the relu for ``relu=False``; without the add for ``residual=None``). Arguments as
     :func:`batch_norm`'s; autograd gives the gradients of input, weight, bias and residual."""
     _check_arguments(input, running_mean, running_var, training, eps)
-    if _transforms.active() or _transforms.dual_level() or _empty_batch(input, training):
+    if _torch_functions_run(input, training):
         return _torch_tail(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     y: Tensor = _residual.batch_norm_add_relu_call(input, residual, weight, bias, running_mean, running_var,
                                                    training, momentum, eps, relu)[0]
@@ -252,6 +260,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     :func:`pybn.torch.ops.dropout` (None: a seed from torch's default CPU generator)."""
     if not training or p == 0.0:  # (torch's: the input itself, nothing drawn)
         return input
+    if philox is None and noise_shape is None and exporting_onnx():  # (ONNX's Dropout; the rest refused)
+        return F.dropout(input, p, True, inplace)
     y = _ops.dropout_call(input, p, philox, noise_shape)
     return input.copy_(y) if inplace else y
 
@@ -273,10 +283,13 @@ class _DropoutForward(PinnedSeed, _DropoutBase):
         """The dropout of `input`, or with ``relu=True`` of ``relu(input)``: for an element-wise
         mask on a CPU tensor one fused pass (``pybn::relu_dropout``), whose backward needs the
         output only (:func:`pybn.torch.fuse_tails` rewrites ``dropout(relu(x))`` into it)."""
-        if relu and (not self.training or self.p == 0.0 or input.device.type != "cpu" or self._spatial is not None):
+        if relu and (not self.training or self.p == 0.0 or input.device.type != "cpu" or self._spatial is not None
+                     or exporting_onnx()):
             return self.forward(torch.relu(input))
         if not self.training:
             return input
+        if self._seed is None and exporting_onnx():  # (ONNX's Dropout; a pinned stream is refused by _take)
+            return self._torch_forward(input)
         noise = self._noise_shape(input)
         if input.device.type != "cpu" or noise is False:
             return self._torch_forward(input)

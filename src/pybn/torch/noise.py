@@ -18,6 +18,7 @@ import math
 from typing import Any, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import pybn
@@ -25,7 +26,7 @@ from .._checks import real_number
 
 from . import _regenerated
 from ._eager import direct_call
-from ._capture import leaf, prepare_scriptable
+from ._capture import exporting_onnx, leaf, prepare_scriptable
 from ._transforms import operator, register_autograd
 from ._layout import channels_last_physical, empty, in_layout, no_real_from_meta, pybn_takes
 from ._regenerated import Kernel, Regenerated
@@ -184,6 +185,8 @@ def alpha_dropout(input: Tensor, p: float = 0.5, training: bool = False, inplace
     p = _probability(p, "p", True)
     if not training or p == 0.0:
         return input
+    if philox is None and exporting_onnx():  # (torch's function, for torch's exporter to export or refuse)
+        return F.alpha_dropout(input, p, True, inplace)
     # p == 1 gives torch's zeros (there is no affine map to keep the moments)
     y = input * input.new_zeros(()) if p == 1.0 else _call(_alpha(p), _alpha_dropout_op, input, p, philox)
     return input.copy_(y) if inplace else y

@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._capture import exporting_onnx, refuse_onnx_export
+
 U64 = 1 << 64
 _TAKING = threading.Lock()  # held while a call reads and advances its module's offset
 
@@ -182,6 +184,8 @@ class PinnedSeed:
         """This call's ``[seed, offset + skip]`` (int64; int64 sums wrap as the uint64 counters
         do), the offset advanced by `stride` in the same step: calls from other threads never
         read the same offset (torch's generator is locked the same way)."""
+        if exporting_onnx():  # (refused before the offset moves)
+            refuse_onnx_export(f"{type(self).__name__}(seed=...)")
         offset_t = self._offset_tensor()
         assert self._seed_t is not None and offset_t is not None
         if _rebind():  # (compiling: one graph's calls run in order, and dynamo traces no lock)
