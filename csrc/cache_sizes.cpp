@@ -10,6 +10,7 @@
 #include <string>
 
 #include "pybn/kernels.h"
+#include "pybn/printable.h"
 
 namespace pybn {
 namespace {
@@ -88,7 +89,7 @@ std::int64_t env_bytes(const char* name, std::int64_t lo, std::int64_t hi) {
   if (value == nullptr || *value == '\0') return 0;
   const std::int64_t v = parse_size(value);
   if (v < lo || v > hi)
-    throw std::runtime_error(std::string(name) + "=" + value + ": must be a size from " + std::to_string(lo >> 10) +
+    throw std::runtime_error(std::string(name) + "=" + printable(value) + ": must be a size from " + std::to_string(lo >> 10) +
                              "K to " + std::to_string(hi >> 20) + "M (bytes, or with K, M or G)");
   return v;
 }

@@ -13,6 +13,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "pybn/printable.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #define PYBN_CPU_SUPPORTS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature))
 #elif defined(__aarch64__)
@@ -69,7 +71,7 @@ std::string all_names() {
 const Isa* by_name(const std::string& name) {
   for (const Isa& isa : kIsas)
     if (name == isa.name) return isa.can_run() ? &isa : nullptr;
-  throw std::runtime_error("'" + name + "' is not one of " + all_names());
+  throw std::runtime_error("'" + printable(name) + "' is not one of " + all_names());
 }
 
 const Isa* best() {
@@ -86,7 +88,7 @@ const Isa* choose() {
     if (isa == nullptr) throw std::runtime_error(std::string("this CPU supports only up to ") + best()->name);
     return isa;
   } catch (const std::runtime_error& e) {
-    throw std::runtime_error(std::string("PYBN_ISA=") + forced + ": " + e.what());
+    throw std::runtime_error("PYBN_ISA=" + printable(forced) + ": " + e.what());
   }
 }
 

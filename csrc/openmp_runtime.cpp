@@ -18,6 +18,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "pybn/printable.h"
+
 namespace pybn {
 namespace {
 
@@ -35,7 +37,7 @@ Threading parse_threading() {
       throw std::runtime_error(std::string("PYBN_THREADING=openmp: libgomp.so.1 could not be loaded: ") + dlerror());
     return Threading::openmp;
   }
-  throw std::runtime_error(std::string("PYBN_THREADING=") + value + ": must be own, openmp or auto");
+  throw std::runtime_error("PYBN_THREADING=" + printable(value) + ": must be own, openmp or auto");
 }
 
 bool is_libgomp(const char* path) {

@@ -962,3 +962,86 @@ class BatchNormByKeyword(nn.Module):
 def test_batch_norm_called_by_keyword_is_reported_as_such():
     _, report = check_fold(randomize_batch_norms(BatchNormByKeyword()), torch.randn(2, 3, 6, 6))
     assert report == [NotFolded("batch norm", ("bn",), "it is not called with its input alone")]
+
+
+# --- pybn.torch's own modules and their extra arguments --------------------------------------
+
+from pybn.torch import nn as pnn  # noqa: E402
+
+
+class ReluDropoutMLP(nn.Module):
+    """fc2(dropout(relu(fc1(x)))) through pybn's fused call, by keyword or by position; with
+    `branch`, a forward torch.fx cannot trace."""
+
+    def __init__(self, positional=False, branch=False):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(8, 16), pnn.Dropout(0.3), nn.Linear(16, 2)
+        self.positional, self.branch = positional, branch
+
+    def forward(self, x):
+        if self.branch and x.sum() < -1e9:
+            return x
+        h = self.fc1(x)
+        return self.fc2(self.drop(h, True) if self.positional else self.drop(h, relu=True))
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_dropout_called_with_relu_folds_to_relu(positional):
+    """A traced dropout(x, relu=True) is relu(x) in eval mode: it was removed with its relu
+    (outputs off by 0.76)."""
+    folded, report = check_fold(ReluDropoutMLP(positional), torch.randn(5, 8))
+    assert report == [Folded("dropout", ("drop",))]
+    assert not any(type(m).__module__.startswith("pybn") for m in folded.modules())
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_untraced_dropout_called_with_relu_is_left(example):
+    """On the path for models torch.fx cannot trace, nn.Identity stood in for it and the
+    folded model raised TypeError (unexpected keyword argument 'relu')."""
+    x = torch.randn(5, 8)
+    folded, report = check_fold(ReluDropoutMLP(branch=True), x, example_inputs=x if example else None)
+    assert type(folded.drop) is pnn.Dropout
+    left = [e for e in report if e.kind == "dropout"]
+    assert len(left) == 1 and isinstance(left[0], NotFolded) and "relu" in left[0].reason
+
+
+class UntraceableBlockTail(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), pnn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() < -1e9:
+            return x
+        return self.bn(self.conv(x), residual=x, relu=True)
+
+
+def test_untraced_block_tail_is_not_folded():
+    """bn(conv(x), residual=x, relu=True): the conv+bn fold replaced bn by nn.Identity, which
+    then raised TypeError (unexpected keyword argument 'residual')."""
+    folded, report = check_fold(randomize_batch_norms(UntraceableBlockTail()), torch.randn(2, 4, 6, 6))
+    assert type(folded.bn) is pnn.BatchNorm2d
+    assert report == [NotFolded("batch norm", ("bn",), "it is not called with its input alone")]
+
+
+@pytest.mark.parametrize("noise", [lambda: pnn.DropPath(0.1), lambda: pnn.StochasticDepth(0.1, "batch"),
+                                   lambda: pnn.DropBlock2d(0.1, 3), lambda: pnn.GaussianNoise(0.1),
+                                   lambda: pnn.GaussianDropout(0.1)],
+                         ids=["DropPath", "StochasticDepth", "DropBlock2d", "GaussianNoise", "GaussianDropout"])
+@pytest.mark.parametrize("traceable", [True, False])
+def test_pybn_noise_modules_are_removed_as_dropout(noise, traceable):
+    """pybn's stochastic depth, DropBlock and Gaussian modules are the identity in eval mode:
+    they stayed in the folded model, unreported, and kept conv -> bn apart."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.noise, self.bn = nn.Conv2d(3, 4, 3), noise(), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if not traceable and x.sum() < -1e9:
+                return x
+            return self.bn(self.noise(self.conv(x)))
+
+    folded, report = check_fold(randomize_batch_norms(Net()), torch.randn(2, 3, 8, 8))
+    assert report == [Folded("dropout", ("noise",)), Folded("conv+bn", ("conv", "bn"))]
+    assert not any(type(m).__module__.startswith("pybn") for m in folded.modules())

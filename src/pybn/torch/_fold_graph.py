@@ -270,7 +270,7 @@ def remove_graph_dropout(gm: fx.GraphModule, report: Report) -> None:
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(modules[node.target], mods.DROPOUTS):
-            problem = mods.dropout_problem(modules[node.target])
+            problem = mods.dropout_problem(modules[node.target]) or _dropout_call_problem(node, modules[node.target])
             kind, name = "dropout", str(node.target)
         elif node.op == "call_function" and _functional_dropout(node):
             problem = _functional_dropout_problem(node)
@@ -283,9 +283,33 @@ def remove_graph_dropout(gm: fx.GraphModule, report: Report) -> None:
         if problem:
             report.left(kind, name, problem)
             continue
-        node.replace_all_uses_with(source)
+        if _relu_asked(node):  # pybn's dropout(x, relu=True): relu(x) in eval mode
+            with gm.graph.inserting_after(node):
+                relu = gm.graph.call_function(torch.relu, (source,))
+            node.replace_all_uses_with(relu)
+        else:
+            node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
         report.done(kind, name)
+
+
+def _relu_asked(node: fx.Node) -> bool:
+    """Whether a dropout module's call passes relu=True (a literal; see _dropout_call_problem)."""
+    return bool(node.args[1] if len(node.args) > 1 else node.kwargs.get("relu", False))
+
+
+def _dropout_call_problem(node: fx.Node, module: nn.Module) -> str | None:
+    """Why a dropout module's call is not its input (or relu of it) in eval mode: arguments
+    besides the input other than pybn's literal relu=True/False."""
+    extra = dict(node.kwargs)
+    extra.pop("input", None)
+    if len(node.args) > 1:
+        extra["relu"] = node.args[1]
+    if len(node.args) > 2 or set(extra) - {"relu"}:
+        return "it is called with more arguments than its input"
+    if extra and (not mods.takes_relu(module) or not isinstance(extra["relu"], bool)):
+        return "its relu argument is computed in forward, not a literal True or False"
+    return None
 
 
 def _functional_dropout(node: fx.Node) -> bool:

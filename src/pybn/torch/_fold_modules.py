@@ -11,6 +11,7 @@ and bias only as those of one call of the layer's function, whose result it retu
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -20,12 +21,15 @@ from torch.nn.utils import parametrize
 
 from .._checks import float32_rounded_to_odd
 from ..fold import batch_norm_fold_problem
+from . import nn as pnn
 
 CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 CONV_TRANSPOSES: dict[type[nn.Module], int] = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
 BATCH_NORMS: dict[type[nn.Module], int] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 BATCH_NORM_BASE = nn.modules.batchnorm._BatchNorm  # every batch norm class, for the report
-DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# the identity in eval mode: torch's dropout classes, and pybn's that are no drop-in for one
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+            pnn.StochasticDepth, pnn.DropBlock2d, pnn.GaussianNoise, pnn.GaussianDropout)
 LAYER_CLASSES: tuple[type[nn.Module], ...] = (nn.Linear, *CONVS, *CONV_TRANSPOSES)
 HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
@@ -298,3 +302,9 @@ def rank_problem(accepts: str | None, ranks: set[int] | None, expected: int) -> 
 
 def dropout_problem(module: nn.Module) -> str | None:
     return plain_problem(module, DROPOUTS)
+
+
+def takes_relu(module: nn.Module) -> bool:
+    """Whether the dropout module's forward also takes ``relu`` (pybn.torch's Dropout*: with
+    relu=True it is relu(x) in eval mode, not the identity)."""
+    return "relu" in inspect.signature(type(module).forward).parameters

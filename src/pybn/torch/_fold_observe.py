@@ -14,7 +14,9 @@ torch function called on a tensor. It shows, keyed by the ids of the model's own
   in eval mode do, are seen through). Tensors are told apart by identity; every tensor the call
   makes is kept alive until it ends, so that no id is reused;
 * which modules had a parameter or buffer of their own read outside their own calls (by the
-  model's forward, another module or a hook): folding would change what that read sees.
+  model's forward, another module or a hook): folding would change what that read sees;
+* which modules were called with more than their first argument (pybn's ``bn(x, residual,
+  relu=True)``, ``dropout(x, relu=True)``): ``nn.Identity`` cannot stand in for them.
 
 The call gets copies of the example inputs, and the arguments forward got are kept as copies
 taken before it ran: the caller's tensors are never written, and a forward that changes its
@@ -41,6 +43,7 @@ class Seen(NamedTuple):
     read_outside: dict[int, str]  # id(module) -> the name of its own tensor read outside its calls
     forward_args: Any = None  # the arguments the model's forward got (after its pre-hooks); None: keywords too
     output: Any = None  # what the model's forward returned (before its forward hooks)
+    extra_args: frozenset[int] = frozenset()  # id(module) called with more than its first argument
 
 
 def fresh(value: Any) -> Any:
@@ -66,7 +69,8 @@ def observe(model: nn.Module, example_inputs: Any) -> Seen:
     return Seen({ids[k]: v for k, v in seen.calls.items()},
                 {ids[k]: v for k, v in seen.layer_calls.items()},
                 {ids[k]: (ids[b], rank) for k, (b, rank) in seen.feeds.items()},
-                {ids[k]: v for k, v in seen.read_outside.items()}, recorder.forward_args, recorder.output)
+                {ids[k]: v for k, v in seen.read_outside.items()}, recorder.forward_args, recorder.output,
+                frozenset(ids[k] for k in recorder.extra_args))
 
 
 # Torch functions that read a tensor's metadata, not its values: they do not count as uses.
@@ -119,6 +123,7 @@ class _Recorder(TorchFunctionMode):
         self.forward_args: Any = None
         self.output: Any = None
         self.arguments: dict[int, list[tuple[torch.Tensor, _Use, int]]] = {}  # active call -> its arguments
+        self.extra_args: set[int] = set()  # id(module) called with more than its first argument
 
     def _use(self, value: Any, call: int | None, position: int) -> list[tuple[torch.Tensor, _Use, int]]:
         """Record a use of every tensor in `value`: [(tensor, use, its version then)]."""
@@ -152,6 +157,8 @@ class _Recorder(TorchFunctionMode):
         self.in_hook = True
         index = len(self.calls)
         self.calls.append(_Call(module, tuple(self.stack), args[0] if args else None))
+        if len(args) > 1 or kwargs:
+            self.extra_args.add(id(module))
         found = []
         for k, a in enumerate(args):
             found += self._use(a, index, k)

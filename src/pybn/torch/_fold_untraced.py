@@ -39,7 +39,7 @@ def fold_untraced(model: nn.Module, seen: Any, entries: list[Any], why: str) -> 
             if not isinstance(child, mods.DROPOUTS):
                 continue
             name = join(parent_name, child_name)
-            problem = mods.dropout_problem(child)
+            problem = mods.dropout_problem(child) or _relu_problem(child, seen)
             if problem:
                 report.left("dropout", name, problem)
             else:  # the identity in eval mode, however it is called
@@ -59,10 +59,29 @@ def fold_untraced(model: nn.Module, seen: Any, entries: list[Any], why: str) -> 
         _Pairs(model, seen, report).fold()
     for name, m in model.named_modules():
         if isinstance(m, mods.BATCH_NORM_BASE):
-            report.batch_norm_left(name, mods.bn_problem(m, seen) if mods.is_batch_norm_module(m) else None,
-                                   default)
+            report.batch_norm_left(name, _bn_problem(m, seen) if mods.is_batch_norm_module(m) else None, default)
         elif _affine_module(m):
             report.batch_norm_left(name, None, default, "affine")
+
+
+def _bn_problem(bn: nn.Module, seen: Any) -> str | None:
+    """mods.bn_problem, and a call with more than the input (a block tail, bn(x, residual,
+    relu=True)), for which nn.Identity cannot stand in (fx's path sees the call itself)."""
+    if seen is not None and id(bn) in seen.extra_args:
+        return "it is not called with its input alone"
+    return mods.bn_problem(bn, seen)
+
+
+def _relu_problem(dropout: nn.Module, seen: Any) -> str | None:
+    """Why nn.Identity cannot stand in for this dropout module: pybn's dropout called with
+    relu=True is relu(x) in eval mode, and a call with more arguments would fail on nn.Identity."""
+    if seen is not None:
+        return "it was called with more than its input (relu=True: relu(x) in eval mode), left to compute it" \
+            if id(dropout) in seen.extra_args else None
+    if mods.takes_relu(dropout):
+        return "it takes relu=..., and without example_inputs whether a call passes it is unknown: left to " \
+            "compute it (pass example_inputs to remove it)"
+    return None
 
 
 def _not_run(model: nn.Module, seen: Any) -> list[str]:
@@ -125,7 +144,7 @@ class _Pairs:
         bn_name, layer_name = self._name(bn), self._name(layer_module)
         layer = self._layer(layer_module)
         step = Step([], None, bn_name, bn=mods.bn_arrays(bn), accepts=mods.several_ranks(bn), module=bn)
-        problem = mods.bn_problem(bn, self.seen) or self._common_problem(layer_module, bn) or \
+        problem = _bn_problem(bn, self.seen) or self._common_problem(layer_module, bn) or \
             (before_problem(layer) if before else None)
         got = problem or folded_for(layer, [step], Ranks.known(rank), before=before)
         if isinstance(got, str):
