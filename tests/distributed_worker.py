@@ -276,6 +276,25 @@ def pickled_collectives(layer, rank: int, counter) -> list:
     return np.subtract(counter.snapshot(), before).tolist()
 
 
+def explicit_comm(comm_kind: str, comm):
+    if comm_kind == "torch":
+        import torch.distributed as dist
+
+        return dist.group.WORLD
+    return comm
+
+
+def copy_error(layer) -> str:
+    """The error of a deep copy of `layer` (built with an explicit communicator)."""
+    import copy
+
+    try:
+        copy.deepcopy(layer)
+    except Exception as e:  # noqa: BLE001 - recorded for the parent to check
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
 def run(comm_kind: str, comm, world: int, rank: int, out_dir: str, comm_null=None) -> None:
     from pybn.distributed import SyncBatchNorm
 
@@ -289,8 +308,9 @@ def run(comm_kind: str, comm, world: int, rank: int, out_dir: str, comm_null=Non
         layer = SyncBatchNorm(cfg["num_features"], comm=layer_comm, **layer_kwargs(cfg))
         results["configs"][name] = train(layer, name, world, rank, counter)
     results["errors"] = error_cases(lambda c: SyncBatchNorm(c, comm=comm), world, rank)
-    if comm_kind == "torch":  # (an mpi4py communicator cannot be pickled)
+    if comm_kind == "torch":  # (the default group: comm=None)
         results["pickled"] = pickled_collectives(SyncBatchNorm(3, comm=comm), rank, counter)
+    results["copy_with_comm"] = copy_error(SyncBatchNorm(3, comm=explicit_comm(comm_kind, comm)))
     if comm_null is not None:
         try:
             SyncBatchNorm(3, comm=comm_null)

@@ -845,3 +845,47 @@ def test_an_interrupted_training_call_counts_the_batch_if_it_updated_the_statist
     assert layer.num_batches_tracked == (2 if when == "as the kernel returns" else 1)
     assert np.array_equal(layer.running_mean, replay.running_mean)
     assert np.array_equal(layer.running_var, replay.running_var)
+
+
+NOISE_LAYERS = {
+    "Dropout": lambda: nn.Dropout(0.3, seed=5),
+    "DropPath": lambda: nn.DropPath(0.3, seed=5),
+    "DropPath-batch": lambda: nn.DropPath(0.3, "batch", seed=5),
+    "DropBlock2d": lambda: nn.DropBlock2d(0.3, 3, seed=5),
+    "AlphaDropout": lambda: nn.AlphaDropout(0.3, seed=5),
+    "GaussianDropout": lambda: nn.GaussianDropout(0.3, seed=5),
+    "GaussianNoise": lambda: nn.GaussianNoise(0.3, seed=5),
+}
+
+
+@pytest.mark.parametrize("name", NOISE_LAYERS)
+@pytest.mark.parametrize("offset", [np.int64(16), np.uint64(2**64 - 3)], ids=["int64", "uint64"])
+def test_numpy_integer_seed_and_offset_as_ints(name, offset):
+    """A seed or offset restored from a NumPy checkpoint (np.load(...)["offset"][()]): the
+    forward computed the mask, then raised OverflowError advancing the offset (uint64 + int
+    is float64, or out of C long), naming nothing."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 6, 6)).astype(np.float32)
+    layer, plain = NOISE_LAYERS[name](), NOISE_LAYERS[name]()
+    layer.seed, layer.offset = np.uint64(5), offset
+    plain.offset = int(offset)
+    assert type(layer.seed) is int and type(layer.offset) is int
+    np.testing.assert_array_equal(layer(x), plain(x))
+    assert type(layer.offset) is int and layer.offset == plain.offset != int(offset)
+    np.testing.assert_array_equal(layer.backward(x), plain.backward(x))
+
+
+@pytest.mark.parametrize("name", NOISE_LAYERS)
+def test_bad_seed_and_offset_are_refused_when_set(name):
+    layer = NOISE_LAYERS[name]()
+    assert_raises_naming(TypeError, "offset", setattr, layer, "offset", 1.5)
+    assert_raises_naming(ValueError, "offset", setattr, layer, "offset", -1)
+    assert_raises_naming(ValueError, "seed", setattr, layer, "seed", 2**64)
+    assert layer.seed == 5 and layer.offset == 0  # (unchanged)
+
+
+def test_torch_modules_take_numpy_integer_seeds_and_offsets():
+    from pybn.torch import nn as pnn
+
+    module = pnn.Dropout(0.5, seed=np.int64(3))
+    module.offset = np.uint64(2**64 - 1)
+    assert module.seed == 3 and module.offset == 2**64 - 1

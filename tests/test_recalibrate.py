@@ -132,6 +132,34 @@ def test_a_failed_pass_changes_nothing():
     assert not layer.training and "forward" not in vars(layer)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_forward_the_user_set_on_the_layer_is_kept(fails):
+    """A wrapper assigned to layer.forward (logging, a hook) ran during the pass and was gone
+    after it: recalibration removed the instance's forward instead of putting it back."""
+    layer = pybn.nn.BatchNorm(C, dtype="float64")
+    seen = []
+    inner = layer.forward
+
+    def logged(x, *args, **kwargs):
+        seen.append(x.shape)
+        if fails and len(seen) == 2:
+            raise KeyError("the data loader broke")
+        return inner(x, *args, **kwargs)
+    layer.forward = logged
+    batches = shifted_batches([4, 6, 5])
+    if fails:
+        with pytest.raises(KeyError):
+            pybn.recalibrate(layer, batches)
+    else:
+        pybn.recalibrate(layer, batches)
+        mean, var, n = union_stats(batches)
+        np.testing.assert_allclose(layer.running_var, var, rtol=1e-11)
+    assert vars(layer)["forward"] is logged
+    calls = len(seen)
+    layer(batches[0])
+    assert len(seen) == calls + 1
+
+
 def test_too_few_values_is_a_value_error_and_changes_nothing():
     layer = pybn.nn.BatchNorm(C, dtype="float64")
     before = layer.state_dict()
@@ -245,12 +273,14 @@ def test_two_gloo_processes_get_the_statistics_of_all_batches_identically(tmp_pa
     everything = [b for r in range(world) for b in rw.rank_batches(r)]
     mean, var, _ = union_stats(everything)
     batches = sum(len(rw.rank_batches(r)) for r in range(world))
-    for key, n_batches in (("sync", batches), ("local", batches - 2), ("torch", batches - 2)):
+    # num_batches_tracked: a synchronized layer's batches are steps of both ranks (as its
+    # training counts them); a plain layer merged by comm= counts every rank's batches
+    for key, n_batches in (("sync", len(rw.rank_batches(0))), ("local", batches - 2), ("torch", batches - 2)):
         for res in ranks:
             got_mean, got_var, got_batches = res[key]
             np.testing.assert_allclose(got_mean, mean, rtol=1e-14)
             np.testing.assert_allclose(got_var, var, rtol=1e-11)
-            assert got_batches == n_batches
+            assert got_batches == n_batches, key
         for a, b in zip(ranks[0][key][:2], ranks[1][key][:2]):   # the same bits on every rank
             np.testing.assert_array_equal(a, b)
     # a pass failing on one rank (two layers, each merged over the group): every rank raises,

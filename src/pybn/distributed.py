@@ -16,9 +16,9 @@ workers' slices (in rank order), for unequal and empty slices alike:
   (:func:`pybn.batch_norm_merge_stats`, exact for any counts, no ``E[x^2] - E[x]^2``
   cancellation), normalizes its slice and updates its running statistics with the merged
   ones, so the running statistics stay identical on every worker;
-- backward: one all-reduce (sum) of ``[sum(dy), sum(dy * xhat), failed]`` (2C+1 float64)
-  gives the whole batch's sums, hence dx, and ``grad_bias`` / ``grad_weight`` of the whole
-  batch, identical on every worker.
+- backward: one all-reduce (sum) of ``[sum(dy), sum(dy * xhat)]`` (2C float64; a failure
+  travels in the control row below) gives the whole batch's sums, hence dx, and
+  ``grad_bias`` / ``grad_weight`` of the whole batch, identical on every worker.
 
 Evaluation mode uses the running statistics and communicates nothing.
 
@@ -250,6 +250,11 @@ class SyncBatchNorm(BatchNorm):
     def __getstate__(self) -> dict[str, Any]:
         # a copy (pickled, deep-copied) is another layer, whose count starts again: a worker
         # that calls it where the others call the original is out of step
+        if type(self._comm_arg).__module__.split(".")[0] in ("torch", "mpi4py"):
+            # (their own errors, "cannot pickle 'ProcessGroup' object", named nothing of the layer's)
+            raise TypeError(f"comm: a SyncBatchNorm built with a communicator ({type(self._comm_arg).__name__}) "
+                            "cannot be pickled or deep-copied, a communicator being a live connection to the other "
+                            "workers; copy its state_dict() into a new layer instead")
         state = self.__dict__.copy()
         state["_forwards"] = 0
         state["_sync"] = None

@@ -49,9 +49,10 @@ def recalibrate(model: Any, batches: Iterable[Any], *, forward: Callable[[Any], 
     batch's statistics, as ``torch.optim.swa_utils.update_bn`` runs them), every other
     layer keeps its mode; afterwards each layer gets back its mode, and
     ``running_mean`` = the mean, ``running_var`` = the unbiased variance
-    (``m2 / (count - 1)``, as torch's), ``num_batches_tracked`` = the number of batches,
-    all of the union of the batches. If anything fails, every layer's state is left as it
-    was.
+    (``m2 / (count - 1)``, as torch's), both of the union of the batches, and
+    ``num_batches_tracked`` = the number of batches (over processes: of every process for a
+    layer merged by `comm`, of each process for a synchronized layer, as training counts).
+    If anything fails, every layer's state is left as it was.
 
     Parameters
     ----------
@@ -86,6 +87,9 @@ def recalibrate(model: Any, batches: Iterable[Any], *, forward: Callable[[Any], 
     return _recalibrate(targets, batches, run, comm)
 
 
+_NONE = object()  # (no attribute)
+
+
 class _PybnTarget:
     """One pybn.nn.BatchNorm under recalibration: collects the stats of its inputs."""
 
@@ -95,9 +99,11 @@ class _PybnTarget:
         self.acc = _Accumulator(self.channels)
         self.saved = (layer.training, layer.running_mean.copy(), layer.running_var.copy(),  # type: ignore[union-attr]
                       layer.num_batches_tracked)
+        self.own_forward: Any = _NONE  # a forward set on the instance (a user's wrapper), put back by stop()
 
     def start(self) -> None:
         layer, original = self.layer, self.layer.forward
+        self.own_forward = layer.__dict__.get("forward", _NONE)
 
         def collecting(x: Any, *args: Any, **kwargs: Any) -> np.ndarray:
             # training mode: checks x, normalizes with the batch's statistics (a residual too)
@@ -110,7 +116,10 @@ class _PybnTarget:
         layer.train()
 
     def stop(self) -> None:
-        self.layer.__dict__.pop("forward", None)
+        if self.own_forward is _NONE:
+            self.layer.__dict__.pop("forward", None)
+        else:
+            self.layer.__dict__["forward"] = self.own_forward
         self.layer.train(self.saved[0])
 
     def restore(self) -> None:
@@ -340,7 +349,10 @@ def _name(target: Any) -> str:
 
 def _merged(target: Any, comm: Any) -> tuple[BatchNormStats, int]:
     """The target's statistics merged over the processes of `comm` (all of them merge the
-    same rows in rank order, so all get the same bits; _agree made the rows one size)."""
+    same rows in rank order, so all get the same bits; _agree made the rows one size), and
+    its num_batches_tracked: the batches of every process for a layer merged by `comm=`,
+    whose training counts its own process's batches; this process's for a synchronized
+    layer, each of whose batches was one batch of all processes (as its training counts)."""
     local, c = target.acc.stats, target.channels
     if comm is None:
         return local, target.acc.batches
@@ -350,7 +362,8 @@ def _merged(target: Any, comm: Any) -> tuple[BatchNormStats, int]:
     rows = comm.allgather(row)
     counts = [round(float(v)) for v in rows[:, 0]]  # exact: counts are integers below 2**53
     merged = batch_norm_merge_stats(counts, rows[:, 2:c + 2], rows[:, c + 2:])
-    return merged, round(float(rows[:, 1].sum()))
+    synchronized = target.own_comm() is not None
+    return merged, target.acc.batches if synchronized else round(float(rows[:, 1].sum()))
 
 
 def _check_count(target: Any, stats: BatchNormStats) -> None:

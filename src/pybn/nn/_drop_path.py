@@ -8,9 +8,9 @@ import numpy as np
 from .._checks import float_array
 from ..drop_path import drop_path, drop_path_noise_shape
 from ..dropout import counters_used
-from ._layer import _DropProbability, _U64, _check_dy, _Layer, _rank_and_world_size, _seed_or_entropy
+from ._layer import _PhiloxStream, _DropProbability, _U64, _check_dy, _Layer, _rank_and_world_size, _seed_or_entropy
 
-class DropPath(_DropProbability, _Layer):
+class DropPath(_DropProbability, _PhiloxStream, _Layer):
     """Stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath``) with a
     reproducible counter-based mask (docs/dropout.md, "Stochastic depth").
 

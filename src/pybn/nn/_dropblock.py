@@ -9,9 +9,9 @@ import numpy as np
 from .._checks import flag, float_array, integer, real_number
 from ..dropblock import drop_block, drop_block_noise_shape, noise_shape_of
 from ..dropout import counters_used
-from ._layer import _DropProbability, _U64, _check_dy, _Layer, _rank_and_world_size, _seed_or_entropy
+from ._layer import _PhiloxStream, _DropProbability, _U64, _check_dy, _Layer, _rank_and_world_size, _seed_or_entropy
 
-class DropBlock2d(_DropProbability, _Layer):
+class DropBlock2d(_DropProbability, _PhiloxStream, _Layer):
     """DropBlock (timm's ``DropBlock2d``) with a reproducible counter-based mask
     (docs/dropout.md, "DropBlock").
 

@@ -8,9 +8,9 @@ import numpy as np
 
 from .._checks import flag, float_array, integer
 from ..dropout import counters_used, dropout, relu_dropout_backward, relu_of
-from ._layer import _DropProbability, _U64, _check_dy, _Layer, _seed_or_entropy
+from ._layer import _PhiloxStream, _DropProbability, _U64, _check_dy, _Layer, _seed_or_entropy
 
-class Dropout(_DropProbability, _Layer):
+class Dropout(_DropProbability, _PhiloxStream, _Layer):
     """Inverted dropout with a reproducible counter-based mask (PyTorch's ``nn.Dropout``).
 
     In training mode each element is dropped with probability `p` and the kept ones are

@@ -72,6 +72,31 @@ class _DropProbability:
         self._p = _probability(value)
 
 
+class _Counter:
+    """A dropout layer's ``seed`` or ``offset``: an int in [0, 2**64), checked when set. A
+    NumPy integer restored from a checkpoint becomes an int (np.uint64 made the offset's
+    advance raise OverflowError after the mask was computed). Kept in the instance's
+    ``__dict__`` under its own name, where pickles of earlier layers have it."""
+
+    name: str
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        return self if obj is None else obj.__dict__[self.name]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = _counter_arg(value, self.name)
+
+
+class _PhiloxStream:
+    """The ``seed`` and ``offset`` of the dropout layers' masks (see :class:`_Counter`)."""
+
+    seed: int = _Counter()  # type: ignore[assignment]  # (a descriptor giving ints)
+    offset: int = _Counter()  # type: ignore[assignment]
+
+
 def _check_dy(dy: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """dy must match the last forward's input exactly; say so in the layer's own terms."""
     array = float_array(dy, "dy")

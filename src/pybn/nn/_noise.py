@@ -9,9 +9,9 @@ from .._checks import float_array, real_number
 from ..dropout import counters_used
 from ..noise import (alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_dropout_stddev, gaussian_noise,
                      normal_counters_used)
-from ._layer import _DropProbability, _U64, _check_dy, _Layer, _seed_or_entropy
+from ._layer import _PhiloxStream, _DropProbability, _U64, _check_dy, _Layer, _seed_or_entropy
 
-class _NoiseLayer(_Layer):
+class _NoiseLayer(_PhiloxStream, _Layer):
     """What AlphaDropout, GaussianDropout and GaussianNoise share with :class:`Dropout`:
     ``seed`` and ``offset`` (advanced after every training call by the counters the call
     used), the identity in evaluation mode, and a backward that regenerates the forward's

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..dropout import _counter_arg
 from ._capture import exporting_onnx, refuse_onnx_export
 
 U64 = 1 << 64
@@ -31,14 +32,6 @@ def _new_lock_in_child() -> None:  # (a fork while another thread held it would 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lock_in_child)
-
-
-def u64(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
-    if not 0 <= value < U64:
-        raise ValueError(f"{name}: must be in [0, 2**64), got {value}")
-    return value
 
 
 def as_int64(value: int) -> int:
@@ -141,7 +134,7 @@ class PinnedSeed:
 
     @seed.setter
     def seed(self, seed: Optional[int]) -> None:
-        self._seed = None if seed is None else u64(seed, "seed")
+        self._seed = None if seed is None else _counter_arg(seed, "seed")
         self._seed_t = None if self._seed is None else _counter_tensor(self._seed)
         if seed is None:
             self._set_offset_tensor(None)
@@ -158,7 +151,7 @@ class PinnedSeed:
     def offset(self, offset: int) -> None:
         if self._seed is None:
             raise ValueError("offset: only a module built with seed=... (or given .seed) has an offset")
-        self._set_offset(u64(offset, "offset"))
+        self._set_offset(_counter_arg(offset, "offset"))
 
     def _set_offset(self, value: int) -> None:
         offset_t = self._offset_tensor()
