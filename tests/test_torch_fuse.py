@@ -416,3 +416,60 @@ def test_fold_after_fuse_tails_folds_as_after_accelerate():
                                                                                         report_fused)]
     assert kinds[0] == kinds[1] == ["conv+bn"] * 20
     torch.testing.assert_close(folded(x), stock(x), rtol=1e-4, atol=1e-4)
+
+
+class BlockAndHead(nn.Module):
+    """A block tail and a dropout(relu(x)) head: both kinds of fused call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)) + x)
+        return self.drop(torch.relu(self.fc(y.mean((2, 3)))))
+
+
+def fused_calls(gm):
+    return [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"
+            and n.target in (pybn.torch.fuse.block_tail, pybn.torch.fuse.relu_dropout_tail)]
+
+
+def test_a_pickled_fused_model_stays_fused():
+    """torch.fx rebuilds an unpickled GraphModule by tracing its code, and the tails unfused
+    themselves under that tracer: torch.save / torch.load (or a spawned process) silently
+    lost the fusion."""
+    import io
+
+    torch.manual_seed(0)
+    fused = fuse_tails(BlockAndHead())
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert fused_calls(loaded) == fused_calls(fused) == ["block_tail", "relu_dropout_tail"]
+    x = torch.randn(3, 4, 5, 5)
+    _assert_same_steps(copy.deepcopy(fused), loaded, x, TOL[torch.float32])
+    # another tracer (pybn.torch.fold's) still sees the tails unfused and folds the conv + bn
+    _, report = pybn.torch.fold(loaded, example_inputs=x, return_report=True)
+    assert [r.kind for r in report if isinstance(r, pybn.torch.Folded)] == ["dropout", "conv+bn"]
+
+
+def test_revert_writes_the_fused_tails_back_as_separate_calls():
+    """revert() of a fuse_tails model swapped torch's modules in under the fused calls, and
+    the first forward raised TypeError (unexpected keyword argument 'relu')."""
+    torch.manual_seed(0)
+    stock = BlockAndHead()
+    reverted, report = pybn.torch.revert(fuse_tails(copy.deepcopy(stock)), return_report=True)
+    assert [s.after for s in report] == ["torch.nn.BatchNorm2d", "torch.nn.Dropout"]
+    assert fused_calls(reverted) == []
+    assert all(type(m).__module__.startswith("torch") for m in reverted.modules())
+    x = torch.randn(3, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(reverted.eval()(x), stock.eval()(x), rtol=0, atol=0)
+    reverted.train()
+    torch.manual_seed(1)
+    y = reverted(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(y, stock.train()(x), rtol=0, atol=0)

@@ -89,7 +89,10 @@ def revert(model: nn.Module, *, return_report: bool = False) -> Union[nn.Module,
     does, for tools that match torch's exact classes (``torch.ao.quantization``'s
     ``fuse_modules``, ``prepare``, ``prepare_qat_fx``; ``torch.fx``'s ``fuse``). A pinned seed
     goes with its offset (torch's module draws from torch's generator). pybn's modules without
-    a torch counterpart (DropPath, GaussianNoise, DropBlock2d...) are left as they are.
+    a torch counterpart (DropPath, GaussianNoise, DropBlock2d...) are left as they are. The
+    tails :func:`fuse_tails` fused (calls with ``residual=`` / ``relu=``, which torch's
+    modules do not take) are first written back as separate calls; a forward of the user's
+    own that passes them fails on torch's modules.
 
     Parameters
     ----------
@@ -97,6 +100,10 @@ def revert(model: nn.Module, *, return_report: bool = False) -> Union[nn.Module,
     return_report : bool
         Also return the list of :class:`Swapped`.
     """
+    from .fuse import unfuse_tails  # (fuse imports this module)
+
+    if isinstance(model, nn.Module) and unfuse_tails(model):
+        logger.info("pybn.torch.revert: the fused tails are separate calls again")
     return _swap(model, lambda m: REVERTED.get(type(m)), None, return_report, "revert")
 
 

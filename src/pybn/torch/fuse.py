@@ -46,12 +46,28 @@ class Fused(NamedTuple):
     """What became one call: "relu(bn(x))", "bn(x) + r", "relu(bn(x) + r)" or "dropout(relu(x))"."""
 
 
+class FusedTracer(fx.Tracer):
+    """The tracer a fused model records as its own (``GraphModule._tracer_cls``): torch.fx
+    rebuilds an unpickled GraphModule (``torch.save`` / ``torch.load``, a spawned process)
+    by tracing its code with it, which then keeps the fused calls. Other tracers (pybn.torch.fold's)
+    see the tails unfused: the folds look for a batch norm called with its input alone."""
+
+
+def _kept(function: Callable[..., Tensor], x: Tensor | fx.Proxy, *args: Any) -> fx.Proxy | None:
+    """The call `function(*args)` recorded whole, when `x` is a proxy of a FusedTracer."""
+    if isinstance(x, fx.Proxy) and isinstance(x.tracer, FusedTracer):
+        return x.tracer.create_proxy("call_function", function, args, {})
+    return None
+
+
 def block_tail(bn: nn.Module, x: Tensor | fx.Proxy, residual: Tensor | None, relu: bool) -> Tensor:
     """``relu(bn(x) + residual)`` (without the add for ``residual=None``, without the ReLU for
     ``relu=False``): one fused call of `bn` when the residual has x's shape, dtype and device,
     else what the unfused operations compute (a residual that broadcasts, say)."""
-    # (unfused when torch.fx traces the fused model, as pybn.torch.fold does: the folds look
-    # for a batch norm called with its input alone)
+    kept = _kept(block_tail, x, bn, x, residual, relu)
+    if kept is not None:
+        return kept  # type: ignore[return-value]  # (a proxy, in a graph being rebuilt)
+    # (unfused when another tracer traces the fused model, as pybn.torch.fold's does)
     if not isinstance(x, fx.Proxy) and (residual is None or (
             isinstance(residual, Tensor) and residual.shape == x.shape and residual.dtype == x.dtype
             and residual.device == x.device)):
@@ -63,7 +79,10 @@ def block_tail(bn: nn.Module, x: Tensor | fx.Proxy, residual: Tensor | None, rel
 
 def relu_dropout_tail(dropout: nn.Module, x: Tensor | fx.Proxy) -> Tensor:
     """``dropout(relu(x))``: one call of pybn's dropout module with the ReLU fused."""
-    if isinstance(x, fx.Proxy):  # (unfused when torch.fx traces the fused model, as for block_tail)
+    kept = _kept(relu_dropout_tail, x, dropout, x)
+    if kept is not None:
+        return kept  # type: ignore[return-value]
+    if isinstance(x, fx.Proxy):  # (unfused when another tracer traces the fused model, as for block_tail)
         y: Tensor = dropout(x.relu())
         return y
     y = dropout(x, relu=True)
@@ -113,6 +132,38 @@ def fuse_tails(model: nn.Module, *, return_report: bool = False) -> nn.Module | 
     for fused in report:
         logger.info("pybn.torch.fuse_tails: %s: %s", fused.name, fused.tail)
     return (gm, report) if return_report else gm
+
+
+def unfuse_tails(model: nn.Module) -> int:
+    """Every fused tail in the GraphModules of `model` (made by :func:`fuse_tails`) written
+    back as separate calls, in place: torch's modules, which :func:`revert` swaps in, take no
+    ``residual=`` or ``relu=``. Returns how many."""
+    count = 0
+    for gm in model.modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in (block_tail, relu_dropout_tail):
+                continue
+            module, x, *rest = node.args
+            assert isinstance(module, fx.Node) and module.op == "get_attr"  # (as _rewrite wrote it)
+            with graph.inserting_before(node):
+                if node.target is block_tail:
+                    residual, relu = rest
+                    y = graph.call_module(str(module.target), (x,))
+                    y = y if residual is None else graph.call_function(operator.add, (y, residual))
+                    y = graph.call_function(torch.relu, (y,)) if relu else y
+                else:
+                    y = graph.call_module(str(module.target), (graph.call_function(torch.relu, (x,)),))
+            node.replace_all_uses_with(y)
+            graph.erase_node(node)
+            if not module.users:
+                graph.erase_node(module)
+            count += 1
+        graph.lint()
+        gm.recompile()
+    return count
 
 
 def _traced(model: nn.Module) -> Tuple[fx.GraphModule | None, str]:
@@ -175,6 +226,7 @@ def _rewrite(gm: fx.GraphModule) -> List[Fused]:
         gm.graph.erase_node(node)
         report.append(Fused(str(dropout.target), "dropout(relu(x))"))
     gm.graph.lint()
+    gm.graph._tracer_cls = gm._tracer_cls = FusedTracer  # (what rebuilds it when unpickled)
     gm.recompile()
     return report
 
