@@ -51,3 +51,18 @@ def test_returns_false_without_glibc(monkeypatch):
 
     monkeypatch.setattr(allocator, "_glibc", lambda: None)
     assert pybn.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("library", ["libjemalloc.so.2", "libtcmalloc_minimal.so.4"])
+def test_returns_false_with_another_allocator_preloaded(library):
+    """With jemalloc or tcmalloc in LD_PRELOAD, glibc's mallopt tunes an allocator nobody
+    uses (tcmalloc's own accepts and ignores it): True said the settings took."""
+    import os
+
+    found = [os.path.join(d, library) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+                                                 "/usr/lib64", "/usr/lib") if os.path.exists(os.path.join(d, library))]
+    if not found:
+        pytest.skip(f"{library} is not installed (Debian: libjemalloc2, libgoogle-perftools4)")
+    proc = run_child("import pybn; print(pybn.keep_freed_memory())", env={"LD_PRELOAD": found[0]})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

@@ -336,6 +336,19 @@ def test_output_name_of_250_bytes(rng, tmp_path, fold_here, external, name):
     assert leftovers(tmp_path) == []
 
 
+def test_input_named_with_bytes_that_are_not_utf8(rng, tmp_path, fold_here):
+    """A file name with a Latin-1 byte (an old archive's): Python gives it as surrogate escapes,
+    which onnx's checker refused, so a valid model was "not a valid ONNX model"."""
+    model, feeds = conv_bn(rng)
+    name = os.fsdecode(b"mod\xe9le.onnx")
+    onnx.save(model, os.path.join(str(tmp_path), name))
+    r = fold_here(tmp_path, name, "out.onnx")
+    assert r.returncode == 0, r.stderr
+    assert_folds(tmp_path / "out.onnx", feeds, model)
+    (tmp_path / name).write_bytes(b"not a model")
+    assert_one_line_failure(fold_here(tmp_path, name, "out.onnx"), "is not a valid ONNX model")
+
+
 def test_output_symlink_to_the_input_replaces_the_input(rng, tmp_path, fold_here):
     """A symbolic link at OUT is followed: its target (here IN itself) gets the folded model."""
     model, feeds = conv_bn(rng)

@@ -406,6 +406,15 @@ def test_two_threads_on_one_cpu_are_not_pathologically_slow(tmp_path):
     assert ratios[1] < 5, f"2-thread / 1-thread call time on one CPU, per round: {ratios}"
 
 
+@pytest.mark.parametrize("command", [["pybn", "info"], ["pybn", "bench", "--help"], ["pybn", "fold", "--help"],
+                                     ["pybn.bench.fold_models", "--help"]], ids=lambda c: " ".join(c))
+def test_command_lines_run_without_docstrings(command, tmp_path):
+    """python -OO strips docstrings: a command whose help was its module's docstring split
+    into paragraphs raised AttributeError ('NoneType' object has no attribute 'split')."""
+    r = run_python(["-OO", "-m", *command], tmp_path)
+    assert r.returncode == 0 and r.stdout, r.stderr
+
+
 def test_cli_info(tmp_path):
     r = run_python(["-m", "pybn", "info"], tmp_path, PYBN_ISA="scalar",
                    OMP_NUM_THREADS="1")

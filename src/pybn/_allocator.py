@@ -21,12 +21,20 @@ _TRIM_THRESHOLD = 2**31 - 1   # the most an int holds: 2 GiB kept free at the to
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The process's C library when it is glibc (it exports gnu_get_libc_version), else None."""
+    """The process's C library when it is glibc (it exports gnu_get_libc_version) and its
+    malloc is the one the process calls, else None: with jemalloc or tcmalloc preloaded
+    (LD_PRELOAD), glibc's mallopt would tune an allocator nobody uses (tcmalloc's own
+    mallopt accepts and ignores the settings)."""
     try:
         libc = ctypes.CDLL(None)
-    except OSError:  # (no dynamic C library to ask)
+        own = ctypes.CDLL("libc.so.6")
+    except OSError:  # (no dynamic C library to ask, or not glibc's)
         return None
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return None
+    address = ctypes.c_void_p
+    if any(ctypes.cast(getattr(libc, f), address).value != ctypes.cast(getattr(own, f), address).value
+           for f in ("malloc", "mallopt")):
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
@@ -46,8 +54,8 @@ def keep_freed_memory() -> bool:
     Returns
     -------
     bool
-        True when glibc took the settings; False elsewhere (another C library: musl, macOS),
-        where nothing changes.
+        True when glibc took the settings; False elsewhere (another C library: musl, macOS;
+        another allocator preloaded: jemalloc, tcmalloc), where nothing changes.
     """
     libc = _glibc()
     if libc is None:

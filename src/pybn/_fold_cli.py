@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _error(msg: str) -> None:
     lines = [line.strip() for line in str(msg).splitlines() if line.strip()]
-    print(f"pybn fold: error: {lines[0] if lines else 'unknown error'}", file=sys.stderr)
+    line = f"pybn fold: error: {lines[0] if lines else 'unknown error'}"
+    # (a file name that is not UTF-8 holds surrogate escapes, which a strict stream refuses)
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
 def _reason(e: BaseException) -> str:
@@ -155,6 +157,16 @@ def _reason_of_model(e: ValueError) -> str:
     return text[len("model: "):] if text.startswith("model: ") else text
 
 
+def _utf8(path: str) -> bool:
+    """Whether `path` is UTF-8 text: a file name of other bytes (a Latin-1 \xe9) comes to Python
+    as surrogate escapes, which onnx's checker refused as "incompatible function arguments"."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _load(path: str) -> Any:
     """The model at `path`, checked by path (so external data of any size is checked in
     place), without its external data (read later, as needed)."""
@@ -170,7 +182,8 @@ def _load(path: str) -> Any:
         raise _Failure(f"{path} is not a valid ONNX model: {st.st_size} bytes, more than the 2 GiB a protobuf "
                        "file can hold (larger models keep their weights in external data files)")
     try:
-        onnx.checker.check_model(path)  # an arbitrary file often parses as some protobuf message
+        if _utf8(path):  # (onnx's checker takes a path as UTF-8 text; the fold checks the model again)
+            onnx.checker.check_model(path)  # an arbitrary file often parses as some protobuf message
         return onnx.load(path, load_external_data=False)
     except OSError as e:
         raise _Failure(f"cannot read {path}: {_reason(e)}") from None

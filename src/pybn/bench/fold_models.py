@@ -345,7 +345,8 @@ def render(rows: list[dict[str, Any]], timing: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    p = argparse.ArgumentParser(prog="python -m pybn.bench.fold_models", description=__doc__.split("\n\n")[0])
+    summary = (__doc__ or "").split("\n\n")[0]  # (python -OO strips docstrings)
+    p = argparse.ArgumentParser(prog="python -m pybn.bench.fold_models", description=summary)
     p.add_argument("--models", nargs="*", help="only the models whose name contains one of these")
     p.add_argument("--time", action="store_true", help="also measure inference time, folded and unfolded")
     p.add_argument("--threads", type=int, default=2, help="threads for torch and onnxruntime (default 2)")
