@@ -49,19 +49,33 @@ inline void cpu_relax() {
 #endif
 }
 
-// The CPU this thread runs on (-1 where unknown): on x86-64 a vDSO read, no system call.
+// The CPU this thread runs on (-1 where unknown): with glibc on x86-64 a read, no system call.
 inline int current_cpu() { return sched_getcpu(); }
 
-// Whether `other`, a CPU another thread published, is this thread's (unknown is not).
-inline bool on_this_cpu(int other) { return other >= 0 && other == current_cpu(); }
+// The CPU each thread of the pool last ran on, plus one (0: not known): index 0 the caller
+// of the current job, t worker t; and that job's team. Written once per job and wait, read
+// by spinning threads: a stale value costs a yield, or a spin, never a result.
+std::atomic<int> g_cpus[kMaxThreads];
+std::atomic<int> g_team{1};
 
-// Spins until done() or kSpin has passed; returns done(). When the thread it waits for last
-// ran on this thread's CPU (shares_cpu(), asked every 64 polls, about a microsecond), it
-// yields that CPU: the two share it (an affinity mask or CPU quota narrower than the team,
-// another process busy on the other core), and without the yield each 2-thread call took
-// both sides' whole spins, about 210 us, where one thread took 6 us. Only then: yielding
-// on every poll also changed how the scheduler placed two threads with a CPU each (the
-// first thousands of calls shared one).
+void publish_cpu(int index) { g_cpus[index].store(current_cpu() + 1, std::memory_order_relaxed); }
+
+// Whether another thread of a team of `team` last ran on this thread's CPU.
+bool another_on_this_cpu(int self, int team) {
+  const int mine = current_cpu() + 1;
+  if (mine <= 0) return false;
+  for (int t = 0; t < team; ++t)
+    if (t != self && g_cpus[t].load(std::memory_order_relaxed) == mine) return true;
+  return false;
+}
+
+// Spins until done() or kSpin has passed; returns done(). When another thread of the team
+// last ran on this thread's CPU (shares_cpu(), asked every 64 polls, about a microsecond),
+// it yields that CPU: the two share it (an affinity mask narrower than the team, another
+// process busy on the other core), and without the yield each 2-thread call took both
+// sides' whole spins, about 210 us, where one thread took 6 us. Only then: yielding on
+// every poll also changed how the scheduler placed two threads with a CPU each (the first
+// thousands of calls shared one).
 template <class Done, class SharesCpu>
 bool spin_until(Done done, SharesCpu shares_cpu) {
   const auto deadline = std::chrono::steady_clock::now() + kSpin;
@@ -80,11 +94,10 @@ bool spin_until(Done done, SharesCpu shares_cpu) {
 // each side writes its own flag then reads the other's (all seq_cst), so either the
 // waiter sees the new value or the changer sees the waiter asleep.
 std::uint32_t wait_for_change(std::atomic<std::uint32_t>& word, std::uint32_t seen,
-                              std::atomic<std::uint32_t>& sleeping, std::atomic<int>& own_cpu,
-                              const std::atomic<int>& peer_cpu) {
-  own_cpu.store(current_cpu(), std::memory_order_relaxed);
+                              std::atomic<std::uint32_t>& sleeping, int index) {
+  publish_cpu(index);
   if (spin_until([&] { return word.load(std::memory_order_acquire) != seen; },
-                 [&] { return on_this_cpu(peer_cpu.load(std::memory_order_relaxed)); }))
+                 [index] { return another_on_this_cpu(index, g_team.load(std::memory_order_relaxed)); }))
     return word.load(std::memory_order_acquire);
   for (;;) {
     sleeping.store(1);
@@ -120,9 +133,9 @@ struct Job {
 struct alignas(64) Worker {
   std::atomic<std::uint32_t> epoch{0};     // bumped by the caller to hand this worker a slice
   std::atomic<std::uint32_t> sleeping{0};  // 1 while the worker sleeps (or is about to) on epoch
-  std::atomic<int> cpu{-1};                // the CPU the worker waited on last
   Job* job = nullptr;                      // written before epoch is bumped
   int slice = 0;
+  int index = 0;                           // its place in the pool, 1 .. kMaxThreads - 1
 };
 
 // Workers are thread indices 1 .. kMaxThreads - 1 (0 is the caller).
@@ -132,7 +145,6 @@ std::atomic<int> g_create_limit{kMaxThreads};  // lowered when pthread_create fa
 std::atomic<bool> g_busy{false};          // a job is on the pool
 std::atomic<std::uint32_t> g_remaining{0};      // worker slices of the current job not yet done
 std::atomic<std::uint32_t> g_caller_sleeping{0};
-std::atomic<int> g_caller_cpu{-1};        // the CPU the current job's caller handed it out on
 
 void report_done() {
   if (g_remaining.fetch_sub(1) == 1 && g_caller_sleeping.load()) futex_wake_one(g_remaining);
@@ -142,7 +154,8 @@ void* worker_main(void* arg) {
   Worker& w = *static_cast<Worker*>(arg);
   std::uint32_t seen = 0;  // the creator zeroed epoch before starting this thread
   for (;;) {
-    seen = wait_for_change(w.epoch, seen, w.sleeping, w.cpu, g_caller_cpu);
+    seen = wait_for_change(w.epoch, seen, w.sleeping, w.index);
+    publish_cpu(w.index);  // (it may have slept, and woken on another CPU)
     w.job->run(w.slice);
     report_done();  // the last access to the job
   }
@@ -155,6 +168,8 @@ bool start_worker(int index) {
   Worker& w = g_workers[index];
   w.epoch.store(0, std::memory_order_relaxed);
   w.sleeping.store(0, std::memory_order_relaxed);
+  w.index = index;
+  g_cpus[index].store(0, std::memory_order_relaxed);
   sigset_t all, previous;
   sigfillset(&all);
   for (int fault : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS}) sigdelset(&all, fault);
@@ -198,7 +213,8 @@ int grow_to(int team) {
 }
 
 void hand_out(Job& job) {
-  g_caller_cpu.store(current_cpu(), std::memory_order_relaxed);
+  g_team.store(job.team, std::memory_order_relaxed);
+  publish_cpu(0);
   g_remaining.store(static_cast<std::uint32_t>(job.team - 1), std::memory_order_relaxed);
   for (int t = 1; t < job.team; ++t) {
     Worker& w = g_workers[t];
@@ -209,17 +225,10 @@ void hand_out(Job& job) {
   }
 }
 
-// Whether a worker of a team of `team` last waited on this thread's CPU.
-bool a_worker_shares_cpu(int team) {
-  for (int t = 1; t < team; ++t)
-    if (on_this_cpu(g_workers[t].cpu.load(std::memory_order_relaxed))) return true;
-  return false;
-}
-
 void wait_for_workers(int team) {
   std::uint32_t left = g_remaining.load(std::memory_order_acquire);
   if (left == 0 || spin_until([] { return g_remaining.load(std::memory_order_acquire) == 0; },
-                              [team] { return a_worker_shares_cpu(team); }))
+                              [team] { return another_on_this_cpu(0, team); }))
     return;
   for (;;) {
     g_caller_sleeping.store(1);

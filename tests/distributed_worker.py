@@ -277,11 +277,12 @@ def pickled_collectives(layer, rank: int, counter) -> list:
 
 
 def explicit_comm(comm_kind: str, comm):
+    """A communicator that cannot be pickled: torch's default group, a duplicate of COMM_WORLD."""
     if comm_kind == "torch":
         import torch.distributed as dist
 
         return dist.group.WORLD
-    return comm
+    return comm.Dup()
 
 
 def copy_error(layer) -> str:
@@ -311,6 +312,8 @@ def run(comm_kind: str, comm, world: int, rank: int, out_dir: str, comm_null=Non
     if comm_kind == "torch":  # (the default group: comm=None)
         results["pickled"] = pickled_collectives(SyncBatchNorm(3, comm=comm), rank, counter)
     results["copy_with_comm"] = copy_error(SyncBatchNorm(3, comm=explicit_comm(comm_kind, comm)))
+    if comm_kind == "mpi":  # COMM_WORLD pickles by name (mpi4py >= 4): a layer on it copies
+        results["copy_on_comm_world"] = copy_error(SyncBatchNorm(3, comm=comm))
     if comm_null is not None:
         try:
             SyncBatchNorm(3, comm=comm_null)

@@ -62,7 +62,7 @@ def test_returns_false_with_another_allocator_preloaded(library):
     found = [os.path.join(d, library) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
                                                  "/usr/lib64", "/usr/lib") if os.path.exists(os.path.join(d, library))]
     if not found:
-        pytest.skip(f"{library} is not installed (Debian: libjemalloc2, libgoogle-perftools4)")
+        pytest.skip(f"{library} is not installed (Debian: libjemalloc2, libtcmalloc-minimal4)")
     proc = run_child("import pybn; print(pybn.keep_freed_memory())", env={"LD_PRELOAD": found[0]})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"

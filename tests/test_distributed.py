@@ -276,7 +276,7 @@ def test_a_control_exchange_then_one_collective_per_training_forward_and_backwar
 
 def test_a_pickled_copy_starts_its_count_of_forwards_again(run):
     if "pickled" not in run[0]:
-        pytest.skip("an mpi4py communicator cannot be pickled (the test above)")
+        pytest.skip("run with torch's default group only")
     for res in run:
         assert res["pickled"] == [2, 0]  # the control row's all-gather, then the statistics'
 
@@ -285,8 +285,13 @@ def test_a_copy_of_a_layer_with_a_communicator_is_a_type_error_naming_comm(run):
     """A process group or an mpi4py communicator cannot be pickled: the transport's own error
     ("cannot pickle 'ProcessGroup' object") named nothing of the layer's."""
     for res in run:
-        assert res["copy_with_comm"].startswith("TypeError: comm: a SyncBatchNorm built with a communicator ("), \
+        assert res["copy_with_comm"].startswith("TypeError: comm: a SyncBatchNorm built with this communicator ("), \
             res["copy_with_comm"]
+        if "copy_on_comm_world" in res:
+            import mpi4py
+
+            if int(mpi4py.__version__.split(".")[0]) >= 4:
+                assert res["copy_on_comm_world"] == "no error"
 
 
 def test_too_few_values_over_all_workers_raise_on_every_worker(run):

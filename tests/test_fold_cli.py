@@ -346,7 +346,22 @@ def test_input_named_with_bytes_that_are_not_utf8(rng, tmp_path, fold_here):
     assert r.returncode == 0, r.stderr
     assert_folds(tmp_path / "out.onnx", feeds, model)
     (tmp_path / name).write_bytes(b"not a model")
-    assert_one_line_failure(fold_here(tmp_path, name, "out.onnx"), "is not a valid ONNX model")
+    assert_one_line_failure(fold_here(tmp_path, name, "out.onnx"), "mod\\xe9le.onnx is not a valid ONNX model")
+
+
+def test_output_named_with_bytes_that_are_not_utf8(rng, tmp_path):
+    """The summary's "wrote OUT" to a strict UTF-8 stdout raised, and the command said OUT was
+    not written, having written it."""
+    model, feeds = conv_bn(rng)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    out = os.fsdecode(b"out\xe9.onnx")
+    code = "import sys; from pybn._fold_cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    r = subprocess.run([sys.executable, "-c", code, "m.onnx", os.fsencode(out)], cwd=tmp_path, capture_output=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip().endswith("wrote out\\xe9.onnx")
+    assert_folds(tmp_path / out, feeds, model)
 
 
 def test_output_symlink_to_the_input_replaces_the_input(rng, tmp_path, fold_here):

@@ -1005,6 +1005,26 @@ def test_untraced_dropout_called_with_relu_is_left(example):
     assert len(left) == 1 and isinstance(left[0], NotFolded) and "relu" in left[0].reason
 
 
+class ReluOnTheOtherBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(4, 4), pnn.Dropout(0.3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # (the example's branch)
+            return self.fc(x)
+        return self.drop(self.fc(x), relu=True)
+
+
+def test_untraced_dropout_the_example_did_not_run_is_left():
+    """nn.Identity stood in for it, and the other branch's relu=True call raised TypeError."""
+    model = ReluOnTheOtherBranch().eval()
+    folded, report = pybn.torch.fold(model, example_inputs=torch.ones(2, 4), return_report=True)
+    assert type(folded.drop) is pnn.Dropout and [r.kind for r in report if isinstance(r, NotFolded)] == ["dropout"]
+    with torch.no_grad():
+        assert_same(folded(-torch.ones(2, 4)), model(-torch.ones(2, 4)))
+
+
 class UntraceableBlockTail(nn.Module):
     def __init__(self):
         super().__init__()

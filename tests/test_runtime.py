@@ -391,8 +391,8 @@ print(json.dumps({"threads": pybn.get_num_threads(), "rounds": rounds}))
 
 
 def test_two_threads_on_one_cpu_are_not_pathologically_slow(tmp_path):
-    """A process confined to one CPU asking for 2 threads (a CPU quota, a `taskset`, or a
-    busy second core): the caller and the worker take turns on that CPU. Each used to spin
+    """A process confined to one CPU asking for 2 threads (a `taskset`, or a busy second
+    core): the caller and the worker take turns on that CPU. Each used to spin
     its whole 0.1 ms before the other could run, so a 2-thread call of 65536 elements took
     about 210 us against 6 us on 1 thread (35x); a spinning thread now yields the CPU it
     shares with the thread it waits for (about 2x). Not a speed test: the bound is 5x."""

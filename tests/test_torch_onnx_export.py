@@ -213,6 +213,30 @@ def test_mc_dropout_export_is_refused():
                                model(torch.ones(2, 4)).detach().numpy(), rtol=1e-6)
 
 
+class NumpyInForward(nn.Module):
+    """A forward torch.export's non-strict mode cannot capture (NumPy on a tensor): the dynamo
+    exporter falls back to strict mode, where dynamo made torch.onnx.is_in_onnx_export()
+    False, and pybn::batch_norm_infer reached the ONNX graph (ConversionError)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.from_numpy(np.tanh(self.bn(self.conv(x)).numpy()))
+
+
+@pytest.mark.skipif(not _dynamo_available(), reason="the dynamo exporter needs onnxscript")
+def test_dynamo_exporter_in_strict_mode():
+    stock = trained_stats(NumpyInForward()).eval()
+    model = pt.accelerate(copy.deepcopy(stock))
+    x = torch.randn(2, 3, 8, 8)
+    exported = export(model, x, True)
+    assert {t for _, t in op_types(exported)} == {"Conv", "Tanh"}
+    with torch.no_grad():
+        np.testing.assert_allclose(run(exported, x), stock(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not _dynamo_available(), reason="the dynamo exporter needs onnxscript")
 def test_dynamo_exporter_reports_the_refusal():
     module = pnn.Dropout(0.5, seed=3).train()

@@ -48,11 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _printable(text: str) -> str:
+    """`text` with the bytes of a file name that is not UTF-8 (surrogate escapes, which a
+    strict stream refuses: the folded model written, then "was not written") as \\xNN."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # (another lone surrogate)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _error(msg: str) -> None:
     lines = [line.strip() for line in str(msg).splitlines() if line.strip()]
-    line = f"pybn fold: error: {lines[0] if lines else 'unknown error'}"
-    # (a file name that is not UTF-8 holds surrogate escapes, which a strict stream refuses)
-    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+    print(_printable(f"pybn fold: error: {lines[0] if lines else 'unknown error'}"), file=sys.stderr)
 
 
 def _reason(e: BaseException) -> str:
@@ -126,8 +133,9 @@ def _run(path_in: str, path_out: str, merge_branches: bool = False) -> int:
         raise _Failure(f"cannot write {path_out}: {_reason(e)}") from None
     try:
         for line in _summary(report, before, after):
-            print(line)
-        print(f"wrote {path_out}" + (f" (weights in {data_name} next to it)" if data_name else ""), flush=True)
+            print(_printable(line))
+        print(_printable(f"wrote {path_out}" + (f" (weights in {data_name} next to it)" if data_name else "")),
+              flush=True)
     except OSError as e:  # stdout closed or full: OUT is written all the same
         _quiet_stdout()
         raise _Failure(f"{path_out} was written, but its summary could not be printed: {_reason(e)}") from None

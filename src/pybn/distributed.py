@@ -38,6 +38,8 @@ another order on one worker, their statistics are merged with each other's.
 """
 from __future__ import annotations
 
+import pickle
+
 import sys
 from typing import Any
 
@@ -159,6 +161,21 @@ def _communicator(comm: Any) -> _TorchComm | _MPIComm:
 
 # --------------------------------------------------------------------------- SyncBatchNorm
 
+def _check_picklable(comm: Any) -> None:
+    """A TypeError naming `comm` when the communicator cannot be pickled (a torch process
+    group, a duplicated mpi4py communicator: a live connection to the other workers), whose
+    own error ("cannot pickle 'ProcessGroup' object") named nothing of the layer's. mpi4py
+    pickles its predefined communicators (COMM_WORLD) by name: those pass."""
+    if comm is None:
+        return
+    try:
+        pickle.dumps(comm)
+    except Exception as e:  # (whatever the transport raises)
+        raise TypeError(f"comm: a SyncBatchNorm built with this communicator ({type(comm).__name__}) cannot be "
+                        "pickled or deep-copied (the communicator cannot: a live connection to the other workers); "
+                        "copy its state_dict() into a new layer instead") from e
+
+
 class SyncBatchNorm(BatchNorm):
     """:class:`pybn.nn.BatchNorm` with the statistics of the batch over every worker.
 
@@ -250,11 +267,7 @@ class SyncBatchNorm(BatchNorm):
     def __getstate__(self) -> dict[str, Any]:
         # a copy (pickled, deep-copied) is another layer, whose count starts again: a worker
         # that calls it where the others call the original is out of step
-        if type(self._comm_arg).__module__.split(".")[0] in ("torch", "mpi4py"):
-            # (their own errors, "cannot pickle 'ProcessGroup' object", named nothing of the layer's)
-            raise TypeError(f"comm: a SyncBatchNorm built with a communicator ({type(self._comm_arg).__name__}) "
-                            "cannot be pickled or deep-copied, a communicator being a live connection to the other "
-                            "workers; copy its state_dict() into a new layer instead")
+        _check_picklable(self._comm_arg)
         state = self.__dict__.copy()
         state["_forwards"] = 0
         state["_sync"] = None

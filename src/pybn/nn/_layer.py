@@ -84,7 +84,12 @@ class _Counter:
         self.name = name
 
     def __get__(self, obj: Any, owner: Any = None) -> Any:
-        return self if obj is None else obj.__dict__[self.name]
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:  # (not set yet: getattr's default and hasattr work as for any attribute)
+            raise AttributeError(self.name) from None
 
     def __set__(self, obj: Any, value: Any) -> None:
         obj.__dict__[self.name] = _counter_arg(value, self.name)
@@ -95,6 +100,14 @@ class _PhiloxStream:
 
     seed: int = _Counter()  # type: ignore[assignment]  # (a descriptor giving ints)
     offset: int = _Counter()  # type: ignore[assignment]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # (a pickle restores __dict__ past the descriptors: one from before them may hold a
+        # NumPy integer)
+        self.__dict__.update(state)
+        for name in ("seed", "offset"):
+            if name in state:
+                setattr(self, name, state[name])
 
 
 def _check_dy(dy: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -54,13 +54,23 @@ def prepare_scriptable(module: nn.Module) -> nn.Module:
                     f"model, or capture this one with torch.jit.trace, torch.export or torch.compile")
 
 
+_onnx_flags: Any
+try:  # the dynamo exporter's flag (torch >= 2.5); torch.onnx.is_in_onnx_export() reads it too
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+except ImportError:  # pragma: no cover - older torch
+    _onnx_flags = None
+
+
 def exporting_onnx() -> bool:
     """Whether ``torch.onnx.export`` is capturing this call. Asked on every batch-norm and
-    dropout call: torch's own question (about 1.3 us) only under a capture that ONNX export
-    uses (TorchScript's tracer, torch.export), about 0.1 us otherwise."""
-    if torch._C._get_tracing_state() is None and not torch.compiler.is_exporting():
-        return False
-    return bool(torch.onnx.is_in_onnx_export())
+    dropout call: about 0.1 us outside a capture. TorchScript's exporter traces with
+    torch.jit's tracer; the dynamo one captures with torch.export, where dynamo replaces
+    ``torch.onnx.is_in_onnx_export()`` by False (strict mode, which the exporter falls back
+    to), so the flag behind it is read directly. (Flags of the process: an export in
+    another thread at the same time would count too.)"""
+    if torch._C._get_tracing_state() is not None:
+        return bool(torch.onnx.is_in_onnx_export())
+    return torch.compiler.is_compiling() and _onnx_flags is not None and bool(_onnx_flags._is_onnx_exporting)
 
 
 def refuse_onnx_export(name: str) -> None:

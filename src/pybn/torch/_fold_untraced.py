@@ -73,14 +73,13 @@ def _bn_problem(bn: nn.Module, seen: Any) -> str | None:
 
 
 def _relu_problem(dropout: nn.Module, seen: Any) -> str | None:
-    """Why nn.Identity cannot stand in for this dropout module: pybn's dropout called with
-    relu=True is relu(x) in eval mode, and a call with more arguments would fail on nn.Identity."""
-    if seen is not None:
-        return "it was called with more than its input (relu=True: relu(x) in eval mode), left to compute it" \
-            if id(dropout) in seen.extra_args else None
-    if mods.takes_relu(dropout):
-        return "it takes relu=..., and without example_inputs whether a call passes it is unknown: left to " \
-            "compute it (pass example_inputs to remove it)"
+    """Why nn.Identity cannot stand in for this dropout module: a call with more than its
+    input (pybn's relu=True, relu(x) in eval mode) would fail on nn.Identity. Only the example
+    call tells: pybn's dropouts that it did not run (or none ran) stay."""
+    if seen is not None and id(dropout) in seen.extra_args:
+        return "it was called with more than its input (as relu=True), left to compute it"
+    if mods.takes_relu(dropout) and (seen is None or not seen.calls.get(id(dropout))):
+        return "it takes relu=..., and no example call showed it called with its input alone: left to compute it"
     return None
 
 

@@ -142,7 +142,7 @@ def unfuse_tails(model: nn.Module) -> int:
     for gm in model.modules():
         if not isinstance(gm, fx.GraphModule):
             continue
-        graph = gm.graph
+        graph, before = gm.graph, count
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in (block_tail, relu_dropout_tail):
                 continue
@@ -161,8 +161,9 @@ def unfuse_tails(model: nn.Module) -> int:
             if not module.users:
                 graph.erase_node(module)
             count += 1
-        graph.lint()
-        gm.recompile()
+        if count > before:
+            graph.lint()
+            gm.recompile()
     return count
 
 
