@@ -473,3 +473,58 @@ def test_revert_writes_the_fused_tails_back_as_separate_calls():
     y = reverted(x)
     torch.manual_seed(1)
     torch.testing.assert_close(y, stock.train()(x), rtol=0, atol=0)
+
+
+def add_100(module, inputs, output):  # (module level: a pickled model's hook must be importable)
+    return output + 100.0
+
+
+class WithShift(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+        self.register_buffer("shift", torch.full((1, 4, 1, 1), 0.5), persistent=False)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x))) + self.shift
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_copies_of_a_fused_model_keep_its_state_dict_and_hooks(how):
+    """torch.fx rebuilds a GraphModule when it is unpickled or deep-copied, registering every
+    buffer as persistent and dropping the root's forward hooks: the copy's state_dict gained
+    "shift" (the model's checkpoints no longer loaded) and fuse_tails' copies of the model's
+    hooks were gone (outputs changed)."""
+    import io
+
+    torch.manual_seed(0)
+    model = WithShift().eval()
+    model.register_forward_hook(add_100)
+    checkpoint = model.state_dict()
+    fused = fuse_tails(copy.deepcopy(model))
+    if how == "deepcopy":
+        copied = copy.deepcopy(fused)
+    else:
+        buf = io.BytesIO()
+        torch.save(fused, buf)
+        buf.seek(0)
+        copied = torch.load(buf, weights_only=False)
+    assert list(copied.state_dict()) == list(checkpoint)
+    copied.load_state_dict(checkpoint)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), model(x), rtol=1e-6, atol=1e-6)
+    assert fused_calls(copied) == fused_calls(fused) == ["block_tail"] and not copied.training
+    again = copy.deepcopy(copied)  # (a copy of a copy keeps it too)
+    assert list(again.state_dict()) == list(checkpoint) and len(again._forward_hooks) == 1
+
+
+def test_a_reverted_model_quantizes_as_the_stock_one():
+    """revert wrote the ReLUs back as torch.relu, which torch.ao's fusion patterns do not
+    match: fuse_fx left Conv2d and ReLU apart (prepare_qat_fx lost its ConvBnReLU2d)."""
+    from torch.ao.quantization.quantize_fx import fuse_fx
+
+    stock = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    reverted = pybn.torch.revert(fuse_tails(copy.deepcopy(stock)))
+    kinds = [[type(m).__name__ for m in fuse_fx(copy.deepcopy(m).eval()).modules()][1:] for m in (stock, reverted)]
+    assert kinds[0][0] == "ConvReLU2d" and kinds[1] == kinds[0], kinds

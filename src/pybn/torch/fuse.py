@@ -12,6 +12,7 @@ the dropout module with ``relu=True``.
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import operator
 import warnings
@@ -129,9 +130,73 @@ def fuse_tails(model: nn.Module, *, return_report: bool = False) -> nn.Module | 
         return (model, []) if return_report else model
     copy_hooks(model, gm)
     gm.training = model.training
+    _keep_through_copies(gm)
     for fused in report:
         logger.info("pybn.torch.fuse_tails: %s: %s", fused.name, fused.tail)
     return (gm, report) if return_report else gm
+
+
+# --------------------------------------------------------------------------- copies
+
+# What torch.fx's rebuild of a GraphModule (unpickling, copy.deepcopy) does not keep: the
+# order of each module's children, parameters and buffers and which buffers are not
+# persistent (it registers them as used, all persistent: a copy's state_dict gained keys and
+# stopped loading the model's checkpoints), the modules' modes, and the root's own hooks
+# (fuse_tails copied the model's onto it).
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+_ORDERED = ("_modules", "_parameters", "_buffers")
+
+
+def _kept_state(gm: fx.GraphModule) -> Tuple[dict[str, Any], dict[str, Any]]:
+    layout = {name: ([list(getattr(m, attr)) for attr in _ORDERED], set(m._non_persistent_buffers_set), m.training)
+              for name, m in gm.named_modules()}
+    return layout, {attr: getattr(gm, attr) for attr in _HOOKS if hasattr(gm, attr)}
+
+
+def _restore_state(gm: fx.GraphModule, state: Tuple[dict[str, Any], dict[str, Any]]) -> None:
+    layout, hooks = state
+    for name, (orders, non_persistent, training) in layout.items():
+        try:
+            m = gm.get_submodule(name)
+        except AttributeError:
+            continue
+        for attr, order in zip(_ORDERED, orders):
+            rank = {key: i for i, key in enumerate(order)}
+            items = sorted(getattr(m, attr).items(), key=lambda kv: rank.get(kv[0], len(rank)))
+            setattr(m, attr, collections.OrderedDict(items))
+        m._non_persistent_buffers_set = non_persistent & set(m._buffers)
+        m.training = training
+    for attr, value in hooks.items():
+        setattr(gm, attr, value)
+
+
+def _keep_through_copies(gm: fx.GraphModule) -> None:
+    """Make pickles and deep copies of the fused model keep what torch.fx's rebuild loses.
+    torch gives every GraphModule a class of its own, so this changes no other module."""
+    cls = type(gm)
+    cls.__reduce__ = _reduce_fused  # type: ignore[method-assign]
+    cls.__deepcopy__ = _deepcopy_fused  # type: ignore[method-assign]
+
+
+def _reduce_fused(self: fx.GraphModule) -> Tuple[Any, ...]:
+    rebuild, args = fx.GraphModule.__reduce__(self)
+    return (_rebuilt_fused, (rebuild, args, _kept_state(self)))
+
+
+def _rebuilt_fused(rebuild: Callable[..., fx.GraphModule], args: Tuple[Any, ...],
+                   state: Tuple[dict[str, Any], dict[str, Any]]) -> fx.GraphModule:
+    gm = rebuild(*args)
+    _restore_state(gm, state)
+    _keep_through_copies(gm)
+    return gm
+
+
+def _deepcopy_fused(self: fx.GraphModule, memo: dict[int, Any]) -> fx.GraphModule:
+    copied = fx.GraphModule.__deepcopy__(self, memo)
+    _restore_state(copied, copy.deepcopy(_kept_state(self), memo))
+    _keep_through_copies(copied)
+    return copied
 
 
 def unfuse_tails(model: nn.Module) -> int:
@@ -149,13 +214,14 @@ def unfuse_tails(model: nn.Module) -> int:
             module, x, *rest = node.args
             assert isinstance(module, fx.Node) and module.op == "get_attr"  # (as _rewrite wrote it)
             with graph.inserting_before(node):
+                # (F.relu: torch.ao's fusion patterns know it, not torch.relu)
                 if node.target is block_tail:
                     residual, relu = rest
                     y = graph.call_module(str(module.target), (x,))
                     y = y if residual is None else graph.call_function(operator.add, (y, residual))
-                    y = graph.call_function(torch.relu, (y,)) if relu else y
+                    y = graph.call_function(F.relu, (y,)) if relu else y
                 else:
-                    y = graph.call_module(str(module.target), (graph.call_function(torch.relu, (x,)),))
+                    y = graph.call_module(str(module.target), (graph.call_function(F.relu, (x,)),))
             node.replace_all_uses_with(y)
             graph.erase_node(node)
             if not module.users:
