@@ -241,3 +241,16 @@ def test_the_offset_tensor_is_kept_where_it_can_be_written():
 
     torch.func.grad(step)(torch.randn(4, 64))
     assert drop.offset == 5 + pybn.counters_used(256)
+
+
+def test_offsets_per_rank_names_every_pinned_offset():
+    import pybn.torch
+    from pybn.torch import nn as pnn
+
+    model = torch.nn.Sequential(pnn.Dropout(0.5, seed=1), torch.nn.Sequential(pnn.DropPath(0.1, seed=2)),
+                                pnn.Dropout(0.5))  # (the last draws its seeds: no offset)
+    model._ddp_params_and_buffers_to_ignore = ["0.weight_of_the_user"]
+    assert pybn.torch.offsets_per_rank(model) is model
+    assert model._ddp_params_and_buffers_to_ignore == ["0.weight_of_the_user", "0._offset_t", "1.0._offset_t"]
+    with pytest.raises(TypeError, match="^model: expected a torch.nn.Module"):
+        pybn.torch.offsets_per_rank([1])

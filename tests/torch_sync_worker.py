@@ -144,6 +144,28 @@ def residual_tail(world: int, rank: int) -> dict:
     return {"out": out.detach(), "dx": xs.grad, "dr": rs.grad}
 
 
+def per_rank_offsets(rank: int) -> dict:
+    """Dropout with a seed per rank under DDP, unequal local batches (4 rows on rank 0, 16
+    elsewhere), with and without offsets_per_rank: the offsets after each of 2 steps."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import pybn.torch
+
+    out = {}
+    for kept in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), pybn.torch.nn.Dropout(0.5, seed=100 + rank))
+        if kept:
+            pybn.torch.offsets_per_rank(model)
+        ddp = DistributedDataParallel(model)
+        offsets = []
+        for _ in range(2):
+            ddp(torch.ones(4 if rank == 0 else 16, 8)).sum().backward()
+            offsets.append(model[1].offset)
+        out[kept] = offsets
+    return out
+
+
 def run(world: int, rank: int, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -162,6 +184,7 @@ def run(world: int, rank: int, out_dir: str) -> None:
         results["configs"][name] = run_steps(ddp, params_of, world, rank, channels_last, LR)
     results["failing"] = failing_calls(world, rank)
     results["residual"] = residual_tail(world, rank)
+    results["offsets"] = per_rank_offsets(rank)
     path = os.path.join(out_dir, f"rank{rank}.pkl")
     with open(path + ".tmp", "wb") as f:
         pickle.dump(results, f)

@@ -9,6 +9,8 @@
 - :func:`fuse_tails` rewrites a model's ``relu(bn(x) + r)`` tails into one fused call each
   (training and inference).
 - :func:`fold` folds batch norm and removes dropout for inference.
+- :func:`offsets_per_rank` keeps pinned dropout offsets per rank under
+  ``DistributedDataParallel``.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from . import nn, ops
 from ._fold import Folded, NotFolded, fold
 from .accelerate import Swapped, accelerate, convert_sync_batchnorm, revert
 from .fuse import Fused, fuse_tails
+from .seeded import offsets_per_rank
 
 __all__ = ["fold", "Folded", "NotFolded", "accelerate", "convert_sync_batchnorm", "revert", "Swapped", "fuse_tails",
-           "Fused", "nn", "ops"]
+           "Fused", "offsets_per_rank", "nn", "ops"]

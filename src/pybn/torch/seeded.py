@@ -228,3 +228,28 @@ class PinnedSeed:
 
     def _seed_repr(self) -> str:
         return "" if self._seed is None else f", seed={self._seed}"
+
+
+def offsets_per_rank(model: Any) -> Any:
+    """Keep the pinned dropout offsets of `model` (modules built with ``seed=``) each rank's
+    own under ``DistributedDataParallel``: call it before wrapping the model. DDP broadcasts
+    every buffer from rank 0 before each forward, the offsets (``_offset_t``) too: with a
+    seed per rank (``seed=base + rank``) and unequal local batches, a rank that drew more
+    counters than rank 0 was set back into the range it had just used, and drew part of its
+    last masks again. This adds the offsets to the buffers DDP leaves alone (torch's
+    ``_ddp_params_and_buffers_to_ignore``); every other buffer is still broadcast. Returns
+    `model`.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise TypeError("model: call offsets_per_rank on the model before wrapping it in DistributedDataParallel "
+                        "(DDP reads the buffers to leave alone when it is built)")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    names = [f"{name}._offset_t" if name else "_offset_t" for name, m in model.named_modules()
+             if isinstance(m, PinnedSeed) and m._offset_tensor() is not None]
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, ignored + [n for n in names if n not in ignored])
+    return model
