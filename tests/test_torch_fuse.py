@@ -489,7 +489,11 @@ class WithShift(nn.Module):
         return F.relu(self.bn(self.conv(x))) + self.shift
 
 
-@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def drop_shift(module, state_dict, prefix, local_metadata):  # (a state_dict hook, module level)
+    state_dict.pop(prefix + "conv.weight_unused", None)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy", "copy"])
 def test_copies_of_a_fused_model_keep_its_state_dict_and_hooks(how):
     """torch.fx rebuilds a GraphModule when it is unpickled or deep-copied, registering every
     buffer as persistent and dropping the root's forward hooks: the copy's state_dict gained
@@ -502,8 +506,12 @@ def test_copies_of_a_fused_model_keep_its_state_dict_and_hooks(how):
     model.register_forward_hook(add_100)
     checkpoint = model.state_dict()
     fused = fuse_tails(copy.deepcopy(model))
+    fused._register_state_dict_hook(drop_shift)
+    fused._ddp_params_and_buffers_to_ignore = ["bn._offset_t"]
     if how == "deepcopy":
         copied = copy.deepcopy(fused)
+    elif how == "copy":
+        copied = copy.copy(fused)
     else:
         buf = io.BytesIO()
         torch.save(fused, buf)
@@ -515,6 +523,7 @@ def test_copies_of_a_fused_model_keep_its_state_dict_and_hooks(how):
     with torch.no_grad():
         torch.testing.assert_close(copied(x), model(x), rtol=1e-6, atol=1e-6)
     assert fused_calls(copied) == fused_calls(fused) == ["block_tail"] and not copied.training
+    assert len(copied._state_dict_hooks) == 1 and copied._ddp_params_and_buffers_to_ignore == ["bn._offset_t"]
     again = copy.deepcopy(copied)  # (a copy of a copy keeps it too)
     assert list(again.state_dict()) == list(checkpoint) and len(again._forward_hooks) == 1
 

@@ -251,6 +251,7 @@ def test_offsets_per_rank_names_every_pinned_offset():
                                 pnn.Dropout(0.5))  # (the last draws its seeds: no offset)
     model._ddp_params_and_buffers_to_ignore = ["0.weight_of_the_user"]
     assert pybn.torch.offsets_per_rank(model) is model
-    assert model._ddp_params_and_buffers_to_ignore == ["0.weight_of_the_user", "0._offset_t", "1.0._offset_t"]
+    assert model._ddp_params_and_buffers_to_ignore == ["0.weight_of_the_user", "0._offset_t", "1.0._offset_t",
+                                                       "_orig_mod.0._offset_t", "_orig_mod.1.0._offset_t"]
     with pytest.raises(TypeError, match="^model: expected a torch.nn.Module"):
         pybn.torch.offsets_per_rank([1])

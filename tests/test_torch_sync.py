@@ -132,13 +132,14 @@ def test_the_block_tail_of_a_synchronized_layer(ranks):
 
 def test_offsets_per_rank_keeps_each_rank_its_own_stream(ranks):
     """DDP broadcasts buffers from rank 0 before each forward: a rank with more rows than rank
-    0 was set back to rank 0's offset (64 counters for 4 x 8 elements) and drew part of its
-    last mask again; pybn.torch.offsets_per_rank leaves the offsets out of the broadcast."""
+    0 was set back to rank 0's offset (16 counters for 4 x 8 elements) and drew part of its
+    last mask again; pybn.torch.offsets_per_rank leaves the offsets out of the broadcast,
+    also through fuse_tails."""
     import pybn
 
     for rank, res in enumerate(ranks):
-        n = (4 if rank == 0 else 16) * 8
-        used = pybn.counters_used(n)
-        assert res["offsets"][True] == [used, 2 * used]
+        used = pybn.counters_used((4 if rank == 0 else 64) * 8)
+        assert res["offsets"]["kept"] == res["offsets"]["kept, then fused"] == [used, 2 * used], res["offsets"]
         if rank:  # (broadcast: rank 0's offset, then this rank's draw from there)
-            assert res["offsets"][False] == [used, pybn.counters_used(4 * 8) + used]
+            assert used != pybn.counters_used(4 * 8)
+            assert res["offsets"]["broadcast"] == [used, pybn.counters_used(4 * 8) + used]

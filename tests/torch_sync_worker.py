@@ -145,24 +145,28 @@ def residual_tail(world: int, rank: int) -> dict:
 
 
 def per_rank_offsets(rank: int) -> dict:
-    """Dropout with a seed per rank under DDP, unequal local batches (4 rows on rank 0, 16
-    elsewhere), with and without offsets_per_rank: the offsets after each of 2 steps."""
+    """Dropout with a seed per rank under DDP, unequal local batches (4 rows of 8 on rank 0,
+    64 elsewhere: 16 and 64 counters a call), with and without offsets_per_rank, also
+    applied before fuse_tails: the offsets after each of 2 steps."""
     from torch.nn.parallel import DistributedDataParallel
 
     import pybn.torch
 
     out = {}
-    for kept in (False, True):
+    for case in ("broadcast", "kept", "kept, then fused"):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 8), pybn.torch.nn.Dropout(0.5, seed=100 + rank))
-        if kept:
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), pybn.torch.nn.Dropout(0.5, seed=100 + rank))
+        dropout = model[2]
+        if case != "broadcast":
             pybn.torch.offsets_per_rank(model)
+        if case == "kept, then fused":
+            model = pybn.torch.fuse_tails(model)
         ddp = DistributedDataParallel(model)
         offsets = []
         for _ in range(2):
-            ddp(torch.ones(4 if rank == 0 else 16, 8)).sum().backward()
-            offsets.append(model[1].offset)
-        out[kept] = offsets
+            ddp(torch.ones(4 if rank == 0 else 64, 8)).sum().backward()
+            offsets.append(dropout.offset)
+        out[case] = offsets
     return out
 
 

@@ -130,6 +130,9 @@ def fuse_tails(model: nn.Module, *, return_report: bool = False) -> nn.Module | 
         return (model, []) if return_report else model
     copy_hooks(model, gm)
     gm.training = model.training
+    ignored = model.__dict__.get("_ddp_params_and_buffers_to_ignore")  # (offsets_per_rank's: the same names)
+    if ignored is not None:
+        gm.__dict__["_ddp_params_and_buffers_to_ignore"] = list(ignored)
     _keep_through_copies(gm)
     for fused in report:
         logger.info("pybn.torch.fuse_tails: %s: %s", fused.name, fused.tail)
@@ -144,7 +147,9 @@ def fuse_tails(model: nn.Module, *, return_report: bool = False) -> nn.Module | 
 # stopped loading the model's checkpoints), the modules' modes, and the root's own hooks
 # (fuse_tails copied the model's onto it).
 _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+          "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+          "_ddp_params_and_buffers_to_ignore")  # (the last: pybn.torch.offsets_per_rank's, for DDP)
 _ORDERED = ("_modules", "_parameters", "_buffers")
 
 
@@ -177,6 +182,7 @@ def _keep_through_copies(gm: fx.GraphModule) -> None:
     cls = type(gm)
     cls.__reduce__ = _reduce_fused  # type: ignore[method-assign]
     cls.__deepcopy__ = _deepcopy_fused  # type: ignore[method-assign]
+    cls.__copy__ = _copy_fused  # type: ignore[method-assign]
 
 
 def _reduce_fused(self: fx.GraphModule) -> Tuple[Any, ...]:
@@ -184,12 +190,20 @@ def _reduce_fused(self: fx.GraphModule) -> Tuple[Any, ...]:
     return (_rebuilt_fused, (rebuild, args, _kept_state(self)))
 
 
+# (named in every pickle of a fused model: renaming it breaks the checkpoints saved before)
 def _rebuilt_fused(rebuild: Callable[..., fx.GraphModule], args: Tuple[Any, ...],
                    state: Tuple[dict[str, Any], dict[str, Any]]) -> fx.GraphModule:
     gm = rebuild(*args)
     _restore_state(gm, state)
     _keep_through_copies(gm)
     return gm
+
+
+def _copy_fused(self: fx.GraphModule) -> fx.GraphModule:
+    copied = fx.GraphModule.__copy__(self)
+    _restore_state(copied, _kept_state(self))
+    _keep_through_copies(copied)
+    return copied
 
 
 def _deepcopy_fused(self: fx.GraphModule, memo: dict[int, Any]) -> fx.GraphModule:

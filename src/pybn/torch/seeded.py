@@ -237,8 +237,12 @@ def offsets_per_rank(model: Any) -> Any:
     seed per rank (``seed=base + rank``) and unequal local batches, a rank that drew more
     counters than rank 0 was set back into the range it had just used, and drew part of its
     last masks again. This adds the offsets to the buffers DDP leaves alone (torch's
-    ``_ddp_params_and_buffers_to_ignore``); every other buffer is still broadcast. Returns
-    `model`.
+    ``_ddp_params_and_buffers_to_ignore``; also under the names a ``torch.compile``d wrapper
+    gives them, and :func:`fuse_tails` keeps the list); every other buffer is still
+    broadcast. It names the offsets that exist when it is called: call it after the seeds
+    are set. Modules that share one seed (``rank=``, ``world_size=``) are named too; they
+    advance alike on every rank when the local batches are equal, as they must be.
+    Returns `model`.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -249,6 +253,7 @@ def offsets_per_rank(model: Any) -> Any:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     names = [f"{name}._offset_t" if name else "_offset_t" for name, m in model.named_modules()
              if isinstance(m, PinnedSeed) and m._offset_tensor() is not None]
+    names += [f"_orig_mod.{n}" for n in names]  # (DDP(torch.compile(model)) names them so)
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, ignored + [n for n in names if n not in ignored])
