@@ -16,7 +16,7 @@ import copy
 import logging
 import operator
 import warnings
-from typing import Any, Callable, Iterator, List, Literal, NamedTuple, Tuple, overload
+from typing import Any, Callable, Iterator, List, Literal, NamedTuple, Set, Tuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -153,25 +153,40 @@ _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hook
 _ORDERED = ("_modules", "_parameters", "_buffers")
 
 
-def _kept_state(gm: fx.GraphModule) -> Tuple[dict[str, Any], dict[str, Any]]:
-    layout = {name: ([list(getattr(m, attr)) for attr in _ORDERED], set(m._non_persistent_buffers_set), m.training)
-              for name, m in gm.named_modules()}
+_Layout = Tuple[List[List[str]], Set[str], bool]
+
+
+def _layout_of(m: nn.Module) -> _Layout:
+    """The order of m's children, parameters and buffers, its non-persistent buffers, its mode."""
+    return [list(getattr(m, attr)) for attr in _ORDERED], set(m._non_persistent_buffers_set), m.training
+
+
+def _give_layout(m: nn.Module, layout: _Layout) -> None:
+    """Put m's children, parameters and buffers in `layout`'s order (names it lacks last), and
+    its non-persistent buffers and mode (torch.fx registers every buffer as persistent, and
+    its containers in training mode)."""
+    orders, non_persistent, training = layout
+    for attr, order in zip(_ORDERED, orders):
+        rank = {key: i for i, key in enumerate(order)}
+        items = sorted(getattr(m, attr).items(), key=lambda kv: rank.get(kv[0], len(rank)))
+        setattr(m, attr, collections.OrderedDict(items))
+    m._non_persistent_buffers_set = non_persistent & set(m._buffers)
+    m.training = training
+
+
+def _kept_state(gm: fx.GraphModule) -> Tuple[dict[str, _Layout], dict[str, Any]]:
+    layout = {name: _layout_of(m) for name, m in gm.named_modules()}
     return layout, {attr: getattr(gm, attr) for attr in _HOOKS if hasattr(gm, attr)}
 
 
-def _restore_state(gm: fx.GraphModule, state: Tuple[dict[str, Any], dict[str, Any]]) -> None:
+def _restore_state(gm: fx.GraphModule, state: Tuple[dict[str, _Layout], dict[str, Any]]) -> None:
     layout, hooks = state
-    for name, (orders, non_persistent, training) in layout.items():
+    for name, kept in layout.items():
         try:
             m = gm.get_submodule(name)
         except AttributeError:
             continue
-        for attr, order in zip(_ORDERED, orders):
-            rank = {key: i for i, key in enumerate(order)}
-            items = sorted(getattr(m, attr).items(), key=lambda kv: rank.get(kv[0], len(rank)))
-            setattr(m, attr, collections.OrderedDict(items))
-        m._non_persistent_buffers_set = non_persistent & set(m._buffers)
-        m.training = training
+        _give_layout(m, kept)
     for attr, value in hooks.items():
         setattr(gm, attr, value)
 
@@ -452,22 +467,13 @@ def _same_state_order(gm: fx.GraphModule, model: nn.Module) -> str:
     """Puts gm's modules, parameters and buffers in model's order (torch.fx registers them in
     the order the graph uses them; optimizers and their saved state go by that order), then
     "" when the names agree, else why not."""
-    def order_like(original: nn.Module, new: nn.Module) -> None:
-        for attr in ("_modules", "_parameters", "_buffers"):
-            rank = {name: i for i, name in enumerate(getattr(original, attr))}
-            items = sorted(getattr(new, attr).items(), key=lambda kv: rank.get(kv[0], len(rank)))
-            setattr(new, attr, collections.OrderedDict(items))
-        # (torch.fx registers every buffer as persistent, and its containers in training mode)
-        new._non_persistent_buffers_set = original._non_persistent_buffers_set & set(new._buffers)
-        new.training = original.training
-
     for name, original in model.named_modules(remove_duplicate=False):
         try:
             new = gm.get_submodule(name)
         except AttributeError:
             continue
         if new is not original:  # (the modules torch.fx made for the path to the shared ones)
-            order_like(original, new)
+            _give_layout(new, _layout_of(original))
     names: Callable[[Any], List[str]] = lambda m: list(m.state_dict().keys())  # noqa: E731
     if names(gm) != names(model):
         missing, extra = (sorted(set(names(a)) - set(names(b)))[:3] for a, b in ((model, gm), (gm, model)))
