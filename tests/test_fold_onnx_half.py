@@ -325,6 +325,21 @@ def test_float16_fold_that_overflows_is_left(rng):
     assert ops(folded) == {"Conv": 1, "BatchNormalization": 1}
 
 
+@pytest.mark.parametrize("op, k", [("Mul", 60000.0), ("Div", 1e-6)])
+def test_float16_chain_that_overflows_is_left_and_reported(op, k):
+    """A lone Mul or Div by a constant after a float16 Conv whose fold would pass 65504 stays,
+    and the report says so, as for a Mul+Add pair or a BatchNormalization."""
+    w = np.full((2, 3, 1, 1), 4.0, F16)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                        helper.make_node(op, ["c", "k"], ["y"], name="scale")],
+                       [helper.make_tensor_value_info("x", elem(F16), [1, 3, 2, 2])],
+                       [helper.make_tensor_value_info("y", elem(F16), [1, 2, 2, 2])],
+                       [tensor("w", w, F16), tensor("k", np.full((1, 2, 1, 1), k), F16)], 15)
+    folded, report = pybn.onnx.fold(model, return_report=True)
+    assert report == [NotFolded(op, ("scale",), "with conv: the folded weights would not be finite in float16")]
+    assert ops(folded) == {"Conv": 1, op: 1}
+
+
 # --- Gemm and MatMul -----------------------------------------------------------------------------
 
 def gemm_model(rng, dtype, param_dtype, *, bn_after, transB, alpha=1.0, beta=1.0, k=7, n=5, opset=15):

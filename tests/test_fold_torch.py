@@ -785,6 +785,32 @@ def test_folded_weights_that_overflow_their_dtype_are_not_written():
     assert all(torch.isfinite(p).all() for p in folded.parameters())
 
 
+class ConvTimesBuffer(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("k", torch.full((4, 1, 1), k))
+
+    def forward(self, x):
+        return self.conv(x) * self.k
+
+
+def test_per_channel_map_whose_fold_overflows_is_reported():
+    """``conv(x) * k`` whose folded float16 weights would overflow stays, reported as an affine
+    map left (with k = 2 it folds)."""
+    x = torch.ones(1, 3, 2, 2, dtype=torch.float16)
+    for k, want in ((60000.0, [NotFolded("affine", ("mul",), "with conv: the folded weights of Conv2d overflow "
+                                          "float16")]),
+                    (2.0, [Folded("conv+affine", ("conv", "mul"))])):
+        model = ConvTimesBuffer(k).eval().half()
+        with torch.no_grad():
+            model.conv.weight.fill_(4.0)
+        folded, report = pybn.torch.fold(model, example_inputs=(x,), return_report=True)
+        assert report == want
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+
+
 class ManualSequential(nn.Module):
     """Untraceable (a data-dependent branch), and calls its Sequential's children by hand."""
 

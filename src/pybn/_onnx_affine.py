@@ -32,7 +32,7 @@ import numpy as np
 
 from ._checks import round_to
 from ._onnx_graph import attr, is_default, label
-from .fold import cancellation_problem, fold_bn_linear, fold_conv_bn
+from .fold import cancellation_problem, fold_bn_linear_quiet, fold_conv_bn_quiet
 
 _CHAIN_OPS = ("Mul", "Add", "Sub", "Div")
 
@@ -62,13 +62,13 @@ class Affine(NamedTuple):
 
     def fold_after(self, weight: np.ndarray, bias: np.ndarray | None, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
         """(weight, bias) of the layer followed by this map, float64 in, float64 out."""
-        return fold_conv_bn(weight, bias, self.mean, self.var, self.scale, self.bias, eps=self.eps, **kw)
+        return fold_conv_bn_quiet(weight, bias, self.mean, self.var, self.scale, self.bias, eps=self.eps, **kw)
 
     def fold_before(self, weight: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | str:
         """(weight, bias) of this map followed by the layer, float64 in, float64 out; or why
         the layer would lose precision to cancellation."""
         return cancellation_problem(self.mean, self.var, self.eps, self.scale, self.bias) or \
-            fold_bn_linear(weight, bias, self.mean, self.var, self.scale, self.bias, eps=self.eps)
+            fold_bn_linear_quiet(weight, bias, self.mean, self.var, self.scale, self.bias, eps=self.eps)
 
     def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
         """(s, t) of ``x * s + t``, float64."""
@@ -126,6 +126,7 @@ class AffineRules:
     """The fold rules of per-channel chains and of batch norms behind a Transpose or Reshape."""
 
     graph: Any
+    chains_left: dict[int, Affine]  # id(first node) -> a chain whose fold into its layer was refused
 
     def _no(self, node: Any, reason: str, partner: Any = None) -> bool:
         raise NotImplementedError
@@ -148,10 +149,14 @@ class AffineRules:
         if self.graph.single_use(v) is not node:
             return self._no(node, f"its input {v!r} is also used elsewhere", layer)
         if is_default(layer, "Conv", "ConvTranspose"):
-            return self._conv_bn(layer, chain)
-        if is_default(layer, "Gemm"):
-            return self._gemm_bn(layer, chain)
-        return self._matmul_bn(layer, add, chain)
+            done = self._conv_bn(layer, chain)
+        elif is_default(layer, "Gemm"):
+            done = self._gemm_bn(layer, chain)
+        else:
+            done = self._matmul_bn(layer, add, chain)
+        if not done:  # (reported with the reasons noted: a fold the dtype cannot hold, ...)
+            self.chains_left[id(node)] = chain
+        return done
 
     def _chain_layer(self, node: Any) -> tuple[Any, ...] | None:
         """(layer, its bias Add or None, the value the chain starts from, channels, channel axis

@@ -86,6 +86,7 @@ class Folder(AffineRules, BranchRules):
         self.merge_branches = merge_branches
         self.report: list[Any] = []
         self.why: dict[int, tuple[Any, list[str]]] = {}  # id(node) -> (node, reasons it stays)
+        self.chains_left: dict[int, Affine] = {}
 
     def run(self) -> list[Any]:
         rules = (self._remove_noop, self._fold_into_previous, self._fold_chain_into_previous, self._fold_into_next)
@@ -524,6 +525,9 @@ class Folder(AffineRules, BranchRules):
                 nxt = self.graph.single_use(n.output[0])
                 reason = "; ".join(reasons) or "no Conv, ConvTranspose, Gemm or MatMul before it"
                 self.report.append(NotFolded("Mul+Add", (label(n), label(nxt)), reason))
+            elif id(n) in self.chains_left and self.chains_left[id(n)].node is n and reasons:
+                chain = self.chains_left[id(n)]
+                self.report.append(NotFolded(chain.ops, tuple(label(c) for c in chain.all_nodes), "; ".join(reasons)))
         for n in self.graph.nodes:
             for g in subgraphs(n):
                 self._report_nested(g.node, f"a subgraph of {label(n)}")

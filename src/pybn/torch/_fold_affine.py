@@ -40,6 +40,7 @@ class FoldGraph:
         self.report = report
         self.consts = Constants(self.leaf)
         self.folded_owners: set[str] = set()  # owners whose steps were folded (not left)
+        self.affine_refused: dict[str, None] = {}  # owners of per-channel maps a layer could not take, in order
         self.erased: set[fx.Node] = set()
 
     # --- what each dialect provides ---------------------------------------------------------
@@ -489,6 +490,8 @@ def _fold(g: FoldGraph, layer: Layer, steps: list[Step], x: fx.Node, *, before: 
     got = g.layer_problem(layer) or folded_for(layer, steps, Ranks.of(g, x), before=before)
     if isinstance(got, str):
         g.report.note(name, f"with {layer.name}: {got}")
+        if kind_of(steps) == "affine":
+            g.affine_refused[name] = None
         return False
     weight, bias = got
     g.write(layer, weight, bias)
@@ -533,7 +536,9 @@ def call_problem(node: fx.Node) -> str | None:
 
 def affine_modules_left(g: FoldGraph) -> list[str]:
     """Modules whose whole computation in the graph is still a chain of multiply/add steps by
-    per-channel constants (x * scale + shift), at least one of them a tensor of several values."""
+    per-channel constants (x * scale + shift), at least one of them a tensor of several values;
+    then the owners of such steps whose fold into the layer next to them was refused (a float16
+    layer whose folded weights would overflow...)."""
     by_owner: dict[str, list[fx.Node]] = {}
     for n in g.graph.nodes:
         if n.op in ("call_function", "call_method") and not g.consts.is_constant(n):
@@ -555,4 +560,4 @@ def affine_modules_left(g: FoldGraph) -> list[str]:
             consts = [g.consts.value(c) for s in steps for c in s.constants]
             if any(isinstance(c, torch.Tensor) and c.numel() > 1 for c in consts):
                 found.append(name)
-    return found
+    return found + [name for name in g.affine_refused if name not in found and name not in g.folded_owners]
