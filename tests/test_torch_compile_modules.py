@@ -3,6 +3,9 @@ per configuration (no recompilation per call, per offset or per batch size), the
 gradients as eager with activation checkpointing, and errors that name the tensor at fault.
 The backend is "eager" or "aot_eager": dynamo's guards and AOT autograd's partitioning are
 what these tests are about, not inductor's code."""
+import subprocess
+import sys
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -81,6 +84,31 @@ def test_momentum_none_compiles_once_and_matches_eager():
             torch.testing.assert_close(compiled(x), eager(x))
     torch.testing.assert_close(compiled_model[1].running_var, eager[1].running_var)
     assert int(compiled_model[1].num_batches_tracked) == int(eager[1].num_batches_tracked) == 7
+
+
+IMPORT_THEN_COMPILE = """
+import sys, torch, pybn.torch, pybn.torch.nn as pnn
+loaded = [m for m in ("torch._dynamo", "sympy", "torch.onnx") if m in sys.modules]
+assert not loaded, loaded
+bn, eager = pnn.BatchNorm1d(8, momentum=None), pnn.BatchNorm1d(8, momentum=None)
+compiled = torch.compile(bn, backend="eager")
+for _ in range(3):
+    x = torch.randn(16, 8)
+    torch.testing.assert_close(compiled(x), eager(x))
+from torch._dynamo.utils import counters
+breaks = list(counters["graph_break"])
+assert len(breaks) == 1 and "torch.compiler.disable" in breaks[0], breaks
+assert int(bn.num_batches_tracked) == 3
+"""
+
+
+def test_import_leaves_dynamo_unloaded_and_compile_still_runs_the_batch_norm_eagerly():
+    """``import pybn.torch`` imported torch._dynamo (through torch.compiler.disable) and sympy,
+    doubling the time of ``import torch``, and torch.onnx. Now the functions that run outside
+    compiled graphs are disabled when torch.compile loads dynamo: a momentum=None batch norm
+    compiled after such an import still runs eagerly (dynamo's one break: the disabled call)."""
+    run = subprocess.run([sys.executable, "-c", IMPORT_THEN_COMPILE], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 RANDOM_MODULES = {

@@ -25,7 +25,11 @@ family, stochastic depth, DropBlock, in training mode) raises a TypeError naming
 operator (:func:`refuse_onnx_export`).
 """
 import functools
-from typing import Any, Callable, TypeVar
+import importlib.abc
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 from torch import fx, nn
@@ -46,19 +50,71 @@ def leaf(forward: F) -> F:
     return traced_or_run  # type: ignore[return-value]
 
 
+def outside_graph(fn: F) -> F:
+    """`fn`, run outside torch.compile's graphs as ``torch.compiler.disable(fn)`` runs.
+
+    torch.compiler.disable imports torch._dynamo, which doubles the time of ``import torch``;
+    a process that never compiles need not pay it. So the function returned calls `fn` itself
+    until torch._dynamo is imported (by torch.compile, torch.export...: before any tracing),
+    then the disabled `fn`, which dynamo, tracing the call, finds marked and leaves out of the
+    graph (:func:`_after_dynamo_import`)."""
+    target: list[Callable[..., Any]] = [fn]
+
+    def disable() -> None:
+        target[0] = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return target[0](*args, **kwargs)
+
+    _after_dynamo_import(disable)
+    return call  # type: ignore[return-value]
+
+
+_dynamo_callbacks: list[Callable[[], None]] = []
+
+
+def _after_dynamo_import(callback: Callable[[], None]) -> None:
+    """Run `callback` right after torch._dynamo is first imported, or now if it is already."""
+    if "torch._dynamo" in sys.modules:
+        callback()
+        return
+    if not _dynamo_callbacks:
+        sys.meta_path.insert(0, _DynamoImport())
+    _dynamo_callbacks.append(callback)
+
+
+class _DynamoImport(importlib.abc.MetaPathFinder):
+    """A finder ahead of the others on ``sys.meta_path`` that, asked for torch._dynamo, steps
+    aside, lets the other finders find it, and has its loader run the callbacks once the module
+    has executed (a post-import hook, as wrapt's)."""
+
+    def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Optional[ModuleType] = None
+                  ) -> Optional[importlib.machinery.ModuleSpec]:
+        if fullname != "torch._dynamo":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        loader = spec.loader if spec is not None else None
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_call_back(module: ModuleType) -> None:
+            exec_module(module)
+            while _dynamo_callbacks:
+                _dynamo_callbacks.pop(0)()
+
+        loader.exec_module = exec_then_call_back  # type: ignore[method-assign]
+        return spec
+
+
 def prepare_scriptable(module: nn.Module) -> nn.Module:
     """``__prepare_scriptable__`` of pybn.torch's modules: a TypeError naming the module's
     class and what works instead."""
     raise TypeError(f"{type(module).__name__}: torch.jit.script cannot compile pybn.torch's modules (TorchScript "
                     f"cannot call pybn's kernels); script the model after pybn.torch.fold (inference), or the stock "
                     f"model, or capture this one with torch.jit.trace, torch.export or torch.compile")
-
-
-_onnx_flags: Any
-try:  # the dynamo exporter's flag (torch >= 2.5); torch.onnx.is_in_onnx_export() reads it too
-    from torch.onnx._internal.exporter import _flags as _onnx_flags
-except ImportError:  # pragma: no cover - older torch
-    _onnx_flags = None
 
 
 def exporting_onnx() -> bool:
@@ -70,7 +126,13 @@ def exporting_onnx() -> bool:
     another thread at the same time would count too.)"""
     if torch._C._get_tracing_state() is not None:
         return bool(torch.onnx.is_in_onnx_export())
-    return torch.compiler.is_compiling() and _onnx_flags is not None and bool(_onnx_flags._is_onnx_exporting)
+    if not torch.compiler.is_compiling():
+        return False
+    try:  # the dynamo exporter's flag (torch >= 2.5), imported here: torch.onnx costs 20 ms at import
+        from torch.onnx._internal.exporter import _flags
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return bool(_flags._is_onnx_exporting)
 
 
 def refuse_onnx_export(name: str) -> None:

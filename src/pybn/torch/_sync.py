@@ -11,7 +11,7 @@ modules with different counts of training calls met in one exchange make every p
 raise instead of leaving the others waiting in a collective or mixing the statistics of
 different modules. (Modules alike in settings and counts cannot be told apart.)
 """
-from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,15 +23,14 @@ from pybn import _lockstep
 from pybn.batchnorm_split import _update_running_stats
 from pybn.distributed import _TorchComm
 
+from ._capture import outside_graph
 from ._layout import PYBN_DTYPES, array, batch_norm_last, empty, per_channel
 
 if TYPE_CHECKING:
     from .nn import SyncBatchNorm
 
 _Group = Optional["dist.ProcessGroup"]  # (a name torch.distributed has only where it is available)
-_Forward = Callable[["SyncBatchNorm", Tensor], Tensor]
-# torch leaves torch.compiler.disable unannotated: this name gives it its type here
-_outside_graph: Callable[[_Forward], _Forward] = torch.compiler.disable
+
 
 
 def wants_cpu_sync(module: "SyncBatchNorm", input: Tensor) -> bool:
@@ -45,7 +44,7 @@ def _group(module: "SyncBatchNorm") -> _Group:
     return module.process_group if module.process_group is not None else dist.group.WORLD
 
 
-@_outside_graph
+@outside_graph
 def sync_batch_norm(module: "SyncBatchNorm", input: Tensor) -> Tensor:
     """The module's synchronized training forward of `input` (this process's slice)."""
     group = _group(module)

@@ -33,7 +33,7 @@ from .._checks import scalar_value
 from . import ops as _ops
 from . import residual as _residual
 from . import _transforms
-from ._capture import exporting_onnx, leaf, prepare_scriptable
+from ._capture import exporting_onnx, leaf, outside_graph, prepare_scriptable
 from .seeded import PinnedSeed, mask_counters
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropout", "Dropout1d", "Dropout2d",
@@ -58,12 +58,6 @@ def _check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var:
         raise ValueError("running_mean: running_mean and running_var are required when training=False")
 
 
-try:  # (torch >= 2.7; before, a size known only at run time fails the compilation on this test)
-    from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
-except ImportError:  # pragma: no cover - older torch
-    _guard_or_false = bool  # type: ignore[assignment]
-
-
 def _empty_batch(input: Tensor, training: bool) -> bool:
     """Whether a call with batch statistics has an input without elements, which torch's
     function answers with an empty output (with running statistics pybn's kernels take it).
@@ -72,7 +66,16 @@ def _empty_batch(input: Tensor, training: bool) -> bool:
     on it would fail the compilation): pybn's operator then refuses an empty batch."""
     if not training or not isinstance(input, Tensor) or torch._C._get_tracing_state() is not None:
         return False
-    return _guard_or_false(input.numel() == 0)
+    if not torch.compiler.is_compiling():
+        return input.numel() == 0
+    # (imported here: symbolic_shapes loads dynamo and sympy, a second at import, which
+    # torch.compile has loaded already; guard_or_false is torch >= 2.7's, before which a size
+    # known only at run time fails the compilation)
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+    except ImportError:  # pragma: no cover - older torch
+        return bool(input.numel() == 0)
+    return guard_or_false(input.numel() == 0)
 
 
 def _torch_functions_run(input: Tensor, training: bool) -> bool:
@@ -171,7 +174,7 @@ class _BatchNormForward(_BatchNormBase):
         return momentum
 
 
-@torch.compiler.disable  # type: ignore[untyped-decorator]  # (torch's, unannotated)
+@outside_graph
 def _run_eagerly(forward: Callable[..., Tensor], *args: Any) -> Tensor:
     """forward(*args) outside the compiled graph (the module's hooks ran already)."""
     return forward(*args)
