@@ -575,7 +575,7 @@ def test_a_rejected_num_batches_tracked_changes_nothing():
     layer = nn.BatchNorm(3, momentum=None)
     layer(np.arange(12, dtype=np.float32).reshape(4, 3))
     state = layer.state_dict()
-    for bad in (-1, np.int64(-5), np.uint64(2**64 - 1), 2**63):
+    for bad in (-1, np.int64(-5), np.uint64(2**64 - 1), 2**63, 2**70):
         with pytest.raises(ValueError, match=r"^num_batches_tracked: must be in \[0, 2\*\*63\)"):
             layer.load_state_dict({**state, "num_batches_tracked": bad})
         assert layer.num_batches_tracked == 1

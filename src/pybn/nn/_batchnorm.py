@@ -474,7 +474,10 @@ def _state_array(value: Any, key: str, shape: tuple[int, ...], dtype: np.dtype |
 
 def _batch_count(value: Any) -> int:
     """num_batches_tracked of a state: an integer in [0, 2**63) (PyTorch keeps an int64)."""
-    count = integer(_state_array(value, "num_batches_tracked", ()).item(), "num_batches_tracked")
+    # (a Python int past int64 would make an array of objects: its range is the error)
+    state = value if isinstance(value, int) and not isinstance(value, bool) else \
+        _state_array(value, "num_batches_tracked", ()).item()
+    count = integer(state, "num_batches_tracked")
     if not 0 <= count < _I64:
         raise ValueError(f"num_batches_tracked: must be in [0, 2**63) (batches counted so far), got {count}")
     return count
