@@ -10,6 +10,7 @@
 #include "kernel_sets.h"
 #include "pybn/openmp_runtime.h"
 #include "pybn/parallel.h"
+#include "pybn/scratch.h"
 #include "pybn/thread_pool.h"
 
 namespace pybn::bindings {
@@ -122,6 +123,10 @@ void def_diagnostics(py::module_& m) {
         py::arg("throw_in") = -1, py::arg("slice_ms") = 0,
         "How parallel_for splits [0, n) over threads (parallel.h, trace_parallel_for).");
   d.def("pool_threads", &pybn::pool_threads, "Threads the pool has started, the calling thread included.");
+  d.def("scratch_kept", []() { return std::make_pair(pybn::scratch_kept_blocks(), pybn::scratch_kept_bytes()); },
+        "(blocks, bytes) of kernel scratch the calling thread keeps for its next call (pybn/scratch.h).");
+  d.def("scratch_limits", []() { return std::make_pair(pybn::kScratchKept, pybn::kScratchKeptBytes); },
+        "(blocks, bytes): the most kernel scratch a thread keeps.");
   d.def("openmp_runtime", []() -> std::optional<std::string> {
     const pybn::OpenMpRuntime* omp = pybn::openmp_for_regions();
     if (omp == nullptr) return std::nullopt;

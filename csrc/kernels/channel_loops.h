@@ -27,6 +27,7 @@
 #include "pybn/cache_sizes.h"
 #include "pybn/kernels.h"
 #include "pybn/parallel.h"
+#include "pybn/scratch.h"
 #include "pybn/vec/vec.h"
 
 namespace pybn {
@@ -120,12 +121,23 @@ inline void with_streaming(i64 n, const F& f) {
   }
 }
 
+// n values of T, default-initialised as new T[n] would (doubles and floats left as they
+// are, Moments empty), in scratch from the calling thread's pool of kept blocks
+// (pybn/scratch.h).
+struct ScratchRelease {
+  void operator()(void* block) const noexcept { scratch_release(block); }
+};
+
 template <class T>
-using Buffer = std::unique_ptr<T[]>;
+using Buffer = std::unique_ptr<T[], ScratchRelease>;
 
 template <class T>
 Buffer<T> make_buffer(i64 n) {
-  return Buffer<T>(new T[static_cast<std::size_t>(std::max<i64>(n, 1))]);
+  static_assert(std::is_trivially_destructible_v<T>);  // (released without destructors)
+  const auto count = static_cast<std::size_t>(std::max<i64>(n, 1));
+  T* values = static_cast<T*>(scratch_acquire(sizeof(T) * count));
+  std::uninitialized_default_construct_n(values, count);
+  return Buffer<T>(values);
 }
 
 // ---------------------------------------------------------------------------------------
