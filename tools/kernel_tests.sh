@@ -26,6 +26,8 @@ KERNEL_TESTS=(
   tests/test_runtime.py        # ISA choice, PYBN_ISA, threads
   tests/test_threadpoolctl.py  # threadpoolctl's view of pybn's pool
   tests/test_half_conversions.py  # 16-bit loads and stores bit for bit (ml_dtypes' bfloat16)
+  tests/test_memory_order.py   # batch norm on transposed and channels-last views, without a copy
+  tests/test_scratch.py        # the kernels' scratch kept between calls
 )
 
 # From the repository root, so that pytest reads pyproject.toml's settings (markers, warnings

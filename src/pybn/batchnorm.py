@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
+from ._memory_order import in_memory_order
 from ._checks import (channel_layout, contiguous_float_array, flag, in_place, output, param_dtype, per_channel,
                       real_number, same_shape_array, shares_memory, written_apart)
 
@@ -52,6 +53,7 @@ def residual_input(residual: Any, x: np.ndarray) -> np.ndarray | None:
     return None if residual is None else same_shape_array(residual, "residual", x, "x")
 
 
+@in_memory_order("x", "residual", "out")
 def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_mean: np.ndarray | None = None,
                      running_var: np.ndarray | None = None, momentum: float = 0.1, eps: float = 1e-5,
                      axis: int = 1, relu: bool = False, residual: Any = None,
@@ -85,7 +87,8 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
         the normalized values before the ReLU, ``y = relu(bn(x) + residual)``, in the same
         pass (the tail of a ResNet block; docs/batchnorm.md, "Fused residual").
     out : ndarray, optional
-        C-contiguous array of x's shape and dtype for y; may be x itself, or the residual
+        C-contiguous array of x's shape and dtype for y (or laid out as x is: docs/conventions.md,
+        "Layout"); may be x itself, or the residual
         itself (an in-place add), but must not overlap either partially.
 
     Returns
@@ -143,6 +146,7 @@ def write_back(*pairs: tuple[np.ndarray | None, np.ndarray | None]) -> None:
             held[...] = updated
 
 
+@in_memory_order("x", "residual", "out")
 def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None, *,
                      eps: float = 1e-5, axis: int = 1, relu: bool = False, residual: Any = None,
                      out: np.ndarray | None = None) -> np.ndarray:
@@ -177,6 +181,7 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     return y
 
 
+@in_memory_order("dy", "x", "y", "out", "d_residual_out")
 def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = None, *, training: bool = True,
                         axis: int = 1, y: Any = None, out: np.ndarray | None = None, residual: bool = False,
                         d_residual_out: np.ndarray | None = None) -> BatchNormGrads | BatchNormResidualGrads:

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
+from ._memory_order import in_memory_order
 from ._checks import (as_array, channel_layout, contiguous_float_array, flag, float_array, output, param_dtype,
                       per_channel, real_number)
 from .batchnorm import backward_inputs, residual_grad, residual_input, running_stats_as, write_back
@@ -45,6 +46,7 @@ class BatchNormGradSums(NamedTuple):
     """sum(dy * xhat) per channel, float64 (the weight gradient)."""
 
 
+@in_memory_order("x")
 def batch_norm_stats(x: Any, *, axis: int = 1) -> BatchNormStats:
     """Count, mean and m2 per channel of x over every axis but `axis` (one pass, float64).
 
@@ -145,6 +147,7 @@ def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
     return invstd
 
 
+@in_memory_order("x", "residual", "out")
 def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: Any = None, *, axis: int = 1,
                      relu: bool = False, residual: Any = None, out: np.ndarray | None = None) -> np.ndarray:
     """``y = (x - mean) * invstd * weight + bias`` per channel (plus `residual`, then the
@@ -165,6 +168,7 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
     return y
 
 
+@in_memory_order("dy", "x", "y")
 def batch_norm_backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, *, axis: int = 1,
                                y: Any = None) -> BatchNormGradSums:
     """Per-channel ``sum(dy)`` and ``sum(dy * xhat)``, ``xhat = (x - mean) * invstd``, in
@@ -176,6 +180,7 @@ def batch_norm_backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, *, axis:
     return sums
 
 
+@in_memory_order("dy", "x", "y", "out", "d_residual_out")
 def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: Any, sum_dy_xhat: Any,
                               count: Any, weight: Any = None, *, axis: int = 1, y: Any = None,
                               out: np.ndarray | None = None, residual: bool = False,
