@@ -440,6 +440,13 @@ def test_cli_info_from_source_checkout():
     assert pybn.__version__ in r.stdout
 
 
+def test_cli_help_is_plain_text(tmp_path):
+    """argparse printed the module docstring as the description, reST markup and all."""
+    r = run_python(["-m", "pybn", "--help"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "``" not in r.stdout and "info, bench and fold" in r.stdout
+
+
 def test_cli_info_default(tmp_path):
     r = run_python(["-m", "pybn", "info"], tmp_path, OMP_NUM_THREADS="2")
     assert r.returncode == 0, r.stderr

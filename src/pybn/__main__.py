@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         from ._fold_cli import main as fold_main
 
         return fold_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m pybn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pybn", description="pybn's commands: info, bench and fold.")
     parser.add_argument("command", choices=["info", "bench", "fold"], help="info: version, ISA, threads; "
                         "bench: the side-by-side benchmark (python -m pybn bench --help); "
                         "fold: fold batch norm in an ONNX model (python -m pybn fold IN.onnx OUT.onnx)")
