@@ -1075,6 +1075,11 @@ def packed_mask_of(dt):
     return lambda: np.zeros(NBYTES, dt)
 
 
+def seeded_good(data, **kw):
+    """A good call of a seeded element-wise function on SHAPE: its `data` argument, `kw`."""
+    return lambda: {data: rand(SHAPE), **kw, "seed": 1, "offset": 0, "out": None}
+
+
 HALF_SPECS = [
     Spec("batch_norm_train[float16]", pybn.batch_norm_train, half_good(bn_train_good, train=True), {
         "running_mean": stats_of_another_dtype("running_mean"),
@@ -1114,6 +1119,22 @@ HALF_SPECS = [
              "mask": cases("mask", [(f"dtype-{dt.name}", packed_mask_of(dt), TypeError) for dt in [H, *OTHERS[1:]]]),
              "out": other_dtypes("out", SHAPE),
          }),
+    Spec("batch_norm_stats[float16]", pybn.batch_norm_stats, half_good(lambda: dict(x=rand(SHAPE), axis=1)), {
+        "x": cases("x", [("int16", lambda: rand(SHAPE).astype(np.int16), TypeError)]),
+    }),
+    Spec("relu_dropout_backward[float16]", pybn.relu_dropout_backward,
+         half_good(lambda: dict(dy=rand(SHAPE), y=rand(SHAPE), p=0.5, out=None)), {
+             "y": other_dtypes("y", SHAPE),
+             "out": other_dtypes("out", SHAPE),
+         }),
+    *[Spec(f"{fn.__name__}[float16]", fn, half_good(good), {"out": other_dtypes("out", SHAPE)})
+      for fn, good in ((pybn.drop_path, seeded_good("x", p=0.5)), (pybn.alpha_dropout, seeded_good("x", p=0.5)),
+                       (pybn.alpha_dropout_backward, seeded_good("dy", p=0.5)),
+                       (pybn.gaussian_dropout, seeded_good("x", rate=0.3)),
+                       (pybn.gaussian_noise, seeded_good("x", stddev=0.5)))],
+    Spec("drop_block[float16]", pybn.drop_block, half_good(drop_block_good), {
+        "out": other_dtypes("out", SHAPE4),
+    }),
     Spec("nn.BatchNorm.__call__[float16]", layer_call("x"), half_layer(lambda: pybn.nn.BatchNorm(C, dtype=H)), {
         "x": other_dtypes("x", SHAPE),
     }, watch=layer_state),

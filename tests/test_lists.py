@@ -3,6 +3,7 @@ of CMakeLists.txt) and what derives from them: the bindings, the diagnostics tab
 stub, the thresholds the kernels own, and the test-only instantiation with float32 storage
 computing in double."""
 
+import inspect
 import os
 import pathlib
 import re
@@ -270,3 +271,17 @@ def test_merge_of_workers_is_the_float64_moments_of_the_union():
     union = np.concatenate(parts)
     np.testing.assert_allclose(merged_mean, union.mean(axis=0), rtol=1e-14)
     np.testing.assert_allclose(merged_m2, ((union - union.mean(axis=0)) ** 2).sum(axis=0), rtol=1e-13)
+
+
+def test_every_function_with_out_has_the_overlap_and_16bit_rows():
+    """A public function taking ``out=`` is in test_errors' OUT_CALLS (an out overlapping an
+    input given as another array-like) and has a float16 row in the input matrix."""
+    import test_errors
+    import test_input_matrix
+
+    half = {spec.name.split("[")[0] for spec in test_input_matrix.HALF_SPECS}
+    takes_out = [name for name in pybn.__all__ if inspect.isfunction(getattr(pybn, name))
+                 and "out" in inspect.signature(getattr(pybn, name)).parameters]
+    assert len(takes_out) >= 14
+    assert [n for n in takes_out if n not in test_errors.OUT_CALLS] == []
+    assert [n for n in takes_out if n not in half] == []

@@ -19,7 +19,9 @@
 //   Vec<float>::load_widen(const Float16* / const BFloat16* p[, n]) / store_narrow(...):
 //                           the same for 16-bit storage (half.h), to the same bits on
 //                           every path
-//   set1, zero, + - *, fma(a, b, c) = a*b + c, reduce_add
+//   set1, zero, + - *, fma(a, b, c) = a*b + c, reduce_add (fma rounds once on the SIMD
+//                           paths and twice, a product then a sum, on the scalar one:
+//                           a kernel whose bits must agree on every path does not use it)
 //   relu(v)                 max(v, 0) with NaN propagated, as torch.relu
 //   keep_first(v, n)        v with lanes [n, W) set to 0
 //   keep_unless_nonpositive(y, v)  0 where y <= 0, else v: the ReLU gradient's mask (a NaN
