@@ -29,28 +29,31 @@ def in_memory_order(*names: str) -> Callable[[F], F]:
     argument ``axis``."""
 
     def decorate(function: F) -> F:
-        signature = inspect.signature(function)
+        parameters = inspect.signature(function).parameters
+        positional = [n for n, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+        default_axis = parameters["axis"].default
 
         @functools.wraps(function)
         def call(*args: Any, **kwargs: Any) -> Any:
             first = args[0] if args else kwargs.get(names[0])
             if type(first) is np.ndarray and first.flags.c_contiguous:  # the common case, first
                 return function(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arrays = {name: bound.arguments[name] for name in names}
-            order = memory_order(arrays, bound.arguments["axis"])
+            if len(args) > len(positional):
+                return function(*args, **kwargs)  # (the function's own TypeError)
+            given = dict(zip(positional, args), **kwargs)  # every argument by name (no *args here)
+            arrays = {name: given.get(name) for name in names}
+            order = memory_order(arrays, given.get("axis", default_axis))
             if order is None:
                 return function(*args, **kwargs)
             perm, axis = order
-            given = {}  # id(an argument's transposed view) -> the argument (out= comes back as itself)
+            views = {}  # id(an argument's transposed view) -> the argument (out= comes back as itself)
             for name, value in arrays.items():
                 if value is not None:
-                    bound.arguments[name] = view = value.transpose(perm)
-                    given[id(view)] = value
-            bound.arguments["axis"] = axis
-            shape = tuple(arrays[names[0]].shape[i] for i in perm)
-            return _back(function(*bound.args, **bound.kwargs), tuple(np.argsort(perm)), shape, given)
+                    given[name] = view = value.transpose(perm)
+                    views[id(view)] = value
+            given["axis"] = axis
+            shape = given[names[0]].shape  # (x in memory order)
+            return _back(function(**given), tuple(np.argsort(perm)), shape, views)
 
         return call  # type: ignore[return-value]
 
