@@ -87,9 +87,10 @@ def test_momentum_none_compiles_once_and_matches_eager():
 
 
 IMPORT_THEN_COMPILE = """
-import sys, torch, pybn.torch, pybn.torch.nn as pnn
+import importlib.util, sys, torch, pybn.torch, pybn.torch.nn as pnn
 loaded = [m for m in ("torch._dynamo", "sympy", "torch.onnx") if m in sys.modules]
 assert not loaded, loaded
+{before_compile}
 bn, eager = pnn.BatchNorm1d(8, momentum=None), pnn.BatchNorm1d(8, momentum=None)
 compiled = torch.compile(bn, backend="eager")
 for _ in range(3):
@@ -102,12 +103,36 @@ assert int(bn.num_batches_tracked) == 3
 """
 
 
-def test_import_leaves_dynamo_unloaded_and_compile_still_runs_the_batch_norm_eagerly():
+BEFORE_COMPILE = {
+    "nothing": "",
+    # a library's availability check, which imports nothing
+    "a find_spec probe": 'assert importlib.util.find_spec("torch._dynamo") is not None',
+    # a first import that fails (sympy missing for a moment), then one that succeeds
+    "a failed first import": """
+sys.modules["sympy"] = None
+try:
+    import torch._dynamo
+except ImportError:
+    pass
+else:
+    raise AssertionError("torch._dynamo imported without sympy")
+del sys.modules["sympy"]
+for name in [n for n in sys.modules if n.startswith("torch._dynamo")]:
+    del sys.modules[name]
+""",
+}
+
+
+@pytest.mark.parametrize("before_compile", BEFORE_COMPILE)
+def test_import_leaves_dynamo_unloaded_and_compile_still_runs_the_batch_norm_eagerly(before_compile):
     """``import pybn.torch`` imported torch._dynamo (through torch.compiler.disable) and sympy,
     doubling the time of ``import torch``, and torch.onnx. Now the functions that run outside
     compiled graphs are disabled when torch.compile loads dynamo: a momentum=None batch norm
-    compiled after such an import still runs eagerly (dynamo's one break: the disabled call)."""
-    run = subprocess.run([sys.executable, "-c", IMPORT_THEN_COMPILE], capture_output=True, text=True, timeout=600)
+    compiled after such an import still runs eagerly (dynamo's one break: the disabled call),
+    also after a find_spec probe or a failed first import of dynamo (the review found that
+    each made the hook miss the real import)."""
+    script = IMPORT_THEN_COMPILE.format(before_compile=BEFORE_COMPILE[before_compile])
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
 

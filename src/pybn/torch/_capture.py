@@ -26,8 +26,10 @@ operator (:func:`refuse_onnx_export`).
 """
 import functools
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
+import warnings
 from types import ModuleType
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -71,39 +73,60 @@ def outside_graph(fn: F) -> F:
     return call  # type: ignore[return-value]
 
 
-_dynamo_callbacks: list[Callable[[], None]] = []
+# (kept across importlib.reload of this module: the modules that registered them are not reloaded)
+_dynamo_callbacks: list[Callable[[], None]] = globals().get("_dynamo_callbacks", [])
 
 
 def _after_dynamo_import(callback: Callable[[], None]) -> None:
-    """Run `callback` right after torch._dynamo is first imported, or now if it is already."""
+    """Run `callback` right after torch._dynamo is first imported, or now if it is already.
+    (A finder put ahead of ours that loads torch._dynamo itself would bypass it: dynamo then
+    traces into the functions, with the same results and more graph breaks.)"""
     if "torch._dynamo" in sys.modules:
         callback()
         return
-    if not _dynamo_callbacks:
-        sys.meta_path.insert(0, _DynamoImport())
     _dynamo_callbacks.append(callback)
+    if not any(isinstance(f, _DynamoImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DynamoImport())
+
+
+def _run_dynamo_callbacks() -> None:
+    while _dynamo_callbacks:
+        callback = _dynamo_callbacks.pop(0)
+        try:
+            callback()
+        except Exception as e:  # noqa: BLE001  # (never fail torch's import: the function then runs traced)
+            warnings.warn(f"pybn.torch: torch.compiler.disable failed after torch._dynamo was imported: {e!r}",
+                          RuntimeWarning, stacklevel=2)
 
 
 class _DynamoImport(importlib.abc.MetaPathFinder):
-    """A finder ahead of the others on ``sys.meta_path`` that, asked for torch._dynamo, steps
-    aside, lets the other finders find it, and has its loader run the callbacks once the module
-    has executed (a post-import hook, as wrapt's)."""
+    """A finder ahead of the others on ``sys.meta_path`` that, when torch._dynamo is
+    imported, lets the other finders find it and has its loader run the callbacks once the
+    module has executed (a post-import hook, as wrapt's). It stays until they have run: a
+    find_spec probe that imports nothing, or a first import that fails, leaves it waiting."""
+
+    _finding = False  # (its own find_spec call below asks the finders again, itself included)
 
     def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Optional[ModuleType] = None
                   ) -> Optional[importlib.machinery.ModuleSpec]:
-        if fullname != "torch._dynamo":
+        if fullname != "torch._dynamo" or self._finding:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
         loader = spec.loader if spec is not None else None
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
         exec_module = loader.exec_module
+        finder = self
 
         def exec_then_call_back(module: ModuleType) -> None:
-            exec_module(module)
-            while _dynamo_callbacks:
-                _dynamo_callbacks.pop(0)()
+            exec_module(module)  # (raising: the finder stays for the next attempt)
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
+            _run_dynamo_callbacks()
 
         loader.exec_module = exec_then_call_back  # type: ignore[method-assign]
         return spec

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 _Group = Optional["dist.ProcessGroup"]  # (a name torch.distributed has only where it is available)
 
 
-
 def wants_cpu_sync(module: "SyncBatchNorm", input: Tensor) -> bool:
     """A training call on a CPU tensor with more than one process in the module's group."""
     if not (module.training and input.device.type == "cpu" and dist.is_available() and dist.is_initialized()):
