@@ -2,12 +2,27 @@
 // ISA: every ISA's kernels share one pool.
 #include "pybn/scratch.h"
 
+#include <limits>
 #include <new>
 
 namespace pybn {
 namespace {
 
 constexpr std::size_t kAlign = 64;
+
+// Under AddressSanitizer nothing is kept: a block handed out again would hide a kernel's
+// overrun past its request inside the block (ASan checks each fresh allocation exactly).
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kKeep = false;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kKeep = false;
+#else
+constexpr bool kKeep = true;
+#endif
+#else
+constexpr bool kKeep = true;
+#endif
 
 // A block is [header | usable bytes]; the header holds the usable size, so that a block
 // reused for a smaller request is kept again at its full size.
@@ -50,6 +65,7 @@ void* scratch_acquire(std::size_t bytes) {
   for (int i = 0; i < kept.count; ++i)
     if (kept.blocks[i]->bytes >= bytes && (best < 0 || kept.blocks[i]->bytes < kept.blocks[best]->bytes)) best = i;
   if (best >= 0) return kept.take(best) + 1;
+  if (bytes > std::numeric_limits<std::size_t>::max() - 2 * kAlign) throw std::bad_alloc();
   bytes = (bytes + kAlign - 1) / kAlign * kAlign;
   auto* h = static_cast<Header*>(::operator new(sizeof(Header) + bytes, std::align_val_t{kAlign}));
   h->bytes = bytes;
@@ -59,7 +75,7 @@ void* scratch_acquire(std::size_t bytes) {
 void scratch_release(void* block) noexcept {
   if (block == nullptr) return;
   Header* h = header_of(block);
-  if (h->bytes > kScratchKeptBytes) {
+  if (!kKeep || h->bytes > kScratchKeptBytes) {
     free_block(h);
     return;
   }
@@ -76,6 +92,8 @@ void scratch_release(void* block) noexcept {
   }
   kept.keep(h);
 }
+
+bool scratch_keeps_blocks() noexcept { return kKeep; }
 
 std::size_t scratch_kept_blocks() noexcept { return static_cast<std::size_t>(kept.count); }
 std::size_t scratch_kept_bytes() noexcept { return kept.bytes; }

@@ -125,8 +125,10 @@ void def_diagnostics(py::module_& m) {
   d.def("pool_threads", &pybn::pool_threads, "Threads the pool has started, the calling thread included.");
   d.def("scratch_kept", []() { return std::make_pair(pybn::scratch_kept_blocks(), pybn::scratch_kept_bytes()); },
         "(blocks, bytes) of kernel scratch the calling thread keeps for its next call (pybn/scratch.h).");
-  d.def("scratch_limits", []() { return std::make_pair(pybn::kScratchKept, pybn::kScratchKeptBytes); },
-        "(blocks, bytes): the most kernel scratch a thread keeps.");
+  d.def("scratch_limits", []() {
+    return pybn::scratch_keeps_blocks() ? std::make_pair(pybn::kScratchKept, pybn::kScratchKeptBytes)
+                                        : std::make_pair(0, std::size_t(0));
+  }, "(blocks, bytes): the most kernel scratch a thread keeps ((0, 0) under AddressSanitizer).");
   d.def("openmp_runtime", []() -> std::optional<std::string> {
     const pybn::OpenMpRuntime* omp = pybn::openmp_for_regions();
     if (omp == nullptr) return std::nullopt;

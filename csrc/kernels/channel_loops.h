@@ -20,7 +20,9 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <memory>
+#include <new>
 #include <numeric>
 #include <type_traits>
 
@@ -135,6 +137,7 @@ template <class T>
 Buffer<T> make_buffer(i64 n) {
   static_assert(std::is_trivially_destructible_v<T>);  // (released without destructors)
   const auto count = static_cast<std::size_t>(std::max<i64>(n, 1));
+  if (count > std::numeric_limits<std::size_t>::max() / sizeof(T)) throw std::bad_alloc();  // (as new T[n])
   T* values = static_cast<T*>(scratch_acquire(sizeof(T) * count));
   std::uninitialized_default_construct_n(values, count);
   return Buffer<T>(values);

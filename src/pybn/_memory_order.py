@@ -2,11 +2,12 @@
 
 A transposed array, or NumPy's view of a channels_last torch tensor (NCHW indices over
 NHWC memory), is not C-contiguous, and the kernels take C-order arrays: copying such an
-input into C order (a transposing copy, several times slower than the kernel itself) is
-what pybn did. But batch norm only needs each channel's values, in any order. So
-:func:`in_memory_order` calls the function on the C-contiguous view with the axes in memory
-order (the channel axis moved to its place there), and transposes the results back: they
-are laid out as x is, as NumPy's ufuncs lay out theirs (``order="K"``).
+input into C order (a transposing copy, 6-13x the kernel's time) is what pybn did. But batch
+norm only needs each channel's values, in any order. So :func:`call_in_memory_order` calls
+the function on the C-contiguous view with the axes in memory order (the channel axis moved
+to its place there), and transposes the results back: they are laid out as x is, as NumPy's
+ufuncs lay out theirs (``order="K"``). Each function asks it first thing on its Python path,
+after the C++ path for plain calls (which takes C-contiguous arrays only) has declined.
 
 Dropout is not done this way: its mask is a function of each element's C-order index.
 """
@@ -20,54 +21,44 @@ import numpy as np
 
 from ._checks import as_array
 
-F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 
-def in_memory_order(*names: str) -> Callable[[F], F]:
-    """Decorate a batch-norm function whose array arguments `names` (the first positional,
-    the others keyword or positional, None allowed) have one shape and its channel axis
-    argument ``axis``."""
-
-    def decorate(function: F) -> F:
-        parameters = inspect.signature(function).parameters
-        positional = [n for n, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
-        default_axis = parameters["axis"].default
-
-        @functools.wraps(function)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            first = args[0] if args else kwargs.get(names[0])
-            if type(first) is np.ndarray and first.flags.c_contiguous:  # the common case, first
-                return function(*args, **kwargs)
-            if len(args) > len(positional):
-                return function(*args, **kwargs)  # (the function's own TypeError)
-            given = dict(zip(positional, args), **kwargs)  # every argument by name (no *args here)
-            arrays = {name: given.get(name) for name in names}
-            order = memory_order(arrays, given.get("axis", default_axis))
-            if order is None:
-                return function(*args, **kwargs)
-            perm, axis = order
-            views = {}  # id(an argument's transposed view) -> the argument (out= comes back as itself)
-            for name, value in arrays.items():
-                if value is not None:
-                    given[name] = view = value.transpose(perm)
-                    views[id(view)] = value
-            given["axis"] = axis
-            shape = given[names[0]].shape  # (x in memory order)
-            return _back(function(**given), tuple(np.argsort(perm)), shape, views)
-
-        return call  # type: ignore[return-value]
-
-    return decorate
+def call_in_memory_order(function: Callable[..., R], arguments: dict[str, Any], *names: str) -> R | None:
+    """`function`'s result for `arguments` (its parameters by name, and maybe other locals),
+    computed on the memory-order views of the arrays `names` (x first, then others of its
+    shape, None allowed) when x is dense in another axis order and the others share its
+    strides; else None, and the function goes on as for any other input."""
+    x = arguments[names[0]]
+    if isinstance(x, np.ndarray) and x.flags.c_contiguous:  # (the usual call on this path)
+        return None
+    order = memory_order(x, names[0], [arguments[name] for name in names[1:]], arguments["axis"])
+    if order is None:
+        return None
+    perm, axis, x = order
+    given = {name: arguments[name] for name in _parameters(function)}
+    views = {}  # id(an argument's transposed view) -> the argument (out= comes back as itself)
+    for name, value in zip(names, (x, *(arguments[name] for name in names[1:]))):
+        if value is not None:
+            given[name] = view = value.transpose(perm)
+            views[id(view)] = value
+    given["axis"] = axis
+    result: R = _back(function(**given), tuple(np.argsort(perm)), given[names[0]].shape, views)
+    return result
 
 
-def memory_order(arrays: dict[str, Any], axis: Any) -> tuple[tuple[int, ...], int] | None:
-    """(perm, the channel axis of ``x.transpose(perm)``) for the first of `arrays`, x, when it
-    converts without a copy to an array that is not C-contiguous but whose transpose by
-    `perm` is (aligned), and every other array given is an ndarray of x's shape and strides;
-    else None (the function then checks and copies as for any other input). `arrays` gets
-    the converted x."""
-    name, x = next(iter(arrays.items()))
-    if isinstance(x, (list, tuple)) or x is None or type(axis) is not int:
+@functools.cache
+def _parameters(function: Callable[..., Any]) -> tuple[str, ...]:
+    return tuple(inspect.signature(function).parameters)
+
+
+def memory_order(x: Any, name: str, others: list[Any], axis: Any) -> tuple[tuple[int, ...], int, np.ndarray] | None:
+    """(perm, the channel axis of ``x.transpose(perm)``, x as an ndarray) when x is an ndarray,
+    or an array that is memory already (``__dlpack__``: a torch tensor; converting an array-like
+    that computes its values, such as a dask array, would compute them twice), that is not
+    C-contiguous but whose transpose by `perm` is (aligned), and each of `others` given is an
+    ndarray of x's shape and strides; else None."""
+    if type(axis) is not int or not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")):
         return None
     try:
         x = as_array(x, name)
@@ -75,16 +66,15 @@ def memory_order(arrays: dict[str, Any], axis: Any) -> tuple[tuple[int, ...], in
         return None  # (the function raises its own error)
     if x.ndim < 2 or not -x.ndim <= axis < x.ndim or x.flags.c_contiguous:
         return None
-    for other in list(arrays.values())[1:]:
-        if other is not None and not (type(other) is np.ndarray and other.shape == x.shape and
+    for other in others:
+        if other is not None and not (isinstance(other, np.ndarray) and other.shape == x.shape and
                                       other.strides == x.strides):
             return None
     perm = tuple(sorted(range(x.ndim), key=lambda i: -x.strides[i]))  # (stable: size-1 axes keep their order)
     view = x.transpose(perm)
     if not (view.flags.c_contiguous and view.flags.aligned):
         return None
-    arrays[name] = x
-    return perm, perm.index(axis % x.ndim)
+    return perm, perm.index(axis % x.ndim), x
 
 
 def _back(result: Any, inverse: tuple[int, ...], shape: tuple[int, ...], given: dict[int, Any]) -> Any:

@@ -525,7 +525,7 @@ class Folder(AffineRules, BranchRules):
                 nxt = self.graph.single_use(n.output[0])
                 reason = "; ".join(reasons) or "no Conv, ConvTranspose, Gemm or MatMul before it"
                 self.report.append(NotFolded("Mul+Add", (label(n), label(nxt)), reason))
-            elif id(n) in self.chains_left and self.chains_left[id(n)].node is n and reasons:
+            elif id(n) in self.chains_left and reasons:
                 chain = self.chains_left[id(n)]
                 self.report.append(NotFolded(chain.ops, tuple(label(c) for c in chain.all_nodes), "; ".join(reasons)))
         for n in self.graph.nodes:

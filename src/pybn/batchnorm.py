@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._memory_order import in_memory_order
+from ._memory_order import call_in_memory_order
 from ._checks import (channel_layout, contiguous_float_array, flag, in_place, output, param_dtype, per_channel,
                       real_number, same_shape_array, shares_memory, written_apart)
 
@@ -53,7 +53,6 @@ def residual_input(residual: Any, x: np.ndarray) -> np.ndarray | None:
     return None if residual is None else same_shape_array(residual, "residual", x, "x")
 
 
-@in_memory_order("x", "residual", "out")
 def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_mean: np.ndarray | None = None,
                      running_var: np.ndarray | None = None, momentum: float = 0.1, eps: float = 1e-5,
                      axis: int = 1, relu: bool = False, residual: Any = None,
@@ -87,8 +86,8 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
         the normalized values before the ReLU, ``y = relu(bn(x) + residual)``, in the same
         pass (the tail of a ResNet block; docs/batchnorm.md, "Fused residual").
     out : ndarray, optional
-        C-contiguous array of x's shape and dtype for y (or laid out as x is: docs/conventions.md,
-        "Layout"); may be x itself, or the residual
+        C-contiguous array of x's shape and dtype for y (or laid out as x is, when every array of
+        x's shape is: docs/conventions.md, "Layout"); may be x itself, or the residual
         itself (an in-place add), but must not overlap either partially.
 
     Returns
@@ -100,6 +99,9 @@ def batch_norm_train(x: Any, weight: Any = None, bias: Any = None, *, running_me
         plain = _C.bn_train_plain(x, weight, bias, running_mean, running_var, momentum, eps, axis, relu, out)
         if plain is not None:
             return BatchNormTrainResult(*plain)
+    moved = call_in_memory_order(batch_norm_train, locals(), "x", "residual", "out")
+    if moved is not None:  # (x dense in another axis order: docs/conventions.md, "Layout")
+        return moved
     x = contiguous_float_array(x, "x")
     axis, outer, channels, inner = channel_layout(x.shape, axis)
     if outer * inner < 2:
@@ -146,7 +148,6 @@ def write_back(*pairs: tuple[np.ndarray | None, np.ndarray | None]) -> None:
             held[...] = updated
 
 
-@in_memory_order("x", "residual", "out")
 def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None, *,
                      eps: float = 1e-5, axis: int = 1, relu: bool = False, residual: Any = None,
                      out: np.ndarray | None = None) -> np.ndarray:
@@ -164,6 +165,9 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
         y = _C.bn_infer_plain(x, running_mean, running_var, weight, bias, eps, axis, relu, out)
         if y is not None:
             return y
+    moved = call_in_memory_order(batch_norm_infer, locals(), "x", "residual", "out")
+    if moved is not None:  # (x dense in another axis order: docs/conventions.md, "Layout")
+        return moved
     x = contiguous_float_array(x, "x")
     axis, outer, channels, inner = channel_layout(x.shape, axis)
     pdt = param_dtype(x.dtype)
@@ -181,7 +185,6 @@ def batch_norm_infer(x: Any, running_mean: Any, running_var: Any, weight: Any = 
     return y
 
 
-@in_memory_order("dy", "x", "y", "out", "d_residual_out")
 def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = None, *, training: bool = True,
                         axis: int = 1, y: Any = None, out: np.ndarray | None = None, residual: bool = False,
                         d_residual_out: np.ndarray | None = None) -> BatchNormGrads | BatchNormResidualGrads:
@@ -210,9 +213,9 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
         dx is written into dy (``out=dy``) or `d_residual_out` is given: then the pass
         copies dy there.
     d_residual_out : ndarray, optional
-        With ``residual=True``: C-contiguous array of dy's shape and dtype for d_residual;
-        may be dy itself (masked in place) unless dx goes there too, and must share memory
-        with no other argument.
+        With ``residual=True``: C-contiguous array (or laid out as dy, as `out`) of dy's shape
+        and dtype for d_residual; may be dy itself (masked in place) unless dx goes there
+        too, and must share memory with no other argument.
 
     Returns
     -------
@@ -225,6 +228,9 @@ def batch_norm_backward(dy: Any, x: Any, mean: Any, invstd: Any, weight: Any = N
         plain = _C.bn_backward_plain(dy, x, mean, invstd, weight, training, axis, y, out)
         if plain is not None:
             return BatchNormGrads(*plain)
+    moved = call_in_memory_order(batch_norm_backward, locals(), "dy", "x", "y", "out", "d_residual_out")
+    if moved is not None:  # (x dense in another axis order: docs/conventions.md, "Layout")
+        return moved
     b = backward_inputs(dy, x, y, mean, invstd, axis)
     pdt = param_dtype(b.dy.dtype)
     w = per_channel(weight, "weight", b.channels, pdt)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._memory_order import in_memory_order
+from ._memory_order import call_in_memory_order
 from ._checks import (as_array, channel_layout, contiguous_float_array, flag, float_array, output, param_dtype,
                       per_channel, real_number)
 from .batchnorm import backward_inputs, residual_grad, residual_input, running_stats_as, write_back
@@ -46,12 +46,14 @@ class BatchNormGradSums(NamedTuple):
     """sum(dy * xhat) per channel, float64 (the weight gradient)."""
 
 
-@in_memory_order("x")
 def batch_norm_stats(x: Any, *, axis: int = 1) -> BatchNormStats:
     """Count, mean and m2 per channel of x over every axis but `axis` (one pass, float64).
 
     An empty x gives count 0, mean 0 and m2 0.
     """
+    moved = call_in_memory_order(batch_norm_stats, locals(), "x")
+    if moved is not None:  # (x dense in another axis order: docs/conventions.md, "Layout")
+        return moved
     x = contiguous_float_array(x, "x")
     _, outer, channels, inner = channel_layout(x.shape, axis)
     mean = np.empty(channels)
@@ -147,12 +149,14 @@ def batch_norm_invstd(stats: BatchNormStats, eps: float = 1e-5) -> np.ndarray:
     return invstd
 
 
-@in_memory_order("x", "residual", "out")
 def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: Any = None, *, axis: int = 1,
                      relu: bool = False, residual: Any = None, out: np.ndarray | None = None) -> np.ndarray:
     """``y = (x - mean) * invstd * weight + bias`` per channel (plus `residual`, then the
     ReLU, when given), in one pass. As in :func:`pybn.batch_norm_train`, the mean is rounded
     to x's dtype and ``invstd * weight`` is taken in float64 and rounded once."""
+    moved = call_in_memory_order(batch_norm_apply, locals(), "x", "residual", "out")
+    if moved is not None:  # (x dense in another axis order: docs/conventions.md, "Layout")
+        return moved
     x = contiguous_float_array(x, "x")
     _, outer, channels, inner = channel_layout(x.shape, axis)
     pdt = param_dtype(x.dtype)
@@ -168,11 +172,13 @@ def batch_norm_apply(x: Any, mean: Any, invstd: Any, weight: Any = None, bias: A
     return y
 
 
-@in_memory_order("dy", "x", "y")
 def batch_norm_backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, *, axis: int = 1,
                                y: Any = None) -> BatchNormGradSums:
     """Per-channel ``sum(dy)`` and ``sum(dy * xhat)``, ``xhat = (x - mean) * invstd``, in
     float64. `y` (the forward output) masks dy where ``y <= 0``, for a forward with relu."""
+    moved = call_in_memory_order(batch_norm_backward_reduce, locals(), "dy", "x", "y")
+    if moved is not None:  # (x dense in another axis order: docs/conventions.md, "Layout")
+        return moved
     b = backward_inputs(dy, x, y, mean, invstd, axis)
     sums = BatchNormGradSums(np.empty(b.channels), np.empty(b.channels))
     _C.bn_backward_reduce(b.dy, b.x, b.y, b.mean, b.invstd, sums.sum_dy, sums.sum_dy_xhat, b.outer, b.channels,
@@ -180,7 +186,6 @@ def batch_norm_backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, *, axis:
     return sums
 
 
-@in_memory_order("dy", "x", "y", "out", "d_residual_out")
 def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: Any, sum_dy_xhat: Any,
                               count: Any, weight: Any = None, *, axis: int = 1, y: Any = None,
                               out: np.ndarray | None = None, residual: bool = False,
@@ -190,6 +195,9 @@ def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: A
     where ``y <= 0`` when y is given), count the number of values per channel in all.
     With ``residual=True``, returns ``(dx, d_residual)``, d_residual = g written in the same
     pass (as :func:`pybn.batch_norm_backward`'s, `d_residual_out` likewise)."""
+    moved = call_in_memory_order(batch_norm_backward_apply, locals(), "dy", "x", "y", "out", "d_residual_out")
+    if moved is not None:  # (x dense in another axis order: docs/conventions.md, "Layout")
+        return moved
     b = backward_inputs(dy, x, y, mean, invstd, axis)
     sd = per_channel(sum_dy, "sum_dy", b.channels, np.dtype(np.float64))
     sx = per_channel(sum_dy_xhat, "sum_dy_xhat", b.channels, np.dtype(np.float64))

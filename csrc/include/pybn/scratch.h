@@ -22,6 +22,10 @@ void* scratch_acquire(std::size_t bytes);
 // within the limits, else freed.
 void scratch_release(void* block) noexcept;
 
+// Whether blocks are kept at all (not under AddressSanitizer, which must see each
+// allocation's exact size).
+bool scratch_keeps_blocks() noexcept;
+
 // Blocks and bytes this thread keeps (for the tests).
 std::size_t scratch_kept_blocks() noexcept;
 std::size_t scratch_kept_bytes() noexcept;
