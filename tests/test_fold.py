@@ -1,8 +1,5 @@
 """pybn.fold_conv_bn / pybn.fold_bn_linear: against an independent float64 NumPy reference
 (bit for bit on the weights), and against the unfolded pair run by torch in eval mode."""
-import contextlib
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -320,7 +317,7 @@ def test_non_finite_statistics_propagate_without_warnings(case):
     """NaN and infinities in a batch norm's parameters give the IEEE results of the float64
     formula, rounded to the weight's dtype, and no NumPy warning escapes (the suite turns
     warnings into errors). Finite values past the dtype's range (huge-bias) give infinities
-    too, with a RuntimeWarning, as NumPy's cast gives."""
+    too, silently (a check would cost a pass over the weights; the folders check)."""
     w = np.array([[1.0, -2.0, 0.0], [0.5, 0.25, 3.0]], np.float32)
     mean, var, gamma, beta, eps = np.zeros(2), np.ones(2), np.ones(2), np.zeros(2), 1e-5
     bias = np.zeros(2)
@@ -334,10 +331,7 @@ def test_non_finite_statistics_propagate_without_warnings(case):
         s = gamma / np.sqrt(var + eps)
         want_w = (w.astype(np.float64) * s[:, None]).astype(np.float32)
         want_b = ((bias - mean) * s + beta).astype(np.float32)
-    overflow = pytest.warns(RuntimeWarning, match="fold_conv_bn: the folded weights overflow float32") \
-        if case == "huge-bias" else contextlib.nullcontext()
-    with overflow:
-        got = pybn.fold_conv_bn(w, bias, mean, var, gamma, beta, eps=eps)
+    got = pybn.fold_conv_bn(w, bias, mean, var, gamma, beta, eps=eps)
     np.testing.assert_array_equal(got.weight, want_w)
     np.testing.assert_array_equal(got.bias, want_b)
     with np.errstate(all="ignore"):
@@ -347,23 +341,3 @@ def test_non_finite_statistics_propagate_without_warnings(case):
     np.testing.assert_array_equal(got2.weight, want_w2)
     with np.errstate(all="ignore"):
         np.testing.assert_array_equal(got2.bias, (w.T.astype(np.float64) @ t).astype(np.float32))
-
-
-@pytest.mark.parametrize("dtype", [np.float16, "bfloat16", np.float32])
-def test_weights_that_overflow_their_dtype_warn(dtype):
-    """Finite weights and statistics whose fold passes the weight dtype's largest value give
-    infinities (the rounding of the float64 result) and a RuntimeWarning naming the function and
-    the dtype, as NumPy's overflowing cast does; a fold that fits gives no warning."""
-    dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16 if dtype == "bfloat16" else dtype)
-    big = 60000.0 if dtype == np.float16 else 1.7e38
-    w = np.full((2, 3), big, np.float32).astype(dtype)
-    mean, var, gamma, beta = np.zeros(2), np.array([1e-8, 1.0]), np.array([1.0, 1e-6]), np.zeros(2)
-    with pytest.warns(RuntimeWarning, match=f"fold_conv_bn: the folded weights overflow {dtype.name}"):
-        got = pybn.fold_conv_bn(w, None, mean, var, gamma, beta, eps=0.0)
-    assert np.isinf(got.weight[0].astype(np.float32)).all() and np.isfinite(got.weight[1].astype(np.float32)).all()
-    with pytest.warns(RuntimeWarning, match=f"fold_bn_linear: the folded weights overflow {dtype.name}"):
-        got = pybn.fold_bn_linear(w.T.copy(), None, mean, var, gamma, beta, eps=0.0)
-    assert np.isinf(got.weight[:, 0].astype(np.float32)).all()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pybn.fold_conv_bn(w, None, mean, np.ones(2), gamma, beta)

@@ -32,7 +32,7 @@ import numpy as np
 
 from ._checks import round_to
 from ._onnx_graph import attr, is_default, label
-from .fold import cancellation_problem, fold_bn_linear_quiet, fold_conv_bn_quiet
+from .fold import cancellation_problem, fold_bn_linear, fold_conv_bn
 
 _CHAIN_OPS = ("Mul", "Add", "Sub", "Div")
 
@@ -62,13 +62,13 @@ class Affine(NamedTuple):
 
     def fold_after(self, weight: np.ndarray, bias: np.ndarray | None, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
         """(weight, bias) of the layer followed by this map, float64 in, float64 out."""
-        return fold_conv_bn_quiet(weight, bias, self.mean, self.var, self.scale, self.bias, eps=self.eps, **kw)
+        return fold_conv_bn(weight, bias, self.mean, self.var, self.scale, self.bias, eps=self.eps, **kw)
 
     def fold_before(self, weight: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | str:
         """(weight, bias) of this map followed by the layer, float64 in, float64 out; or why
         the layer would lose precision to cancellation."""
         return cancellation_problem(self.mean, self.var, self.eps, self.scale, self.bias) or \
-            fold_bn_linear_quiet(weight, bias, self.mean, self.var, self.scale, self.bias, eps=self.eps)
+            fold_bn_linear(weight, bias, self.mean, self.var, self.scale, self.bias, eps=self.eps)
 
     def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
         """(s, t) of ``x * s + t``, float64."""

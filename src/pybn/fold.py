@@ -13,7 +13,6 @@ weight's dtype (the products and the sums of ``W t`` are taken in float64).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -67,19 +66,6 @@ def _ieee() -> np.errstate:
     """NaN and infinities in the statistics propagate as IEEE arithmetic says, as in the
     kernels, without NumPy's warnings (a variance of 0 with eps = 0 divides by zero)."""
     return np.errstate(divide="ignore", invalid="ignore", over="ignore")
-
-
-def _warn_overflow(function: str, folded: FoldedWeights, eps: Any, *inputs: Any) -> None:
-    """A RuntimeWarning, as NumPy's for a cast that overflows, when finite `inputs` (the
-    layer's weights and the batch norm's, running_var last) with ``running_var + eps > 0``
-    fold to weights past the range of their dtype. (Infinities and NaN in the inputs, and a
-    division by a zero variance, propagate silently: :func:`_ieee`.)"""
-    if all(np.isfinite(a).all() for a in folded):
-        return
-    arrays = [np.asarray(a, dtype=np.float64) for a in inputs if a is not None]
-    if all(np.isfinite(a).all() for a in arrays) and np.all(arrays[-1] + float(eps) > 0):
-        warnings.warn(f"{function}: the folded weights overflow {folded.weight.dtype} (they hold infinities); "
-                      f"pybn.torch.fold and pybn.onnx.fold leave such a batch norm", RuntimeWarning, stacklevel=3)
 
 
 def _channels(indices: np.ndarray, total: int) -> str:
@@ -173,43 +159,6 @@ def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, ga
         ``(weight, bias)`` of the single layer equal to layer-then-BN, in the weight's dtype.
         The inputs are not modified.
     """
-    folded = fold_conv_bn_quiet(weight, bias, running_mean, running_var, gamma, beta, eps=eps,
-                                transposed=transposed, groups=groups)
-    _warn_overflow("fold_conv_bn", folded, eps, weight, bias, running_mean, gamma, beta, running_var)
-    return folded
-
-
-def fold_bn_linear(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma: Any = None,
-                   beta: Any = None, *, eps: float = 1e-5) -> FoldedWeights:
-    """Fold a batch norm that *precedes* a Linear or pointwise (1x1) conv layer into it.
-
-    Parameters
-    ----------
-    weight : array_like, float32, float64, float16 or bfloat16
-        Linear ``(out, in)`` or conv ``(out, in, 1, ...)`` with every kernel size 1. A larger
-        kernel is a ValueError: the conv's zero padding would meet BN's shift ``t`` at the
-        border, so no folded conv equals BN-then-conv there.
-    bias : array_like of shape (out,) or None
-        The layer's bias; None means zeros.
-    running_mean, running_var, gamma, beta : array_like of shape (in,)
-        The batch norm's statistics and affine parameters (gamma, beta default 1 and 0).
-    eps : float
-        The batch norm's epsilon.
-
-    Returns
-    -------
-    FoldedWeights
-        ``(weight, bias)`` with ``W' = W diag(s)`` and ``b' = b + W t``, in the weight's dtype.
-    """
-    folded = fold_bn_linear_quiet(weight, bias, running_mean, running_var, gamma, beta, eps=eps)
-    _warn_overflow("fold_bn_linear", folded, eps, weight, bias, running_mean, gamma, beta, running_var)
-    return folded
-
-
-def fold_conv_bn_quiet(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma: Any = None,
-                       beta: Any = None, *, eps: Any = 1e-5, transposed: bool = False, groups: Any = 1
-                       ) -> FoldedWeights:
-    """:func:`fold_conv_bn` without the overflow warning (pybn's folders refuse such folds)."""
     w = _weight(weight)
     groups = integer(groups, "groups")
     if groups < 1:
@@ -235,9 +184,28 @@ def fold_conv_bn_quiet(weight: Any, bias: Any, running_mean: Any, running_var: A
     return FoldedWeights(w_out, b_out)
 
 
-def fold_bn_linear_quiet(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma: Any = None,
-                         beta: Any = None, *, eps: Any = 1e-5) -> FoldedWeights:
-    """:func:`fold_bn_linear` without the overflow warning (pybn's folders refuse such folds)."""
+def fold_bn_linear(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma: Any = None,
+                   beta: Any = None, *, eps: float = 1e-5) -> FoldedWeights:
+    """Fold a batch norm that *precedes* a Linear or pointwise (1x1) conv layer into it.
+
+    Parameters
+    ----------
+    weight : array_like, float32, float64, float16 or bfloat16
+        Linear ``(out, in)`` or conv ``(out, in, 1, ...)`` with every kernel size 1. A larger
+        kernel is a ValueError: the conv's zero padding would meet BN's shift ``t`` at the
+        border, so no folded conv equals BN-then-conv there.
+    bias : array_like of shape (out,) or None
+        The layer's bias; None means zeros.
+    running_mean, running_var, gamma, beta : array_like of shape (in,)
+        The batch norm's statistics and affine parameters (gamma, beta default 1 and 0).
+    eps : float
+        The batch norm's epsilon.
+
+    Returns
+    -------
+    FoldedWeights
+        ``(weight, bias)`` with ``W' = W diag(s)`` and ``b' = b + W t``, in the weight's dtype.
+    """
     w = _weight(weight)
     if any(k != 1 for k in w.shape[2:]):
         raise ValueError(f"weight: kernel size {w.shape[2:]} is not pointwise; a batch norm before a conv "

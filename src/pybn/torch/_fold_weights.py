@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..fold import fold_bn_linear_quiet, fold_conv_bn_quiet
+from ..fold import fold_bn_linear, fold_conv_bn
 from ._fold_modules import finite, rounded_like, to_numpy
 
 
@@ -61,9 +61,9 @@ def folded(layer: Layer, bn: dict[str, Any], *, before: bool = False) -> tuple[t
     tensors like the layer's weight."""
     w, b = to_numpy(layer.weight), to_numpy(layer.bias)
     if before:
-        fw, fb = fold_bn_linear_quiet(w, b, **bn)
+        fw, fb = fold_bn_linear(w, b, **bn)
     else:
-        fw, fb = fold_conv_bn_quiet(w, b, **bn, transposed=layer.transposed, groups=layer.groups)
+        fw, fb = fold_conv_bn(w, b, **bn, transposed=layer.transposed, groups=layer.groups)
     return rounded_like(fw, layer.weight), rounded_like(fb, layer.weight)
 
 
