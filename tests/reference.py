@@ -152,3 +152,21 @@ def assert_bits_equal(got, want):
     differ = np.flatnonzero(got.view(f"u{got.itemsize}") != want.view(f"u{want.itemsize}"))
     first = differ[:5]
     assert differ.size == 0, f"{differ.size} elements differ, first at {first}: {got.flat[first]} vs {want.flat[first]}"
+
+
+def result_strides(x, *others):
+    """The strides of a batch-norm result for x (those of its axes longer than 1, which alone
+    place elements): x's layout when x is dense in memory in another axis order than C's and
+    each of `others` (the other arrays of x's shape given, None skipped) has its strides
+    (docs/conventions.md, "Layout"), else C order's."""
+    others = [o for o in others if o is not None]
+    order = sorted(range(x.ndim), key=lambda i: -x.strides[i])
+    dense_elsewhere = not x.flags.c_contiguous and x.transpose(order).flags.c_contiguous
+    like = np.empty(x.shape, x.dtype)
+    if dense_elsewhere and all(o.strides == x.strides for o in others):
+        like = np.empty(tuple(x.shape[i] for i in order), x.dtype).transpose(np.argsort(order))
+    return long_axis_strides(like)
+
+
+def long_axis_strides(a):
+    return tuple(s for s, n in zip(a.strides, a.shape) if n > 1)
