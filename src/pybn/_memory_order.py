@@ -29,10 +29,8 @@ def call_in_memory_order(function: Callable[..., R], arguments: dict[str, Any], 
     computed on the memory-order views of the arrays `names` (x first, then others of its
     shape, None allowed) when x is dense in another axis order and the others share its
     strides; else None, and the function goes on as for any other input."""
-    x = arguments[names[0]]
-    if isinstance(x, np.ndarray) and x.flags.c_contiguous:  # (the usual call on this path)
-        return None
-    order = memory_order(x, names[0], [arguments[name] for name in names[1:]], arguments["axis"])
+    order = memory_order(arguments[names[0]], names[0], [arguments[name] for name in names[1:]],
+                         arguments["axis"])
     if order is None:
         return None
     perm, axis, x = order
@@ -58,6 +56,8 @@ def memory_order(x: Any, name: str, others: list[Any], axis: Any) -> tuple[tuple
     that computes its values, such as a dask array, would compute them twice), that is not
     C-contiguous but whose transpose by `perm` is (aligned), and each of `others` given is an
     ndarray of x's shape and strides; else None."""
+    if isinstance(x, np.ndarray) and x.flags.c_contiguous:  # (the usual call on this path)
+        return None
     if type(axis) is not int or not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")):
         return None
     try:
@@ -83,7 +83,7 @@ def _back(result: Any, inverse: tuple[int, ...], shape: tuple[int, ...], given: 
     if isinstance(result, np.ndarray):
         if id(result) in given:
             return given[id(result)]
-        return result.transpose(inverse) if result.shape == shape and result.ndim == len(inverse) else result
+        return result.transpose(inverse) if result.shape == shape else result
     if isinstance(result, tuple):
         items = [_back(item, inverse, shape, given) for item in result]
         return type(result)(*items) if hasattr(result, "_fields") else tuple(items)
