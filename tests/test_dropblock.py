@@ -298,6 +298,25 @@ def test_torch_module_agrees_with_timms_constructor_and_refuses_what_it_lacks():
     assert_raises_naming(ValueError, "x", pnn.DropBlock2d(0.2, seed=1), torch.randn(2, 3, 8))
 
 
+def test_torch_functional_takes_timms_positional_order():
+    # timm's drop_block_2d(x, drop_prob, block_size, gamma_scale, with_noise, inplace,
+    # couple_channels, scale_by_keep): a call written for timm means the same here
+    import pybn.torch.nn as pnn
+
+    x = torch.randn(2, 3, 8, 8)
+    philox = torch.tensor([5, 0])
+    positional = pnn.drop_block_2d(x, 0.3, 3, 1.0, False, False, False, False, philox=philox)
+    named = pnn.drop_block_2d(x, 0.3, 3, couple_channels=False, scale_by_keep=False, philox=philox)
+    assert torch.equal(positional, named)
+    assert not torch.equal(positional, pnn.drop_block_2d(x, 0.3, 3, philox=philox))  # (the options matter)
+    for name, position in (("with_noise", 4), ("inplace", 5)):
+        args = [x, 0.3, 3, 1.0, False, False]
+        args[position] = True
+        assert_raises_naming(ValueError, name, pnn.drop_block_2d, *args)
+        args[position] = "False"
+        assert_raises_naming(TypeError, name, pnn.drop_block_2d, *args)
+
+
 def test_torch_unseeded_follows_torch_manual_seed():
     import pybn.torch.nn as pnn
 

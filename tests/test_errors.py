@@ -108,6 +108,8 @@ def _flag_calls():
         ("layer relu", lambda v: nn.BatchNorm(C)(x, relu=v), "relu"),
         ("layer train", lambda v: nn.BatchNorm(C).train(v), "mode"),
         ("DropBlock2d scale_by_keep", lambda v: nn.DropBlock2d(0.1, 3, seed=0, scale_by_keep=v), "scale_by_keep"),
+        ("fold transposed", lambda v: pybn.fold_conv_bn(np.ones((C, C, 3, 3), np.float32), None, rm, rv,
+                                                        transposed=v), "transposed"),
     ]
 
 

@@ -290,10 +290,11 @@ def test_identity_batch_norm_of_another_input_is_not_merged(rng):
     assert ops(folded) == ops(model)
 
 
-def test_merge_branches_must_be_a_bool(rng):
+@pytest.mark.parametrize("name", ["merge_branches", "return_report"])
+def test_flags_must_be_bools(rng, name):
     model, _ = repvgg_model(rng)
-    with pytest.raises(TypeError, match=r"^merge_branches: "):
-        pybn.onnx.fold(model, merge_branches=1)
+    with pytest.raises(TypeError, match=f"^{name}: must be a bool"):
+        pybn.onnx.fold(model, **{name: "False"})
 
 
 def test_command_line_merges_branches_on_request(rng, tmp_path):

@@ -176,6 +176,44 @@ def test_hyperparameters_torch_refuses_or_that_are_not_finite_name_themselves():
             pybn.torch.accelerate(cls(float("nan")))(x)  # (torch's constructor takes a NaN)
 
 
+def _torch_flag_calls():
+    """(id, call taking one flag value, the flag's name) for the flags of pybn.torch's
+    functions (its modules' constructors are torch's own and take what torch takes)."""
+    x, stats = torch.randn(4, 3, 6, 6), lambda: (torch.zeros(3), torch.ones(3))
+    model = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()  # noqa: E731
+    P = pnn
+    return [
+        ("batch_norm training", lambda v: P.batch_norm(x, *stats(), training=v), "training"),
+        ("batch_norm_add_relu training", lambda v: P.batch_norm_add_relu(x, None, *stats(), training=v), "training"),
+        ("dropout training", lambda v: P.dropout(x, 0.5, training=v), "training"),
+        ("dropout inplace", lambda v: P.dropout(x.clone(), 0.5, inplace=v), "inplace"),
+        ("alpha_dropout training", lambda v: P.alpha_dropout(x, 0.5, training=v), "training"),
+        ("alpha_dropout inplace", lambda v: P.alpha_dropout(x.clone(), 0.5, True, inplace=v), "inplace"),
+        ("gaussian_dropout training", lambda v: P.gaussian_dropout(x, 0.5, training=v), "training"),
+        ("gaussian_noise training", lambda v: P.gaussian_noise(x, 0.5, training=v), "training"),
+        ("stochastic_depth training", lambda v: P.stochastic_depth(x, 0.5, "row", training=v), "training"),
+        ("accelerate return_report", lambda v: pybn.torch.accelerate(model(), return_report=v), "return_report"),
+        ("revert return_report", lambda v: pybn.torch.revert(model(), return_report=v), "return_report"),
+        ("convert_sync_batchnorm return_report",
+         lambda v: pybn.torch.convert_sync_batchnorm(model(), return_report=v), "return_report"),
+        ("fuse_tails return_report", lambda v: pybn.torch.fuse_tails(model(), return_report=v), "return_report"),
+        ("fold return_report", lambda v: pybn.torch.fold(model(), return_report=v), "return_report"),
+        ("fold merge_branches", lambda v: pybn.torch.fold(model(), merge_branches=v), "merge_branches"),
+    ]
+
+
+@pytest.mark.parametrize("value", [None, "False", 0], ids=repr)
+@pytest.mark.parametrize("case", _torch_flag_calls(), ids=lambda c: c[0])
+def test_flags_must_be_bools(case, value):
+    """A merely truthy value is refused (torch's functions refuse it too): "False" would
+    train, return a report or write in place."""
+    _, call, name = case
+    with pytest.raises(TypeError, match=f"^{name}: must be a bool"):
+        call(value)
+    call(np.True_)
+    call(False)
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)])
 @pytest.mark.parametrize("mode", ["train", "eval", "eval, batch statistics", "train, fused tail"])
 def test_an_empty_batch_is_torchs(shape, mode):

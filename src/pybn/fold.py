@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _C
-from ._checks import contiguous_float_array, integer, per_channel, real_number, round_to
+from ._checks import contiguous_float_array, flag, integer, per_channel, real_number, round_to
 
 __all__ = ["FoldedWeights", "fold_conv_bn", "fold_bn_linear"]
 
@@ -163,7 +163,7 @@ def fold_conv_bn(weight: Any, bias: Any, running_mean: Any, running_var: Any, ga
     groups = integer(groups, "groups")
     if groups < 1:
         raise ValueError(f"groups: must be >= 1, got {groups}")
-    if transposed:
+    if flag(transposed, "transposed"):
         if w.shape[0] % groups:
             raise ValueError(f"weight: a ConvTranspose weight (in, out/groups, *kernel) needs in = {w.shape[0]} "
                              f"divisible by groups = {groups}")

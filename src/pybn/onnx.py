@@ -50,6 +50,7 @@ except ImportError as _err:  # pragma: no cover - exercised by a test that hides
     raise ImportError("pybn.onnx needs the onnx package: pip install 'pybn-kernels[onnx]'") from _err
 
 # after the guarded import above: these import onnx unguarded
+from ._checks import flag
 from ._onnx_files import ExternalData, check
 from ._onnx_fold import Folder, FoldRecord, NotFolded
 
@@ -95,8 +96,8 @@ def fold(model: onnx.ModelProto, *, merge_branches: bool = False, return_report:
     """
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"model: expected an onnx.ModelProto, got {type(model).__name__}")
-    if not isinstance(merge_branches, bool):
-        raise TypeError(f"merge_branches: expected True or False, got {type(merge_branches).__name__}")
+    flag(merge_branches, "merge_branches")
+    flag(return_report, "return_report")
     out, report = fold_model(model, merge_branches=merge_branches)
     return (out, report) if return_report else out
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .._checks import flag
 from ._fold_graph import fold_graph
 from ._fold_observe import fresh, observe
 from ._fold_report import Folded, NotFolded
@@ -171,6 +172,8 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
     Folded weights keep the original weight's dtype, device and ``requires_grad``
     (float16 and bfloat16 weights too: folded in float64 and rounded once, docs/dtypes.md).
     """
+    flag(merge_branches, "merge_branches")
+    flag(return_report, "return_report")
     exported = _exported_program_class()
     if exported is not None and isinstance(module, exported):
         from ._fold_export import fold_exported
@@ -186,8 +189,6 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
     if isinstance(module, torch.jit.ScriptModule):
         raise TypeError("module: a TorchScript module (torch.jit.script or trace) cannot be folded; fold the "
                         "Python module, then script the result")
-    if not isinstance(merge_branches, bool):
-        raise TypeError(f"merge_branches: expected True or False, got {type(merge_branches).__name__}")
     try:
         model = copy.deepcopy(module).eval()
     except Exception as exc:

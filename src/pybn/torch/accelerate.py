@@ -5,6 +5,7 @@ from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Tup
 
 from torch import nn
 
+from .._checks import flag
 from . import nn as pnn
 from .seeded import PinnedSeed
 
@@ -102,6 +103,7 @@ def revert(model: nn.Module, *, return_report: bool = False) -> Union[nn.Module,
     """
     from .fuse import unfuse_tails  # (fuse imports this module)
 
+    flag(return_report, "return_report")  # (before the tails are unfused)
     if isinstance(model, nn.Module) and unfuse_tails(model):
         logger.info("pybn.torch.revert: the fused tails are separate calls again")
     return _swap(model, lambda m: REVERTED.get(type(m)), None, return_report, "revert")
@@ -111,6 +113,7 @@ def _swap(model: nn.Module, target: Callable[[nn.Module], Optional[Type[nn.Modul
           return_report: bool, what: str) -> Union[nn.Module, Tuple[nn.Module, List[Swapped]]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    flag(return_report, "return_report")
     report: List[Swapped] = []
     for name, module in list(model.named_modules()):  # (a module in several places: once, first name)
         cls = target(module)

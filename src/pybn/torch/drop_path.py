@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from torch import Tensor, nn
 
-from .._checks import scalar_value
+from .._checks import flag, scalar_value
 from . import ops as _ops
 from ._capture import leaf, prepare_scriptable
 from .seeded import PinnedSeed, mask_counters, rank_and_world_size
@@ -37,7 +37,7 @@ def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True, 
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p: drop probability has to be between 0 and 1, got {p}")
     noise = _noise_shape(input, mode)
-    if not training or p == 0.0:
+    if not flag(training, "training") or p == 0.0:
         return input
     return _ops.dropout_call(input, p, philox, noise)
 

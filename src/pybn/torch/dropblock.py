@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import pybn
 
+from .._checks import flag
 from . import _regenerated
 from ._eager import direct_call
 from ._capture import leaf, prepare_scriptable
@@ -85,13 +86,22 @@ def _backward(ctx: Any, dy: Tensor, _dused: Tensor) -> Tuple[Optional[Tensor], .
 register_autograd(drop_block, _backward, _setup, philox_at=3)
 
 
+def _refuse_timm_options(with_noise: bool, inplace: bool) -> None:
+    if flag(with_noise, "with_noise"):
+        raise ValueError("with_noise: timm's Gaussian noise in the dropped blocks is not supported by pybn")
+    if flag(inplace, "inplace"):
+        raise ValueError("inplace: pybn's DropBlock writes a new tensor (autograd regenerates the mask)")
+
+
 def drop_block_2d(x: Tensor, drop_prob: float = 0.1, block_size: int = 7, gamma_scale: float = 1.0,
-                  couple_channels: bool = True, scale_by_keep: bool = True, *, batchwise: bool = False,
-                  philox: Optional[Tensor] = None) -> Tensor:
-    """timm's ``drop_block_2d`` (training mode) with pybn's masks; ``philox`` as in
-    ``torch.ops.pybn.drop_block``. timm's ``with_noise`` and ``inplace`` are not supported."""
+                  with_noise: bool = False, inplace: bool = False, couple_channels: bool = True,
+                  scale_by_keep: bool = True, *, batchwise: bool = False, philox: Optional[Tensor] = None) -> Tensor:
+    """timm's ``drop_block_2d`` (training mode) with pybn's masks, its arguments in timm's
+    order; ``philox`` as in ``torch.ops.pybn.drop_block``. timm's ``with_noise=True`` and
+    ``inplace=True`` are refused (ValueError), as :class:`DropBlock2d` refuses them."""
     if not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"drop_prob: must be in [0, 1], got {drop_prob}")
+    _refuse_timm_options(with_noise, inplace)
     args = (drop_prob, block_size, gamma_scale, couple_channels, batchwise, scale_by_keep)
     if direct_call(x, philox) and pybn_takes(x):
         _four_dims(x)
@@ -123,10 +133,7 @@ class DropBlock2d(PinnedSeed, nn.Module):
             raise ValueError(f"drop_prob: must be in [0, 1], got {drop_prob}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size: must be an int >= 1, got {block_size!r}")
-        if with_noise:
-            raise ValueError("with_noise: timm's Gaussian noise in the dropped blocks is not supported by pybn")
-        if inplace:
-            raise ValueError("inplace: pybn's DropBlock2d writes a new tensor (autograd regenerates the mask)")
+        _refuse_timm_options(with_noise, inplace)
         self.drop_prob, self.block_size, self.gamma_scale = drop_prob, block_size, gamma_scale
         self.couple_channels, self.scale_by_keep, self.batchwise = couple_channels, scale_by_keep, batchwise
         self.rank, self.world_size = rank_and_world_size(rank, world_size)
@@ -136,7 +143,7 @@ class DropBlock2d(PinnedSeed, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.drop_prob == 0.0:
             return x
-        args = (self.gamma_scale, self.couple_channels, self.scale_by_keep)
+        args = (self.gamma_scale, False, False, self.couple_channels, self.scale_by_keep)
         if self._seed is None:
             return drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise)
         _four_dims(x)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .._checks import flag
 from . import nn as pnn
 from ._fold_modules import global_hooks, has_hooks
 from ._fold_ops import in_place, operator_of
@@ -117,6 +118,7 @@ def fuse_tails(model: nn.Module, *, return_report: bool = False) -> nn.Module | 
         Also return the list of :class:`Fused` (each is logged at INFO level on the
         ``"pybn.torch"`` logger too).
     """
+    flag(return_report, "return_report")
     model = accelerate(model)
     gm, why = _traced(model) if not global_hooks() else (None, "global module hooks would see the fused outputs")
     report: List[Fused] = []

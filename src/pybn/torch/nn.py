@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from .._checks import scalar_value
+from .._checks import flag, scalar_value
 from . import ops as _ops
 from . import residual as _residual
 from . import _transforms
@@ -44,6 +44,7 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Dropou
 
 def _check_arguments(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      training: bool, eps: float) -> None:
+    flag(training, "training")
     # torch's rule for eps (F.batch_norm): a constant channel's variance is 0 in training
     if training and not eps > 0:
         raise ValueError(f"eps: must be > 0 in training (a constant channel's variance is 0), got {eps}")
@@ -261,7 +262,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
             philox: Optional[Tensor] = None, noise_shape: Optional[List[int]] = None) -> Tensor:
     """``torch.nn.functional.dropout`` with pybn's masks; ``philox`` as in
     :func:`pybn.torch.ops.dropout` (None: a seed from torch's default CPU generator)."""
-    if not training or p == 0.0:  # (torch's: the input itself, nothing drawn)
+    inplace = flag(inplace, "inplace")
+    if not flag(training, "training") or p == 0.0:  # (torch's: the input itself, nothing drawn)
         return input
     if philox is None and noise_shape is None and exporting_onnx():  # (ONNX's Dropout; the rest refused)
         return F.dropout(input, p, True, inplace)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import pybn
-from .._checks import real_number
+from .._checks import flag, real_number
 
 from . import _regenerated
 from ._eager import direct_call
@@ -183,7 +183,8 @@ def alpha_dropout(input: Tensor, p: float = 0.5, training: bool = False, inplace
     """``torch.nn.functional.alpha_dropout`` with pybn's masks (``philox`` as for
     :func:`pybn.torch.ops.dropout`; None: a seed from torch's default CPU generator)."""
     p = _probability(p, "p", True)
-    if not training or p == 0.0:
+    inplace = flag(inplace, "inplace")
+    if not flag(training, "training") or p == 0.0:
         return input
     if philox is None and exporting_onnx():  # (torch's function, for torch's exporter to export or refuse)
         return F.alpha_dropout(input, p, True, inplace)
@@ -195,7 +196,7 @@ def alpha_dropout(input: Tensor, p: float = 0.5, training: bool = False, inplace
 def gaussian_dropout(input: Tensor, rate: float, training: bool = True, *, philox: Optional[Tensor] = None) -> Tensor:
     """Keras' ``GaussianDropout(rate)``: ``input * N(1, rate / (1 - rate))`` in training mode."""
     rate = _probability(rate, "rate", False)
-    if not training or rate == 0.0:
+    if not flag(training, "training") or rate == 0.0:
         return input
     return _call(_gaussian_dropout(rate), _gaussian_dropout_op, input, rate, philox)
 
@@ -203,7 +204,7 @@ def gaussian_dropout(input: Tensor, rate: float, training: bool = True, *, philo
 def gaussian_noise(input: Tensor, stddev: float, training: bool = True, *, philox: Optional[Tensor] = None) -> Tensor:
     """Keras' ``GaussianNoise(stddev)``: ``input + N(0, stddev**2)`` in training mode."""
     sd = _stddev(stddev)
-    if not training or sd == 0.0:
+    if not flag(training, "training") or sd == 0.0:
         return input
     return _call(_gaussian_noise(sd), _gaussian_noise_op, input, sd, philox)
 
