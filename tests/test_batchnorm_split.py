@@ -59,6 +59,29 @@ def test_merge_per_channel_counts_and_float_counts():
     assert pybn.batch_norm_merge_stats(np.array([3.0, 2.0]), mean, m2).count == 5.0
 
 
+def test_backward_apply_takes_the_per_channel_counts_of_a_merge(rng):
+    """Counts that differ by channel (values masked per channel): merge_stats gives one
+    count per channel, and backward_apply divides each channel's sums by its own."""
+    x, dy = rng.standard_normal((6, 2)), rng.standard_normal((6, 2))
+    keep = [slice(0, 6), slice(0, 4)]  # channel 1 has 4 values (its last two are padding)
+    counts = [[3, 3], [3, 1]]  # two workers of 3 rows
+    parts = [x[:3], x[3:]]
+    values = [[p[:n, c] for c, n in enumerate(row)] for p, row in zip(parts, counts)]
+    mean = [[v.mean() for v in row] for row in values]
+    m2 = [[((v - v.mean()) ** 2).sum() for v in row] for row in values]
+    stats = pybn.batch_norm_merge_stats(counts, mean, m2)
+    np.testing.assert_array_equal(stats.count, [6, 4])
+    invstd = pybn.batch_norm_invstd(stats, 1e-5)
+    sums = [(dy[k, c].sum(), (dy[k, c] * (x[k, c] - stats.mean[c]) * invstd[c]).sum()) for c, k in enumerate(keep)]
+    sum_dy, sum_dy_xhat = (np.array(v) for v in zip(*sums))
+    dx = pybn.batch_norm_backward_apply(dy, x, stats.mean, invstd, sum_dy, sum_dy_xhat, stats.count)
+    for c, k in enumerate(keep):  # torch over each channel's own values
+        xt = torch.from_numpy(x[k, c].copy()).requires_grad_()
+        yt = torch.nn.functional.batch_norm(xt[:, None], None, None, training=True, eps=1e-5)
+        yt.backward(torch.from_numpy(dy[k, c].copy())[:, None])
+        np.testing.assert_allclose(dx[k, c], xt.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("relu", [False, True])
 def test_one_worker_equals_single_process_bitwise(isa, dtype, relu, rng):
@@ -79,6 +102,9 @@ def test_one_worker_equals_single_process_bitwise(isa, dtype, relu, rng):
     dx = pybn.batch_norm_backward_apply(dy, x, want.mean, want.invstd, *sums, stats.count, w,
                                         y=want.y if relu else None)
     np.testing.assert_array_equal(dx, grads.dx)
+    per_channel = pybn.batch_norm_backward_apply(dy, x, want.mean, want.invstd, *sums, np.full(5, stats.count), w,
+                                                 y=want.y if relu else None)
+    np.testing.assert_array_equal(per_channel, grads.dx)  # (the same count in every channel: the same bits)
     np.testing.assert_array_equal(sums.sum_dy.astype(dtype), grads.dbias)
     np.testing.assert_array_equal(sums.sum_dy_xhat.astype(dtype), grads.dweight)
 
@@ -147,6 +173,12 @@ BAD = [
         _x(), _x(), np.zeros(3), np.ones(3), np.zeros(3), np.zeros(3), 0)),
     ("apply count nan", ValueError, "count", lambda: pybn.batch_norm_backward_apply(
         _x(), _x(), np.zeros(3), np.ones(3), np.zeros(3), np.zeros(3), float("nan"))),
+    ("apply counts length", ValueError, "count", lambda: pybn.batch_norm_backward_apply(
+        _x(), _x(), np.zeros(3), np.ones(3), np.zeros(3), np.zeros(3), [4, 4])),
+    ("apply counts 0", ValueError, "count", lambda: pybn.batch_norm_backward_apply(
+        _x(), _x(), np.zeros(3), np.ones(3), np.zeros(3), np.zeros(3), [4, 0, 4])),
+    ("apply counts str", TypeError, "count", lambda: pybn.batch_norm_backward_apply(
+        _x(), _x(), np.zeros(3), np.ones(3), np.zeros(3), np.zeros(3), ["4", "4", "4"])),
 ]
 
 

@@ -176,6 +176,15 @@ def test_hyperparameters_torch_refuses_or_that_are_not_finite_name_themselves():
             pybn.torch.accelerate(cls(float("nan")))(x)  # (torch's constructor takes a NaN)
 
 
+@pytest.mark.parametrize("settings", [{}, {"affine": False}, {"track_running_stats": False}])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_wrong_channel_count_names_the_input(settings, training):
+    bn = pybn.torch.accelerate(nn.BatchNorm2d(4, **settings)).train(training)
+    with pytest.raises(ValueError, match=r"^input: has 3 channels \(dim 1\) but the module was built with "
+                                         r"num_features=4"):
+        bn(torch.randn(2, 3, 5, 5))
+
+
 def _torch_flag_calls():
     """(id, call taking one flag value, the flag's name) for the flags of pybn.torch's
     functions (its modules' constructors are torch's own and take what torch takes)."""

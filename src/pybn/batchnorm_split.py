@@ -186,13 +186,36 @@ def batch_norm_backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, *, axis:
     return sums
 
 
+def _per_value(sum_dy: np.ndarray, sum_dy_xhat: np.ndarray, count: Any, channels: int) -> tuple[Any, Any, float]:
+    """The sums and the count the kernel takes: a number as it is; per-channel counts (the
+    count of batch_norm_merge_stats over (W, C) counts) divide the sums here, in float64 as
+    the kernel divides by a number, and the kernel's count is 1 (so the same bits where
+    every channel's count is the same)."""
+    if np.ndim(count) == 0:
+        count = real_number(count, "count")
+        if not count > 0:
+            raise ValueError(f"count: must be > 0, got {count}")
+        return sum_dy, sum_dy_xhat, count
+    counts = as_array(count, "count")
+    if counts.dtype.kind not in "iuf":
+        raise TypeError(f"count: must be a number or per-channel numbers, got dtype {counts.dtype}")
+    if counts.shape != (channels,):
+        raise ValueError(f"count: expected a number or shape ({channels},) (one count per channel), got "
+                         f"{counts.shape}")
+    counts = counts.astype(np.float64)
+    if not np.all(counts > 0) or not np.all(np.isfinite(counts)):
+        raise ValueError("count: must be finite and > 0 in every channel")
+    return sum_dy / counts, sum_dy_xhat / counts, 1.0
+
+
 def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: Any, sum_dy_xhat: Any,
                               count: Any, weight: Any = None, *, axis: int = 1, y: Any = None,
                               out: np.ndarray | None = None, residual: bool = False,
                               d_residual_out: np.ndarray | None = None) -> Any:
     """dx of training-mode batch norm from the sums over every worker:
     ``dx = weight * invstd * (g - sum_dy/count - xhat * sum_dy_xhat/count)``, g = dy (masked
-    where ``y <= 0`` when y is given), count the number of values per channel in all.
+    where ``y <= 0`` when y is given), count the number of values per channel in all (a
+    number, or one per channel: the count of :func:`batch_norm_merge_stats` over (W, C) counts).
     With ``residual=True``, returns ``(dx, d_residual)``, d_residual = g written in the same
     pass (as :func:`pybn.batch_norm_backward`'s, `d_residual_out` likewise)."""
     moved = call_in_memory_order(batch_norm_backward_apply, locals(), "dy", "x", "y", "out", "d_residual_out")
@@ -203,9 +226,7 @@ def batch_norm_backward_apply(dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: A
     sx = per_channel(sum_dy_xhat, "sum_dy_xhat", b.channels, np.dtype(np.float64))
     if sd is None or sx is None:
         raise TypeError(f"{'sum_dy' if sd is None else 'sum_dy_xhat'}: is required")
-    count = real_number(count, "count")
-    if count <= 0:
-        raise ValueError(f"count: must be > 0, got {count}")
+    sd, sx, count = _per_value(sd, sx, count, b.channels)
     w = per_channel(weight, "weight", b.channels, param_dtype(b.dy.dtype))
     dx = output(out, b.dy, (("dy", b.dy), ("x", b.x), ("y", b.y), ("mean", b.mean), ("invstd", b.invstd),
                             ("sum_dy", sd), ("sum_dy_xhat", sx), ("weight", w)))

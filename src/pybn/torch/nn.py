@@ -155,6 +155,9 @@ class _BatchNormForward(_BatchNormBase):
 
     def _forward(self, input: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
         self._check_input_dim(input)  # type: ignore[no-untyped-call]  # (torch's, unannotated)
+        if input.shape[1] != self.num_features:  # (named here: the user gave neither weight nor statistics)
+            raise ValueError(f"input: has {input.shape[1]} channels (dim 1) but the module was built with "
+                             f"num_features={self.num_features}")
         momentum = self._momentum_for_this_call()
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # in eval mode with track_running_stats=False the batch's own statistics are used and
