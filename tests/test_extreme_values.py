@@ -521,6 +521,47 @@ def test_common_channels_keep_their_bits_beside_an_extreme_one(layout, dtype, ex
         assert_bits_equal(alone, beside)
 
 
+@pytest.mark.parametrize("extra", ["tiny variance", "huge sum", "NaN sum"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["rows", "period"])
+def test_common_channels_keep_their_gradient_bits_beside_an_extreme_one(layout, dtype, extra, isa, threads, rng):
+    """The backward's coefficients likewise: set by vector loops when every channel is in the
+    common case (common_dx_coefficients), channel by channel when one needs a power-of-two
+    scale (an invstd past the unit range, or a k_x past the type's range) or is NaN. The
+    other channels' dx must not change by a bit. 70 channels: more than a vector's lanes."""
+    C = 70
+    top = 127 if dtype == np.float32 else 1023
+    shape = (50, C + 1) if layout == "period" else (3, C + 1, 50)
+    x, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    axis = -1 if layout == "period" else 1
+    mean = rng.standard_normal(C + 1).astype(dtype)
+    invstd = (rng.random(C + 1) + 0.5).astype(dtype)
+    w = rng.standard_normal(C + 1).astype(dtype)
+    sum_dy, sum_dy_xhat = rng.standard_normal(C + 1) * 40, rng.standard_normal(C + 1) * 40
+    if extra == "tiny variance":
+        invstd[C] = dtype(2.0**40 if dtype == np.float32 else 2.0**300)  # past the unit range
+    elif extra == "huge sum":
+        sum_dy_xhat[C] = 2.0 ** (top - 1)  # k_x past the type's range: moved into the scale
+    else:
+        sum_dy_xhat[C] = np.nan
+    common = (slice(None), slice(0, C)) if layout == "period" else (slice(None), slice(0, C), slice(None))
+    count = shape[0] * (shape[2] if layout == "rows" else 1)
+
+    def dx(k, xs, dys):
+        return pybn.batch_norm_backward_apply(dys, xs, mean[:k], invstd[:k], sum_dy[:k], sum_dy_xhat[:k], count,
+                                              w[:k], axis=axis)
+
+    alone = dx(C, np.ascontiguousarray(x[common]), np.ascontiguousarray(dy[common]))
+    assert_bits_equal(alone, dx(C + 1, x, dy)[common])
+    want = (w[:C] * invstd[:C]).astype(np.float64)
+    xhat = (x[common].astype(np.float64) - (mean[:C] if layout == "period" else mean[:C, None])) * \
+        (invstd[:C] if layout == "period" else invstd[:C, None])
+    per = (lambda v: v) if layout == "period" else (lambda v: v[:, None])
+    ref = per(want) * (dy[common] - per(sum_dy[:C] / count) - xhat * per(sum_dy_xhat[:C] / count))
+    np.testing.assert_allclose(alone, ref, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-12)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=["f32", "f64", "f16"])
 @pytest.mark.parametrize("layout", ["rows", "period"])
 def test_tiny_variance_of_large_values_gives_beta_at_the_mean(layout, dtype, isa, threads):
