@@ -45,6 +45,20 @@ def test_merged_stats_equal_stats_of_the_whole_batch(sizes, rng):
     np.testing.assert_allclose(merged.m2, m2, rtol=1e-6)  # float32 data: m2 to float32 precision
 
 
+def test_merge_takes_unaligned_statistics(rng):
+    # float64 statistics one byte off their alignment (C-contiguous, unaligned: NumPy's
+    # astype(copy=False) keeps them so) are read by the kernel as doubles: made aligned first
+    mean, m2 = rng.standard_normal((3, 4)), rng.random((3, 4))
+    raw = np.zeros(2 * mean.nbytes + 1, np.uint8)
+    views = [np.frombuffer(raw.data, np.float64, 12, 1 + i * mean.nbytes).reshape(3, 4) for i in range(2)]
+    views[0][...], views[1][...] = mean, m2
+    assert not views[0].flags.aligned
+    got = pybn.batch_norm_merge_stats([2, 3, 4], *views)
+    want = pybn.batch_norm_merge_stats([2, 3, 4], mean, m2)
+    np.testing.assert_array_equal(got.mean, want.mean)
+    np.testing.assert_array_equal(got.m2, want.m2)
+
+
 def test_merge_per_channel_counts_and_float_counts():
     # two workers with different counts per channel, written out by hand
     a = np.array([1.0, 2.0, 4.0])

@@ -91,6 +91,14 @@ def test_backward_by_regeneration_equals_torch_autograd():
     np.testing.assert_array_equal(dx, xt.grad.numpy())
 
 
+def test_an_empty_array_draws_no_mask():
+    # mode "row" draws over (N, 1, ...): with another extent 0 and N = 2**40, that mask was
+    # 128 GiB (a MemoryError) for an empty result
+    x = np.empty((2**40, 0, 1), np.float32)
+    assert pybn.drop_path(x, 0.3, seed=1).shape == x.shape
+    assert pybn.dropout(x, 0.3, seed=1, noise_shape=(2**40, 1, 1)).shape == x.shape
+
+
 def test_out_and_in_place():
     x = np.random.default_rng(5).standard_normal((9, 5)).astype(np.float32)
     want = stochastic_depth_ref(x, 0.5, 1, 0, "row")

@@ -95,6 +95,10 @@ def test_edges_p_zero_all_dropped_and_nonfinite():
     empty = np.zeros((0, 3, 4, 4), np.float32)
     assert pybn.drop_block(empty, 0.5, block_size=3, seed=1).shape == empty.shape
     assert pybn.drop_block(np.zeros((2, 3, 0, 4)), 0.5, block_size=3, seed=1).shape == (2, 3, 0, 4)
+    # an empty batch with a huge spatial extent: no mask over the noise shape (which drops
+    # the empty extent: a batchwise mask of 2**40 elements was 128 GiB, a MemoryError)
+    huge = np.empty((0, 1, 2**20, 2**20), np.float32)
+    assert pybn.drop_block(huge, 0.3, block_size=3, seed=1, batchwise=True).shape == huge.shape
 
 
 def test_in_place_and_out():

@@ -347,9 +347,16 @@ def int_cases(arg, minimum, maximum=None):
 
 
 def count_cases():
-    """The positive total count of batch_norm_backward_apply."""
+    """The positive count of batch_norm_backward_apply: a number, or one per channel."""
     table = [("0", lambda: 0, ValueError), ("-1", lambda: -1, ValueError)]
-    table += [t for t in NON_FINITE + NON_NUMBERS if t[0] != "array-1"]
+    table += [t for t in NON_FINITE + NON_NUMBERS if t[0] not in ("array-1", "list")]
+    table += [("list-of-1", lambda: [0.5], ValueError),
+              ("per-channel-C+1", lambda: np.full(C + 1, 20), ValueError),
+              ("per-channel-2-d", lambda: np.full((1, C), 20), ValueError),
+              ("per-channel-with-a-0", lambda: np.array([20] * (C - 1) + [0]), ValueError),
+              ("per-channel-nan", lambda: np.array([20.0] * (C - 1) + [np.nan]), ValueError),
+              ("per-channel-str", lambda: ["20"] * C, TypeError),
+              ("per-channel-bool", lambda: np.ones(C, bool), TypeError)]
     return cases("count", table)
 
 

@@ -323,3 +323,19 @@ def test_a_new_output_below_stream_min_bytes_only(kind, rng):
         assert (_plain(kind, args) is not None) == taken, size
         args["out"] = np.empty_like(args["x"])
         assert _plain(kind, args) is not None, size
+
+
+def test_kernel_bindings_refuse_unaligned_arrays():
+    """The kernels' bindings (pybn._C, below the public functions, which copy or refuse such
+    arrays) refuse an array one byte off its alignment: past STREAM_MIN_BYTES the streaming
+    stores of an unaligned output faulted (found by a C++ review, through _C.dropout)."""
+    n = pybn._C.STREAM_MIN_BYTES // 4 + 4096
+    x = np.ones(n, np.float32)
+    with pytest.raises(ValueError, match="^out: must be aligned"):
+        pybn._C.dropout(x, _misaligned(np.empty_like(x)), 1, 0, 0, 1.0, False)
+    with pytest.raises(ValueError, match="^x: must be aligned"):
+        pybn._C.dropout(_misaligned(x[:1000]), np.empty(1000, np.float32), 1, 0, 0, 1.0, False)
+    xs = np.ones((1, 4, 5), np.float32)
+    stats = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="must be aligned"):
+        pybn._C.bn_infer(xs, np.empty_like(xs), _misaligned(stats), stats, None, None, 1, 4, 5, 1e-5, False, None)

@@ -186,7 +186,12 @@ def test_a_channel_count_mismatch_under_compile_names_the_tensor(training):
     backward's gradient check ("returned an invalid gradient at index 1 - got [4] but expected
     shape compatible with [3]")."""
     bn = pnn.BatchNorm2d(3).train(training)
+    args = (bn.running_mean, bn.running_var, bn.weight, bn.bias, training)
     with pytest.raises(Exception, match=r"weight: expected shape \(4,\)"):
+        torch.compile(lambda x: pnn.batch_norm(x, *args), backend="aot_eager")(torch.randn(2, 4, 5, 5))
+    # the module names its input (it was built for 3 channels)
+    with pytest.raises(Exception, match=r"input: has 4 channels \(dim 1\) but the module was built with "
+                                        r"num_features=3"):
         torch.compile(bn, backend="aot_eager")(torch.randn(2, 4, 5, 5))
 
 

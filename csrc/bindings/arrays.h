@@ -105,6 +105,9 @@ py::array checked(const py::handle& obj, i64 size, const char* name, bool writab
   if (!is_of<T>(a))
     throw py::type_error(std::string(name) + ": dtype " + std::string(py::str(a.dtype())) + " does not match x");
   if (!(a.flags() & py::array::c_style)) fail(name, "must be C-contiguous");
+  // (the kernels' vector loops align element pointers, and their streaming stores fault on
+  // a pointer no whole number of elements brings to a line)
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) fail(name, "must be aligned to its element size");
   if (a.size() != size) fail(name, "has " + std::to_string(a.size()) + " elements, expected " + std::to_string(size));
   if (writable && !a.writeable()) fail(name, "is read-only");
   return a;

@@ -79,8 +79,9 @@ def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
         (W,); for shape (W, C) an array of NumPy's integer sum (int64 or uint64), or float64
         where a total passes its range; float counts give float64), mean and m2 in float64.
     """
-    mean = float_array(mean, "mean").astype(np.float64, copy=False)
-    m2 = float_array(m2, "m2").astype(np.float64, copy=False)
+    # (aligned too: the kernel reads them as doubles)
+    mean = np.require(float_array(mean, "mean"), np.float64, ["C", "A"])
+    m2 = np.require(float_array(m2, "m2"), np.float64, ["C", "A"])
     if mean.ndim != 2 or mean.shape[0] == 0:
         raise ValueError(f"mean: expected shape (W, C) with W >= 1 (one row per worker), got {mean.shape}")
     if m2.shape != mean.shape:
@@ -96,7 +97,7 @@ def batch_norm_merge_stats(count: Any, mean: Any, m2: Any) -> BatchNormStats:
     if np.any((m2 < 0) & (c > 0)):
         raise ValueError("m2: must be >= 0 (a sum of squared deviations), got a negative entry")
     mu, s = np.empty(mean.shape[1]), np.empty(mean.shape[1])
-    _C.bn_merge_stats(c, np.ascontiguousarray(mean), np.ascontiguousarray(m2), mu, s)
+    _C.bn_merge_stats(c, mean, m2, mu, s)
     return BatchNormStats(_total_count(counts), mu, s)
 
 

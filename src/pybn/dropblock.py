@@ -168,9 +168,9 @@ def drop_block(x: Any, p: float, *, block_size: int, seed: int, offset: int = 0,
     gamma_scale = real_number(gamma_scale, "gamma_scale", minimum=0.0)
     scale_by_keep = flag(scale_by_keep, "scale_by_keep")
     y = output(out, x, (("x", x),))
-    keep, kept = _keep_mask(noise, p, block_size, seed, offset, gamma_scale)
-    if x.size == 0:
+    if x.size == 0:  # (before the mask: the noise shape's other extents may be huge)
         return y
+    keep, kept = _keep_mask(noise, p, block_size, seed, offset, gamma_scale)
     scale = (math.prod(noise) / kept if kept else 0.0) if scale_by_keep else 1.0
     mask_shape: tuple[int, ...] = noise
     if channels_last:
