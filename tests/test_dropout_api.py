@@ -592,6 +592,20 @@ def test_bad_mask():
                              x, bad, 0.5)
 
 
+def test_noise_shape_none_entries_are_xs_extents():
+    """Keras' noise_shape=(None, 1, ...): None stands for x's extent on that axis (as
+    pybn.nn.Dropout takes it)."""
+    x = data((4, 8, 5, 3), np.float32, seed=7)
+    want = rd.dropout_ref(x, 0.5, 3, 0, (4, 8, 1, 1))
+    assert_bitwise(pybn.dropout(x, 0.5, seed=3, noise_shape=(None, None, 1, 1)), want)
+    assert_bitwise(pybn.dropout(x, 0.5, seed=3, noise_shape=[4, None, 1, 1]), want)
+    mask = pybn.dropout_mask((4, 8, 1, 1), 0.5, seed=3)
+    assert_bitwise(pybn.dropout_apply(x, mask, 0.5, noise_shape=(None, 8, 1, 1)), want)
+    assert_bitwise(pybn.dropout(x, 0.5, seed=3, noise_shape=(None,) * 4), rd.dropout_ref(x, 0.5, 3, 0, None))
+    for bad in ((None, 1, 1), (None, 8, 1, 1, 1)):  # (a None needs one entry per axis)
+        assert_raises_naming(ValueError, "noise_shape", pybn.dropout, x, 0.5, seed=1, noise_shape=bad)
+
+
 @pytest.mark.parametrize("ns", [(5, 7, 1), (5,), (5, 2), (2, 7), (5, 0), (-5, 7),
                                 (5, 14), ()],
                          ids=["too-long", "too-short", "2-not-7", "2-not-5",

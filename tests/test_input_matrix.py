@@ -396,6 +396,7 @@ def noise_shape_cases():
              ("more-entries", lambda: SHAPE + (1,), ValueError),
              ("entry-not-1-or-extent", lambda: SHAPE[:-1] + (2,), ValueError),
              ("entry-0", lambda: SHAPE[:-1] + (0,), ValueError),
+             ("None-entry-and-fewer-entries", lambda: (None,) + SHAPE[1:-1], ValueError),
              ("larger-entry", lambda: SHAPE[:-1] + (10,), ValueError),
              ("int", lambda: 5, TypeError),
              ("float-entry", lambda: SHAPE[:-1] + (1.5,), TypeError),

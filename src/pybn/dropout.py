@@ -74,16 +74,18 @@ def dropout_scale(p: float) -> float:
 
 
 def _noise_shape(noise_shape: Any, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """None when the mask covers x itself; else the checked mask shape (Keras semantics)."""
+    """None when the mask covers x itself; else the checked mask shape (Keras semantics: an
+    entry None is x's extent on that axis)."""
     if noise_shape is None:
         return None
     try:
-        ns = tuple(integer(d, "noise_shape") for d in noise_shape)
+        entries = tuple(None if d is None else integer(d, "noise_shape") for d in noise_shape)
     except TypeError:
-        raise TypeError(f"noise_shape: must be a sequence of ints, got {noise_shape!r}") from None
-    if len(ns) != len(shape) or any(d != 1 and d != s for d, s in zip(ns, shape)):
-        raise ValueError(f"noise_shape: {ns} does not broadcast to x's shape {shape} "
-                         "(one entry per axis, each 1 or equal to that axis)")
+        raise TypeError(f"noise_shape: must be a sequence of ints (or None), got {noise_shape!r}") from None
+    ns = tuple(s if d is None else d for d, s in zip(entries, shape))
+    if len(entries) != len(shape) or any(d != 1 and d != s for d, s in zip(ns, shape)):
+        raise ValueError(f"noise_shape: {entries} does not broadcast to x's shape {shape} "
+                         "(one entry per axis, each 1, None or equal to that axis)")
     return None if ns == shape else ns
 
 
@@ -156,9 +158,9 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
     seed, offset : int in [0, 2**64)
         Select the mask (see the module docstring); the same arguments give the same mask
         everywhere. The backward pass is ``dropout(dy, p, seed=seed, offset=offset)``.
-    noise_shape : sequence of int, optional
-        Keras semantics: the mask is drawn over this shape (each entry 1 or x's extent) and
-        broadcast where it is 1; ``(N, C, 1, 1)`` is PyTorch's Dropout2d.
+    noise_shape : sequence of int or None, optional
+        Keras semantics: the mask is drawn over this shape (each entry 1, x's extent, or None
+        for x's extent) and broadcast where it is 1; ``(N, C, 1, 1)`` is PyTorch's Dropout2d.
     relu : bool, default False
         ``dropout(relu(x))`` in the same pass (ReLU as ``torch.relu``: NaN propagates), the
         same mask. Its gradient comes from the output alone: :func:`relu_dropout_backward`.
