@@ -653,6 +653,48 @@ def test_pickled_layers_continue_where_they_were(make, rng):
         assert (copy.seed, copy.offset) == (layer.seed, layer.offset)
 
 
+MASK_LAYERS = {
+    "Dropout": lambda seed: nn.Dropout(0.3, seed=seed),
+    "DropPath": lambda seed: nn.DropPath(0.3, seed=seed),
+    "DropBlock2d": lambda seed: nn.DropBlock2d(0.2, 2, seed=seed),
+    "AlphaDropout": lambda seed: nn.AlphaDropout(0.3, seed=seed),
+    "GaussianDropout": lambda seed: nn.GaussianDropout(0.3, seed=seed),
+    "GaussianNoise": lambda seed: nn.GaussianNoise(0.3, seed=seed),
+}
+
+
+@pytest.mark.parametrize("make", MASK_LAYERS.values(), ids=MASK_LAYERS.keys())
+def test_mask_layers_state_dict_resumes_the_masks(make, rng):
+    """A checkpoint's state_dict holds the mask stream's position: a fresh layer loaded from
+    it draws the masks the saved one draws next."""
+    x = rng.normal(size=(4, 3, 4, 4)).astype(np.float32)
+    layer = make(11)
+    layer(x)
+    state = layer.state_dict()
+    assert set(state) == {"seed", "offset"} and state["offset"].dtype == np.uint64
+    assert (int(state["seed"]), int(state["offset"])) == (11, layer.offset) and layer.offset > 0
+    resumed = make(5)
+    resumed.load_state_dict(state)
+    assert type(resumed.offset) is int
+    np.testing.assert_array_equal(resumed(x), layer(x))
+    np.testing.assert_array_equal(resumed(x), layer(x))
+
+
+def test_mask_layer_load_state_dict_checks_before_setting():
+    layer = nn.Dropout(0.3, seed=11)
+    for bad, exc, name in [({"seed": 1}, KeyError, "offset"), ({"seed": 1, "offset": 0, "p": 0.5}, KeyError, "p"),
+                           ({"seed": 1, "offset": -1}, ValueError, "offset"),
+                           ({"seed": 2**64, "offset": 0}, ValueError, "seed"),
+                           ({"seed": np.array(1.5), "offset": 0}, TypeError, "seed"),
+                           ({"seed": "1", "offset": 0}, TypeError, "seed")]:
+        with pytest.raises(exc, match=f"^'?{name}: "):
+            layer.load_state_dict(bad)
+        assert (layer.seed, layer.offset) == (11, 0)  # (nothing set)
+    assert_raises_naming(TypeError, "state_dict", layer.load_state_dict, [("seed", 1)])
+    layer.load_state_dict({"seed": np.uint64(2**64 - 1), "offset": torch.tensor(3)})
+    assert (layer.seed, layer.offset) == (2**64 - 1, 3)
+
+
 # --------------------------------------------------------------------------- Dropout
 
 def keep_mask(shape, p, seed, offset):

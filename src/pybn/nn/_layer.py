@@ -2,6 +2,7 @@
 forward, and the checks of seeds and ranks."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -101,6 +102,38 @@ class _PhiloxStream:
     seed: int = _Counter()  # type: ignore[assignment]  # (a descriptor giving ints)
     offset: int = _Counter()  # type: ignore[assignment]
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The mask stream's position, to save beside a checkpoint and resume a run's masks:
+        ``seed`` and ``offset`` as 0-d uint64 arrays (torch's dropout modules have no state;
+        pybn's masks do).
+
+        Returns
+        -------
+        dict of str to ndarray
+        """
+        return {"seed": np.array(self.seed, np.uint64), "offset": np.array(self.offset, np.uint64)}
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        """Set ``seed`` and ``offset`` from a :meth:`state_dict`; both are checked (a
+        missing or unexpected key is a KeyError, a value outside [0, 2**64) a ValueError)
+        before either is set.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Exactly the keys ``seed`` and ``offset``: ints, or 0-d integer arrays.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict: must be a mapping of names to values, got {type(state_dict).__name__}")
+        for key in ("seed", "offset"):
+            if key not in state_dict:
+                raise KeyError(f"{key}: missing from the state_dict (expected keys: seed, offset)")
+        for key in state_dict:
+            if key not in ("seed", "offset"):
+                raise KeyError(f"{key}: unexpected key in the state_dict (expected keys: seed, offset)")
+        seed, offset = (_counter_arg(_integer_value(state_dict[k], k), k) for k in ("seed", "offset"))
+        self.seed, self.offset = seed, offset
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # (a pickle restores __dict__ past the descriptors: one from before them may hold a
         # NumPy integer)
@@ -108,6 +141,13 @@ class _PhiloxStream:
         for name in ("seed", "offset"):
             if name in state:
                 setattr(self, name, state[name])
+
+
+def _integer_value(value: Any, name: str) -> Any:
+    """A 0-d integer array's value (as state_dict gives it), or value itself."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        return value.item()
+    return value
 
 
 def _check_dy(dy: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
