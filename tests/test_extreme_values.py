@@ -538,14 +538,17 @@ def test_common_channels_keep_their_gradient_bits_beside_an_extreme_one(layout, 
     invstd = (rng.random(C + 1) + 0.5).astype(dtype)
     w = rng.standard_normal(C + 1).astype(dtype)
     sum_dy, sum_dy_xhat = rng.standard_normal(C + 1) * 40, rng.standard_normal(C + 1) * 40
+    count = shape[0] * (shape[2] if layout == "rows" else 1)
     if extra == "tiny variance":
         invstd[C] = dtype(2.0**40 if dtype == np.float32 else 2.0**300)  # past the unit range
     elif extra == "huge sum":
-        sum_dy_xhat[C] = 2.0 ** (top - 1)  # k_x past the type's range: moved into the scale
+        # k_x = -w * invstd**2 * sum_dy_xhat / count = -2**(top - 1): past x_coefficient's limit
+        # of 2**(top - 4), so the scale takes its excess
+        w[C], invstd[C], sum_dy_xhat[C] = 64.0, 1.0, 2.0 ** (top - 7) * count
+        assert abs(float(w[C]) * float(invstd[C]) ** 2 * (sum_dy_xhat[C] / count)) >= 2.0 ** (top - 4)
     else:
         sum_dy_xhat[C] = np.nan
     common = (slice(None), slice(0, C)) if layout == "period" else (slice(None), slice(0, C), slice(None))
-    count = shape[0] * (shape[2] if layout == "rows" else 1)
 
     def dx(k, xs, dys):
         return pybn.batch_norm_backward_apply(dys, xs, mean[:k], invstd[:k], sum_dy[:k], sum_dy_xhat[:k], count,

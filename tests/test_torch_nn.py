@@ -185,6 +185,15 @@ def test_a_wrong_channel_count_names_the_input(settings, training):
         bn(torch.randn(2, 3, 5, 5))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_without_weight_or_statistics_any_channel_count_is_torchs(training):
+    # (no per-channel tensor to disagree with: torch normalizes the batch's own channels)
+    stock = nn.BatchNorm2d(4, affine=False, track_running_stats=False).train(training)
+    ours = pybn.torch.accelerate(nn.BatchNorm2d(4, affine=False, track_running_stats=False)).train(training)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(ours(x), stock(x))
+
+
 def _torch_flag_calls():
     """(id, call taking one flag value, the flag's name) for the flags of pybn.torch's
     functions (its modules' constructors are torch's own and take what torch takes)."""

@@ -155,9 +155,10 @@ class _BatchNormForward(_BatchNormBase):
 
     def _forward(self, input: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
         self._check_input_dim(input)  # type: ignore[no-untyped-call]  # (torch's, unannotated)
-        # (named here: the user gave neither weight nor statistics; not while torch.jit traces,
-        # where sizes are recorded values)
-        if torch._C._get_tracing_state() is None and input.shape[1] != self.num_features:
+        # (named here: the user gave neither weight nor statistics; without either, torch takes
+        # any channel count; not while torch.jit traces, where sizes are recorded values)
+        if (self.weight is not None or self.running_mean is not None) and \
+                torch._C._get_tracing_state() is None and input.shape[1] != self.num_features:
             raise ValueError(f"input: has {input.shape[1]} channels (dim 1) but the module was built with "
                              f"num_features={self.num_features}")
         momentum = self._momentum_for_this_call()
