@@ -105,6 +105,7 @@ echo "built $(basename "$wheel") ($(du -k "$wheel" | cut -f1) KB)"
 file "$pkg"/pybn/_C*.so
 
 export PYTHONPATH=$pkg:$site
+export PYBN_TEST_EMULATED=1  # (tests that time whole bench sections narrow them: emulation is slow)
 step "under qemu-aarch64: python -m pybn info"
 (cd /tmp && "${target_python[@]}" -m pybn info)
 
