@@ -157,7 +157,7 @@ class _BatchNormForward(_BatchNormBase):
         self._check_input_dim(input)  # type: ignore[no-untyped-call]  # (torch's, unannotated)
         # (named here: the user gave neither weight nor statistics; without either, torch takes
         # any channel count; not while torch.jit traces, where sizes are recorded values)
-        if (self.weight is not None or self.running_mean is not None) and \
+        if (self.affine or self.running_mean is not None) and \
                 torch._C._get_tracing_state() is None and input.shape[1] != self.num_features:
             raise ValueError(f"input: has {input.shape[1]} channels (dim 1) but the module was built with "
                              f"num_features={self.num_features}")
