@@ -822,29 +822,25 @@ double x_coefficient(double a, double invstd, double b, double& sx) {
 // power-of-two scale (every invstd in xhat_scale's unit range and every k_x below
 // x_coefficient's limit; or not training, where k_dy alone is used): the values of the
 // per-channel loop in backward_apply_impl, from loops over one array at a time, which
-// vectorize. That loop, scalar, took half of a (2, 4096) backward (perf). Returns false,
-// leaving the rows to that loop, when some channel needs the scale (or is NaN).
+// vectorize. That loop, scalar, took half of a (2, 4096) backward (perf). Returns false
+// when some channel needs the scale (or is NaN): that loop then sets every row again.
 template <class T, class P>
 bool common_dx_coefficients(const P* invstd, const P* weight, bool training, const GradSums& s, ChannelRange r,
                             T* k_dy, T* k_x, T* k_0, const MeanTable<P, T>& mean) {
   constexpr double kLimit = power_of_two(kLargeCoefficientExponent<T>);
   const double n = s.count;
   i64 uncommon = 0;
-  if (training) {
-    for (i64 c = r.begin; c < r.end; ++c) {
-      const double v = invstd[c];
-      const double kx = -(value_or(weight, c, 1.0) * v) * v * (s.sum_gxhat[c] / n);  // (as x_coefficient's)
-      uncommon += !(in_unit_range<T>(v) && std::abs(kx) < kLimit);
-    }
-    if (uncommon) return false;
-    for (i64 c = r.begin; c < r.end; ++c) {
-      const double v = invstd[c];
-      const double scale = value_or(weight, c, 1.0) * v;
-      k_x[c] = static_cast<T>(-scale * v * (s.sum_gxhat[c] / n));
-      k_0[c] = static_cast<T>(-scale * (s.sum_g[c] / n));
-    }
+  for (i64 c = r.begin; c < r.end; ++c) {
+    const double v = invstd[c];
+    const double scale = value_or(weight, c, 1.0) * v;
+    k_dy[c] = static_cast<T>(scale);
+    if (!training) continue;  // (loop-invariant: unswitched)
+    const double kx = -scale * v * (s.sum_gxhat[c] / n);  // (x_coefficient's product, for s = 1)
+    uncommon += !(in_unit_range<T>(v) && std::abs(kx) < kLimit);
+    k_x[c] = static_cast<T>(kx);  // (written either way: the scalar loop rewrites every row)
+    k_0[c] = static_cast<T>(-scale * (s.sum_g[c] / n));
   }
-  for (i64 c = r.begin; c < r.end; ++c) k_dy[c] = static_cast<T>(value_or(weight, c, 1.0) * invstd[c]);
+  if (uncommon) return false;
   if constexpr (MeanTable<P, T>::kCopy)
     for (i64 c = r.begin; c < r.end; ++c) mean.set(c);
   return true;

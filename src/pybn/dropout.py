@@ -175,10 +175,9 @@ def dropout(x: Any, p: float, *, seed: int, offset: int = 0, noise_shape: Any = 
     y = output(out, x, (("x", x),))
     if p == 1.0:
         y.fill(0)
-    elif ns is not None and x.size == 0:
-        pass  # (nothing to mask: no mask over a noise shape whose other extents may be huge)
     elif ns is not None:
-        apply_mask(x, dropout_mask(ns, p, seed=seed, offset=offset), ns, dropout_scale(p), y, relu)
+        if x.size:  # (an empty x has nothing to mask, and its noise shape's other extents may be huge)
+            apply_mask(x, dropout_mask(ns, p, seed=seed, offset=offset), ns, dropout_scale(p), y, relu)
     else:
         _C.dropout(x, y, seed, offset, _threshold(p), dropout_scale(p), relu)
     return y

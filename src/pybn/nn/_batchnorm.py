@@ -1,7 +1,6 @@
 """BatchNorm, the layer (docs/layers.md), and the checks of the state it loads."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -10,7 +9,7 @@ from .._checks import (DTYPE_NAMES, as_array, channel_layout, finfo, flag, float
                        is_float_dtype, param_dtype, real_number)
 from ..batchnorm import (BatchNormResidualGrads, batch_norm_backward, batch_norm_infer, batch_norm_train,
                          residual_input)
-from ._layer import _check_dy, _Layer
+from ._layer import _check_dy, _Layer, check_state_keys
 
 _I64 = 1 << 63  # num_batches_tracked is an int64 in PyTorch's state_dict
 
@@ -305,15 +304,7 @@ class BatchNorm(_Layer):
             `state_dict` is not a mapping, or a value is not numeric (a torch tensor that
             requires grad, a masked array: pass ``.detach()`` / plain arrays).
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict: must be a mapping of names to arrays, got {type(state_dict).__name__}")
-        expected = self._state_keys()
-        for key in expected:
-            if key not in state_dict:
-                raise KeyError(f"{key}: missing from the state_dict (expected keys: {', '.join(expected)})")
-        for key in state_dict:
-            if key not in expected:
-                raise KeyError(f"{key}: unexpected key in the state_dict (expected keys: {', '.join(expected)})")
+        check_state_keys(state_dict, self._state_keys())
         arrays = {key: _state_array(state_dict[key], key, (self.num_features,), self.param_dtype)
                   for key in self._array_keys()}
         if self.track_running_stats:

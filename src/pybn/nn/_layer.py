@@ -123,15 +123,8 @@ class _PhiloxStream:
         state_dict : mapping
             Exactly the keys ``seed`` and ``offset``: ints, or 0-d integer arrays.
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict: must be a mapping of names to values, got {type(state_dict).__name__}")
-        for key in ("seed", "offset"):
-            if key not in state_dict:
-                raise KeyError(f"{key}: missing from the state_dict (expected keys: seed, offset)")
-        for key in state_dict:
-            if key not in ("seed", "offset"):
-                raise KeyError(f"{key}: unexpected key in the state_dict (expected keys: seed, offset)")
-        seed, offset = (_counter_arg(_integer_value(state_dict[k], k), k) for k in ("seed", "offset"))
+        check_state_keys(state_dict, ["seed", "offset"])
+        seed, offset = (_counter_arg(state_dict[k], k) for k in ("seed", "offset"))
         self.seed, self.offset = seed, offset
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -143,11 +136,17 @@ class _PhiloxStream:
                 setattr(self, name, state[name])
 
 
-def _integer_value(value: Any, name: str) -> Any:
-    """A 0-d integer array's value (as state_dict gives it), or value itself."""
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
-        return value.item()
-    return value
+def check_state_keys(state_dict: Any, expected: list[str]) -> None:
+    """A state_dict must be a mapping with exactly the `expected` keys (KeyError naming the
+    first missing or unexpected one)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict: must be a mapping of names to values, got {type(state_dict).__name__}")
+    for key in expected:
+        if key not in state_dict:
+            raise KeyError(f"{key}: missing from the state_dict (expected keys: {', '.join(expected)})")
+    for key in state_dict:
+        if key not in expected:
+            raise KeyError(f"{key}: unexpected key in the state_dict (expected keys: {', '.join(expected)})")
 
 
 def _check_dy(dy: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -143,14 +143,15 @@ class DropBlock2d(PinnedSeed, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.drop_prob == 0.0:
             return x
-        args = (self.gamma_scale, False, False, self.couple_channels, self.scale_by_keep)
+        options: dict[str, Any] = dict(gamma_scale=self.gamma_scale, couple_channels=self.couple_channels,
+                                       scale_by_keep=self.scale_by_keep, batchwise=self.batchwise)
         if self._seed is None:
-            return drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise)
+            return drop_block_2d(x, self.drop_prob, self.block_size, **options)
         _four_dims(x)
         n, c, h, w = x.shape  # (pybn.dropblock.drop_block_noise_shape, on sizes compile may keep symbolic)
         used = mask_counters((1 if self.batchwise else n) * (1 if self.couple_channels else c) * h * w)
         rank, stride = (0, 1) if self.batchwise else (self.rank, self.world_size)
-        return drop_block_2d(x, self.drop_prob, self.block_size, *args, batchwise=self.batchwise,
+        return drop_block_2d(x, self.drop_prob, self.block_size, **options,
                              philox=self._take(rank * used, stride * used))
 
     def extra_repr(self) -> str:
