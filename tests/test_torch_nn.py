@@ -465,6 +465,40 @@ def test_revert_gives_back_torchs_classes_for_quantization():
     torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+class _Softplus(nn.Module):
+    def forward(self, w):
+        return nn.functional.softplus(w)
+
+
+def test_parametrized_modules_are_swapped_with_their_parametrization():
+    """A batch norm with a parametrized weight (torch.nn.utils.parametrize makes its class a
+    subclass of BatchNorm2d that only adds the property) is accelerated, converted to
+    SyncBatchNorm and reverted like the others, and keeps its parametrization: revert used
+    to leave it a pybn class without reporting it, and accelerate to skip it."""
+    torch.manual_seed(3)
+    stock = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    nn.utils.parametrize.register_parametrization(stock[1], "weight", _Softplus())
+    model = copy.deepcopy(stock)
+    _, report = pybn.torch.accelerate(model, return_report=True)
+    assert [(s.name, s.after) for s in report] == [("1", "pybn.torch.nn.BatchNorm2d")]
+    assert isinstance(model[1], pnn.BatchNorm2d) and nn.utils.parametrize.is_parametrized(model[1], "weight")
+    x = torch.randn(4, 3, 8, 8)
+    for train in (True, False):
+        stock.train(train), model.train(train)
+        torch.testing.assert_close(model(x), stock(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model[1].running_var, stock[1].running_var)
+    grads = torch.autograd.grad(model(x).square().sum(), model[1].parametrizations.weight.original)
+    ref = torch.autograd.grad(stock(x).square().sum(), stock[1].parametrizations.weight.original)
+    torch.testing.assert_close(grads, ref, rtol=1e-5, atol=1e-5)
+    synced = pybn.torch.convert_sync_batchnorm(copy.deepcopy(stock))
+    assert isinstance(synced[1], pnn.SyncBatchNorm) and nn.utils.parametrize.is_parametrized(synced[1], "weight")
+    _, report = pybn.torch.revert(model, return_report=True)
+    assert [(s.name, s.after) for s in report] == [("1", "torch.nn.BatchNorm2d")]
+    assert not isinstance(model[1], pnn.BatchNorm2d) and isinstance(model[1], nn.BatchNorm2d)
+    nn.utils.parametrize.remove_parametrizations(model[1], "weight")
+    assert type(model[1]) is nn.BatchNorm2d
+
+
 def test_accelerate_keeps_the_modules_and_their_hook_handles():
     """The swapped modules are the same objects: handles taken before still remove their
     hooks, a load-state-dict hook bound to the module still runs, references see the change."""

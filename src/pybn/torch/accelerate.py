@@ -4,6 +4,7 @@ import logging
 from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Tuple, Type, Union, cast, overload
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .._checks import flag
 from . import nn as pnn
@@ -47,7 +48,10 @@ def accelerate(model: nn.Module, *, return_report: bool = False) -> Union[nn.Mod
     updates them), hooks (their handles still remove them), mode and settings, and every
     reference to it sees the change; ``state_dict`` keys do not change, so
     the model saves and loads the same checkpoints as before. Subclasses of those classes
-    are left alone (their ``forward`` may compute something else). As
+    are left alone (their ``forward`` may compute something else), but for the one
+    ``torch.nn.utils.parametrize`` makes for a module with a parametrized tensor, which
+    is made again over the pybn class (as :func:`revert` and
+    :func:`convert_sync_batchnorm` do). As
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, `model` is changed in place and
     returned (itself also when it is such a layer).
 
@@ -58,7 +62,7 @@ def accelerate(model: nn.Module, *, return_report: bool = False) -> Union[nn.Mod
         Also return the list of :class:`Swapped` (each is logged at INFO level on the
         ``"pybn.torch"`` logger too).
     """
-    return _swap(model, lambda m: ACCELERATED.get(type(m)), None, return_report, "accelerate")
+    return _swap(model, lambda m: ACCELERATED.get(_own_class(m)), None, return_report, "accelerate")
 
 
 @overload
@@ -75,7 +79,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None, *,
     ``convert_sync_batchnorm``, returns `model`, and with ``return_report=True`` the list of
     :class:`Swapped`."""
     def target(m: nn.Module) -> Optional[Type[nn.Module]]:
-        return pnn.SyncBatchNorm if type(m) in _TO_SYNC else None
+        return pnn.SyncBatchNorm if _own_class(m) in _TO_SYNC else None
 
     return _swap(model, target, process_group, return_report, "convert_sync_batchnorm")
 
@@ -106,7 +110,7 @@ def revert(model: nn.Module, *, return_report: bool = False) -> Union[nn.Module,
     flag(return_report, "return_report")  # (before the tails are unfused)
     if isinstance(model, nn.Module) and unfuse_tails(model):
         logger.info("pybn.torch.revert: the fused tails are separate calls again")
-    return _swap(model, lambda m: REVERTED.get(type(m)), None, return_report, "revert")
+    return _swap(model, lambda m: REVERTED.get(_own_class(m)), None, return_report, "revert")
 
 
 def _swap(model: nn.Module, target: Callable[[nn.Module], Optional[Type[nn.Module]]], process_group: Any,
@@ -124,6 +128,17 @@ def _swap(model: nn.Module, target: Callable[[nn.Module], Optional[Type[nn.Modul
     return (model, report) if return_report else model
 
 
+def _own_class(module: nn.Module) -> type:
+    """The class a swap looks at: the module's, or for a module with a parametrized tensor
+    (torch.nn.utils.parametrize), the class under the one torch made for it, which only
+    adds the parametrized tensors' properties."""
+    cls = type(module)
+    if parametrize.is_parametrized(module) and len(cls.__bases__) == 1 and \
+            cls.__name__ == f"Parametrized{cls.__bases__[0].__name__}":
+        return cls.__bases__[0]
+    return cls
+
+
 def _recast(module: nn.Module, cls: Type[nn.Module], process_group: Any) -> None:
     """Makes module an instance of `cls` (the pybn classes add no state of their own but a pinned
     seed, and SyncBatchNorm the process group): the same object keeps its parameters, buffers and
@@ -136,6 +151,10 @@ def _recast(module: nn.Module, cls: Type[nn.Module], process_group: Any) -> None
             module.__dict__.pop(name, None)
         module._buffers.pop("_offset_t", None)
         module._non_persistent_buffers_set.discard("_offset_t")
+    if _own_class(module) is not type(module):  # parametrized: torch's class for it again, over cls
+        made = type(module)
+        cls = type(f"Parametrized{cls.__name__}", (cls,),
+                   {k: v for k, v in vars(made).items() if k not in ("__dict__", "__weakref__")})
     module.__class__ = cls
     if issubclass(cls, pnn.SyncBatchNorm):
         cast(pnn.SyncBatchNorm, module).process_group = group
