@@ -199,3 +199,17 @@ def test_running_statistic_sharing_memory_with_the_residual_is_refused(which):
     with pytest.raises(ValueError, match=rf"^{which}: shares memory with residual "):
         pybn.batch_norm_train(x, residual=residual, **stats)
     np.testing.assert_array_equal(residual, before)
+
+
+def test_misaligned_and_overlap_messages_suggest_what_can_be_done():
+    """A misaligned running_mean was told to pass np.array(out); an out overlapping a
+    per-channel array was told out=running_mean is allowed (their shapes differ)."""
+    x = np.ones((6, 3), np.float32)
+    rm = np.frombuffer(bytearray(13), np.float32, offset=1)
+    with pytest.raises(ValueError, match=r"^running_mean: .*np\.array\(running_mean\)"):
+        pybn.batch_norm_train(x, running_mean=rm, running_var=np.ones(3, np.float32))
+    buf = np.zeros(x.size + 3, np.float32)
+    with pytest.raises(ValueError, match=r"^out: overlaps running_mean .*of another shape") as e:
+        pybn.batch_norm_train(x, running_mean=buf[x.size - 1:x.size + 2], running_var=np.ones(3, np.float32),
+                              out=buf[:x.size].reshape(x.shape))
+    assert "out=running_mean" not in str(e.value)

@@ -275,7 +275,8 @@ def axis_cases(ndim=len(SHAPE)):
              ("str", lambda: "1", TypeError),
              ("None", lambda: None, TypeError),
              ("bool", lambda: True, TypeError),
-             ("list", lambda: [1], TypeError)]
+             ("list", lambda: [1], TypeError),
+             ("masked-0-d", lambda: np.ma.array(1, mask=True), TypeError)]
     return cases("axis", table)
 
 
@@ -284,7 +285,10 @@ NON_NUMBERS = [("str", lambda: "0.5", TypeError),
                ("list", lambda: [0.5], TypeError),
                ("bool", lambda: True, TypeError),
                ("complex", lambda: 0.5j, TypeError),
-               ("array-1", lambda: np.array([0.5]), TypeError)]
+               ("array-1", lambda: np.array([0.5]), TypeError),
+               # (0-d masked arrays: item() and float() read the data under the mask)
+               ("masked-0-d", lambda: np.ma.array(0.5, mask=True), TypeError),
+               ("np.ma.masked", lambda: np.ma.masked, TypeError)]
 NON_FINITE = [("nan", lambda: float("nan"), ValueError),
               ("inf", lambda: float("inf"), ValueError),
               ("-inf", lambda: float("-inf"), ValueError),
@@ -328,6 +332,7 @@ def u64_cases(arg, allow_none=False):
              ("np.float64", lambda: np.float64(1), TypeError),
              ("str", lambda: "1", TypeError),
              ("bool", lambda: True, TypeError),
+             ("masked-0-d", lambda: np.ma.array(1, mask=True), TypeError),
              ("list", lambda: [1], TypeError)]
     if not allow_none:
         table.append(("None", lambda: None, TypeError))

@@ -601,6 +601,36 @@ def test_load_state_dict_reads_every_value_before_writing_any():
     np.testing.assert_array_equal(layer.bias, [1.0, 1.0, 1.0])
 
 
+def test_load_state_dict_into_a_rebound_read_only_array_changes_nothing(tmp_path):
+    """A layer array rebound to a read-only one (a memory-mapped checkpoint, as layers.md
+    allows rebinding): load_state_dict refuses naming the key before writing anything. It
+    raised NumPy's bare "assignment destination is read-only" after num_batches_tracked,
+    weight, bias and running_mean were overwritten."""
+    layer = nn.BatchNorm(3)
+    np.save(tmp_path / "var.npy", np.full(3, 0.5, np.float32))
+    layer.running_var = np.load(tmp_path / "var.npy", mmap_mode="r")
+    before = {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
+    state = {"weight": np.full(3, 2.0), "bias": np.full(3, 3.0), "running_mean": np.full(3, 4.0),
+             "running_var": np.full(3, 5.0), "num_batches_tracked": 7}
+    with pytest.raises(ValueError, match=r"^running_var: the layer's running_var is read-only"):
+        layer.load_state_dict(state)
+    for key, value in layer.state_dict().items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+    layer.running_var = [1.0, 1.0, 1.0]
+    with pytest.raises(TypeError, match=r"^running_var: the layer's running_var is a list"):
+        layer.load_state_dict(state)
+    assert layer.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("value", [[1.0, 1.0, 1.0], torch.ones(3)], ids=["list", "tensor"])
+def test_running_statistics_rebound_to_non_arrays_are_named_in_eval_mode(value):
+    """Evaluation mode refuses them as training does (it raised AttributeError 'astype' after
+    the kernel had run)."""
+    layer = nn.BatchNorm(3).eval()
+    layer.running_var = value
+    assert_raises_naming(TypeError, "running_var", layer, np.ones((4, 3), np.float32))
+
+
 def test_state_values_must_be_representable_and_a_variance_nonnegative():
     """float64 1e300 into a float32 layer became inf with a warning; a negative running
     variance was taken and gave NaN in evaluation mode (PyTorch takes both)."""

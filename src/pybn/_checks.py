@@ -253,7 +253,8 @@ def _not_writable_carray(arr: np.ndarray, name: str, why: str = "") -> None:
         raise ValueError(f"{name}: must be C-contiguous{why}")
     if not arr.flags.writeable:
         raise ValueError(f"{name}: is read-only{why}")
-    raise ValueError(f"{name}: {MISALIGNED}{why}")
+    raise ValueError(f"{name}: its elements are not aligned to their size (a view at an odd offset of a byte "
+                     f"buffer); pass a copy, e.g. np.array({name}), and copy the result back{why}")
 
 
 def _byte_order_hint(got: np.dtype, want: np.dtype) -> str:
@@ -262,6 +263,9 @@ def _byte_order_hint(got: np.dtype, want: np.dtype) -> str:
 
 def integer(value: Any, name: str) -> int:
     """An int argument (NumPy integers too; bool and float are TypeErrors naming it)."""
+    if type(value) is int:
+        return value
+    not_silently_converted(value, name)  # (operator.index reads a masked 0-d array's data)
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: must be an int, got {value!r}")
     try:
@@ -286,7 +290,8 @@ def scalar_value(value: Any) -> Any:
     a FakeTensor, which no float argument takes."""
     if isinstance(value, (int, float)):  # (first: torch.compile traces no attribute query of a symbolic float)
         return value
-    if getattr(value, "ndim", None) == 0 and not getattr(value, "requires_grad", False):
+    if getattr(value, "ndim", None) == 0 and not getattr(value, "requires_grad", False) and \
+            not isinstance(value, np.ma.MaskedArray):  # (item() reads the data under the mask)
         try:
             return value.item()
         except (RuntimeError, ValueError, TypeError):
@@ -299,6 +304,7 @@ def real_number(value: Any, name: str, *, minimum: float | None = None) -> float
     (scalar_value)."""
     if type(value) is float and math.isfinite(value) and (minimum is None or value >= minimum):
         return value
+    not_silently_converted(value, name)
     value = scalar_value(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: must be a real number, got {type(value).__name__}")
@@ -332,8 +338,9 @@ def output(out: Any, like: np.ndarray, inputs: tuple[tuple[str, Any], ...] = (),
         if arr is None or arr is out or (owner and type(arr) is np.ndarray and arr.flags.owndata):
             continue
         if isinstance(arr, np.ndarray) and _overlap(out, arr) and not _same_buffer(out, arr):
-            raise ValueError(f"{name}: overlaps {other} without being the same array (only exact in-place, "
-                             f"{name}={other}, is allowed)")
+            allowed = f"only exact in-place, {name}={other}, is allowed" if arr.shape == out.shape else \
+                f"of another shape, {other} may not share memory with {name}"
+            raise ValueError(f"{name}: overlaps {other} without being the same array ({allowed})")
     return out
 
 
@@ -354,8 +361,6 @@ def same_shape_array(value: Any, name: str, like: np.ndarray, like_name: str) ->
     return arr
 
 
-MISALIGNED = ("its elements are not aligned to their size (a view at an odd offset of a byte buffer); "
-              "pass a copy, e.g. np.array(out), and copy the result back")
 # The kernels write outputs of _C.stream_min_bytes() or more (never less than
 # ALIGNED_MIN_BYTES) with non-temporal stores, which need no unaligned head when the output
 # starts on an ALIGNMENT-byte boundary (both decided by the kernels).

@@ -206,6 +206,10 @@ class BatchNorm(_Layer):
     def _forward_running_stats(self, x: np.ndarray, residual: np.ndarray | None = None,
                                relu: bool = False) -> np.ndarray:
         assert self.running_mean is not None and self.running_var is not None  # (tracking running statistics)
+        for key in ("running_mean", "running_var"):  # (as training refuses them; read below as arrays)
+            if not isinstance(getattr(self, key), np.ndarray):
+                raise TypeError(f"{key}: must be a numpy.ndarray (it is updated in place in training), got "
+                                f"{type(getattr(self, key)).__name__}")
         y = batch_norm_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                              eps=self.eps, axis=self.axis, relu=relu, residual=residual)
         # copies: a later load_state_dict or training step must not change this gradient
@@ -307,6 +311,8 @@ class BatchNorm(_Layer):
         check_state_keys(state_dict, self._state_keys())
         arrays = {key: _state_array(state_dict[key], key, (self.num_features,), self.param_dtype)
                   for key in self._array_keys()}
+        for key in arrays:  # (the layer's own arrays, which a user may have rebound)
+            _destination(getattr(self, key), key, self.num_features)
         if self.track_running_stats:
             count = _batch_count(state_dict["num_batches_tracked"])
             self.num_batches_tracked = count
@@ -437,6 +443,17 @@ def _float_dtype(dtype: Any) -> np.dtype:
     if not is_float_dtype(dt):
         raise TypeError(f"dtype: {dt} is not supported (pybn takes {', '.join(DTYPE_NAMES)})")
     return dt
+
+
+def _destination(array: Any, key: str, channels: int) -> None:
+    """Refuses a layer array that load_state_dict cannot copy `key`'s value into."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{key}: the layer's {key} is a {type(array).__name__}, not a numpy.ndarray that "
+                        "load_state_dict can copy into; nothing was loaded")
+    if not array.flags.writeable or array.shape != (channels,):
+        why = "read-only" if not array.flags.writeable else f"of shape {array.shape}"
+        raise ValueError(f"{key}: the layer's {key} is {why}, so load_state_dict cannot copy into it; nothing "
+                         f"was loaded (rebind it to a writable array of shape ({channels},))")
 
 
 def _state_array(value: Any, key: str, shape: tuple[int, ...], dtype: np.dtype | None = None) -> np.ndarray:
