@@ -178,6 +178,7 @@ MISMATCHES = {
     "num_batches_tracked": {},  # both average cumulatively (momentum=None); worker 1 has counted 3 batches
     "x-channels": {},    # the layers agree; worker 1's x has one channel too few
     "x-dtype": {},       # ... or is float64 for a float32 layer
+    "weight-shape": {},  # ... or its weight was rebound to one of 5 values
     "dy-shape": {},      # the forward works; worker 1's dy has the wrong shape
 }
 BASE = dict(num_features=4, dtype="float32", axis=1, eps=1e-5, momentum=0.1)
@@ -203,6 +204,8 @@ def mismatch_cases(comm, rank: int) -> dict:
             x = x[:, :c - 1]
         if rank == 1 and kind == "x-dtype":
             x = x.astype(np.float64)
+        if rank == 1 and kind == "weight-shape":
+            layer.weight = np.ones(c + 1, np.float32)
         got: dict = {"error": None}
         try:
             layer(x)

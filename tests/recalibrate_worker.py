@@ -59,9 +59,10 @@ def main() -> None:
               "bad batches": local_error(args.rank, dist, "bad batches"),
               "uneven sync": uneven_sync(args.rank, "numpy"), "uneven torch sync": uneven_sync(args.rank, "torch"),
               "sync pass fails": sync_pass_fails(args.rank)}
+    outside = outside_the_group(args.rank, dist)
     after = torch.tensor([args.rank + 1.0])
     dist.all_reduce(after)  # the group still works after both errors
-    result = {"rank": args.rank, "errors": errors, "all_reduce after": float(after),
+    result = {"rank": args.rank, "errors": errors, "all_reduce after": float(after), "outside": outside,
               "sync": (sync.running_mean.copy(), sync.running_var.copy(), sync.num_batches_tracked),
               "local": (local.running_mean.copy(), local.running_var.copy(), local.num_batches_tracked),
               "torch": (model[0].running_mean.numpy().copy(), model[0].running_var.numpy().copy(),
@@ -69,6 +70,25 @@ def main() -> None:
     dist.destroy_process_group()
     with open(f"{args.out}/rank{args.rank}.pkl", "wb") as f:
         pickle.dump(result, f)
+
+
+def outside_the_group(rank, dist):
+    """A pybn.torch SyncBatchNorm over a group of rank 0 alone, where rank 1's module
+    normalizes alone in training: each rank's running mean after recalibrating with its own
+    batches, or its error (rank 1 failed on an exchange with no process)."""
+    import torch
+
+    import pybn
+    import pybn.torch
+
+    group = dist.new_group([0])
+    model = pybn.torch.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(C, dtype=torch.float64)),
+                                             process_group=group)
+    try:
+        pybn.recalibrate(model, [torch.from_numpy(b) for b in rank_batches(rank) if len(b)])
+    except Exception as e:  # noqa: BLE001 - recorded for the parent to check
+        return f"{type(e).__name__}: {e}"
+    return model[0].running_mean.numpy().copy()
 
 
 def failed_pass(rank, batches, dist):

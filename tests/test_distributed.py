@@ -379,6 +379,8 @@ MISMATCH_ERRORS = {
                             "worker 1)",) * 2,
     "x-channels": ("ValueError: x: rejected on worker(s) 1", "ValueError: x: has 3 channels along axis 1"),
     "x-dtype": ("ValueError: x: rejected on worker(s) 1", "TypeError: x: dtype float64 does not match"),
+    # (before: checked after the exchange, so worker 1 raised alone and the workers fell out of step)
+    "weight-shape": ("ValueError: x: rejected on worker(s) 1", "ValueError: weight: expected shape (4,)"),
     "dy-shape": ("ValueError: dy: rejected on worker(s) 1", "ValueError: dy: shape (2, 2) does not match"),
 }
 

@@ -283,6 +283,12 @@ def test_two_gloo_processes_get_the_statistics_of_all_batches_identically(tmp_pa
             assert got_batches == n_batches, key
         for a, b in zip(ranks[0][key][:2], ranks[1][key][:2]):   # the same bits on every rank
             np.testing.assert_array_equal(a, b)
+    # a synchronized layer over a group of rank 0 alone: each rank its own batches' statistics,
+    # as it trains (rank 1, outside the group, failed on an exchange with no process)
+    for r, res in enumerate(ranks):
+        own_mean, _, _ = union_stats([b for b in rw.rank_batches(r) if len(b)])
+        assert not isinstance(res["outside"], str), res["outside"]
+        np.testing.assert_allclose(res["outside"], own_mean, rtol=1e-14)
     # a pass failing on one rank (two layers, each merged over the group): every rank raises,
     # the failed one its own error, nothing changes, and the group still works
     assert ranks[0]["errors"]["failed pass"] == (

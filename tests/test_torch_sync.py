@@ -106,6 +106,10 @@ def test_disagreeing_processes_all_raise_instead_of_waiting(ranks):
         counts = ", ".join(f"rank {r}: {4 if r == last else 0}" for r in range(world))
         assert failing["num_batches_tracked"].startswith(
             f"ValueError: num_batches_tracked: differs between the processes of the SyncBatchNorm group ({counts}); ")
+        for case in ("affine", "track_running_stats"):
+            values = ", ".join(f"rank {r}: {r != last}" for r in range(world))
+            assert failing[case].startswith(f"ValueError: {case}: differs between the processes of the SyncBatchNorm "
+                                            f"group ({values}); "), failing[case]
     full = torch.arange(24.0).reshape(8, 3)
     want = F.batch_norm(full, torch.zeros(3), torch.ones(3), training=True)
     for rank, res in enumerate(ranks):

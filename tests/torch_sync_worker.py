@@ -112,9 +112,17 @@ def failing_calls(world: int, rank: int) -> dict:
     except Exception as e:  # noqa: BLE001 - recorded for the parent to check
         out["backward-vs-forward"] = f"{type(e).__name__}: {e}"
     # settings that differ on the last process: eps; a cumulative average's count of batches
+    # affine and track_running_stats (with momentum=None the latter failed on a NaN count)
     for case, (layer, last) in {"eps": (pnn.SyncBatchNorm(3), dict(eps=1e-3)),
-                                "num_batches_tracked": (pnn.SyncBatchNorm(3, momentum=None), {})}.items():
+                                "num_batches_tracked": (pnn.SyncBatchNorm(3, momentum=None), {}),
+                                "affine": (pnn.SyncBatchNorm(3), dict(affine=False)),
+                                "track_running_stats": (pnn.SyncBatchNorm(3, momentum=None),
+                                                        dict(track_running_stats=False))}.items():
         if rank == world - 1:
+            if "track_running_stats" in last:
+                layer = pnn.SyncBatchNorm(3, momentum=None, **last)
+            elif "affine" in last:
+                layer = pnn.SyncBatchNorm(3, **last)
             layer.eps = last.get("eps", layer.eps)
             if case == "num_batches_tracked":
                 layer.num_batches_tracked.fill_(4)

@@ -59,11 +59,12 @@ class _TorchTarget:
 
     def own_comm(self) -> Any:
         """The module's process group for a synchronized module (torch's or pybn.torch's
-        SyncBatchNorm, which have a ``process_group``) while torch.distributed is
-        initialized, as they synchronize only then; else None (local statistics)."""
-        import torch.distributed as dist
+        SyncBatchNorm, which have a ``process_group``) when it synchronizes in training
+        (torch.distributed initialized, this process one of more than one in the group); else
+        None (local statistics, as it trains)."""
+        from .torch._sync import synchronizes
 
-        if not hasattr(self.layer, "process_group") or not (dist.is_available() and dist.is_initialized()):
+        if not hasattr(self.layer, "process_group") or not synchronizes(self.layer):
             return None
         from .distributed import _TorchComm
 

@@ -48,7 +48,7 @@ import numpy as np
 from .batchnorm_split import (_update_running_stats, batch_norm_apply, batch_norm_backward_apply,
                               batch_norm_backward_reduce, batch_norm_invstd, batch_norm_merge_stats, batch_norm_stats)
 from . import _C, _lockstep
-from ._checks import in_place, written_apart
+from ._checks import in_place, per_channel, written_apart
 from ._lockstep import OutOfStep
 from .nn import BatchNorm
 from .nn._layer import _check_dy
@@ -335,6 +335,8 @@ class SyncBatchNorm(BatchNorm):
                 raise ValueError(f"{name}: SyncBatchNorm's training forward fuses no residual or ReLU; add and "
                                  "apply them to its output")
             momentum = self._check_running_stats() if self.track_running_stats else None
+            for name in ("weight", "bias"):  # (as batch_norm_apply will, after the exchange)
+                per_channel(getattr(self, name), name, self.num_features, self.param_dtype)
             local = batch_norm_stats(x, axis=self.axis)
         except Exception as e:  # noqa: BLE001  (raised after the other workers are told)
             problem = e

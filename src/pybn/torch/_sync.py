@@ -34,7 +34,14 @@ _Group = Optional["dist.ProcessGroup"]  # (a name torch.distributed has only whe
 
 def wants_cpu_sync(module: "SyncBatchNorm", input: Tensor) -> bool:
     """A training call on a CPU tensor with more than one process in the module's group."""
-    if not (module.training and input.device.type == "cpu" and dist.is_available() and dist.is_initialized()):
+    return module.training and input.device.type == "cpu" and synchronizes(module)
+
+
+def synchronizes(module: Any) -> bool:
+    """Whether a synchronized batch norm's group (torch's SyncBatchNorm or pybn.torch's) has
+    more than one process: torch.distributed is initialized and this process is one of them
+    (outside the group, torch's world size is -1 and the module normalizes alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
         return False
     return dist.get_world_size(_group(module)) > 1
 
@@ -67,6 +74,7 @@ def _agree(group: _Group, input: Tensor, module: "SyncBatchNorm", forwards: int)
     channels = input.shape[1] if input.dim() >= 2 else -1
     batches = module.num_batches_tracked
     settings = {"eps": module.eps, "momentum": np.nan if module.momentum is None else module.momentum,
+                "affine": float(module.affine), "track_running_stats": float(module.track_running_stats),
                 "num_batches_tracked": np.nan if module.momentum is not None or batches is None else int(batches)}
     fields = _lockstep.agree(_TorchComm(group), _lockstep.TORCH_FORWARD,
                              [channels, module.num_features, problem is not None, forwards, *settings.values()])
@@ -88,8 +96,10 @@ def _agree(group: _Group, input: Tensor, module: "SyncBatchNorm", forwards: int)
 
 
 def _show(setting: str, value: float) -> str:
-    if setting == "momentum" and np.isnan(value):
+    if np.isnan(value):  # (momentum None; num_batches_tracked not counted, or not kept)
         return "None"
+    if setting in ("affine", "track_running_stats"):
+        return str(bool(value))
     return str(int(value)) if setting == "num_batches_tracked" else repr(float(value))
 
 
