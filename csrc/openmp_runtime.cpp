@@ -9,6 +9,7 @@
 #include <dlfcn.h>
 #include <link.h>
 #include <pthread.h>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <cstddef>
@@ -96,6 +97,14 @@ void search() {
   g_found.store(true, std::memory_order_release);
 }
 
+// Whether this process may be refused a thread (checked per region: a limit can be set at
+// any time): few processes allowed for its user, or a limited address space.
+bool threads_limited() {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) return true;
+  return getrlimit(RLIMIT_NPROC, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY && limit.rlim_cur < 4096;
+}
+
 }  // namespace
 
 Threading threading() {
@@ -104,7 +113,9 @@ Threading threading() {
 }
 
 const OpenMpRuntime* openmp_for_regions() {
-  if (threading() == Threading::own || g_forked.load(std::memory_order_relaxed) || !g_fork_handler) return nullptr;
+  const Threading mode = threading();
+  if (mode == Threading::own || g_forked.load(std::memory_order_relaxed) || !g_fork_handler) return nullptr;
+  if (mode == Threading::automatic && threads_limited()) return nullptr;
   if (!g_found.load(std::memory_order_acquire)) search();
   return g_found.load(std::memory_order_acquire) ? &g_runtime : nullptr;
 }

@@ -17,6 +17,9 @@
 #include <chrono>
 #include <cstdint>
 #include <algorithm>
+#include <climits>
+#include <cstddef>
+#include <cstdlib>
 #include <exception>
 
 #include "pybn/openmp_runtime.h"
@@ -257,11 +260,30 @@ void run_slices_of_region(void* data) {
 }
 
 // libgomp exits the process when it cannot create a thread its team needs. The threads of a
-// team stay with the thread that formed it, so only a team larger than any before on this
-// thread creates some: that many are first created here (alive together, then joined), and
-// the team is cut to what the system allowed. Creation is tried again after set_num_threads.
-thread_local int t_openmp_team = 1;  // the largest team libgomp formed for this thread
+// team stay with the thread that formed it until a smaller team retires the extra ones, so
+// only a team larger than the last one on this thread creates some: that many are first
+// created here (alive together, with libgomp's stack size, then joined), and the team is cut
+// to what the system allowed. Creation is tried again after set_num_threads.
+thread_local int t_openmp_team = 1;  // the last team libgomp formed for this thread
 std::atomic<int> g_openmp_create_limit{kMaxThreads};
+
+// The stack size libgomp gives its threads: OMP_STACKSIZE (or GOMP_STACKSIZE), a number with
+// an optional B, K, M or G suffix (K when none, as the OpenMP specification says); 0 when
+// neither is set (libgomp then uses the default, as the probe does).
+std::size_t openmp_stack_bytes() {
+  for (const char* name : {"OMP_STACKSIZE", "GOMP_STACKSIZE"}) {
+    const char* value = std::getenv(name);
+    if (value == nullptr || *value == '\0') continue;
+    char* end = nullptr;
+    const unsigned long long n = std::strtoull(value, &end, 10);
+    while (*end == ' ') ++end;
+    const char unit = static_cast<char>(*end | 0x20);  // (lower case)
+    const int shift = unit == 'b' ? 0 : unit == 'm' ? 20 : unit == 'g' ? 30 : 10;
+    if (end == value || n > (~0ull >> 31)) continue;  // (not a size libgomp would take either)
+    return static_cast<std::size_t>(n << shift);
+  }
+  return 0;
+}
 
 void* wait_for_release(void* gate) {
   auto& open = *static_cast<std::atomic<std::uint32_t>*>(gate);
@@ -271,10 +293,20 @@ void* wait_for_release(void* gate) {
 
 // How many of `wanted` threads the system lets this process create at once (at most).
 int threads_creatable(int wanted) {
+  static const std::size_t stack_bytes = openmp_stack_bytes();
+  pthread_attr_t attr;
+  pthread_attr_t* with_stack = nullptr;  // (libgomp's stacks: an address-space limit refuses them first)
+  if (stack_bytes != 0 && pthread_attr_init(&attr) == 0) {
+    if (pthread_attr_setstacksize(&attr, std::max(stack_bytes, static_cast<std::size_t>(PTHREAD_STACK_MIN))) == 0)
+      with_stack = &attr;
+    else
+      pthread_attr_destroy(&attr);
+  }
   std::atomic<std::uint32_t> gate{0};
   pthread_t probes[kMaxThreads];
   int created = 0;
-  while (created < wanted && pthread_create(&probes[created], nullptr, wait_for_release, &gate) == 0) ++created;
+  while (created < wanted && pthread_create(&probes[created], with_stack, wait_for_release, &gate) == 0) ++created;
+  if (with_stack != nullptr) pthread_attr_destroy(with_stack);
   gate.store(1);
   syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&gate), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
   for (int i = 0; i < created; ++i) pthread_join(probes[i], nullptr);
@@ -289,7 +321,6 @@ int openmp_team(int wanted) {
   if (creatable < missing) g_openmp_create_limit.store(creatable, std::memory_order_relaxed);
   return t_openmp_team + creatable;
 }
-
 void run_on_openmp(const OpenMpRuntime& omp, Job& job, int wanted) {
   if (omp.level() > 0) {
     job.run(0);
@@ -302,7 +333,7 @@ void run_on_openmp(const OpenMpRuntime& omp, Job& job, int wanted) {
   }
   OpenMpRegion region{&omp, &job};
   omp.parallel(run_slices_of_region, &region, static_cast<unsigned>(job.team), 0);
-  t_openmp_team = std::max(t_openmp_team, job.team);
+  t_openmp_team = job.team;  // (a smaller team than the last retires libgomp's extra threads)
 }
 
 void run_on_own_threads(Job& job, int wanted) {

@@ -353,6 +353,41 @@ def test_sync_batch_norm_needs_the_rank():
                                  "rank 4"}
 
 
+class AnyRankBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d that also takes unbatched (C, H, W) input, through its own check."""
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (3, 4):
+            raise ValueError(f"expected 3D or 4D input (got {input.dim()}D input)")
+
+
+def test_batch_norm_with_its_own_rank_check_needs_the_rank():
+    """A subclass overriding only _check_input_dim: on an unbatched conv's (C, H, W) it
+    normalizes H. It was folded as a BatchNorm2d (off by up to 6.4)."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), AnyRankBatchNorm2d(6)))
+    _, report = check(model, torch.randn(3, 6, 6), example_inputs=None)
+    assert left(report) == {"1": "with 0: AnyRankBatchNorm2d has its own _check_input_dim, which may take inputs of "
+                                 "other ranks and this fold is exact only for 4-D ones, which torch.fx cannot see: "
+                                 "pass example_inputs to fold it"}
+    _, report = check(model, torch.randn(3, 6, 6))
+    assert left(report) == {"1": "with 0: its input had rank 3 in the example call; this fold is exact only for "
+                                 "rank 4"}
+    _, report = check(model, torch.randn(2, 3, 6, 6))
+    assert kinds(report) == ["conv+bn"] and not left(report)
+
+
+def test_an_uninitialized_lazy_module_is_named():
+    """A lazy batch norm's uninitialized buffers cannot be deep-copied: fold raised TypeError
+    "cannot be deep-copied" in torch's words. (A lazy module with parameters only is copied,
+    and reported: test_fold_torch.py.)"""
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"^module: 1.running_mean is not initialized \(a lazy module never called\)"):
+        pybn.torch.fold(model)
+    model(torch.randn(2, 3, 6, 6))
+    _, report = check(randomize(model), torch.randn(2, 3, 6, 6))
+    assert kinds(report) == ["conv+bn"]
+
+
 # --- pybn.torch.nn's drop-ins fold like the torch classes they replace ----------------------
 
 class DropInNet(nn.Module):

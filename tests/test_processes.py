@@ -354,6 +354,58 @@ def test_thread_creation_failure_runs_on_the_threads_it_has(threading_env):
     assert "Thread creation failed" not in proc.stderr
 
 
+LIBGOMP_STACKS_REFUSED = PRELUDE + """
+import resource
+
+check_infer("before")
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+# Room for one of libgomp's 512 MiB stacks (OMP_STACKSIZE), not for three; default stacks all fit.
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.RLIM_INFINITY))
+pybn.set_num_threads(4)
+check_infer("limited")
+print("ok")
+"""
+
+
+def test_libgomp_threads_are_probed_with_its_stack_size():
+    """The probe made threads with default stacks, which fit where libgomp's OMP_STACKSIZE
+    ones did not: libgomp printed "Thread creation failed" and exited with status 1."""
+    proc = run_child(LIBGOMP_STACKS_REFUSED, timeout=120, env={"PYBN_THREADING": "openmp", "OMP_STACKSIZE": "512M"})
+    assert_ok(proc)
+    assert "Thread creation failed" not in proc.stderr
+
+
+SMALLER_TEAM_THEN_LIMIT = PRELUDE + """
+import ctypes, resource
+
+ctypes.CDLL("libgomp.so.1")   # loaded, as torch loads its own: "auto" would run on it
+
+tasks = lambda: len(os.listdir("/proc/self/task"))
+pybn.set_num_threads(3)
+check_infer("a team of 3")
+pybn.batch_norm_infer(x[:1], rm, rv)   # 64K elements: a team of 2, which retires libgomp's third thread
+time.sleep(0.2)
+os.setgid(65534)
+os.setuid(65534)   # (root is not held to RLIMIT_NPROC)
+resource.setrlimit(resource.RLIMIT_NPROC, (tasks(), tasks()))   # no thread more for this user
+check_infer("a team of 3 again, one thread refused")
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to become user nobody")
+@pytest.mark.parametrize("threading_env", ["openmp", "auto"])
+def test_threads_retired_by_a_smaller_team_are_probed_again(threading_env):
+    """libgomp retires the threads a smaller team does not use; pybn counted the largest team
+    ever formed, skipped the probe, and libgomp exited when the system refused the thread it
+    re-created. Under "auto" a tight RLIMIT_NPROC now takes pybn's own pool."""
+    proc = run_child(SMALLER_TEAM_THEN_LIMIT, timeout=120,
+                     env={"PYBN_THREADING": threading_env, "OMP_NUM_THREADS": "1"})
+    assert_ok(proc)
+    assert "Thread creation failed" not in proc.stderr
+
+
 # ----------------------------------------------------------- exceptions in slices
 
 SLICE_THROWS = """

@@ -185,6 +185,58 @@ def test_untraceable_forward_is_left_unfused_with_a_warning():
     assert type(model) is Untraceable
 
 
+class NaiveSyncBatchNorm(nn.BatchNorm2d):
+    """detectron2's spelling: training updates the running statistics with augmented
+    assignments in its own forward."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        self.running_mean += self.momentum * (mean.detach() - self.running_mean)
+        self.running_var += self.momentum * (var.detach() - self.running_var)
+        invstd = torch.rsqrt(var + self.eps)
+        return (x - mean[:, None, None]) * (invstd * self.weight)[:, None, None] + self.bias[:, None, None]
+
+
+class Counting(nn.Module):
+    """A block whose forward counts its calls in a buffer and in a Python attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.sync = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), NaiveSyncBatchNorm(4)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.calls = 0
+
+    def forward(self, x):
+        self.steps.add_(1)
+        self.calls += 1
+        return F.relu(self.bn(self.conv(x))) + self.sync(x[:, :1].expand(-1, 4, -1, -1))
+
+
+def test_a_forward_that_changes_state_leaves_the_model_as_it_was():
+    """fuse_tails traces the user's own model: a forward changing state while traced (a
+    counter; a buffer rebound by ``+=`` in training) is refused, and the model comes back
+    unchanged. The buffers were left as torch.fx proxies (eval returned a Proxy, state_dict
+    failed to pickle) and the counters advanced."""
+    torch.manual_seed(2)
+    model = Counting()
+    stock = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="left unfused: torch.fx cannot trace its forward \\(forward changes"):
+        fused = fuse_tails(model)
+    assert fused is model and model.calls == 0 and model.training
+    for key, value in model.state_dict().items():
+        assert type(value) is torch.Tensor and torch.equal(value, before[key]), key
+    x = torch.randn(2, 3, 5, 5)
+    pybn.torch.revert(model)
+    for training in (True, False):
+        model.train(training), stock.train(training)
+        torch.testing.assert_close(model(x), stock(x))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, stock.state_dict()[key], msg=key)
+
+
 def test_modes_of_submodules_are_kept():
     stock = torch_models.ResNet18(10)
     stock.train()

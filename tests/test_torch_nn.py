@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import pybn
 import pybn.torch
@@ -499,6 +500,34 @@ def test_parametrized_modules_are_swapped_with_their_parametrization():
     assert type(model[1]) is nn.BatchNorm2d
 
 
+class _FunctionalThenModule(nn.Module):
+    """F.batch_norm over a batch norm module's own tensors, then the module itself: both
+    update the running statistics in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h, b = self.conv(x), self.bn
+        return F.batch_norm(h, b.running_mean, b.running_var, b.weight, b.bias, self.training, 0.1, b.eps) + b(h)
+
+
+def test_running_statistics_keep_their_version_as_with_torch():
+    """torch's batch norm saved the running statistics for its backward and pybn's module then
+    advanced their version counters, so the accelerated model's backward raised "modified by
+    an inplace operation" where the stock one trains."""
+    torch.manual_seed(5)
+    stock = _FunctionalThenModule()
+    model = pybn.torch.accelerate(copy.deepcopy(stock))
+    x = torch.randn(4, 3, 5, 5)
+    for m in (stock, model):
+        m(x).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(model.bn.running_var, stock.bn.running_var)
+
+
 def test_accelerate_keeps_the_modules_and_their_hook_handles():
     """The swapped modules are the same objects: handles taken before still remove their
     hooks, a load-state-dict hook bound to the module still runs, references see the change."""
@@ -568,6 +597,27 @@ def test_fx_symbolic_trace_keeps_each_module_whole(training):
     graph_module.train(not training)  # the mode is read at run time, not frozen at tracing
     twin.train(not training)
     torch.testing.assert_close(graph_module(x), twin(x), rtol=0, atol=0)
+
+
+class _ScaledBatchNorm(pnn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class _ScaledStockBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_fx_symbolic_trace_of_a_subclass_with_its_own_forward_fails_as_torchs():
+    """A subclass whose forward calls super().forward and does more: its call was recorded
+    from inside that forward, so the graph ran the scaling twice (off by the output itself).
+    Now tracing fails as it does for the same subclass of torch's class."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _ScaledBatchNorm(4)).eval()
+    stock = nn.Sequential(nn.Conv2d(3, 4, 3), _ScaledStockBatchNorm(4))
+    for m in (stock.eval(), model):
+        with pytest.raises(torch.fx.proxy.TraceError, match="control flow"):
+            torch.fx.symbolic_trace(m)
 
 
 @pytest.mark.filterwarnings("ignore:The TorchScript type system doesn't support:UserWarning")  # (fx's GraphModule)

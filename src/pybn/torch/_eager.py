@@ -13,7 +13,11 @@ watches or transforms operator calls takes the dispatcher: ``torch.compile`` and
 tensors, functionalization, ``make_fx``, ``opcheck``), function modes (``pybn.torch.fold``'s
 recorder, ``with torch.device(...)``), functorch transforms (through
 :mod:`pybn.torch._transforms`), and tensor subclasses. Eager
-calls that skip it do not appear as ``pybn::`` events in ``torch.profiler``.
+calls that skip it do not appear as ``pybn::`` events in ``torch.profiler``, and leave the
+running statistics' version counters as torch's own batch norm does (the dispatcher
+advances them for an operator that declares them mutated: a backward that saved them then
+refuses to run; torch's modules and ``F.batch_norm`` do not, and a forward calling both
+trains with torch).
 """
 from typing import Optional
 
@@ -40,11 +44,3 @@ def direct_call(*tensors: Optional[Tensor]) -> bool:
     # (is_cpu: device.type makes a Device object per tensor, and a call checks several)
     return all(t is None or (type(t) in _PLAIN and t.is_cpu and not is_wrapped(t)) for t in tensors)
 
-
-def note_mutation(*tensors: Optional[Tensor]) -> None:
-    """Advance the version counters of tensors written through NumPy views, as the
-    dispatcher does for the arguments an operator declares mutated (autograd then refuses
-    a backward that saved their old values)."""
-    for t in tensors:
-        if t is not None and not t.is_inference():  # (inference tensors have no counter)
-            torch.autograd.graph.increment_version(t)

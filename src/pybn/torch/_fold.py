@@ -81,7 +81,8 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
         `module` is not a module or an ExportedProgram, or cannot be deep-copied;
         `merge_branches` is not a bool; `example_inputs` is given with an ExportedProgram.
     ValueError
-        Calling the model on `example_inputs` raised (the message has that error).
+        Calling the model on `example_inputs` raised (the message has that error); a lazy
+        module with buffers (LazyBatchNorm) was never called.
 
     Notes
     -----
@@ -192,6 +193,11 @@ def fold(module: Any, *, example_inputs: Any = None, merge_branches: bool = Fals
     try:
         model = copy.deepcopy(module).eval()
     except Exception as exc:
+        lazy = next((name for name, t in [*module.named_buffers(), *module.named_parameters()]
+                     if nn.parameter.is_lazy(t)), None)
+        if lazy is not None:  # (a lazy buffer cannot be copied; a lazy parameter can, and is reported)
+            raise ValueError(f"module: {lazy} is not initialized (a lazy module never called): run the model "
+                             "once, then fold it") from exc
         raise TypeError(f"module: cannot be deep-copied ({type(exc).__name__}: {exc}); fold works on a "
                         "copy") from exc
     seen = None if example_inputs is None else observe(model, example_inputs)

@@ -273,6 +273,9 @@ def several_ranks(bn: nn.Module) -> str | None:
     """How a batch norm module that accepts inputs of several ranks says so; None: one rank only."""
     if stands_for(bn, nn.SyncBatchNorm):
         return "SyncBatchNorm takes inputs of any rank >= 2"
+    for cls in BATCH_NORMS:  # (a subclass's own check may take more ranks than its class's)
+        if isinstance(bn, cls) and type(bn)._check_input_dim is not cls._check_input_dim:  # type: ignore[attr-defined]
+            return f"{type(bn).__name__} has its own _check_input_dim, which may take inputs of other ranks"
     if isinstance(bn, nn.BatchNorm1d):
         return "BatchNorm1d takes 2-D and 3-D inputs"
     return None  # BatchNorm2d/3d raise on any other rank

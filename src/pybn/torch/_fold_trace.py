@@ -118,17 +118,44 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]
     module would lack it (a call counter that never counts). So state changed by tracing is a
     failure to trace.
     """
-    before = state(model)
+    before, snapshot = state(model), _Snapshot(model)
     tracer = Tracer()
     try:
         graph = tracer.trace(model)
-        traced = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        changed = [name for name, value in state(model).items() if before.get(name) != value]
+        traced = None if changed else fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # noqa: BLE001 - any failure to trace means: use the fallback
         return None, {}, f"{type(exc).__name__}: {first_line(exc)}"
-    changed = [name for name, value in state(model).items() if before.get(name) != value]
-    if changed:
+    finally:  # (fuse_tails traces the user's own model, which must come back as it was)
+        snapshot.restore()
+    if traced is None:
         return None, {}, f"forward changes {', '.join(sorted(changed)[:3])}, which a traced graph would not"
     return traced, tracer.opaque, ""
+
+
+class _Snapshot:
+    """What a forward run on proxies can change in a model's modules, to be put back: their
+    attributes (a counter; a buffer rebound to a proxy by ``self.running_mean += ...``), the
+    tensors, children and buffers registered, and the values of buffers changed in place
+    (``num_batches_tracked.add_(1)`` on a tensor that is not proxied)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules),
+                         {name: (b, b._version, b.detach().clone()) for name, b in m._buffers.items() if b is not None})
+                        for m in model.modules()]
+
+    def restore(self) -> None:
+        for m, attrs, parameters, buffers, children, values in self.modules:
+            for name in [n for n in vars(m) if n not in attrs]:
+                del m.__dict__[name]
+            m.__dict__.update(attrs)
+            for table, saved in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, children)):
+                table.clear()
+                table.update(saved)  # type: ignore[arg-type]  # (each table with its own saved copy)
+            for b, version, value in values.values():
+                if b._version != version:
+                    with torch.no_grad():
+                        b.copy_(value)
 
 
 def _recorded(op: Any) -> Any:

@@ -67,7 +67,7 @@ from torch import Tensor
 
 import pybn
 
-from ._eager import direct_call, note_mutation
+from ._eager import direct_call
 from ._transforms import operator, register_autograd
 from .seeded import as_int64
 from ._layout import (PYBN_DTYPES, array, batch_norm_last, channels_last_physical, empty, in_layout, no_real_from_meta,
@@ -259,8 +259,8 @@ class _BatchNormTrain(torch.autograd.Function):
         # Otherwise below the Autograd key, so the call reaches the operator's implementation
         # (or, when tracing, its fake one) instead of this kernel again: what register_autograd does
         if direct:
+            # (the running statistics' version counters stay, as torch's own batch norm leaves them)
             y, mean, invstd = _train_impl(x, weight, bias, running_mean, running_var, momentum, eps)
-            note_mutation(running_mean, running_var)
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 y, mean, invstd = torch.ops.pybn.batch_norm_train(x, weight, bias, running_mean, running_var,

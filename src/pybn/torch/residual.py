@@ -26,7 +26,7 @@ from torch import Tensor
 
 import pybn
 
-from ._eager import direct_call, note_mutation
+from ._eager import direct_call
 from ._layout import array, batch_norm_last, empty, in_layout, no_real_from_meta, per_channel, pybn_takes
 from .ops import (_backward_impl, _can_train_in_place, _channels, _forward_channels, _stats_dtype, _torch_backward,
                   backend)
@@ -153,9 +153,9 @@ class _BatchNormAddRelu(torch.autograd.Function):
                 eps: float, relu: bool, direct: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
         # direct: called by batch_norm_add_relu_call in plain eager mode (pybn.torch._eager)
         if direct:
+            # (the running statistics' version counters stay, as torch's own batch norm leaves them)
             y, mean, invstd = _add_relu_impl(x, residual, weight, bias, running_mean, running_var, training,
                                              momentum, eps, relu)
-            note_mutation(running_mean, running_var)  # declared mutated: in eval mode too, as the dispatcher
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 y, mean, invstd = torch.ops.pybn.batch_norm_add_relu(x, residual, weight, bias, running_mean,
