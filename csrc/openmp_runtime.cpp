@@ -10,6 +10,7 @@
 #include <link.h>
 #include <pthread.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstddef>
@@ -97,12 +98,15 @@ void search() {
   g_found.store(true, std::memory_order_release);
 }
 
-// Whether this process may be refused a thread (checked per region: a limit can be set at
-// any time): few processes allowed for its user, or a limited address space.
+// Whether the system counts this process's threads against a tight limit: its user may have
+// fewer than 4096 processes and threads (RLIMIT_NPROC, which the kernel does not apply to
+// root). Checked per region, a limit can be set at any time. (An address-space limit is not
+// counted: the probe makes threads with libgomp's stack size, and glibc keeps the stacks of
+// the threads libgomp retires for the next ones.)
 bool threads_limited() {
   rlimit limit{};
-  if (getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) return true;
-  return getrlimit(RLIMIT_NPROC, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY && limit.rlim_cur < 4096;
+  return getuid() != 0 && getrlimit(RLIMIT_NPROC, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY &&
+         limit.rlim_cur < 4096;
 }
 
 }  // namespace
@@ -115,9 +119,9 @@ Threading threading() {
 const OpenMpRuntime* openmp_for_regions() {
   const Threading mode = threading();
   if (mode == Threading::own || g_forked.load(std::memory_order_relaxed) || !g_fork_handler) return nullptr;
-  if (mode == Threading::automatic && threads_limited()) return nullptr;
   if (!g_found.load(std::memory_order_acquire)) search();
-  return g_found.load(std::memory_order_acquire) ? &g_runtime : nullptr;
+  if (!g_found.load(std::memory_order_acquire)) return nullptr;
+  return mode == Threading::automatic && threads_limited() ? nullptr : &g_runtime;
 }
 
 }  // namespace pybn

@@ -17,7 +17,8 @@
 #include <chrono>
 #include <cstdint>
 #include <algorithm>
-#include <climits>
+#include <cctype>
+#include <cerrno>
 #include <cstddef>
 #include <cstdlib>
 #include <exception>
@@ -265,22 +266,33 @@ void run_slices_of_region(void* data) {
 // created here (alive together, with libgomp's stack size, then joined), and the team is cut
 // to what the system allowed. Creation is tried again after set_num_threads.
 thread_local int t_openmp_team = 1;  // the last team libgomp formed for this thread
-std::atomic<int> g_openmp_create_limit{kMaxThreads};
+std::atomic<int> g_openmp_team_cap{kMaxThreads};  // the largest team a probe found room for
 
-// The stack size libgomp gives its threads: OMP_STACKSIZE (or GOMP_STACKSIZE), a number with
-// an optional B, K, M or G suffix (K when none, as the OpenMP specification says); 0 when
-// neither is set (libgomp then uses the default, as the probe does).
+// The stack size libgomp gives its threads, read as libgomp reads it (libgomp/env.c): from
+// OMP_STACKSIZE, else GOMP_STACKSIZE, a number and an optional b, k, m or g (k when none),
+// spaces around; a value libgomp rejects is skipped as it skips it. 0: neither is valid,
+// libgomp keeps the default stack, as the probe then does.
 std::size_t openmp_stack_bytes() {
   for (const char* name : {"OMP_STACKSIZE", "GOMP_STACKSIZE"}) {
-    const char* value = std::getenv(name);
-    if (value == nullptr || *value == '\0') continue;
+    const char* text = std::getenv(name);
+    if (text == nullptr) continue;
+    while (std::isspace(static_cast<unsigned char>(*text))) ++text;
     char* end = nullptr;
-    const unsigned long long n = std::strtoull(value, &end, 10);
-    while (*end == ' ') ++end;
-    const char unit = static_cast<char>(*end | 0x20);  // (lower case)
-    const int shift = unit == 'b' ? 0 : unit == 'm' ? 20 : unit == 'g' ? 30 : 10;
-    if (end == value || n > (~0ull >> 31)) continue;  // (not a size libgomp would take either)
-    return static_cast<std::size_t>(n << shift);
+    errno = 0;
+    const unsigned long value = std::strtoul(text, &end, 10);
+    if (*text == '\0' || errno != 0 || end == text) continue;
+    while (std::isspace(static_cast<unsigned char>(*end))) ++end;
+    unsigned shift = 10;
+    if (*end != '\0') {
+      const int unit = std::tolower(static_cast<unsigned char>(*end));
+      if (unit != 'b' && unit != 'k' && unit != 'm' && unit != 'g') continue;
+      shift = unit == 'b' ? 0 : unit == 'm' ? 20 : unit == 'g' ? 30 : 10;
+      ++end;
+      while (std::isspace(static_cast<unsigned char>(*end))) ++end;
+      if (*end != '\0') continue;
+    }
+    if (((value << shift) >> shift) != value) continue;
+    return static_cast<std::size_t>(value << shift);
   }
   return 0;
 }
@@ -297,7 +309,7 @@ int threads_creatable(int wanted) {
   pthread_attr_t attr;
   pthread_attr_t* with_stack = nullptr;  // (libgomp's stacks: an address-space limit refuses them first)
   if (stack_bytes != 0 && pthread_attr_init(&attr) == 0) {
-    if (pthread_attr_setstacksize(&attr, std::max(stack_bytes, static_cast<std::size_t>(PTHREAD_STACK_MIN))) == 0)
+    if (pthread_attr_setstacksize(&attr, stack_bytes) == 0)  // (else libgomp keeps the default too)
       with_stack = &attr;
     else
       pthread_attr_destroy(&attr);
@@ -314,11 +326,11 @@ int threads_creatable(int wanted) {
 }
 
 int openmp_team(int wanted) {
-  wanted = std::min(wanted, t_openmp_team + g_openmp_create_limit.load(std::memory_order_relaxed));
+  wanted = std::min(wanted, g_openmp_team_cap.load(std::memory_order_relaxed));
   if (wanted <= t_openmp_team) return wanted;
   const int missing = wanted - t_openmp_team;
   const int creatable = threads_creatable(missing);
-  if (creatable < missing) g_openmp_create_limit.store(creatable, std::memory_order_relaxed);
+  if (creatable < missing) g_openmp_team_cap.store(t_openmp_team + creatable, std::memory_order_relaxed);
   return t_openmp_team + creatable;
 }
 void run_on_openmp(const OpenMpRuntime& omp, Job& job, int wanted) {
@@ -366,7 +378,7 @@ int pool_threads() {
 
 void pool_allow_retry() {
   g_create_limit.store(kMaxThreads, std::memory_order_relaxed);
-  g_openmp_create_limit.store(kMaxThreads, std::memory_order_relaxed);
+  g_openmp_team_cap.store(kMaxThreads, std::memory_order_relaxed);
 }
 
 }  // namespace pybn

@@ -180,6 +180,7 @@ MISMATCHES = {
     "x-dtype": {},       # ... or is float64 for a float32 layer
     "weight-shape": {},  # ... or its weight was rebound to one of 5 values
     "dy-shape": {},      # the forward works; worker 1's dy has the wrong shape
+    "weight-backward": {},  # ... or its weight is rebound to 5 values before the backward
 }
 BASE = dict(num_features=4, dtype="float32", axis=1, eps=1e-5, momentum=0.1)
 
@@ -212,6 +213,11 @@ def mismatch_cases(comm, rank: int) -> dict:
             if kind == "dy-shape":
                 got["forward-done"] = True
                 layer.backward(np.ones_like(x) if rank == 0 else np.ones((2, 2), x.dtype))
+            if kind == "weight-backward":
+                got["forward-done"] = True
+                if rank == 1:
+                    layer.weight = np.ones(c + 1, np.float32)
+                layer.backward(np.ones_like(x))
         except Exception as e:  # noqa: BLE001 - recorded for the parent to check
             got["error"] = f"{type(e).__name__}: {e}"
         got["num_batches_tracked"] = layer.num_batches_tracked

@@ -358,20 +358,28 @@ LIBGOMP_STACKS_REFUSED = PRELUDE + """
 import resource
 
 check_infer("before")
+out = np.empty_like(x)
 with open("/proc/self/status") as f:
     vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
-# Room for one of libgomp's 512 MiB stacks (OMP_STACKSIZE), not for three; default stacks all fit.
-resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.RLIM_INFINITY))
+# Room for one of libgomp's stacks, not for three (argv[1]; the default stacks are 8 MiB)
+resource.setrlimit(resource.RLIMIT_AS, (vm + int(sys.argv[1]), resource.RLIM_INFINITY))
 pybn.set_num_threads(4)
-check_infer("limited")
+pybn.batch_norm_infer(x, rm, rv, out=out)
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))   # to compare
+np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
 print("ok")
 """
 
 
-def test_libgomp_threads_are_probed_with_its_stack_size():
+@pytest.mark.parametrize(("stack_size", "room"), [("512M", 2**30), (" 768 m ", 2**30 + 2**29),
+                                                   ("1.5G", 12 * 2**20), ("4", 12 * 2**20)])
+def test_libgomp_threads_are_probed_with_its_stack_size(stack_size, room):
     """The probe made threads with default stacks, which fit where libgomp's OMP_STACKSIZE
-    ones did not: libgomp printed "Thread creation failed" and exited with status 1."""
-    proc = run_child(LIBGOMP_STACKS_REFUSED, timeout=120, env={"PYBN_THREADING": "openmp", "OMP_STACKSIZE": "512M"})
+    ones did not: libgomp printed "Thread creation failed" and exited with status 1. A value
+    libgomp rejects ("1.5G"), or one below the system's minimum ("4", KiB), leaves libgomp's
+    stacks at the default, and so the probe's."""
+    proc = run_child(LIBGOMP_STACKS_REFUSED, str(room), timeout=120,
+                     env={"PYBN_THREADING": "openmp", "OMP_STACKSIZE": stack_size})
     assert_ok(proc)
     assert "Thread creation failed" not in proc.stderr
 

@@ -237,6 +237,13 @@ def test_a_forward_that_changes_state_leaves_the_model_as_it_was():
         torch.testing.assert_close(value, stock.state_dict()[key], msg=key)
 
 
+def test_an_uninitialized_lazy_model_is_left_as_it_is():
+    """(Putting back what tracing changed must not read a lazy buffer, which has no values.)"""
+    model = nn.Sequential(nn.LazyConv2d(4, 1), nn.LazyBatchNorm2d(), nn.ReLU())
+    fused, report = fuse_tails(model, return_report=True)
+    assert fused is model and report == [] and nn.parameter.is_lazy(model[1].running_mean)
+
+
 def test_modes_of_submodules_are_kept():
     stock = torch_models.ResNet18(10)
     stock.train()

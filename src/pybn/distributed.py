@@ -335,8 +335,7 @@ class SyncBatchNorm(BatchNorm):
                 raise ValueError(f"{name}: SyncBatchNorm's training forward fuses no residual or ReLU; add and "
                                  "apply them to its output")
             momentum = self._check_running_stats() if self.track_running_stats else None
-            for name in ("weight", "bias"):  # (as batch_norm_apply will, after the exchange)
-                per_channel(getattr(self, name), name, self.num_features, self.param_dtype)
+            self._check_affine()  # (as batch_norm_apply will, after the exchange)
             local = batch_norm_stats(x, axis=self.axis)
         except Exception as e:  # noqa: BLE001  (raised after the other workers are told)
             problem = e
@@ -382,6 +381,11 @@ class SyncBatchNorm(BatchNorm):
         self._sync = (n, comm, self._forwards)
         return y
 
+    def _check_affine(self) -> None:
+        """weight and bias are usable (the user may have rebound them since the last call)."""
+        for name in ("weight", "bias"):
+            per_channel(getattr(self, name), name, self.num_features, self.param_dtype)
+
     def _check_running_stats(self) -> float:
         """The running statistics can be updated as batch_norm_train would (it checks them
         for the single-process layer); returns the momentum of this batch."""
@@ -425,6 +429,7 @@ class SyncBatchNorm(BatchNorm):
         problem: Exception | None = None
         try:
             dy = _check_dy(dy, x.shape, x.dtype)
+            self._check_affine()  # (as batch_norm_backward_apply will, after the exchange)
             local = batch_norm_backward_reduce(dy, x, mean, invstd, axis=self.axis)
         except Exception as e:  # noqa: BLE001  (raised after the other workers are told)
             problem = e

@@ -30,10 +30,9 @@ Threading threading();
 // The runtime a parallel region started now should run on, or nullptr for pybn's pool:
 // nullptr under "own", in a child made by fork (libgomp's pool is not copied; its next
 // region would wait forever for the parent's workers), and under "auto" while no libgomp is
-// loaded or while the process has a tight thread limit (RLIMIT_NPROC below 4096) or any
-// address-space limit (RLIMIT_AS): libgomp exits the process when a thread is refused, and
-// pybn's probe cannot see the threads another library's smaller team retired; pybn's pool
-// runs on the threads it gets. Looks again for a loaded libgomp only when a library was loaded since the last
+// loaded or while the process has a tight thread limit (RLIMIT_NPROC below 4096, not root):
+// libgomp exits the process when a thread is refused, and pybn's probe cannot see the
+// threads another library's smaller team retired; pybn's pool runs on the threads it gets. Looks again for a loaded libgomp only when a library was loaded since the last
 // look. Thread-safe (the pool's owner and the diagnostics call it).
 const OpenMpRuntime* openmp_for_regions();
 

@@ -44,12 +44,11 @@ def leaf(forward: F) -> F:
 
     @functools.wraps(forward)
     def traced_or_run(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        # (not when reached through a subclass's own forward, super().forward(x): the module's
-        # call would run that whole forward again; traced through, pybn's checks refuse proxies)
-        if type(self).forward is traced_or_run:
-            for a in (*args, *kwargs.values()):
-                if isinstance(a, fx.Proxy) and isinstance(a.tracer, fx.Tracer):
-                    return a.tracer.create_proxy("call_module", a.tracer.path_of_module(self), args, kwargs)
+        for a in (*args, *kwargs.values()):
+            # (not when reached through a subclass's own forward, super().forward(x): the module's
+            # call would run that whole forward again; traced through, pybn's checks refuse proxies)
+            if isinstance(a, fx.Proxy) and isinstance(a.tracer, fx.Tracer) and type(self).forward is traced_or_run:
+                return a.tracer.create_proxy("call_module", a.tracer.path_of_module(self), args, kwargs)
         return forward(self, *args, **kwargs)
 
     return traced_or_run  # type: ignore[return-value]

@@ -109,25 +109,28 @@ class Tracer(fx.Tracer):
             del self._proxy_cache[key]
 
 
-def trace(model: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]:
+def trace(model: nn.Module, *, restore: bool = False) -> tuple[fx.GraphModule | None, dict[str, str], str]:
     """(the traced module, the modules called as a whole because they cannot be traced, "") or
     (None, {}, why torch.fx cannot trace `model`'s own forward faithfully).
 
     Tracing runs forward once on proxies; an in-place change of a tensor that is not proxied, or
     an attribute assigned, happens then, once, for real, and is not in the graph: the traced
     module would lack it (a call counter that never counts). So state changed by tracing is a
-    failure to trace.
+    failure to trace. With `restore` (a model of the user's own, not a copy) that state is
+    then put back (:class:`_Snapshot` says what can be).
     """
-    before, snapshot = state(model), _Snapshot(model)
+    before = state(model)
     tracer = Tracer()
+    snapshot = _Snapshot(model) if restore else None
     try:
         graph = tracer.trace(model)
         changed = [name for name, value in state(model).items() if before.get(name) != value]
         traced = None if changed else fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # noqa: BLE001 - any failure to trace means: use the fallback
         return None, {}, f"{type(exc).__name__}: {first_line(exc)}"
-    finally:  # (fuse_tails traces the user's own model, which must come back as it was)
-        snapshot.restore()
+    finally:
+        if snapshot is not None:
+            snapshot.restore()
     if traced is None:
         return None, {}, f"forward changes {', '.join(sorted(changed)[:3])}, which a traced graph would not"
     return traced, tracer.opaque, ""
@@ -136,22 +139,29 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]
 class _Snapshot:
     """What a forward run on proxies can change in a model's modules, to be put back: their
     attributes (a counter; a buffer rebound to a proxy by ``self.running_mean += ...``), the
-    tensors, children and buffers registered, and the values of buffers changed in place
-    (``num_batches_tracked.add_(1)`` on a tensor that is not proxied)."""
+    parameters, buffers, children and non-persistent buffer names registered, and the values
+    of buffers changed in place (``num_batches_tracked.add_(1)`` on a tensor that is not
+    proxied; their version counters stay advanced). Not put back: parameters changed in
+    place (not copied: they can be most of a model's memory), containers changed in place (a
+    list appended to), buffers without values (lazy) or in inference mode."""
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules),
-                         {name: (b, b._version, b.detach().clone()) for name, b in m._buffers.items() if b is not None})
+                         set(m._non_persistent_buffers_set),
+                         {name: (b, b._version, b.detach().clone()) for name, b in m._buffers.items()
+                          if b is not None and not nn.parameter.is_lazy(b) and not b.is_inference()})
                         for m in model.modules()]
 
     def restore(self) -> None:
-        for m, attrs, parameters, buffers, children, values in self.modules:
+        for m, attrs, parameters, buffers, children, non_persistent, values in self.modules:
             for name in [n for n in vars(m) if n not in attrs]:
                 del m.__dict__[name]
             m.__dict__.update(attrs)
             for table, saved in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, children)):
                 table.clear()
                 table.update(saved)  # type: ignore[arg-type]  # (each table with its own saved copy)
+            m._non_persistent_buffers_set.clear()
+            m._non_persistent_buffers_set.update(non_persistent)
             for b, version, value in values.values():
                 if b._version != version:
                     with torch.no_grad():
@@ -187,7 +197,9 @@ def state(model: nn.Module) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for prefix, m in model.named_modules(remove_duplicate=False):
         for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
-            found[join(prefix, name)] = (id(t), t._version)
+            # (an inference tensor has no version counter, and is not written outside inference mode)
+            counted = isinstance(t, torch.Tensor) and (nn.parameter.is_lazy(t) or not t.is_inference())
+            found[join(prefix, name)] = (id(t), t._version if counted else None)  # (a proxy bound there: another id)
         for name, value in vars(m).items():
             if isinstance(value, plain):
                 found[join(prefix, name)] = repr(value)  # (a NaN equals itself as text)

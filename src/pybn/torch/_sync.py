@@ -96,7 +96,7 @@ def _agree(group: _Group, input: Tensor, module: "SyncBatchNorm", forwards: int)
 
 
 def _show(setting: str, value: float) -> str:
-    if np.isnan(value):  # (momentum None; num_batches_tracked not counted, or not kept)
+    if setting in ("momentum", "num_batches_tracked") and np.isnan(value):  # (None; or not counted, not kept)
         return "None"
     if setting in ("affine", "track_running_stats"):
         return str(bool(value))

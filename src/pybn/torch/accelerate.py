@@ -133,8 +133,7 @@ def _own_class(module: nn.Module) -> type:
     (torch.nn.utils.parametrize), the class under the one torch made for it, which only
     adds the parametrized tensors' properties."""
     cls = type(module)
-    if parametrize.is_parametrized(module) and len(cls.__bases__) == 1 and \
-            cls.__name__ == f"Parametrized{cls.__bases__[0].__name__}":
+    if parametrize.is_parametrized(module) and cls.__module__ == parametrize.__name__ and len(cls.__bases__) == 1:
         return cls.__bases__[0]
     return cls
 

@@ -273,7 +273,7 @@ def _traced(model: nn.Module) -> Tuple[fx.GraphModule | None, str]:
         graphs = []
         for training in (True, False):
             model.train(training)
-            gm, _, why = trace(model)
+            gm, _, why = trace(model, restore=True)  # (the user's own model, not a copy)
             if gm is None:
                 return None, f"torch.fx cannot trace its forward ({why})"
             graphs.append(gm)
