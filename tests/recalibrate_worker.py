@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import pickle
+import sys
 
 import numpy as np
 
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--init", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--outside", action="store_true", help="only outside_the_group, in a process of its own")
     args = parser.parse_args()
 
     import torch
@@ -46,6 +49,12 @@ def main() -> None:
 
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=60))
+    if args.outside:  # (a group made after the other cases' collectives: torch's gloo aborted at exit now and then)
+        outside = outside_the_group(args.rank, dist)
+        dist.destroy_process_group()
+        with open(f"{args.out}/outside{args.rank}.pkl", "wb") as f:
+            pickle.dump(outside, f)
+        return
     batches = rank_batches(args.rank)
     sync = SyncBatchNorm(C, dtype="float64")
     pybn.recalibrate(sync, batches)
@@ -59,10 +68,9 @@ def main() -> None:
               "bad batches": local_error(args.rank, dist, "bad batches"),
               "uneven sync": uneven_sync(args.rank, "numpy"), "uneven torch sync": uneven_sync(args.rank, "torch"),
               "sync pass fails": sync_pass_fails(args.rank)}
-    outside = outside_the_group(args.rank, dist)
     after = torch.tensor([args.rank + 1.0])
     dist.all_reduce(after)  # the group still works after both errors
-    result = {"rank": args.rank, "errors": errors, "all_reduce after": float(after), "outside": outside,
+    result = {"rank": args.rank, "errors": errors, "all_reduce after": float(after),
               "sync": (sync.running_mean.copy(), sync.running_var.copy(), sync.num_batches_tracked),
               "local": (local.running_mean.copy(), local.running_var.copy(), local.num_batches_tracked),
               "torch": (model[0].running_mean.numpy().copy(), model[0].running_var.numpy().copy(),
@@ -193,3 +201,9 @@ def outcome(call, layers):
 
 if __name__ == "__main__":
     main()
+    # The results are written. Then leave without the interpreter's teardown: there torch's
+    # gloo aborted now and then ("terminate called without an active exception", a rank after
+    # its main returned; 1 to 3 runs in 25 at ce6f9ab and after; pybn starts no std::thread).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
