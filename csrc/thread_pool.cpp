@@ -333,6 +333,7 @@ int openmp_team(int wanted) {
   if (creatable < missing) g_openmp_team_cap.store(t_openmp_team + creatable, std::memory_order_relaxed);
   return t_openmp_team + creatable;
 }
+
 void run_on_openmp(const OpenMpRuntime& omp, Job& job, int wanted) {
   if (omp.level() > 0) {
     job.run(0);

@@ -226,24 +226,30 @@ def per_channel(value: Any, name: str, channels: int, dtype: np.dtype) -> np.nda
     return np.require(arr, dtype=dtype, requirements=["C", "A"])
 
 
+def updated_array(value: Any, name: str) -> np.ndarray:
+    """`value`, which must be an ndarray where an array is updated in place (a copy would take the update)."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: must be a numpy.ndarray (it is updated in place), got {type(value).__name__}")
+    return value
+
+
 def in_place(value: Any, name: str, channels: int, dtype: np.dtype,
              also: np.dtype | None = None) -> np.ndarray | None:
     """An array updated in place: must already be exactly right (of `dtype`, or of `also`
     when given), or the update would be lost."""
     if value is None:
         return None
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name}: must be a numpy.ndarray (it is updated in place), got {type(value).__name__}")
-    not_silently_converted(value, name)
-    if value.dtype != dtype and (also is None or value.dtype != also):
+    arr = updated_array(value, name)
+    not_silently_converted(arr, name)
+    if arr.dtype != dtype and (also is None or arr.dtype != also):
         want = dtype.name if also is None else f"{dtype.name} or {also.name}"
-        raise TypeError(f"{name}: dtype {value.dtype} is not {want} (the running statistics' dtype for this x); "
-                        f"it is updated in place, so pybn will not convert it{_byte_order_hint(value.dtype, dtype)}")
-    if value.shape != (channels,):
-        raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {value.shape}")
-    if not value.flags.carray:
-        _not_writable_carray(value, name, " (it is updated in place)")
-    return value
+        raise TypeError(f"{name}: dtype {arr.dtype} is not {want} (the running statistics' dtype for this x); "
+                        f"it is updated in place, so pybn will not convert it{_byte_order_hint(arr.dtype, dtype)}")
+    if arr.shape != (channels,):
+        raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {arr.shape}")
+    if not arr.flags.carray:
+        _not_writable_carray(arr, name, " (it is updated in place)")
+    return arr
 
 
 def _not_writable_carray(arr: np.ndarray, name: str, why: str = "") -> None:

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import (DTYPE_NAMES, as_array, channel_layout, finfo, flag, float_array, float_dtype, integer,
-                       is_float_dtype, param_dtype, real_number)
+                       is_float_dtype, param_dtype, real_number, updated_array)
 from ..batchnorm import (BatchNormResidualGrads, batch_norm_backward, batch_norm_infer, batch_norm_train,
                          residual_input)
 from ._layer import _check_dy, _Layer, check_state_keys
@@ -207,9 +207,7 @@ class BatchNorm(_Layer):
                                relu: bool = False) -> np.ndarray:
         assert self.running_mean is not None and self.running_var is not None  # (tracking running statistics)
         for key in ("running_mean", "running_var"):  # (as training refuses them; read below as arrays)
-            if not isinstance(getattr(self, key), np.ndarray):
-                raise TypeError(f"{key}: must be a numpy.ndarray (it is updated in place in training), got "
-                                f"{type(getattr(self, key)).__name__}")
+            updated_array(getattr(self, key), key)
         y = batch_norm_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                              eps=self.eps, axis=self.axis, relu=relu, residual=residual)
         # copies: a later load_state_dict or training step must not change this gradient
